@@ -1,0 +1,304 @@
+"""The DPO loss family: sigmoid (DPO), cDPO label smoothing, robust DPO, hinge (SLiC), IPO, plus an
+optional NLL term on the chosen completion (RPO) and a reference-free mode.
+
+Everything here works on per-pair summed log-probabilities (what ``sequence_logprobs`` returns
+for the chosen and rejected sequence of each pair) and on the reference model's values for the
+same sequences (read from the on-disk reference cache). Conventions follow TRL's ``DPOTrainer``
+so numbers are comparable with runs made there:
+
+- logits ``z = (pi_c - pi_r) - (ref_c - ref_r)``; with ``reference_free`` the reference terms are 0;
+- IPO uses log-probs *averaged* over completion tokens (policy and reference alike), so it needs
+  the token counts; its rewards are computed from those averages too;
+- rewards are ``beta * (policy - reference)``, detached: they are metrics, not loss terms;
+- RPO adds ``rpo_alpha * nll`` per pair, where ``nll = -pi_c / chosen_tokens`` is the chosen
+  completion's mean token negative log-likelihood. (TRL averages the NLL over all chosen tokens
+  of the batch instead; the per-pair form keeps the loss separable by pair, which the fused
+  chunked kernel needs, and equals TRL's when all chosen completions have the same length.)
+
+All arithmetic runs in float32 at least (bf16/fp16 inputs are upcast; float64 stays float64, so
+gradients can be checked with ``torch.autograd.gradcheck``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+@dataclass(kw_only=True)
+class LossConfig:
+    """Which member of the DPO family to train with.
+
+    ``loss_type``: ``"sigmoid"`` (DPO; with ``label_smoothing`` > 0 it is conservative DPO,
+    cDPO), ``"robust"`` (robust DPO: an unbiased estimate under label noise of rate
+    ``label_smoothing``; with ``label_smoothing = 0`` it is exactly the sigmoid loss, which is
+    allowed but makes the choice pointless), ``"hinge"`` (SLiC: ``relu(1 - beta * z)``), ``"ipo"``
+    (``(z - 1 / (2 beta))^2`` on token-averaged log-probs; ``beta`` is IPO's tau).
+    ``beta``: inverse temperature of the implicit reward (Zephyr/sDPO: 0.1).
+    ``label_smoothing``: assumed label-flip rate in [0, 0.5), sigmoid and robust only.
+    ``rpo_alpha``: weight of the chosen-NLL term (RPO); None turns it off.
+    ``reference_free``: drop the reference model (its log-probs count as 0).
+    """
+
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    rpo_alpha: float | None = None
+    reference_free: bool = False
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(
+                f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}"
+            )
+        if not _is_real(self.beta) or not self.beta > 0:
+            raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
+        if not _is_real(self.label_smoothing) or not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(
+                f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r} "
+                "(it is the assumed rate of flipped labels; 0.5 would mean pure noise)"
+            )
+        if self.label_smoothing > 0 and self.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(
+                f"label_smoothing = {self.label_smoothing} has no effect on loss_type "
+                f"{self.loss_type!r}: use loss_type 'sigmoid' (cDPO) or 'robust', or set it to 0"
+            )
+        if self.rpo_alpha is not None and (not _is_real(self.rpo_alpha) or self.rpo_alpha < 0):
+            raise ValueError(
+                f"rpo_alpha must be None or a finite number >= 0, got {self.rpo_alpha!r}"
+            )
+        if not isinstance(self.reference_free, bool):
+            raise ValueError(f"reference_free must be true or false, got {self.reference_free!r}")
+
+    @property
+    def needs_token_counts(self) -> bool:
+        """IPO averages log-probs over completion tokens and RPO's NLL is a per-token mean."""
+        return self.loss_type == "ipo" or self.rpo_alpha is not None
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(kw_only=True)
+class DPOLossOutput:
+    losses: Tensor  # (P,) per-pair loss (RPO term included), differentiable
+    chosen_rewards: Tensor  # (P,) beta * (policy - reference) of the chosen completion, detached
+    rejected_rewards: Tensor  # (P,) same for the rejected completion, detached
+    nll: Tensor | None = None  # (P,) mean token NLL of the chosen completion when rpo_alpha is set
+
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _pair_terms(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
+    *,
+    config: LossConfig,
+    chosen_tokens: Tensor | None,
+    rejected_tokens: Tensor | None,
+) -> DPOLossOutput:
+    """Per-pair losses and rewards; inputs already checked to be (k,) tensors."""
+    dtype = _compute_dtype(policy_chosen)
+    pc = policy_chosen.to(dtype)
+    pr = policy_rejected.to(dtype)
+    if config.reference_free:
+        rc = rr = None
+    else:
+        rc = ref_chosen.to(dtype)
+        rr = ref_rejected.to(dtype)
+    nll = None
+    if config.rpo_alpha is not None:
+        nll = -pc / chosen_tokens.to(dtype)
+    if config.loss_type == "ipo":
+        ct, rt = chosen_tokens.to(dtype), rejected_tokens.to(dtype)
+        pc, pr = pc / ct, pr / rt
+        if rc is not None:
+            rc, rr = rc / ct, rr / rt
+
+    beta, eps = config.beta, config.label_smoothing
+    z = pc - pr  # (k,) policy log-ratio
+    if rc is not None:
+        z = z - (rc - rr)
+    if config.loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * z) * (1 - eps) - F.logsigmoid(-beta * z) * eps
+    elif config.loss_type == "robust":
+        losses = (-F.logsigmoid(beta * z) * (1 - eps) + F.logsigmoid(-beta * z) * eps) / (
+            1 - 2 * eps
+        )
+    elif config.loss_type == "hinge":
+        losses = torch.relu(1 - beta * z)
+    else:  # ipo
+        losses = (z - 1 / (2 * beta)) ** 2
+    if nll is not None:
+        losses = losses + config.rpo_alpha * nll
+
+    chosen_rewards = beta * (pc if rc is None else pc - rc).detach()
+    rejected_rewards = beta * (pr if rr is None else pr - rr).detach()
+    return DPOLossOutput(
+        losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, nll=nll
+    )
+
+
+def _check_inputs(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
+    *,
+    config: LossConfig,
+    chosen_tokens: Tensor | None,
+    rejected_tokens: Tensor | None,
+) -> None:
+    if policy_chosen.dim() != 1 or policy_chosen.shape != policy_rejected.shape:
+        raise ValueError(
+            "policy_chosen and policy_rejected must be 1-D tensors of the same length (one "
+            f"value per pair), got shapes {tuple(policy_chosen.shape)} and "
+            f"{tuple(policy_rejected.shape)}"
+        )
+    shape = tuple(policy_chosen.shape)
+    named = {"ref_chosen": ref_chosen, "ref_rejected": ref_rejected}
+    if config.needs_token_counts:
+        named |= {"chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens}
+    for name, t in named.items():
+        if t is None:
+            if name.startswith("ref_") and config.reference_free:
+                continue
+            why = (
+                "the loss compares against the reference model (set reference_free to drop it)"
+                if name.startswith("ref_")
+                else f"loss_type {config.loss_type!r} / rpo_alpha {config.rpo_alpha!r} "
+                "need per-pair completion token counts"
+            )
+            raise ValueError(f"{name} is missing: {why}")
+        if tuple(t.shape) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but the policy log-probs have {shape}: "
+                "every input holds one value per pair"
+            )
+
+
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
+    *,
+    config: LossConfig,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+) -> DPOLossOutput:
+    """Per-pair DPO-family losses from summed completion log-probs.
+
+    policy_chosen, policy_rejected: (P,) summed log pi_theta(y|x), differentiable.
+    ref_chosen, ref_rejected: (P,) summed log pi_ref(y|x) (may be None with reference_free).
+    chosen_tokens, rejected_tokens: (P,) completion token counts; needed by IPO and RPO.
+    The training loss of a batch is usually ``out.losses.mean()``.
+    """
+    _check_inputs(
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        config=config,
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+    )
+    return _pair_terms(
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        config=config,
+        chosen_tokens=chosen_tokens,
+        rejected_tokens=rejected_tokens,
+    )
+
+
+def make_pair_loss(
+    config: LossConfig,
+    *,
+    ref_chosen: Tensor | None,
+    ref_rejected: Tensor | None,
+    chosen_tokens: Tensor | None = None,
+    rejected_tokens: Tensor | None = None,
+    normalizer: float | Tensor = 1.0,
+) -> Callable[[Tensor, Tensor, slice], Tensor]:
+    """The batch's DPO loss as a function of one slice of pairs, for the separable fused kernel.
+
+    Returns ``pair_loss(chosen_logps (k,), rejected_logps (k,), pairs: slice) -> scalar`` equal to
+    ``dpo_loss(...).losses[pairs].sum() / normalizer``, with the reference values and token
+    counts (all (P,) for the whole batch) sliced to match. Summed over slices that cover the
+    batch it gives ``losses.sum() / normalizer``: pass the number of pairs of the optimizer step
+    as ``normalizer`` to get the mean over a gradient-accumulated step.
+    ``sdpo.kernels.linear_pair_loss(..., pair_loss=make_pair_loss(...))`` consumes it.
+    """
+    if isinstance(normalizer, (int, float)) and not normalizer > 0:
+        raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
+    lengths = {
+        name: t.shape[0]
+        for name, t in (
+            ("ref_chosen", ref_chosen),
+            ("ref_rejected", ref_rejected),
+            ("chosen_tokens", chosen_tokens),
+            ("rejected_tokens", rejected_tokens),
+        )
+        if t is not None
+    }
+    num_pairs = max(lengths.values(), default=None)
+
+    def pair_loss(chosen_logps: Tensor, rejected_logps: Tensor, pairs: slice) -> Tensor:
+        if pairs.step not in (None, 1):
+            raise ValueError(f"pair slices must be contiguous, got step {pairs.step}")
+        if num_pairs is not None:
+            start, stop, _ = pairs.indices(num_pairs)
+            if stop - start != chosen_logps.shape[0]:
+                raise ValueError(
+                    f"slice {pairs.start}:{pairs.stop} covers {max(stop - start, 0)} of the "
+                    f"batch's {num_pairs} pairs but {chosen_logps.shape[0]} log-probs were given"
+                )
+
+        def cut(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t[pairs]
+
+        out = dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            cut(ref_chosen),
+            cut(ref_rejected),
+            config=config,
+            chosen_tokens=cut(chosen_tokens),
+            rejected_tokens=cut(rejected_tokens),
+        )
+        return out.losses.sum() / normalizer
+
+    return pair_loss
+
+
+def dpo_metrics(
+    out: DPOLossOutput, policy_chosen: Tensor, policy_rejected: Tensor
+) -> dict[str, Tensor]:
+    """Batch means under the contract metric names, as detached 0-d tensors (no host sync).
+
+    ``logps/*`` are the summed completion log-probs as given (TRL logs token averages for IPO).
+    The ``loss`` metric is left to the caller, which knows the step's normaliser."""
+    chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/accuracies": (chosen > rejected).to(chosen.dtype).mean(),
+        "rewards/margins": (chosen - rejected).mean(),
+        "logps/chosen": policy_chosen.detach().to(chosen.dtype).mean(),
+        "logps/rejected": policy_rejected.detach().to(chosen.dtype).mean(),
+    }

@@ -1,0 +1,315 @@
+"""DPO loss family: hand-computed values, float64 truth on random inputs, gradients, RPO, IPO
+token averaging, reference-free mode and the slice-wise form used by the fused kernel."""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from sdpo.losses import LOSS_TYPES, LossConfig, dpo_loss, dpo_metrics, make_pair_loss
+
+
+def t64(*xs: float) -> torch.Tensor:
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def log_sigmoid(x: float) -> float:
+    # log(1 / (1 + e^-x)), written directly from the definition
+    return -math.log(1.0 + math.exp(-x))
+
+
+# Two fixed pairs: the formulas are evaluated by hand below with math.* in float64.
+PC, PR, RC, RR = (-10.0, -31.5), (-12.5, -29.0), (-11.0, -30.0), (-12.0, -30.5)
+CT, RT = (4, 9), (5, 7)
+
+
+def z_of(i: int, *, average: bool = False, reference_free: bool = False) -> float:
+    pc, pr, rc, rr = PC[i], PR[i], RC[i], RR[i]
+    if average:
+        pc, rc, pr, rr = pc / CT[i], rc / CT[i], pr / RT[i], rr / RT[i]
+    if reference_free:
+        rc = rr = 0.0
+    return (pc - pr) - (rc - rr)
+
+
+def run(cfg: LossConfig, **kw):
+    return dpo_loss(
+        t64(*PC), t64(*PR), t64(*RC), t64(*RR), config=cfg,
+        chosen_tokens=torch.tensor(CT), rejected_tokens=torch.tensor(RT), **kw,
+    )  # fmt: skip
+
+
+def test_sigmoid_matches_hand_computed_values():
+    # pair 0: z = 2.5 - 1.0 = 1.5; pair 1: z = -2.5 - 0.5 = -3.0
+    assert z_of(0) == 1.5 and z_of(1) == -3.0
+    out = run(LossConfig(beta=0.1))
+    expected = [-log_sigmoid(0.1 * 1.5), -log_sigmoid(0.1 * -3.0)]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+    # -log(sigmoid(-0.3)) = log(1 + e^0.3), evaluated separately
+    assert out.losses[1].item() == pytest.approx(0.8543552444685272, rel=1e-12)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.1 * 1.0, 0.1 * -1.5], rel=1e-12)
+    assert out.rejected_rewards.tolist() == pytest.approx([0.1 * -0.5, 0.1 * 1.5], rel=1e-12)
+    assert out.nll is None
+
+
+def test_cdpo_label_smoothing_matches_hand_computed_values():
+    eps, beta = 0.2, 0.5
+    out = run(LossConfig(beta=beta, label_smoothing=eps))
+    expected = [
+        -(1 - eps) * log_sigmoid(beta * z_of(i)) - eps * log_sigmoid(-beta * z_of(i))
+        for i in range(2)
+    ]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_robust_matches_hand_computed_values():
+    eps, beta = 0.1, 0.3
+    out = run(LossConfig(loss_type="robust", beta=beta, label_smoothing=eps))
+    expected = [
+        (-(1 - eps) * log_sigmoid(beta * z_of(i)) + eps * log_sigmoid(-beta * z_of(i)))
+        / (1 - 2 * eps)
+        for i in range(2)
+    ]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_robust_without_smoothing_equals_sigmoid():
+    a = run(LossConfig(loss_type="robust", beta=0.2)).losses
+    b = run(LossConfig(loss_type="sigmoid", beta=0.2)).losses
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_hinge_matches_hand_computed_values():
+    out = run(LossConfig(loss_type="hinge", beta=0.5))
+    # beta*z = 0.75 -> 0.25; beta*z = -1.5 -> 2.5
+    assert out.losses.tolist() == pytest.approx([0.25, 2.5], rel=1e-12)
+    out = run(LossConfig(loss_type="hinge", beta=1.0))
+    assert out.losses.tolist() == pytest.approx([0.0, 4.0], abs=1e-12)
+
+
+def test_ipo_averages_logprobs_over_completion_tokens():
+    beta = 0.25
+    out = run(LossConfig(loss_type="ipo", beta=beta))
+    # pair 0 by hand: (-10/4 - -12.5/5) - (-11/4 - -12/5) = 0 - (-0.35) = 0.35
+    assert z_of(0, average=True) == pytest.approx(0.35, abs=1e-15)
+    expected = [(z_of(i, average=True) - 1 / (2 * beta)) ** 2 for i in range(2)]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+    assert out.losses[0].item() == pytest.approx((0.35 - 2.0) ** 2, rel=1e-12)
+    # rewards use the same token averages (as TRL does for IPO)
+    assert out.chosen_rewards[0].item() == pytest.approx(beta * (-10 / 4 + 11 / 4), rel=1e-12)
+    assert out.rejected_rewards[1].item() == pytest.approx(beta * (-29 / 7 + 30.5 / 7), rel=1e-12)
+
+
+def test_rpo_adds_mean_token_nll_of_chosen():
+    alpha = 0.7
+    out = run(LossConfig(beta=0.1, rpo_alpha=alpha))
+    nll = [-PC[i] / CT[i] for i in range(2)]  # 2.5, 3.5
+    assert out.nll.tolist() == pytest.approx([2.5, 3.5], rel=1e-12)
+    expected = [-log_sigmoid(0.1 * z_of(i)) + alpha * nll[i] for i in range(2)]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_reference_free_ignores_reference_values():
+    cfg = LossConfig(beta=0.1, reference_free=True)
+    out = run(cfg)
+    expected = [-log_sigmoid(0.1 * z_of(i, reference_free=True)) for i in range(2)]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+    assert out.chosen_rewards.tolist() == pytest.approx([0.1 * p for p in PC], rel=1e-12)
+    # reference values may be left out entirely
+    out2 = dpo_loss(t64(*PC), t64(*PR), None, None, config=cfg)
+    torch.testing.assert_close(out2.losses, out.losses, rtol=0, atol=0)
+
+
+# ---- random float64 checks against an independent numpy implementation ----
+
+
+def numpy_reference(pc, pr, rc, rr, ct, rt, *, cfg: LossConfig) -> np.ndarray:
+    pc, pr, rc, rr = (np.asarray(x, dtype=np.float64) for x in (pc, pr, rc, rr))
+    ct, rt = np.asarray(ct, dtype=np.float64), np.asarray(rt, dtype=np.float64)
+    nll = -pc / ct
+    if cfg.reference_free:
+        rc, rr = np.zeros_like(rc), np.zeros_like(rr)
+    if cfg.loss_type == "ipo":
+        pc, rc, pr, rr = pc / ct, rc / ct, pr / rt, rr / rt
+    x = cfg.beta * ((pc - rc) - (pr - rr))
+    nls_pos = np.logaddexp(0.0, -x)  # -log sigmoid(x)
+    nls_neg = np.logaddexp(0.0, x)  # -log sigmoid(-x)
+    e = cfg.label_smoothing
+    if cfg.loss_type == "sigmoid":
+        out = (1 - e) * nls_pos + e * nls_neg
+    elif cfg.loss_type == "robust":
+        out = ((1 - e) * nls_pos - e * nls_neg) / (1 - 2 * e)
+    elif cfg.loss_type == "hinge":
+        out = np.maximum(0.0, 1.0 - x)
+    else:
+        out = (x / cfg.beta - 0.5 / cfg.beta) ** 2
+    if cfg.rpo_alpha is not None:
+        out = out + cfg.rpo_alpha * nll
+    return out
+
+
+CONFIGS = [
+    LossConfig(loss_type="sigmoid", beta=0.1),
+    LossConfig(loss_type="sigmoid", beta=0.37, label_smoothing=0.15),
+    LossConfig(loss_type="robust", beta=0.2, label_smoothing=0.3),
+    LossConfig(loss_type="hinge", beta=0.05),
+    LossConfig(loss_type="ipo", beta=0.4),
+    LossConfig(loss_type="sigmoid", beta=0.1, rpo_alpha=1.3),
+    LossConfig(loss_type="ipo", beta=0.1, rpo_alpha=0.5, reference_free=True),
+]
+
+
+def random_batch(p: int, *, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ct = torch.randint(1, 60, (p,), generator=g)
+    rt = torch.randint(1, 60, (p,), generator=g)
+    pc = -ct * (0.5 + 2 * torch.rand(p, generator=g, dtype=torch.float64))
+    pr = -rt * (0.5 + 2 * torch.rand(p, generator=g, dtype=torch.float64))
+    rc = pc + torch.randn(p, generator=g, dtype=torch.float64) * 3
+    rr = pr + torch.randn(p, generator=g, dtype=torch.float64) * 3
+    return pc, pr, rc, rr, ct, rt
+
+
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c.loss_type}-{c.rpo_alpha}-{c.reference_free}"
+)
+def test_losses_match_float64_numpy_truth_on_random_pairs(cfg):
+    pc, pr, rc, rr, ct, rt = random_batch(37, seed=zlib.crc32(repr(cfg).encode()))
+    out = dpo_loss(pc, pr, rc, rr, config=cfg, chosen_tokens=ct, rejected_tokens=rt)
+    truth = numpy_reference(pc, pr, rc, rr, ct, rt, cfg=cfg)
+    np.testing.assert_allclose(out.losses.numpy(), truth, rtol=1e-12, atol=1e-12)
+    # float32 and bf16 inputs are computed in float32 and stay close to the float64 truth
+    for dtype, tol in ((torch.float32, 2e-4), (torch.bfloat16, 5e-2)):
+        out32 = dpo_loss(
+            pc.to(dtype), pr.to(dtype), rc.to(dtype), rr.to(dtype), config=cfg,
+            chosen_tokens=ct, rejected_tokens=rt,
+        )  # fmt: skip
+        assert out32.losses.dtype == torch.float32
+        rounded = numpy_reference(
+            *(x.to(dtype).double() for x in (pc, pr, rc, rr)), ct, rt, cfg=cfg
+        )
+        np.testing.assert_allclose(out32.losses.double().numpy(), rounded, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c.loss_type}-{c.rpo_alpha}-{c.reference_free}"
+)
+def test_gradients_pass_gradcheck_in_float64(cfg):
+    pc, pr, rc, rr, ct, rt = random_batch(7, seed=11)
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+
+    def f(a, b):
+        return dpo_loss(a, b, rc, rr, config=cfg, chosen_tokens=ct, rejected_tokens=rt).losses
+
+    assert torch.autograd.gradcheck(f, (pc, pr), eps=1e-6, atol=1e-8)
+    out = dpo_loss(pc, pr, rc, rr, config=cfg, chosen_tokens=ct, rejected_tokens=rt)
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+
+
+def test_sigmoid_gradient_has_the_dpo_closed_form():
+    # dL/dpi_c = -beta * sigmoid(-beta z), dL/dpi_r = +beta * sigmoid(-beta z)
+    pc, pr, rc, rr, ct, rt = random_batch(13, seed=5)
+    pc.requires_grad_(True)
+    pr.requires_grad_(True)
+    beta = 0.3
+    dpo_loss(pc, pr, rc, rr, config=LossConfig(beta=beta)).losses.sum().backward()
+    z = (pc - pr - rc + rr).detach()
+    torch.testing.assert_close(pc.grad, -beta * torch.sigmoid(-beta * z), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(pr.grad, beta * torch.sigmoid(-beta * z), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "cfg", CONFIGS, ids=lambda c: f"{c.loss_type}-{c.rpo_alpha}-{c.reference_free}"
+)
+def test_pair_loss_slices_sum_to_the_full_batch_loss(cfg):
+    p = 19
+    pc, pr, rc, rr, ct, rt = random_batch(p, seed=3)
+    norm = 23.0  # e.g. pairs in a gradient-accumulated optimizer step
+    full_c = pc.clone().requires_grad_(True)
+    full_r = pr.clone().requires_grad_(True)
+    full = dpo_loss(full_c, full_r, rc, rr, config=cfg, chosen_tokens=ct, rejected_tokens=rt)
+    (full.losses.sum() / norm).backward()
+
+    pair_loss = make_pair_loss(
+        cfg, ref_chosen=rc, ref_rejected=rr, chosen_tokens=ct, rejected_tokens=rt, normalizer=norm
+    )
+    total = torch.zeros((), dtype=torch.float64)
+    grads_c, grads_r = [], []
+    for s in (slice(0, 6), slice(6, 7), slice(7, p)):
+        c = pc[s].clone().requires_grad_(True)
+        r = pr[s].clone().requires_grad_(True)
+        part = pair_loss(c, r, s)
+        part.backward()
+        total = total + part.detach()
+        grads_c.append(c.grad)
+        grads_r.append(r.grad)
+    torch.testing.assert_close(total, full.losses.sum().detach() / norm, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(torch.cat(grads_c), full_c.grad, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(torch.cat(grads_r), full_r.grad, rtol=1e-13, atol=1e-15)
+
+
+def test_pair_loss_rejects_a_slice_that_does_not_match_its_inputs():
+    pc, pr, rc, rr, _, _ = random_batch(5, seed=1)
+    pair_loss = make_pair_loss(LossConfig(), ref_chosen=rc, ref_rejected=rr, normalizer=5)
+    with pytest.raises(ValueError, match="covers 2 of the batch's 5 pairs but 3"):
+        pair_loss(pc[:3], pr[:3], slice(1, 3))
+    with pytest.raises(ValueError, match="normalizer must be > 0"):
+        make_pair_loss(LossConfig(), ref_chosen=rc, ref_rejected=rr, normalizer=0)
+
+
+def test_metrics_are_batch_means_under_contract_names():
+    pc, pr, rc, rr, _, _ = random_batch(11, seed=9)
+    beta = 0.1
+    out = dpo_loss(pc, pr, rc, rr, config=LossConfig(beta=beta))
+    m = dpo_metrics(out, pc, pr)
+    assert set(m) == {
+        "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+        "logps/chosen", "logps/rejected",
+    }  # fmt: skip
+    ch, rj = beta * (pc - rc), beta * (pr - rr)
+    torch.testing.assert_close(m["rewards/chosen"], ch.mean())
+    torch.testing.assert_close(m["rewards/rejected"], rj.mean())
+    torch.testing.assert_close(m["rewards/margins"], (ch - rj).mean())
+    acc = sum(float(a > b) for a, b in zip(ch.tolist(), rj.tolist())) / 11
+    assert m["rewards/accuracies"].item() == pytest.approx(acc)
+    torch.testing.assert_close(m["logps/chosen"], pc.mean())
+    torch.testing.assert_close(m["logps/rejected"], pr.mean())
+    assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in m.values())
+
+
+def test_missing_inputs_are_explained():
+    pc, pr, rc, rr, ct, rt = random_batch(4, seed=2)
+    with pytest.raises(ValueError, match="chosen_tokens is missing"):
+        dpo_loss(pc, pr, rc, rr, config=LossConfig(loss_type="ipo"))
+    with pytest.raises(ValueError, match="chosen_tokens is missing"):
+        dpo_loss(pc, pr, rc, rr, config=LossConfig(rpo_alpha=1.0))
+    with pytest.raises(ValueError, match="ref_chosen is missing.*reference_free"):
+        dpo_loss(pc, pr, None, rr, config=LossConfig())
+    with pytest.raises(ValueError, match="ref_rejected has shape"):
+        dpo_loss(pc, pr, rc, rr[:3], config=LossConfig())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"loss_type": "kto"}, "loss_type must be one of sigmoid, ipo, hinge, robust"),
+        ({"beta": 0.0}, "beta must be"),
+        ({"beta": float("nan")}, "beta must be"),
+        ({"label_smoothing": 0.5}, r"label_smoothing must be in \[0, 0.5\)"),
+        ({"label_smoothing": -0.1}, "label_smoothing must be"),
+        ({"loss_type": "hinge", "label_smoothing": 0.1}, "has no effect"),
+        ({"rpo_alpha": -1.0}, "rpo_alpha must be"),
+    ],
+)
+def test_loss_config_rejects_invalid_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossConfig(**kwargs)
+
+
+def test_every_loss_type_is_covered():
+    assert {c.loss_type for c in CONFIGS} == set(LOSS_TYPES)
