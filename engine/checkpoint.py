@@ -1,0 +1,285 @@
+"""Hugging Face checkpoint folders: load, save, and fingerprint.
+
+A checkpoint is a folder with ``config.json`` and either ``model.safetensors`` or shards
+``model-0000i-of-0000N.safetensors`` listed in ``model.safetensors.index.json``; exactly what
+``transformers`` writes and reads, so the engine's outputs load with
+``AutoModelForCausalLM.from_pretrained`` and give the same logits. Saving goes through
+``atomic_directory``: a crash never leaves a half-written checkpoint under the real name.
+
+Fingerprints key the reference log-prob caches: ``model_fingerprint`` hashes the weights in
+memory, ``checkpoint_fingerprint`` the files on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from sdpo.engine.files import atomic_directory
+from sdpo.engine.model import CausalLM, ModelConfig
+
+CONFIG_NAME = "config.json"
+SINGLE_WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+# Tensors some checkpoints carry that this model does not need: old Llama checkpoints stored the
+# rotary inverse frequencies (recomputed from the config here).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# Bytes hashed per piece, to keep the host copy of a GPU tensor small.
+_HASH_PIECE_BYTES = 64 * 2**20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the file or tensor."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); restore the file") from e
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """The ``ModelConfig`` of a checkpoint folder."""
+    folder = Path(path)
+    config_path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder {folder} does not exist or is not a folder")
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{folder} has no {CONFIG_NAME}; a model folder needs {CONFIG_NAME} and "
+            f"{SINGLE_WEIGHTS_NAME} (or {INDEX_NAME} with its shards), as written by "
+            "transformers' save_pretrained"
+        )
+    try:
+        return ModelConfig.from_hf_dict(_read_json(config_path))
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{config_path}: {e}") from e
+
+
+def weight_files(path: str | os.PathLike) -> dict[str, Path]:
+    """{tensor name: safetensors file} for a checkpoint folder (single file or sharded)."""
+    folder = Path(path)
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        weight_map = _read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(
+                f"{index_path}: no 'weight_map' dict naming each tensor's shard file"
+            )
+        files = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = folder / shard
+            if not shard_path.is_file():
+                raise CheckpointError(
+                    f"shard file {shard_path} listed in {index_path} is missing; "
+                    "copy the complete checkpoint folder again"
+                )
+            files[shard] = shard_path
+        return {name: files[shard] for name, shard in weight_map.items()}
+    single = folder / SINGLE_WEIGHTS_NAME
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
+    hint = (
+        f" (found {others[:3]}: convert them to safetensors, e.g. load with transformers and "
+        "save_pretrained(..., safe_serialization=True))"
+        if others
+        else ""
+    )
+    raise CheckpointError(
+        f"{folder} has neither {SINGLE_WEIGHTS_NAME} nor {INDEX_NAME}{hint}; "
+        "only safetensors checkpoints are supported"
+    )
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> CausalLM:
+    """Load a HF checkpoint folder into a :class:`CausalLM` in ``dtype`` on ``device``.
+
+    Every tensor name and shape is checked against the config before any weight is read; with
+    tied embeddings a stored ``lm_head.weight`` is ignored (HF usually does not store it)."""
+    if not dtype.is_floating_point:
+        raise ValueError(f"load_pretrained needs a floating-point dtype, got {dtype}")
+    folder = Path(path)
+    config = read_model_config(folder)
+    files = weight_files(folder)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    unexpected = [
+        name
+        for name in files
+        if name not in expected
+        and not name.endswith(_IGNORED_SUFFIXES)
+        and not (config.tie_word_embeddings and name == "lm_head.weight")
+    ]
+    missing = [name for name in expected if name not in files]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors {_few(unexpected)}")
+        raise CheckpointError(
+            f"weights in {folder} do not match its {CONFIG_NAME} "
+            f"(model_type {config.model_type!r}, {config.num_hidden_layers} layers, "
+            f"tie_word_embeddings={config.tie_word_embeddings}, "
+            f"attention_bias={config.attention_bias}): {'; '.join(parts)}. Check that "
+            "config.json belongs to these weights"
+        )
+
+    device = torch.device(device)
+    state: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        # safetensors reads straight onto the target device; the cast happens there.
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in expected:
+                    continue
+                if name not in present:
+                    raise CheckpointError(
+                        f"tensor {name!r} is listed for {file.name} in {INDEX_NAME} but is not "
+                        f"in that file; the index and shards are out of step"
+                    )
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected[name]:
+                    raise CheckpointError(
+                        f"tensor {name!r} in {file} has shape {shape}, but {CONFIG_NAME} implies "
+                        f"{expected[name]}; check that config.json belongs to these weights"
+                    )
+                state[name] = f.get_tensor(name).to(dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _few(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def save_pretrained(
+    model: CausalLM,
+    path: str | os.PathLike,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    extra_files: Iterable[str | os.PathLike] = (),
+) -> None:
+    """Write ``model`` as a HF checkpoint folder at ``path``, atomically.
+
+    One ``model.safetensors`` when the weights fit in ``max_shard_bytes``, else shards plus
+    ``model.safetensors.index.json``. Tied embeddings are stored once (as HF does).
+    ``extra_files`` (e.g. tokenizer.json, tokenizer_config.json) are copied into the folder
+    inside the same atomic step. An existing folder at ``path`` is replaced only on success."""
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    state = {name: t.detach() for name, t in model.state_dict().items()}
+    shards = _plan_shards(state, max_shard_bytes=max_shard_bytes)
+    dtype = model.model.embed_tokens.weight.dtype
+    config = model.config.to_hf_dict()
+    config["dtype"] = _dtype_name(dtype)  # transformers >= 5
+    config["torch_dtype"] = _dtype_name(dtype)  # transformers 4.x
+    extra = [Path(p) for p in extra_files]
+    for p in extra:
+        if not p.is_file():
+            raise FileNotFoundError(f"extra file {p} to copy into the checkpoint does not exist")
+
+    with atomic_directory(path) as tmp:
+        weight_map = {}
+        for i, names in enumerate(shards):
+            file_name = (
+                SINGLE_WEIGHTS_NAME
+                if len(shards) == 1
+                else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            )
+            # Copy one shard at a time to the host, contiguous (safetensors needs it).
+            tensors = {name: state[name].to("cpu").contiguous() for name in names}
+            save_file(tensors, str(tmp / file_name), metadata={"format": "pt"})
+            del tensors
+            weight_map.update(dict.fromkeys(names, file_name))
+        if len(shards) > 1:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for p in extra:
+            shutil.copyfile(p, tmp / p.name)
+
+
+def _plan_shards(state: dict[str, torch.Tensor], *, max_shard_bytes: int) -> list[list[str]]:
+    """Greedy in parameter order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the architecture and every parameter's name, dtype, shape and bytes.
+
+    Two models fingerprint equal exactly when they compute the same function in the same
+    dtype; a model cast to another dtype fingerprints differently. GPU tensors are hashed in
+    64 MiB pieces copied to the host, so memory stays flat (about 1-2 s for a 1B model)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if isinstance(config, ModelConfig):
+        h.update(json.dumps(config.architecture_dict(), sort_keys=True).encode())
+    for name, t in model.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)  # raw bytes, any dtype
+        for start in range(0, flat.numel(), _HASH_PIECE_BYTES):
+            piece = flat[start : start + _HASH_PIECE_BYTES].cpu()
+            h.update(piece.numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 over a checkpoint folder's config.json and the full content of its weight files.
+
+    The content is hashed, not just the safetensors headers and file sizes: a model after a
+    DPO step has the same names, shapes and sizes as before it, so anything short of the bytes
+    would give the trained and the untrained checkpoint the same key. Hashing runs at disk
+    speed (a few seconds per GB); cache the result if a caller needs it repeatedly."""
+    folder = Path(path)
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}; it is not a checkpoint folder")
+    h = hashlib.sha256()
+    h.update(config_path.read_bytes())
+    for file in sorted(set(weight_files(folder).values())):
+        h.update(f"\n{file.name}\n".encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(_HASH_PIECE_BYTES):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,489 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, SOLAR) over packed token streams.
+
+One implementation covers the family: RMSNorm, rotary position embeddings (default, linear and
+llama3 scaling), grouped-query attention, SwiGLU MLP, tied or untied embeddings, optional q/k/v
+bias (Qwen2). Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``,
+...) so checkpoints map one to one (see ``engine/checkpoint.py``).
+
+The forward takes a padding-free packed batch (``input_ids``, ``position_ids``, ``cu_seqlens``)
+and returns the final hidden states after the last norm; it never applies the lm_head. The
+log-prob op takes ``lm_head_weight`` and fuses the projection with the log-softmax, so a full
+(tokens x vocab) logits tensor is never formed here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from sdpo.engine.attention import ATTENTION_BACKENDS, varlen_attention
+from torch import Tensor, nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+# Keys of a rope dict that describe the scaling (everything else, like rope_theta, is not).
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
+
+
+class ConfigError(ValueError):
+    """A config.json that this engine cannot run; the message names the key and the fix."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a Llama-family model, read from (and written back to) a HF config dict.
+
+    ``rope_scaling`` is normalised: None for plain rotary embeddings, else a dict with
+    ``rope_type`` ("linear" or "llama3") and its parameters. ``raw`` keeps the dict the config
+    came from, so that ``to_hf_dict`` writes back every key this class does not model."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections
+    o_proj_bias: bool = False  # bias on the output projection (Llama attention_bias=True)
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral/Qwen2: sequences may not exceed it (see forward)
+    initializer_range: float = 0.02
+    model_type: str = "llama"
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config key {name!r} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2 != 0:
+            raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"model_type {self.model_type!r} is not supported; supported: "
+                f"{', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM and SOLAR use 'llama')"
+            )
+        if self.rope_scaling is not None:
+            self.rope_scaling = _normalise_rope_scaling(
+                self.rope_scaling,
+                max_position_embeddings=self.max_position_embeddings,
+                key="rope_scaling",
+            )
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Read a Hugging Face ``config.json`` dict (transformers 4.x or 5.x spelling)."""
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        missing = [k for k in required if d.get(k) is None]
+        if missing:
+            raise ConfigError(
+                f"config is missing required key(s) {missing}; a Llama-family config.json "
+                f"needs {', '.join(required)}"
+            )
+        model_type = d.get("model_type", "llama")
+        act = d.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ConfigError(
+                f"config key 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is supported"
+            )
+        heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        theta, scaling = _read_rope(d)
+
+        if model_type == "qwen2":
+            # Qwen2 always has q/k/v bias and never an o_proj bias (no attention_bias key).
+            qkv_bias, o_bias = True, False
+        else:
+            qkv_bias = o_bias = bool(d.get("attention_bias", False))
+
+        # Mistral applies its sliding window always, Qwen2 only when use_sliding_window is set.
+        windowed = model_type == "mistral" or (
+            model_type == "qwen2" and d.get("use_sliding_window", False)
+        )
+        sliding = d.get("sliding_window") if windowed else None
+
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=d.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=qkv_bias,
+            o_proj_bias=o_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            sliding_window=sliding,
+            initializer_range=float(d.get("initializer_range", 0.02)),
+            model_type=model_type,
+            raw=copy.deepcopy(d),
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config as a HF ``config.json`` dict: the raw dict it came from, updated.
+
+        Rotary settings are written in the spelling the source used (``rope_parameters`` for
+        transformers 5 configs, ``rope_theta``/``rope_scaling`` otherwise, which both major
+        transformers versions read)."""
+        d = copy.deepcopy(self.raw)
+        d.update(
+            model_type=self.model_type,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            hidden_act=d.get("hidden_act", "silu"),
+            rms_norm_eps=self.rms_norm_eps,
+            max_position_embeddings=self.max_position_embeddings,
+            tie_word_embeddings=self.tie_word_embeddings,
+            initializer_range=self.initializer_range,
+        )
+        d.setdefault("architectures", [_ARCHITECTURES[self.model_type]])
+        if self.model_type == "llama":
+            if self.attention_bias != self.o_proj_bias:
+                raise ConfigError(
+                    "a llama config has one attention_bias for q/k/v and o_proj; "
+                    f"got q/k/v bias {self.attention_bias} and o_proj bias {self.o_proj_bias}"
+                )
+            d["attention_bias"] = self.attention_bias
+            d["mlp_bias"] = self.mlp_bias
+        if self.model_type in ("mistral", "qwen2"):
+            d["sliding_window"] = self.sliding_window
+            if self.model_type == "qwen2":
+                d["use_sliding_window"] = self.sliding_window is not None
+
+        rope: dict[str, Any] = {"rope_type": "default"}
+        if self.rope_scaling is not None:
+            rope = dict(self.rope_scaling)
+        if "rope_parameters" in d:
+            d["rope_parameters"] = {**rope, "rope_theta": self.rope_theta}
+            d.pop("rope_scaling", None)
+            d.pop("rope_theta", None)
+        else:
+            d["rope_theta"] = self.rope_theta
+            d["rope_scaling"] = None if self.rope_scaling is None else rope
+        return d
+
+    def architecture_dict(self) -> dict[str, Any]:
+        """The fields that determine the model's function (no raw dict): for fingerprints."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "raw"}
+
+
+def _read_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, normalised scaling dict or None) from either config spelling."""
+    max_pos = int(d.get("max_position_embeddings", 2048))
+    if d.get("rope_parameters") is not None:
+        key, params = "rope_parameters", d["rope_parameters"]
+    elif d.get("rope_scaling") is not None:
+        key, params = "rope_scaling", d["rope_scaling"]
+    else:
+        key, params = "rope_theta", {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config key {key!r} must be a dict, got {type(params).__name__}")
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    if theta is None:
+        theta = 10000.0
+    if float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ConfigError(
+            f"config key {key!r}: partial_rotary_factor != 1 is not supported by this engine"
+        )
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    return float(theta), _normalise_rope_scaling(params, max_position_embeddings=max_pos, key=key)
+
+
+def _normalise_rope_scaling(
+    params: dict[str, Any], *, max_position_embeddings: int, key: str
+) -> dict[str, Any] | None:
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"config key {key!r} has rope_type {rope_type!r}, which this engine does not "
+            f"support; supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type == "default":
+        return None
+    if "factor" not in params:
+        raise ConfigError(f"config key {key!r} (rope_type {rope_type!r}) needs a 'factor'")
+    if rope_type == "linear":
+        return {"rope_type": "linear", "factor": float(params["factor"])}
+    missing = [k for k in _LLAMA3_KEYS if k not in params]
+    if missing:
+        raise ConfigError(f"config key {key!r} (rope_type 'llama3') is missing {missing}")
+    out = {"rope_type": "llama3", **{k: float(params[k]) for k in _LLAMA3_KEYS}}
+    out["original_max_position_embeddings"] = int(
+        params.get("original_max_position_embeddings") or max_position_embeddings
+    )
+    if out["high_freq_factor"] <= out["low_freq_factor"]:
+        raise ConfigError(
+            f"config key {key!r}: high_freq_factor ({out['high_freq_factor']}) must exceed "
+            f"low_freq_factor ({out['low_freq_factor']})"
+        )
+    return out
+
+
+def rope_inverse_frequencies(config: ModelConfig, *, device: torch.device | str = "cpu") -> Tensor:
+    """Rotary inverse frequencies (head_dim / 2,) in float32, with the config's scaling applied.
+
+    Computed in float64 then rounded once, so the result does not depend on the device."""
+    dim = config.head_dim
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim
+    inv_freq = 1.0 / (config.rope_theta**exponents)  # (D/2,)
+    scaling = config.rope_scaling
+    if scaling is not None and scaling["rope_type"] == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif scaling is not None and scaling["rope_type"] == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # Short wavelengths (< old_context / high) keep their frequency, long ones
+        # (> old_context / low) are divided by `factor`, and the band between is interpolated.
+        smooth = (old_context / wavelen - low) / (high - low)
+        interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(
+            wavelen > old_context / low,
+            inv_freq / factor,
+            torch.where(wavelen < old_context / high, inv_freq, interpolated),
+        )
+    return inv_freq.to(torch.float32)
+
+
+def rotary_cos_sin(
+    position_ids: Tensor, inv_freq: Tensor, *, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos and sin tables (N, D) for the given positions, computed in fp32, cast to ``dtype``."""
+    freqs = position_ids.to(torch.float32)[:, None] * inv_freq[None, :]  # (N, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (N, D)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate x (N, heads, D) by the per-token angles in cos/sin (N, D)."""
+    cos = cos[:, None, :]  # (N, 1, D)
+    sin = sin[:, None, :]  # (N, 1, D)
+    return x * cos + _rotate_half(x) * sin
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back before the weight (as HF does)."""
+
+    def __init__(self, hidden_size: int, *, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_proj_bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        *,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        backend: str,
+    ) -> Tensor:
+        n = x.shape[0]
+        q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, Hq, D)
+        k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
+        v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        out = varlen_attention(
+            q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend
+        )  # (N, Hq, D)
+        return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))  # (N, H)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm transformer block; the unit of activation checkpointing and of regional
+    ``torch.compile``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        backend: str,
+    ) -> Tensor:
+        x = x + self.self_attn(
+            self.input_layernorm(x),
+            cos,
+            sin,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            backend=backend,
+        )
+        return x + self.mlp(self.post_attention_layernorm(x))  # (N, H)
+
+
+class DecoderStack(nn.Module):
+    """Embeddings, decoder layers and the final norm (HF's ``model.`` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """A Llama-family causal LM whose forward returns final hidden states (N, H).
+
+    Logits are ``hidden @ lm_head_weight.T``; the caller (the log-prob op) applies them."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = DecoderStack(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+        self.attn_backend = "auto"
+
+    @property
+    def lm_head_weight(self) -> Tensor:
+        """(V, H): the output projection; the embedding matrix when embeddings are tied."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.weight
+        return self.lm_head.weight
+
+    def forward(
+        self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int
+    ) -> Tensor:
+        """input_ids, position_ids (N,); cu_seqlens (S+1,) int32 -> hidden states (N, H)."""
+        if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
+            raise ValueError(
+                "CausalLM.forward takes a packed batch: input_ids and position_ids of shape "
+                f"(N,), got {tuple(input_ids.shape)} and {tuple(position_ids.shape)}"
+            )
+        if self.attn_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attn_backend {self.attn_backend!r}; choose one of {ATTENTION_BACKENDS}"
+            )
+        window = self.config.sliding_window
+        if window is not None and max_seqlen > window:
+            raise ValueError(
+                f"a sequence of {max_seqlen} tokens exceeds the model's sliding_window ({window}); "
+                "sliding-window attention is not implemented: lower max_length to at most "
+                f"{window}"
+            )
+        x = self.model.embed_tokens(input_ids)  # (N, H)
+        inv_freq = rope_inverse_frequencies(self.config, device=input_ids.device)
+        cos, sin = rotary_cos_sin(position_ids, inv_freq, dtype=x.dtype)  # (N, D) each
+        checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
+        for layer in self.model.layers:
+            args = (x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend)
+            if checkpointing:
+                x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+            else:
+                x = layer(*args)
+        return self.model.norm(x)  # (N, H)
+
+
+def init_model(config: ModelConfig, *, seed: int, dtype: torch.dtype = torch.float32) -> CausalLM:
+    """A randomly initialised model: weights ~ N(0, initializer_range), biases 0, norms 1.
+
+    Deterministic for a given seed (drawn on the CPU in parameter order)."""
+    model = CausalLM(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(mean=0.0, std=config.initializer_range, generator=generator)
+    return model.to(dtype)

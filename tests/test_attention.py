@@ -1,0 +1,118 @@
+"""Packed causal attention: every backend against a float64 dense reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from sdpo.engine.attention import (
+    available_attention_backends,
+    resolve_attention_backend,
+    varlen_attention,
+)
+
+LENGTHS = [7, 1, 13, 4, 10]  # odd sizes, one single-token sequence
+
+
+def _packed_inputs(lengths, *, hq, hkv, d, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    q, k, v = (
+        torch.randn(n, h, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+        for h in (hq, hkv, hkv)
+    )
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, cu.to(device)
+
+
+def _dense_reference(q, k, v, cu):
+    """float64 softmax attention over the whole stream with a block-diagonal causal mask."""
+    q, k, v = (t.to(torch.float64) for t in (q, k, v))
+    n, hq, d = q.shape
+    groups = hq // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (N, Hq, D)
+    v = v.repeat_interleave(groups, dim=1)  # (N, Hq, D)
+    seq = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long().cpu())
+    idx = torch.arange(n)
+    allowed = (seq[:, None] == seq[None, :]) & (idx[None, :] <= idx[:, None])  # (N, N)
+    scores = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(d)  # (Hq, N, N)
+    scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
+    return torch.einsum("hij,jhd->ihd", scores.softmax(-1), v)  # (N, Hq, D)
+
+
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (3, 3), (4, 1)])
+def test_sdpa_backend_matches_float64_dense_reference(hq, hkv):
+    q, k, v, cu = _packed_inputs(LENGTHS, hq=hq, hkv=hkv, d=10, dtype=torch.float32, seed=hq)
+    out = varlen_attention(q, k, v, cu_seqlens=cu, max_seqlen=max(LENGTHS), backend="sdpa")
+    ref = _dense_reference(q, k, v, cu)
+    assert out.shape == (sum(LENGTHS), hq, 10) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+
+
+def test_sdpa_backend_gradients_match_float64_reference():
+    q, k, v, cu = _packed_inputs(LENGTHS, hq=6, hkv=2, d=8, dtype=torch.float64, seed=3)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    weight = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    out = varlen_attention(q, k, v, cu_seqlens=cu, max_seqlen=max(LENGTHS), backend="sdpa")
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    ref = _dense_reference(q, k, v, cu)
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
+
+
+def test_bfloat16_sdpa_error_is_within_bfloat16_rounding_of_float64_truth():
+    q, k, v, cu = _packed_inputs(LENGTHS, hq=4, hkv=2, d=16, dtype=torch.bfloat16, seed=5)
+    out = varlen_attention(q, k, v, cu_seqlens=cu, max_seqlen=max(LENGTHS), backend="auto")
+    ref = _dense_reference(q, k, v, cu)
+    assert out.dtype == torch.bfloat16
+    assert (out.double() - ref).abs().max().item() < 3e-2
+
+
+def test_auto_backend_on_cpu_is_sdpa_and_unknown_backend_is_rejected():
+    assert resolve_attention_backend("auto", "cpu") == "sdpa"
+    assert available_attention_backends("cpu") == ["sdpa"]
+    with pytest.raises(ValueError, match="unknown attention backend 'flsh'.*flash"):
+        resolve_attention_backend("flsh", "cpu")
+    with pytest.raises(ValueError, match="'flash' is not available on cpu.*CUDA"):
+        resolve_attention_backend("flash", "cpu")
+    with pytest.raises(ValueError, match="'varlen' is not available on cpu.*CUDA"):
+        resolve_attention_backend("varlen", "cpu")
+
+
+def test_cu_seqlens_not_covering_the_stream_is_rejected():
+    q, k, v, cu = _packed_inputs([5, 6], hq=2, hkv=1, d=4, dtype=torch.float32)
+    with pytest.raises(ValueError, match="end at the token count 11"):
+        varlen_attention(q, k, v, cu_seqlens=cu[:-1], max_seqlen=6, backend="sdpa")
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        varlen_attention(q, k[:, :1].expand(-1, 3, -1), v, cu_seqlens=cu, max_seqlen=6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4)])
+def test_every_cuda_backend_matches_float32_sdpa_in_bfloat16(hq, hkv):
+    lengths = [37, 1, 129, 64, 5]
+    q, k, v, cu = _packed_inputs(lengths, hq=hq, hkv=hkv, d=64, dtype=torch.float32, device="cuda")
+    weight = torch.randn_like(q)
+    ref = _dense_reference(q, k, v, cu)
+    ref_grads = None
+    for backend in available_attention_backends("cuda"):
+        qb, kb, vb = (t.to(torch.bfloat16).requires_grad_(True) for t in (q, k, v))
+        out = varlen_attention(qb, kb, vb, cu_seqlens=cu, max_seqlen=max(lengths), backend=backend)
+        assert out.shape == q.shape and out.dtype == torch.bfloat16, backend
+        err = (out.double() - ref).abs().max().item()
+        assert err < 3e-2, f"{backend}: max abs error {err} vs float64"
+        grads = torch.autograd.grad((out.float() * weight).sum(), (qb, kb, vb))
+        if ref_grads is None:
+            q32, k32, v32 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+            out32 = varlen_attention(
+                q32, k32, v32, cu_seqlens=cu, max_seqlen=max(lengths), backend="sdpa"
+            )
+            ref_grads = torch.autograd.grad((out32 * weight).sum(), (q32, k32, v32))
+        for name, g, r in zip("qkv", grads, ref_grads):
+            scale = r.abs().max().item()
+            gerr = (g.float() - r).abs().max().item()
+            assert gerr < 3e-2 * max(scale, 1.0), f"{backend}: d{name} error {gerr}"
