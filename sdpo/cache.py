@@ -1,0 +1,343 @@
+"""The on-disk reference log-prob cache: what lets sDPO drop the frozen reference model.
+
+Each sDPO step needs, for every pair of its chunk, the reference model's summed log-probs of the
+chosen and rejected completions. They are computed once with no gradients, written here, and
+training reads only this file, so the reference model never sits beside the policy in memory.
+
+A cache file is one safetensors file holding five (P,) tensors and string metadata:
+the :class:`CacheKey` fields (everything that changes the numbers), a sha256 checksum of the
+tensor bytes and a format version. :meth:`RefLogprobCache.load` accepts a file only when the
+key and the checksum match, and otherwise says why in plain words (so the caller can recompute
+and tell the user); it never raises on a damaged file. Files are written atomically.
+
+Fingerprints (:func:`data_fingerprint`, :func:`file_fingerprint`, :func:`tensors_fingerprint`)
+are sha256 hex digests used to build keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import safetensors.torch
+import torch
+
+from sdpo.engine.files import atomic_open
+
+if TYPE_CHECKING:
+    from sdpo.engine.packing import TokenizedPair
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "CacheKey",
+    "RefLogprobCache",
+    "RefValues",
+    "data_fingerprint",
+    "file_fingerprint",
+    "tensors_fingerprint",
+]
+
+# Bump when the file layout or the meaning of a stored field changes; older files are then
+# reported as "format version" mismatches and recomputed.
+CACHE_FORMAT_VERSION = "1"
+
+# Tensor names in the file and their storage dtypes, in the order the checksum hashes them.
+_TENSOR_DTYPES: dict[str, torch.dtype] = {
+    "pair_indices": torch.int64,
+    "chosen_logps": torch.float32,
+    "rejected_logps": torch.float32,
+    "chosen_tokens": torch.int64,
+    "rejected_tokens": torch.int64,
+}
+_META_VERSION = "sdpo_ref_cache_version"
+_META_CHECKSUM = "tensors_sha256"
+_META_KEY_PREFIX = "key."
+
+
+@dataclass(kw_only=True)
+class RefValues:
+    """Reference values of P pairs, aligned by position: entry i belongs to pair
+    ``pair_indices[i]`` (the ``TokenizedPair.index``). Tensors are stored on CPU in the dtypes
+    below; inputs of other dtypes/devices are converted."""
+
+    pair_indices: torch.Tensor  # (P,) int64, unique
+    chosen_logps: torch.Tensor  # (P,) float32: log pi_ref(chosen | prompt), summed over tokens
+    rejected_logps: torch.Tensor  # (P,) float32
+    chosen_tokens: torch.Tensor  # (P,) int64: scored completion tokens of the chosen sequence
+    rejected_tokens: torch.Tensor  # (P,) int64
+
+    def __post_init__(self) -> None:
+        sizes = {}
+        for name, dtype in _TENSOR_DTYPES.items():
+            value = torch.as_tensor(getattr(self, name)).detach().to(device="cpu", dtype=dtype)
+            if value.dim() != 1:
+                raise ValueError(
+                    f"RefValues.{name} must be 1-D (one value per pair), got shape "
+                    f"{tuple(value.shape)}"
+                )
+            setattr(self, name, value.contiguous())
+            sizes[name] = value.numel()
+        if len(set(sizes.values())) != 1:
+            raise ValueError(
+                f"RefValues tensors must have one length (one entry per pair), got {sizes}"
+            )
+        if self.pair_indices.numel() != torch.unique(self.pair_indices).numel():
+            uniq, counts = torch.unique(self.pair_indices, return_counts=True)
+            dup = uniq[counts > 1][:5].tolist()
+            raise ValueError(
+                f"RefValues.pair_indices must be unique; repeated pair indices: {dup}. "
+                "Each pair must be scored once."
+            )
+
+    @classmethod
+    def from_scores(cls, scores: object) -> RefValues:
+        """Copy the five fields from a scoring result, e.g. ``sdpo.engine.scoring.PairLogps``."""
+        return cls(**{name: getattr(scores, name) for name in _TENSOR_DTYPES})
+
+    @property
+    def num_pairs(self) -> int:
+        return self.pair_indices.numel()
+
+    def __len__(self) -> int:
+        return self.num_pairs
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        """(P,) float32 reference log-ratio gamma = log pi(chosen|x) - log pi(rejected|x)."""
+        return self.chosen_logps - self.rejected_logps
+
+    def reward_accuracy(self) -> float:
+        """Share of pairs the model already prefers (gamma > 0); NaN for no pairs."""
+        if self.num_pairs == 0:
+            return float("nan")
+        return (self.gamma > 0).double().mean().item()
+
+    def mean_gamma(self) -> float:
+        """Mean gamma in float64; NaN for no pairs."""
+        if self.num_pairs == 0:
+            return float("nan")
+        return self.gamma.double().mean().item()
+
+    def subset(self, pair_indices: Sequence[int] | torch.Tensor) -> RefValues:
+        """The values of the given pairs, in the given order. Raises KeyError naming pair
+        indices that are not in this set."""
+        query = torch.as_tensor(pair_indices, dtype=torch.int64).reshape(-1)
+        order = torch.argsort(self.pair_indices)
+        have = self.pair_indices[order]  # (P,) sorted
+        pos = torch.searchsorted(have, query).clamp_(max=max(have.numel() - 1, 0))
+        found = (have[pos] == query) if have.numel() else torch.zeros_like(query, dtype=torch.bool)
+        if not bool(found.all()):
+            missing = query[~found]
+            raise KeyError(
+                f"{missing.numel()} pair(s) have no reference values, e.g. pair indices "
+                f"{missing[:5].tolist()}: the cache was built for other pairs; recompute it."
+            )
+        take = order[pos]
+        return RefValues(**{name: getattr(self, name)[take] for name in _TENSOR_DTYPES})
+
+    @classmethod
+    def concat(cls, parts: Iterable[RefValues]) -> RefValues:
+        """Join values of disjoint pair sets (order kept: parts one after another)."""
+        parts = list(parts)
+        if not parts:
+            return cls(**{name: torch.empty(0, dtype=dt) for name, dt in _TENSOR_DTYPES.items()})
+        return cls(
+            **{name: torch.cat([getattr(p, name) for p in parts]) for name in _TENSOR_DTYPES}
+        )
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in _TENSOR_DTYPES}
+
+
+@dataclass(kw_only=True, frozen=True)
+class CacheKey:
+    """Everything that changes the cached numbers. Two runs with equal keys compute the same
+    reference values, so a cache is reused only when the whole key matches."""
+
+    model_fingerprint: str  # the reference model's weights (and config)
+    data_fingerprint: str  # the token ids of the chunk's pairs (see data_fingerprint)
+    tokenizer_fingerprint: str  # tokenizer.json (and chat template) used to tokenize
+    max_length: int
+    max_prompt_length: int | None
+    truncation: str
+    dtype_policy: str  # e.g. "bf16" / "fp32": the dtype the reference forward ran in
+    kernels_impl: str  # the resolved log-prob implementation ("triton" | "torch")
+
+    def fields(self) -> dict[str, str | int | None]:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        """sha256 hex of the key (stable across runs; usable in a file name)."""
+        text = json.dumps(self.fields(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _short(value: object) -> str:
+    text = str(value)
+    return text if len(text) <= 12 else text[:12] + "…"
+
+
+def _tensors_checksum(tensors: Mapping[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in _TENSOR_DTYPES:
+        t = tensors[name]
+        h.update(name.encode("utf-8"))
+        h.update(struct.pack("<Q", t.numel()))
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class RefLogprobCache:
+    """One cache file at ``path`` (a ``.safetensors`` file).
+
+    >>> cache = RefLogprobCache(run_dir / "step-1" / "ref_logps.safetensors")
+    >>> values, why = cache.load(key)
+    >>> if values is None:
+    ...     print(f"reference cache not used ({why}); computing it")
+    ...     values = score(...); cache.save(values, key)
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RefLogprobCache({str(self.path)!r})"
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, values: RefValues, key: CacheKey) -> None:
+        """Write ``values`` under ``key``; the old file (if any) stays intact until the new one
+        is complete."""
+        tensors = values.tensors()
+        metadata = {_META_VERSION: CACHE_FORMAT_VERSION, _META_CHECKSUM: _tensors_checksum(tensors)}
+        for name, value in key.fields().items():
+            metadata[_META_KEY_PREFIX + name] = json.dumps(value)
+        with atomic_open(self.path, "wb") as f:
+            f.write(safetensors.torch.save(tensors, metadata=metadata))
+
+    def load(self, key: CacheKey) -> tuple[RefValues | None, str]:
+        """``(values, "ok")`` when the file exists and its key and checksum match, else
+        ``(None, reason)`` with reason one of "missing", "format version …", "key mismatch: …",
+        "checksum mismatch (file damaged)", "unreadable: …". Never raises on a bad file."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None, "missing"
+        except OSError as e:
+            return None, f"unreadable: {e.strerror or e}"
+        try:
+            metadata = _read_metadata(data)
+        except ValueError as e:
+            return None, f"unreadable: {e}"
+
+        version = metadata.get(_META_VERSION)
+        if version != CACHE_FORMAT_VERSION:
+            return None, f"format version {version!r} is not the current {CACHE_FORMAT_VERSION!r}"
+
+        for name, now in key.fields().items():
+            raw = metadata.get(_META_KEY_PREFIX + name)
+            try:
+                cached = json.loads(raw) if raw is not None else None
+            except ValueError:
+                return None, f"unreadable: key field {name} is not valid JSON"
+            if raw is None or cached != now:
+                return None, (
+                    f"key mismatch: {name} differs (cached {_short(cached)}, now {_short(now)})"
+                )
+
+        try:
+            tensors = safetensors.torch.load(data)
+        except Exception as e:  # the safetensors parser raises its own error type
+            return None, f"unreadable: {e}"
+        missing = [n for n in _TENSOR_DTYPES if n not in tensors]
+        if missing:
+            return None, f"unreadable: tensors {missing} are missing"
+        wrong = [n for n, dt in _TENSOR_DTYPES.items() if tensors[n].dtype != dt]
+        if wrong:
+            return None, f"unreadable: tensors {wrong} have unexpected dtypes"
+        if _tensors_checksum(tensors) != metadata.get(_META_CHECKSUM):
+            return None, "checksum mismatch (file damaged)"
+        try:
+            values = RefValues(**{n: tensors[n] for n in _TENSOR_DTYPES})
+        except ValueError as e:
+            return None, f"unreadable: {e}"
+        return values, "ok"
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (header: u64 little-endian length + JSON)."""
+    if len(data) < 8:
+        raise ValueError(f"file is {len(data)} bytes, too short for a safetensors header")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("header length runs past the end of the file (file truncated)")
+    try:
+        header = json.loads(data[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("header is not valid JSON (file damaged)") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise ValueError("no metadata in the header (not an sdpo reference cache)")
+    return metadata
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
+    """sha256 hex of the pairs' indices and token ids, in order.
+
+    Each pair contributes ``[index, len(prompt), len(chosen), len(rejected)]`` followed by the
+    three id lists, as little-endian int32; lengths are included so moving a token from prompt
+    to completion changes the fingerprint. Ids are gathered into large int32 buffers so that
+    hashing 100K pairs takes well under a second."""
+    h = hashlib.sha256(b"sdpo.pairs.v1")
+    buf: list[int] = []
+    count = 0
+    for pair in pairs:
+        buf.append(pair.index)
+        buf.append(len(pair.prompt_ids))
+        buf.append(len(pair.chosen_ids))
+        buf.append(len(pair.rejected_ids))
+        buf.extend(pair.prompt_ids)
+        buf.extend(pair.chosen_ids)
+        buf.extend(pair.rejected_ids)
+        count += 1
+        if len(buf) >= 1 << 20:
+            h.update(np.asarray(buf, dtype="<i4").tobytes())
+            buf.clear()
+    if buf:
+        h.update(np.asarray(buf, dtype="<i4").tobytes())
+    h.update(struct.pack("<Q", count))
+    return h.hexdigest()
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """sha256 hex of a file's bytes (e.g. tokenizer.json), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """sha256 hex of named tensors (names, dtypes, shapes and bytes, in sorted name order):
+    a model fingerprint computed from the weights in memory, e.g. ``model.state_dict()``."""
+    h = hashlib.sha256(b"sdpo.tensors.v1")
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        # Raw bytes via a uint8 view: works for bf16, which numpy cannot represent.
+        h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

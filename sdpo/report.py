@@ -1,0 +1,301 @@
+"""Step reports of an sDPO run: what each step trained on and what it changed.
+
+Per step the final DPO metrics, the mean gamma_ref (reference log-ratio
+log pi_ref(chosen|x) - log pi_ref(rejected|x)) of the step's reference on its own chunk and on
+the next chunk (the paper's Figure 2 quantity: how much one step raises the bound for the next),
+and the reward accuracy on the chunk before and after training. This module formats them as a
+table, writes ``sdpo_report.json`` and draws a PNG from ``metrics.jsonl`` when matplotlib is
+installed (an optional extra). It never touches a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from sdpo.engine.files import atomic_open, atomic_write_json
+
+__all__ = [
+    "PLOT_HINT",
+    "REPORT_FILE",
+    "StepReport",
+    "format_summary_table",
+    "plot_steps",
+    "read_metrics",
+    "read_reports",
+    "write_reports",
+]
+
+REPORT_FILE = "sdpo_report.json"
+PLOT_HINT = "no plot written: matplotlib is not installed; install the `plot` extra: pip install 'sdpo[plot]'"
+_REPORT_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class StepReport:
+    step: int  # 1-based sDPO step
+    num_pairs: int
+    sources: dict[str, int]  # source -> pairs of that source in this step's chunk
+    beta: float
+    lr: float
+    train_metrics: dict[str, float] = field(default_factory=dict)  # last logged values
+    gamma_ref_mean: float  # mean gamma of this step's reference on this step's chunk
+    gamma_ref_next_mean: float | None = None  # same reference on the next chunk; None: last step
+    reward_accuracy_before: float  # share of the chunk with gamma > 0 under the reference
+    reward_accuracy_after: float | None = None  # same share under the model after this step
+    train_time_s: float = 0.0
+    scoring_time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepReport:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return format(value, spec)
+
+
+def _sources_cell(sources: dict[str, int], limit: int = 3) -> str:
+    items = [f"{s}:{n}" for s, n in sources.items()]
+    if len(items) > limit:
+        items = items[:limit] + [f"+{len(items) - limit} more"]
+    return " ".join(items) or "-"
+
+
+def format_summary_table(reports: Sequence[StepReport]) -> str:
+    """An aligned text table, one row per step, plus one line per step boundary saying how much
+    the new reference raised gamma_ref on the next chunk."""
+    header = [
+        "step",
+        "pairs",
+        "sources",
+        "beta",
+        "lr",
+        "loss",
+        "reward acc",
+        "margin",
+        "gamma_ref",
+        "gamma_ref next",
+        "acc before",
+        "acc after",
+        "train s",
+        "score s",
+    ]
+    rows = []
+    for r in reports:
+        m = r.train_metrics
+        rows.append(
+            [
+                str(r.step),
+                str(r.num_pairs),
+                _sources_cell(r.sources),
+                _fmt(r.beta, "g"),
+                _fmt(r.lr, ".2e"),
+                _fmt(m.get("loss"), ".4f"),
+                _fmt(m.get("rewards/accuracies"), ".3f"),
+                _fmt(m.get("rewards/margins"), ".4f"),
+                _fmt(r.gamma_ref_mean, ".3f"),
+                _fmt(r.gamma_ref_next_mean, ".3f"),
+                _fmt(r.reward_accuracy_before, ".3f"),
+                _fmt(r.reward_accuracy_after, ".3f"),
+                _fmt(r.train_time_s, ".1f"),
+                _fmt(r.scoring_time_s, ".1f"),
+            ]
+        )
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        # Text columns left-aligned, numbers right-aligned.
+        return "  ".join(
+            c.ljust(w) if i == 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    out = [line(header), "  ".join("-" * w for w in widths)]
+    out += [line(row) for row in rows]
+    by_step = {r.step: r for r in reports}
+    for r in reports:
+        nxt = by_step.get(r.step + 1)
+        if nxt is None or r.gamma_ref_next_mean is None:
+            continue
+        rise = nxt.gamma_ref_mean - r.gamma_ref_next_mean
+        out.append(
+            f"gamma_ref on chunk {nxt.step}: reference of step {r.step} "
+            f"{r.gamma_ref_next_mean:.3f} -> reference of step {nxt.step} "
+            f"{nxt.gamma_ref_mean:.3f} ({rise:+.3f})"
+        )
+    return "\n".join(out)
+
+
+def write_reports(
+    reports: Sequence[StepReport],
+    out_dir: str | os.PathLike,
+    *,
+    partition: Any | None = None,
+) -> Path:
+    """Write ``out_dir/sdpo_report.json`` atomically; ``partition`` (a PartitionReport) is
+    included when given. Returns the path written."""
+    path = Path(out_dir) / REPORT_FILE
+    doc: dict[str, Any] = {"version": _REPORT_VERSION, "steps": [r.to_dict() for r in reports]}
+    if partition is not None:
+        doc["partition"] = partition.to_dict()
+    atomic_write_json(path, _finite_or_none(doc))
+    return path
+
+
+def read_reports(out_dir: str | os.PathLike) -> list[StepReport]:
+    """The step reports of ``out_dir/sdpo_report.json`` (e.g. to continue a resumed run)."""
+    path = Path(out_dir) / REPORT_FILE
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return [StepReport.from_dict(d) for d in doc.get("steps", [])]
+
+
+def _finite_or_none(obj: Any) -> Any:
+    """NaN/inf are not JSON; write them as null."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl file. A torn last line (a run killed mid-write) is
+    skipped silently; an unreadable line elsewhere is skipped with a warning. A missing file
+    gives an empty list."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")
+    records = []
+    for n, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            is_last = all(not rest.strip() for rest in lines[n:])
+            if not is_last:
+                warnings.warn(f"{path}: line {n} is not a JSON object; skipped", stacklevel=2)
+            continue
+        records.append(obj)
+    return records
+
+
+def _training_curve(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[float]]:
+    """Training records with a global x (optimizer step across all sDPO steps) under "_x", and
+    the x positions of the step boundaries.
+
+    Works whether ``step`` counts globally or restarts in each sDPO step, and keeps only the last
+    record of a repeated (sdpo_step, step) (a resumed run logs some steps twice)."""
+    last: dict[tuple[int, int], dict[str, Any]] = {}
+    for r in records:
+        if "step" not in r or "loss" not in r:
+            continue
+        try:
+            last[(int(r.get("sdpo_step", 1)), int(r["step"]))] = r
+        except (TypeError, ValueError):
+            continue
+    keys = sorted(last)
+    curve, boundaries = [], []
+    offset = 0
+    prev_sdpo, prev_x = None, None
+    for sdpo_step, step in keys:
+        if prev_sdpo is not None and sdpo_step != prev_sdpo:
+            if step + offset <= prev_x:  # the step counter restarted: continue after the last x
+                offset = prev_x - step + 1
+            boundaries.append(prev_x + 0.5)
+        x = step + offset
+        curve.append({**last[(sdpo_step, step)], "_x": x})
+        prev_sdpo, prev_x = sdpo_step, x
+    return curve, boundaries
+
+
+def _import_matplotlib() -> tuple[Any, Any] | None:
+    try:
+        import matplotlib  # noqa: F401  (imported first so a missing package is detected here)
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure, FigureCanvasAgg
+
+
+def plot_steps(
+    metrics_jsonl_path: str | os.PathLike,
+    reports: Sequence[StepReport],
+    out_png: str | os.PathLike,
+) -> bool:
+    """Draw loss, rewards/accuracies and rewards/margins across optimizer steps (sDPO step
+    boundaries marked) and gamma_ref per step into ``out_png``. Returns False, writing nothing,
+    when matplotlib is not installed (print :data:`PLOT_HINT` then)."""
+    mpl = _import_matplotlib()
+    if mpl is None:
+        return False
+    Figure, FigureCanvasAgg = mpl
+    curve, boundaries = _training_curve(read_metrics(metrics_jsonl_path))
+
+    # The Figure API (not pyplot) keeps the caller's global matplotlib state untouched.
+    fig = Figure(figsize=(11, 7.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2)
+    panels = [
+        ("loss", "DPO loss"),
+        ("rewards/accuracies", "reward accuracy (batch)"),
+        ("rewards/margins", "reward margin (batch)"),
+    ]
+    for ax, (name, title) in zip(axes.flat, panels):
+        pts = [(r["_x"], r[name]) for r in curve if isinstance(r.get(name), int | float)]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
+        else:
+            ax.text(
+                0.5, 0.5, f"no '{name}' logged", ha="center", va="center", transform=ax.transAxes
+            )
+        for b in boundaries:
+            ax.axvline(b, color="gray", ls="--", lw=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step (dashed: sDPO step boundary)")
+        ax.grid(alpha=0.3)
+
+    ax = axes.flat[3]
+    steps = [r.step for r in reports]
+    if steps:
+        ax.plot(steps, [r.gamma_ref_mean for r in reports], "o-", label="reference on its chunk")
+        nxt = [
+            (r.step + 1, r.gamma_ref_next_mean)
+            for r in reports
+            if r.gamma_ref_next_mean is not None
+        ]
+        if nxt:
+            ax.plot(
+                [p[0] for p in nxt],
+                [p[1] for p in nxt],
+                "s--",
+                label="previous step's reference on that chunk",
+            )
+        ax.set_xticks(steps)
+        ax.legend(fontsize=8)
+    ax.set_title("mean gamma_ref per sDPO step")
+    ax.set_xlabel("sDPO step (chunk)")
+    ax.grid(alpha=0.3)
+
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    return True

@@ -1,0 +1,362 @@
+"""The reference log-prob cache: exact round trips, keys, damage detection, atomic writes and
+fingerprints, on real safetensors files."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import struct
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+
+from sdpo.cache import (
+    CacheKey,
+    RefLogprobCache,
+    RefValues,
+    data_fingerprint,
+    file_fingerprint,
+    tensors_fingerprint,
+)
+from sdpo.engine.packing import TokenizedPair
+from sdpo.engine.tiny import build_tokenizer
+
+
+def random_values(num_pairs: int, *, seed: int) -> RefValues:
+    g = torch.Generator().manual_seed(seed)
+    return RefValues(
+        pair_indices=torch.randperm(5 * num_pairs, generator=g)[:num_pairs],
+        chosen_logps=-torch.rand(num_pairs, generator=g) * 200,
+        rejected_logps=-torch.rand(num_pairs, generator=g) * 200,
+        chosen_tokens=torch.randint(1, 500, (num_pairs,), generator=g),
+        rejected_tokens=torch.randint(1, 500, (num_pairs,), generator=g),
+    )
+
+
+def make_key(**changes) -> CacheKey:
+    key = CacheKey(
+        model_fingerprint=hashlib.sha256(b"model").hexdigest(),
+        data_fingerprint=hashlib.sha256(b"data").hexdigest(),
+        tokenizer_fingerprint=hashlib.sha256(b"tok").hexdigest(),
+        max_length=1024,
+        max_prompt_length=512,
+        truncation="keep_end",
+        dtype_policy="fp32",
+        kernels_impl="torch",
+    )
+    return dataclasses.replace(key, **changes)
+
+
+def assert_same_values(a: RefValues, b: RefValues) -> None:
+    for name, t in a.tensors().items():
+        u = getattr(b, name)
+        assert t.dtype == u.dtype, name
+        assert torch.equal(t, u), name
+
+
+def data_region(path) -> tuple[int, int]:
+    """(start, end) byte offsets of the tensor data in a safetensors file."""
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    return 8 + n, len(blob)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    values = random_values(37, seed=1)
+    cache = RefLogprobCache(tmp_path / "step-1" / "ref_logps.safetensors")
+    cache.save(values, make_key())
+    return cache, values
+
+
+def test_round_trip_gives_the_exact_tensors(saved):
+    cache, values = saved
+    loaded, reason = cache.load(make_key())
+    assert reason == "ok"
+    assert loaded is not None
+    assert_same_values(values, loaded)
+
+
+def test_cache_file_is_plain_safetensors_with_key_checksum_and_version(saved):
+    cache, values = saved
+    with safetensors.safe_open(cache.path, framework="pt") as f:
+        meta = f.metadata()
+        assert torch.equal(f.get_tensor("chosen_logps"), values.chosen_logps)
+    assert meta["sdpo_ref_cache_version"] == "1"
+    assert len(meta["tensors_sha256"]) == 64
+    assert json.loads(meta["key.max_length"]) == 1024
+    assert json.loads(meta["key.truncation"]) == "keep_end"
+
+
+def test_missing_file_reason_is_missing(tmp_path):
+    values, reason = RefLogprobCache(tmp_path / "nothing.safetensors").load(make_key())
+    assert values is None
+    assert reason == "missing"
+
+
+@pytest.mark.parametrize(
+    "field, new",
+    [
+        ("model_fingerprint", hashlib.sha256(b"other model").hexdigest()),
+        ("data_fingerprint", hashlib.sha256(b"other data").hexdigest()),
+        ("tokenizer_fingerprint", hashlib.sha256(b"other tok").hexdigest()),
+        ("max_length", 1023),
+        ("max_prompt_length", None),
+        ("truncation", "keep_start"),
+        ("dtype_policy", "bf16"),
+        ("kernels_impl", "triton"),
+    ],
+)
+def test_key_mismatch_reason_names_the_field(saved, field, new):
+    cache, _ = saved
+    values, reason = cache.load(make_key(**{field: new}))
+    assert values is None
+    assert reason.startswith(f"key mismatch: {field} differs"), reason
+
+
+def test_key_mismatch_reason_shows_short_cached_and_current_values(saved):
+    cache, _ = saved
+    now = hashlib.sha256(b"other model").hexdigest()
+    _, reason = cache.load(make_key(model_fingerprint=now))
+    was = hashlib.sha256(b"model").hexdigest()
+    assert (
+        reason == f"key mismatch: model_fingerprint differs (cached {was[:12]}…, now {now[:12]}…)"
+    )
+
+
+def test_key_digest_is_stable_and_changes_with_any_field():
+    assert make_key().digest() == make_key().digest()
+    digests = {make_key().digest()}
+    for field, new in [("max_length", 7), ("dtype_policy", "bf16"), ("max_prompt_length", None)]:
+        digests.add(make_key(**{field: new}).digest())
+    assert len(digests) == 4
+
+
+def test_flipped_byte_in_tensor_data_is_a_checksum_mismatch_not_an_error(saved):
+    cache, _ = saved
+    start, end = data_region(cache.path)
+    good = cache.path.read_bytes()
+    rng = np.random.default_rng(2)
+    positions = {start, end - 1, *rng.integers(start, end, size=40).tolist()}
+    for pos in positions:
+        bad = bytearray(good)
+        bad[pos] ^= 1 << int(rng.integers(0, 8))
+        cache.path.write_bytes(bytes(bad))
+        values, reason = cache.load(make_key())
+        assert values is None, pos
+        assert reason == "checksum mismatch (file damaged)", (pos, reason)
+
+
+def test_flipped_byte_in_header_is_rejected_not_raised(saved):
+    cache, _ = saved
+    start, _ = data_region(cache.path)
+    good = cache.path.read_bytes()
+    for pos in range(start):  # every byte of the length prefix and the JSON header
+        bad = bytearray(good)
+        bad[pos] ^= 0x01
+        cache.path.write_bytes(bytes(bad))
+        values, reason = cache.load(make_key())
+        assert values is None, (pos, reason)
+        assert reason != "ok"
+
+
+@pytest.mark.parametrize("keep", ["empty", "prefix", "half header", "all but one byte"])
+def test_truncated_file_reason_is_unreadable(saved, keep):
+    cache, _ = saved
+    good = cache.path.read_bytes()
+    start, end = data_region(cache.path)
+    cut = {"empty": 0, "prefix": 5, "half header": start // 2, "all but one byte": end - 1}[keep]
+    cache.path.write_bytes(good[:cut])
+    values, reason = cache.load(make_key())
+    assert values is None
+    assert reason.startswith("unreadable: "), reason
+
+
+def test_failed_write_leaves_the_old_file_intact(saved, monkeypatch):
+    cache, old = saved
+    before = cache.path.read_bytes()
+
+    def failing_save(*args, **kwargs):
+        raise RuntimeError("serialisation failed")
+
+    monkeypatch.setattr(safetensors.torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="serialisation failed"):
+        cache.save(random_values(41, seed=3), make_key())
+    monkeypatch.undo()
+
+    assert cache.path.read_bytes() == before
+    assert sorted(p.name for p in cache.path.parent.iterdir()) == [cache.path.name]
+    loaded, reason = cache.load(make_key())
+    assert reason == "ok"
+    assert_same_values(old, loaded)
+
+
+def test_save_overwrites_with_new_values_and_key(saved):
+    cache, _ = saved
+    new = random_values(19, seed=4)
+    cache.save(new, make_key(dtype_policy="bf16"))
+    loaded, reason = cache.load(make_key(dtype_policy="bf16"))
+    assert reason == "ok"
+    assert_same_values(new, loaded)
+    assert cache.load(make_key())[1].startswith("key mismatch: dtype_policy")
+
+
+def test_empty_values_round_trip(tmp_path):
+    cache = RefLogprobCache(tmp_path / "empty.safetensors")
+    cache.save(RefValues.concat([]), make_key())
+    loaded, reason = cache.load(make_key())
+    assert reason == "ok"
+    assert loaded.num_pairs == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# RefValues
+
+
+def test_gamma_accuracy_and_mean_match_float64_truth():
+    v = random_values(53, seed=5)
+    c = v.chosen_logps.double().numpy()
+    r = v.rejected_logps.double().numpy()
+    # chosen/rejected are exact float32 values, so their float32 difference rounds the float64 one
+    np.testing.assert_allclose(v.gamma.double().numpy(), c - r, rtol=0, atol=2e-5)
+    assert v.reward_accuracy() == pytest.approx(np.mean(c - r > 0), abs=0)
+    assert v.mean_gamma() == pytest.approx(np.mean(c - r), rel=1e-6)
+    assert 0 < v.reward_accuracy() < 1
+
+
+def test_subset_selects_and_reorders_by_pair_index():
+    v = random_values(29, seed=6)
+    rng = np.random.default_rng(6)
+    want = rng.permutation(v.pair_indices.numpy())[:11]
+    sub = v.subset(want.tolist())
+    assert sub.pair_indices.tolist() == want.tolist()
+    pos = {int(i): k for k, i in enumerate(v.pair_indices)}
+    for name, t in sub.tensors().items():
+        assert torch.equal(t, getattr(v, name)[[pos[int(i)] for i in want]]), name
+
+
+def test_subset_of_an_unknown_pair_raises_naming_it():
+    v = random_values(7, seed=7)
+    absent = int(v.pair_indices.max()) + 3
+    with pytest.raises(KeyError, match=str(absent)):
+        v.subset([int(v.pair_indices[0]), absent])
+
+
+def test_concat_joins_parts_in_order_and_rejects_overlap():
+    v = random_values(23, seed=8)
+    a, b = v.subset(v.pair_indices[:10]), v.subset(v.pair_indices[10:])
+    assert_same_values(v, RefValues.concat([a, b]))
+    with pytest.raises(ValueError, match="unique"):
+        RefValues.concat([a, a])
+
+
+def test_values_are_converted_to_storage_dtypes_and_shapes_checked():
+    v = RefValues(
+        pair_indices=[3, 1],
+        chosen_logps=torch.tensor([-1.5, -2.5], dtype=torch.float64),
+        rejected_logps=[-2.0, -1.0],
+        chosen_tokens=[4, 5],
+        rejected_tokens=[6, 7],
+    )
+    assert v.chosen_logps.dtype == torch.float32 and v.pair_indices.dtype == torch.int64
+    assert v.gamma.tolist() == [0.5, -1.5]
+    with pytest.raises(ValueError, match="one length"):
+        RefValues(
+            pair_indices=[1, 2],
+            chosen_logps=[0.0],
+            rejected_logps=[0.0, 1.0],
+            chosen_tokens=[1, 1],
+            rejected_tokens=[1, 1],
+        )
+
+
+def test_from_scores_copies_an_engine_scoring_result():
+    from sdpo.engine.scoring import PairLogps  # imported here: it pulls in the kernels
+
+    v = random_values(13, seed=9)
+    scores = PairLogps(**v.tensors())
+    assert_same_values(v, RefValues.from_scores(scores))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def random_pairs(n: int, *, seed: int) -> list[TokenizedPair]:
+    rng = np.random.default_rng(seed)
+
+    def ids(lo: int, hi: int) -> list[int]:
+        return rng.integers(0, 50257, size=int(rng.integers(lo, hi))).tolist()
+
+    return [
+        TokenizedPair(
+            index=i, prompt_ids=ids(1, 30), chosen_ids=ids(1, 20), rejected_ids=ids(1, 20)
+        )
+        for i in range(n)
+    ]
+
+
+def test_data_fingerprint_is_deterministic():
+    assert data_fingerprint(random_pairs(23, seed=10)) == data_fingerprint(
+        random_pairs(23, seed=10)
+    )
+    assert data_fingerprint(random_pairs(23, seed=10)) != data_fingerprint(
+        random_pairs(23, seed=11)
+    )
+
+
+@pytest.mark.parametrize("field", ["prompt_ids", "chosen_ids", "rejected_ids"])
+def test_data_fingerprint_changes_when_one_token_changes(field):
+    pairs = random_pairs(23, seed=12)
+    base = data_fingerprint(pairs)
+    rng = np.random.default_rng(12)
+    pair = pairs[int(rng.integers(0, len(pairs)))]
+    ids = getattr(pair, field)
+    pos = int(rng.integers(0, len(ids)))
+    ids[pos] += 1
+    assert data_fingerprint(pairs) != base
+    ids[pos] -= 1
+    assert data_fingerprint(pairs) == base
+
+
+def test_data_fingerprint_sees_boundaries_indices_and_order():
+    pairs = random_pairs(9, seed=13)
+    base = data_fingerprint(pairs)
+    # the same token stream with one token moved from the prompt into the chosen completion
+    moved = [dataclasses.replace(p) for p in pairs]
+    moved[4] = dataclasses.replace(
+        pairs[4],
+        prompt_ids=pairs[4].prompt_ids[:-1],
+        chosen_ids=pairs[4].prompt_ids[-1:] + pairs[4].chosen_ids,
+    )
+    assert data_fingerprint(moved) != base
+    reindexed = [dataclasses.replace(p, index=p.index + (p.index == 5) * 100) for p in pairs]
+    assert data_fingerprint(reindexed) != base
+    assert data_fingerprint(pairs[::-1]) != base
+    assert data_fingerprint(pairs[:-1]) != base
+
+
+def test_file_fingerprint_of_a_real_tokenizer_is_its_sha256(tmp_path):
+    build_tokenizer(tmp_path, words=["alpha", "beta", "gamma"])
+    path = tmp_path / "tokenizer.json"
+    assert file_fingerprint(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    big = tmp_path / "big.bin"
+    big.write_bytes(np.random.default_rng(14).bytes(3 * (1 << 20) + 17))  # spans read blocks
+    assert file_fingerprint(big) == hashlib.sha256(big.read_bytes()).hexdigest()
+
+
+def test_tensors_fingerprint_covers_bf16_values_and_ignores_dict_order():
+    g = torch.Generator().manual_seed(15)
+    sd = {
+        "w": torch.randn(17, 5, generator=g).to(torch.bfloat16),
+        "b": torch.randn(5, generator=g),
+    }
+    base = tensors_fingerprint(sd)
+    assert tensors_fingerprint({"b": sd["b"], "w": sd["w"]}) == base
+    changed = {"w": sd["w"].clone(), "b": sd["b"]}
+    changed["w"][16, 4] = changed["w"][16, 4] * 2 + 1
+    assert tensors_fingerprint(changed) != base
+    assert tensors_fingerprint({"w": sd["w"].float(), "b": sd["b"]}) != base  # dtype counts
