@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from sdpo.engine.packing import TokenizedPair
+from sdpo.engine.tiny import build_tokenizer
 
 from sdpo.cache import (
     CacheKey,
@@ -21,8 +23,6 @@ from sdpo.cache import (
     file_fingerprint,
     tensors_fingerprint,
 )
-from sdpo.engine.packing import TokenizedPair
-from sdpo.engine.tiny import build_tokenizer
 
 
 def random_values(num_pairs: int, *, seed: int) -> RefValues:
