@@ -1,0 +1,38 @@
+# Two entry points: `make demo` (set up, then run the embedded sDPO demo) and `make test`
+# (set up, then run the test suite). Set-up is a local virtual environment in .venv.
+#
+# torch: if the environment has no torch yet, TORCH_SPEC is installed first. The default is the
+# CPU build this project is developed against; on a GPU machine use your CUDA build, e.g.
+#   make demo TORCH_SPEC="torch --index-url <your CUDA wheel index>"
+# or install torch into .venv yourself before the first `make`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint format gpu-check clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/sdpo demo $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest -q $(TEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

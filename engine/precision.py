@@ -1,0 +1,41 @@
+"""Precision policies: which dtype parameters, optimizer states and matmuls use.
+
+- ``fp32``: float32 parameters and states, no autocast (the CPU default; bitwise reproducible).
+- ``bf16``: bfloat16 parameters and optimizer states, no autocast (what TRL does with a model
+  loaded in bf16; leanest, but small updates can round away at low learning rates).
+- ``bf16-mixed``: float32 master parameters and states, bf16 autocast for the forward (the CUDA
+  default: safe at sDPO's typical learning rate of 5e-7).
+``auto`` picks ``bf16-mixed`` on CUDA and ``fp32`` elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-mixed")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)} "
+            "(train.precision in the config)"
+        )
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if torch.device(device).type == "cuda" else "fp32"
+
+
+def parameter_dtype(precision: str) -> torch.dtype:
+    """Dtype the trained parameters (and so the optimizer states) are kept in."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def autocast_context(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``bf16-mixed``; a no-op otherwise."""
+    device = torch.device(device)
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -1,0 +1,100 @@
+"""The no-grad scoring pass: per-pair summed completion log-probs of one model on a set of pairs.
+
+It serves three callers with one code path, so their numbers agree to the last bit: the reference
+cache (the reference model's values for a chunk), the sDPO partitioner (the initial model's γ per
+pair, which is the same pass as step 1's reference) and `sdpo score`. It runs the same forward
+and log-prob op as training, on larger token budgets because nothing is kept for backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sdpo.engine.packing import TokenizedPair, batch_by_token_budget, pack_pairs
+from sdpo.engine.precision import autocast_context
+from sdpo.kernels import sequence_logprobs
+
+
+@dataclass(kw_only=True)
+class PairLogps:
+    """Per-pair summed log-probs, in the order of ``pair_indices`` (float32 / int64, on CPU)."""
+
+    pair_indices: Tensor  # (P,) int64
+    chosen_logps: Tensor  # (P,) float32
+    rejected_logps: Tensor  # (P,) float32
+    chosen_tokens: Tensor  # (P,) int64
+    rejected_tokens: Tensor  # (P,) int64
+
+    @property
+    def gamma(self) -> Tensor:
+        """log π(y_w|x) - log π(y_l|x) per pair."""
+        return self.chosen_logps - self.rejected_logps
+
+    def rows_for(self, pair_indices: Tensor) -> Tensor:
+        """Row positions in this table of the given pair indices (error if one is missing)."""
+        size = int(max(int(self.pair_indices.max()), int(pair_indices.max())) + 1)
+        lookup = torch.full((size,), -1, dtype=torch.int64)
+        lookup[self.pair_indices] = torch.arange(len(self.pair_indices))
+        rows = lookup[pair_indices]
+        if bool((rows < 0).any()):
+            missing = pair_indices[rows < 0][:5].tolist()
+            raise KeyError(f"no reference values for pairs {missing} (first five shown)")
+        return rows
+
+
+@torch.no_grad()
+def score_pairs(
+    model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    *,
+    max_tokens_per_batch: int,
+    impl: str = "auto",
+    chunk_tokens: int | None = None,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> PairLogps:
+    """Score every pair with ``model`` (no gradients), batching to a token budget.
+
+    The model must map ``(input_ids, position_ids, cu_seqlens, max_seqlen)`` to final hidden
+    states and expose ``lm_head_weight``."""
+    if not pairs:
+        raise ValueError("score_pairs needs at least one pair")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batches = batch_by_token_budget(pairs, max_tokens=max_tokens_per_batch, shuffle=False)
+    chosen = torch.empty(len(pairs), dtype=torch.float32, device=device)
+    rejected = torch.empty(len(pairs), dtype=torch.float32, device=device)
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="scoring", unit="batch", leave=False)
+    for positions in iterator:
+        batch = pack_pairs([pairs[i] for i in positions]).to(device)
+        with autocast_context(precision, device):
+            hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        seq_logps = sequence_logprobs(
+            hidden,
+            model.lm_head_weight,
+            batch.labels,
+            batch.seq_ids,
+            batch.num_seqs,
+            impl=impl,
+            chunk_tokens=chunk_tokens,
+        )  # (S,) with S = 2P: chosen, rejected interleaved
+        rows = torch.as_tensor(positions, device=device)
+        chosen[rows] = seq_logps[0::2].float()
+        rejected[rows] = seq_logps[1::2].float()
+    model.train(was_training)
+    return PairLogps(
+        pair_indices=torch.tensor([p.index for p in pairs], dtype=torch.int64),
+        chosen_logps=chosen.cpu(),
+        rejected_logps=rejected.cpu(),
+        chosen_tokens=torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.int64),
+        rejected_tokens=torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.int64),
+    )

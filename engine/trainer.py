@@ -1,0 +1,408 @@
+"""The DPO training loop: one policy, cached reference values, padding-free token-budget batches.
+
+The loop owns the optimizer, the schedule, gradient accumulation, clipping, metrics, the progress
+bar and checkpoints. It knows nothing of a particular loss: it takes a per-pair loss function
+(the DPO family in ``sdpo.losses`` has the right shape) and the reference log-probs as a table,
+so the same loop serves plain DPO, every sDPO step, and users who embed it.
+
+One optimizer step = a fixed group of pairs (``pairs_per_step``, or pairs up to
+``tokens_per_step`` real tokens), processed as micro-batches of at most
+``max_tokens_per_batch`` tokens. The loss of a step is the mean over its pairs, so the result
+does not depend on how the step is cut into micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sdpo.engine.files import append_jsonl, atomic_open
+from sdpo.engine.packing import TokenizedPair, batch_by_token_budget, pack_pairs
+from sdpo.engine.precision import (
+    autocast_context,
+    parameter_dtype,
+    resolve_precision,
+)
+from sdpo.engine.scoring import PairLogps
+from sdpo.kernels import linear_pair_loss, sequence_logprobs
+
+SCHEDULES = ("linear", "cosine", "constant")
+LOSS_PATHS = ("fused", "plain")
+
+# (policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, chosen_tokens, rejected_tokens)
+#   -> an object with per-pair ``losses``, ``chosen_rewards`` and ``rejected_rewards`` (P,)
+PairLossFn = Callable[..., Any]
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation settings of one DPO training (one sDPO step)."""
+
+    learning_rate: float = 5e-7
+    epochs: int = 1
+    max_tokens_per_batch: int = 16384
+    pairs_per_step: int | None = None
+    tokens_per_step: int | None = None
+    warmup_ratio: float = 0.1
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    shuffle: bool = True
+    log_every: int = 1
+    save_every: int = 0
+    precision: str = "auto"
+    loss_path: str = "fused"
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # TOML gives lists
+        checks = [
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.max_tokens_per_batch >= 2, "max_tokens_per_batch must be >= 2"),
+            (self.pairs_per_step is None or self.pairs_per_step >= 1, "pairs_per_step must be >= 1"),
+            (self.tokens_per_step is None or self.tokens_per_step >= 2, "tokens_per_step must be >= 2"),
+            (
+                self.pairs_per_step is None or self.tokens_per_step is None,
+                "set pairs_per_step or tokens_per_step, not both",
+            ),
+            (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (len(self.adam_betas) == 2, "adam_betas must be two numbers"),
+            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.save_every >= 0, "save_every must be >= 0 (0 = final checkpoint only)"),
+            (self.loss_path in LOSS_PATHS, f"loss_path must be one of {LOSS_PATHS}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"train: {message}")
+        resolve_precision(self.precision, "cpu")  # validates the name
+
+
+def plan_steps(
+    pairs: Sequence[TokenizedPair], config: TrainConfig, *, epoch: int
+) -> list[list[list[int]]]:
+    """Optimizer steps of one epoch, each a list of micro-batches of positions into ``pairs``.
+
+    The pair order is a seeded permutation per epoch (or the given order without shuffling), so
+    a run is reproducible and a resumed run can rebuild exactly the same plan."""
+    order = list(range(len(pairs)))
+    if config.shuffle:
+        random.Random(config.seed * 1_000_003 + epoch).shuffle(order)
+    groups: list[list[int]] = []
+    if config.pairs_per_step is not None:
+        groups = [
+            order[i : i + config.pairs_per_step]
+            for i in range(0, len(order), config.pairs_per_step)
+        ]
+    else:
+        budget = config.tokens_per_step or config.max_tokens_per_batch
+        current: list[int] = []
+        tokens = 0
+        for pos in order:
+            size = _pair_tokens(pairs[pos])
+            if current and tokens + size > budget:
+                groups.append(current)
+                current, tokens = [], 0
+            current.append(pos)
+            tokens += size
+        if current:
+            groups.append(current)
+    steps = []
+    for group in groups:
+        micro = batch_by_token_budget(
+            [pairs[i] for i in group], max_tokens=config.max_tokens_per_batch, shuffle=False
+        )
+        steps.append([[group[j] for j in batch] for batch in micro])
+    return steps
+
+
+def _pair_tokens(pair: TokenizedPair) -> int:
+    return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (not norms or biases); fused kernels on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    on_cuda = all(p.is_cuda for p in params)
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=config.learning_rate,
+        betas=config.adam_betas,
+        eps=config.adam_eps,
+        fused=True if on_cuda else None,
+        foreach=None if on_cuda else True,
+    )
+
+
+def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Learning-rate factor for optimizer step ``step`` (0-based): linear warm-up to 1, then
+    linear or cosine decay to 0 (or constant)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(kw_only=True)
+class TrainResult:
+    optimizer_steps: int
+    tokens: int
+    seconds: float
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class DPOTrainer:
+    """Trains ``model`` on ``pairs`` against cached reference values ``ref``.
+
+    ``model`` maps ``(input_ids, position_ids, cu_seqlens, max_seqlen)`` to final hidden states
+    and exposes ``lm_head_weight``; ``loss_fn`` is per pair (see ``PairLossFn``)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        config: TrainConfig,
+        loss_fn: PairLossFn,
+        kernels_impl: str = "auto",
+        chunk_tokens: int | None = None,
+        output_dir: str | Path | None = None,
+        metrics_extra: dict[str, Any] | None = None,
+        save_checkpoint: Callable[[DPOTrainer, str], None] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.loss_fn = loss_fn
+        self.kernels_impl = kernels_impl
+        self.chunk_tokens = chunk_tokens
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.metrics_extra = dict(metrics_extra or {})
+        self.save_checkpoint = save_checkpoint
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.precision = resolve_precision(config.precision, self.device)
+        wanted = parameter_dtype(self.precision)
+        if any(p.dtype != wanted for p in model.parameters()):
+            model.to(wanted)
+        self.optimizer = build_optimizer(model, config)
+        self.global_step = 0
+
+    # -- one optimizer step -------------------------------------------------------------
+    def _micro_batch(
+        self, pairs: Sequence[TokenizedPair], positions: list[int], ref: PairLogps, normalizer: int
+    ) -> dict[str, Tensor]:
+        """Forward and backward of one micro-batch; returns detached metric sums."""
+        batch = pack_pairs([pairs[i] for i in positions]).to(self.device)
+        rows = ref.rows_for(batch.pair_indices.cpu())
+        ref_c = ref.chosen_logps[rows].to(self.device)
+        ref_r = ref.rejected_logps[rows].to(self.device)
+        tok_c = batch.completion_tokens[0::2]
+        tok_r = batch.completion_tokens[1::2]
+        with autocast_context(self.precision, self.device):
+            hidden = self.model(
+                batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
+            )  # (N, H)
+        weight = self.model.lm_head_weight
+        if self.precision == "bf16-mixed":
+            hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+        elif hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+
+        if self.config.loss_path == "fused":
+
+            def pair_loss(chosen: Tensor, rejected: Tensor, sl: slice) -> Tensor:
+                out = self.loss_fn(
+                    chosen,
+                    rejected,
+                    ref_c[sl],
+                    ref_r[sl],
+                    chosen_tokens=tok_c[sl],
+                    rejected_tokens=tok_r[sl],
+                )
+                return out.losses.sum() / normalizer
+
+            loss, seq_logps = linear_pair_loss(
+                hidden,
+                weight,
+                batch.labels,
+                batch.seq_ids,
+                batch.num_seqs,
+                pair_loss=pair_loss,
+                impl=self.kernels_impl,
+                chunk_tokens=self.chunk_tokens,
+            )
+        else:
+            seq_logps = sequence_logprobs(
+                hidden,
+                weight,
+                batch.labels,
+                batch.seq_ids,
+                batch.num_seqs,
+                impl=self.kernels_impl,
+                chunk_tokens=self.chunk_tokens,
+            )
+            out = self.loss_fn(
+                seq_logps[0::2],
+                seq_logps[1::2],
+                ref_c,
+                ref_r,
+                chosen_tokens=tok_c,
+                rejected_tokens=tok_r,
+            )
+            loss = out.losses.sum() / normalizer
+        loss.backward()
+
+        with torch.no_grad():
+            pc, pr = seq_logps.detach()[0::2].float(), seq_logps.detach()[1::2].float()
+            out = self.loss_fn(pc, pr, ref_c, ref_r, chosen_tokens=tok_c, rejected_tokens=tok_r)
+            return {
+                "loss": loss.detach().float() * normalizer,
+                "rewards/chosen": out.chosen_rewards.sum(),
+                "rewards/rejected": out.rejected_rewards.sum(),
+                "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float().sum(),
+                "rewards/margins": (out.chosen_rewards - out.rejected_rewards).sum(),
+                "logps/chosen": pc.sum(),
+                "logps/rejected": pr.sum(),
+            }
+
+    def train_step(
+        self, pairs: Sequence[TokenizedPair], micro_batches: list[list[int]], ref: PairLogps
+    ) -> dict[str, Tensor]:
+        """One optimizer step over ``micro_batches``; metric values stay on the device."""
+        normalizer = sum(len(m) for m in micro_batches)
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, Tensor] = {}
+        for positions in micro_batches:
+            part = self._micro_batch(pairs, positions, ref, normalizer)
+            for k, v in part.items():
+                sums[k] = sums[k] + v if k in sums else v
+        metrics = {k: v / normalizer for k, v in sums.items()}
+        if self.config.max_grad_norm is not None:
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.config.max_grad_norm
+            )
+        self.optimizer.step()
+        return metrics
+
+    # -- the loop -----------------------------------------------------------------------
+    def fit(self, pairs: Sequence[TokenizedPair], ref: PairLogps) -> TrainResult:
+        if not pairs:
+            raise ValueError("DPOTrainer.fit needs at least one pair")
+        cfg = self.config
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        plans = [plan_steps(pairs, cfg, epoch=e) for e in range(cfg.epochs)]
+        total_steps = sum(len(p) for p in plans)
+        warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_multiplier(
+                s, total_steps=total_steps, warmup_steps=warmup, schedule=cfg.schedule
+            ),
+        )
+        self.model.train()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+        start = time.perf_counter()
+        window_start, window_tokens = start, 0
+        tokens_total = 0
+        last: dict[str, float] = {}
+        step_in_run = 0
+        for epoch, plan in enumerate(plans):
+            for micro_batches in plan:
+                metrics = self.train_step(pairs, micro_batches, ref)
+                scheduler.step()
+                step_in_run += 1
+                self.global_step += 1
+                step_tokens = sum(
+                    _pair_tokens(pairs[i]) for batch in micro_batches for i in batch
+                )
+                tokens_total += step_tokens
+                window_tokens += step_tokens
+                if step_in_run % cfg.log_every == 0 or step_in_run == total_steps:
+                    now = time.perf_counter()
+                    values = {k: float(v) for k, v in metrics.items()}  # one sync per log
+                    if not math.isfinite(values["loss"]):
+                        raise FloatingPointError(
+                            f"non-finite loss {values['loss']} at optimizer step {self.global_step} "
+                            f"(epoch {epoch + 1}); lower train.learning_rate or check the data"
+                        )
+                    values.update(
+                        {
+                            "step": self.global_step,
+                            "epoch": epoch + 1,
+                            "lr": scheduler.get_last_lr()[0],
+                            "tokens": tokens_total,
+                            "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                            **self.metrics_extra,
+                        }
+                    )
+                    window_start, window_tokens = now, 0
+                    last = values
+                    if self.output_dir is not None:
+                        append_jsonl(self.output_dir / "metrics.jsonl", values)
+                    if bar is not None:
+                        bar.set_postfix(
+                            loss=f"{values['loss']:.4f}",
+                            acc=f"{values['rewards/accuracies']:.2f}",
+                            tok_s=f"{values['tokens_per_s']:.0f}",
+                        )
+                if bar is not None:
+                    bar.update(1)
+                if (
+                    cfg.save_every
+                    and self.save_checkpoint is not None
+                    and step_in_run % cfg.save_every == 0
+                    and step_in_run != total_steps
+                ):
+                    self.save_checkpoint(self, f"checkpoint-{self.global_step}")
+        if bar is not None:
+            bar.close()
+        return TrainResult(
+            optimizer_steps=step_in_run,
+            tokens=tokens_total,
+            seconds=time.perf_counter() - start,
+            last_metrics=last,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training state beside the weights: optimizer, step and RNG states."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "global_step": self.global_step,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy_rng": np.random.get_state(),
+            "python_rng": random.getstate(),
+        }
+
+    def save_state(self, path: str | Path) -> None:
+        with atomic_open(path, "wb") as f:
+            torch.save(self.state_dict(), f)

@@ -1,0 +1,5 @@
+import sys
+
+from sdpo.cli import main
+
+sys.exit(main())
