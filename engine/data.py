@@ -1,0 +1,519 @@
+"""Reading and validating preference data before any training starts.
+
+A preference row has a ``prompt``, a ``chosen`` and a ``rejected`` completion, each either a
+non-empty string or a list of chat messages ``{"role": str, "content": str}``. Files are read
+with ``datasets`` (``.jsonl``/``.json``/``.parquet``/``.csv``, or a hub name); JSON files are
+first read line by line here, because ``datasets`` reports a malformed line or a non-UTF-8 byte
+without saying where it is. Every problem becomes a ``DataError`` naming the file, the row and
+the field, and saying what to do: bad data must fail in seconds, not an hour into a run.
+
+Row numbers: for JSON lines files they are 1-based line numbers (what an editor shows); for
+JSON arrays, parquet, csv and hub data sets they are 0-based row indices. Messages say which.
+
+Mixed formats are normalised so each returned row is all strings or all messages: a string
+prompt with message completions becomes one user turn, a string completion with a message prompt
+becomes one assistant turn, and completions that repeat the prompt's messages before the answer
+(the "full conversation" layout of many hub data sets) have that prefix removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FIELDS = ("prompt", "chosen", "rejected")
+IDENTICAL_POLICIES = ("warn", "drop", "error")
+# A preference pair of a 128k-token conversation is about 1 MB of JSON; a line 16x that is
+# almost surely a file without newlines, and reading it whole would only waste memory.
+DEFAULT_MAX_LINE_BYTES = 16 * 2**20
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+Message = dict[str, str]
+Field = str | list[Message]
+
+
+class DataError(ValueError):
+    """Bad input data: the message names the file, the row, the field and the fix.
+
+    ``row`` is a 1-based line number when ``row_label == "line"`` (JSON lines) and a 0-based row
+    index when ``row_label == "row"``."""
+
+    def __init__(
+        self,
+        problem: str,
+        *,
+        fix: str,
+        file: str | None = None,
+        row: int | None = None,
+        field: str | None = None,
+        row_label: str = "line",
+    ) -> None:
+        self.problem = problem
+        self.fix = fix
+        self.file = file
+        self.row = row
+        self.field = field
+        self.row_label = row_label
+        place = _describe_place(file, row, row_label)
+        if field is not None:
+            place = f"{place}, field '{field}'" if place else f"field '{field}'"
+        super().__init__(f"{place}: {problem}. Fix: {fix}" if place else f"{problem}. Fix: {fix}")
+
+
+class DataWarning(UserWarning):
+    """Data that is usable but probably not what was meant (e.g. chosen identical to rejected)."""
+
+
+def row_error(
+    row: dict, problem: str, *, fix: str, field: str | None = None, position: int | None = None
+) -> DataError:
+    """A ``DataError`` located at a row returned by ``read_preference_file``. Rows made by hand
+    (no ``file``/``row`` keys) are located by ``position``, their 0-based index in the list."""
+    if "row" in row:
+        return DataError(
+            problem,
+            fix=fix,
+            file=row.get("file"),
+            row=row["row"],
+            field=field,
+            row_label=row.get("row_label", "row"),
+        )
+    return DataError(problem, fix=fix, row=position, field=field, row_label="row")
+
+
+def _describe_place(file: str | None, row: int | None, row_label: str) -> str:
+    parts = []
+    if file is not None:
+        parts.append(str(file))
+    if row is not None:
+        parts.append(f"line {row}" if row_label == "line" else f"row {row} (0-based row index)")
+    return ", ".join(parts)
+
+
+@dataclass(kw_only=True, frozen=True)
+class _Place:
+    file: str
+    row: int
+    row_label: str  # "line" (1-based) or "row" (0-based)
+
+    def error(self, problem: str, *, fix: str, field: str | None = None) -> DataError:
+        return DataError(
+            problem, fix=fix, file=self.file, row=self.row, field=field, row_label=self.row_label
+        )
+
+    def __str__(self) -> str:
+        return _describe_place(self.file, self.row, self.row_label)
+
+
+def read_preference_file(
+    path_or_name: str | os.PathLike,
+    *,
+    source: str | None = None,
+    split: str = "train",
+    identical: str = "warn",
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> list[dict]:
+    """Read and validate a preference data set.
+
+    ``path_or_name``: a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, or a hub data set name
+    (``split`` applies to hub names only; a local file is one split). ``source`` names the data
+    source (default: the file's stem or the hub name). ``identical``: what to do with pairs whose
+    chosen equals rejected: "warn" (keep, warn with the count), "drop" (remove, warn with the
+    count) or "error".
+
+    Returns one dict per kept row: ``prompt``, ``chosen``, ``rejected`` (all strings, or all
+    message lists), ``source``, ``file``, ``row`` and ``row_label`` ("line": ``row`` is a 1-based
+    line number, JSON lines; "row": a 0-based row index, other formats). ``row_error`` turns
+    these into a ``DataError`` for problems found later (e.g. while tokenizing)."""
+    if identical not in IDENTICAL_POLICIES:
+        raise ValueError(f"identical must be one of {IDENTICAL_POLICIES}, got {identical!r}")
+    name = os.fspath(path_or_name)
+    path = Path(name)
+    suffix = path.suffix.lower()
+
+    if path.is_file():
+        builder = _BUILDERS.get(suffix)
+        if builder is None:
+            raise DataError(
+                f"unsupported file extension {suffix or '(none)'!r}",
+                fix=f"convert the data to one of {', '.join(_BUILDERS)}",
+                file=name,
+            )
+        places: list[_Place] | None = None
+        if builder == "json":
+            places = _prevalidate_json(path, name=name, max_line_bytes=max_line_bytes)
+        records = _load_local(builder, path, name=name)
+        if places is not None and len(places) != len(records):
+            raise DataError(
+                f"the line check found {len(places)} records but datasets read {len(records)}",
+                fix="make each non-blank line hold exactly one JSON object",
+                file=name,
+            )
+        if places is None:
+            places = [_Place(file=name, row=i, row_label="row") for i in range(len(records))]
+        default_source = path.stem
+    elif suffix in _BUILDERS or name.startswith((".", "/", "~")):
+        raise DataError(
+            "file not found",
+            fix="check the path (relative paths start at the working folder)",
+            file=name,
+        )
+    else:
+        records = _load_hub(name, split=split)
+        places = [_Place(file=name, row=i, row_label="row") for i in range(len(records))]
+        default_source = name
+
+    if not records:
+        raise DataError(
+            "the data set is empty (no rows)",
+            fix="point to a file with at least one prompt/chosen/rejected row",
+            file=name,
+        )
+    source = default_source if source is None else source
+    rows: list[dict] = []
+    identical_places: list[_Place] = []
+    for record, place in zip(records, places):
+        prompt, chosen, rejected = _normalize_row(record, place)
+        if chosen == rejected:
+            if identical == "error":
+                raise place.error(
+                    "chosen is identical to rejected, so the pair prefers nothing",
+                    fix="remove the row or make the completions differ, or set the "
+                    "identical-pairs policy to 'drop' or 'warn'",
+                    field="chosen",
+                )
+            identical_places.append(place)
+            if identical == "drop":
+                continue
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen,
+                "rejected": rejected,
+                "source": source,
+                "file": place.file,
+                "row": place.row,
+                "row_label": place.row_label,
+            }
+        )
+    if identical_places:
+        first = ", ".join(str(p.row) for p in identical_places[:5])
+        action = "dropped" if identical == "drop" else "kept (they add no training signal)"
+        warnings.warn(
+            f"{name}: {len(identical_places)} pair(s) have chosen identical to rejected and were "
+            f"{action}; first {identical_places[0].row_label}s: {first}",
+            DataWarning,
+            stacklevel=2,
+        )
+    if not rows:
+        raise DataError(
+            "no rows left after dropping pairs whose chosen equals rejected",
+            fix="check the data: every pair was identical",
+            file=name,
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars and no info logging from ``datasets`` while reading; restored after."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+
+    bars = datasets.is_progress_bar_enabled()
+    verbosity = ds_logging.get_verbosity()
+    datasets.disable_progress_bars()
+    ds_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        ds_logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _load_local(builder: str, path: Path, *, name: str) -> list[dict]:
+    """Load a local file with ``datasets``. Its cache goes to a temporary folder that is deleted
+    afterwards: nothing is written next to the data, and a local read needs no network."""
+    import datasets
+
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":
+        # keep cells as text: "" stays "" (not NaN), "NA"/"null" stay words, "42" stays "42"
+        kwargs = {"keep_default_na": False, "converters": dict.fromkeys(FIELDS, str)}
+    with _quiet_datasets(), tempfile.TemporaryDirectory(prefix="sdpo-datasets-") as cache:
+        try:
+            ds = datasets.load_dataset(
+                builder,
+                data_files={"train": str(path)},
+                split="train",
+                cache_dir=cache,
+                **kwargs,
+            )
+            return ds.to_list()
+        except Exception as exc:  # datasets/pyarrow/pandas raise many types; all mean "unreadable"
+            raise DataError(
+                f"could not be read as {builder} ({type(exc).__name__}: {exc})",
+                fix=f"check that the file is valid {builder}"
+                + (
+                    "; keep each extra column to one type and avoid blank lines"
+                    if builder == "json"
+                    else ""
+                ),
+                file=name,
+            ) from exc
+
+
+def _load_hub(name: str, *, split: str) -> list[dict]:
+    import datasets
+
+    with _quiet_datasets():
+        try:
+            return datasets.load_dataset(name, split=split).to_list()
+        except Exception as exc:
+            raise DataError(
+                f"is not a local file and could not be loaded as a hub data set "
+                f"({type(exc).__name__}: {exc})",
+                fix="check the path or the data set name and split, and the network; or pass a "
+                "local .jsonl/.json/.parquet/.csv file",
+                file=name,
+            ) from exc
+
+
+def _prevalidate_json(path: Path, *, name: str, max_line_bytes: int) -> list[_Place]:
+    """Parse a JSON file ourselves (strict UTF-8, strict JSON) and validate every record, so that
+    errors carry line numbers. Returns the place of each record in file order."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"\xef\xbb\xbf"):
+        raise DataError(
+            "the file starts with a UTF-8 byte-order mark",
+            fix="save the file as UTF-8 without BOM",
+            file=name,
+            row=1,
+        )
+    if path.suffix.lower() == ".json" and head.startswith(b"["):
+        return _prevalidate_json_array(path, name=name)
+    return _prevalidate_json_lines(path, name=name, max_line_bytes=max_line_bytes)
+
+
+def _prevalidate_json_lines(path: Path, *, name: str, max_line_bytes: int) -> list[_Place]:
+    shape_fix = "each line must hold one JSON object with prompt, chosen and rejected"
+    if path.suffix.lower() == ".json":
+        shape_fix += " (or make the whole .json file one JSON array of such objects)"
+    places: list[_Place] = []
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                break
+            lineno += 1
+            place = _Place(file=name, row=lineno, row_label="line")
+            if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                raise place.error(
+                    f"the line is longer than {max_line_bytes} bytes",
+                    fix="check that the file has one record per line; for genuinely huge "
+                    "records raise max_line_bytes",
+                )
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise place.error(
+                    f"byte {raw[exc.start]:#04x} at byte {exc.start + 1} of the line is not "
+                    "valid UTF-8",
+                    fix="re-save the file as UTF-8 (e.g. iconv -f <encoding> -t UTF-8), or "
+                    "delete the line",
+                ) from None
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise place.error(
+                    f"not valid JSON ({exc.msg} at column {exc.colno})",
+                    fix=f"fix or delete line {lineno}; {shape_fix}",
+                ) from None
+            if not isinstance(record, dict):
+                raise place.error(
+                    f"holds a JSON {_json_type(record)}, not an object", fix=shape_fix
+                )
+            _normalize_row(record, place)
+            places.append(place)
+    return places
+
+
+def _prevalidate_json_array(path: Path, *, name: str) -> list[_Place]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"byte {raw[exc.start]:#04x} on line {line} is not valid UTF-8",
+            fix="re-save the file as UTF-8",
+            file=name,
+            row=line,
+        ) from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"not valid JSON ({exc.msg} at column {exc.colno})",
+            fix="fix the JSON array at that place",
+            file=name,
+            row=exc.lineno,
+        ) from None
+    if not isinstance(records, list):
+        raise DataError(
+            f"the file holds a JSON {_json_type(records)}, not an array of rows",
+            fix="make the file a JSON array of objects, or JSON lines",
+            file=name,
+        )
+    places = []
+    for i, record in enumerate(records):
+        place = _Place(file=name, row=i, row_label="row")
+        if not isinstance(record, dict):
+            raise place.error(
+                f"is a JSON {_json_type(record)}, not an object",
+                fix="make every array element an object with prompt, chosen and rejected",
+            )
+        _normalize_row(record, place)
+        places.append(place)
+    return places
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return "null" if value is None else type(value).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Row validation
+# ---------------------------------------------------------------------------------------------
+
+_SHAPE_HINT = 'a non-empty string or a list of {"role": str, "content": str} messages'
+
+
+def _normalize_row(record: dict, place: _Place) -> tuple[Field, Field, Field]:
+    """Validate one row and return (prompt, chosen, rejected), all strings or all messages."""
+    values = {field: _check_field(record, field, place) for field in FIELDS}
+    prompt, chosen, rejected = values["prompt"], values["chosen"], values["rejected"]
+    if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
+        return prompt, chosen, rejected
+
+    prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    if not any(m["content"].strip() for m in prompt_msgs):
+        raise place.error(
+            "every prompt message has empty content",
+            fix="give the prompt at least one non-empty message",
+            field="prompt",
+        )
+    completions = []
+    for field, value in (("chosen", chosen), ("rejected", rejected)):
+        if isinstance(value, str):
+            completions.append([{"role": "assistant", "content": value}])
+            continue
+        n = len(prompt_msgs)
+        if len(value) >= n and value[:n] == prompt_msgs:
+            value = value[n:]  # full conversation: the prompt turns are repeated first
+        if not value or not any(m["content"].strip() for m in value):
+            raise place.error(
+                "the completion is empty (no message with content beyond the prompt)",
+                fix=f"give {field} a non-empty assistant message, or remove the row",
+                field=field,
+            )
+        if value[-1]["role"] != "assistant":
+            raise place.error(
+                f"the last completion message has role {value[-1]['role']!r}, not 'assistant'",
+                fix=f"end {field} with the assistant's answer",
+                field=field,
+            )
+        completions.append(value)
+    return prompt_msgs, completions[0], completions[1]
+
+
+def _check_field(record: dict, field: str, place: _Place) -> Field:
+    if field not in record:
+        present = ", ".join(sorted(map(str, record))) or "none"
+        raise place.error(
+            f"the field is missing (fields present: {present})",
+            fix=f"give every row a {field!r} field: {_SHAPE_HINT}",
+            field=field,
+        )
+    value = record[field]
+    if isinstance(value, str):
+        if not value.strip():
+            what = "prompt" if field == "prompt" else "completion"
+            raise place.error(
+                f"the {what} is empty (or only whitespace)",
+                fix=f"give {field} non-empty text, or remove the row",
+                field=field,
+            )
+        return value
+    if isinstance(value, list | tuple):
+        return _check_messages(value, field, place)
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    kind = "null" if value is None else type(value).__name__
+    raise place.error(
+        f"has type {kind} ({shown}), expected {_SHAPE_HINT}",
+        fix=f"store {field} as text (quote numbers) or as chat messages",
+        field=field,
+    )
+
+
+def _check_messages(value: list | tuple, field: str, place: _Place) -> list[Message]:
+    if not value:
+        raise place.error(
+            "the message list is empty",
+            fix=f"give {field} at least one message, or remove the row",
+            field=field,
+        )
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise place.error(
+                f"message {i} has type {type(message).__name__}, expected an object with "
+                "'role' and 'content'",
+                fix=f'write each message of {field} as {{"role": ..., "content": ...}}',
+                field=field,
+            )
+        for key in ("role", "content"):
+            item = message.get(key)
+            if not isinstance(item, str):
+                kind = "missing" if key not in message else f"of type {type(item).__name__}"
+                raise place.error(
+                    f"message {i} has '{key}' {kind}, expected a string",
+                    fix=f"give every message of {field} a string '{key}'",
+                    field=field,
+                )
+        if not message["role"].strip():
+            raise place.error(
+                f"message {i} has an empty role",
+                fix="use roles such as 'system', 'user' and 'assistant'",
+                field=field,
+            )
+        # keep extra keys a chat template may use; drop the None that datasets fills in for keys
+        # absent from some rows
+        messages.append({k: v for k, v in message.items() if v is not None})
+    return messages

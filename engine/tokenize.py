@@ -1,0 +1,462 @@
+"""Turning validated preference rows into token ids, the way DPO trainers (TRL) do.
+
+Each sequence is ``prompt ids + completion ids + EOS``; only completion tokens are scored.
+Conversational rows are rendered with the model's chat template (jinja2, sandboxed): the prompt
+text is the template applied to the prompt messages with ``add_generation_prompt=True``; a
+completion's text is the template applied to prompt + completion messages, minus that prompt text
+(the template must reproduce it as a prefix; templates that rewrite earlier turns are refused).
+
+BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``),
+then a BOS id is put in front of the prompt when (1) the tokenizer has a BOS token, (2)
+``tokenizer_config.json`` says ``add_bos_token: true`` (or, when that key is absent, the
+tokenizer's own post-processor adds BOS to plain text, as Llama's does), and (3) the prompt does
+not already start with BOS (chat templates that write ``{{ bos_token }}`` put it there already).
+
+EOS rule: EOS is appended to each completion unless the completion already ends with the EOS
+token (templates that close every turn with EOS, e.g. Llama 3's ``<|eot_id|>``), so no pair
+ends with a doubled EOS.
+
+Truncation (``max_length`` bounds each sequence, prompt + completion):
+- "keep_end" (default): when a pair is too long, the prompt is first cut to
+  ``max_prompt_length`` tokens keeping its END (the most recent turns; a leading BOS is kept),
+  then each completion is cut at its end to fit (losing its EOS).
+- "keep_start": the same, but the prompt keeps its START.
+- "error": a pair over ``max_length`` is an error naming the row.
+A pair whose completion would be left with no token is an error (raise ``max_length`` or lower
+``max_prompt_length``); the number of truncated pairs is returned in ``TokenizeStats``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from .data import DataError, row_error
+from .packing import TokenizedPair
+
+TRUNCATION_POLICIES = ("keep_end", "keep_start", "error")
+_ENCODE_CHUNK = 4096  # texts per encode_batch call: bounds peak memory on large data sets
+
+
+@dataclass(kw_only=True)
+class TokenizeStats:
+    num_pairs: int = 0
+    num_truncated: int = 0  # pairs with a cut prompt or completion
+    num_prompt_truncated: int = 0
+    num_completion_truncated: int = 0  # pairs with a cut chosen or rejected
+    num_identical: int = 0  # pairs whose chosen ids equal their rejected ids
+    num_tokens: int = 0  # packed tokens of all pairs (the prompt counted twice)
+    max_sequence_length: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _token_content(value: Any) -> str | None:
+    """Special tokens in tokenizer_config.json are a string or a serialised AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: could not read JSON ({exc}); fix or re-save the file") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object; fix or re-save the file")
+    return value
+
+
+def _first_id(value: Any) -> int | None:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class PairTokenizer:
+    """A ``tokenizers.Tokenizer`` plus what DPO tokenization needs: EOS, BOS and the chat template."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        eos_token: str,
+        bos_token: str | None = None,
+        add_bos: bool | None = None,
+        chat_template: str | None = None,
+        name: str = "tokenizer",
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.name = name
+        self.eos_token = eos_token
+        self.eos_id = self._require_id(eos_token, "eos_token")
+        self.bos_token = bos_token
+        self.bos_id = None if bos_token is None else self._require_id(bos_token, "bos_token")
+        if add_bos is None:
+            add_bos = self._post_processor_adds_bos()
+        self.add_bos = bool(add_bos) and self.bos_id is not None
+        self.chat_template = chat_template
+        self._template = None
+
+    def _require_id(self, token: str, key: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ValueError(
+                f"{self.name}: {key} {token!r} is not in the tokenizer's vocabulary; fix {key} in "
+                "tokenizer_config.json"
+            )
+        return token_id
+
+    def _post_processor_adds_bos(self) -> bool:
+        if self.bos_id is None:
+            return False
+        plain = self.tokenizer.encode("a", add_special_tokens=False).ids
+        processed = self.tokenizer.encode("a", add_special_tokens=True).ids
+        return processed[:1] == [self.bos_id] and plain[:1] != [self.bos_id]
+
+    @classmethod
+    def from_dir(cls, model_dir: str | os.PathLike) -> PairTokenizer:
+        """Load ``tokenizer.json`` and ``tokenizer_config.json`` (EOS/BOS, ``add_bos_token``,
+        ``chat_template``; the template may also sit in ``chat_template.jinja``). EOS/BOS missing
+        from tokenizer_config.json are taken from ``config.json`` ``eos_token_id``/``bos_token_id``."""
+        folder = Path(model_dir)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: sdpo reads tokenizers in the `tokenizers` JSON format; save "
+                f"one into {folder} (e.g. with transformers' fast tokenizer .save_pretrained)"
+            )
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust side raises a plain Exception
+            raise ValueError(f"{path}: not a valid tokenizer.json ({exc}); re-save it") from exc
+        config_path = folder / "tokenizer_config.json"
+        config = _read_json(config_path) if config_path.is_file() else {}
+        model_config_path = folder / "config.json"
+        model_config = _read_json(model_config_path) if model_config_path.is_file() else {}
+
+        def special(key: str) -> str | None:
+            token = _token_content(config.get(f"{key}_token"))
+            if token is None:
+                token_id = _first_id(model_config.get(f"{key}_token_id"))
+                if token_id is not None:
+                    token = tokenizer.id_to_token(token_id)
+            return token
+
+        eos = special("eos")
+        if eos is None:
+            raise ValueError(
+                f"{folder}: no EOS token: tokenizer_config.json has no eos_token and config.json "
+                "no eos_token_id; add one of them"
+            )
+        add_bos = config.get("add_bos_token")
+        return cls(
+            tokenizer,
+            eos_token=eos,
+            bos_token=special("bos"),
+            add_bos=add_bos if isinstance(add_bos, bool) else None,
+            chat_template=_find_chat_template(folder, config),
+            name=str(folder),
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever tokenization would: the vocabulary/pipeline, specials, template."""
+        h = hashlib.sha256(self.tokenizer.to_str().encode())
+        h.update(
+            json.dumps([self.eos_token, self.bos_token, self.add_bos, self.chat_template]).encode()
+        )
+        return h.hexdigest()[:16]
+
+    def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text, without the post-processor's special tokens."""
+        out: list[list[int]] = []
+        for start in range(0, len(texts), _ENCODE_CHUNK):
+            chunk = list(texts[start : start + _ENCODE_CHUNK])
+            out.extend(e.ids for e in self.tokenizer.encode_batch(chunk, add_special_tokens=False))
+        return out
+
+    def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+        """Apply the chat template (as Hugging Face does: trim_blocks, lstrip_blocks, sandbox)."""
+        if self._template is None:
+            if self.chat_template is None:
+                raise ValueError(
+                    f"{self.name}: the data is conversational but the tokenizer has no chat "
+                    "template; add chat_template to tokenizer_config.json, or use string rows"
+                )
+            self._template = _compile_template(self.chat_template)
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token,
+        )
+
+    def prompt_ids(self, ids: list[int]) -> list[int]:
+        """Apply the BOS rule (module docstring) to encoded prompt ids."""
+        if self.add_bos and ids[:1] != [self.bos_id]:
+            return [self.bos_id, *ids]
+        return ids
+
+    def completion_ids(self, ids: list[int]) -> list[int]:
+        """Apply the EOS rule (module docstring) to encoded completion ids."""
+        if ids[-1:] == [self.eos_id]:
+            return ids
+        return [*ids, self.eos_id]
+
+
+def _find_chat_template(folder: Path, config: dict) -> str | None:
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default", next(iter(named.values()), None))
+    if isinstance(template, str):
+        return template
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if (folder / "chat_template.json").is_file():
+        template = _read_json(folder / "chat_template.json").get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+class ChatTemplateError(ValueError):
+    """Raised by a chat template's ``raise_exception`` (e.g. roles that do not alternate)."""
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(message)
+
+
+def _compile_template(source: str):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
+
+    def tojson(value: Any, indent: int | None = None) -> str:
+        return json.dumps(value, ensure_ascii=False, indent=indent)
+
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as exc:
+        raise ValueError(f"the chat template does not compile ({exc}); fix chat_template") from exc
+
+
+def _render_row(row: dict, tokenizer: PairTokenizer, position: int) -> tuple[str, str, str]:
+    prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
+        return prompt, chosen, rejected
+    if not (isinstance(prompt, list) and isinstance(chosen, list) and isinstance(rejected, list)):
+        raise row_error(
+            row,
+            "prompt, chosen and rejected mix strings and message lists",
+            fix="read the data with read_preference_file, which normalises mixed rows",
+            position=position,
+        )
+    try:
+        prompt_text = tokenizer.render_chat(prompt, add_generation_prompt=True)
+        texts = []
+        for field, completion in (("chosen", chosen), ("rejected", rejected)):
+            full = tokenizer.render_chat(prompt + completion, add_generation_prompt=False)
+            if not full.startswith(prompt_text):
+                raise row_error(
+                    row,
+                    "the chat template does not reproduce the rendered prompt as the start of "
+                    "prompt + completion, so the completion cannot be separated",
+                    fix="use a chat template whose output for a conversation starts with its "
+                    "output for the conversation's first turns (add_generation_prompt=True)",
+                    field=field,
+                    position=position,
+                )
+            texts.append(full[len(prompt_text) :])
+    except ChatTemplateError as exc:
+        raise row_error(
+            row,
+            f"the chat template rejected the messages: {exc}",
+            fix="fix the roles/order of the row's messages to what the template accepts",
+            position=position,
+        ) from None
+    return prompt_text, texts[0], texts[1]
+
+
+def tokenize_pairs(
+    rows: Sequence[dict],
+    tokenizer: PairTokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    truncation: str = "keep_end",
+    vocab_size: int | None = None,
+) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Tokenize validated rows (from ``read_preference_file``) into ``TokenizedPair``s.
+
+    ``max_length`` bounds each sequence (prompt + completion, EOS included); truncation policy as
+    in the module docstring. ``vocab_size``: the model's; every id must be below it (a larger id
+    means the tokenizer does not belong to the model). ``TokenizedPair.index`` is the row's
+    position in ``rows``."""
+    if truncation not in TRUNCATION_POLICIES:
+        raise ValueError(f"truncation must be one of {TRUNCATION_POLICIES}, got {truncation!r}")
+    if max_length < 2:
+        raise ValueError(
+            f"max_length must be >= 2 (a prompt and a completion token), got {max_length}"
+        )
+    if max_prompt_length is not None and not 1 <= max_prompt_length < max_length:
+        raise ValueError(
+            f"max_prompt_length must be in [1, max_length) = [1, {max_length}), got "
+            f"{max_prompt_length}"
+        )
+    texts = [_render_row(row, tokenizer, i) for i, row in enumerate(rows)]
+    prompt_ids = tokenizer.encode_texts([t[0] for t in texts])
+    chosen_ids = tokenizer.encode_texts([t[1] for t in texts])
+    rejected_ids = tokenizer.encode_texts([t[2] for t in texts])
+
+    stats = TokenizeStats(num_pairs=len(rows))
+    pairs: list[TokenizedPair] = []
+    for i, row in enumerate(rows):
+        prompt = tokenizer.prompt_ids(prompt_ids[i])
+        completions = [chosen_ids[i], rejected_ids[i]]
+        for name, ids in zip(("chosen", "rejected"), completions):
+            if not ids:
+                raise row_error(
+                    row,
+                    "the completion encodes to no tokens",
+                    fix="give the completion text the tokenizer can encode, or remove the row",
+                    field=name,
+                    position=i,
+                )
+        completions = [tokenizer.completion_ids(ids) for ids in completions]
+        if not prompt:
+            raise row_error(
+                row,
+                "the prompt encodes to no tokens and the tokenizer adds no BOS",
+                fix="give the row a prompt the tokenizer can encode",
+                field="prompt",
+                position=i,
+            )
+        prompt, completions, prompt_cut, completion_cut = _truncate(
+            row,
+            i,
+            prompt,
+            completions,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation=truncation,
+            bos_id=tokenizer.bos_id if tokenizer.add_bos else None,
+        )
+        pair = TokenizedPair(
+            index=i,
+            prompt_ids=prompt,
+            chosen_ids=completions[0],
+            rejected_ids=completions[1],
+            source=str(row.get("source", "")),
+            truncated=prompt_cut or completion_cut,
+        )
+        if vocab_size is not None:
+            _check_vocab(row, i, pair, vocab_size=vocab_size, tokenizer=tokenizer)
+        stats.num_prompt_truncated += prompt_cut
+        stats.num_completion_truncated += completion_cut
+        stats.num_truncated += pair.truncated
+        stats.num_identical += pair.chosen_ids == pair.rejected_ids
+        stats.num_tokens += pair.num_tokens
+        stats.max_sequence_length = max(
+            stats.max_sequence_length, len(prompt) + max(len(c) for c in completions)
+        )
+        pairs.append(pair)
+    return pairs, stats
+
+
+def _truncate(
+    row: dict,
+    position: int,
+    prompt: list[int],
+    completions: list[list[int]],
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation: str,
+    bos_id: int | None,
+) -> tuple[list[int], list[list[int]], bool, bool]:
+    longest = max(len(c) for c in completions)
+    if len(prompt) + longest <= max_length:
+        return prompt, completions, False, False
+    if truncation == "error":
+        raise row_error(
+            row,
+            f"the pair is {len(prompt) + longest} tokens (prompt {len(prompt)} + longest "
+            f"completion {longest}), over max_length {max_length}",
+            fix="raise max_length, shorten or remove the row, or choose truncation 'keep_end' "
+            "or 'keep_start'",
+            position=position,
+        )
+    prompt_cut = False
+    if max_prompt_length is not None and len(prompt) > max_prompt_length:
+        prompt_cut = True
+        if truncation == "keep_start":
+            prompt = prompt[:max_prompt_length]
+        elif bos_id is not None and prompt[0] == bos_id:
+            # keep the end, but keep BOS in front: models are trained to see it at position 0
+            prompt = [bos_id, *prompt[len(prompt) - (max_prompt_length - 1) :]]
+        else:
+            prompt = prompt[len(prompt) - max_prompt_length :]
+    room = max_length - len(prompt)
+    if room < 1:
+        raise row_error(
+            row,
+            f"the prompt alone is {len(prompt)} tokens"
+            + (" after cutting to max_prompt_length" if prompt_cut else "")
+            + f", leaving no room for the completion within max_length {max_length}",
+            fix="raise max_length, or set max_prompt_length below max_length so long prompts "
+            "are cut",
+            field="prompt",
+            position=position,
+        )
+    completion_cut = any(len(c) > room for c in completions)
+    return prompt, [c[:room] for c in completions], prompt_cut, completion_cut
+
+
+def _check_vocab(
+    row: dict, position: int, pair: TokenizedPair, *, vocab_size: int, tokenizer: PairTokenizer
+) -> None:
+    top = max(max(pair.prompt_ids), max(pair.chosen_ids), max(pair.rejected_ids))
+    if top >= vocab_size:
+        raise row_error(
+            row,
+            f"token id {top} is outside the model's vocabulary (vocab_size {vocab_size}); the "
+            f"tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens",
+            fix="the tokenizer does not match the model: use the tokenizer saved with the model "
+            "checkpoint",
+            position=position,
+        )
+
+
+__all__ = [
+    "ChatTemplateError",
+    "DataError",
+    "PairTokenizer",
+    "TokenizeStats",
+    "TRUNCATION_POLICIES",
+    "tokenize_pairs",
+]
