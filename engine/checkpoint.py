@@ -149,27 +149,33 @@ def load_pretrained(
             "config.json belongs to these weights"
         )
 
+    # Check every stored shape against the config (headers only) before reading any weight.
+    stored: dict[str, tuple[int, ...]] = {}
+    for file, names in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            present = set(f.keys())
+            for name in names:
+                if name not in present:
+                    raise CheckpointError(
+                        f"tensor {name!r} is listed for {file.name} in {INDEX_NAME} but is not "
+                        "in that file; the index and the shards are out of step"
+                    )
+                stored[name] = tuple(f.get_slice(name).get_shape())
+    for name, shape in expected.items():
+        if stored[name] != shape:
+            raise CheckpointError(
+                f"tensor {name!r} in {files[name]} has shape {stored[name]}, but {CONFIG_NAME} "
+                f"implies {shape}; check that config.json belongs to these weights"
+            )
+
     device = torch.device(device)
     state: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
         # safetensors reads straight onto the target device; the cast happens there.
         with safe_open(file, framework="pt", device=str(device)) as f:
-            present = set(f.keys())
             for name in names:
-                if name not in expected:
-                    continue
-                if name not in present:
-                    raise CheckpointError(
-                        f"tensor {name!r} is listed for {file.name} in {INDEX_NAME} but is not "
-                        f"in that file; the index and shards are out of step"
-                    )
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected[name]:
-                    raise CheckpointError(
-                        f"tensor {name!r} in {file} has shape {shape}, but {CONFIG_NAME} implies "
-                        f"{expected[name]}; check that config.json belongs to these weights"
-                    )
-                state[name] = f.get_tensor(name).to(dtype=dtype)
+                if name in expected:
+                    state[name] = f.get_tensor(name).to(dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
