@@ -261,10 +261,16 @@ def plot_steps(
         ("rewards/margins", "reward margin (batch)"),
     ]
     for ax, (name, title) in zip(axes.flat, panels):
-        pts = [(r["_x"], r[name]) for r in curve if isinstance(r.get(name), int | float)]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2)
-        else:
+        pts = [
+            (r["_x"], r[name], r.get("sdpo_step", 1))
+            for r in curve
+            if isinstance(r.get(name), int | float)
+        ]
+        # One line per sDPO step, so the curve is not drawn across a step boundary.
+        for seg in dict.fromkeys(p[2] for p in pts):
+            xs_ys = [(p[0], p[1]) for p in pts if p[2] == seg]
+            ax.plot([x for x, _ in xs_ys], [y for _, y in xs_ys], color="C0", lw=1.2)
+        if not pts:
             ax.text(
                 0.5, 0.5, f"no '{name}' logged", ha="center", va="center", transform=ax.transAxes
             )
