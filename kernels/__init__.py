@@ -1,3 +1,44 @@
 """sdpo.kernels: fused log-prob ops (lm_head -> log-softmax -> label gather -> per-sequence sum).
 
-The lowest layer: torch and triton only, no model and no I/O."""
+The lowest layer of sdpo: torch and triton only, no model and no I/O. It exists because
+the naive head of every DPO forward materialises N×V fp32 logits (26 GB at 16k tokens and
+a 128k vocabulary) and reads them several times; these ops stream the vocabulary instead.
+
+- ``logprobs_from_logits``: over a logits tensor you already have.
+- ``sequence_logprobs``: from hidden states and the lm_head weight, chunked over tokens
+  (general backward; under ``torch.no_grad`` it is the reference/scoring pass).
+- ``linear_pair_loss``: a pair-separable loss whose gradients are formed while each
+  chunk's logits are in hand (≈ 6·N·H·V FLOP for forward + backward).
+- ``resolve_impl``: the one place "auto" | "triton" | "torch" is decided.
+
+On a PyTorch build without CUDA, Triton can only run under its interpreter, and Triton
+fixes that mode when ``triton.language`` is first imported (which ``torch._dynamo`` does).
+So on such a build this package sets ``TRITON_INTERPRET=1`` (unless already set) before
+anything it imports can load Triton; ``impl="triton"`` then works on CPU tensors (slowly,
+for tests). CUDA builds are left untouched.
+"""
+
+import os as _os
+
+import torch as _torch
+
+if _torch.version.cuda is None and _torch.version.hip is None:
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .dispatch import resolve_impl, triton_available  # noqa: E402
+from .linear_logprobs import (  # noqa: E402
+    default_chunk_tokens,
+    linear_pair_loss,
+    sequence_logprobs,
+)
+from .logprobs import IGNORE_INDEX, logprobs_from_logits  # noqa: E402
+
+__all__ = [
+    "IGNORE_INDEX",
+    "default_chunk_tokens",
+    "linear_pair_loss",
+    "logprobs_from_logits",
+    "resolve_impl",
+    "sequence_logprobs",
+    "triton_available",
+]

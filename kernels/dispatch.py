@@ -1,0 +1,55 @@
+"""The one place that decides which implementation of a fused log-prob op runs.
+
+Every op in sdpo.kernels takes ``impl="auto" | "triton" | "torch"`` and asks
+:func:`resolve_impl` what that means for the tensors at hand, so the engine, the
+benchmarks and the tests agree on the rule: Triton on CUDA when Triton imports, the
+pure-PyTorch reference everywhere else. ``"triton"`` on a CPU tensor runs the kernels
+under the Triton interpreter (slow; used by the tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+IMPLS = ("auto", "triton", "torch")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when ``import triton`` works on this machine."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_impl(impl: str, device: torch.device | str) -> str:
+    """Map ``impl`` ("auto" | "triton" | "torch") to the implementation that runs on ``device``.
+
+    "auto" -> "triton" on a CUDA device when Triton imports, else "torch".
+    """
+    device = torch.device(device)
+    if impl == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if impl == "torch":
+        return "torch"
+    if impl == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                "kernels impl='triton' was requested but `import triton` fails on this "
+                'machine; install triton (Linux) or set kernels.impl = "torch" (or "auto").'
+            )
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(
+                f"kernels impl='triton' runs on CUDA (or the CPU interpreter), not on "
+                f'{device.type!r} tensors; set kernels.impl = "torch" or "auto".'
+            )
+        return "triton"
+    raise ValueError(
+        f"unknown kernels impl {impl!r}; expected one of {', '.join(IMPLS)} "
+        '(set kernels.impl = "auto" to pick Triton on CUDA and PyTorch elsewhere).'
+    )

@@ -1,0 +1,233 @@
+"""Fused log-softmax + label gather + per-sequence sum over a logits tensor.
+
+Owns the row-wise core that every log-prob path in sdpo runs: for each row of logits,
+a streaming logsumexp over vocabulary blocks in fp32, the label's logit, the token's
+log-prob ``x[label] - lse`` and the row's ``lse``; and the backward
+``grad = g * (onehot(label) - softmax(x))`` rebuilt from the saved ``lse``. Neither
+direction ever holds an fp32 copy of the whole logits tensor: the Triton kernels read
+the rows block by block, the PyTorch reference upcasts a bounded block of rows at a
+time. ``linear_logprobs`` reuses the same row ops on its chunks of logits.
+
+Packed-batch convention (engine/packing.py): ``labels`` are already shifted, ``-100``
+marks a token that is not scored (its log-prob is 0 and it gets zero gradient), and
+``seq_ids[i]`` names the sequence of token ``i``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import resolve_impl
+
+IGNORE_INDEX = -100
+
+# Triton launch constants. NOT YET MEASURED on a GPU: chosen from first principles for
+# an H100 (a row of bf16 logits streamed in 4096-wide blocks is 8 KiB per load, 16
+# elements per thread with 8 warps, so loads vectorise to 16-byte transactions).
+# benchmarks/throughput.py is where they get tuned.
+BLOCK_V = 4096
+NUM_WARPS = 8
+# Under the CPU interpreter the cost is per block operation, not per element: wider blocks.
+INTERPRETER_BLOCK_V = 16384
+
+# The PyTorch reference upcasts at most this many logits per block of rows to fp32
+# (64 Mi elements = 256 MiB), so it never holds an fp32 copy of the whole tensor.
+TORCH_BLOCK_ELEMENTS = 64 * 2**20
+
+
+def _triton_rows():
+    """The Triton kernels module, imported on first use (see triton_rows.py for why)."""
+    from . import triton_rows
+
+    return triton_rows
+
+
+def _block_v(vocab: int, device: torch.device) -> int:
+    block = INTERPRETER_BLOCK_V if device.type == "cpu" else BLOCK_V
+    return min(block, 1 << max(0, (vocab - 1).bit_length()))
+
+
+def _check_rows(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
+    if labels.shape != (logits.shape[0],):
+        raise ValueError(
+            f"labels must be (N,) = ({logits.shape[0]},) to match logits {tuple(logits.shape)}, "
+            f"got {tuple(labels.shape)}"
+        )
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a float tensor, got {logits.dtype}")
+
+
+def _row_contiguous(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+# ----------------------------------------------------------------------------------------
+# Row ops: the shared core (forward: token log-prob + lse; backward: logits gradient).
+# ----------------------------------------------------------------------------------------
+
+
+def rows_forward(
+    logits: torch.Tensor, labels: torch.Tensor, *, impl: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(token_logp, lse)`` in fp32 for logits (N, V); token_logp is 0 where label == -100.
+
+    ``impl`` must already be resolved ("triton" or "torch").
+    """
+    n, vocab = logits.shape
+    logp = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return logp, lse
+    if impl == "triton":
+        logits = _row_contiguous(logits)
+        rows_mod = _triton_rows()
+        kernel = rows_mod.launch(rows_mod.logprobs_fwd_kernel, logits.device)
+        kernel[(n,)](
+            logits,
+            logits.stride(0),
+            labels,
+            logp,
+            lse,
+            vocab,
+            BLOCK_V=_block_v(vocab, logits.device),
+            IGNORE=IGNORE_INDEX,
+            num_warps=NUM_WARPS,
+        )
+        return logp, lse
+    rows = max(1, TORCH_BLOCK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n, rows):
+        block = logits[start : start + rows].float()  # (rows, V) fp32, bounded
+        block_labels = labels[start : start + rows]
+        block_lse = torch.logsumexp(block, dim=-1)
+        valid = block_labels != IGNORE_INDEX
+        picked = block.gather(1, block_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+        lse[start : start + rows] = block_lse
+        logp[start : start + rows] = torch.where(valid, picked - block_lse, 0.0)
+    return logp, lse
+
+
+def rows_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    grad_token: torch.Tensor,
+    *,
+    impl: str,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write ``grad_token * (onehot(labels) - softmax(logits))`` into ``out`` and return it.
+
+    ``out`` defaults to a new tensor shaped and typed like ``logits``; passing ``out=logits``
+    forms the gradient in place. Rows whose label is -100 get zeros. ``impl`` must already be
+    resolved ("triton" or "torch").
+    """
+    if out is None:
+        out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    n, vocab = logits.shape
+    if n == 0:
+        return out
+    grad_token = grad_token.to(torch.float32)
+    if impl == "triton":
+        if out.stride(-1) != 1 or logits.stride(-1) != 1:
+            raise ValueError("rows_backward(impl='triton') needs unit stride along the vocabulary")
+        rows_mod = _triton_rows()
+        kernel = rows_mod.launch(rows_mod.logprobs_bwd_kernel, logits.device)
+        kernel[(n,)](
+            logits,
+            logits.stride(0),
+            out,
+            out.stride(0),
+            labels,
+            lse,
+            grad_token,
+            vocab,
+            BLOCK_V=_block_v(vocab, logits.device),
+            IGNORE=IGNORE_INDEX,
+            num_warps=NUM_WARPS,
+        )
+        return out
+    rows = max(1, TORCH_BLOCK_ELEMENTS // max(vocab, 1))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        block_labels = labels[start:stop]
+        valid = block_labels != IGNORE_INDEX
+        g = torch.where(valid, grad_token[start:stop], 0.0).unsqueeze(1)  # (rows, 1)
+        probs = torch.exp(logits[start:stop].float() - lse[start:stop].unsqueeze(1))
+        grad = -g * probs
+        grad.scatter_add_(1, block_labels.clamp(min=0).unsqueeze(1), g)
+        out[start:stop] = grad.to(out.dtype)
+    return out
+
+
+def sum_per_sequence(
+    token_values: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int
+) -> torch.Tensor:
+    """(S,) fp32 sums of per-token values over the packed sequences named by ``seq_ids``."""
+    out = torch.zeros(num_seqs, dtype=torch.float32, device=token_values.device)
+    return out.index_add_(0, seq_ids, token_values.to(torch.float32))
+
+
+def check_packed_inputs(labels: torch.Tensor, seq_ids: torch.Tensor, num_tokens: int) -> None:
+    """Shape/dtype checks shared by the ops (no device sync)."""
+    for name, t in (("labels", labels), ("seq_ids", seq_ids)):
+        if t.shape != (num_tokens,):
+            raise ValueError(
+                f"{name} must be ({num_tokens},) (one per token), got {tuple(t.shape)}"
+            )
+        if t.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be int64 (or int32), got {t.dtype}")
+
+
+# ----------------------------------------------------------------------------------------
+# Autograd op over logits
+# ----------------------------------------------------------------------------------------
+
+
+class LogprobsFromLogits(torch.autograd.Function):
+    """(logits, labels, seq_ids) -> (seq_logps (S,), token_logps (N,)); saves only the lse."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, seq_ids, num_seqs, impl, inplace_backward):
+        token_logps, lse = rows_forward(logits, labels, impl=impl)
+        seq_logps = sum_per_sequence(token_logps, seq_ids, num_seqs)
+        ctx.impl = impl
+        ctx.inplace_backward = inplace_backward
+        ctx.save_for_backward(logits, labels, seq_ids, lse)
+        return seq_logps, token_logps
+
+    @staticmethod
+    def backward(ctx, grad_seq, grad_token):
+        logits, labels, seq_ids, lse = ctx.saved_tensors
+        g = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
+        if grad_token is not None:
+            g = g + grad_token.float()
+        if grad_seq is not None:
+            g = g + grad_seq.float()[seq_ids]
+        out = logits if ctx.inplace_backward else None
+        grad_logits = rows_backward(logits, labels, lse, g, impl=ctx.impl, out=out)
+        return grad_logits, None, None, None, None, None
+
+
+@torch.compiler.disable
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    *,
+    impl: str = "auto",
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence and per-token log-probs of ``labels`` under ``logits``.
+
+    logits (N, V) bf16/fp16/fp32, labels (N,) int64 (-100 = not scored), seq_ids (N,) int64 in
+    [0, num_seqs). Returns ``(seq_logps (S,) fp32, token_logps (N,) fp32)``; token_logps is 0
+    where the label is -100. Differentiable w.r.t. logits; with ``inplace_backward=True`` the
+    gradient is written into ``logits`` itself (the caller must not use them afterwards).
+    """
+    _check_rows(logits, labels)
+    check_packed_inputs(labels, seq_ids, logits.shape[0])
+    impl = resolve_impl(impl, logits.device)
+    return LogprobsFromLogits.apply(logits, labels, seq_ids, num_seqs, impl, inplace_backward)

@@ -1,0 +1,99 @@
+"""Triton kernels for the row-wise log-prob core, imported on first use by logprobs.py.
+
+Kept apart so that ``import sdpo.kernels`` works where Triton is not installed. The
+kernels: one program per row of logits, streaming over vocabulary blocks in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def logprobs_fwd_kernel(
+    logits_ptr,
+    stride_row,
+    labels_ptr,
+    logp_ptr,
+    lse_ptr,
+    V,
+    BLOCK_V: tl.constexpr,
+    IGNORE: tl.constexpr,
+):
+    # One program per row: streaming (online) logsumexp over vocabulary blocks.
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_row
+    offs = tl.arange(0, BLOCK_V)
+    # A finite start keeps exp(m - m_new) defined when a whole block is -inf.
+    m = tl.full((), -1.0e30, tl.float32)
+    s = tl.zeros((), tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(s)
+    label = tl.load(labels_ptr + row)
+    valid = label != IGNORE
+    safe_label = tl.where(valid, label, 0)
+    x_label = tl.load(row_ptr + safe_label).to(tl.float32)
+    logp = tl.where(valid, x_label - lse, 0.0)
+    tl.store(logp_ptr + row, logp)
+    tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def logprobs_bwd_kernel(
+    logits_ptr,
+    stride_in,
+    grad_ptr,
+    stride_out,
+    labels_ptr,
+    lse_ptr,
+    grad_token_ptr,
+    V,
+    BLOCK_V: tl.constexpr,
+    IGNORE: tl.constexpr,
+):
+    # grad[row, v] = g * (onehot(label)[v] - exp(x[v] - lse)); g = 0 for ignored rows.
+    # grad_ptr may equal logits_ptr (in place): each block is read before it is written.
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    valid = label != IGNORE
+    g = tl.where(valid, tl.load(grad_token_ptr + row), 0.0)
+    lse = tl.load(lse_ptr + row)
+    in_ptr = logits_ptr + row * stride_in
+    out_ptr = grad_ptr + row * stride_out
+    offs = tl.arange(0, BLOCK_V)
+    # Rows with g == 0 (prompt tokens) skip the loads: with load_limit = 0 every load is
+    # masked off, x = -inf, p = 0, and the row is written as zeros without being read.
+    load_limit = tl.where(g != 0.0, V, 0)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        x = tl.load(in_ptr + cols, mask=cols < load_limit, other=-float("inf")).to(tl.float32)
+        p = tl.exp(x - lse)
+        onehot = tl.where(cols == label, 1.0, 0.0)
+        grad = g * (onehot - p)
+        tl.store(out_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+def launch(kernel, device: torch.device):
+    """``kernel`` ready to launch on ``device``; a clear error where Triton cannot run it."""
+    if device.type == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+
+        # Triton fixes interpreter mode when triton.language is first imported; the
+        # standard library (tl.zeros, tl.max, ...) must have been built interpreted too.
+        if not (
+            isinstance(kernel, InterpretedFunction) and isinstance(tl.zeros, InterpretedFunction)
+        ):
+            raise RuntimeError(
+                "impl='triton' on CPU tensors needs the Triton interpreter, but Triton was "
+                "imported without TRITON_INTERPRET=1 (something imported Triton before "
+                "sdpo.kernels could set it); set TRITON_INTERPRET=1 in the environment "
+                "before starting Python, or use impl='torch' on CPU."
+            )
+    return kernel
