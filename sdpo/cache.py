@@ -10,8 +10,8 @@ tensor bytes and a format version. :meth:`RefLogprobCache.load` accepts a file o
 key and the checksum match, and otherwise says why in plain words (so the caller can recompute
 and tell the user); it never raises on a damaged file. Files are written atomically.
 
-Fingerprints (:func:`data_fingerprint`, :func:`file_fingerprint`, :func:`tensors_fingerprint`)
-are sha256 hex digests used to build keys.
+Fingerprints (:func:`data_fingerprint`, :func:`file_fingerprint`; the model's is
+``sdpo.engine.checkpoint.model_fingerprint``) are sha256 hex digests used to build keys.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from sdpo.engine.files import atomic_open
 
 if TYPE_CHECKING:
     from sdpo.engine.packing import TokenizedPair
+    from sdpo.engine.scoring import PairLogps
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
@@ -42,7 +43,6 @@ __all__ = [
     "RefValues",
     "data_fingerprint",
     "file_fingerprint",
-    "tensors_fingerprint",
 ]
 
 # Bump when the file layout or the meaning of a stored field changes; older files are then
@@ -101,6 +101,12 @@ class RefValues:
     def from_scores(cls, scores: object) -> RefValues:
         """Copy the five fields from a scoring result, e.g. ``sdpo.engine.scoring.PairLogps``."""
         return cls(**{name: getattr(scores, name) for name in _TENSOR_DTYPES})
+
+    def to_pair_logps(self) -> PairLogps:
+        """The same values as the engine's scoring result type (what the trainer consumes)."""
+        from sdpo.engine.scoring import PairLogps  # imported here: it pulls in the kernels
+
+        return PairLogps(**self.tensors())
 
     @property
     def num_pairs(self) -> int:
@@ -328,16 +334,4 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
-    return h.hexdigest()
-
-
-def tensors_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 hex of named tensors (names, dtypes, shapes and bytes, in sorted name order):
-    a model fingerprint computed from the weights in memory, e.g. ``model.state_dict()``."""
-    h = hashlib.sha256(b"sdpo.tensors.v1")
-    for name in sorted(tensors):
-        t = tensors[name].detach()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        # Raw bytes via a uint8 view: works for bf16, which numpy cannot represent.
-        h.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -41,16 +41,17 @@ _REPORT_VERSION = 1
 class StepReport:
     step: int  # 1-based sDPO step
     num_pairs: int
-    sources: dict[str, int]  # source -> pairs of that source in this step's chunk
+    # the chunk's sources: names, or source -> number of its pairs in the chunk
+    sources: list[str] | dict[str, int]
     beta: float
-    lr: float
+    learning_rate: float
     train_metrics: dict[str, float] = field(default_factory=dict)  # last logged values
-    gamma_ref_mean: float  # mean gamma of this step's reference on this step's chunk
-    gamma_ref_next_mean: float | None = None  # same reference on the next chunk; None: last step
+    gamma_ref_chunk: float  # mean gamma of this step's reference on this step's chunk
+    gamma_ref_next_chunk: float | None = None  # same reference on the next chunk; None: last step
     reward_accuracy_before: float  # share of the chunk with gamma > 0 under the reference
     reward_accuracy_after: float | None = None  # same share under the model after this step
-    train_time_s: float = 0.0
-    scoring_time_s: float = 0.0
+    train_seconds: float = 0.0
+    scoring_seconds: float = 0.0  # reference scoring of this step (and its next-chunk gamma)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,8 +68,11 @@ def _fmt(value: float | None, spec: str) -> str:
     return format(value, spec)
 
 
-def _sources_cell(sources: dict[str, int], limit: int = 3) -> str:
-    items = [f"{s}:{n}" for s, n in sources.items()]
+def _sources_cell(sources: list[str] | dict[str, int], limit: int = 3) -> str:
+    if isinstance(sources, dict):
+        items = [f"{s}:{n}" for s, n in sources.items()]
+    else:
+        items = [str(s) for s in sources]
     if len(items) > limit:
         items = items[:limit] + [f"+{len(items) - limit} more"]
     return " ".join(items) or "-"
@@ -102,16 +106,16 @@ def format_summary_table(reports: Sequence[StepReport]) -> str:
                 str(r.num_pairs),
                 _sources_cell(r.sources),
                 _fmt(r.beta, "g"),
-                _fmt(r.lr, ".2e"),
+                _fmt(r.learning_rate, ".2e"),
                 _fmt(m.get("loss"), ".4f"),
                 _fmt(m.get("rewards/accuracies"), ".3f"),
                 _fmt(m.get("rewards/margins"), ".4f"),
-                _fmt(r.gamma_ref_mean, ".3f"),
-                _fmt(r.gamma_ref_next_mean, ".3f"),
+                _fmt(r.gamma_ref_chunk, ".3f"),
+                _fmt(r.gamma_ref_next_chunk, ".3f"),
                 _fmt(r.reward_accuracy_before, ".3f"),
                 _fmt(r.reward_accuracy_after, ".3f"),
-                _fmt(r.train_time_s, ".1f"),
-                _fmt(r.scoring_time_s, ".1f"),
+                _fmt(r.train_seconds, ".1f"),
+                _fmt(r.scoring_seconds, ".1f"),
             ]
         )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
@@ -127,13 +131,13 @@ def format_summary_table(reports: Sequence[StepReport]) -> str:
     by_step = {r.step: r for r in reports}
     for r in reports:
         nxt = by_step.get(r.step + 1)
-        if nxt is None or r.gamma_ref_next_mean is None:
+        if nxt is None or r.gamma_ref_next_chunk is None:
             continue
-        rise = nxt.gamma_ref_mean - r.gamma_ref_next_mean
+        rise = nxt.gamma_ref_chunk - r.gamma_ref_next_chunk
         out.append(
             f"gamma_ref on chunk {nxt.step}: reference of step {r.step} "
-            f"{r.gamma_ref_next_mean:.3f} -> reference of step {nxt.step} "
-            f"{nxt.gamma_ref_mean:.3f} ({rise:+.3f})"
+            f"{r.gamma_ref_next_chunk:.3f} -> reference of step {nxt.step} "
+            f"{nxt.gamma_ref_chunk:.3f} ({rise:+.3f})"
         )
     return "\n".join(out)
 
@@ -283,11 +287,11 @@ def plot_steps(
     ax = axes.flat[3]
     steps = [r.step for r in reports]
     if steps:
-        ax.plot(steps, [r.gamma_ref_mean for r in reports], "o-", label="reference on its chunk")
+        ax.plot(steps, [r.gamma_ref_chunk for r in reports], "o-", label="reference on its chunk")
         nxt = [
-            (r.step + 1, r.gamma_ref_next_mean)
+            (r.step + 1, r.gamma_ref_next_chunk)
             for r in reports
-            if r.gamma_ref_next_mean is not None
+            if r.gamma_ref_next_chunk is not None
         ]
         if nxt:
             ax.plot(

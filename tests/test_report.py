@@ -34,18 +34,18 @@ def random_reports(steps: int, *, seed: int) -> list[StepReport]:
                 num_pairs=int(rng.integers(10, 999)),
                 sources={f"src{t}": int(rng.integers(1, 99))},
                 beta=float(rng.choice([0.1, 0.05, 0.2])),
-                lr=float(rng.uniform(1e-7, 1e-5)),
+                learning_rate=float(rng.uniform(1e-7, 1e-5)),
                 train_metrics={
                     "loss": float(rng.uniform(0.1, 0.7)),
                     "rewards/accuracies": float(rng.uniform(0.4, 1.0)),
                     "rewards/margins": float(rng.normal()),
                 },
-                gamma_ref_mean=float(rng.normal(-30, 10)),
-                gamma_ref_next_mean=float(rng.normal(-40, 10)) if t < steps else None,
+                gamma_ref_chunk=float(rng.normal(-30, 10)),
+                gamma_ref_next_chunk=float(rng.normal(-40, 10)) if t < steps else None,
                 reward_accuracy_before=float(rng.uniform(0, 1)),
                 reward_accuracy_after=float(rng.uniform(0, 1)),
-                train_time_s=float(rng.uniform(1, 500)),
-                scoring_time_s=float(rng.uniform(1, 50)),
+                train_seconds=float(rng.uniform(1, 500)),
+                scoring_seconds=float(rng.uniform(1, 50)),
             )
         )
     return out
@@ -64,11 +64,11 @@ def test_summary_table_contains_each_steps_numbers_in_aligned_rows():
             f"{r.train_metrics['loss']:.4f}",
             f"{r.train_metrics['rewards/accuracies']:.3f}",
             f"{r.train_metrics['rewards/margins']:.4f}",
-            f"{r.gamma_ref_mean:.3f}",
+            f"{r.gamma_ref_chunk:.3f}",
             f"{r.reward_accuracy_before:.3f}",
             f"{r.reward_accuracy_after:.3f}",
-            f"{r.lr:.2e}",
-            f"{r.train_time_s:.1f}",
+            f"{r.learning_rate:.2e}",
+            f"{r.train_seconds:.1f}",
             f"src{r.step}:{r.sources[f'src{r.step}']}",
         ):
             assert text in cells, (text, line)
@@ -80,9 +80,9 @@ def test_summary_table_states_how_much_each_new_reference_raised_gamma_ref():
     lines = format_summary_table(reports).splitlines()[5:]
     assert len(lines) == 2
     for r, nxt, line in zip(reports, reports[1:], lines):
-        rise = nxt.gamma_ref_mean - r.gamma_ref_next_mean  # float64 truth
+        rise = nxt.gamma_ref_chunk - r.gamma_ref_next_chunk  # float64 truth
         assert line.startswith(f"gamma_ref on chunk {nxt.step}:")
-        assert f"{r.gamma_ref_next_mean:.3f} -> reference of step {nxt.step}" in line
+        assert f"{r.gamma_ref_next_chunk:.3f} -> reference of step {nxt.step}" in line
         assert line.endswith(f"({rise:+.3f})")
 
 
@@ -90,7 +90,7 @@ def test_summary_table_shows_missing_values_as_dashes():
     r = random_reports(1, seed=2)[0]
     r.train_metrics = {}
     r.reward_accuracy_after = None
-    r.gamma_ref_mean = math.nan
+    r.gamma_ref_chunk = math.nan
     cells = format_summary_table([r]).splitlines()[2].split()
     assert cells[5:9] == ["-", "-", "-", "-"]
     assert cells[11] == "-"
@@ -111,7 +111,7 @@ def test_write_reports_round_trips_and_includes_the_partition(tmp_path):
     assert doc["steps"][1]["train_metrics"]["loss"] is None
     back = read_reports(tmp_path / "run")
     assert back[0] == reports[0]
-    assert back[1].gamma_ref_next_mean is None
+    assert back[1].gamma_ref_next_chunk is None
     assert sorted(p.name for p in path.parent.iterdir()) == [REPORT_FILE]  # no temp files
 
 
