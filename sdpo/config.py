@@ -1,0 +1,636 @@
+"""The run configuration: one TOML file, small validated dataclass sections, ``--set`` overrides.
+
+A run is described by ``RunConfig`` (sections ``[model]``, ``[data]``, ``[train]``, ``[loss]``,
+``[kernels]``, ``[sdpo]`` and a top-level ``output_dir``). This module owns reading it
+(``load_config``), checking it (every section validates itself in ``__post_init__``; unknown keys
+and wrong types are errors that name the key, the closest valid key and where the value came
+from), overriding it from the command line (``--set train.learning_rate=1e-6``: the value is read
+as a TOML literal, else taken as a plain string; ``none`` clears an optional key; setting
+``data.sources`` replaces a file's ``data.path`` and the other way round) and writing the
+resolved config next to the run (``write_resolved_config``, a small TOML emitter so no writer
+dependency is needed). Relative paths in a TOML file resolve against that file's folder; relative
+paths given with ``--set`` resolve against the working directory. Defaults follow the sDPO paper
+(which follows Zephyr): lr 5e-7, beta 0.1, linear schedule, 10% warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from sdpo.engine.files import atomic_write_text
+from sdpo.losses import LossConfig
+
+
+class ConfigError(ValueError):
+    """A bad run configuration: the message names the key, what was wrong and the fix."""
+
+
+# Metadata marking path-valued fields: "local" paths always resolve against the config's folder;
+# "data" paths resolve only when they look like a local file (else they are dataset hub names).
+_LOCAL = {"path": "local"}
+_DATA = {"path": "data"}
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".zst", ".arrow")
+
+
+def _one_of(key: str, value: object, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(
+            f"{key} = {value!r} is not an option: use one of {', '.join(map(repr, options))}"
+        )
+
+
+def _at_least(key: str, value: float | None, low: float, *, strict: bool = False) -> None:
+    if value is None:
+        return
+    bad = not math.isfinite(value) or (value <= low if strict else value < low)
+    if bad:
+        raise ConfigError(f"{key} must be {'>' if strict else '>='} {low}, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    """``[model]``: the initial (SFT) model, a Hugging Face style folder."""
+
+    path: str | None = field(default=None, metadata=_LOCAL)
+    dtype: str = "auto"  # load dtype: "auto" follows train.precision
+    attn_backend: str = "auto"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _one_of("model.attn_backend", self.attn_backend, ("auto", "flash", "varlen", "sdpa"))
+
+
+@dataclass(kw_only=True)
+class DataSource:
+    """One preference data set (``[[data.sources]]``); sDPO partitions by source."""
+
+    name: str = ""  # default: the file (or hub data set) name without suffix
+    path: str = field(metadata=_DATA)  # jsonl/json/parquet/csv file, or a hub data set name
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("data.sources: a source has an empty path")
+        if not self.name:
+            self.name = _source_name(self.path)
+
+
+def _source_name(path: str) -> str:
+    name = Path(path.rstrip("/")).name
+    while name.endswith(_DATA_SUFFIXES):
+        name = name[: name.rindex(".")]
+    return name or path
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    """``[data]``: preference sources, lengths and tokenization policies."""
+
+    sources: list[DataSource] = field(default_factory=list)
+    path: str | None = field(default=None, metadata=_DATA)  # shorthand for one source
+    max_length: int = 1024  # tokens per sequence (prompt + completion), as TRL's max_length
+    max_prompt_length: int = 512
+    truncation: str = "keep_end"  # over-long prompts keep their end; completions lose their end
+    identical_pairs: str = "warn"  # chosen == rejected: "warn" (keep), "drop", "error", "keep"
+    eval_fraction: float = 0.0  # share of each source held out for evaluation
+
+    def __post_init__(self) -> None:
+        if self.path is not None:
+            if self.sources:
+                raise ConfigError(
+                    "data.path and data.sources are both set: use data.path for one source or "
+                    "[[data.sources]] tables for several, not both"
+                )
+            self.sources = [DataSource(path=self.path)]
+            self.path = None  # normalised: the source list is the one truth
+        names = [s.name for s in self.sources]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(
+                    f"data.sources: two sources are named {name!r}; give each a distinct "
+                    "`name` (sDPO orders and reports the data by source name)"
+                )
+        _at_least("data.max_length", self.max_length, 1)
+        _at_least("data.max_prompt_length", self.max_prompt_length, 1)
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                f"data.max_length ({self.max_length}) to leave room for the completion"
+            )
+        _one_of("data.truncation", self.truncation, ("keep_end", "keep_start"))
+        _one_of("data.identical_pairs", self.identical_pairs, ("warn", "drop", "error", "keep"))
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+@dataclass(kw_only=True)
+class TrainSection:
+    """``[train]``: optimisation of one DPO run (one sDPO step)."""
+
+    learning_rate: float = 5e-7
+    epochs: int = 1
+    max_tokens_per_batch: int = 16384  # packed tokens per forward/backward (chosen + rejected)
+    tokens_per_step: int | None = None  # accumulate batches until this many tokens per step
+    pairs_per_step: int | None = None  # ... or this many pairs; neither: one batch per step
+    warmup_ratio: float = 0.1
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    seed: int = 0
+    log_every: int = 1  # optimizer steps
+    save_every: int = 0  # optimizer steps; 0: only the final checkpoint of each sDPO step
+    precision: str = "auto"  # "fp32" | "bf16" (bf16 params+states) | "bf16-mixed" (fp32 master)
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        _at_least("train.learning_rate", self.learning_rate, 0.0, strict=True)
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.max_tokens_per_batch", self.max_tokens_per_batch, 1)
+        _at_least("train.tokens_per_step", self.tokens_per_step, 1)
+        _at_least("train.pairs_per_step", self.pairs_per_step, 1)
+        if self.tokens_per_step is not None and self.pairs_per_step is not None:
+            raise ConfigError(
+                "train.tokens_per_step and train.pairs_per_step are both set: gradient "
+                "accumulation is counted in one unit, keep one of them"
+            )
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        _one_of("train.schedule", self.schedule, ("linear", "cosine", "constant"))
+        _at_least("train.weight_decay", self.weight_decay, 0.0)
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ConfigError(
+                f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}"
+            )
+        _at_least("train.adam_eps", self.adam_eps, 0.0, strict=True)
+        _at_least("train.max_grad_norm", self.max_grad_norm, 0.0)
+        _at_least("train.seed", self.seed, 0)
+        _at_least("train.log_every", self.log_every, 1)
+        _at_least("train.save_every", self.save_every, 0)
+        _one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "bf16-mixed"))
+
+
+@dataclass(kw_only=True)
+class KernelsSection:
+    """``[kernels]``: which log-prob implementation runs and its token chunk size."""
+
+    impl: str = "auto"  # "auto": triton on CUDA, torch elsewhere
+    chunk_tokens: int | None = None  # None: the kernel's own default
+
+    def __post_init__(self) -> None:
+        _one_of("kernels.impl", self.impl, ("auto", "triton", "torch"))
+        _at_least("kernels.chunk_tokens", self.chunk_tokens, 1)
+
+
+PARTITIONS = ("easy_to_hard", "easy_to_hard_pairs", "random", "given")
+
+
+@dataclass(kw_only=True)
+class SDPOSection:
+    """``[sdpo]``: the stepwise schedule. ``steps = 1`` is plain DPO over all data."""
+
+    steps: int = 1
+    partition: str = "easy_to_hard"
+    reference: str | None = field(default=None, metadata=_LOCAL)  # fixed reference checkpoint
+    reset_optimizer: bool = True  # fresh optimizer state and LR schedule per step
+    beta: list[float] = field(default_factory=list)  # per-step loss.beta; empty: the same
+    learning_rate: list[float] = field(default_factory=list)  # per-step train.learning_rate
+    score_tokens_per_batch: int | None = None  # no-grad scoring batches; None: 4x training
+    cache_dir: str | None = field(default=None, metadata=_LOCAL)  # None: inside output_dir
+
+    def __post_init__(self) -> None:
+        _at_least("sdpo.steps", self.steps, 1)
+        _one_of("sdpo.partition", self.partition, PARTITIONS)
+        for key in ("beta", "learning_rate"):
+            values = getattr(self, key)
+            if values and len(values) != self.steps:
+                raise ConfigError(
+                    f"sdpo.{key} has {len(values)} values but sdpo.steps = {self.steps}: give "
+                    f"one value per step, or leave it empty to use the same value for every step"
+                )
+            for v in values:
+                _at_least(f"sdpo.{key}", v, 0.0, strict=True)
+        _at_least("sdpo.score_tokens_per_batch", self.score_tokens_per_batch, 1)
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole run. ``output_dir`` receives ``step-<t>/`` checkpoints, metrics and caches."""
+
+    output_dir: str = field(metadata=_LOCAL)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    loss: LossConfig = field(default_factory=LossConfig)
+    kernels: KernelsSection = field(default_factory=KernelsSection)
+    sdpo: SDPOSection = field(default_factory=SDPOSection)
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ConfigError('output_dir is empty: set output_dir = "DIR" at the top level')
+        if not self.model.path:
+            raise ConfigError(
+                'model.path is missing: add [model] path = "DIR" (a Hugging Face style folder) '
+                "or pass --set model.path=DIR"
+            )
+        if not self.data.sources:
+            raise ConfigError(
+                'no preference data: add [data] path = "FILE.jsonl" or [[data.sources]] tables '
+                "with name and path"
+            )
+        pair_tokens = 2 * self.data.max_length
+        if self.train.max_tokens_per_batch < pair_tokens:
+            raise ConfigError(
+                f"train.max_tokens_per_batch ({self.train.max_tokens_per_batch}) is below "
+                f"2 x data.max_length ({pair_tokens}): a pair's two sequences might not fit in "
+                "one batch; raise max_tokens_per_batch or lower max_length"
+            )
+        n_sources = len(self.data.sources)
+        per_source = self.sdpo.partition in ("easy_to_hard", "given")
+        if self.sdpo.steps > 1 and per_source and n_sources != self.sdpo.steps:
+            raise ConfigError(
+                f"sdpo.partition = {self.sdpo.partition!r} makes one chunk per data source, "
+                f"but there are {n_sources} source(s) and sdpo.steps = {self.sdpo.steps}: "
+                f"set steps = {n_sources}, or use partition = 'easy_to_hard_pairs' or "
+                "'random' to cut the pooled pairs into equal chunks"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# dict -> dataclasses, with key and type checks
+
+
+@dataclass(kw_only=True)
+class _Origins:
+    """Where each value came from, to resolve relative paths and to name it in errors."""
+
+    source: str  # "/path/run.toml" or "the config dict"
+    base: Path  # folder that relative paths in the source resolve against
+    overrides: dict[str, str] = field(default_factory=dict)  # dotted key -> raw --set text
+
+    def override_of(self, key: str) -> str | None:
+        """The --set key that supplied ``key`` (itself or a parent table), if any."""
+        parts = key.replace("[", ".").split(".")
+        for i in range(len(parts), 0, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in self.overrides:
+                return prefix
+        return None
+
+    def where(self, key: str) -> str:
+        set_key = self.override_of(key)
+        if set_key is not None:
+            return f"from --set {set_key}={self.overrides[set_key]}"
+        inside = [k for k in self.overrides if not key or k.startswith(key + ".")]
+        if inside:
+            sets = ", ".join(f"--set {k}={self.overrides[k]}" for k in inside)
+            return f"in {self.source} after {sets}"
+        return f"in {self.source}"
+
+    def base_dir(self, key: str) -> Path:
+        return Path.cwd() if self.override_of(key) is not None else self.base
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        full = f"{prefix}{f.name}"
+        keys.append(full)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(_all_keys(hints[f.name], f"{full}."))
+    return keys
+
+
+def _unknown_key(key: str, prefix: str, valid: list[str], origins: _Origins) -> ConfigError:
+    full = f"{prefix}{key}"
+    kind = "section" if not prefix else "key"
+    all_keys = _all_keys(RunConfig)
+    elsewhere = [k for k in all_keys if k.rsplit(".", 1)[-1] == key]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    if elsewhere:
+        hint = f"did you mean '{elsewhere[0]}'?"
+    elif close:
+        hint = f"did you mean '{prefix}{close[0]}'?"
+    elif close_leaf := difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in all_keys]):
+        hint = f"did you mean '{next(k for k in all_keys if k.endswith('.' + close_leaf[0]))}'?"
+    else:
+        hint = "valid keys here: " + ", ".join(f"'{prefix}{v}'" for v in valid)
+    return ConfigError(f"unknown {kind} '{full}' ({origins.where(full)}): {hint}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "none"
+    if dataclasses.is_dataclass(tp):
+        return "table"
+    return tp.__name__
+
+
+def _resolve_path(value: str, kind: str, base: Path) -> str:
+    expanded = os.path.expanduser(value)
+    if os.path.isabs(expanded):
+        return expanded
+    candidate = base / expanded
+    looks_local = (
+        kind == "local"
+        or value.startswith((".", "~"))
+        or value.endswith(_DATA_SUFFIXES)
+        or candidate.exists()
+    )
+    return os.path.normpath(candidate) if looks_local else value  # else: a hub data set name
+
+
+def _convert(
+    value: Any, tp: Any, *, key: str, meta: Any, origins: _Origins, shown: Any = None
+) -> Any:
+    """``value`` checked against the field type ``tp`` (``shown``: the type to name in errors)."""
+    shown = tp if shown is None else shown
+    origin = typing.get_origin(tp)
+    raw = origins.overrides.get(key)
+    if origin in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (raw is not None and raw.strip().lower() in ("none", "null")):
+            return None
+        (inner,) = args
+        return _convert(value, inner, key=key, meta=meta, origins=origins, shown=tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, prefix=f"{key}.", origins=origins)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(key, shown, value, origins)
+        (item_tp,) = typing.get_args(tp)
+        return [
+            _convert(v, item_tp, key=f"{key}[{i}]", meta=meta, origins=origins)
+            for i, v in enumerate(value)
+        ]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if not isinstance(value, str) and raw is not None and not isinstance(value, (list, dict)):
+            value = raw  # --set model.path=123 means the text "123"
+        if isinstance(value, str):
+            kind = meta.get("path") if meta else None
+            return _resolve_path(value, kind, origins.base_dir(key)) if kind else value
+    else:  # pragma: no cover - a field type this reader does not know is a bug here
+        raise TypeError(f"config field {key} has unsupported type {tp!r}")
+    raise _type_error(key, shown, value, origins)
+
+
+def _type_error(key: str, tp: Any, value: Any, origins: _Origins) -> ConfigError:
+    got = type(value).__name__ if not isinstance(value, dict) else "table"
+    return ConfigError(
+        f"{key} ({origins.where(key)}) must be {_type_name(tp)}, got {got} {value!r}"
+    )
+
+
+def _build(cls: type, data: Any, *, prefix: str, origins: _Origins) -> Any:
+    key = prefix.rstrip(".")
+    if not isinstance(data, dict):
+        what = f"[{key}]" if key else "the top level"
+        raise ConfigError(
+            f"{what} ({origins.where(key)}) must be a table of keys, got "
+            f"{type(data).__name__} {data!r}"
+        )
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for name, value in data.items():
+        if name not in fields:
+            raise _unknown_key(name, prefix, list(fields), origins)
+        kwargs[name] = _convert(
+            value, hints[name], key=f"{prefix}{name}", meta=fields[name].metadata, origins=origins
+        )
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(
+            f"{prefix}{missing[0]} is required ({origins.where(key)}): add "
+            f"{missing[0]} = ... {'under [' + key + ']' if key else 'at the top level'}"
+        )
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{e} ({origins.where(key)})") from None
+    except ValueError as e:  # sections defined elsewhere (LossConfig) raise plain ValueError
+        raise ConfigError(f"{key}.{e} ({origins.where(key)})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# public API
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"a.b=c"`` -> ``("a.b", value)``; the value is a TOML literal when it parses as one
+    (numbers, booleans, quoted strings, ``[lists]``, ``{inline tables}``), else the plain text."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(
+            f"--set {text!r} is not of the form section.key=value (e.g. --set train.epochs=2)"
+        )
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _apply_override(d: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = d
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(
+                f"--set {key}: {where} is not a table ({type(child).__name__}); set {where} as a "
+                'whole, e.g. --set \'data.sources=[{name="a", path="a.jsonl"}]\''
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(
+    d: dict[str, Any],
+    *,
+    base_dir: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+) -> RunConfig:
+    """Build and validate a ``RunConfig`` from a plain dict (a parsed TOML document).
+
+    Relative paths resolve against ``base_dir`` (default: the working directory); values from
+    ``overrides`` (``"a.b=c"`` strings) replace the dict's and resolve against the working
+    directory."""
+    base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+    return _from_dict(d, origins=_Origins(source="the config dict", base=base), overrides=overrides)
+
+
+def _from_dict(d: dict[str, Any], *, origins: _Origins, overrides: Sequence[str]) -> RunConfig:
+    d = copy.deepcopy(d)
+    for text in overrides:
+        key, value = parse_override(text)
+        # data.path and data.sources are two spellings of one thing: setting one replaces both
+        twin = {"data.path": "sources", "data.sources": "path"}.get(key)
+        if twin is not None and isinstance(d.get("data"), dict):
+            d["data"].pop(twin, None)
+        _apply_override(d, key, value)
+        origins.overrides[key] = text.partition("=")[2].strip()
+    return _build(RunConfig, d, prefix="", origins=origins)
+
+
+def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a run config TOML file, apply ``--set`` overrides and validate everything."""
+    path = Path(path).resolve()
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    origins = _Origins(source=str(path), base=path.parent)
+    return _from_dict(d, origins=origins, overrides=overrides)
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The config as nested plain dicts and lists (None kept for unset optional keys)."""
+    return dataclasses.asdict(cfg)
+
+
+def write_resolved_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the fully resolved config (every key, defaults included) as TOML, atomically.
+    ``load_config`` of the written file gives back an equal ``RunConfig``."""
+    header = "# sdpo run configuration, fully resolved (defaults included)\n"
+    atomic_write_text(path, header + toml_dumps(config_to_dict(cfg)))
+
+
+def step_settings(cfg: RunConfig, t: int) -> tuple[float, float]:
+    """(beta, learning_rate) of sDPO step ``t`` (1-based), after the per-step overrides."""
+    if not 1 <= t <= cfg.sdpo.steps:
+        raise ValueError(f"sDPO step {t} is out of range 1..{cfg.sdpo.steps}")
+    beta = cfg.sdpo.beta[t - 1] if cfg.sdpo.beta else cfg.loss.beta
+    lr = cfg.sdpo.learning_rate[t - 1] if cfg.sdpo.learning_rate else cfg.train.learning_rate
+    return beta, lr
+
+
+# ---------------------------------------------------------------------------------------------
+# a minimal TOML writer for the config's value types (tables, arrays of tables, scalars, lists)
+
+_BARE_KEY_CHARS = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def _toml_key(key: str) -> str:
+    return key if key and set(key) <= _BARE_KEY_CHARS else _toml_str(key)
+
+
+def _toml_str(s: str) -> str:
+    out = []
+    for ch in s:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return _toml_str(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v if x is not None) + "]"
+    if isinstance(v, dict):
+        items = (f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items() if x is not None)
+        return "{" + ", ".join(items) + "}"
+    raise TypeError(f"cannot write {type(v).__name__} {v!r} as TOML")
+
+
+def _is_table_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+
+
+def toml_dumps(d: dict[str, Any]) -> str:
+    """TOML text for a dict of tables, arrays of tables and scalars. ``None`` values are left
+    out (TOML has no null: an absent key reads back as the field's default, which for every
+    optional config key is None)."""
+    lines: list[str] = []
+    _emit_table(d, [], lines)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _emit_table(d: dict[str, Any], path: list[str], lines: list[str]) -> None:
+    subtables = []
+    for k, v in d.items():
+        if v is None:
+            continue
+        if isinstance(v, dict) or _is_table_list(v):
+            subtables.append((k, v))
+        else:
+            lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    for k, v in subtables:
+        sub = [*path, k]
+        name = ".".join(_toml_key(p) for p in sub)
+        if isinstance(v, dict):
+            lines.extend(["", f"[{name}]"])
+            _emit_table(v, sub, lines)
+        else:
+            for item in v:
+                lines.extend(["", f"[[{name}]]"])
+                _emit_table(item, sub, lines)
