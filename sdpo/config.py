@@ -323,17 +323,26 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
 def _unknown_key(key: str, prefix: str, valid: list[str], origins: _Origins) -> ConfigError:
     full = f"{prefix}{key}"
     kind = "section" if not prefix else "key"
+    # a key that exists in another section ([train] beta -> loss.beta), else a near spelling here,
+    # else a near spelling anywhere, else the list of what is valid here
     all_keys = _all_keys(RunConfig)
-    elsewhere = [k for k in all_keys if k.rsplit(".", 1)[-1] == key]
+    sections = {k.rsplit(".", 1)[0] for k in all_keys if "." in k}
+    by_leaf: dict[str, str] = {}
+    for k in all_keys:
+        if prefix and k not in sections:
+            by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-    if elsewhere:
-        hint = f"did you mean '{elsewhere[0]}'?"
+    close_leaf = difflib.get_close_matches(key, list(by_leaf), n=1, cutoff=0.6)
+    if key in by_leaf:
+        hint = f"did you mean '{by_leaf[key]}'?"
     elif close:
         hint = f"did you mean '{prefix}{close[0]}'?"
-    elif close_leaf := difflib.get_close_matches(key, [k.rsplit(".", 1)[-1] for k in all_keys]):
-        hint = f"did you mean '{next(k for k in all_keys if k.endswith('.' + close_leaf[0]))}'?"
+    elif close_leaf:
+        hint = f"did you mean '{by_leaf[close_leaf[0]]}'?"
     else:
         hint = "valid keys here: " + ", ".join(f"'{prefix}{v}'" for v in valid)
+    if "." not in hint.split("'")[1]:
+        hint += " (top-level keys go before the first [section] header)"
     return ConfigError(f"unknown {kind} '{full}' ({origins.where(full)}): {hint}")
 
 

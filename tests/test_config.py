@@ -10,7 +10,11 @@ import typing
 from pathlib import Path
 
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
 
 from sdpo.config import (
     ConfigError,
@@ -185,6 +189,9 @@ def test_set_into_a_non_table_is_explained(tmp_path):
         ("[train]\nbeta = 0.2\n", [], "unknown key 'train.beta'.*did you mean 'loss.beta'"),
         ("[trian]\nepochs = 1\n", [], "unknown section 'trian'.*did you mean 'train'"),
         ("[sdpo]\nstep = 2\n", [], "unknown key 'sdpo.step'.*did you mean 'sdpo.steps'"),
+        ("[train]\nmodell = 2\n", [], "unknown key 'train.modell'.*valid keys here: 'train.learning_rate'"),
+        ("[train]\nlabel_smothing = 0.1\n", [], "unknown key 'train.label_smothing'.*did you mean 'loss.label_smoothing'"),
+        ("[loss]\noutput_dr = 'x'\n", [], "unknown key 'loss.output_dr'.*did you mean 'output_dir'.*top-level keys go before"),
         ("", ["model.zzz=1"], r"unknown key 'model.zzz' \(from --set model.zzz=1\).*valid keys here: 'model.path'"),
         ("", ["data.sources=[{nme='a', path='/a.jsonl'}]"], r"unknown key 'data.sources\[0\].nme'.*did you mean 'data.sources\[0\].name'"),
     ],
@@ -240,6 +247,10 @@ def test_invalid_values_are_rejected_with_the_key_and_the_fix(tmp_path, override
 
 
 def test_missing_required_values_are_explained(tmp_path):
+    with pytest.raises(
+        ConfigError, match="unknown section 'outptu_dir'.*did you mean 'output_dir'"
+    ):
+        load_config(write(tmp_path, "outptu_dir = 'x'\n" + MINIMAL))
     with pytest.raises(ConfigError, match="output_dir is required"):
         load_config(write(tmp_path, MINIMAL.replace('output_dir = "runs/a"', "")))
     with pytest.raises(ConfigError, match="model.path is missing"):
