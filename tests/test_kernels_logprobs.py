@@ -1,0 +1,182 @@
+"""logprobs_from_logits (Triton under the interpreter, and the PyTorch reference) vs float64 truth.
+
+Tolerance rule (Cut Cross-Entropy style): the op's error against float64 truth is no worse
+than the error of plain PyTorch in the same dtype plus a small margin.
+"""
+
+import os
+
+# The interpreter mode of Triton is fixed when triton.language is first imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from sdpo.kernels import logprobs_from_logits, resolve_impl  # noqa: E402
+from sdpo.kernels.logprobs import IGNORE_INDEX  # noqa: E402
+
+IMPLS = ["torch", "triton"]
+VOCAB = 50_257  # not a multiple of any block size: the last block is a ragged tail
+
+
+def _packed_labels(*, lengths: list[int], prompts: list[int], vocab: int, gen: torch.Generator):
+    """labels/seq_ids of packed sequences: prompt tokens and each sequence's last token are -100."""
+    labels, seq_ids = [], []
+    for s, (length, prompt) in enumerate(zip(lengths, prompts)):
+        lab = torch.randint(0, vocab, (length,), generator=gen)
+        lab[:prompt] = IGNORE_INDEX
+        lab[-1] = IGNORE_INDEX
+        labels.append(lab)
+        seq_ids.append(torch.full((length,), s, dtype=torch.int64))
+    return torch.cat(labels), torch.cat(seq_ids)
+
+
+def _batch(seed: int, *, dtype=torch.float32, device="cpu"):
+    """131 tokens over 3 sequences; sequence 1 has exactly one completion token."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths, prompts = [61, 22, 48], [17, 20, 5]
+    labels, seq_ids = _packed_labels(lengths=lengths, prompts=prompts, vocab=VOCAB, gen=gen)
+    assert int((labels[seq_ids == 1] != IGNORE_INDEX).sum()) == 1
+    logits64 = torch.randn(sum(lengths), VOCAB, generator=gen, dtype=torch.float64) * 4.0
+    return (
+        logits64.to(device),
+        logits64.to(dtype).to(device),
+        labels.to(device),
+        seq_ids.to(device),
+        len(lengths),
+    )
+
+
+def _naive(logits: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor, num_seqs: int):
+    """Plain PyTorch: log_softmax in the logits' dtype (float64 for truth), gather, index_add."""
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+    token = torch.where(labels != IGNORE_INDEX, picked, 0.0)
+    seq = torch.zeros(num_seqs, dtype=token.dtype, device=token.device).index_add(0, seq_ids, token)
+    return seq, token
+
+
+def _assert_no_worse(name, ours, baseline, truth, *, rel_margin: float, factor: float = 1.0):
+    scale = truth.abs().max().item() + 1e-30
+    err_ours = (ours.double() - truth).abs().max().item()
+    err_base = (baseline.double() - truth).abs().max().item()
+    assert err_ours <= factor * err_base + rel_margin * scale, (
+        f"{name}: error {err_ours:.3e} vs float64 truth exceeds the same-dtype PyTorch error "
+        f"{err_base:.3e} + margin {rel_margin * scale:.3e}"
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_and_sequence_logprobs_match_float64_truth(impl):
+    logits64, logits, labels, seq_ids, s = _batch(seed=11)
+    seq, token = logprobs_from_logits(logits, labels, seq_ids, s, impl=impl)
+    assert seq.dtype == token.dtype == torch.float32
+    assert seq.shape == (s,) and token.shape == labels.shape
+    seq64, token64 = _naive(logits64, labels, seq_ids, s)
+    seq32, token32 = _naive(logits, labels, seq_ids, s)
+    _assert_no_worse("token_logps", token, token32, token64, rel_margin=1e-6)
+    _assert_no_worse("seq_logps", seq, seq32, seq64, rel_margin=1e-6)
+    assert torch.all(token[labels == IGNORE_INDEX] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_logits_gradient_matches_float64_truth_and_is_zero_on_masked_rows(impl):
+    logits64, logits, labels, seq_ids, s = _batch(seed=12)
+    gen = torch.Generator().manual_seed(13)
+    g_seq = torch.randn(s, generator=gen, dtype=torch.float64)
+    g_tok = torch.randn(labels.shape[0], generator=gen, dtype=torch.float64)
+
+    def fused(x):
+        return logprobs_from_logits(x, labels, seq_ids, s, impl=impl)
+
+    def naive(x):
+        return _naive(x, labels, seq_ids, s)
+
+    def grad_of(x, op):
+        x = x.detach().clone().requires_grad_(True)
+        seq, tok = op(x)
+        ((seq * g_seq.to(seq.dtype)).sum() + (tok * g_tok.to(tok.dtype)).sum()).backward()
+        return x.grad
+
+    ours = grad_of(logits, fused)
+    truth = grad_of(logits64, naive)
+    baseline = grad_of(logits, naive)
+    assert ours.dtype == logits.dtype
+    _assert_no_worse("grad_logits", ours, baseline, truth, rel_margin=1e-6)
+    assert torch.all(ours[labels == IGNORE_INDEX] == 0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_backward_writes_the_gradient_into_the_logits(impl):
+    _, logits, labels, seq_ids, s = _batch(seed=14)
+    logits = logits[:40].contiguous()
+    labels, seq_ids = labels[:40], seq_ids[:40]
+    s = int(seq_ids.max()) + 1
+    weights = torch.arange(1.0, s + 1)
+
+    x = logits.clone().requires_grad_(True)
+    seq, _ = logprobs_from_logits(x, labels, seq_ids, s, impl=impl)
+    (seq * weights).sum().backward()
+
+    # A non-leaf logits tensor, as in a model: the gradient overwrites it and flows on.
+    base = logits.clone().requires_grad_(True)
+    y = base * 1.0
+    seq, _ = logprobs_from_logits(y, labels, seq_ids, s, impl=impl, inplace_backward=True)
+    (seq * weights).sum().backward()
+    torch.testing.assert_close(base.grad, x.grad, rtol=0, atol=1e-7)
+    torch.testing.assert_close(y.detach(), x.grad, rtol=0, atol=1e-7)  # written in place
+
+
+def test_torch_compile_can_call_logprobs_from_logits():
+    _, logits, labels, seq_ids, s = _batch(seed=15)
+    logits = logits[:50].contiguous()
+    labels, seq_ids = labels[:50], seq_ids[:50]
+    s = int(seq_ids.max()) + 1
+
+    def total(x):
+        seq, tok = logprobs_from_logits(x, labels, seq_ids, s, impl="torch")
+        return seq.sum() * 2.0 + tok.square().sum()
+
+    compiled = torch.compile(total, backend="eager")
+    torch.testing.assert_close(compiled(logits), total(logits))
+
+
+def test_resolve_impl_picks_torch_on_cpu_and_rejects_unknown_names():
+    assert resolve_impl("auto", torch.device("cpu")) == "torch"
+    assert resolve_impl("torch", torch.device("cpu")) == "torch"
+    assert resolve_impl("triton", torch.device("cpu")) == "triton"
+    with pytest.raises(ValueError, match="kernels.impl"):
+        resolve_impl("cuda-fast", torch.device("cpu"))
+
+
+def test_shape_errors_name_the_argument():
+    logits = torch.randn(5, 7)
+    with pytest.raises(ValueError, match="labels"):
+        logprobs_from_logits(
+            logits, torch.zeros(4, dtype=torch.int64), torch.zeros(5, dtype=torch.int64), 1
+        )
+    with pytest.raises(ValueError, match="seq_ids"):
+        logprobs_from_logits(
+            logits, torch.zeros(5, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), 1
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("dtype", "rel_margin"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-3)])
+def test_triton_logprobs_on_cuda_match_float64_truth(dtype, rel_margin):
+    assert resolve_impl("auto", torch.device("cuda")) == "triton"
+    logits64, logits, labels, seq_ids, s = _batch(seed=21, dtype=dtype, device="cuda")
+    seq, token = logprobs_from_logits(logits, labels, seq_ids, s, impl="triton")
+    seq64, token64 = _naive(logits64, labels, seq_ids, s)
+    seq_t, token_t = _naive(logits.float(), labels, seq_ids, s)  # PyTorch on the same bf16 logits
+    _assert_no_worse("token_logps", token, token_t, token64, rel_margin=rel_margin)
+    _assert_no_worse("seq_logps", seq, seq_t, seq64, rel_margin=rel_margin)
+
+    g_seq = torch.randn(s, device="cuda", dtype=torch.float64)
+    x = logits.clone().requires_grad_(True)
+    (logprobs_from_logits(x, labels, seq_ids, s, impl="triton")[0] * g_seq.float()).sum().backward()
+    x64 = logits64.clone().requires_grad_(True)
+    (_naive(x64, labels, seq_ids, s)[0] * g_seq).sum().backward()
+    xt = logits.clone().requires_grad_(True)
+    (_naive(xt.float(), labels, seq_ids, s)[0] * g_seq.float()).sum().backward()
+    _assert_no_worse("grad_logits", x.grad, xt.grad, x64.grad, rel_margin=rel_margin, factor=1.5)
