@@ -1,0 +1,327 @@
+"""The Llama-family model: config parsing, float64 truth, packed vs padded parity,
+activation checkpointing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from sdpo.engine.model import (
+    CausalLM,
+    ConfigError,
+    ModelConfig,
+    init_model,
+    rope_inverse_frequencies,
+)
+
+LENGTHS = [6, 13, 1, 9, 4]  # odd sizes, one single-token sequence
+VOCAB = 131
+
+
+def _tiny_hf_dict(**overrides) -> dict:
+    d = {
+        "model_type": "llama",
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,  # GQA
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+    }
+    d.update(overrides)
+    return d
+
+
+def _random_model(d: dict, *, seed: int) -> CausalLM:
+    """init_model with larger weights (std 0.2, so the layers do more than pass the residual
+    through) and random norm weights and biases."""
+    model = init_model(ModelConfig.from_hf_dict(d), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+            elif "embed" not in name:
+                p.mul_(10.0)
+    return model
+
+
+def _packed(lengths, *, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (sum(lengths),), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return ids, pos, cu
+
+
+def _next_token_labels(ids: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """labels[i] = ids[i+1] inside a sequence, -100 on each sequence's last token."""
+    labels = torch.full_like(ids, -100)
+    bounds = cu.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        labels[s : e - 1] = ids[s + 1 : e]
+    return labels
+
+
+def _sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, cu: torch.Tensor):
+    """(S,) summed log p(label) per packed sequence, with a plain log_softmax + gather."""
+    logp = logits.log_softmax(-1)
+    mask = labels != -100
+    token = logp.gather(-1, labels.clamp(min=0)[:, None])[:, 0] * mask  # (N,)
+    seq = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long())
+    return torch.zeros(len(cu) - 1, dtype=logits.dtype).index_add_(0, seq, token)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_config_defaults_head_dim_and_kv_heads_from_the_attention_heads():
+    d = _tiny_hf_dict(head_dim=None)
+    del d["num_key_value_heads"]
+    cfg = ModelConfig.from_hf_dict(d)
+    assert cfg.head_dim == 16 and cfg.num_key_value_heads == 4
+    assert ModelConfig.from_hf_dict(_tiny_hf_dict(head_dim=24)).head_dim == 24
+
+
+def test_config_bias_rules_for_qwen2_and_llama():
+    qwen = ModelConfig.from_hf_dict(_tiny_hf_dict(model_type="qwen2"))
+    assert qwen.attention_bias and not qwen.o_proj_bias
+    llama = ModelConfig.from_hf_dict(_tiny_hf_dict(attention_bias=True))
+    assert llama.attention_bias and llama.o_proj_bias
+    model = CausalLM(qwen)
+    names = set(dict(model.named_parameters()))
+    assert "model.layers.1.self_attn.k_proj.bias" in names
+    assert "model.layers.1.self_attn.o_proj.bias" not in names
+    assert "lm_head.weight" in names
+
+
+def test_config_reads_every_rope_spelling():
+    llama3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    from_parameters = ModelConfig.from_hf_dict(
+        _tiny_hf_dict(
+            rope_theta=None, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **llama3}
+        )
+    )
+    from_scaling = ModelConfig.from_hf_dict(
+        _tiny_hf_dict(rope_theta=5e5, rope_scaling={"rope_type": "llama3", **llama3})
+    )
+    assert from_parameters.rope_theta == from_scaling.rope_theta == 5e5
+    assert from_parameters.rope_scaling == from_scaling.rope_scaling
+    # original_max_position_embeddings falls back to max_position_embeddings (as HF)
+    assert from_scaling.rope_scaling["original_max_position_embeddings"] == 256
+    legacy = ModelConfig.from_hf_dict(_tiny_hf_dict(rope_scaling={"type": "linear", "factor": 2.0}))
+    assert legacy.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    default = ModelConfig.from_hf_dict(
+        _tiny_hf_dict(rope_parameters={"rope_type": "default", "rope_theta": 77.0})
+    )
+    assert default.rope_scaling is None and default.rope_theta == 77.0
+
+
+def test_llama3_inverse_frequencies_match_a_float64_scalar_reference():
+    import math
+
+    cfg = ModelConfig.from_hf_dict(
+        _tiny_hf_dict(
+            head_dim=32,
+            rope_theta=5e5,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        )
+    )
+    expected = []
+    for i in range(0, 32, 2):
+        f = 5e5 ** (-i / 32)
+        wavelen = 2 * math.pi / f
+        if wavelen < 64 / 4:
+            expected.append(f)
+        elif wavelen > 64 / 1:
+            expected.append(f / 8)
+        else:
+            smooth = (64 / wavelen - 1) / (4 - 1)
+            expected.append((1 - smooth) * f / 8 + smooth * f)
+    got = rope_inverse_frequencies(cfg)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64))
+    # all three regimes are exercised
+    plain = 5e5 ** (-torch.arange(0, 32, 2, dtype=torch.float64) / 32)
+    ratio = got.double() / plain
+    assert (ratio > 0.99).any() and (ratio < 0.13).any() and ((ratio > 0.13) & (ratio < 0.99)).any()
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"'rope_parameters'.*'yarn'"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, r"'rope_scaling'.*'dynamic'"),
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, r"missing \['low_freq_factor'"),
+        ({"vocab_size": None}, r"missing required key\(s\) \['vocab_size'\]"),
+        ({"num_key_value_heads": 3}, r"multiple of num_key_value_heads \(3\)"),
+        ({"model_type": "gemma"}, r"model_type 'gemma' is not supported"),
+        ({"hidden_act": "gelu"}, r"'hidden_act' is 'gelu'"),
+        ({"hidden_size": -64}, r"'hidden_size' must be a positive integer"),
+    ],
+)
+def test_unsupported_configs_are_rejected_naming_the_key(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        ModelConfig.from_hf_dict(_tiny_hf_dict(**overrides))
+
+
+# ---------------------------------------------------------------- numerics
+
+
+def test_float32_forward_matches_float64_truth_and_bfloat16_is_close():
+    model = _random_model(_tiny_hf_dict(model_type="qwen2", tie_word_embeddings=True), seed=1)
+    ids, pos, cu = _packed(LENGTHS, seed=2)
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double()(ids, pos, cu, max(LENGTHS))
+        fp32 = model(ids, pos, cu, max(LENGTHS))
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)(ids, pos, cu, max(LENGTHS))
+    assert fp32.shape == (sum(LENGTHS), 64) and fp32.dtype == torch.float32
+    assert bf16.dtype == torch.bfloat16
+    scale = truth.abs().max().item()
+    assert scale > 1.0  # non-trivial hidden states
+    assert (fp32.double() - truth).abs().max().item() <= 1e-5 * scale
+    bf16_err = (bf16.double() - truth).abs().max().item()
+    assert bf16_err <= 5e-2 * scale
+    assert bf16_err > 10 * (fp32.double() - truth).abs().max().item()  # the check sees dtype
+
+
+def test_packed_forward_equals_each_sequence_run_alone_in_float64():
+    model = _random_model(_tiny_hf_dict(), seed=3).double()
+    ids, pos, cu = _packed(LENGTHS, seed=4)
+    with torch.no_grad():
+        packed = model(ids, pos, cu, max(LENGTHS))
+        bounds = cu.tolist()
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            one = torch.tensor([0, e - s], dtype=torch.int32)
+            alone = model(ids[s:e], pos[s:e], one, e - s)
+            torch.testing.assert_close(packed[s:e], alone, atol=1e-12, rtol=1e-12)
+
+
+def test_packed_and_left_padded_batches_give_the_same_sequence_logprobs():
+    """Ours on a packed stream vs transformers on a left-padded (S, T) batch with a mask."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    model = _random_model(_tiny_hf_dict(tie_word_embeddings=True), seed=5)
+    hf_cfg = transformers.LlamaConfig(
+        **{**model.config.to_hf_dict(), "attn_implementation": "eager"}
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+    result = hf.load_state_dict(model.state_dict(), strict=False)
+    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys
+    hf.tie_weights()
+    ids, pos, cu = _packed(LENGTHS, seed=6)
+    labels = _next_token_labels(ids, cu)
+    with torch.no_grad():
+        hidden = model(ids, pos, cu, max(LENGTHS))
+        packed = _sequence_logprobs(hidden @ model.lm_head_weight.T, labels, cu)
+
+        t = max(LENGTHS)
+        padded_ids = torch.zeros(len(LENGTHS), t, dtype=torch.long)
+        padded_labels = torch.full((len(LENGTHS), t), -100)
+        mask = torch.zeros(len(LENGTHS), t, dtype=torch.long)
+        bounds = cu.tolist()
+        for i, (s, e) in enumerate(zip(bounds[:-1], bounds[1:])):
+            padded_ids[i, t - (e - s) :] = ids[s:e]
+            padded_labels[i, t - (e - s) :] = labels[s:e]
+            mask[i, t - (e - s) :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = hf(padded_ids, attention_mask=mask, position_ids=position_ids).logits  # (S, T, V)
+        flat_cu = torch.arange(0, (len(LENGTHS) + 1) * t, t, dtype=torch.int32)
+        padded = _sequence_logprobs(logits.reshape(-1, VOCAB), padded_labels.reshape(-1), flat_cu)
+    assert packed[1].abs().item() > 1.0
+    assert packed[2].item() == 0.0  # a single token has nothing to predict
+    torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-5)
+
+
+def _counting(fn, calls: list):
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fn(*args, **kwargs)
+
+    return counted
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    ids, pos, cu = _packed(LENGTHS, seed=7)
+    labels = _next_token_labels(ids, cu)
+    results = []
+    for checkpointing in (False, True):
+        model = _random_model(_tiny_hf_dict(attention_bias=True), seed=8)
+        model.gradient_checkpointing = checkpointing
+        calls = []
+        layer = model.model.layers[1]
+        layer.forward = _counting(layer.forward, calls)
+        hidden = model(ids, pos, cu, max(LENGTHS))
+        loss = -_sequence_logprobs(hidden @ model.lm_head_weight.T, labels, cu).sum()
+        loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, atol=0, rtol=1e-6)
+    assert all(g.abs().sum() > 0 for g in grads_a.values())
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], atol=1e-7, rtol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------- structure
+
+
+def test_init_model_is_seeded_with_the_configured_std():
+    cfg = ModelConfig.from_hf_dict(_tiny_hf_dict(model_type="qwen2"))
+    a, b = init_model(cfg, seed=3), init_model(cfg, seed=3)
+    c = init_model(cfg, seed=4, dtype=torch.bfloat16)
+    assert c.lm_head_weight.dtype == torch.bfloat16
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+    assert not torch.equal(a.lm_head_weight, c.lm_head_weight.float())
+    w = a.model.layers[0].mlp.up_proj.weight
+    assert abs(w.std().item() - 0.02) < 0.002
+    assert torch.equal(a.model.layers[0].input_layernorm.weight, torch.ones(64))
+    assert torch.equal(a.model.layers[0].self_attn.q_proj.bias, torch.zeros(64))
+
+
+def test_tied_model_uses_the_embedding_as_lm_head():
+    model = init_model(ModelConfig.from_hf_dict(_tiny_hf_dict(tie_word_embeddings=True)), seed=0)
+    assert model.lm_head_weight is model.model.embed_tokens.weight
+    assert "lm_head.weight" not in model.state_dict()
+
+
+def test_sequences_longer_than_the_sliding_window_are_refused():
+    model = init_model(
+        ModelConfig.from_hf_dict(_tiny_hf_dict(model_type="mistral", sliding_window=8)), seed=0
+    )
+    ids, pos, cu = _packed([8, 3], seed=0)
+    assert model(ids, pos, cu, 8).shape == (11, 64)
+    ids, pos, cu = _packed([9, 3], seed=0)
+    with pytest.raises(ValueError, match="exceeds the model's sliding_window \\(8\\)"):
+        model(ids, pos, cu, 9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bfloat16_model_on_cuda_matches_float64_truth_with_every_attention_backend():
+    from sdpo.engine.attention import available_attention_backends
+
+    model = _random_model(_tiny_hf_dict(model_type="qwen2"), seed=9)
+    ids, pos, cu = _packed([37, 1, 64, 5], seed=10)
+    with torch.no_grad():
+        truth = copy.deepcopy(model).double()(ids, pos, cu, 64)
+        gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
+        for backend in available_attention_backends("cuda"):
+            gpu.attn_backend = backend
+            out = gpu(ids.cuda(), pos.cuda(), cu.cuda(), 64)
+            err = (out.double().cpu() - truth).abs().max().item()
+            assert err <= 5e-2 * truth.abs().max().item(), f"{backend}: {err}"
