@@ -160,20 +160,23 @@ class TrainSection:
     save_every: int = 0  # optimizer steps; 0: only the final checkpoint of each sDPO step
     precision: str = "auto"  # "fp32" | "bf16" (bf16 params+states) | "bf16-mixed" (fp32 master)
     shuffle: bool = True
+    loss_path: str = (
+        "fused"  # "fused": loss formed inside the chunked lm_head; "plain": log-probs first
+    )
 
     def __post_init__(self) -> None:
         _at_least("train.learning_rate", self.learning_rate, 0.0, strict=True)
         _at_least("train.epochs", self.epochs, 1)
         _at_least("train.max_tokens_per_batch", self.max_tokens_per_batch, 1)
-        _at_least("train.tokens_per_step", self.tokens_per_step, 1)
+        _at_least("train.tokens_per_step", self.tokens_per_step, 2)
         _at_least("train.pairs_per_step", self.pairs_per_step, 1)
         if self.tokens_per_step is not None and self.pairs_per_step is not None:
             raise ConfigError(
                 "train.tokens_per_step and train.pairs_per_step are both set: gradient "
                 "accumulation is counted in one unit, keep one of them"
             )
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ConfigError(f"train.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _one_of("train.schedule", self.schedule, ("linear", "cosine", "constant"))
         _at_least("train.weight_decay", self.weight_decay, 0.0)
         if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
@@ -186,6 +189,7 @@ class TrainSection:
         _at_least("train.log_every", self.log_every, 1)
         _at_least("train.save_every", self.save_every, 0)
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "bf16-mixed"))
+        _one_of("train.loss_path", self.loss_path, ("fused", "plain"))
 
 
 @dataclass(kw_only=True)

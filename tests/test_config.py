@@ -238,7 +238,8 @@ def test_wrong_types_name_key_expected_type_and_value(tmp_path, extra, overrides
         (["train.precision=fp16"], "train.precision = 'fp16' is not an option"),
         (["model.attn_backend=xformers"], "model.attn_backend"),
         (["data.sources=[{path='/a/x.jsonl'}, {path='/b/x.jsonl'}]"], "two sources are named 'x'"),
-        (["train.warmup_ratio=1.5"], "train.warmup_ratio must be in"),
+        (["train.warmup_ratio=1.0"], r"train.warmup_ratio must be in \[0, 1\)"),
+        (["train.loss_path=chunked"], "train.loss_path = 'chunked' is not an option"),
     ],
 )  # fmt: skip
 def test_invalid_values_are_rejected_with_the_key_and_the_fix(tmp_path, overrides, message):
@@ -299,7 +300,7 @@ def non_default_config(root: Path) -> RunConfig:
                   "tokens_per_step": 5000, "warmup_ratio": 0.05, "schedule": "cosine",
                   "weight_decay": 0.01, "adam_betas": [0.85, 0.97], "adam_eps": 1e-6,
                   "max_grad_norm": 0.0, "seed": 7, "log_every": 3, "save_every": 11,
-                  "precision": "bf16-mixed", "shuffle": False},
+                  "precision": "bf16-mixed", "shuffle": False, "loss_path": "plain"},
         "loss": {"loss_type": "robust", "beta": 0.25, "label_smoothing": 0.1, "rpo_alpha": 0.3,
                  "reference_free": True},
         "kernels": {"impl": "torch", "chunk_tokens": 513},
