@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
 from sdpo.engine.files import atomic_directory
 from sdpo.engine.model import CausalLM, ModelConfig
 

@@ -149,6 +149,8 @@ def read_preference_file(
         places: list[_Place] | None = None
         if builder == "json":
             places = _prevalidate_json(path, name=name, max_line_bytes=max_line_bytes)
+            if not places:
+                raise _empty_error(name)
         records = _load_local(builder, path, name=name)
         if places is not None and len(places) != len(records):
             raise DataError(
@@ -171,11 +173,7 @@ def read_preference_file(
         default_source = name
 
     if not records:
-        raise DataError(
-            "the data set is empty (no rows)",
-            fix="point to a file with at least one prompt/chosen/rejected row",
-            file=name,
-        )
+        raise _empty_error(name)
     source = default_source if source is None else source
     rows: list[dict] = []
     identical_places: list[_Place] = []
@@ -221,6 +219,14 @@ def read_preference_file(
     return rows
 
 
+def _empty_error(name: str) -> DataError:
+    return DataError(
+        "the data set is empty (no rows)",
+        fix="point to a file with at least one prompt/chosen/rejected row",
+        file=name,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +270,8 @@ def _load_local(builder: str, path: Path, *, name: str) -> list[dict]:
             )
             return ds.to_list()
         except Exception as exc:  # datasets/pyarrow/pandas raise many types; all mean "unreadable"
+            if "corresponds to no data" in str(exc):  # how datasets reports a split of 0 rows
+                raise _empty_error(name) from None
             raise DataError(
                 f"could not be read as {builder} ({type(exc).__name__}: {exc})",
                 fix=f"check that the file is valid {builder}"

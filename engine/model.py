@@ -21,8 +21,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from sdpo.engine.attention import ATTENTION_BACKENDS, varlen_attention
 from torch import Tensor, nn
+
+from sdpo.engine.attention import ATTENTION_BACKENDS, varlen_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")

@@ -33,7 +33,9 @@ def parameter_dtype(precision: str) -> torch.dtype:
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
-def autocast_context(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+def autocast_context(
+    precision: str, device: torch.device | str
+) -> contextlib.AbstractContextManager:
     """bf16 autocast for ``bf16-mixed``; a no-op otherwise."""
     device = torch.device(device)
     if precision == "bf16-mixed":

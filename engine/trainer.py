@@ -71,8 +71,14 @@ class TrainConfig:
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.max_tokens_per_batch >= 2, "max_tokens_per_batch must be >= 2"),
-            (self.pairs_per_step is None or self.pairs_per_step >= 1, "pairs_per_step must be >= 1"),
-            (self.tokens_per_step is None or self.tokens_per_step >= 2, "tokens_per_step must be >= 2"),
+            (
+                self.pairs_per_step is None or self.pairs_per_step >= 1,
+                "pairs_per_step must be >= 1",
+            ),
+            (
+                self.tokens_per_step is None or self.tokens_per_step >= 2,
+                "tokens_per_step must be >= 2",
+            ),
             (
                 self.pairs_per_step is None or self.tokens_per_step is None,
                 "set pairs_per_step or tokens_per_step, not both",
@@ -341,9 +347,7 @@ class DPOTrainer:
                 scheduler.step()
                 step_in_run += 1
                 self.global_step += 1
-                step_tokens = sum(
-                    _pair_tokens(pairs[i]) for batch in micro_batches for i in batch
-                )
+                step_tokens = sum(_pair_tokens(pairs[i]) for batch in micro_batches for i in batch)
                 tokens_total += step_tokens
                 window_tokens += step_tokens
                 if step_in_run % cfg.log_every == 0 or step_in_run == total_steps:

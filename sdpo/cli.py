@@ -31,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="run DPO / sDPO from a TOML config", description=TRAIN_HELP)
+    train = sub.add_parser(
+        "train", help="run DPO / sDPO from a TOML config", description=TRAIN_HELP
+    )
     train.add_argument("--config", required=True, type=Path, help="the run's TOML file")
     train.add_argument(
         "--set",

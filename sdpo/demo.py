@@ -196,7 +196,9 @@ def run_demo(*, output_dir: Path, quick: bool = False, seed: int = 0) -> dict:
         tie_word_embeddings=True,
     )
     model = init_model(config, seed=seed)
-    sft_rows = [{"prompt": _prompt(d), "chosen": _answer(d), "rejected": _answer(d)} for d in sft_prompts]
+    sft_rows = [
+        {"prompt": _prompt(d), "chosen": _answer(d), "rejected": _answer(d)} for d in sft_prompts
+    ]
     sft_pairs, _ = tokenize_pairs(sft_rows, tokenizer, max_length=64, max_prompt_length=32)
     print(f"[demo] SFT: {settings.sft_steps} steps on {len(sft_pairs)} examples ...", flush=True)
     sft(model, sft_pairs, steps=settings.sft_steps, seed=seed)
@@ -219,9 +221,7 @@ def run_demo(*, output_dir: Path, quick: bool = False, seed: int = 0) -> dict:
                 "output_dir": str(out / name),
                 "model": {"path": str(sft_dir)},
                 "data": {
-                    "sources": [
-                        {"name": k, "path": str(data_dir / f"{k}.jsonl")} for k in SOURCES
-                    ],
+                    "sources": [{"name": k, "path": str(data_dir / f"{k}.jsonl")} for k in SOURCES],
                     "max_length": 64,
                     "max_prompt_length": 32,
                 },
@@ -251,7 +251,12 @@ def run_demo(*, output_dir: Path, quick: bool = False, seed: int = 0) -> dict:
     rows = []
     sft_model = load_pretrained(sft_dir)
     rows.append(
-        ("SFT", greedy_accuracy(sft_model, tokenizer, heldout), preference_accuracy(sft_model, heldout_pairs), "")
+        (
+            "SFT",
+            greedy_accuracy(sft_model, tokenizer, heldout),
+            preference_accuracy(sft_model, heldout_pairs),
+            "",
+        )
     )
     for label, result in runs.items():
         final = load_pretrained(result.output_dir / f"step-{len(result.reports)}")

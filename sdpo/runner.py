@@ -93,26 +93,6 @@ def load_pairs(cfg: RunConfig, tokenizer: PairTokenizer, *, vocab_size: int) -> 
     return pairs
 
 
-def _to_ref_values(scores: PairLogps) -> RefValues:
-    return RefValues(
-        pair_indices=scores.pair_indices,
-        chosen_logps=scores.chosen_logps,
-        rejected_logps=scores.rejected_logps,
-        chosen_tokens=scores.chosen_tokens,
-        rejected_tokens=scores.rejected_tokens,
-    )
-
-
-def _to_pair_logps(values: RefValues) -> PairLogps:
-    return PairLogps(
-        pair_indices=values.pair_indices,
-        chosen_logps=values.chosen_logps,
-        rejected_logps=values.rejected_logps,
-        chosen_tokens=values.chosen_tokens,
-        rejected_tokens=values.rejected_tokens,
-    )
-
-
 class StepwiseRunner:
     """Runs the T DPO steps of one sDPO configuration (see the module docstring)."""
 
@@ -166,11 +146,11 @@ class StepwiseRunner:
         values, reason = cache.load(key)
         if values is not None:
             _log(f"reference cache {cache.path.name}: reused")
-            return _to_pair_logps(values)
+            return values.to_pair_logps()
         if reason != "missing":
             _log(f"reference cache {cache.path.name}: recomputing ({reason})")
         scores = self.score(model, pairs)
-        cache.save(_to_ref_values(scores), key)
+        cache.save(RefValues.from_scores(scores), key)
         return scores
 
     # -- the run -------------------------------------------------------------------------
@@ -304,7 +284,9 @@ class StepwiseRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             now = torch.cuda.memory_allocated()
-            _log(f"reference model freed: GPU memory {now / 2**20:.0f} MiB (before load {baseline / 2**20:.0f} MiB)")
+            _log(
+                f"reference model freed: GPU memory {now / 2**20:.0f} MiB (before load {baseline / 2**20:.0f} MiB)"
+            )
         return values
 
 

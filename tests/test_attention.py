@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from sdpo.engine.attention import (
     available_attention_backends,
     resolve_attention_backend,

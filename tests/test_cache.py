@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from sdpo.engine.packing import TokenizedPair
-from sdpo.engine.tiny import build_tokenizer
 
 from sdpo.cache import (
     CacheKey,
@@ -22,6 +20,8 @@ from sdpo.cache import (
     data_fingerprint,
     file_fingerprint,
 )
+from sdpo.engine.packing import TokenizedPair
+from sdpo.engine.tiny import build_tokenizer
 
 
 def random_values(num_pairs: int, *, seed: int) -> RefValues:

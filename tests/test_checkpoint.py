@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+
 from sdpo.engine.checkpoint import (
     CheckpointError,
     checkpoint_fingerprint,

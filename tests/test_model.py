@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+
 from sdpo.engine.model import (
     CausalLM,
     ConfigError,
