@@ -87,7 +87,10 @@ class TrainConfig:
             (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (len(self.adam_betas) == 2, "adam_betas must be two numbers"),
-            (self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm must be > 0"),
+            (
+                self.max_grad_norm is None or self.max_grad_norm >= 0,
+                "max_grad_norm must be >= 0 (0 or none = no clipping)",
+            ),
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.save_every >= 0, "save_every must be >= 0 (0 = final checkpoint only)"),
             (self.loss_path in LOSS_PATHS, f"loss_path must be one of {LOSS_PATHS}"),
@@ -307,7 +310,7 @@ class DPOTrainer:
             for k, v in part.items():
                 sums[k] = sums[k] + v if k in sums else v
         metrics = {k: v / normalizer for k, v in sums.items()}
-        if self.config.max_grad_norm is not None:
+        if self.config.max_grad_norm:
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), self.config.max_grad_norm
             )
