@@ -139,7 +139,7 @@ class SequenceLogprobs(torch.autograd.Function):
             logits = _chunk_logits(buf, hidden[start:stop].to(dtype), w_t)  # (n_c, V)
             logp_c, lse_c = rows_forward(logits, labels[start:stop], impl=impl)
             token_logps[start:stop] = logp_c
-            lse[start:stop] = lse_c + 1e-5
+            lse[start:stop] = lse_c
         del buf
         ctx.impl = impl
         ctx.chunk_tokens = chunk_tokens
