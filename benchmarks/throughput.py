@@ -364,6 +364,13 @@ def kernels_section(args: argparse.Namespace) -> dict:
     impl = resolve_impl(args.impl, device)
     tflops = measure_matmul_tflops(device, dtype, size=matmul_size, timer=timer)
     print(f"matmul ceiling: {tflops:.1f} TFLOP/s ({matmul_size}^3, {dtype})", flush=True)
+    header = {
+        "section": "kernels",
+        **run_header(device),
+        "dtype": str(dtype),
+        "matmul_tflops": tflops,
+        "smoke": args.smoke,
+    }
     results = []
     for shape in shapes:
         p = make_head_problem(dtype=dtype, device=device, **shape)
@@ -414,18 +421,13 @@ def kernels_section(args: argparse.Namespace) -> dict:
         )
         print(flush=True)
         results.extend(rows)
+        if args.json:  # after every shape, so a run cut short still leaves its rows
+            atomic_write_json(args.json, {**header, "results": results, "complete": False})
         del p
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {
-        "section": "kernels",
-        **run_header(device),
-        "dtype": str(dtype),
-        "matmul_tflops": tflops,
-        "smoke": args.smoke,
-        "results": results,
-    }
+    return {**header, "results": results, "complete": True}
 
 
 # ----------------------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def _check_linear_inputs(hidden, weight, labels, seq_ids) -> None:
         raise TypeError(
             f"hidden and weight must be float tensors, got {hidden.dtype}, {weight.dtype}"
         )
-    check_packed_inputs(labels, seq_ids, hidden.shape[0])
+    check_packed_inputs(labels, seq_ids, hidden.shape[0], vocab_size=weight.shape[0])
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:

@@ -169,8 +169,14 @@ def sum_per_sequence(
     return out.index_add_(0, seq_ids, token_values.to(torch.float32))
 
 
-def check_packed_inputs(labels: torch.Tensor, seq_ids: torch.Tensor, num_tokens: int) -> None:
-    """Shape/dtype checks shared by the ops (no device sync)."""
+def check_packed_inputs(
+    labels: torch.Tensor, seq_ids: torch.Tensor, num_tokens: int, *, vocab_size: int
+) -> None:
+    """Shape/dtype/range checks shared by the ops; no host sync on CUDA.
+
+    A label outside [0, V) (other than -100) would make the kernels read outside the row,
+    so on CPU it raises; on CUDA it trips a device-side assert instead of a silent misread.
+    """
     for name, t in (("labels", labels), ("seq_ids", seq_ids)):
         if t.shape != (num_tokens,):
             raise ValueError(
@@ -178,6 +184,18 @@ def check_packed_inputs(labels: torch.Tensor, seq_ids: torch.Tensor, num_tokens:
             )
         if t.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name} must be int64 (or int32), got {t.dtype}")
+    if num_tokens == 0:
+        return
+    ok = ((labels >= 0) & (labels < vocab_size)) | (labels == IGNORE_INDEX)
+    if labels.device.type == "cpu":
+        if not bool(ok.all()):
+            bad = int((~ok).nonzero()[0, 0])
+            raise ValueError(
+                f"labels[{bad}] = {int(labels[bad])} is outside the vocabulary [0, {vocab_size}) "
+                "and is not -100; check that the tokenizer and the model's vocab_size match"
+            )
+    else:
+        torch._assert_async(ok.all())
 
 
 # ----------------------------------------------------------------------------------------
@@ -228,6 +246,6 @@ def logprobs_from_logits(
     gradient is written into ``logits`` itself (the caller must not use them afterwards).
     """
     _check_rows(logits, labels)
-    check_packed_inputs(labels, seq_ids, logits.shape[0])
+    check_packed_inputs(labels, seq_ids, logits.shape[0], vocab_size=logits.shape[1])
     impl = resolve_impl(impl, logits.device)
     return LogprobsFromLogits.apply(logits, labels, seq_ids, num_seqs, impl, inplace_backward)

@@ -13,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
 from sdpo.kernels import linear_pair_loss, sequence_logprobs  # noqa: E402
 from sdpo.kernels.linear_logprobs import default_chunk_tokens  # noqa: E402
 from sdpo.kernels.logprobs import IGNORE_INDEX  # noqa: E402

@@ -11,6 +11,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 from sdpo.kernels import logprobs_from_logits, resolve_impl  # noqa: E402
 from sdpo.kernels.logprobs import IGNORE_INDEX  # noqa: E402
 
@@ -157,6 +158,10 @@ def test_shape_errors_name_the_argument():
     with pytest.raises(ValueError, match="seq_ids"):
         logprobs_from_logits(
             logits, torch.zeros(5, dtype=torch.int64), torch.zeros(3, dtype=torch.int64), 1
+        )
+    with pytest.raises(ValueError, match=r"labels\[2\] = 7 is outside the vocabulary"):
+        logprobs_from_logits(
+            logits, torch.tensor([0, -100, 7, 1, 6]), torch.zeros(5, dtype=torch.int64), 1
         )
 
 
