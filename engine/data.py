@@ -26,7 +26,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 FIELDS = ("prompt", "chosen", "rejected")
 IDENTICAL_POLICIES = ("warn", "drop", "error")
@@ -146,12 +146,21 @@ def read_preference_file(
                 fix=f"convert the data to one of {', '.join(_BUILDERS)}",
                 file=name,
             )
-        places: list[_Place] | None = None
-        if builder == "json":
-            places = _prevalidate_json(path, name=name, max_line_bytes=max_line_bytes)
-            if not places:
-                raise _empty_error(name)
-        records = _load_local(builder, path, name=name)
+        with tempfile.TemporaryDirectory(prefix="sdpo-data-") as scratch:
+            places: list[_Place] | None = None
+            load_path = path
+            if builder == "json":
+                # datasets gets a clean copy: one validated record per line, the three fields
+                # only, no blank lines (its mixed-type JSON fallback fails on blank lines), so
+                # row i <-> places[i]
+                load_path = Path(scratch) / "records.jsonl"
+                with open(load_path, "wb") as clean:
+                    places = _prevalidate_json(
+                        path, name=name, max_line_bytes=max_line_bytes, clean=clean
+                    )
+                if not places:
+                    raise _empty_error(name)
+            records = _load_local(builder, load_path, name=name, cache=Path(scratch) / "cache")
         if places is not None and len(places) != len(records):
             raise DataError(
                 f"the line check found {len(places)} records but datasets read {len(records)}",
@@ -250,22 +259,22 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _load_local(builder: str, path: Path, *, name: str) -> list[dict]:
-    """Load a local file with ``datasets``. Its cache goes to a temporary folder that is deleted
-    afterwards: nothing is written next to the data, and a local read needs no network."""
+def _load_local(builder: str, path: Path, *, name: str, cache: Path) -> list[dict]:
+    """Load a local file with ``datasets``. ``cache`` is a temporary folder deleted afterwards:
+    nothing is written next to the data, and a local read needs no network."""
     import datasets
 
     kwargs: dict[str, Any] = {}
     if builder == "csv":
         # keep cells as text: "" stays "" (not NaN), "NA"/"null" stay words, "42" stays "42"
         kwargs = {"keep_default_na": False, "converters": dict.fromkeys(FIELDS, str)}
-    with _quiet_datasets(), tempfile.TemporaryDirectory(prefix="sdpo-datasets-") as cache:
+    with _quiet_datasets():
         try:
             ds = datasets.load_dataset(
                 builder,
                 data_files={"train": str(path)},
                 split="train",
-                cache_dir=cache,
+                cache_dir=str(cache),
                 **kwargs,
             )
             return ds.to_list()
@@ -275,11 +284,7 @@ def _load_local(builder: str, path: Path, *, name: str) -> list[dict]:
             raise DataError(
                 f"could not be read as {builder} ({type(exc).__name__}: {exc})",
                 fix=f"check that the file is valid {builder}"
-                + (
-                    "; keep each extra column to one type and avoid blank lines"
-                    if builder == "json"
-                    else ""
-                ),
+                + ("; keep each extra column to one type" if builder == "json" else ""),
                 file=name,
             ) from exc
 
@@ -300,9 +305,12 @@ def _load_hub(name: str, *, split: str) -> list[dict]:
             ) from exc
 
 
-def _prevalidate_json(path: Path, *, name: str, max_line_bytes: int) -> list[_Place]:
+def _prevalidate_json(
+    path: Path, *, name: str, max_line_bytes: int, clean: BinaryIO
+) -> list[_Place]:
     """Parse a JSON file ourselves (strict UTF-8, strict JSON) and validate every record, so that
-    errors carry line numbers. Returns the place of each record in file order."""
+    errors carry line numbers. Each record is written to ``clean`` as one JSON line. Returns the
+    place of each record in file order."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     if head.startswith(b"\xef\xbb\xbf"):
@@ -313,11 +321,13 @@ def _prevalidate_json(path: Path, *, name: str, max_line_bytes: int) -> list[_Pl
             row=1,
         )
     if path.suffix.lower() == ".json" and head.startswith(b"["):
-        return _prevalidate_json_array(path, name=name)
-    return _prevalidate_json_lines(path, name=name, max_line_bytes=max_line_bytes)
+        return _prevalidate_json_array(path, name=name, clean=clean)
+    return _prevalidate_json_lines(path, name=name, max_line_bytes=max_line_bytes, clean=clean)
 
 
-def _prevalidate_json_lines(path: Path, *, name: str, max_line_bytes: int) -> list[_Place]:
+def _prevalidate_json_lines(
+    path: Path, *, name: str, max_line_bytes: int, clean: BinaryIO
+) -> list[_Place]:
     shape_fix = "each line must hold one JSON object with prompt, chosen and rejected"
     if path.suffix.lower() == ".json":
         shape_fix += " (or make the whole .json file one JSON array of such objects)"
@@ -360,10 +370,11 @@ def _prevalidate_json_lines(path: Path, *, name: str, max_line_bytes: int) -> li
                 )
             _normalize_row(record, place)
             places.append(place)
+            clean.write(_clean_line(record))
     return places
 
 
-def _prevalidate_json_array(path: Path, *, name: str) -> list[_Place]:
+def _prevalidate_json_array(path: Path, *, name: str, clean: BinaryIO) -> list[_Place]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -400,7 +411,14 @@ def _prevalidate_json_array(path: Path, *, name: str) -> list[_Place]:
             )
         _normalize_row(record, place)
         places.append(place)
+        clean.write(_clean_line(record))
     return places
+
+
+def _clean_line(record: dict) -> bytes:
+    # only the three fields travel on: extra columns are never used, and a stray type in one
+    # (an int beyond int64, a column mixing types) must not stop the read
+    return json.dumps({field: record[field] for field in FIELDS}).encode() + b"\n"
 
 
 def _json_type(value: Any) -> str:
@@ -477,6 +495,7 @@ def _check_field(record: dict, field: str, place: _Place) -> Field:
                 fix=f"give {field} non-empty text, or remove the row",
                 field=field,
             )
+        _check_unicode(value, field, place, what="the text")
         return value
     if isinstance(value, list | tuple):
         return _check_messages(value, field, place)
@@ -488,6 +507,20 @@ def _check_field(record: dict, field: str, place: _Place) -> Field:
         fix=f"store {field} as text (quote numbers) or as chat messages",
         field=field,
     )
+
+
+def _check_unicode(text: str, field: str, place: _Place, *, what: str) -> None:
+    # JSON can spell a lone UTF-16 surrogate ("\\ud800"); Python keeps it, but it is not Unicode
+    # and tokenizers cannot take it
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise place.error(
+            f"{what} holds a lone UTF-16 surrogate {text[exc.start]!r} at character {exc.start}, "
+            "which is not valid Unicode",
+            fix="fix the \\uXXXX escape in the file (surrogates must come in pairs)",
+            field=field,
+        ) from None
 
 
 def _check_messages(value: list | tuple, field: str, place: _Place) -> list[Message]:
@@ -515,6 +548,7 @@ def _check_messages(value: list | tuple, field: str, place: _Place) -> list[Mess
                     fix=f"give every message of {field} a string '{key}'",
                     field=field,
                 )
+            _check_unicode(item, field, place, what=f"message {i} '{key}'")
         if not message["role"].strip():
             raise place.error(
                 f"message {i} has an empty role",

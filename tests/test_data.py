@@ -1,0 +1,415 @@
+"""Reading preference data: every format loads the same rows, and every kind of bad row gives a
+DataError naming the file, the row and the field."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import datasets
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from sdpo.engine.data import DataError, DataWarning, read_preference_file
+
+ROWS = [
+    {"prompt": "what is two plus two", "chosen": "four", "rejected": "five", "id": 1},
+    {"prompt": "name a colour", "chosen": "blue", "rejected": "seven", "id": 2},
+    {"prompt": "say hi", "chosen": "hi there", "rejected": "no", "id": 3},
+]
+
+
+def write_jsonl(path: Path, rows: list, *, blank_after: int | None = None) -> Path:
+    lines = [json.dumps(r) for r in rows]
+    if blank_after is not None:
+        lines.insert(blank_after, "")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def triple(row: dict) -> tuple:
+    return row["prompt"], row["chosen"], row["rejected"]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json_array", "json_lines", "parquet", "csv"])
+def test_every_format_loads_the_same_rows(tmp_path, fmt):
+    if fmt == "jsonl":
+        path = write_jsonl(tmp_path / "pairs.jsonl", ROWS)
+    elif fmt == "json_array":
+        path = tmp_path / "pairs.json"
+        path.write_text(json.dumps(ROWS, indent=1), encoding="utf-8")
+    elif fmt == "json_lines":
+        path = write_jsonl(tmp_path / "pairs.json", ROWS)
+    elif fmt == "parquet":
+        path = tmp_path / "pairs.parquet"
+        datasets.Dataset.from_list(ROWS).to_parquet(str(path))
+    else:
+        path = tmp_path / "pairs.csv"
+        datasets.Dataset.from_list(ROWS).to_csv(str(path), index=False)
+    before = sorted(os.listdir(tmp_path))
+    rows = read_preference_file(path)
+    assert [triple(r) for r in rows] == [triple(r) for r in ROWS]
+    assert {r["source"] for r in rows} == {"pairs"}
+    assert all(r["file"] == str(path) for r in rows)
+    line_based = fmt in ("jsonl", "json_lines")
+    assert [r["row"] for r in rows] == ([1, 2, 3] if line_based else [0, 1, 2])
+    assert {r["row_label"] for r in rows} == {"line" if line_based else "row"}
+    assert sorted(os.listdir(tmp_path)) == before  # no cache files next to the data
+
+
+def test_jsonl_rows_keep_their_line_numbers_across_blank_lines_and_source_override(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS, blank_after=1)
+    rows = read_preference_file(path, source="openorca")
+    assert [r["row"] for r in rows] == [1, 3, 4]
+    assert {r["source"] for r in rows} == {"openorca"}
+
+
+def test_csv_keeps_cells_as_text(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,chosen,rejected\n"2 + 2 = ?",4,NA\n', encoding="utf-8")
+    rows = read_preference_file(path)
+    assert triple(rows[0]) == ("2 + 2 = ?", "4", "NA")
+
+
+def test_conversational_rows_are_normalised_to_messages(tmp_path):
+    user = {"role": "user", "content": "hello"}
+    rows = [
+        # full-conversation completions repeating a string prompt
+        {
+            "prompt": "hello",
+            "chosen": [user, {"role": "assistant", "content": "hi"}],
+            "rejected": [user, {"role": "assistant", "content": "go away"}],
+        },
+        # message prompt, string completions
+        {
+            "prompt": [{"role": "system", "content": "be kind"}, user],
+            "chosen": "hi",
+            "rejected": "no",
+        },
+    ]
+    got = read_preference_file(write_jsonl(tmp_path / "c.jsonl", rows))
+    assert got[0]["prompt"] == [user]
+    assert got[0]["chosen"] == [{"role": "assistant", "content": "hi"}]
+    assert got[0]["rejected"] == [{"role": "assistant", "content": "go away"}]
+    assert got[1]["prompt"] == rows[1]["prompt"]
+    assert got[1]["chosen"] == [{"role": "assistant", "content": "hi"}]
+    assert got[1]["rejected"] == [{"role": "assistant", "content": "no"}]
+
+
+def assert_error(info, *, file: Path, row: int, field: str | None, label: str, words: list[str]):
+    err = info.value
+    msg = str(err)
+    assert err.file == str(file) and err.row == row and err.field == field, msg
+    assert str(file) in msg and "Fix:" in msg, msg
+    assert (f"line {row}" if label == "line" else f"row {row} (0-based") in msg, msg
+    if field is not None:
+        assert f"field '{field}'" in msg, msg
+    for word in words:
+        assert word in msg, msg
+
+
+BAD_ROWS = [
+    ({"prompt": "p", "chosen": "c"}, "rejected", ["missing", "fields present: chosen, prompt"]),
+    ({"prompt": "p", "chosen": 42, "rejected": "r"}, "chosen", ["int", "42"]),
+    ({"prompt": "p", "chosen": "c", "rejected": None}, "rejected", ["null"]),
+    ({"prompt": "p", "chosen": {"a": 1}, "rejected": "r"}, "chosen", ["dict"]),
+    ({"prompt": "p", "chosen": "", "rejected": "r"}, "chosen", ["completion is empty"]),
+    ({"prompt": "p", "chosen": "c", "rejected": "  \n"}, "rejected", ["completion is empty"]),
+    ({"prompt": "", "chosen": "c", "rejected": "r"}, "prompt", ["prompt is empty"]),
+    ({"prompt": "p", "chosen": [], "rejected": "r"}, "chosen", ["message list is empty"]),
+    ({"prompt": "p", "chosen": ["x"], "rejected": "r"}, "chosen", ["message 0", "str"]),
+    (
+        {"prompt": "p", "chosen": [{"role": "assistant"}], "rejected": "r"},
+        "chosen",
+        ["'content' missing"],
+    ),
+    (
+        {"prompt": "p", "chosen": "c", "rejected": [{"role": "assistant", "content": 3}]},
+        "rejected",
+        ["'content' of type int"],
+    ),
+    (
+        {
+            "prompt": [{"role": "user", "content": "p"}],
+            "chosen": [{"role": "user", "content": "p"}],
+            "rejected": "r",
+        },
+        "chosen",
+        ["completion is empty"],
+    ),
+    (
+        {"prompt": "p", "chosen": [{"role": "assistant", "content": " "}], "rejected": "r"},
+        "chosen",
+        ["completion is empty"],
+    ),
+    (
+        {"prompt": "p", "chosen": [{"role": "user", "content": "q"}], "rejected": "r"},
+        "chosen",
+        ["role 'user'", "assistant"],
+    ),
+    (
+        {"prompt": [{"role": "", "content": "p"}], "chosen": "c", "rejected": "r"},
+        "prompt",
+        ["empty role"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("bad", "field", "words"), BAD_ROWS)
+def test_bad_row_in_jsonl_names_file_line_and_field(tmp_path, bad, field, words):
+    path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], bad, ROWS[1]], blank_after=1)
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=3, field=field, label="line", words=words)
+
+
+def test_bad_row_in_json_array_names_the_0_based_row(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([ROWS[0], ROWS[1], {"prompt": "p", "chosen": 1.5, "rejected": "r"}]))
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=2, field="chosen", label="row", words=["float"])
+
+
+def test_non_string_field_in_parquet_names_the_0_based_row(tmp_path):
+    path = tmp_path / "bad.parquet"
+    datasets.Dataset.from_list(
+        [
+            {"prompt": "p", "chosen": "c", "rejected": "r"},
+            {"prompt": "p", "chosen": "c", "rejected": None},
+        ]
+    ).to_parquet(str(path))
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=1, field="rejected", label="row", words=["null"])
+
+
+def test_parquet_with_a_missing_column_names_the_field(tmp_path):
+    path = tmp_path / "nocol.parquet"
+    datasets.Dataset.from_list([{"prompt": "p", "chosen": "c"}]).to_parquet(str(path))
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=0, field="rejected", label="row", words=["missing"])
+
+
+def test_empty_csv_cell_is_an_empty_completion(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,chosen,rejected\nhi,there,you\nhi,,you\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=1, field="chosen", label="row", words=["empty"])
+
+
+def test_malformed_json_line_names_the_line_and_the_fix(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + '\n{"prompt": "p", "chosen": "c",, }\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(
+        info, file=path, row=2, field=None, label="line", words=["not valid JSON", "column"]
+    )
+    assert "fix or delete line 2" in str(info.value)
+
+
+def test_malformed_json_array_names_the_line(tmp_path):
+    path = tmp_path / "broken.json"
+    path.write_text('[\n{"prompt": "p", "chosen": "c", "rejected": "r"},\n{"prompt": }\n]')
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=3, field=None, label="line", words=["not valid JSON"])
+
+
+def test_non_object_line_is_an_error(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + '\n["p", "c", "r"]\n', encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(
+        info, file=path, row=2, field=None, label="line", words=["JSON array, not an object"]
+    )
+
+
+def test_non_utf8_bytes_name_the_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    bad = json.dumps({"prompt": "caf\u00e9", "chosen": "c", "rejected": "r"}, ensure_ascii=False)
+    path.write_bytes((json.dumps(ROWS[0]) + "\n").encode() + bad.encode("latin-1") + b"\n")
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=2, field=None, label="line", words=["0xe9", "UTF-8"])
+
+
+def test_lone_surrogate_escape_is_refused(tmp_path):
+    path = tmp_path / "sur.jsonl"
+    path.write_text(
+        json.dumps(ROWS[0]) + '\n{"prompt": "a\\ud800b", "chosen": "c", "rejected": "r"}\n'
+    )
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=2, field="prompt", label="line", words=["surrogate"])
+
+
+def test_mixed_types_extra_columns_and_trailing_blank_lines_still_load(tmp_path):
+    rows = [
+        {"prompt": "p", "chosen": "c", "rejected": "r", "meta": 1},
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": "c", "rejected": "r", "meta": "x"},
+        {"prompt": "p2", "chosen": "c", "rejected": "r", "meta": 2**70},
+    ]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows, blank_after=1)
+    path.write_text(path.read_text() + "\n\n")
+    got = read_preference_file(path)
+    assert [r["row"] for r in got] == [1, 3, 4]
+    assert got[1]["prompt"] == [{"role": "user", "content": "q"}]
+    assert got[2]["prompt"] == "p2"  # each row is normalised on its own
+
+
+def test_utf8_byte_order_mark_is_refused_with_a_fix(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode() + b"\n")
+    with pytest.raises(DataError, match="byte-order mark"):
+        read_preference_file(path)
+
+
+def test_enormous_line_is_refused_without_reading_it_whole(tmp_path):
+    path = tmp_path / "huge.jsonl"
+    huge = {"prompt": "p" * 5000, "chosen": "c", "rejected": "r"}
+    write_jsonl(path, [ROWS[0], huge])
+    with pytest.raises(DataError) as info:
+        read_preference_file(path, max_line_bytes=1000)
+    assert_error(info, file=path, row=2, field=None, label="line", words=["longer than 1000 bytes"])
+    assert len(read_preference_file(path)) == 2  # the default limit accepts it
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_data_set_is_an_error(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert str(info.value).startswith(f"{path}: the data set is empty")
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "csv"])
+def test_empty_table_is_an_error(tmp_path, suffix):
+    path = tmp_path / f"empty.{suffix}"
+    if suffix == "parquet":
+        datasets.Dataset.from_list(ROWS).select([]).to_parquet(str(path))
+    else:
+        path.write_text("prompt,chosen,rejected\n", encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert str(info.value).startswith(f"{path}: the data set is empty")
+
+
+def test_identical_pairs_warn_drop_or_error(tmp_path):
+    same = {"prompt": "p", "chosen": "same", "rejected": "same"}
+    path = write_jsonl(tmp_path / "id.jsonl", [ROWS[0], same, ROWS[1], same])
+    with pytest.warns(DataWarning, match=r"2 pair\(s\) have chosen identical.*kept.*lines: 2, 4"):
+        kept = read_preference_file(path)
+    assert len(kept) == 4
+    with pytest.warns(DataWarning, match=r"2 pair\(s\).*dropped"):
+        dropped = read_preference_file(path, identical="drop")
+    assert [r["row"] for r in dropped] == [1, 3]
+    with pytest.raises(DataError) as info:
+        read_preference_file(path, identical="error")
+    assert_error(info, file=path, row=2, field="chosen", label="line", words=["identical", "drop"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning when nothing is identical
+        read_preference_file(write_jsonl(tmp_path / "ok.jsonl", ROWS))
+
+
+def test_unsupported_extension_and_missing_file(tmp_path):
+    path = tmp_path / "pairs.txt"
+    path.write_text("x")
+    with pytest.raises(DataError, match=r"pairs.txt: unsupported file extension '.txt'"):
+        read_preference_file(path)
+    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+        read_preference_file(tmp_path / "nope.jsonl")
+
+
+def test_unknown_policy_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="identical must be one of"):
+        read_preference_file(tmp_path / "x.jsonl", identical="ignore")
+
+
+# Random rows: the reader returns a valid data set or raises DataError, never anything else.
+_text = st.one_of(st.text(max_size=8), st.sampled_from(["", " ", "ok", "caf\u00e9"]))
+_good_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system"]), "content": _text}
+)
+_message = st.one_of(
+    _good_message,
+    st.dictionaries(
+        st.sampled_from(["role", "content", "name"]),
+        st.one_of(_text, st.integers(), st.none()),
+        max_size=3,
+    ),
+    st.integers(),
+)
+_value = st.one_of(
+    _text,
+    st.lists(_good_message, max_size=3),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.none(),
+    st.booleans(),
+    st.lists(_message, max_size=3),
+)
+_row = st.one_of(
+    st.fixed_dictionaries({"prompt": _value, "chosen": _value, "rejected": _value}),
+    st.fixed_dictionaries(
+        {"prompt": _text, "chosen": _text, "rejected": _text}, optional={"extra": _value}
+    ),
+    st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "extra"]), _value, max_size=4),
+    st.integers(),
+)
+_line = st.one_of(
+    _row.map(lambda r: json.dumps(r).encode()),
+    _row.map(lambda r: json.dumps(r, ensure_ascii=False).encode("utf-8", "surrogatepass")),
+    st.sampled_from([b"", b"{bad", b"[1]"]),
+    st.binary(max_size=6),
+)
+_good_value = st.one_of(
+    st.text(min_size=1, max_size=8).filter(str.strip),
+    st.lists(_good_message, min_size=1, max_size=2).map(
+        lambda m: [*m, {"role": "assistant", "content": "x"}]
+    ),
+)
+_good_line = st.fixed_dictionaries(
+    {"prompt": _good_value, "chosen": _good_value, "rejected": _good_value},
+    optional={"extra": _value},
+).map(lambda r: json.dumps(r).encode())
+_lines = st.one_of(
+    st.lists(st.one_of(_good_line, st.just(b"")), max_size=5),
+    st.lists(_line, max_size=5),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=_lines)
+def test_random_jsonl_gives_valid_rows_or_data_error(lines):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "random.jsonl"
+        path.write_bytes(b"\n".join(lines))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DataWarning)
+                rows = read_preference_file(path)
+        except DataError as err:
+            assert str(path) in str(err)
+            event(f"DataError: {err.problem[:30]}")
+            return
+    event("valid")
+    assert rows
+    for row in rows:
+        values = triple(row)
+        if all(isinstance(v, str) for v in values):
+            assert all(v.strip() for v in values)
+        else:
+            for v in values:
+                assert isinstance(v, list) and v
+                assert all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in v)
+            assert row["chosen"][-1]["role"] == "assistant"

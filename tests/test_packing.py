@@ -1,0 +1,156 @@
+"""Packed batches: exact layout on a hand-made example, the log-prob convention against an
+unpacked float64 computation, and token-budget batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdpo.engine.packing import PackedBatch, TokenizedPair, batch_by_token_budget, pack_pairs
+
+
+def random_pairs(rng: np.random.Generator, n: int, *, vocab: int = 97, max_len: int = 13):
+    pairs = []
+    for i in range(n):
+        lp, lc, lr = rng.integers(1, max_len, size=3)
+        pairs.append(
+            TokenizedPair(
+                index=int(rng.integers(0, 10_000)) if i % 2 else i,
+                prompt_ids=rng.integers(0, vocab, size=lp).tolist(),
+                chosen_ids=rng.integers(0, vocab, size=lc).tolist(),
+                rejected_ids=rng.integers(0, vocab, size=lr).tolist(),
+                source=f"s{i % 3}",
+            )
+        )
+    return pairs
+
+
+def test_pack_pairs_hand_made_example_is_exact():
+    pairs = [
+        TokenizedPair(index=7, prompt_ids=[5, 6], chosen_ids=[7, 2], rejected_ids=[8, 9, 2]),
+        TokenizedPair(index=3, prompt_ids=[10], chosen_ids=[11, 2], rejected_ids=[2]),
+    ]
+    b = pack_pairs(pairs)
+    # seq 0: 5 6 | 7 2    seq 1: 5 6 | 8 9 2    seq 2: 10 | 11 2    seq 3: 10 | 2
+    assert b.input_ids.tolist() == [5, 6, 7, 2, 5, 6, 8, 9, 2, 10, 11, 2, 10, 2]
+    assert b.labels.tolist() == [-100, 7, 2, -100, -100, 8, 9, 2, -100, 11, 2, -100, 2, -100]
+    assert b.position_ids.tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1, 2, 0, 1]
+    assert b.seq_ids.tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 3, 3]
+    assert b.cu_seqlens.tolist() == [0, 4, 9, 12, 14]
+    assert b.cu_seqlens.dtype == torch.int32
+    assert b.max_seqlen == 5
+    assert b.pair_indices.tolist() == [7, 3]
+    assert b.completion_tokens.tolist() == [2, 3, 2, 1]
+    assert (b.num_pairs, b.num_seqs, b.num_tokens) == (2, 4, 14)
+    for t in (b.input_ids, b.labels, b.position_ids, b.seq_ids, b.pair_indices):
+        assert t.dtype == torch.int64
+
+
+def test_packed_label_sum_equals_unpacked_completion_logprob_in_float64():
+    rng = np.random.default_rng(2024)
+    vocab = 131
+    pairs = random_pairs(rng, 7, vocab=vocab)
+    b = pack_pairs(pairs)
+    # one random "model": log p(next | token) depends on (position's token, position) through a
+    # fresh random table, so any misalignment of labels changes the sums
+    table = torch.from_numpy(rng.standard_normal((vocab, 17, vocab)))  # float64
+    logp = torch.log_softmax(table, dim=-1)
+
+    def score(token: torch.Tensor, pos: torch.Tensor, nxt: torch.Tensor) -> torch.Tensor:
+        return logp[token, pos % 17, nxt]
+
+    mask = b.labels != -100
+    per_token = torch.zeros(b.num_tokens, dtype=torch.float64)
+    per_token[mask] = score(b.input_ids[mask], b.position_ids[mask], b.labels[mask])
+    packed = torch.zeros(b.num_seqs, dtype=torch.float64).index_add_(0, b.seq_ids, per_token)
+
+    expected = []
+    for p in pairs:
+        for completion in (p.chosen_ids, p.rejected_ids):
+            seq = torch.tensor(p.prompt_ids + completion)
+            start = len(p.prompt_ids)
+            total = torch.zeros((), dtype=torch.float64)
+            for j in range(start, len(seq)):  # token j predicted from position j-1
+                total += score(seq[j - 1], torch.tensor(j - 1), seq[j])
+            expected.append(total)
+    torch.testing.assert_close(packed, torch.stack(expected), rtol=0, atol=1e-12)
+    lengths = [len(c) for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
+    assert b.completion_tokens.tolist() == lengths
+    assert int(mask.sum()) == sum(lengths)
+
+
+def test_pack_pairs_keeps_pair_sequences_adjacent_and_positions_restart():
+    rng = np.random.default_rng(11)
+    pairs = random_pairs(rng, 9)
+    b = pack_pairs(pairs)
+    cu = b.cu_seqlens.long()
+    for p_i, p in enumerate(pairs):
+        for k, completion in enumerate((p.chosen_ids, p.rejected_ids)):
+            s = 2 * p_i + k
+            seq = b.input_ids[cu[s] : cu[s + 1]].tolist()
+            assert seq == p.prompt_ids + completion
+            assert b.position_ids[cu[s] : cu[s + 1]].tolist() == list(range(len(seq)))
+            assert set(b.seq_ids[cu[s] : cu[s + 1]].tolist()) == {s}
+    assert b.max_seqlen == int((cu[1:] - cu[:-1]).max())
+
+
+def test_pack_pairs_refuses_empty_prompt_completion_and_batch():
+    with pytest.raises(ValueError, match="pair 4 has an empty prompt"):
+        pack_pairs([TokenizedPair(index=4, prompt_ids=[], chosen_ids=[1], rejected_ids=[2])])
+    with pytest.raises(ValueError, match="pair 5 has an empty rejected"):
+        pack_pairs([TokenizedPair(index=5, prompt_ids=[1], chosen_ids=[1], rejected_ids=[])])
+    with pytest.raises(ValueError, match="no pairs"):
+        pack_pairs([])
+
+
+def test_packed_batch_to_moves_every_tensor():
+    pairs = random_pairs(np.random.default_rng(3), 3)
+    b = pack_pairs(pairs).to("meta")
+    assert isinstance(b, PackedBatch)
+    for name in ("input_ids", "position_ids", "labels", "seq_ids", "cu_seqlens", "pair_indices"):
+        assert getattr(b, name).device.type == "meta", name
+    assert b.completion_tokens.device.type == "meta"
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_budget_batches_never_split_pairs_respect_budget_and_fill_greedily(shuffle):
+    rng = np.random.default_rng(5)
+    pairs = random_pairs(rng, 53, max_len=29)
+    budget = 157
+    batches = batch_by_token_budget(pairs, max_tokens=budget, shuffle=shuffle, seed=9)
+    flat = [i for batch in batches for i in batch]
+    assert sorted(flat) == list(range(len(pairs)))  # every pair exactly once, never split
+    if not shuffle:
+        assert flat == list(range(len(pairs)))  # data order kept
+    else:
+        assert flat != list(range(len(pairs)))
+        assert flat == batch_flat(
+            batch_by_token_budget(pairs, max_tokens=budget, shuffle=True, seed=9)
+        )
+        assert flat != batch_flat(
+            batch_by_token_budget(pairs, max_tokens=budget, shuffle=True, seed=10)
+        )
+    for b_i, batch in enumerate(batches):
+        used = sum(pairs[i].num_tokens for i in batch)
+        assert used <= budget
+        assert used == pack_pairs([pairs[i] for i in batch]).num_tokens
+        if b_i + 1 < len(batches):  # next-fit: the next pair would not have fitted
+            assert used + pairs[batches[b_i + 1][0]].num_tokens > budget
+
+
+def batch_flat(batches: list[list[int]]) -> list[int]:
+    return [i for batch in batches for i in batch]
+
+
+def test_budget_batching_names_the_pair_over_budget_and_the_fix():
+    pairs = [
+        TokenizedPair(index=10, prompt_ids=[1, 2], chosen_ids=[3], rejected_ids=[4]),
+        TokenizedPair(index=42, prompt_ids=[1, 2, 3], chosen_ids=[3, 4], rejected_ids=[4]),
+    ]
+    assert batch_by_token_budget(pairs[:1], max_tokens=6) == [[0]]
+    with pytest.raises(ValueError) as info:
+        batch_by_token_budget(pairs, max_tokens=6)
+    msg = str(info.value)
+    assert "position 1" in msg and "data index 42" in msg and "9 tokens" in msg
+    assert "max_tokens_per_batch" in msg and "max_length" in msg
