@@ -1,0 +1,397 @@
+"""Pair tokenization: the prompt + completion + EOS convention, chat-template rendering, BOS/EOS
+rules, every truncation policy with exact ids, and the tokenizer/model mismatch check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer, processors
+
+from sdpo.engine.data import DataError, read_preference_file
+from sdpo.engine.packing import pack_pairs
+from sdpo.engine.tiny import DEFAULT_CHAT_TEMPLATE, build_tokenizer
+from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+
+WORDS = [f"w{i}" for i in range(20)] + [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "dog",
+    "hello",
+    "be",
+    "kind",
+]
+BOS, EOS = 1, 2
+SYSTEM, USER, ASSISTANT, COLON = 4, 5, 6, 7
+
+
+def wid(text: str) -> list[int]:
+    """Ids of the tiny tokenizer, computed from its documented vocabulary order."""
+    return [8 + WORDS.index(w) for w in text.split()]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    return build_tokenizer(tmp_path_factory.mktemp("tok"), words=WORDS)
+
+
+@pytest.fixture(scope="module")
+def tok(tok_dir) -> PairTokenizer:
+    return PairTokenizer.from_dir(tok_dir)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_tiny_tokenizer_vocabulary_and_specials(tok):
+    assert (tok.bos_id, tok.eos_id, tok.add_bos) == (BOS, EOS, True)
+    assert tok.vocab_size == 8 + len(WORDS)
+    assert tok.encode_texts(["the cat zebra", ""]) == [wid("the cat") + [3], []]
+    assert tok.decode([BOS, *wid("the cat"), EOS]) == "<bos> the cat <eos>"
+
+
+def test_string_rows_are_bos_prompt_then_completion_then_eos(tok):
+    rows = [{"prompt": "the cat sat", "chosen": "on the mat", "rejected": "dog", "source": "s"}]
+    (pair,), stats = tokenize_pairs(rows, tok, max_length=64)
+    assert pair.prompt_ids == [BOS, *wid("the cat sat")]
+    assert pair.chosen_ids == [*wid("on the mat"), EOS]
+    assert pair.rejected_ids == [*wid("dog"), EOS]
+    assert (pair.index, pair.source, pair.truncated) == (0, "s", False)
+    assert (stats.num_pairs, stats.num_truncated, stats.num_identical) == (1, 0, 0)
+    assert stats.num_tokens == 2 * 4 + 4 + 2
+    assert stats.max_sequence_length == 8
+
+
+def test_conversational_rows_render_with_the_chat_template(tok, tmp_path):
+    rows = [
+        {
+            "prompt": [
+                {"role": "system", "content": "be kind"},
+                {"role": "user", "content": "hello cat"},
+            ],
+            "chosen": [{"role": "assistant", "content": "the cat sat"}],
+            "rejected": "dog",
+        }
+    ]
+    data = read_preference_file(write_jsonl(tmp_path / "chat.jsonl", rows))
+    (pair,), _ = tokenize_pairs(data, tok, max_length=64)
+    # "system : be kind user : hello cat assistant : "
+    prompt = [SYSTEM, COLON, *wid("be kind"), USER, COLON, *wid("hello cat"), ASSISTANT, COLON]
+    assert pair.prompt_ids == [BOS, *prompt]
+    assert pair.chosen_ids == [*wid("the cat sat"), EOS]
+    assert pair.rejected_ids == [*wid("dog"), EOS]
+    full = tok.render_chat(data[0]["prompt"] + data[0]["chosen"], add_generation_prompt=False)
+    assert [BOS, *tok.encode_texts([full])[0], EOS] == pair.prompt_ids + pair.chosen_ids
+
+
+ZEPHYR_LIKE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\\n' + message['content'] + eos_token }}\n"
+    "{% else %}\n"
+    "{{ '<|assistant|>\\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n"
+    "{% endif %}\n"
+    "{% endfor %}"
+)
+
+
+def test_render_chat_matches_transformers_apply_chat_template(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = build_tokenizer(tmp_path, words=WORDS, chat_template=ZEPHYR_LIKE)
+    ours = PairTokenizer.from_dir(folder)
+    theirs = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+    messages = [
+        {"role": "system", "content": "be kind"},
+        {"role": "user", "content": "hello\ncat"},
+        {"role": "assistant", "content": "the cat"},
+    ]
+    for gen in (True, False):
+        for n in (2, 3):
+            expected = theirs.apply_chat_template(
+                messages[:n], tokenize=False, add_generation_prompt=gen
+            )
+            assert ours.render_chat(messages[:n], add_generation_prompt=gen) == expected
+
+
+def conv_row(prompt: str = "hello", chosen: str = "the cat", rejected: str = "dog") -> dict:
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def test_template_that_writes_bos_and_eos_gets_no_second_bos_or_eos(tmp_path):
+    template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} "
+        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    tok = PairTokenizer.from_dir(build_tokenizer(tmp_path, words=WORDS, chat_template=template))
+    (pair,), _ = tokenize_pairs([conv_row()], tok, max_length=64)
+    assert pair.prompt_ids == [BOS, USER, COLON, *wid("hello"), ASSISTANT, COLON]
+    assert pair.chosen_ids == [*wid("the cat"), EOS]
+    assert pair.rejected_ids == [*wid("dog"), EOS]
+
+
+def test_template_that_does_not_reproduce_the_prompt_prefix_is_an_error(tmp_path):
+    template = "{{ messages[-1]['content'] }}"
+    tok = PairTokenizer.from_dir(build_tokenizer(tmp_path, words=WORDS, chat_template=template))
+    data = read_preference_file(write_jsonl(tmp_path / "c.jsonl", [conv_row(), conv_row()]))
+    with pytest.raises(DataError) as info:
+        tokenize_pairs(data, tok, max_length=64)
+    msg = str(info.value)
+    assert "c.jsonl, line 1, field 'chosen'" in msg and "does not reproduce" in msg
+
+
+def test_template_raise_exception_becomes_an_error_naming_the_row(tmp_path):
+    template = (
+        "{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system turn must come "
+        "first') }}{% endif %}" + DEFAULT_CHAT_TEMPLATE
+    )
+    tok = PairTokenizer.from_dir(build_tokenizer(tmp_path, words=WORDS, chat_template=template))
+    good = conv_row()
+    good["prompt"] = [{"role": "system", "content": "be kind"}, *good["prompt"]]
+    data = read_preference_file(write_jsonl(tmp_path / "c.jsonl", [good, conv_row()]))
+    with pytest.raises(DataError) as info:
+        tokenize_pairs(data, tok, max_length=64)
+    assert "c.jsonl, line 2: the chat template rejected the messages: a system turn" in str(
+        info.value
+    )
+
+
+def test_conversational_rows_without_a_chat_template_are_refused(tmp_path):
+    tok = PairTokenizer.from_dir(build_tokenizer(tmp_path, words=WORDS, chat_template=None))
+    assert tok.chat_template is None
+    with pytest.raises(ValueError, match="no chat template; add chat_template"):
+        tokenize_pairs([conv_row()], tok, max_length=64)
+    (pair,), _ = tokenize_pairs(
+        [{"prompt": "hello", "chosen": "a", "rejected": "b"}], tok, max_length=8
+    )
+    assert pair.prompt_ids == [BOS, *wid("hello")]
+
+
+def test_mixed_string_and_message_fields_are_refused(tok):
+    row = {"prompt": "hello", "chosen": [{"role": "assistant", "content": "a"}], "rejected": "b"}
+    with pytest.raises(
+        DataError, match=r"row 0 \(0-based row index\): prompt, chosen and rejected mix"
+    ):
+        tokenize_pairs([row], tok, max_length=8)
+
+
+LONG_PROMPT = " ".join(f"w{i}" for i in range(10))  # 10 words -> 11 ids with BOS
+
+
+def truncation_rows() -> list[dict]:
+    return [
+        {"prompt": LONG_PROMPT, "chosen": "the cat sat on mat", "rejected": "dog hello"},
+        {"prompt": "w0", "chosen": "cat", "rejected": "dog"},  # fits: untouched
+    ]
+
+
+def test_keep_end_cuts_the_prompt_start_keeping_bos_then_the_completion_end(tok):
+    pairs, stats = tokenize_pairs(
+        truncation_rows(), tok, max_length=9, max_prompt_length=4, truncation="keep_end"
+    )
+    assert pairs[0].prompt_ids == [BOS, *wid("w7 w8 w9")]
+    assert pairs[0].chosen_ids == wid("the cat sat on mat")  # room 5: EOS cut away
+    assert pairs[0].rejected_ids == [*wid("dog hello"), EOS]
+    assert pairs[0].truncated and not pairs[1].truncated
+    assert pairs[1].prompt_ids == [BOS, *wid("w0")]
+    assert (stats.num_truncated, stats.num_prompt_truncated, stats.num_completion_truncated) == (
+        1,
+        1,
+        1,
+    )
+    assert stats.max_sequence_length == 9
+
+
+def test_keep_start_keeps_the_prompt_start(tok):
+    pairs, stats = tokenize_pairs(
+        truncation_rows(), tok, max_length=12, max_prompt_length=4, truncation="keep_start"
+    )
+    assert pairs[0].prompt_ids == [BOS, *wid("w0 w1 w2")]
+    assert pairs[0].chosen_ids == [*wid("the cat sat on mat"), EOS]  # room 8: fits whole
+    assert (stats.num_truncated, stats.num_prompt_truncated, stats.num_completion_truncated) == (
+        1,
+        1,
+        0,
+    )
+
+
+def test_prompt_over_max_prompt_length_is_kept_when_the_pair_fits(tok):
+    pairs, stats = tokenize_pairs(truncation_rows(), tok, max_length=64, max_prompt_length=4)
+    assert pairs[0].prompt_ids == [BOS, *wid(LONG_PROMPT)]
+    assert stats.num_truncated == 0
+
+
+def test_without_max_prompt_length_only_completions_are_cut(tok):
+    pairs, stats = tokenize_pairs(truncation_rows(), tok, max_length=13)
+    assert pairs[0].prompt_ids == [BOS, *wid(LONG_PROMPT)]
+    assert pairs[0].chosen_ids == wid("the cat")
+    assert pairs[0].rejected_ids == wid("dog hello")  # EOS cut, words kept
+    assert (stats.num_prompt_truncated, stats.num_completion_truncated) == (0, 1)
+
+
+def test_truncation_error_policy_names_the_row(tok, tmp_path):
+    data = read_preference_file(write_jsonl(tmp_path / "long.jsonl", truncation_rows()[::-1]))
+    with pytest.raises(DataError) as info:
+        tokenize_pairs(data, tok, max_length=9, truncation="error")
+    msg = str(info.value)
+    assert "long.jsonl, line 2: the pair is 17 tokens" in msg and "raise max_length" in msg
+    pairs, stats = tokenize_pairs(data, tok, max_length=64, truncation="error")
+    assert stats.num_truncated == 0 and len(pairs) == 2
+
+
+def test_prompt_that_leaves_no_room_for_the_completion_is_an_error(tok, tmp_path):
+    data = read_preference_file(write_jsonl(tmp_path / "p.jsonl", truncation_rows()))
+    with pytest.raises(DataError) as info:
+        tokenize_pairs(data, tok, max_length=11)
+    msg = str(info.value)
+    assert "p.jsonl, line 1, field 'prompt': the prompt alone is 11 tokens" in msg
+    assert "raise max_length" in msg
+
+
+def test_token_ids_beyond_the_model_vocabulary_are_an_error(tok):
+    rows = [
+        {"prompt": "w0", "chosen": "w1", "rejected": "w2"},
+        {"prompt": "w0", "chosen": "mat", "rejected": "w2"},
+    ]
+    tokenize_pairs(rows, tok, max_length=8, vocab_size=tok.vocab_size)
+    with pytest.raises(DataError) as info:
+        tokenize_pairs(rows, tok, max_length=8, vocab_size=wid("mat")[0])
+    msg = str(info.value)
+    assert "row 1 (0-based row index)" in msg and f"token id {wid('mat')[0]}" in msg
+    assert "does not match the model" in msg
+
+
+def test_bad_truncation_settings_are_refused(tok):
+    rows = truncation_rows()
+    with pytest.raises(ValueError, match="truncation must be one of"):
+        tokenize_pairs(rows, tok, max_length=9, truncation="middle")
+    with pytest.raises(ValueError, match="max_prompt_length must be in"):
+        tokenize_pairs(rows, tok, max_length=9, max_prompt_length=9)
+    with pytest.raises(ValueError, match="max_length must be >= 2"):
+        tokenize_pairs(rows, tok, max_length=1)
+
+
+def test_random_rows_keep_end_invariants(tok):
+    rng = np.random.default_rng(7)
+    vocab = [w for w in WORDS if w.startswith("w")]
+    rows = []
+    for _ in range(61):
+        lp, lc, lr = rng.integers(1, 15, size=3)
+        rows.append(
+            {
+                k: " ".join(rng.choice(vocab, size=n))
+                for k, n in zip(("prompt", "chosen", "rejected"), (lp, lc, lr))
+            }
+        )
+    full, _ = tokenize_pairs(rows, tok, max_length=1000)
+    pairs, stats = tokenize_pairs(rows, tok, max_length=17, max_prompt_length=6)
+    for f, p in zip(full, pairs):
+        too_long = len(f.prompt_ids) + max(len(f.chosen_ids), len(f.rejected_ids)) > 17
+        assert p.truncated == too_long
+        for got, orig in ((p.chosen_ids, f.chosen_ids), (p.rejected_ids, f.rejected_ids)):
+            assert len(got) >= 1 and len(p.prompt_ids) + len(got) <= 17
+            assert got == orig[: len(got)]  # completions lose their end only
+        if too_long and len(f.prompt_ids) > 6:
+            assert p.prompt_ids == [BOS, *f.prompt_ids[-5:]]  # prompt keeps BOS and its end
+        else:
+            assert p.prompt_ids == f.prompt_ids
+    assert stats.num_truncated == sum(p.truncated for p in pairs) > 0
+    assert stats.num_truncated < len(pairs)
+
+
+def test_read_tokenize_pack_scores_exactly_the_completion_tokens(tok, tmp_path):
+    rows = [
+        conv_row("hello cat", "the cat sat", "dog"),
+        {"prompt": "w3 w4", "chosen": "mat", "rejected": "w5 w6"},
+    ]
+    data = read_preference_file(write_jsonl(tmp_path / "d.jsonl", rows), source="mix")
+    pairs, _ = tokenize_pairs(data, tok, max_length=32)
+    batch = pack_pairs(pairs)
+    completions = [c for p in pairs for c in (p.chosen_ids, p.rejected_ids)]
+    scored = batch.labels[batch.labels != -100]
+    assert scored.tolist() == [t for c in completions for t in c]
+    assert {p.source for p in pairs} == {"mix"}
+
+
+def test_identical_completions_after_tokenization_are_counted(tok):
+    rows = [
+        {"prompt": "w0", "chosen": "w1 w2", "rejected": "w1 w3"},  # identical once cut
+        {"prompt": "w0", "chosen": "cat", "rejected": "dog"},
+    ]
+    _, stats = tokenize_pairs(rows, tok, max_length=3)
+    assert stats.num_identical == 1
+
+
+def test_from_dir_reads_eos_from_config_json_and_bos_rule_from_post_processor(tmp_path):
+    folder = build_tokenizer(tmp_path, words=WORDS)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    for key in ("eos_token", "add_bos_token"):
+        del config[key]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": [EOS, 3]}))
+    tok = PairTokenizer.from_dir(folder)
+    assert tok.eos_id == EOS and not tok.add_bos  # no post-processor adds BOS here
+    (pair,), _ = tokenize_pairs(
+        [{"prompt": "w0", "chosen": "w1", "rejected": "w2"}], tok, max_length=8
+    )
+    assert pair.prompt_ids == wid("w0") and pair.chosen_ids == [*wid("w1"), EOS]
+
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    inner.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", BOS)]
+    )
+    (folder / "tokenizer.json").write_text(inner.to_str())
+    assert PairTokenizer.from_dir(folder).add_bos
+
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no EOS token"):
+        PairTokenizer.from_dir(folder)
+
+
+def test_from_dir_errors_and_template_sources(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"tokenizer.json not found"):
+        PairTokenizer.from_dir(tmp_path)
+    folder = build_tokenizer(tmp_path / "t", words=WORDS, chat_template=None)
+    (folder / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    assert PairTokenizer.from_dir(folder).chat_template == "{{ messages[0]['content'] }}"
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = [
+        {"name": "tool_use", "template": "x"},
+        {"name": "default", "template": "y"},
+    ]
+    config["eos_token"] = {"content": "<eos>", "special": True}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = PairTokenizer.from_dir(folder)
+    assert tok.chat_template == "y" and tok.eos_id == EOS
+    config["eos_token"] = "<nope>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="eos_token '<nope>' is not in the tokenizer's vocabulary"):
+        PairTokenizer.from_dir(folder)
+
+
+def test_fingerprint_changes_with_the_template(tmp_path):
+    a = PairTokenizer.from_dir(build_tokenizer(tmp_path / "a", words=WORDS))
+    b = PairTokenizer.from_dir(build_tokenizer(tmp_path / "b", words=WORDS))
+    c = PairTokenizer.from_dir(build_tokenizer(tmp_path / "c", words=WORDS, chat_template="x"))
+    assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+def test_build_tokenizer_refuses_words_the_pre_tokenizer_would_split(tmp_path):
+    with pytest.raises(ValueError, match='"don\'t" would be split'):
+        build_tokenizer(tmp_path, words=["don't"])
