@@ -3,12 +3,14 @@
 A preference row has a ``prompt``, a ``chosen`` and a ``rejected`` completion, each either a
 non-empty string or a list of chat messages ``{"role": str, "content": str}``. Files are read
 with ``datasets`` (``.jsonl``/``.json``/``.parquet``/``.csv``, or a hub name); JSON files are
-first read line by line here, because ``datasets`` reports a malformed line or a non-UTF-8 byte
-without saying where it is. Every problem becomes a ``DataError`` naming the file, the row and
+first read line by line here (strict UTF-8, strict JSON), because ``datasets`` reports a
+malformed line or a non-UTF-8 byte without saying where it is, and ``datasets`` then loads a clean
+copy holding only the validated fields. Every problem becomes a ``DataError`` naming the file, the row and
 the field, and saying what to do: bad data must fail in seconds, not an hour into a run.
 
 Row numbers: for JSON lines files they are 1-based line numbers (what an editor shows); for
-JSON arrays, parquet, csv and hub data sets they are 0-based row indices. Messages say which.
+JSON arrays, parquet, csv (the header is not a row) and hub data sets they are 0-based row
+indices. Messages say which.
 
 Mixed formats are normalised so each returned row is all strings or all messages: a string
 prompt with message completions becomes one user turn, a string completion with a message prompt
@@ -135,7 +137,7 @@ def read_preference_file(
     if identical not in IDENTICAL_POLICIES:
         raise ValueError(f"identical must be one of {IDENTICAL_POLICIES}, got {identical!r}")
     name = os.fspath(path_or_name)
-    path = Path(name)
+    path = Path(name).expanduser()
     suffix = path.suffix.lower()
 
     if path.is_file():
@@ -192,8 +194,8 @@ def read_preference_file(
             if identical == "error":
                 raise place.error(
                     "chosen is identical to rejected, so the pair prefers nothing",
-                    fix="remove the row or make the completions differ, or set the "
-                    "identical-pairs policy to 'drop' or 'warn'",
+                    fix="remove the row or make the completions differ, or set "
+                    "data.identical_pairs (argument `identical`) to 'drop' or 'warn'",
                     field="chosen",
                 )
             identical_places.append(place)
