@@ -68,6 +68,20 @@ class DataError(ValueError):
             place = f"{place}, field '{field}'" if place else f"field '{field}'"
         super().__init__(f"{place}: {problem}. Fix: {fix}" if place else f"{problem}. Fix: {fix}")
 
+    def __reduce__(self):  # keyword-only fields: pickle (e.g. across processes) needs help
+        kwargs = {
+            "fix": self.fix,
+            "file": self.file,
+            "row": self.row,
+            "field": self.field,
+            "row_label": self.row_label,
+        }
+        return _rebuild_data_error, (self.problem, kwargs)
+
+
+def _rebuild_data_error(problem: str, kwargs: dict) -> DataError:
+    return DataError(problem, **kwargs)
+
 
 class DataWarning(UserWarning):
     """Data that is usable but probably not what was meant (e.g. chosen identical to rejected)."""

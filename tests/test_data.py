@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 import warnings
 from pathlib import Path
@@ -165,6 +166,13 @@ def test_bad_row_in_jsonl_names_file_line_and_field(tmp_path, bad, field, words)
     with pytest.raises(DataError) as info:
         read_preference_file(path)
     assert_error(info, file=path, row=3, field=field, label="line", words=words)
+
+
+def test_data_error_survives_pickling():
+    err = DataError("bad", fix="do x", file="f.jsonl", row=3, field="chosen")
+    back = pickle.loads(pickle.dumps(err))
+    assert str(back) == str(err) == "f.jsonl, line 3, field 'chosen': bad. Fix: do x"
+    assert (back.file, back.row, back.field, back.row_label) == ("f.jsonl", 3, "chosen", "line")
 
 
 def test_bad_row_in_json_array_names_the_0_based_row(tmp_path):
