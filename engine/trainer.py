@@ -13,6 +13,7 @@ does not depend on how the step is cut into micro-batches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -176,6 +177,24 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: s
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _to_device(x: Any, device: torch.device) -> Any:
+    """A CPU tensor (or a PackedBatch of them) on ``device`` without stalling the host.
+
+    On CUDA a plain ``.to(device)`` from pageable memory waits until the GPU has finished all
+    queued work, once per tensor; staging through pinned memory with ``non_blocking=True`` lets
+    the host pack the next micro-batch while the GPU still runs this one."""
+    if device.type != "cuda":
+        return x.to(device)
+    if isinstance(x, Tensor):
+        return x.pin_memory().to(device, non_blocking=True)
+    pinned = {
+        f.name: getattr(x, f.name).pin_memory()
+        for f in dataclasses.fields(x)
+        if isinstance(getattr(x, f.name), Tensor)
+    }
+    return dataclasses.replace(x, **pinned).to(device, non_blocking=True)
+
+
 @dataclass(kw_only=True)
 class TrainResult:
     optimizer_steps: int
@@ -225,10 +244,11 @@ class DPOTrainer:
         self, pairs: Sequence[TokenizedPair], positions: list[int], ref: PairLogps, normalizer: int
     ) -> dict[str, Tensor]:
         """Forward and backward of one micro-batch; returns detached metric sums."""
-        batch = pack_pairs([pairs[i] for i in positions]).to(self.device)
-        rows = ref.rows_for(batch.pair_indices.cpu())
-        ref_c = ref.chosen_logps[rows].to(self.device)
-        ref_r = ref.rejected_logps[rows].to(self.device)
+        host_batch = pack_pairs([pairs[i] for i in positions])  # CPU tensors
+        rows = ref.rows_for(host_batch.pair_indices)  # looked up on the host: no device sync
+        batch = _to_device(host_batch, self.device)
+        ref_c = _to_device(ref.chosen_logps[rows], self.device)
+        ref_r = _to_device(ref.rejected_logps[rows], self.device)
         tok_c = batch.completion_tokens[0::2]
         tok_r = batch.completion_tokens[1::2]
         with autocast_context(self.precision, self.device):
