@@ -89,3 +89,48 @@ def build_tokenizer(
     atomic_write_text(out / "tokenizer.json", tokenizer.to_str(pretty=True))
     atomic_write_json(out / "tokenizer_config.json", config)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Model folder
+# ---------------------------------------------------------------------------------------------
+
+
+def write_tiny_model(
+    out_dir: str | os.PathLike,
+    *,
+    words: list[str],
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+) -> Path:
+    """A complete random-init Llama-style model folder (config.json, model.safetensors and the
+    tokenizer files of ``build_tokenizer``), loadable by ``load_pretrained`` and transformers."""
+    import tempfile
+
+    from .checkpoint import save_pretrained
+    from .model import ModelConfig, init_model
+    from .tokenize import PairTokenizer
+
+    out = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        build_tokenizer(tmp, words=words)
+        vocab = PairTokenizer.from_dir(tmp).vocab_size
+        config = ModelConfig(
+            vocab_size=vocab,
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 3,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            head_dim=hidden_size // num_heads,
+            max_position_embeddings=1024,
+            tie_word_embeddings=tie_word_embeddings,
+        )
+        model = init_model(config, seed=seed)
+        files = [Path(tmp) / "tokenizer.json", Path(tmp) / "tokenizer_config.json"]
+        save_pretrained(model, out, extra_files=files)
+    return out

@@ -123,7 +123,7 @@ def plan_steps(
         current: list[int] = []
         tokens = 0
         for pos in order:
-            size = _pair_tokens(pairs[pos])
+            size = pairs[pos].num_tokens
             if current and tokens + size > budget:
                 groups.append(current)
                 current, tokens = [], 0
@@ -138,10 +138,6 @@ def plan_steps(
         )
         steps.append([[group[j] for j in batch] for batch in micro])
     return steps
-
-
-def _pair_tokens(pair: TokenizedPair) -> int:
-    return 2 * len(pair.prompt_ids) + len(pair.chosen_ids) + len(pair.rejected_ids)
 
 
 def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -221,6 +217,7 @@ class DPOTrainer:
         metrics_extra: dict[str, Any] | None = None,
         save_checkpoint: Callable[[DPOTrainer, str], None] | None = None,
         progress: bool = True,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -236,7 +233,8 @@ class DPOTrainer:
         wanted = parameter_dtype(self.precision)
         if any(p.dtype != wanted for p in model.parameters()):
             model.to(wanted)
-        self.optimizer = build_optimizer(model, config)
+        # An optimizer handed in keeps its state (sDPO with reset_optimizer = false).
+        self.optimizer = optimizer if optimizer is not None else build_optimizer(model, config)
         self.global_step = 0
 
     # -- one optimizer step -------------------------------------------------------------
@@ -338,7 +336,18 @@ class DPOTrainer:
         return metrics
 
     # -- the loop -----------------------------------------------------------------------
-    def fit(self, pairs: Sequence[TokenizedPair], ref: PairLogps) -> TrainResult:
+    def fit(
+        self,
+        pairs: Sequence[TokenizedPair],
+        ref: PairLogps,
+        *,
+        schedule_steps: int | None = None,
+        schedule_offset: int = 0,
+    ) -> TrainResult:
+        """Train one pass of ``config.epochs`` over ``pairs``.
+
+        The LR schedule spans this call's steps, unless ``schedule_steps`` (total) and
+        ``schedule_offset`` (steps already done) place it inside a longer schedule."""
         if not pairs:
             raise ValueError("DPOTrainer.fit needs at least one pair")
         cfg = self.config
@@ -346,11 +355,17 @@ class DPOTrainer:
         np.random.seed(cfg.seed % 2**32)
         plans = [plan_steps(pairs, cfg, epoch=e) for e in range(cfg.epochs)]
         total_steps = sum(len(p) for p in plans)
-        warmup = int(math.ceil(cfg.warmup_ratio * total_steps))
+        schedule_total = schedule_steps if schedule_steps is not None else total_steps
+        warmup = int(math.ceil(cfg.warmup_ratio * schedule_total))
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] = cfg.learning_rate
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_multiplier(
-                s, total_steps=total_steps, warmup_steps=warmup, schedule=cfg.schedule
+                s + schedule_offset,
+                total_steps=schedule_total,
+                warmup_steps=warmup,
+                schedule=cfg.schedule,
             ),
         )
         self.model.train()
@@ -370,7 +385,7 @@ class DPOTrainer:
                 scheduler.step()
                 step_in_run += 1
                 self.global_step += 1
-                step_tokens = sum(_pair_tokens(pairs[i]) for batch in micro_batches for i in batch)
+                step_tokens = sum(pairs[i].num_tokens for batch in micro_batches for i in batch)
                 tokens_total += step_tokens
                 window_tokens += step_tokens
                 if step_in_run % cfg.log_every == 0 or step_in_run == total_steps:

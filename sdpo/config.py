@@ -219,6 +219,9 @@ class SDPOSection:
     learning_rate: list[float] = field(default_factory=list)  # per-step train.learning_rate
     score_tokens_per_batch: int | None = None  # no-grad scoring batches; None: 4x training
     cache_dir: str | None = field(default=None, metadata=_LOCAL)  # None: inside output_dir
+    # Extra no-grad passes for the report only: gamma_ref of each step's reference on the next
+    # chunk (free for step 1) and reward accuracy on the chunk after training. false skips them.
+    report_scoring: bool = True
 
     def __post_init__(self) -> None:
         _at_least("sdpo.steps", self.steps, 1)

@@ -46,16 +46,19 @@ class DemoSettings:
 
     length: int = 5  # digits to reverse
     sft_examples: int = 600
-    sft_steps: int = 220
+    # SFT stops early on purpose: the model is right on a minority of held-out prompts, so
+    # preference training has something to teach (measured: 80 steps give about 11%).
+    sft_steps: int = 80
     pairs_per_source: int = 400
     heldout_prompts: int = 300
     dpo_epochs: int = 2
+    dpo_learning_rate: float = 3e-4
     hidden: int = 64
     layers: int = 2
 
     @classmethod
     def quick(cls) -> DemoSettings:
-        return cls(sft_steps=120, pairs_per_source=96, heldout_prompts=96, dpo_epochs=1)
+        return cls(pairs_per_source=96, heldout_prompts=96, dpo_epochs=1)
 
 
 def _prompt(digits: list[str]) -> str:
@@ -147,7 +150,9 @@ def sft(
 def greedy_accuracy(model: CausalLM, tokenizer: PairTokenizer, prompts: list[list[str]]) -> float:
     """Exact-match accuracy of greedy decoding of the reversal on ``prompts``."""
     model.eval()
-    ids = [tokenizer.encode_prompt(_prompt(d)) for d in prompts]
+    ids = [
+        [tokenizer.bos_id, *row] for row in tokenizer.encode_texts([_prompt(d) for d in prompts])
+    ]
     length = len(ids[0])
     tokens = torch.tensor(ids, dtype=torch.int64)  # (B, L): all prompts have the same length
     n_new = len(prompts[0])
@@ -226,7 +231,7 @@ def run_demo(*, output_dir: Path, quick: bool = False, seed: int = 0) -> dict:
                     "max_prompt_length": 32,
                 },
                 "train": {
-                    "learning_rate": 2e-4,
+                    "learning_rate": settings.dpo_learning_rate,
                     "epochs": settings.dpo_epochs,
                     "pairs_per_step": 16,
                     "max_tokens_per_batch": 4096,

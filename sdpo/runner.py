@@ -32,10 +32,10 @@ from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import parameter_dtype, resolve_precision
 from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
-from sdpo.engine.trainer import DPOTrainer, TrainConfig
+from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
 from sdpo.kernels import resolve_impl
-from sdpo.losses import LossConfig, dpo_loss
-from sdpo.partition import partition_pairs
+from sdpo.losses import dpo_loss
+from sdpo.partition import describe_partition, partition_pairs
 from sdpo.report import PLOT_HINT, StepReport, format_summary_table, plot_steps, write_reports
 
 TOKENIZER_FILES = (
@@ -180,56 +180,68 @@ class StepwiseRunner:
             f"initial model: reward accuracy {float((initial.gamma > 0).float().mean()):.3f}, "
             f"mean γ {float(initial.gamma.mean()):.3f} over {len(pairs)} pairs"
         )
-        chunks = partition_pairs(
-            cfg.sdpo.partition,
-            pairs_sources=[p.source for p in pairs],
-            pair_indices=[p.index for p in pairs],
-            gamma=initial.gamma.tolist(),
-            steps=cfg.sdpo.steps,
-            source_order=[s.name for s in cfg.data.sources],
-            seed=cfg.train.seed,
-        )
+        partition_args = {
+            "pairs_sources": [p.source for p in pairs],
+            "pair_indices": [p.index for p in pairs],
+            "gamma": initial.gamma.tolist(),
+            "source_order": [s.name for s in cfg.data.sources],
+            "seed": cfg.train.seed,
+        }
+        chunks = partition_pairs(cfg.sdpo.partition, steps=cfg.sdpo.steps, **partition_args)
+        partition = describe_partition(cfg.sdpo.partition, chunks, **partition_args)
+        _log("partition:\n" + partition.format())
+
+        # With reset_optimizer = false, one optimizer and one LR schedule span all steps.
+        optimizer = None
+        schedule_total, schedule_done = None, 0
+        if not cfg.sdpo.reset_optimizer:
+            schedule_total = sum(
+                len(plan_steps([by_index[i] for i in chunk], _train_config(cfg), epoch=e))
+                for chunk in chunks
+                for e in range(cfg.train.epochs)
+            )
+
         reports: list[StepReport] = []
         for t, chunk in enumerate(chunks, start=1):
             chunk_pairs = [by_index[i] for i in chunk]
-            next_pairs = [by_index[i] for i in chunks[t]] if t < len(chunks) else []
             t0 = time.perf_counter()
             if fixed_ref is not None:
                 ref = fixed_ref
             elif t == 1:
                 ref = initial
-            else:
+            else:  # M_{t-1} is the policy in memory, before its first update of this step
                 ref = self.cached_reference(
                     f"step-{t}", model, model_fingerprint(model), chunk_pairs
                 )
-            chunk_rows = ref.rows_for(torch.tensor(chunk, dtype=torch.int64))
-            ref_gamma_chunk = ref.gamma[chunk_rows]
-            next_gamma = None
-            if next_pairs and fixed_ref is None:
-                next_scores = initial if t == 1 else self.score(model, next_pairs)
-                rows = next_scores.rows_for(torch.tensor(chunks[t], dtype=torch.int64))
-                next_gamma = float(next_scores.gamma[rows].mean())
+            ref_gamma = ref.gamma[ref.rows_for(torch.tensor(chunk, dtype=torch.int64))]
+            next_gamma = self._next_chunk_gamma(t, chunks, by_index, model, ref, initial)
             scoring_s = (initial_scoring_s if t == 1 else 0.0) + time.perf_counter() - t0
 
             beta, lr = step_settings(cfg, t)
-            train_cfg = dataclasses.replace(_train_config(cfg), learning_rate=lr)
-            loss_cfg = dataclasses.replace(_loss_config(cfg), beta=beta)
             trainer = DPOTrainer(
                 model,
-                config=train_cfg,
-                loss_fn=partial(dpo_loss, config=loss_cfg),
+                config=dataclasses.replace(_train_config(cfg), learning_rate=lr),
+                loss_fn=partial(dpo_loss, config=dataclasses.replace(cfg.loss, beta=beta)),
                 kernels_impl=self.impl,
                 chunk_tokens=cfg.kernels.chunk_tokens,
                 output_dir=self.out,
                 metrics_extra={"sdpo_step": t},
                 progress=self.progress,
+                optimizer=optimizer,
             )
+            trainer.global_step = schedule_done
             _log(f"step {t}/{len(chunks)}: {len(chunk_pairs)} pairs, beta={beta}, lr={lr}")
-            result = trainer.fit(chunk_pairs, ref)
+            result = trainer.fit(
+                chunk_pairs, ref, schedule_steps=schedule_total, schedule_offset=schedule_done
+            )
+            if not cfg.sdpo.reset_optimizer:
+                optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
             del trainer
             step_dir = self.out / f"step-{t}"
             save_pretrained(model, step_dir, extra_files=tokenizer_files(model_dir))
-            after = self.score(model, chunk_pairs)
+            acc_after = None
+            if cfg.sdpo.report_scoring:
+                acc_after = float((self.score(model, chunk_pairs).gamma > 0).float().mean())
             reports.append(
                 StepReport(
                     step=t,
@@ -238,20 +250,42 @@ class StepwiseRunner:
                     beta=beta,
                     learning_rate=lr,
                     train_metrics=result.last_metrics,
-                    gamma_ref_chunk=float(ref_gamma_chunk.mean()),
+                    gamma_ref_chunk=float(ref_gamma.mean()),
                     gamma_ref_next_chunk=next_gamma,
-                    reward_accuracy_before=float((ref_gamma_chunk > 0).float().mean()),
-                    reward_accuracy_after=float((after.gamma > 0).float().mean()),
+                    reward_accuracy_before=float((ref_gamma > 0).float().mean()),
+                    reward_accuracy_after=acc_after,
                     train_seconds=result.seconds,
                     scoring_seconds=scoring_s,
                 )
             )
             _log(f"step {t} done: saved {step_dir}")
-        write_reports(reports, self.out)
+        write_reports(reports, self.out, partition=partition)
         print(format_summary_table(reports))
         if not plot_steps(self.out / "metrics.jsonl", reports, self.out / "sdpo_steps.png"):
             _log(PLOT_HINT)
         return RunResult(output_dir=self.out, reports=reports, scoring_calls=self.scoring_calls)
+
+    def _next_chunk_gamma(
+        self,
+        t: int,
+        chunks: list[list[int]],
+        by_index: dict[int, TokenizedPair],
+        model: torch.nn.Module,
+        ref: PairLogps,
+        initial: PairLogps,
+    ) -> float | None:
+        """Mean γ of step t's reference on chunk t+1 (the paper's Figure 2 quantity). Free for
+        step 1 and for a fixed reference (both scored all data); a scoring pass otherwise."""
+        if t >= len(chunks):
+            return None
+        upcoming = torch.tensor(chunks[t], dtype=torch.int64)
+        if self.cfg.sdpo.reference or t == 1:
+            source = ref if self.cfg.sdpo.reference else initial
+        elif self.cfg.sdpo.report_scoring:
+            source = self.score(model, [by_index[i] for i in chunks[t]])
+        else:
+            return None
+        return float(source.gamma[source.rows_for(upcoming)].mean())
 
     def prepare_output_dir(self) -> None:
         """Refuse to mix two runs' outputs; with ``overwrite``, clear the old run's outputs
@@ -312,10 +346,6 @@ def tokenizer_files(model_dir: Path) -> list[Path]:
 
 def _train_config(cfg: RunConfig) -> TrainConfig:
     return cfg.train if isinstance(cfg.train, TrainConfig) else TrainConfig(**vars(cfg.train))
-
-
-def _loss_config(cfg: RunConfig) -> LossConfig:
-    return cfg.loss
 
 
 def run_training(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> RunResult:
