@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import math
 import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -431,10 +433,835 @@ def kernels_section(args: argparse.Namespace) -> dict:
 
 
 # ----------------------------------------------------------------------------------------
+# Section: step (a whole DPO training step, end to end)
+# ----------------------------------------------------------------------------------------
+
+# Model shapes (random init, no downloads). Llama-3.2-1B ties its embeddings, which with a 32k
+# vocabulary gives 1.04 B parameters; the anchor run's 1.10 B is the same shape untied, so the
+# preset is untied (``--tie-embeddings`` switches). Mistral-7B at 8 of its 32 layers keeps the
+# per-layer shapes while full fine-tuning (weights, grads, AdamW states) fits one 80 GB card.
+STEP_PRESETS: dict[str, dict] = {
+    "llama-1b-32k": {
+        "model_type": "llama",
+        "vocab_size": 32_000,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500_000.0,
+        "max_position_embeddings": 131_072,
+        "tie_word_embeddings": False,
+    },
+    "mistral-7b-8l": {
+        "model_type": "mistral",
+        "vocab_size": 32_000,
+        "hidden_size": 4096,
+        "intermediate_size": 14_336,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1_000_000.0,
+        "max_position_embeddings": 32_768,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+    },
+    "tiny": {
+        "model_type": "llama",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 160,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": True,
+    },
+}
+
+# Token ids of the synthetic pairs follow engine.tiny.build_tokenizer's vocabulary (the one the
+# TRL comparison tokenizes with): <bos> = 1, <eos> = 2, and plain words from id 8 on.
+BOS_ID, EOS_ID, FIRST_WORD_ID = 1, 2, 8
+
+# Defaults of the anchor workload, and of --smoke (CPU, seconds).
+ANCHOR_LENGTHS = {"prompt_len": 128, "completion_min": 448, "completion_max": 896}
+SMOKE_LENGTHS = {"prompt_len": 8, "completion_min": 5, "completion_max": 13}
+
+
+def step_model_config(args: argparse.Namespace):
+    from sdpo.engine.model import ModelConfig
+
+    d = dict(STEP_PRESETS[args.preset])
+    if args.layers is not None:
+        d["num_hidden_layers"] = args.layers
+    if args.tie_embeddings is not None:
+        d["tie_word_embeddings"] = args.tie_embeddings == "yes"
+    return ModelConfig.from_hf_dict(d)
+
+
+def synthetic_pairs(
+    count: int,
+    *,
+    vocab_size: int,
+    prompt_len: int,
+    completion_min: int,
+    completion_max: int,
+    seed: int,
+    first_index: int = 0,
+) -> list:
+    """``count`` pairs of random word ids: a <bos>-led prompt of ``prompt_len`` tokens and two
+    completions of uniform length in [completion_min, completion_max], <eos> included."""
+    from sdpo.engine.packing import TokenizedPair
+
+    if vocab_size <= FIRST_WORD_ID:
+        raise ValueError(
+            f"vocab_size must exceed {FIRST_WORD_ID} (the special ids), got {vocab_size}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+
+    def words(n: int) -> list[int]:
+        return torch.randint(FIRST_WORD_ID, vocab_size, (n,), generator=gen).tolist()
+
+    def completion() -> list[int]:
+        n = int(torch.randint(completion_min, completion_max + 1, (1,), generator=gen))
+        return words(n - 1) + [EOS_ID]
+
+    return [
+        TokenizedPair(
+            index=first_index + i,
+            prompt_ids=[BOS_ID, *words(prompt_len - 1)],
+            chosen_ids=completion(),
+            rejected_ids=completion(),
+            source="synthetic",
+        )
+        for i in range(count)
+    ]
+
+
+def matmul_params(config) -> int:
+    """Parameters that take part in a matmul per token: every projection plus the lm_head (the
+    embedding lookup is not a matmul; with tied embeddings the shared matrix counts once)."""
+    h, d, i = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
+    return config.num_hidden_layers * per_layer + config.vocab_size * h
+
+
+def model_flops(pairs: list, config, *, training: bool) -> float:
+    """FLOPs of one pass over ``pairs``, by the common convention (PaLM appendix B, nanoGPT):
+    2·P per token forward (6·P with backward), P = ``matmul_params``, plus attention scores
+    and values 4·L·A·s per token forward (12·L·A·s with backward) for a token in a sequence of
+    length s, A = heads·head_dim, the full s×s square counted (no causal halving)."""
+    factor = 3 if training else 1
+    width = config.num_attention_heads * config.head_dim
+    p = matmul_params(config)
+    tokens = 0
+    square = 0
+    for pair in pairs:
+        for completion in (pair.chosen_ids, pair.rejected_ids):
+            s = len(pair.prompt_ids) + len(completion)
+            tokens += s
+            square += s * s
+    return factor * (2 * p * tokens + 4 * config.num_hidden_layers * width * square)
+
+
+def real_tokens(pairs: list) -> int:
+    """2·prompt + chosen + rejected per pair: the tokens the model really runs (no padding)."""
+    return sum(p.num_tokens for p in pairs)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 1e9
+
+
+class PhaseRecorder:
+    """Phase boundaries of training steps, recorded by hooks (CUDA events or perf_counter).
+
+    Used only in the instrumented loop: events cost nothing on the host but reading them
+    needs a sync, which the main timed loop must not have. Per micro-batch it marks the
+    decoder forward (model pre/post hooks), the head (decoder output to dL/dhidden: the loss
+    and, on the fused path, the lm_head gradients formed in the forward), the decoder backward
+    (to the embedding gradient's accumulation, the last of the backward) and per step the
+    optimizer (grad clipping + AdamW, to the optimizer's step post-hook)."""
+
+    PHASES = ("decoder_fwd_ms", "head_ms", "decoder_bwd_ms", "optimizer_ms", "other_ms")
+
+    def __init__(self, model: torch.nn.Module, optimizer, device: torch.device) -> None:
+        self.device = device
+        self.marks: list[tuple[str, object]] = []
+        embed = model.model.embed_tokens.weight
+        self.handles = [
+            model.register_forward_pre_hook(self._forward_start),
+            model.register_forward_hook(self._forward_end),
+            embed.register_post_accumulate_grad_hook(lambda _p: self.mark("bwd_end")),
+            optimizer.register_step_post_hook(lambda _o, _a, _k: self.mark("opt_end")),
+        ]
+
+    def mark(self, label: str) -> None:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((label, event))
+        else:
+            self.marks.append((label, time.perf_counter()))
+
+    def _forward_start(self, module, args) -> None:
+        if torch.is_grad_enabled():
+            self.mark("fwd_start")
+
+    def _forward_end(self, module, args, output) -> None:
+        if not torch.is_grad_enabled():
+            return
+        self.mark("fwd_end")
+        if output.requires_grad:
+            output.register_hook(self._backward_start)
+
+    def _backward_start(self, grad) -> None:
+        self.mark("bwd_start")
+
+    def _ms(self, a, b) -> float:
+        if self.device.type == "cuda":
+            return a.elapsed_time(b)
+        return (b - a) * 1e3
+
+    def step_phases(self) -> dict[str, float]:
+        """ms per phase of the step marked since the last call (call after a sync)."""
+        marks, self.marks = self.marks, []
+        out = dict.fromkeys(self.PHASES, 0.0)
+        last: dict[str, object] = {}
+        for label, value in marks:
+            if label == "fwd_end":
+                out["decoder_fwd_ms"] += self._ms(last["fwd_start"], value)
+            elif label == "bwd_start":
+                out["head_ms"] += self._ms(last["fwd_end"], value)
+            elif label == "bwd_end":
+                out["decoder_bwd_ms"] += self._ms(last["bwd_start"], value)
+            elif label == "opt_end":
+                out["optimizer_ms"] += self._ms(last["bwd_end"], value)
+            last[label] = value
+        out["step_ms"] = self._ms(last["step_start"], last["opt_end"])
+        out["other_ms"] = out["step_ms"] - sum(out[k] for k in self.PHASES[:-1])
+        return out
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def measure_scoring(
+    model, pairs: list, *, precision: str, max_tokens: int, impl: str, device: torch.device
+):
+    """(PairLogps, seconds): the no-grad reference pass over ``pairs``, after a warm-up batch
+    (which also compiles the no-grad graph of the layers)."""
+    from sdpo.engine.scoring import score_pairs
+
+    kwargs = {"max_tokens_per_batch": max_tokens, "impl": impl, "precision": precision}
+    score_pairs(model, pairs[: max(1, len(pairs) // 8)], **kwargs)
+    synchronize(device)
+    start = time.perf_counter()
+    ref = score_pairs(model, pairs, **kwargs)
+    synchronize(device)
+    return ref, time.perf_counter() - start
+
+
+def measure_sdpo_run(
+    model,
+    *,
+    chunks: list[list],
+    train_config,
+    loss_fn,
+    score_tokens: int,
+    impl: str,
+    device: torch.device,
+) -> dict:
+    """A whole stepwise run in process: for each chunk, score it with the current model (the
+    reference values of that step), then train on it with a fresh trainer (``fit``)."""
+    from sdpo.engine.scoring import score_pairs
+    from sdpo.engine.trainer import DPOTrainer
+
+    score_s, train_s = [], []
+    for chunk in chunks:
+        synchronize(device)
+        t0 = time.perf_counter()
+        ref = score_pairs(
+            model,
+            chunk,
+            max_tokens_per_batch=score_tokens,
+            impl=impl,
+            precision=train_config.precision,
+        )
+        synchronize(device)
+        t1 = time.perf_counter()
+        trainer = DPOTrainer(
+            model, config=train_config, loss_fn=loss_fn, kernels_impl=impl, progress=False
+        )
+        result = trainer.fit(chunk, ref)
+        synchronize(device)
+        t2 = time.perf_counter()
+        del trainer
+        if not math.isfinite(result.last_metrics.get("loss", float("nan"))):
+            raise FloatingPointError(f"sDPO run: non-finite loss {result.last_metrics}")
+        score_s.append(t1 - t0)
+        train_s.append(t2 - t1)
+    total, train = sum(score_s) + sum(train_s), sum(train_s)
+    return {
+        "sdpo_steps": len(chunks),
+        "score_s": score_s,
+        "train_s": train_s,
+        "total_s": total,
+        "ratio_total_over_train": total / train,
+    }
+
+
+def build_word_tokenizer(out_dir: str, vocab_size: int):
+    """A word-level tokenizer with exactly ``vocab_size`` ids (engine.tiny's builder): id i >= 8 is
+    the word ``w<i>``, so a text of those words tokenizes back to the same ids."""
+    import transformers
+
+    from sdpo.engine.tiny import SPECIAL_TOKENS, TEMPLATE_WORDS, build_tokenizer
+
+    if len(SPECIAL_TOKENS) + len(TEMPLATE_WORDS) != FIRST_WORD_ID:
+        raise RuntimeError("engine.tiny's reserved ids changed; update FIRST_WORD_ID")
+    build_tokenizer(out_dir, words=[f"w{i}" for i in range(FIRST_WORD_ID, vocab_size)])
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(out_dir)
+    if len(tokenizer) != vocab_size:
+        raise RuntimeError(f"word tokenizer has {len(tokenizer)} ids, wanted {vocab_size}")
+    return tokenizer
+
+
+def pairs_as_text(pairs: list, tokenizer) -> dict[str, list[str]]:
+    """The pairs as prompt/chosen/rejected texts that ``tokenizer`` maps back to the same ids
+    (checked on the first pair, including how the tokenizer handles <bos>)."""
+    adds_bos = tokenizer("w8")["input_ids"][:1] == [BOS_ID]
+
+    def text(ids: list[int]) -> str:
+        parts = []
+        for i in ids:
+            parts.append(tokenizer.convert_ids_to_tokens(i) if i < FIRST_WORD_ID else f"w{i}")
+        return " ".join(parts)
+
+    def completion(ids: list[int]) -> str:
+        # <eos> glued to the last word: TRL appends the EOS token text the same way.
+        body = " ".join(f"w{i}" for i in ids[:-1])
+        return (" " + body if body else "") + tokenizer.eos_token
+
+    rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
+    for pair in pairs:
+        prompt_ids = pair.prompt_ids[1:] if adds_bos else pair.prompt_ids
+        rows["prompt"].append(text(prompt_ids))
+        rows["chosen"].append(completion(pair.chosen_ids))
+        rows["rejected"].append(completion(pair.rejected_ids))
+    first = pairs[0]
+    got_prompt = tokenizer(rows["prompt"][0])["input_ids"]
+    got_full = tokenizer(rows["prompt"][0] + rows["chosen"][0])["input_ids"]
+    if got_prompt != first.prompt_ids or got_full != first.prompt_ids + first.chosen_ids:
+        raise RuntimeError(
+            "the word tokenizer does not reproduce the synthetic token ids "
+            f"(prompt {got_prompt[:5]}... vs {first.prompt_ids[:5]}...)"
+        )
+    if tokenizer.eos_token_id != EOS_ID:
+        raise RuntimeError(f"tokenizer eos id {tokenizer.eos_token_id} != {EOS_ID}")
+    return rows
+
+
+def hf_model_from_state(config, state: dict, *, dtype: torch.dtype, device: torch.device):
+    """A transformers model of the same architecture holding exactly ``state``'s weights."""
+    import transformers
+
+    hf_config = transformers.AutoConfig.for_model(**config.to_hf_dict())
+    hf_config.use_cache = False
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - allowed_missing:
+        raise RuntimeError(
+            f"state dict does not match {type(model).__name__}: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(dtype)
+
+
+def trl_compare(
+    *,
+    config,
+    init_state: dict,
+    pairs: list,
+    our_ref: torch.Tensor,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict:
+    """TRL's DPOTrainer on the same weights, pairs and pairs per step, in this process.
+
+    ``precompute_ref_log_probs=True`` (the reference pass runs once before training, as ours),
+    bf16 weights on CUDA (AdamW states in the parameter dtype, as TRL does), otherwise TRL's
+    defaults (its DPOConfig turns gradient checkpointing on). Steady-state tokens/s over the
+    same warm-up/timed step counts as ours; a CUDA sync at each timed step boundary; real
+    tokens counted from the pairs each step actually drew. ``our_ref`` (2, P) holds our scoring
+    pass's chosen/rejected log-probs of ``pairs``, compared with TRL's precomputed ones. Returns a dict with ``error`` set
+    instead of raising when TRL is missing or its API differs."""
+    try:
+        import datasets
+        import transformers
+        import trl
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+    except ImportError as exc:
+        return {"error": f"trl comparison skipped: {exc.__class__.__name__}: {exc}"}
+
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="sdpo-trl-")
+    try:
+        datasets.disable_progress_bars()
+        tokenizer = build_word_tokenizer(tmp.name + "/tokenizer", config.vocab_size)
+        texts = pairs_as_text(pairs, tokenizer)
+        dataset = datasets.Dataset.from_dict(texts)
+        on_cuda = device.type == "cuda"
+        dtype = torch.bfloat16 if on_cuda else torch.float32
+        model = hf_model_from_state(config, init_state, dtype=dtype, device=device)
+        max_len = args.prompt_len + args.completion_max
+        collated_tokens: list[int] = []
+        base_collator = DataCollatorForPreference(
+            pad_token_id=tokenizer.pad_token_id, max_length=max_len
+        )
+
+        def collator(examples):
+            collated_tokens.append(
+                sum(
+                    2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
+                    for e in examples
+                )
+            )
+            return base_collator(examples)
+
+        warmup, steps = args.warmup_steps, args.steps
+        timing: dict[str, float] = {}
+
+        class StepTimer(transformers.TrainerCallback):
+            def on_train_begin(self, targs, state, control, **kw):
+                collated_tokens.clear()  # the precompute pass used the collator too
+                if on_cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+
+            def on_step_begin(self, targs, state, control, **kw):
+                if state.global_step == warmup:
+                    synchronize(device)
+                    timing["start"] = time.perf_counter()
+
+            def on_step_end(self, targs, state, control, **kw):
+                if state.global_step == warmup + steps:
+                    synchronize(device)
+                    timing["stop"] = time.perf_counter()
+
+        options = {
+            "output_dir": tmp.name + "/out",
+            "per_device_train_batch_size": args.pairs_per_step,
+            "gradient_accumulation_steps": 1,
+            "max_steps": warmup + steps,
+            "learning_rate": args.lr,
+            "lr_scheduler_type": "constant",
+            "beta": 0.1,
+            "precompute_ref_log_probs": True,
+            "max_length": max_len,
+            "bf16": on_cuda,
+            "use_cpu": not on_cuda,
+            "logging_steps": 10**6,
+            "save_strategy": "no",
+            "report_to": "none",
+            "disable_tqdm": True,
+            "dataloader_num_workers": 0,
+            "seed": args.seed,
+        }
+        if args.trl_gradient_checkpointing is not None:
+            options["gradient_checkpointing"] = args.trl_gradient_checkpointing
+        dpo_args = trl.DPOConfig(**options)
+        setup_start = time.perf_counter()
+        trainer = trl.DPOTrainer(
+            model=model,
+            args=dpo_args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            data_collator=collator,
+            callbacks=[StepTimer()],
+        )
+        setup_s = time.perf_counter() - setup_start
+        # Same weights and tokens on both sides: TRL's precomputed reference log-probs must
+        # match our scoring pass up to the precision of the sums.
+        trl_ref = torch.stack(
+            [
+                torch.tensor(trainer.train_dataset["ref_chosen_logps"], dtype=torch.float64),
+                torch.tensor(trainer.train_dataset["ref_rejected_logps"], dtype=torch.float64),
+            ]
+        )
+        ref_diff = float((trl_ref - our_ref.to(torch.float64)).abs().max())
+        trainer.train()
+        peak = peak_gb(device)
+        if "start" not in timing or "stop" not in timing:
+            raise RuntimeError(f"TRL ran fewer than {warmup + steps} steps: {trainer.state}")
+        tokens = sum(collated_tokens[warmup : warmup + steps])
+        seconds = timing["stop"] - timing["start"]
+        result = {
+            "variant": f"TRL {trl.__version__} DPOTrainer (precompute_ref_log_probs)",
+            "tokens_per_s": tokens / seconds,
+            "ms_per_step": seconds / steps * 1e3,
+            "peak_gb": peak,
+            "setup_s": setup_s,
+            "gradient_checkpointing": bool(dpo_args.gradient_checkpointing),
+            "optim": str(dpo_args.optim),
+            "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "transformers": transformers.__version__,
+            "tokens_timed": tokens,
+            "ref_logps_max_abs_diff": ref_diff,
+        }
+        del trainer, model
+        return result
+    except Exception as exc:  # TRL API drift must not end the benchmark
+        return {
+            "error": f"trl comparison failed: {exc.__class__.__name__}: {str(exc)[:300]}",
+            "traceback": traceback.format_exc(limit=8),
+        }
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        tmp.cleanup()
+
+
+def step_section(args: argparse.Namespace) -> dict:
+    from functools import partial
+
+    from sdpo.engine.compile import compile_decoder_layers
+    from sdpo.engine.model import init_model
+    from sdpo.engine.precision import parameter_dtype, resolve_precision
+    from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
+    from sdpo.losses import LossConfig, dpo_loss
+
+    if args.smoke:
+        device = torch.device("cpu")
+        args.preset = "tiny" if args.preset is None else args.preset
+        lengths, matmul_dtype, matmul_size = SMOKE_LENGTHS, torch.float32, 256
+        for name, value in (("warmup_steps", 1), ("steps", 2), ("profile_steps", 1)):
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        args.precision = args.precision or "fp32"
+        args.compile = False if args.compile is None else args.compile
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                "throughput.py step needs a CUDA device; use --smoke for the CPU check"
+            )
+        device = torch.device("cuda")
+        args.preset = args.preset or "llama-1b-32k"
+        lengths, matmul_dtype, matmul_size = ANCHOR_LENGTHS, torch.bfloat16, 8192
+        for name, value in (("warmup_steps", 4), ("steps", 8), ("profile_steps", 3)):
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+        args.precision = args.precision or "bf16"
+        args.compile = True if args.compile is None else args.compile
+    for name, value in lengths.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if not 1 <= args.completion_min <= args.completion_max or args.prompt_len < 1:
+        raise SystemExit(
+            "need --prompt-len >= 1 and 1 <= --completion-min <= --completion-max, got "
+            f"{args.prompt_len}, {args.completion_min}, {args.completion_max}"
+        )
+    if args.steps < 1 or args.warmup_steps < 0 or args.profile_steps < 0:
+        raise SystemExit("need --steps >= 1, --warmup-steps >= 0, --profile-steps >= 0")
+    precision = resolve_precision(args.precision, device)
+    impl = resolve_impl(args.impl, device)
+    config = step_model_config(args)
+    timer = Timer(device=device, warmup=1, iters=3)
+    tflops = measure_matmul_tflops(device, matmul_dtype, size=matmul_size, timer=timer)
+    print(f"matmul ceiling: {tflops:.1f} TFLOP/s ({matmul_size}^3, {matmul_dtype})", flush=True)
+
+    n_params = None
+    header = {
+        "section": "step",
+        **run_header(device),
+        "smoke": args.smoke,
+        "preset": args.preset,
+        "model_config": config.architecture_dict(),
+        "precision": precision,
+        "compile": args.compile,
+        "compile_mode": args.compile_mode,
+        "loss_path": args.loss_path,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "kernels_impl": impl,
+        "pairs_per_step": args.pairs_per_step,
+        "prompt_len": args.prompt_len,
+        "completion_range": [args.completion_min, args.completion_max],
+        "warmup_steps": args.warmup_steps,
+        "timed_steps": args.steps,
+        "matmul_tflops": tflops,
+        "matmul_params": matmul_params(config),
+        "flop_convention": "6*P_matmul per token + 12*L*A*s per token (full square), see model_flops",
+    }
+    results: list[dict] = []
+    extra: dict = {}
+
+    def save(complete: bool) -> dict:
+        payload = {**header, "n_params": n_params, "results": results, **extra}
+        payload["complete"] = complete
+        if args.json:
+            atomic_write_json(args.json, payload)
+        return payload
+
+    # -- model and data ------------------------------------------------------------------
+    t0 = time.perf_counter()
+    model = init_model(config, seed=args.seed, dtype=parameter_dtype(precision))
+    n_params = sum(p.numel() for p in model.parameters())
+    init_state = dict(model.state_dict()) if args.compare_trl else None  # CPU copies survive .to()
+    model.to(device)
+    model.gradient_checkpointing = args.gradient_checkpointing
+    if args.compile:
+        backend = args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
+        compile_decoder_layers(model, mode=args.compile_mode, backend=backend)
+        header["compile_backend"] = backend
+    print(
+        f"model {args.preset}: {n_params / 1e6:.1f} M parameters "
+        f"({matmul_params(config) / 1e6:.1f} M in matmuls), {precision}, "
+        f"init {time.perf_counter() - t0:.1f} s",
+        flush=True,
+    )
+    total_steps = args.warmup_steps + args.steps
+    pairs = synthetic_pairs(
+        args.pairs_per_step * total_steps,
+        vocab_size=config.vocab_size,
+        prompt_len=args.prompt_len,
+        completion_min=args.completion_min,
+        completion_max=args.completion_max,
+        seed=args.seed,
+    )
+    train_config = TrainConfig(
+        learning_rate=args.lr,
+        pairs_per_step=args.pairs_per_step,
+        max_tokens_per_batch=args.max_tokens_per_batch,
+        shuffle=False,
+        warmup_ratio=0.0,
+        schedule="constant",
+        precision=precision,
+        loss_path=args.loss_path,
+        log_every=10**9,
+    )
+    loss_fn = partial(dpo_loss, config=LossConfig(beta=0.1))
+
+    # -- scoring (the reference pass) ----------------------------------------------------
+    reset_peak(device)
+    t0 = time.perf_counter()
+    ref, score_s = measure_scoring(
+        model,
+        pairs,
+        precision=precision,
+        max_tokens=args.score_tokens,
+        impl=impl,
+        device=device,
+    )
+    score_flops = model_flops(pairs, config, training=False)
+    results.append(
+        {
+            "variant": "sdpo scoring pass (no grad)",
+            "tokens_per_s": real_tokens(pairs) / score_s,
+            "ms_per_step": score_s / total_steps * 1e3,
+            "mfu": score_flops / score_s / (tflops * 1e12),
+            "peak_gb": peak_gb(device),
+            "warmup_s": time.perf_counter() - t0 - score_s,
+        }
+    )
+    print(f"  {results[-1]}", flush=True)
+    save(False)
+
+    # -- training steps: warm-up, then timed with no syncs -------------------------------
+    trainer = DPOTrainer(
+        model, config=train_config, loss_fn=loss_fn, kernels_impl=impl, progress=False
+    )
+    plan = plan_steps(pairs, train_config, epoch=0)
+    reset_peak(device)
+    t0 = time.perf_counter()
+    for micro_batches in plan[: args.warmup_steps]:
+        trainer.train_step(pairs, micro_batches, ref)
+    synchronize(device)
+    warmup_s = time.perf_counter() - t0
+    timed = plan[args.warmup_steps :]
+    losses = []
+    start = time.perf_counter()
+    for micro_batches in timed:
+        losses.append(trainer.train_step(pairs, micro_batches, ref)["loss"])
+    synchronize(device)
+    train_s = time.perf_counter() - start
+    timed_pairs = [pairs[i] for step in timed for batch in step for i in batch]
+    loss_values = [float(v) for v in losses]
+    if not all(math.isfinite(v) for v in loss_values):
+        raise FloatingPointError(f"non-finite training loss: {loss_values}")
+    train_tps = real_tokens(timed_pairs) / train_s
+    results.append(
+        {
+            "variant": "sdpo train step",
+            "tokens_per_s": train_tps,
+            "ms_per_step": train_s / len(timed) * 1e3,
+            "mfu": model_flops(timed_pairs, config, training=True) / train_s / (tflops * 1e12),
+            "peak_gb": peak_gb(device),
+            "warmup_s": warmup_s,
+            "losses": loss_values,
+        }
+    )
+    results[0]["x_train_tokens_per_s"] = results[0]["tokens_per_s"] / train_tps
+    print(f"  {results[-1]}", flush=True)
+    save(False)
+
+    # -- instrumented loop: where a step's time goes --------------------------------------
+    if args.profile_steps:
+        recorder = PhaseRecorder(model, trainer.optimizer, device)
+        samples = []
+        try:
+            for k in range(args.profile_steps):
+                micro_batches = plan[k % len(plan)]
+                recorder.mark("step_start")
+                trainer.train_step(pairs, micro_batches, ref)
+                synchronize(device)
+                samples.append(recorder.step_phases())
+        finally:
+            recorder.remove()
+        phases = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
+        results.append({"variant": "phases of one step (median, instrumented)", **phases})
+        print(f"  {results[-1]}", flush=True)
+        save(False)
+
+    # -- a whole 2-step sDPO run against its training alone --------------------------------
+    if args.sdpo_run:
+        chunk_pairs = args.pairs_per_step * args.steps
+        chunks = [
+            synthetic_pairs(
+                chunk_pairs,
+                vocab_size=config.vocab_size,
+                prompt_len=args.prompt_len,
+                completion_min=args.completion_min,
+                completion_max=args.completion_max,
+                seed=args.seed + 1 + t,
+                first_index=t * chunk_pairs,
+            )
+            for t in range(2)
+        ]
+        try:
+            run = measure_sdpo_run(
+                model,
+                chunks=chunks,
+                train_config=train_config,
+                loss_fn=loss_fn,
+                score_tokens=args.score_tokens,
+                impl=impl,
+                device=device,
+            )
+            all_pairs = [p for c in chunks for p in c]
+            results.append(
+                {
+                    "variant": "sdpo 2-step run (score+train, score+train)",
+                    "tokens_per_s": real_tokens(all_pairs) / run["total_s"],
+                    "ratio_vs_train": run["ratio_total_over_train"],
+                    **{k: v for k, v in run.items() if k != "ratio_total_over_train"},
+                }
+            )
+        except Exception as exc:
+            results.append(
+                {"variant": "sdpo 2-step run", "error": f"{exc.__class__.__name__}: {exc}"}
+            )
+        print(f"  {results[-1]}", flush=True)
+        save(False)
+
+    # -- TRL on the same weights and pairs ------------------------------------------------
+    rows = ref.rows_for(torch.tensor([p.index for p in pairs]))
+    our_ref = torch.stack([ref.chosen_logps[rows], ref.rejected_logps[rows]])  # (2, P)
+    del trainer, model, ref
+    if args.compare_trl:
+        torch._dynamo.reset()
+        reset_peak(device)
+        trl_row = trl_compare(
+            config=config,
+            init_state=init_state,
+            pairs=pairs,
+            our_ref=our_ref,
+            args=args,
+            device=device,
+        )
+        del init_state
+        if "error" in trl_row:
+            print(f"  {trl_row['error']}", flush=True)
+            if "traceback" in trl_row:
+                print(trl_row["traceback"], flush=True)
+            results.append({"variant": "TRL DPOTrainer (precompute_ref_log_probs)", **trl_row})
+        else:
+            trl_row["mfu"] = (
+                trl_row["tokens_per_s"]
+                * (model_flops(timed_pairs, config, training=True) / real_tokens(timed_pairs))
+                / (tflops * 1e12)
+            )
+            results.append(trl_row)
+            ours = results[1]
+            extra["vs_trl"] = {
+                "tokens_per_s_ratio": ours["tokens_per_s"] / trl_row["tokens_per_s"],
+                "peak_memory_ratio": (
+                    ours["peak_gb"] / trl_row["peak_gb"]
+                    if ours["peak_gb"] and trl_row["peak_gb"]
+                    else None
+                ),
+            }
+        print(f"  {results[-1]}", flush=True)
+
+    columns = ["variant", "tokens_per_s", "ms_per_step", "mfu", "peak_gb", "warmup_s", "error"]
+    print(
+        f"\n{args.preset} ({n_params / 1e6:.1f} M params) {precision} compile={args.compile} "
+        f"loss_path={args.loss_path} checkpointing={args.gradient_checkpointing} "
+        f"{args.pairs_per_step} pairs/step, prompt {args.prompt_len}, completions "
+        f"{args.completion_min}-{args.completion_max}"
+    )
+    print_table([r for r in results if "phases" not in r["variant"]], columns)
+    for row in results:
+        if "phases" in row["variant"]:
+            print("\nphases of one step (ms, median of the instrumented loop):")
+            print_table([row], ["step_ms", *PhaseRecorder.PHASES])
+        if "ratio_vs_train" in row:
+            print(
+                f"\n2-step sDPO run / its training alone: {row['ratio_vs_train']:.3f} (target <= 1.15)"
+            )
+    print(
+        f"scoring tokens/s / training tokens/s: {results[0]['x_train_tokens_per_s']:.2f} (target >= 2.5)"
+    )
+    if "vs_trl" in extra:
+        vs = extra["vs_trl"]
+        mem = f"{vs['peak_memory_ratio']:.2f}" if vs["peak_memory_ratio"] else "-"
+        print(
+            f"ours / TRL: tokens/s x{vs['tokens_per_s_ratio']:.2f} (target >= 2.0), "
+            f"peak memory x{mem} (target <= 0.6)"
+        )
+    print(flush=True)
+    return save(True)
+
+
+# ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {"kernels": kernels_section}
+SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "kernels": kernels_section,
+    "step": step_section,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -453,6 +1280,79 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_argument("--warmup", type=int, default=2, help="untimed runs per variant")
     k.add_argument("--iters", type=int, default=5, help="timed runs per variant (median reported)")
+
+    s = sub.add_parser(
+        "step",
+        help="a whole DPO training step: tokens/s, MFU, peak memory, phases, sDPO run, TRL",
+        description=(
+            "End-to-end DPO training steps on a random-init model of a preset shape with "
+            "synthetic pairs. Defaults (GPU): llama-1b-32k, bf16, compiled layers, fused loss, "
+            "4 pairs/step, prompt 128, completions 448-896, 4 warm-up + 8 timed steps."
+        ),
+    )
+    s.add_argument("--smoke", action="store_true", help="tiny preset on CPU in seconds (CI)")
+    s.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    s.add_argument("--preset", choices=sorted(STEP_PRESETS), help="model shape (see STEP_PRESETS)")
+    s.add_argument("--layers", type=int, help="override the preset's number of decoder layers")
+    s.add_argument(
+        "--tie-embeddings", choices=["yes", "no"], help="override the preset's embedding tying"
+    )
+    s.add_argument(
+        "--precision",
+        choices=["bf16", "bf16-mixed", "fp32"],
+        help="bf16: bf16 params and AdamW states (TRL's policy; GPU default); bf16-mixed: fp32 "
+        "master weights and states, bf16 autocast; fp32 (--smoke default)",
+    )
+    s.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="regional torch.compile of the decoder layers (default: on, off with --smoke)",
+    )
+    s.add_argument("--compile-mode", default=None, help="torch.compile mode (default: None)")
+    s.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend (default: inductor on CUDA, aot_eager on CPU)",
+    )
+    s.add_argument("--loss-path", choices=["fused", "plain"], default="fused")
+    s.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute each layer in backward"
+    )
+    s.add_argument("--impl", default="auto", choices=["auto", "triton", "torch"])
+    s.add_argument("--pairs-per-step", type=int, default=4)
+    s.add_argument("--prompt-len", type=int, help="prompt tokens (default 128; --smoke 8)")
+    s.add_argument("--completion-min", type=int, help="shortest completion (default 448)")
+    s.add_argument("--completion-max", type=int, help="longest completion (default 896)")
+    s.add_argument("--warmup-steps", type=int, help="untimed steps (compile) (default 4)")
+    s.add_argument("--steps", type=int, help="timed optimizer steps (default 8)")
+    s.add_argument(
+        "--profile-steps", type=int, help="steps of the instrumented phase loop (default 3)"
+    )
+    s.add_argument("--max-tokens-per-batch", type=int, default=16_384)
+    s.add_argument(
+        "--score-tokens", type=int, default=65_536, help="token budget of a scoring batch"
+    )
+    s.add_argument("--lr", type=float, default=5e-7)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--sdpo-run",
+        action="store_true",
+        help="also time a 2-step sDPO run (score chunk, train, score chunk, train) against "
+        "its training alone",
+    )
+    s.add_argument(
+        "--compare-trl",
+        action="store_true",
+        help="also run TRL's DPOTrainer (precompute_ref_log_probs) on the same weights and "
+        "pairs, when trl is importable",
+    )
+    s.add_argument(
+        "--trl-gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="override TRL's gradient_checkpointing (default: TRL's own default)",
+    )
     return parser
 
 

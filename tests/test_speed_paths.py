@@ -1,0 +1,229 @@
+"""Speed paths change no results: the optimised training path (fused loss, regionally compiled
+decoder layers, activation checkpointing) and the plain path (per-sequence log-probs, eager,
+no checkpointing) give the same gradients and losses, both equal to float64 truth; and the
+end-to-end benchmark's CPU smoke mode runs (its TRL comparison too, when trl is installed)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdpo.engine.compile import compile_decoder_layers
+from sdpo.engine.model import ModelConfig, init_model
+from sdpo.engine.packing import TokenizedPair, pack_pairs
+from sdpo.engine.scoring import PairLogps, score_pairs
+from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
+from sdpo.losses import LossConfig, dpo_loss
+
+BETA = 0.5
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def one_thread():
+    """Small CPU ops are slowed a hundredfold by thread oversubscription on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(*, tied: bool) -> ModelConfig:
+    return ModelConfig.from_hf_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 97,
+            "hidden_size": 40,
+            "intermediate_size": 72,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 10,
+            "tie_word_embeddings": tied,
+        }
+    )
+
+
+def make_pairs(count: int, *, vocab: int, seed: int) -> list[TokenizedPair]:
+    """Odd sequence lengths; every pair has 2 x 7 prompt + 14 completion tokens = 28, so a
+    60-token budget always holds exactly two pairs (two micro-batches per 4-pair step)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(4, vocab, (n,), generator=gen).tolist()
+
+    pairs = []
+    for i in range(count):
+        c = int(torch.randint(3, 12, (1,), generator=gen))
+        pairs.append(
+            TokenizedPair(index=i, prompt_ids=ids(7), chosen_ids=ids(c), rejected_ids=ids(14 - c))
+        )
+    return pairs
+
+
+def shifted_reference(model, pairs: list[TokenizedPair], *, seed: int) -> PairLogps:
+    """The model's own log-probs moved by random offsets, so the DPO margins are far from 0 and
+    the loss depends on every log-prob (with the model's own values it is log 2 whatever the
+    model computes)."""
+    ref = score_pairs(model, pairs, max_tokens_per_batch=10_000, impl="torch", precision="fp32")
+    gen = torch.Generator().manual_seed(seed)
+    ref.chosen_logps = ref.chosen_logps + 3 * torch.randn(len(pairs), generator=gen)
+    ref.rejected_logps = ref.rejected_logps + 3 * torch.randn(len(pairs), generator=gen)
+    return ref
+
+
+def truth_loss_and_grads(model, pairs, ref: PairLogps) -> tuple[float, dict[str, torch.Tensor]]:
+    """Mean sigmoid-DPO loss of ``pairs`` and its gradients, all in float64."""
+    m64 = copy.deepcopy(model).to(torch.float64)
+    batch = pack_pairs(pairs)
+    hidden = m64(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+    logits = hidden @ m64.lm_head_weight.t()  # (N, V) float64
+    logp = torch.log_softmax(logits, dim=-1).gather(1, batch.labels.clamp(min=0)[:, None])[:, 0]
+    logp = torch.where(batch.labels != -100, logp, 0.0)
+    seq = torch.zeros(batch.num_seqs, dtype=torch.float64).index_add(0, batch.seq_ids, logp)
+    rows = ref.rows_for(batch.pair_indices)
+    rc, rr = ref.chosen_logps[rows].double(), ref.rejected_logps[rows].double()
+    z = (seq[0::2] - rc) - (seq[1::2] - rr)
+    loss = -F.logsigmoid(BETA * z).mean()
+    loss.backward()
+    return float(loss.detach()), {n: p.grad for n, p in m64.named_parameters()}
+
+
+def run_steps(model, pairs, ref, *, loss_path: str, steps: int):
+    config = TrainConfig(
+        learning_rate=1e-3,
+        pairs_per_step=4,
+        max_tokens_per_batch=60,
+        shuffle=False,
+        warmup_ratio=0.0,
+        schedule="constant",
+        max_grad_norm=None,
+        precision="fp32",
+        loss_path=loss_path,
+    )
+    trainer = DPOTrainer(
+        model,
+        config=config,
+        loss_fn=partial(dpo_loss, config=LossConfig(beta=BETA)),
+        kernels_impl="torch",
+        progress=False,
+    )
+    plan = plan_steps(pairs, config, epoch=0)
+    assert all(len(step) == 2 for step in plan), "each step should be two micro-batches"
+    losses, first_grads = [], None
+    for micro_batches in plan[:steps]:
+        losses.append(float(trainer.train_step(pairs, micro_batches, ref)["loss"]))
+        if first_grads is None:  # grads stay until the next step's zero_grad
+            first_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return losses, first_grads
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_optimised_and_plain_paths_give_the_same_gradients_and_losses(one_thread, tied):
+    config = tiny_config(tied=tied)
+    pairs = make_pairs(12, vocab=config.vocab_size, seed=11 + tied)
+    plain = init_model(config, seed=3)
+    fast = copy.deepcopy(plain)
+    ref = shifted_reference(plain, pairs, seed=5)
+    truth, truth_grads = truth_loss_and_grads(plain, pairs[:4], ref)
+
+    compile_decoder_layers(fast, backend="aot_eager")
+    fast.gradient_checkpointing = True
+    fast_losses, fast_grads = run_steps(fast, pairs, ref, loss_path="fused", steps=3)
+    plain_losses, plain_grads = run_steps(plain, pairs, ref, loss_path="plain", steps=3)
+
+    assert abs(truth - math.log(2)) > 0.05, "margins too small for a meaningful check"
+    for losses in (fast_losses, plain_losses):
+        assert losses[0] == pytest.approx(truth, rel=1e-5)
+    assert fast_losses[2] != pytest.approx(fast_losses[0], rel=1e-3), "training did not move"
+    assert fast_losses == pytest.approx(plain_losses, rel=1e-5)
+    for name, g64 in truth_grads.items():
+        scale = float(g64.abs().max())
+        for grads in (fast_grads, plain_grads):
+            torch.testing.assert_close(
+                grads[name].double(), g64, rtol=1e-4, atol=1e-5 * scale, msg=name
+            )
+    for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=3e-5, msg=name)
+
+
+def test_compiled_layers_keep_parameter_names_and_outputs(one_thread):
+    config = tiny_config(tied=False)
+    model = init_model(config, seed=1)
+    names = list(model.state_dict())
+    batch = pack_pairs(make_pairs(3, vocab=config.vocab_size, seed=2))
+    args = (batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+    with torch.no_grad():
+        eager = model(*args)
+        compile_decoder_layers(model, backend="eager")
+        compiled = model(*args)
+    assert list(model.state_dict()) == names  # checkpoints read and write the same keys
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+def test_compile_decoder_layers_rejects_a_model_without_decoder_layers():
+    with pytest.raises(TypeError, match="model.model.layers"):
+        compile_decoder_layers(torch.nn.Linear(3, 5))
+
+
+def load_throughput():
+    spec = importlib.util.spec_from_file_location(
+        "sdpo_bench_throughput", ROOT / "benchmarks" / "throughput.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_benchmark_smoke_reports_every_section(one_thread, tmp_path):
+    throughput = load_throughput()
+    out = tmp_path / "step.json"
+    throughput.main(["step", "--smoke", "--sdpo-run", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["complete"] and payload["section"] == "step"
+    rows = {r["variant"]: r for r in payload["results"]}
+    train = rows["sdpo train step"]
+    assert train["tokens_per_s"] > 0 and train["mfu"] > 0
+    assert all(math.isfinite(v) for v in train["losses"])
+    phases = rows["phases of one step (median, instrumented)"]
+    parts = [phases[k] for k in throughput.PhaseRecorder.PHASES[:-1]]
+    assert all(p >= 0 for p in parts) and sum(parts) <= phases["step_ms"] * 1.001
+    run = rows["sdpo 2-step run (score+train, score+train)"]
+    assert run["ratio_vs_train"] > 1.0 and len(run["train_s"]) == 2
+
+
+def test_model_flops_count_matmuls_and_attention_squares():
+    throughput = load_throughput()
+    config = tiny_config(tied=True)
+    pair = TokenizedPair(index=0, prompt_ids=[5] * 3, chosen_ids=[6] * 4, rejected_ids=[7] * 2)
+    # matmul params: 2 layers x (q 40x40 + k,v 2 x 40x20 + o 40x40 + mlp 3 x 40x72) + lm_head 97x40
+    p = 2 * (1600 + 1600 + 1600 + 8640) + 3880
+    assert throughput.matmul_params(config) == p
+    tokens, squares = 7 + 5, 7**2 + 5**2
+    expected = 3 * (2 * p * tokens + 4 * 2 * 40 * squares)
+    assert throughput.model_flops([pair], config, training=True) == expected
+    assert throughput.real_tokens([pair]) == tokens
+
+
+def test_trl_comparison_runs_on_the_same_weights_and_pairs(one_thread, tmp_path):
+    pytest.importorskip("trl")
+    throughput = load_throughput()
+    out = tmp_path / "step.json"
+    throughput.main(["step", "--smoke", "--compare-trl", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    trl_row = payload["results"][-1]
+    assert "error" not in trl_row, trl_row.get("traceback", trl_row.get("error"))
+    assert trl_row["tokens_per_s"] > 0
+    # TRL's precomputed reference log-probs equal our scoring pass: same weights, same tokens.
+    assert trl_row["ref_logps_max_abs_diff"] < 1e-2
+    assert payload["vs_trl"]["tokens_per_s_ratio"] > 0
