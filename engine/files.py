@@ -96,6 +96,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     """Append one JSON object as a line, flushed. (Appends are line-atomic for readers that
     skip a torn last line; metrics readers in sdpo do.)"""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(obj, sort_keys=True) + "\n")
         f.flush()
