@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One-call GPU check: the GPU-marked tests, then the benchmarks, logs and JSON into "$OUT"
-# (or ./gpu_out). Sized for about 8 minutes on an H100: tests <= 3 min, kernels <= 5 min.
+# (or ./gpu_out). Sized for about 8 minutes on an H100: tests <= 90 s, kernels <= 100 s,
+# the end-to-end step benchmark (bf16 + sDPO run + TRL comparison) <= 190 s, bf16-mixed <= 90 s.
 # Keeps going when a step fails, so one broken test still leaves benchmark numbers behind.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
 cd "$(dirname "$0")/.."
+# Optional packages for the comparisons (trl, datasets, dill, multiprocess, liger-kernel) as
+# wheels in .whl/: installed offline into /tmp/site, which then shadows the system copies.
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; fi
 OUT_DIR="${OUT:-./gpu_out}"
 mkdir -p "$OUT_DIR"
 PY="${PYTHON:-python}"
@@ -26,19 +30,39 @@ if ! "$PY" -c "import sdpo.kernels" > /dev/null 2>&1; then
 fi
 
 echo "== pytest -m gpu" | tee -a "$OUT_DIR/summary.txt"
-timeout 180 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT_DIR/pytest_gpu.log" 2>&1
+timeout 90 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests > "$OUT_DIR/pytest_gpu.log" 2>&1
 rc=$?
 tail -n 15 "$OUT_DIR/pytest_gpu.log" | tee -a "$OUT_DIR/summary.txt"
 echo "pytest -m gpu exit code: $rc" | tee -a "$OUT_DIR/summary.txt"
 [ "$rc" -ne 0 ] && status=1
 
 echo "== benchmarks/throughput.py kernels" | tee -a "$OUT_DIR/summary.txt"
-timeout 300 "$PY" benchmarks/throughput.py kernels --json "$OUT_DIR/kernels.json" > "$OUT_DIR/kernels.txt" 2>&1
+timeout 100 "$PY" benchmarks/throughput.py kernels --warmup 1 --iters 3 --json "$OUT_DIR/kernels.json" > "$OUT_DIR/kernels.txt" 2>&1
 rc=$?
 grep -v '^  V=' "$OUT_DIR/kernels.txt" | tail -n 40 | tee -a "$OUT_DIR/summary.txt"
 echo "kernels benchmark exit code: $rc" | tee -a "$OUT_DIR/summary.txt"
 [ "$rc" -ne 0 ] && status=1
 
-# (the end-to-end `step` section of throughput.py goes here once it exists)
+# End to end: the anchor workload (llama-1b-32k, 4 pairs/step, prompt 128, completions
+# 448-896), 4 warm-up + 12 timed steps on both sides, TRL in the same process afterwards.
+echo "== benchmarks/throughput.py step (bf16, compiled, + sDPO run, + TRL)" | tee -a "$OUT_DIR/summary.txt"
+timeout 190 "$PY" benchmarks/throughput.py step --preset llama-1b-32k --precision bf16 --compile \
+    --warmup-steps 4 --steps 12 --sdpo-run --compare-trl \
+    --json "$OUT_DIR/step_bf16.json" > "$OUT_DIR/step_bf16.txt" 2>&1
+rc=$?
+sed -n '/^llama-1b-32k/,$p' "$OUT_DIR/step_bf16.txt" | tee -a "$OUT_DIR/summary.txt"
+grep -E "Traceback|Error:|'error'|trl comparison" "$OUT_DIR/step_bf16.txt" | tail -n 5 | tee -a "$OUT_DIR/summary.txt"
+echo "step bf16 benchmark exit code: $rc" | tee -a "$OUT_DIR/summary.txt"
+[ "$rc" -ne 0 ] && status=1
+
+echo "== benchmarks/throughput.py step (bf16-mixed: fp32 master weights, compiled)" | tee -a "$OUT_DIR/summary.txt"
+timeout 90 "$PY" benchmarks/throughput.py step --preset llama-1b-32k --precision bf16-mixed --compile \
+    --warmup-steps 3 --steps 6 --profile-steps 2 \
+    --json "$OUT_DIR/step_bf16_mixed.json" > "$OUT_DIR/step_bf16_mixed.txt" 2>&1
+rc=$?
+sed -n '/^llama-1b-32k/,$p' "$OUT_DIR/step_bf16_mixed.txt" | tee -a "$OUT_DIR/summary.txt"
+grep -E "Traceback|Error:|'error'|trl comparison" "$OUT_DIR/step_bf16_mixed.txt" | tail -n 5 | tee -a "$OUT_DIR/summary.txt"
+echo "step bf16-mixed benchmark exit code: $rc" | tee -a "$OUT_DIR/summary.txt"
+[ "$rc" -ne 0 ] && status=1
 
 exit "$status"
