@@ -1,0 +1,96 @@
+"""The `sdpo` command as a user runs it: train from a TOML file with --set, score, demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from sdpo.cli import main
+from tests.conftest import write_pairs
+
+
+def _toml(tmp_path: Path, model_dir: Path) -> Path:
+    data = write_pairs(tmp_path / "pairs.jsonl", n=12, seed=3)
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        f"""output_dir = "out"
+[model]
+path = "{model_dir}"
+[data]
+path = "{data.name}"
+max_length = 32
+max_prompt_length = 16
+[train]
+pairs_per_step = 4
+max_tokens_per_batch = 128
+[kernels]
+impl = "torch"
+"""
+    )
+    return cfg
+
+
+def test_train_from_toml_with_set_override_writes_outputs(tiny_model_dir, tmp_path):
+    cfg = _toml(tmp_path, tiny_model_dir)
+    code = main(
+        ["train", "--config", str(cfg), "--set", "train.learning_rate=1e-3", "--no-progress"]
+    )
+    assert code == 0
+    out = tmp_path / "out"  # relative output_dir resolves against the TOML file's folder
+    assert (out / "step-1" / "model.safetensors").is_file()
+    assert "learning_rate = 0.001" in (out / "config.toml").read_text()
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["sdpo_step"] == 1 and first["lr"] > 0
+    # a second start in the same folder is refused with a message and exit code 2
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 2
+
+
+def test_unknown_config_key_names_the_closest_valid_one(tiny_model_dir, tmp_path, capsys):
+    cfg = _toml(tmp_path, tiny_model_dir)
+    assert main(["train", "--config", str(cfg), "--set", "train.learnig_rate=1e-3"]) == 2
+    err = capsys.readouterr().err
+    assert "learnig_rate" in err and "learning_rate" in err
+
+
+def test_score_writes_per_pair_jsonl_and_prints_summary(tiny_model_dir, tmp_path, capsys):
+    data = write_pairs(tmp_path / "pairs.jsonl", n=9, seed=4)
+    out = tmp_path / "scores.jsonl"
+    assert (
+        main(["score", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)]) == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 9
+    for r in rows:
+        assert abs(r["gamma"] - (r["logp_chosen"] - r["logp_rejected"])) < 1e-5
+        assert r["logp_chosen"] < 0 and r["chosen_tokens"] >= 2  # at least one word + EOS
+    acc = sum(r["gamma"] > 0 for r in rows) / 9
+    assert f"reward accuracy: {acc:.4f}" in capsys.readouterr().out
+
+
+def test_demo_quick_runs_end_to_end(tmp_path):
+    """The shortened demo, in a subprocess exactly as a user starts it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdpo", "demo", "--quick", "--output-dir", str(tmp_path / "demo")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out results" in proc.stdout
+    summary = json.loads((tmp_path / "demo" / "demo_summary.json").read_text())
+    models = [r["model"] for r in summary["rows"]]
+    assert models == ["SFT", "DPO (all data at once)", "sDPO easy-to-hard", "sDPO random split"]
+    for r in summary["rows"]:
+        assert 0.0 <= r["task_accuracy"] <= 1.0 and 0.0 <= r["preference_accuracy"] <= 1.0
+    for name in ("dpo", "sdpo_easy_to_hard", "sdpo_random"):
+        assert (tmp_path / "demo" / name / "sdpo_report.json").is_file()
+
+
+def test_help_explains_every_subcommand():
+    for sub in ("train", "score", "demo"):
+        proc = subprocess.run(
+            [sys.executable, "-m", "sdpo", sub, "--help"], capture_output=True, text=True
+        )
+        assert proc.returncode == 0 and "usage: sdpo" in proc.stdout

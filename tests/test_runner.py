@@ -1,0 +1,170 @@
+"""The stepwise runner end to end on a tiny real model: checkpoints and caches per step, step t's
+reference is M_{t-1}, the initial scoring pass is shared, caches are reused and repaired, and a
+separate reference model is gone before training starts."""
+
+from __future__ import annotations
+
+import gc
+import json
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sdpo.runner as runner_mod
+from sdpo.config import config_from_dict
+from sdpo.engine.checkpoint import load_pretrained
+from sdpo.engine.data import read_preference_file
+from sdpo.engine.scoring import score_pairs
+from sdpo.engine.tiny import write_tiny_model
+from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+from sdpo.engine.trainer import DPOTrainer
+from sdpo.runner import OutputDirError, run_training
+from tests.conftest import WORDS, write_pairs
+
+
+def _config(tmp_path: Path, model_dir: Path, **sdpo):
+    far = write_pairs(tmp_path / "far.jsonl", n=12, seed=1, kind="far")
+    near = write_pairs(tmp_path / "near.jsonl", n=10, seed=2, kind="near")
+    return config_from_dict(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "model": {"path": str(model_dir)},
+            "data": {
+                "sources": [{"name": "far", "path": str(far)}, {"name": "near", "path": str(near)}],
+                "max_length": 32,
+                "max_prompt_length": 16,
+            },
+            "train": {
+                "learning_rate": 3e-3,
+                "pairs_per_step": 4,
+                "max_tokens_per_batch": 128,
+                "log_every": 1,
+            },
+            "kernels": {"impl": "torch"},
+            "sdpo": {"steps": 2, "partition": "given", "report_scoring": False, **sdpo},
+        }
+    )
+
+
+def _tokenized(cfg):
+    tok = PairTokenizer.from_dir(cfg.model.path)
+    rows = []
+    for s in cfg.data.sources:
+        rows += read_preference_file(s.path, source=s.name)
+    pairs, _ = tokenize_pairs(rows, tok, max_length=32, max_prompt_length=16)
+    return pairs
+
+
+def _score(model_dir: Path, pairs):
+    return score_pairs(load_pretrained(model_dir), pairs, max_tokens_per_batch=4096, impl="torch")
+
+
+def test_two_step_run_writes_step_checkpoints_and_one_cache_per_step(tiny_model_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir)
+    result = run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    for t in (1, 2):
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert (out / f"step-{t}" / name).is_file()
+    assert sorted(p.name for p in (out / "cache").iterdir()) == [
+        "initial.safetensors",  # the initial model's pass: step 1's reference values
+        "step-2.safetensors",
+    ]
+    # one scoring pass of the initial model (partition + step 1) and one of M1 (step 2): no more
+    assert result.scoring_calls == 2
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {m["sdpo_step"] for m in metrics} == {1, 2}
+    assert (out / "sdpo_report.json").is_file() and (out / "config.toml").is_file()
+
+
+def test_step_references_are_the_previous_models_scored_independently(tiny_model_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir)
+    run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    pairs = _tokenized(cfg)
+    # step 1: the cache holds the initial model's values on all pairs
+    initial = load_file(out / "cache" / "initial.safetensors")
+    truth0 = _score(tiny_model_dir, pairs)
+    torch.testing.assert_close(initial["chosen_logps"], truth0.chosen_logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(initial["rejected_logps"], truth0.rejected_logps, atol=1e-5, rtol=0)
+    # step 2: the cache holds the saved step-1 model's values on chunk 2 (the "near" source)
+    step2 = load_file(out / "cache" / "step-2.safetensors")
+    chunk2 = [p for p in pairs if p.source == "near"]
+    truth1 = _score(out / "step-1", chunk2)
+    assert step2["pair_indices"].tolist() == truth1.pair_indices.tolist()
+    torch.testing.assert_close(step2["chosen_logps"], truth1.chosen_logps, atol=1e-5, rtol=0)
+    torch.testing.assert_close(step2["rejected_logps"], truth1.rejected_logps, atol=1e-5, rtol=0)
+    # and M1 differs from M0 on that chunk, so the check above can fail
+    assert not torch.allclose(truth1.chosen_logps, truth0.chosen_logps[truth1.pair_indices])
+
+
+def test_rerun_reuses_caches_and_a_damaged_cache_is_recomputed(tiny_model_dir, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_model_dir)
+    run_training(cfg, progress=False)
+    again = run_training(cfg, progress=False, overwrite=True)
+    assert again.scoring_calls == 0  # both caches matched their keys and checksums
+    assert "reused" in capsys.readouterr().out
+
+    cache = Path(cfg.output_dir) / "cache" / "step-2.safetensors"
+    data = bytearray(cache.read_bytes())
+    data[-3] ^= 0xFF  # flip bits in the tensor payload
+    cache.write_bytes(bytes(data))
+    third = run_training(cfg, progress=False, overwrite=True)
+    assert third.scoring_calls == 1
+    assert "step-2.safetensors: recomputing (checksum mismatch" in capsys.readouterr().out
+
+
+def test_existing_outputs_are_refused_without_overwrite(tiny_model_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir)
+    run_training(cfg, progress=False)
+    with pytest.raises(OutputDirError, match="--overwrite"):
+        run_training(cfg, progress=False)
+
+
+def test_separate_reference_is_freed_before_training(tiny_model_dir, tmp_path, monkeypatch):
+    ref_dir = write_tiny_model(tmp_path / "ref", words=WORDS, hidden_size=32, seed=9)
+    cfg = _config(tmp_path, tiny_model_dir, reference=str(ref_dir))
+    ref_params: list[weakref.ref] = []
+    real_load = runner_mod.load_pretrained
+
+    def load_and_watch(path, **kw):
+        model = real_load(path, **kw)
+        if Path(path) == ref_dir:
+            ref_params.extend(weakref.ref(p) for p in model.parameters())
+        return model
+
+    alive_at_fit: list[int] = []
+    real_fit = DPOTrainer.fit
+
+    def fit_and_check(self, *args, **kw):
+        gc.collect()
+        alive_at_fit.append(sum(r() is not None for r in ref_params))
+        return real_fit(self, *args, **kw)
+
+    monkeypatch.setattr(runner_mod, "load_pretrained", load_and_watch)
+    monkeypatch.setattr(DPOTrainer, "fit", fit_and_check)
+    result = run_training(cfg, progress=False)
+    assert ref_params, "the reference model was never loaded"
+    assert alive_at_fit == [0, 0]  # no reference tensor alive when either step trains
+    # every step used the separate reference's values
+    ref_scores = _score(ref_dir, _tokenized(cfg))
+    report = result.reports[1]
+    near = [i for i, p in enumerate(_tokenized(cfg)) if p.source == "near"]
+    assert report.gamma_ref_chunk == pytest.approx(float(ref_scores.gamma[near].mean()), abs=1e-5)
+
+
+def test_kept_optimizer_runs_one_schedule_across_steps(tiny_model_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir, reset_optimizer=False)
+    run_training(cfg, progress=False)
+    metrics = [
+        json.loads(line)
+        for line in (Path(cfg.output_dir) / "metrics.jsonl").read_text().splitlines()
+    ]
+    steps = [m["step"] for m in metrics]
+    assert steps == list(range(1, len(steps) + 1))  # one step counter across sDPO steps
+    lrs = [m["lr"] for m in metrics]
+    peak = lrs.index(max(lrs))
+    assert peak < 2 and all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # one decay
