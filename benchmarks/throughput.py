@@ -6,6 +6,8 @@ and, with ``--json PATH``, writes the same rows as JSON.
 
     python benchmarks/throughput.py kernels [--json out.json]   # the log-prob head, H100 shapes
     python benchmarks/throughput.py kernels --smoke             # tiny shapes on CPU (CI)
+    python benchmarks/throughput.py step [--sdpo-run] [--compare-trl] [--json out.json]
+    python benchmarks/throughput.py step --smoke                # tiny model on CPU (CI)
 
 ``kernels``: lm_head matmul + log-softmax + label gather + per-sequence sum + a DPO sigmoid
 loss against fixed reference values, forward and backward, for N=16,384 tokens (8 sequences
@@ -16,6 +18,19 @@ Liger-Kernel's LigerFusedLinearDPOLoss when importable. Also the no-grad referen
 The floor is the matmul work (6·N·H·V FLOP with grad, 2·N·H·V without) at the measured
 bf16 matmul rate; "extra peak" is the peak allocated memory above the inputs, gradient
 buffers included.
+
+``step``: whole DPO training steps (packing, forward, fused loss, backward, clipping, AdamW)
+of a random-init model of a preset shape (``llama-1b-32k``: Llama-3.2-1B shapes with a 32k
+vocabulary, the anchor's 1.10 B; ``mistral-7b-8l``: Mistral-7B layers, 8 of them; ``tiny``)
+on synthetic pairs of the anchor's lengths (prompt 128, completions uniform in 448-896),
+4 pairs per optimizer step. It reports steady-state real tokens/s (2·prompt + chosen +
+rejected; warm-up and compilation excluded; no syncs inside the timed loop), MFU against the
+bf16 matmul ceiling measured in the same run (FLOPs as in ``model_flops``), peak GPU memory,
+the scoring (reference) pass's tokens/s and a phase breakdown from a separate instrumented
+loop. ``--sdpo-run`` times a whole 2-step sDPO run (score chunk 1, train, score chunk 2,
+train) against its training alone; ``--compare-trl`` runs TRL's DPOTrainer
+(``precompute_ref_log_probs=True``) on the same weights and pairs in the same process
+afterwards and prints the tokens/s and peak-memory ratios.
 """
 
 from __future__ import annotations
