@@ -119,6 +119,32 @@ def load_pretrained(
     if not dtype.is_floating_point:
         raise ValueError(f"load_pretrained needs a floating-point dtype, got {dtype}")
     folder = Path(path)
+    config, files, by_file, expected = _checked_layout(folder)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    device = torch.device(device)
+    state: dict[str, torch.Tensor] = {}
+    for file, names in by_file.items():
+        # safetensors reads straight onto the target device; the cast happens there.
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for name in names:
+                if name in expected:
+                    state[name] = f.get_tensor(name).to(dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def check_pretrained(path: str | os.PathLike) -> ModelConfig:
+    """Check a HF checkpoint folder without reading any weight: config, index, shard files,
+    tensor names and every stored shape against the config. Returns its ``ModelConfig``; raises
+    ``CheckpointError`` naming the file or tensor. Cheap (headers only), so a run can check its
+    model before it touches its output folder."""
+    return _checked_layout(Path(path))[0]
+
+
+def _checked_layout(
+    folder: Path,
+) -> tuple[ModelConfig, dict[str, Path], dict[Path, list[str]], dict[str, tuple[int, ...]]]:
     config = read_model_config(folder)
     files = weight_files(folder)
     with torch.device("meta"):
@@ -168,17 +194,7 @@ def load_pretrained(
                 f"tensor {name!r} in {files[name]} has shape {stored[name]}, but {CONFIG_NAME} "
                 f"implies {shape}; check that config.json belongs to these weights"
             )
-
-    device = torch.device(device)
-    state: dict[str, torch.Tensor] = {}
-    for file, names in by_file.items():
-        # safetensors reads straight onto the target device; the cast happens there.
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for name in names:
-                if name in expected:
-                    state[name] = f.get_tensor(name).to(dtype=dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    return model
+    return config, files, by_file, expected
 
 
 def _few(names: list[str], limit: int = 5) -> str:
