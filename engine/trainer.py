@@ -9,6 +9,15 @@ One optimizer step = a fixed group of pairs (``pairs_per_step``, or pairs up to
 ``tokens_per_step`` real tokens), processed as micro-batches of at most
 ``max_tokens_per_batch`` tokens. The loss of a step is the mean over its pairs, so the result
 does not depend on how the step is cut into micro-batches.
+
+Resume: ``state_dict`` holds everything exact continuation needs beside the weights (optimizer,
+LR schedule, RNG states, position in the step plan, which is rebuilt from the seed), and
+``fit(..., resume_state=...)`` continues from it to the same bits. A callback writes checkpoints
+every ``save_every`` steps; ``stop_requested`` (set by a signal handler) makes the loop finish the
+current optimizer step, save, and raise ``TrainingStopped``. A non-finite loss or gradient is
+found with one host sync per optimizer step (the only per-step sync; metrics sync only when
+logged); the update is then not applied, and the run stops with ``NonFiniteError`` unless
+``skip_nonfinite_batches`` allows skipping the step.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from sdpo.engine.precision import (
     parameter_dtype,
     resolve_precision,
 )
+from sdpo.engine.resume import fault_point
 from sdpo.engine.scoring import PairLogps
 from sdpo.kernels import linear_pair_loss, sequence_logprobs
 
@@ -65,6 +75,8 @@ class TrainConfig:
     save_every: int = 0
     precision: str = "auto"
     loss_path: str = "fused"
+    keep_checkpoints: int = 2  # training checkpoints kept on disk (read by the runner)
+    skip_nonfinite_batches: int = 0  # optimizer steps with a NaN/inf loss or gradient to skip
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # TOML gives lists
@@ -95,6 +107,8 @@ class TrainConfig:
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.save_every >= 0, "save_every must be >= 0 (0 = final checkpoint only)"),
             (self.loss_path in LOSS_PATHS, f"loss_path must be one of {LOSS_PATHS}"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.skip_nonfinite_batches >= 0, "skip_nonfinite_batches must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -191,6 +205,45 @@ def _to_device(x: Any, device: torch.device) -> Any:
     return dataclasses.replace(x, **pinned).to(device, non_blocking=True)
 
 
+class TrainingStopped(Exception):
+    """The loop stopped on request after saving a checkpoint (graceful stop)."""
+
+    def __init__(self, global_step: int) -> None:
+        super().__init__(f"training stopped on request after optimizer step {global_step}")
+        self.global_step = global_step
+
+
+class NonFiniteError(FloatingPointError):
+    """A NaN/inf loss or gradient; the update was not applied. ``pair_indices``: the step's
+    pairs (``TokenizedPair.index``)."""
+
+    def __init__(self, message: str, *, pair_indices: list[int]) -> None:
+        super().__init__(message)
+        self.pair_indices = pair_indices
+
+
+def _rng_state() -> dict[str, Any]:
+    """Every RNG state as tensors and plain lists (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+        "python": [version, list(internal), py_gauss],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, py_gauss = state["python"]
+    random.setstate((version, tuple(internal), py_gauss))
+
+
 @dataclass(kw_only=True)
 class TrainResult:
     optimizer_steps: int
@@ -215,9 +268,10 @@ class DPOTrainer:
         chunk_tokens: int | None = None,
         output_dir: str | Path | None = None,
         metrics_extra: dict[str, Any] | None = None,
-        save_checkpoint: Callable[[DPOTrainer, str], None] | None = None,
+        save_checkpoint: Callable[[DPOTrainer], None] | None = None,
         progress: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
+        stop_requested: Callable[[], bool] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -227,6 +281,7 @@ class DPOTrainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.metrics_extra = dict(metrics_extra or {})
         self.save_checkpoint = save_checkpoint
+        self.stop_requested = stop_requested
         self.progress = progress
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
@@ -236,6 +291,11 @@ class DPOTrainer:
         # An optimizer handed in keeps its state (sDPO with reset_optimizer = false).
         self.optimizer = optimizer if optimizer is not None else build_optimizer(model, config)
         self.global_step = 0
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        # where fit() stands: the next step to run is plans[epoch][step_in_epoch]
+        self.position = {"epoch": 0, "step_in_epoch": 0, "step_in_run": 0, "tokens": 0}
+        self.skipped_steps = 0
+        self.last_step_finite = True
 
     # -- one optimizer step -------------------------------------------------------------
     def _micro_batch(
@@ -302,6 +362,7 @@ class DPOTrainer:
             )
             loss = out.losses.sum() / normalizer
         loss.backward()
+        fault_point("micro_batch")
 
         with torch.no_grad():
             pc, pr = seq_logps.detach()[0::2].float(), seq_logps.detach()[1::2].float()
@@ -332,7 +393,16 @@ class DPOTrainer:
             metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), self.config.max_grad_norm
             )
-        self.optimizer.step()
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            metrics["grad_norm"] = torch.nn.utils.get_total_norm(grads)
+        # the one host sync per optimizer step: a NaN/inf update must never reach the weights
+        finite = torch.isfinite(metrics["loss"]) & torch.isfinite(metrics["grad_norm"])
+        self.last_step_finite = bool(finite)
+        if self.last_step_finite:
+            self.optimizer.step()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         return metrics
 
     # -- the loop -----------------------------------------------------------------------
@@ -343,11 +413,15 @@ class DPOTrainer:
         *,
         schedule_steps: int | None = None,
         schedule_offset: int = 0,
+        resume_state: dict[str, Any] | None = None,
     ) -> TrainResult:
         """Train one pass of ``config.epochs`` over ``pairs``.
 
         The LR schedule spans this call's steps, unless ``schedule_steps`` (total) and
-        ``schedule_offset`` (steps already done) place it inside a longer schedule."""
+        ``schedule_offset`` (steps already done) place it inside a longer schedule.
+        ``resume_state`` (a ``state_dict`` saved inside an earlier call with the same pairs and
+        config) continues that call where it stopped; the model must hold the weights saved
+        with it."""
         if not pairs:
             raise ValueError("DPOTrainer.fit needs at least one pair")
         cfg = self.config
@@ -359,7 +433,7 @@ class DPOTrainer:
         warmup = int(math.ceil(cfg.warmup_ratio * schedule_total))
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] = cfg.learning_rate
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
+        self.scheduler = scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_multiplier(
                 s + schedule_offset,
@@ -368,41 +442,53 @@ class DPOTrainer:
                 schedule=cfg.schedule,
             ),
         )
+        self.position = {"epoch": 0, "step_in_epoch": 0, "step_in_run": 0, "tokens": 0}
+        self.skipped_steps = 0
+        if resume_state is not None:
+            self.load_state_dict(resume_state)
+        pos = self.position
         self.model.train()
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(
+                total=total_steps,
+                initial=pos["step_in_run"],
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+            )
         start = time.perf_counter()
         window_start, window_tokens = start, 0
-        tokens_total = 0
         last: dict[str, float] = {}
-        step_in_run = 0
-        for epoch, plan in enumerate(plans):
-            for micro_batches in plan:
+        while pos["epoch"] < cfg.epochs:
+            epoch, plan = pos["epoch"], plans[pos["epoch"]]
+            while pos["step_in_epoch"] < len(plan):
+                micro_batches = plan[pos["step_in_epoch"]]
                 metrics = self.train_step(pairs, micro_batches, ref)
                 scheduler.step()
-                step_in_run += 1
+                if not self.last_step_finite:
+                    self._skip_or_raise(pairs, micro_batches, metrics, epoch=epoch)
+                pos["step_in_epoch"] += 1
+                pos["step_in_run"] += 1
                 self.global_step += 1
+                step_in_run = pos["step_in_run"]
                 step_tokens = sum(pairs[i].num_tokens for batch in micro_batches for i in batch)
-                tokens_total += step_tokens
+                pos["tokens"] += step_tokens
                 window_tokens += step_tokens
-                if step_in_run % cfg.log_every == 0 or step_in_run == total_steps:
+                logging_step = step_in_run % cfg.log_every == 0 or step_in_run == total_steps
+                if logging_step and self.last_step_finite:
                     now = time.perf_counter()
                     values = {k: float(v) for k, v in metrics.items()}  # one sync per log
-                    if not math.isfinite(values["loss"]):
-                        raise FloatingPointError(
-                            f"non-finite loss {values['loss']} at optimizer step {self.global_step} "
-                            f"(epoch {epoch + 1}); lower train.learning_rate or check the data"
-                        )
                     values.update(
                         {
                             "step": self.global_step,
                             "epoch": epoch + 1,
                             "lr": scheduler.get_last_lr()[0],
-                            "tokens": tokens_total,
+                            "tokens": pos["tokens"],
                             "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                            "skipped_batches": self.skipped_steps,
                             **self.metrics_extra,
                         }
                     )
@@ -418,32 +504,85 @@ class DPOTrainer:
                         )
                 if bar is not None:
                     bar.update(1)
-                if (
-                    cfg.save_every
-                    and self.save_checkpoint is not None
-                    and step_in_run % cfg.save_every == 0
-                    and step_in_run != total_steps
-                ):
-                    self.save_checkpoint(self, f"checkpoint-{self.global_step}")
+                if pos["step_in_epoch"] == len(plan):  # the position is the next step to run
+                    pos["epoch"], pos["step_in_epoch"] = pos["epoch"] + 1, 0
+                fault_point("train_step")
+                if step_in_run == total_steps:
+                    break  # the caller saves the end of this pass
+                saved = False
+                if cfg.save_every and self.save_checkpoint and step_in_run % cfg.save_every == 0:
+                    self.save_checkpoint(self)
+                    saved = True
+                if self.stop_requested is not None and self.stop_requested():
+                    if not saved and self.save_checkpoint is not None:
+                        self.save_checkpoint(self)
+                    if bar is not None:
+                        bar.close()
+                    raise TrainingStopped(self.global_step)
         if bar is not None:
             bar.close()
         return TrainResult(
-            optimizer_steps=step_in_run,
-            tokens=tokens_total,
+            optimizer_steps=pos["step_in_run"],
+            tokens=pos["tokens"],
             seconds=time.perf_counter() - start,
             last_metrics=last,
         )
 
+    def _skip_or_raise(
+        self,
+        pairs: Sequence[TokenizedPair],
+        micro_batches: list[list[int]],
+        metrics: dict[str, Tensor],
+        *,
+        epoch: int,
+    ) -> None:
+        """A step whose loss or gradient was not finite (its update was not applied)."""
+        indices = [pairs[i].index for batch in micro_batches for i in batch]
+        sdpo_step = self.metrics_extra.get("sdpo_step")
+        where = (
+            (f"sDPO step {sdpo_step}, " if sdpo_step is not None else "")
+            + f"optimizer step {self.global_step + 1} (epoch {epoch + 1}, step "
+            f"{self.position['step_in_epoch'] + 1} of the epoch), pairs {indices[:8]}"
+            + (" ..." if len(indices) > 8 else "")
+        )
+        values = f"loss {float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}"
+        self.skipped_steps += 1
+        if self.skipped_steps > self.config.skip_nonfinite_batches:
+            raise NonFiniteError(
+                f"non-finite loss or gradient ({values}) at {where}; the update was not applied "
+                "and the last checkpoint is intact. Hint: lower train.learning_rate, try "
+                "train.precision = 'fp32' (bf16 overflow), check these pairs' data and "
+                "reference values, or set train.skip_nonfinite_batches = N to skip up to N "
+                f"such steps (skipped so far: {self.skipped_steps - 1})",
+                pair_indices=indices,
+            )
+        print(
+            f"[sdpo] skipping a non-finite step ({values}) at {where}: "
+            f"{self.skipped_steps} of at most {self.config.skip_nonfinite_batches}",
+            flush=True,
+        )
+
     def state_dict(self) -> dict[str, Any]:
-        """Training state beside the weights: optimizer, step and RNG states."""
+        """Training state beside the weights: optimizer, LR schedule, step counters, position
+        in the step plan and RNG states. Loadable with ``torch.load(weights_only=True)``."""
         return {
             "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "global_step": self.global_step,
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
+            "position": dict(self.position),
+            "skipped_steps": self.skipped_steps,
+            "rng": _rng_state(),
         }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a ``state_dict`` (inside ``fit``, after the schedule is built)."""
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.global_step = int(state["global_step"])
+        self.position = {k: int(v) for k, v in state["position"].items()}
+        self.skipped_steps = int(state["skipped_steps"])
+        _set_rng_state(state["rng"])
 
     def save_state(self, path: str | Path) -> None:
         with atomic_open(path, "wb") as f:

@@ -163,6 +163,8 @@ class TrainSection:
     loss_path: str = (
         "fused"  # "fused": loss formed inside the chunked lm_head; "plain": log-probs first
     )
+    keep_checkpoints: int = 2  # training checkpoints (for --resume) kept under checkpoints/
+    skip_nonfinite_batches: int = 0  # optimizer steps with a NaN/inf loss or gradient to skip
 
     def __post_init__(self) -> None:
         _at_least("train.learning_rate", self.learning_rate, 0.0, strict=True)
@@ -190,6 +192,8 @@ class TrainSection:
         _at_least("train.save_every", self.save_every, 0)
         _one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "bf16-mixed"))
         _one_of("train.loss_path", self.loss_path, ("fused", "plain"))
+        _at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
+        _at_least("train.skip_nonfinite_batches", self.skip_nonfinite_batches, 0)
 
 
 @dataclass(kw_only=True)

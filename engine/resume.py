@@ -1,0 +1,156 @@
+"""Training checkpoints that make a killed run resumable to the same bits, and the fault hook
+that tests it.
+
+A training checkpoint is a folder ``<root>/ckpt-<run_step>/`` (``run_step``: optimizer steps
+done by the whole run, zero-padded so names sort) built under a temporary name by
+``atomic_directory`` and renamed into place only when complete. Its last file is
+``MANIFEST.json``: the sha256 and size of every file in the folder, plus of "external" files the
+checkpoint relies on but does not copy (a finished sDPO step's ``step-<t>/`` weights). A
+checkpoint is *complete* when its manifest is present and every listed file matches it; resume
+takes the newest complete one and reports every other (a temporary folder of an interrupted
+write, a folder whose files no longer match). What goes inside (weights, optimizer and RNG
+states, data position) is the caller's; this module owns the folder protocol.
+
+``fault_point`` is a test hook: with ``SDPO_FAULT_AT="<point>:<count>[:<SIGNAL>]"`` in the
+environment the process sends itself SIGKILL (or the named signal, e.g. ``TERM``) the
+``count``-th time it reaches ``fault_point("<point>")``. The fault-injection tests use it to kill
+the real CLI at exact places; without the variable it costs one dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from sdpo.engine.files import atomic_directory, atomic_write_json
+
+MANIFEST_NAME = "MANIFEST.json"
+MANIFEST_FORMAT = 1
+FAULT_ENV = "SDPO_FAULT_AT"
+_NAME = re.compile(r"^ckpt-(\d+)$")
+_fault_counts: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """Kill (or signal) this process here when ``SDPO_FAULT_AT`` names this point (test hook)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, rest = spec.partition(":")
+    if point != name:
+        return
+    count_text, _, sig_name = rest.partition(":")
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] != int(count_text or 1):
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.kill(os.getpid(), getattr(signal, f"SIG{sig_name}") if sig_name else signal.SIGKILL)
+
+
+def checkpoint_name(run_step: int) -> str:
+    return f"ckpt-{run_step:08d}"
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entries(paths: Iterable[Path], *, base: Path) -> dict[str, dict[str, object]]:
+    """{path relative to ``base``: {"sha256", "bytes"}} for manifests."""
+    return {
+        p.relative_to(base).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+        for p in sorted(paths)
+    }
+
+
+def write_checkpoint(
+    path: Path,
+    *,
+    write_contents: Callable[[Path], None],
+    external: dict[str, dict[str, object]] | None = None,
+) -> None:
+    """Build the checkpoint folder ``path`` atomically: ``write_contents(tmp)`` fills a
+    temporary folder, then the manifest is written last and the folder renamed into place.
+
+    ``external``: manifest entries (see ``file_entries``) of files outside the folder, with
+    paths relative to the folder's parent's parent (the run's output folder). A failing write
+    (disk full) removes the temporary folder and leaves every older checkpoint as it was."""
+    with atomic_directory(path) as tmp:
+        write_contents(tmp)
+        fault_point("ckpt_write")
+        files = [p for p in tmp.rglob("*") if p.is_file()]
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "files": file_entries(files, base=tmp),
+            "external": external or {},
+        }
+        atomic_write_json(tmp / MANIFEST_NAME, manifest)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when the checkpoint at ``path`` is complete, else the reason it is not."""
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return f"no {MANIFEST_NAME} (the write did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        groups = [(path, manifest["files"]), (path.parent.parent, manifest["external"])]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST_NAME} is unreadable ({e})"
+    if manifest.get("format") != MANIFEST_FORMAT:
+        return f"{MANIFEST_NAME} has format {manifest.get('format')!r}, not {MANIFEST_FORMAT}"
+    for base, entries in groups:
+        for rel, entry in entries.items():
+            file = base / rel
+            if not file.is_file():
+                return f"{rel} is missing"
+            if file.stat().st_size != entry["bytes"] or file_sha256(file) != entry["sha256"]:
+                return f"{rel} does not match its checksum"
+    return None
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(run_step, folder) of the checkpoint folders under ``root``, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def find_resume_checkpoint(root: Path, *, log: Callable[[str], None]) -> Path | None:
+    """The newest complete checkpoint under ``root`` (None if there is none). Temporary folders
+    of interrupted writes are removed and every skipped folder is reported through ``log``."""
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.name.startswith(".") and p.is_dir():
+                log(f"removing {p.name}: a checkpoint write that was interrupted")
+                shutil.rmtree(p, ignore_errors=True)
+    for _, path in list_checkpoints(root):
+        reason = verify_checkpoint(path)
+        if reason is None:
+            return path
+        log(f"skipping checkpoint {path.name}: incomplete or damaged ({reason})")
+    return None
+
+
+def prune_checkpoints(root: Path, *, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints. Each is first renamed to a hidden name
+    (atomic), so a crash mid-delete leaves a temporary folder, never a half checkpoint under a
+    real name."""
+    for _, path in list_checkpoints(root)[keep:]:
+        doomed = path.with_name(f".{path.name}.deleting")
+        os.replace(path, doomed)
+        fault_point("prune")
+        shutil.rmtree(doomed, ignore_errors=True)
