@@ -168,3 +168,31 @@ def test_kept_optimizer_runs_one_schedule_across_steps(tiny_model_dir, tmp_path)
     lrs = [m["lr"] for m in metrics]
     peak = lrs.index(max(lrs))
     assert peak < 2 and all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1 :]))  # one decay
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_separate_reference_returns_gpu_memory_and_steps_train(tmp_path, monkeypatch):
+    """The whole runner on CUDA (Triton kernels, varlen attention, bf16 autocast): a separate
+    reference model's GPU memory is back to the pre-load level once its values are cached."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model_dir = write_tiny_model(tmp_path / "m", words=WORDS, hidden_size=256, seed=1)
+    ref_dir = write_tiny_model(tmp_path / "ref", words=WORDS, hidden_size=256, seed=9)
+    cfg = _config(tmp_path, model_dir, reference=str(ref_dir))
+    cfg.kernels.impl = "auto"
+    seen: list[tuple[int, int]] = []
+    real = runner_mod.StepwiseRunner._score_with_separate_reference
+
+    def watched(self, *args, **kw):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        values = real(self, *args, **kw)
+        torch.cuda.synchronize()
+        seen.append((before, torch.cuda.memory_allocated()))
+        return values
+
+    monkeypatch.setattr(runner_mod.StepwiseRunner, "_score_with_separate_reference", watched)
+    result = run_training(cfg, progress=False)
+    assert len(seen) == 1 and seen[0][0] == seen[0][1], seen
+    assert all(r.train_metrics["loss"] == r.train_metrics["loss"] for r in result.reports)
+    assert (Path(cfg.output_dir) / "step-2" / "model.safetensors").is_file()
