@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,7 +13,21 @@ Run DPO or stepwise DPO (sDPO) from a TOML config. With [sdpo] steps = T the dat
 T chunks (sdpo.partition) and step t trains on chunk t with M_{t-1} as policy start and
 reference; steps = 1 is plain DPO over all data. Outputs: OUTPUT_DIR/step-<t>/ (Hugging Face
 checkpoints), metrics.jsonl, config.toml (resolved), cache/ (reference log-probs),
-sdpo_report.json and a plot."""
+sdpo_report.json and a plot.
+
+Reliability: every input is checked before the output folder is touched. Training checkpoints
+go to OUTPUT_DIR/checkpoints/ (every train.save_every optimizer steps, at the end of each sDPO
+step, and on SIGTERM/SIGINT, which finish the current optimizer step first); --resume continues
+from the newest complete one and ends with the same weights as an uninterrupted run.
+
+Exit codes: 0 done; 2 bad config, input data, model folder or output folder (nothing written);
+3 non-finite loss or gradient; 74 a checkpoint or output could not be written (older
+checkpoints are intact); 75 stopped on request (SIGTERM/SIGINT), resume with --resume."""
+
+EXIT_INPUT = 2
+EXIT_NONFINITE = 3
+EXIT_WRITE = 74  # EX_IOERR
+EXIT_STOPPED = 75  # EX_TEMPFAIL: try again later
 
 SCORE_HELP = """\
 Score a preference data set with one model (no training): per-pair summed completion log-probs,
@@ -47,7 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--overwrite",
         action="store_true",
-        help="allow starting in an output folder that holds another run's outputs",
+        help="allow starting in an output folder that holds another run's outputs (they are "
+        "replaced)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its newest complete checkpoint (from the "
+        "beginning if it has none); refused if the config changed in a key that alters the "
+        "result",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -77,20 +100,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_command(args: argparse.Namespace) -> str:
+    """The exact command that continues this run."""
+    words = ["sdpo", "train", "--config", str(Path(args.config).resolve())]
+    for text in args.overrides:
+        words += ["--set", text]
+    if args.no_progress:
+        words.append("--no-progress")
+    return shlex.join([*words, "--resume"])
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from sdpo.config import ConfigError, load_config
-    from sdpo.runner import OutputDirError, run_training
+    from sdpo.engine.trainer import NonFiniteError, TrainingStopped
+    from sdpo.runner import CheckpointWriteError, OutputDirError, RunInputError, run_training
 
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"sdpo: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     try:
-        run_training(cfg, progress=not args.no_progress, overwrite=args.overwrite)
+        run_training(
+            cfg, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume
+        )
     except OutputDirError as e:
         print(f"sdpo: {e}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
+    except RunInputError as e:
+        print(f"sdpo: input error (nothing was written): {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except NonFiniteError as e:
+        print(f"sdpo: training stopped: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except CheckpointWriteError as e:
+        print(f"sdpo: {e}: {resume_command(args)}", file=sys.stderr)
+        return EXIT_WRITE
+    except OSError as e:
+        print(
+            f"sdpo: could not write an output ({e}); training checkpoints written so far are "
+            f"intact. Fix the cause, then continue with: {resume_command(args)}",
+            file=sys.stderr,
+        )
+        return EXIT_WRITE
+    except TrainingStopped as e:
+        ckpt = getattr(e, "checkpoint", None)
+        saved = f"checkpoint {ckpt} is saved" if ckpt else "no training checkpoint yet"
+        print(
+            f"sdpo: stopped on request after optimizer step {e.global_step}; {saved}. "
+            f"Continue with: {resume_command(args)}",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
     return 0
 
 

@@ -8,31 +8,71 @@ over all data is done once and serves three purposes: the easy-to-hard ranking, 
 reference values and the γ_ref report. With ``sdpo.reference`` naming another checkpoint, that
 model is loaded, scores every chunk, is written to the cache and freed before the policy loads.
 ``steps = 1`` is plain DPO over all data.
+
+Reliability. Every input (model folder, tokenizer, every data row, lengths against the model's
+context) is checked before the output folder is touched, so bad input costs neither a run nor a
+previous run's outputs. Training checkpoints (``OUTPUT_DIR/checkpoints/ckpt-<run_step>/``, see
+``sdpo.engine.resume``) are written every ``train.save_every`` optimizer steps, at the end of each
+sDPO step and on a graceful stop (SIGTERM/SIGINT); ``resume=True`` continues from the newest
+complete one to the same bits as an uninterrupted run. A resume redoes the cheap deterministic
+parts (reading data, partitioning, reference caches, which are reused when their keys match)
+and restores the rest: a mid-step checkpoint holds the weights, the trainer state (optimizer,
+schedule, RNG, plan position) and the run's progress; an end-of-step checkpoint holds the
+progress (and the optimizer when it is kept across steps) and checksums ``step-<t>/``, whose
+weights it relies on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import json
 import shutil
+import signal
+import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from sdpo.cache import CacheKey, RefLogprobCache, RefValues, data_fingerprint, file_fingerprint
-from sdpo.config import RunConfig, step_settings, write_resolved_config
-from sdpo.engine.checkpoint import load_pretrained, model_fingerprint, save_pretrained
-from sdpo.engine.data import read_preference_file
+from sdpo.config import RunConfig, config_to_dict, step_settings, write_resolved_config
+from sdpo.engine.checkpoint import (
+    CheckpointError,
+    check_pretrained,
+    load_pretrained,
+    model_fingerprint,
+    save_pretrained,
+)
+from sdpo.engine.data import DataError, read_preference_file, row_error
+from sdpo.engine.files import atomic_open, atomic_write_bytes, atomic_write_json
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import parameter_dtype, resolve_precision
+from sdpo.engine.resume import (
+    checkpoint_name,
+    fault_point,
+    file_entries,
+    find_resume_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    write_checkpoint,
+)
 from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
-from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
+from sdpo.engine.trainer import (
+    DPOTrainer,
+    NonFiniteError,
+    TrainConfig,
+    TrainingStopped,
+    build_optimizer,
+    plan_steps,
+)
 from sdpo.kernels import resolve_impl
 from sdpo.losses import dpo_loss
 from sdpo.partition import describe_partition, partition_pairs
@@ -45,10 +85,33 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
+CHECKPOINTS_DIR = "checkpoints"
+PROGRESS_NAME = "progress.json"
+TRAINER_STATE_NAME = "trainer_state.pt"
+# Config keys that may change between a run and its resume: they do not change the weights.
+RESUME_SAFE_KEYS = frozenset(
+    {
+        "output_dir",
+        "sdpo.cache_dir",
+        "sdpo.report_scoring",
+        "train.log_every",
+        "train.save_every",
+        "train.keep_checkpoints",
+        "train.skip_nonfinite_batches",
+    }
+)
 
 
 class OutputDirError(RuntimeError):
-    pass
+    """The output folder does not fit the request (another run's outputs, a changed config)."""
+
+
+class RunInputError(ValueError):
+    """Bad input (model folder, tokenizer, data) found before training; nothing was written."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions); older ones are intact."""
 
 
 @dataclass(kw_only=True)
@@ -56,6 +119,18 @@ class RunResult:
     output_dir: Path
     reports: list[StepReport] = field(default_factory=list)
     scoring_calls: int = 0
+
+
+@dataclass(kw_only=True)
+class ResumePoint:
+    """The checkpoint a resumed run continues from (``progress`` is its progress.json)."""
+
+    path: Path
+    progress: dict[str, Any]
+
+    def trainer_state(self) -> dict[str, Any] | None:
+        file = self.path / TRAINER_STATE_NAME
+        return torch.load(file, weights_only=True) if file.is_file() else None
 
 
 def _log(message: str) -> None:
@@ -66,8 +141,18 @@ def select_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def load_pairs(cfg: RunConfig, tokenizer: PairTokenizer, *, vocab_size: int) -> list[TokenizedPair]:
-    """Read, validate and tokenize every source; pair ``index`` is the position in the pool."""
+def load_pairs(
+    cfg: RunConfig,
+    tokenizer: PairTokenizer,
+    *,
+    vocab_size: int,
+    context_length: int | None = None,
+    places: dict[int, str] | None = None,
+) -> list[TokenizedPair]:
+    """Read, validate and tokenize every source; pair ``index`` is the position in the pool.
+    With ``context_length`` (the model's ``max_position_embeddings``) a pair whose sequence
+    would not fit the model's context is an error naming its row. ``places`` receives each
+    pair's "file line N" / "file row N" for later messages."""
     rows = []
     for source in cfg.data.sources:
         rows.extend(
@@ -86,6 +171,24 @@ def load_pairs(cfg: RunConfig, tokenizer: PairTokenizer, *, vocab_size: int) -> 
         truncation=cfg.data.truncation,
         vocab_size=vocab_size,
     )
+    if places is not None:
+        for i, row in enumerate(rows):
+            unit = "line" if row.get("row_label") == "line" else "row"
+            places[i] = f"{row.get('file')} {unit} {row.get('row')}"
+    if context_length is not None:
+        for pair in pairs:
+            length = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+            if length > context_length:
+                raise row_error(
+                    rows[pair.index],
+                    f"the pair is {length} tokens long ({len(pair.prompt_ids)} of prompt), "
+                    f"longer than the model's context (max_position_embeddings "
+                    f"{context_length})",
+                    fix=f"set data.max_length <= {context_length} (longer rows are then "
+                    "truncated), or shorten or remove the row",
+                    field="prompt",
+                    position=pair.index,
+                )
     _log(
         f"data: {len(pairs)} pairs from {len(cfg.data.sources)} source(s); "
         f"{stats.num_truncated} truncated to max_length={cfg.data.max_length}"
@@ -96,10 +199,18 @@ def load_pairs(cfg: RunConfig, tokenizer: PairTokenizer, *, vocab_size: int) -> 
 class StepwiseRunner:
     """Runs the T DPO steps of one sDPO configuration (see the module docstring)."""
 
-    def __init__(self, cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        *,
+        progress: bool = True,
+        overwrite: bool = False,
+        resume: bool = False,
+    ) -> None:
         self.cfg = cfg
         self.progress = progress
         self.overwrite = overwrite
+        self.resume = resume
         self.out = Path(cfg.output_dir)
         self.device = select_device()
         self.precision = resolve_precision(cfg.train.precision, self.device)
@@ -108,6 +219,9 @@ class StepwiseRunner:
         self.cache_dir = Path(cache_dir)
         self.scoring_calls = 0
         self.tokenizer_fp = ""
+        self.stop_flag = False
+        self.last_checkpoint: Path | None = None
+        self._rows_of_pairs: dict[int, str] = {}
 
     # -- scoring and the cache -----------------------------------------------------------
     def score(self, model: torch.nn.Module, pairs: Sequence[TokenizedPair]) -> PairLogps:
@@ -150,19 +264,185 @@ class StepwiseRunner:
         if reason != "missing":
             _log(f"reference cache {cache.path.name}: recomputing ({reason})")
         scores = self.score(model, pairs)
+        fault_point("score_done")
         cache.save(RefValues.from_scores(scores), key)
+        fault_point("cache_saved")
         return scores
+
+    # -- inputs and the output folder ----------------------------------------------------
+    def load_inputs(self) -> tuple[PairTokenizer, list[TokenizedPair]]:
+        """Check the model folder(s), the tokenizer and every data row; write nothing.
+        Any problem is a ``RunInputError`` naming the file, row/key and the fix."""
+        cfg = self.cfg
+        model_dir = Path(cfg.model.path)
+        try:
+            model_config = check_pretrained(model_dir)
+            if cfg.sdpo.reference:
+                ref_config = check_pretrained(cfg.sdpo.reference)
+                if ref_config.vocab_size != model_config.vocab_size:
+                    raise RunInputError(
+                        f"sdpo.reference {cfg.sdpo.reference} has vocab_size "
+                        f"{ref_config.vocab_size} but model.path {model_dir} has "
+                        f"{model_config.vocab_size}: a reference must share the policy's "
+                        "tokenizer; point sdpo.reference to a checkpoint of the same family"
+                    )
+            tokenizer = PairTokenizer.from_dir(model_dir)
+            if tokenizer.vocab_size > model_config.vocab_size:
+                raise RunInputError(
+                    f"{model_dir / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but "
+                    f"{model_dir / 'config.json'} vocab_size is {model_config.vocab_size}: the "
+                    "tokenizer does not belong to this model (ids past the embedding table); "
+                    "copy the tokenizer files that came with these weights"
+                )
+            pairs = load_pairs(
+                cfg,
+                tokenizer,
+                vocab_size=model_config.vocab_size,
+                context_length=model_config.max_position_embeddings,
+                places=self._rows_of_pairs,
+            )
+        except RunInputError:
+            raise
+        except (DataError, CheckpointError, ValueError, OSError) as e:
+            raise RunInputError(str(e)) from e
+        self.tokenizer_fp = file_fingerprint(model_dir / "tokenizer.json")
+        return tokenizer, pairs
+
+    def check_output_dir(self) -> None:
+        """Refuse to mix two runs' outputs (before anything is read or written)."""
+        if self.overwrite and self.resume:
+            raise OutputDirError(
+                "--resume and --overwrite exclude each other: --resume continues the run in "
+                f"{self.out}, --overwrite replaces it"
+            )
+        old = sorted(p.name for p in existing_outputs(self.out))
+        if old and not (self.overwrite or self.resume):
+            raise OutputDirError(
+                f"output folder {self.out} already holds a run's outputs ({', '.join(old[:6])}); "
+                "pass --resume to continue that run, --overwrite to replace it, or choose "
+                "another output_dir"
+            )
+
+    def find_resume_point(self) -> ResumePoint | None:
+        """The newest complete checkpoint, after checking that the config still matches it."""
+        path = find_resume_checkpoint(self.out / CHECKPOINTS_DIR, log=_log)
+        if path is None:
+            if existing_outputs(self.out):
+                _log("no complete checkpoint: starting from the beginning (caches are reused)")
+            return None
+        progress = json.loads((path / PROGRESS_NAME).read_text(encoding="utf-8"))
+        changed = changed_config_keys(progress["config"], config_to_dict(self.cfg))
+        if changed:
+            raise OutputDirError(
+                f"cannot resume the run in {self.out}: the config differs in keys that change "
+                f"the result: {'; '.join(changed)}. Resume with the run's config "
+                f"({self.out / 'config.toml'}), or start a new run (another output_dir, or "
+                "--overwrite)"
+            )
+        step = progress["sdpo_step"]
+        where = "after" if progress["step_finished"] else "inside"
+        _log(f"resuming from {path.name} ({where} sDPO step {step})")
+        return ResumePoint(path=path, progress=progress)
+
+    def prepare_output_dir(self, point: ResumePoint | None = None) -> None:
+        """Fresh run: with ``overwrite``, clear the old run's outputs (reference caches stay:
+        they are keyed, so a matching one is reused safely). Resume: cut ``metrics.jsonl`` back
+        to what it held at the checkpoint, so no step is logged twice."""
+        if self.resume:
+            metrics = self.out / "metrics.jsonl"
+            keep = point.progress["metrics_bytes"] if point is not None else 0
+            if metrics.is_file():
+                data = metrics.read_bytes()
+                if len(data) < keep:
+                    _log(f"metrics.jsonl is shorter than at {point.path.name}: kept as it is")
+                elif keep == 0:
+                    metrics.unlink()
+                elif len(data) > keep:
+                    atomic_write_bytes(metrics, data[:keep])
+        else:
+            for p in existing_outputs(self.out):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _write_checkpoint(
+        self, run_step: int, *, progress: dict[str, Any], extra: Any, external: dict
+    ) -> None:
+        """One training checkpoint; ``extra(tmp)`` writes the weights/trainer state."""
+        root = self.out / CHECKPOINTS_DIR
+        path = root / checkpoint_name(run_step)
+        metrics = self.out / "metrics.jsonl"
+        progress = {
+            **progress,
+            "format": 1,
+            "run_step": run_step,
+            "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
+            "config": config_to_dict(self.cfg),
+        }
+
+        def contents(tmp: Path) -> None:
+            extra(tmp)
+            atomic_write_json(tmp / PROGRESS_NAME, progress)
+
+        try:
+            write_checkpoint(path, write_contents=contents, external=external)
+        except OSError as e:
+            older = [p.name for _, p in list_checkpoints(root)]
+            raise CheckpointWriteError(
+                f"writing checkpoint {path} failed ({e.strerror or e}); "
+                f"{'the previous checkpoint ' + older[0] if older else 'no earlier checkpoint'} "
+                "is intact. Free disk space (or fix the folder's permissions), then continue "
+                "with --resume"
+            ) from e
+        self.last_checkpoint = path
+        fault_point("ckpt_done")
+        prune_checkpoints(root, keep=self.cfg.train.keep_checkpoints)
+
+    def _save_mid_step(self, trainer: DPOTrainer, *, base: dict[str, Any]) -> None:
+        """Trainer callback: a checkpoint inside an sDPO step (weights + trainer state)."""
+        state = trainer.state_dict()
+
+        def extra(tmp: Path) -> None:
+            save_pretrained(trainer.model, tmp / "model")
+            with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
+                torch.save(state, f)
+
+        run_step = base["run_step_base"] + trainer.position["step_in_run"]
+        self._write_checkpoint(
+            run_step,
+            progress={**base, "step_finished": False},
+            extra=extra,
+            external=base["weights_files"],
+        )
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> RunResult:
+        self.check_output_dir()
+        tokenizer, pairs = self.load_inputs()
+        point = self.find_resume_point() if self.resume else None
+        self.prepare_output_dir(point)
+        write_resolved_config(self.cfg, self.out / "config.toml")
+        with self._stop_signals():
+            try:
+                return self._run(pairs, point)
+            except TrainingStopped as e:
+                newest = list_checkpoints(self.out / CHECKPOINTS_DIR)
+                e.checkpoint = newest[0][1] if newest else None
+                raise
+            except NonFiniteError as e:
+                where = ", ".join(
+                    f"{i}: {self._rows_of_pairs.get(i, '?')}" for i in e.pair_indices[:8]
+                )
+                raise NonFiniteError(
+                    f"{e}. Data rows of these pairs: {where}", pair_indices=e.pair_indices
+                ) from None
+
+    def _run(self, pairs: list[TokenizedPair], point: ResumePoint | None) -> RunResult:
         cfg = self.cfg
-        self.prepare_output_dir()
-        write_resolved_config(cfg, self.out / "config.toml")
         model_dir = Path(cfg.model.path)
-        tokenizer = PairTokenizer.from_dir(model_dir)
-        self.tokenizer_fp = file_fingerprint(model_dir / "tokenizer.json")
-        vocab = _config_vocab_size(model_dir)
-        pairs = load_pairs(cfg, tokenizer, vocab_size=vocab)
         by_index = {p.index: p for p in pairs}
         dtype = parameter_dtype(self.precision)
 
@@ -170,9 +450,7 @@ class StepwiseRunner:
         if cfg.sdpo.reference:
             fixed_ref = self._score_with_separate_reference(Path(cfg.sdpo.reference), pairs, dtype)
 
-        model = load_pretrained(model_dir, dtype=dtype, device=self.device)
-        model.attn_backend = cfg.model.attn_backend
-        model.gradient_checkpointing = cfg.model.gradient_checkpointing
+        model = self._load_policy(model_dir)
         t0 = time.perf_counter()
         initial = self.cached_reference("initial", model, model_fingerprint(model), pairs)
         initial_scoring_s = time.perf_counter() - t0
@@ -192,17 +470,41 @@ class StepwiseRunner:
         _log("partition:\n" + partition.format())
 
         # With reset_optimizer = false, one optimizer and one LR schedule span all steps.
+        train_cfg = _train_config(cfg)
         optimizer = None
         schedule_total, schedule_done = None, 0
         if not cfg.sdpo.reset_optimizer:
             schedule_total = sum(
-                len(plan_steps([by_index[i] for i in chunk], _train_config(cfg), epoch=e))
+                len(plan_steps([by_index[i] for i in chunk], train_cfg, epoch=e))
                 for chunk in chunks
                 for e in range(cfg.train.epochs)
             )
 
         reports: list[StepReport] = []
+        start_step, run_step_base, weights_files = 1, 0, {}
+        mid_state: dict[str, Any] | None = None
+        if point is not None:
+            prog = point.progress
+            reports = [StepReport.from_dict(d) for d in prog["reports"]]
+            start_step = prog["sdpo_step"] + (1 if prog["step_finished"] else 0)
+            schedule_done, run_step_base = prog["schedule_done"], prog["run_step_base"]
+            weights_files = prog["weights_files"]
+            state = point.trainer_state()
+            if not prog["step_finished"]:
+                mid_state = state
         for t, chunk in enumerate(chunks, start=1):
+            if t < start_step:
+                continue
+            if point is not None and t == start_step and t > 1:
+                model = None
+                gc.collect()
+                model = self._load_policy(self.out / f"step-{t - 1}")  # M_{t-1}
+                if state is not None and mid_state is None:  # kept optimizer across steps
+                    optimizer = build_optimizer(model, train_cfg)
+                    optimizer.load_state_dict(state["optimizer"])
+            if self.stop_flag:
+                raise TrainingStopped(run_step_base)
+            fault_point("step_start")
             chunk_pairs = [by_index[i] for i in chunk]
             t0 = time.perf_counter()
             if fixed_ref is not None:
@@ -217,10 +519,23 @@ class StepwiseRunner:
             next_gamma = self._next_chunk_gamma(t, chunks, by_index, model, ref, initial)
             scoring_s = (initial_scoring_s if t == 1 else 0.0) + time.perf_counter() - t0
 
+            resume_state = None
+            if mid_state is not None and t == start_step:
+                resume_state = mid_state
+                model = None
+                gc.collect()
+                model = self._load_policy(point.path / "model")
+            base = {
+                "sdpo_step": t,
+                "schedule_done": schedule_done,
+                "run_step_base": run_step_base,
+                "reports": [r.to_dict() for r in reports],
+                "weights_files": weights_files,  # M_{t-1} (step-<t-1>/); {} for M0
+            }
             beta, lr = step_settings(cfg, t)
             trainer = DPOTrainer(
                 model,
-                config=dataclasses.replace(_train_config(cfg), learning_rate=lr),
+                config=dataclasses.replace(train_cfg, learning_rate=lr),
                 loss_fn=partial(dpo_loss, config=dataclasses.replace(cfg.loss, beta=beta)),
                 kernels_impl=self.impl,
                 chunk_tokens=cfg.kernels.chunk_tokens,
@@ -228,17 +543,25 @@ class StepwiseRunner:
                 metrics_extra={"sdpo_step": t},
                 progress=self.progress,
                 optimizer=optimizer,
+                save_checkpoint=partial(self._save_mid_step, base=base),
+                stop_requested=lambda: self.stop_flag,
             )
             trainer.global_step = schedule_done
             _log(f"step {t}/{len(chunks)}: {len(chunk_pairs)} pairs, beta={beta}, lr={lr}")
             result = trainer.fit(
-                chunk_pairs, ref, schedule_steps=schedule_total, schedule_offset=schedule_done
+                chunk_pairs,
+                ref,
+                schedule_steps=schedule_total,
+                schedule_offset=schedule_done,
+                resume_state=resume_state,
             )
+            run_step_base += result.optimizer_steps
             if not cfg.sdpo.reset_optimizer:
                 optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
             del trainer
             step_dir = self.out / f"step-{t}"
             save_pretrained(model, step_dir, extra_files=tokenizer_files(model_dir))
+            fault_point("step_saved")
             acc_after = None
             if cfg.sdpo.report_scoring:
                 acc_after = float((self.score(model, chunk_pairs).gamma > 0).float().mean())
@@ -258,12 +581,66 @@ class StepwiseRunner:
                     scoring_seconds=scoring_s,
                 )
             )
+            weights_files = file_entries(
+                [p for p in step_dir.iterdir() if p.is_file()], base=self.out
+            )
+            kept = optimizer
+
+            def extra(tmp: Path, kept: torch.optim.Optimizer | None = kept) -> None:
+                if kept is not None:
+                    with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
+                        torch.save({"optimizer": kept.state_dict()}, f)
+
+            self._write_checkpoint(
+                run_step_base,
+                progress={
+                    **base,
+                    "step_finished": True,
+                    "schedule_done": schedule_done,
+                    "run_step_base": run_step_base,
+                    "reports": [r.to_dict() for r in reports],
+                    "weights_files": weights_files,
+                },
+                extra=extra,
+                external=weights_files,
+            )
             _log(f"step {t} done: saved {step_dir}")
+        fault_point("reports")
         write_reports(reports, self.out, partition=partition)
         print(format_summary_table(reports))
         if not plot_steps(self.out / "metrics.jsonl", reports, self.out / "sdpo_steps.png"):
             _log(PLOT_HINT)
         return RunResult(output_dir=self.out, reports=reports, scoring_calls=self.scoring_calls)
+
+    def _load_policy(self, path: Path) -> torch.nn.Module:
+        model = load_pretrained(path, dtype=parameter_dtype(self.precision), device=self.device)
+        model.attn_backend = self.cfg.model.attn_backend
+        model.gradient_checkpointing = self.cfg.model.gradient_checkpointing
+        return model
+
+    @contextlib.contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """SIGTERM/SIGINT ask for a graceful stop: finish the optimizer step, save, stop. A
+        second SIGINT aborts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.stop_flag and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_flag = True
+            _log(
+                f"{signal.Signals(signum).name} received: finishing the current optimizer step, "
+                "then saving a checkpoint and stopping (Ctrl-C again aborts at once)"
+            )
+
+        old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
 
     def _next_chunk_gamma(
         self,
@@ -287,22 +664,6 @@ class StepwiseRunner:
             return None
         return float(source.gamma[source.rows_for(upcoming)].mean())
 
-    def prepare_output_dir(self) -> None:
-        """Refuse to mix two runs' outputs; with ``overwrite``, clear the old run's outputs
-        (reference caches stay: they are keyed, so a matching one is reused safely)."""
-        old = sorted(p.name for p in existing_outputs(self.out))
-        if old and not self.overwrite:
-            raise OutputDirError(
-                f"output folder {self.out} already holds a run's outputs ({', '.join(old[:6])}); "
-                "choose another output_dir or pass --overwrite to replace them"
-            )
-        for p in existing_outputs(self.out):
-            if p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        self.out.mkdir(parents=True, exist_ok=True)
-
     def _score_with_separate_reference(
         self, ref_dir: Path, pairs: Sequence[TokenizedPair], dtype: torch.dtype
     ) -> PairLogps:
@@ -324,19 +685,29 @@ class StepwiseRunner:
         return values
 
 
+def changed_config_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``"key (old -> new)"`` for every config key whose change would alter the result."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(saved), flat(now)
+    keys = sorted((set(a) | set(b)) - RESUME_SAFE_KEYS)
+    return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
+
+
 def existing_outputs(out: Path) -> list[Path]:
     """Files and folders of a previous run inside ``out`` (caches excluded)."""
     if not out.is_dir():
         return []
-    names = {"metrics.jsonl", "config.toml", "sdpo_report.json", "sdpo_steps.png"}
+    names = {"metrics.jsonl", "config.toml", "sdpo_report.json", "sdpo_steps.png", CHECKPOINTS_DIR}
     return [p for p in out.iterdir() if p.name in names or p.name.startswith("step-")]
-
-
-def _config_vocab_size(model_dir: Path) -> int:
-    import json
-
-    config = json.loads((model_dir / "config.json").read_text())
-    return int(config["vocab_size"])
 
 
 def tokenizer_files(model_dir: Path) -> list[Path]:
@@ -348,5 +719,7 @@ def _train_config(cfg: RunConfig) -> TrainConfig:
     return cfg.train if isinstance(cfg.train, TrainConfig) else TrainConfig(**vars(cfg.train))
 
 
-def run_training(cfg: RunConfig, *, progress: bool = True, overwrite: bool = False) -> RunResult:
-    return StepwiseRunner(cfg, progress=progress, overwrite=overwrite).run()
+def run_training(
+    cfg: RunConfig, *, progress: bool = True, overwrite: bool = False, resume: bool = False
+) -> RunResult:
+    return StepwiseRunner(cfg, progress=progress, overwrite=overwrite, resume=resume).run()
