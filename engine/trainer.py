@@ -504,8 +504,6 @@ class DPOTrainer:
                         )
                 if bar is not None:
                     bar.update(1)
-                if pos["step_in_epoch"] == len(plan):  # the position is the next step to run
-                    pos["epoch"], pos["step_in_epoch"] = pos["epoch"] + 1, 0
                 fault_point("train_step")
                 if step_in_run == total_steps:
                     break  # the caller saves the end of this pass
@@ -519,6 +517,7 @@ class DPOTrainer:
                     if bar is not None:
                         bar.close()
                     raise TrainingStopped(self.global_step)
+            pos["epoch"], pos["step_in_epoch"] = pos["epoch"] + 1, 0
         if bar is not None:
             bar.close()
         return TrainResult(
