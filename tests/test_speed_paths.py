@@ -248,6 +248,7 @@ def test_inductor_compiled_layers_on_cuda_match_eager_without_graph_breaks_or_re
     )
     eager = init_model(config, seed=0, dtype=torch.bfloat16).cuda()
     fast = copy.deepcopy(eager)
+    truth = copy.deepcopy(eager).float()  # fp32 copy of the same bf16 weights
     counters.clear()
     compile_decoder_layers(fast)
     for model in (eager, fast):
@@ -263,7 +264,12 @@ def test_inductor_compiled_layers_on_cuda_match_eager_without_graph_breaks_or_re
             grad = model.model.layers[0].mlp.down_proj.weight.grad.float()
             outs.append((hidden.float(), grad))
         (h0, g0), (h1, g1) = outs
-        torch.testing.assert_close(h1, h0, rtol=2e-2, atol=2e-2)
+        with torch.no_grad():
+            ref = truth(*args)  # (N, H) fp32
+        # dtype-aware: the compiled bf16 layers are no worse than eager bf16 plus a margin
+        err_eager = (h0 - ref).abs().max().item()
+        err_fast = (h1 - ref).abs().max().item()
+        assert err_fast <= 1.5 * err_eager + 1e-2 * ref.abs().max().item(), (err_fast, err_eager)
         cosine = F.cosine_similarity(g0.flatten(), g1.flatten(), dim=0)
         assert cosine > 0.99, f"batch {seed}: gradient cosine {float(cosine):.4f}"
         with torch.no_grad():
