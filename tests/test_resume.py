@@ -1,0 +1,247 @@
+"""Exact resume in process: the trainer continued from any step's saved state ends bitwise equal;
+a graceful stop (SIGTERM) saves and resumes to the same bits; a failing checkpoint write (disk
+full) leaves the previous checkpoint intact and the run resumable; a changed config is refused
+by key; non-finite losses stop the run (or are skipped and counted) without touching the
+weights. The subprocess kill tests are in test_faults.py."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import io
+import json
+import signal
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+import sdpo.engine.resume as resume_mod
+from sdpo.cli import EXIT_INPUT, main
+from sdpo.config import config_from_dict
+from sdpo.engine.checkpoint import load_pretrained
+from sdpo.engine.data import read_preference_file
+from sdpo.engine.resume import list_checkpoints, verify_checkpoint
+from sdpo.engine.scoring import score_pairs
+from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+from sdpo.engine.trainer import DPOTrainer, NonFiniteError, TrainConfig, TrainingStopped
+from sdpo.losses import LossConfig, dpo_loss
+from sdpo.runner import CheckpointWriteError, OutputDirError, run_training
+from tests.conftest import write_pairs
+
+
+def _pairs(model_dir: Path, tmp_path: Path, n: int = 13):
+    data = write_pairs(tmp_path / "d.jsonl", n=n, seed=11)
+    rows = read_preference_file(str(data), source="s")
+    pairs, _ = tokenize_pairs(
+        rows, PairTokenizer.from_dir(model_dir), max_length=32, max_prompt_length=16
+    )
+    return pairs
+
+
+def _trainer(model, **overrides) -> DPOTrainer:
+    cfg = dict(
+        learning_rate=3e-3, epochs=2, pairs_per_step=4, max_tokens_per_batch=64, save_every=1
+    )
+    cfg.update(overrides)
+    return DPOTrainer(
+        model,
+        config=TrainConfig(**cfg),
+        loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
+        kernels_impl="torch",
+        progress=False,
+    )
+
+
+def test_trainer_resumed_from_any_step_ends_bitwise_equal(tiny_model_dir, tmp_path):
+    pairs = _pairs(tiny_model_dir, tmp_path)  # 13 pairs: 4 steps per epoch, the last short
+    model = load_pretrained(tiny_model_dir)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
+    saved: list[tuple[dict, bytes]] = []
+
+    def save(trainer: DPOTrainer) -> None:
+        buf = io.BytesIO()
+        torch.save(trainer.state_dict(), buf)
+        saved.append((copy.deepcopy(trainer.model.state_dict()), buf.getvalue()))
+
+    trainer = _trainer(model)
+    trainer.save_checkpoint = save
+    result = trainer.fit(pairs, ref)
+    assert result.optimizer_steps == 8 and len(saved) == 7  # none after the last step
+    final = model.state_dict()
+    for weights, state in saved:  # mid-epoch, at the epoch boundary, in the second epoch
+        resumed = load_pretrained(tiny_model_dir)
+        resumed.load_state_dict(weights)
+        _trainer(resumed).fit(pairs, ref, resume_state=torch.load(io.BytesIO(state)))
+        for name, value in resumed.state_dict().items():
+            assert torch.equal(value, final[name]), name
+
+
+def test_nonfinite_step_stops_naming_the_step_and_leaves_weights_untouched(
+    tiny_model_dir, tmp_path
+):
+    pairs = _pairs(tiny_model_dir, tmp_path)
+    model = load_pretrained(tiny_model_dir)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
+    ref.chosen_logps[pairs[5].index] = float("nan")  # a broken reference value
+    before = copy.deepcopy(model.state_dict())
+    trainer = _trainer(model, shuffle=False, epochs=1, save_every=0)
+    with pytest.raises(NonFiniteError, match=r"optimizer step 2 .*pairs \[4, 5, 6, 7\]") as info:
+        trainer.fit(pairs, ref)
+    assert "skip_nonfinite_batches" in str(info.value) and info.value.pair_indices == [4, 5, 6, 7]
+    # step 1 was applied, step 2 was not: one more clean step gives the same weights
+    check = load_pretrained(tiny_model_dir)
+    check.load_state_dict(before)
+    _trainer(check, shuffle=False, epochs=1, save_every=0).train_step(pairs, [[0, 1, 2, 3]], ref)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, check.state_dict()[name]), name
+
+
+def test_skip_nonfinite_batches_skips_and_counts(tiny_model_dir, tmp_path):
+    pairs = _pairs(tiny_model_dir, tmp_path)
+    model = load_pretrained(tiny_model_dir)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
+    ref.rejected_logps[pairs[9].index] = float("inf")
+    trainer = _trainer(model, shuffle=False, epochs=1, skip_nonfinite_batches=1)
+    trainer.output_dir = tmp_path / "out"
+    result = trainer.fit(pairs, ref)
+    assert result.optimizer_steps == 4
+    metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 4]  # step 3 (pairs 8-11) was skipped
+    assert [m["skipped_batches"] for m in metrics] == [0, 0, 1]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# -- the runner -------------------------------------------------------------------------------
+
+
+def _config(tmp_path: Path, model_dir: Path, out: str = "run", **train):
+    far = write_pairs(tmp_path / "far.jsonl", n=8, seed=1, kind="far")
+    near = write_pairs(tmp_path / "near.jsonl", n=7, seed=2, kind="near")
+    return config_from_dict(
+        {
+            "output_dir": str(tmp_path / out),
+            "model": {"path": str(model_dir)},
+            "data": {
+                "sources": [{"name": "far", "path": str(far)}, {"name": "near", "path": str(near)}],
+                "max_length": 32,
+                "max_prompt_length": 16,
+            },
+            "train": {
+                "learning_rate": 3e-3,
+                "pairs_per_step": 3,
+                "max_tokens_per_batch": 128,
+                "save_every": 1,
+                "keep_checkpoints": 3,
+                **train,
+            },
+            "kernels": {"impl": "torch"},
+            "sdpo": {"steps": 2, "partition": "given", "report_scoring": False},
+        }
+    )
+
+
+def _weights(out: Path, t: int = 2) -> dict[str, torch.Tensor]:
+    return load_pretrained(out / f"step-{t}").state_dict()
+
+
+def _assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.fixture
+def baseline(tiny_model_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir, out="baseline")
+    run_training(cfg, progress=False)
+    return _weights(Path(cfg.output_dir))
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_bitwise(
+    tiny_model_dir, tmp_path, baseline, monkeypatch
+):
+    cfg = _config(tmp_path, tiny_model_dir, save_every=100)  # only the stop writes mid-step
+    monkeypatch.setattr(resume_mod, "_fault_counts", {})
+    monkeypatch.setenv("SDPO_FAULT_AT", "train_step:4:TERM")  # inside sDPO step 2
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with pytest.raises(TrainingStopped):
+        run_training(cfg, progress=False)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers
+    out = Path(cfg.output_dir)
+    names = [p.name for _, p in list_checkpoints(out / "checkpoints")]
+    assert names == ["ckpt-00000004", "ckpt-00000003"]  # the stop, the end of sDPO step 1
+    assert not (out / "step-2").exists()
+    monkeypatch.delenv("SDPO_FAULT_AT")
+    run_training(cfg, progress=False, resume=True)
+    _assert_same_weights(_weights(out), baseline)
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_one_and_resumes(
+    tiny_model_dir, tmp_path, baseline, monkeypatch
+):
+    cfg = _config(tmp_path, tiny_model_dir)
+    out = Path(cfg.output_dir)
+    real_write = resume_mod.atomic_write_json
+    calls = []
+
+    def full_disk(path, obj):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint's manifest
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, obj)
+
+    monkeypatch.setattr(resume_mod, "atomic_write_json", full_disk)
+    with pytest.raises(CheckpointWriteError, match="No space left.*ckpt-00000001 is intact"):
+        run_training(cfg, progress=False)
+    monkeypatch.setattr(resume_mod, "atomic_write_json", real_write)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-00000001"]
+    assert verify_checkpoint(out / "checkpoints" / "ckpt-00000001") is None
+    run_training(cfg, progress=False, resume=True)
+    _assert_same_weights(_weights(out), baseline)
+
+
+def test_damaged_newest_checkpoint_is_reported_and_the_one_before_used(
+    tiny_model_dir, tmp_path, baseline, capsys
+):
+    cfg = _config(tmp_path, tiny_model_dir)
+    out = Path(cfg.output_dir)
+    run_training(cfg, progress=False)
+    newest = list_checkpoints(out / "checkpoints")[0][1]
+    state = newest / "progress.json"
+    state.write_text(state.read_text().replace('"sdpo_step": 2', '"sdpo_step": 1'))
+    capsys.readouterr()
+    run_training(cfg, progress=False, resume=True)
+    printed = capsys.readouterr().out
+    assert f"skipping checkpoint {newest.name}: incomplete or damaged" in printed
+    assert "progress.json does not match its checksum" in printed
+    _assert_same_weights(_weights(out), baseline)
+
+
+def test_resume_with_a_changed_result_key_is_refused_naming_it(tiny_model_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir)
+    run_training(cfg, progress=False)
+    changed = _config(tmp_path, tiny_model_dir, learning_rate=1e-3, log_every=2)
+    with pytest.raises(OutputDirError, match=r"train\.learning_rate \(0\.003 -> 0\.001\)") as e:
+        run_training(changed, progress=False, resume=True)
+    assert "log_every" not in str(e.value)
+    # keys that do not change the weights may differ
+    run_training(_config(tmp_path, tiny_model_dir, log_every=2), progress=False, resume=True)
+
+
+def test_cli_resume_flags(tiny_model_dir, tmp_path, capsys):
+    data = write_pairs(tmp_path / "p.jsonl", n=6, seed=3)
+    toml = tmp_path / "run.toml"
+    toml.write_text(
+        f'output_dir = "out"\n[model]\npath = "{tiny_model_dir}"\n[data]\npath = "{data}"\n'
+        "max_length = 32\nmax_prompt_length = 16\n[train]\npairs_per_step = 3\n"
+        'max_tokens_per_batch = 128\n[kernels]\nimpl = "torch"\n'
+    )
+    base = ["train", "--config", str(toml), "--no-progress"]
+    assert main([*base, "--resume"]) == 0  # nothing to resume: starts from the beginning
+    assert (tmp_path / "out" / "step-1").is_dir()
+    assert main(base) == EXIT_INPUT
+    assert "--resume" in capsys.readouterr().err
+    assert main([*base, "--resume", "--overwrite"]) == EXIT_INPUT
+    assert "exclude each other" in capsys.readouterr().err
