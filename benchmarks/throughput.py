@@ -1019,6 +1019,7 @@ def step_section(args: argparse.Namespace) -> dict:
         "compile_mode": args.compile_mode,
         "loss_path": args.loss_path,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "checkpoint_every": args.checkpoint_every,
         "kernels_impl": impl,
         "pairs_per_step": args.pairs_per_step,
         "prompt_len": args.prompt_len,
@@ -1046,6 +1047,7 @@ def step_section(args: argparse.Namespace) -> dict:
     init_state = dict(model.state_dict()) if args.compare_trl else None  # CPU copies survive .to()
     model.to(device)
     model.gradient_checkpointing = args.gradient_checkpointing
+    model.checkpoint_every = args.checkpoint_every
     if args.compile:
         backend = args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
         compile_decoder_layers(model, mode=args.compile_mode, backend=backend)
@@ -1243,7 +1245,7 @@ def step_section(args: argparse.Namespace) -> dict:
     columns = ["variant", "tokens_per_s", "ms_per_step", "mfu", "peak_gb", "warmup_s", "error"]
     print(
         f"\n{args.preset} ({n_params / 1e6:.1f} M params) {precision} compile={args.compile} "
-        f"loss_path={args.loss_path} checkpointing={args.gradient_checkpointing} "
+        f"loss_path={args.loss_path} checkpointing={args.gradient_checkpointing}/every {args.checkpoint_every} "
         f"{args.pairs_per_step} pairs/step, prompt {args.prompt_len}, completions "
         f"{args.completion_min}-{args.completion_max}"
     )
@@ -1335,6 +1337,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--loss-path", choices=["fused", "plain"], default="fused")
     s.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute each layer in backward"
+    )
+    s.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        help="with --gradient-checkpointing: recompute every k-th layer only (selective)",
     )
     s.add_argument("--impl", default="auto", choices=["auto", "triton", "torch"])
     s.add_argument("--pairs-per-step", type=int, default=4)

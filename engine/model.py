@@ -431,6 +431,9 @@ class CausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        # With gradient checkpointing on, recompute every k-th decoder layer in backward (1: all
+        # layers; 2: half of them, trading half the saved activations for half the recompute).
+        self.checkpoint_every = 1
         self.attn_backend = "auto"
 
     @property
@@ -464,9 +467,10 @@ class CausalLM(nn.Module):
         inv_freq = rope_inverse_frequencies(self.config, device=input_ids.device)
         cos, sin = rotary_cos_sin(position_ids, inv_freq, dtype=x.dtype)  # (N, D) each
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
-        for layer in self.model.layers:
+        every = max(1, int(self.checkpoint_every))
+        for i, layer in enumerate(self.model.layers):
             args = (x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend)
-            if checkpointing:
+            if checkpointing and i % every == 0:
                 x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
                 x = layer(*args)

@@ -70,11 +70,13 @@ class ModelSection:
     dtype: str = "auto"  # load dtype: "auto" follows train.precision
     attn_backend: str = "auto"
     gradient_checkpointing: bool = False
+    checkpoint_every: int = 1  # with gradient_checkpointing: recompute every k-th layer
     compile: bool = False
 
     def __post_init__(self) -> None:
         _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _one_of("model.attn_backend", self.attn_backend, ("auto", "flash", "varlen", "sdpa"))
+        _at_least("model.checkpoint_every", self.checkpoint_every, 1)
 
 
 @dataclass(kw_only=True)

@@ -616,6 +616,7 @@ class StepwiseRunner:
         model = load_pretrained(path, dtype=parameter_dtype(self.precision), device=self.device)
         model.attn_backend = self.cfg.model.attn_backend
         model.gradient_checkpointing = self.cfg.model.gradient_checkpointing
+        model.checkpoint_every = self.cfg.model.checkpoint_every
         return model
 
     @contextlib.contextmanager

@@ -332,3 +332,24 @@ def test_bfloat16_model_on_cuda_matches_float64_truth_with_every_attention_backe
     assert errors["sdpa"] <= 0.1 * scale, errors
     for backend, err in errors.items():
         assert err <= 1.5 * errors["sdpa"] + 1e-2 * scale, (backend, errors)
+
+
+def test_selective_checkpointing_recomputes_every_kth_layer_with_equal_gradients():
+    config = ModelConfig.from_hf_dict(_tiny_hf_dict(num_hidden_layers=4))
+    ids, pos, cu = _packed([7, 5], seed=3)
+    grads = []
+    for every in (None, 1, 2):
+        model = init_model(config, seed=4)
+        counted = [[] for _ in model.model.layers]
+        for layer, c in zip(model.model.layers, counted):
+            layer.forward = _counting(layer.forward, c)
+        if every is not None:
+            model.gradient_checkpointing, model.checkpoint_every = True, every
+        model(ids, pos, cu, 7).square().sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        expected = {None: [1, 1, 1, 1], 1: [2, 2, 2, 2], 2: [2, 1, 2, 1]}[every]
+        calls = [len(c) for c in counted]
+        assert calls == expected, (every, calls)
+    for g_plain, g1, g2 in zip(*grads):
+        torch.testing.assert_close(g1, g_plain, rtol=0, atol=1e-6)
+        torch.testing.assert_close(g2, g_plain, rtol=0, atol=1e-6)
