@@ -50,6 +50,7 @@ from sdpo.engine.checkpoint import (
     model_fingerprint,
     save_pretrained,
 )
+from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.data import DataError, read_preference_file, row_error
 from sdpo.engine.files import atomic_open, atomic_write_bytes, atomic_write_json
 from sdpo.engine.packing import TokenizedPair
@@ -617,6 +618,8 @@ class StepwiseRunner:
         model.attn_backend = self.cfg.model.attn_backend
         model.gradient_checkpointing = self.cfg.model.gradient_checkpointing
         model.checkpoint_every = self.cfg.model.checkpoint_every
+        if self.cfg.model.compile:
+            compile_decoder_layers(model)  # regional: each decoder layer, dynamic shapes
         return model
 
     @contextlib.contextmanager
