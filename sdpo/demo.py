@@ -49,10 +49,10 @@ class DemoSettings:
     # SFT stops early on purpose: the model is right on a minority of held-out prompts, so
     # preference training has something to teach (measured: 80 steps give about 11%).
     sft_steps: int = 80
-    pairs_per_source: int = 400
-    heldout_prompts: int = 300
-    dpo_epochs: int = 2
-    dpo_learning_rate: float = 3e-4
+    pairs_per_source: int = 1000
+    heldout_prompts: int = 500
+    dpo_epochs: int = 3
+    dpo_learning_rate: float = 1e-4
     hidden: int = 64
     layers: int = 2
 
