@@ -38,6 +38,7 @@ from torch import Tensor
 from sdpo.engine.files import append_jsonl, atomic_open
 from sdpo.engine.packing import TokenizedPair, batch_by_token_budget, pack_pairs
 from sdpo.engine.precision import (
+    PRECISIONS,
     autocast_context,
     parameter_dtype,
     resolve_precision,
@@ -56,64 +57,72 @@ PairLossFn = Callable[..., Any]
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    """Optimisation settings of one DPO training (one sDPO step)."""
+    """Optimisation settings of one DPO training (one sDPO step); the ``[train]`` section of a
+    run's TOML config is this class. Errors name the key, so the config reader can prefix it
+    with ``train.``."""
 
     learning_rate: float = 5e-7
     epochs: int = 1
-    max_tokens_per_batch: int = 16384
-    pairs_per_step: int | None = None
-    tokens_per_step: int | None = None
+    max_tokens_per_batch: int = 16384  # packed tokens per forward/backward (chosen + rejected)
+    pairs_per_step: int | None = None  # pairs per optimizer step ...
+    tokens_per_step: int | None = None  # ... or real tokens per step; neither: one batch
     warmup_ratio: float = 0.1
-    schedule: str = "linear"
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
+    schedule: str = "linear"  # "linear" | "cosine" | "constant", after linear warm-up
+    weight_decay: float = 0.0  # on matrices only
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     seed: int = 0
     shuffle: bool = True
-    log_every: int = 1
-    save_every: int = 0
-    precision: str = "auto"
-    loss_path: str = "fused"
+    log_every: int = 1  # optimizer steps
+    save_every: int = 0  # optimizer steps; 0: checkpoints only at the end of each sDPO step
+    precision: str = "auto"  # "fp32" | "bf16" (bf16 params+states) | "bf16-mixed" (fp32 master)
+    loss_path: str = "fused"  # "fused": loss formed inside the chunked lm_head; "plain"
     keep_checkpoints: int = 2  # training checkpoints kept on disk (read by the runner)
     skip_nonfinite_batches: int = 0  # optimizer steps with a NaN/inf loss or gradient to skip
 
     def __post_init__(self) -> None:
-        self.adam_betas = tuple(self.adam_betas)  # TOML gives lists
-        checks = [
-            (self.learning_rate > 0, "learning_rate must be > 0"),
-            (self.epochs >= 1, "epochs must be >= 1"),
-            (self.max_tokens_per_batch >= 2, "max_tokens_per_batch must be >= 2"),
-            (
-                self.pairs_per_step is None or self.pairs_per_step >= 1,
-                "pairs_per_step must be >= 1",
-            ),
-            (
-                self.tokens_per_step is None or self.tokens_per_step >= 2,
-                "tokens_per_step must be >= 2",
-            ),
-            (
-                self.pairs_per_step is None or self.tokens_per_step is None,
-                "set pairs_per_step or tokens_per_step, not both",
-            ),
-            (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must be in [0, 1)"),
-            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (len(self.adam_betas) == 2, "adam_betas must be two numbers"),
-            (
-                self.max_grad_norm is None or self.max_grad_norm >= 0,
-                "max_grad_norm must be >= 0 (0 or none = no clipping)",
-            ),
-            (self.log_every >= 1, "log_every must be >= 1"),
-            (self.save_every >= 0, "save_every must be >= 0 (0 = final checkpoint only)"),
-            (self.loss_path in LOSS_PATHS, f"loss_path must be one of {LOSS_PATHS}"),
-            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
-            (self.skip_nonfinite_batches >= 0, "skip_nonfinite_batches must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"train: {message}")
-        resolve_precision(self.precision, "cpu")  # validates the name
+        def at_least(name: str, low: float, *, strict: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None:
+                return
+            if not math.isfinite(value) or (value <= low if strict else value < low):
+                raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value!r}")
+
+        def one_of(name: str, options: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in options:
+                raise ValueError(
+                    f"{name} = {value!r} is not an option: use one of "
+                    + ", ".join(map(repr, options))
+                )
+
+        at_least("learning_rate", 0.0, strict=True)
+        at_least("epochs", 1)
+        at_least("max_tokens_per_batch", 2)
+        at_least("pairs_per_step", 1)
+        at_least("tokens_per_step", 2)
+        if self.pairs_per_step is not None and self.tokens_per_step is not None:
+            raise ValueError(
+                "tokens_per_step and pairs_per_step are both set: gradient accumulation is "
+                "counted in one unit, keep one of them"
+            )
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        one_of("schedule", SCHEDULES)
+        at_least("weight_decay", 0.0)
+        self.adam_betas = list(self.adam_betas)
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        at_least("adam_eps", 0.0, strict=True)
+        at_least("max_grad_norm", 0.0)
+        at_least("seed", 0)
+        at_least("log_every", 1)
+        at_least("save_every", 0)
+        one_of("precision", PRECISIONS)
+        one_of("loss_path", LOSS_PATHS)
+        at_least("keep_checkpoints", 1)
+        at_least("skip_nonfinite_batches", 0)
 
 
 def plan_steps(
@@ -166,7 +175,7 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
             {"params": no_decay, "weight_decay": 0.0},
         ],
         lr=config.learning_rate,
-        betas=config.adam_betas,
+        betas=tuple(config.adam_betas),
         eps=config.adam_eps,
         fused=True if on_cuda else None,
         foreach=None if on_cuda else True,

@@ -33,6 +33,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from sdpo.engine.files import atomic_write_text
+from sdpo.engine.trainer import TrainConfig
 from sdpo.losses import LossConfig
 
 
@@ -142,60 +143,8 @@ class DataSection:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
 
-@dataclass(kw_only=True)
-class TrainSection:
-    """``[train]``: optimisation of one DPO run (one sDPO step)."""
-
-    learning_rate: float = 5e-7
-    epochs: int = 1
-    max_tokens_per_batch: int = 16384  # packed tokens per forward/backward (chosen + rejected)
-    tokens_per_step: int | None = None  # accumulate batches until this many tokens per step
-    pairs_per_step: int | None = None  # ... or this many pairs; neither: one batch per step
-    warmup_ratio: float = 0.1
-    schedule: str = "linear"
-    weight_decay: float = 0.0
-    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    adam_eps: float = 1e-8
-    max_grad_norm: float = 1.0  # 0 turns clipping off
-    seed: int = 0
-    log_every: int = 1  # optimizer steps
-    save_every: int = 0  # optimizer steps; 0: only the final checkpoint of each sDPO step
-    precision: str = "auto"  # "fp32" | "bf16" (bf16 params+states) | "bf16-mixed" (fp32 master)
-    shuffle: bool = True
-    loss_path: str = (
-        "fused"  # "fused": loss formed inside the chunked lm_head; "plain": log-probs first
-    )
-    keep_checkpoints: int = 2  # training checkpoints (for --resume) kept under checkpoints/
-    skip_nonfinite_batches: int = 0  # optimizer steps with a NaN/inf loss or gradient to skip
-
-    def __post_init__(self) -> None:
-        _at_least("train.learning_rate", self.learning_rate, 0.0, strict=True)
-        _at_least("train.epochs", self.epochs, 1)
-        _at_least("train.max_tokens_per_batch", self.max_tokens_per_batch, 1)
-        _at_least("train.tokens_per_step", self.tokens_per_step, 2)
-        _at_least("train.pairs_per_step", self.pairs_per_step, 1)
-        if self.tokens_per_step is not None and self.pairs_per_step is not None:
-            raise ConfigError(
-                "train.tokens_per_step and train.pairs_per_step are both set: gradient "
-                "accumulation is counted in one unit, keep one of them"
-            )
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        _one_of("train.schedule", self.schedule, ("linear", "cosine", "constant"))
-        _at_least("train.weight_decay", self.weight_decay, 0.0)
-        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise ConfigError(
-                f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}"
-            )
-        _at_least("train.adam_eps", self.adam_eps, 0.0, strict=True)
-        _at_least("train.max_grad_norm", self.max_grad_norm, 0.0)
-        _at_least("train.seed", self.seed, 0)
-        _at_least("train.log_every", self.log_every, 1)
-        _at_least("train.save_every", self.save_every, 0)
-        _one_of("train.precision", self.precision, ("auto", "fp32", "bf16", "bf16-mixed"))
-        _one_of("train.loss_path", self.loss_path, ("fused", "plain"))
-        _at_least("train.keep_checkpoints", self.keep_checkpoints, 1)
-        _at_least("train.skip_nonfinite_batches", self.skip_nonfinite_batches, 0)
+# ``[train]``: the training loop's own settings class (one definition, validated there).
+TrainSection = TrainConfig
 
 
 @dataclass(kw_only=True)

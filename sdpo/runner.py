@@ -720,7 +720,7 @@ def tokenizer_files(model_dir: Path) -> list[Path]:
 
 
 def _train_config(cfg: RunConfig) -> TrainConfig:
-    return cfg.train if isinstance(cfg.train, TrainConfig) else TrainConfig(**vars(cfg.train))
+    return cfg.train
 
 
 def run_training(
