@@ -106,7 +106,7 @@ def run_steps(model, pairs, ref, *, loss_path: str, steps: int):
         shuffle=False,
         warmup_ratio=0.0,
         schedule="constant",
-        max_grad_norm=None,
+        max_grad_norm=0.0,
         precision="fp32",
         loss_path=loss_path,
     )
