@@ -285,6 +285,16 @@ def run_demo(*, output_dir: Path, quick: bool = False, seed: int = 0) -> dict:
     if e2h:
         order = " -> ".join("+".join(r.sources) for r in e2h)
         print(f"\n[demo] easy-to-hard order chosen by the SFT model's reward accuracy: {order}")
+    # The paper's Figure 2 quantity: on the data of step t+1, the reference of step t+1
+    # (M_t) against the reference of step t (M_{t-1}); sDPO's premise is that it rises.
+    for label in ("sDPO easy-to-hard", "sDPO random split"):
+        reports = runs[label].reports
+        raised = [
+            f"chunk {b.step}: {a.gamma_ref_next_chunk:+.2f} -> {b.gamma_ref_chunk:+.2f}"
+            for a, b in zip(reports, reports[1:])
+            if a.gamma_ref_next_chunk is not None
+        ]
+        print(f"[demo] {label}: γ_ref of the previous vs the new reference on {'; '.join(raised)}")
     elapsed = time.perf_counter() - start
     print(f"[demo] done in {elapsed:.0f} s; outputs under {out}")
     summary = {
