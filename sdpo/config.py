@@ -68,14 +68,12 @@ class ModelSection:
     """``[model]``: the initial (SFT) model, a Hugging Face style folder."""
 
     path: str | None = field(default=None, metadata=_LOCAL)
-    dtype: str = "auto"  # load dtype: "auto" follows train.precision
     attn_backend: str = "auto"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1  # with gradient_checkpointing: recompute every k-th layer
     compile: bool = False
 
     def __post_init__(self) -> None:
-        _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _one_of("model.attn_backend", self.attn_backend, ("auto", "flash", "varlen", "sdpa"))
         _at_least("model.checkpoint_every", self.checkpoint_every, 1)
 
@@ -112,7 +110,6 @@ class DataSection:
     max_prompt_length: int = 512
     truncation: str = "keep_end"  # over-long prompts keep their end; completions lose their end
     identical_pairs: str = "warn"  # chosen == rejected: "warn" (keep), "drop", "error", "keep"
-    eval_fraction: float = 0.0  # share of each source held out for evaluation
 
     def __post_init__(self) -> None:
         if self.path is not None:
@@ -139,8 +136,6 @@ class DataSection:
             )
         _one_of("data.truncation", self.truncation, ("keep_end", "keep_start"))
         _one_of("data.identical_pairs", self.identical_pairs, ("warn", "drop", "error", "keep"))
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
 
 
 # ``[train]``: the training loop's own settings class (one definition, validated there).

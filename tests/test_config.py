@@ -286,7 +286,7 @@ def test_step_settings_use_per_step_overrides_else_the_shared_values(tmp_path):
 def non_default_config(root: Path) -> RunConfig:
     d = {
         "output_dir": str(root / "out dir"),
-        "model": {"path": str(root / "m"), "dtype": "bfloat16", "attn_backend": "sdpa",
+        "model": {"path": str(root / "m"), "attn_backend": "sdpa",
                   "gradient_checkpointing": True, "compile": True},
         "data": {
             "sources": [
@@ -294,7 +294,7 @@ def non_default_config(root: Path) -> RunConfig:
                 {"path": "Org/hub_set"},
             ],
             "max_length": 301, "max_prompt_length": 117, "truncation": "keep_start",
-            "identical_pairs": "drop", "eval_fraction": 0.125,
+            "identical_pairs": "drop",
         },
         "train": {"learning_rate": 3.3e-7, "epochs": 2, "max_tokens_per_batch": 1237,
                   "tokens_per_step": 5000, "warmup_ratio": 0.05, "schedule": "cosine",
