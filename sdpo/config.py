@@ -105,6 +105,8 @@ class DataSection:
     """``[data]``: preference sources, lengths and tokenization policies."""
 
     sources: list[DataSource] = field(default_factory=list)
+    # held-out preference data: scored after every sDPO step (eval/* metrics), never trained on
+    eval_sources: list[DataSource] = field(default_factory=list)
     path: str | None = field(default=None, metadata=_DATA)  # shorthand for one source
     max_length: int = 1024  # tokens per sequence (prompt + completion), as TRL's max_length
     max_prompt_length: int = 512

@@ -50,6 +50,8 @@ class StepReport:
     gamma_ref_next_chunk: float | None = None  # same reference on the next chunk; None: last step
     reward_accuracy_before: float  # share of the chunk with gamma > 0 under the reference
     reward_accuracy_after: float | None = None  # same share under the model after this step
+    # held-out data (data.eval_sources) after this step, rewards against the initial model
+    eval_metrics: dict[str, float] | None = None
     train_seconds: float = 0.0
     scoring_seconds: float = 0.0  # reference scoring of this step (and its next-chunk gamma)
 
@@ -118,6 +120,11 @@ def format_summary_table(reports: Sequence[StepReport]) -> str:
                 _fmt(r.scoring_seconds, ".1f"),
             ]
         )
+    if any(r.eval_metrics for r in reports):  # held-out data, when the run has some
+        header += ["eval loss", "eval pref acc"]
+        for r, row in zip(reports, rows):
+            e = r.eval_metrics or {}
+            row += [_fmt(e.get("eval/loss"), ".4f"), _fmt(e.get("eval/preference_accuracy"), ".3f")]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:

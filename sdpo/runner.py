@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from sdpo.cache import CacheKey, RefLogprobCache, RefValues, data_fingerprint, file_fingerprint
-from sdpo.config import RunConfig, config_to_dict, step_settings, write_resolved_config
+from sdpo.config import DataSource, RunConfig, config_to_dict, step_settings, write_resolved_config
 from sdpo.engine.checkpoint import (
     CheckpointError,
     check_pretrained,
@@ -52,7 +52,7 @@ from sdpo.engine.checkpoint import (
 )
 from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.data import DataError, read_preference_file, row_error
-from sdpo.engine.files import atomic_open, atomic_write_bytes, atomic_write_json
+from sdpo.engine.files import append_jsonl, atomic_open, atomic_write_bytes, atomic_write_json
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import parameter_dtype, resolve_precision
 from sdpo.engine.resume import (
@@ -149,13 +149,15 @@ def load_pairs(
     vocab_size: int,
     context_length: int | None = None,
     places: dict[int, str] | None = None,
+    sources: Sequence[DataSource] | None = None,
 ) -> list[TokenizedPair]:
     """Read, validate and tokenize every source; pair ``index`` is the position in the pool.
     With ``context_length`` (the model's ``max_position_embeddings``) a pair whose sequence
     would not fit the model's context is an error naming its row. ``places`` receives each
     pair's "file line N" / "file row N" for later messages."""
+    sources = cfg.data.sources if sources is None else sources
     rows = []
-    for source in cfg.data.sources:
+    for source in sources:
         rows.extend(
             read_preference_file(
                 source.path,
@@ -191,7 +193,7 @@ def load_pairs(
                     position=pair.index,
                 )
     _log(
-        f"data: {len(pairs)} pairs from {len(cfg.data.sources)} source(s); "
+        f"data: {len(pairs)} pairs from {len(sources)} source(s); "
         f"{stats.num_truncated} truncated to max_length={cfg.data.max_length}"
     )
     return pairs
@@ -223,6 +225,8 @@ class StepwiseRunner:
         self.stop_flag = False
         self.last_checkpoint: Path | None = None
         self._rows_of_pairs: dict[int, str] = {}
+        self.eval_pairs: list[TokenizedPair] = []
+        self.eval_initial: PairLogps | None = None
 
     # -- scoring and the cache -----------------------------------------------------------
     def score(self, model: torch.nn.Module, pairs: Sequence[TokenizedPair]) -> PairLogps:
@@ -302,6 +306,15 @@ class StepwiseRunner:
                 context_length=model_config.max_position_embeddings,
                 places=self._rows_of_pairs,
             )
+            self.eval_pairs = []
+            if cfg.data.eval_sources:
+                self.eval_pairs = load_pairs(
+                    cfg,
+                    tokenizer,
+                    vocab_size=model_config.vocab_size,
+                    context_length=model_config.max_position_embeddings,
+                    sources=cfg.data.eval_sources,
+                )
         except RunInputError:
             raise
         except (DataError, CheckpointError, ValueError, OSError) as e:
@@ -455,6 +468,10 @@ class StepwiseRunner:
         t0 = time.perf_counter()
         initial = self.cached_reference("initial", model, model_fingerprint(model), pairs)
         initial_scoring_s = time.perf_counter() - t0
+        if self.eval_pairs:  # the yardstick of every step's eval rewards: the initial model
+            self.eval_initial = self.cached_reference(
+                "eval-initial", model, model_fingerprint(model), self.eval_pairs
+            )
         _log(
             f"initial model: reward accuracy {float((initial.gamma > 0).float().mean()):.3f}, "
             f"mean γ {float(initial.gamma.mean()):.3f} over {len(pairs)} pairs"
@@ -566,6 +583,7 @@ class StepwiseRunner:
             acc_after = None
             if cfg.sdpo.report_scoring:
                 acc_after = float((self.score(model, chunk_pairs).gamma > 0).float().mean())
+            eval_metrics = self._evaluate(model, t=t, beta=beta, run_step=run_step_base)
             reports.append(
                 StepReport(
                     step=t,
@@ -578,6 +596,7 @@ class StepwiseRunner:
                     gamma_ref_next_chunk=next_gamma,
                     reward_accuracy_before=float((ref_gamma > 0).float().mean()),
                     reward_accuracy_after=acc_after,
+                    eval_metrics=eval_metrics,
                     train_seconds=result.seconds,
                     scoring_seconds=scoring_s,
                 )
@@ -612,6 +631,44 @@ class StepwiseRunner:
         if not plot_steps(self.out / "metrics.jsonl", reports, self.out / "sdpo_steps.png"):
             _log(PLOT_HINT)
         return RunResult(output_dir=self.out, reports=reports, scoring_calls=self.scoring_calls)
+
+    def _evaluate(
+        self, model: torch.nn.Module, *, t: int, beta: float, run_step: int
+    ) -> dict[str, float] | None:
+        """Score the held-out pairs with the model after step t; DPO metrics against the
+        initial model (one fixed yardstick for every step), logged to metrics.jsonl as eval/*."""
+        if not self.eval_pairs or self.eval_initial is None:
+            return None
+        scores = self.score(model, self.eval_pairs)
+        ref = self.eval_initial
+        rows = ref.rows_for(scores.pair_indices)
+        out = dpo_loss(
+            scores.chosen_logps,
+            scores.rejected_logps,
+            ref.chosen_logps[rows],
+            ref.rejected_logps[rows],
+            config=dataclasses.replace(self.cfg.loss, beta=beta),
+            chosen_tokens=scores.chosen_tokens,
+            rejected_tokens=scores.rejected_tokens,
+        )
+        margins = out.chosen_rewards - out.rejected_rewards
+        metrics = {
+            "eval/loss": float(out.losses.mean()),
+            "eval/rewards/chosen": float(out.chosen_rewards.mean()),
+            "eval/rewards/rejected": float(out.rejected_rewards.mean()),
+            "eval/rewards/accuracies": float((margins > 0).float().mean()),
+            "eval/rewards/margins": float(margins.mean()),
+            "eval/logps/chosen": float(scores.chosen_logps.mean()),
+            "eval/logps/rejected": float(scores.rejected_logps.mean()),
+            "eval/preference_accuracy": float((scores.gamma > 0).float().mean()),
+            "eval/gamma": float(scores.gamma.mean()),
+        }
+        append_jsonl(self.out / "metrics.jsonl", {"step": run_step, "sdpo_step": t, **metrics})
+        _log(
+            f"eval after step {t}: preference accuracy {metrics['eval/preference_accuracy']:.3f}, "
+            f"mean γ {metrics['eval/gamma']:.3f} over {len(self.eval_pairs)} held-out pairs"
+        )
+        return metrics
 
     def _load_policy(self, path: Path) -> torch.nn.Module:
         model = load_pretrained(path, dtype=parameter_dtype(self.precision), device=self.device)

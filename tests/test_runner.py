@@ -196,3 +196,30 @@ def test_on_cuda_a_separate_reference_returns_gpu_memory_and_steps_train(tmp_pat
     assert len(seen) == 1 and seen[0][0] == seen[0][1], seen
     assert all(r.train_metrics["loss"] == r.train_metrics["loss"] for r in result.reports)
     assert (Path(cfg.output_dir) / "step-2" / "model.safetensors").is_file()
+
+
+def test_held_out_eval_sources_are_scored_after_every_step_and_never_trained_on(
+    tiny_model_dir, tmp_path
+):
+    held = write_pairs(tmp_path / "held.jsonl", n=7, seed=11)
+    cfg = _config(tmp_path, tiny_model_dir)
+    cfg.data.eval_sources = [type(cfg.data.sources[0])(name="held", path=str(held))]
+    result = run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in lines if "eval/loss" in m]
+    assert [m["sdpo_step"] for m in evals] == [1, 2]
+    # eval pairs are not in any training chunk and have their own initial-model cache
+    assert all(r.num_pairs in (12, 10) for r in result.reports)
+    assert (out / "cache" / "eval-initial.safetensors").is_file()
+    # the logged numbers are the step model's scores against the initial model's
+    tok = PairTokenizer.from_dir(tiny_model_dir)
+    pairs, _ = tokenize_pairs(
+        read_preference_file(str(held), source="held"), tok, max_length=32, max_prompt_length=16
+    )
+    m0, m2 = _score(tiny_model_dir, pairs), _score(out / "step-2", pairs)
+    last = evals[-1]
+    assert last["eval/preference_accuracy"] == pytest.approx(float((m2.gamma > 0).float().mean()))
+    margin = 0.1 * ((m2.chosen_logps - m0.chosen_logps) - (m2.rejected_logps - m0.rejected_logps))
+    assert last["eval/rewards/margins"] == pytest.approx(float(margin.mean()), abs=1e-5)
+    assert result.reports[-1].eval_metrics["eval/loss"] == pytest.approx(last["eval/loss"])
