@@ -13,6 +13,7 @@ needs to know where prompts end.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -180,3 +181,21 @@ def batch_by_token_budget(
     if current:
         batches.append(current)
     return batches
+
+
+def to_device(x: Tensor | PackedBatch, device: torch.device) -> Tensor | PackedBatch:
+    """A CPU tensor (or a PackedBatch of them) on ``device`` without stalling the host.
+
+    On CUDA a plain ``.to(device)`` from pageable memory waits until the GPU has finished all
+    queued work, once per tensor; staging through pinned memory with ``non_blocking=True`` lets
+    the host pack the next micro-batch while the GPU still runs this one."""
+    if device.type != "cuda":
+        return x.to(device)
+    if isinstance(x, Tensor):
+        return x.pin_memory().to(device, non_blocking=True)
+    pinned = {
+        f.name: getattr(x, f.name).pin_memory()
+        for f in dataclasses.fields(x)
+        if isinstance(getattr(x, f.name), Tensor)
+    }
+    return dataclasses.replace(x, **pinned).to(device, non_blocking=True)

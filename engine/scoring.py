@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sdpo.engine.packing import TokenizedPair, batch_by_token_budget, pack_pairs
+from sdpo.engine.packing import TokenizedPair, batch_by_token_budget, pack_pairs, to_device
 from sdpo.engine.precision import autocast_context
 from sdpo.kernels import sequence_logprobs
 
@@ -75,7 +75,7 @@ def score_pairs(
 
         iterator = tqdm(batches, desc="scoring", unit="batch", leave=False)
     for positions in iterator:
-        batch = pack_pairs([pairs[i] for i in positions]).to(device)
+        batch = to_device(pack_pairs([pairs[i] for i in positions]), device)
         with autocast_context(precision, device):
             hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
         seq_logps = sequence_logprobs(
@@ -87,7 +87,7 @@ def score_pairs(
             impl=impl,
             chunk_tokens=chunk_tokens,
         )  # (S,) with S = 2P: chosen, rejected interleaved
-        rows = torch.as_tensor(positions, device=device)
+        rows = to_device(torch.tensor(positions, dtype=torch.int64), device)
         chosen[rows] = seq_logps[0::2].float()
         rejected[rows] = seq_logps[1::2].float()
     model.train(was_training)

@@ -22,7 +22,6 @@ logged); the update is then not applied, and the run stops with ``NonFiniteError
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import random
 import time
@@ -36,7 +35,7 @@ import torch
 from torch import Tensor
 
 from sdpo.engine.files import append_jsonl, atomic_open
-from sdpo.engine.packing import TokenizedPair, batch_by_token_budget, pack_pairs
+from sdpo.engine.packing import TokenizedPair, batch_by_token_budget, pack_pairs, to_device
 from sdpo.engine.precision import (
     PRECISIONS,
     autocast_context,
@@ -196,24 +195,6 @@ def lr_multiplier(step: int, *, total_steps: int, warmup_steps: int, schedule: s
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _to_device(x: Any, device: torch.device) -> Any:
-    """A CPU tensor (or a PackedBatch of them) on ``device`` without stalling the host.
-
-    On CUDA a plain ``.to(device)`` from pageable memory waits until the GPU has finished all
-    queued work, once per tensor; staging through pinned memory with ``non_blocking=True`` lets
-    the host pack the next micro-batch while the GPU still runs this one."""
-    if device.type != "cuda":
-        return x.to(device)
-    if isinstance(x, Tensor):
-        return x.pin_memory().to(device, non_blocking=True)
-    pinned = {
-        f.name: getattr(x, f.name).pin_memory()
-        for f in dataclasses.fields(x)
-        if isinstance(getattr(x, f.name), Tensor)
-    }
-    return dataclasses.replace(x, **pinned).to(device, non_blocking=True)
-
-
 class TrainingStopped(Exception):
     """The loop stopped on request after saving a checkpoint (graceful stop)."""
 
@@ -313,9 +294,9 @@ class DPOTrainer:
         """Forward and backward of one micro-batch; returns detached metric sums."""
         host_batch = pack_pairs([pairs[i] for i in positions])  # CPU tensors
         rows = ref.rows_for(host_batch.pair_indices)  # looked up on the host: no device sync
-        batch = _to_device(host_batch, self.device)
-        ref_c = _to_device(ref.chosen_logps[rows], self.device)
-        ref_r = _to_device(ref.rejected_logps[rows], self.device)
+        batch = to_device(host_batch, self.device)
+        ref_c = to_device(ref.chosen_logps[rows], self.device)
+        ref_r = to_device(ref.rejected_logps[rows], self.device)
         tok_c = batch.completion_tokens[0::2]
         tok_r = batch.completion_tokens[1::2]
         with autocast_context(self.precision, self.device):
