@@ -89,6 +89,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--impl", default="auto", choices=["auto", "triton", "torch"], help="log-prob kernels"
     )
 
+    config = sub.add_parser(
+        "config",
+        help="print a resolved config (every key, with defaults) as TOML",
+        description="Print the config that `sdpo train` would run, every key included, as TOML: "
+        "from --config FILE with --set overrides, or, without --config, the defaults around "
+        "placeholder paths (a starting point for a new run's file).",
+    )
+    config.add_argument("--config", type=Path, default=None, help="the run's TOML file")
+    config.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value (TOML literal); repeatable",
+    )
+
     demo = sub.add_parser("demo", help="the embedded end-to-end demo", description=DEMO_HELP)
     demo.add_argument(
         "--quick", action="store_true", help="a shortened run (smaller data, fewer steps)"
@@ -213,6 +230,35 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from sdpo.config import ConfigError, config_from_dict, config_to_dict, load_config, toml_dumps
+
+    try:
+        if args.config is not None:
+            cfg = load_config(args.config, args.overrides)
+        else:
+            placeholders = {
+                "output_dir": "runs/my-run",
+                "model": {"path": "models/my-sft-model"},
+                "data": {"path": "data/pairs.jsonl"},
+            }
+            cfg = config_from_dict(placeholders, base_dir=Path.cwd(), overrides=args.overrides)
+    except ConfigError as e:
+        print(f"sdpo: config error: {e}", file=sys.stderr)
+        return 2
+    d = config_to_dict(cfg)
+    print(toml_dumps(d), end="")
+    unset = [
+        f"{section}.{key}" if isinstance(values, dict) else section
+        for section, values in d.items()
+        for key, value in (values.items() if isinstance(values, dict) else [(section, values)])
+        if value is None
+    ]
+    if unset:  # TOML has no null: name the optional keys that are not set
+        print("\n# optional, not set: " + ", ".join(unset))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sdpo.demo import run_demo
 
@@ -222,7 +268,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"train": _cmd_train, "score": _cmd_score, "demo": _cmd_demo}[args.command]
+    handler = {
+        "train": _cmd_train,
+        "score": _cmd_score,
+        "config": _cmd_config,
+        "demo": _cmd_demo,
+    }[args.command]
     return handler(args)
 
 

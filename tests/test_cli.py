@@ -94,3 +94,21 @@ def test_help_explains_every_subcommand():
             [sys.executable, "-m", "sdpo", sub, "--help"], capture_output=True, text=True
         )
         assert proc.returncode == 0 and "usage: sdpo" in proc.stdout
+
+
+def test_config_prints_every_key_and_its_output_loads_back_to_the_same_config(
+    tiny_model_dir, tmp_path, capsys
+):
+    from sdpo.config import config_to_dict, load_config
+
+    src = _toml(tmp_path, tiny_model_dir)
+    assert main(["config", "--config", str(src), "--set", "loss.beta=0.25"]) == 0
+    text = capsys.readouterr().out
+    assert "learning_rate = 5e-07" in text and "beta = 0.25" in text
+    assert "# optional, not set:" in text and "loss.rpo_alpha" in text
+    printed = tmp_path / "printed.toml"
+    printed.write_text(text)
+    want = config_to_dict(load_config(src, ["loss.beta=0.25"]))
+    assert config_to_dict(load_config(printed)) == want
+    assert main(["config", "--set", "train.lr=1"]) == 2  # unknown key, named
+    assert "train.learning_rate" in capsys.readouterr().err
