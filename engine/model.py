@@ -309,10 +309,13 @@ def _rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (N, heads, D) by the per-token angles in cos/sin (N, D)."""
+    """Rotate x (N, heads, D) by the per-token angles in cos/sin (N, D); the result keeps x's
+    dtype. (Under bf16 autocast the residual stream, and so cos/sin, are fp32 while q/k are
+    bf16: without the cast back, fp32 q/k would push attention off the flash/varlen kernels
+    onto the per-sequence SDPA fallback.)"""
     cos = cos[:, None, :]  # (N, 1, D)
     sin = sin[:, None, :]  # (N, 1, D)
-    return x * cos + _rotate_half(x) * sin
+    return (x * cos + _rotate_half(x) * sin).to(x.dtype)
 
 
 class RMSNorm(nn.Module):

@@ -353,3 +353,24 @@ def test_selective_checkpointing_recomputes_every_kth_layer_with_equal_gradients
     for g_plain, g1, g2 in zip(*grads):
         torch.testing.assert_close(g1, g_plain, rtol=0, atol=1e-6)
         torch.testing.assert_close(g2, g_plain, rtol=0, atol=1e-6)
+
+
+def test_attention_sees_bf16_queries_and_keys_under_bf16_autocast(monkeypatch):
+    """fp32 master weights + bf16 autocast (precision "bf16-mixed"): the rotary tables are fp32
+    (they follow the fp32 residual stream) but q/k must stay bf16, or attention would leave the
+    flash/varlen kernels for the per-sequence fallback."""
+    import sdpo.engine.model as model_mod
+
+    seen = []
+    real = model_mod.varlen_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(model_mod, "varlen_attention", spy)
+    model = init_model(ModelConfig.from_hf_dict(_tiny_hf_dict()), seed=5)  # fp32 weights
+    ids, pos, cu = _packed([6, 9], seed=6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids, pos, cu, 9)
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
