@@ -11,6 +11,10 @@ a 128k vocabulary) and reads them several times; these ops stream the vocabulary
   chunk's logits are in hand (≈ 6·N·H·V FLOP for forward + backward).
 - ``resolve_impl``: the one place "auto" | "triton" | "torch" is decided.
 
+The first two are ``torch.library`` custom ops (namespace ``sdpo``, with fake
+implementations and autograd formulas), so ``torch.compile`` traces them without a graph
+break; ``linear_pair_loss`` takes a Python callable and stays outside compiled graphs.
+
 On a PyTorch build without CUDA, Triton can only run under its interpreter, and Triton
 fixes that mode when ``triton.language`` is first imported (which ``torch._dynamo`` does).
 So on such a build this package sets ``TRITON_INTERPRET=1`` (unless already set) before

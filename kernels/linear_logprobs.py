@@ -16,7 +16,11 @@ so that no full (N, V) logits tensor ever exists:
   6·N·H·V FLOP (3 matmuls); the autograd backward only scales the stored gradients.
 
 Both run the chunk matmuls with cuBLAS through torch and the row core of logprobs.py
-(Triton kernels or the PyTorch reference) on the chunk's logits.
+(Triton kernels or the PyTorch reference) on the chunk's logits. ``sequence_logprobs`` is
+registered as ``torch.library`` custom ops (``sdpo::sequence_logprobs_fwd`` / ``_bwd``, with
+fake implementations and an autograd formula), so ``torch.compile`` traces it without a
+graph break; ``linear_pair_loss`` takes a Python callable, which a custom op cannot, and
+stays an ``autograd.Function`` that the compiler skips.
 
 Chunk rule (``default_chunk_tokens``): a chunk of logits is ``chunk · V`` elements of
 the compute dtype; it is sized to about 256 MiB, but never below 1024 tokens, because
@@ -37,7 +41,8 @@ import torch
 from .dispatch import resolve_impl
 from .logprobs import (
     IGNORE_INDEX,
-    check_packed_inputs,
+    check_labels_in_vocab,
+    check_packed_shapes,
     rows_backward,
     rows_forward,
     sum_per_sequence,
@@ -54,13 +59,13 @@ PairLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 def default_chunk_tokens(*, vocab_size: int, hidden_size: int, dtype: torch.dtype) -> int:
     """Tokens per chunk: ~256 MiB of logits, at least 1024 tokens (see the module docstring)."""
     del hidden_size  # cancels out of the rule; kept in the signature so callers pass it
-    elem = torch.empty((), dtype=dtype).element_size()
-    tokens = CHUNK_BYTES // (vocab_size * elem)
+    tokens = CHUNK_BYTES // (vocab_size * dtype.itemsize)
     tokens = max(MIN_CHUNK_TOKENS, min(MAX_CHUNK_TOKENS, tokens))
     return max(CHUNK_ALIGN, tokens // CHUNK_ALIGN * CHUNK_ALIGN)
 
 
-def _check_linear_inputs(hidden, weight, labels, seq_ids) -> None:
+def _check_linear_shapes(hidden, weight, labels, seq_ids) -> None:
+    """Static shape/dtype checks (torch.compile traces them)."""
     if hidden.dim() != 2 or weight.dim() != 2:
         raise ValueError(
             f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and "
@@ -75,7 +80,13 @@ def _check_linear_inputs(hidden, weight, labels, seq_ids) -> None:
         raise TypeError(
             f"hidden and weight must be float tensors, got {hidden.dtype}, {weight.dtype}"
         )
-    check_packed_inputs(labels, seq_ids, hidden.shape[0], vocab_size=weight.shape[0])
+    check_packed_shapes(labels, seq_ids, hidden.shape[0])
+
+
+def _check_linear_inputs(hidden, weight, labels, seq_ids) -> None:
+    """The static checks and the label range check (eager callers)."""
+    _check_linear_shapes(hidden, weight, labels, seq_ids)
+    check_labels_in_vocab(labels, vocab_size=weight.shape[0])
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -118,75 +129,176 @@ def _chunk_logits(buf: torch.Tensor, h: torch.Tensor, w_t: torch.Tensor) -> torc
 
 
 # ----------------------------------------------------------------------------------------
-# Strategy (a): per-sequence log-probs with a recomputing backward
+# Strategy (a): per-sequence log-probs with a recomputing backward, as torch.library custom
+# ops so that torch.compile traces them without a graph break
 # ----------------------------------------------------------------------------------------
+# The forward op returns the per-row lse beside the sums only so that autograd can save
+# it; the public function drops it. Under torch.no_grad the op runs without setup_context:
+# one chunk of logits alive at a time, nothing saved. ``grad_weight_dtype`` travels as a
+# forward argument because setup_context reads it there.
 
 
-class SequenceLogprobs(torch.autograd.Function):
-    """(hidden, weight) -> (S,) fp32 per-sequence log-probs; saves only per-row lse."""
+@torch.library.custom_op("sdpo::sequence_logprobs_fwd", mutates_args=())
+def _sequence_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    impl: str,
+    chunk_tokens: int,
+    grad_weight_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seq_logps (S,), lse (N,)), both fp32."""
+    del grad_weight_dtype  # read by setup_context only
+    check_labels_in_vocab(labels, vocab_size=weight.shape[0])
+    n = hidden.shape[0]
+    dtype = _compute_dtype(hidden, weight)
+    w = weight.to(dtype)
+    w_t = w.t()
+    token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    buf = torch.empty(min(chunk_tokens, n), w.shape[0], dtype=dtype, device=hidden.device)
+    for start in range(0, n, chunk_tokens):
+        stop = min(n, start + chunk_tokens)
+        logits = _chunk_logits(buf, hidden[start:stop].to(dtype), w_t)  # (n_c, V)
+        logp_c, lse_c = rows_forward(logits, labels[start:stop], impl=impl)
+        token_logps[start:stop] = logp_c
+        lse[start:stop] = lse_c
+    del buf
+    return sum_per_sequence(token_logps, seq_ids, num_seqs), lse
 
-    @staticmethod
-    def forward(ctx, hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, accum_dtype):
-        n = hidden.shape[0]
-        dtype = _compute_dtype(hidden, weight)
-        w = weight.to(dtype)
-        w_t = w.t()
-        token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        buf = torch.empty(min(chunk_tokens, n), w.shape[0], dtype=dtype, device=hidden.device)
-        for start in range(0, n, chunk_tokens):
-            stop = min(n, start + chunk_tokens)
-            logits = _chunk_logits(buf, hidden[start:stop].to(dtype), w_t)  # (n_c, V)
-            logp_c, lse_c = rows_forward(logits, labels[start:stop], impl=impl)
-            token_logps[start:stop] = logp_c
-            lse[start:stop] = lse_c
-        del buf
-        ctx.impl = impl
-        ctx.chunk_tokens = chunk_tokens
-        ctx.accum_dtype = accum_dtype
-        ctx.save_for_backward(hidden, weight, labels, seq_ids, lse)
-        return sum_per_sequence(token_logps, seq_ids, num_seqs)
 
-    @staticmethod
-    def backward(ctx, grad_seq):
-        hidden, weight, labels, seq_ids, lse = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        n = hidden.shape[0]
-        dtype = _compute_dtype(hidden, weight)
-        w = weight.to(dtype)
-        grad_token = grad_seq.float()[seq_ids]  # (N,) fp32; the kernel zeroes label == -100
-        grad_h = (
-            torch.empty(n, hidden.shape[1], dtype=dtype, device=hidden.device) if need_h else None
+@_sequence_logprobs_fwd.register_fake
+def _sequence_logprobs_fwd_fake(
+    hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, grad_weight_dtype
+):
+    return (
+        hidden.new_empty(num_seqs, dtype=torch.float32),
+        hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("sdpo::sequence_logprobs_bwd", mutates_args=())
+def _sequence_logprobs_bwd(
+    grad_seq: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    lse: torch.Tensor,
+    impl: str,
+    chunk_tokens: int,
+    grad_weight_dtype: torch.dtype | None,
+    need_hidden: bool,
+    need_weight: bool,
+) -> list[torch.Tensor]:
+    """[grad_hidden if need_hidden, grad_weight if need_weight], in hidden's/weight's dtypes.
+
+    A list because a custom op cannot return an optional tensor, and a gradient nobody
+    asked for is not computed (its matmul would cost 2·N·H·V FLOP).
+    """
+    n = hidden.shape[0]
+    dtype = _compute_dtype(hidden, weight)
+    w = weight.to(dtype)
+    grad_token = grad_seq.float()[seq_ids]  # (N,) fp32; the kernel zeroes label == -100
+    grad_h = (
+        torch.empty(n, hidden.shape[1], dtype=dtype, device=hidden.device) if need_hidden else None
+    )
+    grad_w = (
+        torch.zeros(w.shape, dtype=grad_weight_dtype or dtype, device=w.device)
+        if need_weight
+        else None
+    )
+    buf = torch.empty(min(chunk_tokens, n), w.shape[0], dtype=dtype, device=hidden.device)
+    for start in range(0, n, chunk_tokens):
+        stop = min(n, start + chunk_tokens)
+        h = hidden[start:stop].to(dtype)
+        logits = _chunk_logits(buf, h, w.t())
+        grad_logits = rows_backward(
+            logits,
+            labels[start:stop],
+            lse[start:stop],
+            grad_token[start:stop],
+            impl=impl,
+            out=logits,
         )
-        grad_w = (
-            torch.zeros(w.shape, dtype=ctx.accum_dtype or dtype, device=w.device)
-            if need_w
-            else None
-        )
-        chunk = ctx.chunk_tokens
-        buf = torch.empty(min(chunk, n), w.shape[0], dtype=dtype, device=hidden.device)
-        for start in range(0, n, chunk):
-            stop = min(n, start + chunk)
-            h = hidden[start:stop].to(dtype)
-            logits = _chunk_logits(buf, h, w.t())
-            grad_logits = rows_backward(
-                logits,
-                labels[start:stop],
-                lse[start:stop],
-                grad_token[start:stop],
-                impl=ctx.impl,
-                out=logits,
-            )
-            if need_h:
-                torch.mm(grad_logits, w, out=grad_h[start:stop])
-            if need_w:
-                _accumulate_grad_weight(grad_w, grad_logits, h)
-        grad_h = grad_h.to(hidden.dtype) if need_h else None
-        grad_w = grad_w.to(weight.dtype) if need_w else None
-        return grad_h, grad_w, None, None, None, None, None, None
+        if grad_h is not None:
+            torch.mm(grad_logits, w, out=grad_h[start:stop])
+        if grad_w is not None:
+            _accumulate_grad_weight(grad_w, grad_logits, h)
+    grads = []
+    if grad_h is not None:
+        grads.append(grad_h.to(hidden.dtype))
+    if grad_w is not None:
+        grads.append(grad_w.to(weight.dtype))
+    return grads
 
 
-@torch.compiler.disable
+@_sequence_logprobs_bwd.register_fake
+def _sequence_logprobs_bwd_fake(
+    grad_seq,
+    hidden,
+    weight,
+    labels,
+    seq_ids,
+    lse,
+    impl,
+    chunk_tokens,
+    grad_weight_dtype,
+    need_hidden,
+    need_weight,
+):
+    grads = []
+    if need_hidden:
+        grads.append(torch.empty_like(hidden, memory_format=torch.contiguous_format))
+    if need_weight:
+        grads.append(torch.empty_like(weight, memory_format=torch.contiguous_format))
+    return grads
+
+
+def _sequence_logprobs_setup_context(ctx, inputs, output) -> None:
+    hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, grad_weight_dtype = inputs
+    ctx.num_seqs = num_seqs
+    ctx.impl = impl
+    ctx.chunk_tokens = chunk_tokens
+    ctx.grad_weight_dtype = grad_weight_dtype
+    ctx.save_for_backward(hidden, weight, labels, seq_ids, output[1])
+
+
+def _sequence_logprobs_backward(ctx, grad_seq, grad_lse):
+    del grad_lse  # lse is internal: the public function never returns it
+    hidden, weight, labels, seq_ids, lse = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_h or need_w):
+        return (None,) * 8
+    if grad_seq is None:
+        grad_seq = lse.new_zeros(ctx.num_seqs)
+    grads = torch.ops.sdpo.sequence_logprobs_bwd(
+        grad_seq,
+        hidden,
+        weight,
+        labels,
+        seq_ids,
+        lse,
+        ctx.impl,
+        ctx.chunk_tokens,
+        ctx.grad_weight_dtype,
+        need_h,
+        need_w,
+    )
+    grad_h = grads[0] if need_h else None
+    grad_w = grads[-1] if need_w else None
+    return grad_h, grad_w, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "sdpo::sequence_logprobs_fwd",
+    _sequence_logprobs_backward,
+    setup_context=_sequence_logprobs_setup_context,
+)
+
+
 def sequence_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -205,8 +317,10 @@ def sequence_logprobs(
     Differentiable w.r.t. hidden and weight; the gradient of W accumulates over chunks in
     ``grad_weight_dtype`` (fp32 by default; ``None`` = W's dtype, which halves its memory).
     Under ``torch.no_grad`` this is the reference pass: one chunk of logits at a time.
+    Runs as the custom ops ``sdpo::sequence_logprobs_fwd`` / ``_bwd``, so ``torch.compile``
+    traces it without a graph break.
     """
-    _check_linear_inputs(hidden, weight, labels, seq_ids)
+    _check_linear_shapes(hidden, weight, labels, seq_ids)
     impl = resolve_impl(impl, hidden.device)
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(
@@ -216,9 +330,10 @@ def sequence_logprobs(
         )
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return SequenceLogprobs.apply(
+    seq_logps, _ = _sequence_logprobs_fwd(
         hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, grad_weight_dtype
     )
+    return seq_logps
 
 
 # ----------------------------------------------------------------------------------------
@@ -373,6 +488,11 @@ def linear_pair_loss(
     inputs). Returns ``(loss, seq_logps (S,) fp32 detached)`` where loss is the sum over
     chunks. Chunks hold whole pairs, about ``chunk_tokens`` tokens each (a longer pair gets
     a chunk of its own). ``grad_weight_dtype`` as in :func:`sequence_logprobs`.
+
+    Unlike the other ops this one stays an ``autograd.Function`` behind
+    ``torch.compiler.disable`` (``torch.compile`` graph-breaks around it): it takes a
+    Python callable, ``pair_loss``, and a ``torch.library`` custom op can only take tensors
+    and plain values.
     """
     _check_linear_inputs(hidden, weight, labels, seq_ids)
     impl = resolve_impl(impl, hidden.device)
@@ -403,7 +523,6 @@ def linear_pair_loss(
 __all__ = [
     "IGNORE_INDEX",
     "LinearPairLoss",
-    "SequenceLogprobs",
     "default_chunk_tokens",
     "linear_pair_loss",
     "sequence_logprobs",

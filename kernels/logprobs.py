@@ -8,6 +8,12 @@ direction ever holds an fp32 copy of the whole logits tensor: the Triton kernels
 the rows block by block, the PyTorch reference upcasts a bounded block of rows at a
 time. ``linear_logprobs`` reuses the same row ops on its chunks of logits.
 
+``logprobs_from_logits`` is registered as ``torch.library`` custom ops
+(``sdpo::logprobs_fwd``, ``sdpo::logprobs_bwd`` and its in-place twin), with fake
+implementations for tracing and an autograd formula, so ``torch.compile`` traces it whole;
+the implementation ("triton" | "torch") is a plain string argument of the ops, chosen once
+by ``resolve_impl`` in the public function.
+
 Packed-batch convention (engine/packing.py): ``labels`` are already shifted, ``-100``
 marks a token that is not scored (its log-prob is 0 and it gets zero gradient), and
 ``seq_ids[i]`` names the sequence of token ``i``.
@@ -169,14 +175,8 @@ def sum_per_sequence(
     return out.index_add_(0, seq_ids, token_values.to(torch.float32))
 
 
-def check_packed_inputs(
-    labels: torch.Tensor, seq_ids: torch.Tensor, num_tokens: int, *, vocab_size: int
-) -> None:
-    """Shape/dtype/range checks shared by the ops; no host sync on CUDA.
-
-    A label outside [0, V) (other than -100) would make the kernels read outside the row,
-    so on CPU it raises; on CUDA it trips a device-side assert instead of a silent misread.
-    """
+def check_packed_shapes(labels: torch.Tensor, seq_ids: torch.Tensor, num_tokens: int) -> None:
+    """Shape/dtype checks of ``labels`` and ``seq_ids``: static, so torch.compile traces them."""
     for name, t in (("labels", labels), ("seq_ids", seq_ids)):
         if t.shape != (num_tokens,):
             raise ValueError(
@@ -184,7 +184,17 @@ def check_packed_inputs(
             )
         if t.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name} must be int64 (or int32), got {t.dtype}")
-    if num_tokens == 0:
+
+
+def check_labels_in_vocab(labels: torch.Tensor, *, vocab_size: int) -> None:
+    """Range check of the labels; no host sync on CUDA.
+
+    A label outside [0, V) (other than -100) would make the kernels read outside the row,
+    so on CPU it raises; on CUDA it trips a device-side assert instead of a silent misread.
+    It reads the labels' values, so the custom ops run it inside their real kernels (a
+    traced graph sees no data-dependent branch).
+    """
+    if labels.numel() == 0:
         return
     ok = ((labels >= 0) & (labels < vocab_size)) | (labels == IGNORE_INDEX)
     if labels.device.type == "cpu":
@@ -198,37 +208,128 @@ def check_packed_inputs(
         torch._assert_async(ok.all())
 
 
+def check_packed_inputs(
+    labels: torch.Tensor, seq_ids: torch.Tensor, num_tokens: int, *, vocab_size: int
+) -> None:
+    """:func:`check_packed_shapes` and :func:`check_labels_in_vocab` together (eager callers)."""
+    check_packed_shapes(labels, seq_ids, num_tokens)
+    check_labels_in_vocab(labels, vocab_size=vocab_size)
+
+
 # ----------------------------------------------------------------------------------------
-# Autograd op over logits
+# The op over logits: torch.library custom ops, so torch.compile traces them whole
 # ----------------------------------------------------------------------------------------
+# The forward op returns the per-row lse as a third output only so that autograd can save
+# it; the public function drops it. Under torch.no_grad the op runs without setup_context
+# and nothing is saved. ``inplace_backward`` travels as a forward argument because that is
+# where setup_context can read it; the forward itself ignores it.
 
 
-class LogprobsFromLogits(torch.autograd.Function):
-    """(logits, labels, seq_ids) -> (seq_logps (S,), token_logps (N,)); saves only the lse."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, seq_ids, num_seqs, impl, inplace_backward):
-        token_logps, lse = rows_forward(logits, labels, impl=impl)
-        seq_logps = sum_per_sequence(token_logps, seq_ids, num_seqs)
-        ctx.impl = impl
-        ctx.inplace_backward = inplace_backward
-        ctx.save_for_backward(logits, labels, seq_ids, lse)
-        return seq_logps, token_logps
-
-    @staticmethod
-    def backward(ctx, grad_seq, grad_token):
-        logits, labels, seq_ids, lse = ctx.saved_tensors
-        g = torch.zeros(labels.shape[0], dtype=torch.float32, device=labels.device)
-        if grad_token is not None:
-            g = g + grad_token.float()
-        if grad_seq is not None:
-            g = g + grad_seq.float()[seq_ids]
-        out = logits if ctx.inplace_backward else None
-        grad_logits = rows_backward(logits, labels, lse, g, impl=ctx.impl, out=out)
-        return grad_logits, None, None, None, None, None
+@torch.library.custom_op("sdpo::logprobs_fwd", mutates_args=())
+def _logprobs_fwd(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    impl: str,
+    inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seq_logps (S,), token_logps (N,), lse (N,)), all fp32."""
+    del inplace_backward  # read by setup_context only
+    check_labels_in_vocab(labels, vocab_size=logits.shape[1])
+    token_logps, lse = rows_forward(logits, labels, impl=impl)
+    return sum_per_sequence(token_logps, seq_ids, num_seqs), token_logps, lse
 
 
-@torch.compiler.disable
+@_logprobs_fwd.register_fake
+def _logprobs_fwd_fake(logits, labels, seq_ids, num_seqs, impl, inplace_backward):
+    n = logits.shape[0]
+    return (
+        logits.new_empty(num_seqs, dtype=torch.float32),
+        logits.new_empty(n, dtype=torch.float32),
+        logits.new_empty(n, dtype=torch.float32),
+    )
+
+
+def _token_grads(
+    grad_seq: torch.Tensor, grad_token: torch.Tensor, seq_ids: torch.Tensor
+) -> torch.Tensor:
+    """(N,) fp32 gradient of each token's log-prob: its own plus its sequence's."""
+    return grad_token.float() + grad_seq.float()[seq_ids]
+
+
+@torch.library.custom_op("sdpo::logprobs_bwd", mutates_args=())
+def _logprobs_bwd(
+    grad_seq: torch.Tensor,
+    grad_token: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    lse: torch.Tensor,
+    impl: str,
+) -> torch.Tensor:
+    """Gradient w.r.t. logits, in a new tensor shaped and typed like them."""
+    g = _token_grads(grad_seq, grad_token, seq_ids)
+    return rows_backward(logits, labels, lse, g, impl=impl)
+
+
+@_logprobs_bwd.register_fake
+def _logprobs_bwd_fake(grad_seq, grad_token, logits, labels, seq_ids, lse, impl):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sdpo::logprobs_bwd_inplace", mutates_args=("logits",))
+def _logprobs_bwd_inplace(
+    grad_seq: torch.Tensor,
+    grad_token: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    lse: torch.Tensor,
+    impl: str,
+) -> None:
+    """The same gradient, written over ``logits`` (a custom op may not return an alias)."""
+    g = _token_grads(grad_seq, grad_token, seq_ids)
+    rows_backward(logits, labels, lse, g, impl=impl, out=logits)
+
+
+@_logprobs_bwd_inplace.register_fake
+def _logprobs_bwd_inplace_fake(grad_seq, grad_token, logits, labels, seq_ids, lse, impl):
+    return None
+
+
+def _logprobs_setup_context(ctx, inputs, output) -> None:
+    logits, labels, seq_ids, num_seqs, impl, inplace_backward = inputs
+    ctx.num_seqs = num_seqs
+    ctx.impl = impl
+    ctx.inplace_backward = inplace_backward
+    ctx.save_for_backward(logits, labels, seq_ids, output[2])
+
+
+def _logprobs_backward(ctx, grad_seq, grad_token, grad_lse):
+    del grad_lse  # lse is internal: the public function never returns it
+    logits, labels, seq_ids, lse = ctx.saved_tensors
+    if grad_seq is None:
+        grad_seq = lse.new_zeros(ctx.num_seqs)
+    if grad_token is None:
+        grad_token = torch.zeros_like(lse)
+    if ctx.inplace_backward:
+        torch.ops.sdpo.logprobs_bwd_inplace(
+            grad_seq, grad_token, logits, labels, seq_ids, lse, ctx.impl
+        )
+        grad_logits = logits
+    else:
+        grad_logits = torch.ops.sdpo.logprobs_bwd(
+            grad_seq, grad_token, logits, labels, seq_ids, lse, ctx.impl
+        )
+    return grad_logits, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "sdpo::logprobs_fwd", _logprobs_backward, setup_context=_logprobs_setup_context
+)
+
+
 def logprobs_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -244,8 +345,13 @@ def logprobs_from_logits(
     [0, num_seqs). Returns ``(seq_logps (S,) fp32, token_logps (N,) fp32)``; token_logps is 0
     where the label is -100. Differentiable w.r.t. logits; with ``inplace_backward=True`` the
     gradient is written into ``logits`` itself (the caller must not use them afterwards).
+    Runs as the custom ops ``sdpo::logprobs_fwd`` / ``sdpo::logprobs_bwd`` (``_inplace``), so
+    ``torch.compile`` traces it without a graph break.
     """
     _check_rows(logits, labels)
-    check_packed_inputs(labels, seq_ids, logits.shape[0], vocab_size=logits.shape[1])
+    check_packed_shapes(labels, seq_ids, logits.shape[0])
     impl = resolve_impl(impl, logits.device)
-    return LogprobsFromLogits.apply(logits, labels, seq_ids, num_seqs, impl, inplace_backward)
+    seq_logps, token_logps, _ = _logprobs_fwd(
+        logits, labels, seq_ids, num_seqs, impl, inplace_backward
+    )
+    return seq_logps, token_logps
