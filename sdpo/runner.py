@@ -33,7 +33,7 @@ import signal
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -65,7 +65,13 @@ from sdpo.engine.resume import (
     write_checkpoint,
 )
 from sdpo.engine.scoring import PairLogps, score_pairs
-from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+from sdpo.engine.token_cache import (
+    load_tokenized,
+    save_tokenized,
+    token_cache_key,
+    token_cache_path,
+)
+from sdpo.engine.tokenize import PairTokenizer, TokenizeStats, tokenize_pairs
 from sdpo.engine.trainer import (
     DPOTrainer,
     NonFiniteError,
@@ -150,12 +156,70 @@ def load_pairs(
     context_length: int | None = None,
     places: dict[int, str] | None = None,
     sources: Sequence[DataSource] | None = None,
+    cache_file: Path | None = None,
+    pending_saves: list[Callable[[], None]] | None = None,
 ) -> list[TokenizedPair]:
     """Read, validate and tokenize every source; pair ``index`` is the position in the pool.
     With ``context_length`` (the model's ``max_position_embeddings``) a pair whose sequence
     would not fit the model's context is an error naming its row. ``places`` receives each
-    pair's "file line N" / "file row N" for later messages."""
+    pair's "file line N" / "file row N" for later messages. With ``cache_file`` the pairs come
+    from that token cache when its key matches (``sdpo.engine.token_cache``); otherwise they
+    are tokenized and the cache written once every check passed (appended to ``pending_saves``
+    when given, so the caller writes only after all its inputs passed)."""
     sources = cfg.data.sources if sources is None else sources
+    d = cfg.data
+    key = None
+    if cache_file is not None:
+        key = token_cache_key(
+            sources,
+            tokenizer_dir=cfg.model.path,
+            max_length=d.max_length,
+            max_prompt_length=d.max_prompt_length,
+            truncation=d.truncation,
+            identical_pairs=d.identical_pairs,
+            vocab_size=vocab_size,
+            context_length=context_length,
+        )
+    cached, reason = load_tokenized(cache_file, key) if key is not None else (None, "no key")
+    if cached is not None:
+        pairs, row_places, stats = cached
+        _log(f"token cache {cache_file.name}: reused")
+    else:
+        if key is not None and reason != "missing":
+            _log(f"token cache {cache_file.name}: tokenizing again ({reason})")
+        pairs, row_places, stats = _read_and_tokenize(
+            cfg, tokenizer, sources, vocab_size=vocab_size, context_length=context_length
+        )
+        if key is not None:
+            save = partial(_save_token_cache, cache_file, pairs, row_places, stats, key)
+            if pending_saves is not None:
+                pending_saves.append(save)
+            else:
+                save()
+    if places is not None:
+        places.update(row_places)
+    _log(
+        f"data: {len(pairs)} pairs from {len(sources)} source(s); "
+        f"{stats.num_truncated} truncated to max_length={cfg.data.max_length}"
+    )
+    return pairs
+
+
+def _save_token_cache(path: Path, *args: Any) -> None:
+    try:
+        save_tokenized(path, *args)
+    except OSError as e:  # the cache only saves time: a run goes on without it
+        _log(f"token cache {path.name} not written ({e.strerror or e})")
+
+
+def _read_and_tokenize(
+    cfg: RunConfig,
+    tokenizer: PairTokenizer,
+    sources: Sequence[DataSource],
+    *,
+    vocab_size: int,
+    context_length: int | None,
+) -> tuple[list[TokenizedPair], dict[int, str], TokenizeStats]:
     rows = []
     for source in sources:
         rows.extend(
@@ -174,10 +238,10 @@ def load_pairs(
         truncation=cfg.data.truncation,
         vocab_size=vocab_size,
     )
-    if places is not None:
-        for i, row in enumerate(rows):
-            unit = "line" if row.get("row_label") == "line" else "row"
-            places[i] = f"{row.get('file')} {unit} {row.get('row')}"
+    places: dict[int, str] = {}
+    for i, row in enumerate(rows):
+        unit = "line" if row.get("row_label") == "line" else "row"
+        places[i] = f"{row.get('file')} {unit} {row.get('row')}"
     if context_length is not None:
         for pair in pairs:
             length = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
@@ -192,11 +256,7 @@ def load_pairs(
                     field="prompt",
                     position=pair.index,
                 )
-    _log(
-        f"data: {len(pairs)} pairs from {len(sources)} source(s); "
-        f"{stats.num_truncated} truncated to max_length={cfg.data.max_length}"
-    )
-    return pairs
+    return pairs, places, stats
 
 
 class StepwiseRunner:
@@ -280,6 +340,7 @@ class StepwiseRunner:
         Any problem is a ``RunInputError`` naming the file, row/key and the fix."""
         cfg = self.cfg
         model_dir = Path(cfg.model.path)
+        cache_saves: list[Callable[[], None]] = []  # written once every input passed
         try:
             model_config = check_pretrained(model_dir)
             if cfg.sdpo.reference:
@@ -305,6 +366,8 @@ class StepwiseRunner:
                 vocab_size=model_config.vocab_size,
                 context_length=model_config.max_position_embeddings,
                 places=self._rows_of_pairs,
+                cache_file=token_cache_path(self.cache_dir, "train"),
+                pending_saves=cache_saves,
             )
             self.eval_pairs = []
             if cfg.data.eval_sources:
@@ -314,12 +377,16 @@ class StepwiseRunner:
                     vocab_size=model_config.vocab_size,
                     context_length=model_config.max_position_embeddings,
                     sources=cfg.data.eval_sources,
+                    cache_file=token_cache_path(self.cache_dir, "eval"),
+                    pending_saves=cache_saves,
                 )
         except RunInputError:
             raise
         except (DataError, CheckpointError, ValueError, OSError) as e:
             raise RunInputError(str(e)) from e
         self.tokenizer_fp = file_fingerprint(model_dir / "tokenizer.json")
+        for save in cache_saves:
+            save()
         return tokenizer, pairs
 
     def check_output_dir(self) -> None:

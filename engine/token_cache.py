@@ -1,0 +1,271 @@
+"""The tokenized-data cache: a rerun or a resume skips reading, validating and tokenizing.
+
+Reading and validating every row and tokenizing it (chat templates included) is deterministic,
+so its result is written once next to the run (``tokens-<name>.safetensors`` in the run's cache
+folder) and reused while nothing that changes it has changed. The key (:func:`token_cache_key`)
+holds everything that does: the sha256 of each data file's bytes with its path, source name and
+split, in order; the tokenizer files; the length and truncation settings; the identical-pairs
+policy; the model's vocabulary size and context length (checked at load time, so a cached
+pair is known to pass them); and the source of the reading and tokenizing code itself, so an
+edit to either reads the data again. A hub data set has no file to hash: no key, no cache.
+
+The file is one safetensors file: the token ids of all pairs as flat int32 arrays with int64
+offsets, each pair's index, source id and truncated flag, the UTF-8 JSON of each pair's place
+("file line N", for error messages) and, in the metadata, the key, the source names, the
+:class:`TokenizeStats` numbers and a sha256 checksum of all of it. :func:`load_tokenized`
+returns the pairs only when the format, key and checksum all match, and otherwise says why in
+plain words; it never raises. Files are written atomically (``sdpo.engine.files``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import safetensors.numpy
+
+from . import data as _data_module
+from . import tokenize as _tokenize_module
+from .files import atomic_write_bytes
+from .packing import TokenizedPair
+from .resume import file_sha256
+from .tokenize import TokenizeStats
+
+__all__ = [
+    "TOKEN_CACHE_VERSION",
+    "load_tokenized",
+    "save_tokenized",
+    "token_cache_key",
+    "token_cache_path",
+]
+
+# Bump when the file layout or the meaning of a stored field changes.
+TOKEN_CACHE_VERSION = "1"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+_SEQUENCES = ("prompt", "chosen", "rejected")
+# Tensor names and dtypes, in the order the checksum hashes them.
+_TENSOR_DTYPES: dict[str, np.dtype] = {
+    **{f"{s}_ids": np.dtype(np.int32) for s in _SEQUENCES},
+    **{f"{s}_offsets": np.dtype(np.int64) for s in _SEQUENCES},
+    "index": np.dtype(np.int64),
+    "source_id": np.dtype(np.int32),
+    "truncated": np.dtype(np.uint8),
+    "places_json": np.dtype(np.uint8),
+}
+_META_VERSION = "sdpo_token_cache_version"
+_META_KEY = "key"
+_META_INFO = "info"  # source names and tokenize stats (JSON)
+_META_CHECKSUM = "sha256"
+
+Tokenized = tuple[list[TokenizedPair], dict[int, str], TokenizeStats]
+
+
+class SourceLike(Protocol):
+    """A data source as configured (``sdpo.config.DataSource`` fits)."""
+
+    name: str
+    path: str
+    split: str
+
+
+def token_cache_path(cache_dir: str | os.PathLike, name: str) -> Path:
+    """``<cache_dir>/tokens-<name>.safetensors`` (name: "train", "eval")."""
+    return Path(cache_dir) / f"tokens-{name}.safetensors"
+
+
+def token_cache_key(
+    sources: Sequence[SourceLike],
+    *,
+    tokenizer_dir: str | os.PathLike,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation: str,
+    identical_pairs: str,
+    vocab_size: int,
+    context_length: int | None,
+) -> dict[str, Any] | None:
+    """The key of the tokenized ``sources``: a JSON-able dict, or None when a source is not a
+    local file (a hub name, or a missing file that reading will report) and so cannot be
+    fingerprinted. Data and tokenizer files are hashed in full (streamed)."""
+    files = []
+    for source in sources:
+        path = Path(os.fspath(source.path)).expanduser()
+        if not path.is_file():
+            return None
+        files.append([source.name, os.fspath(source.path), source.split, file_sha256(path)])
+    folder = Path(tokenizer_dir)
+    tokenizer = {
+        name: file_sha256(folder / name) if (folder / name).is_file() else None
+        for name in TOKENIZER_FILES
+    }
+    code = hashlib.sha256()
+    for module in (_data_module, _tokenize_module):
+        code.update(Path(module.__file__).read_bytes())
+    return {
+        "sources": files,
+        "tokenizer": tokenizer,
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+        "truncation": truncation,
+        "identical_pairs": identical_pairs,
+        "vocab_size": vocab_size,
+        "context_length": context_length,
+        "code": code.hexdigest(),
+    }
+
+
+def save_tokenized(
+    path: str | os.PathLike,
+    pairs: Sequence[TokenizedPair],
+    places: Mapping[int, str],
+    stats: TokenizeStats,
+    key: Mapping[str, Any],
+) -> None:
+    """Write ``pairs`` (with each pair's place, keyed by ``pair.index``) and ``stats`` under
+    ``key``; an older file stays intact until the new one is complete."""
+    names = list(dict.fromkeys(p.source for p in pairs))
+    source_ids = {name: i for i, name in enumerate(names)}
+    tensors: dict[str, np.ndarray] = {}
+    for seq in _SEQUENCES:
+        lists = [getattr(p, f"{seq}_ids") for p in pairs]
+        lengths = np.fromiter((len(ids) for ids in lists), dtype=np.int64, count=len(lists))
+        tensors[f"{seq}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = [i for ids in lists for i in ids]
+        tensors[f"{seq}_ids"] = np.asarray(flat, dtype=np.int32)
+    tensors["index"] = np.asarray([p.index for p in pairs], dtype=np.int64)
+    tensors["source_id"] = np.asarray([source_ids[p.source] for p in pairs], dtype=np.int32)
+    tensors["truncated"] = np.asarray([p.truncated for p in pairs], dtype=np.uint8)
+    place_list = [places.get(p.index, "") for p in pairs]
+    tensors["places_json"] = np.frombuffer(json.dumps(place_list).encode("utf-8"), np.uint8)
+    info = json.dumps({"sources": names, "stats": stats.as_dict()}, sort_keys=True)
+    metadata = {
+        _META_VERSION: TOKEN_CACHE_VERSION,
+        _META_KEY: json.dumps(dict(key), sort_keys=True),
+        _META_INFO: info,
+        _META_CHECKSUM: _checksum(tensors, info),
+    }
+    atomic_write_bytes(path, safetensors.numpy.save(tensors, metadata=metadata))
+
+
+def load_tokenized(path: str | os.PathLike, key: Mapping[str, Any]) -> tuple[Tokenized | None, str]:
+    """``((pairs, places, stats), "ok")`` when the file at ``path`` holds data tokenized under
+    ``key`` intact, else ``(None, reason)``: "missing", "format version …", "key mismatch: …",
+    "checksum mismatch (file damaged)" or "unreadable: …". Never raises on a bad file."""
+    try:
+        blob = Path(path).read_bytes()
+    except FileNotFoundError:
+        return None, "missing"
+    except OSError as e:
+        return None, f"unreadable: {e.strerror or e}"
+    try:
+        metadata = _read_metadata(blob)
+    except ValueError as e:
+        return None, f"unreadable: {e}"
+    version = metadata.get(_META_VERSION)
+    if version != TOKEN_CACHE_VERSION:
+        return None, f"format version {version!r} is not the current {TOKEN_CACHE_VERSION!r}"
+    try:
+        cached_key = json.loads(metadata.get(_META_KEY, ""))
+    except ValueError:
+        return None, "unreadable: the key is not valid JSON"
+    now = json.loads(json.dumps(dict(key)))  # the JSON round trip turns tuples into lists
+    if not isinstance(cached_key, dict):
+        return None, "unreadable: the key is not a JSON object"
+    for name in sorted(set(now) | set(cached_key)):
+        if cached_key.get(name) != now.get(name):
+            return (
+                None,
+                f"key mismatch: {_describe_change(name, cached_key.get(name), now.get(name))}",
+            )
+    try:
+        tensors = safetensors.numpy.load(blob)
+        wrong = [
+            n for n, dt in _TENSOR_DTYPES.items() if n not in tensors or tensors[n].dtype != dt
+        ]
+        if wrong:
+            return None, f"unreadable: tensors {wrong} are missing or of another dtype"
+        info_text = metadata.get(_META_INFO, "")
+        if _checksum(tensors, info_text) != metadata.get(_META_CHECKSUM):
+            return None, "checksum mismatch (file damaged)"
+        return _decode(tensors, json.loads(info_text)), "ok"
+    except Exception as e:  # the safetensors parser raises its own error type
+        return None, f"unreadable: {e}"
+
+
+def _decode(tensors: Mapping[str, np.ndarray], info: dict[str, Any]) -> Tokenized:
+    names: list[str] = info["sources"]
+    index = tensors["index"].tolist()
+    n = len(index)
+    ids: dict[str, list[list[int]]] = {}
+    for seq in _SEQUENCES:
+        flat = tensors[f"{seq}_ids"].tolist()
+        offsets = tensors[f"{seq}_offsets"].tolist()
+        if len(offsets) != n + 1 or offsets[-1] != len(flat):
+            raise ValueError(f"{seq} offsets do not match the ids")
+        ids[seq] = [flat[offsets[i] : offsets[i + 1]] for i in range(n)]
+    sources = [names[i] for i in tensors["source_id"].tolist()]
+    truncated = tensors["truncated"].tolist()
+    place_list = json.loads(tensors["places_json"].tobytes().decode("utf-8"))
+    if not len(sources) == len(truncated) == len(place_list) == n:
+        raise ValueError("per-pair arrays differ in length")
+    pairs = [
+        TokenizedPair(
+            index=index[i],
+            prompt_ids=ids["prompt"][i],
+            chosen_ids=ids["chosen"][i],
+            rejected_ids=ids["rejected"][i],
+            source=sources[i],
+            truncated=bool(truncated[i]),
+        )
+        for i in range(n)
+    ]
+    places = {index[i]: place_list[i] for i in range(n)}
+    return pairs, places, TokenizeStats(**info["stats"])
+
+
+def _describe_change(name: str, cached: Any, now: Any) -> str:
+    if name == "sources" and isinstance(cached, list) and isinstance(now, list):
+        if len(cached) == len(now):
+            for old, new in zip(cached, now):
+                if old != new:
+                    return f"data source {new[0]} ({new[1]}) changed"
+        return "the list of data sources changed"
+    if name in ("tokenizer", "code"):
+        return {"tokenizer": "the tokenizer files changed", "code": "the tokenizing code changed"}[
+            name
+        ]
+    return f"{name} differs (cached {cached!r}, now {now!r})"
+
+
+def _checksum(tensors: Mapping[str, np.ndarray], info: str) -> str:
+    h = hashlib.sha256(info.encode("utf-8"))
+    for name in _TENSOR_DTYPES:
+        array = np.ascontiguousarray(tensors[name])
+        h.update(name.encode("utf-8"))
+        h.update(struct.pack("<Q", array.size))
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def _read_metadata(blob: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob (header: u64 little-endian length + JSON)."""
+    if len(blob) < 8:
+        raise ValueError(f"file is {len(blob)} bytes, too short for a safetensors header")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8:
+        raise ValueError("header length runs past the end of the file (file truncated)")
+    try:
+        header = json.loads(blob[8 : 8 + n].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("header is not valid JSON (file damaged)") from None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise ValueError("no metadata in the header (not an sdpo token cache)")
+    return metadata

@@ -1,0 +1,288 @@
+"""The tokenized-data cache: a loaded cache equals tokenizing from scratch, any change to what
+went into it (a data byte, a length setting) or to the file itself (a flipped byte) makes the
+data be tokenized again, and a rerun of ``sdpo train`` tokenizes nothing yet ends the same."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sdpo.runner as runner_mod
+from sdpo.config import DataSource, config_from_dict
+from sdpo.engine.token_cache import (
+    load_tokenized,
+    save_tokenized,
+    token_cache_key,
+    token_cache_path,
+)
+from sdpo.engine.tokenize import PairTokenizer
+from sdpo.runner import load_pairs, run_training
+from tests.conftest import WORDS, write_pairs
+
+
+def _write_chat(path: Path, *, n: int, seed: int) -> Path:
+    """``n`` conversational pairs: a user turn (sometimes after a system turn) and one
+    assistant answer each for chosen and rejected."""
+    rng = random.Random(seed)
+
+    def text(lo: int, hi: int) -> str:
+        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+    rows = []
+    for _ in range(n):
+        prompt = [{"role": "user", "content": text(1, 7)}]
+        if rng.random() < 0.4:
+            prompt.insert(0, {"role": "system", "content": text(1, 3)})
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": text(1, 6)}],
+                "rejected": [{"role": "assistant", "content": text(1, 6)}],
+            }
+        )
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _cfg(tmp_path: Path, model_dir: Path, *, max_length: int = 24, **data):
+    strings = write_pairs(tmp_path / "strings.jsonl", n=13, seed=5)
+    chat = _write_chat(tmp_path / "chat.jsonl", n=9, seed=6)
+    return config_from_dict(
+        {
+            "output_dir": str(tmp_path / "run"),
+            "model": {"path": str(model_dir)},
+            "data": {
+                "sources": [
+                    {"name": "strings", "path": str(strings)},
+                    {"name": "chat", "path": str(chat)},
+                ],
+                "max_length": max_length,
+                "max_prompt_length": 12,
+                **data,
+            },
+            "train": {"pairs_per_step": 4, "max_tokens_per_batch": 128, "log_every": 1},
+            "kernels": {"impl": "torch"},
+            "sdpo": {"steps": 2, "partition": "given", "report_scoring": False},
+        }
+    )
+
+
+def _args(cfg) -> dict:
+    d = cfg.data
+    return {
+        "tokenizer_dir": cfg.model.path,
+        "max_length": d.max_length,
+        "max_prompt_length": d.max_prompt_length,
+        "truncation": d.truncation,
+        "identical_pairs": d.identical_pairs,
+        "vocab_size": 64,
+        "context_length": 128,
+    }
+
+
+def _key(cfg, **change):
+    return token_cache_key(cfg.data.sources, **{**_args(cfg), **change})
+
+
+@pytest.fixture
+def tokenize_calls(monkeypatch) -> list[int]:
+    """Counts the runner's calls of the real ``tokenize_pairs``."""
+    calls: list[int] = []
+    real = runner_mod.tokenize_pairs
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner_mod, "tokenize_pairs", counting)
+    return calls
+
+
+def _load(cfg, cache: Path, places: dict[int, str] | None = None):
+    tok = PairTokenizer.from_dir(cfg.model.path)
+    return load_pairs(cfg, tok, vocab_size=64, context_length=128, places=places, cache_file=cache)
+
+
+def test_loaded_cache_equals_tokenizing_from_scratch(tiny_model_dir, tmp_path, tokenize_calls):
+    cfg = _cfg(tmp_path, tiny_model_dir, max_length=14)  # short: some pairs get truncated
+    truth_places: dict[int, str] = {}
+    truth = load_pairs(
+        cfg, PairTokenizer.from_dir(tiny_model_dir), vocab_size=64, places=truth_places
+    )
+    assert any(p.truncated for p in truth) and not all(p.truncated for p in truth)
+    assert {p.source for p in truth} == {"strings", "chat"}
+    cache = token_cache_path(tmp_path / "cache", "train")
+
+    first_places: dict[int, str] = {}
+    first = _load(cfg, cache, first_places)  # tokenizes and writes the cache
+    assert cache.is_file() and len(tokenize_calls) == 2
+    places: dict[int, str] = {}
+    again = _load(cfg, cache, places)
+    assert len(tokenize_calls) == 2  # served from the cache
+    assert again == first == truth  # ids, index, source, truncated: dataclass equality
+    assert places == first_places == truth_places
+    assert places[0].endswith("strings.jsonl line 1") and places[13].endswith("chat.jsonl line 1")
+
+    # the stored stats are the ones tokenizing gives (the runner's log line depends on them)
+    tok = PairTokenizer.from_dir(tiny_model_dir)
+    key = _key(cfg)
+    (pairs, _, stats), reason = load_tokenized(cache, key)
+    assert reason == "ok"
+    _, truth_stats = runner_mod.tokenize_pairs(
+        [
+            r
+            for s in cfg.data.sources
+            for r in runner_mod.read_preference_file(s.path, source=s.name)
+        ],
+        tok,
+        max_length=14,
+        max_prompt_length=12,
+    )
+    assert stats == truth_stats and stats.num_truncated > 0
+
+
+def test_save_then_load_round_trips_arbitrary_pairs(tiny_model_dir, tmp_path):
+    rng = random.Random(11)
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    pairs = [
+        runner_mod.TokenizedPair(
+            index=i * 3 + 1,
+            prompt_ids=[rng.randrange(2**31 - 1) for _ in range(rng.randint(1, 9))],
+            chosen_ids=[rng.randrange(50_000) for _ in range(rng.randint(1, 7))],
+            rejected_ids=[rng.randrange(50_000) for _ in range(rng.randint(0, 5))],
+            source=rng.choice(["a", "b", "ü c"]),
+            truncated=rng.random() < 0.5,
+        )
+        for i in range(17)
+    ]
+    places = {p.index: f"dir/ü {p.index}.jsonl line {p.index + 1}" for p in pairs}
+    stats = runner_mod.TokenizeStats(num_pairs=17, num_truncated=5, max_sequence_length=31)
+    key = _key(cfg)
+    path = tmp_path / "t.safetensors"
+    save_tokenized(path, pairs, places, stats, key)
+    (got, got_places, got_stats), reason = load_tokenized(path, key)
+    assert reason == "ok"
+    assert got == pairs and got_places == places and got_stats == stats
+
+
+def test_editing_one_byte_of_a_data_file_invalidates_the_cache(
+    tiny_model_dir, tmp_path, tokenize_calls, capsys
+):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    cache = token_cache_path(tmp_path / "cache", "train")
+    before = _load(cfg, cache)
+    chat = Path(cfg.data.sources[1].path)
+    data = chat.read_bytes()
+    at = data.index(b'"content": "w') + len('"content": "w')
+    digit = b"1" if data[at : at + 1] != b"1" else b"2"  # w<k> -> w1 or w2: same length, valid
+    chat.write_bytes(data[:at] + digit + data[at + 1 :])
+
+    assert load_tokenized(cache, _key(cfg))[0] is None
+    after = _load(cfg, cache)
+    assert len(tokenize_calls) == 2
+    assert "tokenizing again (key mismatch: data source chat" in capsys.readouterr().out
+    assert after != before  # the edit reached the ids, so the check above can fail
+    assert _load(cfg, cache) == after and len(tokenize_calls) == 2  # the cache was overwritten
+
+
+def test_a_different_max_length_invalidates_the_cache(tiny_model_dir, tmp_path, tokenize_calls):
+    cfg = _cfg(tmp_path, tiny_model_dir, max_length=24)
+    cache = token_cache_path(tmp_path / "cache", "train")
+    long = _load(cfg, cache)
+    cfg.data.max_length = 14
+    reason = load_tokenized(cache, _key(cfg))[1]
+    assert reason.startswith("key mismatch: max_length differs (cached 24, now 14)")
+    short = _load(cfg, cache)
+    assert len(tokenize_calls) == 2 and short != long
+    # every other key field also changes the key
+    base = _key(cfg)
+    for change in (
+        {"max_prompt_length": 11},
+        {"truncation": "keep_start"},
+        {"identical_pairs": "drop"},
+        {"vocab_size": 65},
+        {"context_length": None},
+    ):
+        assert _key(cfg, **change) != base
+
+
+def test_a_hub_name_has_no_key_and_a_changed_tokenizer_changes_it(tiny_model_dir, tmp_path):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    key = _key(cfg)
+    hub = [*cfg.data.sources, DataSource(name="hub", path="someone/prefs")]
+    assert token_cache_key(hub, **_args(cfg)) is None
+    config = tiny_model_dir / "tokenizer_config.json"
+    config.write_text(config.read_text() + " ")
+    assert _key(cfg) != key
+
+
+def test_a_flipped_byte_in_the_cache_is_detected_and_the_data_tokenized_again(
+    tiny_model_dir, tmp_path, tokenize_calls, capsys
+):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    cache = token_cache_path(tmp_path / "cache", "train")
+    truth = _load(cfg, cache)
+    good = cache.read_bytes()
+    rng = random.Random(3)
+    header = 8 + int.from_bytes(good[:8], "little")
+    for _ in range(3):  # bytes in the tensor payload, anywhere
+        data = bytearray(good)
+        data[rng.randrange(header, len(data))] ^= 1 << rng.randrange(8)
+        cache.write_bytes(bytes(data))
+        assert load_tokenized(cache, _key(cfg)) == (None, "checksum mismatch (file damaged)")
+    calls = len(tokenize_calls)
+    assert _load(cfg, cache) == truth and len(tokenize_calls) == calls + 1
+    assert "tokenizing again (checksum mismatch" in capsys.readouterr().out
+    (pairs, _, _), reason = load_tokenized(cache, _key(cfg))  # rewritten whole
+    assert reason == "ok" and pairs == truth
+
+    for damaged in (good[: len(good) // 2], b"", b"\x00" * 40, good[:8] + b"[" + good[9:]):
+        cache.write_bytes(damaged)
+        value, reason = load_tokenized(cache, _key(cfg))
+        assert value is None and reason.startswith("unreadable"), reason
+    assert load_tokenized(tmp_path / "absent.safetensors", _key(cfg)) == (None, "missing")
+
+
+def test_second_run_tokenizes_nothing_and_ends_the_same(tiny_model_dir, tmp_path, tokenize_calls):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    cfg.data.eval_sources = [
+        DataSource(name="held", path=str(write_pairs(tmp_path / "held.jsonl", n=5, seed=9)))
+    ]
+    out = Path(cfg.output_dir)
+    run_training(cfg, progress=False)
+    assert len(tokenize_calls) == 2  # train and eval data
+    assert (out / "cache" / "tokens-train.safetensors").is_file()
+    assert (out / "cache" / "tokens-eval.safetensors").is_file()
+    weights = load_file(out / "step-2" / "model.safetensors")
+    metrics = (out / "metrics.jsonl").read_text()
+
+    run_training(cfg, progress=False, overwrite=True)
+    assert len(tokenize_calls) == 2
+    again = load_file(out / "step-2" / "model.safetensors")
+    assert weights.keys() == again.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, again[name]), name
+
+    def numbers(text: str) -> list[dict]:
+        drop = {"tokens_per_s"}  # a rate, not a result
+        return [
+            {k: v for k, v in json.loads(line).items() if k not in drop and "seconds" not in k}
+            for line in text.splitlines()
+        ]
+
+    assert numbers((out / "metrics.jsonl").read_text()) == numbers(metrics)
+
+
+def test_bad_eval_data_writes_no_token_cache(tiny_model_dir, tmp_path):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "w1", "chosen": "w2"}) + "\n")
+    cfg.data.eval_sources = [DataSource(name="bad", path=str(bad))]
+    with pytest.raises(runner_mod.RunInputError, match="rejected"):
+        runner_mod.StepwiseRunner(cfg, progress=False).load_inputs()
+    assert not Path(cfg.output_dir).exists()  # the good train data's cache is not written either
