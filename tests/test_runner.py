@@ -72,6 +72,7 @@ def test_two_step_run_writes_step_checkpoints_and_one_cache_per_step(tiny_model_
     assert sorted(p.name for p in (out / "cache").iterdir()) == [
         "initial.safetensors",  # the initial model's pass: step 1's reference values
         "step-2.safetensors",
+        "tokens-train.safetensors",  # the tokenized data, reused by a rerun or resume
     ]
     # one scoring pass of the initial model (partition + step 1) and one of M1 (step 2): no more
     assert result.scoring_calls == 2
