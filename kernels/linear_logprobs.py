@@ -147,7 +147,7 @@ def _sequence_logprobs_fwd(
     num_seqs: int,
     impl: str,
     chunk_tokens: int,
-    grad_weight_dtype: torch.dtype | None,
+    grad_weight_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(seq_logps (S,), lse (N,)), both fp32."""
     del grad_weight_dtype  # read by setup_context only
@@ -189,7 +189,7 @@ def _sequence_logprobs_bwd(
     lse: torch.Tensor,
     impl: str,
     chunk_tokens: int,
-    grad_weight_dtype: torch.dtype | None,
+    grad_weight_dtype: torch.dtype,
     need_hidden: bool,
     need_weight: bool,
 ) -> list[torch.Tensor]:
@@ -205,11 +205,7 @@ def _sequence_logprobs_bwd(
     grad_h = (
         torch.empty(n, hidden.shape[1], dtype=dtype, device=hidden.device) if need_hidden else None
     )
-    grad_w = (
-        torch.zeros(w.shape, dtype=grad_weight_dtype or dtype, device=w.device)
-        if need_weight
-        else None
-    )
+    grad_w = torch.zeros(w.shape, dtype=grad_weight_dtype, device=w.device) if need_weight else None
     buf = torch.empty(min(chunk_tokens, n), w.shape[0], dtype=dtype, device=hidden.device)
     for start in range(0, n, chunk_tokens):
         stop = min(n, start + chunk_tokens)
@@ -330,8 +326,10 @@ def sequence_logprobs(
         )
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    # None -> the compute dtype, resolved here: the ops take a plain dtype argument.
+    accum_dtype = grad_weight_dtype or _compute_dtype(hidden, weight)
     seq_logps, _ = _sequence_logprobs_fwd(
-        hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, grad_weight_dtype
+        hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, accum_dtype
     )
     return seq_logps
 
