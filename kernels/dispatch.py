@@ -9,22 +9,21 @@ under the Triton interpreter (slow; used by the tests).
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 
 import torch
 
 IMPLS = ("auto", "triton", "torch")
 
 
-@functools.cache
+# Decided once at import, without importing Triton (which fixes its interpreter mode): a plain
+# module constant, so torch.compile traces resolve_impl without a cached-function warning.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when ``import triton`` works on this machine."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when Triton is installed on this machine."""
+    return _TRITON_INSTALLED
 
 
 def resolve_impl(impl: str, device: torch.device | str) -> str:
