@@ -30,6 +30,25 @@ def write_pairs(path: Path, *, n: int, seed: int, kind: str = "mixed") -> Path:
     return path
 
 
+def tiny_hf_dict(**overrides) -> dict:
+    """A tiny Llama-style Hugging Face config dict (vocab 131, GQA 4/2 heads); overrides win."""
+    d = {
+        "model_type": "llama",
+        "vocab_size": 131,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,  # GQA
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": False,
+    }
+    d.update(overrides)
+    return d
+
+
 @pytest.fixture
 def tiny_model_dir(tmp_path: Path) -> Path:
     return write_tiny_model(tmp_path / "model", words=WORDS, hidden_size=32, seed=1)

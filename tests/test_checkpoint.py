@@ -17,6 +17,7 @@ from sdpo.engine.checkpoint import (
     save_pretrained,
 )
 from sdpo.engine.model import CausalLM, ModelConfig, init_model
+from tests.conftest import tiny_hf_dict
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -29,24 +30,6 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32,
 }
-
-
-def _tiny_hf_dict(**overrides) -> dict:
-    d = {
-        "model_type": "llama",
-        "vocab_size": 131,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,  # GQA
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": False,
-    }
-    d.update(overrides)
-    return d
 
 
 def _random_model(d: dict, *, seed: int) -> CausalLM:
@@ -89,19 +72,19 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 PARITY_CASES = {
-    "llama-untied": _tiny_hf_dict(),
-    "llama-tied": _tiny_hf_dict(tie_word_embeddings=True),
-    "llama-all-attention-bias": _tiny_hf_dict(attention_bias=True, mlp_bias=True),
-    "qwen2-qkv-bias-tied": _tiny_hf_dict(model_type="qwen2", tie_word_embeddings=True),
-    "mistral-head-dim": _tiny_hf_dict(model_type="mistral", head_dim=24, sliding_window=None),
-    "llama3-rope-scaling": _tiny_hf_dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
-    "rope-parameters-llama3": _tiny_hf_dict(
+    "llama-untied": tiny_hf_dict(),
+    "llama-tied": tiny_hf_dict(tie_word_embeddings=True),
+    "llama-all-attention-bias": tiny_hf_dict(attention_bias=True, mlp_bias=True),
+    "qwen2-qkv-bias-tied": tiny_hf_dict(model_type="qwen2", tie_word_embeddings=True),
+    "mistral-head-dim": tiny_hf_dict(model_type="mistral", head_dim=24, sliding_window=None),
+    "llama3-rope-scaling": tiny_hf_dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
+    "rope-parameters-llama3": tiny_hf_dict(
         rope_theta=None, rope_parameters={**LLAMA3_ROPE, "rope_theta": 70000.0}
     ),
-    "rope-parameters-default": _tiny_hf_dict(
+    "rope-parameters-default": tiny_hf_dict(
         rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 1234.0}
     ),
-    "linear-rope-scaling": _tiny_hf_dict(rope_scaling={"type": "linear", "factor": 3.0}),
+    "linear-rope-scaling": tiny_hf_dict(rope_scaling={"type": "linear", "factor": 3.0}),
 }
 
 
@@ -118,12 +101,12 @@ def test_saved_checkpoint_loads_in_transformers_with_same_logits(case, tmp_path)
 
 def test_rope_scaling_changes_the_logits_so_parity_checks_it():
     """Guards the parity cases above: the scaled variants differ from the default rotary."""
-    base = _random_model(_tiny_hf_dict(rope_theta=500000.0), seed=3)
+    base = _random_model(tiny_hf_dict(rope_theta=500000.0), seed=3)
     ids, pos, cu = _packed(LENGTHS, vocab=131, seed=2)
     plain = _our_logits(base, ids, pos, cu)
     for scaling in (LLAMA3_ROPE, {"rope_type": "linear", "factor": 3.0}):
         scaled = CausalLM(
-            ModelConfig.from_hf_dict(_tiny_hf_dict(rope_theta=500000.0, rope_scaling=scaling))
+            ModelConfig.from_hf_dict(tiny_hf_dict(rope_theta=500000.0, rope_scaling=scaling))
         )
         scaled.load_state_dict(base.state_dict())
         assert _max_diff(_our_logits(scaled, ids, pos, cu), plain) > 1e-3
@@ -161,7 +144,7 @@ def test_transformers_checkpoint_loads_with_same_logits(config_cls, tied, tmp_pa
 
 
 def test_sharded_save_round_trips_and_loads_in_transformers(tmp_path):
-    model = _random_model(_tiny_hf_dict(), seed=7)
+    model = _random_model(tiny_hf_dict(), seed=7)
     save_pretrained(model, tmp_path / "sharded", max_shard_bytes=40_000)
     folder = tmp_path / "sharded"
     index = json.loads((folder / "model.safetensors.index.json").read_text())
@@ -181,7 +164,7 @@ def test_sharded_save_round_trips_and_loads_in_transformers(tmp_path):
 
 
 def test_bfloat16_checkpoint_records_its_dtype_and_loads_in_any_dtype(tmp_path):
-    model = _random_model(_tiny_hf_dict(tie_word_embeddings=True), seed=8).to(torch.bfloat16)
+    model = _random_model(tiny_hf_dict(tie_word_embeddings=True), seed=8).to(torch.bfloat16)
     save_pretrained(model, tmp_path / "bf16")
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["torch_dtype"] == "bfloat16"
@@ -194,7 +177,7 @@ def test_bfloat16_checkpoint_records_its_dtype_and_loads_in_any_dtype(tmp_path):
 
 
 def test_config_round_trip_keeps_unknown_keys_and_rope_spelling(tmp_path):
-    d = _tiny_hf_dict(
+    d = tiny_hf_dict(
         rope_theta=None,
         rope_parameters={"rope_type": "default", "rope_theta": 321.0},
         bos_token_id=1,
@@ -212,7 +195,7 @@ def test_config_round_trip_keeps_unknown_keys_and_rope_spelling(tmp_path):
 def test_tied_checkpoint_that_stores_lm_head_loads(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model = _random_model(_tiny_hf_dict(tie_word_embeddings=True), seed=10)
+    model = _random_model(tiny_hf_dict(tie_word_embeddings=True), seed=10)
     save_pretrained(model, tmp_path / "t")
     file = tmp_path / "t" / "model.safetensors"
     tensors = load_file(file)
@@ -224,7 +207,7 @@ def test_tied_checkpoint_that_stores_lm_head_loads(tmp_path):
 
 
 def test_missing_shard_error_names_the_file(tmp_path):
-    save_pretrained(_random_model(_tiny_hf_dict(), seed=12), tmp_path / "s", max_shard_bytes=40_000)
+    save_pretrained(_random_model(tiny_hf_dict(), seed=12), tmp_path / "s", max_shard_bytes=40_000)
     index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
     second = sorted(set(index["weight_map"].values()))[1]
     (tmp_path / "s" / second).unlink()
@@ -233,7 +216,7 @@ def test_missing_shard_error_names_the_file(tmp_path):
 
 
 def test_shape_mismatch_error_names_tensor_and_both_shapes(tmp_path):
-    save_pretrained(_random_model(_tiny_hf_dict(), seed=13), tmp_path / "m")
+    save_pretrained(_random_model(tiny_hf_dict(), seed=13), tmp_path / "m")
     config_path = tmp_path / "m" / "config.json"
     config = json.loads(config_path.read_text())
     config["intermediate_size"] = 80
@@ -245,7 +228,7 @@ def test_shape_mismatch_error_names_tensor_and_both_shapes(tmp_path):
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
-    save_pretrained(_random_model(_tiny_hf_dict(tie_word_embeddings=True), seed=14), tmp_path / "u")
+    save_pretrained(_random_model(tiny_hf_dict(tie_word_embeddings=True), seed=14), tmp_path / "u")
     config_path = tmp_path / "u" / "config.json"
     config = json.loads(config_path.read_text())
     config.update(tie_word_embeddings=False, model_type="qwen2")
@@ -267,20 +250,20 @@ def test_missing_config_and_missing_weights_errors_say_what_a_folder_needs(tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="has no config.json"):
         load_pretrained(tmp_path / "empty")
-    (tmp_path / "empty" / "config.json").write_text(json.dumps(_tiny_hf_dict()))
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(tiny_hf_dict()))
     (tmp_path / "empty" / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="neither model.safetensors.*pytorch_model.bin"):
         load_pretrained(tmp_path / "empty")
     (tmp_path / "empty" / "config.json").write_text(
-        json.dumps(_tiny_hf_dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+        json.dumps(tiny_hf_dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
     )
     with pytest.raises(CheckpointError, match=r"config.json: .*'rope_scaling'.*'yarn'"):
         load_pretrained(tmp_path / "empty")
 
 
 def test_save_replaces_an_existing_checkpoint_and_copies_extra_files(tmp_path):
-    first = _random_model(_tiny_hf_dict(), seed=15)
-    second = _random_model(_tiny_hf_dict(), seed=16)
+    first = _random_model(tiny_hf_dict(), seed=15)
+    second = _random_model(tiny_hf_dict(), seed=16)
     extra = tmp_path / "tokenizer_config.json"
     extra.write_text('{"eos_token": "</s>"}')
     save_pretrained(first, tmp_path / "ck", max_shard_bytes=40_000)
@@ -293,9 +276,9 @@ def test_save_replaces_an_existing_checkpoint_and_copies_extra_files(tmp_path):
 
 
 def test_fingerprints_follow_the_weights(tmp_path):
-    model = _random_model(_tiny_hf_dict(), seed=17)
+    model = _random_model(tiny_hf_dict(), seed=17)
     fp = model_fingerprint(model)
-    assert fp == model_fingerprint(_random_model(_tiny_hf_dict(), seed=17))
+    assert fp == model_fingerprint(_random_model(tiny_hf_dict(), seed=17))
     save_pretrained(model, tmp_path / "a")
     assert model_fingerprint(load_pretrained(tmp_path / "a")) == fp
     ckpt_fp = checkpoint_fingerprint(tmp_path / "a")

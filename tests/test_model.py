@@ -15,27 +15,10 @@ from sdpo.engine.model import (
     init_model,
     rope_inverse_frequencies,
 )
+from tests.conftest import tiny_hf_dict
 
 LENGTHS = [6, 13, 1, 9, 4]  # odd sizes, one single-token sequence
 VOCAB = 131
-
-
-def _tiny_hf_dict(**overrides) -> dict:
-    d = {
-        "model_type": "llama",
-        "vocab_size": VOCAB,
-        "hidden_size": 64,
-        "intermediate_size": 96,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,  # GQA
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "max_position_embeddings": 256,
-        "tie_word_embeddings": False,
-    }
-    d.update(overrides)
-    return d
 
 
 def _random_model(d: dict, *, seed: int) -> CausalLM:
@@ -84,17 +67,17 @@ def _sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, cu: torch.Ten
 
 
 def test_config_defaults_head_dim_and_kv_heads_from_the_attention_heads():
-    d = _tiny_hf_dict(head_dim=None)
+    d = tiny_hf_dict(head_dim=None)
     del d["num_key_value_heads"]
     cfg = ModelConfig.from_hf_dict(d)
     assert cfg.head_dim == 16 and cfg.num_key_value_heads == 4
-    assert ModelConfig.from_hf_dict(_tiny_hf_dict(head_dim=24)).head_dim == 24
+    assert ModelConfig.from_hf_dict(tiny_hf_dict(head_dim=24)).head_dim == 24
 
 
 def test_config_bias_rules_for_qwen2_and_llama():
-    qwen = ModelConfig.from_hf_dict(_tiny_hf_dict(model_type="qwen2"))
+    qwen = ModelConfig.from_hf_dict(tiny_hf_dict(model_type="qwen2"))
     assert qwen.attention_bias and not qwen.o_proj_bias
-    llama = ModelConfig.from_hf_dict(_tiny_hf_dict(attention_bias=True))
+    llama = ModelConfig.from_hf_dict(tiny_hf_dict(attention_bias=True))
     assert llama.attention_bias and llama.o_proj_bias
     model = CausalLM(qwen)
     names = set(dict(model.named_parameters()))
@@ -106,21 +89,21 @@ def test_config_bias_rules_for_qwen2_and_llama():
 def test_config_reads_every_rope_spelling():
     llama3 = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
     from_parameters = ModelConfig.from_hf_dict(
-        _tiny_hf_dict(
+        tiny_hf_dict(
             rope_theta=None, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, **llama3}
         )
     )
     from_scaling = ModelConfig.from_hf_dict(
-        _tiny_hf_dict(rope_theta=5e5, rope_scaling={"rope_type": "llama3", **llama3})
+        tiny_hf_dict(rope_theta=5e5, rope_scaling={"rope_type": "llama3", **llama3})
     )
     assert from_parameters.rope_theta == from_scaling.rope_theta == 5e5
     assert from_parameters.rope_scaling == from_scaling.rope_scaling
     # original_max_position_embeddings falls back to max_position_embeddings (as HF)
     assert from_scaling.rope_scaling["original_max_position_embeddings"] == 256
-    legacy = ModelConfig.from_hf_dict(_tiny_hf_dict(rope_scaling={"type": "linear", "factor": 2.0}))
+    legacy = ModelConfig.from_hf_dict(tiny_hf_dict(rope_scaling={"type": "linear", "factor": 2.0}))
     assert legacy.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     default = ModelConfig.from_hf_dict(
-        _tiny_hf_dict(rope_parameters={"rope_type": "default", "rope_theta": 77.0})
+        tiny_hf_dict(rope_parameters={"rope_type": "default", "rope_theta": 77.0})
     )
     assert default.rope_scaling is None and default.rope_theta == 77.0
 
@@ -129,7 +112,7 @@ def test_llama3_inverse_frequencies_match_a_float64_scalar_reference():
     import math
 
     cfg = ModelConfig.from_hf_dict(
-        _tiny_hf_dict(
+        tiny_hf_dict(
             head_dim=32,
             rope_theta=5e5,
             rope_scaling={
@@ -176,14 +159,14 @@ def test_llama3_inverse_frequencies_match_a_float64_scalar_reference():
 )
 def test_unsupported_configs_are_rejected_naming_the_key(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        ModelConfig.from_hf_dict(_tiny_hf_dict(**overrides))
+        ModelConfig.from_hf_dict(tiny_hf_dict(**overrides))
 
 
 # ---------------------------------------------------------------- numerics
 
 
 def test_float32_forward_matches_float64_truth_and_bfloat16_is_close():
-    model = _random_model(_tiny_hf_dict(model_type="qwen2", tie_word_embeddings=True), seed=1)
+    model = _random_model(tiny_hf_dict(model_type="qwen2", tie_word_embeddings=True), seed=1)
     ids, pos, cu = _packed(LENGTHS, seed=2)
     with torch.no_grad():
         truth = copy.deepcopy(model).double()(ids, pos, cu, max(LENGTHS))
@@ -200,7 +183,7 @@ def test_float32_forward_matches_float64_truth_and_bfloat16_is_close():
 
 
 def test_packed_forward_equals_each_sequence_run_alone_in_float64():
-    model = _random_model(_tiny_hf_dict(), seed=3).double()
+    model = _random_model(tiny_hf_dict(), seed=3).double()
     ids, pos, cu = _packed(LENGTHS, seed=4)
     with torch.no_grad():
         packed = model(ids, pos, cu, max(LENGTHS))
@@ -215,7 +198,7 @@ def test_packed_and_left_padded_batches_give_the_same_sequence_logprobs():
     """Ours on a packed stream vs transformers on a left-padded (S, T) batch with a mask."""
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
-    model = _random_model(_tiny_hf_dict(tie_word_embeddings=True), seed=5)
+    model = _random_model(tiny_hf_dict(tie_word_embeddings=True), seed=5)
     hf_cfg = transformers.LlamaConfig(
         **{**model.config.to_hf_dict(), "attn_implementation": "eager"}
     )
@@ -260,7 +243,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     labels = _next_token_labels(ids, cu)
     results = []
     for checkpointing in (False, True):
-        model = _random_model(_tiny_hf_dict(attention_bias=True), seed=8)
+        model = _random_model(tiny_hf_dict(attention_bias=True), seed=8)
         model.gradient_checkpointing = checkpointing
         calls = []
         layer = model.model.layers[1]
@@ -281,7 +264,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
 
 def test_init_model_is_seeded_with_the_configured_std():
-    cfg = ModelConfig.from_hf_dict(_tiny_hf_dict(model_type="qwen2"))
+    cfg = ModelConfig.from_hf_dict(tiny_hf_dict(model_type="qwen2"))
     a, b = init_model(cfg, seed=3), init_model(cfg, seed=3)
     c = init_model(cfg, seed=4, dtype=torch.bfloat16)
     assert c.lm_head_weight.dtype == torch.bfloat16
@@ -295,14 +278,14 @@ def test_init_model_is_seeded_with_the_configured_std():
 
 
 def test_tied_model_uses_the_embedding_as_lm_head():
-    model = init_model(ModelConfig.from_hf_dict(_tiny_hf_dict(tie_word_embeddings=True)), seed=0)
+    model = init_model(ModelConfig.from_hf_dict(tiny_hf_dict(tie_word_embeddings=True)), seed=0)
     assert model.lm_head_weight is model.model.embed_tokens.weight
     assert "lm_head.weight" not in model.state_dict()
 
 
 def test_sequences_longer_than_the_sliding_window_are_refused():
     model = init_model(
-        ModelConfig.from_hf_dict(_tiny_hf_dict(model_type="mistral", sliding_window=8)), seed=0
+        ModelConfig.from_hf_dict(tiny_hf_dict(model_type="mistral", sliding_window=8)), seed=0
     )
     ids, pos, cu = _packed([8, 3], seed=0)
     assert model(ids, pos, cu, 8).shape == (11, 64)
@@ -316,7 +299,7 @@ def test_sequences_longer_than_the_sliding_window_are_refused():
 def test_bfloat16_model_on_cuda_matches_float64_truth_with_every_attention_backend():
     from sdpo.engine.attention import available_attention_backends
 
-    model = _random_model(_tiny_hf_dict(model_type="qwen2"), seed=9)
+    model = _random_model(tiny_hf_dict(model_type="qwen2"), seed=9)
     ids, pos, cu = _packed([37, 1, 64, 5], seed=10)
     with torch.no_grad():
         truth = copy.deepcopy(model).double()(ids, pos, cu, 64)
@@ -335,7 +318,7 @@ def test_bfloat16_model_on_cuda_matches_float64_truth_with_every_attention_backe
 
 
 def test_selective_checkpointing_recomputes_every_kth_layer_with_equal_gradients():
-    config = ModelConfig.from_hf_dict(_tiny_hf_dict(num_hidden_layers=4))
+    config = ModelConfig.from_hf_dict(tiny_hf_dict(num_hidden_layers=4))
     ids, pos, cu = _packed([7, 5], seed=3)
     grads = []
     for every in (None, 1, 2):
@@ -369,7 +352,7 @@ def test_attention_sees_bf16_queries_and_keys_under_bf16_autocast(monkeypatch):
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(model_mod, "varlen_attention", spy)
-    model = init_model(ModelConfig.from_hf_dict(_tiny_hf_dict()), seed=5)  # fp32 weights
+    model = init_model(ModelConfig.from_hf_dict(tiny_hf_dict()), seed=5)  # fp32 weights
     ids, pos, cu = _packed([6, 9], seed=6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(ids, pos, cu, 9)
