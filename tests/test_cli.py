@@ -112,3 +112,17 @@ def test_config_prints_every_key_and_its_output_loads_back_to_the_same_config(
     assert config_to_dict(load_config(printed)) == want
     assert main(["config", "--set", "train.lr=1"]) == 2  # unknown key, named
     assert "train.learning_rate" in capsys.readouterr().err
+
+
+def test_train_stops_with_exit_code_3_on_a_non_finite_loss(tiny_model_dir, tmp_path, capsys):
+    """A learning rate of 1e30 blows the weights past fp32 after the first update: the run
+    stops at the next step with exit code 3, names the step and writes no model for it."""
+    cfg = _toml(tmp_path, tiny_model_dir)
+    code = main(
+        ["train", "--config", str(cfg), "--set", "train.learning_rate=1e30", "--no-progress"]
+    )
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert "non-finite loss or gradient" in err and "optimizer step 2" in err
+    assert "skip_nonfinite_batches" in err
+    assert not (tmp_path / "out" / "step-1" / "model.safetensors").exists()
