@@ -162,12 +162,19 @@ def plan_steps(
     return steps
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not norms or biases); fused kernels on CUDA."""
+def build_optimizer(
+    model: torch.nn.Module, config: TrainConfig, *, fused: bool | None = None
+) -> torch.optim.AdamW:
+    """AdamW; weight decay only on matrices (not norms or biases).
+
+    ``fused`` (default: on CUDA only) picks torch's fused kernel, which also takes the
+    gradient-clipping scale and the skip-on-non-finite flag as device tensors (see
+    ``DPOTrainer.train_step``); otherwise the multi-tensor (foreach) implementation.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    on_cuda = all(p.is_cuda for p in params)
+    use_fused = all(p.is_cuda for p in params) if fused is None else fused
     return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": config.weight_decay},
@@ -176,8 +183,16 @@ def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
         lr=config.learning_rate,
         betas=tuple(config.adam_betas),
         eps=config.adam_eps,
-        fused=True if on_cuda else None,
-        foreach=None if on_cuda else True,
+        fused=True if use_fused else None,
+        foreach=None if use_fused else True,
+    )
+
+
+def _takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` honours the ``grad_scale`` / ``found_inf`` tensors (fused
+    AdamW does: the protocol torch's GradScaler uses)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and all(
+        group.get("fused") for group in optimizer.param_groups
     )
 
 
@@ -379,15 +394,29 @@ class DPOTrainer:
             for k, v in part.items():
                 sums[k] = sums[k] + v if k in sums else v
         metrics = {k: v / normalizer for k, v in sums.items()}
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = metrics["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params])
+        finite = torch.isfinite(metrics["loss"]) & torch.isfinite(norm)
+        if _takes_grad_scale(self.optimizer):
+            # Fused AdamW reads two device tensors: grads are divided by ``grad_scale`` inside
+            # its kernel (the clipping costs no pass over the gradients of its own) and a
+            # nonzero ``found_inf`` makes the whole update a no-op, step counters included.
+            # The host learns ``finite`` only after the update is queued.
+            if self.config.max_grad_norm:
+                scale = ((norm + 1e-6) / self.config.max_grad_norm).clamp(min=1.0)
+                self.optimizer.grad_scale = torch.where(finite, scale, 1.0)
+            self.optimizer.found_inf = (~finite).float()
+            try:
+                self.optimizer.step()
+            finally:
+                self.optimizer.grad_scale = self.optimizer.found_inf = None
+            self.last_step_finite = bool(finite)  # the one host sync per optimizer step
+            if not self.last_step_finite:
+                self.optimizer.zero_grad(set_to_none=True)
+            return metrics
         if self.config.max_grad_norm:
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.config.max_grad_norm
-            )
-        else:
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            metrics["grad_norm"] = torch.nn.utils.get_total_norm(grads)
+            torch.nn.utils.clip_grads_with_norm_(params, self.config.max_grad_norm, norm)
         # the one host sync per optimizer step: a NaN/inf update must never reach the weights
-        finite = torch.isfinite(metrics["loss"]) & torch.isfinite(metrics["grad_norm"])
         self.last_step_finite = bool(finite)
         if self.last_step_finite:
             self.optimizer.step()

@@ -13,7 +13,13 @@ from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
-from sdpo.engine.trainer import DPOTrainer, TrainConfig, lr_multiplier, plan_steps
+from sdpo.engine.trainer import (
+    DPOTrainer,
+    TrainConfig,
+    build_optimizer,
+    lr_multiplier,
+    plan_steps,
+)
 from sdpo.losses import LossConfig, dpo_loss
 from tests.conftest import write_pairs
 
@@ -102,3 +108,55 @@ def test_training_is_bitwise_reproducible_on_cpu(tiny_model_dir, tmp_path):
         _trainer(model, tmp_path / f"r{run}", epochs=1).fit(pairs, ref)
         finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.equal(finals[0], finals[1])
+
+
+def _fused_and_foreach(tiny_model_dir: Path, tmp_path: Path, **overrides):
+    """Two trainers on the same initial weights: fused AdamW (clip scale and non-finite flag
+    handed to its kernel as tensors) and foreach AdamW (clip pass, then the step)."""
+    out = []
+    for fused in (True, False):
+        model = load_pretrained(tiny_model_dir)
+        trainer = _trainer(model, tmp_path / str(fused), **overrides)
+        trainer.optimizer = build_optimizer(model, trainer.config, fused=fused)
+        out.append(trainer)
+    return out
+
+
+def test_fused_optimizer_clips_inside_its_kernel_like_the_clip_pass(tiny_model_dir, tmp_path):
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=24, seed=8))
+    # max_grad_norm far below the gradient norm: every step is clipped, by a different factor
+    fused, plain = _fused_and_foreach(tiny_model_dir, tmp_path, max_grad_norm=0.05)
+    ref = score_pairs(fused.model, pairs, max_tokens_per_batch=1024, impl="torch")
+    steps = plan_steps(pairs, fused.config, epoch=0)
+    for step in steps:
+        a = fused.train_step(pairs, step, ref)
+        b = plain.train_step(pairs, step, ref)
+        assert float(a["grad_norm"]) > 0.05
+        assert float(a["grad_norm"]) == pytest.approx(float(b["grad_norm"]), rel=1e-4)
+    for p, q in zip(fused.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+        # the first moment holds the clipped gradients: a missed scale would be 10-100x off
+        m_p = fused.optimizer.state[p]["exp_avg"]
+        m_q = plain.optimizer.state[q]["exp_avg"]
+        torch.testing.assert_close(m_p, m_q, rtol=1e-3, atol=1e-7)
+        assert float(fused.optimizer.state[p]["step"]) == len(steps)
+
+
+def test_fused_optimizer_skips_a_non_finite_step_entirely(tiny_model_dir, tmp_path):
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=16, seed=9))
+    fused, _ = _fused_and_foreach(tiny_model_dir, tmp_path)
+    ref = score_pairs(fused.model, pairs, max_tokens_per_batch=1024, impl="torch")
+    steps = plan_steps(pairs, fused.config, epoch=0)
+    fused.train_step(pairs, steps[0], ref)
+    assert fused.last_step_finite
+    params = [p.detach().clone() for p in fused.model.parameters()]
+    state = {k: v.clone() for k, v in fused.optimizer.state[fused.model.lm_head_weight].items()}
+    broken = steps[1][0][0]
+    ref.chosen_logps[pairs[broken].index] = float("nan")
+    metrics = fused.train_step(pairs, steps[1], ref)
+    assert not fused.last_step_finite and not torch.isfinite(metrics["loss"])
+    for before, p in zip(params, fused.model.parameters(), strict=True):
+        assert torch.equal(before, p)
+    for k, v in fused.optimizer.state[fused.model.lm_head_weight].items():
+        assert torch.equal(state[k], v), k  # moments and the step counter untouched
+    assert all(p.grad is None for p in fused.model.parameters())
