@@ -1,0 +1,217 @@
+"""fused_token_logprobs / fused_sequence_logprobs (lm_head matmul fused with the logsumexp).
+
+Without a GPU the kernel runs under the Triton interpreter in float32 (it mishandles bf16
+dot). Tolerance rule: error vs float64 truth no worse than plain PyTorch in the same dtype
+(full logits, log_softmax) plus a small margin.
+"""
+
+import os
+
+# The interpreter mode of Triton is fixed when triton.language is first imported: without a
+# GPU the Triton kernels run interpreted; with one (the GPU-marked tests) they run compiled.
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from sdpo.kernels import sequence_logprobs  # noqa: E402
+from sdpo.kernels.fused_head import (  # noqa: E402
+    fused_sequence_logprobs,
+    fused_token_logprobs,
+    num_splits,
+)
+from sdpo.kernels.logprobs import IGNORE_INDEX  # noqa: E402
+
+VOCAB = 50_257  # not a multiple of any tile width: the last vocabulary tile is ragged
+
+
+def _batch(seed: int, *, vocab: int = VOCAB, hidden: int = 24, dtype=torch.float32, device="cpu"):
+    """131 tokens over 3 packed sequences; sequence 1 has exactly one completion token.
+
+    Prompt tokens and each sequence's last token are -100; one scored label is the first
+    vocabulary index and one the last.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    lengths, prompts = [61, 22, 48], [17, 20, 5]
+    labels, seq_ids = [], []
+    for s, (length, prompt) in enumerate(zip(lengths, prompts)):
+        lab = torch.randint(0, vocab, (length,), generator=gen)
+        lab[:prompt] = IGNORE_INDEX
+        lab[-1] = IGNORE_INDEX
+        labels.append(lab)
+        seq_ids.append(torch.full((length,), s, dtype=torch.int64))
+    labels, seq_ids = torch.cat(labels), torch.cat(seq_ids)
+    labels[30], labels[100] = 0, vocab - 1
+    assert int((labels[seq_ids == 1] != IGNORE_INDEX).sum()) == 1
+    h64 = torch.randn(labels.numel(), hidden, generator=gen, dtype=torch.float64)
+    # logits of std ~3: a peaked softmax, so the max subtraction matters
+    w64 = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * (3.0 / hidden**0.5)
+    return dict(
+        h64=h64.to(device),
+        w64=w64.to(device),
+        h=h64.to(dtype).to(device),
+        w=w64.to(dtype).to(device),
+        labels=labels.to(device),
+        seq_ids=seq_ids.to(device),
+        num_seqs=len(lengths),
+    )
+
+
+def _naive(h, w, labels, seq_ids, num_seqs):
+    """Plain PyTorch: full logits in the inputs' dtype (upcast to fp32; float64 for truth)."""
+    logits = h @ w.t()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+    token = torch.where(labels != IGNORE_INDEX, picked - lse, 0.0)
+    seq = torch.zeros(num_seqs, dtype=token.dtype, device=token.device).index_add(0, seq_ids, token)
+    return token, lse, seq
+
+
+def _assert_no_worse(name, ours, baseline, truth, *, rel_margin: float, factor: float = 1.0):
+    scale = truth.abs().max().item() + 1e-30
+    err_ours = (ours.double() - truth).abs().max().item()
+    err_base = (baseline.double() - truth).abs().max().item()
+    assert err_ours <= factor * err_base + rel_margin * scale, (
+        f"{name}: error {err_ours:.3e} vs float64 truth exceeds the same-dtype PyTorch error "
+        f"{err_base:.3e} + margin {rel_margin * scale:.3e}"
+    )
+
+
+def _check_against_truth(b, *, rel_margin: float, factor: float = 1.0, **kwargs):
+    args = (b["labels"], b["seq_ids"], b["num_seqs"])
+    token, lse = fused_token_logprobs(b["h"], b["w"], b["labels"], **kwargs)
+    assert token.dtype == lse.dtype == torch.float32
+    assert token.shape == lse.shape == b["labels"].shape
+    assert bool((token[b["labels"] == IGNORE_INDEX] == 0).all())
+    token64, lse64, seq64 = _naive(b["h64"], b["w64"], *args)
+    token_b, lse_b, seq_b = _naive(b["h"], b["w"], *args)
+    _assert_no_worse("token_logps", token, token_b, token64, rel_margin=rel_margin, factor=factor)
+    _assert_no_worse("lse", lse, lse_b, lse64, rel_margin=rel_margin, factor=factor)
+    if not kwargs:
+        seq = fused_sequence_logprobs(b["h"], b["w"], *args)
+        assert seq.dtype == torch.float32 and seq.shape == (b["num_seqs"],)
+        _assert_no_worse("seq_logps", seq, seq_b, seq64, rel_margin=rel_margin, factor=factor)
+
+
+def test_fused_logprobs_match_float64_truth_at_gpt2_vocab_with_a_k_tail():
+    # H = 24 with the interpreter's BLOCK_K = 16: the second K step is masked; V = 50,257
+    # over 4096-wide tiles in 3 slices: ragged slices and a ragged last tile.
+    _check_against_truth(_batch(seed=51), rel_margin=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("tiles", "splits", "hidden"),
+    [
+        # one slice; 17 tiles of 64 with a 7-column tail; H a multiple of BLOCK_K (no K mask)
+        ({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 16}, 1, 32),
+        # one tile per slice (every split boundary is a tile boundary), K tail
+        ({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, 17, 40),
+        # slices of 3-4 tiles; 131 rows = 8 blocks of 16 + a 3-row tail
+        ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 32}, 2, 19),
+    ],
+)
+def test_fused_logprobs_match_float64_truth_for_any_tiles_and_splits(tiles, splits, hidden):
+    b = _batch(seed=52 + splits, vocab=1031, hidden=hidden)
+    # labels on both sides of every tile boundary, where slices and tiles meet
+    edges = torch.arange(tiles["BLOCK_N"], 1031, tiles["BLOCK_N"])
+    scored = (b["labels"] != IGNORE_INDEX).nonzero().squeeze(1)
+    picks = torch.cat([edges - 1, edges])[: scored.numel()]
+    b["labels"][scored[: picks.numel()]] = picks
+    _check_against_truth(b, rel_margin=1e-6, tiles=tiles, splits=splits)
+
+
+def test_fused_reference_pass_matches_the_chunked_sequence_logprobs():
+    b = _batch(seed=55, vocab=2053, hidden=33)
+    args = (b["labels"], b["seq_ids"], b["num_seqs"])
+    fused = fused_sequence_logprobs(b["h"], b["w"], *args)
+    with torch.no_grad():
+        chunked = sequence_logprobs(b["h"], b["w"], *args, impl="torch", chunk_tokens=48)
+    torch.testing.assert_close(fused, chunked, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_head_refuses_a_pass_that_needs_gradients():
+    b = _batch(seed=56, vocab=131, hidden=16)
+    h = b["h"].clone().requires_grad_(True)
+    args = (b["labels"], b["seq_ids"], b["num_seqs"])
+    with pytest.raises(RuntimeError, match="no-grad reference pass"):
+        fused_sequence_logprobs(h, b["w"], *args)
+    with torch.no_grad():
+        seq = fused_sequence_logprobs(h, b["w"], *args)
+    assert not seq.requires_grad
+
+
+def test_fused_head_input_errors_name_the_problem():
+    b = _batch(seed=57, vocab=131, hidden=16)
+    h, w, labels, seq_ids = b["h"], b["w"], b["labels"], b["seq_ids"]
+    with pytest.raises(ValueError, match="hidden size mismatch"):
+        fused_token_logprobs(h[:, :-1], w, labels)
+    with pytest.raises(ValueError, match="seq_ids"):
+        fused_sequence_logprobs(h, w, labels, seq_ids[:-1], 3)
+    bad = labels.clone()
+    bad[4] = 131
+    with pytest.raises(ValueError, match=r"labels\[4\] = 131 is outside the vocabulary"):
+        fused_token_logprobs(h, w, bad)
+    with pytest.raises(ValueError, match="power of two"):
+        fused_token_logprobs(h, w, labels, tiles={"BLOCK_M": 24, "BLOCK_N": 64, "BLOCK_K": 16})
+
+
+def test_split_rule_gives_several_waves_and_never_an_empty_slice():
+    # N=16,384 tokens on an H100 (132 SMs): 128 row blocks of 128 -> 17 slices, 16.5 waves
+    assert num_splits(num_tokens=16_384, vocab_size=32_000, sm_count=132) == 17
+    # few tokens: as many slices as 256-wide tiles allow
+    assert num_splits(num_tokens=131, vocab_size=1031, sm_count=132) == 5
+    assert num_splits(num_tokens=1_000_000, vocab_size=128_256, sm_count=132) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hidden", [256, 200])  # 200: not a multiple of BLOCK_K = 64
+@pytest.mark.parametrize(
+    ("dtype", "rel_margin", "factor"), [(torch.float32, 2e-6, 1.0), (torch.bfloat16, 2e-3, 1.5)]
+)
+def test_fused_head_on_cuda_matches_float64_truth_and_the_chunked_pass(
+    hidden, dtype, rel_margin, factor
+):
+    b = _batch(seed=58, hidden=hidden, dtype=dtype, device="cuda")
+    _check_against_truth(b, rel_margin=rel_margin, factor=factor)
+    args = (b["labels"], b["seq_ids"], b["num_seqs"])
+    fused = fused_sequence_logprobs(b["h"], b["w"], *args)
+    with torch.no_grad():
+        chunked = sequence_logprobs(b["h"], b["w"], *args, impl="triton", chunk_tokens=48)
+    # The chunked pass rounds logits to the compute dtype; the fused one keeps fp32: they may
+    # differ by about plain PyTorch's own error in this dtype, no more.
+    _, _, seq64 = _naive(b["h64"], b["w64"], *args)
+    _, _, seq_b = _naive(b["h"], b["w"], *args)
+    err_base = (seq_b.double() - seq64).abs().max().item()
+    diff = (fused.double() - chunked.double()).abs().max().item()
+    scale = seq64.abs().max().item()
+    assert diff <= 2 * factor * err_base + rel_margin * scale, (
+        f"fused vs chunked reference pass differ by {diff:.3e}; plain PyTorch's error in "
+        f"{dtype} is {err_base:.3e}"
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_head_on_cuda_writes_no_logits():
+    n, hidden, vocab = 4096, 512, 32_000
+    h = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) * 0.05
+    labels = torch.randint(0, vocab, (n,), device="cuda")
+    seq_ids = torch.arange(n, device="cuda") // 512
+    with torch.no_grad():
+        fused_sequence_logprobs(h, w, labels, seq_ids, 8)  # autotuning allocates; warm up first
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        fused_sequence_logprobs(h, w, labels, seq_ids, 8)
+    extra = torch.cuda.max_memory_allocated() - base
+    # partials (2 · splits · N fp32) and a few (N,) vectors; one chunk of logits is 64 MiB
+    limit = 2 * (vocab // 256) * n * 4 + 16 * n * 4 + 2**20
+    assert extra <= limit, f"fused reference pass held {extra} bytes (limit {limit})"
