@@ -9,6 +9,9 @@ a 128k vocabulary) and reads them several times; these ops stream the vocabulary
   (general backward; under ``torch.no_grad`` it is the reference/scoring pass).
 - ``linear_pair_loss``: a pair-separable loss whose gradients are formed while each
   chunk's logits are in hand (≈ 6·N·H·V FLOP for forward + backward).
+- ``fused_sequence_logprobs`` / ``fused_token_logprobs`` (module ``fused_head``, loaded on
+  first use because it needs Triton): a no-grad reference pass that fuses the lm_head tiles
+  with the online logsumexp, so no logits reach memory. Opt-in until its GPU timing is taken.
 - ``resolve_impl``: the one place "auto" | "triton" | "torch" is decided.
 
 The first two are ``torch.library`` custom ops (namespace ``sdpo``, with fake
@@ -37,9 +40,22 @@ from .linear_logprobs import (  # noqa: E402
 )
 from .logprobs import IGNORE_INDEX, logprobs_from_logits  # noqa: E402
 
+_LAZY = {"fused_sequence_logprobs", "fused_token_logprobs"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from . import fused_head
+
+        return getattr(fused_head, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "IGNORE_INDEX",
     "default_chunk_tokens",
+    "fused_sequence_logprobs",
+    "fused_token_logprobs",
     "linear_pair_loss",
     "logprobs_from_logits",
     "resolve_impl",
