@@ -337,6 +337,8 @@ class DPOTrainer:
                 )
                 return out.losses.sum() / normalizer
 
+            # chosen + rejected tokens of each pair, from the host copy: no device sync
+            pair_tokens = host_batch.cu_seqlens[0::2].diff().tolist()
             loss, seq_logps = linear_pair_loss(
                 hidden,
                 weight,
@@ -346,6 +348,7 @@ class DPOTrainer:
                 pair_loss=pair_loss,
                 impl=self.kernels_impl,
                 chunk_tokens=self.chunk_tokens,
+                pair_tokens=pair_tokens,
             )
         else:
             seq_logps = sequence_logprobs(

@@ -13,7 +13,26 @@ so that no full (N, V) logits tensor ever exists:
   and while its logits are in hand the pair loss's gradient w.r.t. the chunk's
   log-probs is taken with autograd on the tiny per-pair tensors, the logits gradient is
   formed in place, and dH, dW are accumulated at once. Forward + backward costs
-  6·N·H·V FLOP (3 matmuls); the autograd backward only scales the stored gradients.
+  6·N·H·V FLOP (3 matmuls); the autograd backward only scales the stored gradients, on
+  the device (an in-place multiply by the 0-dim upstream gradient, exact when it is 1;
+  fused with the cast when dW accumulates in fp32 for a bf16 W).
+
+Host syncs of ``linear_pair_loss``: the chunk plan needs each pair's token count on the
+host. Given ``pair_tokens`` (the trainer reads them off the host copy of ``cu_seqlens``),
+the plan is built there and neither direction reads the device; on a GPU the counts are
+checked against ``seq_ids`` by asynchronous device asserts. Without them the counts are
+read from ``seq_ids``: one sync per call.
+
+Long pairs (``max_chunk_tokens``, B): chunks hold whole pairs, so without a cap a pair
+of L tokens holds L·V logits at once (1.05 GB of bf16 for L = 4,096 at V = 128,256).
+With a cap, pairs of at most B tokens are packed greedily into chunks of at most
+min(chunk_tokens, B) tokens, and a pair with L > B runs "keep the tail": the forward of
+its first L − B tokens, in sub-chunks of at most B, keeps only each row's (token
+log-prob, lse); the last B tokens' logits stay in the buffer; with the pair's two sums
+known, its loss gradient is taken, the tail's logits gradient is formed in place and
+accumulated into dH, dW; then each head sub-chunk's logits are recomputed and turned into
+their gradient with the saved lse. Such a pair costs 6·L·H·V + 2·(L − B)·H·V FLOP (the
+head's logits twice); the peak logits memory is B·V elements.
 
 Both run the chunk matmuls with cuBLAS through torch and the row core of logprobs.py
 (Triton kernels or the PyTorch reference) on the chunk's logits. ``sequence_logprobs`` is
@@ -34,7 +53,8 @@ checked (bf16: V=32,000 -> 4096 tokens, V=128,256 -> 1024 tokens).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -339,43 +359,278 @@ def sequence_logprobs(
 # ----------------------------------------------------------------------------------------
 
 
-def _pair_chunks(
-    seq_ids: torch.Tensor, num_seqs: int, chunk_tokens: int
-) -> list[tuple[int, int, int, int]]:
-    """Greedy chunks of whole pairs: [(token_start, token_stop, pair_start, pair_stop), ...].
+class _PlanItem(NamedTuple):
+    """One step of the pair pass: tokens [t0, t1), which hold the whole pairs [p0, p1).
 
-    A pair longer than chunk_tokens gets a chunk of its own (its logits are held whole).
+    ``split``: a single pair longer than ``max_chunk_tokens``, run by keep-the-tail.
     """
+
+    t0: int
+    t1: int
+    p0: int
+    p1: int
+    split: bool = False
+
+
+def _check_whole_pairs(num_seqs: int) -> None:
     if num_seqs % 2:
         raise ValueError(
             f"linear_pair_loss needs whole pairs: num_seqs={num_seqs} is odd (sequence 2p is "
             "the chosen and 2p+1 the rejected completion of pair p)"
         )
+
+
+def _pair_tokens_from_seq_ids(seq_ids: torch.Tensor, num_seqs: int) -> list[int]:
+    """Tokens per pair, read from ``seq_ids``: one host sync (a single ``.tolist()``)."""
     n = seq_ids.shape[0]
-    counts = torch.bincount(seq_ids, minlength=num_seqs)
-    ordered = bool((seq_ids[1:] >= seq_ids[:-1]).all()) if n > 1 else True
-    if not ordered or counts.shape[0] != num_seqs:
+    if n == 0:
+        return [0] * (num_seqs // 2)
+    # In a packed stream pair p spans [first token of seq >= 2p, first token of seq >= 2p + 2).
+    marks = torch.arange(0, num_seqs + 1, 2, dtype=seq_ids.dtype, device=seq_ids.device)
+    starts = torch.searchsorted(seq_ids, marks)  # (P + 1,) int64
+    packed = (seq_ids[1:] >= seq_ids[:-1]).all() & (seq_ids[0] >= 0) & (seq_ids[-1] < num_seqs)
+    *starts, ok = torch.cat([starts, packed.reshape(1).to(starts.dtype)]).tolist()
+    if not ok:
         raise ValueError(
             "linear_pair_loss needs a packed stream: seq_ids must be non-decreasing and "
-            f"< num_seqs={num_seqs} (sequences back to back, as engine.packing.pack_pairs builds)"
+            f"in [0, num_seqs={num_seqs}) (sequences back to back, as engine.packing.pack_pairs "
+            "builds)"
         )
-    pair_tokens = counts.view(-1, 2).sum(1).tolist()
-    chunks = []
-    tok = 0
-    p0, t0, size = 0, 0, 0
+    return [stop - start for start, stop in zip(starts[:-1], starts[1:])]
+
+
+def _check_pair_tokens(pair_tokens: Sequence[int], *, num_seqs: int, num_tokens: int) -> list[int]:
+    """The caller's host-side tokens per pair, validated on the host (no device read)."""
+    if isinstance(pair_tokens, torch.Tensor) and pair_tokens.device.type != "cpu":
+        raise TypeError(
+            "pair_tokens must live on the host (a list of ints or a CPU tensor), got a tensor on "
+            f"{pair_tokens.device}; reading it would be the host sync it exists to avoid"
+        )
+    counts = [int(c) for c in pair_tokens]
+    if len(counts) != num_seqs // 2:
+        raise ValueError(
+            f"pair_tokens has {len(counts)} entries but num_seqs={num_seqs} makes "
+            f"{num_seqs // 2} pairs; pass one count (chosen + rejected tokens) per pair"
+        )
+    bad = next((p for p, c in enumerate(counts) if c <= 0), None)
+    if bad is not None:
+        raise ValueError(
+            f"pair_tokens[{bad}] = {counts[bad]}: every pair holds at least one token (its "
+            "chosen plus rejected token count, e.g. cu_seqlens[2p + 2] - cu_seqlens[2p])"
+        )
+    if sum(counts) != num_tokens:
+        raise ValueError(
+            f"pair_tokens sum to {sum(counts)} but hidden has {num_tokens} tokens; pass the "
+            "token counts of the pairs of this packed batch, in stream order"
+        )
+    return counts
+
+
+def _plan_pairs(
+    pair_tokens: Sequence[int], *, chunk_tokens: int, max_chunk_tokens: int | None
+) -> list[_PlanItem]:
+    """Greedy chunks of whole pairs, in stream order.
+
+    Pairs are packed into chunks of at most ``chunk_tokens`` tokens (capped by
+    ``max_chunk_tokens`` too); a pair longer than ``chunk_tokens`` gets a chunk of its own,
+    held whole, unless it is longer than ``max_chunk_tokens``: then it is a ``split`` item.
+    """
+    limit = chunk_tokens if max_chunk_tokens is None else min(chunk_tokens, max_chunk_tokens)
+    plan: list[_PlanItem] = []
+    tok = p0 = t0 = size = 0
     for p, count in enumerate(pair_tokens):
-        if size and size + count > chunk_tokens:
-            chunks.append((t0, tok, p0, p))
+        if max_chunk_tokens is not None and count > max_chunk_tokens:
+            if p > p0:
+                plan.append(_PlanItem(t0, tok, p0, p))
+            plan.append(_PlanItem(tok, tok + count, p, p + 1, split=True))
+            tok += count
+            p0, t0, size = p + 1, tok, 0
+            continue
+        if size and size + count > limit:
+            plan.append(_PlanItem(t0, tok, p0, p))
             p0, t0, size = p, tok, 0
         size += count
         tok += count
-    if size or not chunks:
-        chunks.append((t0, tok, p0, len(pair_tokens)))
-    return chunks
+    if p0 < len(pair_tokens) or not plan:
+        plan.append(_PlanItem(t0, tok, p0, len(pair_tokens)))
+    return plan
+
+
+def _split_ranges(t0: int, t1: int, cap: int) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """Keep-the-tail ranges of a split pair: (head sub-chunks of <= cap tokens, tail of cap)."""
+    tail = t1 - cap
+    return [(s, min(tail, s + cap)) for s in range(t0, tail, cap)], (tail, t1)
+
+
+class _PairPass:
+    """One forward of :class:`LinearPairLoss`: the chunk buffer and the gradient accumulators."""
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        seq_ids: torch.Tensor,
+        *,
+        num_seqs: int,
+        pair_loss: PairLoss,
+        impl: str,
+        buffer_rows: int,
+        accum_dtype: torch.dtype | None,
+        need_h: bool,
+        need_w: bool,
+        check_ids: bool,
+    ) -> None:
+        dtype = _compute_dtype(hidden, weight)
+        device = hidden.device
+        self.hidden, self.labels, self.seq_ids = hidden, labels, seq_ids
+        self.dtype, self.impl, self.pair_loss = dtype, impl, pair_loss
+        self.w = weight.to(dtype)
+        self.buf = torch.empty(buffer_rows, self.w.shape[0], dtype=dtype, device=device)
+        self.seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=device)
+        self.need_grad = need_h or need_w
+        self.grad_h = torch.empty(hidden.shape, dtype=dtype, device=device) if need_h else None
+        self.grad_w = (
+            torch.zeros(self.w.shape, dtype=accum_dtype or dtype, device=device) if need_w else None
+        )
+        self.loss: torch.Tensor | None = None
+        # pair_tokens given on a GPU: each item's ids are checked on the device before use.
+        self.check_ids = check_ids
+        self.ordered = (seq_ids[1:] >= seq_ids[:-1]).all() if check_ids else None
+
+    def _logits(self, t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h (n, H), logits (n, V)) of tokens [t0, t1), the logits in the buffer."""
+        h = self.hidden[t0:t1].to(self.dtype)
+        return h, _chunk_logits(self.buf, h, self.w.t())
+
+    def _local_ids(self, t0: int, t1: int, p0: int, p1: int) -> torch.Tensor:
+        """Sequence ids of tokens [t0, t1) relative to pair p0 (in [0, 2 (p1 - p0)))."""
+        ids = self.seq_ids[t0:t1]
+        if self.check_ids and t1 > t0:
+            # First and last token's pair; with ids non-decreasing they bound every token
+            # between. Asserted before the ids index anything, asynchronously (no host sync).
+            ends = ids[:: max(1, t1 - t0 - 1)].div(2, rounding_mode="floor")
+            torch._assert_async(
+                self.ordered & (ends[0] == p0) & (ends[-1] == p1 - 1),
+                f"linear_pair_loss: pair_tokens disagree with seq_ids at tokens [{t0}, {t1}) "
+                f"(pairs [{p0}, {p1})); pass each pair's chosen + rejected token count in "
+                "stream order, e.g. from the batch's cu_seqlens",
+            )
+        return ids - 2 * p0
+
+    def _pair_grad(self, seq_c: torch.Tensor, p0: int, p1: int) -> torch.Tensor | None:
+        """Adds pairs [p0, p1)'s loss; returns its gradient w.r.t. seq_c (2k,) fp32, if needed."""
+        with torch.enable_grad():
+            chosen = seq_c[0::2].detach().requires_grad_(self.need_grad)
+            rejected = seq_c[1::2].detach().requires_grad_(self.need_grad)
+            chunk_loss = self.pair_loss(chosen, rejected, slice(p0, p1))
+            if chunk_loss.dim() != 0:
+                raise ValueError(
+                    "pair_loss must return a scalar (the sum of its pairs' loss terms), got "
+                    f"shape {tuple(chunk_loss.shape)}"
+                )
+            if self.need_grad:
+                d_chosen, d_rejected = torch.autograd.grad(
+                    chunk_loss, (chosen, rejected), allow_unused=True
+                )
+        self.loss = chunk_loss.detach() if self.loss is None else self.loss + chunk_loss.detach()
+        if not self.need_grad:
+            return None
+        d_seq = torch.zeros(seq_c.shape[0], dtype=torch.float32, device=seq_c.device)
+        if d_chosen is not None:
+            d_seq[0::2] = d_chosen.float()
+        if d_rejected is not None:
+            d_seq[1::2] = d_rejected.float()
+        return d_seq
+
+    def _backprop(
+        self,
+        logits: torch.Tensor,
+        h: torch.Tensor,
+        t0: int,
+        t1: int,
+        lse: torch.Tensor,
+        grad_token: torch.Tensor,
+    ) -> None:
+        """The logits gradient of tokens [t0, t1), in place in the buffer, into dH and dW."""
+        grad_logits = rows_backward(
+            logits, self.labels[t0:t1], lse, grad_token, impl=self.impl, out=logits
+        )
+        if self.grad_h is not None:
+            torch.mm(grad_logits, self.w, out=self.grad_h[t0:t1])
+        if self.grad_w is not None:
+            _accumulate_grad_weight(self.grad_w, grad_logits, h)
+
+    def packed(self, item: _PlanItem) -> None:
+        """A chunk of whole pairs: logits once, gradient in place (6·n·H·V FLOP)."""
+        t0, t1, p0, p1 = item.t0, item.t1, item.p0, item.p1
+        h, logits = self._logits(t0, t1)  # (n, V)
+        local_ids = self._local_ids(t0, t1, p0, p1)
+        token_logps, lse = rows_forward(logits, self.labels[t0:t1], impl=self.impl)
+        seq_c = sum_per_sequence(token_logps, local_ids, 2 * (p1 - p0))  # (2k,)
+        self.seq_logps[2 * p0 : 2 * p1] = seq_c
+        d_seq = self._pair_grad(seq_c, p0, p1)
+        if d_seq is not None:
+            self._backprop(logits, h, t0, t1, lse, d_seq[local_ids])
+
+    def split(self, item: _PlanItem, cap: int) -> None:
+        """One pair over ``cap`` tokens, keep-the-tail (6·L·H·V + 2·(L - cap)·H·V FLOP).
+
+        The head's logits are formed, reduced to (token log-prob, lse) and dropped; the
+        tail's stay in the buffer. Once the pair's loss gradient is known, the tail's logits
+        gradient is formed in place, then each head sub-chunk's logits are recomputed and
+        turned into their gradient with the saved lse.
+        """
+        t0, t1, p = item.t0, item.t1, item.p0
+        heads, (tail0, _) = _split_ranges(t0, t1, cap)
+        local_ids = self._local_ids(t0, t1, p, p + 1)  # (L,) in {0, 1}
+        token_logps = torch.empty(t1 - t0, dtype=torch.float32, device=self.buf.device)
+        head_lse = torch.empty(tail0 - t0, dtype=torch.float32, device=self.buf.device)
+        for s0, s1 in heads:
+            _, logits = self._logits(s0, s1)
+            logp_c, lse_c = rows_forward(logits, self.labels[s0:s1], impl=self.impl)
+            token_logps[s0 - t0 : s1 - t0] = logp_c
+            head_lse[s0 - t0 : s1 - t0] = lse_c
+        h_tail, logits = self._logits(tail0, t1)  # kept: the buffer's rows [0, cap)
+        logp_c, tail_lse = rows_forward(logits, self.labels[tail0:t1], impl=self.impl)
+        token_logps[tail0 - t0 :] = logp_c
+        seq_c = sum_per_sequence(token_logps, local_ids, 2)
+        self.seq_logps[2 * p : 2 * p + 2] = seq_c
+        d_seq = self._pair_grad(seq_c, p, p + 1)
+        if d_seq is None:
+            return
+        grad_token = d_seq[local_ids]  # (L,)
+        self._backprop(logits, h_tail, tail0, t1, tail_lse, grad_token[tail0 - t0 :])
+        for s0, s1 in heads:
+            h, logits = self._logits(s0, s1)
+            self._backprop(
+                logits, h, s0, s1, head_lse[s0 - t0 : s1 - t0], grad_token[s0 - t0 : s1 - t0]
+            )
+
+
+def _scaled(
+    grad: torch.Tensor | None, grad_loss: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """``grad * grad_loss`` in ``dtype`` with no host read of ``grad_loss``.
+
+    In place when ``grad`` already has ``dtype`` (an fp32 or bf16 product by 1.0 is exact,
+    so ``loss.backward()`` returns the formed gradients bit for bit); otherwise one pass
+    that multiplies in ``grad``'s (accumulation) dtype and rounds once into ``dtype``,
+    which for ``grad_loss == 1`` is exactly ``grad.to(dtype)``.
+    """
+    if grad is None:
+        return None
+    if grad.dtype == dtype:
+        return grad.mul_(grad_loss)
+    return torch.mul(grad, grad_loss, out=torch.empty(grad.shape, dtype=dtype, device=grad.device))
 
 
 class LinearPairLoss(torch.autograd.Function):
-    """(hidden, weight) -> (loss, seq_logps); dH and dW are formed in the forward."""
+    """(hidden, weight) -> (loss, seq_logps); dH and dW are formed in the forward.
+
+    ``plan`` comes from :func:`_plan_pairs`; the backward only scales the stored gradients
+    by the upstream gradient, on the device.
+    """
 
     @staticmethod
     def forward(
@@ -387,63 +642,38 @@ class LinearPairLoss(torch.autograd.Function):
         num_seqs,
         pair_loss,
         impl,
-        chunk_tokens,
+        plan,
+        max_chunk_tokens,
         accum_dtype,
         need_h,
         need_w,
+        check_ids,
     ):
-        dtype = _compute_dtype(hidden, weight)
-        w = weight.to(dtype)
-        w_t = w.t()
-        device = hidden.device
-        chunks = _pair_chunks(seq_ids, num_seqs, chunk_tokens)
-        largest = max(stop - start for start, stop, _, _ in chunks)
-        buf = torch.empty(largest, w.shape[0], dtype=dtype, device=device)
-        seq_logps = torch.zeros(num_seqs, dtype=torch.float32, device=device)
-        grad_h = torch.empty(hidden.shape, dtype=dtype, device=device) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=accum_dtype or dtype, device=device) if need_w else None
-        loss = None
-        for t0, t1, p0, p1 in chunks:
-            h = hidden[t0:t1].to(dtype)
-            logits = _chunk_logits(buf, h, w_t)  # (n_c, V)
-            labels_c = labels[t0:t1]
-            local_ids = seq_ids[t0:t1] - 2 * p0
-            token_logps, lse = rows_forward(logits, labels_c, impl=impl)
-            seq_c = sum_per_sequence(token_logps, local_ids, 2 * (p1 - p0))  # (2k,)
-            seq_logps[2 * p0 : 2 * p1] = seq_c
-            with torch.enable_grad():
-                chosen = seq_c[0::2].detach().requires_grad_(need_h or need_w)
-                rejected = seq_c[1::2].detach().requires_grad_(need_h or need_w)
-                chunk_loss = pair_loss(chosen, rejected, slice(p0, p1))
-                if chunk_loss.dim() != 0:
-                    raise ValueError(
-                        "pair_loss must return a scalar (the sum of its pairs' loss terms), got "
-                        f"shape {tuple(chunk_loss.shape)}"
-                    )
-                if need_h or need_w:
-                    d_chosen, d_rejected = torch.autograd.grad(
-                        chunk_loss, (chosen, rejected), allow_unused=True
-                    )
-            loss = chunk_loss.detach() if loss is None else loss + chunk_loss.detach()
-            if not (need_h or need_w):
-                continue
-            d_seq = torch.zeros(2 * (p1 - p0), dtype=torch.float32, device=device)
-            if d_chosen is not None:
-                d_seq[0::2] = d_chosen.float()
-            if d_rejected is not None:
-                d_seq[1::2] = d_rejected.float()
-            grad_logits = rows_backward(
-                logits, labels_c, lse, d_seq[local_ids], impl=impl, out=logits
-            )
-            if need_h:
-                torch.mm(grad_logits, w, out=grad_h[t0:t1])
-            if need_w:
-                _accumulate_grad_weight(grad_w, grad_logits, h)
-        del buf
-        ctx.grad_h = grad_h.to(hidden.dtype) if need_h else None
-        ctx.grad_w = grad_w.to(weight.dtype) if need_w else None
-        ctx.mark_non_differentiable(seq_logps)
-        return loss.float(), seq_logps
+        rows = max(max_chunk_tokens if item.split else item.t1 - item.t0 for item in plan)
+        run = _PairPass(
+            hidden,
+            weight,
+            labels,
+            seq_ids,
+            num_seqs=num_seqs,
+            pair_loss=pair_loss,
+            impl=impl,
+            buffer_rows=rows,
+            accum_dtype=accum_dtype,
+            need_h=need_h,
+            need_w=need_w,
+            check_ids=check_ids,
+        )
+        for item in plan:
+            if item.split:
+                run.split(item, max_chunk_tokens)
+            else:
+                run.packed(item)
+        # Kept in their compute / accumulation dtypes: the backward casts while it scales.
+        ctx.grad_h, ctx.grad_w = run.grad_h, run.grad_w
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(run.seq_logps)
+        return run.loss.float(), run.seq_logps
 
     @staticmethod
     def backward(ctx, grad_loss, grad_seq_logps):
@@ -458,11 +688,12 @@ class LinearPairLoss(torch.autograd.Function):
             raise RuntimeError(
                 "linear_pair_loss supports a single backward (no retain_graph reuse)"
             )
-        # The common case is loss.backward() with grad 1: skip the (V, H) rescale.
-        if grad_loss.item() != 1.0:
-            grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
-            grad_w = grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+        h_dtype, w_dtype = ctx.dtypes
+        return (
+            _scaled(grad_h, grad_loss, h_dtype),
+            _scaled(grad_w, grad_loss, w_dtype),
+            *(None,) * 11,
+        )
 
 
 @torch.compiler.disable
@@ -477,6 +708,8 @@ def linear_pair_loss(
     impl: str = "auto",
     chunk_tokens: int | None = None,
     grad_weight_dtype: torch.dtype | None = torch.float32,
+    pair_tokens: Sequence[int] | None = None,
+    max_chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair-separable loss over packed preference pairs, gradients formed chunk by chunk.
 
@@ -487,12 +720,25 @@ def linear_pair_loss(
     chunks. Chunks hold whole pairs, about ``chunk_tokens`` tokens each (a longer pair gets
     a chunk of its own). ``grad_weight_dtype`` as in :func:`sequence_logprobs`.
 
+    ``pair_tokens``: the host-side token count of each pair (chosen + rejected, in stream
+    order; ``cu_seqlens[2p + 2] - cu_seqlens[2p]``). Given, the chunk plan is built on the
+    host and the call makes no host-device sync (nor does its backward); it must agree with
+    ``seq_ids``, which is checked in full on CPU tensors and, on a GPU, by an asynchronous
+    device assert over the chunk boundaries. ``None``: the counts are read from ``seq_ids``,
+    one host sync.
+
+    ``max_chunk_tokens``: a cap on the logits held at once (``max_chunk_tokens · V``
+    elements). Chunks of whole pairs stay within it, and a pair longer than the cap is run
+    by keep-the-tail (see the module docstring): it costs 6·L·H·V + 2·(L - cap)·H·V FLOP
+    instead of 6·L·H·V. ``None``: no cap (a long pair's logits are held whole).
+
     Unlike the other ops this one stays an ``autograd.Function`` behind
     ``torch.compiler.disable`` (``torch.compile`` graph-breaks around it): it takes a
     Python callable, ``pair_loss``, and a ``torch.library`` custom op can only take tensors
     and plain values.
     """
     _check_linear_inputs(hidden, weight, labels, seq_ids)
+    _check_whole_pairs(num_seqs)
     impl = resolve_impl(impl, hidden.device)
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(
@@ -500,6 +746,26 @@ def linear_pair_loss(
             hidden_size=weight.shape[1],
             dtype=_compute_dtype(hidden, weight),
         )
+    for name, value in (("chunk_tokens", chunk_tokens), ("max_chunk_tokens", max_chunk_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    check_ids = False
+    if pair_tokens is None:
+        counts = _pair_tokens_from_seq_ids(seq_ids, num_seqs)
+    else:
+        counts = _check_pair_tokens(pair_tokens, num_seqs=num_seqs, num_tokens=hidden.shape[0])
+        if seq_ids.device.type == "cpu":  # reading CPU tensors costs no sync: check in full
+            derived = _pair_tokens_from_seq_ids(seq_ids, num_seqs)
+            bad = next((p for p, (a, b) in enumerate(zip(counts, derived)) if a != b), None)
+            if bad is not None:
+                raise ValueError(
+                    f"pair_tokens[{bad}] = {counts[bad]} but seq_ids give pair {bad} "
+                    f"{derived[bad]} tokens; pass each pair's chosen + rejected token count "
+                    "in stream order (e.g. from the batch's cu_seqlens)"
+                )
+        else:
+            check_ids = True
+    plan = _plan_pairs(counts, chunk_tokens=chunk_tokens, max_chunk_tokens=max_chunk_tokens)
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and hidden.requires_grad
     need_w = grad_on and weight.requires_grad
@@ -511,10 +777,12 @@ def linear_pair_loss(
         num_seqs,
         pair_loss,
         impl,
-        chunk_tokens,
+        plan,
+        max_chunk_tokens,
         grad_weight_dtype,
         need_h,
         need_w,
+        check_ids,
     )
 
 
