@@ -271,6 +271,7 @@ class DPOTrainer:
         loss_fn: PairLossFn,
         kernels_impl: str = "auto",
         chunk_tokens: int | None = None,
+        max_chunk_tokens: int | None = None,
         output_dir: str | Path | None = None,
         metrics_extra: dict[str, Any] | None = None,
         save_checkpoint: Callable[[DPOTrainer], None] | None = None,
@@ -283,6 +284,7 @@ class DPOTrainer:
         self.loss_fn = loss_fn
         self.kernels_impl = kernels_impl
         self.chunk_tokens = chunk_tokens
+        self.max_chunk_tokens = max_chunk_tokens  # fused path: longer pairs are split
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.metrics_extra = dict(metrics_extra or {})
         self.save_checkpoint = save_checkpoint
@@ -348,6 +350,7 @@ class DPOTrainer:
                 pair_loss=pair_loss,
                 impl=self.kernels_impl,
                 chunk_tokens=self.chunk_tokens,
+                max_chunk_tokens=self.max_chunk_tokens,
                 pair_tokens=pair_tokens,
             )
         else:

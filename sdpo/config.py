@@ -150,10 +150,15 @@ class KernelsSection:
 
     impl: str = "auto"  # "auto": triton on CUDA, torch elsewhere
     chunk_tokens: int | None = None  # None: the kernel's own default
+    # Training: a pair longer than this many tokens is split, so that at most this many rows
+    # of logits exist at once, at the cost of recomputing all but its last chunk (see
+    # sdpo.kernels.linear_pair_loss). None: a pair's logits are held whole.
+    max_chunk_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _one_of("kernels.impl", self.impl, ("auto", "triton", "torch"))
         _at_least("kernels.chunk_tokens", self.chunk_tokens, 1)
+        _at_least("kernels.max_chunk_tokens", self.max_chunk_tokens, 1)
 
 
 PARTITIONS = ("easy_to_hard", "easy_to_hard_pairs", "random", "given")

@@ -624,6 +624,7 @@ class StepwiseRunner:
                 loss_fn=partial(dpo_loss, config=dataclasses.replace(cfg.loss, beta=beta)),
                 kernels_impl=self.impl,
                 chunk_tokens=cfg.kernels.chunk_tokens,
+                max_chunk_tokens=cfg.kernels.max_chunk_tokens,
                 output_dir=self.out,
                 metrics_extra={"sdpo_step": t},
                 progress=self.progress,

@@ -214,6 +214,7 @@ def test_unknown_keys_name_the_closest_valid_key(tmp_path, extra, overrides, mes
         ("[train]\nshuffle = 1\n", [], "train.shuffle .* must be bool, got int 1"),
         ("[train]\nadam_betas = 0.9\n", [], "train.adam_betas .* must be list of float, got float 0.9"),
         ("[kernels]\nchunk_tokens = 'big'\n", [], "kernels.chunk_tokens .* must be int or none, got str 'big'"),
+        ("[kernels]\nmax_chunk_tokens = 0\n", [], "kernels.max_chunk_tokens must be >= 1, got 0"),
         ("", ["model=3"], r"\[model\] \(from --set model=3\) must be a table"),
         ("", ["data.sources=[1]"], r"data.sources\[0\]\] .*must be a table of keys, got int 1"),
     ],

@@ -160,3 +160,25 @@ def test_fused_optimizer_skips_a_non_finite_step_entirely(tiny_model_dir, tmp_pa
     for k, v in fused.optimizer.state[fused.model.lm_head_weight].items():
         assert torch.equal(state[k], v), k  # moments and the step counter untouched
     assert all(p.grad is None for p in fused.model.parameters())
+
+
+def test_capped_chunks_split_long_pairs_and_train_the_same(tiny_model_dir, tmp_path):
+    """max_chunk_tokens below a pair's length: the fused head splits the pair (recomputing
+    all but its tail) and the step's losses and weights match the unsplit run's."""
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=12, seed=10))
+    assert max(p.num_tokens for p in pairs) > 13
+    results = []
+    for cap in (None, 13):
+        model = load_pretrained(tiny_model_dir)
+        ref = score_pairs(model, pairs, max_tokens_per_batch=1024, impl="torch")
+        trainer = _trainer(model, tmp_path / str(cap), epochs=1, pairs_per_step=4)
+        trainer.max_chunk_tokens = cap
+        steps = plan_steps(pairs, trainer.config, epoch=0)
+        metrics = [trainer.train_step(pairs, step, ref) for step in steps]
+        results.append((metrics, [p.detach().clone() for p in model.parameters()]))
+    (m_full, w_full), (m_cap, w_cap) = results
+    for a, b in zip(m_full, m_cap, strict=True):
+        for key in ("loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    for p, q in zip(w_full, w_cap, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
