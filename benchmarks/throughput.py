@@ -794,13 +794,18 @@ def pairs_as_text(pairs: list, tokenizer) -> dict[str, list[str]]:
 
 
 def hf_model_from_state(config, state: dict, *, dtype: torch.dtype, device: torch.device):
-    """A transformers model of the same architecture holding exactly ``state``'s weights."""
+    """A transformers model of the same architecture holding exactly ``state``'s weights, with
+    SDPA attention, parameters in ``dtype`` and the rotary tables left in fp32 (as a
+    ``from_pretrained(dtype=...)`` load leaves them: a blanket ``.to(dtype)`` would round the
+    rotary frequencies to ``dtype``)."""
     import transformers
 
     hf_config = transformers.AutoConfig.for_model(**config.to_hf_dict())
     hf_config.use_cache = False
     with torch.device(device):
-        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(
+            hf_config, dtype=dtype, attn_implementation="sdpa"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
     if unexpected or set(missing) - allowed_missing:
@@ -810,7 +815,117 @@ def hf_model_from_state(config, state: dict, *, dtype: torch.dtype, device: torc
         )
     if config.tie_word_embeddings:
         model.tie_weights()
-    return model.to(dtype)
+    wrong = {str(p.dtype) for p in model.parameters() if p.dtype != dtype}
+    if wrong:
+        raise RuntimeError(f"{type(model).__name__} has parameters in {wrong}, wanted {dtype}")
+    return model
+
+
+# What the TRL comparison runs: ``warmup`` steps, then the ``steps`` timed batches twice (the
+# first pass sees each batch's shapes for the first time, the repeat pass has seen them all),
+# then ``profile`` steps under torch.profiler. Batches are drawn in order (no shuffling), so
+# TRL's step k trains on exactly the pairs of sdpo's step k.
+TRL_PASSES = ("first_pass", "repeat_pass")
+
+# Environment variables that change how CUDA, the allocator or attention behave; recorded with
+# the TRL row when set, since they would explain a slow baseline.
+TRL_ENV_VARS = (
+    "CUDA_LAUNCH_BLOCKING",
+    "PYTORCH_CUDA_ALLOC_CONF",
+    "PYTORCH_NO_CUDA_MEMORY_CACHING",
+    "TORCH_CUDNN_SDPA_DEPRIORITIZED",
+    "TRITON_INTERPRET",
+    "OMP_NUM_THREADS",
+)
+
+
+def trl_dataset_rows(pairs: list, *, pairs_per_step: int, warmup: int, steps: int, profile: int):
+    """The pairs of the TRL run in the order its steps consume them (see TRL_PASSES), and the
+    step windows ``{name: (first global step, last global step + 1)}``."""
+    need = pairs_per_step * (warmup + steps)
+    if len(pairs) < need:
+        raise ValueError(f"need {need} pairs for {warmup} + {steps} steps, got {len(pairs)}")
+    timed = pairs[pairs_per_step * warmup : need]
+    rows = (
+        pairs[:need] + timed + (timed * (profile // max(steps, 1) + 1))[: pairs_per_step * profile]
+    )
+    windows = {
+        "first_pass": (warmup, warmup + steps),
+        "repeat_pass": (warmup + steps, warmup + 2 * steps),
+        "profile": (warmup + 2 * steps, warmup + 2 * steps + profile),
+    }
+    return rows, windows
+
+
+def sdpa_backend_probe(config, *, batch: int, seq_len: int, device: torch.device) -> dict:
+    """The SDPA backend torch picks (training: inputs require grad) for the two calls a
+    transformers Llama makes: with a padding mask the grouped K/V heads are first repeated to
+    contiguous (B, H, T, D) tensors; without one it passes ``enable_gqa`` and ``is_causal``.
+    q, k, v are views of (B, T, heads, D) projections, as in the model."""
+    if device.type != "cuda" or not hasattr(torch, "_fused_sdp_choice"):
+        return {}
+    from torch.nn.attention import SDPBackend
+
+    h, kv_h, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+    def projection(heads: int) -> torch.Tensor:  # (B, T, heads, D) viewed as (B, heads, T, D)
+        x = torch.randn(batch, seq_len, heads, d, device=device, dtype=torch.bfloat16)
+        return x.requires_grad_().transpose(1, 2)
+
+    q, k = projection(h), projection(kv_h)
+    repeated = k.repeat_interleave(h // kv_h, dim=1).contiguous()
+    mask = torch.ones(seq_len, seq_len, device=device, dtype=torch.bool).tril()
+    calls = {
+        "padded_batch": ((q, repeated, repeated), {"attn_mask": mask.expand(batch, 1, -1, -1)}),
+        "no_padding": ((q, k, k), {"is_causal": True, "enable_gqa": True}),
+    }
+    out: dict = {"cudnn": torch.backends.cudnn.version()}
+    for name, (tensors, kwargs) in calls.items():
+        try:
+            choice = torch._fused_sdp_choice(*tensors, **kwargs)
+            out[name] = SDPBackend(choice).name
+        except Exception as exc:  # an API change here must not lose the timings
+            out[name] = f"{exc.__class__.__name__}: {str(exc)[:80]}"
+    try:  # cuDNN first means a graph build per new (batch, length) shape, forward and backward
+        out["priority"] = [SDPBackend(b).name for b in torch._C._get_sdp_priority_order()]
+    except Exception as exc:
+        out["priority"] = f"{exc.__class__.__name__}: {str(exc)[:80]}"
+    return out
+
+
+def profile_summary(prof, *, steps: int, wall_s: float, top: int = 12) -> dict:
+    """What ``steps`` profiled TRL steps spent their time on: the device kernels by self time
+    (and the share of the wall time the device was busy), the host ops by self time (where
+    synchronisations, allocations and launches show up). Times are ms per step."""
+    kernels, host = [], []
+    device_total_us = 0.0
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(evt, "self_cuda_time_total", 0.0)
+        on_device = str(getattr(evt, "device_type", "")).endswith("CUDA")
+        if on_device:
+            device_total_us += device_us
+            kernels.append((device_us, evt.count, evt.key))
+        else:
+            host.append((evt.self_cpu_time_total, evt.count, evt.key))
+
+    def table(items):
+        items.sort(reverse=True)
+        return [
+            {"name": name[:100], "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps}
+            for us, n, name in items[:top]
+        ]
+
+    wall_ms = wall_s * 1e3 / steps
+    return {
+        "steps": steps,
+        "wall_ms_per_step": wall_ms,
+        "device_busy_ms_per_step": device_total_us / 1e3 / steps,
+        "device_busy_fraction": device_total_us / 1e3 / steps / wall_ms if kernels else None,
+        "device_kernels": table(kernels),
+        "host_ops": table(host),
+    }
 
 
 def trl_compare(
@@ -822,129 +937,182 @@ def trl_compare(
     args: argparse.Namespace,
     device: torch.device,
 ) -> dict:
-    """TRL's DPOTrainer on the same weights, pairs and pairs per step, in this process.
+    """TRL's DPOTrainer on the same weights, pairs and pairs per step, in this process, set up
+    as a TRL user tuning for speed would: bf16 parameters (AdamW states in the parameter dtype)
+    with TRL's default bf16 autocast, SDPA attention, ``precompute_ref_log_probs=True``, no
+    evaluation, logging, saving or NaN filtering of the logged loss, and gradient checkpointing
+    off unless ``--trl-gradient-checkpointing`` (the anchor run's 22.8 GB is TRL without it).
 
-    ``precompute_ref_log_probs=True`` (the reference pass runs once before training, as ours),
-    bf16 weights on CUDA (AdamW states in the parameter dtype, as TRL does), otherwise TRL's
-    defaults (its DPOConfig turns gradient checkpointing on). Steady-state tokens/s over the
-    same warm-up/timed step counts as ours; a CUDA sync at each timed step boundary; real
-    tokens counted from the pairs each step actually drew. ``our_ref`` (2, P) holds our scoring
-    pass's chosen/rejected log-probs of ``pairs``, compared with TRL's precomputed ones. Returns a dict with ``error`` set
-    instead of raising when TRL is missing or its API differs."""
+    Steps draw the pairs in order, so TRL trains on exactly sdpo's batches (TRL_PASSES): after
+    the warm-up the timed batches run twice. tokens/s is the repeat pass's (every batch shape
+    seen before, as in a long run); the first pass is reported beside it, so a cost paid per
+    new shape shows as their ratio. The precompute pass, the dataset preparation and the
+    warm-up are outside the timed windows; a sync only at each window's ends (per-step times
+    from CUDA events). Real tokens are the ``attention_mask`` sums of the batches each timed
+    step trained on, checked equal to the pairs' 2·prompt + chosen + rejected (so truncation
+    or a tokenizer mismatch fails loudly); padded tokens are reported beside them.
+    ``--trl-profile-steps N`` adds N steps under torch.profiler (kernels and host ops).
+    ``our_ref`` (2, P) holds our scoring pass's chosen/rejected log-probs of ``pairs``, compared
+    with TRL's precomputed ones. Returns a dict with ``error`` set instead of raising when TRL
+    is missing or its API differs."""
     try:
         import datasets
         import transformers
         import trl
-        from trl.trainer.dpo_trainer import DataCollatorForPreference
     except ImportError as exc:
         return {"error": f"trl comparison skipped: {exc.__class__.__name__}: {exc}"}
 
+    import os
     import tempfile
 
+    on_cuda = device.type == "cuda"
+    pps, warmup, steps = args.pairs_per_step, args.warmup_steps, args.steps
+    profile_steps = args.trl_profile_steps or 0
     tmp = tempfile.TemporaryDirectory(prefix="sdpo-trl-")
     try:
         datasets.disable_progress_bars()
+        rows, windows = trl_dataset_rows(
+            pairs, pairs_per_step=pps, warmup=warmup, steps=steps, profile=profile_steps
+        )
         tokenizer = build_word_tokenizer(tmp.name + "/tokenizer", config.vocab_size)
-        texts = pairs_as_text(pairs, tokenizer)
-        dataset = datasets.Dataset.from_dict(texts)
-        on_cuda = device.type == "cuda"
+        dataset = datasets.Dataset.from_dict(pairs_as_text(rows, tokenizer))
         dtype = torch.bfloat16 if on_cuda else torch.float32
         model = hf_model_from_state(config, init_state, dtype=dtype, device=device)
-        max_len = args.prompt_len + args.completion_max
-        collated_tokens: list[int] = []
-        base_collator = DataCollatorForPreference(
-            pad_token_id=tokenizer.pad_token_id, max_length=max_len
-        )
 
-        def collator(examples):
-            collated_tokens.append(
-                sum(
-                    2 * len(e["prompt_ids"]) + len(e["chosen_ids"]) + len(e["rejected_ids"])
-                    for e in examples
-                )
-            )
-            return base_collator(examples)
+        batches: list[tuple[int, torch.Tensor, tuple]] = []  # (step, real tokens, padded shape)
 
-        warmup, steps = args.warmup_steps, args.steps
-        timing: dict[str, float] = {}
+        class InOrderDPOTrainer(trl.DPOTrainer):
+            """TRL's trainer drawing batches in dataset order and noting what each step got."""
 
-        class StepTimer(transformers.TrainerCallback):
+            def _get_train_sampler(self, *a, **k):
+                dataset = a[0] if a else k.get("train_dataset", self.train_dataset)
+                return torch.utils.data.SequentialSampler(dataset)
+
+            def training_step(self, model, inputs, *a, **k):
+                # a device-side sum: no host sync inside the timed steps
+                mask = inputs["attention_mask"]
+                batches.append((self.state.global_step, mask.sum(), tuple(mask.shape)))
+                return super().training_step(model, inputs, *a, **k)
+
+        clock = TrlStepClock(windows=windows, device=device)
+
+        class ClockCallback(transformers.TrainerCallback):
             def on_train_begin(self, targs, state, control, **kw):
-                collated_tokens.clear()  # the precompute pass used the collator too
-                if on_cuda:
+                if on_cuda:  # the peak of training alone, not of the precompute pass
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
 
             def on_step_begin(self, targs, state, control, **kw):
-                if state.global_step == warmup:
-                    synchronize(device)
-                    timing["start"] = time.perf_counter()
+                clock.step_begin(state.global_step)
 
             def on_step_end(self, targs, state, control, **kw):
-                if state.global_step == warmup + steps:
-                    synchronize(device)
-                    timing["stop"] = time.perf_counter()
+                clock.step_end(state.global_step - 1)  # counted up before this event
 
         options = {
             "output_dir": tmp.name + "/out",
-            "per_device_train_batch_size": args.pairs_per_step,
+            "per_device_train_batch_size": pps,
             "gradient_accumulation_steps": 1,
-            "max_steps": warmup + steps,
+            "max_steps": warmup + 2 * steps + profile_steps,
             "learning_rate": args.lr,
             "lr_scheduler_type": "constant",
             "beta": 0.1,
             "precompute_ref_log_probs": True,
-            "max_length": max_len,
+            "max_length": args.prompt_len + args.completion_max,
             "bf16": on_cuda,
             "use_cpu": not on_cuda,
-            "logging_steps": 10**6,
+            "gradient_checkpointing": bool(args.trl_gradient_checkpointing),
+            "logging_strategy": "no",
+            "logging_nan_inf_filter": False,  # its isnan/isinf check syncs twice per step
+            "eval_strategy": "no",
             "save_strategy": "no",
             "report_to": "none",
             "disable_tqdm": True,
             "dataloader_num_workers": 0,
+            "dataloader_pin_memory": on_cuda,
             "seed": args.seed,
         }
-        if args.trl_gradient_checkpointing is not None:
-            options["gradient_checkpointing"] = args.trl_gradient_checkpointing
+        if args.trl_pad_to_multiple_of:
+            options["pad_to_multiple_of"] = args.trl_pad_to_multiple_of
         dpo_args = trl.DPOConfig(**options)
         setup_start = time.perf_counter()
-        trainer = trl.DPOTrainer(
+        trainer = InOrderDPOTrainer(
             model=model,
             args=dpo_args,
             train_dataset=dataset,
             processing_class=tokenizer,
-            data_collator=collator,
-            callbacks=[StepTimer()],
+            callbacks=[ClockCallback()],
         )
         setup_s = time.perf_counter() - setup_start
         # Same weights and tokens on both sides: TRL's precomputed reference log-probs must
         # match our scoring pass up to the precision of the sums.
+        n = len(pairs)
         trl_ref = torch.stack(
             [
-                torch.tensor(trainer.train_dataset["ref_chosen_logps"], dtype=torch.float64),
-                torch.tensor(trainer.train_dataset["ref_rejected_logps"], dtype=torch.float64),
+                torch.tensor(trainer.train_dataset["ref_chosen_logps"][:n], dtype=torch.float64),
+                torch.tensor(trainer.train_dataset["ref_rejected_logps"][:n], dtype=torch.float64),
             ]
         )
         ref_diff = float((trl_ref - our_ref.to(torch.float64)).abs().max())
         trainer.train()
         peak = peak_gb(device)
-        if "start" not in timing or "stop" not in timing:
-            raise RuntimeError(f"TRL ran fewer than {warmup + steps} steps: {trainer.state}")
-        tokens = sum(collated_tokens[warmup : warmup + steps])
-        seconds = timing["stop"] - timing["start"]
+        clock.check_complete()
+
+        # Tokens per step, from the batches the steps trained on, against the pairs.
+        real = [0] * (warmup + 2 * steps + profile_steps)
+        padded, length = [0] * len(real), [0] * len(real)
+        for step, mask_sum, shape in batches:
+            real[step] += int(mask_sum)
+            padded[step] += shape[0] * shape[1]
+            length[step] = max(length[step], shape[1])
+        for step, got in enumerate(real):
+            want = real_tokens(rows[step * pps : (step + 1) * pps])
+            if got != want:
+                raise RuntimeError(
+                    f"TRL step {step} trained on {got} real tokens, its pairs hold {want} "
+                    "(truncation or a tokenizer mismatch)"
+                )
+        passes = {}
+        for name in TRL_PASSES:
+            first, stop = windows[name]
+            seconds = clock.window_s[name]
+            tokens = sum(real[first:stop])
+            passes[name] = {
+                "tokens_per_s": tokens / seconds,
+                "ms_per_step": seconds / steps * 1e3,
+                "step_ms": [clock.step_ms(k) for k in range(first, stop)],
+                "padded_len": length[first:stop],
+                "tokens": tokens,
+                "padded_tokens": sum(padded[first:stop]),
+            }
+        steady = passes["repeat_pass"]
         result = {
             "variant": f"TRL {trl.__version__} DPOTrainer (precompute_ref_log_probs)",
-            "tokens_per_s": tokens / seconds,
-            "ms_per_step": seconds / steps * 1e3,
+            "tokens_per_s": steady["tokens_per_s"],
+            "ms_per_step": steady["ms_per_step"],
             "peak_gb": peak,
             "setup_s": setup_s,
+            **passes,
+            "first_over_repeat_ms": passes["first_pass"]["ms_per_step"] / steady["ms_per_step"],
+            "tokens_timed": steady["tokens"],
+            "padding_fraction": 1 - steady["tokens"] / steady["padded_tokens"],
             "gradient_checkpointing": bool(dpo_args.gradient_checkpointing),
             "optim": str(dpo_args.optim),
+            "bf16_autocast": bool(dpo_args.bf16),
+            "param_dtype": str(next(model.parameters()).dtype),
             "attn_implementation": getattr(model.config, "_attn_implementation", None),
+            "pad_to_multiple_of": args.trl_pad_to_multiple_of,
             "transformers": transformers.__version__,
-            "tokens_timed": tokens,
             "ref_logps_max_abs_diff": ref_diff,
+            "env": {k: os.environ[k] for k in TRL_ENV_VARS if k in os.environ},
+            **clock.allocator_report(),
         }
+        if on_cuda:
+            result["sdpa_backend"] = sdpa_backend_probe(
+                config, batch=2 * pps, seq_len=max(steady["padded_len"]), device=device
+            )
+        if clock.profile is not None:
+            result["profile"] = clock.profile
+        print_trl_summary(result)
         del trainer, model
         return result
     except Exception as exc:  # TRL API drift must not end the benchmark
@@ -957,6 +1125,130 @@ def trl_compare(
         if device.type == "cuda":
             torch.cuda.empty_cache()
         tmp.cleanup()
+
+
+class TrlStepClock:
+    """Times the TRL run's windows (``{name: (first step, stop step)}``, see TRL_PASSES): a
+    device sync and a wall-clock read at each window's ends only, per-step times from CUDA
+    events (the wall clock on CPU), the caching allocator's counters over the timed windows and
+    torch.profiler over the ``profile`` window. Driven by a TrainerCallback in ``trl_compare``
+    (``step_begin``/``step_end`` with the index of the optimizer step)."""
+
+    def __init__(self, *, windows: dict[str, tuple[int, int]], device: torch.device) -> None:
+        self.windows = {name: w for name, w in windows.items() if w[1] > w[0]}
+        self.device = device
+        self.window_s: dict[str, float] = {}
+        self.profile: dict | None = None
+        self._start: dict[str, float] = {}
+        self._marks: dict[int, list] = {}
+        self._alloc: dict[str, dict] = {}
+        self._profiler = None
+
+    def _mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _synced_now(self) -> float:
+        synchronize(self.device)
+        return time.perf_counter()
+
+    def step_begin(self, step: int) -> None:
+        for name, (first, _stop) in self.windows.items():
+            if step != first:
+                continue
+            if name == "profile":
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if self.device.type == "cuda":
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self._profiler = torch.profiler.profile(activities=activities)
+                self._profiler.start()
+            elif self.device.type == "cuda":
+                self._alloc.setdefault("start", torch.cuda.memory_stats())
+            self._start[name] = self._synced_now()
+        self._marks[step] = [self._mark()]
+
+    def step_end(self, step: int) -> None:
+        self._marks[step].append(self._mark())
+        for name, (first, stop) in self.windows.items():
+            if step != stop - 1:
+                continue
+            self.window_s[name] = self._synced_now() - self._start[name]
+            if name != "profile":
+                if self.device.type == "cuda":
+                    self._alloc["end"] = torch.cuda.memory_stats()
+                continue
+            self._profiler.stop()
+            try:
+                self.profile = profile_summary(
+                    self._profiler, steps=stop - first, wall_s=self.window_s[name]
+                )
+            except Exception as exc:  # a profiler API change must not lose the timings
+                self.profile = {"error": f"{exc.__class__.__name__}: {exc}"}
+
+    def check_complete(self) -> None:
+        missing = sorted(set(self.windows) - set(self.window_s))
+        if missing:
+            raise RuntimeError(f"TRL stopped before the step windows {missing} finished")
+
+    def step_ms(self, step: int) -> float:
+        begin, end = self._marks[step]
+        if self.device.type == "cuda":
+            return begin.elapsed_time(end)
+        return (end - begin) * 1e3
+
+    def allocator_report(self) -> dict:
+        """The CUDA caching allocator over the timed windows: retries (every cached block freed,
+        then a synchronising retry) and device allocations/frees (cudaMalloc/cudaFree calls);
+        either, per step, would explain a slow baseline."""
+        if "start" not in self._alloc or "end" not in self._alloc:
+            return {}
+        start, end = self._alloc["start"], self._alloc["end"]
+        keys = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")
+        return {
+            "allocator_timed": {k: end[k] - start.get(k, 0) for k in keys if k in end},
+            "reserved_peak_gb": torch.cuda.max_memory_reserved() / 1e9,
+        }
+
+
+def print_trl_summary(row: dict) -> None:
+    """The TRL run's own lines: both passes, padding, backend and, when profiled, where a step's
+    time went."""
+    first, repeat = row["first_pass"], row["repeat_pass"]
+    print(
+        f"  TRL first pass {first['tokens_per_s']:,.0f} tokens/s ({first['ms_per_step']:.1f} "
+        f"ms/step), repeat pass {repeat['tokens_per_s']:,.0f} tokens/s "
+        f"({repeat['ms_per_step']:.1f} ms/step); padding {row['padding_fraction']:.1%}; "
+        f"checkpointing {row['gradient_checkpointing']}; attention "
+        f"{row['attn_implementation']} {row.get('sdpa_backend', '')}; "
+        f"allocator {row.get('allocator_timed', '-')}",
+        flush=True,
+    )
+    print(f"  TRL step ms (first pass): {[round(x, 1) for x in first['step_ms']]}", flush=True)
+    print(f"  TRL step ms (repeat):     {[round(x, 1) for x in repeat['step_ms']]}", flush=True)
+    prof = row.get("profile")
+    if not prof:
+        return
+    if "error" in prof:
+        print(f"  TRL profile failed: {prof['error']}", flush=True)
+        return
+    busy = prof["device_busy_fraction"]
+    device = (
+        f", device busy {prof['device_busy_ms_per_step']:.1f} ms ({busy:.0%})"
+        if busy is not None
+        else ""
+    )
+    print(
+        f"\n  TRL profile ({prof['steps']} steps): {prof['wall_ms_per_step']:.1f} ms/step wall"
+        + device,
+        flush=True,
+    )
+    for title, key in (("device kernels", "device_kernels"), ("host ops", "host_ops")):
+        if prof[key]:
+            print(f"  {title} (self time per step):")
+            print_table(prof[key], ["name", "ms_per_step", "calls_per_step"])
 
 
 def step_section(args: argparse.Namespace) -> dict:
@@ -1240,7 +1532,10 @@ def step_section(args: argparse.Namespace) -> dict:
                     else None
                 ),
             }
-        print(f"  {results[-1]}", flush=True)
+        print(
+            f"  { {k: v for k, v in results[-1].items() if not isinstance(v, dict | list)} }",
+            flush=True,
+        )
 
     columns = ["variant", "tokens_per_s", "ms_per_step", "mfu", "peak_gb", "warmup_s", "error"]
     print(
@@ -1381,8 +1676,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--trl-gradient-checkpointing",
         action=argparse.BooleanOptionalAction,
+        default=False,
+        help="gradient checkpointing in the TRL run (default: off, TRL's fastest setting when "
+        "memory allows, as in the anchor run; TRL's own DPOConfig default is on)",
+    )
+    s.add_argument(
+        "--trl-pad-to-multiple-of",
+        type=int,
         default=None,
-        help="override TRL's gradient_checkpointing (default: TRL's own default)",
+        help="TRL's pad_to_multiple_of (default: TRL's, no extra padding on CUDA)",
+    )
+    s.add_argument(
+        "--trl-profile-steps",
+        type=int,
+        default=0,
+        help="after the timed TRL steps, run this many more under torch.profiler and report "
+        "the device kernels and host ops they spent their time on",
     )
     return parser
 

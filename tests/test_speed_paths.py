@@ -215,18 +215,66 @@ def test_model_flops_count_matmuls_and_attention_squares():
     assert throughput.real_tokens([pair]) == tokens
 
 
-def test_trl_comparison_runs_on_the_same_weights_and_pairs(one_thread, tmp_path):
+def test_trl_comparison_trains_on_the_same_weights_and_batches_as_ours(one_thread, tmp_path):
     pytest.importorskip("trl")
     throughput = load_throughput()
     out = tmp_path / "step.json"
-    throughput.main(["step", "--smoke", "--compare-trl", "--json", str(out)])
+    argv = ["step", "--smoke", "--compare-trl", "--trl-profile-steps", "1", "--json", str(out)]
+    throughput.main(argv)
     payload = json.loads(out.read_text())
     trl_row = payload["results"][-1]
     assert "error" not in trl_row, trl_row.get("traceback", trl_row.get("error"))
-    assert trl_row["tokens_per_s"] > 0
     # TRL's precomputed reference log-probs equal our scoring pass: same weights, same tokens.
     assert trl_row["ref_logps_max_abs_diff"] < 1e-2
+    # Both timed passes train on the pairs of our timed steps, in order: exactly their real
+    # tokens (the run checks each step's attention-mask sum against its pairs).
+    args = throughput.build_parser().parse_args(argv)
+    warmup, steps, pps = payload["warmup_steps"], payload["timed_steps"], args.pairs_per_step
+    pairs = throughput.synthetic_pairs(
+        pps * (warmup + steps),
+        vocab_size=payload["model_config"]["vocab_size"],
+        **throughput.SMOKE_LENGTHS,
+        seed=args.seed,
+    )
+    timed_tokens = throughput.real_tokens(pairs[pps * warmup :])
+    for name in throughput.TRL_PASSES:
+        run = trl_row[name]
+        assert run["tokens"] == timed_tokens and run["padded_tokens"] >= timed_tokens
+        assert len(run["step_ms"]) == steps and all(ms > 0 for ms in run["step_ms"])
+    assert trl_row["tokens_timed"] == timed_tokens and trl_row["tokens_per_s"] > 0
+    assert not trl_row["gradient_checkpointing"] and trl_row["attn_implementation"] == "sdpa"
+    assert trl_row["profile"]["steps"] == 1 and trl_row["profile"]["host_ops"]
     assert payload["vs_trl"]["tokens_per_s_ratio"] > 0
+
+
+def test_trl_run_order_repeats_the_timed_batches_after_the_warmup():
+    throughput = load_throughput()
+    pairs = list(range(2 * (3 + 4)))  # stand-ins: 2 pairs per step, 3 warm-up + 4 timed steps
+    rows, windows = throughput.trl_dataset_rows(
+        pairs, pairs_per_step=2, warmup=3, steps=4, profile=5
+    )
+    timed = pairs[6:]
+    assert rows == pairs + timed + (timed + timed)[:10]
+    assert windows == {"first_pass": (3, 7), "repeat_pass": (7, 11), "profile": (11, 16)}
+    with pytest.raises(ValueError, match="need 14 pairs"):
+        throughput.trl_dataset_rows(pairs[:-1], pairs_per_step=2, warmup=3, steps=4, profile=0)
+
+
+def test_hf_copy_holds_our_weights_with_fp32_rotary_tables():
+    pytest.importorskip("transformers")
+    throughput = load_throughput()
+    config = tiny_config(tied=False)
+    model = init_model(config, seed=3, dtype=torch.bfloat16)
+    state = model.state_dict()
+    hf = throughput.hf_model_from_state(
+        config, dict(state), dtype=torch.bfloat16, device=torch.device("cpu")
+    )
+    assert hf.config._attn_implementation == "sdpa"
+    hf_state = hf.state_dict()
+    assert all(torch.equal(hf_state[name], tensor) for name, tensor in state.items())
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    # a bf16 cast of the rotary frequencies would shift the angles of late positions
+    assert {b.dtype for n, b in hf.named_buffers() if "inv_freq" in n} == {torch.float32}
 
 
 @pytest.mark.gpu
