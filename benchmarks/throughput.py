@@ -248,7 +248,10 @@ def head_variants(
     def pair_loss(chosen, rejected, pairs: slice):
         return dpo_sigmoid(chosen, rejected, p.ref[0::2][pairs], p.ref[1::2][pairs])
 
-    def pair_variant(grad_weight_dtype):
+    # the host-side plan the trainer passes (no device sync): tokens of each pair
+    pair_tokens = [2 * p.seq_len] * (p.num_seqs // 2)
+
+    def pair_variant(grad_weight_dtype, max_chunk_tokens=None):
         def run():
             loss, _ = linear_pair_loss(
                 h,
@@ -259,6 +262,8 @@ def head_variants(
                 pair_loss=pair_loss,
                 impl=impl,
                 grad_weight_dtype=grad_weight_dtype,
+                pair_tokens=pair_tokens,
+                max_chunk_tokens=max_chunk_tokens,
             )
             return loss
 
@@ -267,6 +272,11 @@ def head_variants(
     variants[f"sdpo sequence_logprobs ({impl})"] = seq_variant
     variants[f"sdpo linear_pair_loss ({impl}, dW fp32)"] = pair_variant(torch.float32)
     variants[f"sdpo linear_pair_loss ({impl}, dW in weight dtype)"] = pair_variant(None)
+    # pairs split into chunks of at most a quarter pair: less memory, 2·(L−B)·H·V more FLOP
+    cap = max(1, p.seq_len // 2)
+    variants[f"sdpo linear_pair_loss ({impl}, dW fp32, max_chunk_tokens={cap})"] = pair_variant(
+        torch.float32, cap
+    )
     variants["liger LigerFusedLinearDPOLoss"] = liger_variant(p, smoke=smoke)
     return variants
 
@@ -328,15 +338,21 @@ def measure_reference_pass(p: HeadProblem, *, impl: str, timer: Timer) -> list[d
     def ours():
         sequence_logprobs(p.hidden, p.weight, p.labels, p.seq_ids, p.num_seqs, impl=impl)
 
+    def fused():
+        from sdpo.kernels.fused_head import fused_sequence_logprobs
+
+        fused_sequence_logprobs(p.hidden, p.weight, p.labels, p.seq_ids, p.num_seqs)
+
     def eager():
         logits = (p.hidden @ p.weight.t()).float()
         logp = torch.log_softmax(logits, dim=-1).gather(1, p.labels.clamp(min=0).unsqueeze(1))
         torch.zeros(p.num_seqs, device=logp.device).index_add(0, p.seq_ids, logp.squeeze(1))
 
-    for name, fn in (
-        (f"reference pass: sdpo sequence_logprobs ({impl})", ours),
-        ("reference pass: torch eager", eager),
-    ):
+    passes = [(f"reference pass: sdpo sequence_logprobs ({impl})", ours)]
+    if impl == "triton":  # one Triton kernel: lm_head tiles + online logsumexp + label gather
+        passes.append(("reference pass: sdpo fused_head (triton)", fused))
+    passes.append(("reference pass: torch eager", eager))
+    for name, fn in passes:
         with torch.no_grad():
 
             def run(mark, fn=fn):
@@ -348,14 +364,18 @@ def measure_reference_pass(p: HeadProblem, *, impl: str, timer: Timer) -> list[d
                 (ms,) = timer.phases(run)
                 base = reset_peak(timer.device)
                 fn()
-                rows.append(
-                    {
-                        "variant": name,
-                        "fwd_ms": ms,
-                        "total_ms": ms,
-                        "extra_peak_gb": peak_above(timer.device, base),
-                    }
-                )
+                row = {
+                    "variant": name,
+                    "fwd_ms": ms,
+                    "total_ms": ms,
+                    "extra_peak_gb": peak_above(timer.device, base),
+                }
+                if fn is fused and timer.device.type == "cuda":
+                    from sdpo.kernels import fused_head
+
+                    best = getattr(fused_head._fused_head_tuned, "best_config", None)
+                    row["config"] = str(best) if best is not None else None
+                rows.append(row)
             except torch.OutOfMemoryError as exc:
                 rows.append(
                     {"variant": name, "error": f"out of memory: {str(exc).splitlines()[0]}"}
