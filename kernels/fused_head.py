@@ -86,6 +86,7 @@ import triton.language as tl
 
 from .logprobs import (
     IGNORE_INDEX,
+    check_head_shapes,
     check_labels_in_vocab,
     check_packed_shapes,
     sum_per_sequence,
@@ -232,16 +233,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(
-            f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)} (flatten a (B, T, H) batch to (B*T, H) first)"
-        )
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden size mismatch: hidden is {tuple(hidden.shape)}, weight is "
-            f"{tuple(weight.shape)}; the lm_head weight must be (vocab, hidden)"
-        )
+    check_head_shapes(hidden, weight)
     supported = (torch.float32, torch.bfloat16, torch.float16)
     if hidden.dtype not in supported or weight.dtype not in supported:
         raise TypeError(

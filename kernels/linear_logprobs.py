@@ -61,6 +61,7 @@ import torch
 from .dispatch import resolve_impl
 from .logprobs import (
     IGNORE_INDEX,
+    check_head_shapes,
     check_labels_in_vocab,
     check_packed_shapes,
     rows_backward,
@@ -86,16 +87,7 @@ def default_chunk_tokens(*, vocab_size: int, hidden_size: int, dtype: torch.dtyp
 
 def _check_linear_shapes(hidden, weight, labels, seq_ids) -> None:
     """Static shape/dtype checks (torch.compile traces them)."""
-    if hidden.dim() != 2 or weight.dim() != 2:
-        raise ValueError(
-            f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)} (flatten a (B, T, H) batch to (B*T, H) first)"
-        )
-    if hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden size mismatch: hidden is {tuple(hidden.shape)}, weight is "
-            f"{tuple(weight.shape)}; the lm_head weight must be (vocab, hidden)"
-        )
+    check_head_shapes(hidden, weight)
     if not (hidden.is_floating_point() and weight.is_floating_point()):
         raise TypeError(
             f"hidden and weight must be float tensors, got {hidden.dtype}, {weight.dtype}"

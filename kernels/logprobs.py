@@ -175,6 +175,20 @@ def sum_per_sequence(
     return out.index_add_(0, seq_ids, token_values.to(torch.float32))
 
 
+def check_head_shapes(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """hidden (N, H) and the lm_head weight (V, H): ranks and the shared hidden size."""
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"hidden must be (N, H) and weight (V, H); got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)} (flatten a (B, T, H) batch to (B*T, H) first)"
+        )
+    if hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden size mismatch: hidden is {tuple(hidden.shape)}, weight is "
+            f"{tuple(weight.shape)}; the lm_head weight must be (vocab, hidden)"
+        )
+
+
 def check_packed_shapes(labels: torch.Tensor, seq_ids: torch.Tensor, num_tokens: int) -> None:
     """Shape/dtype checks of ``labels`` and ``seq_ids``: static, so torch.compile traces them."""
     for name, t in (("labels", labels), ("seq_ids", seq_ids)):
