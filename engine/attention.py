@@ -11,14 +11,29 @@ chosen at run time by :func:`resolve_attention_backend` (the one place the choic
 
 All take ``q`` of shape (N, Hq, D) and ``k``/``v`` of shape (N, Hkv, D) with Hq a multiple of
 Hkv (grouped-query attention) and return (N, Hq, D).
+
+Shared-prompt layout (opt-in, see ``engine/packing.py``): a pair's prompt is computed once and
+attended to by both completions. Queries and keys then have separate layouts: query sequence i
+is rows ``cu_seqlens[i]:cu_seqlens[i+1]`` of ``q``, key sequence i is rows
+``cu_seqlens_k[i]:cu_seqlens_k[i+1]`` of ``k``/``v`` (gathered by the caller; a prompt's rows
+appear in two key sequences), and a sequence may have more keys (Lk) than queries (Lq). The
+causal mask is then aligned bottom-right: query j sees keys 0 .. j + Lk - Lq, so the rejected
+completion's queries see the whole prompt and their own earlier tokens. flash-attn (>= 2.1) and
+``varlen_attn`` (the same flash kernels inside PyTorch: ``mha_varlen_fwd`` turns ``is_causal``
+into a right window of 0 measured from the bottom-right corner, and drops the causal flag when
+every query sequence has one token, which only bottom-right alignment makes exact) have this
+alignment natively; the SDPA fallback builds the mask explicitly, because SDPA's ``is_causal``
+is aligned top-left when the lengths differ.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +54,33 @@ def _flash_attn_varlen_func() -> Callable | None:
     except ImportError:  # installed but built for another torch/CUDA: treat as absent
         return None
     return flash_attn_varlen_func
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The key layout of a shared-prompt batch (built by ``engine.packing.pack_pairs_shared``).
+
+    ``kv_index`` (K,) int64 gathers rows of the token stream into the key layout (each
+    prompt's rows twice); ``cu_seqlens_k`` (S+1,) int32 delimits the S key sequences in it;
+    ``max_seqlen_k`` is the longest key sequence."""
+
+    cu_seqlens_k: Tensor  # (S+1,) int32
+    max_seqlen_k: int
+    kv_index: Tensor  # (K,) int64
+
+
+@functools.cache
+def _flash_attn_aligns_bottom_right() -> bool:
+    """flash-attn aligns its causal mask bottom-right when Lq != Lk from version 2.1 on (before
+    it was top-left); the shared-prompt layout relies on it."""
+    try:
+        version = importlib.metadata.version("flash_attn")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    major, minor = (
+        int("".join(c for c in part if c.isdigit()) or 0) for part in version.split(".")[:2]
+    )
+    return (major, minor) >= (2, 1)
 
 
 @functools.cache
@@ -108,11 +150,18 @@ def varlen_attention(
     max_seqlen: int,
     backend: str = "auto",
     scale: float | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> Tensor:
     """Causal attention within each packed sequence: q (N, Hq, D), k/v (N, Hkv, D) -> (N, Hq, D).
 
     ``cu_seqlens`` (S+1,) int32 holds the sequence boundaries (0 first, N last); ``max_seqlen``
-    is the longest sequence. ``scale`` defaults to 1/sqrt(D)."""
+    is the longest sequence. ``scale`` defaults to 1/sqrt(D).
+
+    With ``cu_seqlens_k`` (S+1,) and ``max_seqlen_k``, k/v (K, Hkv, D) have their own layout:
+    key sequence i is rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``, with at least as many keys as
+    sequence i has queries, and the causal mask is aligned bottom-right (see the module
+    docstring). ``cu_seqlens`` then delimits the queries only."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"varlen_attention expects (tokens, heads, head_dim) tensors, got q {tuple(q.shape)}, "
@@ -123,29 +172,69 @@ def varlen_attention(
             f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"
         )
     name = resolve_attention_backend(backend, q.device, q.dtype)
-    if name == "flash":
-        return _flash(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
-    if name == "varlen":
-        return _torch_varlen(q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, scale=scale)
-    return _sdpa_per_sequence(q, k, v, cu_seqlens=cu_seqlens, scale=scale)
+    if cu_seqlens_k is None:  # the ordinary layout: keys are the queries' rows
+        cu_k, max_k = cu_seqlens, max_seqlen
+    else:
+        if max_seqlen_k is None or cu_seqlens_k.shape != cu_seqlens.shape:
+            raise ValueError(
+                "a separate key layout needs cu_seqlens_k with one boundary per query boundary "
+                f"({tuple(cu_seqlens.shape)}, got {tuple(cu_seqlens_k.shape)}) and max_seqlen_k "
+                f"(got {max_seqlen_k})"
+            )
+        if name == "flash" and not _flash_attn_aligns_bottom_right():
+            raise ValueError(
+                "the installed flash-attn aligns its causal mask top-left when a sequence has "
+                "more keys than queries (before 2.1); the shared-prompt layout needs "
+                "flash-attn >= 2.1: upgrade it, or use backend 'varlen' or 'sdpa'"
+            )
+        cu_k, max_k = cu_seqlens_k, max_seqlen_k
+    if name in ("flash", "varlen"):
+        run = _flash if name == "flash" else _torch_varlen
+        return run(q, k, v, cu_q=cu_seqlens, cu_k=cu_k, max_q=max_seqlen, max_k=max_k, scale=scale)
+    return _sdpa_per_sequence(
+        q, k, v, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, scale=scale
+    )
+
+
+def _int32_bounds(cu_q: Tensor, cu_k: Tensor, *, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Query and key boundaries as int32 on ``device`` (one tensor when they are the same)."""
+    same = cu_k is cu_q
+    cu_q = cu_q.to(device=device, dtype=torch.int32)
+    return cu_q, cu_q if same else cu_k.to(device=device, dtype=torch.int32)
 
 
 def _flash(
-    q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, max_seqlen: int, scale: float | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float | None,
 ) -> Tensor:
     flash_attn_varlen_func = _flash_attn_varlen_func()
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    cu_q, cu_k = _int32_bounds(cu_q, cu_k, device=q.device)
     # GQA is native: flash-attn maps query head h to key/value head h // (Hq // Hkv).
     return flash_attn_varlen_func(
-        q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p=0.0, softmax_scale=scale, causal=True
+        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale, causal=True
     )  # (N, Hq, D)
 
 
 def _torch_varlen(
-    q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, max_seqlen: int, scale: float | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    cu_q: Tensor,
+    cu_k: Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float | None,
 ) -> Tensor:
     varlen_attn, params = _torch_varlen_attn()
-    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    cu_q, cu_k = _int32_bounds(cu_q, cu_k, device=q.device)
     kwargs: dict = {"scale": scale}
     # The causal switch changed between releases: window_size=(-1, 0) (newer) or is_causal.
     if "window_size" in params:
@@ -156,11 +245,17 @@ def _torch_varlen(
         kwargs["enable_gqa"] = True
     # Releases without the flag (2.10, 2.11) take fewer key/value heads natively (checked on an
     # H100 with torch 2.11: 8 KV heads for 32 query heads), so k/v are never expanded here.
-    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)  # (N, Hq, D)
+    return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)  # (N, Hq, D)
 
 
 def _sdpa_per_sequence(
-    q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor, scale: float | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    cu_seqlens: Tensor,
+    scale: float | None,
+    cu_seqlens_k: Tensor | None = None,
 ) -> Tensor:
     bounds = cu_seqlens.tolist()  # one host sync per call
     if not bounds or bounds[0] != 0 or bounds[-1] != q.shape[0]:
@@ -168,19 +263,42 @@ def _sdpa_per_sequence(
             f"cu_seqlens must start at 0 and end at the token count {q.shape[0]}, "
             f"got {bounds[:3]}...{bounds[-3:]}"
         )
+    key_bounds = bounds
+    if cu_seqlens_k is not None:
+        key_bounds = cu_seqlens_k.tolist()  # a second host sync (shared-prompt layout only)
+        if key_bounds[0] != 0 or key_bounds[-1] != k.shape[0]:
+            raise ValueError(
+                f"cu_seqlens_k must start at 0 and end at the key count {k.shape[0]}, "
+                f"got {key_bounds[:3]}...{key_bounds[-3:]}"
+            )
     groups = q.shape[1] // k.shape[1]
     outputs = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         if end == start:
             continue
-        qs = q[start:end].transpose(0, 1)  # (Hq, L, D)
-        ks = k[start:end].transpose(0, 1)  # (Hkv, L, D)
-        vs = v[start:end].transpose(0, 1)  # (Hkv, L, D)
+        k_start, k_end = key_bounds[i], key_bounds[i + 1]
+        extra = (k_end - k_start) - (end - start)  # keys before the first query's own key
+        if extra < 0:
+            raise ValueError(
+                f"sequence {i} has {end - start} queries but only {k_end - k_start} keys; "
+                "a key layout needs at least as many keys as queries per sequence"
+            )
+        qs = q[start:end].transpose(0, 1)  # (Hq, Lq, D)
+        ks = k[k_start:k_end].transpose(0, 1)  # (Hkv, Lk, D)
+        vs = v[k_start:k_end].transpose(0, 1)  # (Hkv, Lk, D)
         if groups > 1:
-            ks = ks.repeat_interleave(groups, dim=0)  # (Hq, L, D)
-            vs = vs.repeat_interleave(groups, dim=0)  # (Hq, L, D)
-        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
-        outputs.append(out.transpose(0, 1))  # (L, Hq, D)
+            ks = ks.repeat_interleave(groups, dim=0)  # (Hq, Lk, D)
+            vs = vs.repeat_interleave(groups, dim=0)  # (Hq, Lk, D)
+        if extra == 0:
+            out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        else:
+            # SDPA's is_causal is aligned top-left when Lq != Lk: build the bottom-right mask
+            # (query j sees keys 0 .. j + extra)
+            allowed = torch.ones(
+                end - start, k_end - k_start, dtype=torch.bool, device=q.device
+            ).tril(diagonal=extra)  # (Lq, Lk)
+            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
+        outputs.append(out.transpose(0, 1))  # (Lq, Hq, D)
     if not outputs:
         return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     return torch.cat(outputs, dim=0)  # (N, Hq, D)

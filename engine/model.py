@@ -6,7 +6,10 @@ bias (Qwen2). Parameter names equal Hugging Face's (``model.layers.0.self_attn.q
 ...) so checkpoints map one to one (see ``engine/checkpoint.py``).
 
 The forward takes a padding-free packed batch (``input_ids``, ``position_ids``, ``cu_seqlens``)
-and returns the final hidden states after the last norm; it never applies the lm_head. The
+and returns the final hidden states after the last norm; it never applies the lm_head. With the
+optional ``shared_prefix`` (a shared-prompt batch, see ``engine/packing.py``) each attention
+gathers its keys/values into that key layout, so a pair's prompt rows are computed once and
+attended to by both completions. The
 log-prob op takes ``lm_head_weight`` and fuses the projection with the log-softmax, so a full
 (tokens x vocab) logits tensor is never formed here.
 """
@@ -23,7 +26,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from sdpo.engine.attention import ATTENTION_BACKENDS, varlen_attention
+from sdpo.engine.attention import ATTENTION_BACKENDS, SharedPrefix, varlen_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -354,6 +357,9 @@ class Attention(nn.Module):
         cu_seqlens: Tensor,
         max_seqlen: int,
         backend: str,
+        cu_seqlens_k: Tensor | None = None,
+        max_seqlen_k: int | None = None,
+        kv_index: Tensor | None = None,
     ) -> Tensor:
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, Hq, D)
@@ -361,8 +367,20 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
+        if kv_index is not None:
+            # shared-prompt layout: keys/values in key order, each prompt's rows twice; the
+            # backward of index_select sums a prompt row's gradient over both of its uses
+            k = k.index_select(0, kv_index)  # (K, Hkv, D)
+            v = v.index_select(0, kv_index)  # (K, Hkv, D)
         out = varlen_attention(
-            q, k, v, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, backend=backend
+            q,
+            k,
+            v,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            backend=backend,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_k=max_seqlen_k,
         )  # (N, Hq, D)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))  # (N, H)
 
@@ -400,6 +418,9 @@ class DecoderLayer(nn.Module):
         cu_seqlens: Tensor,
         max_seqlen: int,
         backend: str,
+        cu_seqlens_k: Tensor | None = None,
+        max_seqlen_k: int | None = None,
+        kv_index: Tensor | None = None,
     ) -> Tensor:
         x = x + self.self_attn(
             self.input_layernorm(x),
@@ -408,6 +429,9 @@ class DecoderLayer(nn.Module):
             cu_seqlens=cu_seqlens,
             max_seqlen=max_seqlen,
             backend=backend,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_k=max_seqlen_k,
+            kv_index=kv_index,
         )
         return x + self.mlp(self.post_attention_layernorm(x))  # (N, H)
 
@@ -447,9 +471,18 @@ class CausalLM(nn.Module):
         return self.lm_head.weight
 
     def forward(
-        self, input_ids: Tensor, position_ids: Tensor, cu_seqlens: Tensor, max_seqlen: int
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int,
+        *,
+        shared_prefix: SharedPrefix | None = None,
     ) -> Tensor:
-        """input_ids, position_ids (N,); cu_seqlens (S+1,) int32 -> hidden states (N, H)."""
+        """input_ids, position_ids (N,); cu_seqlens (S+1,) int32 -> hidden states (N, H).
+
+        ``shared_prefix``: the key layout of a shared-prompt batch (``cu_seqlens`` then
+        delimits its query sequences)."""
         if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
             raise ValueError(
                 "CausalLM.forward takes a packed batch: input_ids and position_ids of shape "
@@ -460,9 +493,10 @@ class CausalLM(nn.Module):
                 f"unknown attn_backend {self.attn_backend!r}; choose one of {ATTENTION_BACKENDS}"
             )
         window = self.config.sliding_window
-        if window is not None and max_seqlen > window:
+        longest = max_seqlen if shared_prefix is None else shared_prefix.max_seqlen_k
+        if window is not None and longest > window:
             raise ValueError(
-                f"a sequence of {max_seqlen} tokens exceeds the model's sliding_window ({window}); "
+                f"a sequence of {longest} tokens exceeds the model's sliding_window ({window}); "
                 "sliding-window attention is not implemented: lower max_length to at most "
                 f"{window}"
             )
@@ -471,8 +505,14 @@ class CausalLM(nn.Module):
         cos, sin = rotary_cos_sin(position_ids, inv_freq, dtype=x.dtype)  # (N, D) each
         checkpointing = self.gradient_checkpointing and torch.is_grad_enabled()
         every = max(1, int(self.checkpoint_every))
+        # the shared-prompt key layout travels as plain tensors and an int (as cu_seqlens does)
+        # so that compiled layers and checkpointing see nothing new
+        shared = ()
+        if shared_prefix is not None:
+            p = shared_prefix
+            shared = (p.cu_seqlens_k, p.max_seqlen_k, p.kv_index)
         for i, layer in enumerate(self.model.layers):
-            args = (x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend)
+            args = (x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend, *shared)
             if checkpointing and i % every == 0:
                 x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:

@@ -9,6 +9,19 @@ Labels are already shifted: ``labels[i]`` is the token that position i must pred
 token is a completion token of the same sequence, else -100. Summing log p(labels[i] | prefix)
 over ``labels != -100`` gives log pi(completion | prompt) of each sequence, so the loss code never
 needs to know where prompts end.
+
+Shared prompts (opt-in, ``pack_pairs_shared``): chosen and rejected share their prompt, so the
+prompt can be computed once. A pair is then stored as [prompt, chosen, rejected] (P + C + R
+tokens instead of 2P + C + R); the rejected tokens take positions P .. P+R-1, as if they followed
+the prompt directly. Attention runs over two sequences per pair with separate query and key
+layouts (see ``engine/attention.py``): queries [prompt, chosen] over the same rows, and queries
+[rejected] over keys [prompt, rejected]. Only the rows that predict a completion token reach the
+log-prob head: ``head_index`` gathers them into the ordinary per-sequence order (chosen of pair
+p = sequence 2p, rejected = 2p+1), the last prompt row once for each completion, so the head
+ops and the loss code are the same for both layouts. Token budgets are counted in unshared
+tokens (``TokenizedPair.num_tokens``) in both layouts, so batches and step plans are identical
+and the two modes are comparable step by step; a shared batch simply uses less memory than its
+budget allows.
 """
 
 from __future__ import annotations
@@ -20,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor
+
+from sdpo.engine.attention import SharedPrefix
 
 IGNORE_INDEX = -100
 
@@ -39,6 +54,11 @@ class TokenizedPair:
     def num_tokens(self) -> int:
         """Tokens this pair occupies in a packed batch (the prompt is stored twice)."""
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
+    def num_shared_tokens(self) -> int:
+        """Tokens this pair occupies in a shared-prompt batch (the prompt is stored once)."""
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
 
 
 @dataclass(kw_only=True)
@@ -82,6 +102,20 @@ class PackedBatch:
         )
 
 
+def _check_packable(pair: TokenizedPair) -> None:
+    if not pair.prompt_ids:
+        raise ValueError(
+            f"pair {pair.index} has an empty prompt; every sequence needs at least one prompt "
+            "token (tokenize with a BOS token or give the row a prompt)"
+        )
+    for name, completion in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
+        if not completion:
+            raise ValueError(
+                f"pair {pair.index} has an empty {name} completion; nothing would be scored "
+                "(re-tokenize with a larger max_length)"
+            )
+
+
 def pack_pairs(pairs: Sequence[TokenizedPair]) -> PackedBatch:
     """Pack ``pairs`` into one padding-free batch (tensors on CPU; use ``.to(device)``).
 
@@ -92,17 +126,8 @@ def pack_pairs(pairs: Sequence[TokenizedPair]) -> PackedBatch:
     seqs: list[list[int]] = []
     prompt_lens: list[int] = []
     for pair in pairs:
-        if not pair.prompt_ids:
-            raise ValueError(
-                f"pair {pair.index} has an empty prompt; every sequence needs at least one prompt "
-                "token (tokenize with a BOS token or give the row a prompt)"
-            )
-        for name, completion in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
-            if not completion:
-                raise ValueError(
-                    f"pair {pair.index} has an empty {name} completion; nothing would be scored "
-                    "(re-tokenize with a larger max_length)"
-                )
+        _check_packable(pair)
+        for completion in (pair.chosen_ids, pair.rejected_ids):
             seqs.append(pair.prompt_ids)
             seqs.append(completion)
             prompt_lens.append(len(pair.prompt_ids))
@@ -140,6 +165,151 @@ def pack_pairs(pairs: Sequence[TokenizedPair]) -> PackedBatch:
         max_seqlen=int(seq_len.max()),
         pair_indices=torch.tensor([p.index for p in pairs], dtype=torch.int64),
         completion_tokens=torch.from_numpy(lens_np[1::2].copy()),
+    )
+
+
+@dataclass(kw_only=True)
+class SharedPromptBatch:
+    """P pairs, each stored once as [prompt, chosen, rejected]; every tensor lives on one device.
+
+    The decoder runs over ``input_ids`` with query sequences ``cu_seqlens`` (2P: [prompt,
+    chosen] and [rejected] of each pair) and the key layout ``shared_prefix``. The head runs
+    over the M = sum(C + R) rows ``head_index`` of its output, with ``labels`` and ``seq_ids``
+    in the ordinary per-sequence order (sequence 2p = chosen, 2p+1 = rejected; no -100)."""
+
+    input_ids: Tensor  # (N,) int64, N = sum(P + C + R)
+    position_ids: Tensor  # (N,) int64: prompt 0..P-1, chosen P..P+C-1, rejected P..P+R-1
+    cu_seqlens: Tensor  # (S+1,) int32: query sequences, lengths P+C and R per pair
+    max_seqlen: int  # longest query sequence
+    cu_seqlens_k: Tensor  # (S+1,) int32: key sequences, lengths P+C and P+R per pair
+    max_seqlen_k: int  # longest key sequence
+    kv_index: Tensor  # (K,) int64, K = sum(2P + C + R): stream row of each key
+    head_index: Tensor  # (M,) int64: stream row that predicts each completion token
+    labels: Tensor  # (M,) int64: the completion token each head row predicts
+    seq_ids: Tensor  # (M,) int64 in [0, S)
+    pair_indices: Tensor  # (P,) int64: TokenizedPair.index of each pair
+    completion_tokens: Tensor  # (S,) int64: head rows (completion tokens) per sequence
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.pair_indices.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.cu_seqlens.shape[0]) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the decoder computes (each prompt once)."""
+        return int(self.input_ids.shape[0])
+
+    @property
+    def unshared_tokens(self) -> int:
+        """Tokens the same pairs occupy in an ordinary ``PackedBatch`` (each prompt twice):
+        the count throughput is reported in, comparable with other trainers."""
+        return int(self.kv_index.shape[0])
+
+    @property
+    def shared_prefix(self) -> SharedPrefix:
+        """The key layout, as ``CausalLM.forward`` takes it."""
+        return SharedPrefix(
+            cu_seqlens_k=self.cu_seqlens_k, max_seqlen_k=self.max_seqlen_k, kv_index=self.kv_index
+        )
+
+    def pair_head_tokens(self) -> list[int]:
+        """Head rows per pair (chosen + rejected completion tokens), read on the host: the
+        ``pair_tokens`` of ``linear_pair_loss`` (call it on the CPU copy to avoid a sync)."""
+        return (self.completion_tokens[0::2] + self.completion_tokens[1::2]).tolist()
+
+    def to(self, device: torch.device | str, *, non_blocking: bool = False) -> SharedPromptBatch:
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in dataclasses.fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
+
+def pack_pairs_shared(pairs: Sequence[TokenizedPair]) -> SharedPromptBatch:
+    """Pack ``pairs`` with each prompt stored once (tensors on CPU; use ``to_device``).
+
+    Same requirements as :func:`pack_pairs`; the per-sequence log-probs computed from the
+    result equal those of :func:`pack_pairs` up to float rounding (see the module docstring)."""
+    if len(pairs) == 0:
+        raise ValueError("pack_pairs_shared got no pairs; a batch needs at least one pair")
+    for pair in pairs:
+        _check_packable(pair)
+    num_pairs, num_seqs = len(pairs), 2 * len(pairs)
+    prompt = np.fromiter((len(p.prompt_ids) for p in pairs), dtype=np.int64, count=num_pairs)
+    chosen = np.fromiter((len(p.chosen_ids) for p in pairs), dtype=np.int64, count=num_pairs)
+    rejected = np.fromiter((len(p.rejected_ids) for p in pairs), dtype=np.int64, count=num_pairs)
+    total = int((prompt + chosen + rejected).sum())
+    input_ids = np.fromiter(
+        (t for p in pairs for part in (p.prompt_ids, p.chosen_ids, p.rejected_ids) for t in part),
+        dtype=np.int64,
+        count=total,
+    )  # (N,) prompt|chosen|rejected per pair
+
+    def interleave(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # (P,), (P,) -> (S,)
+        return np.stack([a, b], axis=1).reshape(-1)
+
+    def starts(lengths: np.ndarray) -> np.ndarray:  # exclusive prefix sum
+        out = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=out[1:])
+        return out
+
+    zeros = np.zeros(num_pairs, dtype=np.int64)
+    pair_start = np.repeat(starts(prompt + chosen + rejected)[:-1], 2)  # (S,)
+    # per sequence s: rows of its own (queries), how many prompt rows precede them as keys
+    # (0 for chosen: its query rows include the prompt; P for rejected), and its completion
+    q_len = interleave(prompt + chosen, rejected)  # (S,)
+    prefix = interleave(zeros, prompt)  # (S,)
+    completion = interleave(chosen, rejected)  # (S,)
+    k_len = q_len + prefix  # (S,)
+    cu_q, cu_k = starts(q_len), starts(k_len)
+
+    # positions: the rejected completion continues from the prompt
+    q_local = np.arange(total, dtype=np.int64) - np.repeat(cu_q[:-1], q_len)
+    position_ids = q_local + np.repeat(prefix, q_len)
+
+    # key t of sequence s: prompt row t of the pair when t < prefix, else its own query row
+    k_local = np.arange(int(cu_k[-1]), dtype=np.int64) - np.repeat(cu_k[:-1], k_len)
+    k_prefix = np.repeat(prefix, k_len)
+    kv_index = np.where(
+        k_local < k_prefix,
+        np.repeat(pair_start, k_len) + k_local,
+        np.repeat(cu_q[:-1], k_len) + k_local - k_prefix,
+    )
+
+    # completion token u of sequence s is predicted by the row before it: the last prompt row
+    # for u = 0, else the sequence's own row of token u-1 (the chosen rows follow the prompt
+    # rows, so for a chosen sequence both cases are last_prompt_row + u)
+    u = np.arange(int(completion.sum()), dtype=np.int64) - np.repeat(
+        starts(completion)[:-1], completion
+    )
+    last_prompt_row = np.repeat(pair_start + np.repeat(prompt, 2) - 1, completion)
+    own_rows = np.repeat(cu_q[:-1] + interleave(prompt, zeros), completion) + u - 1
+    head_index = np.where(u == 0, last_prompt_row, own_rows)
+    labels = np.fromiter(
+        (t for p in pairs for part in (p.chosen_ids, p.rejected_ids) for t in part),
+        dtype=np.int64,
+        count=int(completion.sum()),
+    )
+    seq_ids = np.repeat(np.arange(num_seqs, dtype=np.int64), completion)
+
+    return SharedPromptBatch(
+        input_ids=torch.from_numpy(input_ids),
+        position_ids=torch.from_numpy(position_ids),
+        cu_seqlens=torch.from_numpy(cu_q.astype(np.int32)),
+        max_seqlen=int(q_len.max()),
+        cu_seqlens_k=torch.from_numpy(cu_k.astype(np.int32)),
+        max_seqlen_k=int(k_len.max()),
+        kv_index=torch.from_numpy(kv_index),
+        head_index=torch.from_numpy(head_index),
+        labels=torch.from_numpy(labels),
+        seq_ids=torch.from_numpy(seq_ids),
+        pair_indices=torch.tensor([p.index for p in pairs], dtype=torch.int64),
+        completion_tokens=torch.from_numpy(completion),
     )
 
 
@@ -183,8 +353,11 @@ def batch_by_token_budget(
     return batches
 
 
-def to_device(x: Tensor | PackedBatch, device: torch.device) -> Tensor | PackedBatch:
-    """A CPU tensor (or a PackedBatch of them) on ``device`` without stalling the host.
+def to_device(
+    x: Tensor | PackedBatch | SharedPromptBatch, device: torch.device
+) -> Tensor | PackedBatch | SharedPromptBatch:
+    """A CPU tensor (or a PackedBatch / SharedPromptBatch of them) on ``device`` without
+    stalling the host.
 
     On CUDA a plain ``.to(device)`` from pageable memory waits until the GPU has finished all
     queued work, once per tensor; staging through pinned memory with ``non_blocking=True`` lets

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sdpo.engine.packing import TokenizedPair, batch_by_token_budget, pack_pairs, to_device
+from sdpo.engine.packing import (
+    TokenizedPair,
+    batch_by_token_budget,
+    pack_pairs,
+    pack_pairs_shared,
+    to_device,
+)
 from sdpo.engine.precision import autocast_context
 from sdpo.kernels import sequence_logprobs
 
@@ -56,11 +62,14 @@ def score_pairs(
     chunk_tokens: int | None = None,
     precision: str = "fp32",
     progress: bool = False,
+    share_prompt: bool = False,
 ) -> PairLogps:
     """Score every pair with ``model`` (no gradients), batching to a token budget.
 
     The model must map ``(input_ids, position_ids, cu_seqlens, max_seqlen)`` to final hidden
-    states and expose ``lm_head_weight``."""
+    states and expose ``lm_head_weight``. ``share_prompt``: compute each prompt once (the
+    model's forward then also takes ``shared_prefix=``; see ``engine/packing.py``); the batches
+    are the same, the values equal up to float rounding."""
     if not pairs:
         raise ValueError("score_pairs needs at least one pair")
     device = next(model.parameters()).device
@@ -75,9 +84,24 @@ def score_pairs(
 
         iterator = tqdm(batches, desc="scoring", unit="batch", leave=False)
     for positions in iterator:
-        batch = to_device(pack_pairs([pairs[i] for i in positions]), device)
-        with autocast_context(precision, device):
-            hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        chunk = [pairs[i] for i in positions]
+        if share_prompt:
+            batch = to_device(pack_pairs_shared(chunk), device)
+            with autocast_context(precision, device):
+                hidden = model(
+                    batch.input_ids,
+                    batch.position_ids,
+                    batch.cu_seqlens,
+                    batch.max_seqlen,
+                    shared_prefix=batch.shared_prefix,
+                )
+            hidden = hidden.index_select(0, batch.head_index)  # (M, H): the scored rows
+        else:
+            batch = to_device(pack_pairs(chunk), device)
+            with autocast_context(precision, device):
+                hidden = model(
+                    batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
+                )
         seq_logps = sequence_logprobs(
             hidden,
             model.lm_head_weight,

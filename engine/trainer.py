@@ -35,7 +35,13 @@ import torch
 from torch import Tensor
 
 from sdpo.engine.files import append_jsonl, atomic_open
-from sdpo.engine.packing import TokenizedPair, batch_by_token_budget, pack_pairs, to_device
+from sdpo.engine.packing import (
+    TokenizedPair,
+    batch_by_token_budget,
+    pack_pairs,
+    pack_pairs_shared,
+    to_device,
+)
 from sdpo.engine.precision import (
     PRECISIONS,
     autocast_context,
@@ -79,6 +85,10 @@ class TrainConfig:
     loss_path: str = "fused"  # "fused": loss formed inside the chunked lm_head; "plain"
     keep_checkpoints: int = 2  # training checkpoints kept on disk (read by the runner)
     skip_nonfinite_batches: int = 0  # optimizer steps with a NaN/inf loss or gradient to skip
+    # Compute each pair's prompt once (chosen and rejected attend to the same prompt rows), in
+    # training and in the scoring passes; results equal the unshared layout's up to rounding.
+    # Token budgets, step plans and tokens/s still count the prompt twice (see engine/packing.py).
+    share_prompt: bool = False
 
     def __post_init__(self) -> None:
         def at_least(name: str, low: float, *, strict: bool = False) -> None:
@@ -122,6 +132,8 @@ class TrainConfig:
         one_of("loss_path", LOSS_PATHS)
         at_least("keep_checkpoints", 1)
         at_least("skip_nonfinite_batches", 0)
+        if not isinstance(self.share_prompt, bool):
+            raise ValueError(f"share_prompt must be true or false, got {self.share_prompt!r}")
 
 
 def plan_steps(
@@ -309,7 +321,9 @@ class DPOTrainer:
         self, pairs: Sequence[TokenizedPair], positions: list[int], ref: PairLogps, normalizer: int
     ) -> dict[str, Tensor]:
         """Forward and backward of one micro-batch; returns detached metric sums."""
-        host_batch = pack_pairs([pairs[i] for i in positions])  # CPU tensors
+        share = self.config.share_prompt
+        chunk = [pairs[i] for i in positions]
+        host_batch = pack_pairs_shared(chunk) if share else pack_pairs(chunk)  # CPU tensors
         rows = ref.rows_for(host_batch.pair_indices)  # looked up on the host: no device sync
         batch = to_device(host_batch, self.device)
         ref_c = to_device(ref.chosen_logps[rows], self.device)
@@ -317,9 +331,20 @@ class DPOTrainer:
         tok_c = batch.completion_tokens[0::2]
         tok_r = batch.completion_tokens[1::2]
         with autocast_context(self.precision, self.device):
-            hidden = self.model(
-                batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
-            )  # (N, H)
+            if share:
+                hidden = self.model(
+                    batch.input_ids,
+                    batch.position_ids,
+                    batch.cu_seqlens,
+                    batch.max_seqlen,
+                    shared_prefix=batch.shared_prefix,
+                )  # (N, H), N = sum(P + C + R)
+            else:
+                hidden = self.model(
+                    batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
+                )  # (N, H)
+        if share:
+            hidden = hidden.index_select(0, batch.head_index)  # (M, H): the scored rows
         weight = self.model.lm_head_weight
         if self.precision == "bf16-mixed":
             hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
@@ -339,8 +364,11 @@ class DPOTrainer:
                 )
                 return out.losses.sum() / normalizer
 
-            # chosen + rejected tokens of each pair, from the host copy: no device sync
-            pair_tokens = host_batch.cu_seqlens[0::2].diff().tolist()
+            # chosen + rejected rows of each pair, from the host copy: no device sync
+            if share:
+                pair_tokens = host_batch.pair_head_tokens()
+            else:
+                pair_tokens = host_batch.cu_seqlens[0::2].diff().tolist()
             loss, seq_logps = linear_pair_loss(
                 hidden,
                 weight,

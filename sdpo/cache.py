@@ -176,9 +176,17 @@ class CacheKey:
     truncation: str
     dtype_policy: str  # e.g. "bf16" / "fp32": the dtype the reference forward ran in
     kernels_impl: str  # the resolved log-prob implementation ("triton" | "torch")
+    # scored with each prompt computed once (train.share_prompt): equal values up to rounding,
+    # but not to the bit in bf16, so it is part of the key
+    share_prompt: bool = False
 
     def fields(self) -> dict[str, str | int | None]:
-        return dataclasses.asdict(self)
+        fields = dataclasses.asdict(self)
+        if not self.share_prompt:
+            # absent means unshared: keys (and digests) written before the option existed
+            # stay valid
+            del fields["share_prompt"]
+        return fields
 
     def digest(self) -> str:
         """sha256 hex of the key (stable across runs; usable in a file name)."""
@@ -249,7 +257,13 @@ class RefLogprobCache:
         if version != CACHE_FORMAT_VERSION:
             return None, f"format version {version!r} is not the current {CACHE_FORMAT_VERSION!r}"
 
-        for name, now in key.fields().items():
+        now_fields = key.fields()
+        for meta_name in sorted(metadata):
+            name = meta_name.removeprefix(_META_KEY_PREFIX)
+            if name != meta_name and name not in now_fields:  # e.g. share_prompt = true
+                cached = _short(metadata[meta_name])
+                return None, f"key mismatch: {name} differs (cached {cached}, now unset)"
+        for name, now in now_fields.items():
             raw = metadata.get(_META_KEY_PREFIX + name)
             try:
                 cached = json.loads(raw) if raw is not None else None

@@ -300,6 +300,7 @@ class StepwiseRunner:
             chunk_tokens=self.cfg.kernels.chunk_tokens,
             precision=self.precision,
             progress=self.progress,
+            share_prompt=self.cfg.train.share_prompt,
         )
 
     def cache_key(self, model_fp: str, pairs: Sequence[TokenizedPair]) -> CacheKey:
@@ -313,6 +314,7 @@ class StepwiseRunner:
             truncation=d.truncation,
             dtype_policy=self.precision,
             kernels_impl=self.impl,
+            share_prompt=self.cfg.train.share_prompt,
         )
 
     def cached_reference(
