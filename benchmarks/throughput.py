@@ -698,13 +698,25 @@ class PhaseRecorder:
 
 
 def measure_scoring(
-    model, pairs: list, *, precision: str, max_tokens: int, impl: str, device: torch.device
+    model,
+    pairs: list,
+    *,
+    precision: str,
+    max_tokens: int,
+    impl: str,
+    device: torch.device,
+    share_prompt: bool = False,
 ):
     """(PairLogps, seconds): the no-grad reference pass over ``pairs``, after a warm-up batch
     (which also compiles the no-grad graph of the layers)."""
     from sdpo.engine.scoring import score_pairs
 
-    kwargs = {"max_tokens_per_batch": max_tokens, "impl": impl, "precision": precision}
+    kwargs = {
+        "max_tokens_per_batch": max_tokens,
+        "impl": impl,
+        "precision": precision,
+        "share_prompt": share_prompt,
+    }
     score_pairs(model, pairs[: max(1, len(pairs) // 8)], **kwargs)
     synchronize(device)
     start = time.perf_counter()
@@ -738,6 +750,7 @@ def measure_sdpo_run(
             max_tokens_per_batch=score_tokens,
             impl=impl,
             precision=train_config.precision,
+            share_prompt=train_config.share_prompt,
         )
         synchronize(device)
         t1 = time.perf_counter()
@@ -1330,6 +1343,7 @@ def step_section(args: argparse.Namespace) -> dict:
         "compile": args.compile,
         "compile_mode": args.compile_mode,
         "loss_path": args.loss_path,
+        "share_prompt": args.share_prompt,
         "gradient_checkpointing": args.gradient_checkpointing,
         "checkpoint_every": args.checkpoint_every,
         "kernels_impl": impl,
@@ -1388,6 +1402,7 @@ def step_section(args: argparse.Namespace) -> dict:
         schedule="constant",
         precision=precision,
         loss_path=args.loss_path,
+        share_prompt=args.share_prompt,
         log_every=10**9,
     )
     loss_fn = partial(dpo_loss, config=LossConfig(beta=0.1))
@@ -1402,6 +1417,7 @@ def step_section(args: argparse.Namespace) -> dict:
         max_tokens=args.score_tokens,
         impl=impl,
         device=device,
+        share_prompt=args.share_prompt,
     )
     score_flops = model_flops(pairs, config, training=False)
     results.append(
@@ -1650,6 +1666,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch.compile backend (default: inductor on CUDA, aot_eager on CPU)",
     )
     s.add_argument("--loss-path", choices=["fused", "plain"], default="fused")
+    s.add_argument(
+        "--share-prompt",
+        action="store_true",
+        help="compute each pair's prompt once (train.share_prompt) in training and scoring; "
+        "tokens/s and MFU still count the prompt twice (the work of the unshared layout), so "
+        "rows compare with unshared runs and TRL",
+    )
     s.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute each layer in backward"
     )
