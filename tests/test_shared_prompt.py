@@ -6,14 +6,18 @@ checked on a hand-made example and the bottom-right attention mask against float
 from __future__ import annotations
 
 import copy
+import json
 import math
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from sdpo.cache import CacheKey, RefLogprobCache, RefValues
+from sdpo.config import config_from_dict
 from sdpo.engine.attention import available_attention_backends, varlen_attention
 from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.model import ModelConfig, init_model
@@ -28,6 +32,8 @@ from sdpo.engine.scoring import score_pairs
 from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
 from sdpo.kernels import sequence_logprobs
 from sdpo.losses import LossConfig, dpo_loss
+from sdpo.runner import run_training
+from tests.conftest import write_pairs
 
 BETA = 0.5
 
@@ -439,6 +445,55 @@ def test_reference_cache_is_not_shared_between_the_two_layouts(tmp_path: Path):
     assert shared_file.load(plain_key)[1].startswith("key mismatch: share_prompt")
 
 
+def test_two_step_sdpo_run_with_shared_prompts_matches_the_unshared_run(
+    one_thread, tiny_model_dir, tmp_path
+):
+    far = write_pairs(tmp_path / "far.jsonl", n=8, seed=1, kind="far")
+    near = write_pairs(tmp_path / "near.jsonl", n=8, seed=2, kind="near")
+    outputs = {}
+    for share in (False, True):
+        cfg = config_from_dict(
+            {
+                "output_dir": str(tmp_path / f"run-{share}"),
+                "model": {"path": str(tiny_model_dir)},
+                "data": {
+                    "sources": [
+                        {"name": "far", "path": str(far)},
+                        {"name": "near", "path": str(near)},
+                    ],
+                    "max_length": 32,
+                    "max_prompt_length": 16,
+                },
+                "train": {
+                    "learning_rate": 3e-3,
+                    "pairs_per_step": 4,
+                    "max_tokens_per_batch": 96,
+                    "share_prompt": share,
+                },
+                "kernels": {"impl": "torch"},
+                "sdpo": {"steps": 2, "partition": "given", "report_scoring": False},
+            }
+        )
+        run_training(cfg, progress=False)
+        out = Path(cfg.output_dir)
+        with safe_open(out / "cache" / "initial.safetensors", "pt") as f:
+            assert ("key.share_prompt" in f.metadata()) == share  # the cache key says which
+        outputs[share] = (
+            [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()],
+            load_file(out / "cache" / "step-2.safetensors"),  # scored by the step-1 model
+            load_file(out / "step-2" / "model.safetensors"),
+        )
+    (m_plain, ref_plain, w_plain), (m_shared, ref_shared, w_shared) = outputs[False], outputs[True]
+    assert len(m_shared) == len(m_plain) >= 4
+    for a, b in zip(m_shared, m_plain):
+        for key in ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "tokens"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    for name in ("chosen_logps", "rejected_logps"):
+        torch.testing.assert_close(ref_shared[name], ref_plain[name], rtol=1e-5, atol=1e-4)
+    for name, w in w_plain.items():
+        torch.testing.assert_close(w_shared[name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
 # -- CUDA backends ----------------------------------------------------------------------------
 
 
@@ -447,7 +502,8 @@ def test_reference_cache_is_not_shared_between_the_two_layouts(tmp_path: Path):
 def test_every_cuda_backend_runs_the_shared_layout_like_the_unshared_one_in_bfloat16():
     """Bottom-right causal alignment of flash-attn / varlen_attn with more keys than queries:
     the shared layout in bf16 matches the float64 unshared truth as closely as bf16 allows,
-    forward and backward, on every available backend."""
+    hidden states, log-probs and parameter gradients, on every available backend."""
+    cuda = torch.device("cuda")
     config = ModelConfig.from_hf_dict(
         {
             "model_type": "llama",
@@ -460,16 +516,28 @@ def test_every_cuda_backend_runs_the_shared_layout_like_the_unshared_one_in_bflo
             "head_dim": 64,
         }
     )
+    # long and short prompts, a one-token completion, a rejected longer than prompt + chosen
     pairs = random_pairs([(37, 129, 64), (5, 1, 200), (128, 77, 3), (1, 9, 33)], vocab=257, seed=21)
     base = init_model(config, seed=22)
-    truth_model = copy.deepcopy(base).to("cuda", torch.float64)
-    with torch.no_grad():
-        h_truth, _, plain, _ = forward_both(truth_model, pairs)
-    to_shared = unshared_to_shared_rows(pairs).cuda()
-    for backend in available_attention_backends("cuda"):
-        model = copy.deepcopy(base).to("cuda", torch.bfloat16)
+    truth_model = copy.deepcopy(base).to(cuda, torch.float64)
+    truth_model.attn_backend = "sdpa"
+    plain = to_device(pack_pairs(pairs), cuda)
+    h_truth = truth_model(plain.input_ids, plain.position_ids, plain.cu_seqlens, plain.max_seqlen)
+    seq_truth = float64_logprobs(
+        h_truth.cpu(),
+        truth_model.lm_head_weight.cpu(),
+        plain.labels.cpu(),
+        plain.seq_ids.cpu(),
+        plain.num_seqs,
+    )
+    seq_truth.sum().backward()
+    h_truth = h_truth.detach()
+    g_truth = {n: p.grad.double() for n, p in truth_model.named_parameters()}
+    to_shared = unshared_to_shared_rows(pairs).to(cuda)
+    shared = to_device(pack_pairs_shared(pairs), cuda)
+    for backend in available_attention_backends(cuda):
+        model = copy.deepcopy(base).to(cuda, torch.bfloat16)
         model.attn_backend = backend
-        shared = to_device(pack_pairs_shared(pairs), torch.device("cuda"))
         hidden = model(
             shared.input_ids,
             shared.position_ids,
@@ -487,15 +555,10 @@ def test_every_cuda_backend_runs_the_shared_layout_like_the_unshared_one_in_bflo
             shared.seq_ids,
             shared.num_seqs,
         )
-        seq_truth = sequence_logprobs(
-            h_truth,
-            truth_model.lm_head_weight,
-            plain.labels.cuda(),
-            plain.seq_ids.cuda(),
-            plain.num_seqs,
-            impl="torch",
-        )
-        per_token = (seq.double() - seq_truth).abs() / shared.completion_tokens
-        assert per_token.max().item() < 2e-2, f"{backend}: log-prob error {per_token}"
+        per_token = (seq.double().cpu() - seq_truth.detach()) / shared.completion_tokens.cpu()
+        assert per_token.abs().max().item() < 2e-2, f"{backend}: log-prob error {per_token}"
         seq.sum().backward()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters()), backend
+        for name, p in model.named_parameters():
+            g, t = p.grad.double(), g_truth[name]
+            rel = ((g - t).norm() / t.norm()).item()
+            assert rel < 5e-2, f"{backend}: {name} gradient off by {rel:.3g} (relative norm)"
