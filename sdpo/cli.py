@@ -88,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--impl", default="auto", choices=["auto", "triton", "torch"], help="log-prob kernels"
     )
+    score.add_argument(
+        "--share-prompt",
+        action="store_true",
+        help="compute each pair's prompt once for both completions (same values, less work)",
+    )
 
     config = sub.add_parser(
         "config",
@@ -203,6 +208,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         pairs,
         max_tokens_per_batch=args.max_tokens_per_batch,
         impl=resolve_impl(args.impl, device),
+        share_prompt=args.share_prompt,
         progress=True,
     )
     gamma = scores.gamma

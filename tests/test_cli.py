@@ -67,6 +67,14 @@ def test_score_writes_per_pair_jsonl_and_prints_summary(tiny_model_dir, tmp_path
         assert r["logp_chosen"] < 0 and r["chosen_tokens"] >= 2  # at least one word + EOS
     acc = sum(r["gamma"] > 0 for r in rows) / 9
     assert f"reward accuracy: {acc:.4f}" in capsys.readouterr().out
+    # the shared-prompt layout scores the same pairs to float rounding
+    shared = tmp_path / "shared.jsonl"
+    args = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(shared)]
+    assert main([*args, "--share-prompt"]) == 0
+    for r, s in zip(rows, (json.loads(x) for x in shared.read_text().splitlines()), strict=True):
+        assert r["index"] == s["index"]
+        assert abs(r["logp_chosen"] - s["logp_chosen"]) < 1e-4 * abs(r["logp_chosen"])
+        assert abs(r["logp_rejected"] - s["logp_rejected"]) < 1e-4 * abs(r["logp_rejected"])
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):
