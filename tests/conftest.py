@@ -7,10 +7,30 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdpo.engine.tiny import write_tiny_model
 
+# sdpo.kernels.IGNORE_INDEX, spelled out: importing sdpo.kernels here, before the kernel test
+# modules choose Triton's interpreter mode, could fix that mode too early.
+IGNORE_INDEX = -100
+
 WORDS = [f"w{i}" for i in range(40)]
+
+
+def packed_labels(
+    *, lengths, prompts, vocab: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """labels/seq_ids of packed sequences with random labels in [0, vocab): prompt tokens and
+    each sequence's last token are -100."""
+    labels, seq_ids = [], []
+    for s, (length, prompt) in enumerate(zip(lengths, prompts, strict=True)):
+        lab = torch.randint(0, vocab, (length,), generator=gen)
+        lab[:prompt] = IGNORE_INDEX
+        lab[-1] = IGNORE_INDEX
+        labels.append(lab)
+        seq_ids.append(torch.full((length,), s, dtype=torch.int64))
+    return torch.cat(labels), torch.cat(seq_ids)
 
 
 def write_pairs(path: Path, *, n: int, seed: int, kind: str = "mixed") -> Path:

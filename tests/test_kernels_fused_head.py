@@ -25,6 +25,7 @@ from sdpo.kernels.fused_head import (  # noqa: E402
     num_splits,
 )
 from sdpo.kernels.logprobs import IGNORE_INDEX  # noqa: E402
+from tests.conftest import packed_labels  # noqa: E402
 
 VOCAB = 50_257  # not a multiple of any tile width: the last vocabulary tile is ragged
 
@@ -37,14 +38,7 @@ def _batch(seed: int, *, vocab: int = VOCAB, hidden: int = 24, dtype=torch.float
     """
     gen = torch.Generator().manual_seed(seed)
     lengths, prompts = [61, 22, 48], [17, 20, 5]
-    labels, seq_ids = [], []
-    for s, (length, prompt) in enumerate(zip(lengths, prompts)):
-        lab = torch.randint(0, vocab, (length,), generator=gen)
-        lab[:prompt] = IGNORE_INDEX
-        lab[-1] = IGNORE_INDEX
-        labels.append(lab)
-        seq_ids.append(torch.full((length,), s, dtype=torch.int64))
-    labels, seq_ids = torch.cat(labels), torch.cat(seq_ids)
+    labels, seq_ids = packed_labels(lengths=lengths, prompts=prompts, vocab=vocab, gen=gen)
     labels[30], labels[100] = 0, vocab - 1
     assert int((labels[seq_ids == 1] != IGNORE_INDEX).sum()) == 1
     h64 = torch.randn(labels.numel(), hidden, generator=gen, dtype=torch.float64)

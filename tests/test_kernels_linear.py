@@ -25,6 +25,7 @@ from sdpo.kernels.linear_logprobs import (  # noqa: E402
     default_chunk_tokens,
 )
 from sdpo.kernels.logprobs import IGNORE_INDEX  # noqa: E402
+from tests.conftest import packed_labels  # noqa: E402
 
 IMPLS = ["torch", "triton"]
 BETA = 0.1
@@ -42,14 +43,7 @@ def _batch(
 ):
     """By default 131 tokens over 3 pairs (6 sequences); sequence 3 has one completion token."""
     gen = torch.Generator().manual_seed(seed)
-    labels, seq_ids = [], []
-    for s, (length, prompt) in enumerate(zip(lengths, prompts)):
-        lab = torch.randint(0, vocab, (length,), generator=gen)
-        lab[:prompt] = IGNORE_INDEX
-        lab[-1] = IGNORE_INDEX
-        labels.append(lab)
-        seq_ids.append(torch.full((length,), s, dtype=torch.int64))
-    labels, seq_ids = torch.cat(labels), torch.cat(seq_ids)
+    labels, seq_ids = packed_labels(lengths=lengths, prompts=prompts, vocab=vocab, gen=gen)
     assert int((labels[seq_ids == 3] != IGNORE_INDEX).sum()) == 1
     h64 = torch.randn(labels.shape[0], hidden, generator=gen, dtype=torch.float64)
     w64 = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * (2.0 / hidden**0.5)

@@ -17,28 +17,17 @@ import pytest  # noqa: E402
 
 from sdpo.kernels import logprobs_from_logits, resolve_impl  # noqa: E402
 from sdpo.kernels.logprobs import IGNORE_INDEX  # noqa: E402
+from tests.conftest import packed_labels  # noqa: E402
 
 IMPLS = ["torch", "triton"]
 VOCAB = 50_257  # not a multiple of any block size: the last block is a ragged tail
-
-
-def _packed_labels(*, lengths: list[int], prompts: list[int], vocab: int, gen: torch.Generator):
-    """labels/seq_ids of packed sequences: prompt tokens and each sequence's last token are -100."""
-    labels, seq_ids = [], []
-    for s, (length, prompt) in enumerate(zip(lengths, prompts)):
-        lab = torch.randint(0, vocab, (length,), generator=gen)
-        lab[:prompt] = IGNORE_INDEX
-        lab[-1] = IGNORE_INDEX
-        labels.append(lab)
-        seq_ids.append(torch.full((length,), s, dtype=torch.int64))
-    return torch.cat(labels), torch.cat(seq_ids)
 
 
 def _batch(seed: int, *, dtype=torch.float32, device="cpu"):
     """131 tokens over 3 sequences; sequence 1 has exactly one completion token."""
     gen = torch.Generator().manual_seed(seed)
     lengths, prompts = [61, 22, 48], [17, 20, 5]
-    labels, seq_ids = _packed_labels(lengths=lengths, prompts=prompts, vocab=VOCAB, gen=gen)
+    labels, seq_ids = packed_labels(lengths=lengths, prompts=prompts, vocab=VOCAB, gen=gen)
     assert int((labels[seq_ids == 1] != IGNORE_INDEX).sum()) == 1
     logits64 = torch.randn(sum(lengths), VOCAB, generator=gen, dtype=torch.float64) * 4.0
     return (
