@@ -107,6 +107,8 @@ class DataSection:
     sources: list[DataSource] = field(default_factory=list)
     # held-out preference data: scored after every sDPO step (eval/* metrics), never trained on
     eval_sources: list[DataSource] = field(default_factory=list)
+    # or: this share of the training pairs, drawn with train.seed, held out the same way
+    eval_fraction: float = 0.0
     path: str | None = field(default=None, metadata=_DATA)  # shorthand for one source
     max_length: int = 1024  # tokens per sequence (prompt + completion), as TRL's max_length
     max_prompt_length: int = 512
@@ -137,6 +139,16 @@ class DataSection:
                 f"data.max_length ({self.max_length}) to leave room for the completion"
             )
         _one_of("data.truncation", self.truncation, ("keep_end", "keep_start"))
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(
+                f"data.eval_fraction must be >= 0 and < 1 (the share of pairs held out for "
+                f"evaluation), got {self.eval_fraction!r}"
+            )
+        if self.eval_fraction and self.eval_sources:
+            raise ConfigError(
+                "data.eval_fraction and data.eval_sources are both set: hold out either a share "
+                "of the training data or separate files, not both"
+            )
         _one_of("data.identical_pairs", self.identical_pairs, ("warn", "drop", "error", "keep"))
 
 

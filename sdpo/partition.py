@@ -9,6 +9,9 @@ sDPO trains step t on chunk t only. How the data is cut decides what each step s
 - ``random`` (the paper's ablation): all pairs pooled, permuted with a seed, cut into T chunks.
 - ``given``: one chunk per source in the order the user listed them.
 
+Before any of these, ``split_held_out`` can set aside a seeded random share of the pairs as
+held-out evaluation data (``data.eval_fraction``), which no chunk then contains.
+
 ``gamma`` is the initial model's log-ratio log pi(chosen|x) - log pi(rejected|x) per pair, from
 the same scoring pass that fills step 1's reference cache. Everything here works on plain lists
 and arrays; nothing loads a model. With ``steps = 1`` every strategy gives one chunk holding all
@@ -33,6 +36,7 @@ __all__ = [
     "partition_given",
     "partition_pairs",
     "partition_random",
+    "split_held_out",
 ]
 
 STRATEGIES = ("easy_to_hard", "easy_to_hard_pairs", "random", "given")
@@ -254,6 +258,26 @@ def partition_given(
             f'"easy_to_hard_pairs" to cut the pairs into {steps} chunks.'
         )
     return _by_source(p, p.source_order)
+
+
+def split_held_out(pairs: Sequence, *, fraction: float, seed: int) -> tuple[list, list]:
+    """(kept, held_out): ``round(fraction · n)`` pairs (at least one) drawn at random with
+    ``seed``, as a train/test split does; both lists keep the input order.
+
+    Raises ValueError when the split would leave either side empty."""
+    n = len(pairs)
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"data.eval_fraction must be in (0, 1), got {fraction}")
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise ValueError(
+            f"data.eval_fraction = {fraction} of {n} pairs would hold out {k} and leave none to "
+            "train on; lower data.eval_fraction or add data"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    held = set(torch.randperm(n, generator=gen)[:k].tolist())
+    kept = [p for i, p in enumerate(pairs) if i not in held]
+    return kept, [p for i, p in enumerate(pairs) if i in held]
 
 
 def partition_pairs(

@@ -82,7 +82,7 @@ from sdpo.engine.trainer import (
 )
 from sdpo.kernels import resolve_impl
 from sdpo.losses import dpo_loss
-from sdpo.partition import describe_partition, partition_pairs
+from sdpo.partition import describe_partition, partition_pairs, split_held_out
 from sdpo.report import PLOT_HINT, StepReport, format_summary_table, plot_steps, write_reports
 
 TOKENIZER_FILES = (
@@ -381,6 +381,14 @@ class StepwiseRunner:
                     sources=cfg.data.eval_sources,
                     cache_file=token_cache_path(self.cache_dir, "eval"),
                     pending_saves=cache_saves,
+                )
+            elif cfg.data.eval_fraction:
+                pairs, self.eval_pairs = split_held_out(
+                    pairs, fraction=cfg.data.eval_fraction, seed=cfg.train.seed
+                )
+                _log(
+                    f"held out {len(self.eval_pairs)} of {len(pairs) + len(self.eval_pairs)} "
+                    f"pairs for evaluation (data.eval_fraction = {cfg.data.eval_fraction})"
                 )
         except RunInputError:
             raise

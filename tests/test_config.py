@@ -241,6 +241,8 @@ def test_wrong_types_name_key_expected_type_and_value(tmp_path, extra, overrides
         (["data.sources=[{path='/a/x.jsonl'}, {path='/b/x.jsonl'}]"], "two sources are named 'x'"),
         (["train.warmup_ratio=1.0"], r"train.warmup_ratio must be in \[0, 1\)"),
         (["train.loss_path=chunked"], "train.loss_path = 'chunked' is not an option"),
+        (["data.eval_fraction=1.0"], r"data.eval_fraction must be >= 0 and < 1"),
+        (["data.eval_fraction=0.1", "data.eval_sources=[{path='/a/held.jsonl'}]"], "data.eval_fraction and data.eval_sources are both set"),
     ],
 )  # fmt: skip
 def test_invalid_values_are_rejected_with_the_key_and_the_fix(tmp_path, overrides, message):

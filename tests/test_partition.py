@@ -14,6 +14,7 @@ from sdpo.partition import (
     partition_given,
     partition_pairs,
     partition_random,
+    split_held_out,
 )
 
 
@@ -225,3 +226,16 @@ def test_report_rejects_a_chunk_with_an_unknown_pair():
     data = build_sources(THREE, seed=15)
     with pytest.raises(ValueError, match="chunk 2 holds pair index -1"):
         describe_partition("given", [[int(data["pair_indices"][0])], [-1]], **data)
+
+
+def test_split_held_out_is_a_seeded_order_keeping_train_test_split():
+    pairs = [f"pair{i}" for i in range(23)]
+    kept, held = split_held_out(pairs, fraction=0.2, seed=5)
+    assert len(held) == 5 and len(kept) == 18  # round(0.2 * 23)
+    assert sorted(kept + held) == sorted(pairs)
+    assert kept == [p for p in pairs if p in kept] and held == [p for p in pairs if p in held]
+    assert split_held_out(pairs, fraction=0.2, seed=5) == (kept, held)
+    assert split_held_out(pairs, fraction=0.2, seed=6)[1] != held
+    assert len(split_held_out(pairs, fraction=0.001, seed=0)[1]) == 1  # at least one pair
+    with pytest.raises(ValueError, match="leave none to train on"):
+        split_held_out(pairs[:1], fraction=0.5, seed=0)

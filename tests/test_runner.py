@@ -224,3 +224,33 @@ def test_held_out_eval_sources_are_scored_after_every_step_and_never_trained_on(
     margin = 0.1 * ((m2.chosen_logps - m0.chosen_logps) - (m2.rejected_logps - m0.rejected_logps))
     assert last["eval/rewards/margins"] == pytest.approx(float(margin.mean()), abs=1e-5)
     assert result.reports[-1].eval_metrics["eval/loss"] == pytest.approx(last["eval/loss"])
+
+
+def test_eval_fraction_holds_out_a_seeded_share_scored_after_every_step(tiny_model_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir)
+    n = len(_tokenized(cfg))
+    cfg.data.eval_fraction = 0.25
+    result = run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    held = round(0.25 * n)
+    assert sum(r.num_pairs for r in result.reports) == n - held
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in lines if "eval/loss" in m]
+    assert [m["sdpo_step"] for m in evals] == [1, 2]
+    held_out = _cached_indices(out / "cache" / "eval-initial.safetensors")
+    trained = _cached_indices(out / "cache" / "initial.safetensors")
+    assert len(held_out) == held and not set(held_out) & set(trained)
+    assert sorted(held_out + trained) == list(range(n))
+    # the same seed holds out the same pairs, another seed others
+    for seed, same in ((cfg.train.seed, True), (cfg.train.seed + 1, False)):
+        again = _config(tmp_path, tiny_model_dir)
+        again.output_dir = str(tmp_path / f"seed-{seed}")
+        again.data.eval_fraction = 0.25
+        again.train.seed = seed
+        run_training(again, progress=False)
+        indices = _cached_indices(Path(again.output_dir) / "cache" / "eval-initial.safetensors")
+        assert (indices == held_out) is same
+
+
+def _cached_indices(path: Path) -> list[int]:
+    return sorted(load_file(str(path))["pair_indices"].tolist())
