@@ -437,7 +437,9 @@ class DPOTrainer:
             # nonzero ``found_inf`` makes the whole update a no-op, step counters included.
             # The host learns ``finite`` only after the update is queued.
             if self.config.max_grad_norm:
-                scale = ((norm + 1e-6) / self.config.max_grad_norm).clamp(min=1.0)
+                # fp32 whatever the gradients' dtype: the kernel reads a float (the norm of
+                # bf16 gradients comes back in bf16)
+                scale = ((norm.float() + 1e-6) / self.config.max_grad_norm).clamp(min=1.0)
                 self.optimizer.grad_scale = torch.where(finite, scale, 1.0)
             self.optimizer.found_inf = (~finite).float()
             try:

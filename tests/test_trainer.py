@@ -182,3 +182,21 @@ def test_capped_chunks_split_long_pairs_and_train_the_same(tiny_model_dir, tmp_p
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
     for p, q in zip(w_full, w_cap, strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_optimizer_step_on_bf16_parameters(tiny_model_dir, tmp_path):
+    """bf16 parameters (train.precision = "bf16", as on the GPU): the gradient norm comes back
+    in bf16 and the clip factor handed to the fused kernel must still be fp32."""
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=8, seed=12))
+    model = load_pretrained(tiny_model_dir, dtype=torch.bfloat16)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=1024, impl="torch", precision="bf16")
+    trainer = _trainer(model, tmp_path, precision="bf16", max_grad_norm=0.05)
+    trainer.optimizer = build_optimizer(model, trainer.config, fused=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = trainer.train_step(pairs, plan_steps(pairs, trainer.config, epoch=0)[0], ref)
+    assert trainer.last_step_finite and metrics["grad_norm"].dtype == torch.bfloat16
+    assert float(metrics["grad_norm"]) > 0.05
+    moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True)]
+    assert all(moved)
+    state = trainer.optimizer.state[model.lm_head_weight]
+    assert state["exp_avg"].dtype == torch.bfloat16 and float(state["step"]) == 1
