@@ -138,8 +138,9 @@ def read_preference_file(
 ) -> list[dict]:
     """Read and validate a preference data set.
 
-    ``path_or_name``: a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, or a hub data set name
-    (``split`` applies to hub names only; a local file is one split). ``source`` names the data
+    ``path_or_name``: a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a data set folder (the
+    layout a hub download leaves: data files named by split), or a hub data set name (``split``
+    applies to folders and hub names; a local file is one split). ``source`` names the data
     source (default: the file's stem or the hub name). ``identical``: what to do with pairs whose
     chosen equals rejected: "warn" (keep, warn with the count), "drop" (remove, warn with the
     count) or "error".
@@ -186,6 +187,13 @@ def read_preference_file(
         if places is None:
             places = [_Place(file=name, row=i, row_label="row") for i in range(len(records))]
         default_source = path.stem
+    elif path.is_dir():
+        # a data set folder as a hub download leaves it (data files named by split, e.g.
+        # data/train-00000-of-00001.parquet): read by datasets like a hub name, offline
+        with tempfile.TemporaryDirectory(prefix="sdpo-data-") as scratch:
+            records = _load_hub(str(path), split=split, cache=Path(scratch))
+        places = [_Place(file=name, row=i, row_label="row") for i in range(len(records))]
+        default_source = path.name
     elif suffix in _BUILDERS or name.startswith((".", "/", "~")):
         raise DataError(
             "file not found",
@@ -305,13 +313,25 @@ def _load_local(builder: str, path: Path, *, name: str, cache: Path) -> list[dic
             ) from exc
 
 
-def _load_hub(name: str, *, split: str) -> list[dict]:
+def _load_hub(name: str, *, split: str, cache: Path | None = None) -> list[dict]:
+    """A hub data set name, or a local data set folder (``cache``: a scratch datasets cache)."""
     import datasets
 
+    local = Path(name).is_dir()
     with _quiet_datasets():
         try:
-            return datasets.load_dataset(name, split=split).to_list()
+            kwargs = {"cache_dir": str(cache)} if cache is not None else {}
+            return datasets.load_dataset(name, split=split, **kwargs).to_list()
         except Exception as exc:
+            if local:
+                raise DataError(
+                    f"could not be read as a data set folder with split {split!r} "
+                    f"({type(exc).__name__}: {exc})",
+                    fix="point to a folder whose data files are named by split (e.g. "
+                    "data/train-00000-of-00001.parquet) and set the source's split, or pass "
+                    "one .jsonl/.json/.parquet/.csv file",
+                    file=name,
+                ) from exc
             raise DataError(
                 f"is not a local file and could not be loaded as a hub data set "
                 f"({type(exc).__name__}: {exc})",

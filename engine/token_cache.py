@@ -80,6 +80,15 @@ def token_cache_path(cache_dir: str | os.PathLike, name: str) -> Path:
     return Path(cache_dir) / f"tokens-{name}.safetensors"
 
 
+def _folder_sha256(folder: Path) -> str:
+    """sha256 over every file below ``folder`` (relative path and content), in path order."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(path.relative_to(folder).as_posix().encode() + b"\0")
+        h.update(file_sha256(path).encode())
+    return h.hexdigest()
+
+
 def token_cache_key(
     sources: Sequence[SourceLike],
     *,
@@ -91,15 +100,20 @@ def token_cache_key(
     vocab_size: int,
     context_length: int | None,
 ) -> dict[str, Any] | None:
-    """The key of the tokenized ``sources``: a JSON-able dict, or None when a source is not a
-    local file (a hub name, or a missing file that reading will report) and so cannot be
-    fingerprinted. Data and tokenizer files are hashed in full (streamed)."""
+    """The key of the tokenized ``sources``: a JSON-able dict, or None when a source is not
+    local (a hub name, or a missing path that reading will report) and so cannot be
+    fingerprinted. Data files (every file of a data set folder) and tokenizer files are hashed
+    in full (streamed)."""
     files = []
     for source in sources:
         path = Path(os.fspath(source.path)).expanduser()
-        if not path.is_file():
+        if path.is_file():
+            digest = file_sha256(path)
+        elif path.is_dir():
+            digest = _folder_sha256(path)
+        else:
             return None
-        files.append([source.name, os.fspath(source.path), source.split, file_sha256(path)])
+        files.append([source.name, os.fspath(source.path), source.split, digest])
     folder = Path(tokenizer_dir)
     tokenizer = {
         name: file_sha256(folder / name) if (folder / name).is_file() else None

@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 
 from sdpo.engine.files import atomic_open
+from sdpo.engine.resume import file_sha256
 
 if TYPE_CHECKING:
     from sdpo.engine.packing import TokenizedPair
@@ -343,9 +344,5 @@ def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """sha256 hex of a file's bytes (e.g. tokenizer.json), read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 hex of a file's bytes (e.g. tokenizer.json), streamed."""
+    return file_sha256(path)

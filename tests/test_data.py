@@ -62,6 +62,27 @@ def test_every_format_loads_the_same_rows(tmp_path, fmt):
     assert sorted(os.listdir(tmp_path)) == before  # no cache files next to the data
 
 
+def test_a_data_set_folder_loads_by_split_like_a_hub_download(tmp_path):
+    """The layout a hub download leaves: data files named by split, read offline."""
+    folder = tmp_path / "ufb_local"
+    (folder / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(ROWS).to_parquet(
+        str(folder / "data" / "train-00000-of-00001.parquet")
+    )
+    held = [dict(ROWS[0], chosen="4")]
+    datasets.Dataset.from_list(held).to_parquet(
+        str(folder / "data" / "test-00000-of-00001.parquet")
+    )
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rows = read_preference_file(folder)
+    assert [triple(r) for r in rows] == [triple(r) for r in ROWS]
+    assert {r["source"] for r in rows} == {"ufb_local"} and [r["row"] for r in rows] == [0, 1, 2]
+    assert [triple(r) for r in read_preference_file(folder, split="test")] == [triple(held[0])]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no cache
+    with pytest.raises(DataError, match=r"ufb_local.*split 'validation'.*named by split"):
+        read_preference_file(folder, split="validation")
+
+
 def test_jsonl_rows_keep_their_line_numbers_across_blank_lines_and_source_override(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS, blank_after=1)
     rows = read_preference_file(path, source="openorca")

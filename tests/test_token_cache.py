@@ -221,6 +221,21 @@ def test_a_hub_name_has_no_key_and_a_changed_tokenizer_changes_it(tiny_model_dir
     assert _key(cfg) != key
 
 
+def test_a_data_set_folder_is_keyed_by_every_file_in_it(tiny_model_dir, tmp_path):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    folder = tmp_path / "local_set" / "data"
+    folder.mkdir(parents=True)
+    (folder / "train-00000-of-00001.parquet").write_bytes(b"first shard")
+    sources = [DataSource(name="local", path=str(folder.parent))]
+    key = token_cache_key(sources, **_args(cfg))
+    assert key is not None and key == token_cache_key(sources, **_args(cfg))
+    (folder / "train-00000-of-00001.parquet").write_bytes(b"first shard!")
+    edited = token_cache_key(sources, **_args(cfg))
+    assert edited != key
+    (folder / "train-00001-of-00002.parquet").write_bytes(b"second shard")
+    assert token_cache_key(sources, **_args(cfg)) not in (key, edited)
+
+
 def test_a_flipped_byte_in_the_cache_is_detected_and_the_data_tokenized_again(
     tiny_model_dir, tmp_path, tokenize_calls, capsys
 ):
