@@ -17,6 +17,7 @@ from torch import Tensor
 from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
+    head_rows,
     pack_pairs,
     pack_pairs_shared,
     to_device,
@@ -85,8 +86,10 @@ def score_pairs(
         iterator = tqdm(batches, desc="scoring", unit="batch", leave=False)
     for positions in iterator:
         chunk = [pairs[i] for i in positions]
+        host_batch = pack_pairs_shared(chunk) if share_prompt else pack_pairs(chunk)
+        batch = to_device(host_batch, device)
+        head = to_device(head_rows(host_batch), device)  # the rows with a label
         if share_prompt:
-            batch = to_device(pack_pairs_shared(chunk), device)
             with autocast_context(precision, device):
                 hidden = model(
                     batch.input_ids,
@@ -95,18 +98,16 @@ def score_pairs(
                     batch.max_seqlen,
                     shared_prefix=batch.shared_prefix,
                 )
-            hidden = hidden.index_select(0, batch.head_index)  # (M, H): the scored rows
         else:
-            batch = to_device(pack_pairs(chunk), device)
             with autocast_context(precision, device):
                 hidden = model(
                     batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
                 )
         seq_logps = sequence_logprobs(
-            hidden,
+            hidden.index_select(0, head.index),  # (M, H): only rows with a label
             model.lm_head_weight,
-            batch.labels,
-            batch.seq_ids,
+            head.labels,
+            head.seq_ids,
             batch.num_seqs,
             impl=impl,
             chunk_tokens=chunk_tokens,

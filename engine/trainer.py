@@ -38,6 +38,7 @@ from sdpo.engine.files import append_jsonl, atomic_open
 from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
+    head_rows,
     pack_pairs,
     pack_pairs_shared,
     to_device,
@@ -325,7 +326,9 @@ class DPOTrainer:
         chunk = [pairs[i] for i in positions]
         host_batch = pack_pairs_shared(chunk) if share else pack_pairs(chunk)  # CPU tensors
         rows = ref.rows_for(host_batch.pair_indices)  # looked up on the host: no device sync
+        host_head = head_rows(host_batch)  # the rows with a label, counted on the host
         batch = to_device(host_batch, self.device)
+        head = to_device(host_head, self.device)
         ref_c = to_device(ref.chosen_logps[rows], self.device)
         ref_r = to_device(ref.rejected_logps[rows], self.device)
         tok_c = batch.completion_tokens[0::2]
@@ -343,8 +346,7 @@ class DPOTrainer:
                 hidden = self.model(
                     batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
                 )  # (N, H)
-        if share:
-            hidden = hidden.index_select(0, batch.head_index)  # (M, H): the scored rows
+        hidden = hidden.index_select(0, head.index)  # (M, H): only rows with a label
         weight = self.model.lm_head_weight
         if self.precision == "bf16-mixed":
             hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
@@ -364,29 +366,24 @@ class DPOTrainer:
                 )
                 return out.losses.sum() / normalizer
 
-            # chosen + rejected rows of each pair, from the host copy: no device sync
-            if share:
-                pair_tokens = host_batch.pair_head_tokens()
-            else:
-                pair_tokens = host_batch.cu_seqlens[0::2].diff().tolist()
             loss, seq_logps = linear_pair_loss(
                 hidden,
                 weight,
-                batch.labels,
-                batch.seq_ids,
+                head.labels,
+                head.seq_ids,
                 batch.num_seqs,
                 pair_loss=pair_loss,
                 impl=self.kernels_impl,
                 chunk_tokens=self.chunk_tokens,
                 max_chunk_tokens=self.max_chunk_tokens,
-                pair_tokens=pair_tokens,
+                pair_tokens=host_head.pair_tokens,  # the host's counts: no device sync
             )
         else:
             seq_logps = sequence_logprobs(
                 hidden,
                 weight,
-                batch.labels,
-                batch.seq_ids,
+                head.labels,
+                head.seq_ids,
                 batch.num_seqs,
                 impl=self.kernels_impl,
                 chunk_tokens=self.chunk_tokens,

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from sdpo.engine.packing import PackedBatch, TokenizedPair, batch_by_token_budget, pack_pairs
+from sdpo.engine.packing import (
+    PackedBatch,
+    TokenizedPair,
+    batch_by_token_budget,
+    head_rows,
+    pack_pairs,
+)
 
 
 def random_pairs(rng: np.random.Generator, n: int, *, vocab: int = 97, max_len: int = 13):
@@ -154,3 +160,19 @@ def test_budget_batching_names_the_pair_over_budget_and_the_fix():
     msg = str(info.value)
     assert "position 1" in msg and "data index 42" in msg and "9 tokens" in msg
     assert "max_tokens_per_batch" in msg and "max_length" in msg
+
+
+def test_head_rows_are_exactly_the_labelled_rows_with_per_pair_counts():
+    pairs = random_pairs(np.random.default_rng(21), 7)
+    batch = pack_pairs(pairs)
+    head = head_rows(batch)
+    labelled = (batch.labels != -100).nonzero().squeeze(1)
+    assert torch.equal(head.index, labelled)
+    assert torch.equal(head.labels, batch.labels[labelled])
+    assert torch.equal(head.seq_ids, batch.seq_ids[labelled])
+    # every completion token is predicted by exactly one row of its own sequence
+    assert head.pair_tokens == [len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    for s in range(batch.num_seqs):
+        pair = pairs[s // 2]
+        completion = pair.chosen_ids if s % 2 == 0 else pair.rejected_ids
+        assert head.labels[head.seq_ids == s].tolist() == completion
