@@ -65,10 +65,12 @@ tail -n 15 "$OUT_DIR/pytest_gpu.log" | tee -a "$SUMMARY"
 echo "pytest -m gpu exit code: $rc" | tee -a "$SUMMARY"
 
 # N=16,384, H=4,096, V in {32,000, 128,256}: every head variant (Liger when importable), the
-# capped head and the fused reference pass beside the chunked one.
+# capped head, other chunk sizes (the chunk rule's measurement) and the fused reference pass
+# beside the chunked one.
 section "benchmarks/throughput.py kernels" kernels.txt 120 \
-    "$PY" benchmarks/throughput.py kernels --warmup 1 --iters 3 --json "$OUT_DIR/kernels.json"
-grep -v '^  V=' "$OUT_DIR/kernels.txt" | tail -n 44 | tee -a "$SUMMARY"
+    "$PY" benchmarks/throughput.py kernels --warmup 1 --iters 3 --chunk-tokens 2048 8192 16384 \
+    --json "$OUT_DIR/kernels.json"
+grep -v '^  V=' "$OUT_DIR/kernels.txt" | tail -n 60 | tee -a "$SUMMARY"
 echo "kernels benchmark exit code: $rc" | tee -a "$SUMMARY"
 
 # End to end: the anchor workload (llama-1b-32k, 4 pairs/step, prompt 128, completions

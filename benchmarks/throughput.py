@@ -43,7 +43,7 @@ import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -229,7 +229,7 @@ def eager_head_loss(p: HeadProblem, h: torch.Tensor, w: torch.Tensor) -> torch.T
 
 
 def head_variants(
-    p: HeadProblem, *, impl: str, smoke: bool
+    p: HeadProblem, *, impl: str, smoke: bool, chunk_sweep: Sequence[int] = ()
 ) -> dict[str, Callable[[], torch.Tensor] | str]:
     """name -> zero-arg loss function, or a string saying why the variant is skipped."""
     variants: dict[str, Callable[[], torch.Tensor] | str] = {}
@@ -251,7 +251,7 @@ def head_variants(
     # the host-side plan the trainer passes (no device sync): tokens of each pair
     pair_tokens = [2 * p.seq_len] * (p.num_seqs // 2)
 
-    def pair_variant(grad_weight_dtype, max_chunk_tokens=None):
+    def pair_variant(grad_weight_dtype, max_chunk_tokens=None, chunk_tokens=None):
         def run():
             loss, _ = linear_pair_loss(
                 h,
@@ -264,6 +264,7 @@ def head_variants(
                 grad_weight_dtype=grad_weight_dtype,
                 pair_tokens=pair_tokens,
                 max_chunk_tokens=max_chunk_tokens,
+                chunk_tokens=chunk_tokens,
             )
             return loss
 
@@ -277,6 +278,11 @@ def head_variants(
     variants[f"sdpo linear_pair_loss ({impl}, dW fp32, max_chunk_tokens={cap})"] = pair_variant(
         torch.float32, cap
     )
+    # the chunk rule's measurement: the same loss with other chunk sizes (whole pairs each)
+    for tokens in chunk_sweep:
+        variants[f"sdpo linear_pair_loss ({impl}, dW fp32, chunk_tokens={tokens})"] = pair_variant(
+            torch.float32, chunk_tokens=tokens
+        )
     variants["liger LigerFusedLinearDPOLoss"] = liger_variant(p, smoke=smoke)
     return variants
 
@@ -421,7 +427,8 @@ def kernels_section(args: argparse.Namespace) -> dict:
                 "extra_peak_gb": grad_floor_gb,
             }
         ]
-        for name, fn in head_variants(p, impl=impl, smoke=args.smoke).items():
+        variants = head_variants(p, impl=impl, smoke=args.smoke, chunk_sweep=args.chunk_tokens)
+        for name, fn in variants.items():
             if isinstance(fn, str):
                 rows.append({"variant": name, "error": fn})
                 continue
@@ -1627,6 +1634,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     k.add_argument(
         "--vocab", type=int, nargs="+", default=[32_000, 128_256], help="vocabulary sizes"
+    )
+    k.add_argument(
+        "--chunk-tokens",
+        type=int,
+        nargs="*",
+        default=[],
+        metavar="N",
+        help="also time linear_pair_loss with these chunk sizes (tokens; chunks hold whole "
+        "pairs), to check the default chunk rule",
     )
     k.add_argument("--warmup", type=int, default=2, help="untimed runs per variant")
     k.add_argument("--iters", type=int, default=5, help="timed runs per variant (median reported)")
