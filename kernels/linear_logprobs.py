@@ -47,8 +47,9 @@ the per-chunk dW update (a GEMM with K = chunk tokens that reads and writes the 
 fp32 accumulator) has arithmetic intensity ≈ chunk/4 FLOP/byte and must stay above an
 H100's ≈ 250 FLOP/byte ridge to remain compute-bound. H cancels out of both ratios (the
 chunk GEMMs and the accumulator traffic both scale with H), so the rule uses V and the
-element size only. NOT YET MEASURED on a GPU: benchmarks/throughput.py is where it gets
-checked (bf16: V=32,000 -> 4096 tokens, V=128,256 -> 1024 tokens).
+element size only. NOT YET MEASURED on a GPU (bf16: V=32,000 -> 4096 tokens, V=128,256 ->
+1024 tokens): ``benchmarks/throughput.py kernels --chunk-tokens 2048 8192 16384`` times the
+same loss at other chunk sizes beside the default.
 """
 
 from __future__ import annotations
