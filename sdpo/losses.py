@@ -1,5 +1,7 @@
-"""The DPO loss family: sigmoid (DPO), cDPO label smoothing, robust DPO, hinge (SLiC), IPO, plus an
-optional NLL term on the chosen completion (RPO) and a reference-free mode.
+"""The DPO loss family: sigmoid (DPO), cDPO label smoothing, robust DPO, hinge (SLiC), IPO, the
+per-pair variants of TRL's ``DPOTrainer`` (EXO, NCA, BCO, SPPO-hard, APO-zero/down, DiscoPOP,
+length-normalised sigmoid), plus an optional NLL term on the chosen completion (RPO) and a
+reference-free mode.
 
 Everything here works on per-pair summed log-probabilities (what ``sequence_logprobs`` returns
 for the chosen and rejected sequence of each pair) and on the reference model's values for the
@@ -15,6 +17,29 @@ so numbers are comparable with runs made there:
   of the batch instead; the per-pair form keeps the loss separable by pair, which the fused
   chunked kernel needs, and equals TRL's when all chosen completions have the same length.)
 
+The TRL variants are written with the per-completion log-ratios ``lc = pi_c - ref_c`` and
+``lr = pi_r - ref_r``, ``d = lc - lr`` (TRL's ``delta_score``) and ``s(x)`` the logistic sigmoid:
+
+- ``exo_pair`` (EXO-pref, K = 2), with ``eps = label_smoothing`` > 0 and ``x = beta d``:
+  ``s(x) (log s(x) - log(1 - eps)) + s(-x) (log s(-x) - log eps)``;
+- ``nca_pair``: ``-log s(beta lc) - log s(-beta lc) / 2 - log s(-beta lr) / 2``;
+- ``bco_pair``: ``-log s(beta lc) - log s(-beta lr)`` (TRL's current form, without the running
+  mean of rewards older releases subtracted, which would tie pairs across batches);
+- ``sppo_hard``: ``(lc - 1 / (2 beta))^2 + (lr + 1 / (2 beta))^2``;
+- ``apo_zero``: ``(1 - s(beta lc)) + s(beta lr)``; ``apo_down``: ``s(beta lc) + (1 - s(beta d))``;
+  ``1 - s(x)`` is evaluated as ``s(-x)``, which keeps its precision when it is small;
+- ``discopop`` with ``tau = discopop_tau`` and ``x = beta d``:
+  ``-log s(x) (1 - s(x / tau)) + exp(-x) s(x / tau)``; ``1 - s(x / tau)`` is ``s(-x / tau)`` and
+  ``exp(-x) s(x / tau)`` is ``exp(log s(x / tau) - x)``, so a very negative ``x`` does not turn
+  ``inf * 0`` into NaN;
+- ``sigmoid_norm``: ``-log s(beta (lc / chosen_tokens - lr / rejected_tokens))`` (token counts
+  clamped to at least 1, as TRL does); unlike IPO its rewards use the summed log-ratios, as TRL's.
+
+Left out because they are not separable by pair (one pair's loss would depend on other pairs,
+which the fused chunked kernel cannot allow): ``aot`` and ``aot_unpaired`` (older releases:
+``aot_pair``) sort the log-ratios across the batch before pairing them up; ``sft`` averages the
+chosen NLL over every chosen token of the batch (``rpo_alpha`` is its per-pair form).
+
 All arithmetic runs in float32 at least (bf16/fp16 inputs are upcast; float64 stays float64, so
 gradients can be checked with ``torch.autograd.gradcheck``).
 """
@@ -29,7 +54,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+LOSS_TYPES = (
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
+# loss types whose loss reads label_smoothing (as cDPO's / robust DPO's flip rate, as EXO's eps)
+_SMOOTHED_TYPES = ("sigmoid", "robust", "exo_pair")
 
 
 @dataclass(kw_only=True)
@@ -40,9 +80,15 @@ class LossConfig:
     cDPO), ``"robust"`` (robust DPO: an unbiased estimate under label noise of rate
     ``label_smoothing``; with ``label_smoothing = 0`` it is exactly the sigmoid loss, which is
     allowed but makes the choice pointless), ``"hinge"`` (SLiC: ``relu(1 - beta * z)``), ``"ipo"``
-    (``(z - 1 / (2 beta))^2`` on token-averaged log-probs; ``beta`` is IPO's tau).
+    (``(z - 1 / (2 beta))^2`` on token-averaged log-probs; ``beta`` is IPO's tau), or one of TRL's
+    per-pair variants ``"exo_pair"``, ``"nca_pair"``, ``"bco_pair"``, ``"sppo_hard"``,
+    ``"apo_zero"``, ``"apo_down"``, ``"discopop"``, ``"sigmoid_norm"`` (formulas in the module
+    docstring).
     ``beta``: inverse temperature of the implicit reward (Zephyr/sDPO: 0.1).
-    ``label_smoothing``: assumed label-flip rate in [0, 0.5), sigmoid and robust only.
+    ``label_smoothing``: assumed label-flip rate in [0, 0.5), sigmoid and robust only; for
+    ``exo_pair`` it is EXO's epsilon and must be > 0 (the EXO paper suggests 1e-3).
+    ``discopop_tau``: DiscoPOP's temperature (> 0; TRL's and the paper's default 0.05), read by
+    ``discopop`` only.
     ``rpo_alpha``: weight of the chosen-NLL term (RPO); None turns it off.
     ``reference_free``: drop the reference model (its log-probs count as 0).
     """
@@ -52,6 +98,7 @@ class LossConfig:
     label_smoothing: float = 0.0
     rpo_alpha: float | None = None
     reference_free: bool = False
+    discopop_tau: float = 0.05
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:
@@ -65,10 +112,23 @@ class LossConfig:
                 f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r} "
                 "(it is the assumed rate of flipped labels; 0.5 would mean pure noise)"
             )
-        if self.label_smoothing > 0 and self.loss_type not in ("sigmoid", "robust"):
+        if self.label_smoothing > 0 and self.loss_type not in _SMOOTHED_TYPES:
             raise ValueError(
                 f"label_smoothing = {self.label_smoothing} has no effect on loss_type "
-                f"{self.loss_type!r}: use loss_type 'sigmoid' (cDPO) or 'robust', or set it to 0"
+                f"{self.loss_type!r}: use loss_type 'sigmoid' (cDPO), 'robust' or 'exo_pair', "
+                "or set it to 0"
+            )
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+            raise ValueError(
+                "loss_type 'exo_pair' needs label_smoothing > 0: it is EXO's epsilon, the weight "
+                "of the rejected completion in the target distribution (the EXO paper suggests 1e-3)"
+            )
+        if not _is_real(self.discopop_tau) or not self.discopop_tau > 0:
+            raise ValueError(f"discopop_tau must be a finite number > 0, got {self.discopop_tau!r}")
+        if self.discopop_tau != 0.05 and self.loss_type != "discopop":
+            raise ValueError(
+                f"discopop_tau = {self.discopop_tau} has no effect on loss_type "
+                f"{self.loss_type!r}: use loss_type 'discopop' or leave it at 0.05"
             )
         if self.rpo_alpha is not None and (not _is_real(self.rpo_alpha) or self.rpo_alpha < 0):
             raise ValueError(
@@ -79,8 +139,9 @@ class LossConfig:
 
     @property
     def needs_token_counts(self) -> bool:
-        """IPO averages log-probs over completion tokens and RPO's NLL is a per-token mean."""
-        return self.loss_type == "ipo" or self.rpo_alpha is not None
+        """IPO and sigmoid_norm average log-probs over completion tokens and RPO's NLL is a
+        per-token mean."""
+        return self.loss_type in ("ipo", "sigmoid_norm") or self.rpo_alpha is not None
 
 
 def _is_real(x: object) -> bool:
@@ -128,6 +189,23 @@ def _pair_terms(
             rc, rr = rc / ct, rr / rt
 
     beta, eps = config.beta, config.label_smoothing
+    if config.loss_type in _LOGRATIO_TYPES:
+        lc = pc if rc is None else pc - rc
+        lr = pr if rr is None else pr - rr
+        if config.loss_type == "sigmoid_norm":
+            ct = chosen_tokens.to(dtype).clamp(min=1.0)
+            rt = rejected_tokens.to(dtype).clamp(min=1.0)
+            losses = -F.logsigmoid(beta * (lc / ct - lr / rt))
+        else:
+            losses = _logratio_losses(config, lc, lr)
+        if nll is not None:
+            losses = losses + config.rpo_alpha * nll
+        return DPOLossOutput(
+            losses=losses,
+            chosen_rewards=beta * lc.detach(),
+            rejected_rewards=beta * lr.detach(),
+            nll=nll,
+        )
     z = pc - pr  # (k,) policy log-ratio
     if rc is not None:
         z = z - (rc - rr)
@@ -149,6 +227,46 @@ def _pair_terms(
     return DPOLossOutput(
         losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, nll=nll
     )
+
+
+# the TRL variants, written with the per-completion log-ratios lc and lr
+_LOGRATIO_TYPES = (
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+)
+
+
+def _logratio_losses(config: LossConfig, lc: Tensor, lr: Tensor) -> Tensor:
+    """Per-pair losses of TRL's variants (all but sigmoid_norm) from the log-ratios (k,)."""
+    beta, kind = config.beta, config.loss_type
+    if kind == "exo_pair":
+        x = beta * (lc - lr)
+        eps = config.label_smoothing
+        return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (
+            F.logsigmoid(-x) - math.log(eps)
+        )
+    if kind == "nca_pair":
+        c, r = beta * lc, beta * lr
+        return -F.logsigmoid(c) - 0.5 * F.logsigmoid(-c) - 0.5 * F.logsigmoid(-r)
+    if kind == "bco_pair":
+        return -F.logsigmoid(beta * lc) - F.logsigmoid(-beta * lr)
+    if kind == "sppo_hard":
+        return (lc - 0.5 / beta) ** 2 + (lr + 0.5 / beta) ** 2
+    if kind == "apo_zero":
+        return torch.sigmoid(-beta * lc) + torch.sigmoid(beta * lr)
+    if kind == "apo_down":
+        return torch.sigmoid(beta * lc) + torch.sigmoid(-beta * (lc - lr))
+    if kind == "discopop":
+        x = beta * (lc - lr)
+        tau = config.discopop_tau
+        return -F.logsigmoid(x) * torch.sigmoid(-x / tau) + torch.exp(F.logsigmoid(x / tau) - x)
+    raise AssertionError(f"unhandled loss_type {kind!r}")
 
 
 def _check_inputs(

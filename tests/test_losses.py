@@ -1,11 +1,14 @@
 """DPO loss family: hand-computed values, float64 truth on random inputs, gradients, RPO, IPO
-token averaging, reference-free mode and the slice-wise form used by the fused kernel."""
+token averaging, reference-free mode, TRL's per-pair variants against a 60-digit evaluation of
+their literal formulas (extreme logits included) and the slice-wise form used by the fused
+kernel."""
 
 from __future__ import annotations
 
 import math
 import zlib
 
+import mpmath
 import numpy as np
 import pytest
 import torch
@@ -127,7 +130,61 @@ def test_reference_free_ignores_reference_values():
 # ---- random float64 checks against an independent numpy implementation ----
 
 
+TRL_TYPES = (
+    "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "discopop",
+    "sigmoid_norm",
+)  # fmt: skip
+
+
+def trl_truth(cfg: LossConfig, pc, pr, rc, rr, ct, rt) -> mpmath.mpf:
+    """One pair's loss from the literal formulas of TRL's DPOTrainer, in 60-digit arithmetic
+    (no rewriting for stability: the precision and exponent range make that unnecessary)."""
+    with mpmath.workdps(max(60, mpmath.mp.dps)):  # mpmath.diff evaluates at higher precision
+        pc, pr, rc, rr = (mpmath.mpf(v) for v in (pc, pr, rc, rr))
+        if cfg.reference_free:
+            rc = rr = mpmath.mpf(0)
+        b = mpmath.mpf(cfg.beta)
+
+        def sig(x):
+            return 1 / (1 + mpmath.exp(-x))
+
+        def logsig(x):
+            return mpmath.log(sig(x))
+
+        lc, lr = pc - rc, pr - rr
+        d = lc - lr
+        kind = cfg.loss_type
+        if kind == "exo_pair":
+            e = mpmath.mpf(cfg.label_smoothing)
+            x = b * d
+            out = sig(x) * (logsig(x) - mpmath.log(1 - e)) + sig(-x) * (logsig(-x) - mpmath.log(e))
+        elif kind == "nca_pair":
+            out = -logsig(b * lc) - logsig(-b * lc) / 2 - logsig(-b * lr) / 2
+        elif kind == "bco_pair":
+            out = -logsig(b * lc) - logsig(-b * lr)
+        elif kind == "sppo_hard":
+            out = (lc - 1 / (2 * b)) ** 2 + (lr + 1 / (2 * b)) ** 2
+        elif kind == "apo_zero":
+            out = 1 - sig(b * lc) + sig(b * lr)
+        elif kind == "apo_down":
+            out = sig(b * lc) + 1 - sig(b * d)
+        elif kind == "discopop":
+            x = b * d
+            m = sig(x / mpmath.mpf(cfg.discopop_tau))
+            out = -logsig(x) * (1 - m) + mpmath.exp(-x) * m
+        elif kind == "sigmoid_norm":
+            out = -logsig(b * (lc / max(int(ct), 1) - lr / max(int(rt), 1)))
+        else:
+            raise AssertionError(kind)
+        if cfg.rpo_alpha is not None:
+            out = out + mpmath.mpf(cfg.rpo_alpha) * (-pc / int(ct))
+        return out
+
+
 def numpy_reference(pc, pr, rc, rr, ct, rt, *, cfg: LossConfig) -> np.ndarray:
+    if cfg.loss_type in TRL_TYPES:
+        rows = zip(*(np.asarray(x).tolist() for x in (pc, pr, rc, rr, ct, rt)), strict=True)
+        return np.array([float(trl_truth(cfg, *row)) for row in rows])
     pc, pr, rc, rr = (np.asarray(x, dtype=np.float64) for x in (pc, pr, rc, rr))
     ct, rt = np.asarray(ct, dtype=np.float64), np.asarray(rt, dtype=np.float64)
     nll = -pc / ct
@@ -160,7 +217,20 @@ CONFIGS = [
     LossConfig(loss_type="ipo", beta=0.4),
     LossConfig(loss_type="sigmoid", beta=0.1, rpo_alpha=1.3),
     LossConfig(loss_type="ipo", beta=0.1, rpo_alpha=0.5, reference_free=True),
+    LossConfig(loss_type="exo_pair", beta=0.1, label_smoothing=1e-3),
+    LossConfig(loss_type="exo_pair", beta=0.3, label_smoothing=0.2),
+    LossConfig(loss_type="nca_pair", beta=0.1),
+    LossConfig(loss_type="bco_pair", beta=0.2),
+    LossConfig(loss_type="sppo_hard", beta=0.1),
+    LossConfig(loss_type="apo_zero", beta=0.1),
+    LossConfig(loss_type="apo_down", beta=0.25),
+    LossConfig(loss_type="discopop", beta=0.1),
+    LossConfig(loss_type="discopop", beta=0.5, discopop_tau=0.3),
+    LossConfig(loss_type="sigmoid_norm", beta=0.1),
+    LossConfig(loss_type="nca_pair", beta=0.15, rpo_alpha=0.5, reference_free=True),
+    LossConfig(loss_type="discopop", beta=0.1, rpo_alpha=1.1),
 ]
+TRL_CONFIGS = [c for c in CONFIGS if c.loss_type in TRL_TYPES]
 
 
 def random_batch(p: int, *, seed: int):
@@ -304,6 +374,16 @@ def test_missing_inputs_are_explained():
         ({"label_smoothing": -0.1}, "label_smoothing must be"),
         ({"loss_type": "hinge", "label_smoothing": 0.1}, "has no effect"),
         ({"rpo_alpha": -1.0}, "rpo_alpha must be"),
+        ({"loss_type": "nca_pair", "label_smoothing": 0.1}, "has no effect"),
+        ({"loss_type": "exo_pair"}, "exo_pair' needs label_smoothing > 0"),
+        ({"loss_type": "exo_pair", "label_smoothing": 0.5}, "label_smoothing must be in"),
+        ({"loss_type": "discopop", "discopop_tau": 0.0}, "discopop_tau must be"),
+        ({"loss_type": "discopop", "discopop_tau": -1.0}, "discopop_tau must be"),
+        ({"loss_type": "discopop", "discopop_tau": float("inf")}, "discopop_tau must be"),
+        ({"loss_type": "discopop", "discopop_tau": True}, "discopop_tau must be"),
+        ({"loss_type": "sigmoid", "discopop_tau": 0.1}, "discopop_tau = 0.1 has no effect"),
+        ({"loss_type": "aot"}, "loss_type must be one of"),
+        ({"loss_type": "sft"}, "loss_type must be one of"),
     ],
 )
 def test_loss_config_rejects_invalid_values(kwargs, match):
@@ -313,3 +393,141 @@ def test_loss_config_rejects_invalid_values(kwargs, match):
 
 def test_every_loss_type_is_covered():
     assert {c.loss_type for c in CONFIGS} == set(LOSS_TYPES)
+
+
+def test_trl_variants_accept_their_parameters():
+    assert LossConfig(loss_type="exo_pair", label_smoothing=1e-3).label_smoothing == 1e-3
+    assert LossConfig(loss_type="discopop").discopop_tau == 0.05  # TRL's default
+    assert LossConfig(loss_type="discopop", discopop_tau=2).discopop_tau == 2
+    assert LossConfig(loss_type="sigmoid_norm").needs_token_counts
+    assert not LossConfig(loss_type="apo_zero").needs_token_counts
+    with pytest.raises(ValueError, match="chosen_tokens is missing"):
+        pc, pr, rc, rr, _, _ = random_batch(3, seed=4)
+        dpo_loss(pc, pr, rc, rr, config=LossConfig(loss_type="sigmoid_norm"))
+
+
+# (beta * chosen log-ratio, beta * rejected log-ratio) of pairs with extreme logits
+EXTREMES = [
+    (2000.0, -2000.0), (-2000.0, 2000.0), (-2000.0, -1990.0), (1500.0, 1700.0),
+    (300.0, 290.0), (-300.0, -310.0), (95.0, -95.0), (-95.0, 95.0), (45.0, -45.0),
+    (-45.0, 45.0), (-0.5, 0.25), (0.0, 0.0), (3e-9, -1e-9),
+]  # fmt: skip
+
+
+def extreme_batch(cfg: LossConfig, *, seed: int):
+    """13 pairs: ordinary policy log-probs and references placed so the log-ratios hit EXTREMES."""
+    p = len(EXTREMES)
+    g = torch.Generator().manual_seed(seed)
+    ct = torch.randint(1, 60, (p,), generator=g)
+    rt = torch.randint(1, 60, (p,), generator=g)
+    pc = -ct * (0.5 + 2 * torch.rand(p, generator=g, dtype=torch.float64))
+    pr = -rt * (0.5 + 2 * torch.rand(p, generator=g, dtype=torch.float64))
+    if cfg.loss_type == "sigmoid_norm":  # its logits are per token: scale by the counts
+        lc = torch.tensor([a for a, _ in EXTREMES], dtype=torch.float64) * ct / cfg.beta
+        lr = torch.tensor([b for _, b in EXTREMES], dtype=torch.float64) * rt / cfg.beta
+    else:
+        lc = torch.tensor([a for a, _ in EXTREMES], dtype=torch.float64) / cfg.beta
+        lr = torch.tensor([b for _, b in EXTREMES], dtype=torch.float64) / cfg.beta
+    if cfg.reference_free:  # the log-ratios are the policy log-probs themselves
+        return (
+            lc,
+            lr,
+            torch.zeros(p, dtype=torch.float64),
+            torch.zeros(p, dtype=torch.float64),
+            ct,
+            rt,
+        )
+    return pc, pr, pc - lc, pr - lr, ct, rt
+
+
+def truth_grads(cfg, pc, pr, rc, rr, ct, rt) -> tuple[np.ndarray, np.ndarray]:
+    """d loss / d policy_chosen and d loss / d policy_rejected by 60-digit numeric differentiation."""
+    gc, gr = [], []
+    for row in zip(*(x.tolist() for x in (pc, pr, rc, rr, ct, rt)), strict=True):
+        a, b = row[0], row[1]
+        with mpmath.workdps(60):
+            gc.append(float(mpmath.diff(lambda x, r=row: trl_truth(cfg, x, *r[1:]), a)))
+            gr.append(float(mpmath.diff(lambda x, r=row: trl_truth(cfg, r[0], x, *r[2:]), b)))
+    return np.array(gc), np.array(gr)
+
+
+@pytest.mark.parametrize("cfg", TRL_CONFIGS, ids=lambda c: f"{c.loss_type}-{c.beta}")
+def test_trl_variants_are_exact_and_finite_at_extreme_logits(cfg):
+    pc, pr, rc, rr, ct, rt = extreme_batch(cfg, seed=zlib.crc32(repr(cfg).encode()))
+    c, r = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
+    out = dpo_loss(c, r, rc, rr, config=cfg, chosen_tokens=ct, rejected_tokens=rt)
+    truth = numpy_reference(pc, pr, rc, rr, ct, rt, cfg=cfg)
+    assert np.isfinite(truth).all()
+    np.testing.assert_allclose(out.losses.detach().numpy(), truth, rtol=1e-12, atol=1e-12)
+    out.losses.sum().backward()
+    gc, gr = truth_grads(cfg, pc, pr, rc, rr, ct, rt)
+    np.testing.assert_allclose(c.grad.numpy(), gc, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(r.grad.numpy(), gr, rtol=1e-9, atol=1e-12)
+    # float32: finite losses and gradients, close to the truth on the rounded inputs
+    c32, r32 = (x.float().requires_grad_(True) for x in (pc, pr))
+    rc32, rr32 = rc.float(), rr.float()
+    out32 = dpo_loss(c32, r32, rc32, rr32, config=cfg, chosen_tokens=ct, rejected_tokens=rt)
+    out32.losses.sum().backward()
+    for t in (out32.losses, c32.grad, r32.grad):
+        assert torch.isfinite(t).all(), t
+    rounded = numpy_reference(
+        *(x.double() for x in (c32.detach(), r32.detach(), rc32, rr32)), ct, rt, cfg=cfg
+    )
+    np.testing.assert_allclose(
+        out32.losses.detach().double().numpy(), rounded, rtol=1e-4, atol=1e-4
+    )
+
+
+@pytest.mark.parametrize("cfg", TRL_CONFIGS, ids=lambda c: f"{c.loss_type}-{c.beta}")
+def test_trl_variants_report_beta_times_summed_log_ratios_as_rewards(cfg):
+    # TRL reports beta * (policy - reference) of the summed log-probs for every loss type
+    pc, pr, rc, rr, ct, rt = random_batch(13, seed=21)
+    out = dpo_loss(pc, pr, rc, rr, config=cfg, chosen_tokens=ct, rejected_tokens=rt)
+    if cfg.reference_free:
+        rc, rr = torch.zeros_like(rc), torch.zeros_like(rr)
+    want_c = [cfg.beta * (a - b) for a, b in zip(pc.tolist(), rc.tolist())]
+    want_r = [cfg.beta * (a - b) for a, b in zip(pr.tolist(), rr.tolist())]
+    assert out.chosen_rewards.tolist() == pytest.approx(want_c, rel=1e-13, abs=1e-13)
+    assert out.rejected_rewards.tolist() == pytest.approx(want_r, rel=1e-13, abs=1e-13)
+    assert not out.chosen_rewards.requires_grad
+
+
+def test_trl_variants_match_hand_computed_values():
+    # pair 0 of the fixed pairs: lc = -10 - -11 = 1, lr = -12.5 - -12 = -0.5, d = 1.5
+    beta = 0.5
+    lc, lr, d = 1.0, -0.5, 1.5
+
+    def sig(x):
+        return 1.0 / (1.0 + math.exp(-x))
+
+    def first(cfg):
+        return run(cfg).losses[0].item()
+
+    want = (lc - 1.0) ** 2 + (lr + 1.0) ** 2  # sppo_hard: 1 / (2 beta) = 1
+    assert first(LossConfig(loss_type="sppo_hard", beta=beta)) == pytest.approx(0.25, rel=1e-12)
+    assert want == 0.25
+    assert first(LossConfig(loss_type="apo_zero", beta=beta)) == pytest.approx(
+        1 - sig(0.5) + sig(-0.25), rel=1e-12
+    )
+    assert first(LossConfig(loss_type="apo_down", beta=beta)) == pytest.approx(
+        sig(0.5) + 1 - sig(0.75), rel=1e-12
+    )
+    assert first(LossConfig(loss_type="bco_pair", beta=beta)) == pytest.approx(
+        -log_sigmoid(0.5) - log_sigmoid(0.25), rel=1e-12
+    )
+    assert first(LossConfig(loss_type="nca_pair", beta=beta)) == pytest.approx(
+        -log_sigmoid(0.5) - 0.5 * log_sigmoid(-0.5) - 0.5 * log_sigmoid(0.25), rel=1e-12
+    )
+    e, x = 0.01, beta * d
+    assert first(LossConfig(loss_type="exo_pair", beta=beta, label_smoothing=e)) == pytest.approx(
+        sig(x) * (log_sigmoid(x) - math.log(1 - e)) + sig(-x) * (log_sigmoid(-x) - math.log(e)),
+        rel=1e-12,
+    )
+    m = sig(x / 0.05)
+    assert first(LossConfig(loss_type="discopop", beta=beta)) == pytest.approx(
+        -log_sigmoid(x) * (1 - m) + math.exp(-x) * m, rel=1e-12
+    )
+    # sigmoid_norm: per-token log-ratios 1 / 4 and -0.5 / 5
+    assert first(LossConfig(loss_type="sigmoid_norm", beta=beta)) == pytest.approx(
+        -log_sigmoid(beta * (1.0 / 4 + 0.5 / 5)), rel=1e-12
+    )
