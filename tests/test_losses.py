@@ -503,9 +503,9 @@ def test_trl_variants_match_hand_computed_values():
     def first(cfg):
         return run(cfg).losses[0].item()
 
-    want = (lc - 1.0) ** 2 + (lr + 1.0) ** 2  # sppo_hard: 1 / (2 beta) = 1
+    # sppo_hard: 1 / (2 beta) = 1, so (1 - 1)^2 + (-0.5 + 1)^2
+    assert (lc - 1.0) ** 2 + (lr + 1.0) ** 2 == 0.25
     assert first(LossConfig(loss_type="sppo_hard", beta=beta)) == pytest.approx(0.25, rel=1e-12)
-    assert want == 0.25
     assert first(LossConfig(loss_type="apo_zero", beta=beta)) == pytest.approx(
         1 - sig(0.5) + sig(-0.25), rel=1e-12
     )
