@@ -18,6 +18,27 @@ IGNORE_INDEX = -100
 WORDS = [f"w{i}" for i in range(40)]
 
 
+def assert_no_worse(name, ours, baseline, truth, *, rel_margin: float, factor: float = 1.0):
+    """The dtype-aware rule: ``ours`` is no further from the float64 ``truth`` than the
+    same-dtype PyTorch ``baseline`` (times ``factor``), plus ``rel_margin`` of truth's scale."""
+    scale = truth.abs().max().item() + 1e-30
+    err_ours = (ours.double() - truth).abs().max().item()
+    err_base = (baseline.double() - truth).abs().max().item()
+    assert err_ours <= factor * err_base + rel_margin * scale, (
+        f"{name}: error {err_ours:.3e} vs float64 truth exceeds the same-dtype PyTorch error "
+        f"{err_base:.3e} + margin {rel_margin * scale:.3e}"
+    )
+
+
+@pytest.fixture
+def one_thread():
+    """Small CPU ops are slowed a hundredfold by thread oversubscription on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def packed_labels(
     *, lengths, prompts, vocab: int, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:

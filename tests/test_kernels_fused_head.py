@@ -25,7 +25,7 @@ from sdpo.kernels.fused_head import (  # noqa: E402
     num_splits,
 )
 from sdpo.kernels.logprobs import IGNORE_INDEX  # noqa: E402
-from tests.conftest import packed_labels  # noqa: E402
+from tests.conftest import assert_no_worse, packed_labels  # noqa: E402
 
 VOCAB = 50_257  # not a multiple of any tile width: the last vocabulary tile is ragged
 
@@ -66,16 +66,6 @@ def _naive(h, w, labels, seq_ids, num_seqs):
     return token, lse, seq
 
 
-def _assert_no_worse(name, ours, baseline, truth, *, rel_margin: float, factor: float = 1.0):
-    scale = truth.abs().max().item() + 1e-30
-    err_ours = (ours.double() - truth).abs().max().item()
-    err_base = (baseline.double() - truth).abs().max().item()
-    assert err_ours <= factor * err_base + rel_margin * scale, (
-        f"{name}: error {err_ours:.3e} vs float64 truth exceeds the same-dtype PyTorch error "
-        f"{err_base:.3e} + margin {rel_margin * scale:.3e}"
-    )
-
-
 def _check_against_truth(b, *, rel_margin: float, factor: float = 1.0, **kwargs):
     args = (b["labels"], b["seq_ids"], b["num_seqs"])
     token, lse = fused_token_logprobs(b["h"], b["w"], b["labels"], **kwargs)
@@ -84,12 +74,12 @@ def _check_against_truth(b, *, rel_margin: float, factor: float = 1.0, **kwargs)
     assert bool((token[b["labels"] == IGNORE_INDEX] == 0).all())
     token64, lse64, seq64 = _naive(b["h64"], b["w64"], *args)
     token_b, lse_b, seq_b = _naive(b["h"], b["w"], *args)
-    _assert_no_worse("token_logps", token, token_b, token64, rel_margin=rel_margin, factor=factor)
-    _assert_no_worse("lse", lse, lse_b, lse64, rel_margin=rel_margin, factor=factor)
+    assert_no_worse("token_logps", token, token_b, token64, rel_margin=rel_margin, factor=factor)
+    assert_no_worse("lse", lse, lse_b, lse64, rel_margin=rel_margin, factor=factor)
     if not kwargs:
         seq = fused_sequence_logprobs(b["h"], b["w"], *args)
         assert seq.dtype == torch.float32 and seq.shape == (b["num_seqs"],)
-        _assert_no_worse("seq_logps", seq, seq_b, seq64, rel_margin=rel_margin, factor=factor)
+        assert_no_worse("seq_logps", seq, seq_b, seq64, rel_margin=rel_margin, factor=factor)
 
 
 def test_fused_logprobs_match_float64_truth_at_gpt2_vocab_with_a_k_tail():

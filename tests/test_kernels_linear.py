@@ -25,7 +25,7 @@ from sdpo.kernels.linear_logprobs import (  # noqa: E402
     default_chunk_tokens,
 )
 from sdpo.kernels.logprobs import IGNORE_INDEX  # noqa: E402
-from tests.conftest import packed_labels  # noqa: E402
+from tests.conftest import assert_no_worse, packed_labels  # noqa: E402
 
 IMPLS = ["torch", "triton"]
 BETA = 0.1
@@ -90,16 +90,6 @@ def _grads(fn, h, w):
     return out.detach(), h.grad, w.grad
 
 
-def _assert_no_worse(name, ours, baseline, truth, *, rel_margin: float, factor: float = 1.0):
-    scale = truth.abs().max().item() + 1e-30
-    err_ours = (ours.double() - truth).abs().max().item()
-    err_base = (baseline.double() - truth).abs().max().item()
-    assert err_ours <= factor * err_base + rel_margin * scale, (
-        f"{name}: error {err_ours:.3e} vs float64 truth exceeds the same-dtype PyTorch error "
-        f"{err_base:.3e} + margin {rel_margin * scale:.3e}"
-    )
-
-
 def _check_sequence_logprobs(b, *, impl, chunk_tokens, rel_margin, factor=1.0):
     coeff = torch.linspace(-1.0, 2.0, b["num_seqs"], dtype=torch.float64, device=b["h"].device)
     args = (b["labels"], b["seq_ids"], b["num_seqs"])
@@ -119,9 +109,9 @@ def _check_sequence_logprobs(b, *, impl, chunk_tokens, rel_margin, factor=1.0):
     truth = _grads(naive, b["h64"], b["w64"])
     base = _grads(naive, b["h"], b["w"])
     for name, o, t, r in zip(("value", "grad_hidden", "grad_weight"), got, truth, base):
-        _assert_no_worse(name, o, r, t, rel_margin=rel_margin, factor=factor)
+        assert_no_worse(name, o, r, t, rel_margin=rel_margin, factor=factor)
     seq = sequence_logprobs(b["h"], b["w"], *args, impl=impl, chunk_tokens=chunk_tokens)
-    _assert_no_worse(
+    assert_no_worse(
         "seq_logps",
         seq,
         _naive_seq_logps(b["h"], b["w"], *args),
@@ -201,7 +191,7 @@ def test_linear_pair_loss_gradients_equal_autograd_through_sequence_logprobs(imp
     base = _grads(truth_fn, b["h"], b["w"])
     for name, g, c, t, r in zip(("loss", "grad_hidden", "grad_weight"), got, composed, truth, base):
         torch.testing.assert_close(g, c, rtol=1e-5, atol=1e-6 * t.abs().max().item(), msg=name)
-        _assert_no_worse(name, g, r, t, rel_margin=2e-6)
+        assert_no_worse(name, g, r, t, rel_margin=2e-6)
 
 
 def test_linear_pair_loss_scales_its_stored_gradients_by_the_upstream_gradient():
@@ -369,8 +359,8 @@ def test_capped_long_pairs_match_float64_truth(impl):
     for name, g, t, r in zip(
         ("loss", "grad_hidden", "grad_weight"), (got[0], got[2], got[3]), truth, base
     ):
-        _assert_no_worse(name, g, r, t, rel_margin=2e-6)
-    _assert_no_worse(
+        assert_no_worse(name, g, r, t, rel_margin=2e-6)
+    assert_no_worse(
         "seq_logps",
         got[1],
         _naive_seq_logps(b["h"], b["w"], *args),
@@ -477,7 +467,7 @@ def test_triton_linear_ops_on_cuda_match_float64_truth(dtype, rel_margin, factor
     truth = _grads(truth_fn, b["h64"], b["w64"])
     base = _grads(truth_fn, b["h"], b["w"])
     for name, g, t, r in zip(("loss", "grad_hidden", "grad_weight"), got, truth, base):
-        _assert_no_worse(name, g, r, t, rel_margin=rel_margin, factor=factor)
+        assert_no_worse(name, g, r, t, rel_margin=rel_margin, factor=factor)
 
 
 @pytest.mark.gpu

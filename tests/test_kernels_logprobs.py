@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 
 from sdpo.kernels import logprobs_from_logits, resolve_impl  # noqa: E402
 from sdpo.kernels.logprobs import IGNORE_INDEX  # noqa: E402
-from tests.conftest import packed_labels  # noqa: E402
+from tests.conftest import assert_no_worse, packed_labels  # noqa: E402
 
 IMPLS = ["torch", "triton"]
 VOCAB = 50_257  # not a multiple of any block size: the last block is a ragged tail
@@ -48,16 +48,6 @@ def _naive(logits: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor, nu
     return seq, token
 
 
-def _assert_no_worse(name, ours, baseline, truth, *, rel_margin: float, factor: float = 1.0):
-    scale = truth.abs().max().item() + 1e-30
-    err_ours = (ours.double() - truth).abs().max().item()
-    err_base = (baseline.double() - truth).abs().max().item()
-    assert err_ours <= factor * err_base + rel_margin * scale, (
-        f"{name}: error {err_ours:.3e} vs float64 truth exceeds the same-dtype PyTorch error "
-        f"{err_base:.3e} + margin {rel_margin * scale:.3e}"
-    )
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 def test_token_and_sequence_logprobs_match_float64_truth(impl):
     logits64, logits, labels, seq_ids, s = _batch(seed=11)
@@ -66,8 +56,8 @@ def test_token_and_sequence_logprobs_match_float64_truth(impl):
     assert seq.shape == (s,) and token.shape == labels.shape
     seq64, token64 = _naive(logits64, labels, seq_ids, s)
     seq32, token32 = _naive(logits, labels, seq_ids, s)
-    _assert_no_worse("token_logps", token, token32, token64, rel_margin=1e-6)
-    _assert_no_worse("seq_logps", seq, seq32, seq64, rel_margin=1e-6)
+    assert_no_worse("token_logps", token, token32, token64, rel_margin=1e-6)
+    assert_no_worse("seq_logps", seq, seq32, seq64, rel_margin=1e-6)
     assert torch.all(token[labels == IGNORE_INDEX] == 0)
 
 
@@ -94,7 +84,7 @@ def test_logits_gradient_matches_float64_truth_and_is_zero_on_masked_rows(impl):
     truth = grad_of(logits64, naive)
     baseline = grad_of(logits, naive)
     assert ours.dtype == logits.dtype
-    _assert_no_worse("grad_logits", ours, baseline, truth, rel_margin=1e-6)
+    assert_no_worse("grad_logits", ours, baseline, truth, rel_margin=1e-6)
     assert torch.all(ours[labels == IGNORE_INDEX] == 0)
 
 
@@ -166,8 +156,8 @@ def test_triton_logprobs_on_cuda_match_float64_truth(dtype, rel_margin):
     seq, token = logprobs_from_logits(logits, labels, seq_ids, s, impl="triton")
     seq64, token64 = _naive(logits64, labels, seq_ids, s)
     seq_t, token_t = _naive(logits.float(), labels, seq_ids, s)  # PyTorch on the same bf16 logits
-    _assert_no_worse("token_logps", token, token_t, token64, rel_margin=rel_margin)
-    _assert_no_worse("seq_logps", seq, seq_t, seq64, rel_margin=rel_margin)
+    assert_no_worse("token_logps", token, token_t, token64, rel_margin=rel_margin)
+    assert_no_worse("seq_logps", seq, seq_t, seq64, rel_margin=rel_margin)
 
     g_seq = torch.randn(s, device="cuda", dtype=torch.float64)
     x = logits.clone().requires_grad_(True)
@@ -176,4 +166,4 @@ def test_triton_logprobs_on_cuda_match_float64_truth(dtype, rel_margin):
     (_naive(x64, labels, seq_ids, s)[0] * g_seq).sum().backward()
     xt = logits.clone().requires_grad_(True)
     (_naive(xt.float(), labels, seq_ids, s)[0] * g_seq.float()).sum().backward()
-    _assert_no_worse("grad_logits", x.grad, xt.grad, x64.grad, rel_margin=rel_margin, factor=1.5)
+    assert_no_worse("grad_logits", x.grad, xt.grad, x64.grad, rel_margin=rel_margin, factor=1.5)

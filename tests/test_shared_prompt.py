@@ -38,15 +38,6 @@ from tests.conftest import write_pairs
 BETA = 0.5
 
 
-@pytest.fixture
-def one_thread():
-    """Small CPU ops are slowed a hundredfold by thread oversubscription on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(*, tied: bool = False) -> ModelConfig:
     return ModelConfig.from_hf_dict(
         {

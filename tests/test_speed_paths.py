@@ -28,15 +28,6 @@ BETA = 0.5
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def one_thread():
-    """Small CPU ops are slowed a hundredfold by thread oversubscription on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_config(*, tied: bool) -> ModelConfig:
     return ModelConfig.from_hf_dict(
         {
