@@ -54,11 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = (
-    "sigmoid",
-    "ipo",
-    "hinge",
-    "robust",
+# the TRL variants, written with the per-completion log-ratios lc and lr
+_LOGRATIO_TYPES = (
     "exo_pair",
     "nca_pair",
     "bco_pair",
@@ -68,6 +65,7 @@ LOSS_TYPES = (
     "discopop",
     "sigmoid_norm",
 )
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", *_LOGRATIO_TYPES)
 # loss types whose loss reads label_smoothing (as cDPO's / robust DPO's flip rate, as EXO's eps)
 _SMOOTHED_TYPES = ("sigmoid", "robust", "exo_pair")
 
@@ -227,19 +225,6 @@ def _pair_terms(
     return DPOLossOutput(
         losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, nll=nll
     )
-
-
-# the TRL variants, written with the per-completion log-ratios lc and lr
-_LOGRATIO_TYPES = (
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
-)
 
 
 def _logratio_losses(config: LossConfig, lc: Tensor, lr: Tensor) -> Tensor:
