@@ -4,6 +4,12 @@ It serves three callers with one code path, so their numbers agree to the last b
 cache (the reference model's values for a chunk), the sDPO partitioner (the initial model's γ per
 pair, which is the same pass as step 1's reference) and `sdpo score`. It runs the same forward
 and log-prob op as training, on larger token budgets because nothing is kept for backward.
+
+Data parallel (a process group of more than one rank, ``sdpo.engine.distributed``): each rank
+scores one contiguous shard of the pairs, about equal in tokens
+(``distributed.contiguous_bounds``), and the shards are all-gathered, so every rank returns the
+same table. Batches are cut within a shard, so values can differ from a single-process pass by
+float rounding (a different batch composition), not more.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from sdpo.engine import distributed
 from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
@@ -64,15 +71,62 @@ def score_pairs(
     precision: str = "fp32",
     progress: bool = False,
     share_prompt: bool = False,
+    data_parallel: bool | None = None,
 ) -> PairLogps:
     """Score every pair with ``model`` (no gradients), batching to a token budget.
 
     The model must map ``(input_ids, position_ids, cu_seqlens, max_seqlen)`` to final hidden
     states and expose ``lm_head_weight``. ``share_prompt``: compute each prompt once (the
     model's forward then also takes ``shared_prefix=``; see ``engine/packing.py``); the batches
-    are the same, the values equal up to float rounding."""
+    are the same, the values equal up to float rounding. ``data_parallel`` (default: whether a
+    process group of more than one rank is up) shards the pairs over ranks (module docstring);
+    every rank must then call this with the same pairs."""
     if not pairs:
         raise ValueError("score_pairs needs at least one pair")
+    if data_parallel is None:
+        data_parallel = distributed.active()
+    local = pairs
+    if data_parallel:
+        bounds = distributed.contiguous_bounds([p.num_tokens for p in pairs], distributed.world())
+        start, end = bounds[distributed.rank()]
+        local = pairs[start:end]
+    chosen, rejected = _score_local(
+        model,
+        local,
+        max_tokens_per_batch=max_tokens_per_batch,
+        impl=impl,
+        chunk_tokens=chunk_tokens,
+        precision=precision,
+        progress=progress and distributed.is_main(),
+        share_prompt=share_prompt,
+    )
+    if data_parallel:
+        parts = distributed.all_gather_object((chosen, rejected))
+        chosen = torch.cat([c for c, _ in parts])
+        rejected = torch.cat([r for _, r in parts])
+    return PairLogps(
+        pair_indices=torch.tensor([p.index for p in pairs], dtype=torch.int64),
+        chosen_logps=chosen,
+        rejected_logps=rejected,
+        chosen_tokens=torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.int64),
+        rejected_tokens=torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.int64),
+    )
+
+
+def _score_local(
+    model: torch.nn.Module,
+    pairs: Sequence[TokenizedPair],
+    *,
+    max_tokens_per_batch: int,
+    impl: str,
+    chunk_tokens: int | None,
+    precision: str,
+    progress: bool,
+    share_prompt: bool,
+) -> tuple[Tensor, Tensor]:
+    """(chosen, rejected) summed log-probs of ``pairs`` (CPU float32; empty for no pairs)."""
+    if not pairs:
+        return torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.float32)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -116,10 +170,4 @@ def score_pairs(
         chosen[rows] = seq_logps[0::2].float()
         rejected[rows] = seq_logps[1::2].float()
     model.train(was_training)
-    return PairLogps(
-        pair_indices=torch.tensor([p.index for p in pairs], dtype=torch.int64),
-        chosen_logps=chosen.cpu(),
-        rejected_logps=rejected.cpu(),
-        chosen_tokens=torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.int64),
-        rejected_tokens=torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.int64),
-    )
+    return chosen.cpu(), rejected.cpu()

@@ -18,6 +18,14 @@ current optimizer step, save, and raise ``TrainingStopped``. A non-finite loss o
 found with one host sync per optimizer step (the only per-step sync; metrics sync only when
 logged); the update is then not applied, and the run stops with ``NonFiniteError`` unless
 ``skip_nonfinite_batches`` allows skipping the step.
+
+Data parallel (a process group of more than one rank, ``sdpo.engine.distributed``): every rank
+builds the same step plan and calls ``train_step`` with the step's *global* micro-batches; each
+rank runs its share (``shard_micro_batches``), the loss divided by the step's global pair count,
+then one SUM all-reduce gives every rank the single-process gradient and the step's metric sums
+(and the stop flag). Clipping, the non-finite check and the update then see the same values on
+every rank, so the weights stay identical. Only rank 0 writes ``metrics.jsonl`` and shows the
+progress bar.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sdpo.engine import distributed
 from sdpo.engine.files import append_jsonl, atomic_open
 from sdpo.engine.packing import (
     TokenizedPair,
@@ -54,6 +63,17 @@ from sdpo.engine.scoring import PairLogps
 from sdpo.kernels import linear_pair_loss, sequence_logprobs
 
 SCHEDULES = ("linear", "cosine", "constant")
+# the metric sums of one micro-batch (``DPOTrainer._micro_batch``), in a fixed order so that
+# ranks can reduce them as one vector
+METRIC_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 LOSS_PATHS = ("fused", "plain")
 
 # (policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, chosen_tokens, rejected_tokens)
@@ -173,6 +193,38 @@ def plan_steps(
         )
         steps.append([[group[j] for j in batch] for batch in micro])
     return steps
+
+
+def shard_micro_batches(
+    pairs: Sequence[TokenizedPair],
+    micro_batches: list[list[int]],
+    *,
+    world_size: int,
+    rank: int,
+    max_tokens: int,
+) -> list[list[int]]:
+    """This rank's share of one optimizer step (positions into ``pairs``), about equal in tokens.
+
+    With at least as many micro-batches as ranks, whole micro-batches are dealt out, largest
+    first, each to the rank with the fewest tokens so far (``distributed.balanced_owners``); a
+    rank keeps its micro-batches in plan order. With fewer micro-batches than ranks, the step's
+    pairs are dealt out the same way one by one (a pair is never split) and each rank cuts its
+    pairs into micro-batches of at most ``max_tokens`` (``batch_by_token_budget``); a rank may
+    then get nothing (a step of fewer pairs than ranks). Every rank computes the same division
+    from the same plan, without communicating."""
+    if world_size == 1:
+        return micro_batches
+    if len(micro_batches) >= world_size:
+        sizes = [sum(pairs[i].num_tokens for i in batch) for batch in micro_batches]
+        owners = distributed.balanced_owners(sizes, world_size)
+        return [b for b, owner in zip(micro_batches, owners, strict=True) if owner == rank]
+    flat = [i for batch in micro_batches for i in batch]
+    owners = distributed.balanced_owners([pairs[i].num_tokens for i in flat], world_size)
+    mine = [i for i, owner in zip(flat, owners, strict=True) if owner == rank]
+    if not mine:
+        return []
+    cut = batch_by_token_budget([pairs[i] for i in mine], max_tokens=max_tokens, shuffle=False)
+    return [[mine[j] for j in batch] for batch in cut]
 
 
 def build_optimizer(
@@ -316,6 +368,8 @@ class DPOTrainer:
         self.position = {"epoch": 0, "step_in_epoch": 0, "step_in_run": 0, "tokens": 0}
         self.skipped_steps = 0
         self.last_step_finite = True
+        self.data_parallel = distributed.active()
+        self._stop_agreed: Tensor | None = None  # data parallel: the ranks' summed stop flags
 
     # -- one optimizer step -------------------------------------------------------------
     def _micro_batch(
@@ -416,14 +470,28 @@ class DPOTrainer:
     def train_step(
         self, pairs: Sequence[TokenizedPair], micro_batches: list[list[int]], ref: PairLogps
     ) -> dict[str, Tensor]:
-        """One optimizer step over ``micro_batches``; metric values stay on the device."""
+        """One optimizer step over ``micro_batches``; metric values stay on the device.
+
+        Data parallel: ``micro_batches`` is the whole step (the same on every rank); this rank
+        runs its share and the gradients and metric sums are summed over ranks."""
         normalizer = sum(len(m) for m in micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
+        local = micro_batches
+        if self.data_parallel:
+            local = shard_micro_batches(
+                pairs,
+                micro_batches,
+                world_size=distributed.world(),
+                rank=distributed.rank(),
+                max_tokens=self.config.max_tokens_per_batch,
+            )
         sums: dict[str, Tensor] = {}
-        for positions in micro_batches:
+        for positions in local:
             part = self._micro_batch(pairs, positions, ref, normalizer)
             for k, v in part.items():
                 sums[k] = sums[k] + v if k in sums else v
+        if self.data_parallel:
+            sums = self._reduce_over_ranks(sums)
         metrics = {k: v / normalizer for k, v in sums.items()}
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = metrics["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -456,6 +524,33 @@ class DPOTrainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
         return metrics
+
+    def _reduce_over_ranks(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sum every gradient, the metric sums and the stop flags over ranks (in place; fp32
+        gradients and the metric vector share one flat buffer). A parameter that got no
+        gradient on this rank (no micro-batch) contributes zeros."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        stop = bool(self.stop_requested()) if self.stop_requested is not None else False
+        vector = torch.stack(
+            [
+                sums[k].float() if k in sums else torch.zeros((), device=self.device)
+                for k in METRIC_KEYS
+            ]
+            + [torch.tensor(float(stop), device=self.device)]
+        )
+        distributed.all_reduce_sum([*(p.grad for p in params), vector])
+        self._stop_agreed = vector[-1]
+        return {k: vector[i] for i, k in enumerate(METRIC_KEYS)}
+
+    def _should_stop(self) -> bool:
+        """A graceful stop was asked for (data parallel: on any rank, agreed in the step's
+        all-reduce, so every rank stops after the same step)."""
+        if self.data_parallel:
+            return self._stop_agreed is not None and bool(self._stop_agreed > 0)
+        return self.stop_requested is not None and bool(self.stop_requested())
 
     # -- the loop -----------------------------------------------------------------------
     def fit(
@@ -501,7 +596,7 @@ class DPOTrainer:
         pos = self.position
         self.model.train()
         bar = None
-        if self.progress:
+        if self.progress and distributed.is_main():
             from tqdm.auto import tqdm
 
             bar = tqdm(
@@ -546,7 +641,7 @@ class DPOTrainer:
                     )
                     window_start, window_tokens = now, 0
                     last = values
-                    if self.output_dir is not None:
+                    if self.output_dir is not None and distributed.is_main():
                         append_jsonl(self.output_dir / "metrics.jsonl", values)
                     if bar is not None:
                         bar.set_postfix(
@@ -563,7 +658,7 @@ class DPOTrainer:
                 if cfg.save_every and self.save_checkpoint and step_in_run % cfg.save_every == 0:
                     self.save_checkpoint(self)
                     saved = True
-                if self.stop_requested is not None and self.stop_requested():
+                if self._should_stop():
                     if not saved and self.save_checkpoint is not None:
                         self.save_checkpoint(self)
                     if bar is not None:
@@ -607,11 +702,12 @@ class DPOTrainer:
                 f"such steps (skipped so far: {self.skipped_steps - 1})",
                 pair_indices=indices,
             )
-        print(
-            f"[sdpo] skipping a non-finite step ({values}) at {where}: "
-            f"{self.skipped_steps} of at most {self.config.skip_nonfinite_batches}",
-            flush=True,
-        )
+        if distributed.is_main():
+            print(
+                f"[sdpo] skipping a non-finite step ({values}) at {where}: "
+                f"{self.skipped_steps} of at most {self.config.skip_nonfinite_batches}",
+                flush=True,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """Training state beside the weights: optimizer, LR schedule, step counters, position
