@@ -20,6 +20,9 @@ go to OUTPUT_DIR/checkpoints/ (every train.save_every optimizer steps, at the en
 step, and on SIGTERM/SIGINT, which finish the current optimizer step first); --resume continues
 from the newest complete one and ends with the same weights as an uninterrupted run.
 
+Several GPUs of one node: torchrun --nproc_per_node=N -m sdpo.cli train --config run.toml
+(data parallel; every rank checks the inputs, rank 0 alone writes and prints).
+
 Exit codes: 0 done; 2 bad config, input data, model folder or output folder (nothing written);
 3 non-finite loss or gradient; 74 a checkpoint or output could not be written (older
 checkpoints are intact); 75 stopped on request (SIGTERM/SIGINT), resume with --resume."""
@@ -124,7 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resume_command(args: argparse.Namespace) -> str:
     """The exact command that continues this run."""
-    words = ["sdpo", "train", "--config", str(Path(args.config).resolve())]
+    from sdpo.engine import distributed
+
+    launcher = ["sdpo"]
+    if distributed.active():  # the same number of ranks continues it bitwise
+        launcher = ["torchrun", f"--nproc_per_node={distributed.world()}", "-m", "sdpo.cli"]
+    words = [*launcher, "train", "--config", str(Path(args.config).resolve())]
     for text in args.overrides:
         words += ["--set", text]
     if args.no_progress:
@@ -132,7 +140,27 @@ def resume_command(args: argparse.Namespace) -> str:
     return shlex.join([*words, "--resume"])
 
 
+def _say(*args: object, **kwargs: object) -> None:
+    """``print`` on rank 0 only. Data parallel: every rank meets the same error and exits with
+    the same code; rank 0 alone prints it (the others would repeat it word for word)."""
+    from sdpo.engine import distributed
+
+    if distributed.is_main():
+        print(*args, **kwargs)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    from sdpo.engine import distributed
+
+    # under torchrun: join the process group (a plain run touches nothing of torch.distributed)
+    distributed.init_from_env()
+    try:
+        return _train(args)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace) -> int:
     from sdpo.config import ConfigError, load_config
     from sdpo.engine.trainer import NonFiniteError, TrainingStopped
     from sdpo.runner import CheckpointWriteError, OutputDirError, RunInputError, run_training
@@ -140,26 +168,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        print(f"sdpo: config error: {e}", file=sys.stderr)
+        _say(f"sdpo: config error: {e}", file=sys.stderr)
         return EXIT_INPUT
     try:
         run_training(
             cfg, progress=not args.no_progress, overwrite=args.overwrite, resume=args.resume
         )
     except OutputDirError as e:
-        print(f"sdpo: {e}", file=sys.stderr)
+        _say(f"sdpo: {e}", file=sys.stderr)
         return EXIT_INPUT
     except RunInputError as e:
-        print(f"sdpo: input error (nothing was written): {e}", file=sys.stderr)
+        _say(f"sdpo: input error (nothing was written): {e}", file=sys.stderr)
         return EXIT_INPUT
     except NonFiniteError as e:
-        print(f"sdpo: training stopped: {e}", file=sys.stderr)
+        _say(f"sdpo: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except CheckpointWriteError as e:
-        print(f"sdpo: {e}: {resume_command(args)}", file=sys.stderr)
+        _say(f"sdpo: {e}: {resume_command(args)}", file=sys.stderr)
         return EXIT_WRITE
     except OSError as e:
-        print(
+        _say(
             f"sdpo: could not write an output ({e}); training checkpoints written so far are "
             f"intact. Fix the cause, then continue with: {resume_command(args)}",
             file=sys.stderr,
@@ -168,7 +196,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         ckpt = getattr(e, "checkpoint", None)
         saved = f"checkpoint {ckpt} is saved" if ckpt else "no training checkpoint yet"
-        print(
+        _say(
             f"sdpo: stopped on request after optimizer step {e.global_step}; {saved}. "
             f"Continue with: {resume_command(args)}",
             file=sys.stderr,

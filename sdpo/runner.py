@@ -20,6 +20,21 @@ and restores the rest: a mid-step checkpoint holds the weights, the trainer stat
 schedule, RNG, plan position) and the run's progress; an end-of-step checkpoint holds the
 progress (and the optimizer when it is kept across steps) and checksums ``step-<t>/``, whose
 weights it relies on.
+
+Data parallel (launched with torchrun, ``sdpo.engine.distributed``): every rank checks the
+output folder and every input itself, so a bad input raises the same error on every rank before
+anything is written. Rank 0 alone writes (the output folder's preparation, ``config.toml``, token
+and reference caches, ``metrics.jsonl``, checkpoints, ``step-<t>/``, reports); what the other
+ranks would read of it (a reference cache's values, the resume point) rank 0 reads and
+broadcasts, and its write errors are broadcast too, so every rank raises them. Scoring passes are
+sharded over ranks and gathered; the trainer divides each optimizer step. ``--resume`` works with
+any number of ranks (rank 0 picks the checkpoint, every rank loads it); the result is bitwise
+that of an uninterrupted run with the same number of ranks, and equal to float rounding across
+different numbers. A graceful stop (SIGTERM/SIGINT on any rank; torchrun forwards SIGTERM to
+every rank) is agreed in the next step's all-reduce, so all ranks stop after the same optimizer
+step and rank 0 saves the checkpoint. Fault points (``SDPO_FAULT_AT``) count per process: a
+point that only rank 0 reaches (checkpoint and cache writes) kills rank 0 alone, and torchrun
+then ends the other ranks.
 """
 
 from __future__ import annotations
@@ -43,6 +58,7 @@ import torch
 
 from sdpo.cache import CacheKey, RefLogprobCache, RefValues, data_fingerprint, file_fingerprint
 from sdpo.config import DataSource, RunConfig, config_to_dict, step_settings, write_resolved_config
+from sdpo.engine import distributed
 from sdpo.engine.checkpoint import (
     CheckpointError,
     check_pretrained,
@@ -141,11 +157,36 @@ class ResumePoint:
 
 
 def _log(message: str) -> None:
-    print(f"[sdpo] {message}", flush=True)
+    if distributed.is_main():
+        print(f"[sdpo] {message}", flush=True)
 
 
 def select_device() -> torch.device:
+    if distributed.initialized():
+        return distributed.device()  # cuda:LOCAL_RANK
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only and give every rank its result, or raise its exception on every
+    rank (a collective: every rank calls it at the same point). In one process: ``fn()``."""
+    if not distributed.active():
+        return fn()
+    outcome: tuple[bool, Any] = (True, None)
+    if distributed.is_main():
+        try:
+            outcome = (True, fn())
+        except Exception as e:  # handed to every rank, then raised on each
+            outcome = (False, e)
+    try:
+        ok, value = distributed.broadcast_object(outcome)
+    except Exception as e:  # an exception that does not pickle
+        if not outcome[0]:
+            raise outcome[1] from e
+        raise
+    if not ok:
+        raise value
+    return value
 
 
 def load_pairs(
@@ -324,16 +365,17 @@ class StepwiseRunner:
         key and checksum match, else computed and written."""
         cache = RefLogprobCache(self.cache_dir / f"{name}.safetensors")
         key = self.cache_key(model_fp, pairs)
-        values, reason = cache.load(key)
+        values, reason = on_main(lambda: cache.load(key))  # rank 0 reads, every rank gets it
         if values is not None:
             _log(f"reference cache {cache.path.name}: reused")
             return values.to_pair_logps()
         if reason != "missing":
             _log(f"reference cache {cache.path.name}: recomputing ({reason})")
-        scores = self.score(model, pairs)
+        scores = self.score(model, pairs)  # data parallel: sharded, gathered on every rank
         fault_point("score_done")
-        cache.save(RefValues.from_scores(scores), key)
-        fault_point("cache_saved")
+        if distributed.is_main():
+            cache.save(RefValues.from_scores(scores), key)
+            fault_point("cache_saved")
         return scores
 
     # -- inputs and the output folder ----------------------------------------------------
@@ -395,8 +437,9 @@ class StepwiseRunner:
         except (DataError, CheckpointError, ValueError, OSError) as e:
             raise RunInputError(str(e)) from e
         self.tokenizer_fp = file_fingerprint(model_dir / "tokenizer.json")
-        for save in cache_saves:
-            save()
+        if distributed.is_main():
+            for save in cache_saves:
+                save()
         return tokenizer, pairs
 
     def check_output_dir(self) -> None:
@@ -462,7 +505,21 @@ class StepwiseRunner:
     def _write_checkpoint(
         self, run_step: int, *, progress: dict[str, Any], extra: Any, external: dict
     ) -> None:
-        """One training checkpoint; ``extra(tmp)`` writes the weights/trainer state."""
+        """One training checkpoint; ``extra(tmp)`` writes the weights/trainer state. Data
+        parallel: rank 0 writes, the others wait for it (and raise its write error)."""
+        on_main(
+            partial(
+                self._write_checkpoint_here,
+                run_step,
+                progress=progress,
+                extra=extra,
+                external=external,
+            )
+        )
+
+    def _write_checkpoint_here(
+        self, run_step: int, *, progress: dict[str, Any], extra: Any, external: dict
+    ) -> None:
         root = self.out / CHECKPOINTS_DIR
         path = root / checkpoint_name(run_step)
         metrics = self.out / "metrics.jsonl"
@@ -494,9 +551,9 @@ class StepwiseRunner:
 
     def _save_mid_step(self, trainer: DPOTrainer, *, base: dict[str, Any]) -> None:
         """Trainer callback: a checkpoint inside an sDPO step (weights + trainer state)."""
-        state = trainer.state_dict()
 
         def extra(tmp: Path) -> None:
+            state = trainer.state_dict()
             save_pretrained(trainer.model, tmp / "model")
             with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
                 torch.save(state, f)
@@ -511,11 +568,16 @@ class StepwiseRunner:
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> RunResult:
-        self.check_output_dir()
+        self.check_output_dir()  # every rank checks: the same error everywhere, nothing written
         tokenizer, pairs = self.load_inputs()
-        point = self.find_resume_point() if self.resume else None
-        self.prepare_output_dir(point)
-        write_resolved_config(self.cfg, self.out / "config.toml")
+
+        def prepare() -> ResumePoint | None:
+            point = self.find_resume_point() if self.resume else None
+            self.prepare_output_dir(point)
+            write_resolved_config(self.cfg, self.out / "config.toml")
+            return point
+
+        point = on_main(prepare)  # data parallel: rank 0 writes, every rank gets the point
         with self._stop_signals():
             try:
                 return self._run(pairs, point)
@@ -597,7 +659,7 @@ class StepwiseRunner:
                 if state is not None and mid_state is None:  # kept optimizer across steps
                     optimizer = build_optimizer(model, train_cfg)
                     optimizer.load_state_dict(state["optimizer"])
-            if self.stop_flag:
+            if distributed.any_rank(self.stop_flag):  # every rank stops at the same place
                 raise TrainingStopped(run_step_base)
             fault_point("step_start")
             chunk_pairs = [by_index[i] for i in chunk]
@@ -656,8 +718,13 @@ class StepwiseRunner:
                 optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
             del trainer
             step_dir = self.out / f"step-{t}"
-            save_pretrained(model, step_dir, extra_files=tokenizer_files(model_dir))
-            fault_point("step_saved")
+
+            def save_step(model: torch.nn.Module = model, step_dir: Path = step_dir) -> dict:
+                save_pretrained(model, step_dir, extra_files=tokenizer_files(model_dir))
+                fault_point("step_saved")
+                return file_entries([p for p in step_dir.iterdir() if p.is_file()], base=self.out)
+
+            step_files = on_main(save_step)
             acc_after = None
             if cfg.sdpo.report_scoring:
                 acc_after = float((self.score(model, chunk_pairs).gamma > 0).float().mean())
@@ -679,9 +746,7 @@ class StepwiseRunner:
                     scoring_seconds=scoring_s,
                 )
             )
-            weights_files = file_entries(
-                [p for p in step_dir.iterdir() if p.is_file()], base=self.out
-            )
+            weights_files = step_files
             kept = optimizer
 
             def extra(tmp: Path, kept: torch.optim.Optimizer | None = kept) -> None:
@@ -703,11 +768,15 @@ class StepwiseRunner:
                 external=weights_files,
             )
             _log(f"step {t} done: saved {step_dir}")
-        fault_point("reports")
-        write_reports(reports, self.out, partition=partition)
-        print(format_summary_table(reports))
-        if not plot_steps(self.out / "metrics.jsonl", reports, self.out / "sdpo_steps.png"):
-            _log(PLOT_HINT)
+
+        def finish() -> None:
+            fault_point("reports")
+            write_reports(reports, self.out, partition=partition)
+            print(format_summary_table(reports))
+            if not plot_steps(self.out / "metrics.jsonl", reports, self.out / "sdpo_steps.png"):
+                _log(PLOT_HINT)
+
+        on_main(finish)
         return RunResult(output_dir=self.out, reports=reports, scoring_calls=self.scoring_calls)
 
     def _evaluate(
@@ -741,7 +810,8 @@ class StepwiseRunner:
             "eval/preference_accuracy": float((scores.gamma > 0).float().mean()),
             "eval/gamma": float(scores.gamma.mean()),
         }
-        append_jsonl(self.out / "metrics.jsonl", {"step": run_step, "sdpo_step": t, **metrics})
+        if distributed.is_main():
+            append_jsonl(self.out / "metrics.jsonl", {"step": run_step, "sdpo_step": t, **metrics})
         _log(
             f"eval after step {t}: preference accuracy {metrics['eval/preference_accuracy']:.3f}, "
             f"mean γ {metrics['eval/gamma']:.3f} over {len(self.eval_pairs)} held-out pairs"

@@ -4,7 +4,9 @@ process gives, and the shard rules divide work exactly once and evenly."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import traceback
 from functools import partial
@@ -13,14 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
+from sdpo.config import config_from_dict
 from sdpo.engine import distributed
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
-from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
+from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps, shard_micro_batches
 from sdpo.losses import LossConfig, dpo_loss
+from sdpo.runner import run_training
 from tests.conftest import write_pairs
 
 WORLD = 2
@@ -176,3 +181,134 @@ def test_sharded_scoring_equals_one_process(step_results):
         assert torch.allclose(got.chosen_logps, want.chosen_logps, rtol=1e-6, atol=1e-5)
         assert torch.allclose(got.rejected_logps, want.rejected_logps, rtol=1e-6, atol=1e-5)
     assert torch.equal(ranks[0]["scores"].chosen_logps, ranks[1]["scores"].chosen_logps)
+
+
+def test_shard_rules_cover_every_item_once_and_balance_tokens(tiny_model_dir, tmp_path):
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=31, seed=12))
+    for settings in (
+        {"pairs_per_step": 11, "max_tokens_per_batch": 50},
+        {"pairs_per_step": 5, "max_tokens_per_batch": 4096},
+    ):
+        plan = plan_steps(pairs, TrainConfig(**settings), epoch=0)
+        for step in plan:
+            for world in (2, 3, 8):
+                shares = [
+                    shard_micro_batches(
+                        pairs,
+                        step,
+                        world_size=world,
+                        rank=r,
+                        max_tokens=settings["max_tokens_per_batch"],
+                    )
+                    for r in range(world)
+                ]
+                flat = sorted(i for share in shares for batch in share for i in batch)
+                assert flat == sorted(i for batch in step for i in batch)
+                for share in shares:
+                    for batch in share:
+                        assert (
+                            sum(pairs[i].num_tokens for i in batch)
+                            <= settings["max_tokens_per_batch"]
+                        )
+                tokens = [sum(pairs[i].num_tokens for b in s for i in b) for s in shares]
+                biggest = max(sum(pairs[i].num_tokens for i in b) for b in step)
+                if len(step) < world:  # pairs dealt out: off by at most one pair
+                    biggest = max(pairs[i].num_tokens for b in step for i in b)
+                assert max(tokens) - min(tokens) <= biggest
+    sizes = [pairs[i].num_tokens for i in range(len(pairs))]
+    for world in (1, 2, 3, 40):
+        bounds = distributed.contiguous_bounds(sizes, world)
+        assert bounds[0][0] == 0 and bounds[-1][1] == len(sizes)
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+
+
+def _run_config(tmp_path: Path, model_dir: Path, out: Path) -> dict:
+    far = write_pairs(tmp_path / "far.jsonl", n=12, seed=1, kind="far")
+    near = write_pairs(tmp_path / "near.jsonl", n=9, seed=2, kind="near")
+    return {
+        "output_dir": str(out),
+        "model": {"path": str(model_dir)},
+        "data": {
+            "sources": [{"name": "far", "path": str(far)}, {"name": "near", "path": str(near)}],
+            "max_length": 32,
+            "max_prompt_length": 16,
+            "eval_fraction": 0.15,
+        },
+        "train": {
+            "learning_rate": 3e-3,
+            "pairs_per_step": 4,
+            "max_tokens_per_batch": 64,
+            "save_every": 1,
+            # Adam's update lr * g / (|g| + eps) magnifies the rounding of entries with |g| near
+            # eps; a larger eps keeps one process and two ranks within a tight tolerance
+            "adam_eps": 1e-3,
+        },
+        "kernels": {"impl": "torch"},
+        "sdpo": {"steps": 2, "partition": "easy_to_hard", "report_scoring": True},
+    }
+
+
+def _train(config: dict, resume: bool = False) -> int:
+    return run_training(config_from_dict(config), progress=False, resume=resume).scoring_calls
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _metrics(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s",)} for line in lines
+    ]
+
+
+def test_two_step_sdpo_run_on_two_ranks_writes_what_one_process_writes(tiny_model_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    calls_one = _train(_run_config(tmp_path, tiny_model_dir, one))
+    calls_two = _spawn(tmp_path, _train, _run_config(tmp_path, tiny_model_dir, two))
+    assert calls_two == [calls_one] * WORLD  # every rank took part in every scoring pass
+
+    def listing(out: Path) -> list[str]:
+        return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+    assert listing(two) == listing(one)  # the same files, written once, no leftovers
+    for t in (1, 2):
+        a, b = _weights(one / f"step-{t}"), _weights(two / f"step-{t}")
+        for name, w in a.items():
+            assert (w - b[name]).abs().max().item() <= 1e-5, (t, name)
+    metrics_one, metrics_two = _metrics(one), _metrics(two)
+    assert len(metrics_two) == len(metrics_one)
+    for m1, m2 in zip(metrics_one, metrics_two, strict=True):
+        assert m1.keys() == m2.keys()
+        for k, v in m1.items():
+            assert m2[k] == pytest.approx(v, rel=1e-4, abs=1e-5), k
+    for name in ("initial", "eval-initial", "step-2"):
+        a = load_file(str(one / "cache" / f"{name}.safetensors"))
+        b = load_file(str(two / "cache" / f"{name}.safetensors"))
+        for k, v in a.items():
+            if v.is_floating_point():
+                assert torch.allclose(v, b[k], rtol=1e-6, atol=1e-5), (name, k)
+            else:
+                assert torch.equal(v, b[k]), (name, k)
+
+    # resume on two ranks from the mid-step checkpoint of step 2: the same bits as before
+    final = _weights(two / "step-2")
+    lines = (two / "metrics.jsonl").read_text().splitlines()
+    newest = sorted((two / "checkpoints").iterdir())[-1]
+    shutil.rmtree(newest)  # the end-of-step checkpoint; the one before is inside step 2
+    shutil.rmtree(two / "step-2")
+    left = sorted((two / "checkpoints").iterdir())[-1]
+    assert not json.loads((left / "progress.json").read_text())["step_finished"]
+    assert json.loads((left / "progress.json").read_text())["sdpo_step"] == 2
+    _spawn(tmp_path, _train, _run_config(tmp_path, tiny_model_dir, two), True)
+    for name, w in final.items():
+        assert torch.equal(w, _weights(two / "step-2")[name]), name
+    again = (two / "metrics.jsonl").read_text().splitlines()
+    assert [_strip(x) for x in again] == [_strip(x) for x in lines]
+
+
+def _strip(line: str) -> dict:
+    d = json.loads(line)
+    d.pop("tokens_per_s", None)
+    return d
