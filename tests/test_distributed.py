@@ -312,3 +312,23 @@ def _strip(line: str) -> dict:
     d = json.loads(line)
     d.pop("tokens_per_s", None)
     return d
+
+
+def _train_error(config: dict) -> tuple[str, str]:
+    try:
+        run_training(config_from_dict(config), progress=False)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return "", ""
+
+
+def test_bad_input_fails_on_every_rank_before_anything_is_written(tiny_model_dir, tmp_path):
+    config = _run_config(tmp_path, tiny_model_dir, tmp_path / "out")
+    bad = tmp_path / "far.jsonl"
+    rows = bad.read_text().splitlines()
+    rows[4] = json.dumps({"prompt": "w1", "chosen": 3, "rejected": "w2"})
+    bad.write_text("\n".join(rows) + "\n")
+    errors = _spawn(tmp_path, _train_error, config)
+    assert errors[0][0] == "RunInputError" and "line 5" in errors[0][1]
+    assert errors[1] == errors[0]
+    assert not (tmp_path / "out").exists()
