@@ -9,7 +9,10 @@ Data parallel (a process group of more than one rank, ``sdpo.engine.distributed`
 scores one contiguous shard of the pairs, about equal in tokens
 (``distributed.contiguous_bounds``), and the shards are all-gathered, so every rank returns the
 same table. Batches are cut within a shard, so values can differ from a single-process pass by
-float rounding (a different batch composition), not more.
+float rounding (a different batch composition), not more. A sharded model (``train.fsdp``,
+``engine/sharding.py``) gathers its parameters in collectives, so every rank runs as many
+forward passes as the rank with the most batches (the others score a filler pair whose values
+are dropped).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sdpo.engine import distributed
+from sdpo.engine import distributed, sharding
 from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
@@ -86,10 +89,18 @@ def score_pairs(
     if data_parallel is None:
         data_parallel = distributed.active()
     local = pairs
+    passes = 0
     if data_parallel:
         bounds = distributed.contiguous_bounds([p.num_tokens for p in pairs], distributed.world())
         start, end = bounds[distributed.rank()]
         local = pairs[start:end]
+        if sharding.is_sharded(model):
+            passes = max(
+                len(batch_by_token_budget(pairs[a:b], max_tokens=max_tokens_per_batch))
+                if b > a
+                else 0
+                for a, b in bounds
+            )
     chosen, rejected = _score_local(
         model,
         local,
@@ -99,6 +110,8 @@ def score_pairs(
         precision=precision,
         progress=progress and distributed.is_main(),
         share_prompt=share_prompt,
+        passes=passes,
+        filler=pairs[0],
     )
     if data_parallel:
         parts = distributed.all_gather_object((chosen, rejected))
@@ -123,14 +136,24 @@ def _score_local(
     precision: str,
     progress: bool,
     share_prompt: bool,
+    passes: int = 0,
+    filler: TokenizedPair | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(chosen, rejected) summed log-probs of ``pairs`` (CPU float32; empty for no pairs)."""
-    if not pairs:
+    """(chosen, rejected) summed log-probs of ``pairs`` (CPU float32; empty for no pairs).
+    ``passes``: run at least this many forward passes, the extra ones on ``filler`` (their
+    values dropped)."""
+    if not pairs and passes == 0:
         return torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.float32)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = batch_by_token_budget(pairs, max_tokens=max_tokens_per_batch, shuffle=False)
+    batches = (
+        batch_by_token_budget(pairs, max_tokens=max_tokens_per_batch, shuffle=False)
+        if pairs
+        else []
+    )
+    real = len(batches)
+    batches += [[0]] * max(0, passes - real)
     chosen = torch.empty(len(pairs), dtype=torch.float32, device=device)
     rejected = torch.empty(len(pairs), dtype=torch.float32, device=device)
     iterator = batches
@@ -138,7 +161,13 @@ def _score_local(
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc="scoring", unit="batch", leave=False)
-    for positions in iterator:
+    for n, positions in enumerate(iterator):
+        if n >= real:  # a filler pass (sharded model): the forward only, for its collectives
+            host_batch = pack_pairs([filler])
+            batch = to_device(host_batch, device)
+            with autocast_context(precision, device):
+                model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+            continue
         chunk = [pairs[i] for i in positions]
         host_batch = pack_pairs_shared(chunk) if share_prompt else pack_pairs(chunk)
         batch = to_device(host_batch, device)
@@ -169,5 +198,6 @@ def _score_local(
         rows = to_device(torch.tensor(positions, dtype=torch.int64), device)
         chosen[rows] = seq_logps[0::2].float()
         rejected[rows] = seq_logps[1::2].float()
+    sharding.reshard(model)  # free the gathered root parameters
     model.train(was_training)
     return chosen.cpu(), rejected.cpu()

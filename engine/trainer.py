@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sdpo.engine import distributed
+from sdpo.engine import distributed, sharding
 from sdpo.engine.files import append_jsonl, atomic_open
 from sdpo.engine.packing import (
     TokenizedPair,
@@ -110,6 +110,9 @@ class TrainConfig:
     # training and in the scoring passes; results equal the unshared layout's up to rounding.
     # Token budgets, step plans and tokens/s still count the prompt twice (see engine/packing.py).
     share_prompt: bool = False
+    # Shard parameters, gradients and optimizer states over the ranks (FSDP2, see
+    # engine/sharding.py); only under torchrun with more than one rank, a no-op otherwise.
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         def at_least(name: str, low: float, *, strict: bool = False) -> None:
@@ -155,6 +158,8 @@ class TrainConfig:
         at_least("skip_nonfinite_batches", 0)
         if not isinstance(self.share_prompt, bool):
             raise ValueError(f"share_prompt must be true or false, got {self.share_prompt!r}")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"fsdp must be true or false, got {self.fsdp!r}")
 
 
 def plan_steps(
@@ -360,8 +365,13 @@ class DPOTrainer:
         wanted = parameter_dtype(self.precision)
         if any(p.dtype != wanted for p in model.parameters()):
             model.to(wanted)
+        # sharded (FSDP2, engine/sharding.py): gradients are reduce-scattered in the backward,
+        # and the optimizer is the foreach one (not the fused grad_scale/found_inf path)
+        self.sharded = sharding.is_sharded(model)
         # An optimizer handed in keeps its state (sDPO with reset_optimizer = false).
-        self.optimizer = optimizer if optimizer is not None else build_optimizer(model, config)
+        if optimizer is None:
+            optimizer = build_optimizer(model, config, fused=False if self.sharded else None)
+        self.optimizer = optimizer
         self.global_step = 0
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         # where fit() stands: the next step to run is plans[epoch][step_in_epoch]
@@ -373,9 +383,16 @@ class DPOTrainer:
 
     # -- one optimizer step -------------------------------------------------------------
     def _micro_batch(
-        self, pairs: Sequence[TokenizedPair], positions: list[int], ref: PairLogps, normalizer: int
+        self,
+        pairs: Sequence[TokenizedPair],
+        positions: list[int],
+        ref: PairLogps,
+        normalizer: int,
+        weight_of_loss: float = 1.0,
     ) -> dict[str, Tensor]:
-        """Forward and backward of one micro-batch; returns detached metric sums."""
+        """Forward and backward of one micro-batch; returns detached metric sums.
+        ``weight_of_loss`` 0: a filler pass that adds nothing to the gradients (sharded
+        training: every rank must run as many passes as the busiest one)."""
         share = self.config.share_prompt
         chunk = [pairs[i] for i in positions]
         host_batch = pack_pairs_shared(chunk) if share else pack_pairs(chunk)  # CPU tensors
@@ -418,7 +435,7 @@ class DPOTrainer:
                     chosen_tokens=tok_c[sl],
                     rejected_tokens=tok_r[sl],
                 )
-                return out.losses.sum() / normalizer
+                return out.losses.sum() * weight_of_loss / normalizer
 
             loss, seq_logps = linear_pair_loss(
                 hidden,
@@ -450,7 +467,7 @@ class DPOTrainer:
                 chosen_tokens=tok_c,
                 rejected_tokens=tok_r,
             )
-            loss = out.losses.sum() / normalizer
+            loss = out.losses.sum() * weight_of_loss / normalizer
         loss.backward()
         fault_point("micro_batch")
 
@@ -477,26 +494,38 @@ class DPOTrainer:
         normalizer = sum(len(m) for m in micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
         local = micro_batches
+        passes = len(local)
         if self.data_parallel:
-            local = shard_micro_batches(
-                pairs,
-                micro_batches,
-                world_size=distributed.world(),
-                rank=distributed.rank(),
-                max_tokens=self.config.max_tokens_per_batch,
-            )
+            shares = [
+                shard_micro_batches(
+                    pairs,
+                    micro_batches,
+                    world_size=distributed.world(),
+                    rank=r,
+                    max_tokens=self.config.max_tokens_per_batch,
+                )
+                for r in range(distributed.world())
+            ]
+            local = shares[distributed.rank()]
+            # sharded: the parameter gathers are collectives, so every rank runs as many
+            # forward/backward passes as the busiest rank (the others add zero-weighted ones)
+            passes = max(len(s) for s in shares) if self.sharded else len(local)
         sums: dict[str, Tensor] = {}
         for positions in local:
             part = self._micro_batch(pairs, positions, ref, normalizer)
             for k, v in part.items():
                 sums[k] = sums[k] + v if k in sums else v
+        for _ in range(passes - len(local)):
+            self._micro_batch(pairs, micro_batches[0][:1], ref, normalizer, weight_of_loss=0.0)
         if self.data_parallel:
             sums = self._reduce_over_ranks(sums)
         metrics = {k: v / normalizer for k, v in sums.items()}
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = metrics["grad_norm"] = torch.nn.utils.get_total_norm([p.grad for p in params])
+        # sharded gradients (DTensors): the norm of the local shards is combined over ranks
+        norm = sharding.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        metrics["grad_norm"] = norm
         finite = torch.isfinite(metrics["loss"]) & torch.isfinite(norm)
-        if _takes_grad_scale(self.optimizer):
+        if _takes_grad_scale(self.optimizer) and not self.sharded:
             # Fused AdamW reads two device tensors: grads are divided by ``grad_scale`` inside
             # its kernel (the clipping costs no pass over the gradients of its own) and a
             # nonzero ``found_inf`` makes the whole update a no-op, step counters included.
@@ -528,8 +557,9 @@ class DPOTrainer:
     def _reduce_over_ranks(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
         """Sum every gradient, the metric sums and the stop flags over ranks (in place; fp32
         gradients and the metric vector share one flat buffer). A parameter that got no
-        gradient on this rank (no micro-batch) contributes zeros."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        gradient on this rank (no micro-batch) contributes zeros. Sharded: the backward
+        reduced the gradients already; only the metrics and the stop flags are summed."""
+        params = [] if self.sharded else [p for p in self.model.parameters() if p.requires_grad]
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -711,9 +741,11 @@ class DPOTrainer:
 
     def state_dict(self) -> dict[str, Any]:
         """Training state beside the weights: optimizer, LR schedule, step counters, position
-        in the step plan and RNG states. Loadable with ``torch.load(weights_only=True)``."""
+        in the step plan and RNG states. Loadable with ``torch.load(weights_only=True)``.
+        Sharded: no optimizer (each rank holds a shard of it; resuming a sharded run is not
+        supported, see engine/sharding.py)."""
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": None if self.sharded else self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "global_step": self.global_step,
             "position": dict(self.position),
@@ -723,6 +755,12 @@ class DPOTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ``state_dict`` (inside ``fit``, after the schedule is built)."""
+        if state["optimizer"] is None or self.sharded:
+            raise ValueError(
+                "this training state has no optimizer state to restore (a sharded run's, "
+                "train.fsdp = true), or the model is sharded: resuming sharded training is not "
+                "supported"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])

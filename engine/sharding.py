@@ -1,0 +1,109 @@
+"""Sharded data parallelism (``train.fsdp = true``): parameters, gradients and optimizer states
+split over the ranks with FSDP2 (``torch.distributed.fsdp.fully_shard``), so each GPU holds about
+1/N of them.
+
+Wrapping (``shard_model``): every decoder layer is one FSDP unit (its parameters are gathered
+for its forward and for its backward, then freed), and the root (embeddings, final norm,
+lm_head) is one more that is *not* resharded after the forward: the loss head reads
+``model.lm_head_weight`` after the forward (``engine/trainer.py``, ``engine/scoring.py``) and
+finds the gathered parameter there; the gradient its ``autograd.Function`` writes is
+reduce-scattered by FSDP's end-of-backward callback with the root's other gradients.
+
+Reduction: the trainer divides the loss by the step's *global* pair count, so the gradient is
+the SUM over ranks (not FSDP's default mean): ``set_gradient_divide_factor(1)`` with
+``set_force_sum_reduction_for_comms`` (plain SUM collectives, which gloo and NCCL both have).
+Every micro-batch's backward reduce-scatters its gradients (no ``no_sync`` accumulation: that
+would keep full-size gradients, the memory FSDP is there to save), so every rank must run the
+same number of forward/backward passes: the trainer and the scoring pass give a rank with less
+work zero-weighted filler passes (see ``DPOTrainer.train_step`` and ``score_pairs``).
+
+Precision (``engine/precision.py``): ``fp32`` and ``bf16`` shard the parameters in their dtype
+and compute in it; ``bf16-mixed`` keeps fp32 sharded master parameters (and fp32 optimizer
+states) and gathers them in bf16 (``MixedPrecisionPolicy(param_dtype=bf16,
+reduce_dtype=fp32)``), gradients reduced in fp32.
+
+Checkpoints: ``full_state_dict`` gathers the whole state dict onto rank 0's CPU (a collective),
+which then writes the usual Hugging Face folder; a loaded model is built from the checkpoint on
+every rank, then sharded.
+
+In a world of one (no torchrun, or one process) ``train.fsdp`` changes nothing: there is no one
+to share with, and the plain model is trained (``wanted``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from sdpo.engine import distributed
+
+
+def wanted(fsdp: bool) -> bool:
+    """Whether ``train.fsdp`` takes effect here: asked for, under a group of several ranks."""
+    return bool(fsdp) and distributed.active()
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is an FSDP2 module (``shard_model``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def mixed_precision_policy(precision: str) -> Any:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()  # parameters gathered and reduced in their own dtype
+
+
+def shard_model(model: torch.nn.Module, *, precision: str) -> torch.nn.Module:
+    """Shard a ``CausalLM`` over the process group in place (module docstring); returns it.
+
+    ``precision`` is a resolved policy (``fp32``, ``bf16`` or ``bf16-mixed``); the model's
+    parameters must already be in its dtype (``parameter_dtype``)."""
+    if not distributed.active():
+        raise RuntimeError(
+            "shard_model needs a process group of more than one rank (torchrun "
+            "--nproc_per_node=N with N > 1)"
+        )
+    if is_sharded(model):
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (distributed.world(),))
+    policy = mixed_precision_policy(precision)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered root parameters (after a no-grad pass; a backward reshards itself)."""
+    if is_sharded(model):
+        model.reshard()
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """A DTensor's global value (a collective); a plain tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
+    """The whole state dict on rank 0's CPU ({} on the other ranks); a collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
