@@ -212,16 +212,21 @@ def save_pretrained(
     *,
     max_shard_bytes: int = 5 * 2**30,
     extra_files: Iterable[str | os.PathLike] = (),
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write ``model`` as a HF checkpoint folder at ``path``, atomically.
 
     One ``model.safetensors`` when the weights fit in ``max_shard_bytes``, else shards plus
     ``model.safetensors.index.json``. Tied embeddings are stored once (as HF does).
     ``extra_files`` (e.g. tokenizer.json, tokenizer_config.json) are copied into the folder
-    inside the same atomic step. An existing folder at ``path`` is replaced only on success."""
+    inside the same atomic step. An existing folder at ``path`` is replaced only on success.
+    ``state``: the weights to write instead of ``model.state_dict()`` (a sharded model's
+    gathered state dict, ``engine/sharding.py``)."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
-    state = {name: t.detach() for name, t in model.state_dict().items()}
+    if state is None:
+        state = model.state_dict()
+    state = {name: t.detach() for name, t in state.items()}
     shards = _plan_shards(state, max_shard_bytes=max_shard_bytes)
     dtype = model.model.embed_tokens.weight.dtype
     config = model.config.to_hf_dict()
@@ -268,17 +273,21 @@ def _plan_shards(state: dict[str, torch.Tensor], *, max_shard_bytes: int) -> lis
     return shards
 
 
-def model_fingerprint(model: torch.nn.Module) -> str:
+def model_fingerprint(
+    model: torch.nn.Module, *, state: dict[str, torch.Tensor] | None = None
+) -> str:
     """sha256 over the architecture and every parameter's name, dtype, shape and bytes.
 
     Two models fingerprint equal exactly when they compute the same function in the same
     dtype; a model cast to another dtype fingerprints differently. GPU tensors are hashed in
-    64 MiB pieces copied to the host, so memory stays flat (about 1-2 s for a 1B model)."""
+    64 MiB pieces copied to the host, so memory stays flat (about 1-2 s for a 1B model).
+    ``state``: the weights to hash instead of ``model.state_dict()`` (a sharded model's gathered
+    state dict, which fingerprints as the unsharded model does)."""
     h = hashlib.sha256()
     config = getattr(model, "config", None)
     if isinstance(config, ModelConfig):
         h.update(json.dumps(config.architecture_dict(), sort_keys=True).encode())
-    for name, t in model.state_dict().items():
+    for name, t in (model.state_dict() if state is None else state).items():
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         flat = t.detach().contiguous().reshape(-1).view(torch.uint8)  # raw bytes, any dtype
         for start in range(0, flat.numel(), _HASH_PIECE_BYTES):

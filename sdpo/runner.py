@@ -58,7 +58,7 @@ import torch
 
 from sdpo.cache import CacheKey, RefLogprobCache, RefValues, data_fingerprint, file_fingerprint
 from sdpo.config import DataSource, RunConfig, config_to_dict, step_settings, write_resolved_config
-from sdpo.engine import distributed
+from sdpo.engine import distributed, sharding
 from sdpo.engine.checkpoint import (
     CheckpointError,
     check_pretrained,
@@ -444,6 +444,17 @@ class StepwiseRunner:
 
     def check_output_dir(self) -> None:
         """Refuse to mix two runs' outputs (before anything is read or written)."""
+        if sharding.wanted(self.cfg.train.fsdp) and self.resume:
+            raise OutputDirError(
+                "--resume with train.fsdp = true is not supported: the checkpoints of a sharded "
+                "run hold the full weights but not the optimizer state. Start the run again "
+                "(--overwrite), or continue from a step-<t> folder as a new run's model.path"
+            )
+        if sharding.wanted(self.cfg.train.fsdp) and self.cfg.model.compile:
+            raise RunInputError(
+                "model.compile = true with train.fsdp = true is not supported yet: set one of "
+                "them to false"
+            )
         if self.overwrite and self.resume:
             raise OutputDirError(
                 "--resume and --overwrite exclude each other: --resume continues the run in "
@@ -551,10 +562,11 @@ class StepwiseRunner:
 
     def _save_mid_step(self, trainer: DPOTrainer, *, base: dict[str, Any]) -> None:
         """Trainer callback: a checkpoint inside an sDPO step (weights + trainer state)."""
+        weights = self._gathered(trainer.model)  # sharded: a collective, before rank 0 writes
 
         def extra(tmp: Path) -> None:
             state = trainer.state_dict()
-            save_pretrained(trainer.model, tmp / "model")
+            save_pretrained(trainer.model, tmp / "model", state=weights)
             with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
                 torch.save(state, f)
 
@@ -605,11 +617,11 @@ class StepwiseRunner:
 
         model = self._load_policy(model_dir)
         t0 = time.perf_counter()
-        initial = self.cached_reference("initial", model, model_fingerprint(model), pairs)
+        initial = self.cached_reference("initial", model, self._fingerprint(model), pairs)
         initial_scoring_s = time.perf_counter() - t0
         if self.eval_pairs:  # the yardstick of every step's eval rewards: the initial model
             self.eval_initial = self.cached_reference(
-                "eval-initial", model, model_fingerprint(model), self.eval_pairs
+                "eval-initial", model, self._fingerprint(model), self.eval_pairs
             )
         _log(
             f"initial model: reward accuracy {float((initial.gamma > 0).float().mean()):.3f}, "
@@ -670,7 +682,7 @@ class StepwiseRunner:
                 ref = initial
             else:  # M_{t-1} is the policy in memory, before its first update of this step
                 ref = self.cached_reference(
-                    f"step-{t}", model, model_fingerprint(model), chunk_pairs
+                    f"step-{t}", model, self._fingerprint(model), chunk_pairs
                 )
             ref_gamma = ref.gamma[ref.rows_for(torch.tensor(chunk, dtype=torch.int64))]
             next_gamma = self._next_chunk_gamma(t, chunks, by_index, model, ref, initial)
@@ -718,9 +730,16 @@ class StepwiseRunner:
                 optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
             del trainer
             step_dir = self.out / f"step-{t}"
+            weights = self._gathered(model)  # sharded: a collective, before rank 0 writes
 
-            def save_step(model: torch.nn.Module = model, step_dir: Path = step_dir) -> dict:
-                save_pretrained(model, step_dir, extra_files=tokenizer_files(model_dir))
+            def save_step(
+                model: torch.nn.Module = model,
+                step_dir: Path = step_dir,
+                weights: dict[str, torch.Tensor] | None = weights,
+            ) -> dict:
+                save_pretrained(
+                    model, step_dir, extra_files=tokenizer_files(model_dir), state=weights
+                )
                 fault_point("step_saved")
                 return file_entries([p for p in step_dir.iterdir() if p.is_file()], base=self.out)
 
@@ -747,7 +766,9 @@ class StepwiseRunner:
                 )
             )
             weights_files = step_files
-            kept = optimizer
+            # sharded: each rank holds a shard of the optimizer, which is not saved (resuming
+            # a sharded run is refused)
+            kept = None if sharding.is_sharded(model) else optimizer
 
             def extra(tmp: Path, kept: torch.optim.Optimizer | None = kept) -> None:
                 if kept is not None:
@@ -825,7 +846,24 @@ class StepwiseRunner:
         model.checkpoint_every = self.cfg.model.checkpoint_every
         if self.cfg.model.compile:
             compile_decoder_layers(model)  # regional: each decoder layer, dynamic shapes
+        if sharding.wanted(self.cfg.train.fsdp):
+            sharding.shard_model(model, precision=self.precision)
         return model
+
+    def _gathered(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """A sharded model's whole state dict on rank 0 (a collective: every rank calls it);
+        None for a plain model (its own ``state_dict()`` is used)."""
+        return sharding.full_state_dict(model) if sharding.is_sharded(model) else None
+
+    def _fingerprint(self, model: torch.nn.Module) -> str:
+        """``model_fingerprint``; a sharded model's is rank 0's over the gathered weights (the
+        unsharded model's), given to every rank."""
+        if not sharding.is_sharded(model):
+            return model_fingerprint(model)
+        weights = sharding.full_state_dict(model)
+        return distributed.broadcast_object(
+            model_fingerprint(model, state=weights) if distributed.is_main() else None
+        )
 
     @contextlib.contextmanager
     def _stop_signals(self) -> Iterator[None]:

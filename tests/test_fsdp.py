@@ -9,13 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from sdpo.config import config_from_dict
 from sdpo.engine import sharding
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
 from sdpo.losses import LossConfig, dpo_loss
-from tests.test_distributed import _close, _pairs, _spawn
+from sdpo.runner import run_training
+from tests.test_distributed import _close, _pairs, _run_config, _spawn
 
 LR = 1e-2
 # several micro-batches per step (3 on one rank, 2 on the other: a filler pass) and a step of
@@ -118,3 +121,58 @@ def test_sharded_scoring_equals_one_process(step_results):
         assert torch.equal(got.pair_indices, want.pair_indices)
         assert torch.allclose(got.chosen_logps, want.chosen_logps, rtol=1e-6, atol=1e-5)
         assert torch.allclose(got.rejected_logps, want.rejected_logps, rtol=1e-6, atol=1e-5)
+
+
+def _train(config: dict, resume: bool = False):
+    try:
+        result = run_training(config_from_dict(config), progress=False, resume=resume)
+    except Exception as e:
+        return type(e).__name__, str(e)
+    return result.scoring_calls
+
+
+def test_two_step_sdpo_run_sharded_writes_what_one_process_writes(tiny_model_dir, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    config = _run_config(tmp_path, tiny_model_dir, one)
+    calls_one = _train(config)
+    sharded = {**_run_config(tmp_path, tiny_model_dir, two)}
+    sharded["train"] = {**sharded["train"], "fsdp": True}
+    assert _spawn(tmp_path, _train, sharded) == [calls_one] * 2
+    for t in (1, 2):  # the gathered weights, written by rank 0 as a Hugging Face folder
+        a = load_file(str(one / f"step-{t}" / "model.safetensors"))
+        b = load_file(str(two / f"step-{t}" / "model.safetensors"))
+        assert a.keys() == b.keys()
+        for name, w in a.items():
+            assert (w - b[name]).abs().max().item() <= 1e-5, (t, name)
+    # mid-step checkpoints hold the gathered weights too
+    mid = sorted((two / "checkpoints").iterdir())[0]
+    assert load_file(str(mid / "model" / "model.safetensors")).keys() == a.keys()
+    # ... and no optimizer state: the model was sharded (a plain run saves its optimizer)
+    assert torch.load(mid / "trainer_state.pt", weights_only=True)["optimizer"] is None
+    plain = sorted((one / "checkpoints").iterdir())[0] / "trainer_state.pt"
+    assert torch.load(plain, weights_only=True)["optimizer"] is not None
+    # the caches of the sharded run equal one process's (the fingerprint of the gathered model
+    # is the unsharded one's, so the keys agree)
+    for name in ("initial", "step-2"):
+        x = load_file(str(one / "cache" / f"{name}.safetensors"))
+        y = load_file(str(two / "cache" / f"{name}.safetensors"))
+        for k, v in x.items():
+            if v.is_floating_point():
+                assert torch.allclose(v, y[k], rtol=1e-6, atol=1e-5), (name, k)
+    assert (one / "metrics.jsonl").read_text().count("\n") == (
+        two / "metrics.jsonl"
+    ).read_text().count("\n")
+
+    # resuming a sharded run is refused on every rank, before anything is touched
+    errors = _spawn(tmp_path, _train, sharded, True)
+    assert errors[0] == errors[1] and errors[0][0] == "OutputDirError"
+    assert "train.fsdp" in errors[0][1]
+
+
+def test_fsdp_in_one_process_is_the_plain_run(tiny_model_dir, tmp_path):
+    """No process group: train.fsdp changes nothing (a world of one has nothing to shard)."""
+    assert not sharding.wanted(True)
+    with pytest.raises(RuntimeError, match="more than one rank"):
+        sharding.shard_model(load_pretrained(tiny_model_dir), precision="fp32")
+    with pytest.raises(ValueError, match="fsdp must be true or false"):
+        TrainConfig(fsdp="yes")
