@@ -206,8 +206,20 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    from sdpo.engine import distributed
+
+    # under torchrun the ranks share the pairs (score_pairs shards them); rank 0 writes
+    distributed.init_from_env()
+    try:
+        return _score(args)
+    finally:
+        distributed.shutdown()
+
+
+def _score(args: argparse.Namespace) -> int:
     import torch
 
+    from sdpo.engine import distributed
     from sdpo.engine.checkpoint import load_pretrained
     from sdpo.engine.data import read_preference_file
     from sdpo.engine.files import atomic_open
@@ -240,6 +252,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
         progress=True,
     )
     gamma = scores.gamma
+    if not distributed.is_main():
+        return 0
     if args.out is not None:
         with atomic_open(args.out, "w") as f:
             for i in range(len(pairs)):

@@ -332,3 +332,25 @@ def test_bad_input_fails_on_every_rank_before_anything_is_written(tiny_model_dir
     assert errors[0][0] == "RunInputError" and "line 5" in errors[0][1]
     assert errors[1] == errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def _score_cli(args: list[str]) -> int:
+    from sdpo.cli import main
+
+    return main(args)
+
+
+def test_sdpo_score_on_two_ranks_writes_what_one_process_writes(tiny_model_dir, tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl", n=11, seed=8)
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    base = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--impl", "torch"]
+    assert _score_cli([*base, "--out", str(one)]) == 0
+    assert _spawn(tmp_path, _score_cli, [*base, "--out", str(two)]) == [0, 0]
+    rows_one = [json.loads(x) for x in one.read_text().splitlines()]
+    rows_two = [json.loads(x) for x in two.read_text().splitlines()]
+    assert [r["index"] for r in rows_two] == [r["index"] for r in rows_one]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for key in ("logp_chosen", "logp_rejected", "gamma"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a, b)
+        assert a["chosen_tokens"] == b["chosen_tokens"]
+    assert sorted(p.name for p in tmp_path.glob("two*")) == ["two.jsonl"]  # written once
