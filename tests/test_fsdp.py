@@ -1,6 +1,7 @@
 """Sharded data parallelism (``train.fsdp``, FSDP2) with real ``torch.distributed`` (gloo, two
 CPU processes): one optimizer step (untied and tied embeddings, uneven work per rank), the
-scoring pass and a two-step sDPO run give what one process gives."""
+scoring pass and a two-step sDPO run give what one process gives; so do one sharded step with bf16 parameters and one with gradient
+checkpointing, and a sharded run resumed from its checkpoints (sharded, or in one process)."""
 
 from __future__ import annotations
 
@@ -235,3 +236,90 @@ def test_fsdp_in_one_process_is_the_plain_run(tiny_model_dir, tmp_path):
         sharding.shard_model(load_pretrained(tiny_model_dir), precision="fp32")
     with pytest.raises(ValueError, match="fsdp must be true or false"):
         TrainConfig(fsdp="yes")
+
+
+# one sharded step against one process: bf16 parameters (and optimizer states), and fp32 with
+# gradient checkpointing (each decoder layer's forward recomputed inside FSDP's backward)
+VARIANTS = {"bf16": ("bf16", False), "checkpointing": ("fp32", True)}
+
+
+def _variant_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
+    pairs = _pairs(model_dir, data)
+    ref = score_pairs(
+        load_pretrained(model_dir),
+        pairs,
+        max_tokens_per_batch=4096,
+        impl="torch",
+        data_parallel=False,
+    )
+    out = {}
+    for name, (precision, checkpointing) in VARIANTS.items():
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        model = load_pretrained(model_dir, dtype=dtype)
+        model.gradient_checkpointing = checkpointing
+        if fsdp:
+            model = sharding.shard_model(model, precision=precision)
+        config = TrainConfig(
+            learning_rate=LR,
+            seed=3,
+            fsdp=fsdp,
+            precision=precision,
+            adam_eps=1e-3,
+            pairs_per_step=9,
+            max_tokens_per_batch=60,
+        )
+        trainer = DPOTrainer(
+            model,
+            config=config,
+            loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
+            kernels_impl="torch",
+            progress=False,
+        )
+        plan = plan_steps(pairs, config, epoch=0)
+        metrics = trainer.train_step(pairs, plan[0], _shifted(ref, len(pairs)))
+        grads = {k: sharding.full_tensor(p.grad).clone() for k, p in model.named_parameters()}
+        weights = sharding.full_state_dict(model) if fsdp else model.state_dict()
+        out[name] = {
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "weights": {k: v.detach().clone() for k, v in weights.items()},
+            "grads": grads,
+            "dtype": next(iter(grads.values())).dtype,
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def variant_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp_variants")
+    from sdpo.engine.tiny import write_tiny_model
+    from tests.conftest import WORDS, write_pairs
+
+    model_dir = write_tiny_model(tmp / "model", words=WORDS, hidden_size=32, seed=1)
+    data = write_pairs(tmp / "d.jsonl", n=23, seed=11)
+    return _variant_steps(model_dir, data, False), _spawn(
+        tmp, _variant_steps, model_dir, data, True
+    )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sharded_step_variant_equals_one_process(variant_results, variant):
+    single, ranks = variant_results
+    want = single[variant]
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    eps = torch.finfo(dtype).eps  # tolerances scale with the parameters' precision
+    for r, got in enumerate(ranks):
+        got = got[variant]
+        assert want["dtype"] == got["dtype"] == dtype
+        for k, v in want["metrics"].items():  # the loss head computes in fp32
+            assert got["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (r, k)
+        assert want["grads"].keys() == got["grads"].keys()
+        for name, g in want["grads"].items():
+            scale = g.double().abs().max().item()
+            diff = (g.double() - got["grads"][name].double()).abs().max().item()
+            assert diff <= 4 * eps * scale + 1e-12, (r, name, diff, scale)
+    gathered = ranks[0][variant]["weights"]
+    assert gathered.keys() == want["weights"].keys()
+    for name, w in want["weights"].items():
+        assert gathered[name].dtype == dtype
+        diff = (w.double() - gathered[name].double()).abs().max().item()
+        assert diff <= 2 * eps * w.double().abs().max().item() + 1e-3 * LR, (name, diff)
