@@ -1,7 +1,7 @@
 """Sharded data parallelism (``train.fsdp``, FSDP2) with real ``torch.distributed`` (gloo, two
-CPU processes): one optimizer step (untied and tied embeddings, uneven work per rank), the
-scoring pass and a two-step sDPO run give what one process gives; so do one sharded step with bf16 parameters and one with gradient
-checkpointing, and a sharded run resumed from its checkpoints (sharded, or in one process)."""
+CPU processes): one optimizer step (untied and tied embeddings, uneven work per rank; bf16
+parameters; gradient checkpointing), the scoring pass and a two-step sDPO run give what one
+process gives, and a sharded run resumes from its checkpoints, sharded or in one process."""
 
 from __future__ import annotations
 
