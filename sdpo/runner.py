@@ -33,8 +33,9 @@ that of an uninterrupted run with the same number of ranks, and equal to float r
 different numbers. Sharded (``train.fsdp``): the weights and the optimizer state are gathered
 onto rank 0 for every checkpoint (collectives every rank joins before rank 0 writes) in the plain
 form, so ``--resume`` continues a sharded run sharded or in one process. A graceful stop
-(SIGTERM/SIGINT on any rank; torchrun forwards SIGTERM to every rank) is agreed in the next step's all-reduce, so all ranks stop after the same optimizer
-step and rank 0 saves the checkpoint. Fault points (``SDPO_FAULT_AT``) count per process: a
+(SIGTERM/SIGINT on any rank; torchrun forwards SIGTERM to every rank) is agreed in the next
+step's all-reduce, so all ranks stop after the same optimizer step and rank 0 saves the
+checkpoint. Fault points (``SDPO_FAULT_AT``) count per process: a
 point that only rank 0 reaches (checkpoint and cache writes) kills rank 0 alone, and torchrun
 then ends the other ranks.
 """
