@@ -24,7 +24,10 @@ reduce_dtype=fp32)``), gradients reduced in fp32.
 
 Checkpoints: ``full_state_dict`` gathers the whole state dict onto rank 0's CPU (a collective),
 which then writes the usual Hugging Face folder; a loaded model is built from the checkpoint on
-every rank, then sharded.
+every rank, then sharded. The optimizer state is gathered the same way
+(``full_optimizer_state_dict``) and stored in the plain ``optimizer.state_dict()`` form, so a
+sharded run's checkpoint is a plain run's: ``--resume`` continues it sharded (rank 0's copy is
+broadcast and every rank keeps its shard, ``load_full_optimizer_state_dict``), or in one process.
 
 In a world of one (no torchrun, or one process) ``train.fsdp`` changes nothing: there is no one
 to share with, and the plain model is trained (``wanted``).
@@ -107,3 +110,61 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
+
+
+def full_optimizer_state_dict(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """A sharded model's whole optimizer state on rank 0's CPU ({} on the other ranks), in the
+    plain ``optimizer.state_dict()`` form (parameters numbered in ``param_groups`` order), so a
+    checkpoint of a sharded run is one of a plain run; a collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    if not by_name:
+        return {}
+    number: dict[str, int] = {}
+    groups = []
+    for group in by_name["param_groups"]:
+        ids = []
+        for name in group["params"]:
+            number.setdefault(name, len(number))
+            ids.append(number[name])
+        groups.append({**group, "params": ids})
+    state = {number[name]: s for name, s in by_name["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state_dict(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]
+) -> None:
+    """Load a whole optimizer state (``optimizer.state_dict()`` form: a plain run's, or
+    ``full_optimizer_state_dict``'s) into a sharded model's optimizer: rank 0's copy is
+    broadcast and every rank keeps its shard; a collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    current = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = [i for group in state["param_groups"] for i in group["params"]]
+    if len(saved) != len(current) or len(state["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(
+            f"the saved optimizer state has {len(saved)} parameters in "
+            f"{len(state['param_groups'])} groups; this optimizer has {len(current)} in "
+            f"{len(optimizer.param_groups)}"
+        )
+    name_of = {i: names[id(p)] for i, p in zip(saved, current, strict=True)}
+    by_name = {
+        "state": {name_of[i]: s for i, s in state["state"].items()},
+        "param_groups": [
+            {**g, "params": [name_of[i] for i in g["params"]]} for g in state["param_groups"]
+        ],
+    }
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)

@@ -742,10 +742,15 @@ class DPOTrainer:
     def state_dict(self) -> dict[str, Any]:
         """Training state beside the weights: optimizer, LR schedule, step counters, position
         in the step plan and RNG states. Loadable with ``torch.load(weights_only=True)``.
-        Sharded: no optimizer (each rank holds a shard of it; resuming a sharded run is not
-        supported, see engine/sharding.py)."""
+        Sharded: a collective (every rank calls it); the whole optimizer state is gathered onto
+        rank 0 in the plain form (``sharding.full_optimizer_state_dict``: {} on the other
+        ranks), so a sharded run's checkpoint is a plain run's."""
+        if self.sharded:
+            optimizer = sharding.full_optimizer_state_dict(self.model, self.optimizer)
+        else:
+            optimizer = self.optimizer.state_dict()
         return {
-            "optimizer": None if self.sharded else self.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "global_step": self.global_step,
             "position": dict(self.position),
@@ -754,14 +759,17 @@ class DPOTrainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a ``state_dict`` (inside ``fit``, after the schedule is built)."""
-        if state["optimizer"] is None or self.sharded:
+        """Restore a ``state_dict`` (inside ``fit``, after the schedule is built). Sharded: a
+        collective; rank 0's optimizer state is broadcast and every rank keeps its shard."""
+        if not state["optimizer"]:
             raise ValueError(
-                "this training state has no optimizer state to restore (a sharded run's, "
-                "train.fsdp = true), or the model is sharded: resuming sharded training is not "
-                "supported"
+                "this training state has no optimizer state to restore (written by an older "
+                "sharded run, train.fsdp = true): start that run again"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            sharding.load_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.global_step = int(state["global_step"])

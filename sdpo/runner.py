@@ -30,9 +30,12 @@ broadcasts, and its write errors are broadcast too, so every rank raises them. S
 sharded over ranks and gathered; the trainer divides each optimizer step. ``--resume`` works with
 any number of ranks (rank 0 picks the checkpoint, every rank loads it); the result is bitwise
 that of an uninterrupted run with the same number of ranks, and equal to float rounding across
-different numbers. A graceful stop (SIGTERM/SIGINT on any rank; torchrun forwards SIGTERM to
-every rank) is agreed in the next step's all-reduce, so all ranks stop after the same optimizer
-step and rank 0 saves the checkpoint. Fault points (``SDPO_FAULT_AT``) count per process: a
+different numbers. Sharded (``train.fsdp``): the weights and the optimizer state are gathered
+onto rank 0 for every checkpoint (collectives every rank joins before rank 0 writes) in the plain
+form, so ``--resume`` continues a sharded run sharded or in one process. A graceful stop
+(SIGTERM/SIGINT on any rank; torchrun forwards SIGTERM to every rank) is agreed in the next
+step's all-reduce, so all ranks stop after the same optimizer step and rank 0 saves the
+checkpoint. Fault points (``SDPO_FAULT_AT``) count per process: a
 point that only rank 0 reaches (checkpoint and cache writes) kills rank 0 alone, and torchrun
 then ends the other ranks.
 """
@@ -444,12 +447,6 @@ class StepwiseRunner:
 
     def check_output_dir(self) -> None:
         """Refuse to mix two runs' outputs (before anything is read or written)."""
-        if sharding.wanted(self.cfg.train.fsdp) and self.resume:
-            raise OutputDirError(
-                "--resume with train.fsdp = true is not supported: the checkpoints of a sharded "
-                "run hold the full weights but not the optimizer state. Start the run again "
-                "(--overwrite), or continue from a step-<t> folder as a new run's model.path"
-            )
         if sharding.wanted(self.cfg.train.fsdp) and self.cfg.model.compile:
             raise RunInputError(
                 "model.compile = true with train.fsdp = true is not supported yet: set one of "
@@ -563,9 +560,9 @@ class StepwiseRunner:
     def _save_mid_step(self, trainer: DPOTrainer, *, base: dict[str, Any]) -> None:
         """Trainer callback: a checkpoint inside an sDPO step (weights + trainer state)."""
         weights = self._gathered(trainer.model)  # sharded: a collective, before rank 0 writes
+        state = trainer.state_dict()  # sharded: the optimizer gathered onto rank 0 (a collective)
 
         def extra(tmp: Path) -> None:
-            state = trainer.state_dict()
             save_pretrained(trainer.model, tmp / "model", state=weights)
             with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
                 torch.save(state, f)
@@ -669,8 +666,14 @@ class StepwiseRunner:
                 gc.collect()
                 model = self._load_policy(self.out / f"step-{t - 1}")  # M_{t-1}
                 if state is not None and mid_state is None:  # kept optimizer across steps
-                    optimizer = build_optimizer(model, train_cfg)
-                    optimizer.load_state_dict(state["optimizer"])
+                    sharded = sharding.is_sharded(model)
+                    optimizer = build_optimizer(model, train_cfg, fused=False if sharded else None)
+                    if sharded:  # rank 0's copy broadcast, every rank keeps its shard
+                        sharding.load_full_optimizer_state_dict(
+                            model, optimizer, state["optimizer"]
+                        )
+                    else:
+                        optimizer.load_state_dict(state["optimizer"])
             if distributed.any_rank(self.stop_flag):  # every rank stops at the same place
                 raise TrainingStopped(run_step_base)
             fault_point("step_start")
@@ -766,14 +769,20 @@ class StepwiseRunner:
                 )
             )
             weights_files = step_files
-            # sharded: each rank holds a shard of the optimizer, which is not saved (resuming
-            # a sharded run is refused)
-            kept = None if sharding.is_sharded(model) else optimizer
+            # the optimizer kept across steps; sharded: gathered onto rank 0 (a collective, so
+            # every rank calls it before rank 0 writes), in the plain form
+            kept = None
+            if optimizer is not None:
+                kept = (
+                    sharding.full_optimizer_state_dict(model, optimizer)
+                    if sharding.is_sharded(model)
+                    else optimizer.state_dict()
+                )
 
-            def extra(tmp: Path, kept: torch.optim.Optimizer | None = kept) -> None:
+            def extra(tmp: Path, kept: dict[str, Any] | None = kept) -> None:
                 if kept is not None:
                     with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
-                        torch.save({"optimizer": kept.state_dict()}, f)
+                        torch.save({"optimizer": kept}, f)
 
             self._write_checkpoint(
                 run_step_base,

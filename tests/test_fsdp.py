@@ -1,9 +1,12 @@
 """Sharded data parallelism (``train.fsdp``, FSDP2) with real ``torch.distributed`` (gloo, two
-CPU processes): one optimizer step (untied and tied embeddings, uneven work per rank), the
-scoring pass and a two-step sDPO run give what one process gives."""
+CPU processes): one optimizer step (untied and tied embeddings, uneven work per rank; bf16
+parameters; gradient checkpointing), the scoring pass and a two-step sDPO run give what one
+process gives, and a sharded run resumes from its checkpoints, sharded or in one process."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -18,7 +21,7 @@ from sdpo.engine.scoring import score_pairs
 from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
 from sdpo.losses import LossConfig, dpo_loss
 from sdpo.runner import run_training
-from tests.test_distributed import _close, _pairs, _run_config, _spawn
+from tests.test_distributed import _close, _pairs, _run_config, _spawn, _strip
 
 LR = 1e-2
 # several micro-batches per step (3 on one rank, 2 on the other: a filler pass) and a step of
@@ -144,13 +147,20 @@ def test_two_step_sdpo_run_sharded_writes_what_one_process_writes(tiny_model_dir
         assert a.keys() == b.keys()
         for name, w in a.items():
             assert (w - b[name]).abs().max().item() <= 1e-5, (t, name)
-    # mid-step checkpoints hold the gathered weights too
+    # mid-step checkpoints hold the gathered weights and the gathered optimizer state, in the
+    # form a plain run writes (parameters numbered in the same order, the same tensor shapes)
     mid = sorted((two / "checkpoints").iterdir())[0]
     assert load_file(str(mid / "model" / "model.safetensors")).keys() == a.keys()
-    # ... and no optimizer state: the model was sharded (a plain run saves its optimizer)
-    assert torch.load(mid / "trainer_state.pt", weights_only=True)["optimizer"] is None
+    got = torch.load(mid / "trainer_state.pt", weights_only=True)["optimizer"]
     plain = sorted((one / "checkpoints").iterdir())[0] / "trainer_state.pt"
-    assert torch.load(plain, weights_only=True)["optimizer"] is not None
+    want = torch.load(plain, weights_only=True)["optimizer"]
+    assert got["param_groups"] == want["param_groups"]
+    assert got["state"].keys() == want["state"].keys()
+    for i, s in want["state"].items():
+        assert torch.equal(s["step"], got["state"][i]["step"])
+        for k in ("exp_avg", "exp_avg_sq"):
+            assert s[k].shape == got["state"][i][k].shape
+            assert torch.allclose(s[k], got["state"][i][k], rtol=1e-4, atol=1e-7), (i, k)
     # the caches of the sharded run equal one process's (the fingerprint of the gathered model
     # is the unsharded one's, so the keys agree)
     for name in ("initial", "step-2"):
@@ -163,10 +173,60 @@ def test_two_step_sdpo_run_sharded_writes_what_one_process_writes(tiny_model_dir
         two / "metrics.jsonl"
     ).read_text().count("\n")
 
-    # resuming a sharded run is refused on every rank, before anything is touched
-    errors = _spawn(tmp_path, _train, sharded, True)
-    assert errors[0] == errors[1] and errors[0][0] == "OutputDirError"
-    assert "train.fsdp" in errors[0][1]
+    # resume from the mid-step checkpoint of step 2, sharded on two ranks: the same bits as
+    # the uninterrupted sharded run; in one process (the same checkpoint, no sharding): the
+    # sharded run's weights within float rounding
+    final = load_file(str(two / "step-2" / "model.safetensors"))
+    lines = (two / "metrics.jsonl").read_text().splitlines()
+    three = tmp_path / "three"
+    _interrupt_in_step_2(two)
+    shutil.copytree(two, three)
+    calls = _spawn(tmp_path, _train, sharded, True)
+    assert isinstance(calls[0], int) and calls[1] == calls[0], calls  # not an error
+    resumed = load_file(str(two / "step-2" / "model.safetensors"))
+    for name, w in final.items():
+        assert torch.equal(w, resumed[name]), name
+    assert [_strip(x) for x in (two / "metrics.jsonl").read_text().splitlines()] == [
+        _strip(x) for x in lines
+    ]
+    single = {**_run_config(tmp_path, tiny_model_dir, three)}
+    single["train"] = {**single["train"], "fsdp": True}  # one process: fsdp changes nothing
+    assert isinstance(_train(single, True), int)
+    resumed = load_file(str(three / "step-2" / "model.safetensors"))
+    for name, w in final.items():
+        assert (w - resumed[name]).abs().max().item() <= 1e-5, name
+
+
+def test_sharded_resume_with_the_optimizer_kept_across_steps(tiny_model_dir, tmp_path):
+    """sdpo.reset_optimizer = false: the end-of-step checkpoint holds the gathered optimizer;
+    resuming after step 1 on two ranks gives the uninterrupted sharded run's bits."""
+    out = tmp_path / "out"
+    config = _run_config(tmp_path, tiny_model_dir, out)
+    config["train"] = {**config["train"], "fsdp": True, "save_every": 0}
+    config["sdpo"] = {**config["sdpo"], "reset_optimizer": False, "report_scoring": False}
+    calls = _spawn(tmp_path, _train, config)
+    assert isinstance(calls[0], int), calls
+    final = load_file(str(out / "step-2" / "model.safetensors"))
+    checkpoints = sorted((out / "checkpoints").iterdir())
+    assert len(checkpoints) == 2  # the ends of steps 1 and 2
+    kept = torch.load(checkpoints[0] / "trainer_state.pt", weights_only=True)["optimizer"]
+    assert kept["state"] and kept["param_groups"]
+    shutil.rmtree(checkpoints[1])
+    shutil.rmtree(out / "step-2")
+    calls = _spawn(tmp_path, _train, config, True)
+    assert isinstance(calls[0], int), calls
+    resumed = load_file(str(out / "step-2" / "model.safetensors"))
+    for name, w in final.items():
+        assert torch.equal(w, resumed[name]), name
+
+
+def _interrupt_in_step_2(out: Path) -> None:
+    """Leave ``out`` as a run killed inside sDPO step 2, after a mid-step checkpoint."""
+    shutil.rmtree(sorted((out / "checkpoints").iterdir())[-1])  # the end-of-step checkpoint
+    shutil.rmtree(out / "step-2")
+    left = sorted((out / "checkpoints").iterdir())[-1]
+    progress = json.loads((left / "progress.json").read_text())
+    assert not progress["step_finished"] and progress["sdpo_step"] == 2
 
 
 def test_fsdp_in_one_process_is_the_plain_run(tiny_model_dir, tmp_path):
@@ -176,3 +236,90 @@ def test_fsdp_in_one_process_is_the_plain_run(tiny_model_dir, tmp_path):
         sharding.shard_model(load_pretrained(tiny_model_dir), precision="fp32")
     with pytest.raises(ValueError, match="fsdp must be true or false"):
         TrainConfig(fsdp="yes")
+
+
+# one sharded step against one process: bf16 parameters (and optimizer states), and fp32 with
+# gradient checkpointing (each decoder layer's forward recomputed inside FSDP's backward)
+VARIANTS = {"bf16": ("bf16", False), "checkpointing": ("fp32", True)}
+
+
+def _variant_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
+    pairs = _pairs(model_dir, data)
+    ref = score_pairs(
+        load_pretrained(model_dir),
+        pairs,
+        max_tokens_per_batch=4096,
+        impl="torch",
+        data_parallel=False,
+    )
+    out = {}
+    for name, (precision, checkpointing) in VARIANTS.items():
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        model = load_pretrained(model_dir, dtype=dtype)
+        model.gradient_checkpointing = checkpointing
+        if fsdp:
+            model = sharding.shard_model(model, precision=precision)
+        config = TrainConfig(
+            learning_rate=LR,
+            seed=3,
+            fsdp=fsdp,
+            precision=precision,
+            adam_eps=1e-3,
+            pairs_per_step=9,
+            max_tokens_per_batch=60,
+        )
+        trainer = DPOTrainer(
+            model,
+            config=config,
+            loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
+            kernels_impl="torch",
+            progress=False,
+        )
+        plan = plan_steps(pairs, config, epoch=0)
+        metrics = trainer.train_step(pairs, plan[0], _shifted(ref, len(pairs)))
+        grads = {k: sharding.full_tensor(p.grad).clone() for k, p in model.named_parameters()}
+        weights = sharding.full_state_dict(model) if fsdp else model.state_dict()
+        out[name] = {
+            "metrics": {k: float(v) for k, v in metrics.items()},
+            "weights": {k: v.detach().clone() for k, v in weights.items()},
+            "grads": grads,
+            "dtype": next(iter(grads.values())).dtype,
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def variant_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp_variants")
+    from sdpo.engine.tiny import write_tiny_model
+    from tests.conftest import WORDS, write_pairs
+
+    model_dir = write_tiny_model(tmp / "model", words=WORDS, hidden_size=32, seed=1)
+    data = write_pairs(tmp / "d.jsonl", n=23, seed=11)
+    return _variant_steps(model_dir, data, False), _spawn(
+        tmp, _variant_steps, model_dir, data, True
+    )
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_sharded_step_variant_equals_one_process(variant_results, variant):
+    single, ranks = variant_results
+    want = single[variant]
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    eps = torch.finfo(dtype).eps  # tolerances scale with the parameters' precision
+    for r, got in enumerate(ranks):
+        got = got[variant]
+        assert want["dtype"] == got["dtype"] == dtype
+        for k, v in want["metrics"].items():  # the loss head computes in fp32
+            assert got["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (r, k)
+        assert want["grads"].keys() == got["grads"].keys()
+        for name, g in want["grads"].items():
+            scale = g.double().abs().max().item()
+            diff = (g.double() - got["grads"][name].double()).abs().max().item()
+            assert diff <= 4 * eps * scale + 1e-12, (r, name, diff, scale)
+    gathered = ranks[0][variant]["weights"]
+    assert gathered.keys() == want["weights"].keys()
+    for name, w in want["weights"].items():
+        assert gathered[name].dtype == dtype
+        diff = (w.double() - gathered[name].double()).abs().max().item()
+        assert diff <= 2 * eps * w.double().abs().max().item() + 1e-3 * LR, (name, diff)
