@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 TRAIN_HELP = """\
@@ -149,15 +150,20 @@ def _say(*args: object, **kwargs: object) -> None:
         print(*args, **kwargs)
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from sdpo.engine import distributed
+def _in_process_group(command: Callable[[argparse.Namespace], int]):
+    """``command`` run inside the torchrun process group when launched by torchrun (a plain run
+    touches nothing of torch.distributed)."""
 
-    # under torchrun: join the process group (a plain run touches nothing of torch.distributed)
-    distributed.init_from_env()
-    try:
-        return _train(args)
-    finally:
-        distributed.shutdown()
+    def run(args: argparse.Namespace) -> int:
+        from sdpo.engine import distributed
+
+        distributed.init_from_env()
+        try:
+            return command(args)
+        finally:
+            distributed.shutdown()
+
+    return run
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -205,18 +211,8 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_score(args: argparse.Namespace) -> int:
-    from sdpo.engine import distributed
-
-    # under torchrun the ranks share the pairs (score_pairs shards them); rank 0 writes
-    distributed.init_from_env()
-    try:
-        return _score(args)
-    finally:
-        distributed.shutdown()
-
-
 def _score(args: argparse.Namespace) -> int:
+    """Under torchrun the ranks share the pairs (score_pairs shards them); rank 0 writes."""
     import torch
 
     from sdpo.engine import distributed
@@ -317,8 +313,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
-        "train": _cmd_train,
-        "score": _cmd_score,
+        "train": _in_process_group(_train),
+        "score": _in_process_group(_score),
         "config": _cmd_config,
         "demo": _cmd_demo,
     }[args.command]

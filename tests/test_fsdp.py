@@ -42,6 +42,27 @@ def _shifted(ref, n):
     )
 
 
+def _one_step(model, pairs, ref, config: TrainConfig, *, fsdp: bool) -> dict:
+    """One optimizer step of the plan's first step: metrics, full weights and full gradients."""
+    trainer = DPOTrainer(
+        model,
+        config=config,
+        loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
+        kernels_impl="torch",
+        progress=False,
+    )
+    plan = plan_steps(pairs, config, epoch=0)
+    metrics = trainer.train_step(pairs, plan[0], _shifted(ref, len(pairs)))
+    grads = {k: sharding.full_tensor(p.grad).clone() for k, p in model.named_parameters()}
+    weights = sharding.full_state_dict(model) if fsdp else model.state_dict()
+    return {
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "weights": {k: v.detach().clone() for k, v in weights.items()},
+        "grads": grads,
+        "plan": plan[0],
+    }
+
+
 def _step_and_scores(model_dir: Path, data: Path, fsdp: bool) -> dict:
     """One optimizer step per case and a scoring pass, in one process or on every rank."""
     pairs = _pairs(model_dir, data)
@@ -57,23 +78,7 @@ def _step_and_scores(model_dir: Path, data: Path, fsdp: bool) -> dict:
             model = sharding.shard_model(model, precision="fp32")
             assert sharding.is_sharded(model)
         config = TrainConfig(learning_rate=LR, seed=3, fsdp=fsdp, **settings)
-        trainer = DPOTrainer(
-            model,
-            config=config,
-            loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
-            kernels_impl="torch",
-            progress=False,
-        )
-        plan = plan_steps(pairs, config, epoch=0)
-        metrics = trainer.train_step(pairs, plan[0], _shifted(ref, len(pairs)))
-        grads = {k: sharding.full_tensor(p.grad).clone() for k, p in model.named_parameters()}
-        weights = sharding.full_state_dict(model) if fsdp else model.state_dict()
-        steps[name] = {
-            "metrics": {k: float(v) for k, v in metrics.items()},
-            "weights": {k: v.detach().clone() for k, v in weights.items()},
-            "grads": grads,
-            "plan": plan[0],
-        }
+        steps[name] = _one_step(model, pairs, ref, config, fsdp=fsdp)
     return {"scores": scores, "steps": steps}
 
 
@@ -268,23 +273,8 @@ def _variant_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
             pairs_per_step=9,
             max_tokens_per_batch=60,
         )
-        trainer = DPOTrainer(
-            model,
-            config=config,
-            loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
-            kernels_impl="torch",
-            progress=False,
-        )
-        plan = plan_steps(pairs, config, epoch=0)
-        metrics = trainer.train_step(pairs, plan[0], _shifted(ref, len(pairs)))
-        grads = {k: sharding.full_tensor(p.grad).clone() for k, p in model.named_parameters()}
-        weights = sharding.full_state_dict(model) if fsdp else model.state_dict()
-        out[name] = {
-            "metrics": {k: float(v) for k, v in metrics.items()},
-            "weights": {k: v.detach().clone() for k, v in weights.items()},
-            "grads": grads,
-            "dtype": next(iter(grads.values())).dtype,
-        }
+        step = _one_step(model, pairs, ref, config, fsdp=fsdp)
+        out[name] = {**step, "dtype": next(iter(step["grads"].values())).dtype}
     return out
 
 
