@@ -112,8 +112,13 @@ def init_from_env(*, timeout_minutes: float = 30.0) -> bool:
     return True
 
 
-def shutdown() -> None:
+def shutdown(*, wait: bool = False) -> None:
+    """Leave the process group. ``wait``: first a barrier, so that no rank tears its group down
+    while a peer still finishes its last collectives (gloo aborts the process when that races);
+    only on a clean exit, where every rank reaches this point."""
     if initialized():
+        if wait:
+            barrier()
         _dist().destroy_process_group()
 
 

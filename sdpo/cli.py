@@ -159,9 +159,12 @@ def _in_process_group(command: Callable[[argparse.Namespace], int]):
 
         distributed.init_from_env()
         try:
-            return command(args)
-        finally:
+            code = command(args)
+        except BaseException:
             distributed.shutdown()
+            raise
+        distributed.shutdown(wait=True)  # every rank returns the same code
+        return code
 
     return run
 

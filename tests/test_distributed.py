@@ -60,9 +60,9 @@ def _worker(rank: int, world: int, port: int, out: Path, task, args) -> None:
         torch.save(result, out / f"rank{rank}.pt")
     except BaseException:
         (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
         distributed.shutdown()
+        raise
+    distributed.shutdown(wait=True)
 
 
 def _spawn(tmp_path: Path, task, *args) -> list:
