@@ -9,17 +9,25 @@ every helper answers as a world of one (``world() == 1``, ``rank() == 0``, colle
 their input), and the single-process code paths run unchanged, bit for bit.
 
 Gradient reduction (see ``DPOTrainer.train_step``): an explicit SUM all-reduce of every
-gradient after a step's last micro-batch, not ``DistributedDataParallel``. Reasons: (1) exact
-and simple: each rank accumulates its share of the step's micro-batches with the loss divided by
-the step's *global* pair count, so the summed gradient is the single-process gradient, whatever
-the number of micro-batches per rank (ranks may even have none); DDP averages (divides by the
-world size) and needs the same number of backward calls on every rank; (2) the lm_head weight's
-gradient is written by a custom ``autograd.Function`` (the fused log-prob head) and the model is
-called through attributes (``lm_head_weight``, ``attn_backend``) that a DDP wrapper hides; an
-explicit reduction sees ``p.grad`` whatever produced it; (3) checkpoints and the optimizer keep
-the plain module. The cost: no overlap of communication with the backward pass. The gradients
-are flattened into one buffer per dtype, so a step costs one all-reduce (per dtype), plus one
-small all-reduce of the step's metric sums and stop flag.
+gradient, not ``DistributedDataParallel``. Reasons: (1) exact and simple: each rank accumulates
+its share of the step's micro-batches with the loss divided by the step's *global* pair count,
+so the summed gradient is the single-process gradient, whatever the number of micro-batches per
+rank (ranks may even have none); DDP averages (divides by the world size) and needs the same
+number of backward calls on every rank; (2) the lm_head weight's gradient is written by a custom
+``autograd.Function`` (the fused log-prob head) and the model is called through attributes
+(``lm_head_weight``, ``attn_backend``) that a DDP wrapper hides; an explicit reduction sees
+``p.grad`` whatever produced it; (3) checkpoints and the optimizer keep the plain module.
+
+``GradReducer`` overlaps that reduction with the backward pass of a rank's last micro-batch, as
+DDP does: the parameters are grouped into buckets of about 25 MB in reverse registration order
+(the order in which the backward finishes their gradients), and a bucket's asynchronous
+all-reduce starts as soon as the last of its gradients has been accumulated (a
+post-accumulate-grad hook). Buckets start strictly in index order, so every rank issues the same
+sequence of collectives whatever order its own backward produced them in; a rank with no
+micro-batch (or a parameter that got no gradient) sends zeros when the step's reduction is
+finished. The gradients end as views into the reduced buckets (no copy back). Sums are
+elementwise, so the result is the same as one all-reduce after the backward (bitwise with two
+ranks). A step's metric sums and stop flag follow in one small all-reduce.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -162,6 +171,98 @@ def _reduce_bucket(bucket: list[Tensor]) -> None:
         n = t.numel()
         t.copy_(flat[offset : offset + n].view_as(t))
         offset += n
+
+
+class GradReducer:
+    """Sums the gradients of ``params`` over ranks while the backward pass runs.
+
+    Use: ``begin()`` before the backward of a rank's last micro-batch of a step (earlier
+    micro-batches accumulate as usual), ``finish()`` after it, on every rank, also on a rank
+    that ran no backward at all. After ``finish()`` every parameter's ``.grad`` holds the sum
+    over ranks (parameters with no gradient on a rank count as zeros). ``bucket_bytes`` bounds a
+    bucket (a larger parameter goes alone and is reduced in place, without a copy)."""
+
+    def __init__(self, params: Iterable[Tensor], *, bucket_bytes: int = 25 * 2**20) -> None:
+        params = [p for p in params if p.requires_grad]
+        # the backward finishes the last parameters' gradients first: bucket in reverse order
+        self.buckets: list[list[Tensor]] = []
+        size = 0
+        for p in reversed(params):
+            nbytes = p.numel() * p.element_size()
+            last = self.buckets[-1] if self.buckets else None
+            same_kind = last is not None and (last[0].dtype, last[0].device) == (p.dtype, p.device)
+            if last is None or not same_kind or size + nbytes > bucket_bytes:
+                self.buckets.append([p])
+                size = nbytes
+            else:
+                last.append(p)
+                size += nbytes
+        self._ready: list[set[int]] = []
+        self._next = 0  # the next bucket to start; buckets before it are in flight
+        self._works: list[Any] = []
+        self._hooks: list[Any] = []
+        self._armed = False
+        self.started_in_backward = 0  # buckets whose reduction overlapped the backward
+
+    def begin(self) -> None:
+        if self._armed:
+            raise RuntimeError("GradReducer.begin() called twice without finish()")
+        self._armed = True
+        self._ready = [set() for _ in self.buckets]
+        self._next = 0
+        self._works = []
+        self.started_in_backward = 0
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(partial(self._on_grad, i))
+            for i, bucket in enumerate(self.buckets)
+            for p in bucket
+        ]
+
+    def _on_grad(self, index: int, param: Tensor) -> None:
+        if index < self._next:
+            raise RuntimeError(
+                "a gradient was accumulated again after its bucket's all-reduce had started "
+                "(a parameter used by two backward passes inside one overlapped micro-batch)"
+            )
+        self._ready[index].add(id(param))
+        while self._next < len(self.buckets) and len(self._ready[self._next]) == len(
+            self.buckets[self._next]
+        ):
+            self._start(self._next)
+            self.started_in_backward += 1
+
+    def _start(self, index: int) -> None:
+        bucket = self.buckets[index]
+        for p in bucket:
+            if p.grad is None:  # no gradient on this rank: it adds zeros
+                p.grad = torch.zeros_like(p)
+        if len(bucket) == 1 and bucket[0].grad.is_contiguous():
+            flat = bucket[0].grad
+        else:
+            flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+            offset = 0
+            for p in bucket:  # the gradients become views of the reduced buffer
+                n = p.numel()
+                p.grad = flat[offset : offset + n].view_as(p)
+                offset += n
+        dist = _dist()
+        self._works.append(dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True))
+        self._next = index + 1
+
+    def finish(self) -> None:
+        """Start the buckets the backward did not (every rank, same order) and wait for all:
+        on CUDA the wait orders the current stream after the collectives (no host sync)."""
+        if not self._armed:  # this rank ran no backward: all buckets are zeros
+            self.begin()
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._armed = False
+        while self._next < len(self.buckets):
+            self._start(self._next)
+        for work in self._works:
+            work.wait()
+        self._works = []
 
 
 def any_rank(flag: bool) -> bool:

@@ -22,8 +22,9 @@ logged); the update is then not applied, and the run stops with ``NonFiniteError
 Data parallel (a process group of more than one rank, ``sdpo.engine.distributed``): every rank
 builds the same step plan and calls ``train_step`` with the step's *global* micro-batches; each
 rank runs its share (``shard_micro_batches``), the loss divided by the step's global pair count,
-then one SUM all-reduce gives every rank the single-process gradient and the step's metric sums
-(and the stop flag). Clipping, the non-finite check and the update then see the same values on
+and SUM all-reduces give every rank the single-process gradient (bucketed and started during the
+backward of the rank's last micro-batch, ``distributed.GradReducer``; ``overlap_grad_reduce =
+false``: one all-reduce after it) and the step's metric sums (and the stop flag). Clipping, the non-finite check and the update then see the same values on
 every rank, so the weights stay identical. Only rank 0 writes ``metrics.jsonl`` and shows the
 progress bar.
 """
@@ -113,6 +114,9 @@ class TrainConfig:
     # Shard parameters, gradients and optimizer states over the ranks (FSDP2, see
     # engine/sharding.py); only under torchrun with more than one rank, a no-op otherwise.
     fsdp: bool = False
+    # Data parallel without fsdp: sum the gradients over ranks in buckets started during the
+    # backward of each rank's last micro-batch (as DDP does); false: one all-reduce after it.
+    overlap_grad_reduce: bool = True
 
     def __post_init__(self) -> None:
         def at_least(name: str, low: float, *, strict: bool = False) -> None:
@@ -160,6 +164,10 @@ class TrainConfig:
             raise ValueError(f"share_prompt must be true or false, got {self.share_prompt!r}")
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"fsdp must be true or false, got {self.fsdp!r}")
+        if not isinstance(self.overlap_grad_reduce, bool):
+            raise ValueError(
+                f"overlap_grad_reduce must be true or false, got {self.overlap_grad_reduce!r}"
+            )
 
 
 def plan_steps(
@@ -380,6 +388,12 @@ class DPOTrainer:
         self.last_step_finite = True
         self.data_parallel = distributed.active()
         self._stop_agreed: Tensor | None = None  # data parallel: the ranks' summed stop flags
+        # data parallel, unsharded: gradients reduced in buckets during the last backward
+        self.grad_reducer = (
+            distributed.GradReducer(model.parameters())
+            if self.data_parallel and not self.sharded and config.overlap_grad_reduce
+            else None
+        )
 
     # -- one optimizer step -------------------------------------------------------------
     def _micro_batch(
@@ -511,14 +525,19 @@ class DPOTrainer:
             # forward/backward passes as the busiest rank (the others add zero-weighted ones)
             passes = max(len(s) for s in shares) if self.sharded else len(local)
         sums: dict[str, Tensor] = {}
-        for positions in local:
+        reducer = self.grad_reducer
+        for j, positions in enumerate(local):
+            if reducer is not None and j == len(local) - 1:
+                reducer.begin()  # this backward starts the gradients' all-reduce
             part = self._micro_batch(pairs, positions, ref, normalizer)
             for k, v in part.items():
                 sums[k] = sums[k] + v if k in sums else v
         for _ in range(passes - len(local)):
             self._micro_batch(pairs, micro_batches[0][:1], ref, normalizer, weight_of_loss=0.0)
+        if reducer is not None:
+            reducer.finish()  # also on a rank without micro-batches: it sends zeros
         if self.data_parallel:
-            sums = self._reduce_over_ranks(sums)
+            sums = self._reduce_over_ranks(sums, grads=reducer is None and not self.sharded)
         metrics = {k: v / normalizer for k, v in sums.items()}
         params = [p for p in self.model.parameters() if p.grad is not None]
         # sharded gradients (DTensors): the norm of the local shards is combined over ranks
@@ -554,12 +573,12 @@ class DPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
         return metrics
 
-    def _reduce_over_ranks(self, sums: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Sum every gradient, the metric sums and the stop flags over ranks (in place; fp32
-        gradients and the metric vector share one flat buffer). A parameter that got no
-        gradient on this rank (no micro-batch) contributes zeros. Sharded: the backward
-        reduced the gradients already; only the metrics and the stop flags are summed."""
-        params = [] if self.sharded else [p for p in self.model.parameters() if p.requires_grad]
+    def _reduce_over_ranks(self, sums: dict[str, Tensor], *, grads: bool) -> dict[str, Tensor]:
+        """Sum the metric sums, the stop flags and, with ``grads``, every gradient over ranks
+        (in place; fp32 gradients and the metric vector share one flat buffer). A parameter
+        that got no gradient on this rank (no micro-batch) contributes zeros. Without
+        ``grads`` (sharded, or overlapped) the gradients have been reduced already."""
+        params = [p for p in self.model.parameters() if p.requires_grad] if grads else []
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

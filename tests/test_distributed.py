@@ -93,33 +93,64 @@ def _step_and_scores(model_dir: Path, data: Path) -> dict:
     # the reference table is the single-process one everywhere, so only the step differs
     ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch", data_parallel=False)
     scores = score_pairs(model, pairs, max_tokens_per_batch=80, impl="torch")
+    # the ref table was scored before training: perturb it so rewards are not all zero
+    shifted = type(ref)(
+        pair_indices=ref.pair_indices,
+        chosen_logps=ref.chosen_logps - 0.3 * torch.arange(len(pairs)) % 1.1,
+        rejected_logps=ref.rejected_logps + 0.2,
+        chosen_tokens=ref.chosen_tokens,
+        rejected_tokens=ref.rejected_tokens,
+    )
     steps = {}
     for name, settings in TRAIN_CASES:
-        model = load_pretrained(model_dir)
-        config = TrainConfig(learning_rate=LR, seed=3, **settings)
-        trainer = DPOTrainer(
-            model,
-            config=config,
-            loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
-            kernels_impl="torch",
-            progress=False,
-        )
-        plan = plan_steps(pairs, config, epoch=0)
-        # the ref table was scored before training: perturb it so rewards are not all zero
-        shifted = type(ref)(
-            pair_indices=ref.pair_indices,
-            chosen_logps=ref.chosen_logps - 0.3 * torch.arange(len(pairs)) % 1.1,
-            rejected_logps=ref.rejected_logps + 0.2,
-            chosen_tokens=ref.chosen_tokens,
-            rejected_tokens=ref.rejected_tokens,
-        )
-        metrics = trainer.train_step(pairs, plan[0], shifted)
-        steps[name] = {
-            "metrics": {k: float(v) for k, v in metrics.items()},
-            "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "grads": {k: p.grad.clone() for k, p in model.named_parameters()},
-            "plan": plan[0],
-        }
+        # default: the gradient all-reduce overlaps the last backward, here in buckets of 2 KiB
+        # (many buckets even for the tiny model), with recomputed layers in one variant;
+        # then the same step with one all-reduce after the backward
+        for variant, overlap, recompute in (
+            ("", True, False),
+            ("/recompute", True, True),
+            ("/after_backward", False, False),
+        ):
+            if variant and distributed.world() == 1:
+                continue
+            model = load_pretrained(model_dir)
+            model.gradient_checkpointing = recompute
+            config = TrainConfig(learning_rate=LR, seed=3, overlap_grad_reduce=overlap, **settings)
+            trainer = DPOTrainer(
+                model,
+                config=config,
+                loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
+                kernels_impl="torch",
+                progress=False,
+            )
+            buckets = started = 0
+            events: list[str] = []  # gradients accumulated and buckets started, in order
+            if trainer.grad_reducer is not None:
+                reducer = trainer.grad_reducer = distributed.GradReducer(
+                    model.parameters(), bucket_bytes=2048
+                )
+                buckets = len(reducer.buckets)
+                start = reducer._start
+                reducer._start = lambda i, start=start, ev=events: (ev.append("start"), start(i))
+                for p in model.parameters():
+                    p.register_post_accumulate_grad_hook(lambda p, ev=events: ev.append("grad"))
+            plan = plan_steps(pairs, config, epoch=0)
+            metrics = trainer.train_step(pairs, plan[0], shifted)
+            if trainer.grad_reducer is not None:
+                started = trainer.grad_reducer.started_in_backward
+            # gradients accumulated after the first bucket's all-reduce had started
+            after_first = (
+                len(events) - events.index("start") - events.count("start") if events else 0
+            )
+            steps[name + variant] = {
+                "metrics": {k: float(v) for k, v in metrics.items()},
+                "weights": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "grads": {k: p.grad.clone() for k, p in model.named_parameters()},
+                "plan": plan[0],
+                "buckets": buckets,
+                "started_in_backward": started,
+                "grads_after_first_start": after_first,
+            }
     initial = load_pretrained(model_dir).state_dict()
     return {"scores": scores, "steps": steps, "initial": initial}
 
@@ -169,6 +200,38 @@ def test_one_step_on_two_ranks_equals_one_process(step_results, case):
     # the step moved the weights, so the comparison above is not vacuous
     before = single["initial"]
     assert all(not torch.equal(before[k], w) for k, w in want["weights"].items())
+
+
+@pytest.mark.parametrize("case", [name for name, _ in TRAIN_CASES])
+def test_overlapped_gradient_reduction_equals_one_all_reduce_after_the_backward(step_results, case):
+    _, ranks, _ = step_results
+    ran_backward = []
+    for r, got in enumerate(ranks):
+        overlapped, plain = got["steps"][case], got["steps"][case + "/after_backward"]
+        # elementwise sums of two ranks: the same bits whatever the bucketing
+        for name, g in plain["grads"].items():
+            assert torch.equal(g, overlapped["grads"][name]), (r, name)
+            assert torch.equal(g, got["steps"][case + "/recompute"]["grads"][name]), (r, name)
+        for name, w in plain["weights"].items():
+            assert torch.equal(w, overlapped["weights"][name]), (r, name)
+        assert plain["metrics"] == overlapped["metrics"]
+        # the reduction really was bucketed and ran during the backward: on a rank that ran a
+        # backward every bucket started from a gradient hook, the first while most gradients
+        # of the last micro-batch were still to come; on a rank without micro-batches none
+        assert overlapped["buckets"] >= 10
+        assert plain["buckets"] == 0
+        n_params = len(plain["grads"])
+        for variant in ("", "/recompute"):
+            step = got["steps"][case + variant]
+            started = step["started_in_backward"]
+            assert started in (0, overlapped["buckets"]), (r, started)
+            if started:
+                assert step["grads_after_first_start"] >= n_params // 2, (r, variant)
+            ran_backward.append(started > 0)
+    if case == "one_pair":
+        assert sorted(ran_backward) == [False, False, True, True]
+    else:
+        assert all(ran_backward)
 
 
 def test_sharded_scoring_equals_one_process(step_results):
