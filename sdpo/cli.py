@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -152,7 +154,14 @@ def _say(*args: object, **kwargs: object) -> None:
 
 def _in_process_group(command: Callable[[argparse.Namespace], int]):
     """``command`` run inside the torchrun process group when launched by torchrun (a plain run
-    touches nothing of torch.distributed)."""
+    touches nothing of torch.distributed).
+
+    Every rank returns the same code (2, 3, 74, 75 alike). torchrun takes the first rank that
+    exits nonzero as failed and sends SIGTERM to the others, which are then only leaving the
+    group or the interpreter: that SIGTERM would replace their code with -15 (a graceful stop
+    reported as a kill on some ranks, at random). So a rank that returns a nonzero code ignores
+    SIGTERM for the little that is left of the process: the closing barrier, leaving the group
+    and the interpreter's exit (torchrun still ends it with SIGKILL if that ever hung)."""
 
     def run(args: argparse.Namespace) -> int:
         from sdpo.engine import distributed
@@ -163,6 +172,12 @@ def _in_process_group(command: Callable[[argparse.Namespace], int]):
         except BaseException:
             distributed.shutdown()
             raise
+        if (
+            code != 0
+            and distributed.active()
+            and threading.current_thread() is threading.main_thread()
+        ):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # all that is left is the exit
         distributed.shutdown(wait=True)  # every rank returns the same code
         return code
 
