@@ -356,6 +356,7 @@ class DPOTrainer:
         progress: bool = True,
         optimizer: torch.optim.Optimizer | None = None,
         stop_requested: Callable[[], bool] | None = None,
+        log_hook: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -367,6 +368,7 @@ class DPOTrainer:
         self.metrics_extra = dict(metrics_extra or {})
         self.save_checkpoint = save_checkpoint
         self.stop_requested = stop_requested
+        self.log_hook = log_hook  # rank 0: also gets each record written to metrics.jsonl
         self.progress = progress
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
@@ -692,6 +694,8 @@ class DPOTrainer:
                     last = values
                     if self.output_dir is not None and distributed.is_main():
                         append_jsonl(self.output_dir / "metrics.jsonl", values)
+                    if self.log_hook is not None and distributed.is_main():
+                        self.log_hook(values)
                     if bar is not None:
                         bar.set_postfix(
                             loss=f"{values['loss']:.4f}",

@@ -1,7 +1,7 @@
 """The run configuration: one TOML file, small validated dataclass sections, ``--set`` overrides.
 
 A run is described by ``RunConfig`` (sections ``[model]``, ``[data]``, ``[train]``, ``[loss]``,
-``[kernels]``, ``[sdpo]`` and a top-level ``output_dir``). This module owns reading it
+``[kernels]``, ``[sdpo]``, ``[log]`` and a top-level ``output_dir``). This module owns reading it
 (``load_config``), checking it (every section validates itself in ``__post_init__``; unknown keys
 and wrong types are errors that name the key, the closest valid key and where the value came
 from), overriding it from the command line (``--set train.learning_rate=1e-6``: the value is read
@@ -207,6 +207,30 @@ class SDPOSection:
         _at_least("sdpo.score_tokens_per_batch", self.score_tokens_per_batch, 1)
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass(kw_only=True)
+class LogSection:
+    """``[log]``: experiment trackers fed with every record of ``metrics.jsonl`` (as TRL's
+    ``report_to``), from rank 0. ``metrics.jsonl`` is always written."""
+
+    report_to: list[str] = field(default_factory=list)  # "tensorboard" and/or "wandb"
+    project: str = "sdpo"  # the W&B project
+    run_name: str | None = None  # None: the output folder's name
+    # TensorBoard event files; None: OUTPUT_DIR/tensorboard
+    tensorboard_dir: str | None = field(default=None, metadata=_LOCAL)
+
+    def __post_init__(self) -> None:
+        self.report_to = list(self.report_to)
+        for name in self.report_to:
+            _one_of("log.report_to entry", name, TRACKERS)
+        if len(set(self.report_to)) != len(self.report_to):
+            raise ConfigError(f"log.report_to names a tracker twice: {self.report_to}")
+        if not self.project:
+            raise ConfigError('log.project is empty: give a W&B project name, e.g. "sdpo"')
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     """A whole run. ``output_dir`` receives ``step-<t>/`` checkpoints, metrics and caches."""
@@ -218,6 +242,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     kernels: KernelsSection = field(default_factory=KernelsSection)
     sdpo: SDPOSection = field(default_factory=SDPOSection)
+    log: LogSection = field(default_factory=LogSection)
 
     def __post_init__(self) -> None:
         if not self.output_dir:

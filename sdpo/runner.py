@@ -103,6 +103,13 @@ from sdpo.kernels import resolve_impl
 from sdpo.losses import dpo_loss
 from sdpo.partition import describe_partition, partition_pairs, split_held_out
 from sdpo.report import PLOT_HINT, StepReport, format_summary_table, plot_steps, write_reports
+from sdpo.tracking import (
+    TENSORBOARD_DIR,
+    TRACKING_STATE,
+    Trackers,
+    missing_tracker_packages,
+    open_trackers,
+)
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -124,6 +131,10 @@ RESUME_SAFE_KEYS = frozenset(
         "train.save_every",
         "train.keep_checkpoints",
         "train.skip_nonfinite_batches",
+        "log.report_to",
+        "log.project",
+        "log.run_name",
+        "log.tensorboard_dir",
     }
 )
 
@@ -331,6 +342,7 @@ class StepwiseRunner:
         self._rows_of_pairs: dict[int, str] = {}
         self.eval_pairs: list[TokenizedPair] = []
         self.eval_initial: PairLogps | None = None
+        self.trackers = Trackers()  # rank 0, with log.report_to: TensorBoard / W&B
 
     # -- scoring and the cache -----------------------------------------------------------
     def score(self, model: torch.nn.Module, pairs: Sequence[TokenizedPair]) -> PairLogps:
@@ -456,6 +468,12 @@ class StepwiseRunner:
             raise OutputDirError(
                 "--resume and --overwrite exclude each other: --resume continues the run in "
                 f"{self.out}, --overwrite replaces it"
+            )
+        missing = missing_tracker_packages(self.cfg.log.report_to)
+        if missing:
+            raise RunInputError(
+                f"log.report_to names trackers that are not installed: {', '.join(missing)}; "
+                "install them or remove them from log.report_to"
             )
         old = sorted(p.name for p in existing_outputs(self.out))
         if old and not (self.overwrite or self.resume):
@@ -587,6 +605,16 @@ class StepwiseRunner:
             return point
 
         point = on_main(prepare)  # data parallel: rank 0 writes, every rank gets the point
+        if distributed.is_main() and self.cfg.log.report_to:
+            self.trackers = open_trackers(
+                self.cfg.log.report_to,
+                output_dir=self.out,
+                project=self.cfg.log.project,
+                run_name=self.cfg.log.run_name,
+                tensorboard_dir=self.cfg.log.tensorboard_dir,
+                resume_step=point.progress["run_step"] if point is not None else None,
+                config=config_to_dict(self.cfg),
+            )
         with self._stop_signals():
             try:
                 return self._run(pairs, point)
@@ -601,6 +629,8 @@ class StepwiseRunner:
                 raise NonFiniteError(
                     f"{e}. Data rows of these pairs: {where}", pair_indices=e.pair_indices
                 ) from None
+            finally:
+                self.trackers.close()
 
     def _run(self, pairs: list[TokenizedPair], point: ResumePoint | None) -> RunResult:
         cfg = self.cfg
@@ -719,6 +749,8 @@ class StepwiseRunner:
                 save_checkpoint=partial(self._save_mid_step, base=base),
                 stop_requested=lambda: self.stop_flag,
             )
+            if self.trackers:  # x-axis: the run's step, which counts on across sDPO steps
+                trainer.log_hook = partial(self._track_step, trainer, run_step_base)
             trainer.global_step = schedule_done
             _log(f"step {t}/{len(chunks)}: {len(chunk_pairs)} pairs, beta={beta}, lr={lr}")
             result = trainer.fit(
@@ -768,6 +800,19 @@ class StepwiseRunner:
                     scoring_seconds=scoring_s,
                 )
             )
+            self.trackers.log(
+                {
+                    f"sdpo/{key}": getattr(reports[-1], key)
+                    for key in (
+                        "gamma_ref_chunk",
+                        "gamma_ref_next_chunk",
+                        "reward_accuracy_before",
+                        "reward_accuracy_after",
+                    )
+                    if getattr(reports[-1], key) is not None
+                },
+                step=run_step_base,
+            )
             weights_files = step_files
             # the optimizer kept across steps; sharded: gathered onto rank 0 (a collective, so
             # every rank calls it before rank 0 writes), in the plain form
@@ -809,6 +854,12 @@ class StepwiseRunner:
         on_main(finish)
         return RunResult(output_dir=self.out, reports=reports, scoring_calls=self.scoring_calls)
 
+    def _track_step(self, trainer: DPOTrainer, run_step_base: int, record: dict) -> None:
+        """A training record to the trackers, at the run step (``record["step"]`` restarts
+        with each sDPO step when the optimizer is reset)."""
+        at = run_step_base + trainer.position["step_in_run"]
+        self.trackers.log({**record, "step_in_sdpo_step": record["step"]}, step=at)
+
     def _evaluate(
         self, model: torch.nn.Module, *, t: int, beta: float, run_step: int
     ) -> dict[str, float] | None:
@@ -841,7 +892,9 @@ class StepwiseRunner:
             "eval/gamma": float(scores.gamma.mean()),
         }
         if distributed.is_main():
-            append_jsonl(self.out / "metrics.jsonl", {"step": run_step, "sdpo_step": t, **metrics})
+            record = {"step": run_step, "sdpo_step": t, **metrics}
+            append_jsonl(self.out / "metrics.jsonl", record)
+            self.trackers.log(metrics, step=run_step)  # sdpo_step: logged with the training
         _log(
             f"eval after step {t}: preference accuracy {metrics['eval/preference_accuracy']:.3f}, "
             f"mean γ {metrics['eval/gamma']:.3f} over {len(self.eval_pairs)} held-out pairs"
@@ -962,7 +1015,15 @@ def existing_outputs(out: Path) -> list[Path]:
     """Files and folders of a previous run inside ``out`` (caches excluded)."""
     if not out.is_dir():
         return []
-    names = {"metrics.jsonl", "config.toml", "sdpo_report.json", "sdpo_steps.png", CHECKPOINTS_DIR}
+    names = {
+        "metrics.jsonl",
+        "config.toml",
+        "sdpo_report.json",
+        "sdpo_steps.png",
+        CHECKPOINTS_DIR,
+        TENSORBOARD_DIR,
+        TRACKING_STATE,
+    }
     return [p for p in out.iterdir() if p.name in names or p.name.startswith("step-")]
 
 

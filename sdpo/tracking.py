@@ -1,0 +1,200 @@
+"""Experiment trackers: TensorBoard and Weights & Biases, fed with what ``metrics.jsonl`` gets.
+
+``[log] report_to = ["tensorboard", "wandb"]`` (TRL's ``report_to``). Every record the run
+appends to ``metrics.jsonl`` (training steps every ``train.log_every``, ``eval/*`` after each
+sDPO step) goes to each tracker as scalars at the run's step (the step of the run's checkpoints,
+counted on across sDPO steps; a training record's own ``step`` restarts with each sDPO step when
+the optimizer is reset, and goes to the trackers as the scalar ``step_in_sdpo_step``); at the end of each sDPO step the
+step report's ``sdpo/*`` values (gamma_ref of the step's reference on its chunk and on the next,
+reward accuracy before and after) follow. Only rank 0 opens trackers. ``metrics.jsonl`` stays
+the record of truth; a tracker is a view of it.
+
+Resume (``sdpo train --resume``): the steps after the checkpoint are logged again.
+- TensorBoard: the writer opens with ``purge_step`` = the first step after the checkpoint, so
+  TensorBoard drops the killed run's events from that step on and every step shows once.
+- W&B: the run id is kept in ``OUTPUT_DIR/tracking.json`` and the same run is continued
+  (``resume="allow"``). W&B ignores values logged for a step lower than its latest one, so the
+  killed run's values stand for the steps it had logged after the checkpoint. Resume is exact,
+  so they are the same numbers, apart from ``tokens_per_s``.
+A fresh run (or ``--overwrite``) starts a new W&B run and purges the TensorBoard folder's events
+from step 0 on. W&B's mode, entity and key come from its own environment (``WANDB_MODE=offline``
+runs without a network; ``wandb sync`` uploads later).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from sdpo.engine.files import atomic_write_json
+
+__all__ = [
+    "TENSORBOARD_DIR",
+    "TRACKING_STATE",
+    "TensorBoardTracker",
+    "Trackers",
+    "WandbTracker",
+    "missing_tracker_packages",
+    "open_trackers",
+    "scalars",
+]
+
+TRACKING_STATE = "tracking.json"  # the W&B run id, kept for --resume
+TENSORBOARD_DIR = "tensorboard"  # default event folder inside the output folder
+_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
+
+
+def missing_tracker_packages(names: Sequence[str]) -> list[str]:
+    """The trackers in ``names`` whose package cannot be imported, each with its install hint."""
+    missing = []
+    for name in names:
+        module, package = _PACKAGES[name]
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(f"{name} (pip install {package})")
+    return missing
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric values of a metrics record, without the x-axis ``step``; booleans, strings
+    and non-finite values are left out."""
+    out = {}
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if math.isfinite(value):
+            out[key] = float(value)
+    return out
+
+
+class Tracker(Protocol):
+    def log(self, values: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TensorBoardTracker:
+    """Scalars into TensorBoard event files (``torch.utils.tensorboard``)."""
+
+    def __init__(self, log_dir: Path, *, purge_step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, global_step=step)
+        # written through at once (a few hundred bytes per record): a killed run loses nothing
+        # that metrics.jsonl holds
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbTracker:
+    """One W&B run for the whole sDPO run (all steps), continued on resume."""
+
+    def __init__(
+        self, *, project: str, name: str, run_id: str, directory: Path, config: dict[str, Any]
+    ) -> None:
+        import wandb
+
+        self.run = wandb.init(
+            project=project,
+            name=name,
+            id=run_id,
+            resume="allow",
+            dir=str(directory),
+            config=config,
+        )
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Trackers:
+    """The trackers of a run (none on ranks other than 0, or without ``log.report_to``)."""
+
+    def __init__(self, trackers: Sequence[Tracker] = ()) -> None:
+        self.trackers = list(trackers)
+
+    def __bool__(self) -> bool:
+        return bool(self.trackers)
+
+    def log(self, record: dict[str, Any], step: int | None = None) -> None:
+        """Log a metrics record at ``step`` (default: the record's own ``step``)."""
+        if not self.trackers:
+            return
+        values = scalars(record)
+        at = int(record["step"] if step is None else step)
+        for tracker in self.trackers:
+            tracker.log(values, at)
+
+    def close(self) -> None:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close()
+
+
+def open_trackers(
+    report_to: Sequence[str],
+    *,
+    output_dir: Path,
+    project: str,
+    run_name: str | None,
+    tensorboard_dir: str | None,
+    resume_step: int | None,
+    config: dict[str, Any],
+) -> Trackers:
+    """Open the trackers named in ``report_to`` for the run in ``output_dir``.
+
+    ``resume_step``: the run step of the checkpoint the run resumes from (None: a fresh run,
+    or a resume from the beginning)."""
+    opened: list[Tracker] = []
+    name = run_name or output_dir.resolve().name
+    try:
+        for tracker in report_to:
+            if tracker == "tensorboard":
+                folder = Path(tensorboard_dir) if tensorboard_dir else output_dir / TENSORBOARD_DIR
+                start = 0 if resume_step is None else resume_step + 1
+                opened.append(TensorBoardTracker(folder, purge_step=start))
+            elif tracker == "wandb":
+                opened.append(
+                    WandbTracker(
+                        project=project,
+                        name=name,
+                        run_id=_wandb_run_id(output_dir, fresh=resume_step is None),
+                        directory=output_dir,
+                        config=config,
+                    )
+                )
+            else:
+                raise ValueError(f"unknown tracker {tracker!r}")
+    except BaseException:
+        Trackers(opened).close()
+        raise
+    return Trackers(opened)
+
+
+def _wandb_run_id(output_dir: Path, *, fresh: bool) -> str:
+    """The run's W&B id: kept in ``tracking.json`` so that ``--resume`` continues the same run;
+    a new one for a fresh run."""
+    path = output_dir / TRACKING_STATE
+    if not fresh and path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8")).get("wandb_run_id")
+        if saved:
+            return str(saved)
+    run_id = secrets.token_hex(6)
+    atomic_write_json(path, {"wandb_run_id": run_id})
+    return run_id

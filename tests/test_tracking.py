@@ -1,0 +1,277 @@
+"""Experiment trackers (``[log] report_to``): TensorBoard event files and an offline W&B run
+hold exactly what ``metrics.jsonl`` holds, step by step, plus the step reports; a killed and
+resumed run shows every step once in TensorBoard and continues the same W&B run."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdpo.config import ConfigError, config_from_dict
+from sdpo.engine.tiny import write_tiny_model
+from sdpo.report import read_metrics
+from sdpo.runner import RunInputError, StepwiseRunner
+from sdpo.tracking import TRACKING_STATE, scalars
+from tests.conftest import WORDS, write_pairs
+
+tensorboard = pytest.importorskip("tensorboard")
+from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
+from tensorboard.backend.event_processing.event_file_loader import (  # noqa: E402
+    EventFileLoader,
+)
+
+
+def _setup(root: Path, report_to: list[str]) -> Path:
+    model = write_tiny_model(root / "model", words=WORDS, hidden_size=32, seed=1)
+    far = write_pairs(root / "far.jsonl", n=12, seed=1, kind="far")
+    near = write_pairs(root / "near.jsonl", n=10, seed=2, kind="near")
+    cfg = root / "run.toml"
+    cfg.write_text(
+        f"""output_dir = "out"
+[model]
+path = "{model}"
+[data]
+max_length = 32
+max_prompt_length = 16
+eval_fraction = 0.2
+[[data.sources]]
+name = "far"
+path = "{far}"
+[[data.sources]]
+name = "near"
+path = "{near}"
+[train]
+learning_rate = 3e-3
+pairs_per_step = 4
+max_tokens_per_batch = 128
+save_every = 2
+keep_checkpoints = 100
+[kernels]
+impl = "torch"
+[sdpo]
+steps = 2
+partition = "given"
+[log]
+report_to = {json.dumps(report_to)}
+"""
+    )
+    return cfg
+
+
+def _train(cfg: Path, *extra: str, fault: str | None = None, env: dict | None = None):
+    run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    run_env.pop("SDPO_FAULT_AT", None)
+    if fault is not None:
+        run_env["SDPO_FAULT_AT"] = fault
+    return subprocess.run(
+        [sys.executable, "-m", "sdpo", "train", "--config", str(cfg), "--no-progress", *extra],
+        env=run_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} as TensorBoard shows it (purged events dropped)."""
+    acc = event_accumulator.EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    out: dict[str, dict[int, float]] = {}
+    for tag in acc.Tags()["scalars"]:
+        events = acc.Scalars(tag)
+        steps = [e.step for e in events]
+        assert len(steps) == len(set(steps)), f"{tag}: a step shown twice: {steps}"
+        out[tag] = {e.step: e.value for e in events}
+    return out
+
+
+def _raw_event_steps(folder: Path, tag: str) -> list[int]:
+    """The steps of every event written for ``tag``, purged or not, in file order."""
+    steps = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            if any(v.tag == tag for v in event.summary.value):
+                steps.append(event.step)
+    return steps
+
+
+def _expected(out: Path) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from metrics.jsonl and the step reports."""
+    want: dict[str, dict[int, float]] = {}
+    base = 0  # run steps before this sDPO step: training records count from 1 in each
+    for record in read_metrics(out / "metrics.jsonl"):
+        if "eval/loss" in record:  # logged at the run step that ends an sDPO step
+            at = base = record["step"]
+        else:
+            at = base + record["step"]
+            want.setdefault("step_in_sdpo_step", {})[at] = record["step"]
+        for key, value in scalars(record).items():
+            want.setdefault(key, {})[at] = value
+    steps = json.loads((out / "sdpo_report.json").read_text())["steps"]
+    ends = sorted({r["step"] for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r})
+    assert len(ends) == len(steps) == 2
+    for report, end in zip(steps, ends):
+        for key in ("gamma_ref_chunk", "reward_accuracy_before", "reward_accuracy_after"):
+            want.setdefault(f"sdpo/{key}", {})[end] = report[key]
+    return want
+
+
+def _assert_same(got: dict, want: dict, *, skip: tuple[str, ...] = ()) -> None:
+    for tag, by_step in want.items():
+        if tag in skip:
+            continue
+        assert tag in got, f"{tag} missing from the tracker"
+        assert sorted(got[tag]) == sorted(by_step), tag
+        for step, value in by_step.items():  # trackers keep float32
+            assert got[tag][step] == pytest.approx(value, rel=1e-6, abs=1e-7), (tag, step)
+
+
+def test_tensorboard_holds_the_metrics_and_a_resumed_run_shows_each_step_once(tmp_path):
+    cfg = _setup(tmp_path, ["tensorboard"])
+    whole = tmp_path / "whole"
+    proc = _train(cfg, "--set", f"output_dir={whole}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = _expected(whole)
+    assert {"loss", "rewards/accuracies", "eval/loss", "lr", "sdpo_step"} <= set(want)
+    _assert_same(_tensorboard_scalars(whole / "tensorboard"), want)
+
+    # killed after logging step 3 (the checkpoint holds step 2), then resumed
+    cut = tmp_path / "cut"
+    proc = _train(cfg, "--set", f"output_dir={cut}", fault="train_step:3")
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert 3 in _raw_event_steps(cut / "tensorboard", "loss")  # step 3 reached the file
+    proc = _train(cfg, "--set", f"output_dir={cut}", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # step 3 was written twice; TensorBoard shows it once, with the resumed run's value
+    assert _raw_event_steps(cut / "tensorboard", "loss").count(3) == 2
+    got = _tensorboard_scalars(cut / "tensorboard")
+    _assert_same(got, _expected(cut))
+    # resume is exact: the same curves as the uninterrupted run (timing aside)
+    _assert_same(got, want, skip=("tokens_per_s",))
+
+    # --overwrite starts over: the old events are gone
+    proc = _train(cfg, "--set", f"output_dir={cut}", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _raw_event_steps(cut / "tensorboard", "loss").count(3) == 1
+
+
+# -- W&B, offline: its own transaction log, read back record by record --------------------------
+_BLOCK = 32 * 1024
+_HEADER = 7  # crc32 (4), length (2), record type (1)
+
+
+def _wandb_records(path: Path) -> list:
+    """The protobuf records of a W&B ``.wandb`` file: a 7-byte file header, then records in
+    32 KiB blocks (full / first / middle / last fragments)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pos, pending = [], 7, b""
+    while pos + _HEADER <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < _HEADER:  # block trailer
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
+        chunk = data[pos + _HEADER : pos + _HEADER + length]
+        pos += _HEADER + length
+        if kind == 0 and length == 0:  # zero padding to the end of the block
+            pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def _wandb_history(out: Path) -> tuple[dict[str, dict[int, float]], set[str]]:
+    """{key: {step: value}} over every offline run folder of ``out``, and the run ids seen."""
+    got: dict[str, dict[int, float]] = {}
+    ids = set()
+    for path in sorted((out / "wandb").glob("offline-run-*/run-*.wandb")):
+        for record in _wandb_records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                ids.add(record.run.run_id)
+            if kind != "history":
+                continue
+            items = {
+                (item.key or "/".join(item.nested_key)): json.loads(item.value_json)
+                for item in record.history.item
+            }
+            step = int(record.history.step.num) if record.history.HasField("step") else None
+            step = items.pop("_step", step)
+            for key, value in items.items():
+                if not key.startswith("_"):
+                    got.setdefault(key, {})[int(step)] = value
+    return got, ids
+
+
+def test_wandb_offline_run_holds_the_metrics_and_resume_continues_it(tmp_path):
+    pytest.importorskip("wandb")
+    cfg = _setup(tmp_path, ["wandb"])
+    out = tmp_path / "out"
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off"}
+    proc = _train(cfg, "--set", f"output_dir={out}", "--set", "log.run_name=r1", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_id = json.loads((out / TRACKING_STATE).read_text())["wandb_run_id"]
+    got, ids = _wandb_history(out)
+    assert ids == {run_id}
+    _assert_same(got, _expected(out))
+
+    # a resume continues the same W&B run (log.* settings may change on resume)
+    proc = _train(
+        cfg, "--set", f"output_dir={out}", "--set", "log.run_name=r2", "--resume", env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / TRACKING_STATE).read_text())["wandb_run_id"] == run_id
+    assert len(list((out / "wandb").glob("offline-run-*"))) == 2
+    assert _wandb_history(out)[1] == {run_id}
+
+
+def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_written(
+    tmp_path, monkeypatch
+):
+    cfg = config_from_dict(
+        {
+            "output_dir": str(tmp_path / "out"),
+            "model": {"path": str(tmp_path / "model")},
+            "data": {"path": str(tmp_path / "d.jsonl")},
+            "log": {"report_to": ["wandb", "tensorboard"]},
+        }
+    )
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    with pytest.raises(RunInputError, match=r"not installed: wandb \(pip install wandb\)"):
+        StepwiseRunner(cfg, progress=False).check_output_dir()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "log, message",
+    [
+        ({"report_to": ["tb"]}, "log.report_to entry = 'tb' is not an option"),
+        ({"report_to": ["wandb", "wandb"]}, "names a tracker twice"),
+        ({"project": ""}, "log.project is empty"),
+        ({"report_to": "wandb"}, "report_to"),
+    ],
+)
+def test_bad_log_settings_are_refused(tmp_path, log, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(
+            {
+                "output_dir": "o",
+                "model": {"path": "m"},
+                "data": {"path": "d.jsonl"},
+                "log": log,
+            }
+        )
