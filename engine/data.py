@@ -16,6 +16,15 @@ Mixed formats are normalised so each returned row is all strings or all messages
 prompt with message completions becomes one user turn, a string completion with a message prompt
 becomes one assistant turn, and completions that repeat the prompt's messages before the answer
 (the "full conversation" layout of many hub data sets) have that prefix removed.
+
+Implicit prompts (as TRL reads them): a row with ``chosen`` and ``rejected`` but no ``prompt``
+field (or a null one) holds two whole conversations (or texts) that share their beginning, which is the prompt.
+Message lists: the prompt is the longest run of equal leading messages. Strings (e.g. the
+"\n\nHuman: ...\n\nAssistant: ..." layout): the prompt is the longest common leading text,
+cut back to its last whitespace (to the start of a run of whitespace), so that both completions
+start at a word boundary with that whitespace (where TRL may cut inside a word, "The cat" / "The car" give the
+completions " cat" and " car" here, not "t" and "r"). A row whose two sides share no such
+beginning is an error that asks for a ``prompt`` field.
 """
 
 from __future__ import annotations
@@ -452,9 +461,10 @@ def _prevalidate_json_array(path: Path, *, name: str, clean: BinaryIO) -> list[_
 
 
 def _clean_line(record: dict) -> bytes:
-    # only the three fields travel on: extra columns are never used, and a stray type in one
-    # (an int beyond int64, a column mixing types) must not stop the read
-    return json.dumps({field: record[field] for field in FIELDS}).encode() + b"\n"
+    # only the three fields travel on (two for an implicit prompt): extra columns are never
+    # used, and a stray type in one (an int beyond int64, a column mixing types) must not stop
+    # the read
+    return json.dumps({f: record[f] for f in FIELDS if f in record}).encode() + b"\n"
 
 
 def _json_type(value: Any) -> str:
@@ -478,6 +488,10 @@ _SHAPE_HINT = 'a non-empty string or a list of {"role": str, "content": str} mes
 
 def _normalize_row(record: dict, place: _Place) -> tuple[Field, Field, Field]:
     """Validate one row and return (prompt, chosen, rejected), all strings or all messages."""
+    if record.get("prompt") is None and "chosen" in record and "rejected" in record:
+        # no prompt field (or a null one: a columnar read gives None to a row without the
+        # field when other rows have it)
+        record = _split_implicit_prompt(record, place)
     values = {field: _check_field(record, field, place) for field in FIELDS}
     prompt, chosen, rejected = values["prompt"], values["chosen"], values["rejected"]
     if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
@@ -512,6 +526,58 @@ def _normalize_row(record: dict, place: _Place) -> tuple[Field, Field, Field]:
             )
         completions.append(value)
     return prompt_msgs, completions[0], completions[1]
+
+
+def _split_implicit_prompt(record: dict, place: _Place) -> dict:
+    """A row without a ``prompt``: the shared beginning of ``chosen`` and ``rejected`` becomes
+    the prompt (see the module docstring). Returns a new record; the fields are checked after."""
+    chosen = _check_field(record, "chosen", place)
+    rejected = _check_field(record, "rejected", place)
+    fix = (
+        "add a 'prompt' field, or give chosen and rejected the same beginning (the prompt) "
+        "followed by the two answers"
+    )
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        n = 0
+        for a, b in zip(chosen, rejected):
+            if a != b:
+                break
+            n += 1
+        # back to the last whitespace (with a run of it, to the run's start): the answers
+        # start with it (identical texts too: the identical-pair policy then decides)
+        cut = max((i for i in range(n) if chosen[i].isspace()), default=-1)
+        while cut > 0 and chosen[cut - 1].isspace():
+            cut -= 1
+        if cut <= 0 or not chosen[:cut].strip():
+            raise place.error(
+                "there is no prompt (the field is missing or null) and chosen and rejected "
+                "share no leading text to take as the prompt",
+                fix=fix,
+                field="prompt",
+            )
+        return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        n = 0
+        for a, b in zip(chosen, rejected):
+            if a != b:
+                break
+            n += 1
+        if n == len(chosen) == len(rejected):
+            n -= 1  # identical conversations: the last message is the (same) answer
+        if n <= 0:
+            raise place.error(
+                "there is no prompt (the field is missing or null) and chosen and rejected "
+                "share no leading message to take as the prompt",
+                fix=fix,
+                field="prompt",
+            )
+        return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
+    raise place.error(
+        "there is no prompt (the field is missing or null), and chosen and rejected are not "
+        "both texts or both message lists, so no shared prompt can be taken from them",
+        fix=fix,
+        field="prompt",
+    )
 
 
 def _check_field(record: dict, field: str, place: _Place) -> Field:

@@ -442,3 +442,100 @@ def test_random_jsonl_gives_valid_rows_or_data_error(lines):
                 assert isinstance(v, list) and v
                 assert all(isinstance(m["role"], str) and isinstance(m["content"], str) for m in v)
             assert row["chosen"][-1]["role"] == "assistant"
+
+
+# -- implicit prompts: rows with chosen and rejected only ---------------------------------------
+HH = [  # the "\n\nHuman: ...\n\nAssistant: ..." text layout
+    {
+        "chosen": "\n\nHuman: name a pet\n\nAssistant: The cat, mostly",
+        "rejected": "\n\nHuman: name a pet\n\nAssistant: The car",
+    },
+    {  # one answer starts with the other: the cut still falls on whitespace
+        "chosen": "\n\nHuman: yes?\n\nAssistant: yes",
+        "rejected": "\n\nHuman: yes?\n\nAssistant: yes indeed",
+    },
+    {"chosen": "Q: two?\n\nfour", "rejected": "Q: two?\n\nfive"},  # a run of newlines
+]
+CHAT = [
+    {  # shared system + user + assistant + user turns; the last answers differ
+        "chosen": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "a colour?"},
+            {"role": "assistant", "content": "blue"},
+        ],
+        "rejected": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "a colour?"},
+            {"role": "assistant", "content": "seven"},
+        ],
+    }
+]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv"])
+def test_implicit_prompts_are_split_at_the_shared_beginning(tmp_path, fmt):
+    if fmt == "jsonl":
+        path = write_jsonl(tmp_path / "hh.jsonl", HH)
+    else:
+        path = tmp_path / f"hh.{fmt}"
+        ds = datasets.Dataset.from_list(HH)
+        ds.to_parquet(str(path)) if fmt == "parquet" else ds.to_csv(str(path), index=False)
+    rows = read_preference_file(path)
+    assert [triple(r) for r in rows] == [
+        ("\n\nHuman: name a pet\n\nAssistant: The", " cat, mostly", " car"),
+        ("\n\nHuman: yes?\n\nAssistant:", " yes", " yes indeed"),
+        ("Q: two?", "\n\nfour", "\n\nfive"),
+    ]
+    for row, raw in zip(rows, HH):  # nothing lost or added
+        assert row["prompt"] + row["chosen"] == raw["chosen"]
+        assert row["prompt"] + row["rejected"] == raw["rejected"]
+
+
+def test_implicit_prompts_of_conversations_take_the_shared_turns(tmp_path):
+    rows = read_preference_file(write_jsonl(tmp_path / "chat.jsonl", CHAT))
+    assert rows[0]["prompt"] == CHAT[0]["chosen"][:4]
+    assert rows[0]["chosen"] == [{"role": "assistant", "content": "blue"}]
+    assert rows[0]["rejected"] == [{"role": "assistant", "content": "seven"}]
+    # a row with a prompt next to implicit ones reads as before
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [ROWS[0], HH[0]])
+    assert [triple(r) for r in read_preference_file(mixed)] == [
+        triple(ROWS[0]),
+        ("\n\nHuman: name a pet\n\nAssistant: The", " cat, mostly", " car"),
+    ]
+
+
+def test_identical_implicit_pairs_follow_the_identical_pair_policy(tmp_path):
+    same_text = {"chosen": "Q: x?\n\nA: y", "rejected": "Q: x?\n\nA: y"}
+    same_chat = {"chosen": CHAT[0]["chosen"], "rejected": CHAT[0]["chosen"]}
+    path = write_jsonl(tmp_path / "same.jsonl", [same_text, same_chat, HH[0]])
+    with pytest.warns(DataWarning, match="2 pair"):
+        rows = read_preference_file(path, identical="drop")
+    assert [r["row"] for r in rows] == [3]
+    with pytest.raises(DataError) as info:
+        read_preference_file(path, identical="error")
+    assert_error(info, file=path, row=1, field="chosen", label="line", words=["identical"])
+
+
+@pytest.mark.parametrize(
+    "row, words",
+    [
+        ({"chosen": "cat", "rejected": "car"}, ["no prompt (the field is missing", "no leading"]),
+        ({"chosen": " cat", "rejected": " car"}, ["no leading text"]),  # only whitespace shared
+        (
+            {"chosen": [{"role": "assistant", "content": "a"}], "rejected": CHAT[0]["rejected"]},
+            ["no leading message"],
+        ),
+        ({"chosen": "text", "rejected": CHAT[0]["rejected"]}, ["not both texts"]),
+        ({"prompt": None, "chosen": "cat", "rejected": "car"}, ["or null", "no leading text"]),
+    ],
+)
+def test_rows_without_a_shared_prompt_name_the_row_and_the_fix(tmp_path, row, words):
+    path = write_jsonl(tmp_path / "bad.jsonl", [HH[0], row])
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=2, field="prompt", label="line", words=words)
+    assert "add a 'prompt' field" in str(info.value)
