@@ -34,7 +34,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -538,11 +538,7 @@ def _split_implicit_prompt(record: dict, place: _Place) -> dict:
         "followed by the two answers"
     )
     if isinstance(chosen, str) and isinstance(rejected, str):
-        n = 0
-        for a, b in zip(chosen, rejected):
-            if a != b:
-                break
-            n += 1
+        n = _shared_length(chosen, rejected)
         # back to the last whitespace (with a run of it, to the run's start): the answers
         # start with it (identical texts too: the identical-pair policy then decides)
         cut = max((i for i in range(n) if chosen[i].isspace()), default=-1)
@@ -557,11 +553,7 @@ def _split_implicit_prompt(record: dict, place: _Place) -> dict:
             )
         return {"prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
     if isinstance(chosen, list) and isinstance(rejected, list):
-        n = 0
-        for a, b in zip(chosen, rejected):
-            if a != b:
-                break
-            n += 1
+        n = _shared_length(chosen, rejected)
         if n == len(chosen) == len(rejected):
             n -= 1  # identical conversations: the last message is the (same) answer
         if n <= 0:
@@ -578,6 +570,16 @@ def _split_implicit_prompt(record: dict, place: _Place) -> dict:
         fix=fix,
         field="prompt",
     )
+
+
+def _shared_length(a: Sequence, b: Sequence) -> int:
+    """How many leading items ``a`` and ``b`` have in common."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _check_field(record: dict, field: str, place: _Place) -> Field:
