@@ -54,6 +54,7 @@ same loss at other chunk sizes beside the default.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -689,7 +690,24 @@ class LinearPairLoss(torch.autograd.Function):
         )
 
 
-@torch.compiler.disable
+def _compiler_disabled(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``, built on the first call: the decorator imports
+    ``torch._dynamo`` (and with it Triton), about two seconds at import time that a process
+    which never trains would pay for nothing. The wrapper carries dynamo's own mark, so a
+    compiled caller graph-breaks around it instead of tracing into it."""
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    wrapper._torchdynamo_disable = True  # what torch.compiler.disable sets
+    return wrapper
+
+
+@_compiler_disabled
 def linear_pair_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

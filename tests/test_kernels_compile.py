@@ -301,3 +301,41 @@ def test_inductor_compiled_triton_ops_on_cuda_match_eager_and_float64():
         for g, e in zip(got, eager):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
         _assert_near_truth(got, _logits_truth(b, logits64), rtol=1e-4)
+
+
+def test_compiled_caller_graph_breaks_around_linear_pair_loss_and_matches_eager():
+    """``linear_pair_loss`` takes a Python callable, so it stays outside compiled graphs: a
+    compiled caller breaks its graph there (dynamo's disable mark, set without importing dynamo
+    at import time) and gives the eager values and gradients."""
+    import torch._dynamo
+
+    from sdpo.kernels import linear_pair_loss
+
+    b = _batch(13)
+    labels, seq_ids = b["labels"], b["seq_ids"]
+    seq_ids = torch.where(seq_ids == 2, 1, seq_ids)  # 2 sequences: one pair
+    ref = torch.tensor([-3.0, -4.0], dtype=torch.float64)
+
+    def pair_loss(chosen, rejected, sl):
+        return -torch.nn.functional.logsigmoid(
+            0.1 * ((chosen - ref[0]) - (rejected - ref[1]))
+        ).sum()
+
+    def step(h, w):
+        loss, logps = linear_pair_loss(
+            h * 1.5, w, labels, seq_ids, 2, pair_loss=pair_loss, impl="torch"
+        )
+        return loss * 2.0, logps
+
+    results = []
+    for fn in (step, torch.compile(step, backend="eager")):
+        h = b["h"].clone().requires_grad_()
+        w = b["w"].clone().requires_grad_()
+        loss, logps = fn(h, w)
+        loss.backward()
+        results.append((loss.detach(), logps, h.grad, w.grad))
+    for eager, compiled in zip(*results):
+        assert torch.equal(eager, compiled)
+    explained = torch._dynamo.explain(step)(b["h"], b["w"])
+    assert explained.graph_break_count >= 1
+    assert any("disable" in str(r.reason).lower() for r in explained.break_reasons)
