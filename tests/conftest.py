@@ -71,6 +71,48 @@ def write_pairs(path: Path, *, n: int, seed: int, kind: str = "mixed") -> Path:
     return path
 
 
+def write_two_source_run(
+    root: Path, *, data: str = "", train: str = "", sdpo: str = "", tail: str = ""
+) -> Path:
+    """``root/run.toml``: a two-step sDPO run (partition "given") of the tiny model over an easy
+    source "far" (12 pairs) and a hard one "near" (10 pairs), both written under ``root``.
+    ``data``, ``train`` and ``sdpo`` are TOML lines added to those sections; ``tail`` follows
+    at the end (more sections). ``output_dir`` is "out", to be set per run with --set."""
+    model = write_tiny_model(root / "model", words=WORDS, hidden_size=32, seed=1)
+    far = write_pairs(root / "far.jsonl", n=12, seed=1, kind="far")
+    near = write_pairs(root / "near.jsonl", n=10, seed=2, kind="near")
+    cfg = root / "run.toml"
+    cfg.write_text(
+        f"""output_dir = "out"
+[model]
+path = "{model}"
+[data]
+max_length = 32
+max_prompt_length = 16
+{data}
+[[data.sources]]
+name = "far"
+path = "{far}"
+[[data.sources]]
+name = "near"
+path = "{near}"
+[train]
+learning_rate = 3e-3
+pairs_per_step = 4
+keep_checkpoints = 100
+{train}
+[kernels]
+impl = "torch"
+[sdpo]
+steps = 2
+partition = "given"
+{sdpo}
+{tail}
+"""
+    )
+    return cfg
+
+
 def tiny_hf_dict(**overrides) -> dict:
     """A tiny Llama-style Hugging Face config dict (vocab 131, GQA 4/2 heads); overrides win."""
     d = {

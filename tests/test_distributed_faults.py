@@ -40,8 +40,7 @@ from safetensors.torch import load_file
 
 from sdpo.cli import EXIT_STOPPED
 from sdpo.engine.resume import list_checkpoints, verify_checkpoint
-from sdpo.engine.tiny import write_tiny_model
-from tests.conftest import WORDS, write_pairs
+from tests.conftest import write_two_source_run
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -56,39 +55,12 @@ _FAILED_RANK = re.compile(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode
 
 
 def _setup(root: Path) -> Path:
-    model = write_tiny_model(root / "model", words=WORDS, hidden_size=32, seed=1)
-    far = write_pairs(root / "far.jsonl", n=12, seed=1, kind="far")
-    near = write_pairs(root / "near.jsonl", n=10, seed=2, kind="near")
-    cfg = root / "run.toml"
     # 2 sDPO steps of 3 optimizer steps each, one micro-batch per rank per step
-    cfg.write_text(
-        f"""output_dir = "out"
-[model]
-path = "{model}"
-[data]
-max_length = 32
-max_prompt_length = 16
-[[data.sources]]
-name = "far"
-path = "{far}"
-[[data.sources]]
-name = "near"
-path = "{near}"
-[train]
-learning_rate = 3e-3
-pairs_per_step = 4
-max_tokens_per_batch = 64
-save_every = 1
-keep_checkpoints = 100
-[kernels]
-impl = "torch"
-[sdpo]
-steps = 2
-partition = "given"
-report_scoring = false
-"""
+    return write_two_source_run(
+        root,
+        train="max_tokens_per_batch = 64\nsave_every = 1",
+        sdpo="report_scoring = false",
     )
-    return cfg
 
 
 @dataclass(kw_only=True)

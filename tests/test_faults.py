@@ -24,8 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdpo.engine.resume import MANIFEST_NAME, list_checkpoints, verify_checkpoint
-from sdpo.engine.tiny import write_tiny_model
-from tests.conftest import WORDS, write_pairs
+from tests.conftest import write_two_source_run
 
 KILLED = -9
 STOPPED = 75
@@ -54,39 +53,11 @@ CHAIN_B = [  # keeps only 2 checkpoints, so pruning is exercised too
 
 
 def _setup(root: Path) -> Path:
-    model = write_tiny_model(root / "model", words=WORDS, hidden_size=32, seed=1)
-    far = write_pairs(root / "far.jsonl", n=12, seed=1, kind="far")
-    near = write_pairs(root / "near.jsonl", n=10, seed=2, kind="near")
-    cfg = root / "run.toml"
-    cfg.write_text(
-        f"""output_dir = "out"
-[model]
-path = "{model}"
-[data]
-max_length = 32
-max_prompt_length = 16
-[[data.sources]]
-name = "far"
-path = "{far}"
-[[data.sources]]
-name = "near"
-path = "{near}"
-[train]
-learning_rate = 3e-3
-pairs_per_step = 4
-max_tokens_per_batch = 128
-epochs = 2
-save_every = 2
-keep_checkpoints = 100
-[kernels]
-impl = "torch"
-[sdpo]
-steps = 2
-partition = "given"
-report_scoring = false
-"""
+    return write_two_source_run(
+        root,
+        train="max_tokens_per_batch = 128\nepochs = 2\nsave_every = 2",
+        sdpo="report_scoring = false",
     )
-    return cfg
 
 
 def _train(

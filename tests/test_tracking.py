@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 
 from sdpo.config import ConfigError, config_from_dict
-from sdpo.engine.tiny import write_tiny_model
 from sdpo.report import read_metrics
 from sdpo.runner import RunInputError, StepwiseRunner
 from sdpo.tracking import TRACKING_STATE, scalars
-from tests.conftest import WORDS, write_pairs
+from tests.conftest import write_two_source_run
 
 tensorboard = pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
@@ -28,40 +27,12 @@ from tensorboard.backend.event_processing.event_file_loader import (  # noqa: E4
 
 
 def _setup(root: Path, report_to: list[str]) -> Path:
-    model = write_tiny_model(root / "model", words=WORDS, hidden_size=32, seed=1)
-    far = write_pairs(root / "far.jsonl", n=12, seed=1, kind="far")
-    near = write_pairs(root / "near.jsonl", n=10, seed=2, kind="near")
-    cfg = root / "run.toml"
-    cfg.write_text(
-        f"""output_dir = "out"
-[model]
-path = "{model}"
-[data]
-max_length = 32
-max_prompt_length = 16
-eval_fraction = 0.2
-[[data.sources]]
-name = "far"
-path = "{far}"
-[[data.sources]]
-name = "near"
-path = "{near}"
-[train]
-learning_rate = 3e-3
-pairs_per_step = 4
-max_tokens_per_batch = 128
-save_every = 2
-keep_checkpoints = 100
-[kernels]
-impl = "torch"
-[sdpo]
-steps = 2
-partition = "given"
-[log]
-report_to = {json.dumps(report_to)}
-"""
+    return write_two_source_run(
+        root,
+        data="eval_fraction = 0.2",
+        train="max_tokens_per_batch = 128\nsave_every = 2",
+        tail=f"[log]\nreport_to = {json.dumps(report_to)}",
     )
-    return cfg
 
 
 def _train(cfg: Path, *extra: str, fault: str | None = None, env: dict | None = None):
