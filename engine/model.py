@@ -1,8 +1,8 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM, SOLAR) over packed token streams.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM, SOLAR) over packed token streams.
 
 One implementation covers the family: RMSNorm, rotary position embeddings (default, linear and
 llama3 scaling), grouped-query attention, SwiGLU MLP, tied or untied embeddings, optional q/k/v
-bias (Qwen2). Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``,
+bias (Qwen2), per-head query/key RMSNorm (Qwen3). Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``,
 ...) so checkpoints map one to one (see ``engine/checkpoint.py``).
 
 The forward takes a padding-free packed batch (``input_ids``, ``position_ids``, ``cu_seqlens``)
@@ -28,12 +28,13 @@ from torch import Tensor, nn
 
 from sdpo.engine.attention import ATTENTION_BACKENDS, SharedPrefix, varlen_attention
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
 }
 # Keys of a rope dict that describe the scaling (everything else, like rope_theta, is not).
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
@@ -135,9 +136,10 @@ class ModelConfig:
         else:
             qkv_bias = o_bias = bool(d.get("attention_bias", False))
 
-        # Mistral applies its sliding window always, Qwen2 only when use_sliding_window is set.
+        # Mistral applies its sliding window always, Qwen2/Qwen3 only when use_sliding_window
+        # is set.
         windowed = model_type == "mistral" or (
-            model_type == "qwen2" and d.get("use_sliding_window", False)
+            model_type in ("qwen2", "qwen3") and d.get("use_sliding_window", False)
         )
         sliding = d.get("sliding_window") if windowed else None
 
@@ -186,17 +188,18 @@ class ModelConfig:
             initializer_range=self.initializer_range,
         )
         d.setdefault("architectures", [_ARCHITECTURES[self.model_type]])
-        if self.model_type == "llama":
+        if self.model_type in ("llama", "qwen3"):
             if self.attention_bias != self.o_proj_bias:
                 raise ConfigError(
-                    "a llama config has one attention_bias for q/k/v and o_proj; "
+                    f"a {self.model_type} config has one attention_bias for q/k/v and o_proj; "
                     f"got q/k/v bias {self.attention_bias} and o_proj bias {self.o_proj_bias}"
                 )
             d["attention_bias"] = self.attention_bias
+        if self.model_type == "llama":
             d["mlp_bias"] = self.mlp_bias
-        if self.model_type in ("mistral", "qwen2"):
+        if self.model_type in ("mistral", "qwen2", "qwen3"):
             d["sliding_window"] = self.sliding_window
-            if self.model_type == "qwen2":
+            if self.model_type in ("qwen2", "qwen3"):
                 d["use_sliding_window"] = self.sliding_window is not None
 
         rope: dict[str, Any] = {"rope_type": "default"}
@@ -210,6 +213,11 @@ class ModelConfig:
             d["rope_theta"] = self.rope_theta
             d["rope_scaling"] = None if self.rope_scaling is None else rope
         return d
+
+    @property
+    def qk_norm(self) -> bool:
+        """Qwen3: an RMSNorm over each head's queries and keys, before the rotary."""
+        return self.model_type == "qwen3"
 
     def architecture_dict(self) -> dict[str, Any]:
         """The fields that determine the model's function (no raw dict): for fingerprints."""
@@ -347,6 +355,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.attention_bias)
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_proj_bias)
+        if config.qk_norm:  # Qwen3
+            self.q_norm = RMSNorm(d, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, eps=config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(
         self,
@@ -365,6 +377,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(n, self.num_heads, self.head_dim)  # (N, Hq, D)
         k = self.k_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if kv_index is not None:

@@ -77,6 +77,9 @@ PARITY_CASES = {
     "llama-all-attention-bias": tiny_hf_dict(attention_bias=True, mlp_bias=True),
     "qwen2-qkv-bias-tied": tiny_hf_dict(model_type="qwen2", tie_word_embeddings=True),
     "mistral-head-dim": tiny_hf_dict(model_type="mistral", head_dim=24, sliding_window=None),
+    "qwen3-qk-norm-head-dim-tied": tiny_hf_dict(
+        model_type="qwen3", head_dim=24, tie_word_embeddings=True
+    ),
     "llama3-rope-scaling": tiny_hf_dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE),
     "rope-parameters-llama3": tiny_hf_dict(
         rope_theta=None, rope_parameters={**LLAMA3_ROPE, "rope_theta": 70000.0}
@@ -114,7 +117,7 @@ def test_rope_scaling_changes_the_logits_so_parity_checks_it():
 
 @pytest.mark.parametrize(
     "config_cls,tied",
-    [("LlamaConfig", False), ("LlamaConfig", True), ("Qwen2Config", True)],
+    [("LlamaConfig", False), ("LlamaConfig", True), ("Qwen2Config", True), ("Qwen3Config", True)],
 )
 def test_transformers_checkpoint_loads_with_same_logits(config_cls, tied, tmp_path):
     cfg = getattr(transformers, config_cls)(
