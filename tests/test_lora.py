@@ -429,3 +429,26 @@ def test_bad_lora_settings_are_refused_with_a_clear_message(
 ):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(_config_dict(tmp_path, tiny_model_dir, out="x", **sections))
+
+
+def test_step_benchmark_smoke_runs_with_a_lora_adapter(one_thread, tmp_path):
+    from tests.test_speed_paths import load_throughput
+
+    throughput = load_throughput()
+    out = tmp_path / "step.json"
+    throughput.main(["step", "--smoke", "--lora-rank", "3", "--sdpo-run", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["complete"] and payload["lora_rank"] == 3
+    config = ModelConfig(**payload["model_config"])
+    h, d = config.hidden_size, config.head_dim
+    q, kv, i = (
+        config.num_attention_heads * d,
+        config.num_key_value_heads * d,
+        config.intermediate_size,
+    )
+    per_layer = 3 * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
+    assert payload["lora_params"] == config.num_hidden_layers * per_layer
+    rows = {r["variant"]: r for r in payload["results"]}
+    train = rows["sdpo train step"]
+    assert train["mfu"] > 0 and all(math.isfinite(v) for v in train["losses"])
+    assert len(rows["sdpo 2-step run (score+train, score+train)"]["train_s"]) == 2
