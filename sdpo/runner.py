@@ -9,6 +9,14 @@ reference values and the γ_ref report. With ``sdpo.reference`` naming another c
 model is loaded, scores every chunk, is written to the cache and freed before the policy loads.
 ``steps = 1`` is plain DPO over all data.
 
+LoRA (``lora.rank > 0``, ``sdpo.engine.lora``): after M_{t-1} has scored step t's reference
+values, a fresh adapter (seeded from ``train.seed`` and t) is attached and trained alone; at the
+end of the step it is merged, so ``step-<t>/`` is the usual full checkpoint of M_t (the next
+step's reference), and the adapter is also written in PEFT's layout to ``step-<t>/adapter/``.
+A mid-step checkpoint then holds the adapter and the trainer state only: the frozen base is
+M_{t-1} (``step-<t-1>/``, among the checkpoint's checksummed external files, or ``model.path``),
+and its fingerprint is checked on resume.
+
 Reliability. Every input (model folder, tokenizer, every data row, lengths against the model's
 context) is checked before the output folder is touched, so bad input costs neither a run nor a
 previous run's outputs. Training checkpoints (``OUTPUT_DIR/checkpoints/ckpt-<run_step>/``, see
