@@ -410,6 +410,24 @@ def test_lora_run_stopped_inside_steps_resumes_bitwise(tiny_model_dir, tmp_path,
         run_training(changed, progress=False, resume=True)
 
 
+def test_resume_inside_step_one_refuses_a_changed_initial_model(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from sdpo.engine.tiny import write_tiny_model
+    from tests.conftest import WORDS
+
+    cfg = config_from_dict(_config_dict(tmp_path, tiny_model_dir, out="run", lora={"rank": 2}))
+    monkeypatch.setattr(resume_mod, "_fault_counts", {})
+    monkeypatch.setenv("SDPO_FAULT_AT", "train_step:1:TERM")
+    with pytest.raises(TrainingStopped):
+        run_training(cfg, progress=False)
+    monkeypatch.delenv("SDPO_FAULT_AT")
+    # the adapter's frozen base (model.path) is not in the checkpoint: other weights there now
+    write_tiny_model(tiny_model_dir, words=WORDS, hidden_size=32, seed=2)
+    with pytest.raises(OutputDirError, match="other base weights"):
+        run_training(cfg, progress=False, resume=True)
+
+
 @pytest.mark.parametrize(
     ("sections", "message"),
     [
