@@ -595,12 +595,15 @@ def matmul_params(config) -> int:
     return config.num_hidden_layers * per_layer + config.vocab_size * h
 
 
-def model_flops(pairs: list, config, *, training: bool) -> float:
+def model_flops(pairs: list, config, *, training: bool, lora: bool = False) -> float:
     """FLOPs of one pass over ``pairs``, by the common convention (PaLM appendix B, nanoGPT):
     2·P per token forward (6·P with backward), P = ``matmul_params``, plus attention scores
     and values 4·L·A·s per token forward (12·L·A·s with backward) for a token in a sequence of
-    length s, A = heads·head_dim, the full s×s square counted (no causal halving)."""
+    length s, A = heads·head_dim, the full s×s square counted (no causal halving).
+    ``lora``: the frozen weights get no gradient, so a training pass is 4·P per token (forward
+    and input gradients; the adapter's own rank-r matmuls are not counted), attention as above."""
     factor = 3 if training else 1
+    matmul_factor = 2 if training and lora else factor
     width = config.num_attention_heads * config.head_dim
     p = matmul_params(config)
     tokens = 0
@@ -610,7 +613,7 @@ def model_flops(pairs: list, config, *, training: bool) -> float:
             s = len(pair.prompt_ids) + len(completion)
             tokens += s
             square += s * s
-    return factor * (2 * p * tokens + 4 * config.num_hidden_layers * width * square)
+    return matmul_factor * 2 * p * tokens + factor * 4 * config.num_hidden_layers * width * square
 
 
 def real_tokens(pairs: list) -> int:
@@ -637,7 +640,8 @@ class PhaseRecorder:
     needs a sync, which the main timed loop must not have. Per micro-batch it marks the
     decoder forward (model pre/post hooks), the head (decoder output to dL/dhidden: the loss
     and, on the fused path, the lm_head gradients formed in the forward), the decoder backward
-    (to the embedding gradient's accumulation, the last of the backward) and per step the
+    (to the embedding gradient's accumulation, the last of the backward; with LoRA the first
+    adapter matrix's) and per step the
     optimizer (grad clipping + AdamW, to the optimizer's step post-hook)."""
 
     PHASES = ("decoder_fwd_ms", "head_ms", "decoder_bwd_ms", "optimizer_ms", "other_ms")
@@ -645,11 +649,13 @@ class PhaseRecorder:
     def __init__(self, model: torch.nn.Module, optimizer, device: torch.device) -> None:
         self.device = device
         self.marks: list[tuple[str, object]] = []
-        embed = model.model.embed_tokens.weight
+        # the end of the backward: the first trainable parameter's gradient (the embedding;
+        # with LoRA the first layer's first adapter matrix, one of the last few gradients)
+        first = next(p for p in model.parameters() if p.requires_grad)
         self.handles = [
             model.register_forward_pre_hook(self._forward_start),
             model.register_forward_hook(self._forward_end),
-            embed.register_post_accumulate_grad_hook(lambda _p: self.mark("bwd_end")),
+            first.register_post_accumulate_grad_hook(lambda _p: self.mark("bwd_end")),
             optimizer.register_step_post_hook(lambda _o, _a, _k: self.mark("opt_end")),
         ]
 
@@ -741,9 +747,13 @@ def measure_sdpo_run(
     score_tokens: int,
     impl: str,
     device: torch.device,
+    lora_rank: int = 0,
+    lora_alpha: float = 16.0,
 ) -> dict:
     """A whole stepwise run in process: for each chunk, score it with the current model (the
-    reference values of that step), then train on it with a fresh trainer (``fit``)."""
+    reference values of that step), then train on it with a fresh trainer (``fit``); with
+    ``lora_rank`` a fresh adapter per chunk, merged after its training (as the runner does)."""
+    from sdpo.engine.lora import attach_lora, merge_lora
     from sdpo.engine.scoring import score_pairs
     from sdpo.engine.trainer import DPOTrainer
 
@@ -761,10 +771,14 @@ def measure_sdpo_run(
         )
         synchronize(device)
         t1 = time.perf_counter()
+        if lora_rank:
+            attach_lora(model, rank=lora_rank, alpha=lora_alpha, seed=len(score_s))
         trainer = DPOTrainer(
             model, config=train_config, loss_fn=loss_fn, kernels_impl=impl, progress=False
         )
         result = trainer.fit(chunk, ref)
+        if lora_rank:
+            merge_lora(model)
         synchronize(device)
         t2 = time.perf_counter()
         del trainer
@@ -1295,6 +1309,7 @@ def step_section(args: argparse.Namespace) -> dict:
     from functools import partial
 
     from sdpo.engine.compile import compile_decoder_layers
+    from sdpo.engine.lora import attach_lora, merge_lora
     from sdpo.engine.model import init_model
     from sdpo.engine.precision import parameter_dtype, resolve_precision
     from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
@@ -1332,6 +1347,10 @@ def step_section(args: argparse.Namespace) -> dict:
         )
     if args.steps < 1 or args.warmup_steps < 0 or args.profile_steps < 0:
         raise SystemExit("need --steps >= 1, --warmup-steps >= 0, --profile-steps >= 0")
+    if args.lora_rank < 0:
+        raise SystemExit(f"need --lora-rank >= 0 (0: full fine-tuning), got {args.lora_rank}")
+    if args.lora_rank and args.compare_trl:
+        raise SystemExit("--compare-trl with --lora-rank is not implemented (TRL needs peft)")
     precision = resolve_precision(args.precision, device)
     impl = resolve_impl(args.impl, device)
     config = step_model_config(args)
@@ -1353,6 +1372,8 @@ def step_section(args: argparse.Namespace) -> dict:
         "share_prompt": args.share_prompt,
         "gradient_checkpointing": args.gradient_checkpointing,
         "checkpoint_every": args.checkpoint_every,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha if args.lora_rank else None,
         "kernels_impl": impl,
         "pairs_per_step": args.pairs_per_step,
         "prompt_len": args.prompt_len,
@@ -1361,7 +1382,8 @@ def step_section(args: argparse.Namespace) -> dict:
         "timed_steps": args.steps,
         "matmul_tflops": tflops,
         "matmul_params": matmul_params(config),
-        "flop_convention": "6*P_matmul per token + 12*L*A*s per token (full square), see model_flops",
+        "flop_convention": "6*P_matmul (LoRA: 4*P_matmul) per token + 12*L*A*s per token "
+        "(full square), see model_flops",
     }
     results: list[dict] = []
     extra: dict = {}
@@ -1441,6 +1463,13 @@ def step_section(args: argparse.Namespace) -> dict:
     save(False)
 
     # -- training steps: warm-up, then timed with no syncs -------------------------------
+    lora = bool(args.lora_rank)
+    if lora:  # as the runner does: the reference scored by the plain model, then the adapter
+        adapter = attach_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, seed=args.seed)
+        header["lora_params"] = sum(p.numel() for p in adapter)
+        print(
+            f"LoRA rank {args.lora_rank}: {header['lora_params'] / 1e6:.2f} M trained", flush=True
+        )
     trainer = DPOTrainer(
         model, config=train_config, loss_fn=loss_fn, kernels_impl=impl, progress=False
     )
@@ -1468,7 +1497,9 @@ def step_section(args: argparse.Namespace) -> dict:
             "variant": "sdpo train step",
             "tokens_per_s": train_tps,
             "ms_per_step": train_s / len(timed) * 1e3,
-            "mfu": model_flops(timed_pairs, config, training=True) / train_s / (tflops * 1e12),
+            "mfu": model_flops(timed_pairs, config, training=True, lora=lora)
+            / train_s
+            / (tflops * 1e12),
             "peak_gb": peak_gb(device),
             "warmup_s": warmup_s,
             "losses": loss_values,
@@ -1511,6 +1542,8 @@ def step_section(args: argparse.Namespace) -> dict:
             )
             for t in range(2)
         ]
+        if lora:
+            merge_lora(model)  # the run attaches a fresh adapter per chunk
         try:
             run = measure_sdpo_run(
                 model,
@@ -1520,6 +1553,8 @@ def step_section(args: argparse.Namespace) -> dict:
                 score_tokens=args.score_tokens,
                 impl=impl,
                 device=device,
+                lora_rank=args.lora_rank,
+                lora_alpha=args.lora_alpha,
             )
             all_pairs = [p for c in chunks for p in c]
             results.append(
@@ -1713,6 +1748,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--score-tokens", type=int, default=65_536, help="token budget of a scoring batch"
     )
     s.add_argument("--lr", type=float, default=5e-7)
+    s.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="train a LoRA adapter of this rank on every decoder projection instead of every "
+        "weight (lora.rank; 0: full fine-tuning); MFU then counts 4*P per token",
+    )
+    s.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (lora.alpha)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument(
         "--sdpo-run",

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -213,6 +213,7 @@ def save_pretrained(
     max_shard_bytes: int = 5 * 2**30,
     extra_files: Iterable[str | os.PathLike] = (),
     state: dict[str, torch.Tensor] | None = None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> None:
     """Write ``model`` as a HF checkpoint folder at ``path``, atomically.
 
@@ -221,7 +222,8 @@ def save_pretrained(
     ``extra_files`` (e.g. tokenizer.json, tokenizer_config.json) are copied into the folder
     inside the same atomic step. An existing folder at ``path`` is replaced only on success.
     ``state``: the weights to write instead of ``model.state_dict()`` (a sharded model's
-    gathered state dict, ``engine/sharding.py``)."""
+    gathered state dict, ``engine/sharding.py``). ``write_extra(tmp)`` adds more to the
+    temporary folder inside the same atomic step (a LoRA step's ``adapter/``)."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
     if state is None:
@@ -257,6 +259,8 @@ def save_pretrained(
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for p in extra:
             shutil.copyfile(p, tmp / p.name)
+        if write_extra is not None:
+            write_extra(tmp)
 
 
 def _plan_shards(state: dict[str, torch.Tensor], *, max_shard_bytes: int) -> list[list[str]]:

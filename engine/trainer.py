@@ -45,6 +45,7 @@ from torch import Tensor
 
 from sdpo.engine import distributed, sharding
 from sdpo.engine.files import append_jsonl, atomic_open
+from sdpo.engine.lora import adapter_parameters
 from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
@@ -243,7 +244,8 @@ def shard_micro_batches(
 def build_optimizer(
     model: torch.nn.Module, config: TrainConfig, *, fused: bool | None = None
 ) -> torch.optim.AdamW:
-    """AdamW; weight decay only on matrices (not norms or biases).
+    """AdamW over the trainable parameters (``requires_grad``: with LoRA, the adapter's only);
+    weight decay only on matrices (not norms or biases).
 
     ``fused`` (default: on CUDA only) picks torch's fused kernel, which also takes the
     gradient-clipping scale and the skip-on-non-finite flag as device tensors (see
@@ -373,8 +375,14 @@ class DPOTrainer:
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
         wanted = parameter_dtype(self.precision)
-        if any(p.dtype != wanted for p in model.parameters()):
+        # LoRA adapters stay fp32 whatever the precision (engine/lora.py): only the other
+        # parameters are cast, in place (the Parameter objects are kept)
+        adapters = {id(p) for p in adapter_parameters(model)}
+        if not adapters and any(p.dtype != wanted for p in model.parameters()):
             model.to(wanted)
+        for p in model.parameters():
+            if adapters and id(p) not in adapters and p.dtype != wanted:
+                p.data = p.data.to(wanted)
         # sharded (FSDP2, engine/sharding.py): gradients are reduce-scattered in the backward,
         # and the optimizer is the foreach one (not the fused grad_scale/found_inf path)
         self.sharded = sharding.is_sharded(model)

@@ -1,7 +1,8 @@
 """The run configuration: one TOML file, small validated dataclass sections, ``--set`` overrides.
 
 A run is described by ``RunConfig`` (sections ``[model]``, ``[data]``, ``[train]``, ``[loss]``,
-``[kernels]``, ``[sdpo]``, ``[log]`` and a top-level ``output_dir``). This module owns reading it
+``[kernels]``, ``[sdpo]``, ``[lora]``, ``[log]`` and a top-level ``output_dir``). This module owns
+reading it
 (``load_config``), checking it (every section validates itself in ``__post_init__``; unknown keys
 and wrong types are errors that name the key, the closest valid key and where the value came
 from), overriding it from the command line (``--set train.learning_rate=1e-6``: the value is read
@@ -33,6 +34,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from sdpo.engine.files import atomic_write_text
+from sdpo.engine.lora import LORA_TARGETS
 from sdpo.engine.trainer import TrainConfig
 from sdpo.losses import LossConfig
 
@@ -232,6 +234,34 @@ class LogSection:
 
 
 @dataclass(kw_only=True)
+class LoRASection:
+    """``[lora]``: train a low-rank adapter per sDPO step instead of every weight
+    (``sdpo.engine.lora``). ``rank = 0``: off (full fine-tuning). Each step's adapter starts
+    fresh on M_{t-1} and is merged into M_t at the end of the step."""
+
+    rank: int = 0
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input, in training only
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+    def __post_init__(self) -> None:
+        _at_least("lora.rank", self.rank, 0)
+        _at_least("lora.alpha", self.alpha, 0.0, strict=True)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be >= 0 and < 1, got {self.dropout!r}")
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets:
+            what = f"names unknown module(s) {unknown}" if unknown else "is empty"
+            raise ConfigError(f"lora.targets {what}: valid targets are {', '.join(LORA_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ConfigError(f"lora.targets {self.targets} names a module twice")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A whole run. ``output_dir`` receives ``step-<t>/`` checkpoints, metrics and caches."""
 
@@ -242,6 +272,7 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     kernels: KernelsSection = field(default_factory=KernelsSection)
     sdpo: SDPOSection = field(default_factory=SDPOSection)
+    lora: LoRASection = field(default_factory=LoRASection)
     log: LogSection = field(default_factory=LogSection)
 
     def __post_init__(self) -> None:
@@ -263,6 +294,18 @@ class RunConfig:
                 f"train.max_tokens_per_batch ({self.train.max_tokens_per_batch}) is below "
                 f"2 x data.max_length ({pair_tokens}): a pair's two sequences might not fit in "
                 "one batch; raise max_tokens_per_batch or lower max_length"
+            )
+        if self.lora.enabled and not self.sdpo.reset_optimizer:
+            raise ConfigError(
+                "sdpo.reset_optimizer = false does not go with LoRA (lora.rank > 0): every "
+                "sDPO step trains a new adapter, merged at the end of the step, so there is no "
+                "optimizer state to keep; set sdpo.reset_optimizer = true or lora.rank = 0"
+            )
+        if self.lora.enabled and self.train.fsdp:
+            raise ConfigError(
+                "train.fsdp = true does not go with LoRA (lora.rank > 0) yet: sharded LoRA "
+                "training is not implemented; use data parallel (train.fsdp = false: the "
+                "adapter's gradients are all that is reduced) or lora.rank = 0"
             )
         n_sources = len(self.data.sources)
         per_source = self.sdpo.partition in ("easy_to_hard", "given")

@@ -9,6 +9,14 @@ reference values and the γ_ref report. With ``sdpo.reference`` naming another c
 model is loaded, scores every chunk, is written to the cache and freed before the policy loads.
 ``steps = 1`` is plain DPO over all data.
 
+LoRA (``lora.rank > 0``, ``sdpo.engine.lora``): after M_{t-1} has scored step t's reference
+values, a fresh adapter (seeded from ``train.seed`` and t) is attached and trained alone; at the
+end of the step it is merged, so ``step-<t>/`` is the usual full checkpoint of M_t (the next
+step's reference), and the adapter is also written in PEFT's layout to ``step-<t>/adapter/``.
+A mid-step checkpoint then holds the adapter and the trainer state only: the frozen base is
+M_{t-1} (``step-<t-1>/``, among the checkpoint's checksummed external files, or ``model.path``),
+and its fingerprint is checked on resume.
+
 Reliability. Every input (model folder, tokenizer, every data row, lengths against the model's
 context) is checked before the output folder is touched, so bad input costs neither a run nor a
 previous run's outputs. Training checkpoints (``OUTPUT_DIR/checkpoints/ckpt-<run_step>/``, see
@@ -58,9 +66,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 
 from sdpo.cache import CacheKey, RefLogprobCache, RefValues, data_fingerprint, file_fingerprint
-from sdpo.config import DataSource, RunConfig, config_to_dict, step_settings, write_resolved_config
+from sdpo.config import (
+    DataSource,
+    LoRASection,
+    RunConfig,
+    config_to_dict,
+    step_settings,
+    write_resolved_config,
+)
 from sdpo.engine import distributed, sharding
 from sdpo.engine.checkpoint import (
     CheckpointError,
@@ -72,6 +89,13 @@ from sdpo.engine.checkpoint import (
 from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.data import DataError, read_preference_file, row_error
 from sdpo.engine.files import append_jsonl, atomic_open, atomic_write_bytes, atomic_write_json
+from sdpo.engine.lora import (
+    attach_lora,
+    load_lora_state_dict,
+    lora_state_dict,
+    merge_lora,
+    peft_adapter_files,
+)
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import parameter_dtype, resolve_precision
 from sdpo.engine.resume import (
@@ -121,6 +145,12 @@ TOKENIZER_FILES = (
 CHECKPOINTS_DIR = "checkpoints"
 PROGRESS_NAME = "progress.json"
 TRAINER_STATE_NAME = "trainer_state.pt"
+# LoRA: a mid-step checkpoint holds the adapter (names as in the model) instead of the weights
+ADAPTER_STATE_NAME = "adapter.safetensors"
+# LoRA: each step's adapter in PEFT's layout, inside step-<t>/
+PEFT_ADAPTER_DIR = "adapter"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 # Config keys that may change between a run and its resume: they do not change the weights.
 RESUME_SAFE_KEYS = frozenset(
     {
@@ -576,12 +606,21 @@ class StepwiseRunner:
         prune_checkpoints(root, keep=self.cfg.train.keep_checkpoints)
 
     def _save_mid_step(self, trainer: DPOTrainer, *, base: dict[str, Any]) -> None:
-        """Trainer callback: a checkpoint inside an sDPO step (weights + trainer state)."""
-        weights = self._gathered(trainer.model)  # sharded: a collective, before rank 0 writes
+        """Trainer callback: a checkpoint inside an sDPO step (weights + trainer state). With
+        LoRA the weights are the adapter's only: the frozen base is M_{t-1}, on disk already
+        (``step-<t-1>/``, checksummed as the checkpoint's external files, or ``model.path``,
+        checked against the fingerprint in ``lora_base`` on resume)."""
+        lora = self.cfg.lora.enabled
+        # sharded: a collective, before rank 0 writes
+        weights = None if lora else self._gathered(trainer.model)
+        adapter = lora_state_dict(trainer.model) if lora else None
         state = trainer.state_dict()  # sharded: the optimizer gathered onto rank 0 (a collective)
 
         def extra(tmp: Path) -> None:
-            save_pretrained(trainer.model, tmp / "model", state=weights)
+            if adapter is not None:
+                atomic_write_bytes(tmp / ADAPTER_STATE_NAME, safetensors_bytes(adapter))
+            else:
+                save_pretrained(trainer.model, tmp / "model", state=weights)
             with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
                 torch.save(state, f)
 
@@ -644,11 +683,12 @@ class StepwiseRunner:
 
         model = self._load_policy(model_dir)
         t0 = time.perf_counter()
-        initial = self.cached_reference("initial", model, self._fingerprint(model), pairs)
+        initial_fp = self._fingerprint(model)
+        initial = self.cached_reference("initial", model, initial_fp, pairs)
         initial_scoring_s = time.perf_counter() - t0
         if self.eval_pairs:  # the yardstick of every step's eval rewards: the initial model
             self.eval_initial = self.cached_reference(
-                "eval-initial", model, self._fingerprint(model), self.eval_pairs
+                "eval-initial", model, initial_fp, self.eval_pairs
             )
         _log(
             f"initial model: reward accuracy {float((initial.gamma > 0).float().mean()):.3f}, "
@@ -709,14 +749,17 @@ class StepwiseRunner:
             fault_point("step_start")
             chunk_pairs = [by_index[i] for i in chunk]
             t0 = time.perf_counter()
+            # the fingerprint of M_{t-1}: keys step t's reference cache and, with LoRA, names the
+            # frozen base of the step's checkpoints
+            base_fp = initial_fp if t == 1 else None
+            if base_fp is None and (fixed_ref is None or cfg.lora.enabled):
+                base_fp = self._fingerprint(model)
             if fixed_ref is not None:
                 ref = fixed_ref
             elif t == 1:
                 ref = initial
             else:  # M_{t-1} is the policy in memory, before its first update of this step
-                ref = self.cached_reference(
-                    f"step-{t}", model, self._fingerprint(model), chunk_pairs
-                )
+                ref = self.cached_reference(f"step-{t}", model, base_fp, chunk_pairs)
             ref_gamma = ref.gamma[ref.rows_for(torch.tensor(chunk, dtype=torch.int64))]
             next_gamma = self._next_chunk_gamma(t, chunks, by_index, model, ref, initial)
             scoring_s = (initial_scoring_s if t == 1 else 0.0) + time.perf_counter() - t0
@@ -724,9 +767,12 @@ class StepwiseRunner:
             resume_state = None
             if mid_state is not None and t == start_step:
                 resume_state = mid_state
-                model = None
-                gc.collect()
-                model = self._load_policy(point.path / "model")
+                if not cfg.lora.enabled:
+                    model = None
+                    gc.collect()
+                    model = self._load_policy(point.path / "model")
+            if cfg.lora.enabled:  # a fresh adapter on M_{t-1}, after its reference values
+                self._attach_adapter(model, t=t, base_fp=base_fp, point=point, resume=resume_state)
             base = {
                 "sdpo_step": t,
                 "schedule_done": schedule_done,
@@ -734,6 +780,8 @@ class StepwiseRunner:
                 "reports": [r.to_dict() for r in reports],
                 "weights_files": weights_files,  # M_{t-1} (step-<t-1>/); {} for M0
             }
+            if cfg.lora.enabled:
+                base["lora_base"] = base_fp
             beta, lr = step_settings(cfg, t)
             trainer = DPOTrainer(
                 model,
@@ -765,15 +813,28 @@ class StepwiseRunner:
                 optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
             del trainer
             step_dir = self.out / f"step-{t}"
+            write_adapter = None
+            if cfg.lora.enabled:  # M_t = M_{t-1} with the step's adapter merged in
+                write_adapter = partial(
+                    self._write_peft_adapter,
+                    lora_state_dict(model),
+                    base_model=str(model_dir if t == 1 else self.out / f"step-{t - 1}"),
+                )
+                merge_lora(model)
             weights = self._gathered(model)  # sharded: a collective, before rank 0 writes
 
             def save_step(
                 model: torch.nn.Module = model,
                 step_dir: Path = step_dir,
                 weights: dict[str, torch.Tensor] | None = weights,
+                write_adapter: Callable[[Path], None] | None = write_adapter,
             ) -> dict:
                 save_pretrained(
-                    model, step_dir, extra_files=tokenizer_files(model_dir), state=weights
+                    model,
+                    step_dir,
+                    extra_files=tokenizer_files(model_dir),
+                    state=weights,
+                    write_extra=write_adapter,
                 )
                 fault_point("step_saved")
                 return file_entries([p for p in step_dir.iterdir() if p.is_file()], base=self.out)
@@ -901,6 +962,58 @@ class StepwiseRunner:
         )
         return metrics
 
+    def _attach_adapter(
+        self,
+        model: torch.nn.Module,
+        *,
+        t: int,
+        base_fp: str | None,
+        point: ResumePoint | None,
+        resume: dict[str, Any] | None,
+    ) -> None:
+        """Attach step t's fresh LoRA adapter (seeded from train.seed and t); resuming inside
+        the step, load the adapter saved with the checkpoint, after checking that the frozen
+        base is the one it was trained on."""
+        lora = self.cfg.lora
+        attach_lora(
+            model,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            targets=lora.targets,
+            seed=lora_seed(self.cfg.train.seed, t),
+        )
+        if resume is None or point is None:
+            return
+        saved_fp = point.progress.get("lora_base")
+        if saved_fp != base_fp:
+            where = self.cfg.model.path if t == 1 else self.out / f"step-{t - 1}"
+            raise OutputDirError(
+                f"cannot resume inside sDPO step {t} from {point.path}: its LoRA adapter was "
+                f"trained on other base weights than {where} holds now (the model files "
+                "changed since). Restore them, or start the run again with --overwrite"
+            )
+        load_lora_state_dict(model, load_file(point.path / ADAPTER_STATE_NAME))
+
+    def _write_peft_adapter(
+        self, state: dict[str, torch.Tensor], tmp: Path, *, base_model: str
+    ) -> None:
+        """Write one step's adapter in PEFT's layout into ``tmp/adapter/`` (inside the step
+        folder's atomic write), loadable with PEFT onto its base M_{t-1}."""
+        lora = self.cfg.lora
+        tensors, config = peft_adapter_files(
+            state,
+            rank=lora.rank,
+            alpha=lora.alpha,
+            dropout=lora.dropout,
+            targets=lora.targets,
+            base_model=base_model,
+        )
+        folder = tmp / PEFT_ADAPTER_DIR
+        folder.mkdir()
+        save_file(tensors, str(folder / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+        (folder / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
     def _load_policy(self, path: Path) -> torch.nn.Module:
         model = load_pretrained(path, dtype=parameter_dtype(self.precision), device=self.device)
         model.attn_backend = self.cfg.model.attn_backend
@@ -1006,6 +1119,9 @@ def changed_config_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]
                 out[f"{prefix}{k}"] = v
         return out
 
+    saved = dict(saved)
+    if "lora" not in saved:  # written before the [lora] section existed: full fine-tuning
+        saved["lora"] = dataclasses.asdict(LoRASection())
     a, b = flat(saved), flat(now)
     keys = sorted((set(a) | set(b)) - RESUME_SAFE_KEYS)
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
@@ -1025,6 +1141,11 @@ def existing_outputs(out: Path) -> list[Path]:
         TRACKING_STATE,
     }
     return [p for p in out.iterdir() if p.name in names or p.name.startswith("step-")]
+
+
+def lora_seed(seed: int, t: int) -> int:
+    """The seed of sDPO step t's fresh LoRA adapter (its A matrices), from ``train.seed``."""
+    return seed * 65_537 + t
 
 
 def tokenizer_files(model_dir: Path) -> list[Path]:
