@@ -104,6 +104,9 @@ class TrainConfig:
     shuffle: bool = True
     log_every: int = 1  # optimizer steps
     save_every: int = 0  # optimizer steps; 0: checkpoints only at the end of each sDPO step
+    # optimizer steps between evaluations of the held-out pairs inside an sDPO step (TRL's
+    # eval_steps); 0: only at the end of each sDPO step
+    eval_every: int = 0
     precision: str = "auto"  # "fp32" | "bf16" (bf16 params+states) | "bf16-mixed" (fp32 master)
     loss_path: str = "fused"  # "fused": loss formed inside the chunked lm_head; "plain"
     keep_checkpoints: int = 2  # training checkpoints kept on disk (read by the runner)
@@ -157,6 +160,7 @@ class TrainConfig:
         at_least("seed", 0)
         at_least("log_every", 1)
         at_least("save_every", 0)
+        at_least("eval_every", 0)
         one_of("precision", PRECISIONS)
         one_of("loss_path", LOSS_PATHS)
         at_least("keep_checkpoints", 1)
@@ -359,6 +363,7 @@ class DPOTrainer:
         optimizer: torch.optim.Optimizer | None = None,
         stop_requested: Callable[[], bool] | None = None,
         log_hook: Callable[[dict[str, Any]], None] | None = None,
+        evaluate: Callable[[DPOTrainer], None] | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -371,6 +376,9 @@ class DPOTrainer:
         self.save_checkpoint = save_checkpoint
         self.stop_requested = stop_requested
         self.log_hook = log_hook  # rank 0: also gets each record written to metrics.jsonl
+        # every eval_every optimizer steps but the pass's last, on every rank (scoring may be a
+        # collective); its time is left out of tokens_per_s
+        self.evaluate = evaluate
         self.progress = progress
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
@@ -715,6 +723,9 @@ class DPOTrainer:
                 fault_point("train_step")
                 if step_in_run == total_steps:
                     break  # the caller saves the end of this pass
+                if cfg.eval_every and self.evaluate and step_in_run % cfg.eval_every == 0:
+                    self.evaluate(self)
+                    window_start = time.perf_counter()
                 saved = False
                 if cfg.save_every and self.save_checkpoint and step_in_run % cfg.save_every == 0:
                     self.save_checkpoint(self)

@@ -288,6 +288,12 @@ class RunConfig:
                 'no preference data: add [data] path = "FILE.jsonl" or [[data.sources]] tables '
                 "with name and path"
             )
+        if self.train.eval_every and not (self.data.eval_sources or self.data.eval_fraction):
+            raise ConfigError(
+                f"train.eval_every = {self.train.eval_every} but there are no held-out pairs: "
+                "set data.eval_fraction (e.g. 0.05) or data.eval_sources, or set "
+                "train.eval_every = 0"
+            )
         pair_tokens = 2 * self.data.max_length
         if self.train.max_tokens_per_batch < pair_tokens:
             raise ConfigError(

@@ -161,6 +161,7 @@ RESUME_SAFE_KEYS = frozenset(
         "train.save_every",
         "train.keep_checkpoints",
         "train.skip_nonfinite_batches",
+        "train.eval_every",
         "log.report_to",
         "log.project",
         "log.run_name",
@@ -796,6 +797,7 @@ class StepwiseRunner:
                 optimizer=optimizer,
                 save_checkpoint=partial(self._save_mid_step, base=base),
                 stop_requested=lambda: self.stop_flag,
+                evaluate=partial(self._evaluate_in_step, t=t, beta=beta, base=run_step_base),
             )
             if self.trackers:  # x-axis: the run's step, which counts on across sDPO steps
                 trainer.log_hook = partial(self._track_step, trainer, run_step_base)
@@ -921,11 +923,18 @@ class StepwiseRunner:
         at = run_step_base + trainer.position["step_in_run"]
         self.trackers.log({**record, "step_in_sdpo_step": record["step"]}, step=at)
 
+    def _evaluate_in_step(self, trainer: DPOTrainer, *, t: int, beta: float, base: int) -> None:
+        """Trainer callback (``train.eval_every``): the eval pass inside sDPO step t."""
+        self._evaluate(
+            trainer.model, t=t, beta=beta, run_step=base + trainer.position["step_in_run"]
+        )
+
     def _evaluate(
         self, model: torch.nn.Module, *, t: int, beta: float, run_step: int
     ) -> dict[str, float] | None:
-        """Score the held-out pairs with the model after step t; DPO metrics against the
-        initial model (one fixed yardstick for every step), logged to metrics.jsonl as eval/*."""
+        """Score the held-out pairs with the model after step t (or inside it, at run step
+        ``run_step``, with train.eval_every); DPO metrics against the initial model (one fixed
+        yardstick for every step), logged to metrics.jsonl as eval/*."""
         if not self.eval_pairs or self.eval_initial is None:
             return None
         scores = self.score(model, self.eval_pairs)
@@ -957,7 +966,7 @@ class StepwiseRunner:
             append_jsonl(self.out / "metrics.jsonl", record)
             self.trackers.log(metrics, step=run_step)  # sdpo_step: logged with the training
         _log(
-            f"eval after step {t}: preference accuracy {metrics['eval/preference_accuracy']:.3f}, "
+            f"eval at run step {run_step} (sDPO step {t}): preference accuracy {metrics['eval/preference_accuracy']:.3f}, "
             f"mean γ {metrics['eval/gamma']:.3f} over {len(self.eval_pairs)} held-out pairs"
         )
         return metrics

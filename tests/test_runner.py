@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 import sdpo.runner as runner_mod
-from sdpo.config import config_from_dict
+from sdpo.config import ConfigError, config_from_dict
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
 from sdpo.engine.scoring import score_pairs
@@ -254,3 +254,56 @@ def test_eval_fraction_holds_out_a_seeded_share_scored_after_every_step(tiny_mod
 
 def _cached_indices(path: Path) -> list[int]:
     return sorted(load_file(str(path))["pair_indices"].tolist())
+
+
+def test_eval_every_scores_the_held_out_pairs_inside_each_step_with_that_steps_weights(
+    tiny_model_dir, tmp_path
+):
+    held = write_pairs(tmp_path / "held.jsonl", n=7, seed=11)
+    cfg = _config(tmp_path, tiny_model_dir)
+    cfg.data.eval_sources = [type(cfg.data.sources[0])(name="held", path=str(held))]
+    cfg.train.eval_every = 2
+    cfg.train.save_every = 1  # a checkpoint of every step's weights to check against
+    cfg.train.keep_checkpoints = 100
+    run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    train_steps = {1: 0, 2: 0}
+    for m in lines:
+        if "loss" in m:
+            train_steps[m["sdpo_step"]] += 1
+    assert train_steps == {1: 3, 2: 3}  # 12 and 10 pairs, 4 per step
+    evals = [(m["sdpo_step"], m["step"]) for m in lines if "eval/loss" in m]
+    # run steps 2 and 5 inside the steps, 3 and 6 at their ends (no eval twice at an end)
+    assert evals == [(1, 2), (1, 3), (2, 5), (2, 6)]
+    tok = PairTokenizer.from_dir(tiny_model_dir)
+    pairs, _ = tokenize_pairs(
+        read_preference_file(str(held), source="held"), tok, max_length=32, max_prompt_length=16
+    )
+    m0 = _score(tiny_model_dir, pairs)
+    for m in (m for m in lines if "eval/loss" in m):
+        weights = out / "checkpoints" / f"ckpt-{m['step']:08d}" / "model"
+        if m["step"] in (3, 6):  # the end of an sDPO step: its step folder
+            weights = out / f"step-{m['sdpo_step']}"
+        mt = _score(weights, pairs)
+        assert m["eval/gamma"] == pytest.approx(float(mt.gamma.mean()), abs=1e-6)
+        margin = 0.1 * (
+            (mt.chosen_logps - m0.chosen_logps) - (mt.rejected_logps - m0.rejected_logps)
+        )
+        assert m["eval/rewards/margins"] == pytest.approx(float(margin.mean()), abs=1e-5)
+    # the weights moved between the two evaluations of a step, so the check above can fail
+    assert lines[[i for i, m in enumerate(lines) if "eval/loss" in m][0]]["eval/gamma"] != next(
+        m["eval/gamma"] for m in lines if "eval/loss" in m and m["step"] == 3
+    )
+
+
+def test_eval_every_without_held_out_pairs_is_refused(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="train.eval_every = 2 but there are no held-out pairs"):
+        config_from_dict(
+            {
+                "output_dir": str(tmp_path / "run"),
+                "model": {"path": str(tiny_model_dir)},
+                "data": {"path": str(tmp_path / "d.jsonl")},
+                "train": {"eval_every": 2},
+            }
+        )
