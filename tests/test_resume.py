@@ -10,6 +10,7 @@ import copy
 import errno
 import io
 import json
+import random
 import signal
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,12 @@ from sdpo.cli import EXIT_INPUT, main
 from sdpo.config import config_from_dict
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
-from sdpo.engine.resume import list_checkpoints, verify_checkpoint
+from sdpo.engine.resume import (
+    file_entries,
+    list_checkpoints,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import DPOTrainer, NonFiniteError, TrainConfig, TrainingStopped
@@ -245,3 +251,33 @@ def test_cli_resume_flags(tiny_model_dir, tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
     assert main([*base, "--resume", "--overwrite"]) == EXIT_INPUT
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_checkpoint_manifest_names_the_one_damaged_file_among_many(tmp_path):
+    """Files are hashed in parallel: each digest must still land on its own file."""
+    rng = random.Random(5)
+    blobs = {f"model/shard-{i}.bin": rng.randbytes(rng.randint(1, 300_000)) for i in range(9)}
+    outside = tmp_path / "run" / "step-1" / "weights.bin"
+    outside.parent.mkdir(parents=True)
+    outside.write_bytes(rng.randbytes(1000))
+    external = file_entries([outside], base=tmp_path / "run")
+
+    def contents(tmp: Path) -> None:
+        for name, data in blobs.items():
+            (tmp / name).parent.mkdir(exist_ok=True)
+            (tmp / name).write_bytes(data)
+
+    ckpt = tmp_path / "run" / "checkpoints" / "ckpt-00000001"
+    write_checkpoint(ckpt, write_contents=contents, external=external)
+    assert verify_checkpoint(ckpt) is None
+    for name in ("model/shard-0.bin", "model/shard-4.bin", "model/shard-8.bin"):
+        data = bytearray(blobs[name])
+        data[len(data) // 2] ^= 1  # same size, one bit flipped
+        (ckpt / name).write_bytes(bytes(data))
+        assert verify_checkpoint(ckpt) == f"{name} does not match its checksum"
+        (ckpt / name).write_bytes(blobs[name])
+        assert verify_checkpoint(ckpt) is None
+    outside.write_bytes(b"x" * 1000)
+    assert verify_checkpoint(ckpt) == "step-1/weights.bin does not match its checksum"
+    outside.unlink()
+    assert verify_checkpoint(ckpt) == "step-1/weights.bin is missing"
