@@ -434,6 +434,13 @@ def _convert(
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (raw is not None and raw.strip().lower() in ("none", "null")):
             return None
+        if len(args) > 1:  # e.g. str | list[str]: a list takes the list member, else the other
+            lists = [a for a in args if typing.get_origin(a) is list]
+            others = [a for a in args if typing.get_origin(a) is not list]
+            pick = lists if isinstance(value, list) else others
+            if len(pick) != 1:
+                raise _type_error(key, shown, value, origins)
+            args = pick
         (inner,) = args
         return _convert(value, inner, key=key, meta=meta, origins=origins, shown=tp)
     if dataclasses.is_dataclass(tp):
