@@ -6,7 +6,7 @@
 # 600 s call limit still returns its files). Each section has its own timeout, cut to what is
 # left of the budget; a section that would get less than 20 s is skipped and says so. The
 # sections run in order of importance: correctness tests, kernels, the end-to-end step against
-# TRL, shared prompts, selective checkpointing, fp32 master weights. The script keeps going when
+# TRL, shared prompts, selective checkpointing, fp32 master weights, LoRA. The script keeps going when
 # a section fails, so one broken test still leaves benchmark numbers behind.
 # An earlier, smaller version took about 250 s on an H100 with a cold start (2026-11-26).
 set -uo pipefail
@@ -112,5 +112,12 @@ if [ "${SDPO_GPU_CHECK_MIXED:-1}" != "0" ]; then
     echo "step bf16-mixed benchmark exit code: $rc" | tee -a "$SUMMARY"
 fi
 
+# LoRA (rank 16 on every projection), the same workload: last, so it runs only when the budget
+# has room left.
+section "step: bf16, compiled, LoRA rank 16" step_lora.txt 60 \
+    "$PY" benchmarks/throughput.py step --preset llama-1b-32k --precision bf16 --compile \
+    --lora-rank 16 --warmup-steps 4 --steps 8 --json "$OUT_DIR/step_lora.json"
+step_tail step_lora.txt
+echo "step LoRA benchmark exit code: $rc" | tee -a "$SUMMARY"
 echo "== done in ${SECONDS} s" | tee -a "$SUMMARY"
 exit "$status"
