@@ -74,10 +74,24 @@ class ModelSection:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1  # with gradient_checkpointing: recompute every k-th layer
     compile: bool = False
+    # with compile: the share (0-1) of a layer's intermediate values its backward keeps; the
+    # compiler recomputes the rest, cheapest per byte first (engine/compile.py). None: torch's
+    activation_memory_budget: float | None = None
 
     def __post_init__(self) -> None:
         _one_of("model.attn_backend", self.attn_backend, ("auto", "flash", "varlen", "sdpa"))
         _at_least("model.checkpoint_every", self.checkpoint_every, 1)
+        budget = self.activation_memory_budget
+        if budget is not None:
+            if not 0.0 <= budget <= 1.0:
+                raise ConfigError(
+                    f"model.activation_memory_budget must be in [0, 1], got {budget!r}"
+                )
+            if not self.compile:
+                raise ConfigError(
+                    "model.activation_memory_budget needs model.compile = true (the compiler "
+                    "decides what to recompute); use model.gradient_checkpointing without it"
+                )
 
 
 @dataclass(kw_only=True)

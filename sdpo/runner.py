@@ -1029,7 +1029,10 @@ class StepwiseRunner:
         model.gradient_checkpointing = self.cfg.model.gradient_checkpointing
         model.checkpoint_every = self.cfg.model.checkpoint_every
         if self.cfg.model.compile:
-            compile_decoder_layers(model)  # regional: each decoder layer, dynamic shapes
+            # regional: each decoder layer, dynamic shapes
+            compile_decoder_layers(
+                model, activation_memory_budget=self.cfg.model.activation_memory_budget
+            )
         if sharding.wanted(self.cfg.train.fsdp):
             sharding.shard_model(model, precision=self.precision)
         return model
