@@ -13,7 +13,8 @@ states, data position) is the caller's; this module owns the folder protocol.
 
 ``fault_point`` is a test hook: with ``SDPO_FAULT_AT="<point>:<count>[:<SIGNAL>]"`` in the
 environment the process sends itself SIGKILL (or the named signal, e.g. ``TERM``) the
-``count``-th time it reaches ``fault_point("<point>")``. The fault-injection tests use it to kill
+``count``-th time it reaches ``fault_point("<point>")``; ``OOM`` in place of the signal raises
+``torch.OutOfMemoryError`` there instead, as a GPU out of memory would. The fault-injection tests use it to kill
 the real CLI at exact places; without the variable it costs one dictionary lookup.
 """
 
@@ -51,6 +52,10 @@ def fault_point(name: str) -> None:
     _fault_counts[name] = _fault_counts.get(name, 0) + 1
     if _fault_counts[name] != int(count_text or 1):
         return
+    if sig_name == "OOM":
+        import torch
+
+        raise torch.OutOfMemoryError(f"out of memory ({FAULT_ENV} test hook at {name!r})")
     sys.stdout.flush()
     sys.stderr.flush()
     os.kill(os.getpid(), getattr(signal, f"SIG{sig_name}") if sig_name else signal.SIGKILL)
