@@ -177,6 +177,7 @@ RESUME_SAFE_KEYS = frozenset(
         "train.keep_checkpoints",
         "train.skip_nonfinite_batches",
         "train.eval_every",
+        "train.memory_probe",
         "log.report_to",
         "log.project",
         "log.run_name",
