@@ -34,7 +34,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -144,6 +144,7 @@ def read_preference_file(
     split: str = "train",
     identical: str = "warn",
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    columns: Mapping[str, str] | None = None,
 ) -> list[dict]:
     """Read and validate a preference data set.
 
@@ -152,7 +153,9 @@ def read_preference_file(
     applies to folders and hub names; a local file is one split). ``source`` names the data
     source (default: the file's stem or the hub name). ``identical``: what to do with pairs whose
     chosen equals rejected: "warn" (keep, warn with the count), "drop" (remove, warn with the
-    count) or "error".
+    count) or "error". ``columns``: the data set's column for a field when its name differs
+    (``{"prompt": "question"}``), and ``"system"``: a column of system prompts, which makes every
+    prompt a conversation (a system message when the row's is not empty, then the user's).
 
     Returns one dict per kept row: ``prompt``, ``chosen``, ``rejected`` (all strings, or all
     message lists), ``source``, ``file``, ``row`` and ``row_label`` ("line": ``row`` is a 1-based
@@ -160,6 +163,7 @@ def read_preference_file(
     these into a ``DataError`` for problems found later (e.g. while tokenizing)."""
     if identical not in IDENTICAL_POLICIES:
         raise ValueError(f"identical must be one of {IDENTICAL_POLICIES}, got {identical!r}")
+    columns = _check_columns(columns)
     name = os.fspath(path_or_name)
     path = Path(name).expanduser()
     suffix = path.suffix.lower()
@@ -182,11 +186,21 @@ def read_preference_file(
                 load_path = Path(scratch) / "records.jsonl"
                 with open(load_path, "wb") as clean:
                     places = _prevalidate_json(
-                        path, name=name, max_line_bytes=max_line_bytes, clean=clean
+                        path,
+                        name=name,
+                        max_line_bytes=max_line_bytes,
+                        clean=clean,
+                        columns=columns,
                     )
                 if not places:
                     raise _empty_error(name)
-            records = _load_local(builder, load_path, name=name, cache=Path(scratch) / "cache")
+            records = _load_local(
+                builder,
+                load_path,
+                name=name,
+                cache=Path(scratch) / "cache",
+                text_columns=_raw_columns(columns),
+            )
         if places is not None and len(places) != len(records):
             raise DataError(
                 f"the line check found {len(places)} records but datasets read {len(records)}",
@@ -220,7 +234,7 @@ def read_preference_file(
     rows: list[dict] = []
     identical_places: list[_Place] = []
     for record, place in zip(records, places):
-        prompt, chosen, rejected = _normalize_row(record, place)
+        prompt, chosen, rejected = _normalize_row(record, place, columns)
         if chosen == rejected:
             if identical == "error":
                 raise place.error(
@@ -292,7 +306,9 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _load_local(builder: str, path: Path, *, name: str, cache: Path) -> list[dict]:
+def _load_local(
+    builder: str, path: Path, *, name: str, cache: Path, text_columns: Sequence[str] = FIELDS
+) -> list[dict]:
     """Load a local file with ``datasets``. ``cache`` is a temporary folder deleted afterwards:
     nothing is written next to the data, and a local read needs no network."""
     import datasets
@@ -300,7 +316,7 @@ def _load_local(builder: str, path: Path, *, name: str, cache: Path) -> list[dic
     kwargs: dict[str, Any] = {}
     if builder == "csv":
         # keep cells as text: "" stays "" (not NaN), "NA"/"null" stay words, "42" stays "42"
-        kwargs = {"keep_default_na": False, "converters": dict.fromkeys(FIELDS, str)}
+        kwargs = {"keep_default_na": False, "converters": dict.fromkeys(text_columns, str)}
     with _quiet_datasets():
         try:
             ds = datasets.load_dataset(
@@ -351,7 +367,12 @@ def _load_hub(name: str, *, split: str, cache: Path | None = None) -> list[dict]
 
 
 def _prevalidate_json(
-    path: Path, *, name: str, max_line_bytes: int, clean: BinaryIO
+    path: Path,
+    *,
+    name: str,
+    max_line_bytes: int,
+    clean: BinaryIO,
+    columns: dict[str, str],
 ) -> list[_Place]:
     """Parse a JSON file ourselves (strict UTF-8, strict JSON) and validate every record, so that
     errors carry line numbers. Each record is written to ``clean`` as one JSON line. Returns the
@@ -366,12 +387,14 @@ def _prevalidate_json(
             row=1,
         )
     if path.suffix.lower() == ".json" and head.startswith(b"["):
-        return _prevalidate_json_array(path, name=name, clean=clean)
-    return _prevalidate_json_lines(path, name=name, max_line_bytes=max_line_bytes, clean=clean)
+        return _prevalidate_json_array(path, name=name, clean=clean, columns=columns)
+    return _prevalidate_json_lines(
+        path, name=name, max_line_bytes=max_line_bytes, clean=clean, columns=columns
+    )
 
 
 def _prevalidate_json_lines(
-    path: Path, *, name: str, max_line_bytes: int, clean: BinaryIO
+    path: Path, *, name: str, max_line_bytes: int, clean: BinaryIO, columns: dict[str, str]
 ) -> list[_Place]:
     shape_fix = "each line must hold one JSON object with prompt, chosen and rejected"
     if path.suffix.lower() == ".json":
@@ -413,13 +436,15 @@ def _prevalidate_json_lines(
                 raise place.error(
                     f"holds a JSON {_json_type(record)}, not an object", fix=shape_fix
                 )
-            _normalize_row(record, place)
+            _normalize_row(record, place, columns)
             places.append(place)
-            clean.write(_clean_line(record))
+            clean.write(_clean_line(record, columns))
     return places
 
 
-def _prevalidate_json_array(path: Path, *, name: str, clean: BinaryIO) -> list[_Place]:
+def _prevalidate_json_array(
+    path: Path, *, name: str, clean: BinaryIO, columns: dict[str, str]
+) -> list[_Place]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -454,17 +479,88 @@ def _prevalidate_json_array(path: Path, *, name: str, clean: BinaryIO) -> list[_
                 f"is a JSON {_json_type(record)}, not an object",
                 fix="make every array element an object with prompt, chosen and rejected",
             )
-        _normalize_row(record, place)
+        _normalize_row(record, place, columns)
         places.append(place)
-        clean.write(_clean_line(record))
+        clean.write(_clean_line(record, columns))
     return places
 
 
-def _clean_line(record: dict) -> bytes:
-    # only the three fields travel on (two for an implicit prompt): extra columns are never
+def _clean_line(record: dict, columns: dict[str, str]) -> bytes:
+    # only the fields' columns travel on (two for an implicit prompt): extra columns are never
     # used, and a stray type in one (an int beyond int64, a column mixing types) must not stop
     # the read
-    return json.dumps({f: record[f] for f in FIELDS if f in record}).encode() + b"\n"
+    keep = _raw_columns(columns)
+    return json.dumps({c: record[c] for c in keep if c in record}).encode() + b"\n"
+
+
+COLUMN_KEYS = (*FIELDS, "system")
+
+
+def _check_columns(columns: Mapping[str, str] | None) -> dict[str, str]:
+    """The column map without identity entries (but for ``system``, which has no default);
+    unknown keys are a programming error."""
+    out = {}
+    for key, column in (columns or {}).items():
+        if key not in COLUMN_KEYS:
+            raise ValueError(f"columns: unknown field {key!r}; fields: {', '.join(COLUMN_KEYS)}")
+        if column and (column != key or key == "system"):
+            out[key] = column
+    return out
+
+
+def _raw_columns(columns: dict[str, str]) -> list[str]:
+    """The data set's columns that hold the fields (and the system prompt)."""
+    keep = [columns.get(f, f) for f in FIELDS]
+    if "system" in columns:
+        keep.append(columns["system"])
+    return keep
+
+
+def _apply_columns(record: dict, place: _Place, columns: dict[str, str]) -> dict:
+    """The record with the fields under their own names and the system prompt folded into the
+    prompt (see ``read_preference_file``)."""
+    out = dict(record)
+    for key in (*FIELDS, "system"):
+        column = columns.get(key)
+        if column is None:
+            continue
+        if column not in record:
+            present = ", ".join(sorted(map(str, record))) or "none"
+            raise place.error(
+                f"the column {column!r} (the source's columns.{key}) is missing (fields "
+                f"present: {present})",
+                fix=f"point columns.{key} at the column that holds the {key}",
+                field=column,
+            )
+        out[key] = record[column]
+    if "system" not in columns:
+        return out
+    system = out.pop("system")
+    if system is not None and not isinstance(system, str):
+        raise place.error(
+            f"the system prompt has type {type(system).__name__}, expected a string",
+            fix="store the system prompt as text (or leave it empty)",
+            field=columns["system"],
+        )
+    prompt = out.get("prompt")
+    if prompt is None and system and system.strip():
+        raise place.error(
+            "columns.system gives a system prompt but the row has no prompt to put it before",
+            fix="give the rows a prompt column (columns.prompt), or drop columns.system",
+            field=columns["system"],
+        )
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and system and system.strip():
+        if prompt and isinstance(prompt[0], dict) and prompt[0].get("role") == "system":
+            raise place.error(
+                "the prompt has a system message of its own and columns.system gives another",
+                fix="drop columns.system for this source, or the prompt's system message",
+                field=columns["system"],
+            )
+        prompt = [{"role": "system", "content": system}, *prompt]
+    out["prompt"] = prompt
+    return out
 
 
 def _json_type(value: Any) -> str:
@@ -486,8 +582,12 @@ def _json_type(value: Any) -> str:
 _SHAPE_HINT = 'a non-empty string or a list of {"role": str, "content": str} messages'
 
 
-def _normalize_row(record: dict, place: _Place) -> tuple[Field, Field, Field]:
+def _normalize_row(
+    record: dict, place: _Place, columns: dict[str, str] | None = None
+) -> tuple[Field, Field, Field]:
     """Validate one row and return (prompt, chosen, rejected), all strings or all messages."""
+    if columns:
+        record = _apply_columns(record, place, columns)
     if record.get("prompt") is None and "chosen" in record and "rejected" in record:
         # no prompt field (or a null one: a columnar read gives None to a row without the
         # field when other rows have it)

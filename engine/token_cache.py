@@ -68,7 +68,8 @@ Tokenized = tuple[list[TokenizedPair], dict[int, str], TokenizeStats]
 
 
 class SourceLike(Protocol):
-    """A data source as configured (``sdpo.config.DataSource`` fits)."""
+    """A data source as configured (``sdpo.config.DataSource`` fits); an optional ``columns``
+    (a mapping, or an object with ``as_dict()``) renames fields and is part of the key."""
 
     name: str
     path: str
@@ -113,7 +114,9 @@ def token_cache_key(
             digest = _folder_sha256(path)
         else:
             return None
-        files.append([source.name, os.fspath(source.path), source.split, digest])
+        columns = getattr(source, "columns", None)
+        columns = columns.as_dict() if hasattr(columns, "as_dict") else dict(columns or {})
+        files.append([source.name, os.fspath(source.path), source.split, digest, columns])
     folder = Path(tokenizer_dir)
     tokenizer = {
         name: file_sha256(folder / name) if (folder / name).is_file() else None

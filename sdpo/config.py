@@ -95,12 +95,29 @@ class ModelSection:
 
 
 @dataclass(kw_only=True)
+class ColumnMap:
+    """A source's ``columns = { prompt = "question", system = "system" }``: the data set's
+    column for each field whose name differs (None: the field's own name), and an optional
+    column of system prompts (each prompt then becomes a conversation: the system message, when
+    the row's is not empty, then the user's)."""
+
+    prompt: str | None = None
+    chosen: str | None = None
+    rejected: str | None = None
+    system: str | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v}
+
+
+@dataclass(kw_only=True)
 class DataSource:
     """One preference data set (``[[data.sources]]``); sDPO partitions by source."""
 
     name: str = ""  # default: the file (or hub data set) name without suffix
     path: str = field(metadata=_DATA)  # jsonl/json/parquet/csv file, or a hub data set name
     split: str = "train"
+    columns: ColumnMap = field(default_factory=ColumnMap)
 
     def __post_init__(self) -> None:
         if not self.path:

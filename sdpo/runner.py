@@ -335,6 +335,7 @@ def _read_and_tokenize(
                 source=source.name,
                 split=source.split,
                 identical=cfg.data.identical_pairs,
+                columns=source.columns.as_dict(),
             )
         )
     pairs, stats = tokenize_pairs(

@@ -374,3 +374,17 @@ def test_loss_type_takes_a_string_or_a_list_with_weights(tmp_path):
     )
     with pytest.raises(ConfigError, match="loss.loss_type"):
         load_config(path, ["loss.loss_type=[1, 2]"])
+
+
+def test_a_source_column_map_is_read_and_checked(tmp_path):
+    text = (
+        'output_dir = "o"\n[model]\npath = "m"\n[[data.sources]]\nname = "orca"\n'
+        'path = "orca.jsonl"\ncolumns = { prompt = "question", system = "system" }\n'
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.data.sources[0].columns.as_dict() == {"prompt": "question", "system": "system"}
+    out = tmp_path / "resolved" / "config.toml"
+    write_resolved_config(cfg, out)
+    assert load_config(out) == cfg
+    with pytest.raises(ConfigError, match="columns.answer"):
+        load_config(write(tmp_path, text.replace("prompt =", "answer =")))

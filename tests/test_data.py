@@ -539,3 +539,52 @@ def test_rows_without_a_shared_prompt_name_the_row_and_the_fix(tmp_path, row, wo
         read_preference_file(path)
     assert_error(info, file=path, row=2, field="prompt", label="line", words=words)
     assert "add a 'prompt' field" in str(info.value)
+
+
+# -- column maps: data sets whose columns are named otherwise ------------------------------------
+ORCA = [  # the layout of the OpenOrca DPO pairs the sDPO paper trains on first
+    {"system": "You are helpful.", "question": "2 + 2?", "chosen": "4", "rejected": "5"},
+    {"system": "", "question": "a colour?", "chosen": "blue", "rejected": "seven"},
+]
+ORCA_COLUMNS = {"prompt": "question", "system": "system"}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv"])
+def test_columns_rename_fields_and_fold_a_system_column_into_the_prompt(tmp_path, fmt):
+    if fmt == "jsonl":
+        path = write_jsonl(tmp_path / "orca.jsonl", ORCA)
+    else:
+        path = tmp_path / f"orca.{fmt}"
+        ds = datasets.Dataset.from_list(ORCA)
+        ds.to_parquet(str(path)) if fmt == "parquet" else ds.to_csv(str(path), index=False)
+    rows = read_preference_file(path, columns=ORCA_COLUMNS)
+    assert rows[0]["prompt"] == [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": "2 + 2?"},
+    ]
+    assert rows[0]["chosen"] == [{"role": "assistant", "content": "4"}]
+    # an empty system prompt: no system message, the prompt is still a conversation
+    assert rows[1]["prompt"] == [{"role": "user", "content": "a colour?"}]
+    # renamed completions too, without a system column
+    renamed = [{"q": r["question"], "good": r["chosen"], "bad": r["rejected"]} for r in ORCA]
+    path2 = write_jsonl(tmp_path / "renamed.jsonl", renamed)
+    rows2 = read_preference_file(
+        path2, columns={"prompt": "q", "chosen": "good", "rejected": "bad"}
+    )
+    assert [triple(r) for r in rows2] == [("2 + 2?", "4", "5"), ("a colour?", "blue", "seven")]
+
+
+def test_a_missing_mapped_column_names_the_column_and_the_setting(tmp_path):
+    path = write_jsonl(tmp_path / "orca.jsonl", ORCA)
+    with pytest.raises(DataError) as info:
+        read_preference_file(path, columns={"prompt": "instruction"})
+    assert_error(
+        info, file=path, row=1, field="instruction", label="line",
+        words=["'instruction' (the source's columns.prompt) is missing", "question"],
+    )  # fmt: skip
+    bad = write_jsonl(tmp_path / "sys.jsonl", [{**ORCA[0], "system": 3}])
+    with pytest.raises(DataError) as info:
+        read_preference_file(bad, columns=ORCA_COLUMNS)
+    assert_error(info, file=bad, row=1, field="system", label="line", words=["type int"])
+    with pytest.raises(ValueError, match="unknown field 'answer'"):
+        read_preference_file(path, columns={"answer": "chosen"})

@@ -13,14 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 import sdpo.runner as runner_mod
-from sdpo.config import DataSource, config_from_dict
+from sdpo.config import ColumnMap, DataSource, config_from_dict
 from sdpo.engine.token_cache import (
     load_tokenized,
     save_tokenized,
     token_cache_key,
     token_cache_path,
 )
-from sdpo.engine.tokenize import PairTokenizer
+from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.runner import load_pairs, run_training
 from tests.conftest import WORDS, write_pairs
 
@@ -301,3 +301,44 @@ def test_bad_eval_data_writes_no_token_cache(tiny_model_dir, tmp_path):
     with pytest.raises(runner_mod.RunInputError, match="rejected"):
         runner_mod.StepwiseRunner(cfg, progress=False).load_inputs()
     assert not Path(cfg.output_dir).exists()  # the good train data's cache is not written either
+
+
+def test_a_source_column_map_is_part_of_the_key(tiny_model_dir, tmp_path):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    key = _key(cfg)
+    cfg.data.sources[1].columns = ColumnMap(system="sys")
+    mapped = _key(cfg)
+    assert mapped is not None and mapped != key
+    cfg.data.sources[1].columns = ColumnMap(prompt="question")
+    assert _key(cfg) not in (key, mapped)
+
+
+def test_the_runner_reads_a_source_through_its_column_map(tiny_model_dir, tmp_path):
+    rows = [
+        {
+            "sys": "w1 w2" if i % 2 else "",
+            "question": f"w{i + 3} w4",
+            "chosen": "w5",
+            "rejected": "w6",
+        }
+        for i in range(6)
+    ]
+    path = tmp_path / "orca.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tmp_path, tiny_model_dir, max_length=64)
+    cfg.data.sources = [
+        DataSource(name="orca", path=str(path), columns=ColumnMap(prompt="question", system="sys"))
+    ]
+    pairs = _load(cfg, tmp_path / "tokens.safetensors")
+    tok = PairTokenizer.from_dir(cfg.model.path)
+    for pair, row in zip(pairs, rows):
+        prompt = [{"role": "user", "content": row["question"]}]
+        if row["sys"]:
+            prompt.insert(0, {"role": "system", "content": row["sys"]})
+        want, _ = tokenize_pairs(
+            [{"prompt": prompt, "chosen": [{"role": "assistant", "content": "w5"}],
+              "rejected": [{"role": "assistant", "content": "w6"}]}],
+            tok, max_length=64, max_prompt_length=12,
+        )  # fmt: skip
+        assert pair.prompt_ids == want[0].prompt_ids
+    assert len(pairs[1].prompt_ids) > len(pairs[0].prompt_ids)  # the system message is in
