@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compute each pair's prompt once for both completions (same values, less work)",
     )
+    score.add_argument(
+        "--columns",
+        default=None,
+        metavar="FIELD=COLUMN,...",
+        help="the data's column for a field named otherwise, and a system-prompt column, as "
+        "in a source's columns map: e.g. prompt=question,system=system",
+    )
 
     config = sub.add_parser(
         "config",
@@ -254,20 +261,25 @@ def _score(args: argparse.Namespace) -> int:
     from sdpo.runner import select_device
 
     device = select_device()
-    tokenizer = PairTokenizer.from_dir(args.model)
-    model = load_pretrained(
-        args.model,
-        dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-        device=device,
-    )
-    rows = read_preference_file(args.data)
-    pairs, stats = tokenize_pairs(
-        rows,
-        tokenizer,
-        max_length=args.max_length,
-        max_prompt_length=args.max_prompt_length,
-        vocab_size=model.config.vocab_size,
-    )
+    try:  # bad input (the model folder, the data, the column map) exits 2 with one message
+        columns = _column_map(args.columns)
+        rows = read_preference_file(args.data, columns=columns)
+        tokenizer = PairTokenizer.from_dir(args.model)
+        model = load_pretrained(
+            args.model,
+            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            device=device,
+        )
+        pairs, stats = tokenize_pairs(
+            rows,
+            tokenizer,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            vocab_size=model.config.vocab_size,
+        )
+    except (ValueError, OSError) as e:  # DataError and the model errors are ValueErrors
+        _say(f"sdpo: input error: {e}", file=sys.stderr)
+        return EXIT_INPUT
     scores = score_pairs(
         model,
         pairs,
@@ -301,6 +313,19 @@ def _score(args: argparse.Namespace) -> int:
         f"mean γ: {float(gamma.mean()):.4f}"
     )
     return 0
+
+
+def _column_map(text: str | None) -> dict[str, str]:
+    """``prompt=question,system=system`` as a dict (``--columns``)."""
+    columns: dict[str, str] = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        field, sep, column = item.partition("=")
+        if not sep or not field.strip() or not column.strip():
+            raise ValueError(f"--columns: {item!r} is not FIELD=COLUMN (e.g. prompt=question)")
+        columns[field.strip()] = column.strip()
+    return columns
 
 
 def _cmd_config(args: argparse.Namespace) -> int:

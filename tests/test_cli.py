@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sdpo.cli import main
+from sdpo.cli import EXIT_INPUT, main
 from tests.conftest import write_pairs
 
 
@@ -75,6 +75,38 @@ def test_score_writes_per_pair_jsonl_and_prints_summary(tiny_model_dir, tmp_path
         assert r["index"] == s["index"]
         assert abs(r["logp_chosen"] - s["logp_chosen"]) < 1e-4 * abs(r["logp_chosen"])
         assert abs(r["logp_rejected"] - s["logp_rejected"]) < 1e-4 * abs(r["logp_rejected"])
+
+
+def test_score_reads_columns_named_otherwise_and_refuses_bad_input(
+    tiny_model_dir, tmp_path, capsys
+):
+    data = write_pairs(tmp_path / "pairs.jsonl", n=5, seed=4)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    renamed = tmp_path / "renamed.jsonl"
+    renamed.write_text(
+        "".join(
+            json.dumps({"q": r["prompt"], "good": r["chosen"], "bad": r["rejected"]}) + "\n"
+            for r in rows
+        )
+    )
+    base = ["score", "--model", str(tiny_model_dir)]
+    outs = []
+    for path, extra in ((data, []), (renamed, ["--columns", "prompt=q, chosen=good,rejected=bad"])):
+        out = tmp_path / f"{path.stem}.scores.jsonl"
+        assert main([*base, "--data", str(path), "--out", str(out), *extra]) == 0
+        outs.append(out.read_text())
+    assert outs[0] == outs[1]  # the same pairs, the same numbers
+    capsys.readouterr()
+    for extra, words in (
+        (["--columns", "prompt"], "is not FIELD=COLUMN"),
+        (["--columns", "answer=q"], "unknown field 'answer'"),
+        (["--columns", "prompt=question"], "'question' (the source's columns.prompt) is missing"),
+    ):
+        assert main([*base, "--data", str(renamed), *extra]) == EXIT_INPUT
+        assert words in capsys.readouterr().err
+    assert main([*base, "--data", str(tmp_path / "nothing.jsonl")]) == EXIT_INPUT
+    assert "file not found" in capsys.readouterr().err
+    assert main(["score", "--model", str(tmp_path / "no-model"), "--data", str(data)]) == EXIT_INPUT
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):
