@@ -29,6 +29,13 @@ schedule, RNG, plan position) and the run's progress; an end-of-step checkpoint 
 progress (and the optimizer when it is kept across steps) and checksums ``step-<t>/``, whose
 weights it relies on.
 
+``train.async_save`` (``sdpo.engine.async_save``): at each save rank 0 copies what the
+checkpoint holds into host memory and a background thread writes it while training goes on
+(``_checkpoint``); the end of an sDPO step writes ``step-<t>/`` and its checkpoint as one such
+write. One write is in flight at most (a save first waits for the previous one), and every way
+out of the run waits for it and raises its error, so a failed write is never lost. Nothing
+reads ``step-<t>/`` before its write has finished (``_save_step_end``).
+
 Data parallel (launched with torchrun, ``sdpo.engine.distributed``): every rank checks the
 output folder and every input itself, so a bad input raises the same error on every rank before
 anything is written. Rank 0 alone writes (the output folder's preparation, ``config.toml``, token
