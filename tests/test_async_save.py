@@ -1,9 +1,10 @@
 """Asynchronous checkpoint writes (``train.async_save``): the background writer's files are the
 synchronous run's (bitwise, or tensor for tensor where a format embeds an unordered map), a
 write that is held while training goes on still holds the weights and optimizer state of its own
-step, a kill while a write is in flight resumes to the uninterrupted run's bits, a failing write
-stops the run with exit code 74 and leaves the previous checkpoint intact, and a sharded
-two-rank run writes what its synchronous twin writes.
+step (full fine-tuning and LoRA), a kill while a write is in flight resumes to the uninterrupted
+run's bits, a failing write stops the run with exit code 74 (at the next save, at the run's end,
+or instead of a graceful stop) and leaves the previous checkpoint intact, and a sharded two-rank
+run writes what its synchronous twin writes.
 
 Writes are held in flight with the documented test hook ``SDPO_FAULT_AT="<point>:<n>:HOLD"``
 (``sdpo.engine.async_save``): the writer thread stops at that point until the training thread
@@ -34,7 +35,8 @@ from sdpo.engine.resume import (
     list_checkpoints,
     verify_checkpoint,
 )
-from sdpo.runner import run_training
+from sdpo.engine.trainer import TrainingStopped
+from sdpo.runner import CheckpointWriteError, run_training
 from tests.conftest import write_two_source_run
 from tests.test_distributed import _spawn
 
@@ -312,6 +314,32 @@ def test_failed_background_write_exits_74_and_keeps_the_previous_checkpoint(
     monkeypatch.setattr(resume_mod, "atomic_write_json", real_write)
     _run(run_cfg, out, "train.async_save=true", resume=True)
     _assert_same_outputs(sync_out, out, only="step-2")
+
+
+def test_graceful_stop_waits_for_the_write_in_flight_and_raises_its_error(run_cfg, monkeypatch):
+    """SIGTERM inside sDPO step 2 (no save_every): the stop's checkpoint is held in flight as
+    the run stops; the stop waits for it, and a failure of that write replaces the stop."""
+    monkeypatch.setenv("SDPO_FAULT_AT", "train_step:4:TERM,ckpt_write:2:HOLD")
+    monkeypatch.setattr(resume_mod, "_fault_counts", {})
+    ok, failing = run_cfg.parent / "stop-ok", run_cfg.parent / "stop-failing"
+    with pytest.raises(TrainingStopped) as stopped:
+        _run(run_cfg, ok, "train.async_save=true", "train.save_every=0")
+    assert stopped.value.checkpoint == ok / "checkpoints" / CHECKPOINTS[3]
+    assert _checkpoint_names(ok) == [CHECKPOINTS[2], CHECKPOINTS[3]]  # end of step 1, the stop
+
+    real_write = resume_mod.atomic_write_json
+
+    def full_disk(path, obj):
+        if "ckpt-00000004" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_write(path, obj)
+
+    monkeypatch.setattr(resume_mod, "_fault_counts", {})
+    monkeypatch.setattr(resume_mod, "atomic_write_json", full_disk)
+    with pytest.raises(CheckpointWriteError, match="ckpt-00000003 is intact") as failed:
+        _run(run_cfg, failing, "train.async_save=true", "train.save_every=0")
+    assert isinstance(failed.value.__context__, TrainingStopped)
+    assert _checkpoint_names(failing) == [CHECKPOINTS[2]]
 
 
 def _two_runs(cfg: Path, root: Path) -> None:
