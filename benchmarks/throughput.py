@@ -1351,6 +1351,8 @@ def step_section(args: argparse.Namespace) -> dict:
         raise SystemExit(f"need --lora-rank >= 0 (0: full fine-tuning), got {args.lora_rank}")
     if args.lora_rank and args.compare_trl:
         raise SystemExit("--compare-trl with --lora-rank is not implemented (TRL needs peft)")
+    if args.activation_memory_budget is not None and not args.compile:
+        raise SystemExit("--activation-memory-budget needs --compile (the compiler recomputes)")
     precision = resolve_precision(args.precision, device)
     impl = resolve_impl(args.impl, device)
     config = step_model_config(args)
@@ -1372,6 +1374,7 @@ def step_section(args: argparse.Namespace) -> dict:
         "share_prompt": args.share_prompt,
         "gradient_checkpointing": args.gradient_checkpointing,
         "checkpoint_every": args.checkpoint_every,
+        "activation_memory_budget": args.activation_memory_budget,
         "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha if args.lora_rank else None,
         "kernels_impl": impl,
@@ -1405,7 +1408,12 @@ def step_section(args: argparse.Namespace) -> dict:
     model.checkpoint_every = args.checkpoint_every
     if args.compile:
         backend = args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
-        compile_decoder_layers(model, mode=args.compile_mode, backend=backend)
+        compile_decoder_layers(
+            model,
+            mode=args.compile_mode,
+            backend=backend,
+            activation_memory_budget=args.activation_memory_budget,
+        )
         header["compile_backend"] = backend
     print(
         f"model {args.preset}: {n_params / 1e6:.1f} M parameters "
@@ -1732,6 +1740,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="with --gradient-checkpointing: recompute every k-th layer only (selective)",
+    )
+    s.add_argument(
+        "--activation-memory-budget",
+        type=float,
+        default=None,
+        help="with --compile: the share (0-1) of each layer's intermediate values its backward "
+        "keeps; the compiler recomputes the rest (model.activation_memory_budget)",
     )
     s.add_argument("--impl", default="auto", choices=["auto", "triton", "torch"])
     s.add_argument("--pairs-per-step", type=int, default=4)

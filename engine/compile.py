@@ -17,6 +17,14 @@ What inductor gains inside a layer: RMSNorm (fp32 upcast, mean of squares, rsqrt
 the rotary rotation, the SwiGLU ``silu(gate) * up`` product and the residual adds become a few
 fused kernels instead of dozens of elementwise launches and round trips through memory; the
 matmuls stay cuBLAS calls and attention stays the varlen/flash kernel.
+
+Memory for speed (``activation_memory_budget``): when AOTAutograd splits a compiled layer into
+forward and backward graphs, its min-cut partitioner chooses which intermediate values the
+backward keeps and which it recomputes. A budget below 1 (a fraction of what the default
+partition keeps) makes it recompute the values that are cheapest per byte first (norms,
+pointwise ops, then matmuls when the budget is low), which is selective activation checkpointing
+decided per op by the compiler rather than per layer. The setting is torch's process-wide
+``torch._functorch.config.activation_memory_budget``, read whenever a graph is compiled.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ def compile_decoder_layers(
     dynamic: bool = True,
     backend: str = "inductor",
     fullgraph: bool = False,
+    activation_memory_budget: float | None = None,
 ) -> nn.Module:
     """Compile every decoder layer of ``model`` in place (``nn.Module.compile``); returns ``model``.
 
@@ -61,9 +70,20 @@ def compile_decoder_layers(
     run the traced graphs without code generation: the CPU tests use them to check that tracing
     changes no numbers. Parameter names, the state dict and checkpoint I/O are unchanged.
 
+    ``activation_memory_budget`` (0 to 1; None leaves torch's setting, 1 by default): see the
+    module docstring. It is process-wide: it applies to every graph compiled afterwards.
+
     Compiling twice is harmless (the second call replaces the first). Dynamo's per-code
     recompilation limit is raised to fit one graph per (grad mode x checkpointing) variant.
     """
+    if activation_memory_budget is not None:
+        if not 0.0 <= activation_memory_budget <= 1.0:
+            raise ValueError(
+                f"activation_memory_budget must be in [0, 1], got {activation_memory_budget!r}"
+            )
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = float(activation_memory_budget)
     layers = decoder_layers(model)
     # All layers share one code object; a few variants (grad / no grad) must fit under the limit.
     dynamo_config = torch._dynamo.config

@@ -13,10 +13,11 @@ states, data position) is the caller's; this module owns the folder protocol.
 
 ``fault_point`` is a test hook: with ``SDPO_FAULT_AT="<point>:<count>[:<SIGNAL>]"`` in the
 environment the process sends itself SIGKILL (or the named signal, e.g. ``TERM``) the
-``count``-th time it reaches ``fault_point("<point>")``. The fault-injection tests use it to kill
-the real CLI at exact places; without the variable it costs one dictionary lookup. Several
-rules are separated by commas (``"ckpt_write:2:HOLD,train_step:3"``). The action ``HOLD`` is
-for a point reached by a background checkpoint write (``train.async_save``,
+``count``-th time it reaches ``fault_point("<point>")``; ``OOM`` in place of the signal raises
+``torch.OutOfMemoryError`` there instead, as a GPU out of memory would. The fault-injection
+tests use it to kill the real CLI at exact places; without the variable it costs one dictionary
+lookup. Several rules are separated by commas (``"ckpt_write:2:HOLD,train_step:3"``). The
+action ``HOLD`` is for a point reached by a background checkpoint write (``train.async_save``,
 ``sdpo.engine.async_save``): the writer thread stops there until the training thread waits for
 that write, so a test can act (kill, change the weights) while a write is surely in flight.
 """
@@ -63,6 +64,10 @@ def fault_point(name: str) -> None:
         if action == "HOLD":
             _hold(name)
             continue
+        if action == "OOM":
+            import torch
+
+            raise torch.OutOfMemoryError(f"out of memory ({FAULT_ENV} test hook at {name!r})")
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), getattr(signal, f"SIG{action}") if action else signal.SIGKILL)

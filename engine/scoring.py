@@ -33,6 +33,7 @@ from sdpo.engine.packing import (
     to_device,
 )
 from sdpo.engine.precision import autocast_context
+from sdpo.engine.resume import fault_point
 from sdpo.kernels import sequence_logprobs
 
 
@@ -168,6 +169,7 @@ def _score_local(
             with autocast_context(precision, device):
                 model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
             continue
+        fault_point("score_batch")
         chunk = [pairs[i] for i in positions]
         host_batch = pack_pairs_shared(chunk) if share_prompt else pack_pairs(chunk)
         batch = to_device(host_batch, device)

@@ -124,6 +124,10 @@ class TrainConfig:
     # Checkpoints (mid-step and end-of-step, read by the runner) are copied to host memory at the
     # save point and written by a background thread while training goes on (engine/async_save.py)
     async_save: bool = False
+    # Before training, run the largest micro-batch's forward and backward once (the gradients
+    # and every RNG state are then restored), so that a batch too large for the GPU fails in
+    # the first seconds, not hours in; the peak memory is reported. None: on CUDA only.
+    memory_probe: bool | None = None
 
     def __post_init__(self) -> None:
         def at_least(name: str, low: float, *, strict: bool = False) -> None:
@@ -172,6 +176,10 @@ class TrainConfig:
             raise ValueError(f"share_prompt must be true or false, got {self.share_prompt!r}")
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"fsdp must be true or false, got {self.fsdp!r}")
+        if self.memory_probe is not None and not isinstance(self.memory_probe, bool):
+            raise ValueError(
+                f"memory_probe must be true, false or unset (auto), got {self.memory_probe!r}"
+            )
         if not isinstance(self.overlap_grad_reduce, bool):
             raise ValueError(
                 f"overlap_grad_reduce must be true or false, got {self.overlap_grad_reduce!r}"
@@ -410,6 +418,7 @@ class DPOTrainer:
         self.skipped_steps = 0
         self.last_step_finite = True
         self.data_parallel = distributed.active()
+        self.memory_probe_result: dict[str, Any] | None = None
         self._stop_agreed: Tensor | None = None  # data parallel: the ranks' summed stop flags
         # data parallel, unsharded: gradients reduced in buckets during the last backward
         self.grad_reducer = (
@@ -521,6 +530,24 @@ class DPOTrainer:
                 "logps/rejected": pr.sum(),
             }
 
+    def _local_share(
+        self,
+        pairs: Sequence[TokenizedPair],
+        micro_batches: list[list[int]],
+        *,
+        rank: int | None = None,
+    ) -> list[list[int]]:
+        """The micro-batches of one step that ``rank`` (default: this rank) runs."""
+        if not self.data_parallel:
+            return micro_batches
+        return shard_micro_batches(
+            pairs,
+            micro_batches,
+            world_size=distributed.world(),
+            rank=distributed.rank() if rank is None else rank,
+            max_tokens=self.config.max_tokens_per_batch,
+        )
+
     def train_step(
         self, pairs: Sequence[TokenizedPair], micro_batches: list[list[int]], ref: PairLogps
     ) -> dict[str, Tensor]:
@@ -530,23 +557,15 @@ class DPOTrainer:
         runs its share and the gradients and metric sums are summed over ranks."""
         normalizer = sum(len(m) for m in micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
-        local = micro_batches
+        local = self._local_share(pairs, micro_batches)
         passes = len(local)
-        if self.data_parallel:
-            shares = [
-                shard_micro_batches(
-                    pairs,
-                    micro_batches,
-                    world_size=distributed.world(),
-                    rank=r,
-                    max_tokens=self.config.max_tokens_per_batch,
-                )
+        if self.sharded:
+            # the parameter gathers are collectives, so every rank runs as many forward/backward
+            # passes as the busiest rank (the others add zero-weighted ones)
+            passes = max(
+                len(self._local_share(pairs, micro_batches, rank=r))
                 for r in range(distributed.world())
-            ]
-            local = shares[distributed.rank()]
-            # sharded: the parameter gathers are collectives, so every rank runs as many
-            # forward/backward passes as the busiest rank (the others add zero-weighted ones)
-            passes = max(len(s) for s in shares) if self.sharded else len(local)
+            )
         sums: dict[str, Tensor] = {}
         reducer = self.grad_reducer
         for j, positions in enumerate(local):
@@ -595,6 +614,37 @@ class DPOTrainer:
         else:
             self.optimizer.zero_grad(set_to_none=True)
         return metrics
+
+    def probe_memory(
+        self, pairs: Sequence[TokenizedPair], ref: PairLogps, micro_batches: list[list[int]]
+    ) -> dict[str, Any]:
+        """Forward and backward of the largest of ``micro_batches`` (by tokens) with the loss
+        weighted 0, then the gradients are dropped and every RNG state restored: training goes
+        on exactly as without the probe. Every rank probes (sharded models gather and scatter
+        in it). Returns (and rank 0 prints) the batch's size and, on CUDA, the peak memory."""
+        largest = max(micro_batches, key=lambda b: (sum(pairs[i].num_tokens for i in b), len(b)))
+        tokens = sum(pairs[i].num_tokens for i in largest)
+        rng = _rng_state()
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            self._micro_batch(pairs, largest, ref, len(largest), weight_of_loss=0.0)
+        finally:
+            self.optimizer.zero_grad(set_to_none=True)
+            _set_rng_state(rng)
+        result: dict[str, Any] = {"tokens": tokens, "pairs": len(largest)}
+        line = f"memory probe: the largest micro-batch ({len(largest)} pairs, {tokens} tokens) fits"
+        if on_cuda:
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+            total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            result.update(peak_gib=peak, total_gib=total)
+            line += f", peak {peak:.2f} of {total:.1f} GiB"
+        self.memory_probe_result = result
+        if distributed.is_main():
+            print(f"[sdpo] {line}", flush=True)
+        return result
 
     def _reduce_over_ranks(self, sums: dict[str, Tensor], *, grads: bool) -> dict[str, Tensor]:
         """Sum the metric sums, the stop flags and, with ``grads``, every gradient over ranks
@@ -667,6 +717,10 @@ class DPOTrainer:
             self.load_state_dict(resume_state)
         pos = self.position
         self.model.train()
+        probe = cfg.memory_probe if cfg.memory_probe is not None else self.device.type == "cuda"
+        if probe:
+            local = [b for plan in plans for step in plan for b in self._local_share(pairs, step)]
+            self.probe_memory(pairs, ref, local or [plans[0][0][0][:1]])
         bar = None
         if self.progress and distributed.is_main():
             from tqdm.auto import tqdm

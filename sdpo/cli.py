@@ -27,11 +27,13 @@ Several GPUs of one node: torchrun --nproc_per_node=N -m sdpo.cli train --config
 (data parallel; every rank checks the inputs, rank 0 alone writes and prints).
 
 Exit codes: 0 done; 2 bad config, input data, model folder or output folder (nothing written);
-3 non-finite loss or gradient; 74 a checkpoint or output could not be written (older
+3 non-finite loss or gradient; 4 out of GPU memory (the message says which settings to
+change; they may change on --resume); 74 a checkpoint or output could not be written (older
 checkpoints are intact); 75 stopped on request (SIGTERM/SIGINT), resume with --resume."""
 
 EXIT_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_OUT_OF_MEMORY = 4
 EXIT_WRITE = 74  # EX_IOERR
 EXIT_STOPPED = 75  # EX_TEMPFAIL: try again later
 
@@ -187,7 +189,13 @@ def _in_process_group(command: Callable[[argparse.Namespace], int]):
 def _train(args: argparse.Namespace) -> int:
     from sdpo.config import ConfigError, load_config
     from sdpo.engine.trainer import NonFiniteError, TrainingStopped
-    from sdpo.runner import CheckpointWriteError, OutputDirError, RunInputError, run_training
+    from sdpo.runner import (
+        CheckpointWriteError,
+        OutOfMemoryStop,
+        OutputDirError,
+        RunInputError,
+        run_training,
+    )
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -207,6 +215,9 @@ def _train(args: argparse.Namespace) -> int:
     except NonFiniteError as e:
         _say(f"sdpo: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
+    except OutOfMemoryStop as e:
+        _say(f"sdpo: {e}. Continue with: {resume_command(args)} --set KEY=VALUE", file=sys.stderr)
+        return EXIT_OUT_OF_MEMORY
     except CheckpointWriteError as e:
         _say(f"sdpo: {e}: {resume_command(args)}", file=sys.stderr)
         return EXIT_WRITE

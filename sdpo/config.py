@@ -74,10 +74,24 @@ class ModelSection:
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1  # with gradient_checkpointing: recompute every k-th layer
     compile: bool = False
+    # with compile: the share (0-1) of a layer's intermediate values its backward keeps; the
+    # compiler recomputes the rest, cheapest per byte first (engine/compile.py). None: torch's
+    activation_memory_budget: float | None = None
 
     def __post_init__(self) -> None:
         _one_of("model.attn_backend", self.attn_backend, ("auto", "flash", "varlen", "sdpa"))
         _at_least("model.checkpoint_every", self.checkpoint_every, 1)
+        budget = self.activation_memory_budget
+        if budget is not None:
+            if not 0.0 <= budget <= 1.0:
+                raise ConfigError(
+                    f"model.activation_memory_budget must be in [0, 1], got {budget!r}"
+                )
+            if not self.compile:
+                raise ConfigError(
+                    "model.activation_memory_budget needs model.compile = true (the compiler "
+                    "decides what to recompute); use model.gradient_checkpointing without it"
+                )
 
 
 @dataclass(kw_only=True)
@@ -434,6 +448,13 @@ def _convert(
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (raw is not None and raw.strip().lower() in ("none", "null")):
             return None
+        if len(args) > 1:  # e.g. str | list[str]: a list takes the list member, else the other
+            lists = [a for a in args if typing.get_origin(a) is list]
+            others = [a for a in args if typing.get_origin(a) is not list]
+            pick = lists if isinstance(value, list) else others
+            if len(pick) != 1:
+                raise _type_error(key, shown, value, origins)
+            args = pick
         (inner,) = args
         return _convert(value, inner, key=key, meta=meta, origins=origins, shown=tp)
     if dataclasses.is_dataclass(tp):

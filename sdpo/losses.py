@@ -40,6 +40,12 @@ which the fused chunked kernel cannot allow): ``aot`` and ``aot_unpaired`` (olde
 ``aot_pair``) sort the log-ratios across the batch before pairing them up; ``sft`` averages the
 chosen NLL over every chosen token of the batch (``rpo_alpha`` is its per-pair form).
 
+Several loss types at once (TRL's ``loss_type`` list with ``loss_weights``, e.g. MPO's
+``["sigmoid", "bco_pair"]``): the per-pair loss is the weighted sum of the types' per-pair
+losses (weights default to 1), so it stays separable by pair; the reported rewards are those of
+the first type (they differ only for IPO, whose rewards use token-averaged log-probs), and the
+RPO term, if any, is added once.
+
 All arithmetic runs in float32 at least (bf16/fp16 inputs are upcast; float64 stays float64, so
 gradients can be checked with ``torch.autograd.gradcheck``).
 """
@@ -74,7 +80,8 @@ _SMOOTHED_TYPES = ("sigmoid", "robust", "exo_pair")
 class LossConfig:
     """Which member of the DPO family to train with.
 
-    ``loss_type``: ``"sigmoid"`` (DPO; with ``label_smoothing`` > 0 it is conservative DPO,
+    ``loss_type``: one type, or a list of types combined with ``loss_weights`` (see the
+    module docstring). A type is ``"sigmoid"`` (DPO; with ``label_smoothing`` > 0 it is conservative DPO,
     cDPO), ``"robust"`` (robust DPO: an unbiased estimate under label noise of rate
     ``label_smoothing``; with ``label_smoothing = 0`` it is exactly the sigmoid loss, which is
     allowed but makes the choice pointless), ``"hinge"`` (SLiC: ``relu(1 - beta * z)``), ``"ipo"``
@@ -87,22 +94,41 @@ class LossConfig:
     ``exo_pair`` it is EXO's epsilon and must be > 0 (the EXO paper suggests 1e-3).
     ``discopop_tau``: DiscoPOP's temperature (> 0; TRL's and the paper's default 0.05), read by
     ``discopop`` only.
+    ``loss_weights``: one weight (>= 0) per loss type; None: all 1.
     ``rpo_alpha``: weight of the chosen-NLL term (RPO); None turns it off.
     ``reference_free``: drop the reference model (its log-probs count as 0).
     """
 
-    loss_type: str = "sigmoid"
+    loss_type: str | list[str] = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
     rpo_alpha: float | None = None
     reference_free: bool = False
     discopop_tau: float = 0.05
+    loss_weights: list[float] | None = None
 
     def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(
-                f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}"
-            )
+        types = self.loss_types
+        if not types:
+            raise ValueError("loss_type is an empty list: give at least one loss type")
+        for kind in types:
+            if kind not in LOSS_TYPES:
+                raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {kind!r}")
+        if len(set(types)) != len(types):
+            raise ValueError(f"loss_type {list(types)} names a type twice")
+        if self.loss_weights is not None:
+            self.loss_weights = list(self.loss_weights)
+            if len(self.loss_weights) != len(types):
+                raise ValueError(
+                    f"loss_weights has {len(self.loss_weights)} values for {len(types)} loss "
+                    f"type(s) {list(types)}: give one weight per type"
+                )
+            if not all(_is_real(w) and w >= 0 for w in self.loss_weights) or not any(
+                w > 0 for w in self.loss_weights
+            ):
+                raise ValueError(
+                    f"loss_weights must be finite numbers >= 0, not all 0, got {self.loss_weights}"
+                )
         if not _is_real(self.beta) or not self.beta > 0:
             raise ValueError(f"beta must be a finite number > 0, got {self.beta!r}")
         if not _is_real(self.label_smoothing) or not 0.0 <= self.label_smoothing < 0.5:
@@ -110,20 +136,20 @@ class LossConfig:
                 f"label_smoothing must be in [0, 0.5), got {self.label_smoothing!r} "
                 "(it is the assumed rate of flipped labels; 0.5 would mean pure noise)"
             )
-        if self.label_smoothing > 0 and self.loss_type not in _SMOOTHED_TYPES:
+        if self.label_smoothing > 0 and not set(types) & set(_SMOOTHED_TYPES):
             raise ValueError(
                 f"label_smoothing = {self.label_smoothing} has no effect on loss_type "
                 f"{self.loss_type!r}: use loss_type 'sigmoid' (cDPO), 'robust' or 'exo_pair', "
                 "or set it to 0"
             )
-        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+        if "exo_pair" in types and self.label_smoothing == 0:
             raise ValueError(
                 "loss_type 'exo_pair' needs label_smoothing > 0: it is EXO's epsilon, the weight "
                 "of the rejected completion in the target distribution (the EXO paper suggests 1e-3)"
             )
         if not _is_real(self.discopop_tau) or not self.discopop_tau > 0:
             raise ValueError(f"discopop_tau must be a finite number > 0, got {self.discopop_tau!r}")
-        if self.discopop_tau != 0.05 and self.loss_type != "discopop":
+        if self.discopop_tau != 0.05 and "discopop" not in types:
             raise ValueError(
                 f"discopop_tau = {self.discopop_tau} has no effect on loss_type "
                 f"{self.loss_type!r}: use loss_type 'discopop' or leave it at 0.05"
@@ -136,10 +162,22 @@ class LossConfig:
             raise ValueError(f"reference_free must be true or false, got {self.reference_free!r}")
 
     @property
+    def loss_types(self) -> tuple[str, ...]:
+        """The loss types, in order (one for a plain string)."""
+        return (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """One weight per loss type (1 each when ``loss_weights`` is None)."""
+        if self.loss_weights is None:
+            return (1.0,) * len(self.loss_types)
+        return tuple(float(w) for w in self.loss_weights)
+
+    @property
     def needs_token_counts(self) -> bool:
         """IPO and sigmoid_norm average log-probs over completion tokens and RPO's NLL is a
         per-token mean."""
-        return self.loss_type in ("ipo", "sigmoid_norm") or self.rpo_alpha is not None
+        return bool({"ipo", "sigmoid_norm"} & set(self.loss_types)) or self.rpo_alpha is not None
 
 
 def _is_real(x: object) -> bool:
@@ -177,59 +215,69 @@ def _pair_terms(
     else:
         rc = ref_chosen.to(dtype)
         rr = ref_rejected.to(dtype)
+    tokens = None
+    if config.needs_token_counts:
+        tokens = (chosen_tokens.to(dtype), rejected_tokens.to(dtype))
+    losses = rewards = None
+    for kind, weight in zip(config.loss_types, config.weights):
+        part, part_rewards = _type_terms(kind, config, pc, pr, rc, rr, tokens)
+        if rewards is None:
+            rewards = part_rewards  # the first type's
+        if weight != 1.0:
+            part = part * weight
+        losses = part if losses is None else losses + part
     nll = None
     if config.rpo_alpha is not None:
-        nll = -pc / chosen_tokens.to(dtype)
-    if config.loss_type == "ipo":
-        ct, rt = chosen_tokens.to(dtype), rejected_tokens.to(dtype)
-        pc, pr = pc / ct, pr / rt
-        if rc is not None:
-            rc, rr = rc / ct, rr / rt
-
-    beta, eps = config.beta, config.label_smoothing
-    if config.loss_type in _LOGRATIO_TYPES:
-        lc = pc if rc is None else pc - rc
-        lr = pr if rr is None else pr - rr
-        if config.loss_type == "sigmoid_norm":
-            ct = chosen_tokens.to(dtype).clamp(min=1.0)
-            rt = rejected_tokens.to(dtype).clamp(min=1.0)
-            losses = -F.logsigmoid(beta * (lc / ct - lr / rt))
-        else:
-            losses = _logratio_losses(config, lc, lr)
-        if nll is not None:
-            losses = losses + config.rpo_alpha * nll
-        return DPOLossOutput(
-            losses=losses,
-            chosen_rewards=beta * lc.detach(),
-            rejected_rewards=beta * lr.detach(),
-            nll=nll,
-        )
-    z = pc - pr  # (k,) policy log-ratio
-    if rc is not None:
-        z = z - (rc - rr)
-    if config.loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * z) * (1 - eps) - F.logsigmoid(-beta * z) * eps
-    elif config.loss_type == "robust":
-        losses = (-F.logsigmoid(beta * z) * (1 - eps) + F.logsigmoid(-beta * z) * eps) / (
-            1 - 2 * eps
-        )
-    elif config.loss_type == "hinge":
-        losses = torch.relu(1 - beta * z)
-    else:  # ipo
-        losses = (z - 1 / (2 * beta)) ** 2
-    if nll is not None:
+        nll = -pc / tokens[0]
         losses = losses + config.rpo_alpha * nll
-
-    chosen_rewards = beta * (pc if rc is None else pc - rc).detach()
-    rejected_rewards = beta * (pr if rr is None else pr - rr).detach()
     return DPOLossOutput(
-        losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards, nll=nll
+        losses=losses, chosen_rewards=rewards[0], rejected_rewards=rewards[1], nll=nll
     )
 
 
-def _logratio_losses(config: LossConfig, lc: Tensor, lr: Tensor) -> Tensor:
+def _type_terms(
+    kind: str,
+    config: LossConfig,
+    pc: Tensor,
+    pr: Tensor,
+    rc: Tensor | None,
+    rr: Tensor | None,
+    tokens: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One loss type's per-pair losses and (detached) chosen/rejected rewards."""
+    if kind == "ipo":  # log-probs averaged over completion tokens, policy and reference alike
+        ct, rt = tokens
+        pc, pr = pc / ct, pr / rt
+        if rc is not None:
+            rc, rr = rc / ct, rr / rt
+    beta, eps = config.beta, config.label_smoothing
+    lc = pc if rc is None else pc - rc
+    lr = pr if rr is None else pr - rr
+    rewards = (beta * lc.detach(), beta * lr.detach())
+    if kind == "sigmoid_norm":
+        ct, rt = (t.clamp(min=1.0) for t in tokens)
+        return -F.logsigmoid(beta * (lc / ct - lr / rt)), rewards
+    if kind in _LOGRATIO_TYPES:
+        return _logratio_losses(kind, config, lc, lr), rewards
+    z = pc - pr  # (k,) policy log-ratio
+    if rc is not None:
+        z = z - (rc - rr)
+    if kind == "sigmoid":
+        losses = -F.logsigmoid(beta * z) * (1 - eps) - F.logsigmoid(-beta * z) * eps
+    elif kind == "robust":
+        losses = (-F.logsigmoid(beta * z) * (1 - eps) + F.logsigmoid(-beta * z) * eps) / (
+            1 - 2 * eps
+        )
+    elif kind == "hinge":
+        losses = torch.relu(1 - beta * z)
+    else:  # ipo
+        losses = (z - 1 / (2 * beta)) ** 2
+    return losses, rewards
+
+
+def _logratio_losses(kind: str, config: LossConfig, lc: Tensor, lr: Tensor) -> Tensor:
     """Per-pair losses of TRL's variants (all but sigmoid_norm) from the log-ratios (k,)."""
-    beta, kind = config.beta, config.loss_type
+    beta = config.beta
     if kind == "exo_pair":
         x = beta * (lc - lr)
         eps = config.label_smoothing

@@ -66,6 +66,7 @@ import shutil
 import signal
 import threading
 import time
+import typing
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -80,7 +81,6 @@ from safetensors.torch import save as safetensors_bytes
 from sdpo.cache import CacheKey, RefLogprobCache, RefValues, data_fingerprint, file_fingerprint
 from sdpo.config import (
     DataSource,
-    LoRASection,
     RunConfig,
     config_to_dict,
     step_settings,
@@ -161,6 +161,21 @@ ADAPTER_STATE_NAME = "adapter.safetensors"
 PEFT_ADAPTER_DIR = "adapter"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+# Config keys that change how the work is computed, not what: a resume may change them (after
+# running out of GPU memory, say), with a warning that the result then equals the uninterrupted
+# run's up to float rounding (see rounding_only_keys).
+RESUME_ROUNDING_KEYS = frozenset(
+    {
+        "model.gradient_checkpointing",
+        "model.checkpoint_every",
+        "model.compile",
+        "model.activation_memory_budget",
+        "model.attn_backend",
+        "kernels.chunk_tokens",
+        "kernels.max_chunk_tokens",
+        "sdpo.score_tokens_per_batch",
+    }
+)
 # Config keys that may change between a run and its resume: they do not change the weights.
 RESUME_SAFE_KEYS = frozenset(
     {
@@ -173,6 +188,7 @@ RESUME_SAFE_KEYS = frozenset(
         "train.skip_nonfinite_batches",
         "train.eval_every",
         "train.async_save",
+        "train.memory_probe",
         "log.report_to",
         "log.project",
         "log.run_name",
@@ -183,6 +199,11 @@ RESUME_SAFE_KEYS = frozenset(
 
 class OutputDirError(RuntimeError):
     """The output folder does not fit the request (another run's outputs, a changed config)."""
+
+
+class OutOfMemoryStop(RuntimeError):
+    """The GPU ran out of memory: the message says in which phase, which settings bound the
+    memory there and how to continue (training checkpoints written so far are intact)."""
 
 
 class RunInputError(ValueError):
@@ -390,11 +411,17 @@ class StepwiseRunner:
         self.eval_pairs: list[TokenizedPair] = []
         self.eval_initial: PairLogps | None = None
         self.trackers = Trackers()  # rank 0, with log.report_to: TensorBoard / W&B
+        self.phase = "loading the model"  # what the run is doing, for an out-of-memory message
 
     # -- scoring and the cache -----------------------------------------------------------
     def score(self, model: torch.nn.Module, pairs: Sequence[TokenizedPair]) -> PairLogps:
         self.scoring_calls += 1
         budget = self.cfg.sdpo.score_tokens_per_batch or 4 * self.cfg.train.max_tokens_per_batch
+        how = "" if self.cfg.sdpo.score_tokens_per_batch else ", 4 x train.max_tokens_per_batch"
+        self.phase = (
+            f"scoring {len(pairs)} pairs without gradients, in batches of up to {budget} tokens "
+            f"(sdpo.score_tokens_per_batch{how})"
+        )
         return score_pairs(
             model,
             pairs,
@@ -538,13 +565,21 @@ class StepwiseRunner:
                 _log("no complete checkpoint: starting from the beginning (caches are reused)")
             return None
         progress = json.loads((path / PROGRESS_NAME).read_text(encoding="utf-8"))
-        changed = changed_config_keys(progress["config"], config_to_dict(self.cfg))
+        now = config_to_dict(self.cfg)
+        changed = changed_config_keys(progress["config"], now)
         if changed:
             raise OutputDirError(
                 f"cannot resume the run in {self.out}: the config differs in keys that change "
                 f"the result: {'; '.join(changed)}. Resume with the run's config "
                 f"({self.out / 'config.toml'}), or start a new run (another output_dir, or "
                 "--overwrite)"
+            )
+        loose = changed_config_keys(progress["config"], now, rounding=True)
+        if loose:
+            _log(
+                f"resuming with changed compute settings: {'; '.join(loose)}. They change how "
+                "the work is batched or computed, not what: the result equals the "
+                "uninterrupted run's up to float rounding, not bit for bit"
             )
         step = progress["sdpo_step"]
         where = "after" if progress["step_finished"] else "inside"
@@ -846,6 +881,8 @@ class StepwiseRunner:
                 raise NonFiniteError(
                     f"{e}. Data rows of these pairs: {where}", pair_indices=e.pair_indices
                 ) from None
+            except torch.OutOfMemoryError as e:
+                raise OutOfMemoryStop(self._out_of_memory_message()) from e
             finally:
                 self.trackers.close()
                 if self.writer is not None:
@@ -983,6 +1020,10 @@ class StepwiseRunner:
                 trainer.log_hook = partial(self._track_step, trainer, run_step_base)
             trainer.global_step = schedule_done
             _log(f"step {t}/{len(chunks)}: {len(chunk_pairs)} pairs, beta={beta}, lr={lr}")
+            self.phase = (
+                f"training sDPO step {t}, in micro-batches of up to "
+                f"{train_cfg.max_tokens_per_batch} tokens (train.max_tokens_per_batch)"
+            )
             result = trainer.fit(
                 chunk_pairs,
                 ref,
@@ -1072,6 +1113,52 @@ class StepwiseRunner:
 
         on_main(finish)
         return RunResult(output_dir=self.out, reports=reports, scoring_calls=self.scoring_calls)
+
+    def _out_of_memory_message(self) -> str:
+        cfg = self.cfg
+        training = self.phase.startswith("training")
+        ways = []
+        if training:
+            fixed = cfg.train.pairs_per_step is not None or cfg.train.tokens_per_step is not None
+            ways.append(
+                f"lower train.max_tokens_per_batch (now {cfg.train.max_tokens_per_batch})"
+                + (
+                    " (the optimizer steps stay the same: gradient accumulation)"
+                    if fixed
+                    else " with train.pairs_per_step set to the pairs per step you want (without "
+                    "it the micro-batch is the optimizer step, and a resume refuses the change)"
+                )
+            )
+            if not cfg.model.gradient_checkpointing:
+                ways.append(
+                    "recompute activations: model.gradient_checkpointing = true (with "
+                    "model.checkpoint_every = 2 for every 2nd layer), or, with model.compile, "
+                    "model.activation_memory_budget = 0.5"
+                )
+            ways.append(
+                "cap the log-prob head's logits for long pairs and large vocabularies: "
+                f"kernels.max_chunk_tokens = 2048 (now {cfg.kernels.max_chunk_tokens})"
+            )
+            if not cfg.lora.enabled:
+                ways.append(
+                    "or, as a new run, train a LoRA adapter instead of every weight "
+                    "(lora.rank = 16)"
+                )
+        else:
+            budget = cfg.sdpo.score_tokens_per_batch or 4 * cfg.train.max_tokens_per_batch
+            ways.append(f"lower sdpo.score_tokens_per_batch (now {budget})")
+        newest = list_checkpoints(self.out / CHECKPOINTS_DIR)
+        kept = (
+            f"the newest training checkpoint, {newest[0][1].name}, is intact"
+            if newest
+            else "no training checkpoint was written yet"
+        )
+        return (
+            f"the GPU ran out of memory while {self.phase}. Ways out: "
+            + "; ".join(ways)
+            + f". {kept}; the compute and batch-size settings above may change on --resume (the "
+            "result then equals the uninterrupted run's up to float rounding)"
+        )
 
     def _track_step(self, trainer: DPOTrainer, run_step_base: int, record: dict) -> None:
         """A training record to the trackers, at the run step (``record["step"]`` restarts
@@ -1185,7 +1272,10 @@ class StepwiseRunner:
         model.gradient_checkpointing = self.cfg.model.gradient_checkpointing
         model.checkpoint_every = self.cfg.model.checkpoint_every
         if self.cfg.model.compile:
-            compile_decoder_layers(model)  # regional: each decoder layer, dynamic shapes
+            # regional: each decoder layer, dynamic shapes
+            compile_decoder_layers(
+                model, activation_memory_budget=self.cfg.model.activation_memory_budget
+            )
         if sharding.wanted(self.cfg.train.fsdp):
             sharding.shard_model(model, precision=self.precision)
         return model
@@ -1272,8 +1362,25 @@ class StepwiseRunner:
         return values
 
 
-def changed_config_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """``"key (old -> new)"`` for every config key whose change would alter the result."""
+def _section_defaults() -> dict[str, Any]:
+    """Every section's default values (as ``config_to_dict`` writes them, Nones left out): what
+    a config saved before a key existed meant by leaving it out."""
+    hints = typing.get_type_hints(RunConfig)
+    out = {}
+    for f in dataclasses.fields(RunConfig):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out[f.name] = {k: v for k, v in dataclasses.asdict(tp()).items() if v is not None}
+    return out
+
+
+def changed_config_keys(
+    saved: dict[str, Any], now: dict[str, Any], *, rounding: bool = False
+) -> list[str]:
+    """``"key (old -> new)"`` for every config key whose change would alter the result; with
+    ``rounding``, for every changed key that alters it only up to float rounding
+    (``rounding_only_keys``) instead. A key the saved config lacks (written by a version before
+    the key existed) counts as its default."""
 
     def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         out = {}
@@ -1284,12 +1391,27 @@ def changed_config_keys(saved: dict[str, Any], now: dict[str, Any]) -> list[str]
                 out[f"{prefix}{k}"] = v
         return out
 
-    saved = dict(saved)
-    if "lora" not in saved:  # written before the [lora] section existed: full fine-tuning
-        saved["lora"] = dataclasses.asdict(LoRASection())
     a, b = flat(saved), flat(now)
+    for k, v in flat(_section_defaults()).items():
+        a.setdefault(k, v)
+        b.setdefault(k, v)
+    loose = rounding_only_keys(now)
     keys = sorted((set(a) | set(b)) - RESUME_SAFE_KEYS)
+    keys = [k for k in keys if (k in loose) == rounding]
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
+
+
+def rounding_only_keys(config: dict[str, Any]) -> frozenset[str]:
+    """Keys that set how the work is batched, kept or computed, not what is computed: a run may
+    resume with them changed (e.g. after running out of GPU memory), and then ends equal to
+    the uninterrupted run up to float rounding. ``train.max_tokens_per_batch`` is one of them
+    only when ``train.pairs_per_step`` or ``tokens_per_step`` fixes the optimizer steps;
+    otherwise it sets the step size."""
+    keys = set(RESUME_ROUNDING_KEYS)
+    train = config.get("train", {})
+    if train.get("pairs_per_step") is not None or train.get("tokens_per_step") is not None:
+        keys.add("train.max_tokens_per_batch")
+    return frozenset(keys)
 
 
 def existing_outputs(out: Path) -> list[Path]:

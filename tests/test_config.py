@@ -345,7 +345,9 @@ def optional_fields(cls: type, prefix: str = ""):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             yield from optional_fields(tp, f"{prefix}{f.name}.")
-        elif typing.get_origin(tp) in (types.UnionType, typing.Union):
+        elif typing.get_origin(tp) in (types.UnionType, typing.Union) and type(
+            None
+        ) in typing.get_args(tp):
             yield f"{prefix}{f.name}", f.default
 
 
@@ -353,3 +355,22 @@ def test_every_optional_key_defaults_to_none_so_omitting_it_round_trips():
     fields = dict(optional_fields(RunConfig))
     assert "loss.rpo_alpha" in fields and "sdpo.reference" in fields
     assert all(default is None for default in fields.values()), fields
+
+
+def test_loss_type_takes_a_string_or_a_list_with_weights(tmp_path):
+    path = write(
+        tmp_path,
+        MINIMAL + '\n[loss]\nloss_type = ["sigmoid", "bco_pair"]\nloss_weights = [0.8, 0.2]\n',
+    )
+    cfg = load_config(path)
+    assert cfg.loss.loss_types == ("sigmoid", "bco_pair") and cfg.loss.weights == (0.8, 0.2)
+    out = tmp_path / "resolved" / "config.toml"
+    write_resolved_config(cfg, out)
+    assert load_config(out) == cfg  # a list round-trips as a list
+    again = load_config(path, ['loss.loss_type=["ipo", "hinge"]', "loss.loss_weights=none"])
+    assert again.loss.loss_types == ("ipo", "hinge") and again.loss.loss_weights is None
+    assert load_config(path, ["loss.loss_type=hinge", "loss.loss_weights=[2]"]).loss.weights == (
+        2.0,
+    )
+    with pytest.raises(ConfigError, match="loss.loss_type"):
+        load_config(path, ["loss.loss_type=[1, 2]"])

@@ -5,6 +5,7 @@ kernel."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import zlib
 
@@ -531,3 +532,97 @@ def test_trl_variants_match_hand_computed_values():
     assert first(LossConfig(loss_type="sigmoid_norm", beta=beta)) == pytest.approx(
         -log_sigmoid(beta * (1.0 / 4 + 0.5 / 5)), rel=1e-12
     )
+
+
+# -- several loss types at once (TRL's loss_type list with loss_weights) ------------------------
+COMBINED = [
+    # MPO-style: DPO plus BCO's pair loss
+    LossConfig(loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2], beta=0.1),
+    LossConfig(loss_type=["ipo", "sigmoid_norm", "hinge"], beta=0.3, rpo_alpha=0.5),
+    LossConfig(
+        loss_type=["exo_pair", "robust"], loss_weights=[1.5, 0.0], beta=0.2, label_smoothing=0.1
+    ),
+    LossConfig(
+        loss_type=["discopop", "apo_zero"], beta=0.25, discopop_tau=0.3, reference_free=True
+    ),
+]
+
+
+def _single(cfg: LossConfig, kind: str) -> LossConfig:
+    """The one-type config of ``kind`` within ``cfg`` (the settings it reads, no RPO term)."""
+    return dataclasses.replace(
+        cfg,
+        loss_type=kind,
+        loss_weights=None,
+        rpo_alpha=None,
+        label_smoothing=cfg.label_smoothing if kind in ("sigmoid", "robust", "exo_pair") else 0.0,
+        discopop_tau=cfg.discopop_tau if kind == "discopop" else 0.05,
+    )
+
+
+@pytest.mark.parametrize("cfg", COMBINED, ids=lambda c: "+".join(c.loss_types))
+def test_combined_loss_types_are_the_weighted_sum_of_their_float64_truths(cfg):
+    pc, pr, rc, rr, ct, rt = random_batch(29, seed=zlib.crc32(repr(cfg).encode()))
+    out = dpo_loss(pc, pr, rc, rr, config=cfg, chosen_tokens=ct, rejected_tokens=rt)
+    truth = sum(
+        w * numpy_reference(pc, pr, rc, rr, ct, rt, cfg=_single(cfg, kind))
+        for kind, w in zip(cfg.loss_types, cfg.weights)
+    )
+    if cfg.rpo_alpha is not None:  # the NLL term once, not once per type
+        truth = truth + cfg.rpo_alpha * (-pc / ct).numpy()
+    np.testing.assert_allclose(out.losses.numpy(), truth, rtol=1e-12, atol=1e-12)
+    # the rewards are the first type's
+    first = dpo_loss(
+        pc, pr, rc, rr, config=_single(cfg, cfg.loss_types[0]), chosen_tokens=ct, rejected_tokens=rt
+    )
+    assert torch.equal(out.chosen_rewards, first.chosen_rewards)
+    assert torch.equal(out.rejected_rewards, first.rejected_rewards)
+
+    # gradients, and the fused kernel's per-slice form
+    a, b = pc[:7].clone().requires_grad_(True), pr[:7].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda x, y: (
+            dpo_loss(
+                x, y, rc[:7], rr[:7], config=cfg, chosen_tokens=ct[:7], rejected_tokens=rt[:7]
+            ).losses
+        ),
+        (a, b),
+        eps=1e-6,
+        atol=1e-8,
+    )
+    pair_loss = make_pair_loss(
+        cfg, ref_chosen=rc, ref_rejected=rr, chosen_tokens=ct, rejected_tokens=rt, normalizer=29
+    )
+    parts = [pair_loss(pc[s], pr[s], s) for s in (slice(0, 10), slice(10, 29))]
+    torch.testing.assert_close(sum(parts), out.losses.sum() / 29, rtol=1e-13, atol=1e-13)
+
+
+def test_a_one_element_list_is_the_plain_loss_type():
+    pc, pr, rc, rr, ct, rt = random_batch(11, seed=4)
+    for kind in LOSS_TYPES:
+        kw = {"label_smoothing": 0.1} if kind == "exo_pair" else {}
+        one = dpo_loss(pc, pr, rc, rr, config=LossConfig(loss_type=kind, **kw), chosen_tokens=ct,
+                       rejected_tokens=rt)  # fmt: skip
+        listed = dpo_loss(pc, pr, rc, rr, config=LossConfig(loss_type=[kind], **kw),
+                          chosen_tokens=ct, rejected_tokens=rt)  # fmt: skip
+        assert torch.equal(one.losses, listed.losses), kind
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"loss_type": []}, "empty list"),
+        ({"loss_type": ["sigmoid", "kto"]}, "loss_type must be one of"),
+        ({"loss_type": ["sigmoid", "sigmoid"]}, "names a type twice"),
+        ({"loss_type": ["sigmoid", "hinge"], "loss_weights": [1.0]}, "one weight per type"),
+        ({"loss_type": ["sigmoid", "hinge"], "loss_weights": [1.0, -0.1]}, "finite numbers >= 0"),
+        ({"loss_type": ["sigmoid", "hinge"], "loss_weights": [0.0, 0.0]}, "not all 0"),
+        ({"loss_type": "sigmoid", "loss_weights": [1.0, 2.0]}, "one weight per type"),
+        ({"loss_type": ["hinge", "ipo"], "label_smoothing": 0.1}, "has no effect"),
+        ({"loss_type": ["sigmoid", "exo_pair"]}, "exo_pair' needs label_smoothing > 0"),
+        ({"loss_type": ["sigmoid", "hinge"], "discopop_tau": 0.2}, "has no effect"),
+    ],
+)
+def test_combined_loss_config_rejects_invalid_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossConfig(**kwargs)

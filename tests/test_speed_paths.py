@@ -161,6 +161,62 @@ def test_compiled_layers_keep_parameter_names_and_outputs(one_thread):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
+def _saved_activation_bytes(model, args) -> int:
+    """Bytes the forward keeps for the backward, parameters left out."""
+    params = {p.data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.data_ptr() not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hidden = model(*args)
+    return total, hidden
+
+
+def test_activation_memory_budget_keeps_less_and_gives_the_same_numbers(one_thread):
+    """The min-cut partitioner (run here without code generation) keeps less for the backward
+    under a budget and recomputes the rest: outputs and gradients stay those of eager float64."""
+    import torch._functorch.config as functorch_config
+
+    config = tiny_config(tied=False)
+    base = init_model(config, seed=3, dtype=torch.float64)
+    batch = pack_pairs(make_pairs(3, vocab=config.vocab_size, seed=4))
+    args = (batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+    probe = torch.randn(config.hidden_size, dtype=torch.float64)
+    results = {}
+    before = functorch_config.activation_memory_budget
+    try:
+        for budget in (None, 1.0, 0.2):
+            torch._dynamo.reset()
+            model = copy.deepcopy(base)
+            if budget is not None:
+                compile_decoder_layers(
+                    model,
+                    backend="aot_eager_decomp_partition",
+                    dynamic=False,
+                    activation_memory_budget=budget,
+                )
+            kept, hidden = _saved_activation_bytes(model, args)
+            (hidden @ probe).sum().backward()
+            grads = [p.grad for p in model.parameters()]
+            results[budget] = (kept, hidden.detach(), grads)
+    finally:
+        functorch_config.activation_memory_budget = before
+        torch._dynamo.reset()
+    eager, full, budgeted = results[None], results[1.0], results[0.2]
+    assert budgeted[0] < 0.75 * full[0], (budgeted[0], full[0])
+    for got in (full, budgeted):
+        torch.testing.assert_close(got[1], eager[1], rtol=1e-12, atol=1e-12)
+        for g, e in zip(got[2], eager[2]):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match=r"activation_memory_budget must be in \[0, 1\]"):
+        compile_decoder_layers(copy.deepcopy(base), activation_memory_budget=1.5)
+
+
 def test_compile_decoder_layers_rejects_a_model_without_decoder_layers():
     with pytest.raises(TypeError, match="model.model.layers"):
         compile_decoder_layers(torch.nn.Linear(3, 5))

@@ -200,3 +200,46 @@ def test_fused_optimizer_step_on_bf16_parameters(tiny_model_dir, tmp_path):
     assert all(moved)
     state = trainer.optimizer.state[model.lm_head_weight]
     assert state["exp_avg"].dtype == torch.bfloat16 and float(state["step"]) == 1
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_memory_probe_runs_the_largest_micro_batch_and_changes_nothing(
+    tiny_model_dir, tmp_path, capsys, dropout
+):
+    """The probe's pass leaves no gradient and no RNG draw behind: with LoRA dropout (which
+    draws from the RNG) the run is still bitwise the run without a probe."""
+    from sdpo.engine.lora import attach_lora
+
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=21, seed=9))
+    ref = score_pairs(
+        load_pretrained(tiny_model_dir), pairs, max_tokens_per_batch=1024, impl="torch"
+    )
+    runs = {}
+    for probe in (False, True):
+        model = load_pretrained(tiny_model_dir)
+        if dropout:
+            attach_lora(
+                model, rank=2, alpha=4.0, dropout=dropout, targets=["q_proj", "up_proj"], seed=1
+            )
+        out = tmp_path / f"probe-{probe}"
+        out.mkdir()
+        trainer = _trainer(model, out, epochs=2, pairs_per_step=5, max_tokens_per_batch=70,
+                           memory_probe=probe)  # fmt: skip
+        capsys.readouterr()
+        trainer.fit(pairs, ref)
+        printed = capsys.readouterr().out
+        runs[probe] = (model.state_dict(), (out / "metrics.jsonl").read_text(), printed, trainer)
+    (w0, m0, p0, _), (w1, m1, p1, trainer) = runs[False], runs[True]
+    for name, w in w0.items():
+        assert torch.equal(w, w1[name]), name
+    strip = lambda text: [line.split('"tokens_per_s"')[0] for line in text.splitlines()]  # noqa: E731
+    assert strip(m0) == strip(m1)
+    assert "memory probe" not in p0
+    # the probe took the largest micro-batch of the whole run, by tokens
+    batches = [
+        b for e in range(2) for step in plan_steps(pairs, trainer.config, epoch=e) for b in step
+    ]
+    largest = max(sum(pairs[i].num_tokens for i in b) for b in batches)
+    assert trainer.memory_probe_result["tokens"] == largest
+    assert "tokens) fits" in p1 and f"{largest} tokens" in p1
+    assert len({sum(pairs[i].num_tokens for i in b) for b in batches}) > 1  # a real choice
