@@ -206,14 +206,25 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def pretrained_config(model: CausalLM) -> dict:
+    """The ``config.json`` contents ``save_pretrained`` writes for ``model`` (its dtype
+    included)."""
+    dtype = model.model.embed_tokens.weight.dtype
+    config = model.config.to_hf_dict()
+    config["dtype"] = _dtype_name(dtype)  # transformers >= 5
+    config["torch_dtype"] = _dtype_name(dtype)  # transformers 4.x
+    return config
+
+
 def save_pretrained(
-    model: CausalLM,
+    model: CausalLM | None,
     path: str | os.PathLike,
     *,
     max_shard_bytes: int = 5 * 2**30,
     extra_files: Iterable[str | os.PathLike] = (),
     state: dict[str, torch.Tensor] | None = None,
     write_extra: Callable[[Path], None] | None = None,
+    config: dict | None = None,
 ) -> None:
     """Write ``model`` as a HF checkpoint folder at ``path``, atomically.
 
@@ -223,17 +234,20 @@ def save_pretrained(
     inside the same atomic step. An existing folder at ``path`` is replaced only on success.
     ``state``: the weights to write instead of ``model.state_dict()`` (a sharded model's
     gathered state dict, ``engine/sharding.py``). ``write_extra(tmp)`` adds more to the
-    temporary folder inside the same atomic step (a LoRA step's ``adapter/``)."""
+    temporary folder inside the same atomic step (a LoRA step's ``adapter/``). ``config``: the
+    ``config.json`` contents (``pretrained_config``) instead of ``model``'s; with ``state`` and
+    ``config`` the model is not read at all (``model=None``: a background write of a host
+    snapshot, ``sdpo.engine.async_save``)."""
     if max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    if model is None and (state is None or config is None):
+        raise ValueError("save_pretrained without a model needs both state and config")
     if state is None:
         state = model.state_dict()
     state = {name: t.detach() for name, t in state.items()}
     shards = _plan_shards(state, max_shard_bytes=max_shard_bytes)
-    dtype = model.model.embed_tokens.weight.dtype
-    config = model.config.to_hf_dict()
-    config["dtype"] = _dtype_name(dtype)  # transformers >= 5
-    config["torch_dtype"] = _dtype_name(dtype)  # transformers 4.x
+    if config is None:
+        config = pretrained_config(model)
     extra = [Path(p) for p in extra_files]
     for p in extra:
         if not p.is_file():

@@ -14,12 +14,17 @@ states, data position) is the caller's; this module owns the folder protocol.
 ``fault_point`` is a test hook: with ``SDPO_FAULT_AT="<point>:<count>[:<SIGNAL>]"`` in the
 environment the process sends itself SIGKILL (or the named signal, e.g. ``TERM``) the
 ``count``-th time it reaches ``fault_point("<point>")``; ``OOM`` in place of the signal raises
-``torch.OutOfMemoryError`` there instead, as a GPU out of memory would. The fault-injection tests use it to kill
-the real CLI at exact places; without the variable it costs one dictionary lookup.
+``torch.OutOfMemoryError`` there instead, as a GPU out of memory would. The fault-injection
+tests use it to kill the real CLI at exact places; without the variable it costs one dictionary
+lookup. Several rules are separated by commas (``"ckpt_write:2:HOLD,train_step:3"``). The
+action ``HOLD`` is for a point reached by a background checkpoint write (``train.async_save``,
+``sdpo.engine.async_save``): the writer thread stops there until the training thread waits for
+that write, so a test can act (kill, change the weights) while a write is surely in flight.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -27,7 +32,8 @@ import re
 import shutil
 import signal
 import sys
-from collections.abc import Callable, Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,24 +47,53 @@ _fault_counts: dict[str, int] = {}
 
 
 def fault_point(name: str) -> None:
-    """Kill (or signal) this process here when ``SDPO_FAULT_AT`` names this point (test hook)."""
+    """Kill (or signal, or hold) this process here when ``SDPO_FAULT_AT`` names this point (test
+    hook, module docstring)."""
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
-    point, _, rest = spec.partition(":")
-    if point != name:
+    rules = [rule.split(":") for rule in spec.split(",")]
+    mine = [rule for rule in rules if rule[0] == name]
+    if not mine:
         return
-    count_text, _, sig_name = rest.partition(":")
-    _fault_counts[name] = _fault_counts.get(name, 0) + 1
-    if _fault_counts[name] != int(count_text or 1):
-        return
-    if sig_name == "OOM":
-        import torch
+    count = _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    for rule in mine:
+        if count != int(rule[1] if len(rule) > 1 and rule[1] else 1):
+            continue
+        action = rule[2] if len(rule) > 2 else ""
+        if action == "HOLD":
+            _hold(name)
+            continue
+        if action == "OOM":
+            import torch
 
-        raise torch.OutOfMemoryError(f"out of memory ({FAULT_ENV} test hook at {name!r})")
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.kill(os.getpid(), getattr(signal, f"SIG{sig_name}") if sig_name else signal.SIGKILL)
+            raise torch.OutOfMemoryError(f"out of memory ({FAULT_ENV} test hook at {name!r})")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), getattr(signal, f"SIG{action}") if action else signal.SIGKILL)
+
+
+_hold_release = threading.local()
+
+
+@contextlib.contextmanager
+def holds_released_by(event: threading.Event) -> Iterator[None]:
+    """A ``HOLD`` fault point reached by this thread inside the block waits for ``event``."""
+    _hold_release.event = event
+    try:
+        yield
+    finally:
+        _hold_release.event = None
+
+
+def _hold(name: str) -> None:
+    event = getattr(_hold_release, "event", None)
+    if event is None:
+        raise RuntimeError(
+            f"{FAULT_ENV}: HOLD at {name!r} is for points a background checkpoint write reaches "
+            "(train.async_save = true); here it would wait forever"
+        )
+    event.wait()
 
 
 def checkpoint_name(run_step: int) -> str:

@@ -121,6 +121,9 @@ class TrainConfig:
     # Data parallel without fsdp: sum the gradients over ranks in buckets started during the
     # backward of each rank's last micro-batch (as DDP does); false: one all-reduce after it.
     overlap_grad_reduce: bool = True
+    # Checkpoints (mid-step and end-of-step, read by the runner) are copied to host memory at the
+    # save point and written by a background thread while training goes on (engine/async_save.py)
+    async_save: bool = False
     # Before training, run the largest micro-batch's forward and backward once (the gradients
     # and every RNG state are then restored), so that a batch too large for the GPU fails in
     # the first seconds, not hours in; the peak memory is reported. None: on CUDA only.
@@ -181,6 +184,8 @@ class TrainConfig:
             raise ValueError(
                 f"overlap_grad_reduce must be true or false, got {self.overlap_grad_reduce!r}"
             )
+        if not isinstance(self.async_save, bool):
+            raise ValueError(f"async_save must be true or false, got {self.async_save!r}")
 
 
 def plan_steps(

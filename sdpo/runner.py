@@ -29,6 +29,13 @@ schedule, RNG, plan position) and the run's progress; an end-of-step checkpoint 
 progress (and the optimizer when it is kept across steps) and checksums ``step-<t>/``, whose
 weights it relies on.
 
+``train.async_save`` (``sdpo.engine.async_save``): at each save rank 0 copies what the
+checkpoint holds into host memory and a background thread writes it while training goes on
+(``_checkpoint``); the end of an sDPO step writes ``step-<t>/`` and its checkpoint as one such
+write. One write is in flight at most (a save first waits for the previous one), and every way
+out of the run waits for it and raises its error, so a failed write is never lost. Nothing
+reads ``step-<t>/`` before its write has finished (``_save_step_end``).
+
 Data parallel (launched with torchrun, ``sdpo.engine.distributed``): every rank checks the
 output folder and every input itself, so a bad input raises the same error on every rank before
 anything is written. Rank 0 alone writes (the output folder's preparation, ``config.toml``, token
@@ -51,6 +58,7 @@ then ends the other ranks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import gc
 import json
@@ -79,11 +87,13 @@ from sdpo.config import (
     write_resolved_config,
 )
 from sdpo.engine import distributed, sharding
+from sdpo.engine.async_save import BackgroundWriter, HostSnapshot
 from sdpo.engine.checkpoint import (
     CheckpointError,
     check_pretrained,
     load_pretrained,
     model_fingerprint,
+    pretrained_config,
     save_pretrained,
 )
 from sdpo.engine.compile import compile_decoder_layers
@@ -177,6 +187,7 @@ RESUME_SAFE_KEYS = frozenset(
         "train.keep_checkpoints",
         "train.skip_nonfinite_batches",
         "train.eval_every",
+        "train.async_save",
         "train.memory_probe",
         "log.report_to",
         "log.project",
@@ -392,6 +403,11 @@ class StepwiseRunner:
         self.tokenizer_fp = ""
         self.stop_flag = False
         self.last_checkpoint: Path | None = None
+        # M_{t-1}'s step-<t-1>/ files: the external manifest entries of step t's checkpoints
+        self.weights_files: dict[str, Any] = {}
+        # train.async_save, rank 0: the writer thread and the host copies it writes from
+        self.writer: BackgroundWriter | None = None
+        self.host_copies = HostSnapshot()
         self._rows_of_pairs: dict[int, str] = {}
         self.eval_pairs: list[TokenizedPair] = []
         self.eval_initial: PairLogps | None = None
@@ -595,34 +611,87 @@ class StepwiseRunner:
         self.out.mkdir(parents=True, exist_ok=True)
 
     # -- checkpoints ---------------------------------------------------------------------
-    def _write_checkpoint(
-        self, run_step: int, *, progress: dict[str, Any], extra: Any, external: dict
-    ) -> None:
-        """One training checkpoint; ``extra(tmp)`` writes the weights/trainer state. Data
-        parallel: rank 0 writes, the others wait for it (and raise its write error)."""
-        on_main(
-            partial(
-                self._write_checkpoint_here,
-                run_step,
-                progress=progress,
-                extra=extra,
-                external=external,
-            )
+    def _checkpoint(
+        self, capture: Callable[[], tuple[Callable[[], Any], Callable | None]]
+    ) -> float:
+        """Save one training checkpoint; every rank calls this at the same point, after the
+        collectives that gathered onto rank 0 what it writes (data parallel: the others wait
+        for rank 0's snapshot, not for its write, and raise its errors).
+
+        On rank 0 ``capture()`` takes what the checkpoint holds (through ``_snapshot``) and
+        returns ``(write, done)``: ``write()`` reads only that and writes the files, and
+        ``done(result)`` updates the training thread's state. Synchronous: both run here.
+        ``train.async_save``: first the previous background write is waited for (one in
+        flight; its error is raised here), then ``write`` goes to the writer thread and
+        ``done`` runs at the next wait. Returns the seconds the training thread was blocked."""
+
+        def here() -> float:
+            start = time.perf_counter()
+            if self.writer is None:
+                write, done = capture()
+                result = write()
+                if done is not None:
+                    done(result)
+            else:
+                self.writer.wait()
+                write, done = capture()
+                self.host_copies.ready()
+                self.writer.submit(write, done=done)
+            return time.perf_counter() - start
+
+        return on_main(here)
+
+    def _snapshot(self, obj: Any, key: str) -> Any:
+        """``obj`` as a write may read it later: with ``train.async_save`` a host copy (the
+        buffers of ``key`` reused from save to save), synchronous: ``obj`` itself."""
+        return obj if self.writer is None else self.host_copies.copy(obj, key=key)
+
+    def _finish_writes(self, *, collective: bool) -> None:
+        """Wait for rank 0's background write and raise its error (``CheckpointWriteError``).
+        ``collective``: every rank calls this at the same point and raises that error; else
+        rank 0 alone waits (on a path out of the run other ranks may not share)."""
+        if collective:
+            on_main(self._wait_for_write)
+        else:
+            self._wait_for_write()
+
+    def _wait_for_write(self) -> None:
+        if self.writer is not None:
+            self.writer.wait()
+
+    def _save_note(self, blocked_s: float) -> str:
+        """The log's note on a save: the time the training thread was blocked by it."""
+        if self.cfg.train.async_save:
+            return f"saving in the background (training blocked {blocked_s:.2f} s)"
+        return f"saved (training blocked {blocked_s:.2f} s)"
+
+    def _progress(self, run_step: int, progress: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's progress.json as of now: ``metrics_bytes`` is metrics.jsonl's size at
+        the save point (a background write may finish after more lines were logged)."""
+        metrics = self.out / "metrics.jsonl"
+        return copy.deepcopy(
+            {
+                **progress,
+                "format": 1,
+                "run_step": run_step,
+                "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
+                "config": config_to_dict(self.cfg),
+            }
         )
 
     def _write_checkpoint_here(
-        self, run_step: int, *, progress: dict[str, Any], extra: Any, external: dict
-    ) -> None:
+        self,
+        run_step: int,
+        *,
+        progress: dict[str, Any],
+        extra: Callable[[Path], None],
+        external: dict,
+    ) -> Path:
+        """Write one training checkpoint (rank 0; the training or the writer thread):
+        ``extra(tmp)`` writes the weights/trainer state, then progress.json, the manifest last,
+        the rename, and only then the pruning of old checkpoints."""
         root = self.out / CHECKPOINTS_DIR
         path = root / checkpoint_name(run_step)
-        metrics = self.out / "metrics.jsonl"
-        progress = {
-            **progress,
-            "format": 1,
-            "run_step": run_step,
-            "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
-            "config": config_to_dict(self.cfg),
-        }
 
         def contents(tmp: Path) -> None:
             extra(tmp)
@@ -638,9 +707,12 @@ class StepwiseRunner:
                 "is intact. Free disk space (or fix the folder's permissions), then continue "
                 "with --resume"
             ) from e
-        self.last_checkpoint = path
         fault_point("ckpt_done")
         prune_checkpoints(root, keep=self.cfg.train.keep_checkpoints)
+        return path
+
+    def _checkpoint_written(self, path: Path) -> None:
+        self.last_checkpoint = path
 
     def _save_mid_step(self, trainer: DPOTrainer, *, base: dict[str, Any]) -> None:
         """Trainer callback: a checkpoint inside an sDPO step (weights + trainer state). With
@@ -648,26 +720,120 @@ class StepwiseRunner:
         (``step-<t-1>/``, checksummed as the checkpoint's external files, or ``model.path``,
         checked against the fingerprint in ``lora_base`` on resume)."""
         lora = self.cfg.lora.enabled
+        model = trainer.model
         # sharded: a collective, before rank 0 writes
-        weights = None if lora else self._gathered(trainer.model)
-        adapter = lora_state_dict(trainer.model) if lora else None
+        weights = None if lora else self._gathered(model)
         state = trainer.state_dict()  # sharded: the optimizer gathered onto rank 0 (a collective)
-
-        def extra(tmp: Path) -> None:
-            if adapter is not None:
-                atomic_write_bytes(tmp / ADAPTER_STATE_NAME, safetensors_bytes(adapter))
-            else:
-                save_pretrained(trainer.model, tmp / "model", state=weights)
-            with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
-                torch.save(state, f)
-
         run_step = base["run_step_base"] + trainer.position["step_in_run"]
-        self._write_checkpoint(
-            run_step,
-            progress={**base, "step_finished": False},
-            extra=extra,
-            external=base["weights_files"],
-        )
+
+        def capture() -> tuple[Callable[[], Path], Callable[[Path], None]]:
+            adapter = full = config = None
+            if lora:
+                adapter = self._snapshot(lora_state_dict(model), "adapter")
+            else:
+                full = self._snapshot(model.state_dict() if weights is None else weights, "weights")
+                config = pretrained_config(model)
+            saved_state = self._snapshot(state, "trainer")
+            # M_{t-1}'s files: written before (the previous write was waited for first)
+            external = copy.deepcopy(self.weights_files)
+            progress = self._progress(
+                run_step, {**base, "step_finished": False, "weights_files": external}
+            )
+
+            def extra(tmp: Path) -> None:
+                if adapter is not None:
+                    atomic_write_bytes(tmp / ADAPTER_STATE_NAME, safetensors_bytes(adapter))
+                else:
+                    save_pretrained(None, tmp / "model", state=full, config=config)
+                with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
+                    torch.save(saved_state, f)
+
+            write = partial(
+                self._write_checkpoint_here,
+                run_step,
+                progress=progress,
+                extra=extra,
+                external=external,
+            )
+            return write, self._checkpoint_written
+
+        blocked = self._checkpoint(capture)
+        _log(f"checkpoint {checkpoint_name(run_step)} {self._save_note(blocked)}")
+
+    def _save_step_end(
+        self,
+        model: torch.nn.Module,
+        *,
+        t: int,
+        run_step: int,
+        weights: dict[str, torch.Tensor] | None,
+        adapter: dict[str, torch.Tensor] | None,
+        kept_optimizer: dict[str, Any] | None,
+        progress: dict[str, Any],
+    ) -> float:
+        """The end of sDPO step t: ``step-<t>/`` (M_t, with LoRA also the step's adapter in
+        PEFT's layout), then the end-of-step checkpoint that checksums it as external files
+        (and holds the optimizer when it is kept across steps), as one write. ``weights``: a
+        sharded model's gathered state dict (None: the model's own). Returns the seconds the
+        training thread was blocked.
+
+        Nothing reads ``step-<t>/`` while this write may be in flight: the next step's
+        reference values come from the policy in memory, the LoRA adapter's ``base_model`` is
+        only a path written into adapter_config.json, and the next checkpoint's external
+        entries (``self.weights_files``) are set by ``done`` when the next save (or the run's
+        end) has waited for this write. A resume reads it only through a checkpoint whose
+        manifest was written after it."""
+        step_dir = self.out / f"step-{t}"
+        model_dir = Path(self.cfg.model.path)
+
+        def capture() -> tuple[Callable[[], dict], Callable[[dict], None]]:
+            full = self._snapshot(model.state_dict() if weights is None else weights, "weights")
+            config = pretrained_config(model)
+            write_adapter = None
+            if adapter is not None:
+                write_adapter = partial(
+                    self._write_peft_adapter,
+                    self._snapshot(adapter, "peft"),
+                    base_model=str(model_dir if t == 1 else self.out / f"step-{t - 1}"),
+                )
+            kept = None
+            if kept_optimizer is not None:
+                kept = self._snapshot({"optimizer": kept_optimizer}, "trainer")
+            saved = self._progress(run_step, progress)
+            extra_files = tokenizer_files(model_dir)
+
+            def extra(tmp: Path) -> None:
+                if kept is not None:
+                    with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
+                        torch.save(kept, f)
+
+            def write() -> dict:
+                save_pretrained(
+                    None,
+                    step_dir,
+                    extra_files=extra_files,
+                    state=full,
+                    config=config,
+                    write_extra=write_adapter,
+                )
+                fault_point("step_saved")
+                files = [p for p in step_dir.iterdir() if p.is_file()]
+                step_files = file_entries(files, base=self.out)
+                path = self._write_checkpoint_here(
+                    run_step,
+                    progress={**saved, "weights_files": step_files},
+                    extra=extra,
+                    external=step_files,
+                )
+                return {"weights_files": step_files, "checkpoint": path}
+
+            return write, self._step_written
+
+        return self._checkpoint(capture)
+
+    def _step_written(self, result: dict) -> None:
+        self.weights_files = result["weights_files"]  # M_t: external files of the next ones
+        self.last_checkpoint = result["checkpoint"]
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -691,9 +857,20 @@ class StepwiseRunner:
                 resume_step=point.progress["run_step"] if point is not None else None,
                 config=config_to_dict(self.cfg),
             )
+        if self.cfg.train.async_save and distributed.is_main():
+            self.writer = BackgroundWriter()
         with self._stop_signals():
             try:
-                return self._run(pairs, point)
+                try:
+                    return self._run(pairs, point)
+                except (TrainingStopped, NonFiniteError):
+                    # every rank stops at the same point: rank 0's pending write is waited for
+                    # in a collective, so its error (exit code 74) is every rank's
+                    self._finish_writes(collective=True)
+                    raise
+                except BaseException:
+                    self._finish_writes(collective=False)  # its error, if any, wins
+                    raise
             except TrainingStopped as e:
                 newest = list_checkpoints(self.out / CHECKPOINTS_DIR)
                 e.checkpoint = newest[0][1] if newest else None
@@ -709,6 +886,9 @@ class StepwiseRunner:
                 raise OutOfMemoryStop(self._out_of_memory_message()) from e
             finally:
                 self.trackers.close()
+                if self.writer is not None:
+                    self.writer.close()
+                    self.writer = None
 
     def _run(self, pairs: list[TokenizedPair], point: ResumePoint | None) -> RunResult:
         cfg = self.cfg
@@ -756,14 +936,15 @@ class StepwiseRunner:
             )
 
         reports: list[StepReport] = []
-        start_step, run_step_base, weights_files = 1, 0, {}
+        start_step, run_step_base = 1, 0
+        self.weights_files = {}  # the external files of the checkpoints: M_{t-1}'s; {} for M0
         mid_state: dict[str, Any] | None = None
         if point is not None:
             prog = point.progress
             reports = [StepReport.from_dict(d) for d in prog["reports"]]
             start_step = prog["sdpo_step"] + (1 if prog["step_finished"] else 0)
             schedule_done, run_step_base = prog["schedule_done"], prog["run_step_base"]
-            weights_files = prog["weights_files"]
+            self.weights_files = prog["weights_files"]
             state = point.trainer_state()
             if not prog["step_finished"]:
                 mid_state = state
@@ -817,7 +998,6 @@ class StepwiseRunner:
                 "schedule_done": schedule_done,
                 "run_step_base": run_step_base,
                 "reports": [r.to_dict() for r in reports],
-                "weights_files": weights_files,  # M_{t-1} (step-<t-1>/); {} for M0
             }
             if cfg.lora.enabled:
                 base["lora_base"] = base_fp
@@ -856,34 +1036,11 @@ class StepwiseRunner:
             if not cfg.sdpo.reset_optimizer:
                 optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
             del trainer
-            step_dir = self.out / f"step-{t}"
-            write_adapter = None
+            adapter = None
             if cfg.lora.enabled:  # M_t = M_{t-1} with the step's adapter merged in
-                write_adapter = partial(
-                    self._write_peft_adapter,
-                    lora_state_dict(model),
-                    base_model=str(model_dir if t == 1 else self.out / f"step-{t - 1}"),
-                )
+                adapter = lora_state_dict(model)  # also written in PEFT's layout
                 merge_lora(model)
             weights = self._gathered(model)  # sharded: a collective, before rank 0 writes
-
-            def save_step(
-                model: torch.nn.Module = model,
-                step_dir: Path = step_dir,
-                weights: dict[str, torch.Tensor] | None = weights,
-                write_adapter: Callable[[Path], None] | None = write_adapter,
-            ) -> dict:
-                save_pretrained(
-                    model,
-                    step_dir,
-                    extra_files=tokenizer_files(model_dir),
-                    state=weights,
-                    write_extra=write_adapter,
-                )
-                fault_point("step_saved")
-                return file_entries([p for p in step_dir.iterdir() if p.is_file()], base=self.out)
-
-            step_files = on_main(save_step)
             acc_after = None
             if cfg.sdpo.report_scoring:
                 acc_after = float((self.score(model, chunk_pairs).gamma > 0).float().mean())
@@ -918,7 +1075,6 @@ class StepwiseRunner:
                 },
                 step=run_step_base,
             )
-            weights_files = step_files
             # the optimizer kept across steps; sharded: gathered onto rank 0 (a collective, so
             # every rank calls it before rank 0 writes), in the plain form
             kept = None
@@ -928,26 +1084,26 @@ class StepwiseRunner:
                     if sharding.is_sharded(model)
                     else optimizer.state_dict()
                 )
-
-            def extra(tmp: Path, kept: dict[str, Any] | None = kept) -> None:
-                if kept is not None:
-                    with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
-                        torch.save({"optimizer": kept}, f)
-
-            self._write_checkpoint(
-                run_step_base,
+            blocked = self._save_step_end(
+                model,
+                t=t,
+                run_step=run_step_base,
+                weights=weights,
+                adapter=adapter,
+                kept_optimizer=kept,
                 progress={
                     **base,
                     "step_finished": True,
                     "schedule_done": schedule_done,
                     "run_step_base": run_step_base,
                     "reports": [r.to_dict() for r in reports],
-                    "weights_files": weights_files,
                 },
-                extra=extra,
-                external=weights_files,
             )
-            _log(f"step {t} done: saved {step_dir}")
+            del weights, kept
+            _log(f"step {t} done: {self.out / f'step-{t}'} {self._save_note(blocked)}")
+
+        # the last write finished (its error raised on every rank) before the reports
+        self._finish_writes(collective=True)
 
         def finish() -> None:
             fault_point("reports")
