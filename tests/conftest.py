@@ -54,6 +54,24 @@ def packed_labels(
     return torch.cat(labels), torch.cat(seq_ids)
 
 
+def dpo_trainer(model, config, **kwargs):
+    """``DPOTrainer`` with the sigmoid DPO loss at beta 0.1, the torch kernels and no progress
+    bar, as the trainer tests run it; ``kwargs`` go to the trainer."""
+    from functools import partial
+
+    from sdpo.engine.trainer import DPOTrainer
+    from sdpo.losses import LossConfig, dpo_loss
+
+    return DPOTrainer(
+        model,
+        config=config,
+        loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
+        kernels_impl="torch",
+        progress=False,
+        **kwargs,
+    )
+
+
 def write_pairs(path: Path, *, n: int, seed: int, kind: str = "mixed") -> Path:
     """``n`` string pairs over WORDS. ``kind`` sets how the rejected answer relates to the
     chosen one, so sources of different difficulty can be built."""

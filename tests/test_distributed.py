@@ -9,7 +9,6 @@ import os
 import shutil
 import socket
 import traceback
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -23,10 +22,9 @@ from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
-from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps, shard_micro_batches
-from sdpo.losses import LossConfig, dpo_loss
+from sdpo.engine.trainer import TrainConfig, plan_steps, shard_micro_batches
 from sdpo.runner import run_training
-from tests.conftest import write_pairs
+from tests.conftest import dpo_trainer, write_pairs
 
 WORLD = 2
 LR = 1e-2
@@ -116,13 +114,7 @@ def _step_and_scores(model_dir: Path, data: Path) -> dict:
             model = load_pretrained(model_dir)
             model.gradient_checkpointing = recompute
             config = TrainConfig(learning_rate=LR, seed=3, overlap_grad_reduce=overlap, **settings)
-            trainer = DPOTrainer(
-                model,
-                config=config,
-                loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
-                kernels_impl="torch",
-                progress=False,
-            )
+            trainer = dpo_trainer(model, config)
             buckets = started = 0
             events: list[str] = []  # gradients accumulated and buckets started, in order
             if trainer.grad_reducer is not None:

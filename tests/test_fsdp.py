@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -18,9 +17,9 @@ from sdpo.config import config_from_dict
 from sdpo.engine import sharding
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.scoring import score_pairs
-from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
-from sdpo.losses import LossConfig, dpo_loss
+from sdpo.engine.trainer import TrainConfig, plan_steps
 from sdpo.runner import run_training
+from tests.conftest import dpo_trainer
 from tests.test_distributed import _close, _pairs, _run_config, _spawn, _strip
 
 LR = 1e-2
@@ -44,13 +43,7 @@ def _shifted(ref, n):
 
 def _one_step(model, pairs, ref, config: TrainConfig, *, fsdp: bool) -> dict:
     """One optimizer step of the plan's first step: metrics, full weights and full gradients."""
-    trainer = DPOTrainer(
-        model,
-        config=config,
-        loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
-        kernels_impl="torch",
-        progress=False,
-    )
+    trainer = dpo_trainer(model, config)
     plan = plan_steps(pairs, config, epoch=0)
     metrics = trainer.train_step(pairs, plan[0], _shifted(ref, len(pairs)))
     grads = {k: sharding.full_tensor(p.grad).clone() for k, p in model.named_parameters()}

@@ -31,11 +31,10 @@ from sdpo.engine.lora import (
     peft_adapter_files,
 )
 from sdpo.engine.model import ModelConfig, init_model
-from sdpo.engine.trainer import DPOTrainer, TrainConfig, TrainingStopped
+from sdpo.engine.trainer import TrainConfig, TrainingStopped
 from sdpo.kernels import sequence_logprobs
-from sdpo.losses import LossConfig, dpo_loss
 from sdpo.runner import OutputDirError, run_training
-from tests.conftest import assert_no_worse, tiny_hf_dict, write_pairs
+from tests.conftest import assert_no_worse, dpo_trainer, tiny_hf_dict, write_pairs
 
 LENGTHS = [7, 13, 1, 10]  # odd sizes, one single-token sequence
 
@@ -224,12 +223,8 @@ def test_bf16_parameters_keep_the_adapter_and_its_optimizer_states_in_fp32(
     )
     model = load_pretrained(tiny_model_dir)  # fp32; the trainer casts the base to bf16
     params = attach_lora(model, rank=2, alpha=4.0, seed=0)
-    trainer = DPOTrainer(
-        model,
-        config=TrainConfig(learning_rate=1e-2, pairs_per_step=5, precision="bf16"),
-        loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
-        kernels_impl="torch",
-        progress=False,
+    trainer = dpo_trainer(
+        model, TrainConfig(learning_rate=1e-2, pairs_per_step=5, precision="bf16")
     )
     from sdpo.engine.scoring import score_pairs
 

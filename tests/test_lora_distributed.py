@@ -4,7 +4,6 @@ weights untouched on every rank."""
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -14,9 +13,8 @@ from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.lora import adapter_parameters, attach_lora, lora_state_dict
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tiny import write_tiny_model
-from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
-from sdpo.losses import LossConfig, dpo_loss
-from tests.conftest import WORDS, write_pairs
+from sdpo.engine.trainer import TrainConfig, plan_steps
+from tests.conftest import WORDS, dpo_trainer, write_pairs
 from tests.test_distributed import _pairs, _spawn
 
 LR = 1e-2
@@ -30,13 +28,7 @@ def _two_lora_steps(model_dir: Path, data: Path) -> dict:
     ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch", data_parallel=False)
     params = attach_lora(model, rank=3, alpha=6.0, seed=4)
     config = TrainConfig(learning_rate=LR, seed=3, pairs_per_step=9, max_tokens_per_batch=60)
-    trainer = DPOTrainer(
-        model,
-        config=config,
-        loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
-        kernels_impl="torch",
-        progress=False,
-    )
+    trainer = dpo_trainer(model, config)
     reduced = [] if trainer.grad_reducer is None else trainer.grad_reducer.buckets
     plan = plan_steps(pairs, config, epoch=0)
     for step in plan[:2]:

@@ -12,7 +12,6 @@ import io
 import json
 import random
 import signal
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -32,9 +31,8 @@ from sdpo.engine.resume import (
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import DPOTrainer, NonFiniteError, TrainConfig, TrainingStopped
-from sdpo.losses import LossConfig, dpo_loss
 from sdpo.runner import CheckpointWriteError, OutputDirError, run_training
-from tests.conftest import write_pairs
+from tests.conftest import dpo_trainer, write_pairs
 
 
 def _pairs(model_dir: Path, tmp_path: Path, n: int = 13):
@@ -51,13 +49,7 @@ def _trainer(model, **overrides) -> DPOTrainer:
         learning_rate=3e-3, epochs=2, pairs_per_step=4, max_tokens_per_batch=64, save_every=1
     )
     cfg.update(overrides)
-    return DPOTrainer(
-        model,
-        config=TrainConfig(**cfg),
-        loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
-        kernels_impl="torch",
-        progress=False,
-    )
+    return dpo_trainer(model, TrainConfig(**cfg))
 
 
 def test_trainer_resumed_from_any_step_ends_bitwise_equal(tiny_model_dir, tmp_path):

@@ -3,7 +3,6 @@ plan keeps pairs whole and is reproducible, and its LR schedule has the document
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,7 @@ from sdpo.engine.trainer import (
     lr_multiplier,
     plan_steps,
 )
-from sdpo.losses import LossConfig, dpo_loss
-from tests.conftest import write_pairs
+from tests.conftest import dpo_trainer, write_pairs
 
 
 def _pairs(model_dir: Path, data: Path):
@@ -36,14 +34,7 @@ def _trainer(model, tmp_path: Path, **overrides) -> DPOTrainer:
         learning_rate=3e-3, epochs=3, pairs_per_step=8, max_tokens_per_batch=96, warmup_ratio=0.1
     )
     cfg.update(overrides)
-    return DPOTrainer(
-        model,
-        config=TrainConfig(**cfg),
-        loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
-        kernels_impl="torch",
-        output_dir=tmp_path,
-        progress=False,
-    )
+    return dpo_trainer(model, TrainConfig(**cfg), output_dir=tmp_path)
 
 
 def test_short_dpo_run_raises_reward_accuracy_on_its_training_pairs(tiny_model_dir, tmp_path):
