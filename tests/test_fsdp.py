@@ -45,7 +45,11 @@ def _one_step(model, pairs, ref, config: TrainConfig, *, fsdp: bool) -> dict:
     """One optimizer step of the plan's first step: metrics, full weights and full gradients."""
     trainer = dpo_trainer(model, config)
     plan = plan_steps(pairs, config, epoch=0)
-    metrics = trainer.train_step(pairs, plan[0], _shifted(ref, len(pairs)))
+    ref = _shifted(ref, len(pairs))
+    # the memory probe first (one pass per rank, gathers and scatters included): it must leave
+    # the step exactly as it would be without it
+    trainer.probe_memory(pairs, ref, plan[0])
+    metrics = trainer.train_step(pairs, plan[0], ref)
     grads = {k: sharding.full_tensor(p.grad).clone() for k, p in model.named_parameters()}
     weights = sharding.full_state_dict(model) if fsdp else model.state_dict()
     return {
