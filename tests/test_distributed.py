@@ -226,6 +226,45 @@ def test_overlapped_gradient_reduction_equals_one_all_reduce_after_the_backward(
         assert all(ran_backward)
 
 
+def _tied_overlap_step(model_dir: Path, data: Path) -> dict:
+    """One step with a tied embedding (one weight used by the lookup and the head) under the
+    overlapped reduction in small buckets, and the same step reduced after the backward."""
+    pairs = _pairs(model_dir, data)
+    ref = score_pairs(load_pretrained(model_dir), pairs, max_tokens_per_batch=4096, impl="torch")
+    out = {}
+    for overlap in (True, False):
+        model = load_pretrained(model_dir)
+        assert model.config.tie_word_embeddings
+        config = TrainConfig(
+            learning_rate=LR, seed=3, pairs_per_step=9, max_tokens_per_batch=60,
+            overlap_grad_reduce=overlap,
+        )  # fmt: skip
+        trainer = dpo_trainer(model, config)
+        if overlap:
+            trainer.grad_reducer = distributed.GradReducer(model.parameters(), bucket_bytes=2048)
+        trainer.train_step(pairs, plan_steps(pairs, config, epoch=0)[0], ref)
+        out[overlap] = {
+            "grads": {k: p.grad.clone() for k, p in model.named_parameters()},
+            "started": trainer.grad_reducer.started_in_backward if overlap else 0,
+            "buckets": len(trainer.grad_reducer.buckets) if overlap else 0,
+        }
+    return out
+
+
+def test_overlapped_reduction_of_a_tied_embedding_equals_the_plain_one(tmp_path):
+    from sdpo.engine.tiny import write_tiny_model
+    from tests.conftest import WORDS
+
+    model_dir = write_tiny_model(
+        tmp_path / "model", words=WORDS, hidden_size=32, seed=2, tie_word_embeddings=True
+    )
+    data = write_pairs(tmp_path / "d.jsonl", n=17, seed=12)
+    for got in _spawn(tmp_path, _tied_overlap_step, model_dir, data):
+        assert got[True]["buckets"] >= 10 and got[True]["started"] == got[True]["buckets"]
+        for name, g in got[False]["grads"].items():
+            assert torch.equal(g, got[True]["grads"][name]), name
+
+
 def test_sharded_scoring_equals_one_process(step_results):
     single, ranks, _ = step_results
     want = single["scores"]
