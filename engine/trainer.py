@@ -557,15 +557,16 @@ class DPOTrainer:
         runs its share and the gradients and metric sums are summed over ranks."""
         normalizer = sum(len(m) for m in micro_batches)
         self.optimizer.zero_grad(set_to_none=True)
-        local = self._local_share(pairs, micro_batches)
-        passes = len(local)
         if self.sharded:
             # the parameter gathers are collectives, so every rank runs as many forward/backward
             # passes as the busiest rank (the others add zero-weighted ones)
-            passes = max(
-                len(self._local_share(pairs, micro_batches, rank=r))
-                for r in range(distributed.world())
-            )
+            shares = [
+                self._local_share(pairs, micro_batches, rank=r) for r in range(distributed.world())
+            ]
+            local, passes = shares[distributed.rank()], max(len(s) for s in shares)
+        else:
+            local = self._local_share(pairs, micro_batches)
+            passes = len(local)
         sums: dict[str, Tensor] = {}
         reducer = self.grad_reducer
         for j, positions in enumerate(local):
