@@ -89,6 +89,34 @@ def write_pairs(path: Path, *, n: int, seed: int, kind: str = "mixed") -> Path:
     return path
 
 
+def two_source_config(
+    tmp_path: Path, model_dir: Path, *, out: str = "run", far: int = 12, near: int = 10, **sections
+) -> dict:
+    """A config dict: a two-step sDPO run (partition "given") of ``model_dir`` over an easy
+    source "far" and a hard one "near" (``far`` and ``near`` pairs, written under ``tmp_path``),
+    with the torch kernels; ``sections`` update those sections' keys."""
+    far_path = write_pairs(tmp_path / "far.jsonl", n=far, seed=1, kind="far")
+    near_path = write_pairs(tmp_path / "near.jsonl", n=near, seed=2, kind="near")
+    d = {
+        "output_dir": str(tmp_path / out),
+        "model": {"path": str(model_dir)},
+        "data": {
+            "sources": [
+                {"name": "far", "path": str(far_path)},
+                {"name": "near", "path": str(near_path)},
+            ],
+            "max_length": 32,
+            "max_prompt_length": 16,
+        },
+        "train": {"learning_rate": 3e-3, "pairs_per_step": 4, "max_tokens_per_batch": 128},
+        "kernels": {"impl": "torch"},
+        "sdpo": {"steps": 2, "partition": "given", "report_scoring": False},
+    }
+    for name, values in sections.items():
+        d.setdefault(name, {}).update(values)
+    return d
+
+
 def write_two_source_run(
     root: Path, *, data: str = "", train: str = "", sdpo: str = "", tail: str = ""
 ) -> Path:

@@ -32,6 +32,16 @@ def write_jsonl(path: Path, rows: list, *, blank_after: int | None = None) -> Pa
     return path
 
 
+def write_rows(tmp_path: Path, stem: str, rows: list, fmt: str) -> Path:
+    """``rows`` as ``stem.<fmt>`` (jsonl, parquet or csv) under ``tmp_path``."""
+    if fmt == "jsonl":
+        return write_jsonl(tmp_path / f"{stem}.jsonl", rows)
+    path = tmp_path / f"{stem}.{fmt}"
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(path)) if fmt == "parquet" else ds.to_csv(str(path), index=False)
+    return path
+
+
 def triple(row: dict) -> tuple:
     return row["prompt"], row["chosen"], row["rejected"]
 
@@ -478,12 +488,7 @@ CHAT = [
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv"])
 def test_implicit_prompts_are_split_at_the_shared_beginning(tmp_path, fmt):
-    if fmt == "jsonl":
-        path = write_jsonl(tmp_path / "hh.jsonl", HH)
-    else:
-        path = tmp_path / f"hh.{fmt}"
-        ds = datasets.Dataset.from_list(HH)
-        ds.to_parquet(str(path)) if fmt == "parquet" else ds.to_csv(str(path), index=False)
+    path = write_rows(tmp_path, "hh", HH, fmt)
     rows = read_preference_file(path)
     assert [triple(r) for r in rows] == [
         ("\n\nHuman: name a pet\n\nAssistant: The", " cat, mostly", " car"),
@@ -551,12 +556,7 @@ ORCA_COLUMNS = {"prompt": "question", "system": "system"}
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv"])
 def test_columns_rename_fields_and_fold_a_system_column_into_the_prompt(tmp_path, fmt):
-    if fmt == "jsonl":
-        path = write_jsonl(tmp_path / "orca.jsonl", ORCA)
-    else:
-        path = tmp_path / f"orca.{fmt}"
-        ds = datasets.Dataset.from_list(ORCA)
-        ds.to_parquet(str(path)) if fmt == "parquet" else ds.to_csv(str(path), index=False)
+    path = write_rows(tmp_path, "orca", ORCA, fmt)
     rows = read_preference_file(path, columns=ORCA_COLUMNS)
     assert rows[0]["prompt"] == [
         {"role": "system", "content": "You are helpful."},

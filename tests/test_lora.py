@@ -34,7 +34,13 @@ from sdpo.engine.model import ModelConfig, init_model
 from sdpo.engine.trainer import TrainConfig, TrainingStopped
 from sdpo.kernels import sequence_logprobs
 from sdpo.runner import OutputDirError, run_training
-from tests.conftest import assert_no_worse, dpo_trainer, tiny_hf_dict, write_pairs
+from tests.conftest import (
+    assert_no_worse,
+    dpo_trainer,
+    tiny_hf_dict,
+    two_source_config,
+    write_pairs,
+)
 
 LENGTHS = [7, 13, 1, 10]  # odd sizes, one single-token sequence
 
@@ -283,26 +289,12 @@ def test_adapter_state_round_trip_and_peft_layout():
 
 # -- whole runs ----------------------------------------------------------------------------
 def _config_dict(tmp_path: Path, model_dir: Path, *, out: str, **sections) -> dict:
-    far = write_pairs(tmp_path / "far.jsonl", n=12, seed=1, kind="far")
-    near = write_pairs(tmp_path / "near.jsonl", n=10, seed=2, kind="near")
-    d = {
-        "output_dir": str(tmp_path / out),
-        "model": {"path": str(model_dir)},
-        "data": {
-            "sources": [{"name": "far", "path": str(far)}, {"name": "near", "path": str(near)}],
-            "max_length": 32,
-            "max_prompt_length": 16,
-        },
-        "train": {
-            "learning_rate": 3e-2,
-            "pairs_per_step": 4,
-            "max_tokens_per_batch": 128,
-            "warmup_ratio": 0.0,
-            "schedule": "constant",
-        },
-        "kernels": {"impl": "torch"},
-        "sdpo": {"steps": 2, "partition": "given", "report_scoring": False},
-    }
+    d = two_source_config(
+        tmp_path,
+        model_dir,
+        out=out,
+        train={"learning_rate": 3e-2, "warmup_ratio": 0.0, "schedule": "constant"},
+    )
     for name, values in sections.items():
         d.setdefault(name, {}).update(values)
     return d

@@ -32,7 +32,7 @@ from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import DPOTrainer, NonFiniteError, TrainConfig, TrainingStopped
 from sdpo.runner import CheckpointWriteError, OutputDirError, run_training
-from tests.conftest import dpo_trainer, write_pairs
+from tests.conftest import dpo_trainer, two_source_config, write_pairs
 
 
 def _pairs(model_dir: Path, tmp_path: Path, n: int = 13):
@@ -115,28 +115,15 @@ def test_skip_nonfinite_batches_skips_and_counts(tiny_model_dir, tmp_path):
 
 
 def _config(tmp_path: Path, model_dir: Path, out: str = "run", **train):
-    far = write_pairs(tmp_path / "far.jsonl", n=8, seed=1, kind="far")
-    near = write_pairs(tmp_path / "near.jsonl", n=7, seed=2, kind="near")
     return config_from_dict(
-        {
-            "output_dir": str(tmp_path / out),
-            "model": {"path": str(model_dir)},
-            "data": {
-                "sources": [{"name": "far", "path": str(far)}, {"name": "near", "path": str(near)}],
-                "max_length": 32,
-                "max_prompt_length": 16,
-            },
-            "train": {
-                "learning_rate": 3e-3,
-                "pairs_per_step": 3,
-                "max_tokens_per_batch": 128,
-                "save_every": 1,
-                "keep_checkpoints": 3,
-                **train,
-            },
-            "kernels": {"impl": "torch"},
-            "sdpo": {"steps": 2, "partition": "given", "report_scoring": False},
-        }
+        two_source_config(
+            tmp_path,
+            model_dir,
+            out=out,
+            far=8,
+            near=7,
+            train={"pairs_per_step": 3, "save_every": 1, "keep_checkpoints": 3, **train},
+        )
     )
 
 

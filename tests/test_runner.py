@@ -22,30 +22,12 @@ from sdpo.engine.tiny import write_tiny_model
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import DPOTrainer
 from sdpo.runner import OutputDirError, run_training
-from tests.conftest import WORDS, write_pairs
+from tests.conftest import WORDS, two_source_config, write_pairs
 
 
 def _config(tmp_path: Path, model_dir: Path, **sdpo):
-    far = write_pairs(tmp_path / "far.jsonl", n=12, seed=1, kind="far")
-    near = write_pairs(tmp_path / "near.jsonl", n=10, seed=2, kind="near")
     return config_from_dict(
-        {
-            "output_dir": str(tmp_path / "run"),
-            "model": {"path": str(model_dir)},
-            "data": {
-                "sources": [{"name": "far", "path": str(far)}, {"name": "near", "path": str(near)}],
-                "max_length": 32,
-                "max_prompt_length": 16,
-            },
-            "train": {
-                "learning_rate": 3e-3,
-                "pairs_per_step": 4,
-                "max_tokens_per_batch": 128,
-                "log_every": 1,
-            },
-            "kernels": {"impl": "torch"},
-            "sdpo": {"steps": 2, "partition": "given", "report_scoring": False, **sdpo},
-        }
+        two_source_config(tmp_path, model_dir, train={"log_every": 1}, sdpo=sdpo)
     )
 
 
