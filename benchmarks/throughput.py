@@ -8,6 +8,8 @@ and, with ``--json PATH``, writes the same rows as JSON.
     python benchmarks/throughput.py kernels --smoke             # tiny shapes on CPU (CI)
     python benchmarks/throughput.py step [--sdpo-run] [--compare-trl] [--json out.json]
     python benchmarks/throughput.py step --smoke                # tiny model on CPU (CI)
+    torchrun --nproc-per-node N benchmarks/throughput.py step [--fsdp] [--json out.json]
+    torchrun --nproc-per-node 2 benchmarks/throughput.py step --smoke   # two gloo ranks (CI)
 
 ``kernels``: lm_head matmul + log-softmax + label gather + per-sequence sum + a DPO sigmoid
 loss against fixed reference values, forward and backward, for N=16,384 tokens (8 sequences
@@ -31,6 +33,25 @@ loop. ``--sdpo-run`` times a whole 2-step sDPO run (score chunk 1, train, score 
 train) against its training alone; ``--compare-trl`` runs TRL's DPOTrainer
 (``precompute_ref_log_probs=True``) on the same weights and pairs in the same process
 afterwards and prints the tokens/s and peak-memory ratios.
+
+``step`` under torchrun (``WORLD_SIZE`` > 1; ``kernels`` runs in one process only): every rank
+joins the group (``distributed.init_from_env``: NCCL on ``cuda:LOCAL_RANK``, gloo with
+``--smoke``), builds the same model and pairs, and trains as ``sdpo train`` does under torchrun:
+data parallel (gradient all-reduce overlapped with the backward; ``--no-overlap-grad-reduce``:
+one all-reduce after it) or, with ``--fsdp``, sharded (FSDP2, ``train.fsdp``). The trainer
+shares each optimizer step's micro-batches (or, with fewer micro-batches than ranks, its pairs)
+out over the ranks, so ``--pairs-per-step`` is the global step size (default 4 per GPU: 4·N).
+The scoring pass shares the pairs the same way. Each timed window starts and ends with a device
+sync and a barrier, so its length is the slowest rank's; the rows give global real tokens/s,
+tokens/s per GPU, MFU per GPU (an equal 1/N of the FLOPs over that window against the matmul
+ceiling measured on each GPU in the same run: median as ``mfu``, ``mfu_min``) and peak memory
+(max over ranks as ``peak_gb``, ``peak_gb_min``), with each rank's own values (seconds, its
+share of the tokens, ceiling, MFU, peak, losses) under ``ranks``; the header names
+``world_size``, ``backend`` and ``mode`` (``single``, ``dp`` or ``fsdp``). Rank 0 alone prints
+and writes the JSON. ``--sdpo-run`` runs on every rank (scoring and training shared as in
+``sdpo train``); ``--compare-trl`` is refused (TRL is measured in one process). A rank that
+fails raises (it never skips a collective its peers wait in), says so on stderr, and torchrun
+ends the others.
 """
 
 from __future__ import annotations
@@ -1866,7 +1887,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "End-to-end DPO training steps on a random-init model of a preset shape with "
             "synthetic pairs. Defaults (GPU): llama-1b-32k, bf16, compiled layers, fused loss, "
-            "4 pairs/step, prompt 128, completions 448-896, 4 warm-up + 8 timed steps."
+            "4 pairs/step (4 per GPU under torchrun: data parallel, or sharded with --fsdp), prompt "
+            "128, completions 448-896, 4 warm-up + 8 timed steps."
         ),
     )
     s.add_argument("--smoke", action="store_true", help="tiny preset on CPU in seconds (CI)")
