@@ -2027,6 +2027,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.section != "step" and distributed.launched() and os.environ["WORLD_SIZE"] != "1":
+        if os.environ["RANK"] != "0":
+            raise SystemExit(1)  # rank 0 says why
         raise SystemExit(
             f"throughput.py {args.section} runs in one process: only the step section runs "
             "under torchrun"
@@ -2034,6 +2036,13 @@ def main(argv: list[str] | None = None) -> int:
     owns_group = not distributed.initialized()  # the step section joins torchrun's group
     try:
         payload = SECTIONS[args.section](args)
+    except SystemExit as exc:  # a refused argument: the same on every rank, said by rank 0
+        main_rank = distributed.is_main()
+        if owns_group:
+            distributed.shutdown()
+        if isinstance(exc.code, str) and not main_rank:
+            raise SystemExit(1) from None
+        raise
     except BaseException as exc:
         if distributed.active():  # say which rank failed; torchrun then ends the others
             print(
