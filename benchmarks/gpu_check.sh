@@ -73,6 +73,10 @@ section "benchmarks/throughput.py kernels" kernels.txt 120 \
 grep -v '^  V=' "$OUT_DIR/kernels.txt" | tail -n 60 | tee -a "$SUMMARY"
 echo "kernels benchmark exit code: $rc" | tee -a "$SUMMARY"
 
+# (On a node with several GPUs, not this script's one-GPU machine, the same step runs data
+# parallel or sharded: torchrun --nproc-per-node N benchmarks/throughput.py step --preset
+# llama-1b-32k --compile [--fsdp] --json "$OUT_DIR/step_multi.json".)
+
 # End to end: the anchor workload (llama-1b-32k, 4 pairs/step, prompt 128, completions
 # 448-896), 4 warm-up + 12 timed steps on both sides, TRL in the same process afterwards
 # (its timed batches twice: first pass and repeat pass, plus a 2-step profile of TRL).

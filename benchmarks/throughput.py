@@ -8,6 +8,8 @@ and, with ``--json PATH``, writes the same rows as JSON.
     python benchmarks/throughput.py kernels --smoke             # tiny shapes on CPU (CI)
     python benchmarks/throughput.py step [--sdpo-run] [--compare-trl] [--json out.json]
     python benchmarks/throughput.py step --smoke                # tiny model on CPU (CI)
+    torchrun --nproc-per-node N benchmarks/throughput.py step [--fsdp] [--json out.json]
+    torchrun --nproc-per-node 2 benchmarks/throughput.py step --smoke   # two gloo ranks (CI)
 
 ``kernels``: lm_head matmul + log-softmax + label gather + per-sequence sum + a DPO sigmoid
 loss against fixed reference values, forward and backward, for N=16,384 tokens (8 sequences
@@ -31,6 +33,25 @@ loop. ``--sdpo-run`` times a whole 2-step sDPO run (score chunk 1, train, score 
 train) against its training alone; ``--compare-trl`` runs TRL's DPOTrainer
 (``precompute_ref_log_probs=True``) on the same weights and pairs in the same process
 afterwards and prints the tokens/s and peak-memory ratios.
+
+``step`` under torchrun (``WORLD_SIZE`` > 1; ``kernels`` runs in one process only): every rank
+joins the group (``distributed.init_from_env``: NCCL on ``cuda:LOCAL_RANK``, gloo with
+``--smoke``), builds the same model and pairs, and trains as ``sdpo train`` does under torchrun:
+data parallel (gradient all-reduce overlapped with the backward; ``--no-overlap-grad-reduce``:
+one all-reduce after it) or, with ``--fsdp``, sharded (FSDP2, ``train.fsdp``). The trainer
+shares each optimizer step's micro-batches (or, with fewer micro-batches than ranks, its pairs)
+out over the ranks, so ``--pairs-per-step`` is the global step size (default 4 per GPU: 4·N).
+The scoring pass shares the pairs the same way. Each timed window starts and ends with a device
+sync and a barrier, so its length is the slowest rank's; the rows give global real tokens/s,
+tokens/s per GPU, MFU per GPU (an equal 1/N of the FLOPs over that window against the matmul
+ceiling measured on each GPU in the same run: median as ``mfu``, ``mfu_min``) and peak memory
+(max over ranks as ``peak_gb``, ``peak_gb_min``), with each rank's own values (seconds, its
+share of the tokens, ceiling, MFU, peak, losses) under ``ranks``; the header names
+``world_size``, ``backend`` and ``mode`` (``single``, ``dp`` or ``fsdp``). Rank 0 alone prints
+and writes the JSON. ``--sdpo-run`` runs on every rank (scoring and training shared as in
+``sdpo train``); ``--compare-trl`` is refused (TRL is measured in one process). A rank that
+fails raises (it never skips a collective its peers wait in), says so on stderr, and torchrun
+ends the others.
 """
 
 from __future__ import annotations
@@ -39,6 +60,7 @@ import argparse
 import datetime
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -49,6 +71,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from sdpo.engine import distributed, sharding
 from sdpo.engine.files import atomic_write_json
 from sdpo.kernels import linear_pair_loss, resolve_impl, sequence_logprobs
 
@@ -130,7 +153,18 @@ def peak_above(device: torch.device, base: int) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
+def say(*values, **kwargs) -> None:
+    """``print`` on rank 0 only (under torchrun every rank runs the same code; a plain run is a
+    world of one, its rank 0)."""
+    if distributed.is_main():
+        print(*values, **kwargs)
+
+
 def print_table(rows: list[dict], columns: list[str], *, file=sys.stdout) -> None:
+    """Rows as a text table (on rank 0 only)."""
+    if not distributed.is_main():
+        return
+
     def cell(value) -> str:
         if value is None:
             return "-"
@@ -633,6 +667,38 @@ def peak_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 1e9
 
 
+def sync_ranks(device: torch.device) -> None:
+    """Wait for this rank's queued device work, then for every rank (a barrier under torchrun,
+    a collective): a window between two calls lasts until the slowest rank is done, so its
+    length is the slowest rank's time on every rank."""
+    synchronize(device)
+    distributed.barrier()
+    synchronize(device)
+
+
+def across_ranks(per_rank: list[dict], *, tokens: int, flops: float) -> dict:
+    """One timed window over all ranks (``per_rank``: each rank's ``seconds``, ``peak_gb`` and
+    ``matmul_tflops``, in rank order). Global tokens/s use the slowest rank's seconds; MFU per
+    GPU is an equal share of the window's FLOPs (``flops / world``) over that time, against the
+    matmul ceiling measured on that GPU in this run (min and median over ranks); peak memory
+    is reported as the max and min over ranks. A world of one gives the single-GPU numbers."""
+    world = len(per_rank)
+    seconds = max(r["seconds"] for r in per_rank)
+    for r in per_rank:
+        r["mfu"] = flops / world / seconds / (r["matmul_tflops"] * 1e12)
+    mfus = [r["mfu"] for r in per_rank]
+    peaks = [r["peak_gb"] for r in per_rank if r["peak_gb"] is not None]
+    return {
+        "tokens_per_s": tokens / seconds,
+        "tokens_per_s_per_gpu": tokens / seconds / world,
+        "mfu": statistics.median(mfus),
+        "mfu_min": min(mfus),
+        "peak_gb": max(peaks) if peaks else None,
+        "peak_gb_min": min(peaks) if peaks else None,
+        "ranks": per_rank,
+    }
+
+
 class PhaseRecorder:
     """Phase boundaries of training steps, recorded by hooks (CUDA events or perf_counter).
 
@@ -642,9 +708,21 @@ class PhaseRecorder:
     and, on the fused path, the lm_head gradients formed in the forward), the decoder backward
     (to the embedding gradient's accumulation, the last of the backward; with LoRA the first
     adapter matrix's) and per step the
-    optimizer (grad clipping + AdamW, to the optimizer's step post-hook)."""
+    optimizer (grad clipping + AdamW, to the optimizer's step post-hook).
+
+    Under torchrun each rank records its own steps. Data parallel: the optimizer phase also
+    holds the wait for the gradient buckets still in flight after the backward (and, without
+    overlap, the whole all-reduce). Sharded (FSDP2 runs the hook once it has written the
+    reduce-scattered gradient): the decoder backward holds the layers' gathers and
+    reduce-scatters up to the root's, which is the last."""
 
     PHASES = ("decoder_fwd_ms", "head_ms", "decoder_bwd_ms", "optimizer_ms", "other_ms")
+    SPANS = {  # end mark: (start mark, phase)
+        "fwd_end": ("fwd_start", "decoder_fwd_ms"),
+        "bwd_start": ("fwd_end", "head_ms"),
+        "bwd_end": ("bwd_start", "decoder_bwd_ms"),
+        "opt_end": ("bwd_end", "optimizer_ms"),
+    }
 
     def __init__(self, model: torch.nn.Module, optimizer, device: torch.device) -> None:
         self.device = device
@@ -691,15 +769,12 @@ class PhaseRecorder:
         marks, self.marks = self.marks, []
         out = dict.fromkeys(self.PHASES, 0.0)
         last: dict[str, object] = {}
+        # a phase runs from the last mark of its start label (none on a rank that got no
+        # micro-batch in the step: its time stays in other_ms)
         for label, value in marks:
-            if label == "fwd_end":
-                out["decoder_fwd_ms"] += self._ms(last["fwd_start"], value)
-            elif label == "bwd_start":
-                out["head_ms"] += self._ms(last["fwd_end"], value)
-            elif label == "bwd_end":
-                out["decoder_bwd_ms"] += self._ms(last["bwd_start"], value)
-            elif label == "opt_end":
-                out["optimizer_ms"] += self._ms(last["bwd_end"], value)
+            if label in self.SPANS and self.SPANS[label][0] in last:
+                begin, phase = self.SPANS[label]
+                out[phase] += self._ms(last[begin], value)
             last[label] = value
         out["step_ms"] = self._ms(last["step_start"], last["opt_end"])
         out["other_ms"] = out["step_ms"] - sum(out[k] for k in self.PHASES[:-1])
@@ -721,7 +796,8 @@ def measure_scoring(
     share_prompt: bool = False,
 ):
     """(PairLogps, seconds): the no-grad reference pass over ``pairs``, after a warm-up batch
-    (which also compiles the no-grad graph of the layers)."""
+    (which also compiles the no-grad graph of the layers). Under torchrun every rank scores its
+    shard (``score_pairs``) and the seconds are the slowest rank's (``sync_ranks``)."""
     from sdpo.engine.scoring import score_pairs
 
     kwargs = {
@@ -730,11 +806,12 @@ def measure_scoring(
         "precision": precision,
         "share_prompt": share_prompt,
     }
-    score_pairs(model, pairs[: max(1, len(pairs) // 8)], **kwargs)
-    synchronize(device)
+    # the warm-up gives every rank pairs of its own to score (and to compile for)
+    score_pairs(model, pairs[: max(distributed.world(), len(pairs) // 8)], **kwargs)
+    sync_ranks(device)
     start = time.perf_counter()
     ref = score_pairs(model, pairs, **kwargs)
-    synchronize(device)
+    sync_ranks(device)
     return ref, time.perf_counter() - start
 
 
@@ -752,14 +829,16 @@ def measure_sdpo_run(
 ) -> dict:
     """A whole stepwise run in process: for each chunk, score it with the current model (the
     reference values of that step), then train on it with a fresh trainer (``fit``); with
-    ``lora_rank`` a fresh adapter per chunk, merged after its training (as the runner does)."""
+    ``lora_rank`` a fresh adapter per chunk, merged after its training (as the runner does).
+    Under torchrun every rank runs it (scoring and training shared as in ``sdpo train``) and
+    each time is the slowest rank's (``sync_ranks``)."""
     from sdpo.engine.lora import attach_lora, merge_lora
     from sdpo.engine.scoring import score_pairs
     from sdpo.engine.trainer import DPOTrainer
 
     score_s, train_s = [], []
     for chunk in chunks:
-        synchronize(device)
+        sync_ranks(device)
         t0 = time.perf_counter()
         ref = score_pairs(
             model,
@@ -769,7 +848,7 @@ def measure_sdpo_run(
             precision=train_config.precision,
             share_prompt=train_config.share_prompt,
         )
-        synchronize(device)
+        sync_ranks(device)
         t1 = time.perf_counter()
         if lora_rank:
             attach_lora(model, rank=lora_rank, alpha=lora_alpha, seed=len(score_s))
@@ -779,7 +858,7 @@ def measure_sdpo_run(
         result = trainer.fit(chunk, ref)
         if lora_rank:
             merge_lora(model)
-        synchronize(device)
+        sync_ranks(device)
         t2 = time.perf_counter()
         del trainer
         if not math.isfinite(result.last_metrics.get("loss", float("nan"))):
@@ -1312,9 +1391,18 @@ def step_section(args: argparse.Namespace) -> dict:
     from sdpo.engine.lora import attach_lora, merge_lora
     from sdpo.engine.model import init_model
     from sdpo.engine.precision import parameter_dtype, resolve_precision
-    from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
+    from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps, shard_micro_batches
     from sdpo.losses import LossConfig, dpo_loss
 
+    # Under torchrun: join the group first (every rank then checks the same arguments and
+    # fails the same way). --smoke runs on the CPU, so its group is gloo even beside GPUs.
+    distributed.init_from_env(backend="gloo" if args.smoke else None)
+    world, rank = distributed.world(), distributed.rank()
+    if world > 1 and args.compare_trl:
+        raise SystemExit(
+            "--compare-trl runs in one process only (TRL's DPOTrainer is measured on one "
+            "GPU): run it without torchrun"
+        )
     if args.smoke:
         device = torch.device("cpu")
         args.preset = "tiny" if args.preset is None else args.preset
@@ -1329,7 +1417,7 @@ def step_section(args: argparse.Namespace) -> dict:
             raise SystemExit(
                 "throughput.py step needs a CUDA device; use --smoke for the CPU check"
             )
-        device = torch.device("cuda")
+        device = distributed.device()  # cuda:LOCAL_RANK under torchrun
         args.preset = args.preset or "llama-1b-32k"
         lengths, matmul_dtype, matmul_size = ANCHOR_LENGTHS, torch.bfloat16, 8192
         for name, value in (("warmup_steps", 4), ("steps", 8), ("profile_steps", 3)):
@@ -1340,6 +1428,8 @@ def step_section(args: argparse.Namespace) -> dict:
     for name, value in lengths.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.pairs_per_step is None:  # 4 per GPU; an explicit value is the global step size
+        args.pairs_per_step = 4 * world
     if not 1 <= args.completion_min <= args.completion_max or args.prompt_len < 1:
         raise SystemExit(
             "need --prompt-len >= 1 and 1 <= --completion-min <= --completion-max, got "
@@ -1347,24 +1437,59 @@ def step_section(args: argparse.Namespace) -> dict:
         )
     if args.steps < 1 or args.warmup_steps < 0 or args.profile_steps < 0:
         raise SystemExit("need --steps >= 1, --warmup-steps >= 0, --profile-steps >= 0")
+    if args.pairs_per_step < 1:
+        raise SystemExit(f"need --pairs-per-step >= 1, got {args.pairs_per_step}")
     if args.lora_rank < 0:
         raise SystemExit(f"need --lora-rank >= 0 (0: full fine-tuning), got {args.lora_rank}")
     if args.lora_rank and args.compare_trl:
         raise SystemExit("--compare-trl with --lora-rank is not implemented (TRL needs peft)")
+    if args.lora_rank and args.fsdp:
+        raise SystemExit(
+            "--fsdp with --lora-rank is not implemented (sharded LoRA training, as in sdpo "
+            "train): drop --fsdp to measure LoRA data parallel"
+        )
     if args.activation_memory_budget is not None and not args.compile:
         raise SystemExit("--activation-memory-budget needs --compile (the compiler recomputes)")
+    sharded = sharding.wanted(args.fsdp)
+    mode = "fsdp" if sharded else "dp" if world > 1 else "single"
+    backend = torch.distributed.get_backend() if distributed.initialized() else None
+    if world > 1:
+        say(
+            f"world {world} ({backend}), {mode}, {args.pairs_per_step} pairs per optimizer "
+            f"step over all ranks ({args.pairs_per_step / world:g} per rank)",
+            flush=True,
+        )
+        if args.pairs_per_step < world:
+            say(
+                f"note: {args.pairs_per_step} pairs per step for {world} ranks: "
+                f"{world - args.pairs_per_step} rank(s) get no pair in a step",
+                flush=True,
+            )
+    elif args.fsdp:
+        say("note: --fsdp in one process shards nothing (as train.fsdp): plain model", flush=True)
+    if sharded and args.compile:
+        say("note: sdpo train refuses model.compile with train.fsdp today", flush=True)
     precision = resolve_precision(args.precision, device)
     impl = resolve_impl(args.impl, device)
     config = step_model_config(args)
     timer = Timer(device=device, warmup=1, iters=3)
     tflops = measure_matmul_tflops(device, matmul_dtype, size=matmul_size, timer=timer)
-    print(f"matmul ceiling: {tflops:.1f} TFLOP/s ({matmul_size}^3, {matmul_dtype})", flush=True)
+    ceilings = distributed.all_gather_object(tflops)  # each GPU's own, measured side by side
+    say(
+        f"matmul ceiling: {tflops:.1f} TFLOP/s ({matmul_size}^3, {matmul_dtype})"
+        + (f"; over {world} ranks {min(ceilings):.1f}-{max(ceilings):.1f}" if world > 1 else ""),
+        flush=True,
+    )
 
     n_params = None
     header = {
         "section": "step",
         **run_header(device),
         "smoke": args.smoke,
+        "world_size": world,
+        "backend": backend,
+        "mode": mode,
+        "overlap_grad_reduce": args.overlap_grad_reduce if mode == "dp" else None,
         "preset": args.preset,
         "model_config": config.architecture_dict(),
         "precision": precision,
@@ -1378,25 +1503,34 @@ def step_section(args: argparse.Namespace) -> dict:
         "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha if args.lora_rank else None,
         "kernels_impl": impl,
-        "pairs_per_step": args.pairs_per_step,
+        "pairs_per_step": args.pairs_per_step,  # global: over all ranks
         "prompt_len": args.prompt_len,
         "completion_range": [args.completion_min, args.completion_max],
         "warmup_steps": args.warmup_steps,
         "timed_steps": args.steps,
-        "matmul_tflops": tflops,
+        "matmul_tflops": tflops,  # rank 0's; every rank's in matmul_tflops_per_rank
+        "matmul_tflops_per_rank": ceilings,
         "matmul_params": matmul_params(config),
         "flop_convention": "6*P_matmul (LoRA: 4*P_matmul) per token + 12*L*A*s per token "
-        "(full square), see model_flops",
+        "(full square), see model_flops; under torchrun MFU per GPU counts 1/world of the FLOPs",
     }
+    if world > 1:
+        header["command"] = f"torchrun --nproc-per-node {world} " + " ".join(sys.argv)
     results: list[dict] = []
     extra: dict = {}
 
     def save(complete: bool) -> dict:
         payload = {**header, "n_params": n_params, "results": results, **extra}
         payload["complete"] = complete
-        if args.json:
+        if args.json and distributed.is_main():
             atomic_write_json(args.json, payload)
         return payload
+
+    def rank_rows(**mine) -> list[dict]:
+        """Every rank's values of one measurement, in rank order (a collective)."""
+        return distributed.all_gather_object(
+            {"rank": rank, "device": str(device), "matmul_tflops": tflops, **mine}
+        )
 
     # -- model and data ------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -1407,21 +1541,26 @@ def step_section(args: argparse.Namespace) -> dict:
     model.gradient_checkpointing = args.gradient_checkpointing
     model.checkpoint_every = args.checkpoint_every
     if args.compile:
-        backend = args.compile_backend or ("inductor" if device.type == "cuda" else "aot_eager")
+        compile_backend = args.compile_backend or (
+            "inductor" if device.type == "cuda" else "aot_eager"
+        )
         compile_decoder_layers(
             model,
             mode=args.compile_mode,
-            backend=backend,
+            backend=compile_backend,
             activation_memory_budget=args.activation_memory_budget,
         )
-        header["compile_backend"] = backend
-    print(
+        header["compile_backend"] = compile_backend
+    if sharded:  # as sdpo train does: compile the layers, then shard them (engine/sharding.py)
+        sharding.shard_model(model, precision=precision)
+    say(
         f"model {args.preset}: {n_params / 1e6:.1f} M parameters "
         f"({matmul_params(config) / 1e6:.1f} M in matmuls), {precision}, "
         f"init {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
     total_steps = args.warmup_steps + args.steps
+    # the same pairs on every rank; the trainer and the scoring pass share them out
     pairs = synthetic_pairs(
         args.pairs_per_step * total_steps,
         vocab_size=config.vocab_size,
@@ -1440,6 +1579,8 @@ def step_section(args: argparse.Namespace) -> dict:
         precision=precision,
         loss_path=args.loss_path,
         share_prompt=args.share_prompt,
+        fsdp=args.fsdp,
+        overlap_grad_reduce=args.overlap_grad_reduce,
         log_every=10**9,
     )
     loss_fn = partial(dpo_loss, config=LossConfig(beta=0.1))
@@ -1456,18 +1597,23 @@ def step_section(args: argparse.Namespace) -> dict:
         device=device,
         share_prompt=args.share_prompt,
     )
-    score_flops = model_flops(pairs, config, training=False)
+    warmup_s = time.perf_counter() - t0 - score_s
+    start, end = distributed.contiguous_bounds([p.num_tokens for p in pairs], world)[rank]
+    per_rank = rank_rows(
+        seconds=score_s, tokens=real_tokens(pairs[start:end]), peak_gb=peak_gb(device)
+    )
+    scoring = across_ranks(
+        per_rank, tokens=real_tokens(pairs), flops=model_flops(pairs, config, training=False)
+    )
     results.append(
         {
             "variant": "sdpo scoring pass (no grad)",
-            "tokens_per_s": real_tokens(pairs) / score_s,
-            "ms_per_step": score_s / total_steps * 1e3,
-            "mfu": score_flops / score_s / (tflops * 1e12),
-            "peak_gb": peak_gb(device),
-            "warmup_s": time.perf_counter() - t0 - score_s,
+            **scoring,
+            "ms_per_step": max(r["seconds"] for r in per_rank) / total_steps * 1e3,
+            "warmup_s": warmup_s,
         }
     )
-    print(f"  {results[-1]}", flush=True)
+    say(f"  {brief(results[-1])}", flush=True)
     save(False)
 
     # -- training steps: warm-up, then timed with no syncs -------------------------------
@@ -1475,46 +1621,61 @@ def step_section(args: argparse.Namespace) -> dict:
     if lora:  # as the runner does: the reference scored by the plain model, then the adapter
         adapter = attach_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, seed=args.seed)
         header["lora_params"] = sum(p.numel() for p in adapter)
-        print(
-            f"LoRA rank {args.lora_rank}: {header['lora_params'] / 1e6:.2f} M trained", flush=True
-        )
+        say(f"LoRA rank {args.lora_rank}: {header['lora_params'] / 1e6:.2f} M trained", flush=True)
     trainer = DPOTrainer(
         model, config=train_config, loss_fn=loss_fn, kernels_impl=impl, progress=False
     )
     plan = plan_steps(pairs, train_config, epoch=0)
     reset_peak(device)
+    sync_ranks(device)
     t0 = time.perf_counter()
     for micro_batches in plan[: args.warmup_steps]:
         trainer.train_step(pairs, micro_batches, ref)
-    synchronize(device)
+    sync_ranks(device)
     warmup_s = time.perf_counter() - t0
     timed = plan[args.warmup_steps :]
     losses = []
     start = time.perf_counter()
     for micro_batches in timed:
         losses.append(trainer.train_step(pairs, micro_batches, ref)["loss"])
-    synchronize(device)
+    sync_ranks(device)  # the window ends when the slowest rank is done
     train_s = time.perf_counter() - start
     timed_pairs = [pairs[i] for step in timed for batch in step for i in batch]
-    loss_values = [float(v) for v in losses]
+    loss_values = [float(v) for v in losses]  # summed over ranks: the same on every rank
     if not all(math.isfinite(v) for v in loss_values):
-        raise FloatingPointError(f"non-finite training loss: {loss_values}")
-    train_tps = real_tokens(timed_pairs) / train_s
+        raise FloatingPointError(f"non-finite training loss on rank {rank}: {loss_values}")
+    mine = [
+        i
+        for step in timed
+        for batch in shard_micro_batches(
+            pairs, step, world_size=world, rank=rank, max_tokens=train_config.max_tokens_per_batch
+        )
+        for i in batch
+    ]
+    per_rank = rank_rows(
+        seconds=train_s,
+        tokens=real_tokens([pairs[i] for i in mine]),
+        peak_gb=peak_gb(device),
+        losses=loss_values,
+    )
+    training = across_ranks(
+        per_rank,
+        tokens=real_tokens(timed_pairs),
+        flops=model_flops(timed_pairs, config, training=True, lora=lora),
+    )
     results.append(
         {
             "variant": "sdpo train step",
-            "tokens_per_s": train_tps,
-            "ms_per_step": train_s / len(timed) * 1e3,
-            "mfu": model_flops(timed_pairs, config, training=True, lora=lora)
-            / train_s
-            / (tflops * 1e12),
-            "peak_gb": peak_gb(device),
+            **training,
+            "ms_per_step": max(r["seconds"] for r in per_rank) / len(timed) * 1e3,
             "warmup_s": warmup_s,
             "losses": loss_values,
         }
     )
-    results[0]["scoring_over_training_tokens_per_s"] = results[0]["tokens_per_s"] / train_tps
-    print(f"  {results[-1]}", flush=True)
+    results[0]["scoring_over_training_tokens_per_s"] = (
+        results[0]["tokens_per_s"] / training["tokens_per_s"]
+    )
+    say(f"  {brief(results[-1])}", flush=True)
     save(False)
 
     # -- instrumented loop: where a step's time goes --------------------------------------
@@ -1531,8 +1692,11 @@ def step_section(args: argparse.Namespace) -> dict:
         finally:
             recorder.remove()
         phases = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
-        results.append({"variant": "phases of one step (median, instrumented)", **phases})
-        print(f"  {results[-1]}", flush=True)
+        row = {"variant": "phases of one step (median, instrumented)", **phases}
+        if world > 1:  # rank 0's phases above; every rank's here
+            row["ranks"] = distributed.all_gather_object({"rank": rank, **phases})
+        results.append(row)
+        say(f"  {brief(results[-1])}", flush=True)
         save(False)
 
     # -- a whole 2-step sDPO run against its training alone --------------------------------
@@ -1569,16 +1733,22 @@ def step_section(args: argparse.Namespace) -> dict:
                 {
                     "variant": "sdpo 2-step run (score+train, score+train)",
                     "tokens_per_s": real_tokens(all_pairs) * args.sdpo_epochs / run["total_s"],
+                    "tokens_per_s_per_gpu": real_tokens(all_pairs)
+                    * args.sdpo_epochs
+                    / run["total_s"]
+                    / world,
                     "epochs": args.sdpo_epochs,
                     "ratio_vs_train": run["ratio_total_over_train"],
                     **{k: v for k, v in run.items() if k != "ratio_total_over_train"},
                 }
             )
         except Exception as exc:
+            if world > 1:
+                raise  # the other ranks may be inside a collective: end the run, not this row
             results.append(
                 {"variant": "sdpo 2-step run", "error": f"{exc.__class__.__name__}: {exc}"}
             )
-        print(f"  {results[-1]}", flush=True)
+        say(f"  {results[-1]}", flush=True)
         save(False)
 
     # -- TRL on the same weights and pairs ------------------------------------------------
@@ -1624,23 +1794,39 @@ def step_section(args: argparse.Namespace) -> dict:
         )
 
     columns = ["variant", "tokens_per_s", "ms_per_step", "mfu", "peak_gb", "warmup_s", "error"]
-    print(
+    if world > 1:  # mfu: the median over ranks, peak_gb: the max (min beside each)
+        columns[2:2] = ["tokens_per_s_per_gpu"]
+        columns[5:5] = ["mfu_min"]
+        columns[7:7] = ["peak_gb_min"]
+    say(
         f"\n{args.preset} ({n_params / 1e6:.1f} M params) {precision} compile={args.compile} "
         f"loss_path={args.loss_path} checkpointing={args.gradient_checkpointing}/every {args.checkpoint_every} "
         f"{args.pairs_per_step} pairs/step, prompt {args.prompt_len}, completions "
         f"{args.completion_min}-{args.completion_max}"
+        + (
+            f"\nworld {world} ({backend}, {mode}"
+            + (f", overlap_grad_reduce={args.overlap_grad_reduce}" if mode == "dp" else "")
+            + "): tokens/s over all GPUs, mfu = median over ranks (mfu_min), peak_gb = max "
+            "over ranks (peak_gb_min)"
+            if world > 1
+            else ""
+        )
     )
     print_table([r for r in results if "phases" not in r["variant"]], columns)
     for row in results:
         if "phases" in row["variant"]:
-            print("\nphases of one step (ms, median of the instrumented loop):")
+            say(
+                "\nphases of one step (ms, median of the instrumented loop"
+                + (", rank 0" if world > 1 else "")
+                + "):"
+            )
             print_table([row], ["step_ms", *PhaseRecorder.PHASES])
         if "ratio_vs_train" in row:
-            print(
+            say(
                 f"\n2-step sDPO run / its training alone ({row['epochs']} epoch(s) per chunk): "
                 f"{row['ratio_vs_train']:.3f} (target <= 1.15)"
             )
-    print(
+    say(
         f"scoring tokens/s / training tokens/s: {results[0]['scoring_over_training_tokens_per_s']:.2f} (target >= 2.5)"
     )
     if "vs_trl" in extra:
@@ -1650,8 +1836,13 @@ def step_section(args: argparse.Namespace) -> dict:
             f"ours / TRL: tokens/s x{vs['tokens_per_s_ratio']:.2f} (target >= 2.0), "
             f"peak memory x{mem} (target <= 0.6)"
         )
-    print(flush=True)
+    say(flush=True)
     return save(True)
+
+
+def brief(row: dict) -> dict:
+    """A result row without its per-rank list (for the progress lines)."""
+    return {k: v for k, v in row.items() if k != "ranks"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -1696,7 +1887,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "End-to-end DPO training steps on a random-init model of a preset shape with "
             "synthetic pairs. Defaults (GPU): llama-1b-32k, bf16, compiled layers, fused loss, "
-            "4 pairs/step, prompt 128, completions 448-896, 4 warm-up + 8 timed steps."
+            "4 pairs/step (4 per GPU under torchrun: data parallel, or sharded with --fsdp), prompt "
+            "128, completions 448-896, 4 warm-up + 8 timed steps."
         ),
     )
     s.add_argument("--smoke", action="store_true", help="tiny preset on CPU in seconds (CI)")
@@ -1749,7 +1941,26 @@ def build_parser() -> argparse.ArgumentParser:
         "keeps; the compiler recomputes the rest (model.activation_memory_budget)",
     )
     s.add_argument("--impl", default="auto", choices=["auto", "triton", "torch"])
-    s.add_argument("--pairs-per-step", type=int, default=4)
+    s.add_argument(
+        "--pairs-per-step",
+        type=int,
+        default=None,
+        help="pairs per optimizer step over all ranks (train.pairs_per_step; default 4 per "
+        "GPU: 4, or 4*N under torchrun with N processes)",
+    )
+    s.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and AdamW states over the ranks "
+        "(train.fsdp, FSDP2); default: data parallel (a full copy per GPU)",
+    )
+    s.add_argument(
+        "--overlap-grad-reduce",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="data parallel: start the gradient all-reduce in buckets during the backward "
+        "(train.overlap_grad_reduce, default); --no-overlap-grad-reduce: one all-reduce after it",
+    )
     s.add_argument("--prompt-len", type=int, help="prompt tokens (default 128; --smoke 8)")
     s.add_argument("--completion-min", type=int, help="shortest completion (default 448)")
     s.add_argument("--completion-max", type=int, help="longest completion (default 896)")
@@ -1815,10 +2026,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    payload = SECTIONS[args.section](args)
-    if args.json:
+    if args.section != "step" and distributed.launched() and os.environ["WORLD_SIZE"] != "1":
+        if os.environ["RANK"] != "0":
+            raise SystemExit(1)  # rank 0 says why
+        raise SystemExit(
+            f"throughput.py {args.section} runs in one process: only the step section runs "
+            "under torchrun"
+        )
+    owns_group = not distributed.initialized()  # the step section joins torchrun's group
+    try:
+        payload = SECTIONS[args.section](args)
+    except SystemExit as exc:  # a refused argument: the same on every rank, said by rank 0
+        main_rank = distributed.is_main()
+        if owns_group:
+            distributed.shutdown()
+        if isinstance(exc.code, str) and not main_rank:
+            raise SystemExit(1) from None
+        raise
+    except BaseException as exc:
+        if distributed.active():  # say which rank failed; torchrun then ends the others
+            print(
+                f"[rank {distributed.rank()} of {distributed.world()}] throughput.py "
+                f"{args.section} failed: {exc.__class__.__name__}: {exc}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if owns_group:
+            distributed.shutdown()
+        raise
+    if args.json and distributed.is_main():
         atomic_write_json(args.json, payload)
         print(f"wrote {args.json}")
+    if owns_group:
+        distributed.shutdown(wait=True)  # no rank leaves while a peer still reduces
     return 0
 
 

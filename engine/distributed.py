@@ -89,12 +89,14 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_from_env(*, timeout_minutes: float = 30.0) -> bool:
+def init_from_env(*, timeout_minutes: float = 30.0, backend: str | None = None) -> bool:
     """Join the process group described by the torchrun environment; returns whether one is up.
 
     Idempotent; without ``WORLD_SIZE``/``RANK`` in the environment it does nothing (returns
     False unless the caller initialised a group itself). A ``WORLD_SIZE`` of 1 still forms a
-    group of one, which behaves like a plain run."""
+    group of one, which behaves like a plain run. ``backend``: ``"nccl"`` (each rank on
+    ``cuda:LOCAL_RANK``) or ``"gloo"`` (CPU tensors, also on a machine with GPUs); default:
+    NCCL when CUDA is available, else gloo."""
     if initialized():
         return True
     if not launched():
@@ -106,7 +108,11 @@ def init_from_env(*, timeout_minutes: float = 30.0) -> bool:
             f"distributed launch: {', '.join(missing)} not set; start with "
             "`torchrun --nproc_per_node=N -m sdpo.cli train ...`"
         )
-    if torch.cuda.is_available():
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    if backend == "nccl":
         lr = int(os.environ["LOCAL_RANK"])
         if lr >= torch.cuda.device_count():
             raise RuntimeError(
@@ -114,9 +120,6 @@ def init_from_env(*, timeout_minutes: float = 30.0) -> bool:
                 "visible: use --nproc_per_node <= the number of GPUs of the node"
             )
         torch.cuda.set_device(lr)
-        backend = "nccl"
-    else:
-        backend = "gloo"
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return True
 

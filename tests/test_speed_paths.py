@@ -1,7 +1,8 @@
 """Speed paths change no results: the optimised training path (fused loss, regionally compiled
 decoder layers, activation checkpointing) and the plain path (per-sequence log-probs, eager,
 no checkpointing) give the same gradients and losses, both equal to float64 truth; and the
-end-to-end benchmark's CPU smoke mode runs (its TRL comparison too, when trl is installed)."""
+end-to-end benchmark's CPU smoke mode runs (its TRL comparison too, when trl is installed), also
+under torchrun on two gloo processes, data parallel and sharded."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import copy
 import importlib.util
 import json
 import math
+import os
+import subprocess
 import sys
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed
 import torch.nn.functional as F
 
 from sdpo.engine.compile import compile_decoder_layers
@@ -247,6 +251,83 @@ def test_step_benchmark_smoke_reports_every_section(one_thread, tmp_path):
     assert all(p >= 0 for p in parts) and sum(parts) <= phases["step_ms"] * 1.001
     run = rows["sdpo 2-step run (score+train, score+train)"]
     assert run["ratio_vs_train"] > 1.0 and len(run["train_s"]) == 2
+
+
+def _torchrun_step_smoke(out: Path, *extra: str) -> dict:
+    """``torchrun --nproc-per-node 2 benchmarks/throughput.py step --smoke ...`` (gloo, CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",  # a free port of its own
+        "--nproc-per-node=2",
+        str(ROOT / "benchmarks" / "throughput.py"),
+        *["step", "--smoke", "--pairs-per-step", "4", "--profile-steps", "1", *extra],
+        *["--json", str(out)],
+    ]
+    # the timeout is a safety net against a hang, not a timing assertion (a run takes seconds)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table_rows = [line for line in done.stdout.splitlines() if line.startswith("sdpo train step ")]
+    assert len(table_rows) == 1  # one table: rank 0 alone prints
+    return json.loads(out.read_text())
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
+def test_step_benchmark_under_torchrun_reports_every_rank_and_trains_as_one_process(
+    one_thread, tmp_path
+):
+    throughput = load_throughput()
+    single = tmp_path / "single.json"
+    throughput.main(
+        ["step", "--smoke", "--pairs-per-step", "4", "--profile-steps", "0", "--json", str(single)]
+    )
+    one = {r["variant"]: r for r in json.loads(single.read_text())["results"]}
+    assert one["sdpo train step"]["ranks"][0]["rank"] == 0  # a world of one has the same rows
+    runs = {
+        "dp": _torchrun_step_smoke(tmp_path / "dp.json", "--sdpo-run"),
+        "fsdp": _torchrun_step_smoke(tmp_path / "fsdp.json", "--fsdp"),
+    }
+    args = throughput.build_parser().parse_args(["step", "--smoke"])
+    for mode, payload in runs.items():
+        assert payload["complete"] and payload["world_size"] == 2
+        assert payload["backend"] == "gloo" and payload["mode"] == mode
+        assert payload["overlap_grad_reduce"] is (True if mode == "dp" else None)
+        assert payload["pairs_per_step"] == 4 and len(payload["matmul_tflops_per_rank"]) == 2
+        pairs = throughput.synthetic_pairs(
+            4 * (payload["warmup_steps"] + payload["timed_steps"]),
+            vocab_size=payload["model_config"]["vocab_size"],
+            **throughput.SMOKE_LENGTHS,
+            seed=args.seed,
+        )
+        rows = {r["variant"]: r for r in payload["results"]}
+        train, scoring = rows["sdpo train step"], rows["sdpo scoring pass (no grad)"]
+        timed = pairs[4 * payload["warmup_steps"] :]
+        for row, work in ((train, timed), (scoring, pairs)):
+            ranks = row["ranks"]
+            assert [r["rank"] for r in ranks] == [0, 1]
+            # every pair is worked on by exactly one rank; the totals are global
+            assert sum(r["tokens"] for r in ranks) == throughput.real_tokens(work)
+            assert all(r["tokens"] > 0 for r in ranks)
+            slowest = max(r["seconds"] for r in ranks)
+            assert row["tokens_per_s"] == pytest.approx(throughput.real_tokens(work) / slowest)
+            assert row["tokens_per_s_per_gpu"] == pytest.approx(row["tokens_per_s"] / 2)
+            assert 0 < row["mfu_min"] <= row["mfu"]
+        # the step's loss is reduced over ranks: both ranks agree to the bit, and it is the
+        # single-process loss (the reference values differ by the scoring batches' rounding)
+        losses = [r["losses"] for r in train["ranks"]]
+        assert losses[0] == losses[1] == train["losses"]
+        assert all(math.isfinite(v) for v in train["losses"])
+        assert train["losses"] == pytest.approx(one["sdpo train step"]["losses"], rel=1e-5)
+        phases = rows["phases of one step (median, instrumented)"]
+        assert len(phases["ranks"]) == 2 and phases["decoder_bwd_ms"] > 0
+    run = {r["variant"]: r for r in runs["dp"]["results"]}[
+        "sdpo 2-step run (score+train, score+train)"
+    ]
+    assert "error" not in run and len(run["train_s"]) == 2
 
 
 def test_model_flops_count_matmuls_and_attention_squares():
