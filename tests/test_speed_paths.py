@@ -251,6 +251,13 @@ def test_step_benchmark_smoke_reports_every_section(one_thread, tmp_path):
     assert all(p >= 0 for p in parts) and sum(parts) <= phases["step_ms"] * 1.001
     run = rows["sdpo 2-step run (score+train, score+train)"]
     assert run["ratio_vs_train"] > 1.0 and len(run["train_s"]) == 2
+    # the runner's extra passes: the initial model over chunk 2, a report pass per step
+    assert run["initial_extra_s"] > 0 and len(run["report_s"]) == 2
+    train = sum(run["train_s"])
+    no_report = (run["total_s"] + run["initial_extra_s"]) / train
+    assert run["ratio_runner_no_report"] == pytest.approx(no_report)
+    assert run["ratio_runner_default"] == pytest.approx(no_report + sum(run["report_s"]) / train)
+    assert run["ratio_vs_train"] < run["ratio_runner_no_report"] < run["ratio_runner_default"]
 
 
 def _torchrun_step_smoke(out: Path, *extra: str) -> dict:
