@@ -35,6 +35,25 @@ The TRL variants are written with the per-completion log-ratios ``lc = pi_c - re
 - ``sigmoid_norm``: ``-log s(beta (lc / chosen_tokens - lr / rejected_tokens))`` (token counts
   clamped to at least 1, as TRL does); unlike IPO its rewards use the summed log-ratios, as TRL's.
 
+f-DPO (``f_divergence_type``, as TRL names it): DPO's reverse-KL regulariser replaced by another
+f-divergence between policy and reference. With ``u = pi / ref`` (so ``log u`` is ``lc`` or ``lr``)
+the implicit reward becomes ``beta f'(u)``, and every type built on the reward difference (sigmoid,
+robust, hinge, ipo, exo_pair, discopop, sigmoid_norm) reads ``f'(u_c) - f'(u_r)`` where it read
+``lc - lr``:
+
+- ``reverse_kl`` (default, plain DPO): ``f'(u) = log u + 1``, giving ``lc - lr``;
+- ``forward_kl``: ``f'(u) = -1 / u``, giving ``exp(-lr) - exp(-lc)``;
+- ``js_divergence``: ``f'(u) = log(2u / (1 + u))``, giving ``(lc - lr) - (softplus(lc) -
+  softplus(lr))``, evaluated as ``logsigmoid(lc) - logsigmoid(lr)``;
+- ``alpha_divergence`` with ``a = f_alpha_divergence_coef``: ``f'(u) = (1 - u^-a) / a``, giving
+  ``(exp(-a lr) - exp(-a lc)) / a`` (``forward_kl`` is ``a = 1``).
+
+The exponents are capped at half the compute dtype's exponent range (float32: e^36.4; TRL caps
+at the full range, where IPO's square and the division by ``a`` can still overflow), so a very
+negative log-ratio gives a finite loss with a zero gradient instead of inf or NaN.
+IPO and sigmoid_norm apply it to their token-averaged log-ratios. The rewards stay
+``beta * lc`` and ``beta * lr``.
+
 Left out because they are not separable by pair (one pair's loss would depend on other pairs,
 which the fused chunked kernel cannot allow): ``aot`` and ``aot_unpaired`` (older releases:
 ``aot_pair``) sort the log-ratios across the batch before pairing them up; ``sft`` averages the
@@ -72,6 +91,9 @@ _LOGRATIO_TYPES = (
     "sigmoid_norm",
 )
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", *_LOGRATIO_TYPES)
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# loss types built on the reward difference, the ones an f-divergence generalises
+_F_DIVERGENCE_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm")
 # loss types whose loss reads label_smoothing (as cDPO's / robust DPO's flip rate, as EXO's eps)
 _SMOOTHED_TYPES = ("sigmoid", "robust", "exo_pair")
 
@@ -97,6 +119,11 @@ class LossConfig:
     ``loss_weights``: one weight (>= 0) per loss type; None: all 1.
     ``rpo_alpha``: weight of the chosen-NLL term (RPO); None turns it off.
     ``reference_free``: drop the reference model (its log-probs count as 0).
+    ``f_divergence_type``: the regulariser between policy and reference, one of
+    :data:`F_DIVERGENCES` (module docstring); other than ``"reverse_kl"`` only for the loss
+    types built on the reward difference.
+    ``f_alpha_divergence_coef``: the ``alpha`` (> 0) of ``"alpha_divergence"`` (TRL's default
+    0.5), read by that divergence only.
     """
 
     loss_type: str | list[str] = "sigmoid"
@@ -106,6 +133,8 @@ class LossConfig:
     reference_free: bool = False
     discopop_tau: float = 0.05
     loss_weights: list[float] | None = None
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
 
     def __post_init__(self) -> None:
         types = self.loss_types
@@ -160,6 +189,29 @@ class LossConfig:
             )
         if not isinstance(self.reference_free, bool):
             raise ValueError(f"reference_free must be true or false, got {self.reference_free!r}")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(
+                f"f_divergence_type must be one of {', '.join(F_DIVERGENCES)}, "
+                f"got {self.f_divergence_type!r}"
+            )
+        if self.f_divergence_type != "reverse_kl":
+            other = [kind for kind in types if kind not in _F_DIVERGENCE_TYPES]
+            if other:
+                raise ValueError(
+                    f"f_divergence_type = {self.f_divergence_type!r} does not apply to loss_type "
+                    f"{', '.join(map(repr, other))}: an f-divergence generalises the loss types "
+                    f"built on the reward difference ({', '.join(_F_DIVERGENCE_TYPES)}); use one "
+                    "of them or f_divergence_type = 'reverse_kl'"
+                )
+        coef = self.f_alpha_divergence_coef
+        if not _is_real(coef) or not coef > 0:
+            raise ValueError(f"f_alpha_divergence_coef must be a finite number > 0, got {coef!r}")
+        if coef != 0.5 and self.f_divergence_type != "alpha_divergence":
+            raise ValueError(
+                f"f_alpha_divergence_coef = {coef} has no effect with f_divergence_type "
+                f"{self.f_divergence_type!r}: use f_divergence_type 'alpha_divergence' or leave "
+                "it at 0.5"
+            )
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -256,12 +308,15 @@ def _type_terms(
     rewards = (beta * lc.detach(), beta * lr.detach())
     if kind == "sigmoid_norm":
         ct, rt = (t.clamp(min=1.0) for t in tokens)
-        return -F.logsigmoid(beta * (lc / ct - lr / rt)), rewards
+        return -F.logsigmoid(beta * _divergence_logits(config, lc / ct, lr / rt)), rewards
     if kind in _LOGRATIO_TYPES:
         return _logratio_losses(kind, config, lc, lr), rewards
-    z = pc - pr  # (k,) policy log-ratio
-    if rc is not None:
-        z = z - (rc - rr)
+    if config.f_divergence_type == "reverse_kl":
+        z = pc - pr  # (k,) policy log-ratio
+        if rc is not None:
+            z = z - (rc - rr)
+    else:
+        z = _divergence_logits(config, lc, lr)
     if kind == "sigmoid":
         losses = -F.logsigmoid(beta * z) * (1 - eps) - F.logsigmoid(-beta * z) * eps
     elif kind == "robust":
@@ -275,11 +330,30 @@ def _type_terms(
     return losses, rewards
 
 
+def _capped_exp(x: Tensor) -> Tensor:
+    """exp(x) with x capped at half the exponent range of x's dtype, less 8 (float32: 36.4,
+    float64: 346.9): finite, with a zero gradient past the cap, and room left for what follows
+    (the difference, the division by alpha, beta, IPO's square) to stay finite too."""
+    return torch.exp(x.clamp(max=0.5 * math.log(torch.finfo(x.dtype).max) - 8.0))
+
+
+def _divergence_logits(config: LossConfig, lc: Tensor, lr: Tensor) -> Tensor:
+    """``f'(u_c) - f'(u_r)`` of ``config.f_divergence_type`` from the log-ratios (k,) (module
+    docstring); ``lc - lr`` for the reverse KL of plain DPO."""
+    kind = config.f_divergence_type
+    if kind == "reverse_kl":
+        return lc - lr
+    if kind == "js_divergence":  # (lc - softplus(lc)) - (lr - softplus(lr))
+        return F.logsigmoid(lc) - F.logsigmoid(lr)
+    a = 1.0 if kind == "forward_kl" else config.f_alpha_divergence_coef
+    return (_capped_exp(-a * lr) - _capped_exp(-a * lc)) / a
+
+
 def _logratio_losses(kind: str, config: LossConfig, lc: Tensor, lr: Tensor) -> Tensor:
     """Per-pair losses of TRL's variants (all but sigmoid_norm) from the log-ratios (k,)."""
     beta = config.beta
     if kind == "exo_pair":
-        x = beta * (lc - lr)
+        x = beta * _divergence_logits(config, lc, lr)
         eps = config.label_smoothing
         return torch.sigmoid(x) * (F.logsigmoid(x) - math.log1p(-eps)) + torch.sigmoid(-x) * (
             F.logsigmoid(-x) - math.log(eps)
@@ -296,7 +370,7 @@ def _logratio_losses(kind: str, config: LossConfig, lc: Tensor, lr: Tensor) -> T
     if kind == "apo_down":
         return torch.sigmoid(beta * lc) + torch.sigmoid(-beta * (lc - lr))
     if kind == "discopop":
-        x = beta * (lc - lr)
+        x = beta * _divergence_logits(config, lc, lr)
         tau = config.discopop_tau
         return -F.logsigmoid(x) * torch.sigmoid(-x / tau) + torch.exp(F.logsigmoid(x / tau) - x)
     raise AssertionError(f"unhandled loss_type {kind!r}")

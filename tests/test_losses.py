@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from sdpo.losses import LOSS_TYPES, LossConfig, dpo_loss, dpo_metrics, make_pair_loss
+from sdpo.losses import (
+    F_DIVERGENCES,
+    LOSS_TYPES,
+    LossConfig,
+    dpo_loss,
+    dpo_metrics,
+    make_pair_loss,
+)
 
 
 def t64(*xs: float) -> torch.Tensor:
@@ -137,14 +144,30 @@ TRL_TYPES = (
 )  # fmt: skip
 
 
+def f_prime(cfg: LossConfig, log_u):
+    """f'(u) of the f-divergence of ``cfg`` at u = exp(log_u), from its definition (f-DPO)."""
+    u = mpmath.exp(log_u)
+    kind = cfg.f_divergence_type
+    if kind == "reverse_kl":  # f(u) = u log u
+        return mpmath.log(u) + 1
+    if kind == "forward_kl":  # f(u) = -log u
+        return -1 / u
+    if kind == "js_divergence":  # f(u) = u log u - (u + 1) log((u + 1) / 2)
+        return mpmath.log(2 * u / (1 + u))
+    a = mpmath.mpf(cfg.f_alpha_divergence_coef)  # f(u) = (u^(1-a) - (1-a) u - a) / (a (a-1))
+    return (1 - u ** (-a)) / a
+
+
 def trl_truth(cfg: LossConfig, pc, pr, rc, rr, ct, rt) -> mpmath.mpf:
     """One pair's loss from the literal formulas of TRL's DPOTrainer, in 60-digit arithmetic
-    (no rewriting for stability: the precision and exponent range make that unnecessary)."""
+    (no rewriting for stability: the precision and exponent range make that unnecessary). The
+    reward difference ``d`` is ``f'(u_c) - f'(u_r)`` of the config's f-divergence."""
     with mpmath.workdps(max(60, mpmath.mp.dps)):  # mpmath.diff evaluates at higher precision
         pc, pr, rc, rr = (mpmath.mpf(v) for v in (pc, pr, rc, rr))
         if cfg.reference_free:
             rc = rr = mpmath.mpf(0)
         b = mpmath.mpf(cfg.beta)
+        e = mpmath.mpf(cfg.label_smoothing)
 
         def sig(x):
             return 1 / (1 + mpmath.exp(-x))
@@ -152,11 +175,20 @@ def trl_truth(cfg: LossConfig, pc, pr, rc, rr, ct, rt) -> mpmath.mpf:
         def logsig(x):
             return mpmath.log(sig(x))
 
-        lc, lr = pc - rc, pr - rr
-        d = lc - lr
         kind = cfg.loss_type
-        if kind == "exo_pair":
-            e = mpmath.mpf(cfg.label_smoothing)
+        if kind == "ipo":  # token-averaged log-probs, policy and reference alike
+            pc, rc, pr, rr = pc / int(ct), rc / int(ct), pr / int(rt), rr / int(rt)
+        lc, lr = pc - rc, pr - rr
+        d = f_prime(cfg, lc) - f_prime(cfg, lr)
+        if kind == "sigmoid":
+            out = -(1 - e) * logsig(b * d) - e * logsig(-b * d)
+        elif kind == "robust":
+            out = (-(1 - e) * logsig(b * d) + e * logsig(-b * d)) / (1 - 2 * e)
+        elif kind == "hinge":
+            out = max(mpmath.mpf(0), 1 - b * d)
+        elif kind == "ipo":
+            out = (d - 1 / (2 * b)) ** 2
+        elif kind == "exo_pair":
             x = b * d
             out = sig(x) * (logsig(x) - mpmath.log(1 - e)) + sig(-x) * (logsig(-x) - mpmath.log(e))
         elif kind == "nca_pair":
@@ -174,7 +206,8 @@ def trl_truth(cfg: LossConfig, pc, pr, rc, rr, ct, rt) -> mpmath.mpf:
             m = sig(x / mpmath.mpf(cfg.discopop_tau))
             out = -logsig(x) * (1 - m) + mpmath.exp(-x) * m
         elif kind == "sigmoid_norm":
-            out = -logsig(b * (lc / max(int(ct), 1) - lr / max(int(rt), 1)))
+            ct, rt = max(int(ct), 1), max(int(rt), 1)
+            out = -logsig(b * (f_prime(cfg, lc / ct) - f_prime(cfg, lr / rt)))
         else:
             raise AssertionError(kind)
         if cfg.rpo_alpha is not None:
@@ -183,7 +216,7 @@ def trl_truth(cfg: LossConfig, pc, pr, rc, rr, ct, rt) -> mpmath.mpf:
 
 
 def numpy_reference(pc, pr, rc, rr, ct, rt, *, cfg: LossConfig) -> np.ndarray:
-    if cfg.loss_type in TRL_TYPES:
+    if cfg.loss_type in TRL_TYPES or cfg.f_divergence_type != "reverse_kl":
         rows = zip(*(np.asarray(x).tolist() for x in (pc, pr, rc, rr, ct, rt)), strict=True)
         return np.array([float(trl_truth(cfg, *row)) for row in rows])
     pc, pr, rc, rr = (np.asarray(x, dtype=np.float64) for x in (pc, pr, rc, rr))
@@ -231,7 +264,32 @@ CONFIGS = [
     LossConfig(loss_type="nca_pair", beta=0.15, rpo_alpha=0.5, reference_free=True),
     LossConfig(loss_type="discopop", beta=0.1, rpo_alpha=1.1),
 ]
-TRL_CONFIGS = [c for c in CONFIGS if c.loss_type in TRL_TYPES]
+# f-DPO: every loss type built on the reward difference, under each other f-divergence
+F_CONFIGS = [
+    LossConfig(loss_type="sigmoid", beta=0.1, f_divergence_type="js_divergence"),
+    LossConfig(loss_type="sigmoid", beta=0.2, f_divergence_type="alpha_divergence"),
+    LossConfig(
+        loss_type="robust", beta=0.1, label_smoothing=0.1, f_divergence_type="forward_kl"
+    ),
+    LossConfig(
+        loss_type="hinge", beta=0.05, f_divergence_type="alpha_divergence",
+        f_alpha_divergence_coef=1.7,
+    ),
+    LossConfig(loss_type="ipo", beta=0.3, f_divergence_type="js_divergence"),
+    LossConfig(
+        loss_type="exo_pair", beta=0.1, label_smoothing=1e-3, f_divergence_type="forward_kl"
+    ),
+    LossConfig(
+        loss_type="discopop", beta=0.2, f_divergence_type="alpha_divergence",
+        f_alpha_divergence_coef=0.3,
+    ),
+    LossConfig(loss_type="sigmoid_norm", beta=0.1, f_divergence_type="js_divergence"),
+    LossConfig(loss_type="sigmoid", beta=0.1, rpo_alpha=0.7, f_divergence_type="forward_kl"),
+]  # fmt: skip
+CONFIGS += F_CONFIGS
+TRL_CONFIGS = [
+    c for c in CONFIGS if c.loss_type in TRL_TYPES and c.f_divergence_type == "reverse_kl"
+]
 
 
 def random_batch(p: int, *, seed: int):
@@ -246,7 +304,9 @@ def random_batch(p: int, *, seed: int):
 
 
 @pytest.mark.parametrize(
-    "cfg", CONFIGS, ids=lambda c: f"{c.loss_type}-{c.rpo_alpha}-{c.reference_free}"
+    "cfg",
+    CONFIGS,
+    ids=lambda c: f"{c.loss_type}-{c.f_divergence_type}-{c.rpo_alpha}-{c.reference_free}",
 )
 def test_losses_match_float64_numpy_truth_on_random_pairs(cfg):
     pc, pr, rc, rr, ct, rt = random_batch(37, seed=zlib.crc32(repr(cfg).encode()))
@@ -267,7 +327,9 @@ def test_losses_match_float64_numpy_truth_on_random_pairs(cfg):
 
 
 @pytest.mark.parametrize(
-    "cfg", CONFIGS, ids=lambda c: f"{c.loss_type}-{c.rpo_alpha}-{c.reference_free}"
+    "cfg",
+    CONFIGS,
+    ids=lambda c: f"{c.loss_type}-{c.f_divergence_type}-{c.rpo_alpha}-{c.reference_free}",
 )
 def test_gradients_pass_gradcheck_in_float64(cfg):
     pc, pr, rc, rr, ct, rt = random_batch(7, seed=11)
@@ -295,7 +357,9 @@ def test_sigmoid_gradient_has_the_dpo_closed_form():
 
 
 @pytest.mark.parametrize(
-    "cfg", CONFIGS, ids=lambda c: f"{c.loss_type}-{c.rpo_alpha}-{c.reference_free}"
+    "cfg",
+    CONFIGS,
+    ids=lambda c: f"{c.loss_type}-{c.f_divergence_type}-{c.rpo_alpha}-{c.reference_free}",
 )
 def test_pair_loss_slices_sum_to_the_full_batch_loss(cfg):
     p = 19
@@ -385,6 +449,24 @@ def test_missing_inputs_are_explained():
         ({"loss_type": "sigmoid", "discopop_tau": 0.1}, "discopop_tau = 0.1 has no effect"),
         ({"loss_type": "aot"}, "loss_type must be one of"),
         ({"loss_type": "sft"}, "loss_type must be one of"),
+        ({"f_divergence_type": "kl"}, "f_divergence_type must be one of reverse_kl"),
+        (
+            {"loss_type": "bco_pair", "f_divergence_type": "js_divergence"},
+            "does not apply to loss_type 'bco_pair'",
+        ),
+        (
+            {"loss_type": ["sigmoid", "apo_zero"], "f_divergence_type": "forward_kl"},
+            "does not apply to loss_type 'apo_zero'",
+        ),
+        ({"f_alpha_divergence_coef": 0.7}, "f_alpha_divergence_coef = 0.7 has no effect"),
+        (
+            {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.0},
+            "f_alpha_divergence_coef must be",
+        ),
+        (
+            {"f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": float("nan")},
+            "f_alpha_divergence_coef must be",
+        ),
     ],
 )
 def test_loss_config_rejects_invalid_values(kwargs, match):
@@ -394,6 +476,57 @@ def test_loss_config_rejects_invalid_values(kwargs, match):
 
 def test_every_loss_type_is_covered():
     assert {c.loss_type for c in CONFIGS} == set(LOSS_TYPES)
+    assert {c.f_divergence_type for c in CONFIGS} == set(F_DIVERGENCES)
+
+
+def test_f_divergences_match_hand_computed_values():
+    # pair 0 of the fixed pairs: lc = 1, lr = -0.5
+    beta, lc, lr = 0.5, 1.0, -0.5
+    diffs = {
+        "js_divergence": log_sigmoid(lc) - log_sigmoid(lr),  # log(2u/(1+u)) difference
+        "forward_kl": math.exp(-lr) - math.exp(-lc),
+        "alpha_divergence": (math.exp(-0.5 * lr) - math.exp(-0.5 * lc)) / 0.5,
+    }
+    for kind, d in diffs.items():
+        cfg = LossConfig(beta=beta, f_divergence_type=kind)
+        assert run(cfg).losses[0].item() == pytest.approx(-log_sigmoid(beta * d), rel=1e-12)
+        hinge = LossConfig(loss_type="hinge", beta=beta, f_divergence_type=kind)
+        assert run(hinge).losses[0].item() == pytest.approx(max(0.0, 1 - beta * d), rel=1e-12)
+    # alpha = 1 is the forward KL; the rewards stay beta times the summed log-ratios
+    one = LossConfig(beta=beta, f_divergence_type="alpha_divergence", f_alpha_divergence_coef=1)
+    fwd = run(LossConfig(beta=beta, f_divergence_type="forward_kl"))
+    torch.testing.assert_close(run(one).losses, fwd.losses, rtol=1e-15, atol=0)
+    assert fwd.chosen_rewards.tolist() == pytest.approx([beta * 1.0, beta * -1.5], rel=1e-12)
+    # the reverse KL is plain DPO, bit for bit
+    plain = run(LossConfig(beta=beta))
+    torch.testing.assert_close(
+        run(LossConfig(beta=beta, f_divergence_type="reverse_kl")).losses, plain.losses,
+        rtol=0, atol=0,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("kind", ["forward_kl", "alpha_divergence"])
+def test_f_divergence_exponentials_are_capped_to_finite_values(kind, dtype):
+    # log-ratios far below 0 overflow exp(-a * l): capped, the loss stays finite, gradients too
+    cfg = LossConfig(beta=0.1, f_divergence_type=kind)
+    lc = torch.tensor([-5000.0, -1.0, 3.0, -800.0], dtype=dtype, requires_grad=True)
+    lr = torch.tensor([1.0, -5000.0, -900.0, -2.0], dtype=dtype, requires_grad=True)
+    zero = torch.zeros(4, dtype=dtype)
+    out = dpo_loss(lc, lr, zero, zero, config=cfg)
+    out.losses.sum().backward()
+    for t in (out.losses, lc.grad, lr.grad):
+        assert torch.isfinite(t).all(), t
+    # a capped rejected side still wins: the loss of pair 1 is 0, as the truth's
+    assert float(trl_truth(cfg, -1.0, -5000.0, 0.0, 0.0, 1, 1)) == pytest.approx(0.0, abs=1e-300)
+    assert out.losses[1].item() == 0.0
+    # a capped chosen side loses: -log sigmoid(beta d) = -beta d with the exponent at its cap
+    # (half the dtype's exponent range, less 8), and no gradient flows past the cap
+    a = 1.0 if kind == "forward_kl" else cfg.f_alpha_divergence_coef
+    cap = 0.5 * math.log(torch.finfo(dtype).max) - 8.0
+    want = cfg.beta * (math.exp(cap) - math.exp(-a * 1.0)) / a
+    assert out.losses[0].item() == pytest.approx(want, rel=1e-5)
+    assert lc.grad[0].item() == 0.0
 
 
 def test_trl_variants_accept_their_parameters():
