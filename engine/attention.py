@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from sdpo.kernels.linear_logprobs import _compiler_disabled
+
 ATTENTION_BACKENDS = ("auto", "flash", "varlen", "sdpa")
 
 # flash-attn and varlen_attn are flash kernels: half-precision inputs only.
@@ -191,9 +193,11 @@ def varlen_attention(
     if name in ("flash", "varlen"):
         run = _flash if name == "flash" else _torch_varlen
         return run(q, k, v, cu_q=cu_seqlens, cu_k=cu_k, max_q=max_seqlen, max_k=max_k, scale=scale)
-    return _sdpa_per_sequence(
-        q, k, v, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, scale=scale
-    )
+    # Inside a compiled layer the per-sequence loop (a host sync, then one SDPA call per
+    # sequence) runs eagerly: traced, it would break the graph at the sync and specialise the
+    # rest on the sequence count, one recompile per new count until Dynamo's limit.
+    run = _sdpa_per_sequence_eager if torch.compiler.is_compiling() else _sdpa_per_sequence
+    return run(q, k, v, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, scale=scale)
 
 
 def _int32_bounds(cu_q: Tensor, cu_k: Tensor, *, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -302,3 +306,8 @@ def _sdpa_per_sequence(
     if not outputs:
         return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     return torch.cat(outputs, dim=0)  # (N, Hq, D)
+
+
+# ``_sdpa_per_sequence`` behind dynamo's disable mark: a compiled caller graph-breaks once around
+# it (the wrapper imports ``torch._dynamo`` on its first call, which only a compiled run makes).
+_sdpa_per_sequence_eager = _compiler_disabled(_sdpa_per_sequence)

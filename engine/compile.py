@@ -18,6 +18,20 @@ the rotary rotation, the SwiGLU ``silu(gate) * up`` product and the residual add
 fused kernels instead of dozens of elementwise launches and round trips through memory; the
 matmuls stay cuBLAS calls and attention stays the varlen/flash kernel.
 
+On the per-sequence SDPA path (CPU, fp32 on a GPU) the attention loop syncs with the host and
+runs one SDPA call per sequence; it runs eagerly between two graphs of the layer
+(``engine/attention.py``), so a new sequence count does not recompile either.
+
+Under FSDP (``train.fsdp``, ``engine/sharding.py``): compile first, then shard, as torchtitan
+does; each compiled layer is one FSDP unit. ``nn.Module.compile`` compiles the module's call,
+but Dynamo does not trace ``nn.Module._call_impl`` (torch's own module code): it starts at the
+layer's ``forward``. FSDP2's pre- and post-forward hooks (``torch._dynamo.disable``-marked in
+torch anyway) thus run eagerly around the compiled forward: they gather the layer's parameters
+before it and free them after it, and the graph sees the gathered parameters as ordinary
+inputs, the same graphs for every layer and every step. Under activation checkpointing FSDP
+gathers again in the backward and the recomputation runs the compiled forward again. The
+collectives stay FSDP's own (prefetched, overlapped by its streams), not part of any graph.
+
 Memory for speed (``activation_memory_budget``): when AOTAutograd splits a compiled layer into
 forward and backward graphs, its min-cut partitioner chooses which intermediate values the
 backward keeps and which it recomputes. A budget below 1 (a fraction of what the default
@@ -68,7 +82,8 @@ def compile_decoder_layers(
     shape changes every step). ``dynamic=True`` marks the token count and ``max_seqlen``
     symbolic from the first call (see the module docstring). ``backend`` "eager" or "aot_eager"
     run the traced graphs without code generation: the CPU tests use them to check that tracing
-    changes no numbers. Parameter names, the state dict and checkpoint I/O are unchanged.
+    changes no numbers. Parameter names, the state dict and checkpoint I/O are unchanged. Call
+    it before ``sharding.shard_model`` (the module docstring says why it composes with FSDP).
 
     ``activation_memory_budget`` (0 to 1; None leaves torch's setting, 1 by default): see the
     module docstring. It is process-wide: it applies to every graph compiled afterwards.

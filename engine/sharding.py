@@ -9,6 +9,11 @@ lm_head) is one more that is *not* resharded after the forward: the loss head re
 finds the gathered parameter there; the gradient its ``autograd.Function`` writes is
 reduce-scattered by FSDP's end-of-backward callback with the root's other gradients.
 
+Compiled layers (``model.compile``, ``engine/compile.py``): ``compile_decoder_layers`` runs
+first, then ``shard_model``; Dynamo compiles each layer's ``forward`` and FSDP's gather and
+reshard hooks run eagerly around it, so sharding changes neither the graphs nor the parameter
+names.
+
 Reduction: the trainer divides the loss by the step's *global* pair count, so the gradient is
 the SUM over ranks (not FSDP's default mean): ``set_gradient_divide_factor(1)`` with
 ``set_force_sum_reduction_for_comms`` (plain SUM collectives, which gloo and NCCL both have).

@@ -534,11 +534,6 @@ class StepwiseRunner:
 
     def check_output_dir(self) -> None:
         """Refuse to mix two runs' outputs (before anything is read or written)."""
-        if sharding.wanted(self.cfg.train.fsdp) and self.cfg.model.compile:
-            raise RunInputError(
-                "model.compile = true with train.fsdp = true is not supported yet: set one of "
-                "them to false"
-            )
         if self.overwrite and self.resume:
             raise OutputDirError(
                 "--resume and --overwrite exclude each other: --resume continues the run in "
@@ -1273,7 +1268,8 @@ class StepwiseRunner:
         model.gradient_checkpointing = self.cfg.model.gradient_checkpointing
         model.checkpoint_every = self.cfg.model.checkpoint_every
         if self.cfg.model.compile:
-            # regional: each decoder layer, dynamic shapes
+            # regional: each decoder layer, dynamic shapes; under FSDP each compiled layer is
+            # then one FSDP unit whose gathers and reshards run around its compiled forward
             compile_decoder_layers(
                 model, activation_memory_budget=self.cfg.model.activation_memory_budget
             )

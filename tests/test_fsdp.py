@@ -1,7 +1,8 @@
 """Sharded data parallelism (``train.fsdp``, FSDP2) with real ``torch.distributed`` (gloo, two
 CPU processes): one optimizer step (untied and tied embeddings, uneven work per rank; bf16
-parameters; gradient checkpointing), the scoring pass and a two-step sDPO run give what one
-process gives, and a sharded run resumes from its checkpoints, sharded or in one process."""
+parameters; gradient checkpointing; compiled decoder layers), the scoring pass and a two-step
+sDPO run give what one process gives, and a sharded run resumes from its checkpoints, sharded or
+in one process."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file
 from sdpo.config import config_from_dict
 from sdpo.engine import sharding
 from sdpo.engine.checkpoint import load_pretrained
+from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.trainer import TrainConfig, plan_steps
 from sdpo.runner import run_training
@@ -310,3 +312,99 @@ def test_sharded_step_variant_equals_one_process(variant_results, variant):
         assert gathered[name].dtype == dtype
         diff = (w.double() - gathered[name].double()).abs().max().item()
         assert diff <= 2 * eps * w.double().abs().max().item() + 1e-3 * LR, (name, diff)
+
+
+# model.compile under FSDP, built as the runner builds it: each decoder layer compiled, then
+# sharded. Traced by Dynamo and AOTAutograd and split by the min-cut partitioner under an
+# activation budget, run without code generation (the CPU tests' backend); the truth is one
+# process's plain eager model.
+COMPILE_BACKEND = "aot_eager_decomp_partition"
+
+
+def _compiled_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
+    """The scoring pass and one optimizer step without and with gradient checkpointing."""
+    from torch._dynamo.utils import counters
+
+    pairs = _pairs(model_dir, data)
+    ref = score_pairs(
+        load_pretrained(model_dir),
+        pairs,
+        max_tokens_per_batch=4096,
+        impl="torch",
+        data_parallel=False,
+    )
+
+    def policy():
+        model = load_pretrained(model_dir)
+        if fsdp:
+            compile_decoder_layers(model, backend=COMPILE_BACKEND, activation_memory_budget=0.5)
+            model = sharding.shard_model(model, precision="fp32")
+        return model
+
+    out = {"scores": score_pairs(policy(), pairs, max_tokens_per_batch=80, impl="torch")}
+    for checkpointing in (False, True):
+        model = policy()
+        model.gradient_checkpointing = checkpointing
+        config = TrainConfig(
+            learning_rate=LR, seed=3, fsdp=fsdp, pairs_per_step=9, max_tokens_per_batch=60
+        )
+        out[checkpointing] = _one_step(model, pairs, ref, config, fsdp=fsdp)
+    graphs = counters["stats"]["unique_graphs"]
+    # the trained model scored in batches of new shapes: no new graph
+    out["trained_scores"] = score_pairs(model, pairs, max_tokens_per_batch=50, impl="torch")
+    out["graphs"] = (graphs, counters["stats"]["unique_graphs"])
+    out["graph_breaks"] = dict(counters["graph_break"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def compiled_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp_compile")
+    from sdpo.engine.tiny import write_tiny_model
+    from tests.conftest import WORDS, write_pairs
+
+    model_dir = write_tiny_model(tmp / "model", words=WORDS, hidden_size=32, seed=1)
+    data = write_pairs(tmp / "d.jsonl", n=23, seed=11)
+    return _compiled_steps(model_dir, data, False), _spawn(
+        tmp, _compiled_steps, model_dir, data, True
+    )
+
+
+def test_compiled_layers_under_fsdp_score_and_train_as_one_eager_process(compiled_results):
+    single, ranks = compiled_results
+    eps = torch.finfo(torch.float32).eps
+    for r, got in enumerate(ranks):
+        for scores in ("scores", "trained_scores"):
+            for field in ("chosen_logps", "rejected_logps"):
+                want = getattr(single[scores], field)
+                assert torch.allclose(getattr(got[scores], field), want, rtol=1e-5, atol=1e-5)
+        for checkpointing in (False, True):
+            want, step = single[checkpointing], got[checkpointing]
+            assert step["plan"] == want["plan"] and len(want["plan"]) == 3
+            for k, v in want["metrics"].items():
+                assert step["metrics"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (r, k)
+            for name, g in want["grads"].items():
+                scale = g.double().abs().max().item()
+                diff = (g.double() - step["grads"][name].double()).abs().max().item()
+                assert diff <= 4 * eps * scale + 1e-12, (r, checkpointing, name, diff, scale)
+    for checkpointing in (False, True):
+        # rank 0's gathered state dict has the plain names (no compile wrapper in them)
+        want, gathered = single[checkpointing]["weights"], ranks[0][checkpointing]["weights"]
+        assert list(gathered) == list(want)
+        for name, w in want.items():
+            diff = (w.double() - gathered[name].double()).abs().max().item()
+            assert diff <= 2 * eps * w.double().abs().max().item() + 1e-3 * LR, (name, diff)
+
+
+def test_compiled_layers_under_fsdp_break_only_at_the_attention_loop_and_reuse_their_graphs(
+    compiled_results,
+):
+    """FSDP's gathers and reshards run around the compiled forward, not inside it: the only
+    graph break is the CPU path's eager attention loop, and new batch shapes add no graph."""
+    _, ranks = compiled_results
+    for got in ranks:
+        before, after = got["graphs"]
+        assert 0 < before == after
+        assert got["graph_breaks"], "nothing was compiled"
+        for reason in got["graph_breaks"]:
+            assert "FSDP" not in reason and "disable" in reason, reason

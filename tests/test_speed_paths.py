@@ -165,6 +165,29 @@ def test_compiled_layers_keep_parameter_names_and_outputs(one_thread):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
+def test_compiled_layers_on_the_sdpa_path_take_new_sequence_counts_without_recompiling(one_thread):
+    """On the per-sequence SDPA path (CPU, fp32) the compiled layers run the attention loop
+    eagerly: batches of 2, 3 and 5 pairs (4, 6 and 10 sequences) reuse the first batch's graphs
+    and give eager's outputs, with gradients and without."""
+    from torch._dynamo.utils import counters
+
+    config = tiny_config(tied=False)
+    model = init_model(config, seed=5)
+    eager = copy.deepcopy(model)
+    compile_decoder_layers(model, backend="eager")
+    graphs = None
+    for count in (2, 3, 5):
+        batch = pack_pairs(make_pairs(count, vocab=config.vocab_size, seed=30 + count))
+        args = (batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        with torch.no_grad():
+            torch.testing.assert_close(model(*args), eager(*args), rtol=0, atol=0)
+        got, want = model(*args), eager(*args)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        if graphs is None:
+            graphs = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == graphs, "a new sequence count recompiled"
+
+
 def _saved_activation_bytes(model, args) -> int:
     """Bytes the forward keeps for the backward, parameters left out."""
     params = {p.data_ptr() for p in model.parameters()}
