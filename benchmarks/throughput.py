@@ -1489,8 +1489,6 @@ def step_section(args: argparse.Namespace) -> dict:
             )
     elif args.fsdp:
         say("note: --fsdp in one process shards nothing (as train.fsdp): plain model", flush=True)
-    if sharded and args.compile:
-        say("note: sdpo train refuses model.compile with train.fsdp today", flush=True)
     precision = resolve_precision(args.precision, device)
     impl = resolve_impl(args.impl, device)
     config = step_model_config(args)
