@@ -387,7 +387,7 @@ def test_trl_comparison_trains_on_the_same_weights_and_batches_as_ours(one_threa
     # Both timed passes train on the pairs of our timed steps, in order: exactly their real
     # tokens (the run checks each step's attention-mask sum against its pairs).
     args = throughput.build_parser().parse_args(argv)
-    warmup, steps, pps = payload["warmup_steps"], payload["timed_steps"], args.pairs_per_step
+    warmup, steps, pps = payload["warmup_steps"], payload["timed_steps"], payload["pairs_per_step"]
     pairs = throughput.synthetic_pairs(
         pps * (warmup + steps),
         vocab_size=payload["model_config"]["vocab_size"],
