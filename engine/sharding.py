@@ -97,6 +97,13 @@ def reshard(model: torch.nn.Module) -> None:
         model.reshard()
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (a sharded model's parameter, or its gradient)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
 def full_tensor(t: Tensor) -> Tensor:
     """A DTensor's global value (a collective); a plain tensor as it is."""
     from torch.distributed.tensor import DTensor

@@ -338,12 +338,6 @@ class RunConfig:
                 "sDPO step trains a new adapter, merged at the end of the step, so there is no "
                 "optimizer state to keep; set sdpo.reset_optimizer = true or lora.rank = 0"
             )
-        if self.lora.enabled and self.train.fsdp:
-            raise ConfigError(
-                "train.fsdp = true does not go with LoRA (lora.rank > 0) yet: sharded LoRA "
-                "training is not implemented; use data parallel (train.fsdp = false: the "
-                "adapter's gradients are all that is reduced) or lora.rank = 0"
-            )
         n_sources = len(self.data.sources)
         per_source = self.sdpo.partition in ("easy_to_hard", "given")
         if self.sdpo.steps > 1 and per_source and n_sources != self.sdpo.steps:
