@@ -268,7 +268,8 @@ class LogSection:
 class LoRASection:
     """``[lora]``: train a low-rank adapter per sDPO step instead of every weight
     (``sdpo.engine.lora``). ``rank = 0``: off (full fine-tuning). Each step's adapter starts
-    fresh on M_{t-1} and is merged into M_t at the end of the step."""
+    fresh on M_{t-1} and is merged into M_t at the end of the step. Goes with data parallel
+    and with ``train.fsdp`` (the base sharded, the adapter whole on every rank)."""
 
     rank: int = 0
     alpha: float = 16.0  # the update is scaled by alpha / rank

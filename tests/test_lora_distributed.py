@@ -120,8 +120,9 @@ def _merges(fsdp: bool) -> dict:
 
 
 def _sharded_lora_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
-    """Two optimizer steps of a fresh adapter (fp32 and bf16-mixed), the memory probe first,
-    then the merge; in one process or sharded on every rank."""
+    """Two optimizer steps of a fresh adapter (fp32 with gradient checkpointing, and
+    bf16-mixed), the memory probe first, then the merge; in one process or sharded on every
+    rank."""
     pairs = _pairs(model_dir, data)
     ref = score_pairs(
         load_pretrained(model_dir),
@@ -134,6 +135,9 @@ def _sharded_lora_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
     out = {}
     for precision in ("fp32", "bf16-mixed"):
         model = load_pretrained(model_dir)
+        # fp32 with gradient checkpointing: each layer's forward (the adapter's included) is
+        # recomputed inside FSDP's backward, from the gathered weight
+        model.gradient_checkpointing = precision == "fp32"
         if fsdp:
             model = sharding.shard_model(model, precision=precision)
         # a pass before the adapter exists (the step's reference scoring): FSDP builds its
