@@ -24,6 +24,15 @@ The wrapper holds the base layer's own ``weight`` / ``bias`` Parameters under th
 so while attached the model's state dict is the base one plus ``*.lora_A`` / ``*.lora_B``; it
 works under gradient checkpointing (the dropout mask is replayed from the saved RNG state) and
 inside regionally compiled decoder layers (``engine/compile.py``).
+
+Sharded models (``train.fsdp``, ``engine/sharding.py``): the adapter is attached after the base
+is sharded and stays out of FSDP: A and B are plain tensors, whole on every rank (an adapter is
+a fraction of a percent of the model), their gradients summed over ranks as data parallel sums
+them (``DPOTrainer``). The wrapper keeps the wrapped ``nn.Linear`` (unregistered) and reads the
+weight from it in the forward: FSDP2 puts a layer's gathered weight on the module it sharded,
+while the wrapper's registered ``weight`` is the sharded Parameter (a DTensor) the state dict
+and the checkpoints gather. The merge adds ``scale * B[rows] @ A`` to this rank's rows of W
+only (``merged_linear``), with no communication.
 """
 
 from __future__ import annotations
@@ -72,6 +81,9 @@ class LoRALinear(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features = base.in_features, base.out_features
+        # the wrapped module, not registered (no second name for its Parameters): a sharded
+        # layer's gather sets the whole weight on it, and merge_lora puts it back
+        object.__setattr__(self, "base", base)
         self.weight = base.weight  # the same Parameter objects: names and identity kept
         self.bias = base.bias
         self.weight.requires_grad_(False)
@@ -90,31 +102,63 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)  # (N, out)
+        # the base module's weight: ``self.weight`` itself, or under FSDP the gathered one
+        y = F.linear(x, self.base.weight, self.base.bias)  # (N, out)
         a = self.lora_A.to(x.dtype)
         b = self.lora_B.to(x.dtype)
         update = F.linear(F.linear(self.dropout(x), a), b)  # (N, r) -> (N, out)
         return y + update * self.scale
 
     def merged_linear(self) -> nn.Linear:
-        """The base ``nn.Linear`` with ``W += scale * B @ A`` (formed in fp32 or wider, rounded
-        once to W's dtype), holding the same weight and bias Parameters."""
-        w = self.weight
-        compute = torch.promote_types(w.dtype, torch.float32)
+        """The wrapped ``nn.Linear`` with ``W += scale * B @ A`` (formed in fp32 or wider,
+        rounded once to W's dtype), holding the same weight and bias Parameters. A sharded
+        weight (DTensor) gets this rank's rows of the update, computed from its rows of B."""
+        base = self.base
+        if base.weight is not self.weight or base.bias is not self.bias:
+            raise RuntimeError(
+                f"merge_lora: the wrapped layer's parameters ({self.extra_repr()}) are not the "
+                "ones the adapter was attached to (a sharded layer still gathered: reshard "
+                "before merging)"
+            )
         with torch.no_grad():
-            delta = (self.lora_B.to(compute) @ self.lora_A.to(compute)) * self.scale
-            w.copy_((w.to(compute) + delta).to(w.dtype))
-        with torch.device("meta"):
-            linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        linear.weight = w
-        linear.bias = self.bias
-        return linear
+            _add_update_(self.weight, self.lora_A, self.lora_B, scale=self.scale)
+        return base
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, alpha={self.alpha}"
         )
+
+
+def _add_update_(weight: Tensor, a: Tensor, b: Tensor, *, scale: float) -> None:
+    """``weight += scale * b @ a`` in place, formed in fp32 or wider and rounded once. A DTensor
+    weight sharded by rows (FSDP2's ``Shard(0)``, or replicated) gets its local rows only: every
+    rank holds the whole adapter, so each cuts its own rows of ``b`` (no communication) and
+    the full (out, in) update never exists."""
+    compute = torch.promote_types(weight.dtype, torch.float32)
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(weight, DTensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        placements = weight.placements
+        if not all(p.is_replicate() or p.is_shard(dim=0) for p in placements):
+            raise NotImplementedError(
+                f"merging a LoRA adapter into a weight sharded as {placements}: only row "
+                "sharding (Shard(0), FSDP2's default) and replication are supported"
+            )
+        b = distribute_tensor(
+            b.detach(), weight.device_mesh, placements, src_data_rank=None
+        ).to_local()  # (local out, r): this rank's rows, as the weight's own
+        weight = weight.to_local()  # the local shard itself (no grad mode: no copy)
+        if b.shape[0] != weight.shape[0]:
+            raise RuntimeError(
+                f"LoRA merge: {b.shape[0]} rows of B on this rank, {weight.shape[0]} of the "
+                "weight's shard"
+            )
+    delta = (b.to(compute) @ a.to(compute)) * scale  # (out or local out, in)
+    weight.copy_((weight.to(compute) + delta).to(weight.dtype))
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:

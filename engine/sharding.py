@@ -34,6 +34,11 @@ every rank, then sharded. The optimizer state is gathered the same way
 sharded run's checkpoint is a plain run's: ``--resume`` continues it sharded (rank 0's copy is
 broadcast and every rank keeps its shard, ``load_full_optimizer_state_dict``), or in one process.
 
+LoRA (``engine/lora.py``): the adapter is attached after sharding and is not FSDP's: the base
+stays sharded and frozen (units with no trainable parameter gather and reshard, and
+reduce-scatter nothing), the adapter is whole on every rank, its gradients all-reduced by the
+trainer, and the merge adds each rank's rows of the update to its own shard.
+
 In a world of one (no torchrun, or one process) ``train.fsdp`` changes nothing: there is no one
 to share with, and the plain model is trained (``wanted``).
 """
@@ -100,6 +105,13 @@ def reshard(model: torch.nn.Module) -> None:
     """Free the gathered root parameters (after a no-grad pass; a backward reshards itself)."""
     if is_sharded(model):
         model.reshard()
+
+
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (a sharded model's parameter, or its gradient)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def full_tensor(t: Tensor) -> Tensor:

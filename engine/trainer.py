@@ -27,6 +27,12 @@ backward of the rank's last micro-batch, ``distributed.GradReducer``; ``overlap_
 false``: one all-reduce after it) and the step's metric sums (and the stop flag). Clipping, the non-finite check and the update then see the same values on
 every rank, so the weights stay identical. Only rank 0 writes ``metrics.jsonl`` and shows the
 progress bar.
+
+Sharded (``train.fsdp``, ``engine/sharding.py``): FSDP2 reduce-scatters the gradients of its
+sharded parameters in the backward. Trainable parameters that are whole on every rank (a LoRA
+adapter on a sharded base, ``engine/lora.py``) are summed over ranks in one all-reduce after
+the step's last pass (with the metric sums), and their optimizer state, whole on every rank
+too, is saved and loaded in the plain form.
 """
 
 from __future__ import annotations
@@ -411,6 +417,10 @@ class DPOTrainer:
         if optimizer is None:
             optimizer = build_optimizer(model, config, fused=False if self.sharded else None)
         self.optimizer = optimizer
+        # its state is sharded with FSDP's parameters (not a LoRA adapter's: whole on every rank)
+        self.sharded_optimizer = any(
+            sharding.is_dtensor(p) for group in optimizer.param_groups for p in group["params"]
+        )
         self.global_step = 0
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         # where fit() stands: the next step to run is plans[epoch][step_in_epoch]
@@ -420,12 +430,22 @@ class DPOTrainer:
         self.data_parallel = distributed.active()
         self.memory_probe_result: dict[str, Any] | None = None
         self._stop_agreed: Tensor | None = None  # data parallel: the ranks' summed stop flags
-        # data parallel, unsharded: gradients reduced in buckets during the last backward
+        # data parallel, unsharded: gradients reduced in buckets during the last backward.
+        # Sharded, the replicated parameters (a LoRA adapter) are reduced in one all-reduce after
+        # the last pass: all-reduces started inside a backward would interleave with FSDP's
+        # gathers in a different order on a rank whose last pass comes earlier (a deadlock)
         self.grad_reducer = (
             distributed.GradReducer(model.parameters())
             if self.data_parallel and not self.sharded and config.overlap_grad_reduce
             else None
         )
+
+    def _replicated_parameters(self) -> list[Tensor]:
+        """The trainable parameters whole on every rank (not FSDP's DTensors): their gradients
+        are summed over ranks by the trainer, not by FSDP."""
+        return [
+            p for p in self.model.parameters() if p.requires_grad and not sharding.is_dtensor(p)
+        ]
 
     # -- one optimizer step -------------------------------------------------------------
     def _micro_batch(
@@ -580,7 +600,7 @@ class DPOTrainer:
         if reducer is not None:
             reducer.finish()  # also on a rank without micro-batches: it sends zeros
         if self.data_parallel:
-            sums = self._reduce_over_ranks(sums, grads=reducer is None and not self.sharded)
+            sums = self._reduce_over_ranks(sums, grads=reducer is None)
         metrics = {k: v / normalizer for k, v in sums.items()}
         params = [p for p in self.model.parameters() if p.grad is not None]
         # sharded gradients (DTensors): the norm of the local shards is combined over ranks
@@ -648,11 +668,12 @@ class DPOTrainer:
         return result
 
     def _reduce_over_ranks(self, sums: dict[str, Tensor], *, grads: bool) -> dict[str, Tensor]:
-        """Sum the metric sums, the stop flags and, with ``grads``, every gradient over ranks
-        (in place; fp32 gradients and the metric vector share one flat buffer). A parameter
-        that got no gradient on this rank (no micro-batch) contributes zeros. Without
-        ``grads`` (sharded, or overlapped) the gradients have been reduced already."""
-        params = [p for p in self.model.parameters() if p.requires_grad] if grads else []
+        """Sum the metric sums, the stop flags and, with ``grads``, the gradients of the
+        replicated parameters over ranks (in place; fp32 gradients and the metric vector share
+        one flat buffer). A parameter that got no gradient on this rank (no micro-batch)
+        contributes zeros. Without ``grads`` (overlapped) they have been reduced already; FSDP's
+        sharded parameters are reduce-scattered in the backward."""
+        params = self._replicated_parameters() if grads else []
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -846,8 +867,9 @@ class DPOTrainer:
         in the step plan and RNG states. Loadable with ``torch.load(weights_only=True)``.
         Sharded: a collective (every rank calls it); the whole optimizer state is gathered onto
         rank 0 in the plain form (``sharding.full_optimizer_state_dict``: {} on the other
-        ranks), so a sharded run's checkpoint is a plain run's."""
-        if self.sharded:
+        ranks), so a sharded run's checkpoint is a plain run's. A LoRA adapter's state is whole
+        on every rank already: the plain form, as is."""
+        if self.sharded_optimizer:
             optimizer = sharding.full_optimizer_state_dict(self.model, self.optimizer)
         else:
             optimizer = self.optimizer.state_dict()
@@ -868,7 +890,7 @@ class DPOTrainer:
                 "this training state has no optimizer state to restore (written by an older "
                 "sharded run, train.fsdp = true): start that run again"
             )
-        if self.sharded:
+        if self.sharded_optimizer:
             sharding.load_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         else:
             self.optimizer.load_state_dict(state["optimizer"])

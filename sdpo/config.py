@@ -268,7 +268,8 @@ class LogSection:
 class LoRASection:
     """``[lora]``: train a low-rank adapter per sDPO step instead of every weight
     (``sdpo.engine.lora``). ``rank = 0``: off (full fine-tuning). Each step's adapter starts
-    fresh on M_{t-1} and is merged into M_t at the end of the step."""
+    fresh on M_{t-1} and is merged into M_t at the end of the step. Goes with data parallel
+    and with ``train.fsdp`` (the base sharded, the adapter whole on every rank)."""
 
     rank: int = 0
     alpha: float = 16.0  # the update is scaled by alpha / rank
@@ -337,12 +338,6 @@ class RunConfig:
                 "sdpo.reset_optimizer = false does not go with LoRA (lora.rank > 0): every "
                 "sDPO step trains a new adapter, merged at the end of the step, so there is no "
                 "optimizer state to keep; set sdpo.reset_optimizer = true or lora.rank = 0"
-            )
-        if self.lora.enabled and self.train.fsdp:
-            raise ConfigError(
-                "train.fsdp = true does not go with LoRA (lora.rank > 0) yet: sharded LoRA "
-                "training is not implemented; use data parallel (train.fsdp = false: the "
-                "adapter's gradients are all that is reduced) or lora.rank = 0"
             )
         n_sources = len(self.data.sources)
         per_source = self.sdpo.partition in ("easy_to_hard", "given")

@@ -15,7 +15,9 @@ end of the step it is merged, so ``step-<t>/`` is the usual full checkpoint of M
 step's reference), and the adapter is also written in PEFT's layout to ``step-<t>/adapter/``.
 A mid-step checkpoint then holds the adapter and the trainer state only: the frozen base is
 M_{t-1} (``step-<t-1>/``, among the checkpoint's checksummed external files, or ``model.path``),
-and its fingerprint is checked on resume.
+and its fingerprint is checked on resume. With ``train.fsdp`` the adapter is attached to the
+sharded base, whole on every rank (so a mid-step checkpoint needs no gather), and merged into
+each rank's shards before the step's weights are gathered for ``step-<t>/``.
 
 Reliability. Every input (model folder, tokenizer, every data row, lengths against the model's
 context) is checked before the output folder is touched, so bad input costs neither a run nor a

@@ -425,7 +425,6 @@ def test_resume_inside_step_one_refuses_a_changed_initial_model(
             {"lora": {"rank": 4}, "sdpo": {"reset_optimizer": False}},
             r"reset_optimizer = false does not go with LoRA",
         ),
-        ({"lora": {"rank": 4}, "train": {"fsdp": True}}, r"train\.fsdp = true does not go"),
         ({"lora": {"ranks": 4}}, r"unknown key 'lora\.ranks'.*lora\.rank"),
     ],
 )
