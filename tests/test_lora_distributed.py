@@ -2,9 +2,9 @@
 reduced, and two optimizer steps on two ranks give the single process's adapter, with the frozen
 weights untouched on every rank. Sharded (``train.fsdp``): the adapter attached to an FSDP2 base
 and merged into its row shards matches a float64 merge (uneven shards, fp32 and bf16 weights);
-two optimizer steps (fp32 and bf16-mixed, the memory probe first) equal one process's; a
-two-step sDPO run writes what one process writes, and resumed inside step 2 ends bitwise where
-the uninterrupted sharded run ends."""
+two optimizer steps (fp32, bf16-mixed, fp32 in compiled layers; the memory probe first) equal one
+process's; a two-step sDPO run writes what one process writes, and resumed inside step 2 ends
+bitwise where the uninterrupted sharded run ends."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from sdpo.config import config_from_dict
 from sdpo.engine import distributed, sharding
 from sdpo.engine.checkpoint import load_pretrained
+from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.lora import (
     adapter_parameters,
     attach_lora,
@@ -120,8 +121,9 @@ def _merges(fsdp: bool) -> dict:
 
 
 def _sharded_lora_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
-    """Two optimizer steps of a fresh adapter (fp32 with gradient checkpointing, and
-    bf16-mixed), the memory probe first, then the merge; in one process or sharded on every
+    """Two optimizer steps of a fresh adapter (fp32 with gradient checkpointing, bf16-mixed,
+    and fp32 with gradient checkpointing in compiled layers: compiled, then sharded, as the
+    runner does), the memory probe first, then the merge; in one process or sharded on every
     rank."""
     pairs = _pairs(model_dir, data)
     ref = score_pairs(
@@ -133,11 +135,14 @@ def _sharded_lora_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
     )
     ref = _shifted(ref, len(pairs))  # rewards off zero from the first step
     out = {}
-    for precision in ("fp32", "bf16-mixed"):
+    for variant in ("fp32", "bf16-mixed", "fp32-compiled"):
+        precision = variant.removesuffix("-compiled")
         model = load_pretrained(model_dir)
         # fp32 with gradient checkpointing: each layer's forward (the adapter's included) is
         # recomputed inside FSDP's backward, from the gathered weight
         model.gradient_checkpointing = precision == "fp32"
+        if variant.endswith("-compiled"):  # traced and partitioned, no code generation
+            compile_decoder_layers(model, backend="aot_eager_decomp_partition")
         if fsdp:
             model = sharding.shard_model(model, precision=precision)
         # a pass before the adapter exists (the step's reference scoring): FSDP builds its
@@ -173,7 +178,7 @@ def _sharded_lora_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
         merge_lora(model)
         weights = sharding.full_state_dict(model) if fsdp else model.state_dict()
         result["merged"] = {k: v.detach().clone() for k, v in weights.items()}
-        out[precision] = result
+        out[variant] = result
     return out
 
 
@@ -250,14 +255,14 @@ def test_merge_into_row_shards_matches_a_float64_merge(sharded, precision):
     assert targets == 7 * 2
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "fp32-compiled"])
 def test_sharded_lora_steps_equal_one_process(sharded, precision):
     _, single, ranks = sharded
     want = single["steps"][precision]
     # fp32: within float rounding. bf16-mixed: FSDP gathers the weights in bf16 and casts each
     # decoder layer's input to bf16 (one process keeps the residual stream in fp32 under
     # autocast), so the two differ by bf16 roundings
-    tol = 1e-6 if precision == "fp32" else 8 * torch.finfo(torch.bfloat16).eps
+    tol = 1e-6 if precision.startswith("fp32") else 8 * torch.finfo(torch.bfloat16).eps
     initial = load_pretrained(sharded[0] / "model").state_dict()
     for r, got in enumerate(ranks):
         got = got["steps"][precision]
