@@ -124,6 +124,10 @@ class LossConfig:
     types built on the reward difference.
     ``f_alpha_divergence_coef``: the ``alpha`` (> 0) of ``"alpha_divergence"`` (TRL's default
     0.5), read by that divergence only.
+    ``ld_alpha``: LD-DPO's length desensitization, in [0, 1]; None (default) is off and 1 is
+    plain DPO. It is applied where log-probs are summed, not here: the trainer
+    (``DPOTrainer(ld_alpha=...)``) and the scoring pass (``score_pairs(ld_alpha=...)``) weigh
+    each completion's tokens past its pair's shorter length by it (module docstring).
     """
 
     loss_type: str | list[str] = "sigmoid"
@@ -135,6 +139,7 @@ class LossConfig:
     loss_weights: list[float] | None = None
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
+    ld_alpha: float | None = None
 
     def __post_init__(self) -> None:
         types = self.loss_types
@@ -211,6 +216,13 @@ class LossConfig:
                 f"f_alpha_divergence_coef = {coef} has no effect with f_divergence_type "
                 f"{self.f_divergence_type!r}: use f_divergence_type 'alpha_divergence' or leave "
                 "it at 0.5"
+            )
+        if self.ld_alpha is not None and not (
+            _is_real(self.ld_alpha) and 0.0 <= self.ld_alpha <= 1.0
+        ):
+            raise ValueError(
+                f"ld_alpha must be unset (off) or a number in [0, 1], got {self.ld_alpha!r}: it "
+                "weighs the tokens past the shorter completion's length (LD-DPO; 1 is plain DPO)"
             )
 
     @property
