@@ -22,6 +22,11 @@ ops and the loss code are the same for both layouts. Token budgets are counted i
 tokens (``TokenizedPair.num_tokens``) in both layouts, so batches and step plans are identical
 and the two modes are comparable step by step; a shared batch simply uses less memory than its
 budget allows.
+
+LD-DPO (``loss.ld_alpha``): ``head_rows(batch, ld_alpha=...)`` also gives each head row a weight
+(``length_desensitized_weights``): 1 for the first min(chosen, rejected) completion tokens of
+its pair, ``ld_alpha`` past them. The head ops multiply it into the per-sequence sums and their
+gradients; training and scoring build it the same way, so their sums agree.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 It serves three callers with one code path, so their numbers agree to the last bit: the reference
 cache (the reference model's values for a chunk), the sDPO partitioner (the initial model's γ per
 pair, which is the same pass as step 1's reference) and `sdpo score`. It runs the same forward
-and log-prob op as training, on larger token budgets because nothing is kept for backward.
+and log-prob op as training, on larger token budgets because nothing is kept for backward; with
+LD-DPO (``ld_alpha``) its sums are length-desensitized exactly as the training forward's.
 
 Data parallel (a process group of more than one rank, ``sdpo.engine.distributed``): each rank
 scores one contiguous shard of the pairs, about equal in tokens

@@ -34,6 +34,12 @@ accumulated into dH, dW; then each head sub-chunk's logits are recomputed and tu
 their gradient with the saved lse. Such a pair costs 6·L·H·V + 2·(L − B)·H·V FLOP (the
 head's logits twice); the peak logits memory is B·V elements.
 
+Per-token weights (``token_weights``, optional, (N,) fp32): both ops can sum
+``weight * token log-prob`` per sequence instead, and then scale each token's gradient by its
+weight (``g_token = d_seq[seq] * w_token``), with no other change to the chunking or the row
+kernels. LD-DPO uses it (``engine/packing.py``: ``length_desensitized_weights``); weights of 1
+give the unweighted numbers bit for bit.
+
 Both run the chunk matmuls with cuBLAS through torch and the row core of logprobs.py
 (Triton kernels or the PyTorch reference) on the chunk's logits. ``sequence_logprobs`` is
 registered as ``torch.library`` custom ops (``sdpo::sequence_logprobs_fwd`` / ``_bwd``, with
@@ -164,7 +170,7 @@ def _sequence_logprobs_fwd(
     impl: str,
     chunk_tokens: int,
     grad_weight_dtype: torch.dtype,
-    token_weights: torch.Tensor | None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(seq_logps (S,), lse (N,)), both fp32."""
     del grad_weight_dtype  # read by setup_context only
@@ -188,7 +194,15 @@ def _sequence_logprobs_fwd(
 
 @_sequence_logprobs_fwd.register_fake
 def _sequence_logprobs_fwd_fake(
-    hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, grad_weight_dtype, token_weights
+    hidden,
+    weight,
+    labels,
+    seq_ids,
+    num_seqs,
+    impl,
+    chunk_tokens,
+    grad_weight_dtype,
+    token_weights=None,
 ):
     return (
         hidden.new_empty(num_seqs, dtype=torch.float32),
@@ -209,7 +223,7 @@ def _sequence_logprobs_bwd(
     grad_weight_dtype: torch.dtype,
     need_hidden: bool,
     need_weight: bool,
-    token_weights: torch.Tensor | None,
+    token_weights: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """[grad_hidden if need_hidden, grad_weight if need_weight], in hidden's/weight's dtypes.
 
@@ -263,7 +277,7 @@ def _sequence_logprobs_bwd_fake(
     grad_weight_dtype,
     need_hidden,
     need_weight,
-    token_weights,
+    token_weights=None,
 ):
     grads = []
     if need_hidden:
@@ -666,7 +680,7 @@ class LinearPairLoss(torch.autograd.Function):
         need_h,
         need_w,
         check_ids,
-        token_weights,
+        token_weights=None,
     ):
         rows = max(max_chunk_tokens if item.split else item.t1 - item.t0 for item in plan)
         run = _PairPass(

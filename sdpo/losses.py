@@ -65,6 +65,16 @@ losses (weights default to 1), so it stays separable by pair; the reported rewar
 the first type (they differ only for IPO, whose rewards use token-averaged log-probs), and the
 RPO term, if any, is added once.
 
+LD-DPO (``ld_alpha``, TRL's option of that name) changes the summed log-probs themselves,
+before they reach this module: with ``public = min(chosen, rejected completion tokens)`` of a
+pair, a completion's log-prob is (sum of its first ``public`` token log-probs) + ``ld_alpha`` *
+(sum of the rest). The trainer and the scoring pass apply it per token in the fused head
+(``engine/packing.py``: ``length_desensitized_weights``), to the policy and the reference alike
+(TRL weights only the policy; here the reference cache holds LD sums, so the first rewards of a
+step are 0). The token counts given here stay the raw completion lengths: IPO and sigmoid_norm
+average the LD sums over them (TRL's IPO drops its averaging when ld_alpha is set), and RPO's NLL
+is ``-pi_c / chosen_tokens`` with the LD sum ``pi_c`` (TRL's NLL is the raw chosen cross-entropy).
+
 All arithmetic runs in float32 at least (bf16/fp16 inputs are upcast; float64 stays float64, so
 gradients can be checked with ``torch.autograd.gradcheck``).
 """

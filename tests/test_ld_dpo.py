@@ -224,6 +224,34 @@ def test_all_ones_weights_give_the_unweighted_ops_bit_for_bit():
             assert torch.equal(a, b)
 
 
+def test_weighted_custom_ops_pass_opcheck_and_compile_without_a_graph_break():
+    """torch.compile sees the weights as an ordinary (optional) tensor input of the ops."""
+    h64, w64, labels, seq_ids, ref = _inputs(5)
+    h = h64.float().requires_grad_(True)
+    w = w64.float().requires_grad_(True)
+    weights = length_desensitized_weights(torch.tensor(COUNTS), ALPHA)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    args = (h, w, labels, seq_ids, len(COUNTS), "torch", 29, torch.float32, weights)
+    torch.library.opcheck(torch.ops.sdpo.sequence_logprobs_fwd, args, test_utils=utils)
+    with torch.no_grad():
+        _, lse = torch.ops.sdpo.sequence_logprobs_fwd(*args)
+    grad_seq = torch.linspace(-1.0, 1.0, len(COUNTS))
+    bwd = (grad_seq, h.detach(), w.detach(), labels, seq_ids, lse, "torch", 29, torch.float32)
+    torch.library.opcheck(
+        torch.ops.sdpo.sequence_logprobs_bwd, (*bwd, True, True, weights), test_utils=utils
+    )
+
+    def objective(h, w):
+        seq = sequence_logprobs(
+            h, w, labels, seq_ids, len(COUNTS), impl="torch", token_weights=weights
+        )
+        return _dpo(seq, ref)
+
+    compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
+    for a, b in zip(_grads(objective, h, w), _grads(compiled, h, w)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_token_weights_of_the_wrong_shape_dtype_or_device_are_refused():
     h64, w64, labels, seq_ids, _ = _inputs(4)
     h, w = h64.float(), w64.float()
