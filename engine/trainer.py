@@ -361,6 +361,21 @@ class TrainResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _check_loss_fn_ld_alpha(loss_fn: PairLossFn, ld_alpha: float | None) -> None:
+    """A loss function bound to a config (``partial(dpo_loss, config=...)``) whose ``ld_alpha``
+    is not the trainer's: the per-pair loss cannot apply it (it sees summed log-probs), so it
+    would be silently ignored. Refused."""
+    config = getattr(loss_fn, "keywords", {}).get("config")
+    wanted = getattr(config, "ld_alpha", None)
+    if wanted not in (None, 1) and wanted != ld_alpha:
+        raise ValueError(
+            f"the loss config has ld_alpha = {wanted} but the trainer was built with ld_alpha = "
+            f"{ld_alpha}: LD-DPO weights the tokens in the log-prob head, so pass "
+            f"DPOTrainer(..., ld_alpha={wanted}) (and score the reference with "
+            f"score_pairs(..., ld_alpha={wanted}))"
+        )
+
+
 class DPOTrainer:
     """Trains ``model`` on ``pairs`` against cached reference values ``ref``.
 
@@ -393,6 +408,7 @@ class DPOTrainer:
         # tokens past its pair's shorter length by ld_alpha (engine/packing.py); the reference
         # values must have been scored with the same ld_alpha (``score_pairs``)
         check_ld_alpha(ld_alpha)
+        _check_loss_fn_ld_alpha(loss_fn, ld_alpha)
         self.ld_alpha = ld_alpha
         self.kernels_impl = kernels_impl
         self.chunk_tokens = chunk_tokens

@@ -16,11 +16,15 @@ if not torch.cuda.is_available():  # Triton's mode is fixed at its first import 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dataclasses  # noqa: E402
+import json  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
-from sdpo.config import RunConfig, load_config  # noqa: E402
+from sdpo.config import RunConfig, config_from_dict, load_config  # noqa: E402
 from sdpo.engine.checkpoint import load_pretrained  # noqa: E402
 from sdpo.engine.data import read_preference_file  # noqa: E402
 from sdpo.engine.packing import (  # noqa: E402
@@ -35,8 +39,13 @@ from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs  # noqa: E402
 from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps  # noqa: E402
 from sdpo.kernels import linear_pair_loss, sequence_logprobs  # noqa: E402
 from sdpo.losses import LossConfig, dpo_loss  # noqa: E402
-from sdpo.runner import StepwiseRunner  # noqa: E402
-from tests.conftest import assert_no_worse, write_pairs, write_two_source_run  # noqa: E402
+from sdpo.runner import StepwiseRunner, run_training  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    assert_no_worse,
+    two_source_config,
+    write_pairs,
+    write_two_source_run,
+)
 
 BETA = 0.1
 ALPHA = 0.37
@@ -389,3 +398,37 @@ def test_trainer_and_scoring_refuse_an_ld_alpha_outside_zero_to_one(tiny_model_d
             progress=False,
             ld_alpha=-1.0,
         )
+    with pytest.raises(ValueError, match=r"pass DPOTrainer\(\.\.\., ld_alpha=0.5\)"):
+        DPOTrainer(
+            model,
+            config=TrainConfig(),
+            loss_fn=partial(dpo_loss, config=LossConfig(ld_alpha=0.5)),
+            kernels_impl="torch",
+            progress=False,
+        )
+
+
+def test_two_step_run_scores_and_trains_with_ld_alpha_and_keys_its_caches(
+    tiny_model_dir, tmp_path, one_thread
+):
+    cfg = config_from_dict(
+        two_source_config(tmp_path, tiny_model_dir, loss={"ld_alpha": ALPHA}, sdpo={"steps": 2})
+    )
+    run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    cache = safe_open(out / "cache" / "initial.safetensors", "pt")
+    assert json.loads(cache.metadata()["key.ld_alpha"]) == ALPHA
+    # the cached reference is the LD scoring pass of the initial model, not the plain one
+    tok = PairTokenizer.from_dir(tiny_model_dir)
+    rows = [r for s in cfg.data.sources for r in read_preference_file(s.path, source=s.name)]
+    pairs, _ = tokenize_pairs(rows, tok, max_length=32, max_prompt_length=16)
+    score = dict(max_tokens_per_batch=4096, impl="torch")
+    model = load_pretrained(tiny_model_dir)
+    truth = score_pairs(model, pairs, ld_alpha=ALPHA, **score)
+    plain = score_pairs(model, pairs, **score)
+    cached = cache.get_tensor("chosen_logps")
+    torch.testing.assert_close(cached, truth.chosen_logps, atol=1e-5, rtol=0)
+    assert (cached - plain.chosen_logps).abs().max() > 0.5
+    # and the training forward is LD too: the first step starts at zero rewards
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert abs(first["rewards/margins"]) < 1e-6
