@@ -373,15 +373,15 @@ class HeadRows:
     token_weights: Tensor | None = None
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> HeadRows:
-        weights = self.token_weights
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
         return HeadRows(
-            index=self.index.to(device, non_blocking=non_blocking),
-            labels=self.labels.to(device, non_blocking=non_blocking),
-            seq_ids=self.seq_ids.to(device, non_blocking=non_blocking),
+            index=move(self.index),
+            labels=move(self.labels),
+            seq_ids=move(self.seq_ids),
             pair_tokens=self.pair_tokens,
-            token_weights=None
-            if weights is None
-            else weights.to(device, non_blocking=non_blocking),
+            token_weights=move(self.token_weights),
         )
 
 
