@@ -22,6 +22,11 @@ ops and the loss code are the same for both layouts. Token budgets are counted i
 tokens (``TokenizedPair.num_tokens``) in both layouts, so batches and step plans are identical
 and the two modes are comparable step by step; a shared batch simply uses less memory than its
 budget allows.
+
+LD-DPO (``loss.ld_alpha``): ``head_rows(batch, ld_alpha=...)`` also gives each head row a weight
+(``length_desensitized_weights``): 1 for the first min(chosen, rejected) completion tokens of
+its pair, ``ld_alpha`` past them. The head ops multiply it into the per-sequence sums and their
+gradients; training and scoring build it the same way, so their sums agree.
 """
 
 from __future__ import annotations
@@ -364,24 +369,71 @@ class HeadRows:
     labels: Tensor  # (M,) int64: the completion token that row predicts
     seq_ids: Tensor  # (M,) int64 in [0, S)
     pair_tokens: list[int]  # rows per pair (chosen + rejected completion tokens), on the host
+    # (M,) float32 weight of each row's log-prob in its sequence's sum (LD-DPO); None: all 1
+    token_weights: Tensor | None = None
 
     def to(self, device: torch.device | str, *, non_blocking: bool = False) -> HeadRows:
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
         return HeadRows(
-            index=self.index.to(device, non_blocking=non_blocking),
-            labels=self.labels.to(device, non_blocking=non_blocking),
-            seq_ids=self.seq_ids.to(device, non_blocking=non_blocking),
+            index=move(self.index),
+            labels=move(self.labels),
+            seq_ids=move(self.seq_ids),
             pair_tokens=self.pair_tokens,
+            token_weights=move(self.token_weights),
         )
 
 
-def head_rows(batch: PackedBatch | SharedPromptBatch) -> HeadRows:
-    """The scored rows of ``batch``; call it on the host copy (it reads counts)."""
+def check_ld_alpha(ld_alpha: float | None) -> None:
+    """LD-DPO's ``ld_alpha`` is None (off) or a number in [0, 1]."""
+    if ld_alpha is None:
+        return
+    if (
+        not isinstance(ld_alpha, (int, float))
+        or isinstance(ld_alpha, bool)
+        or not 0.0 <= ld_alpha <= 1.0
+    ):
+        raise ValueError(
+            f"ld_alpha must be None (off) or a number in [0, 1], got {ld_alpha!r}: it is the "
+            "weight of the tokens past the shorter completion's length (LD-DPO; 1 is plain DPO)"
+        )
+
+
+def length_desensitized_weights(completion_tokens: Tensor, ld_alpha: float) -> Tensor:
+    """LD-DPO's per-token weights over the head rows of a batch, (M,) float32.
+
+    ``completion_tokens`` (S,): each sequence's completion length (chosen of pair p is
+    sequence 2p, rejected 2p+1), whose head rows follow one another in completion order in
+    both layouts. A pair's public length is min(chosen, rejected); the first ``public``
+    tokens of each completion weigh 1, the rest ``ld_alpha``. So each completion's summed
+    log-prob becomes (first ``public`` tokens) + ld_alpha * (the rest): the longer answer's
+    excess length counts less, the shorter answer and equal-length pairs are unchanged."""
+    check_ld_alpha(ld_alpha)
+    counts = completion_tokens.to(torch.int64)  # (S,)
+    public = torch.minimum(counts[0::2], counts[1::2]).repeat_interleave(2)  # (S,)
+    starts = torch.cumsum(counts, 0) - counts  # (S,) first head row of each sequence
+    rows = int(counts.sum())
+    within = torch.arange(rows, dtype=torch.int64) - starts.repeat_interleave(counts)  # (M,)
+    tail = within >= public.repeat_interleave(counts)
+    return torch.where(tail, float(ld_alpha), 1.0).to(torch.float32)
+
+
+def head_rows(batch: PackedBatch | SharedPromptBatch, *, ld_alpha: float | None = None) -> HeadRows:
+    """The scored rows of ``batch``; call it on the host copy (it reads counts).
+
+    ``ld_alpha`` (LD-DPO, ``loss.ld_alpha``): the rows get the weights of
+    :func:`length_desensitized_weights`; None or 1: no weights (plain sums)."""
+    weights = None
+    if ld_alpha is not None and ld_alpha != 1:
+        weights = length_desensitized_weights(batch.completion_tokens, ld_alpha)
     if isinstance(batch, SharedPromptBatch):
         return HeadRows(
             index=batch.head_index,
             labels=batch.labels,
             seq_ids=batch.seq_ids,
             pair_tokens=batch.pair_head_tokens(),
+            token_weights=weights,
         )
     index = (batch.labels != IGNORE_INDEX).nonzero().squeeze(1)  # (M,)
     counts = batch.completion_tokens
@@ -390,6 +442,7 @@ def head_rows(batch: PackedBatch | SharedPromptBatch) -> HeadRows:
         labels=batch.labels[index],
         seq_ids=batch.seq_ids[index],
         pair_tokens=(counts[0::2] + counts[1::2]).tolist(),
+        token_weights=weights,
     )
 
 

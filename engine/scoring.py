@@ -3,7 +3,8 @@
 It serves three callers with one code path, so their numbers agree to the last bit: the reference
 cache (the reference model's values for a chunk), the sDPO partitioner (the initial model's γ per
 pair, which is the same pass as step 1's reference) and `sdpo score`. It runs the same forward
-and log-prob op as training, on larger token budgets because nothing is kept for backward.
+and log-prob op as training, on larger token budgets because nothing is kept for backward; with
+LD-DPO (``ld_alpha``) its sums are length-desensitized exactly as the training forward's.
 
 Data parallel (a process group of more than one rank, ``sdpo.engine.distributed``): each rank
 scores one contiguous shard of the pairs, about equal in tokens
@@ -27,6 +28,7 @@ from sdpo.engine import distributed, sharding
 from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
+    check_ld_alpha,
     head_rows,
     pack_pairs,
     pack_pairs_shared,
@@ -76,6 +78,7 @@ def score_pairs(
     progress: bool = False,
     share_prompt: bool = False,
     data_parallel: bool | None = None,
+    ld_alpha: float | None = None,
 ) -> PairLogps:
     """Score every pair with ``model`` (no gradients), batching to a token budget.
 
@@ -84,7 +87,10 @@ def score_pairs(
     model's forward then also takes ``shared_prefix=``; see ``engine/packing.py``); the batches
     are the same, the values equal up to float rounding. ``data_parallel`` (default: whether a
     process group of more than one rank is up) shards the pairs over ranks (module docstring);
-    every rank must then call this with the same pairs."""
+    every rank must then call this with the same pairs. ``ld_alpha`` (LD-DPO): each
+    completion's tokens past its pair's shorter length count ld_alpha times
+    (``engine/packing.py``), as in the training forward; None: plain sums."""
+    check_ld_alpha(ld_alpha)
     if not pairs:
         raise ValueError("score_pairs needs at least one pair")
     if data_parallel is None:
@@ -113,6 +119,7 @@ def score_pairs(
         share_prompt=share_prompt,
         passes=passes,
         filler=pairs[0],
+        ld_alpha=ld_alpha,
     )
     if data_parallel:
         parts = distributed.all_gather_object((chosen, rejected))
@@ -139,6 +146,7 @@ def _score_local(
     share_prompt: bool,
     passes: int = 0,
     filler: TokenizedPair | None = None,
+    ld_alpha: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(chosen, rejected) summed log-probs of ``pairs`` (CPU float32; empty for no pairs).
     ``passes``: run at least this many forward passes, the extra ones on ``filler`` (their
@@ -173,7 +181,8 @@ def _score_local(
         chunk = [pairs[i] for i in positions]
         host_batch = pack_pairs_shared(chunk) if share_prompt else pack_pairs(chunk)
         batch = to_device(host_batch, device)
-        head = to_device(head_rows(host_batch), device)  # the rows with a label
+        # the rows with a label, with their LD-DPO weights
+        head = to_device(head_rows(host_batch, ld_alpha=ld_alpha), device)
         if share_prompt:
             with autocast_context(precision, device):
                 hidden = model(
@@ -196,6 +205,7 @@ def _score_local(
             batch.num_seqs,
             impl=impl,
             chunk_tokens=chunk_tokens,
+            token_weights=head.token_weights,
         )  # (S,) with S = 2P: chosen, rejected interleaved
         rows = to_device(torch.tensor(positions, dtype=torch.int64), device)
         chosen[rows] = seq_logps[0::2].float()

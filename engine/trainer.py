@@ -55,6 +55,7 @@ from sdpo.engine.lora import adapter_parameters
 from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
+    check_ld_alpha,
     head_rows,
     pack_pairs,
     pack_pairs_shared,
@@ -360,6 +361,21 @@ class TrainResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _check_loss_fn_ld_alpha(loss_fn: PairLossFn, ld_alpha: float | None) -> None:
+    """A loss function bound to a config (``partial(dpo_loss, config=...)``) whose ``ld_alpha``
+    is not the trainer's: the per-pair loss cannot apply it (it sees summed log-probs), so it
+    would be silently ignored. Refused."""
+    config = getattr(loss_fn, "keywords", {}).get("config")
+    wanted = getattr(config, "ld_alpha", None)
+    if wanted not in (None, 1) and wanted != ld_alpha:
+        raise ValueError(
+            f"the loss config has ld_alpha = {wanted} but the trainer was built with ld_alpha = "
+            f"{ld_alpha}: LD-DPO weights the tokens in the log-prob head, so pass "
+            f"DPOTrainer(..., ld_alpha={wanted}) (and score the reference with "
+            f"score_pairs(..., ld_alpha={wanted}))"
+        )
+
+
 class DPOTrainer:
     """Trains ``model`` on ``pairs`` against cached reference values ``ref``.
 
@@ -383,10 +399,17 @@ class DPOTrainer:
         stop_requested: Callable[[], bool] | None = None,
         log_hook: Callable[[dict[str, Any]], None] | None = None,
         evaluate: Callable[[DPOTrainer], None] | None = None,
+        ld_alpha: float | None = None,
     ) -> None:
         self.model = model
         self.config = config
         self.loss_fn = loss_fn
+        # LD-DPO (``loss.ld_alpha``): the policy's summed log-probs weigh each completion's
+        # tokens past its pair's shorter length by ld_alpha (engine/packing.py); the reference
+        # values must have been scored with the same ld_alpha (``score_pairs``)
+        check_ld_alpha(ld_alpha)
+        _check_loss_fn_ld_alpha(loss_fn, ld_alpha)
+        self.ld_alpha = ld_alpha
         self.kernels_impl = kernels_impl
         self.chunk_tokens = chunk_tokens
         self.max_chunk_tokens = max_chunk_tokens  # fused path: longer pairs are split
@@ -463,7 +486,8 @@ class DPOTrainer:
         chunk = [pairs[i] for i in positions]
         host_batch = pack_pairs_shared(chunk) if share else pack_pairs(chunk)  # CPU tensors
         rows = ref.rows_for(host_batch.pair_indices)  # looked up on the host: no device sync
-        host_head = head_rows(host_batch)  # the rows with a label, counted on the host
+        # the rows with a label (and their LD-DPO weights), counted on the host
+        host_head = head_rows(host_batch, ld_alpha=self.ld_alpha)
         batch = to_device(host_batch, self.device)
         head = to_device(host_head, self.device)
         ref_c = to_device(ref.chosen_logps[rows], self.device)
@@ -514,6 +538,7 @@ class DPOTrainer:
                 chunk_tokens=self.chunk_tokens,
                 max_chunk_tokens=self.max_chunk_tokens,
                 pair_tokens=host_head.pair_tokens,  # the host's counts: no device sync
+                token_weights=head.token_weights,
             )
         else:
             seq_logps = sequence_logprobs(
@@ -524,6 +549,7 @@ class DPOTrainer:
                 batch.num_seqs,
                 impl=self.kernels_impl,
                 chunk_tokens=self.chunk_tokens,
+                token_weights=head.token_weights,
             )
             out = self.loss_fn(
                 seq_logps[0::2],

@@ -34,6 +34,12 @@ accumulated into dH, dW; then each head sub-chunk's logits are recomputed and tu
 their gradient with the saved lse. Such a pair costs 6·L·H·V + 2·(L − B)·H·V FLOP (the
 head's logits twice); the peak logits memory is B·V elements.
 
+Per-token weights (``token_weights``, optional, (N,) fp32): both ops can sum
+``weight * token log-prob`` per sequence instead, and then scale each token's gradient by its
+weight (``g_token = d_seq[seq] * w_token``), with no other change to the chunking or the row
+kernels. LD-DPO uses it (``engine/packing.py``: ``length_desensitized_weights``); weights of 1
+give the unweighted numbers bit for bit.
+
 Both run the chunk matmuls with cuBLAS through torch and the row core of logprobs.py
 (Triton kernels or the PyTorch reference) on the chunk's logits. ``sequence_logprobs`` is
 registered as ``torch.library`` custom ops (``sdpo::sequence_logprobs_fwd`` / ``_bwd``, with
@@ -66,9 +72,11 @@ from .logprobs import (
     check_head_shapes,
     check_labels_in_vocab,
     check_packed_shapes,
+    check_token_weights,
     rows_backward,
     rows_forward,
     sum_per_sequence,
+    weighted,
 )
 
 CHUNK_BYTES = 256 * 2**20
@@ -162,6 +170,7 @@ def _sequence_logprobs_fwd(
     impl: str,
     chunk_tokens: int,
     grad_weight_dtype: torch.dtype,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(seq_logps (S,), lse (N,)), both fp32."""
     del grad_weight_dtype  # read by setup_context only
@@ -180,12 +189,20 @@ def _sequence_logprobs_fwd(
         token_logps[start:stop] = logp_c
         lse[start:stop] = lse_c
     del buf
-    return sum_per_sequence(token_logps, seq_ids, num_seqs), lse
+    return sum_per_sequence(weighted(token_logps, token_weights), seq_ids, num_seqs), lse
 
 
 @_sequence_logprobs_fwd.register_fake
 def _sequence_logprobs_fwd_fake(
-    hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, grad_weight_dtype
+    hidden,
+    weight,
+    labels,
+    seq_ids,
+    num_seqs,
+    impl,
+    chunk_tokens,
+    grad_weight_dtype,
+    token_weights=None,
 ):
     return (
         hidden.new_empty(num_seqs, dtype=torch.float32),
@@ -206,6 +223,7 @@ def _sequence_logprobs_bwd(
     grad_weight_dtype: torch.dtype,
     need_hidden: bool,
     need_weight: bool,
+    token_weights: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """[grad_hidden if need_hidden, grad_weight if need_weight], in hidden's/weight's dtypes.
 
@@ -215,7 +233,8 @@ def _sequence_logprobs_bwd(
     n = hidden.shape[0]
     dtype = _compute_dtype(hidden, weight)
     w = weight.to(dtype)
-    grad_token = grad_seq.float()[seq_ids]  # (N,) fp32; the kernel zeroes label == -100
+    # (N,) fp32, times each token's weight; the kernel zeroes label == -100
+    grad_token = weighted(grad_seq.float()[seq_ids], token_weights)
     grad_h = (
         torch.empty(n, hidden.shape[1], dtype=dtype, device=hidden.device) if need_hidden else None
     )
@@ -258,6 +277,7 @@ def _sequence_logprobs_bwd_fake(
     grad_weight_dtype,
     need_hidden,
     need_weight,
+    token_weights=None,
 ):
     grads = []
     if need_hidden:
@@ -268,20 +288,25 @@ def _sequence_logprobs_bwd_fake(
 
 
 def _sequence_logprobs_setup_context(ctx, inputs, output) -> None:
-    hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, grad_weight_dtype = inputs
+    (hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, grad_weight_dtype, w_tok) = (
+        inputs
+    )
     ctx.num_seqs = num_seqs
     ctx.impl = impl
     ctx.chunk_tokens = chunk_tokens
     ctx.grad_weight_dtype = grad_weight_dtype
-    ctx.save_for_backward(hidden, weight, labels, seq_ids, output[1])
+    ctx.weighted = w_tok is not None
+    saved = (hidden, weight, labels, seq_ids, output[1])
+    ctx.save_for_backward(*saved, *((w_tok,) if w_tok is not None else ()))
 
 
 def _sequence_logprobs_backward(ctx, grad_seq, grad_lse):
     del grad_lse  # lse is internal: the public function never returns it
-    hidden, weight, labels, seq_ids, lse = ctx.saved_tensors
+    hidden, weight, labels, seq_ids, lse, *rest = ctx.saved_tensors
+    token_weights = rest[0] if ctx.weighted else None
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_h or need_w):
-        return (None,) * 8
+        return (None,) * 9
     if grad_seq is None:
         grad_seq = lse.new_zeros(ctx.num_seqs)
     grads = torch.ops.sdpo.sequence_logprobs_bwd(
@@ -296,10 +321,11 @@ def _sequence_logprobs_backward(ctx, grad_seq, grad_lse):
         ctx.grad_weight_dtype,
         need_h,
         need_w,
+        token_weights,
     )
     grad_h = grads[0] if need_h else None
     grad_w = grads[-1] if need_w else None
-    return grad_h, grad_w, None, None, None, None, None, None
+    return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -319,6 +345,7 @@ def sequence_logprobs(
     impl: str = "auto",
     chunk_tokens: int | None = None,
     grad_weight_dtype: torch.dtype | None = torch.float32,
+    token_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(S,) fp32 summed log-probs of ``labels`` per packed sequence, from hidden states.
 
@@ -327,10 +354,13 @@ def sequence_logprobs(
     Differentiable w.r.t. hidden and weight; the gradient of W accumulates over chunks in
     ``grad_weight_dtype`` (fp32 by default; ``None`` = W's dtype, which halves its memory).
     Under ``torch.no_grad`` this is the reference pass: one chunk of logits at a time.
+    ``token_weights`` (N,) fp32: each token's log-prob enters its sequence's sum times its
+    weight, and its gradient likewise (LD-DPO, see :func:`weighted`); None: all 1.
     Runs as the custom ops ``sdpo::sequence_logprobs_fwd`` / ``_bwd``, so ``torch.compile``
     traces it without a graph break.
     """
     _check_linear_shapes(hidden, weight, labels, seq_ids)
+    check_token_weights(token_weights, hidden.shape[0], device=hidden.device)
     impl = resolve_impl(impl, hidden.device)
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(
@@ -343,7 +373,7 @@ def sequence_logprobs(
     # None -> the compute dtype, resolved here: the ops take a plain dtype argument.
     accum_dtype = grad_weight_dtype or _compute_dtype(hidden, weight)
     seq_logps, _ = _sequence_logprobs_fwd(
-        hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, accum_dtype
+        hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, accum_dtype, token_weights
     )
     return seq_logps
 
@@ -474,10 +504,12 @@ class _PairPass:
         need_h: bool,
         need_w: bool,
         check_ids: bool,
+        token_weights: torch.Tensor | None,
     ) -> None:
         dtype = _compute_dtype(hidden, weight)
         device = hidden.device
         self.hidden, self.labels, self.seq_ids = hidden, labels, seq_ids
+        self.token_weights = token_weights
         self.dtype, self.impl, self.pair_loss = dtype, impl, pair_loss
         self.w = weight.to(dtype)
         self.buf = torch.empty(buffer_rows, self.w.shape[0], dtype=dtype, device=device)
@@ -511,6 +543,10 @@ class _PairPass:
                 "stream order, e.g. from the batch's cu_seqlens",
             )
         return ids - 2 * p0
+
+    def _weights(self, t0: int, t1: int) -> torch.Tensor | None:
+        """The token weights of tokens [t0, t1) (None: all 1)."""
+        return None if self.token_weights is None else self.token_weights[t0:t1]
 
     def _pair_grad(self, seq_c: torch.Tensor, p0: int, p1: int) -> torch.Tensor | None:
         """Adds pairs [p0, p1)'s loss; returns its gradient w.r.t. seq_c (2k,) fp32, if needed."""
@@ -561,11 +597,12 @@ class _PairPass:
         h, logits = self._logits(t0, t1)  # (n, V)
         local_ids = self._local_ids(t0, t1, p0, p1)
         token_logps, lse = rows_forward(logits, self.labels[t0:t1], impl=self.impl)
-        seq_c = sum_per_sequence(token_logps, local_ids, 2 * (p1 - p0))  # (2k,)
+        w_tok = self._weights(t0, t1)
+        seq_c = sum_per_sequence(weighted(token_logps, w_tok), local_ids, 2 * (p1 - p0))  # (2k,)
         self.seq_logps[2 * p0 : 2 * p1] = seq_c
         d_seq = self._pair_grad(seq_c, p0, p1)
         if d_seq is not None:
-            self._backprop(logits, h, t0, t1, lse, d_seq[local_ids])
+            self._backprop(logits, h, t0, t1, lse, weighted(d_seq[local_ids], w_tok))
 
     def split(self, item: _PlanItem, cap: int) -> None:
         """One pair over ``cap`` tokens, keep-the-tail (6·L·H·V + 2·(L - cap)·H·V FLOP).
@@ -588,12 +625,13 @@ class _PairPass:
         h_tail, logits = self._logits(tail0, t1)  # kept: the buffer's rows [0, cap)
         logp_c, tail_lse = rows_forward(logits, self.labels[tail0:t1], impl=self.impl)
         token_logps[tail0 - t0 :] = logp_c
-        seq_c = sum_per_sequence(token_logps, local_ids, 2)
+        w_tok = self._weights(t0, t1)
+        seq_c = sum_per_sequence(weighted(token_logps, w_tok), local_ids, 2)
         self.seq_logps[2 * p : 2 * p + 2] = seq_c
         d_seq = self._pair_grad(seq_c, p, p + 1)
         if d_seq is None:
             return
-        grad_token = d_seq[local_ids]  # (L,)
+        grad_token = weighted(d_seq[local_ids], w_tok)  # (L,)
         self._backprop(logits, h_tail, tail0, t1, tail_lse, grad_token[tail0 - t0 :])
         for s0, s1 in heads:
             h, logits = self._logits(s0, s1)
@@ -642,6 +680,7 @@ class LinearPairLoss(torch.autograd.Function):
         need_h,
         need_w,
         check_ids,
+        token_weights=None,
     ):
         rows = max(max_chunk_tokens if item.split else item.t1 - item.t0 for item in plan)
         run = _PairPass(
@@ -657,6 +696,7 @@ class LinearPairLoss(torch.autograd.Function):
             need_h=need_h,
             need_w=need_w,
             check_ids=check_ids,
+            token_weights=token_weights,
         )
         for item in plan:
             if item.split:
@@ -686,7 +726,7 @@ class LinearPairLoss(torch.autograd.Function):
         return (
             _scaled(grad_h, grad_loss, h_dtype),
             _scaled(grad_w, grad_loss, w_dtype),
-            *(None,) * 11,
+            *(None,) * 12,
         )
 
 
@@ -721,6 +761,7 @@ def linear_pair_loss(
     grad_weight_dtype: torch.dtype | None = torch.float32,
     pair_tokens: Sequence[int] | None = None,
     max_chunk_tokens: int | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair-separable loss over packed preference pairs, gradients formed chunk by chunk.
 
@@ -743,12 +784,16 @@ def linear_pair_loss(
     by keep-the-tail (see the module docstring): it costs 6·L·H·V + 2·(L - cap)·H·V FLOP
     instead of 6·L·H·V. ``None``: no cap (a long pair's logits are held whole).
 
+    ``token_weights`` (N,) fp32: per-token weights of the sums and of the token gradients,
+    as in :func:`sequence_logprobs` (LD-DPO); ``seq_logps`` are then the weighted sums.
+
     Unlike the other ops this one stays an ``autograd.Function`` behind
     ``torch.compiler.disable`` (``torch.compile`` graph-breaks around it): it takes a
     Python callable, ``pair_loss``, and a ``torch.library`` custom op can only take tensors
     and plain values.
     """
     _check_linear_inputs(hidden, weight, labels, seq_ids)
+    check_token_weights(token_weights, hidden.shape[0], device=hidden.device)
     _check_whole_pairs(num_seqs)
     impl = resolve_impl(impl, hidden.device)
     if chunk_tokens is None:
@@ -794,6 +839,7 @@ def linear_pair_loss(
         need_h,
         need_w,
         check_ids,
+        token_weights,
     )
 
 

@@ -175,6 +175,37 @@ def sum_per_sequence(
     return out.index_add_(0, seq_ids, token_values.to(torch.float32))
 
 
+def weighted(token_values: torch.Tensor, token_weights: torch.Tensor | None) -> torch.Tensor:
+    """``token_values * token_weights`` (both (N,) fp32), or the values as they are for None.
+
+    Per-token weights scale what each token contributes to its sequence's sum, and its
+    gradient by the same factor: LD-DPO's length desensitization (``engine/packing.py``,
+    ``length_desensitized_weights``) weights a completion's tokens past the pair's shorter
+    length by ``ld_alpha``. A weight of 1 is exact in fp32, so all-ones weights give the
+    unweighted sums bit for bit."""
+    return token_values if token_weights is None else token_values * token_weights
+
+
+def check_token_weights(
+    token_weights: torch.Tensor | None, num_tokens: int, *, device: torch.device
+) -> None:
+    """Static checks of optional per-token weights: (N,) fp32 on the tokens' device."""
+    if token_weights is None:
+        return
+    if token_weights.shape != (num_tokens,):
+        raise ValueError(
+            f"token_weights must be ({num_tokens},) (one per token), got "
+            f"{tuple(token_weights.shape)}"
+        )
+    if token_weights.dtype != torch.float32:
+        raise TypeError(f"token_weights must be float32, got {token_weights.dtype}")
+    if token_weights.device != device:
+        raise ValueError(
+            f"token_weights are on {token_weights.device} but the tokens on {device}: move "
+            "them to the same device"
+        )
+
+
 def check_head_shapes(hidden: torch.Tensor, weight: torch.Tensor) -> None:
     """hidden (N, H) and the lm_head weight (V, H): ranks and the shared hidden size."""
     if hidden.dim() != 2 or weight.dim() != 2:

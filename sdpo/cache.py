@@ -180,13 +180,18 @@ class CacheKey:
     # scored with each prompt computed once (train.share_prompt): equal values up to rounding,
     # but not to the bit in bf16, so it is part of the key
     share_prompt: bool = False
+    # LD-DPO's loss.ld_alpha: the reference values are length-desensitized sums like the
+    # policy's. None for plain sums (ld_alpha unset or 1, which are the same numbers)
+    ld_alpha: float | None = None
 
-    def fields(self) -> dict[str, str | int | None]:
+    def fields(self) -> dict[str, str | int | float | None]:
         fields = dataclasses.asdict(self)
+        # absent means the default: keys (and digests) written before an option existed
+        # stay valid
         if not self.share_prompt:
-            # absent means unshared: keys (and digests) written before the option existed
-            # stay valid
             del fields["share_prompt"]
+        if self.ld_alpha is None:
+            del fields["ld_alpha"]
         return fields
 
     def digest(self) -> str:

@@ -65,6 +65,16 @@ losses (weights default to 1), so it stays separable by pair; the reported rewar
 the first type (they differ only for IPO, whose rewards use token-averaged log-probs), and the
 RPO term, if any, is added once.
 
+LD-DPO (``ld_alpha``, TRL's option of that name) changes the summed log-probs themselves,
+before they reach this module: with ``public = min(chosen, rejected completion tokens)`` of a
+pair, a completion's log-prob is (sum of its first ``public`` token log-probs) + ``ld_alpha`` *
+(sum of the rest). The trainer and the scoring pass apply it per token in the fused head
+(``engine/packing.py``: ``length_desensitized_weights``), to the policy and the reference alike
+(TRL weights only the policy; here the reference cache holds LD sums, so the first rewards of a
+step are 0). The token counts given here stay the raw completion lengths: IPO and sigmoid_norm
+average the LD sums over them (TRL's IPO drops its averaging when ld_alpha is set), and RPO's NLL
+is ``-pi_c / chosen_tokens`` with the LD sum ``pi_c`` (TRL's NLL is the raw chosen cross-entropy).
+
 All arithmetic runs in float32 at least (bf16/fp16 inputs are upcast; float64 stays float64, so
 gradients can be checked with ``torch.autograd.gradcheck``).
 """
@@ -124,6 +134,10 @@ class LossConfig:
     types built on the reward difference.
     ``f_alpha_divergence_coef``: the ``alpha`` (> 0) of ``"alpha_divergence"`` (TRL's default
     0.5), read by that divergence only.
+    ``ld_alpha``: LD-DPO's length desensitization, in [0, 1]; None (default) is off and 1 is
+    plain DPO. It is applied where log-probs are summed, not here: the trainer
+    (``DPOTrainer(ld_alpha=...)``) and the scoring pass (``score_pairs(ld_alpha=...)``) weigh
+    each completion's tokens past its pair's shorter length by it (module docstring).
     """
 
     loss_type: str | list[str] = "sigmoid"
@@ -135,6 +149,7 @@ class LossConfig:
     loss_weights: list[float] | None = None
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
+    ld_alpha: float | None = None
 
     def __post_init__(self) -> None:
         types = self.loss_types
@@ -211,6 +226,13 @@ class LossConfig:
                 f"f_alpha_divergence_coef = {coef} has no effect with f_divergence_type "
                 f"{self.f_divergence_type!r}: use f_divergence_type 'alpha_divergence' or leave "
                 "it at 0.5"
+            )
+        if self.ld_alpha is not None and not (
+            _is_real(self.ld_alpha) and 0.0 <= self.ld_alpha <= 1.0
+        ):
+            raise ValueError(
+                f"ld_alpha must be unset (off) or a number in [0, 1], got {self.ld_alpha!r}: it "
+                "weighs the tokens past the shorter completion's length (LD-DPO; 1 is plain DPO)"
             )
 
     @property

@@ -434,6 +434,7 @@ class StepwiseRunner:
             precision=self.precision,
             progress=self.progress,
             share_prompt=self.cfg.train.share_prompt,
+            ld_alpha=self.cfg.loss.ld_alpha,
         )
 
     def cache_key(self, model_fp: str, pairs: Sequence[TokenizedPair]) -> CacheKey:
@@ -448,6 +449,8 @@ class StepwiseRunner:
             dtype_policy=self.precision,
             kernels_impl=self.impl,
             share_prompt=self.cfg.train.share_prompt,
+            # 1 gives the plain sums bit for bit: the same key as unset
+            ld_alpha=None if self.cfg.loss.ld_alpha in (None, 1) else float(self.cfg.loss.ld_alpha),
         )
 
     def cached_reference(
@@ -1006,6 +1009,7 @@ class StepwiseRunner:
                 kernels_impl=self.impl,
                 chunk_tokens=cfg.kernels.chunk_tokens,
                 max_chunk_tokens=cfg.kernels.max_chunk_tokens,
+                ld_alpha=cfg.loss.ld_alpha,
                 output_dir=self.out,
                 metrics_extra={"sdpo_step": t},
                 progress=self.progress,
