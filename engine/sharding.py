@@ -73,11 +73,16 @@ def mixed_precision_policy(precision: str) -> Any:
     return MixedPrecisionPolicy()  # parameters gathered and reduced in their own dtype
 
 
-def shard_model(model: torch.nn.Module, *, precision: str) -> torch.nn.Module:
+def shard_model(
+    model: torch.nn.Module, *, precision: str, device: torch.device | str | None = None
+) -> torch.nn.Module:
     """Shard a ``CausalLM`` over the process group in place (module docstring); returns it.
 
     ``precision`` is a resolved policy (``fp32``, ``bf16`` or ``bf16-mixed``); the model's
-    parameters must already be in its dtype (``parameter_dtype``)."""
+    parameters must already be in its dtype (``parameter_dtype``). ``device``: the rank's
+    device, where the shards will live; by default the parameters' own. A model on the meta
+    device (``load_pretrained(..., shard=...)``) needs it: it stays on meta, sharded, until
+    ``to_empty`` materialises the local shards."""
     if not distributed.active():
         raise RuntimeError(
             "shard_model needs a process group of more than one rank (torchrun "
@@ -88,7 +93,12 @@ def shard_model(model: torch.nn.Module, *, precision: str) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device.type == "meta":
+        raise ValueError(
+            "shard_model of a model on the meta device needs device= (the rank's device, "
+            "where its shards will be materialised)"
+        )
     mesh = init_device_mesh(device.type, (distributed.world(),))
     policy = mixed_precision_policy(precision)
     for layer in model.model.layers:
@@ -112,6 +122,32 @@ def is_dtensor(t: Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+def local_region(t: Tensor) -> tuple[slice, ...]:
+    """Where this rank's part of ``t`` lies in its global value, one slice per dimension: for a
+    DTensor (a sharded parameter) its local shard as its own mesh and placements place it
+    (FSDP2's dim-0 split: ``torch.chunk`` sizes, so the last ranks may hold fewer rows or
+    none); all of ``t`` for a plain tensor. ``t.to_local()`` is exactly that region."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return tuple(slice(0, n) for n in t.shape)
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # torch 2.4 kept DTensor under torch.distributed._tensor
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    local = tuple(t.to_local().shape)
+    if tuple(shape) != local:
+        raise RuntimeError(
+            f"a DTensor of global shape {tuple(t.shape)} placed as {t.placements} holds a "
+            f"local shard of shape {local}, but its placements give {tuple(shape)}; this torch "
+            "version splits tensors differently from what sdpo expects: load the model whole "
+            "(train.fsdp = false) and report the torch version"
+        )
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
 
 
 def full_tensor(t: Tensor) -> Tensor:
