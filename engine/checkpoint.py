@@ -6,6 +6,12 @@ A checkpoint is a folder with ``config.json`` and either ``model.safetensors`` o
 ``AutoModelForCausalLM.from_pretrained`` and give the same logits. Saving goes through
 ``atomic_directory``: a crash never leaves a half-written checkpoint under the real name.
 
+Sharded loading (``load_pretrained(..., shard=...)``, what ``train.fsdp`` uses): the model is
+built and sharded on the meta device, only each rank's shards are allocated, and each reads its
+own rows of every tensor from the files (``get_slice(name)[rows]``), so a model larger than one
+device loads; the same checks of names and shapes run first (``_checked_layout``). The model
+holds no buffer to recompute after ``to_empty``: its rotary tables are computed in each forward.
+
 Fingerprints key the reference log-prob caches: ``model_fingerprint`` hashes the weights in
 memory, ``checkpoint_fingerprint`` the files on disk.
 """

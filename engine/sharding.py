@@ -28,8 +28,14 @@ states) and gathers them in bf16 (``MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32)``), gradients reduced in fp32.
 
 Checkpoints: ``full_state_dict`` gathers the whole state dict onto rank 0's CPU (a collective),
-which then writes the usual Hugging Face folder; a loaded model is built from the checkpoint on
-every rank, then sharded. The optimizer state is gathered the same way
+which then writes the usual Hugging Face folder. Loading never builds the whole model on a rank
+(``load_pretrained(..., shard=...)``, ``engine/checkpoint.py``): the ``CausalLM`` is built on the
+meta device, sharded there (``shard_model(..., device=...)``: ``fully_shard`` works on meta
+modules), ``to_empty`` allocates the local shards only (FSDP2 re-pads them), and each is filled
+with its rows of every tensor, read from the safetensors files as that slice alone.
+``local_region`` says which rows: the DTensor's own placements give them
+(``compute_local_shape_and_global_offset``, checked against its local shape), so FSDP2's uneven
+``torch.chunk`` split is matched exactly. The optimizer state is gathered the same way
 (``full_optimizer_state_dict``) and stored in the plain ``optimizer.state_dict()`` form, so a
 sharded run's checkpoint is a plain run's: ``--resume`` continues it sharded (rank 0's copy is
 broadcast and every rank keeps its shard, ``load_full_optimizer_state_dict``), or in one process.

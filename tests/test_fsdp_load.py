@@ -8,6 +8,7 @@ layers too); and no rank ever allocates a whole weight matrix while loading."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,22 @@ def test_sharded_load_never_allocates_a_whole_weight_matrix(loads, kind):
             assert got_p["largest"] <= got_p["local_padded_bytes"], precision
         # the check can fail: a whole load allocates every matrix whole when it casts to bf16
         assert matrices <= set(got[kind, "bf16"]["whole_allocated"])
+
+
+def test_sharded_load_refuses_a_bad_checkpoint_with_the_whole_loads_error(tmp_path):
+    """The same checks and messages as a whole load, before anything is built or sharded."""
+    from sdpo.engine.checkpoint import CheckpointError
+
+    folder = _write(tmp_path / "m", tied=True, seed=6)
+    config_path = folder / "config.json"
+    for change in ({"intermediate_size": 39}, {"tie_word_embeddings": False}):
+        config = {**json.loads(config_path.read_text()), **change}
+        config_path.write_text(json.dumps(config))
+        with pytest.raises(CheckpointError) as whole:
+            load_pretrained(folder)
+        called = []
+        with pytest.raises(CheckpointError) as sharded:
+            load_pretrained(folder, shard=called.append)
+        assert str(sharded.value) == str(whole.value)
+        assert ("has shape" in str(whole.value)) == ("intermediate_size" in change)
+        assert not called
