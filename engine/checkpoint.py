@@ -6,6 +6,12 @@ A checkpoint is a folder with ``config.json`` and either ``model.safetensors`` o
 ``AutoModelForCausalLM.from_pretrained`` and give the same logits. Saving goes through
 ``atomic_directory``: a crash never leaves a half-written checkpoint under the real name.
 
+Sharded loading (``load_pretrained(..., shard=...)``, what ``train.fsdp`` uses): the model is
+built and sharded on the meta device, only each rank's shards are allocated, and each reads its
+own rows of every tensor from the files (``get_slice(name)[rows]``), so a model larger than one
+device loads; the same checks of names and shapes run first (``_checked_layout``). The model
+holds no buffer to recompute after ``to_empty``: its rotary tables are computed in each forward.
+
 Fingerprints key the reference log-prob caches: ``model_fingerprint`` hashes the weights in
 memory, ``checkpoint_fingerprint`` the files on disk.
 """
@@ -111,11 +117,20 @@ def load_pretrained(
     *,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    shard: Callable[[CausalLM], object] | None = None,
 ) -> CausalLM:
     """Load a HF checkpoint folder into a :class:`CausalLM` in ``dtype`` on ``device``.
 
     Every tensor name and shape is checked against the config before any weight is read; with
-    tied embeddings a stored ``lm_head.weight`` is ignored (HF usually does not store it)."""
+    tied embeddings a stored ``lm_head.weight`` is ignored (HF usually does not store it).
+
+    ``shard``: load a model too large for one device, sharded. ``shard(model)`` gets the model
+    on the meta device, already in ``dtype``, and shards it in place (``sharding.shard_model``,
+    after ``compile_decoder_layers`` if wanted); then only the local shards are materialised on
+    ``device`` and each is filled with its own rows of every tensor, read from the files as
+    that slice alone (``safe_open(...).get_slice(name)[rows]``), so no rank ever holds a whole
+    tensor of the model. The result is bitwise the model ``load_pretrained`` + ``shard_model``
+    give."""
     if not dtype.is_floating_point:
         raise ValueError(f"load_pretrained needs a floating-point dtype, got {dtype}")
     folder = Path(path)
@@ -123,6 +138,8 @@ def load_pretrained(
     with torch.device("meta"):
         model = CausalLM(config)
     device = torch.device(device)
+    if shard is not None:
+        return _load_local_shards(model.to(dtype), by_file, expected, shard=shard, device=device)
     state: dict[str, torch.Tensor] = {}
     for file, names in by_file.items():
         # safetensors reads straight onto the target device; the cast happens there.
@@ -131,6 +148,52 @@ def load_pretrained(
                 if name in expected:
                     state[name] = f.get_tensor(name).to(dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def _load_local_shards(
+    model: CausalLM,
+    by_file: dict[Path, list[str]],
+    expected: dict[str, tuple[int, ...]],
+    *,
+    shard: Callable[[CausalLM], object],
+    device: torch.device,
+) -> CausalLM:
+    """``load_pretrained(..., shard=...)``: shard on meta, materialise the local shards on
+    ``device``, read each one's rows."""
+    from sdpo.engine.sharding import is_dtensor, local_region
+
+    shard(model)
+    # The model computes its rotary tables in every forward (``rope_inverse_frequencies``), so
+    # every buffer it holds, if any, comes from the checkpoint; one that does not would be left
+    # as uninitialised memory by to_empty: refuse it rather than train on garbage.
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    if tensors.keys() != expected.keys():
+        unknown = sorted(tensors.keys() - expected.keys())
+        lost = sorted(expected.keys() - tensors.keys())
+        raise RuntimeError(
+            f"the sharded model's tensors are not the checkpoint's: {_few(unknown)} are not "
+            f"in the checkpoint (nothing would fill them), {_few(lost)} are gone after "
+            "sharding; load_pretrained(shard=...) expects shard() to wrap the model, not to "
+            "add or rename tensors"
+        )
+    model.to_empty(device=device)  # the local shards only (FSDP2 re-pads them)
+    tensors = dict(model.named_parameters())
+    tensors.update(model.named_buffers())
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in names:
+                    if name not in expected:
+                        continue
+                    target = tensors[name]
+                    # no grad: a DTensor's to_local() is its local shard itself, no copy
+                    local = target.to_local() if is_dtensor(target) else target
+                    if local.numel() == 0:  # a rank past the last row of a short tensor
+                        continue
+                    rows = f.get_slice(name)[local_region(target)]
+                    local.copy_(rows.to(dtype=local.dtype))
     return model
 
 

@@ -28,8 +28,14 @@ states) and gathers them in bf16 (``MixedPrecisionPolicy(param_dtype=bf16,
 reduce_dtype=fp32)``), gradients reduced in fp32.
 
 Checkpoints: ``full_state_dict`` gathers the whole state dict onto rank 0's CPU (a collective),
-which then writes the usual Hugging Face folder; a loaded model is built from the checkpoint on
-every rank, then sharded. The optimizer state is gathered the same way
+which then writes the usual Hugging Face folder. Loading never builds the whole model on a rank
+(``load_pretrained(..., shard=...)``, ``engine/checkpoint.py``): the ``CausalLM`` is built on the
+meta device, sharded there (``shard_model(..., device=...)``: ``fully_shard`` works on meta
+modules), ``to_empty`` allocates the local shards only (FSDP2 re-pads them), and each is filled
+with its rows of every tensor, read from the safetensors files as that slice alone.
+``local_region`` says which rows: the DTensor's own placements give them
+(``compute_local_shape_and_global_offset``, checked against its local shape), so FSDP2's uneven
+``torch.chunk`` split is matched exactly. The optimizer state is gathered the same way
 (``full_optimizer_state_dict``) and stored in the plain ``optimizer.state_dict()`` form, so a
 sharded run's checkpoint is a plain run's: ``--resume`` continues it sharded (rank 0's copy is
 broadcast and every rank keeps its shard, ``load_full_optimizer_state_dict``), or in one process.
@@ -73,11 +79,16 @@ def mixed_precision_policy(precision: str) -> Any:
     return MixedPrecisionPolicy()  # parameters gathered and reduced in their own dtype
 
 
-def shard_model(model: torch.nn.Module, *, precision: str) -> torch.nn.Module:
+def shard_model(
+    model: torch.nn.Module, *, precision: str, device: torch.device | str | None = None
+) -> torch.nn.Module:
     """Shard a ``CausalLM`` over the process group in place (module docstring); returns it.
 
     ``precision`` is a resolved policy (``fp32``, ``bf16`` or ``bf16-mixed``); the model's
-    parameters must already be in its dtype (``parameter_dtype``)."""
+    parameters must already be in its dtype (``parameter_dtype``). ``device``: the rank's
+    device, where the shards will live; by default the parameters' own. A model on the meta
+    device (``load_pretrained(..., shard=...)``) needs it: it stays on meta, sharded, until
+    ``to_empty`` materialises the local shards."""
     if not distributed.active():
         raise RuntimeError(
             "shard_model needs a process group of more than one rank (torchrun "
@@ -88,7 +99,12 @@ def shard_model(model: torch.nn.Module, *, precision: str) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
-    device = next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if device.type == "meta":
+        raise ValueError(
+            "shard_model of a model on the meta device needs device= (the rank's device, "
+            "where its shards will be materialised)"
+        )
     mesh = init_device_mesh(device.type, (distributed.world(),))
     policy = mixed_precision_policy(precision)
     for layer in model.model.layers:
@@ -112,6 +128,32 @@ def is_dtensor(t: Tensor) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
+
+
+def local_region(t: Tensor) -> tuple[slice, ...]:
+    """Where this rank's part of ``t`` lies in its global value, one slice per dimension: for a
+    DTensor (a sharded parameter) its local shard as its own mesh and placements place it
+    (FSDP2's dim-0 split: ``torch.chunk`` sizes, so the last ranks may hold fewer rows or
+    none); all of ``t`` for a plain tensor. ``t.to_local()`` is exactly that region."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return tuple(slice(0, n) for n in t.shape)
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # torch 2.4 kept DTensor under torch.distributed._tensor
+        from torch.distributed._tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    local = tuple(t.to_local().shape)
+    if tuple(shape) != local:
+        raise RuntimeError(
+            f"a DTensor of global shape {tuple(t.shape)} placed as {t.placements} holds a "
+            f"local shard of shape {local}, but its placements give {tuple(shape)}; this torch "
+            "version splits tensors differently from what sdpo expects: load the model whole "
+            "(train.fsdp = false) and report the torch version"
+        )
+    return tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
 
 
 def full_tensor(t: Tensor) -> Tensor:

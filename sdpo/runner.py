@@ -1269,7 +1269,17 @@ class StepwiseRunner:
         (folder / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def _load_policy(self, path: Path) -> torch.nn.Module:
-        model = load_pretrained(path, dtype=parameter_dtype(self.precision), device=self.device)
+        """The policy from checkpoint folder ``path``, set up for this run: compiled layers if
+        asked, and sharded under ``train.fsdp`` (built on the meta device and sharded there,
+        then each rank reads only its own shards, ``load_pretrained(shard=...)``)."""
+        dtype = parameter_dtype(self.precision)
+        if sharding.wanted(self.cfg.train.fsdp):
+            return load_pretrained(path, dtype=dtype, device=self.device, shard=self._set_up)
+        return self._set_up(load_pretrained(path, dtype=dtype, device=self.device))
+
+    def _set_up(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The run's model settings on a freshly built policy (on the meta device when it is
+        to be sharded: compiling and sharding read no weight)."""
         model.attn_backend = self.cfg.model.attn_backend
         model.gradient_checkpointing = self.cfg.model.gradient_checkpointing
         model.checkpoint_every = self.cfg.model.checkpoint_every
@@ -1280,7 +1290,7 @@ class StepwiseRunner:
                 model, activation_memory_budget=self.cfg.model.activation_memory_budget
             )
         if sharding.wanted(self.cfg.train.fsdp):
-            sharding.shard_model(model, precision=self.precision)
+            sharding.shard_model(model, precision=self.precision, device=self.device)
         return model
 
     def _gathered(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
