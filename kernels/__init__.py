@@ -29,36 +29,44 @@ import os as _os
 
 import torch as _torch
 
-if _torch.version.cuda is None and _torch.version.hip is None:
-    _os.environ.setdefault("TRITON_INTERPRET", "1")
+if __name__ != "sdpo.kernels":
+    # This folder was found as a top-level package named ``kernels``: its parent (the
+    # repository root) is on sys.path, in a test session or a shell started there, and a
+    # library probed for an unrelated distribution of that name (transformers does, for
+    # Hugging Face's ``kernels``). Importing the ops under a second name would register the
+    # ``sdpo::`` custom ops again, which replaces the live registrations and leaves the
+    # handles ``sdpo.kernels`` holds dangling (crashes in later op calls). So under any other
+    # name this package is empty.
+    __all__: list[str] = []
+else:
+    if _torch.version.cuda is None and _torch.version.hip is None:
+        _os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .dispatch import resolve_impl, triton_available  # noqa: E402
-from .linear_logprobs import (  # noqa: E402
-    default_chunk_tokens,
-    linear_pair_loss,
-    sequence_logprobs,
-)
-from .logprobs import IGNORE_INDEX, logprobs_from_logits  # noqa: E402
+    from .dispatch import resolve_impl, triton_available
+    from .linear_logprobs import (
+        default_chunk_tokens,
+        linear_pair_loss,
+        sequence_logprobs,
+    )
+    from .logprobs import IGNORE_INDEX, logprobs_from_logits
 
-_LAZY = {"fused_sequence_logprobs", "fused_token_logprobs"}
+    _LAZY = {"fused_sequence_logprobs", "fused_token_logprobs"}
 
+    def __getattr__(name: str):
+        if name in _LAZY:
+            from . import fused_head
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        from . import fused_head
+            return getattr(fused_head, name)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-        return getattr(fused_head, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-    "IGNORE_INDEX",
-    "default_chunk_tokens",
-    "fused_sequence_logprobs",
-    "fused_token_logprobs",
-    "linear_pair_loss",
-    "logprobs_from_logits",
-    "resolve_impl",
-    "sequence_logprobs",
-    "triton_available",
-]
+    __all__ = [
+        "IGNORE_INDEX",
+        "default_chunk_tokens",
+        "fused_sequence_logprobs",
+        "fused_token_logprobs",
+        "linear_pair_loss",
+        "logprobs_from_logits",
+        "resolve_impl",
+        "sequence_logprobs",
+        "triton_available",
+    ]

@@ -60,6 +60,12 @@ same loss at other chunk sizes beside the default.
 
 from __future__ import annotations
 
+if not __name__.startswith("sdpo.kernels."):  # see kernels/__init__.py
+    raise ImportError(
+        f"{__name__} is sdpo's kernel module {__name__.rpartition('.')[2]!r}, importable only as "
+        "sdpo.kernels.*: under a second name it would register the sdpo:: custom ops again"
+    )
+
 import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple

@@ -21,6 +21,12 @@ marks a token that is not scored (its log-prob is 0 and it gets zero gradient), 
 
 from __future__ import annotations
 
+if not __name__.startswith("sdpo.kernels."):  # see kernels/__init__.py
+    raise ImportError(
+        f"{__name__} is sdpo's kernel module {__name__.rpartition('.')[2]!r}, importable only as "
+        "sdpo.kernels.*: under a second name it would register the sdpo:: custom ops again"
+    )
+
 import torch
 
 from .dispatch import resolve_impl
