@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,14 +16,6 @@ from sdpo.engine.tiny import write_tiny_model
 IGNORE_INDEX = -100
 
 WORDS = [f"w{i}" for i in range(40)]
-
-# Compiled-code caches private to this test session (and the processes it starts), unless the
-# caller chose its own: two test sessions running at once on one machine (two checkouts, say)
-# would otherwise share torch's inductor and AOTAutograd caches under /tmp.
-_CACHES = tempfile.mkdtemp(prefix="sdpo-test-caches-")
-atexit.register(shutil.rmtree, _CACHES, ignore_errors=True)
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHES, "inductor"))
-os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_CACHES, "triton"))
 
 
 def assert_no_worse(name, ours, baseline, truth, *, rel_margin: float, factor: float = 1.0):
