@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,34 @@ from sdpo.config import config_from_dict
 from sdpo.engine import sharding
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.compile import compile_decoder_layers
-from sdpo.engine.scoring import score_pairs
+from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.trainer import TrainConfig, plan_steps
 from sdpo.runner import run_training
 from tests.conftest import dpo_trainer
 from tests.test_distributed import _close, _pairs, _run_config, _spawn, _strip
+
+
+def _one_process_reference(model_dir: Path, pairs) -> PairLogps:
+    """The reference values of ``pairs`` under the unsharded model (the same on every rank)."""
+    return score_pairs(
+        load_pretrained(model_dir),
+        pairs,
+        max_tokens_per_batch=4096,
+        impl="torch",
+        data_parallel=False,
+    )
+
+
+def _one_process_and_two_ranks(tmp: Path, steps: Callable[[Path, Path, bool], dict]):
+    """``steps(model_dir, data, fsdp)`` on a tiny model and 23 pairs: in this process unsharded,
+    then sharded on two gloo ranks; returns (one process's result, each rank's)."""
+    from sdpo.engine.tiny import write_tiny_model
+    from tests.conftest import WORDS, write_pairs
+
+    model_dir = write_tiny_model(tmp / "model", words=WORDS, hidden_size=32, seed=1)
+    data = write_pairs(tmp / "d.jsonl", n=23, seed=11)
+    return steps(model_dir, data, False), _spawn(tmp, steps, model_dir, data, True)
+
 
 LR = 1e-2
 # several micro-batches per step (3 on one rank, 2 on the other: a filler pass) and a step of
@@ -249,13 +273,7 @@ VARIANTS = {"bf16": ("bf16", False), "checkpointing": ("fp32", True)}
 
 def _variant_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
     pairs = _pairs(model_dir, data)
-    ref = score_pairs(
-        load_pretrained(model_dir),
-        pairs,
-        max_tokens_per_batch=4096,
-        impl="torch",
-        data_parallel=False,
-    )
+    ref = _one_process_reference(model_dir, pairs)
     out = {}
     for name, (precision, checkpointing) in VARIANTS.items():
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -279,15 +297,7 @@ def _variant_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def variant_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp_variants")
-    from sdpo.engine.tiny import write_tiny_model
-    from tests.conftest import WORDS, write_pairs
-
-    model_dir = write_tiny_model(tmp / "model", words=WORDS, hidden_size=32, seed=1)
-    data = write_pairs(tmp / "d.jsonl", n=23, seed=11)
-    return _variant_steps(model_dir, data, False), _spawn(
-        tmp, _variant_steps, model_dir, data, True
-    )
+    return _one_process_and_two_ranks(tmp_path_factory.mktemp("fsdp_variants"), _variant_steps)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -326,13 +336,7 @@ def _compiled_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
     from torch._dynamo.utils import counters
 
     pairs = _pairs(model_dir, data)
-    ref = score_pairs(
-        load_pretrained(model_dir),
-        pairs,
-        max_tokens_per_batch=4096,
-        impl="torch",
-        data_parallel=False,
-    )
+    ref = _one_process_reference(model_dir, pairs)
 
     def policy():
         model = load_pretrained(model_dir)
@@ -359,15 +363,7 @@ def _compiled_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def compiled_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp_compile")
-    from sdpo.engine.tiny import write_tiny_model
-    from tests.conftest import WORDS, write_pairs
-
-    model_dir = write_tiny_model(tmp / "model", words=WORDS, hidden_size=32, seed=1)
-    data = write_pairs(tmp / "d.jsonl", n=23, seed=11)
-    return _compiled_steps(model_dir, data, False), _spawn(
-        tmp, _compiled_steps, model_dir, data, True
-    )
+    return _one_process_and_two_ranks(tmp_path_factory.mktemp("fsdp_compile"), _compiled_steps)
 
 
 def test_compiled_layers_under_fsdp_score_and_train_as_one_eager_process(compiled_results):

@@ -34,7 +34,7 @@ from sdpo.engine.trainer import TrainConfig, plan_steps
 from sdpo.runner import run_training
 from tests.conftest import WORDS, dpo_trainer, tiny_hf_dict, write_pairs
 from tests.test_distributed import _close, _pairs, _run_config, _spawn, _strip
-from tests.test_fsdp import _interrupt_in_step_2, _shifted
+from tests.test_fsdp import _interrupt_in_step_2, _one_process_reference, _shifted
 from tests.test_lora import _randomize_adapter
 
 LR = 1e-2
@@ -126,14 +126,9 @@ def _sharded_lora_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
     runner does), the memory probe first, then the merge; in one process or sharded on every
     rank."""
     pairs = _pairs(model_dir, data)
-    ref = score_pairs(
-        load_pretrained(model_dir),
-        pairs,
-        max_tokens_per_batch=4096,
-        impl="torch",
-        data_parallel=False,
-    )
-    ref = _shifted(ref, len(pairs))  # rewards off zero from the first step
+    ref = _shifted(
+        _one_process_reference(model_dir, pairs), len(pairs)
+    )  # rewards off zero from the first step
     out = {}
     for variant in ("fp32", "bf16-mixed", "fp32-compiled"):
         precision = variant.removesuffix("-compiled")
