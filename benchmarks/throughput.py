@@ -1406,48 +1406,29 @@ def print_trl_summary(row: dict) -> None:
             print_table(prof[key], ["name", "ms_per_step", "calls_per_step"])
 
 
-def step_section(args: argparse.Namespace) -> dict:
-    from functools import partial
-
-    from sdpo.engine.compile import compile_decoder_layers
-    from sdpo.engine.lora import attach_lora, merge_lora
-    from sdpo.engine.model import init_model
-    from sdpo.engine.precision import parameter_dtype, resolve_precision
-    from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps, shard_micro_batches
-    from sdpo.losses import LossConfig, dpo_loss
-
-    # Under torchrun: join the group first (every rank then checks the same arguments and
-    # fails the same way). --smoke runs on the CPU, so its group is gloo even beside GPUs.
-    distributed.init_from_env(backend="gloo" if args.smoke else None)
-    world, rank = distributed.world(), distributed.rank()
+def settle_step_args(args: argparse.Namespace, *, world: int) -> None:
+    """Fill in the step section's defaults (the anchor workload on a GPU, tiny shapes with
+    ``--smoke``; 4 pairs per GPU) and refuse argument combinations it cannot run, with
+    SystemExit naming the fix. Needs no device: ``benchmarks/gpu_check.sh``'s commands are
+    checked with it on a CPU (tests/test_gpu_check.py)."""
     if world > 1 and args.compare_trl:
         raise SystemExit(
             "--compare-trl runs in one process only (TRL's DPOTrainer is measured on one "
             "GPU): run it without torchrun"
         )
     if args.smoke:
-        device = torch.device("cpu")
         args.preset = "tiny" if args.preset is None else args.preset
-        lengths, matmul_dtype, matmul_size = SMOKE_LENGTHS, torch.float32, 256
-        for name, value in (("warmup_steps", 1), ("steps", 2), ("profile_steps", 1)):
-            if getattr(args, name) is None:
-                setattr(args, name, value)
+        lengths = SMOKE_LENGTHS
+        defaults = (("warmup_steps", 1), ("steps", 2), ("profile_steps", 1))
         args.precision = args.precision or "fp32"
         args.compile = False if args.compile is None else args.compile
     else:
-        if not torch.cuda.is_available():
-            raise SystemExit(
-                "throughput.py step needs a CUDA device; use --smoke for the CPU check"
-            )
-        device = distributed.device()  # cuda:LOCAL_RANK under torchrun
         args.preset = args.preset or "llama-1b-32k"
-        lengths, matmul_dtype, matmul_size = ANCHOR_LENGTHS, torch.bfloat16, 8192
-        for name, value in (("warmup_steps", 4), ("steps", 8), ("profile_steps", 3)):
-            if getattr(args, name) is None:
-                setattr(args, name, value)
+        lengths = ANCHOR_LENGTHS
+        defaults = (("warmup_steps", 4), ("steps", 8), ("profile_steps", 3))
         args.precision = args.precision or "bf16"
         args.compile = True if args.compile is None else args.compile
-    for name, value in lengths.items():
+    for name, value in (*defaults, *lengths.items()):
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.pairs_per_step is None:  # 4 per GPU; an explicit value is the global step size
@@ -1472,6 +1453,33 @@ def step_section(args: argparse.Namespace) -> dict:
         )
     if args.activation_memory_budget is not None and not args.compile:
         raise SystemExit("--activation-memory-budget needs --compile (the compiler recomputes)")
+
+
+def step_section(args: argparse.Namespace) -> dict:
+    from functools import partial
+
+    from sdpo.engine.compile import compile_decoder_layers
+    from sdpo.engine.lora import attach_lora, merge_lora
+    from sdpo.engine.model import init_model
+    from sdpo.engine.precision import parameter_dtype, resolve_precision
+    from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps, shard_micro_batches
+    from sdpo.losses import LossConfig, dpo_loss
+
+    # Under torchrun: join the group first (every rank then checks the same arguments and
+    # fails the same way). --smoke runs on the CPU, so its group is gloo even beside GPUs.
+    distributed.init_from_env(backend="gloo" if args.smoke else None)
+    world, rank = distributed.world(), distributed.rank()
+    settle_step_args(args, world=world)
+    if args.smoke:
+        device = torch.device("cpu")
+        matmul_dtype, matmul_size = torch.float32, 256
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                "throughput.py step needs a CUDA device; use --smoke for the CPU check"
+            )
+        device = distributed.device()  # cuda:LOCAL_RANK under torchrun
+        matmul_dtype, matmul_size = torch.bfloat16, 8192
     sharded = sharding.wanted(args.fsdp)
     mode = "fsdp" if sharded else "dp" if world > 1 else "single"
     backend = torch.distributed.get_backend() if distributed.initialized() else None

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from sdpo.kernels.linear_logprobs import _compiler_disabled
+from sdpo.kernels.dispatch import compiler_disabled
 
 ATTENTION_BACKENDS = ("auto", "flash", "varlen", "sdpa")
 
@@ -310,4 +310,4 @@ def _sdpa_per_sequence(
 
 # ``_sdpa_per_sequence`` behind dynamo's disable mark: a compiled caller graph-breaks once around
 # it (the wrapper imports ``torch._dynamo`` on its first call, which only a compiled run makes).
-_sdpa_per_sequence_eager = _compiler_disabled(_sdpa_per_sequence)
+_sdpa_per_sequence_eager = compiler_disabled(_sdpa_per_sequence)

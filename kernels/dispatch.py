@@ -5,11 +5,16 @@ Every op in sdpo.kernels takes ``impl="auto" | "triton" | "torch"`` and asks
 benchmarks and the tests agree on the rule: Triton on CUDA when Triton imports, the
 pure-PyTorch reference everywhere else. ``"triton"`` on a CPU tensor runs the kernels
 under the Triton interpreter (slow; used by the tests).
+
+Also here, as the other switch between two ways of running an op: :func:`compiler_disabled`,
+which keeps a function out of ``torch.compile`` graphs without importing the compiler early.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+from collections.abc import Callable
 
 import torch
 
@@ -52,3 +57,22 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
         f"unknown kernels impl {impl!r}; expected one of {', '.join(IMPLS)} "
         '(set kernels.impl = "auto" to pick Triton on CUDA and PyTorch elsewhere).'
     )
+
+
+def compiler_disabled(fn: Callable) -> Callable:
+    """``torch.compiler.disable(fn)``, built on the first call: the decorator imports
+    ``torch._dynamo`` (and with it Triton), about two seconds at import time that a process
+    which never trains would pay for nothing. The wrapper carries dynamo's own mark, so a
+    compiled caller graph-breaks around it instead of tracing into it. For code the compiler
+    must run eagerly: ``linear_pair_loss`` (it takes a Python callable) and the engine's
+    per-sequence attention loop."""
+    disabled: list[Callable] = []
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    wrapper._torchdynamo_disable = True  # what torch.compiler.disable sets
+    return wrapper

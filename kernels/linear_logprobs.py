@@ -66,13 +66,12 @@ if not __name__.startswith("sdpo.kernels."):  # see kernels/__init__.py
         "sdpo.kernels.*: under a second name it would register the sdpo:: custom ops again"
     )
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 
-from .dispatch import resolve_impl
+from .dispatch import compiler_disabled, resolve_impl
 from .logprobs import (
     IGNORE_INDEX,
     check_head_shapes,
@@ -736,24 +735,7 @@ class LinearPairLoss(torch.autograd.Function):
         )
 
 
-def _compiler_disabled(fn: Callable) -> Callable:
-    """``torch.compiler.disable(fn)``, built on the first call: the decorator imports
-    ``torch._dynamo`` (and with it Triton), about two seconds at import time that a process
-    which never trains would pay for nothing. The wrapper carries dynamo's own mark, so a
-    compiled caller graph-breaks around it instead of tracing into it."""
-    disabled: list[Callable] = []
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if not disabled:
-            disabled.append(torch.compiler.disable(fn))
-        return disabled[0](*args, **kwargs)
-
-    wrapper._torchdynamo_disable = True  # what torch.compiler.disable sets
-    return wrapper
-
-
-@_compiler_disabled
+@compiler_disabled
 def linear_pair_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

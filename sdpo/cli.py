@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute each pair's prompt once for both completions (same values, less work)",
     )
     score.add_argument(
+        "--ld-alpha",
+        type=float,
+        default=None,
+        metavar="A",
+        help="LD-DPO sums, as loss.ld_alpha in training: a completion's tokens past its pair's "
+        "shorter length count A times (A in [0, 1]); unset: plain sums",
+    )
+    score.add_argument(
         "--columns",
         default=None,
         metavar="FIELD=COLUMN,...",
@@ -255,6 +263,7 @@ def _score(args: argparse.Namespace) -> int:
     from sdpo.engine.checkpoint import load_pretrained
     from sdpo.engine.data import read_preference_file
     from sdpo.engine.files import atomic_open
+    from sdpo.engine.packing import check_ld_alpha
     from sdpo.engine.scoring import score_pairs
     from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
     from sdpo.kernels import resolve_impl
@@ -262,6 +271,10 @@ def _score(args: argparse.Namespace) -> int:
 
     device = select_device()
     try:  # bad input (the model folder, the data, the column map) exits 2 with one message
+        try:
+            check_ld_alpha(args.ld_alpha)
+        except ValueError as e:
+            raise ValueError(f"--ld-alpha: {e}") from None
         columns = _column_map(args.columns)
         rows = read_preference_file(args.data, columns=columns)
         tokenizer = PairTokenizer.from_dir(args.model)
@@ -287,6 +300,7 @@ def _score(args: argparse.Namespace) -> int:
         impl=resolve_impl(args.impl, device),
         share_prompt=args.share_prompt,
         progress=True,
+        ld_alpha=args.ld_alpha,
     )
     gamma = scores.gamma
     if not distributed.is_main():

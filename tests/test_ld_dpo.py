@@ -432,3 +432,35 @@ def test_two_step_run_scores_and_trains_with_ld_alpha_and_keys_its_caches(
     # and the training forward is LD too: the first step starts at zero rewards
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert abs(first["rewards/margins"]) < 1e-6
+
+
+def test_score_command_writes_ld_sums_and_refuses_an_alpha_outside_zero_to_one(
+    tiny_model_dir, tmp_path, capsys
+):
+    from sdpo.cli import EXIT_INPUT, main
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=7, seed=11)
+    base = ["score", "--model", str(tiny_model_dir), "--data", str(data)]
+    outs = {}
+    for alpha in (None, ALPHA):
+        out = tmp_path / f"scores-{alpha}.jsonl"
+        extra = [] if alpha is None else ["--ld-alpha", str(alpha)]
+        assert main([*base, "--out", str(out), *extra]) == 0
+        outs[alpha] = [json.loads(line) for line in out.read_text().splitlines()]
+    # the same numbers as the scoring pass of training with loss.ld_alpha
+    tok = PairTokenizer.from_dir(tiny_model_dir)
+    rows = read_preference_file(str(data))
+    pairs, _ = tokenize_pairs(rows, tok, max_length=1024, max_prompt_length=512)
+    truth = score_pairs(
+        load_pretrained(tiny_model_dir), pairs, max_tokens_per_batch=4096, ld_alpha=ALPHA
+    )
+    got = torch.tensor([[r["logp_chosen"], r["logp_rejected"]] for r in outs[ALPHA]])
+    want = torch.stack([truth.chosen_logps, truth.rejected_logps], dim=1).float()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    plain = torch.tensor([[r["logp_chosen"], r["logp_rejected"]] for r in outs[None]])
+    assert (plain - got).abs().max() > 0.5  # unequal lengths: the LD sums differ
+    capsys.readouterr()
+    assert main([*base, "--ld-alpha", "1.5"]) == EXIT_INPUT
+    assert "--ld-alpha: ld_alpha must be None (off) or a number in [0, 1]" in (
+        capsys.readouterr().err
+    )

@@ -1,0 +1,127 @@
+"""``benchmarks/gpu_check.sh`` is the one call a GPU gets: a renamed flag or a refused argument
+combination in it would waste that call. Here the script runs for real on the CPU (bash, its
+sections, budget and summary), with a stand-in for ``python`` that records each command instead
+of running it; every ``benchmarks/throughput.py`` command is then parsed by the benchmark's own
+parser and settled by its own argument checks (``settle_step_args``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_speed_paths import load_throughput
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+# A stand-in for the interpreter the script calls as "$PYTHON": it appends its arguments to
+# $SHIM_LOG as one JSON line and succeeds (no torch import, so the whole script takes a second).
+SHIM = """#!{python}
+import json, os, sys
+with open(os.environ["SHIM_LOG"], "a") as f:
+    f.write(json.dumps(sys.argv[1:]) + "\\n")
+"""
+
+
+def run_script(script_text: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, list]:
+    """Run ``script_text`` as benchmarks/gpu_check.sh of a scratch repository (no ``.whl``
+    folder, so nothing is installed) with the recording stand-in as its python."""
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    script = repo / "benchmarks" / "gpu_check.sh"
+    script.write_text(script_text)
+    shim = tmp_path / "python"
+    shim.write_text(SHIM.format(python=sys.executable))
+    shim.chmod(0o755)
+    log = tmp_path / "calls.jsonl"
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(shim), "SHIM_LOG": str(log), "OUT": str(out)}
+    env.pop("SDPO_GPU_CHECK_BUDGET", None)
+    env.pop("SDPO_GPU_CHECK_MIXED", None)
+    proc = subprocess.run(
+        ["bash", str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, calls
+
+
+def settle(throughput, argv: list[str]) -> argparse.Namespace:
+    """What ``throughput.py ARGV`` would run with on a one-GPU machine, or SystemExit."""
+    args = throughput.build_parser().parse_args(argv)
+    if args.section == "step":
+        throughput.settle_step_args(args, world=1)
+    return args
+
+
+def benchmark_commands(text: str) -> int:
+    """How many ``"$PY" benchmarks/throughput.py`` commands the script runs (comments excluded)."""
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    return len(re.findall(r'"\$PY"\s+benchmarks/throughput\.py\s', code))
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_every_gpu_check_command_is_one_the_benchmark_accepts(tmp_path):
+    text = SCRIPT.read_text()
+    proc, calls = run_script(text, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "== done" in summary
+    assert "skipped" not in summary and "timed out" not in summary, summary
+
+    bench = [c[1:] for c in calls if c[:1] == ["benchmarks/throughput.py"]]
+    assert len(bench) == benchmark_commands(text) >= 5, calls
+    throughput = load_throughput()
+    sections = []
+    for argv in bench:
+        try:
+            args = settle(throughput, argv)
+        except SystemExit as exc:
+            pytest.fail(f"gpu_check.sh runs `throughput.py {' '.join(argv)}`, refused: {exc}")
+        sections.append(args.section)
+        if args.json:  # each section's JSON goes to the folder the script returns
+            assert Path(args.json).parent == tmp_path / "out", args.json
+    assert sections[0] == "kernels" and "step" in sections
+    # The end-to-end row of issue 6: the anchor workload with TRL in the same process.
+    anchor = [a for a in bench if "--compare-trl" in a]
+    assert len(anchor) == 1
+    args = settle(throughput, anchor[0])
+    assert (args.preset, args.precision, args.pairs_per_step) == ("llama-1b-32k", "bf16", 4)
+    assert (args.prompt_len, args.completion_min, args.completion_max) == (128, 448, 896)
+
+    # the GPU-marked tests run first, under a marker pyproject.toml declares
+    pytest_calls = [c for c in calls if c[:2] == ["-m", "pytest"]]
+    assert len(pytest_calls) == 1 and calls.index(pytest_calls[0]) < calls.index(
+        ["benchmarks/throughput.py", *bench[0]]
+    )
+    marker = pytest_calls[0][pytest_calls[0].index("-m", 2) + 1]
+    assert re.search(rf'"{marker}:', (ROOT / "pyproject.toml").read_text())
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_a_misspelt_or_refused_gpu_check_command_is_caught(tmp_path):
+    throughput = load_throughput()
+    text = SCRIPT.read_text()
+    for broken, why in (
+        (text.replace("--sdpo-run", "--sdpo-runs", 1), "unknown flag"),
+        (text.replace("--lora-rank 16", "--lora-rank 16 --compare-trl", 1), "refused pair"),
+    ):
+        assert broken != text, why
+        case = tmp_path / why.replace(" ", "_")
+        proc, calls = run_script(broken, case)
+        assert proc.returncode == 0  # the script itself cannot know; the parse must
+        failures = []
+        for call in calls:
+            if call[:1] == ["benchmarks/throughput.py"]:
+                try:
+                    settle(throughput, call[1:])
+                except SystemExit as exc:
+                    failures.append(exc)
+        assert len(failures) == 1, why
