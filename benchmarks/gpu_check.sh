@@ -79,11 +79,12 @@ echo "kernels benchmark exit code: $rc" | tee -a "$SUMMARY"
 
 # End to end: the anchor workload (llama-1b-32k, 4 pairs/step, prompt 128, completions
 # 448-896), 4 warm-up + 12 timed steps on both sides, TRL in the same process afterwards
-# (its timed batches twice: first pass and repeat pass, plus a 2-step profile of TRL).
+# (its timed batches twice: first pass and repeat pass), and 2 steps of each under
+# torch.profiler (device busy share of a step, top kernels and host ops).
 section "step: bf16, compiled, + sDPO run, + TRL" step_bf16.txt 190 \
     "$PY" benchmarks/throughput.py step --preset llama-1b-32k --precision bf16 --compile \
     --warmup-steps 4 --steps 12 --sdpo-run --compare-trl --trl-profile-steps 2 \
-    --json "$OUT_DIR/step_bf16.json"
+    --torch-profile-steps 2 --json "$OUT_DIR/step_bf16.json"
 step_tail step_bf16.txt
 grep -E "Traceback|Error:|'error'|trl comparison" "$OUT_DIR/step_bf16.txt" | tail -n 5 | tee -a "$SUMMARY"
 echo "step bf16 benchmark exit code: $rc" | tee -a "$SUMMARY"

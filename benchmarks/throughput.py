@@ -1083,6 +1083,49 @@ def profile_summary(prof, *, steps: int, wall_s: float, top: int = 12) -> dict:
     }
 
 
+def profile_train_steps(step: Callable, step_args: list[tuple], *, device: torch.device) -> dict:
+    """``step(*a)`` for each ``a`` in ``step_args`` under torch.profiler (host ops, and device
+    kernels on CUDA), summarised by ``profile_summary``; a profiler failure is reported, not
+    raised."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.profiler.profile(activities=activities) as prof:
+            for a in step_args:
+                step(*a)
+            synchronize(device)
+        wall_s = time.perf_counter() - start
+        return profile_summary(prof, steps=len(step_args), wall_s=wall_s)
+    except Exception as exc:  # a profiler API change must not lose the timings
+        return {"error": f"{exc.__class__.__name__}: {str(exc)[:300]}"}
+
+
+def print_profile(name: str, prof: dict, *, timed_ms: float | None = None) -> None:
+    """Where a profiled step's time went: wall and device-busy time per step, then the top
+    device kernels and host ops. ``timed_ms``: the same step timed without the profiler (the
+    device's busy time over it says how much of a real step the device works; the rest is
+    host overhead the GPU waits on)."""
+    if "error" in prof:
+        print(f"  {name} profile failed: {prof['error']}", flush=True)
+        return
+    line = (
+        f"\n  {name} profile ({prof['steps']} steps): {prof['wall_ms_per_step']:.1f} ms/step wall"
+    )
+    if prof.get("device_busy_fraction") is not None:
+        busy = prof["device_busy_ms_per_step"]
+        line += f", device busy {busy:.1f} ms ({prof['device_busy_fraction']:.0%})"
+        if timed_ms:
+            line += f", {busy / timed_ms:.0%} of the unprofiled {timed_ms:.1f} ms step"
+    print(line, flush=True)
+    for title, key in (("device kernels", "device_kernels"), ("host ops", "host_ops")):
+        if prof.get(key):
+            print(f"  {title} (self time per step):")
+            print_table(prof[key], ["name", "ms_per_step", "calls_per_step"])
+
+
 def trl_compare(
     *,
     config,
@@ -1383,27 +1426,8 @@ def print_trl_summary(row: dict) -> None:
     )
     print(f"  TRL step ms (first pass): {[round(x, 1) for x in first['step_ms']]}", flush=True)
     print(f"  TRL step ms (repeat):     {[round(x, 1) for x in repeat['step_ms']]}", flush=True)
-    prof = row.get("profile")
-    if not prof:
-        return
-    if "error" in prof:
-        print(f"  TRL profile failed: {prof['error']}", flush=True)
-        return
-    busy = prof["device_busy_fraction"]
-    device = (
-        f", device busy {prof['device_busy_ms_per_step']:.1f} ms ({busy:.0%})"
-        if busy is not None
-        else ""
-    )
-    print(
-        f"\n  TRL profile ({prof['steps']} steps): {prof['wall_ms_per_step']:.1f} ms/step wall"
-        + device,
-        flush=True,
-    )
-    for title, key in (("device kernels", "device_kernels"), ("host ops", "host_ops")):
-        if prof[key]:
-            print(f"  {title} (self time per step):")
-            print_table(prof[key], ["name", "ms_per_step", "calls_per_step"])
+    if row.get("profile"):
+        print_profile("TRL", row["profile"])
 
 
 def settle_step_args(args: argparse.Namespace, *, world: int) -> None:
@@ -1727,6 +1751,20 @@ def step_section(args: argparse.Namespace) -> dict:
         say(f"  {brief(results[-1])}", flush=True)
         save(False)
 
+    # -- torch.profiler over a few steps: is the device kept busy, and by which kernels ------
+    if args.torch_profile_steps:
+        prof_row = profile_train_steps(
+            trainer.train_step,
+            [(pairs, plan[k % len(plan)], ref) for k in range(args.torch_profile_steps)],
+            device=device,
+        )
+        timed_ms = results[1]["ms_per_step"]  # the "sdpo train step" row, timed unprofiled
+        if prof_row.get("device_busy_ms_per_step") and "error" not in prof_row:
+            prof_row["device_busy_over_timed_step"] = prof_row["device_busy_ms_per_step"] / timed_ms
+        results.append({"variant": "sdpo train step under torch.profiler", **prof_row})
+        print_profile("sdpo train step", prof_row, timed_ms=timed_ms)
+        save(False)
+
     # -- a whole 2-step sDPO run against its training alone --------------------------------
     if args.sdpo_run:
         chunk_pairs = args.pairs_per_step * args.steps
@@ -1998,6 +2036,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="timed optimizer steps (default 8)")
     s.add_argument(
         "--profile-steps", type=int, help="steps of the instrumented phase loop (default 3)"
+    )
+    s.add_argument(
+        "--torch-profile-steps",
+        type=int,
+        default=0,
+        help="after the phase loop, run this many training steps under torch.profiler and "
+        "report the device's busy share of a step and its top kernels and host ops",
     )
     s.add_argument("--max-tokens-per-batch", type=int, default=16_384)
     s.add_argument(

@@ -262,10 +262,16 @@ def load_throughput():
 def test_step_benchmark_smoke_reports_every_section(one_thread, tmp_path):
     throughput = load_throughput()
     out = tmp_path / "step.json"
-    throughput.main(["step", "--smoke", "--sdpo-run", "--json", str(out)])
+    throughput.main(
+        ["step", "--smoke", "--sdpo-run", "--torch-profile-steps", "1", "--json", str(out)]
+    )
     payload = json.loads(out.read_text())
     assert payload["complete"] and payload["section"] == "step"
     rows = {r["variant"]: r for r in payload["results"]}
+    prof = rows["sdpo train step under torch.profiler"]  # host ops only on a CPU
+    assert prof["steps"] == 1 and prof["device_kernels"] == [] and prof["wall_ms_per_step"] > 0
+    host = {op["name"]: op for op in prof["host_ops"]}
+    assert "aten::mm" in host and host["aten::mm"]["calls_per_step"] >= 1
     train = rows["sdpo train step"]
     assert train["tokens_per_s"] > 0 and train["mfu"] > 0
     assert all(math.isfinite(v) for v in train["losses"])
