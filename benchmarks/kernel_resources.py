@@ -346,6 +346,20 @@ def _ptxas_usage(log: str) -> tuple[int | None, int | None, int | None]:
     return registers, int(spills.group(1)), int(spills.group(2))
 
 
+@contextlib.contextmanager
+def _fresh_triton_cache() -> Iterator[None]:
+    saved = os.environ.get("TRITON_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="sdpo-kernel-resources-") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache
+        try:
+            yield
+        finally:
+            if saved is None:
+                del os.environ["TRITON_CACHE_DIR"]
+            else:
+                os.environ["TRITON_CACHE_DIR"] = saved
+
+
 def compile_variant(variant: Variant, target_name: str) -> Resources:
     """Compile one variant for one target (``TARGETS`` key); errors are reported, not raised."""
     from triton.backends.compiler import GPUTarget
@@ -359,7 +373,10 @@ def compile_variant(variant: Variant, target_name: str) -> Resources:
     driver.set_active(_TargetDriver(GPUTarget("cuda", spec["arch"], 32)))
     try:
         log = io.StringIO()
-        with contextlib.redirect_stdout(log):  # TRITON_DUMP_PTXAS_LOG: ptxas -v's log
+        # An empty cache, so that ptxas really runs (variants that specialise alike, such as
+        # V = 32,000 and 128,256, would otherwise hit the first one's cubin and log nothing);
+        # TRITON_DUMP_PTXAS_LOG makes Triton print ptxas -v's log.
+        with _fresh_triton_cache(), contextlib.redirect_stdout(log):
             compiled = launch.fn.warmup(*launch.args, grid=launch.grid, **launch.kwargs)
         result.cubin_bytes = len(compiled.asm["cubin"])
         result.shared = int(compiled.metadata.shared)
@@ -382,22 +399,12 @@ def _compile_indexed(smoke: bool, index: int, target_name: str) -> Resources:
 def report(*, targets: list[str], smoke: bool = False, jobs: int = 1) -> list[Resources]:
     """Compile every variant for every target (in ``jobs`` processes); rows in variant order."""
     tasks = [(smoke, i, t) for t in targets for i in range(len(variants(smoke)))]
-    saved_cache = os.environ.get("TRITON_CACHE_DIR")
-    # An empty cache, so that every variant really runs ptxas (whose log has the registers).
-    with tempfile.TemporaryDirectory(prefix="sdpo-kernel-resources-") as cache:
-        os.environ["TRITON_CACHE_DIR"] = cache
-        try:
-            if jobs <= 1:
-                return [_compile_indexed(*task) for task in tasks]
-            # spawn: each worker imports afresh, with this module's environment settings.
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-                return list(pool.map(_compile_indexed, *zip(*tasks)))
-        finally:
-            if saved_cache is None:
-                del os.environ["TRITON_CACHE_DIR"]
-            else:
-                os.environ["TRITON_CACHE_DIR"] = saved_cache
+    if jobs <= 1:
+        return [_compile_indexed(*task) for task in tasks]
+    # spawn: each worker imports afresh, with this module's environment settings.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        return list(pool.map(_compile_indexed, *zip(*tasks)))
 
 
 def status(row: Resources) -> str:
@@ -405,6 +412,8 @@ def status(row: Resources) -> str:
         return "COMPILE ERROR"
     if not row.fits:
         return "SHARED MEMORY OVER LIMIT"
+    if row.registers is None:
+        return "ok, no ptxas log"
     if row.spill_stores or row.spill_loads:
         return "ok, spills"
     return "ok"
