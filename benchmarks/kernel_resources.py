@@ -382,8 +382,9 @@ def compile_variant(variant: Variant, target_name: str) -> Resources:
         result.shared = int(compiled.metadata.shared)
         result.registers, result.spill_stores, result.spill_loads = _ptxas_usage(log.getvalue())
     except Exception as exc:  # a compile error is a result
-        first = str(exc).strip().splitlines() or [type(exc).__name__]
-        result.error = f"{type(exc).__name__}: {' | '.join(first[:6])}"[:1500]
+        # Triton's messages quote the source first and end with the reason: keep the end.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        result.error = f"{type(exc).__name__}: {' | '.join(lines[-4:])}"[:1500]
     finally:
         # A fresh binder per variant: warmup caches by device, and the device id is always 0.
         launch.fn.device_caches.clear()
