@@ -25,14 +25,19 @@ launchers' ``launch`` swapped for a recorder that keeps the kernel, its argument
 keyword arguments instead of launching; the fused head's recorded autotuner supplies its own
 configs (``Config.all_kwargs()``, as the autotuner passes them). The recorded call is then
 handed to Triton's own ``JITFunction.warmup`` under a stand-in driver that names the target,
-so Triton specialises the arguments (dtypes, 16-divisibility of integers and pointers, ints
-equal to 1) exactly as at a real launch, and compiles to a cubin without loading it.
+so Triton specialises the arguments (dtypes, 16-divisibility of integers, ints equal to 1)
+as at a real launch, and compiles to a cubin without loading it. Meta tensors have address 0,
+so every pointer counts as 16-byte aligned, as a fresh allocation is. V only reaches the row
+kernels as a runtime integer, so V = 32,000 and 128,256 compile alike (both divisible by 16).
 
 Numbers: shared memory is Triton's ``metadata.shared`` (dynamic shared memory, what a launch
 requests; the limits are 227 KiB usable per block on sm_90 and 163 KiB on sm_80, and a launch
-above them fails with OutOfResources). Registers and spills come from ``ptxas -v`` run on
-the kernel's PTX with Triton's bundled ptxas, for the PTX's own ``.target``. A variant that
-fails to compile is reported with the compiler's message, never dropped.
+above them fails with OutOfResources). Registers and spills come from Triton's own ``ptxas
+-v`` run (its ptxas, its flags), whose log ``TRITON_DUMP_PTXAS_LOG=1`` has Triton print; each
+compile uses an empty Triton cache so that ptxas always runs. A variant that fails to compile
+is reported with the end of the compiler's message, never dropped. Exit code: 0, or 1 when a
+variant fails to compile or exceeds shared memory, or 2 when this Triton cannot compile for
+NVIDIA at all (no NVIDIA backend or no ptxas; the JSON says why in ``unavailable``).
 
 The process must not interpret Triton: this script sets ``TRITON_INTERPRET=0`` before anything
 imports Triton, so run it as a script (the tests run it in a subprocess).
