@@ -374,7 +374,7 @@ def compile_variant(variant: Variant, target_name: str) -> Resources:
     result = Resources(variant.kernel, variant.name, target_name, shared_limit=spec["shared_limit"])
     launch = variant.record()
     start = time.perf_counter()
-    previous = driver._active  # None unless something already asked for the real driver
+    previous = getattr(driver, "_active", None)  # None until something asked for the driver
     driver.set_active(_TargetDriver(GPUTarget("cuda", spec["arch"], 32)))
     try:
         log = io.StringIO()
