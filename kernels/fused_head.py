@@ -66,9 +66,12 @@ three (N,) vectors; nothing of size V·N.
 
 Checked without a GPU (Triton 3.9 compiling for sm_90, bf16, H a multiple of 64): every
 config lowers the dot to asynchronous wgmma fed by a cp.async pipeline of 16-byte loads,
-with no register spills (128×256 at 8 warps uses 254 registers). With an H that is not a
+with no register spills (128×256 at 8 warps uses 255 registers). With an H that is not a
 multiple of BLOCK_K the masked bf16 loads are not pipelined (single-buffered): correct but
-slower, and no common model has such an H.
+slower, and no common model has such an H. ``benchmarks/kernel_resources.py`` compiles every
+config × EVEN_K × dtype this way and reports registers, spills and shared memory (numbers in
+benchmarks/RESULTS.md): bf16/fp16 all fit sm_90; fp32 mostly does not (twice the shared
+memory per stage; spills under "ieee"), and the autotuner skips what fails to launch.
 
 fp32 inputs use ``input_precision="ieee"`` unless ``torch.get_float32_matmul_precision()``
 allows TF32, so the numbers follow the same setting as torch's fp32 matmul in the chunked
