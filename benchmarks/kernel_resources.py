@@ -15,14 +15,15 @@ Variants (``variants()``): the row kernels of ``kernels/logprobs.py`` (forward, 
 written in place over the logits, as every caller passes it) for logits in bf16, fp16 and fp32
 at V = 32,000, 50,257 (a vocabulary tail) and 128,256; the fused head of
 ``kernels/fused_head.py`` for every config of its autotuner, ``EVEN_K`` true (H = 4,096) and
-false (H = 4,000), hidden/weight in bf16, fp16 and fp32 (fp32 twice: the ``DOT_PRECISION``
+false (H = 4,048), hidden/weight in bf16, fp16 and fp32 (fp32 twice: the ``DOT_PRECISION``
 the launcher picks under torch's default float32 matmul precision, "ieee", and under "high",
 "tf32"), N = 16,384 tokens and V = 128,256.
 
 Nothing here copies a kernel signature. Each variant calls the real launcher
 (``rows_forward``, ``rows_backward``, ``fused_head._partials``) on meta tensors, with the
 launchers' ``launch`` swapped for a recorder that keeps the kernel, its arguments and its
-keyword arguments instead of launching; the fused head's recorded autotuner supplies its own
+keyword arguments instead of launching; the fused head's recorded autotuner (the one the
+launcher picks for the dtype: ``CONFIGS``, or ``FP32_CONFIGS`` for fp32) supplies its own
 configs (``Config.all_kwargs()``, as the autotuner passes them). The recorded call is then
 handed to Triton's own ``JITFunction.warmup`` under a stand-in driver that names the target,
 so Triton specialises the arguments (dtypes, 16-divisibility of integers, ints equal to 1)
@@ -83,7 +84,7 @@ ROW_VOCABS = (32_000, 50_257, 128_256)
 ROW_TOKENS = 4_096  # a chunk of rows; the launch grid, not the kernel, depends on it
 HEAD_TOKENS = 16_384
 HEAD_VOCAB = 128_256
-HEAD_HIDDEN = {True: 4_096, False: 4_000}  # EVEN_K -> H (4,000 = 62.5 blocks of 64)
+HEAD_HIDDEN = {True: 4_096, False: 4_048}  # EVEN_K -> H (4,048: 16 · 253, no multiple of 32)
 SM90_SMS = 132  # H100 SXM; only the splits argument's value depends on it
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -213,7 +214,9 @@ def _record_rows(direction: str, dtype: torch.dtype, vocab: int) -> Launch:
     )
 
 
-def _record_head(dtype: torch.dtype, matmul_precision: str, even_k: bool, config_index: int):
+def _record_tuned_head(dtype: torch.dtype, matmul_precision: str, even_k: bool) -> Launch:
+    """The fused head's autotuned launch for ``dtype`` (its ``fn`` is the autotuner the
+    launcher picked for that dtype, holding the configs it would try)."""
     _, _, fused_head = _kernel_modules()
     h = HEAD_HIDDEN[even_k]
     hidden = _meta(HEAD_TOKENS, h, dtype=dtype)
@@ -221,9 +224,13 @@ def _record_head(dtype: torch.dtype, matmul_precision: str, even_k: bool, config
     labels = _meta(HEAD_TOKENS, dtype=torch.int64)
     splits = fused_head.num_splits(num_tokens=HEAD_TOKENS, vocab_size=HEAD_VOCAB, sm_count=SM90_SMS)
     with _float32_matmul_precision(matmul_precision):
-        tuned = _one_launch(
+        return _one_launch(
             lambda: fused_head._partials(hidden, weight, labels, splits=splits, tiles=None)
         )
+
+
+def _record_head(dtype: torch.dtype, matmul_precision: str, even_k: bool, config_index: int):
+    tuned = _record_tuned_head(dtype, matmul_precision, even_k)
     # The autotuner launches its wrapped kernel with each config's keyword arguments added.
     config = tuned.fn.configs[config_index]
     return Launch(tuned.fn.fn, tuned.grid, tuned.args, {**tuned.kwargs, **config.all_kwargs()})
@@ -266,23 +273,28 @@ def variants(smoke: bool = False) -> tuple[Variant, ...]:
                 )
                 out.append(Variant(fn.__name__, name, record))
 
-    configs = list(fused_head._fused_head_tuned.configs)
-    every = list(range(len(configs)))
+    def configs_of(dtype: torch.dtype) -> list[triton.Config]:  # the launcher's list for dtype
+        return list(_record_tuned_head(dtype, "highest", True).fn.configs)
+
     if smoke:
-        first_of_shape: dict[tuple[int, int, int], int] = {}
-        for i, config in enumerate(configs):
-            first_of_shape.setdefault(_tile_shape(config), i)
-        shapes = sorted(first_of_shape.values())
-        smallest = min(shapes, key=lambda i: math.prod(_tile_shape(configs[i])))
-        # fp32 under "ieee" is the slowest to compile (a 128x256 tile: ~8 s): one config.
+
+        def one_per_shape(dtype: torch.dtype) -> list[int]:
+            first_of_shape: dict[tuple[int, int, int], int] = {}
+            for i, config in enumerate(configs_of(dtype)):
+                first_of_shape.setdefault(_tile_shape(config), i)
+            return sorted(first_of_shape.values())
+
+        fp32 = configs_of(torch.float32)
+        smallest = min(range(len(fp32)), key=lambda i: math.prod(_tile_shape(fp32[i])))
+        # fp32 under "ieee" is the slowest to compile: one config.
         plan = [
-            (torch.bfloat16, "highest", True, shapes),
-            (torch.float32, "high", True, shapes),
+            (torch.bfloat16, "highest", True, one_per_shape(torch.bfloat16)),
+            (torch.float32, "high", True, one_per_shape(torch.float32)),
             (torch.float32, "highest", True, [smallest]),
         ]
     else:
         plan = [
-            (dtype, precision, even_k, every)
+            (dtype, precision, even_k, list(range(len(configs_of(dtype)))))
             for dtype, precision in [
                 (torch.bfloat16, "highest"),
                 (torch.float16, "highest"),
@@ -293,6 +305,7 @@ def variants(smoke: bool = False) -> tuple[Variant, ...]:
         ]
     kernel_name = fused_head._fused_head_kernel.__name__
     for dtype, matmul_precision, even_k, config_indices in plan:
+        configs = configs_of(dtype)
         for i in config_indices:
             record = functools.partial(_record_head, dtype, matmul_precision, even_k, i)
             kw = record().kwargs

@@ -66,12 +66,13 @@ three (N,) vectors; nothing of size V·N.
 
 Checked without a GPU (Triton 3.9 compiling for sm_90, bf16, H a multiple of 64): every
 config lowers the dot to asynchronous wgmma fed by a cp.async pipeline of 16-byte loads,
-with no register spills (128×256 at 8 warps uses 255 registers). With an H that is not a
-multiple of BLOCK_K the masked bf16 loads are not pipelined (single-buffered): correct but
-slower, and no common model has such an H. ``benchmarks/kernel_resources.py`` compiles every
+with no register spills (128×256 at 8 warps uses 255 registers), also with an H that is not a
+multiple of BLOCK_K (masked loads, still pipelined). With an H that is not a multiple of 16
+elements the rows are unaligned: the loads are not pipelined and every config spills; correct
+but slower, and no common model has such an H. ``benchmarks/kernel_resources.py`` compiles every
 config × EVEN_K × dtype this way and reports registers, spills and shared memory (numbers in
-benchmarks/RESULTS.md): bf16/fp16 all fit sm_90; fp32 mostly does not (twice the shared
-memory per stage; spills under "ieee"), and the autotuner skips what fails to launch.
+benchmarks/RESULTS.md): bf16/fp16 all fit sm_90. fp32 has its own configs (``FP32_CONFIGS``,
+BLOCK_K = 32), because at BLOCK_K = 64 most tiles exceed shared memory or spill under "ieee".
 
 fp32 inputs use ``input_precision="ieee"`` unless ``torch.get_float32_matmul_precision()``
 allows TF32, so the numbers follow the same setting as torch's fp32 matmul in the chunked
@@ -121,6 +122,25 @@ CONFIGS = [
     ]
 ]
 
+# fp32 operands take twice the shared memory per pipeline stage and, under "ieee" (FMA, no
+# tensor cores), more registers: with BLOCK_K = 64 five of the seven configs above exceed
+# sm_90's 227 KiB under tf32 and three collapse to 32 registers with ~38 KB of spills per
+# thread under ieee (benchmarks/kernel_resources.py). Their own list, at BLOCK_K = 32, all fit
+# (48-96 KiB) and none spills under either precision (Triton 3.9, sm_90, ahead of time).
+FP32_CONFIG_BLOCK_K = 32
+FP32_CONFIGS = [
+    triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": FP32_CONFIG_BLOCK_K}, num_warps=w, num_stages=st
+    )
+    for bm, bn, w, st in [
+        (128, 128, 8, 3),
+        (128, 64, 8, 4),
+        (64, 128, 8, 4),
+        (64, 128, 4, 3),
+        (64, 64, 4, 4),
+    ]
+]
+
 # Under the CPU interpreter the cost is per block operation, not per element, and there is
 # nothing to tune: one config with wide vocabulary tiles, and BLOCK_K = 16 so that small
 # test hidden sizes (e.g. 24) exercise the K tail.
@@ -131,7 +151,7 @@ INTERPRETER_SPLITS = 3
 # widest config, so no config ever sees an empty slice.
 SPLIT_REF_BLOCK_M = 128
 SPLIT_TARGET_WAVES = 16
-MAX_CONFIG_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in CONFIGS)
+MAX_CONFIG_BLOCK_N = max(c.kwargs["BLOCK_N"] for c in CONFIGS + FP32_CONFIGS)
 
 
 @triton.jit
@@ -215,6 +235,7 @@ def _fused_head_kernel(
 
 
 _fused_head_tuned = triton.autotune(configs=CONFIGS, key=["V", "H"])(_fused_head_kernel)
+_fused_head_tuned_fp32 = triton.autotune(configs=FP32_CONFIGS, key=["V", "H"])(_fused_head_kernel)
 
 
 @functools.cache
@@ -266,7 +287,8 @@ def _partials(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the kernel: (S, N) partial max (log2 units) and sum, and (N,) label logits.
 
-    ``tiles`` None: autotuned over CONFIGS; a dict of BLOCK_M/BLOCK_N/BLOCK_K runs exactly that.
+    ``tiles`` None: autotuned over CONFIGS (FP32_CONFIGS for fp32 inputs); a dict of
+    BLOCK_M/BLOCK_N/BLOCK_K runs exactly that.
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -277,12 +299,15 @@ def _partials(
     args += (hidden.stride(0), weight.stride(0))
     consts = dict(DOT_PRECISION=_dot_precision(hidden.dtype), IGNORE=IGNORE_INDEX)
     if tiles is None:
-        kernel = launch(_fused_head_tuned, hidden.device)
+        fp32 = hidden.dtype == torch.float32
+        tuned = _fused_head_tuned_fp32 if fp32 else _fused_head_tuned
+        block_k = FP32_CONFIG_BLOCK_K if fp32 else CONFIG_BLOCK_K
+        kernel = launch(tuned, hidden.device)
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_M"]) * splits,)
 
-        kernel[grid](*args, EVEN_K=h % CONFIG_BLOCK_K == 0, **consts)
+        kernel[grid](*args, EVEN_K=h % block_k == 0, **consts)
     else:
         kernel = launch(_fused_head_kernel, hidden.device)
         grid = (triton.cdiv(n, tiles["BLOCK_M"]) * splits,)
