@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdpo.engine.resume import MANIFEST_NAME, list_checkpoints, verify_checkpoint
+from tests.cli_processes import run_sdpo
 from tests.conftest import write_two_source_run
 
 KILLED = -9
@@ -68,13 +68,7 @@ def _train(
     if fault is not None:
         env["SDPO_FAULT_AT"] = fault
     args = ["--config", str(cfg), "--set", f"output_dir={out}", "--no-progress", *extra]
-    return subprocess.run(
-        [sys.executable, "-m", "sdpo", "train", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_sdpo(["train", *args], env=env, timeout=300)
 
 
 def _model_sha(ckpt: Path) -> str | None:
