@@ -57,7 +57,9 @@ def serve():
 
 
 request = serve()
-if request is not None:  # the child: become `python -m sdpo ARGS` of the caller
+if request is None:  # the caller closed the pipe: nothing of this process needs cleaning up
+    os._exit(0)
+else:  # the child: become `python -m sdpo ARGS` of the caller
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])

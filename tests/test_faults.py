@@ -8,7 +8,8 @@ uninterrupted run had at that step.
 Kill points are ``sdpo.engine.resume.fault_point`` names reached through the documented test
 hook ``SDPO_FAULT_AT="<point>:<count>[:<SIGNAL>]"``. Every killed process must have died by the
 signal (return code -9), so a point that is never reached fails the test. The two chains of
-processes and the uninterrupted baseline run side by side (one CPU thread each).
+processes and the uninterrupted baseline run side by side (one CPU thread each). Each run is a
+process of its own, forked from a server that imported torch once (``tests/cli_processes.py``).
 """
 
 from __future__ import annotations
