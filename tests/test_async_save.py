@@ -17,7 +17,6 @@ import errno
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,6 +36,7 @@ from sdpo.engine.resume import (
 )
 from sdpo.engine.trainer import TrainingStopped
 from sdpo.runner import CheckpointWriteError, run_training
+from tests.cli_processes import run_sdpo
 from tests.conftest import write_two_source_run
 from tests.test_distributed import _spawn
 
@@ -90,13 +90,8 @@ def _cli(cfg: Path, out: Path, *, fault: str | None, resume: bool) -> subprocess
     if fault is not None:
         env["SDPO_FAULT_AT"] = fault
     args = ["--config", str(cfg), "--set", f"output_dir={out}", "--set", "train.async_save=true"]
-    return subprocess.run(
-        [sys.executable, "-m", "sdpo", "train", *args, "--no-progress"]
-        + (["--resume"] if resume else []),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return run_sdpo(
+        ["train", *args, "--no-progress", *(["--resume"] if resume else [])], env=env, timeout=300
     )
 
 

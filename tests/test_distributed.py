@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: Path, task, args) -> None:
+def _worker(rank: int, world: int, port: int, out: Path, task, args, env: dict, cwd: str) -> None:
+    # a forkserver child starts from the server's environment and folder: take the test's
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -63,16 +68,59 @@ def _worker(rank: int, world: int, port: int, out: Path, task, args) -> None:
     distributed.shutdown(wait=True)
 
 
-def _spawn(tmp_path: Path, task, *args) -> list:
-    """Run ``task(*args)`` in WORLD processes of one gloo group; their results in rank order."""
+# Imported once by the forkserver, then shared by every rank forked from it: a fresh interpreter
+# per rank (the "spawn" method) spent seconds importing torch and the engine for every launch.
+_PRELOAD = ["tests.test_distributed", "sdpo.engine.sharding", "torch._dynamo"]
+
+
+def _start(tmp_path: Path, task, *args) -> Callable[[], list]:
+    """Start ``task(*args)`` in WORLD processes of one gloo group; returns the function that
+    waits for them and gives their results in rank order.
+
+    The ranks are forked from one forkserver process (started on the first call, single-threaded,
+    with torch and the engine imported but nothing initialised), each a new process that joins
+    a new process group; ``task`` and its module are loaded by reference as under "spawn"."""
     out = tmp_path / "ranks"
     out.mkdir(exist_ok=True)
+    mp.set_forkserver_preload(_PRELOAD)
+    env, cwd = dict(os.environ), os.getcwd()
+    context = mp.start_processes(
+        _worker,
+        args=(WORLD, _free_port(), out, task, args, env, cwd),
+        nprocs=WORLD,
+        join=False,
+        start_method="forkserver",
+    )
+
+    def results() -> list:
+        try:
+            while not context.join():
+                pass
+        except Exception as e:
+            errors = "\n".join(p.read_text() for p in sorted(out.glob("*.err")))
+            raise AssertionError(f"a rank failed:\n{errors}") from e
+        return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    return results
+
+
+def _spawn(tmp_path: Path, task, *args) -> list:
+    """Run ``task(*args)`` in WORLD processes of one gloo group; their results in rank order."""
+    return _start(tmp_path, task, *args)()
+
+
+def _alongside(here: Callable[[], object], tmp_path: Path, task, *args) -> tuple[object, list]:
+    """``(here(), _spawn(tmp_path, task, *args))`` with ``here`` run in this process (on one
+    thread, as each rank) while the ranks run: a one-process reference computed alongside."""
+    results = _start(tmp_path, task, *args)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        mp.spawn(_worker, args=(WORLD, _free_port(), out, task, args), nprocs=WORLD, join=True)
-    except Exception as e:
-        errors = "\n".join(p.read_text() for p in sorted(out.glob("*.err")))
-        raise AssertionError(f"a rank failed:\n{errors}") from e
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        value = here()
+    finally:
+        torch.set_num_threads(before)
+        ranks = results()  # never leave the ranks behind, even when ``here`` failed
+    return value, ranks
 
 
 def _pairs(model_dir: Path, data: Path):
@@ -155,8 +203,9 @@ def step_results(tmp_path_factory):
 
     model_dir = write_tiny_model(tmp / "model", words=WORDS, hidden_size=32, seed=1)
     data = write_pairs(tmp / "d.jsonl", n=23, seed=11)
-    single = _step_and_scores(model_dir, data)
-    ranks = _spawn(tmp, _step_and_scores, model_dir, data)
+    single, ranks = _alongside(
+        lambda: _step_and_scores(model_dir, data), tmp, _step_and_scores, model_dir, data
+    )
     return single, ranks, _pairs(model_dir, data)
 
 
@@ -359,8 +408,9 @@ def _metrics(out: Path) -> list[dict]:
 
 def test_two_step_sdpo_run_on_two_ranks_writes_what_one_process_writes(tiny_model_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
-    calls_one = _train(_run_config(tmp_path, tiny_model_dir, one))
-    calls_two = _spawn(tmp_path, _train, _run_config(tmp_path, tiny_model_dir, two))
+    config_one = _run_config(tmp_path, tiny_model_dir, one)
+    config_two = _run_config(tmp_path, tiny_model_dir, two)
+    calls_one, calls_two = _alongside(lambda: _train(config_one), tmp_path, _train, config_two)
     assert calls_two == [calls_one] * WORLD  # every rank took part in every scoring pass
 
     def listing(out: Path) -> list[str]:
@@ -438,8 +488,14 @@ def test_sdpo_score_on_two_ranks_writes_what_one_process_writes(tiny_model_dir, 
     data = write_pairs(tmp_path / "pairs.jsonl", n=11, seed=8)
     one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
     base = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--impl", "torch"]
-    assert _score_cli([*base, "--out", str(one)]) == 0
-    assert _spawn(tmp_path, _score_cli, [*base, "--out", str(two)]) == [0, 0]
+    code_one, codes_two = _alongside(
+        lambda: _score_cli([*base, "--out", str(one)]),
+        tmp_path,
+        _score_cli,
+        [*base, "--out", str(two)],
+    )
+    assert code_one == 0
+    assert codes_two == [0, 0]
     rows_one = [json.loads(x) for x in one.read_text().splitlines()]
     rows_two = [json.loads(x) for x in two.read_text().splitlines()]
     assert [r["index"] for r in rows_two] == [r["index"] for r in rows_one]

@@ -8,7 +8,8 @@ uninterrupted run had at that step.
 Kill points are ``sdpo.engine.resume.fault_point`` names reached through the documented test
 hook ``SDPO_FAULT_AT="<point>:<count>[:<SIGNAL>]"``. Every killed process must have died by the
 signal (return code -9), so a point that is never reached fails the test. The two chains of
-processes and the uninterrupted baseline run side by side (one CPU thread each).
+processes and the uninterrupted baseline run side by side (one CPU thread each). Each run is a
+process of its own, forked from a server that imported torch once (``tests/cli_processes.py``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from sdpo.engine.resume import MANIFEST_NAME, list_checkpoints, verify_checkpoint
+from tests.cli_processes import run_sdpo
 from tests.conftest import write_two_source_run
 
 KILLED = -9
@@ -68,13 +69,7 @@ def _train(
     if fault is not None:
         env["SDPO_FAULT_AT"] = fault
     args = ["--config", str(cfg), "--set", f"output_dir={out}", "--no-progress", *extra]
-    return subprocess.run(
-        [sys.executable, "-m", "sdpo", "train", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_sdpo(["train", *args], env=env, timeout=300)
 
 
 def _model_sha(ckpt: Path) -> str | None:

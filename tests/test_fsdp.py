@@ -23,7 +23,7 @@ from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.trainer import TrainConfig, plan_steps
 from sdpo.runner import run_training
 from tests.conftest import dpo_trainer
-from tests.test_distributed import _close, _pairs, _run_config, _spawn, _strip
+from tests.test_distributed import _alongside, _close, _pairs, _run_config, _spawn, _strip
 
 
 def _one_process_reference(model_dir: Path, pairs) -> PairLogps:
@@ -45,7 +45,7 @@ def _one_process_and_two_ranks(tmp: Path, steps: Callable[[Path, Path, bool], di
 
     model_dir = write_tiny_model(tmp / "model", words=WORDS, hidden_size=32, seed=1)
     data = write_pairs(tmp / "d.jsonl", n=23, seed=11)
-    return steps(model_dir, data, False), _spawn(tmp, steps, model_dir, data, True)
+    return _alongside(lambda: steps(model_dir, data, False), tmp, steps, model_dir, data, True)
 
 
 LR = 1e-2
@@ -115,9 +115,14 @@ def step_results(request, tmp_path_factory):
         tmp / "model", words=WORDS, hidden_size=32, seed=1, tie_word_embeddings=request.param
     )
     data = write_pairs(tmp / "d.jsonl", n=23, seed=11)
-    single = _step_and_scores(model_dir, data, False)
-    ranks = _spawn(tmp, _step_and_scores, model_dir, data, True)
-    return single, ranks
+    return _alongside(
+        lambda: _step_and_scores(model_dir, data, False),
+        tmp,
+        _step_and_scores,
+        model_dir,
+        data,
+        True,
+    )
 
 
 @pytest.mark.parametrize("case", [name for name, _ in CASES])
@@ -165,10 +170,10 @@ def _train(config: dict, resume: bool = False):
 def test_two_step_sdpo_run_sharded_writes_what_one_process_writes(tiny_model_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     config = _run_config(tmp_path, tiny_model_dir, one)
-    calls_one = _train(config)
     sharded = {**_run_config(tmp_path, tiny_model_dir, two)}
     sharded["train"] = {**sharded["train"], "fsdp": True}
-    assert _spawn(tmp_path, _train, sharded) == [calls_one] * 2
+    calls_one, calls_two = _alongside(lambda: _train(config), tmp_path, _train, sharded)
+    assert calls_two == [calls_one] * 2
     for t in (1, 2):  # the gathered weights, written by rank 0 as a Hugging Face folder
         a = load_file(str(one / f"step-{t}" / "model.safetensors"))
         b = load_file(str(two / f"step-{t}" / "model.safetensors"))
@@ -209,7 +214,9 @@ def test_two_step_sdpo_run_sharded_writes_what_one_process_writes(tiny_model_dir
     three = tmp_path / "three"
     _interrupt_in_step_2(two)
     shutil.copytree(two, three)
-    calls = _spawn(tmp_path, _train, sharded, True)
+    single = {**_run_config(tmp_path, tiny_model_dir, three)}
+    single["train"] = {**single["train"], "fsdp": True}  # one process: fsdp changes nothing
+    calls_single, calls = _alongside(lambda: _train(single, True), tmp_path, _train, sharded, True)
     assert isinstance(calls[0], int) and calls[1] == calls[0], calls  # not an error
     resumed = load_file(str(two / "step-2" / "model.safetensors"))
     for name, w in final.items():
@@ -217,9 +224,7 @@ def test_two_step_sdpo_run_sharded_writes_what_one_process_writes(tiny_model_dir
     assert [_strip(x) for x in (two / "metrics.jsonl").read_text().splitlines()] == [
         _strip(x) for x in lines
     ]
-    single = {**_run_config(tmp_path, tiny_model_dir, three)}
-    single["train"] = {**single["train"], "fsdp": True}  # one process: fsdp changes nothing
-    assert isinstance(_train(single, True), int)
+    assert isinstance(calls_single, int), calls_single
     resumed = load_file(str(three / "step-2" / "model.safetensors"))
     for name, w in final.items():
         assert (w - resumed[name]).abs().max().item() <= 1e-5, name

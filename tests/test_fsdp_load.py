@@ -22,7 +22,7 @@ from sdpo.engine.checkpoint import INDEX_NAME, load_pretrained, save_pretrained,
 from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.model import CausalLM, ModelConfig, init_model
 from sdpo.engine.precision import parameter_dtype
-from tests.test_distributed import _spawn
+from tests.test_distributed import _alongside
 
 PRECISIONS = ("fp32", "bf16", "bf16-mixed")
 
@@ -174,14 +174,19 @@ def loads(tmp_path_factory):
     }
     assert (folders["untied"] / INDEX_NAME).is_file()
     assert len(set(weight_files(folders["untied"]).values())) > 2
-    single = {
-        (kind, precision): _forward(
-            load_pretrained(folder, dtype=parameter_dtype(precision)), precision
-        )
-        for kind, folder in folders.items()
-        for precision in PRECISIONS
-    }
-    return folders, single, _spawn(tmp, _loads, folders)
+    single, ranks = _alongside(
+        lambda: {
+            (kind, precision): _forward(
+                load_pretrained(folder, dtype=parameter_dtype(precision)), precision
+            )
+            for kind, folder in folders.items()
+            for precision in PRECISIONS
+        },
+        tmp,
+        _loads,
+        folders,
+    )
+    return folders, single, ranks
 
 
 def _stored(folder: Path, name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -33,7 +33,7 @@ from sdpo.engine.tiny import write_tiny_model
 from sdpo.engine.trainer import TrainConfig, plan_steps
 from sdpo.runner import run_training
 from tests.conftest import WORDS, dpo_trainer, tiny_hf_dict, write_pairs
-from tests.test_distributed import _close, _pairs, _run_config, _spawn, _strip
+from tests.test_distributed import _alongside, _close, _pairs, _run_config, _strip
 from tests.test_fsdp import _interrupt_in_step_2, _one_process_reference, _shifted
 from tests.test_lora import _randomize_adapter
 
@@ -68,8 +68,9 @@ def _two_lora_steps(model_dir: Path, data: Path) -> dict:
 def test_two_lora_steps_on_two_ranks_equal_one_process(tmp_path):
     model_dir = write_tiny_model(tmp_path / "model", words=WORDS, hidden_size=32, seed=1)
     data = write_pairs(tmp_path / "d.jsonl", n=23, seed=11)
-    single = _two_lora_steps(model_dir, data)
-    ranks = _spawn(tmp_path, _two_lora_steps, model_dir, data)
+    single, ranks = _alongside(
+        lambda: _two_lora_steps(model_dir, data), tmp_path, _two_lora_steps, model_dir, data
+    )
     initial = load_pretrained(model_dir).state_dict()
     for r, got in enumerate(ranks):
         assert got["world"] == 2 and got["reduced"], r  # the reducer holds the adapter only
@@ -192,7 +193,10 @@ def _sharded_lora_run(config: dict, whole: Path) -> int:
 
 
 def _task(tmp: Path, model_dir: Path, data: Path, fsdp: bool) -> dict:
-    config = _run_config(tmp, model_dir, tmp / ("two" if fsdp else "one"))
+    # the run's data files in a folder of its own: the one-process task runs alongside the ranks
+    inputs = tmp / ("inputs-two" if fsdp else "inputs-one")
+    inputs.mkdir(exist_ok=True)
+    config = _run_config(inputs, model_dir, tmp / ("two" if fsdp else "one"))
     config["lora"] = {"rank": 3, "alpha": 6.0, "targets": ["q_proj", "v_proj", "down_proj"]}
     if fsdp:
         config["train"] = {**config["train"], "fsdp": True, "async_save": True}
@@ -212,8 +216,10 @@ def sharded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp_lora")
     model_dir = write_tiny_model(tmp / "model", words=WORDS, hidden_size=32, seed=1)
     data = write_pairs(tmp / "d.jsonl", n=23, seed=11)
-    single = _task(tmp, model_dir, data, False)
-    return tmp, single, _spawn(tmp, _task, tmp, model_dir, data, True)
+    single, ranks = _alongside(
+        lambda: _task(tmp, model_dir, data, False), tmp, _task, tmp, model_dir, data, True
+    )
+    return tmp, single, ranks
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

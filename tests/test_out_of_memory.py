@@ -8,8 +8,6 @@ where a GPU would raise it (a training micro-batch, a scoring batch), in the rea
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from sdpo.cli import EXIT_OUT_OF_MEMORY
 from sdpo.config import config_from_dict, config_to_dict
 from sdpo.engine.resume import list_checkpoints, verify_checkpoint
 from sdpo.runner import changed_config_keys, rounding_only_keys
+from tests.cli_processes import run_sdpo
 from tests.conftest import write_two_source_run
 
 
@@ -28,12 +27,9 @@ def _train(cfg: Path, out: Path, *extra: str, fault: str | None = None):
     env.pop("SDPO_FAULT_AT", None)
     if fault is not None:
         env["SDPO_FAULT_AT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "sdpo", "train", "--config", str(cfg), "--no-progress"]
-        + ["--set", f"output_dir={out}", *extra],
+    return run_sdpo(
+        ["train", "--config", str(cfg), "--no-progress", "--set", f"output_dir={out}", *extra],
         env=env,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
 

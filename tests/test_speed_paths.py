@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -318,15 +319,20 @@ def test_step_benchmark_under_torchrun_reports_every_rank_and_trains_as_one_proc
 ):
     throughput = load_throughput()
     single = tmp_path / "single.json"
-    throughput.main(
-        ["step", "--smoke", "--pairs-per-step", "4", "--profile-steps", "0", "--json", str(single)]
-    )
+    # the two launches (independent runs, each of its own port and files) side by side, and the
+    # single process meanwhile: they share the cores but no state
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        launches = {
+            "dp": pool.submit(_torchrun_step_smoke, tmp_path / "dp.json", "--sdpo-run"),
+            "fsdp": pool.submit(_torchrun_step_smoke, tmp_path / "fsdp.json", "--fsdp"),
+        }
+        throughput.main(
+            ["step", "--smoke", "--pairs-per-step", "4", "--profile-steps", "0"]
+            + ["--json", str(single)]
+        )
+        runs = {mode: launch.result() for mode, launch in launches.items()}
     one = {r["variant"]: r for r in json.loads(single.read_text())["results"]}
     assert one["sdpo train step"]["ranks"][0]["rank"] == 0  # a world of one has the same rows
-    runs = {
-        "dp": _torchrun_step_smoke(tmp_path / "dp.json", "--sdpo-run"),
-        "fsdp": _torchrun_step_smoke(tmp_path / "fsdp.json", "--fsdp"),
-    }
     args = throughput.build_parser().parse_args(["step", "--smoke"])
     for mode, payload in runs.items():
         assert payload["complete"] and payload["world_size"] == 2

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from sdpo.config import ConfigError, config_from_dict
 from sdpo.report import read_metrics
 from sdpo.runner import RunInputError, StepwiseRunner
 from sdpo.tracking import TRACKING_STATE, scalars
+from tests.cli_processes import run_sdpo
 from tests.conftest import write_two_source_run
 
 tensorboard = pytest.importorskip("tensorboard")
@@ -40,12 +40,8 @@ def _train(cfg: Path, *extra: str, fault: str | None = None, env: dict | None = 
     run_env.pop("SDPO_FAULT_AT", None)
     if fault is not None:
         run_env["SDPO_FAULT_AT"] = fault
-    return subprocess.run(
-        [sys.executable, "-m", "sdpo", "train", "--config", str(cfg), "--no-progress", *extra],
-        env=run_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    return run_sdpo(
+        ["train", "--config", str(cfg), "--no-progress", *extra], env=run_env, timeout=300
     )
 
 
