@@ -100,18 +100,27 @@ from .triton_rows import launch
 LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit kernel may read
 LN2 = math.log(2.0)
 
+
 # Hopper-friendly tiles (NOT YET MEASURED: chosen from first principles, the autotuner picks
 # per (V, H, dtypes) on the first call). 128×256×64 with 8 warps is the classic H100 GEMM
 # tile (highest arithmetic intensity per smem byte); 128×128 and 64×256 trade intensity for
 # registers left to the epilogue; 3-4 stages of (BLOCK_M + BLOCK_N) × 64 bf16 fit the
 # 227 KiB of shared memory (128×256, 4 stages = 192 KiB is the largest; configs that do not
 # fit are discarded by the autotuner).
+def _tile_configs(block_k: int, tiles: list[tuple[int, int, int, int]]) -> list[triton.Config]:
+    """Autotune configs from (BLOCK_M, BLOCK_N, num_warps, num_stages) at one BLOCK_K."""
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k}, num_warps=w, num_stages=st
+        )
+        for bm, bn, w, st in tiles
+    ]
+
+
 CONFIG_BLOCK_K = 64
-CONFIGS = [
-    triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": CONFIG_BLOCK_K}, num_warps=w, num_stages=st
-    )
-    for bm, bn, w, st in [
+CONFIGS = _tile_configs(
+    CONFIG_BLOCK_K,
+    [
         (128, 256, 8, 3),
         (128, 256, 8, 4),
         (128, 128, 8, 4),
@@ -119,8 +128,8 @@ CONFIGS = [
         (64, 256, 8, 4),
         (128, 64, 4, 4),
         (64, 128, 4, 3),
-    ]
-]
+    ],
+)
 
 # fp32 operands take twice the shared memory per pipeline stage and, under "ieee" (FMA, no
 # tensor cores), more registers: with BLOCK_K = 64 five of the seven configs above exceed
@@ -128,18 +137,10 @@ CONFIGS = [
 # thread under ieee (benchmarks/kernel_resources.py). Their own list, at BLOCK_K = 32, all fit
 # (48-96 KiB) and none spills under either precision (Triton 3.9, sm_90, ahead of time).
 FP32_CONFIG_BLOCK_K = 32
-FP32_CONFIGS = [
-    triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": FP32_CONFIG_BLOCK_K}, num_warps=w, num_stages=st
-    )
-    for bm, bn, w, st in [
-        (128, 128, 8, 3),
-        (128, 64, 8, 4),
-        (64, 128, 8, 4),
-        (64, 128, 4, 3),
-        (64, 64, 4, 4),
-    ]
-]
+FP32_CONFIGS = _tile_configs(
+    FP32_CONFIG_BLOCK_K,
+    [(128, 128, 8, 3), (128, 64, 8, 4), (64, 128, 8, 4), (64, 128, 4, 3), (64, 64, 4, 4)],
+)
 
 # Under the CPU interpreter the cost is per block operation, not per element, and there is
 # nothing to tune: one config with wide vocabulary tiles, and BLOCK_K = 16 so that small
