@@ -40,6 +40,13 @@ weight (``g_token = d_seq[seq] * w_token``), with no other change to the chunkin
 kernels. LD-DPO uses it (``engine/packing.py``: ``length_desensitized_weights``); weights of 1
 give the unweighted numbers bit for bit.
 
+WPO (``loss.use_weighting``, sdpo/losses.py): with ``return_aligned`` / ``with_aligned`` the
+forward also takes each row's ``lsq = log sum_v p_v^2`` from the same streaming pass
+(``rows_forward(with_lsq=True)``) and sums ``token_logp - lsq`` over each sequence's scored
+tokens, unweighted by ``token_weights``; the sums are returned detached (``linear_pair_loss``
+hands each chunk's to ``pair_loss`` as keywords), and the backward is unchanged. Off, no ``lsq``
+is formed and every number is as without the option.
+
 Both run the chunk matmuls with cuBLAS through torch and the row core of logprobs.py
 (Triton kernels or the PyTorch reference) on the chunk's logits. ``sequence_logprobs`` is
 registered as ``torch.library`` custom ops (``sdpo::sequence_logprobs_fwd`` / ``_bwd``, with
@@ -639,13 +646,20 @@ class _PairPass:
         return rows_forward(logits, self.labels[t0:t1], impl=self.impl, with_lsq=self.with_aligned)
 
     def _aligned(
-        self, token_logps: torch.Tensor, lsq: torch.Tensor | None, t0: int, t1: int, ids, seqs
+        self,
+        token_logps: torch.Tensor,
+        lsq: torch.Tensor | None,
+        t0: int,
+        t1: int,
+        local_ids: torch.Tensor,
+        num_seqs: int,
     ) -> torch.Tensor | None:
-        """WPO's per-sequence sums (seqs,) of tokens [t0, t1), stored; None when off."""
-        if not self.with_aligned:
+        """WPO's sums (num_seqs,) of ``token_logp - lsq`` over the scored tokens of [t0, t1),
+        by local sequence id; None when off (``lsq`` is None)."""
+        if lsq is None:
             return None
         terms = aligned_logps(token_logps, lsq, self.labels[t0:t1])
-        return sum_per_sequence(terms, ids, seqs)
+        return sum_per_sequence(terms, local_ids, num_seqs)
 
     def _pair_grad(
         self, seq_c: torch.Tensor, p0: int, p1: int, aligned: torch.Tensor | None = None
@@ -701,11 +715,12 @@ class _PairPass:
         t0, t1, p0, p1 = item.t0, item.t1, item.p0, item.p1
         h, logits = self._logits(t0, t1)  # (n, V)
         local_ids = self._local_ids(t0, t1, p0, p1)
-        token_logps, lse, *lsq = self._rows(logits, t0, t1)
+        token_logps, lse, *extra = self._rows(logits, t0, t1)
+        lsq = extra[0] if extra else None
         w_tok = self._weights(t0, t1)
         seq_c = sum_per_sequence(weighted(token_logps, w_tok), local_ids, 2 * (p1 - p0))  # (2k,)
         self.seq_logps[2 * p0 : 2 * p1] = seq_c
-        aligned = self._aligned(token_logps, *lsq or [None], t0, t1, local_ids, 2 * (p1 - p0))
+        aligned = self._aligned(token_logps, lsq, t0, t1, local_ids, 2 * (p1 - p0))
         d_seq = self._pair_grad(seq_c, p0, p1, aligned)
         if d_seq is not None:
             self._backprop(logits, h, t0, t1, lse, weighted(d_seq[local_ids], w_tok))

@@ -6,7 +6,9 @@ log-prob ``x[label] - lse`` and the row's ``lse``; and the backward
 ``grad = g * (onehot(label) - softmax(x))`` rebuilt from the saved ``lse``. Neither
 direction ever holds an fp32 copy of the whole logits tensor: the Triton kernels read
 the rows block by block, the PyTorch reference upcasts a bounded block of rows at a
-time. ``linear_logprobs`` reuses the same row ops on its chunks of logits.
+time. ``linear_logprobs`` reuses the same row ops on its chunks of logits. For WPO
+(``loss.use_weighting``) the forward can also give each row's ``log sum_v p_v^2``, from a
+second running sum of ``exp(2 (x - m))`` in the same pass (``rows_forward(with_lsq=True)``).
 
 ``logprobs_from_logits`` is registered as ``torch.library`` custom ops
 (``sdpo::logprobs_fwd``, ``sdpo::logprobs_bwd`` and its in-place twin), with fake
