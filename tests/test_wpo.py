@@ -22,6 +22,7 @@ from functools import partial  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from sdpo.config import load_config  # noqa: E402
 from sdpo.engine.checkpoint import load_pretrained  # noqa: E402
 from sdpo.engine.data import read_preference_file  # noqa: E402
 from sdpo.engine.packing import length_desensitized_weights  # noqa: E402
@@ -32,7 +33,7 @@ from sdpo.kernels import linear_pair_loss, sequence_logprobs  # noqa: E402
 from sdpo.kernels.dispatch import triton_available  # noqa: E402
 from sdpo.kernels.logprobs import rows_forward  # noqa: E402
 from sdpo.losses import LossConfig, dpo_loss, make_pair_loss  # noqa: E402
-from tests.conftest import write_pairs  # noqa: E402
+from tests.conftest import write_pairs, write_two_source_run  # noqa: E402
 
 IMPLS = [
     "torch",
@@ -274,9 +275,12 @@ def test_option_off_is_bit_for_bit_the_unweighted_computation():
         dpo_loss(*args, config=_config(True), **kw)
 
 
-def test_use_weighting_must_be_a_bool():
+def test_use_weighting_must_be_a_bool_and_reads_from_a_run_config(tmp_path):
     with pytest.raises(ValueError, match="use_weighting must be true or false"):
         LossConfig(use_weighting="yes")
+    base = write_two_source_run(tmp_path)
+    assert not load_config(base).loss.use_weighting
+    assert load_config(base, overrides=["loss.use_weighting=true"]).loss.use_weighting
 
 
 # -- a training step -----------------------------------------------------------------------
