@@ -361,11 +361,16 @@ class TrainResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _loss_config(loss_fn: PairLossFn) -> Any:
+    """The config a loss function is bound to (``partial(dpo_loss, config=...)``), or None."""
+    return getattr(loss_fn, "keywords", {}).get("config")
+
+
 def _check_loss_fn_ld_alpha(loss_fn: PairLossFn, ld_alpha: float | None) -> None:
     """A loss function bound to a config (``partial(dpo_loss, config=...)``) whose ``ld_alpha``
     is not the trainer's: the per-pair loss cannot apply it (it sees summed log-probs), so it
     would be silently ignored. Refused."""
-    config = getattr(loss_fn, "keywords", {}).get("config")
+    config = _loss_config(loss_fn)
     wanted = getattr(config, "ld_alpha", None)
     if wanted not in (None, 1) and wanted != ld_alpha:
         raise ValueError(
@@ -410,6 +415,10 @@ class DPOTrainer:
         check_ld_alpha(ld_alpha)
         _check_loss_fn_ld_alpha(loss_fn, ld_alpha)
         self.ld_alpha = ld_alpha
+        # WPO (``loss.use_weighting`` of a bound loss config): the policy's forward also forms
+        # each completion's sum of token_logp - log sum p^2, handed to the loss as
+        # chosen_aligned / rejected_aligned (sdpo/losses.py)
+        self.use_weighting = bool(getattr(_loss_config(loss_fn), "use_weighting", False))
         self.kernels_impl = kernels_impl
         self.chunk_tokens = chunk_tokens
         self.max_chunk_tokens = max_chunk_tokens  # fused path: longer pairs are split
@@ -514,9 +523,11 @@ class DPOTrainer:
         elif hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
 
+        wpo = self.use_weighting
+        aligned: dict[str, Tensor] = {}  # WPO's sums of the whole micro-batch, for the metrics
         if self.config.loss_path == "fused":
 
-            def pair_loss(chosen: Tensor, rejected: Tensor, sl: slice) -> Tensor:
+            def pair_loss(chosen: Tensor, rejected: Tensor, sl: slice, **chunk_aligned) -> Tensor:
                 out = self.loss_fn(
                     chosen,
                     rejected,
@@ -524,10 +535,11 @@ class DPOTrainer:
                     ref_r[sl],
                     chosen_tokens=tok_c[sl],
                     rejected_tokens=tok_r[sl],
+                    **chunk_aligned,  # WPO: chosen_aligned / rejected_aligned of the chunk
                 )
                 return out.losses.sum() * weight_of_loss / normalizer
 
-            loss, seq_logps = linear_pair_loss(
+            loss, seq_logps, *seq_aligned = linear_pair_loss(
                 hidden,
                 weight,
                 head.labels,
@@ -539,9 +551,10 @@ class DPOTrainer:
                 max_chunk_tokens=self.max_chunk_tokens,
                 pair_tokens=host_head.pair_tokens,  # the host's counts: no device sync
                 token_weights=head.token_weights,
+                with_aligned=wpo,
             )
         else:
-            seq_logps = sequence_logprobs(
+            logps = sequence_logprobs(
                 hidden,
                 weight,
                 head.labels,
@@ -550,7 +563,15 @@ class DPOTrainer:
                 impl=self.kernels_impl,
                 chunk_tokens=self.chunk_tokens,
                 token_weights=head.token_weights,
+                **({"return_aligned": True} if wpo else {}),
             )
+            seq_logps, *seq_aligned = logps if wpo else (logps,)
+        if wpo:
+            aligned = {
+                "chosen_aligned": seq_aligned[0][0::2],
+                "rejected_aligned": seq_aligned[0][1::2],
+            }
+        if self.config.loss_path != "fused":
             out = self.loss_fn(
                 seq_logps[0::2],
                 seq_logps[1::2],
@@ -558,6 +579,7 @@ class DPOTrainer:
                 ref_r,
                 chosen_tokens=tok_c,
                 rejected_tokens=tok_r,
+                **aligned,
             )
             loss = out.losses.sum() * weight_of_loss / normalizer
         loss.backward()
@@ -565,7 +587,9 @@ class DPOTrainer:
 
         with torch.no_grad():
             pc, pr = seq_logps.detach()[0::2].float(), seq_logps.detach()[1::2].float()
-            out = self.loss_fn(pc, pr, ref_c, ref_r, chosen_tokens=tok_c, rejected_tokens=tok_r)
+            out = self.loss_fn(
+                pc, pr, ref_c, ref_r, chosen_tokens=tok_c, rejected_tokens=tok_r, **aligned
+            )
             return {
                 "loss": loss.detach().float() * normalizer,
                 "rewards/chosen": out.chosen_rewards.sum(),

@@ -40,6 +40,13 @@ weight (``g_token = d_seq[seq] * w_token``), with no other change to the chunkin
 kernels. LD-DPO uses it (``engine/packing.py``: ``length_desensitized_weights``); weights of 1
 give the unweighted numbers bit for bit.
 
+WPO (``loss.use_weighting``, sdpo/losses.py): with ``return_aligned`` / ``with_aligned`` the
+forward also takes each row's ``lsq = log sum_v p_v^2`` from the same streaming pass
+(``rows_forward(with_lsq=True)``) and sums ``token_logp - lsq`` over each sequence's scored
+tokens, unweighted by ``token_weights``; the sums are returned detached (``linear_pair_loss``
+hands each chunk's to ``pair_loss`` as keywords), and the backward is unchanged. Off, no ``lsq``
+is formed and every number is as without the option.
+
 Both run the chunk matmuls with cuBLAS through torch and the row core of logprobs.py
 (Triton kernels or the PyTorch reference) on the chunk's logits. ``sequence_logprobs`` is
 registered as ``torch.library`` custom ops (``sdpo::sequence_logprobs_fwd`` / ``_bwd``, with
@@ -74,6 +81,7 @@ import torch
 from .dispatch import compiler_disabled, resolve_impl
 from .logprobs import (
     IGNORE_INDEX,
+    aligned_logps,
     check_head_shapes,
     check_labels_in_vocab,
     check_packed_shapes,
@@ -165,6 +173,44 @@ def _chunk_logits(buf: torch.Tensor, h: torch.Tensor, w_t: torch.Tensor) -> torc
 # forward argument because setup_context reads it there.
 
 
+def _sequence_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    impl: str,
+    chunk_tokens: int,
+    token_weights: torch.Tensor | None,
+    with_aligned: bool,
+) -> tuple[torch.Tensor, ...]:
+    """(seq_logps (S,), lse (N,)) fp32, and with ``with_aligned`` WPO's per-sequence sums
+    of ``token_logp - lsq`` (S,) fp32 (unweighted by ``token_weights``)."""
+    check_labels_in_vocab(labels, vocab_size=weight.shape[0])
+    n = hidden.shape[0]
+    dtype = _compute_dtype(hidden, weight)
+    w = weight.to(dtype)
+    w_t = w.t()
+    token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lsq = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_aligned else None
+    buf = torch.empty(min(chunk_tokens, n), w.shape[0], dtype=dtype, device=hidden.device)
+    for start in range(0, n, chunk_tokens):
+        stop = min(n, start + chunk_tokens)
+        logits = _chunk_logits(buf, hidden[start:stop].to(dtype), w_t)  # (n_c, V)
+        rows = rows_forward(logits, labels[start:stop], impl=impl, with_lsq=with_aligned)
+        token_logps[start:stop] = rows[0]
+        lse[start:stop] = rows[1]
+        if with_aligned:
+            lsq[start:stop] = rows[2]
+    del buf
+    seq_logps = sum_per_sequence(weighted(token_logps, token_weights), seq_ids, num_seqs)
+    if not with_aligned:
+        return seq_logps, lse
+    aligned = sum_per_sequence(aligned_logps(token_logps, lsq, labels), seq_ids, num_seqs)
+    return seq_logps, lse, aligned
+
+
 @torch.library.custom_op("sdpo::sequence_logprobs_fwd", mutates_args=())
 def _sequence_logprobs_fwd(
     hidden: torch.Tensor,
@@ -179,22 +225,27 @@ def _sequence_logprobs_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(seq_logps (S,), lse (N,)), both fp32."""
     del grad_weight_dtype  # read by setup_context only
-    check_labels_in_vocab(labels, vocab_size=weight.shape[0])
-    n = hidden.shape[0]
-    dtype = _compute_dtype(hidden, weight)
-    w = weight.to(dtype)
-    w_t = w.t()
-    token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    buf = torch.empty(min(chunk_tokens, n), w.shape[0], dtype=dtype, device=hidden.device)
-    for start in range(0, n, chunk_tokens):
-        stop = min(n, start + chunk_tokens)
-        logits = _chunk_logits(buf, hidden[start:stop].to(dtype), w_t)  # (n_c, V)
-        logp_c, lse_c = rows_forward(logits, labels[start:stop], impl=impl)
-        token_logps[start:stop] = logp_c
-        lse[start:stop] = lse_c
-    del buf
-    return sum_per_sequence(weighted(token_logps, token_weights), seq_ids, num_seqs), lse
+    args = (hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, token_weights)
+    return _sequence_forward(*args, with_aligned=False)
+
+
+@torch.library.custom_op("sdpo::sequence_logprobs_aligned_fwd", mutates_args=())
+def _sequence_logprobs_aligned_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    impl: str,
+    chunk_tokens: int,
+    grad_weight_dtype: torch.dtype,
+    token_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same (seq_logps (S,), lse (N,)) and WPO's sums of ``token_logp - lsq`` (S,), all
+    fp32; the third output is not differentiable (its gradient is ignored)."""
+    del grad_weight_dtype  # read by setup_context only
+    args = (hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, token_weights)
+    return _sequence_forward(*args, with_aligned=True)
 
 
 @_sequence_logprobs_fwd.register_fake
@@ -212,6 +263,25 @@ def _sequence_logprobs_fwd_fake(
     return (
         hidden.new_empty(num_seqs, dtype=torch.float32),
         hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+    )
+
+
+@_sequence_logprobs_aligned_fwd.register_fake
+def _sequence_logprobs_aligned_fwd_fake(
+    hidden,
+    weight,
+    labels,
+    seq_ids,
+    num_seqs,
+    impl,
+    chunk_tokens,
+    grad_weight_dtype,
+    token_weights=None,
+):
+    return (
+        hidden.new_empty(num_seqs, dtype=torch.float32),
+        hidden.new_empty(hidden.shape[0], dtype=torch.float32),
+        hidden.new_empty(num_seqs, dtype=torch.float32),
     )
 
 
@@ -305,8 +375,8 @@ def _sequence_logprobs_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*saved, *((w_tok,) if w_tok is not None else ()))
 
 
-def _sequence_logprobs_backward(ctx, grad_seq, grad_lse):
-    del grad_lse  # lse is internal: the public function never returns it
+def _sequence_logprobs_backward(ctx, grad_seq, grad_lse, *grad_aligned):
+    del grad_lse, grad_aligned  # lse is internal; WPO's sums are constants of the loss
     hidden, weight, labels, seq_ids, lse, *rest = ctx.saved_tensors
     token_weights = rest[0] if ctx.weighted else None
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -338,6 +408,11 @@ torch.library.register_autograd(
     _sequence_logprobs_backward,
     setup_context=_sequence_logprobs_setup_context,
 )
+torch.library.register_autograd(
+    "sdpo::sequence_logprobs_aligned_fwd",
+    _sequence_logprobs_backward,
+    setup_context=_sequence_logprobs_setup_context,
+)
 
 
 def sequence_logprobs(
@@ -351,7 +426,8 @@ def sequence_logprobs(
     chunk_tokens: int | None = None,
     grad_weight_dtype: torch.dtype | None = torch.float32,
     token_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_aligned: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(S,) fp32 summed log-probs of ``labels`` per packed sequence, from hidden states.
 
     hidden (N, H) and weight (V, H) of any float dtype (computed in their promoted dtype),
@@ -361,6 +437,10 @@ def sequence_logprobs(
     Under ``torch.no_grad`` this is the reference pass: one chunk of logits at a time.
     ``token_weights`` (N,) fp32: each token's log-prob enters its sequence's sum times its
     weight, and its gradient likewise (LD-DPO, see :func:`weighted`); None: all 1.
+    ``return_aligned`` (WPO, ``loss.use_weighting``): returns ``(seq_logps, aligned)``, where
+    ``aligned`` (S,) fp32, detached, holds each sequence's sum over its scored tokens of
+    ``token_logp - log sum_v p_v^2``, from the same pass (op ``sdpo::sequence_logprobs_aligned_fwd``);
+    token_weights do not apply to it. The gradient is that of ``seq_logps`` alone.
     Runs as the custom ops ``sdpo::sequence_logprobs_fwd`` / ``_bwd``, so ``torch.compile``
     traces it without a graph break.
     """
@@ -377,9 +457,11 @@ def sequence_logprobs(
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     # None -> the compute dtype, resolved here: the ops take a plain dtype argument.
     accum_dtype = grad_weight_dtype or _compute_dtype(hidden, weight)
-    seq_logps, _ = _sequence_logprobs_fwd(
-        hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, accum_dtype, token_weights
-    )
+    args = (hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, accum_dtype)
+    if return_aligned:
+        seq_logps, _, aligned = _sequence_logprobs_aligned_fwd(*args, token_weights)
+        return seq_logps, aligned.detach()
+    seq_logps, _ = _sequence_logprobs_fwd(*args, token_weights)
     return seq_logps
 
 
@@ -510,11 +592,17 @@ class _PairPass:
         need_w: bool,
         check_ids: bool,
         token_weights: torch.Tensor | None,
+        with_aligned: bool = False,
     ) -> None:
         dtype = _compute_dtype(hidden, weight)
         device = hidden.device
         self.hidden, self.labels, self.seq_ids = hidden, labels, seq_ids
         self.token_weights = token_weights
+        # WPO: each sequence's sum of token_logp - lsq, handed to pair_loss with the sums
+        self.with_aligned = with_aligned
+        self.aligned = torch.zeros(
+            num_seqs if with_aligned else 0, dtype=torch.float32, device=device
+        )
         self.dtype, self.impl, self.pair_loss = dtype, impl, pair_loss
         self.w = weight.to(dtype)
         self.buf = torch.empty(buffer_rows, self.w.shape[0], dtype=dtype, device=device)
@@ -553,12 +641,38 @@ class _PairPass:
         """The token weights of tokens [t0, t1) (None: all 1)."""
         return None if self.token_weights is None else self.token_weights[t0:t1]
 
-    def _pair_grad(self, seq_c: torch.Tensor, p0: int, p1: int) -> torch.Tensor | None:
+    def _rows(self, logits: torch.Tensor, t0: int, t1: int) -> tuple[torch.Tensor, ...]:
+        """rows_forward of tokens [t0, t1): (token_logp, lse[, lsq with WPO])."""
+        return rows_forward(logits, self.labels[t0:t1], impl=self.impl, with_lsq=self.with_aligned)
+
+    def _aligned(
+        self,
+        token_logps: torch.Tensor,
+        lsq: torch.Tensor | None,
+        t0: int,
+        t1: int,
+        local_ids: torch.Tensor,
+        num_seqs: int,
+    ) -> torch.Tensor | None:
+        """WPO's sums (num_seqs,) of ``token_logp - lsq`` over the scored tokens of [t0, t1),
+        by local sequence id; None when off (``lsq`` is None)."""
+        if lsq is None:
+            return None
+        terms = aligned_logps(token_logps, lsq, self.labels[t0:t1])
+        return sum_per_sequence(terms, local_ids, num_seqs)
+
+    def _pair_grad(
+        self, seq_c: torch.Tensor, p0: int, p1: int, aligned: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Adds pairs [p0, p1)'s loss; returns its gradient w.r.t. seq_c (2k,) fp32, if needed."""
+        extra = {}
+        if aligned is not None:
+            self.aligned[2 * p0 : 2 * p1] = aligned
+            extra = {"chosen_aligned": aligned[0::2], "rejected_aligned": aligned[1::2]}
         with torch.enable_grad():
             chosen = seq_c[0::2].detach().requires_grad_(self.need_grad)
             rejected = seq_c[1::2].detach().requires_grad_(self.need_grad)
-            chunk_loss = self.pair_loss(chosen, rejected, slice(p0, p1))
+            chunk_loss = self.pair_loss(chosen, rejected, slice(p0, p1), **extra)
             if chunk_loss.dim() != 0:
                 raise ValueError(
                     "pair_loss must return a scalar (the sum of its pairs' loss terms), got "
@@ -601,11 +715,13 @@ class _PairPass:
         t0, t1, p0, p1 = item.t0, item.t1, item.p0, item.p1
         h, logits = self._logits(t0, t1)  # (n, V)
         local_ids = self._local_ids(t0, t1, p0, p1)
-        token_logps, lse = rows_forward(logits, self.labels[t0:t1], impl=self.impl)
+        token_logps, lse, *extra = self._rows(logits, t0, t1)
+        lsq = extra[0] if extra else None
         w_tok = self._weights(t0, t1)
         seq_c = sum_per_sequence(weighted(token_logps, w_tok), local_ids, 2 * (p1 - p0))  # (2k,)
         self.seq_logps[2 * p0 : 2 * p1] = seq_c
-        d_seq = self._pair_grad(seq_c, p0, p1)
+        aligned = self._aligned(token_logps, lsq, t0, t1, local_ids, 2 * (p1 - p0))
+        d_seq = self._pair_grad(seq_c, p0, p1, aligned)
         if d_seq is not None:
             self._backprop(logits, h, t0, t1, lse, weighted(d_seq[local_ids], w_tok))
 
@@ -620,20 +736,29 @@ class _PairPass:
         t0, t1, p = item.t0, item.t1, item.p0
         heads, (tail0, _) = _split_ranges(t0, t1, cap)
         local_ids = self._local_ids(t0, t1, p, p + 1)  # (L,) in {0, 1}
-        token_logps = torch.empty(t1 - t0, dtype=torch.float32, device=self.buf.device)
-        head_lse = torch.empty(tail0 - t0, dtype=torch.float32, device=self.buf.device)
+        device = self.buf.device
+        token_logps = torch.empty(t1 - t0, dtype=torch.float32, device=device)
+        head_lse = torch.empty(tail0 - t0, dtype=torch.float32, device=device)
+        lsq = (
+            torch.empty(t1 - t0, dtype=torch.float32, device=device) if self.with_aligned else None
+        )
         for s0, s1 in heads:
             _, logits = self._logits(s0, s1)
-            logp_c, lse_c = rows_forward(logits, self.labels[s0:s1], impl=self.impl)
+            logp_c, lse_c, *lsq_c = self._rows(logits, s0, s1)
             token_logps[s0 - t0 : s1 - t0] = logp_c
             head_lse[s0 - t0 : s1 - t0] = lse_c
+            if lsq is not None:
+                lsq[s0 - t0 : s1 - t0] = lsq_c[0]
         h_tail, logits = self._logits(tail0, t1)  # kept: the buffer's rows [0, cap)
-        logp_c, tail_lse = rows_forward(logits, self.labels[tail0:t1], impl=self.impl)
+        logp_c, tail_lse, *lsq_c = self._rows(logits, tail0, t1)
         token_logps[tail0 - t0 :] = logp_c
+        if lsq is not None:
+            lsq[tail0 - t0 :] = lsq_c[0]
         w_tok = self._weights(t0, t1)
         seq_c = sum_per_sequence(weighted(token_logps, w_tok), local_ids, 2)
         self.seq_logps[2 * p : 2 * p + 2] = seq_c
-        d_seq = self._pair_grad(seq_c, p, p + 1)
+        aligned = self._aligned(token_logps, lsq, t0, t1, local_ids, 2)
+        d_seq = self._pair_grad(seq_c, p, p + 1, aligned)
         if d_seq is None:
             return
         grad_token = weighted(d_seq[local_ids], w_tok)  # (L,)
@@ -686,6 +811,7 @@ class LinearPairLoss(torch.autograd.Function):
         need_w,
         check_ids,
         token_weights=None,
+        with_aligned=False,
     ):
         rows = max(max_chunk_tokens if item.split else item.t1 - item.t0 for item in plan)
         run = _PairPass(
@@ -702,6 +828,7 @@ class LinearPairLoss(torch.autograd.Function):
             need_w=need_w,
             check_ids=check_ids,
             token_weights=token_weights,
+            with_aligned=with_aligned,
         )
         for item in plan:
             if item.split:
@@ -711,12 +838,12 @@ class LinearPairLoss(torch.autograd.Function):
         # Kept in their compute / accumulation dtypes: the backward casts while it scales.
         ctx.grad_h, ctx.grad_w = run.grad_h, run.grad_w
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.mark_non_differentiable(run.seq_logps)
-        return run.loss.float(), run.seq_logps
+        ctx.mark_non_differentiable(run.seq_logps, run.aligned)
+        return run.loss.float(), run.seq_logps, run.aligned
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_seq_logps):
-        del grad_seq_logps  # seq_logps are returned detached
+    def backward(ctx, grad_loss, grad_seq_logps, grad_aligned):
+        del grad_seq_logps, grad_aligned  # returned detached
         grad_h, grad_w = ctx.grad_h, ctx.grad_w
         ctx.grad_h = ctx.grad_w = None  # free them as soon as autograd takes them
         if (
@@ -731,7 +858,7 @@ class LinearPairLoss(torch.autograd.Function):
         return (
             _scaled(grad_h, grad_loss, h_dtype),
             _scaled(grad_w, grad_loss, w_dtype),
-            *(None,) * 12,
+            *(None,) * 13,
         )
 
 
@@ -750,7 +877,8 @@ def linear_pair_loss(
     pair_tokens: Sequence[int] | None = None,
     max_chunk_tokens: int | None = None,
     token_weights: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_aligned: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Pair-separable loss over packed preference pairs, gradients formed chunk by chunk.
 
     Sequence 2p is the chosen and 2p+1 the rejected completion of pair p, back to back in
@@ -774,6 +902,13 @@ def linear_pair_loss(
 
     ``token_weights`` (N,) fp32: per-token weights of the sums and of the token gradients,
     as in :func:`sequence_logprobs` (LD-DPO); ``seq_logps`` are then the weighted sums.
+
+    ``with_aligned`` (WPO, ``loss.use_weighting``): the forward also forms, in the same pass
+    over each chunk's logits, every sequence's sum over its scored tokens of ``token_logp -
+    log sum_v p_v^2`` (not weighted by token_weights), and ``pair_loss`` is called with them
+    as two more keyword arguments, detached: ``pair_loss(chosen, rejected, pairs,
+    chosen_aligned=(k,), rejected_aligned=(k,))``. The call then returns ``(loss, seq_logps,
+    aligned (S,))``. Off, ``pair_loss`` is called with three arguments, as always.
 
     Unlike the other ops this one stays an ``autograd.Function`` behind
     ``torch.compiler.disable`` (``torch.compile`` graph-breaks around it): it takes a
@@ -813,7 +948,7 @@ def linear_pair_loss(
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and hidden.requires_grad
     need_w = grad_on and weight.requires_grad
-    return LinearPairLoss.apply(
+    outs = LinearPairLoss.apply(
         hidden,
         weight,
         labels,
@@ -828,7 +963,9 @@ def linear_pair_loss(
         need_w,
         check_ids,
         token_weights,
+        with_aligned,
     )
+    return outs if with_aligned else outs[:2]
 
 
 __all__ = [

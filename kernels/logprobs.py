@@ -6,7 +6,9 @@ log-prob ``x[label] - lse`` and the row's ``lse``; and the backward
 ``grad = g * (onehot(label) - softmax(x))`` rebuilt from the saved ``lse``. Neither
 direction ever holds an fp32 copy of the whole logits tensor: the Triton kernels read
 the rows block by block, the PyTorch reference upcasts a bounded block of rows at a
-time. ``linear_logprobs`` reuses the same row ops on its chunks of logits.
+time. ``linear_logprobs`` reuses the same row ops on its chunks of logits. For WPO
+(``loss.use_weighting``) the forward can also give each row's ``log sum_v p_v^2``, from a
+second running sum of ``exp(2 (x - m))`` in the same pass (``rows_forward(with_lsq=True)``).
 
 ``logprobs_from_logits`` is registered as ``torch.library`` custom ops
 (``sdpo::logprobs_fwd``, ``sdpo::logprobs_bwd`` and its in-place twin), with fake
@@ -81,17 +83,22 @@ def _row_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def rows_forward(
-    logits: torch.Tensor, labels: torch.Tensor, *, impl: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+    logits: torch.Tensor, labels: torch.Tensor, *, impl: str, with_lsq: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Per-row ``(token_logp, lse)`` in fp32 for logits (N, V); token_logp is 0 where label == -100.
 
+    ``with_lsq`` (WPO, ``loss.use_weighting``): a third output ``lsq`` (N,) fp32, the log of
+    the sum of the squared probabilities ``log sum_v softmax(x)_v^2`` of every row (masked or
+    not), accumulated in the same pass as the logsumexp; off, the pass is the one without it.
     ``impl`` must already be resolved ("triton" or "torch").
     """
     n, vocab = logits.shape
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lsq = torch.empty(n, dtype=torch.float32, device=logits.device) if with_lsq else None
+    outs = (logp, lse, lsq) if with_lsq else (logp, lse)
     if n == 0:
-        return logp, lse
+        return outs
     if impl == "triton":
         logits = _row_contiguous(logits)
         rows_mod = _triton_rows()
@@ -102,12 +109,14 @@ def rows_forward(
             labels,
             logp,
             lse,
+            lsq if with_lsq else lse,  # not written when off
             vocab,
             BLOCK_V=_block_v(vocab, logits.device),
             IGNORE=IGNORE_INDEX,
+            WITH_LSQ=with_lsq,
             num_warps=NUM_WARPS,
         )
-        return logp, lse
+        return outs
     rows = max(1, TORCH_BLOCK_ELEMENTS // max(vocab, 1))
     for start in range(0, n, rows):
         block = logits[start : start + rows].float()  # (rows, V) fp32, bounded
@@ -117,7 +126,9 @@ def rows_forward(
         picked = block.gather(1, block_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
         lse[start : start + rows] = block_lse
         logp[start : start + rows] = torch.where(valid, picked - block_lse, 0.0)
-    return logp, lse
+        if with_lsq:  # log sum exp(2x) - 2 lse
+            lsq[start : start + rows] = torch.logsumexp(2.0 * block, dim=-1) - 2.0 * block_lse
+    return outs
 
 
 def rows_backward(
@@ -190,6 +201,18 @@ def weighted(token_values: torch.Tensor, token_weights: torch.Tensor | None) -> 
     length by ``ld_alpha``. A weight of 1 is exact in fp32, so all-ones weights give the
     unweighted sums bit for bit."""
     return token_values if token_weights is None else token_values * token_weights
+
+
+def aligned_logps(
+    token_logps: torch.Tensor, lsq: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """(N,) fp32 ``token_logp - lsq`` of the scored tokens, 0 where the label is -100.
+
+    WPO's per-token term (``loss.use_weighting``, sdpo/losses.py): the label's log-prob
+    against the log of the sum of squared probabilities of its row. Summed per sequence (with
+    :func:`sum_per_sequence`, never with LD-DPO's token weights) and divided by the
+    completion's length it is the log of the sequence's weight."""
+    return torch.where(labels != IGNORE_INDEX, token_logps - lsq, 0.0)
 
 
 def check_token_weights(

@@ -18,24 +18,34 @@ def logprobs_fwd_kernel(
     labels_ptr,
     logp_ptr,
     lse_ptr,
+    lsq_ptr,
     V,
     BLOCK_V: tl.constexpr,
     IGNORE: tl.constexpr,
+    WITH_LSQ: tl.constexpr,
 ):
     # One program per row: streaming (online) logsumexp over vocabulary blocks.
+    # WITH_LSQ (WPO): also log sum_v p_v^2 = log(s2) - 2 log(s), s2 the running sum of
+    # exp(2 (x - m)), rescaled by exp(2 (m_old - m_new)) like s. Off, it is compiled out.
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     offs = tl.arange(0, BLOCK_V)
     # A finite start keeps exp(m - m_new) defined when a whole block is -inf.
     m = tl.full((), -1.0e30, tl.float32)
     s = tl.zeros((), tl.float32)
+    if WITH_LSQ:
+        s2 = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         x = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        if WITH_LSQ:
+            s2 = s2 * tl.exp(2.0 * (m - m_new)) + tl.sum(tl.exp(2.0 * (x - m_new)), axis=0)
         m = m_new
     lse = m + tl.log(s)
+    if WITH_LSQ:
+        tl.store(lsq_ptr + row, tl.log(s2) - 2.0 * tl.log(s))
     label = tl.load(labels_ptr + row)
     valid = label != IGNORE
     safe_label = tl.where(valid, label, 0)

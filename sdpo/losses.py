@@ -75,6 +75,21 @@ step are 0). The token counts given here stay the raw completion lengths: IPO an
 average the LD sums over them (TRL's IPO drops its averaging when ld_alpha is set), and RPO's NLL
 is ``-pi_c / chosen_tokens`` with the LD sum ``pi_c`` (TRL's NLL is the raw chosen cross-entropy).
 
+WPO (``use_weighting``, TRL's option of that name; Zhou et al. 2024, Eq. 2): each pair's loss
+is multiplied by ``w_c * w_r``, where a completion's weight ``w = exp(aligned / max(tokens, 1))``
+is the exponentiated mean over its completion tokens of ``logp_t - log sum_v p_v^2``, the
+policy's log-prob of the label against the log of the sum of its squared next-token
+probabilities at that position. ``aligned`` is that per-completion sum, formed by the log-prob
+head in the policy's training forward (``sequence_logprobs(return_aligned=True)``,
+``linear_pair_loss(with_aligned=True)``) and given to :func:`dpo_loss` as ``chosen_aligned`` /
+``rejected_aligned``; the weights are constants of the loss (no gradient flows through them), so
+each pair's gradient is its unweighted gradient times its weight. As in TRL: the mean runs over
+the raw per-token log-probs (not LD-DPO's weighted sums) and the raw completion length clamped
+to at least 1; the weight multiplies every loss type's term, so the weighted sum of several
+types is weighted as a whole. TRL's chosen-NLL term is its ``sft`` loss type, which is
+weighted like every type; here the RPO term (``rpo_alpha``, this module's form of it) is part
+of the pair's loss and weighted too. The rewards, and the reference values, are unchanged.
+
 All arithmetic runs in float32 at least (bf16/fp16 inputs are upcast; float64 stays float64, so
 gradients can be checked with ``torch.autograd.gradcheck``).
 """
@@ -138,6 +153,9 @@ class LossConfig:
     plain DPO. It is applied where log-probs are summed, not here: the trainer
     (``DPOTrainer(ld_alpha=...)``) and the scoring pass (``score_pairs(ld_alpha=...)``) weigh
     each completion's tokens past its pair's shorter length by it (module docstring).
+    ``use_weighting``: WPO's weighting (TRL's option of that name): each pair's loss times
+    the product of its two completions' length-normalised probabilities under the policy,
+    sharpened by the policy's own next-token distributions (module docstring).
     """
 
     loss_type: str | list[str] = "sigmoid"
@@ -150,6 +168,7 @@ class LossConfig:
     f_divergence_type: str = "reverse_kl"
     f_alpha_divergence_coef: float = 0.5
     ld_alpha: float | None = None
+    use_weighting: bool = False
 
     def __post_init__(self) -> None:
         types = self.loss_types
@@ -235,6 +254,9 @@ class LossConfig:
                 "weighs the tokens past the shorter completion's length (LD-DPO; 1 is plain DPO)"
             )
 
+        if not isinstance(self.use_weighting, bool):
+            raise ValueError(f"use_weighting must be true or false, got {self.use_weighting!r}")
+
     @property
     def loss_types(self) -> tuple[str, ...]:
         """The loss types, in order (one for a plain string)."""
@@ -249,9 +271,13 @@ class LossConfig:
 
     @property
     def needs_token_counts(self) -> bool:
-        """IPO and sigmoid_norm average log-probs over completion tokens and RPO's NLL is a
-        per-token mean."""
-        return bool({"ipo", "sigmoid_norm"} & set(self.loss_types)) or self.rpo_alpha is not None
+        """IPO and sigmoid_norm average log-probs over completion tokens, RPO's NLL and WPO's
+        weights are per-token means."""
+        return (
+            bool({"ipo", "sigmoid_norm"} & set(self.loss_types))
+            or self.rpo_alpha is not None
+            or self.use_weighting
+        )
 
 
 def _is_real(x: object) -> bool:
@@ -264,6 +290,7 @@ class DPOLossOutput:
     chosen_rewards: Tensor  # (P,) beta * (policy - reference) of the chosen completion, detached
     rejected_rewards: Tensor  # (P,) same for the rejected completion, detached
     nll: Tensor | None = None  # (P,) mean token NLL of the chosen completion when rpo_alpha is set
+    pair_weights: Tensor | None = None  # (P,) WPO's w_c * w_r (detached) when use_weighting is set
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -279,6 +306,8 @@ def _pair_terms(
     config: LossConfig,
     chosen_tokens: Tensor | None,
     rejected_tokens: Tensor | None,
+    chosen_aligned: Tensor | None = None,
+    rejected_aligned: Tensor | None = None,
 ) -> DPOLossOutput:
     """Per-pair losses and rewards; inputs already checked to be (k,) tensors."""
     dtype = _compute_dtype(policy_chosen)
@@ -304,9 +333,25 @@ def _pair_terms(
     if config.rpo_alpha is not None:
         nll = -pc / tokens[0]
         losses = losses + config.rpo_alpha * nll
+    pair_weights = None
+    if config.use_weighting:
+        pair_weights = _wpo_weights(chosen_aligned, tokens[0]) * _wpo_weights(
+            rejected_aligned, tokens[1]
+        )
+        losses = losses * pair_weights
     return DPOLossOutput(
-        losses=losses, chosen_rewards=rewards[0], rejected_rewards=rewards[1], nll=nll
+        losses=losses,
+        chosen_rewards=rewards[0],
+        rejected_rewards=rewards[1],
+        nll=nll,
+        pair_weights=pair_weights,
     )
+
+
+def _wpo_weights(aligned: Tensor, tokens: Tensor) -> Tensor:
+    """WPO's completion weights ``exp(aligned / max(tokens, 1))`` (k,), detached."""
+    aligned = aligned.detach().to(tokens.dtype)
+    return torch.exp(aligned / tokens.clamp(min=1.0))
 
 
 def _type_terms(
@@ -407,6 +452,8 @@ def _check_inputs(
     config: LossConfig,
     chosen_tokens: Tensor | None,
     rejected_tokens: Tensor | None,
+    chosen_aligned: Tensor | None = None,
+    rejected_aligned: Tensor | None = None,
 ) -> None:
     if policy_chosen.dim() != 1 or policy_chosen.shape != policy_rejected.shape:
         raise ValueError(
@@ -418,16 +465,27 @@ def _check_inputs(
     named = {"ref_chosen": ref_chosen, "ref_rejected": ref_rejected}
     if config.needs_token_counts:
         named |= {"chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens}
+    if config.use_weighting:
+        named |= {"chosen_aligned": chosen_aligned, "rejected_aligned": rejected_aligned}
     for name, t in named.items():
         if t is None:
             if name.startswith("ref_") and config.reference_free:
                 continue
-            why = (
-                "the loss compares against the reference model (set reference_free to drop it)"
-                if name.startswith("ref_")
-                else f"loss_type {config.loss_type!r} / rpo_alpha {config.rpo_alpha!r} "
-                "need per-pair completion token counts"
-            )
+            if name.startswith("ref_"):
+                why = (
+                    "the loss compares against the reference model (set reference_free to drop it)"
+                )
+            elif name.endswith("_aligned"):
+                why = (
+                    "use_weighting (WPO) needs each completion's sum of token_logp - log sum "
+                    "p^2 from the policy's forward (sequence_logprobs(return_aligned=True) or "
+                    "linear_pair_loss(with_aligned=True))"
+                )
+            else:
+                why = (
+                    f"loss_type {config.loss_type!r} / rpo_alpha {config.rpo_alpha!r} / "
+                    f"use_weighting {config.use_weighting!r} need per-pair completion token counts"
+                )
             raise ValueError(f"{name} is missing: {why}")
         if tuple(t.shape) != shape:
             raise ValueError(
@@ -445,32 +503,27 @@ def dpo_loss(
     config: LossConfig,
     chosen_tokens: Tensor | None = None,
     rejected_tokens: Tensor | None = None,
+    chosen_aligned: Tensor | None = None,
+    rejected_aligned: Tensor | None = None,
 ) -> DPOLossOutput:
     """Per-pair DPO-family losses from summed completion log-probs.
 
     policy_chosen, policy_rejected: (P,) summed log pi_theta(y|x), differentiable.
     ref_chosen, ref_rejected: (P,) summed log pi_ref(y|x) (may be None with reference_free).
-    chosen_tokens, rejected_tokens: (P,) completion token counts; needed by IPO and RPO.
-    The training loss of a batch is usually ``out.losses.mean()``.
+    chosen_tokens, rejected_tokens: (P,) completion token counts; needed by IPO, RPO and WPO.
+    chosen_aligned, rejected_aligned: (P,) WPO's per-completion sums of ``token_logp - log
+    sum_v p_v^2`` under the policy (needed with ``use_weighting``, ignored without; treated as
+    constants). The training loss of a batch is usually ``out.losses.mean()``.
     """
-    _check_inputs(
-        policy_chosen,
-        policy_rejected,
-        ref_chosen,
-        ref_rejected,
-        config=config,
-        chosen_tokens=chosen_tokens,
-        rejected_tokens=rejected_tokens,
-    )
-    return _pair_terms(
-        policy_chosen,
-        policy_rejected,
-        ref_chosen,
-        ref_rejected,
-        config=config,
-        chosen_tokens=chosen_tokens,
-        rejected_tokens=rejected_tokens,
-    )
+    inputs = {
+        "config": config,
+        "chosen_tokens": chosen_tokens,
+        "rejected_tokens": rejected_tokens,
+        "chosen_aligned": chosen_aligned,
+        "rejected_aligned": rejected_aligned,
+    }
+    _check_inputs(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **inputs)
+    return _pair_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **inputs)
 
 
 def make_pair_loss(
@@ -486,7 +539,9 @@ def make_pair_loss(
 
     Returns ``pair_loss(chosen_logps (k,), rejected_logps (k,), pairs: slice) -> scalar`` equal to
     ``dpo_loss(...).losses[pairs].sum() / normalizer``, with the reference values and token
-    counts (all (P,) for the whole batch) sliced to match. Summed over slices that cover the
+    counts (all (P,) for the whole batch) sliced to match. With ``config.use_weighting`` it
+    takes the chunk's WPO sums as the keywords ``chosen_aligned`` / ``rejected_aligned`` (k,),
+    which ``linear_pair_loss(with_aligned=True)`` passes. Summed over slices that cover the
     batch it gives ``losses.sum() / normalizer``: pass the number of pairs of the optimizer step
     as ``normalizer`` to get the mean over a gradient-accumulated step.
     ``sdpo.kernels.linear_pair_loss(..., pair_loss=make_pair_loss(...))`` consumes it.
@@ -505,7 +560,14 @@ def make_pair_loss(
     }
     num_pairs = max(lengths.values(), default=None)
 
-    def pair_loss(chosen_logps: Tensor, rejected_logps: Tensor, pairs: slice) -> Tensor:
+    def pair_loss(
+        chosen_logps: Tensor,
+        rejected_logps: Tensor,
+        pairs: slice,
+        *,
+        chosen_aligned: Tensor | None = None,
+        rejected_aligned: Tensor | None = None,
+    ) -> Tensor:
         if pairs.step not in (None, 1):
             raise ValueError(f"pair slices must be contiguous, got step {pairs.step}")
         if num_pairs is not None:
@@ -527,6 +589,8 @@ def make_pair_loss(
             config=config,
             chosen_tokens=cut(chosen_tokens),
             rejected_tokens=cut(rejected_tokens),
+            chosen_aligned=chosen_aligned,
+            rejected_aligned=rejected_aligned,
         )
         return out.losses.sum() / normalizer
 

@@ -1190,7 +1190,9 @@ class StepwiseRunner:
             scores.rejected_logps,
             ref.chosen_logps[rows],
             ref.rejected_logps[rows],
-            config=dataclasses.replace(self.cfg.loss, beta=beta),
+            # WPO's weights need the policy's training forward (log sum p^2 per token), which
+            # the scoring pass does not form: eval/loss is the unweighted loss
+            config=dataclasses.replace(self.cfg.loss, beta=beta, use_weighting=False),
             chosen_tokens=scores.chosen_tokens,
             rejected_tokens=scores.rejected_tokens,
         )
