@@ -11,9 +11,10 @@ the shared memory the kernel asks for against the target's limit, and whether it
     python benchmarks/kernel_resources.py --targets sm_90 --json out.json
     python benchmarks/kernel_resources.py --smoke               # the subset tests compile
 
-Variants (``variants()``): the row kernels of ``kernels/logprobs.py`` (forward, and backward
-written in place over the logits, as every caller passes it) for logits in bf16, fp16 and fp32
-at V = 32,000, 50,257 (a vocabulary tail) and 128,256; the fused head of
+Variants (``variants()``): the row kernels of ``kernels/logprobs.py`` (forward, with and
+without WPO's ``WITH_LSQ``, and backward written in place over the logits, as every caller
+passes it) for logits in bf16, fp16 and fp32 at V = 32,000, 50,257 (a vocabulary tail) and
+128,256; the fused head of
 ``kernels/fused_head.py`` for every config of its autotuner, ``EVEN_K`` true (H = 4,096) and
 false (H = 4,048), hidden/weight in bf16, fp16 and fp32 (fp32 twice: the ``DOT_PRECISION``
 the launcher picks under torch's default float32 matmul precision, "ieee", and under "high",
@@ -201,11 +202,15 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _record_rows(direction: str, dtype: torch.dtype, vocab: int) -> Launch:
+    """``direction``: "fwd", "fwd+lsq" (the forward with WPO's log sum p^2) or "bwd"."""
     logprobs, _, _ = _kernel_modules()
     logits = _meta(ROW_TOKENS, vocab, dtype=dtype)
     labels = _meta(ROW_TOKENS, dtype=torch.int64)
-    if direction == "fwd":
-        return _one_launch(lambda: logprobs.rows_forward(logits, labels, impl="triton"))
+    if direction.startswith("fwd"):
+        with_lsq = direction == "fwd+lsq"
+        return _one_launch(
+            lambda: logprobs.rows_forward(logits, labels, impl="triton", with_lsq=with_lsq)
+        )
     lse = _meta(ROW_TOKENS, dtype=torch.float32)
     grad_token = _meta(ROW_TOKENS, dtype=torch.float32)
     # Every caller forms the gradient in place over the logits (or in a tensor like them).
@@ -262,6 +267,7 @@ def variants(smoke: bool = False) -> tuple[Variant, ...]:
     row_vocabs = (50_257,) if smoke else ROW_VOCABS
     for direction, fn in (
         ("fwd", triton_rows.logprobs_fwd_kernel),
+        ("fwd+lsq", triton_rows.logprobs_fwd_kernel),
         ("bwd", triton_rows.logprobs_bwd_kernel),
     ):
         for dtype in row_dtypes:
@@ -271,6 +277,8 @@ def variants(smoke: bool = False) -> tuple[Variant, ...]:
                 name = (
                     f"{DTYPE_NAMES[dtype]} V={vocab:,} BLOCK_V={kw['BLOCK_V']} w{kw['num_warps']}"
                 )
+                if kw.get("WITH_LSQ"):
+                    name += " WITH_LSQ"
                 out.append(Variant(fn.__name__, name, record))
 
     def configs_of(dtype: torch.dtype) -> list[triton.Config]:  # the launcher's list for dtype
