@@ -401,3 +401,44 @@ def test_trl_formula_on_the_same_tokens_gives_the_same_weights():
     weights = torch.exp(((per_token - lsq_pad) * mask).sum(dim=1) / lengths)
     chosen_w, rejected_w = weights.chunk(2, dim=0)
     torch.testing.assert_close(ours, chosen_w * rejected_w, rtol=1e-5, atol=0)
+
+
+# -- a run -------------------------------------------------------------------------------
+
+
+def test_a_weighted_run_evaluates_with_the_unweighted_loss(tiny_model_dir, tmp_path, one_thread):
+    """eval/loss comes from the scoring pass, which forms no log sum p^2: it is the unweighted
+    DPO loss of the step's model against the initial model on the held-out pairs."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from sdpo.config import config_from_dict
+    from sdpo.runner import run_training
+    from tests.conftest import two_source_config
+
+    held = write_pairs(tmp_path / "held.jsonl", n=6, seed=13)
+    d = two_source_config(tmp_path, tiny_model_dir, loss={"use_weighting": True, "beta": BETA})
+    d["data"]["eval_sources"] = [{"name": "held", "path": str(held)}]
+    cfg = config_from_dict(d)
+    run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = next(m["eval/loss"] for m in metrics if "eval/loss" in m and m["sdpo_step"] == 1)
+    assert any(m.get("loss") for m in metrics)  # the weighted training ran
+
+    tok = PairTokenizer.from_dir(tiny_model_dir)
+    rows = read_preference_file(str(held), source="held")
+    pairs, _ = tokenize_pairs(rows, tok, max_length=32, max_prompt_length=16)
+    scores = score_pairs(load_pretrained(out / "step-1"), pairs, max_tokens_per_batch=4096)
+    initial = load_file(str(out / "cache" / "eval-initial.safetensors"))
+    order = initial["pair_indices"].argsort()
+    unweighted = dpo_loss(
+        scores.chosen_logps,
+        scores.rejected_logps,
+        initial["chosen_logps"][order],
+        initial["rejected_logps"][order],
+        config=LossConfig(beta=BETA),
+    )
+    assert logged == pytest.approx(float(unweighted.losses.mean()), abs=1e-5)
