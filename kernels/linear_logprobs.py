@@ -248,41 +248,21 @@ def _sequence_logprobs_aligned_fwd(
     return _sequence_forward(*args, with_aligned=True)
 
 
+def _forward_fake(hidden: torch.Tensor, num_seqs: int, *, with_aligned: bool) -> tuple:
+    """The forward ops' output shapes: (S,) sums, (N,) lse and, with WPO, the (S,) sums."""
+    sums = hidden.new_empty(num_seqs, dtype=torch.float32)
+    lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+    return (sums, lse, sums.clone()) if with_aligned else (sums, lse)
+
+
 @_sequence_logprobs_fwd.register_fake
-def _sequence_logprobs_fwd_fake(
-    hidden,
-    weight,
-    labels,
-    seq_ids,
-    num_seqs,
-    impl,
-    chunk_tokens,
-    grad_weight_dtype,
-    token_weights=None,
-):
-    return (
-        hidden.new_empty(num_seqs, dtype=torch.float32),
-        hidden.new_empty(hidden.shape[0], dtype=torch.float32),
-    )
+def _sequence_logprobs_fwd_fake(hidden, weight, labels, seq_ids, num_seqs, *rest, **kw):
+    return _forward_fake(hidden, num_seqs, with_aligned=False)
 
 
 @_sequence_logprobs_aligned_fwd.register_fake
-def _sequence_logprobs_aligned_fwd_fake(
-    hidden,
-    weight,
-    labels,
-    seq_ids,
-    num_seqs,
-    impl,
-    chunk_tokens,
-    grad_weight_dtype,
-    token_weights=None,
-):
-    return (
-        hidden.new_empty(num_seqs, dtype=torch.float32),
-        hidden.new_empty(hidden.shape[0], dtype=torch.float32),
-        hidden.new_empty(num_seqs, dtype=torch.float32),
-    )
+def _sequence_logprobs_aligned_fwd_fake(hidden, weight, labels, seq_ids, num_seqs, *rest, **kw):
+    return _forward_fake(hidden, num_seqs, with_aligned=True)
 
 
 @torch.library.custom_op("sdpo::sequence_logprobs_bwd", mutates_args=())

@@ -242,6 +242,10 @@ def test_opcheck_sequence_logprobs_ops():
     for dtype in (torch.float32, torch.float64):
         args = (h, w, labels, seq_ids, S, "torch", 48, dtype)
         torch.library.opcheck(torch.ops.sdpo.sequence_logprobs_fwd, args, test_utils=OPCHECK_UTILS)
+        # WPO's twin (a third, non-differentiable output; the same backward)
+        torch.library.opcheck(
+            torch.ops.sdpo.sequence_logprobs_aligned_fwd, args, test_utils=OPCHECK_UTILS
+        )
     with torch.no_grad():
         _, lse = torch.ops.sdpo.sequence_logprobs_fwd(*args)
     grad_seq = b["seq_weights"].float()

@@ -117,6 +117,22 @@ def _loss_kwargs(ref):
     )
 
 
+def _weighted_loss(seq, aligned, ref):
+    """dpo_loss (``_config()``, WPO on) of packed sums ``seq`` (chosen, rejected, ...) with
+    WPO's sums ``aligned`` against the reference values ``ref``."""
+    kw = _loss_kwargs(ref)
+    return dpo_loss(
+        seq[0::2],
+        seq[1::2],
+        kw.pop("ref_chosen"),
+        kw.pop("ref_rejected"),
+        config=_config(),
+        **kw,
+        chosen_aligned=aligned[0::2],
+        rejected_aligned=aligned[1::2],
+    )
+
+
 def _grads(fn, h, w):
     h = h.detach().clone().requires_grad_(True)
     w = w.detach().clone().requires_grad_(True)
@@ -205,19 +221,7 @@ def test_plain_op_weighted_loss_and_gradients_match_float64_truth(impl):
             h, w, labels, seq_ids, len(SEQS), impl=impl, chunk_tokens=17, return_aligned=True
         )
         assert not aligned.requires_grad
-        kw = _loss_kwargs(ref)
-        out = dpo_loss(
-            seq[0::2],
-            seq[1::2],
-            kw["ref_chosen"],
-            kw["ref_rejected"],
-            config=_config(),
-            chosen_tokens=kw["chosen_tokens"],
-            rejected_tokens=kw["rejected_tokens"],
-            chosen_aligned=aligned[0::2],
-            rejected_aligned=aligned[1::2],
-        )
-        return out.losses.sum(), seq
+        return _weighted_loss(seq, aligned, ref).losses.sum(), seq
 
     loss, gh, gw, (seq,) = _grads(plain, h64.float(), w64.float())
     t_loss, t_gh, t_gw, _ = _grads(lambda h, w: _truth(h, w, labels, seq_ids, ref)[:1], h64, w64)
@@ -369,18 +373,7 @@ def test_trl_formula_on_the_same_tokens_gives_the_same_weights():
         chunk_tokens=40,
         with_aligned=True,
     )
-    kw = _loss_kwargs(ref)
-    ours = dpo_loss(
-        torch.zeros(len(SEQS) // 2),
-        torch.zeros(len(SEQS) // 2),
-        kw["ref_chosen"],
-        kw["ref_rejected"],
-        config=_config(),
-        chosen_tokens=kw["chosen_tokens"],
-        rejected_tokens=kw["rejected_tokens"],
-        chosen_aligned=aligned[0::2],
-        rejected_aligned=aligned[1::2],
-    ).pair_weights
+    ours = _weighted_loss(torch.zeros(len(SEQS)), aligned, ref).pair_weights
     # TRL: its kernel's per-token log-probs and log_sum_sq_probs, padded [chosen..., rejected...]
     logps, _, lsq, _, _ = chunked.ChunkedLogProbFunction.apply(
         h, w, None, labels.clamp(min=0), 1.0, 64, None, 1.0, ("log_sum_sq_probs",)
