@@ -1549,6 +1549,7 @@ def step_section(args: argparse.Namespace) -> dict:
         "compile_mode": args.compile_mode,
         "loss_path": args.loss_path,
         "share_prompt": args.share_prompt,
+        "use_weighting": args.use_weighting,
         "gradient_checkpointing": args.gradient_checkpointing,
         "checkpoint_every": args.checkpoint_every,
         "activation_memory_budget": args.activation_memory_budget,
@@ -1635,7 +1636,7 @@ def step_section(args: argparse.Namespace) -> dict:
         overlap_grad_reduce=args.overlap_grad_reduce,
         log_every=10**9,
     )
-    loss_fn = partial(dpo_loss, config=LossConfig(beta=0.1))
+    loss_fn = partial(dpo_loss, config=LossConfig(beta=0.1, use_weighting=args.use_weighting))
 
     # -- scoring (the reference pass) ----------------------------------------------------
     reset_peak(device)
@@ -1991,6 +1992,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute each pair's prompt once (train.share_prompt) in training and scoring; "
         "tokens/s and MFU still count the prompt twice (the work of the unshared layout), so "
         "rows compare with unshared runs and TRL",
+    )
+    s.add_argument(
+        "--use-weighting",
+        action="store_true",
+        help="WPO (loss.use_weighting): the training forward also forms each completion's "
+        "sum of log p - log sum p^2 (a second running sum in the row kernel); its cost",
     )
     s.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute each layer in backward"

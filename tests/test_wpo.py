@@ -435,3 +435,26 @@ def test_a_weighted_run_evaluates_with_the_unweighted_loss(tiny_model_dir, tmp_p
         config=LossConfig(beta=BETA),
     )
     assert logged == pytest.approx(float(unweighted.losses.mean()), abs=1e-5)
+
+
+def test_step_benchmark_times_a_weighted_step(one_thread, tmp_path):
+    """``throughput.py step --use-weighting`` (its GPU cost is measured beside the plain step):
+    the same pairs, a different loss (WPO's weights), both finite."""
+    import json
+    import math
+
+    from tests.test_speed_paths import load_throughput
+
+    throughput = load_throughput()
+    losses = {}
+    for weighting in (False, True):
+        out = tmp_path / f"step-{weighting}.json"
+        flags = ["--use-weighting"] if weighting else []
+        common = ["--warmup-steps", "0", "--steps", "1", "--profile-steps", "0"]
+        throughput.main(["step", "--smoke", *common, *flags, "--json", str(out)])
+        payload = json.loads(out.read_text())
+        assert payload["use_weighting"] is weighting
+        train = next(r for r in payload["results"] if r["variant"] == "sdpo train step")
+        losses[weighting] = train["losses"]
+    assert all(math.isfinite(v) for v in losses[True] + losses[False])
+    assert losses[True] != losses[False]
