@@ -29,7 +29,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,8 +245,11 @@ class Reference:
     root: Path
 
 
-def _reference_run(root: Path, cfg: Path) -> Reference:
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Reference:
     """The uninterrupted two-rank run every case is compared with."""
+    root = tmp_path_factory.mktemp("dist_faults")
+    cfg = _setup(root)
     out = root / "reference"
     run = _launch(cfg, out)
     assert run.returncode == 0, run.explain()
@@ -264,27 +266,26 @@ KILL_CHAIN = [
 ]
 
 
-def _both_ranks_killed(root: Path, cfg: Path, reference: Future) -> None:
-    out = root / "killed"
+def test_both_ranks_killed_at_one_point_resume_under_torchrun_to_the_same_bits(reference):
+    out = reference.root / "killed"
     for i, (fault, dying) in enumerate(KILL_CHAIN):
-        run = _launch(cfg, out, fault=fault, resume=i > 0)
+        run = _launch(reference.cfg, out, fault=fault, resume=i > 0)
         assert run.returncode != 0, (fault, run.explain())
         assert run.root_cause in dying, (fault, run.explain())
         for r in dying:  # every rank that reaches the point dies there, whatever torchrun does
             assert run.failed.get(r) == KILLED, (fault, r, run.explain())
         assert set(run.failed) == set(range(WORLD)), (fault, run.explain())  # none lingers on
-        _assert_no_half_written_file(out, reference.result().out)
+        _assert_no_half_written_file(out, reference.out)
     # the last kill hit the write of step 5's checkpoint: it stands under a temporary name only
     assert not (out / "checkpoints" / "ckpt-00000005").exists()
     assert list((out / "checkpoints").glob(".ckpt-00000005.*"))
-    run = _launch(cfg, out, resume=True)
+    run = _launch(reference.cfg, out, resume=True)
     assert run.returncode == 0, run.explain()
     assert "removing .ckpt-" in run.output  # resume cleared the interrupted write
-    _assert_same_result(out, reference.result().out)
+    _assert_same_result(out, reference.out)
 
 
-def _sigterm_to_one_rank(reference: Future) -> None:
-    reference = reference.result()
+def test_sigterm_to_one_rank_stops_both_after_the_same_step_and_resumes(reference):
     out = reference.root / "stopped"
 
     def terminate_rank_1(workers: dict[int, int]) -> None:
@@ -311,8 +312,7 @@ def _sigterm_to_one_rank(reference: Future) -> None:
     _assert_same_result(out, reference.out)
 
 
-def _one_rank_killed_alone(reference: Future) -> None:
-    reference = reference.result()
+def test_one_rank_killed_alone_ends_the_run_and_resumes_to_the_same_bits(reference):
     out = reference.root / "one_dead"
 
     def kill_rank_1(workers: dict[int, int]) -> None:
@@ -333,32 +333,3 @@ def _one_rank_killed_alone(reference: Future) -> None:
     run = _launch(reference.cfg, out, resume=True)
     assert run.returncode == 0, run.explain()
     _assert_same_result(out, reference.out)
-
-
-@pytest.fixture(scope="module")
-def scenarios(tmp_path_factory):
-    """Every case's launches, in two streams side by side (a launch alone leaves about a quarter
-    of two cores idle: start-up, rendezvous, teardown): the reference run, then the two cases
-    that signal one rank; and the kill chain, which waits for the reference only to compare with
-    it. Each case runs its own assertions; its test reports them."""
-    root = tmp_path_factory.mktemp("dist_faults")
-    cfg = _setup(root)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        reference = pool.submit(_reference_run, root, cfg)
-        yield {
-            "killed": pool.submit(_both_ranks_killed, root, cfg, reference),
-            "stopped": pool.submit(_sigterm_to_one_rank, reference),
-            "one_dead": pool.submit(_one_rank_killed_alone, reference),
-        }
-
-
-def test_both_ranks_killed_at_one_point_resume_under_torchrun_to_the_same_bits(scenarios):
-    scenarios["killed"].result()
-
-
-def test_sigterm_to_one_rank_stops_both_after_the_same_step_and_resumes(scenarios):
-    scenarios["stopped"].result()
-
-
-def test_one_rank_killed_alone_ends_the_run_and_resumes_to_the_same_bits(scenarios):
-    scenarios["one_dead"].result()
