@@ -281,8 +281,11 @@ def variants(smoke: bool = False) -> tuple[Variant, ...]:
                     name += " WITH_LSQ"
                 out.append(Variant(fn.__name__, name, record))
 
-    def configs_of(dtype: torch.dtype) -> list[triton.Config]:  # the launcher's list for dtype
-        return list(_record_tuned_head(dtype, "highest", True).fn.configs)
+    # the launcher's config list per dtype, recorded once
+    head_configs = {
+        dtype: list(_record_tuned_head(dtype, "highest", True).fn.configs) for dtype in DTYPE_NAMES
+    }
+    configs_of = head_configs.__getitem__
 
     if smoke:
 

@@ -524,7 +524,6 @@ class DPOTrainer:
             hidden = hidden.to(weight.dtype)
 
         wpo = self.use_weighting
-        aligned: dict[str, Tensor] = {}  # WPO's sums of the whole micro-batch, for the metrics
         if self.config.loss_path == "fused":
 
             def pair_loss(chosen: Tensor, rejected: Tensor, sl: slice, **chunk_aligned) -> Tensor:
@@ -563,14 +562,15 @@ class DPOTrainer:
                 impl=self.kernels_impl,
                 chunk_tokens=self.chunk_tokens,
                 token_weights=head.token_weights,
-                **({"return_aligned": True} if wpo else {}),
+                return_aligned=wpo,
             )
             seq_logps, *seq_aligned = logps if wpo else (logps,)
-        if wpo:
-            aligned = {
-                "chosen_aligned": seq_aligned[0][0::2],
-                "rejected_aligned": seq_aligned[0][1::2],
-            }
+        # WPO's sums of the whole micro-batch (the plain path's loss and the metrics need them)
+        aligned = (
+            {"chosen_aligned": seq_aligned[0][0::2], "rejected_aligned": seq_aligned[0][1::2]}
+            if seq_aligned
+            else {}
+        )
         if self.config.loss_path != "fused":
             out = self.loss_fn(
                 seq_logps[0::2],
