@@ -33,6 +33,7 @@ ranks). A step's metric sums and stop flag follow in one small all-reduce.
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import pickle
 from collections.abc import Iterable, Sequence
@@ -120,6 +121,14 @@ def init_from_env(*, timeout_minutes: float = 30.0, backend: str | None = None) 
                 "visible: use --nproc_per_node <= the number of GPUs of the node"
             )
         torch.cuda.set_device(lr)
+    # torch.distributed.nn.functional takes ``group.WORLD`` as default arguments when it is
+    # imported, and torch._dynamo imports it lazily (the model's first init or compile does). Once
+    # the group is up, such an import would pin it for the life of the process:
+    # destroy_process_group could not free it, and gloo's worker threads would outlive the
+    # interpreter's finalization, where one dropping its last tensor aborts the process (see
+    # shutdown). Imported first, its defaults hold None.
+    importlib.import_module("torch.distributed.nn")
+
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return True
 
@@ -127,7 +136,14 @@ def init_from_env(*, timeout_minutes: float = 30.0, backend: str | None = None) 
 def shutdown(*, wait: bool = False) -> None:
     """Leave the process group. ``wait``: first a barrier, so that no rank tears its group down
     while a peer still finishes its last collectives (gloo aborts the process when that races);
-    only on a clean exit, where every rank reaches this point."""
+    only on a clean exit, where every rank reaches this point.
+
+    The group's backend is freed here only if nothing else still holds it (see init_from_env;
+    FSDP2's DTensor caches do hold it). A backend left alive keeps its worker threads into the
+    interpreter's finalization; one of them releasing a tensor's Python object then needs the
+    GIL of a dying interpreter and aborts the process ("terminate called without an active
+    exception") after all its work is done. ``sdpo.cli.entry`` therefore leaves a torchrun rank
+    without finalization."""
     if initialized():
         if wait:
             barrier()

@@ -1,5 +1,3 @@
-import sys
+from sdpo.cli import entry
 
-from sdpo.cli import main
-
-sys.exit(main())
+entry()

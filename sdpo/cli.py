@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
+import os
 import shlex
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 TRAIN_HELP = """\
 Run DPO or stepwise DPO (sDPO) from a TOML config. With [sdpo] steps = T the data is split into
@@ -196,6 +200,8 @@ def _in_process_group(command: Callable[[argparse.Namespace], int]):
         ):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # all that is left is the exit
         distributed.shutdown(wait=True)  # every rank returns the same code
+        global _left_process_group
+        _left_process_group = True
         return code
 
     return run
@@ -389,5 +395,33 @@ def main(argv: list[str] | None = None) -> int:
     return handler(args)
 
 
+# set once a rank has left its torchrun process group after a command (see entry)
+_left_process_group = False
+
+
+def entry() -> NoReturn:
+    """The ``sdpo`` program (also ``python -m sdpo`` and ``python -m sdpo.cli``): :func:`main`,
+    then the process's exit with its code.
+
+    A torchrun rank that has left its process group exits without the interpreter's
+    finalization. The communication backend can outlive ``destroy_process_group`` (FSDP2's
+    caches keep it), and its threads racing the interpreter's teardown can abort a rank whose
+    work is complete, so that torchrun reports a finished run as failed. Python's own exit steps
+    before finalization still run: non-daemon threads are joined, atexit handlers run, and the
+    standard streams are flushed. Then ``os._exit`` ends the process. Every file the run writes
+    is closed (and renamed into place) before its command returns."""
+    code = main()
+    if _left_process_group:
+        shutdown_threads = getattr(threading, "_shutdown", None)  # what exit does first
+        if shutdown_threads is not None:
+            shutdown_threads()
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing to keep
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -69,11 +69,12 @@ LD-DPO (``ld_alpha``, TRL's option of that name) changes the summed log-probs th
 before they reach this module: with ``public = min(chosen, rejected completion tokens)`` of a
 pair, a completion's log-prob is (sum of its first ``public`` token log-probs) + ``ld_alpha`` *
 (sum of the rest). The trainer and the scoring pass apply it per token in the fused head
-(``engine/packing.py``: ``length_desensitized_weights``), to the policy and the reference alike
-(TRL weights only the policy; here the reference cache holds LD sums, so the first rewards of a
-step are 0). The token counts given here stay the raw completion lengths: IPO and sigmoid_norm
-average the LD sums over them (TRL's IPO drops its averaging when ld_alpha is set), and RPO's NLL
-is ``-pi_c / chosen_tokens`` with the LD sum ``pi_c`` (TRL's NLL is the raw chosen cross-entropy).
+(``engine/packing.py``: ``length_desensitized_weights``), to the policy and the reference alike,
+as TRL 1.16 does (the reference cache holds LD sums, so the first rewards of a step are 0). The
+token counts given here stay the raw completion lengths: IPO and sigmoid_norm average the LD sums
+over them, as TRL does. RPO's NLL is ``-pi_c / chosen_tokens`` with the LD sum ``pi_c``; TRL's
+chosen NLL (its ``sft`` type) reads the raw token log-probs, so the two differ when a pair's
+chosen completion is the longer one.
 
 WPO (``use_weighting``, TRL's option of that name; Zhou et al. 2024, Eq. 2): each pair's loss
 is multiplied by ``w_c * w_r``, where a completion's weight ``w = exp(aligned / max(tokens, 1))``

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -504,3 +506,42 @@ def test_sdpo_score_on_two_ranks_writes_what_one_process_writes(tiny_model_dir, 
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a, b)
         assert a["chosen_tokens"] == b["chosen_tokens"]
     assert sorted(p.name for p in tmp_path.glob("two*")) == ["two.jsonl"]  # written once
+
+
+_LEAVE_GROUP = """
+import json, os, sys
+from pathlib import Path
+from sdpo.engine import distributed
+assert distributed.init_from_env(backend="gloo")
+import torch
+import torch._dynamo  # noqa: F401  (what a model's first init or compile imports, group up)
+torch.distributed.all_reduce(torch.ones(3))
+distributed.shutdown(wait=True)
+threads = [(Path("/proc/self/task") / t / "comm").read_text().strip()
+           for t in os.listdir("/proc/self/task")]
+Path(sys.argv[1], f"rank{os.environ['RANK']}.json").write_text(json.dumps(threads))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_leaving_the_group_ends_the_backend_threads(tmp_path):
+    # torch._dynamo imports torch.distributed.nn, whose default arguments would pin a group
+    # that is already up; its gloo threads would then live on into the interpreter's
+    # finalization, where a late tensor release aborts a rank whose work is done
+    script = tmp_path / "leave.py"
+    script.write_text(_LEAVE_GROUP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    run = subprocess.run(
+        [*command, f"--nproc_per_node={WORLD}", str(script), str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a safety net against a hang, not a timing assertion
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    for rank in range(WORLD):
+        threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert not [t for t in threads if "gloo" in t], (rank, threads)

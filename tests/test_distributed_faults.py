@@ -253,6 +253,8 @@ def reference(tmp_path_factory) -> Reference:
     out = root / "reference"
     run = _launch(cfg, out)
     assert run.returncode == 0, run.explain()
+    # the report's last line: rank 0's output is complete although it leaves without finalization
+    assert "gamma_ref on chunk 2: reference of step 1" in run.output, run.explain()
     names = [p.name for _, p in list_checkpoints(out / "checkpoints")]
     assert len(names) == 6 and len(_metrics(out)) == 6  # 2 sDPO steps x 3 optimizer steps
     return Reference(cfg=cfg, out=out, root=root)
