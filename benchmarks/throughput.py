@@ -835,8 +835,10 @@ def measure_sdpo_run(
 
     ``ratio_total_over_train`` counts the reference passes only (each chunk scored once, by the
     model it trains from). ``sdpo train`` scores more, and those passes are timed too, outside
-    that ratio: the initial model scores every pair (the partition needs all of them), so the
-    later chunks are scored by it as well (``initial_extra_s``); with ``sdpo.report_scoring``
+    that ratio: for an easy-to-hard partition or with report scoring the initial model scores
+    every pair, so the later chunks are scored by it as well (``initial_extra_s``; a random or
+    given partition without report scoring skips it, and pays ``ratio_total_over_train``); with
+    ``sdpo.report_scoring``
     (its default) each step scores its chunk again after training (``report_s``). The ratios
     ``ratio_runner_no_report`` and ``ratio_runner_default`` add them: what a 2-step run of
     ``sdpo train`` pays, apart from loading and checkpoints."""

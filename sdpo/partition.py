@@ -20,7 +20,7 @@ pairs in input order (plain DPO over all data).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -58,14 +58,28 @@ class _Pairs:
     indices: np.ndarray  # (P,) int64
     gamma: np.ndarray  # (P,) float64
     source_order: list[str]  # every present source exactly once, in the user's order
+    scored: np.ndarray | None = None  # (P,) bool: gamma is known (None: for every pair)
 
     def positions_of(self, source: str) -> list[int]:
         return [i for i, s in enumerate(self.sources) if s == source]
 
-    def reward_accuracy(self, positions: Sequence[int]) -> float:
+    def _known(self, positions: Sequence[int]) -> np.ndarray:
+        pos = np.asarray(list(positions), dtype=np.int64)
+        return pos if self.scored is None else pos[self.scored[pos]]
+
+    def reward_accuracy(self, positions: Sequence[int]) -> float | None:
+        """Share of pairs with gamma > 0 among ``positions``; NaN for none, None when the
+        initial model scored none of them."""
         if len(positions) == 0:
             return float("nan")
-        return float(np.mean(self.gamma[list(positions)] > 0))
+        known = self._known(positions)
+        return float(np.mean(self.gamma[known] > 0)) if len(known) else None
+
+    def mean_gamma(self, positions: Sequence[int]) -> float | None:
+        if len(positions) == 0:
+            return float("nan")
+        known = self._known(positions)
+        return float(np.mean(self.gamma[known])) if len(known) else None
 
 
 def _validate(
@@ -75,10 +89,14 @@ def _validate(
     gamma: ArrayLike,
     steps: int,
     source_order: Sequence[str] | None,
+    unscored: Collection[int] = (),
 ) -> _Pairs:
     sources = [str(s) for s in pairs_sources]
     indices = _as_numpy(pair_indices, np.int64)
     g = _as_numpy(gamma, np.float64)
+    scored = None
+    if len(unscored):
+        scored = ~np.isin(indices, np.fromiter(unscored, dtype=np.int64))
     if not (len(sources) == len(indices) == len(g)):
         raise ValueError(
             f"partition inputs must have one entry per pair: pairs_sources has {len(sources)}, "
@@ -91,7 +109,7 @@ def _validate(
     uniq, counts = np.unique(indices, return_counts=True)
     if len(uniq) != len(indices):
         raise ValueError(f"pair_indices must be unique; repeated: {uniq[counts > 1][:5].tolist()}")
-    bad = ~np.isfinite(g)
+    bad = ~np.isfinite(g) if scored is None else scored & ~np.isfinite(g)
     if bad.any():
         raise ValueError(
             f"gamma is not finite for pair indices {indices[bad][:5].tolist()}: the initial "
@@ -114,7 +132,7 @@ def _validate(
                 f"sources {empty} have no pairs; remove them from the data sources or check "
                 "their files"
             )
-    return _Pairs(sources=sources, indices=indices, gamma=g, source_order=order)
+    return _Pairs(sources=sources, indices=indices, gamma=g, source_order=order, scored=scored)
 
 
 def _split_near_equal(items: Sequence[int], steps: int) -> list[list[int]]:
@@ -285,13 +303,16 @@ def partition_pairs(
     *,
     pairs_sources: Sequence[str],
     pair_indices: ArrayLike,
-    gamma: ArrayLike,
+    gamma: ArrayLike | None,
     steps: int,
     source_order: Sequence[str] | None = None,
     seed: int = 0,
 ) -> list[list[int]]:
     """Chunks of pair indices (``TokenizedPair.index``), step 1 first, by ``strategy``
-    (one of :data:`STRATEGIES`)."""
+    (one of :data:`STRATEGIES`). ``gamma`` (the initial model's, one per pair) may be None for
+    the strategies that do not rank by it: random and given."""
+    if gamma is None and strategy in ("easy_to_hard", "easy_to_hard_pairs"):
+        raise ValueError(f"partition {strategy!r} ranks by the initial model's gamma: give it")
     common = dict(
         pairs_sources=pairs_sources,
         pair_indices=pair_indices,
@@ -319,8 +340,10 @@ class ChunkSummary:
     step: int  # 1-based sDPO step that trains on this chunk
     num_pairs: int
     sources: dict[str, int]  # source -> number of its pairs in this chunk
-    reward_accuracy: float  # initial model: share of the chunk's pairs with gamma > 0
-    mean_gamma: float  # initial model's mean gamma on the chunk
+    # the initial model's share of the chunk's pairs with gamma > 0 and its mean gamma there;
+    # None for a chunk it did not score (see describe_partition)
+    reward_accuracy: float | None
+    mean_gamma: float | None
 
 
 @dataclass(kw_only=True)
@@ -330,7 +353,8 @@ class PartitionReport:
     seed: int | None  # only meaningful for "random"
     # The difficulty that drives easy-to-hard orders: the initial model's reward accuracy per
     # source (share of pairs with gamma > 0), in the user's source order.
-    source_reward_accuracy: dict[str, float]
+    # Over the pairs the initial model scored; None for a source it scored none of.
+    source_reward_accuracy: dict[str, float | None]
     source_num_pairs: dict[str, int]
     chunks: list[ChunkSummary] = field(default_factory=list)
 
@@ -344,13 +368,15 @@ class PartitionReport:
         lines.append("  initial model reward accuracy per source (share of pairs with gamma > 0):")
         width = max((len(s) for s in self.source_reward_accuracy), default=0)
         for s, acc in self.source_reward_accuracy.items():
-            lines.append(f"    {s:<{width}}  {acc:6.3f}  ({self.source_num_pairs[s]} pairs)")
+            shown = "     -" if acc is None else f"{acc:6.3f}"
+            lines.append(f"    {s:<{width}}  {shown}  ({self.source_num_pairs[s]} pairs)")
         for c in self.chunks:
             comp = ", ".join(f"{s}: {k}" for s, k in c.sources.items())
-            lines.append(
-                f"  step {c.step}: {c.num_pairs} pairs, reward accuracy {c.reward_accuracy:.3f}, "
-                f"mean gamma {c.mean_gamma:.3f} [{comp}]"
-            )
+            if c.reward_accuracy is None or c.mean_gamma is None:
+                numbers = "not scored by the initial model"
+            else:
+                numbers = f"reward accuracy {c.reward_accuracy:.3f}, mean gamma {c.mean_gamma:.3f}"
+            lines.append(f"  step {c.step}: {c.num_pairs} pairs, {numbers} [{comp}]")
         return "\n".join(lines)
 
 
@@ -363,15 +389,19 @@ def describe_partition(
     gamma: ArrayLike,
     source_order: Sequence[str] | None = None,
     seed: int | None = None,
+    unscored: Collection[int] = (),
 ) -> PartitionReport:
     """Per-chunk source composition and the initial model's difficulty numbers for ``chunks``
-    (as returned by :func:`partition_pairs` with the same inputs)."""
+    (as returned by :func:`partition_pairs` with the same inputs). ``unscored``: indices of the
+    pairs the initial model did not score (their ``gamma`` entries are ignored); the numbers
+    then cover the scored pairs, and a chunk or source with none of them reports None."""
     p = _validate(
         pairs_sources=pairs_sources,
         pair_indices=pair_indices,
         gamma=gamma,
         steps=max(len(chunks), 1),
         source_order=source_order,
+        unscored=unscored,
     )
     where = {int(idx): pos for pos, idx in enumerate(p.indices)}
     summaries = []
@@ -393,7 +423,7 @@ def describe_partition(
                 num_pairs=len(pos),
                 sources=comp,
                 reward_accuracy=p.reward_accuracy(pos),
-                mean_gamma=float(np.mean(p.gamma[pos])) if pos else float("nan"),
+                mean_gamma=p.mean_gamma(pos),
             )
         )
     return PartitionReport(

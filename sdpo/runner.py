@@ -417,6 +417,12 @@ class StepwiseRunner:
         self.phase = "loading the model"  # what the run is doing, for an out-of-memory message
 
     # -- scoring and the cache -----------------------------------------------------------
+    @property
+    def scores_chunk_one_only(self) -> bool:
+        """The initial model scores chunk 1 alone: the partition does not rank by its values
+        (random, given) and the report asks for no scoring beyond the reference values."""
+        return self.cfg.sdpo.partition in ("random", "given") and not self.cfg.sdpo.report_scoring
+
     def score(self, model: torch.nn.Module, pairs: Sequence[TokenizedPair]) -> PairLogps:
         self.scoring_calls += 1
         budget = self.cfg.sdpo.score_tokens_per_batch or 4 * self.cfg.train.max_tokens_per_batch
@@ -903,7 +909,25 @@ class StepwiseRunner:
         model = self._load_policy(model_dir)
         t0 = time.perf_counter()
         initial_fp = self._fingerprint(model)
-        initial = self.cached_reference("initial", model, initial_fp, pairs)
+        partition_args: dict[str, Any] = {
+            "pairs_sources": [p.source for p in pairs],
+            "pair_indices": [p.index for p in pairs],
+            "source_order": [s.name for s in cfg.data.sources],
+            "seed": cfg.train.seed,
+        }
+        # The initial model's values of every pair serve the easy-to-hard partitions and the
+        # report (the partition's numbers, step 1's γ on chunk 2). A random or given partition
+        # without report scoring needs them for chunk 1 alone: its reference values.
+        chunks, unscored = None, []
+        if self.scores_chunk_one_only:
+            chunks = partition_pairs(
+                cfg.sdpo.partition, steps=cfg.sdpo.steps, gamma=None, **partition_args
+            )
+            unscored = [i for chunk in chunks[1:] for i in chunk]
+            scored = [by_index[i] for i in chunks[0]]
+        else:
+            scored = pairs
+        initial = self.cached_reference("initial", model, initial_fp, scored)
         initial_scoring_s = time.perf_counter() - t0
         if self.eval_pairs:  # the yardstick of every step's eval rewards: the initial model
             self.eval_initial = self.cached_reference(
@@ -911,17 +935,17 @@ class StepwiseRunner:
             )
         _log(
             f"initial model: reward accuracy {float((initial.gamma > 0).float().mean()):.3f}, "
-            f"mean γ {float(initial.gamma.mean()):.3f} over {len(pairs)} pairs"
+            f"mean γ {float(initial.gamma.mean()):.3f} over {len(scored)} pairs"
+            + (" (chunk 1: sdpo.report_scoring = false)" if unscored else "")
         )
-        partition_args = {
-            "pairs_sources": [p.source for p in pairs],
-            "pair_indices": [p.index for p in pairs],
-            "gamma": initial.gamma.tolist(),
-            "source_order": [s.name for s in cfg.data.sources],
-            "seed": cfg.train.seed,
-        }
-        chunks = partition_pairs(cfg.sdpo.partition, steps=cfg.sdpo.steps, **partition_args)
-        partition = describe_partition(cfg.sdpo.partition, chunks, **partition_args)
+        gamma = dict.fromkeys(partition_args["pair_indices"], float("nan"))
+        gamma.update(zip(initial.pair_indices.tolist(), initial.gamma.tolist(), strict=True))
+        partition_args["gamma"] = list(gamma.values())
+        if chunks is None:
+            chunks = partition_pairs(cfg.sdpo.partition, steps=cfg.sdpo.steps, **partition_args)
+        partition = describe_partition(
+            cfg.sdpo.partition, chunks, unscored=unscored, **partition_args
+        )
         _log("partition:\n" + partition.format())
 
         # With reset_optimizer = false, one optimizer and one LR schedule span all steps.
@@ -1345,7 +1369,9 @@ class StepwiseRunner:
     ) -> float | None:
         """Mean γ of step t's reference on chunk t+1 (the paper's Figure 2 quantity). Free for
         step 1 and for a fixed reference (both scored all data); a scoring pass otherwise."""
-        if t >= len(chunks):
+        if t >= len(chunks) or (
+            t == 1 and self.scores_chunk_one_only and not self.cfg.sdpo.reference
+        ):
             return None
         upcoming = torch.tensor(chunks[t], dtype=torch.int64)
         if self.cfg.sdpo.reference or t == 1:

@@ -228,6 +228,36 @@ def test_report_rejects_a_chunk_with_an_unknown_pair():
         describe_partition("given", [[int(data["pair_indices"][0])], [-1]], **data)
 
 
+def test_report_over_the_pairs_the_initial_model_scored():
+    data = build_sources(THREE, seed=16)
+    order = ["easy", "medium", "hard"]
+    chunks = partition_pairs("given", **{**data, "gamma": None}, steps=3, source_order=order)
+    unscored = [*chunks[1], *chunks[2][:5]]  # chunk 1 whole, 5 of chunk 3's 13 pairs scored
+    gamma = np.asarray(data["gamma"], dtype=np.float64).copy()
+    gamma[np.isin(data["pair_indices"], unscored)] = np.nan  # never read
+    report = describe_partition(
+        "given", chunks, **{**data, "gamma": gamma}, source_order=order, unscored=unscored
+    )
+    full = describe_partition("given", chunks, **data, source_order=order)
+    assert report.chunks[0] == full.chunks[0]
+    assert report.chunks[1].reward_accuracy is None and report.chunks[1].mean_gamma is None
+    assert report.chunks[1].num_pairs == 17
+    pos = np.isin(data["pair_indices"], chunks[2][5:])
+    truth = np.asarray(data["gamma"], dtype=np.float64)[pos]
+    assert report.chunks[2].reward_accuracy == pytest.approx(np.mean(truth > 0), abs=0)
+    assert report.chunks[2].mean_gamma == pytest.approx(truth.mean(), rel=1e-12)
+    assert report.source_reward_accuracy["medium"] is None
+    assert report.source_reward_accuracy["easy"] == full.source_reward_accuracy["easy"]
+    text = report.format()
+    assert "step 2: 17 pairs, not scored by the initial model" in text
+    # a pair that was scored must still have a finite gamma
+    gamma[np.isin(data["pair_indices"], chunks[0][:1])] = np.inf
+    with pytest.raises(ValueError, match="gamma is not finite"):
+        describe_partition("given", chunks, **{**data, "gamma": gamma}, unscored=unscored)
+    with pytest.raises(ValueError, match="ranks by the initial model's gamma"):
+        partition_pairs("easy_to_hard", **{**data, "gamma": None}, steps=3)
+
+
 def test_split_held_out_is_a_seeded_order_keeping_train_test_split():
     pairs = [f"pair{i}" for i in range(23)]
     kept, held = split_held_out(pairs, fraction=0.2, seed=5)

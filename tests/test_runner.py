@@ -68,11 +68,19 @@ def test_step_references_are_the_previous_models_scored_independently(tiny_model
     run_training(cfg, progress=False)
     out = Path(cfg.output_dir)
     pairs = _tokenized(cfg)
-    # step 1: the cache holds the initial model's values on all pairs
+    # step 1: the cache holds the initial model's values on chunk 1 (the "far" source); the
+    # given partition and no report scoring need no more of them
     initial = load_file(out / "cache" / "initial.safetensors")
     truth0 = _score(tiny_model_dir, pairs)
-    torch.testing.assert_close(initial["chosen_logps"], truth0.chosen_logps, atol=1e-5, rtol=0)
-    torch.testing.assert_close(initial["rejected_logps"], truth0.rejected_logps, atol=1e-5, rtol=0)
+    chunk1 = torch.tensor([p.index for p in pairs if p.source == "far"])
+    assert initial["pair_indices"].tolist() == chunk1.tolist()
+    rows = truth0.rows_for(chunk1)
+    torch.testing.assert_close(
+        initial["chosen_logps"], truth0.chosen_logps[rows], atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        initial["rejected_logps"], truth0.rejected_logps[rows], atol=1e-5, rtol=0
+    )
     # step 2: the cache holds the saved step-1 model's values on chunk 2 (the "near" source)
     step2 = load_file(out / "cache" / "step-2.safetensors")
     chunk2 = [p for p in pairs if p.source == "near"]
@@ -82,6 +90,49 @@ def test_step_references_are_the_previous_models_scored_independently(tiny_model
     torch.testing.assert_close(step2["rejected_logps"], truth1.rejected_logps, atol=1e-5, rtol=0)
     # and M1 differs from M0 on that chunk, so the check above can fail
     assert not torch.allclose(truth1.chosen_logps, truth0.chosen_logps[truth1.pair_indices])
+
+
+@pytest.mark.parametrize("partition", ["given", "random"])
+def test_without_report_scoring_the_initial_model_scores_chunk_one_alone(
+    tiny_model_dir, tmp_path, partition
+):
+    # the same run with and without report scoring: the partition (given or random) does not
+    # depend on the initial model's values, and neither do the weights
+    runs = {}
+    for report in (False, True):
+        (tmp_path / f"report-{report}").mkdir()
+        cfg = config_from_dict(
+            two_source_config(
+                tmp_path / f"report-{report}",
+                tiny_model_dir,
+                sdpo={"partition": partition, "report_scoring": report},
+            )
+        )
+        result = run_training(cfg, progress=False)
+        out = Path(cfg.output_dir)
+        runs[report] = (result, out, json.loads((out / "sdpo_report.json").read_text()))
+    (partial, out_p, doc_p), (_, out_f, doc_f) = runs[False], runs[True]
+    assert partial.scoring_calls == 2  # M0 on chunk 1, M1 on chunk 2
+    chunks = [c["sources"] for c in doc_f["partition"]["chunks"]]
+    assert chunks == [c["sources"] for c in doc_p["partition"]["chunks"]]
+    for name, w in load_file(out_f / "step-2" / "model.safetensors").items():
+        assert torch.equal(w, load_file(out_p / "step-2" / "model.safetensors")[name]), name
+    initial_p = load_file(out_p / "cache" / "initial.safetensors")["pair_indices"]
+    initial_f = load_file(out_f / "cache" / "initial.safetensors")["pair_indices"]
+    assert len(initial_f) == 22 and 0 < len(initial_p) < 22
+    assert len(initial_p) == doc_p["partition"]["chunks"][0]["num_pairs"]
+    # the report holds what was scored and says what was not
+    first_p, first_f = doc_p["partition"]["chunks"][0], doc_f["partition"]["chunks"][0]
+    assert first_p["reward_accuracy"] == first_f["reward_accuracy"]
+    assert first_p["mean_gamma"] == pytest.approx(first_f["mean_gamma"], abs=1e-6)
+    second_p = doc_p["partition"]["chunks"][1]
+    assert second_p["reward_accuracy"] is None and second_p["mean_gamma"] is None
+    steps_p, steps_f = doc_p["steps"], doc_f["steps"]
+    assert steps_p[0]["gamma_ref_next_chunk"] is None
+    assert steps_f[0]["gamma_ref_next_chunk"] is not None
+    assert [s["gamma_ref_chunk"] for s in steps_p] == pytest.approx(
+        [s["gamma_ref_chunk"] for s in steps_f], abs=1e-6
+    )
 
 
 def test_rerun_reuses_caches_and_a_damaged_cache_is_recomputed(tiny_model_dir, tmp_path, capsys):
@@ -220,7 +271,11 @@ def test_eval_fraction_holds_out_a_seeded_share_scored_after_every_step(tiny_mod
     evals = [m for m in lines if "eval/loss" in m]
     assert [m["sdpo_step"] for m in evals] == [1, 2]
     held_out = _cached_indices(out / "cache" / "eval-initial.safetensors")
-    trained = _cached_indices(out / "cache" / "initial.safetensors")
+    # the trained pairs: chunk 1 (the initial model's cache) and chunk 2 (M1's)
+    trained = [
+        *_cached_indices(out / "cache" / "initial.safetensors"),
+        *_cached_indices(out / "cache" / "step-2.safetensors"),
+    ]
     assert len(held_out) == held and not set(held_out) & set(trained)
     assert sorted(held_out + trained) == list(range(n))
     # the same seed holds out the same pairs, another seed others
