@@ -139,8 +139,8 @@ def shutdown(*, wait: bool = False) -> None:
     only on a clean exit, where every rank reaches this point.
 
     The group's backend is freed here only if nothing else still holds it (see init_from_env;
-    FSDP2's DTensor caches do hold it). A backend left alive keeps its worker threads into the
-    interpreter's finalization; one of them releasing a tensor's Python object then needs the
+    after an FSDP2 run, torch's DTensor machinery still does). A backend left alive keeps its
+    worker threads into the interpreter's finalization; one of them releasing a tensor's Python object then needs the
     GIL of a dying interpreter and aborts the process ("terminate called without an active
     exception") after all its work is done. ``sdpo.cli.entry`` therefore leaves a torchrun rank
     without finalization."""

@@ -404,9 +404,10 @@ def entry() -> NoReturn:
     then the process's exit with its code.
 
     A torchrun rank that has left its process group exits without the interpreter's
-    finalization. The communication backend can outlive ``destroy_process_group`` (FSDP2's
-    caches keep it), and its threads racing the interpreter's teardown can abort a rank whose
-    work is complete, so that torchrun reports a finished run as failed. Python's own exit steps
+    finalization. The communication backend can outlive ``destroy_process_group`` (after an
+    FSDP2 run, torch's DTensor machinery keeps it), and its threads racing the interpreter's
+    teardown can abort a rank whose work is complete, so that torchrun reports a finished run
+    as failed. Python's own exit steps
     before finalization still run: non-daemon threads are joined, atexit handlers run, and the
     standard streams are flushed. Then ``os._exit`` ends the process. Every file the run writes
     is closed (and renamed into place) before its command returns."""
