@@ -2147,4 +2147,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # a rank that has left its group exits without the interpreter's teardown (see exit_process)
+    distributed.exit_process(main())

@@ -32,13 +32,17 @@ ranks). A step's metric sums and stop flag follow in one small all-reduce.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
 import importlib
 import os
 import pickle
+import sys
+import threading
 from collections.abc import Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor
@@ -139,15 +143,39 @@ def shutdown(*, wait: bool = False) -> None:
     only on a clean exit, where every rank reaches this point.
 
     The group's backend is freed here only if nothing else still holds it (see init_from_env;
-    after an FSDP2 run, torch's DTensor machinery still does). A backend left alive keeps its
-    worker threads into the interpreter's finalization; one of them releasing a tensor's Python object then needs the
-    GIL of a dying interpreter and aborts the process ("terminate called without an active
-    exception") after all its work is done. ``sdpo.cli.entry`` therefore leaves a torchrun rank
-    without finalization."""
+    after an FSDP2 run, something in torch's FSDP2/DTensor machinery still does). A backend left
+    alive keeps its worker threads into the interpreter's finalization; one of them releasing a
+    tensor's Python object then needs the GIL of a dying interpreter and aborts the process
+    ("terminate called without an active exception") after all its work is done. A program
+    therefore ends with :func:`exit_process`."""
+    global _left_group
     if initialized():
         if wait:
             barrier()
         _dist().destroy_process_group()
+        _left_group = True
+
+
+_left_group = False  # this process has left a process group (shutdown)
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the program with exit status ``code``: ``sys.exit(code)``, except in a process that
+    has left a process group (see shutdown), which exits without the interpreter's finalization
+    so that the communication backend's threads cannot abort it there. Python's own exit steps
+    before finalization still run: non-daemon threads are joined (executors shut down), atexit
+    handlers run and the standard streams are flushed; then ``os._exit(code)``. Whatever must be
+    on disk must be written and closed before this is called."""
+    if not _left_group:
+        sys.exit(code)
+    join_threads = getattr(threading, "_shutdown", None)  # what an interpreter's exit does first
+    if join_threads is not None:
+        join_threads()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing to keep
+            stream.flush()
+    os._exit(code)
 
 
 # -- collectives (identity in a world of one) -------------------------------------------------

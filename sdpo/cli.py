@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import atexit
-import contextlib
 import json
-import os
 import shlex
 import signal
 import sys
@@ -200,8 +197,6 @@ def _in_process_group(command: Callable[[argparse.Namespace], int]):
         ):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # all that is left is the exit
         distributed.shutdown(wait=True)  # every rank returns the same code
-        global _left_process_group
-        _left_process_group = True
         return code
 
     return run
@@ -395,33 +390,18 @@ def main(argv: list[str] | None = None) -> int:
     return handler(args)
 
 
-# set once a rank has left its torchrun process group after a command (see entry)
-_left_process_group = False
-
-
 def entry() -> NoReturn:
     """The ``sdpo`` program (also ``python -m sdpo`` and ``python -m sdpo.cli``): :func:`main`,
-    then the process's exit with its code.
-
-    A torchrun rank that has left its process group exits without the interpreter's
-    finalization. The communication backend can outlive ``destroy_process_group`` (after an
-    FSDP2 run, torch's DTensor machinery keeps it), and its threads racing the interpreter's
-    teardown can abort a rank whose work is complete, so that torchrun reports a finished run
-    as failed. Python's own exit steps
-    before finalization still run: non-daemon threads are joined, atexit handlers run, and the
-    standard streams are flushed. Then ``os._exit`` ends the process. Every file the run writes
-    is closed (and renamed into place) before its command returns."""
+    then the process's exit with its code. A torchrun rank that has left its process group
+    exits without the interpreter's finalization (``sdpo.engine.distributed.exit_process``):
+    the communication backend's threads can outlive the group (after an FSDP2 run torch keeps
+    it), and racing the interpreter's teardown they can abort a rank whose work is complete, so
+    that torchrun would report a finished run as failed. Every file a command writes is closed
+    (and renamed into place) before it returns."""
     code = main()
-    if _left_process_group:
-        shutdown_threads = getattr(threading, "_shutdown", None)  # what exit does first
-        if shutdown_threads is not None:
-            shutdown_threads()
-        atexit._run_exitfuncs()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing to keep
-                stream.flush()
-        os._exit(code)
-    sys.exit(code)
+    from sdpo.engine import distributed
+
+    distributed.exit_process(code)
 
 
 if __name__ == "__main__":

@@ -520,11 +520,16 @@ distributed.shutdown(wait=True)
 threads = [(Path("/proc/self/task") / t / "comm").read_text().strip()
            for t in os.listdir("/proc/self/task")]
 Path(sys.argv[1], f"rank{os.environ['RANK']}.json").write_text(json.dumps(threads))
+# the program's end: Python's exit steps run and buffered output is kept
+import atexit
+atexit.register(lambda: Path(sys.argv[1], f"rank{os.environ['RANK']}.atexit").touch())
+print(f"rank {os.environ['RANK']} done", end="")  # no newline: still in the buffer
+distributed.exit_process(0)
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
-def test_leaving_the_group_ends_the_backend_threads(tmp_path):
+def test_leaving_the_group_ends_the_backend_threads_and_the_program_exits_cleanly(tmp_path):
     # torch._dynamo imports torch.distributed.nn, whose default arguments would pin a group
     # that is already up; its gloo threads would then live on into the interpreter's
     # finalization, where a late tensor release aborts a rank whose work is done
@@ -545,3 +550,5 @@ def test_leaving_the_group_ends_the_backend_threads(tmp_path):
     for rank in range(WORLD):
         threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert not [t for t in threads if "gloo" in t], (rank, threads)
+        assert (tmp_path / f"rank{rank}.atexit").is_file()
+        assert f"rank {rank} done" in run.stdout
