@@ -838,8 +838,8 @@ def measure_sdpo_run(
     that ratio: for an easy-to-hard partition or with report scoring the initial model scores
     every pair, so the later chunks are scored by it as well (``initial_extra_s``; a random or
     given partition without report scoring skips it, and pays ``ratio_total_over_train``); with
-    ``sdpo.report_scoring``
-    (its default) each step scores its chunk again after training (``report_s``). The ratios
+    ``sdpo.report_scoring`` (its default) each step scores its chunk again after training
+    (``report_s``). The ratios
     ``ratio_runner_no_report`` and ``ratio_runner_default`` add them: what a 2-step run of
     ``sdpo train`` pays, apart from loading and checkpoints."""
     from sdpo.engine.lora import attach_lora, merge_lora
