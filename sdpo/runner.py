@@ -84,6 +84,7 @@ from sdpo.cache import CacheKey, RefLogprobCache, RefValues, data_fingerprint, f
 from sdpo.config import (
     DataSource,
     RunConfig,
+    SDPOSection,
     config_to_dict,
     step_settings,
     write_resolved_config,
@@ -178,7 +179,8 @@ RESUME_ROUNDING_KEYS = frozenset(
         "sdpo.score_tokens_per_batch",
     }
 )
-# Config keys that may change between a run and its resume: they do not change the weights.
+# Config keys that may change between a run and its resume: they do not change the weights
+# (sdpo.report_scoring under a random or given partition only up to rounding: rounding_only_keys).
 RESUME_SAFE_KEYS = frozenset(
     {
         "output_dir",
@@ -1437,7 +1439,7 @@ def changed_config_keys(
         a.setdefault(k, v)
         b.setdefault(k, v)
     loose = rounding_only_keys(now)
-    keys = sorted((set(a) | set(b)) - RESUME_SAFE_KEYS)
+    keys = sorted((set(a) | set(b)) - (RESUME_SAFE_KEYS - loose))
     keys = [k for k in keys if (k in loose) == rounding]
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
 
@@ -1447,11 +1449,15 @@ def rounding_only_keys(config: dict[str, Any]) -> frozenset[str]:
     resume with them changed (e.g. after running out of GPU memory), and then ends equal to
     the uninterrupted run up to float rounding. ``train.max_tokens_per_batch`` is one of them
     only when ``train.pairs_per_step`` or ``tokens_per_step`` fixes the optimizer steps;
-    otherwise it sets the step size."""
+    otherwise it sets the step size. ``sdpo.report_scoring`` is one of them under a random or
+    given partition: it sets which pairs the initial model scores (all, or chunk 1 alone), so
+    step 1's reference values are scored in other batches."""
     keys = set(RESUME_ROUNDING_KEYS)
     train = config.get("train", {})
     if train.get("pairs_per_step") is not None or train.get("tokens_per_step") is not None:
         keys.add("train.max_tokens_per_batch")
+    if config.get("sdpo", {}).get("partition", SDPOSection.partition) in ("random", "given"):
+        keys.add("sdpo.report_scoring")
     return frozenset(keys)
 
 

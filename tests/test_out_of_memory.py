@@ -128,6 +128,34 @@ def test_the_micro_batch_size_is_a_compute_setting_only_when_the_step_size_is_se
     ]
 
 
+def _sdpo_config(partition: str, report_scoring: bool) -> dict:
+    cfg = config_from_dict(
+        {
+            "output_dir": "/o",
+            "model": {"path": "/m"},
+            "data": {
+                "sources": [{"name": "a", "path": "/a.jsonl"}, {"name": "b", "path": "/b.jsonl"}]
+            },
+            "sdpo": {"steps": 2, "partition": partition, "report_scoring": report_scoring},
+        }
+    )
+    return config_to_dict(cfg)
+
+
+@pytest.mark.parametrize("partition", ["given", "random", "easy_to_hard", "easy_to_hard_pairs"])
+def test_report_scoring_changes_the_reference_passes_batches_under_random_and_given(partition):
+    # random/given without report scoring score chunk 1 alone with the initial model: turning
+    # it on or off on resume rescores step 1's reference values in other batches (rounding);
+    # an easy-to-hard partition scores every pair either way (no change at all)
+    saved, now = _sdpo_config(partition, False), _sdpo_config(partition, True)
+    assert changed_config_keys(saved, now) == []
+    rounding = changed_config_keys(saved, now, rounding=True)
+    if partition in ("random", "given"):
+        assert rounding == ["sdpo.report_scoring (False -> True)"]
+    else:
+        assert rounding == []
+
+
 def test_keys_a_saved_config_lacks_count_as_their_defaults():
     """A run saved by a version before a key existed resumes: the key meant its default."""
     now = _config(pairs_per_step=8)
