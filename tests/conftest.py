@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -115,6 +116,15 @@ def two_source_config(
     for name, values in sections.items():
         d.setdefault(name, {}).update(values)
     return d
+
+
+def torchrun_env(*drop: str) -> dict[str, str]:
+    """This process's environment for a torchrun launch from a test: one thread per rank, no
+    rendezvous variables of an enclosing launch (torchrun sets its own), nor the ``drop`` ones."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *drop):
+        env.pop(var, None)
+    return env
 
 
 def write_two_source_run(

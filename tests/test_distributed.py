@@ -27,7 +27,7 @@ from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import TrainConfig, plan_steps, shard_micro_batches
 from sdpo.runner import run_training
-from tests.conftest import dpo_trainer, write_pairs
+from tests.conftest import dpo_trainer, torchrun_env, write_pairs
 
 WORLD = 2
 LR = 1e-2
@@ -535,13 +535,10 @@ def test_leaving_the_group_ends_the_backend_threads_and_the_program_exits_cleanl
     # finalization, where a late tensor release aborts a rank whose work is done
     script = tmp_path / "leave.py"
     script.write_text(_LEAVE_GROUP)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     run = subprocess.run(
         [*command, f"--nproc_per_node={WORLD}", str(script), str(tmp_path)],
-        env=env,
+        env=torchrun_env(),
         capture_output=True,
         text=True,
         timeout=300,  # a safety net against a hang, not a timing assertion

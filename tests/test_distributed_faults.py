@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 
 from sdpo.cli import EXIT_STOPPED
 from sdpo.engine.resume import list_checkpoints, verify_checkpoint
-from tests.conftest import write_two_source_run
+from tests.conftest import torchrun_env, write_two_source_run
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch.distributed is not available"
@@ -128,9 +128,7 @@ def _launch(
 ) -> Launch:
     """One torchrun run of ``sdpo.cli train``. ``on_stopped(workers)`` is called once both ranks
     have stopped themselves at ``fault`` (a ``...:STOP`` spec) with {rank: pid}."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for var in ("SDPO_FAULT_AT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = torchrun_env("SDPO_FAULT_AT")
     if fault is not None:
         env["SDPO_FAULT_AT"] = fault
     command = [

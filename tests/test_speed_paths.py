@@ -10,7 +10,6 @@ import copy
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from sdpo.engine.packing import TokenizedPair, pack_pairs
 from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps
 from sdpo.losses import LossConfig, dpo_loss
+from tests.conftest import torchrun_env
 
 BETA = 0.5
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,9 +292,7 @@ def test_step_benchmark_smoke_reports_every_section(one_thread, tmp_path):
 
 def _torchrun_step_smoke(out: Path, *extra: str) -> dict:
     """``torchrun --nproc-per-node 2 benchmarks/throughput.py step --smoke ...`` (gloo, CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
+    env = torchrun_env()
     command = [
         sys.executable,
         "-m",
