@@ -6,7 +6,8 @@ gradients, by the policy itself before its first update (so no second model is e
 written to an on-disk cache, and training reads only the cache. The initial model's scoring pass
 over all data is done once and serves three purposes: the easy-to-hard ranking, step 1's
 reference values and the γ_ref report. With ``sdpo.reference`` naming another checkpoint, that
-model is loaded, scores every chunk, is written to the cache and freed before the policy loads.
+model is loaded (set up as the policy is: sharded under ``train.fsdp``), scores every chunk, is
+written to the cache and freed before the policy loads.
 ``steps = 1`` is plain DPO over all data.
 
 LoRA (``lora.rank > 0``, ``sdpo.engine.lora``): after M_{t-1} has scored step t's reference
@@ -902,13 +903,12 @@ class StepwiseRunner:
         cfg = self.cfg
         model_dir = Path(cfg.model.path)
         by_index = {p.index: p for p in pairs}
-        dtype = parameter_dtype(self.precision)
 
         fixed_ref: PairLogps | None = None
         if cfg.sdpo.reference:
-            fixed_ref = self._score_with_separate_reference(Path(cfg.sdpo.reference), pairs, dtype)
+            fixed_ref = self._score_with_separate_reference(Path(cfg.sdpo.reference), pairs)
 
-        model = self._load_policy(model_dir)
+        model = self._load_model(model_dir)
         t0 = time.perf_counter()
         initial_fp = self._fingerprint(model)
         partition_args: dict[str, Any] = {
@@ -980,7 +980,7 @@ class StepwiseRunner:
             if point is not None and t == start_step and t > 1:
                 model = None
                 gc.collect()
-                model = self._load_policy(self.out / f"step-{t - 1}")  # M_{t-1}
+                model = self._load_model(self.out / f"step-{t - 1}")  # M_{t-1}
                 if state is not None and mid_state is None:  # kept optimizer across steps
                     sharded = sharding.is_sharded(model)
                     optimizer = build_optimizer(model, train_cfg, fused=False if sharded else None)
@@ -1016,7 +1016,7 @@ class StepwiseRunner:
                 if not cfg.lora.enabled:
                     model = None
                     gc.collect()
-                    model = self._load_policy(point.path / "model")
+                    model = self._load_model(point.path / "model")
             if cfg.lora.enabled:  # a fresh adapter on M_{t-1}, after its reference values
                 self._attach_adapter(model, t=t, base_fp=base_fp, point=point, resume=resume_state)
             base = {
@@ -1296,10 +1296,11 @@ class StepwiseRunner:
         save_file(tensors, str(folder / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         (folder / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    def _load_policy(self, path: Path) -> torch.nn.Module:
-        """The policy from checkpoint folder ``path``, set up for this run: compiled layers if
-        asked, and sharded under ``train.fsdp`` (built on the meta device and sharded there,
-        then each rank reads only its own shards, ``load_pretrained(shard=...)``)."""
+    def _load_model(self, path: Path) -> torch.nn.Module:
+        """The model in checkpoint folder ``path`` (the policy, or a separate reference), set up
+        for this run: compiled layers if asked, and sharded under ``train.fsdp`` (built on the
+        meta device and sharded there, then each rank reads only its own shards,
+        ``load_pretrained(shard=...)``)."""
         dtype = parameter_dtype(self.precision)
         if sharding.wanted(self.cfg.train.fsdp):
             return load_pretrained(path, dtype=dtype, device=self.device, shard=self._set_up)
@@ -1385,13 +1386,15 @@ class StepwiseRunner:
         return float(source.gamma[source.rows_for(upcoming)].mean())
 
     def _score_with_separate_reference(
-        self, ref_dir: Path, pairs: Sequence[TokenizedPair], dtype: torch.dtype
+        self, ref_dir: Path, pairs: Sequence[TokenizedPair]
     ) -> PairLogps:
-        """Load the named reference, score every pair, write the cache, free the model."""
+        """Load the named reference (set up as the policy is: sharded under ``train.fsdp``, so a
+        reference larger than one GPU loads; compiled layers under ``model.compile``), score
+        every pair, write the cache, free the model."""
         baseline = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
-        ref_model = load_pretrained(ref_dir, dtype=dtype, device=self.device)
+        ref_model = self._load_model(ref_dir)
         probe = weakref.ref(ref_model.lm_head_weight)
-        values = self.cached_reference("reference", ref_model, model_fingerprint(ref_model), pairs)
+        values = self.cached_reference("reference", ref_model, self._fingerprint(ref_model), pairs)
         del ref_model
         gc.collect()
         if probe() is not None:

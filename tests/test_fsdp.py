@@ -1,8 +1,8 @@
 """Sharded data parallelism (``train.fsdp``, FSDP2) with real ``torch.distributed`` (gloo, two
 CPU processes): one optimizer step (untied and tied embeddings, uneven work per rank; bf16
 parameters; gradient checkpointing; compiled decoder layers), the scoring pass and a two-step
-sDPO run give what one process gives, and a sharded run resumes from its checkpoints, sharded or
-in one process."""
+sDPO run give what one process gives (also with a separate reference, loaded sharded), and a
+sharded run resumes from its checkpoints, sharded or in one process."""
 
 from __future__ import annotations
 
@@ -251,6 +251,70 @@ def test_sharded_resume_with_the_optimizer_kept_across_steps(tiny_model_dir, tmp
     resumed = load_file(str(out / "step-2" / "model.safetensors"))
     for name, w in final.items():
         assert torch.equal(w, resumed[name]), name
+
+
+def _train_watching_loads(config: dict) -> tuple[int, list[tuple[str, bool]]]:
+    """``_train`` that also lists each model load: (folder name, sharded while loading)."""
+    from sdpo import runner as runner_mod
+
+    loads: list[tuple[str, bool]] = []
+    real = runner_mod.load_pretrained
+
+    def watched(path, **kw):
+        loads.append((Path(path).name, kw.get("shard") is not None))
+        return real(path, **kw)
+
+    runner_mod.load_pretrained = watched
+    try:
+        return _train(config), loads
+    finally:
+        runner_mod.load_pretrained = real
+
+
+def test_a_separate_reference_is_loaded_sharded_and_scores_what_one_process_scores(
+    tiny_model_dir, tmp_path
+):
+    """sdpo.reference under train.fsdp: the reference is built on the meta device and each rank
+    reads its own shards (a reference larger than one GPU loads), and its cached values, the
+    trained weights and the report equal one process's with the whole reference."""
+    from sdpo.engine.tiny import write_tiny_model
+    from tests.conftest import WORDS
+
+    ref_dir = write_tiny_model(tmp_path / "ref", words=WORDS, hidden_size=32, seed=9)
+    one, two = tmp_path / "one", tmp_path / "two"
+    configs = {}
+    for out, fsdp in ((one, False), (two, True)):
+        config = _run_config(tmp_path, tiny_model_dir, out)
+        config["train"] = {**config["train"], "fsdp": fsdp, "save_every": 0}
+        config["sdpo"] = {**config["sdpo"], "reference": str(ref_dir), "report_scoring": False}
+        configs[out] = config
+    (calls_one, loads_one), ranks = _alongside(
+        lambda: _train_watching_loads(configs[one]), tmp_path, _train_watching_loads, configs[two]
+    )
+    assert loads_one[0] == ("ref", False)
+    for calls, loads in ranks:
+        assert calls == calls_one
+        assert loads[0] == ("ref", True)  # the reference first, sharded, then the policy
+        assert all(sharded for _, sharded in loads), loads
+    a = load_file(str(one / "cache" / "reference.safetensors"))
+    b = load_file(str(two / "cache" / "reference.safetensors"))
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if v.is_floating_point():
+            assert torch.allclose(v, b[k], rtol=1e-6, atol=1e-5), k
+        else:
+            assert torch.equal(v, b[k]), k
+    for t in (1, 2):
+        x = load_file(str(one / f"step-{t}" / "model.safetensors"))
+        y = load_file(str(two / f"step-{t}" / "model.safetensors"))
+        for name, w in x.items():
+            assert (w - y[name]).abs().max().item() <= 1e-5, (t, name)
+    # every step's γ_ref is the separate reference's, the same in both runs
+    steps_one = json.loads((one / "sdpo_report.json").read_text())["steps"]
+    steps_two = json.loads((two / "sdpo_report.json").read_text())["steps"]
+    for x, y in zip(steps_one, steps_two, strict=True):
+        assert y["gamma_ref_chunk"] == pytest.approx(x["gamma_ref_chunk"], rel=1e-5, abs=1e-5)
+        assert y["train_metrics"]["loss"] == pytest.approx(x["train_metrics"]["loss"], rel=1e-4)
 
 
 def _interrupt_in_step_2(out: Path) -> None:
