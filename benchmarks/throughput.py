@@ -73,6 +73,7 @@ import torch.nn.functional as F
 
 from sdpo.engine import distributed, sharding
 from sdpo.engine.files import atomic_write_json
+from sdpo.engine.profiling import profile_summary
 from sdpo.kernels import linear_pair_loss, resolve_impl, sequence_logprobs
 
 IGNORE_INDEX = -100
@@ -1048,41 +1049,6 @@ def sdpa_backend_probe(config, *, batch: int, seq_len: int, device: torch.device
     except Exception as exc:
         out["priority"] = f"{exc.__class__.__name__}: {str(exc)[:80]}"
     return out
-
-
-def profile_summary(prof, *, steps: int, wall_s: float, top: int = 12) -> dict:
-    """What ``steps`` profiled TRL steps spent their time on: the device kernels by self time
-    (and the share of the wall time the device was busy), the host ops by self time (where
-    synchronisations, allocations and launches show up). Times are ms per step."""
-    kernels, host = [], []
-    device_total_us = 0.0
-    for evt in prof.key_averages():
-        device_us = getattr(evt, "self_device_time_total", None)
-        if device_us is None:
-            device_us = getattr(evt, "self_cuda_time_total", 0.0)
-        on_device = str(getattr(evt, "device_type", "")).endswith("CUDA")
-        if on_device:
-            device_total_us += device_us
-            kernels.append((device_us, evt.count, evt.key))
-        else:
-            host.append((evt.self_cpu_time_total, evt.count, evt.key))
-
-    def table(items):
-        items.sort(reverse=True)
-        return [
-            {"name": name[:100], "ms_per_step": us / 1e3 / steps, "calls_per_step": n / steps}
-            for us, n, name in items[:top]
-        ]
-
-    wall_ms = wall_s * 1e3 / steps
-    return {
-        "steps": steps,
-        "wall_ms_per_step": wall_ms,
-        "device_busy_ms_per_step": device_total_us / 1e3 / steps,
-        "device_busy_fraction": device_total_us / 1e3 / steps / wall_ms if kernels else None,
-        "device_kernels": table(kernels),
-        "host_ops": table(host),
-    }
 
 
 def profile_train_steps(step: Callable, step_args: list[tuple], *, device: torch.device) -> dict:

@@ -67,6 +67,7 @@ from sdpo.engine.precision import (
     parameter_dtype,
     resolve_precision,
 )
+from sdpo.engine.profiling import StepProfiler
 from sdpo.engine.resume import fault_point
 from sdpo.engine.scoring import PairLogps
 from sdpo.kernels import linear_pair_loss, sequence_logprobs
@@ -405,6 +406,7 @@ class DPOTrainer:
         log_hook: Callable[[dict[str, Any]], None] | None = None,
         evaluate: Callable[[DPOTrainer], None] | None = None,
         ld_alpha: float | None = None,
+        profiler: StepProfiler | None = None,
     ) -> None:
         self.model = model
         self.config = config
@@ -430,6 +432,8 @@ class DPOTrainer:
         # every eval_every optimizer steps but the pass's last, on every rank (scoring may be a
         # collective); its time is left out of tokens_per_s
         self.evaluate = evaluate
+        # torch.profiler over a window of this pass's optimizer steps (engine/profiling.py)
+        self.profiler = profiler
         self.progress = progress
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
@@ -807,67 +811,84 @@ class DPOTrainer:
         start = time.perf_counter()
         window_start, window_tokens = start, 0
         last: dict[str, float] = {}
-        while pos["epoch"] < cfg.epochs:
-            epoch, plan = pos["epoch"], plans[pos["epoch"]]
-            while pos["step_in_epoch"] < len(plan):
-                micro_batches = plan[pos["step_in_epoch"]]
-                metrics = self.train_step(pairs, micro_batches, ref)
-                scheduler.step()
-                if not self.last_step_finite:
-                    self._skip_or_raise(pairs, micro_batches, metrics, epoch=epoch)
-                pos["step_in_epoch"] += 1
-                pos["step_in_run"] += 1
-                self.global_step += 1
-                step_in_run = pos["step_in_run"]
-                step_tokens = sum(pairs[i].num_tokens for batch in micro_batches for i in batch)
-                pos["tokens"] += step_tokens
-                window_tokens += step_tokens
-                logging_step = step_in_run % cfg.log_every == 0 or step_in_run == total_steps
-                if logging_step and self.last_step_finite:
-                    now = time.perf_counter()
-                    values = {k: float(v) for k, v in metrics.items()}  # one sync per log
-                    values.update(
-                        {
-                            "step": self.global_step,
-                            "epoch": epoch + 1,
-                            "lr": scheduler.get_last_lr()[0],
-                            "tokens": pos["tokens"],
-                            "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                            "skipped_batches": self.skipped_steps,
-                            **self.metrics_extra,
-                        }
-                    )
-                    window_start, window_tokens = now, 0
-                    last = values
-                    if self.output_dir is not None and distributed.is_main():
-                        append_jsonl(self.output_dir / "metrics.jsonl", values)
-                    if self.log_hook is not None and distributed.is_main():
-                        self.log_hook(values)
-                    if bar is not None:
-                        bar.set_postfix(
-                            loss=f"{values['loss']:.4f}",
-                            acc=f"{values['rewards/accuracies']:.2f}",
-                            tok_s=f"{values['tokens_per_s']:.0f}",
+        if self.profiler is not None and self.profiler.first > total_steps:
+            self.profiler.log(
+                f"profile: this pass has {total_steps} optimizer steps, so the window from step "
+                f"{self.profiler.first} (profile.start_step) traces nothing"
+            )
+        try:
+            while pos["epoch"] < cfg.epochs:
+                epoch, plan = pos["epoch"], plans[pos["epoch"]]
+                while pos["step_in_epoch"] < len(plan):
+                    micro_batches = plan[pos["step_in_epoch"]]
+                    if self.profiler is not None:
+                        self.profiler.step_begin(pos["step_in_run"] + 1)
+                    metrics = self.train_step(pairs, micro_batches, ref)
+                    scheduler.step()
+                    if self.profiler is not None:
+                        self.profiler.step_end(pos["step_in_run"] + 1)
+                    if not self.last_step_finite:
+                        self._skip_or_raise(pairs, micro_batches, metrics, epoch=epoch)
+                    pos["step_in_epoch"] += 1
+                    pos["step_in_run"] += 1
+                    self.global_step += 1
+                    step_in_run = pos["step_in_run"]
+                    step_tokens = sum(pairs[i].num_tokens for batch in micro_batches for i in batch)
+                    pos["tokens"] += step_tokens
+                    window_tokens += step_tokens
+                    logging_step = step_in_run % cfg.log_every == 0 or step_in_run == total_steps
+                    if logging_step and self.last_step_finite:
+                        now = time.perf_counter()
+                        values = {k: float(v) for k, v in metrics.items()}  # one sync per log
+                        values.update(
+                            {
+                                "step": self.global_step,
+                                "epoch": epoch + 1,
+                                "lr": scheduler.get_last_lr()[0],
+                                "tokens": pos["tokens"],
+                                "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                                "skipped_batches": self.skipped_steps,
+                                **self.metrics_extra,
+                            }
                         )
-                if bar is not None:
-                    bar.update(1)
-                fault_point("train_step")
-                if step_in_run == total_steps:
-                    break  # the caller saves the end of this pass
-                if cfg.eval_every and self.evaluate and step_in_run % cfg.eval_every == 0:
-                    self.evaluate(self)
-                    window_start = time.perf_counter()
-                saved = False
-                if cfg.save_every and self.save_checkpoint and step_in_run % cfg.save_every == 0:
-                    self.save_checkpoint(self)
-                    saved = True
-                if self._should_stop():
-                    if not saved and self.save_checkpoint is not None:
-                        self.save_checkpoint(self)
+                        window_start, window_tokens = now, 0
+                        last = values
+                        if self.output_dir is not None and distributed.is_main():
+                            append_jsonl(self.output_dir / "metrics.jsonl", values)
+                        if self.log_hook is not None and distributed.is_main():
+                            self.log_hook(values)
+                        if bar is not None:
+                            bar.set_postfix(
+                                loss=f"{values['loss']:.4f}",
+                                acc=f"{values['rewards/accuracies']:.2f}",
+                                tok_s=f"{values['tokens_per_s']:.0f}",
+                            )
                     if bar is not None:
-                        bar.close()
-                    raise TrainingStopped(self.global_step)
-            pos["epoch"], pos["step_in_epoch"] = pos["epoch"] + 1, 0
+                        bar.update(1)
+                    fault_point("train_step")
+                    if step_in_run == total_steps:
+                        break  # the caller saves the end of this pass
+                    if cfg.eval_every and self.evaluate and step_in_run % cfg.eval_every == 0:
+                        self.evaluate(self)
+                        window_start = time.perf_counter()
+                    saved = False
+                    if (
+                        cfg.save_every
+                        and self.save_checkpoint
+                        and step_in_run % cfg.save_every == 0
+                    ):
+                        self.save_checkpoint(self)
+                        saved = True
+                    if self._should_stop():
+                        if not saved and self.save_checkpoint is not None:
+                            self.save_checkpoint(self)
+                        if bar is not None:
+                            bar.close()
+                        raise TrainingStopped(self.global_step)
+                pos["epoch"], pos["step_in_epoch"] = pos["epoch"] + 1, 0
+        finally:
+            if self.profiler is not None:
+                self.profiler.close()  # a window left early (error, stop): nothing written
         if bar is not None:
             bar.close()
         return TrainResult(

@@ -17,7 +17,8 @@ Run DPO or stepwise DPO (sDPO) from a TOML config. With [sdpo] steps = T the dat
 T chunks (sdpo.partition) and step t trains on chunk t with M_{t-1} as policy start and
 reference; steps = 1 is plain DPO over all data. Outputs: OUTPUT_DIR/step-<t>/ (Hugging Face
 checkpoints), metrics.jsonl, config.toml (resolved), cache/ (reference log-probs),
-sdpo_report.json and a plot.
+sdpo_report.json and a plot; with [profile] steps = N, profile/ holds torch.profiler traces
+of N optimizer steps.
 
 Reliability: every input is checked before the output folder is touched. Training checkpoints
 go to OUTPUT_DIR/checkpoints/ (every train.save_every optimizer steps, at the end of each sDPO

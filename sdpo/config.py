@@ -294,6 +294,28 @@ class LoRASection:
 
 
 @dataclass(kw_only=True)
+class ProfileSection:
+    """``[profile]``: torch.profiler over ``steps`` optimizer steps of one sDPO step's training,
+    from its optimizer step ``start_step`` (counted from 1 within that sDPO step; past the first
+    steps, which compile and warm up). Every rank writes its Chrome trace and a summary (device
+    busy share, top kernels and host ops) to ``OUTPUT_DIR/profile/`` (``sdpo.engine.profiling``).
+    ``steps = 0``: off."""
+
+    steps: int = 0
+    start_step: int = 3
+    sdpo_step: int = 1  # the sDPO step whose training is traced
+    # CUDA: the caching allocator's history over the window, as a snapshot for PyTorch's
+    # memory viewer (every allocation with its stack)
+    memory: bool = False
+    with_stack: bool = False  # Python stacks in the trace (bigger files, more overhead)
+
+    def __post_init__(self) -> None:
+        _at_least("profile.steps", self.steps, 0)
+        _at_least("profile.start_step", self.start_step, 1)
+        _at_least("profile.sdpo_step", self.sdpo_step, 1)
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """A whole run. ``output_dir`` receives ``step-<t>/`` checkpoints, metrics and caches."""
 
@@ -306,6 +328,7 @@ class RunConfig:
     sdpo: SDPOSection = field(default_factory=SDPOSection)
     lora: LoRASection = field(default_factory=LoRASection)
     log: LogSection = field(default_factory=LogSection)
+    profile: ProfileSection = field(default_factory=ProfileSection)
 
     def __post_init__(self) -> None:
         if not self.output_dir:
@@ -338,6 +361,11 @@ class RunConfig:
                 "sdpo.reset_optimizer = false does not go with LoRA (lora.rank > 0): every "
                 "sDPO step trains a new adapter, merged at the end of the step, so there is no "
                 "optimizer state to keep; set sdpo.reset_optimizer = true or lora.rank = 0"
+            )
+        if self.profile.steps and self.profile.sdpo_step > self.sdpo.steps:
+            raise ConfigError(
+                f"profile.sdpo_step = {self.profile.sdpo_step} but the run has sdpo.steps = "
+                f"{self.sdpo.steps}: name one of its steps (1 to {self.sdpo.steps})"
             )
         n_sources = len(self.data.sources)
         per_source = self.sdpo.partition in ("easy_to_hard", "given")

@@ -112,6 +112,7 @@ from sdpo.engine.lora import (
 )
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import parameter_dtype, resolve_precision
+from sdpo.engine.profiling import StepProfiler
 from sdpo.engine.resume import (
     checkpoint_name,
     fault_point,
@@ -165,6 +166,8 @@ ADAPTER_STATE_NAME = "adapter.safetensors"
 PEFT_ADAPTER_DIR = "adapter"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+# [profile]: each rank's trace and summary (sdpo.engine.profiling)
+PROFILE_DIR = "profile"
 # Config keys that change how the work is computed, not what: a resume may change them (after
 # running out of GPU memory, say), with a warning that the result then equals the uninterrupted
 # run's up to float rounding (see rounding_only_keys).
@@ -198,6 +201,11 @@ RESUME_SAFE_KEYS = frozenset(
         "log.project",
         "log.run_name",
         "log.tensorboard_dir",
+        "profile.steps",
+        "profile.start_step",
+        "profile.sdpo_step",
+        "profile.memory",
+        "profile.with_stack",
     }
 )
 
@@ -1043,6 +1051,7 @@ class StepwiseRunner:
                 save_checkpoint=partial(self._save_mid_step, base=base),
                 stop_requested=lambda: self.stop_flag,
                 evaluate=partial(self._evaluate_in_step, t=t, beta=beta, base=run_step_base),
+                profiler=self._profiler(t),
             )
             if self.trackers:  # x-axis: the run's step, which counts on across sDPO steps
                 trainer.log_hook = partial(self._track_step, trainer, run_step_base)
@@ -1296,6 +1305,22 @@ class StepwiseRunner:
         save_file(tensors, str(folder / PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
         (folder / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
+    def _profiler(self, t: int) -> StepProfiler | None:
+        """``[profile]``'s window when sDPO step ``t`` is the one it traces."""
+        prof = self.cfg.profile
+        if not prof.steps or t != prof.sdpo_step:
+            return None
+        return StepProfiler(
+            out_dir=self.out / PROFILE_DIR,
+            name=f"sdpo-step-{t}",
+            first=prof.start_step,
+            steps=prof.steps,
+            device=self.device,
+            memory=prof.memory,
+            with_stack=prof.with_stack,
+            log=_log,
+        )
+
     def _load_model(self, path: Path) -> torch.nn.Module:
         """The model in checkpoint folder ``path`` (the policy, or a separate reference), set up
         for this run: compiled layers if asked, and sharded under ``train.fsdp`` (built on the
@@ -1476,6 +1501,7 @@ def existing_outputs(out: Path) -> list[Path]:
         CHECKPOINTS_DIR,
         TENSORBOARD_DIR,
         TRACKING_STATE,
+        PROFILE_DIR,
     }
     return [p for p in out.iterdir() if p.name in names or p.name.startswith("step-")]
 
