@@ -17,6 +17,10 @@ run as they do untraced. At the stop, each rank writes, atomically, into ``out_d
 
 A window that is left early (an error, a stop on request) is closed by ``close()`` without
 writing anything: a partial trace would be mistaken for the steps asked for.
+
+Out of memory (``profile.memory_on_oom``): ``start_memory_history()`` records the allocator's
+history from the start of the run, and the runner writes ``write_memory_snapshot()`` when a
+CUDA out-of-memory error ends it: what was allocated at the failure, and by which code.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ class StepProfiler:
     """Trace optimizer steps ``first .. first + steps - 1`` of one training pass (module
     docstring). ``name`` prefixes the files written to ``out_dir``; ``memory``: also record the
     CUDA allocator's history (ignored off CUDA, with a note through ``log``); ``with_stack``:
-    Python stacks in the trace (larger files, more overhead)."""
+    Python stacks in the trace (larger files, more overhead); ``history_running``: the
+    allocator's history is already recorded for the whole run."""
 
     def __init__(
         self,
@@ -94,6 +99,7 @@ class StepProfiler:
         device: torch.device,
         memory: bool = False,
         with_stack: bool = False,
+        history_running: bool = False,
         log: Callable[[str], None] = print,
     ) -> None:
         if first < 1 or steps < 1:
@@ -105,6 +111,9 @@ class StepProfiler:
         self.first, self.last = first, first + steps - 1
         self.device = torch.device(device)
         self.with_stack = with_stack
+        # the allocator's history is recorded for the whole run already (out-of-memory
+        # snapshots): the window neither starts nor stops it, and its snapshot holds it all
+        self.history_running = history_running
         self.log = log
         self.memory = memory and self.device.type == "cuda"
         if memory and not self.memory:
@@ -136,8 +145,8 @@ class StepProfiler:
             if self.device.type == "cuda":
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self._sync()
-            if self.memory:
-                torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+            if self.memory and not self.history_running:
+                start_memory_history()
             self._prof = torch.profiler.profile(
                 activities=activities, record_shapes=True, with_stack=self.with_stack
             )
@@ -165,8 +174,8 @@ class StepProfiler:
             self._range = None
         self._prof.stop()
         self._prof = None
-        if self.memory:
-            torch.cuda.memory._record_memory_history(enabled=None)
+        if self.memory and not self.history_running:
+            stop_memory_history()
         self.traced = []
 
     def _finish(self) -> None:
@@ -176,11 +185,9 @@ class StepProfiler:
         prof.stop()
         stem = self.out_dir / f"{self.name}.rank{distributed.rank()}"
         if self.memory:
-            path = Path(f"{stem}.memory.pickle")
-            with atomic_open(path) as f:
-                f.write(_memory_snapshot())
-            torch.cuda.memory._record_memory_history(enabled=None)
-            self.files.append(path)
+            self.files.append(write_memory_snapshot(f"{stem}.memory.pickle"))
+            if not self.history_running:
+                stop_memory_history()
         trace = Path(f"{stem}.trace.json.gz")
         with tempfile.TemporaryDirectory(prefix="sdpo-trace-") as tmp:
             raw = Path(tmp) / "trace.json"
@@ -211,9 +218,22 @@ class StepProfiler:
         )
 
 
-def _memory_snapshot() -> bytes:
-    """The CUDA allocator's snapshot with its recorded history, pickled as
-    ``torch.cuda.memory._dump_snapshot`` writes it."""
+def start_memory_history() -> None:
+    """Record every CUDA allocation and free (with its Python stack) from now on, the newest
+    ``MEMORY_HISTORY_ENTRIES`` kept."""
+    torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES, stacks="python")
+
+
+def stop_memory_history() -> None:
+    torch.cuda.memory._record_memory_history(enabled=None)
+
+
+def write_memory_snapshot(path: str | os.PathLike) -> Path:
+    """The CUDA allocator's state and recorded history, pickled as
+    ``torch.cuda.memory._dump_snapshot`` writes it (for pytorch.org/memory_viz), atomically."""
     import pickle
 
-    return pickle.dumps(torch.cuda.memory._snapshot())
+    path = Path(path)
+    with atomic_open(path) as f:
+        pickle.dump(torch.cuda.memory._snapshot(), f)
+    return path

@@ -308,6 +308,10 @@ class ProfileSection:
     # memory viewer (every allocation with its stack)
     memory: bool = False
     with_stack: bool = False  # Python stacks in the trace (bigger files, more overhead)
+    # CUDA: record the allocator's history for the whole run and, if the GPU runs out of
+    # memory, write it to OUTPUT_DIR/profile/oom.rank<r>.memory.pickle (a small cost per
+    # allocation; works with steps = 0)
+    memory_on_oom: bool = False
 
     def __post_init__(self) -> None:
         _at_least("profile.steps", self.steps, 0)

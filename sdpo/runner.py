@@ -112,7 +112,12 @@ from sdpo.engine.lora import (
 )
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import parameter_dtype, resolve_precision
-from sdpo.engine.profiling import StepProfiler
+from sdpo.engine.profiling import (
+    StepProfiler,
+    start_memory_history,
+    stop_memory_history,
+    write_memory_snapshot,
+)
 from sdpo.engine.resume import (
     checkpoint_name,
     fault_point,
@@ -206,6 +211,7 @@ RESUME_SAFE_KEYS = frozenset(
         "profile.sdpo_step",
         "profile.memory",
         "profile.with_stack",
+        "profile.memory_on_oom",
     }
 )
 
@@ -876,6 +882,13 @@ class StepwiseRunner:
             )
         if self.cfg.train.async_save and distributed.is_main():
             self.writer = BackgroundWriter()
+        if self._records_memory_history:
+            start_memory_history()
+        elif self.cfg.profile.memory_on_oom:
+            _log(
+                "profile.memory_on_oom records the CUDA allocator: nothing to record on "
+                f"{self.device.type}"
+            )
         with self._stop_signals():
             try:
                 try:
@@ -900,8 +913,12 @@ class StepwiseRunner:
                     f"{e}. Data rows of these pairs: {where}", pair_indices=e.pair_indices
                 ) from None
             except torch.OutOfMemoryError as e:
-                raise OutOfMemoryStop(self._out_of_memory_message()) from e
+                raise OutOfMemoryStop(
+                    self._out_of_memory_message() + self._out_of_memory_snapshot()
+                ) from e
             finally:
+                if self._records_memory_history:
+                    stop_memory_history()
                 self.trackers.close()
                 if self.writer is not None:
                     self.writer.close()
@@ -1151,6 +1168,27 @@ class StepwiseRunner:
         on_main(finish)
         return RunResult(output_dir=self.out, reports=reports, scoring_calls=self.scoring_calls)
 
+    @property
+    def _records_memory_history(self) -> bool:
+        return self.cfg.profile.memory_on_oom and self.device.type == "cuda"
+
+    def _out_of_memory_snapshot(self) -> str:
+        """``profile.memory_on_oom``: this rank's allocator history up to the failure, written
+        to the profile folder; the sentence that says where (empty when not recorded)."""
+        if not self._records_memory_history:
+            return ""
+        path = self.out / PROFILE_DIR / f"oom.rank{distributed.rank()}.memory.pickle"
+        try:
+            write_memory_snapshot(path)
+        except Exception as exc:  # the out-of-memory message matters more than the snapshot
+            return f". The allocator's history could not be written to {path}: {exc}"
+        finally:
+            stop_memory_history()
+        return (
+            f". The allocator's history up to the failure (every allocation with its stack) is "
+            f"in {path}: open it at pytorch.org/memory_viz"
+        )
+
     def _out_of_memory_message(self) -> str:
         cfg = self.cfg
         training = self.phase.startswith("training")
@@ -1318,6 +1356,7 @@ class StepwiseRunner:
             device=self.device,
             memory=prof.memory,
             with_stack=prof.with_stack,
+            history_running=self._records_memory_history,
             log=_log,
         )
 

@@ -195,3 +195,56 @@ def test_on_cuda_the_window_records_kernels_and_the_allocator_history(tmp_path):
     assert summary["device_kernels"] and 0 < summary["device_busy_fraction"] <= 1.0
     snapshot = pickle.loads((tmp_path / "n.rank0.memory.pickle").read_bytes())
     assert snapshot["segments"] and any(snapshot["device_traces"])
+
+
+def _run_out_of_memory(tmp_path: Path, model_dir: Path, monkeypatch, **sections) -> str:
+    """A run whose 2nd optimizer step raises CUDA's out-of-memory error (the fault hook); the
+    message it stops with."""
+    from sdpo.engine import resume
+    from sdpo.runner import OutOfMemoryStop
+
+    config = _config(tmp_path, model_dir, "oom", memory_on_oom=True)
+    for name, values in sections.items():
+        config.setdefault(name, {}).update(values)
+    monkeypatch.setenv(resume.FAULT_ENV, "train_step:2:OOM")
+    monkeypatch.setattr(resume, "_fault_counts", {})
+    with pytest.raises(OutOfMemoryStop) as stop:
+        run_training(config_from_dict(config), progress=False)
+    return str(stop.value)
+
+
+def test_memory_on_oom_off_cuda_says_there_is_nothing_to_record(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    message = _run_out_of_memory(tmp_path, tiny_model_dir, monkeypatch)
+    assert "ran out of memory while training sDPO step 1" in message
+    assert "allocator's history" not in message
+    assert "profile.memory_on_oom records the CUDA allocator: nothing to record on cpu" in (
+        capsys.readouterr().out
+    )
+    assert not (tmp_path / "oom" / "profile").exists()
+
+
+@pytest.mark.gpu
+def test_on_cuda_out_of_memory_writes_the_allocator_history_of_the_run(tmp_path, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    import pickle
+
+    from sdpo.engine.tiny import write_tiny_model
+    from tests.conftest import WORDS
+
+    model_dir = write_tiny_model(tmp_path / "m", words=WORDS, hidden_size=256, seed=1)
+    message = _run_out_of_memory(tmp_path, model_dir, monkeypatch, kernels={"impl": "auto"})
+    path = tmp_path / "oom" / "profile" / "oom.rank0.memory.pickle"
+    assert f"in {path}: open it at pytorch.org/memory_viz" in message
+    snapshot = pickle.loads(path.read_bytes())
+    # the history reaches back to the model's load and holds the training step's allocations
+    assert snapshot["segments"] and any(snapshot["device_traces"])
+    frames = {
+        frame["filename"]
+        for trace in snapshot["device_traces"]
+        for event in trace
+        for frame in event.get("frames", [])
+    }
+    assert any(name.endswith("trainer.py") for name in frames), sorted(frames)[:20]
