@@ -945,28 +945,37 @@ class StepwiseRunner:
         # The initial model's values of every pair serve the easy-to-hard partitions and the
         # report (the partition's numbers, step 1's γ on chunk 2). A random or given partition
         # without report scoring needs them for chunk 1 alone: its reference values.
+        # With a separate reference (sdpo.reference) chunk 1's reference values are the
+        # reference's too, so the initial model scores nothing there.
         chunks, unscored = None, []
         if self.scores_chunk_one_only:
             chunks = partition_pairs(
                 cfg.sdpo.partition, steps=cfg.sdpo.steps, gamma=None, **partition_args
             )
-            unscored = [i for chunk in chunks[1:] for i in chunk]
-            scored = [by_index[i] for i in chunks[0]]
+            first = 0 if fixed_ref is not None else 1
+            unscored = [i for chunk in chunks[first:] for i in chunk]
+            scored = [by_index[i] for chunk in chunks[:first] for i in chunk]
         else:
             scored = pairs
-        initial = self.cached_reference("initial", model, initial_fp, scored)
+        initial = self.cached_reference("initial", model, initial_fp, scored) if scored else None
         initial_scoring_s = time.perf_counter() - t0
         if self.eval_pairs:  # the yardstick of every step's eval rewards: the initial model
             self.eval_initial = self.cached_reference(
                 "eval-initial", model, initial_fp, self.eval_pairs
             )
-        _log(
-            f"initial model: reward accuracy {float((initial.gamma > 0).float().mean()):.3f}, "
-            f"mean γ {float(initial.gamma.mean()):.3f} over {len(scored)} pairs"
-            + (" (chunk 1: sdpo.report_scoring = false)" if unscored else "")
-        )
         gamma = dict.fromkeys(partition_args["pair_indices"], float("nan"))
-        gamma.update(zip(initial.pair_indices.tolist(), initial.gamma.tolist(), strict=True))
+        if initial is None:
+            _log(
+                "initial model: no scoring pass (sdpo.report_scoring = false, and every step's "
+                "reference values come from sdpo.reference)"
+            )
+        else:
+            _log(
+                f"initial model: reward accuracy {float((initial.gamma > 0).float().mean()):.3f}, "
+                f"mean γ {float(initial.gamma.mean()):.3f} over {len(scored)} pairs"
+                + (" (chunk 1: sdpo.report_scoring = false)" if unscored else "")
+            )
+            gamma.update(zip(initial.pair_indices.tolist(), initial.gamma.tolist(), strict=True))
         partition_args["gamma"] = list(gamma.values())
         if chunks is None:
             chunks = partition_pairs(cfg.sdpo.partition, steps=cfg.sdpo.steps, **partition_args)
@@ -1432,7 +1441,7 @@ class StepwiseRunner:
         by_index: dict[int, TokenizedPair],
         model: torch.nn.Module,
         ref: PairLogps,
-        initial: PairLogps,
+        initial: PairLogps | None,
     ) -> float | None:
         """Mean γ of step t's reference on chunk t+1 (the paper's Figure 2 quantity). Free for
         step 1 and for a fixed reference (both scored all data); a scoring pass otherwise."""

@@ -183,6 +183,15 @@ def test_separate_reference_is_freed_before_training(tiny_model_dir, tmp_path, m
     result = run_training(cfg, progress=False)
     assert ref_params, "the reference model was never loaded"
     assert alive_at_fit == [0, 0]  # no reference tensor alive when either step trains
+    # a given partition without report scoring: the separate reference's pass is the only one
+    # (no initial-model pass: chunk 1's reference values are the reference's too)
+    assert not cfg.sdpo.report_scoring and cfg.sdpo.partition == "given"
+    assert result.scoring_calls == 1
+    assert sorted(p.name for p in (Path(cfg.output_dir) / "cache").iterdir()) == [
+        "reference.safetensors",
+        "tokens-train.safetensors",
+    ]
+    assert result.reports[0].reward_accuracy_before is not None
     # every step used the separate reference's values
     ref_scores = _score(ref_dir, _tokenized(cfg))
     report = result.reports[1]
