@@ -1,7 +1,9 @@
 """``[profile]``: torch.profiler over chosen optimizer steps of a real run. The traced steps are
-the ones asked for (also after a resume inside the window), the trace holds the model's ops
-inside each step's range, the summary's numbers come from that trace, tracing changes no weight,
-and a window the pass never reaches or leaves early writes nothing."""
+the ones asked for (also after a resume inside the window, and on every rank of a data-parallel
+run), the trace holds the model's ops inside each step's range, the summary names ops of that
+trace, tracing changes no weight, and a window the pass never reaches or leaves early writes
+nothing. ``memory_on_oom``: off CUDA a note; on CUDA (GPU-marked) the allocator's history is
+written when the run runs out of memory."""
 
 from __future__ import annotations
 
@@ -248,3 +250,27 @@ def test_on_cuda_out_of_memory_writes_the_allocator_history_of_the_run(tmp_path,
         for frame in event.get("frames", [])
     }
     assert any(name.endswith("trainer.py") for name in frames), sorted(frames)[:20]
+
+
+def _traced_steps(config: dict) -> list[int]:
+    """One rank's run; the steps its own summary lists."""
+    from sdpo.engine import distributed
+
+    run_training(config_from_dict(config), progress=False)
+    name = f"sdpo-step-1.rank{distributed.rank()}.summary.json"
+    return json.loads((Path(config["output_dir"]) / "profile" / name).read_text())["traced_steps"]
+
+
+def test_under_data_parallel_every_rank_writes_its_own_trace(tiny_model_dir, tmp_path):
+    from tests.test_distributed import _spawn
+
+    config = _config(tmp_path, tiny_model_dir, "dp", steps=2, start_step=1, sdpo_step=1)
+    config["train"]["save_every"] = 0
+    assert _spawn(tmp_path, _traced_steps, config) == [[1, 2], [1, 2]]
+    names = sorted(p.name for p in (tmp_path / "dp" / "profile").iterdir())
+    assert names == [
+        f"sdpo-step-1.rank{r}.{kind}" for r in (0, 1) for kind in ("summary.json", "trace.json.gz")
+    ]
+    for r in (0, 1):  # each rank's trace holds its own share of the steps
+        ranges = _step_ranges(_trace(tmp_path / "dp" / "profile" / names[2 * r + 1]))
+        assert sorted(ranges) == [f"{STEP_RANGE}1", f"{STEP_RANGE}2"]
