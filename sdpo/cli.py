@@ -99,6 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--impl", default="auto", choices=["auto", "triton", "torch"], help="log-prob kernels"
     )
     score.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "bf16", "bf16-mixed"],
+        help="weights and compute as train.precision: bf16 (bf16 weights), bf16-mixed (fp32 "
+        "weights, bf16 autocast: the values a run with that precision caches) or fp32; "
+        "default bf16 on CUDA, fp32 on a CPU",
+    )
+    score.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun, shard the model over the ranks as train.fsdp does (each rank "
+        "reads only its own shards, so a model larger than one GPU loads); no effect in one "
+        "process",
+    )
+    score.add_argument(
         "--share-prompt",
         action="store_true",
         help="compute each pair's prompt once for both completions (same values, less work)",
@@ -261,11 +276,12 @@ def _score(args: argparse.Namespace) -> int:
     """Under torchrun the ranks share the pairs (score_pairs shards them); rank 0 writes."""
     import torch
 
-    from sdpo.engine import distributed
+    from sdpo.engine import distributed, sharding
     from sdpo.engine.checkpoint import load_pretrained
     from sdpo.engine.data import read_preference_file
     from sdpo.engine.files import atomic_open
     from sdpo.engine.packing import check_ld_alpha
+    from sdpo.engine.precision import parameter_dtype
     from sdpo.engine.scoring import score_pairs
     from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
     from sdpo.kernels import resolve_impl
@@ -280,10 +296,16 @@ def _score(args: argparse.Namespace) -> int:
         columns = _column_map(args.columns)
         rows = read_preference_file(args.data, columns=columns)
         tokenizer = PairTokenizer.from_dir(args.model)
+        precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+
+        def shard(model: torch.nn.Module) -> None:
+            sharding.shard_model(model, precision=precision, device=device)
+
         model = load_pretrained(
             args.model,
-            dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            dtype=parameter_dtype(precision),
             device=device,
+            shard=shard if sharding.wanted(args.fsdp) else None,
         )
         pairs, stats = tokenize_pairs(
             rows,
@@ -303,6 +325,7 @@ def _score(args: argparse.Namespace) -> int:
         share_prompt=args.share_prompt,
         progress=True,
         ld_alpha=args.ld_alpha,
+        precision=precision,
     )
     gamma = scores.gamma
     if not distributed.is_main():

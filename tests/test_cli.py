@@ -77,6 +77,38 @@ def test_score_writes_per_pair_jsonl_and_prints_summary(tiny_model_dir, tmp_path
         assert abs(r["logp_rejected"] - s["logp_rejected"]) < 1e-4 * abs(r["logp_rejected"])
 
 
+def test_score_precision_follows_train_precision(tiny_model_dir, tmp_path):
+    """--precision: fp32 matches a float64 scoring to fp32 rounding; bf16-mixed (fp32 weights,
+    bf16 autocast) and bf16 (bf16 weights) to their rounding, and they do change the values."""
+    import torch
+
+    from sdpo.engine.checkpoint import load_pretrained
+    from sdpo.engine.scoring import score_pairs
+    from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=7, seed=12)
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    pairs, _ = tokenize_pairs(
+        rows, PairTokenizer.from_dir(tiny_model_dir), max_length=1024, max_prompt_length=512
+    )
+    model = load_pretrained(tiny_model_dir, dtype=torch.float64)
+    truth = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
+    got = {}
+    for precision in ("fp32", "bf16-mixed", "bf16"):
+        out = tmp_path / f"{precision}.jsonl"
+        args = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)]
+        assert main([*args, "--impl", "torch", "--precision", precision]) == 0
+        got[precision] = [json.loads(x) for x in out.read_text().splitlines()]
+    for precision, tol in (("fp32", 1e-5), ("bf16-mixed", 3e-2), ("bf16", 6e-2)):
+        for r in got[precision]:
+            i = int((truth.pair_indices == r["index"]).nonzero())
+            want = float(truth.chosen_logps[i])
+            assert abs(r["logp_chosen"] - want) <= tol * abs(want), (precision, r, want)
+    for precision in ("bf16-mixed", "bf16"):
+        assert [r["logp_chosen"] for r in got[precision]] != [r["logp_chosen"] for r in got["fp32"]]
+    assert got["bf16-mixed"] != got["bf16"]
+
+
 def test_score_reads_columns_named_otherwise_and_refuses_bad_input(
     tiny_model_dir, tmp_path, capsys
 ):

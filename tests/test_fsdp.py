@@ -317,6 +317,50 @@ def test_a_separate_reference_is_loaded_sharded_and_scores_what_one_process_scor
         assert y["train_metrics"]["loss"] == pytest.approx(x["train_metrics"]["loss"], rel=1e-4)
 
 
+def _score_watching_loads(args: list[str]) -> tuple[int, list[bool]]:
+    """``sdpo score`` that also lists whether each model load was sharded."""
+    from sdpo.cli import main
+    from sdpo.engine import checkpoint
+
+    sharded: list[bool] = []
+    real = checkpoint.load_pretrained
+
+    def watched(path, **kw):
+        sharded.append(kw.get("shard") is not None)
+        return real(path, **kw)
+
+    checkpoint.load_pretrained = watched
+    try:
+        return main(args), sharded
+    finally:
+        checkpoint.load_pretrained = real
+
+
+def test_sdpo_score_with_fsdp_loads_sharded_and_writes_what_one_process_writes(
+    tiny_model_dir, tmp_path
+):
+    from tests.conftest import write_pairs
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=11, seed=8)
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    base = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--impl", "torch"]
+    base += ["--fsdp", "--precision", "fp32"]
+    (code_one, loads_one), ranks = _alongside(
+        lambda: _score_watching_loads([*base, "--out", str(one)]),
+        tmp_path,
+        _score_watching_loads,
+        [*base, "--out", str(two)],
+    )
+    assert (code_one, loads_one) == (0, [False])  # one process: --fsdp changes nothing
+    assert ranks == [(0, [True]), (0, [True])]
+    rows_one = [json.loads(x) for x in one.read_text().splitlines()]
+    rows_two = [json.loads(x) for x in two.read_text().splitlines()]
+    assert [r["index"] for r in rows_two] == [r["index"] for r in rows_one]
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for key in ("logp_chosen", "logp_rejected", "gamma"):
+            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a, b)
+
+
 def _interrupt_in_step_2(out: Path) -> None:
     """Leave ``out`` as a run killed inside sDPO step 2, after a mid-step checkpoint."""
     shutil.rmtree(sorted((out / "checkpoints").iterdir())[-1])  # the end-of-step checkpoint
