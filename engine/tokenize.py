@@ -1,20 +1,36 @@
-"""Turning validated preference rows into token ids, the way DPO trainers (TRL) do.
+"""Turning validated preference rows into token ids, the way TRL's ``DPOTrainer`` (1.16) does.
 
-Each sequence is ``prompt ids + completion ids + EOS``; only completion tokens are scored.
-Conversational rows are rendered with the model's chat template (jinja2, sandboxed): the prompt
-text is the template applied to the prompt messages with ``add_generation_prompt=True``; a
-completion's text is the template applied to prompt + completion messages, minus that prompt text
-(the template must reproduce it as a prefix; templates that rewrite earlier turns are refused).
+Each sequence is ``prompt ids + completion ids``; only completion tokens are scored. A pair is
+tokenized as whole texts: the prompt text alone, and prompt + chosen and prompt + rejected as
+one text each (plain rows: the strings joined as they are, so a completion normally starts with
+its own space or newline; conversational rows: the model's chat template (jinja2, sandboxed)
+applied to the prompt messages with ``add_generation_prompt=True``, and to prompt + completion
+messages). A completion's ids are what follows the prompt's ids in prompt + completion's. So
+each completion is tokenized in its context, as the model reads it after the prompt; encoding
+the completion text on its own would give SentencePiece tokenizers (Llama 2, Mistral, SOLAR) a
+stray word-boundary token at its start that the model never produces after a prompt.
 
-BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``),
-then a BOS id is put in front of the prompt when (1) the tokenizer has a BOS token, (2)
+Where the prompt's ids are not a prefix of prompt + completion's (counted in
+``TokenizeStats.num_prompt_boundary``):
+- plain rows: tokens merged across the boundary (a completion that does not start with a space
+  or newline). The prompt's ids are kept whole and each completion is encoded on its own. (TRL
+  moves the prompt's merged last ids into the completion instead, and warns.)
+- conversational rows: the template renders the prompt alone differently (e.g. an empty
+  thought block after the generation prompt). As TRL does, the completion starts where the
+  prompt's ids part from both prompt + completion's ids.
+
+BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``).
+A plain prompt then gets a BOS id in front when (1) the tokenizer has a BOS token, (2)
 ``tokenizer_config.json`` says ``add_bos_token: true`` (or, when that key is absent, the
 tokenizer's own post-processor adds BOS to plain text, as Llama's does), and (3) the prompt does
-not already start with BOS (chat templates that write ``{{ bos_token }}`` put it there already).
+not already start with BOS. A conversational prompt starts with BOS when the chat template
+writes it (``{{ bos_token }}``, Llama 3's ``<|begin_of_text|>``), as transformers'
+``apply_chat_template(tokenize=True)`` and so TRL give it.
 
-EOS rule: EOS is appended to each completion unless the completion already ends with the EOS
-token (templates that close every turn with EOS, e.g. Llama 3's ``<|eot_id|>``), so no pair
-ends with a doubled EOS.
+EOS rule: a plain completion gets EOS appended unless it already ends with the EOS token, so no
+pair ends with a doubled EOS. A conversational completion is what the chat template renders:
+the template's own end of turn (``<|eot_id|>``, ``<|im_end|>\\n``, ``</s>``) closes it and no
+EOS is added, as TRL does.
 
 Truncation (``max_length`` bounds each sequence, prompt + completion):
 - "keep_end" (default): when a pair is too long, the prompt is first cut to
@@ -53,6 +69,9 @@ class TokenizeStats:
     num_prompt_truncated: int = 0
     num_completion_truncated: int = 0  # pairs with a cut chosen or rejected
     num_identical: int = 0  # pairs whose chosen ids equal their rejected ids
+    # pairs whose prompt ids are not all a prefix of prompt + completion's ids (tokens merged
+    # across the boundary, or a template that renders the prompt alone differently)
+    num_prompt_boundary: int = 0
     num_tokens: int = 0  # packed tokens of all pairs (the prompt counted twice)
     max_sequence_length: int = 0
 
@@ -265,10 +284,11 @@ def _compile_template(source: str):
         raise ValueError(f"the chat template does not compile ({exc}); fix chat_template") from exc
 
 
-def _render_row(row: dict, tokenizer: PairTokenizer, position: int) -> tuple[str, str, str]:
+def _render_row(row: dict, tokenizer: PairTokenizer, position: int) -> tuple[str, str, str, bool]:
+    """(prompt text, prompt + chosen text, prompt + rejected text, conversational)."""
     prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
-        return prompt, chosen, rejected
+        return prompt, prompt + chosen, prompt + rejected, False
     if not (isinstance(prompt, list) and isinstance(chosen, list) and isinstance(rejected, list)):
         raise row_error(
             row,
@@ -278,20 +298,8 @@ def _render_row(row: dict, tokenizer: PairTokenizer, position: int) -> tuple[str
         )
     try:
         prompt_text = tokenizer.render_chat(prompt, add_generation_prompt=True)
-        texts = []
-        for field, completion in (("chosen", chosen), ("rejected", rejected)):
-            full = tokenizer.render_chat(prompt + completion, add_generation_prompt=False)
-            if not full.startswith(prompt_text):
-                raise row_error(
-                    row,
-                    "the chat template does not reproduce the rendered prompt as the start of "
-                    "prompt + completion, so the completion cannot be separated",
-                    fix="use a chat template whose output for a conversation starts with its "
-                    "output for the conversation's first turns (add_generation_prompt=True)",
-                    field=field,
-                    position=position,
-                )
-            texts.append(full[len(prompt_text) :])
+        chosen_text = tokenizer.render_chat(prompt + chosen, add_generation_prompt=False)
+        rejected_text = tokenizer.render_chat(prompt + rejected, add_generation_prompt=False)
     except ChatTemplateError as exc:
         raise row_error(
             row,
@@ -299,7 +307,19 @@ def _render_row(row: dict, tokenizer: PairTokenizer, position: int) -> tuple[str
             fix="fix the roles/order of the row's messages to what the template accepts",
             position=position,
         ) from None
-    return prompt_text, texts[0], texts[1]
+    return prompt_text, chosen_text, rejected_text, True
+
+
+def _is_prefix(a: list[int], b: list[int]) -> bool:
+    return len(a) <= len(b) and b[: len(a)] == a
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 def tokenize_pairs(
@@ -330,14 +350,52 @@ def tokenize_pairs(
         )
     texts = [_render_row(row, tokenizer, i) for i, row in enumerate(rows)]
     prompt_ids = tokenizer.encode_texts([t[0] for t in texts])
-    chosen_ids = tokenizer.encode_texts([t[1] for t in texts])
-    rejected_ids = tokenizer.encode_texts([t[2] for t in texts])
+    chosen_full = tokenizer.encode_texts([t[1] for t in texts])
+    rejected_full = tokenizer.encode_texts([t[2] for t in texts])
+    # plain rows whose prompt ids are not a prefix of prompt + completion's: each completion
+    # encoded on its own (module docstring)
+    merged = [
+        i
+        for i, t in enumerate(texts)
+        if not t[3]
+        and not (
+            _is_prefix(prompt_ids[i], chosen_full[i])
+            and _is_prefix(prompt_ids[i], rejected_full[i])
+        )
+    ]
+    alone = tokenizer.encode_texts(
+        [rows[i][field] for i in merged for field in ("chosen", "rejected")]
+    )
+    alone_of = {i: (alone[2 * k], alone[2 * k + 1]) for k, i in enumerate(merged)}
 
     stats = TokenizeStats(num_pairs=len(rows))
     pairs: list[TokenizedPair] = []
     for i, row in enumerate(rows):
-        prompt = tokenizer.prompt_ids(prompt_ids[i])
-        completions = [chosen_ids[i], rejected_ids[i]]
+        if i in alone_of:
+            cut = len(prompt_ids[i])
+            completions = list(alone_of[i])
+        else:
+            # the completion starts where the prompt's ids and the prompt + completion's ids
+            # part: the prompt's end, unless a template renders the prompt alone differently
+            cut = min(
+                _common_prefix(prompt_ids[i], chosen_full[i]),
+                _common_prefix(prompt_ids[i], rejected_full[i]),
+            )
+            completions = [chosen_full[i][cut:], rejected_full[i][cut:]]
+            if cut == 0 and prompt_ids[i]:
+                raise row_error(
+                    row,
+                    "the chat template renders prompt + completion without the rendered prompt "
+                    "at its start (not one leading token in common), so the completion cannot "
+                    "be separated",
+                    fix="use a chat template whose output for a conversation starts with its "
+                    "output for the conversation's first turns (add_generation_prompt=True)",
+                    field="prompt",
+                    position=i,
+                )
+        stats.num_prompt_boundary += i in alone_of or cut < len(prompt_ids[i])
+        # BOS: plain rows by the BOS rule; conversational rows as the template writes them
+        prompt = prompt_ids[i][:cut] if texts[i][3] else tokenizer.prompt_ids(prompt_ids[i][:cut])
         for name, ids in zip(("chosen", "rejected"), completions):
             if not ids:
                 raise row_error(
@@ -347,7 +405,8 @@ def tokenize_pairs(
                     field=name,
                     position=i,
                 )
-        completions = [tokenizer.completion_ids(ids) for ids in completions]
+        if not texts[i][3]:  # plain text: EOS closes each completion (the template's own else)
+            completions = [tokenizer.completion_ids(ids) for ids in completions]
         if not prompt:
             raise row_error(
                 row,

@@ -346,6 +346,12 @@ def _score(args: argparse.Namespace) -> int:
                     )
                     + "\n"
                 )
+    if stats.num_prompt_boundary:
+        print(
+            f"{stats.num_prompt_boundary} pair(s) with tokens merged across the prompt/completion "
+            "boundary or a chat template that renders the prompt alone differently (see README, "
+            "Training)"
+        )
     print(
         f"pairs: {len(pairs)}  truncated: {stats.num_truncated}  "
         f"reward accuracy: {float((gamma > 0).float().mean()):.4f}  "

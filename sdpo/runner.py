@@ -339,6 +339,14 @@ def load_pairs(
         f"data: {len(pairs)} pairs from {len(sources)} source(s); "
         f"{stats.num_truncated} truncated to max_length={cfg.data.max_length}"
     )
+    if stats.num_prompt_boundary:
+        _log(
+            f"data: in {stats.num_prompt_boundary} pair(s) the prompt's tokens are not a prefix "
+            "of prompt + completion's: plain rows whose completion does not start with a space "
+            "or newline (tokens merge across the boundary; each completion is then encoded on "
+            "its own), or a chat template that renders the prompt alone differently (the "
+            "completion starts where the two part)"
+        )
     return pairs
 
 

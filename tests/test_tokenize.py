@@ -1,5 +1,6 @@
-"""Pair tokenization: the prompt + completion + EOS convention, chat-template rendering, BOS/EOS
-rules, every truncation policy with exact ids, and the tokenizer/model mismatch check."""
+"""Pair tokenization: completions tokenized in their prompt's context (TRL 1.16's convention),
+chat-template rendering, BOS/EOS rules, every truncation policy with exact ids, and the
+tokenizer/model mismatch check."""
 
 from __future__ import annotations
 
@@ -84,11 +85,13 @@ def test_conversational_rows_render_with_the_chat_template(tok, tmp_path):
     (pair,), _ = tokenize_pairs(data, tok, max_length=64)
     # "system : be kind user : hello cat assistant : "
     prompt = [SYSTEM, COLON, *wid("be kind"), USER, COLON, *wid("hello cat"), ASSISTANT, COLON]
-    assert pair.prompt_ids == [BOS, *prompt]
-    assert pair.chosen_ids == [*wid("the cat sat"), EOS]
-    assert pair.rejected_ids == [*wid("dog"), EOS]
+    # no BOS and no EOS: the template writes neither (a conversational row is what the
+    # template renders, as transformers' apply_chat_template(tokenize=True) and TRL give it)
+    assert pair.prompt_ids == prompt
+    assert pair.chosen_ids == wid("the cat sat")
+    assert pair.rejected_ids == wid("dog")
     full = tok.render_chat(data[0]["prompt"] + data[0]["chosen"], add_generation_prompt=False)
-    assert [BOS, *tok.encode_texts([full])[0], EOS] == pair.prompt_ids + pair.chosen_ids
+    assert tok.encode_texts([full])[0] == pair.prompt_ids + pair.chosen_ids
 
 
 ZEPHYR_LIKE = (
@@ -153,7 +156,7 @@ def test_template_that_does_not_reproduce_the_prompt_prefix_is_an_error(tmp_path
     with pytest.raises(DataError) as info:
         tokenize_pairs(data, tok, max_length=64)
     msg = str(info.value)
-    assert "c.jsonl, line 1, field 'chosen'" in msg and "does not reproduce" in msg
+    assert "c.jsonl, line 1, field 'prompt'" in msg and "without the rendered prompt" in msg
 
 
 def test_template_raise_exception_becomes_an_error_naming_the_row(tmp_path):
@@ -395,3 +398,154 @@ def test_fingerprint_changes_with_the_template(tmp_path):
 def test_build_tokenizer_refuses_words_the_pre_tokenizer_would_split(tmp_path):
     with pytest.raises(ValueError, match='"don\'t" would be split'):
         build_tokenizer(tmp_path, words=["don't"])
+
+
+SP_CORPUS = ["[INST] hi there [/INST] Sure thing", "[INST] say no [/INST] No way"] * 20
+SP_CORPUS += ["Sure Sure thing no way hi there"] * 20
+
+
+def sentencepiece_like(folder: Path, *, chat_template: str | None = None) -> Path:
+    """A BPE tokenizer that normalises text the way Llama 2's (and Mistral's, SOLAR's) does:
+    a word-boundary mark "▁" put in front of the text and in place of every space, pieces split
+    before each mark. A text that starts with a space so gets a lone "▁" piece first. BOS is
+    added by the post-processor, as Llama's is."""
+    from tokenizers import models, normalizers, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(SP_CORPUS, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<unk>",
+    }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + '<|im_end|>' }}"
+    "{{ ' ' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant' }}{% endif %}"
+)
+
+
+def test_completions_are_tokenized_in_the_prompt_s_context(tmp_path):
+    tok = PairTokenizer.from_dir(sentencepiece_like(tmp_path / "sp"))
+    pieces = tok.tokenizer.token_to_id
+    rows = [{"prompt": "[INST] hi there [/INST]", "chosen": " Sure thing", "rejected": " No way"}]
+    (pair,), stats = tokenize_pairs(rows, tok, max_length=64)
+    ids = [pieces(p) for p in ("▁[INST]", "▁hi", "▁there", "▁[/INST]", "▁Sure", "▁thing")]
+    assert None not in ids
+    assert pair.prompt_ids == [tok.bos_id, *ids[:4]]
+    assert pair.chosen_ids == [*ids[4:], tok.eos_id]
+    assert pair.rejected_ids[-1] == tok.eos_id and pieces("▁") not in pair.rejected_ids
+    assert stats.num_prompt_boundary == 0
+    # the completion text encoded on its own starts with a lone word-boundary piece
+    assert tok.encode_texts([" Sure thing"])[0] == [pieces("▁"), *ids[4:]]
+
+
+def test_tokens_merged_across_the_boundary_keep_the_prompt_whole(tmp_path):
+    tok = PairTokenizer.from_dir(sentencepiece_like(tmp_path / "sp"))
+    # "hi the" + "re no": prompt + completion reads "hi there no", where "▁there" is one piece
+    rows = [{"prompt": "hi the", "chosen": "re no", "rejected": " no way"}]
+    (pair,), stats = tokenize_pairs(rows, tok, max_length=64)
+    assert stats.num_prompt_boundary == 1
+    assert pair.prompt_ids == [tok.bos_id, *tok.encode_texts(["hi the"])[0]]
+    assert pair.chosen_ids == [*tok.encode_texts(["re no"])[0], tok.eos_id]
+    assert pair.rejected_ids == [*tok.encode_texts([" no way"])[0], tok.eos_id]
+
+
+def test_a_template_that_renders_the_prompt_alone_differently_splits_where_they_part(tmp_path):
+    template = (
+        "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}assistant : w0 {% endif %}"
+    )
+    tok = PairTokenizer.from_dir(build_tokenizer(tmp_path, words=WORDS, chat_template=template))
+    data = read_preference_file(write_jsonl(tmp_path / "c.jsonl", [conv_row()]))
+    (pair,), stats = tokenize_pairs(data, tok, max_length=64)
+    # prompt alone: "user : hello assistant : w0"; with the answer: "... assistant : the cat"
+    assert pair.prompt_ids == [USER, COLON, *wid("hello"), ASSISTANT, COLON]
+    assert pair.chosen_ids == wid("the cat") and pair.rejected_ids == wid("dog")
+    assert stats.num_prompt_boundary == 1
+
+
+def _trl_ids(folder: Path, rows: list[dict], tmp_path: Path) -> list[tuple[list[int], ...]]:
+    """The (prompt, chosen, rejected) ids TRL's DPOTrainer makes of ``rows``."""
+    datasets = pytest.importorskip("datasets")
+    transformers = pytest.importorskip("transformers")
+    trl = pytest.importorskip("trl")
+    import torch
+
+    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+    config = transformers.LlamaConfig(
+        vocab_size=len(hf_tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        report_to="none",
+        use_cpu=True,
+        max_length=None,
+        disable_tqdm=True,
+        precompute_ref_log_probs=True,  # no reference model to load
+    )
+    trainer = trl.DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=hf_tok,
+    )
+    ds = trainer.train_dataset
+    return [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in ds]
+
+
+def test_pair_ids_are_trl_s_for_plain_and_conversational_rows(tmp_path):
+    plain = [
+        {"prompt": "[INST] hi there [/INST]", "chosen": " Sure thing", "rejected": " No way"},
+        {"prompt": "[INST] say no [/INST]", "chosen": "\nNo way", "rejected": " Sure"},
+    ]
+    folder = sentencepiece_like(tmp_path / "sp", chat_template=CHATML)
+    tok = PairTokenizer.from_dir(folder)
+    pairs, stats = tokenize_pairs(plain, tok, max_length=64)
+    assert stats.num_prompt_boundary == 0
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs] == _trl_ids(
+        folder, plain, tmp_path
+    )
+    chat = [
+        {
+            "prompt": [
+                {"role": "system", "content": "hi there"},
+                {"role": "user", "content": "say no"},
+            ],
+            "chosen": [{"role": "assistant", "content": "No way"}],
+            "rejected": [{"role": "assistant", "content": "Sure thing"}],
+        }
+    ]
+    path = write_jsonl(tmp_path / "chat.jsonl", chat)
+    pairs, stats = tokenize_pairs(read_preference_file(path), tok, max_length=64)
+    assert stats.num_prompt_boundary == 0
+    ours = [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
+    assert ours == _trl_ids(folder, chat, tmp_path)
+    # the template's own end of turn (and its separator after it) closes each completion; no
+    # EOS is added, and no BOS: the template writes none
+    chosen, piece = ours[0][1], tok.tokenizer.token_to_id
+    end = chosen.index(piece("<|im_end|>"))
+    assert set(chosen[end + 1 :]) == {piece("▁")}
+    assert tok.eos_id not in chosen and ours[0][0][0] != tok.bos_id
