@@ -10,8 +10,9 @@ so numbers are comparable with runs made there:
 
 - logits ``z = (pi_c - pi_r) - (ref_c - ref_r)``; with ``reference_free`` the reference terms are 0;
 - IPO uses log-probs *averaged* over completion tokens (policy and reference alike), so it needs
-  the token counts; its rewards are computed from those averages too;
-- rewards are ``beta * (policy - reference)``, detached: they are metrics, not loss terms;
+  the token counts;
+- rewards are ``beta * (policy - reference)`` of the summed log-probs, detached, for every type
+  (IPO's too, as TRL 1.16 reports them): they are metrics, not loss terms;
 - RPO adds ``rpo_alpha * nll`` per pair, where ``nll = -pi_c / chosen_tokens`` is the chosen
   completion's mean token negative log-likelihood. (TRL averages the NLL over all chosen tokens
   of the batch instead; the per-pair form keeps the loss separable by pair, which the fused
@@ -33,7 +34,7 @@ The TRL variants are written with the per-completion log-ratios ``lc = pi_c - re
   ``exp(-x) s(x / tau)`` is ``exp(log s(x / tau) - x)``, so a very negative ``x`` does not turn
   ``inf * 0`` into NaN;
 - ``sigmoid_norm``: ``-log s(beta (lc / chosen_tokens - lr / rejected_tokens))`` (token counts
-  clamped to at least 1, as TRL does); unlike IPO its rewards use the summed log-ratios, as TRL's.
+  clamped to at least 1, as TRL does).
 
 f-DPO (``f_divergence_type``, as TRL names it): DPO's reverse-KL regulariser replaced by another
 f-divergence between policy and reference. With ``u = pi / ref`` (so ``log u`` is ``lc`` or ``lr``)
@@ -46,7 +47,13 @@ robust, hinge, ipo, exo_pair, discopop, sigmoid_norm) reads ``f'(u_c) - f'(u_r)`
 - ``js_divergence``: ``f'(u) = log(2u / (1 + u))``, giving ``(lc - lr) - (softplus(lc) -
   softplus(lr))``, evaluated as ``logsigmoid(lc) - logsigmoid(lr)``;
 - ``alpha_divergence`` with ``a = f_alpha_divergence_coef``: ``f'(u) = (1 - u^-a) / a``, giving
-  ``(exp(-a lr) - exp(-a lc)) / a`` (``forward_kl`` is ``a = 1``).
+  ``(exp(-a lr) - exp(-a lc)) / a`` (``forward_kl`` is ``a = 1``). This is the f-DPO paper's
+  alpha and TRL's description of the option; TRL 1.16's code computes ``(u^(a-1) - 1) / (a-1)``,
+  that is ``1 - a`` in place of ``a``, which agrees at its default 0.5.
+
+Against TRL 1.16 itself (``tests/test_trl_parity.py``) every type gives the same losses, rewards
+and updates, with two deliberate differences besides that alpha and RPO (below): TRL 1.16's
+sigmoid loss ignores ``label_smoothing``, which is cDPO here.
 
 The exponents are capped at half the compute dtype's exponent range (float32: e^36.4; TRL caps
 at the full range, where IPO's square and the division by ``a`` can still overflow), so a very
@@ -61,9 +68,8 @@ chosen NLL over every chosen token of the batch (``rpo_alpha`` is its per-pair f
 
 Several loss types at once (TRL's ``loss_type`` list with ``loss_weights``, e.g. MPO's
 ``["sigmoid", "bco_pair"]``): the per-pair loss is the weighted sum of the types' per-pair
-losses (weights default to 1), so it stays separable by pair; the reported rewards are those of
-the first type (they differ only for IPO, whose rewards use token-averaged log-probs), and the
-RPO term, if any, is added once.
+losses (weights default to 1), so it stays separable by pair; the reported rewards are the same
+for every type, and the RPO term, if any, is added once.
 
 LD-DPO (``ld_alpha``, TRL's option of that name) changes the summed log-probs themselves,
 before they reach this module: with ``public = min(chosen, rejected completion tokens)`` of a
@@ -365,15 +371,18 @@ def _type_terms(
     tokens: tuple[Tensor, Tensor] | None,
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """One loss type's per-pair losses and (detached) chosen/rejected rewards."""
+    beta, eps = config.beta, config.label_smoothing
+    # rewards: beta times the summed log-ratios, for every type (IPO's included), as TRL 1.16
+    lc = pc if rc is None else pc - rc
+    lr = pr if rr is None else pr - rr
+    rewards = (beta * lc.detach(), beta * lr.detach())
     if kind == "ipo":  # log-probs averaged over completion tokens, policy and reference alike
         ct, rt = tokens
         pc, pr = pc / ct, pr / rt
         if rc is not None:
             rc, rr = rc / ct, rr / rt
-    beta, eps = config.beta, config.label_smoothing
-    lc = pc if rc is None else pc - rc
-    lr = pr if rr is None else pr - rr
-    rewards = (beta * lc.detach(), beta * lr.detach())
+        lc = pc if rc is None else pc - rc
+        lr = pr if rr is None else pr - rr
     if kind == "sigmoid_norm":
         ct, rt = (t.clamp(min=1.0) for t in tokens)
         return -F.logsigmoid(beta * _divergence_logits(config, lc / ct, lr / rt)), rewards

@@ -110,9 +110,9 @@ def test_ipo_averages_logprobs_over_completion_tokens():
     expected = [(z_of(i, average=True) - 1 / (2 * beta)) ** 2 for i in range(2)]
     assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
     assert out.losses[0].item() == pytest.approx((0.35 - 2.0) ** 2, rel=1e-12)
-    # rewards use the same token averages (as TRL does for IPO)
-    assert out.chosen_rewards[0].item() == pytest.approx(beta * (-10 / 4 + 11 / 4), rel=1e-12)
-    assert out.rejected_rewards[1].item() == pytest.approx(beta * (-29 / 7 + 30.5 / 7), rel=1e-12)
+    # rewards are beta times the summed log-ratios, as for every type (TRL 1.16 reports them so)
+    assert out.chosen_rewards[0].item() == pytest.approx(beta * (-10 + 11), rel=1e-12)
+    assert out.rejected_rewards[1].item() == pytest.approx(beta * (-29 + 30.5), rel=1e-12)
 
 
 def test_rpo_adds_mean_token_nll_of_chosen():

@@ -1,0 +1,231 @@
+"""sdpo's DPO step against TRL's ``DPOTrainer`` (1.16) itself, on the same model, the same rows
+and the same batches, for every loss type both have, f-divergences, LD-DPO and WPO: the
+reference values TRL precomputes, every logged metric of every optimizer step, and the weights
+after the last step, to float32 rounding. Run when trl is installed (a dev dependency).
+
+Not compared, because sdpo differs on purpose (README, Training): ``label_smoothing`` with the
+sigmoid loss (cDPO; TRL 1.16's sigmoid ignores it), ``f_alpha_divergence_coef`` other than 0.5
+(see ``LOSSES``), and RPO (per-pair NLL here, TRL's ``sft`` type averages over the batch)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpo.engine.checkpoint import load_pretrained, save_pretrained
+from sdpo.engine.model import ModelConfig, init_model
+from sdpo.engine.scoring import score_pairs
+from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+from sdpo.engine.trainer import DPOTrainer, TrainConfig
+from sdpo.losses import LossConfig, dpo_loss
+from tests.test_tokenize import sentencepiece_like
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+PAIRS, PAIRS_PER_STEP, STEPS = 12, 4, 3
+LR, BETA, EPS = 2e-3, 0.1, 1e-3  # a larger Adam eps keeps rounding from being magnified
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny Llama-style model with a Llama-2-style tokenizer, and plain rows whose completions
+    start with a space (so TRL and sdpo give the same ids)."""
+    import random
+
+    tmp = tmp_path_factory.mktemp("trl_parity")
+    tok_dir = sentencepiece_like(tmp / "tok")
+    tokenizer = PairTokenizer.from_dir(tok_dir)
+    config = ModelConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+    )
+    model_dir = tmp / "model"
+    files = [tok_dir / "tokenizer.json", tok_dir / "tokenizer_config.json"]
+    save_pretrained(init_model(config, seed=5), model_dir, extra_files=files)
+    rng = random.Random(7)
+    words = ["hi", "there", "say", "no", "sure", "thing", "way"]
+
+    def text(n):
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    rows = [
+        {
+            "prompt": f"[INST] {text(rng.randint(2, 6))} [/INST]",
+            "chosen": " " + text(rng.randint(1, 6)),
+            "rejected": " " + text(rng.randint(1, 6)),
+        }
+        for _ in range(PAIRS)
+    ]
+    pairs, stats = tokenize_pairs(rows, tokenizer, max_length=128)
+    assert stats.num_prompt_boundary == 0
+    return model_dir, rows, pairs
+
+
+def _ours(model_dir: Path, pairs, loss: LossConfig, out: Path) -> tuple[dict, list[dict]]:
+    model = load_pretrained(model_dir)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch", ld_alpha=loss.ld_alpha)
+    config = TrainConfig(
+        learning_rate=LR,
+        pairs_per_step=PAIRS_PER_STEP,
+        max_tokens_per_batch=4096,
+        warmup_ratio=0.0,
+        schedule="constant",
+        adam_eps=EPS,
+        max_grad_norm=1.0,
+        shuffle=False,
+        precision="fp32",
+    )
+    trainer = DPOTrainer(
+        model,
+        config=config,
+        loss_fn=partial(dpo_loss, config=loss),
+        kernels_impl="torch",
+        progress=False,
+        output_dir=out,
+        ld_alpha=loss.ld_alpha,
+    )
+    trainer.fit(pairs, ref)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, rows
+
+
+def _trl(model_dir: Path, rows: list[dict], loss: LossConfig, out: Path):
+    logs: list[dict] = []
+
+    class Logs(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                logs_copy = dict(logs)
+                logs_copy["step"] = state.global_step
+                logged.append(logs_copy)
+
+    logged = logs
+
+    class InOrder(trl.DPOTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    options = {
+        "output_dir": str(out),
+        "per_device_train_batch_size": PAIRS_PER_STEP,
+        "max_steps": STEPS,
+        "learning_rate": LR,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "adam_epsilon": EPS,
+        "max_grad_norm": 1.0,
+        "weight_decay": 0.0,
+        "beta": loss.beta,
+        "loss_type": loss.loss_type,
+        "precompute_ref_log_probs": True,
+        "max_length": None,
+        "logging_steps": 1,
+        "logging_nan_inf_filter": False,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "bf16": False,  # TRL's default is bf16 autocast, on a CPU too: fp32 on both sides
+        "disable_tqdm": True,
+        "seed": 0,
+    }
+    for key in (
+        "loss_weights",
+        "label_smoothing",
+        "discopop_tau",
+        "f_divergence_type",
+        "f_alpha_divergence_coef",
+        "ld_alpha",
+        "use_weighting",
+    ):
+        if getattr(loss, key) != getattr(LossConfig(), key):
+            options[key] = getattr(loss, key)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="sdpa"
+    )
+    trainer = InOrder(
+        model=model,
+        args=trl.DPOConfig(**options),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir)),
+        callbacks=[Logs()],
+    )
+    ref = (
+        torch.tensor(trainer.train_dataset["ref_chosen_logps"], dtype=torch.float64),
+        torch.tensor(trainer.train_dataset["ref_rejected_logps"], dtype=torch.float64),
+    )
+    trainer.train()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return ref, state, logs
+
+
+LOSSES = {
+    "sigmoid": LossConfig(beta=BETA),
+    "ipo": LossConfig(beta=BETA, loss_type="ipo"),
+    "hinge": LossConfig(beta=BETA, loss_type="hinge"),
+    "robust": LossConfig(beta=BETA, loss_type="robust", label_smoothing=0.2),
+    "exo_pair": LossConfig(beta=BETA, loss_type="exo_pair", label_smoothing=0.1),
+    "nca_pair": LossConfig(beta=BETA, loss_type="nca_pair"),
+    "bco_pair": LossConfig(beta=BETA, loss_type="bco_pair"),
+    "sppo_hard": LossConfig(beta=BETA, loss_type="sppo_hard"),
+    "apo_zero": LossConfig(beta=BETA, loss_type="apo_zero"),
+    "apo_down": LossConfig(beta=BETA, loss_type="apo_down"),
+    "discopop": LossConfig(beta=BETA, loss_type="discopop", discopop_tau=0.1),
+    "sigmoid_norm": LossConfig(beta=BETA, loss_type="sigmoid_norm"),
+    "mpo": LossConfig(beta=BETA, loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2]),
+    "js_divergence": LossConfig(beta=BETA, f_divergence_type="js_divergence"),
+    # TRL's default coefficient: TRL 1.16 computes f'(u) = (u^(c-1) - 1) / (c-1), the f-DPO
+    # paper's (1 - u^-c) / c (and TRL's own docs') with c replaced by 1 - c; both agree at 0.5
+    "alpha_divergence": LossConfig(beta=BETA, f_divergence_type="alpha_divergence"),
+    "ld_dpo": LossConfig(beta=BETA, ld_alpha=0.5),
+    "wpo": LossConfig(beta=BETA, use_weighting=True),
+    "ipo_ld_wpo": LossConfig(beta=BETA, loss_type="ipo", ld_alpha=0.3, use_weighting=True),
+}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_a_dpo_training_equals_trl_s_step_by_step(setup, tmp_path, name):
+    model_dir, rows, pairs = setup
+    loss = LOSSES[name]
+    weights, ours = _ours(model_dir, pairs, loss, tmp_path / "ours")
+    ref, trl_weights, theirs = _trl(model_dir, rows, loss, tmp_path / "trl")
+    shutil.rmtree(tmp_path / "trl", ignore_errors=True)
+
+    # TRL's precomputed reference log-probs are our scoring pass's (LD-weighted for LD-DPO)
+    model = load_pretrained(model_dir)
+    scores = score_pairs(
+        model, pairs, max_tokens_per_batch=4096, impl="torch", ld_alpha=loss.ld_alpha
+    )
+    assert torch.allclose(scores.chosen_logps.double(), ref[0], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(scores.rejected_logps.double(), ref[1], rtol=1e-5, atol=1e-5)
+
+    assert [r["step"] for r in theirs] == list(range(1, STEPS + 1))
+    assert len(ours) == STEPS
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
+        for key in METRICS:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (step, key, a, b)
+
+    assert weights.keys() <= trl_weights.keys() | {"lm_head.weight"}
+    for key, w in weights.items():
+        assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), key
