@@ -421,6 +421,10 @@ class DPOTrainer:
         # each completion's sum of token_logp - log sum p^2, handed to the loss as
         # chosen_aligned / rejected_aligned (sdpo/losses.py)
         self.use_weighting = bool(getattr(_loss_config(loss_fn), "use_weighting", False))
+        # TRL's sft loss type: the mean token NLL of the step's chosen completions; each pair's
+        # share needs the step's chosen-token count (train_step), given as sft_scale
+        self.sft = "sft" in getattr(_loss_config(loss_fn), "loss_types", ())
+        self._sft_scale: float | None = None
         self.kernels_impl = kernels_impl
         self.chunk_tokens = chunk_tokens
         self.max_chunk_tokens = max_chunk_tokens  # fused path: longer pairs are split
@@ -528,6 +532,8 @@ class DPOTrainer:
             hidden = hidden.to(weight.dtype)
 
         wpo = self.use_weighting
+        # the step's (pairs / chosen tokens) for the sft type; None: this batch's own
+        sft = {"sft_scale": self._sft_scale} if self.sft else {}
         if self.config.loss_path == "fused":
 
             def pair_loss(chosen: Tensor, rejected: Tensor, sl: slice, **chunk_aligned) -> Tensor:
@@ -539,6 +545,7 @@ class DPOTrainer:
                     chosen_tokens=tok_c[sl],
                     rejected_tokens=tok_r[sl],
                     **chunk_aligned,  # WPO: chosen_aligned / rejected_aligned of the chunk
+                    **sft,
                 )
                 return out.losses.sum() * weight_of_loss / normalizer
 
@@ -584,6 +591,7 @@ class DPOTrainer:
                 chosen_tokens=tok_c,
                 rejected_tokens=tok_r,
                 **aligned,
+                **sft,
             )
             loss = out.losses.sum() * weight_of_loss / normalizer
         loss.backward()
@@ -592,7 +600,7 @@ class DPOTrainer:
         with torch.no_grad():
             pc, pr = seq_logps.detach()[0::2].float(), seq_logps.detach()[1::2].float()
             out = self.loss_fn(
-                pc, pr, ref_c, ref_r, chosen_tokens=tok_c, rejected_tokens=tok_r, **aligned
+                pc, pr, ref_c, ref_r, chosen_tokens=tok_c, rejected_tokens=tok_r, **aligned, **sft
             )
             return {
                 "loss": loss.detach().float() * normalizer,
@@ -630,6 +638,9 @@ class DPOTrainer:
         Data parallel: ``micro_batches`` is the whole step (the same on every rank); this rank
         runs its share and the gradients and metric sums are summed over ranks."""
         normalizer = sum(len(m) for m in micro_batches)
+        if self.sft:  # the whole step's pairs over its chosen completion tokens (every rank's)
+            chosen = sum(len(pairs[i].chosen_ids) for m in micro_batches for i in m)
+            self._sft_scale = normalizer / max(chosen, 1)
         self.optimizer.zero_grad(set_to_none=True)
         if self.sharded:
             # the parameter gathers are collectives, so every rank runs as many forward/backward

@@ -61,10 +61,19 @@ negative log-ratio gives a finite loss with a zero gradient instead of inf or Na
 IPO and sigmoid_norm apply it to their token-averaged log-ratios. The rewards stay
 ``beta * lc`` and ``beta * lr``.
 
+``sft`` (TRL's: the NLL of the chosen completions averaged over every chosen token of the
+batch, e.g. RPO as ``["sigmoid", "sft"]`` with ``loss_weights = [1, alpha]``, MPO as
+``["sigmoid", "bco_pair", "sft"]``) is a sum over pairs once the step's token count is known:
+each pair's term is ``-pi_c * sft_scale`` with ``sft_scale`` = (pairs of the optimizer step) /
+(chosen tokens of the step), which the trainer passes, so the step's mean is TRL's batch mean.
+It reads the raw summed log-probs, so it is refused with LD-DPO; and with WPO, whose weight TRL
+applies to the batch mean as a whole (the batch's mean pair weight), which would tie every
+pair's gradient to the other pairs' weights. ``rpo_alpha`` is the per-pair form: each pair's
+mean token NLL.
+
 Left out because they are not separable by pair (one pair's loss would depend on other pairs,
 which the fused chunked kernel cannot allow): ``aot`` and ``aot_unpaired`` (older releases:
-``aot_pair``) sort the log-ratios across the batch before pairing them up; ``sft`` averages the
-chosen NLL over every chosen token of the batch (``rpo_alpha`` is its per-pair form).
+``aot_pair``) sort the log-ratios across the batch before pairing them up.
 
 Several loss types at once (TRL's ``loss_type`` list with ``loss_weights``, e.g. MPO's
 ``["sigmoid", "bco_pair"]``): the per-pair loss is the weighted sum of the types' per-pair
@@ -122,10 +131,12 @@ _LOGRATIO_TYPES = (
     "discopop",
     "sigmoid_norm",
 )
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", *_LOGRATIO_TYPES)
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", *_LOGRATIO_TYPES, "sft")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # loss types built on the reward difference, the ones an f-divergence generalises
 _F_DIVERGENCE_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm")
+# loss types an f-divergence leaves as they are (TRL accepts them with one)
+_F_DIVERGENCE_NEUTRAL = ("sft",)
 # loss types whose loss reads label_smoothing (as cDPO's / robust DPO's flip rate, as EXO's eps)
 _SMOOTHED_TYPES = ("sigmoid", "robust", "exo_pair")
 
@@ -236,7 +247,9 @@ class LossConfig:
                 f"got {self.f_divergence_type!r}"
             )
         if self.f_divergence_type != "reverse_kl":
-            other = [kind for kind in types if kind not in _F_DIVERGENCE_TYPES]
+            other = [
+                kind for kind in types if kind not in _F_DIVERGENCE_TYPES + _F_DIVERGENCE_NEUTRAL
+            ]
             if other:
                 raise ValueError(
                     f"f_divergence_type = {self.f_divergence_type!r} does not apply to loss_type "
@@ -263,6 +276,19 @@ class LossConfig:
 
         if not isinstance(self.use_weighting, bool):
             raise ValueError(f"use_weighting must be true or false, got {self.use_weighting!r}")
+        if "sft" in types and self.use_weighting:
+            raise ValueError(
+                "loss_type 'sft' does not go with use_weighting: TRL weights the batch's mean "
+                "NLL by the batch's mean pair weight, which ties every pair's gradient to the "
+                "others' weights (the fused head forms each pair's gradient alone); use rpo_alpha "
+                "(a per-pair NLL, weighted per pair) or drop one"
+            )
+        if "sft" in types and self.ld_alpha not in (None, 1):
+            raise ValueError(
+                "loss_type 'sft' does not go with ld_alpha: TRL's sft term averages the raw "
+                "token log-probs, and the log-prob head forms the LD-weighted sums; use "
+                "rpo_alpha (it reads the LD-weighted sum) or drop one"
+            )
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -278,10 +304,10 @@ class LossConfig:
 
     @property
     def needs_token_counts(self) -> bool:
-        """IPO and sigmoid_norm average log-probs over completion tokens, RPO's NLL and WPO's
-        weights are per-token means."""
+        """IPO and sigmoid_norm average log-probs over completion tokens, RPO's NLL, sft's NLL
+        and WPO's weights are per-token means."""
         return (
-            bool({"ipo", "sigmoid_norm"} & set(self.loss_types))
+            bool({"ipo", "sigmoid_norm", "sft"} & set(self.loss_types))
             or self.rpo_alpha is not None
             or self.use_weighting
         )
@@ -315,6 +341,7 @@ def _pair_terms(
     rejected_tokens: Tensor | None,
     chosen_aligned: Tensor | None = None,
     rejected_aligned: Tensor | None = None,
+    sft_scale: float | Tensor | None = None,
 ) -> DPOLossOutput:
     """Per-pair losses and rewards; inputs already checked to be (k,) tensors."""
     dtype = _compute_dtype(policy_chosen)
@@ -328,9 +355,17 @@ def _pair_terms(
     tokens = None
     if config.needs_token_counts:
         tokens = (chosen_tokens.to(dtype), rejected_tokens.to(dtype))
+    if "sft" in config.loss_types and sft_scale is None:  # the mean over these pairs' tokens
+        sft_scale = tokens[0].shape[0] / tokens[0].sum().clamp(min=1.0)
     losses = rewards = None
     for kind, weight in zip(config.loss_types, config.weights):
-        part, part_rewards = _type_terms(kind, config, pc, pr, rc, rr, tokens)
+        if kind == "sft":  # its per-pair share of the mean token NLL of the chosen completions
+            lc = pc if rc is None else pc - rc
+            lr = pr if rr is None else pr - rr
+            part = -pc * sft_scale
+            part_rewards = (config.beta * lc.detach(), config.beta * lr.detach())
+        else:
+            part, part_rewards = _type_terms(kind, config, pc, pr, rc, rr, tokens)
         if rewards is None:
             rewards = part_rewards  # the first type's
         if weight != 1.0:
@@ -515,6 +550,7 @@ def dpo_loss(
     rejected_tokens: Tensor | None = None,
     chosen_aligned: Tensor | None = None,
     rejected_aligned: Tensor | None = None,
+    sft_scale: float | Tensor | None = None,
 ) -> DPOLossOutput:
     """Per-pair DPO-family losses from summed completion log-probs.
 
@@ -524,6 +560,10 @@ def dpo_loss(
     chosen_aligned, rejected_aligned: (P,) WPO's per-completion sums of ``token_logp - log
     sum_v p_v^2`` under the policy (needed with ``use_weighting``, ignored without; treated as
     constants). The training loss of a batch is usually ``out.losses.mean()``.
+    sft_scale (loss type ``"sft"``): the pair's sft term is ``-policy_chosen * sft_scale``, so
+    that the mean over the pairs of an optimizer step is the step's mean token NLL of the chosen
+    completions when ``sft_scale`` = (pairs of the step) / (chosen completion tokens of the
+    step), as TRL's ``sft`` type computes it over a batch. None: these pairs are the step.
     """
     inputs = {
         "config": config,
@@ -533,7 +573,9 @@ def dpo_loss(
         "rejected_aligned": rejected_aligned,
     }
     _check_inputs(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **inputs)
-    return _pair_terms(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **inputs)
+    return _pair_terms(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, sft_scale=sft_scale, **inputs
+    )
 
 
 def make_pair_loss(
@@ -544,6 +586,7 @@ def make_pair_loss(
     chosen_tokens: Tensor | None = None,
     rejected_tokens: Tensor | None = None,
     normalizer: float | Tensor = 1.0,
+    sft_scale: float | Tensor | None = None,
 ) -> Callable[[Tensor, Tensor, slice], Tensor]:
     """The batch's DPO loss as a function of one slice of pairs, for the separable fused kernel.
 
@@ -553,9 +596,12 @@ def make_pair_loss(
     takes the chunk's WPO sums as the keywords ``chosen_aligned`` / ``rejected_aligned`` (k,),
     which ``linear_pair_loss(with_aligned=True)`` passes. Summed over slices that cover the
     batch it gives ``losses.sum() / normalizer``: pass the number of pairs of the optimizer step
-    as ``normalizer`` to get the mean over a gradient-accumulated step.
+    as ``normalizer`` to get the mean over a gradient-accumulated step. ``sft_scale``: as in
+    :func:`dpo_loss`; None: (the batch's pairs) / (their chosen completion tokens).
     ``sdpo.kernels.linear_pair_loss(..., pair_loss=make_pair_loss(...))`` consumes it.
     """
+    if sft_scale is None and "sft" in config.loss_types and chosen_tokens is not None:
+        sft_scale = chosen_tokens.shape[0] / chosen_tokens.to(torch.float64).sum().clamp(min=1.0)
     if isinstance(normalizer, (int, float)) and not normalizer > 0:
         raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
     lengths = {
@@ -601,6 +647,7 @@ def make_pair_loss(
             rejected_tokens=cut(rejected_tokens),
             chosen_aligned=chosen_aligned,
             rejected_aligned=rejected_aligned,
+            sft_scale=sft_scale,
         )
         return out.losses.sum() / normalizer
 

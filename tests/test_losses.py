@@ -448,7 +448,8 @@ def test_missing_inputs_are_explained():
         ({"loss_type": "discopop", "discopop_tau": True}, "discopop_tau must be"),
         ({"loss_type": "sigmoid", "discopop_tau": 0.1}, "discopop_tau = 0.1 has no effect"),
         ({"loss_type": "aot"}, "loss_type must be one of"),
-        ({"loss_type": "sft"}, "loss_type must be one of"),
+        ({"loss_type": ["sigmoid", "sft"], "use_weighting": True}, "'sft' does not go with use"),
+        ({"loss_type": ["sigmoid", "sft"], "ld_alpha": 0.5}, "'sft' does not go with ld_alpha"),
         ({"f_divergence_type": "kl"}, "f_divergence_type must be one of reverse_kl"),
         (
             {"loss_type": "bco_pair", "f_divergence_type": "js_divergence"},
@@ -474,8 +475,61 @@ def test_loss_config_rejects_invalid_values(kwargs, match):
         LossConfig(**kwargs)
 
 
+def test_sft_is_the_mean_token_nll_of_the_chosen_completions_over_the_step():
+    """TRL's sft type: -sum(pi_c) / sum(chosen tokens) over a batch; per pair, -pi_c * scale with
+    scale = pairs / chosen tokens of the step, so the pairs' mean is the step's token mean."""
+    rng = np.random.default_rng(3)
+    n = 7
+    pc, pr, rc, rr = (t64(*(-rng.uniform(1, 60, n))) for _ in range(4))
+    ct = torch.tensor(rng.integers(1, 40, n))
+    rt = torch.tensor(rng.integers(1, 40, n))
+    cfg = LossConfig(loss_type="sft", beta=0.1)
+    pc.requires_grad_(True)
+    out = dpo_loss(pc, pr, rc, rr, config=cfg, chosen_tokens=ct, rejected_tokens=rt)
+    truth = -pc.detach().numpy() * n / ct.numpy().sum()
+    np.testing.assert_allclose(out.losses.detach().numpy(), truth, rtol=1e-13)
+    assert out.losses.mean().item() == pytest.approx(-pc.sum().item() / ct.sum().item(), rel=1e-13)
+    # its gradient: -1 / (chosen tokens of the batch) for every pair's summed log-prob
+    out.losses.mean().backward()
+    np.testing.assert_allclose(pc.grad.numpy(), -1.0 / ct.sum().item(), rtol=1e-13)
+    # a step of several micro-batches: the step's scale given to each, the same total
+    scale = n / ct.sum().item()
+    parts = [
+        dpo_loss(
+            pc[sl].detach(),
+            pr[sl],
+            rc[sl],
+            rr[sl],
+            config=cfg,
+            chosen_tokens=ct[sl],
+            rejected_tokens=rt[sl],
+            sft_scale=scale,
+        ).losses
+        for sl in (slice(0, 3), slice(3, n))
+    ]
+    np.testing.assert_allclose(torch.cat(parts).numpy(), truth, rtol=1e-13)
+    # with others, weighted (RPO as TRL 1.16 writes it: ["sigmoid", "sft"], weights [1, alpha]);
+    # the rewards are every type's: beta times the summed log-ratios
+    rpo = LossConfig(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.4], beta=0.1)
+    both = dpo_loss(pc.detach(), pr, rc, rr, config=rpo, chosen_tokens=ct, rejected_tokens=rt)
+    sigmoid = dpo_loss(pc.detach(), pr, rc, rr, config=LossConfig(beta=0.1))
+    np.testing.assert_allclose(
+        both.losses.numpy(), sigmoid.losses.numpy() + 0.4 * truth, rtol=1e-13
+    )
+    torch.testing.assert_close(both.chosen_rewards, sigmoid.chosen_rewards, rtol=0, atol=0)
+    # make_pair_loss over slices: the batch's own scale by default
+    pair_loss = make_pair_loss(
+        cfg, ref_chosen=rc, ref_rejected=rr, chosen_tokens=ct, rejected_tokens=rt, normalizer=n
+    )
+    total = pair_loss(pc[:4].detach(), pr[:4], slice(0, 4)) + pair_loss(
+        pc[4:].detach(), pr[4:], slice(4, n)
+    )
+    assert total.item() == pytest.approx(-pc.sum().item() / ct.sum().item(), rel=1e-13)
+
+
 def test_every_loss_type_is_covered():
-    assert {c.loss_type for c in CONFIGS} == set(LOSS_TYPES)
+    # sft, a batch-mean NLL, has its own test above
+    assert {c.loss_type for c in CONFIGS} | {"sft"} == set(LOSS_TYPES)
     assert {c.f_divergence_type for c in CONFIGS} == set(F_DIVERGENCES)
 
 

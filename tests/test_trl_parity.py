@@ -5,7 +5,8 @@ after the last step, to float32 rounding. Run when trl is installed (a dev depen
 
 Not compared, because sdpo differs on purpose (README, Training): ``label_smoothing`` with the
 sigmoid loss (cDPO; TRL 1.16's sigmoid ignores it), ``f_alpha_divergence_coef`` other than 0.5
-(see ``LOSSES``), and RPO (per-pair NLL here, TRL's ``sft`` type averages over the batch)."""
+(see ``LOSSES``), and ``rpo_alpha`` (a per-pair NLL; TRL 1.16's RPO is its ``sft`` type,
+compared here as ``["sigmoid", "sft"]``)."""
 
 from __future__ import annotations
 
@@ -193,7 +194,13 @@ LOSSES = {
     "apo_down": LossConfig(beta=BETA, loss_type="apo_down"),
     "discopop": LossConfig(beta=BETA, loss_type="discopop", discopop_tau=0.1),
     "sigmoid_norm": LossConfig(beta=BETA, loss_type="sigmoid_norm"),
-    "mpo": LossConfig(beta=BETA, loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2]),
+    "bco_mix": LossConfig(beta=BETA, loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2]),
+    # RPO as TRL 1.16 writes it, and MPO (sigmoid + bco_pair + sft)
+    "rpo_sft": LossConfig(beta=BETA, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    "mpo": LossConfig(
+        beta=BETA, loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]
+    ),
+    "sft": LossConfig(beta=BETA, loss_type="sft"),
     "js_divergence": LossConfig(beta=BETA, f_divergence_type="js_divergence"),
     # TRL's default coefficient: TRL 1.16 computes f'(u) = (u^(c-1) - 1) / (c-1), the f-DPO
     # paper's (1 - u^-c) / c (and TRL's own docs') with c replaced by 1 - c; both agree at 0.5
