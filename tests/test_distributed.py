@@ -498,6 +498,12 @@ def test_sdpo_score_on_two_ranks_writes_what_one_process_writes(tiny_model_dir, 
     )
     assert code_one == 0
     assert codes_two == [0, 0]
+    assert_same_score_rows(one, two)
+    assert sorted(p.name for p in tmp_path.glob("two*")) == ["two.jsonl"]  # written once
+
+
+def assert_same_score_rows(one: Path, two: Path) -> None:
+    """Two ``sdpo score --out`` files hold the same pairs, values to float rounding."""
     rows_one = [json.loads(x) for x in one.read_text().splitlines()]
     rows_two = [json.loads(x) for x in two.read_text().splitlines()]
     assert [r["index"] for r in rows_two] == [r["index"] for r in rows_one]
@@ -505,7 +511,6 @@ def test_sdpo_score_on_two_ranks_writes_what_one_process_writes(tiny_model_dir, 
         for key in ("logp_chosen", "logp_rejected", "gamma"):
             assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a, b)
         assert a["chosen_tokens"] == b["chosen_tokens"]
-    assert sorted(p.name for p in tmp_path.glob("two*")) == ["two.jsonl"]  # written once
 
 
 _LEAVE_GROUP = """

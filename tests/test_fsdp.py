@@ -6,9 +6,10 @@ sharded run resumes from its checkpoints, sharded or in one process."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,15 @@ from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.trainer import TrainConfig, plan_steps
 from sdpo.runner import run_training
 from tests.conftest import dpo_trainer
-from tests.test_distributed import _alongside, _close, _pairs, _run_config, _spawn, _strip
+from tests.test_distributed import (
+    _alongside,
+    _close,
+    _pairs,
+    _run_config,
+    _spawn,
+    _strip,
+    assert_same_score_rows,
+)
 
 
 def _one_process_reference(model_dir: Path, pairs) -> PairLogps:
@@ -253,22 +262,28 @@ def test_sharded_resume_with_the_optimizer_kept_across_steps(tiny_model_dir, tmp
         assert torch.equal(w, resumed[name]), name
 
 
-def _train_watching_loads(config: dict) -> tuple[int, list[tuple[str, bool]]]:
-    """``_train`` that also lists each model load: (folder name, sharded while loading)."""
-    from sdpo import runner as runner_mod
-
-    loads: list[tuple[str, bool]] = []
-    real = runner_mod.load_pretrained
+@contextlib.contextmanager
+def _loads_seen(module) -> Iterator[list[tuple[str, bool]]]:
+    """``module.load_pretrained`` noting each load: (folder name, sharded while loading)."""
+    seen: list[tuple[str, bool]] = []
+    real = module.load_pretrained
 
     def watched(path, **kw):
-        loads.append((Path(path).name, kw.get("shard") is not None))
+        seen.append((Path(path).name, kw.get("shard") is not None))
         return real(path, **kw)
 
-    runner_mod.load_pretrained = watched
+    module.load_pretrained = watched
     try:
-        return _train(config), loads
+        yield seen
     finally:
-        runner_mod.load_pretrained = real
+        module.load_pretrained = real
+
+
+def _train_watching_loads(config: dict) -> tuple[int, list[tuple[str, bool]]]:
+    from sdpo import runner
+
+    with _loads_seen(runner) as loads:
+        return _train(config), loads
 
 
 def test_a_separate_reference_is_loaded_sharded_and_scores_what_one_process_scores(
@@ -317,23 +332,12 @@ def test_a_separate_reference_is_loaded_sharded_and_scores_what_one_process_scor
         assert y["train_metrics"]["loss"] == pytest.approx(x["train_metrics"]["loss"], rel=1e-4)
 
 
-def _score_watching_loads(args: list[str]) -> tuple[int, list[bool]]:
-    """``sdpo score`` that also lists whether each model load was sharded."""
+def _score_watching_loads(args: list[str]) -> tuple[int, list[tuple[str, bool]]]:
     from sdpo.cli import main
     from sdpo.engine import checkpoint
 
-    sharded: list[bool] = []
-    real = checkpoint.load_pretrained
-
-    def watched(path, **kw):
-        sharded.append(kw.get("shard") is not None)
-        return real(path, **kw)
-
-    checkpoint.load_pretrained = watched
-    try:
-        return main(args), sharded
-    finally:
-        checkpoint.load_pretrained = real
+    with _loads_seen(checkpoint) as loads:
+        return main(args), loads
 
 
 def test_sdpo_score_with_fsdp_loads_sharded_and_writes_what_one_process_writes(
@@ -351,14 +355,9 @@ def test_sdpo_score_with_fsdp_loads_sharded_and_writes_what_one_process_writes(
         _score_watching_loads,
         [*base, "--out", str(two)],
     )
-    assert (code_one, loads_one) == (0, [False])  # one process: --fsdp changes nothing
-    assert ranks == [(0, [True]), (0, [True])]
-    rows_one = [json.loads(x) for x in one.read_text().splitlines()]
-    rows_two = [json.loads(x) for x in two.read_text().splitlines()]
-    assert [r["index"] for r in rows_two] == [r["index"] for r in rows_one]
-    for a, b in zip(rows_one, rows_two, strict=True):
-        for key in ("logp_chosen", "logp_rejected", "gamma"):
-            assert abs(a[key] - b[key]) <= 1e-5 * max(1.0, abs(a[key])), (key, a, b)
+    assert (code_one, loads_one) == (0, [("model", False)])  # one process: no sharding
+    assert ranks == [(0, [("model", True)])] * 2
+    assert_same_score_rows(one, two)
 
 
 def _interrupt_in_step_2(out: Path) -> None:
