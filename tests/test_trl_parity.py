@@ -22,7 +22,7 @@ from sdpo.engine.checkpoint import load_pretrained, save_pretrained
 from sdpo.engine.model import ModelConfig, init_model
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
-from sdpo.engine.trainer import METRIC_KEYS, DPOTrainer, TrainConfig
+from sdpo.engine.trainer import METRIC_KEYS, DPOTrainer, TrainConfig, plan_steps
 from sdpo.losses import LossConfig, dpo_loss
 from tests.test_tokenize import sentencepiece_like
 
@@ -75,13 +75,15 @@ def setup(tmp_path_factory):
     return model_dir, rows, pairs
 
 
-def _ours(model_dir: Path, pairs, loss: LossConfig, out: Path) -> tuple[dict, list[dict]]:
+def _ours(
+    model_dir: Path, pairs, loss: LossConfig, out: Path, *, micro_tokens: int = 4096
+) -> tuple[dict, list[dict]]:
     model = load_pretrained(model_dir)
     ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch", ld_alpha=loss.ld_alpha)
     config = TrainConfig(
         learning_rate=LR,
         pairs_per_step=PAIRS_PER_STEP,
-        max_tokens_per_batch=4096,
+        max_tokens_per_batch=micro_tokens,
         warmup_ratio=0.0,
         schedule="constant",
         adam_eps=EPS,
@@ -103,7 +105,7 @@ def _ours(model_dir: Path, pairs, loss: LossConfig, out: Path) -> tuple[dict, li
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, rows
 
 
-def _trl(model_dir: Path, rows: list[dict], loss: LossConfig, out: Path):
+def _trl(model_dir: Path, rows: list[dict], loss: LossConfig, out: Path, *, accumulate: int = 1):
     logs: list[dict] = []
 
     class Logs(transformers.TrainerCallback):
@@ -121,7 +123,8 @@ def _trl(model_dir: Path, rows: list[dict], loss: LossConfig, out: Path):
 
     options = {
         "output_dir": str(out),
-        "per_device_train_batch_size": PAIRS_PER_STEP,
+        "per_device_train_batch_size": PAIRS_PER_STEP // accumulate,
+        "gradient_accumulation_steps": accumulate,
         "max_steps": STEPS,
         "learning_rate": LR,
         "lr_scheduler_type": "constant",
@@ -225,5 +228,27 @@ def test_a_dpo_training_equals_trl_s_step_by_step(setup, tmp_path, name):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (step, key, a, b)
 
     assert weights.keys() <= trl_weights.keys() | {"lm_head.weight"}
+    for key, w in weights.items():
+        assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_gradient_accumulation_equals_trl_s(setup, tmp_path):
+    """Each optimizer step in micro-batches on both sides (sdpo: a token budget that splits the
+    step's 4 pairs; TRL: 2 micro-batches of 2 pairs): the same losses and weights as above."""
+    model_dir, rows, pairs = setup
+    loss = LOSSES["sigmoid"]
+    budget = 2 * max(p.num_tokens for p in pairs)  # at most 2 pairs per micro-batch
+    plan = plan_steps(
+        pairs,
+        TrainConfig(pairs_per_step=PAIRS_PER_STEP, max_tokens_per_batch=budget, shuffle=False),
+        epoch=0,
+    )
+    assert all(len(step) >= 2 for step in plan), plan  # every step in several micro-batches
+    weights, ours = _ours(model_dir, pairs, loss, tmp_path / "ours", micro_tokens=budget)
+    _, trl_weights, theirs = _trl(model_dir, rows, loss, tmp_path / "trl", accumulate=2)
+    assert len(ours) == len(theirs) == STEPS
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
+        for key in METRIC_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (step, key, a, b)
     for key, w in weights.items():
         assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), key
