@@ -29,8 +29,10 @@ writes it (``{{ bos_token }}``, Llama 3's ``<|begin_of_text|>``), as transformer
 
 EOS rule: a plain completion gets EOS appended unless it already ends with the EOS token, so no
 pair ends with a doubled EOS. A conversational completion is what the chat template renders:
-the template's own end of turn (``<|eot_id|>``, ``<|im_end|>\\n``, ``</s>``) closes it and no
-EOS is added, as TRL does.
+when it ends with the template's end of turn, a special token followed by whitespace at most
+(``<|eot_id|>``, ``<|im_end|>\\n``, ``</s>``, ``<end_of_turn>\\n``), nothing is added, as TRL
+does. A template that leaves the answer open (SOLAR's ``### Assistant:`` template writes no end
+of turn) gets EOS appended, so the pair still teaches where an answer ends (TRL adds nothing).
 
 Truncation (``max_length`` bounds each sequence, prompt + completion):
 - "keep_end" (default): when a pair is too long, the prompt is first cut to
@@ -126,6 +128,11 @@ class PairTokenizer:
         self.add_bos = bool(add_bos) and self.bos_id is not None
         self.chat_template = chat_template
         self._template = None
+        # special tokens (<|eot_id|>, <|im_end|>, </s>, ...): a chat template closes a turn with one
+        self.special_ids = {
+            i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special
+        }
+        self.special_ids.add(self.eos_id)
 
     def _require_id(self, token: str, key: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -235,10 +242,20 @@ class PairTokenizer:
         return ids
 
     def completion_ids(self, ids: list[int]) -> list[int]:
-        """Apply the EOS rule (module docstring) to encoded completion ids."""
+        """Apply the EOS rule of plain rows (module docstring) to encoded completion ids."""
         if ids[-1:] == [self.eos_id]:
             return ids
         return [*ids, self.eos_id]
+
+    def closes_turn(self, ids: list[int]) -> bool:
+        """Whether ``ids`` end with a special token, followed by whitespace at most: the end of
+        turn a chat template writes (``<|eot_id|>``, ``<|im_end|>\\n``, ``</s>``)."""
+        for i in reversed(ids):
+            if i in self.special_ids:
+                return True
+            if self.tokenizer.decode([i], skip_special_tokens=False).replace("▁", " ").strip():
+                return False
+        return False
 
 
 def _find_chat_template(folder: Path, config: dict) -> str | None:
@@ -405,8 +422,13 @@ def tokenize_pairs(
                     field=name,
                     position=i,
                 )
-        if not texts[i][3]:  # plain text: EOS closes each completion (the template's own else)
+        if not texts[i][3]:  # plain text: EOS closes each completion
             completions = [tokenizer.completion_ids(ids) for ids in completions]
+        else:  # conversational: the template's end of turn, else EOS
+            completions = [
+                ids if tokenizer.closes_turn(ids) else [*ids, tokenizer.eos_id]
+                for ids in completions
+            ]
         if not prompt:
             raise row_error(
                 row,

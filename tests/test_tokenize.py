@@ -85,13 +85,13 @@ def test_conversational_rows_render_with_the_chat_template(tok, tmp_path):
     (pair,), _ = tokenize_pairs(data, tok, max_length=64)
     # "system : be kind user : hello cat assistant : "
     prompt = [SYSTEM, COLON, *wid("be kind"), USER, COLON, *wid("hello cat"), ASSISTANT, COLON]
-    # no BOS and no EOS: the template writes neither (a conversational row is what the
-    # template renders, as transformers' apply_chat_template(tokenize=True) and TRL give it)
+    # no BOS: the template writes none (as transformers' apply_chat_template(tokenize=True) and
+    # TRL give it); EOS: the template leaves the answer open, so EOS ends it
     assert pair.prompt_ids == prompt
-    assert pair.chosen_ids == wid("the cat sat")
-    assert pair.rejected_ids == wid("dog")
+    assert pair.chosen_ids == [*wid("the cat sat"), EOS]
+    assert pair.rejected_ids == [*wid("dog"), EOS]
     full = tok.render_chat(data[0]["prompt"] + data[0]["chosen"], add_generation_prompt=False)
-    assert tok.encode_texts([full])[0] == pair.prompt_ids + pair.chosen_ids
+    assert [*tok.encode_texts([full])[0], EOS] == pair.prompt_ids + pair.chosen_ids
 
 
 ZEPHYR_LIKE = (
@@ -477,7 +477,7 @@ def test_a_template_that_renders_the_prompt_alone_differently_splits_where_they_
     (pair,), stats = tokenize_pairs(data, tok, max_length=64)
     # prompt alone: "user : hello assistant : w0"; with the answer: "... assistant : the cat"
     assert pair.prompt_ids == [USER, COLON, *wid("hello"), ASSISTANT, COLON]
-    assert pair.chosen_ids == wid("the cat") and pair.rejected_ids == wid("dog")
+    assert pair.chosen_ids == [*wid("the cat"), EOS] and pair.rejected_ids == [*wid("dog"), EOS]
     assert stats.num_prompt_boundary == 1
 
 
@@ -549,3 +549,29 @@ def test_pair_ids_are_trl_s_for_plain_and_conversational_rows(tmp_path):
     end = chosen.index(piece("<|im_end|>"))
     assert set(chosen[end + 1 :]) == {piece("▁")}
     assert tok.eos_id not in chosen and ours[0][0][0] != tok.bos_id
+
+
+def test_a_turn_the_template_closes_gets_no_eos_and_an_open_one_gets_eos(tmp_path):
+    closing = (
+        "{% for m in messages %}{{ m['role'] + ' ' + m['content'] + eos_token + ' ' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant' }}{% endif %}"
+    )
+    open_ = "{% for m in messages %}{{ m['content'] + ' ' }}{% endfor %}"
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "say no"}],
+            "chosen": [{"role": "assistant", "content": "No way"}],
+            "rejected": [{"role": "assistant", "content": "Sure"}],
+        }
+    ]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    for template, closed in ((closing, True), (open_, False)):
+        folder = sentencepiece_like(tmp_path / f"sp-{closed}", chat_template=template)
+        tok = PairTokenizer.from_dir(folder)
+        (pair,), _ = tokenize_pairs(read_preference_file(path), tok, max_length=64)
+        for ids in (pair.chosen_ids, pair.rejected_ids):
+            if closed:  # "... No way</s> ": the template's </s>, then its space; nothing added
+                assert ids.count(tok.eos_id) == 1 and ids[-1] != tok.eos_id
+                assert tok.decode(ids[ids.index(tok.eos_id) + 1 :]).strip("▁ ") == ""
+            else:  # "... No way ": EOS added after the template's text
+                assert ids[-1] == tok.eos_id and ids.count(tok.eos_id) == 1
