@@ -1,5 +1,6 @@
 """The DPO training loop on a tiny real model: it learns, its first rewards are zero, its step
-plan keeps pairs whole and is reproducible, and its LR schedule has the documented shape."""
+plan keeps pairs whole and is reproducible, its LR schedule has the documented shape, and the
+sft loss type averages over the whole step's tokens on every path."""
 
 from __future__ import annotations
 
@@ -234,3 +235,44 @@ def test_memory_probe_runs_the_largest_micro_batch_and_changes_nothing(
     assert trainer.memory_probe_result["tokens"] == largest
     assert "tokens) fits" in p1 and f"{largest} tokens" in p1
     assert len({sum(pairs[i].num_tokens for i in b) for b in batches}) > 1  # a real choice
+
+
+def test_a_step_with_the_sft_type_is_the_step_s_token_mean_on_every_path(tiny_model_dir, tmp_path):
+    """loss_type ["sigmoid", "sft"]: the first step's loss is log 2 plus w times the step's mean
+    token NLL of the chosen completions (float64 truth from a separate scoring pass), whether
+    the step runs as one micro-batch or several, on the fused or the plain path, with shared
+    prompts; and the updates agree."""
+    from functools import partial
+
+    from sdpo.losses import LossConfig, dpo_loss
+
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=9, seed=13))
+    truth = score_pairs(
+        load_pretrained(tiny_model_dir, dtype=torch.float64), pairs, max_tokens_per_batch=4096
+    )
+    weight = 0.7
+    want = torch.log(torch.tensor(2.0, dtype=torch.float64)) - weight * (
+        truth.chosen_logps.double().sum() / sum(len(p.chosen_ids) for p in pairs)
+    )
+    ref = score_pairs(load_pretrained(tiny_model_dir), pairs, max_tokens_per_batch=4096)
+    loss = LossConfig(beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, weight])
+    results = {}
+    for name, overrides in {
+        "one": {"max_tokens_per_batch": 4096},
+        "several": {"max_tokens_per_batch": 64},
+        "plain": {"max_tokens_per_batch": 64, "loss_path": "plain"},
+        "shared": {"max_tokens_per_batch": 64, "share_prompt": True},
+    }.items():
+        config = TrainConfig(learning_rate=1e-2, pairs_per_step=9, warmup_ratio=0.0, **overrides)
+        model = load_pretrained(tiny_model_dir)
+        trainer = DPOTrainer(
+            model, config=config, loss_fn=partial(dpo_loss, config=loss), progress=False
+        )
+        step = plan_steps(pairs, config, epoch=0)[0]
+        assert (len(step) > 1) == (name != "one"), name
+        metrics = trainer.train_step(pairs, step, ref)
+        results[name] = (float(metrics["loss"]), model.state_dict())
+        assert results[name][0] == pytest.approx(float(want), rel=1e-5), name
+    for name in ("several", "plain", "shared"):
+        for key, w in results["one"][1].items():
+            assert torch.allclose(w, results[name][1][key], rtol=1e-4, atol=1e-6), (name, key)
