@@ -20,11 +20,13 @@ becomes one assistant turn, and completions that repeat the prompt's messages be
 Implicit prompts (as TRL reads them): a row with ``chosen`` and ``rejected`` but no ``prompt``
 field (or a null one) holds two whole conversations (or texts) that share their beginning, which is the prompt.
 Message lists: the prompt is the longest run of equal leading messages. Strings (e.g. the
-"\n\nHuman: ...\n\nAssistant: ..." layout): the prompt is the longest common leading text,
-cut back to its last whitespace (to the start of a run of whitespace), so that both completions
-start at a word boundary with that whitespace (where TRL may cut inside a word, "The cat" / "The car" give the
-completions " cat" and " car" here, not "t" and "r"). A row whose two sides share no such
-beginning is an error that asks for a ``prompt`` field.
+"\n\nHuman: ...\n\nAssistant: ..." layout): as TRL cuts them, the prompt is the longest common
+leading text less one space before the point where the texts part, so that the answers start
+with that space ("...Assistant:" and " yes" / " no"); a newline before that point stays in the
+prompt. Unlike TRL, a cut never falls inside a word: where the texts part within a word (or one
+ends inside the other), the cut moves back to that word's start first ("The cat" / "The car"
+give " cat" and " car" here, TRL's "t" and "r"). A row whose two sides share no such beginning
+is an error that asks for a ``prompt`` field.
 """
 
 from __future__ import annotations
@@ -639,10 +641,16 @@ def _split_implicit_prompt(record: dict, place: _Place) -> dict:
     )
     if isinstance(chosen, str) and isinstance(rejected, str):
         n = _shared_length(chosen, rejected)
-        # back to the last whitespace (with a run of it, to the run's start): the answers
-        # start with it (identical texts too: the identical-pair policy then decides)
-        cut = max((i for i in range(n) if chosen[i].isspace()), default=-1)
-        while cut > 0 and chosen[cut - 1].isspace():
+        # TRL's cut: where the texts part, one space back, so the answers start with it. But
+        # never inside a word: a difference within a word (or one text ending inside the
+        # other's) moves the cut back to that word's start first (identical texts too: the
+        # identical-pair policy then decides)
+        cut = n
+        word_start = n < min(len(chosen), len(rejected)) and n > 0 and chosen[n - 1].isspace()
+        if not word_start:
+            while cut > 0 and not chosen[cut - 1].isspace():
+                cut -= 1
+        if cut > 0 and chosen[cut - 1] == " ":
             cut -= 1
         if cut <= 0 or not chosen[:cut].strip():
             raise place.error(

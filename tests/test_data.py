@@ -464,7 +464,9 @@ HH = [  # the "\n\nHuman: ...\n\nAssistant: ..." text layout
         "chosen": "\n\nHuman: yes?\n\nAssistant: yes",
         "rejected": "\n\nHuman: yes?\n\nAssistant: yes indeed",
     },
-    {"chosen": "Q: two?\n\nfour", "rejected": "Q: two?\n\nfive"},  # a run of newlines
+    {"chosen": "Q: two?\n\nfour", "rejected": "Q: two?\n\nfive"},  # parting inside a word
+    {"chosen": "Q: one?\n\nyes", "rejected": "Q: one?\n\nno"},  # newlines stay in the prompt
+    {"chosen": "Q:  a", "rejected": "Q:  b"},  # two spaces: one goes to the answers
 ]
 CHAT = [
     {  # shared system + user + assistant + user turns; the last answers differ
@@ -493,11 +495,28 @@ def test_implicit_prompts_are_split_at_the_shared_beginning(tmp_path, fmt):
     assert [triple(r) for r in rows] == [
         ("\n\nHuman: name a pet\n\nAssistant: The", " cat, mostly", " car"),
         ("\n\nHuman: yes?\n\nAssistant:", " yes", " yes indeed"),
-        ("Q: two?", "\n\nfour", "\n\nfive"),
+        ("Q: two?\n\n", "four", "five"),
+        ("Q: one?\n\n", "yes", "no"),
+        ("Q: ", " a", " b"),
     ]
     for row, raw in zip(rows, HH):  # nothing lost or added
         assert row["prompt"] + row["chosen"] == raw["chosen"]
         assert row["prompt"] + row["rejected"] == raw["rejected"]
+
+
+def test_implicit_prompts_are_cut_where_trl_cuts_them_unless_inside_a_word(tmp_path):
+    trl_data = pytest.importorskip("trl.data_utils")
+    rows = read_preference_file(write_rows(tmp_path, "hh", HH, "jsonl"))
+    kinds = []
+    for row, raw in zip(rows, HH):
+        theirs = trl_data.extract_prompt(dict(raw))
+        inside_a_word = not theirs["prompt"][-1:].isspace() and not theirs["chosen"][:1].isspace()
+        kinds.append(inside_a_word)
+        if inside_a_word:  # TRL's cut splits a word ("...Assistant: The ca" + "t, mostly")
+            assert triple(row) != (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+        else:
+            assert triple(row) == (theirs["prompt"], theirs["chosen"], theirs["rejected"])
+    assert sorted(set(kinds)) == [False, True]  # both kinds of row are here
 
 
 def test_implicit_prompts_of_conversations_take_the_shared_turns(tmp_path):
