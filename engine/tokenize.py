@@ -332,11 +332,17 @@ def _is_prefix(a: list[int], b: list[int]) -> bool:
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+    """Length of the longest common prefix (list comparisons in C: a whole prefix at once)."""
+    if _is_prefix(a, b):
+        return len(a)
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; the prefixes part at or before hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def tokenize_pairs(
