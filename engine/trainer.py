@@ -834,6 +834,7 @@ class DPOTrainer:
                     micro_batches = plan[pos["step_in_epoch"]]
                     if self.profiler is not None:
                         self.profiler.step_begin(pos["step_in_run"] + 1)
+                    step_lr = scheduler.get_last_lr()[0]  # the rate this step runs at
                     metrics = self.train_step(pairs, micro_batches, ref)
                     scheduler.step()
                     if self.profiler is not None:
@@ -855,7 +856,7 @@ class DPOTrainer:
                             {
                                 "step": self.global_step,
                                 "epoch": epoch + 1,
-                                "lr": scheduler.get_last_lr()[0],
+                                "lr": step_lr,  # as TRL logs it: the step's own rate
                                 "tokens": pos["tokens"],
                                 "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                                 "skipped_batches": self.skipped_steps,

@@ -76,7 +76,13 @@ def setup(tmp_path_factory):
 
 
 def _ours(
-    model_dir: Path, pairs, loss: LossConfig, out: Path, *, micro_tokens: int = 4096
+    model_dir: Path,
+    pairs,
+    loss: LossConfig,
+    out: Path,
+    *,
+    micro_tokens: int = 4096,
+    schedule: str = "constant",
 ) -> tuple[dict, list[dict]]:
     model = load_pretrained(model_dir)
     ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch", ld_alpha=loss.ld_alpha)
@@ -85,7 +91,7 @@ def _ours(
         pairs_per_step=PAIRS_PER_STEP,
         max_tokens_per_batch=micro_tokens,
         warmup_ratio=0.0,
-        schedule="constant",
+        schedule=schedule,
         adam_eps=EPS,
         max_grad_norm=1.0,
         shuffle=False,
@@ -105,7 +111,15 @@ def _ours(
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, rows
 
 
-def _trl(model_dir: Path, rows: list[dict], loss: LossConfig, out: Path, *, accumulate: int = 1):
+def _trl(
+    model_dir: Path,
+    rows: list[dict],
+    loss: LossConfig,
+    out: Path,
+    *,
+    accumulate: int = 1,
+    schedule: str = "constant",
+):
     logs: list[dict] = []
 
     class Logs(transformers.TrainerCallback):
@@ -127,7 +141,7 @@ def _trl(model_dir: Path, rows: list[dict], loss: LossConfig, out: Path, *, accu
         "gradient_accumulation_steps": accumulate,
         "max_steps": STEPS,
         "learning_rate": LR,
-        "lr_scheduler_type": "constant",
+        "lr_scheduler_type": schedule,
         "warmup_steps": 0,
         "adam_epsilon": EPS,
         "max_grad_norm": 1.0,
@@ -250,5 +264,22 @@ def test_gradient_accumulation_equals_trl_s(setup, tmp_path):
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
         for key in METRIC_KEYS:
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (step, key, a, b)
+    for key, w in weights.items():
+        assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), key
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_the_learning_rate_decays_as_trl_s(setup, tmp_path, schedule):
+    """No warm-up: the same linear or cosine decay over the pass, so the same updates. (With
+    warm-up the schedules differ on purpose: sdpo's first step runs at lr / warm-up steps, as
+    torchtitan's, where transformers' runs its first step at lr 0.)"""
+    model_dir, rows, pairs = setup
+    loss = LOSSES["sigmoid"]
+    weights, ours = _ours(model_dir, pairs, loss, tmp_path / "ours", schedule=schedule)
+    _, trl_weights, theirs = _trl(model_dir, rows, loss, tmp_path / "trl", schedule=schedule)
+    assert [r["lr"] for r in ours] == pytest.approx([r["learning_rate"] for r in theirs])
+    assert ours[1]["lr"] < LR  # the rate does decay
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (step, a, b)
     for key, w in weights.items():
         assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), key
