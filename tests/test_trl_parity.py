@@ -83,6 +83,7 @@ def _ours(
     *,
     micro_tokens: int = 4096,
     schedule: str = "constant",
+    weight_decay: float = 0.0,
 ) -> tuple[dict, list[dict]]:
     model = load_pretrained(model_dir)
     ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch", ld_alpha=loss.ld_alpha)
@@ -92,6 +93,7 @@ def _ours(
         max_tokens_per_batch=micro_tokens,
         warmup_ratio=0.0,
         schedule=schedule,
+        weight_decay=weight_decay,
         adam_eps=EPS,
         max_grad_norm=1.0,
         shuffle=False,
@@ -119,6 +121,7 @@ def _trl(
     *,
     accumulate: int = 1,
     schedule: str = "constant",
+    weight_decay: float = 0.0,
 ):
     logs: list[dict] = []
 
@@ -145,7 +148,7 @@ def _trl(
         "warmup_steps": 0,
         "adam_epsilon": EPS,
         "max_grad_norm": 1.0,
-        "weight_decay": 0.0,
+        "weight_decay": weight_decay,
         "beta": loss.beta,
         "loss_type": loss.loss_type,
         "precompute_ref_log_probs": True,
@@ -268,15 +271,17 @@ def test_gradient_accumulation_equals_trl_s(setup, tmp_path):
         assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), key
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_the_learning_rate_decays_as_trl_s(setup, tmp_path, schedule):
-    """No warm-up: the same linear or cosine decay over the pass, so the same updates. (With
-    warm-up the schedules differ on purpose: sdpo's first step runs at lr / warm-up steps, as
-    torchtitan's, where transformers' runs its first step at lr 0.)"""
+@pytest.mark.parametrize(("schedule", "weight_decay"), [("linear", 0.0), ("cosine", 0.1)])
+def test_the_learning_rate_decays_as_trl_s(setup, tmp_path, schedule, weight_decay):
+    """No warm-up: the same linear or cosine decay over the pass, so the same updates; weight
+    decay on the same parameters (matrices and embeddings, not norms). (With warm-up the
+    schedules differ on purpose: sdpo's first step runs at lr / warm-up steps, as torchtitan's,
+    where transformers' runs its first step at lr 0.)"""
     model_dir, rows, pairs = setup
     loss = LOSSES["sigmoid"]
-    weights, ours = _ours(model_dir, pairs, loss, tmp_path / "ours", schedule=schedule)
-    _, trl_weights, theirs = _trl(model_dir, rows, loss, tmp_path / "trl", schedule=schedule)
+    options = {"schedule": schedule, "weight_decay": weight_decay}
+    weights, ours = _ours(model_dir, pairs, loss, tmp_path / "ours", **options)
+    _, trl_weights, theirs = _trl(model_dir, rows, loss, tmp_path / "trl", **options)
     assert [r["lr"] for r in ours] == pytest.approx([r["learning_rate"] for r in theirs])
     assert ours[1]["lr"] < LR  # the rate does decay
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
