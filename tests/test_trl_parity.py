@@ -1,7 +1,9 @@
 """sdpo's DPO step against TRL's ``DPOTrainer`` (1.16) itself, on the same model, the same rows
 and the same batches, for every loss type both have, f-divergences, LD-DPO and WPO: the
 reference values TRL precomputes, every logged metric of every optimizer step, and the weights
-after the last step, to float32 rounding. Run when trl is installed (a dev dependency).
+after the last step, to float32 rounding; also gradient accumulation, learning-rate decay and
+weight decay, and a whole two-step ``sdpo train`` against two TRL runs chained by hand. Run when
+trl is installed (a dev dependency).
 
 Not compared, because sdpo differs on purpose (README, Training): ``label_smoothing`` with the
 sigmoid loss (cDPO; TRL 1.16's sigmoid ignores it), ``f_alpha_divergence_coef`` other than 0.5
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sdpo.engine.checkpoint import load_pretrained, save_pretrained
 from sdpo.engine.model import ModelConfig, init_model
@@ -122,6 +125,8 @@ def _trl(
     accumulate: int = 1,
     schedule: str = "constant",
     weight_decay: float = 0.0,
+    steps: int = STEPS,
+    save_to: Path | None = None,
 ):
     logs: list[dict] = []
 
@@ -142,7 +147,7 @@ def _trl(
         "output_dir": str(out),
         "per_device_train_batch_size": PAIRS_PER_STEP // accumulate,
         "gradient_accumulation_steps": accumulate,
-        "max_steps": STEPS,
+        "max_steps": steps,
         "learning_rate": LR,
         "lr_scheduler_type": schedule,
         "warmup_steps": 0,
@@ -189,6 +194,10 @@ def _trl(
     )
     trainer.train()
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if save_to is not None:  # a model folder for the next run: weights, config, tokenizer
+        model.save_pretrained(str(save_to))
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(model_dir / name, save_to / name)
     return ref, state, logs
 
 
@@ -288,3 +297,58 @@ def test_the_learning_rate_decays_as_trl_s(setup, tmp_path, schedule, weight_dec
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4), (step, a, b)
     for key, w in weights.items():
         assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), key
+
+
+def test_a_two_step_sdpo_run_equals_two_trl_runs_chained_by_hand(setup, tmp_path):
+    """``sdpo train`` with two sources (a given partition): step 1 trains M0 on source 1 against
+    M0's values, step 2 trains M1 on source 2 against M1's values with a fresh optimizer. The
+    same by hand with TRL: a DPOTrainer on source 1 (reference log-probs precomputed with M0),
+    its model saved, then a new DPOTrainer from it on source 2. Both steps' weights agree."""
+    from sdpo.config import config_from_dict
+    from sdpo.runner import run_training
+
+    model_dir, rows, _ = setup
+    first, second = rows[:8], rows[8:]
+    files = []
+    for name, part in (("one", first), ("two", second)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+        files.append({"name": name, "path": str(path)})
+    out = tmp_path / "run"
+    config = {
+        "output_dir": str(out),
+        "model": {"path": str(model_dir)},
+        "data": {"sources": files, "max_length": 128, "max_prompt_length": 64},
+        "train": {
+            "learning_rate": LR,
+            "pairs_per_step": PAIRS_PER_STEP,
+            "max_tokens_per_batch": 4096,
+            "warmup_ratio": 0.0,
+            "schedule": "linear",
+            "adam_eps": EPS,
+            "shuffle": False,
+            "precision": "fp32",
+        },
+        "loss": {"beta": BETA},
+        "kernels": {"impl": "torch"},
+        "sdpo": {"steps": 2, "partition": "given", "report_scoring": False},
+    }
+    run_training(config_from_dict(config), progress=False)
+
+    start = model_dir
+    for t, part in ((1, first), (2, second)):
+        saved = tmp_path / f"trl-m{t}"  # M_t by TRL: step t+1's start and reference
+        _, trl_weights, _ = _trl(
+            start,
+            part,
+            LOSSES["sigmoid"],
+            tmp_path / f"trl{t}",
+            schedule="linear",
+            steps=len(part) // PAIRS_PER_STEP,
+            save_to=saved,
+        )
+        ours = load_file(str(out / f"step-{t}" / "model.safetensors"))
+        assert ours.keys() <= trl_weights.keys()
+        for key, w in ours.items():
+            assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), (t, key)
+        start = saved
