@@ -352,3 +352,140 @@ def test_a_two_step_sdpo_run_equals_two_trl_runs_chained_by_hand(setup, tmp_path
         for key, w in ours.items():
             assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), (t, key)
         start = saved
+
+
+def test_a_lora_training_equals_trl_with_peft(setup, tmp_path):
+    """LoRA (rank 4, every projection): sdpo's adapter against TRL training a PEFT model that
+    starts from the same A matrices (B is 0 on both sides): the same metrics at every step and
+    the same adapter after the last one; and PEFT loads the adapter sdpo writes, giving the
+    adapted model's logits."""
+    peft = pytest.importorskip("peft")
+    from sdpo.engine.lora import (
+        LORA_TARGETS,
+        attach_lora,
+        lora_state_dict,
+        peft_adapter_files,
+    )
+
+    model_dir, rows, pairs = setup
+    rank, alpha = 4, 16.0
+    model = load_pretrained(model_dir)
+    attach_lora(model, rank=rank, alpha=alpha, targets=list(LORA_TARGETS), seed=3)
+    start = lora_state_dict(model)
+
+    def adapter_files(state):
+        return peft_adapter_files(
+            state,
+            rank=rank,
+            alpha=alpha,
+            dropout=0.0,
+            targets=list(LORA_TARGETS),
+            base_model=str(model_dir),
+        )
+
+    # ours: the trainer on the adapted model (the base frozen by attach_lora)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
+    config = TrainConfig(
+        learning_rate=LR,
+        pairs_per_step=PAIRS_PER_STEP,
+        max_tokens_per_batch=4096,
+        warmup_ratio=0.0,
+        schedule="constant",
+        adam_eps=EPS,
+        shuffle=False,
+        precision="fp32",
+    )
+    trainer = DPOTrainer(
+        model,
+        config=config,
+        loss_fn=partial(dpo_loss, config=LOSSES["sigmoid"]),
+        kernels_impl="torch",
+        progress=False,
+        output_dir=tmp_path / "ours",
+    )
+    trainer.fit(pairs, ref)
+    ours = [json.loads(x) for x in (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()]
+    ours_adapter, _ = adapter_files(lora_state_dict(model))
+
+    # TRL on a PEFT model holding the same initial adapter
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    lora_config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=0.0,
+        target_modules=list(LORA_TARGETS),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = peft.get_peft_model(hf, lora_config)
+    initial, _ = adapter_files(start)
+    result = peft.set_peft_model_state_dict(peft_model, initial)
+    assert not result.unexpected_keys
+    logs: list[dict] = []
+
+    class Logs(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                logged.append(dict(logs))
+
+    logged = logs
+
+    class InOrder(trl.DPOTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=PAIRS_PER_STEP,
+        max_steps=STEPS,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        adam_epsilon=EPS,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        beta=BETA,
+        precompute_ref_log_probs=True,
+        max_length=None,
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        seed=0,
+    )
+    InOrder(
+        model=peft_model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir)),
+        callbacks=[Logs()],
+    ).train()
+    assert len(ours) == len(logs) == STEPS
+    for step, (a, b) in enumerate(zip(ours, logs, strict=True), start=1):
+        for key in METRIC_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (step, key, a, b)
+    theirs = {
+        k.replace(".default", ""): v for k, v in peft.get_peft_model_state_dict(peft_model).items()
+    }
+    assert theirs.keys() == ours_adapter.keys()
+    for key, w in ours_adapter.items():
+        assert torch.allclose(w, theirs[key], rtol=1e-4, atol=1e-6), key
+
+    # the adapter sdpo writes, loaded by PEFT onto the base: the adapted model's logits
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    tensors, adapter_config = adapter_files(lora_state_dict(model))
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(adapter_config))
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    loaded = peft.PeftModel.from_pretrained(base, str(folder))
+    ids = torch.tensor([pairs[0].prompt_ids + pairs[0].chosen_ids])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        got = loaded(input_ids=ids).logits
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
