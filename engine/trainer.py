@@ -103,6 +103,8 @@ class TrainConfig:
     pairs_per_step: int | None = None  # pairs per optimizer step ...
     tokens_per_step: int | None = None  # ... or real tokens per step; neither: one batch
     warmup_ratio: float = 0.1
+    # warm-up optimizer steps; set, it replaces warmup_ratio (as TRL's warmup_steps does)
+    warmup_steps: int | None = None
     schedule: str = "linear"  # "linear" | "cosine" | "constant", after linear warm-up
     weight_decay: float = 0.0  # on matrices only
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -165,6 +167,11 @@ class TrainConfig:
             )
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_steps is not None and (
+            isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int)
+        ):
+            raise ValueError(f"warmup_steps must be a whole number, got {self.warmup_steps!r}")
+        at_least("warmup_steps", 0)
         one_of("schedule", SCHEDULES)
         at_least("weight_decay", 0.0)
         self.adam_betas = list(self.adam_betas)
@@ -786,7 +793,10 @@ class DPOTrainer:
         plans = [plan_steps(pairs, cfg, epoch=e) for e in range(cfg.epochs)]
         total_steps = sum(len(p) for p in plans)
         schedule_total = schedule_steps if schedule_steps is not None else total_steps
-        warmup = int(math.ceil(cfg.warmup_ratio * schedule_total))
+        if cfg.warmup_steps is not None:  # over the whole schedule, as the ratio is
+            warmup = min(cfg.warmup_steps, schedule_total)
+        else:
+            warmup = int(math.ceil(cfg.warmup_ratio * schedule_total))
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] = cfg.learning_rate
         self.scheduler = scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -4,6 +4,7 @@ sft loss type averages over the whole step's tokens on every path."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,35 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     cos = [lr_multiplier(s, total_steps=10, warmup_steps=0, schedule="cosine") for s in range(11)]
     assert cos[0] == 1.0 and cos[10] == pytest.approx(0.0, abs=1e-12)
     assert cos[5] == pytest.approx(0.5)
+
+
+def test_warmup_steps_replace_the_ratio_and_each_record_logs_its_step_s_rate(
+    tiny_model_dir, tmp_path
+):
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=10, seed=4))
+    lr = 1e-3
+    for warmup_steps, want in (
+        (2, [0.5, 1.0, 1.0, 2 / 3, 1 / 3]),
+        (None, [1.0, 0.8, 0.6, 0.4, 0.2]),
+    ):
+        out = tmp_path / f"w{warmup_steps}"
+        trainer = _trainer(
+            load_pretrained(tiny_model_dir),
+            out,
+            learning_rate=lr,
+            epochs=1,
+            pairs_per_step=2,
+            max_tokens_per_batch=4096,
+            warmup_ratio=0.0,
+            warmup_steps=warmup_steps,
+        )
+        trainer.fit(pairs, score_pairs(trainer.model, pairs, max_tokens_per_batch=4096))
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["lr"] for r in rows] == pytest.approx([lr * m for m in want]), warmup_steps
+    with pytest.raises(ValueError, match="warmup_steps must be >= 0"):
+        TrainConfig(warmup_steps=-1)
+    with pytest.raises(ValueError, match="warmup_steps must be a whole number"):
+        TrainConfig(warmup_steps=1.5)
 
 
 def test_training_is_bitwise_reproducible_on_cpu(tiny_model_dir, tmp_path):
