@@ -87,8 +87,11 @@ def _ours(
     micro_tokens: int = 4096,
     schedule: str = "constant",
     weight_decay: float = 0.0,
+    model: torch.nn.Module | None = None,
 ) -> tuple[dict, list[dict]]:
-    model = load_pretrained(model_dir)
+    """sdpo's trainer on ``pairs`` (``model``: one set up already, else ``model_dir``'s):
+    the final state dict and the metrics records."""
+    model = load_pretrained(model_dir) if model is None else model
     ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch", ld_alpha=loss.ld_alpha)
     config = TrainConfig(
         learning_rate=LR,
@@ -127,7 +130,10 @@ def _trl(
     weight_decay: float = 0.0,
     steps: int = STEPS,
     save_to: Path | None = None,
+    model: torch.nn.Module | None = None,
 ):
+    """TRL's DPOTrainer on ``rows`` in order (``model``: one set up already, e.g. a PEFT model,
+    else ``model_dir``'s): its precomputed reference values, final state dict and logs."""
     logs: list[dict] = []
 
     class Logs(transformers.TrainerCallback):
@@ -178,9 +184,10 @@ def _trl(
     ):
         if getattr(loss, key) != getattr(LossConfig(), key):
             options[key] = getattr(loss, key)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(model_dir), dtype=torch.float32, attn_implementation="sdpa"
-    )
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch.float32, attn_implementation="sdpa"
+        )
     trainer = InOrder(
         model=model,
         args=trl.DPOConfig(**options),
@@ -384,27 +391,7 @@ def test_a_lora_training_equals_trl_with_peft(setup, tmp_path):
         )
 
     # ours: the trainer on the adapted model (the base frozen by attach_lora)
-    ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
-    config = TrainConfig(
-        learning_rate=LR,
-        pairs_per_step=PAIRS_PER_STEP,
-        max_tokens_per_batch=4096,
-        warmup_ratio=0.0,
-        schedule="constant",
-        adam_eps=EPS,
-        shuffle=False,
-        precision="fp32",
-    )
-    trainer = DPOTrainer(
-        model,
-        config=config,
-        loss_fn=partial(dpo_loss, config=LOSSES["sigmoid"]),
-        kernels_impl="torch",
-        progress=False,
-        output_dir=tmp_path / "ours",
-    )
-    trainer.fit(pairs, ref)
-    ours = [json.loads(x) for x in (tmp_path / "ours" / "metrics.jsonl").read_text().splitlines()]
+    _, ours = _ours(model_dir, pairs, LOSSES["sigmoid"], tmp_path / "ours", model=model)
     ours_adapter, _ = adapter_files(lora_state_dict(model))
 
     # TRL on a PEFT model holding the same initial adapter
@@ -419,50 +406,8 @@ def test_a_lora_training_equals_trl_with_peft(setup, tmp_path):
     )
     peft_model = peft.get_peft_model(hf, lora_config)
     initial, _ = adapter_files(start)
-    result = peft.set_peft_model_state_dict(peft_model, initial)
-    assert not result.unexpected_keys
-    logs: list[dict] = []
-
-    class Logs(transformers.TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                logged.append(dict(logs))
-
-    logged = logs
-
-    class InOrder(trl.DPOTrainer):
-        def _get_train_sampler(self, *a, **k):
-            return torch.utils.data.SequentialSampler(self.train_dataset)
-
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl"),
-        per_device_train_batch_size=PAIRS_PER_STEP,
-        max_steps=STEPS,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        adam_epsilon=EPS,
-        max_grad_norm=1.0,
-        weight_decay=0.0,
-        beta=BETA,
-        precompute_ref_log_probs=True,
-        max_length=None,
-        logging_steps=1,
-        logging_nan_inf_filter=False,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        seed=0,
-    )
-    InOrder(
-        model=peft_model,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(rows),
-        processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir)),
-        callbacks=[Logs()],
-    ).train()
+    assert not peft.set_peft_model_state_dict(peft_model, initial).unexpected_keys
+    _, _, logs = _trl(model_dir, rows, LOSSES["sigmoid"], tmp_path / "trl", model=peft_model)
     assert len(ours) == len(logs) == STEPS
     for step, (a, b) in enumerate(zip(ours, logs, strict=True), start=1):
         for key in METRIC_KEYS:
