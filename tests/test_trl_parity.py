@@ -434,3 +434,74 @@ def test_a_lora_training_equals_trl_with_peft(setup, tmp_path):
         want = peft_model(input_ids=ids).logits
         got = loaded(input_ids=ids).logits
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_eval_metrics_equal_trl_s_evaluate(setup, tmp_path):
+    """Held-out pairs (``data.eval_sources``) after a DPO run: sdpo's eval/* record against the
+    initial model equals TRL's ``evaluate()``, whose reference values are the initial model's
+    too (precomputed); one eval batch on TRL's side, so its batch means are the means."""
+    from sdpo.config import config_from_dict
+    from sdpo.runner import run_training
+
+    model_dir, rows, _ = setup
+    train_rows, eval_rows = rows[:8], rows[8:]
+    files = {}
+    for name, part in (("train", train_rows), ("held", eval_rows)):
+        files[name] = tmp_path / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in part))
+    out = tmp_path / "run"
+    config = {
+        "output_dir": str(out),
+        "model": {"path": str(model_dir)},
+        "data": {
+            "sources": [{"name": "train", "path": str(files["train"])}],
+            "eval_sources": [{"name": "held", "path": str(files["held"])}],
+            "max_length": 128,
+            "max_prompt_length": 64,
+        },
+        "train": {
+            "learning_rate": LR,
+            "pairs_per_step": PAIRS_PER_STEP,
+            "warmup_ratio": 0.0,
+            "schedule": "constant",
+            "adam_eps": EPS,
+            "shuffle": False,
+            "precision": "fp32",
+        },
+        "loss": {"beta": BETA},
+        "kernels": {"impl": "torch"},
+        "sdpo": {"steps": 1, "report_scoring": False},
+    }
+    run_training(config_from_dict(config), progress=False)
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    ours = [r for r in records if "eval/loss" in r][-1]
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    _trl(model_dir, train_rows, LOSSES["sigmoid"], tmp_path / "trl", steps=2, model=model)
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path / "trl-eval"),
+        per_device_eval_batch_size=len(eval_rows),
+        beta=BETA,
+        max_length=None,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        disable_tqdm=True,
+        precompute_ref_log_probs=True,
+    )
+    # the reference values of the held-out pairs: the initial model's, as sdpo's yardstick
+    initial = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    evaluator = trl.DPOTrainer(
+        model=initial,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(train_rows),
+        eval_dataset=datasets.Dataset.from_list(eval_rows),
+        processing_class=tokenizer,
+    )
+    evaluator.get_eval_dataloader()  # precomputes the held-out reference values with M0
+    evaluator.model.load_state_dict(model.state_dict())  # then scores with the trained model
+    theirs = evaluator.evaluate()
+    assert abs(ours["eval/rewards/chosen"]) > 1e-4  # trained: the rewards are not 0
+    for key in METRIC_KEYS:
+        assert ours[f"eval/{key}"] == pytest.approx(theirs[f"eval_{key}"], rel=1e-4, abs=1e-5), key
