@@ -2,8 +2,9 @@
 and the same batches, for every loss type both have, f-divergences, LD-DPO and WPO: the
 reference values TRL precomputes, every logged metric of every optimizer step, and the weights
 after the last step, to float32 rounding; also gradient accumulation, learning-rate decay and
-weight decay, and a whole two-step ``sdpo train`` against two TRL runs chained by hand. Run when
-trl is installed (a dev dependency).
+weight decay, a whole two-step ``sdpo train`` against two TRL runs chained by hand, the eval
+metrics against TRL's ``evaluate()``, and LoRA against TRL on a PEFT model (which also loads the
+adapter sdpo writes). Run when trl and peft are installed (dev dependencies).
 
 Not compared, because sdpo differs on purpose (README, Training): ``label_smoothing`` with the
 sigmoid loss (cDPO; TRL 1.16's sigmoid ignores it), ``f_alpha_divergence_coef`` other than 0.5
