@@ -128,11 +128,15 @@ class PairTokenizer:
         self.add_bos = bool(add_bos) and self.bos_id is not None
         self.chat_template = chat_template
         self._template = None
-        # special tokens (<|eot_id|>, <|im_end|>, </s>, ...): a chat template closes a turn with one
-        self.special_ids = {
-            i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special
-        }
-        self.special_ids.add(self.eos_id)
+        # special tokens a chat template closes a turn with (<|eot_id|>, <|im_end|>, </s>, ...):
+        # every special token but BOS and the unknown-token marker
+        unk = getattr(tokenizer.model, "unk_token", None)
+        not_closing = {self.bos_id, tokenizer.token_to_id(unk) if unk else None}
+        self.turn_end_ids = {
+            i
+            for i, token in tokenizer.get_added_tokens_decoder().items()
+            if token.special and i not in not_closing
+        } | {self.eos_id}
 
     def _require_id(self, token: str, key: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -251,7 +255,7 @@ class PairTokenizer:
         """Whether ``ids`` end with a special token, followed by whitespace at most: the end of
         turn a chat template writes (``<|eot_id|>``, ``<|im_end|>\\n``, ``</s>``)."""
         for i in reversed(ids):
-            if i in self.special_ids:
+            if i in self.turn_end_ids:
                 return True
             if self.tokenizer.decode([i], skip_special_tokens=False).replace("▁", " ").strip():
                 return False

@@ -575,3 +575,14 @@ def test_a_turn_the_template_closes_gets_no_eos_and_an_open_one_gets_eos(tmp_pat
                 assert tok.decode(ids[ids.index(tok.eos_id) + 1 :]).strip("▁ ") == ""
             else:  # "... No way ": EOS added after the template's text
                 assert ids[-1] == tok.eos_id and ids.count(tok.eos_id) == 1
+
+
+def test_an_answer_ending_in_an_unknown_word_is_not_a_closed_turn(tok, tmp_path):
+    # "zebra" is not in the tiny vocabulary: <unk> is special, but no template closes a turn
+    # with it, so the open template's answer still gets EOS
+    row = conv_row(chosen="the zebra", rejected="dog")
+    data = read_preference_file(write_jsonl(tmp_path / "c.jsonl", [row]))
+    (pair,), _ = tokenize_pairs(data, tok, max_length=64)
+    unk = tok.tokenizer.token_to_id("<unk>")
+    assert pair.chosen_ids == [*wid("the"), unk, EOS]
+    assert not tok.closes_turn([*wid("the"), unk]) and tok.closes_turn([*wid("the"), EOS])
