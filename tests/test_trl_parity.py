@@ -89,11 +89,19 @@ def _ours(
     schedule: str = "constant",
     weight_decay: float = 0.0,
     model: torch.nn.Module | None = None,
+    precision: str = "fp32",
 ) -> tuple[dict, list[dict]]:
     """sdpo's trainer on ``pairs`` (``model``: one set up already, else ``model_dir``'s):
     the final state dict and the metrics records."""
     model = load_pretrained(model_dir) if model is None else model
-    ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch", ld_alpha=loss.ld_alpha)
+    ref = score_pairs(
+        model,
+        pairs,
+        max_tokens_per_batch=4096,
+        impl="torch",
+        ld_alpha=loss.ld_alpha,
+        precision=precision,
+    )
     config = TrainConfig(
         learning_rate=LR,
         pairs_per_step=PAIRS_PER_STEP,
@@ -104,7 +112,7 @@ def _ours(
         adam_eps=EPS,
         max_grad_norm=1.0,
         shuffle=False,
-        precision="fp32",
+        precision=precision,
     )
     trainer = DPOTrainer(
         model,
@@ -132,6 +140,7 @@ def _trl(
     steps: int = STEPS,
     save_to: Path | None = None,
     model: torch.nn.Module | None = None,
+    bf16: bool = False,
 ):
     """TRL's DPOTrainer on ``rows`` in order (``model``: one set up already, e.g. a PEFT model,
     else ``model_dir``'s): its precomputed reference values, final state dict and logs."""
@@ -170,7 +179,7 @@ def _trl(
         "save_strategy": "no",
         "report_to": "none",
         "use_cpu": True,
-        "bf16": False,  # TRL's default is bf16 autocast, on a CPU too: fp32 on both sides
+        "bf16": bf16,  # TRL's default is bf16 autocast, on a CPU too: fp32 unless asked
         "disable_tqdm": True,
         "seed": 0,
     }
@@ -506,3 +515,19 @@ def test_the_eval_metrics_equal_trl_s_evaluate(setup, tmp_path):
     assert abs(ours["eval/rewards/chosen"]) > 1e-4  # trained: the rewards are not 0
     for key in METRIC_KEYS:
         assert ours[f"eval/{key}"] == pytest.approx(theirs[f"eval_{key}"], rel=1e-4, abs=1e-5), key
+
+
+def test_bf16_mixed_is_trl_s_default_precision(setup, tmp_path):
+    """TRL's default precision (fp32 weights and AdamW states, bf16 autocast, on a CPU too) is
+    sdpo's ``bf16-mixed``: the same steps to bf16 rounding (the two fused heads round in
+    different places, so the steps agree to about 1e-4, not bit for bit)."""
+    model_dir, rows, pairs = setup
+    loss = LOSSES["sigmoid"]
+    mixed, ours = _ours(model_dir, pairs, loss, tmp_path / "ours", precision="bf16-mixed")
+    _, theirs_w, theirs = _trl(model_dir, rows, loss, tmp_path / "trl", bf16=True)
+    assert mixed["model.embed_tokens.weight"].dtype == torch.float32  # fp32 master weights
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
+        for key in ("loss", "logps/chosen", "logps/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3), (step, key, a, b)
+    for key, w in mixed.items():
+        assert torch.allclose(w, theirs_w[key], rtol=0, atol=2e-3), key
