@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import Tensor
 
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-mixed")
 
@@ -41,3 +42,16 @@ def autocast_context(
     if precision == "bf16-mixed":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def head_inputs(hidden: Tensor, weight: Tensor, precision: str) -> tuple[Tensor, Tensor]:
+    """The log-prob head's inputs under ``precision``, the same in the training forward and in
+    every scoring pass (so a step's first rewards are 0: the reference values are the policy's
+    own numbers): ``bf16-mixed`` rounds the hidden states and the (fp32 master) lm_head weight to
+    bf16, as autocast rounds a matmul's inputs; otherwise the hidden states take the weight's
+    dtype."""
+    if precision == "bf16-mixed":
+        return hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+    if hidden.dtype != weight.dtype:
+        hidden = hidden.to(weight.dtype)
+    return hidden, weight

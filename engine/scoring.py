@@ -34,7 +34,7 @@ from sdpo.engine.packing import (
     pack_pairs_shared,
     to_device,
 )
-from sdpo.engine.precision import autocast_context
+from sdpo.engine.precision import autocast_context, head_inputs
 from sdpo.engine.resume import fault_point
 from sdpo.kernels import sequence_logprobs
 
@@ -197,9 +197,13 @@ def _score_local(
                 hidden = model(
                     batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
                 )
+        # the head's inputs as the training forward rounds them (engine/precision.py)
+        hidden, weight = head_inputs(
+            hidden.index_select(0, head.index), model.lm_head_weight, precision
+        )  # (M, H): only rows with a label
         seq_logps = sequence_logprobs(
-            hidden.index_select(0, head.index),  # (M, H): only rows with a label
-            model.lm_head_weight,
+            hidden,
+            weight,
             head.labels,
             head.seq_ids,
             batch.num_seqs,

@@ -64,6 +64,7 @@ from sdpo.engine.packing import (
 from sdpo.engine.precision import (
     PRECISIONS,
     autocast_context,
+    head_inputs,
     parameter_dtype,
     resolve_precision,
 )
@@ -532,11 +533,7 @@ class DPOTrainer:
                     batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
                 )  # (N, H)
         hidden = hidden.index_select(0, head.index)  # (M, H): only rows with a label
-        weight = self.model.lm_head_weight
-        if self.precision == "bf16-mixed":
-            hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
-        elif hidden.dtype != weight.dtype:
-            hidden = hidden.to(weight.dtype)
+        hidden, weight = head_inputs(hidden, self.model.lm_head_weight, self.precision)
 
         wpo = self.use_weighting
         # the step's (pairs / chosen tokens) for the sft type; None: this batch's own

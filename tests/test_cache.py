@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 
 from sdpo.cache import (
+    CACHE_FORMAT_VERSION,
     CacheKey,
     RefLogprobCache,
     RefValues,
@@ -84,7 +85,7 @@ def test_cache_file_is_plain_safetensors_with_key_checksum_and_version(saved):
     with safetensors.safe_open(cache.path, framework="pt") as f:
         meta = f.metadata()
         assert torch.equal(f.get_tensor("chosen_logps"), values.chosen_logps)
-    assert meta["sdpo_ref_cache_version"] == "1"
+    assert meta["sdpo_ref_cache_version"] == CACHE_FORMAT_VERSION == "2"
     assert len(meta["tensors_sha256"]) == 64
     assert json.loads(meta["key.max_length"]) == 1024
     assert json.loads(meta["key.truncation"]) == "keep_end"

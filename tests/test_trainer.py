@@ -12,6 +12,7 @@ import torch
 
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
+from sdpo.engine.precision import parameter_dtype
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import (
@@ -55,16 +56,30 @@ def test_short_dpo_run_raises_reward_accuracy_on_its_training_pairs(tiny_model_d
         assert name in lines[-1]
 
 
-def test_first_step_rewards_are_zero_because_reference_equals_policy(tiny_model_dir, tmp_path):
-    """The no-grad scoring pass and the training forward give the same numbers."""
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16"])
+@pytest.mark.parametrize("loss_path", ["fused", "plain"])
+def test_first_step_rewards_are_zero_because_reference_equals_policy(
+    tiny_model_dir, tmp_path, precision, loss_path
+):
+    """The no-grad scoring pass and the training forward give the same numbers, bit for bit,
+    in every precision (bf16-mixed: both round the head's inputs to bf16), in micro-batches
+    of other shapes than the scoring pass's."""
     pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=8, seed=4))
-    model = load_pretrained(tiny_model_dir)
-    ref = score_pairs(model, pairs, max_tokens_per_batch=1024, impl="torch")
-    trainer = _trainer(model, tmp_path, pairs_per_step=8)
+    model = load_pretrained(tiny_model_dir, dtype=parameter_dtype(precision))
+    ref = score_pairs(model, pairs, max_tokens_per_batch=1024, impl="torch", precision=precision)
+    trainer = _trainer(
+        model,
+        tmp_path,
+        pairs_per_step=8,
+        max_tokens_per_batch=64,
+        precision=precision,
+        loss_path=loss_path,
+    )
     steps = plan_steps(pairs, trainer.config, epoch=0)
+    assert len(steps[0]) > 1  # several micro-batches, the scoring pass one batch
     metrics = trainer.train_step(pairs, steps[0], ref)
-    assert abs(float(metrics["rewards/chosen"])) < 1e-6
-    assert abs(float(metrics["rewards/margins"])) < 1e-6
+    assert float(metrics["rewards/chosen"]) == 0.0
+    assert float(metrics["rewards/rejected"]) == 0.0
     assert float(metrics["loss"]) == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)
 
 
