@@ -316,13 +316,37 @@ def test_the_learning_rate_decays_as_trl_s(setup, tmp_path, schedule, weight_dec
         assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), key
 
 
+def _sdpo_train(out: Path, model_dir: Path, data: dict, *, schedule: str, sdpo: dict) -> None:
+    """``sdpo train`` (``run_training``) with the optimizer settings of the TRL comparisons."""
+    from sdpo.config import config_from_dict
+    from sdpo.runner import run_training
+
+    config = {
+        "output_dir": str(out),
+        "model": {"path": str(model_dir)},
+        "data": {**data, "max_length": 128, "max_prompt_length": 64},
+        "train": {
+            "learning_rate": LR,
+            "pairs_per_step": PAIRS_PER_STEP,
+            "max_tokens_per_batch": 4096,
+            "warmup_ratio": 0.0,
+            "schedule": schedule,
+            "adam_eps": EPS,
+            "shuffle": False,
+            "precision": "fp32",
+        },
+        "loss": {"beta": BETA},
+        "kernels": {"impl": "torch"},
+        "sdpo": sdpo,
+    }
+    run_training(config_from_dict(config), progress=False)
+
+
 def test_a_two_step_sdpo_run_equals_two_trl_runs_chained_by_hand(setup, tmp_path):
     """``sdpo train`` with two sources (a given partition): step 1 trains M0 on source 1 against
     M0's values, step 2 trains M1 on source 2 against M1's values with a fresh optimizer. The
     same by hand with TRL: a DPOTrainer on source 1 (reference log-probs precomputed with M0),
     its model saved, then a new DPOTrainer from it on source 2. Both steps' weights agree."""
-    from sdpo.config import config_from_dict
-    from sdpo.runner import run_training
 
     model_dir, rows, _ = setup
     first, second = rows[:8], rows[8:]
@@ -332,25 +356,13 @@ def test_a_two_step_sdpo_run_equals_two_trl_runs_chained_by_hand(setup, tmp_path
         path.write_text("".join(json.dumps(r) + "\n" for r in part))
         files.append({"name": name, "path": str(path)})
     out = tmp_path / "run"
-    config = {
-        "output_dir": str(out),
-        "model": {"path": str(model_dir)},
-        "data": {"sources": files, "max_length": 128, "max_prompt_length": 64},
-        "train": {
-            "learning_rate": LR,
-            "pairs_per_step": PAIRS_PER_STEP,
-            "max_tokens_per_batch": 4096,
-            "warmup_ratio": 0.0,
-            "schedule": "linear",
-            "adam_eps": EPS,
-            "shuffle": False,
-            "precision": "fp32",
-        },
-        "loss": {"beta": BETA},
-        "kernels": {"impl": "torch"},
-        "sdpo": {"steps": 2, "partition": "given", "report_scoring": False},
-    }
-    run_training(config_from_dict(config), progress=False)
+    _sdpo_train(
+        out,
+        model_dir,
+        {"sources": files},
+        schedule="linear",
+        sdpo={"steps": 2, "partition": "given", "report_scoring": False},
+    )
 
     start = model_dir
     for t, part in ((1, first), (2, second)):
@@ -450,8 +462,6 @@ def test_the_eval_metrics_equal_trl_s_evaluate(setup, tmp_path):
     """Held-out pairs (``data.eval_sources``) after a DPO run: sdpo's eval/* record against the
     initial model equals TRL's ``evaluate()``, whose reference values are the initial model's
     too (precomputed); one eval batch on TRL's side, so its batch means are the means."""
-    from sdpo.config import config_from_dict
-    from sdpo.runner import run_training
 
     model_dir, rows, _ = setup
     train_rows, eval_rows = rows[:8], rows[8:]
@@ -460,29 +470,13 @@ def test_the_eval_metrics_equal_trl_s_evaluate(setup, tmp_path):
         files[name] = tmp_path / f"{name}.jsonl"
         files[name].write_text("".join(json.dumps(r) + "\n" for r in part))
     out = tmp_path / "run"
-    config = {
-        "output_dir": str(out),
-        "model": {"path": str(model_dir)},
-        "data": {
-            "sources": [{"name": "train", "path": str(files["train"])}],
-            "eval_sources": [{"name": "held", "path": str(files["held"])}],
-            "max_length": 128,
-            "max_prompt_length": 64,
-        },
-        "train": {
-            "learning_rate": LR,
-            "pairs_per_step": PAIRS_PER_STEP,
-            "warmup_ratio": 0.0,
-            "schedule": "constant",
-            "adam_eps": EPS,
-            "shuffle": False,
-            "precision": "fp32",
-        },
-        "loss": {"beta": BETA},
-        "kernels": {"impl": "torch"},
-        "sdpo": {"steps": 1, "report_scoring": False},
+    data = {
+        "sources": [{"name": "train", "path": str(files["train"])}],
+        "eval_sources": [{"name": "held", "path": str(files["held"])}],
     }
-    run_training(config_from_dict(config), progress=False)
+    _sdpo_train(
+        out, model_dir, data, schedule="constant", sdpo={"steps": 1, "report_scoring": False}
+    )
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     ours = [r for r in records if "eval/loss" in r][-1]
 
