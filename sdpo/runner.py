@@ -439,6 +439,7 @@ class StepwiseRunner:
         self.eval_pairs: list[TokenizedPair] = []
         self.eval_initial: PairLogps | None = None
         self.trackers = Trackers()  # rank 0, with log.report_to: TensorBoard / W&B
+        self.data_fp: str | None = None  # data_fingerprint of the training pairs (run())
         self.phase = "loading the model"  # what the run is doing, for an out-of-memory message
 
     # -- scoring and the cache -----------------------------------------------------------
@@ -613,6 +614,15 @@ class StepwiseRunner:
                 "the work is batched or computed, not what: the result equals the "
                 "uninterrupted run's up to float rounding, not bit for bit"
             )
+        saved_data = progress.get("data_fingerprint")  # absent in checkpoints of older runs
+        if saved_data is not None and saved_data != self.data_fp:
+            raise OutputDirError(
+                f"cannot resume the run in {self.out}: the training pairs' token ids differ from "
+                f"those {path.name} was trained on (a data file, the tokenizer files or the "
+                "tokenization changed since the run started), so the resumed steps would train "
+                "on other pairs. Restore the inputs the run started with, or start a new run "
+                "(another output_dir, or --overwrite)"
+            )
         step = progress["sdpo_step"]
         where = "after" if progress["step_finished"] else "inside"
         _log(f"resuming from {path.name} ({where} sDPO step {step})")
@@ -707,6 +717,7 @@ class StepwiseRunner:
                 "run_step": run_step,
                 "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
                 "config": config_to_dict(self.cfg),
+                "data_fingerprint": self.data_fp,
             }
         )
 
@@ -870,6 +881,8 @@ class StepwiseRunner:
     def run(self) -> RunResult:
         self.check_output_dir()  # every rank checks: the same error everywhere, nothing written
         tokenizer, pairs = self.load_inputs()
+        # the token ids the run trains on: kept in every checkpoint, checked on resume
+        self.data_fp = data_fingerprint(pairs)
 
         def prepare() -> ResumePoint | None:
             point = self.find_resume_point() if self.resume else None

@@ -215,6 +215,24 @@ def test_resume_with_a_changed_result_key_is_refused_naming_it(tiny_model_dir, t
     run_training(_config(tmp_path, tiny_model_dir, log_every=2), progress=False, resume=True)
 
 
+def test_resume_on_other_training_pairs_is_refused(tiny_model_dir, tmp_path):
+    """The checkpoint keeps the token ids' fingerprint: a data file edited since the run
+    started is refused on resume (nothing trained on other pairs); restored, it resumes."""
+    cfg = _config(tmp_path, tiny_model_dir)
+    run_training(cfg, progress=False)
+    near = Path(cfg.data.sources[1].path)
+    original = near.read_text()
+    rows = original.splitlines()
+    row = json.loads(rows[0])
+    row["chosen"] = row["chosen"] + " mat"
+    near.write_text("\n".join([json.dumps(row), *rows[1:]]) + "\n")
+    with pytest.raises(OutputDirError, match="token ids differ from those ckpt-") as e:
+        run_training(cfg, progress=False, resume=True)
+    assert "a data file, the tokenizer files or the tokenization changed" in str(e.value)
+    near.write_text(original)
+    run_training(cfg, progress=False, resume=True)
+
+
 def test_cli_resume_flags(tiny_model_dir, tmp_path, capsys):
     data = write_pairs(tmp_path / "p.jsonl", n=6, seed=3)
     toml = tmp_path / "run.toml"
