@@ -52,7 +52,7 @@ robust, hinge, ipo, exo_pair, discopop, sigmoid_norm) reads ``f'(u_c) - f'(u_r)`
   that is ``1 - a`` in place of ``a``, which agrees at its default 0.5.
 
 Against TRL 1.16 itself (``tests/test_trl_parity.py``) every type gives the same losses, rewards
-and updates, with two deliberate differences besides that alpha and RPO (below): TRL 1.16's
+and updates. Besides that alpha and RPO (below), one difference is deliberate: TRL 1.16's
 sigmoid loss ignores ``label_smoothing``, which is cDPO here.
 
 The exponents are capped at half the compute dtype's exponent range (float32: e^36.4; TRL caps
@@ -357,17 +357,16 @@ def _pair_terms(
         tokens = (chosen_tokens.to(dtype), rejected_tokens.to(dtype))
     if "sft" in config.loss_types and sft_scale is None:  # the mean over these pairs' tokens
         sft_scale = tokens[0].shape[0] / tokens[0].sum().clamp(min=1.0)
-    losses = rewards = None
+    # rewards: beta times the summed log-ratios, the same for every type (IPO's too, as TRL)
+    lc = pc if rc is None else pc - rc
+    lr = pr if rr is None else pr - rr
+    rewards = (config.beta * lc.detach(), config.beta * lr.detach())
+    losses = None
     for kind, weight in zip(config.loss_types, config.weights):
         if kind == "sft":  # its per-pair share of the mean token NLL of the chosen completions
-            lc = pc if rc is None else pc - rc
-            lr = pr if rr is None else pr - rr
             part = -pc * sft_scale
-            part_rewards = (config.beta * lc.detach(), config.beta * lr.detach())
         else:
-            part, part_rewards = _type_terms(kind, config, pc, pr, rc, rr, tokens)
-        if rewards is None:
-            rewards = part_rewards  # the first type's
+            part = _type_losses(kind, config, pc, pr, rc, rr, tokens)
         if weight != 1.0:
             part = part * weight
         losses = part if losses is None else losses + part
@@ -396,7 +395,7 @@ def _wpo_weights(aligned: Tensor, tokens: Tensor) -> Tensor:
     return torch.exp(aligned / tokens.clamp(min=1.0))
 
 
-def _type_terms(
+def _type_losses(
     kind: str,
     config: LossConfig,
     pc: Tensor,
@@ -404,25 +403,21 @@ def _type_terms(
     rc: Tensor | None,
     rr: Tensor | None,
     tokens: tuple[Tensor, Tensor] | None,
-) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """One loss type's per-pair losses and (detached) chosen/rejected rewards."""
+) -> Tensor:
+    """One loss type's per-pair losses (k,)."""
     beta, eps = config.beta, config.label_smoothing
-    # rewards: beta times the summed log-ratios, for every type (IPO's included), as TRL 1.16
-    lc = pc if rc is None else pc - rc
-    lr = pr if rr is None else pr - rr
-    rewards = (beta * lc.detach(), beta * lr.detach())
     if kind == "ipo":  # log-probs averaged over completion tokens, policy and reference alike
         ct, rt = tokens
         pc, pr = pc / ct, pr / rt
         if rc is not None:
             rc, rr = rc / ct, rr / rt
-        lc = pc if rc is None else pc - rc
-        lr = pr if rr is None else pr - rr
+    lc = pc if rc is None else pc - rc
+    lr = pr if rr is None else pr - rr
     if kind == "sigmoid_norm":
         ct, rt = (t.clamp(min=1.0) for t in tokens)
-        return -F.logsigmoid(beta * _divergence_logits(config, lc / ct, lr / rt)), rewards
+        return -F.logsigmoid(beta * _divergence_logits(config, lc / ct, lr / rt))
     if kind in _LOGRATIO_TYPES:
-        return _logratio_losses(kind, config, lc, lr), rewards
+        return _logratio_losses(kind, config, lc, lr)
     if config.f_divergence_type == "reverse_kl":
         z = pc - pr  # (k,) policy log-ratio
         if rc is not None:
@@ -439,7 +434,7 @@ def _type_terms(
         losses = torch.relu(1 - beta * z)
     else:  # ipo
         losses = (z - 1 / (2 * beta)) ** 2
-    return losses, rewards
+    return losses
 
 
 def _capped_exp(x: Tensor) -> Tensor:
