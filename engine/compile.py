@@ -46,6 +46,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sdpo.kernels.dispatch import build_compiler_disabled
+
 __all__ = ["compile_decoder_layers", "decoder_layers"]
 
 
@@ -100,6 +102,7 @@ def compile_decoder_layers(
 
         functorch_config.activation_memory_budget = float(activation_memory_budget)
     layers = decoder_layers(model)
+    build_compiler_disabled()
     # All layers share one code object; a few variants (grad / no grad) must fit under the limit.
     dynamo_config = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):

@@ -59,20 +59,38 @@ def resolve_impl(impl: str, device: torch.device | str) -> str:
     )
 
 
+# The wrappers made by compiler_disabled that have not built their disabled function yet.
+_UNBUILT: list[Callable[[], None]] = []
+
+
 def compiler_disabled(fn: Callable) -> Callable:
-    """``torch.compiler.disable(fn)``, built on the first call: the decorator imports
-    ``torch._dynamo`` (and with it Triton), about two seconds at import time that a process
-    which never trains would pay for nothing. The wrapper carries dynamo's own mark, so a
-    compiled caller graph-breaks around it instead of tracing into it. For code the compiler
-    must run eagerly: ``linear_pair_loss`` (it takes a Python callable) and the engine's
-    per-sequence attention loop."""
+    """``torch.compiler.disable(fn)``, built on the first call or by
+    :func:`build_compiler_disabled`: the decorator imports ``torch._dynamo`` (and with it
+    Triton), about two seconds at import time that a process which never trains would pay for
+    nothing. The wrapper carries dynamo's own mark, so a compiled caller graph-breaks around it
+    instead of tracing into it. For code the compiler must run eagerly: ``linear_pair_loss`` (it
+    takes a Python callable) and the engine's per-sequence attention loop."""
     disabled: list[Callable] = []
+
+    def build() -> None:
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if not disabled:
-            disabled.append(torch.compiler.disable(fn))
+            build()
         return disabled[0](*args, **kwargs)
 
     wrapper._torchdynamo_disable = True  # what torch.compiler.disable sets
+    _UNBUILT.append(build)
     return wrapper
+
+
+def build_compiler_disabled() -> None:
+    """Build every :func:`compiler_disabled` function now. Code that compiles calls it first,
+    so that no wrapper builds inside a compiled caller: dynamo runs the wrapper's own frame
+    after the graph break, and PyTorch 2.11's cannot trace the build there (it breaks the graph
+    once more, at ``list.append``)."""
+    while _UNBUILT:
+        _UNBUILT.pop()()
