@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     score = sub.add_parser("score", help="score a data set with one model", description=SCORE_HELP)
-    score.add_argument("--model", required=True, type=Path, help="Hugging Face model folder")
+    score.add_argument(
+        "--model", required=True, help="Hugging Face model folder, or a hub model id (org/name)"
+    )
+    score.add_argument("--revision", help="a hub model's branch, tag or commit (default: main)")
     score.add_argument(
         "--data", required=True, help="preference file (jsonl/json/parquet/csv) or hub name"
     )
@@ -285,7 +288,7 @@ def _score(args: argparse.Namespace) -> int:
     from sdpo.engine.scoring import score_pairs
     from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
     from sdpo.kernels import resolve_impl
-    from sdpo.runner import select_device
+    from sdpo.runner import model_folder, select_device
 
     device = select_device()
     try:  # bad input (the model folder, the data, the column map) exits 2 with one message
@@ -295,14 +298,15 @@ def _score(args: argparse.Namespace) -> int:
             raise ValueError(f"--ld-alpha: {e}") from None
         columns = _column_map(args.columns)
         rows = read_preference_file(args.data, columns=columns)
-        tokenizer = PairTokenizer.from_dir(args.model)
+        model_dir = model_folder(args.model, revision=args.revision, key="--model")
+        tokenizer = PairTokenizer.from_dir(model_dir)
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
         def shard(model: torch.nn.Module) -> None:
             sharding.shard_model(model, precision=precision, device=device)
 
         model = load_pretrained(
-            args.model,
+            model_dir,
             dtype=parameter_dtype(precision),
             device=device,
             shard=shard if sharding.wanted(args.fsdp) else None,

@@ -34,6 +34,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from sdpo.engine.files import atomic_write_text
+from sdpo.engine.hub import is_hub_model_id
 from sdpo.engine.lora import LORA_TARGETS
 from sdpo.engine.trainer import TrainConfig
 from sdpo.losses import LossConfig
@@ -44,9 +45,11 @@ class ConfigError(ValueError):
 
 
 # Metadata marking path-valued fields: "local" paths always resolve against the config's folder;
-# "data" paths resolve only when they look like a local file (else they are dataset hub names).
+# "data" paths resolve only when they look like a local file (else they are dataset hub names);
+# "model" paths resolve unless they are shaped like a hub model id and no such folder exists.
 _LOCAL = {"path": "local"}
 _DATA = {"path": "data"}
+_MODEL = {"path": "model"}
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".zst", ".arrow")
 
 
@@ -67,9 +70,10 @@ def _at_least(key: str, value: float | None, low: float, *, strict: bool = False
 
 @dataclass(kw_only=True)
 class ModelSection:
-    """``[model]``: the initial (SFT) model, a Hugging Face style folder."""
+    """``[model]``: the initial (SFT) model, a Hugging Face style folder or a hub model id."""
 
-    path: str | None = field(default=None, metadata=_LOCAL)
+    path: str | None = field(default=None, metadata=_MODEL)
+    revision: str | None = None  # a hub model's branch, tag or commit (TRL's model_revision)
     attn_backend: str = "auto"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1  # with gradient_checkpointing: recompute every k-th layer
@@ -81,6 +85,12 @@ class ModelSection:
     def __post_init__(self) -> None:
         _one_of("model.attn_backend", self.attn_backend, ("auto", "flash", "varlen", "sdpa"))
         _at_least("model.checkpoint_every", self.checkpoint_every, 1)
+        if self.revision is not None and not (self.path and is_hub_model_id(self.path)):
+            raise ConfigError(
+                f"model.revision = {self.revision!r} applies to a hub model id (namespace/name) "
+                f"and model.path is {self.path!r}, a local folder: remove model.revision, or "
+                "set model.path to the hub model's id"
+            )
         budget = self.activation_memory_budget
         if budget is not None:
             if not 0.0 <= budget <= 1.0:
@@ -215,7 +225,7 @@ class SDPOSection:
 
     steps: int = 1
     partition: str = "easy_to_hard"
-    reference: str | None = field(default=None, metadata=_LOCAL)  # fixed reference checkpoint
+    reference: str | None = field(default=None, metadata=_MODEL)  # fixed reference checkpoint
     reset_optimizer: bool = True  # fresh optimizer state and LR schedule per step
     beta: list[float] = field(default_factory=list)  # per-step loss.beta; empty: the same
     learning_rate: list[float] = field(default_factory=list)  # per-step train.learning_rate
@@ -472,13 +482,16 @@ def _resolve_path(value: str, kind: str, base: Path) -> str:
     if os.path.isabs(expanded):
         return expanded
     candidate = base / expanded
-    looks_local = (
-        kind == "local"
-        or value.startswith((".", "~"))
-        or value.endswith(_DATA_SUFFIXES)
-        or candidate.exists()
-    )
-    return os.path.normpath(candidate) if looks_local else value  # else: a hub data set name
+    if kind == "model":
+        looks_local = candidate.exists() or not is_hub_model_id(value)
+    else:
+        looks_local = (
+            kind == "local"
+            or value.startswith((".", "~"))
+            or value.endswith(_DATA_SUFFIXES)
+            or candidate.exists()
+        )
+    return os.path.normpath(candidate) if looks_local else value  # else: a hub name
 
 
 def _convert(

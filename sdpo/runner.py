@@ -103,6 +103,7 @@ from sdpo.engine.checkpoint import (
 from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.data import DataError, read_preference_file, row_error
 from sdpo.engine.files import append_jsonl, atomic_open, atomic_write_bytes, atomic_write_json
+from sdpo.engine.hub import resolve_model_folder
 from sdpo.engine.lora import (
     attach_lora,
     load_lora_state_dict,
@@ -257,6 +258,25 @@ def _log(message: str) -> None:
         print(f"[sdpo] {message}", flush=True)
 
 
+def model_folder(value: str, *, key: str, revision: str | None = None) -> Path:
+    """The local folder of a model value (``engine.hub``): rank 0 fetches a hub model, the
+    other ranks then find it in the same hub cache (one node, one file system). A collective
+    under torchrun; raises ``RunInputError``."""
+    try:
+        folder = Path(on_main(lambda: str(resolve_model_folder(value, revision=revision, key=key))))
+    except ValueError as e:
+        raise RunInputError(str(e)) from e
+    if folder != Path(value).expanduser():
+        _log(f"{key} {value}: hub snapshot {folder.name} ({folder})")
+        if not folder.is_dir():
+            raise RunInputError(
+                f"{key} = {value!r}: rank {distributed.rank()} does not see the hub snapshot "
+                f"rank 0 fetched ({folder}); give every rank the same hub cache (HF_HUB_CACHE "
+                "on a shared file system) or a local model folder"
+            )
+    return folder
+
+
 def select_device() -> torch.device:
     if distributed.initialized():
         return distributed.device()  # cuda:LOCAL_RANK
@@ -295,6 +315,7 @@ def load_pairs(
     sources: Sequence[DataSource] | None = None,
     cache_file: Path | None = None,
     pending_saves: list[Callable[[], None]] | None = None,
+    tokenizer_dir: str | Path | None = None,
 ) -> list[TokenizedPair]:
     """Read, validate and tokenize every source; pair ``index`` is the position in the pool.
     With ``context_length`` (the model's ``max_position_embeddings``) a pair whose sequence
@@ -302,14 +323,16 @@ def load_pairs(
     pair's "file line N" / "file row N" for later messages. With ``cache_file`` the pairs come
     from that token cache when its key matches (``sdpo.engine.token_cache``); otherwise they
     are tokenized and the cache written once every check passed (appended to ``pending_saves``
-    when given, so the caller writes only after all its inputs passed)."""
+    when given, so the caller writes only after all its inputs passed). ``tokenizer_dir``: the
+    folder of the tokenizer files in the cache key (default ``model.path``; a hub model's
+    snapshot folder)."""
     sources = cfg.data.sources if sources is None else sources
     d = cfg.data
     key = None
     if cache_file is not None:
         key = token_cache_key(
             sources,
-            tokenizer_dir=cfg.model.path,
+            tokenizer_dir=cfg.model.path if tokenizer_dir is None else tokenizer_dir,
             max_length=d.max_length,
             max_prompt_length=d.max_prompt_length,
             truncation=d.truncation,
@@ -440,6 +463,10 @@ class StepwiseRunner:
         self.eval_initial: PairLogps | None = None
         self.trackers = Trackers()  # rank 0, with log.report_to: TensorBoard / W&B
         self.data_fp: str | None = None  # data_fingerprint of the training pairs (run())
+        # model.path and sdpo.reference as local folders (hub models: their snapshots), set by
+        # load_inputs
+        self.model_dir = Path(cfg.model.path) if cfg.model.path else Path()
+        self.reference_dir: Path | None = None
         self.phase = "loading the model"  # what the run is doing, for an out-of-memory message
 
     # -- scoring and the cache -----------------------------------------------------------
@@ -510,12 +537,15 @@ class StepwiseRunner:
         """Check the model folder(s), the tokenizer and every data row; write nothing.
         Any problem is a ``RunInputError`` naming the file, row/key and the fix."""
         cfg = self.cfg
-        model_dir = Path(cfg.model.path)
         cache_saves: list[Callable[[], None]] = []  # written once every input passed
         try:
+            self.model_dir = model_dir = model_folder(
+                cfg.model.path, revision=cfg.model.revision, key="model.path"
+            )
             model_config = check_pretrained(model_dir)
             if cfg.sdpo.reference:
-                ref_config = check_pretrained(cfg.sdpo.reference)
+                self.reference_dir = model_folder(cfg.sdpo.reference, key="sdpo.reference")
+                ref_config = check_pretrained(self.reference_dir)
                 if ref_config.vocab_size != model_config.vocab_size:
                     raise RunInputError(
                         f"sdpo.reference {cfg.sdpo.reference} has vocab_size "
@@ -539,6 +569,7 @@ class StepwiseRunner:
                 places=self._rows_of_pairs,
                 cache_file=token_cache_path(self.cache_dir, "train"),
                 pending_saves=cache_saves,
+                tokenizer_dir=model_dir,
             )
             self.eval_pairs = []
             if cfg.data.eval_sources:
@@ -550,6 +581,7 @@ class StepwiseRunner:
                     sources=cfg.data.eval_sources,
                     cache_file=token_cache_path(self.cache_dir, "eval"),
                     pending_saves=cache_saves,
+                    tokenizer_dir=model_dir,
                 )
             elif cfg.data.eval_fraction:
                 pairs, self.eval_pairs = split_held_out(
@@ -826,7 +858,7 @@ class StepwiseRunner:
         end) has waited for this write. A resume reads it only through a checkpoint whose
         manifest was written after it."""
         step_dir = self.out / f"step-{t}"
-        model_dir = Path(self.cfg.model.path)
+        model_dir = self.model_dir
 
         def capture() -> tuple[Callable[[], dict], Callable[[dict], None]]:
             full = self._snapshot(model.state_dict() if weights is None else weights, "weights")
@@ -947,12 +979,12 @@ class StepwiseRunner:
 
     def _run(self, pairs: list[TokenizedPair], point: ResumePoint | None) -> RunResult:
         cfg = self.cfg
-        model_dir = Path(cfg.model.path)
+        model_dir = self.model_dir
         by_index = {p.index: p for p in pairs}
 
         fixed_ref: PairLogps | None = None
-        if cfg.sdpo.reference:
-            fixed_ref = self._score_with_separate_reference(Path(cfg.sdpo.reference), pairs)
+        if self.reference_dir is not None:
+            fixed_ref = self._score_with_separate_reference(self.reference_dir, pairs)
 
         model = self._load_model(model_dir)
         t0 = time.perf_counter()

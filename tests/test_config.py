@@ -77,8 +77,12 @@ path = "~/c.csv"
 reference = "./ref"
 cache_dir = "cache"
 """
-    cfg = load_config(write(tmp_path, text, "configs/run.toml"))
+    config = write(tmp_path, text, "configs/run.toml")
     base = tmp_path / "configs"
+    # a model value shaped like a hub id (namespace/name) is a hub model unless that folder exists
+    assert load_config(config).model.path == "models/sft"
+    (base / "models" / "sft").mkdir(parents=True)
+    cfg = load_config(config)
     assert cfg.output_dir == str(tmp_path / "runs" / "x")
     assert cfg.model.path == str(base / "models" / "sft")
     paths = {s.name: s.path for s in cfg.data.sources}

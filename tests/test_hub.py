@@ -1,0 +1,183 @@
+"""Models named by hub id (``sdpo.engine.hub``), read through huggingface_hub's own cache.
+
+No network here: each test publishes tiny models into a hub cache folder laid out as
+huggingface_hub writes it (``models--ORG--NAME/refs/<branch>`` holding a commit,
+``snapshots/<commit>/`` holding the files), and huggingface_hub resolves ids, branches, tags
+and commits against it offline (``local_files_only``, or ``HF_HUB_OFFLINE=1`` in a fresh
+process, which is how a user without network runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from sdpo.cli import main
+from sdpo.config import ConfigError, load_config
+from sdpo.engine.hub import HubModelError, is_hub_model_id, resolve_model_folder
+from sdpo.engine.tiny import write_tiny_model
+from tests.conftest import WORDS, write_pairs
+
+MAIN, V1 = "a" * 40, "b" * 40  # the two commits of org/tiny
+
+
+def _publish(cache: Path, repo: str, commit: str, folder: Path, *, refs: tuple[str, ...]) -> Path:
+    """Put ``folder``'s files into ``cache`` as the snapshot ``commit`` of ``repo``."""
+    storage = cache / f"models--{repo.replace('/', '--')}"
+    snapshot = storage / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (storage / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Path:
+    """A hub cache with org/tiny at two commits (main and the tag v1, other weights), each with
+    files sdpo does not read (a .bin copy, an original/ folder), and org/bin-only."""
+    cache = tmp_path / "hub"
+    for commit, seed, refs in ((MAIN, 1, ("main",)), (V1, 2, ("v1",))):
+        folder = write_tiny_model(tmp_path / f"src-{seed}", words=WORDS, hidden_size=32, seed=seed)
+        snapshot = _publish(cache, "org/tiny", commit, folder, refs=refs)
+        (snapshot / "pytorch_model.bin").write_bytes(b"not read")
+        (snapshot / "original").mkdir()
+        (snapshot / "original" / "consolidated.00.pth").write_bytes(b"not read")
+    bin_only = write_tiny_model(tmp_path / "src-bin", words=WORDS, hidden_size=32, seed=3)
+    for weights in bin_only.glob("*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    _publish(cache, "org/bin-only", MAIN, bin_only, refs=("main",))
+    return cache
+
+
+def test_hub_ids_are_told_from_paths():
+    for value in ("Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B", "org/tiny_v1.5"):
+        assert is_hub_model_id(value), value
+    for value in ("./org/tiny", "../org/tiny", "/models/x", "~/x/y", "model", "a/b/c", "a/.."):
+        assert not is_hub_model_id(value), value
+
+
+def test_a_hub_id_resolves_to_its_snapshot_at_a_branch_tag_or_commit(hub, tmp_path):
+    def resolve(value, revision=None):
+        return resolve_model_folder(value, revision=revision, cache_dir=hub, local_files_only=True)
+
+    main_folder = resolve("org/tiny")
+    assert main_folder.name == MAIN and (main_folder / "config.json").is_file()
+    assert resolve("org/tiny", "v1").name == V1
+    assert resolve("org/tiny", V1).name == V1
+    a, b = (load_file(resolve("org/tiny", r) / "model.safetensors") for r in ("main", "v1"))
+    assert any(not a[k].equal(b[k]) for k in a)  # two commits, two models
+
+    # a local folder is itself; a path-shaped value that is missing is left for the checkpoint
+    # checks to report; a local folder with a revision is refused
+    local = write_tiny_model(tmp_path / "local", words=WORDS, hidden_size=32, seed=1)
+    assert resolve(str(local)) == local
+    assert resolve("no-such-folder") == Path("no-such-folder")
+    with pytest.raises(HubModelError, match="applies to hub models only"):
+        resolve(str(local), "v1")
+
+
+def test_a_hub_model_that_cannot_be_read_is_a_clear_error(hub):
+    def resolve(value, revision=None):
+        return resolve_model_folder(
+            value, revision=revision, key="model.path", cache_dir=hub, local_files_only=True
+        )
+
+    with pytest.raises(HubModelError, match=r"model.path = 'org/missing' is not an existing"):
+        resolve("org/missing")
+    with pytest.raises(HubModelError, match=r"at revision 'v2' failed.*HF_HUB_OFFLINE"):
+        resolve("org/tiny", "v2")
+    with pytest.raises(HubModelError, match="no safetensors weights"):
+        resolve("org/bin-only")
+
+
+def test_the_config_keeps_hub_ids_and_refuses_a_revision_for_a_local_folder(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        'output_dir = "out"\n[model]\npath = "org/tiny"\nrevision = "v1"\n'
+        '[data]\npath = "pairs.jsonl"\n[sdpo]\nreference = "org/ref"\n'
+    )
+    cfg = load_config(tmp_path / "run.toml")
+    assert (cfg.model.path, cfg.model.revision, cfg.sdpo.reference) == ("org/tiny", "v1", "org/ref")
+    # a folder of that name next to the config is a local folder, resolved as before
+    (tmp_path / "org" / "tiny").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="model.revision = 'v1' applies to a hub model id"):
+        load_config(tmp_path / "run.toml")
+    cfg = load_config(tmp_path / "run.toml", overrides=["model.revision=null"])
+    assert cfg.model.path == str(tmp_path / "org" / "tiny")
+
+
+def _run_config(tmp_path: Path, model: str, revision: str | None, out: str) -> Path:
+    data = write_pairs(tmp_path / "pairs.jsonl", n=12, seed=3)
+    config = tmp_path / f"{out}.toml"
+    revision_line = "" if revision is None else f'revision = "{revision}"\n'
+    config.write_text(
+        f'output_dir = "{out}"\n[model]\npath = "{model}"\n{revision_line}'
+        f'[data]\npath = "{data.name}"\nmax_length = 32\nmax_prompt_length = 16\n'
+        '[train]\npairs_per_step = 4\nmax_tokens_per_batch = 128\n[kernels]\nimpl = "torch"\n'
+    )
+    return config
+
+
+def _records(out: Path) -> list[dict]:
+    drop = ("tokens_per_s", "time_s", "elapsed_s")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in drop and "time" not in k} for r in records]
+
+
+def test_sdpo_train_and_score_read_a_hub_model_offline_as_its_local_folder(hub, tmp_path):
+    """A fresh process with HF_HUB_OFFLINE=1 and HF_HUB_CACHE, as a user runs: `sdpo train` on
+    org/tiny at tag v1 trains exactly as on that snapshot's folder given as a path, the config
+    keeps the id, and `sdpo score --model org/tiny --revision v1` scores with those weights."""
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HOME", None)
+    hub_run = _run_config(tmp_path, "org/tiny", "v1", "hub-out")
+    done = subprocess.run(
+        [sys.executable, "-m", "sdpo", "train", "--config", str(hub_run), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"model.path org/tiny: hub snapshot {V1}" in done.stdout + done.stderr
+    saved = (tmp_path / "hub-out" / "config.toml").read_text()
+    assert 'path = "org/tiny"' in saved and 'revision = "v1"' in saved
+
+    snapshot = hub / "models--org--tiny" / "snapshots" / V1
+    local_run = _run_config(tmp_path, str(snapshot), None, "local-out")
+    assert main(["train", "--config", str(local_run), "--no-progress"]) == 0
+    records = _records(tmp_path / "hub-out")
+    assert len(records) == 3 and "logps/chosen" in records[0]
+    assert records == _records(tmp_path / "local-out")
+
+    scored = subprocess.run(
+        [sys.executable, "-m", "sdpo", "score", "--model", "org/tiny", "--revision", "v1"]
+        + ["--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "hub.jsonl")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    args = ["--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "local.jsonl")]
+    assert main(["score", "--model", str(snapshot), *args]) == 0
+    assert (tmp_path / "hub.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
+
+    # a hub model that is not in the cache: exit code 2, the key and what to do, nothing written
+    missing = _run_config(tmp_path, "org/missing", None, "missing-out")
+    done = subprocess.run(
+        [sys.executable, "-m", "sdpo", "train", "--config", str(missing), "--no-progress"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "model.path = 'org/missing' is not an existing folder" in done.stderr
+    assert not (tmp_path / "missing-out").exists()
