@@ -181,3 +181,27 @@ def test_sdpo_train_and_score_read_a_hub_model_offline_as_its_local_folder(hub, 
     assert done.returncode == 2, done.stderr[-3000:]
     assert "model.path = 'org/missing' is not an existing folder" in done.stderr
     assert not (tmp_path / "missing-out").exists()
+
+
+def _fetch_on_every_rank(cache: Path, value: str, revision: str | None) -> str:
+    """One rank of a gloo group: the hub client configured as HF_HUB_CACHE and HF_HUB_OFFLINE=1
+    would at its import (the ranks are forked from a process that imported it already)."""
+    from huggingface_hub import constants
+
+    from sdpo.runner import RunInputError, model_folder
+
+    constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE = str(cache), True
+    try:
+        return str(model_folder(value, key="model.path", revision=revision))
+    except RunInputError as e:
+        return f"RunInputError: {e}"
+
+
+def test_under_torchrun_rank_0_fetches_and_every_rank_gets_its_folder_or_its_error(hub, tmp_path):
+    from tests.test_distributed import _spawn
+
+    folders = _spawn(tmp_path, _fetch_on_every_rank, hub, "org/tiny", "v1")
+    assert folders == [str(hub / "models--org--tiny" / "snapshots" / V1)] * 2
+    errors = _spawn(tmp_path, _fetch_on_every_rank, hub, "org/missing", None)
+    for error in errors:  # rank 0's error, raised on every rank
+        assert error.startswith("RunInputError: model.path = 'org/missing' is not an existing")
