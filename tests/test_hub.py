@@ -136,14 +136,13 @@ def test_sdpo_train_and_score_read_a_hub_model_offline_as_its_local_folder(hub, 
     keeps the id, and `sdpo score --model org/tiny --revision v1` scores with those weights."""
     env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
     env.pop("HF_HOME", None)
+
+    def sdpo(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "sdpo", *args]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
     hub_run = _run_config(tmp_path, "org/tiny", "v1", "hub-out")
-    done = subprocess.run(
-        [sys.executable, "-m", "sdpo", "train", "--config", str(hub_run), "--no-progress"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = sdpo("train", "--config", str(hub_run), "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"model.path org/tiny: hub snapshot {V1}" in done.stdout + done.stderr
     saved = (tmp_path / "hub-out" / "config.toml").read_text()
@@ -156,28 +155,26 @@ def test_sdpo_train_and_score_read_a_hub_model_offline_as_its_local_folder(hub, 
     assert len(records) == 3 and "logps/chosen" in records[0]
     assert records == _records(tmp_path / "local-out")
 
-    scored = subprocess.run(
-        [sys.executable, "-m", "sdpo", "score", "--model", "org/tiny", "--revision", "v1"]
-        + ["--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "hub.jsonl")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    data = str(tmp_path / "pairs.jsonl")
+    scored = sdpo(
+        "score",
+        "--model",
+        "org/tiny",
+        "--revision",
+        "v1",
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "hub.jsonl"),
     )
     assert scored.returncode == 0, scored.stderr[-3000:]
-    args = ["--data", str(tmp_path / "pairs.jsonl"), "--out", str(tmp_path / "local.jsonl")]
-    assert main(["score", "--model", str(snapshot), *args]) == 0
+    local_out = str(tmp_path / "local.jsonl")
+    assert main(["score", "--model", str(snapshot), "--data", data, "--out", local_out]) == 0
     assert (tmp_path / "hub.jsonl").read_text() == (tmp_path / "local.jsonl").read_text()
 
     # a hub model that is not in the cache: exit code 2, the key and what to do, nothing written
     missing = _run_config(tmp_path, "org/missing", None, "missing-out")
-    done = subprocess.run(
-        [sys.executable, "-m", "sdpo", "train", "--config", str(missing), "--no-progress"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = sdpo("train", "--config", str(missing), "--no-progress")
     assert done.returncode == 2, done.stderr[-3000:]
     assert "model.path = 'org/missing' is not an existing folder" in done.stderr
     assert not (tmp_path / "missing-out").exists()
