@@ -48,6 +48,9 @@ class PairLogps:
     rejected_logps: Tensor  # (P,) float32
     chosen_tokens: Tensor  # (P,) int64
     rejected_tokens: Tensor  # (P,) int64
+    # WPO (score_pairs(return_aligned=True)): each completion's sum of token_logp - log sum p^2
+    chosen_aligned: Tensor | None = None  # (P,) float32
+    rejected_aligned: Tensor | None = None  # (P,) float32
 
     @property
     def gamma(self) -> Tensor:
@@ -79,6 +82,7 @@ def score_pairs(
     share_prompt: bool = False,
     data_parallel: bool | None = None,
     ld_alpha: float | None = None,
+    return_aligned: bool = False,
 ) -> PairLogps:
     """Score every pair with ``model`` (no gradients), batching to a token budget.
 
@@ -89,7 +93,9 @@ def score_pairs(
     process group of more than one rank is up) shards the pairs over ranks (module docstring);
     every rank must then call this with the same pairs. ``ld_alpha`` (LD-DPO): each
     completion's tokens past its pair's shorter length count ld_alpha times
-    (``engine/packing.py``), as in the training forward; None: plain sums."""
+    (``engine/packing.py``), as in the training forward; None: plain sums. ``return_aligned``
+    (WPO): also each completion's sum of ``token_logp - log sum_v p_v^2`` from the same pass,
+    as the training forward forms it for ``loss.use_weighting``."""
     check_ld_alpha(ld_alpha)
     if not pairs:
         raise ValueError("score_pairs needs at least one pair")
@@ -108,7 +114,7 @@ def score_pairs(
                 else 0
                 for a, b in bounds
             )
-    chosen, rejected = _score_local(
+    columns = _score_local(
         model,
         local,
         max_tokens_per_batch=max_tokens_per_batch,
@@ -120,17 +126,20 @@ def score_pairs(
         passes=passes,
         filler=pairs[0],
         ld_alpha=ld_alpha,
+        return_aligned=return_aligned,
     )
     if data_parallel:
-        parts = distributed.all_gather_object((chosen, rejected))
-        chosen = torch.cat([c for c, _ in parts])
-        rejected = torch.cat([r for _, r in parts])
+        parts = distributed.all_gather_object(columns)
+        columns = [torch.cat([part[i] for part in parts]) for i in range(len(columns))]
+    chosen, rejected, *aligned = columns
     return PairLogps(
         pair_indices=torch.tensor([p.index for p in pairs], dtype=torch.int64),
         chosen_logps=chosen,
         rejected_logps=rejected,
         chosen_tokens=torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.int64),
         rejected_tokens=torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.int64),
+        chosen_aligned=aligned[0] if aligned else None,
+        rejected_aligned=aligned[1] if aligned else None,
     )
 
 
@@ -147,12 +156,14 @@ def _score_local(
     passes: int = 0,
     filler: TokenizedPair | None = None,
     ld_alpha: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """(chosen, rejected) summed log-probs of ``pairs`` (CPU float32; empty for no pairs).
-    ``passes``: run at least this many forward passes, the extra ones on ``filler`` (their
-    values dropped)."""
+    return_aligned: bool = False,
+) -> list[Tensor]:
+    """[chosen, rejected] summed log-probs of ``pairs`` (CPU float32; empty for no pairs), then
+    with ``return_aligned`` [chosen, rejected] WPO sums. ``passes``: run at least this many
+    forward passes, the extra ones on ``filler`` (their values dropped)."""
+    columns = 4 if return_aligned else 2
     if not pairs and passes == 0:
-        return torch.empty(0, dtype=torch.float32), torch.empty(0, dtype=torch.float32)
+        return [torch.empty(0, dtype=torch.float32) for _ in range(columns)]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -163,8 +174,8 @@ def _score_local(
     )
     real = len(batches)
     batches += [[0]] * max(0, passes - real)
-    chosen = torch.empty(len(pairs), dtype=torch.float32, device=device)
-    rejected = torch.empty(len(pairs), dtype=torch.float32, device=device)
+    # (columns, P): chosen, rejected, then WPO's chosen, rejected
+    values = torch.empty(columns, len(pairs), dtype=torch.float32, device=device)
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -201,7 +212,7 @@ def _score_local(
         hidden, weight = head_inputs(
             hidden.index_select(0, head.index), model.lm_head_weight, precision
         )  # (M, H): only rows with a label
-        seq_logps = sequence_logprobs(
+        sums = sequence_logprobs(
             hidden,
             weight,
             head.labels,
@@ -210,10 +221,12 @@ def _score_local(
             impl=impl,
             chunk_tokens=chunk_tokens,
             token_weights=head.token_weights,
-        )  # (S,) with S = 2P: chosen, rejected interleaved
+            return_aligned=return_aligned,
+        )  # (S,) with S = 2P: chosen, rejected interleaved (and WPO's sums alike)
         rows = to_device(torch.tensor(positions, dtype=torch.int64), device)
-        chosen[rows] = seq_logps[0::2].float()
-        rejected[rows] = seq_logps[1::2].float()
+        for k, seq in enumerate(sums if return_aligned else (sums,)):
+            values[2 * k, rows] = seq[0::2].float()
+            values[2 * k + 1, rows] = seq[1::2].float()
     sharding.reshard(model)  # free the gathered root parameters
     model.train(was_training)
-    return chosen.cpu(), rejected.cpu()
+    return list(values.cpu().unbind(0))

@@ -476,7 +476,10 @@ class StepwiseRunner:
         (random, given) and the report asks for no scoring beyond the reference values."""
         return self.cfg.sdpo.partition in ("random", "given") and not self.cfg.sdpo.report_scoring
 
-    def score(self, model: torch.nn.Module, pairs: Sequence[TokenizedPair]) -> PairLogps:
+    def score(
+        self, model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, aligned: bool = False
+    ) -> PairLogps:
+        """The scoring pass with the run's settings; ``aligned``: with WPO's sums too."""
         self.scoring_calls += 1
         budget = self.cfg.sdpo.score_tokens_per_batch or 4 * self.cfg.train.max_tokens_per_batch
         how = "" if self.cfg.sdpo.score_tokens_per_batch else ", 4 x train.max_tokens_per_batch"
@@ -494,6 +497,7 @@ class StepwiseRunner:
             progress=self.progress,
             share_prompt=self.cfg.train.share_prompt,
             ld_alpha=self.cfg.loss.ld_alpha,
+            return_aligned=aligned,
         )
 
     def cache_key(self, model_fp: str, pairs: Sequence[TokenizedPair]) -> CacheKey:
@@ -1317,7 +1321,9 @@ class StepwiseRunner:
         yardstick for every step), logged to metrics.jsonl as eval/*."""
         if not self.eval_pairs or self.eval_initial is None:
             return None
-        scores = self.score(model, self.eval_pairs)
+        # WPO: the policy's weights of each held-out pair from the same pass, as TRL's
+        # evaluate() weights its loss
+        scores = self.score(model, self.eval_pairs, aligned=self.cfg.loss.use_weighting)
         ref = self.eval_initial
         rows = ref.rows_for(scores.pair_indices)
         out = dpo_loss(
@@ -1325,11 +1331,11 @@ class StepwiseRunner:
             scores.rejected_logps,
             ref.chosen_logps[rows],
             ref.rejected_logps[rows],
-            # WPO's weights need the policy's training forward (log sum p^2 per token), which
-            # the scoring pass does not form: eval/loss is the unweighted loss
-            config=dataclasses.replace(self.cfg.loss, beta=beta, use_weighting=False),
+            config=dataclasses.replace(self.cfg.loss, beta=beta),
             chosen_tokens=scores.chosen_tokens,
             rejected_tokens=scores.rejected_tokens,
+            chosen_aligned=scores.chosen_aligned,
+            rejected_aligned=scores.rejected_aligned,
         )
         margins = out.chosen_rewards - out.rejected_rewards
         metrics = {

@@ -140,7 +140,7 @@ def _step_and_scores(model_dir: Path, data: Path) -> dict:
     model = load_pretrained(model_dir)
     # the reference table is the single-process one everywhere, so only the step differs
     ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch", data_parallel=False)
-    scores = score_pairs(model, pairs, max_tokens_per_batch=80, impl="torch")
+    scores = score_pairs(model, pairs, max_tokens_per_batch=80, impl="torch", return_aligned=True)
     # the ref table was scored before training: perturb it so rewards are not all zero
     shifted = type(ref)(
         pair_indices=ref.pair_indices,
@@ -325,6 +325,8 @@ def test_sharded_scoring_equals_one_process(step_results):
         assert torch.equal(got.chosen_tokens, want.chosen_tokens)
         assert torch.allclose(got.chosen_logps, want.chosen_logps, rtol=1e-6, atol=1e-5)
         assert torch.allclose(got.rejected_logps, want.rejected_logps, rtol=1e-6, atol=1e-5)
+        for field in ("chosen_aligned", "rejected_aligned"):  # WPO's sums, gathered alike
+            assert torch.allclose(getattr(got, field), getattr(want, field), rtol=1e-6, atol=1e-5)
     assert torch.equal(ranks[0]["scores"].chosen_logps, ranks[1]["scores"].chosen_logps)
 
 

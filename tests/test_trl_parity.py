@@ -316,7 +316,9 @@ def test_the_learning_rate_decays_as_trl_s(setup, tmp_path, schedule, weight_dec
         assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), key
 
 
-def _sdpo_train(out: Path, model_dir: Path, data: dict, *, schedule: str, sdpo: dict) -> None:
+def _sdpo_train(
+    out: Path, model_dir: Path, data: dict, *, schedule: str, sdpo: dict, loss: dict | None = None
+) -> None:
     """``sdpo train`` (``run_training``) with the optimizer settings of the TRL comparisons."""
     from sdpo.config import config_from_dict
     from sdpo.runner import run_training
@@ -335,7 +337,7 @@ def _sdpo_train(out: Path, model_dir: Path, data: dict, *, schedule: str, sdpo: 
             "shuffle": False,
             "precision": "fp32",
         },
-        "loss": {"beta": BETA},
+        "loss": {"beta": BETA, **(loss or {})},
         "kernels": {"impl": "torch"},
         "sdpo": sdpo,
     }
@@ -458,10 +460,12 @@ def test_a_lora_training_equals_trl_with_peft(setup, tmp_path):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_the_eval_metrics_equal_trl_s_evaluate(setup, tmp_path):
+@pytest.mark.parametrize("loss_name", ["sigmoid", "wpo"])
+def test_the_eval_metrics_equal_trl_s_evaluate(setup, tmp_path, loss_name):
     """Held-out pairs (``data.eval_sources``) after a DPO run: sdpo's eval/* record against the
     initial model equals TRL's ``evaluate()``, whose reference values are the initial model's
-    too (precomputed); one eval batch on TRL's side, so its batch means are the means."""
+    too (precomputed); one eval batch on TRL's side, so its batch means are the means. With WPO
+    both weight the eval loss by the trained policy's weights."""
 
     model_dir, rows, _ = setup
     train_rows, eval_rows = rows[:8], rows[8:]
@@ -474,14 +478,20 @@ def test_the_eval_metrics_equal_trl_s_evaluate(setup, tmp_path):
         "sources": [{"name": "train", "path": str(files["train"])}],
         "eval_sources": [{"name": "held", "path": str(files["held"])}],
     }
+    use_weighting = LOSSES[loss_name].use_weighting
     _sdpo_train(
-        out, model_dir, data, schedule="constant", sdpo={"steps": 1, "report_scoring": False}
+        out,
+        model_dir,
+        data,
+        schedule="constant",
+        sdpo={"steps": 1, "report_scoring": False},
+        loss={"use_weighting": use_weighting},
     )
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     ours = [r for r in records if "eval/loss" in r][-1]
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    _trl(model_dir, train_rows, LOSSES["sigmoid"], tmp_path / "trl", steps=2, model=model)
+    _trl(model_dir, train_rows, LOSSES[loss_name], tmp_path / "trl", steps=2, model=model)
     args = trl.DPOConfig(
         output_dir=str(tmp_path / "trl-eval"),
         per_device_eval_batch_size=len(eval_rows),
@@ -492,6 +502,7 @@ def test_the_eval_metrics_equal_trl_s_evaluate(setup, tmp_path):
         bf16=False,
         disable_tqdm=True,
         precompute_ref_log_probs=True,
+        use_weighting=use_weighting,
     )
     # the reference values of the held-out pairs: the initial model's, as sdpo's yardstick
     initial = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)

@@ -10,6 +10,7 @@ path (and with a shared prompt); the option off, bit for bit; TRL's own log-sum-
 and formula, when trl is importable.
 """
 
+import copy
 import os
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from sdpo.config import load_config  # noqa: E402
 from sdpo.engine.checkpoint import load_pretrained  # noqa: E402
 from sdpo.engine.data import read_preference_file  # noqa: E402
-from sdpo.engine.packing import length_desensitized_weights  # noqa: E402
+from sdpo.engine.packing import length_desensitized_weights, pack_pairs  # noqa: E402
 from sdpo.engine.scoring import score_pairs  # noqa: E402
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs  # noqa: E402
 from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps  # noqa: E402
@@ -399,9 +400,51 @@ def test_trl_formula_on_the_same_tokens_gives_the_same_weights():
 # -- a run -------------------------------------------------------------------------------
 
 
-def test_a_weighted_run_evaluates_with_the_unweighted_loss(tiny_model_dir, tmp_path, one_thread):
-    """eval/loss comes from the scoring pass, which forms no log sum p^2: it is the unweighted
-    DPO loss of the step's model against the initial model on the held-out pairs."""
+def _float64_sums(model, pairs):
+    """Each completion's summed log-prob and WPO sum of ``token_logp - log sum_v p_v^2``, from
+    the model run pair by pair in float64 with full logits (no kernel, no packing of pairs)."""
+    model = copy.deepcopy(model).double()
+    sums = torch.zeros(4, len(pairs), dtype=torch.float64)  # chosen, rejected, aligned c / r
+    with torch.no_grad():
+        for i, pair in enumerate(pairs):
+            batch = pack_pairs([pair])
+            hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+            logp = torch.log_softmax(hidden @ model.lm_head_weight.T, dim=-1)
+            scored = batch.labels != -100
+            token = logp[scored].gather(1, batch.labels[scored, None])[:, 0]
+            lsq = torch.logsumexp(2 * logp[scored], dim=-1)
+            for s in range(2):
+                mine = batch.seq_ids[scored] == s
+                sums[s, i] = token[mine].sum()
+                sums[2 + s, i] = (token[mine] - lsq[mine]).sum()
+    return sums
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_the_scoring_pass_forms_wpo_sums_as_float64_truth(
+    tiny_model_dir, tiny_pairs, one_thread, share_prompt
+):
+    model = load_pretrained(tiny_model_dir)
+    scores = score_pairs(
+        model, tiny_pairs, max_tokens_per_batch=90, share_prompt=share_prompt, return_aligned=True
+    )
+    truth = _float64_sums(model, tiny_pairs)
+    got = (
+        scores.chosen_logps,
+        scores.rejected_logps,
+        scores.chosen_aligned,
+        scores.rejected_aligned,
+    )
+    for k, column in enumerate(got):
+        torch.testing.assert_close(column.double(), truth[k], rtol=1e-5, atol=1e-5)
+    plain = score_pairs(model, tiny_pairs, max_tokens_per_batch=90, share_prompt=share_prompt)
+    assert plain.chosen_aligned is None and torch.equal(plain.chosen_logps, scores.chosen_logps)
+
+
+def test_a_weighted_run_evaluates_with_the_weighted_loss(tiny_model_dir, tmp_path, one_thread):
+    """eval/loss is TRL's evaluate() loss under WPO: each held-out pair's loss against the
+    initial model times the weights of the step's model, formed in the same scoring pass;
+    checked against float64 sums of the saved step-1 model."""
     import json
     from pathlib import Path
 
@@ -418,23 +461,36 @@ def test_a_weighted_run_evaluates_with_the_unweighted_loss(tiny_model_dir, tmp_p
     run_training(cfg, progress=False)
     out = Path(cfg.output_dir)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    logged = next(m["eval/loss"] for m in metrics if "eval/loss" in m and m["sdpo_step"] == 1)
+    logged = next(m for m in metrics if "eval/loss" in m and m["sdpo_step"] == 1)
     assert any(m.get("loss") for m in metrics)  # the weighted training ran
 
     tok = PairTokenizer.from_dir(tiny_model_dir)
     rows = read_preference_file(str(held), source="held")
     pairs, _ = tokenize_pairs(rows, tok, max_length=32, max_prompt_length=16)
-    scores = score_pairs(load_pretrained(out / "step-1"), pairs, max_tokens_per_batch=4096)
+    sums = _float64_sums(load_pretrained(out / "step-1"), pairs)
     initial = load_file(str(out / "cache" / "eval-initial.safetensors"))
     order = initial["pair_indices"].argsort()
-    unweighted = dpo_loss(
-        scores.chosen_logps,
-        scores.rejected_logps,
-        initial["chosen_logps"][order],
-        initial["rejected_logps"][order],
-        config=LossConfig(beta=BETA),
+    kwargs = {
+        "chosen_tokens": torch.tensor([len(p.chosen_ids) for p in pairs], dtype=torch.float64),
+        "rejected_tokens": torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.float64),
+    }
+    ref = initial["chosen_logps"][order].double(), initial["rejected_logps"][order].double()
+    weighted, unweighted = (
+        dpo_loss(
+            sums[0],
+            sums[1],
+            *ref,
+            config=LossConfig(beta=BETA, use_weighting=weighting),
+            chosen_aligned=sums[2],
+            rejected_aligned=sums[3],
+            **kwargs,
+        )
+        for weighting in (True, False)
     )
-    assert logged == pytest.approx(float(unweighted.losses.mean()), abs=1e-5)
+    assert logged["eval/loss"] == pytest.approx(float(weighted.losses.mean()), abs=1e-5)
+    assert abs(float(weighted.losses.mean()) - float(unweighted.losses.mean())) > 1e-3
+    margins = weighted.chosen_rewards - weighted.rejected_rewards
+    assert logged["eval/rewards/margins"] == pytest.approx(float(margins.mean()), abs=1e-5)
 
 
 def test_step_benchmark_times_a_weighted_step(one_thread, tmp_path):
