@@ -51,6 +51,9 @@ class PairLogps:
     # WPO (score_pairs(return_aligned=True)): each completion's sum of token_logp - log sum p^2
     chosen_aligned: Tensor | None = None  # (P,) float32
     rejected_aligned: Tensor | None = None  # (P,) float32
+    # LD-DPO (score_pairs(return_raw=True)): each completion's unweighted sum
+    chosen_raw: Tensor | None = None  # (P,) float32
+    rejected_raw: Tensor | None = None  # (P,) float32
 
     @property
     def gamma(self) -> Tensor:
@@ -83,6 +86,7 @@ def score_pairs(
     data_parallel: bool | None = None,
     ld_alpha: float | None = None,
     return_aligned: bool = False,
+    return_raw: bool = False,
 ) -> PairLogps:
     """Score every pair with ``model`` (no gradients), batching to a token budget.
 
@@ -95,7 +99,9 @@ def score_pairs(
     completion's tokens past its pair's shorter length count ld_alpha times
     (``engine/packing.py``), as in the training forward; None: plain sums. ``return_aligned``
     (WPO): also each completion's sum of ``token_logp - log sum_v p_v^2`` from the same pass,
-    as the training forward forms it for ``loss.use_weighting``."""
+    as the training forward forms it for ``loss.use_weighting``. ``return_raw`` (LD-DPO with a
+    chosen NLL term): also each completion's unweighted sum, from the head run once more
+    without the LD weights."""
     check_ld_alpha(ld_alpha)
     if not pairs:
         raise ValueError("score_pairs needs at least one pair")
@@ -127,11 +133,14 @@ def score_pairs(
         filler=pairs[0],
         ld_alpha=ld_alpha,
         return_aligned=return_aligned,
+        return_raw=return_raw,
     )
     if data_parallel:
         parts = distributed.all_gather_object(columns)
         columns = [torch.cat([part[i] for part in parts]) for i in range(len(columns))]
-    chosen, rejected, *aligned = columns
+    chosen, rejected, *extra = columns
+    aligned = extra[:2] if return_aligned else []
+    raw = extra[-2:] if return_raw else []
     return PairLogps(
         pair_indices=torch.tensor([p.index for p in pairs], dtype=torch.int64),
         chosen_logps=chosen,
@@ -140,6 +149,8 @@ def score_pairs(
         rejected_tokens=torch.tensor([len(p.rejected_ids) for p in pairs], dtype=torch.int64),
         chosen_aligned=aligned[0] if aligned else None,
         rejected_aligned=aligned[1] if aligned else None,
+        chosen_raw=raw[0] if raw else None,
+        rejected_raw=raw[1] if raw else None,
     )
 
 
@@ -157,11 +168,13 @@ def _score_local(
     filler: TokenizedPair | None = None,
     ld_alpha: float | None = None,
     return_aligned: bool = False,
+    return_raw: bool = False,
 ) -> list[Tensor]:
     """[chosen, rejected] summed log-probs of ``pairs`` (CPU float32; empty for no pairs), then
-    with ``return_aligned`` [chosen, rejected] WPO sums. ``passes``: run at least this many
-    forward passes, the extra ones on ``filler`` (their values dropped)."""
-    columns = 4 if return_aligned else 2
+    with ``return_aligned`` [chosen, rejected] WPO sums, then with ``return_raw`` [chosen,
+    rejected] unweighted sums. ``passes``: run at least this many forward passes, the extra
+    ones on ``filler`` (their values dropped)."""
+    columns = 2 * (1 + return_aligned + return_raw)
     if not pairs and passes == 0:
         return [torch.empty(0, dtype=torch.float32) for _ in range(columns)]
     device = next(model.parameters()).device
@@ -174,7 +187,7 @@ def _score_local(
     )
     real = len(batches)
     batches += [[0]] * max(0, passes - real)
-    # (columns, P): chosen, rejected, then WPO's chosen, rejected
+    # (columns, P): chosen, rejected, then WPO's chosen, rejected, then the raw ones
     values = torch.empty(columns, len(pairs), dtype=torch.float32, device=device)
     iterator = batches
     if progress:
@@ -223,8 +236,21 @@ def _score_local(
             token_weights=head.token_weights,
             return_aligned=return_aligned,
         )  # (S,) with S = 2P: chosen, rejected interleaved (and WPO's sums alike)
+        sums = list(sums) if return_aligned else [sums]
+        if return_raw:
+            sums.append(
+                sequence_logprobs(
+                    hidden,
+                    weight,
+                    head.labels,
+                    head.seq_ids,
+                    batch.num_seqs,
+                    impl=impl,
+                    chunk_tokens=chunk_tokens,
+                )
+            )
         rows = to_device(torch.tensor(positions, dtype=torch.int64), device)
-        for k, seq in enumerate(sums if return_aligned else (sums,)):
+        for k, seq in enumerate(sums):
             values[2 * k, rows] = seq[0::2].float()
             values[2 * k + 1, rows] = seq[1::2].float()
     sharding.reshard(model)  # free the gathered root parameters

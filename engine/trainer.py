@@ -433,6 +433,9 @@ class DPOTrainer:
         # share needs the step's chosen-token count (train_step), given as sft_scale
         self.sft = "sft" in getattr(_loss_config(loss_fn), "loss_types", ())
         self._sft_scale: float | None = None
+        # LD-DPO with a chosen NLL term (sft, rpo_alpha): the head also forms each completion's
+        # unweighted sum, which that term reads (chosen_raw, sdpo/losses.py)
+        self.raw_logps = bool(getattr(_loss_config(loss_fn), "needs_raw_logps", False))
         self.kernels_impl = kernels_impl
         self.chunk_tokens = chunk_tokens
         self.max_chunk_tokens = max_chunk_tokens  # fused path: longer pairs are split
@@ -535,12 +538,13 @@ class DPOTrainer:
         hidden = hidden.index_select(0, head.index)  # (M, H): only rows with a label
         hidden, weight = head_inputs(hidden, self.model.lm_head_weight, self.precision)
 
-        wpo = self.use_weighting
+        wpo, with_raw = self.use_weighting, self.raw_logps
         # the step's (pairs / chosen tokens) for the sft type; None: this batch's own
         sft = {"sft_scale": self._sft_scale} if self.sft else {}
         if self.config.loss_path == "fused":
 
-            def pair_loss(chosen: Tensor, rejected: Tensor, sl: slice, **chunk_aligned) -> Tensor:
+            def pair_loss(chosen: Tensor, rejected: Tensor, sl: slice, **chunk_sums) -> Tensor:
+                chunk_sums.pop("rejected_raw", None)  # no loss term reads it
                 out = self.loss_fn(
                     chosen,
                     rejected,
@@ -548,12 +552,13 @@ class DPOTrainer:
                     ref_r[sl],
                     chosen_tokens=tok_c[sl],
                     rejected_tokens=tok_r[sl],
-                    **chunk_aligned,  # WPO: chosen_aligned / rejected_aligned of the chunk
+                    # WPO: chosen_aligned / rejected_aligned; LD-DPO's chosen_raw
+                    **chunk_sums,
                     **sft,
                 )
                 return out.losses.sum() * weight_of_loss / normalizer
 
-            loss, seq_logps, *seq_aligned = linear_pair_loss(
+            loss, seq_logps, *rest = linear_pair_loss(
                 hidden,
                 weight,
                 head.labels,
@@ -566,7 +571,9 @@ class DPOTrainer:
                 pair_tokens=host_head.pair_tokens,  # the host's counts: no device sync
                 token_weights=head.token_weights,
                 with_aligned=wpo,
+                with_raw=with_raw,
             )
+            seq_aligned, seq_raw = rest[:1] if wpo else [], rest[-1] if with_raw else None
         else:
             logps = sequence_logprobs(
                 hidden,
@@ -580,12 +587,24 @@ class DPOTrainer:
                 return_aligned=wpo,
             )
             seq_logps, *seq_aligned = logps if wpo else (logps,)
+            seq_raw = None
+            if with_raw:  # the unweighted sums: the same head once more, without token weights
+                seq_raw = sequence_logprobs(
+                    hidden,
+                    weight,
+                    head.labels,
+                    head.seq_ids,
+                    batch.num_seqs,
+                    impl=self.kernels_impl,
+                    chunk_tokens=self.chunk_tokens,
+                )
         # WPO's sums of the whole micro-batch (the plain path's loss and the metrics need them)
         aligned = (
             {"chosen_aligned": seq_aligned[0][0::2], "rejected_aligned": seq_aligned[0][1::2]}
             if seq_aligned
             else {}
         )
+        raw = {"chosen_raw": seq_raw[0::2]} if seq_raw is not None else {}
         if self.config.loss_path != "fused":
             out = self.loss_fn(
                 seq_logps[0::2],
@@ -595,6 +614,7 @@ class DPOTrainer:
                 chosen_tokens=tok_c,
                 rejected_tokens=tok_r,
                 **aligned,
+                **raw,
                 **sft,
             )
             loss = out.losses.sum() * weight_of_loss / normalizer
@@ -603,8 +623,17 @@ class DPOTrainer:
 
         with torch.no_grad():
             pc, pr = seq_logps.detach()[0::2].float(), seq_logps.detach()[1::2].float()
+            raw = {k: v.detach() for k, v in raw.items()}
             out = self.loss_fn(
-                pc, pr, ref_c, ref_r, chosen_tokens=tok_c, rejected_tokens=tok_r, **aligned, **sft
+                pc,
+                pr,
+                ref_c,
+                ref_r,
+                chosen_tokens=tok_c,
+                rejected_tokens=tok_r,
+                **aligned,
+                **raw,
+                **sft,
             )
             return {
                 "loss": loss.detach().float() * normalizer,

@@ -573,6 +573,7 @@ class _PairPass:
         check_ids: bool,
         token_weights: torch.Tensor | None,
         with_aligned: bool = False,
+        with_raw: bool = False,
     ) -> None:
         dtype = _compute_dtype(hidden, weight)
         device = hidden.device
@@ -583,6 +584,10 @@ class _PairPass:
         self.aligned = torch.zeros(
             num_seqs if with_aligned else 0, dtype=torch.float32, device=device
         )
+        # each sequence's unweighted sum, handed to pair_loss (differentiable) beside the
+        # token_weights-weighted one
+        self.with_raw = with_raw
+        self.raw = torch.zeros(num_seqs if with_raw else 0, dtype=torch.float32, device=device)
         self.dtype, self.impl, self.pair_loss = dtype, impl, pair_loss
         self.w = weight.to(dtype)
         self.buf = torch.empty(buffer_rows, self.w.shape[0], dtype=dtype, device=device)
@@ -642,35 +647,67 @@ class _PairPass:
         return sum_per_sequence(terms, local_ids, num_seqs)
 
     def _pair_grad(
-        self, seq_c: torch.Tensor, p0: int, p1: int, aligned: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        """Adds pairs [p0, p1)'s loss; returns its gradient w.r.t. seq_c (2k,) fp32, if needed."""
+        self,
+        seq_c: torch.Tensor,
+        p0: int,
+        p1: int,
+        aligned: torch.Tensor | None = None,
+        raw: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Adds pairs [p0, p1)'s loss; returns its gradients (2k,) fp32 w.r.t. seq_c and, with
+        ``raw`` (the unweighted sums), w.r.t. raw, if needed."""
         extra = {}
         if aligned is not None:
             self.aligned[2 * p0 : 2 * p1] = aligned
             extra = {"chosen_aligned": aligned[0::2], "rejected_aligned": aligned[1::2]}
+        sums = [seq_c]
+        if raw is not None:
+            self.raw[2 * p0 : 2 * p1] = raw
+            sums.append(raw)
         with torch.enable_grad():
-            chosen = seq_c[0::2].detach().requires_grad_(self.need_grad)
-            rejected = seq_c[1::2].detach().requires_grad_(self.need_grad)
-            chunk_loss = self.pair_loss(chosen, rejected, slice(p0, p1), **extra)
+            inputs = []  # chosen, rejected of each sum
+            for t in sums:
+                inputs += [t[0::2].detach().requires_grad_(self.need_grad)]
+                inputs += [t[1::2].detach().requires_grad_(self.need_grad)]
+            if raw is not None:
+                extra |= {"chosen_raw": inputs[2], "rejected_raw": inputs[3]}
+            chunk_loss = self.pair_loss(inputs[0], inputs[1], slice(p0, p1), **extra)
             if chunk_loss.dim() != 0:
                 raise ValueError(
                     "pair_loss must return a scalar (the sum of its pairs' loss terms), got "
                     f"shape {tuple(chunk_loss.shape)}"
                 )
             if self.need_grad:
-                d_chosen, d_rejected = torch.autograd.grad(
-                    chunk_loss, (chosen, rejected), allow_unused=True
-                )
+                grads = torch.autograd.grad(chunk_loss, inputs, allow_unused=True)
         self.loss = chunk_loss.detach() if self.loss is None else self.loss + chunk_loss.detach()
         if not self.need_grad:
             return None
-        d_seq = torch.zeros(seq_c.shape[0], dtype=torch.float32, device=seq_c.device)
-        if d_chosen is not None:
-            d_seq[0::2] = d_chosen.float()
-        if d_rejected is not None:
-            d_seq[1::2] = d_rejected.float()
-        return d_seq
+        out = []
+        for k in range(len(sums)):
+            d = torch.zeros(seq_c.shape[0], dtype=torch.float32, device=seq_c.device)
+            for side in range(2):
+                if grads[2 * k + side] is not None:
+                    d[side::2] = grads[2 * k + side].float()
+            out.append(d)
+        return out[0], (out[1] if raw is not None else None)
+
+    def _grad_token(
+        self,
+        grads: tuple[torch.Tensor, torch.Tensor | None],
+        local_ids: torch.Tensor,
+        w_tok: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Each token's gradient coefficient: its sequence's gradient times its weight, plus
+        the gradient of its sequence's unweighted sum when that enters the loss."""
+        d_seq, d_raw = grads
+        grad_token = weighted(d_seq[local_ids], w_tok)
+        return grad_token if d_raw is None else grad_token + d_raw[local_ids]
+
+    def _raw(
+        self, token_logps: torch.Tensor, local_ids: torch.Tensor, num_seqs: int
+    ) -> torch.Tensor | None:
+        """The unweighted sums (num_seqs,) by local sequence id; None when off."""
+        return sum_per_sequence(token_logps, local_ids, num_seqs) if self.with_raw else None
 
     def _backprop(
         self,
@@ -701,9 +738,10 @@ class _PairPass:
         seq_c = sum_per_sequence(weighted(token_logps, w_tok), local_ids, 2 * (p1 - p0))  # (2k,)
         self.seq_logps[2 * p0 : 2 * p1] = seq_c
         aligned = self._aligned(token_logps, lsq, t0, t1, local_ids, 2 * (p1 - p0))
-        d_seq = self._pair_grad(seq_c, p0, p1, aligned)
-        if d_seq is not None:
-            self._backprop(logits, h, t0, t1, lse, weighted(d_seq[local_ids], w_tok))
+        raw = self._raw(token_logps, local_ids, 2 * (p1 - p0))
+        grads = self._pair_grad(seq_c, p0, p1, aligned, raw)
+        if grads is not None:
+            self._backprop(logits, h, t0, t1, lse, self._grad_token(grads, local_ids, w_tok))
 
     def split(self, item: _PlanItem, cap: int) -> None:
         """One pair over ``cap`` tokens, keep-the-tail (6·L·H·V + 2·(L - cap)·H·V FLOP).
@@ -738,10 +776,10 @@ class _PairPass:
         seq_c = sum_per_sequence(weighted(token_logps, w_tok), local_ids, 2)
         self.seq_logps[2 * p : 2 * p + 2] = seq_c
         aligned = self._aligned(token_logps, lsq, t0, t1, local_ids, 2)
-        d_seq = self._pair_grad(seq_c, p, p + 1, aligned)
-        if d_seq is None:
+        grads = self._pair_grad(seq_c, p, p + 1, aligned, self._raw(token_logps, local_ids, 2))
+        if grads is None:
             return
-        grad_token = weighted(d_seq[local_ids], w_tok)  # (L,)
+        grad_token = self._grad_token(grads, local_ids, w_tok)  # (L,)
         self._backprop(logits, h_tail, tail0, t1, tail_lse, grad_token[tail0 - t0 :])
         for s0, s1 in heads:
             h, logits = self._logits(s0, s1)
@@ -792,6 +830,7 @@ class LinearPairLoss(torch.autograd.Function):
         check_ids,
         token_weights=None,
         with_aligned=False,
+        with_raw=False,
     ):
         rows = max(max_chunk_tokens if item.split else item.t1 - item.t0 for item in plan)
         run = _PairPass(
@@ -809,6 +848,7 @@ class LinearPairLoss(torch.autograd.Function):
             check_ids=check_ids,
             token_weights=token_weights,
             with_aligned=with_aligned,
+            with_raw=with_raw,
         )
         for item in plan:
             if item.split:
@@ -818,12 +858,12 @@ class LinearPairLoss(torch.autograd.Function):
         # Kept in their compute / accumulation dtypes: the backward casts while it scales.
         ctx.grad_h, ctx.grad_w = run.grad_h, run.grad_w
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.mark_non_differentiable(run.seq_logps, run.aligned)
-        return run.loss.float(), run.seq_logps, run.aligned
+        ctx.mark_non_differentiable(run.seq_logps, run.aligned, run.raw)
+        return run.loss.float(), run.seq_logps, run.aligned, run.raw
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_seq_logps, grad_aligned):
-        del grad_seq_logps, grad_aligned  # returned detached
+    def backward(ctx, grad_loss, grad_seq_logps, grad_aligned, grad_raw):
+        del grad_seq_logps, grad_aligned, grad_raw  # returned detached
         grad_h, grad_w = ctx.grad_h, ctx.grad_w
         ctx.grad_h = ctx.grad_w = None  # free them as soon as autograd takes them
         if (
@@ -838,7 +878,7 @@ class LinearPairLoss(torch.autograd.Function):
         return (
             _scaled(grad_h, grad_loss, h_dtype),
             _scaled(grad_w, grad_loss, w_dtype),
-            *(None,) * 13,
+            *(None,) * 14,
         )
 
 
@@ -858,6 +898,7 @@ def linear_pair_loss(
     max_chunk_tokens: int | None = None,
     token_weights: torch.Tensor | None = None,
     with_aligned: bool = False,
+    with_raw: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Pair-separable loss over packed preference pairs, gradients formed chunk by chunk.
 
@@ -889,6 +930,11 @@ def linear_pair_loss(
     as two more keyword arguments, detached: ``pair_loss(chosen, rejected, pairs,
     chosen_aligned=(k,), rejected_aligned=(k,))``. The call then returns ``(loss, seq_logps,
     aligned (S,))``. Off, ``pair_loss`` is called with three arguments, as always.
+
+    ``with_raw`` (LD-DPO with a chosen NLL term): ``pair_loss`` also gets each sequence's
+    unweighted sum as ``chosen_raw`` / ``rejected_raw`` (k,), differentiable like the weighted
+    ones; each token's gradient is then its sequence's weighted-sum gradient times its weight
+    plus its sequence's raw-sum gradient. The call returns ``raw (S,)`` last.
 
     Unlike the other ops this one stays an ``autograd.Function`` behind
     ``torch.compiler.disable`` (``torch.compile`` graph-breaks around it): it takes a
@@ -944,8 +990,10 @@ def linear_pair_loss(
         check_ids,
         token_weights,
         with_aligned,
+        with_raw,
     )
-    return outs if with_aligned else outs[:2]
+    loss, seq_logps, aligned, raw = outs
+    return (loss, seq_logps, *((aligned,) if with_aligned else ()), *((raw,) if with_raw else ()))
 
 
 __all__ = [

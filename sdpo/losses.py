@@ -66,10 +66,9 @@ batch, e.g. RPO as ``["sigmoid", "sft"]`` with ``loss_weights = [1, alpha]``, MP
 ``["sigmoid", "bco_pair", "sft"]``) is a sum over pairs once the step's token count is known:
 each pair's term is ``-pi_c * sft_scale`` with ``sft_scale`` = (pairs of the optimizer step) /
 (chosen tokens of the step), which the trainer passes, so the step's mean is TRL's batch mean.
-It reads the raw summed log-probs, so it is refused with LD-DPO; and with WPO, whose weight TRL
-applies to the batch mean as a whole (the batch's mean pair weight), which would tie every
-pair's gradient to the other pairs' weights. ``rpo_alpha`` is the per-pair form: each pair's
-mean token NLL.
+It is refused with WPO, whose weight TRL applies to the batch mean as a whole (the batch's mean
+pair weight), which would tie every pair's gradient to the other pairs' weights. ``rpo_alpha`` is
+the per-pair form: each pair's mean token NLL.
 
 Left out because they are not separable by pair (one pair's loss would depend on other pairs,
 which the fused chunked kernel cannot allow): ``aot`` and ``aot_unpaired`` (older releases:
@@ -87,9 +86,10 @@ pair, a completion's log-prob is (sum of its first ``public`` token log-probs) +
 (``engine/packing.py``: ``length_desensitized_weights``), to the policy and the reference alike,
 as TRL 1.16 does (the reference cache holds LD sums, so the first rewards of a step are 0). The
 token counts given here stay the raw completion lengths: IPO and sigmoid_norm average the LD sums
-over them, as TRL does. RPO's NLL is ``-pi_c / chosen_tokens`` with the LD sum ``pi_c``; TRL's
-chosen NLL (its ``sft`` type) reads the raw token log-probs, so the two differ when a pair's
-chosen completion is the longer one.
+over them, as TRL does. The chosen NLL terms (``sft`` and RPO's) read the raw summed log-prob
+of the chosen completion, as TRL's ``sft`` reads the raw token log-probs: the log-prob head
+forms both sums in the same pass (``linear_pair_loss(with_raw=True)``) and passes the raw one
+as ``chosen_raw`` (see :func:`dpo_loss`); ``config.needs_raw_logps`` says when.
 
 WPO (``use_weighting``, TRL's option of that name; Zhou et al. 2024, Eq. 2): each pair's loss
 is multiplied by ``w_c * w_r``, where a completion's weight ``w = exp(aligned / max(tokens, 1))``
@@ -283,12 +283,6 @@ class LossConfig:
                 "others' weights (the fused head forms each pair's gradient alone); use rpo_alpha "
                 "(a per-pair NLL, weighted per pair) or drop one"
             )
-        if "sft" in types and self.ld_alpha not in (None, 1):
-            raise ValueError(
-                "loss_type 'sft' does not go with ld_alpha: TRL's sft term averages the raw "
-                "token log-probs, and the log-prob head forms the LD-weighted sums; use "
-                "rpo_alpha (it reads the LD-weighted sum) or drop one"
-            )
 
     @property
     def loss_types(self) -> tuple[str, ...]:
@@ -301,6 +295,14 @@ class LossConfig:
         if self.loss_weights is None:
             return (1.0,) * len(self.loss_types)
         return tuple(float(w) for w in self.loss_weights)
+
+    @property
+    def needs_raw_logps(self) -> bool:
+        """LD-DPO with a chosen NLL term (``sft`` or ``rpo_alpha``): that term reads the raw
+        summed log-prob of the chosen completion, the other terms the LD-weighted one."""
+        return self.ld_alpha not in (None, 1) and (
+            "sft" in self.loss_types or self.rpo_alpha is not None
+        )
 
     @property
     def needs_token_counts(self) -> bool:
@@ -341,12 +343,15 @@ def _pair_terms(
     rejected_tokens: Tensor | None,
     chosen_aligned: Tensor | None = None,
     rejected_aligned: Tensor | None = None,
+    chosen_raw: Tensor | None = None,
     sft_scale: float | Tensor | None = None,
 ) -> DPOLossOutput:
     """Per-pair losses and rewards; inputs already checked to be (k,) tensors."""
     dtype = _compute_dtype(policy_chosen)
     pc = policy_chosen.to(dtype)
     pr = policy_rejected.to(dtype)
+    # the chosen NLL terms' log-prob: the raw sum under LD-DPO, else the (only) sum
+    nll_c = pc if chosen_raw is None else chosen_raw.to(dtype)
     if config.reference_free:
         rc = rr = None
     else:
@@ -364,7 +369,7 @@ def _pair_terms(
     losses = None
     for kind, weight in zip(config.loss_types, config.weights):
         if kind == "sft":  # its per-pair share of the mean token NLL of the chosen completions
-            part = -pc * sft_scale
+            part = -nll_c * sft_scale
         else:
             part = _type_losses(kind, config, pc, pr, rc, rr, tokens)
         if weight != 1.0:
@@ -372,7 +377,7 @@ def _pair_terms(
         losses = part if losses is None else losses + part
     nll = None
     if config.rpo_alpha is not None:
-        nll = -pc / tokens[0]
+        nll = -nll_c / tokens[0]
         losses = losses + config.rpo_alpha * nll
     pair_weights = None
     if config.use_weighting:
@@ -494,6 +499,7 @@ def _check_inputs(
     rejected_tokens: Tensor | None,
     chosen_aligned: Tensor | None = None,
     rejected_aligned: Tensor | None = None,
+    chosen_raw: Tensor | None = None,
 ) -> None:
     if policy_chosen.dim() != 1 or policy_chosen.shape != policy_rejected.shape:
         raise ValueError(
@@ -507,6 +513,8 @@ def _check_inputs(
         named |= {"chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens}
     if config.use_weighting:
         named |= {"chosen_aligned": chosen_aligned, "rejected_aligned": rejected_aligned}
+    if config.needs_raw_logps:
+        named |= {"chosen_raw": chosen_raw}
     for name, t in named.items():
         if t is None:
             if name.startswith("ref_") and config.reference_free:
@@ -514,6 +522,12 @@ def _check_inputs(
             if name.startswith("ref_"):
                 why = (
                     "the loss compares against the reference model (set reference_free to drop it)"
+                )
+            elif name == "chosen_raw":
+                why = (
+                    "with ld_alpha the chosen NLL terms (sft, rpo_alpha) read the raw summed "
+                    "log-prob of the chosen completion (linear_pair_loss(with_raw=True), or "
+                    "sequence_logprobs without token_weights)"
                 )
             elif name.endswith("_aligned"):
                 why = (
@@ -545,6 +559,7 @@ def dpo_loss(
     rejected_tokens: Tensor | None = None,
     chosen_aligned: Tensor | None = None,
     rejected_aligned: Tensor | None = None,
+    chosen_raw: Tensor | None = None,
     sft_scale: float | Tensor | None = None,
 ) -> DPOLossOutput:
     """Per-pair DPO-family losses from summed completion log-probs.
@@ -555,9 +570,13 @@ def dpo_loss(
     chosen_aligned, rejected_aligned: (P,) WPO's per-completion sums of ``token_logp - log
     sum_v p_v^2`` under the policy (needed with ``use_weighting``, ignored without; treated as
     constants). The training loss of a batch is usually ``out.losses.mean()``.
-    sft_scale (loss type ``"sft"``): the pair's sft term is ``-policy_chosen * sft_scale``, so
-    that the mean over the pairs of an optimizer step is the step's mean token NLL of the chosen
-    completions when ``sft_scale`` = (pairs of the step) / (chosen completion tokens of the
+    chosen_raw: (P,) the chosen completion's unweighted summed log-prob when ``policy_chosen`` is
+    LD-DPO's weighted sum (needed when ``config.needs_raw_logps``; differentiable): the chosen
+    NLL terms (``sft``, ``rpo_alpha``) read it, as TRL's ``sft`` reads raw token log-probs.
+    None: they read ``policy_chosen``.
+    sft_scale (loss type ``"sft"``): the pair's sft term is ``-policy_chosen * sft_scale`` (or
+    ``chosen_raw``), so that the mean over the pairs of an optimizer step is the step's mean
+    token NLL of the chosen completions when ``sft_scale`` = (pairs of the step) / (chosen completion tokens of the
     step), as TRL's ``sft`` type computes it over a batch. None: these pairs are the step.
     """
     inputs = {
@@ -566,6 +585,7 @@ def dpo_loss(
         "rejected_tokens": rejected_tokens,
         "chosen_aligned": chosen_aligned,
         "rejected_aligned": rejected_aligned,
+        "chosen_raw": chosen_raw,
     }
     _check_inputs(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **inputs)
     return _pair_terms(
@@ -589,7 +609,9 @@ def make_pair_loss(
     ``dpo_loss(...).losses[pairs].sum() / normalizer``, with the reference values and token
     counts (all (P,) for the whole batch) sliced to match. With ``config.use_weighting`` it
     takes the chunk's WPO sums as the keywords ``chosen_aligned`` / ``rejected_aligned`` (k,),
-    which ``linear_pair_loss(with_aligned=True)`` passes. Summed over slices that cover the
+    which ``linear_pair_loss(with_aligned=True)`` passes, and with ``config.needs_raw_logps``
+    the raw sums ``chosen_raw`` / ``rejected_raw``, which ``linear_pair_loss(with_raw=True)``
+    passes. Summed over slices that cover the
     batch it gives ``losses.sum() / normalizer``: pass the number of pairs of the optimizer step
     as ``normalizer`` to get the mean over a gradient-accumulated step. ``sft_scale``: as in
     :func:`dpo_loss`; None: (the batch's pairs) / (their chosen completion tokens).
@@ -618,6 +640,8 @@ def make_pair_loss(
         *,
         chosen_aligned: Tensor | None = None,
         rejected_aligned: Tensor | None = None,
+        chosen_raw: Tensor | None = None,
+        rejected_raw: Tensor | None = None,  # no term reads it
     ) -> Tensor:
         if pairs.step not in (None, 1):
             raise ValueError(f"pair slices must be contiguous, got step {pairs.step}")
@@ -642,6 +666,7 @@ def make_pair_loss(
             rejected_tokens=cut(rejected_tokens),
             chosen_aligned=chosen_aligned,
             rejected_aligned=rejected_aligned,
+            chosen_raw=chosen_raw,
             sft_scale=sft_scale,
         )
         return out.losses.sum() / normalizer

@@ -477,9 +477,15 @@ class StepwiseRunner:
         return self.cfg.sdpo.partition in ("random", "given") and not self.cfg.sdpo.report_scoring
 
     def score(
-        self, model: torch.nn.Module, pairs: Sequence[TokenizedPair], *, aligned: bool = False
+        self,
+        model: torch.nn.Module,
+        pairs: Sequence[TokenizedPair],
+        *,
+        aligned: bool = False,
+        raw: bool = False,
     ) -> PairLogps:
-        """The scoring pass with the run's settings; ``aligned``: with WPO's sums too."""
+        """The scoring pass with the run's settings; ``aligned``: with WPO's sums too; ``raw``:
+        with LD-DPO's unweighted sums too."""
         self.scoring_calls += 1
         budget = self.cfg.sdpo.score_tokens_per_batch or 4 * self.cfg.train.max_tokens_per_batch
         how = "" if self.cfg.sdpo.score_tokens_per_batch else ", 4 x train.max_tokens_per_batch"
@@ -498,6 +504,7 @@ class StepwiseRunner:
             share_prompt=self.cfg.train.share_prompt,
             ld_alpha=self.cfg.loss.ld_alpha,
             return_aligned=aligned,
+            return_raw=raw,
         )
 
     def cache_key(self, model_fp: str, pairs: Sequence[TokenizedPair]) -> CacheKey:
@@ -1323,7 +1330,13 @@ class StepwiseRunner:
             return None
         # WPO: the policy's weights of each held-out pair from the same pass, as TRL's
         # evaluate() weights its loss
-        scores = self.score(model, self.eval_pairs, aligned=self.cfg.loss.use_weighting)
+        # LD-DPO with sft / rpo_alpha: those terms read the raw sums, as in training
+        scores = self.score(
+            model,
+            self.eval_pairs,
+            aligned=self.cfg.loss.use_weighting,
+            raw=self.cfg.loss.needs_raw_logps,
+        )
         ref = self.eval_initial
         rows = ref.rows_for(scores.pair_indices)
         out = dpo_loss(
@@ -1336,6 +1349,7 @@ class StepwiseRunner:
             rejected_tokens=scores.rejected_tokens,
             chosen_aligned=scores.chosen_aligned,
             rejected_aligned=scores.rejected_aligned,
+            chosen_raw=scores.chosen_raw,
         )
         margins = out.chosen_rewards - out.rejected_rewards
         metrics = {

@@ -17,6 +17,7 @@ if not torch.cuda.is_available():  # Triton's mode is fixed at its first import 
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 from functools import partial  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -38,7 +39,7 @@ from sdpo.engine.scoring import score_pairs  # noqa: E402
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs  # noqa: E402
 from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps  # noqa: E402
 from sdpo.kernels import linear_pair_loss, sequence_logprobs  # noqa: E402
-from sdpo.losses import LossConfig, dpo_loss  # noqa: E402
+from sdpo.losses import LossConfig, dpo_loss, make_pair_loss  # noqa: E402
 from sdpo.runner import StepwiseRunner, run_training  # noqa: E402
 from tests.conftest import (  # noqa: E402
     assert_no_worse,
@@ -206,6 +207,115 @@ def test_fused_pair_loss_with_ld_weights_matches_float64_truth(
     )
 
 
+def _raw_seq_logps(h, w, labels, counts):
+    """(S,) unweighted sums (ld_alpha 1) in h's dtype."""
+    return _truth_seq_logps(h, w, labels, counts, 1.0)
+
+
+RAW_LOSSES = {
+    # TRL 1.16's RPO: DPO on the LD sums plus alpha times sft on the raw token log-probs
+    "sft": LossConfig(beta=BETA, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    # the per-pair RPO term reads the raw sum too
+    "rpo_alpha": LossConfig(beta=BETA, rpo_alpha=0.7),
+}
+
+
+@pytest.mark.parametrize("loss_name", list(RAW_LOSSES))
+@pytest.mark.parametrize(
+    "impl, chunk_tokens, max_chunk_tokens",
+    [("torch", 23, None), ("torch", 64, 10), ("triton", 40, 12)],
+)
+def test_chosen_nll_terms_read_the_raw_sums_beside_the_ld_sums(
+    impl, chunk_tokens, max_chunk_tokens, loss_name
+):
+    """With LD-DPO, sft and rpo_alpha read each chosen completion's raw sum and the DPO term the
+    LD sum, both from one pass: loss and gradients against float64 autograd through both sums,
+    in chunks of whole pairs and in pairs split keep-the-tail."""
+    config = dataclasses.replace(RAW_LOSSES[loss_name], ld_alpha=ALPHA)
+    assert config.needs_raw_logps
+    h64, w64, labels, seq_ids, ref = _inputs(6)
+    weights = length_desensitized_weights(torch.tensor(COUNTS), ALPHA)
+    tokens = torch.tensor(COUNTS, dtype=torch.float64)
+    h, w = h64.float(), w64.float()
+    seen = {}
+
+    def ours(h, w):
+        pair_loss = make_pair_loss(
+            config,
+            ref_chosen=ref[0::2].float(),
+            ref_rejected=ref[1::2].float(),
+            chosen_tokens=tokens[0::2].float(),
+            rejected_tokens=tokens[1::2].float(),
+        )
+        loss, seen["seq"], seen["raw"] = linear_pair_loss(
+            h,
+            w,
+            labels,
+            seq_ids,
+            len(COUNTS),
+            pair_loss=pair_loss,
+            impl=impl,
+            chunk_tokens=chunk_tokens,
+            max_chunk_tokens=max_chunk_tokens,
+            token_weights=weights,
+            with_raw=True,
+        )
+        return loss
+
+    def direct(h, w):
+        seq = _truth_seq_logps(h, w, labels, COUNTS, ALPHA)
+        raw = _raw_seq_logps(h, w, labels, COUNTS)
+        out = dpo_loss(
+            seq[0::2],
+            seq[1::2],
+            ref[0::2].to(seq.dtype),
+            ref[1::2].to(seq.dtype),
+            config=config,
+            chosen_tokens=tokens[0::2].to(seq.dtype),
+            rejected_tokens=tokens[1::2].to(seq.dtype),
+            chosen_raw=raw[0::2],
+        )
+        return out.losses.sum()
+
+    truth, base = _grads(direct, h64, w64), _grads(direct, h, w)
+    for name, o, t, b in zip(
+        ("value", "grad_hidden", "grad_weight"), _grads(ours, h, w), truth, base
+    ):
+        assert_no_worse(name, o, b, t, rel_margin=2e-6)
+    for name, got, fn in (
+        ("seq_logps", seen["seq"], lambda h, w: _truth_seq_logps(h, w, labels, COUNTS, ALPHA)),
+        ("raw", seen["raw"], lambda h, w: _raw_seq_logps(h, w, labels, COUNTS)),
+    ):
+        assert_no_worse(name, got, fn(h, w), fn(h64, w64), rel_margin=2e-6)
+    # reading the LD sums instead would give other numbers: the test can fail
+    ld_only = _grads(
+        lambda h, w: dpo_loss(
+            *(_truth_seq_logps(h, w, labels, COUNTS, ALPHA)[k::2] for k in (0, 1)),
+            ref[0::2],
+            ref[1::2],
+            config=dataclasses.replace(config, ld_alpha=None),
+            chosen_tokens=tokens[0::2],
+            rejected_tokens=tokens[1::2],
+        ).losses.sum(),
+        h64,
+        w64,
+    )
+    assert abs(float(ld_only[0] - truth[0])) > 1e-3
+
+
+def test_dpo_loss_asks_for_the_raw_sums_when_a_chosen_nll_term_meets_ld_alpha():
+    config = dataclasses.replace(RAW_LOSSES["rpo_alpha"], ld_alpha=ALPHA)
+    one = torch.zeros(3)
+    kwargs = {"config": config, "chosen_tokens": one + 2, "rejected_tokens": one + 3}
+    with pytest.raises(ValueError, match="chosen_raw is missing"):
+        dpo_loss(one, one, one, one, **kwargs)
+    out = dpo_loss(one, one, one, one, chosen_raw=torch.tensor([-2.0, -4.0, -6.0]), **kwargs)
+    # log 2 of the DPO term, plus 0.7 x the mean token NLL of the raw sums over 2 tokens
+    expected = math.log(2.0) + 0.7 * torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(out.losses, expected)
+    assert not dataclasses.replace(config, ld_alpha=1.0).needs_raw_logps  # plain DPO sums
+
+
 def test_all_ones_weights_give_the_unweighted_ops_bit_for_bit():
     h64, w64, labels, seq_ids, ref = _inputs(3)
     h, w = h64.float(), w64.float()
@@ -334,6 +444,68 @@ def test_scoring_with_ld_alpha_equals_the_training_forward_so_first_rewards_are_
     # training against the plain reference would not start at zero: the test can fail
     m_plain = _first_step(load_pretrained(tiny_model_dir), tiny_pairs, plain, ld_alpha=ALPHA)
     assert abs(float(m_plain["rewards/margins"])) > 1e-3
+
+
+@pytest.mark.parametrize("loss_name", list(RAW_LOSSES))
+def test_a_step_with_ld_alpha_and_a_chosen_nll_term_is_the_same_on_every_path(
+    tiny_model_dir, tiny_pairs, loss_name, one_thread
+):
+    """sft / rpo_alpha with LD-DPO: the fused head (one pass, both sums), the plain path (the
+    head twice) and shared prompts give the same step (loss, metrics, gradients); the loss is
+    the one of the raw sums."""
+    config = dataclasses.replace(RAW_LOSSES[loss_name], ld_alpha=ALPHA)
+    score = dict(max_tokens_per_batch=1024, impl="torch")
+    scored = score_pairs(load_pretrained(tiny_model_dir), tiny_pairs, ld_alpha=ALPHA, **score)
+    # a reference other than the policy, so that the rewards are not all 0
+    ref = dataclasses.replace(
+        scored,
+        chosen_logps=scored.chosen_logps - 0.5 * torch.arange(len(tiny_pairs)) % 1.3,
+        rejected_logps=scored.rejected_logps + 0.4,
+    )
+    train = TrainConfig(
+        learning_rate=1e-2, pairs_per_step=10, max_tokens_per_batch=160, warmup_ratio=0.0
+    )
+    runs = {}
+    for name, settings in (
+        ("fused", {}),
+        ("plain", {"loss_path": "plain"}),
+        ("shared", {"share_prompt": True}),
+    ):
+        model = load_pretrained(tiny_model_dir)
+        trainer = DPOTrainer(
+            model,
+            config=dataclasses.replace(train, **settings),
+            loss_fn=partial(dpo_loss, config=config),
+            kernels_impl="torch",
+            progress=False,
+            ld_alpha=ALPHA,
+        )
+        step = plan_steps(tiny_pairs, train, epoch=0)[0]
+        metrics = trainer.train_step(tiny_pairs, step, ref)
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+        runs[name] = ({k: float(v) for k, v in metrics.items()}, grads)
+    want, want_grads = runs["fused"]
+    for name in ("plain", "shared"):
+        got, got_grads = runs[name]
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (name, key)
+        for key, value in want_grads.items():
+            scale = float(value.abs().max())
+            torch.testing.assert_close(got_grads[key], value, rtol=1e-4, atol=1e-5 * scale)
+    # the loss of the whole step, with the raw sums in the NLL term (the policy's raw sums are
+    # the plain scoring pass's: the step's forward runs on the initial weights)
+    raw = score_pairs(load_pretrained(tiny_model_dir), tiny_pairs, **score)
+    kwargs = {
+        "config": config,
+        "chosen_tokens": scored.chosen_tokens.float(),
+        "rejected_tokens": scored.rejected_tokens.float(),
+        "sft_scale": len(tiny_pairs) / float(scored.chosen_tokens.sum()),
+    }
+    policy = (scored.chosen_logps, scored.rejected_logps, ref.chosen_logps, ref.rejected_logps)
+    with_raw = dpo_loss(*policy, chosen_raw=raw.chosen_logps, **kwargs)
+    assert want["loss"] == pytest.approx(float(with_raw.losses.mean()), rel=1e-5)
+    with_ld = dpo_loss(*policy, chosen_raw=scored.chosen_logps, **kwargs)
+    assert abs(float(with_ld.losses.mean()) - want["loss"]) > 1e-3  # the test can fail
 
 
 def test_ld_alpha_one_trains_bit_for_bit_like_plain_dpo(tiny_model_dir, tiny_pairs, one_thread):

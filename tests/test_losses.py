@@ -449,7 +449,6 @@ def test_missing_inputs_are_explained():
         ({"loss_type": "sigmoid", "discopop_tau": 0.1}, "discopop_tau = 0.1 has no effect"),
         ({"loss_type": "aot"}, "loss_type must be one of"),
         ({"loss_type": ["sigmoid", "sft"], "use_weighting": True}, "'sft' does not go with use"),
-        ({"loss_type": ["sigmoid", "sft"], "ld_alpha": 0.5}, "'sft' does not go with ld_alpha"),
         ({"f_divergence_type": "kl"}, "f_divergence_type must be one of reverse_kl"),
         (
             {"loss_type": "bco_pair", "f_divergence_type": "js_divergence"},

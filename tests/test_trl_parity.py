@@ -128,6 +128,26 @@ def _ours(
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, rows
 
 
+_TRL_LOSS_KEYS = (
+    "loss_weights",
+    "label_smoothing",
+    "discopop_tau",
+    "f_divergence_type",
+    "f_alpha_divergence_coef",
+    "ld_alpha",
+    "use_weighting",
+)
+
+
+def _trl_loss_options(loss: LossConfig) -> dict:
+    """TRL's DPOConfig options of a loss config (the keys both have, where not the default)."""
+    options = {"beta": loss.beta, "loss_type": loss.loss_type}
+    for key in _TRL_LOSS_KEYS:
+        if getattr(loss, key) != getattr(LossConfig(), key):
+            options[key] = getattr(loss, key)
+    return options
+
+
 def _trl(
     model_dir: Path,
     rows: list[dict],
@@ -170,8 +190,6 @@ def _trl(
         "adam_epsilon": EPS,
         "max_grad_norm": 1.0,
         "weight_decay": weight_decay,
-        "beta": loss.beta,
-        "loss_type": loss.loss_type,
         "precompute_ref_log_probs": True,
         "max_length": None,
         "logging_steps": 1,
@@ -183,17 +201,7 @@ def _trl(
         "disable_tqdm": True,
         "seed": 0,
     }
-    for key in (
-        "loss_weights",
-        "label_smoothing",
-        "discopop_tau",
-        "f_divergence_type",
-        "f_alpha_divergence_coef",
-        "ld_alpha",
-        "use_weighting",
-    ):
-        if getattr(loss, key) != getattr(LossConfig(), key):
-            options[key] = getattr(loss, key)
+    options |= _trl_loss_options(loss)
     if model is None:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(model_dir), dtype=torch.float32, attn_implementation="sdpa"
@@ -245,6 +253,10 @@ LOSSES = {
     "ld_dpo": LossConfig(beta=BETA, ld_alpha=0.5),
     "wpo": LossConfig(beta=BETA, use_weighting=True),
     "ipo_ld_wpo": LossConfig(beta=BETA, loss_type="ipo", ld_alpha=0.3, use_weighting=True),
+    # LD-DPO's weighted sums for the DPO term, the raw token log-probs for the sft term
+    "rpo_sft_ld": LossConfig(
+        beta=BETA, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5], ld_alpha=0.3
+    ),
 }
 
 
@@ -460,12 +472,13 @@ def test_a_lora_training_equals_trl_with_peft(setup, tmp_path):
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("loss_name", ["sigmoid", "wpo"])
+@pytest.mark.parametrize("loss_name", ["sigmoid", "wpo", "rpo_sft_ld"])
 def test_the_eval_metrics_equal_trl_s_evaluate(setup, tmp_path, loss_name):
     """Held-out pairs (``data.eval_sources``) after a DPO run: sdpo's eval/* record against the
     initial model equals TRL's ``evaluate()``, whose reference values are the initial model's
     too (precomputed); one eval batch on TRL's side, so its batch means are the means. With WPO
-    both weight the eval loss by the trained policy's weights."""
+    both weight the eval loss by the trained policy's weights; with LD-DPO and sft both read
+    the raw token log-probs in the sft term."""
 
     model_dir, rows, _ = setup
     train_rows, eval_rows = rows[:8], rows[8:]
@@ -478,31 +491,30 @@ def test_the_eval_metrics_equal_trl_s_evaluate(setup, tmp_path, loss_name):
         "sources": [{"name": "train", "path": str(files["train"])}],
         "eval_sources": [{"name": "held", "path": str(files["held"])}],
     }
-    use_weighting = LOSSES[loss_name].use_weighting
+    loss = LOSSES[loss_name]
     _sdpo_train(
         out,
         model_dir,
         data,
         schedule="constant",
         sdpo={"steps": 1, "report_scoring": False},
-        loss={"use_weighting": use_weighting},
+        loss=_trl_loss_options(loss),  # the same key names in both configs
     )
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     ours = [r for r in records if "eval/loss" in r][-1]
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    _trl(model_dir, train_rows, LOSSES[loss_name], tmp_path / "trl", steps=2, model=model)
+    _trl(model_dir, train_rows, loss, tmp_path / "trl", steps=2, model=model)
     args = trl.DPOConfig(
         output_dir=str(tmp_path / "trl-eval"),
         per_device_eval_batch_size=len(eval_rows),
-        beta=BETA,
         max_length=None,
         report_to="none",
         use_cpu=True,
         bf16=False,
         disable_tqdm=True,
         precompute_ref_log_probs=True,
-        use_weighting=use_weighting,
+        **_trl_loss_options(loss),
     )
     # the reference values of the held-out pairs: the initial model's, as sdpo's yardstick
     initial = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
