@@ -438,9 +438,48 @@ def _all_keys(cls: type, prefix: str = "") -> list[str]:
     return keys
 
 
+# TRL DPOConfig / script option names a TRL user may write, with what they are here.
+_TRL_NAMES = {
+    "model_name_or_path": "it is 'model.path' here (a folder or a hub model id)",
+    "model_revision": "it is 'model.revision' here",
+    "ref_model": "it is 'sdpo.reference' here (a folder or a hub model id)",
+    "per_device_train_batch_size": (
+        "sdpo sets the pairs of an optimizer step, 'train.pairs_per_step' (or "
+        "'train.tokens_per_step'), and packs them into micro-batches of at most "
+        "'train.max_tokens_per_batch' tokens"
+    ),
+    "gradient_accumulation_steps": (
+        "the micro-batches of a step follow from 'train.pairs_per_step' and "
+        "'train.max_tokens_per_batch'"
+    ),
+    "num_train_epochs": "it is 'train.epochs' here (per sDPO step)",
+    "lr_scheduler_type": "it is 'train.schedule' here",
+    "eval_steps": "it is 'train.eval_every' here",
+    "logging_steps": "it is 'train.log_every' here",
+    "save_steps": "it is 'train.save_every' here",
+    "save_total_limit": "it is 'train.keep_checkpoints' here",
+    "bf16": "it is 'train.precision' here ('bf16', 'bf16-mixed' or 'fp32')",
+    "max_completion_length": (
+        "sdpo cuts with 'data.max_length' and 'data.max_prompt_length' (see 'data.truncation')"
+    ),
+    "truncation_mode": "it is 'data.truncation' here",
+    "precompute_ref_log_probs": "sdpo always precomputes them (the reference cache)",
+    "padding_free": "sdpo always packs without padding",
+    "sync_ref_model": (
+        "TR-DPO is not offered: sdpo precomputes the reference values, which TRL refuses with "
+        "sync_ref_model too; sDPO's steps renew the reference once per chunk"
+    ),
+}
+
+
 def _unknown_key(key: str, prefix: str, valid: list[str], origins: _Origins) -> ConfigError:
     full = f"{prefix}{key}"
     kind = "section" if not prefix else "key"
+    if key in _TRL_NAMES:
+        return ConfigError(
+            f"unknown {kind} '{full}' ({origins.where(full)}): TRL's option '{key}'? "
+            f"{_TRL_NAMES[key]}"
+        )
     # a key that exists in another section ([train] beta -> loss.beta), else a near spelling here,
     # else a near spelling anywhere, else the list of what is valid here
     all_keys = _all_keys(RunConfig)

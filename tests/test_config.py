@@ -208,6 +208,26 @@ def test_unknown_keys_name_the_closest_valid_key(tmp_path, extra, overrides, mes
         assert str(path) in str(info.value)
 
 
+def test_trl_option_names_say_what_they_are_here(tmp_path):
+    import re
+
+    from sdpo.config import _TRL_NAMES, RunConfig, _all_keys
+
+    path = write(tmp_path, MINIMAL + "[train]\nper_device_train_batch_size = 4\n")
+    with pytest.raises(ConfigError, match="TRL's option 'per_device_train_batch_size'.*"
+                       "'train.pairs_per_step'"):  # fmt: skip
+        load_config(path)
+    with pytest.raises(ConfigError, match="TR-DPO is not offered"):
+        load_config(write(tmp_path, MINIMAL), ["loss.sync_ref_model=true"])
+    with pytest.raises(ConfigError, match="it is 'model.path' here"):
+        load_config(write(tmp_path, MINIMAL), ["model_name_or_path=org/name"])
+    # every key a hint names exists
+    keys = set(_all_keys(RunConfig))
+    for name, hint in _TRL_NAMES.items():
+        for named in re.findall(r"'([a-z_]+\.[a-z_]+)'", hint):
+            assert named in keys, (name, named)
+
+
 @pytest.mark.parametrize(
     ("extra", "overrides", "message"),
     [
