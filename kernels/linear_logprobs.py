@@ -517,6 +517,19 @@ def _check_pair_tokens(pair_tokens: Sequence[int], *, num_seqs: int, num_tokens:
     return counts
 
 
+def _check_pair_tokens_on_cpu(counts: list[int], seq_ids: torch.Tensor, num_seqs: int) -> None:
+    """``pair_tokens`` against CPU ``seq_ids``, in full (on a GPU this would be a host sync;
+    there the chunks' boundaries are asserted on the device instead)."""
+    derived = _pair_tokens_from_seq_ids(seq_ids, num_seqs)
+    bad = next((p for p, (a, b) in enumerate(zip(counts, derived)) if a != b), None)
+    if bad is not None:
+        raise ValueError(
+            f"pair_tokens[{bad}] = {counts[bad]} but seq_ids give pair {bad} "
+            f"{derived[bad]} tokens; pass each pair's chosen + rejected token count "
+            "in stream order (e.g. from the batch's cu_seqlens)"
+        )
+
+
 def _plan_pairs(
     pair_tokens: Sequence[int], *, chunk_tokens: int, max_chunk_tokens: int | None
 ) -> list[_PlanItem]:
@@ -960,14 +973,7 @@ def linear_pair_loss(
     else:
         counts = _check_pair_tokens(pair_tokens, num_seqs=num_seqs, num_tokens=hidden.shape[0])
         if seq_ids.device.type == "cpu":  # reading CPU tensors costs no sync: check in full
-            derived = _pair_tokens_from_seq_ids(seq_ids, num_seqs)
-            bad = next((p for p, (a, b) in enumerate(zip(counts, derived)) if a != b), None)
-            if bad is not None:
-                raise ValueError(
-                    f"pair_tokens[{bad}] = {counts[bad]} but seq_ids give pair {bad} "
-                    f"{derived[bad]} tokens; pass each pair's chosen + rejected token count "
-                    "in stream order (e.g. from the batch's cu_seqlens)"
-                )
+            _check_pair_tokens_on_cpu(counts, seq_ids, num_seqs)
         else:
             check_ids = True
     plan = _plan_pairs(counts, chunk_tokens=chunk_tokens, max_chunk_tokens=max_chunk_tokens)

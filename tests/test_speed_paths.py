@@ -7,6 +7,7 @@ under torchrun on two gloo processes, data parallel and sharded."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -20,6 +21,8 @@ import pytest
 import torch
 import torch.distributed
 import torch.nn.functional as F
+import torch.utils._python_dispatch
+import torch.utils._pytree
 
 from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.model import ModelConfig, init_model
@@ -150,6 +153,137 @@ def test_optimised_and_plain_paths_give_the_same_gradients_and_losses(one_thread
             )
     for (name, a), b in zip(fast.named_parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=3e-5, msg=name)
+
+
+# -- host reads of device values in a training step -----------------------------------------
+# On a GPU, reading a device value on the host (.item(), bool(), .tolist(), nonzero, ...) makes
+# the host wait for the device. The step is meant to make one such read: whether the update was
+# finite, after the update has been queued. There is no device on the CPU, so the audit below
+# marks what would live on it (the weights, the optimizer state, what `to_device` returns and
+# every value computed from those) and records each host read of a marked value. The functions
+# below run only on CPU tensors; their GPU counterparts make no host read.
+_CPU_ONLY_READS = {
+    "_sdpa_per_sequence",  # the CPU attention loop (GPUs run the varlen kernels)
+    "check_labels_in_vocab",  # labels checked on the host for CPU tensors only
+    "_check_pair_tokens_on_cpu",  # on a GPU: asserted on the device, asynchronously
+}
+_READ_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select"}
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Marks values derived from marked ones and records host reads of marked values."""
+
+    def __init__(self):
+        super().__init__()
+        self.ids: set[int] = set()
+        self.keep: list[torch.Tensor] = []  # marked tensors stay alive: ids are not reused
+        self.reads: list[tuple[str, str]] = []
+
+    def mark(self, t):
+        if isinstance(t, torch.Tensor):
+            self.ids.add(id(t))
+            self.keep.append(t)
+
+    def marked(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and id(t) in self.ids
+
+    def record(self, what: str) -> None:
+        import traceback
+
+        frames = [f for f in traceback.extract_stack() if f.filename.startswith(str(ROOT))]
+        frames = [f for f in frames if "/tests/" not in f.filename and ".venv" not in f.filename]
+        if not any(f.name in _CPU_ONLY_READS for f in frames):
+            where = frames[-1]
+            path = Path(where.filename).relative_to(ROOT)
+            self.reads.append((what, f"{path}:{where.name}"))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        on_device = any(self.marked(t) for t in inputs)
+        if on_device and func._schema.name.split("::")[-1] in _READ_OPS:
+            self.record(func._schema.name)
+        out = func(*args, **kwargs)
+        if on_device:
+            for t in torch.utils._pytree.tree_leaves(out):
+                self.mark(t)
+        return out
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"loss_path": "plain"},
+        {"share_prompt": True},
+        {"max_grad_norm": 0.0},
+        {"ld_alpha": 0.5, "rpo_alpha": 0.3, "use_weighting": True, "max_chunk_tokens": 16},
+    ],
+    ids=["fused", "plain", "shared_prompt", "no_clipping", "ld_rpo_wpo_split"],
+)
+def test_a_training_step_reads_one_device_value_on_the_host(one_thread, monkeypatch, settings):
+    """Fused AdamW (as on a GPU; torch runs it on a CPU too): the step's only host read of a
+    device value is the finite flag, taken after the update was queued."""
+    from sdpo.engine import trainer as trainer_module
+    from sdpo.engine.trainer import build_optimizer
+
+    settings = dict(settings)
+    ld_alpha = settings.pop("ld_alpha", None)
+    loss = {k: settings.pop(k) for k in ("rpo_alpha", "use_weighting") if k in settings}
+    max_chunk_tokens = settings.pop("max_chunk_tokens", None)
+    config = tiny_config(tied=False)
+    pairs = make_pairs(8, vocab=config.vocab_size, seed=4)
+    model = init_model(config, seed=2)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=10_000, impl="torch", ld_alpha=ld_alpha)
+    train = TrainConfig(
+        learning_rate=1e-3, pairs_per_step=8, max_tokens_per_batch=60, warmup_ratio=0.0
+    )
+    train = dataclasses.replace(train, **settings)
+    trainer = DPOTrainer(
+        model,
+        config=train,
+        loss_fn=partial(dpo_loss, config=LossConfig(beta=BETA, ld_alpha=ld_alpha, **loss)),
+        kernels_impl="torch",
+        max_chunk_tokens=max_chunk_tokens,
+        progress=False,
+        optimizer=build_optimizer(model, train, fused=True),
+        ld_alpha=ld_alpha,
+    )
+    step = plan_steps(pairs, train, epoch=0)[0]
+    assert len(step) > 1  # several micro-batches
+    trainer.train_step(pairs, step, ref)  # the optimizer state exists from here on
+
+    audit = _HostReads()
+    for t in [*model.parameters(), *trainer.optimizer.state_dict()["state"].values()]:
+        for leaf in torch.utils._pytree.tree_leaves(t):
+            audit.mark(leaf)
+    to_device = trainer_module.to_device
+
+    def marking_to_device(value, device):
+        out = to_device(value, device)
+        for leaf in [out, *vars(out).values()] if not isinstance(out, torch.Tensor) else [out]:
+            audit.mark(leaf)
+        return out
+
+    monkeypatch.setattr(trainer_module, "to_device", marking_to_device)
+    for name in ("tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__"):
+        method = getattr(torch.Tensor, name)
+
+        def reading(self, *a, _method=method, _name=name, **k):
+            if audit.marked(self):
+                audit.record(_name)
+            return _method(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, reading)
+    with audit:
+        metrics = trainer.train_step(pairs, step, ref)
+    monkeypatch.undo()
+    assert math.isfinite(float(metrics["loss"]))
+    reads = {what for what, _ in audit.reads}
+    sites = {where for _, where in audit.reads}
+    assert sites == {"engine/trainer.py:train_step"}, audit.reads
+    assert reads <= {"__bool__", "aten::_local_scalar_dense"}, audit.reads
+    assert len(audit.reads) <= 2  # bool(finite): the Python call and its op
 
 
 def test_compiled_layers_keep_parameter_names_and_outputs(one_thread):
