@@ -6,6 +6,7 @@ under torchrun on two gloo processes, data parallel and sharded."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
@@ -183,6 +184,8 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         if isinstance(t, torch.Tensor):
             self.ids.add(id(t))
             self.keep.append(t)
+            if t._base is not None:  # written through a view: the base holds device values
+                self.mark(t._base)
 
     def marked(self, t) -> bool:
         return isinstance(t, torch.Tensor) and id(t) in self.ids
@@ -208,6 +211,39 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
             for t in torch.utils._pytree.tree_leaves(out):
                 self.mark(t)
         return out
+
+
+@contextlib.contextmanager
+def _auditing(monkeypatch, module, marks):
+    """Record host reads of device values while the block runs: ``marks`` (and their tensors)
+    are on the device, and so is what ``module.to_device`` returns, a copy of its input (on a
+    CPU it would hand back the host tensors themselves, which stay on the host on a GPU)."""
+    audit = _HostReads()
+    for leaf in torch.utils._pytree.tree_leaves(marks):
+        audit.mark(leaf)
+    to_device = module.to_device
+
+    def marking_to_device(value, device):
+        out = to_device(copy.deepcopy(value), device)
+        for leaf in [out] if isinstance(out, torch.Tensor) else [out, *vars(out).values()]:
+            audit.mark(leaf)
+        return out
+
+    monkeypatch.setattr(module, "to_device", marking_to_device)
+    for name in ("tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"):
+        method = getattr(torch.Tensor, name)
+
+        def reading(self, *a, _method=method, _name=name, **k):
+            if audit.marked(self):
+                audit.record(_name)
+            return _method(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, reading)
+    try:
+        with audit:
+            yield audit
+    finally:
+        monkeypatch.undo()
 
 
 @pytest.mark.parametrize(
@@ -253,37 +289,34 @@ def test_a_training_step_reads_one_device_value_on_the_host(one_thread, monkeypa
     assert len(step) > 1  # several micro-batches
     trainer.train_step(pairs, step, ref)  # the optimizer state exists from here on
 
-    audit = _HostReads()
-    for t in [*model.parameters(), *trainer.optimizer.state_dict()["state"].values()]:
-        for leaf in torch.utils._pytree.tree_leaves(t):
-            audit.mark(leaf)
-    to_device = trainer_module.to_device
-
-    def marking_to_device(value, device):
-        out = to_device(value, device)
-        for leaf in [out, *vars(out).values()] if not isinstance(out, torch.Tensor) else [out]:
-            audit.mark(leaf)
-        return out
-
-    monkeypatch.setattr(trainer_module, "to_device", marking_to_device)
-    for name in ("tolist", "item", "numpy", "__bool__", "__int__", "__float__", "__index__"):
-        method = getattr(torch.Tensor, name)
-
-        def reading(self, *a, _method=method, _name=name, **k):
-            if audit.marked(self):
-                audit.record(_name)
-            return _method(self, *a, **k)
-
-        monkeypatch.setattr(torch.Tensor, name, reading)
-    with audit:
+    marks = [*model.parameters(), *trainer.optimizer.state_dict()["state"].values()]
+    with _auditing(monkeypatch, trainer_module, marks) as audit:
         metrics = trainer.train_step(pairs, step, ref)
-    monkeypatch.undo()
     assert math.isfinite(float(metrics["loss"]))
     reads = {what for what, _ in audit.reads}
     sites = {where for _, where in audit.reads}
     assert sites == {"engine/trainer.py:train_step"}, audit.reads
     assert reads <= {"__bool__", "aten::_local_scalar_dense"}, audit.reads
     assert len(audit.reads) <= 2  # bool(finite): the Python call and its op
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"share_prompt": True}, {"ld_alpha": 0.5, "return_aligned": True, "return_raw": True}],
+    ids=["plain", "shared_prompt", "ld_wpo_raw"],
+)
+def test_the_scoring_pass_reads_device_values_once_at_its_end(one_thread, monkeypatch, settings):
+    """The no-grad scoring pass keeps its values on the device and copies them to the host
+    once, after its last batch."""
+    from sdpo.engine import scoring as scoring_module
+
+    config = tiny_config(tied=False)
+    pairs = make_pairs(8, vocab=config.vocab_size, seed=4)
+    model = init_model(config, seed=2)
+    with _auditing(monkeypatch, scoring_module, list(model.parameters())) as audit:
+        scores = score_pairs(model, pairs, max_tokens_per_batch=60, impl="torch", **settings)
+    assert len(scores.chosen_logps) == len(pairs)
+    assert audit.reads == [("cpu", "engine/scoring.py:_score_local")], audit.reads
 
 
 def test_compiled_layers_keep_parameter_names_and_outputs(one_thread):
