@@ -254,8 +254,10 @@ def _auditing(monkeypatch, module, marks):
         {"share_prompt": True},
         {"max_grad_norm": 0.0},
         {"ld_alpha": 0.5, "rpo_alpha": 0.3, "use_weighting": True, "max_chunk_tokens": 16},
+        {"lora_rank": 4},
+        {"recompute": True},
     ],
-    ids=["fused", "plain", "shared_prompt", "no_clipping", "ld_rpo_wpo_split"],
+    ids=["fused", "plain", "shared_prompt", "no_clipping", "ld_rpo_wpo_split", "lora", "recompute"],
 )
 def test_a_training_step_reads_one_device_value_on_the_host(one_thread, monkeypatch, settings):
     """Fused AdamW (as on a GPU; torch runs it on a CPU too): the step's only host read of a
@@ -267,9 +269,15 @@ def test_a_training_step_reads_one_device_value_on_the_host(one_thread, monkeypa
     ld_alpha = settings.pop("ld_alpha", None)
     loss = {k: settings.pop(k) for k in ("rpo_alpha", "use_weighting") if k in settings}
     max_chunk_tokens = settings.pop("max_chunk_tokens", None)
+    lora_rank = settings.pop("lora_rank", None)
     config = tiny_config(tied=False)
     pairs = make_pairs(8, vocab=config.vocab_size, seed=4)
     model = init_model(config, seed=2)
+    model.gradient_checkpointing = settings.pop("recompute", False)
+    if lora_rank:
+        from sdpo.engine.lora import attach_lora
+
+        attach_lora(model, rank=lora_rank, alpha=8.0, dropout=0.1, seed=1)
     ref = score_pairs(model, pairs, max_tokens_per_batch=10_000, impl="torch", ld_alpha=ld_alpha)
     train = TrainConfig(
         learning_rate=1e-3, pairs_per_step=8, max_tokens_per_batch=60, warmup_ratio=0.0
