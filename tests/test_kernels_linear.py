@@ -16,6 +16,8 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import torch.utils._python_dispatch  # noqa: E402
+import torch.utils._pytree  # noqa: E402
 
 from sdpo.kernels import linear_pair_loss, sequence_logprobs  # noqa: E402
 from sdpo.kernels.linear_logprobs import (  # noqa: E402
@@ -550,3 +552,53 @@ def test_memory_cap_bounds_the_logits_of_a_long_pair_on_cuda():
     allowed = cap * vocab * 2 + vocab * hidden * 6 + n * hidden * 2 * 2 + 64 * n * 4 + 2**22
     assert capped <= allowed, f"capped pass held {capped} bytes, allowed {allowed}"
     assert whole - capped >= (n - cap) * vocab * 2 * 0.9, (capped, whole)
+
+
+# -- no tensor of the whole batch's logits, on a CPU ------------------------------------------
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """The largest tensor (in bytes) any op makes while the mode is on, with the op's name."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = (0, "")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t._base is None:
+                size = t.numel() * t.element_size()
+                if size > self.largest[0]:
+                    self.largest = (size, func._schema.name)
+        return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("head", ["linear_pair_loss", "sequence_logprobs", "reference pass"])
+def test_no_op_makes_a_tensor_larger_than_one_chunk_of_logits(impl, head):
+    """The memory rule of the log-prob heads, checked on a CPU through every op's output: at
+    V = 50,257 and 131 tokens in chunks of 32 (pairs of at most 61 tokens), the largest tensor
+    made in the forward and the backward is one chunk's logits (at most a pair's rows) or the
+    weight's gradient, never the batch's logits (131 x V) nor an fp32 copy of them."""
+    b = _batch(7, vocab=50_257, hidden=24)
+    vocab, hidden = b["w"].shape
+    n = b["h"].shape[0]
+    longest_pair = 61  # pair 2: 33 + 28 tokens
+    bound = max(longest_pair * vocab, vocab * hidden) * 4
+    h = b["h"].clone().requires_grad_(head != "reference pass")
+    w = b["w"].clone().requires_grad_(head != "reference pass")
+    args = (h, w, b["labels"], b["seq_ids"], b["num_seqs"])
+    watch = _LargestTensor()
+    with watch, torch.set_grad_enabled(head != "reference pass"):
+        if head == "linear_pair_loss":
+            loss, _ = linear_pair_loss(
+                *args, pair_loss=_dpo_pair_loss(b["ref"]), impl=impl, chunk_tokens=32
+            )
+        else:
+            loss = sequence_logprobs(*args, impl=impl, chunk_tokens=32).sum()
+        if loss.requires_grad:
+            loss.backward()
+    size, op = watch.largest
+    assert size <= bound, (op, size, bound)
+    assert size < n * vocab * 4 / 2, (op, size)  # far from the whole batch's logits
