@@ -557,6 +557,16 @@ def test_memory_cap_bounds_the_logits_of_a_long_pair_on_cuda():
 # -- no tensor of the whole batch's logits, on a CPU ------------------------------------------
 
 
+def _run_inside(mode, func, args, kwargs):
+    """Run ``func``; sdpo's own custom ops with ``mode`` on again, so that the ops inside them
+    are seen too (a mode is off while it handles an op)."""
+    if func._schema.name.startswith("sdpo::"):
+        with mode:  # its implementation, below the dispatch key that calls the mode
+            key = torch._C.DispatchKey.CompositeExplicitAutograd
+            return func._op_dk(key, *args, **(kwargs or {}))
+    return func(*args, **(kwargs or {}))
+
+
 class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
     """The largest tensor (in bytes) any op makes while the mode is on, with the op's name."""
 
@@ -565,7 +575,7 @@ class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
         self.largest = (0, "")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = _run_inside(self, func, args, kwargs)
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t._base is None:
                 size = t.numel() * t.element_size()
@@ -602,3 +612,67 @@ def test_no_op_makes_a_tensor_larger_than_one_chunk_of_logits(impl, head):
     size, op = watch.largest
     assert size <= bound, (op, size, bound)
     assert size < n * vocab * 4 / 2, (op, size)  # far from the whole batch's logits
+
+
+class _MatmulFlops(torch.utils._python_dispatch.TorchDispatchMode):
+    """2·m·n·k for every matrix product an op computes (mm, addmm, in place or not)."""
+
+    OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::matmul"}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.OPS:
+            a, b = args[-2], args[-1]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        elif "mm" in name or "matmul" in name or "bmm" in name:
+            raise AssertionError(f"a matrix product this count does not know: {name}")
+        return _run_inside(self, func, args, kwargs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matmul_work_of_each_head_is_its_floor(impl):
+    """Counted on a CPU through every matmul op, forward and backward: the fused training head
+    does the 6·N·H·V of one logits matmul and its two gradients (nothing recomputed); capped at B
+    tokens, a pair of L > B tokens adds 2·(L − B)·H·V; the plain head recomputes its chunks'
+    logits in the backward (8·N·H·V); the reference pass is 2·N·H·V."""
+    b = _batch(8, vocab=1031, hidden=67)
+    vocab, hidden = b["w"].shape
+    n = b["h"].shape[0]
+    pairs = [30 + 19, 12 + 9, 33 + 28]
+    unit = n * hidden * vocab
+
+    def flops(fn, *, grad=True):
+        h = b["h"].clone().requires_grad_(grad)
+        w = b["w"].clone().requires_grad_(grad)
+        args = (h, w, b["labels"], b["seq_ids"], b["num_seqs"])
+        with _MatmulFlops() as counter, torch.set_grad_enabled(grad):
+            out = fn(*args)
+            if grad:
+                out.backward()
+        return counter.flops
+
+    def fused(cap):
+        def run(*args):
+            loss, _ = linear_pair_loss(
+                *args,
+                pair_loss=_dpo_pair_loss(b["ref"]),
+                impl=impl,
+                chunk_tokens=40,
+                max_chunk_tokens=cap,
+            )
+            return loss
+
+        return run
+
+    assert flops(fused(None)) == 6 * unit
+    cap = 25
+    extra = sum(2 * (length - cap) * hidden * vocab for length in pairs if length > cap)
+    assert flops(fused(cap)) == 6 * unit + extra
+    plain = flops(lambda *a: sequence_logprobs(*a, impl=impl, chunk_tokens=40).sum())
+    assert plain == 8 * unit
+    reference = flops(lambda *a: sequence_logprobs(*a, impl=impl, chunk_tokens=40), grad=False)
+    assert reference == 2 * unit
