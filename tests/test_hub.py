@@ -8,6 +8,7 @@ process, which is how a user without network runs)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,10 +29,18 @@ MAIN, V1 = "a" * 40, "b" * 40  # the two commits of org/tiny
 
 
 def _publish(cache: Path, repo: str, commit: str, folder: Path, *, refs: tuple[str, ...]) -> Path:
-    """Put ``folder``'s files into ``cache`` as the snapshot ``commit`` of ``repo``."""
+    """Put ``folder``'s files into ``cache`` as the snapshot ``commit`` of ``repo``, as the hub
+    client lays them out: each file's bytes under ``blobs/`` and a relative symlink to it in
+    the snapshot folder."""
     storage = cache / f"models--{repo.replace('/', '--')}"
     snapshot = storage / "snapshots" / commit
-    shutil.copytree(folder, snapshot)
+    (storage / "blobs").mkdir(parents=True, exist_ok=True)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        blob = storage / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        link = snapshot / file.relative_to(folder)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
     (storage / "refs").mkdir(parents=True, exist_ok=True)
     for ref in refs:
         (storage / "refs" / ref).write_text(commit)
@@ -45,10 +54,10 @@ def hub(tmp_path: Path) -> Path:
     cache = tmp_path / "hub"
     for commit, seed, refs in ((MAIN, 1, ("main",)), (V1, 2, ("v1",))):
         folder = write_tiny_model(tmp_path / f"src-{seed}", words=WORDS, hidden_size=32, seed=seed)
-        snapshot = _publish(cache, "org/tiny", commit, folder, refs=refs)
-        (snapshot / "pytorch_model.bin").write_bytes(b"not read")
-        (snapshot / "original").mkdir()
-        (snapshot / "original" / "consolidated.00.pth").write_bytes(b"not read")
+        (folder / "pytorch_model.bin").write_bytes(b"not read")
+        (folder / "original").mkdir()
+        (folder / "original" / "consolidated.00.pth").write_bytes(b"not read")
+        _publish(cache, "org/tiny", commit, folder, refs=refs)
     bin_only = write_tiny_model(tmp_path / "src-bin", words=WORDS, hidden_size=32, seed=3)
     for weights in bin_only.glob("*.safetensors"):
         weights.rename(weights.with_suffix(".bin"))
