@@ -53,6 +53,17 @@ _MODEL = {"path": "model"}
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".zst", ".arrow")
 
 
+def _check_revision(key: str, model: str | None, revision: str | None) -> None:
+    """A revision goes with a hub model id only."""
+    if revision is not None and not (model and is_hub_model_id(model)):
+        name = "model.revision" if key == "model.path" else f"{key}_revision"
+        raise ConfigError(
+            f"{name} = {revision!r} applies to a hub model id (namespace/name) and {key} is "
+            f"{model!r}, {'a local folder' if model else 'not set'}: remove {name}, or set "
+            f"{key} to the hub model's id"
+        )
+
+
 def _one_of(key: str, value: object, options: tuple[str, ...]) -> None:
     if value not in options:
         raise ConfigError(
@@ -85,12 +96,7 @@ class ModelSection:
     def __post_init__(self) -> None:
         _one_of("model.attn_backend", self.attn_backend, ("auto", "flash", "varlen", "sdpa"))
         _at_least("model.checkpoint_every", self.checkpoint_every, 1)
-        if self.revision is not None and not (self.path and is_hub_model_id(self.path)):
-            raise ConfigError(
-                f"model.revision = {self.revision!r} applies to a hub model id (namespace/name) "
-                f"and model.path is {self.path!r}, a local folder: remove model.revision, or "
-                "set model.path to the hub model's id"
-            )
+        _check_revision("model.path", self.path, self.revision)
         budget = self.activation_memory_budget
         if budget is not None:
             if not 0.0 <= budget <= 1.0:
@@ -226,6 +232,7 @@ class SDPOSection:
     steps: int = 1
     partition: str = "easy_to_hard"
     reference: str | None = field(default=None, metadata=_MODEL)  # fixed reference checkpoint
+    reference_revision: str | None = None  # a hub reference's branch, tag or commit
     reset_optimizer: bool = True  # fresh optimizer state and LR schedule per step
     beta: list[float] = field(default_factory=list)  # per-step loss.beta; empty: the same
     learning_rate: list[float] = field(default_factory=list)  # per-step train.learning_rate
@@ -238,6 +245,7 @@ class SDPOSection:
     def __post_init__(self) -> None:
         _at_least("sdpo.steps", self.steps, 1)
         _one_of("sdpo.partition", self.partition, PARTITIONS)
+        _check_revision("sdpo.reference", self.reference, self.reference_revision)
         for key in ("beta", "learning_rate"):
             values = getattr(self, key)
             if values and len(values) != self.steps:

@@ -555,7 +555,9 @@ class StepwiseRunner:
             )
             model_config = check_pretrained(model_dir)
             if cfg.sdpo.reference:
-                self.reference_dir = model_folder(cfg.sdpo.reference, key="sdpo.reference")
+                self.reference_dir = model_folder(
+                    cfg.sdpo.reference, revision=cfg.sdpo.reference_revision, key="sdpo.reference"
+                )
                 ref_config = check_pretrained(self.reference_dir)
                 if ref_config.vocab_size != model_config.vocab_size:
                     raise RunInputError(

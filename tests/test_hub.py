@@ -119,9 +119,15 @@ def test_the_config_keeps_hub_ids_and_refuses_a_revision_for_a_local_folder(tmp_
         load_config(tmp_path / "run.toml")
     cfg = load_config(tmp_path / "run.toml", overrides=["model.revision=null"])
     assert cfg.model.path == str(tmp_path / "org" / "tiny")
+    # the reference's revision, likewise
+    overrides = ["model.revision=null", "sdpo.reference_revision=v1"]
+    assert load_config(tmp_path / "run.toml", overrides).sdpo.reference_revision == "v1"
+    overrides.append("sdpo.reference=./local-ref")
+    with pytest.raises(ConfigError, match="sdpo.reference_revision = 'v1' applies to a hub"):
+        load_config(tmp_path / "run.toml", overrides)
 
 
-def _run_config(tmp_path: Path, model: str, revision: str | None, out: str) -> Path:
+def _run_config(tmp_path: Path, model: str, revision: str | None, out: str, sdpo: str = "") -> Path:
     data = write_pairs(tmp_path / "pairs.jsonl", n=12, seed=3)
     config = tmp_path / f"{out}.toml"
     revision_line = "" if revision is None else f'revision = "{revision}"\n'
@@ -129,6 +135,7 @@ def _run_config(tmp_path: Path, model: str, revision: str | None, out: str) -> P
         f'output_dir = "{out}"\n[model]\npath = "{model}"\n{revision_line}'
         f'[data]\npath = "{data.name}"\nmax_length = 32\nmax_prompt_length = 16\n'
         '[train]\npairs_per_step = 4\nmax_tokens_per_batch = 128\n[kernels]\nimpl = "torch"\n'
+        f"[sdpo]\n{sdpo}"
     )
     return config
 
@@ -150,15 +157,21 @@ def test_sdpo_train_and_score_read_a_hub_model_offline_as_its_local_folder(hub, 
         command = [sys.executable, "-m", "sdpo", *args]
         return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
-    hub_run = _run_config(tmp_path, "org/tiny", "v1", "hub-out")
+    # the reference: the same hub model at another commit (a separate reference)
+    reference = 'reference = "org/tiny"\nreference_revision = "main"\n'
+    hub_run = _run_config(tmp_path, "org/tiny", "v1", "hub-out", reference)
     done = sdpo("train", "--config", str(hub_run), "--no-progress")
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"model.path org/tiny: hub snapshot {V1}" in done.stdout + done.stderr
+    assert f"sdpo.reference org/tiny: hub snapshot {MAIN}" in done.stdout + done.stderr
     saved = (tmp_path / "hub-out" / "config.toml").read_text()
     assert 'path = "org/tiny"' in saved and 'revision = "v1"' in saved
 
     snapshot = hub / "models--org--tiny" / "snapshots" / V1
-    local_run = _run_config(tmp_path, str(snapshot), None, "local-out")
+    main_snapshot = hub / "models--org--tiny" / "snapshots" / MAIN
+    local_run = _run_config(
+        tmp_path, str(snapshot), None, "local-out", f'reference = "{main_snapshot}"\n'
+    )
     assert main(["train", "--config", str(local_run), "--no-progress"]) == 0
     records = _records(tmp_path / "hub-out")
     assert len(records) == 3 and "logps/chosen" in records[0]
