@@ -781,7 +781,9 @@ class DPOTrainer:
                 sums[k].float() if k in sums else torch.zeros((), device=self.device)
                 for k in METRIC_KEYS
             ]
-            + [torch.tensor(float(stop), device=self.device)]
+            # filled on the device: torch.tensor(value, device=...) would copy from pageable
+            # memory, which waits for the device's queued work (the backward)
+            + [torch.full((), float(stop), device=self.device)]
         )
         distributed.all_reduce_sum([*(p.grad for p in params), vector])
         self._stop_agreed = vector[-1]

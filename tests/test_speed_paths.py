@@ -230,6 +230,17 @@ def _auditing(monkeypatch, module, marks):
         return out
 
     monkeypatch.setattr(module, "to_device", marking_to_device)
+    # a tensor made from host data on a named device: on a GPU, a copy from pageable memory,
+    # which waits for the device's queued work
+    for name in ("tensor", "as_tensor"):
+        make = getattr(torch, name)
+
+        def making(*a, _make=make, _name=name, **k):
+            if k.get("device") is not None:
+                audit.record(f"torch.{_name}(device=...)")
+            return _make(*a, **k)
+
+        monkeypatch.setattr(torch, name, making)
     for name in ("tolist", "item", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"):
         method = getattr(torch.Tensor, name)
 
@@ -306,6 +317,56 @@ def test_a_training_step_reads_one_device_value_on_the_host(one_thread, monkeypa
     assert sites == {"engine/trainer.py:train_step"}, audit.reads
     assert reads <= {"__bool__", "aten::_local_scalar_dense"}, audit.reads
     assert len(audit.reads) <= 2  # bool(finite): the Python call and its op
+
+
+def _audited_data_parallel_step(overlap: bool) -> list[tuple[str, str]]:
+    """One rank of a gloo group: an audited training step (after a first one)."""
+    from sdpo.engine import trainer as trainer_module
+    from sdpo.engine.trainer import build_optimizer
+
+    torch.manual_seed(0)
+    config = tiny_config(tied=False)
+    pairs = make_pairs(8, vocab=config.vocab_size, seed=4)
+    model = init_model(config, seed=2)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=10_000, impl="torch")
+    train = TrainConfig(
+        learning_rate=1e-3,
+        pairs_per_step=8,
+        max_tokens_per_batch=60,
+        warmup_ratio=0.0,
+        overlap_grad_reduce=overlap,
+    )
+    trainer = DPOTrainer(
+        model,
+        config=train,
+        loss_fn=partial(dpo_loss, config=LossConfig(beta=BETA)),
+        kernels_impl="torch",
+        progress=False,
+        optimizer=build_optimizer(model, train, fused=True),
+    )
+    assert trainer.data_parallel
+    step = plan_steps(pairs, train, epoch=0)[0]
+    trainer.train_step(pairs, step, ref)
+    marks = [*model.parameters(), *trainer.optimizer.state_dict()["state"].values()]
+    with (
+        pytest.MonkeyPatch.context() as monkeypatch,
+        _auditing(monkeypatch, trainer_module, marks) as audit,
+    ):
+        trainer.train_step(pairs, step, ref)
+    return audit.reads
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "after_backward"])
+def test_a_data_parallel_step_reads_one_device_value_on_the_host(tmp_path, overlap):
+    """Two gloo ranks: the gradients and the metrics are summed over ranks on the device (the
+    gradient all-reduce overlapped with the last backward, or after it), and the step still
+    reads only the finite flag on the host."""
+    from tests.test_distributed import _spawn
+
+    for reads in _spawn(tmp_path, _audited_data_parallel_step, overlap):
+        assert {where for _, where in reads} == {"engine/trainer.py:train_step"}, reads
+        assert {what for what, _ in reads} <= {"__bool__", "aten::_local_scalar_dense"}, reads
+        assert len(reads) <= 2, reads
 
 
 @pytest.mark.parametrize(
