@@ -18,6 +18,7 @@ are dropped).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -225,7 +226,8 @@ def _score_local(
         hidden, weight = head_inputs(
             hidden.index_select(0, head.index), model.lm_head_weight, precision
         )  # (M, H): only rows with a label
-        sums = sequence_logprobs(
+        head_sums = functools.partial(
+            sequence_logprobs,
             hidden,
             weight,
             head.labels,
@@ -233,22 +235,12 @@ def _score_local(
             batch.num_seqs,
             impl=impl,
             chunk_tokens=chunk_tokens,
-            token_weights=head.token_weights,
-            return_aligned=return_aligned,
-        )  # (S,) with S = 2P: chosen, rejected interleaved (and WPO's sums alike)
+        )
+        # (S,) with S = 2P: chosen, rejected interleaved (and WPO's sums alike)
+        sums = head_sums(token_weights=head.token_weights, return_aligned=return_aligned)
         sums = list(sums) if return_aligned else [sums]
-        if return_raw:
-            sums.append(
-                sequence_logprobs(
-                    hidden,
-                    weight,
-                    head.labels,
-                    head.seq_ids,
-                    batch.num_seqs,
-                    impl=impl,
-                    chunk_tokens=chunk_tokens,
-                )
-            )
+        if return_raw:  # LD-DPO's unweighted sums: the head once more, without the weights
+            sums.append(head_sums())
         rows = to_device(torch.tensor(positions, dtype=torch.int64), device)
         for k, seq in enumerate(sums):
             values[2 * k, rows] = seq[0::2].float()

@@ -42,6 +42,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -575,7 +576,8 @@ class DPOTrainer:
             )
             seq_aligned, seq_raw = rest[:1] if wpo else [], rest[-1] if with_raw else None
         else:
-            logps = sequence_logprobs(
+            head_sums = partial(
+                sequence_logprobs,
                 hidden,
                 weight,
                 head.labels,
@@ -583,21 +585,11 @@ class DPOTrainer:
                 batch.num_seqs,
                 impl=self.kernels_impl,
                 chunk_tokens=self.chunk_tokens,
-                token_weights=head.token_weights,
-                return_aligned=wpo,
             )
+            logps = head_sums(token_weights=head.token_weights, return_aligned=wpo)
             seq_logps, *seq_aligned = logps if wpo else (logps,)
-            seq_raw = None
-            if with_raw:  # the unweighted sums: the same head once more, without token weights
-                seq_raw = sequence_logprobs(
-                    hidden,
-                    weight,
-                    head.labels,
-                    head.seq_ids,
-                    batch.num_seqs,
-                    impl=self.kernels_impl,
-                    chunk_tokens=self.chunk_tokens,
-                )
+            # the unweighted sums: the same head once more, without token weights
+            seq_raw = head_sums() if with_raw else None
         # WPO's sums of the whole micro-batch (the plain path's loss and the metrics need them)
         aligned = (
             {"chosen_aligned": seq_aligned[0][0::2], "rejected_aligned": seq_aligned[0][1::2]}
