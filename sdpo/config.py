@@ -53,10 +53,9 @@ _MODEL = {"path": "model"}
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".zst", ".arrow")
 
 
-def _check_revision(key: str, model: str | None, revision: str | None) -> None:
-    """A revision goes with a hub model id only."""
+def _check_revision(key: str, model: str | None, name: str, revision: str | None) -> None:
+    """A revision (the key ``name``) goes with a hub model id (the key ``key``) only."""
     if revision is not None and not (model and is_hub_model_id(model)):
-        name = "model.revision" if key == "model.path" else f"{key}_revision"
         raise ConfigError(
             f"{name} = {revision!r} applies to a hub model id (namespace/name) and {key} is "
             f"{model!r}, {'a local folder' if model else 'not set'}: remove {name}, or set "
@@ -96,7 +95,7 @@ class ModelSection:
     def __post_init__(self) -> None:
         _one_of("model.attn_backend", self.attn_backend, ("auto", "flash", "varlen", "sdpa"))
         _at_least("model.checkpoint_every", self.checkpoint_every, 1)
-        _check_revision("model.path", self.path, self.revision)
+        _check_revision("model.path", self.path, "model.revision", self.revision)
         budget = self.activation_memory_budget
         if budget is not None:
             if not 0.0 <= budget <= 1.0:
@@ -245,7 +244,9 @@ class SDPOSection:
     def __post_init__(self) -> None:
         _at_least("sdpo.steps", self.steps, 1)
         _one_of("sdpo.partition", self.partition, PARTITIONS)
-        _check_revision("sdpo.reference", self.reference, self.reference_revision)
+        _check_revision(
+            "sdpo.reference", self.reference, "sdpo.reference_revision", self.reference_revision
+        )
         for key in ("beta", "learning_rate"):
             values = getattr(self, key)
             if values and len(values) != self.steps:

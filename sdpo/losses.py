@@ -576,8 +576,9 @@ def dpo_loss(
     None: they read ``policy_chosen``.
     sft_scale (loss type ``"sft"``): the pair's sft term is ``-policy_chosen * sft_scale`` (or
     ``chosen_raw``), so that the mean over the pairs of an optimizer step is the step's mean
-    token NLL of the chosen completions when ``sft_scale`` = (pairs of the step) / (chosen completion tokens of the
-    step), as TRL's ``sft`` type computes it over a batch. None: these pairs are the step.
+    token NLL of the chosen completions when ``sft_scale`` = (pairs of the step) / (chosen
+    completion tokens of the step), as TRL's ``sft`` type computes it over a batch. None: these
+    pairs are the step.
     """
     inputs = {
         "config": config,

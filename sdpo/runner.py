@@ -1330,9 +1330,9 @@ class StepwiseRunner:
         yardstick for every step), logged to metrics.jsonl as eval/*."""
         if not self.eval_pairs or self.eval_initial is None:
             return None
-        # WPO: the policy's weights of each held-out pair from the same pass, as TRL's
-        # evaluate() weights its loss
-        # LD-DPO with sft / rpo_alpha: those terms read the raw sums, as in training
+        # as in training: WPO weights each held-out pair by the policy's sums from the same pass
+        # (TRL's evaluate() weights its loss), and with LD-DPO the sft / rpo_alpha terms read
+        # the raw sums
         scores = self.score(
             model,
             self.eval_pairs,
