@@ -14,10 +14,18 @@ Resume: ``state_dict`` holds everything exact continuation needs beside the weig
 LR schedule, RNG states, position in the step plan, which is rebuilt from the seed), and
 ``fit(..., resume_state=...)`` continues from it to the same bits. A callback writes checkpoints
 every ``save_every`` steps; ``stop_requested`` (set by a signal handler) makes the loop finish the
-current optimizer step, save, and raise ``TrainingStopped``. A non-finite loss or gradient is
-found with one host sync per optimizer step (the only per-step sync; metrics sync only when
-logged); the update is then not applied, and the run stops with ``NonFiniteError`` unless
-``skip_nonfinite_batches`` allows skipping the step.
+current optimizer step, save, and raise ``TrainingStopped``. A step with a non-finite loss or
+gradient is not applied, and the run stops with ``NonFiniteError`` unless
+``skip_nonfinite_batches`` allows skipping it.
+
+Host reads. With fused AdamW (the default on CUDA) a step never waits for the device: the
+finite flag gates the update inside the optimizer kernel (``found_inf``), and the step's metrics,
+finite flag and stop flag are copied to pinned host memory behind an event (``_HostValues``).
+``fit`` reads them after it has queued the next step, so the device is never idle between steps;
+a device-side count of non-finite steps blocks every update after the one that exceeds
+``skip_nonfinite_batches``, so the weights are those before the step the error names. Before a
+checkpoint, an evaluation, a stop and the last step the loop reads the current step's values
+at once. Other optimizers need the flag before their update: one host read per step.
 
 Data parallel (a process group of more than one rank, ``sdpo.engine.distributed``): every rank
 builds the same step plan and calls ``train_step`` with the step's *global* micro-batches; each
@@ -363,6 +371,44 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), py_gauss))
 
 
+class _HostValues:
+    """Scalar device values (a step's metrics and flags) copied to host memory without waiting
+    for the device: on CUDA one copy into pinned memory, an event marking its place in the
+    stream; ``read`` waits for that event only, not for the work queued after it."""
+
+    def __init__(self, values: dict[str, Tensor]) -> None:
+        self.keys = list(values)
+        stacked = torch.stack([v.detach().reshape(()).double() for v in values.values()])
+        cuda = stacked.device.type == "cuda"
+        self._host = torch.empty(stacked.shape, dtype=torch.float64, pin_memory=cuda)
+        self._host.copy_(stacked, non_blocking=cuda)
+        self._event = None
+        if cuda:
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(stacked.device))
+
+    def read(self) -> dict[str, float]:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return dict(zip(self.keys, self._host.tolist(), strict=True))
+
+
+@dataclass(kw_only=True)
+class _StepRecord:
+    """An optimizer step ``fit`` has queued, waiting for its values to be read."""
+
+    values: _HostValues
+    pair_indices: list[int]
+    epoch: int  # 0-based
+    step_in_epoch: int  # 1-based
+    global_step: int  # 1-based
+    lr: float
+    tokens: int  # the step's real tokens
+    tokens_so_far: int  # of this pass, this step's included
+    logging: bool
+
+
 @dataclass(kw_only=True)
 class TrainResult:
     optimizer_steps: int
@@ -478,7 +524,10 @@ class DPOTrainer:
         # where fit() stands: the next step to run is plans[epoch][step_in_epoch]
         self.position = {"epoch": 0, "step_in_epoch": 0, "step_in_run": 0, "tokens": 0}
         self.skipped_steps = 0
-        self.last_step_finite = True
+        self._last_finite: Tensor | bool = True  # the last step's flag: on the device, or read
+        # inside fit (fused AdamW): non-finite steps so far, on the device (see the module doc)
+        self._nonfinite_on_device: Tensor | None = None
+        self._stop_seen = False  # data parallel: a stop agreed in a step whose values were read
         self.data_parallel = distributed.active()
         self.memory_probe_result: dict[str, Any] | None = None
         self._stop_agreed: Tensor | None = None  # data parallel: the ranks' summed stop flags
@@ -701,30 +750,42 @@ class DPOTrainer:
             # Fused AdamW reads two device tensors: grads are divided by ``grad_scale`` inside
             # its kernel (the clipping costs no pass over the gradients of its own) and a
             # nonzero ``found_inf`` makes the whole update a no-op, step counters included.
-            # The host learns ``finite`` only after the update is queued.
+            # The host never waits for ``finite`` here (``last_step_finite`` reads it).
             if self.config.max_grad_norm:
                 # fp32 whatever the gradients' dtype: the kernel reads a float (the norm of
                 # bf16 gradients comes back in bf16)
                 scale = ((norm.float() + 1e-6) / self.config.max_grad_norm).clamp(min=1.0)
                 self.optimizer.grad_scale = torch.where(finite, scale, 1.0)
-            self.optimizer.found_inf = (~finite).float()
+            blocked = ~finite
+            if self._nonfinite_on_device is not None:  # inside fit: the skip budget, counted
+                self._nonfinite_on_device += blocked
+                budget = self.config.skip_nonfinite_batches
+                blocked = blocked | (self._nonfinite_on_device > budget)
+            self.optimizer.found_inf = blocked.float()
             try:
                 self.optimizer.step()
             finally:
                 self.optimizer.grad_scale = self.optimizer.found_inf = None
-            self.last_step_finite = bool(finite)  # the one host sync per optimizer step
-            if not self.last_step_finite:
-                self.optimizer.zero_grad(set_to_none=True)
+            self._last_finite = finite
             return metrics
         if self.config.max_grad_norm:
             torch.nn.utils.clip_grads_with_norm_(params, self.config.max_grad_norm, norm)
-        # the one host sync per optimizer step: a NaN/inf update must never reach the weights
-        self.last_step_finite = bool(finite)
-        if self.last_step_finite:
+        # the one host read of the step: a NaN/inf update must never reach the weights
+        self._last_finite = bool(finite)
+        if self._last_finite:
             self.optimizer.step()
         else:
             self.optimizer.zero_grad(set_to_none=True)
         return metrics
+
+    @property
+    def last_step_finite(self) -> bool:
+        """Whether the last ``train_step``'s loss and gradient norm were finite (its update
+        applied). With fused AdamW the flag stays on the device until this is read, which
+        waits for the step to finish."""
+        if isinstance(self._last_finite, Tensor):
+            self._last_finite = bool(self._last_finite)
+        return self._last_finite
 
     def probe_memory(
         self, pairs: Sequence[TokenizedPair], ref: PairLogps, micro_batches: list[list[int]]
@@ -782,11 +843,33 @@ class DPOTrainer:
         return {k: vector[i] for i, k in enumerate(METRIC_KEYS)}
 
     def _should_stop(self) -> bool:
-        """A graceful stop was asked for (data parallel: on any rank, agreed in the step's
-        all-reduce, so every rank stops after the same step)."""
+        """A graceful stop was asked for (data parallel: on any rank, agreed in the all-reduce
+        of a step whose values the loop has read, so every rank stops after the same step)."""
         if self.data_parallel:
-            return self._stop_agreed is not None and bool(self._stop_agreed > 0)
+            return self._stop_seen
         return self.stop_requested is not None and bool(self.stop_requested())
+
+    def _step_record(
+        self,
+        metrics: dict[str, Tensor],
+        micro_batches: list[list[int]],
+        pairs: Sequence[TokenizedPair],
+        **fields: Any,
+    ) -> _StepRecord:
+        """The step just queued: its metric values, finite flag and (data parallel) agreed
+        stop flag start their way to the host."""
+        values = dict(metrics)
+        finite = self._last_finite
+        if not isinstance(finite, Tensor):  # read in the step already
+            finite = torch.full((), float(finite), device=metrics["loss"].device)
+        values["finite"] = finite
+        if self.data_parallel and self._stop_agreed is not None:
+            values["stop"] = self._stop_agreed
+        return _StepRecord(
+            values=_HostValues(values),
+            pair_indices=[pairs[i].index for batch in micro_batches for i in batch],
+            **fields,
+        )
 
     # -- the loop -----------------------------------------------------------------------
     def fit(
@@ -830,6 +913,7 @@ class DPOTrainer:
         )
         self.position = {"epoch": 0, "step_in_epoch": 0, "step_in_run": 0, "tokens": 0}
         self.skipped_steps = 0
+        self._stop_seen = False
         if resume_state is not None:
             self.load_state_dict(resume_state)
         pos = self.position
@@ -857,6 +941,48 @@ class DPOTrainer:
                 f"profile: this pass has {total_steps} optimizer steps, so the window from step "
                 f"{self.profiler.first} (profile.start_step) traces nothing"
             )
+
+        def settle(record: _StepRecord) -> None:
+            """Read a queued step's values: skip or stop on a non-finite one, log it."""
+            nonlocal window_start, window_tokens, last
+            values = record.values.read()
+            finite = values.pop("finite") > 0
+            self._stop_seen = self._stop_seen or values.pop("stop", 0.0) > 0
+            window_tokens += record.tokens
+            if not finite:
+                self._skip_or_raise(record, values)
+            elif record.logging:
+                now = time.perf_counter()
+                values.update(
+                    {
+                        "step": record.global_step,
+                        "epoch": record.epoch + 1,
+                        "lr": record.lr,  # as TRL logs it: the step's own rate
+                        "tokens": record.tokens_so_far,
+                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                        "skipped_batches": self.skipped_steps,
+                        **self.metrics_extra,
+                    }
+                )
+                window_start, window_tokens = now, 0
+                last = values
+                if self.output_dir is not None and distributed.is_main():
+                    append_jsonl(self.output_dir / "metrics.jsonl", values)
+                if self.log_hook is not None and distributed.is_main():
+                    self.log_hook(values)
+                if bar is not None:
+                    bar.set_postfix(
+                        loss=f"{values['loss']:.4f}",
+                        acc=f"{values['rewards/accuracies']:.2f}",
+                        tok_s=f"{values['tokens_per_s']:.0f}",
+                    )
+
+        deferred = _takes_grad_scale(self.optimizer) and not self.sharded
+        if deferred:
+            self._nonfinite_on_device = torch.full(
+                (), self.skipped_steps, dtype=torch.int32, device=self.device
+            )
+        pending: _StepRecord | None = None  # the step queued last, its values not yet read
         try:
             while pos["epoch"] < cfg.epochs:
                 epoch, plan = pos["epoch"], plans[pos["epoch"]]
@@ -869,66 +995,60 @@ class DPOTrainer:
                     scheduler.step()
                     if self.profiler is not None:
                         self.profiler.step_end(pos["step_in_run"] + 1)
-                    if not self.last_step_finite:
-                        self._skip_or_raise(pairs, micro_batches, metrics, epoch=epoch)
+                    step_tokens = sum(pairs[i].num_tokens for batch in micro_batches for i in batch)
                     pos["step_in_epoch"] += 1
                     pos["step_in_run"] += 1
+                    pos["tokens"] += step_tokens
                     self.global_step += 1
                     step_in_run = pos["step_in_run"]
-                    step_tokens = sum(pairs[i].num_tokens for batch in micro_batches for i in batch)
-                    pos["tokens"] += step_tokens
-                    window_tokens += step_tokens
-                    logging_step = step_in_run % cfg.log_every == 0 or step_in_run == total_steps
-                    if logging_step and self.last_step_finite:
-                        now = time.perf_counter()
-                        values = {k: float(v) for k, v in metrics.items()}  # one sync per log
-                        values.update(
-                            {
-                                "step": self.global_step,
-                                "epoch": epoch + 1,
-                                "lr": step_lr,  # as TRL logs it: the step's own rate
-                                "tokens": pos["tokens"],
-                                "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                                "skipped_batches": self.skipped_steps,
-                                **self.metrics_extra,
-                            }
-                        )
-                        window_start, window_tokens = now, 0
-                        last = values
-                        if self.output_dir is not None and distributed.is_main():
-                            append_jsonl(self.output_dir / "metrics.jsonl", values)
-                        if self.log_hook is not None and distributed.is_main():
-                            self.log_hook(values)
-                        if bar is not None:
-                            bar.set_postfix(
-                                loss=f"{values['loss']:.4f}",
-                                acc=f"{values['rewards/accuracies']:.2f}",
-                                tok_s=f"{values['tokens_per_s']:.0f}",
-                            )
+                    record = self._step_record(
+                        metrics,
+                        micro_batches,
+                        pairs,
+                        epoch=epoch,
+                        step_in_epoch=pos["step_in_epoch"],
+                        global_step=self.global_step,
+                        lr=step_lr,
+                        tokens=step_tokens,
+                        tokens_so_far=pos["tokens"],
+                        logging=step_in_run % cfg.log_every == 0 or step_in_run == total_steps,
+                    )
+                    if pending is not None:
+                        settle(pending)  # the step before: done, or nearly, on the device
+                    pending = record
+                    eval_due = bool(
+                        cfg.eval_every and self.evaluate and step_in_run % cfg.eval_every == 0
+                    )
+                    save_due = bool(
+                        cfg.save_every
+                        and self.save_checkpoint
+                        and step_in_run % cfg.save_every == 0
+                    )
+                    if not deferred or step_in_run == total_steps or eval_due or save_due:
+                        settle(pending)
+                        pending = None
                     if bar is not None:
                         bar.update(1)
                     fault_point("train_step")
                     if step_in_run == total_steps:
                         break  # the caller saves the end of this pass
-                    if cfg.eval_every and self.evaluate and step_in_run % cfg.eval_every == 0:
+                    if eval_due:
                         self.evaluate(self)
                         window_start = time.perf_counter()
-                    saved = False
-                    if (
-                        cfg.save_every
-                        and self.save_checkpoint
-                        and step_in_run % cfg.save_every == 0
-                    ):
+                    if save_due:
                         self.save_checkpoint(self)
-                        saved = True
                     if self._should_stop():
-                        if not saved and self.save_checkpoint is not None:
+                        if pending is not None:
+                            settle(pending)
+                            pending = None
+                        if not save_due and self.save_checkpoint is not None:
                             self.save_checkpoint(self)
                         if bar is not None:
                             bar.close()
                         raise TrainingStopped(self.global_step)
                 pos["epoch"], pos["step_in_epoch"] = pos["epoch"] + 1, 0
         finally:
+            self._nonfinite_on_device = None
             if self.profiler is not None:
                 self.profiler.close()  # a window left early (error, stop): nothing written
         if bar is not None:
@@ -940,28 +1060,21 @@ class DPOTrainer:
             last_metrics=last,
         )
 
-    def _skip_or_raise(
-        self,
-        pairs: Sequence[TokenizedPair],
-        micro_batches: list[list[int]],
-        metrics: dict[str, Tensor],
-        *,
-        epoch: int,
-    ) -> None:
+    def _skip_or_raise(self, record: _StepRecord, values: dict[str, float]) -> None:
         """A step whose loss or gradient was not finite (its update was not applied)."""
-        indices = [pairs[i].index for batch in micro_batches for i in batch]
+        indices = record.pair_indices
         sdpo_step = self.metrics_extra.get("sdpo_step")
         where = (
             (f"sDPO step {sdpo_step}, " if sdpo_step is not None else "")
-            + f"optimizer step {self.global_step + 1} (epoch {epoch + 1}, step "
-            f"{self.position['step_in_epoch'] + 1} of the epoch), pairs {indices[:8]}"
+            + f"optimizer step {record.global_step} (epoch {record.epoch + 1}, step "
+            f"{record.step_in_epoch} of the epoch), pairs {indices[:8]}"
             + (" ..." if len(indices) > 8 else "")
         )
-        values = f"loss {float(metrics['loss'])}, grad norm {float(metrics['grad_norm'])}"
+        loss_and_norm = f"loss {values['loss']}, grad norm {values['grad_norm']}"
         self.skipped_steps += 1
         if self.skipped_steps > self.config.skip_nonfinite_batches:
             raise NonFiniteError(
-                f"non-finite loss or gradient ({values}) at {where}; the update was not applied "
+                f"non-finite loss or gradient ({loss_and_norm}) at {where}; the update was not applied "
                 "and the last checkpoint is intact. Hint: lower train.learning_rate, try "
                 "train.precision = 'fp32' (bf16 overflow), check these pairs' data and "
                 "reference values, or set train.skip_nonfinite_batches = N to skip up to N "
@@ -970,7 +1083,7 @@ class DPOTrainer:
             )
         if distributed.is_main():
             print(
-                f"[sdpo] skipping a non-finite step ({values}) at {where}: "
+                f"[sdpo] skipping a non-finite step ({loss_and_norm}) at {where}: "
                 f"{self.skipped_steps} of at most {self.config.skip_nonfinite_batches}",
                 flush=True,
             )

@@ -316,6 +316,42 @@ def test_overlapped_reduction_of_a_tied_embedding_equals_the_plain_one(tmp_path)
             assert torch.equal(g, got[True]["grads"][name]), name
 
 
+def _stop_asked_on_rank_1(model_dir: Path, data: Path) -> dict:
+    """A graceful stop asked for on rank 1 only, during step 3, with the foreach optimizer (the
+    flag read in each step) and fused AdamW (a step's values read after the next is queued)."""
+    from sdpo.engine.trainer import TrainingStopped, build_optimizer
+
+    pairs = _pairs(model_dir, data)
+    ref = score_pairs(load_pretrained(model_dir), pairs, max_tokens_per_batch=4096, impl="torch")
+    out = {}
+    for fused in (False, True):
+        model = load_pretrained(model_dir)
+        config = TrainConfig(learning_rate=LR, pairs_per_step=3, max_tokens_per_batch=60)
+        trainer = dpo_trainer(model, config)
+        trainer.optimizer = build_optimizer(model, config, fused=fused)
+        # asked inside step 3's reduction (the steps done so far: 2)
+        trainer.stop_requested = lambda t=trainer: distributed.rank() == 1 and t.global_step >= 2
+        saved = []
+        trainer.save_checkpoint = lambda t, saved=saved: saved.append(t.global_step)
+        try:
+            trainer.fit(pairs, ref)
+            stopped = None
+        except TrainingStopped as e:
+            stopped = e.global_step
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        out[fused] = {"stopped": stopped, "saved": saved, "weights": flat}
+    return out
+
+
+def test_a_stop_asked_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, tiny_model_dir):
+    data = write_pairs(tmp_path / "d.jsonl", n=17, seed=13)
+    ranks = _spawn(tmp_path, _stop_asked_on_rank_1, tiny_model_dir, data)
+    for fused, step in ((False, 3), (True, 4)):  # fused: seen when step 4 is queued
+        assert [r[fused]["stopped"] for r in ranks] == [step, step]
+        assert [r[fused]["saved"] for r in ranks] == [[step], [step]]
+        assert torch.equal(ranks[0][fused]["weights"], ranks[1][fused]["weights"])
+
+
 def test_sharded_scoring_equals_one_process(step_results):
     single, ranks, _ = step_results
     want = single["scores"]

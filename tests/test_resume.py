@@ -30,7 +30,13 @@ from sdpo.engine.resume import (
 )
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
-from sdpo.engine.trainer import DPOTrainer, NonFiniteError, TrainConfig, TrainingStopped
+from sdpo.engine.trainer import (
+    DPOTrainer,
+    NonFiniteError,
+    TrainConfig,
+    TrainingStopped,
+    build_optimizer,
+)
 from sdpo.runner import CheckpointWriteError, OutputDirError, run_training
 from tests.conftest import dpo_trainer, two_source_config, write_pairs
 
@@ -44,15 +50,24 @@ def _pairs(model_dir: Path, tmp_path: Path, n: int = 13):
     return pairs
 
 
-def _trainer(model, **overrides) -> DPOTrainer:
+def _trainer(model, fused: bool = False, **overrides) -> DPOTrainer:
+    """``fused``: fused AdamW, as on a GPU, where ``fit`` reads a step's values after queueing
+    the next one."""
     cfg = dict(
         learning_rate=3e-3, epochs=2, pairs_per_step=4, max_tokens_per_batch=64, save_every=1
     )
     cfg.update(overrides)
-    return dpo_trainer(model, TrainConfig(**cfg))
+    trainer = dpo_trainer(model, TrainConfig(**cfg))
+    if fused:
+        trainer.optimizer = build_optimizer(model, trainer.config, fused=True)
+    return trainer
 
 
-def test_trainer_resumed_from_any_step_ends_bitwise_equal(tiny_model_dir, tmp_path):
+FUSED = pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+
+
+@FUSED
+def test_trainer_resumed_from_any_step_ends_bitwise_equal(tiny_model_dir, tmp_path, fused):
     pairs = _pairs(tiny_model_dir, tmp_path)  # 13 pairs: 4 steps per epoch, the last short
     model = load_pretrained(tiny_model_dir)
     ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
@@ -63,7 +78,7 @@ def test_trainer_resumed_from_any_step_ends_bitwise_equal(tiny_model_dir, tmp_pa
         torch.save(trainer.state_dict(), buf)
         saved.append((copy.deepcopy(trainer.model.state_dict()), buf.getvalue()))
 
-    trainer = _trainer(model)
+    trainer = _trainer(model, fused)
     trainer.save_checkpoint = save
     result = trainer.fit(pairs, ref)
     assert result.optimizer_steps == 8 and len(saved) == 7  # none after the last step
@@ -71,37 +86,44 @@ def test_trainer_resumed_from_any_step_ends_bitwise_equal(tiny_model_dir, tmp_pa
     for weights, state in saved:  # mid-epoch, at the epoch boundary, in the second epoch
         resumed = load_pretrained(tiny_model_dir)
         resumed.load_state_dict(weights)
-        _trainer(resumed).fit(pairs, ref, resume_state=torch.load(io.BytesIO(state)))
+        _trainer(resumed, fused).fit(pairs, ref, resume_state=torch.load(io.BytesIO(state)))
         for name, value in resumed.state_dict().items():
             assert torch.equal(value, final[name]), name
 
 
+@FUSED
 def test_nonfinite_step_stops_naming_the_step_and_leaves_weights_untouched(
-    tiny_model_dir, tmp_path
+    tiny_model_dir, tmp_path, fused
 ):
+    """Fused: the error comes when step 3 is already queued; it must not have been applied."""
     pairs = _pairs(tiny_model_dir, tmp_path)
     model = load_pretrained(tiny_model_dir)
     ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
     ref.chosen_logps[pairs[5].index] = float("nan")  # a broken reference value
     before = copy.deepcopy(model.state_dict())
-    trainer = _trainer(model, shuffle=False, epochs=1, save_every=0)
+    trainer = _trainer(model, fused, shuffle=False, epochs=1, save_every=0)
     with pytest.raises(NonFiniteError, match=r"optimizer step 2 .*pairs \[4, 5, 6, 7\]") as info:
         trainer.fit(pairs, ref)
     assert "skip_nonfinite_batches" in str(info.value) and info.value.pair_indices == [4, 5, 6, 7]
     # step 1 was applied, step 2 was not: one more clean step gives the same weights
     check = load_pretrained(tiny_model_dir)
     check.load_state_dict(before)
-    _trainer(check, shuffle=False, epochs=1, save_every=0).train_step(pairs, [[0, 1, 2, 3]], ref)
+    _trainer(check, fused, shuffle=False, epochs=1, save_every=0).train_step(
+        pairs, [[0, 1, 2, 3]], ref
+    )
     for name, value in model.state_dict().items():
         assert torch.equal(value, check.state_dict()[name]), name
 
 
-def test_skip_nonfinite_batches_skips_and_counts(tiny_model_dir, tmp_path):
+@FUSED
+def test_skip_nonfinite_batches_skips_and_counts(tiny_model_dir, tmp_path, fused):
     pairs = _pairs(tiny_model_dir, tmp_path)
     model = load_pretrained(tiny_model_dir)
     ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
     ref.rejected_logps[pairs[9].index] = float("inf")
-    trainer = _trainer(model, shuffle=False, epochs=1, skip_nonfinite_batches=1)
+    trainer = _trainer(
+        model, fused, shuffle=False, epochs=1, skip_nonfinite_batches=1, save_every=0
+    )
     trainer.output_dir = tmp_path / "out"
     result = trainer.fit(pairs, ref)
     assert result.optimizer_steps == 4
