@@ -2,6 +2,10 @@
 
 A file is written under a temporary name in the same folder, flushed and fsync'ed, then renamed
 over the real name, so a crash leaves either the old file or the new one, never half of one.
+
+Permissions are those a plain ``open`` / ``mkdir`` would give (0666 / 0777 less the process's
+umask), or the replaced file's own: the private mode of ``tempfile``'s names does not survive
+the rename, so teammates and serving users can read a run's outputs as with any other file.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +34,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it, for every thread,
+    while it reads it): from ``/proc`` on Linux, otherwise the value at import."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return _UMASK_AT_IMPORT
+
+
+_UMASK_AT_IMPORT = os.umask(0o022)
+os.umask(_UMASK_AT_IMPORT)
+
+
+def _mode_for(path: Path, *, directory: bool) -> int:
+    """The mode a new ``path`` gets: the one it has if it exists, else the umask's default."""
+    with contextlib.suppress(OSError):
+        return stat.S_IMODE(path.stat().st_mode)
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open ``path`` for writing through a temporary file that is renamed into place on success.
@@ -40,6 +66,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _mode_for(path, directory=False))
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
             f.flush()
@@ -76,7 +103,15 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
+        os.chmod(tmp, _mode_for(path, directory=True))
         yield tmp
+        # what was written inside is new: the umask's modes (safetensors writes owner-only)
+        umask = _umask()
+        for root, dirs, files in os.walk(tmp):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~umask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~umask)
         _fsync_dir(tmp)
         old = None
         if path.exists():

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import json
+import os
+import stat
 import weakref
 from pathlib import Path
 
@@ -45,9 +47,18 @@ def _score(model_dir: Path, pairs):
 
 
 def test_two_step_run_writes_step_checkpoints_and_one_cache_per_step(tiny_model_dir, tmp_path):
+    """... with the permissions the umask gives (not the private ones of temporary names)."""
     cfg = _config(tmp_path, tiny_model_dir)
-    result = run_training(cfg, progress=False)
+    before = os.umask(0o027)
+    try:
+        result = run_training(cfg, progress=False)
+    finally:
+        os.umask(before)
     out = Path(cfg.output_dir)
+    modes = {p.relative_to(out): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert len(modes) > 10
+    for path, mode in modes.items():
+        assert mode == (0o750 if (out / path).is_dir() else 0o640), (path, oct(mode))
     for t in (1, 2):
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
             assert (out / f"step-{t}" / name).is_file()
