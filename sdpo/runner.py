@@ -467,6 +467,7 @@ class StepwiseRunner:
         # load_inputs
         self.model_dir = Path(cfg.model.path) if cfg.model.path else Path()
         self.reference_dir: Path | None = None
+        self.pending_cache_saves: list[Callable[[], None]] = []  # load_inputs' token caches
         self.phase = "loading the model"  # what the run is doing, for an out-of-memory message
 
     # -- scoring and the cache -----------------------------------------------------------
@@ -545,10 +546,12 @@ class StepwiseRunner:
 
     # -- inputs and the output folder ----------------------------------------------------
     def load_inputs(self) -> tuple[PairTokenizer, list[TokenizedPair]]:
-        """Check the model folder(s), the tokenizer and every data row; write nothing.
+        """Check the model folder(s), the tokenizer and every data row; write nothing (the
+        token caches wait in ``self.pending_cache_saves`` until the output folder is accepted).
         Any problem is a ``RunInputError`` naming the file, row/key and the fix."""
         cfg = self.cfg
         cache_saves: list[Callable[[], None]] = []  # written once every input passed
+        self.pending_cache_saves = cache_saves
         try:
             self.model_dir = model_dir = model_folder(
                 cfg.model.path, revision=cfg.model.revision, key="model.path"
@@ -609,10 +612,13 @@ class StepwiseRunner:
         except (DataError, CheckpointError, ValueError, OSError) as e:
             raise RunInputError(str(e)) from e
         self.tokenizer_fp = file_fingerprint(model_dir / "tokenizer.json")
-        if distributed.is_main():
-            for save in cache_saves:
-                save()
         return tokenizer, pairs
+
+    def save_input_caches(self) -> None:
+        """Write the token caches ``load_inputs`` left pending (rank 0)."""
+        saves, self.pending_cache_saves = self.pending_cache_saves, []
+        for save in saves:
+            save()
 
     def check_output_dir(self) -> None:
         """Refuse to mix two runs' outputs (before anything is read or written)."""
@@ -931,7 +937,9 @@ class StepwiseRunner:
 
         def prepare() -> ResumePoint | None:
             point = self.find_resume_point() if self.resume else None
+            # a refused resume has written nothing, the token caches included
             self.prepare_output_dir(point)
+            self.save_input_caches()
             write_resolved_config(self.cfg, self.out / "config.toml")
             return point
 

@@ -248,9 +248,13 @@ def test_resume_on_other_training_pairs_is_refused(tiny_model_dir, tmp_path):
     row = json.loads(rows[0])
     row["chosen"] = row["chosen"] + " mat"
     near.write_text("\n".join([json.dumps(row), *rows[1:]]) + "\n")
+    out = Path(cfg.output_dir)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(OutputDirError, match="token ids differ from those ckpt-") as e:
         run_training(cfg, progress=False, resume=True)
     assert "a data file, the tokenizer files or the tokenization changed" in str(e.value)
+    # refused: nothing written, not even the token cache of the edited data
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     near.write_text(original)
     run_training(cfg, progress=False, resume=True)
 
