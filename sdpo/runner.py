@@ -67,6 +67,7 @@ import gc
 import json
 import shutil
 import signal
+import tempfile
 import threading
 import time
 import typing
@@ -633,6 +634,7 @@ class StepwiseRunner:
                 f"log.report_to names trackers that are not installed: {', '.join(missing)}; "
                 "install them or remove them from log.report_to"
             )
+        check_writable_folder(self.out)
         old = sorted(p.name for p in existing_outputs(self.out))
         if old and not (self.overwrite or self.resume):
             raise OutputDirError(
@@ -1618,6 +1620,26 @@ def rounding_only_keys(config: dict[str, Any]) -> frozenset[str]:
     if config.get("sdpo", {}).get("partition", SDPOSection.partition) in ("random", "given"):
         keys.add("sdpo.report_scoring")
     return frozenset(keys)
+
+
+def check_writable_folder(out: Path) -> None:
+    """``out`` is a folder the run can write in, or can be made as one: checked before any
+    input is read, with a probe file created and removed at once (nothing is left behind)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"cannot be made: {existing} is a file"
+        raise OutputDirError(f"output_dir {out} {what}, not a folder; choose another output_dir")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".sdpo-write-check-"):
+            pass
+    except OSError as e:
+        where = "" if existing == out else f" ({existing}, where it would be made)"
+        raise OutputDirError(
+            f"output_dir {out} is not writable{where}: {e.strerror or e}; choose another "
+            "output_dir or fix its permissions"
+        ) from None
 
 
 def existing_outputs(out: Path) -> list[Path]:

@@ -169,6 +169,28 @@ def test_existing_outputs_are_refused_without_overwrite(tiny_model_dir, tmp_path
         run_training(cfg, progress=False)
 
 
+def test_an_output_dir_that_cannot_be_written_is_refused_before_reading_inputs(
+    tiny_model_dir, tmp_path
+):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    cases = [
+        (afile, "is a file, not a folder"),
+        (afile / "run", "cannot be made: .*afile is a file"),
+        (Path("/proc/sdpo-run"), "is not writable"),
+    ]
+    for out, message in cases:
+        cfg = _config(tmp_path, tiny_model_dir)
+        cfg.output_dir = str(out)
+        cfg.data.sources[0].path = str(tmp_path / "missing.jsonl")  # never read
+        with pytest.raises(OutputDirError, match=message):
+            run_training(cfg, progress=False)
+    assert afile.read_text() == "not a folder\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["afile", "model", "far.jsonl", "near.jsonl"]
+    )
+
+
 def test_separate_reference_is_freed_before_training(tiny_model_dir, tmp_path, monkeypatch):
     ref_dir = write_tiny_model(tmp_path / "ref", words=WORDS, hidden_size=32, seed=9)
     cfg = _config(tmp_path, tiny_model_dir, reference=str(ref_dir))
