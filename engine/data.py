@@ -222,7 +222,10 @@ def read_preference_file(
     elif suffix in _BUILDERS or name.startswith((".", "/", "~")):
         raise DataError(
             "file not found",
-            fix="check the path (relative paths start at the working folder)",
+            fix=(
+                "check the path (a relative path in a config file starts at that file's folder; "
+                "one given on the command line, at the working folder)"
+            ),
             file=name,
         )
     else:

@@ -280,7 +280,7 @@ def _score(args: argparse.Namespace) -> int:
     import torch
 
     from sdpo.engine import distributed, sharding
-    from sdpo.engine.checkpoint import load_pretrained
+    from sdpo.engine.checkpoint import check_pretrained, load_pretrained
     from sdpo.engine.data import read_preference_file
     from sdpo.engine.files import atomic_open
     from sdpo.engine.packing import check_ld_alpha
@@ -299,6 +299,7 @@ def _score(args: argparse.Namespace) -> int:
         columns = _column_map(args.columns)
         rows = read_preference_file(args.data, columns=columns)
         model_dir = model_folder(args.model, revision=args.revision, key="--model")
+        check_pretrained(model_dir)  # a missing folder or weights, named before the tokenizer
         tokenizer = PairTokenizer.from_dir(model_dir)
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 

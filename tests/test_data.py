@@ -365,8 +365,9 @@ def test_unsupported_extension_and_missing_file(tmp_path):
     path.write_text("x")
     with pytest.raises(DataError, match=r"pairs.txt: unsupported file extension '.txt'"):
         read_preference_file(path)
-    with pytest.raises(DataError, match="nope.jsonl: file not found"):
+    with pytest.raises(DataError, match="nope.jsonl: file not found") as e:
         read_preference_file(tmp_path / "nope.jsonl")
+    assert "in a config file starts at that file's folder" in str(e.value)
 
 
 def test_unknown_policy_is_refused(tmp_path):
