@@ -406,6 +406,7 @@ class _StepRecord:
     lr: float
     tokens: int  # the step's real tokens
     tokens_so_far: int  # of this pass, this step's included
+    step_in_run: int  # 1-based, in this pass
     logging: bool
 
 
@@ -491,6 +492,12 @@ class DPOTrainer:
         self.save_checkpoint = save_checkpoint
         self.stop_requested = stop_requested
         self.log_hook = log_hook  # rank 0: also gets each record written to metrics.jsonl
+        # set: records also carry ``run_step`` = this + the step's number in this pass (a
+        # stepwise run's x-axis, counting on across its trainers)
+        self.run_step_base: int | None = None
+        # the finite steps since the last logged record: a record holds their mean, as TRL's
+        # logging_steps do (saved with the training state, so a resumed run logs the same)
+        self._log_window: dict[str, Any] = {"steps": 0, "sums": {}}
         # every eval_every optimizer steps but the pass's last, on every rank (scoring may be a
         # collective); its time is left out of tokens_per_s
         self.evaluate = evaluate
@@ -914,6 +921,7 @@ class DPOTrainer:
         self.position = {"epoch": 0, "step_in_epoch": 0, "step_in_run": 0, "tokens": 0}
         self.skipped_steps = 0
         self._stop_seen = False
+        self._log_window = {"steps": 0, "sums": {}}
         if resume_state is not None:
             self.load_state_dict(resume_state)
         pos = self.position
@@ -951,8 +959,22 @@ class DPOTrainer:
             window_tokens += record.tokens
             if not finite:
                 self._skip_or_raise(record, values)
-            elif record.logging:
+                return
+            window = self._log_window
+            window["steps"] += 1
+            for k, v in values.items():
+                window["sums"][k] = window["sums"].get(k, 0.0) + v
+            if record.logging:
                 now = time.perf_counter()
+                steps, sums = window["steps"], window["sums"]
+                self._log_window = {"steps": 0, "sums": {}}
+                # the mean over the window's steps; the gradient norm is the last step's (as
+                # TRL logs it)
+                values = {
+                    k: (v if k == "grad_norm" else sums[k] / steps) for k, v in values.items()
+                }
+                if self.run_step_base is not None:
+                    values["run_step"] = self.run_step_base + record.step_in_run
                 values.update(
                     {
                         "step": record.global_step,
@@ -1011,6 +1033,7 @@ class DPOTrainer:
                         lr=step_lr,
                         tokens=step_tokens,
                         tokens_so_far=pos["tokens"],
+                        step_in_run=step_in_run,
                         logging=step_in_run % cfg.log_every == 0 or step_in_run == total_steps,
                     )
                     if pending is not None:
@@ -1105,6 +1128,10 @@ class DPOTrainer:
             "global_step": self.global_step,
             "position": dict(self.position),
             "skipped_steps": self.skipped_steps,
+            "log_window": {
+                "steps": self._log_window["steps"],
+                "sums": dict(self._log_window["sums"]),
+            },
             "rng": _rng_state(),
         }
 
@@ -1125,6 +1152,9 @@ class DPOTrainer:
         self.global_step = int(state["global_step"])
         self.position = {k: int(v) for k, v in state["position"].items()}
         self.skipped_steps = int(state["skipped_steps"])
+        # absent in states saved before records were means: the window starts afresh
+        window = state.get("log_window") or {"steps": 0, "sums": {}}
+        self._log_window = {"steps": int(window["steps"]), "sums": dict(window["sums"])}
         _set_rng_state(state["rng"])
 
     def save_state(self, path: str | Path) -> None:

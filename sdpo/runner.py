@@ -1155,8 +1155,9 @@ class StepwiseRunner:
                 evaluate=partial(self._evaluate_in_step, t=t, beta=beta, base=run_step_base),
                 profiler=self._profiler(t),
             )
-            if self.trackers:  # x-axis: the run's step, which counts on across sDPO steps
-                trainer.log_hook = partial(self._track_step, trainer, run_step_base)
+            trainer.run_step_base = run_step_base  # records' run_step counts on across steps
+            if self.trackers:  # x-axis: the run's step
+                trainer.log_hook = self._track_step
             trainer.global_step = schedule_done
             _log(f"step {t}/{len(chunks)}: {len(chunk_pairs)} pairs, beta={beta}, lr={lr}")
             self.phase = (
@@ -1320,11 +1321,11 @@ class StepwiseRunner:
             "result then equals the uninterrupted run's up to float rounding)"
         )
 
-    def _track_step(self, trainer: DPOTrainer, run_step_base: int, record: dict) -> None:
-        """A training record to the trackers, at the run step (``record["step"]`` restarts
+    def _track_step(self, record: dict) -> None:
+        """A training record to the trackers, at its run step (``record["step"]`` restarts
         with each sDPO step when the optimizer is reset)."""
-        at = run_step_base + trainer.position["step_in_run"]
-        self.trackers.log({**record, "step_in_sdpo_step": record["step"]}, step=at)
+        values = {k: v for k, v in record.items() if k != "run_step"}
+        self.trackers.log({**values, "step_in_sdpo_step": record["step"]}, step=record["run_step"])
 
     def _evaluate_in_step(self, trainer: DPOTrainer, *, t: int, beta: float, base: int) -> None:
         """Trainer callback (``train.eval_every``): the eval pass inside sDPO step t."""
@@ -1376,7 +1377,7 @@ class StepwiseRunner:
             "eval/gamma": float(scores.gamma.mean()),
         }
         if distributed.is_main():
-            record = {"step": run_step, "sdpo_step": t, **metrics}
+            record = {"step": run_step, "run_step": run_step, "sdpo_step": t, **metrics}
             append_jsonl(self.out / "metrics.jsonl", record)
             self.trackers.log(metrics, step=run_step)  # sdpo_step: logged with the training
         _log(

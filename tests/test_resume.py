@@ -91,6 +91,57 @@ def test_trainer_resumed_from_any_step_ends_bitwise_equal(tiny_model_dir, tmp_pa
             assert torch.equal(value, final[name]), name
 
 
+def test_a_record_holds_the_mean_of_its_log_window_and_resume_keeps_the_window(
+    tiny_model_dir, tmp_path
+):
+    """train.log_every = 3 (TRL's logging_steps): each record is the mean of the steps since
+    the last one (the gradient norm and the rate: the last step's); a run resumed from a
+    checkpoint inside a window logs the same records as the uninterrupted run."""
+    pairs = _pairs(tiny_model_dir, tmp_path)  # 8 steps over 2 epochs
+
+    def records(log_every: int, out: str, resume_state=None, weights=None, save=None):
+        model = load_pretrained(tiny_model_dir)
+        ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
+        if weights is not None:
+            model.load_state_dict(weights)
+        trainer = _trainer(model, log_every=log_every, save_every=5 if save else 0)
+        trainer.output_dir = tmp_path / out
+        trainer.save_checkpoint = save
+        trainer.fit(pairs, ref, resume_state=resume_state)
+        rows = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(row) for row in rows]
+
+    every = records(1, "every")
+    saved = []
+
+    def save(trainer: DPOTrainer) -> None:
+        buf = io.BytesIO()
+        torch.save(trainer.state_dict(), buf)
+        saved.append((copy.deepcopy(trainer.model.state_dict()), buf.getvalue()))
+
+    windows = records(3, "windows", save=save)
+    assert [r["step"] for r in windows] == [3, 6, 8]
+    for record, (first, last) in zip(windows, [(0, 3), (3, 6), (6, 8)], strict=True):
+        steps = every[first:last]
+        for key in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+            total = 0.0
+            for row in steps:
+                total += row[key]
+            assert record[key] == total / len(steps), key
+        for key in ("grad_norm", "lr", "tokens", "epoch"):
+            assert record[key] == steps[-1][key], key
+    assert windows[0]["rewards/accuracies"] not in (0.0, 1.0)  # a mean of several steps
+
+    # checkpoint after step 5, inside the window of steps 4-6
+    weights, state = saved[0]
+    resumed = records(3, "resumed", resume_state=torch.load(io.BytesIO(state)), weights=weights)
+    assert [r["step"] for r in resumed] == [6, 8]
+    for a, b in zip(resumed, windows[1:], strict=True):
+        assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {
+            k: v for k, v in b.items() if k != "tokens_per_s"
+        }
+
+
 @FUSED
 def test_nonfinite_step_stops_naming_the_step_and_leaves_weights_untouched(
     tiny_model_dir, tmp_path, fused
