@@ -904,7 +904,14 @@ class DPOTrainer:
         total_steps = sum(len(p) for p in plans)
         schedule_total = schedule_steps if schedule_steps is not None else total_steps
         if cfg.warmup_steps is not None:  # over the whole schedule, as the ratio is
-            warmup = min(cfg.warmup_steps, schedule_total)
+            warmup = cfg.warmup_steps  # not capped: a longer warm-up never peaks, as in TRL
+            if warmup > schedule_total and schedule_offset == 0 and distributed.is_main():
+                print(
+                    f"[sdpo] train.warmup_steps = {warmup} is longer than the schedule's "
+                    f"{schedule_total} optimizer steps: the rate rises to "
+                    f"{schedule_total / warmup:.2g} x train.learning_rate and never decays",
+                    flush=True,
+                )
         else:
             warmup = int(math.ceil(cfg.warmup_ratio * schedule_total))
         for group in self.optimizer.param_groups:

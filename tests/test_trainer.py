@@ -115,6 +115,7 @@ def test_warmup_steps_replace_the_ratio_and_each_record_logs_its_step_s_rate(
     for warmup_steps, want in (
         (2, [0.5, 1.0, 1.0, 2 / 3, 1 / 3]),
         (None, [1.0, 0.8, 0.6, 0.4, 0.2]),
+        (8, [1 / 8, 2 / 8, 3 / 8, 4 / 8, 5 / 8]),  # longer than the run: never peaks (TRL's)
     ):
         out = tmp_path / f"w{warmup_steps}"
         trainer = _trainer(
