@@ -474,6 +474,25 @@ _TRL_NAMES = {
     "truncation_mode": "it is 'data.truncation' here",
     "precompute_ref_log_probs": "sdpo always precomputes them (the reference cache)",
     "padding_free": "sdpo always packs without padding",
+    "max_steps": (
+        "sdpo has no step cap: a run is 'train.epochs' passes over each sDPO step's pairs (fewer "
+        "steps: fewer pairs, or larger 'train.pairs_per_step')"
+    ),
+    "torch_dtype": "it is 'train.precision' here ('bf16', 'bf16-mixed' or 'fp32')",
+    "dtype": "it is 'train.precision' here ('bf16', 'bf16-mixed' or 'fp32')",
+    "fp16": "fp16 is not offered: use 'train.precision' = 'bf16' or 'bf16-mixed'",
+    "optim": "sdpo's optimizer is AdamW (fused on CUDA); see 'train.adam_betas', 'train.adam_eps'",
+    "use_liger_kernel": "sdpo's own fused log-prob kernels are always used ('kernels.impl')",
+    "per_device_eval_batch_size": (
+        "held-out pairs are scored in batches of 'sdpo.score_tokens_per_batch' tokens"
+    ),
+    "use_peft": "set 'lora.rank' > 0 to train a LoRA adapter",
+    "r": "it is 'lora.rank' here",
+    "lora_r": "it is 'lora.rank' here",
+    "lora_alpha": "it is 'lora.alpha' here",
+    "lora_dropout": "it is 'lora.dropout' here",
+    "lora_target_modules": "it is 'lora.targets' here",
+    "target_modules": "it is 'lora.targets' here",
     "sync_ref_model": (
         "TR-DPO is not offered: sdpo precomputes the reference values, which TRL refuses with "
         "sync_ref_model too; sDPO's steps renew the reference once per chunk"
@@ -485,8 +504,9 @@ def _unknown_key(key: str, prefix: str, valid: list[str], origins: _Origins) -> 
     full = f"{prefix}{key}"
     kind = "section" if not prefix else "key"
     if key in _TRL_NAMES:
+        owner = "PEFT's" if key in ("r", "target_modules") else "TRL's"  # LoraConfig's names
         return ConfigError(
-            f"unknown {kind} '{full}' ({origins.where(full)}): TRL's option '{key}'? "
+            f"unknown {kind} '{full}' ({origins.where(full)}): {owner} option '{key}'? "
             f"{_TRL_NAMES[key]}"
         )
     # a key that exists in another section ([train] beta -> loss.beta), else a near spelling here,

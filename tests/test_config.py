@@ -221,6 +221,10 @@ def test_trl_option_names_say_what_they_are_here(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["loss.sync_ref_model=true"])
     with pytest.raises(ConfigError, match="it is 'model.path' here"):
         load_config(write(tmp_path, MINIMAL), ["model_name_or_path=org/name"])
+    with pytest.raises(ConfigError, match="PEFT's option 'r'. it is 'lora.rank' here"):
+        load_config(write(tmp_path, MINIMAL), ["lora.r=16"])
+    with pytest.raises(ConfigError, match="TRL's option 'max_steps'. sdpo has no step cap"):
+        load_config(write(tmp_path, MINIMAL), ["train.max_steps=100"])
     # every key a hint names exists
     keys = set(_all_keys(RunConfig))
     for name, hint in _TRL_NAMES.items():
