@@ -94,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--out", type=Path, default=None, help="write per-pair results as JSONL")
     score.add_argument("--max-length", type=int, default=1024, help="max tokens per sequence")
-    score.add_argument("--max-prompt-length", type=int, default=512, help="max prompt tokens")
+    score.add_argument(
+        "--max-prompt-length",
+        type=int,
+        default=None,
+        help="max prompt tokens (default: half of --max-length)",
+    )
     score.add_argument(
         "--max-tokens-per-batch", type=int, default=65536, help="token budget of a scoring batch"
     )
@@ -316,7 +321,11 @@ def _score(args: argparse.Namespace) -> int:
             rows,
             tokenizer,
             max_length=args.max_length,
-            max_prompt_length=args.max_prompt_length,
+            max_prompt_length=(
+                args.max_prompt_length
+                if args.max_prompt_length is not None
+                else max(1, args.max_length // 2)
+            ),
             vocab_size=model.config.vocab_size,
         )
     except (ValueError, OSError) as e:  # DataError and the model errors are ValueErrors

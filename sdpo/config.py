@@ -159,7 +159,7 @@ class DataSection:
     eval_fraction: float = 0.0
     path: str | None = field(default=None, metadata=_DATA)  # shorthand for one source
     max_length: int = 1024  # tokens per sequence (prompt + completion), as TRL's max_length
-    max_prompt_length: int = 512
+    max_prompt_length: int | None = None  # None: half of max_length (512 of the default 1024)
     truncation: str = "keep_end"  # over-long prompts keep their end; completions lose their end
     identical_pairs: str = "warn"  # chosen == rejected: "warn" (keep), "drop", "error", "keep"
 
@@ -180,6 +180,8 @@ class DataSection:
                     "`name` (sDPO orders and reports the data by source name)"
                 )
         _at_least("data.max_length", self.max_length, 1)
+        if self.max_prompt_length is None:  # resolved: the saved config holds the number
+            self.max_prompt_length = max(1, self.max_length // 2)
         _at_least("data.max_prompt_length", self.max_prompt_length, 1)
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(

@@ -416,3 +416,15 @@ def test_a_source_column_map_is_read_and_checked(tmp_path):
     assert load_config(out) == cfg
     with pytest.raises(ConfigError, match="columns.answer"):
         load_config(write(tmp_path, text.replace("prompt =", "answer =")))
+
+
+def test_max_prompt_length_defaults_to_half_of_max_length(tmp_path):
+    """As 512 of TRL's 1024: a shorter max_length needs no max_prompt_length of its own, and the
+    resolved config keeps the number (a run saved with 512 resumes under the default)."""
+    path = write(tmp_path, MINIMAL)
+    assert load_config(path).data.max_prompt_length == 512
+    assert load_config(path, ["data.max_length=257"]).data.max_prompt_length == 128
+    explicit = load_config(path, ["data.max_length=257", "data.max_prompt_length=200"])
+    assert explicit.data.max_prompt_length == 200
+    with pytest.raises(ConfigError, match=r"max_prompt_length \(300\) must be smaller"):
+        load_config(path, ["data.max_length=257", "data.max_prompt_length=300"])
