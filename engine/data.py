@@ -642,6 +642,13 @@ def _split_implicit_prompt(record: dict, place: _Place) -> dict:
         "add a 'prompt' field, or give chosen and rejected the same beginning (the prompt) "
         "followed by the two answers"
     )
+    others = [k for k in record if k not in FIELDS and isinstance(record[k], (str, list))]
+    if others:  # the prompt under another name ("question", "instruction", ...)
+        fix += (
+            f"; this row also has {', '.join(repr(k) for k in others[:5])}: if one of them is "
+            f'the prompt, name it in the source\'s table, columns = {{ prompt = "{others[0]}" }} '
+            f"(sdpo score: --columns prompt={others[0]})"
+        )
     if isinstance(chosen, str) and isinstance(rejected, str):
         n = _shared_length(chosen, rejected)
         # TRL's cut: where the texts part, one space back, so the answers start with it. But

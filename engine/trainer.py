@@ -1105,7 +1105,7 @@ class DPOTrainer:
         if self.skipped_steps > self.config.skip_nonfinite_batches:
             raise NonFiniteError(
                 f"non-finite loss or gradient ({loss_and_norm}) at {where}; the update was not applied "
-                "and the last checkpoint is intact. Hint: lower train.learning_rate, try "
+                "and any checkpoint already written is intact. Hint: lower train.learning_rate, try "
                 "train.precision = 'fp32' (bf16 overflow), check these pairs' data and "
                 "reference values, or set train.skip_nonfinite_batches = N to skip up to N "
                 f"such steps (skipped so far: {self.skipped_steps - 1})",

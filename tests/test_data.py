@@ -556,6 +556,10 @@ def test_identical_implicit_pairs_follow_the_identical_pair_policy(tmp_path):
         ),
         ({"chosen": "text", "rejected": CHAT[0]["rejected"]}, ["not both texts"]),
         ({"prompt": None, "chosen": "cat", "rejected": "car"}, ["or null", "no leading text"]),
+        (  # the prompt under another name: the column map is suggested
+            {"question": "a pet?", "chosen": "cat", "rejected": "car"},
+            ["this row also has 'question'", 'columns = { prompt = "question" }'],
+        ),
     ],
 )
 def test_rows_without_a_shared_prompt_name_the_row_and_the_fix(tmp_path, row, words):
