@@ -32,8 +32,9 @@ builds the same step plan and calls ``train_step`` with the step's *global* micr
 rank runs its share (``shard_micro_batches``), the loss divided by the step's global pair count,
 and SUM all-reduces give every rank the single-process gradient (bucketed and started during the
 backward of the rank's last micro-batch, ``distributed.GradReducer``; ``overlap_grad_reduce =
-false``: one all-reduce after it) and the step's metric sums (and the stop flag). Clipping, the non-finite check and the update then see the same values on
-every rank, so the weights stay identical. Only rank 0 writes ``metrics.jsonl`` and shows the
+false``: one all-reduce after it) and the step's metric sums (and the stop flag). Clipping, the
+non-finite check and the update then see the same values on every rank, so the weights stay
+identical. Only rank 0 writes ``metrics.jsonl`` and shows the
 progress bar.
 
 Sharded (``train.fsdp``, ``engine/sharding.py``): FSDP2 reduce-scatters the gradients of its
@@ -1104,11 +1105,11 @@ class DPOTrainer:
         self.skipped_steps += 1
         if self.skipped_steps > self.config.skip_nonfinite_batches:
             raise NonFiniteError(
-                f"non-finite loss or gradient ({loss_and_norm}) at {where}; the update was not applied "
-                "and any checkpoint already written is intact. Hint: lower train.learning_rate, try "
-                "train.precision = 'fp32' (bf16 overflow), check these pairs' data and "
-                "reference values, or set train.skip_nonfinite_batches = N to skip up to N "
-                f"such steps (skipped so far: {self.skipped_steps - 1})",
+                f"non-finite loss or gradient ({loss_and_norm}) at {where}; the update was not "
+                "applied and any checkpoint already written is intact. Hint: lower "
+                "train.learning_rate, try train.precision = 'fp32' (bf16 overflow), check these "
+                "pairs' data and reference values, or set train.skip_nonfinite_batches = N to "
+                f"skip up to N such steps (skipped so far: {self.skipped_steps - 1})",
                 pair_indices=indices,
             )
         if distributed.is_main():
