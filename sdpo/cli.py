@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--max-tokens-per-batch", type=int, default=65536, help="token budget of a scoring batch"
     )
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.add_argument(
         "--impl", default="auto", choices=["auto", "triton", "torch"], help="log-prob kernels"
     )
@@ -337,7 +338,7 @@ def _score(args: argparse.Namespace) -> int:
         max_tokens_per_batch=args.max_tokens_per_batch,
         impl=resolve_impl(args.impl, device),
         share_prompt=args.share_prompt,
-        progress=True,
+        progress=not args.no_progress,
         ld_alpha=args.ld_alpha,
         precision=precision,
     )

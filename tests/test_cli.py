@@ -66,7 +66,13 @@ def test_score_writes_per_pair_jsonl_and_prints_summary(tiny_model_dir, tmp_path
         assert abs(r["gamma"] - (r["logp_chosen"] - r["logp_rejected"])) < 1e-5
         assert r["logp_chosen"] < 0 and r["chosen_tokens"] >= 2  # at least one word + EOS
     acc = sum(r["gamma"] > 0 for r in rows) / 9
-    assert f"reward accuracy: {acc:.4f}" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert f"reward accuracy: {acc:.4f}" in printed.out and "scoring" in printed.err  # its bar
+    quiet = tmp_path / "quiet.jsonl"
+    argv = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(quiet)]
+    assert main([*argv, "--no-progress"]) == 0
+    assert quiet.read_text() == out.read_text()
+    assert "scoring" not in capsys.readouterr().err  # no bar
     # the shared-prompt layout scores the same pairs to float rounding
     shared = tmp_path / "shared.jsonl"
     args = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(shared)]
