@@ -946,6 +946,11 @@ class StepwiseRunner:
             return point
 
         point = on_main(prepare)  # data parallel: rank 0 writes, every rank gets the point
+        if self.cfg.train.fsdp and not distributed.active():
+            _log(
+                "train.fsdp = true shards the model over the ranks of torchrun; this is one "
+                "process, so the model is whole (start with torchrun --nproc-per-node N to shard)"
+            )
         if distributed.is_main() and self.cfg.log.report_to:
             self.trackers = open_trackers(
                 self.cfg.log.report_to,
