@@ -418,8 +418,16 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
     from sdpo.demo import run_demo
 
+    if "OMP_NUM_THREADS" not in os.environ:
+        # the demo's models are tiny: one thread is as fast on an idle machine, and several
+        # spin against each other on a busy one (many times slower)
+        torch.set_num_threads(1)
     run_demo(output_dir=args.output_dir, quick=args.quick, seed=args.seed)
     return 0
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from sdpo.cli import EXIT_INPUT, main
 from tests.conftest import write_pairs
 
@@ -205,3 +207,20 @@ def test_train_stops_with_exit_code_3_on_a_non_finite_loss(tiny_model_dir, tmp_p
     assert "non-finite loss or gradient" in err and "optimizer step 2" in err
     assert "skip_nonfinite_batches" in err
     assert not (tmp_path / "out" / "step-1" / "model.safetensors").exists()
+
+
+def test_demo_runs_on_one_thread_unless_omp_num_threads_is_set(monkeypatch, tmp_path):
+    import sdpo.demo
+
+    seen = []
+    monkeypatch.setattr(sdpo.demo, "run_demo", lambda **kw: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        assert main(["demo", "--output-dir", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [2, 1]
