@@ -403,6 +403,7 @@ class _StepRecord:
     pair_indices: list[int]
     epoch: int  # 0-based
     step_in_epoch: int  # 1-based
+    epoch_steps: int  # optimizer steps in this epoch
     global_step: int  # 1-based
     lr: float
     tokens: int  # the step's real tokens
@@ -986,7 +987,8 @@ class DPOTrainer:
                 values.update(
                     {
                         "step": record.global_step,
-                        "epoch": record.epoch + 1,
+                        # as TRL logs it: the epochs done, a fraction (1.0 ends the first)
+                        "epoch": record.epoch + record.step_in_epoch / record.epoch_steps,
                         "lr": record.lr,  # as TRL logs it: the step's own rate
                         "tokens": record.tokens_so_far,
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
@@ -1037,6 +1039,7 @@ class DPOTrainer:
                         pairs,
                         epoch=epoch,
                         step_in_epoch=pos["step_in_epoch"],
+                        epoch_steps=len(plan),
                         global_step=self.global_step,
                         lr=step_lr,
                         tokens=step_tokens,

@@ -112,6 +112,7 @@ def test_a_record_holds_the_mean_of_its_log_window_and_resume_keeps_the_window(
         return [json.loads(row) for row in rows]
 
     every = records(1, "every")
+    assert [r["epoch"] for r in every] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]  # TRL's
     saved = []
 
     def save(trainer: DPOTrainer) -> None:
