@@ -296,7 +296,8 @@ def _partials(
     part_max = torch.empty(splits, n, dtype=torch.float32, device=hidden.device)
     part_sum = torch.empty(splits, n, dtype=torch.float32, device=hidden.device)
     label_logit = torch.zeros(n, dtype=torch.float32, device=hidden.device)
-    args = (hidden, weight, labels, part_max, part_sum, label_logit, n, v, h, splits)
+    # labels are read at offset i: a strided view (e.g. a column of a wider tensor) is copied
+    args = (hidden, weight, labels.contiguous(), part_max, part_sum, label_logit, n, v, h, splits)
     args += (hidden.stride(0), weight.stride(0))
     consts = dict(DOT_PRECISION=_dot_precision(hidden.dtype), IGNORE=IGNORE_INDEX)
     if tiles is None:

@@ -106,7 +106,7 @@ def rows_forward(
         kernel[(n,)](
             logits,
             logits.stride(0),
-            labels,
+            labels.contiguous(),  # the kernel reads label i at offset i
             logp,
             lse,
             lsq if with_lsq else lse,  # not written when off
@@ -162,9 +162,9 @@ def rows_backward(
             logits.stride(0),
             out,
             out.stride(0),
-            labels,
-            lse,
-            grad_token,
+            labels.contiguous(),  # read at offset i, as lse and grad_token are
+            lse.contiguous(),
+            grad_token.contiguous(),
             vocab,
             BLOCK_V=_block_v(vocab, logits.device),
             IGNORE=IGNORE_INDEX,
@@ -425,6 +425,9 @@ def logprobs_from_logits(
     _check_rows(logits, labels)
     check_packed_shapes(labels, seq_ids, logits.shape[0])
     impl = resolve_impl(impl, logits.device)
+    # unit stride along the vocabulary, as the backward kernel needs it (a transposed view is
+    # copied here once, not in the forward alone)
+    logits = _row_contiguous(logits)
     seq_logps, token_logps, _ = _logprobs_fwd(
         logits, labels, seq_ids, num_seqs, impl, inplace_backward
     )

@@ -118,6 +118,17 @@ def test_fused_reference_pass_matches_the_chunked_sequence_logprobs():
     torch.testing.assert_close(fused, chunked, rtol=1e-5, atol=1e-4)
 
 
+def test_strided_labels_give_the_contiguous_results():
+    """A labels column of a wider tensor: the kernel reads label i at offset i."""
+    b = _batch(seed=56, vocab=1031, hidden=19)
+    args = (b["seq_ids"], b["num_seqs"])
+    strided = torch.stack([b["labels"], torch.full_like(b["labels"], 3)], dim=1)[:, 0]
+    assert strided.stride() == (2,)
+    want = fused_sequence_logprobs(b["h"], b["w"], b["labels"], *args)
+    got = fused_sequence_logprobs(b["h"], b["w"], strided, *args)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_fused_head_refuses_a_pass_that_needs_gradients():
     b = _batch(seed=56, vocab=131, hidden=16)
     h = b["h"].clone().requires_grad_(True)

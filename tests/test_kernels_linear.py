@@ -129,6 +129,24 @@ def test_sequence_logprobs_and_grads_match_float64_truth_over_ragged_chunks(impl
     _check_sequence_logprobs(_batch(seed=31), impl=impl, chunk_tokens=48, rel_margin=2e-6)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_labels_give_the_contiguous_results(impl):
+    """A labels column of a wider tensor: values and gradients as with contiguous labels."""
+    b = _batch(seed=37)
+    args = (b["seq_ids"], b["num_seqs"])
+    strided = torch.stack([b["labels"], torch.full_like(b["labels"], 3)], dim=1)[:, 0]
+    assert strided.stride() == (2,)
+    results = []
+    for labels in (b["labels"], strided):
+        h = b["h"].clone().requires_grad_(True)
+        w = b["w"].clone().requires_grad_(True)
+        seq = sequence_logprobs(h, w, labels, *args, impl=impl, chunk_tokens=48)
+        (seq * torch.arange(1.0, b["num_seqs"] + 1)).sum().backward()
+        results.append((seq, h.grad, w.grad))
+    for a, c in zip(*results, strict=True):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
 def test_sequence_logprobs_torch_matches_float64_truth_at_gpt2_vocab():
     _check_sequence_logprobs(
         _batch(seed=32, vocab=50_257, hidden=24), impl="torch", chunk_tokens=64, rel_margin=2e-6

@@ -109,6 +109,34 @@ def test_inplace_backward_writes_the_gradient_into_the_logits(impl):
     torch.testing.assert_close(y.detach(), x.grad, rtol=0, atol=1e-7)  # written in place
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_labels_and_transposed_logits_give_the_contiguous_results(impl):
+    """A labels column of a wider tensor and logits stored vocabulary-major (a transposed view):
+    the kernels read labels at offset i and need unit stride along the vocabulary."""
+    _, logits, labels, seq_ids, s = _batch(seed=16)
+    logits = logits[:70].contiguous()
+    labels, seq_ids = labels[:70], seq_ids[:70]
+    s = int(seq_ids.max()) + 1
+    wide = torch.stack([labels, torch.full_like(labels, 7)], dim=1)
+    strided = wide[:, 0]
+    assert strided.stride() == (2,) and torch.equal(strided, labels)
+    transposed = logits.t().contiguous().t()
+    assert transposed.stride(-1) != 1
+    weights = torch.linspace(0.5, 2.0, s, dtype=torch.float64)
+
+    def run(x, lab):
+        x = x.detach().clone().requires_grad_(True) if x.is_contiguous() else x.detach()
+        leaf = x if x.requires_grad else x.t().contiguous().t().requires_grad_(True)
+        seq, tok = logprobs_from_logits(leaf, lab, seq_ids, s, impl=impl)
+        ((seq * weights.float()).sum() + tok.sum()).backward()
+        return seq, tok, leaf.grad
+
+    want = run(logits, labels)
+    for x, lab in ((logits, strided), (transposed, labels), (transposed, strided)):
+        for a, b in zip(run(x, lab), want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_torch_compile_can_call_logprobs_from_logits():
     _, logits, labels, seq_ids, s = _batch(seed=15)
     logits = logits[:50].contiguous()
