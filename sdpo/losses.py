@@ -34,13 +34,14 @@ The TRL variants are written with the per-completion log-ratios ``lc = pi_c - re
   ``exp(-x) s(x / tau)`` is ``exp(log s(x / tau) - x)``, so a very negative ``x`` does not turn
   ``inf * 0`` into NaN;
 - ``sigmoid_norm``: ``-log s(beta (lc / chosen_tokens - lr / rejected_tokens))`` (token counts
-  clamped to at least 1, as TRL does).
+  clamped to at least 1, as TRL does); ``ipo`` divides the same way.
 
 f-DPO (``f_divergence_type``, as TRL names it): DPO's reverse-KL regulariser replaced by another
 f-divergence between policy and reference. With ``u = pi / ref`` (so ``log u`` is ``lc`` or ``lr``)
 the implicit reward becomes ``beta f'(u)``, and every type built on the reward difference (sigmoid,
 robust, hinge, ipo, exo_pair, discopop, sigmoid_norm) reads ``f'(u_c) - f'(u_r)`` where it read
-``lc - lr``:
+``lc - lr`` (``ipo`` and ``sigmoid_norm``, as TRL: ``f'(u_c) / chosen_tokens - f'(u_r) /
+rejected_tokens``, with TRL's constants in ``f'``, which no longer cancel there):
 
 - ``reverse_kl`` (default, plain DPO): ``f'(u) = log u + 1``, giving ``lc - lr``;
 - ``forward_kl``: ``f'(u) = -1 / u``, giving ``exp(-lr) - exp(-lc)``;
@@ -377,7 +378,7 @@ def _pair_terms(
         losses = part if losses is None else losses + part
     nll = None
     if config.rpo_alpha is not None:
-        nll = -nll_c / tokens[0]
+        nll = -nll_c / tokens[0].clamp(min=1.0)  # a completion of no tokens: 0, not NaN
         losses = losses + config.rpo_alpha * nll
     pair_weights = None
     if config.use_weighting:
@@ -411,16 +412,16 @@ def _type_losses(
 ) -> Tensor:
     """One loss type's per-pair losses (k,)."""
     beta, eps = config.beta, config.label_smoothing
-    if kind == "ipo":  # log-probs averaged over completion tokens, policy and reference alike
-        ct, rt = tokens
-        pc, pr = pc / ct, pr / rt
-        if rc is not None:
-            rc, rr = rc / ct, rr / rt
     lc = pc if rc is None else pc - rc
     lr = pr if rr is None else pr - rr
-    if kind == "sigmoid_norm":
+    if kind in ("ipo", "sigmoid_norm"):
+        # as TRL: each completion's score (its log-ratio, or f' of it) divided by its token
+        # count, at least 1
         ct, rt = (t.clamp(min=1.0) for t in tokens)
-        return -F.logsigmoid(beta * _divergence_logits(config, lc / ct, lr / rt))
+        z = _divergence_score(config, lc) / ct - _divergence_score(config, lr) / rt
+        if kind == "sigmoid_norm":
+            return -F.logsigmoid(beta * z)
+        return (z - 1 / (2 * beta)) ** 2
     if kind in _LOGRATIO_TYPES:
         return _logratio_losses(kind, config, lc, lr)
     if config.f_divergence_type == "reverse_kl":
@@ -435,10 +436,8 @@ def _type_losses(
         losses = (-F.logsigmoid(beta * z) * (1 - eps) + F.logsigmoid(-beta * z) * eps) / (
             1 - 2 * eps
         )
-    elif kind == "hinge":
+    else:  # hinge
         losses = torch.relu(1 - beta * z)
-    else:  # ipo
-        losses = (z - 1 / (2 * beta)) ** 2
     return losses
 
 
@@ -447,6 +446,20 @@ def _capped_exp(x: Tensor) -> Tensor:
     float64: 346.9): finite, with a zero gradient past the cap, and room left for what follows
     (the difference, the division by alpha, beta, IPO's square) to stay finite too."""
     return torch.exp(x.clamp(max=0.5 * math.log(torch.finfo(x.dtype).max) - 8.0))
+
+
+def _divergence_score(config: LossConfig, logratio: Tensor) -> Tensor:
+    """One completion's score, ``f'(u)`` of ``config.f_divergence_type`` with the constant TRL
+    gives it (it does not cancel where each side is divided by its own token count): the
+    log-ratio itself for ``reverse_kl``, ``log 2 + logsigmoid(l)`` for ``js_divergence``,
+    ``(1 - u^-a) / a`` for the alpha family (``forward_kl``: ``1 - 1/u``)."""
+    kind = config.f_divergence_type
+    if kind == "reverse_kl":
+        return logratio
+    if kind == "js_divergence":
+        return math.log(2.0) + F.logsigmoid(logratio)
+    a = 1.0 if kind == "forward_kl" else config.f_alpha_divergence_coef
+    return (1.0 - _capped_exp(-a * logratio)) / a
 
 
 def _divergence_logits(config: LossConfig, lc: Tensor, lr: Tensor) -> Tensor:

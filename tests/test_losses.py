@@ -158,6 +158,18 @@ def f_prime(cfg: LossConfig, log_u):
     return (1 - u ** (-a)) / a
 
 
+def trl_score(cfg: LossConfig, log_u):
+    """One completion's score as TRL computes it before dividing by its token count (ipo,
+    sigmoid_norm): f'(u) with TRL's constant (the log-ratio itself for reverse_kl, 1 - 1/u for
+    forward_kl)."""
+    kind = cfg.f_divergence_type
+    if kind == "reverse_kl":
+        return log_u
+    if kind == "forward_kl":
+        return 1 - 1 / mpmath.exp(log_u)
+    return f_prime(cfg, log_u)  # js: log(2u / (1 + u)); alpha: (1 - u^-a) / a
+
+
 def trl_truth(cfg: LossConfig, pc, pr, rc, rr, ct, rt) -> mpmath.mpf:
     """One pair's loss from the literal formulas of TRL's DPOTrainer, in 60-digit arithmetic
     (no rewriting for stability: the precision and exponent range make that unnecessary). The
@@ -176,10 +188,10 @@ def trl_truth(cfg: LossConfig, pc, pr, rc, rr, ct, rt) -> mpmath.mpf:
             return mpmath.log(sig(x))
 
         kind = cfg.loss_type
-        if kind == "ipo":  # token-averaged log-probs, policy and reference alike
-            pc, rc, pr, rr = pc / int(ct), rc / int(ct), pr / int(rt), rr / int(rt)
         lc, lr = pc - rc, pr - rr
         d = f_prime(cfg, lc) - f_prime(cfg, lr)
+        if kind in ("ipo", "sigmoid_norm"):  # each score over its token count, at least 1
+            d = trl_score(cfg, lc) / max(int(ct), 1) - trl_score(cfg, lr) / max(int(rt), 1)
         if kind == "sigmoid":
             out = -(1 - e) * logsig(b * d) - e * logsig(-b * d)
         elif kind == "robust":
@@ -206,12 +218,11 @@ def trl_truth(cfg: LossConfig, pc, pr, rc, rr, ct, rt) -> mpmath.mpf:
             m = sig(x / mpmath.mpf(cfg.discopop_tau))
             out = -logsig(x) * (1 - m) + mpmath.exp(-x) * m
         elif kind == "sigmoid_norm":
-            ct, rt = max(int(ct), 1), max(int(rt), 1)
-            out = -logsig(b * (f_prime(cfg, lc / ct) - f_prime(cfg, lr / rt)))
+            out = -logsig(b * d)
         else:
             raise AssertionError(kind)
         if cfg.rpo_alpha is not None:
-            out = out + mpmath.mpf(cfg.rpo_alpha) * (-pc / int(ct))
+            out = out + mpmath.mpf(cfg.rpo_alpha) * (-pc / max(int(ct), 1))
         return out
 
 
@@ -284,6 +295,8 @@ F_CONFIGS = [
         f_alpha_divergence_coef=0.3,
     ),
     LossConfig(loss_type="sigmoid_norm", beta=0.1, f_divergence_type="js_divergence"),
+    LossConfig(loss_type="sigmoid_norm", beta=0.1, f_divergence_type="forward_kl"),
+    LossConfig(loss_type="ipo", beta=0.2, f_divergence_type="forward_kl"),
     LossConfig(loss_type="sigmoid", beta=0.1, rpo_alpha=0.7, f_divergence_type="forward_kl"),
 ]  # fmt: skip
 CONFIGS += F_CONFIGS
@@ -812,3 +825,25 @@ def test_a_one_element_list_is_the_plain_loss_type():
 def test_combined_loss_config_rejects_invalid_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LossConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LossConfig(loss_type="ipo", beta=0.3),
+        LossConfig(loss_type="sigmoid_norm", beta=0.1),
+        LossConfig(loss_type="sigmoid", beta=0.1, rpo_alpha=0.5),
+    ],
+    ids=["ipo", "sigmoid_norm", "rpo"],
+)
+def test_a_completion_of_no_tokens_counts_as_one_as_in_trl(config):
+    """A pair whose completion lost every token (truncation, called outside the engine): the
+    count is clamped to 1, as TRL does, not a division by zero."""
+    pc, pr = torch.tensor([-0.0, -7.5], dtype=torch.float64), torch.tensor([-3.0, -9.0]).double()
+    rc, rr = torch.tensor([-0.0, -7.0], dtype=torch.float64), torch.tensor([-2.5, -8.0]).double()
+    zero = dpo_loss(pc, pr, rc, rr, config=config, chosen_tokens=torch.tensor([0, 5]),
+                    rejected_tokens=torch.tensor([4, 6]))  # fmt: skip
+    one = dpo_loss(pc, pr, rc, rr, config=config, chosen_tokens=torch.tensor([1, 5]),
+                   rejected_tokens=torch.tensor([4, 6]))  # fmt: skip
+    assert torch.isfinite(zero.losses).all()
+    torch.testing.assert_close(zero.losses, one.losses, rtol=0, atol=0)

@@ -247,6 +247,11 @@ LOSSES = {
     ),
     "sft": LossConfig(beta=BETA, loss_type="sft"),
     "js_divergence": LossConfig(beta=BETA, f_divergence_type="js_divergence"),
+    # each completion's f' score divided by its own token count
+    "ipo_forward_kl": LossConfig(beta=BETA, loss_type="ipo", f_divergence_type="forward_kl"),
+    "sigmoid_norm_js": LossConfig(
+        beta=BETA, loss_type="sigmoid_norm", f_divergence_type="js_divergence"
+    ),
     # TRL's default coefficient: TRL 1.16 computes f'(u) = (u^(c-1) - 1) / (c-1), the f-DPO
     # paper's (1 - u^-c) / c (and TRL's own docs') with c replaced by 1 - c; both agree at 0.5
     "alpha_divergence": LossConfig(beta=BETA, f_divergence_type="alpha_divergence"),
