@@ -1,6 +1,7 @@
 """The one place that decides which implementation of a fused log-prob op runs.
 
-Every op in sdpo.kernels takes ``impl="auto" | "triton" | "torch"`` and asks
+Every op in sdpo.kernels takes ``impl="auto" | "triton" | "torch"`` (all but the fused no-grad
+head, ``fused_head``, which is a Triton kernel only) and asks
 :func:`resolve_impl` what that means for the tensors at hand, so the engine, the
 benchmarks and the tests agree on the rule: Triton on CUDA when Triton imports, the
 pure-PyTorch reference everywhere else. ``"triton"`` on a CPU tensor runs the kernels

@@ -93,6 +93,7 @@ from .logprobs import (
     check_head_shapes,
     check_labels_in_vocab,
     check_packed_shapes,
+    check_seq_ids_in_range,
     sum_per_sequence,
 )
 from .triton_rows import launch
@@ -408,6 +409,7 @@ def fused_sequence_logprobs(
     without writing any logits to memory. No-grad only.
     """
     _check_inputs(hidden, weight, labels)
-    check_packed_shapes(labels, seq_ids, hidden.shape[0])
+    check_packed_shapes(labels, seq_ids, hidden.shape[0], num_seqs=num_seqs, device=hidden.device)
+    check_seq_ids_in_range(seq_ids, num_seqs)
     token_logp, _ = fused_token_logprobs(hidden, weight, labels)
     return sum_per_sequence(token_logp, seq_ids, num_seqs)

@@ -85,6 +85,7 @@ from .logprobs import (
     check_head_shapes,
     check_labels_in_vocab,
     check_packed_shapes,
+    check_seq_ids_in_range,
     check_token_weights,
     rows_backward,
     rows_forward,
@@ -108,20 +109,23 @@ def default_chunk_tokens(*, vocab_size: int, hidden_size: int, dtype: torch.dtyp
     return max(CHUNK_ALIGN, tokens // CHUNK_ALIGN * CHUNK_ALIGN)
 
 
-def _check_linear_shapes(hidden, weight, labels, seq_ids) -> None:
-    """Static shape/dtype checks (torch.compile traces them)."""
+def _check_linear_shapes(hidden, weight, labels, seq_ids, num_seqs) -> None:
+    """Static shape/dtype/device checks (torch.compile traces them)."""
     check_head_shapes(hidden, weight)
     if not (hidden.is_floating_point() and weight.is_floating_point()):
         raise TypeError(
             f"hidden and weight must be float tensors, got {hidden.dtype}, {weight.dtype}"
         )
-    check_packed_shapes(labels, seq_ids, hidden.shape[0])
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    check_packed_shapes(labels, seq_ids, hidden.shape[0], num_seqs=num_seqs, device=hidden.device)
 
 
-def _check_linear_inputs(hidden, weight, labels, seq_ids) -> None:
-    """The static checks and the label range check (eager callers)."""
-    _check_linear_shapes(hidden, weight, labels, seq_ids)
+def _check_linear_inputs(hidden, weight, labels, seq_ids, num_seqs) -> None:
+    """The static checks and the label and sequence-index range checks (eager callers)."""
+    _check_linear_shapes(hidden, weight, labels, seq_ids, num_seqs)
     check_labels_in_vocab(labels, vocab_size=weight.shape[0])
+    check_seq_ids_in_range(seq_ids, num_seqs)
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -187,6 +191,7 @@ def _sequence_forward(
     """(seq_logps (S,), lse (N,)) fp32, and with ``with_aligned`` WPO's per-sequence sums
     of ``token_logp - lsq`` (S,) fp32 (unweighted by ``token_weights``)."""
     check_labels_in_vocab(labels, vocab_size=weight.shape[0])
+    check_seq_ids_in_range(seq_ids, num_seqs)
     n = hidden.shape[0]
     dtype = _compute_dtype(hidden, weight)
     w = weight.to(dtype)
@@ -410,8 +415,8 @@ def sequence_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(S,) fp32 summed log-probs of ``labels`` per packed sequence, from hidden states.
 
-    hidden (N, H) and weight (V, H) of any float dtype (computed in their promoted dtype),
-    labels (N,) int64 with -100 for tokens not scored, seq_ids (N,) int64 in [0, num_seqs).
+    hidden (N, H) and weight (V, H) of any float dtype (the matmul in their promoted dtype; the
+    log-softmax and the sums in fp32, float64 inputs included, so the outputs are fp32), labels (N,) int64 with -100 for tokens not scored, seq_ids (N,) int64 in [0, num_seqs).
     Differentiable w.r.t. hidden and weight; the gradient of W accumulates over chunks in
     ``grad_weight_dtype`` (fp32 by default; ``None`` = W's dtype, which halves its memory).
     Under ``torch.no_grad`` this is the reference pass: one chunk of logits at a time.
@@ -424,7 +429,7 @@ def sequence_logprobs(
     Runs as the custom ops ``sdpo::sequence_logprobs_fwd`` / ``_bwd``, so ``torch.compile``
     traces it without a graph break.
     """
-    _check_linear_shapes(hidden, weight, labels, seq_ids)
+    _check_linear_shapes(hidden, weight, labels, seq_ids, num_seqs)
     check_token_weights(token_weights, hidden.shape[0], device=hidden.device)
     impl = resolve_impl(impl, hidden.device)
     if chunk_tokens is None:
@@ -954,7 +959,7 @@ def linear_pair_loss(
     Python callable, ``pair_loss``, and a ``torch.library`` custom op can only take tensors
     and plain values.
     """
-    _check_linear_inputs(hidden, weight, labels, seq_ids)
+    _check_linear_inputs(hidden, weight, labels, seq_ids, num_seqs)
     check_token_weights(token_weights, hidden.shape[0], device=hidden.device)
     _check_whole_pairs(num_seqs)
     impl = resolve_impl(impl, hidden.device)

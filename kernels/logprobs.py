@@ -249,8 +249,16 @@ def check_head_shapes(hidden: torch.Tensor, weight: torch.Tensor) -> None:
         )
 
 
-def check_packed_shapes(labels: torch.Tensor, seq_ids: torch.Tensor, num_tokens: int) -> None:
-    """Shape/dtype checks of ``labels`` and ``seq_ids``: static, so torch.compile traces them."""
+def check_packed_shapes(
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_tokens: int,
+    *,
+    num_seqs: int | None = None,
+    device: torch.device | None = None,
+) -> None:
+    """Shape/dtype/device checks of ``labels`` and ``seq_ids`` (and of ``num_seqs``): static,
+    so torch.compile traces them."""
     for name, t in (("labels", labels), ("seq_ids", seq_ids)):
         if t.shape != (num_tokens,):
             raise ValueError(
@@ -258,6 +266,36 @@ def check_packed_shapes(labels: torch.Tensor, seq_ids: torch.Tensor, num_tokens:
             )
         if t.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name} must be int64 (or int32), got {t.dtype}")
+        if device is not None and t.device != device:
+            raise ValueError(
+                f"{name} is on {t.device} but the values are on {device}: move it there"
+            )
+    if num_seqs is not None:
+        if isinstance(num_seqs, bool) or not isinstance(num_seqs, int | torch.SymInt):
+            raise TypeError(f"num_seqs must be an int, got {type(num_seqs).__name__} {num_seqs!r}")
+        if num_seqs < 0:
+            raise ValueError(f"num_seqs must be >= 0, got {num_seqs}")
+        if num_seqs == 0 and num_tokens > 0:
+            raise ValueError(
+                f"num_seqs is 0 but there are {num_tokens} tokens: give each a sequence"
+            )
+
+
+def check_seq_ids_in_range(seq_ids: torch.Tensor, num_seqs: int) -> None:
+    """Range check of ``seq_ids`` against ``num_seqs``, as :func:`check_labels_in_vocab`: on
+    CPU a clear error, on CUDA a device-side assert (no host sync)."""
+    if seq_ids.numel() == 0:
+        return
+    ok = (seq_ids >= 0) & (seq_ids < num_seqs)
+    if seq_ids.device.type == "cpu":
+        if not bool(ok.all()):
+            bad = int((~ok).nonzero()[0, 0])
+            raise ValueError(
+                f"seq_ids[{bad}] = {int(seq_ids[bad])} is outside [0, num_seqs = {num_seqs}): "
+                "each token's sequence index must be below the number of sequences"
+            )
+    else:
+        torch._assert_async(ok.all())
 
 
 def check_labels_in_vocab(labels: torch.Tensor, *, vocab_size: int) -> None:
@@ -311,6 +349,7 @@ def _logprobs_fwd(
     """(seq_logps (S,), token_logps (N,), lse (N,)), all fp32."""
     del inplace_backward  # read by setup_context only
     check_labels_in_vocab(labels, vocab_size=logits.shape[1])
+    check_seq_ids_in_range(seq_ids, num_seqs)
     token_logps, lse = rows_forward(logits, labels, impl=impl)
     return sum_per_sequence(token_logps, seq_ids, num_seqs), token_logps, lse
 
@@ -423,7 +462,7 @@ def logprobs_from_logits(
     ``torch.compile`` traces it without a graph break.
     """
     _check_rows(logits, labels)
-    check_packed_shapes(labels, seq_ids, logits.shape[0])
+    check_packed_shapes(labels, seq_ids, logits.shape[0], num_seqs=num_seqs, device=logits.device)
     impl = resolve_impl(impl, logits.device)
     # unit stride along the vocabulary, as the backward kernel needs it (a transposed view is
     # copied here once, not in the forward alone)

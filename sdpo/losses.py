@@ -693,8 +693,8 @@ def dpo_metrics(
 ) -> dict[str, Tensor]:
     """Batch means under the contract metric names, as detached 0-d tensors (no host sync).
 
-    ``logps/*`` are the summed completion log-probs as given (TRL logs token averages for IPO).
-    The ``loss`` metric is left to the caller, which knows the step's normaliser."""
+    ``logps/*`` are the summed completion log-probs as given (as TRL 1.16 logs them, for IPO
+    too). The ``loss`` metric is left to the caller, which knows the step's normaliser."""
     chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()
     return {
         "rewards/chosen": chosen.mean(),

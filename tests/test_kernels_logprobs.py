@@ -175,6 +175,47 @@ def test_shape_errors_name_the_argument():
         )
 
 
+def test_sequence_index_and_device_errors_name_the_problem():
+    """seq_ids outside [0, num_seqs), a num_seqs that is no int, index tensors on another
+    device: clear errors from every op, not an IndexError or uninitialised values."""
+    from sdpo.kernels import sequence_logprobs
+    from sdpo.kernels.fused_head import fused_sequence_logprobs
+
+    gen = torch.Generator().manual_seed(3)
+    h, w = torch.randn(5, 8, generator=gen), torch.randn(11, 8, generator=gen)
+    logits = h @ w.t()
+    labels = torch.tensor([0, -100, 7, 1, 6])
+    cases = [
+        (
+            torch.tensor([0, 0, 1, 1, 2]),
+            2,
+            ValueError,
+            r"seq_ids\[4\] = 2 is outside \[0, num_seqs = 2\)",
+        ),
+        (torch.tensor([0, -1, 0, 0, 0]), 1, ValueError, r"seq_ids\[1\] = -1 is outside"),
+        (torch.zeros(5, dtype=torch.int64), 1.0, TypeError, "num_seqs must be an int, got float"),
+        (torch.zeros(5, dtype=torch.int64), 0, ValueError, "num_seqs is 0 but there are 5 tokens"),
+    ]
+    ops = [
+        lambda seq, s: logprobs_from_logits(logits, labels, seq, s, impl="torch"),
+        lambda seq, s: sequence_logprobs(h, w, labels, seq, s, impl="torch"),
+        lambda seq, s: fused_sequence_logprobs(h, w, labels, seq, s),
+    ]
+    for op in ops:
+        for seq_ids, num_seqs, error, message in cases:
+            with pytest.raises(error, match=message):
+                op(seq_ids, num_seqs)
+    meta = labels.to("meta")
+    for op in (
+        lambda: logprobs_from_logits(logits, meta, torch.zeros(5, dtype=torch.int64), 1),
+        lambda: sequence_logprobs(
+            h, w, labels, torch.zeros(5, dtype=torch.int64, device="meta"), 1
+        ),
+    ):
+        with pytest.raises(ValueError, match="is on meta but the values are on cpu"):
+            op()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize(("dtype", "rel_margin"), [(torch.float32, 1e-6), (torch.bfloat16, 1e-3)])

@@ -166,6 +166,7 @@ def test_optimised_and_plain_paths_give_the_same_gradients_and_losses(one_thread
 _CPU_ONLY_READS = {
     "_sdpa_per_sequence",  # the CPU attention loop (GPUs run the varlen kernels)
     "check_labels_in_vocab",  # labels checked on the host for CPU tensors only
+    "check_seq_ids_in_range",  # likewise the sequence indices
     "_check_pair_tokens_on_cpu",  # on a GPU: asserted on the device, asynchronously
 }
 _READ_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select"}
