@@ -416,7 +416,8 @@ def sequence_logprobs(
     """(S,) fp32 summed log-probs of ``labels`` per packed sequence, from hidden states.
 
     hidden (N, H) and weight (V, H) of any float dtype (the matmul in their promoted dtype; the
-    log-softmax and the sums in fp32, float64 inputs included, so the outputs are fp32), labels (N,) int64 with -100 for tokens not scored, seq_ids (N,) int64 in [0, num_seqs).
+    log-softmax and the sums in fp32, float64 inputs included, so the outputs are fp32),
+    labels (N,) int64 with -100 for tokens not scored, seq_ids (N,) int64 in [0, num_seqs).
     Differentiable w.r.t. hidden and weight; the gradient of W accumulates over chunks in
     ``grad_weight_dtype`` (fp32 by default; ``None`` = W's dtype, which halves its memory).
     Under ``torch.no_grad`` this is the reference pass: one chunk of logits at a time.
