@@ -286,14 +286,23 @@ def check_seq_ids_in_range(seq_ids: torch.Tensor, num_seqs: int) -> None:
     CPU a clear error, on CUDA a device-side assert (no host sync)."""
     if seq_ids.numel() == 0:
         return
-    ok = (seq_ids >= 0) & (seq_ids < num_seqs)
-    if seq_ids.device.type == "cpu":
+    _require(
+        (seq_ids >= 0) & (seq_ids < num_seqs),
+        seq_ids,
+        lambda i, v: (
+            f"seq_ids[{i}] = {v} is outside [0, num_seqs = {num_seqs}): each token's sequence "
+            "index must be below the number of sequences"
+        ),
+    )
+
+
+def _require(ok: torch.Tensor, values: torch.Tensor, message) -> None:
+    """``ok`` everywhere: on CPU a ValueError naming the first failing index and value
+    (``message(index, value)``), on CUDA a device-side assert (no host sync)."""
+    if values.device.type == "cpu":
         if not bool(ok.all()):
             bad = int((~ok).nonzero()[0, 0])
-            raise ValueError(
-                f"seq_ids[{bad}] = {int(seq_ids[bad])} is outside [0, num_seqs = {num_seqs}): "
-                "each token's sequence index must be below the number of sequences"
-            )
+            raise ValueError(message(bad, int(values[bad])))
     else:
         torch._assert_async(ok.all())
 
@@ -308,16 +317,14 @@ def check_labels_in_vocab(labels: torch.Tensor, *, vocab_size: int) -> None:
     """
     if labels.numel() == 0:
         return
-    ok = ((labels >= 0) & (labels < vocab_size)) | (labels == IGNORE_INDEX)
-    if labels.device.type == "cpu":
-        if not bool(ok.all()):
-            bad = int((~ok).nonzero()[0, 0])
-            raise ValueError(
-                f"labels[{bad}] = {int(labels[bad])} is outside the vocabulary [0, {vocab_size}) "
-                "and is not -100; check that the tokenizer and the model's vocab_size match"
-            )
-    else:
-        torch._assert_async(ok.all())
+    _require(
+        ((labels >= 0) & (labels < vocab_size)) | (labels == IGNORE_INDEX),
+        labels,
+        lambda i, v: (
+            f"labels[{i}] = {v} is outside the vocabulary [0, {vocab_size}) and is not -100; "
+            "check that the tokenizer and the model's vocab_size match"
+        ),
+    )
 
 
 def check_packed_inputs(
