@@ -469,6 +469,7 @@ class StepwiseRunner:
         self.model_dir = Path(cfg.model.path) if cfg.model.path else Path()
         self.reference_dir: Path | None = None
         self.pending_cache_saves: list[Callable[[], None]] = []  # load_inputs' token caches
+        self.model_fps: dict[str, str] = {}  # role ("initial", "reference") -> weights' fingerprint
         self.phase = "loading the model"  # what the run is doing, for an out-of-memory message
 
     # -- scoring and the cache -----------------------------------------------------------
@@ -771,8 +772,30 @@ class StepwiseRunner:
                 "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
                 "config": config_to_dict(self.cfg),
                 "data_fingerprint": self.data_fp,
+                # the weights the run started from (M0, and sdpo.reference): checked on resume
+                "model_fingerprints": dict(self.model_fps),
             }
         )
+
+    def _check_same_weights(
+        self, point: ResumePoint | None, role: str, fingerprint: str, key: str
+    ) -> None:
+        """On resume: refuse initial (or reference) weights other than those the run started
+        from. A config names the folder or hub id, not the weights in it; other weights would
+        give another partition and other reference values for the steps still to run."""
+        self.model_fps[role] = fingerprint
+        if point is None:
+            return
+        saved = (point.progress.get("model_fingerprints") or {}).get(role)
+        if saved is not None and saved != fingerprint:
+            value = self.cfg.model.path if role == "initial" else self.cfg.sdpo.reference
+            raise OutputDirError(
+                f"cannot resume the run in {self.out}: {key} ({value}) holds other weights than "
+                f"when the run started (fingerprint {fingerprint[:12]}, the run's "
+                f"{saved[:12]}), so the steps still to run would follow another partition and "
+                "other reference values. Restore those weights (a hub model: pin its commit with "
+                "the revision key), or start a new run (another output_dir, or --overwrite)"
+            )
 
     def _write_checkpoint_here(
         self,
@@ -1012,11 +1035,12 @@ class StepwiseRunner:
 
         fixed_ref: PairLogps | None = None
         if self.reference_dir is not None:
-            fixed_ref = self._score_with_separate_reference(self.reference_dir, pairs)
+            fixed_ref = self._score_with_separate_reference(self.reference_dir, pairs, point)
 
         model = self._load_model(model_dir)
         t0 = time.perf_counter()
         initial_fp = self._fingerprint(model)
+        self._check_same_weights(point, "initial", initial_fp, "model.path")
         partition_args: dict[str, Any] = {
             "pairs_sources": [p.source for p in pairs],
             "pair_indices": [p.index for p in pairs],
@@ -1550,15 +1574,17 @@ class StepwiseRunner:
         return float(source.gamma[source.rows_for(upcoming)].mean())
 
     def _score_with_separate_reference(
-        self, ref_dir: Path, pairs: Sequence[TokenizedPair]
+        self, ref_dir: Path, pairs: Sequence[TokenizedPair], point: ResumePoint | None
     ) -> PairLogps:
         """Load the named reference (set up as the policy is: sharded under ``train.fsdp``, so a
         reference larger than one GPU loads; compiled layers under ``model.compile``), score
-        every pair, write the cache, free the model."""
+        every pair, write the cache, free the model. On resume its weights must be the run's."""
         baseline = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
         ref_model = self._load_model(ref_dir)
         probe = weakref.ref(ref_model.lm_head_weight)
-        values = self.cached_reference("reference", ref_model, self._fingerprint(ref_model), pairs)
+        fingerprint = self._fingerprint(ref_model)
+        self._check_same_weights(point, "reference", fingerprint, "sdpo.reference")
+        values = self.cached_reference("reference", ref_model, fingerprint, pairs)
         del ref_model
         gc.collect()
         if probe() is not None:

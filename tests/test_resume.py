@@ -289,6 +289,34 @@ def test_resume_with_a_changed_result_key_is_refused_naming_it(tiny_model_dir, t
     run_training(_config(tmp_path, tiny_model_dir, log_every=2), progress=False, resume=True)
 
 
+def test_resume_with_other_initial_or_reference_weights_is_refused(tiny_model_dir, tmp_path):
+    """The folders named in the config hold other weights than when the run started (a
+    re-download, an overwritten checkpoint): refused by role, the run resumable once restored."""
+    import shutil
+
+    from sdpo.engine.tiny import write_tiny_model
+    from tests.conftest import WORDS
+
+    other = write_tiny_model(tmp_path / "other", words=WORDS, hidden_size=32, seed=5)
+    for role, key in (("initial", "model.path"), ("reference", "sdpo.reference")):
+        m0 = tmp_path / role / "m0"
+        shutil.copytree(tiny_model_dir, m0)
+        cfg = _config(tmp_path / role, m0)
+        if role == "reference":
+            ref = tmp_path / role / "ref"
+            shutil.copytree(other, ref)
+            cfg.sdpo.reference, cfg.sdpo.partition = str(ref), "given"
+        run_training(cfg, progress=False)
+        swapped = m0 if role == "initial" else ref
+        kept = (swapped / "model.safetensors").read_bytes()
+        source = other if role == "initial" else tiny_model_dir
+        shutil.copy(source / "model.safetensors", swapped / "model.safetensors")
+        with pytest.raises(OutputDirError, match=rf"{key} \(.*\) holds other weights"):
+            run_training(cfg, progress=False, resume=True)
+        (swapped / "model.safetensors").write_bytes(kept)
+        run_training(cfg, progress=False, resume=True)
+
+
 def test_resume_on_other_training_pairs_is_refused(tiny_model_dir, tmp_path):
     """The checkpoint keeps the token ids' fingerprint: a data file edited since the run
     started is refused on resume (nothing trained on other pairs); restored, it resumes."""
