@@ -613,8 +613,36 @@ class StepwiseRunner:
             raise
         except (DataError, CheckpointError, ValueError, OSError) as e:
             raise RunInputError(str(e)) from e
+        self._check_partition_fits(pairs)
         self.tokenizer_fp = file_fingerprint(model_dir / "tokenizer.json")
         return tokenizer, pairs
+
+    def _check_partition_fits(self, pairs: list[TokenizedPair]) -> None:
+        """The partition's structural checks (pairs per step, one chunk per source, no source
+        left empty), before anything is written: the real partition comes after the initial
+        model's scoring pass, inside the run."""
+        cfg = self.cfg
+        if cfg.data.eval_fraction:
+            left = {p.source for p in pairs}
+            emptied = [s.name for s in cfg.data.sources if s.name not in left]
+            if emptied:
+                raise RunInputError(
+                    f"data.eval_fraction = {cfg.data.eval_fraction} held out every pair of "
+                    f"source(s) {emptied}, leaving none of theirs to train on; lower "
+                    "data.eval_fraction, add data to them, or hold out with data.eval_sources"
+                )
+        try:
+            partition_pairs(
+                cfg.sdpo.partition,
+                pairs_sources=[p.source for p in pairs],
+                pair_indices=[p.index for p in pairs],
+                gamma=[0.0] * len(pairs),  # the ranking is not checked here, only the shapes
+                steps=cfg.sdpo.steps,
+                source_order=[s.name for s in cfg.data.sources],
+                seed=cfg.train.seed,
+            )
+        except ValueError as e:
+            raise RunInputError(f"sdpo.partition = {cfg.sdpo.partition!r}: {e}") from None
 
     def save_input_caches(self) -> None:
         """Write the token caches ``load_inputs`` left pending (rank 0)."""

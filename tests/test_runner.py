@@ -191,6 +191,29 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_reading_inputs(
     )
 
 
+def test_a_partition_that_cannot_be_cut_is_refused_before_outputs_are_replaced(
+    tiny_model_dir, tmp_path
+):
+    """More steps than pairs, or a source the held-out split emptied: refused with exit 2's
+    error before --overwrite clears the previous run's outputs."""
+    from sdpo.runner import RunInputError
+
+    cfg = _config(tmp_path, tiny_model_dir)
+    run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    too_many = _config(tmp_path, tiny_model_dir, partition="random", steps=40)
+    with pytest.raises(RunInputError, match="cannot cut 22 pairs into 40 steps"):
+        run_training(too_many, progress=False, overwrite=True)
+    tiny = write_pairs(tmp_path / "one.jsonl", n=1, seed=5)
+    emptied = _config(tmp_path, tiny_model_dir, partition="given")
+    emptied.data.sources.append(type(emptied.data.sources[0])(name="one", path=str(tiny)))
+    emptied.sdpo.steps, emptied.data.eval_fraction = 3, 0.5
+    with pytest.raises(RunInputError, match=r"held out every pair of source\(s\) \['one'\]"):
+        run_training(emptied, progress=False, overwrite=True)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def test_separate_reference_is_freed_before_training(tiny_model_dir, tmp_path, monkeypatch):
     ref_dir = write_tiny_model(tmp_path / "ref", words=WORDS, hidden_size=32, seed=9)
     cfg = _config(tmp_path, tiny_model_dir, reference=str(ref_dir))
