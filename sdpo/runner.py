@@ -572,6 +572,8 @@ class StepwiseRunner:
                         "tokenizer; point sdpo.reference to a checkpoint of the same family"
                     )
             tokenizer = PairTokenizer.from_dir(model_dir)
+            if self.reference_dir is not None:
+                _check_same_vocabulary(model_dir, self.reference_dir)
             if tokenizer.vocab_size > model_config.vocab_size:
                 raise RunInputError(
                     f"{model_dir / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but "
@@ -1680,6 +1682,31 @@ def rounding_only_keys(config: dict[str, Any]) -> frozenset[str]:
     if config.get("sdpo", {}).get("partition", SDPOSection.partition) in ("random", "given"):
         keys.add("sdpo.report_scoring")
     return frozenset(keys)
+
+
+def _check_same_vocabulary(model_dir: Path, reference_dir: Path) -> None:
+    """The reference scores the policy's token ids: its tokenizer, when it ships one, must map
+    the same strings to the same ids (equal vocab_size is not enough: Llama-2 and Mistral both
+    have 32,000 tokens)."""
+    from tokenizers import Tokenizer
+
+    theirs = reference_dir / "tokenizer.json"
+    if not theirs.is_file():
+        return
+    try:
+        ours_vocab = Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab()
+        theirs_vocab = Tokenizer.from_file(str(theirs)).get_vocab()
+    except Exception as e:  # the Rust side raises a plain Exception
+        raise RunInputError(f"{theirs}: not a valid tokenizer.json ({e})") from None
+    if ours_vocab != theirs_vocab:
+        differ = sorted(set(ours_vocab.items()) ^ set(theirs_vocab.items()), key=lambda kv: kv[1])[
+            :3
+        ]
+        raise RunInputError(
+            f"sdpo.reference {reference_dir} has another tokenizer than model.path {model_dir} "
+            f"(their vocabularies differ, e.g. {differ}): the reference would score token ids "
+            "that mean other text to it; use a reference of the same tokenizer"
+        )
 
 
 def check_writable_folder(out: Path) -> None:

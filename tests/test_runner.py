@@ -214,6 +214,20 @@ def test_a_partition_that_cannot_be_cut_is_refused_before_outputs_are_replaced(
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_a_reference_with_another_tokenizer_of_the_same_size_is_refused(tiny_model_dir, tmp_path):
+    from sdpo.runner import RunInputError
+
+    ref_dir = write_tiny_model(tmp_path / "ref", words=WORDS[::-1], hidden_size=32, seed=9)
+    assert (
+        load_pretrained(ref_dir).config.vocab_size
+        == load_pretrained(tiny_model_dir).config.vocab_size
+    )
+    cfg = _config(tmp_path, tiny_model_dir, reference=str(ref_dir))
+    with pytest.raises(RunInputError, match="has another tokenizer than model.path"):
+        run_training(cfg, progress=False)
+    assert not Path(cfg.output_dir).exists()
+
+
 def test_separate_reference_is_freed_before_training(tiny_model_dir, tmp_path, monkeypatch):
     ref_dir = write_tiny_model(tmp_path / "ref", words=WORDS, hidden_size=32, seed=9)
     cfg = _config(tmp_path, tiny_model_dir, reference=str(ref_dir))
