@@ -172,7 +172,7 @@ class CacheKey:
 
     model_fingerprint: str  # the reference model's weights (and config)
     data_fingerprint: str  # the token ids of the chunk's pairs (see data_fingerprint)
-    tokenizer_fingerprint: str  # tokenizer.json (and chat template) used to tokenize
+    tokenizer_fingerprint: str  # tokenizer.json (the token ids themselves: data_fingerprint)
     max_length: int
     max_prompt_length: int | None
     truncation: str

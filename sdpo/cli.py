@@ -367,6 +367,11 @@ def _score(args: argparse.Namespace) -> int:
             "boundary or a chat template that renders the prompt alone differently (see README, "
             "Training)"
         )
+    if stats.num_identical:
+        print(
+            f"{stats.num_identical} pair(s) with identical chosen and rejected token ids (γ = 0: "
+            "the same text, or cut to the same tokens by --max-length / --max-prompt-length)"
+        )
     print(
         f"pairs: {len(pairs)}  truncated: {stats.num_truncated}  "
         f"reward accuracy: {float((gamma > 0).float().mean()):.4f}  "

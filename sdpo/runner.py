@@ -363,6 +363,13 @@ def load_pairs(
         f"data: {len(pairs)} pairs from {len(sources)} source(s); "
         f"{stats.num_truncated} truncated to max_length={cfg.data.max_length}"
     )
+    if stats.num_identical:
+        _log(
+            f"data: {stats.num_identical} pair(s) have identical chosen and rejected token ids "
+            "(the same text kept by data.identical_pairs, or cut to the same tokens by "
+            "data.max_length / data.max_prompt_length): they carry no training signal and "
+            "their γ is 0, which counts as hard in an easy-to-hard partition"
+        )
     if stats.num_prompt_boundary:
         _log(
             f"data: in {stats.num_prompt_boundary} pair(s) the prompt's tokens are not a prefix "

@@ -224,3 +224,14 @@ def test_demo_runs_on_one_thread_unless_omp_num_threads_is_set(monkeypatch, tmp_
     finally:
         torch.set_num_threads(before)
     assert seen == [2, 1]
+
+
+def test_score_counts_pairs_cut_to_identical_token_ids(tiny_model_dir, tmp_path, capsys):
+    """Rejected = chosen + one word: cut to 2 completion tokens, most pairs become the same ids
+    (γ = 0), which the text-level identical-pair check cannot see."""
+    data = write_pairs(tmp_path / "near.jsonl", n=8, seed=3, kind="near")
+    argv = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--no-progress"]
+    assert main([*argv, "--max-length", "5", "--max-prompt-length", "3"]) == 0
+    assert "7 pair(s) with identical chosen and rejected token ids" in capsys.readouterr().out
+    assert main(argv) == 0  # uncut: no pair is identical
+    assert "identical chosen and rejected" not in capsys.readouterr().out
