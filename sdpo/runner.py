@@ -623,6 +623,8 @@ class StepwiseRunner:
         except (DataError, CheckpointError, ValueError, OSError) as e:
             raise RunInputError(str(e)) from e
         self._check_partition_fits(pairs)
+        if cfg.data.eval_sources:
+            _warn_eval_overlap(pairs, self.eval_pairs)
         self.tokenizer_fp = file_fingerprint(model_dir / "tokenizer.json")
         return tokenizer, pairs
 
@@ -1689,6 +1691,24 @@ def rounding_only_keys(config: dict[str, Any]) -> frozenset[str]:
     if config.get("sdpo", {}).get("partition", SDPOSection.partition) in ("random", "given"):
         keys.add("sdpo.report_scoring")
     return frozenset(keys)
+
+
+def _warn_eval_overlap(train: list[TokenizedPair], held_out: list[TokenizedPair]) -> None:
+    """Held-out pairs that are also training pairs (the same token ids) make the eval metrics
+    measure memorisation: say how many."""
+
+    def ids(p: TokenizedPair) -> tuple:
+        return tuple(p.prompt_ids), tuple(p.chosen_ids), tuple(p.rejected_ids)
+
+    seen = {ids(p) for p in train}
+    both = [p for p in held_out if ids(p) in seen]
+    if both:
+        names = sorted({p.source for p in both})
+        _log(
+            f"data: {len(both)} of {len(held_out)} held-out pair(s) (source(s) {names}) are also "
+            "training pairs, token for token: their eval metrics measure what was trained on; "
+            "remove them from data.eval_sources or from the training data"
+        )
 
 
 def _check_same_vocabulary(model_dir: Path, reference_dir: Path) -> None:

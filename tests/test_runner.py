@@ -338,6 +338,23 @@ def test_held_out_eval_sources_are_scored_after_every_step_and_never_trained_on(
     assert result.reports[-1].eval_metrics["eval/loss"] == pytest.approx(last["eval/loss"])
 
 
+def test_held_out_pairs_that_are_also_training_pairs_are_counted(tiny_model_dir, tmp_path, capsys):
+    cfg = _config(tmp_path, tiny_model_dir)
+    far = Path(cfg.data.sources[0].path)
+    held = tmp_path / "held.jsonl"  # two training rows and one new one
+    rows = far.read_text().splitlines()[:2]
+    new = write_pairs(tmp_path / "new.jsonl", n=1, seed=99).read_text().splitlines()
+    held.write_text("\n".join(rows + new) + "\n")
+    cfg.data.eval_sources = [type(cfg.data.sources[0])(name="held", path=str(held))]
+    runner_mod.StepwiseRunner(cfg, progress=False).load_inputs()
+    assert "2 of 3 held-out pair(s) (source(s) ['held']) are also training pairs" in (
+        capsys.readouterr().out
+    )
+    cfg.data.eval_sources[0].path = str(tmp_path / "new.jsonl")
+    runner_mod.StepwiseRunner(cfg, progress=False).load_inputs()
+    assert "also training pairs" not in capsys.readouterr().out
+
+
 def test_eval_fraction_holds_out_a_seeded_share_scored_after_every_step(tiny_model_dir, tmp_path):
     cfg = _config(tmp_path, tiny_model_dir)
     n = len(_tokenized(cfg))
