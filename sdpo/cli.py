@@ -285,6 +285,7 @@ def _score(args: argparse.Namespace) -> int:
     """Under torchrun the ranks share the pairs (score_pairs shards them); rank 0 writes."""
     import torch
 
+    from sdpo.config import default_max_prompt_length
     from sdpo.engine import distributed, sharding
     from sdpo.engine.checkpoint import check_pretrained, load_pretrained
     from sdpo.engine.data import read_preference_file
@@ -325,7 +326,7 @@ def _score(args: argparse.Namespace) -> int:
             max_prompt_length=(
                 args.max_prompt_length
                 if args.max_prompt_length is not None
-                else max(1, args.max_length // 2)
+                else default_max_prompt_length(args.max_length)
             ),
             vocab_size=model.config.vocab_size,
         )

@@ -148,6 +148,11 @@ def _source_name(path: str) -> str:
     return name or path
 
 
+def default_max_prompt_length(max_length: int) -> int:
+    """``data.max_prompt_length`` when unset: half of ``max_length`` (512 of TRL's 1024)."""
+    return max(1, max_length // 2)
+
+
 @dataclass(kw_only=True)
 class DataSection:
     """``[data]``: preference sources, lengths and tokenization policies."""
@@ -181,7 +186,7 @@ class DataSection:
                 )
         _at_least("data.max_length", self.max_length, 1)
         if self.max_prompt_length is None:  # resolved: the saved config holds the number
-            self.max_prompt_length = max(1, self.max_length // 2)
+            self.max_prompt_length = default_max_prompt_length(self.max_length)
         _at_least("data.max_prompt_length", self.max_prompt_length, 1)
         if self.max_prompt_length >= self.max_length:
             raise ConfigError(

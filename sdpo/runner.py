@@ -819,9 +819,10 @@ class StepwiseRunner:
     def _check_same_weights(
         self, point: ResumePoint | None, role: str, fingerprint: str, key: str
     ) -> None:
-        """On resume: refuse initial (or reference) weights other than those the run started
-        from. A config names the folder or hub id, not the weights in it; other weights would
-        give another partition and other reference values for the steps still to run."""
+        """Record ``fingerprint`` as the ``role`` weights' (checkpoints keep it), and on resume
+        refuse initial (or reference) weights other than those the run started from. A config
+        names the folder or hub id, not the weights in it; other weights would give another
+        partition and other reference values for the steps still to run."""
         self.model_fps[role] = fingerprint
         if point is None:
             return
