@@ -420,6 +420,19 @@ class TrainResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
 
 
+def cast_for_precision(model: torch.nn.Module, precision: str) -> None:
+    """Cast ``model``'s parameters in place to the dtype a resolved ``precision`` trains in
+    (``parameter_dtype``), as ``DPOTrainer`` does on construction. LoRA adapters stay fp32
+    whatever the precision (engine/lora.py); the Parameter objects are kept."""
+    wanted = parameter_dtype(precision)
+    adapters = {id(p) for p in adapter_parameters(model)}
+    if not adapters and any(p.dtype != wanted for p in model.parameters()):
+        model.to(wanted)
+    for p in model.parameters():
+        if adapters and id(p) not in adapters and p.dtype != wanted:
+            p.data = p.data.to(wanted)
+
+
 def _loss_config(loss_fn: PairLossFn) -> Any:
     """The config a loss function is bound to (``partial(dpo_loss, config=...)``), or None."""
     return getattr(loss_fn, "keywords", {}).get("config")
@@ -508,15 +521,7 @@ class DPOTrainer:
         self.progress = progress
         self.device = next(model.parameters()).device
         self.precision = resolve_precision(config.precision, self.device)
-        wanted = parameter_dtype(self.precision)
-        # LoRA adapters stay fp32 whatever the precision (engine/lora.py): only the other
-        # parameters are cast, in place (the Parameter objects are kept)
-        adapters = {id(p) for p in adapter_parameters(model)}
-        if not adapters and any(p.dtype != wanted for p in model.parameters()):
-            model.to(wanted)
-        for p in model.parameters():
-            if adapters and id(p) not in adapters and p.dtype != wanted:
-                p.data = p.data.to(wanted)
+        cast_for_precision(model, self.precision)
         # sharded (FSDP2, engine/sharding.py): gradients are reduce-scattered in the backward,
         # and the optimizer is the foreach one (not the fused grad_scale/found_inf path)
         self.sharded = sharding.is_sharded(model)

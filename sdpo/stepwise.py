@@ -1,0 +1,253 @@
+"""The sDPO loop in memory, for a model and pairs the caller already holds.
+
+``sdpo train`` (``sdpo/runner.py``) runs sDPO from files: it loads a checkpoint folder, reads
+and tokenizes the data, caches reference values on disk, writes a checkpoint per step and can
+resume. A larger stack that owns its model, its data pipeline and its checkpoints needs only
+the algorithm: ``run_sdpo`` is that loop, on any module that follows the packed protocol
+(``model(input_ids, position_ids, cu_seqlens, max_seqlen)`` to final hidden states, and
+``model.lm_head_weight``): sdpo's own decoder, or a Hugging Face model wrapped in
+``sdpo.engine.hf.PackedCausalLM``.
+
+What it does, as the runner does for the same settings (a test checks that both end with the
+same weights and the same per-step numbers):
+
+1. The initial model M0 scores the pairs without gradients: all of them when the partition
+   ranks by its values (``easy_to_hard``, ``easy_to_hard_pairs``), chunk 1 alone otherwise.
+2. The pairs are cut into ``steps`` chunks (``sdpo.partition``).
+3. Step t scores chunk t with M_{t-1}, the model as it stands (step 1 reuses M0's values), then
+   trains one DPO pass over the chunk against those values, in place. So after step t the model
+   is M_t, and it is the reference of step t+1. With ``reference`` (values scored beforehand by
+   another model, over every pair) every step trains against those instead.
+
+Nothing is written to disk unless ``metrics_dir`` asks the trainer for its metrics file;
+there are no checkpoints and no resume. ``on_step_end(report, model)`` runs after each step,
+where a caller saves what it wants. Under torch.distributed every rank calls ``run_sdpo`` with
+the same pairs and its replica of the model, as ``DPOTrainer`` expects; a model the caller
+sharded (``sdpo.engine.sharding.shard_model``) trains sharded, while ``train.fsdp`` alone
+shards nothing here (the runner reads it when it loads the model).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdpo.engine.packing import TokenizedPair
+from sdpo.engine.precision import resolve_precision
+from sdpo.engine.scoring import PairLogps, score_pairs
+from sdpo.engine.trainer import DPOTrainer, TrainConfig, cast_for_precision, plan_steps
+from sdpo.kernels import resolve_impl
+from sdpo.losses import LossConfig, dpo_loss
+from sdpo.partition import STRATEGIES, partition_pairs
+from sdpo.report import StepReport
+
+__all__ = ["run_sdpo"]
+
+
+def _per_step(name: str, values: Sequence[float] | None, steps: int, default: float) -> list[float]:
+    if values is None:
+        return [default] * steps
+    values = list(values)
+    if len(values) != steps:
+        raise ValueError(f"{name} has {len(values)} values for {steps} steps: give one per step")
+    return [float(v) for v in values]
+
+
+def _chunks_from(
+    partition: str | Sequence[Sequence[int]], steps: int, known: set[int]
+) -> list[list[int]] | None:
+    """Explicit chunks checked against the pairs (None: a strategy name, cut later)."""
+    if isinstance(partition, str):
+        if partition not in STRATEGIES:
+            raise ValueError(
+                f"unknown partition {partition!r}; choose one of: {', '.join(STRATEGIES)}, "
+                "or give the chunks as lists of TokenizedPair.index"
+            )
+        return None
+    chunks = [[int(i) for i in chunk] for chunk in partition]
+    if len(chunks) != steps:
+        raise ValueError(f"partition has {len(chunks)} chunks for steps = {steps}")
+    seen: set[int] = set()
+    for t, chunk in enumerate(chunks, start=1):
+        if not chunk:
+            raise ValueError(f"chunk {t} of the partition is empty")
+        unknown = sorted(set(chunk) - known)
+        if unknown:
+            raise ValueError(f"chunk {t} names pair indices {unknown[:5]} that are not in pairs")
+        repeated = sorted(seen.intersection(chunk))
+        if repeated or len(set(chunk)) != len(chunk):
+            raise ValueError(f"chunk {t} repeats pair indices {repeated[:5] or chunk[:5]}")
+        seen.update(chunk)
+    return chunks
+
+
+def run_sdpo(
+    model: nn.Module,
+    pairs: Sequence[TokenizedPair],
+    *,
+    steps: int = 2,
+    partition: str | Sequence[Sequence[int]] = "easy_to_hard",
+    train: TrainConfig | None = None,
+    loss: LossConfig | None = None,
+    betas: Sequence[float] | None = None,
+    learning_rates: Sequence[float] | None = None,
+    reference: PairLogps | None = None,
+    reset_optimizer: bool = True,
+    source_order: Sequence[str] | None = None,
+    kernels_impl: str = "auto",
+    chunk_tokens: int | None = None,
+    max_chunk_tokens: int | None = None,
+    score_tokens_per_batch: int | None = None,
+    progress: bool = False,
+    metrics_dir: str | Path | None = None,
+    log_hook: Callable[[dict], None] | None = None,
+    on_step_end: Callable[[StepReport, nn.Module], None] | None = None,
+) -> list[StepReport]:
+    """Run ``steps`` sDPO steps on ``model`` in place; one ``StepReport`` per step.
+
+    ``partition``: a strategy of ``sdpo.partition`` (``easy_to_hard`` ranks the sources by M0's
+    reward accuracy, in ``source_order`` on ties and for ``given``; default the order in which
+    the pairs' sources first appear) or the chunks themselves, lists of ``TokenizedPair.index``.
+    ``train``/``loss``: the trainer's and the loss's settings (``TrainConfig()`` and
+    ``LossConfig()`` by default; ``train.seed`` also seeds the random partition). ``betas`` and
+    ``learning_rates``: one value per step, overriding ``loss.beta`` and ``train.learning_rate``
+    (``sdpo.beta`` / ``sdpo.learning_rate``). ``reference``: every step's reference values,
+    from ``score_pairs`` of another model over every pair with the same settings (``sdpo.
+    reference``). ``reset_optimizer`` False keeps one optimizer and one LR schedule across the
+    steps. ``score_tokens_per_batch``: the scoring pass's token budget (default 4 x
+    ``train.max_tokens_per_batch``). ``metrics_dir``: a folder where the trainer appends
+    every logged record to ``metrics.jsonl`` (nothing is written without it). ``log_hook``
+    receives every logged training record, with ``sdpo_step``; ``on_step_end(report, model)`` runs after each step with M_t in hand."""
+    train = TrainConfig() if train is None else train
+    loss = LossConfig() if loss is None else loss
+    pairs = list(pairs)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if len(pairs) < steps:
+        raise ValueError(f"{len(pairs)} pairs cannot be cut into {steps} non-empty chunks")
+    by_index = {p.index: p for p in pairs}
+    if len(by_index) != len(pairs):
+        raise ValueError("pairs must have distinct TokenizedPair.index values")
+    chunks = _chunks_from(partition, steps, set(by_index))
+    beta_of = _per_step("betas", betas, steps, loss.beta)
+    lr_of = _per_step("learning_rates", learning_rates, steps, train.learning_rate)
+    device = next(model.parameters()).device
+    precision = resolve_precision(train.precision, device)
+    impl = resolve_impl(kernels_impl, device)
+    # scoring sees the weights the trainer trains: its parameter dtype from the start
+    cast_for_precision(model, precision)
+    if reference is not None:
+        missing = sorted(set(by_index) - set(reference.pair_indices.tolist()))
+        if missing:
+            raise ValueError(f"reference has no values for pair indices {missing[:5]}")
+
+    def score(subset: Sequence[TokenizedPair]) -> PairLogps:
+        return score_pairs(
+            model,
+            subset,
+            max_tokens_per_batch=score_tokens_per_batch or 4 * train.max_tokens_per_batch,
+            impl=impl,
+            chunk_tokens=chunk_tokens,
+            precision=precision,
+            progress=progress,
+            share_prompt=train.share_prompt,
+            ld_alpha=loss.ld_alpha,
+        )
+
+    sources = [p.source for p in pairs]
+    order = list(source_order) if source_order is not None else list(dict.fromkeys(sources))
+    partition_args = {
+        "pairs_sources": sources,
+        "pair_indices": [p.index for p in pairs],
+        "source_order": order,
+        "seed": train.seed,
+    }
+    t0 = time.perf_counter()
+    ranks_by_gamma = isinstance(partition, str) and partition.startswith("easy_to_hard")
+    initial: PairLogps | None = None
+    if ranks_by_gamma:
+        initial = score(pairs)
+        gamma = dict(zip(initial.pair_indices.tolist(), initial.gamma.tolist(), strict=True))
+        chunks = partition_pairs(
+            partition, steps=steps, gamma=[gamma[p.index] for p in pairs], **partition_args
+        )
+    elif chunks is None:
+        chunks = partition_pairs(partition, steps=steps, gamma=None, **partition_args)
+    if initial is None and reference is None:
+        initial = score([by_index[i] for i in chunks[0]])
+    initial_s = time.perf_counter() - t0
+
+    optimizer = None
+    schedule_total, schedule_done = None, 0
+    if not reset_optimizer:
+        schedule_total = sum(
+            len(plan_steps([by_index[i] for i in chunk], train, epoch=e))
+            for chunk in chunks
+            for e in range(train.epochs)
+        )
+    reports: list[StepReport] = []
+    run_step = 0
+    for t, chunk in enumerate(chunks, start=1):
+        t0 = time.perf_counter()
+        chunk_pairs = [by_index[i] for i in chunk]
+        if reference is not None:
+            ref = reference
+        elif t == 1:
+            ref = initial
+        else:  # M_{t-1}: the model before this step's first update
+            ref = score(chunk_pairs)
+        ref_gamma = ref.gamma[ref.rows_for(torch.tensor(chunk, dtype=torch.int64))]
+        # the paper's Figure 2 quantity, where it is free: step 1's reference scored every pair
+        # (a partition by M0's values) or a fixed reference did
+        next_gamma = None
+        upcoming_source = reference if reference is not None else initial
+        if t < steps and (reference is not None or (t == 1 and ranks_by_gamma)):
+            upcoming = torch.tensor(chunks[t], dtype=torch.int64)
+            next_gamma = float(upcoming_source.gamma[upcoming_source.rows_for(upcoming)].mean())
+        scoring_s = (initial_s if t == 1 else 0.0) + time.perf_counter() - t0
+        trainer = DPOTrainer(
+            model,
+            config=dataclasses.replace(train, learning_rate=lr_of[t - 1]),
+            loss_fn=partial(dpo_loss, config=dataclasses.replace(loss, beta=beta_of[t - 1])),
+            kernels_impl=impl,
+            chunk_tokens=chunk_tokens,
+            max_chunk_tokens=max_chunk_tokens,
+            ld_alpha=loss.ld_alpha,
+            output_dir=metrics_dir,
+            metrics_extra={"sdpo_step": t},
+            progress=progress,
+            optimizer=optimizer,
+            log_hook=log_hook,
+        )
+        trainer.run_step_base = run_step
+        trainer.global_step = schedule_done
+        result = trainer.fit(
+            chunk_pairs, ref, schedule_steps=schedule_total, schedule_offset=schedule_done
+        )
+        run_step += result.optimizer_steps
+        if not reset_optimizer:
+            optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
+        del trainer
+        report = StepReport(
+            step=t,
+            num_pairs=len(chunk_pairs),
+            sources=sorted({p.source for p in chunk_pairs}),
+            beta=beta_of[t - 1],
+            learning_rate=lr_of[t - 1],
+            train_metrics=result.last_metrics,
+            gamma_ref_chunk=float(ref_gamma.mean()),
+            gamma_ref_next_chunk=next_gamma,
+            reward_accuracy_before=float((ref_gamma > 0).float().mean()),
+            train_seconds=result.seconds,
+            scoring_seconds=scoring_s,
+        )
+        reports.append(report)
+        if on_step_end is not None:
+            on_step_end(report, model)
+    return reports

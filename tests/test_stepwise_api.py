@@ -1,0 +1,176 @@
+"""The in-memory sDPO loop (``sdpo.stepwise.run_sdpo``) and the Hugging Face wrapper
+(``sdpo.engine.hf.PackedCausalLM``): the loop ends where the file-based runner ends on the same
+settings, and a wrapped Hugging Face model computes what sdpo's own decoder computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sdpo.config import config_from_dict
+from sdpo.engine.checkpoint import load_pretrained
+from sdpo.engine.data import read_preference_file
+from sdpo.engine.hf import PackedCausalLM
+from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+from sdpo.engine.trainer import TrainConfig
+from sdpo.losses import LossConfig
+from sdpo.runner import run_training
+from sdpo.stepwise import run_sdpo
+from tests.conftest import two_source_config
+
+transformers = pytest.importorskip("transformers")
+
+
+def _pairs(cfg):
+    tok = PairTokenizer.from_dir(cfg.model.path)
+    rows = []
+    for s in cfg.data.sources:
+        rows += read_preference_file(s.path, source=s.name)
+    pairs, _ = tokenize_pairs(
+        rows,
+        tok,
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+        truncation=cfg.data.truncation,
+    )
+    return pairs
+
+
+def _config(tmp_path: Path, model_dir: Path):
+    return config_from_dict(
+        two_source_config(
+            tmp_path,
+            model_dir,
+            train={"log_every": 1},
+            sdpo={"partition": "easy_to_hard", "beta": [0.1, 0.2]},
+        )
+    )
+
+
+def test_run_sdpo_ends_where_the_runner_ends(tiny_model_dir, tmp_path, one_thread):
+    """Same weights bit for bit and the same per-step numbers as ``sdpo train`` (CPU, fp32)."""
+    cfg = _config(tmp_path, tiny_model_dir)
+    result = run_training(cfg, progress=False)
+    records: list[dict] = []
+    model = load_pretrained(tiny_model_dir)
+    reports = run_sdpo(
+        model,
+        _pairs(cfg),
+        steps=2,
+        partition="easy_to_hard",
+        train=cfg.train,
+        loss=cfg.loss,
+        betas=cfg.sdpo.beta,
+        source_order=["far", "near"],
+        kernels_impl="torch",
+        log_hook=records.append,
+    )
+    final = load_file(Path(cfg.output_dir) / "step-2" / "model.safetensors")
+    ours = model.state_dict()
+    assert set(final) <= set(ours)
+    for name, tensor in final.items():
+        assert torch.equal(ours[name], tensor), name
+    assert len(reports) == len(result.reports) == 2
+    for a, b in zip(reports, result.reports, strict=True):
+        assert (a.step, a.num_pairs, a.sources, a.beta) == (b.step, b.num_pairs, b.sources, b.beta)
+        assert a.gamma_ref_chunk == b.gamma_ref_chunk
+        assert a.gamma_ref_next_chunk == b.gamma_ref_next_chunk
+        assert a.reward_accuracy_before == b.reward_accuracy_before
+        assert a.train_metrics["loss"] == b.train_metrics["loss"]
+    # each step starts from its reference: the first record's rewards are zero
+    for t in (1, 2):
+        first = next(r for r in records if r["sdpo_step"] == t)
+        assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+
+
+def _hf_llama(model_dir: Path):
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float64, attn_implementation="sdpa"
+    )
+
+
+def test_a_wrapped_hugging_face_model_gives_each_sequence_its_own_hidden_states(tiny_model_dir):
+    """float64: the packed stream through the wrapper equals each sequence run alone, and sdpo's
+    own decoder on the same weights."""
+    hf = _hf_llama(tiny_model_dir)
+    wrapped = PackedCausalLM(hf)
+    gen = torch.Generator().manual_seed(3)
+    lengths = [7, 1, 13]
+    ids = [torch.randint(0, hf.config.vocab_size, (n,), generator=gen) for n in lengths]
+    stream = torch.cat(ids)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, 7, 8, 21], dtype=torch.int32)
+    with torch.no_grad():
+        packed = wrapped(stream, positions, cu, max(lengths))
+        alone = torch.cat([hf.model(input_ids=x[None]).last_hidden_state[0] for x in ids])
+        ours = load_pretrained(tiny_model_dir, dtype=torch.float64)(stream, positions, cu, 13)
+    assert packed.shape == (21, hf.config.hidden_size)
+    torch.testing.assert_close(packed, alone, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(packed, ours, rtol=1e-10, atol=1e-10)
+    assert wrapped.lm_head_weight is hf.lm_head.weight
+    with pytest.raises(ValueError, match="share_prompt"):
+        wrapped(stream, positions, cu, 13, shared_prefix=object())
+
+
+def test_run_sdpo_trains_a_wrapped_hugging_face_model_in_place(tiny_model_dir, tmp_path):
+    """The wrapper's run matches sdpo's own decoder's run on the same weights (fp32), and the
+    Hugging Face object the caller holds carries M_T."""
+    cfg = _config(tmp_path, tiny_model_dir)
+    pairs = _pairs(cfg)
+    settings = dict(
+        steps=2,
+        partition="easy_to_hard",
+        # a large adam_eps: Adam's first updates are near lr * sign(grad), so a gradient entry
+        # near 0 would turn float rounding between two attention codes into a whole lr apart
+        train=TrainConfig(
+            learning_rate=3e-3, pairs_per_step=4, max_tokens_per_batch=128, adam_eps=1e-3
+        ),
+        loss=LossConfig(beta=0.1),
+        kernels_impl="torch",
+        source_order=["far", "near"],
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    before = hf.model.layers[0].mlp.up_proj.weight.detach().clone()
+    seen = []
+    hf_reports = run_sdpo(
+        PackedCausalLM(hf), pairs, on_step_end=lambda r, m: seen.append(r.step), **settings
+    )
+    own = load_pretrained(tiny_model_dir)
+    own_reports = run_sdpo(own, pairs, **settings)
+    assert seen == [1, 2]
+    assert not torch.equal(hf.model.layers[0].mlp.up_proj.weight, before)
+    hf_weights = dict(hf.named_parameters())
+    for name, tensor in own.state_dict().items():
+        torch.testing.assert_close(hf_weights[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(hf_reports, own_reports, strict=True):
+        assert a.sources == b.sources
+        assert a.gamma_ref_chunk == pytest.approx(b.gamma_ref_chunk, abs=1e-4)
+        assert a.train_metrics["loss"] == pytest.approx(b.train_metrics["loss"], abs=1e-4)
+
+
+def test_run_sdpo_refuses_bad_arguments_before_any_work(tiny_model_dir, tmp_path):
+    cfg = _config(tmp_path, tiny_model_dir)
+    pairs = _pairs(cfg)
+    model = load_pretrained(tiny_model_dir)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    known = [p.index for p in pairs]
+    cases = [
+        (dict(partition="hardest_first"), "unknown partition"),
+        (dict(partition=[known[:3]]), "1 chunks for steps = 2"),
+        (dict(partition=[known[:3], [10_000]]), "not in pairs"),
+        (dict(partition=[known[:3], known[2:5]]), "repeats"),
+        (dict(partition=[known[:3], []]), "empty"),
+        (dict(betas=[0.1]), "one per step"),
+        (dict(steps=0), "positive int"),
+        (dict(steps=len(pairs) + 1), "non-empty chunks"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            run_sdpo(model, pairs, **{"kernels_impl": "torch", **kwargs})
+    with pytest.raises(TypeError, match="get_decoder"):
+        PackedCausalLM(torch.nn.Linear(2, 2))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, weights[name])
