@@ -440,3 +440,28 @@ def test_eval_every_without_held_out_pairs_is_refused(tiny_model_dir, tmp_path):
                 "train": {"eval_every": 2},
             }
         )
+
+
+def test_the_run_log_counts_pairs_cut_to_identical_token_ids(tiny_model_dir, tmp_path, capsys):
+    """Pairs cut by max_length to the same ids are counted before training (as ``sdpo score``
+    counts them); uncut, the line is absent."""
+    for max_length, count in ((5, 7), (32, 0)):
+        data = write_pairs(tmp_path / "near.jsonl", n=8, seed=3, kind="near")
+        cfg = config_from_dict(
+            {
+                "output_dir": str(tmp_path / "unused"),
+                "model": {"path": str(tiny_model_dir)},
+                "data": {
+                    "sources": [{"name": "near", "path": str(data)}],
+                    "max_length": max_length,
+                    "max_prompt_length": 3,
+                },
+            }
+        )
+        tok = PairTokenizer.from_dir(tiny_model_dir)
+        runner_mod.load_pairs(cfg, tok, vocab_size=tok.vocab_size)
+        out = capsys.readouterr().out
+        if count:
+            assert f"data: {count} pair(s) have identical chosen and rejected token ids" in out
+        else:
+            assert "identical chosen and rejected" not in out
