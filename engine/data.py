@@ -2,11 +2,12 @@
 
 A preference row has a ``prompt``, a ``chosen`` and a ``rejected`` completion, each either a
 non-empty string or a list of chat messages ``{"role": str, "content": str}``. Files are read
-with ``datasets`` (``.jsonl``/``.json``/``.parquet``/``.csv``, or a hub name); JSON files are
-first read line by line here (strict UTF-8, strict JSON), because ``datasets`` reports a
-malformed line or a non-UTF-8 byte without saying where it is, and ``datasets`` then loads a clean
-copy holding only the validated fields. Every problem becomes a ``DataError`` naming the file, the row and
-the field, and saying what to do: bad data must fail in seconds, not an hour into a run.
+with ``datasets`` (``.jsonl``/``.json``/``.parquet``/``.csv``, a ``save_to_disk`` folder, or a
+hub name); JSON files are first read line by line here (strict UTF-8, strict JSON), because
+``datasets`` reports a malformed line or a non-UTF-8 byte without saying where it is, and
+``datasets`` then loads a clean copy holding only the validated fields. Every problem becomes a
+``DataError`` naming the file, the row and the field, and saying what to do: bad data must fail
+in seconds, not an hour into a run.
 
 Row numbers: for JSON lines files they are 1-based line numbers (what an editor shows); for
 JSON arrays, parquet, csv (the header is not a row) and hub data sets they are 0-based row
@@ -151,8 +152,9 @@ def read_preference_file(
     """Read and validate a preference data set.
 
     ``path_or_name``: a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a data set folder (the
-    layout a hub download leaves: data files named by split), or a hub data set name (``split``
-    applies to folders and hub names; a local file is one split). ``source`` names the data
+    layout a hub download leaves: data files named by split; or one written by ``datasets``'
+    ``save_to_disk``), or a hub data set name (``split`` applies to hub names and to folders
+    holding several splits; a local file, or a saved ``Dataset``, is one split). ``source`` names the data
     source (default: the file's stem or the hub name). ``identical``: what to do with pairs whose
     chosen equals rejected: "warn" (keep, warn with the count), "drop" (remove, warn with the
     count) or "error". ``columns``: the data set's column for a field when its name differs
@@ -212,6 +214,10 @@ def read_preference_file(
         if places is None:
             places = [_Place(file=name, row=i, row_label="row") for i in range(len(records))]
         default_source = path.stem
+    elif path.is_dir() and _saved_to_disk(path):
+        records = _load_saved(path, name=name, split=split)
+        places = [_Place(file=name, row=i, row_label="row") for i in range(len(records))]
+        default_source = path.name
     elif path.is_dir():
         # a data set folder as a hub download leaves it (data files named by split, e.g.
         # data/train-00000-of-00001.parquet): read by datasets like a hub name, offline
@@ -341,6 +347,39 @@ def _load_local(
                 + ("; keep each extra column to one type" if builder == "json" else ""),
                 file=name,
             ) from exc
+
+
+def _saved_to_disk(folder: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` (``state.json``) or
+    ``DatasetDict.save_to_disk`` (``dataset_dict.json``), which ``load_dataset`` refuses."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _load_saved(folder: Path, *, name: str, split: str) -> list[dict]:
+    """A ``save_to_disk`` folder: a data set is read whole, a data set dict at ``split``."""
+    import datasets
+
+    with _quiet_datasets():
+        try:
+            ds = datasets.load_from_disk(str(folder))
+        except Exception as exc:  # datasets/pyarrow raise many types; all mean "unreadable"
+            raise DataError(
+                f"could not be read as a data set saved with save_to_disk "
+                f"({type(exc).__name__}: {exc})",
+                fix="save the data set again with save_to_disk, or pass one "
+                ".jsonl/.json/.parquet/.csv file",
+                file=name,
+            ) from exc
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(
+                    f"the saved data set dict has no split {split!r} (splits: "
+                    f"{', '.join(ds) or 'none'})",
+                    fix="set the source's split to one of these",
+                    file=name,
+                )
+            ds = ds[split]
+        return ds.to_list()
 
 
 def _load_hub(name: str, *, split: str, cache: Path | None = None) -> list[dict]:

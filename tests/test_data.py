@@ -93,6 +93,41 @@ def test_a_data_set_folder_loads_by_split_like_a_hub_download(tmp_path):
         read_preference_file(folder, split="validation")
 
 
+def test_a_folder_written_by_save_to_disk_loads_as_a_data_set_or_a_dict_by_split(tmp_path):
+    """TRL users keep preprocessed data with ``save_to_disk``, which ``load_dataset`` refuses."""
+    conversational = [
+        {
+            "chosen": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+            ],
+            "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go"}],
+        }
+    ]
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "pairs_saved"))
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(conversational),
+            "test": datasets.Dataset.from_list(ROWS[:1]),
+        }
+    ).save_to_disk(str(tmp_path / "dict_saved"))
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    rows = read_preference_file(tmp_path / "pairs_saved")
+    assert [triple(r) for r in rows] == [triple(r) for r in ROWS]
+    assert {r["source"] for r in rows} == {"pairs_saved"} and [r["row"] for r in rows] == [0, 1, 2]
+    (row,) = read_preference_file(tmp_path / "dict_saved")  # the train split, implicit prompt
+    assert triple(row) == (
+        [{"role": "user", "content": "hi"}],
+        [{"role": "assistant", "content": "hello"}],
+        [{"role": "assistant", "content": "go"}],
+    )
+    test = read_preference_file(tmp_path / "dict_saved", split="test")
+    assert [triple(r) for r in test] == [triple(ROWS[0])]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no cache
+    with pytest.raises(DataError, match=r"dict_saved.*no split 'validation' \(splits: train, test"):
+        read_preference_file(tmp_path / "dict_saved", split="validation")
+
+
 def test_jsonl_rows_keep_their_line_numbers_across_blank_lines_and_source_override(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS, blank_after=1)
     rows = read_preference_file(path, source="openorca")
