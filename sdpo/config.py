@@ -500,6 +500,25 @@ _TRL_NAMES = {
     "lora_dropout": "it is 'lora.dropout' here",
     "lora_target_modules": "it is 'lora.targets' here",
     "target_modules": "it is 'lora.targets' here",
+    "eval_strategy": (
+        "held-out pairs are scored after each sDPO step, and every 'train.eval_every' "
+        "optimizer steps when set"
+    ),
+    "save_strategy": (
+        "checkpoints are written every 'train.save_every' optimizer steps and at the end of "
+        "each sDPO step"
+    ),
+    "logging_strategy": "a record is logged every 'train.log_every' optimizer steps",
+    "resume_from_checkpoint": (
+        "run 'sdpo train --config FILE --resume': it continues from the newest complete "
+        "checkpoint in output_dir"
+    ),
+    "deepspeed": "sdpo shards the model with FSDP2 under torchrun: set 'train.fsdp' = true",
+    "disable_dropout": (
+        "sdpo's model has no dropout (as TRL's disable_dropout = true); LoRA's is 'lora.dropout'"
+    ),
+    "dataset_name": "list the data files, folders or hub data set names in 'data.sources'",
+    "push_to_hub": "sdpo uploads nothing: each step-<t>/ is a Hugging Face model folder to upload",
     "sync_ref_model": (
         "TR-DPO is not offered: sdpo precomputes the reference values, which TRL refuses with "
         "sync_ref_model too; sDPO's steps renew the reference once per chunk"
@@ -507,22 +526,26 @@ _TRL_NAMES = {
 }
 
 
-def _unknown_key(key: str, prefix: str, valid: list[str], origins: _Origins) -> ConfigError:
+def _unknown_key(
+    key: str, prefix: str, valid: list[str], origins: _Origins, *, table: bool
+) -> ConfigError:
+    """``table``: the unknown name holds a table (a ``[section]`` at the top level)."""
     full = f"{prefix}{key}"
-    kind = "section" if not prefix else "key"
+    kind = "section" if not prefix and table else "key"
     if key in _TRL_NAMES:
         owner = "PEFT's" if key in ("r", "target_modules") else "TRL's"  # LoraConfig's names
         return ConfigError(
             f"unknown {kind} '{full}' ({origins.where(full)}): {owner} option '{key}'? "
             f"{_TRL_NAMES[key]}"
         )
-    # a key that exists in another section ([train] beta -> loss.beta), else a near spelling here,
-    # else a near spelling anywhere, else the list of what is valid here
+    # a key that exists in another section ([train] beta -> loss.beta; a flat TRL-style
+    # learning_rate at the top level -> train.learning_rate), else a near spelling here, else a
+    # near spelling anywhere, else the list of what is valid here
     all_keys = _all_keys(RunConfig)
     sections = {k.rsplit(".", 1)[0] for k in all_keys if "." in k}
     by_leaf: dict[str, str] = {}
     for k in all_keys:
-        if prefix and k not in sections:
+        if (prefix or not table) and k not in sections:
             by_leaf.setdefault(k.rsplit(".", 1)[-1], k)
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
     close_leaf = difflib.get_close_matches(key, list(by_leaf), n=1, cutoff=0.6)
@@ -534,7 +557,7 @@ def _unknown_key(key: str, prefix: str, valid: list[str], origins: _Origins) -> 
         hint = f"did you mean '{by_leaf[close_leaf[0]]}'?"
     else:
         hint = "valid keys here: " + ", ".join(f"'{prefix}{v}'" for v in valid)
-    if "." not in hint.split("'")[1]:
+    if prefix and "." not in hint.split("'")[1]:
         hint += " (top-level keys go before the first [section] header)"
     return ConfigError(f"unknown {kind} '{full}' ({origins.where(full)}): {hint}")
 
@@ -639,7 +662,7 @@ def _build(cls: type, data: Any, *, prefix: str, origins: _Origins) -> Any:
     kwargs = {}
     for name, value in data.items():
         if name not in fields:
-            raise _unknown_key(name, prefix, list(fields), origins)
+            raise _unknown_key(name, prefix, list(fields), origins, table=isinstance(value, dict))
         kwargs[name] = _convert(
             value, hints[name], key=f"{prefix}{name}", meta=fields[name].metadata, origins=origins
         )

@@ -191,7 +191,11 @@ def test_set_into_a_non_table_is_explained(tmp_path):
     [
         ("[train]\nlearnin_rate = 1e-6\n", [], "unknown key 'train.learnin_rate'.*did you mean 'train.learning_rate'"),
         ("[train]\nbeta = 0.2\n", [], "unknown key 'train.beta'.*did you mean 'loss.beta'"),
-        ("[trian]\nepochs = 1\n", [], "unknown section 'trian'.*did you mean 'train'"),
+        ("[trian]\nepochs = 1\n", [], "unknown section 'trian'.*did you mean 'train'\\?$"),
+        # flat TRL-style keys at the top level: the section that holds them
+        ("", ["learning_rate=1e-6"], "unknown key 'learning_rate' .*did you mean 'train.learning_rate'\\?$"),
+        ("", ["loss_type='ipo'"], "unknown key 'loss_type' .*did you mean 'loss.loss_type'"),
+        ("", ["fsdp=true"], "unknown key 'fsdp' .*did you mean 'train.fsdp'"),
         ("[sdpo]\nstep = 2\n", [], "unknown key 'sdpo.step'.*did you mean 'sdpo.steps'"),
         ("[train]\nmodell = 2\n", [], "unknown key 'train.modell'.*valid keys here: 'train.learning_rate'"),
         ("[train]\nlabel_smothing = 0.1\n", [], "unknown key 'train.label_smothing'.*did you mean 'loss.label_smoothing'"),
@@ -225,6 +229,8 @@ def test_trl_option_names_say_what_they_are_here(tmp_path):
         load_config(write(tmp_path, MINIMAL), ["lora.r=16"])
     with pytest.raises(ConfigError, match="TRL's option 'max_steps'. sdpo has no step cap"):
         load_config(write(tmp_path, MINIMAL), ["train.max_steps=100"])
+    with pytest.raises(ConfigError, match="TRL's option 'resume_from_checkpoint'.*--resume"):
+        load_config(write(tmp_path, MINIMAL), ["resume_from_checkpoint=true"])
     # every key a hint names exists
     keys = set(_all_keys(RunConfig))
     for name, hint in _TRL_NAMES.items():
@@ -280,9 +286,11 @@ def test_invalid_values_are_rejected_with_the_key_and_the_fix(tmp_path, override
 
 def test_missing_required_values_are_explained(tmp_path):
     with pytest.raises(
-        ConfigError, match="unknown section 'outptu_dir'.*did you mean 'output_dir'"
+        ConfigError, match="unknown key 'outptu_dir'.*did you mean 'output_dir'\\?$"
     ):
         load_config(write(tmp_path, "outptu_dir = 'x'\n" + MINIMAL))
+    with pytest.raises(ConfigError, match="unknown key 'beta' .*did you mean 'loss.beta'"):
+        load_config(write(tmp_path, "beta = 0.2\n" + MINIMAL))
     with pytest.raises(ConfigError, match="output_dir is required"):
         load_config(write(tmp_path, MINIMAL.replace('output_dir = "runs/a"', "")))
     with pytest.raises(ConfigError, match="model.path is missing"):
