@@ -128,6 +128,44 @@ def test_render_chat_matches_transformers_apply_chat_template(tmp_path):
             assert ours.render_chat(messages[:n], add_generation_prompt=gen) == expected
 
 
+# As TRL's training templates write a turn: the answer inside {% generation %} (transformers'
+# assistant-token mask), tool calls through tojson with its keyword options.
+TRAINING_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] }} : "
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] }}"
+    "{% for call in message.get('tool_calls', []) %} {{ call | tojson(ensure_ascii=False, "
+    "separators=(',', ':'), sort_keys=True) }}{% endfor %}{% endgeneration %}"
+    "{% else %}{{ message['content'] }}{% endif %} "
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant : {% endif %}"
+)
+
+
+def test_a_template_with_generation_blocks_and_tojson_options_renders_as_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder = build_tokenizer(tmp_path, words=WORDS, chat_template=TRAINING_TEMPLATE)
+    ours = PairTokenizer.from_dir(folder)
+    theirs = transformers.PreTrainedTokenizerFast.from_pretrained(str(folder))
+    call = {"name": "sat", "arguments": {"b": "é", "a": 1}}
+    messages = [
+        {"role": "user", "content": "hello cat"},
+        {"role": "assistant", "content": "the cat", "tool_calls": [call]},
+    ]
+    for n, gen in ((1, True), (2, False)):
+        expected = theirs.apply_chat_template(
+            messages[:n], tokenize=False, add_generation_prompt=gen
+        )
+        assert ours.render_chat(messages[:n], add_generation_prompt=gen) == expected
+    assert '{"arguments":{"a":1,"b":"é"},"name":"sat"}' in expected
+    pairs, _ = tokenize_pairs([conv_row()], ours, max_length=64)
+    assert pairs[0].prompt_ids == [USER, COLON, *wid("hello"), ASSISTANT, COLON]
+    assert (pairs[0].chosen_ids, pairs[0].rejected_ids) == (
+        wid("the cat") + [EOS],
+        wid("dog") + [EOS],
+    )
+
+
 def conv_row(prompt: str = "hello", chosen: str = "the cat", rejected: str = "dog") -> dict:
     return {
         "prompt": [{"role": "user", "content": prompt}],
