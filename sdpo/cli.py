@@ -186,20 +186,38 @@ def resume_command(args: argparse.Namespace) -> str:
     return shlex.join([*words, "--resume"])
 
 
-def _say(*args: object, **kwargs: object) -> None:
+def _say(*args: object, this_rank: bool = False, **kwargs: object) -> None:
     """``print`` on rank 0 only. Data parallel: every rank meets the same error and exits with
-    the same code; rank 0 alone prints it (the others would repeat it word for word)."""
+    the same code; rank 0 alone prints it (the others would repeat it word for word).
+    ``this_rank``: a failure that may be this rank's alone (see ``_leave_group_alone``), printed
+    by any rank that meets it, named by its rank."""
     from sdpo.engine import distributed
 
-    if distributed.is_main():
+    if distributed.is_main() and not (this_rank and distributed.active()):
         print(*args, **kwargs)
+    elif this_rank:
+        print(f"[rank {distributed.rank()}]", *args, **kwargs)
+
+
+def _leave_group_alone(code: int) -> int:
+    """Leave the process group now, without the closing barrier, and return ``code``: for a
+    failure that may be this rank's alone (out of memory on one GPU; an output that rank 0
+    alone writes). The other ranks may then be waiting in a collective this rank will never
+    join, where that barrier would hold every rank until the group's timeout (30 minutes).
+    Left without it, their collective fails at once (gloo: the peer closed the connection), or
+    torchrun ends them once this rank has exited (NCCL)."""
+    from sdpo.engine import distributed
+
+    distributed.shutdown()
+    return code
 
 
 def _in_process_group(command: Callable[[argparse.Namespace], int]):
     """``command`` run inside the torchrun process group when launched by torchrun (a plain run
     touches nothing of torch.distributed).
 
-    Every rank returns the same code (2, 3, 74, 75 alike). torchrun takes the first rank that
+    Every rank returns the same code (2, 3, 74, 75 alike), except after a failure that may be
+    one rank's alone (``_leave_group_alone``). torchrun takes the first rank that
     exits nonzero as failed and sends SIGTERM to the others, which are then only leaving the
     group or the interpreter: that SIGTERM would replace their code with -15 (a graceful stop
     reported as a kill on some ranks, at random). So a rank that returns a nonzero code ignores
@@ -257,18 +275,22 @@ def _train(args: argparse.Namespace) -> int:
         _say(f"sdpo: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except OutOfMemoryStop as e:
-        _say(f"sdpo: {e}. Continue with: {resume_command(args)} --set KEY=VALUE", file=sys.stderr)
-        return EXIT_OUT_OF_MEMORY
+        _say(
+            f"sdpo: {e}. Continue with: {resume_command(args)} --set KEY=VALUE",
+            file=sys.stderr,
+            this_rank=True,
+        )
+        return _leave_group_alone(EXIT_OUT_OF_MEMORY)
     except CheckpointWriteError as e:
         _say(f"sdpo: {e}: {resume_command(args)}", file=sys.stderr)
         return EXIT_WRITE
-    except OSError as e:
+    except OSError as e:  # also rank 0's own writes (caches, metrics.jsonl): printed there
         _say(
             f"sdpo: could not write an output ({e}); training checkpoints written so far are "
             f"intact. Fix the cause, then continue with: {resume_command(args)}",
             file=sys.stderr,
         )
-        return EXIT_WRITE
+        return _leave_group_alone(EXIT_WRITE)
     except TrainingStopped as e:
         ckpt = getattr(e, "checkpoint", None)
         saved = f"checkpoint {ckpt} is saved" if ckpt else "no training checkpoint yet"

@@ -11,6 +11,8 @@ subprocesses, compared with one uninterrupted two-rank run of the same config.
   with the graceful-stop code after the same step, the checkpoint resumes to the same bits.
 - One rank SIGKILLed alone: torchrun ends the run (no hang), earlier checkpoints stay intact and
   the run resumes to the same bits.
+- Out of memory on rank 0 alone (a failure its peer does not share): it exits with its code at
+  once and the run ends (no hang in the closing barrier).
 
 A signal meant for one rank is sent to that worker process itself. To deliver it at an exact
 place, both workers first stop themselves there (``SDPO_FAULT_AT="<point>:<count>:STOP"``); the
@@ -38,7 +40,7 @@ import torch
 import torch.distributed
 from safetensors.torch import load_file
 
-from sdpo.cli import EXIT_STOPPED
+from sdpo.cli import EXIT_OUT_OF_MEMORY, EXIT_STOPPED
 from sdpo.engine.resume import list_checkpoints, verify_checkpoint
 from tests.conftest import torchrun_env, write_two_source_run
 
@@ -334,3 +336,15 @@ def test_one_rank_killed_alone_ends_the_run_and_resumes_to_the_same_bits(referen
     run = _launch(reference.cfg, out, resume=True)
     assert run.returncode == 0, run.explain()
     _assert_same_result(out, reference.out)
+
+
+def test_a_failure_on_one_rank_alone_ends_the_run_instead_of_hanging(tmp_path):
+    # out of memory on rank 0 alone, right after it wrote the initial reference cache (a point
+    # only the writing rank reaches), while rank 1 has gone on into the next collective: rank 0
+    # must not wait for rank 1 in the closing barrier (both would hang until the group timeout)
+    cfg = _setup(tmp_path)
+    run = _launch(cfg, tmp_path / "out", fault="cache_saved:1:OOM")
+    assert run.root_cause == 0 and run.failed[0] == EXIT_OUT_OF_MEMORY, run.explain()
+    assert run.failed.get(1, 0) != 0, run.explain()  # ended too, not left waiting
+    assert "[rank 0] sdpo: the GPU ran out of memory" in run.output, run.explain()
+    assert "--resume" in run.output
