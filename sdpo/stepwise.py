@@ -5,8 +5,9 @@ and tokenizes the data, caches reference values on disk, writes a checkpoint per
 resume. A larger stack that owns its model, its data pipeline and its checkpoints needs only
 the algorithm: ``run_sdpo`` is that loop, on any module that follows the packed protocol
 (``model(input_ids, position_ids, cu_seqlens, max_seqlen)`` to final hidden states, and
-``model.lm_head_weight``): sdpo's own decoder, or a Hugging Face model wrapped in
-``sdpo.engine.hf.PackedCausalLM``.
+``model.lm_head_weight``): sdpo's own decoder, or a Hugging Face causal LM (wrapped in
+``sdpo.engine.hf.PackedCausalLM`` when given as it is; ``on_step_end`` then receives the
+wrapper, whose parameters are the Hugging Face model's own).
 
 What it does, as the runner does for the same settings (a test checks that both end with the
 same weights and the same per-step numbers):
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdpo.engine.hf import PackedCausalLM
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import resolve_precision
 from sdpo.engine.scoring import PairLogps, score_pairs
@@ -124,6 +126,8 @@ def run_sdpo(
     ``train.max_tokens_per_batch``). ``metrics_dir``: a folder where the trainer appends
     every logged record to ``metrics.jsonl`` (nothing is written without it). ``log_hook``
     receives every logged training record, with ``sdpo_step``; ``on_step_end(report, model)`` runs after each step with M_t in hand."""
+    if not hasattr(model, "lm_head_weight") and callable(getattr(model, "get_decoder", None)):
+        model = PackedCausalLM(model)  # a Hugging Face causal LM, trained in place
     train = TrainConfig() if train is None else train
     loss = LossConfig() if loss is None else loss
     pairs = list(pairs)

@@ -135,12 +135,12 @@ def test_run_sdpo_trains_a_wrapped_hugging_face_model_in_place(tiny_model_dir, t
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     before = hf.model.layers[0].mlp.up_proj.weight.detach().clone()
     seen = []
-    hf_reports = run_sdpo(
-        PackedCausalLM(hf), pairs, on_step_end=lambda r, m: seen.append(r.step), **settings
+    hf_reports = run_sdpo(  # wrapped in PackedCausalLM by run_sdpo
+        hf, pairs, on_step_end=lambda r, m: seen.append((r.step, type(m))), **settings
     )
     own = load_pretrained(tiny_model_dir)
     own_reports = run_sdpo(own, pairs, **settings)
-    assert seen == [1, 2]
+    assert seen == [(1, PackedCausalLM), (2, PackedCausalLM)]
     assert not torch.equal(hf.model.layers[0].mlp.up_proj.weight, before)
     hf_weights = dict(hf.named_parameters())
     for name, tensor in own.state_dict().items():
