@@ -23,17 +23,18 @@ Design:
    T = cdiv(V, BLOCK_N), so slices differ by at most one tile and none is empty). For each
    tile it runs a K-loop over H in BLOCK_K steps, ``tl.dot`` of the (BLOCK_M, BLOCK_K)
    hidden block with the transposed (BLOCK_N, BLOCK_K) weight block, fp32 accumulator; then
-   an online-softmax update in fp32 and base 2 (``x = acc·log2(e)``, running max ``m`` and
-   running ``sum exp2(x - m)`` per row), and the label's logit where the row's label falls
-   in the tile. It writes per-(split, row) partial max and sum, and the label logit from
+   an online-softmax update in fp32 (running max ``m`` of the logits ``x = acc`` and running
+   ``sum exp2((x - m)·log2(e))`` per row: the max is subtracted in natural units, exactly near
+   the max, so large logits get no rounding bias), and the label's logit where the row's label
+   falls in the tile. It writes per-(split, row) partial max and sum, and the label logit from
    the one split whose slice holds the label (so no race and no (S, N) array for it).
-2. ``_combine``: torch ops on the (S, N) partials: ``lse = ln2 · (M + log2 Σ_s sum_s ·
-   2^(m_s - M))``, ``token_logp = label_logit - lse`` (0 where label == -100).
+2. ``_combine``: torch ops on the (S, N) partials: ``lse = M + log Σ_s sum_s ·
+   e^(m_s - M)``, ``token_logp = label_logit - lse`` (0 where label == -100).
 
 Tails: a vocabulary tile past V reads clamped (valid) weight rows and adds a -inf bias to
-those columns (folded into the log2(e) scaling, one FMA), so they vanish from max and sum;
-token rows past N read clamped rows and are not stored; an H that is not a multiple of
-BLOCK_K masks the last K step (``EVEN_K`` skips the mask when it divides).
+those columns, so they vanish from max and sum; token rows past N read clamped rows and are
+not stored; an H that is not a multiple of BLOCK_K masks the last K step (``EVEN_K`` skips
+the mask when it divides).
 
 Why the split-fastest order (s varies fastest with pid): the programs resident at one time
 (about one per SM) then cover few row blocks and every split. Each program re-reads its
@@ -55,7 +56,8 @@ and autotuning's repeated launches overwrite them whole. ``splits=`` overrides i
 benchmark can sweep it).
 
 Expected on an H100 (NOT YET MEASURED; the GPU timing is owed): the matmul dominates
-(2·N·H·V FLOP); the per-tile epilogue (one FMA, a row max, exp2 and a row sum per logit,
+(2·N·H·V FLOP); the per-tile epilogue (a bias add, a row max, a subtraction, a multiply, exp2
+and a row sum per logit,
 plus the label compare/select) is ~2-4K cycles against a ~65K-cycle K-loop for a 128×256
 tile at H=4,096, so the kernel should land near Triton's own GEMM efficiency on these
 shapes. Whether that is within 1.10x of cuBLAS is the open question: a pointer-based
@@ -82,7 +84,6 @@ pass.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -99,7 +100,6 @@ from .logprobs import (
 from .triton_rows import launch
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit kernel may read
-LN2 = math.log(2.0)
 
 
 # Hopper-friendly tiles (NOT YET MEASURED: chosen from first principles, the autotuner picks
@@ -192,7 +192,8 @@ def _fused_head_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
 
-    # Log2 domain. A finite start keeps exp2(m - m_new) defined on the first tile.
+    # Running max in natural units, sums of base-2 exponentials. A finite start keeps
+    # exp2((m - m_new) * log2(e)) defined on the first tile.
     m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
     s_i = tl.zeros((BLOCK_M,), tl.float32)
     label_logit = tl.zeros((BLOCK_M,), tl.float32)
@@ -221,10 +222,12 @@ def _fused_head_kernel(
         hit = cols[None, :] == labels[:, None]
         label_logit += tl.sum(tl.where(hit, acc, 0.0), axis=1)
         bias = tl.where(cols < V, 0.0, -float("inf"))
-        x = acc * LOG2E + bias[None, :]
+        x = acc + bias[None, :]
         m_new = tl.maximum(m_i, tl.max(x, axis=1))
-        p = tl.exp2(x - m_new[:, None])
-        s_i = s_i * tl.exp2(m_i - m_new) + tl.sum(p, axis=1)
+        # Subtract the max in natural units, then scale to base 2: x - m is exact near the
+        # max, where a max of x·log2(e) would be rounded at |x|·2^-24 and bias every lse.
+        p = tl.exp2((x - m_new[:, None]) * LOG2E)
+        s_i = s_i * tl.exp2((m_i - m_new) * LOG2E) + tl.sum(p, axis=1)
         m_i = m_new
 
     tl.store(part_max_ptr + pid_s * N + rows, m_i, mask=row_ok)
@@ -287,7 +290,7 @@ def _partials(
     splits: int,
     tiles: dict[str, int] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the kernel: (S, N) partial max (log2 units) and sum, and (N,) label logits.
+    """Launch the kernel: (S, N) partial max and sum, and (N,) label logits.
 
     ``tiles`` None: autotuned over CONFIGS (FP32_CONFIGS for fp32 inputs); a dict of
     BLOCK_M/BLOCK_N/BLOCK_K runs exactly that.
@@ -321,10 +324,10 @@ def _partials(
 def _combine(
     part_max: torch.Tensor, part_sum: torch.Tensor, label_logit: torch.Tensor, labels: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token_logp, lse) from the per-split partials (log2 units in, natural units out)."""
+    """(token_logp, lse) from the per-split partials (natural units)."""
     top = part_max.amax(dim=0)  # (N,)
-    total = (part_sum * torch.exp2(part_max - top)).sum(dim=0)  # (N,)
-    lse = (top + torch.log2(total)) * LN2
+    total = (part_sum * torch.exp(part_max - top)).sum(dim=0)  # (N,)
+    lse = top + torch.log(total)
     token_logp = torch.where(labels != IGNORE_INDEX, label_logit - lse, 0.0)
     return token_logp, lse
 

@@ -211,3 +211,16 @@ def test_fused_head_on_cuda_writes_no_logits():
     # most cdiv(V, 256)), a few (N,) vectors: ~16 MB here, where logits would be 262 MB
     limit = 8 * triton.cdiv(vocab, 256) * n * 4 + 16 * n * 4 + 2**20
     assert extra <= limit, f"fused reference pass held {extra} bytes (limit {limit})"
+
+
+def test_fused_logprobs_of_large_confident_logits_match_float64_truth():
+    """Logits of magnitude ~1e3 whose label is the row's largest: plain fp32 PyTorch gets the
+    label's log-prob nearly exactly (label logit minus max cancels), and so must the kernel;
+    a logsumexp kept in base-2 units would round the max at |x| · 2^-24 and bias every token."""
+    b = _batch(seed=57, vocab=1031, hidden=24)
+    for key in ("h64", "h"):
+        b[key] = b[key] * 300.0
+    scored = b["labels"] != IGNORE_INDEX
+    best = (b["h"].double() @ b["w"].double().t()).argmax(dim=1)
+    b["labels"] = torch.where(scored, best, b["labels"])
+    _check_against_truth(b, rel_margin=1e-6)
