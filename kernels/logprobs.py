@@ -177,7 +177,10 @@ def rows_backward(
         block_labels = labels[start:stop]
         valid = block_labels != IGNORE_INDEX
         g = torch.where(valid, grad_token[start:stop], 0.0).unsqueeze(1)  # (rows, 1)
-        probs = torch.exp(logits[start:stop].float() - lse[start:stop].unsqueeze(1))
+        # lse = +inf on unscored rows: their probs are 0, not NaN, even when all their
+        # logits are -inf (lse -inf), so g = 0 gives them a zero gradient
+        row_lse = torch.where(valid, lse[start:stop], float("inf")).unsqueeze(1)  # (rows, 1)
+        probs = torch.exp(logits[start:stop].float() - row_lse)
         grad = -g * probs
         grad.scatter_add_(1, block_labels.clamp(min=0).unsqueeze(1), g)
         out[start:stop] = grad.to(out.dtype)

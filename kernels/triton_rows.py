@@ -74,12 +74,14 @@ def logprobs_bwd_kernel(
     label = tl.load(labels_ptr + row)
     valid = label != IGNORE
     g = tl.where(valid, tl.load(grad_token_ptr + row), 0.0)
-    lse = tl.load(lse_ptr + row)
+    # Rows with g == 0 (prompt tokens) skip the loads: with load_limit = 0 every load is
+    # masked off, x = -inf, and lse = +inf makes p = 0 even where the row's own lse is -inf
+    # (logits all -inf, or all below the forward's -1e30 start), so the row is written as
+    # zeros without being read.
+    lse = tl.where(g != 0.0, tl.load(lse_ptr + row), float("inf"))
     in_ptr = logits_ptr + row * stride_in
     out_ptr = grad_ptr + row * stride_out
     offs = tl.arange(0, BLOCK_V)
-    # Rows with g == 0 (prompt tokens) skip the loads: with load_limit = 0 every load is
-    # masked off, x = -inf, p = 0, and the row is written as zeros without being read.
     load_limit = tl.where(g != 0.0, V, 0)
     for start in range(0, V, BLOCK_V):
         cols = start + offs

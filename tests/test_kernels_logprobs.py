@@ -137,6 +137,37 @@ def test_strided_labels_and_transposed_logits_give_the_contiguous_results(impl):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+# the interpreter runs the forward's log(0) and -inf - -inf of an all -inf row in NumPy
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_unscored_rows_of_masked_out_logits_get_zero_gradient(impl):
+    """Rows whose logits are all -inf (or all at the float minimum, a common mask value) and
+    whose label is -100: their log-prob is 0 and their gradient 0, not NaN, and the other
+    rows keep the values and gradients they have without them."""
+    _, logits, labels, seq_ids, s = _batch(seed=17)
+    logits = logits[:40].contiguous()
+    labels, seq_ids = labels[:40].clone(), seq_ids[:40]
+    s = int(seq_ids.max()) + 1
+    masked = torch.zeros(40, dtype=torch.bool)
+    masked[[3, 4, 20]] = True
+    labels[masked] = IGNORE_INDEX
+    weights = torch.linspace(0.5, 2.0, s)
+
+    def run(x):
+        x = x.clone().requires_grad_(True)
+        seq, tok = logprobs_from_logits(x, labels, seq_ids, s, impl=impl)
+        ((seq * weights).sum() + tok.sum()).backward()
+        return seq, tok, x.grad
+
+    want_seq, want_tok, want_grad = run(logits)
+    for fill in (-float("inf"), torch.finfo(torch.float32).min):
+        seq, tok, grad = run(logits.masked_fill(masked.unsqueeze(1), fill))
+        assert bool((grad[masked] == 0).all()), f"fill {fill}: masked rows' gradient is not 0"
+        torch.testing.assert_close(grad[~masked], want_grad[~masked], rtol=0, atol=0)
+        torch.testing.assert_close(seq, want_seq, rtol=0, atol=0)
+        torch.testing.assert_close(tok, want_tok, rtol=0, atol=0)
+
+
 def test_torch_compile_can_call_logprobs_from_logits():
     _, logits, labels, seq_ids, s = _batch(seed=15)
     logits = logits[:50].contiguous()
