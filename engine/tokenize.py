@@ -156,9 +156,10 @@ class PairTokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> PairTokenizer:
-        """Load ``tokenizer.json`` and ``tokenizer_config.json`` (EOS/BOS, ``add_bos_token``,
-        ``chat_template``; the template may also sit in ``chat_template.jinja``). EOS/BOS missing
-        from tokenizer_config.json are taken from ``config.json`` ``eos_token_id``/``bos_token_id``."""
+        """Load ``tokenizer.json`` and ``tokenizer_config.json`` (EOS/BOS, ``add_bos_token``) and
+        the chat template (``chat_template.jinja`` or tokenizer_config.json's ``chat_template``,
+        as transformers picks it: ``_find_chat_templates``). EOS/BOS missing from
+        tokenizer_config.json are taken from ``config.json`` ``eos_token_id``/``bos_token_id``."""
         folder = Path(model_dir)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -190,12 +191,13 @@ class PairTokenizer:
                 "no eos_token_id; add one of them"
             )
         add_bos = config.get("add_bos_token")
+        templates = _find_chat_templates(folder, config)
         return cls(
             tokenizer,
             eos_token=eos,
             bos_token=special("bos"),
             add_bos=add_bos if isinstance(add_bos, bool) else None,
-            chat_template=_find_chat_template(folder, config),
+            chat_template=templates.get("default", next(iter(templates.values()), None)),
             name=str(folder),
         )
 
@@ -262,19 +264,38 @@ class PairTokenizer:
         return False
 
 
-def _find_chat_template(folder: Path, config: dict) -> str | None:
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named templates, <name>.jinja (transformers 5)
+PROCESSOR_CHAT_TEMPLATE_FILE = "chat_template.json"  # a processor's {"chat_template": ...}
+
+
+def _find_chat_templates(folder: Path, config: dict) -> dict[str, str]:
+    """The folder's chat templates by name, as transformers' ``from_pretrained`` reads them:
+    template files (``chat_template.jinja``, the "default"; ``additional_chat_templates/
+    <name>.jinja``) take priority over ``tokenizer_config.json``'s ``chat_template`` (one
+    string, the "default", or a list of ``{"name", "template"}``); with neither, a processor's
+    ``chat_template.json``."""
+    templates = {}
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        templates["default"] = (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    if (folder / CHAT_TEMPLATE_DIR).is_dir():
+        for path in sorted((folder / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+            templates[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+    if templates:
+        return templates
     template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default", next(iter(named.values()), None))
+    if isinstance(template, list):
+        return {
+            str(t.get("name")): t["template"]
+            for t in template
+            if isinstance(t, dict) and isinstance(t.get("template"), str)
+        }
     if isinstance(template, str):
-        return template
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    if (folder / "chat_template.json").is_file():
-        template = _read_json(folder / "chat_template.json").get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
+        return {"default": template}
+    if (folder / PROCESSOR_CHAT_TEMPLATE_FILE).is_file():
+        template = _read_json(folder / PROCESSOR_CHAT_TEMPLATE_FILE).get("chat_template")
+        return {"default": template} if isinstance(template, str) else {}
+    return {}
 
 
 class ChatTemplateError(ValueError):

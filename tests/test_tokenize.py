@@ -418,12 +418,26 @@ def test_from_dir_errors_and_template_sources(tmp_path):
     ]
     config["eos_token"] = {"content": "<eos>", "special": True}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "chat_template.jinja").unlink()
     tok = PairTokenizer.from_dir(folder)
     assert tok.chat_template == "y" and tok.eos_id == EOS
     config["eos_token"] = "<nope>"
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="eos_token '<nope>' is not in the tokenizer's vocabulary"):
         PairTokenizer.from_dir(folder)
+
+
+def test_template_files_take_priority_over_tokenizer_config_as_in_transformers(tmp_path):
+    folder = build_tokenizer(tmp_path, words=WORDS, chat_template="config {{ bos_token }}")
+    (folder / "chat_template.jinja").write_text("file {{ bos_token }}")
+    (folder / "chat_template.json").write_text(json.dumps({"chat_template": "json"}))
+    assert PairTokenizer.from_dir(folder).chat_template == "file {{ bos_token }}"
+    (folder / "chat_template.jinja").unlink()
+    assert PairTokenizer.from_dir(folder).chat_template == "config {{ bos_token }}"
+    transformers = pytest.importorskip("transformers")
+    (folder / "chat_template.jinja").write_text("file {{ bos_token }}")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert theirs.chat_template == PairTokenizer.from_dir(folder).chat_template
 
 
 def test_fingerprint_changes_with_the_template(tmp_path):
