@@ -4,7 +4,7 @@ Reading and validating every row and tokenizing it (chat templates included) is 
 so its result is written once next to the run (``tokens-<name>.safetensors`` in the run's cache
 folder) and reused while nothing that changes it has changed. The key (:func:`token_cache_key`)
 holds everything that does: the sha256 of each data file's bytes with its path, source name and
-split, in order; the tokenizer files; the length and truncation settings; the identical-pairs
+split, in order; the tokenizer files (chat template files included); the length and truncation settings; the identical-pairs
 policy; the model's vocabulary size and context length (checked at load time, so a cached
 pair is known to pass them); and the source of the reading and tokenizing code itself, so an
 edit to either reads the data again. A hub data set has no file to hash: no key, no cache.
@@ -35,7 +35,12 @@ from . import tokenize as _tokenize_module
 from .files import atomic_write_bytes
 from .packing import TokenizedPair
 from .resume import file_sha256
-from .tokenize import TokenizeStats
+from .tokenize import (
+    CHAT_TEMPLATE_DIR,
+    CHAT_TEMPLATE_FILE,
+    PROCESSOR_CHAT_TEMPLATE_FILE,
+    TokenizeStats,
+)
 
 __all__ = [
     "TOKEN_CACHE_VERSION",
@@ -47,7 +52,13 @@ __all__ = [
 
 # Bump when the file layout or the meaning of a stored field changes.
 TOKEN_CACHE_VERSION = "1"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# what PairTokenizer.from_dir reads: the tokenizer, its config and the chat template files
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    CHAT_TEMPLATE_FILE,
+    PROCESSOR_CHAT_TEMPLATE_FILE,
+)
 
 _SEQUENCES = ("prompt", "chosen", "rejected")
 # Tensor names and dtypes, in the order the checksum hashes them.
@@ -122,6 +133,8 @@ def token_cache_key(
         name: file_sha256(folder / name) if (folder / name).is_file() else None
         for name in TOKENIZER_FILES
     }
+    templates = folder / CHAT_TEMPLATE_DIR
+    tokenizer[CHAT_TEMPLATE_DIR] = _folder_sha256(templates) if templates.is_dir() else None
     code = hashlib.sha256()
     for module in (_data_module, _tokenize_module):
         code.update(Path(module.__file__).read_bytes())

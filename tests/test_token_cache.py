@@ -221,6 +221,35 @@ def test_a_hub_name_has_no_key_and_a_changed_tokenizer_changes_it(tiny_model_dir
     assert _key(cfg) != key
 
 
+def test_every_chat_template_file_the_tokenizer_reads_is_part_of_the_key(tiny_model_dir, tmp_path):
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    keys = [_key(cfg)]
+    # a template file replaces tokenizer_config.json's template: the ids change
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "w1"}],
+            "chosen": [{"role": "assistant", "content": "w2"}],
+            "rejected": [{"role": "assistant", "content": "w3"}],
+        }
+    ]
+    before = tokenize_pairs(rows, PairTokenizer.from_dir(tiny_model_dir), max_length=32)[0]
+    (tiny_model_dir / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    )
+    after = tokenize_pairs(rows, PairTokenizer.from_dir(tiny_model_dir), max_length=32)[0]
+    assert before[0].prompt_ids != after[0].prompt_ids
+    keys.append(_key(cfg))
+    named = tiny_model_dir / "additional_chat_templates"
+    named.mkdir()
+    (named / "tool_use.jinja").write_text("{{ messages[0]['content'] }}")
+    keys.append(_key(cfg))
+    (named / "tool_use.jinja").write_text("{{ messages[-1]['content'] }}")
+    keys.append(_key(cfg))
+    (tiny_model_dir / "chat_template.json").write_text('{"chat_template": "x"}')
+    keys.append(_key(cfg))
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == len(keys)
+
+
 def test_a_data_set_folder_is_keyed_by_every_file_in_it(tiny_model_dir, tmp_path):
     cfg = _cfg(tmp_path, tiny_model_dir)
     folder = tmp_path / "local_set" / "data"
