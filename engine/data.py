@@ -18,6 +18,15 @@ prompt with message completions becomes one user turn, a string completion with 
 becomes one assistant turn, and completions that repeat the prompt's messages before the answer
 (the "full conversation" layout of many hub data sets) have that prefix removed.
 
+Per-row template inputs (as TRL 1.16 passes them to ``apply_chat_template``): an optional
+``tools`` column (a list of tool JSON schemas, or that list as JSON text) and an optional
+``chat_template_kwargs`` column (an object of extra template variables such as Qwen3's
+``{"enable_thinking": false}``, or that object as JSON text); null (or empty text) means none.
+They are kept on conversational rows only. Plain-text rows are not rendered by a template, so
+TRL ignores them there, and so does this module, with a warning naming how many rows had them.
+Values from a JSON file reach the template exactly as written (``datasets`` would otherwise merge
+every row's objects into one schema, adding null keys a row did not have).
+
 Implicit prompts (as TRL reads them): a row with ``chosen`` and ``rejected`` but no ``prompt``
 field (or a null one) holds two whole conversations (or texts) that share their beginning, which is the prompt.
 Message lists: the prompt is the longest run of equal leading messages. Strings (e.g. the
@@ -43,6 +52,30 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 FIELDS = ("prompt", "chosen", "rejected")
+# optional columns a chat template reads: apply_chat_template's tools= and **kwargs
+RENDER_FIELDS = ("tools", "chat_template_kwargs")
+# names a row's chat_template_kwargs cannot take: apply_chat_template's own parameters and the
+# variables it sets itself
+RESERVED_TEMPLATE_VARIABLES = frozenset(
+    {
+        "messages",
+        "tools",
+        "documents",
+        "add_generation_prompt",
+        "continue_final_message",
+        "conversation",
+        "chat_template",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "sanitize_control_tokens",
+    }
+)
 IDENTICAL_POLICIES = ("warn", "drop", "error")
 # A preference pair of a 128k-token conversation is about 1 MB of JSON; a line 16x that is
 # almost surely a file without newlines, and reading it whole would only waste memory.
@@ -158,13 +191,16 @@ def read_preference_file(
     source (default: the file's stem or the hub name). ``identical``: what to do with pairs whose
     chosen equals rejected: "warn" (keep, warn with the count), "drop" (remove, warn with the
     count) or "error". ``columns``: the data set's column for a field when its name differs
-    (``{"prompt": "question"}``), and ``"system"``: a column of system prompts, which makes every
-    prompt a conversation (a system message when the row's is not empty, then the user's).
+    (``{"prompt": "question"}``, also ``tools`` and ``chat_template_kwargs``), and ``"system"``:
+    a column of system prompts, which makes every prompt a conversation (a system message when
+    the row's is not empty, then the user's).
 
     Returns one dict per kept row: ``prompt``, ``chosen``, ``rejected`` (all strings, or all
     message lists), ``source``, ``file``, ``row`` and ``row_label`` ("line": ``row`` is a 1-based
-    line number, JSON lines; "row": a 0-based row index, other formats). ``row_error`` turns
-    these into a ``DataError`` for problems found later (e.g. while tokenizing)."""
+    line number, JSON lines; "row": a 0-based row index, other formats); a conversational row
+    with tools or chat_template_kwargs (module docstring) also has ``tools`` (a list of dicts)
+    and ``chat_template_kwargs`` (a dict). ``row_error`` turns these into a ``DataError`` for
+    problems found later (e.g. while tokenizing)."""
     if identical not in IDENTICAL_POLICIES:
         raise ValueError(f"identical must be one of {IDENTICAL_POLICIES}, got {identical!r}")
     columns = _check_columns(columns)
@@ -244,8 +280,11 @@ def read_preference_file(
     source = default_source if source is None else source
     rows: list[dict] = []
     identical_places: list[_Place] = []
+    unrendered: list[_Place] = []  # plain-text rows carrying template inputs
     for record, place in zip(records, places):
-        prompt, chosen, rejected = _normalize_row(record, place, columns)
+        prompt, chosen, rejected, options = _normalize_row(record, place, columns)
+        if isinstance(prompt, str) and _has_render_inputs(record, columns):
+            unrendered.append(place)
         if chosen == rejected:
             if identical == "error":
                 raise place.error(
@@ -266,7 +305,17 @@ def read_preference_file(
                 "file": place.file,
                 "row": place.row,
                 "row_label": place.row_label,
+                **options,
             }
+        )
+    if unrendered:
+        first = ", ".join(str(p.row) for p in unrendered[:5])
+        warnings.warn(
+            f"{name}: {len(unrendered)} plain-text row(s) have tools or chat_template_kwargs, "
+            "which only apply to chat-message rows (rendered by the chat template) and were "
+            f"ignored, as TRL does; first {unrendered[0].row_label}s: {first}",
+            DataWarning,
+            stacklevel=2,
         )
     if identical_places:
         first = ", ".join(str(p.row) for p in identical_places[:5])
@@ -532,12 +581,18 @@ def _prevalidate_json_array(
 def _clean_line(record: dict, columns: dict[str, str]) -> bytes:
     # only the fields' columns travel on (two for an implicit prompt): extra columns are never
     # used, and a stray type in one (an int beyond int64, a column mixing types) must not stop
-    # the read
-    keep = _raw_columns(columns)
-    return json.dumps({c: record[c] for c in keep if c in record}).encode() + b"\n"
+    # the read. Template inputs travel as JSON text, so that datasets does not merge their
+    # objects into one schema (filling in null keys) and they reach the template as written
+    clean = {c: record[c] for c in _raw_columns(columns) if c in record}
+    for key in RENDER_FIELDS:
+        column = columns.get(key, key)
+        value = record.get(column)
+        if value is not None:
+            clean[column] = value if isinstance(value, str) else json.dumps(value)
+    return json.dumps(clean).encode() + b"\n"
 
 
-COLUMN_KEYS = (*FIELDS, "system")
+COLUMN_KEYS = (*FIELDS, "system", *RENDER_FIELDS)
 
 
 def _check_columns(columns: Mapping[str, str] | None) -> dict[str, str]:
@@ -564,7 +619,7 @@ def _apply_columns(record: dict, place: _Place, columns: dict[str, str]) -> dict
     """The record with the fields under their own names and the system prompt folded into the
     prompt (see ``read_preference_file``)."""
     out = dict(record)
-    for key in (*FIELDS, "system"):
+    for key in COLUMN_KEYS:
         column = columns.get(key)
         if column is None:
             continue
@@ -608,6 +663,8 @@ def _apply_columns(record: dict, place: _Place, columns: dict[str, str]) -> dict
 
 
 def _json_type(value: Any) -> str:
+    if isinstance(value, dict):
+        return "object"
     if isinstance(value, list):
         return "array"
     if isinstance(value, str):
@@ -628,10 +685,14 @@ _SHAPE_HINT = 'a non-empty string or a list of {"role": str, "content": str} mes
 
 def _normalize_row(
     record: dict, place: _Place, columns: dict[str, str] | None = None
-) -> tuple[Field, Field, Field]:
-    """Validate one row and return (prompt, chosen, rejected), all strings or all messages."""
+) -> tuple[Field, Field, Field, dict[str, Any]]:
+    """Validate one row and return (prompt, chosen, rejected, template inputs): the fields all
+    strings or all messages; the inputs (``tools``, ``chat_template_kwargs``, those not null)
+    of a conversational row, else empty."""
+    columns = columns or {}
     if columns:
         record = _apply_columns(record, place, columns)
+    inputs = record  # the template inputs, before an implicit prompt makes a new record
     if record.get("prompt") is None and "chosen" in record and "rejected" in record:
         # no prompt field (or a null one: a columnar read gives None to a row without the
         # field when other rows have it)
@@ -639,7 +700,7 @@ def _normalize_row(
     values = {field: _check_field(record, field, place) for field in FIELDS}
     prompt, chosen, rejected = values["prompt"], values["chosen"], values["rejected"]
     if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
-        return prompt, chosen, rejected
+        return prompt, chosen, rejected, {}
 
     prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if not any(m["content"].strip() for m in prompt_msgs):
@@ -669,7 +730,80 @@ def _normalize_row(
                 field=field,
             )
         completions.append(value)
-    return prompt_msgs, completions[0], completions[1]
+    return prompt_msgs, completions[0], completions[1], _render_inputs(inputs, place, columns)
+
+
+def _json_text(value: Any, column: str, place: _Place) -> Any:
+    """A template input given as JSON text, parsed (empty text: None); other values as they are."""
+    if not isinstance(value, str):
+        return value
+    if not value.strip():
+        return None
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise place.error(
+            f"the text is not valid JSON ({exc.msg} at column {exc.colno})",
+            fix=f"store {column} as JSON (or as a JSON value, not text), or leave it null",
+            field=column,
+        ) from None
+
+
+def _has_render_inputs(record: dict, columns: dict[str, str]) -> bool:
+    """Whether the raw record holds a tools or chat_template_kwargs value (not null/empty)."""
+    for key in RENDER_FIELDS:
+        value = record.get(columns.get(key, key))
+        if value is not None and not (isinstance(value, str) and not value.strip()):
+            return True
+    return False
+
+
+def _render_inputs(record: dict, place: _Place, columns: dict[str, str]) -> dict[str, Any]:
+    """The row's ``tools`` and ``chat_template_kwargs``, validated (module docstring); a null
+    one is left out. Errors name the data set's column."""
+    out: dict[str, Any] = {}
+    column = columns.get("tools", "tools")
+    tools = _json_text(record.get("tools"), column, place)
+    if tools is not None:
+        schema_fix = (
+            f'give {column} a list of tool JSON schemas, e.g. [{{"type": "function", '
+            '"function": {"name": ..., "description": ..., "parameters": {...}}}], or null'
+        )
+        if not isinstance(tools, list | tuple):
+            raise place.error(
+                f"has type {_json_type(tools)}, expected a list of tool JSON schemas",
+                fix=schema_fix,
+                field=column,
+            )
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise place.error(
+                    f"tool {i} has type {_json_type(tool)}, expected a JSON schema object",
+                    fix=schema_fix,
+                    field=column,
+                )
+        out["tools"] = list(tools)
+    column = columns.get("chat_template_kwargs", "chat_template_kwargs")
+    kwargs = _json_text(record.get("chat_template_kwargs"), column, place)
+    if kwargs is not None:
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            kind = "object with non-text keys" if isinstance(kwargs, dict) else _json_type(kwargs)
+            raise place.error(
+                f"has type {kind}, expected an object of template variables",
+                fix=f'give {column} an object such as {{"enable_thinking": false}}, or null',
+                field=column,
+            )
+        reserved = sorted(RESERVED_TEMPLATE_VARIABLES.intersection(kwargs))
+        if reserved:
+            raise place.error(
+                f"sets {', '.join(repr(k) for k in reserved)}, which the chat template rendering "
+                "sets itself",
+                fix="remove those keys (tools go in the tools column; messages and "
+                "add_generation_prompt come from prompt, chosen and rejected)",
+                field=column,
+            )
+        out["chat_template_kwargs"] = dict(kwargs)
+    return out
 
 
 def _split_implicit_prompt(record: dict, place: _Place) -> dict:

@@ -115,6 +115,7 @@ class PairTokenizer:
         bos_token: str | None = None,
         add_bos: bool | None = None,
         chat_template: str | None = None,
+        tool_use_template: str | None = None,
         name: str = "tokenizer",
     ) -> None:
         self.tokenizer = tokenizer
@@ -127,7 +128,11 @@ class PairTokenizer:
             add_bos = self._post_processor_adds_bos()
         self.add_bos = bool(add_bos) and self.bos_id is not None
         self.chat_template = chat_template
-        self._template = None
+        # the template transformers picks for a conversation with tools, when the folder names
+        # one "tool_use" (additional_chat_templates/tool_use.jinja, or a named template in
+        # tokenizer_config.json)
+        self.tool_use_template = tool_use_template
+        self._templates: dict[str, Any] = {}  # compiled, by source
         # special tokens a chat template closes a turn with (<|eot_id|>, <|im_end|>, </s>, ...):
         # every special token but BOS and the unknown-token marker
         unk = getattr(tokenizer.model, "unk_token", None)
@@ -198,6 +203,7 @@ class PairTokenizer:
             bos_token=special("bos"),
             add_bos=add_bos if isinstance(add_bos, bool) else None,
             chat_template=templates.get("default", next(iter(templates.values()), None)),
+            tool_use_template=templates.get("tool_use"),
             name=str(folder),
         )
 
@@ -210,7 +216,15 @@ class PairTokenizer:
         """Changes whenever tokenization would: the vocabulary/pipeline, specials, template."""
         h = hashlib.sha256(self.tokenizer.to_str().encode())
         h.update(
-            json.dumps([self.eos_token, self.bos_token, self.add_bos, self.chat_template]).encode()
+            json.dumps(
+                [
+                    self.eos_token,
+                    self.bos_token,
+                    self.add_bos,
+                    self.chat_template,
+                    self.tool_use_template,
+                ]
+            ).encode()
         )
         return h.hexdigest()[:16]
 
@@ -225,20 +239,42 @@ class PairTokenizer:
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
-        """Apply the chat template (as Hugging Face does: trim_blocks, lstrip_blocks, sandbox)."""
-        if self._template is None:
-            if self.chat_template is None:
-                raise ValueError(
-                    f"{self.name}: the data is conversational but the tokenizer has no chat "
-                    "template; add chat_template to tokenizer_config.json, or use string rows"
-                )
-            self._template = _compile_template(self.chat_template)
-        return self._template.render(
+    def render_chat(
+        self,
+        messages: list[dict],
+        *,
+        add_generation_prompt: bool,
+        tools: list[dict] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """Apply the chat template as transformers' ``apply_chat_template(messages, tools=tools,
+        add_generation_prompt=..., **template_kwargs)`` does (trim_blocks, lstrip_blocks,
+        sandbox): ``tools`` (tool JSON schemas; None when there are none) and ``documents``
+        (None) are always defined, ``template_kwargs`` are extra template variables (Qwen3's
+        ``enable_thinking``) that may override ``bos_token``/``eos_token``, and with tools the
+        "tool_use" template is used when the tokenizer has one."""
+        source = self.chat_template
+        if tools is not None and self.tool_use_template is not None:
+            source = self.tool_use_template
+        if source is None:
+            raise ValueError(
+                f"{self.name}: the data is conversational but the tokenizer has no chat "
+                "template; add chat_template to tokenizer_config.json, or use string rows"
+            )
+        template = self._templates.get(source)
+        if template is None:
+            template = self._templates[source] = _compile_template(source)
+        variables = {
+            "bos_token": self.bos_token or "",
+            "eos_token": self.eos_token,
+            **(template_kwargs or {}),
+        }
+        return template.render(
             messages=messages,
+            tools=tools,
+            documents=None,
             add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token,
+            **variables,
         )
 
     def prompt_ids(self, ids: list[int]) -> list[int]:
@@ -365,10 +401,14 @@ def _render_row(row: dict, tokenizer: PairTokenizer, position: int) -> tuple[str
             fix="read the data with read_preference_file, which normalises mixed rows",
             position=position,
         )
+    # the row's template inputs, as TRL passes them (engine/data.py)
+    inputs = {"tools": row.get("tools"), "template_kwargs": row.get("chat_template_kwargs")}
     try:
-        prompt_text = tokenizer.render_chat(prompt, add_generation_prompt=True)
-        chosen_text = tokenizer.render_chat(prompt + chosen, add_generation_prompt=False)
-        rejected_text = tokenizer.render_chat(prompt + rejected, add_generation_prompt=False)
+        prompt_text = tokenizer.render_chat(prompt, add_generation_prompt=True, **inputs)
+        chosen_text = tokenizer.render_chat(prompt + chosen, add_generation_prompt=False, **inputs)
+        rejected_text = tokenizer.render_chat(
+            prompt + rejected, add_generation_prompt=False, **inputs
+        )
     except ChatTemplateError as exc:
         raise row_error(
             row,

@@ -112,14 +112,17 @@ class ModelSection:
 @dataclass(kw_only=True)
 class ColumnMap:
     """A source's ``columns = { prompt = "question", system = "system" }``: the data set's
-    column for each field whose name differs (None: the field's own name), and an optional
-    column of system prompts (each prompt then becomes a conversation: the system message, when
-    the row's is not empty, then the user's)."""
+    column for each field whose name differs (None: the field's own name; ``tools`` and
+    ``chat_template_kwargs`` are the optional template inputs of ``sdpo.engine.data``), and an
+    optional column of system prompts (each prompt then becomes a conversation: the system
+    message, when the row's is not empty, then the user's)."""
 
     prompt: str | None = None
     chosen: str | None = None
     rejected: str | None = None
     system: str | None = None
+    tools: str | None = None
+    chat_template_kwargs: str | None = None
 
     def as_dict(self) -> dict[str, str]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v}

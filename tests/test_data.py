@@ -647,3 +647,84 @@ def test_a_missing_mapped_column_names_the_column_and_the_setting(tmp_path):
     assert_error(info, file=bad, row=1, field="system", label="line", words=["type int"])
     with pytest.raises(ValueError, match="unknown field 'answer'"):
         read_preference_file(path, columns={"answer": "chosen"})
+
+
+TOOL = {
+    "type": "function",
+    "function": {"name": "lookup", "parameters": {"type": "object", "required": ["q"]}},
+}
+
+
+def chat_row(**inputs) -> dict:
+    return {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "chosen": [{"role": "assistant", "content": "yes"}],
+        "rejected": [{"role": "assistant", "content": "no"}],
+        **inputs,
+    }
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_tools_and_chat_template_kwargs_reach_conversational_rows(tmp_path, fmt):
+    other = {"type": "function", "function": {"name": "add", "description": "sum"}}
+    rows = [
+        chat_row(tools=[TOOL], chat_template_kwargs={"enable_thinking": False}),
+        chat_row(tools=json.dumps([other]), chat_template_kwargs=None),
+        chat_row(tools=None, chat_template_kwargs='{"enable_thinking": true}'),
+    ]
+    if fmt == "parquet":  # one type per column: the template inputs as JSON text, as TRL reads
+        rows = [
+            {**r, "tools": json.dumps(r["tools"]) if isinstance(r["tools"], list) else r["tools"]}
+            for r in rows
+        ]
+        rows[0]["chat_template_kwargs"] = json.dumps(rows[0]["chat_template_kwargs"])
+    out = read_preference_file(write_rows(tmp_path, "c", rows, fmt))
+    assert out[0]["tools"] == [TOOL] and out[0]["chat_template_kwargs"] == {
+        "enable_thinking": False
+    }
+    # JSON values are read as written: no keys merged in from the other rows' objects
+    assert out[1]["tools"] == [other] and "chat_template_kwargs" not in out[1]
+    assert "tools" not in out[2] and out[2]["chat_template_kwargs"] == {"enable_thinking": True}
+
+
+def test_template_inputs_are_read_through_the_column_map(tmp_path):
+    row = chat_row(functions=[TOOL], options={"enable_thinking": False}, tools="not used")
+    path = write_jsonl(tmp_path / "c.jsonl", [row])
+    columns = {"tools": "functions", "chat_template_kwargs": "options"}
+    (out,) = read_preference_file(path, columns=columns)
+    assert out["tools"] == [TOOL] and out["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+@pytest.mark.parametrize(
+    "inputs, field, words",
+    [
+        ({"tools": TOOL}, "tools", "has type object, expected a list of tool JSON schemas"),
+        ({"tools": [TOOL, "lookup"]}, "tools", "tool 1 has type string"),
+        ({"tools": "[{"}, "tools", "the text is not valid JSON"),
+        (
+            {"chat_template_kwargs": [1]},
+            "chat_template_kwargs",
+            "has type array, expected an object",
+        ),
+        (
+            {"chat_template_kwargs": {"add_generation_prompt": True, "tools": []}},
+            "chat_template_kwargs",
+            "sets 'add_generation_prompt', 'tools', which the chat template rendering sets",
+        ),
+    ],
+)
+def test_bad_template_inputs_name_the_file_line_and_column(tmp_path, inputs, field, words):
+    path = write_jsonl(tmp_path / "c.jsonl", [chat_row(), chat_row(**inputs)])
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert f"c.jsonl, line 2, field '{field}': {words}" in str(info.value)
+
+
+def test_template_inputs_of_plain_text_rows_are_ignored_with_a_warning(tmp_path):
+    rows = [
+        {"prompt": "a", "chosen": "b", "rejected": "c", "chat_template_kwargs": {"x": 1}},
+        {"prompt": "a", "chosen": "b", "rejected": "d", "tools": None},
+    ]
+    with pytest.warns(DataWarning, match=r"1 plain-text row\(s\) have tools or chat_template_kw"):
+        out = read_preference_file(write_jsonl(tmp_path / "p.jsonl", rows))
+    assert all("tools" not in r and "chat_template_kwargs" not in r for r in out)

@@ -638,3 +638,136 @@ def test_an_answer_ending_in_an_unknown_word_is_not_a_closed_turn(tok, tmp_path)
     unk = tok.tokenizer.token_to_id("<unk>")
     assert pair.chosen_ids == [*wid("the"), unk, EOS]
     assert not tok.closes_turn([*wid("the"), unk]) and tok.closes_turn([*wid("the"), EOS])
+
+
+# Qwen3's chat template in brief: tools in a system block, an empty thought block before the
+# last answer, and after the generation prompt only with enable_thinking=false
+QWEN3_LIKE = """{%- if tools %}
+{{- '<|im_start|>system\\n' }}
+{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}{%- endif %}
+{{- '# Tools\\n\\n<tools>' }}
+{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}
+{{- '\\n</tools><|im_end|>\\n' }}
+{%- elif messages[0].role == 'system' %}
+{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
+{%- if message.role == 'user' %}
+{{- '<|im_start|>user\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' and loop.last %}
+{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + message.content + '<|im_end|>\\n' }}
+{%- elif message.role == 'assistant' %}
+{{- '<|im_start|>assistant\\n' + message.content + '<|im_end|>\\n' }}
+{%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}
+{{- '<think>\\n\\n</think>\\n\\n' }}
+{%- endif %}
+{%- endif %}"""
+
+
+def byte_level_like(folder: Path, *, chat_template: str) -> Path:
+    """A byte-level BPE tokenizer as Qwen's: every byte encodable, ChatML specials, <think> and
+    </think> as added (not special) tokens, no BOS."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator(["the weather in Paris is sunny", "lookup city string"] * 10, trainer)
+    tok.add_tokens([AddedToken(t, normalized=False) for t in ("<think>", "</think>")])
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": chat_template,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "lookup",
+        "description": "the weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def test_tools_and_chat_template_kwargs_give_trl_s_ids(tmp_path):
+    def row(user: str, chosen: str, rejected: str, **inputs) -> dict:
+        return {
+            "prompt": [{"role": "user", "content": user}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+            **inputs,
+        }
+
+    rows = [
+        row("weather in Paris?", "sunny", "rain", tools=[WEATHER_TOOL]),
+        row("is it sunny?", "yes", "no", tools=None),
+        row("weather?", "sunny", "no", tools=json.dumps([WEATHER_TOOL])),
+    ]
+    for r, thinking in zip(rows, (False, False, True)):
+        r["chat_template_kwargs"] = {"enable_thinking": thinking}
+    folder = byte_level_like(tmp_path / "qwen", chat_template=QWEN3_LIKE)
+    tok = PairTokenizer.from_dir(folder)
+    data = read_preference_file(write_jsonl(tmp_path / "c.jsonl", rows))
+    pairs, stats = tokenize_pairs(data, tok, max_length=4096)
+    ours = [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
+    # the inputs change the ids: the tool schema is in the prompt, and with enable_thinking
+    # false the empty thought block too, so the completion is the answer alone
+    assert '"name": "lookup"' in tok.decode(ours[0][0])
+    assert tok.decode(ours[1][0]).endswith("</think>\n\n")
+    assert tok.decode(ours[1][1]) == "yes<|im_end|>\n"
+    assert tok.decode(ours[2][1]).startswith("<think>")
+    assert stats.num_prompt_boundary == 0
+    # one type per column for datasets: the tools as JSON text, which TRL parses
+    trl_rows = [
+        {**r, "tools": json.dumps(r["tools"]) if isinstance(r["tools"], list) else r["tools"]}
+        for r in rows
+    ]
+    assert ours == _trl_ids(folder, trl_rows, tmp_path)
+
+
+def test_templates_see_tools_and_documents_and_pick_tool_use_as_transformers(tmp_path):
+    # Mistral-style tests of "tools is not none": an undefined tools is not none, a None one is
+    default = (
+        "{% if tools is not none %}[T]{% endif %}{% if documents is not none %}[D]{% endif %}"
+        "{{ thinking_mode }}" + DEFAULT_CHAT_TEMPLATE
+    )
+    folder = build_tokenizer(tmp_path, words=WORDS, chat_template=None)
+    (folder / "chat_template.jinja").write_text(default)
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text(
+        "{% for t in tools %}{{ t | tojson }} {% endfor %}" + DEFAULT_CHAT_TEMPLATE
+    )
+    ours = PairTokenizer.from_dir(folder)
+    messages = [{"role": "user", "content": "hello"}]
+    cases = [(None, None), ([WEATHER_TOOL], None), ([], {"thinking_mode": "w1 "})]
+    rendered = [
+        ours.render_chat(messages, add_generation_prompt=True, tools=t, template_kwargs=k)
+        for t, k in cases
+    ]
+    assert rendered[0] == "user : hello assistant : "
+    assert rendered[1].startswith('{"type": "function"')
+    assert rendered[2] == "user : hello assistant : "  # [] picks tool_use; it writes no tool
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    for (tools, kwargs), text in zip(cases, rendered):
+        expected = theirs.apply_chat_template(
+            messages, tools=tools, tokenize=False, add_generation_prompt=True, **(kwargs or {})
+        )
+        assert text == expected
