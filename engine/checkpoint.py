@@ -293,8 +293,9 @@ def save_pretrained(
 
     One ``model.safetensors`` when the weights fit in ``max_shard_bytes``, else shards plus
     ``model.safetensors.index.json``. Tied embeddings are stored once (as HF does).
-    ``extra_files`` (e.g. tokenizer.json, tokenizer_config.json) are copied into the folder
-    inside the same atomic step. An existing folder at ``path`` is replaced only on success.
+    ``extra_files`` (e.g. tokenizer.json, tokenizer_config.json; a folder such as
+    additional_chat_templates/ is copied whole) are copied into the folder inside the same
+    atomic step. An existing folder at ``path`` is replaced only on success.
     ``state``: the weights to write instead of ``model.state_dict()`` (a sharded model's
     gathered state dict, ``engine/sharding.py``). ``write_extra(tmp)`` adds more to the
     temporary folder inside the same atomic step (a LoRA step's ``adapter/``). ``config``: the
@@ -313,7 +314,7 @@ def save_pretrained(
         config = pretrained_config(model)
     extra = [Path(p) for p in extra_files]
     for p in extra:
-        if not p.is_file():
+        if not p.exists():
             raise FileNotFoundError(f"extra file {p} to copy into the checkpoint does not exist")
 
     with atomic_directory(path) as tmp:
@@ -335,7 +336,10 @@ def save_pretrained(
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for p in extra:
-            shutil.copyfile(p, tmp / p.name)
+            if p.is_dir():
+                shutil.copytree(p, tmp / p.name, copy_function=shutil.copyfile)
+            else:
+                shutil.copyfile(p, tmp / p.name)
         if write_extra is not None:
             write_extra(tmp)
 

@@ -136,7 +136,14 @@ from sdpo.engine.token_cache import (
     token_cache_key,
     token_cache_path,
 )
-from sdpo.engine.tokenize import PairTokenizer, TokenizeStats, tokenize_pairs
+from sdpo.engine.tokenize import (
+    CHAT_TEMPLATE_DIR,
+    CHAT_TEMPLATE_FILE,
+    PROCESSOR_CHAT_TEMPLATE_FILE,
+    PairTokenizer,
+    TokenizeStats,
+    tokenize_pairs,
+)
 from sdpo.engine.trainer import (
     DPOTrainer,
     NonFiniteError,
@@ -157,12 +164,16 @@ from sdpo.tracking import (
     open_trackers,
 )
 
+# copied into every step-<t>/ so it loads (transformers' AutoTokenizer, sdpo) with the input
+# model's tokenizer and chat templates
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "generation_config.json",
-    "chat_template.jinja",
+    CHAT_TEMPLATE_FILE,
+    PROCESSOR_CHAT_TEMPLATE_FILE,
+    CHAT_TEMPLATE_DIR,  # named templates (tool_use.jinja, ...): a folder
 )
 CHECKPOINTS_DIR = "checkpoints"
 PROGRESS_NAME = "progress.json"
@@ -1780,8 +1791,9 @@ def lora_seed(seed: int, t: int) -> int:
 
 
 def tokenizer_files(model_dir: Path) -> list[Path]:
-    """The tokenizer files of a model folder, copied into every saved checkpoint."""
-    return [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).is_file()]
+    """The tokenizer files (and chat template folder) of a model folder, copied into every saved
+    checkpoint."""
+    return [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).exists()]
 
 
 def _train_config(cfg: RunConfig) -> TrainConfig:

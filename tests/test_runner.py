@@ -465,3 +465,34 @@ def test_the_run_log_counts_pairs_cut_to_identical_token_ids(tiny_model_dir, tmp
             assert f"data: {count} pair(s) have identical chosen and rejected token ids" in out
         else:
             assert "identical chosen and rejected" not in out
+
+
+def test_step_checkpoints_carry_the_model_s_chat_template_files(tmp_path):
+    model = write_tiny_model(tmp_path / "model", words=WORDS, hidden_size=32, seed=1)
+    # the layout transformers 5 saves: the template in chat_template.jinja, named ones in
+    # additional_chat_templates/; and a processor's chat_template.json
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "chat_template.jinja").write_text(config.pop("chat_template"))
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "additional_chat_templates").mkdir()
+    (model / "additional_chat_templates" / "tool_use.jinja").write_text(
+        "{% for t in tools %}{{ t | tojson }} {% endfor %}{{ messages[0]['content'] }}"
+    )
+    (model / "chat_template.json").write_text(json.dumps({"chat_template": "{{ bos_token }}"}))
+    cfg = config_from_dict(two_source_config(tmp_path, model, far=4, near=4, sdpo={"steps": 1}))
+    run_training(cfg, progress=False)
+    step = Path(cfg.output_dir) / "step-1"
+    for name in (
+        "chat_template.jinja",
+        "chat_template.json",
+        "additional_chat_templates/tool_use.jinja",
+    ):
+        assert (step / name).read_bytes() == (model / name).read_bytes(), name
+    ours = PairTokenizer.from_dir(step)
+    assert ours.fingerprint == PairTokenizer.from_dir(model).fingerprint
+    assert ours.tool_use_template is not None
+    transformers = pytest.importorskip("transformers")
+    theirs = [
+        transformers.AutoTokenizer.from_pretrained(str(d)).chat_template for d in (model, step)
+    ]
+    assert theirs[0] == theirs[1] and set(theirs[1]) == {"default", "tool_use"}
