@@ -269,13 +269,20 @@ class PairTokenizer:
             "eos_token": self.eos_token,
             **(template_kwargs or {}),
         }
-        return template.render(
-            messages=messages,
-            tools=tools,
-            documents=None,
-            add_generation_prompt=add_generation_prompt,
-            **variables,
-        )
+        try:
+            return template.render(
+                messages=messages,
+                tools=tools,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **variables,
+            )
+        except ChatTemplateError:
+            raise
+        except Exception as exc:  # jinja's undefined attributes, the template's type errors, ...
+            raise ChatTemplateRenderError(
+                f"{type(exc).__name__}: {exc}{_template_line(exc)}"
+            ) from exc
 
     def prompt_ids(self, ids: list[int]) -> list[int]:
         """Apply the BOS rule (module docstring) to encoded prompt ids."""
@@ -336,6 +343,22 @@ def _find_chat_templates(folder: Path, config: dict) -> dict[str, str]:
 
 class ChatTemplateError(ValueError):
     """Raised by a chat template's ``raise_exception`` (e.g. roles that do not alternate)."""
+
+
+class ChatTemplateRenderError(ValueError):
+    """A chat template that failed while rendering for another reason (an undefined attribute,
+    a type error in the template); the message names the exception and the template's line."""
+
+
+def _template_line(exc: BaseException) -> str:
+    """ " at line N of the chat template", from the traceback jinja gives template code."""
+    line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return "" if line is None else f" at line {line} of the chat template"
 
 
 def _raise_exception(message: str) -> None:
@@ -403,20 +426,34 @@ def _render_row(row: dict, tokenizer: PairTokenizer, position: int) -> tuple[str
         )
     # the row's template inputs, as TRL passes them (engine/data.py)
     inputs = {"tools": row.get("tools"), "template_kwargs": row.get("chat_template_kwargs")}
-    try:
-        prompt_text = tokenizer.render_chat(prompt, add_generation_prompt=True, **inputs)
-        chosen_text = tokenizer.render_chat(prompt + chosen, add_generation_prompt=False, **inputs)
-        rejected_text = tokenizer.render_chat(
-            prompt + rejected, add_generation_prompt=False, **inputs
-        )
-    except ChatTemplateError as exc:
-        raise row_error(
-            row,
-            f"the chat template rejected the messages: {exc}",
-            fix="fix the roles/order of the row's messages to what the template accepts",
-            position=position,
-        ) from None
-    return prompt_text, chosen_text, rejected_text, True
+    texts = []
+    for field, messages, generation in (
+        ("prompt", prompt, True),
+        ("chosen", prompt + chosen, False),
+        ("rejected", prompt + rejected, False),
+    ):
+        try:
+            texts.append(
+                tokenizer.render_chat(messages, add_generation_prompt=generation, **inputs)
+            )
+        except ChatTemplateError as exc:
+            raise row_error(
+                row,
+                f"the chat template rejected the messages: {exc}",
+                fix="fix the roles/order of the row's messages to what the template accepts",
+                field=field,
+                position=position,
+            ) from None
+        except ChatTemplateRenderError as exc:
+            raise row_error(
+                row,
+                f"the chat template failed to render the {field} messages ({exc})",
+                fix="give the row's messages (and its tools, chat_template_kwargs) the keys and "
+                "types the template reads; if every row fails, fix the chat template",
+                field=field,
+                position=position,
+            ) from None
+    return texts[0], texts[1], texts[2], True
 
 
 def _is_prefix(a: list[int], b: list[int]) -> bool:
@@ -633,6 +670,7 @@ def _check_vocab(
 
 __all__ = [
     "ChatTemplateError",
+    "ChatTemplateRenderError",
     "DataError",
     "PairTokenizer",
     "TokenizeStats",

@@ -208,9 +208,37 @@ def test_template_raise_exception_becomes_an_error_naming_the_row(tmp_path):
     data = read_preference_file(write_jsonl(tmp_path / "c.jsonl", [good, conv_row()]))
     with pytest.raises(DataError) as info:
         tokenize_pairs(data, tok, max_length=64)
-    assert "c.jsonl, line 2: the chat template rejected the messages: a system turn" in str(
-        info.value
+    assert (
+        "c.jsonl, line 2, field 'prompt': the chat template rejected the messages: a system turn"
+        in str(info.value)
     )
+
+
+@pytest.mark.parametrize(
+    "line, error",
+    [
+        ("{{ m['content'].upper() + m.name.strip() }}", "UndefinedError: 'dict object' has no"),
+        ("{{ m['content'] + m['weight'] }}", "TypeError"),
+    ],
+)
+def test_a_template_that_fails_while_rendering_names_the_row_and_field(tmp_path, line, error):
+    # the failure comes from row 2's rejected answer only: an extra key the template reads
+    template = (
+        "{% for m in messages %}{{ m['role'] }} : \n"
+        "{% if 'weight' in m %}" + line + "{% else %}{{ m['content'] }}{% endif %} "
+        "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}"
+    )
+    tok = PairTokenizer.from_dir(build_tokenizer(tmp_path, words=WORDS, chat_template=template))
+    bad = conv_row()
+    bad["rejected"][0]["weight"] = 2
+    data = read_preference_file(write_jsonl(tmp_path / "c.jsonl", [conv_row(), bad]))
+    with pytest.raises(DataError) as info:
+        tokenize_pairs(data, tok, max_length=64)
+    msg = str(info.value)
+    assert (
+        "c.jsonl, line 2, field 'rejected': the chat template failed to render the rejected " in msg
+    )
+    assert error in msg and "at line 2 of the chat template" in msg
 
 
 def test_conversational_rows_without_a_chat_template_are_refused(tmp_path):
