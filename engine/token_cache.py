@@ -111,11 +111,14 @@ def token_cache_key(
     identical_pairs: str,
     vocab_size: int,
     context_length: int | None,
+    tokenizer_fingerprint: str | None = None,
 ) -> dict[str, Any] | None:
     """The key of the tokenized ``sources``: a JSON-able dict, or None when a source is not
     local (a hub name, or a missing path that reading will report) and so cannot be
     fingerprinted. Data files (every file of a data set folder) and tokenizer files are hashed
-    in full (streamed)."""
+    in full (streamed). ``tokenizer_fingerprint`` (``PairTokenizer.fingerprint``) covers what
+    the tokenizer takes from elsewhere: EOS/BOS from ``config.json`` when
+    tokenizer_config.json names none."""
     files = []
     for source in sources:
         path = Path(os.fspath(source.path)).expanduser()
@@ -147,6 +150,7 @@ def token_cache_key(
         "identical_pairs": identical_pairs,
         "vocab_size": vocab_size,
         "context_length": context_length,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
         "code": code.hexdigest(),
     }
 

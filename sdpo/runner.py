@@ -351,6 +351,7 @@ def load_pairs(
             identical_pairs=d.identical_pairs,
             vocab_size=vocab_size,
             context_length=context_length,
+            tokenizer_fingerprint=tokenizer.fingerprint,
         )
     cached, reason = load_tokenized(cache_file, key) if key is not None else (None, "no key")
     if cached is not None:

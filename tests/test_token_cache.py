@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 import sdpo.runner as runner_mod
 from sdpo.config import ColumnMap, DataSource, config_from_dict
@@ -82,6 +83,7 @@ def _args(cfg) -> dict:
         "identical_pairs": d.identical_pairs,
         "vocab_size": 64,
         "context_length": 128,
+        "tokenizer_fingerprint": PairTokenizer.from_dir(cfg.model.path).fingerprint,
     }
 
 
@@ -371,3 +373,26 @@ def test_the_runner_reads_a_source_through_its_column_map(tiny_model_dir, tmp_pa
         )  # fmt: skip
         assert pair.prompt_ids == want[0].prompt_ids
     assert len(pairs[1].prompt_ids) > len(pairs[0].prompt_ids)  # the system message is in
+
+
+def test_an_eos_taken_from_config_json_is_part_of_the_key(tiny_model_dir, tmp_path):
+    """With no eos_token in tokenizer_config.json, EOS comes from config.json's eos_token_id:
+    another id there tokenizes differently, so the cache made with the first is not reused."""
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    tok_config = tiny_model_dir / "tokenizer_config.json"
+    settings = json.loads(tok_config.read_text())
+    eos = settings.pop("eos_token")
+    tok_config.write_text(json.dumps(settings))
+    model_config = tiny_model_dir / "config.json"
+    config = json.loads(model_config.read_text())
+    cache = tmp_path / "tokens.safetensors"
+    vocab = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    last_ids = []
+    for token in (eos, "w3"):
+        config["eos_token_id"] = vocab.token_to_id(token)
+        model_config.write_text(json.dumps(config))
+        tokenizer = PairTokenizer.from_dir(tiny_model_dir)
+        pairs = load_pairs(cfg, tokenizer, vocab_size=tokenizer.vocab_size, cache_file=cache)
+        last_ids.append({p.chosen_ids[-1] for p in pairs if not p.truncated})
+    assert last_ids[0] != last_ids[1]
+    assert last_ids[1] == {PairTokenizer.from_dir(tiny_model_dir).eos_id}
