@@ -62,15 +62,19 @@ class PairLogps:
         return self.chosen_logps - self.rejected_logps
 
     def rows_for(self, pair_indices: Tensor) -> Tensor:
-        """Row positions in this table of the given pair indices (error if one is missing)."""
-        size = int(max(int(self.pair_indices.max()), int(pair_indices.max())) + 1)
-        lookup = torch.full((size,), -1, dtype=torch.int64)
-        lookup[self.pair_indices] = torch.arange(len(self.pair_indices))
-        rows = lookup[pair_indices]
-        if bool((rows < 0).any()):
-            missing = pair_indices[rows < 0][:5].tolist()
+        """Row positions in this table of the given pair indices (error if one is missing).
+
+        Any int64 index works (a caller's own ids may be sparse, huge or negative): the lookup
+        is a binary search in the sorted indices, its memory the table's size, not the largest
+        index's."""
+        order = torch.argsort(self.pair_indices, stable=True)
+        known = self.pair_indices[order]  # (P,) sorted
+        at = torch.searchsorted(known, pair_indices).clamp_(max=len(known) - 1)
+        found = known[at] == pair_indices
+        if not bool(found.all()):
+            missing = pair_indices[~found][:5].tolist()
             raise KeyError(f"no reference values for pairs {missing} (first five shown)")
-        return rows
+        return order[at]
 
 
 @torch.no_grad()

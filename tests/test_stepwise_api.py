@@ -14,6 +14,7 @@ from sdpo.config import config_from_dict
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
 from sdpo.engine.hf import PackedCausalLM
+from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import TrainConfig
 from sdpo.losses import LossConfig
@@ -174,3 +175,54 @@ def test_run_sdpo_refuses_bad_arguments_before_any_work(tiny_model_dir, tmp_path
         PackedCausalLM(torch.nn.Linear(2, 2))
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, weights[name])
+
+
+def _tiny_hf(*, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A random Llama-family causal LM with tied embeddings, built in memory."""
+    config = transformers.LlamaConfig(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def _hand_pairs(indices: list[int], *, vocab: int = 48, seed: int = 0) -> list[TokenizedPair]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(low: int, high: int) -> list[int]:
+        n = int(torch.randint(low, high, (1,), generator=gen))
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    return [
+        TokenizedPair(
+            index=i, prompt_ids=ids(2, 6), chosen_ids=ids(1, 6), rejected_ids=ids(1, 6), source="s"
+        )
+        for i in indices
+    ]
+
+
+def test_run_sdpo_takes_any_int64_pair_indices(one_thread):
+    """A caller's own ids (negative, sparse, near 2**63) train exactly as the ids 0..n-1 do: the
+    reference lookup neither allocates by the largest id nor wraps a negative one around."""
+    ids = [-7, 2**62, -1, 10**15, 0, 9]
+    settings = dict(
+        steps=2, train=TrainConfig(learning_rate=1e-2, pairs_per_step=3), kernels_impl="torch"
+    )
+    runs = []
+    for indices in (list(range(len(ids))), ids):
+        model = _tiny_hf()
+        pairs = _hand_pairs(indices)
+        chunks = [indices[:3], indices[3:]]
+        reports = run_sdpo(model, pairs, partition=chunks, **settings)
+        runs.append((model.state_dict(), [r.gamma_ref_chunk for r in reports]))
+    (plain, plain_gamma), (own, own_gamma) = runs
+    assert own_gamma == plain_gamma
+    for name, tensor in plain.items():
+        assert torch.equal(own[name], tensor), name
