@@ -18,6 +18,7 @@ The wrapper holds the decoder as ``model`` and the output embedding as ``lm_head
 parameter names are the Hugging Face ones (``model.layers.0.self_attn.q_proj.weight``,
 ``lm_head.weight``) and training it trains the wrapped model's parameters in place: the Hugging
 Face object the caller holds sees every update and saves with ``save_pretrained`` as usual.
+``train()`` and ``eval()`` on the wrapper set the whole Hugging Face object's mode.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ class PackedCausalLM(nn.Module):
             )
         self.model = decoder
         self.lm_head = head
+        # the Hugging Face object itself, kept out of the module tree (a tuple is not registered)
+        # so the parameter names stay the ones above; train()/eval() set its mode too, or the
+        # object the caller holds would report eval mode while its layers train (dropout on)
+        self._hf_model = (hf_model,)
+
+    def train(self, mode: bool = True) -> PackedCausalLM:
+        self._hf_model[0].train(mode)
+        return super().train(mode)
 
     @property
     def lm_head_weight(self) -> Tensor:

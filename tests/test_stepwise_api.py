@@ -226,3 +226,15 @@ def test_run_sdpo_takes_any_int64_pair_indices(one_thread):
     assert own_gamma == plain_gamma
     for name, tensor in plain.items():
         assert torch.equal(own[name], tensor), name
+
+
+def test_the_wrapper_sets_the_whole_hugging_face_object_s_mode(one_thread):
+    """run_sdpo leaves the model in training mode (as DPOTrainer.fit does): the object the caller
+    holds says so too, not only the decoder inside it; eval() on the wrapper reaches it alike."""
+    hf = _tiny_hf()
+    run_sdpo(hf, _hand_pairs(range(4)), steps=2, partition="random", kernels_impl="torch")
+    assert all(m.training for m in hf.modules())
+    wrapped = PackedCausalLM(hf)
+    wrapped.eval()
+    assert not any(m.training for m in hf.modules())
+    assert wrapped.train() is wrapped and all(m.training for m in hf.modules())
