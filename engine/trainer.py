@@ -1092,6 +1092,9 @@ class DPOTrainer:
                 self.profiler.close()  # a window left early (error, stop): nothing written
         if bar is not None:
             bar.close()
+        # the last step's gradients are spent: freed, so they hold no memory after the pass and
+        # never add into a caller's next backward
+        self.model.zero_grad(set_to_none=True)
         return TrainResult(
             optimizer_steps=pos["step_in_run"],
             tokens=pos["tokens"],

@@ -238,3 +238,19 @@ def test_the_wrapper_sets_the_whole_hugging_face_object_s_mode(one_thread):
     wrapped.eval()
     assert not any(m.training for m in hf.modules())
     assert wrapped.train() is wrapped and all(m.training for m in hf.modules())
+
+
+def test_training_leaves_no_gradients_behind(one_thread):
+    """The last step's gradients are freed when each step's training ends: after run_sdpo the
+    caller's own backward on the model gives exactly its own gradient, nothing added."""
+    hf = _tiny_hf()
+    pairs = _hand_pairs(range(4))
+    run_sdpo(hf, pairs, steps=2, partition="random", kernels_impl="torch")
+    assert all(p.grad is None for p in hf.parameters())
+    ids = torch.tensor([pairs[0].prompt_ids + pairs[0].chosen_ids])
+    hf(input_ids=ids, labels=ids).loss.backward()
+    mine = {n: p.grad.clone() for n, p in hf.named_parameters()}
+    hf.zero_grad(set_to_none=True)
+    hf(input_ids=ids, labels=ids).loss.backward()
+    for name, p in hf.named_parameters():
+        assert torch.equal(p.grad, mine[name]), name
