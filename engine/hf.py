@@ -23,10 +23,29 @@ Face object the caller holds sees every update and saves with ``save_pretrained`
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PackedCausalLM"]
+__all__ = ["PackedCausalLM", "peft_adapter_parameters"]
+
+
+def peft_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of the PEFT adapters in ``model`` (``peft.get_peft_model``): each tuner
+    layer's own, not its base layer's. PEFT keeps them in fp32 over a bf16 base (so that small
+    updates are not rounded away), and ``DPOTrainer`` leaves them out of its cast to the
+    precision's dtype, as it does sdpo's own adapters (engine/lora.py). None without peft."""
+    if "peft" not in sys.modules:  # never imported: no model holds a PEFT layer
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    params: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            base = {id(p) for p in module.get_base_layer().parameters()}
+            params += [p for p in module.parameters() if id(p) not in base]
+    return params
 
 
 class PackedCausalLM(nn.Module):

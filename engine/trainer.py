@@ -61,6 +61,7 @@ from torch import Tensor
 
 from sdpo.engine import distributed, sharding
 from sdpo.engine.files import append_jsonl, atomic_open
+from sdpo.engine.hf import peft_adapter_parameters
 from sdpo.engine.lora import adapter_parameters
 from sdpo.engine.packing import (
     TokenizedPair,
@@ -422,10 +423,11 @@ class TrainResult:
 
 def cast_for_precision(model: torch.nn.Module, precision: str) -> None:
     """Cast ``model``'s parameters in place to the dtype a resolved ``precision`` trains in
-    (``parameter_dtype``), as ``DPOTrainer`` does on construction. LoRA adapters stay fp32
-    whatever the precision (engine/lora.py); the Parameter objects are kept."""
+    (``parameter_dtype``), as ``DPOTrainer`` does on construction. LoRA adapters, sdpo's
+    (engine/lora.py) or PEFT's (``peft_adapter_parameters``), keep their dtype (fp32) whatever
+    the precision; the Parameter objects are kept."""
     wanted = parameter_dtype(precision)
-    adapters = {id(p) for p in adapter_parameters(model)}
+    adapters = {id(p) for p in [*adapter_parameters(model), *peft_adapter_parameters(model)]}
     if not adapters and any(p.dtype != wanted for p in model.parameters()):
         model.to(wanted)
     for p in model.parameters():

@@ -254,3 +254,33 @@ def test_training_leaves_no_gradients_behind(one_thread):
     hf(input_ids=ids, labels=ids).loss.backward()
     for name, p in hf.named_parameters():
         assert torch.equal(p.grad, mine[name]), name
+
+
+def test_peft_adapters_keep_fp32_over_a_bf16_model_and_alone_train(one_thread):
+    """A bf16 model with PEFT LoRA adapters (fp32, as PEFT makes them) under precision "bf16":
+    the adapters stay fp32, so updates near lr = 1e-5 (below a bf16 ulp of A's entries) are not
+    rounded away; the frozen base is bitwise untouched and stays bf16."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(
+        _tiny_hf(dtype=torch.bfloat16),
+        peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapters = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert adapters and all(before[n].dtype == torch.float32 for n in adapters)
+    run_sdpo(
+        model,
+        _hand_pairs(range(4)),
+        steps=2,
+        partition="random",
+        train=TrainConfig(learning_rate=1e-5, precision="bf16", warmup_ratio=0.0),
+        kernels_impl="torch",
+    )
+    for name, p in model.named_parameters():
+        if name in adapters:
+            assert p.dtype == torch.float32, name
+            assert not torch.equal(p, before[name]), name
+            # Adam moves each entry by at most lr per optimizer step (one per sDPO step here)
+            assert (p - before[name]).abs().max() <= 2 * 1e-5 * 1.001, name
+        else:
+            assert p.dtype == torch.bfloat16 and torch.equal(p, before[name]), name
