@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -59,6 +60,21 @@ def _per_step(name: str, values: Sequence[float] | None, steps: int, default: fl
     if len(values) != steps:
         raise ValueError(f"{name} has {len(values)} values for {steps} steps: give one per step")
     return [float(v) for v in values]
+
+
+def _check_token_ids(pairs: Sequence[TokenizedPair], *, vocab_size: int) -> None:
+    """Every id in [0, vocab_size): an id outside it would fail deep in the embedding lookup
+    (an opaque index error on a CPU, a device-side assert on a GPU)."""
+    for p in pairs:
+        for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            ids = getattr(p, field)
+            if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+                bad = next(i for i in ids if not 0 <= i < vocab_size)
+                raise ValueError(
+                    f"pair {p.index}: {field} holds token id {bad}, outside the model's "
+                    f"vocabulary [0, {vocab_size}); tokenize the pairs with the model's tokenizer "
+                    "(tokenize_pairs(..., vocab_size=...) checks this)"
+                )
 
 
 def _chunks_from(
@@ -128,6 +144,11 @@ def run_sdpo(
     receives every logged training record, with ``sdpo_step``; ``on_step_end(report, model)`` runs after each step with M_t in hand."""
     if not hasattr(model, "lm_head_weight") and callable(getattr(model, "get_decoder", None)):
         model = PackedCausalLM(model)  # a Hugging Face causal LM, trained in place
+    if not hasattr(model, "lm_head_weight"):
+        raise TypeError(
+            f"run_sdpo takes a model under sdpo's packed protocol (with lm_head_weight) or a "
+            f"Hugging Face causal LM (with get_decoder()); {type(model).__name__} has neither"
+        )
     train = TrainConfig() if train is None else train
     loss = LossConfig() if loss is None else loss
     pairs = list(pairs)
@@ -137,7 +158,13 @@ def run_sdpo(
         raise ValueError(f"{len(pairs)} pairs cannot be cut into {steps} non-empty chunks")
     by_index = {p.index: p for p in pairs}
     if len(by_index) != len(pairs):
-        raise ValueError("pairs must have distinct TokenizedPair.index values")
+        counts = Counter(p.index for p in pairs)
+        repeated = sorted(i for i, n in counts.items() if n > 1)
+        raise ValueError(
+            f"pairs must have distinct TokenizedPair.index values; {repeated[:5]} occur more "
+            "than once (first five shown)"
+        )
+    _check_token_ids(pairs, vocab_size=model.lm_head_weight.shape[0])
     chunks = _chunks_from(partition, steps, set(by_index))
     beta_of = _per_step("betas", betas, steps, loss.beta)
     lr_of = _per_step("learning_rates", learning_rates, steps, train.learning_rate)

@@ -284,3 +284,21 @@ def test_peft_adapters_keep_fp32_over_a_bf16_model_and_alone_train(one_thread):
             assert (p - before[name]).abs().max() <= 2 * 1e-5 * 1.001, name
         else:
             assert p.dtype == torch.bfloat16 and torch.equal(p, before[name]), name
+
+
+def test_run_sdpo_names_the_pair_of_a_bad_hand_built_id_before_any_work(one_thread):
+    """A token id outside the model's vocabulary, or a pair index given twice, is refused with
+    the pair and field named, before anything is scored or trained."""
+    hf = _tiny_hf()
+    weights = {k: v.clone() for k, v in hf.state_dict().items()}
+    for value in (48, -2):
+        pairs = _hand_pairs(range(4))
+        pairs[2].rejected_ids[-1] = value
+        with pytest.raises(ValueError, match=rf"pair 2: rejected_ids holds token id {value}, .*48"):
+            run_sdpo(hf, pairs, steps=2, partition="random", kernels_impl="torch")
+    with pytest.raises(ValueError, match=r"\[1, 3\] occur more than once"):
+        run_sdpo(hf, _hand_pairs([0, 1, 3, 1, 3]), steps=2, kernels_impl="torch")
+    with pytest.raises(TypeError, match="Linear has neither"):
+        run_sdpo(torch.nn.Linear(2, 2), _hand_pairs(range(4)), kernels_impl="torch")
+    for name, tensor in hf.state_dict().items():
+        assert torch.equal(tensor, weights[name]), name
