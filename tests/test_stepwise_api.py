@@ -15,6 +15,7 @@ from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
 from sdpo.engine.hf import PackedCausalLM
 from sdpo.engine.packing import TokenizedPair
+from sdpo.engine.scoring import PairLogps
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import TrainConfig
 from sdpo.losses import LossConfig
@@ -226,6 +227,25 @@ def test_run_sdpo_takes_any_int64_pair_indices(one_thread):
     assert own_gamma == plain_gamma
     for name, tensor in plain.items():
         assert torch.equal(own[name], tensor), name
+
+
+def test_reference_lookup_follows_a_replaced_index_column():
+    """rows_for keeps its sorted view per table; a table whose pair_indices are replaced looks
+    the new ones up, and a missing id is named."""
+    n = 7
+    table = PairLogps(
+        pair_indices=torch.tensor([5, -3, 2**62, 0, 11, 4, 9]),
+        chosen_logps=torch.randn(n),
+        rejected_logps=torch.randn(n),
+        chosen_tokens=torch.ones(n, dtype=torch.int64),
+        rejected_tokens=torch.ones(n, dtype=torch.int64),
+    )
+    want = torch.tensor([2**62, -3, 9, 9])
+    assert torch.equal(table.pair_indices[table.rows_for(want)], want)
+    table.pair_indices = torch.tensor([6, 1, 3, 0, 2, 5, 4])
+    assert table.rows_for(torch.tensor([0, 6, 4])).tolist() == [3, 0, 6]
+    with pytest.raises(KeyError, match=r"\[9\]"):
+        table.rows_for(torch.tensor([9]))
 
 
 def test_the_wrapper_sets_the_whole_hugging_face_object_s_mode(one_thread):
