@@ -32,6 +32,7 @@ gradients; training and scoring build it the same way, so their sums agree.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -140,8 +141,9 @@ def pack_pairs(pairs: Sequence[TokenizedPair]) -> PackedBatch:
     num_seqs = 2 * len(pairs)
     lens_np = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=2 * num_seqs)
     total = int(lens_np.sum())
+    # chain walks the lists in C: a generator over the tokens costs 3x as much per token
     input_ids = np.fromiter(
-        (t for s in seqs for t in s), dtype=np.int64, count=total
+        itertools.chain.from_iterable(seqs), dtype=np.int64, count=total
     )  # (N,) flat prompt|completion|prompt|completion...
     prompt_len = np.asarray(prompt_lens, dtype=np.int64)  # (S,)
     seq_len = prompt_len + lens_np[1::2]  # (S,)
@@ -250,7 +252,9 @@ def pack_pairs_shared(pairs: Sequence[TokenizedPair]) -> SharedPromptBatch:
     rejected = np.fromiter((len(p.rejected_ids) for p in pairs), dtype=np.int64, count=num_pairs)
     total = int((prompt + chosen + rejected).sum())
     input_ids = np.fromiter(
-        (t for p in pairs for part in (p.prompt_ids, p.chosen_ids, p.rejected_ids) for t in part),
+        itertools.chain.from_iterable(
+            part for p in pairs for part in (p.prompt_ids, p.chosen_ids, p.rejected_ids)
+        ),
         dtype=np.int64,
         count=total,
     )  # (N,) prompt|chosen|rejected per pair
@@ -296,7 +300,9 @@ def pack_pairs_shared(pairs: Sequence[TokenizedPair]) -> SharedPromptBatch:
     own_rows = np.repeat(cu_q[:-1] + interleave(prompt, zeros), completion) + u - 1
     head_index = np.where(u == 0, last_prompt_row, own_rows)
     labels = np.fromiter(
-        (t for p in pairs for part in (p.chosen_ids, p.rejected_ids) for t in part),
+        itertools.chain.from_iterable(
+            part for p in pairs for part in (p.chosen_ids, p.rejected_ids)
+        ),
         dtype=np.int64,
         count=int(completion.sum()),
     )

@@ -67,13 +67,14 @@ class PairLogps:
         Any int64 index works (a caller's own ids may be sparse, huge or negative): the lookup
         is a binary search in the sorted indices, its memory the table's size, not the largest
         index's. The sorted view is made once per table (the trainer looks up every
-        micro-batch) and made again if ``pair_indices`` is replaced."""
+        micro-batch) and made again if ``pair_indices`` is replaced or changed in place."""
+        indices = self.pair_indices
         cached = self.__dict__.get("_sorted")
-        if cached is None or cached[0] is not self.pair_indices:
-            order = torch.argsort(self.pair_indices, stable=True)
-            cached = (self.pair_indices, order, self.pair_indices[order])
+        if cached is None or cached[0] is not indices or cached[1] != indices._version:
+            order = torch.argsort(indices, stable=True)
+            cached = (indices, indices._version, order, indices[order])
             self.__dict__["_sorted"] = cached
-        _, order, known = cached  # known: (P,) sorted
+        _, _, order, known = cached  # known: (P,) sorted
         at = torch.searchsorted(known, pair_indices).clamp_(max=len(known) - 1)
         found = known[at] == pair_indices
         if not bool(found.all()):

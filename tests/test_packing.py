@@ -13,6 +13,7 @@ from sdpo.engine.packing import (
     batch_by_token_budget,
     head_rows,
     pack_pairs,
+    pack_pairs_shared,
 )
 
 
@@ -176,3 +177,70 @@ def test_head_rows_are_exactly_the_labelled_rows_with_per_pair_counts():
         pair = pairs[s // 2]
         completion = pair.chosen_ids if s % 2 == 0 else pair.rejected_ids
         assert head.labels[head.seq_ids == s].tolist() == completion
+
+
+def test_both_packers_equal_a_token_by_token_build_on_odd_sized_pairs():
+    # odd sizes: one-token prompts and completions, long ones, ids up to the int32 limit, and
+    # id lists given as tuples; the packers gather ids in C, this builds them one by one
+    rng = np.random.default_rng(131)
+    pairs = []
+    for i in range(37):
+        lp, lc, lr = (int(x) for x in rng.choice([1, 2, 7, 129], size=3))
+        ids = rng.integers(0, 2**31 - 1, size=lp + lc + lr).tolist()
+        pairs.append(
+            TokenizedPair(
+                index=3 * i + 1,
+                prompt_ids=ids[:lp],
+                chosen_ids=tuple(ids[lp : lp + lc]),
+                rejected_ids=ids[lp + lc :],
+            )
+        )
+    stream, labels, shared_stream, shared_labels = [], [], [], []
+    for p in pairs:
+        for completion in (p.chosen_ids, p.rejected_ids):
+            seq = [*p.prompt_ids, *completion]
+            stream += seq
+            scored = [j + 1 >= len(p.prompt_ids) for j in range(len(seq) - 1)] + [False]
+            labels += [seq[j + 1] if s else -100 for j, s in enumerate(scored)]
+            shared_labels += list(completion)
+        shared_stream += [*p.prompt_ids, *p.chosen_ids, *p.rejected_ids]
+    plain = pack_pairs(pairs)
+    assert plain.input_ids.tolist() == stream
+    assert plain.labels.tolist() == labels
+    head = head_rows(plain)
+    assert head.labels.tolist() == shared_labels
+    shared = pack_pairs_shared(pairs)
+    assert shared.input_ids.tolist() == shared_stream
+    assert shared.labels.tolist() == shared_labels
+    for t in (plain.input_ids, plain.labels, shared.input_ids, shared.labels):
+        assert t.dtype == torch.int64
+
+
+def test_reference_rows_follow_the_table_and_refuse_indices_it_does_not_hold():
+    from sdpo.engine.scoring import PairLogps
+
+    gen = torch.Generator().manual_seed(7)
+    indices = torch.randperm(1013, generator=gen)[:601] * 3 + 2  # sparse, odd-sized, shuffled
+    n = len(indices)
+    ref = PairLogps(
+        pair_indices=indices,
+        chosen_logps=torch.randn(n, generator=gen),
+        rejected_logps=torch.randn(n, generator=gen),
+        chosen_tokens=torch.ones(n, dtype=torch.int64),
+        rejected_tokens=torch.ones(n, dtype=torch.int64),
+    )
+    row_of = {int(k): i for i, k in enumerate(indices)}
+    for size in (1, 5, 37):
+        query = indices[torch.randint(0, n, (size,), generator=gen)]
+        assert ref.rows_for(query).tolist() == [row_of[int(k)] for k in query]
+    # an index absent from the table, above its largest, or negative (which would wrap around
+    # a lookup table to another pair's row) is an error
+    for bad in (0, int(indices.max()) + 1, -1):
+        with pytest.raises(KeyError, match=f"pairs \\[{bad}\\]"):
+            ref.rows_for(torch.tensor([int(indices[0]), bad]))
+    # the table's indices changed in place, or replaced: lookups follow
+    top = int(indices.max())
+    ref.pair_indices[0] = top + 5
+    assert ref.rows_for(torch.tensor([top + 5])).tolist() == [0]
+    ref.pair_indices = torch.arange(n).flip(0)
+    assert ref.rows_for(torch.tensor([0, n - 1])).tolist() == [n - 1, 0]
