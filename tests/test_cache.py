@@ -350,3 +350,24 @@ def test_file_fingerprint_of_a_real_tokenizer_is_its_sha256(tmp_path):
     big = tmp_path / "big.bin"
     big.write_bytes(np.random.default_rng(14).bytes(3 * (1 << 20) + 17))  # spans read blocks
     assert file_fingerprint(big) == hashlib.sha256(big.read_bytes()).hexdigest()
+
+
+def test_data_fingerprint_is_the_sha256_of_the_documented_int32_stream():
+    # more pairs than one gathered group (4096), odd sizes, and a generator as input
+    rng = np.random.default_rng(14)
+    pairs = [
+        TokenizedPair(
+            index=int(rng.integers(0, 2**31 - 1)),
+            prompt_ids=rng.integers(0, 2**31 - 1, size=int(rng.integers(1, 4))).tolist(),
+            chosen_ids=rng.integers(0, 50257, size=int(rng.integers(1, 3))).tolist(),
+            rejected_ids=rng.integers(0, 50257, size=int(rng.integers(0, 3))).tolist(),
+        )
+        for _ in range(4099)
+    ]
+    h = hashlib.sha256(b"sdpo.pairs.v1")
+    for p in pairs:
+        values = [p.index, len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)]
+        for value in values + p.prompt_ids + p.chosen_ids + p.rejected_ids:
+            h.update(struct.pack("<i", value))
+    h.update(struct.pack("<Q", len(pairs)))
+    assert data_fingerprint(p for p in pairs) == h.hexdigest()

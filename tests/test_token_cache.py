@@ -172,6 +172,30 @@ def test_save_then_load_round_trips_arbitrary_pairs(tiny_model_dir, tmp_path):
     assert got == pairs and got_places == places and got_stats == stats
 
 
+def test_loaded_token_ids_equal_the_saved_ones_and_share_one_int_per_id(tmp_path):
+    # vocabulary-sized ids (the path real data takes), odd lengths, an empty completion
+    rng = random.Random(12)
+    pairs = [
+        runner_mod.TokenizedPair(
+            index=i,
+            prompt_ids=[rng.randrange(1000, 1200) for _ in range(rng.randint(1, 9))],
+            chosen_ids=[rng.randrange(1000, 1200) for _ in range(rng.randint(1, 7))],
+            rejected_ids=[rng.randrange(1000, 1200) for _ in range(rng.randint(0, 5))] + [0],
+        )
+        for i in range(301)
+    ]
+    stats = runner_mod.TokenizeStats(num_pairs=len(pairs))
+    path = tmp_path / "t.safetensors"
+    save_tokenized(path, pairs, {}, stats, {"k": 1})
+    (got, _, _), reason = load_tokenized(path, {"k": 1})
+    assert reason == "ok" and got == pairs
+    assert all(type(t) is int for p in got for t in p.prompt_ids + p.chosen_ids)
+    # a large data set's ids are kept as one int object per id value, not one per token
+    objects = {id(t) for p in got for t in p.prompt_ids + p.chosen_ids + p.rejected_ids}
+    values = {t for p in got for t in p.prompt_ids + p.chosen_ids + p.rejected_ids}
+    assert len(objects) == len(values)
+
+
 def test_editing_one_byte_of_a_data_file_invalidates_the_cache(
     tiny_model_dir, tmp_path, tokenize_calls, capsys
 ):
