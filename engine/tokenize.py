@@ -133,6 +133,7 @@ class PairTokenizer:
         # tokenizer_config.json)
         self.tool_use_template = tool_use_template
         self._templates: dict[str, Any] = {}  # compiled, by source
+        self._vocab_ints: list[int] | None = None  # encode_texts' int object of each id
         # special tokens a chat template closes a turn with (<|eot_id|>, <|im_end|>, </s>, ...):
         # every special token but BOS and the unknown-token marker
         unk = getattr(tokenizer.model, "unk_token", None)
@@ -229,11 +230,21 @@ class PairTokenizer:
         return h.hexdigest()[:16]
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids of each text, without the post-processor's special tokens."""
+        """Ids of each text, without the post-processor's special tokens.
+
+        The lists hold one int object per vocabulary id, shared by every occurrence: a fresh
+        int per token would cost 36 bytes a token instead of 8 (the list slot), on every rank
+        (``engine/token_cache.py`` loads its lists the same way)."""
+        ints = self._vocab_ints
+        if ints is None:
+            self._vocab_ints = ints = list(range(self.vocab_size))
+        share = ints.__getitem__
         out: list[list[int]] = []
         for start in range(0, len(texts), _ENCODE_CHUNK):
             chunk = list(texts[start : start + _ENCODE_CHUNK])
-            out.extend(e.ids for e in self.tokenizer.encode_batch(chunk, add_special_tokens=False))
+            for e in self.tokenizer.encode_batch(chunk, add_special_tokens=False):
+                ids = e.ids
+                out.append(list(map(share, ids)) if not ids or max(ids) < len(ints) else ids)
         return out
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:

@@ -799,3 +799,32 @@ def test_templates_see_tools_and_documents_and_pick_tool_use_as_transformers(tmp
             messages, tools=tools, tokenize=False, add_generation_prompt=True, **(kwargs or {})
         )
         assert text == expected
+
+
+def test_token_ids_equal_the_tokenizers_and_share_one_int_per_id(tmp_path):
+    # a vocabulary past the small ints Python caches itself (-5..256)
+    words = [f"v{i}" for i in range(700)]
+    big = PairTokenizer.from_dir(build_tokenizer(tmp_path / "big", words=words))
+    rng = np.random.default_rng(5)
+
+    def text(n: int) -> str:
+        return " ".join(words[int(i)] for i in rng.integers(0, len(words), size=n))
+
+    rows = [
+        {
+            "prompt": text(int(rng.integers(1, 9))),
+            "chosen": " " + text(int(rng.integers(1, 7))),
+            "rejected": " " + text(int(rng.integers(1, 7))),
+        }
+        for _ in range(41)
+    ]
+    pairs, _ = tokenize_pairs(rows, big, max_length=64)
+    for row, pair in zip(rows, pairs, strict=True):
+        plain = big.tokenizer.encode(row["prompt"], add_special_tokens=False).ids
+        assert pair.prompt_ids == [big.bos_id, *plain]
+        for name in ("chosen", "rejected"):
+            full = big.tokenizer.encode(row["prompt"] + row[name], add_special_tokens=False).ids
+            assert getattr(pair, f"{name}_ids") == [*full[len(plain) :], big.eos_id]
+    ids = [t for p in pairs for t in (*p.prompt_ids, *p.chosen_ids, *p.rejected_ids)]
+    assert max(ids) > 256
+    assert len({id(t) for t in ids}) == len(set(ids))  # one object per id value
