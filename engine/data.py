@@ -864,13 +864,20 @@ def _split_implicit_prompt(record: dict, place: _Place) -> dict:
 
 
 def _shared_length(a: Sequence, b: Sequence) -> int:
-    """How many leading items ``a`` and ``b`` have in common."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    """How many leading items ``a`` and ``b`` have in common.
+
+    A binary search over prefix comparisons, each done in C (not a Python loop over the
+    characters of long conversations)."""
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; they part at or before hi
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _check_field(record: dict, field: str, place: _Place) -> Field:

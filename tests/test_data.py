@@ -524,6 +524,29 @@ CHAT = [
 ]
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    shared=st.text(alphabet="ab \n", max_size=40),
+    a=st.text(alphabet="ab \n", max_size=9),
+    b=st.text(alphabet="ab \n", max_size=9),
+)
+def test_shared_beginning_length_equals_an_item_by_item_count(shared, a, b):
+    from sdpo.engine.data import _shared_length
+
+    def plain(x, y):  # the count, one item at a time
+        n = 0
+        while n < min(len(x), len(y)) and x[n] == y[n]:
+            n += 1
+        return n
+
+    x, y = shared + a, shared + b
+    assert _shared_length(x, y) == plain(x, y)
+    # message lists: the same count over dicts
+    xs = [{"role": "user", "content": c} for c in x]
+    ys = [{"role": "user", "content": c} for c in y]
+    assert _shared_length(xs, ys) == plain(xs, ys)
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "csv"])
 def test_implicit_prompts_are_split_at_the_shared_beginning(tmp_path, fmt):
     path = write_rows(tmp_path, "hh", HH, fmt)
