@@ -109,10 +109,12 @@ class LoRALinear(nn.Module):
         update = F.linear(F.linear(self.dropout(x), a), b)  # (N, r) -> (N, out)
         return y + update * self.scale
 
-    def merged_linear(self) -> nn.Linear:
+    def merged_linear(self, rounding: Tensor | None = None) -> nn.Linear:
         """The wrapped ``nn.Linear`` with ``W += scale * B @ A`` (formed in fp32 or wider,
         rounded once to W's dtype), holding the same weight and bias Parameters. A sharded
-        weight (DTensor) gets this rank's rows of the update, computed from its rows of B."""
+        weight (DTensor) gets this rank's rows of the update, computed from its rows of B.
+        ``rounding`` (float64, (2,)), if given, gets the squared norms of what the rounding
+        dropped from the update and of the update added to it (see ``merge_lora``)."""
         base = self.base
         if base.weight is not self.weight or base.bias is not self.bias:
             raise RuntimeError(
@@ -121,7 +123,7 @@ class LoRALinear(nn.Module):
                 "before merging)"
             )
         with torch.no_grad():
-            _add_update_(self.weight, self.lora_A, self.lora_B, scale=self.scale)
+            _add_update_(self.weight, self.lora_A, self.lora_B, scale=self.scale, rounding=rounding)
         return base
 
     def extra_repr(self) -> str:
@@ -131,8 +133,12 @@ class LoRALinear(nn.Module):
         )
 
 
-def _add_update_(weight: Tensor, a: Tensor, b: Tensor, *, scale: float) -> None:
-    """``weight += scale * b @ a`` in place, formed in fp32 or wider and rounded once. A DTensor
+def _add_update_(
+    weight: Tensor, a: Tensor, b: Tensor, *, scale: float, rounding: Tensor | None = None
+) -> None:
+    """``weight += scale * b @ a`` in place, formed in fp32 or wider and rounded once (with
+    ``rounding``: the squared norms of the rounding's error and of the update are added to
+    it, over the rows this rank holds). A DTensor
     weight sharded by rows (FSDP2's ``Shard(0)``, or replicated) gets its local rows only: every
     rank holds the whole adapter, so each cuts its own rows of ``b`` (no communication) and
     the full (out, in) update never exists."""
@@ -158,7 +164,14 @@ def _add_update_(weight: Tensor, a: Tensor, b: Tensor, *, scale: float) -> None:
                 "weight's shard"
             )
     delta = (b.to(compute) @ a.to(compute)) * scale  # (out or local out, in)
-    weight.copy_((weight.to(compute) + delta).to(weight.dtype))
+    before = weight.to(compute)  # W itself when W is fp32 or wider
+    rounded = (before + delta).to(weight.dtype)
+    if rounding is not None:
+        dropped = (rounded.to(compute) - before) - delta  # the first difference is exact
+        rounding += torch.stack(
+            [torch.linalg.vector_norm(t, dtype=torch.float64) ** 2 for t in (dropped, delta)]
+        )
+    weight.copy_(rounded)
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -225,16 +238,34 @@ def attach_lora(
     return adapter_parameters(model)
 
 
-def merge_lora(model: nn.Module) -> None:
+def merge_lora(model: nn.Module) -> Tensor:
     """Fold every adapter into its base weight (``W += scale * B @ A``, in fp32, rounded once)
     and put the plain ``nn.Linear`` back: tensor names, state dict and checkpoints are the
-    base model's again. The ``requires_grad`` flags from before ``attach_lora`` come back."""
-    for qualified, module in lora_modules(model):
+    base model's again. The ``requires_grad`` flags from before ``attach_lora`` come back.
+
+    Returns (float64, on the CPU) the squared norms of the part of the update that rounding
+    to W's dtype dropped and of the whole update, summed over the merged weights (a sharded
+    model's: over this rank's rows; ``merge_rounding_loss`` forms the share). fp32 weights
+    keep the update to float rounding; bf16 weights (``train.precision = "bf16"``) drop every
+    entry of it smaller than half a bf16 step of the weight (2^-9 to 2^-8 of its size), which at
+    sDPO's learning rates can be most of a step's update."""
+    modules = lora_modules(model)
+    device = modules[0][1].weight.device if modules else torch.device("cpu")
+    rounding = torch.zeros(2, dtype=torch.float64, device=device)
+    for qualified, module in modules:
         parent_name, _, name = qualified.rpartition(".")
-        setattr(model.get_submodule(parent_name), name, module.merged_linear())
+        setattr(model.get_submodule(parent_name), name, module.merged_linear(rounding))
     for p, flag in getattr(model, "_lora_frozen", []):
         p.requires_grad_(flag)
     model._lora_frozen = []
+    return rounding.cpu()
+
+
+def merge_rounding_loss(rounding: Tensor) -> float:
+    """The share of a merged update's norm that rounding dropped, ``|dropped| / |update|``
+    (0 for an all-zero update), from ``merge_lora``'s squared norms."""
+    dropped, update = rounding.tolist()
+    return math.sqrt(dropped / update) if update > 0 else 0.0
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:

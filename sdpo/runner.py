@@ -110,6 +110,7 @@ from sdpo.engine.lora import (
     load_lora_state_dict,
     lora_state_dict,
     merge_lora,
+    merge_rounding_loss,
     peft_adapter_files,
 )
 from sdpo.engine.packing import TokenizedPair
@@ -1259,7 +1260,7 @@ class StepwiseRunner:
             adapter = None
             if cfg.lora.enabled:  # M_t = M_{t-1} with the step's adapter merged in
                 adapter = lora_state_dict(model)  # also written in PEFT's layout
-                merge_lora(model)
+                self._warn_merge_rounding(model, merge_lora(model), t=t)
             weights = self._gathered(model)  # sharded: a collective, before rank 0 writes
             acc_after = None
             if cfg.sdpo.report_scoring:
@@ -1499,6 +1500,27 @@ class StepwiseRunner:
                 "changed since). Restore them, or start the run again with --overwrite"
             )
         load_lora_state_dict(model, load_file(point.path / ADAPTER_STATE_NAME))
+
+    def _warn_merge_rounding(
+        self, model: torch.nn.Module, rounding: torch.Tensor, *, t: int
+    ) -> None:
+        """Say so when rounding the merged weights to their dtype (bf16 under
+        ``train.precision = "bf16"``) dropped a tenth or more of step t's update (``merge_lora``'s
+        squared norms): M_t, the next step's reference and ``step-<t>/`` then hold less than the
+        adapter learned, though the step's metrics (measured with the adapter) show all of it.
+        A collective when sharded (each rank merged its own rows)."""
+        if sharding.is_sharded(model):
+            rounding = rounding.to(self.device)
+            distributed.all_reduce_sum([rounding])
+        lost = merge_rounding_loss(rounding.cpu())
+        if lost >= 0.1:
+            _log(
+                f"warning: merging step {t}'s LoRA adapter into the "
+                f"{parameter_dtype(self.precision)} weights rounded away {lost:.0%} of its update "
+                f"(norm of the dropped part over the update's): step-{t}/ and the next step's "
+                "reference keep only the rest, while the step's metrics show the adapter's whole "
+                'effect. train.precision = "bf16-mixed" keeps fp32 base weights that hold it'
+            )
 
     def _write_peft_adapter(
         self, state: dict[str, torch.Tensor], tmp: Path, *, base_model: str

@@ -26,8 +26,10 @@ from sdpo.engine.lora import (
     adapter_parameters,
     attach_lora,
     load_lora_state_dict,
+    lora_modules,
     lora_state_dict,
     merge_lora,
+    merge_rounding_loss,
     peft_adapter_files,
 )
 from sdpo.engine.model import ModelConfig, init_model
@@ -215,6 +217,53 @@ def test_merge_gives_the_adapter_models_outputs_and_the_base_names():
     assert_no_worse("hidden", merged32_h, adapter_h, truth_h, rel_margin=1e-5, factor=2.0)
     assert_no_worse("logps", merged32_lp, adapter_lp, truth_lp, rel_margin=1e-5, factor=2.0)
     assert all(p.requires_grad for p in model32.parameters())  # flags restored
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_reports_the_share_of_the_update_that_rounding_dropped(dtype):
+    """bf16 weights hold no update smaller than half a bf16 step: a merge into them drops it,
+    and merge_lora says how much (against float64); fp32 weights keep it."""
+    model = _model(dtype=dtype, seed=5)
+    attach_lora(model, rank=2, alpha=4.0, targets=["q_proj", "down_proj"], seed=1)
+    _randomize_adapter(model, seed=6, scale=3e-4)  # scale * B @ A ~ 1e-7 .. 1e-6
+    before = {n: m.weight.detach().double().clone() for n, m in lora_modules(model)}
+    updates = {n: m.scale * m.lora_B.double() @ m.lora_A.double() for n, m in lora_modules(model)}
+    rounding = merge_lora(model)
+    dropped = update = 0.0
+    for name, delta in updates.items():
+        merged = model.get_submodule(name).weight.double()
+        dropped += ((merged - before[name]) - delta).square().sum().item()
+        update += delta.square().sum().item()
+    torch.testing.assert_close(
+        rounding, torch.tensor([dropped, update], dtype=torch.float64), rtol=1e-4, atol=1e-30
+    )
+    lost = merge_rounding_loss(rounding)
+    if dtype == torch.bfloat16:
+        assert lost > 0.9  # the weights are ~1e-2: nearly all of the update is gone
+    else:
+        assert lost < 1e-2  # fp32 rounds the sum too, by 2^-24 of the weight
+
+
+def test_a_lora_merge_that_rounds_away_the_update_is_reported(tiny_model_dir, tmp_path, capsys):
+    """precision = "bf16" with LoRA at a low learning rate: M_t keeps little of the step's
+    update, which the run says; bf16-mixed (fp32 base weights) keeps it and says nothing."""
+    for precision in ("bf16", "bf16-mixed"):
+        train = {"precision": precision, "learning_rate": 1e-6, "warmup_ratio": 0.0}
+        d = two_source_config(tmp_path, tiny_model_dir, out=precision, train=train)
+        d["lora"] = {"rank": 2}
+        d["sdpo"]["steps"] = 1
+        d["data"]["sources"] = d["data"]["sources"][:1]
+        run_training(config_from_dict(d), progress=False)
+        out = capsys.readouterr().out
+        said = "merging step 1's LoRA adapter into the torch.bfloat16 weights rounded away"
+        assert (said in out) == (precision == "bf16"), out
+        if precision == "bf16":
+            assert 'train.precision = "bf16-mixed" keeps fp32 base weights' in out
+            m0 = load_pretrained(tiny_model_dir, dtype=torch.bfloat16).state_dict()
+            m1 = load_file(tmp_path / precision / "step-1" / "model.safetensors")
+            targets = [k for k in m0 if k.endswith(tuple(f"{t}.weight" for t in LORA_TARGETS))]
+            changed = sum(int((m1[k] != m0[k]).sum()) for k in targets)
+            assert changed < 0.5 * sum(m0[k].numel() for k in targets)  # most entries kept M0's
 
 
 def test_bf16_parameters_keep_the_adapter_and_its_optimizer_states_in_fp32(
