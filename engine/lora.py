@@ -57,6 +57,8 @@ _PARENT = {
     "down_proj": "mlp",
 }
 PEFT_PREFIX = "base_model.model."  # PEFT's prefix of a causal LM's tensor names
+# PEFT's shorthand for every linear layer but the output head: here, the seven projections
+ALL_LINEAR = "all-linear"
 
 
 class LoRALinear(nn.Module):
@@ -184,13 +186,19 @@ def _layers(model: nn.Module) -> nn.ModuleList:
         ) from exc
 
 
-def check_targets(targets: Iterable[str]) -> list[str]:
-    """``targets`` as a list, or a ValueError naming the unknown ones and the valid names."""
-    targets = list(targets)
+def check_targets(targets: str | Iterable[str]) -> list[str]:
+    """``targets`` as a list, or a ValueError naming the unknown ones and the valid names.
+    ``"all-linear"`` (alone, or as a one-item list, as PEFT's ``target_modules`` takes it) is
+    every projection, ``LORA_TARGETS``."""
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if targets == [ALL_LINEAR]:
+        return list(LORA_TARGETS)
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:
         what = f"unknown LoRA target(s) {unknown}" if unknown else "no LoRA targets"
-        raise ValueError(f"{what}: valid targets are {', '.join(LORA_TARGETS)}")
+        raise ValueError(
+            f"{what}: valid targets are {', '.join(LORA_TARGETS)}, or {ALL_LINEAR!r} for all"
+        )
     if len(set(targets)) != len(targets):
         raise ValueError(f"LoRA targets {targets} name a module twice")
     return targets
@@ -212,7 +220,7 @@ def attach_lora(
     rank: int,
     alpha: float,
     dropout: float = 0.0,
-    targets: Iterable[str] = LORA_TARGETS,
+    targets: str | Iterable[str] = LORA_TARGETS,
     seed: int,
 ) -> list[nn.Parameter]:
     """Wrap the ``targets`` projections of every decoder layer in a fresh ``LoRALinear`` and

@@ -35,7 +35,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from sdpo.engine.files import atomic_write_text
 from sdpo.engine.hub import is_hub_model_id
-from sdpo.engine.lora import LORA_TARGETS
+from sdpo.engine.lora import ALL_LINEAR, LORA_TARGETS
 from sdpo.engine.trainer import TrainConfig
 from sdpo.losses import LossConfig
 
@@ -303,9 +303,14 @@ class LoRASection:
     rank: int = 0
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0  # on the adapter's input, in training only
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    # or "all-linear" (PEFT's name for every linear layer but lm_head): all seven
+    targets: str | list[str] = field(default_factory=lambda: list(LORA_TARGETS))
 
     def __post_init__(self) -> None:
+        if self.targets in (ALL_LINEAR, [ALL_LINEAR]):
+            self.targets = list(LORA_TARGETS)
+        elif isinstance(self.targets, str):
+            self.targets = [self.targets]  # one module name
         _at_least("lora.rank", self.rank, 0)
         _at_least("lora.alpha", self.alpha, 0.0, strict=True)
         if not 0.0 <= self.dropout < 1.0:
@@ -313,7 +318,10 @@ class LoRASection:
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown or not self.targets:
             what = f"names unknown module(s) {unknown}" if unknown else "is empty"
-            raise ConfigError(f"lora.targets {what}: valid targets are {', '.join(LORA_TARGETS)}")
+            raise ConfigError(
+                f"lora.targets {what}: valid targets are {', '.join(LORA_TARGETS)}, or "
+                f"{ALL_LINEAR!r} for all of them"
+            )
         if len(set(self.targets)) != len(self.targets):
             raise ConfigError(f"lora.targets {self.targets} names a module twice")
 

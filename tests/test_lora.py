@@ -485,6 +485,22 @@ def test_bad_lora_settings_are_refused_with_a_clear_message(
         config_from_dict(_config_dict(tmp_path, tiny_model_dir, out="x", **sections))
 
 
+@pytest.mark.parametrize("targets", ["all-linear", ["all-linear"]])
+def test_all_linear_targets_every_projection_as_peft_s_shorthand(tiny_model_dir, tmp_path, targets):
+    cfg = config_from_dict(
+        _config_dict(tmp_path, tiny_model_dir, out="x", lora={"rank": 2, "targets": targets})
+    )
+    assert cfg.lora.targets == list(LORA_TARGETS)
+    model = _model(dtype=torch.float32, seed=1)
+    attach_lora(model, rank=2, alpha=4.0, targets=targets, seed=0)
+    wrapped = {name.rsplit(".", 1)[1] for name, _ in lora_modules(model)}
+    assert wrapped == set(LORA_TARGETS)
+    _, config = peft_adapter_files(
+        lora_state_dict(model), rank=2, alpha=4.0, dropout=0.0, targets=targets, base_model="m"
+    )
+    assert config["target_modules"] == sorted(LORA_TARGETS)
+
+
 def test_step_benchmark_smoke_runs_with_a_lora_adapter(one_thread, tmp_path):
     from tests.test_speed_paths import load_throughput
 
