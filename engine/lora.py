@@ -62,7 +62,8 @@ ALL_LINEAR = "all-linear"
 
 
 class LoRALinear(nn.Module):
-    """``y = x @ W^T + b + scale * dropout(x) @ A^T @ B^T`` with W, b frozen.
+    """``y = x @ W^T + b + scale * dropout(x) @ A^T @ B^T`` with W, b frozen; ``scale`` is
+    ``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora`` (PEFT's definitions).
 
     ``lora_A`` (r, in) is drawn kaiming-uniform (bound 1/sqrt(in), as PEFT draws it) from
     ``generator`` on the CPU, so the draw does not depend on the device; ``lora_B`` (out, r)
@@ -75,6 +76,7 @@ class LoRALinear(nn.Module):
         rank: int,
         alpha: float,
         dropout: float = 0.0,
+        use_rslora: bool = False,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -93,7 +95,8 @@ class LoRALinear(nn.Module):
             self.bias.requires_grad_(False)
         self.rank = rank
         self.alpha = float(alpha)
-        self.scale = self.alpha / rank
+        # PEFT's scaling: alpha / r, or alpha / sqrt(r) with rank-stabilized LoRA (rsLoRA)
+        self.scale = self.alpha / (math.sqrt(rank) if use_rslora else rank)
         a = torch.empty(rank, self.in_features, dtype=torch.float32)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
         device = self.weight.device
@@ -131,7 +134,7 @@ class LoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, alpha={self.alpha}"
+            f"rank={self.rank}, alpha={self.alpha}, scale={self.scale:g}"
         )
 
 
@@ -221,6 +224,7 @@ def attach_lora(
     alpha: float,
     dropout: float = 0.0,
     targets: str | Iterable[str] = LORA_TARGETS,
+    use_rslora: bool = False,
     seed: int,
 ) -> list[nn.Parameter]:
     """Wrap the ``targets`` projections of every decoder layer in a fresh ``LoRALinear`` and
@@ -241,7 +245,14 @@ def attach_lora(
             base = getattr(parent, name)
             if not isinstance(base, nn.Linear):
                 raise TypeError(f"LoRA target {name} is a {type(base).__name__}, not nn.Linear")
-            wrapper = LoRALinear(base, rank=rank, alpha=alpha, dropout=dropout, generator=generator)
+            wrapper = LoRALinear(
+                base,
+                rank=rank,
+                alpha=alpha,
+                dropout=dropout,
+                use_rslora=use_rslora,
+                generator=generator,
+            )
             setattr(parent, name, wrapper)
     return adapter_parameters(model)
 
@@ -318,8 +329,9 @@ def peft_adapter_files(
     rank: int,
     alpha: float,
     dropout: float,
-    targets: Iterable[str],
+    targets: str | Iterable[str],
     base_model: str,
+    use_rslora: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(tensors, adapter_config dict) of PEFT's LoRA layout for ``state`` (``lora_state_dict``):
     ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r),
@@ -342,7 +354,7 @@ def peft_adapter_files(
         "layers_pattern": None,
         "rank_pattern": {},
         "alpha_pattern": {},
-        "use_rslora": False,
+        "use_rslora": use_rslora,
         "use_dora": False,
         "revision": None,
     }

@@ -301,10 +301,11 @@ class LoRASection:
     and with ``train.fsdp`` (the base sharded, the adapter whole on every rank)."""
 
     rank: int = 0
-    alpha: float = 16.0  # the update is scaled by alpha / rank
+    alpha: float = 16.0  # the update is scaled by alpha / rank (alpha / sqrt(rank): use_rslora)
     dropout: float = 0.0  # on the adapter's input, in training only
     # or "all-linear" (PEFT's name for every linear layer but lm_head): all seven
     targets: str | list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    use_rslora: bool = False  # rank-stabilized LoRA (PEFT's use_rslora): scale alpha / sqrt(rank)
 
     def __post_init__(self) -> None:
         if self.targets in (ALL_LINEAR, [ALL_LINEAR]):

@@ -1487,6 +1487,7 @@ class StepwiseRunner:
             alpha=lora.alpha,
             dropout=lora.dropout,
             targets=lora.targets,
+            use_rslora=lora.use_rslora,
             seed=lora_seed(self.cfg.train.seed, t),
         )
         if resume is None or point is None:
@@ -1534,6 +1535,7 @@ class StepwiseRunner:
             alpha=lora.alpha,
             dropout=lora.dropout,
             targets=lora.targets,
+            use_rslora=lora.use_rslora,
             base_model=base_model,
         )
         folder = tmp / PEFT_ADAPTER_DIR

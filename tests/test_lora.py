@@ -116,6 +116,47 @@ def test_lora_linear_forward_and_gradients_match_float64_truth(bias):
     assert layer.lora_A.abs().max() <= bound and layer.lora_A.abs().max() > 0.8 * bound
 
 
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_scaling_is_peft_s_with_and_without_rslora(use_rslora):
+    """alpha / r, or alpha / sqrt(r) with rsLoRA: the layer against float64 and against PEFT's
+    own LoRA layer holding the same A and B; the written adapter_config says which."""
+    peft = pytest.importorskip("peft")
+    g = torch.Generator().manual_seed(3)
+    holder = torch.nn.Module()
+    holder.q_proj = torch.nn.Linear(29, 17, bias=False, dtype=torch.float64)
+    ours = LoRALinear(holder.q_proj, rank=4, alpha=6.0, use_rslora=use_rslora)
+    assert ours.scale == (6.0 / 2 if use_rslora else 6.0 / 4)
+    holder = peft.get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(29, 17, bias=False, dtype=torch.float64)),
+        peft.LoraConfig(r=4, lora_alpha=6, target_modules=["0"], use_rslora=use_rslora),
+    )
+    theirs = holder.base_model.model[0]
+    w = torch.randn(17, 29, generator=g, dtype=torch.float64)
+    a = torch.randn(4, 29, generator=g, dtype=torch.float64)
+    b = torch.randn(17, 4, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        ours.weight.copy_(w)
+        ours.lora_A.copy_(a)
+        ours.lora_B.copy_(b)
+        theirs.base_layer.weight.copy_(w)
+        theirs.lora_A["default"].weight.copy_(a)
+        theirs.lora_B["default"].weight.copy_(b)
+    x = torch.randn(5, 29, generator=g, dtype=torch.float64)
+    truth = x @ (w + ours.scale * b @ a).T
+    torch.testing.assert_close(ours(x).double(), truth, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(theirs(x), truth, rtol=1e-12, atol=1e-12)
+    _, config = peft_adapter_files(
+        {},
+        rank=4,
+        alpha=6.0,
+        dropout=0.0,
+        targets=["q_proj"],
+        base_model="m",
+        use_rslora=use_rslora,
+    )
+    assert config["use_rslora"] is use_rslora
+
+
 def test_dropout_acts_in_training_only():
     g = torch.Generator().manual_seed(2)
     base = torch.nn.Linear(29, 17)
