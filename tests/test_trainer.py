@@ -249,6 +249,36 @@ def test_fused_optimizer_step_on_bf16_parameters(tiny_model_dir, tmp_path):
     assert state["exp_avg"].dtype == torch.bfloat16 and float(state["step"]) == 1
 
 
+def test_bf16_mixed_keeps_updates_below_bf16_resolution_that_bf16_drops(tiny_model_dir, tmp_path):
+    """One AdamW step at lr 1e-6 moves each weight by about 1e-6, far below half a bf16 step of
+    the tiny model's weights (~1e-2 in size): bf16-mixed's fp32 master weights hold it (as a
+    float64 step from the same fp32 weights does), bf16 weights round nearly all of it away."""
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=8, seed=12))
+    moved = {}
+    for precision in ("bf16-mixed", "bf16"):
+        model = load_pretrained(tiny_model_dir)
+        trainer = _trainer(
+            model, tmp_path, precision=precision, learning_rate=1e-6, warmup_ratio=0.0
+        )
+        ref = score_pairs(
+            model, pairs, max_tokens_per_batch=1024, impl="torch", precision=precision
+        )
+        weight = model.model.layers[0].mlp.down_proj.weight
+        before = weight.detach().double().clone()
+        trainer.train_step(pairs, plan_steps(pairs, trainer.config, epoch=0)[0], ref)
+        step = weight.detach().double() - before
+        has_grad = trainer.optimizer.state[weight]["exp_avg"].double() != 0
+        moved[precision] = float((step != 0)[has_grad].double().mean())
+        if precision == "bf16-mixed":  # AdamW's first step in float64, to fp32 rounding
+            state, group = trainer.optimizer.state[weight], trainer.optimizer.param_groups[0]
+            (b1, b2), eps = group["betas"], group["eps"]
+            m, v = state["exp_avg"].double() / (1 - b1), state["exp_avg_sq"].double() / (1 - b2)
+            want = -1e-6 * m / (v.sqrt() + eps)
+            ulp = float(before.abs().max()) * 2**-23  # the new fp32 weight's rounding
+            torch.testing.assert_close(step, want, rtol=0, atol=ulp)
+    assert moved["bf16-mixed"] == 1.0 and moved["bf16"] < 0.2, moved
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_memory_probe_runs_the_largest_micro_batch_and_changes_nothing(
     tiny_model_dir, tmp_path, capsys, dropout
