@@ -213,17 +213,29 @@ def _training_curve(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
     """Training records with a global x (optimizer step across all sDPO steps) under "_x", and
     the x positions of the step boundaries.
 
-    Works whether ``step`` counts globally or restarts in each sDPO step, and keeps only the last
-    record of a repeated (sdpo_step, step) (a resumed run logs some steps twice)."""
-    last: dict[tuple[int, int], dict[str, Any]] = {}
-    for r in records:
-        if "step" not in r or "loss" not in r:
-            continue
+    The x is a record's ``run_step`` (the run's step, which the trackers use too). Records
+    written without it (older runs) get one from ``step``, whether it counts globally or
+    restarts in each sDPO step. A repeated x keeps only its last record (a resumed run logs
+    some steps twice)."""
+    train = [r for r in records if "step" in r and "loss" in r]
+    if train and all(isinstance(r.get("run_step"), int) for r in train):
+        last = {}
+        for r in train:
+            last[r["run_step"]] = r
+        curve, boundaries = [], []
+        for x in sorted(last):
+            r = last[x]
+            if curve and r.get("sdpo_step", 1) != curve[-1].get("sdpo_step", 1):
+                boundaries.append(curve[-1]["_x"] + 0.5)
+            curve.append({**r, "_x": x})
+        return curve, boundaries
+    by_step: dict[tuple[int, int], dict[str, Any]] = {}
+    for r in train:
         try:
-            last[(int(r.get("sdpo_step", 1)), int(r["step"]))] = r
+            by_step[(int(r.get("sdpo_step", 1)), int(r["step"]))] = r
         except (TypeError, ValueError):
             continue
-    keys = sorted(last)
+    keys = sorted(by_step)
     curve, boundaries = [], []
     offset = 0
     prev_sdpo, prev_x = None, None
@@ -233,7 +245,7 @@ def _training_curve(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
                 offset = prev_x - step + 1
             boundaries.append(prev_x + 0.5)
         x = step + offset
-        curve.append({**last[(sdpo_step, step)], "_x": x})
+        curve.append({**by_step[(sdpo_step, step)], "_x": x})
         prev_sdpo, prev_x = sdpo_step, x
     return curve, boundaries
 

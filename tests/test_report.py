@@ -166,6 +166,25 @@ def test_training_curve_is_continuous_across_sdpo_steps(tmp_path, restart_counte
     assert curve[3]["loss"] == 0.123  # the last record of a repeated step wins
 
 
+def test_training_curve_puts_every_record_at_its_run_step_with_log_every():
+    # as a run with train.log_every = 2 writes them: sDPO step 1 has 3 optimizer steps
+    # (records at 2 and 3), step 2 has 5 (records at 2, 4, 5 of the step; run steps 5, 7, 8);
+    # held-out records in between, and a resumed run's repeat of run step 7
+    records = []
+    for sdpo_step, base, steps in ((1, 0, (2, 3)), (2, 3, (2, 4, 5))):
+        for step in steps:
+            records.append(
+                {"sdpo_step": sdpo_step, "step": step, "run_step": base + step, "loss": 0.5}
+            )
+        end = base + steps[-1]
+        records.append({"sdpo_step": sdpo_step, "step": end, "run_step": end, "eval/loss": 0.6})
+    records.append({**records[-3], "loss": 0.123})
+    curve, boundaries = _training_curve(records)
+    assert [r["_x"] for r in curve] == [2, 3, 5, 7, 8]  # the trackers' x-axis
+    assert boundaries == [3.5]
+    assert curve[3]["loss"] == 0.123  # the last record of a repeated step wins
+
+
 def test_plot_is_written_when_matplotlib_is_installed(tmp_path):
     pytest.importorskip("matplotlib", reason="matplotlib (the `plot` extra) is not installed")
     metrics = tmp_path / "metrics.jsonl"
