@@ -1073,9 +1073,10 @@ class DPOTrainer:
                     fault_point("train_step")
                     if step_in_run == total_steps:
                         break  # the caller saves the end of this pass
-                    if eval_due:
+                    if eval_due:  # its time is left out of the window's tokens_per_s
+                        eval_start = time.perf_counter()
                         self.evaluate(self)
-                        window_start = time.perf_counter()
+                        window_start += time.perf_counter() - eval_start
                     if save_due:
                         self.save_checkpoint(self)
                     if self._should_stop():

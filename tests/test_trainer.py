@@ -5,6 +5,7 @@ sft loss type averages over the whole step's tokens on every path."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,35 @@ def test_warmup_steps_replace_the_ratio_and_each_record_logs_its_step_s_rate(
         TrainConfig(warmup_steps=-1)
     with pytest.raises(ValueError, match="warmup_steps must be a whole number"):
         TrainConfig(warmup_steps=1.5)
+
+
+def test_tokens_per_s_leaves_out_only_the_eval_time_of_its_window(tiny_model_dir, tmp_path):
+    # records every 3 steps, an evaluation after each step but the last, and a checkpoint write
+    # of at least 0.25 s after every step: a record's window holds two such writes before the
+    # evaluation that precedes it, and only the evaluation's time may be left out
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=12, seed=4))
+    model = load_pretrained(tiny_model_dir)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
+    config = TrainConfig(
+        learning_rate=1e-3, pairs_per_step=2, max_tokens_per_batch=4096, log_every=3
+    )
+    config.eval_every = config.save_every = 1
+    evals = []
+    trainer = dpo_trainer(
+        model,
+        config,
+        output_dir=tmp_path,
+        evaluate=lambda t: evals.append(t.position["step_in_run"]),
+        save_checkpoint=lambda t: time.sleep(0.25),
+    )
+    trainer.fit(pairs, ref)
+    assert evals == [1, 2, 3, 4, 5]
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    window_tokens = [rows[0]["tokens"], rows[1]["tokens"] - rows[0]["tokens"]]
+    for row, tokens in zip(rows, window_tokens):
+        # the window spans at least the writes after its first two steps
+        assert row["tokens_per_s"] <= tokens / 0.5, row
 
 
 def test_training_is_bitwise_reproducible_on_cpu(tiny_model_dir, tmp_path):
