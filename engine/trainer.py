@@ -973,22 +973,23 @@ class DPOTrainer:
             finite = values.pop("finite") > 0
             self._stop_seen = self._stop_seen or values.pop("stop", 0.0) > 0
             window_tokens += record.tokens
+            window = self._log_window
             if not finite:
                 self._skip_or_raise(record, values)
-                return
-            window = self._log_window
-            window["steps"] += 1
-            for k, v in values.items():
-                window["sums"][k] = window["sums"].get(k, 0.0) + v
+                # skipped: nothing to add; the pass's last step still logs its window's steps
+                if record.step_in_run != total_steps or not window["steps"]:
+                    return
+            else:
+                window["steps"] += 1
+                for k, v in values.items():
+                    # the gradient norm is the last finite step's (as TRL logs it), the rest
+                    # summed for the window's mean
+                    window["sums"][k] = v if k == "grad_norm" else window["sums"].get(k, 0.0) + v
             if record.logging:
                 now = time.perf_counter()
                 steps, sums = window["steps"], window["sums"]
                 self._log_window = {"steps": 0, "sums": {}}
-                # the mean over the window's steps; the gradient norm is the last step's (as
-                # TRL logs it)
-                values = {
-                    k: (v if k == "grad_norm" else sums[k] / steps) for k, v in values.items()
-                }
+                values = {k: (v if k == "grad_norm" else v / steps) for k, v in sums.items()}
                 if self.run_step_base is not None:
                     values["run_step"] = self.run_step_base + record.step_in_run
                 values.update(

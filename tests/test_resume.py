@@ -185,6 +185,36 @@ def test_skip_nonfinite_batches_skips_and_counts(tiny_model_dir, tmp_path, fused
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_skipped_last_step_still_logs_the_finite_steps_of_its_window(tiny_model_dir, tmp_path):
+    pairs = _pairs(tiny_model_dir, tmp_path, n=16)  # 4 steps of 4 pairs
+    ref = score_pairs(load_pretrained(tiny_model_dir), pairs, max_tokens_per_batch=4096)
+    ref.rejected_logps[pairs[13].index] = float("inf")  # step 4, the last, is skipped
+    records = {}
+    for log_every in (1, 4):
+        out = tmp_path / f"log{log_every}"
+        trainer = _trainer(
+            load_pretrained(tiny_model_dir),
+            shuffle=False,
+            epochs=1,
+            skip_nonfinite_batches=1,
+            save_every=0,
+            log_every=log_every,
+        )
+        trainer.output_dir = out
+        result = trainer.fit(pairs, ref)
+        records[log_every] = [
+            json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert result.last_metrics == records[log_every][-1]  # the step report's numbers
+    steps = records[1]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    (window,) = records[4]
+    assert window["step"] == 4 and window["skipped_batches"] == 1
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
+        assert window[key] == pytest.approx(sum(r[key] for r in steps) / 3, rel=1e-6), key
+    assert window["grad_norm"] == steps[-1]["grad_norm"]  # the last finite step's
+
+
 # -- the runner -------------------------------------------------------------------------------
 
 
