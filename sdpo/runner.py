@@ -1239,7 +1239,7 @@ class StepwiseRunner:
             )
             trainer.run_step_base = run_step_base  # records' run_step counts on across steps
             if self.trackers:  # x-axis: the run's step
-                trainer.log_hook = self._track_step
+                trainer.log_hook = partial(self._track_step, base=run_step_base)
             trainer.global_step = schedule_done
             _log(f"step {t}/{len(chunks)}: {len(chunk_pairs)} pairs, beta={beta}, lr={lr}")
             self.phase = (
@@ -1403,11 +1403,13 @@ class StepwiseRunner:
             "result then equals the uninterrupted run's up to float rounding)"
         )
 
-    def _track_step(self, record: dict) -> None:
-        """A training record to the trackers, at its run step (``record["step"]`` restarts
-        with each sDPO step when the optimizer is reset)."""
+    def _track_step(self, record: dict, *, base: int) -> None:
+        """A training record to the trackers, at its run step, with its optimizer step within
+        the sDPO step (``base``: the run steps before it) as ``step_in_sdpo_step``
+        (``record["step"]`` restarts with each sDPO step only when the optimizer is reset)."""
         values = {k: v for k, v in record.items() if k != "run_step"}
-        self.trackers.log({**values, "step_in_sdpo_step": record["step"]}, step=record["run_step"])
+        at = record["run_step"]
+        self.trackers.log({**values, "step_in_sdpo_step": at - base}, step=at)
 
     def _evaluate_in_step(self, trainer: DPOTrainer, *, t: int, beta: float, base: int) -> None:
         """Trainer callback (``train.eval_every``): the eval pass inside sDPO step t."""

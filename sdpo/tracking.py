@@ -3,8 +3,9 @@
 ``[log] report_to = ["tensorboard", "wandb"]`` (TRL's ``report_to``). Every record the run
 appends to ``metrics.jsonl`` (training steps every ``train.log_every``, ``eval/*`` after each
 sDPO step) goes to each tracker as scalars at the run's step (the step of the run's checkpoints,
-counted on across sDPO steps; a training record's own ``step`` restarts with each sDPO step when
-the optimizer is reset, and goes to the trackers as the scalar ``step_in_sdpo_step``); at the end of each sDPO step the
+counted on across sDPO steps; a training record's optimizer step within its sDPO step goes to
+the trackers as the scalar ``step_in_sdpo_step``, which is its own ``step`` when the optimizer is
+reset); at the end of each sDPO step the
 step report's ``sdpo/*`` values (gamma_ref of the step's reference on its chunk and on the next,
 reward accuracy before and after) follow. Only rank 0 opens trackers. ``metrics.jsonl`` stays
 the record of truth; a tracker is a view of it.

@@ -14,10 +14,10 @@ import pytest
 
 from sdpo.config import ConfigError, config_from_dict
 from sdpo.report import read_metrics
-from sdpo.runner import RunInputError, StepwiseRunner
+from sdpo.runner import RunInputError, StepwiseRunner, run_training
 from sdpo.tracking import TRACKING_STATE, scalars
 from tests.cli_processes import run_sdpo
-from tests.conftest import write_two_source_run
+from tests.conftest import two_source_config, write_two_source_run
 
 tensorboard = pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
@@ -128,6 +128,29 @@ def test_tensorboard_holds_the_metrics_and_a_resumed_run_shows_each_step_once(tm
     proc = _train(cfg, "--set", f"output_dir={cut}", "--overwrite")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _raw_event_steps(cut / "tensorboard", "loss").count(3) == 1
+
+
+def test_step_in_sdpo_step_restarts_with_each_sdpo_step_with_a_kept_optimizer(
+    tmp_path, tiny_model_dir
+):
+    # sdpo.reset_optimizer = false: the records' own step counts on across the sDPO steps
+    cfg = config_from_dict(
+        two_source_config(
+            tmp_path,
+            tiny_model_dir,
+            sdpo={"reset_optimizer": False},
+            log={"report_to": ["tensorboard"]},
+        )
+    )
+    run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    records = read_metrics(out / "metrics.jsonl")
+    assert [(r["sdpo_step"], r["step"], r["run_step"]) for r in records] == [
+        (1, 1, 1), (1, 2, 2), (1, 3, 3), (2, 4, 4), (2, 5, 5), (2, 6, 6)
+    ]  # fmt: skip
+    got = _tensorboard_scalars(out / "tensorboard")
+    assert got["step_in_sdpo_step"] == {1: 1, 2: 2, 3: 3, 4: 1, 5: 2, 6: 3}
+    assert got["sdpo_step"] == {1: 1, 2: 1, 3: 1, 4: 2, 5: 2, 6: 2}
 
 
 # -- W&B, offline: its own transaction log, read back record by record --------------------------
