@@ -125,7 +125,7 @@ def format_summary_table(reports: Sequence[StepReport]) -> str:
         for r, row in zip(reports, rows):
             e = r.eval_metrics or {}
             row += [_fmt(e.get("eval/loss"), ".4f"), _fmt(e.get("eval/preference_accuracy"), ".3f")]
-    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(header)]
 
     def line(cells: list[str]) -> str:
         # Text columns left-aligned, numbers right-aligned.
@@ -140,11 +140,14 @@ def format_summary_table(reports: Sequence[StepReport]) -> str:
         nxt = by_step.get(r.step + 1)
         if nxt is None or r.gamma_ref_next_chunk is None:
             continue
-        rise = nxt.gamma_ref_chunk - r.gamma_ref_next_chunk
+        # a non-finite gamma is null in sdpo_report.json (None read back): shown as "-"
+        rise = None
+        if nxt.gamma_ref_chunk is not None:
+            rise = nxt.gamma_ref_chunk - r.gamma_ref_next_chunk
         out.append(
             f"gamma_ref on chunk {nxt.step}: reference of step {r.step} "
-            f"{r.gamma_ref_next_chunk:.3f} -> reference of step {nxt.step} "
-            f"{nxt.gamma_ref_chunk:.3f} ({rise:+.3f})"
+            f"{_fmt(r.gamma_ref_next_chunk, '.3f')} -> reference of step {nxt.step} "
+            f"{_fmt(nxt.gamma_ref_chunk, '.3f')} ({_fmt(rise, '+.3f')})"
         )
     return "\n".join(out)
 

@@ -96,6 +96,25 @@ def test_summary_table_shows_missing_values_as_dashes():
     assert cells[11] == "-"
 
 
+def test_summary_table_of_reports_read_back_with_a_non_finite_gamma(tmp_path):
+    reports = random_reports(3, seed=8)
+    reports[1].gamma_ref_chunk = math.nan  # written as null, read back as None
+    write_reports(reports, tmp_path)
+    back = read_reports(tmp_path)
+    assert back[1].gamma_ref_chunk is None
+    lines = format_summary_table(back).splitlines()
+    assert lines[3].split()[8] == "-"
+    r0, r2 = back[0], back[2]
+    assert lines[-2:] == [
+        f"gamma_ref on chunk 2: reference of step 1 {r0.gamma_ref_next_chunk:.3f} -> "
+        "reference of step 2 - (-)",
+        f"gamma_ref on chunk 3: reference of step 2 {back[1].gamma_ref_next_chunk:.3f} -> "
+        f"reference of step 3 {r2.gamma_ref_chunk:.3f} "
+        f"({r2.gamma_ref_chunk - back[1].gamma_ref_next_chunk:+.3f})",
+    ]
+    assert format_summary_table([]).splitlines()[0].split()[:2] == ["step", "pairs"]
+
+
 def test_write_reports_round_trips_and_includes_the_partition(tmp_path):
     reports = random_reports(2, seed=3)
     reports[1].train_metrics["loss"] = math.nan  # not JSON: written as null
