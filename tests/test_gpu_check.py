@@ -96,13 +96,23 @@ def test_every_gpu_check_command_is_one_the_benchmark_accepts(tmp_path):
     assert (args.preset, args.precision, args.pairs_per_step) == ("llama-1b-32k", "bf16", 4)
     assert (args.prompt_len, args.completion_min, args.completion_max) == (128, 448, 896)
 
-    # the GPU-marked tests run first, under a marker pyproject.toml declares
+    # Most important first: the kernel table, the anchor step against TRL (with the scoring
+    # pass and the sDPO run), then the GPU-marked tests, under a marker pyproject.toml declares.
     pytest_calls = [c for c in calls if c[:2] == ["-m", "pytest"]]
-    assert len(pytest_calls) == 1 and calls.index(pytest_calls[0]) < calls.index(
-        ["benchmarks/throughput.py", *bench[0]]
-    )
+    assert len(pytest_calls) == 1
+    runs = [c for c in calls if c[:1] == ["benchmarks/throughput.py"] or c[:2] == ["-m", "pytest"]]
+    assert runs[:3] == [
+        ["benchmarks/throughput.py", *bench[0]],
+        ["benchmarks/throughput.py", *anchor[0]],
+        pytest_calls[0],
+    ], runs
+    assert "--sdpo-run" in anchor[0] and "--json" in anchor[0]
     marker = pytest_calls[0][pytest_calls[0].index("-m", 2) + 1]
     assert re.search(rf'"{marker}:', (ROOT / "pyproject.toml").read_text())
+    # ... and those three can never be cut short by the budget: their limits fit in it with
+    # the remainder to spare for the set-up before them
+    limits = [int(m) for m in re.findall(r"^== .* \(limit (\d+) s,", summary, re.M)]
+    assert sum(limits[:3]) <= 560 - 30, limits
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
