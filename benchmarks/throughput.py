@@ -373,6 +373,12 @@ def measure_head(fn: Callable[[], torch.Tensor], p: HeadProblem, *, timer: Timer
     return {"fwd_ms": fwd, "bwd_ms": bwd, "total_ms": fwd + bwd, "extra_peak_gb": extra}
 
 
+def error_text(exc: BaseException) -> str:
+    """One line for a variant's ``error`` cell: the exception's class and first line."""
+    lines = str(exc).splitlines()
+    return f"{exc.__class__.__name__}: {lines[0][:200] if lines else ''}"
+
+
 def measure_reference_pass(p: HeadProblem, *, impl: str, timer: Timer) -> list[dict]:
     rows = []
 
@@ -417,10 +423,8 @@ def measure_reference_pass(p: HeadProblem, *, impl: str, timer: Timer) -> list[d
                     best = getattr(fused_head._fused_head_tuned, "best_config", None)
                     row["config"] = str(best) if best is not None else None
                 rows.append(row)
-            except torch.OutOfMemoryError as exc:
-                rows.append(
-                    {"variant": name, "error": f"out of memory: {str(exc).splitlines()[0]}"}
-                )
+            except Exception as exc:  # as for the head variants: OOM, API drift, a compile error
+                rows.append({"variant": name, "error": error_text(exc)})
     return rows
 
 
@@ -450,58 +454,61 @@ def kernels_section(args: argparse.Namespace) -> dict:
         "smoke": args.smoke,
     }
     results = []
+
+    def save_partial(rows: list[dict]) -> None:
+        """The rows so far, so that a run cut short (a timeout, a crash) still leaves them."""
+        if args.json:
+            payload = {**header, "results": results + rows, "complete": False}
+            atomic_write_json(args.json, payload)
+
     for shape in shapes:
         p = make_head_problem(dtype=dtype, device=device, **shape)
         n, h, v = p.hidden.shape[0], p.hidden.shape[1], p.weight.shape[0]
         floor_ms = p.flops_floor / (tflops * 1e12) * 1e3
+        ref_floor = floor_ms / 3
         grad_floor_gb = (v * h + n * h) * p.hidden.element_size() / 1e9
-        rows = [
+        rows: list[dict] = []
+
+        def add(row: dict, floor: float) -> None:
+            if "total_ms" in row:
+                row["x_floor"] = row["total_ms"] / floor
+            rows.append({**row, "vocab": v, "tokens": n, "hidden": h})  # noqa: B023 (this shape's)
+
+        add(
             {
                 "variant": "floor (6NHV at matmul rate)",
                 "total_ms": floor_ms,
                 "extra_peak_gb": grad_floor_gb,
-            }
-        ]
+            },
+            floor_ms,
+        )
         variants = head_variants(p, impl=impl, smoke=args.smoke, chunk_sweep=args.chunk_tokens)
         for name, fn in variants.items():
             if isinstance(fn, str):
-                rows.append({"variant": name, "error": fn})
+                add({"variant": name, "error": fn}, floor_ms)
                 continue
             try:
-                rows.append({"variant": name, **measure_head(fn, p, timer=timer)})
+                add({"variant": name, **measure_head(fn, p, timer=timer)}, floor_ms)
             except Exception as exc:  # one failing variant (OOM, API drift) must not end the run
-                rows.append(
-                    {
-                        "variant": name,
-                        "error": f"{exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}",
-                    }
-                )
+                add({"variant": name, "error": error_text(exc)}, floor_ms)
+            save_partial(rows)
             print(f"  V={v} {name}: {rows[-1]}", flush=True)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        for row in rows:
-            if "total_ms" in row:
-                row["x_floor"] = row["total_ms"] / floor_ms
-        ref_floor = floor_ms / 3
-        ref_rows = [
-            {"variant": "reference floor (2NHV)", "total_ms": ref_floor, "extra_peak_gb": 0.0}
-        ]
-        ref_rows += measure_reference_pass(p, impl=impl, timer=timer)
-        for row in ref_rows:
-            if "total_ms" in row:
-                row["x_floor"] = row["total_ms"] / ref_floor
-        rows.extend(ref_rows)
-        for row in rows:
-            row.update(vocab=v, tokens=n, hidden=h)
+        add(
+            {"variant": "reference floor (2NHV)", "total_ms": ref_floor, "extra_peak_gb": 0.0},
+            ref_floor,
+        )
+        for row in measure_reference_pass(p, impl=impl, timer=timer):
+            add(row, ref_floor)
         print(f"\nN={n} H={h} V={v} {dtype} impl={impl}")
         print_table(
             rows, ["variant", "fwd_ms", "bwd_ms", "total_ms", "x_floor", "extra_peak_gb", "error"]
         )
         print(flush=True)
         results.extend(rows)
-        if args.json:  # after every shape, so a run cut short still leaves its rows
-            atomic_write_json(args.json, {**header, "results": results, "complete": False})
+        save_partial([])
         del p
         gc.collect()
         if device.type == "cuda":
@@ -1823,6 +1830,7 @@ def step_section(args: argparse.Namespace) -> dict:
                     else None
                 ),
             }
+        save(False)
         print(
             f"  { {k: v for k, v in results[-1].items() if not isinstance(v, dict | list)} }",
             flush=True,

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.test_speed_paths import load_throughput
 
@@ -135,3 +136,67 @@ def test_a_misspelt_or_refused_gpu_check_command_is_caught(tmp_path):
                 except SystemExit as exc:
                     failures.append(exc)
         assert len(failures) == 1, why
+
+
+def test_a_failing_reference_pass_is_a_row_not_the_end_of_the_kernel_table():
+    """A reference pass that raises (a compile error or API drift on the device, here labels
+    outside the vocabulary) becomes an error row, as a failing head variant does: the kernels
+    section goes on to its next pass and vocabulary instead of losing the table."""
+    throughput = load_throughput()
+    cpu = torch.device("cpu")
+    p = throughput.make_head_problem(
+        num_seqs=4, seq_len=6, hidden=8, vocab=11, dtype=torch.float32, device=cpu
+    )
+    timer = throughput.Timer(device=cpu, warmup=0, iters=1)
+    good = throughput.measure_reference_pass(p, impl="torch", timer=timer)
+    assert [r["variant"] for r in good] == [
+        "reference pass: sdpo sequence_logprobs (torch)",
+        "reference pass: torch eager",
+    ]
+    assert all("error" not in r and r["total_ms"] > 0 for r in good)
+    p.labels[3] = 50
+    bad = throughput.measure_reference_pass(p, impl="torch", timer=timer)
+    assert [r["variant"] for r in bad] == [r["variant"] for r in good]
+    assert bad[0]["error"].startswith("ValueError: labels[3] = 50 is outside the vocabulary")
+    assert "total_ms" not in bad[0] and "error" in bad[1]
+
+
+def test_the_kernel_table_is_on_disk_before_each_row_is_printed(tmp_path):
+    """A kernels run cut short (the check's timeout) keeps every row it measured: the JSON is
+    rewritten before each variant's progress line, so when the first line appears its row is
+    already in the file."""
+    out = tmp_path / "kernels.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "throughput.py"), "kernels", "--smoke"]
+    command += ["--impl", "torch", "--vocab", "97", "--json", str(out)]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        first = next(line for line in proc.stdout if line.startswith("  V=97 "))
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+    name = first[len("  V=97 ") :].split(": {")[0]
+    payload = json.loads(out.read_text())
+    assert not payload["complete"] and payload["section"] == "kernels"
+    rows = {r["variant"]: r for r in payload["results"]}
+    assert name == "torch eager" and rows[name]["total_ms"] > 0 and rows[name]["vocab"] == 97
+    assert rows["floor (6NHV at matmul rate)"]["x_floor"] == 1.0
+
+
+def test_the_kernels_smoke_run_writes_the_whole_table(tmp_path):
+    """The kernels command of gpu_check.sh (chunk sweep included) in its CPU smoke mode: every
+    row of both vocabularies in the final JSON, each with its multiple of the floor."""
+    throughput = load_throughput()
+    out = tmp_path / "kernels.json"
+    argv = ["kernels", "--smoke", "--impl", "torch", "--warmup", "0", "--iters", "1"]
+    throughput.main([*argv, "--chunk-tokens", "16", "64", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["complete"] and {r["vocab"] for r in payload["results"]} == {97, 1031}
+    for vocab in (97, 1031):
+        rows = {r["variant"]: r for r in payload["results"] if r["vocab"] == vocab}
+        for name in (
+            "sdpo linear_pair_loss (torch, dW fp32, chunk_tokens=16)",
+            "sdpo linear_pair_loss (torch, dW in weight dtype)",
+            "reference pass: sdpo sequence_logprobs (torch)",
+        ):
+            assert "error" not in rows[name] and rows[name]["x_floor"] > 0, rows[name]
