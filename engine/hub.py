@@ -7,8 +7,9 @@ fetched with ``huggingface_hub.snapshot_download`` into the user's hub cache (``
 ``HF_HUB_CACHE``; ``HF_TOKEN`` for gated models; with ``HF_HUB_OFFLINE=1`` the cache alone is
 read) and its snapshot folder is used like a local one. Only what sdpo reads is fetched: the
 top-level JSON files (config, tokenizer, generation config, safetensors index), the safetensors
-weights and a chat template file. Other weight formats (``*.bin``, ``*.pth``) and subfolders
-(``original/``, ``onnx/``) are skipped.
+weights, a chat template file and the named templates of ``additional_chat_templates/``. Other
+weight formats (``*.bin``, ``*.pth``) and other subfolders (``original/``, ``onnx/``) are
+skipped.
 
 ``revision`` (``model.revision``, TRL's ``model_revision``) is a branch, tag or commit of the
 hub model; the folder's name in the cache is the commit it resolved to, which the run logs.
@@ -19,13 +20,26 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["HubModelError", "is_hub_model_id", "resolve_model_folder", "MODEL_FILE_PATTERNS"]
+__all__ = [
+    "HUB_FETCHES",
+    "HubModelError",
+    "MODEL_FILE_PATTERNS",
+    "is_hub_model_id",
+    "resolve_model_folder",
+]
 
 # namespace/name, as the hub spells repository ids (letters, digits, "-", "_", ".")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 # The files a model folder needs here (engine.checkpoint, engine.tokenize), at the top level.
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.jinja")
+# What each snapshot_download call fetches, as (allow_patterns, ignore_patterns): the top-level
+# files (no original/*.pth, no onnx/), then the one subfolder read here, the named chat templates
+# (additional_chat_templates/tool_use.jinja, ...), which "*/*" would also exclude.
+HUB_FETCHES: tuple[tuple[list[str], list[str] | None], ...] = (
+    (list(MODEL_FILE_PATTERNS), ["*/*"]),
+    (["additional_chat_templates/*.jinja"], None),
+)
 
 
 class HubModelError(ValueError):
@@ -69,14 +83,17 @@ def resolve_model_folder(
             "huggingface_hub package: install it, or give the path of a local model folder"
         ) from e
     try:
-        folder = snapshot_download(
-            repo_id=text,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            allow_patterns=list(MODEL_FILE_PATTERNS),
-            ignore_patterns=["*/*"],  # top level only: no original/*.pth, no onnx/
-        )
+        folder = None
+        for allow, ignore in HUB_FETCHES:
+            folder = snapshot_download(
+                repo_id=text,
+                # the later fetches read the commit the first one resolved
+                revision=revision if folder is None else Path(folder).name,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                allow_patterns=allow,
+                ignore_patterns=ignore,
+            )
     except Exception as e:  # the hub client's errors: not found, gated, offline, HTTP, disk
         at = f" at revision {revision!r}" if revision is not None else ""
         raise HubModelError(

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from sdpo.cli import main
 from sdpo.config import ConfigError, load_config
-from sdpo.engine.hub import HubModelError, is_hub_model_id, resolve_model_folder
+from sdpo.engine.hub import HUB_FETCHES, HubModelError, is_hub_model_id, resolve_model_folder
 from sdpo.engine.tiny import write_tiny_model
 from tests.conftest import WORDS, write_pairs
 
@@ -224,3 +224,30 @@ def test_under_torchrun_rank_0_fetches_and_every_rank_gets_its_folder_or_its_err
     errors = _spawn(tmp_path, _fetch_on_every_rank, hub, "org/missing", None)
     for error in errors:  # rank 0's error, raised on every rank
         assert error.startswith("RunInputError: model.path = 'org/missing' is not an existing")
+
+
+def test_the_fetches_take_the_files_sdpo_reads_and_the_named_chat_templates():
+    """huggingface_hub's own filter over a model repository's listing, with the patterns of each
+    fetch: top-level weights, JSON and templates, and additional_chat_templates/, nothing else."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    listing = [
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "additional_chat_templates/tool_use.jinja",
+        "additional_chat_templates/rag.jinja",
+        "pytorch_model.bin",
+        "original/consolidated.00.pth",
+        "original/params.json",
+        "onnx/model.safetensors",
+        "README.md",
+    ]
+    fetched = set()
+    for allow, ignore in HUB_FETCHES:
+        fetched |= set(filter_repo_objects(listing, allow_patterns=allow, ignore_patterns=ignore))
+    assert fetched == set(listing[:9])
