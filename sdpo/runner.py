@@ -899,11 +899,14 @@ class StepwiseRunner:
 
         def capture() -> tuple[Callable[[], Path], Callable[[Path], None]]:
             adapter = full = config = None
+            tokenizer = []
             if lora:
                 adapter = self._snapshot(lora_state_dict(model), "adapter")
             else:
                 full = self._snapshot(model.state_dict() if weights is None else weights, "weights")
                 config = pretrained_config(model)
+                # a model folder sdpo score and AutoTokenizer read as they read step-<t>/
+                tokenizer = tokenizer_files(self.model_dir)
             saved_state = self._snapshot(state, "trainer")
             # M_{t-1}'s files: written before (the previous write was waited for first)
             external = copy.deepcopy(self.weights_files)
@@ -915,7 +918,9 @@ class StepwiseRunner:
                 if adapter is not None:
                     atomic_write_bytes(tmp / ADAPTER_STATE_NAME, safetensors_bytes(adapter))
                 else:
-                    save_pretrained(None, tmp / "model", state=full, config=config)
+                    save_pretrained(
+                        None, tmp / "model", state=full, config=config, extra_files=tokenizer
+                    )
                 with atomic_open(tmp / TRAINER_STATE_NAME, "wb") as f:
                     torch.save(saved_state, f)
 

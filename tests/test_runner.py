@@ -428,6 +428,10 @@ def test_eval_every_scores_the_held_out_pairs_inside_each_step_with_that_steps_w
     assert lines[[i for i, m in enumerate(lines) if "eval/loss" in m][0]]["eval/gamma"] != next(
         m["eval/gamma"] for m in lines if "eval/loss" in m and m["step"] == 3
     )
+    # a mid-step checkpoint's model folder carries the tokenizer, as step-<t>/ does, so sdpo
+    # score and AutoTokenizer read it as a model folder
+    mid = out / "checkpoints" / f"ckpt-{2:08d}" / "model"
+    assert PairTokenizer.from_dir(mid).fingerprint == tok.fingerprint
 
 
 def test_eval_every_without_held_out_pairs_is_refused(tiny_model_dir, tmp_path):
