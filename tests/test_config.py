@@ -436,3 +436,20 @@ def test_max_prompt_length_defaults_to_half_of_max_length(tmp_path):
     assert explicit.data.max_prompt_length == 200
     with pytest.raises(ConfigError, match=r"max_prompt_length \(300\) must be smaller"):
         load_config(path, ["data.max_length=257", "data.max_prompt_length=300"])
+
+
+def test_every_config_block_of_the_readme_loads(tmp_path):
+    """The README's TOML blocks are what a user copies first: each must load as written (a
+    section on its own gets the required keys of MINIMAL), with its values."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 5
+    for i, block in enumerate(blocks):
+        text = block if "output_dir" in block else MINIMAL + block
+        cfg = load_config(write(tmp_path, text, f"block{i}.toml"))
+        for key, value in tomllib.loads(block).items():
+            if isinstance(value, dict) and key != "data":
+                for name, v in value.items():
+                    assert getattr(getattr(cfg, key), name) == v, (i, key, name)
