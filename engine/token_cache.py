@@ -275,8 +275,8 @@ def _int_table(flats: Sequence[np.ndarray]) -> np.ndarray | None:
 
     A list holding one int object per token costs 36 bytes a token (a 28-byte int and an
     8-byte slot). Token ids come from a vocabulary far smaller than the data, so each id
-    value is made once and the pairs' lists share those objects: 8 bytes a token. Ids outside [0, number of tokens)
-    (not from a vocabulary) take the plain path."""
+    value is made once and the pairs' lists share those objects: 8 bytes a token. Ids outside
+    [0, number of tokens) (not from a vocabulary) take the plain path."""
     total = sum(f.size for f in flats)
     present = [f for f in flats if f.size]
     if not present or min(int(f.min()) for f in present) < 0:

@@ -141,7 +141,8 @@ def run_sdpo(
     steps. ``score_tokens_per_batch``: the scoring pass's token budget (default 4 x
     ``train.max_tokens_per_batch``). ``metrics_dir``: a folder where the trainer appends
     every logged record to ``metrics.jsonl`` (nothing is written without it). ``log_hook``
-    receives every logged training record, with ``sdpo_step``; ``on_step_end(report, model)`` runs after each step with M_t in hand."""
+    receives every logged training record, with ``sdpo_step``; ``on_step_end(report, model)``
+    runs after each step with M_t in hand."""
     if not hasattr(model, "lm_head_weight") and callable(getattr(model, "get_decoder", None)):
         model = PackedCausalLM(model)  # a Hugging Face causal LM, trained in place
     if not hasattr(model, "lm_head_weight"):
@@ -237,10 +238,10 @@ def run_sdpo(
         # the paper's Figure 2 quantity, where it is free: step 1's reference scored every pair
         # (a partition by M0's values) or a fixed reference did
         next_gamma = None
-        upcoming_source = reference if reference is not None else initial
         if t < steps and (reference is not None or (t == 1 and ranks_by_gamma)):
+            source = reference if reference is not None else initial
             upcoming = torch.tensor(chunks[t], dtype=torch.int64)
-            next_gamma = float(upcoming_source.gamma[upcoming_source.rows_for(upcoming)].mean())
+            next_gamma = float(source.gamma[source.rows_for(upcoming)].mean())
         scoring_s = (initial_s if t == 1 else 0.0) + time.perf_counter() - t0
         trainer = DPOTrainer(
             model,
