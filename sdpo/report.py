@@ -253,6 +253,23 @@ def _training_curve(records: list[dict[str, Any]]) -> tuple[list[dict[str, Any]]
     return curve, boundaries
 
 
+def _eval_curve(records: list[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """The held-out records' values by metric name (``eval/loss`` → ``"loss"``), as
+    ``(run_step, value)`` points in step order. Records without ``run_step`` (older runs) are left
+    out; a repeated run step (a resumed run) keeps its last record."""
+    last: dict[int, dict[str, Any]] = {}
+    for r in records:
+        x = r.get("run_step")
+        if isinstance(x, int) and any(k.startswith("eval/") for k in r):
+            last[x] = r
+    out: dict[str, list[tuple[int, float]]] = {}
+    for x in sorted(last):
+        for key, value in last[x].items():
+            if key.startswith("eval/") and isinstance(value, int | float):
+                out.setdefault(key.removeprefix("eval/"), []).append((x, float(value)))
+    return out
+
+
 def _import_matplotlib() -> tuple[Any, Any] | None:
     try:
         import matplotlib  # noqa: F401  (imported first so a missing package is detected here)
@@ -269,13 +286,23 @@ def plot_steps(
     out_png: str | os.PathLike,
 ) -> bool:
     """Draw loss, rewards/accuracies and rewards/margins across optimizer steps (sDPO step
-    boundaries marked) and gamma_ref per step into ``out_png``. Returns False, writing nothing,
-    when matplotlib is not installed (print :data:`PLOT_HINT` then)."""
+    boundaries marked; the held-out values as points where the run has ``data.eval_sources``)
+    and gamma_ref per step into ``out_png``. Returns False, writing nothing, when matplotlib is
+    not installed (print :data:`PLOT_HINT` then)."""
     mpl = _import_matplotlib()
     if mpl is None:
         return False
+    fig = _draw_steps(mpl, read_metrics(metrics_jsonl_path), reports)
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    return True
+
+
+def _draw_steps(mpl: tuple[Any, Any], records: list[dict[str, Any]], reports: Sequence[StepReport]):
+    """The figure :func:`plot_steps` saves."""
     Figure, FigureCanvasAgg = mpl
-    curve, boundaries = _training_curve(read_metrics(metrics_jsonl_path))
+    curve, boundaries = _training_curve(records)
+    held_out = _eval_curve(records)
 
     # The Figure API (not pyplot) keeps the caller's global matplotlib state untouched.
     fig = Figure(figsize=(11, 7.5), layout="constrained")
@@ -296,7 +323,19 @@ def plot_steps(
         for seg in dict.fromkeys(p[2] for p in pts):
             xs_ys = [(p[0], p[1]) for p in pts if p[2] == seg]
             ax.plot([x for x, _ in xs_ys], [y for _, y in xs_ys], color="C0", lw=1.2)
-        if not pts:
+        # held-out rewards are against the initial model (one yardstick for every step), the
+        # training ones against each step's reference: points, not joined to the training line
+        if held_out.get(name):
+            ax.plot(
+                [x for x, _ in held_out[name]],
+                [y for _, y in held_out[name]],
+                "o",
+                color="C1",
+                ms=4,
+                label="held-out (vs initial model)",
+            )
+            ax.legend(fontsize=8)
+        if not pts and not held_out.get(name):
             ax.text(
                 0.5, 0.5, f"no '{name}' logged", ha="center", va="center", transform=ax.transAxes
             )
@@ -327,7 +366,4 @@ def plot_steps(
     ax.set_title("mean gamma_ref per sDPO step")
     ax.set_xlabel("sDPO step (chunk)")
     ax.grid(alpha=0.3)
-
-    with atomic_open(out_png, "wb") as f:
-        fig.savefig(f, format="png", dpi=100)
-    return True
+    return fig

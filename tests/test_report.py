@@ -225,3 +225,35 @@ def test_plot_returns_false_and_writes_nothing_without_matplotlib(tmp_path, monk
     assert plot_steps(metrics, random_reports(2, seed=6), out) is False
     assert not out.exists()
     assert "pip install 'sdpo[plot]'" in PLOT_HINT
+
+
+def test_plot_draws_the_held_out_values_at_their_run_steps():
+    mpl = pytest.importorskip("matplotlib", reason="matplotlib (the `plot` extra) is not installed")
+    del mpl
+    from sdpo.report import _draw_steps, _eval_curve, _import_matplotlib
+
+    records = [
+        {"sdpo_step": 1, "step": 1, "run_step": 1, "loss": 0.69},
+        {"sdpo_step": 1, "step": 2, "run_step": 2, "loss": 0.6},
+        {"sdpo_step": 1, "step": 2, "run_step": 2, "eval/loss": 0.65, "eval/rewards/margins": 0.1},
+        {"sdpo_step": 2, "step": 4, "run_step": 4, "loss": 0.5},
+        {"sdpo_step": 2, "step": 4, "run_step": 4, "eval/loss": 0.7, "eval/rewards/margins": 0.2},
+        # a resumed run logged run step 4's evaluation again: the last one wins
+        {"sdpo_step": 2, "step": 4, "run_step": 4, "eval/loss": 0.55, "eval/rewards/margins": 0.3},
+        {"step": 9, "eval/loss": 9.0},  # an older record without run_step: left out
+    ]
+    points = _eval_curve(records)
+    assert points["loss"] == [(2, 0.65), (4, 0.55)]
+    assert points["rewards/margins"] == [(2, 0.1), (4, 0.3)]
+    assert "rewards/accuracies" not in points
+
+    fig = _draw_steps(_import_matplotlib(), records, random_reports(2, seed=7))
+    loss_ax, acc_ax, margin_ax = fig.axes[:3]
+    held = [ln for ln in loss_ax.get_lines() if ln.get_label().startswith("held-out")]
+    assert len(held) == 1
+    assert list(held[0].get_xdata()) == [2, 4]
+    assert list(held[0].get_ydata()) == [0.65, 0.55]
+    assert [ln.get_label() for ln in margin_ax.get_lines() if ln.get_label()[0] != "_"] == [
+        "held-out (vs initial model)"
+    ]
+    assert not [ln for ln in acc_ax.get_lines() if ln.get_label().startswith("held-out")]
