@@ -13,7 +13,8 @@ What it does, as the runner does for the same settings (a test checks that both 
 same weights and the same per-step numbers):
 
 1. The initial model M0 scores the pairs without gradients: all of them when the partition
-   ranks by its values (``easy_to_hard``, ``easy_to_hard_pairs``), chunk 1 alone otherwise.
+   ranks by its values (``easy_to_hard``, ``easy_to_hard_pairs``) or ``report_scoring`` asks
+   for the report's values, chunk 1 alone otherwise.
 2. The pairs are cut into ``steps`` chunks (``sdpo.partition``).
 3. Step t scores chunk t with M_{t-1}, the model as it stands (step 1 reuses M0's values), then
    trains one DPO pass over the chunk against those values, in place. So after step t the model
@@ -117,6 +118,7 @@ def run_sdpo(
     learning_rates: Sequence[float] | None = None,
     reference: PairLogps | None = None,
     reset_optimizer: bool = True,
+    report_scoring: bool = False,
     source_order: Sequence[str] | None = None,
     kernels_impl: str = "auto",
     chunk_tokens: int | None = None,
@@ -138,7 +140,10 @@ def run_sdpo(
     (``sdpo.beta`` / ``sdpo.learning_rate``). ``reference``: every step's reference values,
     from ``score_pairs`` of another model over every pair with the same settings (``sdpo.
     reference``). ``reset_optimizer`` False keeps one optimizer and one LR schedule across the
-    steps. ``score_tokens_per_batch``: the scoring pass's token budget (default 4 x
+    steps. ``report_scoring`` (``sdpo.report_scoring``, on by default in ``sdpo train``, off
+    here): the scoring passes that only fill the report, i.e. each step's chunk again after
+    training (``reward_accuracy_after``) and from step 2 on the next chunk with the step's
+    reference (``gamma_ref_next_chunk``); M0 then scores every pair under any partition. ``score_tokens_per_batch``: the scoring pass's token budget (default 4 x
     ``train.max_tokens_per_batch``). ``metrics_dir``: a folder where the trainer appends
     every logged record to ``metrics.jsonl`` (nothing is written without it). ``log_hook``
     receives every logged training record, with ``sdpo_step``; ``on_step_end(report, model)``
@@ -211,8 +216,8 @@ def run_sdpo(
         )
     elif chunks is None:
         chunks = partition_pairs(partition, steps=steps, gamma=None, **partition_args)
-    if initial is None and reference is None:
-        initial = score([by_index[i] for i in chunks[0]])
+    if initial is None and reference is None:  # M0's values: step 1's reference, the report's
+        initial = score(pairs if report_scoring else [by_index[i] for i in chunks[0]])
     initial_s = time.perf_counter() - t0
 
     optimizer = None
@@ -237,9 +242,15 @@ def run_sdpo(
         ref_gamma = ref.gamma[ref.rows_for(torch.tensor(chunk, dtype=torch.int64))]
         # the paper's Figure 2 quantity, where it is free: step 1's reference scored every pair
         # (a partition by M0's values) or a fixed reference did
-        next_gamma = None
-        if t < steps and (reference is not None or (t == 1 and ranks_by_gamma)):
-            source = reference if reference is not None else initial
+        next_gamma, source = None, None
+        if t < steps:
+            if reference is not None:
+                source = reference
+            elif t == 1 and (ranks_by_gamma or report_scoring):
+                source = initial
+            elif report_scoring:  # M_{t-1}, before this step's first update
+                source = score([by_index[i] for i in chunks[t]])
+        if source is not None:
             upcoming = torch.tensor(chunks[t], dtype=torch.int64)
             next_gamma = float(source.gamma[source.rows_for(upcoming)].mean())
         scoring_s = (initial_s if t == 1 else 0.0) + time.perf_counter() - t0
@@ -266,6 +277,9 @@ def run_sdpo(
         if not reset_optimizer:
             optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
         del trainer
+        acc_after = None
+        if report_scoring:
+            acc_after = float((score(chunk_pairs).gamma > 0).float().mean())
         report = StepReport(
             step=t,
             num_pairs=len(chunk_pairs),
@@ -276,6 +290,7 @@ def run_sdpo(
             gamma_ref_chunk=float(ref_gamma.mean()),
             gamma_ref_next_chunk=next_gamma,
             reward_accuracy_before=float((ref_gamma > 0).float().mean()),
+            reward_accuracy_after=acc_after,
             train_seconds=result.seconds,
             scoring_seconds=scoring_s,
         )

@@ -41,49 +41,55 @@ def _pairs(cfg):
     return pairs
 
 
-def _config(tmp_path: Path, model_dir: Path):
+def _config(tmp_path: Path, model_dir: Path, **sdpo):
+    sdpo = {"partition": "easy_to_hard", "beta": [0.1, 0.2], **sdpo}
     return config_from_dict(
-        two_source_config(
-            tmp_path,
-            model_dir,
-            train={"log_every": 1},
-            sdpo={"partition": "easy_to_hard", "beta": [0.1, 0.2]},
-        )
+        two_source_config(tmp_path, model_dir, train={"log_every": 1}, sdpo=sdpo)
     )
 
 
-def test_run_sdpo_ends_where_the_runner_ends(tiny_model_dir, tmp_path, one_thread):
-    """Same weights bit for bit and the same per-step numbers as ``sdpo train`` (CPU, fp32)."""
-    cfg = _config(tmp_path, tiny_model_dir)
+@pytest.mark.parametrize("partition,steps", [("easy_to_hard", 2), ("random", 3)])
+def test_run_sdpo_ends_where_the_runner_ends(
+    tiny_model_dir, tmp_path, one_thread, partition, steps
+):
+    """Same weights bit for bit and the same per-step numbers, the report's scoring included,
+    as ``sdpo train`` (CPU, fp32)."""
+    betas = [0.1, 0.2, 0.15][:steps]
+    cfg = _config(
+        tmp_path, tiny_model_dir, partition=partition, steps=steps, beta=betas, report_scoring=True
+    )
     result = run_training(cfg, progress=False)
     records: list[dict] = []
     model = load_pretrained(tiny_model_dir)
     reports = run_sdpo(
         model,
         _pairs(cfg),
-        steps=2,
-        partition="easy_to_hard",
+        steps=steps,
+        partition=partition,
         train=cfg.train,
         loss=cfg.loss,
         betas=cfg.sdpo.beta,
         source_order=["far", "near"],
         kernels_impl="torch",
+        report_scoring=cfg.sdpo.report_scoring,
         log_hook=records.append,
     )
-    final = load_file(Path(cfg.output_dir) / "step-2" / "model.safetensors")
+    final = load_file(Path(cfg.output_dir) / f"step-{steps}" / "model.safetensors")
     ours = model.state_dict()
     assert set(final) <= set(ours)
     for name, tensor in final.items():
         assert torch.equal(ours[name], tensor), name
-    assert len(reports) == len(result.reports) == 2
+    assert len(reports) == len(result.reports) == steps
     for a, b in zip(reports, result.reports, strict=True):
         assert (a.step, a.num_pairs, a.sources, a.beta) == (b.step, b.num_pairs, b.sources, b.beta)
         assert a.gamma_ref_chunk == b.gamma_ref_chunk
         assert a.gamma_ref_next_chunk == b.gamma_ref_next_chunk
+        assert (a.gamma_ref_next_chunk is None) == (a.step == steps)
         assert a.reward_accuracy_before == b.reward_accuracy_before
+        assert a.reward_accuracy_after == b.reward_accuracy_after is not None
         assert a.train_metrics["loss"] == b.train_metrics["loss"]
     # each step starts from its reference: the first record's rewards are zero
-    for t in (1, 2):
+    for t in range(1, steps + 1):
         first = next(r for r in records if r["sdpo_step"] == t)
         assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
 
