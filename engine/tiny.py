@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from .files import atomic_write_json, atomic_write_text
 
@@ -52,7 +52,8 @@ def build_tokenizer(
 
     The vocabulary is the special tokens (<pad>=0, <bos>=1, <eos>=2, <unk>=3), then the words of
     the default chat template, then ``words`` in order (duplicates skipped). Unknown words map to
-    <unk>. ``add_bos_token`` is true, so prompts start with <bos>. Returns ``out_dir``."""
+    <unk>. The post-processor adds <bos> in front of text (``add_bos_token`` is true too), so
+    prompts start with <bos>. Returns ``out_dir``."""
     vocab: dict[str, int] = {}
     for word in (*SPECIAL_TOKENS, *TEMPLATE_WORDS, *words):
         if word in vocab:
@@ -69,6 +70,12 @@ def build_tokenizer(
     tokenizer.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in vocab if t in SPECIAL_TOKENS]
+    )
+    # BOS in front of plain text, as Llama's post-processor adds it (what transformers reads)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A",
+        pair=f"{BOS_TOKEN} $A $B:1",
+        special_tokens=[(BOS_TOKEN, vocab[BOS_TOKEN])],
     )
 
     config: dict[str, object] = {

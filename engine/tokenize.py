@@ -21,9 +21,10 @@ Where the prompt's ids are not a prefix of prompt + completion's (counted in
 
 BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``).
 A plain prompt then gets a BOS id in front when (1) the tokenizer has a BOS token, (2)
-``tokenizer_config.json`` says ``add_bos_token: true`` (or, when that key is absent, the
-tokenizer's own post-processor adds BOS to plain text, as Llama's does), and (3) the prompt does
-not already start with BOS. A conversational prompt starts with BOS when the chat template
+``tokenizer.json``'s post-processor adds BOS to plain text (as Llama's and Gemma's do), and (3)
+the prompt does not already start with BOS (TRL would give it a second one).
+``tokenizer_config.json``'s ``add_bos_token`` is not read: transformers 5 ignores it when the
+folder has a ``tokenizer.json``, so the post-processor alone decides what TRL's prompts get. A conversational prompt starts with BOS when the chat template
 writes it (``{{ bos_token }}``, Llama 3's ``<|begin_of_text|>``), as transformers'
 ``apply_chat_template(tokenize=True)`` and so TRL give it.
 
@@ -98,6 +99,62 @@ def _read_json(path: Path) -> dict:
     return value
 
 
+# the named special tokens of transformers' tokenizers (``SPECIAL_TOKENS_ATTRIBUTES``)
+NAMED_SPECIAL_TOKENS = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
+# the names transformers reads a message's reasoning under; each is given under all of them
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def template_special_tokens(config: dict) -> dict[str, str]:
+    """The special tokens a chat template sees as variables, as transformers 5 gives them
+    (``special_tokens_map``): from ``tokenizer_config.json``, the named ones (``bos_token``,
+    ``eos_token``, ``unk_token``, ``sep_token``, ``pad_token``, ``cls_token``, ``mask_token``),
+    every other ``*_token`` key (model-specific tokens such as Gemma 3's ``image_token``), and
+    the named tokens of ``model_specific_special_tokens`` and of ``extra_special_tokens`` when
+    that is an object (a list of tokens names none)."""
+    named: dict[str, str] = {}
+    specific: dict[str, str] = {}
+    for key, value in config.items():
+        token = _token_content(value)
+        if token is not None and key.endswith("_token"):
+            (named if key in NAMED_SPECIAL_TOKENS else specific)[key] = token
+    for key in ("model_specific_special_tokens", "extra_special_tokens"):
+        tokens = config.get(key)
+        if isinstance(tokens, dict):
+            for name, value in tokens.items():
+                token = _token_content(value)
+                if token is not None and name not in NAMED_SPECIAL_TOKENS:
+                    specific[str(name)] = token
+    return {**named, **specific}
+
+
+def _template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as transformers' ``apply_chat_template`` hands them to the template: keys whose
+    value is None dropped, and a message's reasoning (``reasoning_content``, ``thinking`` or
+    ``reasoning``, the first one set) given as ``reasoning_content`` and, unless the message
+    has its own, as ``thinking`` (Qwen3 and DeepSeek-R1 templates read the first, gpt-oss's the
+    second)."""
+    out = []
+    for message in messages:
+        if not isinstance(message, dict):
+            out.append(message)
+            continue
+        message = {k: v for k, v in message.items() if v is not None}
+        reasoning = next((message[k] for k in REASONING_FIELDS if k in message), None)
+        if reasoning is not None:
+            message = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+        out.append(message)
+    return out
+
+
 def _first_id(value: Any) -> int | None:
     if isinstance(value, list):
         value = value[0] if value else None
@@ -116,6 +173,7 @@ class PairTokenizer:
         add_bos: bool | None = None,
         chat_template: str | None = None,
         tool_use_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
         name: str = "tokenizer",
     ) -> None:
         self.tokenizer = tokenizer
@@ -132,6 +190,11 @@ class PairTokenizer:
         # one "tool_use" (additional_chat_templates/tool_use.jinja, or a named template in
         # tokenizer_config.json)
         self.tool_use_template = tool_use_template
+        # the special tokens the chat template sees besides BOS and EOS (``pad_token``,
+        # ``unk_token``, ...: template_special_tokens); eos_token/bos_token above win over these
+        self.special_tokens = {
+            k: v for k, v in (special_tokens or {}).items() if k not in ("bos_token", "eos_token")
+        }
         self._templates: dict[str, Any] = {}  # compiled, by source
         self._vocab_ints: list[int] | None = None  # encode_texts' int object of each id
         # special tokens a chat template closes a turn with (<|eot_id|>, <|im_end|>, </s>, ...):
@@ -162,7 +225,7 @@ class PairTokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> PairTokenizer:
-        """Load ``tokenizer.json`` and ``tokenizer_config.json`` (EOS/BOS, ``add_bos_token``) and
+        """Load ``tokenizer.json`` and ``tokenizer_config.json`` (EOS/BOS, other special tokens) and
         the chat template (``chat_template.jinja`` or tokenizer_config.json's ``chat_template``,
         as transformers picks it: ``_find_chat_templates``). EOS/BOS missing from
         tokenizer_config.json are taken from ``config.json`` ``eos_token_id``/``bos_token_id``."""
@@ -196,15 +259,15 @@ class PairTokenizer:
                 f"{folder}: no EOS token: tokenizer_config.json has no eos_token and config.json "
                 "no eos_token_id; add one of them"
             )
-        add_bos = config.get("add_bos_token")
         templates = _find_chat_templates(folder, config)
         return cls(
             tokenizer,
             eos_token=eos,
             bos_token=special("bos"),
-            add_bos=add_bos if isinstance(add_bos, bool) else None,
+            add_bos=None,  # the post-processor's (module docstring, BOS rule)
             chat_template=templates.get("default", next(iter(templates.values()), None)),
             tool_use_template=templates.get("tool_use"),
+            special_tokens=template_special_tokens(config),
             name=str(folder),
         )
 
@@ -216,17 +279,16 @@ class PairTokenizer:
     def fingerprint(self) -> str:
         """Changes whenever tokenization would: the vocabulary/pipeline, specials, template."""
         h = hashlib.sha256(self.tokenizer.to_str().encode())
-        h.update(
-            json.dumps(
-                [
-                    self.eos_token,
-                    self.bos_token,
-                    self.add_bos,
-                    self.chat_template,
-                    self.tool_use_template,
-                ]
-            ).encode()
-        )
+        parts: list[Any] = [
+            self.eos_token,
+            self.bos_token,
+            self.add_bos,
+            self.chat_template,
+            self.tool_use_template,
+        ]
+        if self.special_tokens:
+            parts.append(self.special_tokens)
+        h.update(json.dumps(parts).encode())
         return h.hexdigest()[:16]
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
@@ -261,8 +323,11 @@ class PairTokenizer:
         """Apply the chat template as transformers' ``apply_chat_template(messages, tools=tools,
         add_generation_prompt=..., **template_kwargs)`` does (trim_blocks, lstrip_blocks,
         sandbox): ``tools`` (tool JSON schemas; None when there are none) and ``documents``
-        (None) are always defined, ``template_kwargs`` are extra template variables (Qwen3's
-        ``enable_thinking``) that may override ``bos_token``/``eos_token``, and with tools the
+        (None) are always defined, every special token of the tokenizer is a variable
+        (``bos_token`` only when there is one; ``pad_token``, ``unk_token``, ...:
+        template_special_tokens), ``template_kwargs`` are extra template variables (Qwen3's
+        ``enable_thinking``) that may override them, the messages lose their None values and
+        have their reasoning under each of its names (_template_messages), and with tools the
         "tool_use" template is used when the tokenizer has one."""
         source = self.chat_template
         if tools is not None and self.tool_use_template is not None:
@@ -275,14 +340,13 @@ class PairTokenizer:
         template = self._templates.get(source)
         if template is None:
             template = self._templates[source] = _compile_template(source)
-        variables = {
-            "bos_token": self.bos_token or "",
-            "eos_token": self.eos_token,
-            **(template_kwargs or {}),
-        }
+        variables = {**self.special_tokens, "eos_token": self.eos_token}
+        if self.bos_token is not None:
+            variables["bos_token"] = self.bos_token
+        variables.update(template_kwargs or {})
         try:
             return template.render(
-                messages=messages,
+                messages=_template_messages(messages),
                 tools=tools,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
@@ -683,8 +747,11 @@ __all__ = [
     "ChatTemplateError",
     "ChatTemplateRenderError",
     "DataError",
+    "NAMED_SPECIAL_TOKENS",
     "PairTokenizer",
+    "REASONING_FIELDS",
     "TokenizeStats",
     "TRUNCATION_POLICIES",
+    "template_special_tokens",
     "tokenize_pairs",
 ]

@@ -410,18 +410,21 @@ def test_identical_completions_after_tokenization_are_counted(tok):
 def test_from_dir_reads_eos_from_config_json_and_bos_rule_from_post_processor(tmp_path):
     folder = build_tokenizer(tmp_path, words=WORDS)
     config = json.loads((folder / "tokenizer_config.json").read_text())
-    for key in ("eos_token", "add_bos_token"):
-        del config[key]
+    del config["eos_token"]
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "config.json").write_text(json.dumps({"eos_token_id": [EOS, 3]}))
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    inner.post_processor = None  # add_bos_token stays true: transformers 5 does not read it
+    (folder / "tokenizer.json").write_text(inner.to_str())
     tok = PairTokenizer.from_dir(folder)
-    assert tok.eos_id == EOS and not tok.add_bos  # no post-processor adds BOS here
+    assert tok.eos_id == EOS and not tok.add_bos
     (pair,), _ = tokenize_pairs(
         [{"prompt": "w0", "chosen": "w1", "rejected": "w2"}], tok, max_length=8
     )
     assert pair.prompt_ids == wid("w0") and pair.chosen_ids == [*wid("w1"), EOS]
 
-    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    config["add_bos_token"] = False  # ignored the other way too
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
     inner.post_processor = processors.TemplateProcessing(
         single="<bos> $A", special_tokens=[("<bos>", BOS)]
     )
@@ -828,3 +831,238 @@ def test_token_ids_equal_the_tokenizers_and_share_one_int_per_id(tmp_path):
     ids = [t for p in pairs for t in (*p.prompt_ids, *p.chosen_ids, *p.rejected_ids)]
     assert max(ids) > 256
     assert len({id(t) for t in ids}) == len(set(ids))  # one object per id value
+
+
+def _trl_prepared(folder: Path, rows: list[dict], *, max_length: int | None = None) -> list:
+    """TRL 1.16's own preprocessing of ``rows`` (``DPOTrainer._prepare_dataset``: the implicit
+    prompt, EOS text, tokenization, the drop of prompts that fill ``max_length``), run without a
+    model: (prompt, chosen, rejected) ids per kept row."""
+    datasets = pytest.importorskip("datasets")
+    transformers = pytest.importorskip("transformers")
+    dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    from types import SimpleNamespace
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    args = SimpleNamespace(
+        dataset_num_proc=None, max_length=max_length, truncation_mode="keep_start"
+    )
+    ds = dpo.DPOTrainer._prepare_dataset(
+        SimpleNamespace(_tokenizer=hf_tok), datasets.Dataset.from_list(rows), hf_tok, args, "t"
+    )
+    return [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in ds]
+
+
+def _ours(folder: Path, rows: list[dict], tmp_path: Path, **kwargs) -> list:
+    data = read_preference_file(write_jsonl(tmp_path / "rows.jsonl", rows))
+    pairs, _ = tokenize_pairs(data, PairTokenizer.from_dir(folder), **{"max_length": 512, **kwargs})
+    return [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
+
+
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+LLAMA3_SPECIALS += ["<|start_header_id|>", "<|end_header_id|>"]
+LLAMA3_LIKE = (
+    "{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + "
+    "'<|end_header_id|>\\n\\n' + m['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% endif %}"
+)
+
+
+def llama3_like(folder: Path, *, chat_template: str = LLAMA3_LIKE) -> Path:
+    """A byte-level BPE tokenizer as Llama 3's: its post-processor puts <|begin_of_text|> in
+    front of text, <|eot_id|> ends a turn, and tokenizer_config.json has no add_bos_token."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=LLAMA3_SPECIALS,
+        show_progress=False,
+    )
+    tok.train_from_iterator(["Human: is the sky blue? Assistant: yes it is"] * 10, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|eot_id|>",
+        "chat_template": chat_template,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+CHATML_NL = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+    "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_plain_and_implicit_rows_give_trl_s_ids_for_llama3_and_qwen2_style_tokenizers(tmp_path):
+    plain = [
+        {"prompt": "Human: is the sky blue?", "chosen": " yes it is", "rejected": " no"},
+        {"prompt": "Human: blue?\nAssistant:", "chosen": "\nyes", "rejected": " no<|eot_id|>"},
+    ]
+    implicit = [
+        {
+            "chosen": "\n\nHuman: sky?\n\nAssistant: yes it is",
+            "rejected": "\n\nHuman: sky?\n\nAssistant: no",
+        },
+    ]
+    chat = [
+        {
+            "prompt": [{"role": "user", "content": "is the sky blue?"}],
+            "chosen": [{"role": "assistant", "content": "yes it is"}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        },
+        {  # implicit: two whole conversations
+            "chosen": [
+                {"role": "user", "content": "sky?"},
+                {"role": "assistant", "content": "yes"},
+            ],
+            "rejected": [
+                {"role": "user", "content": "sky?"},
+                {"role": "assistant", "content": "no"},
+            ],
+        },
+    ]
+    llama = llama3_like(tmp_path / "llama3")
+    qwen = byte_level_like(tmp_path / "qwen2", chat_template=CHATML_NL)
+    for folder, bos in ((llama, 0), (qwen, None)):
+        for rows in (plain, implicit, chat[:1], chat[1:]):
+            ours = _ours(folder, rows, tmp_path)
+            assert ours == _trl_prepared(folder, rows), (folder.name, rows)
+        # BOS from the post-processor on plain prompts (Llama 3), none without one (Qwen2)
+        assert (_ours(folder, plain, tmp_path)[0][0][0] == bos) == (bos is not None)
+    # a plain prompt that starts with BOS text keeps one BOS here; TRL's tokenizer adds another
+    row = [{"prompt": "<|begin_of_text|>Human: blue?", "chosen": " yes", "rejected": " no"}]
+    (ours,), (theirs,) = _ours(llama, row, tmp_path), _trl_prepared(llama, row)
+    assert theirs[0][:2] == [0, 0] and ours[0] == theirs[0][1:] and ours[1:] == theirs[1:]
+
+
+def test_tiny_tokenizer_bos_follows_the_post_processor_as_transformers_5(tmp_path):
+    # add_bos_token is true in tokenizer_config.json, but transformers 5 (and so TRL) reads
+    # only tokenizer.json's post-processor: without one, plain prompts get no BOS
+    folder = build_tokenizer(tmp_path, words=WORDS)
+    rows = [{"prompt": "hello cat", "chosen": " the cat", "rejected": " dog"}]
+    assert _ours(folder, rows, tmp_path) == _trl_prepared(folder, rows)
+    assert _ours(folder, rows, tmp_path)[0][0][0] == BOS
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    inner.post_processor = None
+    (folder / "tokenizer.json").write_text(inner.to_str())
+    assert _ours(folder, rows, tmp_path) == _trl_prepared(folder, rows)
+    assert _ours(folder, rows, tmp_path)[0][0] == wid("hello cat")
+
+
+SPECIALS_TEMPLATE = (
+    "{% if bos_token is defined %}[bos {{ bos_token }}]{% endif %}"
+    "[{{ pad_token }}|{{ unk_token }}|{{ sep_token }}|{{ image_token }}|{{ boi_token }}]"
+    "{% if mask_token is defined %}[mask]{% endif %}"
+    "{% for m in messages %}{{ m['role'] + ' ' + m['content'] + eos_token + ' ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant' }}{% endif %}"
+)
+
+
+def test_the_template_sees_every_special_token_as_transformers_passes_them(tmp_path):
+    folder = byte_level_like(tmp_path / "qwen", chat_template=SPECIALS_TEMPLATE)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(
+        unk_token={"content": "<|endoftext|>", "__type": "AddedToken"},
+        sep_token="<|im_start|>",
+        boi_token="<think>",  # a model-specific *_token key, as Gemma 3's
+        extra_special_tokens={"image_token": "</think>"},
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    ours = PairTokenizer.from_dir(folder)
+    messages = [{"role": "user", "content": "sunny?"}, {"role": "assistant", "content": "yes"}]
+    for n, gen in ((1, True), (2, False)):
+        expected = theirs.apply_chat_template(
+            messages[:n], tokenize=False, add_generation_prompt=gen
+        )
+        assert ours.render_chat(messages[:n], add_generation_prompt=gen) == expected
+    assert expected.startswith("[<|endoftext|>|<|endoftext|>|<|im_start|>|</think>|<think>]us")
+    rows = [
+        {
+            "prompt": messages[:1],
+            "chosen": messages[1:],
+            "rejected": [messages[1] | {"content": "no"}],
+        }
+    ]
+    assert _ours(folder, rows, tmp_path) == _trl_prepared(folder, rows)
+
+
+REASONING_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' }}"
+    "{% if m.reasoning_content is defined %}{{ '<think>' + m.reasoning_content + '</think>' }}"
+    "{% endif %}{% if m.thinking is defined %}{{ '[' + m.thinking + ']' }}{% endif %}"
+    "{{ m.content + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_message_reasoning_reaches_the_template_under_each_name_as_in_transformers(tmp_path):
+    # Qwen3 and DeepSeek-R1 templates read reasoning_content, gpt-oss's reads thinking;
+    # transformers gives a message's reasoning under both, whichever name the data uses
+    folder = byte_level_like(tmp_path / "qwen", chat_template=REASONING_TEMPLATE)
+    user = [{"role": "user", "content": "sunny?"}]
+    rows = [
+        {
+            "prompt": user,
+            "chosen": [{"role": "assistant", "content": "yes", "reasoning": "it is"}],
+            "rejected": [{"role": "assistant", "content": "no", "reasoning_content": "rain"}],
+        },
+        {
+            "prompt": user,
+            "chosen": [{"role": "assistant", "content": "yes", "thinking": "the sun"}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        },
+    ]
+    ours = _ours(folder, rows, tmp_path)
+    assert ours == _trl_prepared(folder, rows)
+    tok = PairTokenizer.from_dir(folder)
+    assert tok.decode(ours[0][1]) == "<think>it is</think>[it is]yes<|im_end|>\n"
+    assert tok.decode(ours[1][1]) == "<think>the sun</think>[the sun]yes<|im_end|>\n"
+    # keys set to None are dropped, as transformers drops them
+    none = [{"role": "user", "content": "sunny?", "thinking": None, "reasoning": None}]
+    assert (
+        tok.render_chat(none, add_generation_prompt=False) == "<|im_start|>user\nsunny?<|im_end|>\n"
+    )
+
+
+def test_keep_start_below_max_length_cuts_as_trl_1_16_and_trl_drops_full_prompts(tmp_path):
+    dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    folder = sentencepiece_like(tmp_path / "sp")
+    rows = [
+        {"prompt": "hi", "chosen": " Sure thing", "rejected": " No"},  # fits
+        {"prompt": "[INST] hi there [/INST]", "chosen": " Sure thing no way", "rejected": " No"},
+        {"prompt": "hi there hi there hi there hi", "chosen": " Sure", "rejected": " No"},
+    ]
+    max_length = 7
+    ours = _ours(
+        folder,
+        rows,
+        tmp_path,
+        max_length=max_length,
+        max_prompt_length=max_length - 1,
+        truncation="keep_start",
+    )
+    theirs = _trl_prepared(folder, rows, max_length=max_length)
+    assert len(theirs) == 2 and len(ours[2][0]) == max_length - 1  # TRL drops the last row
+    collate = dpo.DataCollatorForPreference(pad_token_id=0, max_length=max_length)
+    batch = collate([dict(zip(("prompt_ids", "chosen_ids", "rejected_ids"), t)) for t in theirs])
+    for i, (prompt, chosen, rejected) in enumerate(ours[:2]):
+        for j, completion in ((i, chosen), (i + 2, rejected)):
+            seq = prompt + completion
+            ids = batch["input_ids"][j][: len(seq)].tolist()
+            mask = batch["completion_mask"][j][: len(seq)].tolist()
+            assert ids == seq and mask == [0] * len(prompt) + [1] * len(completion)
+            assert batch["attention_mask"][j].sum().item() == len(seq)
