@@ -490,7 +490,10 @@ _TRL_NAMES = {
     "max_completion_length": (
         "sdpo cuts with 'data.max_length' and 'data.max_prompt_length' (see 'data.truncation')"
     ),
-    "truncation_mode": "it is 'data.truncation' here",
+    "truncation_mode": (
+        "it is 'data.truncation' here, with 'data.max_prompt_length' (TRL 1.16's 'keep_start' "
+        "is truncation = 'keep_start' with max_prompt_length = max_length - 1)"
+    ),
     "precompute_ref_log_probs": "sdpo always precomputes them (the reference cache)",
     "padding_free": "sdpo always packs without padding",
     "max_steps": (
