@@ -24,9 +24,10 @@ A plain prompt then gets a BOS id in front when (1) the tokenizer has a BOS toke
 ``tokenizer.json``'s post-processor adds BOS to plain text (as Llama's and Gemma's do), and (3)
 the prompt does not already start with BOS (TRL would give it a second one).
 ``tokenizer_config.json``'s ``add_bos_token`` is not read: transformers 5 ignores it when the
-folder has a ``tokenizer.json``, so the post-processor alone decides what TRL's prompts get. A conversational prompt starts with BOS when the chat template
-writes it (``{{ bos_token }}``, Llama 3's ``<|begin_of_text|>``), as transformers'
-``apply_chat_template(tokenize=True)`` and so TRL give it.
+folder has a ``tokenizer.json``, so the post-processor alone decides what TRL's prompts get. A
+conversational prompt starts with BOS when the chat template writes it (``{{ bos_token }}``,
+Llama 3's ``<|begin_of_text|>``), as transformers' ``apply_chat_template(tokenize=True)`` and so
+TRL give it.
 
 EOS rule: a plain completion gets EOS appended unless it already ends with the EOS token, so no
 pair ends with a doubled EOS. A conversational completion is what the chat template renders:
