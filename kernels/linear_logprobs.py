@@ -883,6 +883,13 @@ class LinearPairLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_seq_logps, grad_aligned, grad_raw):
         del grad_seq_logps, grad_aligned, grad_raw  # returned detached
+        if torch.is_grad_enabled():
+            # create_graph=True: the stored gradients are constants to autograd, so their own
+            # gradient (a gradient penalty, a Hessian product) would be silently zero.
+            raise RuntimeError(
+                "linear_pair_loss has first-order gradients only (they are formed in the "
+                "forward); backward with create_graph=True is not supported"
+            )
         grad_h, grad_w = ctx.grad_h, ctx.grad_w
         ctx.grad_h = ctx.grad_w = None  # free them as soon as autograd takes them
         if (

@@ -694,3 +694,21 @@ def test_matmul_work_of_each_head_is_its_floor(impl):
     assert plain == 8 * unit
     reference = flops(lambda *a: sequence_logprobs(*a, impl=impl, chunk_tokens=40), grad=False)
     assert reference == 2 * unit
+
+
+# ----------------------------------------------------------------------------------------
+# Embedding conventions: aligned labels, batched and strided inputs, tied and biased heads
+# ----------------------------------------------------------------------------------------
+
+
+def test_second_order_gradients_raise_instead_of_being_silently_zero():
+    b = _batch(seed=94, vocab=211, hidden=19)
+    args = (b["labels"], b["seq_ids"], b["num_seqs"])
+    h = b["h"].clone().requires_grad_(True)
+    loss, _ = linear_pair_loss(h, b["w"], *args, pair_loss=_dpo_pair_loss(b["ref"]), impl="torch")
+    with pytest.raises(RuntimeError, match="create_graph=True is not supported"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    seq = sequence_logprobs(h, b["w"], *args, impl="torch")
+    (g,) = torch.autograd.grad(seq.sum(), h, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        g.square().sum().backward()
