@@ -91,6 +91,7 @@ import triton.language as tl
 
 from .logprobs import (
     IGNORE_INDEX,
+    _flatten_hint,
     check_head_shapes,
     check_labels_in_vocab,
     check_packed_shapes,
@@ -362,6 +363,7 @@ def fused_token_logprobs(
     if labels.shape != (hidden.shape[0],):
         raise ValueError(
             f"labels must be ({hidden.shape[0]},) (one per token), got {tuple(labels.shape)}"
+            + _flatten_hint(labels)
         )
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")

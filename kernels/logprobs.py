@@ -61,13 +61,26 @@ def _block_v(vocab: int, device: torch.device) -> int:
     return min(block, 1 << max(0, (vocab - 1).bit_length()))
 
 
+def _flatten_hint(t: torch.Tensor) -> str:
+    """The fix for a batched (B, T) index tensor given where the ops take one per token."""
+    if t.dim() < 2:
+        return ""
+    return (
+        "; the ops take a flat token stream: flatten a (B, T) batch with .reshape(-1) (and its "
+        "hidden states or logits to (B*T, H) / (B*T, V))"
+    )
+
+
 def _check_rows(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.dim() != 2:
-        raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be (N, V), got shape {tuple(logits.shape)}"
+            + ("; flatten a (B, T, V) batch with .reshape(-1, V)" if logits.dim() == 3 else "")
+        )
     if labels.shape != (logits.shape[0],):
         raise ValueError(
             f"labels must be (N,) = ({logits.shape[0]},) to match logits {tuple(logits.shape)}, "
-            f"got {tuple(labels.shape)}"
+            f"got {tuple(labels.shape)}" + _flatten_hint(labels)
         )
     if not logits.is_floating_point():
         raise TypeError(f"logits must be a float tensor, got {logits.dtype}")
@@ -266,6 +279,7 @@ def check_packed_shapes(
         if t.shape != (num_tokens,):
             raise ValueError(
                 f"{name} must be ({num_tokens},) (one per token), got {tuple(t.shape)}"
+                + _flatten_hint(t)
             )
         if t.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"{name} must be int64 (or int32), got {t.dtype}")

@@ -712,3 +712,20 @@ def test_second_order_gradients_raise_instead_of_being_silently_zero():
     (g,) = torch.autograd.grad(seq.sum(), h, create_graph=True)
     with pytest.raises(RuntimeError, match="no autograd formula"):
         g.square().sum().backward()
+
+
+def test_batched_labels_and_hidden_say_how_to_flatten():
+    from sdpo.kernels import logprobs_from_logits
+
+    h, w = torch.randn(2, 5, 7), torch.randn(11, 7)
+    labels, seq_ids = torch.zeros(2, 5, dtype=torch.int64), torch.arange(2).repeat_interleave(5)
+    with pytest.raises(ValueError, match=r"\(B\*T, H\) first"):
+        sequence_logprobs(h, w, labels, seq_ids, 2)
+    for call in (
+        lambda: sequence_logprobs(h.reshape(-1, 7), w, labels, seq_ids, 2),
+        lambda: logprobs_from_logits(h.reshape(-1, 7) @ w.t(), labels, seq_ids, 2),
+    ):
+        with pytest.raises(ValueError, match=r"reshape\(-1\)"):
+            call()
+    with pytest.raises(ValueError, match=r"reshape\(-1, V\)"):
+        logprobs_from_logits(h @ w.t(), labels.reshape(-1), seq_ids, 2)
