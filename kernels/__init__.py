@@ -13,6 +13,30 @@ a 128k vocabulary) and reads them several times; these ops stream the vocabulary
   first use because it needs Triton): a no-grad reference pass that fuses the lm_head tiles
   with the online logsumexp, so no logits reach memory. Opt-in until its GPU timing is taken.
 - ``resolve_impl``: the one place "auto" | "triton" | "torch" is decided.
+- ``shift_labels``: labels aligned with the inputs (Hugging Face's) to the next-token labels
+  the ops take.
+
+Conventions shared by every op:
+
+- A flat token stream: hidden (N, H), logits (N, V), labels and seq_ids (N,). A padded
+  (B, T) batch is flattened with ``.reshape(-1, H)`` / ``.reshape(-1)`` and
+  ``seq_ids = torch.arange(B).repeat_interleave(T)``; a packed stream is already flat.
+- ``labels[i]`` is the token that row ``i`` predicts (already shifted: the token after
+  position ``i``); ``-100`` marks a row that is not scored (log-prob 0, zero gradient), and
+  no other ignore index is read. Hugging Face labels, aligned with ``input_ids``, become these
+  with ``shift_labels``. labels and seq_ids are int64 or int32.
+- The head is exactly ``hidden @ weight.T`` with the lm_head weight (V, H) as stored by
+  ``nn.Linear``: no bias, no logit soft-capping (Gemma 2's ``final_logit_softcapping``
+  cannot be expressed and is not supported), no temperature. A temperature ``tau`` is
+  ``hidden / tau``; a bias ``b`` (V,) folds in exactly as ``torch.cat([hidden, ones(N, 1)], 1)``
+  with ``torch.cat([weight, b[:, None]], 1)``.
+- Any strides: a slice of a bigger buffer, a transposed weight, ``hidden_states[-1]``
+  flattened. Mixed dtypes run in the promoted dtype; the log-softmax and all outputs are
+  fp32. A weight shared with the input embedding gets its gradient accumulated like any
+  other use; a frozen weight or hidden state (``requires_grad=False``) skips its matmul.
+- First-order gradients only: a second backward through an op (``create_graph=True``)
+  raises. ``torch.func.vmap`` runs the custom ops one batch entry at a time;
+  ``torch.func.grad`` / ``jacrev`` are not supported (use ``torch.autograd``).
 
 The first two are ``torch.library`` custom ops (namespace ``sdpo``, with fake
 implementations and autograd formulas), so ``torch.compile`` traces them without a graph
@@ -48,7 +72,7 @@ else:
         linear_pair_loss,
         sequence_logprobs,
     )
-    from .logprobs import IGNORE_INDEX, logprobs_from_logits
+    from .logprobs import IGNORE_INDEX, logprobs_from_logits, shift_labels
 
     _LAZY = {"fused_sequence_logprobs", "fused_token_logprobs"}
 
@@ -68,5 +92,6 @@ else:
         "logprobs_from_logits",
         "resolve_impl",
         "sequence_logprobs",
+        "shift_labels",
         "triton_available",
     ]

@@ -351,9 +351,11 @@ def fused_token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``(token_logps (N,), lse (N,))`` in fp32 of ``hidden @ weight.T``, no logits.
 
-    hidden (N, H) and weight (V, H) in float32, bfloat16 or float16 (computed in their
-    promoted dtype, fp32 accumulation); labels (N,) int64 with -100 for tokens not scored
-    (their log-prob is 0; their lse is still computed). No-grad only. On CUDA the kernel is
+    hidden (N, H) and weight (V, H) in float32, bfloat16 or float16, any row strides
+    (computed in their promoted dtype, fp32 accumulation); labels (N,) int64 or int32,
+    ``labels[i]`` the token that ``hidden[i]`` predicts, -100 for tokens not scored (their
+    log-prob is 0; their lse is still computed). ``token_logps[i] = logits[i, labels[i]] -
+    lse[i]`` with ``lse[i] = logsumexp(logits[i])``. No-grad only. On CUDA the kernel is
     autotuned per (V, H, dtypes) on its first call; ``tiles`` ({"BLOCK_M", "BLOCK_N",
     "BLOCK_K"}) pins the tile sizes instead, and ``splits`` the number of vocabulary slices
     (default: :func:`num_splits` on CUDA, ``INTERPRETER_SPLITS`` on CPU; capped at the
@@ -411,7 +413,8 @@ def fused_sequence_logprobs(
 
     Same contract as ``sequence_logprobs`` under ``torch.no_grad`` (labels already shifted,
     -100 = not scored, ``seq_ids[i]`` in [0, num_seqs) names token i's sequence), computed
-    without writing any logits to memory. No-grad only.
+    without writing any logits to memory, for float32, bfloat16 and float16 inputs. No-grad
+    only.
     """
     _check_inputs(hidden, weight, labels)
     check_packed_shapes(labels, seq_ids, hidden.shape[0], num_seqs=num_seqs, device=hidden.device)

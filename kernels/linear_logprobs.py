@@ -415,10 +415,16 @@ def sequence_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """(S,) fp32 summed log-probs of ``labels`` per packed sequence, from hidden states.
 
-    hidden (N, H) and weight (V, H) of any float dtype (the matmul in their promoted dtype; the
-    log-softmax and the sums in fp32, float64 inputs included, so the outputs are fp32),
-    labels (N,) int64 with -100 for tokens not scored, seq_ids (N,) int64 in [0, num_seqs).
-    Differentiable w.r.t. hidden and weight; the gradient of W accumulates over chunks in
+    hidden (N, H) and weight (V, H) of any float dtype and any strides (the matmul
+    ``hidden @ weight.T``, no bias, in their promoted dtype; the log-softmax and the sums in
+    fp32, float64 inputs included, so the outputs are fp32). labels (N,) int64 or int32:
+    ``labels[i]`` is the token that ``hidden[i]`` predicts (already shifted, see
+    :func:`~sdpo.kernels.shift_labels`), -100 for tokens not scored; seq_ids (N,) int64 or
+    int32 in [0, num_seqs), the sequence of each token (``torch.arange(B).repeat_interleave(T)``
+    for a flattened (B, T) batch). ``seq_logps[s]`` is the sum over sequence s's scored tokens
+    of ``log_softmax(hidden[i] @ weight.T)[labels[i]]`` (0 if it has none).
+    Differentiable w.r.t. hidden and weight (first order; a frozen one gets no gradient and
+    costs no matmul); the gradient of W accumulates over chunks in
     ``grad_weight_dtype`` (fp32 by default; ``None`` = W's dtype, which halves its memory).
     Under ``torch.no_grad`` this is the reference pass: one chunk of logits at a time.
     ``token_weights`` (N,) fp32: each token's log-prob enters its sequence's sum times its
@@ -928,12 +934,17 @@ def linear_pair_loss(
 ) -> tuple[torch.Tensor, ...]:
     """Pair-separable loss over packed preference pairs, gradients formed chunk by chunk.
 
-    Sequence 2p is the chosen and 2p+1 the rejected completion of pair p, back to back in
-    the token stream. ``pair_loss(chosen_logps (k,), rejected_logps (k,), pairs: slice)``
-    returns the scalar sum of the loss terms of pairs ``pairs`` (differentiable in its two
-    inputs). Returns ``(loss, seq_logps (S,) fp32 detached)`` where loss is the sum over
-    chunks. Chunks hold whole pairs, about ``chunk_tokens`` tokens each (a longer pair gets
-    a chunk of its own). ``grad_weight_dtype`` as in :func:`sequence_logprobs`.
+    hidden, weight, labels, seq_ids and num_seqs as in :func:`sequence_logprobs` (labels
+    already shifted, -100 = not scored); seq_ids must be non-decreasing (a packed stream, or a
+    flattened (B, T) batch). Sequence 2p is the chosen and 2p+1 the rejected completion of
+    pair p, back to back in the token stream. ``pair_loss(chosen_logps (k,), rejected_logps
+    (k,), pairs: slice)`` returns the scalar sum of the loss terms of pairs ``pairs``
+    (differentiable in its two inputs, fp32). Returns ``(loss, seq_logps (S,) fp32
+    detached)`` where loss is the 0-dim fp32 sum over chunks. Chunks hold whole pairs, about
+    ``chunk_tokens`` tokens each (a longer pair gets a chunk of its own).
+    ``grad_weight_dtype`` as in :func:`sequence_logprobs`. The gradients are formed in the
+    forward, for whichever of hidden and weight requires grad when grad mode is on; one
+    first-order backward (``retain_graph`` reuse and ``create_graph`` raise).
 
     ``pair_tokens``: the host-side token count of each pair (chosen + rejected, in stream
     order; ``cu_seqlens[2p + 2] - cu_seqlens[2p]``). Given, the chunk plan is built on the

@@ -61,6 +61,36 @@ def _block_v(vocab: int, device: torch.device) -> int:
     return min(block, 1 << max(0, (vocab - 1).bit_length()))
 
 
+def shift_labels(labels: torch.Tensor, seq_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token labels, in the convention of every op here, from labels aligned with the inputs.
+
+    Hugging Face causal LMs (and TRL) take ``labels`` aligned with ``input_ids``: ``labels[t]``
+    is token t itself (-100 where not scored) and the loss shifts them. sdpo's ops take them
+    already shifted: ``labels[i]`` is the token that hidden state (logits row) ``i`` predicts,
+    the aligned label of position ``i + 1``. This returns that, same shape and dtype:
+    ``labels[..., 1:]`` with -100 appended along the last dimension, so a (B, T) batch stays
+    (B, T) (flatten both with ``.reshape(-1)``) and each row's last position is not scored.
+
+    ``seq_ids`` (N,), for a 1-D packed stream of several sequences: the last position of each
+    sequence (where the next token belongs to another sequence) also gets -100.
+    """
+    if labels.dim() == 0:
+        raise ValueError("labels must have at least one dimension (the token positions)")
+    tail = labels.new_full((*labels.shape[:-1], min(1, labels.shape[-1])), IGNORE_INDEX)
+    shifted = torch.cat([labels[..., 1:], tail], dim=-1)
+    if seq_ids is None:
+        return shifted
+    if labels.dim() != 1 or seq_ids.shape != labels.shape:
+        raise ValueError(
+            f"seq_ids are for a 1-D packed stream: labels {tuple(labels.shape)} and seq_ids "
+            f"{tuple(seq_ids.shape)} must both be (N,)"
+        )
+    same = torch.cat(
+        [seq_ids[1:] == seq_ids[:-1], seq_ids.new_zeros(min(1, seq_ids.shape[0]), dtype=torch.bool)]
+    )
+    return torch.where(same, shifted, IGNORE_INDEX)
+
+
 def _flatten_hint(t: torch.Tensor) -> str:
     """The fix for a batched (B, T) index tensor given where the ops take one per token."""
     if t.dim() < 2:
@@ -478,10 +508,15 @@ def logprobs_from_logits(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence and per-token log-probs of ``labels`` under ``logits``.
 
-    logits (N, V) bf16/fp16/fp32, labels (N,) int64 (-100 = not scored), seq_ids (N,) int64 in
-    [0, num_seqs). Returns ``(seq_logps (S,) fp32, token_logps (N,) fp32)``; token_logps is 0
-    where the label is -100. Differentiable w.r.t. logits; with ``inplace_backward=True`` the
-    gradient is written into ``logits`` itself (the caller must not use them afterwards).
+    logits (N, V) bf16/fp16/fp32 (any row stride; a view without unit stride along V is
+    copied once); labels (N,) int64 or int32, ``labels[i]`` the token that row ``i`` predicts
+    (already shifted, see :func:`shift_labels`; -100 = not scored); seq_ids (N,) int64 or
+    int32 in [0, num_seqs), the sequence of each row. Returns ``(seq_logps (S,) fp32,
+    token_logps (N,) fp32)``: ``token_logps[i] = log_softmax(logits[i])[labels[i]]``, 0 where
+    the label is -100, and ``seq_logps[s]`` the sum of those of sequence s (0 for a sequence
+    with no scored row). Differentiable w.r.t. logits (first order); with
+    ``inplace_backward=True`` the gradient is written into ``logits`` itself (the caller must
+    not use them afterwards).
     Runs as the custom ops ``sdpo::logprobs_fwd`` / ``sdpo::logprobs_bwd`` (``_inplace``), so
     ``torch.compile`` traces it without a graph break.
     """

@@ -701,6 +701,95 @@ def test_matmul_work_of_each_head_is_its_floor(impl):
 # ----------------------------------------------------------------------------------------
 
 
+def _aligned_batch(seed: int, *, b: int = 3, t: int = 17, hidden: int = 23, vocab: int = 211):
+    """A padded (B, T) batch as a Hugging Face model sees it: labels aligned with input_ids
+    (-100 on the prompt and the padding), hidden states a strided slice of a wider buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    buf = torch.randn(b, t + 2, hidden + 5, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * (2.0 / hidden**0.5)
+    labels = torch.randint(0, vocab, (b, t), generator=gen)
+    for row, (prompt, pad) in enumerate([(4, 0), (6, 5), (1, 9)][:b]):
+        labels[row, :prompt] = IGNORE_INDEX
+        labels[row, t - pad :] = IGNORE_INDEX
+    return buf, w64, labels
+
+
+def _aligned_truth(h64, w64, labels):
+    """float64 per-row sums the way a causal LM's loss shifts: logits[:, :-1] vs labels[:, 1:]."""
+    logits = (h64 @ w64.t())[:, :-1]
+    target = labels[:, 1:]
+    logp = torch.log_softmax(logits, -1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
+    return torch.where(target != IGNORE_INDEX, logp, 0.0).sum(-1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_shift_labels_turns_aligned_labels_into_the_next_token_convention(impl):
+    from sdpo.kernels import shift_labels
+
+    buf64, w64, labels = _aligned_batch(seed=91)
+    b, t = labels.shape
+    h = buf64.float()[:, 1 : t + 1, 2:-3]  # (B, T, H), strided as hidden_states[-1] slices are
+    w = w64.float().t().contiguous().t()  # (V, H) with column-major strides
+    truth = _aligned_truth(buf64[:, 1 : t + 1, 2:-3], w64, labels)
+    seq_ids = torch.arange(b).repeat_interleave(t)
+    shifted = shift_labels(labels)
+    assert shifted.shape == labels.shape and shifted.dtype == labels.dtype
+    got = sequence_logprobs(
+        h.reshape(-1, h.shape[-1]), w, shifted.reshape(-1), seq_ids, b, impl=impl
+    )
+    torch.testing.assert_close(got.double(), truth, rtol=1e-5, atol=1e-5)
+    # the same sequences packed without padding: boundaries come from seq_ids
+    keep = (torch.arange(t) < torch.tensor([[t], [t - 5], [t - 9]])).reshape(-1)
+    packed_ids = seq_ids[keep]
+    packed = shift_labels(labels.reshape(-1)[keep], packed_ids)
+    got_packed = sequence_logprobs(
+        h.reshape(-1, h.shape[-1])[keep], w, packed, packed_ids, b, impl=impl
+    )
+    torch.testing.assert_close(got_packed.double(), truth, rtol=1e-5, atol=1e-5)
+    # a row of one token has nothing to predict, and an empty batch stays empty
+    assert shift_labels(labels[:, :1]).eq(IGNORE_INDEX).all()
+    assert shift_labels(labels[:, :0]).shape == (b, 0)
+
+
+def test_tied_embedding_and_strided_hidden_get_the_float64_gradients():
+    """The lm_head weight shared with the input embedding: its gradient accumulates the head's
+    and the embedding's; hidden states are a strided view whose buffer gets its slice's."""
+    buf64, w64, labels = _aligned_batch(seed=92)
+    from sdpo.kernels import shift_labels
+
+    b, t = labels.shape
+    seq_ids = torch.arange(b).repeat_interleave(t)
+    flat = shift_labels(labels).reshape(-1)
+    ids = labels.clamp(min=0).reshape(-1)
+
+    def run(buf, w, op):
+        buf = buf.clone().requires_grad_(True)
+        w = w.clone().requires_grad_(True)
+        h = buf[:, 1 : t + 1, 2:-3].reshape(-1, w.shape[1]) + F.embedding(ids, w)
+        op(h, w).sum().backward()
+        return buf.grad, w.grad
+
+    got = run(buf64.float(), w64.float(), lambda h, w: sequence_logprobs(h, w, flat, seq_ids, b))
+    truth = run(buf64, w64, lambda h, w: _naive_seq_logps(h, w, flat, seq_ids, b))
+    for name, g, ref in zip(("hidden buffer", "tied weight"), got, truth):
+        torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_a_bias_and_a_temperature_fold_into_hidden_and_weight_as_documented():
+    b = _batch(seed=93, vocab=211, hidden=19)
+    args = (b["labels"], b["seq_ids"], b["num_seqs"])
+    gen = torch.Generator().manual_seed(93)
+    bias64 = torch.randn(211, generator=gen, dtype=torch.float64)
+    tau = 0.7
+    logits64 = (b["h64"] @ b["w64"].t() + bias64) / tau
+    ones = torch.ones(b["h"].shape[0], 1)
+    h = torch.cat([b["h"], ones], 1) / tau
+    w = torch.cat([b["w"], bias64.float()[:, None]], 1)
+    got = sequence_logprobs(h, w, *args)
+    truth = _naive_seq_logps(logits64, torch.eye(211, dtype=torch.float64), *args)
+    torch.testing.assert_close(got.double(), truth, rtol=1e-5, atol=1e-4)
+
+
 def test_second_order_gradients_raise_instead_of_being_silently_zero():
     b = _batch(seed=94, vocab=211, hidden=19)
     args = (b["labels"], b["seq_ids"], b["num_seqs"])
@@ -729,3 +818,13 @@ def test_batched_labels_and_hidden_say_how_to_flatten():
             call()
     with pytest.raises(ValueError, match=r"reshape\(-1, V\)"):
         logprobs_from_logits(h @ w.t(), labels.reshape(-1), seq_ids, 2)
+
+
+def test_vmap_over_sequence_logprobs_runs_each_entry():
+    b = _batch(seed=95, vocab=211, hidden=19)
+    args = (b["labels"], b["seq_ids"], b["num_seqs"])
+    hs = torch.stack([b["h"], 0.5 * b["h"]])
+    got = torch.func.vmap(lambda h: sequence_logprobs(h, b["w"], *args, impl="torch"))(hs)
+    for k, scale in enumerate((1.0, 0.5)):
+        truth = _naive_seq_logps(scale * b["h64"], b["w64"], *args)
+        torch.testing.assert_close(got[k].double(), truth, rtol=1e-5, atol=1e-5)
