@@ -828,3 +828,21 @@ def test_vmap_over_sequence_logprobs_runs_each_entry():
     for k, scale in enumerate((1.0, 0.5)):
         truth = _naive_seq_logps(scale * b["h64"], b["w64"], *args)
         torch.testing.assert_close(got[k].double(), truth, rtol=1e-5, atol=1e-5)
+
+
+def test_autocast_leaves_the_head_in_the_dtype_of_the_tensors_given():
+    """As documented: autocast does not reach inside the ops (fp32 in, fp32 head), and an
+    explicit bf16 cast of the weight is what makes a bf16 head; its gradient reaches the fp32
+    weight."""
+    b = _batch(seed=96, vocab=211, hidden=19)
+    args = (b["labels"], b["seq_ids"], b["num_seqs"])
+    w = b["w"].clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = sequence_logprobs(b["h"], w, *args, impl="torch")
+    assert torch.equal(under, sequence_logprobs(b["h"], w, *args, impl="torch"))
+    cast = sequence_logprobs(b["h"].bfloat16(), w.to(torch.bfloat16), *args, impl="torch")
+    base = _naive_seq_logps(b["h"].bfloat16(), b["w"].bfloat16(), *args)
+    truth = _naive_seq_logps(b["h64"], b["w64"], *args)
+    assert_no_worse("bf16 head", cast, base, truth, rel_margin=2e-6)
+    cast.sum().backward()
+    assert w.grad.dtype == torch.float32 and w.grad.abs().sum() > 0
