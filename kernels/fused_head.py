@@ -89,6 +89,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dispatch import compiler_disabled
 from .logprobs import (
     IGNORE_INDEX,
     _flatten_hint,
@@ -341,6 +342,7 @@ def _check_tiles(tiles: dict[str, int]) -> None:
             raise ValueError(f"tiles[{name!r}] = {size}: tl.dot needs a power of two >= 16")
 
 
+@compiler_disabled
 def fused_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -360,6 +362,10 @@ def fused_token_logprobs(
     "BLOCK_K"}) pins the tile sizes instead, and ``splits`` the number of vocabulary slices
     (default: :func:`num_splits` on CUDA, ``INTERPRETER_SPLITS`` on CPU; capped at the
     number of vocabulary tiles so that no slice is empty).
+
+    Not a custom op: ``torch.compile`` graph-breaks around it (the label range check reads
+    values, and under the CPU interpreter the kernel cannot be traced at all), so a compiled
+    caller runs it eagerly; with ``fullgraph=True`` that break is an error.
     """
     _check_inputs(hidden, weight, labels)
     if labels.shape != (hidden.shape[0],):
@@ -402,6 +408,7 @@ def fused_token_logprobs(
         return _combine(part_max, part_sum, label_logit, labels)
 
 
+@compiler_disabled
 def fused_sequence_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -414,7 +421,7 @@ def fused_sequence_logprobs(
     Same contract as ``sequence_logprobs`` under ``torch.no_grad`` (labels already shifted,
     -100 = not scored, ``seq_ids[i]`` in [0, num_seqs) names token i's sequence), computed
     without writing any logits to memory, for float32, bfloat16 and float16 inputs. No-grad
-    only.
+    only; a compiled caller graph-breaks around it, as around :func:`fused_token_logprobs`.
     """
     _check_inputs(hidden, weight, labels)
     check_packed_shapes(labels, seq_ids, hidden.shape[0], num_seqs=num_seqs, device=hidden.device)

@@ -224,3 +224,20 @@ def test_fused_logprobs_of_large_confident_logits_match_float64_truth():
     best = (b["h"].double() @ b["w"].double().t()).argmax(dim=1)
     b["labels"] = torch.where(scored, best, b["labels"])
     _check_against_truth(b, rel_margin=1e-6)
+
+
+def test_a_compiled_caller_runs_the_fused_head_eagerly_and_gets_its_numbers():
+    """The fused head is no custom op: a compiled scoring function graph-breaks around it
+    instead of tracing into the Triton launch (which failed under the interpreter)."""
+    b = _batch(seed=17, vocab=211)
+    args = (b["labels"], b["seq_ids"], b["num_seqs"])
+
+    def score(h, w):
+        with torch.no_grad():
+            return fused_sequence_logprobs(h, w, *args) * 2.0
+
+    eager = score(b["h"], b["w"])
+    compiled = torch.compile(score, backend="aot_eager")(b["h"], b["w"])
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    truth = 2.0 * _naive(b["h64"], b["w64"], *args)[2]
+    torch.testing.assert_close(compiled.double(), truth, rtol=1e-5, atol=1e-5)
