@@ -70,6 +70,8 @@ def shift_labels(labels: torch.Tensor, seq_ids: torch.Tensor | None = None) -> t
     the aligned label of position ``i + 1``. This returns that, same shape and dtype:
     ``labels[..., 1:]`` with -100 appended along the last dimension, so a (B, T) batch stays
     (B, T) (flatten both with ``.reshape(-1)``) and each row's last position is not scored.
+    The hidden states or logits then need no ``[:, :-1]`` slice (a copy once flattened):
+    ``logits.view(-1, V)`` pairs with ``shift_labels(labels).view(-1)``.
 
     ``seq_ids`` (N,), for a 1-D packed stream of several sequences: the last position of each
     sequence (where the next token belongs to another sequence) also gets -100.

@@ -724,7 +724,7 @@ def _aligned_truth(h64, w64, labels):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_shift_labels_turns_aligned_labels_into_the_next_token_convention(impl):
-    from sdpo.kernels import shift_labels
+    from sdpo.kernels import logprobs_from_logits, shift_labels
 
     buf64, w64, labels = _aligned_batch(seed=91)
     b, t = labels.shape
@@ -738,6 +738,10 @@ def test_shift_labels_turns_aligned_labels_into_the_next_token_convention(impl):
         h.reshape(-1, h.shape[-1]), w, shifted.reshape(-1), seq_ids, b, impl=impl
     )
     torch.testing.assert_close(got.double(), truth, rtol=1e-5, atol=1e-5)
+    # full logits, flattened without a [:, :-1] slice
+    logits = (h @ w.t()).view(-1, w.shape[0])
+    got_logits, _ = logprobs_from_logits(logits, shifted.view(-1), seq_ids, b, impl=impl)
+    torch.testing.assert_close(got_logits.double(), truth, rtol=1e-5, atol=1e-5)
     # the same sequences packed without padding: boundaries come from seq_ids
     keep = (torch.arange(t) < torch.tensor([[t], [t - 5], [t - 9]])).reshape(-1)
     packed_ids = seq_ids[keep]
