@@ -425,7 +425,9 @@ def sequence_logprobs(
     of ``log_softmax(hidden[i] @ weight.T)[labels[i]]`` (0 if it has none).
     Differentiable w.r.t. hidden and weight (first order; a frozen one gets no gradient and
     costs no matmul); the gradient of W accumulates over chunks in
-    ``grad_weight_dtype`` (fp32 by default; ``None`` = W's dtype, which halves its memory).
+    ``grad_weight_dtype`` (fp32 by default; ``None`` = the compute dtype, the promoted dtype of
+    hidden and weight, which for a bf16 pair halves its memory); the gradients are returned in
+    hidden's and weight's own dtypes.
     Under ``torch.no_grad`` this is the reference pass: one chunk of logits at a time.
     ``token_weights`` (N,) fp32: each token's log-prob enters its sequence's sum times its
     weight, and its gradient likewise (LD-DPO, see :func:`weighted`); None: all 1.
