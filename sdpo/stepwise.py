@@ -143,7 +143,8 @@ def run_sdpo(
     steps. ``report_scoring`` (``sdpo.report_scoring``, on by default in ``sdpo train``, off
     here): the scoring passes that only fill the report, i.e. each step's chunk again after
     training (``reward_accuracy_after``) and from step 2 on the next chunk with the step's
-    reference (``gamma_ref_next_chunk``); M0 then scores every pair under any partition. ``score_tokens_per_batch``: the scoring pass's token budget (default 4 x
+    reference (``gamma_ref_next_chunk``); M0 then scores every pair under any partition.
+    ``score_tokens_per_batch``: the scoring pass's token budget (default 4 x
     ``train.max_tokens_per_batch``). ``metrics_dir``: a folder where the trainer appends
     every logged record to ``metrics.jsonl`` (nothing is written without it). ``log_hook``
     receives every logged training record, with ``sdpo_step``; ``on_step_end(report, model)``
