@@ -1,7 +1,9 @@
 """Reading and validating preference data before any training starts.
 
 A preference row has a ``prompt``, a ``chosen`` and a ``rejected`` completion, each either a
-non-empty string or a list of chat messages ``{"role": str, "content": str}``. Files are read
+non-empty string or a list of chat messages ``{"role": str, "content": str}`` (an assistant
+message that calls tools may have ``"content": null`` or none beside its ``tool_calls``, the
+OpenAI layout that transformers renders; other keys reach the template as they are). Files are read
 with ``datasets`` (``.jsonl``/``.json``/``.parquet``/``.csv``, a ``save_to_disk`` folder, or a
 hub name); JSON files are first read line by line here (strict UTF-8, strict JSON), because
 ``datasets`` reports a malformed line or a non-UTF-8 byte without saying where it is, and
@@ -703,7 +705,7 @@ def _normalize_row(
         return prompt, chosen, rejected, {}
 
     prompt_msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    if not any(m["content"].strip() for m in prompt_msgs):
+    if not any(_says_something(m) for m in prompt_msgs):
         raise place.error(
             "every prompt message has empty content",
             fix="give the prompt at least one non-empty message",
@@ -717,7 +719,7 @@ def _normalize_row(
         n = len(prompt_msgs)
         if len(value) >= n and value[:n] == prompt_msgs:
             value = value[n:]  # full conversation: the prompt turns are repeated first
-        if not value or not any(m["content"].strip() for m in value):
+        if not value or not any(_says_something(m) for m in value):
             raise place.error(
                 "the completion is empty (no message with content beyond the prompt)",
                 fix=f"give {field} a non-empty assistant message, or remove the row",
@@ -925,6 +927,11 @@ def _check_unicode(text: str, field: str, place: _Place, *, what: str) -> None:
         ) from None
 
 
+def _says_something(message: dict) -> bool:
+    """The message has text or calls a tool (an assistant turn of tool calls alone)."""
+    return bool(message.get("content", "").strip() or message.get("tool_calls"))
+
+
 def _check_messages(value: list | tuple, field: str, place: _Place) -> list[Message]:
     if not value:
         raise place.error(
@@ -941,13 +948,22 @@ def _check_messages(value: list | tuple, field: str, place: _Place) -> list[Mess
                 fix=f'write each message of {field} as {{"role": ..., "content": ...}}',
                 field=field,
             )
+        calls = message.get("tool_calls")
         for key in ("role", "content"):
             item = message.get(key)
+            if key == "content" and item is None and isinstance(calls, list) and calls:
+                continue  # a tool call without text: transformers drops the null
             if not isinstance(item, str):
                 kind = "missing" if key not in message else f"of type {type(item).__name__}"
                 raise place.error(
                     f"message {i} has '{key}' {kind}, expected a string",
-                    fix=f"give every message of {field} a string '{key}'",
+                    fix=f"give every message of {field} a string '{key}'"
+                    + (
+                        " (an assistant turn that calls tools may have a null 'content' beside "
+                        "a non-empty 'tool_calls' list)"
+                        if key == "content"
+                        else ""
+                    ),
                     field=field,
                 )
             _check_unicode(item, field, place, what=f"message {i} '{key}'")

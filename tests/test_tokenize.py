@@ -1066,3 +1066,44 @@ def test_keep_start_below_max_length_cuts_as_trl_1_16_and_trl_drops_full_prompts
             mask = batch["completion_mask"][j][: len(seq)].tolist()
             assert ids == seq and mask == [0] * len(prompt) + [1] * len(completion)
             assert batch["attention_mask"][j].sum().item() == len(seq)
+
+
+# A ChatML template that writes an assistant turn's tool calls, as Qwen's and Hermes' do
+TOOL_CALLS_TEMPLATE = (
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{%- if m.content %}{{ m.content }}{% endif %}"
+    "{%- for c in m.tool_calls or [] %}<tool_call>{{ c.function | tojson }}</tool_call>"
+    "{%- endfor %}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_tool_call_with_null_content_tokenizes_as_trl(tmp_path):
+    # the OpenAI layout: an assistant turn that calls a tool has content null (or none at all)
+    call = {"type": "function", "function": {"name": "lookup", "arguments": '{"city": "Paris"}'}}
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "weather in Paris?"}],
+            "chosen": [{"role": "assistant", "content": None, "tool_calls": [call]}],
+            "rejected": [{"role": "assistant", "content": "it is sunny", "tool_calls": None}],
+        },
+        {
+            "prompt": [{"role": "user", "content": "and in Rome?"}],
+            "chosen": [{"role": "assistant", "content": "", "tool_calls": [call]}],
+            "rejected": [{"role": "assistant", "content": "rain", "tool_calls": None}],
+        },
+    ]
+    folder = byte_level_like(tmp_path / "chatml", chat_template=TOOL_CALLS_TEMPLATE)
+    tok = PairTokenizer.from_dir(folder)
+    data = read_preference_file(write_jsonl(tmp_path / "calls.jsonl", rows))
+    pairs, _ = tokenize_pairs(data, tok, max_length=4096)
+    ours = [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
+    assert tok.decode(ours[0][1]).startswith('<tool_call>{"name": "lookup"')
+    assert ours == _trl_ids(folder, rows, tmp_path)
+
+    # without tool calls a null content is still refused, naming the message and the fix
+    rows[0]["chosen"] = [{"role": "assistant", "content": None}]
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError, match=r"line 1.*chosen.*message 0 has 'content' of type") as e:
+        read_preference_file(bad)
+    assert "tool_calls" in str(e.value)
