@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdpo.engine.files import atomic_directory
-from sdpo.engine.model import CausalLM, ModelConfig
+from sdpo.engine.model import SUPPORTED_MODEL_TYPES, CausalLM, ModelConfig
 
 CONFIG_NAME = "config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
@@ -265,13 +266,149 @@ def _few(names: list[str], limit: int = 5) -> str:
     return f"[{shown}{f', ... ({len(names)} in all)' if len(names) > limit else ''}]"
 
 
+# model.implementation: which code runs a model folder
+IMPLEMENTATIONS = ("auto", "sdpo", "transformers")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a run needs to know of a model folder before loading it: the code that will run it
+    (``"sdpo"``: sdpo's own decoder; ``"transformers"``: ``AutoModelForCausalLM`` wrapped in
+    ``PackedCausalLM``), its model type, vocabulary size and context length (None: the config
+    names none)."""
+
+    implementation: str
+    model_type: str
+    vocab_size: int
+    max_position_embeddings: int | None
+
+
+def resolve_implementation(path: str | os.PathLike, implementation: str = "auto") -> str:
+    """``"sdpo"`` or ``"transformers"``: the code that runs the folder's model under
+    ``model.implementation`` (``"auto"``: sdpo's decoder for its model types, transformers for
+    the others). ``"sdpo"`` with a type sdpo does not implement is a ``CheckpointError``."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown model implementation {implementation!r}; choose one of "
+            f"{', '.join(IMPLEMENTATIONS)}"
+        )
+    folder = Path(path)
+    config_path = folder / CONFIG_NAME
+    if implementation == "transformers":
+        return implementation
+    if not config_path.is_file():
+        return "sdpo"  # read_model_config names the missing file
+    model_type = _read_json(config_path).get("model_type", "llama")
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return "sdpo"
+    if implementation == "sdpo":
+        raise CheckpointError(
+            f"{config_path}: model_type {model_type!r} is not one sdpo's own decoder "
+            f"implements ({', '.join(SUPPORTED_MODEL_TYPES)}); set model.implementation = "
+            '"auto" or "transformers" to run it with transformers (AutoModelForCausalLM)'
+        )
+    return "transformers"
+
+
+def check_model(path: str | os.PathLike, implementation: str = "auto") -> ModelInfo:
+    """Check a model folder for ``implementation`` (``IMPLEMENTATIONS``) without reading a
+    weight: for sdpo's decoder ``check_pretrained``; for transformers the config (its class
+    known to ``AutoModelForCausalLM``) and every stored tensor's name and shape against a
+    model built from it on the meta device. Raises ``CheckpointError`` naming the file."""
+    impl = resolve_implementation(path, implementation)
+    if impl == "sdpo":
+        config = check_pretrained(path)
+        return ModelInfo(
+            implementation=impl,
+            model_type=config.model_type,
+            vocab_size=config.vocab_size,
+            max_position_embeddings=config.max_position_embeddings,
+        )
+    return _check_hf_layout(Path(path))
+
+
+def _check_hf_layout(folder: Path) -> ModelInfo:
+    import transformers
+
+    from sdpo.engine.hf import check_head
+
+    if not (folder / CONFIG_NAME).is_file():
+        read_model_config(folder)  # raises, naming the missing file
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(folder))
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        check_head(model)
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise CheckpointError(
+            f"{folder / CONFIG_NAME}: transformers cannot build a causal LM from it ({e})"
+        ) from e
+    files = weight_files(folder)
+    # every tensor name with the names it shares a parameter with (a tied lm_head)
+    groups: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(t), []).append(name)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    missing = [names[0] for names in groups.values() if not any(n in files for n in names)]
+    if missing:
+        raise CheckpointError(
+            f"weights in {folder} do not match its {CONFIG_NAME} (model_type "
+            f"{config.model_type!r}): missing tensors {_few(missing)}. Check that config.json "
+            "belongs to these weights"
+        )
+    for file in sorted(set(files.values())):
+        with safe_open(file, framework="pt") as f:
+            for name in (n for n, where in files.items() if where == file):
+                if name in shapes and tuple(f.get_slice(name).get_shape()) != shapes[name]:
+                    raise CheckpointError(
+                        f"tensor {name!r} in {file} has shape "
+                        f"{tuple(f.get_slice(name).get_shape())}, but {CONFIG_NAME} implies "
+                        f"{shapes[name]}; check that config.json belongs to these weights"
+                    )
+    vocab = getattr(config, "vocab_size", None) or model.get_input_embeddings().weight.shape[0]
+    context = getattr(config, "max_position_embeddings", None)
+    return ModelInfo(
+        implementation="transformers",
+        model_type=str(config.model_type),
+        vocab_size=int(vocab),
+        max_position_embeddings=int(context) if context else None,
+    )
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    implementation: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> torch.nn.Module:
+    """The model of checkpoint folder ``path`` under ``implementation`` (``IMPLEMENTATIONS``):
+    sdpo's ``CausalLM`` (``load_pretrained``) or a ``PackedCausalLM`` around
+    ``AutoModelForCausalLM`` (``sdpo.engine.hf.load_hf_pretrained``); both speak the packed
+    protocol."""
+    if resolve_implementation(path, implementation) == "sdpo":
+        return load_pretrained(path, dtype=dtype, device=device)
+    from sdpo.engine.hf import load_hf_pretrained
+
+    try:
+        return load_hf_pretrained(path, dtype=dtype, device=device)
+    except (ValueError, OSError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: {e}") from e
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def pretrained_config(model: CausalLM) -> dict:
+def pretrained_config(model: torch.nn.Module) -> dict:
     """The ``config.json`` contents ``save_pretrained`` writes for ``model`` (its dtype
-    included)."""
+    included); a wrapped Hugging Face model's is its own config's (``hf_config_dict``)."""
+    if hasattr(model, "hf_model"):
+        from sdpo.engine.hf import hf_config_dict
+
+        return hf_config_dict(model)
     dtype = model.model.embed_tokens.weight.dtype
     config = model.config.to_hf_dict()
     config["dtype"] = _dtype_name(dtype)  # transformers >= 5
@@ -307,7 +444,7 @@ def save_pretrained(
     if model is None and (state is None or config is None):
         raise ValueError("save_pretrained without a model needs both state and config")
     if state is None:
-        state = model.state_dict()
+        state = model_state_dict(model)
     state = {name: t.detach() for name, t in state.items()}
     shards = _plan_shards(state, max_shard_bytes=max_shard_bytes)
     if config is None:
@@ -344,6 +481,16 @@ def save_pretrained(
             write_extra(tmp)
 
 
+def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint of ``model`` holds: its state dict, or a wrapped Hugging Face
+    model's own (``hf_state_dict``: its names, a tied lm_head once)."""
+    if hasattr(model, "hf_model"):
+        from sdpo.engine.hf import hf_state_dict
+
+        return hf_state_dict(model)
+    return model.state_dict()
+
+
 def _plan_shards(state: dict[str, torch.Tensor], *, max_shard_bytes: int) -> list[list[str]]:
     """Greedy in parameter order; a tensor larger than the limit gets a shard of its own."""
     shards: list[list[str]] = [[]]
@@ -372,7 +519,9 @@ def model_fingerprint(
     config = getattr(model, "config", None)
     if isinstance(config, ModelConfig):
         h.update(json.dumps(config.architecture_dict(), sort_keys=True).encode())
-    for name, t in (model.state_dict() if state is None else state).items():
+    elif hasattr(model, "fingerprint_config"):  # a wrapped Hugging Face model
+        h.update(model.fingerprint_config().encode())
+    for name, t in (model_state_dict(model) if state is None else state).items():
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
         flat = t.detach().contiguous().reshape(-1).view(torch.uint8)  # raw bytes, any dtype
         for start in range(0, flat.numel(), _HASH_PIECE_BYTES):

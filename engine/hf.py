@@ -19,16 +19,47 @@ parameter names are the Hugging Face ones (``model.layers.0.self_attn.q_proj.wei
 ``lm_head.weight``) and training it trains the wrapped model's parameters in place: the Hugging
 Face object the caller holds sees every update and saves with ``save_pretrained`` as usual.
 ``train()`` and ``eval()`` on the wrapper set the whole Hugging Face object's mode.
+
+The runner's folders (``model.implementation``, ``sdpo.engine.checkpoint.resolve_implementation``):
+``load_hf_pretrained`` loads a model type sdpo's decoder does not implement with
+``AutoModelForCausalLM`` and wraps it; ``hf_state_dict`` and ``hf_config_dict`` are what its
+checkpoints hold (the Hugging Face object's own tensor names, a tied output embedding stored
+once, the config's own ``to_dict`` with the saved dtype), so they reload with
+``AutoModelForCausalLM.from_pretrained`` as any Hugging Face folder does.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["PackedCausalLM", "peft_adapter_parameters"]
+__all__ = [
+    "PackedCausalLM",
+    "check_head",
+    "check_lora_layout",
+    "hf_config_dict",
+    "hf_state_dict",
+    "load_hf_pretrained",
+    "peft_adapter_parameters",
+]
+
+# config keys of Hugging Face models whose logits are not ``hidden @ lm_head.weight.T``: the
+# packed protocol hands the loss head the weight alone, so these would give wrong log-probs
+_LOGIT_KEYS = {
+    "final_logit_softcapping": None,  # Gemma 2/3: tanh soft-capping of the logits
+    "logits_scaling": 1.0,  # Granite: logits divided by it
+    "logit_scale": 1.0,  # Cohere: logits multiplied by it
+    "output_multiplier_scale": 1.0,
+}
+# config.json keys that say nothing about the function a model computes: left out of its
+# fingerprint
+_VOLATILE_KEYS = ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures")
 
 
 def peft_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -71,6 +102,7 @@ class PackedCausalLM(nn.Module):
                 f"{type(hf_model).__name__} has no decoder or no output embedding with a weight: "
                 "wrap a *ForCausalLM model (with its lm_head), not a bare base model"
             )
+        check_head(hf_model)
         self.model = decoder
         self.lm_head = head
         # the Hugging Face object itself, kept out of the module tree (a tuple is not registered)
@@ -85,6 +117,21 @@ class PackedCausalLM(nn.Module):
     @property
     def lm_head_weight(self) -> Tensor:
         return self.lm_head.weight
+
+    @property
+    def hf_model(self) -> nn.Module:
+        """The wrapped Hugging Face object (its parameters are the wrapper's)."""
+        return self._hf_model[0]
+
+    def fingerprint_config(self) -> str:
+        """The wrapped model's architecture as text, for ``model_fingerprint``: its class and
+        config, without the keys that do not change what it computes."""
+        d = self.hf_model.config.to_dict()
+        for key in _VOLATILE_KEYS:
+            d.pop(key, None)
+        return json.dumps(
+            {"transformers": type(self.hf_model).__name__, "config": d}, sort_keys=True, default=str
+        )
 
     def forward(
         self,
@@ -125,3 +172,130 @@ class PackedCausalLM(nn.Module):
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden[row, col]
+
+
+def check_head(hf_model: nn.Module) -> None:
+    """Refuse a model whose logits are more than ``hidden @ lm_head.weight.T`` (a bias on the
+    output projection, soft-capped or scaled logits): the packed protocol's loss head reads the
+    weight alone and would compute other log-probs than the model does, without an error."""
+    head = hf_model.get_output_embeddings()
+    name = type(hf_model).__name__
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(
+            f"{name}'s output projection has a bias, which sdpo's loss head (hidden states times "
+            "lm_head.weight) leaves out: this model cannot be trained here"
+        )
+    config = getattr(hf_model, "config", None)
+    for key, neutral in _LOGIT_KEYS.items():
+        value = getattr(config, key, neutral)
+        if value is not None and value != neutral:
+            raise ValueError(
+                f"{name} has config key {key} = {value!r}: its logits are not hidden states "
+                "times lm_head.weight, which is what sdpo's loss head computes; this model "
+                "cannot be trained here"
+            )
+
+
+def load_hf_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> PackedCausalLM:
+    """The checkpoint folder ``path`` loaded with ``AutoModelForCausalLM`` in ``dtype`` on
+    ``device`` (SDPA attention where the model supports it, else eager), in eval mode, wrapped
+    in ``PackedCausalLM``. A weight the folder lacks is an error, not a random init (a tied
+    output embedding is not stored and is not missing)."""
+    import transformers
+
+    folder = str(Path(path))
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    common: dict[str, Any] = {dtype_key: dtype, "output_loading_info": True}
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a run loads a model per step
+    try:
+        try:
+            hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, attn_implementation="sdpa", **common
+            )
+        except ValueError as e:  # the architecture has no SDPA path
+            if "sdpa" not in str(e).lower():
+                raise
+            hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, attn_implementation="eager", **common
+            )
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        shown = ", ".join(repr(n) for n in missing[:5])
+        raise ValueError(
+            f"weights in {folder} lack tensor(s) {shown}{' ...' if len(missing) > 5 else ''} "
+            "that its config.json implies; check that config.json belongs to these weights"
+        )
+    hf.to(device)
+    hf.eval()
+    return PackedCausalLM(hf)
+
+
+def hf_state_dict(model: PackedCausalLM) -> dict[str, Tensor]:
+    """The wrapped model's weights under its own Hugging Face names, each tensor once: of tied
+    parameters (an ``lm_head`` tied to the input embeddings) only the first name is kept, as
+    ``save_pretrained`` stores them (safetensors refuses two names of one tensor)."""
+    hf = model.hf_model
+    seen: set[int] = set()
+    state: dict[str, Tensor] = {}
+    for name, tensor in hf.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        state[name] = tensor.detach()
+    return state
+
+
+def hf_config_dict(model: PackedCausalLM) -> dict[str, Any]:
+    """The ``config.json`` of the wrapped model (its config's ``to_dict``) with the dtype its
+    weights are saved in."""
+    hf = model.hf_model
+    d = hf.config.to_dict()
+    dtype = str(hf.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    d["dtype"] = dtype  # transformers >= 5
+    d["torch_dtype"] = dtype  # transformers 4.x
+    if not d.get("architectures"):
+        d["architectures"] = [type(hf).__name__]
+    return d
+
+
+def check_lora_layout(path: str | os.PathLike, *, targets: Any) -> None:
+    """Check, on the meta device (no weight read), that sdpo's LoRA (``engine/lora.py``) can
+    attach to the model in folder ``path`` when transformers runs it: its decoder layers at
+    ``model.layers`` and each of ``targets`` an ``nn.Linear`` under ``self_attn`` / ``mlp`` of
+    every layer, as in the Llama family (so the adapter's names are PEFT's for this model).
+    A ``ValueError`` names what is missing."""
+    import transformers
+
+    from sdpo.engine.lora import _PARENT, check_targets
+
+    names = check_targets(targets)
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(config)
+    kind = type(hf).__name__
+    decoder = hf.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if getattr(hf, "model", None) is not decoder or not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"{kind} keeps its decoder layers elsewhere than model.layers, where sdpo attaches "
+            "LoRA adapters; train it in full (lora.rank = 0)"
+        )
+    for i, layer in enumerate(layers):
+        for name in names:
+            module = getattr(getattr(layer, _PARENT[name], None), name, None)
+            if not isinstance(module, nn.Linear):
+                raise ValueError(
+                    f"{kind} has no nn.Linear {_PARENT[name]}.{name} in decoder layer {i} (LoRA "
+                    f"target {name!r}); choose lora.targets among the projections it has, or "
+                    "train it in full (lora.rank = 0)"
+                )

@@ -94,8 +94,10 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
-                f"model_type {self.model_type!r} is not supported; supported: "
-                f"{', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM and SOLAR use 'llama')"
+                f"model_type {self.model_type!r} is not one sdpo's own decoder implements; "
+                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM and SOLAR use 'llama'). "
+                "The runner trains other causal LMs with transformers: model.implementation = "
+                '"auto" (the default) or "transformers" (sdpo score: --implementation)'
             )
         if self.rope_scaling is not None:
             self.rope_scaling = _normalise_rope_scaling(

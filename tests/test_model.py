@@ -152,7 +152,10 @@ def test_llama3_inverse_frequencies_match_a_float64_scalar_reference():
         ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, r"missing \['low_freq_factor'"),
         ({"vocab_size": None}, r"missing required key\(s\) \['vocab_size'\]"),
         ({"num_key_value_heads": 3}, r"multiple of num_key_value_heads \(3\)"),
-        ({"model_type": "gemma"}, r"model_type 'gemma' is not supported"),
+        (
+            {"model_type": "gemma"},
+            r"model_type 'gemma' is not one sdpo's own decoder implements.*model.implementation",
+        ),
         ({"hidden_act": "gelu"}, r"'hidden_act' is 'gelu'"),
         ({"hidden_size": -64}, r"'hidden_size' must be a positive integer"),
     ],
