@@ -84,6 +84,10 @@ class ModelSection:
 
     path: str | None = field(default=None, metadata=_MODEL)
     revision: str | None = None  # a hub model's branch, tag or commit (TRL's model_revision)
+    # the code that runs the model: "sdpo" (its own packed decoder: llama, mistral, qwen2,
+    # qwen3), "transformers" (AutoModelForCausalLM, padded per sequence: any causal LM) or
+    # "auto" (sdpo's decoder for its model types, transformers for the others)
+    implementation: str = "auto"
     attn_backend: str = "auto"
     gradient_checkpointing: bool = False
     checkpoint_every: int = 1  # with gradient_checkpointing: recompute every k-th layer
@@ -93,6 +97,7 @@ class ModelSection:
     activation_memory_budget: float | None = None
 
     def __post_init__(self) -> None:
+        _one_of("model.implementation", self.implementation, ("auto", "sdpo", "transformers"))
         _one_of("model.attn_backend", self.attn_backend, ("auto", "flash", "varlen", "sdpa"))
         _at_least("model.checkpoint_every", self.checkpoint_every, 1)
         _check_revision("model.path", self.path, "model.revision", self.revision)
@@ -107,6 +112,29 @@ class ModelSection:
                     "model.activation_memory_budget needs model.compile = true (the compiler "
                     "decides what to recompute); use model.gradient_checkpointing without it"
                 )
+
+
+def transformers_conflicts(cfg: RunConfig) -> list[str]:
+    """The settings of ``cfg`` that need sdpo's own decoder, each as ``"key = value"``: a model
+    run with transformers (``model.implementation``) cannot honour them. The runner refuses
+    them once it knows which code runs the model (``"auto"`` decides by the model type)."""
+    m, t = cfg.model, cfg.train
+    found = []
+    if m.attn_backend != "auto":
+        found.append(f"model.attn_backend = {m.attn_backend!r}")
+    if m.gradient_checkpointing:
+        found.append("model.gradient_checkpointing = true")
+    if m.checkpoint_every != 1:
+        found.append(f"model.checkpoint_every = {m.checkpoint_every}")
+    if m.compile:
+        found.append("model.compile = true")
+    if m.activation_memory_budget is not None:
+        found.append(f"model.activation_memory_budget = {m.activation_memory_budget}")
+    if t.fsdp:
+        found.append("train.fsdp = true")
+    if t.share_prompt:
+        found.append("train.share_prompt = true")
+    return found
 
 
 @dataclass(kw_only=True)

@@ -89,21 +89,27 @@ from sdpo.config import (
     SDPOSection,
     config_to_dict,
     step_settings,
+    transformers_conflicts,
     write_resolved_config,
 )
 from sdpo.engine import distributed, sharding
 from sdpo.engine.async_save import BackgroundWriter, HostSnapshot
 from sdpo.engine.checkpoint import (
     CheckpointError,
-    check_pretrained,
+    ModelInfo,
+    check_model,
+    load_model,
     load_pretrained,
     model_fingerprint,
+    model_state_dict,
     pretrained_config,
+    resolve_implementation,
     save_pretrained,
 )
 from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.data import DataError, read_preference_file, row_error
 from sdpo.engine.files import append_jsonl, atomic_open, atomic_write_bytes, atomic_write_json
+from sdpo.engine.hf import check_lora_layout
 from sdpo.engine.hub import resolve_model_folder
 from sdpo.engine.lora import (
     attach_lora,
@@ -197,6 +203,7 @@ RESUME_ROUNDING_KEYS = frozenset(
         "model.compile",
         "model.activation_memory_budget",
         "model.attn_backend",
+        "model.implementation",
         "kernels.chunk_tokens",
         "kernels.max_chunk_tokens",
         "sdpo.score_tokens_per_batch",
@@ -578,12 +585,14 @@ class StepwiseRunner:
             self.model_dir = model_dir = model_folder(
                 cfg.model.path, revision=cfg.model.revision, key="model.path"
             )
-            model_config = check_pretrained(model_dir)
+            model_config = check_model(model_dir, cfg.model.implementation)
+            self._check_implementation(model_config, "model.path")
             if cfg.sdpo.reference:
                 self.reference_dir = model_folder(
                     cfg.sdpo.reference, revision=cfg.sdpo.reference_revision, key="sdpo.reference"
                 )
-                ref_config = check_pretrained(self.reference_dir)
+                ref_config = check_model(self.reference_dir, cfg.model.implementation)
+                self._check_implementation(ref_config, "sdpo.reference")
                 if ref_config.vocab_size != model_config.vocab_size:
                     raise RunInputError(
                         f"sdpo.reference {cfg.sdpo.reference} has vocab_size "
@@ -640,6 +649,36 @@ class StepwiseRunner:
             _warn_eval_overlap(pairs, self.eval_pairs)
         self.tokenizer_fp = file_fingerprint(model_dir / "tokenizer.json")
         return tokenizer, pairs
+
+    def _check_implementation(self, info: ModelInfo, key: str) -> None:
+        """Refuse, before any work, the settings a model run with transformers cannot honour
+        (``transformers_conflicts``; LoRA where its projections are not where sdpo attaches
+        adapters), and say once that transformers runs it when ``"auto"`` chose so."""
+        if info.implementation != "transformers":
+            return
+        how = (
+            'model.implementation = "transformers"'
+            if self.cfg.model.implementation == "transformers"
+            else f"model_type {info.model_type!r} is not one sdpo's own decoder implements "
+            '(model.implementation = "auto")'
+        )
+        conflicts = transformers_conflicts(self.cfg)
+        if conflicts:
+            raise RunInputError(
+                f"{key}: {how}, so transformers runs this model, and these settings need sdpo's "
+                f"own decoder: {', '.join(conflicts)}; remove them"
+            )
+        if self.cfg.lora.enabled and key == "model.path":
+            try:
+                check_lora_layout(self.model_dir, targets=self.cfg.lora.targets)
+            except (TypeError, ValueError) as e:
+                raise RunInputError(f"lora.rank = {self.cfg.lora.rank} with {how}: {e}") from e
+        if distributed.is_main():
+            _log(
+                f"{key}: {how}; running it with transformers (AutoModelForCausalLM), each "
+                "sequence padded to the longest of its batch (slower than sdpo's packed decoder "
+                "on uneven lengths)"
+            )
 
     def _check_partition_fits(self, pairs: list[TokenizedPair]) -> None:
         """The partition's structural checks (pairs per step, one chunk per source, no source
@@ -903,7 +942,9 @@ class StepwiseRunner:
             if lora:
                 adapter = self._snapshot(lora_state_dict(model), "adapter")
             else:
-                full = self._snapshot(model.state_dict() if weights is None else weights, "weights")
+                full = self._snapshot(
+                    model_state_dict(model) if weights is None else weights, "weights"
+                )
                 config = pretrained_config(model)
                 # a model folder sdpo score and AutoTokenizer read as they read step-<t>/
                 tokenizer = tokenizer_files(self.model_dir)
@@ -963,7 +1004,9 @@ class StepwiseRunner:
         model_dir = self.model_dir
 
         def capture() -> tuple[Callable[[], dict], Callable[[dict], None]]:
-            full = self._snapshot(model.state_dict() if weights is None else weights, "weights")
+            full = self._snapshot(
+                model_state_dict(model) if weights is None else weights, "weights"
+            )
             config = pretrained_config(model)
             write_adapter = None
             if adapter is not None:
@@ -1573,6 +1616,10 @@ class StepwiseRunner:
         meta device and sharded there, then each rank reads only its own shards,
         ``load_pretrained(shard=...)``)."""
         dtype = parameter_dtype(self.precision)
+        implementation = self.cfg.model.implementation
+        if resolve_implementation(path, implementation) == "transformers":
+            # a PackedCausalLM; the settings that need sdpo's decoder were refused before
+            return load_model(path, implementation=implementation, dtype=dtype, device=self.device)
         if sharding.wanted(self.cfg.train.fsdp):
             return load_pretrained(path, dtype=dtype, device=self.device, shard=self._set_up)
         return self._set_up(load_pretrained(path, dtype=dtype, device=self.device))
