@@ -90,6 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--revision", help="a hub model's branch, tag or commit (default: main)")
     score.add_argument(
+        "--implementation",
+        default="auto",
+        choices=["auto", "sdpo", "transformers"],
+        help="the code that runs the model, as model.implementation: sdpo's own decoder "
+        "(llama, mistral, qwen2, qwen3), transformers (any causal LM), or auto (sdpo's for its "
+        "model types, transformers for the others)",
+    )
+    score.add_argument(
         "--data", required=True, help="preference file (jsonl/json/parquet/csv) or hub name"
     )
     score.add_argument("--out", type=Path, default=None, help="write per-pair results as JSONL")
@@ -309,7 +317,7 @@ def _score(args: argparse.Namespace) -> int:
 
     from sdpo.config import default_max_prompt_length
     from sdpo.engine import distributed, sharding
-    from sdpo.engine.checkpoint import check_pretrained, load_pretrained
+    from sdpo.engine.checkpoint import check_model, load_model, load_pretrained
     from sdpo.engine.data import read_preference_file
     from sdpo.engine.files import atomic_open
     from sdpo.engine.packing import check_ld_alpha
@@ -328,19 +336,38 @@ def _score(args: argparse.Namespace) -> int:
         columns = _column_map(args.columns)
         rows = read_preference_file(args.data, columns=columns)
         model_dir = model_folder(args.model, revision=args.revision, key="--model")
-        check_pretrained(model_dir)  # a missing folder or weights, named before the tokenizer
+        # a missing folder or weights, named before the tokenizer
+        info = check_model(model_dir, args.implementation)
+        if info.implementation == "transformers":
+            flags = [
+                f for f, on in (("--fsdp", args.fsdp), ("--share-prompt", args.share_prompt)) if on
+            ]
+            if flags:
+                raise ValueError(
+                    f"{model_dir}: transformers runs this model (model_type "
+                    f"{info.model_type!r}, --implementation {args.implementation}), and "
+                    f"{' and '.join(flags)} need sdpo's own decoder; leave them out"
+                )
         tokenizer = PairTokenizer.from_dir(model_dir)
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
         def shard(model: torch.nn.Module) -> None:
             sharding.shard_model(model, precision=precision, device=device)
 
-        model = load_pretrained(
-            model_dir,
-            dtype=parameter_dtype(precision),
-            device=device,
-            shard=shard if sharding.wanted(args.fsdp) else None,
-        )
+        if info.implementation == "transformers":
+            model = load_model(
+                model_dir,
+                implementation="transformers",
+                dtype=parameter_dtype(precision),
+                device=device,
+            )
+        else:
+            model = load_pretrained(
+                model_dir,
+                dtype=parameter_dtype(precision),
+                device=device,
+                shard=shard if sharding.wanted(args.fsdp) else None,
+            )
         pairs, stats = tokenize_pairs(
             rows,
             tokenizer,
@@ -350,7 +377,7 @@ def _score(args: argparse.Namespace) -> int:
                 if args.max_prompt_length is not None
                 else default_max_prompt_length(args.max_length)
             ),
-            vocab_size=model.config.vocab_size,
+            vocab_size=info.vocab_size,
         )
     except (ValueError, OSError) as e:  # DataError and the model errors are ValueErrors
         _say(f"sdpo: input error: {e}", file=sys.stderr)
