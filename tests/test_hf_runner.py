@@ -1,0 +1,264 @@
+"""``model.implementation``: the runner and ``sdpo score`` on model types sdpo's own decoder does
+not implement, run with transformers (``AutoModelForCausalLM`` in ``PackedCausalLM``): training,
+step folders that reload with transformers, resume, LoRA, parity with sdpo's decoder, and the
+settings refused before any work."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sdpo.engine.trainer as trainer_mod
+import sdpo.runner as runner_mod
+from sdpo.cli import main
+from sdpo.config import ConfigError, config_from_dict
+from sdpo.engine import resume as resume_mod
+from sdpo.engine.checkpoint import CheckpointError, check_model, load_model
+from sdpo.engine.data import read_preference_file
+from sdpo.engine.tiny import build_tokenizer
+from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+from sdpo.engine.trainer import TrainingStopped
+from sdpo.runner import RunInputError, run_training
+from tests.conftest import WORDS, two_source_config, write_pairs
+
+transformers = pytest.importorskip("transformers")
+
+
+def _write_hf_model(out: Path, config_class: str, *, seed: int = 0, **overrides) -> Path:
+    """A random-init tiny transformers model of ``config_class`` with the tiny tokenizer."""
+    build_tokenizer(out, words=WORDS)
+    vocab = PairTokenizer.from_dir(out).vocab_size
+    settings = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+    )
+    settings.update(overrides)
+    config = getattr(transformers, config_class)(**settings)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def gemma_dir(tmp_path: Path) -> Path:
+    """Gemma: not one of sdpo's decoders; scales its embeddings, ties lm_head to them."""
+    return _write_hf_model(tmp_path / "gemma", "GemmaConfig")
+
+
+def _config(tmp_path: Path, model_dir: Path, *, out: str = "run", **sections):
+    train = {"pairs_per_step": 3, "save_every": 1, "keep_checkpoints": 3}
+    train.update(sections.pop("train", {}))
+    return config_from_dict(
+        two_source_config(tmp_path, model_dir, out=out, far=6, near=5, train=train, **sections)
+    )
+
+
+def _records(out: Path) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "rewards/chosen" in r]
+
+
+def test_a_gemma_model_trains_and_its_steps_reload_with_transformers(
+    gemma_dir, tmp_path, monkeypatch, capsys
+):
+    """Two sDPO steps of a tied-embedding Gemma: each step starts at its reference (rewards 0),
+    step-<t>/ is a Hugging Face folder (the tie kept, lm_head stored once, gemma's config) whose
+    transformers reload gives the logits of the trained weights in memory."""
+    trained = {}
+    save_step_end = runner_mod.StepwiseRunner._save_step_end
+
+    def spy(self, model, **kwargs):
+        hf = model.hf_model
+        assert hf.lm_head.weight is hf.model.embed_tokens.weight  # the tie survived training
+        trained[kwargs["t"]] = {k: v.clone() for k, v in hf.state_dict().items()}
+        return save_step_end(self, model, **kwargs)
+
+    monkeypatch.setattr(runner_mod.StepwiseRunner, "_save_step_end", spy)
+    cfg = _config(tmp_path, gemma_dir)
+    run_training(cfg, progress=False)
+    assert "running it with transformers" in capsys.readouterr().out
+    out = Path(cfg.output_dir)
+    for t in (1, 2):
+        first = next(r for r in _records(out) if r["sdpo_step"] == t)
+        assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    step = out / "step-2"
+    config = json.loads((step / "config.json").read_text())
+    assert config["model_type"] == "gemma" and config["dtype"] == "float32"
+    assert "lm_head.weight" not in load_file(step / "model.safetensors")
+    assert (step / "tokenizer.json").is_file()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(step, dtype=torch.float32)
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    memory = transformers.AutoModelForCausalLM.from_config(reloaded.config)
+    memory.load_state_dict(trained[2])
+    before = transformers.AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 22]])
+    with torch.no_grad():
+        logits = reloaded(ids).logits
+        torch.testing.assert_close(logits, memory.eval()(ids).logits, rtol=0, atol=0)
+        assert not torch.allclose(logits, before(ids).logits)
+    # sdpo loads its own step folder as the next run's model (auto: transformers again)
+    assert hasattr(load_model(step), "hf_model")
+
+
+def test_a_resumed_gemma_run_ends_bitwise_where_the_uninterrupted_one_ends(
+    gemma_dir, tmp_path, monkeypatch
+):
+    full = _config(tmp_path, gemma_dir, out="full")
+    run_training(full, progress=False)
+    cfg = _config(tmp_path, gemma_dir)
+    monkeypatch.setattr(resume_mod, "_fault_counts", {})
+    monkeypatch.setenv("SDPO_FAULT_AT", "train_step:3:TERM")  # inside sDPO step 2
+    with pytest.raises(TrainingStopped):
+        run_training(cfg, progress=False)
+    monkeypatch.delenv("SDPO_FAULT_AT")
+    assert not (Path(cfg.output_dir) / "step-2").exists()
+    run_training(cfg, progress=False, resume=True)
+    a = load_file(Path(full.output_dir) / "step-2" / "model.safetensors")
+    b = load_file(Path(cfg.output_dir) / "step-2" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_llama_under_transformers_trains_as_under_sdpo_s_decoder_in_float64(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The same llama run with model.implementation "transformers" and "sdpo", its weights in
+    float64: every step's weights agree to float64 rounding."""
+    monkeypatch.setattr(runner_mod, "parameter_dtype", lambda precision: torch.float64)
+    monkeypatch.setattr(trainer_mod, "parameter_dtype", lambda precision: torch.float64)
+    # a large adam_eps: Adam's first updates are near lr * sign(grad), which would turn float
+    # rounding of a gradient entry near 0 into a whole learning rate apart
+    train = {"adam_eps": 1e-3, "save_every": 0}
+    outs = {}
+    for impl in ("sdpo", "transformers"):
+        cfg = _config(
+            tmp_path, tiny_model_dir, out=impl, model={"implementation": impl}, train=train
+        )
+        run_training(cfg, progress=False)
+        outs[impl] = Path(cfg.output_dir)
+    for t in (1, 2):
+        ours = load_file(outs["sdpo"] / f"step-{t}" / "model.safetensors")
+        theirs = load_file(outs["transformers"] / f"step-{t}" / "model.safetensors")
+        assert ours.keys() == theirs.keys()
+        initial = load_file(tiny_model_dir / "model.safetensors")
+        for name in ours:
+            assert ours[name].dtype == torch.float64
+            assert not torch.equal(ours[name], initial[name].double()) or "norm" in name
+            torch.testing.assert_close(theirs[name], ours[name], rtol=1e-10, atol=1e-12)
+
+
+def test_lora_on_a_gemma_model_writes_an_adapter_peft_loads_onto_the_step_before(
+    gemma_dir, tmp_path
+):
+    """sdpo's LoRA attaches to the transformers model by module name; step-2/adapter/ is in
+    PEFT's layout: loaded onto step-1/ and merged it gives step-2/'s weights."""
+    peft = pytest.importorskip("peft")
+    cfg = _config(tmp_path, gemma_dir, lora={"rank": 4, "alpha": 8}, train={"save_every": 0})
+    run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    adapter = load_file(out / "step-2" / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in adapter
+    base = transformers.AutoModelForCausalLM.from_pretrained(out / "step-1", dtype=torch.float32)
+    merged = peft.PeftModel.from_pretrained(base, out / "step-2" / "adapter").merge_and_unload()
+    step2 = load_file(out / "step-2" / "model.safetensors")
+    ours = merged.state_dict()
+    for name, tensor in step2.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    initial = load_file(gemma_dir / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert not torch.equal(step2[name], initial[name])
+
+
+def test_sdpo_score_runs_a_gemma_model_with_its_own_log_probs(gemma_dir, tmp_path, capsys):
+    """``sdpo score`` on a model type sdpo's decoder lacks: each completion's log-prob is the
+    sum transformers' own logits give, sequence by sequence."""
+    data = write_pairs(tmp_path / "pairs.jsonl", n=4, seed=3)
+    out = tmp_path / "scores.jsonl"
+    args = ["score", "--model", str(gemma_dir), "--data", str(data), "--out", str(out)]
+    assert main([*args, "--no-progress", "--impl", "torch"]) == 0
+    scores = [json.loads(line) for line in out.read_text().splitlines()]
+    pairs, _ = tokenize_pairs(
+        read_preference_file(data), PairTokenizer.from_dir(gemma_dir), max_length=1024
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32)
+    for pair, row in zip(pairs, sorted(scores, key=lambda r: r["index"]), strict=True):
+        for field, completion in (
+            ("logp_chosen", pair.chosen_ids),
+            ("logp_rejected", pair.rejected_ids),
+        ):
+            ids = torch.tensor([pair.prompt_ids + completion])
+            with torch.no_grad():
+                logps = hf(ids).logits[0, :-1].log_softmax(-1)
+            targets = ids[0, 1:]
+            picked = logps.gather(1, targets[:, None])[:, 0][len(pair.prompt_ids) - 1 :]
+            assert row[field] == pytest.approx(float(picked.sum()), rel=1e-5, abs=1e-5)
+    # sdpo score refuses what needs sdpo's decoder, and --implementation sdpo
+    assert main([*args, "--share-prompt"]) == 2
+    assert "--share-prompt need sdpo's own decoder" in capsys.readouterr().err
+    assert main([*args, "--implementation", "sdpo"]) == 2
+    assert "model.implementation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "sections, key",
+    [
+        ({"model": {"compile": True}}, "model.compile"),
+        ({"model": {"compile": True, "activation_memory_budget": 0.5}}, "activation_memory_budget"),
+        ({"model": {"gradient_checkpointing": True}}, "model.gradient_checkpointing"),
+        ({"model": {"checkpoint_every": 2}}, "model.checkpoint_every"),
+        ({"model": {"attn_backend": "sdpa"}}, "model.attn_backend"),
+        ({"train": {"fsdp": True}}, "train.fsdp"),
+        ({"train": {"share_prompt": True}}, "train.share_prompt"),
+    ],
+)
+def test_settings_that_need_sdpo_s_decoder_are_refused_before_any_work(
+    gemma_dir, tmp_path, sections, key
+):
+    cfg = _config(tmp_path, gemma_dir, **sections)
+    with pytest.raises(RunInputError, match=f"model_type 'gemma'.*{key}"):
+        run_training(cfg, progress=False)
+    assert not Path(cfg.output_dir).exists()
+
+
+def test_the_implementation_key_is_checked_and_forces_or_refuses(
+    gemma_dir, tiny_model_dir, tmp_path
+):
+    with pytest.raises(ConfigError, match="model.implementation = 'hf' is not an option"):
+        _config(tmp_path, gemma_dir, model={"implementation": "hf"})
+    cfg = _config(tmp_path, gemma_dir, model={"implementation": "sdpo"})
+    with pytest.raises(RunInputError, match="'gemma' is not one sdpo's.*model.implementation"):
+        run_training(cfg, progress=False)
+    # "transformers" forces it for a llama model too, with the same refusals
+    cfg = _config(
+        tmp_path, tiny_model_dir, model={"implementation": "transformers", "compile": True}
+    )
+    with pytest.raises(RunInputError, match='implementation = "transformers".*model.compile'):
+        run_training(cfg, progress=False)
+    assert not Path(cfg.output_dir).exists()
+    assert check_model(tiny_model_dir).implementation == "sdpo"
+    assert check_model(tiny_model_dir, "transformers").implementation == "transformers"
+
+
+def test_models_sdpo_cannot_train_with_transformers_are_refused(tmp_path):
+    """LoRA where the projections are fused (Phi-3's qkv_proj), and logits that are more than
+    hidden @ lm_head.T (Gemma 2's soft-capping): refused before any work, naming the cause."""
+    phi3 = _write_hf_model(tmp_path / "phi3", "Phi3Config", pad_token_id=0)
+    cfg = _config(tmp_path, phi3, lora={"rank": 4})
+    with pytest.raises(RunInputError, match=r"no nn.Linear self_attn.q_proj"):
+        run_training(cfg, progress=False)
+    assert not Path(cfg.output_dir).exists()
+    gemma2 = _write_hf_model(tmp_path / "gemma2", "Gemma2Config")
+    with pytest.raises(CheckpointError, match="final_logit_softcapping"):
+        check_model(gemma2)
