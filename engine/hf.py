@@ -109,6 +109,9 @@ class PackedCausalLM(nn.Module):
         # so the parameter names stay the ones above; train()/eval() set its mode too, or the
         # object the caller holds would report eval mode while its layers train (dropout on)
         self._hf_model = (hf_model,)
+        # config.json keys to write back over the model's own config when saving (the dropout
+        # rates load_hf_pretrained turned off)
+        self.saved_config: dict[str, Any] = {}
 
     def train(self, mode: bool = True) -> PackedCausalLM:
         self._hf_model[0].train(mode)
@@ -205,13 +208,29 @@ def load_hf_pretrained(
     """The checkpoint folder ``path`` loaded with ``AutoModelForCausalLM`` in ``dtype`` on
     ``device`` (SDPA attention where the model supports it, else eager), in eval mode, wrapped
     in ``PackedCausalLM``. A weight the folder lacks is an error, not a random init (a tied
-    output embedding is not stored and is not missing)."""
+    output embedding is not stored and is not missing).
+
+    Dropout is off (every ``*dropout`` / ``*pdrop`` rate of the config 0, as TRL's
+    ``disable_dropout`` does): sdpo's decoder has none, and with it the policy's log-probs would
+    differ from the reference values its own eval-mode pass cached, so a step's first rewards
+    would not be 0. ``hf_config_dict`` writes the folder's own rates back."""
     import transformers
 
     folder = str(Path(path))
+    config = transformers.AutoConfig.from_pretrained(folder)
+    dropout = {
+        key: value
+        for key, value in config.to_dict().items()
+        if key.endswith(("dropout", "pdrop", "dropout_prob", "dropout_rate"))
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value > 0
+    }
+    for key in dropout:
+        setattr(config, key, 0.0)
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    common: dict[str, Any] = {dtype_key: dtype, "output_loading_info": True}
+    common: dict[str, Any] = {dtype_key: dtype, "output_loading_info": True, "config": config}
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # a run loads a model per step
     try:
@@ -235,9 +254,14 @@ def load_hf_pretrained(
             f"weights in {folder} lack tensor(s) {shown}{' ...' if len(missing) > 5 else ''} "
             "that its config.json implies; check that config.json belongs to these weights"
         )
+    for module in hf.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
     hf.to(device)
     hf.eval()
-    return PackedCausalLM(hf)
+    wrapped = PackedCausalLM(hf)
+    wrapped.saved_config = dropout
+    return wrapped
 
 
 def hf_state_dict(model: PackedCausalLM) -> dict[str, Tensor]:
@@ -260,6 +284,7 @@ def hf_config_dict(model: PackedCausalLM) -> dict[str, Any]:
     weights are saved in."""
     hf = model.hf_model
     d = hf.config.to_dict()
+    d.update(model.saved_config)
     dtype = str(hf.get_input_embeddings().weight.dtype).removeprefix("torch.")
     d["dtype"] = dtype  # transformers >= 5
     d["torch_dtype"] = dtype  # transformers 4.x
