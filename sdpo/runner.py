@@ -203,7 +203,6 @@ RESUME_ROUNDING_KEYS = frozenset(
         "model.compile",
         "model.activation_memory_budget",
         "model.attn_backend",
-        "model.implementation",
         "kernels.chunk_tokens",
         "kernels.max_chunk_tokens",
         "sdpo.score_tokens_per_batch",
@@ -498,6 +497,8 @@ class StepwiseRunner:
         self.pending_cache_saves: list[Callable[[], None]] = []  # load_inputs' token caches
         self.model_fps: dict[str, str] = {}  # role ("initial", "reference") -> weights' fingerprint
         self.phase = "loading the model"  # what the run is doing, for an out-of-memory message
+        # the code that runs the policy (model.implementation resolved by load_inputs)
+        self.implementation = "sdpo"
 
     # -- scoring and the cache -----------------------------------------------------------
     @property
@@ -654,6 +655,8 @@ class StepwiseRunner:
         """Refuse, before any work, the settings a model run with transformers cannot honour
         (``transformers_conflicts``; LoRA where its projections are not where sdpo attaches
         adapters), and say once that transformers runs it when ``"auto"`` chose so."""
+        if key == "model.path":
+            self.implementation = info.implementation
         if info.implementation != "transformers":
             return
         how = (
@@ -1420,7 +1423,7 @@ class StepwiseRunner:
                     "it the micro-batch is the optimizer step, and a resume refuses the change)"
                 )
             )
-            if not cfg.model.gradient_checkpointing:
+            if not cfg.model.gradient_checkpointing and self.implementation == "sdpo":
                 ways.append(
                     "recompute activations: model.gradient_checkpointing = true (with "
                     "model.checkpoint_every = 2 for every 2nd layer), or, with model.compile, "
