@@ -52,8 +52,10 @@ def _write_hf_model(out: Path, config_class: str, *, seed: int = 0, **overrides)
 
 @pytest.fixture
 def gemma_dir(tmp_path: Path) -> Path:
-    """Gemma: not one of sdpo's decoders; scales its embeddings, ties lm_head to them."""
-    return _write_hf_model(tmp_path / "gemma", "GemmaConfig")
+    """Gemma: not one of sdpo's decoders; scales its embeddings, ties lm_head to them. With an
+    attention dropout, which training turns off (or the policy would leave its reference at
+    once)."""
+    return _write_hf_model(tmp_path / "gemma", "GemmaConfig", attention_dropout=0.5)
 
 
 def _config(tmp_path: Path, model_dir: Path, *, out: str = "run", **sections):
@@ -69,12 +71,13 @@ def _records(out: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if "rewards/chosen" in r]
 
 
-def test_a_gemma_model_trains_and_its_steps_reload_with_transformers(
+def test_a_gemma_model_trains_resumes_and_its_steps_reload_with_transformers(
     gemma_dir, tmp_path, monkeypatch, capsys
 ):
     """Two sDPO steps of a tied-embedding Gemma: each step starts at its reference (rewards 0),
     step-<t>/ is a Hugging Face folder (the tie kept, lm_head stored once, gemma's config) whose
-    transformers reload gives the logits of the trained weights in memory."""
+    transformers reload gives the logits of the trained weights in memory; ``--resume`` from
+    inside step 2 ends at the same weights."""
     trained = {}
     save_step_end = runner_mod.StepwiseRunner._save_step_end
 
@@ -95,6 +98,7 @@ def test_a_gemma_model_trains_and_its_steps_reload_with_transformers(
     step = out / "step-2"
     config = json.loads((step / "config.json").read_text())
     assert config["model_type"] == "gemma" and config["dtype"] == "float32"
+    assert config["attention_dropout"] == 0.5  # the folder's own rate, off while training
     assert "lm_head.weight" not in load_file(step / "model.safetensors")
     assert (step / "tokenizer.json").is_file()
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(step, dtype=torch.float32)
@@ -110,25 +114,21 @@ def test_a_gemma_model_trains_and_its_steps_reload_with_transformers(
     # sdpo loads its own step folder as the next run's model (auto: transformers again)
     assert hasattr(load_model(step), "hf_model")
 
-
-def test_a_resumed_gemma_run_ends_bitwise_where_the_uninterrupted_one_ends(
-    gemma_dir, tmp_path, monkeypatch
-):
-    full = _config(tmp_path, gemma_dir, out="full")
-    run_training(full, progress=False)
-    cfg = _config(tmp_path, gemma_dir)
+    # stopped inside sDPO step 2 and resumed (the mid-step checkpoint holds a transformers
+    # folder), the run ends bitwise where the uninterrupted one ended
+    cfg = _config(tmp_path, gemma_dir, out="resumed")
     monkeypatch.setattr(resume_mod, "_fault_counts", {})
-    monkeypatch.setenv("SDPO_FAULT_AT", "train_step:3:TERM")  # inside sDPO step 2
+    monkeypatch.setenv("SDPO_FAULT_AT", "train_step:3:TERM")
     with pytest.raises(TrainingStopped):
         run_training(cfg, progress=False)
     monkeypatch.delenv("SDPO_FAULT_AT")
     assert not (Path(cfg.output_dir) / "step-2").exists()
     run_training(cfg, progress=False, resume=True)
-    a = load_file(Path(full.output_dir) / "step-2" / "model.safetensors")
-    b = load_file(Path(cfg.output_dir) / "step-2" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
+    resumed = load_file(Path(cfg.output_dir) / "step-2" / "model.safetensors")
+    uninterrupted = load_file(step / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
 
 
 def test_llama_under_transformers_trains_as_under_sdpo_s_decoder_in_float64(
