@@ -267,7 +267,9 @@ def load_hf_pretrained(
 def hf_state_dict(model: PackedCausalLM) -> dict[str, Tensor]:
     """The wrapped model's weights under its own Hugging Face names, each tensor once: of tied
     parameters (an ``lm_head`` tied to the input embeddings) only the first name is kept, as
-    ``save_pretrained`` stores them (safetensors refuses two names of one tensor)."""
+    ``save_pretrained`` stores them (safetensors refuses two names of one tensor). Where
+    transformers converts a checkpoint's tensors on loading (MoE experts stored one by one and
+    fused in memory), they are converted back, as ``save_pretrained`` does."""
     hf = model.hf_model
     seen: set[int] = set()
     state: dict[str, Tensor] = {}
@@ -276,7 +278,11 @@ def hf_state_dict(model: PackedCausalLM) -> dict[str, Tensor]:
             continue
         seen.add(id(tensor))
         state[name] = tensor.detach()
-    return state
+    try:  # transformers >= 5: the names a checkpoint of this model has (fused MoE experts...)
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return state
+    return revert_weight_conversion(hf, state)
 
 
 def hf_config_dict(model: PackedCausalLM) -> dict[str, Any]:

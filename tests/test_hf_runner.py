@@ -17,7 +17,7 @@ import sdpo.runner as runner_mod
 from sdpo.cli import main
 from sdpo.config import ConfigError, config_from_dict
 from sdpo.engine import resume as resume_mod
-from sdpo.engine.checkpoint import CheckpointError, check_model, load_model
+from sdpo.engine.checkpoint import CheckpointError, check_model, load_model, save_pretrained
 from sdpo.engine.data import read_preference_file
 from sdpo.engine.tiny import build_tokenizer
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
@@ -262,3 +262,25 @@ def test_models_sdpo_cannot_train_with_transformers_are_refused(tmp_path):
     gemma2 = _write_hf_model(tmp_path / "gemma2", "Gemma2Config")
     with pytest.raises(CheckpointError, match="final_logit_softcapping"):
         check_model(gemma2)
+
+
+def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
+    """transformers 5 fuses a Qwen2-MoE's experts on loading and splits them on saving: sdpo's
+    checks accept the stored names, and its checkpoints hold the same names and values."""
+    moe = _write_hf_model(
+        tmp_path / "moe",
+        "Qwen2MoeConfig",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+    )
+    assert check_model(moe).implementation == "transformers"
+    model = load_model(moe)
+    out = tmp_path / "saved"
+    save_pretrained(model, out)
+    stored, saved = load_file(moe / "model.safetensors"), load_file(out / "model.safetensors")
+    assert saved.keys() == stored.keys()
+    for name in stored:
+        assert torch.equal(saved[name], stored[name]), name
+    assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
