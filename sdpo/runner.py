@@ -20,6 +20,12 @@ and its fingerprint is checked on resume. With ``train.fsdp`` the adapter is att
 sharded base, whole on every rank (so a mid-step checkpoint needs no gather), and merged into
 each rank's shards before the step's weights are gathered for ``step-<t>/``.
 
+Models (``model.implementation``): sdpo's own packed decoder runs the model types it
+implements; any other causal LM is loaded with transformers and wrapped in ``PackedCausalLM``
+(``sdpo.engine.hf``), with the same steps, checkpoints (the Hugging Face object's own names and
+config), resume and LoRA. The settings that need sdpo's decoder are refused for it before
+anything is written (``_check_implementation``).
+
 Reliability. Every input (model folder, tokenizer, every data row, lengths against the model's
 context) is checked before the output folder is touched, so bad input costs neither a run nor a
 previous run's outputs. Training checkpoints (``OUTPUT_DIR/checkpoints/ckpt-<run_step>/``, see
