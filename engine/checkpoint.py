@@ -31,7 +31,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sdpo.engine.files import atomic_directory
-from sdpo.engine.model import SUPPORTED_MODEL_TYPES, CausalLM, ModelConfig
+from sdpo.engine.model import (
+    SUPPORTED_MODEL_TYPES,
+    CausalLM,
+    ConfigError,
+    ModelConfig,
+    UnsupportedConfig,
+)
 
 CONFIG_NAME = "config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
@@ -275,18 +281,40 @@ class ModelInfo:
     """What a run needs to know of a model folder before loading it: the code that will run it
     (``"sdpo"``: sdpo's own decoder; ``"transformers"``: ``AutoModelForCausalLM`` wrapped in
     ``PackedCausalLM``), its model type, vocabulary size and context length (None: the config
-    names none)."""
+    names none), and for transformers what sdpo's decoder does not implement in it (None when
+    ``model.implementation = "transformers"`` chose it for a config sdpo's decoder runs)."""
 
     implementation: str
     model_type: str
     vocab_size: int
     max_position_embeddings: int | None
+    unsupported: str | None = None
+
+
+def sdpo_unsupported(config: dict) -> str | None:
+    """What of a ``config.json`` dict sdpo's own decoder does not implement (another model
+    type, activation, rotary scaling), or None. A config with another problem is None here:
+    ``check_pretrained`` names that problem."""
+    model_type = config.get("model_type", "llama")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return (
+            f"model_type {model_type!r} is not one sdpo's own decoder implements "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
+    try:
+        ModelConfig.from_hf_dict(config)
+    except UnsupportedConfig as e:
+        return str(e)
+    except ConfigError:
+        return None
+    return None
 
 
 def resolve_implementation(path: str | os.PathLike, implementation: str = "auto") -> str:
     """``"sdpo"`` or ``"transformers"``: the code that runs the folder's model under
-    ``model.implementation`` (``"auto"``: sdpo's decoder for its model types, transformers for
-    the others). ``"sdpo"`` with a type sdpo does not implement is a ``CheckpointError``."""
+    ``model.implementation`` (``"auto"``: sdpo's decoder for the configs it implements,
+    transformers for the others: another model type, activation or rotary scaling). ``"sdpo"``
+    with a config sdpo's decoder does not implement is a ``CheckpointError``."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(
             f"unknown model implementation {implementation!r}; choose one of "
@@ -298,13 +326,12 @@ def resolve_implementation(path: str | os.PathLike, implementation: str = "auto"
         return implementation
     if not config_path.is_file():
         return "sdpo"  # read_model_config names the missing file
-    model_type = _read_json(config_path).get("model_type", "llama")
-    if model_type in SUPPORTED_MODEL_TYPES:
+    unsupported = sdpo_unsupported(_read_json(config_path))
+    if unsupported is None:
         return "sdpo"
     if implementation == "sdpo":
         raise CheckpointError(
-            f"{config_path}: model_type {model_type!r} is not one sdpo's own decoder "
-            f"implements ({', '.join(SUPPORTED_MODEL_TYPES)}); set model.implementation = "
+            f"{config_path}: {unsupported}; set model.implementation = "
             '"auto" or "transformers" to run it with transformers (AutoModelForCausalLM)'
         )
     return "transformers"
@@ -375,6 +402,7 @@ def _check_hf_layout(folder: Path) -> ModelInfo:
         model_type=str(config.model_type),
         vocab_size=int(vocab),
         max_position_embeddings=int(context) if context else None,
+        unsupported=sdpo_unsupported(_read_json(folder / CONFIG_NAME)),
     )
 
 

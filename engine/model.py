@@ -44,6 +44,12 @@ class ConfigError(ValueError):
     """A config.json that this engine cannot run; the message names the key and the fix."""
 
 
+class UnsupportedConfig(ConfigError):
+    """A valid config.json asking for what sdpo's own decoder does not implement (a model type,
+    an activation, a rotary scaling, partial rotary): transformers can run it
+    (``model.implementation``)."""
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """Architecture of a Llama-family model, read from (and written back to) a HF config dict.
@@ -93,7 +99,7 @@ class ModelConfig:
         if self.head_dim % 2 != 0:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ConfigError(
+            raise UnsupportedConfig(
                 f"model_type {self.model_type!r} is not one sdpo's own decoder implements; "
                 f"supported: {', '.join(SUPPORTED_MODEL_TYPES)} (SmolLM and SOLAR use 'llama'). "
                 "The runner trains other causal LMs with transformers: model.implementation = "
@@ -125,7 +131,7 @@ class ModelConfig:
         model_type = d.get("model_type", "llama")
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
-            raise ConfigError(
+            raise UnsupportedConfig(
                 f"config key 'hidden_act' is {act!r}; only 'silu' (SwiGLU) is supported"
             )
         heads = d["num_attention_heads"]
@@ -241,7 +247,7 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     if theta is None:
         theta = 10000.0
     if float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
-        raise ConfigError(
+        raise UnsupportedConfig(
             f"config key {key!r}: partial_rotary_factor != 1 is not supported by this engine"
         )
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -255,7 +261,7 @@ def _normalise_rope_scaling(
 ) -> dict[str, Any] | None:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(
+        raise UnsupportedConfig(
             f"config key {key!r} has rope_type {rope_type!r}, which this engine does not "
             f"support; supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
@@ -513,8 +519,9 @@ class CausalLM(nn.Module):
         if window is not None and longest > window:
             raise ValueError(
                 f"a sequence of {longest} tokens exceeds the model's sliding_window ({window}); "
-                "sliding-window attention is not implemented: lower max_length to at most "
-                f"{window}"
+                "sliding-window attention is not implemented in sdpo's decoder: lower "
+                f"max_length to at most {window}, or run the model with transformers "
+                '(model.implementation = "transformers")'
             )
         x = self.model.embed_tokens(input_ids)  # (N, H)
         inv_freq = rope_inverse_frequencies(self.config, device=input_ids.device)

@@ -667,9 +667,8 @@ class StepwiseRunner:
             return
         how = (
             'model.implementation = "transformers"'
-            if self.cfg.model.implementation == "transformers"
-            else f"model_type {info.model_type!r} is not one sdpo's own decoder implements "
-            '(model.implementation = "auto")'
+            if self.cfg.model.implementation == "transformers" or info.unsupported is None
+            else f'{info.unsupported} (model.implementation = "auto")'
         )
         conflicts = transformers_conflicts(self.cfg)
         if conflicts:

@@ -284,3 +284,21 @@ def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
     for name in stored:
         assert torch.equal(saved[name], stored[name]), name
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
+
+
+def test_auto_runs_a_llama_with_a_rotary_scaling_sdpo_lacks_under_transformers(tmp_path):
+    # a supported model type whose config asks for what sdpo's decoder lacks (YaRN rotary
+    # scaling, as long-context Qwen and DeepSeek configs set): "auto" hands it to transformers,
+    # whose logits the wrapped model then gives; "sdpo" refuses it naming the key
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128}
+    folder = _write_hf_model(tmp_path / "yarn", "LlamaConfig", rope_scaling=yarn)
+    info = check_model(folder, "auto")
+    assert info.implementation == "transformers"
+    assert "rope_type 'yarn'" in info.unsupported
+    with pytest.raises(CheckpointError, match="rope_type 'yarn'.*model.implementation"):
+        check_model(folder, "sdpo")
+    model = load_model(folder, implementation="auto")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.arange(3, 40)
+    ours = model(ids, torch.arange(ids.numel()), torch.tensor([0, ids.numel()]), ids.numel())
+    assert torch.allclose(ours @ model.lm_head_weight.T, hf(ids[None]).logits[0], atol=1e-5)
