@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "PackedCausalLM",
+    "check_gradient_checkpointing",
     "check_head",
     "check_lora_layout",
     "hf_config_dict",
@@ -126,6 +127,27 @@ class PackedCausalLM(nn.Module):
         """The wrapped Hugging Face object (its parameters are the wrapper's)."""
         return self._hf_model[0]
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each decoder layer's activations in backward (transformers'
+        ``gradient_checkpointing_enable``, non-reentrant, as TRL's ``gradient_checkpointing``
+        sets it): the same numbers, less activation memory, one more forward of the layers.
+        A ``ValueError`` when the model class does not support it."""
+        hf = self.hf_model
+        _check_checkpointing(type(hf))
+        kwargs = {"use_reentrant": False}
+        if hasattr(hf, "activation_checkpointing_enable"):  # the name from transformers 5.2x
+            hf.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether the wrapped model recomputes its layers in backward."""
+        hf = self.hf_model
+        if hasattr(hf, "is_activation_checkpointing"):
+            return bool(hf.is_activation_checkpointing)
+        return bool(hf.is_gradient_checkpointing)
+
     def fingerprint_config(self) -> str:
         """The wrapped model's architecture as text, for ``model_fingerprint``: its class and
         config, without the keys that do not change what it computes."""
@@ -175,6 +197,24 @@ class PackedCausalLM(nn.Module):
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         return hidden[row, col]
+
+
+def _check_checkpointing(model_class: type) -> None:
+    if not getattr(model_class, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"{model_class.__name__} does not support gradient checkpointing in transformers; "
+            "set model.gradient_checkpointing = false"
+        )
+
+
+def check_gradient_checkpointing(path: str | os.PathLike) -> None:
+    """A ``ValueError`` unless the ``AutoModelForCausalLM`` class of the folder's config supports
+    gradient checkpointing (read from the config alone, before any weight is loaded)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    _check_checkpointing(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
 
 
 def check_head(hf_model: nn.Module) -> None:

@@ -122,8 +122,6 @@ def transformers_conflicts(cfg: RunConfig) -> list[str]:
     found = []
     if m.attn_backend != "auto":
         found.append(f"model.attn_backend = {m.attn_backend!r}")
-    if m.gradient_checkpointing:
-        found.append("model.gradient_checkpointing = true")
     if m.checkpoint_every != 1:
         found.append(f"model.checkpoint_every = {m.checkpoint_every}")
     if m.compile:

@@ -115,7 +115,7 @@ from sdpo.engine.checkpoint import (
 from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.data import DataError, read_preference_file, row_error
 from sdpo.engine.files import append_jsonl, atomic_open, atomic_write_bytes, atomic_write_json
-from sdpo.engine.hf import check_lora_layout
+from sdpo.engine.hf import check_gradient_checkpointing, check_lora_layout
 from sdpo.engine.hub import resolve_model_folder
 from sdpo.engine.lora import (
     attach_lora,
@@ -681,6 +681,11 @@ class StepwiseRunner:
                 check_lora_layout(self.model_dir, targets=self.cfg.lora.targets)
             except (TypeError, ValueError) as e:
                 raise RunInputError(f"lora.rank = {self.cfg.lora.rank} with {how}: {e}") from e
+        if self.cfg.model.gradient_checkpointing and key == "model.path":
+            try:
+                check_gradient_checkpointing(self.model_dir)
+            except (KeyError, ValueError) as e:
+                raise RunInputError(f"model.gradient_checkpointing with {how}: {e}") from e
         if distributed.is_main():
             _log(
                 f"{key}: {how}; running it with transformers (AutoModelForCausalLM), each "
@@ -1434,6 +1439,8 @@ class StepwiseRunner:
                     "model.checkpoint_every = 2 for every 2nd layer), or, with model.compile, "
                     "model.activation_memory_budget = 0.5"
                 )
+            elif not cfg.model.gradient_checkpointing:
+                ways.append("recompute activations: model.gradient_checkpointing = true")
             ways.append(
                 "cap the log-prob head's logits for long pairs and large vocabularies: "
                 f"kernels.max_chunk_tokens = 2048 (now {cfg.kernels.max_chunk_tokens})"
@@ -1627,7 +1634,10 @@ class StepwiseRunner:
         implementation = self.cfg.model.implementation
         if resolve_implementation(path, implementation) == "transformers":
             # a PackedCausalLM; the settings that need sdpo's decoder were refused before
-            return load_model(path, implementation=implementation, dtype=dtype, device=self.device)
+            model = load_model(path, implementation=implementation, dtype=dtype, device=self.device)
+            if self.cfg.model.gradient_checkpointing:
+                model.enable_gradient_checkpointing()
+            return model
         if sharding.wanted(self.cfg.train.fsdp):
             return load_pretrained(path, dtype=dtype, device=self.device, shard=self._set_up)
         return self._set_up(load_pretrained(path, dtype=dtype, device=self.device))

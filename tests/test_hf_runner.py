@@ -216,7 +216,6 @@ def test_sdpo_score_runs_a_gemma_model_with_its_own_log_probs(gemma_dir, tmp_pat
     [
         ({"model": {"compile": True}}, "model.compile"),
         ({"model": {"compile": True, "activation_memory_budget": 0.5}}, "activation_memory_budget"),
-        ({"model": {"gradient_checkpointing": True}}, "model.gradient_checkpointing"),
         ({"model": {"checkpoint_every": 2}}, "model.checkpoint_every"),
         ({"model": {"attn_backend": "sdpa"}}, "model.attn_backend"),
         ({"train": {"fsdp": True}}, "train.fsdp"),
@@ -302,3 +301,40 @@ def test_auto_runs_a_llama_with_a_rotary_scaling_sdpo_lacks_under_transformers(t
     ids = torch.arange(3, 40)
     ours = model(ids, torch.arange(ids.numel()), torch.tensor([0, ids.numel()]), ids.numel())
     assert torch.allclose(ours @ model.lm_head_weight.T, hf(ids[None]).logits[0], atol=1e-5)
+
+
+def test_gradient_checkpointing_recomputes_a_transformers_model_to_the_same_gradients(gemma_dir):
+    """model.gradient_checkpointing on a transformers model: transformers' own checkpointing,
+    the gradients of a training pass equal to those without it."""
+    ids = torch.arange(3, 30)
+    cu = torch.tensor([0, 11, ids.numel()])
+    positions = torch.cat([torch.arange(11), torch.arange(ids.numel() - 11)])
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(gemma_dir)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.train()
+        assert model.is_gradient_checkpointing == checkpointing
+        hidden = model(ids, positions, cu, 16)
+        (hidden @ model.lm_head_weight.T).log_softmax(-1)[:, 7].sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_the_runner_turns_on_gradient_checkpointing_of_a_transformers_model(
+    gemma_dir, tmp_path, monkeypatch
+):
+    seen = []
+    load = runner_mod.load_model
+
+    def spy(*args, **kwargs):
+        model = load(*args, **kwargs)
+        seen.append(model)
+        return model
+
+    monkeypatch.setattr(runner_mod, "load_model", spy)
+    cfg = _config(tmp_path, gemma_dir, model={"gradient_checkpointing": True}, sdpo={"steps": 1})
+    run_training(cfg, progress=False)
+    assert seen and all(m.is_gradient_checkpointing for m in seen)
