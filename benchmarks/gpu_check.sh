@@ -7,8 +7,8 @@
 # left of the budget; a section that would get less than 45 s (too little to compile a model)
 # is skipped and says so. The sections run in order of importance: the kernel table, the
 # end-to-end step against TRL (with the scoring pass and the sDPO run ratio), the GPU-marked
-# tests, then shared prompts, the compiler's activation memory budget, fp32 master weights and
-# LoRA. The first three ask for at most 490 s together, so no earlier section can squeeze a
+# tests, then shared prompts, the compiler's activation memory budget, fp32 master weights,
+# LoRA and transformers' own model of the same weights (model.implementation). The first three ask for at most 490 s together, so no earlier section can squeeze a
 # later one of them. (The kernels' register and shared-memory report needs no GPU:
 # benchmarks/kernel_resources.py gives it on a CPU with the device's Triton, see
 # benchmarks/RESULTS.md.) The script keeps going when a section fails or times out, and every
@@ -137,6 +137,14 @@ section "step: bf16, compiled, LoRA rank 16" step_lora.txt 60 \
     --lora-rank 16 --warmup-steps 4 --steps 8 --json "$OUT_DIR/step_lora.json"
 step_tail step_lora.txt
 echo "step LoRA benchmark exit code: $rc" | tee -a "$SUMMARY"
+
+section "step: bf16, transformers' model of the same weights (model.implementation)" \
+    step_transformers.txt 60 \
+    "$PY" benchmarks/throughput.py step --preset llama-1b-32k --precision bf16 --no-compile \
+    --implementation transformers --warmup-steps 3 --steps 6 \
+    --json "$OUT_DIR/step_transformers.json"
+step_tail step_transformers.txt
+echo "step transformers benchmark exit code: $rc" | tee -a "$SUMMARY"
 
 echo "== done in ${SECONDS} s" | tee -a "$SUMMARY"
 exit "$status"

@@ -1426,7 +1426,8 @@ def settle_step_args(args: argparse.Namespace, *, world: int) -> None:
         lengths = ANCHOR_LENGTHS
         defaults = (("warmup_steps", 4), ("steps", 8), ("profile_steps", 3))
         args.precision = args.precision or "bf16"
-        args.compile = True if args.compile is None else args.compile
+        if args.compile is None:  # transformers' model runs uncompiled (as in sdpo train)
+            args.compile = args.implementation == "sdpo"
     for name, value in (*defaults, *lengths.items()):
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -1452,6 +1453,23 @@ def settle_step_args(args: argparse.Namespace, *, world: int) -> None:
         )
     if args.activation_memory_budget is not None and not args.compile:
         raise SystemExit("--activation-memory-budget needs --compile (the compiler recomputes)")
+    if args.implementation == "transformers":
+        # what sdpo train refuses for a transformers model (sdpo.config.transformers_conflicts)
+        refused = [
+            flag
+            for flag, on in (
+                ("--compile", args.compile),
+                ("--fsdp", args.fsdp),
+                ("--share-prompt", args.share_prompt),
+                ("--checkpoint-every", args.checkpoint_every != 1),
+            )
+            if on
+        ]
+        if refused:
+            raise SystemExit(
+                f"--implementation transformers cannot run {', '.join(refused)} (they need "
+                "sdpo's decoder); add --no-compile and leave the others out"
+            )
 
 
 def step_section(args: argparse.Namespace) -> dict:
@@ -1520,6 +1538,7 @@ def step_section(args: argparse.Namespace) -> dict:
         "preset": args.preset,
         "model_config": config.architecture_dict(),
         "precision": precision,
+        "implementation": args.implementation,
         "compile": args.compile,
         "compile_mode": args.compile_mode,
         "loss_path": args.loss_path,
@@ -1565,9 +1584,19 @@ def step_section(args: argparse.Namespace) -> dict:
     model = init_model(config, seed=args.seed, dtype=parameter_dtype(precision))
     n_params = sum(p.numel() for p in model.parameters())
     init_state = dict(model.state_dict()) if args.compare_trl else None  # CPU copies survive .to()
-    model.to(device)
-    model.gradient_checkpointing = args.gradient_checkpointing
-    model.checkpoint_every = args.checkpoint_every
+    if args.implementation == "transformers":  # the same weights, run by transformers' code
+        from sdpo.engine.hf import PackedCausalLM
+
+        hf = hf_model_from_state(
+            config, model.state_dict(), dtype=parameter_dtype(precision), device=device
+        )
+        model = PackedCausalLM(hf)
+        if args.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+    else:
+        model.to(device)
+        model.gradient_checkpointing = args.gradient_checkpointing
+        model.checkpoint_every = args.checkpoint_every
     if args.compile:
         compile_backend = args.compile_backend or (
             "inductor" if device.type == "cuda" else "aot_eager"
@@ -1956,6 +1985,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="regional torch.compile of the decoder layers (default: on, off with --smoke)",
     )
     s.add_argument("--compile-mode", default=None, help="torch.compile mode (default: None)")
+    s.add_argument(
+        "--implementation",
+        choices=["sdpo", "transformers"],
+        default="sdpo",
+        help="the code that runs the model (model.implementation): sdpo's packed decoder, or "
+        "transformers' model of the same weights in PackedCausalLM (padded per sequence; "
+        "uncompiled)",
+    )
     s.add_argument(
         "--compile-backend",
         default=None,

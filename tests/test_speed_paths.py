@@ -816,3 +816,24 @@ def test_inductor_compiled_layers_on_cuda_match_eager(checkpointing):
         assert not counters["graph_break"], dict(counters["graph_break"])
         # one graph with gradients, one without, shared by every layer and batch shape
         assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_step_benchmark_runs_transformers_code_on_the_same_weights_to_the_same_losses(
+    one_thread, tmp_path
+):
+    """``step --implementation transformers``: the same weights and pairs run by transformers'
+    model in ``PackedCausalLM`` (as ``model.implementation`` does) train to the losses of
+    sdpo's decoder."""
+    throughput = load_throughput()
+    losses = {}
+    for implementation in ("sdpo", "transformers"):
+        out = tmp_path / f"{implementation}.json"
+        throughput.main(["step", "--smoke", "--implementation", implementation, "--json", str(out)])
+        payload = json.loads(out.read_text())
+        assert payload["complete"] and payload["implementation"] == implementation
+        rows = {r["variant"]: r for r in payload["results"]}
+        assert rows["sdpo train step"]["tokens_per_s"] > 0
+        losses[implementation] = rows["sdpo train step"]["losses"]
+    assert losses["transformers"] == pytest.approx(losses["sdpo"], rel=1e-4, abs=1e-5)
+    with pytest.raises(SystemExit, match="--compile"):
+        throughput.main(["step", "--smoke", "--implementation", "transformers", "--compile"])
