@@ -460,14 +460,23 @@ def to_device(
 
     On CUDA a plain ``.to(device)`` from pageable memory waits until the GPU has finished all
     queued work, once per tensor; staging through pinned memory with ``non_blocking=True`` lets
-    the host pack the next micro-batch while the GPU still runs this one."""
+    the host pack the next micro-batch while the GPU still runs this one. The staging copy is
+    this call's own, also for an input that is pinned already (``pin_memory()`` would hand that
+    back as is), so the caller may change or free ``x`` as soon as this returns: the device
+    reads the values ``x`` held at the call, however far behind the host it runs."""
     if device.type != "cuda":
         return x.to(device)
     if isinstance(x, Tensor):
-        return x.pin_memory().to(device, non_blocking=True)
+        return _pinned_copy(x).to(device, non_blocking=True)
     pinned = {
-        f.name: getattr(x, f.name).pin_memory()
+        f.name: _pinned_copy(getattr(x, f.name))
         for f in dataclasses.fields(x)
         if isinstance(getattr(x, f.name), Tensor)
     }
     return dataclasses.replace(x, **pinned).to(device, non_blocking=True)
+
+
+def _pinned_copy(t: Tensor) -> Tensor:
+    """A copy of CPU tensor ``t`` in pinned memory that nothing else holds (the caching host
+    allocator keeps its block from reuse until the copies queued from it have run)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)

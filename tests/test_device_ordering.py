@@ -1,0 +1,84 @@
+"""Host-device ordering on CUDA: every asynchronous copy is read only after it has landed, and a
+copy reads the values its source held when it was queued, however far the device lags behind
+the host.
+
+On a CPU these copies are synchronous, so only a GPU can show a missing wait. Each test first
+queues a kernel that keeps the device busy (``torch.cuda._sleep``), then the copy under test,
+then what a careless host would do next (read the destination, rewrite the source, queue the
+next optimizer step); an event recorded behind the copy shows that it was still pending at that
+point, so the test cannot pass merely because the device happened to be quick. Warm-up rounds
+first allocate the pinned and device blocks the measured round reuses (a fresh allocation may
+wait for the device and hide the race).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from sdpo.engine.packing import TokenizedPair, pack_pairs, to_device
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+# cycles torch.cuda._sleep spins: about 0.2 s at an H100's 1.98 GHz, more than a hundred times
+# what the host needs to queue what each test does behind it
+BUSY_CYCLES = 400_000_000
+
+
+def _busy_then(record_after) -> torch.cuda.Event:
+    """Keep the current stream busy, queue ``record_after()`` behind it and return an event
+    recorded after that: not yet complete while the copies queued by it are pending."""
+    torch.cuda._sleep(BUSY_CYCLES)
+    record_after()
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["pageable", "pinned"])
+def test_to_device_copies_what_a_tensor_held_at_the_call(pinned):
+    """The host may rewrite a tensor as soon as ``to_device`` returns (it packs the next
+    micro-batch) while the copy is still queued behind the device's work; the device gets the
+    values of the call, also from an input that was pinned already."""
+    host = torch.randn(1 << 16)
+    if pinned:
+        host = host.pin_memory()
+    want = host.clone()
+    to_device(host, torch.device("cuda"))  # warm-up: the blocks the measured call reuses
+    torch.cuda.synchronize()
+    box: list[torch.Tensor] = []
+    pending = _busy_then(lambda: box.append(to_device(host, torch.device("cuda"))))
+    host.fill_(float("nan"))
+    assert not pending.query(), "the device finished too soon to show a missing wait"
+    assert torch.equal(box[0].cpu(), want)
+
+
+def test_to_device_copies_what_a_packed_batch_held_at_the_call():
+    """The same for a packed micro-batch whose tensors are pinned (a caller's own pinned
+    staging): rewriting them after the call changes nothing on the device."""
+    pairs = [
+        TokenizedPair(index=i, prompt_ids=[5, 6, 7], chosen_ids=[8] * (i + 2), rejected_ids=[9])
+        for i in range(4)
+    ]
+    host = pack_pairs(pairs)
+    pinned = {
+        f.name: getattr(host, f.name).pin_memory()
+        for f in dataclasses.fields(host)
+        if isinstance(getattr(host, f.name), torch.Tensor)
+    }
+    host = dataclasses.replace(host, **pinned)
+    want = {name: t.clone() for name, t in pinned.items()}
+    to_device(host, torch.device("cuda"))  # warm-up
+    torch.cuda.synchronize()
+    box: list = []
+    pending = _busy_then(lambda: box.append(to_device(host, torch.device("cuda"))))
+    for t in pinned.values():
+        t.fill_(-1)
+    assert not pending.query(), "the device finished too soon to show a missing wait"
+    for name, value in want.items():
+        assert torch.equal(getattr(box[0], name).cpu(), value), name
