@@ -52,7 +52,9 @@ class HostSnapshot:
 
     def __init__(self) -> None:
         self._buffers: dict[str, Tensor] = {}
-        self._copying_from_gpu = False
+        # the GPUs copied from since the last ready(): each copy runs on its source GPU's
+        # stream, which need not be the current device's
+        self._copying_from: set[torch.device] = set()
 
     @property
     def nbytes(self) -> int:
@@ -87,14 +89,16 @@ class HostSnapshot:
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
             self._buffers[key] = buf
         buf.copy_(t, non_blocking=pin)
-        self._copying_from_gpu |= pin
+        if pin:
+            self._copying_from.add(t.device)
         return buf
 
     def ready(self) -> None:
-        """Wait for the copies from a GPU (asynchronous into pinned memory) to land."""
-        if self._copying_from_gpu:
-            torch.cuda.synchronize()
-            self._copying_from_gpu = False
+        """Wait for the copies from a GPU (asynchronous into pinned memory) to land: a D2H copy
+        runs on its source GPU's stream, so each GPU copied from is waited for, whichever
+        device is current."""
+        while self._copying_from:
+            torch.cuda.synchronize(self._copying_from.pop())
 
 
 @dataclass

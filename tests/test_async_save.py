@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -231,9 +232,29 @@ def test_held_write_stays_in_flight_until_waited_for_and_its_error_is_raised_onc
 
 
 # -- whole runs --------------------------------------------------------------------------------
-def test_async_run_writes_what_the_synchronous_run_writes(run_cfg, sync_out):
+def test_async_run_writes_what_the_synchronous_run_writes(run_cfg, sync_out, monkeypatch):
+    """Also the order of each save's calls: the write before it waited for (its buffers are
+    reused), the host copies, ``ready()`` (copies from a GPU have landed), and only then the
+    write handed to the writer thread; the run's end waits for the last write."""
+    calls: list[str] = []
+    for cls, name, letter in (
+        (BackgroundWriter, "wait", "W"),
+        (HostSnapshot, "copy", "C"),
+        (HostSnapshot, "ready", "R"),
+        (BackgroundWriter, "submit", "S"),
+    ):
+        real = getattr(cls, name)
+
+        def spy(self, *a, _real=real, _letter=letter, **k):
+            if _letter != "W" or self.busy:  # a wait with a write to wait for
+                calls.append(_letter)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(cls, name, spy)
     out = run_cfg.parent / "async"
     _run(run_cfg, out, "train.async_save=true")
+    assert re.fullmatch(r"C+RS(WC+RS)*W", "".join(calls)), calls
+    assert calls.count("S") == len(CHECKPOINTS)
     assert _checkpoint_names(out) == CHECKPOINTS
     _assert_same_outputs(sync_out, out)
 

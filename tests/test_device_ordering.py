@@ -18,6 +18,7 @@ import dataclasses
 import pytest
 import torch
 
+from sdpo.engine.async_save import HostSnapshot
 from sdpo.engine.packing import TokenizedPair, pack_pairs, to_device
 
 pytestmark = [
@@ -38,6 +39,66 @@ def _busy_then(record_after) -> torch.cuda.Event:
     event = torch.cuda.Event()
     event.record()
     return event
+
+
+def test_host_snapshot_holds_the_state_before_the_next_step_queued_behind_it():
+    """An async checkpoint's snapshot (``HostSnapshot``, buffers reused from the save before)
+    of the weights and the fused AdamW state: ``ready()`` waits for the copies, and they hold
+    the values of the save point although the next optimizer step, queued right after them,
+    changes every one of those tensors in place."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 96)).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+
+    def optimizer_step() -> None:
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+
+    optimizer_step()  # the optimizer state exists from here on
+    state = {"weights": model.state_dict(), "optimizer": optimizer.state_dict()}
+    snapshot = HostSnapshot()
+    snapshot.copy(state, key="ckpt")  # warm-up: the buffers the next save reuses
+    snapshot.ready()
+    optimizer_step()
+    torch.cuda.synchronize()
+    want = {
+        "weights": {k: v.cpu() for k, v in state["weights"].items()},
+        "optimizer": {
+            i: {k: v.cpu() for k, v in s.items()} for i, s in state["optimizer"]["state"].items()
+        },
+    }
+    box: list = []
+    pending = _busy_then(lambda: box.append(snapshot.copy(state, key="ckpt")))
+    optimizer_step()  # training goes on: weights and optimizer state change in place
+    assert not pending.query(), "the device finished too soon to show a missing wait"
+    snapshot.ready()
+    assert pending.query()
+    copy = box[0]
+    for name, value in want["weights"].items():
+        assert copy["weights"][name].is_pinned()
+        assert torch.equal(copy["weights"][name], value), name
+        assert not torch.equal(model.state_dict()[name].cpu(), value), name  # it did change
+    for i, values in want["optimizer"].items():
+        for k, value in values.items():
+            assert torch.equal(copy["optimizer"]["state"][i][k], value), (i, k)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_host_snapshot_waits_for_a_gpu_that_is_not_the_current_one():
+    """A copy from cuda:1 runs on cuda:1's stream; ``ready()`` with cuda:0 current still waits
+    for it (synchronising the current device only would not)."""
+    x = torch.randn(1 << 20, device="cuda:1")
+    snapshot = HostSnapshot()
+    with torch.cuda.device(0):
+        snapshot.copy({"x": x}, key="s")  # warm-up: the buffer holds x now
+        snapshot.ready()
+        box: list = []
+        with torch.cuda.device(1):
+            pending = _busy_then(lambda: box.append(snapshot.copy({"x": 2 * x}, key="s")))
+        assert not pending.query(), "the device finished too soon to show a missing wait"
+        snapshot.ready()
+    assert torch.equal(box[0]["x"], (2 * x).cpu())
 
 
 @pytest.mark.parametrize("pinned", [False, True], ids=["pageable", "pinned"])
