@@ -20,6 +20,7 @@ import torch
 
 from sdpo.engine.async_save import HostSnapshot
 from sdpo.engine.packing import TokenizedPair, pack_pairs, to_device
+from sdpo.engine.trainer import _HostValues
 
 pytestmark = [
     pytest.mark.gpu,
@@ -39,6 +40,21 @@ def _busy_then(record_after) -> torch.cuda.Event:
     event = torch.cuda.Event()
     event.record()
     return event
+
+
+def test_step_values_are_read_only_after_their_copy_has_landed():
+    """``_HostValues`` (a training step's metrics and flags): ``read`` waits for the copy into
+    pinned memory, which here is still queued behind slow work when ``read`` is called."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(6, device="cuda", dtype=torch.float64, generator=gen)
+    keys = [f"v{i}" for i in range(6)]
+    _HostValues({k: x[i] for i, k in enumerate(keys)}).read()  # warm-up: the same blocks
+    torch.cuda.synchronize()
+    box: list[_HostValues] = []
+    pending = _busy_then(lambda: box.append(_HostValues({k: 3 * x[i] for i, k in enumerate(keys)})))
+    assert not pending.query(), "the device finished too soon to show a missing wait"
+    got = box[0].read()
+    assert got == dict(zip(keys, (3 * x).tolist(), strict=True))
 
 
 def test_host_snapshot_holds_the_state_before_the_next_step_queued_behind_it():

@@ -335,7 +335,9 @@ def test_fit_reads_each_step_once_after_queueing_the_next(
     """Fused AdamW: ``fit`` reads a step's values (metrics and flags, one host copy) only
     after it has queued the next step, so on a GPU the host never waits for the device between
     steps; the last step is read when it is done. The logged values are the steps' own: a
-    trainer stepping and reading one step at a time logs the same numbers."""
+    trainer stepping and reading one step at a time logs the same numbers. On CUDA the device
+    is kept busy after each step, so each copy to the host is still queued when ``fit`` reads
+    it: a read that did not wait for it would log unwritten memory."""
     from sdpo.engine import trainer as trainer_module
     from sdpo.engine.trainer import build_optimizer
 
@@ -363,7 +365,10 @@ def test_fit_reads_each_step_once_after_queueing_the_next(
 
         def stepping(*a, _step=step, _events=events):
             _events.append(f"step {len(_events)}")
-            return _step(*a)
+            metrics = _step(*a)
+            if device == "cuda":  # about 0.1 s of device time before the step's values' copy
+                torch.cuda._sleep(200_000_000)
+            return metrics
 
         def reading(self, _read=read, _events=events):
             _events.append("read")
@@ -389,6 +394,7 @@ def test_fit_reads_each_step_once_after_queueing_the_next(
         rows = (tmp_path / str(deferred) / "metrics.jsonl").read_text().splitlines()
         logs.append([json.loads(row) for row in rows])
     assert [r["step"] for r in logs[0]] == [1, 2, 3, 4]
+    assert all(0 < r["loss"] < 10 and r["grad_norm"] > 0 for r in logs[0]), logs[0]
     for a, b in zip(*logs, strict=True):
         assert a.keys() == b.keys()
         for key in a:
