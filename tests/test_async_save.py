@@ -26,11 +26,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import sdpo.engine.resume as resume_mod
+import sdpo.runner as runner_mod
 from sdpo.cli import EXIT_WRITE, main
 from sdpo.config import load_config
 from sdpo.engine.async_save import BackgroundWriter, HostSnapshot
 from sdpo.engine.resume import (
     MANIFEST_NAME,
+    checkpoint_name,
     fault_point,
     list_checkpoints,
     verify_checkpoint,
@@ -259,22 +261,78 @@ def test_async_run_writes_what_the_synchronous_run_writes(run_cfg, sync_out, mon
     _assert_same_outputs(sync_out, out)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_each_write_holds_its_save_points_weights_though_its_copies_were_queued(
+    run_cfg, monkeypatch
+):
+    """On CUDA the snapshot is copied into pinned memory asynchronously. Each save is entered
+    with the device kept busy (``torch.cuda._sleep``), so its copies are still queued when the
+    training thread would hand the write over, and the writer thread starts at once. Every
+    write (4 mid-step checkpoints, step-1/ and step-2/) holds the weights the model had at its
+    save point (copied synchronously there): none read its buffers before they had landed
+    (``HostSnapshot.ready``). (That a write held until training has gone on still holds its
+    own step's weights is checked on any device by the held-writes test below.)"""
+    at_save: dict[str, dict[str, torch.Tensor]] = {}
+
+    def weights_now(model) -> dict[str, torch.Tensor]:
+        weights = {k: v.to("cpu", copy=True) for k, v in model.state_dict().items()}
+        torch.cuda._sleep(400_000_000)  # about 0.2 s on an H100, before the snapshot's copies
+        return weights
+
+    mid, end = runner_mod.StepwiseRunner._save_mid_step, runner_mod.StepwiseRunner._save_step_end
+
+    def save_mid_step(self, trainer, *, base):
+        name = checkpoint_name(base["run_step_base"] + trainer.position["step_in_run"])
+        at_save[f"checkpoints/{name}/model"] = weights_now(trainer.model)
+        return mid(self, trainer, base=base)
+
+    def save_step_end(self, model, *, t, **kw):
+        at_save[f"step-{t}"] = weights_now(model)
+        return end(self, model, t=t, **kw)
+
+    monkeypatch.setattr(runner_mod.StepwiseRunner, "_save_mid_step", save_mid_step)
+    monkeypatch.setattr(runner_mod.StepwiseRunner, "_save_step_end", save_step_end)
+    monkeypatch.delenv("SDPO_FAULT_AT", raising=False)
+    out = run_cfg.parent / "cuda"
+    _run(run_cfg, out, "train.async_save=true")
+    assert len(at_save) == len(CHECKPOINTS)
+    for folder, weights in at_save.items():
+        written = load_file(str(out / folder / "model.safetensors"))
+        assert written and set(written) <= set(weights), folder
+        for name, value in written.items():
+            assert torch.equal(value, weights[name]), (folder, name)
+    assert not torch.equal(at_save["step-1"]["lm_head.weight"], at_save["step-2"]["lm_head.weight"])
+
+
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_writes_held_while_training_goes_on_hold_their_own_steps_state(
     kind, run_cfg, sync_out, lora_cfg, monkeypatch
 ):
     """Each held write finishes only after training changed the weights (and optimizer state)
     in place: a mid-step checkpoint of step 1 and of step 2, and the end of step 1 (step-1/ and
-    its checkpoint, held between the two)."""
+    its checkpoint, held between the two). Every write also starts only then: it is held before
+    it writes its first weights (the model, a LoRA adapter), so no checkpoint's files can be
+    written before training goes on."""
     cfg, want = run_cfg, sync_out
     if kind == "lora":
         cfg, want = lora_cfg, lora_cfg.parent / "sync"
         _run(cfg, want)
     out = cfg.parent / "held"
+    for name in ("save_pretrained", "safetensors_bytes"):  # a write's first weights
+        write = getattr(runner_mod, name)
+
+        def held(*a, _write=write, **kw):
+            fault_point("weights")
+            return _write(*a, **kw)
+
+        monkeypatch.setattr(runner_mod, name, held)
     monkeypatch.setattr(resume_mod, "_fault_counts", {})
-    monkeypatch.setenv("SDPO_FAULT_AT", "ckpt_write:1:HOLD,step_saved:1:HOLD,ckpt_write:5:HOLD")
+    holds = ["ckpt_write:1:HOLD", "step_saved:1:HOLD", "ckpt_write:5:HOLD"]
+    holds += [f"weights:{n}:HOLD" for n in range(1, 7)]
+    monkeypatch.setenv("SDPO_FAULT_AT", ",".join(holds))
     _run(cfg, out, "train.async_save=true")
-    assert resume_mod._fault_counts == {"ckpt_write": 6, "step_saved": 2}
+    assert resume_mod._fault_counts == {"ckpt_write": 6, "step_saved": 2, "weights": 6}
     assert _checkpoint_names(out) == CHECKPOINTS
     _assert_same_outputs(want, out)
 
