@@ -316,6 +316,63 @@ def test_overlapped_reduction_of_a_tied_embedding_equals_the_plain_one(tmp_path)
             assert torch.equal(g, got[True]["grads"][name]), name
 
 
+class _CollectiveLog:
+    """Stands in for ``torch.distributed`` under ``GradReducer``: each all-reduce it is asked
+    for is logged with the values it would sum (which parameters' gradients), each wait too."""
+
+    class ReduceOp:
+        SUM = "sum"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int | list[float]]] = []
+
+    def all_reduce(self, tensor, op, async_op=False):
+        assert async_op and op == "sum"
+        self.calls.append(("start", tensor.tolist()))
+        index = len(self.calls) - 1
+        log = self.calls
+
+        class Work:
+            def wait(self) -> None:
+                log.append(("wait", index))
+
+        return Work()
+
+
+def test_gradient_buckets_start_in_one_order_whatever_order_the_backward_gives(monkeypatch):
+    """Every rank must issue the same collectives in the same order (NCCL hangs otherwise),
+    though a rank's backward may finish its gradients in another order: a bucket starts only
+    when it and every bucket before it are complete, and ``finish`` waits for each started
+    reduction before the optimizer may read the gradients. A rank that ran no backward starts
+    the same buckets, in the same order, with zeros."""
+    fake = _CollectiveLog()
+    monkeypatch.setattr(distributed, "_dist", lambda: fake)
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(6)]  # 8 bytes each
+    # two per bucket, last parameters first (the order a backward finishes them): p5 p4, p3 p2,
+    # p1 p0
+    reducer = distributed.GradReducer(params, bucket_bytes=16)
+    position = {id(p): i for i, p in enumerate(params)}
+    bucket_of = {id(p): b for b, ps in enumerate(reducer.buckets) for p in ps}
+    assert [[position[id(p)] for p in b] for b in reducer.buckets] == [[5, 4], [3, 2], [1, 0]]
+    reducer.begin()
+    for i in (1, 5, 0, 4, 3, 2):  # this rank's backward: bucket 2 completes first
+        params[i].grad = torch.full((2,), float(i))
+        reducer._on_grad(bucket_of[id(params[i])], params[i])  # its post-accumulate hook
+        if i == 4:  # bucket 0 complete: it starts; bucket 1 is not, so bucket 2 waits
+            assert [c for c, _ in fake.calls] == ["start"]
+    reducer.finish()
+    starts = [v for c, v in fake.calls if c == "start"]
+    assert starts == [[5, 5, 4, 4], [3, 3, 2, 2], [1, 1, 0, 0]]
+    assert [c for c, _ in fake.calls] == ["start"] * 3 + ["wait"] * 3
+    assert reducer.started_in_backward == 3
+    fake.calls.clear()
+    for p in params:
+        p.grad = None
+    reducer.finish()  # a rank without micro-batches: never armed
+    assert [v for c, v in fake.calls if c == "start"] == [[0.0] * 4] * 3
+    assert [c for c, _ in fake.calls] == ["start"] * 3 + ["wait"] * 3
+
+
 def _stop_asked_on_rank_1(model_dir: Path, data: Path) -> dict:
     """A graceful stop asked for on rank 1 only, during step 3, with the foreach optimizer (the
     flag read in each step) and fused AdamW (a step's values read after the next is queued)."""
