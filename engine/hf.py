@@ -47,17 +47,35 @@ __all__ = [
     "hf_config_dict",
     "hf_state_dict",
     "load_hf_pretrained",
+    "logit_factor",
     "peft_adapter_parameters",
 ]
 
 # config keys of Hugging Face models whose logits are not ``hidden @ lm_head.weight.T``: the
 # packed protocol hands the loss head the weight alone, so these would give wrong log-probs
 _LOGIT_KEYS = {
-    "final_logit_softcapping": None,  # Gemma 2/3: tanh soft-capping of the logits
-    "logits_scaling": 1.0,  # Granite: logits divided by it
-    "logit_scale": 1.0,  # Cohere: logits multiplied by it
+    "final_logit_softcapping": None,  # Gemma 2: tanh soft-capping of the logits
     "output_multiplier_scale": 1.0,
 }
+# config keys that scale the logits by a constant, which the wrapper folds into the hidden
+# states it returns (exact for the powers of two real configs use): key -> the factor of value
+_LOGIT_SCALES = {
+    "logits_scaling": lambda value: 1.0 / value,  # Granite: logits divided by it
+    "logit_scale": lambda value: value,  # Cohere: logits multiplied by it
+}
+
+
+def logit_factor(config: object) -> float:
+    """The constant the model multiplies its logits by (1.0 for most models): Granite's
+    ``1 / logits_scaling``, Cohere's ``logit_scale``."""
+    factor = 1.0
+    for key, of in _LOGIT_SCALES.items():
+        value = getattr(config, key, None)
+        if value is not None:
+            factor *= float(of(value))
+    return factor
+
+
 # config.json keys that say nothing about the function a model computes: left out of its
 # fingerprint
 _VOLATILE_KEYS = ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures")
@@ -106,6 +124,9 @@ class PackedCausalLM(nn.Module):
         check_head(hf_model)
         self.model = decoder
         self.lm_head = head
+        # Granite's and Cohere's constant logit scale, applied to the hidden states returned,
+        # so that they times lm_head.weight are the model's logits
+        self.logit_factor = logit_factor(getattr(hf_model, "config", None))
         # the Hugging Face object itself, kept out of the module tree (a tuple is not registered)
         # so the parameter names stay the ones above; train()/eval() set its mode too, or the
         # object the caller holds would report eval mode while its layers train (dropout on)
@@ -167,7 +188,8 @@ class PackedCausalLM(nn.Module):
         shared_prefix: object | None = None,
     ) -> Tensor:
         """Final hidden states ``(N, H)`` of the packed stream, each sequence attending only to
-        itself."""
+        itself, times the model's constant logit scale (``logit_factor``; 1 for most models),
+        so that ``hidden @ lm_head_weight.T`` are the model's logits."""
         if shared_prefix is not None:
             raise ValueError(
                 "a wrapped Hugging Face model cannot compute a pair's prompt once for both "
@@ -196,7 +218,10 @@ class PackedCausalLM(nn.Module):
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        return hidden[row, col]
+        hidden = hidden[row, col]
+        if self.logit_factor != 1.0:
+            hidden = hidden * self.logit_factor
+        return hidden
 
 
 def _check_checkpointing(model_class: type) -> None:
@@ -218,9 +243,10 @@ def check_gradient_checkpointing(path: str | os.PathLike) -> None:
 
 
 def check_head(hf_model: nn.Module) -> None:
-    """Refuse a model whose logits are more than ``hidden @ lm_head.weight.T`` (a bias on the
-    output projection, soft-capped or scaled logits): the packed protocol's loss head reads the
-    weight alone and would compute other log-probs than the model does, without an error."""
+    """Refuse a model whose logits are more than ``hidden @ lm_head.weight.T`` times a constant
+    (a bias on the output projection, soft-capped logits): the packed protocol's loss head reads
+    the weight alone and would compute other log-probs than the model does, without an error.
+    A constant scale (``logit_factor``) is folded into the hidden states instead."""
     head = hf_model.get_output_embeddings()
     name = type(hf_model).__name__
     if getattr(head, "bias", None) is not None:

@@ -338,3 +338,24 @@ def test_the_runner_turns_on_gradient_checkpointing_of_a_transformers_model(
     cfg = _config(tmp_path, gemma_dir, model={"gradient_checkpointing": True}, sdpo={"steps": 1})
     run_training(cfg, progress=False)
     assert seen and all(m.is_gradient_checkpointing for m in seen)
+
+
+@pytest.mark.parametrize(
+    "config_class, overrides",
+    [("GraniteConfig", {"logits_scaling": 8.0}), ("CohereConfig", {"logit_scale": 0.0625})],
+)
+def test_a_constant_logit_scale_is_folded_into_the_hidden_states(tmp_path, config_class, overrides):
+    # Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale: the
+    # wrapped model's hidden states times lm_head.weight are transformers' logits exactly
+    folder = _write_hf_model(tmp_path / config_class, config_class, **overrides)
+    model = load_model(folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ids = torch.arange(3, 30)
+    lengths = [10, ids.numel() - 10]
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    with torch.no_grad():
+        ours = model(ids, positions, torch.tensor([0, 10, ids.numel()]), max(lengths))
+        logits = ours @ model.lm_head_weight.T
+        for start, n in zip((0, 10), lengths, strict=True):
+            theirs = hf(ids[None, start : start + n]).logits[0]
+            torch.testing.assert_close(logits[start : start + n], theirs, rtol=1e-6, atol=1e-6)
