@@ -46,9 +46,11 @@ from .tokenize import (
 __all__ = [
     "TOKEN_CACHE_VERSION",
     "load_tokenized",
+    "pack_pairs",
     "save_tokenized",
     "token_cache_key",
     "token_cache_path",
+    "unpack_pairs",
 ]
 
 # Bump when the file layout or the meaning of a stored field changes.
@@ -156,15 +158,14 @@ def token_cache_key(
     }
 
 
-def save_tokenized(
-    path: str | os.PathLike,
-    pairs: Sequence[TokenizedPair],
-    places: Mapping[int, str],
-    stats: TokenizeStats,
-    key: Mapping[str, Any],
-) -> None:
-    """Write ``pairs`` (with each pair's place, keyed by ``pair.index``) and ``stats`` under
-    ``key``; an older file stays intact until the new one is complete."""
+def pack_pairs(
+    pairs: Sequence[TokenizedPair], places: Mapping[int, str]
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """``pairs`` and their places (keyed by ``pair.index``; "" where missing) as flat arrays:
+    the token ids of each sequence kind as one int32 array with int64 offsets, each pair's
+    index, source id and truncated flag, and the UTF-8 JSON of the places in pair order; with
+    the source names the ids refer to. :func:`unpack_pairs` inverts it exactly. The token cache
+    stores these arrays; data parallel runs send them from rank 0 to the other ranks."""
     names = list(dict.fromkeys(p.source for p in pairs))
     source_ids = {name: i for i, name in enumerate(names)}
     tensors: dict[str, np.ndarray] = {}
@@ -180,6 +181,56 @@ def save_tokenized(
     tensors["truncated"] = np.asarray([p.truncated for p in pairs], dtype=np.uint8)
     place_list = [places.get(p.index, "") for p in pairs]
     tensors["places_json"] = np.frombuffer(json.dumps(place_list).encode("utf-8"), np.uint8)
+    return tensors, names
+
+
+def unpack_pairs(
+    tensors: Mapping[str, np.ndarray], names: Sequence[str]
+) -> tuple[list[TokenizedPair], dict[int, str]]:
+    """The pairs and places :func:`pack_pairs` made ``tensors`` and ``names`` of. Token ids
+    from a vocabulary share one int object per id value (``_int_table``). Raises
+    ``ValueError`` when the arrays do not fit together."""
+    index = tensors["index"].tolist()
+    n = len(index)
+    ids: dict[str, list[list[int]]] = {}
+    table = _int_table([tensors[f"{seq}_ids"] for seq in _SEQUENCES])
+    for seq in _SEQUENCES:
+        flat = tensors[f"{seq}_ids"]
+        offsets = tensors[f"{seq}_offsets"].tolist()
+        if len(offsets) != n + 1 or offsets[-1] != len(flat):
+            raise ValueError(f"{seq} offsets do not match the ids")
+        # (N,) object: references into the table, no new ints
+        shared = flat if table is None else table[flat]
+        ids[seq] = [shared[offsets[i] : offsets[i + 1]].tolist() for i in range(n)]
+    sources = [names[i] for i in tensors["source_id"].tolist()]
+    truncated = tensors["truncated"].tolist()
+    place_list = json.loads(tensors["places_json"].tobytes().decode("utf-8"))
+    if not len(sources) == len(truncated) == len(place_list) == n:
+        raise ValueError("per-pair arrays differ in length")
+    pairs = [
+        TokenizedPair(
+            index=index[i],
+            prompt_ids=ids["prompt"][i],
+            chosen_ids=ids["chosen"][i],
+            rejected_ids=ids["rejected"][i],
+            source=sources[i],
+            truncated=bool(truncated[i]),
+        )
+        for i in range(n)
+    ]
+    return pairs, {index[i]: place_list[i] for i in range(n)}
+
+
+def save_tokenized(
+    path: str | os.PathLike,
+    pairs: Sequence[TokenizedPair],
+    places: Mapping[int, str],
+    stats: TokenizeStats,
+    key: Mapping[str, Any],
+) -> None:
+    """Write ``pairs`` (with each pair's place, keyed by ``pair.index``) and ``stats`` under
+    ``key``; an older file stays intact until the new one is complete."""
+    tensors, names = pack_pairs(pairs, places)
     info = json.dumps({"sources": names, "stats": stats.as_dict()}, sort_keys=True)
     metadata = {
         _META_VERSION: TOKEN_CACHE_VERSION,
@@ -236,36 +287,7 @@ def load_tokenized(path: str | os.PathLike, key: Mapping[str, Any]) -> tuple[Tok
 
 
 def _decode(tensors: Mapping[str, np.ndarray], info: dict[str, Any]) -> Tokenized:
-    names: list[str] = info["sources"]
-    index = tensors["index"].tolist()
-    n = len(index)
-    ids: dict[str, list[list[int]]] = {}
-    table = _int_table([tensors[f"{seq}_ids"] for seq in _SEQUENCES])
-    for seq in _SEQUENCES:
-        flat = tensors[f"{seq}_ids"]
-        offsets = tensors[f"{seq}_offsets"].tolist()
-        if len(offsets) != n + 1 or offsets[-1] != len(flat):
-            raise ValueError(f"{seq} offsets do not match the ids")
-        # (N,) object: references into the table, no new ints
-        shared = flat if table is None else table[flat]
-        ids[seq] = [shared[offsets[i] : offsets[i + 1]].tolist() for i in range(n)]
-    sources = [names[i] for i in tensors["source_id"].tolist()]
-    truncated = tensors["truncated"].tolist()
-    place_list = json.loads(tensors["places_json"].tobytes().decode("utf-8"))
-    if not len(sources) == len(truncated) == len(place_list) == n:
-        raise ValueError("per-pair arrays differ in length")
-    pairs = [
-        TokenizedPair(
-            index=index[i],
-            prompt_ids=ids["prompt"][i],
-            chosen_ids=ids["chosen"][i],
-            rejected_ids=ids["rejected"][i],
-            source=sources[i],
-            truncated=bool(truncated[i]),
-        )
-        for i in range(n)
-    ]
-    places = {index[i]: place_list[i] for i in range(n)}
+    pairs, places = unpack_pairs(tensors, info["sources"])
     return pairs, places, TokenizeStats(**info["stats"])
 
 

@@ -8,6 +8,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,9 +18,11 @@ import sdpo.runner as runner_mod
 from sdpo.config import ColumnMap, DataSource, config_from_dict
 from sdpo.engine.token_cache import (
     load_tokenized,
+    pack_pairs,
     save_tokenized,
     token_cache_key,
     token_cache_path,
+    unpack_pairs,
 )
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.runner import load_pairs, run_training
@@ -194,6 +197,38 @@ def test_loaded_token_ids_equal_the_saved_ones_and_share_one_int_per_id(tmp_path
     objects = {id(t) for p in got for t in p.prompt_ids + p.chosen_ids + p.rejected_ids}
     values = {t for p in got for t in p.prompt_ids + p.chosen_ids + p.rejected_ids}
     assert len(objects) == len(values)
+
+
+def test_packed_pairs_round_trip_exactly_through_tensors():
+    # what a data parallel run sends from rank 0: odd lengths, empty prompts and completions,
+    # ids across a 200k vocabulary, indices with gaps, sources in first-seen order
+    rng = random.Random(13)
+    vocab = 200_000
+    pairs = [
+        runner_mod.TokenizedPair(
+            index=5 * i + rng.randrange(5),
+            prompt_ids=[rng.randrange(vocab) for _ in range(rng.choice([0, 1, 3, 17]))],
+            chosen_ids=[rng.randrange(vocab) for _ in range(rng.randint(0, 9))] + [vocab - 1],
+            rejected_ids=[rng.randrange(vocab) for _ in range(rng.randint(0, 11))],
+            source=rng.choice(["b", "a", "ü c"]),
+            truncated=rng.random() < 0.3,
+        )
+        for i in range(257)
+    ]
+    places = {p.index: f"dir/ü {p.index}.jsonl line {p.index + 1}" for p in pairs}
+    places[-1] = "a row that is no pair"
+    arrays, names = pack_pairs(pairs, places)
+    assert names == list(dict.fromkeys(p.source for p in pairs))
+    assert arrays["prompt_ids"].dtype == np.int32 and arrays["prompt_offsets"].dtype == np.int64
+    # received: a tensor of each array's dtype and shape, copied back to numpy
+    received = {k: torch.from_numpy(a.copy()).numpy() for k, a in arrays.items()}
+    got, got_places = unpack_pairs(received, names)
+    assert got == pairs  # ids, order, index, source, truncated
+    assert got_places == {p.index: places[p.index] for p in pairs}
+    assert list(got_places) == [p.index for p in pairs]
+    assert all(type(t) is int for p in got for t in p.prompt_ids + p.chosen_ids + p.rejected_ids)
+    assert all(type(p.index) is int and type(p.truncated) is bool for p in got)
+    assert unpack_pairs(*pack_pairs([], {})) == ([], {})
 
 
 def test_editing_one_byte_of_a_data_file_invalidates_the_cache(
