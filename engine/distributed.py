@@ -40,10 +40,11 @@ import os
 import pickle
 import sys
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any, NoReturn
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -337,6 +338,33 @@ def broadcast_object(obj: Any) -> Any:
     box = [obj if is_main() else None]
     _dist().broadcast_object_list(box, src=0)
     return box[0]
+
+
+def broadcast_arrays(arrays: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """Rank 0's ``arrays`` on every rank (the other ranks pass None): each array is sent as one
+    tensor on this rank's device, after a small pickled header of names, dtypes and shapes, so
+    the contents are never pickled (pickling millions of token ids costs seconds and several
+    copies of them in memory). Rank 0 gets its own arrays back."""
+    if not active():
+        return dict(arrays or {})
+    specs = broadcast_object(
+        [(name, a.dtype.str, a.shape) for name, a in arrays.items()] if is_main() else None
+    )
+    out: dict[str, np.ndarray] = {}
+    for name, dtype, shape in specs:
+        if is_main():
+            out[name] = arrays[name]
+            contiguous = np.require(arrays[name], requirements=["C", "W"])  # a tensor's needs
+            tensor = torch.from_numpy(contiguous).to(device())
+        else:
+            empty = torch.from_numpy(np.empty(0, dtype=np.dtype(dtype)))
+            tensor = torch.empty(shape, dtype=empty.dtype, device=device())
+        if tensor.numel():
+            _dist().broadcast(tensor, src=0)
+        if not is_main():
+            out[name] = tensor.cpu().numpy()
+        del tensor
+    return out
 
 
 def same_on_all_ranks(obj: Any) -> bool:

@@ -45,23 +45,23 @@ write. One write is in flight at most (a save first waits for the previous one),
 out of the run waits for it and raises its error, so a failed write is never lost. Nothing
 reads ``step-<t>/`` before its write has finished (``_save_step_end``).
 
-Data parallel (launched with torchrun, ``sdpo.engine.distributed``): every rank checks the
-output folder and every input itself, so a bad input raises the same error on every rank before
-anything is written. Rank 0 alone writes (the output folder's preparation, ``config.toml``, token
-and reference caches, ``metrics.jsonl``, checkpoints, ``step-<t>/``, reports); what the other
-ranks would read of it (a reference cache's values, the resume point) rank 0 reads and
-broadcasts, and its write errors are broadcast too, so every rank raises them. Scoring passes are
-sharded over ranks and gathered; the trainer divides each optimizer step. ``--resume`` works with
-any number of ranks (rank 0 picks the checkpoint, every rank loads it); the result is bitwise
-that of an uninterrupted run with the same number of ranks, and equal to float rounding across
-different numbers. Sharded (``train.fsdp``): the weights and the optimizer state are gathered
-onto rank 0 for every checkpoint (collectives every rank joins before rank 0 writes) in the plain
-form, so ``--resume`` continues a sharded run sharded or in one process. A graceful stop
-(SIGTERM/SIGINT on any rank; torchrun forwards SIGTERM to every rank) is agreed in the next
-step's all-reduce, so all ranks stop after the same optimizer step and rank 0 saves the
-checkpoint. Fault points (``SDPO_FAULT_AT``) count per process: a
-point that only rank 0 reaches (checkpoint and cache writes) kills rank 0 alone, and torchrun
-then ends the other ranks.
+Data parallel (launched with torchrun, ``sdpo.engine.distributed``): every rank checks the output
+folder and every input itself, so a bad input raises the same error on every rank before anything
+is written; the data alone is read, checked and tokenized by rank 0, which sends the pairs
+(``tokenized_once``) or its error to every rank. Rank 0 alone writes (the output folder's
+preparation, ``config.toml``, token and reference caches, ``metrics.jsonl``, checkpoints,
+``step-<t>/``, reports); what the other ranks would read of it (a reference cache's values, the
+resume point) rank 0 reads and broadcasts, and its write errors are broadcast too, so every rank
+raises them. Scoring passes are sharded over ranks and gathered; the trainer divides each optimizer
+step. ``--resume`` works with any number of ranks (rank 0 picks the checkpoint, every rank loads
+it); the result is bitwise that of an uninterrupted run with the same number of ranks, and equal to
+float rounding across different numbers. Sharded (``train.fsdp``): the weights and the optimizer
+state are gathered onto rank 0 for every checkpoint (collectives every rank joins before rank 0
+writes) in the plain form, so ``--resume`` continues a sharded run sharded or in one process. A
+graceful stop (SIGTERM/SIGINT on any rank; torchrun forwards SIGTERM to every rank) is agreed in
+the next step's all-reduce, so all ranks stop after the same optimizer step and rank 0 saves the
+checkpoint. Fault points (``SDPO_FAULT_AT``) count per process: a point that only rank 0 reaches
+(checkpoint and cache writes) kills rank 0 alone, and torchrun then ends the other ranks.
 """
 
 from __future__ import annotations
@@ -144,10 +144,13 @@ from sdpo.engine.resume import (
 )
 from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.token_cache import (
+    Tokenized,
     load_tokenized,
+    pack_pairs,
     save_tokenized,
     token_cache_key,
     token_cache_path,
+    unpack_pairs,
 )
 from sdpo.engine.tokenize import (
     CHAT_TEMPLATE_DIR,
@@ -352,36 +355,40 @@ def load_pairs(
     folder of the tokenizer files in the cache key (default ``model.path``; a hub model's
     snapshot folder)."""
     sources = cfg.data.sources if sources is None else sources
-    d = cfg.data
-    key = None
-    if cache_file is not None:
-        key = token_cache_key(
-            sources,
-            tokenizer_dir=cfg.model.path if tokenizer_dir is None else tokenizer_dir,
-            max_length=d.max_length,
-            max_prompt_length=d.max_prompt_length,
-            truncation=d.truncation,
-            identical_pairs=d.identical_pairs,
-            vocab_size=vocab_size,
-            context_length=context_length,
-            tokenizer_fingerprint=tokenizer.fingerprint,
-        )
-    cached, reason = load_tokenized(cache_file, key) if key is not None else (None, "no key")
-    if cached is not None:
-        pairs, row_places, stats = cached
-        _log(f"token cache {cache_file.name}: reused")
-    else:
+
+    def read() -> Tokenized:
+        d = cfg.data
+        key = None
+        if cache_file is not None:
+            key = token_cache_key(
+                sources,
+                tokenizer_dir=cfg.model.path if tokenizer_dir is None else tokenizer_dir,
+                max_length=d.max_length,
+                max_prompt_length=d.max_prompt_length,
+                truncation=d.truncation,
+                identical_pairs=d.identical_pairs,
+                vocab_size=vocab_size,
+                context_length=context_length,
+                tokenizer_fingerprint=tokenizer.fingerprint,
+            )
+        cached, reason = load_tokenized(cache_file, key) if key is not None else (None, "no key")
+        if cached is not None:
+            _log(f"token cache {cache_file.name}: reused")
+            return cached
         if key is not None and reason != "missing":
             _log(f"token cache {cache_file.name}: tokenizing again ({reason})")
-        pairs, row_places, stats = _read_and_tokenize(
+        tokenized = _read_and_tokenize(
             cfg, tokenizer, sources, vocab_size=vocab_size, context_length=context_length
         )
         if key is not None:
-            save = partial(_save_token_cache, cache_file, pairs, row_places, stats, key)
+            save = partial(_save_token_cache, cache_file, *tokenized, key)
             if pending_saves is not None:
                 pending_saves.append(save)
             else:
                 save()
+        return tokenized
+
+    pairs, row_places, stats = tokenized_once(read)
     if places is not None:
         places.update(row_places)
     _log(
@@ -404,6 +411,33 @@ def load_pairs(
             "completion starts where the two part)"
         )
     return pairs
+
+
+def tokenized_once(read: Callable[[], Tokenized]) -> Tokenized:
+    """``read()`` (read, check and tokenize data, or load its token cache) on rank 0 alone, its
+    result on every rank: a collective under torchrun, so the CPU work and the memory peak of
+    tokenizing are paid once per run, not once per rank, and the other ranks need neither the
+    data files nor the cache (another node's file system will do). ``read``'s exception is
+    raised on every rank (``on_main``). The pairs travel as flat arrays (``pack_pairs``: a few
+    tensor broadcasts, no pickled lists of ints); every rank ends with the same pairs in the
+    same order and the places of exactly those pairs. In one process: ``read()``."""
+    if not distributed.active():
+        return read()
+    held: dict[str, Any] = {}
+
+    def main() -> tuple[list[str], TokenizeStats]:
+        pairs, places, stats = read()
+        held["arrays"], names = pack_pairs(pairs, places)
+        held["pairs"], held["places"] = pairs, places
+        return names, stats
+
+    names, stats = on_main(main)
+    arrays = distributed.broadcast_arrays(held.pop("arrays", None))
+    if distributed.is_main():
+        pairs, places = held["pairs"], held["places"]
+        return pairs, {p.index: places.get(p.index, "") for p in pairs}, stats
+    pairs, places = unpack_pairs(arrays, names)
+    return pairs, places, stats
 
 
 def _save_token_cache(path: Path, *args: Any) -> None:
@@ -652,7 +686,7 @@ class StepwiseRunner:
         except (DataError, CheckpointError, ValueError, OSError) as e:
             raise RunInputError(str(e)) from e
         self._check_partition_fits(pairs)
-        if cfg.data.eval_sources:
+        if cfg.data.eval_sources and distributed.is_main():  # a log line: rank 0's
             _warn_eval_overlap(pairs, self.eval_pairs)
         self.tokenizer_fp = file_fingerprint(model_dir / "tokenizer.json")
         return tokenizer, pairs

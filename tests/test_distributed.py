@@ -4,6 +4,8 @@ process gives, and the shard rules divide work exactly once and evenly."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -11,7 +13,7 @@ import socket
 import subprocess
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,9 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from sdpo.config import config_from_dict
+import sdpo.runner as runner_mod
+from sdpo.cli import EXIT_INPUT
+from sdpo.config import config_from_dict, write_resolved_config
 from sdpo.engine import distributed
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
@@ -492,6 +496,40 @@ def _train(config: dict, resume: bool = False) -> int:
     return run_training(config_from_dict(config), progress=False, resume=resume).scoring_calls
 
 
+@contextlib.contextmanager
+def _watched_inputs() -> Iterator[dict]:
+    """Counts this process's calls that read and tokenize data (``tokenize_calls``) and keeps
+    what ``load_inputs`` gave: the pairs, held-out pairs and places, or its error's text."""
+    seen: dict = {"tokenize_calls": 0}
+    tokenize, load_inputs = runner_mod._read_and_tokenize, runner_mod.StepwiseRunner.load_inputs
+
+    def counted(*args, **kwargs):
+        seen["tokenize_calls"] += 1
+        return tokenize(*args, **kwargs)
+
+    def kept(self):
+        try:
+            tokenizer, pairs = load_inputs(self)
+        except Exception as e:
+            seen["error"] = f"{type(e).__name__}: {e}"
+            raise
+        seen.update(pairs=pairs, eval_pairs=self.eval_pairs, places=dict(self._rows_of_pairs))
+        return tokenizer, pairs
+
+    runner_mod._read_and_tokenize = counted
+    runner_mod.StepwiseRunner.load_inputs = kept
+    try:
+        yield seen
+    finally:
+        runner_mod._read_and_tokenize = tokenize
+        runner_mod.StepwiseRunner.load_inputs = load_inputs
+
+
+def _train_watched(config: dict, resume: bool = False) -> tuple[int, dict]:
+    with _watched_inputs() as seen:
+        return _train(config, resume), seen
+
+
 def _weights(path: Path) -> dict:
     return load_file(str(path / "model.safetensors"))
 
@@ -507,8 +545,13 @@ def test_two_step_sdpo_run_on_two_ranks_writes_what_one_process_writes(tiny_mode
     one, two = tmp_path / "one", tmp_path / "two"
     config_one = _run_config(tmp_path, tiny_model_dir, one)
     config_two = _run_config(tmp_path, tiny_model_dir, two)
-    calls_one, calls_two = _alongside(lambda: _train(config_one), tmp_path, _train, config_two)
-    assert calls_two == [calls_one] * WORLD  # every rank took part in every scoring pass
+    (calls_one, seen_one), ranks = _alongside(
+        lambda: _train_watched(config_one), tmp_path, _train_watched, config_two
+    )
+    assert [calls for calls, _ in ranks] == [calls_one] * WORLD  # every rank scored every pass
+    # rank 0 alone read and tokenized the data; every rank has one process's pairs, in order
+    assert [seen["tokenize_calls"] for _, seen in ranks] == [1, 0]
+    _assert_same_inputs(seen_one, [seen for _, seen in ranks])
 
     def listing(out: Path) -> list[str]:
         return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
@@ -542,11 +585,24 @@ def test_two_step_sdpo_run_on_two_ranks_writes_what_one_process_writes(tiny_mode
     left = sorted((two / "checkpoints").iterdir())[-1]
     assert not json.loads((left / "progress.json").read_text())["step_finished"]
     assert json.loads((left / "progress.json").read_text())["sdpo_step"] == 2
-    _spawn(tmp_path, _train, _run_config(tmp_path, tiny_model_dir, two), True)
+    ranks = _spawn(tmp_path, _train_watched, _run_config(tmp_path, tiny_model_dir, two), True)
+    assert [seen["tokenize_calls"] for _, seen in ranks] == [0, 0]  # rank 0 read the token cache
+    _assert_same_inputs(seen_one, [seen for _, seen in ranks])
     for name, w in final.items():
         assert torch.equal(w, _weights(two / "step-2")[name]), name
     again = (two / "metrics.jsonl").read_text().splitlines()
     assert [_strip(x) for x in again] == [_strip(x) for x in lines]
+
+
+def _assert_same_inputs(one: dict, ranks: list[dict]) -> None:
+    """Every rank's pairs (ids, order, indices, sources, flags) and held-out pairs are the
+    one-process ones, and its places are those of its pairs."""
+    assert one["pairs"] and one["eval_pairs"]
+    for seen in ranks:
+        assert seen["pairs"] == one["pairs"]
+        assert seen["eval_pairs"] == one["eval_pairs"]
+        all_pairs = [*one["pairs"], *one["eval_pairs"]]
+        assert seen["places"] == {p.index: one["places"][p.index] for p in all_pairs}
 
 
 def _strip(line: str) -> dict:
@@ -555,23 +611,37 @@ def _strip(line: str) -> dict:
     return d
 
 
-def _train_error(config: dict) -> tuple[str, str]:
-    try:
-        run_training(config_from_dict(config), progress=False)
-    except Exception as e:
-        return type(e).__name__, str(e)
-    return "", ""
+def _train_cli(config_file: Path) -> tuple[int, str, dict]:
+    """``sdpo train --config config_file`` in this rank: its exit code, what it printed on
+    stderr, and what ``_watched_inputs`` saw."""
+    from sdpo.cli import main
+
+    err = io.StringIO()
+    with _watched_inputs() as seen, contextlib.redirect_stderr(err):
+        code = main(["train", "--config", str(config_file), "--no-progress"])
+    return code, err.getvalue(), seen
 
 
 def test_bad_input_fails_on_every_rank_before_anything_is_written(tiny_model_dir, tmp_path):
     config = _run_config(tmp_path, tiny_model_dir, tmp_path / "out")
-    bad = tmp_path / "far.jsonl"
-    rows = bad.read_text().splitlines()
+    held_out = write_pairs(tmp_path / "held_out.jsonl", n=6, seed=5)
+    del config["data"]["eval_fraction"]
+    config["data"]["eval_sources"] = [{"name": "held_out", "path": str(held_out)}]
+    rows = held_out.read_text().splitlines()
     rows[4] = json.dumps({"prompt": "w1", "chosen": 3, "rejected": "w2"})
-    bad.write_text("\n".join(rows) + "\n")
-    errors = _spawn(tmp_path, _train_error, config)
-    assert errors[0][0] == "RunInputError" and "line 5" in errors[0][1]
+    held_out.write_text("\n".join(rows) + "\n")
+    config_file = tmp_path / "run.toml"
+    write_resolved_config(config_from_dict(config), config_file)
+    ranks = _spawn(tmp_path, _train_cli, config_file)
+    # rank 0 alone read and tokenized (the training data, then the bad held-out file); its error
+    # is raised on every rank, which exits 2; rank 0 prints it
+    assert [code for code, _, _ in ranks] == [EXIT_INPUT] * WORLD
+    assert [seen["tokenize_calls"] for _, _, seen in ranks] == [2, 0]
+    errors = [seen["error"] for _, _, seen in ranks]
+    assert errors[0].startswith("RunInputError: ") and "held_out.jsonl, line 5" in errors[0]
     assert errors[1] == errors[0]
+    assert "input error (nothing was written)" in ranks[0][1] and "line 5" in ranks[0][1]
+    assert ranks[1][1] == ""
     assert not (tmp_path / "out").exists()
 
 
