@@ -12,6 +12,9 @@ a 128k vocabulary) and reads them several times; these ops stream the vocabulary
 - ``fused_sequence_logprobs`` / ``fused_token_logprobs`` (module ``fused_head``, loaded on
   first use because it needs Triton): a no-grad reference pass that fuses the lm_head tiles
   with the online logsumexp, so no logits reach memory. Opt-in until its GPU timing is taken.
+- ``softcap_sequence_logprobs``: ``sequence_logprobs`` for soft-capped logits
+  (``c * tanh((hidden @ W.T) / c)``, Gemma 2), in plain PyTorch, chunked over tokens, with a
+  backward that recomputes each chunk (module ``softcap_head``).
 - ``resolve_impl``: the one place "auto" | "triton" | "torch" is decided.
 - ``shift_labels``: labels aligned with the inputs (Hugging Face's) to the next-token labels
   the ops take.
@@ -26,8 +29,8 @@ Conventions shared by every op:
   no other ignore index is read. Hugging Face labels, aligned with ``input_ids``, become these
   with ``shift_labels``. labels and seq_ids are int64 or int32.
 - The head is exactly ``hidden @ weight.T`` with the lm_head weight (V, H) as stored by
-  ``nn.Linear``: no bias, no logit soft-capping (Gemma 2's ``final_logit_softcapping``
-  cannot be expressed and is not supported), no temperature. A temperature ``tau`` is
+  ``nn.Linear``: no bias, no logit soft-capping (Gemma 2's ``final_logit_softcapping`` has
+  its own op, ``softcap_sequence_logprobs``), no temperature. A temperature ``tau`` is
   ``hidden / tau``; a bias ``b`` (V,) folds in exactly as ``torch.cat([hidden, ones(N, 1)], 1)``
   with ``torch.cat([weight, b[:, None]], 1)``.
 - Any strides: a slice of a bigger buffer, a transposed weight, ``hidden_states[-1]``
@@ -77,6 +80,7 @@ else:
         sequence_logprobs,
     )
     from .logprobs import IGNORE_INDEX, logprobs_from_logits, shift_labels
+    from .softcap_head import softcap_sequence_logprobs
 
     _LAZY = {"fused_sequence_logprobs", "fused_token_logprobs"}
 
@@ -97,5 +101,6 @@ else:
         "resolve_impl",
         "sequence_logprobs",
         "shift_labels",
+        "softcap_sequence_logprobs",
         "triton_available",
     ]

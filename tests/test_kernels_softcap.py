@@ -1,0 +1,94 @@
+"""``softcap_sequence_logprobs``: per-sequence sums, WPO's aligned sums and the gradients of
+hidden and weight under soft-capped logits, against float64 PyTorch on the full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdpo.kernels import softcap_sequence_logprobs
+
+CAP = 3.0
+
+
+def _inputs(seed: int = 0, *, n: int = 131, vocab: int = 257, hidden: int = 24):
+    """131 tokens over 3 sequences, a third of them unscored; logits of std ~4, so the cap
+    of 3 bends most of them."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hidden, generator=g)
+    w = torch.randn(vocab, hidden, generator=g) * 0.8
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.3] = -100
+    seq_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 50, 41]))
+    weights = torch.where(torch.rand(n, generator=g) < 0.5, 1.0, 0.25)
+    return h, w, labels, seq_ids, weights
+
+
+def _reference(h, w, labels, seq_ids, weights=None):
+    """float64 sums and WPO sums from the whole (N, V) capped logits."""
+    y = torch.tanh((h.double() @ w.double().T) / CAP) * CAP
+    logp = y.log_softmax(-1)
+    scored = labels != -100
+    tok = logp.gather(1, labels.clamp(min=0)[:, None])[:, 0] * scored
+    lsq = torch.logsumexp(2 * logp, -1)
+    if weights is not None:
+        tok = tok * weights.double()
+    seq = torch.zeros(3, dtype=torch.float64).index_add(0, seq_ids, tok)
+    aligned = torch.zeros(3, dtype=torch.float64).index_add(
+        0, seq_ids, (logp.gather(1, labels.clamp(min=0)[:, None])[:, 0] - lsq) * scored
+    )
+    return seq, aligned
+
+
+def test_softcap_sums_and_gradients_match_float64_over_odd_chunks():
+    h, w, labels, seq_ids, weights = _inputs()
+    # the cap matters here: the uncapped log-probs are far from the capped ones
+    plain = (h @ w.T).log_softmax(-1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    capped = (torch.tanh(h @ w.T / CAP) * CAP).log_softmax(-1)
+    assert (plain - capped.gather(1, labels.clamp(min=0)[:, None])[:, 0]).abs().max() > 1.0
+
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    seq, aligned = softcap_sequence_logprobs(
+        h, w, labels, seq_ids, 3, softcap=CAP, chunk_tokens=32, return_aligned=True
+    )
+    h64 = h.detach().double().requires_grad_(True)
+    w64 = w.detach().double().requires_grad_(True)
+    ref_seq, ref_aligned = _reference(h64, w64, labels, seq_ids)
+    assert seq.dtype == torch.float32 and not aligned.requires_grad
+    torch.testing.assert_close(seq.double(), ref_seq.detach(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(aligned.double(), ref_aligned.detach(), rtol=1e-5, atol=1e-4)
+
+    upstream = torch.tensor([0.7, -1.3, 2.1])
+    (seq * upstream).sum().backward()
+    (ref_seq * upstream.double()).sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_softcap_token_weights_scale_sums_and_gradients_and_a_frozen_weight_gets_none():
+    h, w, labels, seq_ids, weights = _inputs(seed=1)
+    h.requires_grad_(True)
+    seq = softcap_sequence_logprobs(
+        h, w, labels, seq_ids, 3, softcap=CAP, chunk_tokens=50, token_weights=weights
+    )
+    h64 = h.detach().double().requires_grad_(True)
+    ref, _ = _reference(h64, w, labels, seq_ids, weights)
+    torch.testing.assert_close(seq.double(), ref.detach(), rtol=1e-5, atol=1e-4)
+    seq.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+    assert w.grad is None
+    # the no-grad pass (reference values, scoring) gives the training forward's numbers
+    with torch.no_grad():
+        again = softcap_sequence_logprobs(
+            h, w, labels, seq_ids, 3, softcap=CAP, chunk_tokens=50, token_weights=weights
+        )
+    assert torch.equal(again, seq.detach())
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0, float("inf")])
+def test_softcap_refuses_a_cap_that_is_not_a_positive_number(cap):
+    h, w, labels, seq_ids, _ = _inputs(n=131)
+    with pytest.raises(ValueError, match="softcap must be"):
+        softcap_sequence_logprobs(h, w, labels, seq_ids, 3, softcap=cap)
