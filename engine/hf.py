@@ -304,8 +304,9 @@ def load_hf_pretrained(
             hf, info = transformers.AutoModelForCausalLM.from_pretrained(
                 folder, attn_implementation="sdpa", **common
             )
-        except ValueError as e:  # the architecture has no SDPA path
-            if "sdpa" not in str(e).lower():
+        except ValueError as e:  # the architecture has no SDPA path (Gemma 2: soft-capping)
+            message = str(e).lower()
+            if "sdpa" not in message and "scaled_dot_product_attention" not in message:
                 raise
             hf, info = transformers.AutoModelForCausalLM.from_pretrained(
                 folder, attn_implementation="eager", **common

@@ -359,3 +359,10 @@ def test_a_constant_logit_scale_is_folded_into_the_hidden_states(tmp_path, confi
         for start, n in zip((0, 10), lengths, strict=True):
             theirs = hf(ids[None, start : start + n]).logits[0]
             torch.testing.assert_close(logits[start : start + n], theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_a_model_without_an_sdpa_path_loads_with_eager_attention(tmp_path):
+    # transformers 5 words the refusal "scaled_dot_product_attention", without "sdpa"
+    folder = _write_hf_model(tmp_path / "gemma2", "Gemma2Config", final_logit_softcapping=None)
+    model = load_model(folder)
+    assert model.hf_model.config._attn_implementation == "eager"
