@@ -7,6 +7,11 @@ sdpo's own decoder (``engine/model.py``) attends within each ``cu_seqlens`` segm
 Hugging Face model given the packed stream as one row would let every sequence attend to the
 ones before it under SDPA or eager attention, which gives wrong log-probs without an error.
 
+A model whose logits are soft-capped (``c * tanh(hidden @ W.T / c)``, Gemma 2) exposes the cap
+as ``logit_softcap`` (None for every other model, sdpo's own decoder included, which has no such
+attribute); the trainer and the scoring pass then compute the log-probs of the capped logits
+(``sdpo.engine.scoring.logprob_head``).
+
 ``PackedCausalLM`` keeps the sequences apart the portable way: it scatters the stream into a
 right-padded ``(S, max_seqlen)`` batch with an attention mask and the stream's own position ids,
 runs the model's decoder (``get_decoder()``: the embeddings, the layers and the final norm, no
@@ -31,6 +36,7 @@ once, the config's own ``to_dict`` with the saved dtype), so they reload with
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -48,13 +54,13 @@ __all__ = [
     "hf_state_dict",
     "load_hf_pretrained",
     "logit_factor",
+    "logit_softcap",
     "peft_adapter_parameters",
 ]
 
 # config keys of Hugging Face models whose logits are not ``hidden @ lm_head.weight.T``: the
 # packed protocol hands the loss head the weight alone, so these would give wrong log-probs
 _LOGIT_KEYS = {
-    "final_logit_softcapping": None,  # Gemma 2: tanh soft-capping of the logits
     "output_multiplier_scale": 1.0,
 }
 # config keys that scale the logits by a constant, which the wrapper folds into the hidden
@@ -74,6 +80,21 @@ def logit_factor(config: object) -> float:
         if value is not None:
             factor *= float(of(value))
     return factor
+
+
+def logit_softcap(config: object) -> float | None:
+    """The cap ``c`` of a model whose logits are ``c * tanh(hidden @ W.T / c)`` (Gemma 2's
+    ``final_logit_softcapping``), or None: logits not capped."""
+    value = getattr(config, "final_logit_softcapping", None)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(f"final_logit_softcapping must be a number > 0 or null, got {value!r}")
+    return float(value)
 
 
 # config.json keys that say nothing about the function a model computes: left out of its
@@ -127,6 +148,9 @@ class PackedCausalLM(nn.Module):
         # Granite's and Cohere's constant logit scale, applied to the hidden states returned,
         # so that they times lm_head.weight are the model's logits
         self.logit_factor = logit_factor(getattr(hf_model, "config", None))
+        # Gemma 2's final_logit_softcapping: the logits are cap * tanh(hidden @ W.T / cap), which
+        # the trainer and the scoring pass compute with their soft-capped head when this is set
+        self.logit_softcap = logit_softcap(getattr(hf_model, "config", None))
         # the Hugging Face object itself, kept out of the module tree (a tuple is not registered)
         # so the parameter names stay the ones above; train()/eval() set its mode too, or the
         # object the caller holds would report eval mode while its layers train (dropout on)
@@ -244,9 +268,10 @@ def check_gradient_checkpointing(path: str | os.PathLike) -> None:
 
 def check_head(hf_model: nn.Module) -> None:
     """Refuse a model whose logits are more than ``hidden @ lm_head.weight.T`` times a constant
-    (a bias on the output projection, soft-capped logits): the packed protocol's loss head reads
-    the weight alone and would compute other log-probs than the model does, without an error.
-    A constant scale (``logit_factor``) is folded into the hidden states instead."""
+    (a bias on the output projection): the packed protocol's loss head reads the weight alone
+    and would compute other log-probs than the model does, without an error. A constant scale
+    (``logit_factor``) is folded into the hidden states instead, and soft-capped logits
+    (``logit_softcap``) have a head of their own."""
     head = hf_model.get_output_embeddings()
     name = type(hf_model).__name__
     if getattr(head, "bias", None) is not None:
@@ -255,6 +280,7 @@ def check_head(hf_model: nn.Module) -> None:
             "lm_head.weight) leaves out: this model cannot be trained here"
         )
     config = getattr(hf_model, "config", None)
+    logit_softcap(config)  # a cap that is not a positive number
     for key, neutral in _LOGIT_KEYS.items():
         value = getattr(config, key, neutral)
         if value is not None and value != neutral:

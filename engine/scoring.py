@@ -19,7 +19,7 @@ are dropped).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +37,24 @@ from sdpo.engine.packing import (
 )
 from sdpo.engine.precision import autocast_context, head_inputs
 from sdpo.engine.resume import fault_point
-from sdpo.kernels import sequence_logprobs
+from sdpo.kernels import sequence_logprobs, softcap_sequence_logprobs
+
+
+def logprob_head(model: torch.nn.Module) -> Callable[..., Tensor | tuple[Tensor, Tensor]]:
+    """The per-sequence log-prob op for ``model``'s logits, with ``sequence_logprobs``'
+    arguments: that op itself, or, for a model whose ``logit_softcap`` is set (Gemma 2's
+    ``final_logit_softcapping``, ``PackedCausalLM``), ``softcap_sequence_logprobs`` with that
+    cap, which runs in PyTorch whatever ``impl`` says. The scoring pass and the training
+    forward both take their head from here, so their numbers agree."""
+    cap = getattr(model, "logit_softcap", None)
+    if cap is None:
+        return sequence_logprobs
+
+    def capped(*args, impl: str = "auto", **kwargs):
+        del impl  # one implementation
+        return softcap_sequence_logprobs(*args, softcap=cap, **kwargs)
+
+    return capped
 
 
 @dataclass(kw_only=True)
@@ -237,7 +254,7 @@ def _score_local(
             hidden.index_select(0, head.index), model.lm_head_weight, precision
         )  # (M, H): only rows with a label
         head_sums = functools.partial(
-            sequence_logprobs,
+            logprob_head(model),
             hidden,
             weight,
             head.labels,

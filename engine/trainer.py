@@ -81,8 +81,8 @@ from sdpo.engine.precision import (
 )
 from sdpo.engine.profiling import StepProfiler
 from sdpo.engine.resume import fault_point
-from sdpo.engine.scoring import PairLogps
-from sdpo.kernels import linear_pair_loss, sequence_logprobs
+from sdpo.engine.scoring import PairLogps, logprob_head
+from sdpo.kernels import linear_pair_loss
 
 SCHEDULES = ("linear", "cosine", "constant")
 # the metric sums of one micro-batch (``DPOTrainer._micro_batch``), in a fixed order so that
@@ -502,6 +502,10 @@ class DPOTrainer:
         # unweighted sum, which that term reads (chosen_raw, sdpo/losses.py)
         self.raw_logps = bool(getattr(_loss_config(loss_fn), "needs_raw_logps", False))
         self.kernels_impl = kernels_impl
+        # Gemma 2's final_logit_softcapping (PackedCausalLM): the log-probs are those of the
+        # capped logits, from a PyTorch head (kernels/softcap_head.py) on the plain loss path,
+        # whatever train.loss_path says; the scoring pass takes the same head
+        self.logit_softcap = getattr(model, "logit_softcap", None)
         self.chunk_tokens = chunk_tokens
         self.max_chunk_tokens = max_chunk_tokens  # fused path: longer pairs are split
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -607,7 +611,9 @@ class DPOTrainer:
         wpo, with_raw = self.use_weighting, self.raw_logps
         # the step's (pairs / chosen tokens) for the sft type; None: this batch's own
         sft = {"sft_scale": self._sft_scale} if self.sft else {}
-        if self.config.loss_path == "fused":
+        # a soft-capped model (logit_softcap) takes the plain path with its own head
+        fused = self.config.loss_path == "fused" and self.logit_softcap is None
+        if fused:
 
             def pair_loss(chosen: Tensor, rejected: Tensor, sl: slice, **chunk_sums) -> Tensor:
                 chunk_sums.pop("rejected_raw", None)  # no loss term reads it
@@ -642,7 +648,7 @@ class DPOTrainer:
             seq_aligned, seq_raw = rest[:1] if wpo else [], rest[-1] if with_raw else None
         else:
             head_sums = partial(
-                sequence_logprobs,
+                logprob_head(self.model),
                 hidden,
                 weight,
                 head.labels,
@@ -662,7 +668,7 @@ class DPOTrainer:
             else {}
         )
         raw = {"chosen_raw": seq_raw[0::2]} if seq_raw is not None else {}
-        if self.config.loss_path != "fused":
+        if not fused:
             out = self.loss_fn(
                 seq_logps[0::2],
                 seq_logps[1::2],

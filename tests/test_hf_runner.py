@@ -251,15 +251,15 @@ def test_the_implementation_key_is_checked_and_forces_or_refuses(
 
 
 def test_models_sdpo_cannot_train_with_transformers_are_refused(tmp_path):
-    """LoRA where the projections are fused (Phi-3's qkv_proj), and logits that are more than
-    hidden @ lm_head.T (Gemma 2's soft-capping): refused before any work, naming the cause."""
+    """LoRA where the projections are fused (Phi-3's qkv_proj), and a logit soft-cap that is
+    not a positive number: refused before any work, naming the cause."""
     phi3 = _write_hf_model(tmp_path / "phi3", "Phi3Config", pad_token_id=0)
     cfg = _config(tmp_path, phi3, lora={"rank": 4})
     with pytest.raises(RunInputError, match=r"no nn.Linear self_attn.q_proj"):
         run_training(cfg, progress=False)
     assert not Path(cfg.output_dir).exists()
-    gemma2 = _write_hf_model(tmp_path / "gemma2", "Gemma2Config")
-    with pytest.raises(CheckpointError, match="final_logit_softcapping"):
+    gemma2 = _write_hf_model(tmp_path / "gemma2", "Gemma2Config", final_logit_softcapping=-1.0)
+    with pytest.raises(CheckpointError, match="final_logit_softcapping must be a number > 0"):
         check_model(gemma2)
 
 
@@ -359,6 +359,75 @@ def test_a_constant_logit_scale_is_folded_into_the_hidden_states(tmp_path, confi
         for start, n in zip((0, 10), lengths, strict=True):
             theirs = hf(ids[None, start : start + n]).logits[0]
             torch.testing.assert_close(logits[start : start + n], theirs, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def gemma2_dir(tmp_path: Path) -> Path:
+    """Gemma 2: its logits soft-capped, c * tanh(z / c), with c = 2 and weights of std 0.5 so
+    that the cap bends the tiny model's logits (Gemma 2's own cap is 30)."""
+    return _write_hf_model(
+        tmp_path / "gemma2", "Gemma2Config", final_logit_softcapping=2.0, initializer_range=0.5
+    )
+
+
+def test_sdpo_score_gives_a_soft_capped_model_the_log_probs_of_its_capped_logits(
+    gemma2_dir, tmp_path
+):
+    """``sdpo score`` on Gemma 2: each completion's log-prob is the sum transformers' own
+    (capped) logits give, and the uncapped logits would give other numbers."""
+    data = write_pairs(tmp_path / "pairs.jsonl", n=3, seed=3)
+    out = tmp_path / "scores.jsonl"
+    args = ["score", "--model", str(gemma2_dir), "--data", str(data), "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    scores = sorted(
+        (json.loads(line) for line in out.read_text().splitlines()), key=lambda r: r["index"]
+    )
+    pairs, _ = tokenize_pairs(
+        read_preference_file(data), PairTokenizer.from_dir(gemma2_dir), max_length=1024
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gemma2_dir, dtype=torch.float32)
+    for pair, row in zip(pairs, scores, strict=True):
+        for field, completion in (
+            ("logp_chosen", pair.chosen_ids),
+            ("logp_rejected", pair.rejected_ids),
+        ):
+            ids = torch.tensor([pair.prompt_ids + completion])
+            targets = ids[0, 1:, None]
+            start = len(pair.prompt_ids) - 1
+            with torch.no_grad():
+                out_ = hf(ids, output_hidden_states=True)
+                capped = out_.logits[0, :-1].log_softmax(-1).gather(1, targets)[start:].sum()
+                uncapped = hf.lm_head(out_.hidden_states[-1][0, :-1]).log_softmax(-1)
+                uncapped = uncapped.gather(1, targets)[start:].sum()
+            assert row[field] == pytest.approx(float(capped), rel=1e-5, abs=1e-5)
+            assert abs(row[field] - float(uncapped)) > 1e-2
+
+
+def test_a_soft_capped_model_trains_from_its_reference_and_its_steps_reload(gemma2_dir, tmp_path):
+    """Two sDPO steps of Gemma 2, with WPO's weighting and LD-DPO's length desensitization
+    (the outputs only the kernels' fused path had): each step's first rewards are 0 (the
+    reference pass and the training forward compute the same capped log-probs), the weights
+    move, and step-2/ reloads with transformers and with sdpo, its cap kept."""
+    cfg = _config(
+        tmp_path,
+        gemma2_dir,
+        train={"save_every": 0},
+        loss={"use_weighting": True, "ld_alpha": 0.5, "rpo_alpha": 0.5},
+    )
+    run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    for t in (1, 2):
+        first = next(r for r in _records(out) if r["sdpo_step"] == t)
+        assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    step = out / "step-2"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(step, dtype=torch.float32)
+    assert reloaded.config.final_logit_softcapping == 2.0
+    before = load_file(gemma2_dir / "model.safetensors")
+    after = load_file(step / "model.safetensors")
+    assert not torch.equal(
+        after["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert load_model(step).logit_softcap == 2.0
 
 
 def test_a_model_without_an_sdpa_path_loads_with_eager_attention(tmp_path):
