@@ -92,11 +92,12 @@ class _SoftcapLogprobs(torch.autograd.Function):
             h = hidden[t0:t1].to(dtype)
             y = _capped_logits(h, w, cap, dtype)  # (T, V)
             g = g_tok[t0:t1, None]
-            # d(token_logp)/dy = onehot - softmax(y); dy/dz = 1 - (y / c)^2
-            slope = 1.0 - (y / cap).square_()
+            # d(token_logp)/dy = onehot - softmax(y); dy/dz = 1 - (y / c)^2, formed in y's
+            # buffer: two (T, V) fp32 tensors at a time
             grad = torch.softmax(y, dim=-1).mul_(-g)
             lab = labels[t0:t1].clamp(min=0).long()[:, None]
             grad.scatter_add_(1, lab, g)
+            slope = y.div_(cap).square_().neg_().add_(1.0)
             grad = grad.mul_(slope).to(dtype)  # (T, V): d loss / d z
             del y, slope
             if need_h:
