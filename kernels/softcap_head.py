@@ -39,8 +39,8 @@ from .logprobs import IGNORE_INDEX, check_token_weights, sum_per_sequence, weigh
 
 
 def _capped_logits(h: torch.Tensor, w: torch.Tensor, cap: float, dtype: torch.dtype):
-    """(T, V) fp32 ``tanh((h @ w.T) / cap) * cap``, the matmul in ``dtype``."""
-    z = (h.to(dtype) @ w.to(dtype).T).float()
+    """(T, V) fp32 ``tanh((h @ w.T) / cap) * cap``, the matmul in ``dtype`` (w's already)."""
+    z = (h.to(dtype) @ w.T).float()
     return z.div_(cap).tanh_().mul_(cap)
 
 
@@ -51,9 +51,10 @@ class _SoftcapLogprobs(torch.autograd.Function):
         n = hidden.shape[0]
         token_logps = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         aligned = torch.zeros_like(token_logps) if lsq else None
+        w = weight.to(dtype)
         for t0 in range(0, n, chunk):
             t1 = min(n, t0 + chunk)
-            y = _capped_logits(hidden[t0:t1], weight, cap, dtype)  # (T, V)
+            y = _capped_logits(hidden[t0:t1], w, cap, dtype)  # (T, V)
             lab = labels[t0:t1]
             scored = lab != IGNORE_INDEX
             lse = torch.logsumexp(y, dim=-1)  # (T,)
