@@ -289,6 +289,9 @@ class ModelInfo:
     vocab_size: int
     max_position_embeddings: int | None
     unsupported: str | None = None
+    # Gemma 2's final_logit_softcapping (transformers only): its log-probs come from the
+    # PyTorch head for capped logits (``engine/hf.py``, ``logit_softcap``)
+    logit_softcap: float | None = None
 
 
 def sdpo_unsupported(config: dict) -> str | None:
@@ -357,7 +360,7 @@ def check_model(path: str | os.PathLike, implementation: str = "auto") -> ModelI
 def _check_hf_layout(folder: Path) -> ModelInfo:
     import transformers
 
-    from sdpo.engine.hf import check_head
+    from sdpo.engine.hf import check_head, logit_softcap
 
     if not (folder / CONFIG_NAME).is_file():
         read_model_config(folder)  # raises, naming the missing file
@@ -403,6 +406,7 @@ def _check_hf_layout(folder: Path) -> ModelInfo:
         vocab_size=int(vocab),
         max_position_embeddings=int(context) if context else None,
         unsupported=sdpo_unsupported(_read_json(folder / CONFIG_NAME)),
+        logit_softcap=logit_softcap(config),
     )
 
 

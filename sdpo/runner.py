@@ -537,8 +537,10 @@ class StepwiseRunner:
         self.pending_cache_saves: list[Callable[[], None]] = []  # load_inputs' token caches
         self.model_fps: dict[str, str] = {}  # role ("initial", "reference") -> weights' fingerprint
         self.phase = "loading the model"  # what the run is doing, for an out-of-memory message
-        # the code that runs the policy (model.implementation resolved by load_inputs)
+        # the code that runs the policy (model.implementation resolved by load_inputs), and its
+        # logit soft-cap (Gemma 2; None: the usual log-prob head)
         self.implementation = "sdpo"
+        self.logit_softcap: float | None = None
 
     # -- scoring and the cache -----------------------------------------------------------
     @property
@@ -697,6 +699,7 @@ class StepwiseRunner:
         adapters), and say once that transformers runs it when ``"auto"`` chose so."""
         if key == "model.path":
             self.implementation = info.implementation
+            self.logit_softcap = info.logit_softcap
         if info.implementation != "transformers":
             return
         how = (
@@ -726,6 +729,13 @@ class StepwiseRunner:
                 "sequence padded to the longest of its batch (slower than sdpo's packed decoder "
                 "on uneven lengths)"
             )
+            if info.logit_softcap is not None and key == "model.path":
+                _log(
+                    f"{key}: its logits are soft-capped (final_logit_softcapping = "
+                    f"{info.logit_softcap:g}): log-probs from sdpo's PyTorch head for capped "
+                    "logits, on the plain loss path (slower than the Triton head; "
+                    "train.loss_path, kernels.impl and kernels.max_chunk_tokens do not apply)"
+                )
 
     def _check_partition_fits(self, pairs: list[TokenizedPair]) -> None:
         """The partition's structural checks (pairs per step, one chunk per source, no source
@@ -1475,10 +1485,16 @@ class StepwiseRunner:
                 )
             elif not cfg.model.gradient_checkpointing:
                 ways.append("recompute activations: model.gradient_checkpointing = true")
-            ways.append(
-                "cap the log-prob head's logits for long pairs and large vocabularies: "
-                f"kernels.max_chunk_tokens = 2048 (now {cfg.kernels.max_chunk_tokens})"
-            )
+            if self.logit_softcap is None:
+                ways.append(
+                    "cap the log-prob head's logits for long pairs and large vocabularies: "
+                    f"kernels.max_chunk_tokens = 2048 (now {cfg.kernels.max_chunk_tokens})"
+                )
+            else:  # the soft-capped head holds kernels.chunk_tokens rows of logits
+                ways.append(
+                    "hold fewer rows of the soft-capped head's logits at once: "
+                    f"kernels.chunk_tokens = 256 (now {cfg.kernels.chunk_tokens or 'its default'})"
+                )
             if not cfg.lora.enabled:
                 ways.append(
                     "or, as a new run, train a LoRA adapter instead of every weight "

@@ -403,7 +403,9 @@ def test_sdpo_score_gives_a_soft_capped_model_the_log_probs_of_its_capped_logits
             assert abs(row[field] - float(uncapped)) > 1e-2
 
 
-def test_a_soft_capped_model_trains_from_its_reference_and_its_steps_reload(gemma2_dir, tmp_path):
+def test_a_soft_capped_model_trains_from_its_reference_and_its_steps_reload(
+    gemma2_dir, tmp_path, capsys
+):
     """Two sDPO steps of Gemma 2, with WPO's weighting and LD-DPO's length desensitization
     (the outputs only the kernels' fused path had): each step's first rewards are 0 (the
     reference pass and the training forward compute the same capped log-probs), the weights
@@ -415,6 +417,7 @@ def test_a_soft_capped_model_trains_from_its_reference_and_its_steps_reload(gemm
         loss={"use_weighting": True, "ld_alpha": 0.5, "rpo_alpha": 0.5},
     )
     run_training(cfg, progress=False)
+    assert "soft-capped (final_logit_softcapping = 2)" in capsys.readouterr().out
     out = Path(cfg.output_dir)
     for t in (1, 2):
         first = next(r for r in _records(out) if r["sdpo_step"] == t)
@@ -435,3 +438,15 @@ def test_a_model_without_an_sdpa_path_loads_with_eager_attention(tmp_path):
     folder = _write_hf_model(tmp_path / "gemma2", "Gemma2Config", final_logit_softcapping=None)
     model = load_model(folder)
     assert model.hf_model.config._attn_implementation == "eager"
+
+
+def test_out_of_memory_training_a_soft_capped_model_points_at_its_head_s_chunk(
+    gemma2_dir, tmp_path, monkeypatch
+):
+    # its head holds kernels.chunk_tokens rows of logits; kernels.max_chunk_tokens does nothing
+    monkeypatch.setattr(resume_mod, "_fault_counts", {})
+    monkeypatch.setenv("SDPO_FAULT_AT", "micro_batch:1:OOM")
+    with pytest.raises(runner_mod.OutOfMemoryStop) as e:
+        run_training(_config(tmp_path, gemma2_dir), progress=False)
+    assert "kernels.chunk_tokens = 256 (now its default)" in str(e.value)
+    assert "kernels.max_chunk_tokens" not in str(e.value)
