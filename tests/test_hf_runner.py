@@ -71,6 +71,13 @@ def _records(out: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if "rewards/chosen" in r]
 
 
+def _assert_each_step_starts_at_its_reference(out: Path, steps: int = 2) -> None:
+    """Each sDPO step's first logged rewards are 0: the policy starts at its reference."""
+    for t in range(1, steps + 1):
+        first = next(r for r in _records(out) if r["sdpo_step"] == t)
+        assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+
+
 def test_a_gemma_model_trains_resumes_and_its_steps_reload_with_transformers(
     gemma_dir, tmp_path, monkeypatch, capsys
 ):
@@ -92,9 +99,7 @@ def test_a_gemma_model_trains_resumes_and_its_steps_reload_with_transformers(
     run_training(cfg, progress=False)
     assert "running it with transformers" in capsys.readouterr().out
     out = Path(cfg.output_dir)
-    for t in (1, 2):
-        first = next(r for r in _records(out) if r["sdpo_step"] == t)
-        assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    _assert_each_step_starts_at_its_reference(out)
     step = out / "step-2"
     config = json.loads((step / "config.json").read_text())
     assert config["model_type"] == "gemma" and config["dtype"] == "float32"
@@ -419,9 +424,7 @@ def test_a_soft_capped_model_trains_from_its_reference_and_its_steps_reload(
     run_training(cfg, progress=False)
     assert "soft-capped (final_logit_softcapping = 2)" in capsys.readouterr().out
     out = Path(cfg.output_dir)
-    for t in (1, 2):
-        first = next(r for r in _records(out) if r["sdpo_step"] == t)
-        assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    _assert_each_step_starts_at_its_reference(out)
     step = out / "step-2"
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(step, dtype=torch.float32)
     assert reloaded.config.final_logit_softcapping == 2.0
