@@ -17,7 +17,10 @@ right-padded ``(S, max_seqlen)`` batch with an attention mask and the stream's o
 runs the model's decoder (``get_decoder()``: the embeddings, the layers and the final norm, no
 lm_head), and gathers the real rows back into the stream's order. Any attention implementation
 the model was loaded with works; the padding costs compute on batches of uneven lengths, which
-sdpo's own decoder does not pay.
+sdpo's own decoder does not pay. Where one padded batch would hold more than twice the real
+tokens (one long sequence among many short ones), the sequences run in groups of similar length,
+each padded to its own longest, so the activations kept for the backward stay near the real
+tokens'.
 
 The wrapper holds the decoder as ``model`` and the output embedding as ``lm_head``, so its
 parameter names are the Hugging Face ones (``model.layers.0.self_attn.q_proj.weight``,
@@ -225,27 +228,85 @@ class PackedCausalLM(nn.Module):
                 f"got {tuple(input_ids.shape)} and {tuple(position_ids.shape)}"
             )
         n = input_ids.shape[0]
-        device = input_ids.device
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        num_seqs = lengths.shape[0]
-        # row and column of every stream token in the padded batch, without a host read
-        row = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths, output_size=n)
-        col = torch.arange(n, device=device) - cu_seqlens.long()[row]
+        starts = cu_seqlens[:-1].long()
         width = int(max_seqlen)
+        if lengths.shape[0] * width <= _PADDING_FACTOR * n:  # one padded batch is cheap enough
+            hidden = self._padded(input_ids, position_ids, starts, lengths, width, n)
+        else:
+            # a few long sequences among many short ones: padding all to the longest would cost
+            # (and hold for the backward) far more than the real tokens, so the sequences run in
+            # groups of similar length, each padded to its own longest
+            parts, where = [], []
+            for group in _length_groups([int(x) for x in lengths.tolist()]):
+                index = torch.tensor(group, device=input_ids.device)
+                size = int(lengths[index].sum())
+                part, tokens = self._padded(
+                    input_ids, position_ids, starts[index], lengths[index], None, size, stream=True
+                )
+                parts.append(part)
+                where.append(tokens)
+            hidden = torch.cat(parts)[torch.argsort(torch.cat(where))]
+        if self.logit_factor != 1.0:
+            hidden = hidden * self.logit_factor
+        return hidden
+
+    def _padded(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        starts: Tensor,
+        lengths: Tensor,
+        width: int | None,
+        n: int,
+        *,
+        stream: bool = False,
+    ) -> Any:
+        """The decoder on the sequences at ``starts`` (of ``lengths``, ``n`` tokens in all)
+        right-padded to ``width`` (None: their longest): their final hidden states ``(n, H)``,
+        sequence after sequence; with ``stream`` also the stream index of each row."""
+        device = input_ids.device
+        num_seqs = lengths.shape[0]
+        if width is None:
+            width = int(lengths.max())
+        # row and column of every token in the padded batch, without a host read
+        row = torch.repeat_interleave(torch.arange(num_seqs, device=device), lengths, output_size=n)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        col = torch.arange(n, device=device) - offsets[row]
+        tokens = starts[row] + col  # where each token sits in the packed stream
         ids = input_ids.new_zeros(num_seqs, width)
-        ids[row, col] = input_ids
+        ids[row, col] = input_ids[tokens]
         positions = position_ids.new_zeros(num_seqs, width)
-        positions[row, col] = position_ids
+        positions[row, col] = position_ids[tokens]
         mask = torch.zeros(num_seqs, width, dtype=torch.long, device=device)
         mask[row, col] = 1
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        hidden = hidden[row, col]
-        if self.logit_factor != 1.0:
-            hidden = hidden * self.logit_factor
-        return hidden
+        return (hidden[row, col], tokens) if stream else hidden[row, col]
+
+
+# padded tokens a micro-batch may cost in one decoder call, as a multiple of its real tokens;
+# past that its sequences run in groups of similar length
+_PADDING_FACTOR = 2
+
+
+def _length_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of ``lengths`` in groups, longest first, each group padded to its own longest
+    costing at most ``_PADDING_FACTOR`` times its real tokens (a lone sequence costs nothing)."""
+    groups: list[list[int]] = []
+    real = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= _PADDING_FACTOR * (
+            real + lengths[i]
+        ):
+            groups[-1].append(i)
+            real += lengths[i]
+        else:
+            groups.append([i])
+            real = lengths[i]
+    return groups
 
 
 def _check_checkpointing(model_class: type) -> None:

@@ -453,3 +453,28 @@ def test_out_of_memory_training_a_soft_capped_model_points_at_its_head_s_chunk(
         run_training(_config(tmp_path, gemma2_dir), progress=False)
     assert "kernels.chunk_tokens = 256 (now its default)" in str(e.value)
     assert "kernels.max_chunk_tokens" not in str(e.value)
+
+
+def test_one_long_sequence_among_short_ones_is_not_padded_to_the_longest(tmp_path):
+    """A micro-batch of one long and many short sequences: the wrapped decoder never runs on
+    more than twice the real tokens (padding every sequence to the longest cost 8 times), and
+    each sequence's logits are transformers' own on it alone; here a Mistral with a sliding
+    window shorter than the long sequence, which transformers' SDPA masks apply under padding."""
+    folder = _write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=4)
+    model = load_model(folder, implementation="transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    calls = []
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].numel()), with_kwargs=True
+    )
+    lengths = [3, 2, 40, 5, 2, 6, 4, 3, 2, 1]
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 40, (n,), generator=gen) for n in lengths]
+    ids = torch.cat(seqs)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    with torch.no_grad():
+        logits = model(ids, positions, cu, max(lengths)) @ model.lm_head_weight.T
+        want = torch.cat([hf(s[None]).logits[0] for s in seqs])
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    assert sum(calls) <= 2 * ids.numel() < len(lengths) * max(lengths)
