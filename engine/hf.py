@@ -198,10 +198,17 @@ class PackedCausalLM(nn.Module):
 
     def fingerprint_config(self) -> str:
         """The wrapped model's architecture as text, for ``model_fingerprint``: its class and
-        config, without the keys that do not change what it computes."""
+        config, without the keys that do not change what it computes: the ones every
+        transformers config has (labels, output switches, its version), ``use_cache``, and
+        keys set to None, which a newer transformers adds to every config of a type (a feature
+        off), so that upgrading it keeps the reference caches and ``--resume``."""
+        from transformers import PretrainedConfig
+
         d = self.hf_model.config.to_dict()
-        for key in _VOLATILE_KEYS:
+        generic = set(PretrainedConfig().to_dict()) - {"model_type"}
+        for key in (*_VOLATILE_KEYS, *generic, "use_cache"):
             d.pop(key, None)
+        d = {key: value for key, value in d.items() if value is not None}
         return json.dumps(
             {"transformers": type(self.hf_model).__name__, "config": d}, sort_keys=True, default=str
         )

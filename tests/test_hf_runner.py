@@ -478,3 +478,25 @@ def test_one_long_sequence_among_short_ones_is_not_padded_to_the_longest(tmp_pat
         want = torch.cat([hf(s[None]).logits[0] for s in seqs])
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
     assert sum(calls) <= 2 * ids.numel() < len(lengths) * max(lengths)
+
+
+def test_the_fingerprint_of_a_transformers_model_follows_the_model_not_the_library(gemma_dir):
+    """What a newer transformers adds to a config (a new key set to None, another value of an
+    output switch or of the version) keeps the fingerprint that keys the reference caches and
+    the resume check; another weight or architecture value changes it."""
+    from sdpo.engine.checkpoint import model_fingerprint
+
+    model = load_model(gemma_dir)
+    before = model_fingerprint(model)
+    config = model.hf_model.config
+    config.use_some_new_feature = None
+    config.id2label = {0: "A", 1: "B"}
+    config.transformers_version = "99.0.0"
+    assert model_fingerprint(model) == before
+    config.rms_norm_eps = 1e-5
+    assert model_fingerprint(model) != before
+    config.rms_norm_eps = load_model(gemma_dir).hf_model.config.rms_norm_eps
+    assert model_fingerprint(model) == before
+    with torch.no_grad():
+        model.hf_model.model.norm.weight[0] += 1
+    assert model_fingerprint(model) != before
