@@ -64,6 +64,8 @@ __all__ = [
 # config keys of Hugging Face models whose logits are not ``hidden @ lm_head.weight.T``: the
 # packed protocol hands the loss head the weight alone, so these would give wrong log-probs
 _LOGIT_KEYS = {
+    "lm_head_multiplier": 1.0,  # Falcon-H1: logits multiplied by it
+    "output_multiplier": 1.0,
     "output_multiplier_scale": 1.0,
 }
 # config keys that scale the logits by a constant, which the wrapper folds into the hidden
@@ -422,7 +424,31 @@ def load_hf_pretrained(
     hf.eval()
     wrapped = PackedCausalLM(hf)
     wrapped.saved_config = dropout
+    _check_logits(wrapped, folder)
     return wrapped
+
+
+def _check_logits(model: PackedCausalLM, folder: str) -> None:
+    """Refuse a model whose own logits are not its final hidden states times
+    ``lm_head.weight`` on a few tokens (a transform of the logits no config key named, which
+    ``check_head`` would miss): sdpo's loss head would train other log-probs than it computes."""
+    hf = model.hf_model
+    vocab = model.lm_head_weight.shape[0]
+    n = min(8, vocab)
+    device = model.lm_head_weight.device
+    ids = torch.arange(vocab - n, vocab, device=device)
+    with torch.no_grad():
+        hidden = model(ids, torch.arange(n, device=device), torch.tensor([0, n], device=device), n)
+        ours = (hidden @ model.lm_head_weight.T).float()
+        theirs = hf(input_ids=ids[None], use_cache=False).logits[0].float()
+    scale = float(theirs.abs().max()) + 1e-6
+    tol = 1e-3 if model.lm_head_weight.dtype == torch.float32 else 3e-2
+    if float((ours - theirs).abs().max()) > tol * scale:
+        raise ValueError(
+            f"{type(hf).__name__} in {folder} computes logits other than its final hidden states "
+            "times lm_head.weight (a scaled, capped or biased output), which is what sdpo's loss "
+            "head computes; this model cannot be trained here"
+        )
 
 
 def hf_state_dict(model: PackedCausalLM) -> dict[str, Tensor]:

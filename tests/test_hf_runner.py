@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import sdpo.engine.hf as hf_mod
 import sdpo.engine.trainer as trainer_mod
 import sdpo.runner as runner_mod
 from sdpo.cli import main
@@ -500,3 +501,25 @@ def test_the_fingerprint_of_a_transformers_model_follows_the_model_not_the_libra
     with torch.no_grad():
         model.hf_model.model.norm.weight[0] += 1
     assert model_fingerprint(model) != before
+
+
+def test_a_model_whose_logits_are_scaled_is_refused(tmp_path, monkeypatch):
+    """Falcon-H1 multiplies its logits by lm_head_multiplier: refused before any weight is
+    read, as the other scaled heads are; and a head transform no config key names is caught
+    when the model loads, by its own logits on a few tokens."""
+    falcon = _write_hf_model(
+        tmp_path / "falcon",
+        "FalconH1Config",
+        mamba_d_ssm=32,
+        mamba_n_heads=4,
+        mamba_d_head=8,
+        mamba_d_state=8,
+        mamba_chunk_size=8,
+        lm_head_multiplier=0.5,
+    )
+    with pytest.raises(CheckpointError, match="lm_head_multiplier = 0.5"):
+        check_model(falcon)
+    granite = _write_hf_model(tmp_path / "granite", "GraniteConfig", logits_scaling=4.0)
+    monkeypatch.setattr(hf_mod, "_LOGIT_KEYS", {})
+    with pytest.raises(CheckpointError, match="GraniteForCausalLM .* computes logits other"):
+        load_model(granite)
