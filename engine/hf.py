@@ -38,10 +38,12 @@ once, the config's own ``to_dict`` with the saved dtype), so they reload with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ __all__ = [
     "check_gradient_checkpointing",
     "check_head",
     "check_lora_layout",
+    "dropout_off",
     "hf_config_dict",
     "hf_state_dict",
     "load_hf_pretrained",
@@ -316,6 +319,36 @@ def _length_groups(lengths: list[int]) -> list[list[int]]:
             groups.append([i])
             real = lengths[i]
     return groups
+
+
+# names of a module's dropout rates: nn.Dropout's ``p``, and the float attributes attention
+# modules keep from their config (``self.attention_dropout``, ``resid_pdrop``...)
+_DROPOUT_SUFFIXES = ("dropout", "pdrop", "dropout_prob", "dropout_rate")
+
+
+@contextlib.contextmanager
+def dropout_off(model: nn.Module) -> Iterator[None]:
+    """Every dropout of ``model`` at 0 inside the block, its rates restored after it: each
+    ``nn.Dropout``'s ``p`` and each module's float rate attribute (an attention module reads
+    ``self.attention_dropout`` in forward, which setting the config afterwards does not reach).
+    What ``load_hf_pretrained`` does for a folder, for a model the caller built (``run_sdpo``):
+    a policy with dropout leaves its reference values at once (a step's first rewards not 0)."""
+    saved: list[tuple[nn.Module, str, float]] = []
+    for module in model.modules():
+        rates = {
+            key: value for key, value in vars(module).items() if key.endswith(_DROPOUT_SUFFIXES)
+        }
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            rates["p"] = module.p
+        for key, value in rates.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                saved.append((module, key, value))
+                setattr(module, key, 0.0)
+    try:
+        yield
+    finally:
+        for module, key, value in saved:
+            setattr(module, key, value)
 
 
 def _check_checkpointing(model_class: type) -> None:

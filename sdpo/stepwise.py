@@ -7,7 +7,8 @@ the algorithm: ``run_sdpo`` is that loop, on any module that follows the packed 
 (``model(input_ids, position_ids, cu_seqlens, max_seqlen)`` to final hidden states, and
 ``model.lm_head_weight``): sdpo's own decoder, or a Hugging Face causal LM (wrapped in
 ``sdpo.engine.hf.PackedCausalLM`` when given as it is; ``on_step_end`` then receives the
-wrapper, whose parameters are the Hugging Face model's own).
+wrapper, whose parameters are the Hugging Face model's own; its dropout is off for the run and
+its rates are restored after it, as the runner loads a folder with dropout off).
 
 What it does, as the runner does for the same settings (a test checks that both end with the
 same weights and the same per-step numbers):
@@ -35,13 +36,14 @@ import dataclasses
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sdpo.engine.hf import PackedCausalLM
+from sdpo.engine.hf import PackedCausalLM, dropout_off
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import resolve_precision
 from sdpo.engine.scoring import PairLogps, score_pairs
@@ -156,146 +158,150 @@ def run_sdpo(
             f"run_sdpo takes a model under sdpo's packed protocol (with lm_head_weight) or a "
             f"Hugging Face causal LM (with get_decoder()); {type(model).__name__} has neither"
         )
-    train = TrainConfig() if train is None else train
-    loss = LossConfig() if loss is None else loss
-    pairs = list(pairs)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    if len(pairs) < steps:
-        raise ValueError(f"{len(pairs)} pairs cannot be cut into {steps} non-empty chunks")
-    by_index = {p.index: p for p in pairs}
-    if len(by_index) != len(pairs):
-        counts = Counter(p.index for p in pairs)
-        repeated = sorted(i for i, n in counts.items() if n > 1)
-        raise ValueError(
-            f"pairs must have distinct TokenizedPair.index values; {repeated[:5]} occur more "
-            "than once (first five shown)"
-        )
-    _check_token_ids(pairs, vocab_size=model.lm_head_weight.shape[0])
-    chunks = _chunks_from(partition, steps, set(by_index))
-    beta_of = _per_step("betas", betas, steps, loss.beta)
-    lr_of = _per_step("learning_rates", learning_rates, steps, train.learning_rate)
-    device = next(model.parameters()).device
-    precision = resolve_precision(train.precision, device)
-    impl = resolve_impl(kernels_impl, device)
-    # scoring sees the weights the trainer trains: its parameter dtype from the start
-    cast_for_precision(model, precision)
-    if reference is not None:
-        missing = sorted(set(by_index) - set(reference.pair_indices.tolist()))
-        if missing:
-            raise ValueError(f"reference has no values for pair indices {missing[:5]}")
-
-    def score(subset: Sequence[TokenizedPair]) -> PairLogps:
-        return score_pairs(
-            model,
-            subset,
-            max_tokens_per_batch=score_tokens_per_batch or 4 * train.max_tokens_per_batch,
-            impl=impl,
-            chunk_tokens=chunk_tokens,
-            precision=precision,
-            progress=progress,
-            share_prompt=train.share_prompt,
-            ld_alpha=loss.ld_alpha,
-        )
-
-    sources = [p.source for p in pairs]
-    order = list(source_order) if source_order is not None else list(dict.fromkeys(sources))
-    partition_args = {
-        "pairs_sources": sources,
-        "pair_indices": [p.index for p in pairs],
-        "source_order": order,
-        "seed": train.seed,
-    }
-    t0 = time.perf_counter()
-    ranks_by_gamma = isinstance(partition, str) and partition.startswith("easy_to_hard")
-    initial: PairLogps | None = None
-    if ranks_by_gamma:
-        initial = score(pairs)
-        gamma = dict(zip(initial.pair_indices.tolist(), initial.gamma.tolist(), strict=True))
-        chunks = partition_pairs(
-            partition, steps=steps, gamma=[gamma[p.index] for p in pairs], **partition_args
-        )
-    elif chunks is None:
-        chunks = partition_pairs(partition, steps=steps, gamma=None, **partition_args)
-    if initial is None and reference is None:  # M0's values: step 1's reference, the report's
-        initial = score(pairs if report_scoring else [by_index[i] for i in chunks[0]])
-    initial_s = time.perf_counter() - t0
-
-    optimizer = None
-    schedule_total, schedule_done = None, 0
-    if not reset_optimizer:
-        schedule_total = sum(
-            len(plan_steps([by_index[i] for i in chunk], train, epoch=e))
-            for chunk in chunks
-            for e in range(train.epochs)
-        )
-    reports: list[StepReport] = []
-    run_step = 0
-    for t, chunk in enumerate(chunks, start=1):
-        t0 = time.perf_counter()
-        chunk_pairs = [by_index[i] for i in chunk]
+    # dropout off for the run, as the runner loads a folder (sdpo's decoder has none): the
+    # policy must compute the values its reference pass cached; the caller's rates come back
+    off = dropout_off(model.hf_model) if isinstance(model, PackedCausalLM) else nullcontext()
+    with off:
+        train = TrainConfig() if train is None else train
+        loss = LossConfig() if loss is None else loss
+        pairs = list(pairs)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if len(pairs) < steps:
+            raise ValueError(f"{len(pairs)} pairs cannot be cut into {steps} non-empty chunks")
+        by_index = {p.index: p for p in pairs}
+        if len(by_index) != len(pairs):
+            counts = Counter(p.index for p in pairs)
+            repeated = sorted(i for i, n in counts.items() if n > 1)
+            raise ValueError(
+                f"pairs must have distinct TokenizedPair.index values; {repeated[:5]} occur more "
+                "than once (first five shown)"
+            )
+        _check_token_ids(pairs, vocab_size=model.lm_head_weight.shape[0])
+        chunks = _chunks_from(partition, steps, set(by_index))
+        beta_of = _per_step("betas", betas, steps, loss.beta)
+        lr_of = _per_step("learning_rates", learning_rates, steps, train.learning_rate)
+        device = next(model.parameters()).device
+        precision = resolve_precision(train.precision, device)
+        impl = resolve_impl(kernels_impl, device)
+        # scoring sees the weights the trainer trains: its parameter dtype from the start
+        cast_for_precision(model, precision)
         if reference is not None:
-            ref = reference
-        elif t == 1:
-            ref = initial
-        else:  # M_{t-1}: the model before this step's first update
-            ref = score(chunk_pairs)
-        ref_gamma = ref.gamma[ref.rows_for(torch.tensor(chunk, dtype=torch.int64))]
-        # the paper's Figure 2 quantity, where it is free: step 1's reference scored every pair
-        # (a partition by M0's values) or a fixed reference did
-        next_gamma, source = None, None
-        if t < steps:
-            if reference is not None:
-                source = reference
-            elif t == 1 and (ranks_by_gamma or report_scoring):
-                source = initial
-            elif report_scoring:  # M_{t-1}, before this step's first update
-                source = score([by_index[i] for i in chunks[t]])
-        if source is not None:
-            upcoming = torch.tensor(chunks[t], dtype=torch.int64)
-            next_gamma = float(source.gamma[source.rows_for(upcoming)].mean())
-        scoring_s = (initial_s if t == 1 else 0.0) + time.perf_counter() - t0
-        trainer = DPOTrainer(
-            model,
-            config=dataclasses.replace(train, learning_rate=lr_of[t - 1]),
-            loss_fn=partial(dpo_loss, config=dataclasses.replace(loss, beta=beta_of[t - 1])),
-            kernels_impl=impl,
-            chunk_tokens=chunk_tokens,
-            max_chunk_tokens=max_chunk_tokens,
-            ld_alpha=loss.ld_alpha,
-            output_dir=metrics_dir,
-            metrics_extra={"sdpo_step": t},
-            progress=progress,
-            optimizer=optimizer,
-            log_hook=log_hook,
-        )
-        trainer.run_step_base = run_step
-        trainer.global_step = schedule_done
-        result = trainer.fit(
-            chunk_pairs, ref, schedule_steps=schedule_total, schedule_offset=schedule_done
-        )
-        run_step += result.optimizer_steps
+            missing = sorted(set(by_index) - set(reference.pair_indices.tolist()))
+            if missing:
+                raise ValueError(f"reference has no values for pair indices {missing[:5]}")
+
+        def score(subset: Sequence[TokenizedPair]) -> PairLogps:
+            return score_pairs(
+                model,
+                subset,
+                max_tokens_per_batch=score_tokens_per_batch or 4 * train.max_tokens_per_batch,
+                impl=impl,
+                chunk_tokens=chunk_tokens,
+                precision=precision,
+                progress=progress,
+                share_prompt=train.share_prompt,
+                ld_alpha=loss.ld_alpha,
+            )
+
+        sources = [p.source for p in pairs]
+        order = list(source_order) if source_order is not None else list(dict.fromkeys(sources))
+        partition_args = {
+            "pairs_sources": sources,
+            "pair_indices": [p.index for p in pairs],
+            "source_order": order,
+            "seed": train.seed,
+        }
+        t0 = time.perf_counter()
+        ranks_by_gamma = isinstance(partition, str) and partition.startswith("easy_to_hard")
+        initial: PairLogps | None = None
+        if ranks_by_gamma:
+            initial = score(pairs)
+            gamma = dict(zip(initial.pair_indices.tolist(), initial.gamma.tolist(), strict=True))
+            chunks = partition_pairs(
+                partition, steps=steps, gamma=[gamma[p.index] for p in pairs], **partition_args
+            )
+        elif chunks is None:
+            chunks = partition_pairs(partition, steps=steps, gamma=None, **partition_args)
+        if initial is None and reference is None:  # M0's values: step 1's reference, the report's
+            initial = score(pairs if report_scoring else [by_index[i] for i in chunks[0]])
+        initial_s = time.perf_counter() - t0
+
+        optimizer = None
+        schedule_total, schedule_done = None, 0
         if not reset_optimizer:
-            optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
-        del trainer
-        acc_after = None
-        if report_scoring:
-            acc_after = float((score(chunk_pairs).gamma > 0).float().mean())
-        report = StepReport(
-            step=t,
-            num_pairs=len(chunk_pairs),
-            sources=sorted({p.source for p in chunk_pairs}),
-            beta=beta_of[t - 1],
-            learning_rate=lr_of[t - 1],
-            train_metrics=result.last_metrics,
-            gamma_ref_chunk=float(ref_gamma.mean()),
-            gamma_ref_next_chunk=next_gamma,
-            reward_accuracy_before=float((ref_gamma > 0).float().mean()),
-            reward_accuracy_after=acc_after,
-            train_seconds=result.seconds,
-            scoring_seconds=scoring_s,
-        )
-        reports.append(report)
-        if on_step_end is not None:
-            on_step_end(report, model)
-    return reports
+            schedule_total = sum(
+                len(plan_steps([by_index[i] for i in chunk], train, epoch=e))
+                for chunk in chunks
+                for e in range(train.epochs)
+            )
+        reports: list[StepReport] = []
+        run_step = 0
+        for t, chunk in enumerate(chunks, start=1):
+            t0 = time.perf_counter()
+            chunk_pairs = [by_index[i] for i in chunk]
+            if reference is not None:
+                ref = reference
+            elif t == 1:
+                ref = initial
+            else:  # M_{t-1}: the model before this step's first update
+                ref = score(chunk_pairs)
+            ref_gamma = ref.gamma[ref.rows_for(torch.tensor(chunk, dtype=torch.int64))]
+            # the paper's Figure 2 quantity, where it is free: step 1's reference scored every pair
+            # (a partition by M0's values) or a fixed reference did
+            next_gamma, source = None, None
+            if t < steps:
+                if reference is not None:
+                    source = reference
+                elif t == 1 and (ranks_by_gamma or report_scoring):
+                    source = initial
+                elif report_scoring:  # M_{t-1}, before this step's first update
+                    source = score([by_index[i] for i in chunks[t]])
+            if source is not None:
+                upcoming = torch.tensor(chunks[t], dtype=torch.int64)
+                next_gamma = float(source.gamma[source.rows_for(upcoming)].mean())
+            scoring_s = (initial_s if t == 1 else 0.0) + time.perf_counter() - t0
+            trainer = DPOTrainer(
+                model,
+                config=dataclasses.replace(train, learning_rate=lr_of[t - 1]),
+                loss_fn=partial(dpo_loss, config=dataclasses.replace(loss, beta=beta_of[t - 1])),
+                kernels_impl=impl,
+                chunk_tokens=chunk_tokens,
+                max_chunk_tokens=max_chunk_tokens,
+                ld_alpha=loss.ld_alpha,
+                output_dir=metrics_dir,
+                metrics_extra={"sdpo_step": t},
+                progress=progress,
+                optimizer=optimizer,
+                log_hook=log_hook,
+            )
+            trainer.run_step_base = run_step
+            trainer.global_step = schedule_done
+            result = trainer.fit(
+                chunk_pairs, ref, schedule_steps=schedule_total, schedule_offset=schedule_done
+            )
+            run_step += result.optimizer_steps
+            if not reset_optimizer:
+                optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
+            del trainer
+            acc_after = None
+            if report_scoring:
+                acc_after = float((score(chunk_pairs).gamma > 0).float().mean())
+            report = StepReport(
+                step=t,
+                num_pairs=len(chunk_pairs),
+                sources=sorted({p.source for p in chunk_pairs}),
+                beta=beta_of[t - 1],
+                learning_rate=lr_of[t - 1],
+                train_metrics=result.last_metrics,
+                gamma_ref_chunk=float(ref_gamma.mean()),
+                gamma_ref_next_chunk=next_gamma,
+                reward_accuracy_before=float((ref_gamma > 0).float().mean()),
+                reward_accuracy_after=acc_after,
+                train_seconds=result.seconds,
+                scoring_seconds=scoring_s,
+            )
+            reports.append(report)
+            if on_step_end is not None:
+                on_step_end(report, model)
+        return reports

@@ -328,3 +328,31 @@ def test_run_sdpo_names_the_pair_of_a_bad_hand_built_id_before_any_work(one_thre
         run_sdpo(torch.nn.Linear(2, 2), _hand_pairs(range(4)), kernels_impl="torch")
     for name, tensor in hf.state_dict().items():
         assert torch.equal(tensor, weights[name]), name
+
+
+def test_run_sdpo_turns_off_a_hugging_face_model_s_dropout_for_the_run(tmp_path):
+    """A Phi-3 built with dropout (residual and attention rates, the latter read by
+    its attention modules in forward): trained with dropout off, each step starts at its
+    reference (rewards 0, as under ``sdpo train``), and the caller's rates are back after."""
+    from tests.test_hf_runner import _write_hf_model
+
+    rates = {"resid_pdrop": 0.3, "attention_dropout": 0.3}
+    folder = _write_hf_model(tmp_path / "phi3", "Phi3Config", pad_token_id=0, **rates)
+    pairs = _pairs(_config(tmp_path, folder))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    records = []
+    run_sdpo(
+        hf,
+        pairs,
+        steps=2,
+        partition="random",
+        train=TrainConfig(learning_rate=3e-3, pairs_per_step=4, max_tokens_per_batch=128),
+        kernels_impl="torch",
+        log_hook=records.append,
+    )
+    for t in (1, 2):
+        first = next(r for r in records if r["sdpo_step"] == t)
+        assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
+    layer = hf.model.layers[0]
+    assert layer.self_attn.attention_dropout == 0.3
+    assert layer.resid_attn_dropout.p == layer.resid_mlp_dropout.p == 0.3
