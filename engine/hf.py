@@ -166,10 +166,31 @@ class PackedCausalLM(nn.Module):
         # config.json keys to write back over the model's own config when saving (the dropout
         # rates load_hf_pretrained turned off)
         self.saved_config: dict[str, Any] = {}
+        # a mixture of experts' load-balancing loss, added to the training loss with the
+        # config's router_aux_loss_coef as TRL's DPOTrainer adds it (a config with an
+        # output_router_logits key and a coefficient other than 0); the trainer takes each
+        # training forward's value with pop_aux_loss()
+        config = getattr(hf_model, "config", None)
+        coef = getattr(config, "router_aux_loss_coef", 0.0) or 0.0
+        module = sys.modules.get(type(hf_model).__module__)
+        self._balance = getattr(module, "load_balancing_loss_func", None)
+        moe = all(hasattr(hf_model, k) for k in ("num_experts", "num_experts_per_tok"))
+        self.router_aux_loss_coef = (
+            float(coef)
+            if hasattr(config, "output_router_logits") and moe and self._balance is not None
+            else 0.0
+        )
+        self._aux_loss: Tensor | None = None
 
     def train(self, mode: bool = True) -> PackedCausalLM:
         self._hf_model[0].train(mode)
         return super().train(mode)
+
+    def pop_aux_loss(self) -> Tensor | None:
+        """The router load-balancing loss of the last training forward (None: not a mixture of
+        experts, no coefficient, or no training forward since the last call)."""
+        aux, self._aux_loss = self._aux_loss, None
+        return aux
 
     @property
     def lm_head_weight(self) -> Tensor:
@@ -243,22 +264,37 @@ class PackedCausalLM(nn.Module):
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
         starts = cu_seqlens[:-1].long()
         width = int(max_seqlen)
+        router: list[list[Tensor]] | None = None
+        if self.router_aux_loss_coef and self.training and torch.is_grad_enabled():
+            router = []  # each call's router logits of its real tokens, layer by layer
         if lengths.shape[0] * width <= _PADDING_FACTOR * n:  # one padded batch is cheap enough
-            hidden = self._padded(input_ids, position_ids, starts, lengths, width, n)
+            hidden = self._padded(input_ids, position_ids, starts, lengths, width, n, router)
         else:
-            # a few long sequences among many short ones: padding all to the longest would cost
-            # (and hold for the backward) far more than the real tokens, so the sequences run in
-            # groups of similar length, each padded to its own longest
+            # a few long sequences among many short ones: padding all to the longest would
+            # cost (and hold for the backward) far more than the real tokens, so the sequences
+            # run in groups of similar length, each padded to its own longest
             parts, where = [], []
             for group in _length_groups([int(x) for x in lengths.tolist()]):
                 index = torch.tensor(group, device=input_ids.device)
                 size = int(lengths[index].sum())
                 part, tokens = self._padded(
-                    input_ids, position_ids, starts[index], lengths[index], None, size, stream=True
+                    input_ids,
+                    position_ids,
+                    starts[index],
+                    lengths[index],
+                    None,
+                    size,
+                    router,
+                    stream=True,
                 )
                 parts.append(part)
                 where.append(tokens)
             hidden = torch.cat(parts)[torch.argsort(torch.cat(where))]
+        if router:
+            # over the real tokens alone, as transformers' masked loss of one padded batch
+            layers = tuple(torch.cat(per_layer) for per_layer in zip(*router, strict=True))
+            hf = self.hf_model
+            self._aux_loss = self._balance(layers, hf.num_experts, hf.num_experts_per_tok, None)
         if self.logit_factor != 1.0:
             hidden = hidden * self.logit_factor
         return hidden
@@ -271,12 +307,14 @@ class PackedCausalLM(nn.Module):
         lengths: Tensor,
         width: int | None,
         n: int,
+        router: list[list[Tensor]] | None = None,
         *,
         stream: bool = False,
     ) -> Any:
         """The decoder on the sequences at ``starts`` (of ``lengths``, ``n`` tokens in all)
         right-padded to ``width`` (None: their longest): their final hidden states ``(n, H)``,
-        sequence after sequence; with ``stream`` also the stream index of each row."""
+        sequence after sequence; with ``stream`` also the stream index of each row. ``router``:
+        a list that gets the router logits of the real tokens, one tensor per layer."""
         device = input_ids.device
         num_seqs = lengths.shape[0]
         if width is None:
@@ -292,10 +330,13 @@ class PackedCausalLM(nn.Module):
         positions[row, col] = position_ids[tokens]
         mask = torch.zeros(num_seqs, width, dtype=torch.long, device=device)
         mask[row, col] = 1
+        extra = {"output_router_logits": True} if router is not None else {}
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        if router is not None:
+            router.append([t.reshape(num_seqs, width, -1)[row, col] for t in out.router_logits])
         return (hidden[row, col], tokens) if stream else hidden[row, col]
 
 

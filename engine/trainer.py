@@ -681,6 +681,12 @@ class DPOTrainer:
                 **sft,
             )
             loss = out.losses.sum() * weight_of_loss / normalizer
+        aux = self.model.pop_aux_loss() if hasattr(self.model, "pop_aux_loss") else None
+        if aux is not None:
+            # a mixture of experts' router load-balancing loss (engine/hf.py), once per
+            # micro-batch as TRL adds it per batch, weighted by the micro-batch's pairs
+            coef = self.model.router_aux_loss_coef
+            loss = loss + aux * (coef * len(chunk) * weight_of_loss / normalizer)
         loss.backward()
         fault_point("micro_batch")
 

@@ -289,6 +289,27 @@ def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
     for name in stored:
         assert torch.equal(saved[name], stored[name]), name
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2_moe"
+    # a training forward keeps the router's load-balancing loss over the real tokens, as
+    # transformers computes it on the padded batch with its mask (here the sequences run in
+    # groups of similar length, one long among short ones); none without gradients
+    lengths = [30, 2, 3, 2, 4, 1]
+    ids = torch.randint(3, 40, (sum(lengths),), generator=torch.Generator().manual_seed(1))
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    model.train()
+    model(ids, positions, cu, max(lengths))
+    aux = model.pop_aux_loss()
+    assert model.router_aux_loss_coef == 0.001 and model.pop_aux_loss() is None
+    padded = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(padded)
+    for i, n in enumerate(lengths):
+        padded[i, :n] = ids[cu[i] : cu[i + 1]]
+        mask[i, :n] = 1
+    want = model.hf_model(input_ids=padded, attention_mask=mask, output_router_logits=True)
+    torch.testing.assert_close(aux, want.aux_loss, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        model(ids, positions, cu, max(lengths))
+    assert model.pop_aux_loss() is None
 
 
 def test_auto_runs_a_llama_with_a_rotary_scaling_sdpo_lacks_under_transformers(tmp_path):

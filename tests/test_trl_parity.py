@@ -553,3 +553,50 @@ def test_bf16_mixed_is_trl_s_default_precision(setup, tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-3), (step, key, a, b)
     for key, w in mixed.items():
         assert torch.allclose(w, theirs_w[key], rtol=0, atol=2e-3), key
+
+
+def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup, tmp_path):
+    """A Qwen2-MoE (``model.implementation`` auto: transformers in ``PackedCausalLM``), one
+    ``sdpo train`` step against TRL on the same rows: every metric of every optimizer step and
+    the weights after the last, to float32 rounding. TRL adds the router's load-balancing loss
+    times the config's router_aux_loss_coef (0.001) to each batch's loss; so does sdpo."""
+    from sdpo.engine.checkpoint import load_model
+
+    _, rows, _ = setup
+    rows = rows[: 2 * PAIRS_PER_STEP]
+    model_dir = tmp_path / "model"
+    sentencepiece_like(model_dir)
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=PairTokenizer.from_dir(model_dir).vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    sources = {"sources": [{"name": "rows", "path": str(data)}]}
+    _sdpo_train(
+        out, model_dir, sources, schedule="constant", sdpo={"steps": 1, "report_scoring": False}
+    )
+    ours = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    ours = [r for r in ours if "rewards/chosen" in r]
+    _, trl_weights, theirs = _trl(model_dir, rows, LOSSES["sigmoid"], tmp_path / "trl", steps=2)
+    assert len(ours) == len(theirs) == 2
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
+        for key in METRIC_KEYS:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (step, key, a, b)
+    weights = load_model(out / "step-1").hf_model.state_dict()
+    assert weights.keys() == trl_weights.keys()
+    for key, w in weights.items():
+        assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), key
