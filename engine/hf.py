@@ -79,12 +79,30 @@ _LOGIT_SCALES = {
 }
 
 
+def _head_configs(config: object) -> list[object]:
+    """The configs a model's output head reads: its own and, for a multimodal model (Gemma 3's
+    ForConditionalGeneration), its text config, where the head's settings live."""
+    configs = [config]
+    if callable(getattr(config, "get_text_config", None)):
+        text = config.get_text_config()
+        if text is not None and text is not config:
+            configs.append(text)
+    return configs
+
+
+def _head_setting(config: object, key: str) -> Any:
+    """``key`` of the first of ``_head_configs`` that sets it (not None), else None."""
+    return next(
+        (v for c in _head_configs(config) if (v := getattr(c, key, None)) is not None), None
+    )
+
+
 def logit_factor(config: object) -> float:
     """The constant the model multiplies its logits by (1.0 for most models): Granite's
     ``1 / logits_scaling``, Cohere's ``logit_scale``."""
     factor = 1.0
     for key, of in _LOGIT_SCALES.items():
-        value = getattr(config, key, None)
+        value = _head_setting(config, key)
         if value is not None:
             factor *= float(of(value))
     return factor
@@ -93,7 +111,7 @@ def logit_factor(config: object) -> float:
 def logit_softcap(config: object) -> float | None:
     """The cap ``c`` of a model whose logits are ``c * tanh(hidden @ W.T / c)`` (Gemma 2's
     ``final_logit_softcapping``), or None: logits not capped."""
-    value = getattr(config, "final_logit_softcapping", None)
+    value = _head_setting(config, "final_logit_softcapping")
     if value is None:
         return None
     if (
@@ -424,10 +442,13 @@ def check_head(hf_model: nn.Module) -> None:
             "lm_head.weight) leaves out: this model cannot be trained here"
         )
     config = getattr(hf_model, "config", None)
+    configs = _head_configs(config)
     logit_softcap(config)  # a cap that is not a positive number
     for key, neutral in _LOGIT_KEYS.items():
-        value = getattr(config, key, neutral)
-        if value is not None and value != neutral:
+        value = next(
+            (v for c in configs if (v := getattr(c, key, neutral)) not in (None, neutral)), None
+        )
+        if value is not None:
             raise ValueError(
                 f"{name} has config key {key} = {value!r}: its logits are not hidden states "
                 "times lm_head.weight, which is what sdpo's loss head computes; this model "

@@ -267,6 +267,19 @@ def test_models_sdpo_cannot_train_with_transformers_are_refused(tmp_path):
     gemma2 = _write_hf_model(tmp_path / "gemma2", "Gemma2Config", final_logit_softcapping=-1.0)
     with pytest.raises(CheckpointError, match="final_logit_softcapping must be a number > 0"):
         check_model(gemma2)
+    # a multimodal Gemma 3 (AutoModelForCausalLM gives its ForConditionalGeneration): the head's
+    # keys sit in its text config, where the wrapper reads them too
+    for cap in (30.0, -1.0):
+        text = {"hidden_size": 32, "num_hidden_layers": 1, "final_logit_softcapping": cap}
+        vision = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+        gemma3 = transformers.Gemma3Config(text_config=text, vision_config=vision)
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(gemma3)
+        if cap > 0:
+            assert hf_mod.PackedCausalLM(model).logit_softcap == cap
+        else:
+            with pytest.raises(ValueError, match="final_logit_softcapping must be a number > 0"):
+                hf_mod.check_head(model)
 
 
 def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
