@@ -398,8 +398,12 @@ def _check_hf_layout(folder: Path) -> ModelInfo:
                         f"{tuple(f.get_slice(name).get_shape())}, but {CONFIG_NAME} implies "
                         f"{shapes[name]}; check that config.json belongs to these weights"
                     )
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else {}
     vocab = getattr(config, "vocab_size", None) or model.get_input_embeddings().weight.shape[0]
-    context = getattr(config, "max_position_embeddings", None)
+    # a multimodal model (Gemma 3's ForConditionalGeneration) keeps it in its text config
+    context = getattr(config, "max_position_embeddings", None) or getattr(
+        text, "max_position_embeddings", None
+    )
     return ModelInfo(
         implementation="transformers",
         model_type=str(config.model_type),

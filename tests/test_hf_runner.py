@@ -280,6 +280,13 @@ def test_models_sdpo_cannot_train_with_transformers_are_refused(tmp_path):
         else:
             with pytest.raises(ValueError, match="final_logit_softcapping must be a number > 0"):
                 hf_mod.check_head(model)
+    # it is checked as any model: its context is its text config's
+    text.update(final_logit_softcapping=None, vocab_size=64, max_position_embeddings=96)
+    folder = tmp_path / "gemma3"
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.Gemma3Config(text_config=text, vision_config=vision)
+    ).save_pretrained(folder)
+    assert check_model(folder).max_position_embeddings == 96
 
 
 def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
