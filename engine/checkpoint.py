@@ -292,6 +292,9 @@ class ModelInfo:
     # Gemma 2's final_logit_softcapping (transformers only): its log-probs come from the
     # PyTorch head for capped logits (``engine/hf.py``, ``logit_softcap``)
     logit_softcap: float | None = None
+    # sdpo's decoder: the sliding window of a Mistral/Qwen2 config, which it does not apply
+    # (a longer sequence is refused); transformers applies it, so None there
+    sliding_window: int | None = None
 
 
 def sdpo_unsupported(config: dict) -> str | None:
@@ -353,6 +356,7 @@ def check_model(path: str | os.PathLike, implementation: str = "auto") -> ModelI
             model_type=config.model_type,
             vocab_size=config.vocab_size,
             max_position_embeddings=config.max_position_embeddings,
+            sliding_window=config.sliding_window,
         )
     return _check_hf_layout(Path(path))
 

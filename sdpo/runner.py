@@ -683,6 +683,9 @@ class StepwiseRunner:
                     f"held out {len(self.eval_pairs)} of {len(pairs) + len(self.eval_pairs)} "
                     f"pairs for evaluation (data.eval_fraction = {cfg.data.eval_fraction})"
                 )
+            self._check_sliding_window(model_config, "model.path", pairs)
+            if cfg.sdpo.reference:
+                self._check_sliding_window(ref_config, "sdpo.reference", pairs)
         except RunInputError:
             raise
         except (DataError, CheckpointError, ValueError, OSError) as e:
@@ -735,6 +738,29 @@ class StepwiseRunner:
                     f"{info.logit_softcap:g}): log-probs from sdpo's PyTorch head for capped "
                     "logits, on the plain loss path (slower than the Triton head; "
                     "train.loss_path, kernels.impl and kernels.max_chunk_tokens do not apply)"
+                )
+
+    def _check_sliding_window(self, info: ModelInfo, key: str, pairs: list[TokenizedPair]) -> None:
+        """Refuse, before any work, a pair longer than the sliding window of a model sdpo's
+        decoder runs (it does not implement the window, and would stop at the first forward
+        after the output folder was written)."""
+        window = info.sliding_window
+        if window is None:
+            return
+        held = [(pair, False) for pair in self.eval_pairs]
+        for pair, trained in [*((pair, True) for pair in pairs), *held]:
+            length = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+            if length > window:
+                where = (
+                    self._rows_of_pairs.get(pair.index, f"pair {pair.index}")
+                    if trained
+                    else f"held-out pair {pair.index} of source {pair.source!r}"
+                )
+                raise RunInputError(
+                    f"{where}: the pair is {length} tokens long, longer than the sliding_window "
+                    f"({window}) of {key}, which sdpo's own decoder does not apply: set "
+                    'model.implementation = "transformers" (transformers applies the window), '
+                    f"or data.max_length <= {window}"
                 )
 
     def _check_partition_fits(self, pairs: list[TokenizedPair]) -> None:

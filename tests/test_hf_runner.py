@@ -564,3 +564,18 @@ def test_a_model_whose_logits_are_scaled_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_mod, "_LOGIT_KEYS", {})
     with pytest.raises(CheckpointError, match="GraniteForCausalLM .* computes logits other"):
         load_model(granite)
+
+
+def test_pairs_longer_than_the_sliding_window_of_sdpo_s_decoder_are_refused_before_any_work(
+    tmp_path,
+):
+    """A Mistral runs on sdpo's decoder ("auto"), which does not apply its sliding window: a
+    pair longer than the window is refused naming its row and the two fixes, before anything
+    is written (not at the first forward, with the output folder begun)."""
+    folder = _write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=6)
+    cfg = _config(tmp_path, folder)
+    with pytest.raises(RunInputError, match=r"far.jsonl line 1: .* sliding_window \(6\)") as e:
+        run_training(cfg, progress=False)
+    assert 'model.implementation = "transformers"' in str(e.value)
+    assert "data.max_length <= 6" in str(e.value)
+    assert not Path(cfg.output_dir).exists()
