@@ -10,7 +10,11 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from sdpo.engine.checkpoint import ModelInfo
+    from sdpo.engine.packing import TokenizedPair
 
 TRAIN_HELP = """\
 Run DPO or stepwise DPO (sDPO) from a TOML config. With [sdpo] steps = T the data is split into
@@ -379,6 +383,7 @@ def _score(args: argparse.Namespace) -> int:
             ),
             vocab_size=info.vocab_size,
         )
+        _check_lengths(pairs, rows, info)
     except (ValueError, OSError) as e:  # DataError and the model errors are ValueErrors
         _say(f"sdpo: input error: {e}", file=sys.stderr)
         return EXIT_INPUT
@@ -428,6 +433,28 @@ def _score(args: argparse.Namespace) -> int:
         f"mean γ: {float(gamma.mean()):.4f}"
     )
     return 0
+
+
+def _check_lengths(pairs: list[TokenizedPair], rows: list[dict], info: ModelInfo) -> None:
+    """A ``ValueError`` naming the row of the first pair longer than the model's context
+    (``max_position_embeddings``) or than a sliding window sdpo's decoder does not apply, as
+    ``sdpo train`` refuses them before any work."""
+    for pair in pairs:
+        length = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
+        row = rows[pair.index]
+        where = f"{row.get('file')} {row.get('row_label') or 'row'} {row.get('row')}"
+        context, window = info.max_position_embeddings, info.sliding_window
+        if context is not None and length > context:
+            raise ValueError(
+                f"{where}: the pair is {length} tokens long, longer than the model's context "
+                f"(max_position_embeddings {context}); pass --max-length <= {context}"
+            )
+        if window is not None and length > window:
+            raise ValueError(
+                f"{where}: the pair is {length} tokens long, longer than the model's "
+                f"sliding_window ({window}), which sdpo's own decoder does not apply; pass "
+                f"--implementation transformers or --max-length <= {window}"
+            )
 
 
 def _column_map(text: str | None) -> dict[str, str]:

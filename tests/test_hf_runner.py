@@ -579,3 +579,18 @@ def test_pairs_longer_than_the_sliding_window_of_sdpo_s_decoder_are_refused_befo
     assert 'model.implementation = "transformers"' in str(e.value)
     assert "data.max_length <= 6" in str(e.value)
     assert not Path(cfg.output_dir).exists()
+
+
+def test_sdpo_score_refuses_pairs_longer_than_the_context_or_an_unapplied_window(tmp_path, capsys):
+    """``sdpo score`` names the row of a pair longer than the model's context or than the
+    sliding window sdpo's decoder does not apply (it crashed in the forward or scored it), as
+    ``sdpo train`` does; with --implementation transformers the window is applied."""
+    data = write_pairs(tmp_path / "pairs.jsonl", n=3, seed=3)
+    mistral = _write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=6)
+    short = _write_hf_model(tmp_path / "short", "GemmaConfig", max_position_embeddings=6)
+    args = ["score", "--data", str(data), "--no-progress", "--impl", "torch"]
+    assert main([*args, "--model", str(mistral)]) == 2
+    assert "line 1: the pair is" in capsys.readouterr().err
+    assert main([*args, "--model", str(mistral), "--implementation", "transformers"]) == 0
+    assert main([*args, "--model", str(short)]) == 2
+    assert "max_position_embeddings 6); pass --max-length <= 6" in capsys.readouterr().err
