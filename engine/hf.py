@@ -524,9 +524,10 @@ def load_hf_pretrained(
 
 
 def _check_logits(model: PackedCausalLM, folder: str) -> None:
-    """Refuse a model whose own logits are not its final hidden states times
-    ``lm_head.weight`` on a few tokens (a transform of the logits no config key named, which
-    ``check_head`` would miss): sdpo's loss head would train other log-probs than it computes."""
+    """Refuse a model whose own logits on a few tokens are not what sdpo's heads compute of its
+    final hidden states: times ``lm_head.weight``, soft-capped where ``logit_softcap`` says so
+    (a transform of the logits no config key named, which ``check_head`` would miss): sdpo would
+    train other log-probs than the model computes."""
     hf = model.hf_model
     vocab = model.lm_head_weight.shape[0]
     n = min(8, vocab)
@@ -537,6 +538,8 @@ def _check_logits(model: PackedCausalLM, folder: str) -> None:
     with torch.no_grad():
         hidden = model(ids, torch.arange(n, device=device), torch.tensor([0, n], device=device), n)
         ours = (hidden @ model.lm_head_weight.T).float()
+        if model.logit_softcap is not None:
+            ours = torch.tanh(ours / model.logit_softcap) * model.logit_softcap
         try:
             theirs = hf(input_ids=ids[None], use_cache=False).logits[0].float()
         except (ValueError, RuntimeError, TypeError):  # a forward that needs more than ids

@@ -560,8 +560,9 @@ def test_a_model_whose_logits_are_scaled_is_refused(tmp_path, monkeypatch):
     )
     with pytest.raises(CheckpointError, match="lm_head_multiplier = 0.5"):
         check_model(falcon)
+    # Granite's logits_scaling, as if no key named it (so no factor folds it in)
     granite = _write_hf_model(tmp_path / "granite", "GraniteConfig", logits_scaling=4.0)
-    monkeypatch.setattr(hf_mod, "_LOGIT_KEYS", {})
+    monkeypatch.setattr(hf_mod, "_LOGIT_SCALES", {})
     with pytest.raises(CheckpointError, match="GraniteForCausalLM .* computes logits other"):
         load_model(granite)
 
