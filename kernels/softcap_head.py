@@ -14,7 +14,8 @@ weight's gradient accumulated in fp32. Per chunk of T rows and vocabulary V it c
 FLOP in the forward and 6·T·H·V in the backward (the recompute and the two gradient matmuls),
 the chunked kernels' 8·N·H·V in total, plus the elementwise tanh on every logit.
 
-The numbers: z = hidden @ W.T in the promoted dtype of hidden and weight, then in fp32
+The numbers: z = hidden @ W.T in the promoted dtype of hidden and weight (under
+``torch.autocast``, which reaches these plain PyTorch matmuls, in autocast's dtype), then in fp32
 y = tanh(z / c) * c (the order transformers applies it), token_logp = y[label] - logsumexp(y),
 0 where the label is -100, summed per sequence with ``token_weights`` (LD-DPO) as in
 ``sequence_logprobs``. ``return_aligned`` (WPO) also gives each sequence's detached sum of
