@@ -286,9 +286,10 @@ def plot_steps(
     out_png: str | os.PathLike,
 ) -> bool:
     """Draw loss, rewards/accuracies and rewards/margins across optimizer steps (sDPO step
-    boundaries marked; the held-out values as points where the run has ``data.eval_sources``)
-    and gamma_ref per step into ``out_png``. Returns False, writing nothing, when matplotlib is
-    not installed (print :data:`PLOT_HINT` then)."""
+    boundaries marked; the held-out values as points where the run holds pairs out,
+    ``data.eval_sources`` or ``data.eval_fraction``) and gamma_ref per step into ``out_png``.
+    Returns False, writing nothing, when matplotlib is not installed (print :data:`PLOT_HINT`
+    then)."""
     mpl = _import_matplotlib()
     if mpl is None:
         return False
