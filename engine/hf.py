@@ -7,10 +7,13 @@ sdpo's own decoder (``engine/model.py``) attends within each ``cu_seqlens`` segm
 Hugging Face model given the packed stream as one row would let every sequence attend to the
 ones before it under SDPA or eager attention, which gives wrong log-probs without an error.
 
-A model whose logits are soft-capped (``c * tanh(hidden @ W.T / c)``, Gemma 2) exposes the cap
-as ``logit_softcap`` (None for every other model, sdpo's own decoder included, which has no such
-attribute); the trainer and the scoring pass then compute the log-probs of the capped logits
-(``sdpo.engine.scoring.logprob_head``).
+The loss head reads the hidden states and ``lm_head_weight`` alone, so the wrapper makes their
+product the model's logits. A constant logit scale (Granite's ``logits_scaling``, Cohere's
+``logit_scale``: ``logit_factor``) is applied to the hidden states it returns. A soft cap
+(``c * tanh(hidden @ W.T / c)``, Gemma 2) is exposed as ``logit_softcap`` (None for every other
+model, sdpo's own decoder included, which has no such attribute); the trainer and the scoring
+pass then compute the log-probs of the capped logits (``sdpo.engine.scoring.logprob_head``).
+Logits that are anything else (a bias on the output projection) are refused (``check_head``).
 
 ``PackedCausalLM`` keeps the sequences apart the portable way: it scatters the stream into a
 right-padded ``(S, max_seqlen)`` batch with an attention mask and the stream's own position ids,
@@ -28,8 +31,9 @@ parameter names are the Hugging Face ones (``model.layers.0.self_attn.q_proj.wei
 Face object the caller holds sees every update and saves with ``save_pretrained`` as usual.
 ``train()`` and ``eval()`` on the wrapper set the whole Hugging Face object's mode.
 
-The runner's folders (``model.implementation``, ``sdpo.engine.checkpoint.resolve_implementation``):
-``load_hf_pretrained`` loads a model type sdpo's decoder does not implement with
+The runner's folders (``model.implementation``,
+``sdpo.engine.checkpoint.resolve_implementation``): ``load_hf_pretrained`` loads a model sdpo's
+decoder does not implement (or any model, under ``"transformers"``) with
 ``AutoModelForCausalLM`` and wraps it; ``hf_state_dict`` and ``hf_config_dict`` are what its
 checkpoints hold (the Hugging Face object's own tensor names, a tied output embedding stored
 once, the config's own ``to_dict`` with the saved dtype), so they reload with
