@@ -1,10 +1,10 @@
 """Reading and validating preference data before any training starts.
 
 A preference row has a ``prompt``, a ``chosen`` and a ``rejected`` completion, each either a
-non-empty string or a list of chat messages ``{"role": str, "content": str}`` (an assistant
-message that calls tools may have ``"content": null`` or none beside its ``tool_calls``, the
-OpenAI layout that transformers renders; other keys reach the template as they are). Files are read
-with ``datasets`` (``.jsonl``/``.json``/``.parquet``/``.csv``, a ``save_to_disk`` folder, or a
+non-empty string or a list of chat messages ``{"role": str, "content": str}`` (a message that
+calls tools may have ``"content": null`` or none beside a non-empty ``tool_calls`` list, the
+OpenAI layout that transformers renders; other keys reach the template, those set to null
+dropped). Files are read with ``datasets`` (``.jsonl``/``.json``/``.parquet``/``.csv``, a ``save_to_disk`` folder, or a
 hub name); JSON files are first read line by line here (strict UTF-8, strict JSON), because
 ``datasets`` reports a malformed line or a non-UTF-8 byte without saying where it is, and
 ``datasets`` then loads a clean copy holding only the validated fields. Every problem becomes a
