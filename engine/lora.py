@@ -184,7 +184,8 @@ def _layers(model: nn.Module) -> nn.ModuleList:
         return model.model.layers
     except AttributeError as exc:
         raise TypeError(
-            f"LoRA expects an sdpo CausalLM (decoder layers at model.model.layers); "
+            f"LoRA expects decoder layers at model.model.layers (sdpo's CausalLM, or a "
+            f"PackedCausalLM of a Llama-like Hugging Face model); "
             f"{type(model).__name__} has none"
         ) from exc
 

@@ -36,9 +36,8 @@ Conventions shared by every op:
 - Any strides: a slice of a bigger buffer, a transposed weight, ``hidden_states[-1]``
   flattened. Mixed dtypes run in the promoted dtype; the log-softmax and all outputs are
   fp32. ``torch.autocast`` does not reach inside the ops: under it an fp32 weight still
-  gives an fp32 head, so pass ``weight.to(torch.bfloat16)`` (differentiable) for a bf16 one.
-  The exception is ``softcap_sequence_logprobs``: plain PyTorch, its matmuls run in autocast's
-  dtype under autocast (sdpo's trainer and scoring pass call the heads outside autocast).
+  gives an fp32 head, so pass ``weight.to(torch.bfloat16)`` (differentiable) for a bf16 one
+  (``softcap_sequence_logprobs``, plain PyTorch, turns autocast off around itself to match).
   A weight shared with the input embedding gets its gradient accumulated like any other use; a
   frozen weight or hidden state (``requires_grad=False``) skips its matmul.
 - First-order gradients only: a second backward through an op (``create_graph=True``)

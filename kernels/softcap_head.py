@@ -14,8 +14,8 @@ weight's gradient accumulated in fp32. Per chunk of T rows and vocabulary V it c
 FLOP in the forward and 6·T·H·V in the backward (the recompute and the two gradient matmuls),
 the chunked kernels' 8·N·H·V in total, plus the elementwise tanh on every logit.
 
-The numbers: z = hidden @ W.T in the promoted dtype of hidden and weight (under
-``torch.autocast``, which reaches these plain PyTorch matmuls, in autocast's dtype), then in fp32
+The numbers: z = hidden @ W.T in the promoted dtype of hidden and weight (autocast is off inside,
+as it does not reach the other ops' kernels), then in fp32
 y = tanh(z / c) * c (the order transformers applies it), token_logp = y[label] - logsumexp(y),
 0 where the label is -100, summed per sequence with ``token_weights`` (LD-DPO) as in
 ``sequence_logprobs``. ``return_aligned`` (WPO) also gives each sequence's detached sum of
@@ -76,6 +76,11 @@ class _SoftcapLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_seq, _grad_aligned):
+        if torch.is_grad_enabled():  # create_graph=True: its gradient would be silently zero
+            raise RuntimeError(
+                "softcap_sequence_logprobs has first-order gradients only; backward with "
+                "create_graph=True is not supported"
+            )
         hidden, weight, labels, seq_ids, token_weights = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         if grad_seq is None or not (need_h or need_w):
@@ -142,17 +147,18 @@ def softcap_sequence_logprobs(
         )
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    seq, aligned = _SoftcapLogprobs.apply(
-        hidden,
-        weight,
-        labels,
-        seq_ids,
-        num_seqs,
-        softcap,
-        chunk_tokens,
-        token_weights,
-        return_aligned,
-    )
+    with torch.autocast(hidden.device.type, enabled=False):  # as the kernels: their own dtype
+        seq, aligned = _SoftcapLogprobs.apply(
+            hidden,
+            weight,
+            labels,
+            seq_ids,
+            num_seqs,
+            softcap,
+            chunk_tokens,
+            token_weights,
+            return_aligned,
+        )
     return (seq, aligned) if return_aligned else seq
 
 

@@ -92,3 +92,17 @@ def test_softcap_refuses_a_cap_that_is_not_a_positive_number(cap):
     h, w, labels, seq_ids, _ = _inputs(n=131)
     with pytest.raises(ValueError, match="softcap must be"):
         softcap_sequence_logprobs(h, w, labels, seq_ids, 3, softcap=cap)
+
+
+def test_softcap_head_keeps_its_dtype_under_autocast_and_is_first_order_only():
+    # as the kernels' ops: autocast does not reach inside (an fp32 head stays fp32), and a
+    # second backward raises instead of giving a wrong or partial result
+    h, w, labels, seq_ids, _ = _inputs(seed=2)
+    plain = softcap_sequence_logprobs(h, w, labels, seq_ids, 3, softcap=CAP)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = softcap_sequence_logprobs(h, w, labels, seq_ids, 3, softcap=CAP)
+    torch.testing.assert_close(under, plain, rtol=0, atol=0)
+    h = h.requires_grad_()
+    seq = softcap_sequence_logprobs(h, w, labels, seq_ids, 3, softcap=CAP)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad(seq.sum(), h, create_graph=True)
