@@ -1,5 +1,6 @@
 """``softcap_sequence_logprobs``: per-sequence sums, WPO's aligned sums and the gradients of
-hidden and weight under soft-capped logits, against float64 PyTorch on the full logits."""
+hidden and weight under soft-capped logits, against float64 PyTorch on the full logits; on CUDA
+(GPU-marked) in bf16 and fp32 at a 50,257-token vocabulary, by the dtype-aware rule."""
 
 from __future__ import annotations
 
@@ -106,3 +107,69 @@ def test_softcap_head_keeps_its_dtype_under_autocast_and_is_first_order_only():
     seq = softcap_sequence_logprobs(h, w, labels, seq_ids, 3, softcap=CAP)
     with pytest.raises(RuntimeError, match="first-order gradients only"):
         torch.autograd.grad(seq.sum(), h, create_graph=True)
+
+
+# -- on CUDA: bf16 and fp32 against float64, at a GPT-2 vocabulary --------------------------
+
+
+def _capped_seq_logps(h, w, labels, seq_ids, cap: float | None):
+    """Plain PyTorch on the whole (N, V) logits: the matmul in the inputs' dtype, then the cap
+    (None: none) and the log-softmax in fp32 (float64 for float64 inputs); per-sequence sums
+    (3)."""
+    z = h @ w.T
+    z = z if z.dtype == torch.float64 else z.float()
+    logp = (z if cap is None else torch.tanh(z / cap) * cap).log_softmax(-1)
+    tok = logp.gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    tok = torch.where(labels != -100, tok, 0.0)
+    return torch.zeros(3, dtype=tok.dtype, device=tok.device).index_add(0, seq_ids, tok)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(
+    ("dtype", "rel_margin", "factor"), [(torch.float32, 2e-6, 1.0), (torch.bfloat16, 2e-3, 1.5)]
+)
+def test_softcap_head_on_cuda_is_no_worse_than_plain_pytorch_against_float64(
+    dtype, rel_margin, factor
+):
+    """131 tokens over 3 sequences, H = 64, V = 50,257 (not a power of two) in chunks of 48
+    tokens (two whole chunks and a tail of 35, cut through sequences): the per-sequence sums
+    and the gradients of hidden and weight, each no further from float64 truth (on the same
+    rounded inputs) than plain PyTorch on the whole logits in the same dtype, plus a margin;
+    the no-grad pass gives the training forward's sums bitwise."""
+    from tests.conftest import assert_no_worse
+
+    cap = 30.0  # Gemma 2's; logits of std ~40 (weights scaled so), which the cap bends
+    h, w, labels, seq_ids, _ = _inputs(seed=3, n=131, vocab=50_257, hidden=64)
+    w = w * (40.0 / (0.8 * 64**0.5))
+    h, w = h.to("cuda", dtype), w.to("cuda", dtype)
+    labels, seq_ids = labels.cuda(), seq_ids.cuda()
+    coeff = torch.tensor([0.7, -1.3, 2.1], device="cuda", dtype=torch.float64)
+
+    def ours(h, w):
+        seq = softcap_sequence_logprobs(h, w, labels, seq_ids, 3, softcap=cap, chunk_tokens=48)
+        assert seq.dtype == torch.float32 and seq.device.type == "cuda"
+        return seq
+
+    def plain(h, w):
+        return _capped_seq_logps(h, w, labels, seq_ids, cap)
+
+    def value_and_grads(fn, h, w):
+        h = h.detach().clone().requires_grad_(True)
+        w = w.detach().clone().requires_grad_(True)
+        seq = fn(h, w)
+        (seq * coeff.to(seq.dtype)).sum().backward()
+        assert h.grad.dtype == h.dtype and w.grad.dtype == w.dtype
+        return seq.detach(), h.grad, w.grad
+
+    got = value_and_grads(ours, h, w)
+    base = value_and_grads(plain, h, w)
+    truth = value_and_grads(plain, h.double(), w.double())
+    # the cap matters: the uncapped sums are far from the capped ones
+    uncapped = _capped_seq_logps(h.double(), w.double(), labels, seq_ids, None)
+    assert (uncapped - truth[0]).abs().max() > 1.0
+    for name, o, b, t in zip(("seq_logps", "grad_hidden", "grad_weight"), got, base, truth):
+        assert_no_worse(name, o, b, t, rel_margin=rel_margin, factor=factor)
+    with torch.no_grad():
+        again = ours(h, w)
+    assert torch.equal(again, got[0])
