@@ -595,3 +595,128 @@ def test_sdpo_score_refuses_pairs_longer_than_the_context_or_an_unapplied_window
     assert main([*args, "--model", str(mistral), "--implementation", "transformers"]) == 0
     assert main([*args, "--model", str(short)]) == 2
     assert "max_position_embeddings 6); pass --max-length <= 6" in capsys.readouterr().err
+
+
+# -- on CUDA ----------------------------------------------------------------------------------
+
+# A step's first rewards under bf16 on CUDA: the scoring pass and the training forward run the
+# same weights, but in padded batches of other shapes, whose matmuls may round differently in
+# bf16; beta times such differences stays well under 2e-3. A policy that leaves its reference
+# (attention dropout left on, say) gives 5e-2 or more on these models (measured on the CPU), and
+# their rewards after one update exceed 1e-2.
+BF16_REWARD_TOL = 2e-3
+
+
+def _cuda_hf_model(tmp_path: Path, config_class: str, **overrides) -> Path:
+    """A tiny model whose logits are far from uniform (weights of std 0.2), with an attention
+    dropout of 0.5 that training must turn off: a policy that is not its own reference shows."""
+    return _write_hf_model(
+        tmp_path / config_class,
+        config_class,
+        initializer_range=0.2,
+        attention_dropout=0.5,
+        **overrides,
+    )
+
+
+def _loaded_models(monkeypatch, *, then=None) -> list:
+    """Every model the runner loads, appended as it loads them (``then(model)`` called on
+    each)."""
+    seen = []
+    load = runner_mod.load_model
+
+    def spy(*args, **kwargs):
+        model = load(*args, **kwargs)
+        seen.append(model)
+        if then is not None:
+            then(model)
+        return model
+
+    monkeypatch.setattr(runner_mod, "load_model", spy)
+    return seen
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+@pytest.mark.parametrize(
+    "config_class, overrides, attention",
+    [
+        ("GemmaConfig", {}, "sdpa"),
+        ("Gemma2Config", {"final_logit_softcapping": 2.0}, "eager"),
+    ],
+)
+def test_on_cuda_a_transformers_model_starts_each_step_at_its_reference(
+    tmp_path, monkeypatch, config_class, overrides, attention, precision
+):
+    """A 2-step ``sdpo train`` of a Gemma (SDPA) and a soft-capped Gemma 2 (eager attention) on
+    CUDA in bf16 and bf16-mixed: each step's first rewards are 0 to bf16 rounding, every loss
+    is finite, and the policy moves (its later rewards are not 0)."""
+    seen = _loaded_models(monkeypatch)
+    folder = _cuda_hf_model(tmp_path, config_class, **overrides)
+    cfg = _config(tmp_path, folder, train={"precision": precision, "save_every": 0})
+    run_training(cfg, progress=False)
+    weights = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen
+    for model in seen:
+        assert model.lm_head_weight.device.type == "cuda"
+        assert model.lm_head_weight.dtype == weights
+        assert model.hf_model.config._attn_implementation == attention
+        assert model.logit_softcap == overrides.get("final_logit_softcapping")
+    records = _records(Path(cfg.output_dir))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    for t in (1, 2):
+        first = next(r for r in records if r["sdpo_step"] == t)
+        assert abs(first["rewards/chosen"]) < BF16_REWARD_TOL, first
+        assert abs(first["rewards/rejected"]) < BF16_REWARD_TOL, first
+    moved = max(abs(r[k]) for r in records for k in ("rewards/chosen", "rewards/rejected"))
+    assert moved > 5 * BF16_REWARD_TOL, records
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_gradient_checkpointing_of_a_transformers_model_keeps_the_numbers(
+    tmp_path, monkeypatch
+):
+    """``model.gradient_checkpointing = true`` on CUDA (bf16-mixed, SDPA): the decoder layers
+    run again in each backward (the recompute happens), and every optimizer step's loss and
+    gradient norm, the first step's and those after updates, equal those without it to bf16
+    rounding."""
+    calls = []
+
+    def count_layer_0(model):
+        # calls of layer 0's MLP with gradients on: the training forwards and their recomputes
+        # (a hook on the layer itself may stay outside what transformers recomputes, and a
+        # recompute may stop once it has what the backward needs, before a forward hook)
+        model.model.layers[0].mlp.register_forward_pre_hook(
+            lambda *_: calls.append(1) if torch.is_grad_enabled() else None
+        )
+
+    seen = _loaded_models(monkeypatch, then=count_layer_0)
+    folder = _cuda_hf_model(tmp_path, "GemmaConfig")
+    runs = {}
+    for checkpointing in (False, True):
+        seen.clear()
+        calls.clear()
+        cfg = _config(
+            tmp_path,
+            folder,
+            out=f"checkpointing-{checkpointing}",
+            model={"gradient_checkpointing": checkpointing},
+            train={"precision": "bf16-mixed", "save_every": 0},
+            sdpo={"steps": 1},
+        )
+        run_training(cfg, progress=False)
+        assert seen and all(m.is_gradient_checkpointing == checkpointing for m in seen)
+        assert seen[0].lm_head_weight.device.type == "cuda"
+        runs[checkpointing] = (_records(Path(cfg.output_dir)), len(calls))
+    (plain, plain_calls), (recomputed, recomputed_calls) = runs[False], runs[True]
+    # every training forward of layer 0's MLP runs once more in its backward
+    assert plain_calls > 0 and recomputed_calls == 2 * plain_calls, (plain_calls, recomputed_calls)
+    # the same losses and gradient norms step by step, to bf16 rounding (the backward of SDPA's
+    # attention may add in another order); the updates move the loss by more than that
+    assert len(plain) == len(recomputed) >= 2
+    for ours, theirs in zip(recomputed, plain, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], abs=2e-3), (ours, theirs)
+        assert ours["grad_norm"] == pytest.approx(theirs["grad_norm"], rel=1e-2), (ours, theirs)
+    assert abs(plain[-1]["loss"] - plain[0]["loss"]) > 1e-2
