@@ -843,3 +843,28 @@ def test_step_benchmark_runs_transformers_code_on_the_same_weights_to_the_same_l
     assert losses["transformers"] == pytest.approx(losses["sdpo"], rel=1e-4, abs=1e-5)
     with pytest.raises(SystemExit, match="--compile"):
         throughput.main(["step", "--smoke", "--implementation", "transformers", "--compile"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_step_benchmark_runs_transformers_code_on_cuda_to_finite_losses(tmp_path):
+    """``step --implementation transformers`` on CUDA (``--smoke`` runs on the CPU): the tiny
+    preset at the smoke lengths in bf16, uncompiled, with the PyTorch head (no Triton compile):
+    every timed step's loss is finite and near ln 2, the policy being its own reference but
+    for one warm-up step at the default learning rate (5e-7)."""
+    pytest.importorskip("transformers")
+    throughput = load_throughput()
+    out = tmp_path / "step.json"
+    argv = ["step", "--preset", "tiny", "--implementation", "transformers", "--no-compile"]
+    argv += ["--precision", "bf16", "--impl", "torch", "--json", str(out)]
+    argv += ["--prompt-len", "8", "--completion-min", "5", "--completion-max", "13"]
+    throughput.main([*argv, "--warmup-steps", "1", "--steps", "2", "--profile-steps", "1"])
+    payload = json.loads(out.read_text())
+    assert payload["complete"] and payload["implementation"] == "transformers"
+    assert payload["device"] == torch.cuda.get_device_name(0) and not payload["smoke"]
+    assert payload["precision"] == "bf16" and payload["kernels_impl"] == "torch"
+    rows = {r["variant"]: r for r in payload["results"]}
+    step = rows["sdpo train step"]
+    assert step["tokens_per_s"] > 0 and len(step["losses"]) == 2
+    assert all(math.isfinite(v) for v in step["losses"])
+    assert step["losses"] == pytest.approx([math.log(2)] * 2, abs=1e-2)
