@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, NoReturn
 if TYPE_CHECKING:
     from sdpo.engine.checkpoint import ModelInfo
     from sdpo.engine.packing import TokenizedPair
+    from sdpo.engine.tokenize import TokenizeStats
 
 TRAIN_HELP = """\
 Run DPO or stepwise DPO (sDPO) from a TOML config. With [sdpo] steps = T the data is split into
@@ -316,7 +317,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    """Under torchrun the ranks share the pairs (score_pairs shards them); rank 0 writes."""
+    """Under torchrun rank 0 alone reads, checks and tokenizes the data and sends the pairs to
+    every rank (``tokenized_once``; its error is raised on every rank); the ranks share the
+    scoring (score_pairs shards the pairs); rank 0 writes."""
     import torch
 
     from sdpo.config import default_max_prompt_length
@@ -329,7 +332,7 @@ def _score(args: argparse.Namespace) -> int:
     from sdpo.engine.scoring import score_pairs
     from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
     from sdpo.kernels import resolve_impl
-    from sdpo.runner import model_folder, select_device
+    from sdpo.runner import model_folder, select_device, tokenized_once
 
     device = select_device()
     try:  # bad input (the model folder, the data, the column map) exits 2 with one message
@@ -338,7 +341,6 @@ def _score(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ValueError(f"--ld-alpha: {e}") from None
         columns = _column_map(args.columns)
-        rows = read_preference_file(args.data, columns=columns)
         model_dir = model_folder(args.model, revision=args.revision, key="--model")
         # a missing folder or weights, named before the tokenizer
         info = check_model(model_dir, args.implementation)
@@ -353,6 +355,26 @@ def _score(args: argparse.Namespace) -> int:
                     f"{' and '.join(flags)} need sdpo's own decoder; leave them out"
                 )
         tokenizer = PairTokenizer.from_dir(model_dir)
+        max_prompt_length = (
+            args.max_prompt_length
+            if args.max_prompt_length is not None
+            else default_max_prompt_length(args.max_length)
+        )
+
+        def read() -> tuple[list[TokenizedPair], dict[int, str], TokenizeStats]:
+            rows = read_preference_file(args.data, columns=columns)
+            pairs, stats = tokenize_pairs(
+                rows,
+                tokenizer,
+                max_length=args.max_length,
+                max_prompt_length=max_prompt_length,
+                vocab_size=info.vocab_size,
+            )
+            _check_lengths(pairs, rows, info)
+            return pairs, {}, stats  # the output names each pair by its index alone
+
+        # before the model is loaded: bad data costs no load
+        pairs, _, stats = tokenized_once(read)
         precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
 
         def shard(model: torch.nn.Module) -> None:
@@ -372,18 +394,6 @@ def _score(args: argparse.Namespace) -> int:
                 device=device,
                 shard=shard if sharding.wanted(args.fsdp) else None,
             )
-        pairs, stats = tokenize_pairs(
-            rows,
-            tokenizer,
-            max_length=args.max_length,
-            max_prompt_length=(
-                args.max_prompt_length
-                if args.max_prompt_length is not None
-                else default_max_prompt_length(args.max_length)
-            ),
-            vocab_size=info.vocab_size,
-        )
-        _check_lengths(pairs, rows, info)
     except (ValueError, OSError) as e:  # DataError and the model errors are ValueErrors
         _say(f"sdpo: input error: {e}", file=sys.stderr)
         return EXIT_INPUT

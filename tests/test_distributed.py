@@ -651,18 +651,50 @@ def _score_cli(args: list[str]) -> int:
     return main(args)
 
 
+def _score_cli_twice(bad: list[str], good: list[str]) -> tuple[int, str, int, int]:
+    """``sdpo score`` on bad data, then on good data, in this rank: the first's exit code and
+    stderr, the second's exit code, and how many times this rank tokenized data in it."""
+    import sdpo.engine.tokenize as tokenize_mod
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        bad_code = _score_cli(bad)
+    calls, tokenize = [0], tokenize_mod.tokenize_pairs
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return tokenize(*args, **kwargs)
+
+    tokenize_mod.tokenize_pairs = counted
+    try:
+        return bad_code, err.getvalue(), _score_cli(good), calls[0]
+    finally:
+        tokenize_mod.tokenize_pairs = tokenize
+
+
 def test_sdpo_score_on_two_ranks_writes_what_one_process_writes(tiny_model_dir, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", n=11, seed=8)
-    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
-    base = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--impl", "torch"]
-    code_one, codes_two = _alongside(
-        lambda: _score_cli([*base, "--out", str(one)]),
+    bad_data = tmp_path / "bad.jsonl"
+    rows = data.read_text().splitlines()
+    rows[6] = json.dumps({"prompt": "w1", "chosen": 3, "rejected": "w2"})
+    bad_data.write_text("\n".join(rows) + "\n")
+    one, two, bad = tmp_path / "one.jsonl", tmp_path / "two.jsonl", tmp_path / "bad-out.jsonl"
+    base = ["score", "--model", str(tiny_model_dir), "--impl", "torch"]
+    code_one, ranks = _alongside(
+        lambda: _score_cli([*base, "--data", str(data), "--out", str(one)]),
         tmp_path,
-        _score_cli,
-        [*base, "--out", str(two)],
+        _score_cli_twice,
+        [*base, "--data", str(bad_data), "--out", str(bad)],
+        [*base, "--data", str(data), "--out", str(two)],
     )
     assert code_one == 0
-    assert codes_two == [0, 0]
+    # bad data: rank 0's error on every rank, which exits 2; rank 0 prints it; nothing written
+    assert [r[0] for r in ranks] == [EXIT_INPUT] * WORLD
+    assert "sdpo: input error:" in ranks[0][1] and "line 7" in ranks[0][1]
+    assert ranks[1][1] == ""
+    assert not bad.exists()
+    # rank 0 alone read and tokenized the data
+    assert [r[2:] for r in ranks] == [(0, 1), (0, 0)]
     assert_same_score_rows(one, two)
     assert sorted(p.name for p in tmp_path.glob("two*")) == ["two.jsonl"]  # written once
 
