@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -383,11 +383,11 @@ def _check_hf_layout(folder: Path) -> ModelInfo:
     for name, t in model.state_dict(keep_vars=True).items():
         groups.setdefault(id(t), []).append(name)
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    missing = [names[0] for names in groups.values() if not any(n in files for n in names)]
-    # stored names the model does not have: transformers converts them on loading (experts
-    # stored one by one, fused in memory), so a missing name is left to load_hf_pretrained
-    converted = any(name not in shapes for name in files)
-    if missing and not converted:
+    # the model names the stored tensors fill once transformers has renamed and converted them
+    # on loading (experts stored one by one, fused in memory)
+    filled = _names_as_loaded(model, files, shapes)
+    missing = [names[0] for names in groups.values() if not any(n in filled for n in names)]
+    if missing:
         raise CheckpointError(
             f"weights in {folder} do not match its {CONFIG_NAME} (model_type "
             f"{config.model_type!r}): missing tensors {_few(missing)}. Check that config.json "
@@ -416,6 +416,47 @@ def _check_hf_layout(folder: Path) -> ModelInfo:
         unsupported=sdpo_unsupported(_read_json(folder / CONFIG_NAME)),
         logit_softcap=logit_softcap(config),
     )
+
+
+def _names_as_loaded(
+    model: torch.nn.Module, stored: Iterable[str], shapes: Mapping[str, tuple[int, ...]]
+) -> set[str]:
+    """The names of ``model`` that the ``stored`` tensor names fill when transformers loads
+    them: its conversion mapping for the model type renames them, and a conversion that
+    builds one tensor of several (a fused gate and up projection) fills it only when a name
+    of each of its sources is stored. Without that mapping (an older transformers), the stored
+    names as they are."""
+    stored = list(stored)
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+
+        mapping = get_model_conversion_mapping(model)
+    except (ImportError, AttributeError, TypeError):
+        return set(stored)
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    prefix = getattr(model, "base_model_prefix", None)
+    filled: set[str] = set()
+    sources: dict[str, set[str]] = {}  # a converted name: the source patterns stored for it
+    needed: dict[str, set[str]] = {}
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    for name in stored:
+        if name in shapes:  # as transformers does, a name the model has is taken as it is
+            filled.add(name)
+            continue
+        renamed, pattern = rename_source_key(name, renamings, converters, prefix, shapes)
+        if pattern is None or pattern not in by_pattern:
+            filled.add(renamed)
+        else:
+            sources.setdefault(renamed, set()).add(pattern)
+            needed[renamed] = set(by_pattern[pattern].source_patterns)
+    filled.update(name for name, got in sources.items() if got >= needed[name])
+    return filled
 
 
 def load_model(

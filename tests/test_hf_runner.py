@@ -597,6 +597,43 @@ def test_sdpo_score_refuses_pairs_longer_than_the_context_or_an_unapplied_window
     assert "max_position_embeddings 6); pass --max-length <= 6" in capsys.readouterr().err
 
 
+def test_a_missing_tensor_is_refused_before_work_even_beside_names_transformers_converts(
+    tmp_path,
+):
+    """Stored names the model does not have (experts stored one by one, a stray tensor) do not
+    hide a missing one: the check follows transformers' own renaming and fusing, so a missing
+    weight is refused before any work, not when the model is loaded."""
+    import re
+
+    from safetensors.torch import save_file
+
+    moe = _write_hf_model(
+        tmp_path / "moe",
+        "Qwen2MoeConfig",
+        num_hidden_layers=1,
+        num_experts=2,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+    )
+    assert check_model(moe).implementation == "transformers"  # the experts fuse on loading
+    stored = load_file(moe / "model.safetensors")
+
+    def refused(drop: str, add: str | None, missing: str) -> None:
+        tensors = {k: v for k, v in stored.items() if not re.search(drop, k)}
+        if add is not None:
+            tensors[add] = torch.zeros(2)
+        save_file(tensors, moe / "model.safetensors", metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=rf"missing tensors \['{re.escape(missing)}'"):
+            check_model(moe)
+
+    q = "model.layers.0.self_attn.q_proj.weight"
+    refused(re.escape(q), None, q)
+    refused(re.escape(q), "model.layers.0.stray.weight", q)
+    # one of the two sources of the fused gate and up projection (every expert's up_proj)
+    refused(r"experts\.\d+\.up_proj", None, "model.layers.0.mlp.experts.gate_up_proj")
+
+
 # -- on CUDA ----------------------------------------------------------------------------------
 
 # A step's first rewards under bf16 on CUDA: the scoring pass and the training forward run the
