@@ -47,6 +47,7 @@ __all__ = [
     "TOKEN_CACHE_VERSION",
     "load_tokenized",
     "pack_pairs",
+    "save_packed",
     "save_tokenized",
     "token_cache_key",
     "token_cache_path",
@@ -230,7 +231,20 @@ def save_tokenized(
 ) -> None:
     """Write ``pairs`` (with each pair's place, keyed by ``pair.index``) and ``stats`` under
     ``key``; an older file stays intact until the new one is complete."""
-    tensors, names = pack_pairs(pairs, places)
+    save_packed(path, *pack_pairs(pairs, places), stats, key)
+
+
+def save_packed(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    names: Sequence[str],
+    stats: TokenizeStats,
+    key: Mapping[str, Any],
+) -> None:
+    """:func:`save_tokenized` of pairs already packed (``pack_pairs(pairs, places)``): the same
+    file, without packing them again."""
+    tensors = dict(tensors)
+    names = list(names)
     info = json.dumps({"sources": names, "stats": stats.as_dict()}, sort_keys=True)
     metadata = {
         _META_VERSION: TOKEN_CACHE_VERSION,

@@ -84,6 +84,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
@@ -147,6 +148,7 @@ from sdpo.engine.token_cache import (
     Tokenized,
     load_tokenized,
     pack_pairs,
+    save_packed,
     save_tokenized,
     token_cache_key,
     token_cache_path,
@@ -355,6 +357,8 @@ def load_pairs(
     folder of the tokenizer files in the cache key (default ``model.path``; a hub model's
     snapshot folder)."""
     sources = cfg.data.sources if sources is None else sources
+    # data parallel: the arrays rank 0 packed for the other ranks, which the cache write reuses
+    packed: dict[str, Any] = {}
 
     def read() -> Tokenized:
         d = cfg.data
@@ -381,14 +385,19 @@ def load_pairs(
             cfg, tokenizer, sources, vocab_size=vocab_size, context_length=context_length
         )
         if key is not None:
-            save = partial(_save_token_cache, cache_file, *tokenized, key)
+            packed["wanted"] = True
+            save = partial(_save_token_cache, cache_file, tokenized, key, packed)
             if pending_saves is not None:
                 pending_saves.append(save)
             else:
                 save()
         return tokenized
 
-    pairs, row_places, stats = tokenized_once(read)
+    def keep(arrays: dict[str, np.ndarray], names: list[str]) -> None:
+        if packed.get("wanted"):
+            packed["arrays"] = (arrays, names)
+
+    pairs, row_places, stats = tokenized_once(read, on_packed=keep)
     if places is not None:
         places.update(row_places)
     _log(
@@ -413,14 +422,19 @@ def load_pairs(
     return pairs
 
 
-def tokenized_once(read: Callable[[], Tokenized]) -> Tokenized:
+def tokenized_once(
+    read: Callable[[], Tokenized],
+    *,
+    on_packed: Callable[[dict[str, np.ndarray], list[str]], None] | None = None,
+) -> Tokenized:
     """``read()`` (read, check and tokenize data, or load its token cache) on rank 0 alone, its
     result on every rank: a collective under torchrun, so the CPU work and the memory peak of
     tokenizing are paid once per run, not once per rank, and the other ranks need neither the
     data files nor the cache (another node's file system will do). ``read``'s exception is
     raised on every rank (``on_main``). The pairs travel as flat arrays (``pack_pairs``: a few
     tensor broadcasts, no pickled lists of ints); every rank ends with the same pairs in the
-    same order and the places of exactly those pairs. In one process: ``read()``."""
+    same order and the places of exactly those pairs. ``on_packed`` receives rank 0's packed
+    arrays and source names (for a token cache write to reuse). In one process: ``read()``."""
     if not distributed.active():
         return read()
     held: dict[str, Any] = {}
@@ -428,6 +442,8 @@ def tokenized_once(read: Callable[[], Tokenized]) -> Tokenized:
     def main() -> tuple[list[str], TokenizeStats]:
         pairs, places, stats = read()
         held["arrays"], names = pack_pairs(pairs, places)
+        if on_packed is not None:
+            on_packed(held["arrays"], names)
         held["pairs"], held["places"] = pairs, places
         return names, stats
 
@@ -440,9 +456,18 @@ def tokenized_once(read: Callable[[], Tokenized]) -> Tokenized:
     return pairs, places, stats
 
 
-def _save_token_cache(path: Path, *args: Any) -> None:
+def _save_token_cache(
+    path: Path, tokenized: Tokenized, key: dict[str, Any], packed: dict[str, Any]
+) -> None:
+    """Write the token cache: of the arrays already packed for the other ranks when there are
+    (``packed["arrays"]``, dropped once written), else of the pairs."""
+    pairs, places, stats = tokenized
     try:
-        save_tokenized(path, *args)
+        arrays = packed.pop("arrays", None)
+        if arrays is not None:
+            save_packed(path, *arrays, stats, key)
+        else:
+            save_tokenized(path, pairs, places, stats, key)
     except OSError as e:  # the cache only saves time: a run goes on without it
         _log(f"token cache {path.name} not written ({e.strerror or e})")
 

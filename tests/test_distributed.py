@@ -21,6 +21,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+import sdpo.engine.token_cache as token_cache_mod
 import sdpo.runner as runner_mod
 from sdpo.cli import EXIT_INPUT
 from sdpo.config import config_from_dict, write_resolved_config
@@ -500,12 +501,17 @@ def _train(config: dict, resume: bool = False) -> int:
 def _watched_inputs() -> Iterator[dict]:
     """Counts this process's calls that read and tokenize data (``tokenize_calls``) and keeps
     what ``load_inputs`` gave: the pairs, held-out pairs and places, or its error's text."""
-    seen: dict = {"tokenize_calls": 0}
+    seen: dict = {"tokenize_calls": 0, "pack_calls": 0}
     tokenize, load_inputs = runner_mod._read_and_tokenize, runner_mod.StepwiseRunner.load_inputs
+    pack = token_cache_mod.pack_pairs
 
     def counted(*args, **kwargs):
         seen["tokenize_calls"] += 1
         return tokenize(*args, **kwargs)
+
+    def counted_pack(*args, **kwargs):
+        seen["pack_calls"] += 1
+        return pack(*args, **kwargs)
 
     def kept(self):
         try:
@@ -518,11 +524,13 @@ def _watched_inputs() -> Iterator[dict]:
 
     runner_mod._read_and_tokenize = counted
     runner_mod.StepwiseRunner.load_inputs = kept
+    runner_mod.pack_pairs = token_cache_mod.pack_pairs = counted_pack
     try:
         yield seen
     finally:
         runner_mod._read_and_tokenize = tokenize
         runner_mod.StepwiseRunner.load_inputs = load_inputs
+        runner_mod.pack_pairs = token_cache_mod.pack_pairs = pack
 
 
 def _train_watched(config: dict, resume: bool = False) -> tuple[int, dict]:
@@ -557,6 +565,13 @@ def test_two_step_sdpo_run_on_two_ranks_writes_what_one_process_writes(tiny_mode
         return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
 
     assert listing(two) == listing(one)  # the same files, written once, no leftovers
+    # the token cache: rank 0 packed the pairs once, for the other ranks and its cache file,
+    # which is the file one process writes
+    token_caches = sorted(p.name for p in (one / "cache").glob("tokens-*.safetensors"))
+    assert len(token_caches) == seen_one["pack_calls"] == 1
+    assert [seen["pack_calls"] for _, seen in ranks] == [1, 0]
+    for name in token_caches:
+        assert _safetensors_parts(two / "cache" / name) == _safetensors_parts(one / "cache" / name)
     for t in (1, 2):
         a, b = _weights(one / f"step-{t}"), _weights(two / f"step-{t}")
         for name, w in a.items():
@@ -592,6 +607,15 @@ def test_two_step_sdpo_run_on_two_ranks_writes_what_one_process_writes(tiny_mode
         assert torch.equal(w, _weights(two / "step-2")[name]), name
     again = (two / "metrics.jsonl").read_text().splitlines()
     assert [_strip(x) for x in again] == [_strip(x) for x in lines]
+
+
+def _safetensors_parts(path: Path) -> tuple[dict, bytes]:
+    """A safetensors file's header (the tensors' dtypes, shapes and offsets, and the metadata)
+    and its data bytes: the file up to the order of the metadata keys, which safetensors writes
+    in no fixed order."""
+    blob = path.read_bytes()
+    size = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8 : 8 + size]), blob[8 + size :]
 
 
 def _assert_same_inputs(one: dict, ranks: list[dict]) -> None:
