@@ -173,3 +173,28 @@ def test_softcap_head_on_cuda_is_no_worse_than_plain_pytorch_against_float64(
     with torch.no_grad():
         again = ours(h, w)
     assert torch.equal(again, got[0])
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_cap_far_above_the_logits_gives_the_uncapped_ops_numbers(impl):
+    # two independent implementations: with c = 1e6, c·tanh(z/c) differs from z by z³/(3c²)
+    # (under 1e-9 here), so the capped head must give sequence_logprobs' sums, WPO's aligned
+    # sums and gradients, token weights included, to float32 rounding
+    from sdpo.kernels import sequence_logprobs
+
+    h, w, labels, seq_ids, weights = _inputs(seed=3, vocab=211)
+    outs = []
+    for capped in (True, False):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        if capped:
+            seq, aligned = softcap_sequence_logprobs(
+                hh, ww, labels, seq_ids, 3, softcap=1e6, token_weights=weights, return_aligned=True
+            )
+        else:
+            seq, aligned = sequence_logprobs(
+                hh, ww, labels, seq_ids, 3, impl=impl, token_weights=weights, return_aligned=True
+            )
+        (seq * torch.tensor([0.7, -1.3, 2.1])).sum().backward()
+        outs.append((seq.detach(), aligned, hh.grad, ww.grad))
+    for ours, theirs in zip(*outs, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
