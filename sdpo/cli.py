@@ -172,6 +172,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one config value (TOML literal); repeatable",
     )
+    config.add_argument(
+        "--from-trl",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="convert a TRL DPO config file (YAML or JSON, as `trl dpo --config` reads) to "
+        "sdpo's TOML; options with no equivalent are listed in comments at the top",
+    )
+    config.add_argument(
+        "--world-size",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --from-trl: the processes TRL would run on (pairs per step = batch size x "
+        "gradient accumulation x N; default 1)",
+    )
+    config.add_argument(
+        "--out", type=Path, default=None, help="with --from-trl: write the TOML to this file"
+    )
+    config.add_argument(
+        "--overwrite", action="store_true", help="with --out: replace an existing file"
+    )
 
     demo = sub.add_parser("demo", help="the embedded end-to-end demo", description=DEMO_HELP)
     demo.add_argument(
@@ -483,6 +505,11 @@ def _column_map(text: str | None) -> dict[str, str]:
 def _cmd_config(args: argparse.Namespace) -> int:
     from sdpo.config import ConfigError, config_from_dict, config_to_dict, load_config, toml_dumps
 
+    if args.from_trl is not None:
+        return _config_from_trl(args)
+    if args.out is not None or args.world_size != 1:
+        print("sdpo: --out and --world-size go with --from-trl", file=sys.stderr)
+        return EXIT_INPUT
     try:
         if args.config is not None:
             cfg = load_config(args.config, args.overrides)
@@ -506,6 +533,40 @@ def _cmd_config(args: argparse.Namespace) -> int:
     ]
     if unset:  # TOML has no null: name the optional keys that are not set
         print("\n# optional, not set: " + ", ".join(unset))
+    return 0
+
+
+def _config_from_trl(args: argparse.Namespace) -> int:
+    """``sdpo config --from-trl FILE``: the TOML printed, or written atomically to --out."""
+    from sdpo.config import ConfigError
+    from sdpo.engine.files import atomic_write_text
+    from sdpo.from_trl import convert_trl_config, read_trl_file
+
+    if args.config is not None or args.overrides:
+        print("sdpo: --from-trl goes without --config and --set", file=sys.stderr)
+        return EXIT_INPUT
+    if args.world_size < 1:
+        print(f"sdpo: --world-size must be >= 1, got {args.world_size}", file=sys.stderr)
+        return EXIT_INPUT
+    if args.out is not None and args.out.exists() and not args.overwrite:
+        print(f"sdpo: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
+        return EXIT_INPUT
+    try:
+        text = convert_trl_config(
+            read_trl_file(args.from_trl), source=str(args.from_trl), world_size=args.world_size
+        )
+    except ConfigError as e:
+        print(f"sdpo: config error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    if args.out is None:
+        print(text, end="")
+        return 0
+    try:
+        atomic_write_text(args.out, text)
+    except OSError as e:
+        print(f"sdpo: could not write {args.out}: {e}", file=sys.stderr)
+        return EXIT_WRITE
+    print(f"wrote {args.out}")
     return 0
 
 

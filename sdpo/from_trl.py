@@ -1,0 +1,431 @@
+"""``sdpo config --from-trl FILE``: a TRL DPO config file (YAML or JSON, as ``trl dpo --config``
+reads it: DPOConfig and TrainingArguments fields with ModelConfig and ScriptArguments ones) as an
+sdpo TOML config.
+
+A key with an exact equivalent is written in its section; a key absent from the file that TRL
+1.16 would set to a value other than sdpo's default is written with TRL's default, so the run is
+the one TRL would train. Every other key goes into comments at the top, each with its value and
+why it was left out. The text loads with ``load_config`` (the tests check it)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from sdpo.config import (
+    _TRL_NAMES,
+    ConfigError,
+    _toml_key,
+    _toml_value,
+    config_from_dict,
+    tomllib,
+)
+
+# TRL 1.16's defaults (DPOConfig on transformers 5) that differ from sdpo's, for keys absent
+# from the file; tests/test_from_trl.py checks them against DPOConfig when trl is installed.
+TRL_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1e-6,
+    "num_train_epochs": 3,
+    "seed": 42,
+    "warmup_steps": 0,
+    "gradient_checkpointing": True,
+    "logging_steps": 10,
+    "save_steps": 500,
+    "max_length": 1024,
+    "truncation_mode": "keep_start",
+    "per_device_train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+}
+
+# keys read below and the type each must have ("number": int or float, "int": a whole number)
+_TYPES: dict[str, str] = {
+    "model_name_or_path": "str",
+    "model_revision": "str",
+    "dataset_name": "str",
+    "dataset_train_split": "str",
+    "output_dir": "str",
+    "learning_rate": "number",
+    "beta": "number",
+    "loss_type": "str or list",
+    "loss_weights": "list",
+    "label_smoothing": "number",
+    "rpo_alpha": "number or null",
+    "ld_alpha": "number or null",
+    "use_weighting": "bool",
+    "reference_free": "bool",
+    "discopop_tau": "number",
+    "f_divergence_type": "str",
+    "f_alpha_divergence_coef": "number",
+    "max_length": "int or null",
+    "truncation_mode": "str",
+    "warmup_ratio": "number",
+    "warmup_steps": "number",
+    "lr_scheduler_type": "str",
+    "num_train_epochs": "number",
+    "seed": "int",
+    "gradient_checkpointing": "bool",
+    "bf16": "bool or null",
+    "fp16": "bool",
+    "max_grad_norm": "number",
+    "weight_decay": "number",
+    "adam_beta1": "number",
+    "adam_beta2": "number",
+    "adam_epsilon": "number",
+    "logging_steps": "number",
+    "save_steps": "number",
+    "eval_steps": "number or null",
+    "report_to": "str or list",
+    "per_device_train_batch_size": "int",
+    "gradient_accumulation_steps": "int",
+}
+
+_TRACKERS = ("tensorboard", "wandb")
+
+
+def read_trl_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a TRL config file: JSON by its suffix ``.json``, else YAML (JSON is YAML
+    too). PyYAML comes with ``datasets``; without it only JSON is read."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"TRL config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"TRL config file {path} cannot be read: {e}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    else:
+        try:
+            import yaml
+        except ModuleNotFoundError:
+            raise ConfigError(
+                f"{path}: reading YAML needs PyYAML (pip install pyyaml), or give the config as "
+                "a .json file"
+            ) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML or JSON: {e}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise ConfigError(
+            f"{path} must hold a mapping of TRL option names to values (as `trl dpo --config` "
+            f"reads), got {type(data).__name__}"
+        )
+    return data
+
+
+def _check_type(source: str, key: str, value: Any) -> None:
+    want = _TYPES.get(key)
+    if want is None:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {
+        "str": isinstance(value, str),
+        "number": number and math.isfinite(value),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "bool": isinstance(value, bool),
+        "list": isinstance(value, list),
+        "null": value is None,
+    }
+    if not any(ok.get(kind, False) for kind in want.split(" or ")):
+        shown = "a finite number" if want.startswith("number") else want
+        raise ConfigError(
+            f"{source}: key {key!r} must be {shown}, got {type(value).__name__} {value!r}"
+        )
+
+
+def _whole(value: float) -> int | None:
+    """``value`` as an int when it is a whole number >= 1 (TRL types step counts as floats)."""
+    return int(value) if value >= 1 and float(value).is_integer() else None
+
+
+def convert_trl_config(
+    trl: dict[str, Any], *, source: str = "the TRL config", world_size: int = 1
+) -> str:
+    """The sdpo TOML config text equivalent to the TRL options ``trl`` (see the module
+    docstring). ``source`` names the file in errors; ``world_size``: the number of processes
+    TRL would run on (pairs per optimizer step = batch size x accumulation x world size)."""
+    for key, value in trl.items():
+        _check_type(source, key, value)
+    given = dict(trl)
+    t = {**TRL_DEFAULTS, **trl}
+    dropped: list[tuple[str, Any, str]] = []
+    notes: dict[str, str] = {}  # "section.key" -> comment
+    out: dict[str, dict[str, Any]] = {
+        "": {},
+        "model": {},
+        "data": {},
+        "train": {},
+        "loss": {},
+        "sdpo": {},
+        "log": {},
+    }
+    used: set[str] = set()
+
+    def put(section: str, key: str, value: Any, *trl_keys: str, note: str = "") -> None:
+        out[section][key] = value
+        used.update(trl_keys)
+        defaults = [k for k in trl_keys if k not in given and k in TRL_DEFAULTS]
+        if defaults:
+            note = "; ".join(filter(None, [note, "TRL's default " + ", ".join(defaults)]))
+        if note:
+            notes[f"{section}.{key}"] = note
+
+    def drop(key: str, why: str) -> None:
+        used.add(key)
+        if key in given:
+            dropped.append((key, given[key], why))
+
+    def local(value: str) -> str:  # TRL reads relative paths against the working directory
+        return str(Path(value).resolve()) if Path(value).expanduser().exists() else value
+
+    # model and data
+    if "model_name_or_path" in t:
+        put("model", "path", local(t["model_name_or_path"]), "model_name_or_path")
+    if "model_revision" in t:
+        put("model", "revision", t["model_revision"], "model_revision")
+    if "dataset_name" in t:
+        src = {"path": local(t["dataset_name"])}
+        if "dataset_train_split" in t:
+            src["split"] = t["dataset_train_split"]
+        used.update(("dataset_name", "dataset_train_split"))
+        out["data"]["sources"] = [src]
+    out[""]["output_dir"] = str(Path(t.get("output_dir") or "trainer_output").resolve())
+    used.add("output_dir")
+    if "output_dir" not in given:
+        notes[".output_dir"] = "TRL's default output_dir"
+
+    # lengths: TRL 1.16 cuts the whole sequence to max_length keeping its start
+    if t.get("max_length") is None:
+        drop("max_length", "null (no truncation) has no equivalent: sdpo always cuts at a length")
+        used.add("truncation_mode")
+    else:
+        max_length = int(t["max_length"])
+        put("data", "max_length", max_length, "max_length")
+        if t.get("truncation_mode") == "keep_start":
+            put(
+                "data",
+                "truncation",
+                "keep_start",
+                "truncation_mode",
+                note="TRL 1.16's keep_start: the whole sequence keeps its start",
+            )
+            out["data"]["max_prompt_length"] = max(1, max_length - 1)
+            notes["data.max_prompt_length"] = "max_length - 1, as TRL's keep_start"
+        else:
+            drop("truncation_mode", _TRL_NAMES["truncation_mode"])
+        if 2 * max_length > 16384:
+            out["train"]["max_tokens_per_batch"] = 2 * max_length
+            notes["train.max_tokens_per_batch"] = "room for one pair of max_length sequences"
+
+    drop(
+        "max_prompt_length",
+        "TRL 1.16 has none (its earlier releases cut the prompt to it first, as sdpo's "
+        "'data.max_prompt_length' with 'data.truncation' does): set them to cut that way",
+    )
+
+    # optimisation
+    for trl_key, key, kind in (
+        ("learning_rate", "learning_rate", float),
+        ("seed", "seed", int),
+        ("max_grad_norm", "max_grad_norm", float),
+        ("weight_decay", "weight_decay", float),
+        ("adam_epsilon", "adam_eps", float),
+    ):
+        if trl_key in t:
+            put("train", key, kind(t[trl_key]), trl_key)
+    if "adam_beta1" in t or "adam_beta2" in t:
+        betas = [float(t.get("adam_beta1", 0.9)), float(t.get("adam_beta2", 0.999))]
+        put("train", "adam_betas", betas, "adam_beta1", "adam_beta2")
+    epochs = _whole(t["num_train_epochs"])
+    if epochs is None:
+        drop("num_train_epochs", "sdpo trains whole epochs only ('train.epochs')")
+    else:
+        put("train", "epochs", epochs, "num_train_epochs")
+    out["model"]["gradient_checkpointing"] = bool(t["gradient_checkpointing"])
+    used.add("gradient_checkpointing")
+    if "gradient_checkpointing" not in given:
+        notes["model.gradient_checkpointing"] = "TRL's default gradient_checkpointing"
+
+    # warm-up and schedule (transformers 5: a warmup_steps below 1 is a ratio)
+    warmup = t.get("warmup_steps", 0)
+    if "warmup_ratio" in given:
+        put("train", "warmup_ratio", float(t["warmup_ratio"]), "warmup_ratio")
+    if "warmup_steps" in given or "warmup_ratio" not in given:
+        if 0 < warmup < 1:
+            put("train", "warmup_ratio", float(warmup), "warmup_steps", note="a ratio below 1")
+        elif float(warmup).is_integer() and warmup >= 0:
+            put("train", "warmup_steps", int(warmup), "warmup_steps")
+        else:
+            drop("warmup_steps", "not a whole number of steps nor a ratio below 1")
+    schedule = t.get("lr_scheduler_type", "linear")
+    if schedule in ("linear", "cosine", "constant_with_warmup"):
+        name = "constant" if schedule == "constant_with_warmup" else schedule
+        put("train", "schedule", name, "lr_scheduler_type")
+    elif schedule == "constant":  # transformers' constant has no warm-up
+        put("train", "schedule", "constant", "lr_scheduler_type")
+        out["train"].pop("warmup_ratio", None)
+        out["train"]["warmup_steps"] = 0
+        notes["train.warmup_steps"] = "transformers' constant schedule has no warm-up"
+    else:
+        drop("lr_scheduler_type", "sdpo's schedules are linear, cosine and constant")
+
+    # batch: pairs per optimizer step
+    bs, ga = t["per_device_train_batch_size"], t["gradient_accumulation_steps"]
+    pairs = bs * ga * world_size
+    if pairs >= 1:
+        put(
+            "train",
+            "pairs_per_step",
+            pairs,
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            note=f"{bs} x {ga} x world size {world_size}"
+            + (" (assumed; give --world-size N)" if world_size == 1 else ""),
+        )
+
+    # precision: TRL's bf16 (default: not fp16) is autocast over weights in the model's dtype
+    # (ModelConfig's dtype, float32 by default): fp32 weights = bf16-mixed, bf16 weights = bf16
+    dtype_key = "dtype" if "dtype" in given else "torch_dtype"
+    dtype = given.get(dtype_key, "float32")
+    used.update(("dtype", "torch_dtype", "fp16", "bf16"))
+    if t.get("fp16"):
+        drop("fp16", _TRL_NAMES["fp16"])
+    elif dtype not in ("float32", "bfloat16"):
+        drop(
+            dtype_key,
+            f"the weights' dtype follows 'train.precision' here: set it to 'bf16' (bf16 "
+            f"weights) or 'bf16-mixed' (fp32 weights, bf16 autocast){' and see bf16' if dtype == 'auto' else ''}",
+        )
+        if "bf16" in given:
+            dropped.append(("bf16", given["bf16"], f"goes with {dtype_key} above"))
+    else:
+        bf16 = t.get("bf16")
+        bf16 = True if bf16 is None else bf16
+        if dtype == "bfloat16":
+            value = "bf16"
+            note = f"{dtype_key} bfloat16: bf16 weights"
+        else:
+            value = "bf16-mixed" if bf16 else "fp32"
+            note = "fp32 weights, bf16 autocast" if bf16 else "fp32 weights"
+        if "bf16" not in given:
+            note += "; TRL's default bf16"
+        out["train"]["precision"] = value
+        notes["train.precision"] = note
+
+    # logging, saving, evaluation
+    for trl_key, key in (
+        ("logging_steps", "log_every"),
+        ("save_steps", "save_every"),
+        ("eval_steps", "eval_every"),
+    ):
+        value = t.get(trl_key)
+        if value is None:
+            used.add(trl_key)
+            continue
+        steps = _whole(value)
+        if steps is None:
+            drop(trl_key, "a share of the run's steps has no equivalent: give a whole number")
+        elif trl_key == "eval_steps":
+            drop(
+                trl_key,
+                "sdpo's 'train.eval_every' needs held-out pairs ('data.eval_fraction' or "
+                "'data.eval_sources'): set them with it",
+            )
+        else:
+            put("train", key, steps, trl_key)
+    report = t.get("report_to", "none")
+    names = [report] if isinstance(report, str) else list(report)
+    if names in (["none"], []):
+        put("log", "report_to", [], "report_to")
+    else:
+        kept = [n for n in names if n in _TRACKERS]
+        put("log", "report_to", kept, "report_to")
+        if len(kept) != len(names):
+            dropped.append(("report_to", report, f"sdpo reports to {' and '.join(_TRACKERS)} only"))
+
+    # the loss
+    if "beta" in t:
+        put("loss", "beta", float(t["beta"]), "beta")
+    if "loss_type" in t:
+        types = t["loss_type"]
+        put(
+            "loss",
+            "loss_type",
+            types[0] if isinstance(types, list) and len(types) == 1 else types,
+            "loss_type",
+        )
+    if t.get("loss_weights") is not None:
+        put("loss", "loss_weights", [float(w) for w in t["loss_weights"]], "loss_weights")
+    for key in ("label_smoothing", "rpo_alpha", "ld_alpha", "discopop_tau"):
+        if t.get(key) is not None:
+            put("loss", key, float(t[key]), key)
+    for key in ("use_weighting", "reference_free", "f_divergence_type"):
+        if key in t:
+            put("loss", key, t[key], key)
+    if "f_alpha_divergence_coef" in given:
+        if t["f_alpha_divergence_coef"] == 0.5:
+            put("loss", "f_alpha_divergence_coef", 0.5, "f_alpha_divergence_coef")
+        else:
+            drop(
+                "f_alpha_divergence_coef",
+                "TRL 1.16's code uses 1 - c where its description and sdpo use c; set "
+                "'loss.f_alpha_divergence_coef' to the value you mean",
+            )
+
+    # sdpo's own keys: a TRL config is plain DPO
+    out["sdpo"]["steps"] = 1
+    out["sdpo"]["partition"] = "easy_to_hard"
+    notes["sdpo.steps"] = "sdpo's own: 1 is plain DPO, as TRL; T > 1 trains T chunks in turn"
+    notes["sdpo.partition"] = "sdpo's own: how the data is cut into sdpo.steps chunks"
+
+    for key, value in given.items():
+        if key in used:
+            continue
+        why = _TRL_NAMES.get(key, "no equivalent in sdpo")
+        dropped.append((key, value, why))
+    text = _render(out, notes, dropped, source)
+    try:  # what is written loads: a value sdpo refuses is named now, with the file
+        config_from_dict(tomllib.loads(text))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: the converted config is refused: {e}") from None
+    return text
+
+
+def _render(
+    out: dict[str, dict[str, Any]],
+    notes: dict[str, str],
+    dropped: list[tuple[str, Any, str]],
+    source: str,
+) -> str:
+    lines = [f"# sdpo config converted from the TRL DPO config {source}"]
+    if dropped:
+        lines.append("# TRL options left out (no equivalent here, or a different meaning):")
+        for key, value, why in dropped:
+            shown = json.dumps(value, default=str)
+            lines.append(f"#   {key} = {shown}: {why}")
+
+    def line(section: str, key: str, value: Any) -> str:
+        text = f"{_toml_key(key)} = {_toml_value(value)}"
+        note = notes.get(f"{section}.{key}")
+        return f"{text}  # {note}" if note else text
+
+    for key, value in out[""].items():
+        lines.append(line("", key, value))
+    for section, values in out.items():
+        if not section:
+            continue
+        scalars = {k: v for k, v in values.items() if k != "sources"}
+        if scalars:
+            lines.extend(["", f"[{section}]"])
+            lines.extend(line(section, k, v) for k, v in scalars.items())
+        for src in values.get("sources", []):
+            lines.extend(["", "[[data.sources]]"])
+            lines.extend(line("data.sources", k, v) for k, v in src.items())
+    return "\n".join(lines) + "\n"

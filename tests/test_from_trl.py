@@ -1,0 +1,188 @@
+"""`sdpo config --from-trl FILE`: a TRL DPO config file as sdpo's TOML, loaded back by sdpo's
+own loader (the values checked), the options left out named in comments, bad files refused."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from sdpo.cli import EXIT_INPUT, main
+from sdpo.config import load_config
+from sdpo.from_trl import TRL_DEFAULTS
+
+# as TRL's example configs write one (trl dpo --config dpo.yaml)
+TRL_YAML = """\
+# Model arguments
+model_name_or_path: Qwen/Qwen2-0.5B-Instruct
+model_revision: main
+dtype: float32
+attn_implementation: flash_attention_2
+
+# Data arguments
+dataset_name: trl-lib/ultrafeedback_binarized
+dataset_train_split: train
+dataset_num_proc: 12
+
+# DPO arguments
+learning_rate: 5.0e-7
+beta: 0.1
+loss_type: sigmoid
+per_device_train_batch_size: 4
+gradient_accumulation_steps: 8
+bf16: true
+max_length: 1024
+gradient_checkpointing: true
+logging_steps: 10
+report_to: none
+num_train_epochs: 1
+warmup_ratio: 0.1
+lr_scheduler_type: cosine
+max_steps: 500
+optim: adamw_torch_fused
+push_to_hub: true
+hub_model_id: me/qwen-dpo
+output_dir: runs/qwen-dpo
+seed: 7
+max_prompt_length: 512
+"""
+
+
+def _convert(tmp_path: Path, name: str, text: str, *extra: str) -> tuple[int, Path]:
+    src = tmp_path / name
+    src.write_text(text)
+    out = tmp_path / "run.toml"
+    code = main(["config", "--from-trl", str(src), "--out", str(out), *extra])
+    return code, out
+
+
+def test_a_trl_yaml_config_converts_to_a_toml_that_sdpo_loads_with_its_values(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code, out = _convert(tmp_path, "dpo.yaml", TRL_YAML)
+    assert code == 0
+    cfg = load_config(out)
+    assert cfg.model.path == "Qwen/Qwen2-0.5B-Instruct" and cfg.model.revision == "main"
+    assert cfg.model.gradient_checkpointing is True
+    (source,) = cfg.data.sources
+    assert source.path == "trl-lib/ultrafeedback_binarized" and source.split == "train"
+    assert cfg.data.max_length == 1024
+    assert cfg.data.truncation == "keep_start" and cfg.data.max_prompt_length == 1023
+    assert cfg.train.learning_rate == 5e-7 and cfg.loss.beta == 0.1
+    assert cfg.loss.loss_type == "sigmoid"
+    assert cfg.train.pairs_per_step == 32  # 4 x 8 x world size 1
+    assert cfg.train.precision == "bf16-mixed"
+    assert cfg.train.log_every == 10 and cfg.log.report_to == []
+    assert cfg.train.epochs == 1 and cfg.train.seed == 7
+    assert cfg.train.warmup_ratio == 0.1 and cfg.train.schedule == "cosine"
+    assert cfg.train.save_every == 500  # TRL's default save_steps
+    assert cfg.output_dir == str(tmp_path / "runs" / "qwen-dpo")
+    assert cfg.sdpo.steps == 1 and cfg.sdpo.partition == "easy_to_hard"
+    text = out.read_text()
+    header = text[: text.index("output_dir =")]
+    for key in ("attn_implementation", "dataset_num_proc", "max_steps", "optim"):
+        assert f"#   {key} = " in header, key
+    # the existing explanations are reused, with the value
+    assert "#   max_steps = 500: sdpo has no step cap" in header
+    assert "#   max_prompt_length = 512: TRL 1.16 has none" in header
+    assert "world size 1 (assumed; give --world-size N)" in text
+    assert "[sdpo]\nsteps = 1  # sdpo's own" in text
+
+
+def test_json_world_size_defaults_and_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("")
+    trl = {
+        "model_name_or_path": "org/model",
+        "dataset_name": "pairs.jsonl",
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 4,
+        "loss_type": ["sigmoid", "sft"],
+        "loss_weights": [1.0, 0.5],
+        "lr_scheduler_type": "constant",
+        "bf16": False,
+        "report_to": ["wandb", "mlflow"],
+    }
+    code, out = _convert(tmp_path, "dpo.json", json.dumps(trl), "--world-size", "8")
+    assert code == 0
+    cfg = load_config(out)
+    assert cfg.data.sources[0].path == str(data)  # a local file, as TRL reads it from here
+    assert cfg.train.pairs_per_step == 2 * 4 * 8
+    assert cfg.loss.loss_type == ["sigmoid", "sft"] and cfg.loss.loss_weights == [1.0, 0.5]
+    assert cfg.train.schedule == "constant" and cfg.train.warmup_steps == 0
+    assert cfg.train.precision == "fp32" and cfg.log.report_to == ["wandb"]
+    # bf16 weights under bf16 autocast: sdpo's bf16
+    bf16 = tmp_path / "bf16.json"
+    bf16.write_text(json.dumps({**trl, "bf16": True, "torch_dtype": "bfloat16"}))
+    assert main(["config", "--from-trl", str(bf16)]) == 0
+    assert 'precision = "bf16"  # torch_dtype bfloat16' in capsys.readouterr().out
+    # keys the file leaves out take TRL's defaults where sdpo's differ
+    assert cfg.train.learning_rate == 1e-6 and cfg.train.epochs == 3 and cfg.train.seed == 42
+    assert cfg.data.max_length == 1024 and cfg.data.truncation == "keep_start"
+    assert '#   report_to = ["wandb", "mlflow"]' in out.read_text()
+    # an existing --out is kept unless --overwrite
+    before = out.read_text()
+    assert _convert(tmp_path, "dpo.json", "{}")[0] == EXIT_INPUT
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == before
+    assert main(["config", "--out", str(out)]) == EXIT_INPUT  # --out needs --from-trl
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("bad.yaml", "a: [1, 2\n", "is not valid YAML"),
+        ("bad.json", "{not json", "is not valid JSON"),
+        ("list.yaml", "- beta\n- 0.1\n", "must hold a mapping"),
+        ("type.yaml", "model_name_or_path: m\nbeta: high\n", "key 'beta' must be a finite number"),
+        ("type.json", '{"per_device_train_batch_size": 2.5}', "'per_device_train_batch_size'"),
+        ("range.yaml", "beta: -1\n", "beta must be a finite number > 0"),
+    ],
+)
+def test_bad_trl_files_exit_2_naming_the_file_and_key(tmp_path, capsys, name, text, message):
+    src = tmp_path / name
+    src.write_text(text)
+    assert main(["config", "--from-trl", str(src)]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert message in err
+    if "must be" in message and "range" not in name:
+        assert str(src) in err
+
+
+def _field_defaults(path: Path, cls: str) -> dict[str, object]:
+    """The literal defaults of the dataclass fields of ``cls`` in the source file ``path``
+    (read, not imported: importing trl takes seconds)."""
+    found: dict[str, object] = {}
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not (isinstance(node, ast.ClassDef) and node.name == cls):
+            continue
+        for st in node.body:
+            if not (isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)):
+                continue
+            value = st.value
+            if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "field":
+                value = next((kw.value for kw in value.keywords if kw.arg == "default"), None)
+            if value is None:
+                continue
+            with contextlib.suppress(ValueError):  # a default that is not a literal
+                found[st.target.id] = ast.literal_eval(value)
+    return found
+
+
+def test_trl_defaults_are_trls():
+    specs = [importlib.util.find_spec(name) for name in ("trl", "transformers")]
+    if not all(specs):
+        pytest.skip("trl and transformers are not installed")
+    trl, transformers = (Path(spec.origin).parent for spec in specs)
+    # DPOConfig's own fields, then TRL's base config, then transformers' TrainingArguments
+    defaults = _field_defaults(transformers / "training_args.py", "TrainingArguments")
+    defaults |= _field_defaults(trl / "trainer" / "base_config.py", "_BaseConfig")
+    defaults |= _field_defaults(trl / "trainer" / "dpo_config.py", "DPOConfig")
+    for key, value in TRL_DEFAULTS.items():
+        assert defaults[key] == value, key
