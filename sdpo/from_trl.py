@@ -120,10 +120,22 @@ def read_trl_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def _check_type(source: str, key: str, value: Any) -> None:
+def _check_type(source: str, key: str, value: Any) -> Any:
+    """``value`` of ``key`` checked against its type; a number written as text (PyYAML reads
+    ``5e-7``, without a dot, as a string; TRL's argument parser converts it) as the number."""
     want = _TYPES.get(key)
     if want is None:
-        return
+        return value
+    if isinstance(value, str) and ("number" in want or "int" in want):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if "int" in want and not number.is_integer():
+                value = number  # refused below, as the number it is
+            else:
+                value = int(number) if "int" in want else number
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = {
         "str": isinstance(value, str),
@@ -138,6 +150,7 @@ def _check_type(source: str, key: str, value: Any) -> None:
         raise ConfigError(
             f"{source}: key {key!r} must be {shown}, got {type(value).__name__} {value!r}"
         )
+    return value
 
 
 def _whole(value: float) -> int | None:
@@ -151,8 +164,7 @@ def convert_trl_config(
     """The sdpo TOML config text equivalent to the TRL options ``trl`` (see the module
     docstring). ``source`` names the file in errors; ``world_size``: the number of processes
     TRL would run on (pairs per optimizer step = batch size x accumulation x world size)."""
-    for key, value in trl.items():
-        _check_type(source, key, value)
+    trl = {key: _check_type(source, key, value) for key, value in trl.items()}
     given = dict(trl)
     t = {**TRL_DEFAULTS, **trl}
     dropped: list[tuple[str, Any, str]] = []

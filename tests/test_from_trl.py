@@ -29,7 +29,7 @@ dataset_train_split: train
 dataset_num_proc: 12
 
 # DPO arguments
-learning_rate: 5.0e-7
+learning_rate: 5e-7  # YAML 1.1 reads this as text; TRL's parser as the number
 beta: 0.1
 loss_type: sigmoid
 per_device_train_batch_size: 4
