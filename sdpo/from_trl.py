@@ -208,6 +208,23 @@ def convert_trl_config(
             src["split"] = t["dataset_train_split"]
         used.update(("dataset_name", "dataset_train_split"))
         out["data"]["sources"] = [src]
+        # `trl dpo` evaluates on dataset_test_split only when eval_strategy is not "no"
+        if "dataset_test_split" in given and t.get("eval_strategy", "no") != "no":
+            test = {"path": src["path"], "split": t["dataset_test_split"]}
+            put(
+                "data",
+                "eval_sources",
+                [test],
+                "dataset_test_split",
+                "eval_strategy",
+                note="scored after each sDPO step (and every train.eval_every steps)",
+            )
+        else:
+            drop(
+                "dataset_test_split",
+                "TRL evaluates on it only when eval_strategy is not 'no' (its default): with one, "
+                "it becomes 'data.eval_sources'",
+            )
     out[""]["output_dir"] = str(Path(t.get("output_dir") or "trainer_output").resolve())
     used.add("output_dir")
     if "output_dir" not in given:
@@ -344,6 +361,8 @@ def convert_trl_config(
         steps = _whole(value)
         if steps is None:
             drop(trl_key, "a share of the run's steps has no equivalent: give a whole number")
+        elif trl_key == "eval_steps" and out["data"].get("eval_sources"):
+            put("train", key, steps, trl_key)
         elif trl_key == "eval_steps":
             drop(
                 trl_key,

@@ -186,3 +186,22 @@ def test_trl_defaults_are_trls():
     defaults |= _field_defaults(trl / "trainer" / "dpo_config.py", "DPOConfig")
     for key, value in TRL_DEFAULTS.items():
         assert defaults[key] == value, key
+
+
+def test_a_test_split_is_held_out_data_when_trl_would_evaluate_on_it(tmp_path):
+    # `trl dpo` evaluates on dataset_test_split only when eval_strategy is not "no" (its default)
+    base = "model_name_or_path: org/m\ndataset_name: org/pairs\ndataset_test_split: test\n"
+    code, out = _convert(tmp_path, "eval.yaml", base + "eval_strategy: steps\neval_steps: 50\n")
+    assert code == 0
+    cfg = load_config(out)
+    (held_out,) = cfg.data.eval_sources
+    assert held_out.path == "org/pairs" and held_out.split == "test"
+    assert cfg.train.eval_every == 50
+    out.unlink()
+    code, out = _convert(tmp_path, "no_eval.yaml", base + "eval_steps: 50\n")
+    assert code == 0
+    cfg = load_config(out)
+    assert not cfg.data.eval_sources and not cfg.train.eval_every
+    header = out.read_text().split("output_dir =")[0]
+    assert '#   dataset_test_split = "test": TRL evaluates on it only when eval_strategy' in header
+    assert "#   eval_steps = 50: sdpo's 'train.eval_every' needs held-out pairs" in header
