@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -118,10 +121,23 @@ def two_source_config(
     return d
 
 
+_TORCHRUN_TMP: list[str] = []  # the temporary folder of this test session's torchrun launches
+
+
+def _torchrun_tmp() -> str:
+    """A folder of this test session for what torchrun's agent leaves in the temporary folder
+    (a ``torchelastic_*`` log folder per launch), removed when the session ends."""
+    if not _TORCHRUN_TMP:
+        _TORCHRUN_TMP.append(tempfile.mkdtemp(prefix="sdpo-tests-torchrun-"))
+        atexit.register(shutil.rmtree, _TORCHRUN_TMP[0], True)
+    return _TORCHRUN_TMP[0]
+
+
 def torchrun_env(*drop: str) -> dict[str, str]:
     """This process's environment for a torchrun launch from a test: one thread per rank, no
-    rendezvous variables of an enclosing launch (torchrun sets its own), nor the ``drop`` ones."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    rendezvous variables of an enclosing launch (torchrun sets its own), nor the ``drop`` ones,
+    and a temporary folder of the session's own (torchrun leaves a folder there per launch)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TMPDIR": _torchrun_tmp()}
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", *drop):
         env.pop(var, None)
     return env
