@@ -121,6 +121,18 @@ def two_source_config(
     return d
 
 
+# the decoder shape of the tiny models tests build from a config class (sdpo's ModelConfig or a
+# transformers one)
+TINY_SHAPE = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=256,
+)
+
 _TORCHRUN_TMP: list[str] = []  # the temporary folder of this test session's torchrun launches
 
 

@@ -24,7 +24,7 @@ from sdpo.engine.tiny import build_tokenizer
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import TrainingStopped
 from sdpo.runner import RunInputError, run_training
-from tests.conftest import WORDS, two_source_config, write_pairs
+from tests.conftest import TINY_SHAPE, WORDS, two_source_config, write_pairs
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,16 +33,7 @@ def _write_hf_model(out: Path, config_class: str, *, seed: int = 0, **overrides)
     """A random-init tiny transformers model of ``config_class`` with the tiny tokenizer."""
     build_tokenizer(out, words=WORDS)
     vocab = PairTokenizer.from_dir(out).vocab_size
-    settings = dict(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-    )
+    settings = dict(vocab_size=vocab, **TINY_SHAPE)
     settings.update(overrides)
     config = getattr(transformers, config_class)(**settings)
     torch.manual_seed(seed)

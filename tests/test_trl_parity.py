@@ -28,6 +28,7 @@ from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import METRIC_KEYS, DPOTrainer, TrainConfig, plan_steps
 from sdpo.losses import LossConfig, dpo_loss
+from tests.conftest import TINY_SHAPE
 from tests.test_tokenize import sentencepiece_like
 
 trl = pytest.importorskip("trl")
@@ -47,16 +48,7 @@ def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trl_parity")
     tok_dir = sentencepiece_like(tmp / "tok")
     tokenizer = PairTokenizer.from_dir(tok_dir)
-    config = ModelConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
-    )
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, **TINY_SHAPE)
     model_dir = tmp / "model"
     files = [tok_dir / "tokenizer.json", tok_dir / "tokenizer_config.json"]
     save_pretrained(init_model(config, seed=5), model_dir, extra_files=files)
@@ -568,13 +560,7 @@ def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup,
     sentencepiece_like(model_dir)
     config = transformers.Qwen2MoeConfig(
         vocab_size=PairTokenizer.from_dir(model_dir).vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=256,
+        **TINY_SHAPE,
         num_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=16,
