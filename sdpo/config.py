@@ -1,8 +1,8 @@
 """The run configuration: one TOML file, small validated dataclass sections, ``--set`` overrides.
 
 A run is described by ``RunConfig`` (sections ``[model]``, ``[data]``, ``[train]``, ``[loss]``,
-``[kernels]``, ``[sdpo]``, ``[lora]``, ``[log]`` and a top-level ``output_dir``). This module owns
-reading it
+``[kernels]``, ``[sdpo]``, ``[lora]``, ``[log]``, ``[profile]`` and a top-level ``output_dir``).
+This module owns reading it
 (``load_config``), checking it (every section validates itself in ``__post_init__``; unknown keys
 and wrong types are errors that name the key, the closest valid key and where the value came
 from), overriding it from the command line (``--set train.learning_rate=1e-6``: the value is read
@@ -33,6 +33,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from sdpo.engine.data import IDENTICAL_POLICIES
 from sdpo.engine.files import atomic_write_text
 from sdpo.engine.hub import is_hub_model_id
 from sdpo.engine.lora import ALL_LINEAR, LORA_TARGETS
@@ -195,7 +196,9 @@ class DataSection:
     max_length: int = 1024  # tokens per sequence (prompt + completion), as TRL's max_length
     max_prompt_length: int | None = None  # None: half of max_length (512 of the default 1024)
     truncation: str = "keep_end"  # over-long prompts keep their end; completions lose their end
-    identical_pairs: str = "warn"  # chosen == rejected: "warn" (keep), "drop", "error", "keep"
+    identical_pairs: str = (
+        "warn"  # chosen == rejected: "warn" (keep, with a count), "drop", "error"
+    )
 
     def __post_init__(self) -> None:
         if self.path is not None:
@@ -233,7 +236,7 @@ class DataSection:
                 "data.eval_fraction and data.eval_sources are both set: hold out either a share "
                 "of the training data or separate files, not both"
             )
-        _one_of("data.identical_pairs", self.identical_pairs, ("warn", "drop", "error", "keep"))
+        _one_of("data.identical_pairs", self.identical_pairs, IDENTICAL_POLICIES)
 
 
 # ``[train]``: the training loop's own settings class (one definition, validated there).

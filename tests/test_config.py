@@ -438,18 +438,16 @@ def test_max_prompt_length_defaults_to_half_of_max_length(tmp_path):
         load_config(path, ["data.max_length=257", "data.max_prompt_length=300"])
 
 
-def test_every_config_block_of_the_readme_loads(tmp_path):
-    """The README's TOML blocks are what a user copies first: each must load as written (a
-    section on its own gets the required keys of MINIMAL), with its values."""
-    import re
+def test_identical_pairs_takes_exactly_the_data_readers_policies(tmp_path):
+    """Every value the loader accepts is one the data reader takes, so a run never passes its
+    config check and then fails on reading ('keep' did: the reader has no such policy)."""
+    from sdpo.engine.data import IDENTICAL_POLICIES, read_preference_file
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```toml\n(.*?)```", readme, re.S)
-    assert len(blocks) >= 5
-    for i, block in enumerate(blocks):
-        text = block if "output_dir" in block else MINIMAL + block
-        cfg = load_config(write(tmp_path, text, f"block{i}.toml"))
-        for key, value in tomllib.loads(block).items():
-            if isinstance(value, dict) and key != "data":
-                for name, v in value.items():
-                    assert getattr(getattr(cfg, key), name) == v, (i, key, name)
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n', encoding="utf-8")
+    path = write(tmp_path, MINIMAL)
+    for policy in IDENTICAL_POLICIES:
+        cfg = load_config(path, [f"data.identical_pairs={policy}"])
+        read_preference_file(data, identical=cfg.data.identical_pairs)
+    with pytest.raises(ConfigError, match=r"data.identical_pairs = 'keep' is not an option"):
+        load_config(path, ["data.identical_pairs=keep"])
