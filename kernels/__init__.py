@@ -15,9 +15,12 @@ a 128k vocabulary) and reads them several times; these ops stream the vocabulary
 - ``softcap_sequence_logprobs``: ``sequence_logprobs`` for soft-capped logits
   (``c * tanh((hidden @ W.T) / c)``, Gemma 2), in plain PyTorch, chunked over tokens, with a
   backward that recomputes each chunk (module ``softcap_head``).
-- ``resolve_impl``: the one place "auto" | "triton" | "torch" is decided.
+- ``resolve_impl``: the one place "auto" | "triton" | "torch" is decided
+  (``triton_available``: whether Triton is installed at all).
+- ``default_chunk_tokens``: the tokens per chunk the ops use unless told (about 256 MiB of
+  logits).
 - ``shift_labels``: labels aligned with the inputs (Hugging Face's) to the next-token labels
-  the ops take.
+  the ops take; ``IGNORE_INDEX`` (-100) marks a label that is not scored.
 
 Conventions shared by every op:
 

@@ -1,0 +1,617 @@
+"""README.md against the code: what a newcomer copies from it must work as written.
+
+- Every TOML block loads with ``sdpo``'s config loader (``sdpo config --config`` prints it), with
+  its values; every assignment written in a block's comments (``# warmup_steps = 20``) names a key
+  of its section and loads; a list of options in a comment (``auto | sdpo | transformers``) is
+  exactly the key's accepted values; a value marked ``(default)`` is the key's default.
+- Every ``section.key`` named in the text is a config key, and a ``section.key = value`` or
+  ``--set section.key=value`` loads; every ``sdpo.`` dotted name is importable.
+- Every command-line flag belongs to the command it is written with (``sdpo score --out``), and
+  every command and flag of ``sdpo`` is named somewhere, as is every config key; the ``make``
+  targets exist and are what the Quick start says.
+- Every Python block runs as written: a block that takes inputs from the text around it
+  (``hf_model``, ``pairs``, ...) gets them from a builder here, chosen by the API it shows.
+- Facts stated in lists: the resumable config keys, the fault-injection points, the exit codes,
+  the files the text names; and the module docstrings that list names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import math
+import re
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpo.cli import build_parser
+from sdpo.cli import main as cli_main
+from sdpo.config import ConfigError, RunConfig, config_from_dict, load_config, tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+# what a block without output_dir (a section on its own) is loaded with
+MINIMAL = """output_dir = "runs/a"
+[model]
+path = "models/sft"
+[data]
+path = "data/prefs.jsonl"
+"""
+SECTIONS = typing.get_type_hints(RunConfig)
+CONFIG_SECTIONS = {name for name, tp in SECTIONS.items() if dataclasses.is_dataclass(tp)}
+# attributes of the packed model protocol (Embedding), written like config keys
+NOT_CONFIG_KEYS = {"model.lm_head_weight", "model.logit_softcap"}
+# a value the text gives in a setting it names ("with compiled layers, ..."), loaded in it
+CONTEXT = {"model.activation_memory_budget": ["model.compile=true"]}
+
+
+def _fenced(lang: str) -> list[str]:
+    return re.findall(rf"^```{lang}\n(.*?)^```", README, re.S | re.M)
+
+
+def _spans() -> list[str]:
+    """The text's inline code spans, fenced blocks left out."""
+    prose = re.sub(r"^```.*?^```", "", README, flags=re.S | re.M)
+    return re.findall(r"`([^`\n]+)`", prose)
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # a name inside a module, not a package
+        return False
+
+
+def _fields(section: str) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
+
+
+def _default(section: str, key: str) -> object:
+    f = _fields(section)[key]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _is_literal(text: str) -> bool:
+    try:
+        tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return False
+    return True
+
+
+def _literal(text: str) -> object:
+    """A TOML literal's value, else the text itself (a bare option name)."""
+    return tomllib.loads(f"v = {text}")["v"] if _is_literal(text) else text
+
+
+def _assignments(text: str) -> list[tuple[str, str, int]]:
+    """``key = value`` in comment text: (key, value text, end of the value), the value being the
+    longest prefix that is a TOML literal."""
+    found = []
+    for m in re.finditer(r"(?<![\w.])([a-z_]+) = ", text):
+        rest = _split_comment(text[m.end() :])[0]  # a '#' starts the next comment
+        cuts = [i for i in range(1, len(rest) + 1) if i == len(rest) or rest[i] in " ,;:)"]
+        for cut in reversed(cuts):
+            if _is_literal(rest[:cut]):
+                found.append((m.group(1), rest[:cut], m.end() + cut))
+                break
+        else:
+            raise AssertionError(f"README: no TOML value after {m.group(0)!r} in {text!r}")
+    return found
+
+
+def _split_comment(line: str) -> tuple[str, str | None]:
+    """(code, comment text after its '#') of a TOML line."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            return line[:i], line[i + 1 :]
+    return line, None
+
+
+@dataclasses.dataclass
+class _Comment:
+    """One comment of a TOML block with its continuation lines (indented ``#   ...``), and the
+    key it is about (the line's own key, or a ``# key: ...`` / ``# key = ...`` opening)."""
+
+    section: str
+    key: str | None
+    lines: list[str]
+
+
+def _comments(block: str) -> list[_Comment]:
+    section, out = "", []
+    for line in block.splitlines():
+        head = re.match(r"\s*\[\[?([\w.]+)\]\]?\s*(#|$)", line)
+        if head:
+            section = head.group(1)
+        code, comment = _split_comment(line)
+        if comment is None:
+            continue
+        own = re.match(r"\s*([a-z_]+)\s*=", code)
+        opening = re.match(r" ?([a-z_]+)(?::| =)", comment)
+        if own:
+            out.append(_Comment(section, own.group(1), [comment]))
+        elif re.match(r" {2,}", comment) and out and out[-1].section == section:
+            out[-1].lines.append(comment)  # a continuation
+        elif opening and section in CONFIG_SECTIONS and opening.group(1) in _fields(section):
+            out.append(_Comment(section, opening.group(1), [comment]))
+        else:
+            out.append(_Comment(section, None, [comment]))
+    return out
+
+
+def _accepted_options(section: str, key: str) -> set[str]:
+    """The values ``section.key`` accepts, read from the loader's error for a bad one."""
+    with pytest.raises(ConfigError) as err:
+        _load_minimal([f'{section}.{key}="no-such-option"'])
+    message = str(err.value)
+    assert "one of " in message, f"{section}.{key} takes no fixed list of options: {message}"
+    listed = re.split(r", got | \((?:in|from) ", message.split("one of ", 1)[1])[0]
+    return {v.strip(" '\"") for v in listed.split(", ")}
+
+
+def _load_minimal(overrides: list[str]) -> RunConfig:
+    """The minimal config with ``--set`` overrides (as ``sdpo train --set`` reads them)."""
+    return config_from_dict(tomllib.loads(MINIMAL), base_dir=ROOT, overrides=overrides)
+
+
+def _toml_blocks() -> list[str]:
+    blocks = _fenced("toml")
+    assert len(blocks) >= 5, "README: the TOML blocks were not found"
+    return blocks
+
+
+def _block_text(block: str) -> str:
+    return block if "output_dir" in block else MINIMAL + block
+
+
+def test_every_toml_block_loads_with_its_values(tmp_path, capsys):
+    """Each block as written (a section on its own with the required keys added) loads, holds
+    its values, and ``sdpo config --config`` prints it."""
+    for i, block in enumerate(_toml_blocks()):
+        path = tmp_path / f"block{i}.toml"
+        path.write_text(_block_text(block), encoding="utf-8")
+        cfg = load_config(path)
+        for section, values in tomllib.loads(block).items():
+            if not isinstance(values, dict) or section == "data":  # data paths are resolved
+                continue
+            for key, value in values.items():
+                assert getattr(getattr(cfg, section), key) == value, (i, section, key)
+        assert cli_main(["config", "--config", str(path)]) == 0, capsys.readouterr().err
+
+
+def test_every_assignment_in_a_toml_comment_is_a_key_that_loads(tmp_path):
+    """``# warmup_steps = 20``, ``# path = ... ; revision = "main"``: the assignments of one
+    comment line, set together, load on top of their block, or, where they replace one of its
+    keys (``or tokens_per_step = ...``), on their own; and the loaded value is the one written."""
+    seen = 0
+    for i, block in enumerate(_toml_blocks()):
+        path = tmp_path / f"block{i}.toml"
+        path.write_text(_block_text(block), encoding="utf-8")
+        for comment in _comments(block):
+            for line in comment.lines:
+                found = _assignments(line)
+                if not found:
+                    continue
+                section = comment.section
+                assert section in CONFIG_SECTIONS, f"README block {i}: {line!r} outside a section"
+                for key, _, _ in found:
+                    assert key in _fields(section), (
+                        f"README block {i}: '{section}.{key}' in the comment {line.strip()!r} is "
+                        f"not a key of [{section}] (keys: {', '.join(_fields(section))})"
+                    )
+                overrides = [f"{section}.{key}={value}" for key, value, _ in found]
+                errors = []
+                for base in (path, None):  # the block, else the minimal config alone
+                    try:
+                        cfg = load_config(base, overrides) if base else _load_minimal(overrides)
+                        break
+                    except ConfigError as e:
+                        errors.append(str(e))
+                else:
+                    raise AssertionError(
+                        f"README block {i}: {line.strip()!r} does not load: {errors}"
+                    )
+                for key, value, _ in found:
+                    if _fields(section)[key].metadata.get("path"):
+                        continue  # resolved against the config's folder
+                    assert getattr(getattr(cfg, section), key) == _literal(value), (line, key)
+                seen += 1
+    assert seen >= 10
+
+
+def test_every_option_list_in_a_toml_comment_is_the_keys_accepted_values():
+    """``implementation = "auto"  # auto | sdpo | transformers``: the options written are
+    exactly those the loader accepts, so a new option (or a removed one) shows here."""
+    checked = []
+    for block in _toml_blocks():
+        for comment in _comments(block):
+            if comment.key is None or comment.section not in CONFIG_SECTIONS:
+                continue
+            text = " ".join(comment.lines)
+            while re.search(r"\([^()]*\)", text):
+                text = re.sub(r"\([^()]*\)", "", text)
+            listed = re.search(r"(?<![\w.\-])([\w.\-]+(?:\s*\|\s*[\w.\-]+)+)", text)
+            if listed is None:
+                continue
+            options = {o.strip() for o in listed.group(1).split("|")}
+            accepted = _accepted_options(comment.section, comment.key)
+            assert options == accepted, (
+                f"README: the options of {comment.section}.{comment.key} are written as "
+                f"{sorted(options)}, the loader accepts {sorted(accepted)}"
+            )
+            checked.append(f"{comment.section}.{comment.key}")
+    assert {"model.implementation", "loss.loss_type", "sdpo.partition"} <= set(checked)
+
+
+def test_every_default_marked_in_a_toml_comment_is_the_real_default():
+    """``rank = 16  # 0 (default)``, ``# epochs = 1 (default)``, ``warn (default) | drop``."""
+    checked = 0
+    for block in _toml_blocks():
+        for comment in _comments(block):
+            for line in comment.lines:
+                found = _assignments(line)
+                marks = [
+                    (m.start(), m.group(1) or m.group(2))
+                    for m in re.finditer(
+                        r"(?<![\w.\-\"'\]])(\S+) \((?:the )?default\)|\(default: ([^)]+)\)", line
+                    )
+                ]
+                for start, text in marks:
+                    # the value of an assignment ending there, else the comment's own key
+                    own = [(k, v) for k, v, end in found if end == start + len(text)]
+                    key, value_text = own[0] if own else (comment.key, text.rstrip(":;,"))
+                    assert key is not None, f"README: {line!r} marks a default of no key"
+                    value = _literal(value_text)
+                    assert _default(comment.section, key) == value, (
+                        f"README: {comment.section}.{key} is written with the default "
+                        f"{value!r}; the real default is {_default(comment.section, key)!r}"
+                    )
+                    checked += 1
+    assert checked >= 5
+
+
+def _key_spans() -> list[tuple[str, str, str | None]]:
+    """(section, key, value text or None) of every ``section.key`` and ``section.key = value``
+    code span of the text, and of every ``--set section.key=value``."""
+    out = []
+    for span in _spans():
+        m = re.fullmatch(r"([a-z_]+)\.([a-z_*]+)(?: = (.+))?", span)
+        if m and m.group(1) in CONFIG_SECTIONS and span.split(" ")[0] not in NOT_CONFIG_KEYS:
+            section, key, _ = m.groups()
+            if section == "sdpo" and key not in _fields(section) and _is_module(f"sdpo.{key}"):
+                continue  # a module, such as sdpo.kernels
+            out.append(m.groups())
+    for m in re.finditer(r"--set ([a-z_]+)\.([a-z_]+)=([^\s`\]]+)", README):
+        out.append(m.groups())
+    return out
+
+
+def test_every_config_key_the_text_names_exists_and_its_values_load():
+    spans = _key_spans()
+    assert len(spans) > 80
+    for section, key, value in spans:
+        if key == "*":
+            continue
+        assert key in _fields(section), (
+            f"README names '{section}.{key}', which is not a config key "
+            f"(keys of [{section}]: {', '.join(_fields(section))})"
+        )
+        if value is not None and _is_literal(value):  # not a placeholder such as N
+            _load_minimal([*CONTEXT.get(f"{section}.{key}", []), f"{section}.{key}={value}"])
+
+
+def test_every_config_key_is_named_in_the_readme():
+    """A user finds every key in the README (``sdpo config`` prints them all with defaults)."""
+    named = {(s, k) for s, k, _ in _key_spans()}
+    for block in _toml_blocks():  # a key, or its name in a comment, under its section
+        section = ""
+        for line in block.splitlines():
+            head = re.match(r"\s*\[\[?([\w.]+)\]\]?", line)
+            section = head.group(1) if head else section
+            named |= {(section, word) for word in re.findall(r"(?<![\w.])[a-z_]+", line)}
+    stars = {s for s, k in named if k == "*"}
+    missing = [
+        f"{section}.{key}"
+        for section in sorted(CONFIG_SECTIONS)
+        for key in _fields(section)
+        if section not in stars and (section, key) not in named
+    ]
+    assert not missing, f"config keys the README never names: {missing}"
+
+
+def test_every_sdpo_dotted_name_in_the_text_is_importable():
+    names = set()
+    for span in _spans():
+        m = re.fullmatch(r"(sdpo(?:\.[A-Za-z_]\w*)+)(?:\(.*\))?", span)
+        if m and not (m.group(1).count(".") == 1 and m.group(1)[5:] in _fields("sdpo")):
+            names.add(m.group(1))
+    names |= set(re.findall(r"\b(sdpo\.[a-z_]+(?:\.[A-Za-z_]\w*)+)", "\n".join(_fenced("python"))))
+    assert len(names) >= 8
+    for name in sorted(names):
+        parts = name.split(".")
+        for cut in range(len(parts), 0, -1):
+            if _is_module(".".join(parts[:cut])):
+                break
+        obj = importlib.import_module(".".join(parts[:cut]))
+        for attr in parts[cut:]:
+            assert hasattr(obj, attr), f"README names {name}, which does not exist"
+            obj = getattr(obj, attr)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+TORCHRUN_FLAGS = {"--nproc_per_node", "--nproc-per-node"}
+
+
+def _options(parser) -> dict[str, set[str]]:
+    (sub,) = [a for a in parser._actions if a.choices and isinstance(a.choices, dict)]
+    return {
+        name: {s for a in p._actions for s in a.option_strings} for name, p in sub.choices.items()
+    }
+
+
+def _bench_options() -> dict[str, set[str]]:
+    from tests.test_speed_paths import load_throughput
+
+    found = {
+        f"throughput.py {name}": opts
+        for name, opts in _options(load_throughput().build_parser()).items()
+    }
+    source = (ROOT / "benchmarks" / "kernel_resources.py").read_text(encoding="utf-8")
+    found["kernel_resources.py"] = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
+    return found
+
+
+def _commands() -> list[str]:
+    """Each command line of the bash blocks and each inline code span."""
+    lines = [ln for block in _fenced("bash") for ln in block.replace("\\\n", " ").splitlines()]
+    return lines + _spans()
+
+
+def test_every_flag_belongs_to_the_command_it_is_written_with():
+    sdpo = {f"sdpo {k}": v for k, v in _options(build_parser()).items()}
+    known = {**sdpo, **_bench_options()}
+    every = set().union(*known.values()) | TORCHRUN_FLAGS
+    checked = 0
+    for text in _commands():
+        text = text.split(" # ")[0]
+        m = re.search(
+            r"(?:(?<![\w./-])sdpo|-m sdpo(?:\.cli)?) (train|score|config|demo)\b"
+            r"|(throughput\.py) (kernels|step)\b|(kernel_resources\.py)",
+            text,
+        )
+        flags = re.findall(r"(?<![\w-])(--[a-z][\w-]*)", text[m.end() if m else 0 :])
+        if m is None:
+            for flag in flags:
+                assert flag in every, f"README: {flag} ({text!r}) is no flag of sdpo or a script"
+            continue
+        command = (
+            f"sdpo {m.group(1)}"
+            if m.group(1)
+            else f"throughput.py {m.group(3)}"
+            if m.group(2)
+            else "kernel_resources.py"
+        )
+        for flag in flags:
+            assert flag in known[command], f"README: {command} has no flag {flag} ({text!r})"
+            checked += 1
+    assert checked >= 25
+
+
+def test_every_command_and_flag_of_sdpo_is_named_in_the_readme():
+    for command, flags in _options(build_parser()).items():
+        assert f"sdpo {command}" in README, f"sdpo {command} is not in the README"
+        for flag in sorted(flags - {"-h", "--help"}):
+            assert re.search(rf"(?<![\w-]){flag}(?![\w-])", README), (
+                f"sdpo {command} {flag} is not in the README"
+            )
+
+
+def test_the_quick_start_commands_are_the_makefiles():
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
+    for target in set(re.findall(r"(?<![\w-])make ([a-z][\w-]*)", README)):
+        assert target in targets, f"README: `make {target}`, which the Makefile lacks"
+    recipe = {
+        t: re.search(rf"^{t}:.*\n((?:\t.*\n)+)", makefile, re.M).group(1) for t in ("demo", "test")
+    }
+    assert "sdpo demo $(DEMO_ARGS)" in recipe["demo"] and "pytest" in recipe["test"]
+    quick = _fenced("bash")[0]
+    assert "make demo" in quick and "make test" in quick
+
+
+# ---------------------------------------------------------------------------------------------
+# the Python blocks, run as written
+
+
+def _embedding_inputs(tmp_path: Path) -> dict:
+    """``hf_model``, a padded batch of two pairs (``ids``, ``mask``, ``labels``) and the
+    reference values ``ref_c``/``ref_r``: the model's own, so the DPO loss is log 2."""
+    transformers = pytest.importorskip("transformers")
+    from sdpo.kernels import sequence_logprobs
+
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=131,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    gen = torch.Generator().manual_seed(1)
+    lengths, prompts = [9, 6, 11, 4], [3, 3, 5, 5]
+    ids = torch.randint(1, 131, (4, 11), generator=gen)
+    mask = torch.zeros(4, 11, dtype=torch.long)
+    labels = torch.full((4, 11), -100)
+    for b, (n, p) in enumerate(zip(lengths, prompts, strict=True)):
+        mask[b, :n] = 1
+        labels[b, p - 1 : n - 1] = ids[b, p:n]
+    with torch.no_grad():
+        hidden = hf_model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        ref = sequence_logprobs(
+            hidden.reshape(-1, 32),
+            hf_model.lm_head.weight,
+            labels.reshape(-1),
+            torch.arange(4).repeat_interleave(11),
+            4,
+        )
+    return {
+        "hf_model": hf_model,
+        "ids": ids,
+        "mask": mask,
+        "labels": labels,
+        "ref_c": ref[0::2],
+        "ref_r": ref[1::2],
+    }
+
+
+def _check_embedding(ns: dict) -> None:
+    assert float(ns["loss"].detach()) == pytest.approx(math.log(2), abs=1e-5)
+    torch.testing.assert_close(ns["logps"][0::2], ns["ref_c"], atol=1e-5, rtol=0)
+    assert ns["hf_model"].lm_head.weight.grad.abs().sum() > 0
+
+
+def _stepwise_inputs(tmp_path: Path) -> dict:
+    """``hf_model`` (a tiny Llama folder loaded by transformers) and ``pairs`` of two sources."""
+    transformers = pytest.importorskip("transformers")
+    from sdpo.engine.data import read_preference_file
+    from sdpo.engine.tiny import write_tiny_model
+    from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+    from tests.conftest import WORDS, write_pairs
+
+    model_dir = write_tiny_model(tmp_path / "model", words=WORDS, hidden_size=32, seed=1)
+    rows = []
+    for name, kind, seed in (("far", "far", 1), ("near", "near", 2)):
+        path = write_pairs(tmp_path / f"{name}.jsonl", n=6, seed=seed, kind=kind)
+        rows += read_preference_file(path, source=name)
+    pairs, _ = tokenize_pairs(
+        rows, PairTokenizer.from_dir(model_dir), max_length=32, max_prompt_length=16
+    )
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
+    return {"hf_model": hf_model, "pairs": pairs}
+
+
+def _check_stepwise(ns: dict) -> None:
+    assert [r.step for r in ns["reports"]] == [1, 2]
+    assert sorted(r.sources[0] for r in ns["reports"]) == ["far", "near"]
+    for t in (1, 2):
+        assert (Path(f"step-{t}") / "config.json").is_file()
+
+
+# a block that takes inputs from the text around it, by the call it shows: (inputs, check)
+PYTHON_INPUTS = {
+    "linear_pair_loss(": (_embedding_inputs, _check_embedding),
+    "run_sdpo(": (_stepwise_inputs, _check_stepwise),
+}
+
+
+def test_every_python_block_runs_as_written(tmp_path, monkeypatch, one_thread):
+    blocks = _fenced("python")
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)  # a block may write files
+    for i, block in enumerate(blocks):
+        uses = [call for call in PYTHON_INPUTS if call in block]
+        assert len(uses) <= 1, f"README Python block {i}: inputs for {uses}?"
+        make, check = PYTHON_INPUTS[uses[0]] if uses else (lambda _: {}, lambda _: None)
+        ns = make(tmp_path / f"block{i}")
+        exec(compile(block, f"README.md python block {i}", "exec"), ns)
+        check(ns)
+
+
+# ---------------------------------------------------------------------------------------------
+# facts in lists
+
+
+def _between(start: str, end: str) -> str:
+    assert start in README, f"README: {start!r} not found"
+    tail = README.split(start, 1)[1]
+    assert end in tail, f"README: {end!r} not found after {start!r}"
+    return tail.split(end, 1)[0]
+
+
+def _expand(keys: list[str]) -> set[str]:
+    out = set()
+    for key in keys:
+        section, _, leaf = key.partition(".")
+        out |= {f"{section}.{k}" for k in _fields(section)} if leaf == "*" else {key}
+    return out
+
+
+def test_the_keys_a_resume_may_change_are_the_runners():
+    from sdpo.runner import RESUME_ROUNDING_KEYS, RESUME_SAFE_KEYS
+
+    free = _between("`--resume` refuses a config that differs", "may change.")
+    assert _expand(re.findall(r"`([\w.*]+)`", free)) == set(RESUME_SAFE_KEYS)
+    rounding = _between("Compute settings may change too", "A key that a run's saved config")
+    named = {k for k in re.findall(r"`([\w.]+)`", rounding) if "." in k}
+    conditions = {"train.pairs_per_step"}  # "... when train.pairs_per_step or ... fixes"
+    assert named - conditions == {
+        *RESUME_ROUNDING_KEYS,
+        "train.max_tokens_per_batch",
+        "sdpo.report_scoring",
+    }
+
+
+def test_the_fault_points_are_the_codes():
+    listed = _between("the `count`-th time it reaches a named point (", ")")
+    code = set()
+    for path in [*ROOT.glob("sdpo/*.py"), *ROOT.glob("engine/*.py")]:
+        code |= set(re.findall(r"fault_point\(\"(\w+)\"\)", path.read_text(encoding="utf-8")))
+    assert set(re.findall(r"`(\w+)`", listed)) == code
+
+
+def test_the_exit_codes_are_the_clis():
+    from sdpo import cli
+
+    codes = {getattr(cli, n) for n in dir(cli) if n.startswith("EXIT_")}
+    written = {int(c) for c in re.findall(r"(?:exit|exits with) code \*\*(\d+)\*\*", README)}
+    assert written == codes
+    exits = _between("- Exit codes: every rank returns the same code (", ")")
+    assert {int(c) for c in re.findall(r"\b(\d+)\b", exits)} <= codes | {0}
+
+
+def test_every_file_the_readme_names_exists():
+    paths = set(
+        re.findall(
+            r"(?<![\w/.-])((?:tests|benchmarks|engine|kernels|sdpo)/[\w./-]*\.(?:py|sh|md))", README
+        )
+    )
+    assert len(paths) > 30
+    assert not [p for p in sorted(paths) if not (ROOT / p).is_file()]
+
+
+def test_module_docstrings_name_what_exists():
+    """``sdpo``'s layers, ``sdpo.kernels``' list of ops (every exported name, and nothing
+    else), and ``sdpo.config``'s list of sections."""
+    import sdpo
+    import sdpo.config
+    import sdpo.kernels
+
+    for name in re.findall(r"``(sdpo(?:\.\w+)*)``", sdpo.__doc__):
+        assert importlib.util.find_spec(name) is not None, f"sdpo's docstring: {name}"
+    doc = sdpo.kernels.__doc__
+    listed = set()
+    for line in doc.split("Conventions shared by every op")[0].splitlines():
+        if line.startswith("- ``"):
+            listed |= set(re.findall(r"``(\w+)``", line.split(":", 1)[0]))
+    modules = {m for m in listed if (ROOT / "kernels" / f"{m}.py").is_file()}
+    assert listed - modules <= set(sdpo.kernels.__all__), listed - set(sdpo.kernels.__all__)
+    for name in sdpo.kernels.__all__:
+        assert f"``{name}``" in doc, f"sdpo.kernels' docstring does not name {name}"
+    sections = re.findall(r"``\[(\w+)\]``", sdpo.config.__doc__)
+    assert set(sections) == CONFIG_SECTIONS
