@@ -1,4 +1,5 @@
-"""The `sdpo` command: train (plain or stepwise DPO from a TOML config), score, demo."""
+"""The `sdpo` command: train (plain or stepwise DPO from a TOML config), score, config (the
+resolved config as TOML, or a TRL config file converted), demo."""
 
 from __future__ import annotations
 

@@ -597,8 +597,9 @@ def test_every_file_the_readme_names_exists():
 
 def test_module_docstrings_name_what_exists():
     """``sdpo``'s layers, ``sdpo.kernels``' list of ops (every exported name, and nothing
-    else), and ``sdpo.config``'s list of sections."""
+    else), ``sdpo.config``'s list of sections and ``sdpo.cli``'s list of commands."""
     import sdpo
+    import sdpo.cli
     import sdpo.config
     import sdpo.kernels
 
@@ -615,3 +616,6 @@ def test_module_docstrings_name_what_exists():
         assert f"``{name}``" in doc, f"sdpo.kernels' docstring does not name {name}"
     sections = re.findall(r"``\[(\w+)\]``", sdpo.config.__doc__)
     assert set(sections) == CONFIG_SECTIONS
+    summary = " ".join(sdpo.cli.__doc__.split(":", 1)[1].split())  # "train (...), score, ..."
+    for command in _options(build_parser()):
+        assert re.search(rf"(?:^|, ){command}\b", summary), f"sdpo.cli's docstring: {command}"
