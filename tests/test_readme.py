@@ -281,6 +281,32 @@ def test_every_default_marked_in_a_toml_comment_is_the_real_default():
     assert checked >= 5
 
 
+def test_every_default_the_text_states_is_the_real_default():
+    """In the text: ``train.keep_checkpoints`` (default 2), ``train.async_save = true``, off
+    by default, ``sdpo.report_scoring`` ... (where it is on by default)."""
+    text = " ".join(README.split())
+    claims = [
+        (s, k, _literal(v))
+        for s, k, v in re.findall(r"`([a-z_]+)\.([a-z_]+)` \(default ([\w.\-]+)", text)
+        if _is_literal(v)
+    ]
+    claims += [
+        (s, k, False)
+        for s, k in re.findall(r"`([a-z_]+)\.([a-z_]+) = true`[^()]{0,40}?off by default", text)
+    ]
+    claims += [
+        (s, k, True)
+        for s, k in re.findall(
+            r"`([a-z_]+)\.([a-z_]+)`[^.()]{0,40}\((?:where it is )?on by default", text
+        )
+    ]
+    assert len(claims) >= 4
+    for section, key, value in claims:
+        assert _default(section, key) == value, (
+            f"README: {section}.{key} defaults to {value!r}; it is {_default(section, key)!r}"
+        )
+
+
 def _key_spans() -> list[tuple[str, str, str | None]]:
     """(section, key, value text or None) of every ``section.key`` and ``section.key = value``
     code span of the text, and of every ``--set section.key=value``."""
