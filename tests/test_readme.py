@@ -611,6 +611,12 @@ def test_the_exit_codes_are_the_clis():
     assert {int(c) for c in re.findall(r"\b(\d+)\b", exits)} <= codes | {0}
 
 
+def test_the_checkpoint_folder_name_is_the_runners():
+    from sdpo.engine.resume import checkpoint_name
+
+    assert f"`{checkpoint_name(4)}/`" in README
+
+
 def test_every_file_the_readme_names_exists():
     paths = set(
         re.findall(
