@@ -11,8 +11,9 @@
   targets exist and are what the Quick start says.
 - Every Python block runs as written: a block that takes inputs from the text around it
   (``hf_model``, ``pairs``, ...) gets them from a builder here, chosen by the API it shows.
-- Facts stated in lists: the resumable config keys, the fault-injection points, the exit codes,
-  the files the text names; and the module docstrings that list names.
+- Facts stated in lists: the names in ``metrics.jsonl`` (of a tiny run), the resumable config
+  keys, the fault-injection points, the exit codes, the checkpoint folder name, the files the
+  text names; and the module docstrings that list names.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import json
 import math
 import re
 import typing
@@ -609,6 +611,39 @@ def test_the_exit_codes_are_the_clis():
     assert written == codes
     exits = _between("- Exit codes: every rank returns the same code (", ")")
     assert {int(c) for c in re.findall(r"\b(\d+)\b", exits)} <= codes | {0}
+
+
+def test_the_metric_names_are_a_runs(tmp_path, tiny_model_dir, one_thread):
+    """The names the text lists for ``metrics.jsonl`` (training and held-out records) are
+    those a run writes, and each name a run writes is in the text."""
+    from sdpo.config import config_from_dict as from_dict
+    from sdpo.runner import run_training
+    from tests.conftest import two_source_config
+
+    cfg = two_source_config(tmp_path, tiny_model_dir, far=6, near=6, data={"eval_fraction": 0.2})
+    out = Path(run_training(from_dict(cfg), progress=False).output_dir)
+    written = set()
+    for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        written |= set(json.loads(line))
+    text = " ".join(README.split())
+    listed = _between_in(text, "`metrics.jsonl` (", "...;")
+    listed += _between_in(text, "logged as `eval/loss`", "with rewards measured")
+    listed_names = set(re.findall(r"`([\w/]+)`", listed)) | {"eval/loss"}
+    assert listed_names <= written, listed_names - written
+    # each name is in the text; a held-out one as eval/ + a training name ("eval/loss,
+    # eval/rewards/chosen, ...")
+    spans = set(_spans())
+    unnamed = [
+        name
+        for name in sorted(written)
+        if name not in spans and not (name.startswith("eval/") and name[5:] in written)
+    ]
+    assert not unnamed, f"metrics.jsonl names the README does not: {unnamed}"
+
+
+def _between_in(text: str, start: str, end: str) -> str:
+    assert start in text, f"README: {start!r} not found"
+    return text.split(start, 1)[1].split(end, 1)[0]
 
 
 def test_the_checkpoint_folder_name_is_the_runners():
