@@ -613,9 +613,10 @@ def test_the_exit_codes_are_the_clis():
     assert {int(c) for c in re.findall(r"\b(\d+)\b", exits)} <= codes | {0}
 
 
-def test_the_metric_names_are_a_runs(tmp_path, tiny_model_dir, one_thread):
+def test_the_metric_and_file_names_are_a_runs(tmp_path, tiny_model_dir, one_thread):
     """The names the text lists for ``metrics.jsonl`` (training and held-out records) are
-    those a run writes, and each name a run writes is in the text."""
+    those a run writes, each name a run writes is in the text, and the files the text names
+    under OUTPUT_DIR are there."""
     from sdpo.config import config_from_dict as from_dict
     from sdpo.runner import run_training
     from tests.conftest import two_source_config
@@ -639,6 +640,17 @@ def test_the_metric_names_are_a_runs(tmp_path, tiny_model_dir, one_thread):
         if name not in spans and not (name.startswith("eval/") and name[5:] in written)
     ]
     assert not unnamed, f"metrics.jsonl names the README does not: {unnamed}"
+    for name in (
+        "config.toml",
+        "metrics.jsonl",
+        "sdpo_report.json",
+        "sdpo_steps.png",
+        "cache/tokens-train.safetensors",
+        "step-2/",
+        "checkpoints/",
+    ):
+        assert f"`{name}" in README or f"`OUTPUT_DIR/{name}" in README, name
+        assert (out / name).exists(), f"the README names OUTPUT_DIR/{name}; a run wrote none"
 
 
 def _between_in(text: str, start: str, end: str) -> str:
