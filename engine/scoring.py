@@ -72,6 +72,30 @@ class PairLogps:
     # LD-DPO (score_pairs(return_raw=True)): each completion's unweighted sum
     chosen_raw: Tensor | None = None  # (P,) float32
     rejected_raw: Tensor | None = None  # (P,) float32
+    # the token metrics (score_pairs(return_stats=True)): each completion's sums over its tokens
+    # of the entropy, the mean logit and the top-1 flag (sdpo.kernels.logprobs.STAT_NAMES)
+    chosen_stats: Tensor | None = None  # (P, 3) float32
+    rejected_stats: Tensor | None = None  # (P, 3) float32
+
+    def token_metrics(self) -> dict[str, float]:
+        """The token metrics over every pair of the table (``return_stats``), each token
+        weighing the same: ``entropy`` over the chosen and rejected completion tokens,
+        ``logits/chosen`` / ``logits/rejected`` (the mean logit) over each side's tokens and
+        ``mean_token_accuracy`` over the chosen tokens (0 where there are no tokens)."""
+        if self.chosen_stats is None or self.rejected_stats is None:
+            raise ValueError("these values were scored without return_stats=True")
+        chosen, rejected = self.chosen_stats.double().sum(0), self.rejected_stats.double().sum(0)
+        n_c, n_r = int(self.chosen_tokens.sum()), int(self.rejected_tokens.sum())
+
+        def mean(total: Tensor, count: int) -> float:
+            return float(total) / count if count > 0 else 0.0
+
+        return {
+            "entropy": mean(chosen[0] + rejected[0], n_c + n_r),
+            "logits/chosen": mean(chosen[1], n_c),
+            "logits/rejected": mean(rejected[1], n_r),
+            "mean_token_accuracy": mean(chosen[2], n_c),
+        }
 
     @property
     def gamma(self) -> Tensor:
@@ -115,6 +139,7 @@ def score_pairs(
     ld_alpha: float | None = None,
     return_aligned: bool = False,
     return_raw: bool = False,
+    return_stats: bool = False,
 ) -> PairLogps:
     """Score every pair with ``model`` (no gradients), batching to a token budget.
 
@@ -129,7 +154,8 @@ def score_pairs(
     (WPO): also each completion's sum of ``token_logp - log sum_v p_v^2`` from the same pass,
     as the training forward forms it for ``loss.use_weighting``. ``return_raw`` (LD-DPO with a
     chosen NLL term): also each completion's unweighted sum, from the head run once more
-    without the LD weights."""
+    without the LD weights. ``return_stats``: also each completion's sums of the token
+    metrics (``chosen_stats`` / ``rejected_stats``), from the same pass as its log-probs."""
     check_ld_alpha(ld_alpha)
     if not pairs:
         raise ValueError("score_pairs needs at least one pair")
@@ -162,11 +188,16 @@ def score_pairs(
         ld_alpha=ld_alpha,
         return_aligned=return_aligned,
         return_raw=return_raw,
+        return_stats=return_stats,
     )
     if data_parallel:
         parts = distributed.all_gather_object(columns)
         columns = [torch.cat([part[i] for part in parts]) for i in range(len(columns))]
     chosen, rejected, *extra = columns
+    stats = []
+    if return_stats:  # the last six columns: chosen's three sums, then rejected's
+        stats = [torch.stack(extra[-6:-3], dim=1), torch.stack(extra[-3:], dim=1)]
+        extra = extra[:-6]
     aligned = extra[:2] if return_aligned else []
     raw = extra[-2:] if return_raw else []
     return PairLogps(
@@ -179,6 +210,8 @@ def score_pairs(
         rejected_aligned=aligned[1] if aligned else None,
         chosen_raw=raw[0] if raw else None,
         rejected_raw=raw[1] if raw else None,
+        chosen_stats=stats[0] if stats else None,
+        rejected_stats=stats[1] if stats else None,
     )
 
 
@@ -197,12 +230,14 @@ def _score_local(
     ld_alpha: float | None = None,
     return_aligned: bool = False,
     return_raw: bool = False,
+    return_stats: bool = False,
 ) -> list[Tensor]:
     """[chosen, rejected] summed log-probs of ``pairs`` (CPU float32; empty for no pairs), then
     with ``return_aligned`` [chosen, rejected] WPO sums, then with ``return_raw`` [chosen,
-    rejected] unweighted sums. ``passes``: run at least this many forward passes, the extra
-    ones on ``filler`` (their values dropped)."""
-    columns = 2 * (1 + return_aligned + return_raw)
+    rejected] unweighted sums, then with ``return_stats`` chosen's three token-metric sums and
+    rejected's. ``passes``: run at least this many forward passes, the extra ones on
+    ``filler`` (their values dropped)."""
+    columns = 2 * (1 + return_aligned + return_raw) + 6 * return_stats
     if not pairs and passes == 0:
         return [torch.empty(0, dtype=torch.float32) for _ in range(columns)]
     device = next(model.parameters()).device
@@ -264,14 +299,23 @@ def _score_local(
             chunk_tokens=chunk_tokens,
         )
         # (S,) with S = 2P: chosen, rejected interleaved (and WPO's sums alike)
-        sums = head_sums(token_weights=head.token_weights, return_aligned=return_aligned)
-        sums = list(sums) if return_aligned else [sums]
+        sums = head_sums(
+            token_weights=head.token_weights,
+            return_aligned=return_aligned,
+            return_stats=return_stats,
+        )
+        sums = list(sums) if return_aligned or return_stats else [sums]
+        stats = sums.pop() if return_stats else None  # (S, 3)
         if return_raw:  # LD-DPO's unweighted sums: the head once more, without the weights
             sums.append(head_sums())
         rows = to_device(torch.tensor(positions, dtype=torch.int64), device)
         for k, seq in enumerate(sums):
             values[2 * k, rows] = seq[0::2].float()
             values[2 * k + 1, rows] = seq[1::2].float()
+        if stats is not None:  # the last six rows: chosen's three statistics, then rejected's
+            at = 2 * len(sums)
+            values[at : at + 3, rows] = stats[0::2].t()
+            values[at + 3 : at + 6, rows] = stats[1::2].t()
     sharding.reshard(model)  # free the gathered root parameters
     model.train(was_training)
     return list(values.cpu().unbind(0))

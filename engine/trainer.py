@@ -85,8 +85,9 @@ from sdpo.engine.scoring import PairLogps, logprob_head
 from sdpo.kernels import linear_pair_loss
 
 SCHEDULES = ("linear", "cosine", "constant")
-# the metric sums of one micro-batch (``DPOTrainer._micro_batch``), in a fixed order so that
-# ranks can reduce them as one vector
+# the metrics of an optimizer step, each logged under its name (as TRL 1.16 names it); their
+# sums of one micro-batch (``DPOTrainer._micro_batch``), with the token counts, are reduced over
+# ranks as one vector in this order
 METRIC_KEYS = (
     "loss",
     "rewards/chosen",
@@ -95,7 +96,24 @@ METRIC_KEYS = (
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
+    # token metrics, divided by token counts, not by pairs: TOKEN_METRICS
+    "entropy",
+    "logits/chosen",
+    "logits/rejected",
+    "mean_token_accuracy",
 )
+# each token metric: its sum's key in METRIC_KEYS and the token counts it is divided by (as TRL
+# 1.16 logs them: the entropy over the chosen and rejected completion tokens, the mean logit of
+# each side over its own tokens, the top-1 accuracy over the chosen tokens)
+TOKEN_METRICS = {
+    "entropy": ("tokens/chosen", "tokens/rejected"),
+    "logits/chosen": ("tokens/chosen",),
+    "logits/rejected": ("tokens/rejected",),
+    "mean_token_accuracy": ("tokens/chosen",),
+}
+# the completion tokens of each side (not logged): the token metrics' denominators
+TOKEN_COUNTS = ("tokens/chosen", "tokens/rejected")
+REDUCED_KEYS = METRIC_KEYS + TOKEN_COUNTS
 LOSS_PATHS = ("fused", "plain")
 
 # (policy_chosen, policy_rejected, ref_chosen, ref_rejected, *, chosen_tokens, rejected_tokens)
@@ -455,6 +473,20 @@ def _check_loss_fn_ld_alpha(loss_fn: PairLossFn, ld_alpha: float | None) -> None
         )
 
 
+def _step_metrics(sums: dict[str, Tensor], pairs: int) -> dict[str, Tensor]:
+    """A step's metrics from its summed micro-batch values (every rank's): the per-pair ones
+    divided by the step's pairs, the token metrics by their token counts (0 where there are no
+    such tokens, as TRL logs it), all on the device."""
+    metrics = {
+        k: v / pairs for k, v in sums.items() if k not in TOKEN_METRICS and k not in TOKEN_COUNTS
+    }
+    for key, counts in TOKEN_METRICS.items():
+        if key in sums:
+            count = sum(sums[c] for c in counts)
+            metrics[key] = torch.where(count > 0, sums[key] / count.clamp(min=1.0), 0.0)
+    return metrics
+
+
 class DPOTrainer:
     """Trains ``model`` on ``pairs`` against cached reference values ``ref``.
 
@@ -516,6 +548,10 @@ class DPOTrainer:
         # set: records also carry ``run_step`` = this + the step's number in this pass (a
         # stepwise run's x-axis, counting on across its trainers)
         self.run_step_base: int | None = None
+        # records' num_tokens (TRL's running count of the input tokens trained on, the prompt
+        # counted with each completion) = this + the tokens of this pass so far: a stepwise
+        # run sets it to the tokens of its earlier sDPO steps
+        self.num_tokens_base = 0
         # the finite steps since the last logged record: a record holds their mean, as TRL's
         # logging_steps do (saved with the training state, so a resumed run logs the same)
         self._log_window: dict[str, Any] = {"steps": 0, "sums": {}}
@@ -644,7 +680,9 @@ class DPOTrainer:
                 token_weights=head.token_weights,
                 with_aligned=wpo,
                 with_raw=with_raw,
+                with_stats=True,  # the token metrics, from the same pass
             )
+            *rest, stats = rest
             seq_aligned, seq_raw = rest[:1] if wpo else [], rest[-1] if with_raw else None
         else:
             head_sums = partial(
@@ -657,8 +695,10 @@ class DPOTrainer:
                 impl=self.kernels_impl,
                 chunk_tokens=self.chunk_tokens,
             )
-            logps = head_sums(token_weights=head.token_weights, return_aligned=wpo)
-            seq_logps, *seq_aligned = logps if wpo else (logps,)
+            logps = head_sums(
+                token_weights=head.token_weights, return_aligned=wpo, return_stats=True
+            )
+            seq_logps, *seq_aligned, stats = logps
             # the unweighted sums: the same head once more, without token weights
             seq_raw = head_sums() if with_raw else None
         # WPO's sums of the whole micro-batch (the plain path's loss and the metrics need them)
@@ -692,6 +732,7 @@ class DPOTrainer:
 
         with torch.no_grad():
             pc, pr = seq_logps.detach()[0::2].float(), seq_logps.detach()[1::2].float()
+            tokens = batch.completion_tokens.float()  # (S,) the scored rows of each sequence
             raw = {k: v.detach() for k, v in raw.items()}
             out = self.loss_fn(
                 pc,
@@ -712,6 +753,13 @@ class DPOTrainer:
                 "rewards/margins": (out.chosen_rewards - out.rejected_rewards).sum(),
                 "logps/chosen": pc.sum(),
                 "logps/rejected": pr.sum(),
+                # the token metrics' sums over the scored (completion) tokens (STAT_NAMES)
+                "entropy": stats[:, 0].sum(),
+                "logits/chosen": stats[0::2, 1].sum(),
+                "logits/rejected": stats[1::2, 1].sum(),
+                "mean_token_accuracy": stats[0::2, 2].sum(),
+                "tokens/chosen": tokens[0::2].sum(),
+                "tokens/rejected": tokens[1::2].sum(),
             }
 
     def _local_share(
@@ -768,7 +816,7 @@ class DPOTrainer:
             reducer.finish()  # also on a rank without micro-batches: it sends zeros
         if self.data_parallel:
             sums = self._reduce_over_ranks(sums, grads=reducer is None)
-        metrics = {k: v / normalizer for k, v in sums.items()}
+        metrics = _step_metrics(sums, normalizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
         # sharded gradients (DTensors): the norm of the local shards is combined over ranks
         norm = sharding.full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
@@ -860,7 +908,7 @@ class DPOTrainer:
         vector = torch.stack(
             [
                 sums[k].float() if k in sums else torch.zeros((), device=self.device)
-                for k in METRIC_KEYS
+                for k in REDUCED_KEYS
             ]
             # filled on the device: torch.tensor(value, device=...) would copy from pageable
             # memory, which waits for the device's queued work (the backward)
@@ -868,7 +916,7 @@ class DPOTrainer:
         )
         distributed.all_reduce_sum([*(p.grad for p in params), vector])
         self._stop_agreed = vector[-1]
-        return {k: vector[i] for i, k in enumerate(METRIC_KEYS)}
+        return {k: vector[i] for i, k in enumerate(REDUCED_KEYS)}
 
     def _should_stop(self) -> bool:
         """A graceful stop was asked for (data parallel: on any rank, agreed in the all-reduce
@@ -1011,6 +1059,7 @@ class DPOTrainer:
                         "epoch": record.epoch + record.step_in_epoch / record.epoch_steps,
                         "lr": record.lr,  # as TRL logs it: the step's own rate
                         "tokens": record.tokens_so_far,
+                        "num_tokens": self.num_tokens_base + record.tokens_so_far,
                         "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
                         "skipped_batches": self.skipped_steps,
                         **self.metrics_extra,

@@ -187,9 +187,12 @@ def _sequence_forward(
     chunk_tokens: int,
     token_weights: torch.Tensor | None,
     with_aligned: bool,
+    with_stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """(seq_logps (S,), lse (N,)) fp32, and with ``with_aligned`` WPO's per-sequence sums
-    of ``token_logp - lsq`` (S,) fp32 (unweighted by ``token_weights``)."""
+    of ``token_logp - lsq`` (S,) fp32 (unweighted by ``token_weights``). ``with_stats``:
+    always (seq_logps, lse, aligned, stats (S, 3)), aligned empty (0,) without
+    ``with_aligned``."""
     check_labels_in_vocab(labels, vocab_size=weight.shape[0])
     check_seq_ids_in_range(seq_ids, num_seqs)
     n = hidden.shape[0]
@@ -199,20 +202,31 @@ def _sequence_forward(
     token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
     lsq = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_aligned else None
+    stats = torch.zeros(num_seqs if with_stats else 0, 3, dtype=torch.float32, device=lse.device)
     buf = torch.empty(min(chunk_tokens, n), w.shape[0], dtype=dtype, device=hidden.device)
     for start in range(0, n, chunk_tokens):
         stop = min(n, start + chunk_tokens)
         logits = _chunk_logits(buf, hidden[start:stop].to(dtype), w_t)  # (n_c, V)
-        rows = rows_forward(logits, labels[start:stop], impl=impl, with_lsq=with_aligned)
+        rows = rows_forward(
+            logits, labels[start:stop], impl=impl, with_lsq=with_aligned, with_stats=with_stats
+        )
         token_logps[start:stop] = rows[0]
         lse[start:stop] = rows[1]
         if with_aligned:
             lsq[start:stop] = rows[2]
+        if with_stats:
+            stats.index_add_(0, seq_ids[start:stop], rows[-1])
     del buf
     seq_logps = sum_per_sequence(weighted(token_logps, token_weights), seq_ids, num_seqs)
+    aligned = (
+        sum_per_sequence(aligned_logps(token_logps, lsq, labels), seq_ids, num_seqs)
+        if with_aligned
+        else None
+    )
+    if with_stats:
+        return seq_logps, lse, aligned if with_aligned else lse.new_zeros(0), stats
     if not with_aligned:
         return seq_logps, lse
-    aligned = sum_per_sequence(aligned_logps(token_logps, lsq, labels), seq_ids, num_seqs)
     return seq_logps, lse, aligned
 
 
@@ -251,6 +265,38 @@ def _sequence_logprobs_aligned_fwd(
     del grad_weight_dtype  # read by setup_context only
     args = (hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, token_weights)
     return _sequence_forward(*args, with_aligned=True)
+
+
+@torch.library.custom_op("sdpo::sequence_logprobs_stats_fwd", mutates_args=())
+def _sequence_logprobs_stats_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    impl: str,
+    chunk_tokens: int,
+    grad_weight_dtype: torch.dtype,
+    token_weights: torch.Tensor | None = None,
+    with_aligned: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(seq_logps (S,), lse (N,), aligned (S,) with ``with_aligned`` else (0,), stats (S, 3)),
+    all fp32: the forward with the token metrics' per-sequence sums (``STAT_NAMES``); the last
+    two outputs are not differentiable (their gradients are ignored)."""
+    del grad_weight_dtype  # read by setup_context only
+    args = (hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, token_weights)
+    return _sequence_forward(*args, with_aligned=with_aligned, with_stats=True)
+
+
+@_sequence_logprobs_stats_fwd.register_fake
+def _sequence_logprobs_stats_fwd_fake(
+    hidden, weight, labels, seq_ids, num_seqs, *rest, with_aligned=False, **kw
+):
+    if len(rest) > 4:  # with_aligned passed by position
+        with_aligned = rest[4]
+    sums, lse = _forward_fake(hidden, num_seqs, with_aligned=False)
+    aligned = sums.clone() if with_aligned else sums.new_empty(0)
+    return sums, lse, aligned, hidden.new_empty(num_seqs, 3, dtype=torch.float32)
 
 
 def _forward_fake(hidden: torch.Tensor, num_seqs: int, *, with_aligned: bool) -> tuple:
@@ -400,6 +446,20 @@ torch.library.register_autograd(
 )
 
 
+def _stats_setup_context(ctx, inputs, output) -> None:
+    _sequence_logprobs_setup_context(ctx, inputs[:9], output)
+
+
+def _stats_backward(ctx, grad_seq, grad_lse, grad_aligned, grad_stats):
+    del grad_stats  # the token metrics are constants
+    return (*_sequence_logprobs_backward(ctx, grad_seq, grad_lse, grad_aligned), None)
+
+
+torch.library.register_autograd(
+    "sdpo::sequence_logprobs_stats_fwd", _stats_backward, setup_context=_stats_setup_context
+)
+
+
 def sequence_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -412,7 +472,8 @@ def sequence_logprobs(
     grad_weight_dtype: torch.dtype | None = torch.float32,
     token_weights: torch.Tensor | None = None,
     return_aligned: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """(S,) fp32 summed log-probs of ``labels`` per packed sequence, from hidden states.
 
     hidden (N, H) and weight (V, H) of any float dtype and any strides (the matmul
@@ -435,6 +496,10 @@ def sequence_logprobs(
     ``aligned`` (S,) fp32, detached, holds each sequence's sum over its scored tokens of
     ``token_logp - log sum_v p_v^2``, from the same pass (op ``sdpo::sequence_logprobs_aligned_fwd``);
     token_weights do not apply to it. The gradient is that of ``seq_logps`` alone.
+    ``return_stats`` (the trainer's token metrics): one more output last, ``stats`` (S, 3)
+    fp32, detached: each sequence's sums over its scored tokens of the entropy, the mean logit
+    and the top-1 flag (``STAT_NAMES``), from the same pass (op
+    ``sdpo::sequence_logprobs_stats_fwd``); token_weights do not apply to them.
     Runs as the custom ops ``sdpo::sequence_logprobs_fwd`` / ``_bwd``, so ``torch.compile``
     traces it without a graph break.
     """
@@ -452,6 +517,13 @@ def sequence_logprobs(
     # None -> the compute dtype, resolved here: the ops take a plain dtype argument.
     accum_dtype = grad_weight_dtype or _compute_dtype(hidden, weight)
     args = (hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, accum_dtype)
+    if return_stats:
+        seq_logps, _, aligned, stats = _sequence_logprobs_stats_fwd(
+            *args, token_weights, return_aligned
+        )
+        if return_aligned:
+            return seq_logps, aligned.detach(), stats.detach()
+        return seq_logps, stats.detach()
     if return_aligned:
         seq_logps, _, aligned = _sequence_logprobs_aligned_fwd(*args, token_weights)
         return seq_logps, aligned.detach()
@@ -601,6 +673,7 @@ class _PairPass:
         token_weights: torch.Tensor | None,
         with_aligned: bool = False,
         with_raw: bool = False,
+        with_stats: bool = False,
     ) -> None:
         dtype = _compute_dtype(hidden, weight)
         device = hidden.device
@@ -615,6 +688,11 @@ class _PairPass:
         # token_weights-weighted one
         self.with_raw = with_raw
         self.raw = torch.zeros(num_seqs if with_raw else 0, dtype=torch.float32, device=device)
+        # the token metrics' per-sequence sums (S, 3), from the same pass (STAT_NAMES)
+        self.with_stats = with_stats
+        self.stats = torch.zeros(
+            num_seqs if with_stats else 0, 3, dtype=torch.float32, device=device
+        )
         self.dtype, self.impl, self.pair_loss = dtype, impl, pair_loss
         self.w = weight.to(dtype)
         self.buf = torch.empty(buffer_rows, self.w.shape[0], dtype=dtype, device=device)
@@ -654,8 +732,19 @@ class _PairPass:
         return None if self.token_weights is None else self.token_weights[t0:t1]
 
     def _rows(self, logits: torch.Tensor, t0: int, t1: int) -> tuple[torch.Tensor, ...]:
-        """rows_forward of tokens [t0, t1): (token_logp, lse[, lsq with WPO])."""
-        return rows_forward(logits, self.labels[t0:t1], impl=self.impl, with_lsq=self.with_aligned)
+        """rows_forward of tokens [t0, t1): (token_logp, lse[, lsq with WPO]); with the token
+        metrics on, their (n, 3) rows are added into ``self.stats`` by sequence here."""
+        rows = rows_forward(
+            logits,
+            self.labels[t0:t1],
+            impl=self.impl,
+            with_lsq=self.with_aligned,
+            with_stats=self.with_stats,
+        )
+        if not self.with_stats:
+            return rows
+        self.stats.index_add_(0, self.seq_ids[t0:t1], rows[-1])
+        return rows[:-1]
 
     def _aligned(
         self,
@@ -858,6 +947,7 @@ class LinearPairLoss(torch.autograd.Function):
         token_weights=None,
         with_aligned=False,
         with_raw=False,
+        with_stats=False,
     ):
         rows = max(max_chunk_tokens if item.split else item.t1 - item.t0 for item in plan)
         run = _PairPass(
@@ -876,6 +966,7 @@ class LinearPairLoss(torch.autograd.Function):
             token_weights=token_weights,
             with_aligned=with_aligned,
             with_raw=with_raw,
+            with_stats=with_stats,
         )
         for item in plan:
             if item.split:
@@ -885,12 +976,12 @@ class LinearPairLoss(torch.autograd.Function):
         # Kept in their compute / accumulation dtypes: the backward casts while it scales.
         ctx.grad_h, ctx.grad_w = run.grad_h, run.grad_w
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        ctx.mark_non_differentiable(run.seq_logps, run.aligned, run.raw)
-        return run.loss.float(), run.seq_logps, run.aligned, run.raw
+        ctx.mark_non_differentiable(run.seq_logps, run.aligned, run.raw, run.stats)
+        return run.loss.float(), run.seq_logps, run.aligned, run.raw, run.stats
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_seq_logps, grad_aligned, grad_raw):
-        del grad_seq_logps, grad_aligned, grad_raw  # returned detached
+    def backward(ctx, grad_loss, grad_seq_logps, grad_aligned, grad_raw, grad_stats):
+        del grad_seq_logps, grad_aligned, grad_raw, grad_stats  # returned detached
         if torch.is_grad_enabled():
             # create_graph=True: the stored gradients are constants to autograd, so their own
             # gradient (a gradient penalty, a Hessian product) would be silently zero.
@@ -912,7 +1003,7 @@ class LinearPairLoss(torch.autograd.Function):
         return (
             _scaled(grad_h, grad_loss, h_dtype),
             _scaled(grad_w, grad_loss, w_dtype),
-            *(None,) * 14,
+            *(None,) * 15,
         )
 
 
@@ -933,6 +1024,7 @@ def linear_pair_loss(
     token_weights: torch.Tensor | None = None,
     with_aligned: bool = False,
     with_raw: bool = False,
+    with_stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Pair-separable loss over packed preference pairs, gradients formed chunk by chunk.
 
@@ -973,7 +1065,14 @@ def linear_pair_loss(
     ``with_raw`` (LD-DPO with a chosen NLL term): ``pair_loss`` also gets each sequence's
     unweighted sum as ``chosen_raw`` / ``rejected_raw`` (k,), differentiable like the weighted
     ones; each token's gradient is then its sequence's weighted-sum gradient times its weight
-    plus its sequence's raw-sum gradient. The call returns ``raw (S,)`` last.
+    plus its sequence's raw-sum gradient. The call returns ``raw (S,)`` after the others.
+
+    ``with_stats`` (the trainer's token metrics): the forward also sums, per sequence and over
+    its scored tokens, each token's entropy, mean logit and top-1 flag
+    (``rows_forward(with_stats=True)``, in the same pass over each chunk's logits; never
+    weighted by token_weights); the call returns them last, ``stats (S, 3)`` fp32 detached
+    (columns ``STAT_NAMES``). A split pair's head sub-chunks count once (their recompute in
+    the backward does not add). Off, the kernels run without these reductions.
 
     Unlike the other ops this one stays an ``autograd.Function`` behind
     ``torch.compiler.disable`` (``torch.compile`` graph-breaks around it): it takes a
@@ -1023,9 +1122,16 @@ def linear_pair_loss(
         token_weights,
         with_aligned,
         with_raw,
+        with_stats,
     )
-    loss, seq_logps, aligned, raw = outs
-    return (loss, seq_logps, *((aligned,) if with_aligned else ()), *((raw,) if with_raw else ()))
+    loss, seq_logps, aligned, raw, stats = outs
+    return (
+        loss,
+        seq_logps,
+        *((aligned,) if with_aligned else ()),
+        *((raw,) if with_raw else ()),
+        *((stats,) if with_stats else ()),
+    )
 
 
 __all__ = [

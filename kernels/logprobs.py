@@ -34,6 +34,9 @@ import torch
 from .dispatch import resolve_impl
 
 IGNORE_INDEX = -100
+# The per-token statistics ``rows_forward(with_stats=True)`` forms, in their column order; the
+# per-sequence sums the ops return (``with_stats`` / ``return_stats``) keep the same order.
+STAT_NAMES = ("entropy", "mean_logit", "top1")
 
 # Triton launch constants. NOT YET MEASURED on a GPU: chosen from first principles for
 # an H100 (a row of bf16 logits streamed in 4096-wide blocks is 8 KiB per load, 16
@@ -128,20 +131,33 @@ def _row_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 def rows_forward(
-    logits: torch.Tensor, labels: torch.Tensor, *, impl: str, with_lsq: bool = False
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    impl: str,
+    with_lsq: bool = False,
+    with_stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Per-row ``(token_logp, lse)`` in fp32 for logits (N, V); token_logp is 0 where label == -100.
 
     ``with_lsq`` (WPO, ``loss.use_weighting``): a third output ``lsq`` (N,) fp32, the log of
     the sum of the squared probabilities ``log sum_v softmax(x)_v^2`` of every row (masked or
     not), accumulated in the same pass as the logsumexp; off, the pass is the one without it.
+    ``with_stats`` (the trainer's token metrics): one more output last, ``stats`` (N, 3) fp32,
+    each row's entropy ``-sum_v p_v log p_v``, mean logit ``sum_v x_v / V`` and top-1 flag
+    (1.0 where ``argmax(x) == label``, the first maximum winning a tie as in ``torch.argmax``),
+    from the same pass; all three are 0 on rows whose label is -100 (see :data:`STAT_NAMES`).
     ``impl`` must already be resolved ("triton" or "torch").
     """
     n, vocab = logits.shape
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, dtype=torch.float32, device=logits.device)
     lsq = torch.empty(n, dtype=torch.float32, device=logits.device) if with_lsq else None
-    outs = (logp, lse, lsq) if with_lsq else (logp, lse)
+    # (N, 3) as the transpose of (3, N): each statistic's column is contiguous for the kernel
+    stats = torch.empty(
+        len(STAT_NAMES) if with_stats else 0, n, dtype=torch.float32, device=logits.device
+    ).t()
+    outs = (logp, lse, *((lsq,) if with_lsq else ()), *((stats,) if with_stats else ()))
     if n == 0:
         return outs
     if impl == "triton":
@@ -155,10 +171,13 @@ def rows_forward(
             logp,
             lse,
             lsq if with_lsq else lse,  # not written when off
+            # the (N, 3) stats' columns, each contiguous (not written when off)
+            *(stats.unbind(1) if with_stats else (lse,) * len(STAT_NAMES)),
             vocab,
             BLOCK_V=_block_v(vocab, logits.device),
             IGNORE=IGNORE_INDEX,
             WITH_LSQ=with_lsq,
+            WITH_STATS=with_stats,
             num_warps=NUM_WARPS,
         )
         return outs
@@ -173,7 +192,21 @@ def rows_forward(
         logp[start : start + rows] = torch.where(valid, picked - block_lse, 0.0)
         if with_lsq:  # log sum exp(2x) - 2 lse
             lsq[start : start + rows] = torch.logsumexp(2.0 * block, dim=-1) - 2.0 * block_lse
+        if with_stats:
+            stats[start : start + rows] = _row_stats(block, block_lse, block_labels)
     return outs
+
+
+def _row_stats(block: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(rows, 3) fp32 entropy, mean logit and top-1 flag of fp32 logits (the PyTorch twin of
+    the Triton kernel's WITH_STATS), 0 where the label is -100."""
+    valid = labels != IGNORE_INDEX
+    logp = block - lse.unsqueeze(1)
+    entropy = -(torch.exp(logp).mul_(logp)).sum(dim=-1)  # -sum p log p
+    del logp
+    top1 = block.argmax(dim=-1) == labels  # the first maximum, as the kernel
+    stats = torch.stack([entropy, block.mean(dim=-1), top1.float()], dim=1)
+    return torch.where(valid.unsqueeze(1), stats, 0.0)
 
 
 def rows_backward(

@@ -36,7 +36,13 @@ import math
 import torch
 
 from .linear_logprobs import _check_linear_inputs, _compute_dtype, default_chunk_tokens
-from .logprobs import IGNORE_INDEX, check_token_weights, sum_per_sequence, weighted
+from .logprobs import (
+    IGNORE_INDEX,
+    _row_stats,
+    check_token_weights,
+    sum_per_sequence,
+    weighted,
+)
 
 
 def _capped_logits(h: torch.Tensor, w: torch.Tensor, cap: float, dtype: torch.dtype):
@@ -47,11 +53,14 @@ def _capped_logits(h: torch.Tensor, w: torch.Tensor, cap: float, dtype: torch.dt
 
 class _SoftcapLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, seq_ids, num_seqs, cap, chunk, token_weights, lsq):
+    def forward(
+        ctx, hidden, weight, labels, seq_ids, num_seqs, cap, chunk, token_weights, lsq, with_stats
+    ):
         dtype = _compute_dtype(hidden, weight)
         n = hidden.shape[0]
         token_logps = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         aligned = torch.zeros_like(token_logps) if lsq else None
+        stats = torch.zeros(num_seqs if with_stats else 0, 3, device=hidden.device)
         w = weight.to(dtype)
         for t0 in range(0, n, chunk):
             t1 = min(n, t0 + chunk)
@@ -61,6 +70,8 @@ class _SoftcapLogprobs(torch.autograd.Function):
             lse = torch.logsumexp(y, dim=-1)  # (T,)
             tok = y.gather(1, lab.clamp(min=0).long()[:, None])[:, 0] - lse
             token_logps[t0:t1] = torch.where(scored, tok, 0.0)
+            if with_stats:  # of the capped logits, before y is overwritten below
+                stats.index_add_(0, seq_ids[t0:t1], _row_stats(y, lse, lab))
             if lsq:  # log sum_v p_v^2 = logsumexp(2 (y - lse))
                 sq = torch.logsumexp(y.sub_(lse[:, None]).mul_(2.0), dim=-1)
                 aligned[t0:t1] = torch.where(scored, tok - sq, 0.0)
@@ -68,14 +79,12 @@ class _SoftcapLogprobs(torch.autograd.Function):
         seq = sum_per_sequence(weighted(token_logps, token_weights), seq_ids, num_seqs)
         ctx.save_for_backward(hidden, weight, labels, seq_ids, token_weights)
         ctx.cap, ctx.chunk, ctx.dtype = cap, chunk, dtype
-        if aligned is None:
-            return seq, None
-        out = sum_per_sequence(aligned, seq_ids, num_seqs)
-        ctx.mark_non_differentiable(out)
-        return seq, out
+        out = None if aligned is None else sum_per_sequence(aligned, seq_ids, num_seqs)
+        ctx.mark_non_differentiable(*(t for t in (out, stats) if t is not None))
+        return seq, out, stats
 
     @staticmethod
-    def backward(ctx, grad_seq, _grad_aligned):
+    def backward(ctx, grad_seq, _grad_aligned, _grad_stats):
         if torch.is_grad_enabled():  # create_graph=True: its gradient would be silently zero
             raise RuntimeError(
                 "softcap_sequence_logprobs has first-order gradients only; backward with "
@@ -84,7 +93,7 @@ class _SoftcapLogprobs(torch.autograd.Function):
         hidden, weight, labels, seq_ids, token_weights = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         if grad_seq is None or not (need_h or need_w):
-            return (None,) * 9
+            return (None,) * 10
         cap, chunk, dtype = ctx.cap, ctx.chunk, ctx.dtype
         # each scored token's share of its sequence's gradient, times its weight
         g_tok = weighted(grad_seq.float()[seq_ids], token_weights)
@@ -114,7 +123,7 @@ class _SoftcapLogprobs(torch.autograd.Function):
         return (
             grad_h,
             grad_w.to(weight.dtype) if need_w else None,
-            *(None,) * 7,
+            *(None,) * 8,
         )
 
 
@@ -129,10 +138,12 @@ def softcap_sequence_logprobs(
     chunk_tokens: int | None = None,
     token_weights: torch.Tensor | None = None,
     return_aligned: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    return_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """(S,) fp32 summed log-probs of ``labels`` per packed sequence under soft-capped logits
     ``tanh((hidden @ weight.T) / softcap) * softcap``; every other argument and the outputs as
-    in :func:`~sdpo.kernels.sequence_logprobs` (``return_aligned``: ``(seq_logps, aligned)``).
+    in :func:`~sdpo.kernels.sequence_logprobs` (``return_aligned``: ``(seq_logps, aligned)``;
+    ``return_stats``: the token metrics' (S, 3) sums last, of the capped logits).
     ``chunk_tokens`` rows of fp32 logits are held at a time (default: ``default_chunk_tokens``
     for fp32 logits). Differentiable w.r.t. hidden and weight, first order; see the module
     docstring."""
@@ -148,7 +159,7 @@ def softcap_sequence_logprobs(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     with torch.autocast(hidden.device.type, enabled=False):  # as the kernels: their own dtype
-        seq, aligned = _SoftcapLogprobs.apply(
+        seq, aligned, stats = _SoftcapLogprobs.apply(
             hidden,
             weight,
             labels,
@@ -158,8 +169,11 @@ def softcap_sequence_logprobs(
             chunk_tokens,
             token_weights,
             return_aligned,
+            return_stats,
         )
-    return (seq, aligned) if return_aligned else seq
+    if not (return_aligned or return_stats):
+        return seq
+    return (seq, *((aligned,) if return_aligned else ()), *((stats,) if return_stats else ()))
 
 
 __all__ = ["softcap_sequence_logprobs"]

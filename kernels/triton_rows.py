@@ -19,40 +19,71 @@ def logprobs_fwd_kernel(
     logp_ptr,
     lse_ptr,
     lsq_ptr,
+    entropy_ptr,
+    mean_ptr,
+    top1_ptr,
     V,
     BLOCK_V: tl.constexpr,
     IGNORE: tl.constexpr,
     WITH_LSQ: tl.constexpr,
+    WITH_STATS: tl.constexpr,
 ):
     # One program per row: streaming (online) logsumexp over vocabulary blocks.
     # WITH_LSQ (WPO): also log sum_v p_v^2 = log(s2) - 2 log(s), s2 the running sum of
     # exp(2 (x - m)), rescaled by exp(2 (m_old - m_new)) like s. Off, it is compiled out.
+    # WITH_STATS (the trainer's token metrics): from the same exp(x - m) as s, the running
+    # t = sum_v exp(x - m) (x - m), so that the entropy is log(s) - t / s (both terms of the
+    # size of log V, not of the logits: no cancellation); when the max moves to m_new, t
+    # becomes alpha (t + (m - m_new) s), alpha = exp(m - m_new), before the block adds its
+    # terms. Also the plain sum of x (the mean logit) and the maximum over the columns before
+    # the label, so that the label is the top-1 as torch.argmax picks it (the first maximum,
+    # as TRL counts it). Off, all of it is compiled out.
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     offs = tl.arange(0, BLOCK_V)
+    label = tl.load(labels_ptr + row)
     # A finite start keeps exp(m - m_new) defined when a whole block is -inf.
     m = tl.full((), -1.0e30, tl.float32)
     s = tl.zeros((), tl.float32)
     if WITH_LSQ:
         s2 = tl.zeros((), tl.float32)
+    if WITH_STATS:
+        t = tl.zeros((), tl.float32)
+        x_sum = tl.zeros((), tl.float32)
+        max_before = tl.full((), -float("inf"), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         x = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
         m_new = tl.maximum(m, tl.max(x, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        alpha = tl.exp(m - m_new)
+        e = tl.exp(x - m_new)
+        if WITH_STATS:
+            # before s moves on; the tail's -inf padding adds nothing (e = 0 there)
+            t = alpha * (t + (m - m_new) * s) + tl.sum(
+                e * tl.where(cols < V, x - m_new, 0.0), axis=0
+            )
+            x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
         if WITH_LSQ:
             s2 = s2 * tl.exp(2.0 * (m - m_new)) + tl.sum(tl.exp(2.0 * (x - m_new)), axis=0)
+        if WITH_STATS:
+            before = tl.where(cols < label, x, -float("inf"))
+            max_before = tl.maximum(max_before, tl.max(before, axis=0))
         m = m_new
     lse = m + tl.log(s)
     if WITH_LSQ:
         tl.store(lsq_ptr + row, tl.log(s2) - 2.0 * tl.log(s))
-    label = tl.load(labels_ptr + row)
     valid = label != IGNORE
     safe_label = tl.where(valid, label, 0)
     x_label = tl.load(row_ptr + safe_label).to(tl.float32)
     logp = tl.where(valid, x_label - lse, 0.0)
     tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
+    if WITH_STATS:
+        top1 = valid & (x_label >= m) & (x_label > max_before)
+        tl.store(entropy_ptr + row, tl.where(valid, tl.log(s) - t / s, 0.0))
+        tl.store(mean_ptr + row, tl.where(valid, x_sum / V, 0.0))
+        tl.store(top1_ptr + row, tl.where(top1, 1.0, 0.0))
 
 
 @triton.jit

@@ -581,9 +581,10 @@ class StepwiseRunner:
         *,
         aligned: bool = False,
         raw: bool = False,
+        stats: bool = False,
     ) -> PairLogps:
         """The scoring pass with the run's settings; ``aligned``: with WPO's sums too; ``raw``:
-        with LD-DPO's unweighted sums too."""
+        with LD-DPO's unweighted sums too; ``stats``: with the token metrics' sums too."""
         self.scoring_calls += 1
         budget = self.cfg.sdpo.score_tokens_per_batch or 4 * self.cfg.train.max_tokens_per_batch
         how = "" if self.cfg.sdpo.score_tokens_per_batch else ", 4 x train.max_tokens_per_batch"
@@ -603,6 +604,7 @@ class StepwiseRunner:
             ld_alpha=self.cfg.loss.ld_alpha,
             return_aligned=aligned,
             return_raw=raw,
+            return_stats=stats,
         )
 
     def cache_key(self, model_fp: str, pairs: Sequence[TokenizedPair]) -> CacheKey:
@@ -1311,6 +1313,7 @@ class StepwiseRunner:
 
         reports: list[StepReport] = []
         start_step, run_step_base = 1, 0
+        tokens_base = 0  # the input tokens trained on in earlier sDPO steps (num_tokens)
         self.weights_files = {}  # the external files of the checkpoints: M_{t-1}'s; {} for M0
         mid_state: dict[str, Any] | None = None
         if point is not None:
@@ -1318,6 +1321,7 @@ class StepwiseRunner:
             reports = [StepReport.from_dict(d) for d in prog["reports"]]
             start_step = prog["sdpo_step"] + (1 if prog["step_finished"] else 0)
             schedule_done, run_step_base = prog["schedule_done"], prog["run_step_base"]
+            tokens_base = prog.get("tokens_base", 0)  # absent before num_tokens was logged
             self.weights_files = prog["weights_files"]
             state = point.trainer_state()
             if not prog["step_finished"]:
@@ -1371,6 +1375,7 @@ class StepwiseRunner:
                 "sdpo_step": t,
                 "schedule_done": schedule_done,
                 "run_step_base": run_step_base,
+                "tokens_base": tokens_base,
                 "reports": [r.to_dict() for r in reports],
             }
             if cfg.lora.enabled:
@@ -1390,10 +1395,13 @@ class StepwiseRunner:
                 optimizer=optimizer,
                 save_checkpoint=partial(self._save_mid_step, base=base),
                 stop_requested=lambda: self.stop_flag,
-                evaluate=partial(self._evaluate_in_step, t=t, beta=beta, base=run_step_base),
+                evaluate=partial(
+                    self._evaluate_in_step, t=t, beta=beta, base=run_step_base, tokens=tokens_base
+                ),
                 profiler=self._profiler(t),
             )
             trainer.run_step_base = run_step_base  # records' run_step counts on across steps
+            trainer.num_tokens_base = tokens_base  # and their num_tokens
             if self.trackers:  # x-axis: the run's step
                 trainer.log_hook = partial(self._track_step, base=run_step_base)
             trainer.global_step = schedule_done
@@ -1410,6 +1418,7 @@ class StepwiseRunner:
                 resume_state=resume_state,
             )
             run_step_base += result.optimizer_steps
+            tokens_base += result.tokens
             if not cfg.sdpo.reset_optimizer:
                 optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
             del trainer
@@ -1421,7 +1430,9 @@ class StepwiseRunner:
             acc_after = None
             if cfg.sdpo.report_scoring:
                 acc_after = float((self.score(model, chunk_pairs).gamma > 0).float().mean())
-            eval_metrics = self._evaluate(model, t=t, beta=beta, run_step=run_step_base)
+            eval_metrics = self._evaluate(
+                model, t=t, beta=beta, run_step=run_step_base, num_tokens=tokens_base
+            )
             reports.append(
                 StepReport(
                     step=t,
@@ -1473,6 +1484,7 @@ class StepwiseRunner:
                     "step_finished": True,
                     "schedule_done": schedule_done,
                     "run_step_base": run_step_base,
+                    "tokens_base": tokens_base,
                     "reports": [r.to_dict() for r in reports],
                 },
             )
@@ -1575,18 +1587,25 @@ class StepwiseRunner:
         at = record["run_step"]
         self.trackers.log({**values, "step_in_sdpo_step": at - base}, step=at)
 
-    def _evaluate_in_step(self, trainer: DPOTrainer, *, t: int, beta: float, base: int) -> None:
+    def _evaluate_in_step(
+        self, trainer: DPOTrainer, *, t: int, beta: float, base: int, tokens: int
+    ) -> None:
         """Trainer callback (``train.eval_every``): the eval pass inside sDPO step t."""
         self._evaluate(
-            trainer.model, t=t, beta=beta, run_step=base + trainer.position["step_in_run"]
+            trainer.model,
+            t=t,
+            beta=beta,
+            run_step=base + trainer.position["step_in_run"],
+            num_tokens=tokens + trainer.position["tokens"],
         )
 
     def _evaluate(
-        self, model: torch.nn.Module, *, t: int, beta: float, run_step: int
+        self, model: torch.nn.Module, *, t: int, beta: float, run_step: int, num_tokens: int
     ) -> dict[str, float] | None:
         """Score the held-out pairs with the model after step t (or inside it, at run step
         ``run_step``, with train.eval_every); DPO metrics against the initial model (one fixed
-        yardstick for every step), logged to metrics.jsonl as eval/*."""
+        yardstick for every step), logged to metrics.jsonl as eval/*; ``num_tokens``: the
+        input tokens trained on so far (eval/num_tokens, as TRL logs it)."""
         if not self.eval_pairs or self.eval_initial is None:
             return None
         # as in training: WPO weights each held-out pair by the policy's sums from the same pass
@@ -1597,6 +1616,7 @@ class StepwiseRunner:
             self.eval_pairs,
             aligned=self.cfg.loss.use_weighting,
             raw=self.cfg.loss.needs_raw_logps,
+            stats=True,
         )
         ref = self.eval_initial
         rows = ref.rows_for(scores.pair_indices)
@@ -1623,6 +1643,8 @@ class StepwiseRunner:
             "eval/logps/rejected": float(scores.rejected_logps.mean()),
             "eval/preference_accuracy": float((scores.gamma > 0).float().mean()),
             "eval/gamma": float(scores.gamma.mean()),
+            **{f"eval/{k}": v for k, v in scores.token_metrics().items()},
+            "eval/num_tokens": num_tokens,
         }
         if distributed.is_main():
             record = {"step": run_step, "run_step": run_step, "sdpo_step": t, **metrics}

@@ -236,7 +236,7 @@ def run_sdpo(
                 for e in range(train.epochs)
             )
         reports: list[StepReport] = []
-        run_step = 0
+        run_step = tokens_done = 0
         for t, chunk in enumerate(chunks, start=1):
             t0 = time.perf_counter()
             chunk_pairs = [by_index[i] for i in chunk]
@@ -276,11 +276,13 @@ def run_sdpo(
                 log_hook=log_hook,
             )
             trainer.run_step_base = run_step
+            trainer.num_tokens_base = tokens_done  # num_tokens counts on across the steps
             trainer.global_step = schedule_done
             result = trainer.fit(
                 chunk_pairs, ref, schedule_steps=schedule_total, schedule_offset=schedule_done
             )
             run_step += result.optimizer_steps
+            tokens_done += result.tokens
             if not reset_optimizer:
                 optimizer, schedule_done = trainer.optimizer, schedule_done + result.optimizer_steps
             del trainer

@@ -58,6 +58,31 @@ def packed_labels(
     return torch.cat(labels), torch.cat(seq_ids)
 
 
+def reference_token_metrics(model, pairs) -> dict[str, float]:
+    """The token metrics of ``pairs`` under ``model`` in float64 from its full logits (one
+    packed batch, the unshared layout): entropy over every completion token, each side's mean
+    logit over its tokens, the top-1 accuracy (torch.argmax) over the chosen tokens."""
+    from sdpo.engine.packing import pack_pairs
+
+    batch = pack_pairs(list(pairs))
+    with torch.no_grad():
+        hidden = model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+        logits = hidden.double() @ model.lm_head_weight.double().T  # (N, V)
+    scored = batch.labels != IGNORE_INDEX
+    chosen = scored & (batch.seq_ids % 2 == 0)
+    rejected = scored & (batch.seq_ids % 2 == 1)
+    logp = torch.log_softmax(logits, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    mean = logits.mean(-1)
+    top1 = (logits.argmax(-1) == batch.labels).double()
+    return {
+        "entropy": float(entropy[scored].mean()),
+        "logits/chosen": float(mean[chosen].mean()),
+        "logits/rejected": float(mean[rejected].mean()),
+        "mean_token_accuracy": float(top1[chosen].mean()),
+    }
+
+
 def dpo_trainer(model, config, **kwargs):
     """``DPOTrainer`` with the sigmoid DPO loss at beta 0.1, the torch kernels and no progress
     bar, as the trainer tests run it; ``kwargs`` go to the trainer."""

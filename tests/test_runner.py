@@ -24,7 +24,7 @@ from sdpo.engine.tiny import write_tiny_model
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import DPOTrainer
 from sdpo.runner import OutputDirError, run_training
-from tests.conftest import WORDS, two_source_config, write_pairs
+from tests.conftest import WORDS, reference_token_metrics, two_source_config, write_pairs
 
 
 def _config(tmp_path: Path, model_dir: Path, **sdpo):
@@ -336,6 +336,14 @@ def test_held_out_eval_sources_are_scored_after_every_step_and_never_trained_on(
     margin = 0.1 * ((m2.chosen_logps - m0.chosen_logps) - (m2.rejected_logps - m0.rejected_logps))
     assert last["eval/rewards/margins"] == pytest.approx(float(margin.mean()), abs=1e-5)
     assert result.reports[-1].eval_metrics["eval/loss"] == pytest.approx(last["eval/loss"])
+    # the token metrics of the held-out completions, each token weighing the same, and the
+    # input tokens trained on so far (over both sDPO steps)
+    expected = reference_token_metrics(load_pretrained(out / "step-2"), pairs)
+    for key, value in expected.items():
+        assert last[f"eval/{key}"] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    trained = [m for m in lines if "loss" in m and "eval/loss" not in m]
+    assert trained[-1]["num_tokens"] > trained[0]["num_tokens"]
+    assert last["eval/num_tokens"] == trained[-1]["num_tokens"]
 
 
 def test_held_out_pairs_that_are_also_training_pairs_are_counted(tiny_model_dir, tmp_path, capsys):
