@@ -12,7 +12,7 @@ the shared memory the kernel asks for against the target's limit, and whether it
     python benchmarks/kernel_resources.py --smoke               # the subset tests compile
 
 Variants (``variants()``): the row kernels of ``kernels/logprobs.py`` (forward, with and
-without WPO's ``WITH_LSQ``, and backward written in place over the logits, as every caller
+without WPO's ``WITH_LSQ`` and the trainer's token metrics, ``WITH_STATS``, and backward written in place over the logits, as every caller
 passes it) for logits in bf16, fp16 and fp32 at V = 32,000, 50,257 (a vocabulary tail) and
 128,256; the fused head of
 ``kernels/fused_head.py`` for every config of its autotuner, ``EVEN_K`` true (H = 4,096) and
@@ -202,14 +202,18 @@ def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _record_rows(direction: str, dtype: torch.dtype, vocab: int) -> Launch:
-    """``direction``: "fwd", "fwd+lsq" (the forward with WPO's log sum p^2) or "bwd"."""
+    """``direction``: "fwd", "fwd+lsq" (the forward with WPO's log sum p^2), "fwd+stats" (with
+    the trainer's token metrics), "fwd+lsq+stats" (both: the trainer's forward under WPO) or
+    "bwd"."""
     logprobs, _, _ = _kernel_modules()
     logits = _meta(ROW_TOKENS, vocab, dtype=dtype)
     labels = _meta(ROW_TOKENS, dtype=torch.int64)
     if direction.startswith("fwd"):
-        with_lsq = direction == "fwd+lsq"
+        with_lsq, with_stats = "+lsq" in direction, "+stats" in direction
         return _one_launch(
-            lambda: logprobs.rows_forward(logits, labels, impl="triton", with_lsq=with_lsq)
+            lambda: logprobs.rows_forward(
+                logits, labels, impl="triton", with_lsq=with_lsq, with_stats=with_stats
+            )
         )
     lse = _meta(ROW_TOKENS, dtype=torch.float32)
     grad_token = _meta(ROW_TOKENS, dtype=torch.float32)
@@ -268,6 +272,8 @@ def variants(smoke: bool = False) -> tuple[Variant, ...]:
     for direction, fn in (
         ("fwd", triton_rows.logprobs_fwd_kernel),
         ("fwd+lsq", triton_rows.logprobs_fwd_kernel),
+        ("fwd+stats", triton_rows.logprobs_fwd_kernel),
+        ("fwd+lsq+stats", triton_rows.logprobs_fwd_kernel),
         ("bwd", triton_rows.logprobs_bwd_kernel),
     ):
         for dtype in row_dtypes:
@@ -279,6 +285,8 @@ def variants(smoke: bool = False) -> tuple[Variant, ...]:
                 )
                 if kw.get("WITH_LSQ"):
                     name += " WITH_LSQ"
+                if kw.get("WITH_STATS"):
+                    name += " WITH_STATS"
                 out.append(Variant(fn.__name__, name, record))
 
     # the launcher's config list per dtype, recorded once

@@ -47,6 +47,13 @@ tokens, unweighted by ``token_weights``; the sums are returned detached (``linea
 hands each chunk's to ``pair_loss`` as keywords), and the backward is unchanged. Off, no ``lsq``
 is formed and every number is as without the option.
 
+Token metrics (``with_stats`` / ``return_stats``, the trainer's ``entropy``, ``logits/*`` and
+``mean_token_accuracy``): the forward's row pass also forms each row's entropy, mean logit and
+top-1 flag (``rows_forward(with_stats=True)``) and sums them per sequence, ``(S, 3)`` fp32;
+``linear_pair_loss`` adds each chunk's rows as it reduces them (a split pair's head sub-chunks
+once: their recompute in the gradient pass adds nothing), ``sequence_logprobs`` runs the op
+``sdpo::sequence_logprobs_stats_fwd``. Off, the kernels run without these reductions.
+
 Both run the chunk matmuls with cuBLAS through torch and the row core of logprobs.py
 (Triton kernels or the PyTorch reference) on the chunk's logits. ``sequence_logprobs`` is
 registered as ``torch.library`` custom ops (``sdpo::sequence_logprobs_fwd`` / ``_bwd``, with

@@ -9,6 +9,8 @@ the rows block by block, the PyTorch reference upcasts a bounded block of rows a
 time. ``linear_logprobs`` reuses the same row ops on its chunks of logits. For WPO
 (``loss.use_weighting``) the forward can also give each row's ``log sum_v p_v^2``, from a
 second running sum of ``exp(2 (x - m))`` in the same pass (``rows_forward(with_lsq=True)``).
+For the trainer's token metrics it can also give each row's entropy, mean logit and top-1 flag
+from the same pass (``rows_forward(with_stats=True)``; see the package docstring).
 
 ``logprobs_from_logits`` is registered as ``torch.library`` custom ops
 (``sdpo::logprobs_fwd``, ``sdpo::logprobs_bwd`` and its in-place twin), with fake

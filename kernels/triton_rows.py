@@ -54,7 +54,8 @@ def logprobs_fwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         x = tl.load(row_ptr + cols, mask=cols < V, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=0))
+        block_max = tl.max(x, axis=0)
+        m_new = tl.maximum(m, block_max)
         alpha = tl.exp(m - m_new)
         e = tl.exp(x - m_new)
         if WITH_STATS:
@@ -67,8 +68,13 @@ def logprobs_fwd_kernel(
         if WITH_LSQ:
             s2 = s2 * tl.exp(2.0 * (m - m_new)) + tl.sum(tl.exp(2.0 * (x - m_new)), axis=0)
         if WITH_STATS:
-            before = tl.where(cols < label, x, -float("inf"))
-            max_before = tl.maximum(max_before, tl.max(before, axis=0))
+            # only the label's own block needs a masked maximum; one wholly before it has its
+            # block_max already, one after it adds nothing
+            if start + BLOCK_V <= label:
+                max_before = tl.maximum(max_before, block_max)
+            elif start < label:
+                before = tl.where(cols < label, x, -float("inf"))
+                max_before = tl.maximum(max_before, tl.max(before, axis=0))
         m = m_new
     lse = m + tl.log(s)
     if WITH_LSQ:

@@ -67,6 +67,9 @@ def test_smoke_covers_both_row_kernels_and_every_fused_head_tile_shape(sm90_smok
     for kernel in ("logprobs_fwd_kernel", "logprobs_bwd_kernel"):
         assert any(k == kernel and v.startswith("bf16 V=50,257") for k, v in rows), kernel
     assert ("logprobs_fwd_kernel", "bf16 V=50,257 BLOCK_V=4096 w8 WITH_LSQ") in rows  # WPO
+    # the trainer's forward, with its token metrics (and under WPO)
+    assert ("logprobs_fwd_kernel", "bf16 V=50,257 BLOCK_V=4096 w8 WITH_STATS") in rows
+    assert ("logprobs_fwd_kernel", "bf16 V=50,257 BLOCK_V=4096 w8 WITH_LSQ WITH_STATS") in rows
 
     def shapes(configs) -> set[str]:
         return {

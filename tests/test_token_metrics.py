@@ -43,21 +43,21 @@ VOCAB = 1237  # three 512-wide blocks, the last a ragged tail of 213
 
 
 def _rows(seed: int, *, dtype=torch.float32, device="cpu"):
-    """131 tokens over 3 sequences. In the first four scored rows the label's logit is planted:
-    tied with the top one at column 0 (before the label: not the top-1), tied with it at the
-    last column (after: the top-1), above every other (the top-1), and below the top (not)."""
+    """131 tokens over 3 sequences. In the first five scored rows the label (near column 920,
+    in the second 512-wide block) gets a planted logit: tied with the top one at column 0 (in
+    an earlier block: not the top-1), at the last column (a later block: the top-1), above
+    every other (the top-1), tied at column 600 (the same block, before it: not) and at column
+    1000 (the same block, after it: the top-1)."""
     gen = torch.Generator().manual_seed(seed)
     labels, seq_ids = packed_labels(lengths=[61, 22, 48], prompts=[17, 20, 5], vocab=VOCAB, gen=gen)
     logits64 = torch.randn(len(labels), VOCAB, generator=gen, dtype=torch.float64) * 4.0
     scored = (labels != IGNORE_INDEX).nonzero()[:, 0].tolist()
-    for row, (other, gap) in zip(
-        scored[:4], ((0, 0.0), (VOCAB - 1, 0.0), (None, 0.0), (600, -0.5)), strict=True
-    ):
-        labels[row] = 300 + row  # away from the planted columns
+    for row, other in zip(scored[:5], (0, VOCAB - 1, None, 600, 1000), strict=True):
+        labels[row] = 900 + row % 50  # away from the planted columns
         top = logits64[row].max() + 1.0
         if other is not None:
             logits64[row, other] = top
-        logits64[row, labels[row]] = top + gap
+        logits64[row, labels[row]] = top
     return logits64.to(device), logits64.to(dtype).to(device), labels.to(device), seq_ids.to(device)
 
 
@@ -88,7 +88,7 @@ def test_row_statistics_match_float64_and_argmax_ties_go_to_the_first_maximum(im
     assert torch.equal(stats[:, 2], same_dtype[:, 2])  # the fp32 logits' own argmax, exactly
     scored = (labels != IGNORE_INDEX).nonzero()[:, 0].tolist()
     # a tie goes to the first maximum, as torch.argmax (and TRL) pick it
-    assert stats[scored[:4], 2].tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert stats[scored[:5], 2].tolist() == [0.0, 1.0, 1.0, 0.0, 1.0]
     # the statistics change nothing else: the pass without them gives the same bits
     logp_off, lse_off = rows_forward(logits, labels, impl=impl)
     assert torch.equal(logp, logp_off) and torch.equal(lse, lse_off)
