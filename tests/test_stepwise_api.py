@@ -88,6 +88,10 @@ def test_run_sdpo_ends_where_the_runner_ends(
         assert a.reward_accuracy_before == b.reward_accuracy_before
         assert a.reward_accuracy_after == b.reward_accuracy_after is not None
         assert a.train_metrics["loss"] == b.train_metrics["loss"]
+        # num_tokens counts on over the sDPO steps in both
+        assert a.train_metrics["num_tokens"] == b.train_metrics["num_tokens"]
+    assert reports[-1].train_metrics["num_tokens"] == records[-1]["num_tokens"]
+    assert records[-1]["num_tokens"] > max(r["tokens"] for r in records)
     # each step starts from its reference: the first record's rewards are zero
     for t in range(1, steps + 1):
         first = next(r for r in records if r["sdpo_step"] == t)
