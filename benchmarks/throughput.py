@@ -286,9 +286,9 @@ def head_variants(
     # the host-side plan the trainer passes (no device sync): tokens of each pair
     pair_tokens = [2 * p.seq_len] * (p.num_seqs // 2)
 
-    def pair_variant(grad_weight_dtype, max_chunk_tokens=None, chunk_tokens=None):
+    def pair_variant(grad_weight_dtype, max_chunk_tokens=None, chunk_tokens=None, stats=False):
         def run():
-            loss, _ = linear_pair_loss(
+            loss, *_ = linear_pair_loss(
                 h,
                 w,
                 p.labels,
@@ -300,6 +300,7 @@ def head_variants(
                 pair_tokens=pair_tokens,
                 max_chunk_tokens=max_chunk_tokens,
                 chunk_tokens=chunk_tokens,
+                with_stats=stats,
             )
             return loss
 
@@ -307,6 +308,11 @@ def head_variants(
 
     variants[f"sdpo sequence_logprobs ({impl})"] = seq_variant
     variants[f"sdpo linear_pair_loss ({impl}, dW fp32)"] = pair_variant(torch.float32)
+    # as the trainer runs it: with the token metrics (entropy, mean logit, top-1) from the same
+    # pass; the difference to the row above is their cost
+    variants[f"sdpo linear_pair_loss ({impl}, dW fp32, token metrics)"] = pair_variant(
+        torch.float32, stats=True
+    )
     variants[f"sdpo linear_pair_loss ({impl}, dW in weight dtype)"] = pair_variant(None)
     # pairs split into chunks of at most a quarter pair: less memory, 2·(L−B)·H·V more FLOP
     cap = max(1, p.seq_len // 2)

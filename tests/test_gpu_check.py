@@ -200,6 +200,7 @@ def test_the_kernels_smoke_run_writes_the_whole_table(tmp_path):
         for name in (
             "sdpo linear_pair_loss (torch, dW fp32, chunk_tokens=16)",
             "sdpo linear_pair_loss (torch, dW in weight dtype)",
+            "sdpo linear_pair_loss (torch, dW fp32, token metrics)",
             "reference pass: sdpo sequence_logprobs (torch)",
         ):
             assert "error" not in rows[name] and rows[name]["x_floor"] > 0, rows[name]
