@@ -111,8 +111,10 @@ def _per_sequence(token_stats: torch.Tensor, seq_ids: torch.Tensor, num_seqs: in
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_every_head_returns_the_per_sequence_sums_of_the_float64_statistics(impl, small_blocks):
-    """linear_pair_loss (a pair longer than the cap split keep-the-tail), sequence_logprobs
-    (with WPO's sums beside) and the soft-capped head: the same sums as float64."""
+    """linear_pair_loss (a pair longer than the cap split keep-the-tail; WPO's sums beside, so
+    the kernel runs both options at once, as the trainer's forward under WPO does), then with
+    the PyTorch rows (the wiring is the same for both implementations) sequence_logprobs and
+    the soft-capped head: the same sums as float64."""
     hidden64, weight64, labels, seq_ids, s = _pair_stream(seed=5)
     hidden, weight = hidden64.float(), weight64.float()
     logits64 = hidden64 @ weight64.T
@@ -124,7 +126,7 @@ def test_every_head_returns_the_per_sequence_sums_of_the_float64_statistics(impl
         for k, name in enumerate(STAT_NAMES):
             assert_no_worse(name, stats[:, k], baseline[:, k], truth[:, k], rel_margin=1e-6)
 
-    def pair_loss(chosen, rejected, pairs):
+    def pair_loss(chosen, rejected, pairs, chosen_aligned, rejected_aligned):
         return (chosen - 0.5 * rejected).sum()
 
     out = linear_pair_loss(
@@ -137,18 +139,19 @@ def test_every_head_returns_the_per_sequence_sums_of_the_float64_statistics(impl
         impl=impl,
         chunk_tokens=64,
         max_chunk_tokens=48,  # the first pair (71 tokens) is split
+        with_aligned=True,
         with_stats=True,
     )
     check(out[-1])
-    seq, aligned, stats = sequence_logprobs(
-        hidden, weight, labels, seq_ids, s, impl=impl, chunk_tokens=50, return_aligned=True,
-        return_stats=True,
-    )  # fmt: skip
-    check(stats)
-    # the log-probs as without the statistics (the row test checks the kernel's bits)
-    assert torch.equal(seq, out[1])
+    if impl == "torch":
+        seq, aligned, stats = sequence_logprobs(
+            hidden, weight, labels, seq_ids, s, impl=impl, chunk_tokens=50, return_aligned=True,
+            return_stats=True,
+        )  # fmt: skip
+        check(stats)
+        assert torch.equal(seq, out[1]) and torch.equal(aligned, out[2])
 
-    if impl == "torch":  # one implementation: the statistics of the capped logits
+        # the soft-capped head (one implementation): the statistics of the capped logits
         cap = 3.0
         capped64 = torch.tanh(logits64 / cap) * cap
         truth = _per_sequence(_truth(capped64, labels), seq_ids, s)
