@@ -57,24 +57,24 @@ def logprobs_fwd_kernel(
         block_max = tl.max(x, axis=0)
         m_new = tl.maximum(m, block_max)
         alpha = tl.exp(m - m_new)
-        e = tl.exp(x - m_new)
         if WITH_STATS:
-            # before s moves on; the tail's -inf padding adds nothing (e = 0 there)
-            t = alpha * (t + (m - m_new) * s) + tl.sum(
-                e * tl.where(cols < V, x - m_new, 0.0), axis=0
-            )
-            x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        if WITH_LSQ:
-            s2 = s2 * tl.exp(2.0 * (m - m_new)) + tl.sum(tl.exp(2.0 * (x - m_new)), axis=0)
-        if WITH_STATS:
-            # only the label's own block needs a masked maximum; one wholly before it has its
+            # what reads x itself first, so that x is dead once d = x - m_new is formed. Only
+            # the label's own block needs a masked maximum; one wholly before it has its
             # block_max already, one after it adds nothing
             if start + BLOCK_V <= label:
                 max_before = tl.maximum(max_before, block_max)
             elif start < label:
                 before = tl.where(cols < label, x, -float("inf"))
                 max_before = tl.maximum(max_before, tl.max(before, axis=0))
+            x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
+        d = x - m_new
+        e = tl.exp(d)
+        if WITH_STATS:
+            # before s moves on; the tail's -inf padding adds nothing (e = 0 there)
+            t = alpha * (t + (m - m_new) * s) + tl.sum(e * tl.where(cols < V, d, 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        if WITH_LSQ:
+            s2 = s2 * tl.exp(2.0 * (m - m_new)) + tl.sum(tl.exp(2.0 * d), axis=0)
         m = m_new
     lse = m + tl.log(s)
     if WITH_LSQ:
