@@ -158,6 +158,24 @@ TINY_SHAPE = dict(
     max_position_embeddings=256,
 )
 
+
+def write_hf_model(out: Path, config_class: str, *, seed: int = 0, **overrides) -> Path:
+    """A random-init tiny transformers model of ``config_class`` (a name in ``transformers``,
+    e.g. "GemmaConfig") with the tiny tokenizer, saved by ``save_pretrained`` in ``out``."""
+    import transformers
+
+    from sdpo.engine.tiny import build_tokenizer
+    from sdpo.engine.tokenize import PairTokenizer
+
+    build_tokenizer(out, words=WORDS)
+    settings = dict(vocab_size=PairTokenizer.from_dir(out).vocab_size, **TINY_SHAPE)
+    settings.update(overrides)
+    config = getattr(transformers, config_class)(**settings)
+    torch.manual_seed(seed)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    return out
+
+
 _TORCHRUN_TMP: list[str] = []  # the temporary folder of this test session's torchrun launches
 
 

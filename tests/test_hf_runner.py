@@ -20,26 +20,12 @@ from sdpo.config import ConfigError, config_from_dict
 from sdpo.engine import resume as resume_mod
 from sdpo.engine.checkpoint import CheckpointError, check_model, load_model, save_pretrained
 from sdpo.engine.data import read_preference_file
-from sdpo.engine.tiny import build_tokenizer
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import TrainingStopped
 from sdpo.runner import RunInputError, run_training
-from tests.conftest import TINY_SHAPE, WORDS, two_source_config, write_pairs
+from tests.conftest import two_source_config, write_hf_model, write_pairs
 
 transformers = pytest.importorskip("transformers")
-
-
-def _write_hf_model(out: Path, config_class: str, *, seed: int = 0, **overrides) -> Path:
-    """A random-init tiny transformers model of ``config_class`` with the tiny tokenizer."""
-    build_tokenizer(out, words=WORDS)
-    vocab = PairTokenizer.from_dir(out).vocab_size
-    settings = dict(vocab_size=vocab, **TINY_SHAPE)
-    settings.update(overrides)
-    config = getattr(transformers, config_class)(**settings)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture
@@ -47,7 +33,7 @@ def gemma_dir(tmp_path: Path) -> Path:
     """Gemma: not one of sdpo's decoders; scales its embeddings, ties lm_head to them. With an
     attention dropout, which training turns off (or the policy would leave its reference at
     once)."""
-    return _write_hf_model(tmp_path / "gemma", "GemmaConfig", attention_dropout=0.5)
+    return write_hf_model(tmp_path / "gemma", "GemmaConfig", attention_dropout=0.5)
 
 
 def _config(tmp_path: Path, model_dir: Path, *, out: str = "run", **sections):
@@ -250,12 +236,12 @@ def test_the_implementation_key_is_checked_and_forces_or_refuses(
 def test_models_sdpo_cannot_train_with_transformers_are_refused(tmp_path):
     """LoRA where the projections are fused (Phi-3's qkv_proj), and a logit soft-cap that is
     not a positive number: refused before any work, naming the cause."""
-    phi3 = _write_hf_model(tmp_path / "phi3", "Phi3Config", pad_token_id=0)
+    phi3 = write_hf_model(tmp_path / "phi3", "Phi3Config", pad_token_id=0)
     cfg = _config(tmp_path, phi3, lora={"rank": 4})
     with pytest.raises(RunInputError, match=r"no nn.Linear self_attn.q_proj"):
         run_training(cfg, progress=False)
     assert not Path(cfg.output_dir).exists()
-    gemma2 = _write_hf_model(tmp_path / "gemma2", "Gemma2Config", final_logit_softcapping=-1.0)
+    gemma2 = write_hf_model(tmp_path / "gemma2", "Gemma2Config", final_logit_softcapping=-1.0)
     with pytest.raises(CheckpointError, match="final_logit_softcapping must be a number > 0"):
         check_model(gemma2)
     # a multimodal Gemma 3 (AutoModelForCausalLM gives its ForConditionalGeneration): the head's
@@ -283,7 +269,7 @@ def test_models_sdpo_cannot_train_with_transformers_are_refused(tmp_path):
 def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
     """transformers 5 fuses a Qwen2-MoE's experts on loading and splits them on saving: sdpo's
     checks accept the stored names, and its checkpoints hold the same names and values."""
-    moe = _write_hf_model(
+    moe = write_hf_model(
         tmp_path / "moe",
         "Qwen2MoeConfig",
         num_experts=4,
@@ -328,7 +314,7 @@ def test_auto_runs_a_llama_with_a_rotary_scaling_sdpo_lacks_under_transformers(t
     # scaling, as long-context Qwen and DeepSeek configs set): "auto" hands it to transformers,
     # whose logits the wrapped model then gives; "sdpo" refuses it naming the key
     yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128}
-    folder = _write_hf_model(tmp_path / "yarn", "LlamaConfig", rope_scaling=yarn)
+    folder = write_hf_model(tmp_path / "yarn", "LlamaConfig", rope_scaling=yarn)
     info = check_model(folder, "auto")
     assert info.implementation == "transformers"
     assert "rope_type 'yarn'" in info.unsupported
@@ -385,7 +371,7 @@ def test_the_runner_turns_on_gradient_checkpointing_of_a_transformers_model(
 def test_a_constant_logit_scale_is_folded_into_the_hidden_states(tmp_path, config_class, overrides):
     # Granite divides its logits by logits_scaling, Cohere multiplies them by logit_scale: the
     # wrapped model's hidden states times lm_head.weight are transformers' logits exactly
-    folder = _write_hf_model(tmp_path / config_class, config_class, **overrides)
+    folder = write_hf_model(tmp_path / config_class, config_class, **overrides)
     model = load_model(folder)
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     ids = torch.arange(3, 30)
@@ -403,7 +389,7 @@ def test_a_constant_logit_scale_is_folded_into_the_hidden_states(tmp_path, confi
 def gemma2_dir(tmp_path: Path) -> Path:
     """Gemma 2: its logits soft-capped, c * tanh(z / c), with c = 2 and weights of std 0.5 so
     that the cap bends the tiny model's logits (Gemma 2's own cap is 30)."""
-    return _write_hf_model(
+    return write_hf_model(
         tmp_path / "gemma2", "Gemma2Config", final_logit_softcapping=2.0, initializer_range=0.5
     )
 
@@ -471,7 +457,7 @@ def test_a_soft_capped_model_trains_from_its_reference_and_its_steps_reload(
 
 def test_a_model_without_an_sdpa_path_loads_with_eager_attention(tmp_path):
     # transformers 5 words the refusal "scaled_dot_product_attention", without "sdpa"
-    folder = _write_hf_model(tmp_path / "gemma2", "Gemma2Config", final_logit_softcapping=None)
+    folder = write_hf_model(tmp_path / "gemma2", "Gemma2Config", final_logit_softcapping=None)
     model = load_model(folder)
     assert model.hf_model.config._attn_implementation == "eager"
 
@@ -493,7 +479,7 @@ def test_one_long_sequence_among_short_ones_is_not_padded_to_the_longest(tmp_pat
     more than twice the real tokens (padding every sequence to the longest cost 8 times), and
     each sequence's logits are transformers' own on it alone; here a Mistral with a sliding
     window shorter than the long sequence, which transformers' SDPA masks apply under padding."""
-    folder = _write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=4)
+    folder = write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=4)
     model = load_model(folder, implementation="transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     calls = []
@@ -539,7 +525,7 @@ def test_a_model_whose_logits_are_scaled_is_refused(tmp_path, monkeypatch):
     """Falcon-H1 multiplies its logits by lm_head_multiplier: refused before any weight is
     read, as the other scaled heads are; and a head transform no config key names is caught
     when the model loads, by its own logits on a few tokens."""
-    falcon = _write_hf_model(
+    falcon = write_hf_model(
         tmp_path / "falcon",
         "FalconH1Config",
         mamba_d_ssm=32,
@@ -552,7 +538,7 @@ def test_a_model_whose_logits_are_scaled_is_refused(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="lm_head_multiplier = 0.5"):
         check_model(falcon)
     # Granite's logits_scaling, as if no key named it (so no factor folds it in)
-    granite = _write_hf_model(tmp_path / "granite", "GraniteConfig", logits_scaling=4.0)
+    granite = write_hf_model(tmp_path / "granite", "GraniteConfig", logits_scaling=4.0)
     monkeypatch.setattr(hf_mod, "_LOGIT_SCALES", {})
     with pytest.raises(CheckpointError, match="GraniteForCausalLM .* computes logits other"):
         load_model(granite)
@@ -564,7 +550,7 @@ def test_pairs_longer_than_the_sliding_window_of_sdpo_s_decoder_are_refused_befo
     """A Mistral runs on sdpo's decoder ("auto"), which does not apply its sliding window: a
     pair longer than the window is refused naming its row and the two fixes, before anything
     is written (not at the first forward, with the output folder begun)."""
-    folder = _write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=6)
+    folder = write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=6)
     cfg = _config(tmp_path, folder)
     with pytest.raises(RunInputError, match=r"far.jsonl line 1: .* sliding_window \(6\)") as e:
         run_training(cfg, progress=False)
@@ -578,8 +564,8 @@ def test_sdpo_score_refuses_pairs_longer_than_the_context_or_an_unapplied_window
     sliding window sdpo's decoder does not apply (it crashed in the forward or scored it), as
     ``sdpo train`` does; with --implementation transformers the window is applied."""
     data = write_pairs(tmp_path / "pairs.jsonl", n=3, seed=3)
-    mistral = _write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=6)
-    short = _write_hf_model(tmp_path / "short", "GemmaConfig", max_position_embeddings=6)
+    mistral = write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=6)
+    short = write_hf_model(tmp_path / "short", "GemmaConfig", max_position_embeddings=6)
     args = ["score", "--data", str(data), "--no-progress", "--impl", "torch"]
     assert main([*args, "--model", str(mistral)]) == 2
     assert "line 1: the pair is" in capsys.readouterr().err
@@ -598,7 +584,7 @@ def test_a_missing_tensor_is_refused_before_work_even_beside_names_transformers_
 
     from safetensors.torch import save_file
 
-    moe = _write_hf_model(
+    moe = write_hf_model(
         tmp_path / "moe",
         "Qwen2MoeConfig",
         num_hidden_layers=1,
@@ -625,20 +611,122 @@ def test_a_missing_tensor_is_refused_before_work_even_beside_names_transformers_
     refused(r"experts\.\d+\.up_proj", None, "model.layers.0.mlp.experts.gate_up_proj")
 
 
-# -- on CUDA ----------------------------------------------------------------------------------
-
-# A step's first rewards under bf16 on CUDA: the scoring pass and the training forward run the
-# same weights, but in padded batches of other shapes, whose matmuls may round differently in
-# bf16; beta times such differences stays well under 2e-3. A policy that leaves its reference
-# (attention dropout left on, say) gives 5e-2 or more on these models (measured on the CPU), and
-# their rewards after one update exceed 1e-2.
+# A step's first rewards under bf16 (on the CPU and on CUDA): the scoring pass and the training
+# forward run the same weights, but in padded batches of other shapes, whose matmuls may round
+# differently in bf16; beta times such differences stays well under 2e-3. A policy that leaves its
+# reference (attention dropout left on, say) gives 5e-2 or more on these models (measured on the
+# CPU), and their rewards after one update exceed 1e-2.
 BF16_REWARD_TOL = 2e-3
+# A step's loss under bf16 or bf16-mixed against fp32's on the CPU, after up to three updates (a
+# bf16 weight rounds each update to half an ulp of itself): measured 3e-3 at most on the 2-step
+# Gemma run below, whose loss moves by 6e-2 over the run.
+BF16_LOSS_TOL = 5e-3
+
+
+def _hf_logps(model, pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair's summed chosen and rejected log-probs under a transformers model, one
+    sequence at a time in float64 (the completion's tokens given the prompt)."""
+    sums = []
+    for pair in pairs:
+        for completion in (pair.chosen_ids, pair.rejected_ids):
+            ids = torch.tensor([pair.prompt_ids + completion])
+            with torch.no_grad():
+                logps = model(ids).logits[0, :-1].double().log_softmax(-1)
+            taken = logps.gather(1, ids[0, 1:, None])[len(pair.prompt_ids) - 1 :]
+            sums.append(taken.sum())
+    return torch.stack(sums[0::2]), torch.stack(sums[1::2])
+
+
+def _no_plot(monkeypatch) -> None:
+    """Skip the end-of-run figure (about a second a run on the CPU) where a test reads none."""
+    monkeypatch.setattr(runner_mod, "plot_steps", lambda *args: True)
+
+
+def test_a_separate_reference_gives_each_step_s_start_its_log_probs(tmp_path, monkeypatch):
+    """``sdpo.reference`` naming another Gemma: each sDPO step's first rewards are beta times
+    the step's policy (the initial model, then step-1/) minus the reference's log-probs, each
+    as transformers computes it, not 0."""
+    # weights of std 0.2: logits far from uniform, so the two models' log-probs differ
+    gemma_dir = write_hf_model(tmp_path / "gemma", "GemmaConfig", initializer_range=0.2)
+    ref_dir = write_hf_model(tmp_path / "ref", "GemmaConfig", seed=7, initializer_range=0.2)
+    _no_plot(monkeypatch)
+    # one optimizer step per chunk (6 and 5 pairs): a step's first rewards cover its chunk
+    cfg = _config(
+        tmp_path,
+        gemma_dir,
+        train={"pairs_per_step": 6, "save_every": 0},
+        sdpo={"reference": str(ref_dir)},
+    )
+    run_training(cfg, progress=False)
+    out = Path(cfg.output_dir)
+    pairs, _ = tokenize_pairs(
+        [r for s in cfg.data.sources for r in read_preference_file(s.path, source=s.name)],
+        PairTokenizer.from_dir(gemma_dir),
+        max_length=cfg.data.max_length,
+        max_prompt_length=cfg.data.max_prompt_length,
+    )
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    ref_chosen, ref_rejected = _hf_logps(load(ref_dir, dtype=torch.float64), pairs)
+    beta = cfg.loss.beta
+    for t, policy_dir in ((1, gemma_dir), (2, out / "step-1")):
+        chunk = [i for i, p in enumerate(pairs) if p.source == ("far", "near")[t - 1]]
+        chosen, rejected = _hf_logps(
+            load(policy_dir, dtype=torch.float64), [pairs[i] for i in chunk]
+        )
+        first = next(r for r in _records(out) if r["sdpo_step"] == t)
+        want_chosen = beta * float((chosen - ref_chosen[chunk]).mean())
+        want_rejected = beta * float((rejected - ref_rejected[chunk]).mean())
+        assert abs(want_chosen) > 1e-2 and abs(want_rejected) > 1e-2  # not the policy itself
+        assert first["rewards/chosen"] == pytest.approx(want_chosen, rel=1e-4, abs=1e-6)
+        assert first["rewards/rejected"] == pytest.approx(want_rejected, rel=1e-4, abs=1e-6)
+
+
+def test_bf16_runs_start_at_their_reference_lose_what_fp32_loses_and_reload(tmp_path, monkeypatch):
+    """``train.precision`` bf16 and bf16-mixed on a Gemma: each step's first rewards are 0 to
+    bf16 rounding, every optimizer step's loss is the fp32 run's to bf16 rounding (while the
+    loss moves by more over the run), and step-2/ holds the run's weight dtype and reloads
+    with transformers, its tie kept."""
+    # weights of std 0.2: logits far from uniform, so the loss moves and bf16 rounding shows
+    folder = write_hf_model(tmp_path / "gemma", "GemmaConfig", initializer_range=0.2)
+    _no_plot(monkeypatch)
+    runs = {}
+    for precision in ("fp32", "bf16", "bf16-mixed"):
+        cfg = _config(
+            tmp_path,
+            folder,
+            out=precision,
+            train={"precision": precision, "save_every": 0, "learning_rate": 1e-2},
+        )
+        run_training(cfg, progress=False)
+        runs[precision] = (_records(Path(cfg.output_dir)), Path(cfg.output_dir) / "step-2")
+    fp32 = runs["fp32"][0]
+    assert len(fp32) >= 4
+    assert max(r["loss"] for r in fp32) - min(r["loss"] for r in fp32) > 5 * BF16_LOSS_TOL
+    for precision, weights in (("bf16", torch.bfloat16), ("bf16-mixed", torch.float32)):
+        records, step = runs[precision]
+        for t in (1, 2):
+            first = next(r for r in records if r["sdpo_step"] == t)
+            assert abs(first["rewards/chosen"]) < BF16_REWARD_TOL, (precision, first)
+            assert abs(first["rewards/rejected"]) < BF16_REWARD_TOL, (precision, first)
+        assert len(records) == len(fp32)
+        for ours, theirs in zip(records, fp32, strict=True):
+            assert ours["loss"] == pytest.approx(theirs["loss"], abs=BF16_LOSS_TOL), precision
+        stored = load_file(step / "model.safetensors")
+        assert {v.dtype for v in stored.values()} == {weights}
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(step)
+        assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+        for name, value in reloaded.state_dict().items():
+            if name != "lm_head.weight":
+                assert torch.equal(value, stored[name]), (precision, name)
+
+
+# -- on CUDA ----------------------------------------------------------------------------------
 
 
 def _cuda_hf_model(tmp_path: Path, config_class: str, **overrides) -> Path:
     """A tiny model whose logits are far from uniform (weights of std 0.2), with an attention
     dropout of 0.5 that training must turn off: a policy that is not its own reference shows."""
-    return _write_hf_model(
+    return write_hf_model(
         tmp_path / config_class,
         config_class,
         initializer_range=0.2,

@@ -21,7 +21,7 @@ from sdpo.engine.trainer import TrainConfig
 from sdpo.losses import LossConfig
 from sdpo.runner import run_training
 from sdpo.stepwise import run_sdpo
-from tests.conftest import two_source_config
+from tests.conftest import two_source_config, write_hf_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -338,10 +338,8 @@ def test_run_sdpo_turns_off_a_hugging_face_model_s_dropout_for_the_run(tmp_path)
     """A Phi-3 built with dropout (residual and attention rates, the latter read by
     its attention modules in forward): trained with dropout off, each step starts at its
     reference (rewards 0, as under ``sdpo train``), and the caller's rates are back after."""
-    from tests.test_hf_runner import _write_hf_model
-
     rates = {"resid_pdrop": 0.3, "attention_dropout": 0.3}
-    folder = _write_hf_model(tmp_path / "phi3", "Phi3Config", pad_token_id=0, **rates)
+    folder = write_hf_model(tmp_path / "phi3", "Phi3Config", pad_token_id=0, **rates)
     pairs = _pairs(_config(tmp_path, folder))
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     records = []
