@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -385,7 +386,16 @@ def _check_hf_layout(folder: Path) -> ModelInfo:
     shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     # the model names the stored tensors fill once transformers has renamed and converted them
     # on loading (experts stored one by one, fused in memory)
-    filled = _names_as_loaded(model, files, shapes)
+    filled, gaps = _names_as_loaded(model, files, shapes)
+    if gaps:
+        fused = sorted({target for target, _ in gaps})
+        raise CheckpointError(
+            f"weights in {folder} lack {_few([name for _, name in gaps])}, while the tensors "
+            f"stacked with them into {_few(fused)} (model_type {config.model_type!r}) are "
+            "stored: transformers cannot build those tensors from part of their pieces. The "
+            "folder is incomplete (a file left out when it was copied or downloaded?); restore "
+            "the missing tensors"
+        )
     missing = [names[0] for names in groups.values() if not any(n in filled for n in names)]
     if missing:
         raise CheckpointError(
@@ -420,16 +430,20 @@ def _check_hf_layout(folder: Path) -> ModelInfo:
 
 def _names_as_loaded(
     model: torch.nn.Module, stored: Iterable[str], shapes: Mapping[str, tuple[int, ...]]
-) -> set[str]:
+) -> tuple[set[str], list[tuple[str, str]]]:
     """The names of ``model`` that the ``stored`` tensor names fill when transformers loads
-    them: its conversion mapping for the model type renames them, and a conversion that
-    builds one tensor of several (a fused gate and up projection) fills it only when a name
-    of each of its sources is stored. Without that mapping (an older transformers), the stored
-    names as they are."""
+    them, and the gaps in what it stacks: its conversion mapping for the model type renames
+    them, and a conversion that builds one tensor of several (a fused gate and up projection)
+    fills it only when a name of each of its sources is stored. A conversion that stacks a list
+    (``mlp.experts.*.up_proj.weight``, one per expert) needs every index, 0 to the stacked
+    dimension of the model's tensor, of each source: an absent one is a gap, given as the model
+    tensor and the stored name it lacks. Without that mapping (an older transformers), the
+    stored names as they are and no gaps."""
     stored = list(stored)
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
+            MergeModulelist,
             WeightConverter,
             WeightRenaming,
             rename_source_key,
@@ -437,7 +451,7 @@ def _names_as_loaded(
 
         mapping = get_model_conversion_mapping(model)
     except (ImportError, AttributeError, TypeError):
-        return set(stored)
+        return set(stored), []
     renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     prefix = getattr(model, "base_model_prefix", None)
@@ -445,6 +459,9 @@ def _names_as_loaded(
     sources: dict[str, set[str]] = {}  # a converted name: the source patterns stored for it
     needed: dict[str, set[str]] = {}
     by_pattern = {p: c for c in converters for p in c.source_patterns}
+    # a stacked name: per source pattern, the stored name of each index
+    stacked: dict[str, dict[str, dict[int, str]]] = {}
+    stack_dim: dict[str, int] = {}
     for name in stored:
         if name in shapes:  # as transformers does, a name the model has is taken as it is
             filled.add(name)
@@ -452,11 +469,44 @@ def _names_as_loaded(
         renamed, pattern = rename_source_key(name, renamings, converters, prefix, shapes)
         if pattern is None or pattern not in by_pattern:
             filled.add(renamed)
-        else:
-            sources.setdefault(renamed, set()).add(pattern)
-            needed[renamed] = set(by_pattern[pattern].source_patterns)
+            continue
+        converter = by_pattern[pattern]
+        sources.setdefault(renamed, set()).add(pattern)
+        needed[renamed] = set(converter.source_patterns)
+        merge = next((op for op in converter.operations if isinstance(op, MergeModulelist)), None)
+        index = _list_index(name, pattern)
+        if merge is not None and index is not None:
+            stacked.setdefault(renamed, {}).setdefault(pattern, {})[index[0]] = name
+            stack_dim[renamed] = merge.dim
     filled.update(name for name, got in sources.items() if got >= needed[name])
-    return filled
+    gaps = []
+    for target, per_pattern in stacked.items():
+        if target not in filled:
+            continue  # a whole source absent: the target itself is reported missing
+        shape, dim = shapes.get(target), stack_dim[target]
+        indices = set().union(*per_pattern.values())
+        count = shape[dim] if shape is not None and dim < len(shape) else max(indices) + 1
+        for pattern in sorted(per_pattern):
+            names = per_pattern[pattern]
+            example = next(iter(names.values()))
+            start, end = _list_index(example, pattern)[1:]
+            gaps += [
+                (target, example[:start] + str(i) + example[end:])
+                for i in range(count)
+                if i not in names
+            ]
+    return filled, gaps
+
+
+def _list_index(name: str, pattern: str) -> tuple[int, int, int] | None:
+    """The list index that the ``*`` of a conversion's source ``pattern``
+    (``mlp.experts.*.up_proj.weight``) stands for in the stored ``name``, with where its digits
+    start and end in ``name``; None when the pattern has no ``*`` or it stands for no number."""
+    if pattern.count("*") != 1:
+        return None
+    head, tail = (re.escape(part) for part in pattern.split("*"))
+    found = re.search(rf"{head}(\d+){tail}$", name)
+    return None if found is None else (int(found.group(1)), found.start(1), found.end(1))
 
 
 def load_model(

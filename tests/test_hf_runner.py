@@ -6,6 +6,7 @@ settings refused before any work."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -580,8 +581,6 @@ def test_a_missing_tensor_is_refused_before_work_even_beside_names_transformers_
     """Stored names the model does not have (experts stored one by one, a stray tensor) do not
     hide a missing one: the check follows transformers' own renaming and fusing, so a missing
     weight is refused before any work, not when the model is loaded."""
-    import re
-
     from safetensors.torch import save_file
 
     moe = write_hf_model(
@@ -609,6 +608,50 @@ def test_a_missing_tensor_is_refused_before_work_even_beside_names_transformers_
     refused(re.escape(q), "model.layers.0.stray.weight", q)
     # one of the two sources of the fused gate and up projection (every expert's up_proj)
     refused(r"experts\.\d+\.up_proj", None, "model.layers.0.mlp.experts.gate_up_proj")
+
+
+def test_one_expert_s_missing_tensor_is_refused_before_work_naming_it(tmp_path):
+    """A MoE folder that lacks one expert's tensor (the other experts' stored: transformers
+    stacks them into one tensor and fails on loading) is refused by the pre-work check, which
+    names the folder and the tensor, and by ``sdpo train`` before its output folder exists; a
+    whole expert missing is refused too."""
+    from safetensors.torch import save_file
+
+    moe = write_hf_model(
+        tmp_path / "moe",
+        "Qwen2MoeConfig",
+        num_hidden_layers=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+    )
+    stored = load_file(moe / "model.safetensors")
+    expert = "model.layers.0.mlp.experts.{}.{}_proj.weight"
+
+    def without(*names: str) -> None:
+        kept = {k: v for k, v in stored.items() if k not in names}
+        assert len(kept) == len(stored) - len(names)
+        save_file(kept, moe / "model.safetensors", metadata={"format": "pt"})
+
+    without(expert.format(3, "up"))
+    with pytest.raises(CheckpointError) as caught:
+        check_model(moe)
+    said = str(caught.value)
+    assert f"weights in {moe} lack ['{expert.format(3, 'up')}']" in said, said
+    assert "model.layers.0.mlp.experts.gate_up_proj" in said
+    cfg = _config(tmp_path, moe)
+    with pytest.raises(RunInputError, match=re.escape(expert.format(3, "up"))):
+        run_training(cfg, progress=False)
+    assert not Path(cfg.output_dir).exists()
+    # the last expert whole: every source of both stacked tensors lacks index 3
+    without(*(expert.format(3, p) for p in ("gate", "up", "down")))
+    with pytest.raises(CheckpointError, match="lack") as caught:
+        check_model(moe)
+    for p in ("gate", "up", "down"):
+        assert expert.format(3, p) in str(caught.value)
+    without()  # every tensor stored again: the check passes
+    assert check_model(moe).implementation == "transformers"
 
 
 # A step's first rewards under bf16 (on the CPU and on CUDA): the scoring pass and the training
