@@ -181,10 +181,12 @@ def _fused_head_kernel(
 ):
     pid = tl.program_id(0)
     pid_m = pid // SPLITS  # split fastest: resident programs share few hidden blocks
-    pid_s = pid % SPLITS
+    # int64: split s's partials start at s·N, past 2^31 at N·SPLITS > 2^31 (e.g. 32k tokens
+    # under a pinned splits of 65,536), and s·T, T the tile count, can pass it too
+    pid_s = (pid % SPLITS).to(tl.int64)
     num_tiles = tl.cdiv(V, BLOCK_N)
-    tile_lo = pid_s * num_tiles // SPLITS
-    tile_hi = (pid_s + 1) * num_tiles // SPLITS
+    tile_lo = (pid_s * num_tiles // SPLITS).to(tl.int32)
+    tile_hi = ((pid_s + 1) * num_tiles // SPLITS).to(tl.int32)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N

@@ -20,11 +20,14 @@ triton = pytest.importorskip("triton")
 
 from sdpo.kernels import sequence_logprobs  # noqa: E402
 from sdpo.kernels.fused_head import (  # noqa: E402
+    _combine,
+    _fused_head_kernel,
     fused_sequence_logprobs,
     fused_token_logprobs,
     num_splits,
 )
 from sdpo.kernels.logprobs import IGNORE_INDEX  # noqa: E402
+from sdpo.kernels.triton_rows import launch  # noqa: E402
 from tests.conftest import assert_no_worse, packed_labels  # noqa: E402
 
 VOCAB = 50_257  # not a multiple of any tile width: the last vocabulary tile is ragged
@@ -127,6 +130,53 @@ def test_strided_labels_give_the_contiguous_results():
     want = fused_sequence_logprobs(b["h"], b["w"], b["labels"], *args)
     got = fused_sequence_logprobs(b["h"], b["w"], strided, *args)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the kernel interpreted, on the CPU")
+def test_split_offsets_past_two_to_the_31_land_in_their_slice():
+    """A partial buffer of SPLITS·N > 2^31 entries (N = 2^28 + 1 tokens, 9 splits): the last
+    split's partials start at 8·N = 2^31 + 8, an offset 32-bit arithmetic wraps negative (a
+    store far before the buffer, which ends the process). The first 16 rows, run interpreted,
+    give float64 truth. The buffers are reserved, not filled: only the pages of those rows are
+    ever touched."""
+    tile, splits, n, h = 16, 9, 2**28 + 1, 16
+    assert (splits - 1) * n >= 2**31
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(tile, h, generator=gen, dtype=torch.float64)  # the rows the grid runs
+    weight = torch.randn(splits * tile, h, generator=gen, dtype=torch.float64)  # a tile a split
+    labels = torch.randint(0, splits * tile, (tile,), generator=gen)
+    try:
+        part_max = torch.empty(splits * n)  # 9.7 GB of address space each, untouched
+        part_sum = torch.empty(splits * n)
+    except RuntimeError as e:  # an environment that refuses to reserve that much
+        pytest.skip(f"cannot reserve the partial buffers: {e}")
+    label_logit = torch.zeros(tile)
+    launch(_fused_head_kernel, hidden.device)[(splits,)](  # one row block, every split
+        hidden.float(),
+        weight.float(),
+        labels,
+        part_max,
+        part_sum,
+        label_logit,
+        n,
+        splits * tile,
+        h,
+        splits,
+        h,
+        h,
+        BLOCK_M=tile,
+        BLOCK_N=tile,
+        BLOCK_K=tile,
+        EVEN_K=True,
+        DOT_PRECISION="ieee",
+        IGNORE=IGNORE_INDEX,
+    )
+    rows = slice(0, tile)
+    logp, _ = _combine(
+        part_max.view(splits, n)[:, rows], part_sum.view(splits, n)[:, rows], label_logit, labels
+    )
+    truth = (hidden @ weight.T).log_softmax(-1).gather(1, labels[:, None])[:, 0]
+    torch.testing.assert_close(logp.double(), truth, rtol=0, atol=1e-5)
 
 
 def test_fused_head_refuses_a_pass_that_needs_gradients():
