@@ -40,6 +40,7 @@ from .tokenize import (
     CHAT_TEMPLATE_DIR,
     CHAT_TEMPLATE_FILE,
     PROCESSOR_CHAT_TEMPLATE_FILE,
+    SPECIAL_TOKENS_MAP_FILE,
     TokenizeStats,
 )
 
@@ -60,6 +61,7 @@ TOKEN_CACHE_VERSION = "1"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
+    SPECIAL_TOKENS_MAP_FILE,
     CHAT_TEMPLATE_FILE,
     PROCESSOR_CHAT_TEMPLATE_FILE,
 )

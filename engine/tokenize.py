@@ -137,6 +137,31 @@ def template_special_tokens(config: dict) -> dict[str, str]:
     return {**named, **specific}
 
 
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+
+
+def with_special_tokens_map(folder: Path, config: dict) -> dict:
+    """``tokenizer_config.json``'s ``config`` with ``special_tokens_map.json``'s tokens over it,
+    where transformers 5 reads that file: only when ``config`` has no ``added_tokens_decoder``
+    (folders saved before transformers wrote one, e.g. older Llama 2 and Mistral uploads); its
+    tokens then win over ``config``'s, and an object under its ``extra_special_tokens`` adds
+    model-specific tokens. Otherwise ``config`` as it is."""
+    path = folder / SPECIAL_TOKENS_MAP_FILE
+    if "added_tokens_decoder" in config or not path.is_file():
+        return config
+    merged = dict(config)
+    for key, value in _read_json(path).items():
+        if key == "extra_special_tokens" and isinstance(value, dict):
+            specific = merged.get("model_specific_special_tokens")
+            merged["model_specific_special_tokens"] = {
+                **(specific if isinstance(specific, dict) else {}),
+                **value,
+            }
+        elif key != "extra_special_tokens":  # a list of tokens names none
+            merged[key] = value
+    return merged
+
+
 def _template_messages(messages: list[dict]) -> list[dict]:
     """Messages as transformers' ``apply_chat_template`` hands them to the template: keys whose
     value is None dropped, and a message's reasoning (``reasoning_content``, ``thinking`` or
@@ -226,10 +251,12 @@ class PairTokenizer:
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> PairTokenizer:
-        """Load ``tokenizer.json`` and ``tokenizer_config.json`` (EOS/BOS, other special tokens) and
-        the chat template (``chat_template.jinja`` or tokenizer_config.json's ``chat_template``,
-        as transformers picks it: ``_find_chat_templates``). EOS/BOS missing from
-        tokenizer_config.json are taken from ``config.json`` ``eos_token_id``/``bos_token_id``."""
+        """Load ``tokenizer.json`` and ``tokenizer_config.json`` (EOS/BOS, other special tokens;
+        ``special_tokens_map.json``'s over them where transformers reads it:
+        ``with_special_tokens_map``) and the chat template (``chat_template.jinja`` or
+        tokenizer_config.json's ``chat_template``, as transformers picks it:
+        ``_find_chat_templates``). EOS/BOS missing from both are taken from ``config.json``
+        ``eos_token_id``/``bos_token_id``."""
         folder = Path(model_dir)
         path = folder / "tokenizer.json"
         if not path.is_file():
@@ -243,6 +270,7 @@ class PairTokenizer:
             raise ValueError(f"{path}: not a valid tokenizer.json ({exc}); re-save it") from exc
         config_path = folder / "tokenizer_config.json"
         config = _read_json(config_path) if config_path.is_file() else {}
+        config = with_special_tokens_map(folder, config)
         model_config_path = folder / "config.json"
         model_config = _read_json(model_config_path) if model_config_path.is_file() else {}
 
@@ -257,8 +285,9 @@ class PairTokenizer:
         eos = special("eos")
         if eos is None:
             raise ValueError(
-                f"{folder}: no EOS token: tokenizer_config.json has no eos_token and config.json "
-                "no eos_token_id; add one of them"
+                f"{folder}: no EOS token: tokenizer_config.json (or special_tokens_map.json, "
+                "where transformers reads it) has no eos_token and config.json no "
+                "eos_token_id; add one of them"
             )
         templates = _find_chat_templates(folder, config)
         return cls(

@@ -1107,3 +1107,45 @@ def test_a_tool_call_with_null_content_tokenizes_as_trl(tmp_path):
     with pytest.raises(DataError, match=r"line 1.*chosen.*message 0 has 'content' of type") as e:
         read_preference_file(bad)
     assert "tool_calls" in str(e.value)
+
+
+def test_special_tokens_map_is_read_where_transformers_reads_it(tmp_path):
+    """A folder whose tokenizer_config.json names no BOS or EOS (and has no
+    added_tokens_decoder, as older uploads) but whose special_tokens_map.json does: the ids and
+    the template's variables are transformers' (its tokens win over tokenizer_config.json's);
+    once tokenizer_config.json has an added_tokens_decoder, transformers 5 ignores the file, and
+    so does sdpo."""
+    template = (
+        "[{{ pad_token }}]{% for m in messages %}{{ m['role'] + ' ' + m['content'] + eos_token"
+        " + ' ' }}{% endfor %}{% if add_generation_prompt %}{{ 'assistant' }}{% endif %}"
+    )
+    folder = build_tokenizer(tmp_path / "tok", words=WORDS, chat_template=template)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["bos_token"], config["eos_token"]
+    assert "added_tokens_decoder" not in config and config["pad_token"] == "<pad>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    bos = {"content": "<bos>", "lstrip": False, "rstrip": False, "normalized": False}
+    specials = {"bos_token": bos, "eos_token": "<eos>", "pad_token": "w5", "unk_token": "<unk>"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    transformers = pytest.importorskip("transformers")
+    messages = [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3"}]
+    rows = [
+        {"prompt": "w0 w1", "chosen": " w2", "rejected": " w3 w4"},
+        {"prompt": messages[:1], "chosen": messages[1:], "rejected": [{**messages[1], "content": "w9"}]},
+    ]  # fmt: skip
+
+    def same_as_transformers(pad: str) -> None:
+        theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+        ours = PairTokenizer.from_dir(folder)
+        assert (ours.eos_id, ours.bos_id) == (theirs.eos_token_id, theirs.bos_token_id)
+        rendered = theirs.apply_chat_template(messages, tokenize=False)
+        assert ours.render_chat(messages, add_generation_prompt=False) == rendered
+        assert rendered.startswith(f"[{pad}]")
+        for row in rows:  # one kind of row a data set
+            assert _ours(folder, [row], tmp_path) == _trl_prepared(folder, [row])
+
+    same_as_transformers("w5")  # the map's pad token, over tokenizer_config.json's
+    assert _ours(folder, rows, tmp_path)[0][0][0] == BOS  # BOS named by the map alone
+    config.update(bos_token="<bos>", eos_token="<eos>", added_tokens_decoder={})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    same_as_transformers("<pad>")  # the map ignored: tokenizer_config.json's pad token
