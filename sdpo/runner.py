@@ -942,6 +942,16 @@ class StepwiseRunner:
         buffers of ``key`` reused from save to save), synchronous: ``obj`` itself."""
         return obj if self.writer is None else self.host_copies.copy(obj, key=key)
 
+    def _weights_to_write(
+        self, model: torch.nn.Module, gathered: dict[str, torch.Tensor] | None
+    ) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint write reads: a sharded model's ``gathered`` state dict as it
+        is (a fresh copy in host memory already, which training does not change: a host copy
+        of it would hold the model twice), else the model's own through ``_snapshot``."""
+        if gathered is not None:
+            return gathered
+        return self._snapshot(model_state_dict(model), "weights")
+
     def _finish_writes(self, *, collective: bool) -> None:
         """Wait for rank 0's background write and raise its error (``CheckpointWriteError``).
         ``collective``: every rank calls this at the same point and raises that error; else
@@ -1052,9 +1062,7 @@ class StepwiseRunner:
             if lora:
                 adapter = self._snapshot(lora_state_dict(model), "adapter")
             else:
-                full = self._snapshot(
-                    model_state_dict(model) if weights is None else weights, "weights"
-                )
+                full = self._weights_to_write(model, weights)
                 config = pretrained_config(model)
                 # a model folder sdpo score and AutoTokenizer read as they read step-<t>/
                 tokenizer = tokenizer_files(self.model_dir)
@@ -1114,9 +1122,7 @@ class StepwiseRunner:
         model_dir = self.model_dir
 
         def capture() -> tuple[Callable[[], dict], Callable[[dict], None]]:
-            full = self._snapshot(
-                model_state_dict(model) if weights is None else weights, "weights"
-            )
+            full = self._weights_to_write(model, weights)
             config = pretrained_config(model)
             write_adapter = None
             if adapter is not None:

@@ -416,18 +416,33 @@ def test_graceful_stop_waits_for_the_write_in_flight_and_raises_its_error(run_cf
     assert _checkpoint_names(failing) == [CHECKPOINTS[2]]
 
 
-def _two_runs(cfg: Path, root: Path) -> None:
+def _two_runs(cfg: Path, root: Path) -> list[str]:
+    """A synchronous and an async run of ``cfg``; returns the key of each host copy the async
+    run took (``HostSnapshot.copy``), in this rank (a rank process: the spy is never undone)."""
+    copied: list[str] = []
+    copy = HostSnapshot.copy
+
+    def counted(self, obj, *, key):
+        copied.append(key)
+        return copy(self, obj, key=key)
+
     for name, mode in (("sync", "false"), ("async", "true")):
+        if mode == "true":
+            HostSnapshot.copy = counted
         config = load_config(cfg, [f"output_dir={root / name}", f"train.async_save={mode}"])
         run_training(config, progress=False)
+    return copied
 
 
 def test_sharded_two_rank_async_run_writes_what_the_synchronous_one_writes(run_cfg, tmp_path):
     """FSDP on two gloo ranks: weights and the kept optimizer gathered onto rank 0 at the save
-    point (collectives), written in the background there."""
+    point (collectives), written in the background there. The gathered weights are a fresh host
+    copy already: the write reads them as they are, with no second copy of the model."""
     cfg = tmp_path / "fsdp.toml"
     cfg.write_text(run_cfg.read_text().replace("[train]\n", "[train]\nfsdp = true\n"))
-    _spawn(tmp_path, _two_runs, cfg, tmp_path)
+    copied = _spawn(tmp_path, _two_runs, cfg, tmp_path)
+    assert "trainer" in copied[0] and "weights" not in copied[0], copied[0]
+    assert copied[1] == []  # rank 1 writes nothing
     assert _checkpoint_names(tmp_path / "async") == CHECKPOINTS
     for rel in ("checkpoints", "step-1", "step-2", "metrics.jsonl"):
         _assert_same_outputs(tmp_path / "sync", tmp_path / "async", only=rel)
