@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import gc
 import json
 import os
 import random
@@ -20,6 +21,25 @@ from sdpo.engine.tiny import write_tiny_model
 IGNORE_INDEX = -100
 
 WORDS = [f"w{i}" for i in range(40)]
+
+
+# The cyclic garbage collector walks every tracked object of this process at each full
+# collection: torch, transformers and Dynamo's caches make that a few tenths of a second each,
+# and the runner and the libraries collect often. What is alive once collected after the
+# collection of the tests and after each test module (its fixtures torn down) is moved out of
+# the collector's sight (``gc.freeze``): later collections walk only what the tests since made,
+# which they still free as before; nothing a test makes is frozen before its module ends.
+def pytest_collection_finish(session):
+    gc.collect()
+    gc.freeze()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    yield
+    if nextitem is None or nextitem.module is not item.module:
+        gc.collect()
+        gc.freeze()
 
 
 def assert_no_worse(name, ours, baseline, truth, *, rel_margin: float, factor: float = 1.0):
