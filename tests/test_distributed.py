@@ -77,7 +77,16 @@ def _worker(rank: int, world: int, port: int, out: Path, task, args, env: dict, 
 
 # Imported once by the forkserver, then shared by every rank forked from it: a fresh interpreter
 # per rank (the "spawn" method) spent seconds importing torch and the engine for every launch.
-_PRELOAD = ["tests.test_distributed", "sdpo.engine.sharding", "torch._dynamo"]
+# (datasets and matplotlib's figure and Agg canvas: what a run reads its data and draws its plot
+# with, about 2 s of imports in every launch of ranks that runs sdpo)
+_PRELOAD = [
+    "tests.test_distributed",
+    "sdpo.engine.sharding",
+    "torch._dynamo",
+    "datasets",
+    "matplotlib.figure",
+    "matplotlib.backends.backend_agg",
+]
 
 
 def _start(tmp_path: Path, task, *args) -> Callable[[], list]:
