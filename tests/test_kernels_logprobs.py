@@ -114,8 +114,10 @@ def test_strided_labels_and_transposed_logits_give_the_contiguous_results(impl):
     """A labels column of a wider tensor and logits stored vocabulary-major (a transposed view):
     the kernels read labels at offset i and need unit stride along the vocabulary."""
     _, logits, labels, seq_ids, s = _batch(seed=16)
-    logits = logits[:70].contiguous()
-    labels, seq_ids = labels[:70], seq_ids[:70]
+    # rows 30..69: the end of sequence 0 (its last token unscored) and the start of sequence 1,
+    # as rows 0..69 were (a program per row: the rows' number sets no block boundary)
+    logits = logits[30:70].contiguous()
+    labels, seq_ids = labels[30:70], seq_ids[30:70]
     s = int(seq_ids.max()) + 1
     wide = torch.stack([labels, torch.full_like(labels, 7)], dim=1)
     strided = wide[:, 0]
