@@ -512,6 +512,7 @@ class DPOTrainer:
         evaluate: Callable[[DPOTrainer], None] | None = None,
         ld_alpha: float | None = None,
         profiler: StepProfiler | None = None,
+        token_metrics: bool = True,
     ) -> None:
         self.model = model
         self.config = config
@@ -534,6 +535,17 @@ class DPOTrainer:
         # unweighted sum, which that term reads (chosen_raw, sdpo/losses.py)
         self.raw_logps = bool(getattr(_loss_config(loss_fn), "needs_raw_logps", False))
         self.kernels_impl = kernels_impl
+        # TRL's token metrics (TOKEN_METRICS) in every record, summed in the log-prob head's
+        # forward; False: the head runs without them (its kernel built without the reductions)
+        # and records lack the four keys. The loss and the gradients are the same either way.
+        self.token_metrics = bool(token_metrics)
+        self._reduced_keys = (
+            REDUCED_KEYS
+            if self.token_metrics
+            else tuple(k for k in REDUCED_KEYS if k not in TOKEN_METRICS)
+        )
+        # token metrics a resumed log window lacks for some of its steps: left out of its record
+        self._window_lacks: set[str] = set()
         # Gemma 2's final_logit_softcapping (PackedCausalLM): the log-probs are those of the
         # capped logits, from a PyTorch head (kernels/softcap_head.py) on the plain loss path,
         # whatever train.loss_path says; the scoring pass takes the same head
@@ -680,9 +692,9 @@ class DPOTrainer:
                 token_weights=head.token_weights,
                 with_aligned=wpo,
                 with_raw=with_raw,
-                with_stats=True,  # the token metrics, from the same pass
+                with_stats=self.token_metrics,  # the token metrics, from the same pass
             )
-            *rest, stats = rest
+            stats = rest.pop() if self.token_metrics else None
             seq_aligned, seq_raw = rest[:1] if wpo else [], rest[-1] if with_raw else None
         else:
             head_sums = partial(
@@ -696,9 +708,13 @@ class DPOTrainer:
                 chunk_tokens=self.chunk_tokens,
             )
             logps = head_sums(
-                token_weights=head.token_weights, return_aligned=wpo, return_stats=True
+                token_weights=head.token_weights,
+                return_aligned=wpo,
+                return_stats=self.token_metrics,
             )
-            seq_logps, *seq_aligned, stats = logps
+            logps = list(logps) if wpo or self.token_metrics else [logps]
+            stats = logps.pop() if self.token_metrics else None
+            seq_logps, *seq_aligned = logps
             # the unweighted sums: the same head once more, without token weights
             seq_raw = head_sums() if with_raw else None
         # WPO's sums of the whole micro-batch (the plain path's loss and the metrics need them)
@@ -745,7 +761,7 @@ class DPOTrainer:
                 **raw,
                 **sft,
             )
-            return {
+            sums = {
                 "loss": loss.detach().float() * normalizer,
                 "rewards/chosen": out.chosen_rewards.sum(),
                 "rewards/rejected": out.rejected_rewards.sum(),
@@ -753,14 +769,15 @@ class DPOTrainer:
                 "rewards/margins": (out.chosen_rewards - out.rejected_rewards).sum(),
                 "logps/chosen": pc.sum(),
                 "logps/rejected": pr.sum(),
-                # the token metrics' sums over the scored (completion) tokens (STAT_NAMES)
-                "entropy": stats[:, 0].sum(),
-                "logits/chosen": stats[0::2, 1].sum(),
-                "logits/rejected": stats[1::2, 1].sum(),
-                "mean_token_accuracy": stats[0::2, 2].sum(),
                 "tokens/chosen": tokens[0::2].sum(),
                 "tokens/rejected": tokens[1::2].sum(),
             }
+            if stats is not None:  # the token metrics' sums over the completion tokens
+                sums["entropy"] = stats[:, 0].sum()  # (STAT_NAMES)
+                sums["logits/chosen"] = stats[0::2, 1].sum()
+                sums["logits/rejected"] = stats[1::2, 1].sum()
+                sums["mean_token_accuracy"] = stats[0::2, 2].sum()
+            return sums
 
     def _local_share(
         self,
@@ -908,7 +925,7 @@ class DPOTrainer:
         vector = torch.stack(
             [
                 sums[k].float() if k in sums else torch.zeros((), device=self.device)
-                for k in REDUCED_KEYS
+                for k in self._reduced_keys
             ]
             # filled on the device: torch.tensor(value, device=...) would copy from pageable
             # memory, which waits for the device's queued work (the backward)
@@ -916,7 +933,7 @@ class DPOTrainer:
         )
         distributed.all_reduce_sum([*(p.grad for p in params), vector])
         self._stop_agreed = vector[-1]
-        return {k: vector[i] for i, k in enumerate(REDUCED_KEYS)}
+        return {k: vector[i] for i, k in enumerate(self._reduced_keys)}
 
     def _should_stop(self) -> bool:
         """A graceful stop was asked for (data parallel: on any rank, agreed in the all-reduce
@@ -1049,7 +1066,12 @@ class DPOTrainer:
                 now = time.perf_counter()
                 steps, sums = window["steps"], window["sums"]
                 self._log_window = {"steps": 0, "sums": {}}
-                values = {k: (v if k == "grad_norm" else v / steps) for k, v in sums.items()}
+                values = {
+                    k: (v if k == "grad_norm" else v / steps)
+                    for k, v in sums.items()
+                    if k not in self._window_lacks
+                }
+                self._window_lacks = set()
                 if self.run_step_base is not None:
                     values["run_step"] = self.run_step_base + record.step_in_run
                 values.update(
@@ -1239,6 +1261,15 @@ class DPOTrainer:
         # absent in states saved before records were means: the window starts afresh
         window = state.get("log_window") or {"steps": 0, "sums": {}}
         self._log_window = {"steps": int(window["steps"]), "sums": dict(window["sums"])}
+        # a window saved with the token metrics off (``token_metrics``) and resumed with them
+        # on: its record leaves them out, as they would not cover its earlier steps; the other
+        # way round, its sums of them are dropped
+        sums = self._log_window["sums"]
+        if not self.token_metrics:
+            for k in TOKEN_METRICS:
+                sums.pop(k, None)
+        elif self._log_window["steps"] and not all(k in sums for k in TOKEN_METRICS):
+            self._window_lacks = set(TOKEN_METRICS)
         _set_rng_state(state["rng"])
 
     def save_state(self, path: str | Path) -> None:

@@ -311,6 +311,9 @@ class LogSection:
     run_name: str | None = None  # None: the output folder's name
     # TensorBoard event files; None: OUTPUT_DIR/tensorboard
     tensorboard_dir: str | None = field(default=None, metadata=_LOCAL)
+    # TRL's token metrics (entropy, logits/chosen, logits/rejected, mean_token_accuracy) in
+    # the training and eval records; false: the log-prob head runs without their reductions
+    token_metrics: bool = True
 
     def __post_init__(self) -> None:
         self.report_to = list(self.report_to)

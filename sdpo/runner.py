@@ -237,6 +237,7 @@ RESUME_SAFE_KEYS = frozenset(
         "log.project",
         "log.run_name",
         "log.tensorboard_dir",
+        "log.token_metrics",
         "profile.steps",
         "profile.start_step",
         "profile.sdpo_step",
@@ -1405,6 +1406,7 @@ class StepwiseRunner:
                     self._evaluate_in_step, t=t, beta=beta, base=run_step_base, tokens=tokens_base
                 ),
                 profiler=self._profiler(t),
+                token_metrics=cfg.log.token_metrics,
             )
             trainer.run_step_base = run_step_base  # records' run_step counts on across steps
             trainer.num_tokens_base = tokens_base  # and their num_tokens
@@ -1622,7 +1624,7 @@ class StepwiseRunner:
             self.eval_pairs,
             aligned=self.cfg.loss.use_weighting,
             raw=self.cfg.loss.needs_raw_logps,
-            stats=True,
+            stats=self.cfg.log.token_metrics,
         )
         ref = self.eval_initial
         rows = ref.rows_for(scores.pair_indices)
@@ -1649,7 +1651,11 @@ class StepwiseRunner:
             "eval/logps/rejected": float(scores.rejected_logps.mean()),
             "eval/preference_accuracy": float((scores.gamma > 0).float().mean()),
             "eval/gamma": float(scores.gamma.mean()),
-            **{f"eval/{k}": v for k, v in scores.token_metrics().items()},
+            **(
+                {f"eval/{k}": v for k, v in scores.token_metrics().items()}
+                if self.cfg.log.token_metrics
+                else {}
+            ),
             "eval/num_tokens": num_tokens,
         }
         if distributed.is_main():

@@ -129,6 +129,7 @@ def run_sdpo(
     progress: bool = False,
     metrics_dir: str | Path | None = None,
     log_hook: Callable[[dict], None] | None = None,
+    token_metrics: bool = True,
     on_step_end: Callable[[StepReport, nn.Module], None] | None = None,
 ) -> list[StepReport]:
     """Run ``steps`` sDPO steps on ``model`` in place; one ``StepReport`` per step.
@@ -149,7 +150,8 @@ def run_sdpo(
     ``score_tokens_per_batch``: the scoring pass's token budget (default 4 x
     ``train.max_tokens_per_batch``). ``metrics_dir``: a folder where the trainer appends
     every logged record to ``metrics.jsonl`` (nothing is written without it). ``log_hook``
-    receives every logged training record, with ``sdpo_step``; ``on_step_end(report, model)``
+    receives every logged training record, with ``sdpo_step``; ``token_metrics`` False leaves
+    TRL's token metrics out of them (``log.token_metrics``, ``DPOTrainer``); ``on_step_end(report, model)``
     runs after each step with M_t in hand."""
     if not hasattr(model, "lm_head_weight") and callable(getattr(model, "get_decoder", None)):
         model = PackedCausalLM(model)  # a Hugging Face causal LM, trained in place
@@ -274,6 +276,7 @@ def run_sdpo(
                 progress=progress,
                 optimizer=optimizer,
                 log_hook=log_hook,
+                token_metrics=token_metrics,
             )
             trainer.run_step_base = run_step
             trainer.num_tokens_base = tokens_done  # num_tokens counts on across the steps

@@ -143,6 +143,46 @@ def test_a_record_holds_the_mean_of_its_log_window_and_resume_keeps_the_window(
         }
 
 
+def test_a_window_resumed_with_the_token_metrics_switched_logs_them_for_none_of_its_steps(
+    tiny_model_dir, tmp_path
+):
+    """log.token_metrics may change on resume: the record of the window the checkpoint falls in
+    has no token metrics (switched on, they would cover only its later steps; switched off, its
+    saved sums are dropped), the next window's follows the new setting."""
+    from sdpo.engine.trainer import TOKEN_METRICS
+
+    pairs = _pairs(tiny_model_dir, tmp_path)  # 4 steps; a record after steps 3 and 4
+    config = TrainConfig(
+        learning_rate=3e-3, pairs_per_step=4, max_tokens_per_batch=64, log_every=3, save_every=2
+    )
+    ref = score_pairs(load_pretrained(tiny_model_dir), pairs, max_tokens_per_batch=4096)
+
+    def records(on: bool, out: str, resume_state=None, weights=None, save=None):
+        model = load_pretrained(tiny_model_dir)
+        if weights is not None:
+            model.load_state_dict(weights)
+        trainer = dpo_trainer(model, config, output_dir=tmp_path / out, token_metrics=on)
+        trainer.save_checkpoint = save
+        trainer.fit(pairs, ref, resume_state=resume_state)
+        rows = (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+        return [json.loads(row) for row in rows]
+
+    for on in (True, False):
+        saved = []
+
+        def save(trainer: DPOTrainer, saved=saved) -> None:
+            buf = io.BytesIO()
+            torch.save(trainer.state_dict(), buf)
+            saved.append((copy.deepcopy(trainer.model.state_dict()), buf.getvalue()))
+
+        records(on, f"run-{on}", save=save)
+        ((weights, state),) = saved  # after step 2, inside the window of steps 1-3
+        resumed = records(not on, f"resumed-{on}", torch.load(io.BytesIO(state)), weights)
+        assert [r["step"] for r in resumed] == [3, 4]
+        logged = [set(TOKEN_METRICS) & set(r) for r in resumed]
+        assert logged == [set(), set() if on else set(TOKEN_METRICS)]
+
+
 @FUSED
 def test_nonfinite_step_stops_naming_the_step_and_leaves_weights_untouched(
     tiny_model_dir, tmp_path, fused

@@ -268,3 +268,84 @@ def test_linear_pair_loss_statistics_on_cuda_match_float64(dtype, rel_margin):
         assert_no_worse(name, out[-1][:, k], baseline[:, k], truth[:, k], rel_margin=rel_margin)
     # the chunks' matmuls may round a near-tie of the top two logits the other way: one flip
     assert (out[-1][:, 2] - baseline[:, 2]).abs().max() <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("loss_path", "impl", "use_weighting"),
+    [("fused", "triton", False), ("plain", "torch", True)],
+    ids=["fused-triton", "plain-wpo"],
+)
+def test_training_without_token_metrics_logs_none_and_trains_the_same_bits(
+    tiny_model_dir, tmp_path, loss_path, impl, use_weighting, one_thread
+):
+    """``token_metrics=False`` (``log.token_metrics``): the records and the log hook lack the
+    four keys (and only them), and the losses, the other metrics and the weights are those of
+    the run with them, bit for bit (the head's reductions do not touch the training)."""
+    from functools import partial
+
+    from sdpo.engine.scoring import score_pairs
+    from sdpo.engine.trainer import TOKEN_METRICS, DPOTrainer
+    from sdpo.losses import LossConfig, dpo_loss
+
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=6, seed=5))
+    ref = score_pairs(load_pretrained(tiny_model_dir), pairs, max_tokens_per_batch=1024)
+    config = TrainConfig(
+        learning_rate=1e-2, pairs_per_step=3, max_tokens_per_batch=60, loss_path=loss_path
+    )
+    runs = {}
+    for on in (True, False):
+        model, seen = load_pretrained(tiny_model_dir), []
+        out = tmp_path / f"out-{on}"
+        DPOTrainer(
+            model,
+            config=config,
+            loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1, use_weighting=use_weighting)),
+            kernels_impl=impl,
+            progress=False,
+            output_dir=out,
+            log_hook=seen.append,
+            token_metrics=on,
+        ).fit(pairs, ref)
+        records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [set(r) for r in seen] == [set(r) for r in records]
+        runs[on] = records, model.state_dict()
+    (with_records, with_weights), (records, weights) = runs[True], runs[False]
+    assert len(records) == len(with_records) == 2
+    for mine, theirs in zip(records, with_records, strict=True):
+        assert set(mine) == set(theirs) - set(TOKEN_METRICS)
+        assert "num_tokens" in mine
+        for key in set(mine) - {"tokens_per_s"}:
+            assert mine[key] == theirs[key], key
+    for name, value in weights.items():
+        assert torch.equal(value, with_weights[name]), name
+
+
+def test_eval_without_token_metrics_logs_none(tiny_model_dir, tmp_path):
+    """``log.token_metrics = false``: the held-out records (and so the trackers) lack the four
+    ``eval/`` keys, ``eval/num_tokens`` stays and the rest is the same as with them."""
+    from sdpo.config import config_from_dict
+    from sdpo.engine.scoring import score_pairs
+    from sdpo.runner import StepwiseRunner
+    from tests.conftest import two_source_config
+
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=3, seed=4))
+    model = load_pretrained(tiny_model_dir)
+    initial = score_pairs(model, pairs, max_tokens_per_batch=1024, impl="torch")
+    metrics = {}
+    for on in (True, False):
+        (tmp_path / str(on)).mkdir()
+        raw = two_source_config(tmp_path / str(on), tiny_model_dir, log={"token_metrics": on})
+        runner = StepwiseRunner(config_from_dict(raw), progress=False)
+        runner.out.mkdir(parents=True)
+        runner.eval_pairs, runner.eval_initial = pairs, initial
+        metrics[on] = runner._evaluate(model, t=1, beta=0.1, run_step=1, num_tokens=7)
+        logged = json.loads((runner.out / "metrics.jsonl").read_text())
+        assert set(logged) - {"step", "run_step", "sdpo_step"} == set(metrics[on])
+    assert set(metrics[True]) - set(metrics[False]) == {
+        "eval/entropy",
+        "eval/logits/chosen",
+        "eval/logits/rejected",
+        "eval/mean_token_accuracy",
+    }
+    assert metrics[False] == {k: v for k, v in metrics[True].items() if k in metrics[False]}
+    assert metrics[False]["eval/num_tokens"] == 7
