@@ -844,6 +844,7 @@ def measure_sdpo_run(
     device: torch.device,
     lora_rank: int = 0,
     lora_alpha: float = 16.0,
+    token_metrics: bool = True,
 ) -> dict:
     """A whole stepwise run in process: for each chunk, score it with the current model (the
     reference values of that step), then train on it with a fresh trainer (``fit``); with
@@ -891,7 +892,12 @@ def measure_sdpo_run(
         if lora_rank:
             attach_lora(model, rank=lora_rank, alpha=lora_alpha, seed=len(train_s))
         trainer = DPOTrainer(
-            model, config=train_config, loss_fn=loss_fn, kernels_impl=impl, progress=False
+            model,
+            config=train_config,
+            loss_fn=loss_fn,
+            kernels_impl=impl,
+            progress=False,
+            token_metrics=token_metrics,
         )
         result = trainer.fit(chunk, ref)
         if lora_rank:
@@ -1552,6 +1558,7 @@ def step_section(args: argparse.Namespace) -> dict:
         "loss_path": args.loss_path,
         "share_prompt": args.share_prompt,
         "use_weighting": args.use_weighting,
+        "token_metrics": args.token_metrics,
         "gradient_checkpointing": args.gradient_checkpointing,
         "checkpoint_every": args.checkpoint_every,
         "activation_memory_budget": args.activation_memory_budget,
@@ -1688,7 +1695,12 @@ def step_section(args: argparse.Namespace) -> dict:
         header["lora_params"] = sum(p.numel() for p in adapter)
         say(f"LoRA rank {args.lora_rank}: {header['lora_params'] / 1e6:.2f} M trained", flush=True)
     trainer = DPOTrainer(
-        model, config=train_config, loss_fn=loss_fn, kernels_impl=impl, progress=False
+        model,
+        config=train_config,
+        loss_fn=loss_fn,
+        kernels_impl=impl,
+        progress=False,
+        token_metrics=args.token_metrics,
     )
     plan = plan_steps(pairs, train_config, epoch=0)
     reset_peak(device)
@@ -1806,6 +1818,7 @@ def step_section(args: argparse.Namespace) -> dict:
                 device=device,
                 lora_rank=args.lora_rank,
                 lora_alpha=args.lora_alpha,
+                token_metrics=args.token_metrics,
             )
             all_pairs = [p for c in chunks for p in c]
             results.append(
@@ -2056,6 +2069,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="data parallel: start the gradient all-reduce in buckets during the backward "
         "(train.overlap_grad_reduce, default); --no-overlap-grad-reduce: one all-reduce after it",
+    )
+    s.add_argument(
+        "--token-metrics",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the trainer's token metrics (log.token_metrics, default); --no-token-metrics: "
+        "the log-prob head without their reductions, to time the step both ways",
     )
     s.add_argument("--prompt-len", type=int, help="prompt tokens (default 128; --smoke 8)")
     s.add_argument("--completion-min", type=int, help="shortest completion (default 448)")
