@@ -257,3 +257,61 @@ def test_plot_draws_the_held_out_values_at_their_run_steps():
         "held-out (vs initial model)"
     ]
     assert not [ln for ln in acc_ax.get_lines() if ln.get_label().startswith("held-out")]
+
+
+def wide_label_records() -> list[dict]:
+    """Records whose y tick labels are as long as metrics get: a loss that barely moves
+    (0.693146...), margins in the hundred thousands, accuracies small enough for a 1e-7
+    multiplier; two sDPO steps with held-out points."""
+    records = []
+    for x in range(1, 41):
+        sdpo_step = 1 + (x > 20)
+        records.append(
+            {
+                "sdpo_step": sdpo_step,
+                "step": x,
+                "run_step": x,
+                "loss": 0.6931472 - 1e-7 * x,
+                "rewards/accuracies": 3e-7 * x,
+                "rewards/margins": -123456.7 * x,
+            }
+        )
+        if x % 20 == 0:
+            records.append(
+                {"sdpo_step": sdpo_step, "step": x, "run_step": x, "eval/loss": 0.693143}
+            )
+    return records
+
+
+@pytest.mark.parametrize("case", ["wide_labels", "one_record"])
+def test_plot_keeps_every_text_inside_the_figure_and_apart_from_the_other_panels(case):
+    pytest.importorskip("matplotlib", reason="matplotlib (the `plot` extra) is not installed")
+    from sdpo.report import _draw_steps, _import_matplotlib
+
+    if case == "wide_labels":
+        records, reports = wide_label_records(), random_reports(12, seed=8)
+        for r in reports:  # gamma in the millions: the panel gets a "1e6" multiplier
+            r.gamma_ref_chunk *= -1e5
+    else:
+        records = [{"sdpo_step": 1, "step": 1, "run_step": 1, "loss": 0.69}]
+        records[0] |= {"rewards/accuracies": 1.0, "rewards/margins": 0.01}
+        reports = random_reports(1, seed=9)
+    fig = _draw_steps(_import_matplotlib(), records, reports)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    page = fig.bbox
+    boxes = [ax.get_tightbbox(renderer) for ax in fig.axes]  # ticks, labels, title, legend
+    for ax, box in zip(fig.axes, boxes):
+        where = f"{ax.get_title()!r}: {box.extents} in {page.extents}"
+        assert page.x0 <= box.x0 and box.x1 <= page.x1, where
+        assert page.y0 <= box.y0 and box.y1 <= page.y1, where
+        offset = ax.yaxis.offsetText
+        if offset.get_text():
+            assert not offset.get_window_extent(renderer).overlaps(
+                ax.title.get_window_extent(renderer)
+            ), where
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a.extents, b.extents)
+    if case == "wide_labels":
+        assert fig.axes[1].yaxis.offsetText.get_text() and fig.axes[3].yaxis.offsetText.get_text()
