@@ -397,7 +397,16 @@ def _draw_steps(mpl: tuple[Any, Any], records: list[dict[str, Any]], reports: Se
         # One line per sDPO step, so the curve is not drawn across a step boundary.
         for seg in dict.fromkeys(p[2] for p in pts):
             xs_ys = [(p[0], p[1]) for p in pts if p[2] == seg]
-            ax.plot([x for x, _ in xs_ys], [y for _, y in xs_ys], color="C0", lw=1.2)
+            # a step with one logged record is a point: a line through one point draws nothing
+            marker = "o" if len(xs_ys) == 1 else None
+            ax.plot(
+                [x for x, _ in xs_ys],
+                [y for _, y in xs_ys],
+                color="C0",
+                lw=1.2,
+                marker=marker,
+                ms=4,
+            )
         # held-out rewards are against the initial model (one yardstick for every step), the
         # training ones against each step's reference: points, not joined to the training line
         if held_out.get(name):

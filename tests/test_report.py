@@ -315,3 +315,20 @@ def test_plot_keeps_every_text_inside_the_figure_and_apart_from_the_other_panels
             assert not a.overlaps(b), (a.extents, b.extents)
     if case == "wide_labels":
         assert fig.axes[1].yaxis.offsetText.get_text() and fig.axes[3].yaxis.offsetText.get_text()
+
+
+def test_plot_marks_a_sdpo_step_with_a_single_logged_record():
+    pytest.importorskip("matplotlib", reason="matplotlib (the `plot` extra) is not installed")
+    from sdpo.report import _draw_steps, _import_matplotlib
+
+    metrics = {"loss": 0.69, "rewards/accuracies": 1.0, "rewards/margins": 0.01}
+    records = [  # step 1 logged once (a line through one point draws nothing), step 2 twice
+        {"sdpo_step": 1, "step": 1, "run_step": 1, **metrics},
+        {"sdpo_step": 2, "step": 1, "run_step": 2, **metrics},
+        {"sdpo_step": 2, "step": 2, "run_step": 3, **metrics},
+    ]
+    fig = _draw_steps(_import_matplotlib(), records, random_reports(2, seed=10))
+    for ax in fig.axes[:3]:
+        single, joined = ax.get_lines()[:2]
+        assert list(single.get_xdata()) == [1] and single.get_marker() == "o"
+        assert list(joined.get_xdata()) == [2, 3] and joined.get_marker() in ("None", None, "")
