@@ -196,9 +196,8 @@ class DataSection:
     max_length: int = 1024  # tokens per sequence (prompt + completion), as TRL's max_length
     max_prompt_length: int | None = None  # None: half of max_length (512 of the default 1024)
     truncation: str = "keep_end"  # over-long prompts keep their end; completions lose their end
-    identical_pairs: str = (
-        "warn"  # chosen == rejected: "warn" (keep, with a count), "drop", "error"
-    )
+    # chosen == rejected: "warn" (keep, with a count), "drop", "error"
+    identical_pairs: str = "warn"
 
     def __post_init__(self) -> None:
         if self.path is not None:
