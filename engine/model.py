@@ -387,8 +387,12 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(n, self.num_kv_heads, self.head_dim)  # (N, Hkv, D)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        # Rotated in the dtype they arrive in, then back to v's (the projections'): under bf16
+        # autocast the fp32 weights of Qwen3's q/k norms promote q/k to fp32, which would send
+        # attention to the per-sequence fallback (or fail a named flash/varlen backend). One
+        # rounding after the rotation, as autocast's SDPA and transformers' flash path apply.
+        q = apply_rotary(q, cos, sin).to(v.dtype)
+        k = apply_rotary(k, cos, sin).to(v.dtype)
         if kv_index is not None:
             # shared-prompt layout: keys/values in key order, each prompt's rows twice; the
             # backward of index_select sums a prompt row's gradient over both of its uses

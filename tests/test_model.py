@@ -341,10 +341,12 @@ def test_selective_checkpointing_recomputes_every_kth_layer_with_equal_gradients
         torch.testing.assert_close(g2, g_plain, rtol=0, atol=1e-6)
 
 
-def test_attention_sees_bf16_queries_and_keys_under_bf16_autocast(monkeypatch):
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_attention_sees_bf16_queries_and_keys_under_bf16_autocast(monkeypatch, model_type):
     """fp32 master weights + bf16 autocast (precision "bf16-mixed"): the rotary tables are fp32
-    (they follow the fp32 residual stream) but q/k must stay bf16, or attention would leave the
-    flash/varlen kernels for the per-sequence fallback."""
+    (they follow the fp32 residual stream) and so are Qwen3's q/k norm weights, but q/k must
+    stay bf16, or attention would leave the flash/varlen kernels for the per-sequence fallback
+    (and a named varlen backend would refuse fp32)."""
     import sdpo.engine.model as model_mod
 
     seen = []
@@ -355,7 +357,9 @@ def test_attention_sees_bf16_queries_and_keys_under_bf16_autocast(monkeypatch):
         return real(q, k, v, **kw)
 
     monkeypatch.setattr(model_mod, "varlen_attention", spy)
-    model = init_model(ModelConfig.from_hf_dict(tiny_hf_dict()), seed=5)  # fp32 weights
+    config = ModelConfig.from_hf_dict(tiny_hf_dict(model_type=model_type))
+    assert config.qk_norm == (model_type == "qwen3")
+    model = init_model(config, seed=5)  # fp32 weights
     ids, pos, cu = _packed([6, 9], seed=6)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(ids, pos, cu, 9)
