@@ -23,7 +23,9 @@ cd "$(dirname "$0")/.."
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; fi
 OUT_DIR="${OUT:-./gpu_out}"
 mkdir -p "$OUT_DIR"
-PY="${PYTHON:-python}"
+# python3, the interpreter the wheels above were installed for (a bare machine need not have
+# a `python` at all, or may have it name another interpreter)
+PY="${PYTHON:-python3}"
 BUDGET="${SDPO_GPU_CHECK_BUDGET:-560}"
 SUMMARY="$OUT_DIR/summary.txt"
 status=0

@@ -141,6 +141,38 @@ def test_a_misspelt_or_refused_gpu_check_command_is_caught(tmp_path):
         assert len(failures) == 1, why
 
 
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_without_PYTHON_every_command_runs_on_python3(tmp_path):
+    """The device's image names its torch interpreter ``python3`` (the one the wheels in .whl
+    are installed for); a ``python`` there may be missing or another interpreter. Here a
+    ``python`` that fails stands first on PATH beside the recording ``python3``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(SHIM.format(python=sys.executable))
+    (bin_dir / "python").write_text('#!/bin/sh\necho "python $*" >> "$SHIM_LOG.wrong"\nexit 1\n')
+    for shim in bin_dir.iterdir():
+        shim.chmod(0o755)
+    repo = tmp_path / "repo"
+    (repo / "benchmarks").mkdir(parents=True)
+    (repo / "benchmarks" / "gpu_check.sh").write_text(SCRIPT.read_text())
+    log = tmp_path / "calls.jsonl"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SHIM_LOG": str(log)}
+    env |= {"OUT": str(tmp_path / "out")}
+    for name in ("PYTHON", "SDPO_GPU_CHECK_BUDGET", "SDPO_GPU_CHECK_MIXED"):
+        env.pop(name, None)
+    proc = subprocess.run(
+        ["bash", str(repo / "benchmarks" / "gpu_check.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not Path(f"{log}.wrong").exists(), Path(f"{log}.wrong").read_text()
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sum(c[:1] == ["benchmarks/throughput.py"] for c in calls) >= 5, calls
+
+
 def test_a_failing_reference_pass_is_a_row_not_the_end_of_the_kernel_table():
     """A reference pass that raises (a compile error or API drift on the device, here labels
     outside the vocabulary) becomes an error row, as a failing head variant does: the kernels
