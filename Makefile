@@ -10,7 +10,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint format gpu-check clean
+.PHONY: setup demo test lint format gpu-wheels gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,21 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The packages the GPU check compares against (TRL, Liger-Kernel) and what they need beyond a
+# CUDA machine with torch, transformers, accelerate, pandas and pyarrow (datasets, dill,
+# multiprocess), as wheels for that machine's Python (GPU_PYTHON, x86-64 Linux) in .whl/, one
+# version each; benchmarks/gpu_check.sh installs them offline from there.
+GPU_WHEELS ?= trl==1.16.0 liger-kernel==0.8.5 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+GPU_PYTHON ?= 3.12
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
