@@ -55,15 +55,16 @@ the trainer and the eval pass turn them on). The forward already streams every r
 for its logsumexp, so three more reductions ride on that pass instead of a second read of the
 logits: the running ``t = sum_v e^(x_v - m) (x_v - m)``, rescaled with the running max ``m``
 as the sum ``s`` is, gives the entropy ``log s - t / s`` (= lse - E_p[x], without the
-cancellation of two logit-sized terms); the plain ``sum_v x_v`` gives the mean logit; and the
+cancellation of two logit-sized terms; a token of logit -inf, probability 0, adds nothing to
+``t``, not ``0 · -inf``); the plain ``sum_v x_v`` gives the mean logit; and the
 maximum over the columns before the label tells whether the label is the top-1 as
 ``torch.argmax`` picks it (``x_label >= m`` and above every earlier column: a tie goes to the
 first maximum, as TRL counts it). In the Triton kernel they sit behind the ``WITH_STATS``
 constexpr, compiled out when off (as WPO's ``WITH_LSQ``), so the kernels, their benchmarks and
 embedders that do not ask run exactly as before; the PyTorch reference computes the same from
-its fp32 block. The ops return per-sequence sums over the scored tokens, ``(S, 3)`` fp32,
-columns ``STAT_NAMES`` = (entropy, mean_logit, top1), detached and never weighted by LD-DPO's
-token weights; a caller divides by its token counts. The statistics change no other output.
+its fp32 block, from the same ``x - m``. The ops return per-sequence sums over the scored
+tokens, ``(S, 3)`` fp32, columns ``STAT_NAMES`` = (entropy, mean_logit, top1), detached and
+never weighted by LD-DPO's token weights; a caller divides by its token counts. The statistics change no other output.
 
 The first two are ``torch.library`` custom ops (namespace ``sdpo``, with fake
 implementations and autograd formulas), so ``torch.compile`` traces them without a graph

@@ -99,7 +99,7 @@ from .logprobs import (
     check_seq_ids_in_range,
     sum_per_sequence,
 )
-from .triton_rows import launch
+from .triton_rows import FLOAT32_LOWEST, launch
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit kernel may read
 
@@ -197,8 +197,10 @@ def _fused_head_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     # Running max in natural units, sums of base-2 exponentials. A finite start keeps
-    # exp2((m - m_new) * log2(e)) defined on the first tile.
-    m_i = tl.full((BLOCK_M,), -1.0e30, tl.float32)
+    # exp2((m - m_new) * log2(e)) defined on the first tile; the lowest finite float, so that
+    # a row whose logits all lie below some bound (such as -1e30) still gets its own max and a
+    # sum of at least 1, not a sum of 0 and an lse of -inf.
+    m_i = tl.full((BLOCK_M,), FLOAT32_LOWEST, tl.float32)
     s_i = tl.zeros((BLOCK_M,), tl.float32)
     label_logit = tl.zeros((BLOCK_M,), tl.float32)
 
@@ -330,10 +332,11 @@ def _combine(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token_logp, lse) from the per-split partials (natural units)."""
     top = part_max.amax(dim=0)  # (N,)
-    total = (part_sum * torch.exp(part_max - top)).sum(dim=0)  # (N,)
-    lse = top + torch.log(total)
-    token_logp = torch.where(labels != IGNORE_INDEX, label_logit - lse, 0.0)
-    return token_logp, lse
+    log_total = torch.log((part_sum * torch.exp(part_max - top)).sum(dim=0))  # (N,)
+    # (label - top) - log total: exact near the max however large it is, where top + log total
+    # alone rounds at |top| 2^-24 (as the row kernels form it)
+    token_logp = torch.where(labels != IGNORE_INDEX, (label_logit - top) - log_total, 0.0)
+    return token_logp, top + log_total
 
 
 def _check_tiles(tiles: dict[str, int]) -> None:

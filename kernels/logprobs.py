@@ -36,6 +36,9 @@ import torch
 from .dispatch import resolve_impl
 
 IGNORE_INDEX = -100
+# The lowest finite float32: the start of the kernels' running max, and the floor of the
+# PyTorch rows' (a row of -inf logits has that max, so x - max stays -inf, not NaN).
+FLOAT32_LOWEST = torch.finfo(torch.float32).min
 # The per-token statistics ``rows_forward(with_stats=True)`` forms, in their column order; the
 # per-sequence sums the ops return (``with_stats`` / ``return_stats``) keep the same order.
 STAT_NAMES = ("entropy", "mean_logit", "top1")
@@ -187,27 +190,52 @@ def rows_forward(
     for start in range(0, n, rows):
         block = logits[start : start + rows].float()  # (rows, V) fp32, bounded
         block_labels = labels[start : start + rows]
-        block_lse = torch.logsumexp(block, dim=-1)
         valid = block_labels != IGNORE_INDEX
         picked = block.gather(1, block_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
-        lse[start : start + rows] = block_lse
-        logp[start : start + rows] = torch.where(valid, picked - block_lse, 0.0)
-        if with_lsq:  # log sum exp(2x) - 2 lse
-            lsq[start : start + rows] = torch.logsumexp(2.0 * block, dim=-1) - 2.0 * block_lse
+        if with_stats:  # what reads the logits themselves, before they are shifted
+            mean, top1 = block.mean(dim=-1), block.argmax(dim=-1) == block_labels
+        m, d, e, s = _shifted(block)
+        del block  # the upcast copy of 16-bit logits is not needed past d
+        log_s = torch.log(s)
+        lse[start : start + rows] = m + log_s
+        # (x_label - m) - log s, as the kernel: exact near the max however large m is
+        logp[start : start + rows] = torch.where(valid, (picked - m) - log_s, 0.0)
+        if with_lsq:  # log sum_v p_v^2 = log sum_v exp(2 (x_v - m)) - 2 log s
+            lsq[start : start + rows] = torch.logsumexp(2.0 * d, dim=-1) - 2.0 * log_s
         if with_stats:
-            stats[start : start + rows] = _row_stats(block, block_lse, block_labels)
+            block_stats = torch.stack([_entropy(d, e, s), mean, top1.float()], dim=1)
+            stats[start : start + rows] = torch.where(valid.unsqueeze(1), block_stats, 0.0)
     return outs
 
 
-def _row_stats(block: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _shifted(block: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The PyTorch rows' shared start from fp32 logits (rows, V), as the Triton kernel forms
+    it: each row's max ``m`` (rows,) (the lowest finite float on a row of -inf logits, so that
+    ``d`` is -inf there, not NaN), ``d = x - m``, ``e = exp(d)`` (both (rows, V)) and
+    ``s = sum_v e`` (rows,). Every value is then formed from ``d``, exact however large the
+    logits are (``lse = m + log s`` alone rounds at ``|m| 2^-24``)."""
+    m = block.amax(dim=-1).clamp_(min=FLOAT32_LOWEST)
+    d = block - m.unsqueeze(1)
+    e = torch.exp(d)
+    return m, d, e, e.sum(dim=-1)
+
+
+def _entropy(d: torch.Tensor, e: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """(rows,) fp32 entropy ``log s - sum_v e_v d_v / s`` from :func:`_shifted` (overwrites
+    ``d`` and ``e``): the kernel's running sum t. Where ``e`` is 0 (a logit of -inf, or one whose
+    ``d`` overflowed to -inf) the term is 0, not 0 * -inf = NaN: a token of zero probability
+    adds nothing."""
+    t = e.mul_(d.clamp_(min=FLOAT32_LOWEST)).sum(dim=-1)
+    return torch.log(s) - t / s
+
+
+def _row_stats(block: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(rows, 3) fp32 entropy, mean logit and top-1 flag of fp32 logits (the PyTorch twin of
     the Triton kernel's WITH_STATS), 0 where the label is -100."""
     valid = labels != IGNORE_INDEX
-    logp = block - lse.unsqueeze(1)
-    entropy = -(torch.exp(logp).mul_(logp)).sum(dim=-1)  # -sum p log p
-    del logp
+    _, d, e, s = _shifted(block)
     top1 = block.argmax(dim=-1) == labels  # the first maximum, as the kernel
-    stats = torch.stack([entropy, block.mean(dim=-1), top1.float()], dim=1)
+    stats = torch.stack([_entropy(d, e, s), block.mean(dim=-1), top1.float()], dim=1)
     return torch.where(valid.unsqueeze(1), stats, 0.0)
 
 

@@ -71,7 +71,7 @@ class _SoftcapLogprobs(torch.autograd.Function):
             tok = y.gather(1, lab.clamp(min=0).long()[:, None])[:, 0] - lse
             token_logps[t0:t1] = torch.where(scored, tok, 0.0)
             if with_stats:  # of the capped logits, before y is overwritten below
-                stats.index_add_(0, seq_ids[t0:t1], _row_stats(y, lse, lab))
+                stats.index_add_(0, seq_ids[t0:t1], _row_stats(y, lab))
             if lsq:  # log sum_v p_v^2 = logsumexp(2 (y - lse))
                 sq = torch.logsumexp(y.sub_(lse[:, None]).mul_(2.0), dim=-1)
                 aligned[t0:t1] = torch.where(scored, tok - sq, 0.0)

@@ -10,6 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+# the lowest finite float32, the running max's start (a global a @triton.jit kernel may read)
+FLOAT32_LOWEST = tl.constexpr(-3.4028234663852886e38)
+
 
 @triton.jit
 def logprobs_fwd_kernel(
@@ -38,12 +41,19 @@ def logprobs_fwd_kernel(
     # terms. Also the plain sum of x (the mean logit) and the maximum over the columns before
     # the label, so that the label is the top-1 as torch.argmax picks it (the first maximum,
     # as TRL counts it). Off, all of it is compiled out.
+    # Edge values: the running max starts at the lowest finite float, not at a bound such as
+    # -1e30 that a row's logits may all lie below (its s would underflow to 0 and its lse to
+    # -inf); the label's log-prob is (x_label - m) - log(s), exact where x_label is near m
+    # however large m is (m + log(s) rounds at |m| 2^-24 first); a logit of -inf (or an x - m
+    # that overflows to it) has e = 0 and adds nothing to t, not 0 * -inf; and t's rescale caps
+    # m - m_new where alpha is 0 anyway, so that a jump of the max by more than the float range
+    # cannot turn alpha (m - m_new) s into 0 * -inf.
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_row
     offs = tl.arange(0, BLOCK_V)
     label = tl.load(labels_ptr + row)
     # A finite start keeps exp(m - m_new) defined when a whole block is -inf.
-    m = tl.full((), -1.0e30, tl.float32)
+    m = tl.full((), FLOAT32_LOWEST, tl.float32)
     s = tl.zeros((), tl.float32)
     if WITH_LSQ:
         s2 = tl.zeros((), tl.float32)
@@ -69,12 +79,14 @@ def logprobs_fwd_kernel(
             x_sum += tl.sum(tl.where(cols < V, x, 0.0), axis=0)
         d = x - m_new
         e = tl.exp(d)
-        if WITH_STATS:
-            # before s moves on; the tail's -inf padding adds nothing (e = 0 there)
-            t = alpha * (t + (m - m_new) * s) + tl.sum(e * tl.where(cols < V, d, 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        if WITH_LSQ:
+        if WITH_LSQ:  # ahead of t, so that t's capped d is the last use of d (sm_90: 64 r, not 71)
             s2 = s2 * tl.exp(2.0 * (m - m_new)) + tl.sum(tl.exp(2.0 * d), axis=0)
+        if WITH_STATS:
+            # before s moves on; where e = 0 (the tail's -inf padding, a -inf logit) d may be
+            # -inf: capped, so that the term is 0, not NaN
+            dm = tl.maximum(m - m_new, -1.0e30)
+            t = alpha * (t + dm * s) + tl.sum(e * tl.maximum(d, FLOAT32_LOWEST), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
         m = m_new
     lse = m + tl.log(s)
     if WITH_LSQ:
@@ -82,7 +94,7 @@ def logprobs_fwd_kernel(
     valid = label != IGNORE
     safe_label = tl.where(valid, label, 0)
     x_label = tl.load(row_ptr + safe_label).to(tl.float32)
-    logp = tl.where(valid, x_label - lse, 0.0)
+    logp = tl.where(valid, (x_label - m) - tl.log(s), 0.0)
     tl.store(logp_ptr + row, logp)
     tl.store(lse_ptr + row, lse)
     if WITH_STATS:

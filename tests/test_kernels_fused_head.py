@@ -5,6 +5,7 @@ dot). Tolerance rule: error vs float64 truth no worse than plain PyTorch in the 
 (full logits, log_softmax) plus a small margin.
 """
 
+import math
 import os
 
 # The interpreter mode of Triton is fixed when triton.language is first imported: without a
@@ -274,6 +275,33 @@ def test_fused_logprobs_of_large_confident_logits_match_float64_truth():
     best = (b["h"].double() @ b["w"].double().t()).argmax(dim=1)
     b["labels"] = torch.where(scored, best, b["labels"])
     _check_against_truth(b, rel_margin=1e-6)
+
+
+def test_fused_logprobs_at_the_edges_of_the_float_range_match_float64_truth():
+    """Integer hidden states and weights, so that fp32 forms the logits exactly: logits near
+    +-1e4 labelled at their max (the log-prob is (label - max) - log sum, exact, where max +
+    log sum alone rounds at |max| 2^-24), and rows whose logits all lie below -1e30 (their own
+    lse, not -inf). Several splits of several tiles, labels at the ragged tail's last column."""
+    gen = torch.Generator().manual_seed(61)
+    vocab, n = 1031, 12
+    hidden = torch.randint(-3, 4, (n, 16), generator=gen).float()
+    weight = torch.randint(-3, 4, (vocab, 16), generator=gen).float()
+    hidden[:, 0] = torch.tensor([1.0, -1.0]).repeat(n // 2)
+    weight[:, 0] = 1.0e4
+    logits64 = hidden.double() @ weight.double().t()  # exact in fp32 too
+    labels = logits64.argmax(dim=1)
+    labels[::3] = vocab - 1
+    tiles = {"BLOCK_M": 16, "BLOCK_N": 256, "BLOCK_K": 16}
+    token, lse = fused_token_logprobs(hidden, weight, labels, tiles=tiles, splits=3)
+    want = torch.log_softmax(logits64, dim=-1).gather(1, labels.unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(token.double(), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits64, dim=-1), rtol=1e-7, atol=0)
+
+    # every logit -2e31 (below a -1e30 start of the running max): log-prob -log V
+    weight[:, 0], weight[:, 1:] = -2.0e31, 0.0
+    token, lse = fused_token_logprobs(hidden.abs(), weight, labels, tiles=tiles, splits=3)
+    torch.testing.assert_close(token, torch.full((n,), -math.log(vocab)), rtol=1e-6, atol=0)
+    assert torch.isfinite(lse).all()
 
 
 def test_a_compiled_caller_runs_the_fused_head_eagerly_and_gets_its_numbers():

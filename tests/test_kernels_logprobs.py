@@ -170,6 +170,91 @@ def test_unscored_rows_of_masked_out_logits_get_zero_gradient(impl):
         torch.testing.assert_close(tok, want_tok, rtol=0, atol=0)
 
 
+EDGE_VOCAB = 37  # one 64-wide block with a tail of 27 (under the interpreter too)
+F32_MAX = torch.finfo(torch.float32).max
+
+
+def _edge_rows():
+    """fp32 rows of EDGE_VOCAB logits at the edges of the float range, and their labels: -inf
+    logits (one being the label's own), logits near +-1e4 labelled at their max, rows of equal
+    logits (one below -1e30, one at bf16's largest magnitude), a row spanning the float range
+    (x - max overflows to -inf), labels at the last column."""
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(10, EDGE_VOCAB, generator=gen) * 3.0
+    x[0, [0, 20, EDGE_VOCAB - 1]] = -float("inf")  # first column, mid row, the tail's last
+    x[1, 5] = -float("inf")  # the label's own logit
+    x[2] += 1.0e4
+    x[3] -= 1.0e4
+    x[4] = 7.0
+    x[5] = -1.0e31  # below the -1e30 a running max must not start at
+    x[6] = float(torch.finfo(torch.bfloat16).max)
+    x[7, :18] = -3.0e38  # x - max overflows to -inf there
+    x[7, 18:] = 3.0e38
+    x[8, :20] = -3.0e38
+    labels = torch.full((10,), EDGE_VOCAB - 1)
+    labels[1] = 5
+    labels[2:4] = x[2:4].argmax(dim=1)  # the label near the max: its log-prob must stay exact
+    return x, labels
+
+
+def _edge_truth(x64: torch.Tensor, labels: torch.Tensor):
+    """float64 token log-probs, log sum p^2 and entropy (0 log 0 = 0), all from x - max."""
+    logp = torch.log_softmax(x64, dim=-1)
+    p = logp.exp()
+    entropy = -torch.where(p > 0, p * logp, 0.0).sum(dim=-1)
+    tok = logp.gather(1, labels.unsqueeze(1)).squeeze(1)
+    return tok, torch.logsumexp(2.0 * logp, dim=-1), entropy, p
+
+
+# the interpreter runs 0 * -inf and -inf - -inf of the -inf tail and logits in NumPy
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_rows_at_the_edges_of_the_float_range_match_float64(impl):
+    """-inf logits add nothing to the entropy (0, not 0 * -inf = NaN); a label of -inf logit
+    has log-prob -inf and a finite gradient; a row whose logits all lie below -1e30 has its own
+    lse, not -inf; the label's log-prob is exact near the max however large the logits (lse =
+    m + log s alone rounds at |m| 2^-24); log sum p^2 and the entropy are exact at bf16's
+    range. Both implementations, against float64 on the same values."""
+    from sdpo.kernels.logprobs import rows_backward, rows_forward
+
+    x, labels = _edge_rows()
+    tok64, lsq64, ent64, p64 = _edge_truth(x.double(), labels)
+    logp, lse, lsq, stats = rows_forward(x, labels, impl=impl, with_lsq=True, with_stats=True)
+    assert torch.isfinite(lse).all() and torch.isfinite(lsq).all()
+    assert torch.isfinite(stats[:, 0]).all()
+    assert logp[1].item() == -float("inf")
+    for name, ours, want in (
+        ("logp", logp, tok64),
+        ("lsq", lsq, lsq64),
+        ("entropy", stats[:, 0], ent64),
+    ):
+        ok = torch.isfinite(want)
+        err = (ours.double()[ok] - want[ok]).abs() / want[ok].abs().clamp(min=1.0)
+        assert err.max().item() < 2e-6, f"{name}: rows {err.tolist()}"
+    # the mean logit and the top-1 flag of the rows whose logit sum fits in fp32
+    mean, top1 = x[:6].double().mean(dim=1), (x[:6].argmax(dim=1) == labels[:6]).float()
+    torch.testing.assert_close(stats[:6, 1].double(), mean, rtol=1e-6, atol=1e-6)
+    assert torch.equal(stats[:6, 2], top1)
+
+    grad = rows_backward(x, labels, lse, torch.full((10,), 0.5), impl=impl)
+    assert torch.isfinite(grad).all()
+    # rows of moderate logits: 0.5 (onehot - p), the -inf label's included (p = 0 there)
+    want = -0.5 * p64
+    want[torch.arange(10), labels] += 0.5
+    rows = [0, 1, 4]
+    torch.testing.assert_close(grad[rows].double(), want[rows], rtol=0, atol=4e-7)
+
+    # a vocabulary of one token: log-prob 0, entropy 0, gradient 0
+    one = torch.tensor([[3.5], [-1.0e31]])
+    logp, lse, stats = rows_forward(
+        one, torch.zeros(2, dtype=torch.long), impl=impl, with_stats=True
+    )
+    assert logp.tolist() == [0.0, 0.0] and stats[:, 0].tolist() == [0.0, 0.0]
+    assert rows_backward(
+        one, torch.zeros(2, dtype=torch.long), lse, torch.ones(2), impl=impl
+    ).tolist() == [[0.0], [0.0]]
+
+
 def test_torch_compile_can_call_logprobs_from_logits():
     _, logits, labels, seq_ids, s = _batch(seed=15)
     logits = logits[:50].contiguous()
