@@ -430,15 +430,16 @@ def _type_losses(
             z = z - (rc - rr)
     else:
         z = _divergence_logits(config, lc, lr)
+    if kind == "hinge":
+        return torch.relu(1 - beta * z)
+    losses = -F.logsigmoid(beta * z)
+    if eps == 0:
+        # the flipped-label term has weight 0 and is left out: at z = +inf (a rejected
+        # completion of log-prob -inf) it would be 0 * -inf = NaN instead of the loss's 0
+        return losses
     if kind == "sigmoid":
-        losses = -F.logsigmoid(beta * z) * (1 - eps) - F.logsigmoid(-beta * z) * eps
-    elif kind == "robust":
-        losses = (-F.logsigmoid(beta * z) * (1 - eps) + F.logsigmoid(-beta * z) * eps) / (
-            1 - 2 * eps
-        )
-    else:  # hinge
-        losses = torch.relu(1 - beta * z)
-    return losses
+        return losses * (1 - eps) - F.logsigmoid(-beta * z) * eps
+    return (losses * (1 - eps) + F.logsigmoid(-beta * z) * eps) / (1 - 2 * eps)  # robust
 
 
 def _capped_exp(x: Tensor) -> Tensor:

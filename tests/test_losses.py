@@ -651,8 +651,21 @@ def truth_grads(cfg, pc, pr, rc, rr, ct, rt) -> tuple[np.ndarray, np.ndarray]:
     return np.array(gc), np.array(gr)
 
 
-@pytest.mark.parametrize("cfg", TRL_CONFIGS, ids=lambda c: f"{c.loss_type}-{c.beta}")
-def test_trl_variants_are_exact_and_finite_at_extreme_logits(cfg):
+# the TRL variants, and the base types with label smoothing at the ends of its range
+EXTREME_CONFIGS = TRL_CONFIGS + [
+    LossConfig(loss_type="sigmoid", beta=0.1),
+    LossConfig(loss_type="sigmoid", beta=0.1, label_smoothing=0.4999),
+    LossConfig(loss_type="robust", beta=0.1, label_smoothing=0.4999),
+    LossConfig(loss_type="hinge", beta=0.1),
+    LossConfig(loss_type="ipo", beta=0.1),
+    LossConfig(loss_type="exo_pair", beta=0.1, label_smoothing=0.4999),
+]
+
+
+@pytest.mark.parametrize(
+    "cfg", EXTREME_CONFIGS, ids=lambda c: f"{c.loss_type}-{c.beta}-{c.label_smoothing}"
+)
+def test_losses_are_exact_and_finite_at_extreme_logits(cfg):
     pc, pr, rc, rr, ct, rt = extreme_batch(cfg, seed=zlib.crc32(repr(cfg).encode()))
     c, r = pc.clone().requires_grad_(True), pr.clone().requires_grad_(True)
     out = dpo_loss(c, r, rc, rr, config=cfg, chosen_tokens=ct, rejected_tokens=rt)
@@ -676,6 +689,30 @@ def test_trl_variants_are_exact_and_finite_at_extreme_logits(cfg):
     np.testing.assert_allclose(
         out32.losses.detach().double().numpy(), rounded, rtol=1e-4, atol=1e-4
     )
+    # and so are the gradients (float64's, checked above, on the rounded inputs)
+    c64, r64 = (x.detach().double().requires_grad_(True) for x in (c32, r32))
+    dpo_loss(
+        c64, r64, rc32.double(), rr32.double(), config=cfg, chosen_tokens=ct, rejected_tokens=rt
+    ).losses.sum().backward()
+    for ours, want in ((c32.grad, c64.grad), (r32.grad, r64.grad)):
+        torch.testing.assert_close(ours.double(), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "robust"])
+def test_a_rejected_log_prob_of_minus_inf_costs_nothing_without_label_smoothing(kind):
+    """A rejected completion of log-prob -inf (its label's logit -inf): z = +inf, where the
+    loss is 0 and so is its gradient; the flipped-label term of weight 0 is left out, not
+    0 * -inf = NaN. A chosen one of -inf costs +inf with the finite gradient -beta, +beta."""
+    cfg = LossConfig(loss_type=kind, beta=0.1)
+    inf = float("inf")
+    pc = torch.tensor([-4.0, -inf], requires_grad=True)
+    pr = torch.tensor([-inf, -5.0], requires_grad=True)
+    ref = torch.tensor([-6.0, -6.0])
+    out = dpo_loss(pc, pr, ref, ref, config=cfg)
+    out.losses.sum().backward()
+    assert out.losses.tolist() == [0.0, inf]
+    assert pc.grad.tolist() == [0.0, pytest.approx(-0.1)]
+    assert pr.grad.tolist() == [0.0, pytest.approx(0.1)]
 
 
 @pytest.mark.parametrize("cfg", TRL_CONFIGS, ids=lambda c: f"{c.loss_type}-{c.beta}")
