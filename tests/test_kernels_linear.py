@@ -5,6 +5,7 @@ for speed; the PyTorch path also gets a V=50,257 case and a bf16 case. Tolerance
 vs float64 truth no worse than plain PyTorch in the same dtype plus a small margin.
 """
 
+import math
 import os
 
 # The interpreter mode of Triton is fixed when triton.language is first imported: without a
@@ -230,6 +231,32 @@ def test_linear_pair_loss_scales_its_stored_gradients_by_the_upstream_gradient()
     )
     torch.testing.assert_close(h3, -3.0 * h1)
     torch.testing.assert_close(w3, -3.0 * w1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_pair_of_identical_completions_has_zero_margin_and_cancelling_gradients(impl):
+    """Chosen and rejected the same tokens on the same hidden states (data.identical_pairs =
+    "warn" keeps such a pair): the two sums are the same bits, so the margin is exactly 0 and
+    the loss log 2; the two copies' hidden-state gradients cancel exactly and the head's
+    gradient is 0 up to fp32 rounding (float64's is 0 up to its own)."""
+    from sdpo.losses import LossConfig, make_pair_loss
+
+    gen = torch.Generator().manual_seed(71)
+    vocab = 53
+    labels = torch.randint(0, vocab, (9,), generator=gen)
+    labels[:3], labels[-1] = IGNORE_INDEX, IGNORE_INDEX
+    labels = torch.cat([labels, labels])
+    seq_ids = torch.arange(2).repeat_interleave(9)
+    h = torch.randn(9, 16, generator=gen).repeat(2, 1).requires_grad_(True)
+    w = torch.randn(vocab, 16, generator=gen).requires_grad_(True)
+    ref = torch.tensor([-21.0])
+    pair_loss = make_pair_loss(LossConfig(beta=BETA), ref_chosen=ref, ref_rejected=ref)
+    loss, seq = linear_pair_loss(h, w, labels, seq_ids, 2, pair_loss=pair_loss, impl=impl)
+    loss.backward()
+    assert seq[0].item() == seq[1].item()
+    assert loss.item() == pytest.approx(math.log(2.0), rel=1e-7)
+    assert torch.equal(h.grad[:9], -h.grad[9:]) and h.grad.abs().max() > 0.01
+    assert w.grad.abs().max().item() < 1e-7
 
 
 def test_grad_weight_in_weight_dtype_matches_fp32_accumulation_in_fp32():

@@ -397,6 +397,40 @@ def test_trl_formula_on_the_same_tokens_gives_the_same_weights():
     torch.testing.assert_close(ours, chosen_w * rejected_w, rtol=1e-5, atol=0)
 
 
+def test_weights_of_very_unlikely_completions_underflow_to_zero_not_nan():
+    """WPO's weight exp(aligned / tokens) of a completion far less likely than the policy's
+    own next-token distributions (a mean of -200 per token and below) underflows in fp32: its
+    pair weighs 0 (one side's underflow is enough) and adds nothing to the loss or the
+    gradients, finite, where float64's weight is ~1e-87 or less; the pair of ordinary weights
+    beside it keeps float64's loss and gradients."""
+    cfg = LossConfig(beta=BETA, use_weighting=True)
+    tokens = torch.tensor([10, 3, 9])
+    values = {
+        "pc": [-3000.0, -12.0, -8.0],
+        "pr": [-12.0, -3000.0, -9.5],
+        "ref_c": [-20.0, -20.0, -9.0],
+        "ref_r": [-20.0, -20.0, -9.0],
+        "aligned_c": [-2400.0, -6.0, -2.0],
+        "aligned_r": [-9.0, -2600.0, -4.0],
+    }
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        t = {k: torch.tensor(v, dtype=dtype) for k, v in values.items()}
+        pc, pr = t["pc"].requires_grad_(True), t["pr"].requires_grad_(True)
+        out = dpo_loss(
+            pc, pr, t["ref_c"], t["ref_r"], config=cfg, chosen_tokens=tokens,
+            rejected_tokens=tokens, chosen_aligned=t["aligned_c"], rejected_aligned=t["aligned_r"],
+        )  # fmt: skip
+        out.losses.sum().backward()
+        results[dtype] = (out.losses, out.pair_weights, pc.grad, pr.grad)
+        for x in results[dtype]:
+            assert torch.isfinite(x).all(), x
+    assert results[torch.float32][1][:2].tolist() == [0.0, 0.0]
+    assert 0 < results[torch.float64][1][:2].max().item() < 1e-80
+    for ours, want in zip(results[torch.float32], results[torch.float64], strict=True):
+        torch.testing.assert_close(ours.detach().double(), want.detach(), rtol=1e-6, atol=1e-30)
+
+
 # -- a run -------------------------------------------------------------------------------
 
 
