@@ -20,9 +20,10 @@ Where the prompt's ids are not a prefix of prompt + completion's (counted in
   prompt's ids part from both prompt + completion's ids.
 
 BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``).
-A plain prompt then gets a BOS id in front when (1) the tokenizer has a BOS token, (2)
-``tokenizer.json``'s post-processor adds BOS to plain text (as Llama's and Gemma's do), and (3)
-the prompt does not already start with BOS (TRL would give it a second one).
+A plain prompt then gets a BOS id in front when (1) ``tokenizer.json``'s post-processor puts
+the BOS token in front of plain text (as Llama's and Gemma's do; where no BOS is named anywhere,
+the token it puts there is taken as BOS, as transformers still adds it), and (2) the prompt
+does not already start with BOS (TRL would give it a second one).
 ``tokenizer_config.json``'s ``add_bos_token`` is not read: transformers 5 ignores it when the
 folder has a ``tokenizer.json``, so the post-processor alone decides what TRL's prompts get. A
 conversational prompt starts with BOS when the chat template writes it (``{{ bos_token }}``,
@@ -206,10 +207,15 @@ class PairTokenizer:
         self.name = name
         self.eos_token = eos_token
         self.eos_id = self._require_id(eos_token, "eos_token")
-        self.bos_token = bos_token
+        self.bos_token = bos_token  # the template's ``bos_token``: only a named one
         self.bos_id = None if bos_token is None else self._require_id(bos_token, "bos_token")
+        front = self._post_processor_front_id()
+        if self.bos_id is None:
+            # no BOS named anywhere, but a token the post-processor puts in front of text is one
+            # (transformers gives it to TRL's plain prompts all the same)
+            self.bos_id = front
         if add_bos is None:
-            add_bos = self._post_processor_adds_bos()
+            add_bos = front is not None and front == self.bos_id
         self.add_bos = bool(add_bos) and self.bos_id is not None
         self.chat_template = chat_template
         # the template transformers picks for a conversation with tools, when the folder names
@@ -242,12 +248,11 @@ class PairTokenizer:
             )
         return token_id
 
-    def _post_processor_adds_bos(self) -> bool:
-        if self.bos_id is None:
-            return False
+    def _post_processor_front_id(self) -> int | None:
+        """The token ``tokenizer.json``'s post-processor puts in front of a text, if any."""
         plain = self.tokenizer.encode("a", add_special_tokens=False).ids
         processed = self.tokenizer.encode("a", add_special_tokens=True).ids
-        return processed[:1] == [self.bos_id] and plain[:1] != [self.bos_id]
+        return processed[0] if processed[1 : len(plain) + 1] == plain else None
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> PairTokenizer:

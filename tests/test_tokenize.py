@@ -1149,3 +1149,33 @@ def test_special_tokens_map_is_read_where_transformers_reads_it(tmp_path):
     config.update(bos_token="<bos>", eos_token="<eos>", added_tokens_decoder={})
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     same_as_transformers("<pad>")  # the map ignored: tokenizer_config.json's pad token
+
+
+def test_a_bos_named_nowhere_but_added_by_the_post_processor_starts_plain_prompts(tmp_path):
+    # tokenizer_config.json names no BOS, but tokenizer.json's post-processor puts
+    # <|begin_of_text|> in front of text: transformers adds it to TRL's plain prompts all the same
+    folder = llama3_like(
+        tmp_path / "llama3", chat_template=LLAMA3_LIKE.replace("{{ bos_token }}", "")
+    )
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["bos_token"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = PairTokenizer.from_dir(folder)
+    assert (tok.bos_token, tok.bos_id, tok.add_bos) == (None, 0, True)
+    rows = [
+        {"prompt": "Human: is the sky blue?", "chosen": " yes it is", "rejected": " no"},
+        {"prompt": "\nHuman: blue?", "chosen": " yes", "rejected": " no"},
+    ]
+    chat = [
+        {
+            "prompt": [{"role": "user", "content": "is the sky blue?"}],
+            "chosen": [{"role": "assistant", "content": "yes it is"}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        }
+    ]
+    ours = _ours(folder, rows, tmp_path)
+    assert ours == _trl_prepared(folder, rows)
+    assert [prompt[0] for prompt, _, _ in ours] == [0, 0]
+    # a conversation starts with what the template writes: here no BOS, and no bos_token variable
+    assert _ours(folder, chat, tmp_path) == _trl_prepared(folder, chat)
+    assert _ours(folder, chat, tmp_path)[0][0][0] != 0
