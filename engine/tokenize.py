@@ -19,6 +19,11 @@ Where the prompt's ids are not a prefix of prompt + completion's (counted in
   thought block after the generation prompt). As TRL does, the completion starts where the
   prompt's ids part from both prompt + completion's ids.
 
+Pipeline: ``tokenizer.json`` as transformers 5's ``AutoTokenizer`` loads it, which is as it
+is, except where the folder names the ``LlamaTokenizer`` class (Llama 2, Mistral 7B v0.1,
+SOLAR): transformers then builds its own normaliser and pre-tokenizer around the file's
+vocabulary (``_as_llama_tokenizer_builds_it``), and so does sdpo.
+
 BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``).
 A plain prompt then gets a BOS id in front when (1) ``tokenizer.json``'s post-processor puts
 the BOS token in front of plain text (as Llama's and Gemma's do; where no BOS is named anywhere,
@@ -278,6 +283,7 @@ class PairTokenizer:
         config = with_special_tokens_map(folder, config)
         model_config_path = folder / "config.json"
         model_config = _read_json(model_config_path) if model_config_path.is_file() else {}
+        _as_llama_tokenizer_builds_it(tokenizer, config, model_config)
 
         def special(key: str) -> str | None:
             token = _token_content(config.get(f"{key}_token"))
@@ -415,6 +421,54 @@ class PairTokenizer:
             if self.tokenizer.decode([i], skip_special_tokens=False).replace("▁", " ").strip():
                 return False
         return False
+
+
+# the classes transformers 5 builds as ``LlamaTokenizer`` (Llama 2, Mistral 7B v0.1, SOLAR, ...)
+LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+
+
+def _is_byte_level(component: Any) -> bool:
+    """Whether a tokenizer.json pre-tokenizer or decoder (as JSON) is or holds a ByteLevel one."""
+    if isinstance(component, dict):
+        return component.get("type") == "ByteLevel" or any(
+            _is_byte_level(v) for v in component.values()
+        )
+    return isinstance(component, list) and any(_is_byte_level(v) for v in component)
+
+
+def _as_llama_tokenizer_builds_it(tokenizer: Tokenizer, config: dict, model_config: dict) -> None:
+    """Give ``tokenizer`` the pipeline transformers 5 gives it where the folder names the
+    ``LlamaTokenizer`` class (``tokenizer_config.json``'s ``tokenizer_class``, else
+    ``config.json``'s): transformers then keeps only the vocabulary, merges, added tokens and
+    post-processor of ``tokenizer.json`` and builds the rest itself, so TRL's ids come from that
+    pipeline, not the file's. It has no normalizer and a Metaspace pre-tokenizer that does not
+    split, puts "▁" in front of a text unless the text starts with a space (the file's
+    ``Prepend("▁")`` normaliser puts one in front of every text), and with ``legacy`` false (its
+    default) only in front of the first piece of text, not after a special token (the file's
+    puts one after each: "<s>[INST]" reads "<s>▁[INST]" by the file, "<s>[INST]" by
+    transformers). A ``tokenizer.json`` that is byte-level (Llama 3's) is loaded as it is, as
+    transformers loads it; so is a folder with its own tokenizer code (``auto_map``)."""
+    from tokenizers import models, pre_tokenizers
+
+    declared = config.get("tokenizer_class") or model_config.get("tokenizer_class")
+    if declared not in LLAMA_TOKENIZER_CLASSES or "auto_map" in config:
+        return
+    if not isinstance(tokenizer.model, models.BPE):
+        return
+    pipeline = json.loads(tokenizer.to_str())
+    if _is_byte_level(pipeline.get("pre_tokenizer")) or _is_byte_level(pipeline.get("decoder")):
+        return
+    add_prefix_space = config.get("add_prefix_space")
+    if add_prefix_space is None or add_prefix_space:
+        scheme = "always" if config.get("legacy", False) else "first"
+    else:
+        scheme = "never"
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme=scheme, split=False
+    )
+    tokenizer.model.byte_fallback = True
+    tokenizer.model.fuse_unk = True
 
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"

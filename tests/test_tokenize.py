@@ -1179,3 +1179,47 @@ def test_a_bos_named_nowhere_but_added_by_the_post_processor_starts_plain_prompt
     # a conversation starts with what the template writes: here no BOS, and no bos_token variable
     assert _ours(folder, chat, tmp_path) == _trl_prepared(folder, chat)
     assert _ours(folder, chat, tmp_path)[0][0][0] != 0
+
+
+LLAMA2_LIKE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + "
+    "' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("legacy", [None, True])
+def test_a_llama_tokenizer_class_gets_transformers_5_s_pipeline_not_the_file_s(tmp_path, legacy):
+    """Llama 2's tokenizer.json puts "▁" in front of every piece of text with its normaliser, but
+    where tokenizer_config.json names LlamaTokenizer, transformers 5 builds its own pipeline from
+    the file's vocabulary: no "▁" after a special token unless legacy is true, and none added in
+    front of a text that starts with a space. TRL's ids, and now sdpo's, come from that one."""
+    folder = sentencepiece_like(tmp_path / "llama2", chat_template=LLAMA2_LIKE)
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    inner.pre_tokenizer = None  # Llama 2's layout: the normaliser alone, no pre-tokenizer
+    inner.model.byte_fallback = True
+    (folder / "tokenizer.json").write_text(inner.to_str())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="LlamaTokenizerFast", add_bos_token=True, add_eos_token=False)
+    if legacy is not None:
+        config["legacy"] = legacy
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    rows = [
+        {"prompt": "  hi there", "chosen": " Sure thing", "rejected": " No way"},
+        {"prompt": "[INST] say no [/INST]", "chosen": " No way</s> ", "rejected": " Sure"},
+    ]
+    say = [{"role": "user", "content": "say no"}]
+    chat = [
+        {
+            "prompt": [*say, {"role": "assistant", "content": "No way"}, *say],
+            "chosen": [{"role": "assistant", "content": "No way"}],
+            "rejected": [{"role": "assistant", "content": "Sure"}],
+        }
+    ]
+    ours = _ours(folder, rows, tmp_path)
+    assert ours == _trl_prepared(folder, rows)
+    assert _ours(folder, chat, tmp_path) == _trl_prepared(folder, chat)
+    tok = PairTokenizer.from_dir(folder)
+    boundary = tok.tokenizer.token_to_id("▁")
+    after_bos = tok.tokenizer.id_to_token(tok.encode_texts(["<s>[INST]"])[0][1])
+    assert after_bos.startswith("▁") == bool(legacy)  # "<s>▁[INST]" by the file, "<s>[INST]" not
+    assert ours[0][0][:2] == [tok.bos_id, boundary]  # "▁▁hi" by the file: one "▁" less
