@@ -20,8 +20,8 @@ Where the prompt's ids are not a prefix of prompt + completion's (counted in
   prompt's ids part from both prompt + completion's ids.
 
 Pipeline: ``tokenizer.json`` as transformers 5's ``AutoTokenizer`` loads it, which is as it
-is, except where the folder names the ``LlamaTokenizer`` class (Llama 2, Mistral 7B v0.1,
-SOLAR): transformers then builds its own normaliser and pre-tokenizer around the file's
+is, except where the folder names the ``LlamaTokenizer`` class (Llama 2, SOLAR) and no model
+type other than "llama": transformers then builds its own normaliser and pre-tokenizer around the file's
 vocabulary (``_as_llama_tokenizer_builds_it``), and so does sdpo.
 
 BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``).
@@ -446,13 +446,19 @@ def _as_llama_tokenizer_builds_it(tokenizer: Tokenizer, config: dict, model_conf
     ``Prepend("▁")`` normaliser puts one in front of every text), and with ``legacy`` false (its
     default) only in front of the first piece of text, not after a special token (the file's
     puts one after each: "<s>[INST]" reads "<s>▁[INST]" by the file, "<s>[INST]" by
-    transformers). A ``tokenizer.json`` that is byte-level (Llama 3's) is loaded as it is, as
-    transformers loads it; so is a folder with its own tokenizer code (``auto_map``)."""
+    transformers). As in transformers, the file is taken as it is where it is byte-level
+    (Llama 3's), where the folder has its own tokenizer code (``auto_map``), and where
+    ``config.json`` names a model type other than "llama" that transformers registers its plain
+    backend for (Mistral's and Phi-3's folders name LlamaTokenizer). Unlike transformers, the
+    file is also taken as it is for the other model types (those it registers no tokenizer or
+    another class for, e.g. LlamaTokenizer named in a Gemma folder: rare mixes)."""
     from tokenizers import models, pre_tokenizers
 
     declared = config.get("tokenizer_class") or model_config.get("tokenizer_class")
     if declared not in LLAMA_TOKENIZER_CLASSES or "auto_map" in config:
         return
+    if model_config.get("model_type", "llama") not in ("llama", ""):
+        return  # transformers loads the file as it is for Mistral's, Phi-3's, ... model types
     if not isinstance(tokenizer.model, models.BPE):
         return
     pipeline = json.loads(tokenizer.to_str())

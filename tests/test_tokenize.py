@@ -1223,3 +1223,7 @@ def test_a_llama_tokenizer_class_gets_transformers_5_s_pipeline_not_the_file_s(t
     after_bos = tok.tokenizer.id_to_token(tok.encode_texts(["<s>[INST]"])[0][1])
     assert after_bos.startswith("▁") == bool(legacy)  # "<s>▁[INST]" by the file, "<s>[INST]" not
     assert ours[0][0][:2] == [tok.bos_id, boundary]  # "▁▁hi" by the file: one "▁" less
+    # a Mistral model folder names LlamaTokenizer too, but transformers 5 takes the file as it is
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    file_ids = _ours(folder, rows, tmp_path)
+    assert file_ids == _trl_prepared(folder, rows) and file_ids[0][0][:3] == [1, boundary, boundary]
