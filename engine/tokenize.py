@@ -22,7 +22,9 @@ Where the prompt's ids are not a prefix of prompt + completion's (counted in
 Pipeline: ``tokenizer.json`` as transformers 5's ``AutoTokenizer`` loads it, which is as it
 is, except where the folder names the ``LlamaTokenizer`` class (Llama 2, SOLAR) and no model
 type other than "llama": transformers then builds its own normaliser and pre-tokenizer around the file's
-vocabulary (``_as_llama_tokenizer_builds_it``), and so does sdpo.
+vocabulary (``_as_llama_tokenizer_builds_it``), and so does sdpo. Every special token
+``tokenizer_config.json`` names is an added token, as transformers registers it
+(``_add_named_special_tokens``).
 
 BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``).
 A plain prompt then gets a BOS id in front when (1) ``tokenizer.json``'s post-processor puts
@@ -283,6 +285,7 @@ class PairTokenizer:
         config = with_special_tokens_map(folder, config)
         model_config_path = folder / "config.json"
         model_config = _read_json(model_config_path) if model_config_path.is_file() else {}
+        _add_named_special_tokens(tokenizer, config)
         _as_llama_tokenizer_builds_it(tokenizer, config, model_config)
 
         def special(key: str) -> str | None:
@@ -421,6 +424,41 @@ class PairTokenizer:
             if self.tokenizer.decode([i], skip_special_tokens=False).replace("▁", " ").strip():
                 return False
         return False
+
+
+def _add_named_special_tokens(tokenizer: Tokenizer, config: dict) -> None:
+    """Make every special token ``tokenizer_config.json`` names an added special token of
+    ``tokenizer``, as transformers does on loading: the named ones (``eos_token``, ...,
+    template_special_tokens), those listed in ``extra_special_tokens`` (or
+    ``additional_special_tokens``) and in ``added_tokens_decoder``. One that ``tokenizer.json``
+    has only as a vocabulary entry would otherwise be split into pieces where a chat template
+    writes it (``<|im_end|>`` read as "<", "|", "im", ...). Only tokens in the vocabulary are
+    added (transformers would give others new ids, outside the model's embeddings)."""
+    from tokenizers import AddedToken
+
+    wanted: dict[str, dict] = {}
+    for value in config.get("added_tokens_decoder", {}).values():
+        if isinstance(value, dict) and isinstance(value.get("content"), str):
+            wanted[value["content"]] = value
+    listed = config.get("extra_special_tokens") or config.get("additional_special_tokens")
+    named = [*template_special_tokens(config).values()]
+    for value in [*named, *(listed if isinstance(listed, list) else [])]:
+        token = _token_content(value)
+        if token is not None:
+            wanted.setdefault(token, value if isinstance(value, dict) else {"special": True})
+    have = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    for token, value in wanted.items():
+        if token in have or tokenizer.token_to_id(token) is None:
+            continue
+        options = {
+            k: bool(value[k])
+            for k in ("lstrip", "rstrip", "single_word", "normalized")
+            if k in value
+        }
+        options.setdefault("normalized", False)
+        tokenizer.add_tokens(
+            [AddedToken(token, special=bool(value.get("special", True)), **options)]
+        )
 
 
 # the classes transformers 5 builds as ``LlamaTokenizer`` (Llama 2, Mistral 7B v0.1, SOLAR, ...)

@@ -1227,3 +1227,26 @@ def test_a_llama_tokenizer_class_gets_transformers_5_s_pipeline_not_the_file_s(t
     (folder / "config.json").write_text(json.dumps({"model_type": "mistral"}))
     file_ids = _ours(folder, rows, tmp_path)
     assert file_ids == _trl_prepared(folder, rows) and file_ids[0][0][:3] == [1, boundary, boundary]
+
+
+def test_a_named_special_token_missing_from_the_added_tokens_is_added_as_transformers_does(
+    tmp_path,
+):
+    # tokenizer.json has <|im_end|> only as a vocabulary entry; tokenizer_config.json names it
+    # the EOS: transformers makes it an added special token, so the template's <|im_end|> is one
+    # id, not the pieces BPE would split it into
+    folder = byte_level_like(tmp_path / "qwen", chat_template=CHATML_NL)
+    pipeline = json.loads((folder / "tokenizer.json").read_text())
+    pipeline["added_tokens"] = [t for t in pipeline["added_tokens"] if t["content"] != "<|im_end|>"]
+    (folder / "tokenizer.json").write_text(json.dumps(pipeline))
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "is it sunny?"}],
+            "chosen": [{"role": "assistant", "content": "yes"}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        }
+    ]
+    ours = _ours(folder, rows, tmp_path)
+    assert ours == _trl_prepared(folder, rows)
+    tok = PairTokenizer.from_dir(folder)
+    assert ours[0][1] == [*tok.encode_texts(["yes"])[0], tok.eos_id, *tok.encode_texts(["\n"])[0]]
