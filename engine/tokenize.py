@@ -38,7 +38,8 @@ Llama 3's ``<|begin_of_text|>``), as transformers' ``apply_chat_template(tokeniz
 TRL give it.
 
 EOS rule: a plain completion gets EOS appended unless it already ends with the EOS token, so no
-pair ends with a doubled EOS. A conversational completion is what the chat template renders:
+pair ends with a doubled EOS (nor with the post-processor's EOS after it, where
+``tokenizer.json``'s adds one after every text: TRL's completions then end with two). A conversational completion is what the chat template renders:
 when it ends with the template's end of turn, a special token followed by whitespace at most
 (``<|eot_id|>``, ``<|im_end|>\\n``, ``</s>``, ``<end_of_turn>\\n``), nothing is added, as TRL
 does. A template that leaves the answer open (SOLAR's ``### Assistant:`` template writes no end

@@ -1250,3 +1250,20 @@ def test_a_named_special_token_missing_from_the_added_tokens_is_added_as_transfo
     assert ours == _trl_prepared(folder, rows)
     tok = PairTokenizer.from_dir(folder)
     assert ours[0][1] == [*tok.encode_texts(["yes"])[0], tok.eos_id, *tok.encode_texts(["\n"])[0]]
+
+
+def test_a_post_processor_eos_after_every_text_is_not_a_second_eos_as_in_trl(tmp_path):
+    folder = llama3_like(tmp_path / "llama3")
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    inner.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A <|eot_id|>",
+        special_tokens=[("<|begin_of_text|>", 0), ("<|eot_id|>", 2)],
+    )
+    (folder / "tokenizer.json").write_text(inner.to_str())
+    rows = [{"prompt": "Human: is the sky blue?", "chosen": " yes it is", "rejected": " no"}]
+    ((prompt, chosen, rejected),) = _ours(folder, rows, tmp_path)
+    ((trl_prompt, trl_chosen, trl_rejected),) = _trl_prepared(folder, rows)
+    assert prompt == trl_prompt and prompt[0] == 0
+    # TRL: the EOS text it appends, then the post-processor's; here one EOS ends each completion
+    assert trl_chosen == [*chosen, 2] and trl_rejected == [*rejected, 2]
+    assert chosen[-1] == 2 and chosen[-2] != 2
