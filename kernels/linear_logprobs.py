@@ -104,6 +104,8 @@ CHUNK_BYTES = 256 * 2**20
 MIN_CHUNK_TOKENS = 1024
 MAX_CHUNK_TOKENS = 16384
 CHUNK_ALIGN = 128
+# the most that a block of logit gradients cast to fp32 takes in _accumulate_grad_weight
+_UPCAST_BYTES = 64 * 2**20
 
 PairLoss = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
@@ -148,7 +150,16 @@ def _accumulate_grad_weight(acc: torch.Tensor, grad_logits: torch.Tensor, h: tor
         # cuBLAS with bf16 inputs and an fp32 C: no (V, H) temporary, fp32 accumulation.
         torch.addmm(acc, grad_logits.t(), h, out_dtype=acc.dtype, out=acc)
         return
-    acc.add_(torch.mm(grad_logits.t(), h))
+    # No mixed-dtype GEMM (a CPU, an older torch): the operands are cast to acc's dtype, a
+    # block of vocabulary rows at a time, so that each chunk's product is added unrounded and
+    # each block of cast gradients stays within _UPCAST_BYTES (a (V, H) product in the narrow
+    # dtype would round every chunk's partial sum before it is accumulated).
+    n = grad_logits.shape[0]
+    hi = h.to(acc.dtype)
+    rows = max(1, _UPCAST_BYTES // max(1, n * acc.element_size()))
+    for v0 in range(0, acc.shape[0], rows):
+        g = grad_logits[:, v0 : v0 + rows].t().to(acc.dtype)
+        acc[v0 : v0 + rows].addmm_(g, hi)
 
 
 _MIXED_ADDMM: dict[torch.device, bool] = {}

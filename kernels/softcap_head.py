@@ -35,7 +35,12 @@ import math
 
 import torch
 
-from .linear_logprobs import _check_linear_inputs, _compute_dtype, default_chunk_tokens
+from .linear_logprobs import (
+    _accumulate_grad_weight,
+    _check_linear_inputs,
+    _compute_dtype,
+    default_chunk_tokens,
+)
 from .logprobs import (
     IGNORE_INDEX,
     _row_stats,
@@ -99,7 +104,8 @@ class _SoftcapLogprobs(torch.autograd.Function):
         g_tok = weighted(grad_seq.float()[seq_ids], token_weights)
         g_tok = torch.where(labels != IGNORE_INDEX, g_tok, 0.0)  # (N,)
         grad_h = torch.empty_like(hidden) if need_h else None
-        # dW summed over the chunks in fp32 (or the compute dtype, if wider)
+        # dW summed over the chunks in fp32 (or the compute dtype, if wider), each chunk's
+        # product added unrounded as in the other heads
         acc = torch.promote_types(torch.float32, dtype)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         w = weight.to(dtype)
@@ -119,7 +125,7 @@ class _SoftcapLogprobs(torch.autograd.Function):
             if need_h:
                 grad_h[t0:t1] = (grad @ w).to(hidden.dtype)
             if need_w:
-                grad_w.add_(grad.T @ h)
+                _accumulate_grad_weight(grad_w, grad, h)
         return (
             grad_h,
             grad_w.to(weight.dtype) if need_w else None,

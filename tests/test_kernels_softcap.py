@@ -109,6 +109,41 @@ def test_softcap_head_keeps_its_dtype_under_autocast_and_is_first_order_only():
         torch.autograd.grad(seq.sum(), h, create_graph=True)
 
 
+@pytest.mark.parametrize("head", ["softcap", "linear"])
+def test_bf16_weight_gradient_is_summed_over_chunks_in_fp32_and_rounded_once(head):
+    """bf16 hidden and weight, 1,024 tokens in 16 chunks of 64: the weight's gradient is each
+    chunk's product summed unrounded in fp32 and rounded to bf16 once, within half a bf16 ulp
+    of float64 truth (a bf16 partial per chunk, rounded 16 times, is several ulps off). Zero
+    weights make every logit gradient exact in bf16 (onehot - 1/V, V a power of two; the
+    slope of the cap is 1 at 0), so the accumulation is the only rounding before the last."""
+    from sdpo.kernels import sequence_logprobs
+
+    n, vocab, hidden = 1024, 256, 32
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(n, hidden, generator=g).bfloat16()
+    w = torch.zeros(vocab, hidden, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.2] = -100
+    seq_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([300, 400, 324]))
+    coeff = torch.tensor([1.0, -0.5, 2.0])
+    if head == "softcap":
+        seq = softcap_sequence_logprobs(h, w, labels, seq_ids, 3, softcap=CAP, chunk_tokens=64)
+    else:
+        seq = sequence_logprobs(h, w, labels, seq_ids, 3, impl="torch", chunk_tokens=64)
+    (seq * coeff).sum().backward()
+    assert w.grad.dtype == torch.bfloat16
+    scored = labels != -100
+    onehot = torch.zeros(n, vocab, dtype=torch.float64)
+    onehot[scored, labels[scored]] = 1.0
+    dz = (onehot - scored[:, None].double() / vocab) * coeff.double()[seq_ids, None]
+    truth = dz.T @ h.double()  # (V, H), exact products summed in float64
+    _, exponent = torch.frexp(truth)
+    half_ulp = torch.ldexp(torch.tensor(0.5, dtype=torch.float64), exponent - 8)
+    bound = half_ulp + 1e-6 * truth.abs().max()  # the last rounding, fp32's sums
+    excess = ((w.grad.double() - truth).abs() / bound).max().item()
+    assert excess <= 1.0, f"dW off by {excess:.1f} times its bound"
+
+
 # -- on CUDA: bf16 and fp32 against float64, at a GPT-2 vocabulary --------------------------
 
 
