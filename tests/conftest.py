@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import json
 import os
@@ -52,6 +53,38 @@ def assert_no_worse(name, ours, baseline, truth, *, rel_margin: float, factor: f
         f"{name}: error {err_ours:.3e} vs float64 truth exceeds the same-dtype PyTorch error "
         f"{err_base:.3e} + margin {rel_margin * scale:.3e}"
     )
+
+
+def warm_cuda_blas(device: str | torch.device = "cuda") -> None:
+    """Make cuBLAS's and cuBLASLt's workspaces exist before a test compares allocated memory.
+    The first matmul of a thread on a stream allocates its workspace through the caching
+    allocator and keeps it (tens of MiB on recent GPUs), so memory measured around the
+    process's first matmul counts it, and the result would depend on the tests run before.
+    fp32 and bf16 matmuls, with a bias (cuBLASLt) and without, on this thread and in a
+    backward (autograd's thread for the device), and the mixed bf16 x bf16 -> fp32 addmm
+    where torch has it."""
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(64, 64, device=device, dtype=dtype, requires_grad=True)
+        bias = torch.zeros(64, device=device, dtype=dtype)
+        with torch.no_grad():
+            torch.addmm(bias, a, a.t())
+        (torch.addmm(bias, a, a.t()) + a @ a).sum().backward()
+    a = torch.ones(64, 64, device=device, dtype=torch.bfloat16)
+    c = torch.zeros(64, 64, device=device)
+    # an older torch has none: the kernels do not use it either
+    with contextlib.suppress(RuntimeError, TypeError, NotImplementedError):
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+    del a, bias, c
+    torch.cuda.synchronize(device)
+
+
+@pytest.fixture
+def cuda_blas_warm():
+    """A CUDA test that compares allocated memory: skipped without CUDA; cuBLAS's workspaces
+    made first (``warm_cuda_blas``)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    warm_cuda_blas()
 
 
 @pytest.fixture

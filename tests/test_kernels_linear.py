@@ -519,7 +519,9 @@ def test_triton_linear_ops_on_cuda_match_float64_truth(dtype, rel_margin, factor
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_reference_pass_on_cuda_holds_one_chunk_of_logits_at_most():
+def test_reference_pass_on_cuda_holds_one_chunk_of_logits_at_most(cuda_blas_warm):
+    # cuBLAS's workspaces exist before the measurement (the fixture): the first chunk's
+    # matmul would otherwise allocate them inside it when this test runs first
     n, hidden, vocab, chunk = 4096, 512, 32_000, 1024
     h = torch.randn(n, hidden, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(vocab, hidden, device="cuda", dtype=torch.bfloat16) * 0.05

@@ -284,11 +284,12 @@ def test_kept_optimizer_runs_one_schedule_across_steps(tiny_model_dir, tmp_path)
 
 
 @pytest.mark.gpu
-def test_on_cuda_a_separate_reference_returns_gpu_memory_and_steps_train(tmp_path, monkeypatch):
+def test_on_cuda_a_separate_reference_returns_gpu_memory_and_steps_train(
+    tmp_path, monkeypatch, cuda_blas_warm
+):
     """The whole runner on CUDA (Triton kernels, varlen attention, bf16 autocast): a separate
-    reference model's GPU memory is back to the pre-load level once its values are cached."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
+    reference model's GPU memory is back to the pre-load level once its values are cached
+    (cuBLAS's workspaces made before the run, so that its first matmul's do not count)."""
     model_dir = write_tiny_model(tmp_path / "m", words=WORDS, hidden_size=256, seed=1)
     ref_dir = write_tiny_model(tmp_path / "ref", words=WORDS, hidden_size=256, seed=9)
     cfg = _config(tmp_path, model_dir, reference=str(ref_dir))
