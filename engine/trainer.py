@@ -330,6 +330,54 @@ def build_optimizer(
     )
 
 
+def create_optimizer_states(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Make AdamW's states (``exp_avg``, ``exp_avg_sq``, ``step``) for the parameters of
+    ``optimizer`` that have none yet, as its first step makes them, and return those
+    parameters: deleting their entries from ``optimizer.state`` gives back the state that was
+    (a fresh optimizer's: none, no step counted). Made by one step at learning rate 0 over zero
+    gradients, which leaves every parameter bit for bit as it was (the decoupled weight decay
+    multiplies by 1 - 0 * wd = 1, the update adds -0 * 0 / eps); every gradient is dropped
+    before and after, and the LR scheduler's record of a step taken is kept as it was."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    missing = [p for p in params if not optimizer.state.get(p)]
+    if not missing:
+        return []
+    optimizer.zero_grad(set_to_none=True)
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    called = optimizer.__dict__.get("_opt_called", _ABSENT)
+    try:
+        for p in missing:
+            p.grad = torch.zeros_like(p)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        optimizer.step()
+    finally:
+        for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        if called is _ABSENT:
+            optimizer.__dict__.pop("_opt_called", None)
+        else:
+            optimizer._opt_called = called
+        optimizer.zero_grad(set_to_none=True)
+    return [p for p in missing if optimizer.state.get(p)]
+
+
+_ABSENT = object()
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors held on this rank (a sharded parameter's states
+    are its local shard's); AdamW's after a step: 2 x each parameter's bytes, plus its
+    4-byte step count (on the device under the fused kernel, in host memory otherwise)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor):
+                local = value.to_local() if sharding.is_dtensor(value) else value
+                total += local.numel() * local.element_size()
+    return total
+
+
 def _takes_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` honours the ``grad_scale`` / ``found_inf`` tensors (fused
     AdamW does: the protocol torch's GradScaler uses)."""
@@ -884,28 +932,44 @@ class DPOTrainer:
         self, pairs: Sequence[TokenizedPair], ref: PairLogps, micro_batches: list[list[int]]
     ) -> dict[str, Any]:
         """Forward and backward of the largest of ``micro_batches`` (by tokens) with the loss
-        weighted 0, then the gradients are dropped and every RNG state restored: training goes
-        on exactly as without the probe. Every rank probes (sharded models gather and scatter
-        in it). Returns (and rank 0 prints) the batch's size and, on CUDA, the peak memory."""
+        weighted 0, with AdamW's states present as they are from the first optimizer step on
+        (made for the probe where the optimizer has none yet, see
+        :func:`create_optimizer_states`, and removed after it); then the gradients are dropped
+        and every RNG state restored: training goes on exactly as without the probe, from a
+        fresh optimizer's state if it had one. Every rank probes (sharded models gather and
+        scatter in it). Returns (and rank 0 prints) the batch's size, the optimizer states'
+        bytes on this rank and, on CUDA, the peak memory, states included."""
         largest = max(micro_batches, key=lambda b: (sum(pairs[i].num_tokens for i in b), len(b)))
         tokens = sum(pairs[i].num_tokens for i in largest)
         rng = _rng_state()
         on_cuda = self.device.type == "cuda"
-        if on_cuda:
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+        created: list[Tensor] = []
         try:
+            created = create_optimizer_states(self.optimizer)
+            state_bytes = optimizer_state_bytes(self.optimizer)
+            if on_cuda:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
             self._micro_batch(pairs, largest, ref, len(largest), weight_of_loss=0.0)
         finally:
             self.optimizer.zero_grad(set_to_none=True)
+            for p in created:  # a fresh optimizer's state again: none, no step counted
+                del self.optimizer.state[p]
             _set_rng_state(rng)
-        result: dict[str, Any] = {"tokens": tokens, "pairs": len(largest)}
+        result: dict[str, Any] = {
+            "tokens": tokens,
+            "pairs": len(largest),
+            "optimizer_state_bytes": state_bytes,
+        }
         line = f"memory probe: the largest micro-batch ({len(largest)} pairs, {tokens} tokens) fits"
         if on_cuda:
             peak = torch.cuda.max_memory_allocated(self.device) / 2**30
             total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
             result.update(peak_gib=peak, total_gib=total)
-            line += f", peak {peak:.2f} of {total:.1f} GiB"
+            line += (
+                f", peak {peak:.2f} of {total:.1f} GiB with the optimizer's states "
+                f"({state_bytes / 2**30:.2f} GiB)"
+            )
         self.memory_probe_result = result
         if distributed.is_main():
             print(f"[sdpo] {line}", flush=True)

@@ -21,9 +21,10 @@ from sdpo.engine.trainer import (
     TrainConfig,
     build_optimizer,
     lr_multiplier,
+    optimizer_state_bytes,
     plan_steps,
 )
-from tests.conftest import dpo_trainer, write_pairs
+from tests.conftest import WORDS, dpo_trainer, write_pairs
 
 
 def _pairs(model_dir: Path, data: Path):
@@ -330,8 +331,10 @@ def test_memory_probe_runs_the_largest_micro_batch_and_changes_nothing(
             )
         out = tmp_path / f"probe-{probe}"
         out.mkdir()
+        # weight decay: the probe's step at learning rate 0 that makes AdamW's states
+        # multiplies the matrices by 1 - 0 * wd
         trainer = _trainer(model, out, epochs=2, pairs_per_step=5, max_tokens_per_batch=70,
-                           memory_probe=probe)  # fmt: skip
+                           memory_probe=probe, weight_decay=0.1)  # fmt: skip
         capsys.readouterr()
         trainer.fit(pairs, ref)
         printed = capsys.readouterr().out
@@ -350,6 +353,73 @@ def test_memory_probe_runs_the_largest_micro_batch_and_changes_nothing(
     assert trainer.memory_probe_result["tokens"] == largest
     assert "tokens) fits" in p1 and f"{largest} tokens" in p1
     assert len({sum(pairs[i].num_tokens for i in b) for b in batches}) > 1  # a real choice
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
+def test_memory_probe_runs_with_adamw_states_and_leaves_a_fresh_optimizer(
+    tiny_model_dir, tmp_path, precision
+):
+    """On a fresh optimizer the probe's pass runs with AdamW's states present, of the size the
+    training steps hold (2 x each parameter's bytes and a 4-byte step count: 8 bytes a
+    parameter under fp32 weights, 4 under bf16's), and leaves the optimizer as fresh (no state,
+    the same state_dict) and the weights bit for bit as they were; with states already there
+    (a resumed or shared optimizer) it keeps them as they are."""
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=6, seed=4))
+    model = load_pretrained(tiny_model_dir)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=1024, impl="torch", precision=precision)
+    trainer = _trainer(model, tmp_path, precision=precision, weight_decay=0.1)
+    opt = trainer.optimizer
+    fresh = build_optimizer(model, trainer.config).state_dict()
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_param = 8 if precision != "bf16" else 4
+    want = sum(per_param * p.numel() + 4 for p in params)
+    seen = []
+    model.register_forward_pre_hook(lambda *_: seen.append(optimizer_state_bytes(opt)))
+    before = [p.detach().clone() for p in params]
+    result = trainer.probe_memory(pairs, ref, [[0, 1], [2, 3, 4]])
+    assert seen == [want] and result["optimizer_state_bytes"] == want
+    assert not opt.state and opt.state_dict() == fresh
+    assert all(p.grad is None and torch.equal(p, b) for p, b in zip(params, before))
+    trainer.train_step(pairs, [[0, 1, 2]], ref)
+    assert optimizer_state_bytes(opt) == want
+    steps = [float(opt.state[p]["step"]) for p in params]
+    trainer.probe_memory(pairs, ref, [[0, 1]])
+    assert seen[-1] == want and [float(opt.state[p]["step"]) for p in params] == steps
+
+
+@pytest.mark.gpu
+def test_memory_probe_peak_on_cuda_is_the_peak_of_the_training_steps(tmp_path, cuda_blas_warm):
+    """On CUDA (fused AdamW, bf16-mixed: fp32 weights, 8 bytes of states a parameter) the
+    probe's peak on a fresh optimizer is the peak of training steps on its micro-batch, whose
+    backward holds AdamW's states from the second step on: within a quarter of the states'
+    size (about 200 MB here; a probe without them was short by all of it), and the weights
+    are bit for bit as before the probe."""
+    from sdpo.engine.tiny import write_tiny_model
+
+    model_dir = write_tiny_model(
+        tmp_path / "m", words=WORDS, hidden_size=1024, num_heads=16, num_kv_heads=4, seed=2
+    )  # 24 M parameters, heads of 64
+    pairs = _pairs(model_dir, write_pairs(tmp_path / "d.jsonl", n=8, seed=5))
+    model = load_pretrained(model_dir, device="cuda")
+    trainer = _trainer(model, tmp_path, learning_rate=1e-5)
+    assert trainer.precision == "bf16-mixed" and trainer.optimizer.param_groups[0]["fused"]
+    ref = score_pairs(model, pairs, max_tokens_per_batch=1024, impl="torch", precision="bf16-mixed")
+    batch = list(range(len(pairs)))
+    before = [p.detach().cpu() for p in model.parameters()]  # not on the measured device
+    result = trainer.probe_memory(pairs, ref, [batch])
+    assert all(torch.equal(p.cpu(), b) for p, b in zip(model.parameters(), before))
+    assert not trainer.optimizer.state
+    states = result["optimizer_state_bytes"]  # the step counts on the device too (fused)
+    assert states == sum(8 * p.numel() + 4 for p in model.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        trainer.train_step(pairs, [batch], ref)
+    torch.cuda.synchronize()
+    trained = torch.cuda.max_memory_allocated()
+    assert optimizer_state_bytes(trainer.optimizer) == states
+    probed = result["peak_gib"] * 2**30
+    assert abs(probed - trained) <= states / 4, (probed / 2**20, trained / 2**20, states / 2**20)
 
 
 def test_a_step_with_the_sft_type_is_the_step_s_token_mean_on_every_path(tiny_model_dir, tmp_path):
