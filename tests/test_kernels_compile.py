@@ -175,6 +175,42 @@ def test_compiled_sequence_logprobs_follows_a_new_token_count_with_dynamic_shape
     )
 
 
+@pytest.mark.parametrize("return_aligned", [False, True])
+def test_compiled_sequence_logprobs_with_token_metrics_has_no_graph_break_and_matches_eager(
+    return_aligned,
+):
+    """The trainer's token metrics (op ``sdpo::sequence_logprobs_stats_fwd``) compile whole:
+    the same sums, statistics and gradients as eager, bit for bit, with WPO's sums or without."""
+    b = _batch(seed=57)
+
+    def run(fn):
+        h = b["h"].clone().requires_grad_(True)
+        w = b["w"].clone().requires_grad_(True)
+        loss, *detached = fn(h, w)
+        loss.backward()
+        return (loss.detach(), *detached, h.grad, w.grad)
+
+    def objective(h, w):
+        seq, *rest = sequence_logprobs(
+            h,
+            w,
+            b["labels"],
+            b["seq_ids"],
+            S,
+            impl="torch",
+            chunk_tokens=48,
+            token_weights=b["tok_weights"].float(),
+            return_aligned=return_aligned,
+            return_stats=True,
+        )
+        return ((seq * b["seq_weights"].float()).sum(), *rest)
+
+    compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
+    got, want = run(compiled), run(objective)
+    assert len(got) == 4 + return_aligned and got[-3].shape == (S, 3)
+    _assert_same(got, want)
+
+
 def test_compiled_sequence_logprobs_still_names_bad_labels():
     b = _batch(seed=56)
     labels = b["labels"].clone()
@@ -245,6 +281,12 @@ def test_opcheck_sequence_logprobs_ops():
         # WPO's twin (a third, non-differentiable output; the same backward)
         torch.library.opcheck(
             torch.ops.sdpo.sequence_logprobs_aligned_fwd, args, test_utils=OPCHECK_UTILS
+        )
+    # the token metrics' twin: (S, 3) statistics last, without WPO's sums (an empty third
+    # output) and with them and token weights
+    for extra in ((None, False), (b["tok_weights"].float(), True)):
+        torch.library.opcheck(
+            torch.ops.sdpo.sequence_logprobs_stats_fwd, (*args, *extra), test_utils=OPCHECK_UTILS
         )
     with torch.no_grad():
         _, lse = torch.ops.sdpo.sequence_logprobs_fwd(*args)
