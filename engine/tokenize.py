@@ -21,9 +21,9 @@ Where the prompt's ids are not a prefix of prompt + completion's (counted in
 
 Pipeline: ``tokenizer.json`` as transformers 5's ``AutoTokenizer`` loads it, which is as it
 is, except where the folder names the ``LlamaTokenizer`` class (Llama 2, SOLAR) and no model
-type other than "llama": transformers then builds its own normaliser and pre-tokenizer around the file's
-vocabulary (``_as_llama_tokenizer_builds_it``), and so does sdpo. Every special token
-``tokenizer_config.json`` names is an added token, as transformers registers it
+type other than "llama": transformers then builds its own normaliser and pre-tokenizer around
+the file's vocabulary (``_as_llama_tokenizer_builds_it``), and so does sdpo. Every special
+token ``tokenizer_config.json`` names is an added token, as transformers registers it
 (``_add_named_special_tokens``).
 
 BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``).
@@ -39,10 +39,10 @@ TRL give it.
 
 EOS rule: a plain completion gets EOS appended unless it already ends with the EOS token, so no
 pair ends with a doubled EOS (nor with the post-processor's EOS after it, where
-``tokenizer.json``'s adds one after every text: TRL's completions then end with two). A conversational completion is what the chat template renders:
-when it ends with the template's end of turn, a special token followed by whitespace at most
-(``<|eot_id|>``, ``<|im_end|>\\n``, ``</s>``, ``<end_of_turn>\\n``), nothing is added, as TRL
-does. A template that leaves the answer open (SOLAR's ``### Assistant:`` template writes no end
+``tokenizer.json``'s adds one after every text: TRL's completions then end with two). A
+conversational completion is what the chat template renders: when it ends with the template's
+end of turn, a special token followed by whitespace at most (``<|eot_id|>``, ``<|im_end|>\\n``,
+``</s>``, ``<end_of_turn>\\n``), nothing is added, as TRL does. A template that leaves the answer open (SOLAR's ``### Assistant:`` template writes no end
 of turn) gets EOS appended, so the pair still teaches where an answer ends (TRL adds nothing).
 
 Truncation (``max_length`` bounds each sequence, prompt + completion):

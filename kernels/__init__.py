@@ -64,7 +64,8 @@ constexpr, compiled out when off (as WPO's ``WITH_LSQ``), so the kernels, their 
 embedders that do not ask run exactly as before; the PyTorch reference computes the same from
 its fp32 block, from the same ``x - m``. The ops return per-sequence sums over the scored
 tokens, ``(S, 3)`` fp32, columns ``STAT_NAMES`` = (entropy, mean_logit, top1), detached and
-never weighted by LD-DPO's token weights; a caller divides by its token counts. The statistics change no other output.
+never weighted by LD-DPO's token weights; a caller divides by its token counts. The statistics
+change no other output.
 
 The first two are ``torch.library`` custom ops (namespace ``sdpo``, with fake
 implementations and autograd formulas), so ``torch.compile`` traces them without a graph
