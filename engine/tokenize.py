@@ -60,6 +60,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -272,6 +273,8 @@ class PairTokenizer:
         ``eos_token_id``/``bos_token_id``."""
         folder = Path(model_dir)
         path = folder / "tokenizer.json"
+        if not path.is_file() and (folder / SENTENCEPIECE_FILE).is_file():
+            raise FileNotFoundError(_sentencepiece_only_message(folder))
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} not found: sdpo reads tokenizers in the `tokenizers` JSON format; save "
@@ -425,6 +428,31 @@ class PairTokenizer:
             if self.tokenizer.decode([i], skip_special_tokens=False).replace("▁", " ").strip():
                 return False
         return False
+
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+
+
+def _sentencepiece_only_message(folder: Path) -> str:
+    """What to do with a folder that has a SentencePiece ``tokenizer.model`` and no
+    ``tokenizer.json`` (older Llama 2 style uploads). transformers converts the model on loading;
+    saving only the converted pipeline keeps ``tokenizer_config.json`` as it is, so ``legacy``,
+    ``add_prefix_space`` and the special tokens still read as transformers reads them on the
+    original folder. ``save_pretrained`` would rewrite that file, and transformers 5 leaves
+    ``legacy`` out of it: a ``legacy: true`` folder would then read "<s>[INST]" without the "▁"
+    transformers puts after "<s>" on the original folder."""
+    command = (
+        'python -c "import sys; from transformers import AutoTokenizer; d = sys.argv[1]; '
+        "AutoTokenizer.from_pretrained(d).backend_tokenizer.save(d + '/tokenizer.json')\" "
+        + shlex.quote(str(folder))
+    )
+    return (
+        f"{folder / 'tokenizer.json'} not found: {folder} has only a SentencePiece "
+        f"{SENTENCEPIECE_FILE}, and sdpo reads tokenizers in the `tokenizers` JSON format. "
+        "Write the tokenizer.json transformers converts it to, once, leaving "
+        f"tokenizer_config.json as it is (needs transformers and sentencepiece): {command} "
+        "(not save_pretrained, which rewrites tokenizer_config.json and can drop its `legacy`)"
+    )
 
 
 def _add_named_special_tokens(tokenizer: Tokenizer, config: dict) -> None:
