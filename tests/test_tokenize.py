@@ -1267,3 +1267,145 @@ def test_a_post_processor_eos_after_every_text_is_not_a_second_eos_as_in_trl(tmp
     # TRL: the EOS text it appends, then the post-processor's; here one EOS ends each completion
     assert trl_chosen == [*chosen, 2] and trl_rejected == [*rejected, 2]
     assert chosen[-1] == 2 and chosen[-2] != 2
+
+
+SOLAR_LIKE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ '### System:\\n' + m['content'] + "
+    "'\\n\\n' }}{% elif m['role'] == 'user' %}{{ '### User:\\n' + m['content'] + '\\n\\n' }}"
+    "{% else %}{{ '### Assistant:\\n' + m['content'] }}{% endif %}"
+    "{% if loop.last and add_generation_prompt %}{{ '### Assistant:\\n' }}{% endif %}{% endfor %}"
+)
+MISTRAL_LIKE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + "
+    "m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token + ' ' }}{% endif %}"
+    "{% endfor %}"
+)
+# name: (tokenizer_config.json's legacy and add_prefix_space, config.json's model_type, chat
+# template, tokenizer.json's layout: transformers 4's LlamaConverter with legacy, whose
+# normaliser puts "▁" in front of every text, or transformers 5's own conversion)
+SPM_FOLDERS = {
+    "llama2": (True, None, "llama", LLAMA2_LIKE, "converter_4"),
+    "llama2_hf": (False, None, "llama", LLAMA2_LIKE, "converter_4"),  # Llama-2-7b-hf's mix
+    "no_prefix_space": (False, False, "llama", LLAMA2_LIKE, "converter_5"),
+    "solar": (True, None, "llama", SOLAR_LIKE, "converter_5"),
+    "mistral": (True, None, "mistral", MISTRAL_LIKE, "converter_4"),
+}
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_folders(tmp_path_factory) -> dict[str, Path]:
+    """Llama 2, SOLAR and Mistral style folders around a SentencePiece BPE model trained here
+    with Llama's settings (byte fallback, digits split, "▁" in front of a text), whose
+    tokenizer.json transformers converts from the model (``tokenizer.model`` only, as older
+    uploads ship it; the message sdpo gives for such a folder says how)."""
+    spm = pytest.importorskip("sentencepiece")
+    transformers = pytest.importorskip("transformers")
+    import io
+    import random
+
+    rng = random.Random(0)
+    words = "the cat sat on mat hello world there say no yes sky blue Paris 12 3.5 café über"
+    corpus = [" ".join(rng.choices(words.split(), k=8)) for _ in range(400)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([*corpus, "[INST] hi [/INST]", "### User:"] * 2),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=384,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    root = tmp_path_factory.mktemp("spm")
+    folders = {}
+    for name, (legacy, prefix, model_type, template, layout) in SPM_FOLDERS.items():
+        folder = folders[name] = root / name
+        folder.mkdir()
+        (folder / "tokenizer.model").write_bytes(model.getvalue())
+        config = {"tokenizer_class": "LlamaTokenizer", "legacy": legacy, "chat_template": template}
+        config.update(bos_token="<s>", eos_token="</s>", unk_token="<unk>", add_bos_token=True)
+        if prefix is not None:
+            config["add_prefix_space"] = prefix
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+        pipeline = json.loads(hf_tok.backend_tokenizer.to_str())
+        if layout == "converter_4":
+            pipeline["pre_tokenizer"] = None
+            pipeline["normalizer"] = {
+                "type": "Sequence",
+                "normalizers": [
+                    {"type": "Prepend", "prepend": "▁"},
+                    {"type": "Replace", "pattern": {"String": " "}, "content": "▁"},
+                ],
+            }
+        (folder / "tokenizer.json").write_text(json.dumps(pipeline))
+        if name == "llama2_hf":  # converted with legacy, then marked legacy false
+            config["legacy"] = False
+            (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folders
+
+
+SPM_TEXTS = [
+    "hello world", " hello world", "  two  spaces ", "line\nbreak\n", "\n\nHi", "\tx\t", " ",
+    "café über naïve", "日本語 🙂", "<s>[INST] hi [/INST]", "[INST]hi[/INST] ok", "hi</s> x",
+    "12345 3.14", "### User:\nhi\n\n### Assistant:\n", "a▁b", "<unk>", "Paris" * 5, "x <s> y",
+]  # fmt: skip
+
+
+def test_sentencepiece_converted_llama_folders_give_transformers_and_trl_s_ids(
+    sentencepiece_folders, tmp_path
+):
+    """Folders whose tokenizer.json transformers converted from a SentencePiece model, as real
+    Llama 2, SOLAR and Mistral checkpoints' were (a legacy normaliser, legacy true and false,
+    add_prefix_space false, Mistral's model type), read as transformers 5 reads them: the same
+    ids for texts and BOS, and TRL's DPOTrainer ids for plain and conversational rows."""
+    transformers = pytest.importorskip("transformers")
+    plain = [
+        {"prompt": "[INST] hi there [/INST]", "chosen": " Sure 12", "rejected": "  No 🙂"},
+        {"prompt": " ### User:\nsay no\n\n### Assistant:\n", "chosen": "No.", "rejected": "Yes."},
+    ]
+    say = [{"role": "user", "content": "say  no 🙂"}]
+    chat = [
+        {
+            "prompt": [*say, {"role": "assistant", "content": "No way"}, *say],
+            "chosen": [{"role": "assistant", "content": "No, café"}],
+            "rejected": [{"role": "assistant", "content": "Sure </s>"}],
+        }
+    ]
+    for name, folder in sentencepiece_folders.items():
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+        tok = PairTokenizer.from_dir(folder)
+        for text in SPM_TEXTS:
+            ids = hf_tok.encode(text, add_special_tokens=False)
+            assert tok.encode_texts([text])[0] == ids, (name, text)
+            if not text.startswith("<s>"):
+                assert tok.prompt_ids(ids) == hf_tok.encode(text), (name, text)
+        assert _ours(folder, plain, tmp_path) == _trl_prepared(folder, plain), name
+        ours, trl = _ours(folder, chat, tmp_path), _trl_prepared(folder, chat)
+        if name == "solar":  # a template that leaves the answer open: EOS after it here
+            trl = [
+                (p, *(c if c[-1] == tok.eos_id else [*c, tok.eos_id] for c in cs)) for p, *cs in trl
+            ]
+        assert ours == trl, name
+    # a folder with tokenizer.model alone is refused with the command that writes its
+    # tokenizer.json; that file then gives transformers' ids of the folder without it
+    folder = sentencepiece_folders["solar"]
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(FileNotFoundError, match="only a SentencePiece tokenizer.model") as info:
+        PairTokenizer.from_dir(folder)
+    assert "backend_tokenizer.save(" in str(info.value)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    hf_tok.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    tok = PairTokenizer.from_dir(folder)
+    assert [tok.encode_texts([t])[0] for t in SPM_TEXTS] == [
+        hf_tok.encode(t, add_special_tokens=False) for t in SPM_TEXTS
+    ]
