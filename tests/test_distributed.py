@@ -89,6 +89,14 @@ _PRELOAD = [
 ]
 
 
+def preload_in_ranks(*modules: str) -> None:
+    """Have the forkserver import ``modules`` too, for a test module whose ranks need more than
+    ``_PRELOAD`` (transformers' modeling code: about a second of imports in every rank). Call it
+    when that module is imported, at collection: the forkserver starts with the first launch of
+    ranks and keeps the imports it started with."""
+    _PRELOAD.extend(m for m in modules if m not in _PRELOAD)
+
+
 def _start(tmp_path: Path, task, *args) -> Callable[[], list]:
     """Start ``task(*args)`` in WORLD processes of one gloo group; returns the function that
     waits for them and gives their results in rank order.

@@ -1,0 +1,153 @@
+"""Data parallelism on the transformers path (two gloo processes on CPU): a random-init
+transformers Llama in ``PackedCausalLM`` trained two optimizer steps on two ranks ends with the
+same weights on both and with the losses, gradients and weights of one process running the same
+global batches; ``train.fsdp``, which needs sdpo's decoder, is refused on every rank before any
+work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdpo.cli import EXIT_INPUT
+from sdpo.config import config_from_dict, write_resolved_config
+from sdpo.engine import distributed
+from sdpo.engine.checkpoint import load_model
+from sdpo.engine.scoring import score_pairs
+from sdpo.engine.trainer import TrainConfig, plan_steps
+from tests.conftest import dpo_trainer, two_source_config, write_hf_model, write_pairs
+from tests.test_distributed import _alongside, _pairs, _train_cli, preload_in_ranks
+
+pytest.importorskip("transformers")
+# this module and transformers' modeling code are imported once, by the forkserver the ranks
+# are forked from, not in each rank
+preload_in_ranks(
+    "tests.test_hf_distributed",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.llama.modeling_llama",
+    "sdpo.engine.hf",
+)
+
+LR = 1e-2
+STEPS = 2
+
+
+def _hf_steps(model_dir: Path, data: Path) -> dict:
+    """Two optimizer steps of the transformers-run model, several uneven micro-batches each,
+    with the gradient all-reduce overlapped with the last backward (in buckets of 4 KiB, many
+    for this model) and with one all-reduce after the backward; runs the same way in one
+    process and in every rank."""
+    pairs = _pairs(model_dir, data)
+    out = {"world": distributed.world()}
+    for overlap in (True, False):
+        model = load_model(model_dir, implementation="transformers")
+        if overlap:
+            ref = score_pairs(
+                model, pairs, max_tokens_per_batch=4096, impl="torch", data_parallel=False
+            )
+            # rewards off zero from the first step: the pairs' loss gradients differ
+            ref = type(ref)(
+                pair_indices=ref.pair_indices,
+                chosen_logps=ref.chosen_logps - 0.3 * (torch.arange(len(pairs)) % 3),
+                rejected_logps=ref.rejected_logps + 0.2,
+                chosen_tokens=ref.chosen_tokens,
+                rejected_tokens=ref.rejected_tokens,
+            )
+        config = TrainConfig(
+            learning_rate=LR,
+            seed=3,
+            pairs_per_step=9,
+            max_tokens_per_batch=60,
+            overlap_grad_reduce=overlap,
+        )
+        trainer = dpo_trainer(model, config)
+        if trainer.grad_reducer is not None and overlap:
+            trainer.grad_reducer = distributed.GradReducer(model.parameters(), bucket_bytes=4096)
+        plan = plan_steps(pairs, config, epoch=0)[:STEPS]
+        hf = model.hf_model
+        losses, grads, weights = [], [], []
+        for step in plan:
+            losses.append(float(trainer.train_step(pairs, step, ref)["loss"]))
+            grads.append({n: p.grad.clone() for n, p in hf.named_parameters()})
+            weights.append({n: w.detach().clone() for n, w in hf.state_dict().items()})
+        reducer = trainer.grad_reducer
+        out[overlap] = {
+            "plan": plan,
+            "losses": losses,
+            "grads": grads,
+            "weights": weights,
+            "buckets": 0 if reducer is None else len(reducer.buckets),
+            "in_backward": 0 if reducer is None else reducer.started_in_backward,
+        }
+    return out
+
+
+def _steps_then_refused(config_file: Path, model_dir: Path, data: Path) -> dict:
+    """In every rank: ``_hf_steps``, then ``sdpo train`` of ``config_file`` (refused; the
+    command leaves the process group as it ends)."""
+    out = _hf_steps(model_dir, data)
+    code, err, seen = _train_cli(config_file)
+    return {"refused": (code, err, seen["tokenize_calls"]), **out}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item() / (a.abs().max().item() + 1e-30)
+
+
+def test_two_steps_of_a_transformers_model_on_two_ranks_equal_one_process(tmp_path):
+    model_dir = write_hf_model(tmp_path / "llama", "LlamaConfig", seed=2)
+    data = write_pairs(tmp_path / "d.jsonl", n=23, seed=11)
+    sharded = two_source_config(
+        tmp_path, model_dir, model={"implementation": "transformers"}, train={"fsdp": True}
+    )
+    config_file = tmp_path / "fsdp.toml"
+    write_resolved_config(config_from_dict(sharded), config_file)
+    single, ranks = _alongside(
+        lambda: _hf_steps(model_dir, data),
+        tmp_path,
+        _steps_then_refused,
+        config_file,
+        model_dir,
+        data,
+    )
+    # train.fsdp: every rank exits with the input error before reading any data; rank 0 says
+    # why and what to do
+    assert [r["refused"][0] for r in ranks] == [EXIT_INPUT] * 2
+    assert [r["refused"][2] for r in ranks] == [0, 0]
+    said = ranks[0]["refused"][1]
+    assert 'implementation = "transformers"' in said and "sdpo's own decoder" in said
+    assert "train.fsdp = true; remove" in said and ranks[1]["refused"][1] == ""
+    assert not Path(sharded["output_dir"]).exists()
+
+    assert single["world"] == 1 and [r["world"] for r in ranks] == [2, 2]
+    initial = load_model(model_dir, implementation="transformers").hf_model.state_dict()
+    for overlap in (True, False):
+        want = single[overlap]
+        assert len(want["plan"][0]) >= 3  # several micro-batches per step, dealt out whole
+        for r, got in enumerate(ranks):
+            got = got[overlap]
+            assert got["plan"] == want["plan"], r
+            if overlap:  # the reduction started inside the last backward, in many buckets
+                assert got["buckets"] > 4 and got["in_backward"] > 0, r
+            for t in range(STEPS):
+                # the ranks sum the micro-batches' terms in another order than one process:
+                # the losses agree to fp32 rounding (equal in this case) ...
+                assert got["losses"][t] == pytest.approx(want["losses"][t], rel=1e-6), (r, t)
+                # ... and so do the summed gradients: the first step's to 1.1e-7 of each
+                # tensor's largest entry, the second's (at weights already apart) to 1.1e-6
+                for name, g in want["grads"][t].items():
+                    assert _rel(g, got["grads"][t][name]) <= (1e-6, 1e-5)[t], (r, t, name)
+                # the weights to 1.4e-5 of the learning rate: Adam's update lr * g / (|g| + eps)
+                # turns the rounding of an entry with |g| near eps into a share of lr
+                for name, w in want["weights"][t].items():
+                    diff = (w - got["weights"][t][name]).abs().max().item()
+                    assert diff <= 1e-4 * LR, (overlap, r, t, name, diff)
+        # the ranks hold bitwise the same weights after every step
+        for t in range(STEPS):
+            for name, w in ranks[0][overlap]["weights"][t].items():
+                assert torch.equal(w, ranks[1][overlap]["weights"][t][name]), (overlap, t, name)
+        # the steps moved the weights, so the comparisons are not vacuous
+        last = want["weights"][-1]
+        assert sum(not torch.equal(w, initial[n]) for n, w in last.items()) == len(initial)
