@@ -27,6 +27,7 @@ preload_in_ranks(
     "tests.test_hf_distributed",
     "transformers.models.auto.modeling_auto",
     "transformers.models.llama.modeling_llama",
+    "transformers.models.qwen2.modeling_qwen2",
     "sdpo.engine.hf",
 )
 
@@ -84,10 +85,14 @@ def _hf_steps(model_dir: Path, data: Path) -> dict:
     return out
 
 
-def _steps_then_refused(config_file: Path, model_dir: Path, data: Path) -> dict:
-    """In every rank: ``_hf_steps``, then ``sdpo train`` of ``config_file`` (refused; the
-    command leaves the process group as it ends)."""
-    out = _hf_steps(model_dir, data)
+def _all_steps(model_dirs: list[Path], data: Path) -> list[dict]:
+    return [_hf_steps(model_dir, data) for model_dir in model_dirs]
+
+
+def _steps_then_refused(config_file: Path, model_dirs: list[Path], data: Path) -> dict:
+    """In every rank: ``_hf_steps`` of each model, then ``sdpo train`` of ``config_file``
+    (refused; the command leaves the process group as it ends)."""
+    out = {"models": _all_steps(model_dirs, data)}
     code, err, seen = _train_cli(config_file)
     return {"refused": (code, err, seen["tokenize_calls"]), **out}
 
@@ -96,20 +101,24 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / (a.abs().max().item() + 1e-30)
 
 
-def test_two_steps_of_a_transformers_model_on_two_ranks_equal_one_process(tmp_path):
-    model_dir = write_hf_model(tmp_path / "llama", "LlamaConfig", seed=2)
+def test_two_steps_of_transformers_models_on_two_ranks_equal_one_process(tmp_path):
+    """An untied Llama, and a Qwen2 (q/k/v biases) whose lm_head is its embedding."""
+    model_dirs = [
+        write_hf_model(tmp_path / "llama", "LlamaConfig", seed=2),
+        write_hf_model(tmp_path / "qwen2", "Qwen2Config", seed=3, tie_word_embeddings=True),
+    ]
     data = write_pairs(tmp_path / "d.jsonl", n=23, seed=11)
     sharded = two_source_config(
-        tmp_path, model_dir, model={"implementation": "transformers"}, train={"fsdp": True}
+        tmp_path, model_dirs[0], model={"implementation": "transformers"}, train={"fsdp": True}
     )
     config_file = tmp_path / "fsdp.toml"
     write_resolved_config(config_from_dict(sharded), config_file)
-    single, ranks = _alongside(
-        lambda: _hf_steps(model_dir, data),
+    singles, ranks = _alongside(
+        lambda: _all_steps(model_dirs, data),
         tmp_path,
         _steps_then_refused,
         config_file,
-        model_dir,
+        model_dirs,
         data,
     )
     # train.fsdp: every rank exits with the input error before reading any data; rank 0 says
@@ -121,6 +130,11 @@ def test_two_steps_of_a_transformers_model_on_two_ranks_equal_one_process(tmp_pa
     assert "train.fsdp = true; remove" in said and ranks[1]["refused"][1] == ""
     assert not Path(sharded["output_dir"]).exists()
 
+    for m, (model_dir, single) in enumerate(zip(model_dirs, singles, strict=True)):
+        _check_model(single, [r["models"][m] for r in ranks], model_dir)
+
+
+def _check_model(single: dict, ranks: list[dict], model_dir: Path) -> None:
     assert single["world"] == 1 and [r["world"] for r in ranks] == [2, 2]
     initial = load_model(model_dir, implementation="transformers").hf_model.state_dict()
     for overlap in (True, False):
@@ -132,18 +146,20 @@ def test_two_steps_of_a_transformers_model_on_two_ranks_equal_one_process(tmp_pa
             if overlap:  # the reduction started inside the last backward, in many buckets
                 assert got["buckets"] > 4 and got["in_backward"] > 0, r
             for t in range(STEPS):
+                where = (model_dir.name, overlap, r, t)
                 # the ranks sum the micro-batches' terms in another order than one process:
-                # the losses agree to fp32 rounding (equal in this case) ...
-                assert got["losses"][t] == pytest.approx(want["losses"][t], rel=1e-6), (r, t)
+                # the losses agree to fp32 rounding (equal, or one unit in the last place) ...
+                assert got["losses"][t] == pytest.approx(want["losses"][t], rel=1e-6), where
                 # ... and so do the summed gradients: the first step's to 1.1e-7 of each
-                # tensor's largest entry, the second's (at weights already apart) to 1.1e-6
+                # tensor's largest entry, the second's (at weights already apart) to 1.3e-6
                 for name, g in want["grads"][t].items():
-                    assert _rel(g, got["grads"][t][name]) <= (1e-6, 1e-5)[t], (r, t, name)
-                # the weights to 1.4e-5 of the learning rate: Adam's update lr * g / (|g| + eps)
-                # turns the rounding of an entry with |g| near eps into a share of lr
+                    assert _rel(g, got["grads"][t][name]) <= (1e-6, 1e-5)[t], (*where, name)
+                # the weights to 1.5e-4 of the learning rate (Qwen2's second step; 1.4e-5
+                # for the Llama): Adam's update lr * g / (|g| + eps) turns the rounding of an
+                # entry with |g| near eps into a share of lr
                 for name, w in want["weights"][t].items():
                     diff = (w - got["weights"][t][name]).abs().max().item()
-                    assert diff <= 1e-4 * LR, (overlap, r, t, name, diff)
+                    assert diff <= 5e-4 * LR, (*where, name, diff)
         # the ranks hold bitwise the same weights after every step
         for t in range(STEPS):
             for name, w in ranks[0][overlap]["weights"][t].items():
