@@ -1,8 +1,8 @@
-"""Data parallelism on the transformers path (two gloo processes on CPU): a random-init
-transformers Llama in ``PackedCausalLM`` trained two optimizer steps on two ranks ends with the
+"""Data parallelism on the transformers path (two gloo processes on CPU): random-init
+transformers models in ``PackedCausalLM`` trained two optimizer steps on two ranks end with the
 same weights on both and with the losses, gradients and weights of one process running the same
-global batches; ``train.fsdp``, which needs sdpo's decoder, is refused on every rank before any
-work."""
+global batches; a two-step sDPO run on two ranks writes what one process writes; ``train.fsdp``,
+which needs sdpo's decoder, is refused on every rank before any work."""
 
 from __future__ import annotations
 
@@ -18,7 +18,16 @@ from sdpo.engine.checkpoint import load_model
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.trainer import TrainConfig, plan_steps
 from tests.conftest import dpo_trainer, two_source_config, write_hf_model, write_pairs
-from tests.test_distributed import _alongside, _pairs, _train_cli, preload_in_ranks
+from tests.test_distributed import (
+    _alongside,
+    _metrics,
+    _pairs,
+    _run_config,
+    _train_cli,
+    _train_watched,
+    _weights,
+    preload_in_ranks,
+)
 
 pytest.importorskip("transformers")
 # this module and transformers' modeling code are imported once, by the forkserver the ranks
@@ -89,10 +98,16 @@ def _all_steps(model_dirs: list[Path], data: Path) -> list[dict]:
     return [_hf_steps(model_dir, data) for model_dir in model_dirs]
 
 
-def _steps_then_refused(config_file: Path, model_dirs: list[Path], data: Path) -> dict:
-    """In every rank: ``_hf_steps`` of each model, then ``sdpo train`` of ``config_file``
-    (refused; the command leaves the process group as it ends)."""
-    out = {"models": _all_steps(model_dirs, data)}
+def _one_process(model_dirs: list[Path], data: Path, run: dict) -> list[dict]:
+    steps = _all_steps(model_dirs, data)
+    _train_watched(run)
+    return steps
+
+
+def _in_ranks(config_file: Path, model_dirs: list[Path], data: Path, run: dict) -> dict:
+    """In every rank: ``_hf_steps`` of each model, a two-step sDPO run, then ``sdpo train``
+    of ``config_file`` (refused; the command leaves the process group as it ends)."""
+    out = {"models": _all_steps(model_dirs, data), "run": _train_watched(run)[1]["tokenize_calls"]}
     code, err, seen = _train_cli(config_file)
     return {"refused": (code, err, seen["tokenize_calls"]), **out}
 
@@ -101,26 +116,38 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / (a.abs().max().item() + 1e-30)
 
 
-def test_two_steps_of_transformers_models_on_two_ranks_equal_one_process(tmp_path):
-    """An untied Llama, and a Qwen2 (q/k/v biases) whose lm_head is its embedding."""
+def test_transformers_models_on_two_ranks_train_as_one_process(tmp_path):
+    """An untied Llama, and a Qwen2 (q/k/v biases) whose lm_head is its embedding: two
+    optimizer steps each, and a whole two-step sDPO run of the Qwen2."""
     model_dirs = [
         write_hf_model(tmp_path / "llama", "LlamaConfig", seed=2),
         write_hf_model(tmp_path / "qwen2", "Qwen2Config", seed=3, tie_word_embeddings=True),
     ]
     data = write_pairs(tmp_path / "d.jsonl", n=23, seed=11)
+    (tmp_path / "fsdp").mkdir()
     sharded = two_source_config(
-        tmp_path, model_dirs[0], model={"implementation": "transformers"}, train={"fsdp": True}
+        tmp_path / "fsdp",
+        model_dirs[0],
+        model={"implementation": "transformers"},
+        train={"fsdp": True},
     )
     config_file = tmp_path / "fsdp.toml"
     write_resolved_config(config_from_dict(sharded), config_file)
+    one, two = tmp_path / "one", tmp_path / "two"
+    runs = [_run_config(tmp_path, model_dirs[1], out) for out in (one, two)]
+    for run in runs:
+        run["model"]["implementation"] = "transformers"
     singles, ranks = _alongside(
-        lambda: _all_steps(model_dirs, data),
+        lambda: _one_process(model_dirs, data, runs[0]),
         tmp_path,
-        _steps_then_refused,
+        _in_ranks,
         config_file,
         model_dirs,
         data,
+        runs[1],
     )
+    assert [r["run"] for r in ranks] == [1, 0]  # rank 0 alone read and tokenized the data
+    _check_run(one, two)
     # train.fsdp: every rank exits with the input error before reading any data; rank 0 says
     # why and what to do
     assert [r["refused"][0] for r in ranks] == [EXIT_INPUT] * 2
@@ -132,6 +159,27 @@ def test_two_steps_of_transformers_models_on_two_ranks_equal_one_process(tmp_pat
 
     for m, (model_dir, single) in enumerate(zip(model_dirs, singles, strict=True)):
         _check_model(single, [r["models"][m] for r in ranks], model_dir)
+
+
+def _check_run(one: Path, two: Path) -> None:
+    """A two-step sDPO run (``adam_eps`` 1e-3) on two ranks wrote the files one process wrote,
+    step folders of weights equal to 4e-9 and metrics to fp32 rounding."""
+
+    def listing(out: Path) -> list[str]:
+        return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+    assert listing(two) == listing(one)
+    for t in (1, 2):
+        a, b = _weights(one / f"step-{t}"), _weights(two / f"step-{t}")
+        assert a.keys() == b.keys() and "lm_head.weight" not in a  # the tie kept
+        for name, w in a.items():
+            assert (w - b[name]).abs().max().item() <= 2e-8, (t, name)
+    metrics_one, metrics_two = _metrics(one), _metrics(two)
+    assert len(metrics_two) == len(metrics_one)
+    for m1, m2 in zip(metrics_one, metrics_two, strict=True):
+        assert m1.keys() == m2.keys()
+        for k, v in m1.items():
+            assert m2[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
 
 
 def _check_model(single: dict, ranks: list[dict], model_dir: Path) -> None:
