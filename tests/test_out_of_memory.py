@@ -84,8 +84,11 @@ def test_out_of_memory_in_training_names_the_settings_and_a_resume_may_change_th
     assert "train.max_tokens_per_batch (128 -> 64)" in proc.stdout + proc.stderr
     got, want = _weights(out), _weights(whole)
     assert got.keys() == want.keys()
+    # other micro-batches and chunks sum the gradients in another order; Adam turns that
+    # rounding into up to a few thousandths of the learning rate (3e-3) where a gradient entry
+    # is near its eps (measured: 1.8e-5 at one of 3,072 entries)
     for name, w in want.items():
-        torch.testing.assert_close(got[name], w, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[name], w, rtol=1e-4, atol=3e-5)
 
 
 def test_out_of_memory_while_scoring_points_at_the_scoring_batch_size(run, tmp_path):

@@ -212,7 +212,9 @@ def test_skip_nonfinite_batches_skips_and_counts(tiny_model_dir, tmp_path, fused
     pairs = _pairs(tiny_model_dir, tmp_path)
     model = load_pretrained(tiny_model_dir)
     ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
-    ref.rejected_logps[pairs[9].index] = float("inf")
+    # a chosen reference log-prob of +inf: z = -inf and a loss of +inf (a rejected one of +inf
+    # would give z = +inf and a loss of exactly 0, a finite step)
+    ref.chosen_logps[pairs[9].index] = float("inf")
     trainer = _trainer(
         model, fused, shuffle=False, epochs=1, skip_nonfinite_batches=1, save_every=0
     )
@@ -228,7 +230,7 @@ def test_skip_nonfinite_batches_skips_and_counts(tiny_model_dir, tmp_path, fused
 def test_a_skipped_last_step_still_logs_the_finite_steps_of_its_window(tiny_model_dir, tmp_path):
     pairs = _pairs(tiny_model_dir, tmp_path, n=16)  # 4 steps of 4 pairs
     ref = score_pairs(load_pretrained(tiny_model_dir), pairs, max_tokens_per_batch=4096)
-    ref.rejected_logps[pairs[13].index] = float("inf")  # step 4, the last, is skipped
+    ref.chosen_logps[pairs[13].index] = float("inf")  # a loss of +inf: step 4, the last, is skipped
     records = {}
     for log_every in (1, 4):
         out = tmp_path / f"log{log_every}"
