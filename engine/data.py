@@ -44,6 +44,7 @@ is an error that asks for a ``prompt`` field.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import tempfile
@@ -151,6 +152,22 @@ def row_error(
     return DataError(problem, fix=fix, row=position, field=field, row_label="row")
 
 
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off while rows, messages and token lists are built in
+    bulk, as it was after. None of them form reference cycles (reference counting frees them
+    as before), but every collection their number triggers walks all the containers made so
+    far: on 73,688 pairs (79M tokens) these walks made reading the token cache 2-3x slower
+    (benchmarks/RESULTS.md)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def _describe_place(file: str | None, row: int | None, row_label: str) -> str:
     parts = []
     if file is not None:
@@ -203,6 +220,26 @@ def read_preference_file(
     with tools or chat_template_kwargs (module docstring) also has ``tools`` (a list of dicts)
     and ``chat_template_kwargs`` (a dict). ``row_error`` turns these into a ``DataError`` for
     problems found later (e.g. while tokenizing)."""
+    with cyclic_gc_paused():
+        return _read_preference_file(
+            path_or_name,
+            source=source,
+            split=split,
+            identical=identical,
+            max_line_bytes=max_line_bytes,
+            columns=columns,
+        )
+
+
+def _read_preference_file(
+    path_or_name: str | os.PathLike,
+    *,
+    source: str | None,
+    split: str,
+    identical: str,
+    max_line_bytes: int,
+    columns: Mapping[str, str] | None,
+) -> list[dict]:
     if identical not in IDENTICAL_POLICIES:
         raise ValueError(f"identical must be one of {IDENTICAL_POLICIES}, got {identical!r}")
     columns = _check_columns(columns)
@@ -317,7 +354,7 @@ def read_preference_file(
             "which only apply to chat-message rows (rendered by the chat template) and were "
             f"ignored, as TRL does; first {unrendered[0].row_label}s: {first}",
             DataWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of read_preference_file
         )
     if identical_places:
         first = ", ".join(str(p.row) for p in identical_places[:5])
@@ -326,7 +363,7 @@ def read_preference_file(
             f"{name}: {len(identical_places)} pair(s) have chosen identical to rejected and were "
             f"{action}; first {identical_places[0].row_label}s: {first}",
             DataWarning,
-            stacklevel=2,
+            stacklevel=3,  # the caller of read_preference_file
         )
     if not rows:
         raise DataError(
@@ -915,7 +952,9 @@ def _check_field(record: dict, field: str, place: _Place) -> Field:
 
 def _check_unicode(text: str, field: str, place: _Place, *, what: str) -> None:
     # JSON can spell a lone UTF-16 surrogate ("\\ud800"); Python keeps it, but it is not Unicode
-    # and tokenizers cannot take it
+    # and tokenizers cannot take it. An ASCII text (a flag CPython keeps: no scan) has none
+    if text.isascii():
+        return
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

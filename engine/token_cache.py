@@ -33,6 +33,7 @@ import safetensors.numpy
 
 from . import data as _data_module
 from . import tokenize as _tokenize_module
+from .data import cyclic_gc_paused
 from .files import atomic_write_bytes
 from .packing import TokenizedPair
 from .resume import file_sha256
@@ -193,6 +194,13 @@ def unpack_pairs(
     """The pairs and places :func:`pack_pairs` made ``tensors`` and ``names`` of. Token ids
     from a vocabulary share one int object per id value (``_int_table``). Raises
     ``ValueError`` when the arrays do not fit together."""
+    with cyclic_gc_paused():
+        return _unpack(tensors, names)
+
+
+def _unpack(
+    tensors: Mapping[str, np.ndarray], names: Sequence[str]
+) -> tuple[list[TokenizedPair], dict[int, str]]:
     index = tensors["index"].tolist()
     n = len(index)
     ids: dict[str, list[list[int]]] = {}

@@ -69,7 +69,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from .data import DataError, row_error
+from .data import DataError, cyclic_gc_paused, row_error
 from .packing import TokenizedPair
 
 TRUNCATION_POLICIES = ("keep_end", "keep_start", "error")
@@ -238,6 +238,8 @@ class PairTokenizer:
         }
         self._templates: dict[str, Any] = {}  # compiled, by source
         self._vocab_ints: list[int] | None = None  # encode_texts' int object of each id
+        self._max_id: int | None = None
+        self._blank_ids: dict[int, bool] = {}  # closes_turn: whether an id decodes to whitespace
         # special tokens a chat template closes a turn with (<|eot_id|>, <|im_end|>, </s>, ...):
         # every special token but BOS and the unknown-token marker
         unk = getattr(tokenizer.model, "unk_token", None)
@@ -339,6 +341,13 @@ class PairTokenizer:
         h.update(json.dumps(parts).encode())
         return h.hexdigest()[:16]
 
+    @property
+    def max_id(self) -> int:
+        """The largest id the tokenizer gives (vocabulary and added tokens; ids may have gaps)."""
+        if self._max_id is None:
+            self._max_id = max(self.tokenizer.get_vocab(with_added_tokens=True).values())
+        return self._max_id
+
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text, without the post-processor's special tokens.
 
@@ -354,7 +363,10 @@ class PairTokenizer:
             chunk = list(texts[start : start + _ENCODE_CHUNK])
             for e in self.tokenizer.encode_batch(chunk, add_special_tokens=False):
                 ids = e.ids
-                out.append(list(map(share, ids)) if not ids or max(ids) < len(ints) else ids)
+                try:  # ids are never negative: only an id past the table misses it
+                    out.append(list(map(share, ids)))
+                except IndexError:
+                    out.append(ids)
         return out
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
@@ -422,10 +434,15 @@ class PairTokenizer:
     def closes_turn(self, ids: list[int]) -> bool:
         """Whether ``ids`` end with a special token, followed by whitespace at most: the end of
         turn a chat template writes (``<|eot_id|>``, ``<|im_end|>\\n``, ``</s>``)."""
+        blank = self._blank_ids
         for i in reversed(ids):
             if i in self.turn_end_ids:
                 return True
-            if self.tokenizer.decode([i], skip_special_tokens=False).replace("▁", " ").strip():
+            is_blank = blank.get(i)
+            if is_blank is None:  # one decode per id, not per completion (a Rust call each)
+                text = self.tokenizer.decode([i], skip_special_tokens=False)
+                is_blank = blank[i] = not text.replace("▁", " ").strip()
+            if not is_blank:
                 return False
         return False
 
@@ -737,6 +754,26 @@ def tokenize_pairs(
             f"max_prompt_length must be in [1, max_length) = [1, {max_length}), got "
             f"{max_prompt_length}"
         )
+    with cyclic_gc_paused():
+        return _tokenize_rows(
+            rows,
+            tokenizer,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation=truncation,
+            vocab_size=vocab_size,
+        )
+
+
+def _tokenize_rows(
+    rows: Sequence[dict],
+    tokenizer: PairTokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation: str,
+    vocab_size: int | None,
+) -> tuple[list[TokenizedPair], TokenizeStats]:
     texts = [_render_row(row, tokenizer, i) for i, row in enumerate(rows)]
     prompt_ids = tokenizer.encode_texts([t[0] for t in texts])
     chosen_full = tokenizer.encode_texts([t[1] for t in texts])
@@ -757,6 +794,8 @@ def tokenize_pairs(
     )
     alone_of = {i: (alone[2 * k], alone[2 * k + 1]) for k, i in enumerate(merged)}
 
+    # every id comes from the tokenizer's vocabulary: below vocab_size when its largest id is
+    check_vocab = vocab_size is not None and tokenizer.max_id >= vocab_size
     stats = TokenizeStats(num_pairs=len(rows))
     pairs: list[TokenizedPair] = []
     for i, row in enumerate(rows):
@@ -827,7 +866,7 @@ def tokenize_pairs(
             source=str(row.get("source", "")),
             truncated=prompt_cut or completion_cut,
         )
-        if vocab_size is not None:
+        if check_vocab:
             _check_vocab(row, i, pair, vocab_size=vocab_size, tokenizer=tokenizer)
         stats.num_prompt_truncated += prompt_cut
         stats.num_completion_truncated += completion_cut

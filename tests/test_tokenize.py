@@ -346,6 +346,24 @@ def test_token_ids_beyond_the_model_vocabulary_are_an_error(tok):
     assert "does not match the model" in msg
 
 
+def test_ids_past_a_gap_in_the_vocabulary_are_encoded_and_checked_against_the_model():
+    # ids 0-3 and 10: five tokens, the largest id 10. An id at or past the token count still
+    # comes back from encoding as it is, and the model's vocab_size is checked against it
+    from tokenizers import models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "a": 3, "far": 10}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    gap = PairTokenizer(inner, eos_token="</s>", bos_token="<s>")
+    assert gap.vocab_size == 5 and gap.encode_texts(["a far", "far a a"]) == [[3, 10], [10, 3, 3]]
+    rows = [{"prompt": "a", "chosen": " far", "rejected": " a"}]
+    (pair,), _ = tokenize_pairs(rows, gap, max_length=8, vocab_size=11)
+    assert (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids) == ([3], [10, 2], [3, 2])
+    for vocab_size in (5, 10):
+        with pytest.raises(DataError, match="token id 10 is outside the model's vocabulary"):
+            tokenize_pairs(rows, gap, max_length=8, vocab_size=vocab_size)
+
+
 def test_bad_truncation_settings_are_refused(tok):
     rows = truncation_rows()
     with pytest.raises(ValueError, match="truncation must be one of"):
