@@ -10,6 +10,8 @@ and, with ``--json PATH``, writes the same rows as JSON.
     python benchmarks/throughput.py step --smoke                # tiny model on CPU (CI)
     torchrun --nproc-per-node N benchmarks/throughput.py step [--fsdp] [--json out.json]
     torchrun --nproc-per-node 2 benchmarks/throughput.py step --smoke   # two gloo ranks (CI)
+    python benchmarks/throughput.py prep [--data DIR] [--json out.json]  # CPU work before step 1
+    python benchmarks/throughput.py prep --smoke                # 30 pairs, seconds (CI)
 
 ``kernels``: lm_head matmul + log-softmax + label gather + per-sequence sum + a DPO sigmoid
 loss against fixed reference values, forward and backward, for N=16,384 tokens (8 sequences
@@ -33,6 +35,16 @@ loop. ``--sdpo-run`` times a whole 2-step sDPO run (score chunk 1, train, score 
 train) against its training alone; ``--compare-trl`` runs TRL's DPOTrainer
 (``precompute_ref_log_probs=True``) on the same weights and pairs in the same process
 afterwards and prints the tokens/s and peak-memory ratios.
+
+``prep``: the CPU work ``sdpo train`` does before its first step, on synthetic data of the
+sDPO paper's shape (12,859 OpenOrca-like plain pairs and 60,829 UltraFeedback-like chat pairs,
+prompts of ~100-200 words, answers of ~150-280, log-normal; a 32k BPE tokenizer with byte
+fallback and a Metaspace pre-tokenizer trained on the same synthetic text, named LlamaTokenizer
+as Llama 2's and SOLAR's folders are, with SOLAR's chat template): a fresh interpreter's
+``import sdpo.runner``, reading and validating each source, rendering the chat template,
+``tokenize_pairs``, partition and batch plans, then ``load_pairs`` as the runner calls it with
+the token cache cold and warm. It prints a sha256 of the token ids, so two versions of the code
+can be checked to give the same ids.
 
 ``step`` under torchrun (``WORLD_SIZE`` > 1; ``kernels`` runs in one process only): every rank
 joins the group (``distributed.init_from_env``: NCCL on ``cuda:LOCAL_RANK``, gloo with
@@ -59,6 +71,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import json
 import math
 import os
 import statistics
@@ -67,7 +80,10 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -1941,12 +1957,264 @@ def brief(row: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------
+# Section: prep (the CPU work before the first training step)
+# ----------------------------------------------------------------------------------------
+
+# The sDPO paper's data: OpenOrca pairs for step 1 (plain text), UltraFeedback pairs for step 2
+# (chat messages, in the "full conversation" layout of the binarized hub data set).
+PREP_PAPER_PAIRS = (12_859, 60_829)
+PREP_SMOKE_PAIRS = (10, 20)
+PREP_SOLAR_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{% if message['content'] %}{{ '### System:\n' + message['content'] + '\n\n' }}{% endif %}"
+    "{% elif message['role'] == 'user' %}{{ '### User:\n' + message['content'] + '\n\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '### Assistant:\n' + message['content'] }}"
+    "{% endif %}{% if loop.last and add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+class SyntheticText:
+    """English-like text: pseudo-words of 1-4 syllables drawn with Zipf frequencies, with
+    punctuation, paragraphs and now and then a code block; seeded."""
+
+    def __init__(self, *, seed: int, words: int = 30_000) -> None:
+        self.rng = rng = np.random.default_rng(seed)
+        onsets = ["", *"bcdfghklmnprstvw", "th", "st", "ch", "sh", "pr", "tr"]
+        syllables = [c + v for c in onsets for v in ("a", "e", "i", "o", "u", "ou", "ea", "ai")]
+        endings = ["", "", "", "s", "ed", "ing", "ly", "n", "t"]
+        vocab: dict[str, None] = {}
+        while len(vocab) < words:
+            parts = rng.integers(0, len(syllables), int(rng.integers(1, 5)))
+            word = "".join(syllables[i] for i in parts) + endings[int(rng.integers(len(endings)))]
+            vocab[word] = None
+        self.words = np.array(list(vocab), dtype=object)
+        weights = 1.0 / np.arange(1, words + 1) ** 1.05
+        self.cdf = np.cumsum(weights / weights.sum())
+        self.seps = np.array([" "] * 10 + [", ", ". ", "? ", "\n\n", ": ", " ("], dtype=object)
+
+    def text(self, words: int) -> str:
+        rng = self.rng
+        idx = np.minimum(np.searchsorted(self.cdf, rng.random(words)), len(self.words) - 1)
+        body = "".join(self.words[idx] + self.seps[rng.integers(0, len(self.seps), words)])
+        body = body.strip()
+        if rng.random() < 0.1:
+            body += f"\n```python\nx = {int(rng.integers(10**6))}\nprint(x * 2)\n```"
+        return body[:1].upper() + body[1:]
+
+    def length(self, median: int, cap: int) -> int:
+        """Words: log-normal around ``median`` (sigma 0.6), in [3, cap]."""
+        return int(np.clip(self.rng.lognormal(math.log(median), 0.6), 3, cap))
+
+
+def make_prep_data(folder: Path, *, pairs: tuple[int, int], vocab: int, seed: int) -> None:
+    """A Llama-2/SOLAR-style tokenizer folder (BPE with byte fallback and a Metaspace
+    pre-tokenizer, trained on the synthetic text; LlamaTokenizer named, so sdpo builds the
+    pipeline transformers does; SOLAR's chat template) in ``folder/model``, and
+    ``folder/plain.jsonl`` (OpenOrca-like: system + question prompts of ~200 words, answers of
+    ~150-180) and ``folder/chat.jsonl`` (UltraFeedback-like: a user turn of ~100 words, answers
+    of ~220-280, each completion repeating the prompt's turn)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    source = SyntheticText(seed=seed)
+    model = folder / "model"
+    model.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=[f"<0x{i:02X}>" for i in range(256)],
+        show_progress=False,
+    )
+    corpus = [source.text(200) for _ in range(min(20_000, max(50, vocab // 4)))]
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    tok.save(str(model / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "LlamaTokenizer",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "legacy": False,
+        "chat_template": PREP_SOLAR_TEMPLATE,
+    }
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    (model / "config.json").write_text(
+        json.dumps({"model_type": "llama", "vocab_size": vocab, "max_position_embeddings": 4096})
+    )
+    t = source
+    with open(folder / "plain.jsonl", "w") as f:
+        for _ in range(pairs[0]):
+            prompt = (
+                f"### System:\n{t.text(t.length(20, 60))}\n\n### User:\n"
+                f"{t.text(t.length(150, 600))}\n\n### Assistant:\n"
+            )
+            row = {
+                "prompt": prompt,
+                "chosen": t.text(t.length(180, 1200)),
+                "rejected": t.text(t.length(150, 1200)),
+            }
+            f.write(json.dumps(row) + "\n")
+    with open(folder / "chat.jsonl", "w") as f:
+        for _ in range(pairs[1]):
+            user = [{"role": "user", "content": t.text(t.length(100, 800))}]
+            row = {
+                "prompt": user,
+                **{
+                    side: [*user, {"role": "assistant", "content": t.text(t.length(median, 1500))}]
+                    for side, median in (("chosen", 280), ("rejected", 220))
+                },
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+def prep_section(args: argparse.Namespace) -> dict:
+    """Time the CPU work ``sdpo train`` does before its first step, stage by stage, on
+    synthetic data of the paper's shape; then the whole of it as the runner does it
+    (``load_pairs``), with the token cache cold (first run) and warm (second run)."""
+    import hashlib
+    import subprocess
+    import tempfile
+    import warnings
+
+    from sdpo.config import load_config
+    from sdpo.engine import token_cache
+    from sdpo.engine.data import read_preference_file
+    from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+    from sdpo.engine.trainer import plan_steps
+    from sdpo.partition import partition_pairs
+    from sdpo.runner import _train_config, load_pairs
+
+    pairs_wanted = PREP_SMOKE_PAIRS if args.smoke else tuple(args.pairs)
+    vocab = 1_000 if args.smoke else args.vocab
+    scratch = None
+    if args.data:
+        folder = Path(args.data)
+    else:
+        scratch = tempfile.TemporaryDirectory(prefix="sdpo-prep-")
+        folder = Path(scratch.name)
+    header = {
+        **run_header(torch.device("cpu")),
+        "cpus": os.cpu_count(),
+        "pairs": {"plain": pairs_wanted[0], "chat": pairs_wanted[1]},
+        "vocab": vocab,
+        "smoke": args.smoke,
+    }
+    try:
+        if not (folder / "chat.jsonl").is_file():
+            t0 = time.perf_counter()
+            make_prep_data(folder, pairs=pairs_wanted, vocab=vocab, seed=args.seed)
+            say(f"made the data in {folder} in {time.perf_counter() - t0:.1f} s")
+        run = folder / "run.toml"
+        run.write_text(
+            f'output_dir = "{folder / "out"}"\n[model]\npath = "{folder / "model"}"\n[data]\n'
+            'sources = [{ name = "orca", path = "plain.jsonl" }, '
+            '{ name = "ultrafeedback", path = "chat.jsonl" }]\n'
+            f"max_length = {args.max_length}\nmax_prompt_length = {args.max_length // 2}\n"
+            '[sdpo]\nsteps = 2\npartition = "given"\n'
+        )
+        cfg = load_config(run)
+        d = cfg.data
+        rows_out: list[dict] = []
+
+        def timed(stage: str, fn: Callable[[], Any]) -> Any:
+            t0 = time.perf_counter()
+            value = fn()
+            rows_out.append({"stage": stage, "s": time.perf_counter() - t0})
+            return value
+
+        if not args.smoke:  # a fresh interpreter: what `sdpo train` imports before it reads
+            timed(
+                "import sdpo.runner (new process)",
+                lambda: subprocess.run([sys.executable, "-c", "import sdpo.runner"], check=True),
+            )
+        tokenizer = timed("tokenizer load", lambda: PairTokenizer.from_dir(folder / "model"))
+        rows: list[dict] = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for s in d.sources:
+                rows += timed(
+                    f"read + validate {s.name}",
+                    lambda s=s: read_preference_file(s.path, source=s.name, split=s.split),
+                )
+        chat_rows = [r for r in rows if not isinstance(r["prompt"], str)]
+
+        def render() -> None:
+            for r in chat_rows:
+                for messages, generation in (
+                    (r["prompt"], True),
+                    (r["prompt"] + r["chosen"], False),
+                    (r["prompt"] + r["rejected"], False),
+                ):
+                    tokenizer.render_chat(messages, add_generation_prompt=generation)
+
+        timed(f"render chat template ({3 * len(chat_rows)} texts)", render)
+        lengths = {"max_length": d.max_length, "max_prompt_length": d.max_prompt_length}
+        pairs, stats = timed(
+            "tokenize_pairs (render + encode + cut)",
+            lambda: tokenize_pairs(rows, tokenizer, **lengths, vocab_size=vocab),
+        )
+        arrays, _ = token_cache.pack_pairs(pairs, {})
+        ids_sha256 = hashlib.sha256(
+            b"".join(
+                arrays[f"{s}_{k}"].tobytes()
+                for s in ("prompt", "chosen", "rejected")
+                for k in ("ids", "offsets")
+            )
+        ).hexdigest()
+        by_index = {p.index: p for p in pairs}
+
+        def partition_and_plan() -> None:
+            chunks = partition_pairs(
+                "given",
+                pairs_sources=[p.source for p in pairs],
+                pair_indices=[p.index for p in pairs],
+                gamma=None,
+                steps=2,
+                source_order=[s.name for s in d.sources],
+            )
+            for chunk in chunks:
+                plan_steps([by_index[i] for i in chunk], _train_config(cfg), epoch=0)
+
+        timed("partition + plan batches", partition_and_plan)
+        rows = chat_rows = pairs = by_index = []  # freed before the runner's reads
+        cache = folder / "tokens-train.safetensors"
+        cache.unlink(missing_ok=True)
+        common = {"vocab_size": vocab, "context_length": 4096, "cache_file": cache}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            first = timed(
+                "first run: load_pairs, cache cold (read, tokenize, write)",
+                lambda: load_pairs(cfg, tokenizer, **common),
+            )
+            second = timed(
+                "second run: load_pairs, cache warm", lambda: load_pairs(cfg, tokenizer, **common)
+            )
+        assert [p.chosen_ids for p in second] == [p.chosen_ids for p in first]
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+    tokens = stats.num_tokens
+    say(
+        f"prep: {stats.num_pairs} pairs, {tokens:,} packed tokens, {os.cpu_count()} CPUs; "
+        f"token ids sha256 {ids_sha256[:16]}"
+    )
+    print_table(rows_out, ["stage", "s"])
+    return {**header, "tokens": tokens, "ids_sha256": ids_sha256, "stages": rows_out}
+
+
+# ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
 
 SECTIONS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "kernels": kernels_section,
     "step": step_section,
+    "prep": prep_section,
 }
 
 
@@ -2143,6 +2411,35 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="after the timed TRL steps, run this many more under torch.profiler and report "
         "the device kernels and host ops they spent their time on",
+    )
+    p = sub.add_parser(
+        "prep",
+        help="the CPU work before the first step: read, validate, render, tokenize, cache",
+        description=(
+            "Times what sdpo train does on the CPU before its first step (startup, reading and "
+            "validating the data, chat templates, tokenizing, the token cache, partition and "
+            "batches) on synthetic data of the sDPO paper's shape: OpenOrca-like plain pairs "
+            "and UltraFeedback-like chat pairs, a 32k BPE tokenizer built as Llama 2's."
+        ),
+    )
+    p.add_argument("--smoke", action="store_true", help="30 pairs, a 1k vocabulary (CI)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        nargs=2,
+        default=list(PREP_PAPER_PAIRS),
+        metavar=("PLAIN", "CHAT"),
+        help="plain and chat pairs (default: the paper's 12,859 and 60,829)",
+    )
+    p.add_argument("--vocab", type=int, default=32_000, help="tokenizer vocabulary size")
+    p.add_argument("--max-length", type=int, default=2048, help="data.max_length")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument(
+        "--data",
+        metavar="DIR",
+        help="make the data in DIR (kept), or reuse what an earlier run made there; default: "
+        "a temporary folder",
     )
     return parser
 

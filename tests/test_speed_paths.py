@@ -607,6 +607,33 @@ def test_step_benchmark_smoke_reports_every_section(one_thread, tmp_path):
     assert run["ratio_vs_train"] < run["ratio_runner_no_report"] < run["ratio_runner_default"]
 
 
+def test_prep_benchmark_smoke_times_every_stage_on_data_of_the_paper_s_two_shapes(tmp_path):
+    from sdpo.engine.data import read_preference_file
+
+    throughput = load_throughput()
+    out, data = tmp_path / "prep.json", tmp_path / "data"
+    throughput.main(["prep", "--smoke", "--data", str(data), "--json", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["pairs"] == {"plain": 10, "chat": 20} and payload["tokens"] > 0
+    stages = {r["stage"]: r["s"] for r in payload["stages"]}
+    assert all(s >= 0 for s in stages.values())
+    for stage in (
+        "read + validate orca",
+        "read + validate ultrafeedback",
+        "render chat template (60 texts)",
+        "tokenize_pairs (render + encode + cut)",
+        "first run: load_pairs, cache cold (read, tokenize, write)",
+        "second run: load_pairs, cache warm",
+    ):
+        assert stage in stages
+    # the data kept in --data: plain rows, and chat rows whose completions repeat the prompt
+    plain = read_preference_file(data / "plain.jsonl")
+    chat = read_preference_file(data / "chat.jsonl")
+    assert len(plain) == 10 and all(isinstance(r["prompt"], str) for r in plain)
+    assert len(chat) == 20 and all(r["chosen"][0]["role"] == "assistant" for r in chat)
+    assert (data / "tokens-train.safetensors").is_file()
+
+
 def _torchrun_step_smoke(out: Path, *extra: str) -> dict:
     """``torchrun --nproc-per-node 2 benchmarks/throughput.py step --smoke ...`` (gloo, CPU)."""
     env = torchrun_env()
