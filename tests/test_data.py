@@ -384,9 +384,10 @@ def test_identical_pairs_warn_drop_or_error(tmp_path):
     with pytest.warns(DataWarning, match=r"2 pair\(s\) have chosen identical.*kept.*lines: 2, 4"):
         kept = read_preference_file(path)
     assert len(kept) == 4
-    with pytest.warns(DataWarning, match=r"2 pair\(s\).*dropped"):
+    with pytest.warns(DataWarning, match=r"2 pair\(s\).*dropped") as caught:
         dropped = read_preference_file(path, identical="drop")
     assert [r["row"] for r in dropped] == [1, 3]
+    assert caught[0].filename == __file__  # the warning points at the caller's line
     with pytest.raises(DataError) as info:
         read_preference_file(path, identical="error")
     assert_error(info, file=path, row=2, field="chosen", label="line", words=["identical", "drop"])
