@@ -263,7 +263,9 @@ class PairTokenizer:
         """The token ``tokenizer.json``'s post-processor puts in front of a text, if any."""
         plain = self.tokenizer.encode("a", add_special_tokens=False).ids
         processed = self.tokenizer.encode("a", add_special_tokens=True).ids
-        return processed[0] if processed[1 : len(plain) + 1] == plain else None
+        if not processed or processed[1 : len(plain) + 1] != plain:
+            return None  # nothing in front (or no ids at all: "a" outside a vocabulary)
+        return processed[0]
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> PairTokenizer:

@@ -1427,3 +1427,15 @@ def test_sentencepiece_converted_llama_folders_give_transformers_and_trl_s_ids(
     assert [tok.encode_texts([t])[0] for t in SPM_TEXTS] == [
         hf_tok.encode(t, add_special_tokens=False) for t in SPM_TEXTS
     ]
+
+
+def test_a_vocabulary_without_the_probe_text_has_no_post_processor_bos():
+    """The post-processor's front token is read off the encoding of "a"; a vocabulary with no
+    "a", no unknown token and no byte fallback encodes it as nothing, which means no BOS (it
+    raised an IndexError)."""
+    from tokenizers import Tokenizer, models
+
+    tok = PairTokenizer(
+        Tokenizer(models.BPE(vocab={"b": 0, "c": 1, "</s>": 2}, merges=[])), eos_token="</s>"
+    )
+    assert tok.bos_id is None and not tok.add_bos
