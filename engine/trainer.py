@@ -337,7 +337,13 @@ def create_optimizer_states(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     (a fresh optimizer's: none, no step counted). Made by one step at learning rate 0 over zero
     gradients, which leaves every parameter bit for bit as it was (the decoupled weight decay
     multiplies by 1 - 0 * wd = 1, the update adds -0 * 0 / eps); every gradient is dropped
-    before and after, and the LR scheduler's record of a step taken is kept as it was."""
+    before and after, and the LR scheduler's record of a step taken is kept as it was. Only
+    torch's Adam and AdamW: for another optimizer nothing is made (returns ``[]``). A step
+    that fails part way leaves no state behind."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        # another optimizer may ignore the learning rate (a relative step size) or need a
+        # closure: its step at lr 0 could change the weights, so none is taken
+        return []
     params = [p for group in optimizer.param_groups for p in group["params"]]
     missing = [p for p in params if not optimizer.state.get(p)]
     if not missing:
@@ -351,6 +357,12 @@ def create_optimizer_states(optimizer: torch.optim.Optimizer) -> list[Tensor]:
         for group in optimizer.param_groups:
             group["lr"] = 0.0
         optimizer.step()
+    except BaseException:
+        # a step that failed part way (out of memory while making the states) leaves none of
+        # them behind: a later fit must start from a fresh optimizer's state, step counts 0
+        for p in missing:
+            optimizer.state.pop(p, None)
+        raise
     finally:
         for group, lr in zip(optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr

@@ -20,6 +20,7 @@ from sdpo.engine.trainer import (
     DPOTrainer,
     TrainConfig,
     build_optimizer,
+    create_optimizer_states,
     lr_multiplier,
     optimizer_state_bytes,
     plan_steps,
@@ -385,6 +386,29 @@ def test_memory_probe_runs_with_adamw_states_and_leaves_a_fresh_optimizer(
     steps = [float(opt.state[p]["step"]) for p in params]
     trainer.probe_memory(pairs, ref, [[0, 1]])
     assert seen[-1] == want and [float(opt.state[p]["step"]) for p in params] == steps
+
+
+def test_optimizer_states_are_made_only_for_adam_and_none_are_left_by_a_failed_step():
+    """Another optimizer's step at lr 0 need not leave the weights alone (Adafactor's relative
+    step size, SGD's momentum buffers, LBFGS's closure), so none is taken for it; a step that
+    fails part way (out of memory while making the states) leaves no state behind."""
+    w = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
+    before = w.detach().clone()
+    sgd = torch.optim.SGD([w], lr=0.1, momentum=0.9, weight_decay=0.1)
+    assert create_optimizer_states(sgd) == [] and not sgd.state and torch.equal(w, before)
+
+    adam = torch.optim.AdamW([w], lr=0.1, weight_decay=0.1)
+
+    def fail_after_the_states(*args, **kwargs):
+        adam.state[w]["step"] = torch.tensor(1.0)  # made, then the step fails
+        raise torch.OutOfMemoryError("out of memory")
+
+    adam.step = fail_after_the_states
+    with pytest.raises(torch.OutOfMemoryError):
+        create_optimizer_states(adam)
+    assert not adam.state and adam.param_groups[0]["lr"] == 0.1 and w.grad is None
+    del adam.step
+    assert create_optimizer_states(adam) == [w] and torch.equal(w, before)
 
 
 @pytest.mark.gpu
