@@ -150,9 +150,6 @@ def _accumulate_grad_weight(acc: torch.Tensor, grad_logits: torch.Tensor, h: tor
         # cuBLAS with bf16 inputs and an fp32 C: no (V, H) temporary, fp32 accumulation.
         torch.addmm(acc, grad_logits.t(), h, out_dtype=acc.dtype, out=acc)
         return
-    if grad_logits.dtype == acc.dtype and h.dtype == acc.dtype:
-        acc.addmm_(grad_logits.t(), h)  # nothing to cast (fp32 compute): one GEMM into acc
-        return
     # No mixed-dtype GEMM (a CPU, an older torch): the operands are cast to acc's dtype, a
     # block of vocabulary rows at a time, so that each chunk's product is added unrounded and
     # each block of cast gradients stays within _UPCAST_BYTES (a (V, H) product in the narrow
