@@ -18,14 +18,21 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 
 cd "$(dirname "$0")/.."
+# python3 unless PYTHON names another (a bare machine need not have a `python` at all, or may
+# have it name another interpreter); the wheels below are installed for it
+PY="${PYTHON:-python3}"
 # Optional packages for the comparisons (trl, datasets, dill, multiprocess, liger-kernel) as
-# wheels in .whl/: installed offline into /tmp/site, which then shadows the system copies.
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site; fi
+# wheels in .whl/ (`make gpu-wheels`): installed offline into /tmp/site, which then shadows the
+# system copies.
+if [ -d .whl ]; then
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+        export PYTHONPATH=/tmp/site
+    else
+        echo "warning: installing .whl/ for $PY failed (wheels for another Python? see make gpu-wheels GPU_PYTHON=...); the TRL and Liger comparisons will not run" >&2
+    fi
+fi
 OUT_DIR="${OUT:-./gpu_out}"
 mkdir -p "$OUT_DIR"
-# python3, the interpreter the wheels above were installed for (a bare machine need not have
-# a `python` at all, or may have it name another interpreter)
-PY="${PYTHON:-python3}"
 BUDGET="${SDPO_GPU_CHECK_BUDGET:-560}"
 SUMMARY="$OUT_DIR/summary.txt"
 status=0
