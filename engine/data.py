@@ -155,10 +155,10 @@ def row_error(
 @contextlib.contextmanager
 def cyclic_gc_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off while rows, messages and token lists are built in
-    bulk, as it was after. None of them form reference cycles (reference counting frees them
-    as before), but every collection their number triggers walks all the containers made so
-    far: on 73,688 pairs (79M tokens) these walks made reading the token cache 2-3x slower
-    (benchmarks/RESULTS.md)."""
+    bulk, as it was after (a ``with`` block, or a decorator of the function that builds them).
+    None of them form reference cycles (reference counting frees them as before), but every
+    collection their number triggers walks all the containers made so far: on 73,688 pairs
+    (79M tokens) these walks made reading the token cache 2-3x slower (benchmarks/RESULTS.md)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -192,6 +192,7 @@ class _Place:
         return _describe_place(self.file, self.row, self.row_label)
 
 
+@cyclic_gc_paused()
 def read_preference_file(
     path_or_name: str | os.PathLike,
     *,
@@ -220,26 +221,6 @@ def read_preference_file(
     with tools or chat_template_kwargs (module docstring) also has ``tools`` (a list of dicts)
     and ``chat_template_kwargs`` (a dict). ``row_error`` turns these into a ``DataError`` for
     problems found later (e.g. while tokenizing)."""
-    with cyclic_gc_paused():
-        return _read_preference_file(
-            path_or_name,
-            source=source,
-            split=split,
-            identical=identical,
-            max_line_bytes=max_line_bytes,
-            columns=columns,
-        )
-
-
-def _read_preference_file(
-    path_or_name: str | os.PathLike,
-    *,
-    source: str | None,
-    split: str,
-    identical: str,
-    max_line_bytes: int,
-    columns: Mapping[str, str] | None,
-) -> list[dict]:
     if identical not in IDENTICAL_POLICIES:
         raise ValueError(f"identical must be one of {IDENTICAL_POLICIES}, got {identical!r}")
     columns = _check_columns(columns)
@@ -354,7 +335,7 @@ def _read_preference_file(
             "which only apply to chat-message rows (rendered by the chat template) and were "
             f"ignored, as TRL does; first {unrendered[0].row_label}s: {first}",
             DataWarning,
-            stacklevel=3,  # the caller of read_preference_file
+            stacklevel=3,  # the caller of read_preference_file, past the decorator's frame
         )
     if identical_places:
         first = ", ".join(str(p.row) for p in identical_places[:5])
@@ -363,7 +344,7 @@ def _read_preference_file(
             f"{name}: {len(identical_places)} pair(s) have chosen identical to rejected and were "
             f"{action}; first {identical_places[0].row_label}s: {first}",
             DataWarning,
-            stacklevel=3,  # the caller of read_preference_file
+            stacklevel=3,  # the caller of read_preference_file, past the decorator's frame
         )
     if not rows:
         raise DataError(

@@ -188,19 +188,13 @@ def pack_pairs(
     return tensors, names
 
 
+@cyclic_gc_paused()
 def unpack_pairs(
     tensors: Mapping[str, np.ndarray], names: Sequence[str]
 ) -> tuple[list[TokenizedPair], dict[int, str]]:
     """The pairs and places :func:`pack_pairs` made ``tensors`` and ``names`` of. Token ids
     from a vocabulary share one int object per id value (``_int_table``). Raises
     ``ValueError`` when the arrays do not fit together."""
-    with cyclic_gc_paused():
-        return _unpack(tensors, names)
-
-
-def _unpack(
-    tensors: Mapping[str, np.ndarray], names: Sequence[str]
-) -> tuple[list[TokenizedPair], dict[int, str]]:
     index = tensors["index"].tolist()
     n = len(index)
     ids: dict[str, list[list[int]]] = {}

@@ -730,6 +730,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return lo
 
 
+@cyclic_gc_paused()
 def tokenize_pairs(
     rows: Sequence[dict],
     tokenizer: PairTokenizer,
@@ -756,26 +757,6 @@ def tokenize_pairs(
             f"max_prompt_length must be in [1, max_length) = [1, {max_length}), got "
             f"{max_prompt_length}"
         )
-    with cyclic_gc_paused():
-        return _tokenize_rows(
-            rows,
-            tokenizer,
-            max_length=max_length,
-            max_prompt_length=max_prompt_length,
-            truncation=truncation,
-            vocab_size=vocab_size,
-        )
-
-
-def _tokenize_rows(
-    rows: Sequence[dict],
-    tokenizer: PairTokenizer,
-    *,
-    max_length: int,
-    max_prompt_length: int | None,
-    truncation: str,
-    vocab_size: int | None,
-) -> tuple[list[TokenizedPair], TokenizeStats]:
     texts = [_render_row(row, tokenizer, i) for i, row in enumerate(rows)]
     prompt_ids = tokenizer.encode_texts([t[0] for t in texts])
     chosen_full = tokenizer.encode_texts([t[1] for t in texts])
