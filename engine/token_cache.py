@@ -33,6 +33,7 @@ import safetensors.numpy
 
 from . import data as _data_module
 from . import tokenize as _tokenize_module
+from . import tokenizer_classes as _tokenizer_classes_module
 from .data import cyclic_gc_paused
 from .files import atomic_write_bytes
 from .packing import TokenizedPair
@@ -146,7 +147,7 @@ def token_cache_key(
     templates = folder / CHAT_TEMPLATE_DIR
     tokenizer[CHAT_TEMPLATE_DIR] = _folder_sha256(templates) if templates.is_dir() else None
     code = hashlib.sha256()
-    for module in (_data_module, _tokenize_module):
+    for module in (_data_module, _tokenize_module, _tokenizer_classes_module):
         code.update(Path(module.__file__).read_bytes())
     return {
         "sources": files,

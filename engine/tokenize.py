@@ -20,9 +20,10 @@ Where the prompt's ids are not a prefix of prompt + completion's (counted in
   prompt's ids part from both prompt + completion's ids.
 
 Pipeline: ``tokenizer.json`` as transformers 5's ``AutoTokenizer`` loads it, which is as it
-is, except where the folder names the ``LlamaTokenizer`` class (Llama 2, SOLAR) and no model
-type other than "llama": transformers then builds its own normaliser and pre-tokenizer around
-the file's vocabulary (``_as_llama_tokenizer_builds_it``), and so does sdpo. Every special
+is, except where it builds the ``LlamaTokenizer`` class (Llama 2, SOLAR), which keeps only the
+file's vocabulary, merges, added tokens and post-processor and makes the rest itself: sdpo then
+builds the same pipeline (``engine/tokenizer_classes.py``). Where ``tokenizer_config.json``
+names no EOS (BOS, ...), the defaults of the class transformers builds apply. Every special
 token ``tokenizer_config.json`` names is an added token, as transformers registers it
 (``_add_named_special_tokens``).
 
@@ -31,8 +32,9 @@ A plain prompt then gets a BOS id in front when (1) ``tokenizer.json``'s post-pr
 the BOS token in front of plain text (as Llama's and Gemma's do; where no BOS is named anywhere,
 the token it puts there is taken as BOS, as transformers still adds it), and (2) the prompt
 does not already start with BOS (TRL would give it a second one).
-``tokenizer_config.json``'s ``add_bos_token`` is not read: transformers 5 ignores it when the
-folder has a ``tokenizer.json``, so the post-processor alone decides what TRL's prompts get. A
+``tokenizer_config.json``'s ``add_bos_token`` (and ``add_eos_token``) is not read:
+transformers 5 ignores it when the folder has a ``tokenizer.json``, so the post-processor alone
+decides what TRL's prompts get. A
 conversational prompt starts with BOS when the chat template writes it (``{{ bos_token }}``,
 Llama 3's ``<|begin_of_text|>``), as transformers' ``apply_chat_template(tokenize=True)`` and so
 TRL give it.
@@ -71,6 +73,12 @@ from tokenizers import Tokenizer
 
 from .data import DataError, cyclic_gc_paused, row_error
 from .packing import TokenizedPair
+from .tokenizer_classes import (
+    CLASS_SPECIAL_TOKENS,
+    backend_class,
+    build_as_transformers,
+    class_defaults,
+)
 
 TRUNCATION_POLICIES = ("keep_end", "keep_start", "error")
 _ENCODE_CHUNK = 4096  # texts per encode_batch call: bounds peak memory on large data sets
@@ -241,9 +249,13 @@ class PairTokenizer:
         self._max_id: int | None = None
         self._blank_ids: dict[int, bool] = {}  # closes_turn: whether an id decodes to whitespace
         # special tokens a chat template closes a turn with (<|eot_id|>, <|im_end|>, </s>, ...):
-        # every special token but BOS and the unknown-token marker
-        unk = getattr(tokenizer.model, "unk_token", None)
-        not_closing = {self.bos_id, tokenizer.token_to_id(unk) if unk else None}
+        # every special token but BOS and the unknown-token marker (the model's, or the named
+        # one: LlamaTokenizer's pipeline has none in its model)
+        unks = {
+            getattr(tokenizer.model, "unk_token", None),
+            (special_tokens or {}).get("unk_token"),
+        }
+        not_closing = {self.bos_id, *(tokenizer.token_to_id(u) for u in unks if u)}
         self.turn_end_ids = {
             i
             for i, token in tokenizer.get_added_tokens_decoder().items()
@@ -273,8 +285,9 @@ class PairTokenizer:
         ``special_tokens_map.json``'s over them where transformers reads it:
         ``with_special_tokens_map``) and the chat template (``chat_template.jinja`` or
         tokenizer_config.json's ``chat_template``, as transformers picks it:
-        ``_find_chat_templates``). EOS/BOS missing from both are taken from ``config.json``
-        ``eos_token_id``/``bos_token_id``."""
+        ``_find_chat_templates``). The pipeline and default special tokens of the tokenizer
+        class transformers builds for the folder (``engine/tokenizer_classes.py``) apply; EOS/BOS
+        still missing are taken from ``config.json`` ``eos_token_id``/``bos_token_id``."""
         folder = Path(model_dir)
         path = folder / "tokenizer.json"
         if not path.is_file() and (folder / SENTENCEPIECE_FILE).is_file():
@@ -293,8 +306,10 @@ class PairTokenizer:
         config = with_special_tokens_map(folder, config)
         model_config_path = folder / "config.json"
         model_config = _read_json(model_config_path) if model_config_path.is_file() else {}
+        cls_name = backend_class(tokenizer, config, model_config)
+        config = class_defaults(tokenizer, config, cls_name)
         _add_named_special_tokens(tokenizer, config)
-        _as_llama_tokenizer_builds_it(tokenizer, config, model_config)
+        build_as_transformers(tokenizer, config, cls_name)
 
         def special(key: str) -> str | None:
             token = _token_content(config.get(f"{key}_token"))
@@ -306,11 +321,7 @@ class PairTokenizer:
 
         eos = special("eos")
         if eos is None:
-            raise ValueError(
-                f"{folder}: no EOS token: tokenizer_config.json (or special_tokens_map.json, "
-                "where transformers reads it) has no eos_token and config.json no "
-                "eos_token_id; add one of them"
-            )
+            raise ValueError(_no_eos_message(folder, tokenizer, cls_name))
         templates = _find_chat_templates(folder, config)
         return cls(
             tokenizer,
@@ -449,6 +460,24 @@ class PairTokenizer:
         return False
 
 
+def _no_eos_message(folder: Path, tokenizer: Tokenizer, cls_name: str | None) -> str:
+    """Why the folder has no EOS token and what to add where (TRL ends plain completions with
+    it; a chat template may need it)."""
+    default = CLASS_SPECIAL_TOKENS.get(cls_name or "", {}).get("eos_token")
+    if default is not None:
+        why = f"transformers' {cls_name} would use {default!r}, which is not in the vocabulary"
+    else:
+        why = "the tokenizer class transformers builds for it has no default EOS"
+    specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+    hint = f" (its special tokens: {', '.join(map(repr, specials[:8]))})" if specials else ""
+    return (
+        f"{folder}: no EOS token: tokenizer_config.json names no eos_token (nor "
+        f"{SPECIAL_TOKENS_MAP_FILE}, where transformers reads it), config.json has no "
+        f'eos_token_id, and {why}; add "eos_token": "<the token that ends a text>"{hint} to '
+        f"{folder / 'tokenizer_config.json'}"
+    )
+
+
 SENTENCEPIECE_FILE = "tokenizer.model"
 
 
@@ -507,60 +536,6 @@ def _add_named_special_tokens(tokenizer: Tokenizer, config: dict) -> None:
         tokenizer.add_tokens(
             [AddedToken(token, special=bool(value.get("special", True)), **options)]
         )
-
-
-# the classes transformers 5 builds as ``LlamaTokenizer`` (Llama 2, Mistral 7B v0.1, SOLAR, ...)
-LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
-
-
-def _is_byte_level(component: Any) -> bool:
-    """Whether a tokenizer.json pre-tokenizer or decoder (as JSON) is or holds a ByteLevel one."""
-    if isinstance(component, dict):
-        return component.get("type") == "ByteLevel" or any(
-            _is_byte_level(v) for v in component.values()
-        )
-    return isinstance(component, list) and any(_is_byte_level(v) for v in component)
-
-
-def _as_llama_tokenizer_builds_it(tokenizer: Tokenizer, config: dict, model_config: dict) -> None:
-    """Give ``tokenizer`` the pipeline transformers 5 gives it where the folder names the
-    ``LlamaTokenizer`` class (``tokenizer_config.json``'s ``tokenizer_class``, else
-    ``config.json``'s): transformers then keeps only the vocabulary, merges, added tokens and
-    post-processor of ``tokenizer.json`` and builds the rest itself, so TRL's ids come from that
-    pipeline, not the file's. It has no normalizer and a Metaspace pre-tokenizer that does not
-    split, puts "▁" in front of a text unless the text starts with a space (the file's
-    ``Prepend("▁")`` normaliser puts one in front of every text), and with ``legacy`` false (its
-    default) only in front of the first piece of text, not after a special token (the file's
-    puts one after each: "<s>[INST]" reads "<s>▁[INST]" by the file, "<s>[INST]" by
-    transformers). As in transformers, the file is taken as it is where it is byte-level
-    (Llama 3's), where the folder has its own tokenizer code (``auto_map``), and where
-    ``config.json`` names a model type other than "llama" that transformers registers its plain
-    backend for (Mistral's and Phi-3's folders name LlamaTokenizer). Unlike transformers, the
-    file is also taken as it is for the other model types (those it registers no tokenizer or
-    another class for, e.g. LlamaTokenizer named in a Gemma folder: rare mixes)."""
-    from tokenizers import models, pre_tokenizers
-
-    declared = config.get("tokenizer_class") or model_config.get("tokenizer_class")
-    if declared not in LLAMA_TOKENIZER_CLASSES or "auto_map" in config:
-        return
-    if model_config.get("model_type", "llama") not in ("llama", ""):
-        return  # transformers loads the file as it is for Mistral's, Phi-3's, ... model types
-    if not isinstance(tokenizer.model, models.BPE):
-        return
-    pipeline = json.loads(tokenizer.to_str())
-    if _is_byte_level(pipeline.get("pre_tokenizer")) or _is_byte_level(pipeline.get("decoder")):
-        return
-    add_prefix_space = config.get("add_prefix_space")
-    if add_prefix_space is None or add_prefix_space:
-        scheme = "always" if config.get("legacy", False) else "first"
-    else:
-        scheme = "never"
-    tokenizer.normalizer = None
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme=scheme, split=False
-    )
-    tokenizer.model.byte_fallback = True
-    tokenizer.model.fuse_unk = True
 
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"

@@ -1,0 +1,203 @@
+"""Which tokenizer class transformers 5's ``AutoTokenizer`` builds for a model folder, and what
+that class changes in the folder's ``tokenizer.json``.
+
+TRL's token ids come from that tokenizer, so sdpo (which reads ``tokenizer.json`` itself, with
+no transformers at run time) has to build the same pipeline. Most folders load as the file is
+(transformers' plain ``TokenizersBackend``). A few model-specific classes keep only the file's
+vocabulary, merges, added tokens and post-processor and build the rest themselves, with their
+own settings and defaults read from ``tokenizer_config.json``:
+
+- ``LlamaTokenizer`` (Llama 2, SOLAR): no normaliser; a Metaspace pre-tokenizer that puts "▁" in
+  front of a text unless it starts with a space (``add_prefix_space``, default true), and with
+  ``legacy`` false (its default) only in front of the first piece of text, not after a special
+  token; byte fallback, no unknown token.
+- ``CodeLlamaTokenizer``, ``GemmaTokenizer``, ``GPT2Tokenizer`` and ``Qwen2Tokenizer``: read as
+  their files are (their own pipelines are not reproduced).
+
+Each of them also has default special tokens (``CLASS_SPECIAL_TOKENS``) that apply where
+tokenizer_config.json names none: an EOS that TRL appends to plain completions, a BOS the chat
+template sees. Other classes transformers builds its own way (e.g. ``GPTNeoXTokenizer``,
+``CohereTokenizer``, ``Qwen3_5Tokenizer``) are read as their file is.
+
+The rules are those of transformers 5.24 (``AutoTokenizer.from_pretrained``,
+``TokenizersBackend.convert_to_native_format`` and each class's ``__init__``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+LLAMA = "LlamaTokenizer"
+CODE_LLAMA = "CodeLlamaTokenizer"
+GEMMA = "GemmaTokenizer"
+GPT2 = "GPT2Tokenizer"
+QWEN2 = "Qwen2Tokenizer"
+
+# the special tokens each class's __init__ defaults to (transformers 5.24)
+CLASS_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
+    LLAMA: {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    CODE_LLAMA: {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"},
+    GEMMA: {
+        "bos_token": "<bos>",
+        "eos_token": "<eos>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "mask_token": "<mask>",
+    },
+    GPT2: {
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    },
+    QWEN2: {
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    },
+}
+
+# model types transformers registers one of these classes for (``TOKENIZER_MAPPING_NAMES``)
+_MODEL_TYPE_CLASSES: dict[str, str] = {
+    "code_llama": CODE_LLAMA,
+    "idefics": LLAMA,
+    "idefics2": LLAMA,
+    **dict.fromkeys(
+        (
+            "gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text",
+            "recurrent_gemma", "shieldgemma2", "t5gemma", "diffusion_gemma", "zaya",
+        ),
+        GEMMA,
+    ),
+    **dict.fromkeys(
+        (
+            "gpt2", "gpt_neo", "gptj", "codegen", "opt", "phi", "starcoder2", "dbrx", "emu3",
+            "jais2", "blip-2", "instructblip", "instructblipvideo", "hyperclovax_vision_v2",
+        ),
+        GPT2,
+    ),
+    **dict.fromkeys(
+        (
+            "qwen2", "qwen2_moe", "qwen2_vl", "qwen2_5_vl", "qwen2_audio", "qwen2_5_omni",
+            "qwen3", "qwen3_moe", "qwen3_next", "qwen3_vl", "qwen3_vl_moe", "qwen3_omni_moe",
+            "qwen3_asr", "colqwen2", "internvl", "ovis2", "hunyuan_vl", "lighton_ocr",
+            "audioflamingo3", "cosmos3_omni", "dots3_note", "fun_asr_nano",
+            "moss_transcribe_diarize", "qianfan_ocr",
+        ),
+        QWEN2,
+    ),
+}  # fmt: skip
+# model types whose folders are known to name a wrong class: their registered class wins
+_REGISTERED_CLASS_WINS = frozenset({"qwen2", "hyperclovax_vision_v2"})
+# model types transformers registers its plain backend for: their folders load as the file is,
+# whatever class they name (Mistral's and Phi-3's folders name LlamaTokenizer)
+_PLAIN_MODEL_TYPES = frozenset(
+    (
+        "EvollaModel", "arctic", "aria", "beam", "bigbird_pegasus", "camembertv2-base", "canary",
+        "chatlm", "cohere_asr", "ernie4_5", "ernie4_5_moe", "fastspeech2_conformer", "flex_olmo",
+        "fuyu", "glm", "glm4", "glm4_moe", "glm4_moe_lite", "glm4v", "glm4v_moe", "glm_image",
+        "glmasr", "got_ocr2", "gpt_bigcode", "gradium_phonon_tts", "granite", "granitemoe",
+        "granitemoehybrid", "granitemoeshared", "h2ovl_chat", "hyperclovax", "hyperclovax_vlm",
+        "internlm2", "internlm3", "iquestcoder", "jamba", "kimi_k25", "kimi_linear", "kosmos-2",
+        "llava", "llava_next", "mimo_v2_flash", "minicpm3", "minicpm_ocr", "minicpmv", "minicpmv4_6",
+        "minicpmv4_7", "minimax_m2", "ministral", "ministral3", "mistral", "mistral3",
+        "mistral_large4", "mixtral", "modernbert", "modernbert-decoder", "molmo", "molmo2",
+        "nemo_speechlm", "nemotron", "nvfp4", "nystromformer", "olmo2", "olmo3", "olmo_hybrid",
+        "omniasr", "opencua", "openvla", "paddleocr_vl", "pegasus_x", "persimmon", "phi3", "phi3_v",
+        "phimoe", "pix2struct", "pixtral", "pocket_tts", "smolvlm", "stablelm", "step3_vl", "umt5",
+        "vipllava", "voxtral", "voxtral_realtime", "xlm-roberta-xl",
+    )
+)  # fmt: skip
+_PLAIN = "TokenizersBackend"
+
+
+def _class_name(value: Any) -> str | None:
+    if not isinstance(value, str) or not value:
+        return None
+    return value if value == "PreTrainedTokenizerFast" else value.removesuffix("Fast")
+
+
+def _is_byte_level(tokenizer: Tokenizer) -> bool:
+    """Whether a component of the pipeline is byte-level (transformers looks for "ByteLevel" in
+    the file's text)."""
+    parts = (tokenizer.normalizer, tokenizer.pre_tokenizer, tokenizer.post_processor)
+    parts += (tokenizer.decoder,)
+    return any(p is not None and b'"ByteLevel"' in p.__getstate__() for p in parts)
+
+
+def backend_class(tokenizer: Tokenizer, config: dict, model_config: dict) -> str | None:
+    """The class of this module's that ``AutoTokenizer`` builds for a folder with
+    ``tokenizer.json`` (``tokenizer``), ``tokenizer_config.json`` (``config``) and
+    ``config.json`` (``model_config``), or None where it loads the file as it is (or builds a
+    class sdpo does not reproduce). The class named in tokenizer_config.json (else config.json)
+    is the one built, except: a folder with its own tokenizer code (``auto_map``) is read as
+    its file; a model type registered to transformers' plain backend loads the file as it is;
+    ``qwen2`` model folders get Qwen2Tokenizer whatever they name; ``LlamaTokenizer`` over a
+    byte-level file (Llama 3's) is read as the file; and a folder that names no class gets its
+    model type's class. Not a SentencePiece-style BPE file: read as it is (transformers would
+    rebuild a Unigram vocabulary as BPE without merges)."""
+    if "auto_map" in config or not isinstance(tokenizer.model, models.BPE):
+        return None
+    named = _class_name(config.get("tokenizer_class")) or _class_name(
+        model_config.get("tokenizer_class")
+    )
+    model_type = model_config.get("model_type") or None
+    registered = _PLAIN if model_type in _PLAIN_MODEL_TYPES else _MODEL_TYPE_CLASSES.get(model_type)
+    registered_wins = model_type in _REGISTERED_CLASS_WINS
+    if named == LLAMA and not registered_wins and _is_byte_level(tokenizer):
+        return None
+    if named is None:
+        chosen = registered
+    elif registered is not None and registered != named:
+        chosen = None if registered == _PLAIN else (registered if registered_wins else named)
+    else:
+        chosen = named
+    return chosen if chosen in CLASS_SPECIAL_TOKENS else None
+
+
+def class_defaults(tokenizer: Tokenizer, config: dict, cls: str | None) -> dict:
+    """``config`` with ``cls``'s default special tokens (``CLASS_SPECIAL_TOKENS``) under the
+    keys it lacks, as transformers' class gives them (a key set to null keeps no token). Only
+    tokens in the vocabulary are added: transformers would give another one a new id, outside
+    the model's embeddings (for EOS, ``PairTokenizer.from_dir`` then looks further or says what
+    to add)."""
+    defaults = CLASS_SPECIAL_TOKENS.get(cls or "", {})
+    added = {
+        key: token
+        for key, token in defaults.items()
+        if key not in config and tokenizer.token_to_id(token) is not None
+    }
+    return {**config, **added} if added else config
+
+
+def build_as_transformers(tokenizer: Tokenizer, config: dict, cls: str | None) -> None:
+    """Give ``tokenizer`` the normaliser, pre-tokenizer and BPE settings ``cls``'s ``__init__``
+    builds (module docstring; other classes: the file's, left as they are), reading
+    ``add_prefix_space`` and ``legacy`` from ``config`` (tokenizer_config.json) as the class
+    does."""
+    if cls != LLAMA:
+        return
+    add_prefix_space = config.get("add_prefix_space")
+    if add_prefix_space is False:
+        scheme = "never"
+    else:
+        scheme = "always" if config.get("legacy", False) else "first"
+    tokenizer.normalizer = None
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme=scheme, split=False
+    )
+    model = tokenizer.model
+    model.dropout = None
+    model.ignore_merges = False
+    model.byte_fallback = True
+    model.fuse_unk = True
+    model.unk_token = None  # bytes stand in for every character
+
+
+__all__ = [
+    "CLASS_SPECIAL_TOKENS",
+    "backend_class",
+    "build_as_transformers",
+    "class_defaults",
+]

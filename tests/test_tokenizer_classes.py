@@ -1,0 +1,135 @@
+"""The tokenizer classes transformers 5 builds around a folder's tokenizer.json (Llama, CodeLlama,
+Gemma, GPT-2, Qwen2) and their default special tokens: hand-made folders read by sdpo give the
+ids ``AutoTokenizer.from_pretrained`` gives on the same folder, and TRL's DPOTrainer ids."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+
+from sdpo.engine.tokenize import PairTokenizer
+from tests.test_tokenize import (
+    CHATML_NL,
+    _ours,
+    _trl_prepared,
+    byte_level_like,
+    sentencepiece_like,
+)
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = [
+    "hello world", " hello world", "  two  spaces ", "line\nbreak\n\n", "\n\nHi", "12345 don't",
+    "café cafe\u0301", "Hi</s>there", "<s>[INST] hi [/INST]", "[INST]hi[/INST] ok",
+    "<|im_start|>user\nhi<|im_end|>\n", "x<|endoftext|> y", "<bos>a<eos> b", "<pad><mask>",
+]  # fmt: skip
+PLAIN = [
+    {"prompt": "[INST] hi there [/INST]", "chosen": " Sure thing", "rejected": "\nNo way 12"},
+    {"prompt": " the weather in Paris", "chosen": " is sunny", "rejected": " café"},
+]
+
+
+def _config(folder: Path, **changes) -> Path:
+    """Update tokenizer_config.json: a value of None removes the key."""
+    path = folder / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return folder
+
+
+def _model_type(folder: Path, model_type: str) -> Path:
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    return folder
+
+
+def _assert_same_ids_as_transformers(folder: Path, tmp_path: Path, *, rows=PLAIN) -> None:
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok = PairTokenizer.from_dir(folder)
+    assert tok.eos_token == hf_tok.eos_token and tok.bos_token == hf_tok.bos_token
+    for text in TEXTS:
+        ids = hf_tok.encode(text, add_special_tokens=False)
+        assert tok.encode_texts([text])[0] == ids, (folder.name, text)
+        if not text.startswith(str(hf_tok.bos_token)):  # no second BOS here (README)
+            assert tok.prompt_ids(ids) == hf_tok.encode(text), (folder.name, text)
+    assert _ours(folder, rows, tmp_path) == _trl_prepared(folder, rows), folder.name
+
+
+def gemma_like(folder: Path, *, prepend: bool) -> Path:
+    """A BPE tokenizer over "▁"-joined words as Gemma's (pad, eos, bos, unk, mask first; BOS put
+    in front by the post-processor); ``prepend``: a normaliser that also puts "▁" in front of
+    every text, as a Llama-style conversion would write it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    replace = normalizers.Replace(" ", "▁")
+    tok.normalizer = (
+        normalizers.Sequence([normalizers.Prepend("▁"), replace]) if prepend else replace
+    )
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=specials, show_progress=False)
+    corpus = ["hello world, the weather in Paris is sunny", "two spaces line break Hi"] * 10
+    # pieces split before each "▁" while training only, so no merge spans two words
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tok.train_from_iterator([t.replace(" ", "▁") for t in corpus], trainer)
+    tok.pre_tokenizer = None
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", special_tokens=[("<bos>", 2)]
+    )
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "GemmaTokenizer", "eos_token": "<eos>", "bos_token": "<bos>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. default special tokens where tokenizer_config.json names none
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cls", "eos"),
+    [
+        ("LlamaTokenizerFast", "</s>"),
+        ("GemmaTokenizerFast", "<eos>"),
+        ("GPT2Tokenizer", "<|endoftext|>"),
+    ],
+)
+def test_a_folder_naming_no_eos_gets_its_class_default_as_in_transformers(tmp_path, cls, eos):
+    """transformers' Llama, Gemma, GPT-2 and Qwen2 classes default EOS (and BOS, UNK, ...) where
+    tokenizer_config.json names none; TRL appends that EOS to plain completions."""
+    if cls.startswith(("Llama", "Gemma")):
+        folder = (
+            sentencepiece_like(tmp_path / "f")
+            if cls.startswith("Llama")
+            else gemma_like(tmp_path / "f", prepend=False)
+        )
+        _config(folder, tokenizer_class=cls, eos_token=None, bos_token=None, unk_token=None)
+    else:
+        folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+        _config(folder, tokenizer_class=cls, eos_token=None, pad_token=None)
+    tok = PairTokenizer.from_dir(folder)
+    assert tok.eos_token == eos
+    _assert_same_ids_as_transformers(folder, tmp_path)
+
+
+def test_no_eos_anywhere_is_an_error_that_says_what_to_add_where(tmp_path):
+    folder = _config(byte_level_like(tmp_path / "f", chat_template=CHATML_NL), eos_token=None)
+    # transformers' plain backend has no default: TRL could not append one either
+    assert transformers.AutoTokenizer.from_pretrained(str(folder)).eos_token is None
+    with pytest.raises(ValueError, match="no EOS token") as info:
+        PairTokenizer.from_dir(folder)
+    message = str(info.value)
+    assert '"eos_token"' in message and str(folder / "tokenizer_config.json") in message
+    assert "'<|im_end|>'" in message  # the special tokens to choose from
+    # a class default that is not in the vocabulary is not taken (transformers would give it a
+    # new id, outside the model's embeddings) ...
+    folder = gemma_like(tmp_path / "g", prepend=False)
+    _config(folder, tokenizer_class="LlamaTokenizerFast", eos_token=None)
+    with pytest.raises(ValueError, match="LlamaTokenizer would use '</s>', which is not in"):
+        PairTokenizer.from_dir(folder)
+    # ... and config.json's eos_token_id names one where nothing else does
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 1}))
+    assert PairTokenizer.from_dir(folder).eos_token == "<eos>"
