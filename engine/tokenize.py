@@ -20,10 +20,11 @@ Where the prompt's ids are not a prefix of prompt + completion's (counted in
   prompt's ids part from both prompt + completion's ids.
 
 Pipeline: ``tokenizer.json`` as transformers 5's ``AutoTokenizer`` loads it, which is as it
-is, except where it builds the ``LlamaTokenizer`` class (Llama 2, SOLAR), which keeps only the
-file's vocabulary, merges, added tokens and post-processor and makes the rest itself: sdpo then
-builds the same pipeline (``engine/tokenizer_classes.py``). Where ``tokenizer_config.json``
-names no EOS (BOS, ...), the defaults of the class transformers builds apply. Every special
+is, except where it builds one of the classes that keep only the file's vocabulary, merges,
+added tokens and post-processor and make the rest themselves (Llama 2's and SOLAR's
+``LlamaTokenizer``, ``CodeLlamaTokenizer``, ``GemmaTokenizer``, ``GPT2Tokenizer``,
+``Qwen2Tokenizer``): sdpo then builds the same pipeline (``engine/tokenizer_classes.py``), with
+the class's default special tokens where ``tokenizer_config.json`` names none. Every special
 token ``tokenizer_config.json`` names is an added token, as transformers registers it
 (``_add_named_special_tokens``).
 
@@ -34,7 +35,7 @@ the token it puts there is taken as BOS, as transformers still adds it), and (2)
 does not already start with BOS (TRL would give it a second one).
 ``tokenizer_config.json``'s ``add_bos_token`` (and ``add_eos_token``) is not read:
 transformers 5 ignores it when the folder has a ``tokenizer.json``, so the post-processor alone
-decides what TRL's prompts get. A
+decides what TRL's prompts get (CodeLlama's class replaces it with one that adds BOS). A
 conversational prompt starts with BOS when the chat template writes it (``{{ bos_token }}``,
 Llama 3's ``<|begin_of_text|>``), as transformers' ``apply_chat_template(tokenize=True)`` and so
 TRL give it.

@@ -11,8 +11,16 @@ own settings and defaults read from ``tokenizer_config.json``:
   front of a text unless it starts with a space (``add_prefix_space``, default true), and with
   ``legacy`` false (its default) only in front of the first piece of text, not after a special
   token; byte fallback, no unknown token.
-- ``CodeLlamaTokenizer``, ``GemmaTokenizer``, ``GPT2Tokenizer`` and ``Qwen2Tokenizer``: read as
-  their files are (their own pipelines are not reproduced).
+- ``CodeLlamaTokenizer``: the same, but "▁" in front of the first piece whatever ``legacy``
+  says, an unknown token, and a post-processor that always puts BOS in front of a text
+  (``add_bos_token`` in tokenizer_config.json is not read beside a ``tokenizer.json``).
+- ``GemmaTokenizer``: spaces replaced by "▁", nothing put in front of a text.
+- ``GPT2Tokenizer``: byte-level with GPT-2's split and nothing more (a digit split in the file,
+  as StarCoder2's, is dropped); a space put in front of each piece of text between special
+  tokens when tokenizer_config.json's ``add_prefix_space`` is true (default false; the file's
+  own setting is not read).
+- ``Qwen2Tokenizer``: NFC, Qwen2's split, then byte-level with ``add_prefix_space`` as for GPT2
+  (applied to every split piece).
 
 Each of them also has default special tokens (``CLASS_SPECIAL_TOKENS``) that apply where
 tokenizer_config.json names none: an EOS that TRL appends to plain completions, a BOS the chat
@@ -27,7 +35,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tokenizers import Tokenizer, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 LLAMA = "LlamaTokenizer"
 CODE_LLAMA = "CodeLlamaTokenizer"
@@ -111,6 +119,12 @@ _PLAIN_MODEL_TYPES = frozenset(
 )  # fmt: skip
 _PLAIN = "TokenizersBackend"
 
+# Qwen2Tokenizer's split (transformers' PRETOKENIZE_REGEX for it)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 
 def _class_name(value: Any) -> str | None:
     if not isinstance(value, str) or not value:
@@ -173,26 +187,68 @@ def class_defaults(tokenizer: Tokenizer, config: dict, cls: str | None) -> dict:
 
 def build_as_transformers(tokenizer: Tokenizer, config: dict, cls: str | None) -> None:
     """Give ``tokenizer`` the normaliser, pre-tokenizer and BPE settings ``cls``'s ``__init__``
-    builds (module docstring; other classes: the file's, left as they are), reading
-    ``add_prefix_space`` and ``legacy`` from ``config`` (tokenizer_config.json) as the class
-    does."""
-    if cls != LLAMA:
+    builds (module docstring; None: the file's, left as they are), reading
+    ``add_prefix_space`` and ``legacy`` from ``config`` (tokenizer_config.json, with
+    ``class_defaults`` applied) as the class does."""
+    if cls is None:
         return
-    add_prefix_space = config.get("add_prefix_space")
-    if add_prefix_space is False:
-        scheme = "never"
-    else:
-        scheme = "always" if config.get("legacy", False) else "first"
-    tokenizer.normalizer = None
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
-        replacement="▁", prepend_scheme=scheme, split=False
-    )
     model = tokenizer.model
     model.dropout = None
     model.ignore_merges = False
-    model.byte_fallback = True
-    model.fuse_unk = True
-    model.unk_token = None  # bytes stand in for every character
+    model.continuing_subword_prefix = None
+    model.end_of_word_suffix = None
+    add_prefix_space = config.get("add_prefix_space")
+    unk = config.get("unk_token")
+    unk = unk.get("content") if isinstance(unk, dict) else unk
+    if cls in (LLAMA, CODE_LLAMA, GEMMA):
+        model.byte_fallback = True
+        model.fuse_unk = True
+        # Llama's builds its BPE with no unknown token (bytes stand in for every character)
+        model.unk_token = None if cls == LLAMA else (unk if isinstance(unk, str) else None)
+    else:  # byte-level
+        model.byte_fallback = False
+        model.fuse_unk = False
+        model.unk_token = None
+    if cls in (LLAMA, CODE_LLAMA):
+        if add_prefix_space is False:
+            scheme = "never"
+        elif cls == CODE_LLAMA or not config.get("legacy", False):
+            scheme = "first"
+        else:
+            scheme = "always"
+        tokenizer.normalizer = None
+        tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+            replacement="▁", prepend_scheme=scheme, split=False
+        )
+    elif cls == GEMMA:
+        tokenizer.normalizer = normalizers.Replace(" ", "▁")
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    elif cls == GPT2:
+        tokenizer.normalizer = None
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(add_prefix_space))
+    else:  # Qwen2
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=bool(add_prefix_space), use_regex=False),
+            ]
+        )
+    if cls == CODE_LLAMA:
+        # its __init__ passes add_bos_token=True, which rebuilds the post-processor: BOS in front
+        bos = config.get("bos_token")
+        bos = bos.get("content") if isinstance(bos, dict) else bos
+        bos_id = tokenizer.token_to_id(bos) if isinstance(bos, str) and bos else None
+        if bos_id is None:
+            tokenizer.post_processor = processors.TemplateProcessing(
+                single="$A:0", pair="$A:0 $B:1"
+            )
+        else:
+            tokenizer.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0",
+                pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                special_tokens=[(bos, bos_id)],
+            )
 
 
 __all__ = [

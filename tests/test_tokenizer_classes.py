@@ -11,8 +11,10 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from sdpo.engine.tokenize import PairTokenizer
+from sdpo.engine.tokenizer_classes import backend_class
 from tests.test_tokenize import (
     CHATML_NL,
+    LLAMA2_LIKE,
     _ours,
     _trl_prepared,
     byte_level_like,
@@ -95,6 +97,7 @@ def gemma_like(folder: Path, *, prepend: bool) -> Path:
         ("LlamaTokenizerFast", "</s>"),
         ("GemmaTokenizerFast", "<eos>"),
         ("GPT2Tokenizer", "<|endoftext|>"),
+        ("Qwen2TokenizerFast", "<|endoftext|>"),
     ],
 )
 def test_a_folder_naming_no_eos_gets_its_class_default_as_in_transformers(tmp_path, cls, eos):
@@ -133,3 +136,144 @@ def test_no_eos_anywhere_is_an_error_that_says_what_to_add_where(tmp_path):
     # ... and config.json's eos_token_id names one where nothing else does
     (folder / "config.json").write_text(json.dumps({"eos_token_id": 1}))
     assert PairTokenizer.from_dir(folder).eos_token == "<eos>"
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. CodeLlama
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"add_prefix_space": False},
+        {"legacy": True, "add_bos_token": False},
+        {"post_processor": None},
+    ],
+    ids=["defaults", "no_prefix_space", "legacy_no_bos_flag", "file_without_post_processor"],
+)
+def test_a_code_llama_folder_gives_transformers_and_trl_s_ids(tmp_path, changes):
+    """transformers' CodeLlamaTokenizer puts "▁" in front of the first piece of text whatever
+    `legacy` says (none with add_prefix_space false) and BOS in front of every text whatever the
+    file's post-processor and tokenizer_config.json's add_bos_token say."""
+    folder = sentencepiece_like(tmp_path / "code", chat_template=LLAMA2_LIKE)
+    changes = dict(changes)
+    if "post_processor" in changes:
+        inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        inner.post_processor = changes.pop("post_processor")
+        (folder / "tokenizer.json").write_text(inner.to_str())
+    _config(folder, tokenizer_class="CodeLlamaTokenizer", **changes)
+    chat = [
+        {
+            "prompt": [{"role": "user", "content": "say no"}],
+            "chosen": [{"role": "assistant", "content": "No way"}],
+            "rejected": [{"role": "assistant", "content": "Sure"}],
+        }
+    ]
+    _assert_same_ids_as_transformers(folder, tmp_path)
+    assert _ours(folder, chat, tmp_path) == _trl_prepared(folder, chat)
+    assert PairTokenizer.from_dir(folder).add_bos
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Gemma, GPT-2 and Qwen2 pipelines, and which class a folder gets
+# ---------------------------------------------------------------------------------------------
+
+
+def _gpt2_prefix_in_config(tmp_path: Path) -> Path:
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    return _config(folder, tokenizer_class="GPT2TokenizerFast", add_prefix_space=True)
+
+
+def _qwen2_prefix_in_config(tmp_path: Path) -> Path:
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    return _config(folder, tokenizer_class="Qwen2TokenizerFast", add_prefix_space=True)
+
+
+def _gpt2_prefix_in_file_only(tmp_path: Path) -> Path:
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    (folder / "tokenizer.json").write_text(inner.to_str())
+    return _config(folder, tokenizer_class="GPT2Tokenizer")
+
+
+def _qwen2_model_naming_llama(tmp_path: Path) -> Path:
+    # DeepSeek-R1-Distill-Qwen's mix: a qwen2 model whose byte-level tokenizer names Llama's
+    # class; transformers builds Qwen2's pipeline (NFC, Qwen2's split) over the file's vocabulary
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    return _model_type(_config(folder, tokenizer_class="LlamaTokenizerFast"), "qwen2")
+
+
+def _starcoder2_digit_split(tmp_path: Path) -> Path:
+    # StarCoder2's file splits digits one by one before the byte-level step; transformers' GPT2
+    # pipeline has no such split, and TRL's ids are that pipeline's (README)
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    digits = inner.token_to_id("1") + 1000  # a merge of digits, past the vocabulary's ids
+    pipeline = json.loads(inner.to_str())
+    pipeline["model"]["vocab"]["12"] = digits
+    pipeline["model"]["merges"].append(["1", "2"])
+    pipeline["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Digits", "individual_digits": True},
+            pipeline["pre_tokenizer"],
+        ],
+    }
+    (folder / "tokenizer.json").write_text(json.dumps(pipeline))
+    assert digits not in transformers.AutoTokenizer.from_pretrained(str(folder)).encode("x 123")
+    _model_type(_config(folder, tokenizer_class="GPT2Tokenizer"), "starcoder2")
+    assert digits in transformers.AutoTokenizer.from_pretrained(str(folder)).encode("x 123")
+    return folder
+
+
+def _gemma_with_prepend_and_flags(tmp_path: Path) -> Path:
+    folder = gemma_like(tmp_path / "f", prepend=True)
+    return _config(folder, add_bos_token=False, add_eos_token=True)  # both unread
+
+
+def _gemma_model_naming_no_class(tmp_path: Path) -> Path:
+    folder = gemma_like(tmp_path / "f", prepend=True)
+    return _model_type(_config(folder, tokenizer_class=None), "gemma2")
+
+
+def _plain_model_type_naming_gemma(tmp_path: Path) -> Path:
+    return _model_type(gemma_like(tmp_path / "f", prepend=True), "mistral")
+
+
+def _qwen3_model_naming_the_plain_class(tmp_path: Path) -> Path:
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    (folder / "tokenizer.json").write_text(inner.to_str())
+    return _model_type(folder, "qwen3")
+
+
+FOLDERS = {  # name: (builder, the class transformers builds)
+    "gpt2_prefix_in_config": (_gpt2_prefix_in_config, "GPT2Tokenizer"),
+    "qwen2_prefix_in_config": (_qwen2_prefix_in_config, "Qwen2Tokenizer"),
+    "gpt2_prefix_in_file_only": (_gpt2_prefix_in_file_only, "GPT2Tokenizer"),
+    "qwen2_model_naming_llama": (_qwen2_model_naming_llama, "Qwen2Tokenizer"),
+    "starcoder2_digit_split": (_starcoder2_digit_split, "GPT2Tokenizer"),
+    "gemma_prepend_and_flags": (_gemma_with_prepend_and_flags, "GemmaTokenizer"),
+    "gemma_model_naming_no_class": (_gemma_model_naming_no_class, "GemmaTokenizer"),
+    "mistral_model_naming_gemma": (_plain_model_type_naming_gemma, "TokenizersBackend"),
+    "qwen3_model_naming_plain": (_qwen3_model_naming_the_plain_class, "TokenizersBackend"),
+}
+
+
+@pytest.mark.parametrize("name", list(FOLDERS))
+def test_the_class_transformers_builds_and_its_pipeline_give_the_same_ids(tmp_path, name):
+    builder, expected = FOLDERS[name]
+    folder = builder(tmp_path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert type(hf_tok).__name__ == expected
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    model_path = folder / "config.json"
+    model_config = json.loads(model_path.read_text()) if model_path.is_file() else {}
+    chosen = backend_class(inner, config, model_config)
+    assert (chosen or "TokenizersBackend") == expected
+    _assert_same_ids_as_transformers(folder, tmp_path)
