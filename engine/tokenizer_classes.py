@@ -156,7 +156,8 @@ def backend_class(tokenizer: Tokenizer, config: dict, model_config: dict) -> str
     named = _class_name(config.get("tokenizer_class")) or _class_name(
         model_config.get("tokenizer_class")
     )
-    model_type = model_config.get("model_type") or None
+    model_type = model_config.get("model_type")
+    model_type = model_type if isinstance(model_type, str) and model_type else None
     registered = _PLAIN if model_type in _PLAIN_MODEL_TYPES else _MODEL_TYPE_CLASSES.get(model_type)
     registered_wins = model_type in _REGISTERED_CLASS_WINS
     if named == LLAMA and not registered_wins and _is_byte_level(tokenizer):

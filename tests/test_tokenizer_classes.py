@@ -277,3 +277,10 @@ def test_the_class_transformers_builds_and_its_pipeline_give_the_same_ids(tmp_pa
     chosen = backend_class(inner, config, model_config)
     assert (chosen or "TokenizersBackend") == expected
     _assert_same_ids_as_transformers(folder, tmp_path)
+
+
+def test_class_names_and_model_types_of_the_wrong_type_are_ignored():
+    # a hand-edited config.json or tokenizer_config.json: no TypeError, the class as if unnamed
+    inner = Tokenizer(models.BPE(vocab={"a": 0}, merges=[]))
+    assert backend_class(inner, {"tokenizer_class": ["x"]}, {"model_type": ["qwen2"]}) is None
+    assert backend_class(inner, {"tokenizer_class": 7}, {"model_type": "gemma"}) == "GemmaTokenizer"
