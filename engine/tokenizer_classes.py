@@ -141,7 +141,7 @@ def _is_byte_level(tokenizer: Tokenizer) -> bool:
 
 
 def backend_class(tokenizer: Tokenizer, config: dict, model_config: dict) -> str | None:
-    """The class of this module's that ``AutoTokenizer`` builds for a folder with
+    """Which of this module's classes ``AutoTokenizer`` builds for a folder with
     ``tokenizer.json`` (``tokenizer``), ``tokenizer_config.json`` (``config``) and
     ``config.json`` (``model_config``), or None where it loads the file as it is (or builds a
     class sdpo does not reproduce). The class named in tokenizer_config.json (else config.json)
@@ -204,8 +204,10 @@ def build_as_transformers(tokenizer: Tokenizer, config: dict, cls: str | None) -
     if cls in (LLAMA, CODE_LLAMA, GEMMA):
         model.byte_fallback = True
         model.fuse_unk = True
-        # Llama's builds its BPE with no unknown token (bytes stand in for every character)
-        model.unk_token = None if cls == LLAMA else (unk if isinstance(unk, str) else None)
+        # Llama's builds its BPE with no unknown token (bytes stand in for every character); an
+        # unknown token outside the vocabulary would fail every text with an unknown character
+        known = isinstance(unk, str) and model.token_to_id(unk) is not None
+        model.unk_token = unk if known and cls != LLAMA else None
     else:  # byte-level
         model.byte_fallback = False
         model.fuse_unk = False

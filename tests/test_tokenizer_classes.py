@@ -284,3 +284,12 @@ def test_class_names_and_model_types_of_the_wrong_type_are_ignored():
     inner = Tokenizer(models.BPE(vocab={"a": 0}, merges=[]))
     assert backend_class(inner, {"tokenizer_class": ["x"]}, {"model_type": ["qwen2"]}) is None
     assert backend_class(inner, {"tokenizer_class": 7}, {"model_type": "gemma"}) == "GemmaTokenizer"
+
+
+def test_an_unknown_token_outside_the_vocabulary_is_not_set_on_the_rebuilt_model(tmp_path):
+    # the BPE model would fail every text with a character it lacks ("Unk token not found")
+    folder = sentencepiece_like(tmp_path / "code")
+    _config(folder, tokenizer_class="CodeLlamaTokenizer", unk_token="<nope>", pad_token=None)
+    tok = PairTokenizer.from_dir(folder)
+    assert tok.tokenizer.model.unk_token is None
+    assert tok.encode_texts(["hi 日本"])[0] == tok.encode_texts(["hi "])[0]
