@@ -34,6 +34,15 @@ PLAIN = [
 ]
 
 
+# every default special token a template may read, each turn closed with EOS
+DEFAULTS_TEMPLATE = (
+    "{% if bos_token is defined and bos_token %}{{ bos_token }}{% endif %}"
+    "[{{ unk_token }}|{{ pad_token }}]"
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + ' ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+)
+
+
 def _config(folder: Path, **changes) -> Path:
     """Update tokenizer_config.json: a value of None removes the key."""
     path = folder / "tokenizer_config.json"
@@ -102,7 +111,8 @@ def gemma_like(folder: Path, *, prepend: bool) -> Path:
 )
 def test_a_folder_naming_no_eos_gets_its_class_default_as_in_transformers(tmp_path, cls, eos):
     """transformers' Llama, Gemma, GPT-2 and Qwen2 classes default EOS (and BOS, UNK, ...) where
-    tokenizer_config.json names none; TRL appends that EOS to plain completions."""
+    tokenizer_config.json names none; TRL appends that EOS to plain completions, and a chat
+    template sees the defaults as its variables."""
     if cls.startswith(("Llama", "Gemma")):
         folder = (
             sentencepiece_like(tmp_path / "f")
@@ -113,9 +123,22 @@ def test_a_folder_naming_no_eos_gets_its_class_default_as_in_transformers(tmp_pa
     else:
         folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
         _config(folder, tokenizer_class=cls, eos_token=None, pad_token=None)
+    _config(folder, chat_template=DEFAULTS_TEMPLATE)
     tok = PairTokenizer.from_dir(folder)
     assert tok.eos_token == eos
     _assert_same_ids_as_transformers(folder, tmp_path)
+    chat = [
+        {
+            "prompt": [{"role": "user", "content": "hello world"}],
+            "chosen": [{"role": "assistant", "content": "Hi there"}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        }
+    ]
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    messages = chat[0]["prompt"] + chat[0]["chosen"]
+    rendered = hf_tok.apply_chat_template(messages, tokenize=False)
+    assert tok.render_chat(messages, add_generation_prompt=False) == rendered
+    assert _ours(folder, chat, tmp_path) == _trl_prepared(folder, chat)
 
 
 def test_no_eos_anywhere_is_an_error_that_says_what_to_add_where(tmp_path):
