@@ -15,10 +15,10 @@ own settings and defaults read from ``tokenizer_config.json``:
   says, an unknown token, and a post-processor that always puts BOS in front of a text
   (``add_bos_token`` in tokenizer_config.json is not read beside a ``tokenizer.json``).
 - ``GemmaTokenizer``: spaces replaced by "▁", nothing put in front of a text.
-- ``GPT2Tokenizer``: byte-level with GPT-2's split and nothing more (a digit split in the file,
-  as StarCoder2's, is dropped); a space put in front of each piece of text between special
-  tokens when tokenizer_config.json's ``add_prefix_space`` is true (default false; the file's
-  own setting is not read).
+- ``GPT2Tokenizer``: byte-level with GPT-2's split and nothing more (a split of numbers into
+  single digits in the file is dropped); a space put in front of each piece of text between
+  special tokens when tokenizer_config.json's ``add_prefix_space`` is true (default false; the
+  file's own setting is not read).
 - ``Qwen2Tokenizer``: NFC, Qwen2's split, then byte-level with ``add_prefix_space`` as for GPT2
   (applied to every split piece).
 

@@ -230,7 +230,7 @@ def _qwen2_model_naming_llama(tmp_path: Path) -> Path:
 
 
 def _starcoder2_digit_split(tmp_path: Path) -> Path:
-    # StarCoder2's file splits digits one by one before the byte-level step; transformers' GPT2
+    # a file that splits numbers into single digits before the byte-level step; the GPT2 class's
     # pipeline has no such split, and TRL's ids are that pipeline's (README)
     folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
     inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
