@@ -126,7 +126,8 @@ def token_cache_key(
     fingerprinted. Data files (every file of a data set folder) and tokenizer files are hashed
     in full (streamed). ``tokenizer_fingerprint`` (``PairTokenizer.fingerprint``) covers what
     the tokenizer takes from elsewhere: EOS/BOS from ``config.json`` when
-    tokenizer_config.json names none."""
+    tokenizer_config.json names none, and the pipeline of the tokenizer class its model type
+    picks."""
     files = []
     for source in sources:
         path = Path(os.fspath(source.path)).expanduser()

@@ -316,3 +316,12 @@ def test_an_unknown_token_outside_the_vocabulary_is_not_set_on_the_rebuilt_model
     tok = PairTokenizer.from_dir(folder)
     assert tok.tokenizer.model.unk_token is None
     assert tok.encode_texts(["hi 日本"])[0] == tok.encode_texts(["hi "])[0]
+
+
+def test_the_token_cache_fingerprint_follows_the_class_config_json_picks(tmp_path):
+    # the token cache hashes tokenizer_config.json but not config.json: the fingerprint carries
+    # what config.json's model type changes (here Qwen2's pipeline over a plain byte-level file)
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    plain = PairTokenizer.from_dir(folder).fingerprint
+    assert PairTokenizer.from_dir(_model_type(folder, "llama")).fingerprint == plain
+    assert PairTokenizer.from_dir(_model_type(folder, "qwen2")).fingerprint != plain
