@@ -1741,7 +1741,12 @@ def step_section(args: argparse.Namespace) -> dict:
         i
         for step in timed
         for batch in shard_micro_batches(
-            pairs, step, world_size=world, rank=rank, max_tokens=train_config.max_tokens_per_batch
+            pairs,
+            step,
+            world_size=world,
+            rank=rank,
+            max_tokens=train_config.max_tokens_per_batch,
+            whole_micro_batches=trainer.whole_micro_batches,
         )
         for i in batch
     ]

@@ -278,6 +278,7 @@ def shard_micro_batches(
     world_size: int,
     rank: int,
     max_tokens: int,
+    whole_micro_batches: bool = False,
 ) -> list[list[int]]:
     """This rank's share of one optimizer step (positions into ``pairs``), about equal in tokens.
 
@@ -286,11 +287,14 @@ def shard_micro_batches(
     rank keeps its micro-batches in plan order. With fewer micro-batches than ranks, the step's
     pairs are dealt out the same way one by one (a pair is never split) and each rank cuts its
     pairs into micro-batches of at most ``max_tokens`` (``batch_by_token_budget``); a rank may
-    then get nothing (a step of fewer pairs than ranks). Every rank computes the same division
-    from the same plan, without communicating."""
+    then get nothing (a step of fewer pairs than ranks). ``whole_micro_batches``: the plan's
+    micro-batches are dealt out whole also then (ranks past their number get none), for a loss
+    that is not a sum over pairs (a mixture of experts' router loss over each micro-batch's
+    tokens), so that each rank computes it over the micro-batches one process would. Every rank
+    computes the same division from the same plan, without communicating."""
     if world_size == 1:
         return micro_batches
-    if len(micro_batches) >= world_size:
+    if len(micro_batches) >= world_size or whole_micro_batches:
         sizes = [sum(pairs[i].num_tokens for i in batch) for batch in micro_batches]
         owners = distributed.balanced_owners(sizes, world_size)
         return [b for b, owner in zip(micro_batches, owners, strict=True) if owner == rank]
@@ -657,6 +661,10 @@ class DPOTrainer:
         self._nonfinite_on_device: Tensor | None = None
         self._stop_seen = False  # data parallel: a stop agreed in a step whose values were read
         self.data_parallel = distributed.active()
+        # a mixture of experts' router loss (engine/hf.py) is computed over a micro-batch's
+        # tokens, not summed over its pairs: data parallel, the plan's micro-batches are never
+        # split over ranks, so that the ranks' sum is one process's loss (shard_micro_batches)
+        self.whole_micro_batches = bool(getattr(model, "router_aux_loss_coef", 0.0))
         self.memory_probe_result: dict[str, Any] | None = None
         self._stop_agreed: Tensor | None = None  # data parallel: the ranks' summed stop flags
         # data parallel, unsharded: gradients reduced in buckets during the last backward.
@@ -855,6 +863,7 @@ class DPOTrainer:
             world_size=distributed.world(),
             rank=distributed.rank() if rank is None else rank,
             max_tokens=self.config.max_tokens_per_batch,
+            whole_micro_batches=self.whole_micro_batches,
         )
 
     def train_step(

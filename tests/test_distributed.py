@@ -477,6 +477,20 @@ def test_shard_rules_cover_every_item_once_and_balance_tokens(tiny_model_dir, tm
                 if len(step) < world:  # pairs dealt out: off by at most one pair
                     biggest = max(pairs[i].num_tokens for b in step for i in b)
                 assert max(tokens) - min(tokens) <= biggest
+                # a loss over each micro-batch's tokens (a router's): the plan's micro-batches,
+                # each whole on one rank, also when there are fewer than ranks
+                whole = [
+                    shard_micro_batches(
+                        pairs,
+                        step,
+                        world_size=world,
+                        rank=r,
+                        max_tokens=settings["max_tokens_per_batch"],
+                        whole_micro_batches=True,
+                    )
+                    for r in range(world)
+                ]
+                assert sorted(b for share in whole for b in share) == sorted(step)
     sizes = [pairs[i].num_tokens for i in range(len(pairs))]
     for world in (1, 2, 3, 40):
         bounds = distributed.contiguous_bounds(sizes, world)

@@ -1,11 +1,14 @@
 """Data parallelism on the transformers path (two gloo processes on CPU): random-init
 transformers models in ``PackedCausalLM`` trained two optimizer steps on two ranks end with the
 same weights on both and with the losses, gradients and weights of one process running the same
-global batches; a two-step sDPO run on two ranks writes what one process writes; ``train.fsdp``,
-which needs sdpo's decoder, is refused on every rank before any work."""
+global batches (Gemma 2's soft-capped head and a mixture of experts' router loss included, also
+where an expert gets tokens on one rank only); a two-step sDPO run on two ranks writes what one
+process writes; ``train.fsdp``, which needs sdpo's decoder, is refused on every rank before any
+work."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -37,61 +40,100 @@ preload_in_ranks(
     "transformers.models.auto.modeling_auto",
     "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.gemma2.modeling_gemma2",
+    "transformers.models.qwen2_moe.modeling_qwen2_moe",
     "sdpo.engine.hf",
 )
 
 LR = 1e-2
 STEPS = 2
+# (overlapped all-reduce, max_tokens_per_batch) of each case: several uneven micro-batches per
+# step (nine pairs), the all-reduce overlapped with the last backward or after it; a mixture of
+# experts also runs steps of one micro-batch each, fewer than the ranks
+CASES = {"overlapped": (True, 60), "after": (False, 60)}
+ROUTER_CASES = {"one_micro_batch": (True, 4096)}
 
 
 def _hf_steps(model_dir: Path, data: Path) -> dict:
-    """Two optimizer steps of the transformers-run model, several uneven micro-batches each,
-    with the gradient all-reduce overlapped with the last backward (in buckets of 4 KiB, many
-    for this model) and with one all-reduce after the backward; runs the same way in one
-    process and in every rank."""
+    """Two optimizer steps of the transformers-run model in each of ``CASES`` (the overlapped
+    all-reduce in buckets of 4 KiB, many for this model); runs the same way in one process and
+    in every rank. A mixture of experts also records which experts each training forward
+    routed tokens to, and its router loss with the micro-batch it was computed over."""
     pairs = _pairs(model_dir, data)
-    out = {"world": distributed.world()}
-    for overlap in (True, False):
+    model = load_model(model_dir, implementation="transformers")
+    ref = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch", data_parallel=False)
+    # rewards off zero from the first step: the pairs' loss gradients differ
+    ref = type(ref)(
+        pair_indices=ref.pair_indices,
+        chosen_logps=ref.chosen_logps - 0.3 * (torch.arange(len(pairs)) % 3),
+        rejected_logps=ref.rejected_logps + 0.2,
+        chosen_tokens=ref.chosen_tokens,
+        rejected_tokens=ref.rejected_tokens,
+    )
+    out = {"world": distributed.world(), "softcap": model.logit_softcap}
+    router = bool(model.router_aux_loss_coef)
+    for case, (overlap, max_tokens) in {**CASES, **(ROUTER_CASES if router else {})}.items():
         model = load_model(model_dir, implementation="transformers")
-        if overlap:
-            ref = score_pairs(
-                model, pairs, max_tokens_per_batch=4096, impl="torch", data_parallel=False
-            )
-            # rewards off zero from the first step: the pairs' loss gradients differ
-            ref = type(ref)(
-                pair_indices=ref.pair_indices,
-                chosen_logps=ref.chosen_logps - 0.3 * (torch.arange(len(pairs)) % 3),
-                rejected_logps=ref.rejected_logps + 0.2,
-                chosen_tokens=ref.chosen_tokens,
-                rejected_tokens=ref.rejected_tokens,
-            )
         config = TrainConfig(
             learning_rate=LR,
             seed=3,
             pairs_per_step=9,
-            max_tokens_per_batch=60,
+            max_tokens_per_batch=max_tokens,
             overlap_grad_reduce=overlap,
         )
         trainer = dpo_trainer(model, config)
-        if trainer.grad_reducer is not None and overlap:
+        if trainer.grad_reducer is not None:
             trainer.grad_reducer = distributed.GradReducer(model.parameters(), bucket_bytes=4096)
         plan = plan_steps(pairs, config, epoch=0)[:STEPS]
         hf = model.hf_model
-        losses, grads, weights = [], [], []
+        experts: list[list[set]] = []  # per step, per training forward: (layer, expert) hit
+        auxes: list[list[tuple]] = []  # per step: (input ids, cu_seqlens, router loss)
+        if router:
+            _record_routing(model, experts, auxes)
+        losses, grads, weights, shares = [], [], [], []
         for step in plan:
+            experts.append([])
+            auxes.append([])
+            shares.append(trainer._local_share(pairs, step))
             losses.append(float(trainer.train_step(pairs, step, ref)["loss"]))
             grads.append({n: p.grad.clone() for n, p in hf.named_parameters()})
             weights.append({n: w.detach().clone() for n, w in hf.state_dict().items()})
         reducer = trainer.grad_reducer
-        out[overlap] = {
+        out[case] = {
             "plan": plan,
+            "shares": shares,
             "losses": losses,
             "grads": grads,
             "weights": weights,
+            "experts": experts,
+            "aux": auxes,
             "buckets": 0 if reducer is None else len(reducer.buckets),
             "in_backward": 0 if reducer is None else reducer.started_in_backward,
         }
     return out
+
+
+def _record_routing(model, experts: list[list[set]], auxes: list[list[tuple]]) -> None:
+    """Hooks on a Qwen2-MoE in ``PackedCausalLM``: each training forward appends to
+    ``experts[-1]`` the (layer, expert) pairs its routers sent tokens to, and to ``auxes[-1]``
+    its packed input ids, ``cu_seqlens`` and the router loss the trainer adds."""
+
+    def started(module, args) -> None:
+        if torch.is_grad_enabled():
+            experts[-1].append(set())
+
+    def routed(layer: int, module, args, output) -> None:
+        if torch.is_grad_enabled():  # output: (router logits, top-k weights, top-k experts)
+            experts[-1][-1].update((layer, e) for e in output[2].unique().tolist())
+
+    def finished(module, args, output) -> None:
+        if module._aux_loss is not None:
+            auxes[-1].append((args[0].clone(), args[2].clone(), float(module._aux_loss.detach())))
+
+    model.register_forward_pre_hook(started)
+    model.register_forward_hook(finished)
+    for layer, block in enumerate(model.hf_model.model.layers):
+        block.mlp.gate.register_forward_hook(partial(routed, layer))
 
 
 def _all_steps(model_dirs: list[Path], data: Path) -> list[dict]:
@@ -117,11 +159,26 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_transformers_models_on_two_ranks_train_as_one_process(tmp_path):
-    """An untied Llama, and a Qwen2 (q/k/v biases) whose lm_head is its embedding: two
-    optimizer steps each, and a whole two-step sDPO run of the Qwen2."""
+    """An untied Llama, a Qwen2 (q/k/v biases) whose lm_head is its embedding, a Gemma 2
+    (soft-capped logits, eager attention) and a Qwen2-MoE: two optimizer steps each, and a
+    whole two-step sDPO run of the Qwen2."""
     model_dirs = [
         write_hf_model(tmp_path / "llama", "LlamaConfig", seed=2),
         write_hf_model(tmp_path / "qwen2", "Qwen2Config", seed=3, tie_word_embeddings=True),
+        # logits soft-capped at 2 (30 hardly caps a random init's)
+        write_hf_model(tmp_path / "gemma2", "Gemma2Config", seed=4, final_logit_softcapping=2.0),
+        # eight experts, one per token, few tokens a micro-batch: some expert gets tokens on
+        # one rank and none on the other; a router loss coefficient that moves the gradients
+        write_hf_model(
+            tmp_path / "moe",
+            "Qwen2MoeConfig",
+            seed=5,
+            num_experts=8,
+            num_experts_per_tok=1,
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=8,
+            router_aux_loss_coef=0.05,
+        ),
     ]
     data = write_pairs(tmp_path / "d.jsonl", n=23, seed=11)
     (tmp_path / "fsdp").mkdir()
@@ -159,6 +216,11 @@ def test_transformers_models_on_two_ranks_train_as_one_process(tmp_path):
 
     for m, (model_dir, single) in enumerate(zip(model_dirs, singles, strict=True)):
         _check_model(single, [r["models"][m] for r in ranks], model_dir)
+    # Gemma 2's soft-capped logits ran on the capped head; the mixture of experts' router
+    # loss was on
+    assert [single["softcap"] for single in singles] == [None, None, 2.0, None]
+    assert [("one_micro_batch" in single) for single in singles] == [False] * 3 + [True]
+    _check_router(singles[3], [r["models"][3] for r in ranks], model_dirs[3])
 
 
 def _check_run(one: Path, two: Path) -> None:
@@ -185,16 +247,19 @@ def _check_run(one: Path, two: Path) -> None:
 def _check_model(single: dict, ranks: list[dict], model_dir: Path) -> None:
     assert single["world"] == 1 and [r["world"] for r in ranks] == [2, 2]
     initial = load_model(model_dir, implementation="transformers").hf_model.state_dict()
-    for overlap in (True, False):
-        want = single[overlap]
-        assert len(want["plan"][0]) >= 3  # several micro-batches per step, dealt out whole
+    cases = [c for c in (*CASES, *ROUTER_CASES) if c in single]
+    assert all(list(r.keys()) == list(single.keys()) for r in ranks)
+    for case in cases:
+        want = single[case]
         for r, got in enumerate(ranks):
-            got = got[overlap]
+            got = got[case]
             assert got["plan"] == want["plan"], r
-            if overlap:  # the reduction started inside the last backward, in many buckets
+            if case in CASES:  # several micro-batches per step, dealt out whole
+                assert len(want["plan"][0]) >= 3
+            if case == "overlapped":  # the reduction started inside the last backward
                 assert got["buckets"] > 4 and got["in_backward"] > 0, r
             for t in range(STEPS):
-                where = (model_dir.name, overlap, r, t)
+                where = (model_dir.name, case, r, t)
                 # the ranks sum the micro-batches' terms in another order than one process:
                 # the losses agree to fp32 rounding (equal, or one unit in the last place) ...
                 assert got["losses"][t] == pytest.approx(want["losses"][t], rel=1e-6), where
@@ -210,8 +275,43 @@ def _check_model(single: dict, ranks: list[dict], model_dir: Path) -> None:
                     assert diff <= 5e-4 * LR, (*where, name, diff)
         # the ranks hold bitwise the same weights after every step
         for t in range(STEPS):
-            for name, w in ranks[0][overlap]["weights"][t].items():
-                assert torch.equal(w, ranks[1][overlap]["weights"][t][name]), (overlap, t, name)
+            for name, w in ranks[0][case]["weights"][t].items():
+                assert torch.equal(w, ranks[1][case]["weights"][t][name]), (case, t, name)
         # the steps moved the weights, so the comparisons are not vacuous
         last = want["weights"][-1]
         assert sum(not torch.equal(w, initial[n]) for n, w in last.items()) == len(initial)
+
+
+def _check_router(single: dict, ranks: list[dict], model_dir: Path) -> None:
+    """The mixture of experts: a step in which an expert got tokens on one rank and none on
+    the other, among equal results; its router loss computed over every micro-batch of one
+    process's plan exactly once, on one rank, as transformers computes it for the micro-batch
+    as one padded batch (what TRL's DPOTrainer adds, times router_aux_loss_coef)."""
+    overlapped = [r["overlapped"] for r in ranks]
+    one_sided = [
+        (t, set.union(*overlapped[0]["experts"][t]) ^ set.union(*overlapped[1]["experts"][t]))
+        for t in range(STEPS)
+    ]
+    assert all(hit for _, hit in one_sided), one_sided
+    # ... and in the backward that overlaps the all-reduce (each rank's last micro-batch)
+    assert overlapped[0]["experts"][0][-1] != overlapped[1]["experts"][0][-1]
+    # a step of one micro-batch, fewer than the ranks: dealt out whole, not pair by pair
+    for t, step in enumerate(single["one_micro_batch"]["plan"]):
+        assert len(step) == 1
+        assert [r["one_micro_batch"]["shares"][t] for r in ranks] in ([step, []], [[], step])
+    hf = load_model(model_dir, implementation="transformers").hf_model
+    for case in (*CASES, *ROUTER_CASES):
+        want = single[case]["aux"][0]  # the first step, at the initial weights
+        got = [a for r in ranks for a in r[case]["aux"][0]]
+        assert len(got) == len(want) == len(single[case]["plan"][0]), case
+        for ids, cu, aux in want:
+            same = [g for g in got if torch.equal(g[0], ids) and torch.equal(g[1], cu)]
+            assert len(same) == 1 and same[0][2] == pytest.approx(aux, rel=1e-6), case
+            lengths = (cu[1:] - cu[:-1]).tolist()
+            padded = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+            mask = torch.zeros_like(padded)
+            for i, n in enumerate(lengths):
+                padded[i, :n], mask[i, :n] = ids[cu[i] : cu[i + 1]], 1
+            with torch.no_grad():
+                trl = hf(input_ids=padded, attention_mask=mask, output_router_logits=True)
+            assert aux == pytest.approx(float(trl.aux_loss), rel=1e-5), case
