@@ -365,7 +365,7 @@ def check_model(path: str | os.PathLike, implementation: str = "auto") -> ModelI
 def _check_hf_layout(folder: Path) -> ModelInfo:
     import transformers
 
-    from sdpo.engine.hf import check_head, logit_softcap
+    from sdpo.engine.hf import check_head, logit_softcap, router_loss
 
     if not (folder / CONFIG_NAME).is_file():
         read_model_config(folder)  # raises, naming the missing file
@@ -374,6 +374,7 @@ def _check_hf_layout(folder: Path) -> ModelInfo:
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
         check_head(model)
+        router_loss(model)
     except (ValueError, KeyError, OSError, TypeError) as e:
         raise CheckpointError(
             f"{folder / CONFIG_NAME}: transformers cannot build a causal LM from it ({e})"

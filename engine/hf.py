@@ -43,6 +43,7 @@ once, the config's own ``to_dict`` with the saved dtype), so they reload with
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -66,6 +67,7 @@ __all__ = [
     "logit_factor",
     "logit_softcap",
     "peft_adapter_parameters",
+    "router_loss",
 ]
 
 # config keys of Hugging Face models whose logits are not ``hidden @ lm_head.weight.T``: the
@@ -189,19 +191,9 @@ class PackedCausalLM(nn.Module):
         # rates load_hf_pretrained turned off)
         self.saved_config: dict[str, Any] = {}
         # a mixture of experts' load-balancing loss, added to the training loss with the
-        # config's router_aux_loss_coef as TRL's DPOTrainer adds it (a config with an
-        # output_router_logits key and a coefficient other than 0); the trainer takes each
+        # config's router_aux_loss_coef as TRL's DPOTrainer adds it; the trainer takes each
         # training forward's value with pop_aux_loss()
-        config = getattr(hf_model, "config", None)
-        coef = getattr(config, "router_aux_loss_coef", 0.0) or 0.0
-        module = sys.modules.get(type(hf_model).__module__)
-        self._balance = getattr(module, "load_balancing_loss_func", None)
-        moe = all(hasattr(hf_model, k) for k in ("num_experts", "num_experts_per_tok"))
-        self.router_aux_loss_coef = (
-            float(coef)
-            if hasattr(config, "output_router_logits") and moe and self._balance is not None
-            else 0.0
-        )
+        self.router_aux_loss_coef, self._balance, self._balance_options = router_loss(hf_model)
         self._aux_loss: Tensor | None = None
 
     def train(self, mode: bool = True) -> PackedCausalLM:
@@ -315,8 +307,7 @@ class PackedCausalLM(nn.Module):
         if router:
             # over the real tokens alone, as transformers' masked loss of one padded batch
             layers = tuple(torch.cat(per_layer) for per_layer in zip(*router, strict=True))
-            hf = self.hf_model
-            self._aux_loss = self._balance(layers, hf.num_experts, hf.num_experts_per_tok, None)
+            self._aux_loss = self._balance(layers, **self._balance_options)
         if self.logit_factor != 1.0:
             hidden = hidden * self.logit_factor
         return hidden
@@ -360,6 +351,41 @@ class PackedCausalLM(nn.Module):
         if router is not None:
             router.append([t.reshape(num_seqs, width, -1)[row, col] for t in out.router_logits])
         return (hidden[row, col], tokens) if stream else hidden[row, col]
+
+
+def router_loss(hf_model: nn.Module) -> tuple[float, Any, dict[str, Any]]:
+    """A mixture of experts' router load-balancing loss as ``hf_model`` computes it: the
+    coefficient (0.0: none), its module's ``load_balancing_loss_func`` and the arguments after
+    the router logits with which its forward calls it: the experts, the experts per token
+    (``top_k``) and no attention mask (the logits given are the real tokens' alone).
+
+    On, as in TRL's DPOTrainer, for a config with an ``output_router_logits`` key and a
+    ``router_aux_loss_coef`` other than 0 (and its experts on: Doge's ``is_moe``, false by
+    default, turns them off). A ``ValueError``, naming the way out, for a function that takes
+    other arguments (Doge's product-key router: ``num_keys``, and logits that are not one row
+    per token)."""
+    config = getattr(hf_model, "config", None)
+    coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    balance = getattr(sys.modules.get(type(hf_model).__module__), "load_balancing_loss_func", None)
+    moe = all(hasattr(hf_model, k) for k in ("num_experts", "num_experts_per_tok"))
+    on = hasattr(config, "output_router_logits") and getattr(config, "is_moe", True) is not False
+    if not (coef and moe and on and balance is not None):
+        return 0.0, None, {}
+    known = {
+        "num_experts": int(hf_model.num_experts),
+        "top_k": int(hf_model.num_experts_per_tok),
+        "attention_mask": None,
+    }
+    names = list(inspect.signature(balance).parameters)[1:]
+    unknown = [name for name in names if name not in known]
+    if unknown or "top_k" not in names:
+        raise ValueError(
+            f"{type(hf_model).__name__}'s router load-balancing loss "
+            f"({balance.__module__}.load_balancing_loss_func) takes arguments sdpo does not know "
+            f"({', '.join(unknown or ['no top_k'])}): set router_aux_loss_coef to 0 in the "
+            "model's config.json to train it without that loss"
+        )
+    return coef, balance, {name: known[name] for name in names}
 
 
 # padded tokens a micro-batch may cost in one decoder call, as a multiple of its real tokens;

@@ -267,6 +267,28 @@ def test_models_sdpo_cannot_train_with_transformers_are_refused(tmp_path):
     assert check_model(folder).max_position_embeddings == 96
 
 
+def test_a_doge_with_its_experts_off_has_no_router_loss_and_with_them_on_is_refused(tmp_path):
+    """Doge's config has the router loss keys with its experts off by default (``is_moe``):
+    its training forward adds no router loss (its decoder returns no router logits); with its
+    experts on, its load-balancing function takes product keys sdpo does not pass: refused
+    before any weight is read, naming the key that trains it without that loss."""
+    dense = write_hf_model(tmp_path / "dense", "DogeConfig")
+    model = load_model(dense)
+    assert model.router_aux_loss_coef == 0.0
+    model.train()
+    ids = torch.arange(3, 12)
+    model(ids, torch.cat([torch.arange(4), torch.arange(5)]), torch.tensor([0, 4, 9]), 5)
+    assert model.pop_aux_loss() is None
+    moe = write_hf_model(
+        tmp_path / "moe", "DogeConfig", is_moe=True, num_experts=16, num_experts_per_tok=2
+    )
+    with pytest.raises(CheckpointError, match=r"takes arguments sdpo does not know \(num_keys\)"):
+        check_model(moe)
+    config = json.loads((moe / "config.json").read_text())
+    (moe / "config.json").write_text(json.dumps({**config, "router_aux_loss_coef": 0.0}))
+    assert check_model(moe).implementation == "transformers"
+
+
 def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
     """transformers 5 fuses a Qwen2-MoE's experts on loading and splits them on saving: sdpo's
     checks accept the stored names, and its checkpoints hold the same names and values."""
