@@ -24,10 +24,13 @@ DDP does: the parameters are grouped into buckets of about 25 MB in reverse regi
 all-reduce starts as soon as the last of its gradients has been accumulated (a
 post-accumulate-grad hook). Buckets start strictly in index order, so every rank issues the same
 sequence of collectives whatever order its own backward produced them in; a rank with no
-micro-batch (or a parameter that got no gradient) sends zeros when the step's reduction is
-finished. The gradients end as views into the reduced buckets (no copy back). Sums are
-elementwise, so the result is the same as one all-reduce after the backward (bitwise with two
-ranks). A step's metric sums and stop flag follow in one small all-reduce.
+micro-batch (or a parameter that got no gradient: an expert no token was routed to) sends zeros
+when the step's reduction is finished, a bucket waiting for a gradient that never comes holding
+back the buckets after it until then. The gradients end as views into the reduced buckets (no
+copy back). Sums are elementwise, so the result is the same as one all-reduce after the backward
+(bitwise with two ranks). A step's metric sums and stop flag follow in one small all-reduce,
+with a count per parameter of the ranks that had no gradient for it: one that no rank had is
+left without a gradient, as in one process (``DPOTrainer._reduce_over_ranks``).
 """
 
 from __future__ import annotations
@@ -227,7 +230,8 @@ class GradReducer:
     Use: ``begin()`` before the backward of a rank's last micro-batch of a step (earlier
     micro-batches accumulate as usual), ``finish()`` after it, on every rank, also on a rank
     that ran no backward at all. After ``finish()`` every parameter's ``.grad`` holds the sum
-    over ranks (parameters with no gradient on a rank count as zeros). ``bucket_bytes`` bounds a
+    over ranks (parameters with no gradient on a rank count as zeros, and ``zero_filled`` holds
+    their ids: whether any rank had one is for the caller to find out). ``bucket_bytes`` bounds a
     bucket (a larger parameter goes alone and is reduced in place, without a copy)."""
 
     def __init__(self, params: Iterable[Tensor], *, bucket_bytes: int = 25 * 2**20) -> None:
@@ -251,6 +255,8 @@ class GradReducer:
         self._hooks: list[Any] = []
         self._armed = False
         self.started_in_backward = 0  # buckets whose reduction overlapped the backward
+        # ids of the parameters that had no gradient on this rank in the last reduction
+        self.zero_filled: set[int] = set()
 
     def begin(self) -> None:
         if self._armed:
@@ -260,6 +266,7 @@ class GradReducer:
         self._next = 0
         self._works = []
         self.started_in_backward = 0
+        self.zero_filled = set()
         self._hooks = [
             p.register_post_accumulate_grad_hook(partial(self._on_grad, i))
             for i, bucket in enumerate(self.buckets)
@@ -284,6 +291,7 @@ class GradReducer:
         for p in bucket:
             if p.grad is None:  # no gradient on this rank: it adds zeros
                 p.grad = torch.zeros_like(p)
+                self.zero_filled.add(id(p))
         if len(bucket) == 1 and bucket[0].grad.is_contiguous():
             flat = bucket[0].grad
         else:

@@ -999,25 +999,52 @@ class DPOTrainer:
     def _reduce_over_ranks(self, sums: dict[str, Tensor], *, grads: bool) -> dict[str, Tensor]:
         """Sum the metric sums, the stop flags and, with ``grads``, the gradients of the
         replicated parameters over ranks (in place; fp32 gradients and the metric vector share
-        one flat buffer). A parameter that got no gradient on this rank (no micro-batch)
-        contributes zeros. Without ``grads`` (overlapped) they have been reduced already; FSDP's
-        sharded parameters are reduce-scattered in the backward."""
-        params = self._replicated_parameters() if grads else []
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
+        one flat buffer). A parameter that got no gradient on this rank (no micro-batch, or an
+        expert no token was routed to) contributes zeros; one that got none on any rank is left
+        without a gradient, as in one process (AdamW then leaves it and its state alone).
+        Without ``grads`` (overlapped) they have been reduced already; FSDP's sharded
+        parameters are reduce-scattered in the backward."""
+        replicated = self._replicated_parameters()
+        # the replicated parameters without a gradient on this rank (the overlapped reduction
+        # has filled in their zeros already and says which)
+        if grads:
+            missing = [i for i, p in enumerate(replicated) if p.grad is None]
+            for i in missing:
+                replicated[i].grad = torch.zeros_like(replicated[i])
+        else:
+            filled = self.grad_reducer.zero_filled
+            missing = [i for i, p in enumerate(replicated) if id(p) in filled]
+        params = replicated if grads else []
         stop = bool(self.stop_requested()) if self.stop_requested is not None else False
-        vector = torch.stack(
+        keys = len(self._reduced_keys)
+        # after the sums and the stop flag: per replicated parameter, the ranks without its
+        # gradient (filled on the device, see below)
+        absent = torch.zeros(len(replicated), device=self.device)
+        for i in missing:
+            absent[i] = 1.0
+        vector = torch.cat(
             [
-                sums[k].float() if k in sums else torch.zeros((), device=self.device)
-                for k in self._reduced_keys
+                torch.stack(
+                    [
+                        sums[k].float() if k in sums else torch.zeros((), device=self.device)
+                        for k in self._reduced_keys
+                    ]
+                    # filled on the device: torch.tensor(value, device=...) would copy from
+                    # pageable memory, which waits for the device's queued work (the backward)
+                    + [torch.full((), float(stop), device=self.device)]
+                ),
+                absent,
             ]
-            # filled on the device: torch.tensor(value, device=...) would copy from pageable
-            # memory, which waits for the device's queued work (the backward)
-            + [torch.full((), float(stop), device=self.device)]
         )
         distributed.all_reduce_sum([*(p.grad for p in params), vector])
-        self._stop_agreed = vector[-1]
+        self._stop_agreed = vector[keys]
+        if missing:
+            # only a rank that lacks a gradient reads which no rank has (a host read; none in
+            # the usual step, where every rank has every gradient and so none can lack it)
+            counts = vector[keys + 1 :][missing].tolist()
+            for i, count in zip(missing, counts, strict=True):
+                if count == distributed.world():
+                    replicated[i].grad = None
         return {k: vector[i] for i, k in enumerate(self._reduced_keys)}
 
     def _should_stop(self) -> bool:

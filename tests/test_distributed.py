@@ -215,8 +215,27 @@ def _step_and_scores(model_dir: Path, data: Path) -> dict:
                 "started_in_backward": started,
                 "grads_after_first_start": after_first,
             }
+    # a parameter no forward uses (an expert of a mixture no token was routed to, on any rank):
+    # no gradient in one process, so AdamW leaves it alone, weight decay on; so on two ranks
+    unrouted = {}
+    for overlap in (True, False):
+        model = load_pretrained(model_dir)
+        model.unrouted = torch.nn.Parameter(torch.ones(4, 4))
+        config = TrainConfig(
+            learning_rate=LR, seed=3, pairs_per_step=9, max_tokens_per_batch=60,
+            weight_decay=0.1, overlap_grad_reduce=overlap,
+        )  # fmt: skip
+        trainer = dpo_trainer(model, config)
+        head = model.lm_head_weight.detach().clone()
+        trainer.train_step(pairs, plan_steps(pairs, config, epoch=0)[0], shifted)
+        unrouted[overlap] = {
+            "grad": model.unrouted.grad,
+            "weight": model.unrouted.detach().clone(),
+            "state": len(trainer.optimizer.state[model.unrouted]),
+            "moved": not torch.equal(model.lm_head_weight, head),
+        }
     initial = load_pretrained(model_dir).state_dict()
-    return {"scores": scores, "steps": steps, "initial": initial}
+    return {"scores": scores, "steps": steps, "initial": initial, "unrouted": unrouted}
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +316,19 @@ def test_overlapped_gradient_reduction_equals_one_all_reduce_after_the_backward(
         assert sorted(ran_backward) == [False, False, True, True]
     else:
         assert all(ran_backward)
+
+
+def test_a_parameter_no_rank_gave_a_gradient_is_left_alone_as_in_one_process(step_results):
+    """An expert no token was routed to on any rank: one process has no gradient for it and
+    AdamW skips it (no weight decay, no state); two ranks, overlapped or not, leave it so too
+    instead of stepping on summed zeros."""
+    single, ranks, _ = step_results
+    for process in (single, *ranks):
+        for overlap in (True, False):
+            got = process["unrouted"][overlap]
+            assert got["moved"]  # the step ran
+            assert got["grad"] is None and got["state"] == 0, overlap
+            assert torch.equal(got["weight"], torch.ones(4, 4)), overlap
 
 
 def _tied_overlap_step(model_dir: Path, data: Path) -> dict:
