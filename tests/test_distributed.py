@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -36,6 +37,9 @@ from tests.conftest import dpo_trainer, torchrun_env, write_pairs
 
 WORLD = 2
 LR = 1e-2
+# a launch of ranks that has not ended after this long hangs (the slowest takes about 40 s on
+# two shared cores), rather than wait for gloo's own timeout of 30 minutes
+RANKS_TIMEOUT_S = 300
 # (name, train settings): several micro-batches per step (dealt out whole), one micro-batch
 # (its pairs dealt out), and a step of one pair (one rank has nothing to do)
 TRAIN_CASES = [
@@ -116,13 +120,23 @@ def _start(tmp_path: Path, task, *args) -> Callable[[], list]:
         start_method="forkserver",
     )
 
+    deadline = time.monotonic() + RANKS_TIMEOUT_S
+
     def results() -> list:
         try:
-            while not context.join():
-                pass
+            finished = context.join(timeout=1.0)
+            while not finished and time.monotonic() < deadline:
+                finished = context.join(timeout=1.0)
         except Exception as e:
             errors = "\n".join(p.read_text() for p in sorted(out.glob("*.err")))
             raise AssertionError(f"a rank failed:\n{errors}") from e
+        if not finished:  # a rank waits in a collective that another never issued
+            for process in context.processes:
+                process.kill()
+            raise AssertionError(
+                f"the ranks did not finish within {RANKS_TIMEOUT_S} s: a hang (every rank must "
+                "issue the same collectives in the same order)"
+            )
         return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
     return results
