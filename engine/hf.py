@@ -366,7 +366,10 @@ def router_loss(hf_model: nn.Module) -> tuple[float, Any, dict[str, Any]]:
     per token)."""
     config = getattr(hf_model, "config", None)
     coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
-    balance = getattr(sys.modules.get(type(hf_model).__module__), "load_balancing_loss_func", None)
+    # the transformers model's own module, also under a PEFT wrapper (whose attributes and
+    # forward are the wrapped model's)
+    base = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
+    balance = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
     moe = all(hasattr(hf_model, k) for k in ("num_experts", "num_experts_per_tok"))
     on = hasattr(config, "output_router_logits") and getattr(config, "is_moe", True) is not False
     if not (coef and moe and on and balance is not None):

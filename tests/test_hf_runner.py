@@ -330,6 +330,15 @@ def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
     with torch.no_grad():
         model(ids, positions, cu, max(lengths))
     assert model.pop_aux_loss() is None
+    # a PEFT model (run_sdpo takes one) keeps the router loss of the model it wraps, as TRL
+    # adds it for one (the adapter starts at zero: the same loss)
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=2, target_modules=["q_proj"])
+    wrapped = hf_mod.PackedCausalLM(peft.get_peft_model(model.hf_model, lora))
+    wrapped.train()
+    wrapped(ids, positions, cu, max(lengths))
+    assert wrapped.router_aux_loss_coef == 0.001
+    torch.testing.assert_close(wrapped.pop_aux_loss(), aux, rtol=1e-6, atol=1e-7)
 
 
 def test_auto_runs_a_llama_with_a_rotary_scaling_sdpo_lacks_under_transformers(tmp_path):
