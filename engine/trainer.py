@@ -608,6 +608,9 @@ class DPOTrainer:
             if self.token_metrics
             else tuple(k for k in REDUCED_KEYS if k not in TOKEN_METRICS)
         )
+        # a mixture of experts' router loss (engine/hf.py), logged unweighted as TRL logs it
+        if getattr(model, "router_aux_loss_coef", 0.0):
+            self._reduced_keys += ("aux_loss",)
         # token metrics a resumed log window lacks for some of its steps: left out of its record
         self._window_lacks: set[str] = set()
         # Gemma 2's final_logit_softcapping (PackedCausalLM): the log-probs are those of the
@@ -840,6 +843,8 @@ class DPOTrainer:
                 "tokens/chosen": tokens[0::2].sum(),
                 "tokens/rejected": tokens[1::2].sum(),
             }
+            if aux is not None:  # TRL's aux_loss: each batch's router loss, here pair-weighted
+                sums["aux_loss"] = aux.detach().float() * len(chunk)
             if stats is not None:  # the token metrics' sums over the completion tokens
                 sums["entropy"] = stats[:, 0].sum()  # (STAT_NAMES)
                 sums["logits/chosen"] = stats[0::2, 1].sum()

@@ -90,12 +90,14 @@ def _hf_steps(model_dir: Path, data: Path) -> dict:
         auxes: list[list[tuple]] = []  # per step: (input ids, cu_seqlens, router loss)
         if router:
             _record_routing(model, experts, auxes)
-        losses, grads, weights, shares = [], [], [], []
+        losses, grads, weights, shares, logged = [], [], [], [], []
         for step in plan:
             experts.append([])
             auxes.append([])
             shares.append(trainer._local_share(pairs, step))
-            losses.append(float(trainer.train_step(pairs, step, ref)["loss"]))
+            metrics = trainer.train_step(pairs, step, ref)
+            losses.append(float(metrics["loss"]))
+            logged.append(float(metrics["aux_loss"]) if router else None)
             grads.append({n: p.grad.clone() for n, p in hf.named_parameters()})
             weights.append({n: w.detach().clone() for n, w in hf.state_dict().items()})
         reducer = trainer.grad_reducer
@@ -103,6 +105,7 @@ def _hf_steps(model_dir: Path, data: Path) -> dict:
             "plan": plan,
             "shares": shares,
             "losses": losses,
+            "aux_loss": logged,  # the step's logged router loss
             "grads": grads,
             "weights": weights,
             "experts": experts,
@@ -301,6 +304,13 @@ def _check_router(single: dict, ranks: list[dict], model_dir: Path) -> None:
         assert [r["one_micro_batch"]["shares"][t] for r in ranks] in ([step, []], [[], step])
     hf = load_model(model_dir, implementation="transformers").hf_model
     for case in (*CASES, *ROUTER_CASES):
+        # the logged router loss: each micro-batch's, weighted by its pairs, summed over ranks
+        for got in ranks:
+            assert got[case]["aux_loss"] == pytest.approx(single[case]["aux_loss"], rel=1e-6)
+        plan, auxes = single[case]["plan"][0], single[case]["aux"][0]
+        assert single[case]["aux_loss"][0] == pytest.approx(
+            sum(len(m) * aux for m, (*_, aux) in zip(plan, auxes, strict=True)) / 9, rel=1e-6
+        )
         want = single[case]["aux"][0]  # the first step, at the initial weights
         got = [a for r in ranks for a in r[case]["aux"][0]]
         assert len(got) == len(want) == len(single[case]["plan"][0]), case

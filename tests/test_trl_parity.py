@@ -561,7 +561,8 @@ def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup,
     """A Qwen2-MoE (``model.implementation`` auto: transformers in ``PackedCausalLM``), one
     ``sdpo train`` step against TRL on the same rows: every metric of every optimizer step and
     the weights after the last, to float32 rounding. TRL adds the router's load-balancing loss
-    times the config's router_aux_loss_coef (0.001) to each batch's loss; so does sdpo."""
+    times the config's router_aux_loss_coef (0.001) to each batch's loss and logs it as
+    ``aux_loss``; so does sdpo."""
     from sdpo.engine.checkpoint import load_model
 
     _, rows, _ = setup
@@ -590,7 +591,7 @@ def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup,
     _, trl_weights, theirs = _trl(model_dir, rows, LOSSES["sigmoid"], tmp_path / "trl", steps=2)
     assert len(ours) == len(theirs) == 2
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
-        for key in METRIC_KEYS:
+        for key in (*METRIC_KEYS, "aux_loss"):  # the router loss logged as TRL logs it
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (step, key, a, b)
     weights = load_model(out / "step-1").hf_model.state_dict()
     assert weights.keys() == trl_weights.keys()
