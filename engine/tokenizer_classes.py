@@ -66,9 +66,11 @@ CLASS_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
     },
 }
 
-# model types transformers registers one of these classes for (``TOKENIZER_MAPPING_NAMES``)
+# model types transformers registers one of these classes for (``TOKENIZER_MAPPING_NAMES``), of
+# those it has a configuration for: another type in config.json fails transformers' AutoConfig,
+# and AutoTokenizer then goes by no model type (so "code_llama", registered to CodeLlama's class,
+# is not here: CodeLlama's checkpoints are of type "llama")
 _MODEL_TYPE_CLASSES: dict[str, str] = {
-    "code_llama": CODE_LLAMA,
     "idefics": LLAMA,
     "idefics2": LLAMA,
     **dict.fromkeys(
@@ -91,30 +93,29 @@ _MODEL_TYPE_CLASSES: dict[str, str] = {
             "qwen3", "qwen3_moe", "qwen3_next", "qwen3_vl", "qwen3_vl_moe", "qwen3_omni_moe",
             "qwen3_asr", "colqwen2", "internvl", "ovis2", "hunyuan_vl", "lighton_ocr",
             "audioflamingo3", "cosmos3_omni", "dots3_note", "fun_asr_nano",
-            "moss_transcribe_diarize", "qianfan_ocr",
+            "moss_transcribe_diarize", "qianfan_ocr", "vibevoice",
         ),
         QWEN2,
     ),
 }  # fmt: skip
 # model types whose folders are known to name a wrong class: their registered class wins
 _REGISTERED_CLASS_WINS = frozenset({"qwen2", "hyperclovax_vision_v2"})
-# model types transformers registers its plain backend for: their folders load as the file is,
-# whatever class they name (Mistral's and Phi-3's folders name LlamaTokenizer)
+# model types transformers registers its plain backend for (and has a configuration for): their
+# folders load as the file is, whatever class they name (Mistral's and Phi-3's folders name
+# LlamaTokenizer)
 _PLAIN_MODEL_TYPES = frozenset(
     (
-        "EvollaModel", "arctic", "aria", "beam", "bigbird_pegasus", "camembertv2-base", "canary",
-        "chatlm", "cohere_asr", "ernie4_5", "ernie4_5_moe", "fastspeech2_conformer", "flex_olmo",
-        "fuyu", "glm", "glm4", "glm4_moe", "glm4_moe_lite", "glm4v", "glm4v_moe", "glm_image",
-        "glmasr", "got_ocr2", "gpt_bigcode", "gradium_phonon_tts", "granite", "granitemoe",
-        "granitemoehybrid", "granitemoeshared", "h2ovl_chat", "hyperclovax", "hyperclovax_vlm",
-        "internlm2", "internlm3", "iquestcoder", "jamba", "kimi_k25", "kimi_linear", "kosmos-2",
-        "llava", "llava_next", "mimo_v2_flash", "minicpm3", "minicpm_ocr", "minicpmv", "minicpmv4_6",
+        "EvollaModel", "aria", "beam", "bigbird_pegasus", "canary", "cohere_asr", "ernie4_5",
+        "ernie4_5_moe", "flex_olmo", "fuyu", "glm", "glm4", "glm4_moe",
+        "glm4_moe_lite", "glm4v", "glm4v_moe", "glm_image", "glmasr", "got_ocr2", "gpt_bigcode",
+        "gradium_phonon_tts", "granite", "granitemoe", "granitemoehybrid", "granitemoeshared",
+        "hyperclovax", "internlm3", "iquestcoder", "jamba", "kimi_k25", "kimi_linear", "kosmos-2",
+        "llava", "llava_next", "mimo_v2_flash", "minicpm3", "minicpm_ocr", "minicpmv4_6",
         "minicpmv4_7", "minimax_m2", "ministral", "ministral3", "mistral", "mistral3",
-        "mistral_large4", "mixtral", "modernbert", "modernbert-decoder", "molmo", "molmo2",
-        "nemo_speechlm", "nemotron", "nvfp4", "nystromformer", "olmo2", "olmo3", "olmo_hybrid",
-        "omniasr", "opencua", "openvla", "paddleocr_vl", "pegasus_x", "persimmon", "phi3", "phi3_v",
-        "phimoe", "pix2struct", "pixtral", "pocket_tts", "smolvlm", "stablelm", "step3_vl", "umt5",
-        "vipllava", "voxtral", "voxtral_realtime", "xlm-roberta-xl",
+        "mistral_large4", "mixtral", "modernbert", "modernbert-decoder", "molmo2", "nemo_speechlm",
+        "nemotron", "nystromformer", "olmo2", "olmo3", "olmo_hybrid", "omniasr", "paddleocr_vl",
+        "pegasus_x", "persimmon", "phi3", "phimoe", "pix2struct", "pixtral", "pocket_tts",
+        "smolvlm", "stablelm", "umt5", "vipllava", "voxtral", "voxtral_realtime", "xlm-roberta-xl",
     )
 )  # fmt: skip
 _PLAIN = "TokenizersBackend"
@@ -146,13 +147,16 @@ def backend_class(tokenizer: Tokenizer, config: dict, model_config: dict) -> str
     ``config.json`` (``model_config``), or None where it loads the file as it is (or builds a
     class sdpo does not reproduce). The class named in tokenizer_config.json (else config.json)
     is the one built, except: a folder with its own tokenizer code (``auto_map``) is read as
-    its file; a model type registered to transformers' plain backend loads the file as it is;
-    ``qwen2`` model folders get Qwen2Tokenizer whatever they name; ``LlamaTokenizer`` over a
-    byte-level file (Llama 3's) is read as the file; and a folder that names no class gets its
-    model type's class. Not a SentencePiece-style BPE file: read as it is (transformers would
+    its file, and so is one whose tokenizer_config.json names the class "" (as transformers
+    reads a name it has no class for); a model type registered to transformers' plain backend
+    loads the file as it is; ``qwen2`` model folders get Qwen2Tokenizer whatever they name;
+    ``LlamaTokenizer`` over a byte-level file (Llama 3's) is read as the file; and a folder
+    that names no class gets its model type's class. Not a SentencePiece-style BPE file: read as it is (transformers would
     rebuild a Unigram vocabulary as BPE without merges)."""
     if "auto_map" in config or not isinstance(tokenizer.model, models.BPE):
         return None
+    if config.get("tokenizer_class") == "":
+        return None  # a name transformers knows no class by: its plain backend, the file as is
     named = _class_name(config.get("tokenizer_class")) or _class_name(
         model_config.get("tokenizer_class")
     )

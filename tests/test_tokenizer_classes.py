@@ -274,6 +274,19 @@ def _qwen3_model_naming_the_plain_class(tmp_path: Path) -> Path:
     return _model_type(folder, "qwen3")
 
 
+def _code_llama_model_type(tmp_path: Path) -> Path:
+    # "code_llama" names CodeLlama's class in transformers' table but no model configuration
+    # (CodeLlama checkpoints are of type "llama"): AutoTokenizer goes by no model type
+    folder = sentencepiece_like(tmp_path / "f")
+    return _model_type(_config(folder, tokenizer_class=None), "code_llama")
+
+
+def _gpt2_model_naming_the_empty_class(tmp_path: Path) -> Path:
+    # a class named "" is one transformers has none by: its plain backend, not the model type's
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    return _model_type(_config(folder, tokenizer_class=""), "gpt2")
+
+
 FOLDERS = {  # name: (builder, the class transformers builds)
     "gpt2_prefix_in_config": (_gpt2_prefix_in_config, "GPT2Tokenizer"),
     "qwen2_prefix_in_config": (_qwen2_prefix_in_config, "Qwen2Tokenizer"),
@@ -284,6 +297,8 @@ FOLDERS = {  # name: (builder, the class transformers builds)
     "gemma_model_naming_no_class": (_gemma_model_naming_no_class, "GemmaTokenizer"),
     "mistral_model_naming_gemma": (_plain_model_type_naming_gemma, "TokenizersBackend"),
     "qwen3_model_naming_plain": (_qwen3_model_naming_the_plain_class, "TokenizersBackend"),
+    "code_llama_model_type": (_code_llama_model_type, "TokenizersBackend"),
+    "gpt2_model_naming_empty_class": (_gpt2_model_naming_the_empty_class, "TokenizersBackend"),
 }
 
 
