@@ -29,10 +29,11 @@ token ``tokenizer_config.json`` names is an added token, as transformers registe
 (``_add_named_special_tokens``).
 
 BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``).
-A plain prompt then gets a BOS id in front when (1) ``tokenizer.json``'s post-processor puts
-the BOS token in front of plain text (as Llama's and Gemma's do; where no BOS is named anywhere,
-the token it puts there is taken as BOS, as transformers still adds it), and (2) the prompt
-does not already start with BOS (TRL would give it a second one).
+A plain prompt then gets in front the token ``tokenizer.json``'s post-processor puts in front of
+plain text (BOS, as Llama's and Gemma's do; whatever token it is, the named BOS or not, or where
+no BOS is named, as transformers adds it to TRL's prompts), unless the prompt already starts
+with that token (TRL would give it a second one). ``config.json``'s ``bos_token_id`` is not
+read (transformers does not read it: a chat template's ``bos_token`` is a named one only).
 ``tokenizer_config.json``'s ``add_bos_token`` (and ``add_eos_token``) is not read:
 transformers 5 ignores it when the folder has a ``tokenizer.json``, so the post-processor alone
 decides what TRL's prompts get (CodeLlama's class replaces it with one that adds BOS). A
@@ -226,14 +227,17 @@ class PairTokenizer:
         self.eos_token = eos_token
         self.eos_id = self._require_id(eos_token, "eos_token")
         self.bos_token = bos_token  # the template's ``bos_token``: only a named one
-        self.bos_id = None if bos_token is None else self._require_id(bos_token, "bos_token")
+        named_bos_id = None if bos_token is None else self._require_id(bos_token, "bos_token")
         front = self._post_processor_front_id()
-        if self.bos_id is None:
-            # no BOS named anywhere, but a token the post-processor puts in front of text is one
-            # (transformers gives it to TRL's plain prompts all the same)
-            self.bos_id = front
+        # bos_id: the id a plain prompt starts with (BOS rule). By default the token the
+        # post-processor puts in front of text: transformers gives it to TRL's plain prompts,
+        # whether or not it is the named BOS (or a BOS is named at all)
+        self.bos_id = named_bos_id
         if add_bos is None:
-            add_bos = front is not None and front == self.bos_id
+            add_bos = front is not None
+            self.bos_id = front if add_bos else named_bos_id
+        elif self.bos_id is None:
+            self.bos_id = front
         self.add_bos = bool(add_bos) and self.bos_id is not None
         self.chat_template = chat_template
         # the template transformers picks for a conversation with tools, when the folder names
@@ -256,7 +260,7 @@ class PairTokenizer:
             getattr(tokenizer.model, "unk_token", None),
             (special_tokens or {}).get("unk_token"),
         }
-        not_closing = {self.bos_id, *(tokenizer.token_to_id(u) for u in unks if u)}
+        not_closing = {self.bos_id, named_bos_id, *(tokenizer.token_to_id(u) for u in unks if u)}
         self.turn_end_ids = {
             i
             for i, token in tokenizer.get_added_tokens_decoder().items()
@@ -273,12 +277,17 @@ class PairTokenizer:
         return token_id
 
     def _post_processor_front_id(self) -> int | None:
-        """The token ``tokenizer.json``'s post-processor puts in front of a text, if any."""
-        plain = self.tokenizer.encode("a", add_special_tokens=False).ids
-        processed = self.tokenizer.encode("a", add_special_tokens=True).ids
-        if not processed or processed[1 : len(plain) + 1] != plain:
-            return None  # nothing in front (or no ids at all: "a" outside a vocabulary)
-        return processed[0]
+        """The token ``tokenizer.json``'s post-processor puts in front of a text, if any (probed
+        with "a", else with the EOS token, which every pipeline encodes)."""
+        for probe in ("a", self.eos_token):
+            try:
+                if not self.tokenizer.encode(probe, add_special_tokens=False).ids:
+                    continue  # "a" outside the vocabulary
+                processed = self.tokenizer.encode(probe, add_special_tokens=True)
+            except Exception:  # a character the model cannot encode (an unknown token it lacks)
+                continue
+            return processed.ids[0] if processed.special_tokens_mask[0] else None
+        return None
 
     @classmethod
     def from_dir(cls, model_dir: str | os.PathLike) -> PairTokenizer:
@@ -287,8 +296,8 @@ class PairTokenizer:
         ``with_special_tokens_map``) and the chat template (``chat_template.jinja`` or
         tokenizer_config.json's ``chat_template``, as transformers picks it:
         ``_find_chat_templates``). The pipeline and default special tokens of the tokenizer
-        class transformers builds for the folder (``engine/tokenizer_classes.py``) apply; EOS/BOS
-        still missing are taken from ``config.json`` ``eos_token_id``/``bos_token_id``."""
+        class transformers builds for the folder (``engine/tokenizer_classes.py``) apply; an EOS
+        still missing is taken from ``config.json``'s ``eos_token_id``."""
         folder = Path(model_dir)
         path = folder / "tokenizer.json"
         if not path.is_file() and (folder / SENTENCEPIECE_FILE).is_file():
@@ -312,22 +321,19 @@ class PairTokenizer:
         _add_named_special_tokens(tokenizer, config)
         build_as_transformers(tokenizer, config, cls_name)
 
-        def special(key: str) -> str | None:
-            token = _token_content(config.get(f"{key}_token"))
-            if token is None:
-                token_id = _first_id(model_config.get(f"{key}_token_id"))
-                if token_id is not None:
-                    token = tokenizer.id_to_token(token_id)
-            return token
-
-        eos = special("eos")
+        eos = _token_content(config.get("eos_token"))
+        if eos is None:  # TRL could not end a plain completion: config.json's EOS instead
+            eos_id = _first_id(model_config.get("eos_token_id"))
+            eos = None if eos_id is None else tokenizer.id_to_token(eos_id)
         if eos is None:
             raise ValueError(_no_eos_message(folder, tokenizer, cls_name))
         templates = _find_chat_templates(folder, config)
         return cls(
             tokenizer,
             eos_token=eos,
-            bos_token=special("bos"),
+            # only a named BOS, as transformers reads it (not config.json's bos_token_id): the
+            # chat template's bos_token; plain prompts get what the post-processor puts in front
+            bos_token=_token_content(config.get("bos_token")),
             add_bos=None,  # the post-processor's (module docstring, BOS rule)
             chat_template=templates.get("default", next(iter(templates.values()), None)),
             tool_use_template=templates.get("tool_use"),

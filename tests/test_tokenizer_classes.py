@@ -333,6 +333,33 @@ def test_an_unknown_token_outside_the_vocabulary_is_not_set_on_the_rebuilt_model
     assert tok.encode_texts(["hi 日本"])[0] == tok.encode_texts(["hi "])[0]
 
 
+def test_a_post_processor_s_front_token_starts_plain_prompts_whatever_bos_is_named(tmp_path):
+    # the file puts <s> in front of text, tokenizer_config.json names another BOS (which a
+    # template would write): transformers' plain prompts, and so TRL's, start with <s>
+    folder = _config(sentencepiece_like(tmp_path / "f"), bos_token="<|im_start|>")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok = PairTokenizer.from_dir(folder)
+    assert tok.bos_token == hf_tok.bos_token == "<|im_start|>"
+    for text in ["hi there", " Sure thing", "<|im_start|>hi"]:
+        assert tok.prompt_ids(tok.encode_texts([text])[0]) == hf_tok.encode(text)
+    assert _ours(folder, PLAIN, tmp_path) == _trl_prepared(folder, PLAIN)
+
+
+def test_config_json_s_bos_token_id_is_not_a_bos_the_template_sees(tmp_path):
+    # transformers reads no BOS from config.json: a template's bos_token is undefined there
+    folder = byte_level_like(tmp_path / "f", chat_template=DEFAULTS_TEMPLATE)
+    (folder / "config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 2}))
+    chat = [
+        {
+            "prompt": [{"role": "user", "content": "the weather"}],
+            "chosen": [{"role": "assistant", "content": "sunny"}],
+            "rejected": [{"role": "assistant", "content": "in Paris"}],
+        }
+    ]
+    _assert_same_ids_as_transformers(folder, tmp_path)
+    assert _ours(folder, chat, tmp_path) == _trl_prepared(folder, chat)
+
+
 def test_the_token_cache_fingerprint_follows_the_class_config_json_picks(tmp_path):
     # the token cache hashes tokenizer_config.json but not config.json: the fingerprint carries
     # what config.json's model type changes (here Qwen2's pipeline over a plain byte-level file)
