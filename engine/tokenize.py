@@ -207,6 +207,24 @@ def _first_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+class TextEncodeError(ValueError):
+    """A text the tokenizer fails to encode; ``index``: its position in the texts given,
+    ``problem`` and ``fix``: what is wrong and what to do, for a row's error."""
+
+    def __init__(self, name: str, text: str, cause: Exception, *, index: int) -> None:
+        shown = f"{text[:80]!r}{'...' if len(text) > 80 else ''}"
+        self.problem = (
+            f"the tokenizer cannot encode the text {shown} ({cause}); transformers' tokenizer "
+            "fails on it too"
+        )
+        self.fix = (
+            "remove the characters the vocabulary lacks from the row, or fix the tokenizer "
+            "(its unknown token, unk_token in tokenizer_config.json, must be in the vocabulary)"
+        )
+        super().__init__(f"{name}: {self.problem}; {self.fix}")
+        self.index = index
+
+
 class PairTokenizer:
     """A ``tokenizers.Tokenizer`` plus what DPO tokenization needs: EOS, BOS and the chat template."""
 
@@ -381,13 +399,30 @@ class PairTokenizer:
         out: list[list[int]] = []
         for start in range(0, len(texts), _ENCODE_CHUNK):
             chunk = list(texts[start : start + _ENCODE_CHUNK])
-            for e in self.tokenizer.encode_batch(chunk, add_special_tokens=False):
+            try:
+                encodings = self.tokenizer.encode_batch(chunk, add_special_tokens=False)
+            except Exception as exc:  # the Rust side raises a plain Exception
+                raise self._encode_error(chunk, start, exc) from None
+            for e in encodings:
                 ids = e.ids
                 try:  # ids are never negative: only an id past the table misses it
                     out.append(list(map(share, ids)))
                 except IndexError:
                     out.append(ids)
         return out
+
+    def _encode_error(self, texts: list[str], start: int, exc: Exception) -> TextEncodeError:
+        """The error for the first of ``texts`` the tokenizer fails on (as transformers'
+        tokenizer fails on it: e.g. a character outside the vocabulary, with an unknown token
+        the vocabulary lacks)."""
+        index, cause = 0, exc
+        for k, text in enumerate(texts):
+            try:
+                self.tokenizer.encode(text, add_special_tokens=False)
+            except Exception as err:
+                index, cause = k, err
+                break
+        return TextEncodeError(self.name, texts[index], cause, index=start + index)
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -740,9 +775,22 @@ def tokenize_pairs(
             f"{max_prompt_length}"
         )
     texts = [_render_row(row, tokenizer, i) for i, row in enumerate(rows)]
-    prompt_ids = tokenizer.encode_texts([t[0] for t in texts])
-    chosen_full = tokenizer.encode_texts([t[1] for t in texts])
-    rejected_full = tokenizer.encode_texts([t[2] for t in texts])
+
+    def encode(batch: list[str], fields: Sequence[str], positions: Sequence[int]) -> list:
+        """``batch`` encoded; a text the tokenizer fails on is an error naming its row and
+        field (``batch[k]`` is of row ``positions[k]``'s field ``fields[k]``)."""
+        try:
+            return tokenizer.encode_texts(batch)
+        except TextEncodeError as exc:
+            i = positions[exc.index]
+            raise row_error(
+                rows[i], exc.problem, fix=exc.fix, field=fields[exc.index], position=i
+            ) from None
+
+    every = range(len(rows))
+    prompt_ids = encode([t[0] for t in texts], ["prompt"] * len(rows), every)
+    chosen_full = encode([t[1] for t in texts], ["chosen"] * len(rows), every)
+    rejected_full = encode([t[2] for t in texts], ["rejected"] * len(rows), every)
     # plain rows whose prompt ids are not a prefix of prompt + completion's: each completion
     # encoded on its own (module docstring)
     merged = [
@@ -754,8 +802,10 @@ def tokenize_pairs(
             and _is_prefix(prompt_ids[i], rejected_full[i])
         )
     ]
-    alone = tokenizer.encode_texts(
-        [rows[i][field] for i in merged for field in ("chosen", "rejected")]
+    alone = encode(
+        [rows[i][field] for i in merged for field in ("chosen", "rejected")],
+        ["chosen", "rejected"] * len(merged),
+        [i for i in merged for _ in range(2)],
     )
     alone_of = {i: (alone[2 * k], alone[2 * k + 1]) for k, i in enumerate(merged)}
 
@@ -916,6 +966,7 @@ __all__ = [
     "NAMED_SPECIAL_TOKENS",
     "PairTokenizer",
     "REASONING_FIELDS",
+    "TextEncodeError",
     "TokenizeStats",
     "TRUNCATION_POLICIES",
     "template_special_tokens",

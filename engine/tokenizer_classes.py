@@ -203,15 +203,17 @@ def build_as_transformers(tokenizer: Tokenizer, config: dict, cls: str | None) -
     model.continuing_subword_prefix = None
     model.end_of_word_suffix = None
     add_prefix_space = config.get("add_prefix_space")
-    unk = config.get("unk_token")
-    unk = unk.get("content") if isinstance(unk, dict) else unk
     if cls in (LLAMA, CODE_LLAMA, GEMMA):
         model.byte_fallback = True
         model.fuse_unk = True
-        # Llama's builds its BPE with no unknown token (bytes stand in for every character); an
-        # unknown token outside the vocabulary would fail every text with an unknown character
-        known = isinstance(unk, str) and model.token_to_id(unk) is not None
-        model.unk_token = unk if known and cls != LLAMA else None
+        # Llama's builds its BPE with no unknown token (bytes stand in for every character);
+        # CodeLlama's and Gemma's with tokenizer_config.json's unk_token, their default "<unk>"
+        # where it names none, written as text (a null one is "None"). One the vocabulary lacks
+        # fails a text with a character that neither the vocabulary nor its byte tokens cover,
+        # as in transformers (PairTokenizer.encode_texts says which text)
+        unk = config.get("unk_token", "<unk>")
+        unk = unk.get("content") if isinstance(unk, dict) else unk
+        model.unk_token = None if cls == LLAMA else str(unk)
     else:  # byte-level
         model.byte_fallback = False
         model.fuse_unk = False

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
+from sdpo.engine.data import DataError
 from sdpo.engine.tokenize import PairTokenizer
 from sdpo.engine.tokenizer_classes import backend_class
 from tests.test_tokenize import (
@@ -28,6 +29,7 @@ TEXTS = [
     "café cafe\u0301", "Hi</s>there", "<s>[INST] hi [/INST]", "[INST]hi[/INST] ok",
     "<|im_start|>user\nhi<|im_end|>\n", "x<|endoftext|> y", "<bos>a<eos> b", "<pad><mask>",
 ]  # fmt: skip
+NO_SPECIALS = {"add_special_tokens": False}
 PLAIN = [
     {"prompt": "[INST] hi there [/INST]", "chosen": " Sure thing", "rejected": "\nNo way 12"},
     {"prompt": " the weather in Paris", "chosen": " is sunny", "rejected": " café"},
@@ -324,13 +326,33 @@ def test_class_names_and_model_types_of_the_wrong_type_are_ignored():
     assert backend_class(inner, {"tokenizer_class": 7}, {"model_type": "gemma"}) == "GemmaTokenizer"
 
 
-def test_an_unknown_token_outside_the_vocabulary_is_not_set_on_the_rebuilt_model(tmp_path):
-    # the BPE model would fail every text with a character it lacks ("Unk token not found")
-    folder = sentencepiece_like(tmp_path / "code")
-    _config(folder, tokenizer_class="CodeLlamaTokenizer", unk_token="<nope>", pad_token=None)
+@pytest.mark.parametrize(
+    ("cls", "unk"),
+    [("CodeLlamaTokenizer", "<nope>"), ("GemmaTokenizer", None)],
+    ids=["code_llama_unknown_unk", "gemma_null_unk"],
+)
+def test_an_unknown_token_outside_the_vocabulary_fails_the_texts_it_fails_in_transformers(
+    tmp_path, cls, unk
+):
+    """CodeLlama's and Gemma's classes give their BPE tokenizer_config.json's unk_token as text
+    (a null one as "None"); outside the vocabulary it fails a text with a character neither the
+    vocabulary nor its byte tokens cover. Such a row is an error naming it, as TRL fails on it;
+    other rows get transformers' ids."""
+    folder = _config(sentencepiece_like(tmp_path / "code"), tokenizer_class=cls, pad_token=None)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "unk_token": unk}))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    with pytest.raises(Exception, match="not found in the vocabulary"):
+        hf_tok.encode("hi 日本")
     tok = PairTokenizer.from_dir(folder)
-    assert tok.tokenizer.model.unk_token is None
-    assert tok.encode_texts(["hi 日本"])[0] == tok.encode_texts(["hi "])[0]
+    assert tok.encode_texts(["hi there"])[0] == hf_tok.encode("hi there", **NO_SPECIALS)
+    rows = [
+        {"prompt": "[INST] hi there [/INST]", "chosen": " Sure thing", "rejected": " No way"},
+        {"prompt": "[INST] say no [/INST]", "chosen": " No 日本", "rejected": " Sure"},
+    ]
+    assert _ours(folder, rows[:1], tmp_path) == _trl_prepared(folder, rows[:1])
+    with pytest.raises(DataError, match=r"line 2, field 'chosen': the tokenizer cannot encode"):
+        _ours(folder, rows, tmp_path)
 
 
 def test_a_post_processor_s_front_token_starts_plain_prompts_whatever_bos_is_named(tmp_path):
