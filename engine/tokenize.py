@@ -315,7 +315,8 @@ class PairTokenizer:
         tokenizer_config.json's ``chat_template``, as transformers picks it:
         ``_find_chat_templates``). The pipeline and default special tokens of the tokenizer
         class transformers builds for the folder (``engine/tokenizer_classes.py``) apply; an EOS
-        still missing is taken from ``config.json``'s ``eos_token_id``."""
+        still missing is taken from ``config.json``'s ``eos_token_id``. A ``config.json``
+        ``model_type`` that is a list or an object is an error, as in transformers."""
         folder = Path(model_dir)
         path = folder / "tokenizer.json"
         if not path.is_file() and (folder / SENTENCEPIECE_FILE).is_file():
@@ -334,10 +335,20 @@ class PairTokenizer:
         config = with_special_tokens_map(folder, config)
         model_config_path = folder / "config.json"
         model_config = _read_json(model_config_path) if model_config_path.is_file() else {}
+        model_type = model_config.get("model_type")
+        if isinstance(model_type, (list, dict)):
+            raise ValueError(
+                f"{model_config_path}: model_type is {model_type!r}, not a model type name "
+                "(transformers fails to load a tokenizer from this folder too); write the "
+                'model\'s type as a string, e.g. "model_type": "llama"'
+            )
         cls_name = backend_class(tokenizer, config, model_config)
         config = class_defaults(tokenizer, config, cls_name)
         _add_named_special_tokens(tokenizer, config)
-        build_as_transformers(tokenizer, config, cls_name)
+        try:
+            build_as_transformers(tokenizer, config, cls_name)
+        except ValueError as exc:
+            raise ValueError(f"{config_path}: {exc}") from None
 
         eos = _token_content(config.get("eos_token"))
         if eos is None:  # TRL could not end a plain completion: config.json's EOS instead

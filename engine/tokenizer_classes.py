@@ -215,6 +215,13 @@ def build_as_transformers(tokenizer: Tokenizer, config: dict, cls: str | None) -
         unk = unk.get("content") if isinstance(unk, dict) else unk
         model.unk_token = None if cls == LLAMA else str(unk)
     else:  # byte-level
+        if cls == GPT2 and "add_prefix_space" in config and add_prefix_space is None:
+            # GPT2Tokenizer passes it to its ByteLevel pre-tokenizer, which refuses None
+            raise ValueError(
+                "add_prefix_space is null, which transformers' GPT2Tokenizer cannot build "
+                "(AutoTokenizer fails on this folder too); set it to false (GPT-2's default) or "
+                "true"
+            )
         model.byte_fallback = False
         model.fuse_unk = False
         model.unk_token = None

@@ -382,6 +382,32 @@ def test_config_json_s_bos_token_id_is_not_a_bos_the_template_sees(tmp_path):
     assert _ours(folder, chat, tmp_path) == _trl_prepared(folder, chat)
 
 
+@pytest.mark.parametrize(
+    ("file", "changes", "match"),
+    [
+        ("config.json", {"model_type": ["llama"]}, "model_type is"),
+        ("tokenizer_config.json", {"add_prefix_space": None}, "add_prefix_space is null"),
+    ],
+    ids=["model_type_list", "gpt2_null_add_prefix_space"],
+)
+def test_a_folder_transformers_cannot_load_is_an_error_naming_the_file(
+    tmp_path, file, changes, match
+):
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "GPT2Tokenizer"
+    if file == "config.json":
+        (folder / file).write_text(json.dumps(changes))
+    else:
+        config.update(changes)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TypeError):
+        transformers.AutoTokenizer.from_pretrained(str(folder))
+    with pytest.raises(ValueError, match=match) as info:
+        PairTokenizer.from_dir(folder)
+    assert str(folder / file) in str(info.value)
+
+
 def test_the_token_cache_fingerprint_follows_the_class_config_json_picks(tmp_path):
     # the token cache hashes tokenizer_config.json but not config.json: the fingerprint carries
     # what config.json's model type changes (here Qwen2's pipeline over a plain byte-level file)
