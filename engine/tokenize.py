@@ -344,6 +344,8 @@ class PairTokenizer:
             )
         cls_name = backend_class(tokenizer, config, model_config)
         config = class_defaults(tokenizer, config, cls_name)
+        if cls_name is not None:
+            tokenizer = _drop_unlisted_added_tokens(tokenizer, config)
         _add_named_special_tokens(tokenizer, config)
         try:
             build_as_transformers(tokenizer, config, cls_name)
@@ -556,6 +558,36 @@ def _sentencepiece_only_message(folder: Path) -> str:
     )
 
 
+def _named_tokens(config: dict) -> list[Any]:
+    """The special tokens ``tokenizer_config.json`` names (strings or AddedToken dicts): the named
+    and model-specific ones (template_special_tokens) and those listed in
+    ``extra_special_tokens`` (or ``additional_special_tokens``)."""
+    listed = config.get("extra_special_tokens") or config.get("additional_special_tokens")
+    return [
+        *template_special_tokens(config).values(),
+        *(listed if isinstance(listed, list) else []),
+    ]
+
+
+def _drop_unlisted_added_tokens(tokenizer: Tokenizer, config: dict) -> Tokenizer:
+    """``tokenizer`` without the added tokens of ``tokenizer.json`` that a
+    ``tokenizer_config.json`` with ``added_tokens_decoder`` neither lists there nor names as a
+    special token: a class transformers builds itself (engine/tokenizer_classes.py) registers
+    only those (it reads ``tokenizer.json``'s own list only where ``added_tokens_decoder`` is
+    missing), so their text is split like any other there. Saved folders list every added
+    token; a hand-edited one may not."""
+    decoder = config.get("added_tokens_decoder")
+    if not isinstance(decoder, dict):
+        return tokenizer
+    keep = {v.get("content") for v in decoder.values() if isinstance(v, dict)}
+    keep |= {_token_content(v) for v in _named_tokens(config)}
+    if all(t.content in keep for t in tokenizer.get_added_tokens_decoder().values()):
+        return tokenizer  # as saved folders are (no serialisation of a large vocabulary)
+    state = json.loads(tokenizer.to_str())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t.get("content") in keep]
+    return Tokenizer.from_str(json.dumps(state))
+
+
 def _add_named_special_tokens(tokenizer: Tokenizer, config: dict) -> None:
     """Make every special token ``tokenizer_config.json`` names an added special token of
     ``tokenizer``, as transformers does on loading: the named ones (``eos_token``, ...,
@@ -570,9 +602,7 @@ def _add_named_special_tokens(tokenizer: Tokenizer, config: dict) -> None:
     for value in config.get("added_tokens_decoder", {}).values():
         if isinstance(value, dict) and isinstance(value.get("content"), str):
             wanted[value["content"]] = value
-    listed = config.get("extra_special_tokens") or config.get("additional_special_tokens")
-    named = [*template_special_tokens(config).values()]
-    for value in [*named, *(listed if isinstance(listed, list) else [])]:
+    for value in _named_tokens(config):
         token = _token_content(value)
         if token is not None:
             wanted.setdefault(token, value if isinstance(value, dict) else {"special": True})

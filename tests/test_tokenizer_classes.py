@@ -382,6 +382,23 @@ def test_config_json_s_bos_token_id_is_not_a_bos_the_template_sees(tmp_path):
     assert _ours(folder, chat, tmp_path) == _trl_prepared(folder, chat)
 
 
+def test_an_added_token_unlisted_in_added_tokens_decoder_is_text_for_a_rebuilt_class(tmp_path):
+    # a class transformers builds itself registers the added tokens tokenizer_config.json lists
+    # (and the special tokens it names), not the rest of tokenizer.json's: "<think>" is split
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    listed = {
+        str(i): {"content": t.content, "special": True}
+        for i, t in inner.get_added_tokens_decoder().items()
+        if t.special
+    }
+    _config(folder, tokenizer_class="Qwen2TokenizerFast", added_tokens_decoder=listed)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    text = "<|im_start|>user\n<think>hi</think><|im_end|>"
+    ids = hf_tok.encode(text, **NO_SPECIALS)
+    assert len(ids) > 6 and PairTokenizer.from_dir(folder).encode_texts([text])[0] == ids
+
+
 @pytest.mark.parametrize(
     ("file", "changes", "match"),
     [
