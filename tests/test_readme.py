@@ -397,8 +397,9 @@ def _bench_options() -> dict[str, set[str]]:
         f"throughput.py {name}": opts
         for name, opts in _options(load_throughput().build_parser()).items()
     }
-    source = (ROOT / "benchmarks" / "kernel_resources.py").read_text(encoding="utf-8")
-    found["kernel_resources.py"] = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", source))
+    for script in ("kernel_resources.py", "tokenizer_fuzz.py"):
+        source = (ROOT / "benchmarks" / script).read_text(encoding="utf-8")
+        found[script] = set(re.findall(r"add_argument\(\s*(?:\"-\w\", )?\"(--[\w-]+)\"", source))
     return found
 
 
@@ -417,7 +418,7 @@ def test_every_flag_belongs_to_the_command_it_is_written_with():
         text = text.split(" # ")[0]
         m = re.search(
             r"(?:(?<![\w./-])sdpo|-m sdpo(?:\.cli)?) (train|score|config|demo)\b"
-            r"|(throughput\.py) (kernels|step)\b|(kernel_resources\.py)",
+            r"|(throughput\.py) (kernels|step)\b|(kernel_resources\.py|tokenizer_fuzz\.py)",
             text,
         )
         flags = re.findall(r"(?<![\w-])(--[a-z][\w-]*)", text[m.end() if m else 0 :])
@@ -430,7 +431,7 @@ def test_every_flag_belongs_to_the_command_it_is_written_with():
             if m.group(1)
             else f"throughput.py {m.group(3)}"
             if m.group(2)
-            else "kernel_resources.py"
+            else m.group(4)
         )
         for flag in flags:
             assert flag in known[command], f"README: {command} has no flag {flag} ({text!r})"

@@ -1,0 +1,603 @@
+"""Randomised differential check of sdpo's tokenization against transformers and TRL.
+
+Why it exists: ``engine/tokenizer_classes.py`` mirrors which tokenizer class transformers 5's
+``AutoTokenizer`` builds for a model folder and how that class rebuilds ``tokenizer.json``'s
+pipeline, and ``engine/tokenize.py`` mirrors TRL 1.16's ``DPOTrainer`` preprocessing. The unit
+tests pin the cases someone thought of; this tool makes random folders (byte-level and
+SentencePiece-style BPE vocabularies, with and without normalisers and BOS/EOS
+post-processors; tokenizer_config.json with random subsets of tokenizer_class,
+add_prefix_space, legacy, add_bos_token, add_eos_token, special tokens as strings, AddedToken
+objects, null or outside the vocabulary, added_tokens_decoder complete, partial or missing,
+chat templates; config.json with random model types and EOS ids) and compares, per folder,
+sdpo's ids with ``AutoTokenizer.from_pretrained``'s on varied texts and with TRL's
+preprocessing of plain and conversational rows. A folder transformers refuses must be refused
+here too.
+
+    python benchmarks/tokenizer_fuzz.py --count 2000              # seeds 0..1999
+    python benchmarks/tokenizer_fuzz.py --start 26 --count 1 -v   # one case, described
+    python benchmarks/tokenizer_fuzz.py --root ../other-checkout  # another checkout's engine
+
+Each case is labelled: "ok" (with the README's deliberate differences it hit, e.g.
+``deliberate:boundary_merge``, ``deliberate:eos_from_config_json``, ``outside_vocab_special``:
+a special token outside the vocabulary, which transformers gives a new id), ``both_error``,
+``deliberate:refused_*`` (sdpo refuses a folder whose EOS is missing, or whose EOS or named BOS
+is outside the vocabulary, where transformers would give it a new id past the model's
+embeddings), or ``MISMATCH*`` with what differs; exit code 1 when a case mismatches. Needs
+transformers and trl; about two cases a second on one core. Folders live under ``--work-dir``
+(by default in the system's temp folder), whose path must not contain a model type's name:
+transformers matches it against a config.json that names no model type.
+
+Mismatches known and left alone (folders no saved model has):
+- an ``added_tokens_decoder`` that lists only some of tokenizer.json's added tokens, in a folder
+  transformers rebuilds with a class of its own, beside a special token outside the vocabulary:
+  transformers gives that token the next free id, which may be one of the dropped added
+  tokens'; sdpo adds no token outside the vocabulary (and where such a token is the unknown
+  token, its text fails here where transformers gives it that new id);
+- a plain prompt whose first id is the post-processor's front token without its text starting
+  with it (an unknown token that shares BOS's id, as in a CodeLlama-class folder over a
+  byte-level vocabulary): sdpo gives it no second one, as for a text that starts with BOS;
+- a Gemma-class folder over a byte-level vocabulary whose unknown token (every space) is also
+  the EOS its post-processor appends: TRL's prompts and completions part elsewhere.
+
+Of 2,000 cases (seeds 0-1999) 11 mismatch, all of these kinds; before the fixes this tool came
+with, 409 did.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import random
+import shutil
+import sys
+import tempfile
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
+CORPUS = [
+    "hello world, the weather in Paris is sunny today",
+    "two  spaces and a line break\nHi there 12345 don't",
+    "Sure thing. No way! café naïve 2024 [INST] hi [/INST]",
+    "User: what is the answer? Assistant: the answer is 42",
+    "system you are helpful user assistant",
+]
+SPECIAL_POOL = [
+    "<unk>", "<s>", "</s>", "<pad>", "<bos>", "<eos>", "<mask>", "<|im_start|>", "<|im_end|>",
+    "<|endoftext|>", "<|eot_id|>", "<|begin_of_text|>",
+]  # fmt: skip
+CLASSES = [
+    None, "LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast",
+    "GemmaTokenizer", "GemmaTokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast",
+    "Qwen2Tokenizer", "Qwen2TokenizerFast", "PreTrainedTokenizerFast", "",
+]  # fmt: skip
+MODEL_TYPES = [
+    None, "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "phi3", "code_llama",
+    "", "unknown_model", 7, ["llama"], "Llama",
+]  # fmt: skip
+TEXTS = [
+    "", "hello world", " hello world", "  two  spaces ", "line\nbreak\n\n", "\n\nHi", "\tTab",
+    "12345 don't", "café cafe\u0301", "ｆｕｌｌ width", "emoji 🙂 here", "漢字",
+    "Hi</s>there", "<s>[INST] hi [/INST]", "[INST]hi[/INST] ok", " <s> x",
+    "<|im_start|>user\nhi<|im_end|>\n", "x<|endoftext|> y", "<bos>a<eos> b", "<pad><mask>",
+    "<unk>", "a <|eot_id|>b", "<|begin_of_text|>Hi",
+]  # fmt: skip
+TEMPLATES = {
+    "chatml": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + "
+        "'<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "llama2": (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + "
+        "eos_token }}{% endif %}{% endfor %}"
+    ),
+    "plain_eos": (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + '\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    ),
+    "open": (
+        "{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}"
+        "{{ '### ' + m['role'] + ':\\n' + m['content'] + '\\n\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
+    ),
+}
+PLAIN_ROWS = [
+    {"prompt": "[INST] hi there [/INST]", "chosen": " Sure thing", "rejected": "\nNo way 12"},
+    {"prompt": " the weather in Paris", "chosen": " is sunny", "rejected": " café"},
+    {"prompt": "User: 12345\n", "chosen": "Assistant: 42", "rejected": "Assistant: no"},
+    {"prompt": "cafe\u0301 naïve", "chosen": " 🙂 ok", "rejected": "  two"},
+]
+CHAT_ROWS = [
+    {
+        "prompt": [{"role": "user", "content": "hello world"}],
+        "chosen": [{"role": "assistant", "content": "Hi there 12"}],
+        "rejected": [{"role": "assistant", "content": " no way"}],
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "you are helpful"},
+            {"role": "user", "content": "café 🙂"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Sure thing."}],
+        "rejected": [{"role": "assistant", "content": "\nNo"}],
+    },
+]
+
+
+CASES = ""  # --work-dir
+
+
+def _maybe(rng: random.Random, p: float = 0.5) -> bool:
+    return rng.random() < p
+
+
+def build_tokenizer(rng: random.Random, folder: Path) -> dict:
+    """Write tokenizer.json; return facts about it (style, specials)."""
+    style = rng.choice(["sp", "bl"])
+    specials = rng.sample(SPECIAL_POOL, rng.randint(1, len(SPECIAL_POOL)))
+    # specials in the trained vocab (as trainer special tokens) vs only added later
+    in_vocab = [t for t in specials if _maybe(rng, 0.85)]
+    facts = {"style": style, "specials": specials, "in_vocab": in_vocab}
+    if style == "sp":
+        unk = "<unk>" if "<unk>" in in_vocab and _maybe(rng, 0.7) else None
+        model = models.BPE(unk_token=unk, byte_fallback=_maybe(rng, 0.7), fuse_unk=_maybe(rng, 0.8))
+        tok = Tokenizer(model)
+        initial = []
+        if model.byte_fallback and _maybe(rng, 0.8):
+            initial = [f"<0x{i:02X}>" for i in range(256)]
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+        trainer = trainers.BpeTrainer(
+            vocab_size=rng.choice([150, 300, 500]),
+            special_tokens=in_vocab + initial,
+            show_progress=False,
+        )
+        tok.train_from_iterator([t.replace(" ", "▁") for t in CORPUS * 5], trainer)
+        norm = rng.choice(["llama", "replace", "none", "nfc_llama", "nfkc"])
+        if norm == "llama":
+            tok.normalizer = normalizers.Sequence(
+                [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+            )
+        elif norm == "replace":
+            tok.normalizer = normalizers.Replace(" ", "▁")
+        elif norm == "nfc_llama":
+            tok.normalizer = normalizers.Sequence(
+                [normalizers.NFC(), normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+            )
+        elif norm == "nfkc":
+            tok.normalizer = normalizers.NFKC()
+        else:
+            tok.normalizer = None
+        pre = rng.choice(["none", "meta_first", "meta_always", "meta_never", "split_space"])
+        if pre == "none" or norm in ("llama", "nfc_llama") and _maybe(rng, 0.6):
+            tok.pre_tokenizer = None
+        elif pre.startswith("meta"):
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(
+                prepend_scheme=pre.split("_")[1], split=_maybe(rng)
+            )
+        else:
+            tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        )
+        facts["norm"], facts["pre"] = norm, pre
+    else:
+        tok = Tokenizer(models.BPE())
+        digits = _maybe(rng, 0.25)
+        apf = _maybe(rng, 0.3)
+        if digits:
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Digits(individual_digits=True),
+                    pre_tokenizers.ByteLevel(add_prefix_space=apf),
+                ]
+            )
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=apf)
+        trainer = trainers.BpeTrainer(
+            vocab_size=rng.choice([300, 400, 600]),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            special_tokens=in_vocab,
+            show_progress=False,
+        )
+        tok.train_from_iterator(CORPUS * 5, trainer)
+        if _maybe(rng, 0.3):
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [
+                    pre_tokenizers.Split(
+                        Regex(r"\p{N}{1,3}| ?\p{L}+|\s+|[^\s\p{L}\p{N}]+"), "isolated"
+                    ),
+                    pre_tokenizers.ByteLevel(add_prefix_space=apf, use_regex=False),
+                ]
+            )
+            facts["split"] = True
+        tok.normalizer = normalizers.NFC() if _maybe(rng, 0.4) else None
+        tok.decoder = decoders.ByteLevel()
+        facts["digits"], facts["apf"] = digits, apf
+    # added tokens: specials as special added tokens (not all of them)
+    added = [t for t in specials if _maybe(rng, 0.7)]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added])
+    if _maybe(rng, 0.3):
+        tok.add_tokens(
+            [AddedToken("<think>", normalized=False), AddedToken("</think>", normalized=False)]
+        )
+    facts["added"] = added
+    # post-processor
+    pp = rng.choice(["none", "bos", "bos_eos", "bytelevel", "bos_other"])
+    bos_cands = [t for t in ("<s>", "<bos>", "<|begin_of_text|>") if tok.token_to_id(t) is not None]
+    eos_cands = [
+        t
+        for t in ("</s>", "<eos>", "<|endoftext|>", "<|im_end|>")
+        if tok.token_to_id(t) is not None
+    ]
+    if pp in ("bos", "bos_other", "bos_eos") and bos_cands:
+        bos = bos_cands[0] if pp != "bos_other" else rng.choice(bos_cands)
+        single = f"{bos} $A"
+        sp = [(bos, tok.token_to_id(bos))]
+        if pp == "bos_eos" and eos_cands:
+            eos = rng.choice(eos_cands)
+            single += f" {eos}"
+            sp.append((eos, tok.token_to_id(eos)))
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, pair=f"{single} $B", special_tokens=sp
+        )
+        facts["pp_bos"] = bos
+    elif pp == "bytelevel":
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    facts["pp"] = pp
+    tok.save(str(folder / "tokenizer.json"))
+    return facts
+
+
+def _token_value(rng: random.Random, default_pool: list[str], have: list[str]):
+    kind = rng.choices(["str", "dict", "null", "missing_vocab"], [6, 2, 1, 0.3])[0]
+    if kind == "null":
+        return None
+    if kind == "missing_vocab":
+        return "<not_in_vocab>"
+    pool = [t for t in default_pool if t in have] if _maybe(rng, 0.85) else default_pool
+    token = rng.choice(pool or default_pool)
+    if kind == "dict":
+        return {
+            "content": token,
+            "lstrip": _maybe(rng, 0.2),
+            "rstrip": _maybe(rng, 0.2),
+            "normalized": _maybe(rng, 0.3),
+            "single_word": False,
+            "special": True,
+            "__type": "AddedToken",
+        }
+    return token
+
+
+def build_configs(rng: random.Random, folder: Path, facts: dict) -> dict:
+    config: dict = {}
+    cls = rng.choice(CLASSES)
+    if cls is not None:
+        config["tokenizer_class"] = cls
+    for key in ("add_prefix_space", "legacy", "add_bos_token", "add_eos_token"):
+        if _maybe(rng, 0.35):
+            config[key] = rng.choice([True, False, None])
+    pools = {
+        "bos_token": ["<s>", "<bos>", "<|begin_of_text|>", "<|endoftext|>"],
+        "eos_token": ["</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>"],
+        "unk_token": ["<unk>", "<|endoftext|>"],
+        "pad_token": ["<pad>", "<unk>", "<|endoftext|>", "</s>"],
+    }
+    for key, pool in pools.items():
+        if _maybe(rng, 0.6):
+            config[key] = _token_value(rng, pool, facts["in_vocab"])
+    atd = rng.choices(["absent", "complete", "partial"], [5, 4, 1])[0]
+    facts["atd"] = atd
+    if atd != "absent":
+        decoder = {}
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        for i, added in tok.get_added_tokens_decoder().items():
+            t = added.content
+            if atd == "complete" or _maybe(rng, 0.7):
+                decoder[str(i)] = {
+                    "content": t,
+                    "lstrip": False,
+                    "normalized": added.normalized,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": added.special,
+                }
+        config["added_tokens_decoder"] = decoder
+    if _maybe(rng, 0.6):
+        name = rng.choice(list(TEMPLATES))
+        config["chat_template"] = TEMPLATES[name]
+        facts["template"] = name
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    mc: dict = {}
+    mt = rng.choice(MODEL_TYPES)
+    if mt is not None:
+        mc["model_type"] = mt
+    if _maybe(rng, 0.3):
+        mc["eos_token_id"] = rng.choice([0, 1, 2, [2, 3], None])
+    if _maybe(rng, 0.2):
+        mc["bos_token_id"] = rng.choice([0, 1, None])
+    if mc or _maybe(rng, 0.5):
+        (folder / "config.json").write_text(json.dumps(mc))
+    facts["config"], facts["model_config"] = config, mc
+    return facts
+
+
+def trl_ids(hf_tok, row: dict):
+    """TRL 1.16's tokenize_fn (its add_eos then tokenize_fn, run directly on one row)."""
+    row = dict(row)
+    conv = isinstance(row["prompt"], list)
+    if not conv:
+        eos = hf_tok.eos_token
+        for k in ("chosen", "rejected"):
+            if not row[k].endswith(eos):
+                row[k] = row[k] + eos
+        p = _tokenize(hf_tok, row["prompt"])["input_ids"]
+        c = _tokenize(hf_tok, row["prompt"] + row["chosen"])["input_ids"]
+        r = _tokenize(hf_tok, row["prompt"] + row["rejected"])["input_ids"]
+    else:
+        kw = {"tools": None}
+        p = _tokenize(hf_tok, row["prompt"], add_generation_prompt=True, **kw)["input_ids"]
+        c = _tokenize(hf_tok, row["prompt"] + row["chosen"], **kw)["input_ids"]
+        r = _tokenize(hf_tok, row["prompt"] + row["rejected"], **kw)["input_ids"]
+    n = min(common_prefix_length(p, c), common_prefix_length(p, r))
+    return (list(p[:n]), list(c[n:]), list(r[n:])), len(p) - n
+
+
+def sdpo_ids(tok: PairTokenizer, rows: list[dict], tmp: Path):
+    path = tmp / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = read_preference_file(path)
+    pairs, _ = tokenize_pairs(data, tok, max_length=4096)
+    return [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in pairs]
+
+
+def classify_row(hf_tok, tok, row, ours, theirs, lost):
+    """Known deliberate differences (README) -> a label, or None for a real mismatch."""
+    conv = isinstance(row["prompt"], list)
+    if not conv:
+        if lost:
+            return "deliberate:boundary_merge"
+        bos = hf_tok.bos_token
+        if bos and row["prompt"].startswith(bos):
+            return "deliberate:no_second_bos"
+        eos_id = hf_tok.eos_token_id
+        # post-processor EOS: TRL's completions end with the text's EOS and the post-processor's
+        if theirs[0] == ours[0] and all(t == o + [eos_id] for t, o in zip(theirs[1:], ours[1:])):
+            return "deliberate:post_processor_eos"
+        # a prompt whose first id is already the front token (text BOS, or an unknown token
+        # sharing its id): no second one here
+        if theirs[0][1:] == ours[0] and ours[0][:1] == theirs[0][:1] and theirs[1:] == ours[1:]:
+            return "deliberate:no_second_bos_ids"
+    else:
+        o_p, o_c, o_r = ours
+        t_p, t_c, t_r = theirs
+        if o_p == t_p and o_c == t_c + [tok.eos_id] and o_r == t_r + [tok.eos_id]:
+            return "deliberate:open_template_eos"
+    return None
+
+
+def run_case(seed: int) -> tuple[str, str]:
+    """(label, what differs) for the case drawn from ``seed``."""
+    rng = random.Random(seed)
+    tmp = Path(CASES) / f"c{seed}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        folder = tmp / "m"
+        folder.mkdir()
+        facts = build_tokenizer(rng, folder)
+        facts = build_configs(rng, folder, facts)
+        try:
+            hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+            hf_err = None
+        except Exception as exc:
+            hf_tok, hf_err = None, f"{type(exc).__name__}: {exc}"
+        try:
+            tok = PairTokenizer.from_dir(folder)
+            our_err = None
+        except Exception as exc:
+            tok, our_err = None, f"{type(exc).__name__}: {exc}"
+        if hf_err and our_err:
+            return "both_error", ""
+        if hf_err:
+            return "MISMATCH:hf_error_only", f"hf: {hf_err[:300]}"
+        if our_err:
+            base = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            eos = hf_tok.eos_token
+            if eos is None:
+                return "deliberate:refused_no_eos", our_err[:200]
+            if base.token_to_id(str(eos)) is None:
+                return "deliberate:refused_eos_outside_vocab", our_err[:200]
+            bos = hf_tok.bos_token
+            if "bos_token" in our_err and bos is not None and base.token_to_id(str(bos)) is None:
+                return "deliberate:refused_bos_outside_vocab", our_err[:200]
+            return "MISMATCH:sdpo_error_only", our_err[:400]
+        problems = []
+        label_extra = []
+        base = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        hf_eos_ok = hf_tok.eos_token is not None and base.token_to_id(hf_tok.eos_token) is not None
+        if tok.eos_token != hf_tok.eos_token:
+            if hf_eos_ok:
+                problems.append(f"eos {tok.eos_token!r} vs {hf_tok.eos_token!r}")
+            else:
+                label_extra.append("deliberate:eos_from_config_json")
+        if tok.bos_token != hf_tok.bos_token:
+            if hf_tok.bos_token is not None and base.token_to_id(hf_tok.bos_token) is None:
+                label_extra.append("deliberate:bos_outside_vocab")
+            else:
+                problems.append(f"bos {tok.bos_token!r} vs {hf_tok.bos_token!r}")
+        outside = [t for t in hf_tok.all_special_tokens if base.token_to_id(t) is None]
+        for text in TEXTS:
+            try:
+                theirs = hf_tok.encode(text, add_special_tokens=False)
+            except Exception as exc:
+                theirs = f"ERR {type(exc).__name__}"
+            try:
+                ours = tok.encode_texts([text])[0]
+            except Exception as exc:
+                ours = f"ERR {type(exc).__name__}"
+            if isinstance(ours, str) and isinstance(theirs, str):
+                continue  # both fail on the text
+            if ours != theirs:
+                if isinstance(theirs, list) and any(base.id_to_token(i) is None for i in theirs):
+                    label_extra.append("outside_vocab_special")
+                    continue
+                if isinstance(theirs, str) and not isinstance(ours, str):
+                    problems.append(f"HF_ENCODE_ERROR {text!r}")
+                    continue
+                problems.append(f"encode {text!r}: ours {ours} hf {theirs}")
+        rows = list(PLAIN_ROWS) if hf_eos_ok else []
+        for row in rows:
+            try:
+                theirs, lost = trl_ids(hf_tok, row)
+            except Exception as exc:
+                theirs, lost = f"ERR {type(exc).__name__}: {exc}"[:200], 0
+            try:
+                ours = sdpo_ids(tok, [row], tmp)[0]
+            except Exception as exc:
+                ours = f"ERR {type(exc).__name__}: {exc}"[:300]
+            if isinstance(ours, str) and isinstance(theirs, str):
+                continue  # both fail on the row
+            if ours != theirs:
+                if isinstance(theirs, tuple) and isinstance(ours, tuple):
+                    known = classify_row(hf_tok, tok, row, ours, theirs, lost)
+                    if known:
+                        label_extra.append(known)
+                        continue
+                    if any(base.id_to_token(i) is None for part in theirs for i in part):
+                        label_extra.append("outside_vocab_special")
+                        continue
+                problems.append(f"plain row {row['prompt']!r}: ours {ours} trl {theirs}")
+        if hf_tok.chat_template is not None and hf_eos_ok:
+            for row in CHAT_ROWS:
+                try:
+                    theirs, lost = trl_ids(hf_tok, row)
+                except Exception as exc:
+                    theirs, lost = f"ERR {type(exc).__name__}: {exc}"[:200], 0
+                try:
+                    ours = sdpo_ids(tok, [row], tmp)[0]
+                except Exception as exc:
+                    ours = f"ERR {type(exc).__name__}: {exc}"[:300]
+                if isinstance(ours, str) and isinstance(theirs, str):
+                    continue  # both fail on the row
+                if ours != theirs:
+                    if isinstance(theirs, tuple) and isinstance(ours, tuple):
+                        known = classify_row(hf_tok, tok, row, ours, theirs, lost)
+                        if known:
+                            label_extra.append(known)
+                            continue
+                        if any(base.id_to_token(i) is None for part in theirs for i in part):
+                            label_extra.append("outside_vocab_special")
+                            continue
+                    problems.append(f"chat row: ours {ours} trl {theirs}")
+        if problems:
+            if all(p.startswith("HF_ENCODE_ERROR") for p in problems):
+                return "MISMATCH:hf_encode_error_only", "; ".join(problems)[:300] + (
+                    f" | hf={type(hf_tok).__name__} style={facts['style']} unk={hf_tok.unk_token!r}"
+                    f" model_unk={hf_tok.backend_tokenizer.model.unk_token!r}"
+                )
+            info = (
+                f" | hf={type(hf_tok).__name__} style={facts['style']} atd={facts.get('atd')}"
+                f" pp={facts['pp']} bos={hf_tok.bos_token!r} tokbos={tok.bos_token!r} front="
+                f"{tok._post_processor_front_id()} add_bos={tok.add_bos} outside={outside}"
+            )
+            return "MISMATCH", "; ".join(problems)[:1500] + info
+        return "ok" + ("+" + ",".join(sorted(set(label_extra))) if label_extra else ""), ""
+    except Exception:
+        return "HARNESS_ERROR", traceback.format_exc()[-800:]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load(root: str | None) -> None:
+    """Import transformers, TRL and sdpo's tokenizer (from ``root``'s engine/ when given)."""
+    global transformers, _tokenize, common_prefix_length
+    global PairTokenizer, tokenize_pairs, read_preference_file
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    from trl.trainer.dpo_trainer import _tokenize, common_prefix_length
+
+    if root is not None:
+        for name, folder in (("sdpo.engine", "engine"), ("sdpo.kernels", "kernels")):
+            spec = importlib.util.spec_from_file_location(
+                name,
+                f"{root}/{folder}/__init__.py",
+                submodule_search_locations=[f"{root}/{folder}"],
+            )
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+    from sdpo.engine.data import read_preference_file
+    from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+
+
+def describe(seed: int) -> str:
+    """The case's folder: what was drawn, and tokenizer.json without its vocabulary."""
+    rng = random.Random(seed)
+    tmp = Path(CASES) / f"c{seed}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        folder = tmp / "m"
+        folder.mkdir()
+        facts = build_configs(rng, folder, build_tokenizer(rng, folder))
+        tj = json.loads((folder / "tokenizer.json").read_text())
+        short = {k: tj[k] for k in ("normalizer", "pre_tokenizer", "post_processor")}
+        short["model"] = {k: v for k, v in tj["model"].items() if k not in ("vocab", "merges")}
+        return json.dumps({**facts, "tokenizer.json": short}, default=str)[:3000]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> int:
+    global CASES
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--start", type=int, default=0, help="first seed")
+    parser.add_argument("--count", type=int, default=500, help="number of cases")
+    parser.add_argument("--root", help="a checkout whose engine/ to test (default: installed)")
+    parser.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "sdpo-tok-fuzz"))
+    parser.add_argument("--jsonl", help="write one line per case here")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each mismatch")
+    args = parser.parse_args()
+    _load(args.root)
+    CASES = args.work_dir
+    counts: Counter = Counter()
+    lines = []
+    try:
+        for seed in range(args.start, args.start + args.count):
+            label, detail = run_case(seed)
+            counts[label.split(":")[0] if label.startswith("ok") else label] += 1
+            lines.append(json.dumps({"seed": seed, "label": label, "detail": detail}) + "\n")
+            if args.verbose and label.startswith(("MISMATCH", "HARNESS")):
+                print(seed, label, detail[:600])
+                print("   ", describe(seed)[:1500])
+    finally:
+        if args.jsonl:
+            Path(args.jsonl).write_text("".join(lines))
+        shutil.rmtree(CASES, ignore_errors=True)
+    print(json.dumps(dict(sorted(counts.items())), indent=1))
+    return 1 if any(k.startswith(("MISMATCH", "HARNESS")) for k in counts) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
