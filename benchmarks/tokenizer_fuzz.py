@@ -463,30 +463,11 @@ def run_case(seed: int) -> tuple[str, str]:
                     problems.append(f"HF_ENCODE_ERROR {text!r}")
                     continue
                 problems.append(f"encode {text!r}: ours {ours} hf {theirs}")
-        rows = list(PLAIN_ROWS) if hf_eos_ok else []
-        for row in rows:
-            try:
-                theirs, lost = trl_ids(hf_tok, row)
-            except Exception as exc:
-                theirs, lost = f"ERR {type(exc).__name__}: {exc}"[:200], 0
-            try:
-                ours = sdpo_ids(tok, [row], tmp)[0]
-            except Exception as exc:
-                ours = f"ERR {type(exc).__name__}: {exc}"[:300]
-            if isinstance(ours, str) and isinstance(theirs, str):
-                continue  # both fail on the row
-            if ours != theirs:
-                if isinstance(theirs, tuple) and isinstance(ours, tuple):
-                    known = classify_row(hf_tok, tok, row, ours, theirs, lost)
-                    if known:
-                        label_extra.append(known)
-                        continue
-                    if any(base.id_to_token(i) is None for part in theirs for i in part):
-                        label_extra.append("outside_vocab_special")
-                        continue
-                problems.append(f"plain row {row['prompt']!r}: ours {ours} trl {theirs}")
+        row_sets = [("plain row", PLAIN_ROWS)] if hf_eos_ok else []
         if hf_tok.chat_template is not None and hf_eos_ok:
-            for row in CHAT_ROWS:
+            row_sets.append(("chat row", CHAT_ROWS))
+        for what, rows in row_sets:
+            for row in rows:
                 try:
                     theirs, lost = trl_ids(hf_tok, row)
                 except Exception as exc:
@@ -506,7 +487,8 @@ def run_case(seed: int) -> tuple[str, str]:
                         if any(base.id_to_token(i) is None for part in theirs for i in part):
                             label_extra.append("outside_vocab_special")
                             continue
-                    problems.append(f"chat row: ours {ours} trl {theirs}")
+                    shown = f" {row['prompt']!r}" if what == "plain row" else ""
+                    problems.append(f"{what}{shown}: ours {ours} trl {theirs}")
         if problems:
             if all(p.startswith("HF_ENCODE_ERROR") for p in problems):
                 return "MISMATCH:hf_encode_error_only", "; ".join(problems)[:300] + (
