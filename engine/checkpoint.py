@@ -344,14 +344,33 @@ def resolve_implementation(path: str | os.PathLike, implementation: str = "auto"
     return "transformers"
 
 
-def check_model(path: str | os.PathLike, implementation: str = "auto") -> ModelInfo:
+def check_model(
+    path: str | os.PathLike,
+    implementation: str = "auto",
+    *,
+    router_aux_loss_coef: float | None = None,
+    router_key: str = "router_aux_loss_coef",
+) -> ModelInfo:
     """Check a model folder for ``implementation`` (``IMPLEMENTATIONS``) without reading a
     weight: for sdpo's decoder ``check_pretrained``; for transformers the config (its class
     known to ``AutoModelForCausalLM``) and every stored tensor's name and shape against a
-    model built from it on the meta device. Raises ``CheckpointError`` naming the file."""
+    model built from it on the meta device. ``router_aux_loss_coef``: the coefficient the
+    model's router loss will be trained with instead of its config's (``sdpo.engine.hf.
+    router_loss``); one other than 0 for a model without a router loss is refused, naming
+    ``router_key``. Raises ``CheckpointError`` naming the file."""
     impl = resolve_implementation(path, implementation)
     if impl == "sdpo":
         config = check_pretrained(path)
+        if router_aux_loss_coef:  # sdpo's decoder runs dense models only
+            from sdpo.engine.hf import no_router_loss
+
+            e = no_router_loss(
+                router_key,
+                router_aux_loss_coef,
+                f"this {config.model_type} model",
+                "sdpo's own decoder runs dense models only",
+            )
+            raise CheckpointError(f"{Path(path) / CONFIG_NAME}: {e}")
         return ModelInfo(
             implementation=impl,
             model_type=config.model_type,
@@ -359,10 +378,10 @@ def check_model(path: str | os.PathLike, implementation: str = "auto") -> ModelI
             max_position_embeddings=config.max_position_embeddings,
             sliding_window=config.sliding_window,
         )
-    return _check_hf_layout(Path(path))
+    return _check_hf_layout(Path(path), router_aux_loss_coef, router_key)
 
 
-def _check_hf_layout(folder: Path) -> ModelInfo:
+def _check_hf_layout(folder: Path, coef: float | None, key: str) -> ModelInfo:
     import transformers
 
     from sdpo.engine.hf import check_head, logit_softcap, router_loss
@@ -374,11 +393,14 @@ def _check_hf_layout(folder: Path) -> ModelInfo:
         with torch.device("meta"):
             model = transformers.AutoModelForCausalLM.from_config(config)
         check_head(model)
-        router_loss(model)
     except (ValueError, KeyError, OSError, TypeError) as e:
         raise CheckpointError(
             f"{folder / CONFIG_NAME}: transformers cannot build a causal LM from it ({e})"
         ) from e
+    try:
+        router_loss(model, coef, key=key)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: {e}") from e
     files = weight_files(folder)
     # every tensor name with the names it shares a parameter with (a tied lm_head)
     groups: dict[int, list[str]] = {}

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "PackedCausalLM",
+    "apply_router_aux_loss_coef",
     "check_gradient_checkpointing",
     "check_head",
     "check_lora_layout",
@@ -66,6 +67,7 @@ __all__ = [
     "load_hf_pretrained",
     "logit_factor",
     "logit_softcap",
+    "no_router_loss",
     "peft_adapter_parameters",
     "router_loss",
 ]
@@ -155,7 +157,7 @@ class PackedCausalLM(nn.Module):
     """``hf_model`` (a ``transformers`` ``*ForCausalLM``, or anything with ``get_decoder()`` and
     ``get_output_embeddings()``) behind the packed protocol; see the module docstring."""
 
-    def __init__(self, hf_model: nn.Module) -> None:
+    def __init__(self, hf_model: nn.Module, *, router_aux_loss_coef: float | None = None) -> None:
         super().__init__()
         missing = [
             name
@@ -191,10 +193,22 @@ class PackedCausalLM(nn.Module):
         # rates load_hf_pretrained turned off)
         self.saved_config: dict[str, Any] = {}
         # a mixture of experts' load-balancing loss, added to the training loss with the
-        # config's router_aux_loss_coef as TRL's DPOTrainer adds it; the trainer takes each
-        # training forward's value with pop_aux_loss()
-        self.router_aux_loss_coef, self._balance, self._balance_options = router_loss(hf_model)
+        # config's router_aux_loss_coef (or ``router_aux_loss_coef`` given here, TRL's
+        # DPOConfig option) as TRL's DPOTrainer adds it; the trainer takes each training
+        # forward's value with pop_aux_loss()
         self._aux_loss: Tensor | None = None
+        self.set_router_aux_loss_coef(router_aux_loss_coef)
+
+    def set_router_aux_loss_coef(
+        self, coef: float | None, *, key: str = "router_aux_loss_coef"
+    ) -> None:
+        """Weight the router load-balancing loss by ``coef`` (``loss.router_aux_loss_coef``):
+        None is the model config's own coefficient, 0 turns the loss off (no router logits are
+        computed). A ``ValueError`` naming ``key`` for a coefficient other than 0 on a model
+        with no router loss sdpo computes (``router_loss``)."""
+        self.router_aux_loss_coef, self._balance, self._balance_options = router_loss(
+            self.hf_model, coef, key=key
+        )
 
     def train(self, mode: bool = True) -> PackedCausalLM:
         self._hf_model[0].train(mode)
@@ -353,7 +367,36 @@ class PackedCausalLM(nn.Module):
         return (hidden[row, col], tokens) if stream else hidden[row, col]
 
 
-def router_loss(hf_model: nn.Module) -> tuple[float, Any, dict[str, Any]]:
+def apply_router_aux_loss_coef(
+    model: nn.Module, coef: float | None, *, key: str = "loss.router_aux_loss_coef"
+) -> None:
+    """Weight the router loss of ``model`` (a ``PackedCausalLM``, or sdpo's own decoder) by
+    ``coef`` (``PackedCausalLM.set_router_aux_loss_coef``); None keeps its config's. A
+    ``ValueError`` naming ``key`` for a coefficient other than 0 on a model without a router
+    loss (sdpo's own decoder runs dense models only)."""
+    if coef is None:
+        return
+    if isinstance(model, PackedCausalLM):
+        model.set_router_aux_loss_coef(coef, key=key)
+    elif coef:
+        raise no_router_loss(
+            key, coef, type(model).__name__, "sdpo's own decoder runs dense models only"
+        )
+
+
+def no_router_loss(key: str, coef: float, model: str, why: str) -> ValueError:
+    """The error for ``key = coef`` (other than 0) on ``model``, which has no router loss
+    (``why``): there is nothing to weight."""
+    return ValueError(
+        f"{key} = {coef:g}, but {model} is not a mixture of experts with a router "
+        f"load-balancing loss ({why}), so there is no router loss to weight: leave {key} unset "
+        "or set it to 0"
+    )
+
+
+def router_loss(
+    hf_model: nn.Module, coef: float | None = None, *, key: str = "router_aux_loss_coef"
+) -> tuple[float, Any, dict[str, Any]]:
     """A mixture of experts' router load-balancing loss as ``hf_model`` computes it: the
     coefficient (0.0: none), its module's ``load_balancing_loss_func`` and the arguments after
     the router logits with which its forward calls it: the experts, the experts per token
@@ -363,15 +406,34 @@ def router_loss(hf_model: nn.Module) -> tuple[float, Any, dict[str, Any]]:
     ``router_aux_loss_coef`` other than 0 (and its experts on: Doge's ``is_moe``, false by
     default, turns them off). A ``ValueError``, naming the way out, for a function that takes
     other arguments (Doge's product-key router: ``num_keys``, and logits that are not one row
-    per token)."""
+    per token).
+
+    ``coef``: the coefficient instead of the config's (TRL's ``DPOConfig.router_aux_loss_coef``;
+    None: the config's); 0 turns the loss off. One other than 0 on a model with no router loss
+    (no ``output_router_logits`` key, experts off, or no load-balancing function sdpo finds) is
+    a ``ValueError`` naming ``key``: there is nothing to weight."""
     config = getattr(hf_model, "config", None)
-    coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    given = coef is not None
+    if given and (
+        isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef)
+    ):
+        raise ValueError(f"{key} must be a finite number or unset, got {coef!r}")
+    coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0) if coef is None else coef
     # the transformers model's own module, also under a PEFT wrapper (whose attributes and
     # forward are the wrapped model's)
     base = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
     balance = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
     moe = all(hasattr(hf_model, k) for k in ("num_experts", "num_experts_per_tok"))
     on = hasattr(config, "output_router_logits") and getattr(config, "is_moe", True) is not False
+    if given and coef and not (moe and on and balance is not None):
+        why = (
+            "its config has no output_router_logits"
+            if not hasattr(config, "output_router_logits")
+            else "its experts are off (is_moe false)"
+            if getattr(config, "is_moe", True) is False
+            else "sdpo finds no load-balancing loss of its router"
+        )
+        raise no_router_loss(key, coef, type(hf_model).__name__, why)
     if not (coef and moe and on and balance is not None):
         return 0.0, None, {}
     known = {
@@ -382,11 +444,16 @@ def router_loss(hf_model: nn.Module) -> tuple[float, Any, dict[str, Any]]:
     names = list(inspect.signature(balance).parameters)[1:]
     unknown = [name for name in names if name not in known]
     if unknown or "top_k" not in names:
+        fix = (
+            f"set {key} to 0"
+            if given
+            else "set router_aux_loss_coef to 0 in the model's config.json"
+            + ("" if key == "router_aux_loss_coef" else f" or {key} = 0")
+        )
         raise ValueError(
             f"{type(hf_model).__name__}'s router load-balancing loss "
             f"({balance.__module__}.load_balancing_loss_func) takes arguments sdpo does not know "
-            f"({', '.join(unknown or ['no top_k'])}): set router_aux_loss_coef to 0 in the "
-            "model's config.json to train it without that loss"
+            f"({', '.join(unknown or ['no top_k'])}): {fix} to train it without that loss"
         )
     return coef, balance, {name: known[name] for name in names}
 

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from sdpo.engine import distributed, sharding
 from sdpo.engine.files import append_jsonl, atomic_open
-from sdpo.engine.hf import peft_adapter_parameters
+from sdpo.engine.hf import apply_router_aux_loss_coef, peft_adapter_parameters
 from sdpo.engine.lora import adapter_parameters
 from sdpo.engine.packing import (
     TokenizedPair,
@@ -608,7 +608,12 @@ class DPOTrainer:
             if self.token_metrics
             else tuple(k for k in REDUCED_KEYS if k not in TOKEN_METRICS)
         )
-        # a mixture of experts' router loss (engine/hf.py), logged unweighted as TRL logs it
+        # a mixture of experts' router loss (engine/hf.py), weighted by the loss config's
+        # router_aux_loss_coef where it sets one (TRL's DPOConfig option; unset: the model
+        # config's), logged unweighted as TRL logs it
+        apply_router_aux_loss_coef(
+            model, getattr(_loss_config(loss_fn), "router_aux_loss_coef", None)
+        )
         if getattr(model, "router_aux_loss_coef", 0.0):
             self._reduced_keys += ("aux_loss",)
         # token metrics a resumed log window lacks for some of its steps: left out of its record

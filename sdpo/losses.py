@@ -175,6 +175,11 @@ class LossConfig:
     ``use_weighting``: WPO's weighting (TRL's option of that name): each pair's loss times
     the product of its two completions' length-normalised probabilities under the policy,
     sharpened by the policy's own next-token distributions (module docstring).
+    ``router_aux_loss_coef``: the weight of a mixture of experts' router load-balancing loss
+    (TRL's ``DPOConfig.router_aux_loss_coef``); None (default) is the model config's own
+    ``router_aux_loss_coef``, 0 turns the loss off. The trainer applies it to the model
+    (``sdpo.engine.hf``), not this loss; one other than 0 on a model without a router loss is
+    an error.
     """
 
     loss_type: str | list[str] = "sigmoid"
@@ -188,6 +193,7 @@ class LossConfig:
     f_alpha_divergence_coef: float = 0.5
     ld_alpha: float | None = None
     use_weighting: bool = False
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self) -> None:
         types = self.loss_types
@@ -239,6 +245,12 @@ class LossConfig:
         if self.rpo_alpha is not None and (not _is_real(self.rpo_alpha) or self.rpo_alpha < 0):
             raise ValueError(
                 f"rpo_alpha must be None or a finite number >= 0, got {self.rpo_alpha!r}"
+            )
+        coef = self.router_aux_loss_coef
+        if coef is not None and (not _is_real(coef) or coef < 0):
+            raise ValueError(
+                f"router_aux_loss_coef must be unset (the model config's own) or a finite "
+                f"number >= 0, got {coef!r}"
             )
         if not isinstance(self.reference_free, bool):
             raise ValueError(f"reference_free must be true or false, got {self.reference_free!r}")

@@ -656,7 +656,12 @@ class StepwiseRunner:
             self.model_dir = model_dir = model_folder(
                 cfg.model.path, revision=cfg.model.revision, key="model.path"
             )
-            model_config = check_model(model_dir, cfg.model.implementation)
+            model_config = check_model(
+                model_dir,
+                cfg.model.implementation,
+                router_aux_loss_coef=cfg.loss.router_aux_loss_coef,
+                router_key="loss.router_aux_loss_coef",
+            )
             self._check_implementation(model_config, "model.path")
             if cfg.sdpo.reference:
                 self.reference_dir = model_folder(

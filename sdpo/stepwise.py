@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdpo.engine.hf import PackedCausalLM, dropout_off
+from sdpo.engine.hf import PackedCausalLM, apply_router_aux_loss_coef, dropout_off
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import resolve_precision
 from sdpo.engine.scoring import PairLogps, score_pairs
@@ -166,6 +166,9 @@ def run_sdpo(
     with off:
         train = TrainConfig() if train is None else train
         loss = LossConfig() if loss is None else loss
+        # loss.router_aux_loss_coef: set on the model (and refused for one without a router
+        # loss) before any work; each step's trainer applies it again
+        apply_router_aux_loss_coef(model, loss.router_aux_loss_coef)
         pairs = list(pairs)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")

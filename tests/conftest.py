@@ -136,9 +136,10 @@ def reference_token_metrics(model, pairs) -> dict[str, float]:
     }
 
 
-def dpo_trainer(model, config, **kwargs):
-    """``DPOTrainer`` with the sigmoid DPO loss at beta 0.1, the torch kernels and no progress
-    bar, as the trainer tests run it; ``kwargs`` go to the trainer."""
+def dpo_trainer(model, config, loss=None, **kwargs):
+    """``DPOTrainer`` with the sigmoid DPO loss at beta 0.1 (or the ``LossConfig`` ``loss``),
+    the torch kernels and no progress bar, as the trainer tests run it; ``kwargs`` go to the
+    trainer."""
     from functools import partial
 
     from sdpo.engine.trainer import DPOTrainer
@@ -147,7 +148,7 @@ def dpo_trainer(model, config, **kwargs):
     return DPOTrainer(
         model,
         config=config,
-        loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1)),
+        loss_fn=partial(dpo_loss, config=LossConfig(beta=0.1) if loss is None else loss),
         kernels_impl="torch",
         progress=False,
         **kwargs,

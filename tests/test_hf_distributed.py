@@ -20,6 +20,7 @@ from sdpo.engine import distributed
 from sdpo.engine.checkpoint import load_model
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.trainer import TrainConfig, plan_steps
+from sdpo.losses import LossConfig
 from tests.conftest import dpo_trainer, two_source_config, write_hf_model, write_pairs
 from tests.test_distributed import (
     _alongside,
@@ -52,6 +53,9 @@ STEPS = 2
 # experts also runs steps of one micro-batch each, fewer than the ranks
 CASES = {"overlapped": (True, 60), "after": (False, 60)}
 ROUTER_CASES = {"one_micro_batch": (True, 4096)}
+# loss.router_aux_loss_coef of a model folder (by name): the mixture of experts' coefficient
+# instead of its config's 0.001, one that moves the gradients
+ROUTER_COEF = {"moe": 0.05}
 
 
 def _hf_steps(model_dir: Path, data: Path) -> dict:
@@ -71,7 +75,8 @@ def _hf_steps(model_dir: Path, data: Path) -> dict:
         rejected_tokens=ref.rejected_tokens,
     )
     out = {"world": distributed.world(), "softcap": model.logit_softcap}
-    router = bool(model.router_aux_loss_coef)
+    coef = ROUTER_COEF.get(model_dir.name)
+    router = bool(model.router_aux_loss_coef if coef is None else coef)
     for case, (overlap, max_tokens) in {**CASES, **(ROUTER_CASES if router else {})}.items():
         model = load_model(model_dir, implementation="transformers")
         config = TrainConfig(
@@ -81,7 +86,7 @@ def _hf_steps(model_dir: Path, data: Path) -> dict:
             max_tokens_per_batch=max_tokens,
             overlap_grad_reduce=overlap,
         )
-        trainer = dpo_trainer(model, config)
+        trainer = dpo_trainer(model, config, LossConfig(beta=0.1, router_aux_loss_coef=coef))
         if trainer.grad_reducer is not None:
             trainer.grad_reducer = distributed.GradReducer(model.parameters(), bucket_bytes=4096)
         plan = plan_steps(pairs, config, epoch=0)[:STEPS]
@@ -110,6 +115,7 @@ def _hf_steps(model_dir: Path, data: Path) -> dict:
             "weights": weights,
             "experts": experts,
             "aux": auxes,
+            "coef": model.router_aux_loss_coef,  # the one the trainer's loss config set
             "buckets": 0 if reducer is None else len(reducer.buckets),
             "in_backward": 0 if reducer is None else reducer.started_in_backward,
         }
@@ -171,7 +177,7 @@ def test_transformers_models_on_two_ranks_train_as_one_process(tmp_path):
         # logits soft-capped at 2 (30 hardly caps a random init's)
         write_hf_model(tmp_path / "gemma2", "Gemma2Config", seed=4, final_logit_softcapping=2.0),
         # eight experts, one per token, few tokens a micro-batch: some expert gets tokens on
-        # one rank and none on the other; a router loss coefficient that moves the gradients
+        # one rank and none on the other; trained with loss.router_aux_loss_coef (ROUTER_COEF)
         write_hf_model(
             tmp_path / "moe",
             "Qwen2MoeConfig",
@@ -180,7 +186,6 @@ def test_transformers_models_on_two_ranks_train_as_one_process(tmp_path):
             num_experts_per_tok=1,
             moe_intermediate_size=8,
             shared_expert_intermediate_size=8,
-            router_aux_loss_coef=0.05,
         ),
     ]
     data = write_pairs(tmp_path / "d.jsonl", n=23, seed=11)
@@ -224,6 +229,10 @@ def test_transformers_models_on_two_ranks_train_as_one_process(tmp_path):
     assert [single["softcap"] for single in singles] == [None, None, 2.0, None]
     assert [("one_micro_batch" in single) for single in singles] == [False] * 3 + [True]
     _check_router(singles[3], [r["models"][3] for r in ranks], model_dirs[3])
+    # the loss config's coefficient replaced the config's 0.001 in one process and each rank
+    assert load_model(model_dirs[3]).router_aux_loss_coef == 0.001
+    for got in (singles[3], *(r["models"][3] for r in ranks)):
+        assert [got[case]["coef"] for case in (*CASES, *ROUTER_CASES)] == [0.05] * 3
 
 
 def _check_run(one: Path, two: Path) -> None:

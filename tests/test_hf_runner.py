@@ -6,7 +6,9 @@ settings refused before any work."""
 from __future__ import annotations
 
 import json
+import math
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,8 @@ from sdpo.engine import resume as resume_mod
 from sdpo.engine.checkpoint import CheckpointError, check_model, load_model, save_pretrained
 from sdpo.engine.data import read_preference_file
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
-from sdpo.engine.trainer import TrainingStopped
+from sdpo.engine.trainer import TrainConfig, TrainingStopped
+from sdpo.losses import LossConfig, dpo_loss
 from sdpo.runner import RunInputError, run_training
 from tests.conftest import two_source_config, write_hf_model, write_pairs
 
@@ -284,9 +287,72 @@ def test_a_doge_with_its_experts_off_has_no_router_loss_and_with_them_on_is_refu
     )
     with pytest.raises(CheckpointError, match=r"takes arguments sdpo does not know \(num_keys\)"):
         check_model(moe)
+    # loss.router_aux_loss_coef = 0 trains it without that loss, as 0 in config.json does
+    assert check_model(moe, router_aux_loss_coef=0.0).implementation == "transformers"
     config = json.loads((moe / "config.json").read_text())
     (moe / "config.json").write_text(json.dumps({**config, "router_aux_loss_coef": 0.0}))
     assert check_model(moe).implementation == "transformers"
+    # a coefficient other than 0 has no router loss to weight on it with its experts off
+    with pytest.raises(CheckpointError, match=r"k = 0.1, but DogeForCausalLM .*experts are off"):
+        check_model(dense, router_aux_loss_coef=0.1, router_key="k")
+    assert check_model(dense, router_aux_loss_coef=0.0).implementation == "transformers"
+
+
+def test_a_lora_run_of_a_moe_model_weights_its_router_loss_by_the_loss_config_s_coef(tmp_path):
+    """loss.router_aux_loss_coef with LoRA on a Qwen2-MoE (config's coefficient 0.001): the
+    first step's loss, the policy at its reference, is log 2 plus the override times the
+    logged router loss."""
+    moe = write_hf_model(
+        tmp_path / "moe",
+        "Qwen2MoeConfig",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+    )
+    cfg = _config(
+        tmp_path,
+        moe,
+        lora={"rank": 2, "targets": ["q_proj", "v_proj"]},
+        loss={"router_aux_loss_coef": 0.05},
+        sdpo={"steps": 1},
+    )
+    run_training(cfg, progress=False)
+    first = _records(Path(cfg.output_dir))[0]
+    assert first["aux_loss"] > 1.0
+    assert first["loss"] == pytest.approx(math.log(2) + 0.05 * first["aux_loss"], abs=1e-6)
+
+
+def test_loss_router_aux_loss_coef_without_a_router_loss_is_refused_before_any_work(
+    tiny_model_dir, tmp_path
+):
+    """TRL's DPOConfig.router_aux_loss_coef: a number other than 0 on a model that is not a
+    mixture of experts is an error (0 is accepted: there is nothing to turn off), before any
+    work, under either implementation and through run_sdpo; a negative one is a config error."""
+    from sdpo.losses import LossConfig
+    from sdpo.stepwise import run_sdpo
+
+    for implementation, why in (("sdpo", "llama model"), ("transformers", "output_router_logits")):
+        cfg = _config(
+            tmp_path,
+            tiny_model_dir,
+            model={"implementation": implementation},
+            loss={"router_aux_loss_coef": 0.01},
+        )
+        with pytest.raises(
+            RunInputError, match=rf"loss.router_aux_loss_coef = 0.01, but .*{why}.* set it to 0"
+        ):
+            run_training(cfg, progress=False)
+        assert not Path(cfg.output_dir).exists()
+        assert check_model(tiny_model_dir, implementation, router_aux_loss_coef=0.0)
+    for model in (
+        load_model(tiny_model_dir),
+        load_model(tiny_model_dir, implementation="transformers"),
+    ):
+        with pytest.raises(ValueError, match="loss.router_aux_loss_coef = 0.5, but"):
+            run_sdpo(model, [], loss=LossConfig(router_aux_loss_coef=0.5))
+    with pytest.raises(ConfigError, match="loss.router_aux_loss_coef must be unset .* got -0.1"):
+        _config(tmp_path, tiny_model_dir, loss={"router_aux_loss_coef": -0.1})
 
 
 def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
@@ -339,6 +405,31 @@ def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
     wrapped(ids, positions, cu, max(lengths))
     assert wrapped.router_aux_loss_coef == 0.001
     torch.testing.assert_close(wrapped.pop_aux_loss(), aux, rtol=1e-6, atol=1e-7)
+    # loss.router_aux_loss_coef (TRL's DPOConfig option) replaces the config's coefficient,
+    # on a PEFT model too; 0 turns the loss off, no router logits computed
+    for packed in (model, wrapped):
+        packed.set_router_aux_loss_coef(0.05)
+        packed(ids, positions, cu, max(lengths))
+        assert packed.router_aux_loss_coef == 0.05
+        torch.testing.assert_close(packed.pop_aux_loss(), aux, rtol=1e-6, atol=1e-7)
+        packed.set_router_aux_loss_coef(0.0)
+        packed(ids, positions, cu, max(lengths))
+        assert packed.router_aux_loss_coef == 0.0 and packed.pop_aux_loss() is None
+    peft_model = wrapped.hf_model
+    assert hf_mod.PackedCausalLM(peft_model, router_aux_loss_coef=0.2).router_aux_loss_coef == 0.2
+    # the trainer applies a loss config's coefficient: 0 leaves the aux_loss record out and
+    # lets a micro-batch be split over ranks; unset keeps the model's
+    on = hf_mod.PackedCausalLM(peft_model)
+    for coef, want in ((None, 0.001), (0.0, 0.0), (0.3, 0.3)):
+        trainer = trainer_mod.DPOTrainer(
+            on,
+            config=TrainConfig(),
+            loss_fn=partial(dpo_loss, config=LossConfig(router_aux_loss_coef=coef)),
+            progress=False,
+        )
+        assert on.router_aux_loss_coef == want
+        assert trainer.whole_micro_batches == bool(want)
+        assert ("aux_loss" in trainer._reduced_keys) == bool(want)
 
 
 def test_auto_runs_a_llama_with_a_rotary_scaling_sdpo_lacks_under_transformers(tmp_path):

@@ -174,3 +174,7 @@ def test_keys_a_saved_config_lacks_count_as_their_defaults():
     assert changed_config_keys(old, now) == []
     changed = {**now, "train": {**now["train"], "eval_every": 0, "overlap_grad_reduce": False}}
     assert changed_config_keys(old, changed) == ["train.overlap_grad_reduce (True -> False)"]
+    # loss.router_aux_loss_coef changes the weights: unset before it existed, refused changed
+    del old["loss"]["router_aux_loss_coef"]
+    moe = {**now, "loss": {**now["loss"], "router_aux_loss_coef": 0.0}}
+    assert changed_config_keys(old, moe) == ["loss.router_aux_loss_coef (None -> 0.0)"]

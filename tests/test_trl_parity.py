@@ -13,6 +13,7 @@ compared here as ``["sigmoid", "sft"]``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from functools import partial
@@ -134,6 +135,7 @@ _TRL_LOSS_KEYS = (
     "f_alpha_divergence_coef",
     "ld_alpha",
     "use_weighting",
+    "router_aux_loss_coef",
 )
 
 
@@ -557,16 +559,19 @@ def test_bf16_mixed_is_trl_s_default_precision(setup, tmp_path):
         assert torch.allclose(w, theirs_w[key], rtol=0, atol=2e-3), key
 
 
-def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup, tmp_path):
+@pytest.mark.parametrize("coef", [None, 0.05])
+def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup, tmp_path, coef):
     """A Qwen2-MoE (``model.implementation`` auto: transformers in ``PackedCausalLM``), one
     ``sdpo train`` step against TRL on the same rows: every metric of every optimizer step and
     the weights after the last, to float32 rounding. TRL adds the router's load-balancing loss
     times the config's router_aux_loss_coef (0.001) to each batch's loss and logs it as
-    ``aux_loss``; so does sdpo."""
+    ``aux_loss``; so does sdpo. With ``loss.router_aux_loss_coef`` (TRL's DPOConfig option of
+    that name) the loss takes that coefficient instead, in both (one optimizer step)."""
     from sdpo.engine.checkpoint import load_model
 
     _, rows, _ = setup
-    rows = rows[: 2 * PAIRS_PER_STEP]
+    steps = 2 if coef is None else 1
+    rows = rows[: steps * PAIRS_PER_STEP]
     model_dir = tmp_path / "model"
     sentencepiece_like(model_dir)
     config = transformers.Qwen2MoeConfig(
@@ -583,13 +588,20 @@ def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup,
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     sources = {"sources": [{"name": "rows", "path": str(data)}]}
+    override = {} if coef is None else {"router_aux_loss_coef": coef}
     _sdpo_train(
-        out, model_dir, sources, schedule="constant", sdpo={"steps": 1, "report_scoring": False}
+        out,
+        model_dir,
+        sources,
+        schedule="constant",
+        sdpo={"steps": 1, "report_scoring": False},
+        loss=override,
     )
     ours = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
     ours = [r for r in ours if "rewards/chosen" in r]
-    _, trl_weights, theirs = _trl(model_dir, rows, LOSSES["sigmoid"], tmp_path / "trl", steps=2)
-    assert len(ours) == len(theirs) == 2
+    loss = dataclasses.replace(LOSSES["sigmoid"], **override)
+    _, trl_weights, theirs = _trl(model_dir, rows, loss, tmp_path / "trl", steps=steps)
+    assert len(ours) == len(theirs) == steps
     for step, (a, b) in enumerate(zip(ours, theirs, strict=True), start=1):
         for key in (*METRIC_KEYS, "aux_loss"):  # the router loss logged as TRL logs it
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (step, key, a, b)
