@@ -55,6 +55,7 @@ _TYPES: dict[str, str] = {
     "rpo_alpha": "number or null",
     "ld_alpha": "number or null",
     "use_weighting": "bool",
+    "router_aux_loss_coef": "number or null",
     "reference_free": "bool",
     "discopop_tau": "number",
     "f_divergence_type": "str",
@@ -394,9 +395,11 @@ def convert_trl_config(
         )
     if t.get("loss_weights") is not None:
         put("loss", "loss_weights", [float(w) for w in t["loss_weights"]], "loss_weights")
-    for key in ("label_smoothing", "rpo_alpha", "ld_alpha", "discopop_tau"):
+    for key in ("label_smoothing", "rpo_alpha", "ld_alpha", "discopop_tau", "router_aux_loss_coef"):
         if t.get(key) is not None:
             put("loss", key, float(t[key]), key)
+        elif key in t:  # null: TRL's default, and sdpo's
+            used.add(key)
     for key in ("use_weighting", "reference_free", "f_divergence_type"):
         if key in t:
             put("loss", key, t[key], key)

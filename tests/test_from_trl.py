@@ -205,3 +205,19 @@ def test_a_test_split_is_held_out_data_when_trl_would_evaluate_on_it(tmp_path):
     header = out.read_text().split("output_dir =")[0]
     assert '#   dataset_test_split = "test": TRL evaluates on it only when eval_strategy' in header
     assert "#   eval_steps = 50: sdpo's 'train.eval_every' needs held-out pairs" in header
+
+
+def test_router_aux_loss_coef_becomes_the_loss_key_and_null_is_the_model_s(tmp_path):
+    # TRL's DPOConfig.router_aux_loss_coef (None: the model config's; a number overrides it)
+    base = "model_name_or_path: org/m\ndataset_name: org/pairs\n"
+    code, out = _convert(tmp_path, "moe.yaml", base + "router_aux_loss_coef: 0\n")
+    assert code == 0 and load_config(out).loss.router_aux_loss_coef == 0.0
+    assert "#   router_aux_loss_coef" not in out.read_text()
+    out.unlink()
+    code, out = _convert(tmp_path, "moe.yaml", base + "router_aux_loss_coef: 2e-2\n")
+    assert code == 0 and load_config(out).loss.router_aux_loss_coef == 0.02
+    out.unlink()
+    code, out = _convert(tmp_path, "moe.yaml", base + "router_aux_loss_coef: null\n")
+    assert code == 0 and load_config(out).loss.router_aux_loss_coef is None
+    text = out.read_text()  # the default: nothing written, nothing left out
+    assert "#   router_aux_loss_coef" not in text and "\nrouter_aux_loss_coef" not in text
