@@ -217,7 +217,9 @@ def test_router_aux_loss_coef_becomes_the_loss_key_and_null_is_the_model_s(tmp_p
     code, out = _convert(tmp_path, "moe.yaml", base + "router_aux_loss_coef: 2e-2\n")
     assert code == 0 and load_config(out).loss.router_aux_loss_coef == 0.02
     out.unlink()
-    code, out = _convert(tmp_path, "moe.yaml", base + "router_aux_loss_coef: null\n")
+    nulls = "router_aux_loss_coef: null\nrpo_alpha: null\nld_alpha: null\n"
+    code, out = _convert(tmp_path, "moe.yaml", base + nulls)
     assert code == 0 and load_config(out).loss.router_aux_loss_coef is None
-    text = out.read_text()  # the default: nothing written, nothing left out
-    assert "#   router_aux_loss_coef" not in text and "\nrouter_aux_loss_coef" not in text
+    text = out.read_text()  # TRL's defaults and sdpo's: nothing written, nothing left out
+    for key in ("router_aux_loss_coef", "rpo_alpha", "ld_alpha"):
+        assert f"#   {key}" not in text and f"\n{key}" not in text, key
