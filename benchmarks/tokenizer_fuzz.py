@@ -76,26 +76,32 @@ CORPUS = [
     "Sure thing. No way! café naïve 2024 [INST] hi [/INST]",
     "User: what is the answer? Assistant: the answer is 42",
     "system you are helpful user assistant",
+    "नमस्ते दुनिया, हिंदी में लिखा गया पाठ 2024",
 ]
 SPECIAL_POOL = [
     "<unk>", "<s>", "</s>", "<pad>", "<bos>", "<eos>", "<mask>", "<|im_start|>", "<|im_end|>",
-    "<|endoftext|>", "<|eot_id|>", "<|begin_of_text|>",
+    "<|endoftext|>", "<|eot_id|>", "<|begin_of_text|>", "<|padding|>", "<BOS_TOKEN>",
+    "<|END_OF_TURN_TOKEN|>",
 ]  # fmt: skip
 CLASSES = [
     None, "LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast",
     "GemmaTokenizer", "GemmaTokenizerFast", "GPT2Tokenizer", "GPT2TokenizerFast",
     "Qwen2Tokenizer", "Qwen2TokenizerFast", "PreTrainedTokenizerFast", "",
+    "Qwen3_5Tokenizer", "GPTNeoXTokenizer", "GPTNeoXTokenizerFast", "CohereTokenizer",
+    "CohereTokenizerFast", "CodeGenTokenizer", "CodeGenTokenizerFast",
 ]  # fmt: skip
 MODEL_TYPES = [
     None, "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gpt2", "phi3", "code_llama",
-    "", "unknown_model", 7, ["llama"], "Llama",
+    "", "unknown_model", 7, ["llama"], "Llama", "qwen3_5", "qwen3_5_text", "gpt_neox", "olmo",
+    "olmoe", "cohere", "cohere2", "codegen", "stablelm",
 ]  # fmt: skip
 TEXTS = [
     "", "hello world", " hello world", "  two  spaces ", "line\nbreak\n\n", "\n\nHi", "\tTab",
     "12345 don't", "café cafe\u0301", "ｆｕｌｌ width", "emoji 🙂 here", "漢字",
     "Hi</s>there", "<s>[INST] hi [/INST]", "[INST]hi[/INST] ok", " <s> x",
     "<|im_start|>user\nhi<|im_end|>\n", "x<|endoftext|> y", "<bos>a<eos> b", "<pad><mask>",
-    "<unk>", "a <|eot_id|>b", "<|begin_of_text|>Hi",
+    "<unk>", "a <|eot_id|>b", "<|begin_of_text|>Hi", "नमस्ते दुनिया", "पाठ 2024 x",
+    "<BOS_TOKEN>hi<|END_OF_TURN_TOKEN|>",
 ]  # fmt: skip
 TEMPLATES = {
     "chatml": (
@@ -239,11 +245,15 @@ def build_tokenizer(rng: random.Random, folder: Path) -> dict:
         )
     facts["added"] = added
     # post-processor
-    pp = rng.choice(["none", "bos", "bos_eos", "bytelevel", "bos_other"])
-    bos_cands = [t for t in ("<s>", "<bos>", "<|begin_of_text|>") if tok.token_to_id(t) is not None]
+    pp = rng.choice(["none", "bos", "bos_eos", "bytelevel", "bos_other", "eos"])
+    bos_cands = [
+        t
+        for t in ("<s>", "<bos>", "<|begin_of_text|>", "<BOS_TOKEN>")
+        if tok.token_to_id(t) is not None
+    ]
     eos_cands = [
         t
-        for t in ("</s>", "<eos>", "<|endoftext|>", "<|im_end|>")
+        for t in ("</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "<|END_OF_TURN_TOKEN|>")
         if tok.token_to_id(t) is not None
     ]
     if pp in ("bos", "bos_other", "bos_eos") and bos_cands:
@@ -258,6 +268,13 @@ def build_tokenizer(rng: random.Random, folder: Path) -> dict:
             single=single, pair=f"{single} $B", special_tokens=sp
         )
         facts["pp_bos"] = bos
+    elif pp == "eos" and eos_cands:  # EOS after every text, as OLMo's files have
+        eos = rng.choice(eos_cands)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"$A {eos}",
+            pair=f"$A {eos} $B {eos}",
+            special_tokens=[(eos, tok.token_to_id(eos))],
+        )
     elif pp == "bytelevel":
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     facts["pp"] = pp
@@ -295,8 +312,15 @@ def build_configs(rng: random.Random, folder: Path, facts: dict) -> dict:
         if _maybe(rng, 0.35):
             config[key] = rng.choice([True, False, None])
     pools = {
-        "bos_token": ["<s>", "<bos>", "<|begin_of_text|>", "<|endoftext|>"],
-        "eos_token": ["</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>"],
+        "bos_token": ["<s>", "<bos>", "<|begin_of_text|>", "<|endoftext|>", "<BOS_TOKEN>"],
+        "eos_token": [
+            "</s>",
+            "<eos>",
+            "<|endoftext|>",
+            "<|im_end|>",
+            "<|eot_id|>",
+            "<|END_OF_TURN_TOKEN|>",
+        ],  # fmt: skip
         "unk_token": ["<unk>", "<|endoftext|>"],
         "pad_token": ["<pad>", "<unk>", "<|endoftext|>", "</s>"],
     }
