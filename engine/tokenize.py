@@ -23,7 +23,8 @@ Pipeline: ``tokenizer.json`` as transformers 5's ``AutoTokenizer`` loads it, whi
 is, except where it builds one of the classes that keep only the file's vocabulary, merges,
 added tokens and post-processor and make the rest themselves (Llama 2's and SOLAR's
 ``LlamaTokenizer``, ``CodeLlamaTokenizer``, ``GemmaTokenizer``, ``GPT2Tokenizer``,
-``Qwen2Tokenizer``): sdpo then builds the same pipeline (``engine/tokenizer_classes.py``), with
+``CodeGenTokenizer``, ``Qwen2Tokenizer``, ``Qwen3_5Tokenizer``, ``GPTNeoXTokenizer``,
+``CohereTokenizer``): sdpo then builds the same pipeline (``engine/tokenizer_classes.py``), with
 the class's default special tokens where ``tokenizer_config.json`` names none. Every special
 token ``tokenizer_config.json`` names is an added token, as transformers registers it
 (``_add_named_special_tokens``).
@@ -36,7 +37,8 @@ with that token (TRL would give it a second one). ``config.json``'s ``bos_token_
 read (transformers does not read it: a chat template's ``bos_token`` is a named one only).
 ``tokenizer_config.json``'s ``add_bos_token`` (and ``add_eos_token``) is not read:
 transformers 5 ignores it when the folder has a ``tokenizer.json``, so the post-processor alone
-decides what TRL's prompts get (CodeLlama's class replaces it with one that adds BOS). A
+decides what TRL's prompts get (CodeLlama's class replaces it with one that adds BOS, and
+GPT-NeoX's with one that adds nothing). A
 conversational prompt starts with BOS when the chat template writes it (``{{ bos_token }}``,
 Llama 3's ``<|begin_of_text|>``), as transformers' ``apply_chat_template(tokenize=True)`` and so
 TRL give it.

@@ -20,12 +20,22 @@ own settings and defaults read from ``tokenizer_config.json``:
   special tokens when tokenizer_config.json's ``add_prefix_space`` is true (default false; the
   file's own setting is not read).
 - ``Qwen2Tokenizer``: NFC, Qwen2's split, then byte-level with ``add_prefix_space`` as for GPT2
-  (applied to every split piece).
+  (applied to every split piece; a null one reads as false).
+- ``Qwen3_5Tokenizer`` (Qwen3.5, whose folders name Qwen2's class): the same with Qwen3.5's
+  split, which keeps a word's combining marks (e.g. Devanagari's vowel signs) in the word.
+- ``CodeGenTokenizer``: GPT2's pipeline (its own defaults: no pad token).
+- ``GPTNeoXTokenizer`` (Pythia, OLMo 1, OLMoE, MPT, Mamba): NFC, then byte-level with GPT-2's
+  split and ``add_prefix_space`` as for GPT2; its ``__init__`` rebuilds the post-processor from
+  ``add_bos_token`` and ``add_eos_token``, which transformers drops beside a ``tokenizer.json``,
+  so nothing is put around a text (the BOS or EOS of the file's post-processor, as OLMo's
+  appends, is gone).
+- ``CohereTokenizer`` (Command R, Aya): NFC, numbers split into single digits, then byte-level
+  with ``add_prefix_space`` as for GPT2.
 
 Each of them also has default special tokens (``CLASS_SPECIAL_TOKENS``) that apply where
 tokenizer_config.json names none: an EOS that TRL appends to plain completions, a BOS the chat
-template sees. Other classes transformers builds its own way (e.g. ``GPTNeoXTokenizer``,
-``CohereTokenizer``, ``Qwen3_5Tokenizer``) are read as their file is.
+template sees. Other classes transformers builds its own way (e.g. ``XGLMTokenizer``,
+``OpenAIGPTTokenizer``, and those of encoder models) are read as their file is.
 
 The rules are those of transformers 5.24 (``AutoTokenizer.from_pretrained``,
 ``TokenizersBackend.convert_to_native_format`` and each class's ``__init__``).
@@ -42,6 +52,10 @@ CODE_LLAMA = "CodeLlamaTokenizer"
 GEMMA = "GemmaTokenizer"
 GPT2 = "GPT2Tokenizer"
 QWEN2 = "Qwen2Tokenizer"
+QWEN3_5 = "Qwen3_5Tokenizer"
+GPT_NEOX = "GPTNeoXTokenizer"
+COHERE = "CohereTokenizer"
+CODEGEN = "CodeGenTokenizer"
 
 # the special tokens each class's __init__ defaults to (transformers 5.24)
 CLASS_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
@@ -63,6 +77,31 @@ CLASS_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
         "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",
         "pad_token": "<|endoftext|>",
+    },
+    QWEN3_5: {
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+    },
+    GPT_NEOX: {
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|padding|>",
+    },
+    COHERE: {
+        "bos_token": "<BOS_TOKEN>",
+        "eos_token": "<|END_OF_TURN_TOKEN|>",
+        "unk_token": "<UNK>",
+        "pad_token": "<PAD>",
+        "cls_token": "<CLS>",
+        "sep_token": "<SEP>",
+        "mask_token": "<MASK_TOKEN>",
+    },
+    CODEGEN: {
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
     },
 }
 
@@ -97,9 +136,23 @@ _MODEL_TYPE_CLASSES: dict[str, str] = {
         ),
         QWEN2,
     ),
+    **dict.fromkeys(
+        ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen4_exp"), QWEN3_5
+    ),
+    **dict.fromkeys(
+        (
+            "gpt_neox", "olmo", "olmoe", "mpt", "mamba", "mamba2", "falcon_mamba", "rwkv",
+            "xlstm",
+        ),
+        GPT_NEOX,
+    ),
+    **dict.fromkeys(("cohere", "cohere2", "aya_vision"), COHERE),
 }  # fmt: skip
 # model types whose folders are known to name a wrong class: their registered class wins
-_REGISTERED_CLASS_WINS = frozenset({"qwen2", "hyperclovax_vision_v2"})
+# (``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``, of those registered to one of these classes)
+_REGISTERED_CLASS_WINS = frozenset(
+    {"qwen2", "hyperclovax_vision_v2", "qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen4_exp"}
+)
 # model types transformers registers its plain backend for (and has a configuration for): their
 # folders load as the file is, whatever class they name (Mistral's and Phi-3's folders name
 # LlamaTokenizer)
@@ -119,11 +172,19 @@ _PLAIN_MODEL_TYPES = frozenset(
     )
 )  # fmt: skip
 _PLAIN = "TokenizersBackend"
+# classes that give tokenizer_config.json's add_prefix_space to their pre-tokenizer as it is (a
+# null fails there); Qwen2's and Qwen3.5's read null as false
+_PREFIX_SPACE_AS_GIVEN = frozenset((GPT2, CODEGEN, GPT_NEOX, COHERE))
 
 # Qwen2Tokenizer's split (transformers' PRETOKENIZE_REGEX for it)
 QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen3_5Tokenizer's: Qwen2's with combining marks (\p{M}) read as part of a word
+QWEN3_5_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"
+    r"| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 
@@ -215,12 +276,16 @@ def build_as_transformers(tokenizer: Tokenizer, config: dict, cls: str | None) -
         unk = unk.get("content") if isinstance(unk, dict) else unk
         model.unk_token = None if cls == LLAMA else str(unk)
     else:  # byte-level
-        if cls == GPT2 and "add_prefix_space" in config and add_prefix_space is None:
-            # GPT2Tokenizer passes it to its ByteLevel pre-tokenizer, which refuses None
+        if (
+            cls in _PREFIX_SPACE_AS_GIVEN
+            and "add_prefix_space" in config
+            and add_prefix_space is None
+        ):
+            # these classes pass it to their ByteLevel pre-tokenizer, which refuses None
             raise ValueError(
-                "add_prefix_space is null, which transformers' GPT2Tokenizer cannot build "
-                "(AutoTokenizer fails on this folder too); set it to false (GPT-2's default) or "
-                "true"
+                f"add_prefix_space is null, which transformers' {cls} cannot build "
+                "(AutoTokenizer fails on this folder too); set it to false (the class's default) "
+                "or true"
             )
         model.byte_fallback = False
         model.fuse_unk = False
@@ -239,14 +304,29 @@ def build_as_transformers(tokenizer: Tokenizer, config: dict, cls: str | None) -
     elif cls == GEMMA:
         tokenizer.normalizer = normalizers.Replace(" ", "▁")
         tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
-    elif cls == GPT2:
+    elif cls in (GPT2, CODEGEN):
         tokenizer.normalizer = None
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(add_prefix_space))
-    else:  # Qwen2
+    elif cls == GPT_NEOX:
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=bool(add_prefix_space))
+        # its __init__ rebuilds the post-processor from add_bos_token and add_eos_token, which
+        # transformers drops beside a tokenizer.json: nothing put around a text
+        tokenizer.post_processor = None
+    elif cls == COHERE:
         tokenizer.normalizer = normalizers.NFC()
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [
-                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=bool(add_prefix_space)),
+            ]
+        )
+    else:  # Qwen2, Qwen3.5
+        split = QWEN2_SPLIT if cls == QWEN2 else QWEN3_5_SPLIT
+        tokenizer.normalizer = normalizers.NFC()
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
                 pre_tokenizers.ByteLevel(add_prefix_space=bool(add_prefix_space), use_regex=False),
             ]
         )

@@ -1,5 +1,5 @@
 """The tokenizer classes transformers 5 builds around a folder's tokenizer.json (Llama, CodeLlama,
-Gemma, GPT-2, Qwen2) and their default special tokens: hand-made folders read by sdpo give the
+Gemma, GPT-2, CodeGen, Qwen2, Qwen3.5, GPT-NeoX, Cohere) and their default special tokens: hand-made folders read by sdpo give the
 ids ``AutoTokenizer.from_pretrained`` gives on the same folder, and TRL's DPOTrainer ids."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ TEXTS = [
     "hello world", " hello world", "  two  spaces ", "line\nbreak\n\n", "\n\nHi", "12345 don't",
     "café cafe\u0301", "Hi</s>there", "<s>[INST] hi [/INST]", "[INST]hi[/INST] ok",
     "<|im_start|>user\nhi<|im_end|>\n", "x<|endoftext|> y", "<bos>a<eos> b", "<pad><mask>",
+    "नमस्ते दुनिया", "x 2024",
 ]  # fmt: skip
 NO_SPECIALS = {"add_special_tokens": False}
 PLAIN = [
@@ -93,6 +94,31 @@ def gemma_like(folder: Path, *, prepend: bool) -> Path:
     )
     tok.save(str(folder / "tokenizer.json"))
     config = {"tokenizer_class": "GemmaTokenizer", "eos_token": "<eos>", "bos_token": "<bos>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def byte_level_wide(folder: Path, **config) -> Path:
+    """A byte-level BPE tokenizer whose merges span digits, Devanagari letters and their
+    combining marks, and spaces (trained without a split, then saved with GPT-2's), with the
+    special tokens of GPT-NeoX's, Cohere's and Qwen's classes; ``config``: its
+    tokenizer_config.json, besides a ChatML template."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    specials = ["<|endoftext|>", "<|padding|>", "<|im_start|>", "<|im_end|>", "<BOS_TOKEN>"]
+    specials.append("<|END_OF_TURN_TOKEN|>")
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=specials,
+        show_progress=False,
+    )
+    corpus = ["the weather in Paris is sunny 12345", "नमस्ते दुनिया 2024", "hello world"]
+    tok.train_from_iterator(corpus * 10, trainer)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"chat_template": CHATML_NL, **config}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 
@@ -289,6 +315,44 @@ def _gpt2_model_naming_the_empty_class(tmp_path: Path) -> Path:
     return _model_type(_config(folder, tokenizer_class=""), "gpt2")
 
 
+def _olmo_bos_eos_post_processor(tmp_path: Path) -> Path:
+    # GPTNeoXTokenizer (Pythia, OLMo 1, OLMoE, MPT) rebuilds the post-processor from
+    # add_bos_token and add_eos_token, which transformers drops beside a tokenizer.json: the
+    # file's BOS and EOS around a text are gone, and EOS is the class's default
+    folder = byte_level_wide(tmp_path / "f", add_bos_token=True, add_eos_token=True)
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    inner.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A <|endoftext|>", special_tokens=[("<|endoftext|>", 0)]
+    )
+    (folder / "tokenizer.json").write_text(inner.to_str())
+    return _model_type(folder, "olmo")
+
+
+def _gpt_neox_prefix_space_and_nfc(tmp_path: Path) -> Path:
+    # NFC (the file has no normaliser) and tokenizer_config.json's add_prefix_space
+    folder = byte_level_wide(
+        tmp_path / "f", tokenizer_class="GPTNeoXTokenizerFast", add_prefix_space=True
+    )
+    return _config(folder, eos_token="<|endoftext|>")
+
+
+def _qwen3_5_model_naming_qwen2(tmp_path: Path) -> Path:
+    # Qwen3.5's folders name Qwen2's class; transformers builds Qwen3.5's, whose split keeps a
+    # word's combining marks (Devanagari's vowel signs) in the word
+    folder = byte_level_wide(tmp_path / "f", tokenizer_class="Qwen2TokenizerFast")
+    return _model_type(_config(folder, eos_token="<|im_end|>"), "qwen3_5")
+
+
+def _cohere_model_naming_no_class(tmp_path: Path) -> Path:
+    # Cohere's class splits numbers into single digits and defaults EOS to its end of turn
+    return _model_type(byte_level_wide(tmp_path / "f"), "cohere2")
+
+
+def _codegen_prefix_space(tmp_path: Path) -> Path:
+    folder = byte_level_wide(tmp_path / "f", tokenizer_class="CodeGenTokenizer")
+    return _model_type(_config(folder, add_prefix_space=True), "codegen")
+
+
 FOLDERS = {  # name: (builder, the class transformers builds)
     "gpt2_prefix_in_config": (_gpt2_prefix_in_config, "GPT2Tokenizer"),
     "qwen2_prefix_in_config": (_qwen2_prefix_in_config, "Qwen2Tokenizer"),
@@ -301,6 +365,11 @@ FOLDERS = {  # name: (builder, the class transformers builds)
     "qwen3_model_naming_plain": (_qwen3_model_naming_the_plain_class, "TokenizersBackend"),
     "code_llama_model_type": (_code_llama_model_type, "TokenizersBackend"),
     "gpt2_model_naming_empty_class": (_gpt2_model_naming_the_empty_class, "TokenizersBackend"),
+    "olmo_bos_eos_post_processor": (_olmo_bos_eos_post_processor, "GPTNeoXTokenizer"),
+    "gpt_neox_prefix_space_nfc": (_gpt_neox_prefix_space_and_nfc, "GPTNeoXTokenizer"),
+    "qwen3_5_model_naming_qwen2": (_qwen3_5_model_naming_qwen2, "Qwen3_5Tokenizer"),
+    "cohere_model_naming_no_class": (_cohere_model_naming_no_class, "CohereTokenizer"),
+    "codegen_prefix_space": (_codegen_prefix_space, "CodeGenTokenizer"),
 }
 
 
@@ -404,8 +473,13 @@ def test_an_added_token_unlisted_in_added_tokens_decoder_is_text_for_a_rebuilt_c
     [
         ("config.json", {"model_type": ["llama"]}, "model_type is"),
         ("tokenizer_config.json", {"add_prefix_space": None}, "add_prefix_space is null"),
+        (
+            "tokenizer_config.json",
+            {"add_prefix_space": None, "tokenizer_class": "GPTNeoXTokenizerFast"},
+            "GPTNeoXTokenizer cannot build",
+        ),
     ],
-    ids=["model_type_list", "gpt2_null_add_prefix_space"],
+    ids=["model_type_list", "gpt2_null_add_prefix_space", "gpt_neox_null_add_prefix_space"],
 )
 def test_a_folder_transformers_cannot_load_is_an_error_naming_the_file(
     tmp_path, file, changes, match
