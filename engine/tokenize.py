@@ -252,12 +252,11 @@ class PairTokenizer:
         # bos_id: the id a plain prompt starts with (BOS rule). By default the token the
         # post-processor puts in front of text: transformers gives it to TRL's plain prompts,
         # whether or not it is the named BOS (or a BOS is named at all)
-        self.bos_id = named_bos_id
         if add_bos is None:
             add_bos = front is not None
             self.bos_id = front if add_bos else named_bos_id
-        elif self.bos_id is None:
-            self.bos_id = front
+        else:
+            self.bos_id = front if named_bos_id is None else named_bos_id
         self.add_bos = bool(add_bos) and self.bos_id is not None
         self.chat_template = chat_template
         # the template transformers picks for a conversation with tools, when the folder names
