@@ -69,6 +69,7 @@ __all__ = [
     "logit_softcap",
     "no_router_loss",
     "peft_adapter_parameters",
+    "router_aux_loss_coef_for",
     "router_loss",
 ]
 
@@ -382,6 +383,27 @@ def apply_router_aux_loss_coef(
         raise no_router_loss(
             key, coef, type(model).__name__, "sdpo's own decoder runs dense models only"
         )
+
+
+@contextlib.contextmanager
+def router_aux_loss_coef_for(
+    model: nn.Module, coef: float | None, *, key: str = "loss.router_aux_loss_coef"
+) -> Iterator[None]:
+    """``apply_router_aux_loss_coef`` for the block alone: the model's own coefficient (and
+    its load-balancing function) is back after it, however the block ends, and no router loss
+    of the block's forwards is left in it. A model a caller lends to ``run_sdpo`` keeps its
+    own setting; the refusals are raised before the block, with nothing changed."""
+    if not isinstance(model, PackedCausalLM):
+        apply_router_aux_loss_coef(model, coef, key=key)
+        yield
+        return
+    saved = (model.router_aux_loss_coef, model._balance, model._balance_options)
+    apply_router_aux_loss_coef(model, coef, key=key)
+    try:
+        yield
+    finally:
+        model.router_aux_loss_coef, model._balance, model._balance_options = saved
+        model._aux_loss = None
 
 
 def no_router_loss(key: str, coef: float, model: str, why: str) -> ValueError:

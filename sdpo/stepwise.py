@@ -8,7 +8,9 @@ the algorithm: ``run_sdpo`` is that loop, on any module that follows the packed 
 ``model.lm_head_weight``): sdpo's own decoder, or a Hugging Face causal LM (wrapped in
 ``sdpo.engine.hf.PackedCausalLM`` when given as it is; ``on_step_end`` then receives the
 wrapper, whose parameters are the Hugging Face model's own; its dropout is off for the run and
-its rates are restored after it, as the runner loads a folder with dropout off).
+its rates are restored after it, as the runner loads a folder with dropout off). A
+``loss.router_aux_loss_coef`` holds for the run alone: a ``PackedCausalLM`` the caller passed
+has its own coefficient back after it, however the run ends.
 
 What it does, as the runner does for the same settings (a test checks that both end with the
 same weights and the same per-step numbers):
@@ -43,7 +45,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sdpo.engine.hf import PackedCausalLM, apply_router_aux_loss_coef, dropout_off
+from sdpo.engine.hf import PackedCausalLM, dropout_off, router_aux_loss_coef_for
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import resolve_precision
 from sdpo.engine.scoring import PairLogps, score_pairs
@@ -163,12 +165,12 @@ def run_sdpo(
     # dropout off for the run, as the runner loads a folder (sdpo's decoder has none): the
     # policy must compute the values its reference pass cached; the caller's rates come back
     off = dropout_off(model.hf_model) if isinstance(model, PackedCausalLM) else nullcontext()
-    with off:
-        train = TrainConfig() if train is None else train
-        loss = LossConfig() if loss is None else loss
-        # loss.router_aux_loss_coef: set on the model (and refused for one without a router
-        # loss) before any work; each step's trainer applies it again
-        apply_router_aux_loss_coef(model, loss.router_aux_loss_coef)
+    train = TrainConfig() if train is None else train
+    loss = LossConfig() if loss is None else loss
+    # loss.router_aux_loss_coef: set on the model for the run (and refused for one without a
+    # router loss) before any work, each step's trainer applying it again; a wrapper the
+    # caller passed has its own coefficient back after the run, however it ends
+    with off, router_aux_loss_coef_for(model, loss.router_aux_loss_coef):
         pairs = list(pairs)
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")

@@ -4,6 +4,7 @@ settings, and a wrapped Hugging Face model computes what sdpo's own decoder comp
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -358,3 +359,53 @@ def test_run_sdpo_turns_off_a_hugging_face_model_s_dropout_for_the_run(tmp_path)
     layer = hf.model.layers[0]
     assert layer.self_attn.attention_dropout == 0.3
     assert layer.resid_attn_dropout.p == layer.resid_mlp_dropout.p == 0.3
+
+
+def _tiny_moe(*, seed: int = 0):
+    """A random Qwen2-MoE (four experts, two per token, router coefficient 0.001)."""
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        router_aux_loss_coef=0.001,
+    )
+    torch.manual_seed(seed)
+    return transformers.Qwen2MoeForCausalLM(config).eval()
+
+
+def test_run_sdpo_gives_a_lent_wrapper_its_own_router_coefficient_back(one_thread):
+    """LossConfig(router_aux_loss_coef=...) weights the router loss of the run (the first loss
+    is log 2 plus it times aux_loss), and a PackedCausalLM the caller passed has its
+    own coefficient again after the run, whether it returns or raises, with no router loss
+    left in it; the Hugging Face config is never touched."""
+    model = PackedCausalLM(_tiny_moe())
+    config = model.hf_model.config.to_dict()
+    records: list[dict] = []
+    settings = dict(
+        steps=1,
+        loss=LossConfig(router_aux_loss_coef=0.05),
+        train=TrainConfig(learning_rate=1e-3),
+        kernels_impl="torch",
+        log_hook=records.append,
+    )
+    run_sdpo(model, _hand_pairs(range(2)), **settings)
+    first = records[0]
+    assert first["aux_loss"] > 1.0
+    assert first["loss"] == pytest.approx(math.log(2) + 0.05 * first["aux_loss"], abs=1e-6)
+    assert model.router_aux_loss_coef == 0.001 and model.pop_aux_loss() is None
+
+    def stop(report, lent):
+        assert lent.router_aux_loss_coef == 0.05
+        raise RuntimeError("stopped by the caller")
+
+    with pytest.raises(RuntimeError, match="stopped by the caller"):
+        run_sdpo(model, _hand_pairs(range(2)), on_step_end=stop, **settings)
+    assert model.router_aux_loss_coef == 0.001 and model.pop_aux_loss() is None
+    assert model.hf_model.config.to_dict() == config
