@@ -99,6 +99,16 @@ def _head_configs(config: object) -> list[object]:
     return configs
 
 
+def _text_config(config: object) -> object:
+    """The config of a model's language part: a multimodal model's text config (what TRL's
+    ``config.get_text_config()`` returns), a text model's own config."""
+    if callable(getattr(config, "get_text_config", None)):
+        text = config.get_text_config()
+        if text is not None:
+            return text
+    return config
+
+
 def _head_setting(config: object, key: str) -> Any:
     """``key`` of the first of ``_head_configs`` that sets it (not None), else None."""
     return next(
@@ -434,7 +444,9 @@ def router_loss(
     None: the config's); 0 turns the loss off. One other than 0 on a model with no router loss
     (no ``output_router_logits`` key, experts off, or no load-balancing function sdpo finds) is
     a ``ValueError`` naming ``key``: there is nothing to weight."""
-    config = getattr(hf_model, "config", None)
+    # read from the text config, as TRL reads them: a multimodal model (Qwen3-VL-MoE's
+    # ForConditionalGeneration) keeps its router settings there; a text model's is its config
+    config = _text_config(getattr(hf_model, "config", None))
     given = coef is not None
     if given and (
         isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef)
@@ -445,7 +457,13 @@ def router_loss(
     # forward are the wrapped model's)
     base = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
     balance = getattr(sys.modules.get(type(base).__module__), "load_balancing_loss_func", None)
-    moe = all(hasattr(hf_model, k) for k in ("num_experts", "num_experts_per_tok"))
+    # the experts and experts per token its forward gives that function: the model's own
+    # attributes, or (a multimodal model without them) its text config's
+    experts, top_k = (
+        getattr(hf_model, name, None) or getattr(config, name, None)
+        for name in ("num_experts", "num_experts_per_tok")
+    )
+    moe = experts is not None and top_k is not None
     on = hasattr(config, "output_router_logits") and getattr(config, "is_moe", True) is not False
     if given and coef and not (moe and on and balance is not None):
         why = (
@@ -458,11 +476,7 @@ def router_loss(
         raise no_router_loss(key, coef, type(hf_model).__name__, why)
     if not (coef and moe and on and balance is not None):
         return 0.0, None, {}
-    known = {
-        "num_experts": int(hf_model.num_experts),
-        "top_k": int(hf_model.num_experts_per_tok),
-        "attention_mask": None,
-    }
+    known = {"num_experts": int(experts), "top_k": int(top_k), "attention_mask": None}
     names = list(inspect.signature(balance).parameters)[1:]
     unknown = [name for name in names if name not in known]
     if unknown or "top_k" not in names:

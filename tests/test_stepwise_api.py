@@ -409,3 +409,47 @@ def test_run_sdpo_gives_a_lent_wrapper_its_own_router_coefficient_back(one_threa
         run_sdpo(model, _hand_pairs(range(2)), on_step_end=stop, **settings)
     assert model.router_aux_loss_coef == 0.001 and model.pop_aux_loss() is None
     assert model.hf_model.config.to_dict() == config
+
+
+def test_a_multimodal_moe_trains_with_the_router_loss_of_its_text_config(one_thread):
+    """Qwen3-VL-MoE's ForConditionalGeneration keeps its router settings (the coefficient,
+    output_router_logits, the experts) in its text config alone, where TRL reads them: a
+    training forward of the wrapper gives the router loss transformers computes on the padded
+    batch, and run_sdpo adds it times that config's coefficient, as TRL does."""
+    text = dict(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        router_aux_loss_coef=0.02,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [1, 1, 2]},
+    )
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32)
+    config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+    assert not hasattr(config, "router_aux_loss_coef")
+    torch.manual_seed(0)
+    hf = transformers.Qwen3VLMoeForConditionalGeneration(config).eval()
+    model = PackedCausalLM(hf)
+    assert model.router_aux_loss_coef == 0.02
+    lengths = [5, 2, 4]
+    ids = torch.randint(3, 48, (sum(lengths),), generator=torch.Generator().manual_seed(1))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    padded = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        padded[i, :n] = ids[cu[i] : cu[i + 1]]
+    model.train()
+    model(ids, torch.cat([torch.arange(n) for n in lengths]), cu, max(lengths))
+    want = hf(input_ids=padded, attention_mask=(padded != 0).long(), output_router_logits=True)
+    torch.testing.assert_close(model.pop_aux_loss(), want.aux_loss, rtol=1e-6, atol=1e-7)
+    records: list[dict] = []
+    run_sdpo(hf, _hand_pairs(range(2)), steps=1, kernels_impl="torch", log_hook=records.append)
+    assert records[0]["aux_loss"] > 1.0
+    assert records[0]["loss"] == pytest.approx(
+        math.log(2) + 0.02 * records[0]["aux_loss"], abs=1e-6
+    )
