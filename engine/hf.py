@@ -208,6 +208,9 @@ class PackedCausalLM(nn.Module):
         # DPOConfig option) as TRL's DPOTrainer adds it; the trainer takes each training
         # forward's value with pop_aux_loss()
         self._aux_loss: Tensor | None = None
+        # inside recording_router_loss(): forwards without gradients keep it too (the eval
+        # pass, which reports it as TRL's evaluate() does)
+        self._record_router_loss = False
         self.set_router_aux_loss_coef(router_aux_loss_coef)
 
     def set_router_aux_loss_coef(
@@ -226,10 +229,23 @@ class PackedCausalLM(nn.Module):
         return super().train(mode)
 
     def pop_aux_loss(self) -> Tensor | None:
-        """The router load-balancing loss of the last training forward (None: not a mixture of
-        experts, no coefficient, or no training forward since the last call)."""
+        """The router load-balancing loss of the last training forward, or of the last forward
+        inside ``recording_router_loss()`` (None: not a mixture of experts, no coefficient, or
+        no such forward since the last call)."""
         aux, self._aux_loss = self._aux_loss, None
         return aux
+
+    @contextlib.contextmanager
+    def recording_router_loss(self) -> Iterator[None]:
+        """Every forward inside the block keeps its router load-balancing loss for
+        ``pop_aux_loss``, in eval mode and without gradients too (where the coefficient is not
+        0): the eval pass adds it to its loss as TRL's ``evaluate()`` does."""
+        before, self._record_router_loss = self._record_router_loss, True
+        try:
+            yield
+        finally:
+            self._record_router_loss = before
+            self._aux_loss = None
 
     @property
     def lm_head_weight(self) -> Tensor:
@@ -304,7 +320,9 @@ class PackedCausalLM(nn.Module):
         starts = cu_seqlens[:-1].long()
         width = int(max_seqlen)
         router: list[list[Tensor]] | None = None
-        if self.router_aux_loss_coef and self.training and torch.is_grad_enabled():
+        if self.router_aux_loss_coef and (
+            self._record_router_loss or (self.training and torch.is_grad_enabled())
+        ):
             router = []  # each call's router logits of its real tokens, layer by layer
         if lengths.shape[0] * width <= _PADDING_FACTOR * n:  # one padded batch is cheap enough
             hidden = self._padded(input_ids, position_ids, starts, lengths, width, n, router)

@@ -18,6 +18,7 @@ are dropped).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -76,6 +77,10 @@ class PairLogps:
     # of the entropy, the mean logit and the top-1 flag (sdpo.kernels.logprobs.STAT_NAMES)
     chosen_stats: Tensor | None = None  # (P, 3) float32
     rejected_stats: Tensor | None = None  # (P, 3) float32
+    # a mixture of experts' router load-balancing loss (score_pairs(return_router_loss=True)):
+    # each pair's the one of the batch it was scored in, so that the mean over the pairs is
+    # the batches' mean weighted by their pairs
+    router_loss: Tensor | None = None  # (P,) float32
 
     def token_metrics(self) -> dict[str, float]:
         """The token metrics over every pair of the table (``return_stats``), each token
@@ -140,6 +145,7 @@ def score_pairs(
     return_aligned: bool = False,
     return_raw: bool = False,
     return_stats: bool = False,
+    return_router_loss: bool = False,
 ) -> PairLogps:
     """Score every pair with ``model`` (no gradients), batching to a token budget.
 
@@ -155,8 +161,16 @@ def score_pairs(
     as the training forward forms it for ``loss.use_weighting``. ``return_raw`` (LD-DPO with a
     chosen NLL term): also each completion's unweighted sum, from the head run once more
     without the LD weights. ``return_stats``: also each completion's sums of the token
-    metrics (``chosen_stats`` / ``rejected_stats``), from the same pass as its log-probs."""
+    metrics (``chosen_stats`` / ``rejected_stats``), from the same pass as its log-probs.
+    ``return_router_loss`` (the eval pass of a mixture of experts, ``PackedCausalLM`` with a
+    router loss): also each pair's batch's router load-balancing loss (``router_loss``),
+    from the same forward; the log-probs are the same with it or without."""
     check_ld_alpha(ld_alpha)
+    if return_router_loss and not getattr(model, "router_aux_loss_coef", 0.0):
+        raise ValueError(
+            f"return_router_loss: {type(model).__name__} computes no router loss (not a "
+            "mixture of experts in PackedCausalLM, or its router_aux_loss_coef is 0)"
+        )
     if not pairs:
         raise ValueError("score_pairs needs at least one pair")
     if data_parallel is None:
@@ -174,26 +188,31 @@ def score_pairs(
                 else 0
                 for a, b in bounds
             )
-    columns = _score_local(
-        model,
-        local,
-        max_tokens_per_batch=max_tokens_per_batch,
-        impl=impl,
-        chunk_tokens=chunk_tokens,
-        precision=precision,
-        progress=progress and distributed.is_main(),
-        share_prompt=share_prompt,
-        passes=passes,
-        filler=pairs[0],
-        ld_alpha=ld_alpha,
-        return_aligned=return_aligned,
-        return_raw=return_raw,
-        return_stats=return_stats,
-    )
+    # a mixture of experts' eval pass: each forward keeps its router loss (PackedCausalLM)
+    record = model.recording_router_loss() if return_router_loss else contextlib.nullcontext()
+    with record:
+        columns = _score_local(
+            model,
+            local,
+            max_tokens_per_batch=max_tokens_per_batch,
+            impl=impl,
+            chunk_tokens=chunk_tokens,
+            precision=precision,
+            progress=progress and distributed.is_main(),
+            share_prompt=share_prompt,
+            passes=passes,
+            filler=pairs[0],
+            ld_alpha=ld_alpha,
+            return_aligned=return_aligned,
+            return_raw=return_raw,
+            return_stats=return_stats,
+            return_router_loss=return_router_loss,
+        )
     if data_parallel:
         parts = distributed.all_gather_object(columns)
         columns = [torch.cat([part[i] for part in parts]) for i in range(len(columns))]
     chosen, rejected, *extra = columns
+    router = extra.pop() if return_router_loss else None  # the last column
     stats = []
     if return_stats:  # the last six columns: chosen's three sums, then rejected's
         stats = [torch.stack(extra[-6:-3], dim=1), torch.stack(extra[-3:], dim=1)]
@@ -212,6 +231,7 @@ def score_pairs(
         rejected_raw=raw[1] if raw else None,
         chosen_stats=stats[0] if stats else None,
         rejected_stats=stats[1] if stats else None,
+        router_loss=router,
     )
 
 
@@ -231,13 +251,15 @@ def _score_local(
     return_aligned: bool = False,
     return_raw: bool = False,
     return_stats: bool = False,
+    return_router_loss: bool = False,
 ) -> list[Tensor]:
     """[chosen, rejected] summed log-probs of ``pairs`` (CPU float32; empty for no pairs), then
     with ``return_aligned`` [chosen, rejected] WPO sums, then with ``return_raw`` [chosen,
     rejected] unweighted sums, then with ``return_stats`` chosen's three token-metric sums and
-    rejected's. ``passes``: run at least this many forward passes, the extra ones on
-    ``filler`` (their values dropped)."""
-    columns = 2 * (1 + return_aligned + return_raw) + 6 * return_stats
+    rejected's, then with ``return_router_loss`` each pair's batch's router loss (the model
+    inside ``recording_router_loss()``). ``passes``: run at least this many forward passes,
+    the extra ones on ``filler`` (their values dropped)."""
+    columns = 2 * (1 + return_aligned + return_raw) + 6 * return_stats + return_router_loss
     if not pairs and passes == 0:
         return [torch.empty(0, dtype=torch.float32) for _ in range(columns)]
     device = next(model.parameters()).device
@@ -263,6 +285,8 @@ def _score_local(
             batch = to_device(host_batch, device)
             with autocast_context(precision, device):
                 model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+            if return_router_loss:
+                model.pop_aux_loss()  # the filler's: dropped
             continue
         fault_point("score_batch")
         chunk = [pairs[i] for i in positions]
@@ -316,6 +340,8 @@ def _score_local(
             at = 2 * len(sums)
             values[at : at + 3, rows] = stats[0::2].t()
             values[at + 3 : at + 6, rows] = stats[1::2].t()
+        if return_router_loss:  # the last row: the batch's router loss, for each of its pairs
+            values[-1, rows] = model.pop_aux_loss().float()
     sharding.reshard(model)  # free the gathered root parameters
     model.train(was_training)
     return list(values.cpu().unbind(0))

@@ -583,9 +583,11 @@ class StepwiseRunner:
         aligned: bool = False,
         raw: bool = False,
         stats: bool = False,
+        router_loss: bool = False,
     ) -> PairLogps:
         """The scoring pass with the run's settings; ``aligned``: with WPO's sums too; ``raw``:
-        with LD-DPO's unweighted sums too; ``stats``: with the token metrics' sums too."""
+        with LD-DPO's unweighted sums too; ``stats``: with the token metrics' sums too;
+        ``router_loss``: with each batch's router loss too (a mixture of experts)."""
         self.scoring_calls += 1
         budget = self.cfg.sdpo.score_tokens_per_batch or 4 * self.cfg.train.max_tokens_per_batch
         how = "" if self.cfg.sdpo.score_tokens_per_batch else ", 4 x train.max_tokens_per_batch"
@@ -606,6 +608,7 @@ class StepwiseRunner:
             return_aligned=aligned,
             return_raw=raw,
             return_stats=stats,
+            return_router_loss=router_loss,
         )
 
     def cache_key(self, model_fp: str, pairs: Sequence[TokenizedPair]) -> CacheKey:
@@ -1623,13 +1626,16 @@ class StepwiseRunner:
             return None
         # as in training: WPO weights each held-out pair by the policy's sums from the same pass
         # (TRL's evaluate() weights its loss), and with LD-DPO the sft / rpo_alpha terms read
-        # the raw sums
+        # the raw sums; a mixture of experts adds its router loss times the coefficient it
+        # trains with, as TRL's evaluate() adds it to eval_loss
+        coef = float(getattr(model, "router_aux_loss_coef", 0.0) or 0.0)
         scores = self.score(
             model,
             self.eval_pairs,
             aligned=self.cfg.loss.use_weighting,
             raw=self.cfg.loss.needs_raw_logps,
             stats=self.cfg.log.token_metrics,
+            router_loss=bool(coef),
         )
         ref = self.eval_initial
         rows = ref.rows_for(scores.pair_indices)
@@ -1646,8 +1652,11 @@ class StepwiseRunner:
             chosen_raw=scores.chosen_raw,
         )
         margins = out.chosen_rewards - out.rejected_rewards
+        # each pair holds its batch's router loss: the mean is the batches' mean weighted by
+        # their pairs, as TRL weights its eval batches' losses
+        aux = float(scores.router_loss.double().mean()) if coef else None
         metrics = {
-            "eval/loss": float(out.losses.mean()),
+            "eval/loss": float(out.losses.mean()) + (coef * aux if aux is not None else 0.0),
             "eval/rewards/chosen": float(out.chosen_rewards.mean()),
             "eval/rewards/rejected": float(out.rejected_rewards.mean()),
             "eval/rewards/accuracies": float((margins > 0).float().mean()),
@@ -1662,6 +1671,7 @@ class StepwiseRunner:
                 else {}
             ),
             "eval/num_tokens": num_tokens,
+            **({"eval/aux_loss": aux} if aux is not None else {}),
         }
         if distributed.is_main():
             record = {"step": run_step, "run_step": run_step, "sdpo_step": t, **metrics}

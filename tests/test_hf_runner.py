@@ -396,6 +396,14 @@ def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
     with torch.no_grad():
         model(ids, positions, cu, max(lengths))
     assert model.pop_aux_loss() is None
+    # the eval pass asks for it in eval mode, without gradients (recording_router_loss)
+    model.eval()
+    with torch.no_grad(), model.recording_router_loss():
+        model(ids, positions, cu, max(lengths))
+        torch.testing.assert_close(model.pop_aux_loss(), aux.detach(), rtol=1e-6, atol=1e-7)
+    model(ids, positions, cu, max(lengths))
+    assert model.pop_aux_loss() is None
+    model.train()
     # a PEFT model (run_sdpo takes one) keeps the router loss of the model it wraps, as TRL
     # adds it for one (the adapter starts at zero: the same loss)
     peft = pytest.importorskip("peft")

@@ -566,12 +566,14 @@ def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup,
     the weights after the last, to float32 rounding. TRL adds the router's load-balancing loss
     times the config's router_aux_loss_coef (0.001) to each batch's loss and logs it as
     ``aux_loss``; so does sdpo. With ``loss.router_aux_loss_coef`` (TRL's DPOConfig option of
-    that name) the loss takes that coefficient instead, in both (one optimizer step)."""
+    that name) the loss takes that coefficient instead, in both (one optimizer step), and the
+    held-out pairs scored after it give TRL's ``evaluate()``: its eval_loss adds the router
+    loss of the held-out batch times that coefficient, and eval_aux_loss is that loss."""
     from sdpo.engine.checkpoint import load_model
 
     _, rows, _ = setup
     steps = 2 if coef is None else 1
-    rows = rows[: steps * PAIRS_PER_STEP]
+    rows, eval_rows = rows[: steps * PAIRS_PER_STEP], rows[steps * PAIRS_PER_STEP :]
     model_dir = tmp_path / "model"
     sentencepiece_like(model_dir)
     config = transformers.Qwen2MoeConfig(
@@ -588,6 +590,10 @@ def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup,
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     sources = {"sources": [{"name": "rows", "path": str(data)}]}
+    if coef is not None:
+        held = tmp_path / "held.jsonl"
+        held.write_text("".join(json.dumps(r) + "\n" for r in eval_rows))
+        sources["eval_sources"] = [{"name": "held", "path": str(held)}]
     override = {} if coef is None else {"router_aux_loss_coef": coef}
     _sdpo_train(
         out,
@@ -597,8 +603,8 @@ def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup,
         sdpo={"steps": 1, "report_scoring": False},
         loss=override,
     )
-    ours = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
-    ours = [r for r in ours if "rewards/chosen" in r]
+    records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())]
+    ours = [r for r in records if "rewards/chosen" in r]
     loss = dataclasses.replace(LOSSES["sigmoid"], **override)
     _, trl_weights, theirs = _trl(model_dir, rows, loss, tmp_path / "trl", steps=steps)
     assert len(ours) == len(theirs) == steps
@@ -609,3 +615,30 @@ def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup,
     assert weights.keys() == trl_weights.keys()
     for key, w in weights.items():
         assert torch.allclose(w, trl_weights[key], rtol=1e-4, atol=1e-6), key
+    if coef is None:
+        return
+    # the held-out pairs in one batch on both sides, against the initial model's values
+    evaluator = trl.DPOTrainer(
+        model=transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        args=trl.DPOConfig(
+            output_dir=str(tmp_path / "trl-eval"),
+            per_device_eval_batch_size=len(eval_rows),
+            max_length=None,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            disable_tqdm=True,
+            precompute_ref_log_probs=True,
+            **_trl_loss_options(loss),
+        ),
+        train_dataset=datasets.Dataset.from_list(rows),
+        eval_dataset=datasets.Dataset.from_list(eval_rows),
+        processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir)),
+    )
+    evaluator.get_eval_dataloader()  # the initial model's reference values
+    evaluator.model.load_state_dict(trl_weights)
+    theirs = evaluator.evaluate()
+    held_out = [r for r in records if "eval/loss" in r][-1]
+    assert held_out["eval/aux_loss"] > 1.0
+    for key in ("loss", "aux_loss", "rewards/margins"):
+        assert held_out[f"eval/{key}"] == pytest.approx(theirs[f"eval_{key}"], rel=1e-4), key
