@@ -23,6 +23,8 @@ from sdpo.config import ConfigError, config_from_dict
 from sdpo.engine import resume as resume_mod
 from sdpo.engine.checkpoint import CheckpointError, check_model, load_model, save_pretrained
 from sdpo.engine.data import read_preference_file
+from sdpo.engine.packing import TokenizedPair
+from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import TrainConfig, TrainingStopped
 from sdpo.losses import LossConfig, dpo_loss
@@ -403,6 +405,17 @@ def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
         torch.testing.assert_close(model.pop_aux_loss(), aux.detach(), rtol=1e-6, atol=1e-7)
     model(ids, positions, cu, max(lengths))
     assert model.pop_aux_loss() is None
+    # score_pairs(return_router_loss=True): each pair gets its batch's, the same log-probs
+    pair = TokenizedPair(index=0, prompt_ids=[3, 4, 5], chosen_ids=[6, 7], rejected_ids=[8])
+    score = partial(score_pairs, model, [pair], max_tokens_per_batch=64, impl="torch")
+    plain, with_aux = score(), score(return_router_loss=True)
+    assert plain.router_loss is None and float(with_aux.router_loss[0]) > 1.0
+    assert torch.equal(with_aux.chosen_logps, plain.chosen_logps)
+    assert torch.equal(with_aux.rejected_logps, plain.rejected_logps)
+    model.set_router_aux_loss_coef(0.0)
+    with pytest.raises(ValueError, match="return_router_loss: PackedCausalLM computes no"):
+        score(return_router_loss=True)
+    model.set_router_aux_loss_coef(None)
     model.train()
     # a PEFT model (run_sdpo takes one) keeps the router loss of the model it wraps, as TRL
     # adds it for one (the adapter starts at zero: the same loss)
