@@ -24,8 +24,11 @@ is, except where it builds one of the classes that keep only the file's vocabula
 added tokens and post-processor and make the rest themselves (Llama 2's and SOLAR's
 ``LlamaTokenizer``, ``CodeLlamaTokenizer``, ``GemmaTokenizer``, ``GPT2Tokenizer``,
 ``CodeGenTokenizer``, ``Qwen2Tokenizer``, ``Qwen3_5Tokenizer``, ``GPTNeoXTokenizer``,
-``CohereTokenizer``): sdpo then builds the same pipeline (``engine/tokenizer_classes.py``), with
-the class's default special tokens where ``tokenizer_config.json`` names none. Every special
+``CohereTokenizer``, ``OpenAIGPTTokenizer``; ``XGLMTokenizer``, which also builds its own model
+from the file's Unigram vocabulary): sdpo then builds the same pipeline
+(``engine/tokenizer_classes.py``), with the class's default special tokens where
+``tokenizer_config.json`` names none, and refuses a folder whose class it cannot reproduce
+(``GPTNeoXJapaneseTokenizer``, a tokenizer of transformers' own written in Python). Every special
 token ``tokenizer_config.json`` names is an added token, as transformers registers it
 (``_add_named_special_tokens``).
 
@@ -82,6 +85,8 @@ from .tokenizer_classes import (
     backend_class,
     build_as_transformers,
     class_defaults,
+    class_source,
+    refusal,
 )
 
 TRUNCATION_POLICIES = ("keep_end", "keep_start", "error")
@@ -344,6 +349,15 @@ class PairTokenizer:
                 'model\'s type as a string, e.g. "model_type": "llama"'
             )
         cls_name = backend_class(tokenizer, config, model_config)
+        reason = refusal(tokenizer, cls_name)
+        if reason is not None:
+            raise ValueError(
+                f"{folder}: {class_source(config, model_config)} makes transformers build "
+                f"{reason}. Use a model whose tokenizer.json holds its tokenizer; if this "
+                f'tokenizer.json is the one to use, set "tokenizer_class": '
+                f'"PreTrainedTokenizerFast" in {config_path} (transformers then reads the file '
+                "as it is too)"
+            )
         config = class_defaults(tokenizer, config, cls_name)
         if cls_name is not None:
             tokenizer = _drop_unlisted_added_tokens(tokenizer, config)

@@ -31,11 +31,28 @@ own settings and defaults read from ``tokenizer_config.json``:
   appends, is gone).
 - ``CohereTokenizer`` (Command R, Aya): NFC, numbers split into single digits, then byte-level
   with ``add_prefix_space`` as for GPT2.
+- ``OpenAIGPTTokenizer`` (``openai-gpt``): words ending with "</w>", BERT's normaliser
+  (lower-cased, accents stripped) and pre-tokenizer, ``unk_token`` (default "<unk>") as the
+  unknown token.
 
-Each of them also has default special tokens (``CLASS_SPECIAL_TOKENS``) that apply where
+These are BPE classes: over a file of another model (a Unigram vocabulary, say) transformers
+takes the vocabulary, in its order, as a BPE vocabulary without merges, and so does sdpo.
+
+- ``XGLMTokenizer`` (``xglm``): a Unigram model over the file's vocabulary and scores, its
+  unknown token at id 3 whatever the file says; the file's SentencePiece character map (if it
+  has one), then runs of spaces made one; "▁" in front of every text unless
+  ``add_prefix_space`` is false; EOS, not BOS, put in front of a text; seven
+  "<madeupwordN>" special tokens. Over a file that is not Unigram transformers fails, and sdpo
+  refuses the folder.
+
+``GPTNeoXJapaneseTokenizer`` (``gpt_neox_japanese``) is a tokenizer of transformers' own,
+written in Python, that reads ``vocab.txt`` and ``emoji.json`` (transformers fails on a folder
+without them): sdpo cannot reproduce it and refuses the folder (``refusal``).
+
+Each class also has default special tokens (``CLASS_SPECIAL_TOKENS``) that apply where
 tokenizer_config.json names none: an EOS that TRL appends to plain completions, a BOS the chat
-template sees. Other classes transformers builds its own way (e.g. ``XGLMTokenizer``,
-``OpenAIGPTTokenizer``, and those of encoder models) are read as their file is.
+template sees. Other classes transformers builds its own way (those of encoder models) are
+read as their file is.
 
 The rules are those of transformers 5.24 (``AutoTokenizer.from_pretrained``,
 ``TokenizersBackend.convert_to_native_format`` and each class's ``__init__``).
@@ -43,9 +60,19 @@ The rules are those of transformers 5.24 (``AutoTokenizer.from_pretrained``,
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 LLAMA = "LlamaTokenizer"
 CODE_LLAMA = "CodeLlamaTokenizer"
@@ -56,6 +83,13 @@ QWEN3_5 = "Qwen3_5Tokenizer"
 GPT_NEOX = "GPTNeoXTokenizer"
 COHERE = "CohereTokenizer"
 CODEGEN = "CodeGenTokenizer"
+XGLM = "XGLMTokenizer"
+OPENAI_GPT = "OpenAIGPTTokenizer"
+GPT_NEOX_JAPANESE = "GPTNeoXJapaneseTokenizer"
+# XGLM's registers these as special tokens besides those tokenizer_config.json lists
+XGLM_MADEUP_WORDS = tuple(f"<madeupword{i}>" for i in range(7))
+# classes sdpo cannot reproduce: refused (``refusal``)
+REFUSED_CLASSES = frozenset((GPT_NEOX_JAPANESE,))
 
 # the special tokens each class's __init__ defaults to (transformers 5.24)
 CLASS_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
@@ -103,6 +137,15 @@ CLASS_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
         "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",
     },
+    XGLM: {
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "sep_token": "</s>",
+        "cls_token": "<s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+    },
+    OPENAI_GPT: {"unk_token": "<unk>"},
 }
 
 # model types transformers registers one of these classes for (``TOKENIZER_MAPPING_NAMES``), of
@@ -147,6 +190,9 @@ _MODEL_TYPE_CLASSES: dict[str, str] = {
         GPT_NEOX,
     ),
     **dict.fromkeys(("cohere", "cohere2", "aya_vision"), COHERE),
+    "xglm": XGLM,
+    "openai-gpt": OPENAI_GPT,
+    "gpt_neox_japanese": GPT_NEOX_JAPANESE,
 }  # fmt: skip
 # model types whose folders are known to name a wrong class: their registered class wins
 # (``MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS``, of those registered to one of these classes)
@@ -212,12 +258,13 @@ def backend_class(tokenizer: Tokenizer, config: dict, model_config: dict) -> str
     reads a name it has no class for); a model type registered to transformers' plain backend
     loads the file as it is; ``qwen2`` model folders get Qwen2Tokenizer whatever they name;
     ``LlamaTokenizer`` over a byte-level file (Llama 3's) is read as the file; and a folder
-    that names no class gets its model type's class. Not a SentencePiece-style BPE file: read as it is (transformers would
-    rebuild a Unigram vocabulary as BPE without merges)."""
-    if "auto_map" in config or not isinstance(tokenizer.model, models.BPE):
+    that names no class gets its model type's class. Every class is returned whatever the
+    file's model: the BPE classes rebuild another model's vocabulary as BPE without merges
+    (``build_as_transformers``), and ``refusal`` says where sdpo cannot build the class (XGLM's
+    Unigram model over another model, and ``REFUSED_CLASSES``)."""
+    if "auto_map" in config or config.get("tokenizer_class") == "":
+        # own tokenizer code; or a name transformers knows no class by: its plain backend
         return None
-    if config.get("tokenizer_class") == "":
-        return None  # a name transformers knows no class by: its plain backend, the file as is
     named = _class_name(config.get("tokenizer_class")) or _class_name(
         model_config.get("tokenizer_class")
     )
@@ -233,7 +280,39 @@ def backend_class(tokenizer: Tokenizer, config: dict, model_config: dict) -> str
         chosen = None if registered == _PLAIN else (registered if registered_wins else named)
     else:
         chosen = named
-    return chosen if chosen in CLASS_SPECIAL_TOKENS else None
+    return chosen if chosen in CLASS_SPECIAL_TOKENS or chosen in REFUSED_CLASSES else None
+
+
+def class_source(config: dict, model_config: dict) -> str:
+    """Where the class ``backend_class`` picks is named: tokenizer_config.json's
+    ``tokenizer_class``, else config.json's, else config.json's ``model_type``."""
+    for file, settings, key in (
+        ("tokenizer_config.json", config, "tokenizer_class"),
+        ("config.json", model_config, "tokenizer_class"),
+        ("config.json", model_config, "model_type"),
+    ):
+        if _class_name(settings.get(key)) is not None or key == "model_type":
+            return f"{file}'s {key} {settings.get(key)!r}"
+    return ""  # not reached
+
+
+def refusal(tokenizer: Tokenizer, cls: str | None) -> str | None:
+    """Why sdpo cannot build the pipeline of ``cls`` (``backend_class``'s choice) over
+    ``tokenizer``, or None where it can."""
+    if cls == GPT_NEOX_JAPANESE:
+        return (
+            f"transformers' {cls}, a tokenizer of its own written in Python that reads vocab.txt "
+            "and emoji.json, not tokenizer.json (AutoTokenizer fails on a folder without them), "
+            "whose ids sdpo cannot reproduce"
+        )
+    if cls == XGLM and not isinstance(tokenizer.model, models.Unigram):
+        kind = json.loads(tokenizer.model.__getstate__()).get("type", "non-Unigram")
+        return (
+            f"transformers' {cls}, which builds a Unigram model from tokenizer.json's vocabulary; "
+            f"this tokenizer.json has a {kind} model, which it cannot read (AutoTokenizer fails "
+            "on this folder too)"
+        )
+    return None
 
 
 def class_defaults(tokenizer: Tokenizer, config: dict, cls: str | None) -> dict:
@@ -257,6 +336,16 @@ def build_as_transformers(tokenizer: Tokenizer, config: dict, cls: str | None) -
     ``add_prefix_space`` and ``legacy`` from ``config`` (tokenizer_config.json, with
     ``class_defaults`` applied) as the class does."""
     if cls is None:
+        return
+    if cls == XGLM:
+        _build_xglm(tokenizer, config)
+        return
+    if not isinstance(tokenizer.model, models.BPE):
+        # these classes build a BPE model from the file's vocabulary (a Unigram one taken in its
+        # order) and merges, of which another model has none
+        tokenizer.model = models.BPE(vocab=tokenizer.get_vocab(with_added_tokens=False), merges=[])
+    if cls == OPENAI_GPT:
+        _build_openai_gpt(tokenizer, config)
         return
     model = tokenizer.model
     model.dropout = None
@@ -347,9 +436,89 @@ def build_as_transformers(tokenizer: Tokenizer, config: dict, cls: str | None) -
             )
 
 
+def _content(value: Any) -> Any:
+    """A special token of tokenizer_config.json: a string, or an AddedToken's content."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _precompiled_charsmap(tokenizer: Tokenizer) -> bytes | None:
+    """The SentencePiece character map of the file's normaliser (at its top or in its sequence),
+    which transformers hands to the classes that rebuild a SentencePiece normaliser."""
+    if tokenizer.normalizer is None:
+        return None
+    state = json.loads(tokenizer.normalizer.__getstate__())
+    parts = state.get("normalizers", []) if state.get("type") == "Sequence" else [state]
+    for part in parts:
+        if part.get("type") == "Precompiled" and "precompiled_charsmap" in part:
+            return base64.b64decode(part["precompiled_charsmap"])
+    return None
+
+
+def _build_xglm(tokenizer: Tokenizer, config: dict) -> None:
+    """XGLMTokenizer's ``__init__``: a Unigram model over the file's vocabulary and scores with
+    the unknown token at id 3 whatever the file says, the file's SentencePiece character map
+    (if any) then runs of spaces made one, a Metaspace pre-tokenizer that puts "▁" in front of
+    every text unless ``add_prefix_space`` is false (default true), EOS (not BOS) in front of a
+    text, and seven "<madeupwordN>" special tokens."""
+    for key in ("bos_token", "eos_token"):
+        if key in config and not _content(config[key]):
+            raise ValueError(
+                f"{key} is null, which transformers' {XGLM} cannot build (its post-processor "
+                f"names BOS and EOS; AutoTokenizer fails on this folder too); set {key} (the "
+                f"class's default is {CLASS_SPECIAL_TOKENS[XGLM][key]!r})"
+            )
+    vocab = [tuple(entry) for entry in json.loads(tokenizer.model.__getstate__())["vocab"]]
+    if len(vocab) < 4:
+        raise ValueError(
+            f"transformers' {XGLM} makes id 3 its unknown token, and this vocabulary has "
+            f"{len(vocab)} entries (AutoTokenizer fails on this folder too)"
+        )
+    charsmap = _precompiled_charsmap(tokenizer)
+    tokenizer.model = models.Unigram(vocab, unk_id=3, byte_fallback=False)
+    steps = [normalizers.Replace(Regex(r" {2,}"), " ")]
+    if charsmap is not None:
+        steps.insert(0, normalizers.Precompiled(charsmap))
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    scheme = "always" if config.get("add_prefix_space", True) else "never"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)
+    madeup = [w for w in XGLM_MADEUP_WORDS if tokenizer.token_to_id(w) is not None]
+    tokenizer.add_special_tokens([AddedToken(w, special=True, normalized=False) for w in madeup])
+    eos = str(_content(config.get("eos_token", "</s>")))
+    eos_id = tokenizer.token_to_id(eos)
+    if eos_id is None:  # a new id in transformers, outside the model's embeddings: no EOS here
+        tokenizer.post_processor = None
+        return
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{eos}:0 $A:0",
+        pair=f"{eos}:0 $A:0 {eos}:0 {eos}:0 $B:0",
+        special_tokens=[(eos, eos_id)],
+    )
+
+
+def _build_openai_gpt(tokenizer: Tokenizer, config: dict) -> None:
+    """OpenAIGPTTokenizer's ``__init__``: the file's BPE vocabulary and merges, words ending
+    with "</w>", tokenizer_config.json's ``unk_token`` as the unknown token (default "<unk>",
+    written as text; one the vocabulary lacks fails a text with a character the vocabulary does
+    not cover, as in transformers), BERT's normaliser (lower-casing, accents stripped) and
+    BERT's pre-tokenizer; the file's post-processor is kept."""
+    model = tokenizer.model
+    model.dropout = None
+    model.continuing_subword_prefix = ""
+    model.end_of_word_suffix = "</w>"
+    model.fuse_unk = False
+    model.byte_fallback = False
+    model.ignore_merges = False
+    model.unk_token = str(_content(config.get("unk_token", "<unk>")))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+
+
 __all__ = [
     "CLASS_SPECIAL_TOKENS",
+    "REFUSED_CLASSES",
     "backend_class",
     "build_as_transformers",
     "class_defaults",
+    "class_source",
+    "refusal",
 ]

@@ -1,6 +1,8 @@
 """The tokenizer classes transformers 5 builds around a folder's tokenizer.json (Llama, CodeLlama,
-Gemma, GPT-2, CodeGen, Qwen2, Qwen3.5, GPT-NeoX, Cohere) and their default special tokens: hand-made folders read by sdpo give the
-ids ``AutoTokenizer.from_pretrained`` gives on the same folder, and TRL's DPOTrainer ids."""
+Gemma, GPT-2, CodeGen, Qwen2, Qwen3.5, GPT-NeoX, Cohere, XGLM, OpenAI GPT) and their default
+special tokens: hand-made folders read by sdpo give the ids ``AutoTokenizer.from_pretrained``
+gives on the same folder, and TRL's DPOTrainer ids; the class sdpo cannot reproduce
+(GPT-NeoX Japanese's) is refused."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ TEXTS = [
     "hello world", " hello world", "  two  spaces ", "line\nbreak\n\n", "\n\nHi", "12345 don't",
     "café cafe\u0301", "Hi</s>there", "<s>[INST] hi [/INST]", "[INST]hi[/INST] ok",
     "<|im_start|>user\nhi<|im_end|>\n", "x<|endoftext|> y", "<bos>a<eos> b", "<pad><mask>",
-    "नमस्ते दुनिया", "x 2024",
+    "नमस्ते दुनिया", "x 2024", "ｆｕｌｌ width", "a<madeupword0>b",
 ]  # fmt: skip
 NO_SPECIALS = {"add_special_tokens": False}
 PLAIN = [
@@ -119,6 +121,70 @@ def byte_level_wide(folder: Path, **config) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.save(str(folder / "tokenizer.json"))
     config = {"chat_template": CHATML_NL, **config}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def unigram_like(folder: Path, **config) -> Path:
+    """A SentencePiece-style Unigram tokenizer as XGLM's (<s>, <pad>, </s>, <unk> first, then
+    "<madeupword0>"), saved with a pipeline XGLM's class replaces: NFKC through a SentencePiece
+    character map, no merging of space runs, "▁" in front of the first piece only, no unknown
+    id (a character outside the vocabulary fails), BOS put in front; ``config``: its
+    tokenizer_config.json, besides a ChatML template."""
+    spm = pytest.importorskip("sentencepiece")
+    model_pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
+    import base64
+    import io
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = io.BytesIO()  # a SentencePiece model, for its NFKC character map only
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["hello world"] * 20),
+        model_writer=written,
+        vocab_size=12,
+        normalization_rule_name="nmt_nfkc",
+        minloglevel=2,
+    )
+    proto = model_pb2.ModelProto()
+    proto.ParseFromString(written.getvalue())
+    charsmap = proto.normalizer_spec.precompiled_charsmap
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<madeupword0>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.UnigramTrainer(
+        vocab_size=150, special_tokens=specials, unk_token="<unk>", show_progress=False
+    )
+    corpus = ["hello world, the weather in Paris is sunny", "two spaces line break Hi 12345"]
+    tok.train_from_iterator(corpus * 10, trainer)
+    tok.normalizer = normalizers.Precompiled(charsmap)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    pipeline = json.loads(tok.to_str())
+    assert base64.b64decode(pipeline["normalizer"]["precompiled_charsmap"]) == charsmap
+    pipeline["model"]["unk_id"] = None
+    (folder / "tokenizer.json").write_text(json.dumps(pipeline))
+    config = {"chat_template": CHATML_NL, **config}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def openai_gpt_like(folder: Path, **config) -> Path:
+    """A BPE tokenizer over words ending with "</w>", as OpenAI GPT's, saved with a pipeline
+    its class replaces (NFC without lower-casing, a split on whitespace and punctuation)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>", end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["<unk>", "<|im_start|>", "<|im_end|>", "</s>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=200, special_tokens=specials, end_of_word_suffix="</w>", show_progress=False
+    )
+    corpus = ["hello world, the weather in paris is sunny", "two spaces line break hi 12345"]
+    tok.train_from_iterator(corpus * 10, trainer)
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    config = {"chat_template": CHATML_NL, "eos_token": "</s>", **config}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return folder
 
@@ -353,6 +419,33 @@ def _codegen_prefix_space(tmp_path: Path) -> Path:
     return _model_type(_config(folder, add_prefix_space=True), "codegen")
 
 
+def _xglm_named(tmp_path: Path) -> Path:
+    # XGLM's class: its own normaliser after the file's character map, "▁" in front of every
+    # text, unknown token at id 3, EOS (not BOS) in front, "<madeupword0>" one special token
+    return unigram_like(tmp_path / "f", tokenizer_class="XGLMTokenizer")
+
+
+def _xglm_model_type_no_prefix_space(tmp_path: Path) -> Path:
+    folder = unigram_like(tmp_path / "f", add_prefix_space=False, eos_token="<|im_end|>")
+    return _model_type(folder, "xglm")
+
+
+def _openai_gpt_named(tmp_path: Path) -> Path:
+    # lower-cased, accents stripped, split as BERT's; the file's own normaliser is not read
+    return openai_gpt_like(tmp_path / "f", tokenizer_class="OpenAIGPTTokenizerFast")
+
+
+def _openai_gpt_model_type(tmp_path: Path) -> Path:
+    return _model_type(openai_gpt_like(tmp_path / "f"), "openai-gpt")
+
+
+def _llama_over_unigram(tmp_path: Path) -> Path:
+    # a BPE class over a Unigram file: transformers takes its vocabulary, in order, as a BPE
+    # vocabulary without merges
+    folder = unigram_like(tmp_path / "f", tokenizer_class="LlamaTokenizer", eos_token="</s>")
+    return _config(folder, bos_token="<s>")
+
+
 FOLDERS = {  # name: (builder, the class transformers builds)
     "gpt2_prefix_in_config": (_gpt2_prefix_in_config, "GPT2Tokenizer"),
     "qwen2_prefix_in_config": (_qwen2_prefix_in_config, "Qwen2Tokenizer"),
@@ -370,6 +463,11 @@ FOLDERS = {  # name: (builder, the class transformers builds)
     "qwen3_5_model_naming_qwen2": (_qwen3_5_model_naming_qwen2, "Qwen3_5Tokenizer"),
     "cohere_model_naming_no_class": (_cohere_model_naming_no_class, "CohereTokenizer"),
     "codegen_prefix_space": (_codegen_prefix_space, "CodeGenTokenizer"),
+    "xglm_named": (_xglm_named, "XGLMTokenizer"),
+    "xglm_model_type_no_prefix_space": (_xglm_model_type_no_prefix_space, "XGLMTokenizer"),
+    "openai_gpt_named": (_openai_gpt_named, "OpenAIGPTTokenizer"),
+    "openai_gpt_model_type": (_openai_gpt_model_type, "OpenAIGPTTokenizer"),
+    "llama_over_unigram": (_llama_over_unigram, "LlamaTokenizer"),
 }
 
 
@@ -506,3 +604,55 @@ def test_the_token_cache_fingerprint_follows_the_class_config_json_picks(tmp_pat
     plain = PairTokenizer.from_dir(folder).fingerprint
     assert PairTokenizer.from_dir(_model_type(folder, "llama")).fingerprint == plain
     assert PairTokenizer.from_dir(_model_type(folder, "qwen2")).fingerprint != plain
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. classes sdpo refuses
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "model_type", "where"),
+    [
+        (
+            {"tokenizer_class": "GPTNeoXJapaneseTokenizer"},
+            None,
+            "tokenizer_config.json's tokenizer_class 'GPTNeoXJapaneseTokenizer'",
+        ),
+        (
+            {"tokenizer_class": None},
+            "gpt_neox_japanese",
+            "config.json's model_type 'gpt_neox_japanese'",
+        ),
+        (
+            {"tokenizer_class": "XGLMTokenizerFast"},
+            "gpt2",
+            "tokenizer_config.json's tokenizer_class 'XGLMTokenizerFast'",
+        ),
+    ],
+    ids=["gpt_neox_japanese_named", "gpt_neox_japanese_model_type", "xglm_over_bpe"],
+)
+def test_a_class_sdpo_cannot_build_is_refused_naming_where_it_comes_from(
+    tmp_path, config, model_type, where
+):
+    """GPT-NeoX Japanese's class is a Python tokenizer that reads vocab.txt and emoji.json, and
+    XGLM's builds a Unigram model, which a BPE tokenizer.json cannot give: transformers fails on
+    both folders (TRL could not run); sdpo says which setting picks the class and what to do."""
+    folder = _config(byte_level_like(tmp_path / "f", chat_template=CHATML_NL), **config)
+    if model_type is not None:
+        _model_type(folder, model_type)
+    with pytest.raises((TypeError, ValueError, OSError)):
+        transformers.AutoTokenizer.from_pretrained(str(folder))
+    with pytest.raises(ValueError, match="makes transformers build") as info:
+        PairTokenizer.from_dir(folder)
+    message = str(info.value)
+    assert where in message and str(folder / "tokenizer_config.json") in message
+    assert '"tokenizer_class": "PreTrainedTokenizerFast"' in message
+
+
+def test_an_xglm_folder_with_a_null_bos_fails_as_in_transformers(tmp_path):
+    folder = unigram_like(tmp_path / "f", tokenizer_class="XGLMTokenizer", bos_token=None)
+    with pytest.raises(TypeError):
+        transformers.AutoTokenizer.from_pretrained(str(folder))
+    with pytest.raises(ValueError, match="bos_token is null, which transformers' XGLMTokenizer"):
+        PairTokenizer.from_dir(folder)
