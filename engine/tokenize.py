@@ -37,7 +37,10 @@ A plain prompt then gets in front the token ``tokenizer.json``'s post-processor 
 plain text (BOS, as Llama's and Gemma's do; whatever token it is, the named BOS or not, or where
 no BOS is named, as transformers adds it to TRL's prompts), unless the prompt already starts
 with that token (TRL would give it a second one). ``config.json``'s ``bos_token_id`` is not
-read (transformers does not read it: a chat template's ``bos_token`` is a named one only).
+read (transformers does not read it: a chat template's ``bos_token`` is a named one only). A
+named BOS the vocabulary lacks (transformers gives it a new id, past the model's embeddings) is
+an error only for the rows that would get it: a text that holds it (a plain row's, or the chat
+template's output), and every plain prompt where the class puts BOS in front (CodeLlama's).
 ``tokenizer_config.json``'s ``add_bos_token`` (and ``add_eos_token``) is not read:
 transformers 5 ignores it when the folder has a ``tokenizer.json``, so the post-processor alone
 decides what TRL's prompts get (CodeLlama's class replaces it with one that adds BOS, and
@@ -82,6 +85,7 @@ from .data import DataError, cyclic_gc_paused, row_error
 from .packing import TokenizedPair
 from .tokenizer_classes import (
     CLASS_SPECIAL_TOKENS,
+    CODE_LLAMA,
     backend_class,
     build_as_transformers,
     class_defaults,
@@ -246,13 +250,19 @@ class PairTokenizer:
         tool_use_template: str | None = None,
         special_tokens: dict[str, str] | None = None,
         name: str = "tokenizer",
+        bos_in_front: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
         self.name = name
         self.eos_token = eos_token
         self.eos_id = self._require_id(eos_token, "eos_token")
         self.bos_token = bos_token  # the template's ``bos_token``: only a named one
-        named_bos_id = None if bos_token is None else self._require_id(bos_token, "bos_token")
+        named_bos_id = None if bos_token is None else tokenizer.token_to_id(bos_token)
+        # a named BOS outside the vocabulary, which transformers gives a new id past the model's
+        # embeddings: an error for the rows that would get it (``missing_bos_use``), not before;
+        # ``bos_in_front``: the class's post-processor puts it in front of every plain prompt
+        self.missing_bos = bos_token if bos_token is not None and named_bos_id is None else None
+        self.missing_bos_in_front = bos_in_front and self.missing_bos is not None
         front = self._post_processor_front_id()
         # bos_id: the id a plain prompt starts with (BOS rule). By default the token the
         # post-processor puts in front of text: transformers gives it to TRL's plain prompts,
@@ -299,6 +309,22 @@ class PairTokenizer:
                 "tokenizer_config.json"
             )
         return token_id
+
+    def missing_bos_use(self, prompt: str, completions: Sequence[str], *, conversational: bool):
+        """Where a row would use the named BOS that the vocabulary lacks (``missing_bos``):
+        (field, how) for the first of its texts (the prompt, then prompt + each completion, as
+        ``_render_row`` gives them) that contains it or that transformers' class starts with
+        it, or None where it is not used."""
+        bos = self.missing_bos
+        if bos is None:
+            return None
+        if self.missing_bos_in_front and not conversational:
+            return "prompt", "transformers' tokenizer class puts it in front of every plain prompt"
+        how = "the chat template writes it" if conversational else "the text contains it"
+        for field, text in zip(("prompt", "chosen", "rejected"), (prompt, *completions)):
+            if bos in text:
+                return field, how
+        return None
 
     def _post_processor_front_id(self) -> int | None:
         """The token ``tokenizer.json``'s post-processor puts in front of a text, if any (probed
@@ -374,17 +400,21 @@ class PairTokenizer:
         if eos is None:
             raise ValueError(_no_eos_message(folder, tokenizer, cls_name))
         templates = _find_chat_templates(folder, config)
+        bos = _token_content(config.get("bos_token"))
         return cls(
             tokenizer,
             eos_token=eos,
             # only a named BOS, as transformers reads it (not config.json's bos_token_id): the
             # chat template's bos_token; plain prompts get what the post-processor puts in front
-            bos_token=_token_content(config.get("bos_token")),
+            bos_token=bos,
             add_bos=None,  # the post-processor's (module docstring, BOS rule)
             chat_template=templates.get("default", next(iter(templates.values()), None)),
             tool_use_template=templates.get("tool_use"),
             special_tokens=template_special_tokens(config),
             name=str(folder),
+            # CodeLlama's post-processor puts the named BOS in front (its id, new where the
+            # vocabulary lacks it)
+            bos_in_front=cls_name == CODE_LLAMA,
         )
 
     @property
@@ -831,6 +861,22 @@ def tokenize_pairs(
             f"{max_prompt_length}"
         )
     texts = [_render_row(row, tokenizer, i) for i, row in enumerate(rows)]
+    if tokenizer.missing_bos is not None:
+        for i, (prompt, chosen, rejected, conversational) in enumerate(texts):
+            use = tokenizer.missing_bos_use(
+                prompt, (chosen, rejected), conversational=conversational
+            )
+            if use is not None:
+                raise row_error(
+                    rows[i],
+                    f"the tokenizer's BOS token {tokenizer.missing_bos!r} is not in its "
+                    f"vocabulary, and {use[1]}: transformers (and so TRL) would give it a new "
+                    "id, outside the model's embeddings",
+                    fix="set bos_token in tokenizer_config.json to the vocabulary's BOS token, "
+                    "or remove it from the row",
+                    field=use[0],
+                    position=i,
+                )
 
     def encode(batch: list[str], fields: Sequence[str], positions: Sequence[int]) -> list:
         """``batch`` encoded; a text the tokenizer fails on is an error naming its row and

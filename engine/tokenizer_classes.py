@@ -318,14 +318,15 @@ def refusal(tokenizer: Tokenizer, cls: str | None) -> str | None:
 def class_defaults(tokenizer: Tokenizer, config: dict, cls: str | None) -> dict:
     """``config`` with ``cls``'s default special tokens (``CLASS_SPECIAL_TOKENS``) under the
     keys it lacks, as transformers' class gives them (a key set to null keeps no token). Only
-    tokens in the vocabulary are added: transformers would give another one a new id, outside
-    the model's embeddings (for EOS, ``PairTokenizer.from_dir`` then looks further or says what
-    to add)."""
+    tokens in the vocabulary are added, and BOS: transformers would give another one a new id,
+    outside the model's embeddings (for EOS, ``PairTokenizer.from_dir`` then looks further or
+    says what to add; a BOS outside the vocabulary is an error for the rows that would get it,
+    ``PairTokenizer.missing_bos_use``)."""
     defaults = CLASS_SPECIAL_TOKENS.get(cls or "", {})
     added = {
         key: token
         for key, token in defaults.items()
-        if key not in config and tokenizer.token_to_id(token) is not None
+        if key not in config and (key == "bos_token" or tokenizer.token_to_id(token) is not None)
     }
     return {**config, **added} if added else config
 

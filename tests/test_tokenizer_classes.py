@@ -2,7 +2,7 @@
 Gemma, GPT-2, CodeGen, Qwen2, Qwen3.5, GPT-NeoX, Cohere, XGLM, OpenAI GPT) and their default
 special tokens: hand-made folders read by sdpo give the ids ``AutoTokenizer.from_pretrained``
 gives on the same folder, and TRL's DPOTrainer ids; the class sdpo cannot reproduce
-(GPT-NeoX Japanese's) is refused."""
+(GPT-NeoX Japanese's) is refused; a BOS outside the vocabulary is refused only where used."""
 
 from __future__ import annotations
 
@@ -607,7 +607,7 @@ def test_the_token_cache_fingerprint_follows_the_class_config_json_picks(tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. classes sdpo refuses
+# 4. classes sdpo refuses, and a BOS outside the vocabulary
 # ---------------------------------------------------------------------------------------------
 
 
@@ -656,3 +656,67 @@ def test_an_xglm_folder_with_a_null_bos_fails_as_in_transformers(tmp_path):
         transformers.AutoTokenizer.from_pretrained(str(folder))
     with pytest.raises(ValueError, match="bos_token is null, which transformers' XGLMTokenizer"):
         PairTokenizer.from_dir(folder)
+
+
+CHAT = [
+    {
+        "prompt": [{"role": "user", "content": "the weather"}],
+        "chosen": [{"role": "assistant", "content": "sunny"}],
+        "rejected": [{"role": "assistant", "content": "in Paris"}],
+    }
+]
+
+
+def test_a_bos_outside_the_vocabulary_is_refused_only_by_the_rows_that_use_it(tmp_path):
+    """transformers gives a named BOS the vocabulary lacks a new id, past the model's
+    embeddings. Rows that never get it (no post-processor adds it, the chat template does not
+    write it) tokenize as TRL's; a row whose template output or text holds it is an error naming
+    the row and field."""
+    folder = _config(byte_level_like(tmp_path / "f", chat_template=CHATML_NL), bos_token="<nope>")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    inner = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert hf_tok.bos_token_id >= inner.get_vocab_size()
+    tok = PairTokenizer.from_dir(folder)
+    assert tok.bos_token == "<nope>" and not tok.add_bos
+    assert _ours(folder, PLAIN, tmp_path) == _trl_prepared(folder, PLAIN)
+    assert _ours(folder, CHAT, tmp_path) == _trl_prepared(folder, CHAT)
+    _config(folder, chat_template=LLAMA2_LIKE)  # writes bos_token in front of each user turn
+    assert hf_tok.bos_token_id in _trl_prepared(folder, CHAT)[0][0]
+    match = r"line 1, field 'prompt': the tokenizer's BOS token '<nope>' is not in its vocabulary"
+    with pytest.raises(DataError, match=match + ", and the chat template writes it"):
+        _ours(folder, CHAT, tmp_path)
+    rows = [dict(PLAIN[1]), {**PLAIN[0], "rejected": " no <nope>"}]
+    with pytest.raises(DataError, match=r"line 2, field 'rejected': .* the text contains it"):
+        _ours(folder, rows, tmp_path)
+
+
+def test_a_code_llama_bos_outside_the_vocabulary_is_refused_by_plain_rows_only(tmp_path):
+    # CodeLlama's class puts BOS in front of every text: TRL's plain prompts start with the new
+    # id; conversational ones are the template's (this one writes no BOS, and no newline, which
+    # the vocabulary lacks, after a turn)
+    template = (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + m['content'] + "
+        "'<|im_end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}"
+        "{% endif %}"
+    )
+    folder = sentencepiece_like(tmp_path / "f", chat_template=template)
+    _config(folder, tokenizer_class="CodeLlamaTokenizer", bos_token="<nope>")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert _trl_prepared(folder, PLAIN)[0][0][0] == hf_tok.bos_token_id
+    with pytest.raises(DataError, match=r"line 1, field 'prompt': .* in front of every plain"):
+        _ours(folder, PLAIN, tmp_path)
+    assert _ours(folder, CHAT, tmp_path) == _trl_prepared(folder, CHAT)
+
+
+def test_a_class_default_bos_outside_the_vocabulary_is_the_template_s_bos_as_in_transformers(
+    tmp_path,
+):
+    # Gemma's class defaults BOS to "<bos>", which this vocabulary lacks: transformers still
+    # names it (a new id), and a template that writes it gets that id in TRL's prompts
+    folder = sentencepiece_like(tmp_path / "f", chat_template=LLAMA2_LIKE)
+    _config(folder, tokenizer_class="GemmaTokenizer", bos_token=None)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert hf_tok.bos_token == "<bos>" and PairTokenizer.from_dir(folder).bos_token == "<bos>"
+    with pytest.raises(DataError, match="BOS token '<bos>' is not in its vocabulary"):
+        _ours(folder, CHAT, tmp_path)
+    assert _ours(folder, PLAIN, tmp_path) == _trl_prepared(folder, PLAIN)
