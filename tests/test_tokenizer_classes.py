@@ -127,10 +127,11 @@ def byte_level_wide(folder: Path, **config) -> Path:
 
 def unigram_like(folder: Path, **config) -> Path:
     """A SentencePiece-style Unigram tokenizer as XGLM's (<s>, <pad>, </s>, <unk> first, then
-    "<madeupword0>"), saved with a pipeline XGLM's class replaces: NFKC through a SentencePiece
-    character map, no merging of space runs, "▁" in front of the first piece only, no unknown
-    id (a character outside the vocabulary fails), BOS put in front; ``config``: its
-    tokenizer_config.json, besides a ChatML template."""
+    "<madeupword0>"), whose normaliser is a SentencePiece character map (NFKC), which XGLM's
+    class keeps, saved with the rest of a pipeline that class replaces: no merging of space
+    runs, "▁" in front of the first piece only, no unknown id (a character outside the
+    vocabulary fails), BOS put in front; ``config``: its tokenizer_config.json, besides a
+    ChatML template."""
     spm = pytest.importorskip("sentencepiece")
     model_pb2 = pytest.importorskip("sentencepiece.sentencepiece_model_pb2")
     import base64
