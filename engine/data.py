@@ -4,10 +4,12 @@ A preference row has a ``prompt``, a ``chosen`` and a ``rejected`` completion, e
 non-empty string or a list of chat messages ``{"role": str, "content": str}`` (a message that
 calls tools may have ``"content": null`` or none beside a non-empty ``tool_calls`` list, the
 OpenAI layout that transformers renders; other keys reach the template, those set to null
-dropped). Files are read with ``datasets`` (``.jsonl``/``.json``/``.parquet``/``.csv``, a ``save_to_disk`` folder, or a
-hub name); JSON files are first read line by line here (strict UTF-8, strict JSON), because
-``datasets`` reports a malformed line or a non-UTF-8 byte without saying where it is, and
-``datasets`` then loads a clean copy holding only the validated fields. Every problem becomes a
+dropped). Files are read with ``datasets`` (``.parquet``/``.csv``, a ``save_to_disk`` folder, or a hub
+name), but for JSON files (``.jsonl``/``.json``), which are read here, line by line (strict UTF-8,
+strict JSON), because ``datasets`` reports a malformed line or a non-UTF-8 byte without saying
+where it is; each line is parsed once, and its rows are the records as written (``datasets``
+would merge the message objects of all rows into one schema, adding null keys a row did not
+have, or refuse a file whose rows differ past the first block it reads). Every problem becomes a
 ``DataError`` naming the file, the row and the field, and saying what to do: bad data must fail
 in seconds, not an hour into a run.
 
@@ -52,7 +54,7 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 FIELDS = ("prompt", "chosen", "rejected")
 # optional columns a chat template reads: apply_chat_template's tools= and **kwargs
@@ -228,6 +230,9 @@ def read_preference_file(
     path = Path(name).expanduser()
     suffix = path.suffix.lower()
 
+    # the rows checked while reading (JSON files), else the records read by datasets
+    checked: list[_Checked] | None = None
+    records: list[dict] = []
     if path.is_file():
         builder = _BUILDERS.get(suffix)
         if builder is None:
@@ -236,38 +241,21 @@ def read_preference_file(
                 fix=f"convert the data to one of {', '.join(_BUILDERS)}",
                 file=name,
             )
-        with tempfile.TemporaryDirectory(prefix="sdpo-data-") as scratch:
-            places: list[_Place] | None = None
-            load_path = path
-            if builder == "json":
-                # datasets gets a clean copy: one validated record per line, the three fields
-                # only, no blank lines (its mixed-type JSON fallback fails on blank lines), so
-                # row i <-> places[i]
-                load_path = Path(scratch) / "records.jsonl"
-                with open(load_path, "wb") as clean:
-                    places = _prevalidate_json(
-                        path,
-                        name=name,
-                        max_line_bytes=max_line_bytes,
-                        clean=clean,
-                        columns=columns,
-                    )
-                if not places:
-                    raise _empty_error(name)
-            records = _load_local(
-                builder,
-                load_path,
-                name=name,
-                cache=Path(scratch) / "cache",
-                text_columns=_raw_columns(columns),
-            )
-        if places is not None and len(places) != len(records):
-            raise DataError(
-                f"the line check found {len(places)} records but datasets read {len(records)}",
-                fix="make each non-blank line hold exactly one JSON object",
-                file=name,
-            )
-        if places is None:
+        if builder == "json":
+            # read here, each line parsed and checked once (strict UTF-8, strict JSON), so that
+            # errors carry line numbers; the rows are the records as written
+            checked = _read_json(path, name=name, max_line_bytes=max_line_bytes, columns=columns)
+            if not checked:
+                raise _empty_error(name)
+        else:
+            with tempfile.TemporaryDirectory(prefix="sdpo-data-") as scratch:
+                records = _load_local(
+                    builder,
+                    path,
+                    name=name,
+                    cache=Path(scratch) / "cache",
+                    text_columns=_raw_columns(columns),
+                )
             places = [_Place(file=name, row=i, row_label="row") for i in range(len(records))]
         default_source = path.stem
     elif path.is_dir() and _saved_to_disk(path):
@@ -295,15 +283,16 @@ def read_preference_file(
         places = [_Place(file=name, row=i, row_label="row") for i in range(len(records))]
         default_source = name
 
-    if not records:
-        raise _empty_error(name)
+    if checked is None:
+        if not records:
+            raise _empty_error(name)
+        checked = _checked_records(records, places, columns)
     source = default_source if source is None else source
     rows: list[dict] = []
     identical_places: list[_Place] = []
     unrendered: list[_Place] = []  # plain-text rows carrying template inputs
-    for record, place in zip(records, places):
-        prompt, chosen, rejected, options = _normalize_row(record, place, columns)
-        if isinstance(prompt, str) and _has_render_inputs(record, columns):
+    for place, (prompt, chosen, rejected, options), has_inputs in checked:
+        if isinstance(prompt, str) and has_inputs:
             unrendered.append(place)
         if chosen == rejected:
             if identical == "error":
@@ -412,8 +401,7 @@ def _load_local(
                 raise _empty_error(name) from None
             raise DataError(
                 f"could not be read as {builder} ({type(exc).__name__}: {exc})",
-                fix=f"check that the file is valid {builder}"
-                + ("; keep each extra column to one type" if builder == "json" else ""),
+                fix=f"check that the file is valid {builder}",
                 file=name,
             ) from exc
 
@@ -479,17 +467,26 @@ def _load_hub(name: str, *, split: str, cache: Path | None = None) -> list[dict]
             ) from exc
 
 
-def _prevalidate_json(
-    path: Path,
-    *,
-    name: str,
-    max_line_bytes: int,
-    clean: BinaryIO,
-    columns: dict[str, str],
-) -> list[_Place]:
-    """Parse a JSON file ourselves (strict UTF-8, strict JSON) and validate every record, so that
-    errors carry line numbers. Each record is written to ``clean`` as one JSON line. Returns the
-    place of each record in file order."""
+# a checked row: its place, its fields and template inputs (``_normalize_row``), and whether the
+# record held template inputs (which plain-text rows ignore, with a warning)
+_Checked = tuple[_Place, tuple[Field, Field, Field, dict[str, Any]], bool]
+
+
+def _checked_records(
+    records: Sequence[dict], places: Sequence[_Place], columns: dict[str, str]
+) -> Iterator[_Checked]:
+    """Each record checked as it is reached (so a problem of an early row, such as an identical
+    pair the policy refuses, is reported before a later row's)."""
+    for record, place in zip(records, places):
+        yield place, _normalize_row(record, place, columns), _has_render_inputs(record, columns)
+
+
+def _read_json(
+    path: Path, *, name: str, max_line_bytes: int, columns: dict[str, str]
+) -> list[_Checked]:
+    """Parse a JSON file ourselves (strict UTF-8, strict JSON) and check every record, so that
+    errors carry line numbers. Returns the checked rows in file order; each line is parsed once
+    and its record kept only as its checked fields."""
     with open(path, "rb") as f:
         head = f.read(4096).lstrip()
     if head.startswith(b"\xef\xbb\xbf"):
@@ -500,19 +497,17 @@ def _prevalidate_json(
             row=1,
         )
     if path.suffix.lower() == ".json" and head.startswith(b"["):
-        return _prevalidate_json_array(path, name=name, clean=clean, columns=columns)
-    return _prevalidate_json_lines(
-        path, name=name, max_line_bytes=max_line_bytes, clean=clean, columns=columns
-    )
+        return _read_json_array(path, name=name, columns=columns)
+    return _read_json_lines(path, name=name, max_line_bytes=max_line_bytes, columns=columns)
 
 
-def _prevalidate_json_lines(
-    path: Path, *, name: str, max_line_bytes: int, clean: BinaryIO, columns: dict[str, str]
-) -> list[_Place]:
+def _read_json_lines(
+    path: Path, *, name: str, max_line_bytes: int, columns: dict[str, str]
+) -> list[_Checked]:
     shape_fix = "each line must hold one JSON object with prompt, chosen and rejected"
     if path.suffix.lower() == ".json":
         shape_fix += " (or make the whole .json file one JSON array of such objects)"
-    places: list[_Place] = []
+    checked: list[_Checked] = []
     with open(path, "rb") as f:
         lineno = 0
         while True:
@@ -549,15 +544,13 @@ def _prevalidate_json_lines(
                 raise place.error(
                     f"holds a JSON {_json_type(record)}, not an object", fix=shape_fix
                 )
-            _normalize_row(record, place, columns)
-            places.append(place)
-            clean.write(_clean_line(record, columns))
-    return places
+            checked.append(
+                (place, _normalize_row(record, place, columns), _has_render_inputs(record, columns))
+            )
+    return checked
 
 
-def _prevalidate_json_array(
-    path: Path, *, name: str, clean: BinaryIO, columns: dict[str, str]
-) -> list[_Place]:
+def _read_json_array(path: Path, *, name: str, columns: dict[str, str]) -> list[_Checked]:
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -569,6 +562,7 @@ def _prevalidate_json_array(
             file=name,
             row=line,
         ) from None
+    del raw
     try:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -578,13 +572,14 @@ def _prevalidate_json_array(
             file=name,
             row=exc.lineno,
         ) from None
+    del text
     if not isinstance(records, list):
         raise DataError(
             f"the file holds a JSON {_json_type(records)}, not an array of rows",
             fix="make the file a JSON array of objects, or JSON lines",
             file=name,
         )
-    places = []
+    checked: list[_Checked] = []
     for i, record in enumerate(records):
         place = _Place(file=name, row=i, row_label="row")
         if not isinstance(record, dict):
@@ -592,24 +587,11 @@ def _prevalidate_json_array(
                 f"is a JSON {_json_type(record)}, not an object",
                 fix="make every array element an object with prompt, chosen and rejected",
             )
-        _normalize_row(record, place, columns)
-        places.append(place)
-        clean.write(_clean_line(record, columns))
-    return places
-
-
-def _clean_line(record: dict, columns: dict[str, str]) -> bytes:
-    # only the fields' columns travel on (two for an implicit prompt): extra columns are never
-    # used, and a stray type in one (an int beyond int64, a column mixing types) must not stop
-    # the read. Template inputs travel as JSON text, so that datasets does not merge their
-    # objects into one schema (filling in null keys) and they reach the template as written
-    clean = {c: record[c] for c in _raw_columns(columns) if c in record}
-    for key in RENDER_FIELDS:
-        column = columns.get(key, key)
-        value = record.get(column)
-        if value is not None:
-            clean[column] = value if isinstance(value, str) else json.dumps(value)
-    return json.dumps(clean).encode() + b"\n"
+        checked.append(
+            (place, _normalize_row(record, place, columns), _has_render_inputs(record, columns))
+        )
+        records[i] = None  # each record's memory goes as it is checked
+    return checked
 
 
 COLUMN_KEYS = (*FIELDS, "system", *RENDER_FIELDS)

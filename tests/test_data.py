@@ -128,6 +128,83 @@ def test_a_folder_written_by_save_to_disk_loads_as_a_data_set_or_a_dict_by_split
         read_preference_file(tmp_path / "dict_saved", split="validation")
 
 
+# Tricky text as a JSON lines file spells it (CRLF line ends, escapes, a duplicate key, raw
+# U+2028 and U+0085, which are line breaks to str.splitlines but not to JSON lines, a blank CRLF
+# line and a last line of spaces), and the rows it holds.
+TRICKY_PLAIN = (
+    '{"prompt": "caf\\u00e9 \\ud83d\\ude00 a\\nb", "chosen": " tab\\tand \\"quote\\"", '
+    '"rejected": "東京\u2028\u0085x"}\r\n'
+    '{"prompt": "first", "chosen": "c", "rejected": "r", "prompt": "last wins"}\r\n'
+    "\r\n"
+    '  {"prompt": "back\\\\nslash", "chosen": "c\\\\u00e9", "rejected": "ok\\r\\n"}  \r\n'
+    "   "
+)
+TRICKY_PLAIN_ROWS = [
+    {"prompt": "café 😀 a\nb", "chosen": ' tab\tand "quote"', "rejected": "東京\u2028\u0085x"},
+    {"prompt": "last wins", "chosen": "c", "rejected": "r"},
+    {"prompt": "back\\nslash", "chosen": "c\\u00e9", "rejected": "ok\r\n"},
+]
+TRICKY_CHAT = (
+    '{"prompt": [{"role": "system", "content": ""}, {"role": "user", "content": "hi\\r\\nthere", '
+    '"name": ""}], "chosen": [{"role": "assistant", "content": "\\ud83d\\ude00"}], '
+    '"rejected": [{"role": "assistant", "content": "no", "content": "\u2028no"}]}\r\n'
+    "\r\n"
+)
+TRICKY_CHAT_ROWS = [
+    {
+        "prompt": [
+            {"role": "system", "content": ""},
+            {"role": "user", "content": "hi\r\nthere", "name": ""},
+        ],
+        "chosen": [{"role": "assistant", "content": "😀"}],
+        "rejected": [{"role": "assistant", "content": "\u2028no"}],
+    }
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [(TRICKY_PLAIN, TRICKY_PLAIN_ROWS), (TRICKY_CHAT, TRICKY_CHAT_ROWS)]
+)
+def test_tricky_text_loads_the_same_rows_from_every_format(tmp_path, text, expected):
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_bytes(text.encode("utf-8"))
+    array = tmp_path / "t.json"
+    array.write_text(json.dumps(expected, ensure_ascii=False, indent=1), encoding="utf-8")
+    datasets.Dataset.from_list(expected).to_parquet(str(tmp_path / "t.parquet"))
+    datasets.Dataset.from_list(expected).save_to_disk(str(tmp_path / "saved"))
+    lines = [i + 1 for i, line in enumerate(text.split("\n")) if line.strip()]
+    for path in (jsonl, array, tmp_path / "t.parquet", tmp_path / "saved"):
+        rows = read_preference_file(path)
+        assert [triple(r) for r in rows] == [triple(r) for r in expected], path
+        rows_of = lines if path == jsonl else list(range(len(expected)))
+        assert [r["row"] for r in rows] == rows_of, path
+
+
+def test_message_keys_that_differ_late_in_a_big_file_load_as_written(tmp_path):
+    """Rows far into a file (past the blocks a columnar reader infers one schema from) keep
+    their messages' keys as written: none added as null, none refused for its type."""
+    user = {"role": "user", "content": "q"}
+
+    def row(**answer) -> dict:
+        return {
+            "prompt": [user],
+            "chosen": [{"role": "assistant", "content": "yes " * 1000, **answer}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        }
+
+    call = {"type": "function", "function": {"name": "f", "arguments": {"city": "Paris"}}}
+    late = [
+        row(tool_calls=[{"function": {"name": "g", "arguments": {"city": "Rome"}}}]),
+        row(tool_calls=[call], weight=1.5),
+        row(tool_calls=[call], weight="heavy", name="bob"),
+    ]
+    rows = [row(tool_calls=[call], weight=1)] * 3000 + late
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    got = read_preference_file(path)
+    assert [r["chosen"] for r in got[-4:]] == [r["chosen"] for r in rows[-4:]]
+
+
 def test_jsonl_rows_keep_their_line_numbers_across_blank_lines_and_source_override(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", ROWS, blank_after=1)
     rows = read_preference_file(path, source="openorca")
