@@ -556,6 +556,7 @@ class StepwiseRunner:
         self.eval_initial: PairLogps | None = None
         self.trackers = Trackers()  # rank 0, with log.report_to: TensorBoard / W&B
         self.data_fp: str | None = None  # data_fingerprint of the training pairs (run())
+        self._data_fp_of: Sequence[TokenizedPair] | None = None  # the pairs data_fp hashes
         # model.path and sdpo.reference as local folders (hub models: their snapshots), set by
         # load_inputs
         self.model_dir = Path(cfg.model.path) if cfg.model.path else Path()
@@ -615,7 +616,7 @@ class StepwiseRunner:
         d = self.cfg.data
         return CacheKey(
             model_fingerprint=model_fp,
-            data_fingerprint=data_fingerprint(pairs),
+            data_fingerprint=self._pairs_fingerprint(pairs),
             tokenizer_fingerprint=self.tokenizer_fp,
             max_length=d.max_length,
             max_prompt_length=d.max_prompt_length or 0,
@@ -626,6 +627,13 @@ class StepwiseRunner:
             # 1 gives the plain sums bit for bit: the same key as unset
             ld_alpha=None if self.cfg.loss.ld_alpha in (None, 1) else float(self.cfg.loss.ld_alpha),
         )
+
+    def _pairs_fingerprint(self, pairs: Sequence[TokenizedPair]) -> str:
+        """``data_fingerprint(pairs)``; of the training pairs themselves, the one ``run`` took
+        (hashing every token id of a large data set takes seconds)."""
+        if pairs is self._data_fp_of and self.data_fp is not None:
+            return self.data_fp
+        return data_fingerprint(pairs)
 
     def cached_reference(
         self, name: str, model: torch.nn.Module, model_fp: str, pairs: Sequence[TokenizedPair]
@@ -1185,6 +1193,7 @@ class StepwiseRunner:
         tokenizer, pairs = self.load_inputs()
         # the token ids the run trains on: kept in every checkpoint, checked on resume
         self.data_fp = data_fingerprint(pairs)
+        self._data_fp_of = pairs
 
         def prepare() -> ResumePoint | None:
             point = self.find_resume_point() if self.resume else None

@@ -248,9 +248,19 @@ def test_separate_reference_is_freed_before_training(tiny_model_dir, tmp_path, m
         alive_at_fit.append(sum(r() is not None for r in ref_params))
         return real_fit(self, *args, **kw)
 
+    hashed: list[tuple[int, ...]] = []  # the pairs each data fingerprint hashed
+    real_fingerprint = runner_mod.data_fingerprint
+
+    def fingerprint_and_count(pairs):
+        hashed.append(tuple(p.index for p in pairs))
+        return real_fingerprint(pairs)
+
     monkeypatch.setattr(runner_mod, "load_pretrained", load_and_watch)
     monkeypatch.setattr(DPOTrainer, "fit", fit_and_check)
+    monkeypatch.setattr(runner_mod, "data_fingerprint", fingerprint_and_count)
     result = run_training(cfg, progress=False)
+    # the training pairs are hashed once (checkpoints and the reference cache's key share it)
+    assert len(hashed) == len(set(hashed)) == 1
     assert ref_params, "the reference model was never loaded"
     assert alive_at_fit == [0, 0]  # no reference tensor alive when either step trains
     # a given partition without report scoring: the separate reference's pass is the only one
