@@ -94,6 +94,7 @@ from .tokenizer_classes import (
 )
 
 TRUNCATION_POLICIES = ("keep_end", "keep_start", "error")
+_FREED: list[int] = []  # in place of a row's ids once its pair is made (never changed)
 _ENCODE_CHUNK = 4096  # texts per encode_batch call: bounds peak memory on large data sets
 
 
@@ -860,12 +861,10 @@ def tokenize_pairs(
             f"max_prompt_length must be in [1, max_length) = [1, {max_length}), got "
             f"{max_prompt_length}"
         )
-    texts = [_render_row(row, tokenizer, i) for i, row in enumerate(rows)]
+    rendered = [_render_row(row, tokenizer, i) for i, row in enumerate(rows)]
     if tokenizer.missing_bos is not None:
-        for i, (prompt, chosen, rejected, conversational) in enumerate(texts):
-            use = tokenizer.missing_bos_use(
-                prompt, (chosen, rejected), conversational=conversational
-            )
+        for i, (prompt, chosen, rejected, conv) in enumerate(rendered):
+            use = tokenizer.missing_bos_use(prompt, (chosen, rejected), conversational=conv)
             if use is not None:
                 raise row_error(
                     rows[i],
@@ -877,6 +876,14 @@ def tokenize_pairs(
                     field=use[0],
                     position=i,
                 )
+    # one list per text, each dropped once encoded, and each row's ids once its pair is made:
+    # the texts (rendered conversations, prompt + completion) and the ids of whole sequences
+    # are copies of the data set several times its size, not needed all at once
+    prompt_texts = [t[0] for t in rendered]
+    chosen_texts = [t[1] for t in rendered]
+    rejected_texts = [t[2] for t in rendered]
+    conversational = [t[3] for t in rendered]
+    del rendered
 
     def encode(batch: list[str], fields: Sequence[str], positions: Sequence[int]) -> list:
         """``batch`` encoded; a text the tokenizer fails on is an error naming its row and
@@ -890,15 +897,18 @@ def tokenize_pairs(
             ) from None
 
     every = range(len(rows))
-    prompt_ids = encode([t[0] for t in texts], ["prompt"] * len(rows), every)
-    chosen_full = encode([t[1] for t in texts], ["chosen"] * len(rows), every)
-    rejected_full = encode([t[2] for t in texts], ["rejected"] * len(rows), every)
+    prompt_ids = encode(prompt_texts, ["prompt"] * len(rows), every)
+    del prompt_texts
+    chosen_full = encode(chosen_texts, ["chosen"] * len(rows), every)
+    del chosen_texts
+    rejected_full = encode(rejected_texts, ["rejected"] * len(rows), every)
+    del rejected_texts
     # plain rows whose prompt ids are not a prefix of prompt + completion's: each completion
     # encoded on its own (module docstring)
     merged = [
         i
-        for i, t in enumerate(texts)
-        if not t[3]
+        for i, conv in enumerate(conversational)
+        if not conv
         and not (
             _is_prefix(prompt_ids[i], chosen_full[i])
             and _is_prefix(prompt_ids[i], rejected_full[i])
@@ -910,15 +920,17 @@ def tokenize_pairs(
         [i for i in merged for _ in range(2)],
     )
     alone_of = {i: (alone[2 * k], alone[2 * k + 1]) for k, i in enumerate(merged)}
+    del alone
 
     # every id comes from the tokenizer's vocabulary: below vocab_size when its largest id is
     check_vocab = vocab_size is not None and tokenizer.max_id >= vocab_size
     stats = TokenizeStats(num_pairs=len(rows))
     pairs: list[TokenizedPair] = []
     for i, row in enumerate(rows):
-        if i in alone_of:
+        encoded_alone = i in alone_of
+        if encoded_alone:
             cut = len(prompt_ids[i])
-            completions = list(alone_of[i])
+            completions = list(alone_of.pop(i))
         else:
             # the completion starts where the prompt's ids and the prompt + completion's ids
             # part: the prompt's end, unless a template renders the prompt alone differently
@@ -938,9 +950,11 @@ def tokenize_pairs(
                     field="prompt",
                     position=i,
                 )
-        stats.num_prompt_boundary += i in alone_of or cut < len(prompt_ids[i])
+        stats.num_prompt_boundary += encoded_alone or cut < len(prompt_ids[i])
         # BOS: plain rows by the BOS rule; conversational rows as the template writes them
-        prompt = prompt_ids[i][:cut] if texts[i][3] else tokenizer.prompt_ids(prompt_ids[i][:cut])
+        prompt = prompt_ids[i][:cut]
+        prompt = prompt if conversational[i] else tokenizer.prompt_ids(prompt)
+        prompt_ids[i] = chosen_full[i] = rejected_full[i] = _FREED  # sliced from: not needed
         for name, ids in zip(("chosen", "rejected"), completions):
             if not ids:
                 raise row_error(
@@ -950,7 +964,7 @@ def tokenize_pairs(
                     field=name,
                     position=i,
                 )
-        if not texts[i][3]:  # plain text: EOS closes each completion
+        if not conversational[i]:  # plain text: EOS closes each completion
             completions = [tokenizer.completion_ids(ids) for ids in completions]
         else:  # conversational: the template's end of turn, else EOS
             completions = [
