@@ -4,14 +4,14 @@ A preference row has a ``prompt``, a ``chosen`` and a ``rejected`` completion, e
 non-empty string or a list of chat messages ``{"role": str, "content": str}`` (a message that
 calls tools may have ``"content": null`` or none beside a non-empty ``tool_calls`` list, the
 OpenAI layout that transformers renders; other keys reach the template, those set to null
-dropped). Files are read with ``datasets`` (``.parquet``/``.csv``, a ``save_to_disk`` folder, or a hub
-name), but for JSON files (``.jsonl``/``.json``), which are read here, line by line (strict UTF-8,
-strict JSON), because ``datasets`` reports a malformed line or a non-UTF-8 byte without saying
-where it is; each line is parsed once, and its rows are the records as written (``datasets``
+dropped). JSON files (``.jsonl``/``.json``) are read here, line by line (strict UTF-8, strict
+JSON), because ``datasets`` reports a malformed line or a non-UTF-8 byte without saying where it
+is; each line is parsed and checked once, and the rows are the records as written (``datasets``
 would merge the message objects of all rows into one schema, adding null keys a row did not
-have, or refuse a file whose rows differ past the first block it reads). Every problem becomes a
-``DataError`` naming the file, the row and the field, and saying what to do: bad data must fail
-in seconds, not an hour into a run.
+have, or refuse a file whose rows differ past the first block it reads). Other data is read with
+``datasets``: ``.parquet`` and ``.csv`` files, ``save_to_disk`` folders and hub names. Every
+problem becomes a ``DataError`` naming the file, the row and the field, and saying what to do:
+bad data must fail in seconds, not an hour into a run.
 
 Row numbers: for JSON lines files they are 1-based line numbers (what an editor shows); for
 JSON arrays, parquet, csv (the header is not a row) and hub data sets they are 0-based row
@@ -51,7 +51,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,7 +231,7 @@ def read_preference_file(
     suffix = path.suffix.lower()
 
     # the rows checked while reading (JSON files), else the records read by datasets
-    checked: list[_Checked] | None = None
+    checked: Iterable[_Checked] | None = None
     records: list[dict] = []
     if path.is_file():
         builder = _BUILDERS.get(suffix)
