@@ -473,6 +473,17 @@ def test_identical_pairs_warn_drop_or_error(tmp_path):
         read_preference_file(write_jsonl(tmp_path / "ok.jsonl", ROWS))
 
 
+def test_a_json_file_s_malformed_rows_are_reported_before_its_identical_pairs(tmp_path):
+    """Every line is checked before the identical-pair policy applies: a bad row late in the
+    file is the error, though an earlier pair is identical under identical="error"."""
+    same = {"prompt": "p", "chosen": "same", "rejected": "same"}
+    bad = {"prompt": "p", "chosen": "c", "rejected": 7}
+    path = write_jsonl(tmp_path / "order.jsonl", [same, *ROWS, bad])
+    with pytest.raises(DataError) as info:
+        read_preference_file(path, identical="error")
+    assert_error(info, file=path, row=5, field="rejected", label="line", words=["int", "7"])
+
+
 def test_unsupported_extension_and_missing_file(tmp_path):
     path = tmp_path / "pairs.txt"
     path.write_text("x")
