@@ -8,6 +8,7 @@ import json
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -339,6 +340,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out_file(out: Path) -> None:
+    """``--out`` names a file that can be written (made, with its missing folders): checked
+    before the model is loaded and the pairs are scored, so a bad path costs no work."""
+    if out.is_dir():
+        raise ValueError(
+            f"--out {out} is a folder; give the path of a file, e.g. {out}/scores.jsonl"
+        )
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out} cannot be written: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".sdpo-write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"--out {out} cannot be written in {existing}: {e.strerror or e}; choose another "
+            "path or fix the folder's permissions"
+        ) from None
+
+
 def _score(args: argparse.Namespace) -> int:
     """Under torchrun rank 0 alone reads, checks and tokenizes the data and sends the pairs to
     every rank (``tokenized_once``; its error is raised on every rank); the ranks share the
@@ -364,6 +387,8 @@ def _score(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ValueError(f"--ld-alpha: {e}") from None
         columns = _column_map(args.columns)
+        if args.out is not None:  # every rank: one node's files, the same error everywhere
+            _check_out_file(args.out)
         model_dir = model_folder(args.model, revision=args.revision, key="--model")
         # a missing folder or weights, named before the tokenizer
         info = check_model(model_dir, args.implementation)

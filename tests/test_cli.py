@@ -235,3 +235,18 @@ def test_score_counts_pairs_cut_to_identical_token_ids(tiny_model_dir, tmp_path,
     assert "7 pair(s) with identical chosen and rejected token ids" in capsys.readouterr().out
     assert main(argv) == 0  # uncut: no pair is identical
     assert "identical chosen and rejected" not in capsys.readouterr().out
+
+
+def test_score_refuses_an_out_path_it_cannot_write_before_scoring(tiny_model_dir, tmp_path, capsys):
+    """A folder, or a path under a file, given as --out is an input error named before the
+    model is loaded, not a traceback after every pair is scored; nothing is left behind."""
+    data = write_pairs(tmp_path / "pairs.jsonl", n=3, seed=4)
+    base = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--no-progress"]
+    folder = tmp_path / "scores"
+    folder.mkdir()
+    for out, words in ((folder, "is a folder"), (data / "s.jsonl", "is a file, not a folder")):
+        before = sorted(tmp_path.rglob("*"))
+        assert main([*base, "--out", str(out)]) == EXIT_INPUT
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err and "pairs:" not in err
+        assert sorted(tmp_path.rglob("*")) == before
