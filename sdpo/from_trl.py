@@ -40,6 +40,28 @@ TRL_DEFAULTS: dict[str, Any] = {
     "gradient_accumulation_steps": 1,
 }
 
+# TRL 1.16's ModelConfig defaults for its LoRA adapter (``use_peft``), written when the file
+# turns the adapter on and leaves them out; tests/test_from_trl.py checks them against TRL's.
+PEFT_DEFAULTS: dict[str, Any] = {
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "lora_dropout": 0.05,
+}
+# what PEFT targets when lora_target_modules is null: q_proj and v_proj for Llama, Mistral,
+# Mixtral, Qwen2, Qwen3 and Gemma models (its per-model-type table)
+PEFT_DEFAULT_TARGETS = ["q_proj", "v_proj"]
+_LORA_KEYS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "use_rslora",
+    "use_dora",
+    "lora_modules_to_save",
+    "lora_target_parameters",
+    "lora_task_type",
+)
+
 # keys read below and the type each must have ("number": int or float, "int": a whole number)
 _TYPES: dict[str, str] = {
     "model_name_or_path": "str",
@@ -81,6 +103,13 @@ _TYPES: dict[str, str] = {
     "report_to": "str or list",
     "per_device_train_batch_size": "int",
     "gradient_accumulation_steps": "int",
+    "use_peft": "bool",
+    "lora_r": "int",
+    "lora_alpha": "number",
+    "lora_dropout": "number",
+    "lora_target_modules": "str or list or null",
+    "use_rslora": "bool",
+    "use_dora": "bool",
 }
 
 _TRACKERS = ("tensorboard", "wandb")
@@ -178,6 +207,7 @@ def convert_trl_config(
         "loss": {},
         "sdpo": {},
         "log": {},
+        "lora": {},
     }
     used: set[str] = set()
 
@@ -412,6 +442,50 @@ def convert_trl_config(
                 "TRL 1.16's code uses 1 - c where its description and sdpo use c; set "
                 "'loss.f_alpha_divergence_coef' to the value you mean",
             )
+
+    # LoRA: with use_peft, `trl dpo` trains a PEFT LoRA adapter from ModelConfig's lora_* options
+    if given.get("use_peft"):
+        lora = {**PEFT_DEFAULTS, **given}
+
+        def put_lora(key: str, value: Any, trl_key: str, note: str = "") -> None:
+            out["lora"][key] = value
+            used.add(trl_key)
+            if trl_key not in given:
+                note = "; ".join(filter(None, [note, f"TRL's default {trl_key}"]))
+            if note:
+                notes[f"lora.{key}"] = note
+
+        used.add("use_peft")
+        put_lora("rank", lora["lora_r"], "lora_r", note="use_peft: a LoRA adapter")
+        put_lora("alpha", float(lora["lora_alpha"]), "lora_alpha")
+        put_lora("dropout", float(lora["lora_dropout"]), "lora_dropout")
+        targets = lora.get("lora_target_modules")
+        if targets is None:
+            put_lora(
+                "targets",
+                PEFT_DEFAULT_TARGETS,
+                "lora_target_modules",
+                note="PEFT's default for Llama, Mistral, Qwen and Gemma models (null)",
+            )
+        else:
+            put_lora("targets", targets, "lora_target_modules")
+        if "use_rslora" in given:
+            put_lora("use_rslora", given["use_rslora"], "use_rslora")
+        if given.get("use_dora"):
+            drop("use_dora", "DoRA is not offered: the adapter here is plain LoRA")
+        for key in ("lora_modules_to_save", "lora_target_parameters"):
+            if given.get(key) is not None:
+                drop(key, "sdpo's adapter trains the projections in 'lora.targets' only")
+            else:
+                used.add(key)
+        if given.get("lora_task_type", "CAUSAL_LM") == "CAUSAL_LM":
+            used.add("lora_task_type")
+        else:
+            drop("lora_task_type", "sdpo trains causal language models (CAUSAL_LM)")
+    else:
+        for key in _LORA_KEYS:
+            drop(key, "use_peft is not true: TRL trains no adapter (set 'lora.rank' for one)")
+        used.add("use_peft")
 
     # sdpo's own keys: a TRL config is plain DPO
     out["sdpo"]["steps"] = 1

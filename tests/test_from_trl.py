@@ -13,7 +13,7 @@ import pytest
 
 from sdpo.cli import EXIT_INPUT, main
 from sdpo.config import load_config
-from sdpo.from_trl import TRL_DEFAULTS
+from sdpo.from_trl import PEFT_DEFAULTS, TRL_DEFAULTS
 
 # as TRL's example configs write one (trl dpo --config dpo.yaml)
 TRL_YAML = """\
@@ -186,6 +186,36 @@ def test_trl_defaults_are_trls():
     defaults |= _field_defaults(trl / "trainer" / "dpo_config.py", "DPOConfig")
     for key, value in TRL_DEFAULTS.items():
         assert defaults[key] == value, key
+    model_config = _field_defaults(trl / "trainer" / "model_config.py", "ModelConfig")
+    for key, value in PEFT_DEFAULTS.items():
+        assert model_config[key] == value, key
+    assert model_config["lora_target_modules"] is None  # PEFT's per-model-type default
+
+
+def test_use_peft_becomes_a_lora_section_with_trl_s_adapter_options(tmp_path):
+    base = "model_name_or_path: org/m\ndataset_name: org/pairs\n"
+    lora = "lora_r: 8\nlora_alpha: 16\nlora_dropout: 0.1\nlora_target_modules: all-linear\n"
+    code, out = _convert(tmp_path, "peft.yaml", base + "use_peft: true\n" + lora)
+    assert code == 0
+    cfg = load_config(out)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (8, 16.0, 0.1)
+    assert len(cfg.lora.targets) == 7 and cfg.lora.use_rslora is False
+    assert "#   lora_" not in out.read_text() and "#   use_peft" not in out.read_text()
+    out.unlink()
+    # TRL's defaults where the file leaves them out; PEFT's q_proj, v_proj for null targets
+    extra = "use_rslora: true\nuse_dora: true\nlora_target_modules: null\n"
+    code, out = _convert(tmp_path, "peft.yaml", base + "use_peft: true\n" + extra)
+    assert code == 0
+    cfg = load_config(out)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.dropout) == (16, 32.0, 0.05)
+    assert cfg.lora.targets == ["q_proj", "v_proj"] and cfg.lora.use_rslora is True
+    assert "#   use_dora = true: DoRA is not offered" in out.read_text()
+    out.unlink()
+    # without use_peft TRL trains no adapter: the lora_* options are listed, not applied
+    code, out = _convert(tmp_path, "peft.yaml", base + lora)
+    assert code == 0
+    assert load_config(out).lora.rank == 0
+    assert "#   lora_r = 8: use_peft is not true" in out.read_text()
 
 
 def test_a_test_split_is_held_out_data_when_trl_would_evaluate_on_it(tmp_path):
