@@ -101,6 +101,9 @@ _TYPES: dict[str, str] = {
     "save_steps": "number",
     "eval_steps": "number or null",
     "report_to": "str or list",
+    "run_name": "str or null",
+    "save_total_limit": "int or null",
+    "save_strategy": "str",
     "per_device_train_batch_size": "int",
     "gradient_accumulation_steps": "int",
     "use_peft": "bool",
@@ -402,6 +405,22 @@ def convert_trl_config(
             )
         else:
             put("train", key, steps, trl_key)
+    strategy = t.get("save_strategy", "steps")
+    if strategy == "no" and "save_every" in out["train"]:
+        out["train"]["save_every"] = 0
+        used.update(("save_strategy", "save_steps"))
+        notes["train.save_every"] = (
+            "save_strategy 'no': checkpoints only at the end of each sDPO step (for --resume)"
+        )
+    elif strategy == "steps":
+        used.add("save_strategy")
+    limit = t.get("save_total_limit")
+    if limit is not None and limit >= 1:
+        put("train", "keep_checkpoints", int(limit), "save_total_limit")
+    elif limit is None:
+        used.add("save_total_limit")
+    if t.get("run_name") is not None:
+        put("log", "run_name", t["run_name"], "run_name")
     report = t.get("report_to", "none")
     names = [report] if isinstance(report, str) else list(report)
     if names in (["none"], []):

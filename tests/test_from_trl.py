@@ -253,3 +253,19 @@ def test_router_aux_loss_coef_becomes_the_loss_key_and_null_is_the_model_s(tmp_p
     text = out.read_text()  # TRL's defaults and sdpo's: nothing written, nothing left out
     for key in ("router_aux_loss_coef", "rpo_alpha", "ld_alpha"):
         assert f"#   {key}" not in text and f"\n{key}" not in text, key
+
+
+def test_save_strategy_save_total_limit_and_run_name_are_translated(tmp_path):
+    base = "model_name_or_path: org/m\ndataset_name: org/pairs\nsave_steps: 20\n"
+    extra = "save_strategy: steps\nsave_total_limit: 1\nrun_name: my-run\n"
+    code, out = _convert(tmp_path, "save.yaml", base + extra)
+    assert code == 0
+    cfg = load_config(out)
+    assert cfg.train.save_every == 20 and cfg.train.keep_checkpoints == 1
+    assert cfg.log.run_name == "my-run"
+    assert "# TRL options left out" not in out.read_text()
+    out.unlink()
+    # TRL saves nothing: checkpoints only at the end of each sDPO step
+    code, out = _convert(tmp_path, "save.yaml", base + 'save_strategy: "no"\n')
+    assert code == 0 and load_config(out).train.save_every == 0
+    assert "# TRL options left out" not in out.read_text()
