@@ -1435,13 +1435,16 @@ class StepwiseRunner:
                 f"training sDPO step {t}, in micro-batches of up to "
                 f"{train_cfg.max_tokens_per_batch} tokens (train.max_tokens_per_batch)"
             )
-            result = trainer.fit(
-                chunk_pairs,
-                ref,
-                schedule_steps=schedule_total,
-                schedule_offset=schedule_done,
-                resume_state=resume_state,
-            )
+            try:
+                result = trainer.fit(
+                    chunk_pairs,
+                    ref,
+                    schedule_steps=schedule_total,
+                    schedule_offset=schedule_done,
+                    resume_state=resume_state,
+                )
+            except TrainingStopped:  # named by the run's step, as its checkpoint is
+                raise TrainingStopped(run_step_base + trainer.position["step_in_run"]) from None
             run_step_base += result.optimizer_steps
             tokens_base += result.tokens
             if not cfg.sdpo.reset_optimizer:

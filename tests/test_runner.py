@@ -519,3 +519,20 @@ def test_step_checkpoints_carry_the_model_s_chat_template_files(tmp_path):
         transformers.AutoTokenizer.from_pretrained(str(d)).chat_template for d in (model, step)
     ]
     assert theirs[0] == theirs[1] and set(theirs[1]) == {"default", "tool_use"}
+
+
+def test_a_stop_in_a_later_sdpo_step_names_the_run_step_of_its_checkpoint(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Optimizer steps are counted as the checkpoints are named, across sDPO steps: a stop at
+    the first step of sDPO step 2 (two steps in step 1) is after step 3, not step 1 again."""
+    from sdpo.engine import resume
+    from sdpo.engine.trainer import TrainingStopped
+
+    cfg = config_from_dict(two_source_config(tmp_path, tiny_model_dir, far=4, near=4))
+    cfg.train.pairs_per_step = 2
+    monkeypatch.setattr(resume, "_fault_counts", {})
+    monkeypatch.setenv(resume.FAULT_ENV, "train_step:3:TERM")  # SIGTERM: a graceful stop
+    with pytest.raises(TrainingStopped) as stopped:
+        run_training(cfg, progress=False)
+    assert stopped.value.global_step == 3 and stopped.value.checkpoint.name == "ckpt-00000003"
