@@ -432,7 +432,7 @@ def _load_saved(folder: Path, *, name: str, split: str) -> list[dict]:
                 raise DataError(
                     f"the saved data set dict has no split {split!r} (splits: "
                     f"{', '.join(ds) or 'none'})",
-                    fix="set the source's split to one of these",
+                    fix="set the source's split to one of these (sdpo score: --split)",
                     file=name,
                 )
             ds = ds[split]

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument(
         "--data", required=True, help="preference file (jsonl/json/parquet/csv) or hub name"
     )
+    score.add_argument(
+        "--split",
+        default="train",
+        help="the split of a hub data set or of a data set folder that holds several "
+        "(default: train), as a source's split",
+    )
     score.add_argument("--out", type=Path, default=None, help="write per-pair results as JSONL")
     score.add_argument("--max-length", type=int, default=1024, help="max tokens per sequence")
     score.add_argument(
@@ -410,7 +416,7 @@ def _score(args: argparse.Namespace) -> int:
         )
 
         def read() -> tuple[list[TokenizedPair], dict[int, str], TokenizeStats]:
-            rows = read_preference_file(args.data, columns=columns)
+            rows = read_preference_file(args.data, split=args.split, columns=columns)
             pairs, stats = tokenize_pairs(
                 rows,
                 tokenizer,

@@ -250,3 +250,18 @@ def test_score_refuses_an_out_path_it_cannot_write_before_scoring(tiny_model_dir
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and "pairs:" not in err
         assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_score_reads_the_split_named_by_split(tiny_model_dir, tmp_path):
+    """A data set folder with train and test files: --split test scores the test pairs."""
+    folder = tmp_path / "pairs_set"
+    (folder / "data").mkdir(parents=True)
+    write_pairs(folder / "data" / "train-00000-of-00001.jsonl", n=4, seed=4)
+    test = write_pairs(folder / "data" / "test-00000-of-00001.jsonl", n=3, seed=5)
+    base = ["score", "--model", str(tiny_model_dir), "--no-progress"]
+    got = {}
+    for name, data, extra in (("split", folder, ["--split", "test"]), ("file", test, [])):
+        out = tmp_path / f"{name}.jsonl"
+        assert main([*base, "--data", str(data), "--out", str(out), *extra]) == 0
+        got[name] = out.read_text()
+    assert got["split"] == got["file"] and len(got["split"].splitlines()) == 3
