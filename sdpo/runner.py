@@ -178,6 +178,7 @@ from sdpo.tracking import (
     TENSORBOARD_DIR,
     TRACKING_STATE,
     Trackers,
+    TrackerStartError,
     missing_tracker_packages,
     open_trackers,
 )
@@ -900,10 +901,27 @@ class StepwiseRunner:
         _log(f"resuming from {path.name} ({where} sDPO step {step})")
         return ResumePoint(path=path, progress=progress)
 
-    def prepare_output_dir(self, point: ResumePoint | None = None) -> None:
+    def _open_trackers(self, point: ResumePoint | None) -> Trackers:
+        try:
+            return open_trackers(
+                self.cfg.log.report_to,
+                output_dir=self.out,
+                project=self.cfg.log.project,
+                run_name=self.cfg.log.run_name,
+                tensorboard_dir=self.cfg.log.tensorboard_dir,
+                resume_step=point.progress["run_step"] if point is not None else None,
+                config=config_to_dict(self.cfg),
+            )
+        except TrackerStartError as e:
+            raise RunInputError(str(e)) from e
+
+    def prepare_output_dir(
+        self, point: ResumePoint | None = None, *, keep: tuple[str, ...] = ()
+    ) -> None:
         """Fresh run: with ``overwrite``, clear the old run's outputs (reference caches stay:
-        they are keyed, so a matching one is reused safely). Resume: cut ``metrics.jsonl`` back
-        to what it held at the checkpoint, so no step is logged twice."""
+        they are keyed, so a matching one is reused safely; and the names in ``keep``, the
+        trackers' files of this run). Resume: cut ``metrics.jsonl`` back to what it held at the
+        checkpoint, so no step is logged twice."""
         if self.resume:
             metrics = self.out / "metrics.jsonl"
             keep = point.progress["metrics_bytes"] if point is not None else 0
@@ -917,6 +935,8 @@ class StepwiseRunner:
                     atomic_write_bytes(metrics, data[:keep])
         else:
             for p in existing_outputs(self.out):
+                if p.name in keep:
+                    continue
                 if p.is_dir():
                     shutil.rmtree(p)
                 else:
@@ -1197,10 +1217,19 @@ class StepwiseRunner:
 
         def prepare() -> ResumePoint | None:
             point = self.find_resume_point() if self.resume else None
-            # a refused resume has written nothing, the token caches included
-            self.prepare_output_dir(point)
-            self.save_input_caches()
-            write_resolved_config(self.cfg, self.out / "config.toml")
+            # a refused resume has written nothing, the token caches included; so has a tracker
+            # that cannot start: they start before an old run's outputs are cleared
+            if self.cfg.log.report_to:
+                self.trackers = self._open_trackers(point)
+            try:
+                # a fresh W&B run's id was just written to tracking.json
+                wandb = "wandb" in self.cfg.log.report_to
+                self.prepare_output_dir(point, keep=(TRACKING_STATE,) if wandb else ())
+                self.save_input_caches()
+                write_resolved_config(self.cfg, self.out / "config.toml")
+            except BaseException:
+                self.trackers.close()
+                raise
             return point
 
         point = on_main(prepare)  # data parallel: rank 0 writes, every rank gets the point
@@ -1208,16 +1237,6 @@ class StepwiseRunner:
             _log(
                 "train.fsdp = true shards the model over the ranks of torchrun; this is one "
                 "process, so the model is whole (start with torchrun --nproc-per-node N to shard)"
-            )
-        if distributed.is_main() and self.cfg.log.report_to:
-            self.trackers = open_trackers(
-                self.cfg.log.report_to,
-                output_dir=self.out,
-                project=self.cfg.log.project,
-                run_name=self.cfg.log.run_name,
-                tensorboard_dir=self.cfg.log.tensorboard_dir,
-                resume_step=point.progress["run_step"] if point is not None else None,
-                config=config_to_dict(self.cfg),
             )
         if self.cfg.train.async_save and distributed.is_main():
             self.writer = BackgroundWriter()

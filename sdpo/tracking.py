@@ -38,6 +38,7 @@ __all__ = [
     "TENSORBOARD_DIR",
     "TRACKING_STATE",
     "TensorBoardTracker",
+    "TrackerStartError",
     "Trackers",
     "WandbTracker",
     "missing_tracker_packages",
@@ -81,15 +82,19 @@ class Tracker(Protocol):
 
 
 class TensorBoardTracker:
-    """Scalars into TensorBoard event files (``torch.utils.tensorboard``)."""
+    """Scalars into TensorBoard event files (``torch.utils.tensorboard``). The event file is
+    made at the first record, so opening the tracker writes nothing (the runner opens the
+    trackers before it clears an old run's outputs)."""
 
     def __init__(self, log_dir: Path, *, purge_step: int) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        log_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        self._open = lambda: SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        self.writer: Any = None
 
     def log(self, values: dict[str, float], step: int) -> None:
+        if self.writer is None:
+            self.writer = self._open()
         for key, value in values.items():
             self.writer.add_scalar(key, value, global_step=step)
         # written through at once (a few hundred bytes per record): a killed run loses nothing
@@ -97,7 +102,8 @@ class TensorBoardTracker:
         self.writer.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 class WandbTracker:
@@ -108,6 +114,7 @@ class WandbTracker:
     ) -> None:
         import wandb
 
+        directory.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=project,
             name=name,
@@ -161,41 +168,64 @@ def open_trackers(
     """Open the trackers named in ``report_to`` for the run in ``output_dir``.
 
     ``resume_step``: the run step of the checkpoint the run resumes from (None: a fresh run,
-    or a resume from the beginning)."""
+    or a resume from the beginning). A tracker that cannot start (W&B without a login, say)
+    raises :class:`TrackerStartError` naming it, with the trackers opened before it closed and
+    ``tracking.json`` as it was."""
     opened: list[Tracker] = []
     name = run_name or output_dir.resolve().name
     try:
         for tracker in report_to:
-            if tracker == "tensorboard":
-                folder = Path(tensorboard_dir) if tensorboard_dir else output_dir / TENSORBOARD_DIR
-                start = 0 if resume_step is None else resume_step + 1
-                opened.append(TensorBoardTracker(folder, purge_step=start))
-            elif tracker == "wandb":
-                opened.append(
-                    WandbTracker(
-                        project=project,
-                        name=name,
-                        run_id=_wandb_run_id(output_dir, fresh=resume_step is None),
-                        directory=output_dir,
-                        config=config,
+            try:
+                if tracker == "tensorboard":
+                    folder = (
+                        Path(tensorboard_dir) if tensorboard_dir else output_dir / TENSORBOARD_DIR
                     )
-                )
-            else:
-                raise ValueError(f"unknown tracker {tracker!r}")
+                    start = 0 if resume_step is None else resume_step + 1
+                    opened.append(TensorBoardTracker(folder, purge_step=start))
+                elif tracker == "wandb":
+                    run_id, fresh = _wandb_run_id(output_dir, fresh=resume_step is None)
+                    opened.append(
+                        WandbTracker(
+                            project=project,
+                            name=name,
+                            run_id=run_id,
+                            directory=output_dir,
+                            config=config,
+                        )
+                    )
+                    if fresh:  # kept for --resume once the run has started
+                        atomic_write_json(output_dir / TRACKING_STATE, {"wandb_run_id": run_id})
+                else:
+                    raise ValueError(f"unknown tracker {tracker!r}")
+            except Exception as e:
+                hint = _START_HINTS.get(tracker, "")
+                raise TrackerStartError(
+                    f"log.report_to: the {tracker} tracker could not start "
+                    f"({type(e).__name__}: {e}){hint}; or leave it out of log.report_to"
+                ) from e
     except BaseException:
         Trackers(opened).close()
         raise
     return Trackers(opened)
 
 
-def _wandb_run_id(output_dir: Path, *, fresh: bool) -> str:
-    """The run's W&B id: kept in ``tracking.json`` so that ``--resume`` continues the same run;
-    a new one for a fresh run."""
+class TrackerStartError(RuntimeError):
+    """A tracker of ``log.report_to`` could not start; the message names it and the way out."""
+
+
+_START_HINTS = {
+    "wandb": ": log in with `wandb login` or set WANDB_API_KEY, or run with WANDB_MODE=offline "
+    "(`wandb sync` uploads later)",
+}
+
+
+def _wandb_run_id(output_dir: Path, *, fresh: bool) -> tuple[str, bool]:
+    """The run's W&B id and whether it is new: the id kept in ``tracking.json``, so that
+    ``--resume`` continues the same run; a new one for a fresh run (written by the caller
+    once W&B has started)."""
     path = output_dir / TRACKING_STATE
     if not fresh and path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8")).get("wandb_run_id")
         if saved:
-            return str(saved)
-    run_id = secrets.token_hex(6)
-    atomic_write_json(path, {"wandb_run_id": run_id})
-    return run_id
+            return str(saved), False
+    return secrets.token_hex(6), True

@@ -267,3 +267,24 @@ def test_bad_log_settings_are_refused(tmp_path, log, message):
                 "log": log,
             }
         )
+
+
+def test_a_tracker_that_cannot_start_leaves_the_old_run_s_outputs_under_overwrite(tmp_path):
+    """W&B without a login (online mode, no key, no terminal to ask on) cannot start: the run
+    exits 2 with a message naming the tracker and the ways out, before --overwrite clears
+    anything, and writes no tracker file (a leftover tracking.json would count as a run)."""
+    pytest.importorskip("wandb")
+    cfg = _setup(tmp_path, ["tensorboard", "wandb"])
+    out = tmp_path / "out"
+    (out / "step-1").mkdir(parents=True)
+    (out / "step-1" / "model.safetensors").write_bytes(b"old")
+    (out / "metrics.jsonl").write_text('{"loss": 1.0}\n')
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))
+    env.update(WANDB_MODE="online", WANDB_SILENT="true")
+    proc = _train(cfg, "--set", f"output_dir={out}", "--overwrite", env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "the wandb tracker could not start" in proc.stderr
+    assert "WANDB_MODE=offline" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
