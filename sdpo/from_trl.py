@@ -475,16 +475,19 @@ def convert_trl_config(
                 notes[f"lora.{key}"] = note
 
         used.add("use_peft")
+        if lora["lora_r"] < 1:  # rank 0 is no adapter here; PEFT refuses it
+            raise ConfigError(
+                f"{source}: key 'lora_r' must be >= 1 with use_peft, got {lora['lora_r']}"
+            )
         put_lora("rank", lora["lora_r"], "lora_r", note="use_peft: a LoRA adapter")
         put_lora("alpha", float(lora["lora_alpha"]), "lora_alpha")
         put_lora("dropout", float(lora["lora_dropout"]), "lora_dropout")
         targets = lora.get("lora_target_modules")
         if targets is None:
-            put_lora(
-                "targets",
-                PEFT_DEFAULT_TARGETS,
-                "lora_target_modules",
-                note="PEFT's default for Llama, Mistral, Qwen and Gemma models (null)",
+            out["lora"]["targets"] = PEFT_DEFAULT_TARGETS
+            used.add("lora_target_modules")
+            notes["lora.targets"] = (
+                "lora_target_modules null: PEFT's default for Llama, Mistral, Qwen and Gemma models"
             )
         else:
             put_lora("targets", targets, "lora_target_modules")

@@ -143,6 +143,7 @@ def test_json_world_size_defaults_and_overwrite(tmp_path, monkeypatch, capsys):
         ("type.yaml", "model_name_or_path: m\nbeta: high\n", "key 'beta' must be a finite number"),
         ("type.json", '{"per_device_train_batch_size": 2.5}', "'per_device_train_batch_size'"),
         ("range.yaml", "beta: -1\n", "beta must be a finite number > 0"),
+        ("peft.yaml", "use_peft: true\nlora_r: 0\n", "key 'lora_r' must be >= 1 with use_peft"),
     ],
 )
 def test_bad_trl_files_exit_2_naming_the_file_and_key(tmp_path, capsys, name, text, message):
