@@ -395,6 +395,12 @@ def convert_trl_config(
         steps = _whole(value)
         if steps is None:
             drop(trl_key, "a share of the run's steps has no equivalent: give a whole number")
+        elif trl_key == "eval_steps" and t.get("eval_strategy") != "steps":
+            drop(
+                trl_key,
+                f"TRL evaluates every eval_steps only with eval_strategy 'steps' (here "
+                f"{t.get('eval_strategy', 'no')!r}); held-out pairs are scored after each sDPO step",
+            )
         elif trl_key == "eval_steps" and out["data"].get("eval_sources"):
             put("train", key, steps, trl_key)
         elif trl_key == "eval_steps":

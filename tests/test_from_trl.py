@@ -235,7 +235,19 @@ def test_a_test_split_is_held_out_data_when_trl_would_evaluate_on_it(tmp_path):
     assert not cfg.data.eval_sources and not cfg.train.eval_every
     header = out.read_text().split("output_dir =")[0]
     assert '#   dataset_test_split = "test": TRL evaluates on it only when eval_strategy' in header
-    assert "#   eval_steps = 50: sdpo's 'train.eval_every' needs held-out pairs" in header
+    assert "#   eval_steps = 50: TRL evaluates every eval_steps only with eval_strategy" in header
+    out.unlink()
+    # at each epoch's end, TRL does not read eval_steps: held out, scored after each sDPO step
+    code, out = _convert(tmp_path, "epoch.yaml", base + "eval_strategy: epoch\neval_steps: 50\n")
+    assert code == 0
+    cfg = load_config(out)
+    assert cfg.data.eval_sources[0].split == "test" and not cfg.train.eval_every
+    assert "#   eval_steps = 50: TRL evaluates every eval_steps only" in out.read_text()
+    out.unlink()
+    plain = "model_name_or_path: org/m\ndataset_name: org/pairs\n"
+    code, out = _convert(tmp_path, "steps.yaml", plain + "eval_strategy: steps\neval_steps: 50\n")
+    assert code == 0  # no test split: nothing to score
+    assert "#   eval_steps = 50: sdpo's 'train.eval_every' needs held-out pairs" in out.read_text()
 
 
 def test_router_aux_loss_coef_becomes_the_loss_key_and_null_is_the_model_s(tmp_path):
