@@ -382,7 +382,10 @@ def convert_trl_config(
         out["train"]["precision"] = value
         notes["train.precision"] = note
 
-    # logging, saving, evaluation
+    # logging, saving, evaluation (transformers evaluates every logging_steps under
+    # eval_strategy 'steps' when eval_steps is unset)
+    if t.get("eval_strategy") == "steps" and not t.get("eval_steps"):
+        t["eval_steps"] = t["logging_steps"]
     for trl_key, key in (
         ("logging_steps", "log_every"),
         ("save_steps", "save_every"),
@@ -403,6 +406,8 @@ def convert_trl_config(
             )
         elif trl_key == "eval_steps" and out["data"].get("eval_sources"):
             put("train", key, steps, trl_key)
+            if "eval_steps" not in given:  # transformers' fallback for eval_strategy 'steps'
+                notes["train.eval_every"] = "logging_steps, as TRL's unset eval_steps"
         elif trl_key == "eval_steps":
             drop(
                 trl_key,

@@ -244,6 +244,10 @@ def test_a_test_split_is_held_out_data_when_trl_would_evaluate_on_it(tmp_path):
     assert cfg.data.eval_sources[0].split == "test" and not cfg.train.eval_every
     assert "#   eval_steps = 50: TRL evaluates every eval_steps only" in out.read_text()
     out.unlink()
+    # eval_strategy 'steps' without eval_steps: transformers evaluates every logging_steps
+    code, out = _convert(tmp_path, "log.yaml", base + "eval_strategy: steps\nlogging_steps: 3\n")
+    assert code == 0 and load_config(out).train.eval_every == 3
+    out.unlink()
     plain = "model_name_or_path: org/m\ndataset_name: org/pairs\n"
     code, out = _convert(tmp_path, "steps.yaml", plain + "eval_strategy: steps\neval_steps: 50\n")
     assert code == 0  # no test split: nothing to score
