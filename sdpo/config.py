@@ -536,6 +536,15 @@ _TRL_NAMES = {
     "fp16": "fp16 is not offered: use 'train.precision' = 'bf16' or 'bf16-mixed'",
     "optim": "sdpo's optimizer is AdamW (fused on CUDA); see 'train.adam_betas', 'train.adam_eps'",
     "use_liger_kernel": "sdpo's own fused log-prob kernels are always used ('kernels.impl')",
+    "torch_compile": "'model.compile' = true compiles each decoder layer (regional torch.compile)",
+    "attn_implementation": (
+        "'model.attn_backend' picks the attention of sdpo's decoder; a model transformers runs "
+        "uses SDPA where it has it, else eager ('model.implementation')"
+    ),
+    "gradient_checkpointing_kwargs": (
+        "sdpo's recomputation is non-reentrant; 'model.checkpoint_every' = k recomputes every "
+        "k-th layer only"
+    ),
     "per_device_eval_batch_size": (
         "held-out pairs are scored in batches of 'sdpo.score_tokens_per_batch' tokens"
     ),

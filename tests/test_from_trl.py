@@ -44,6 +44,7 @@ warmup_ratio: 0.1
 lr_scheduler_type: cosine
 max_steps: 500
 optim: adamw_torch_fused
+torch_compile: true
 push_to_hub: true
 hub_model_id: me/qwen-dpo
 output_dir: runs/qwen-dpo
@@ -90,6 +91,8 @@ def test_a_trl_yaml_config_converts_to_a_toml_that_sdpo_loads_with_its_values(
     # the existing explanations are reused, with the value
     assert "#   max_steps = 500: sdpo has no step cap" in header
     assert "#   max_prompt_length = 512: TRL 1.16 has none" in header
+    assert "#   torch_compile = true: 'model.compile' = true compiles" in header
+    assert "#   attn_implementation = \"flash_attention_2\": 'model.attn_backend'" in header
     assert "world size 1 (assumed; give --world-size N)" in text
     assert "[sdpo]\nsteps = 1  # sdpo's own" in text
 
