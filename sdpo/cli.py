@@ -10,9 +10,10 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 if TYPE_CHECKING:
     from sdpo.engine.checkpoint import ModelInfo
@@ -617,6 +618,27 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Warnings about the user's data as one line of the program's own, without the source
+    file and line of sdpo that raised them; other warnings as Python shows them."""
+    from sdpo.engine.data import DataWarning
+
+    if issubclass(category, DataWarning):
+        _say(f"sdpo: warning: {message}", file=sys.stderr if file is None else file)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
+_SHOW_WARNING = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {
@@ -625,7 +647,9 @@ def main(argv: list[str] | None = None) -> int:
         "config": _cmd_config,
         "demo": _cmd_demo,
     }[args.command]
-    return handler(args)
+    with warnings.catch_warnings():  # restored on return (main is called in process by tests)
+        warnings.showwarning = _show_warning
+        return handler(args)
 
 
 def entry() -> NoReturn:

@@ -265,3 +265,18 @@ def test_score_reads_the_split_named_by_split(tiny_model_dir, tmp_path):
         assert main([*base, "--data", str(data), "--out", str(out), *extra]) == 0
         got[name] = out.read_text()
     assert got["split"] == got["file"] and len(got["split"].splitlines()) == 3
+
+
+def test_a_data_warning_is_one_line_without_sdpo_s_source_location(
+    tiny_model_dir, tmp_path, capsys
+):
+    data = write_pairs(tmp_path / "pairs.jsonl", n=3, seed=4)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows[1]["rejected"] = rows[1]["chosen"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert (
+        main(["score", "--model", str(tiny_model_dir), "--data", str(data), "--no-progress"]) == 0
+    )
+    err = capsys.readouterr().err
+    assert f"sdpo: warning: {data}: 1 pair(s) have chosen identical to rejected" in err
+    assert ".py:" not in err and "DataWarning" not in err
