@@ -436,6 +436,12 @@ def convert_trl_config(
     names = [report] if isinstance(report, str) else list(report)
     if names in (["none"], []):
         put("log", "report_to", [], "report_to")
+    elif names == ["all"]:  # transformers: every integration installed
+        from sdpo.tracking import missing_tracker_packages
+
+        missing = missing_tracker_packages(_TRACKERS)
+        kept = [n for n in _TRACKERS if not any(m.startswith(n + " ") for m in missing)]
+        put("log", "report_to", kept, "report_to", note="'all': the trackers installed here")
     else:
         kept = [n for n in names if n in _TRACKERS]
         put("log", "report_to", kept, "report_to")

@@ -7,6 +7,7 @@ import ast
 import contextlib
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,13 @@ def test_save_strategy_save_total_limit_and_run_name_are_translated(tmp_path):
     code, out = _convert(tmp_path, "save.yaml", base + 'save_strategy: "no"\n')
     assert code == 0 and load_config(out).train.save_every == 0
     assert "# TRL options left out" not in out.read_text()
+
+
+def test_report_to_all_is_every_tracker_installed(tmp_path, monkeypatch):
+    base = "model_name_or_path: org/m\ndataset_name: org/pairs\nreport_to: all\n"
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    monkeypatch.setitem(sys.modules, "tensorboard", sys.modules.get("tensorboard") or object())
+    code, out = _convert(tmp_path, "all.yaml", base)
+    assert code == 0
+    assert load_config(out).log.report_to == ["tensorboard"]
+    assert "#   report_to" not in out.read_text()
