@@ -213,15 +213,43 @@ TINY_SHAPE = dict(
 )
 
 
-def write_hf_model(out: Path, config_class: str, *, seed: int = 0, **overrides) -> Path:
+def write_byte_level_tokenizer(out: Path) -> Path:
+    """The tiny tokenizer's ``tokenizer.json`` replaced by a byte-level BPE trained on WORDS
+    (the same special tokens, ids 0-3), as model types whose tokenizer class keeps only the
+    file's vocabulary and merges (Qwen2's) need: the word-level vocabulary there gives every
+    word the unknown token. Returns ``out``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from sdpo.engine.tiny import SPECIAL_TOKENS, TEMPLATE_WORDS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=list(SPECIAL_TOKENS),
+        show_progress=False,
+    )
+    tok.train_from_iterator([" ".join([*TEMPLATE_WORDS, *WORDS])] * 4, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def write_hf_model(
+    out: Path, config_class: str, *, seed: int = 0, byte_level: bool = False, **overrides
+) -> Path:
     """A random-init tiny transformers model of ``config_class`` (a name in ``transformers``,
-    e.g. "GemmaConfig") with the tiny tokenizer, saved by ``save_pretrained`` in ``out``."""
+    e.g. "GemmaConfig") with the tiny tokenizer (``byte_level``: its byte-level BPE variant,
+    :func:`write_byte_level_tokenizer`), saved by ``save_pretrained`` in ``out``."""
     import transformers
 
     from sdpo.engine.tiny import build_tokenizer
     from sdpo.engine.tokenize import PairTokenizer
 
     build_tokenizer(out, words=WORDS)
+    if byte_level:
+        write_byte_level_tokenizer(out)
     settings = dict(vocab_size=PairTokenizer.from_dir(out).vocab_size, **TINY_SHAPE)
     settings.update(overrides)
     config = getattr(transformers, config_class)(**settings)

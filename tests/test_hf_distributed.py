@@ -173,7 +173,11 @@ def test_transformers_models_on_two_ranks_train_as_one_process(tmp_path):
     whole two-step sDPO run of the Qwen2."""
     model_dirs = [
         write_hf_model(tmp_path / "llama", "LlamaConfig", seed=2),
-        write_hf_model(tmp_path / "qwen2", "Qwen2Config", seed=3, tie_word_embeddings=True),
+        # byte-level BPE: a qwen2 folder gets Qwen2's tokenizer class, which keeps only the
+        # file's vocabulary and merges
+        write_hf_model(
+            tmp_path / "qwen2", "Qwen2Config", seed=3, byte_level=True, tie_word_embeddings=True
+        ),
         # logits soft-capped at 2 (30 hardly caps a random init's)
         write_hf_model(tmp_path / "gemma2", "Gemma2Config", seed=4, final_logit_softcapping=2.0),
         # eight experts, one per token, few tokens a micro-batch: some expert gets tokens on
@@ -237,7 +241,8 @@ def test_transformers_models_on_two_ranks_train_as_one_process(tmp_path):
 
 def _check_run(one: Path, two: Path) -> None:
     """A two-step sDPO run (``adam_eps`` 1e-3) on two ranks wrote the files one process wrote,
-    step folders of weights equal to 4e-9 and metrics to fp32 rounding."""
+    step folders of weights equal to 5e-8 (under 2e-5 of the learning rate 3e-3: the ranks'
+    gradient sums round in another order) and metrics to fp32 rounding."""
 
     def listing(out: Path) -> list[str]:
         return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
@@ -247,7 +252,7 @@ def _check_run(one: Path, two: Path) -> None:
         a, b = _weights(one / f"step-{t}"), _weights(two / f"step-{t}")
         assert a.keys() == b.keys() and "lm_head.weight" not in a  # the tie kept
         for name, w in a.items():
-            assert (w - b[name]).abs().max().item() <= 2e-8, (t, name)
+            assert (w - b[name]).abs().max().item() <= 5e-8, (t, name)
     metrics_one, metrics_two = _metrics(one), _metrics(two)
     assert len(metrics_two) == len(metrics_one)
     for m1, m2 in zip(metrics_one, metrics_two, strict=True):
