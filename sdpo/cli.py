@@ -39,13 +39,16 @@ Several GPUs of one node: torchrun --nproc_per_node=N -m sdpo.cli train --config
 Exit codes: 0 done; 2 bad config, input data, model folder or output folder (nothing written);
 3 non-finite loss or gradient; 4 out of GPU memory (the message says which settings to
 change; they may change on --resume); 74 a checkpoint or output could not be written (older
-checkpoints are intact); 75 stopped on request (SIGTERM/SIGINT), resume with --resume."""
+checkpoints are intact); 75 stopped on request (SIGTERM/SIGINT), resume with --resume; 130
+Ctrl-C before training started, or a second Ctrl-C during the stop (temporary files removed,
+earlier checkpoints intact; the message says whether --resume continues)."""
 
 EXIT_INPUT = 2
 EXIT_NONFINITE = 3
 EXIT_OUT_OF_MEMORY = 4
 EXIT_WRITE = 74  # EX_IOERR
 EXIT_STOPPED = 75  # EX_TEMPFAIL: try again later
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program Ctrl-C ended
 
 SCORE_HELP = """\
 Score a preference data set with one model (no training): per-pair summed completion log-probs,
@@ -297,6 +300,7 @@ def _train(args: argparse.Namespace) -> int:
         OutOfMemoryStop,
         OutputDirError,
         RunInputError,
+        RunInterrupted,
         run_training,
     )
 
@@ -335,6 +339,23 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return _leave_group_alone(EXIT_WRITE)
+    except RunInterrupted as e:
+        if not e.wrote:
+            _say(
+                f"sdpo: interrupted (Ctrl-C) before the run wrote anything in {cfg.output_dir}",
+                file=sys.stderr,
+            )
+        else:
+            saved = (
+                f"checkpoint {e.checkpoint} is the newest saved"
+                if e.checkpoint
+                else "no training checkpoint yet (the caches written are reused)"
+            )
+            _say(
+                f"sdpo: interrupted (Ctrl-C); {saved}. Continue with: {resume_command(args)}",
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED
     except TrainingStopped as e:
         ckpt = getattr(e, "checkpoint", None)
         saved = f"checkpoint {ckpt} is saved" if ckpt else "no training checkpoint yet"
@@ -649,7 +670,20 @@ def main(argv: list[str] | None = None) -> int:
     }[args.command]
     with warnings.catch_warnings():  # restored on return (main is called in process by tests)
         warnings.showwarning = _show_warning
-        return handler(args)
+        try:
+            return handler(args)
+        except KeyboardInterrupt:  # Ctrl-C outside a training run's own handling (_train)
+            # every file is written under a temporary name, removed when a write is cut short
+            _say(f"sdpo: interrupted (Ctrl-C); {_NOTHING_WRITTEN[args.command]}", file=sys.stderr)
+            return EXIT_INTERRUPTED
+
+
+_NOTHING_WRITTEN = {
+    "train": "nothing was written",  # before the run began: reading the config
+    "score": "nothing was written",  # --out is written whole at the end, or not at all
+    "config": "nothing was written",
+    "demo": "run it again to start over",
+}
 
 
 def entry() -> NoReturn:

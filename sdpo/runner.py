@@ -266,6 +266,37 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions); older ones are intact."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C ended the run at once: before training started (reading the inputs, loading the
+    model), or a second Ctrl-C during a graceful stop. ``wrote``: this run had begun writing
+    in the output folder (its preparation is done whole, ``_interrupt_deferred``; what is there
+    then is what ``--resume`` continues from); ``checkpoint``: the newest training checkpoint
+    on disk, if any. Files being written when it struck were temporary and are removed."""
+
+    def __init__(self, *, wrote: bool, checkpoint: str | None) -> None:
+        super().__init__()
+        self.wrote = wrote
+        self.checkpoint = checkpoint
+
+
+@contextlib.contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """A Ctrl-C inside the block takes effect at its end (main thread only): the output
+    folder's preparation (an old run's outputs cleared by ``--overwrite``, token caches and
+    ``config.toml`` written) is never left half done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if received:
+        raise KeyboardInterrupt
+
+
 @dataclass(kw_only=True)
 class RunResult:
     output_dir: Path
@@ -546,6 +577,7 @@ class StepwiseRunner:
         self.scoring_calls = 0
         self.tokenizer_fp = ""
         self.stop_flag = False
+        self.wrote_outputs = False  # this run began writing in output_dir (RunInterrupted)
         self.last_checkpoint: Path | None = None
         # M_{t-1}'s step-<t-1>/ files: the external manifest entries of step t's checkpoints
         self.weights_files: dict[str, Any] = {}
@@ -708,6 +740,7 @@ class StepwiseRunner:
                 pending_saves=cache_saves,
                 tokenizer_dir=model_dir,
             )
+            fault_point("data_read")
             self.eval_pairs = []
             if cfg.data.eval_sources:
                 self.eval_pairs = load_pairs(
@@ -1209,6 +1242,18 @@ class StepwiseRunner:
 
     # -- the run -------------------------------------------------------------------------
     def run(self) -> RunResult:
+        """The whole run; a Ctrl-C that ends it at once is a ``RunInterrupted``."""
+        try:
+            return self._run_all()
+        except RunInterrupted:
+            raise
+        except KeyboardInterrupt:
+            newest = list_checkpoints(self.out / CHECKPOINTS_DIR) if self.wrote_outputs else []
+            raise RunInterrupted(
+                wrote=self.wrote_outputs, checkpoint=newest[0][1].name if newest else None
+            ) from None
+
+    def _run_all(self) -> RunResult:
         self.check_output_dir()  # every rank checks: the same error everywhere, nothing written
         tokenizer, pairs = self.load_inputs()
         # the token ids the run trains on: kept in every checkpoint, checked on resume
@@ -1222,11 +1267,13 @@ class StepwiseRunner:
             if self.cfg.log.report_to:
                 self.trackers = self._open_trackers(point)
             try:
-                # a fresh W&B run's id was just written to tracking.json
-                wandb = "wandb" in self.cfg.log.report_to
-                self.prepare_output_dir(point, keep=(TRACKING_STATE,) if wandb else ())
-                self.save_input_caches()
-                write_resolved_config(self.cfg, self.out / "config.toml")
+                with _interrupt_deferred():  # an old run's outputs are cleared whole or not at all
+                    self.wrote_outputs = True
+                    # a fresh W&B run's id was just written to tracking.json
+                    wandb = "wandb" in self.cfg.log.report_to
+                    self.prepare_output_dir(point, keep=(TRACKING_STATE,) if wandb else ())
+                    self.save_input_caches()
+                    write_resolved_config(self.cfg, self.out / "config.toml")
             except BaseException:
                 self.trackers.close()
                 raise
