@@ -209,7 +209,8 @@ def read_preference_file(
     ``path_or_name``: a ``.jsonl``/``.json``/``.parquet``/``.csv`` file, a data set folder (the
     layout a hub download leaves: data files named by split; or one written by ``datasets``'
     ``save_to_disk``), or a hub data set name (``split`` applies to hub names and to folders
-    holding several splits; a local file, or a saved ``Dataset``, is one split). ``source`` names the data
+    holding several splits; a local file, or a saved ``Dataset``, is one split, "train", and
+    another ``split`` is a ``DataError``). ``source`` names the data
     source (default: the file's stem or the hub name). ``identical``: what to do with pairs whose
     chosen equals rejected: "warn" (keep, warn with the count), "drop" (remove, warn with the
     count) or "error". ``columns``: the data set's column for a field when its name differs
@@ -234,6 +235,7 @@ def read_preference_file(
     checked: Iterable[_Checked] | None = None
     records: list[dict] = []
     if path.is_file():
+        _check_one_split(split, name=name, what="a data file")
         builder = _BUILDERS.get(suffix)
         if builder is None:
             raise DataError(
@@ -436,7 +438,21 @@ def _load_saved(folder: Path, *, name: str, split: str) -> list[dict]:
                     file=name,
                 )
             ds = ds[split]
+        elif ds.split is None or split != str(ds.split):
+            _check_one_split(split, name=name, what="a saved data set (not a data set dict)")
         return ds.to_list()
+
+
+def _check_one_split(split: str, *, name: str, what: str) -> None:
+    """A data file (or a saved ``Dataset``) is one split, which datasets calls "train" (the
+    default): another split asked of it is an error, not silently the whole file."""
+    if split != "train":
+        raise DataError(
+            f"split {split!r} was asked of {what}, which is one split (read whole as 'train')",
+            fix="leave the source's split out (sdpo score: --split), or point to a data set "
+            f"folder or hub data set that holds a {split!r} split, or to that split's own file",
+            file=name,
+        )
 
 
 def _load_hub(name: str, *, split: str, cache: Path | None = None) -> list[dict]:

@@ -267,6 +267,15 @@ def test_score_reads_the_split_named_by_split(tiny_model_dir, tmp_path):
     assert got["split"] == got["file"] and len(got["split"].splitlines()) == 3
 
 
+def test_score_refuses_a_split_of_a_single_file(tiny_model_dir, tmp_path, capsys):
+    data = write_pairs(tmp_path / "pairs.jsonl", n=3, seed=4)
+    args = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--no-progress"]
+    assert main([*args, "--split", "test"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert f"sdpo: input error: {data}: split 'test' was asked of a data file" in err
+    assert "--split" in err and "pairs:" not in err
+
+
 def test_a_data_warning_is_one_line_without_sdpo_s_source_location(
     tiny_model_dir, tmp_path, capsys
 ):

@@ -93,6 +93,20 @@ def test_a_data_set_folder_loads_by_split_like_a_hub_download(tmp_path):
         read_preference_file(folder, split="validation")
 
 
+def test_a_split_other_than_train_of_one_file_or_saved_data_set_is_an_error(tmp_path):
+    """A file (or a saved ``Dataset``) is one split, "train" as datasets names it: another split
+    was ignored, the whole file read; now it is an error naming the file and the split."""
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    parquet = tmp_path / "pairs.parquet"
+    datasets.Dataset.from_list(ROWS).to_parquet(str(parquet))
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    for path in (jsonl, parquet, tmp_path / "saved"):
+        assert len(read_preference_file(path, split="train")) == 3
+        with pytest.raises(DataError, match=rf"{path.name}.*split 'test'.*one split.*--split"):
+            read_preference_file(path, split="test")
+
+
 def test_a_folder_written_by_save_to_disk_loads_as_a_data_set_or_a_dict_by_split(tmp_path):
     """TRL users keep preprocessed data with ``save_to_disk``, which ``load_dataset`` refuses."""
     conversational = [
