@@ -425,6 +425,19 @@ def convert_trl_config(
         )
     elif strategy == "steps":
         used.add("save_strategy")
+    elif strategy == "epoch":
+        # no fixed equivalent: an epoch's optimizer steps depend on the number of pairs read
+        drop(
+            "save_strategy",
+            "sdpo saves by optimizer steps, not at the end of each epoch: 'train.save_every' "
+            "(checkpoints also at the end of each sDPO step, here the end of training); one "
+            "checkpoint per epoch is train.save_every = ceil(training pairs / "
+            "train.pairs_per_step)",
+        )
+        if "save_every" in out["train"]:
+            notes["train.save_every"] = (
+                "save_steps, which TRL ignores under save_strategy 'epoch' (see above)"
+            )
     limit = t.get("save_total_limit")
     if limit is not None and limit >= 1:
         put("train", "keep_checkpoints", int(limit), "save_total_limit")

@@ -290,6 +290,14 @@ def test_save_strategy_save_total_limit_and_run_name_are_translated(tmp_path):
     code, out = _convert(tmp_path, "save.yaml", base + 'save_strategy: "no"\n')
     assert code == 0 and load_config(out).train.save_every == 0
     assert "# TRL options left out" not in out.read_text()
+    out.unlink()
+    # no per-epoch saving here: the note says what is done instead and how to get one per epoch
+    code, out = _convert(tmp_path, "save.yaml", base + "save_strategy: epoch\n")
+    text = out.read_text()
+    assert code == 0 and load_config(out).train.save_every == 20
+    assert '#   save_strategy = "epoch": sdpo saves by optimizer steps' in text
+    assert "train.save_every = ceil(training pairs / train.pairs_per_step)" in text
+    assert "save_every = 20  # save_steps, which TRL ignores under save_strategy 'epoch'" in text
 
 
 def test_report_to_all_is_every_tracker_installed(tmp_path, monkeypatch):
