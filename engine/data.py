@@ -200,6 +200,7 @@ def read_preference_file(
     *,
     source: str | None = None,
     split: str = "train",
+    subset: str | None = None,
     identical: str = "warn",
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
     columns: Mapping[str, str] | None = None,
@@ -210,7 +211,9 @@ def read_preference_file(
     layout a hub download leaves: data files named by split; or one written by ``datasets``'
     ``save_to_disk``), or a hub data set name (``split`` applies to hub names and to folders
     holding several splits; a local file, or a saved ``Dataset``, is one split, "train", and
-    another ``split`` is a ``DataError``). ``source`` names the data
+    another ``split`` is a ``DataError``). ``subset``: the subset (datasets' config name) of a
+    hub data set or of a data set folder holding several (its README.md's ``configs``, or one
+    sub-folder per subset); an unknown one is a ``DataError`` listing those there are. ``source`` names the data
     source (default: the file's stem or the hub name). ``identical``: what to do with pairs whose
     chosen equals rejected: "warn" (keep, warn with the count), "drop" (remove, warn with the
     count) or "error". ``columns``: the data set's column for a field when its name differs
@@ -234,6 +237,14 @@ def read_preference_file(
     # the rows checked while reading (JSON files), else the records read by datasets
     checked: Iterable[_Checked] | None = None
     records: list[dict] = []
+    if subset is not None and (path.is_file() or (path.is_dir() and _saved_to_disk(path))):
+        what = "data file" if path.is_file() else "folder saved with save_to_disk"
+        raise DataError(
+            f"subset {subset!r} was asked of a {what}, which has no subsets",
+            fix="leave the source's subset out (sdpo score: --subset), or point to a data set "
+            "folder or hub data set holding subsets",
+            file=name,
+        )
     if path.is_file():
         _check_one_split(split, name=name, what="a data file")
         builder = _BUILDERS.get(suffix)
@@ -268,7 +279,9 @@ def read_preference_file(
         # a data set folder as a hub download leaves it (data files named by split, e.g.
         # data/train-00000-of-00001.parquet): read by datasets like a hub name, offline
         with tempfile.TemporaryDirectory(prefix="sdpo-data-") as scratch:
-            records = _load_hub(str(path), split=split, cache=Path(scratch))
+            records = _load_hub(
+                str(path), split=split, subset=_folder_subset(path, subset), cache=Path(scratch)
+            )
         places = [_Place(file=name, row=i, row_label="row") for i in range(len(records))]
         default_source = path.name
     elif suffix in _BUILDERS or name.startswith((".", "/", "~")):
@@ -281,7 +294,7 @@ def read_preference_file(
             file=name,
         )
     else:
-        records = _load_hub(name, split=split)
+        records = _load_hub(name, split=split, subset=(subset, None) if subset else None)
         places = [_Place(file=name, row=i, row_label="row") for i in range(len(records))]
         default_source = name
 
@@ -455,29 +468,71 @@ def _check_one_split(split: str, *, name: str, what: str) -> None:
         )
 
 
-def _load_hub(name: str, *, split: str, cache: Path | None = None) -> list[dict]:
-    """A hub data set name, or a local data set folder (``cache``: a scratch datasets cache)."""
+def _folder_subset(folder: Path, subset: str | None) -> tuple[str | None, str | None] | None:
+    """``subset`` of a data set folder as ``(config name, data_dir)`` for ``load_dataset``: a
+    config its README.md names, else a sub-folder; one the folder does not hold is a
+    ``DataError`` listing those it does."""
+    if subset is None:
+        return None
+    import datasets
+
+    with _quiet_datasets():
+        try:
+            configs = [c for c in datasets.get_dataset_config_names(str(folder)) if c != "default"]
+        except Exception:  # an unreadable README.md: load_dataset reports it
+            configs = []
+    if subset in configs:
+        return subset, None
+    folders = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not configs and subset in folders:
+        return None, subset
+    there = (
+        f"the subsets its README.md names: {', '.join(configs)}"
+        if configs
+        else f"its sub-folders: {', '.join(folders) or 'none'}"
+    )
+    raise DataError(
+        f"has no subset {subset!r} ({there})",
+        fix="set the source's subset to one of these (sdpo score: --subset)",
+        file=os.fspath(folder),
+    )
+
+
+def _load_hub(
+    name: str,
+    *,
+    split: str,
+    subset: tuple[str | None, str | None] | None = None,
+    cache: Path | None = None,
+) -> list[dict]:
+    """A hub data set name, or a local data set folder (``cache``: a scratch datasets cache);
+    ``subset``: ``(config name, data_dir)``."""
     import datasets
 
     local = Path(name).is_dir()
+    config, data_dir = subset or (None, None)
     with _quiet_datasets():
         try:
-            kwargs = {"cache_dir": str(cache)} if cache is not None else {}
-            return datasets.load_dataset(name, split=split, **kwargs).to_list()
+            kwargs: dict[str, str] = {"cache_dir": str(cache)} if cache is not None else {}
+            if data_dir is not None:
+                kwargs["data_dir"] = data_dir
+            return datasets.load_dataset(name, config, split=split, **kwargs).to_list()
         except Exception as exc:
             if local:
                 raise DataError(
                     f"could not be read as a data set folder with split {split!r} "
                     f"({type(exc).__name__}: {exc})",
                     fix="point to a folder whose data files are named by split (e.g. "
-                    "data/train-00000-of-00001.parquet) and set the source's split, or pass "
-                    "one .jsonl/.json/.parquet/.csv file",
+                    "data/train-00000-of-00001.parquet) and set the source's split (and its "
+                    "subset, for a folder of several), or pass one .jsonl/.json/.parquet/.csv "
+                    "file",
                     file=name,
                 ) from exc
             raise DataError(
                 f"is not a local file and could not be loaded as a hub data set "
                 f"({type(exc).__name__}: {exc})",
-                fix="check the path or the data set name and split, and the network; or pass a "
+                fix="check the path or the data set name, split and subset, and the network; or "
+                "pass a "
                 "local .jsonl/.json/.parquet/.csv file",
                 file=name,
             ) from exc

@@ -4,7 +4,7 @@ Reading and validating every row and tokenizing it (chat templates included) is 
 so its result is written once next to the run (``tokens-<name>.safetensors`` in the run's cache
 folder) and reused while nothing that changes it has changed. The key (:func:`token_cache_key`)
 holds everything that does: the sha256 of each data file's bytes with its path, source name and
-split, in order; the tokenizer files (chat template files included); the length and truncation settings; the identical-pairs
+split and subset, in order; the tokenizer files (chat template files included); the length and truncation settings; the identical-pairs
 policy; the model's vocabulary size and context length (checked at load time, so a cached
 pair is known to pass them); and the source of the reading and tokenizing code itself, so an
 edit to either reads the data again. A hub data set has no file to hash: no key, no cache.
@@ -139,7 +139,8 @@ def token_cache_key(
             return None
         columns = getattr(source, "columns", None)
         columns = columns.as_dict() if hasattr(columns, "as_dict") else dict(columns or {})
-        files.append([source.name, os.fspath(source.path), source.split, digest, columns])
+        subset = getattr(source, "subset", None)
+        files.append([source.name, os.fspath(source.path), source.split, subset, digest, columns])
     folder = Path(tokenizer_dir)
     tokenizer = {
         name: file_sha256(folder / name) if (folder / name).is_file() else None

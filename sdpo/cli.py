@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the split of a hub data set or of a data set folder that holds several "
         "(default: train), as a source's split",
     )
+    score.add_argument(
+        "--subset",
+        default=None,
+        help="the subset (datasets' config name) of a hub data set or of a data set folder that "
+        "holds several, as a source's subset",
+    )
     score.add_argument("--out", type=Path, default=None, help="write per-pair results as JSONL")
     score.add_argument("--max-length", type=int, default=1024, help="max tokens per sequence")
     score.add_argument(
@@ -438,7 +444,9 @@ def _score(args: argparse.Namespace) -> int:
         )
 
         def read() -> tuple[list[TokenizedPair], dict[int, str], TokenizeStats]:
-            rows = read_preference_file(args.data, split=args.split, columns=columns)
+            rows = read_preference_file(
+                args.data, split=args.split, subset=args.subset, columns=columns
+            )
             pairs, stats = tokenize_pairs(
                 rows,
                 tokenizer,

@@ -162,11 +162,17 @@ class DataSource:
     name: str = ""  # default: the file (or hub data set) name without suffix
     path: str = field(metadata=_DATA)  # jsonl/json/parquet/csv file, or a hub data set name
     split: str = "train"
+    # a hub data set's subset (datasets' config name), or of a data set folder holding several
+    subset: str | None = None
     columns: ColumnMap = field(default_factory=ColumnMap)
 
     def __post_init__(self) -> None:
         if not self.path:
             raise ConfigError("data.sources: a source has an empty path")
+        if self.subset is not None and not self.subset.strip():
+            raise ConfigError(
+                f"data.sources: source {self.path!r} has an empty subset; leave it out or name one"
+            )
         if not self.name:
             self.name = _source_name(self.path)
 

@@ -68,6 +68,7 @@ _TYPES: dict[str, str] = {
     "model_revision": "str",
     "dataset_name": "str",
     "dataset_train_split": "str",
+    "dataset_config": "str or null",
     "output_dir": "str",
     "learning_rate": "number",
     "beta": "number",
@@ -240,11 +241,15 @@ def convert_trl_config(
         src = {"path": local(t["dataset_name"])}
         if "dataset_train_split" in t:
             src["split"] = t["dataset_train_split"]
-        used.update(("dataset_name", "dataset_train_split"))
+        if t.get("dataset_config") is not None:  # datasets' config name: the data set's subset
+            src["subset"] = t["dataset_config"]
+        used.update(("dataset_name", "dataset_train_split", "dataset_config"))
         out["data"]["sources"] = [src]
         # `trl dpo` evaluates on dataset_test_split only when eval_strategy is not "no"
         if "dataset_test_split" in given and t.get("eval_strategy", "no") != "no":
             test = {"path": src["path"], "split": t["dataset_test_split"]}
+            if "subset" in src:
+                test["subset"] = src["subset"]
             put(
                 "data",
                 "eval_sources",

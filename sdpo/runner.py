@@ -520,6 +520,7 @@ def _read_and_tokenize(
                 source.path,
                 source=source.name,
                 split=source.split,
+                subset=source.subset,
                 identical=cfg.data.identical_pairs,
                 columns=source.columns.as_dict(),
             )
@@ -2003,7 +2004,7 @@ def changed_config_keys(
                 out[f"{prefix}{k}"] = v
         return out
 
-    a, b = flat(saved), flat(now)
+    a, b = flat(_with_source_defaults(saved)), flat(_with_source_defaults(now))
     for k, v in flat(_section_defaults()).items():
         a.setdefault(k, v)
         b.setdefault(k, v)
@@ -2011,6 +2012,21 @@ def changed_config_keys(
     keys = sorted((set(a) | set(b)) - (RESUME_SAFE_KEYS - loose))
     keys = [k for k in keys if (k in loose) == rounding]
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
+
+
+def _with_source_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with every data source's keys that a config saved before they existed lacks
+    (``subset``) at their defaults."""
+    data = config.get("data")
+    if not isinstance(data, dict):
+        return config
+    data = dict(data)
+    for key in ("sources", "eval_sources"):
+        if isinstance(data.get(key), list):
+            data[key] = [
+                {"subset": None, **src} if isinstance(src, dict) else src for src in data[key]
+            ]
+    return {**config, "data": data}
 
 
 def rounding_only_keys(config: dict[str, Any]) -> frozenset[str]:

@@ -93,6 +93,46 @@ def test_a_data_set_folder_loads_by_split_like_a_hub_download(tmp_path):
         read_preference_file(folder, split="validation")
 
 
+def _two_subsets(folder: Path, *, readme: bool) -> dict[str, list[dict]]:
+    """A data set folder with subsets "easy" and "hard" (a sub-folder each, with train and test
+    files), named in a README.md ``configs`` header when ``readme``."""
+    made = {}
+    for sub in ("easy", "hard"):
+        (folder / sub).mkdir(parents=True)
+        for split in ("train", "test"):
+            rows = [dict(ROWS[0], prompt=f"{sub} {split} {i}") for i in range(2)]
+            (folder / sub / f"{split}.jsonl").write_text(
+                "".join(json.dumps(r) + "\n" for r in rows)
+            )
+            made[f"{sub}/{split}"] = rows
+    if readme:
+        header = "".join(
+            f"- config_name: {sub}\n  data_files:\n"
+            + "".join(f"  - split: {sp}\n    path: {sub}/{sp}.jsonl\n" for sp in ("train", "test"))
+            for sub in ("easy", "hard")
+        )
+        (folder / "README.md").write_text(f"---\nconfigs:\n{header}---\n# pairs\n")
+    return made
+
+
+@pytest.mark.parametrize("readme", [True, False], ids=["readme_configs", "sub_folders"])
+def test_a_data_set_folder_with_two_subsets_is_read_at_the_source_s_subset(tmp_path, readme):
+    folder = tmp_path / "two"
+    made = _two_subsets(folder, readme=readme)
+    for sub in ("easy", "hard"):
+        for split in ("train", "test"):
+            rows = read_preference_file(folder, subset=sub, split=split)
+            assert [r["prompt"] for r in rows] == [r["prompt"] for r in made[f"{sub}/{split}"]]
+    listed = (
+        "the subsets its README.md names: easy, hard" if readme else "its sub-folders: easy, hard"
+    )
+    with pytest.raises(DataError, match=rf"two: has no subset 'medium' \({listed}\).*--subset"):
+        read_preference_file(folder, subset="medium")
+    jsonl = folder / "easy" / "train.jsonl"
+    with pytest.raises(DataError, match=r"train.jsonl: subset 'easy' was asked of a data file"):
+        read_preference_file(jsonl, subset="easy")
+
+
 def test_a_split_other_than_train_of_one_file_or_saved_data_set_is_an_error(tmp_path):
     """A file (or a saved ``Dataset``) is one split, "train" as datasets names it: another split
     was ignored, the whole file read; now it is an error naming the file and the split."""

@@ -258,6 +258,21 @@ def test_a_test_split_is_held_out_data_when_trl_would_evaluate_on_it(tmp_path):
     assert "#   eval_steps = 50: sdpo's 'train.eval_every' needs held-out pairs" in out.read_text()
 
 
+def test_dataset_config_is_the_sources_subset(tmp_path):
+    base = "model_name_or_path: org/m\ndataset_name: org/pairs\ndataset_test_split: test\n"
+    extra = "dataset_config: hard\neval_strategy: epoch\n"
+    code, out = _convert(tmp_path, "subset.yaml", base + extra)
+    assert code == 0 and "# TRL options left out" not in out.read_text()
+    cfg = load_config(out)
+    (train,), (held_out,) = cfg.data.sources, cfg.data.eval_sources
+    assert (train.subset, train.split) == ("hard", "train")
+    assert (held_out.subset, held_out.split) == ("hard", "test")
+    out.unlink()
+    code, out = _convert(tmp_path, "none.yaml", base + "dataset_config: null\n")
+    assert code == 0 and load_config(out).data.sources[0].subset is None
+    assert "#   dataset_config" not in out.read_text() and "subset =" not in out.read_text()
+
+
 def test_router_aux_loss_coef_becomes_the_loss_key_and_null_is_the_model_s(tmp_path):
     # TRL's DPOConfig.router_aux_loss_coef (None: the model config's; a number overrides it)
     base = "model_name_or_path: org/m\ndataset_name: org/pairs\n"

@@ -145,6 +145,16 @@ def _sdpo_config(partition: str, report_scoring: bool) -> dict:
     return config_to_dict(cfg)
 
 
+def test_a_source_saved_without_a_subset_resumes_and_another_subset_is_refused():
+    saved, now = _sdpo_config("given", False), _sdpo_config("given", False)
+    for source in saved["data"]["sources"]:
+        del source["subset"]  # a checkpoint written before sources had subsets
+    assert changed_config_keys(saved, now) == []
+    now["data"]["sources"][0]["subset"] = "hard"
+    (changed,) = changed_config_keys(saved, now)
+    assert changed.startswith("data.sources (")
+
+
 @pytest.mark.parametrize("partition", ["given", "random", "easy_to_hard", "easy_to_hard_pairs"])
 def test_report_scoring_changes_the_reference_passes_batches_under_random_and_given(partition):
     # random/given without report scoring score chunk 1 alone with the initial model: turning

@@ -324,6 +324,24 @@ def test_a_data_set_folder_is_keyed_by_every_file_in_it(tiny_model_dir, tmp_path
     assert edited != key
     (folder / "train-00001-of-00002.parquet").write_bytes(b"second shard")
     assert token_cache_key(sources, **_args(cfg)) not in (key, edited)
+    # each subset of the folder is keyed apart
+    subsets = [
+        DataSource(name="local", path=str(folder.parent), subset=s) for s in (None, "a", "b")
+    ]
+    assert len({json.dumps(token_cache_key([s], **_args(cfg))) for s in subsets}) == 3
+
+
+def test_a_source_s_subset_picks_the_folder_s_subset(tiny_model_dir, tmp_path):
+    folder = tmp_path / "two"
+    for i, sub in enumerate(("easy", "hard")):
+        (folder / sub).mkdir(parents=True)
+        write_pairs(folder / sub / "train.jsonl", n=4 + i, seed=7 + i)
+    sources = [{"name": sub, "path": str(folder), "subset": sub} for sub in ("easy", "hard")]
+    cfg = _cfg(tmp_path, tiny_model_dir, sources=sources)
+    cache = token_cache_path(tmp_path / "cache", "train")
+    pairs = _load(cfg, cache)
+    assert [p.source for p in pairs] == ["easy"] * 4 + ["hard"] * 5
+    assert _load(cfg, cache) == pairs  # the cache, keyed by subset
 
 
 def test_a_flipped_byte_in_the_cache_is_detected_and_the_data_tokenized_again(
