@@ -40,8 +40,8 @@ Exit codes: 0 done; 2 bad config, input data, model folder or output folder (not
 3 non-finite loss or gradient; 4 out of GPU memory (the message says which settings to
 change; they may change on --resume); 74 a checkpoint or output could not be written (older
 checkpoints are intact); 75 stopped on request (SIGTERM/SIGINT), resume with --resume; 130
-Ctrl-C before training started, or a second Ctrl-C during the stop (temporary files removed,
-earlier checkpoints intact; the message says whether --resume continues)."""
+Ctrl-C while the inputs are read (nothing written yet), or a second Ctrl-C during a stop
+(temporary files removed, earlier checkpoints intact; the message says how to resume)."""
 
 EXIT_INPUT = 2
 EXIT_NONFINITE = 3

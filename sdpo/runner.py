@@ -267,11 +267,12 @@ class CheckpointWriteError(RuntimeError):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """Ctrl-C ended the run at once: before training started (reading the inputs, loading the
-    model), or a second Ctrl-C during a graceful stop. ``wrote``: this run had begun writing
-    in the output folder (its preparation is done whole, ``_interrupt_deferred``; what is there
-    then is what ``--resume`` continues from); ``checkpoint``: the newest training checkpoint
-    on disk, if any. Files being written when it struck were temporary and are removed."""
+    """Ctrl-C ended the run at once: while the inputs were read and checked (before the
+    graceful-stop handler, ``_stop_signals``, is installed), or a second Ctrl-C during a
+    graceful stop. ``wrote``: this run had begun writing in the output folder (its
+    preparation is done whole, ``_interrupt_deferred``; what is there then is what
+    ``--resume`` continues from); ``checkpoint``: the newest training checkpoint on disk, if
+    any. Files being written when it struck were temporary and are removed."""
 
     def __init__(self, *, wrote: bool, checkpoint: str | None) -> None:
         super().__init__()

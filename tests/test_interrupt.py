@@ -71,8 +71,7 @@ def test_second_ctrl_c_during_the_graceful_stop_aborts_without_leftovers(tmp_pat
 
 
 def test_ctrl_c_while_scoring_writes_no_out_file(tmp_path):
-    cfg_dir = tmp_path
-    write_two_source_run(cfg_dir)
+    write_two_source_run(tmp_path)  # the tiny model and a data file
     out = tmp_path / "scores.jsonl"
     args = ["score", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "far.jsonl")]
     args += ["--out", str(out), "--no-progress", "--impl", "torch", "--max-tokens-per-batch", "64"]
