@@ -328,16 +328,33 @@ def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
     Each pair contributes ``[index, len(prompt), len(chosen), len(rejected)]`` followed by the
     three id lists, as little-endian int32; lengths are included so moving a token from prompt
     to completion changes the fingerprint. The ids of a few thousand pairs at a time are
-    gathered into one int32 buffer in C (``itertools.chain``)."""
+    gathered into one int32 buffer in C (``itertools.chain``). A pair index outside int32 (a
+    caller's own 64-bit ids; ``TokenizedPair.index`` is any int64) enters that stream as its
+    low 32 bits, and the digest is then taken once more over the stream's digest and every such
+    pair's position and full index, under a prefix of its own: indices within int32 keep the
+    fingerprint they always had, and no two different pair lists share one."""
     h = hashlib.sha256(b"sdpo.pairs.v1")
     count = 0
+    wide: list[tuple[int, int]] = []  # (position, index) of each index outside int32
+
+    def word(position: int, index: int) -> int:
+        if -(2**31) <= index < 2**31:
+            return index
+        wide.append((position, index))
+        return (index + 2**31) % 2**32 - 2**31
+
     remaining = iter(pairs)
     while group := list(itertools.islice(remaining, 4096)):
         parts = (
             part
-            for p in group
+            for j, p in enumerate(group)
             for part in (
-                (p.index, len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)),
+                (
+                    word(count + j, p.index),
+                    len(p.prompt_ids),
+                    len(p.chosen_ids),
+                    len(p.rejected_ids),
+                ),
                 p.prompt_ids,
                 p.chosen_ids,
                 p.rejected_ids,
@@ -349,7 +366,13 @@ def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
         )
         count += len(group)
     h.update(struct.pack("<Q", count))
-    return h.hexdigest()
+    if not wide:
+        return h.hexdigest()
+    outer = hashlib.sha256(b"sdpo.pairs.v1.wide")
+    outer.update(h.digest())
+    for position, index in wide:
+        outer.update(struct.pack("<Qq", position, index))
+    return outer.hexdigest()
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:

@@ -371,3 +371,22 @@ def test_data_fingerprint_is_the_sha256_of_the_documented_int32_stream():
             h.update(struct.pack("<i", value))
     h.update(struct.pack("<Q", len(pairs)))
     assert data_fingerprint(p for p in pairs) == h.hexdigest()
+
+
+def test_data_fingerprint_takes_any_int64_pair_index():
+    """A caller's own 64-bit pair ids (run_sdpo takes any int64 TokenizedPair.index) get a
+    fingerprint, distinct from that of the ids they share their low 32 bits with; indices within
+    int32 keep the fingerprint earlier caches were keyed by."""
+
+    def pairs(indices):
+        return [
+            TokenizedPair(index=i, prompt_ids=[1, 2], chosen_ids=[3], rejected_ids=[4, 5])
+            for i in indices
+        ]
+
+    assert data_fingerprint(pairs([0, -7, 2**31 - 1, -(2**31)])) == (
+        "a520fa0635a162fa61b74c5525a477672074166dd20177cbe84944dea59a585d"
+    )
+    wide = (0, 2**32, -(2**32), 2**62, 2**31, -(2**31) - 1, -(2**63))
+    assert len({data_fingerprint(pairs([i])) for i in wide}) == len(wide)
+    assert data_fingerprint(pairs([5, 2**40])) != data_fingerprint(pairs([2**40, 5]))
