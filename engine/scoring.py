@@ -129,6 +129,24 @@ class PairLogps:
         return order[at]
 
 
+def check_packed_model(model: torch.nn.Module, who: str) -> None:
+    """Refuse a model without the packed protocol's ``lm_head_weight`` before any work: a
+    Hugging Face causal LM given as it is would otherwise fail deep inside its own forward
+    (transformers reads the packed ``cu_seqlens`` as a cache) with an error that names neither."""
+    if hasattr(model, "lm_head_weight"):
+        return
+    hint = (
+        "; wrap a Hugging Face causal LM in sdpo.engine.hf.PackedCausalLM (run_sdpo does so itself)"
+        if callable(getattr(model, "get_decoder", None))
+        else ""
+    )
+    raise TypeError(
+        f"{who} takes a model under sdpo's packed protocol (model(input_ids, position_ids, "
+        f"cu_seqlens, max_seqlen) -> hidden states, and lm_head_weight); "
+        f"{type(model).__name__} has no lm_head_weight{hint}"
+    )
+
+
 @torch.no_grad()
 def score_pairs(
     model: torch.nn.Module,
@@ -165,6 +183,7 @@ def score_pairs(
     ``return_router_loss`` (the eval pass of a mixture of experts, ``PackedCausalLM`` with a
     router loss): also each pair's batch's router load-balancing loss (``router_loss``),
     from the same forward; the log-probs are the same with it or without."""
+    check_packed_model(model, "score_pairs")
     check_ld_alpha(ld_alpha)
     if return_router_loss and not getattr(model, "router_aux_loss_coef", 0.0):
         raise ValueError(

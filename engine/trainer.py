@@ -81,7 +81,7 @@ from sdpo.engine.precision import (
 )
 from sdpo.engine.profiling import StepProfiler
 from sdpo.engine.resume import fault_point
-from sdpo.engine.scoring import PairLogps, logprob_head
+from sdpo.engine.scoring import PairLogps, check_packed_model, logprob_head
 from sdpo.kernels import linear_pair_loss
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -578,6 +578,7 @@ class DPOTrainer:
         profiler: StepProfiler | None = None,
         token_metrics: bool = True,
     ) -> None:
+        check_packed_model(model, "DPOTrainer")  # before the model is cast or anything built
         self.model = model
         self.config = config
         self.loss_fn = loss_fn

@@ -453,3 +453,26 @@ def test_a_multimodal_moe_trains_with_the_router_loss_of_its_text_config(one_thr
     assert records[0]["loss"] == pytest.approx(
         math.log(2) + 0.02 * records[0]["aux_loss"], abs=1e-6
     )
+
+
+def test_trainer_and_scoring_name_the_wrapper_for_a_bare_hugging_face_model(one_thread):
+    """A Hugging Face causal LM given to DPOTrainer or score_pairs as it is (run_sdpo wraps it,
+    they do not) is refused up front with PackedCausalLM named, not by an AttributeError from
+    inside transformers' mask code; the trainer leaves the model uncast."""
+    from functools import partial
+
+    from sdpo.engine.scoring import score_pairs
+    from sdpo.engine.trainer import DPOTrainer
+    from sdpo.losses import dpo_loss
+
+    hf = _tiny_hf(dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="LlamaForCausalLM has no lm_head_weight.*PackedCausalLM"):
+        score_pairs(hf, _hand_pairs(range(2)), max_tokens_per_batch=64, impl="torch")
+    with pytest.raises(TypeError, match="DPOTrainer takes .*PackedCausalLM"):
+        DPOTrainer(
+            hf,
+            config=TrainConfig(precision="fp32"),
+            loss_fn=partial(dpo_loss, config=LossConfig()),
+            kernels_impl="torch",
+        )
+    assert all(p.dtype == torch.bfloat16 for p in hf.parameters())
