@@ -517,6 +517,18 @@ def cast_for_precision(model: torch.nn.Module, precision: str) -> None:
             p.data = p.data.to(wanted)
 
 
+def check_grad_mode(who: str) -> None:
+    """Training needs autograd: under ``torch.no_grad()`` or ``torch.inference_mode()`` the
+    first backward fails with PyTorch's "does not require grad" (or an inference-tensor error)
+    only after the reference pass has run. Refused up front instead, naming the cause."""
+    if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+        mode = "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
+        raise RuntimeError(
+            f"{who} trains the model but was called with gradients off (inside {mode}); call it "
+            "outside that block"
+        )
+
+
 def _loss_config(loss_fn: PairLossFn) -> Any:
     """The config a loss function is bound to (``partial(dpo_loss, config=...)``), or None."""
     return getattr(loss_fn, "keywords", {}).get("config")
@@ -1106,6 +1118,7 @@ class DPOTrainer:
         with it."""
         if not pairs:
             raise ValueError("DPOTrainer.fit needs at least one pair")
+        check_grad_mode("DPOTrainer.fit")
         cfg = self.config
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)

@@ -49,7 +49,13 @@ from sdpo.engine.hf import PackedCausalLM, dropout_off, router_aux_loss_coef_for
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import resolve_precision
 from sdpo.engine.scoring import PairLogps, score_pairs
-from sdpo.engine.trainer import DPOTrainer, TrainConfig, cast_for_precision, plan_steps
+from sdpo.engine.trainer import (
+    DPOTrainer,
+    TrainConfig,
+    cast_for_precision,
+    check_grad_mode,
+    plan_steps,
+)
 from sdpo.kernels import resolve_impl
 from sdpo.losses import LossConfig, dpo_loss
 from sdpo.partition import STRATEGIES, partition_pairs
@@ -155,6 +161,7 @@ def run_sdpo(
     receives every logged training record, with ``sdpo_step``; ``token_metrics`` False leaves
     TRL's token metrics out of them (``log.token_metrics``, ``DPOTrainer``); ``on_step_end(report, model)``
     runs after each step with M_t in hand."""
+    check_grad_mode("run_sdpo")
     if not hasattr(model, "lm_head_weight") and callable(getattr(model, "get_decoder", None)):
         model = PackedCausalLM(model)  # a Hugging Face causal LM, trained in place
     if not hasattr(model, "lm_head_weight"):

@@ -476,3 +476,36 @@ def test_trainer_and_scoring_name_the_wrapper_for_a_bare_hugging_face_model(one_
             kernels_impl="torch",
         )
     assert all(p.dtype == torch.bfloat16 for p in hf.parameters())
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_run_sdpo_under_no_grad_is_refused_before_any_work(one_thread, mode):
+    """Called with gradients off (from an evaluation block), run_sdpo and DPOTrainer.fit say so
+    up front, before the reference pass and with the weights untouched, not with PyTorch's
+    "does not require grad" at the first backward."""
+    from functools import partial
+
+    from sdpo.engine.scoring import score_pairs
+    from sdpo.engine.trainer import DPOTrainer
+    from sdpo.losses import dpo_loss
+
+    hf = _tiny_hf()
+    weights = {k: v.clone() for k, v in hf.state_dict().items()}
+    pairs = _hand_pairs(range(4))
+    wrapped = PackedCausalLM(hf)
+    ref = score_pairs(wrapped, pairs, max_tokens_per_batch=256, impl="torch")
+    trainer = DPOTrainer(
+        wrapped,
+        config=TrainConfig(learning_rate=1e-2),
+        loss_fn=partial(dpo_loss, config=LossConfig()),
+        kernels_impl="torch",
+        progress=False,
+    )
+    name = mode.__name__
+    with mode():
+        with pytest.raises(RuntimeError, match=rf"run_sdpo trains .*inside torch.{name}\(\)"):
+            run_sdpo(hf, pairs, steps=2, partition="random", kernels_impl="torch")
+        with pytest.raises(RuntimeError, match=rf"DPOTrainer.fit trains .*torch.{name}\(\)"):
+            trainer.fit(pairs, ref)
+    for key, tensor in hf.state_dict().items():
+        assert torch.equal(tensor, weights[key]), key
