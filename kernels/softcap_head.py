@@ -99,38 +99,47 @@ class _SoftcapLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[:2]
         if grad_seq is None or not (need_h or need_w):
             return (None,) * 10
-        cap, chunk, dtype = ctx.cap, ctx.chunk, ctx.dtype
-        # each scored token's share of its sequence's gradient, times its weight
-        g_tok = weighted(grad_seq.float()[seq_ids], token_weights)
-        g_tok = torch.where(labels != IGNORE_INDEX, g_tok, 0.0)  # (N,)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # dW summed over the chunks in fp32 (or the compute dtype, if wider), each chunk's
-        # product added unrounded as in the other heads
-        acc = torch.promote_types(torch.float32, dtype)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        w = weight.to(dtype)
-        for t0 in range(0, hidden.shape[0], chunk):
-            t1 = min(hidden.shape[0], t0 + chunk)
-            h = hidden[t0:t1].to(dtype)
-            y = _capped_logits(h, w, cap, dtype)  # (T, V)
-            g = g_tok[t0:t1, None]
-            # d(token_logp)/dy = onehot - softmax(y); dy/dz = 1 - (y / c)^2, formed in y's
-            # buffer: two (T, V) fp32 tensors at a time
-            grad = torch.softmax(y, dim=-1).mul_(-g)
-            lab = labels[t0:t1].clamp(min=0).long()[:, None]
-            grad.scatter_add_(1, lab, g)
-            slope = y.div_(cap).square_().neg_().add_(1.0)
-            grad = grad.mul_(slope).to(dtype)  # (T, V): d loss / d z
-            del y, slope
-            if need_h:
-                grad_h[t0:t1] = (grad @ w).to(hidden.dtype)
-            if need_w:
-                _accumulate_grad_weight(grad_w, grad, h)
-        return (
-            grad_h,
-            grad_w.to(weight.dtype) if need_w else None,
-            *(None,) * 8,
-        )
+        # autocast off as in the forward: a backward() called inside an autocast block would
+        # otherwise run the recompute and the gradient matmuls in its dtype
+        with torch.autocast(hidden.device.type, enabled=False):
+            return _softcap_backward(ctx, grad_seq, hidden, weight, labels, seq_ids, token_weights)
+
+
+def _softcap_backward(ctx, grad_seq, hidden, weight, labels, seq_ids, token_weights):
+    """_SoftcapLogprobs' gradients (hidden, weight, then None for the other inputs)."""
+    need_h, need_w = ctx.needs_input_grad[:2]
+    cap, chunk, dtype = ctx.cap, ctx.chunk, ctx.dtype
+    # each scored token's share of its sequence's gradient, times its weight
+    g_tok = weighted(grad_seq.float()[seq_ids], token_weights)
+    g_tok = torch.where(labels != IGNORE_INDEX, g_tok, 0.0)  # (N,)
+    grad_h = torch.empty_like(hidden) if need_h else None
+    # dW summed over the chunks in fp32 (or the compute dtype, if wider), each chunk's
+    # product added unrounded as in the other heads
+    acc = torch.promote_types(torch.float32, dtype)
+    grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+    w = weight.to(dtype)
+    for t0 in range(0, hidden.shape[0], chunk):
+        t1 = min(hidden.shape[0], t0 + chunk)
+        h = hidden[t0:t1].to(dtype)
+        y = _capped_logits(h, w, cap, dtype)  # (T, V)
+        g = g_tok[t0:t1, None]
+        # d(token_logp)/dy = onehot - softmax(y); dy/dz = 1 - (y / c)^2, formed in y's
+        # buffer: two (T, V) fp32 tensors at a time
+        grad = torch.softmax(y, dim=-1).mul_(-g)
+        lab = labels[t0:t1].clamp(min=0).long()[:, None]
+        grad.scatter_add_(1, lab, g)
+        slope = y.div_(cap).square_().neg_().add_(1.0)
+        grad = grad.mul_(slope).to(dtype)  # (T, V): d loss / d z
+        del y, slope
+        if need_h:
+            grad_h[t0:t1] = (grad @ w).to(hidden.dtype)
+        if need_w:
+            _accumulate_grad_weight(grad_w, grad, h)
+    return (
+        grad_h,
+        grad_w.to(weight.dtype) if need_w else None,
+        *(None,) * 8,
+    )
 
 
 def softcap_sequence_logprobs(
