@@ -658,6 +658,10 @@ def make_pair_loss(
         )
         if t is not None
     }
+    if len(set(lengths.values())) > 1:
+        raise ValueError(
+            f"the per-pair inputs must have one length, the batch's number of pairs; got {lengths}"
+        )
     num_pairs = max(lengths.values(), default=None)
 
     def pair_loss(

@@ -408,6 +408,19 @@ def test_pair_loss_rejects_a_slice_that_does_not_match_its_inputs():
         pair_loss(pc[:3], pr[:3], slice(1, 3))
     with pytest.raises(ValueError, match="normalizer must be > 0"):
         make_pair_loss(LossConfig(), ref_chosen=rc, ref_rejected=rr, normalizer=0)
+    # a reference or count tensor of another length than the others: refused when built (a
+    # longer one was sliced silently, its values for the batch's pairs misaligned or not)
+    with pytest.raises(ValueError, match=r"one length.*'ref_chosen': 5, 'ref_rejected': 4"):
+        make_pair_loss(LossConfig(), ref_chosen=rc, ref_rejected=rr[:4])
+    tokens = torch.ones(6)
+    with pytest.raises(ValueError, match="'chosen_tokens': 6"):
+        make_pair_loss(
+            LossConfig(loss_type="ipo"),
+            ref_chosen=rc,
+            ref_rejected=rr,
+            chosen_tokens=tokens,
+            rejected_tokens=tokens,
+        )
 
 
 def test_metrics_are_batch_means_under_contract_names():
