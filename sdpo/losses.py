@@ -646,7 +646,7 @@ def make_pair_loss(
     """
     if sft_scale is None and "sft" in config.loss_types and chosen_tokens is not None:
         sft_scale = chosen_tokens.shape[0] / chosen_tokens.to(torch.float64).sum().clamp(min=1.0)
-    if isinstance(normalizer, (int, float)) and not normalizer > 0:
+    if not isinstance(normalizer, Tensor) and not float(normalizer) > 0:  # NumPy's numbers too
         raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
     lengths = {
         name: t.shape[0]

@@ -408,6 +408,9 @@ def test_pair_loss_rejects_a_slice_that_does_not_match_its_inputs():
         pair_loss(pc[:3], pr[:3], slice(1, 3))
     with pytest.raises(ValueError, match="normalizer must be > 0"):
         make_pair_loss(LossConfig(), ref_chosen=rc, ref_rejected=rr, normalizer=0)
+    for bad in (np.int64(0), np.float32(-1.0), float("nan")):  # a NumPy count: inf losses
+        with pytest.raises(ValueError, match="normalizer must be > 0"):
+            make_pair_loss(LossConfig(), ref_chosen=rc, ref_rejected=rr, normalizer=bad)
     # a reference or count tensor of another length than the others: refused when built (a
     # longer one was sliced silently, its values for the batch's pairs misaligned or not)
     with pytest.raises(ValueError, match=r"one length.*'ref_chosen': 5, 'ref_rejected': 4"):
