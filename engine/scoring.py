@@ -284,83 +284,85 @@ def _score_local(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    batches = (
-        batch_by_token_budget(pairs, max_tokens=max_tokens_per_batch, shuffle=False)
-        if pairs
-        else []
-    )
-    real = len(batches)
-    batches += [[0]] * max(0, passes - real)
-    # (columns, P): chosen, rejected, then WPO's chosen, rejected, then the raw ones
-    values = torch.empty(columns, len(pairs), dtype=torch.float32, device=device)
-    iterator = batches
-    if progress:
-        from tqdm.auto import tqdm
+    try:  # the caller's mode comes back however the pass ends (a bad pair, an interrupt)
+        batches = (
+            batch_by_token_budget(pairs, max_tokens=max_tokens_per_batch, shuffle=False)
+            if pairs
+            else []
+        )
+        real = len(batches)
+        batches += [[0]] * max(0, passes - real)
+        # (columns, P): chosen, rejected, then WPO's chosen, rejected, then the raw ones
+        values = torch.empty(columns, len(pairs), dtype=torch.float32, device=device)
+        iterator = batches
+        if progress:
+            from tqdm.auto import tqdm
 
-        iterator = tqdm(batches, desc="scoring", unit="batch", leave=False)
-    for n, positions in enumerate(iterator):
-        if n >= real:  # a filler pass (sharded model): the forward only, for its collectives
-            host_batch = pack_pairs([filler])
+            iterator = tqdm(batches, desc="scoring", unit="batch", leave=False)
+        for n, positions in enumerate(iterator):
+            if n >= real:  # a filler pass (sharded model): the forward only, for its collectives
+                host_batch = pack_pairs([filler])
+                batch = to_device(host_batch, device)
+                with autocast_context(precision, device):
+                    model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+                if return_router_loss:
+                    model.pop_aux_loss()  # the filler's: dropped
+                continue
+            fault_point("score_batch")
+            chunk = [pairs[i] for i in positions]
+            host_batch = pack_pairs_shared(chunk) if share_prompt else pack_pairs(chunk)
             batch = to_device(host_batch, device)
-            with autocast_context(precision, device):
-                model(batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
-            if return_router_loss:
-                model.pop_aux_loss()  # the filler's: dropped
-            continue
-        fault_point("score_batch")
-        chunk = [pairs[i] for i in positions]
-        host_batch = pack_pairs_shared(chunk) if share_prompt else pack_pairs(chunk)
-        batch = to_device(host_batch, device)
-        # the rows with a label, with their LD-DPO weights
-        head = to_device(head_rows(host_batch, ld_alpha=ld_alpha), device)
-        if share_prompt:
-            with autocast_context(precision, device):
-                hidden = model(
-                    batch.input_ids,
-                    batch.position_ids,
-                    batch.cu_seqlens,
-                    batch.max_seqlen,
-                    shared_prefix=batch.shared_prefix,
-                )
-        else:
-            with autocast_context(precision, device):
-                hidden = model(
-                    batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
-                )
-        # the head's inputs as the training forward rounds them (engine/precision.py)
-        hidden, weight = head_inputs(
-            hidden.index_select(0, head.index), model.lm_head_weight, precision
-        )  # (M, H): only rows with a label
-        head_sums = functools.partial(
-            logprob_head(model),
-            hidden,
-            weight,
-            head.labels,
-            head.seq_ids,
-            batch.num_seqs,
-            impl=impl,
-            chunk_tokens=chunk_tokens,
-        )
-        # (S,) with S = 2P: chosen, rejected interleaved (and WPO's sums alike)
-        sums = head_sums(
-            token_weights=head.token_weights,
-            return_aligned=return_aligned,
-            return_stats=return_stats,
-        )
-        sums = list(sums) if return_aligned or return_stats else [sums]
-        stats = sums.pop() if return_stats else None  # (S, 3)
-        if return_raw:  # LD-DPO's unweighted sums: the head once more, without the weights
-            sums.append(head_sums())
-        rows = to_device(torch.tensor(positions, dtype=torch.int64), device)
-        for k, seq in enumerate(sums):
-            values[2 * k, rows] = seq[0::2].float()
-            values[2 * k + 1, rows] = seq[1::2].float()
-        if stats is not None:  # the last six rows: chosen's three statistics, then rejected's
-            at = 2 * len(sums)
-            values[at : at + 3, rows] = stats[0::2].t()
-            values[at + 3 : at + 6, rows] = stats[1::2].t()
-        if return_router_loss:  # the last row: the batch's router loss, for each of its pairs
-            values[-1, rows] = model.pop_aux_loss().float()
-    sharding.reshard(model)  # free the gathered root parameters
-    model.train(was_training)
+            # the rows with a label, with their LD-DPO weights
+            head = to_device(head_rows(host_batch, ld_alpha=ld_alpha), device)
+            if share_prompt:
+                with autocast_context(precision, device):
+                    hidden = model(
+                        batch.input_ids,
+                        batch.position_ids,
+                        batch.cu_seqlens,
+                        batch.max_seqlen,
+                        shared_prefix=batch.shared_prefix,
+                    )
+            else:
+                with autocast_context(precision, device):
+                    hidden = model(
+                        batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
+                    )
+            # the head's inputs as the training forward rounds them (engine/precision.py)
+            hidden, weight = head_inputs(
+                hidden.index_select(0, head.index), model.lm_head_weight, precision
+            )  # (M, H): only rows with a label
+            head_sums = functools.partial(
+                logprob_head(model),
+                hidden,
+                weight,
+                head.labels,
+                head.seq_ids,
+                batch.num_seqs,
+                impl=impl,
+                chunk_tokens=chunk_tokens,
+            )
+            # (S,) with S = 2P: chosen, rejected interleaved (and WPO's sums alike)
+            sums = head_sums(
+                token_weights=head.token_weights,
+                return_aligned=return_aligned,
+                return_stats=return_stats,
+            )
+            sums = list(sums) if return_aligned or return_stats else [sums]
+            stats = sums.pop() if return_stats else None  # (S, 3)
+            if return_raw:  # LD-DPO's unweighted sums: the head once more, without the weights
+                sums.append(head_sums())
+            rows = to_device(torch.tensor(positions, dtype=torch.int64), device)
+            for k, seq in enumerate(sums):
+                values[2 * k, rows] = seq[0::2].float()
+                values[2 * k + 1, rows] = seq[1::2].float()
+            if stats is not None:  # the last six rows: chosen's three statistics, then rejected's
+                at = 2 * len(sums)
+                values[at : at + 3, rows] = stats[0::2].t()
+                values[at + 3 : at + 6, rows] = stats[1::2].t()
+            if return_router_loss:  # the last row: the batch's router loss, for each of its pairs
+                values[-1, rows] = model.pop_aux_loss().float()
+        sharding.reshard(model)  # free the gathered root parameters
+    finally:
+        model.train(was_training)
     return list(values.cpu().unbind(0))

@@ -509,3 +509,16 @@ def test_run_sdpo_under_no_grad_is_refused_before_any_work(one_thread, mode):
             trainer.fit(pairs, ref)
     for key, tensor in hf.state_dict().items():
         assert torch.equal(tensor, weights[key]), key
+
+
+def test_scoring_gives_the_model_its_training_mode_back_when_it_fails(one_thread):
+    """score_pairs puts the model in eval mode for its pass; when the pass raises (here a hand
+    built id outside the vocabulary), the caller's model is in training mode again."""
+    from sdpo.engine.scoring import score_pairs
+
+    wrapped = PackedCausalLM(_tiny_hf()).train()
+    pairs = _hand_pairs(range(3))
+    pairs[2].chosen_ids[0] = 100
+    with pytest.raises(IndexError):
+        score_pairs(wrapped, pairs, max_tokens_per_batch=256, impl="torch")
+    assert all(m.training for m in wrapped.modules())
