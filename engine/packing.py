@@ -122,6 +122,33 @@ def _check_packable(pair: TokenizedPair) -> None:
             )
 
 
+def check_token_ids(pairs: Sequence[TokenizedPair], *, vocab_size: int) -> None:
+    """Every id in [0, vocab_size): an id outside it would fail deep in the embedding lookup
+    (an opaque index error on a CPU, a device-side assert on a GPU). Names the pair and field."""
+    for p in pairs:
+        for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            ids = getattr(p, field)
+            if ids and (min(ids) < 0 or max(ids) >= vocab_size):
+                bad = next(i for i in ids if not 0 <= i < vocab_size)
+                raise ValueError(
+                    f"pair {p.index}: {field} holds token id {bad}, outside the model's "
+                    f"vocabulary [0, {vocab_size}); tokenize the pairs with the model's tokenizer "
+                    "(tokenize_pairs(..., vocab_size=...) checks this)"
+                )
+
+
+def check_batch_ids(
+    batch: PackedBatch | SharedPromptBatch, pairs: Sequence[TokenizedPair], *, vocab_size: int
+) -> None:
+    """``check_token_ids`` for the pairs of one packed batch, at the cost of one min and max
+    over its CPU ids when they are all in range (the scoring pass and each micro-batch)."""
+    if not batch.input_ids.numel():
+        return
+    low, high = torch.aminmax(batch.input_ids)
+    if int(low) < 0 or int(high) >= vocab_size:
+        check_token_ids(pairs, vocab_size=vocab_size)
+
+
 def pack_pairs(pairs: Sequence[TokenizedPair]) -> PackedBatch:
     """Pack ``pairs`` into one padding-free batch (tensors on CPU; use ``.to(device)``).
 

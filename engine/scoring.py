@@ -30,6 +30,7 @@ from sdpo.engine import distributed, sharding
 from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
+    check_batch_ids,
     check_ld_alpha,
     head_rows,
     pack_pairs,
@@ -311,6 +312,7 @@ def _score_local(
             fault_point("score_batch")
             chunk = [pairs[i] for i in positions]
             host_batch = pack_pairs_shared(chunk) if share_prompt else pack_pairs(chunk)
+            check_batch_ids(host_batch, chunk, vocab_size=model.lm_head_weight.shape[0])
             batch = to_device(host_batch, device)
             # the rows with a label, with their LD-DPO weights
             head = to_device(head_rows(host_batch, ld_alpha=ld_alpha), device)

@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from sdpo.engine.hf import PackedCausalLM, dropout_off, router_aux_loss_coef_for
-from sdpo.engine.packing import TokenizedPair
+from sdpo.engine.packing import TokenizedPair, check_token_ids
 from sdpo.engine.precision import resolve_precision
 from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.trainer import (
@@ -71,21 +71,6 @@ def _per_step(name: str, values: Sequence[float] | None, steps: int, default: fl
     if len(values) != steps:
         raise ValueError(f"{name} has {len(values)} values for {steps} steps: give one per step")
     return [float(v) for v in values]
-
-
-def _check_token_ids(pairs: Sequence[TokenizedPair], *, vocab_size: int) -> None:
-    """Every id in [0, vocab_size): an id outside it would fail deep in the embedding lookup
-    (an opaque index error on a CPU, a device-side assert on a GPU)."""
-    for p in pairs:
-        for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            ids = getattr(p, field)
-            if ids and (min(ids) < 0 or max(ids) >= vocab_size):
-                bad = next(i for i in ids if not 0 <= i < vocab_size)
-                raise ValueError(
-                    f"pair {p.index}: {field} holds token id {bad}, outside the model's "
-                    f"vocabulary [0, {vocab_size}); tokenize the pairs with the model's tokenizer "
-                    "(tokenize_pairs(..., vocab_size=...) checks this)"
-                )
 
 
 def _chunks_from(
@@ -191,7 +176,7 @@ def run_sdpo(
                 f"pairs must have distinct TokenizedPair.index values; {repeated[:5]} occur more "
                 "than once (first five shown)"
             )
-        _check_token_ids(pairs, vocab_size=model.lm_head_weight.shape[0])
+        check_token_ids(pairs, vocab_size=model.lm_head_weight.shape[0])
         chunks = _chunks_from(partition, steps, set(by_index))
         beta_of = _per_step("betas", betas, steps, loss.beta)
         lr_of = _per_step("learning_rates", learning_rates, steps, train.learning_rate)

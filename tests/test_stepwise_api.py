@@ -511,14 +511,29 @@ def test_run_sdpo_under_no_grad_is_refused_before_any_work(one_thread, mode):
         assert torch.equal(tensor, weights[key]), key
 
 
-def test_scoring_gives_the_model_its_training_mode_back_when_it_fails(one_thread):
-    """score_pairs puts the model in eval mode for its pass; when the pass raises (here a hand
-    built id outside the vocabulary), the caller's model is in training mode again."""
+def test_scoring_and_training_name_a_bad_hand_built_id_and_keep_the_mode(one_thread):
+    """score_pairs and DPOTrainer.fit called directly (without run_sdpo's check) name the pair
+    and field of a token id outside the vocabulary, not torch's "index out of range in self"
+    from the embedding; the scoring pass gives the model its training mode back as it raises."""
+    from functools import partial
+
     from sdpo.engine.scoring import score_pairs
+    from sdpo.engine.trainer import DPOTrainer
+    from sdpo.losses import dpo_loss
 
     wrapped = PackedCausalLM(_tiny_hf()).train()
     pairs = _hand_pairs(range(3))
+    ref = score_pairs(wrapped, pairs, max_tokens_per_batch=256, impl="torch")
     pairs[2].chosen_ids[0] = 100
-    with pytest.raises(IndexError):
+    with pytest.raises(ValueError, match=r"pair 2: chosen_ids holds token id 100, .*48"):
         score_pairs(wrapped, pairs, max_tokens_per_batch=256, impl="torch")
     assert all(m.training for m in wrapped.modules())
+    trainer = DPOTrainer(
+        wrapped,
+        config=TrainConfig(memory_probe=False),
+        loss_fn=partial(dpo_loss, config=LossConfig()),
+        kernels_impl="torch",
+        progress=False,
+    )
+    with pytest.raises(ValueError, match=r"pair 2: chosen_ids holds token id 100"):
+        trainer.fit(pairs, ref)
