@@ -66,8 +66,8 @@ from sdpo.engine.lora import adapter_parameters
 from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
-    check_batch_ids,
     check_ld_alpha,
+    check_token_ids,
     head_rows,
     pack_pairs,
     pack_pairs_shared,
@@ -721,7 +721,6 @@ class DPOTrainer:
         share = self.config.share_prompt
         chunk = [pairs[i] for i in positions]
         host_batch = pack_pairs_shared(chunk) if share else pack_pairs(chunk)  # CPU tensors
-        check_batch_ids(host_batch, chunk, vocab_size=self.model.lm_head_weight.shape[0])
         rows = ref.rows_for(host_batch.pair_indices)  # looked up on the host: no device sync
         # the rows with a label (and their LD-DPO weights), counted on the host
         host_head = head_rows(host_batch, ld_alpha=self.ld_alpha)
@@ -1121,6 +1120,7 @@ class DPOTrainer:
         if not pairs:
             raise ValueError("DPOTrainer.fit needs at least one pair")
         check_grad_mode("DPOTrainer.fit")
+        check_token_ids(pairs, vocab_size=self.model.lm_head_weight.shape[0])  # before any update
         cfg = self.config
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)

@@ -514,7 +514,8 @@ def test_run_sdpo_under_no_grad_is_refused_before_any_work(one_thread, mode):
 def test_scoring_and_training_name_a_bad_hand_built_id_and_keep_the_mode(one_thread):
     """score_pairs and DPOTrainer.fit called directly (without run_sdpo's check) name the pair
     and field of a token id outside the vocabulary, not torch's "index out of range in self"
-    from the embedding; the scoring pass gives the model its training mode back as it raises."""
+    from the embedding, fit before its first update; the scoring pass gives the model its
+    training mode back as it raises."""
     from functools import partial
 
     from sdpo.engine.scoring import score_pairs
@@ -528,12 +529,15 @@ def test_scoring_and_training_name_a_bad_hand_built_id_and_keep_the_mode(one_thr
     with pytest.raises(ValueError, match=r"pair 2: chosen_ids holds token id 100, .*48"):
         score_pairs(wrapped, pairs, max_tokens_per_batch=256, impl="torch")
     assert all(m.training for m in wrapped.modules())
+    weights = {k: v.clone() for k, v in wrapped.state_dict().items()}
     trainer = DPOTrainer(
         wrapped,
-        config=TrainConfig(memory_probe=False),
+        config=TrainConfig(learning_rate=1e-2, pairs_per_step=1, memory_probe=False),
         loss_fn=partial(dpo_loss, config=LossConfig()),
         kernels_impl="torch",
         progress=False,
     )
     with pytest.raises(ValueError, match=r"pair 2: chosen_ids holds token id 100"):
         trainer.fit(pairs, ref)
+    for key, tensor in wrapped.state_dict().items():  # refused before the first update
+        assert torch.equal(tensor, weights[key]), key
