@@ -1120,7 +1120,9 @@ class DPOTrainer:
         if not pairs:
             raise ValueError("DPOTrainer.fit needs at least one pair")
         check_grad_mode("DPOTrainer.fit")
-        check_token_ids(pairs, vocab_size=self.model.lm_head_weight.shape[0])  # before any update
+        # bad input before any update, not at the micro-batch that holds it
+        check_token_ids(pairs, vocab_size=self.model.lm_head_weight.shape[0])
+        ref.rows_for(torch.tensor([p.index for p in pairs], dtype=torch.int64))  # all in ref
         cfg = self.config
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)

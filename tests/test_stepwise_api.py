@@ -514,8 +514,8 @@ def test_run_sdpo_under_no_grad_is_refused_before_any_work(one_thread, mode):
 def test_scoring_and_training_name_a_bad_hand_built_id_and_keep_the_mode(one_thread):
     """score_pairs and DPOTrainer.fit called directly (without run_sdpo's check) name the pair
     and field of a token id outside the vocabulary, not torch's "index out of range in self"
-    from the embedding, fit before its first update; the scoring pass gives the model its
-    training mode back as it raises."""
+    from the embedding, and fit refuses them, or reference values that lack a pair, before its
+    first update; the scoring pass gives the model its training mode back as it raises."""
     from functools import partial
 
     from sdpo.engine.scoring import score_pairs
@@ -539,5 +539,21 @@ def test_scoring_and_training_name_a_bad_hand_built_id_and_keep_the_mode(one_thr
     )
     with pytest.raises(ValueError, match=r"pair 2: chosen_ids holds token id 100"):
         trainer.fit(pairs, ref)
+    pairs[2].chosen_ids[0] = 1  # and reference values that lack the last pair
+    with pytest.raises(KeyError, match=r"no reference values for pairs \[2\]"):
+        trainer.fit(pairs, PairLogps(**_first_rows(ref, 2)))
     for key, tensor in wrapped.state_dict().items():  # refused before the first update
         assert torch.equal(tensor, weights[key]), key
+
+
+def _first_rows(table: PairLogps, n: int) -> dict:
+    return {
+        k: getattr(table, k)[:n]
+        for k in (
+            "pair_indices",
+            "chosen_logps",
+            "rejected_logps",
+            "chosen_tokens",
+            "rejected_tokens",
+        )
+    }
