@@ -530,6 +530,16 @@ def check_grad_mode(who: str) -> None:
         )
 
 
+def check_trainable(model: torch.nn.Module, who: str) -> None:
+    """A model with no parameter that requires grad would train nothing: its first backward
+    fails with PyTorch's "does not require grad" after the reference pass. Refused up front."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"{who}: {type(model).__name__} has no trainable parameters (requires_grad is False "
+            "on every one); unfreeze the weights to train, or add LoRA adapters"
+        )
+
+
 def _loss_config(loss_fn: PairLossFn) -> Any:
     """The config a loss function is bound to (``partial(dpo_loss, config=...)``), or None."""
     return getattr(loss_fn, "keywords", {}).get("config")
@@ -592,6 +602,7 @@ class DPOTrainer:
         token_metrics: bool = True,
     ) -> None:
         check_packed_model(model, "DPOTrainer")  # before the model is cast or anything built
+        check_trainable(model, "DPOTrainer")
         self.model = model
         self.config = config
         self.loss_fn = loss_fn

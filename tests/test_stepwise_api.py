@@ -482,7 +482,8 @@ def test_trainer_and_scoring_name_the_wrapper_for_a_bare_hugging_face_model(one_
 def test_run_sdpo_under_no_grad_is_refused_before_any_work(one_thread, mode):
     """Called with gradients off (from an evaluation block), run_sdpo and DPOTrainer.fit say so
     up front, before the reference pass and with the weights untouched, not with PyTorch's
-    "does not require grad" at the first backward."""
+    "does not require grad" at the first backward; so does run_sdpo for a model whose every
+    parameter is frozen."""
     from functools import partial
 
     from sdpo.engine.scoring import score_pairs
@@ -502,6 +503,13 @@ def test_run_sdpo_under_no_grad_is_refused_before_any_work(one_thread, mode):
         progress=False,
     )
     name = mode.__name__
+    frozen = _tiny_hf().requires_grad_(False)  # nothing to train: refused alike
+    with pytest.raises(ValueError, match="run_sdpo: LlamaForCausalLM has no trainable param"):
+        run_sdpo(frozen, pairs, steps=2, partition="random", kernels_impl="torch")
+    with pytest.raises(ValueError, match="DPOTrainer: PackedCausalLM has no trainable param"):
+        DPOTrainer(
+            PackedCausalLM(frozen), config=TrainConfig(), loss_fn=trainer.loss_fn, progress=False
+        )
     with mode():
         with pytest.raises(RuntimeError, match=rf"run_sdpo trains .*inside torch.{name}\(\)"):
             run_sdpo(hf, pairs, steps=2, partition="random", kernels_impl="torch")
