@@ -30,7 +30,11 @@ from the file's Unigram vocabulary): sdpo then builds the same pipeline
 ``tokenizer_config.json`` names none, and refuses a folder whose class it cannot reproduce
 (``GPTNeoXJapaneseTokenizer``, a tokenizer of transformers' own written in Python). Every special
 token ``tokenizer_config.json`` names is an added token, as transformers registers it
-(``_add_named_special_tokens``).
+(``_add_named_special_tokens``). One the vocabulary lacks (a named one, one listed in
+``extra_special_tokens``/``additional_special_tokens``, a class's default, CodeLlama's infilling
+tokens, XGLM's "<madeupwordN>") gets a new id there, past the model's embeddings: a row whose
+text, or the chat template's output, holds it is an error naming the row, field and token
+(``PairTokenizer.outside_vocab_use``); a token only named is no error.
 
 BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``).
 A plain prompt then gets in front the token ``tokenizer.json``'s post-processor puts in front of
@@ -72,6 +76,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -84,6 +89,7 @@ from tokenizers import Tokenizer
 from .data import DataError, cyclic_gc_paused, row_error
 from .packing import TokenizedPair
 from .tokenizer_classes import (
+    CLASS_REGISTERED_TOKENS,
     CLASS_SPECIAL_TOKENS,
     CODE_LLAMA,
     backend_class,
@@ -252,6 +258,7 @@ class PairTokenizer:
         special_tokens: dict[str, str] | None = None,
         name: str = "tokenizer",
         bos_in_front: bool = False,
+        outside_vocab: dict[str, tuple[str, str | None]] | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.name = name
@@ -260,10 +267,29 @@ class PairTokenizer:
         self.bos_token = bos_token  # the template's ``bos_token``: only a named one
         named_bos_id = None if bos_token is None else tokenizer.token_to_id(bos_token)
         # a named BOS outside the vocabulary, which transformers gives a new id past the model's
-        # embeddings: an error for the rows that would get it (``missing_bos_use``), not before;
+        # embeddings: an error for the rows that would get it (``outside_vocab_use``), not before;
         # ``bos_in_front``: the class's post-processor puts it in front of every plain prompt
         self.missing_bos = bos_token if bos_token is not None and named_bos_id is None else None
         self.missing_bos_in_front = bos_in_front and self.missing_bos is not None
+        # every special token transformers registers that the vocabulary lacks (it gives each a
+        # new id): token -> (where it is named, the tokenizer_config.json change that drops it);
+        # an error for the rows whose text holds one (``outside_vocab_use``)
+        self.outside_vocab = {
+            t: v for t, v in (outside_vocab or {}).items() if tokenizer.token_to_id(t) is None
+        }
+        if self.missing_bos is not None:
+            self.outside_vocab.setdefault(
+                self.missing_bos,
+                (
+                    "bos_token",
+                    "set bos_token in tokenizer_config.json to the vocabulary's BOS token",
+                ),
+            )
+        self._outside_pattern = (
+            re.compile("|".join(map(re.escape, sorted(self.outside_vocab, key=len, reverse=True))))
+            if self.outside_vocab
+            else None
+        )
         front = self._post_processor_front_id()
         # bos_id: the id a plain prompt starts with (BOS rule). By default the token the
         # post-processor puts in front of text: transformers gives it to TRL's plain prompts,
@@ -311,21 +337,53 @@ class PairTokenizer:
             )
         return token_id
 
-    def missing_bos_use(self, prompt: str, completions: Sequence[str], *, conversational: bool):
-        """Where a row would use the named BOS that the vocabulary lacks (``missing_bos``):
-        (field, how) for the first of its texts (the prompt, then prompt + each completion, as
-        ``_render_row`` gives them) that contains it or that transformers' class starts with
-        it, or None where it is not used."""
-        bos = self.missing_bos
-        if bos is None:
-            return None
+    def outside_vocab_use(
+        self, prompt: str, completions: Sequence[str], *, conversational: bool
+    ) -> tuple[str, str, str] | None:
+        """Where a row would use a special token the vocabulary lacks (``outside_vocab``, the
+        named BOS among them): (field, how, token) for the first of its texts (the prompt, then
+        prompt + each completion, as ``_render_row`` gives them) that contains one or that
+        transformers' class starts with the BOS, or None where none is used."""
         if self.missing_bos_in_front and not conversational:
-            return "prompt", "transformers' tokenizer class puts it in front of every plain prompt"
+            return (
+                "prompt",
+                "transformers' tokenizer class puts it in front of every plain prompt",
+                self.missing_bos,
+            )
+        pattern = self._outside_pattern
+        if pattern is None:
+            return None
         how = "the chat template writes it" if conversational else "the text contains it"
         for field, text in zip(("prompt", "chosen", "rejected"), (prompt, *completions)):
-            if bos in text:
-                return field, how
+            found = pattern.search(text)
+            if found is not None:
+                return field, how, found.group()
         return None
+
+    def outside_vocab_error(self, row: dict, position: int, use: tuple[str, str, str]):
+        """The row error for ``use`` (``outside_vocab_use``)."""
+        field, how, token = use
+        where, config_fix = self.outside_vocab[token]
+        if token == self.missing_bos:
+            what = f"BOS token {token!r}"
+            fix = "set bos_token in tokenizer_config.json to the vocabulary's BOS token, or remove "
+            fix += "it from the row"
+        else:
+            what = f"special token {token!r} ({where})"
+            fix = (
+                f"add {token!r} to tokenizer.json's added tokens and resize the model's embeddings "
+                "to match"
+                + (f", {config_fix}" if config_fix else "")
+                + ", or remove it from the row"
+            )
+        return row_error(
+            row,
+            f"the tokenizer's {what} is not in its vocabulary, and {how}: transformers (and so "
+            "TRL) would give it a new id, outside the model's embeddings",
+            fix=fix,
+            field=field,
+            position=position,
+        )
 
     def _post_processor_front_id(self) -> int | None:
         """The token ``tokenizer.json``'s post-processor puts in front of a text, if any (probed
@@ -385,6 +443,7 @@ class PairTokenizer:
                 f'"PreTrainedTokenizerFast" in {config_path} (transformers then reads the file '
                 "as it is too)"
             )
+        named = _registered_tokens(config, cls_name)
         config = class_defaults(tokenizer, config, cls_name)
         if cls_name is not None:
             tokenizer = _drop_unlisted_added_tokens(tokenizer, config)
@@ -416,6 +475,7 @@ class PairTokenizer:
             # CodeLlama's post-processor puts the named BOS in front (its id, new where the
             # vocabulary lacks it)
             bos_in_front=cls_name == CODE_LLAMA,
+            outside_vocab={t: v for t, v in named.items() if tokenizer.token_to_id(t) is None},
         )
 
     @property
@@ -613,6 +673,52 @@ def _named_tokens(config: dict) -> list[Any]:
         *template_special_tokens(config).values(),
         *(listed if isinstance(listed, list) else []),
     ]
+
+
+def _registered_tokens(config: dict, cls: str | None) -> dict[str, tuple[str, str | None]]:
+    """Every special token transformers registers for a folder of ``config``
+    (``tokenizer_config.json``, before ``class_defaults``) and tokenizer class ``cls``: token ->
+    (where it is named, the ``tokenizer_config.json`` change that drops it, if any). The named
+    ones and those listed (``_named_tokens``), then the class's defaults for the keys
+    ``config`` lacks (``CLASS_SPECIAL_TOKENS``, ``CLASS_REGISTERED_TOKENS``: CodeLlama's
+    infilling tokens, XGLM's "<madeupwordN>"). transformers gives those the vocabulary lacks a
+    new id, past the model's embeddings (``PairTokenizer.outside_vocab``)."""
+    out: dict[str, tuple[str, str | None]] = {}
+    for key, token in template_special_tokens(config).items():
+        out.setdefault(
+            token, (f"{key} in tokenizer_config.json", f"remove {key} from tokenizer_config.json")
+        )
+    key = (
+        "extra_special_tokens"
+        if config.get("extra_special_tokens")
+        else "additional_special_tokens"
+    )
+    listed = config.get(key)
+    for value in listed if isinstance(listed, list) else []:
+        token = _token_content(value)
+        if token is not None:
+            out.setdefault(
+                token,
+                (
+                    f"listed in tokenizer_config.json's {key}",
+                    f"remove it from tokenizer_config.json's {key}",
+                ),
+            )
+    for defaults in (CLASS_SPECIAL_TOKENS, CLASS_REGISTERED_TOKENS):
+        for key, token in defaults.get(cls or "", {}).items():
+            if key in config:
+                continue
+            if key.startswith("madeupword"):  # XGLM's, set by no key
+                out.setdefault(token, (f"one of transformers' {cls}'s own special tokens", None))
+            else:
+                out.setdefault(
+                    token,
+                    (
+                        f"transformers' {cls}'s default {key}",
+                        f'set "{key}": null in tokenizer_config.json',
+                    ),
+                )
+    return out
 
 
 def _drop_unlisted_added_tokens(tokenizer: Tokenizer, config: dict) -> Tokenizer:
@@ -862,20 +968,11 @@ def tokenize_pairs(
             f"{max_prompt_length}"
         )
     rendered = [_render_row(row, tokenizer, i) for i, row in enumerate(rows)]
-    if tokenizer.missing_bos is not None:
+    if tokenizer.outside_vocab:
         for i, (prompt, chosen, rejected, conv) in enumerate(rendered):
-            use = tokenizer.missing_bos_use(prompt, (chosen, rejected), conversational=conv)
+            use = tokenizer.outside_vocab_use(prompt, (chosen, rejected), conversational=conv)
             if use is not None:
-                raise row_error(
-                    rows[i],
-                    f"the tokenizer's BOS token {tokenizer.missing_bos!r} is not in its "
-                    f"vocabulary, and {use[1]}: transformers (and so TRL) would give it a new "
-                    "id, outside the model's embeddings",
-                    fix="set bos_token in tokenizer_config.json to the vocabulary's BOS token, "
-                    "or remove it from the row",
-                    field=use[0],
-                    position=i,
-                )
+                raise tokenizer.outside_vocab_error(rows[i], i, use)
     # one list per text, each dropped once encoded, and each row's ids once its pair is made:
     # the texts (rendered conversations, prompt + completion) and the ids of whole sequences
     # are copies of the data set several times its size, not needed all at once

@@ -88,6 +88,18 @@ OPENAI_GPT = "OpenAIGPTTokenizer"
 GPT_NEOX_JAPANESE = "GPTNeoXJapaneseTokenizer"
 # XGLM's registers these as special tokens besides those tokenizer_config.json lists
 XGLM_MADEUP_WORDS = tuple(f"<madeupword{i}>" for i in range(7))
+# the special tokens each class registers besides the named ones, by the keyword that sets each
+# (a tokenizer_config.json key of that name replaces its default; null keeps none)
+CLASS_REGISTERED_TOKENS: dict[str, dict[str, str]] = {
+    CODE_LLAMA: {
+        "prefix_token": "▁<PRE>",
+        "middle_token": "▁<MID>",
+        "suffix_token": "▁<SUF>",
+        "eot_token": "▁<EOT>",
+        "fill_token": "<FILL_ME>",
+    },
+    XGLM: {f"madeupword{i}": word for i, word in enumerate(XGLM_MADEUP_WORDS)},
+}
 # classes sdpo cannot reproduce: refused (``refusal``)
 REFUSED_CLASSES = frozenset((GPT_NEOX_JAPANESE,))
 
@@ -321,7 +333,7 @@ def class_defaults(tokenizer: Tokenizer, config: dict, cls: str | None) -> dict:
     tokens in the vocabulary are added, and BOS: transformers would give another one a new id,
     outside the model's embeddings (for EOS, ``PairTokenizer.from_dir`` then looks further or
     says what to add; a BOS outside the vocabulary is an error for the rows that would get it,
-    ``PairTokenizer.missing_bos_use``)."""
+    ``PairTokenizer.outside_vocab_use``)."""
     defaults = CLASS_SPECIAL_TOKENS.get(cls or "", {})
     added = {
         key: token

@@ -2,7 +2,8 @@
 Gemma, GPT-2, CodeGen, Qwen2, Qwen3.5, GPT-NeoX, Cohere, XGLM, OpenAI GPT) and their default
 special tokens: hand-made folders read by sdpo give the ids ``AutoTokenizer.from_pretrained``
 gives on the same folder, and TRL's DPOTrainer ids; the class sdpo cannot reproduce
-(GPT-NeoX Japanese's) is refused; a BOS outside the vocabulary is refused only where used."""
+(GPT-NeoX Japanese's) is refused; a BOS or another special token outside the vocabulary is
+refused only where used."""
 
 from __future__ import annotations
 
@@ -608,7 +609,7 @@ def test_the_token_cache_fingerprint_follows_the_class_config_json_picks(tmp_pat
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. classes sdpo refuses, and a BOS outside the vocabulary
+# 4. classes sdpo refuses, and special tokens outside the vocabulary
 # ---------------------------------------------------------------------------------------------
 
 
@@ -721,3 +722,86 @@ def test_a_class_default_bos_outside_the_vocabulary_is_the_template_s_bos_as_in_
     with pytest.raises(DataError, match="BOS token '<bos>' is not in its vocabulary"):
         _ours(folder, CHAT, tmp_path)
     assert _ours(folder, PLAIN, tmp_path) == _trl_prepared(folder, PLAIN)
+
+
+def _outside_vocab_row(folder: Path, tmp_path: Path, text: str, field: str):
+    """The error of a plain row whose ``field`` holds ``text`` after a row without it, which
+    tokenizes as TRL's."""
+    rows = [dict(PLAIN[1]), {**PLAIN[0], field: PLAIN[0][field] + text}]
+    assert _ours(folder, rows[:1], tmp_path) == _trl_prepared(folder, rows[:1])
+    with pytest.raises(DataError) as info:
+        _ours(folder, rows, tmp_path)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "token", "where"),
+    [
+        ({"pad_token": "<mypad>"}, "<mypad>", "pad_token in tokenizer_config.json"),
+        ({"unk_token": "<myunk>"}, "<myunk>", "unk_token in tokenizer_config.json"),
+        ({"sep_token": "<mysep>"}, "<mysep>", "sep_token in tokenizer_config.json"),
+        ({"cls_token": "<mycls>"}, "<mycls>", "cls_token in tokenizer_config.json"),
+        ({"mask_token": "<mymask>"}, "<mymask>", "mask_token in tokenizer_config.json"),
+        (
+            {"additional_special_tokens": ["<extra>"]},
+            "<extra>",
+            "listed in tokenizer_config.json's additional_special_tokens",
+        ),
+        (
+            {"extra_special_tokens": {"image_token": "<img>"}},
+            "<img>",
+            "image_token in tokenizer_config.json",
+        ),
+    ],
+    ids=["pad", "unk", "sep", "cls", "mask", "additional", "extra"],
+)
+def test_a_named_special_token_outside_the_vocabulary_is_refused_by_the_rows_that_use_it(
+    tmp_path, config, token, where
+):
+    """transformers registers every special token tokenizer_config.json names, giving one the
+    vocabulary lacks a new id past the model's embeddings. A row whose text (or the chat
+    template's output) holds it is an error naming the row, field and token; rows without it
+    tokenize as TRL's."""
+    folder = _config(byte_level_like(tmp_path / "f", chat_template=CHATML_NL), **config)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    size = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    assert hf_tok.encode(f"a{token}b", **NO_SPECIALS)[1] >= size
+    message = _outside_vocab_row(folder, tmp_path, f" {token} x", "rejected")
+    assert f"line 2, field 'rejected': the tokenizer's special token {token!r} ({where}" in message
+    assert "the text contains it" in message and "resize the model's embeddings" in message
+
+
+def test_special_tokens_outside_the_vocabulary_written_by_a_template_or_a_class_s_default(
+    tmp_path,
+):
+    # a template that writes pad_token; Gemma's default <pad> and <mask>, CodeLlama's infilling
+    # tokens and XGLM's <madeupwordN>, which these vocabularies lack, get new ids there too
+    template = "{{ pad_token }}" + CHATML_NL
+    folder = _config(byte_level_like(tmp_path / "f", chat_template=template), pad_token="<mypad>")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert hf_tok.pad_token_id in _trl_prepared(folder, CHAT)[0][0]
+    with pytest.raises(DataError, match=r"field 'prompt': .*'<mypad>' .* the chat template"):
+        _ours(folder, CHAT, tmp_path)
+
+    gemma = _config(sentencepiece_like(tmp_path / "g"), tokenizer_class="GemmaTokenizer")
+    _config(gemma, pad_token=None, mask_token=None)
+    message = _outside_vocab_row(gemma, tmp_path, " <mask>", "chosen")
+    assert "'<mask>' (transformers' GemmaTokenizer's default mask_token)" in message
+    assert 'set "mask_token": null in tokenizer_config.json' in message
+
+    code = _config(sentencepiece_like(tmp_path / "c"), tokenizer_class="CodeLlamaTokenizer")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(code))
+    assert hf_tok.encode("x ▁<EOT>", **NO_SPECIALS)[-1] >= hf_tok.backend_tokenizer.get_vocab_size(
+        False
+    )
+    message = _outside_vocab_row(code, tmp_path, " ▁<EOT>", "prompt")
+    assert "'▁<EOT>' (transformers' CodeLlamaTokenizer's default eot_token)" in message
+    config = json.loads((code / "tokenizer_config.json").read_text())
+    config["eot_token"] = None  # not registered: "▁<EOT>" is text, as in transformers
+    (code / "tokenizer_config.json").write_text(json.dumps(config))
+    rows = [{**PLAIN[0], "prompt": PLAIN[0]["prompt"] + " ▁<EOT>"}]
+    assert _ours(code, rows, tmp_path) == _trl_prepared(code, rows)
+
+    xglm = unigram_like(tmp_path / "x", tokenizer_class="XGLMTokenizer")
+    message = _outside_vocab_row(xglm, tmp_path, " <madeupword3>", "chosen")
+    assert "'<madeupword3>' (one of transformers' XGLMTokenizer's own special tokens)" in message
