@@ -23,7 +23,8 @@ Each case is labelled: "ok" (with the README's deliberate differences it hit, e.
 a special token outside the vocabulary, which transformers gives a new id), ``both_error``,
 ``deliberate:refused_*`` (sdpo refuses a folder whose EOS is missing or outside the
 vocabulary, where transformers would give it a new id past the model's embeddings, and a row
-that would get a BOS outside the vocabulary: ``refused_row_bos_outside_vocab``), or
+that would get a BOS outside the vocabulary: ``refused_row_bos_outside_vocab``, or another
+special token outside it: ``refused_row_special_outside_vocab``), or
 ``MISMATCH*`` with what differs; exit code 1 when a case mismatches. Needs
 transformers and trl; about two cases a second on one core. Folders live under ``--work-dir``
 (by default in the system's temp folder), whose path must not contain a model type's name:
@@ -43,7 +44,9 @@ Mismatches known and left alone (folders no saved model has):
   unknown token (every space) is also the EOS its post-processor appends: TRL's prompts and
   completions part elsewhere.
 
-Of 3,000 cases (seeds 0-2999) 18 mismatch, all of these kinds; with XGLM's and OpenAI GPT's
+Of 3,000 cases (seeds 0-2999) 18 mismatch, all of these kinds, before and after rows holding
+another special token outside the vocabulary were refused (the plain row with special tokens
+in its text came with that change); with XGLM's and OpenAI GPT's
 classes read as their files, Unigram files read as they are by the BPE classes and GPT-NeoX
 Japanese's folders loaded, 539 did. On the draws before Unigram and OpenAI GPT-style vocabularies were drawn, 13 of 3,000
 mismatched, and 553 with GPT-NeoX's, Cohere's, CodeGen's and Qwen3.5's classes read as their
@@ -140,6 +143,8 @@ PLAIN_ROWS = [
     {"prompt": " the weather in Paris", "chosen": " is sunny", "rejected": " café"},
     {"prompt": "User: 12345\n", "chosen": "Assistant: 42", "rejected": "Assistant: no"},
     {"prompt": "cafe\u0301 naïve", "chosen": " 🙂 ok", "rejected": "  two"},
+    # special tokens the draws name, in or outside the vocabulary (and class defaults)
+    {"prompt": "Q: <pad> hi", "chosen": " <mask> ok<unk>", "rejected": " ▁<EOT> x<madeupword3>"},
 ]
 CHAT_ROWS = [
     {
@@ -564,13 +569,14 @@ def run_case(seed: int) -> tuple[str, str]:
                     continue  # both fail on the row
                 if (
                     isinstance(ours, str)
-                    and "BOS token" in ours
+                    and "is not in its vocabulary" in ours
                     and isinstance(theirs, tuple)
                     and any(base.id_to_token(i) is None for part in theirs for i in part)
                 ):
-                    # a BOS outside the vocabulary that the row uses: TRL's id is past the
-                    # model's embeddings; sdpo refuses the row
-                    label_extra.append("deliberate:refused_row_bos_outside_vocab")
+                    # a BOS, or another special token, outside the vocabulary that the row uses:
+                    # TRL's id is past the model's embeddings; sdpo refuses the row
+                    kind = "bos" if "BOS token" in ours else "special"
+                    label_extra.append(f"deliberate:refused_row_{kind}_outside_vocab")
                     continue
                 if ours != theirs:
                     if isinstance(theirs, tuple) and isinstance(ours, tuple):
