@@ -189,15 +189,21 @@ def test_run_sdpo_refuses_bad_arguments_before_any_work(tiny_model_dir, tmp_path
         assert torch.equal(tensor, weights[name])
 
 
+# the decoder shape of the in-memory transformers models here
+_SHAPE = dict(
+    vocab_size=48,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
+
+
 def _tiny_hf(*, dtype: torch.dtype = torch.float32, seed: int = 0):
     """A random Llama-family causal LM with tied embeddings, built in memory."""
     config = transformers.LlamaConfig(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **_SHAPE,
         tie_word_embeddings=True,
         attn_implementation="sdpa",
     )
@@ -364,12 +370,7 @@ def test_run_sdpo_turns_off_a_hugging_face_model_s_dropout_for_the_run(tmp_path)
 def _tiny_moe(*, seed: int = 0):
     """A random Qwen2-MoE (four experts, two per token, router coefficient 0.001)."""
     config = transformers.Qwen2MoeConfig(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **_SHAPE,
         num_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=16,
@@ -417,12 +418,7 @@ def test_a_multimodal_moe_trains_with_the_router_loss_of_its_text_config(one_thr
     training forward of the wrapper gives the router loss transformers computes on the padded
     batch, and run_sdpo adds it times that config's coefficient, as TRL does."""
     text = dict(
-        vocab_size=48,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **_SHAPE,
         head_dim=8,
         num_experts=4,
         num_experts_per_tok=2,

@@ -139,6 +139,41 @@ _TRL_LOSS_KEYS = (
 )
 
 
+def _trl_evaluate(
+    model_dir: Path,
+    train_rows: list[dict],
+    eval_rows: list[dict],
+    loss: LossConfig,
+    tmp_path: Path,
+    weights: dict[str, torch.Tensor],
+) -> dict[str, float]:
+    """TRL's ``evaluate()`` of ``eval_rows`` in one batch: the held-out reference values
+    precomputed with the initial model of ``model_dir`` (sdpo's yardstick too), then the
+    pairs scored with ``weights`` (the trained model's)."""
+    evaluator = trl.DPOTrainer(
+        model=transformers.AutoModelForCausalLM.from_pretrained(
+            str(model_dir), dtype=torch.float32
+        ),
+        args=trl.DPOConfig(
+            output_dir=str(tmp_path / "trl-eval"),
+            per_device_eval_batch_size=len(eval_rows),
+            max_length=None,
+            report_to="none",
+            use_cpu=True,
+            bf16=False,
+            disable_tqdm=True,
+            precompute_ref_log_probs=True,
+            **_trl_loss_options(loss),
+        ),
+        train_dataset=datasets.Dataset.from_list(train_rows),
+        eval_dataset=datasets.Dataset.from_list(eval_rows),
+        processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir)),
+    )
+    evaluator.get_eval_dataloader()  # precomputes the held-out reference values with M0
+    evaluator.model.load_state_dict(weights)  # then scores with the trained model
+    return evaluator.evaluate()
+
+
 def _trl_loss_options(loss: LossConfig) -> dict:
     """TRL's DPOConfig options of a loss config (the keys both have, where not the default)."""
     options = {"beta": loss.beta, "loss_type": loss.loss_type}
@@ -514,30 +549,7 @@ def test_the_eval_metrics_equal_trl_s_evaluate(setup, tmp_path, loss_name):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     _trl(model_dir, train_rows, loss, tmp_path / "trl", steps=2, model=model)
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path / "trl-eval"),
-        per_device_eval_batch_size=len(eval_rows),
-        max_length=None,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        disable_tqdm=True,
-        precompute_ref_log_probs=True,
-        **_trl_loss_options(loss),
-    )
-    # the reference values of the held-out pairs: the initial model's, as sdpo's yardstick
-    initial = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir))
-    evaluator = trl.DPOTrainer(
-        model=initial,
-        args=args,
-        train_dataset=datasets.Dataset.from_list(train_rows),
-        eval_dataset=datasets.Dataset.from_list(eval_rows),
-        processing_class=tokenizer,
-    )
-    evaluator.get_eval_dataloader()  # precomputes the held-out reference values with M0
-    evaluator.model.load_state_dict(model.state_dict())  # then scores with the trained model
-    theirs = evaluator.evaluate()
+    theirs = _trl_evaluate(model_dir, train_rows, eval_rows, loss, tmp_path, model.state_dict())
     assert abs(ours["eval/rewards/chosen"]) > 1e-4  # trained: the rewards are not 0
     for key in METRIC_KEYS:
         assert ours[f"eval/{key}"] == pytest.approx(theirs[f"eval_{key}"], rel=1e-4, abs=1e-5), key
@@ -618,26 +630,7 @@ def test_a_mixture_of_experts_run_by_transformers_trains_as_trl_trains_it(setup,
     if coef is None:
         return
     # the held-out pairs in one batch on both sides, against the initial model's values
-    evaluator = trl.DPOTrainer(
-        model=transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        args=trl.DPOConfig(
-            output_dir=str(tmp_path / "trl-eval"),
-            per_device_eval_batch_size=len(eval_rows),
-            max_length=None,
-            report_to="none",
-            use_cpu=True,
-            bf16=False,
-            disable_tqdm=True,
-            precompute_ref_log_probs=True,
-            **_trl_loss_options(loss),
-        ),
-        train_dataset=datasets.Dataset.from_list(rows),
-        eval_dataset=datasets.Dataset.from_list(eval_rows),
-        processing_class=transformers.PreTrainedTokenizerFast.from_pretrained(str(model_dir)),
-    )
-    evaluator.get_eval_dataloader()  # the initial model's reference values
-    evaluator.model.load_state_dict(trl_weights)
-    theirs = evaluator.evaluate()
+    theirs = _trl_evaluate(model_dir, rows, eval_rows, loss, tmp_path, trl_weights)
     held_out = [r for r in records if "eval/loss" in r][-1]
     assert held_out["eval/aux_loss"] > 1.0
     for key in ("loss", "aux_loss", "rewards/margins"):
