@@ -58,6 +58,7 @@ time).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
@@ -68,6 +69,7 @@ import tempfile
 import traceback
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import (
@@ -483,8 +485,10 @@ def classify_row(hf_tok, tok, row, ours, theirs, lost):
     return None
 
 
-def run_case(seed: int) -> tuple[str, str]:
-    """(label, what differs) for the case drawn from ``seed``."""
+@contextlib.contextmanager
+def _drawn_case(seed: int) -> Iterator[tuple[Path, Path, dict]]:
+    """The case drawn from ``seed``: its scratch folder, the model folder in it (``m``, the
+    tokenizer and configs written) and what was drawn; the scratch folder is removed after."""
     rng = random.Random(seed)
     tmp = Path(CASES) / f"c{seed}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -492,121 +496,134 @@ def run_case(seed: int) -> tuple[str, str]:
     try:
         folder = tmp / "m"
         folder.mkdir()
-        facts = build_tokenizer(rng, folder)
-        facts = build_configs(rng, folder, facts)
-        try:
-            hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
-            hf_err = None
-        except Exception as exc:
-            hf_tok, hf_err = None, f"{type(exc).__name__}: {exc}"
-        try:
-            tok = PairTokenizer.from_dir(folder)
-            our_err = None
-        except Exception as exc:
-            tok, our_err = None, f"{type(exc).__name__}: {exc}"
-        if hf_err and our_err:
-            return "both_error", ""
-        if hf_err:
-            return "MISMATCH:hf_error_only", f"hf: {hf_err[:300]}"
-        if our_err:
-            base = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            eos = hf_tok.eos_token
-            if eos is None:
-                return "deliberate:refused_no_eos", our_err[:200]
-            if base.token_to_id(str(eos)) is None:
-                return "deliberate:refused_eos_outside_vocab", our_err[:200]
-            bos = hf_tok.bos_token
-            if "bos_token" in our_err and bos is not None and base.token_to_id(str(bos)) is None:
-                return "deliberate:refused_bos_outside_vocab", our_err[:200]
-            return "MISMATCH:sdpo_error_only", our_err[:400]
-        problems = []
-        label_extra = []
-        base = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        hf_eos_ok = hf_tok.eos_token is not None and base.token_to_id(hf_tok.eos_token) is not None
-        if tok.eos_token != hf_tok.eos_token:
-            if hf_eos_ok:
-                problems.append(f"eos {tok.eos_token!r} vs {hf_tok.eos_token!r}")
-            else:
-                label_extra.append("deliberate:eos_from_config_json")
-        if tok.bos_token != hf_tok.bos_token:
-            if hf_tok.bos_token is not None and base.token_to_id(hf_tok.bos_token) is None:
-                label_extra.append("deliberate:bos_outside_vocab")
-            else:
-                problems.append(f"bos {tok.bos_token!r} vs {hf_tok.bos_token!r}")
-        outside = [t for t in hf_tok.all_special_tokens if base.token_to_id(t) is None]
-        for text in TEXTS:
-            try:
-                theirs = hf_tok.encode(text, add_special_tokens=False)
-            except Exception as exc:
-                theirs = f"ERR {type(exc).__name__}"
-            try:
-                ours = tok.encode_texts([text])[0]
-            except Exception as exc:
-                ours = f"ERR {type(exc).__name__}"
-            if isinstance(ours, str) and isinstance(theirs, str):
-                continue  # both fail on the text
-            if ours != theirs:
-                if isinstance(theirs, list) and any(base.id_to_token(i) is None for i in theirs):
-                    label_extra.append("outside_vocab_special")
-                    continue
-                if isinstance(theirs, str) and not isinstance(ours, str):
-                    problems.append(f"HF_ENCODE_ERROR {text!r}")
-                    continue
-                problems.append(f"encode {text!r}: ours {ours} hf {theirs}")
-        row_sets = [("plain row", PLAIN_ROWS)] if hf_eos_ok else []
-        if hf_tok.chat_template is not None and hf_eos_ok:
-            row_sets.append(("chat row", CHAT_ROWS))
-        for what, rows in row_sets:
-            for row in rows:
-                try:
-                    theirs, lost = trl_ids(hf_tok, row)
-                except Exception as exc:
-                    theirs, lost = f"ERR {type(exc).__name__}: {exc}"[:200], 0
-                try:
-                    ours = sdpo_ids(tok, [row], tmp)[0]
-                except Exception as exc:
-                    ours = f"ERR {type(exc).__name__}: {exc}"[:300]
-                if isinstance(ours, str) and isinstance(theirs, str):
-                    continue  # both fail on the row
-                if (
-                    isinstance(ours, str)
-                    and "is not in its vocabulary" in ours
-                    and isinstance(theirs, tuple)
-                    and any(base.id_to_token(i) is None for part in theirs for i in part)
-                ):
-                    # a BOS, or another special token, outside the vocabulary that the row uses:
-                    # TRL's id is past the model's embeddings; sdpo refuses the row
-                    kind = "bos" if "BOS token" in ours else "special"
-                    label_extra.append(f"deliberate:refused_row_{kind}_outside_vocab")
-                    continue
-                if ours != theirs:
-                    if isinstance(theirs, tuple) and isinstance(ours, tuple):
-                        known = classify_row(hf_tok, tok, row, ours, theirs, lost)
-                        if known:
-                            label_extra.append(known)
-                            continue
-                        if any(base.id_to_token(i) is None for part in theirs for i in part):
-                            label_extra.append("outside_vocab_special")
-                            continue
-                    shown = f" {row['prompt']!r}" if what == "plain row" else ""
-                    problems.append(f"{what}{shown}: ours {ours} trl {theirs}")
-        if problems:
-            if all(p.startswith("HF_ENCODE_ERROR") for p in problems):
-                return "MISMATCH:hf_encode_error_only", "; ".join(problems)[:300] + (
-                    f" | hf={type(hf_tok).__name__} style={facts['style']} unk={hf_tok.unk_token!r}"
-                    f" model_unk={hf_tok.backend_tokenizer.model.unk_token!r}"
-                )
-            info = (
-                f" | hf={type(hf_tok).__name__} style={facts['style']} atd={facts.get('atd')}"
-                f" pp={facts['pp']} bos={hf_tok.bos_token!r} tokbos={tok.bos_token!r} front="
-                f"{tok._post_processor_front_id()} add_bos={tok.add_bos} outside={outside}"
-            )
-            return "MISMATCH", "; ".join(problems)[:1500] + info
-        return "ok" + ("+" + ",".join(sorted(set(label_extra))) if label_extra else ""), ""
-    except Exception:
-        return "HARNESS_ERROR", traceback.format_exc()[-800:]
+        yield tmp, folder, build_configs(rng, folder, build_tokenizer(rng, folder))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_case(seed: int) -> tuple[str, str]:
+    """(label, what differs) for the case drawn from ``seed``."""
+    try:
+        with _drawn_case(seed) as (tmp, folder, facts):
+            try:
+                hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+                hf_err = None
+            except Exception as exc:
+                hf_tok, hf_err = None, f"{type(exc).__name__}: {exc}"
+            try:
+                tok = PairTokenizer.from_dir(folder)
+                our_err = None
+            except Exception as exc:
+                tok, our_err = None, f"{type(exc).__name__}: {exc}"
+            if hf_err and our_err:
+                return "both_error", ""
+            if hf_err:
+                return "MISMATCH:hf_error_only", f"hf: {hf_err[:300]}"
+            if our_err:
+                base = Tokenizer.from_file(str(folder / "tokenizer.json"))
+                eos = hf_tok.eos_token
+                if eos is None:
+                    return "deliberate:refused_no_eos", our_err[:200]
+                if base.token_to_id(str(eos)) is None:
+                    return "deliberate:refused_eos_outside_vocab", our_err[:200]
+                bos = hf_tok.bos_token
+                if (
+                    "bos_token" in our_err
+                    and bos is not None
+                    and base.token_to_id(str(bos)) is None
+                ):
+                    return "deliberate:refused_bos_outside_vocab", our_err[:200]
+                return "MISMATCH:sdpo_error_only", our_err[:400]
+            problems = []
+            label_extra = []
+            base = Tokenizer.from_file(str(folder / "tokenizer.json"))
+            hf_eos_ok = (
+                hf_tok.eos_token is not None and base.token_to_id(hf_tok.eos_token) is not None
+            )
+            if tok.eos_token != hf_tok.eos_token:
+                if hf_eos_ok:
+                    problems.append(f"eos {tok.eos_token!r} vs {hf_tok.eos_token!r}")
+                else:
+                    label_extra.append("deliberate:eos_from_config_json")
+            if tok.bos_token != hf_tok.bos_token:
+                if hf_tok.bos_token is not None and base.token_to_id(hf_tok.bos_token) is None:
+                    label_extra.append("deliberate:bos_outside_vocab")
+                else:
+                    problems.append(f"bos {tok.bos_token!r} vs {hf_tok.bos_token!r}")
+            outside = [t for t in hf_tok.all_special_tokens if base.token_to_id(t) is None]
+            for text in TEXTS:
+                try:
+                    theirs = hf_tok.encode(text, add_special_tokens=False)
+                except Exception as exc:
+                    theirs = f"ERR {type(exc).__name__}"
+                try:
+                    ours = tok.encode_texts([text])[0]
+                except Exception as exc:
+                    ours = f"ERR {type(exc).__name__}"
+                if isinstance(ours, str) and isinstance(theirs, str):
+                    continue  # both fail on the text
+                if ours != theirs:
+                    if isinstance(theirs, list) and any(
+                        base.id_to_token(i) is None for i in theirs
+                    ):
+                        label_extra.append("outside_vocab_special")
+                        continue
+                    if isinstance(theirs, str) and not isinstance(ours, str):
+                        problems.append(f"HF_ENCODE_ERROR {text!r}")
+                        continue
+                    problems.append(f"encode {text!r}: ours {ours} hf {theirs}")
+            row_sets = [("plain row", PLAIN_ROWS)] if hf_eos_ok else []
+            if hf_tok.chat_template is not None and hf_eos_ok:
+                row_sets.append(("chat row", CHAT_ROWS))
+            for what, rows in row_sets:
+                for row in rows:
+                    try:
+                        theirs, lost = trl_ids(hf_tok, row)
+                    except Exception as exc:
+                        theirs, lost = f"ERR {type(exc).__name__}: {exc}"[:200], 0
+                    try:
+                        ours = sdpo_ids(tok, [row], tmp)[0]
+                    except Exception as exc:
+                        ours = f"ERR {type(exc).__name__}: {exc}"[:300]
+                    if isinstance(ours, str) and isinstance(theirs, str):
+                        continue  # both fail on the row
+                    if (
+                        isinstance(ours, str)
+                        and "is not in its vocabulary" in ours
+                        and isinstance(theirs, tuple)
+                        and any(base.id_to_token(i) is None for part in theirs for i in part)
+                    ):
+                        # a BOS, or another special token, outside the vocabulary that the row uses:
+                        # TRL's id is past the model's embeddings; sdpo refuses the row
+                        kind = "bos" if "BOS token" in ours else "special"
+                        label_extra.append(f"deliberate:refused_row_{kind}_outside_vocab")
+                        continue
+                    if ours != theirs:
+                        if isinstance(theirs, tuple) and isinstance(ours, tuple):
+                            known = classify_row(hf_tok, tok, row, ours, theirs, lost)
+                            if known:
+                                label_extra.append(known)
+                                continue
+                            if any(base.id_to_token(i) is None for part in theirs for i in part):
+                                label_extra.append("outside_vocab_special")
+                                continue
+                        shown = f" {row['prompt']!r}" if what == "plain row" else ""
+                        problems.append(f"{what}{shown}: ours {ours} trl {theirs}")
+            if problems:
+                if all(p.startswith("HF_ENCODE_ERROR") for p in problems):
+                    return "MISMATCH:hf_encode_error_only", "; ".join(problems)[:300] + (
+                        f" | hf={type(hf_tok).__name__} style={facts['style']} unk={hf_tok.unk_token!r}"
+                        f" model_unk={hf_tok.backend_tokenizer.model.unk_token!r}"
+                    )
+                info = (
+                    f" | hf={type(hf_tok).__name__} style={facts['style']} atd={facts.get('atd')}"
+                    f" pp={facts['pp']} bos={hf_tok.bos_token!r} tokbos={tok.bos_token!r} front="
+                    f"{tok._post_processor_front_id()} add_bos={tok.add_bos} outside={outside}"
+                )
+                return "MISMATCH", "; ".join(problems)[:1500] + info
+            return "ok" + ("+" + ",".join(sorted(set(label_extra))) if label_extra else ""), ""
+    except Exception:
+        return "HARNESS_ERROR", traceback.format_exc()[-800:]
 
 
 def _load(root: str | None) -> None:
@@ -636,20 +653,11 @@ def _load(root: str | None) -> None:
 
 def describe(seed: int) -> str:
     """The case's folder: what was drawn, and tokenizer.json without its vocabulary."""
-    rng = random.Random(seed)
-    tmp = Path(CASES) / f"c{seed}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        folder = tmp / "m"
-        folder.mkdir()
-        facts = build_configs(rng, folder, build_tokenizer(rng, folder))
+    with _drawn_case(seed) as (_, folder, facts):
         tj = json.loads((folder / "tokenizer.json").read_text())
         short = {k: tj[k] for k in ("normalizer", "pre_tokenizer", "post_processor")}
         short["model"] = {k: v for k, v in tj["model"].items() if k not in ("vocab", "merges")}
         return json.dumps({**facts, "tokenizer.json": short}, default=str)[:3000]
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> int:
