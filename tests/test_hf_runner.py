@@ -300,18 +300,23 @@ def test_a_doge_with_its_experts_off_has_no_router_loss_and_with_them_on_is_refu
     assert check_model(dense, router_aux_loss_coef=0.0).implementation == "transformers"
 
 
-def test_a_lora_run_of_a_moe_model_weights_its_router_loss_by_the_loss_config_s_coef(tmp_path):
-    """loss.router_aux_loss_coef with LoRA on a Qwen2-MoE (config's coefficient 0.001): the
-    first step's loss, the policy at its reference, is log 2 plus the override times the
-    logged router loss."""
-    moe = write_hf_model(
-        tmp_path / "moe",
-        "Qwen2MoeConfig",
+def _write_moe(folder: Path, **overrides) -> Path:
+    """A random-init tiny Qwen2-MoE folder (``write_hf_model``): four experts, two per token,
+    unless ``overrides`` say otherwise."""
+    settings = dict(
         num_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=16,
         shared_expert_intermediate_size=16,
     )
+    return write_hf_model(folder, "Qwen2MoeConfig", **{**settings, **overrides})
+
+
+def test_a_lora_run_of_a_moe_model_weights_its_router_loss_by_the_loss_config_s_coef(tmp_path):
+    """loss.router_aux_loss_coef with LoRA on a Qwen2-MoE (config's coefficient 0.001): the
+    first step's loss, the policy at its reference, is log 2 plus the override times the
+    logged router loss."""
+    moe = _write_moe(tmp_path / "moe")
     cfg = _config(
         tmp_path,
         moe,
@@ -360,14 +365,7 @@ def test_loss_router_aux_loss_coef_without_a_router_loss_is_refused_before_any_w
 def test_a_moe_model_is_saved_with_the_names_transformers_saves(tmp_path):
     """transformers 5 fuses a Qwen2-MoE's experts on loading and splits them on saving: sdpo's
     checks accept the stored names, and its checkpoints hold the same names and values."""
-    moe = write_hf_model(
-        tmp_path / "moe",
-        "Qwen2MoeConfig",
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=16,
-    )
+    moe = _write_moe(tmp_path / "moe")
     assert check_model(moe).implementation == "transformers"
     model = load_model(moe)
     out = tmp_path / "saved"
@@ -726,15 +724,7 @@ def test_a_missing_tensor_is_refused_before_work_even_beside_names_transformers_
     weight is refused before any work, not when the model is loaded."""
     from safetensors.torch import save_file
 
-    moe = write_hf_model(
-        tmp_path / "moe",
-        "Qwen2MoeConfig",
-        num_hidden_layers=1,
-        num_experts=2,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=16,
-    )
+    moe = _write_moe(tmp_path / "moe", num_hidden_layers=1, num_experts=2)
     assert check_model(moe).implementation == "transformers"  # the experts fuse on loading
     stored = load_file(moe / "model.safetensors")
 
@@ -760,15 +750,7 @@ def test_one_expert_s_missing_tensor_is_refused_before_work_naming_it(tmp_path):
     whole expert missing is refused too."""
     from safetensors.torch import save_file
 
-    moe = write_hf_model(
-        tmp_path / "moe",
-        "Qwen2MoeConfig",
-        num_hidden_layers=1,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        shared_expert_intermediate_size=16,
-    )
+    moe = _write_moe(tmp_path / "moe", num_hidden_layers=1)
     stored = load_file(moe / "model.safetensors")
     expert = "model.layers.0.mlp.experts.{}.{}_proj.weight"
 
