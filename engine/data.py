@@ -549,7 +549,13 @@ def _checked_records(
     """Each record checked as it is reached (so a problem of an early row, such as an identical
     pair the policy refuses, is reported before a later row's)."""
     for record, place in zip(records, places):
-        yield place, _normalize_row(record, place, columns), _has_render_inputs(record, columns)
+        yield _check(record, place, columns)
+
+
+def _check(record: dict, place: _Place, columns: dict[str, str]) -> _Checked:
+    """``record`` (at ``place``) checked: its fields and template inputs, and whether it held
+    template inputs."""
+    return place, _normalize_row(record, place, columns), _has_render_inputs(record, columns)
 
 
 def _read_json(
@@ -615,9 +621,7 @@ def _read_json_lines(
                 raise place.error(
                     f"holds a JSON {_json_type(record)}, not an object", fix=shape_fix
                 )
-            checked.append(
-                (place, _normalize_row(record, place, columns), _has_render_inputs(record, columns))
-            )
+            checked.append(_check(record, place, columns))
     return checked
 
 
@@ -658,9 +662,7 @@ def _read_json_array(path: Path, *, name: str, columns: dict[str, str]) -> list[
                 f"is a JSON {_json_type(record)}, not an object",
                 fix="make every array element an object with prompt, chosen and rejected",
             )
-        checked.append(
-            (place, _normalize_row(record, place, columns), _has_render_inputs(record, columns))
-        )
+        checked.append(_check(record, place, columns))
         records[i] = None  # each record's memory goes as it is checked
     return checked
 

@@ -475,7 +475,7 @@ class PairTokenizer:
             # CodeLlama's post-processor puts the named BOS in front (its id, new where the
             # vocabulary lacks it)
             bos_in_front=cls_name == CODE_LLAMA,
-            outside_vocab={t: v for t, v in named.items() if tokenizer.token_to_id(t) is None},
+            outside_vocab=named,  # kept: those the vocabulary lacks
         )
 
     @property
