@@ -29,12 +29,18 @@ from the file's Unigram vocabulary): sdpo then builds the same pipeline
 (``engine/tokenizer_classes.py``), with the class's default special tokens where
 ``tokenizer_config.json`` names none, and refuses a folder whose class it cannot reproduce
 (``GPTNeoXJapaneseTokenizer``, a tokenizer of transformers' own written in Python). Every special
-token ``tokenizer_config.json`` names is an added token, as transformers registers it
-(``_add_named_special_tokens``). One the vocabulary lacks (a named one, one listed in
-``extra_special_tokens``/``additional_special_tokens``, a class's default, CodeLlama's infilling
-tokens, XGLM's "<madeupwordN>") gets a new id there, past the model's embeddings: a row whose
-text, or the chat template's output, holds it is an error naming the row, field and token
-(``PairTokenizer.outside_vocab_use``); a token only named is no error.
+token ``tokenizer_config.json`` names, and every entry of its ``added_tokens_decoder``, is an
+added token, as transformers registers it (``_add_registered_tokens``), with the options
+(``lstrip``, ``rstrip``, ``single_word``, ``normalized``) of the ``added_tokens_decoder`` entry
+where it differs from ``tokenizer.json``'s token, as transformers re-adds it. One the vocabulary
+lacks (a named one, one listed in ``extra_special_tokens``/``additional_special_tokens`` or in
+``added_tokens_decoder``, a class's default, CodeLlama's infilling tokens, XGLM's
+"<madeupwordN>") gets a new id there, past the model's embeddings, as in transformers: a text
+that holds it (split at it exactly as transformers splits it) is an error naming the text
+(``PairTokenizer.encode_texts``), and in ``tokenize_pairs`` the row, field and token; a token
+only named is no error. A text that holds CodeLlama's fill token ("<FILL_ME>") is an error too:
+transformers' class reads it as an infilling request and leaves its pipeline changed for the
+texts after.
 
 BOS rule: text is encoded without the tokenizer's post-processor (``add_special_tokens=False``).
 A plain prompt then gets in front the token ``tokenizer.json``'s post-processor puts in front of
@@ -76,7 +82,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -225,22 +230,50 @@ def _first_id(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def _shown(text: str) -> str:
+    return f"{text[:80]!r}{'...' if len(text) > 80 else ''}"
+
+
 class TextEncodeError(ValueError):
     """A text the tokenizer fails to encode; ``index``: its position in the texts given,
-    ``problem`` and ``fix``: what is wrong and what to do, for a row's error."""
+    ``problem`` and ``fix``: what is wrong and what to do, for a row's error (by default, a
+    failure of the tokenizer, ``cause``)."""
 
-    def __init__(self, name: str, text: str, cause: Exception, *, index: int) -> None:
-        shown = f"{text[:80]!r}{'...' if len(text) > 80 else ''}"
-        self.problem = (
-            f"the tokenizer cannot encode the text {shown} ({cause}); transformers' tokenizer "
-            "fails on it too"
+    def __init__(
+        self,
+        name: str,
+        text: str,
+        cause: Exception | None = None,
+        *,
+        index: int,
+        problem: str | None = None,
+        fix: str | None = None,
+    ) -> None:
+        self.problem = problem or (
+            f"the tokenizer cannot encode the text {_shown(text)} ({cause}); transformers' "
+            "tokenizer fails on it too"
         )
-        self.fix = (
+        self.fix = fix or (
             "remove the characters the vocabulary lacks from the row, or fix the tokenizer "
             "(its unknown token, unk_token in tokenizer_config.json, must be in the vocabulary)"
         )
-        super().__init__(f"{name}: {self.problem}; {self.fix}")
+        super().__init__(f"{name}: text {index}: {self.problem}; {self.fix}")
         self.index = index
+
+
+class SpecialTokenOutsideVocabError(TextEncodeError):
+    """A text that holds a special token outside the vocabulary (``PairTokenizer.outside_vocab``),
+    which transformers gives an id past the model's embeddings; ``token``: that token."""
+
+    def __init__(self, name: str, text: str, *, token: str, problem: str, fix: str, index: int):
+        super().__init__(
+            name,
+            text,
+            index=index,
+            problem=f"{problem}, and the text {_shown(text)} holds it",
+            fix=f"{fix}, or remove it from the text",
+        )
+        self.token = token
 
 
 class PairTokenizer:
@@ -259,37 +292,52 @@ class PairTokenizer:
         name: str = "tokenizer",
         bos_in_front: bool = False,
         outside_vocab: dict[str, tuple[str, str | None]] | None = None,
+        fill_token: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.name = name
-        self.eos_token = eos_token
-        self.eos_id = self._require_id(eos_token, "eos_token")
-        self.bos_token = bos_token  # the template's ``bos_token``: only a named one
-        named_bos_id = None if bos_token is None else tokenizer.token_to_id(bos_token)
-        # a named BOS outside the vocabulary, which transformers gives a new id past the model's
-        # embeddings: an error for the rows that would get it (``outside_vocab_use``), not before;
-        # ``bos_in_front``: the class's post-processor puts it in front of every plain prompt
-        self.missing_bos = bos_token if bos_token is not None and named_bos_id is None else None
-        self.missing_bos_in_front = bos_in_front and self.missing_bos is not None
-        # every special token transformers registers that the vocabulary lacks (it gives each a
-        # new id): token -> (where it is named, the tokenizer_config.json change that drops it);
-        # an error for the rows whose text holds one (``outside_vocab_use``)
-        self.outside_vocab = {
-            t: v for t, v in (outside_vocab or {}).items() if tokenizer.token_to_id(t) is None
-        }
-        if self.missing_bos is not None:
+        # CodeLlama's infilling token: transformers' class reads a text holding it as a prefix
+        # and a suffix to encode between its infilling tokens, and leaves its pipeline changed
+        # for the texts after (its normaliser then puts "▁" in front of every piece of text).
+        # Not reproduced: a text holding it is an error (``encode_texts``)
+        self.fill_token = fill_token
+        # every special token transformers registers that the vocabulary lacks: token -> (where
+        # it is named, the change that drops it). transformers gives each a new id past the
+        # vocabulary (outside the model's embeddings); so does ``tokenizer`` here (added as a
+        # special token where it lacks one), so a text is split at it exactly as there, and a
+        # text that holds one is an error (``encode_texts``). A named BOS outside the vocabulary
+        # is one of them: an error for the rows that would get it, not before
+        self.outside_vocab = dict(outside_vocab or {})
+        if bos_token is not None and tokenizer.token_to_id(bos_token) is None:
             self.outside_vocab.setdefault(
-                self.missing_bos,
+                bos_token,
                 (
                     "bos_token",
                     "set bos_token in tokenizer_config.json to the vocabulary's BOS token",
                 ),
             )
-        self._outside_pattern = (
-            re.compile("|".join(map(re.escape, sorted(self.outside_vocab, key=len, reverse=True))))
-            if self.outside_vocab
-            else None
+        lacking = [t for t in self.outside_vocab if tokenizer.token_to_id(t) is None]
+        if lacking:
+            from tokenizers import AddedToken
+
+            tokenizer.add_tokens([AddedToken(t, special=True) for t in lacking])
+        self._outside_ids = {
+            i: t for t in self.outside_vocab if (i := tokenizer.token_to_id(t)) is not None
+        }
+        # ids below it are no special token outside the vocabulary (new ids come last)
+        self._outside_from = min(self._outside_ids, default=None)
+        self.eos_token = eos_token
+        self.eos_id = self._require_id(eos_token, "eos_token")
+        self.bos_token = bos_token  # the template's ``bos_token``: only a named one
+        named_bos_id = (
+            None
+            if bos_token is None or bos_token in self.outside_vocab
+            else tokenizer.token_to_id(bos_token)
         )
+        self.missing_bos = bos_token if bos_token is not None and named_bos_id is None else None
+        # ``bos_in_front``: the class's post-processor puts the named BOS in front of every plain
+        # prompt (with its new id where the vocabulary lacks it)
+        self.missing_bos_in_front = bos_in_front and self.missing_bos is not None
         front = self._post_processor_front_id()
         # bos_id: the id a plain prompt starts with (BOS rule). By default the token the
         # post-processor puts in front of text: transformers gives it to TRL's plain prompts,
@@ -325,64 +373,46 @@ class PairTokenizer:
         self.turn_end_ids = {
             i
             for i, token in tokenizer.get_added_tokens_decoder().items()
-            if token.special and i not in not_closing
+            if token.special and i not in not_closing and i not in self._outside_ids
         } | {self.eos_id}
 
     def _require_id(self, token: str, key: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
-        if token_id is None:
+        if token_id is None or token_id in self._outside_ids:
+            where = self.outside_vocab.get(token, (f"{key} in tokenizer_config.json",))[0]
             raise ValueError(
-                f"{self.name}: {key} {token!r} is not in the tokenizer's vocabulary; fix {key} in "
-                "tokenizer_config.json"
+                f"{self.name}: {key} {token!r} is not in the tokenizer's vocabulary; fix {where}"
             )
         return token_id
 
-    def outside_vocab_use(
-        self, prompt: str, completions: Sequence[str], *, conversational: bool
-    ) -> tuple[str, str, str] | None:
-        """Where a row would use a special token the vocabulary lacks (``outside_vocab``, the
-        named BOS among them): (field, how, token) for the first of its texts (the prompt, then
-        prompt + each completion, as ``_render_row`` gives them) that contains one or that
-        transformers' class starts with the BOS, or None where none is used."""
-        if self.missing_bos_in_front and not conversational:
-            return (
-                "prompt",
-                "transformers' tokenizer class puts it in front of every plain prompt",
-                self.missing_bos,
-            )
-        pattern = self._outside_pattern
-        if pattern is None:
-            return None
-        how = "the chat template writes it" if conversational else "the text contains it"
-        for field, text in zip(("prompt", "chosen", "rejected"), (prompt, *completions)):
-            found = pattern.search(text)
-            if found is not None:
-                return field, how, found.group()
-        return None
-
     def outside_vocab_error(self, row: dict, position: int, use: tuple[str, str, str]):
-        """The row error for ``use`` (``outside_vocab_use``)."""
+        """The row error for ``use``: (field, how the row uses it, token), a special token
+        outside the vocabulary (``outside_vocab``)."""
         field, how, token = use
-        where, config_fix = self.outside_vocab[token]
-        if token == self.missing_bos:
-            what = f"BOS token {token!r}"
-            fix = "set bos_token in tokenizer_config.json to the vocabulary's BOS token, or remove "
-            fix += "it from the row"
-        else:
-            what = f"special token {token!r} ({where})"
-            fix = (
-                f"add {token!r} to tokenizer.json's added tokens and resize the model's embeddings "
-                "to match"
-                + (f", {config_fix}" if config_fix else "")
-                + ", or remove it from the row"
-            )
         return row_error(
             row,
-            f"the tokenizer's {what} is not in its vocabulary, and {how}: transformers (and so "
-            "TRL) would give it a new id, outside the model's embeddings",
-            fix=fix,
+            f"{self._outside_problem(token)}, and {how}: transformers (and so TRL) would give it "
+            "a new id, outside the model's embeddings",
+            fix=self._outside_fix(token) + ", or remove it from the row",
             field=field,
             position=position,
+        )
+
+    def _outside_problem(self, token: str) -> str:
+        if token == self.missing_bos:
+            return f"the tokenizer's BOS token {token!r} is not in its vocabulary"
+        where = self.outside_vocab[token][0]
+        added = self.tokenizer.get_added_tokens_decoder().get(self.tokenizer.token_to_id(token))
+        kind = "special token" if added is None or added.special else "added token"
+        return f"the tokenizer's {kind} {token!r} ({where}) is not in its vocabulary"
+
+    def _outside_fix(self, token: str) -> str:
+        config_fix = self.outside_vocab[token][1]
+        if token == self.missing_bos:
+            return config_fix or "name the vocabulary's BOS token as bos_token"
+        return (
+            f"add {token!r} to tokenizer.json's added tokens and resize the model's embeddings "
+            "to match" + (f", {config_fix}" if config_fix else "")
         )
 
     def _post_processor_front_id(self) -> int | None:
@@ -422,8 +452,8 @@ class PairTokenizer:
         except Exception as exc:  # the Rust side raises a plain Exception
             raise ValueError(f"{path}: not a valid tokenizer.json ({exc}); re-save it") from exc
         config_path = folder / "tokenizer_config.json"
-        config = _read_json(config_path) if config_path.is_file() else {}
-        config = with_special_tokens_map(folder, config)
+        own_config = _read_json(config_path) if config_path.is_file() else {}
+        config = with_special_tokens_map(folder, own_config)
         model_config_path = folder / "config.json"
         model_config = _read_json(model_config_path) if model_config_path.is_file() else {}
         model_type = model_config.get("model_type")
@@ -443,15 +473,23 @@ class PairTokenizer:
                 f'"PreTrainedTokenizerFast" in {config_path} (transformers then reads the file '
                 "as it is too)"
             )
-        named = _registered_tokens(config, cls_name)
+        named = _registered_tokens(config, cls_name, from_map=_map_names(folder, own_config))
         config = class_defaults(tokenizer, config, cls_name)
         if cls_name is not None:
             tokenizer = _drop_unlisted_added_tokens(tokenizer, config)
-        _add_named_special_tokens(tokenizer, config)
+        outside = _add_registered_tokens(tokenizer, config, cls_name)
         try:
             build_as_transformers(tokenizer, config, cls_name)
         except ValueError as exc:
             raise ValueError(f"{config_path}: {exc}") from None
+        # the registered tokens the vocabulary lacks get new ids past it, as in transformers
+        # (the class's own ones as strings, after those tokenizer_config.json names)
+        contents = {t.content for t in outside}
+        outside += [
+            _added_token(t) for t in named if t not in contents and tokenizer.token_to_id(t) is None
+        ]
+        if outside:
+            tokenizer.add_tokens(outside)
 
         eos = _token_content(config.get("eos_token"))
         if eos is None:  # TRL could not end a plain completion: config.json's EOS instead
@@ -475,12 +513,20 @@ class PairTokenizer:
             # CodeLlama's post-processor puts the named BOS in front (its id, new where the
             # vocabulary lacks it)
             bos_in_front=cls_name == CODE_LLAMA,
-            outside_vocab=named,  # kept: those the vocabulary lacks
+            outside_vocab={t.content: named.get(t.content, _UNNAMED) for t in outside},
+            fill_token=(
+                _token_content(
+                    config.get("fill_token", CLASS_REGISTERED_TOKENS[CODE_LLAMA]["fill_token"])
+                )
+                if cls_name == CODE_LLAMA
+                else None
+            ),
         )
 
     @property
     def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+        """Tokens of the vocabulary and its added tokens (not the special tokens outside it)."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True) - len(self._outside_ids)
 
     @property
     def fingerprint(self) -> str:
@@ -502,15 +548,21 @@ class PairTokenizer:
     def max_id(self) -> int:
         """The largest id the tokenizer gives (vocabulary and added tokens; ids may have gaps)."""
         if self._max_id is None:
-            self._max_id = max(self.tokenizer.get_vocab(with_added_tokens=True).values())
+            ids = self.tokenizer.get_vocab(with_added_tokens=True).values()
+            self._max_id = max(i for i in ids if i not in self._outside_ids)
         return self._max_id
 
     def encode_texts(self, texts: Sequence[str]) -> list[list[int]]:
-        """Ids of each text, without the post-processor's special tokens.
+        """Ids of each text, without the post-processor's special tokens. A text that holds a
+        special token outside the vocabulary (``outside_vocab``: transformers would give it an
+        id outside the model's embeddings) is an error, ``SpecialTokenOutsideVocabError``,
+        naming the text's index and the token.
 
         The lists hold one int object per vocabulary id, shared by every occurrence: a fresh
         int per token would cost 36 bytes a token instead of 8 (the list slot), on every rank
         (``engine/token_cache.py`` loads its lists the same way)."""
+        outside, first = self._outside_ids, self._outside_from
+        fill = self.fill_token
         ints = self._vocab_ints
         if ints is None:
             self._vocab_ints = ints = list(range(self.vocab_size))
@@ -518,17 +570,47 @@ class PairTokenizer:
         out: list[list[int]] = []
         for start in range(0, len(texts), _ENCODE_CHUNK):
             chunk = list(texts[start : start + _ENCODE_CHUNK])
+            if fill is not None:
+                k = next((k for k, text in enumerate(chunk) if fill in text), None)
+                if k is not None:
+                    raise self._infilling_error(chunk[k], start + k)
             try:
                 encodings = self.tokenizer.encode_batch(chunk, add_special_tokens=False)
             except Exception as exc:  # the Rust side raises a plain Exception
                 raise self._encode_error(chunk, start, exc) from None
-            for e in encodings:
+            for k, e in enumerate(encodings):
                 ids = e.ids
+                if first is not None and ids and max(ids) >= first:
+                    token = next((outside[i] for i in ids if i in outside), None)
+                    if token is not None:
+                        raise SpecialTokenOutsideVocabError(
+                            self.name,
+                            chunk[k],
+                            token=token,
+                            problem=self._outside_problem(token),
+                            fix=self._outside_fix(token),
+                            index=start + k,
+                        )
                 try:  # ids are never negative: only an id past the table misses it
                     out.append(list(map(share, ids)))
                 except IndexError:
                     out.append(ids)
         return out
+
+    def _infilling_error(self, text: str, index: int) -> TextEncodeError:
+        fill = self.fill_token
+        return TextEncodeError(
+            self.name,
+            text,
+            index=index,
+            problem=f"the text {_shown(text)} holds {fill!r}, which transformers' "
+            "CodeLlamaTokenizer (and so TRL) reads as an infilling request: the text before and "
+            "after it encoded as a prefix and a suffix between its infilling tokens (an error "
+            "with two of them), and its pipeline left changed for the texts after, which sdpo "
+            "does not reproduce",
+            fix=f"remove {fill!r} from the text, or, to read it as any other token, set "
+            '"fill_token": null in tokenizer_config.json',
+        )
 
     def _encode_error(self, texts: list[str], start: int, exc: Exception) -> TextEncodeError:
         """The error for the first of ``texts`` the tokenizer fails on (as transformers'
@@ -675,19 +757,47 @@ def _named_tokens(config: dict) -> list[Any]:
     ]
 
 
-def _registered_tokens(config: dict, cls: str | None) -> dict[str, tuple[str, str | None]]:
+def _map_names(folder: Path, config: dict) -> set[str]:
+    """The keys (``bos_token``, ..., ``additional_special_tokens``) and model-specific token
+    names whose tokens ``with_special_tokens_map`` takes from ``special_tokens_map.json`` over
+    ``config`` (``tokenizer_config.json``): none where transformers does not read that file."""
+    path = folder / SPECIAL_TOKENS_MAP_FILE
+    if "added_tokens_decoder" in config or not path.is_file():
+        return set()
+    tokens = _read_json(path)
+    specific = tokens.get("extra_special_tokens")
+    return {k for k in tokens if k != "extra_special_tokens"} | (
+        set(map(str, specific)) if isinstance(specific, dict) else set()
+    )
+
+
+# where a registered token is named, and the change that drops it, when nothing says
+_UNNAMED = ("a special token transformers registers", None)
+
+
+def _registered_tokens(
+    config: dict, cls: str | None, *, from_map: set[str] = frozenset()
+) -> dict[str, tuple[str, str | None]]:
     """Every special token transformers registers for a folder of ``config``
-    (``tokenizer_config.json``, before ``class_defaults``) and tokenizer class ``cls``: token ->
-    (where it is named, the ``tokenizer_config.json`` change that drops it, if any). The named
-    ones and those listed (``_named_tokens``), then the class's defaults for the keys
-    ``config`` lacks (``CLASS_SPECIAL_TOKENS``, ``CLASS_REGISTERED_TOKENS``: CodeLlama's
-    infilling tokens, XGLM's "<madeupwordN>"). transformers gives those the vocabulary lacks a
-    new id, past the model's embeddings (``PairTokenizer.outside_vocab``)."""
+    (``tokenizer_config.json`` with ``special_tokens_map.json``'s tokens over it, before
+    ``class_defaults``; ``from_map``: the names taken from the map, ``_map_names``) and
+    tokenizer class ``cls``: token -> (where it is named, the change that drops it, if any).
+    The named ones and those listed (``_named_tokens``), the entries of
+    ``added_tokens_decoder``, then the class's defaults for the keys ``config`` lacks
+    (``CLASS_SPECIAL_TOKENS``, ``CLASS_REGISTERED_TOKENS``: CodeLlama's infilling tokens,
+    XGLM's "<madeupwordN>"). transformers gives those the vocabulary lacks a new id, past the
+    model's embeddings (``PairTokenizer``'s ``outside_vocab``)."""
+
+    def source(name: str) -> str:
+        return SPECIAL_TOKENS_MAP_FILE if name in from_map else "tokenizer_config.json"
+
     out: dict[str, tuple[str, str | None]] = {}
     for key, token in template_special_tokens(config).items():
-        out.setdefault(
-            token, (f"{key} in tokenizer_config.json", f"remove {key} from tokenizer_config.json")
-        )
+        if key == "bos_token":
+            fix = f"set bos_token in {source(key)} to the vocabulary's BOS token"
+        else:
+            fix = f"remove {key} from {source(key)}"
+        out.setdefault(token, (f"{key} in {source(key)}", fix))
     key = (
         "extra_special_tokens"
         if config.get("extra_special_tokens")
@@ -699,9 +809,17 @@ def _registered_tokens(config: dict, cls: str | None) -> dict[str, tuple[str, st
         if token is not None:
             out.setdefault(
                 token,
+                (f"listed in {source(key)}'s {key}", f"remove it from {source(key)}'s {key}"),
+            )
+    decoder = config.get("added_tokens_decoder")
+    for number, value in decoder.items() if isinstance(decoder, dict) else ():
+        token = _token_content(value)
+        if token is not None:
+            out.setdefault(
+                token,
                 (
-                    f"listed in tokenizer_config.json's {key}",
-                    f"remove it from tokenizer_config.json's {key}",
+                    f"entry {number} of tokenizer_config.json's added_tokens_decoder",
+                    "remove that entry from tokenizer_config.json's added_tokens_decoder",
                 ),
             )
     for defaults in (CLASS_SPECIAL_TOKENS, CLASS_REGISTERED_TOKENS):
@@ -740,37 +858,68 @@ def _drop_unlisted_added_tokens(tokenizer: Tokenizer, config: dict) -> Tokenizer
     return Tokenizer.from_str(json.dumps(state))
 
 
-def _add_named_special_tokens(tokenizer: Tokenizer, config: dict) -> None:
-    """Make every special token ``tokenizer_config.json`` names an added special token of
-    ``tokenizer``, as transformers does on loading: the named ones (``eos_token``, ...,
-    template_special_tokens), those listed in ``extra_special_tokens`` (or
-    ``additional_special_tokens``) and in ``added_tokens_decoder``. One that ``tokenizer.json``
-    has only as a vocabulary entry would otherwise be split into pieces where a chat template
-    writes it (``<|im_end|>`` read as "<", "|", "im", ...). Only tokens in the vocabulary are
-    added (transformers would give others new ids, outside the model's embeddings)."""
+def _added_token(value: Any) -> Any:
+    """A ``tokenizers.AddedToken`` as transformers makes it of a token in
+    ``tokenizer_config.json``: an AddedToken dict's options, the library's defaults for those it
+    lacks (``normalized`` true unless ``special``); a string, a special token (not normalized)."""
     from tokenizers import AddedToken
 
-    wanted: dict[str, dict] = {}
-    for value in config.get("added_tokens_decoder", {}).values():
-        if isinstance(value, dict) and isinstance(value.get("content"), str):
-            wanted[value["content"]] = value
-    for value in _named_tokens(config):
+    if isinstance(value, str):
+        return AddedToken(value, special=True)
+    options = {
+        k: bool(value[k])
+        for k in ("single_word", "lstrip", "rstrip", "normalized", "special")
+        if k in value
+    }
+    return AddedToken(value["content"], **options)
+
+
+def _registered_added_tokens(tokenizer: Tokenizer, config: dict, cls: str | None) -> list[Any]:
+    """The added tokens transformers adds to ``tokenizer`` (``tokenizer.json``'s pipeline) on
+    loading a folder of ``config``, in its order (``TokenizersBackend.__init__``): each entry of
+    ``added_tokens_decoder`` (by key) unless ``tokenizer.json`` has that very token, options and
+    all (an entry with other ``lstrip``, ``rstrip``, ``single_word``, ``normalized`` or
+    ``special`` replaces the file's token: its options apply), then every named or listed
+    special token (``_named_tokens``) not added yet, then those class ``cls`` registers itself
+    for the keys ``config`` lacks (``CLASS_REGISTERED_TOKENS``). The key of an
+    ``added_tokens_decoder`` entry is not read: the token keeps its vocabulary id, and one the vocabulary lacks gets the
+    next free id, past the model's embeddings."""
+    have = {repr(t) for t in tokenizer.get_added_tokens_decoder().values()}
+    decoder = config.get("added_tokens_decoder")
+    entries = sorted(
+        (
+            (int(key), value)
+            for key, value in (decoder.items() if isinstance(decoder, dict) else ())
+            if str(key).lstrip("-").isdigit()
+            and isinstance(value, dict)
+            and isinstance(value.get("content"), str)
+        ),
+        key=lambda entry: entry[0],
+    )
+    tokens = [t for t in (_added_token(v) for _, v in entries) if repr(t) not in have]
+    contents = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
+    contents |= {t.content for t in tokens}
+    own = [t for k, t in CLASS_REGISTERED_TOKENS.get(cls or "", {}).items() if k not in config]
+    for value in [*_named_tokens(config), *own]:
         token = _token_content(value)
-        if token is not None:
-            wanted.setdefault(token, value if isinstance(value, dict) else {"special": True})
-    have = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
-    for token, value in wanted.items():
-        if token in have or tokenizer.token_to_id(token) is None:
-            continue
-        options = {
-            k: bool(value[k])
-            for k in ("lstrip", "rstrip", "single_word", "normalized")
-            if k in value
-        }
-        options.setdefault("normalized", False)
-        tokenizer.add_tokens(
-            [AddedToken(token, special=bool(value.get("special", True)), **options)]
-        )
+        if token is not None and token not in contents:
+            tokens.append(_added_token(value if isinstance(value, dict) else token))
+            contents.add(token)
+    return tokens
+
+
+def _add_registered_tokens(tokenizer: Tokenizer, config: dict, cls: str | None) -> list[Any]:
+    """Add to ``tokenizer`` the tokens transformers adds on loading (``_registered_added_tokens``)
+    that its vocabulary has; return the others (transformers gives each a new id, past the
+    model's embeddings: ``PairTokenizer``'s ``outside_vocab``). A named special token that
+    ``tokenizer.json`` has only as a vocabulary entry so becomes one token, as in transformers:
+    ``<|im_end|>`` written by a chat template is one id, not "<", "|", "im", ...; and an
+    ``added_tokens_decoder`` entry's options (``lstrip``, ...) replace the file's."""
+    tokens = _registered_added_tokens(tokenizer, config, cls)
+    inside = [t for t in tokens if tokenizer.token_to_id(t.content) is not None]
+    if inside:
+        tokenizer.add_tokens(inside)
+    return [t for t in tokens if tokenizer.token_to_id(t.content) is None]
 
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -968,11 +1117,11 @@ def tokenize_pairs(
             f"{max_prompt_length}"
         )
     rendered = [_render_row(row, tokenizer, i) for i, row in enumerate(rows)]
-    if tokenizer.outside_vocab:
-        for i, (prompt, chosen, rejected, conv) in enumerate(rendered):
-            use = tokenizer.outside_vocab_use(prompt, (chosen, rejected), conversational=conv)
-            if use is not None:
-                raise tokenizer.outside_vocab_error(rows[i], i, use)
+    if tokenizer.missing_bos_in_front:  # BOS outside the vocabulary in front of plain prompts
+        i = next((i for i, r in enumerate(rendered) if not r[3]), None)
+        if i is not None:
+            how = "transformers' tokenizer class puts it in front of every plain prompt"
+            raise tokenizer.outside_vocab_error(rows[i], i, ("prompt", how, tokenizer.missing_bos))
     # one list per text, each dropped once encoded, and each row's ids once its pair is made:
     # the texts (rendered conversations, prompt + completion) and the ids of whole sequences
     # are copies of the data set several times its size, not needed all at once
@@ -987,6 +1136,11 @@ def tokenize_pairs(
         field (``batch[k]`` is of row ``positions[k]``'s field ``fields[k]``)."""
         try:
             return tokenizer.encode_texts(batch)
+        except SpecialTokenOutsideVocabError as exc:
+            i = positions[exc.index]
+            how = "the chat template writes it" if conversational[i] else "the text contains it"
+            use = (fields[exc.index], how, exc.token)
+            raise tokenizer.outside_vocab_error(rows[i], i, use) from None
         except TextEncodeError as exc:
             i = positions[exc.index]
             raise row_error(
@@ -1179,6 +1333,7 @@ __all__ = [
     "NAMED_SPECIAL_TOKENS",
     "PairTokenizer",
     "REASONING_FIELDS",
+    "SpecialTokenOutsideVocabError",
     "TextEncodeError",
     "TokenizeStats",
     "TRUNCATION_POLICIES",

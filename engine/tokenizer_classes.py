@@ -333,7 +333,7 @@ def class_defaults(tokenizer: Tokenizer, config: dict, cls: str | None) -> dict:
     tokens in the vocabulary are added, and BOS: transformers would give another one a new id,
     outside the model's embeddings (for EOS, ``PairTokenizer.from_dir`` then looks further or
     says what to add; a BOS outside the vocabulary is an error for the rows that would get it,
-    ``PairTokenizer.outside_vocab_use``)."""
+    ``PairTokenizer.outside_vocab``)."""
     defaults = CLASS_SPECIAL_TOKENS.get(cls or "", {})
     added = {
         key: token

@@ -14,7 +14,7 @@ import pytest
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 
 from sdpo.engine.data import DataError
-from sdpo.engine.tokenize import PairTokenizer
+from sdpo.engine.tokenize import PairTokenizer, SpecialTokenOutsideVocabError
 from sdpo.engine.tokenizer_classes import backend_class
 from tests.test_tokenize import (
     CHATML_NL,
@@ -769,6 +769,10 @@ def test_a_named_special_token_outside_the_vocabulary_is_refused_by_the_rows_tha
     message = _outside_vocab_row(folder, tmp_path, f" {token} x", "rejected")
     assert f"line 2, field 'rejected': the tokenizer's special token {token!r} ({where}" in message
     assert "the text contains it" in message and "resize the model's embeddings" in message
+    # encode_texts, the low-level call, refuses it too, naming the text
+    with pytest.raises(SpecialTokenOutsideVocabError, match=f"text 1: .*{token!r}") as info:
+        PairTokenizer.from_dir(folder).encode_texts(["the weather", f"a{token}b"])
+    assert (info.value.index, info.value.token) == (1, token)
 
 
 def test_special_tokens_outside_the_vocabulary_written_by_a_template_or_a_class_s_default(
@@ -805,3 +809,114 @@ def test_special_tokens_outside_the_vocabulary_written_by_a_template_or_a_class_
     xglm = unigram_like(tmp_path / "x", tokenizer_class="XGLMTokenizer")
     message = _outside_vocab_row(xglm, tmp_path, " <madeupword3>", "chosen")
     assert "'<madeupword3>' (one of transformers' XGLMTokenizer's own special tokens)" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Added-token options, added_tokens_decoder entries and CodeLlama's infilling token
+# ---------------------------------------------------------------------------------------------
+
+OPTION_TEXTS = [
+    "a <|im_end|> b", "a<|im_end|>b", "x <|im_end|>\n y", "<|im_end|>hi", "hi <|im_end|>",
+    "[INST] hi <|im_start|>  there",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [None, "LlamaTokenizer"], ids=["file", "llama_class"])
+def test_added_tokens_decoder_options_replace_tokenizer_json_s_as_in_transformers(tmp_path, cls):
+    """An added_tokens_decoder entry whose lstrip, rstrip, single_word or normalized differs
+    from tokenizer.json's token is the one transformers applies (it re-adds the token with the
+    entry's options), either way round: the ids are AutoTokenizer's."""
+    base = sentencepiece_like(tmp_path / "base")
+    pipeline = json.loads((base / "tokenizer.json").read_text())
+    for option in ("lstrip", "rstrip", "single_word", "normalized"):
+        for in_file in (False, True):
+            folder = tmp_path / f"{option}{in_file}"
+            folder.mkdir()
+            file_tokens = [{**t} for t in pipeline["added_tokens"]]
+            decoder = {}
+            for token in file_tokens:
+                entry = {k: v for k, v in token.items() if k != "id"}
+                if token["content"] in ("<|im_end|>", "<|im_start|>"):
+                    token[option], entry[option] = in_file, not in_file
+                decoder[str(token["id"])] = entry
+            (folder / "tokenizer.json").write_text(
+                json.dumps({**pipeline, "added_tokens": file_tokens})
+            )
+            config = json.loads((base / "tokenizer_config.json").read_text())
+            config.update(added_tokens_decoder=decoder, tokenizer_class=cls)
+            (folder / "tokenizer_config.json").write_text(json.dumps(config))
+            hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+            tok = PairTokenizer.from_dir(folder)
+            for text in OPTION_TEXTS:
+                ids = hf_tok.encode(text, **NO_SPECIALS)
+                assert tok.encode_texts([text])[0] == ids, (option, in_file, text)
+
+
+def test_an_added_tokens_decoder_entry_the_vocabulary_lacks_is_refused_where_used(tmp_path):
+    """transformers adds every added_tokens_decoder entry, one missing from tokenizer.json with
+    the next free id (not the entry's key), past the model's embeddings, and matches a
+    normalized one in the normalised text ("<SHOUT>" lower-cased to "<shout>"). sdpo gives the
+    same ids and refuses the rows, and encode_texts the texts, that hold one."""
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    pipeline = json.loads((folder / "tokenizer.json").read_text())
+    pipeline["normalizer"] = {"type": "Lowercase"}
+    (folder / "tokenizer.json").write_text(json.dumps(pipeline))
+    decoder = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in pipeline["added_tokens"]}  # fmt: skip
+    decoder["900"] = {"content": "<new>", "special": True}
+    decoder["901"] = {"content": "<Shout>", "normalized": True, "special": False}
+    _config(folder, added_tokens_decoder=decoder)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok = PairTokenizer.from_dir(folder)
+    size = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    assert tok.vocab_size == size and tok.max_id == size - 1
+    for text in ("a <new> b", "a <SHOUT> b", "x<shout>"):
+        ids = hf_tok.encode(text, **NO_SPECIALS)
+        assert max(ids) >= size
+        assert tok.tokenizer.encode(text, add_special_tokens=False).ids == ids
+    message = _outside_vocab_row(folder, tmp_path, " <SHOUT> x", "chosen")
+    assert (
+        "added token '<Shout>' (entry 901 of tokenizer_config.json's added_tokens_decoder)"
+        in message
+    )
+    assert "remove that entry from tokenizer_config.json's added_tokens_decoder" in message
+    with pytest.raises(SpecialTokenOutsideVocabError, match="text 1: .*'<new>'") as info:
+        tok.encode_texts(["the weather", "in <new> Paris"])
+    assert (info.value.index, info.value.token) == (1, "<new>")
+
+
+def test_a_token_named_in_special_tokens_map_json_is_said_to_be_named_there(tmp_path):
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<mypad>"}))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert hf_tok.pad_token == "<mypad>"  # read from the map: no added_tokens_decoder
+    message = _outside_vocab_row(folder, tmp_path, " <mypad>", "prompt")
+    assert "'<mypad>' (pad_token in special_tokens_map.json)" in message
+    assert "remove pad_token from special_tokens_map.json" in message
+
+
+def test_code_llama_s_infilling_tokens_are_one_token_and_its_fill_token_is_refused(tmp_path):
+    """transformers' CodeLlamaTokenizer registers "▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>" and
+    "<FILL_ME>" also where tokenizer.json has them only in its vocabulary. A text holding
+    "<FILL_ME>" it encodes as an infilling request (and leaves its pipeline changed for the
+    texts after): sdpo refuses it, naming the row and field; with "fill_token": null it is a
+    token like any other, as in transformers."""
+    folder = sentencepiece_like(tmp_path / "code")
+    pipeline = json.loads((folder / "tokenizer.json").read_text())
+    vocab = pipeline["model"]["vocab"]
+    for token in ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>", "<FILL_ME>"):
+        vocab[token] = len(vocab)
+    (folder / "tokenizer.json").write_text(json.dumps(pipeline))
+    _config(folder, tokenizer_class="CodeLlamaTokenizer")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok = PairTokenizer.from_dir(folder)
+    for text in ("x ▁<PRE> y", "Sure▁<EOT>"):
+        assert tok.encode_texts([text])[0] == hf_tok.encode(text, **NO_SPECIALS)
+    # infilling: "▁<PRE>" first, "<FILL_ME>" not in the ids
+    assert hf_tok.encode("a <FILL_ME> b", **NO_SPECIALS)[0] == vocab["▁<PRE>"]
+    message = _outside_vocab_row(folder, tmp_path, " <FILL_ME> x", "chosen")
+    assert "'<FILL_ME>', which transformers' CodeLlamaTokenizer" in message
+    assert '"fill_token": null' in message
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "fill_token": None}))
+    rows = [{**PLAIN[0], "chosen": " <FILL_ME> x"}]
+    assert _ours(folder, rows, tmp_path) == _trl_prepared(folder, rows)
