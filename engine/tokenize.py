@@ -747,14 +747,19 @@ def _sentencepiece_only_message(folder: Path) -> str:
 
 
 def _named_tokens(config: dict) -> list[Any]:
-    """The special tokens ``tokenizer_config.json`` names (strings or AddedToken dicts): the named
-    and model-specific ones (template_special_tokens) and those listed in
+    """The special tokens ``tokenizer_config.json`` names, as written (strings or AddedToken
+    dicts, whose options transformers applies where it adds the token): the named and
+    model-specific ones (those of ``template_special_tokens``) and those listed in
     ``extra_special_tokens`` (or ``additional_special_tokens``)."""
+    named = [v for k, v in config.items() if k.endswith("_token") and _token_content(v)]
+    for key in ("model_specific_special_tokens", "extra_special_tokens"):
+        tokens = config.get(key)
+        if isinstance(tokens, dict):
+            named += [
+                v for k, v in tokens.items() if _token_content(v) and k not in NAMED_SPECIAL_TOKENS
+            ]
     listed = config.get("extra_special_tokens") or config.get("additional_special_tokens")
-    return [
-        *template_special_tokens(config).values(),
-        *(listed if isinstance(listed, list) else []),
-    ]
+    return [*named, *(listed if isinstance(listed, list) else [])]
 
 
 def _map_names(folder: Path, config: dict) -> set[str]:

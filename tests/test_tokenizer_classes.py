@@ -852,6 +852,29 @@ def test_added_tokens_decoder_options_replace_tokenizer_json_s_as_in_transformer
                 assert tok.encode_texts([text])[0] == ids, (option, in_file, text)
 
 
+@pytest.mark.parametrize("cls", [None, "LlamaTokenizer"], ids=["file", "llama_class"])
+def test_a_named_special_token_s_added_token_options_apply_where_transformers_adds_it(
+    tmp_path, cls
+):
+    """A special token named as an AddedToken object (lstrip, rstrip, single_word,
+    normalized) that tokenizer.json has only in its vocabulary is added with those options, as
+    transformers adds it."""
+    base = sentencepiece_like(tmp_path / "base")
+    pipeline = json.loads((base / "tokenizer.json").read_text())
+    pipeline["added_tokens"] = [t for t in pipeline["added_tokens"] if t["content"] != "<|im_end|>"]
+    for option in ("lstrip", "rstrip", "single_word", "normalized"):
+        folder = tmp_path / option
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text(json.dumps(pipeline))
+        (folder / "tokenizer_config.json").write_text((base / "tokenizer_config.json").read_text())
+        eos = {"__type": "AddedToken", "content": "<|im_end|>", "special": True, option: True}
+        _config(folder, eos_token=eos, tokenizer_class=cls)
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+        tok = PairTokenizer.from_dir(folder)
+        for text in OPTION_TEXTS[:5]:
+            assert tok.encode_texts([text])[0] == hf_tok.encode(text, **NO_SPECIALS), (option, text)
+
+
 def test_an_added_tokens_decoder_entry_the_vocabulary_lacks_is_refused_where_used(tmp_path):
     """transformers adds every added_tokens_decoder entry, one missing from tokenizer.json with
     the next free id (not the entry's key), past the model's embeddings, and matches a
