@@ -97,6 +97,7 @@ from .tokenizer_classes import (
     CLASS_REGISTERED_TOKENS,
     CLASS_SPECIAL_TOKENS,
     CODE_LLAMA,
+    QWEN2,
     backend_class,
     build_as_transformers,
     class_defaults,
@@ -490,6 +491,10 @@ class PairTokenizer:
         ]
         if outside:
             tokenizer.add_tokens(outside)
+        if cls_name == QWEN2:
+            # its __init__ ends by adding every special token (the named ones and those listed)
+            # again as a plain special token: their AddedToken options are dropped
+            tokenizer.add_tokens([_added_token(t) for t in _special_tokens(config)])
 
         eos = _token_content(config.get("eos_token"))
         if eos is None:  # TRL could not end a plain completion: config.json's EOS instead
@@ -760,6 +765,16 @@ def _named_tokens(config: dict) -> list[Any]:
             ]
     listed = config.get("extra_special_tokens") or config.get("additional_special_tokens")
     return [*named, *(listed if isinstance(listed, list) else [])]
+
+
+def _special_tokens(config: dict) -> list[str]:
+    """transformers' ``all_special_tokens`` of a folder of ``config``: the named special tokens
+    (``NAMED_SPECIAL_TOKENS``), then those listed in ``extra_special_tokens`` (or
+    ``additional_special_tokens``), each once."""
+    listed = config.get("extra_special_tokens") or config.get("additional_special_tokens")
+    values = [config.get(k) for k in NAMED_SPECIAL_TOKENS]
+    tokens = [_token_content(v) for v in [*values, *(listed if isinstance(listed, list) else [])]]
+    return list(dict.fromkeys(t for t in tokens if t is not None))
 
 
 def _map_names(folder: Path, config: dict) -> set[str]:

@@ -852,13 +852,15 @@ def test_added_tokens_decoder_options_replace_tokenizer_json_s_as_in_transformer
                 assert tok.encode_texts([text])[0] == ids, (option, in_file, text)
 
 
-@pytest.mark.parametrize("cls", [None, "LlamaTokenizer"], ids=["file", "llama_class"])
+@pytest.mark.parametrize(
+    "cls", [None, "LlamaTokenizer", "Qwen2Tokenizer"], ids=["file", "llama_class", "qwen2_class"]
+)
 def test_a_named_special_token_s_added_token_options_apply_where_transformers_adds_it(
     tmp_path, cls
 ):
     """A special token named as an AddedToken object (lstrip, rstrip, single_word,
     normalized) that tokenizer.json has only in its vocabulary is added with those options, as
-    transformers adds it."""
+    transformers adds it; Qwen2's class adds every special token again without them."""
     base = sentencepiece_like(tmp_path / "base")
     pipeline = json.loads((base / "tokenizer.json").read_text())
     pipeline["added_tokens"] = [t for t in pipeline["added_tokens"] if t["content"] != "<|im_end|>"]
