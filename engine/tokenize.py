@@ -339,6 +339,24 @@ class PairTokenizer:
         # ``bos_in_front``: the class's post-processor puts the named BOS in front of every plain
         # prompt (with its new id where the vocabulary lacks it)
         self.missing_bos_in_front = bos_in_front and self.missing_bos is not None
+        # the EOS token's options that make transformers read its text as EOS only in some
+        # contexts (e.g. "single_word true": not right after a letter), or None: TRL's plain
+        # completions, which end with its text, are then checked (``_check_eos_text``)
+        eos_added = tokenizer.get_added_tokens_decoder().get(self.eos_id)
+        context = (
+            []
+            if eos_added is None
+            else [
+                f"{name} true"
+                for name, on in (
+                    ("single_word", eos_added.single_word),
+                    ("lstrip", eos_added.lstrip),
+                    ("normalized", eos_added.normalized and tokenizer.normalizer is not None),
+                )
+                if on
+            ]
+        )
+        self.eos_read_by_context = " and ".join(context) or None
         front = self._post_processor_front_id()
         # bos_id: the id a plain prompt starts with (BOS rule). By default the token the
         # post-processor puts in front of text: transformers gives it to TRL's plain prompts,
@@ -1167,6 +1185,8 @@ def tokenize_pairs(
                 rows[i], exc.problem, fix=exc.fix, field=fields[exc.index], position=i
             ) from None
 
+    if tokenizer.eos_read_by_context is not None:
+        _check_eos_text(rows, tokenizer, chosen_texts, rejected_texts, conversational)
     every = range(len(rows))
     prompt_ids = encode(prompt_texts, ["prompt"] * len(rows), every)
     del prompt_texts
@@ -1280,6 +1300,39 @@ def tokenize_pairs(
         )
         pairs.append(pair)
     return pairs, stats
+
+
+def _check_eos_text(
+    rows: Sequence[dict],
+    tokenizer: PairTokenizer,
+    chosen_texts: list[str],
+    rejected_texts: list[str],
+    conversational: list[bool],
+) -> None:
+    """Refuse a plain row whose completion TRL would not end with EOS: TRL appends the EOS
+    token's text to a plain completion (unless it ends with it), and where that token is read by
+    its context (``PairTokenizer.eos_read_by_context``: single_word, lstrip, normalized) the
+    text may not encode to EOS there, leaving TRL's completion ending in its pieces where sdpo's
+    ends with EOS. Encodes the plain rows' texts once more, in such folders only."""
+    eos = tokenizer.eos_token
+    plain = [i for i, conv in enumerate(conversational) if not conv]
+    for field, texts in (("chosen", chosen_texts), ("rejected", rejected_texts)):
+        ended = [texts[i] if texts[i].endswith(eos) else texts[i] + eos for i in plain]
+        encodings = tokenizer.tokenizer.encode_batch(ended, add_special_tokens=False)
+        for i, e in zip(plain, encodings):
+            if e.ids[-1:] != [tokenizer.eos_id]:
+                raise row_error(
+                    rows[i],
+                    f"TRL ends a plain completion with the text of the EOS token {eos!r}, which "
+                    f"is an added token with {tokenizer.eos_read_by_context}: after this "
+                    "completion transformers does not read that text as EOS, so TRL's completion "
+                    "would end with its pieces where sdpo's would end with EOS",
+                    fix=f"set {tokenizer.eos_read_by_context.split(' ')[0]} to false for "
+                    f"{eos!r} in tokenizer.json's added_tokens and tokenizer_config.json's "
+                    "added_tokens_decoder, or give the row as messages",
+                    field=field,
+                    position=i,
+                )
 
 
 def _truncate(

@@ -945,3 +945,20 @@ def test_code_llama_s_infilling_tokens_are_one_token_and_its_fill_token_is_refus
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "fill_token": None}))
     rows = [{**PLAIN[0], "chosen": " <FILL_ME> x"}]
     assert _ours(folder, rows, tmp_path) == _trl_prepared(folder, rows)
+
+
+def test_a_plain_row_whose_eos_text_trl_would_not_read_as_eos_is_refused(tmp_path):
+    """TRL appends the EOS token's text to a plain completion; with single_word true,
+    transformers does not read it as EOS right after a letter, so TRL's completion would end
+    with its pieces. Such a row is refused; one ending with a full stop gives TRL's ids."""
+    folder = byte_level_like(tmp_path / "f", chat_template=CHATML_NL)
+    pipeline = json.loads((folder / "tokenizer.json").read_text())
+    for token in pipeline["added_tokens"]:
+        token["single_word"] = token["content"] == "<|im_end|>"
+    (folder / "tokenizer.json").write_text(json.dumps(pipeline))
+    ended = [{"prompt": "the weather", "chosen": " is sunny.", "rejected": " in Paris!"}]
+    assert _ours(folder, ended, tmp_path) == _trl_prepared(folder, ended)
+    rows = [*ended, {**ended[0], "rejected": " in Paris"}]
+    assert _trl_prepared(folder, rows)[1][2][-1] != PairTokenizer.from_dir(folder).eos_id
+    with pytest.raises(DataError, match=r"line 2, field 'rejected': TRL ends .* single_word"):
+        _ours(folder, rows, tmp_path)
