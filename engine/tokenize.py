@@ -1318,7 +1318,14 @@ def _check_eos_text(
     plain = [i for i, conv in enumerate(conversational) if not conv]
     for field, texts in (("chosen", chosen_texts), ("rejected", rejected_texts)):
         ended = [texts[i] if texts[i].endswith(eos) else texts[i] + eos for i in plain]
-        encodings = tokenizer.tokenizer.encode_batch(ended, add_special_tokens=False)
+        try:
+            encodings = tokenizer.tokenizer.encode_batch(ended, add_special_tokens=False)
+        except Exception as exc:  # as TRL's tokenizer fails on it (e.g. an unknown token it lacks)
+            error = tokenizer._encode_error(ended, 0, exc)
+            i = plain[error.index]
+            raise row_error(
+                rows[i], error.problem, fix=error.fix, field=field, position=i
+            ) from None
         for i, e in zip(plain, encodings):
             if e.ids[-1:] != [tokenizer.eos_id]:
                 raise row_error(
