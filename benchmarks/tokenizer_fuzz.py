@@ -9,7 +9,8 @@ with "</w>" word ends as OpenAI GPT's, with and without normalisers and BOS/EOS
 post-processors; tokenizer_config.json with random subsets of tokenizer_class,
 add_prefix_space, legacy, add_bos_token, add_eos_token, special tokens as strings, AddedToken
 objects, null or outside the vocabulary, added_tokens_decoder complete, partial or missing,
-chat templates; config.json with random model types and EOS ids) and compares, per folder,
+its entries' options other than tokenizer.json's and entries the vocabulary lacks, chat
+templates; config.json with random model types and EOS ids) and compares, per folder,
 sdpo's ids with ``AutoTokenizer.from_pretrained``'s on varied texts and with TRL's
 preprocessing of plain and conversational rows. A folder transformers refuses must be refused
 here too.
@@ -42,7 +43,15 @@ Mismatches known and left alone (folders no saved model has):
   byte-level vocabulary): sdpo gives it no second one, as for a text that starts with BOS;
 - a Gemma-class folder over a vocabulary without "▁" (byte-level, or OpenAI GPT's style) whose
   unknown token (every space) is also the EOS its post-processor appends: TRL's prompts and
-  completions part elsewhere.
+  completions part elsewhere;
+- a chat template's end of turn that is an added token with ``single_word`` true, written right
+  after a letter: transformers reads it as text there, so that completion's turn is open and
+  gets EOS here (the deliberate open-template rule), not the other one's.
+
+With ``added_tokens_decoder`` entries drawn with options other than tokenizer.json's and entries
+the vocabulary lacks (``vary_added_tokens``), seeds 0-1499 mismatch in 15 cases, all of these
+kinds, where the engine before sdpo modelled those options (and refused the plain rows whose
+appended EOS text transformers does not read as EOS) mismatched in 76 (and failed in 1).
 
 Of 3,000 cases (seeds 0-2999) 18 mismatch, all of these kinds, also with rows holding a special
 token other than BOS outside the vocabulary refused (before the plain row with special tokens
@@ -118,7 +127,7 @@ TEXTS = [
     "Hi</s>there", "<s>[INST] hi [/INST]", "[INST]hi[/INST] ok", " <s> x",
     "<|im_start|>user\nhi<|im_end|>\n", "x<|endoftext|> y", "<bos>a<eos> b", "<pad><mask>",
     "<unk>", "a <|eot_id|>b", "<|begin_of_text|>Hi", "नमस्ते दुनिया", "पाठ 2024 x",
-    "<BOS_TOKEN>hi<|END_OF_TURN_TOKEN|>",
+    "<BOS_TOKEN>hi<|END_OF_TURN_TOKEN|>", "a<extra_tok>b <EXTRA> x<extra>",
 ]  # fmt: skip
 TEMPLATES = {
     "chatml": (
@@ -431,6 +440,32 @@ def build_configs(rng: random.Random, folder: Path, facts: dict) -> dict:
     return facts
 
 
+ADDED_TOKEN_OPTIONS = ("lstrip", "rstrip", "single_word", "normalized")
+
+
+def vary_added_tokens(rng: random.Random, folder: Path, facts: dict) -> dict:
+    """Give some ``added_tokens_decoder`` entries options other than tokenizer.json's (which
+    transformers then applies) and add entries tokenizer.json lacks (which it gives new ids).
+    Drawn from a generator of its own, so the other draws of a seed stay as they were."""
+    config = facts["config"]
+    decoder = config.get("added_tokens_decoder")
+    if not decoder or not _maybe(rng, 0.4):
+        return facts
+    flipped = []
+    for entry in decoder.values():
+        if _maybe(rng, 0.3):
+            option = rng.choice(ADDED_TOKEN_OPTIONS)
+            entry[option] = not entry.get(option, False)
+            flipped.append((entry["content"], option))
+    if _maybe(rng, 0.3):
+        decoder["9000"] = {"content": "<extra_tok>", "special": True}
+    if _maybe(rng, 0.3):
+        decoder["9001"] = {"content": "<Extra>", "normalized": True, "special": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    facts["atd_options"] = flipped
+    return facts
+
+
 def trl_ids(hf_tok, row: dict):
     """TRL 1.16's tokenize_fn (its add_eos then tokenize_fn, run directly on one row)."""
     row = dict(row)
@@ -496,7 +531,8 @@ def _drawn_case(seed: int) -> Iterator[tuple[Path, Path, dict]]:
     try:
         folder = tmp / "m"
         folder.mkdir()
-        yield tmp, folder, build_configs(rng, folder, build_tokenizer(rng, folder))
+        facts = build_configs(rng, folder, build_tokenizer(rng, folder))
+        yield tmp, folder, vary_added_tokens(random.Random(f"atd{seed}"), folder, facts)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -587,6 +623,16 @@ def run_case(seed: int) -> tuple[str, str]:
                         ours = f"ERR {type(exc).__name__}: {exc}"[:300]
                     if isinstance(ours, str) and isinstance(theirs, str):
                         continue  # both fail on the row
+                    if (
+                        isinstance(ours, str)
+                        and "TRL ends a plain completion with the text of the EOS" in ours
+                        and isinstance(theirs, tuple)
+                        and tok.eos_id not in (theirs[1][-1:] + theirs[2][-1:])
+                    ):
+                        # an EOS read by its context (single_word, ...): TRL's completion
+                        # ends with its text's pieces; sdpo refuses the row
+                        label_extra.append("deliberate:refused_row_eos_text_not_eos")
+                        continue
                     if (
                         isinstance(ours, str)
                         and "is not in its vocabulary" in ours
