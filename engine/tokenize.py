@@ -61,7 +61,10 @@ TRL give it.
 
 EOS rule: a plain completion gets EOS appended unless it already ends with the EOS token, so no
 pair ends with a doubled EOS (nor with the post-processor's EOS after it, where
-``tokenizer.json``'s adds one after every text: TRL's completions then end with two). A
+``tokenizer.json``'s adds one after every text: TRL's completions then end with two). TRL
+appends the EOS token's text instead: where that token is an added token with ``single_word``,
+``lstrip`` or ``normalized`` true, a row after whose completion transformers would not read that
+text as EOS (TRL's completion ending with its pieces) is an error (``_check_eos_text``). A
 conversational completion is what the chat template renders: when it ends with the template's
 end of turn, a special token followed by whitespace at most (``<|eot_id|>``, ``<|im_end|>\\n``,
 ``</s>``, ``<end_of_turn>\\n``), nothing is added, as TRL does. A template that leaves the answer open (SOLAR's ``### Assistant:`` template writes no end
@@ -920,8 +923,8 @@ def _registered_added_tokens(tokenizer: Tokenizer, config: dict, cls: str | None
     ``special`` replaces the file's token: its options apply), then every named or listed
     special token (``_named_tokens``) not added yet, then those class ``cls`` registers itself
     for the keys ``config`` lacks (``CLASS_REGISTERED_TOKENS``). The key of an
-    ``added_tokens_decoder`` entry is not read: the token keeps its vocabulary id, and one the vocabulary lacks gets the
-    next free id, past the model's embeddings."""
+    ``added_tokens_decoder`` entry is not read: the token keeps its vocabulary id, and one the
+    vocabulary lacks gets the next free id, past the model's embeddings."""
     have = {repr(t) for t in tokenizer.get_added_tokens_decoder().values()}
     decoder = config.get("added_tokens_decoder")
     entries = sorted(

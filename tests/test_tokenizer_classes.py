@@ -886,7 +886,7 @@ def test_an_added_tokens_decoder_entry_the_vocabulary_lacks_is_refused_where_use
     pipeline = json.loads((folder / "tokenizer.json").read_text())
     pipeline["normalizer"] = {"type": "Lowercase"}
     (folder / "tokenizer.json").write_text(json.dumps(pipeline))
-    decoder = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in pipeline["added_tokens"]}  # fmt: skip
+    decoder = {str(t.pop("id")): t for t in pipeline["added_tokens"]}
     decoder["900"] = {"content": "<new>", "special": True}
     decoder["901"] = {"content": "<Shout>", "normalized": True, "special": False}
     _config(folder, added_tokens_decoder=decoder)
