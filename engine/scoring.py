@@ -10,7 +10,9 @@ Data parallel (a process group of more than one rank, ``sdpo.engine.distributed`
 scores one contiguous shard of the pairs, about equal in tokens
 (``distributed.contiguous_bounds``), and the shards are all-gathered, so every rank returns the
 same table. Batches are cut within a shard, so values can differ from a single-process pass by
-float rounding (a different batch composition), not more. A sharded model (``train.fsdp``,
+float rounding (a different batch composition), not more. With a mixture of experts' router
+loss, a value of the whole batch, the shards end where one process's batches end, so the ranks
+score exactly its batches and each batch's router loss is the one one process gets. A sharded model (``train.fsdp``,
 ``engine/sharding.py``) gathers its parameters in collectives, so every rank runs as many
 forward passes as the rank with the most batches (the others score a filler pair whose values
 are dropped).
@@ -198,7 +200,9 @@ def score_pairs(
     local = pairs
     passes = 0
     if data_parallel:
-        bounds = distributed.contiguous_bounds([p.num_tokens for p in pairs], distributed.world())
+        bounds = _shard_bounds(
+            pairs, max_tokens_per_batch=max_tokens_per_batch, whole_batches=return_router_loss
+        )
         start, end = bounds[distributed.rank()]
         local = pairs[start:end]
         if sharding.is_sharded(model):
@@ -253,6 +257,25 @@ def score_pairs(
         rejected_stats=stats[1] if stats else None,
         router_loss=router,
     )
+
+
+def _shard_bounds(
+    pairs: Sequence[TokenizedPair], *, max_tokens_per_batch: int, whole_batches: bool
+) -> list[tuple[int, int]]:
+    """Each rank's contiguous range ``[start, end)`` of ``pairs``, about equal in tokens.
+    ``whole_batches``: the ranges end where the one-process pass's batches end, so every rank
+    cuts its range into exactly those batches (next-fit from a batch's first pair refills the
+    same batches) and a value of a whole batch, a mixture of experts' router loss, is the one
+    one process gets; otherwise the ranges split at any pair."""
+    world = distributed.world()
+    if not whole_batches:
+        return distributed.contiguous_bounds([p.num_tokens for p in pairs], world)
+    batches = batch_by_token_budget(pairs, max_tokens=max_tokens_per_batch)
+    tokens = [sum(pairs[i].num_tokens for i in batch) for batch in batches]
+    starts = [0]  # the first pair of each batch, then the end
+    for batch in batches:
+        starts.append(starts[-1] + len(batch))
+    return [(starts[a], starts[b]) for a, b in distributed.contiguous_bounds(tokens, world)]
 
 
 def _score_local(

@@ -2,7 +2,8 @@
 transformers models in ``PackedCausalLM`` trained two optimizer steps on two ranks end with the
 same weights on both and with the losses, gradients and weights of one process running the same
 global batches (Gemma 2's soft-capped head and a mixture of experts' router loss included, also
-where an expert gets tokens on one rank only); a two-step sDPO run on two ranks writes what one
+where an expert gets tokens on one rank only), and the mixture's held-out metrics are one
+process's; a two-step sDPO run on two ranks writes what one
 process writes; ``train.fsdp``, which needs sdpo's decoder, is refused on every rank before any
 work."""
 
@@ -21,6 +22,7 @@ from sdpo.engine.checkpoint import load_model
 from sdpo.engine.scoring import score_pairs
 from sdpo.engine.trainer import TrainConfig, plan_steps
 from sdpo.losses import LossConfig
+from sdpo.runner import StepwiseRunner
 from tests.conftest import dpo_trainer, two_source_config, write_hf_model, write_pairs
 from tests.test_distributed import (
     _alongside,
@@ -119,7 +121,22 @@ def _hf_steps(model_dir: Path, data: Path) -> dict:
             "buckets": 0 if reducer is None else len(reducer.buckets),
             "in_backward": 0 if reducer is None else reducer.started_in_backward,
         }
+    if router:  # the held-out metrics of the last trained model, against the initial's values
+        out["eval"] = _held_out_metrics(model, model_dir, pairs, ref)
     return out
+
+
+def _held_out_metrics(model, model_dir: Path, pairs: list, initial) -> dict[str, float]:
+    """The run's held-out metrics (``StepwiseRunner._evaluate``) of ``pairs`` under ``model``,
+    scored in batches of up to 150 tokens (several pairs each, a batch across the middle of
+    the pairs' tokens); each process logs into its own folder."""
+    folder = model_dir.parent / f"eval-{distributed.world()}-{distributed.rank()}"
+    folder.mkdir()
+    raw = two_source_config(folder, model_dir, sdpo={"score_tokens_per_batch": 150})
+    runner = StepwiseRunner(config_from_dict(raw), progress=False)
+    runner.out.mkdir()
+    runner.eval_pairs, runner.eval_initial = pairs, initial
+    return runner._evaluate(model, t=1, beta=0.1, run_step=STEPS, num_tokens=0)
 
 
 def _record_routing(model, experts: list[list[set]], auxes: list[list[tuple]]) -> None:
@@ -316,6 +333,15 @@ def _check_router(single: dict, ranks: list[dict], model_dir: Path) -> None:
     for t, step in enumerate(single["one_micro_batch"]["plan"]):
         assert len(step) == 1
         assert [r["one_micro_batch"]["shares"][t] for r in ranks] in ([step, []], [[], step])
+    # the held-out metrics are the one process's: each scoring batch is scored whole on one
+    # rank, so eval/aux_loss (and the coefficient's share of eval/loss) is the mean over the
+    # same batches' router losses
+    want = single["eval"]
+    assert want["eval/aux_loss"] > 1.0 and want["eval/rewards/margins"] != 0
+    for got in ranks:
+        assert got["eval"].keys() == want.keys()
+        for key, value in want.items():
+            assert got["eval"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     hf = load_model(model_dir, implementation="transformers").hf_model
     for case in (*CASES, *ROUTER_CASES):
         # the logged router loss: each micro-batch's, weighted by its pairs, summed over ranks
