@@ -1,9 +1,9 @@
 """Data parallelism on the transformers path (two gloo processes on CPU): random-init
 transformers models in ``PackedCausalLM`` trained two optimizer steps on two ranks end with the
 same weights on both and with the losses, gradients and weights of one process running the same
-global batches (Gemma 2's soft-capped head and a mixture of experts' router loss included, also
-where an expert gets tokens on one rank only), and the mixture's held-out metrics are one
-process's; a two-step sDPO run on two ranks writes what one
+global batches (Gemma's scaled and tied embedding, Gemma 2's soft-capped head and a mixture of
+experts' router loss included, also where an expert gets tokens on one rank only), and the
+mixture's held-out metrics are one process's; a two-step sDPO run on two ranks writes what one
 process writes; ``train.fsdp``, which needs sdpo's decoder, is refused on every rank before any
 work."""
 
@@ -43,6 +43,7 @@ preload_in_ranks(
     "transformers.models.auto.modeling_auto",
     "transformers.models.llama.modeling_llama",
     "transformers.models.qwen2.modeling_qwen2",
+    "transformers.models.gemma.modeling_gemma",
     "transformers.models.gemma2.modeling_gemma2",
     "transformers.models.qwen2_moe.modeling_qwen2_moe",
     "sdpo.engine.hf",
@@ -186,8 +187,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_transformers_models_on_two_ranks_train_as_one_process(tmp_path):
     """An untied Llama, a Qwen2 (q/k/v biases) whose lm_head is its embedding, a Gemma 2
-    (soft-capped logits, eager attention) and a Qwen2-MoE: two optimizer steps each, and a
-    whole two-step sDPO run of the Qwen2."""
+    (soft-capped logits, eager attention), a Qwen2-MoE and a Gemma (scaled embeddings, tied
+    head): two optimizer steps each, and a whole two-step sDPO run of the Qwen2."""
     model_dirs = [
         write_hf_model(tmp_path / "llama", "LlamaConfig", seed=2),
         # byte-level BPE: a qwen2 folder gets Qwen2's tokenizer class, which keeps only the
@@ -208,6 +209,9 @@ def test_transformers_models_on_two_ranks_train_as_one_process(tmp_path):
             moe_intermediate_size=8,
             shared_expert_intermediate_size=8,
         ),
+        # embeddings scaled by sqrt(hidden), lm_head tied to them, and an attention dropout
+        # that training turns off (a rank's own dropout draws would part the ranks)
+        write_hf_model(tmp_path / "gemma", "GemmaConfig", seed=6, attention_dropout=0.5),
     ]
     data = write_pairs(tmp_path / "d.jsonl", n=23, seed=11)
     (tmp_path / "fsdp").mkdir()
@@ -247,8 +251,13 @@ def test_transformers_models_on_two_ranks_train_as_one_process(tmp_path):
         _check_model(single, [r["models"][m] for r in ranks], model_dir)
     # Gemma 2's soft-capped logits ran on the capped head; the mixture of experts' router
     # loss was on
-    assert [single["softcap"] for single in singles] == [None, None, 2.0, None]
-    assert [("one_micro_batch" in single) for single in singles] == [False] * 3 + [True]
+    assert [single["softcap"] for single in singles] == [None, None, 2.0, None, None]
+    assert [("one_micro_batch" in single) for single in singles] == [False] * 3 + [True, False]
+    # Gemma's head stayed its embedding on both ranks
+    for got in (singles[4], *(r["models"][4] for r in ranks)):
+        for case in CASES:
+            for weights in got[case]["weights"]:
+                assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
     _check_router(singles[3], [r["models"][3] for r in ranks], model_dirs[3])
     # the loss config's coefficient replaced the config's 0.001 in one process and each rank
     assert load_model(model_dirs[3]).router_aux_loss_coef == 0.001
