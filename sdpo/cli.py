@@ -365,9 +365,13 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         ckpt = getattr(e, "checkpoint", None)
         saved = f"checkpoint {ckpt} is saved" if ckpt else "no training checkpoint yet"
+        when = (
+            f"after optimizer step {e.global_step}"
+            if e.global_step
+            else "before any optimizer step"
+        )
         _say(
-            f"sdpo: stopped on request after optimizer step {e.global_step}; {saved}. "
-            f"Continue with: {resume_command(args)}",
+            f"sdpo: stopped on request {when}; {saved}. Continue with: {resume_command(args)}",
             file=sys.stderr,
         )
         return EXIT_STOPPED

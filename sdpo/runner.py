@@ -579,6 +579,7 @@ class StepwiseRunner:
         self.scoring_calls = 0
         self.tokenizer_fp = ""
         self.stop_flag = False
+        self.in_optimizer_steps = False  # inside DPOTrainer.fit: a stop ends after a step
         self.wrote_outputs = False  # this run began writing in output_dir (RunInterrupted)
         self.last_checkpoint: Path | None = None
         # M_{t-1}'s step-<t-1>/ files: the external manifest entries of step t's checkpoints
@@ -1344,6 +1345,7 @@ class StepwiseRunner:
         t0 = time.perf_counter()
         initial_fp = self._fingerprint(model)
         self._check_same_weights(point, "initial", initial_fp, "model.path")
+        self._stop_if_asked(point.progress["run_step"] if point is not None else 0)
         partition_args: dict[str, Any] = {
             "pairs_sources": [p.source for p in pairs],
             "pair_indices": [p.index for p in pairs],
@@ -1434,8 +1436,9 @@ class StepwiseRunner:
                         )
                     else:
                         optimizer.load_state_dict(state["optimizer"])
-            if distributed.any_rank(self.stop_flag):  # every rank stops at the same place
-                raise TrainingStopped(run_step_base)
+            # the run's optimizer steps so far (a resumed one's, inside its step, from its point)
+            done = point.progress["run_step"] if point is not None and t == start_step else None
+            self._stop_if_asked(run_step_base if done is None else done)
             fault_point("step_start")
             chunk_pairs = [by_index[i] for i in chunk]
             t0 = time.perf_counter()
@@ -1461,6 +1464,8 @@ class StepwiseRunner:
                     model = None
                     gc.collect()
                     model = self._load_model(point.path / "model")
+            # a stop asked for while a model loaded or the reference pass scored ends here
+            self._stop_if_asked(run_step_base if done is None else done)
             if cfg.lora.enabled:  # a fresh adapter on M_{t-1}, after its reference values
                 self._attach_adapter(model, t=t, base_fp=base_fp, point=point, resume=resume_state)
             base = {
@@ -1503,6 +1508,7 @@ class StepwiseRunner:
                 f"training sDPO step {t}, in micro-batches of up to "
                 f"{train_cfg.max_tokens_per_batch} tokens (train.max_tokens_per_batch)"
             )
+            self.in_optimizer_steps = True
             try:
                 result = trainer.fit(
                     chunk_pairs,
@@ -1513,6 +1519,9 @@ class StepwiseRunner:
                 )
             except TrainingStopped:  # named by the run's step, as its checkpoint is
                 raise TrainingStopped(run_step_base + trainer.position["step_in_run"]) from None
+            finally:
+                self.in_optimizer_steps = False
+            self.phase = f"saving sDPO step {t}'s results"
             run_step_base += result.optimizer_steps
             tokens_base += result.tokens
             if not cfg.sdpo.reset_optimizer:
@@ -1568,6 +1577,7 @@ class StepwiseRunner:
                     if sharding.is_sharded(model)
                     else optimizer.state_dict()
                 )
+            self.phase = f"saving sDPO step {t}'s results"  # the scoring passes above set theirs
             blocked = self._save_step_end(
                 model,
                 t=t,
@@ -1860,6 +1870,8 @@ class StepwiseRunner:
         for this run: compiled layers if asked, and sharded under ``train.fsdp`` (built on the
         meta device and sharded there, then each rank reads only its own shards,
         ``load_pretrained(shard=...)``)."""
+        self.phase = "loading the model"
+        fault_point("model_load")
         dtype = parameter_dtype(self.precision)
         implementation = self.cfg.model.implementation
         if resolve_implementation(path, implementation) == "transformers":
@@ -1905,8 +1917,10 @@ class StepwiseRunner:
 
     @contextlib.contextmanager
     def _stop_signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT ask for a graceful stop: finish the optimizer step, save, stop. A
-        second SIGINT aborts at once."""
+        """SIGTERM/SIGINT ask for a graceful stop. While training: finish the optimizer step,
+        save, stop. Before (loading a model, a scoring pass) or between sDPO steps: finish what
+        is under way (a reference pass's values are cached), then stop before the next
+        optimizer step (``_stop_if_asked``). A second SIGINT aborts at once."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -1915,10 +1929,17 @@ class StepwiseRunner:
             if self.stop_flag and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.stop_flag = True
-            _log(
-                f"{signal.Signals(signum).name} received: finishing the current optimizer step, "
-                "then saving a checkpoint and stopping (Ctrl-C again aborts at once)"
-            )
+            name = signal.Signals(signum).name
+            if self.in_optimizer_steps:
+                _log(
+                    f"{name} received: finishing the current optimizer step, then saving a "
+                    "checkpoint and stopping (Ctrl-C again aborts at once)"
+                )
+            else:
+                _log(
+                    f"{name} received while {self.phase}: finishing that, then stopping before "
+                    "the next optimizer step (Ctrl-C again aborts at once)"
+                )
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -1926,6 +1947,12 @@ class StepwiseRunner:
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+
+    def _stop_if_asked(self, optimizer_steps: int) -> None:
+        """Stop here, outside training, when a graceful stop was asked for (on any rank: every
+        rank stops at the same place); ``optimizer_steps``: the run's steps done so far."""
+        if distributed.any_rank(self.stop_flag):
+            raise TrainingStopped(optimizer_steps)
 
     def _next_chunk_gamma(
         self,
@@ -1962,6 +1989,7 @@ class StepwiseRunner:
         probe = weakref.ref(ref_model.lm_head_weight)
         fingerprint = self._fingerprint(ref_model)
         self._check_same_weights(point, "reference", fingerprint, "sdpo.reference")
+        self._stop_if_asked(point.progress["run_step"] if point is not None else 0)
         values = self.cached_reference("reference", ref_model, fingerprint, pairs)
         del ref_model
         gc.collect()

@@ -1,10 +1,13 @@
 """Ctrl-C that ends a command at once (before training starts, or a second one during a graceful
 stop): the real CLI gets a real SIGINT at an exact point (the ``SDPO_FAULT_AT`` hook,
 ``tests/cli_processes.py``) and must exit 130 with one line, no traceback, no temporary file
-left, and an earlier run's outputs untouched."""
+left, and an earlier run's outputs untouched. A first Ctrl-C while the model loads or a
+reference pass scores is a graceful stop (exit 75) that says so and stops before the next
+optimizer step."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -16,6 +19,7 @@ from tests.cli_processes import run_sdpo
 from tests.conftest import write_two_source_run
 
 INTERRUPTED = 130
+STOPPED = 75
 
 
 def _env(fault: str) -> dict[str, str]:
@@ -68,6 +72,55 @@ def test_second_ctrl_c_during_the_graceful_stop_aborts_without_leftovers(tmp_pat
     assert leftovers == []
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
     assert (out / "config.toml").is_file()  # what --resume continues from
+
+
+BEFORE_TRAINING = "before any optimizer step; no training checkpoint yet"
+
+
+@pytest.mark.parametrize(
+    ("fault", "doing", "caches", "stopped"),
+    [
+        # the model loads; the run stops before the initial model's pass
+        ("model_load:1:INT", "loading the model", [], BEFORE_TRAINING),
+        # the initial model's pass (step 1's reference values)
+        ("score_batch:1:INT", "scoring 22 pairs", ["initial"], BEFORE_TRAINING),
+        # step 2's reference pass (after step 1's end and its scoring), before step 2 trains
+        (
+            "score_batch:3:INT",
+            "scoring 10 pairs",
+            ["initial", "step-2"],
+            "after optimizer step 3; checkpoint {ckpt} is saved",
+        ),
+    ],
+    ids=["model_load", "initial_reference_pass", "step_2_reference_pass"],
+)
+def test_ctrl_c_outside_training_finishes_what_is_under_way_and_stops_before_the_next_step(
+    tmp_path, fault, doing, caches, stopped
+):
+    """A first Ctrl-C while the model loads or a reference pass scores: the log names that and
+    says the run stops before the next optimizer step (not that an optimizer step finishes);
+    the pass's values are cached for --resume, and no optimizer step follows (exit 75)."""
+    cfg = write_two_source_run(tmp_path)
+    out = tmp_path / "out"
+    args = ["train", "--config", str(cfg), "--set", f"output_dir={out}", "--no-progress"]
+    proc = run_sdpo(args, env=_env(fault), timeout=120)
+    assert proc.returncode == STOPPED, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "finishing the current optimizer step" not in said
+    assert f"[sdpo] SIGINT received while {doing}" in said
+    assert "finishing that, then stopping before the next optimizer step" in said
+    ckpt = out / "checkpoints" / "ckpt-00000003"
+    line = f"sdpo: stopped on request {stopped.format(ckpt=ckpt)}. Continue with: "
+    assert line in proc.stderr and proc.stderr.rstrip().endswith("--no-progress --resume")
+    assert sorted(p.stem for p in (out / "cache").glob("*.safetensors")) == sorted(
+        ["tokens-train", *caches]
+    )
+    records = [r for r in map(json.loads, _lines(out / "metrics.jsonl")) if "loss" in r]
+    assert len(records) == (3 if "step-2" in caches else 0)  # step 1's three, none of step 2
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.is_file() else []
 
 
 def test_ctrl_c_while_scoring_writes_no_out_file(tmp_path):
