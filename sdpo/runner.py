@@ -1696,7 +1696,10 @@ class StepwiseRunner:
     def _evaluate_in_step(
         self, trainer: DPOTrainer, *, t: int, beta: float, base: int, tokens: int
     ) -> None:
-        """Trainer callback (``train.eval_every``): the eval pass inside sDPO step t."""
+        """Trainer callback (``train.eval_every``): the eval pass inside sDPO step t; training
+        is the run's phase again once it returns (its scoring pass set its own, which an
+        out-of-memory error raised inside it keeps)."""
+        training = self.phase
         self._evaluate(
             trainer.model,
             t=t,
@@ -1704,6 +1707,7 @@ class StepwiseRunner:
             run_step=base + trainer.position["step_in_run"],
             num_tokens=tokens + trainer.position["tokens"],
         )
+        self.phase = training
 
     def _evaluate(
         self, model: torch.nn.Module, *, t: int, beta: float, run_step: int, num_tokens: int

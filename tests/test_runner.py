@@ -409,7 +409,7 @@ def _cached_indices(path: Path) -> list[int]:
 
 
 def test_eval_every_scores_the_held_out_pairs_inside_each_step_with_that_steps_weights(
-    tiny_model_dir, tmp_path
+    tiny_model_dir, tmp_path, monkeypatch
 ):
     held = write_pairs(tmp_path / "held.jsonl", n=7, seed=11)
     cfg = _config(tmp_path, tiny_model_dir)
@@ -417,7 +417,21 @@ def test_eval_every_scores_the_held_out_pairs_inside_each_step_with_that_steps_w
     cfg.train.eval_every = 2
     cfg.train.save_every = 1  # a checkpoint of every step's weights to check against
     cfg.train.keep_checkpoints = 100
+    evaluate_in_step = runner_mod.StepwiseRunner._evaluate_in_step
+    after_eval: list[str] = []  # the out-of-memory message once an in-step eval returned
+
+    def evaluated(self, trainer, **kwargs) -> None:
+        evaluate_in_step(self, trainer, **kwargs)
+        after_eval.append(self._out_of_memory_message())
+
+    monkeypatch.setattr(runner_mod.StepwiseRunner, "_evaluate_in_step", evaluated)
     run_training(cfg, progress=False)
+    # training goes on after the eval pass: running out of memory then names training and its
+    # settings, not the eval's scoring pass
+    assert len(after_eval) == 2
+    for t, message in enumerate(after_eval, start=1):
+        assert f"ran out of memory while training sDPO step {t}" in message
+        assert "lower train.max_tokens_per_batch" in message
     out = Path(cfg.output_dir)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     train_steps = {1: 0, 2: 0}
