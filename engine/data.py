@@ -1,17 +1,17 @@
 """Reading and validating preference data before any training starts.
 
 A preference row has a ``prompt``, a ``chosen`` and a ``rejected`` completion, each either a
-non-empty string or a list of chat messages ``{"role": str, "content": str}`` (a message that
-calls tools may have ``"content": null`` or none beside a non-empty ``tool_calls`` list, the
-OpenAI layout that transformers renders; other keys reach the template, those set to null
-dropped). JSON files (``.jsonl``/``.json``) are read here, line by line (strict UTF-8, strict
-JSON), because ``datasets`` reports a malformed line or a non-UTF-8 byte without saying where it
-is; each line is parsed and checked once, and the rows are the records as written (``datasets``
-would merge the message objects of all rows into one schema, adding null keys a row did not
-have, or refuse a file whose rows differ past the first block it reads). Other data is read with
-``datasets``: ``.parquet`` and ``.csv`` files, ``save_to_disk`` folders and hub names. Every
-problem becomes a ``DataError`` naming the file, the row and the field, and saying what to do:
-bad data must fail in seconds, not an hour into a run.
+non-empty string or a list of chat messages ``{"role": str, "content": str}`` (a message that calls
+tools may have ``"content": null`` or none beside a non-empty ``tool_calls`` list, the OpenAI
+layout that transformers renders; other keys reach the template, those set to null dropped). JSON
+files (``.jsonl``/``.json``) are read here, line by line (a JSON array: element by element; strict
+UTF-8, strict JSON), because ``datasets`` reports a malformed line or a non-UTF-8 byte without
+saying where it is; each line is parsed and checked once, and the rows are the records as written
+(``datasets`` would merge the message objects of all rows into one schema, adding null keys a row
+did not have, or refuse a file whose rows differ past the first block it reads). Other data is read
+with ``datasets``: ``.parquet`` and ``.csv`` files, ``save_to_disk`` folders and hub names. Every
+problem becomes a ``DataError`` naming the file, the row and the field, and saying what to do: bad
+data must fail in seconds, not an hour into a run.
 
 Row numbers: for JSON lines files they are 1-based line numbers (what an editor shows); for
 JSON arrays, parquet, csv (the header is not a row) and hub data sets they are 0-based row
@@ -45,10 +45,12 @@ is an error that asks for a ``prompt`` field.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import gc
 import json
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -626,6 +628,109 @@ def _read_json_lines(
 
 
 def _read_json_array(path: Path, *, name: str, columns: dict[str, str]) -> list[_Checked]:
+    """A JSON array file's records checked, in file order. The elements are parsed one at a time
+    from text decoded a few MiB at a time (``_array_elements``), so the file's text is never held
+    whole beside its records: the peak is the rows kept, not those plus the file as text (two
+    bytes a character for all of it once one character is outside Latin-1).
+
+    Errors come out as when the whole file was parsed before any record was checked: a byte that
+    is not UTF-8 or a JSON syntax error anywhere in the file wins over every row's problem, so a
+    row's problem is kept (the first) until the array has been read to its end. A file that does
+    not parse is read again whole (``_read_json_array_whole``), for the message and line json
+    gives."""
+    checked: list[_Checked] = []
+    first_problem: DataError | None = None
+    try:
+        for i, record in enumerate(_array_elements(path)):
+            if first_problem is not None:
+                continue  # only the rest of the file's syntax is still in question
+            try:
+                checked.append(_check_element(record, i, name=name, columns=columns))
+            except DataError as exc:
+                first_problem, checked = exc, []
+    except _NotOneJsonArray:
+        checked = []  # freed before the whole file is read
+        return _read_json_array_whole(path, name=name, columns=columns)
+    if first_problem is not None:
+        raise first_problem
+    return checked
+
+
+class _NotOneJsonArray(Exception):
+    """The file's bytes are not UTF-8, or its text is not one JSON array (``_array_elements``)."""
+
+
+# bytes decoded at a time; an element longer than what is left of them doubles the read
+_ARRAY_READ_BYTES = 4 * 2**20
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace (not str.isspace's)
+
+
+def _array_elements(path: Path) -> Iterator[Any]:
+    """The elements of the JSON array in ``path``, each parsed as ``json.loads`` of the whole
+    file parses it (strict UTF-8, the same scanner). Raises ``_NotOneJsonArray`` when the file is
+    anything else; its bytes are decoded to the end before the last element is given, so a
+    caller that has seen every element knows the file is valid."""
+    decode = codecs.getincrementaldecoder("utf-8")(errors="strict").decode
+    parse = json.JSONDecoder().raw_decode
+    with open(path, "rb") as f:
+        text, pos, at_end = "", 0, False
+
+        def read_more() -> None:
+            """More of the file onto ``text`` (what was parsed dropped); past the end: raise."""
+            nonlocal text, pos, at_end
+            if at_end:
+                raise _NotOneJsonArray
+            data = f.read(max(_ARRAY_READ_BYTES, 2 * (len(text) - pos)))
+            try:
+                text = text[pos:] + decode(data, final=not data)
+            except UnicodeDecodeError:
+                raise _NotOneJsonArray from None
+            pos, at_end = 0, not data
+
+        def next_char() -> str:
+            """The character after ``pos``'s whitespace (``pos`` moved to it), read as needed."""
+            nonlocal pos
+            while True:
+                pos = _JSON_SPACE.match(text, pos).end()
+                if pos < len(text):
+                    return text[pos]
+                read_more()
+
+        if next_char() != "[":
+            raise _NotOneJsonArray
+        pos += 1
+        last = next_char() == "]"
+        if last:
+            pos += 1
+        while not last:
+            next_char()  # pos at the element's start
+            # a value, or the whitespace and delimiter after it, may run past the text decoded
+            # so far (a number cut short even parses): retried with more text until both are
+            # there; at the file's end read_more raises instead
+            try:
+                value, end = parse(text, pos)
+            except json.JSONDecodeError:
+                read_more()
+                continue
+            delimiter = _JSON_SPACE.match(text, end).end()
+            if delimiter == len(text) or text[delimiter] not in ",]":
+                read_more()
+                continue
+            last = text[delimiter] == "]"
+            pos = delimiter + 1
+            yield value
+        while True:  # only whitespace may follow the array, to the file's end
+            if _JSON_SPACE.match(text, pos).end() < len(text):
+                raise _NotOneJsonArray
+            if at_end:
+                return
+            pos = len(text)
+            read_more()
+
+
+def _read_json_array_whole(path: Path, *, name: str, columns: dict[str, str]) -> list[_Checked]:
+    """A JSON array file parsed whole: its text and records together (``_read_json_array``'s
+    way for a file that does not parse, whose error json places)."""
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -656,15 +761,20 @@ def _read_json_array(path: Path, *, name: str, columns: dict[str, str]) -> list[
         )
     checked: list[_Checked] = []
     for i, record in enumerate(records):
-        place = _Place(file=name, row=i, row_label="row")
-        if not isinstance(record, dict):
-            raise place.error(
-                f"is a JSON {_json_type(record)}, not an object",
-                fix="make every array element an object with prompt, chosen and rejected",
-            )
-        checked.append(_check(record, place, columns))
+        checked.append(_check_element(record, i, name=name, columns=columns))
         records[i] = None  # each record's memory goes as it is checked
     return checked
+
+
+def _check_element(record: Any, i: int, *, name: str, columns: dict[str, str]) -> _Checked:
+    """Element ``i`` of a JSON array file, checked."""
+    place = _Place(file=name, row=i, row_label="row")
+    if not isinstance(record, dict):
+        raise place.error(
+            f"is a JSON {_json_type(record)}, not an object",
+            fix="make every array element an object with prompt, chosen and rejected",
+        )
+    return _check(record, place, columns)
 
 
 COLUMN_KEYS = (*FIELDS, "system", *RENDER_FIELDS)

@@ -380,6 +380,83 @@ def test_bad_row_in_json_array_names_the_0_based_row(tmp_path):
     assert_error(info, file=path, row=2, field="chosen", label="row", words=["float"])
 
 
+ARRAY_ROWS = [
+    {"prompt": "caf\u00e9 \u6771\u4eac?", "chosen": " 12345", "rejected": " no \U0001f600"},
+    {
+        "prompt": [{"role": "user", "content": "hi", "weight": 12345.5e-1}],
+        "chosen": [{"role": "assistant", "content": "yo", "n": -7}],
+        "rejected": [{"role": "assistant", "content": "go away", "n": 1e3}],
+        "chat_template_kwargs": {"budget": 4096, "on": True, "ratio": -0.125},
+    },
+    {"prompt": "p", "chosen": "c", "rejected": "r", "id": 98765432109876543210},
+]
+
+
+@pytest.mark.parametrize("read_bytes", [1, 3, 64])
+def test_json_array_read_a_piece_at_a_time_gives_the_rows_of_its_json_lines_twin(
+    tmp_path, monkeypatch, read_bytes
+):
+    """A JSON array is parsed an element at a time from text decoded a few bytes at a time here:
+    characters of several bytes, numbers and values cut at any point give the rows (and
+    template inputs) that the same records as JSON lines give."""
+    import sdpo.engine.data as data_module
+
+    monkeypatch.setattr(data_module, "_ARRAY_READ_BYTES", read_bytes, raising=False)
+    array = tmp_path / "rows.json"
+    array.write_text(
+        "\n \t[ " + json.dumps(ARRAY_ROWS, ensure_ascii=False, indent=2)[1:] + " \r\n",
+        encoding="utf-8",
+    )
+    lines = write_jsonl(tmp_path / "rows.jsonl", ARRAY_ROWS)
+    keys = ("prompt", "chosen", "rejected", "chat_template_kwargs")
+    got = [{k: r.get(k) for k in keys} for r in read_preference_file(array)]
+    assert got == [{k: r.get(k) for k in keys} for r in read_preference_file(lines)]
+    assert [r["row"] for r in read_preference_file(array)] == [0, 1, 2]
+
+
+BAD_ROW = {"prompt": "p", "chosen": 1.5, "rejected": "r"}
+
+
+@pytest.mark.parametrize(
+    ("tail", "line", "words"),
+    [
+        (b',\n{"prompt": }\n]\n', 4, ["not valid JSON", "Expecting value"]),
+        (b",\n1,\n]\n", 5, ["not valid JSON", "Expecting value"]),
+        (b"\n]\n]\n", 5, ["not valid JSON", "Extra data"]),
+        (b"\n", 4, ["not valid JSON", "Expecting ',' delimiter"]),
+        (b',\n"caf\xe9"\n]\n', 4, ["byte 0xe9 on line 4 is not valid UTF-8"]),
+        (b"\n]\n\xff", 5, ["byte 0xff on line 5 is not valid UTF-8"]),
+    ],
+    ids=["bad_value", "trailing_comma", "extra_data", "unclosed", "not_utf8", "not_utf8_after"],
+)
+def test_a_json_array_that_does_not_parse_reports_that_before_any_bad_row(
+    tmp_path, monkeypatch, tail, line, words
+):
+    """As when the whole file was parsed before any row was checked: a syntax error or a byte
+    that is not UTF-8 anywhere in the file is the error, not a bad row before it."""
+    import sdpo.engine.data as data_module
+
+    monkeypatch.setattr(data_module, "_ARRAY_READ_BYTES", 5, raising=False)
+    path = tmp_path / "bad.json"
+    head = "[\n" + ",\n".join(json.dumps(r) for r in (ROWS[0], BAD_ROW)) + "\n,"
+    path.write_bytes(head[:-2].encode() + tail)
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=line, field=None, label="line", words=words)
+
+
+def test_the_first_of_several_bad_rows_of_a_json_array_is_reported(tmp_path, monkeypatch):
+    import sdpo.engine.data as data_module
+
+    monkeypatch.setattr(data_module, "_ARRAY_READ_BYTES", 5, raising=False)
+    path = tmp_path / "bad.json"
+    rows = [ROWS[0], ROWS[1], [1, 2], BAD_ROW, ROWS[2]]
+    path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=2, field=None, label="row", words=["JSON array, not an"])
+
+
 def test_non_string_field_in_parquet_names_the_0_based_row(tmp_path):
     path = tmp_path / "bad.parquet"
     datasets.Dataset.from_list(
