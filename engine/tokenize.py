@@ -83,10 +83,11 @@ A pair whose completion would be left with no token is an error (raise ``max_len
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shlex
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -111,6 +112,9 @@ from .tokenizer_classes import (
 TRUNCATION_POLICIES = ("keep_end", "keep_start", "error")
 _FREED: list[int] = []  # in place of a row's ids once its pair is made (never changed)
 _ENCODE_CHUNK = 4096  # texts per encode_batch call: bounds peak memory on large data sets
+# rows tokenize_pairs takes through its stages together: one encode_batch call per text kind
+# (_ENCODE_CHUNK); their texts and whole-sequence ids are a few tens of MB
+_TOKENIZE_BLOCK = 4096
 
 
 @dataclass(kw_only=True)
@@ -1157,12 +1161,72 @@ def tokenize_pairs(
             f"max_prompt_length must be in [1, max_length) = [1, {max_length}), got "
             f"{max_prompt_length}"
         )
-    rendered = [_render_row(row, tokenizer, i) for i, row in enumerate(rows)]
+    check_vocab = vocab_size is not None and tokenizer.max_id >= vocab_size
+    stats = TokenizeStats(num_pairs=len(rows))
+    pairs: list[TokenizedPair] = []
+    # Rows go through the stages a block at a time, so only one block's texts and
+    # whole-sequence ids are held beside the pairs. Errors still come out as when every row went
+    # through each stage before the next stage began: the first error of the earliest stage
+    # that has one. An error is kept until no earlier stage can fail any more, which the later
+    # blocks check (only the stages before the kept error's).
+    kept: tuple[int, Exception] | None = None  # (stage, its first error)
+    for start in range(0, len(rows), _TOKENIZE_BLOCK):
+        stages = _tokenize_block(
+            rows,
+            range(start, min(start + _TOKENIZE_BLOCK, len(rows))),
+            tokenizer,
+            pairs=pairs,
+            stats=stats,
+            max_length=max_length,
+            max_prompt_length=max_prompt_length,
+            truncation=truncation,
+            vocab_size=vocab_size if check_vocab else None,
+        )
+        for stage in itertools.count():
+            if kept is not None and stage >= kept[0]:
+                break
+            try:
+                next(stages)
+            except StopIteration:
+                break
+            except Exception as exc:  # any error: which one comes out is the contract
+                kept = (stage, exc)
+                break
+        stages.close()
+    if kept is not None:
+        raise kept[1]
+    return pairs, stats
+
+
+def _tokenize_block(
+    rows: Sequence[dict],
+    block: range,
+    tokenizer: PairTokenizer,
+    *,
+    pairs: list[TokenizedPair],
+    stats: TokenizeStats,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation: str,
+    vocab_size: int | None,
+) -> Iterator[None]:
+    """``tokenize_pairs``'s work on the rows at positions ``block``, one stage per step of the
+    iterator (each stage's errors in row order): render, a BOS outside the vocabulary in front
+    of plain prompts, where the EOS token is read by its context the EOS text after chosen and
+    after rejected, encode the prompts, prompts + chosen, prompts + rejected (each encode also
+    finds special tokens outside the vocabulary), encode alone the completions of plain rows
+    whose tokens merge across the boundary; the last step makes the pairs, appended to
+    ``pairs`` and counted in ``stats``. The number of stages depends only on the tokenizer.
+    ``vocab_size``: check every id against it (None: no check needed)."""
+    rendered = [_render_row(rows[i], tokenizer, i) for i in block]
+    yield
     if tokenizer.missing_bos_in_front:  # BOS outside the vocabulary in front of plain prompts
-        i = next((i for i, r in enumerate(rendered) if not r[3]), None)
-        if i is not None:
+        k = next((k for k, r in enumerate(rendered) if not r[3]), None)
+        if k is not None:
+            i = block[k]
             how = "transformers' tokenizer class puts it in front of every plain prompt"
             raise tokenizer.outside_vocab_error(rows[i], i, ("prompt", how, tokenizer.missing_bos))
+    yield
     # one list per text, each dropped once encoded, and each row's ids once its pair is made:
     # the texts (rendered conversations, prompt + completion) and the ids of whole sequences
     # are copies of the data set several times its size, not needed all at once
@@ -1179,7 +1243,8 @@ def tokenize_pairs(
             return tokenizer.encode_texts(batch)
         except SpecialTokenOutsideVocabError as exc:
             i = positions[exc.index]
-            how = "the chat template writes it" if conversational[i] else "the text contains it"
+            conv = conversational[i - block.start]
+            how = "the chat template writes it" if conv else "the text contains it"
             use = (fields[exc.index], how, exc.token)
             raise tokenizer.outside_vocab_error(rows[i], i, use) from None
         except TextEncodeError as exc:
@@ -1189,51 +1254,54 @@ def tokenize_pairs(
             ) from None
 
     if tokenizer.eos_read_by_context is not None:
-        _check_eos_text(rows, tokenizer, chosen_texts, rejected_texts, conversational)
-    every = range(len(rows))
-    prompt_ids = encode(prompt_texts, ["prompt"] * len(rows), every)
+        _check_eos_text(rows, block, tokenizer, "chosen", chosen_texts, conversational)
+        yield
+        _check_eos_text(rows, block, tokenizer, "rejected", rejected_texts, conversational)
+        yield
+    prompt_ids = encode(prompt_texts, ["prompt"] * len(block), block)
     del prompt_texts
-    chosen_full = encode(chosen_texts, ["chosen"] * len(rows), every)
+    yield
+    chosen_full = encode(chosen_texts, ["chosen"] * len(block), block)
     del chosen_texts
-    rejected_full = encode(rejected_texts, ["rejected"] * len(rows), every)
+    yield
+    rejected_full = encode(rejected_texts, ["rejected"] * len(block), block)
     del rejected_texts
+    yield
     # plain rows whose prompt ids are not a prefix of prompt + completion's: each completion
     # encoded on its own (module docstring)
     merged = [
-        i
-        for i, conv in enumerate(conversational)
+        k
+        for k, conv in enumerate(conversational)
         if not conv
         and not (
-            _is_prefix(prompt_ids[i], chosen_full[i])
-            and _is_prefix(prompt_ids[i], rejected_full[i])
+            _is_prefix(prompt_ids[k], chosen_full[k])
+            and _is_prefix(prompt_ids[k], rejected_full[k])
         )
     ]
     alone = encode(
-        [rows[i][field] for i in merged for field in ("chosen", "rejected")],
+        [rows[block[k]][field] for k in merged for field in ("chosen", "rejected")],
         ["chosen", "rejected"] * len(merged),
-        [i for i in merged for _ in range(2)],
+        [block[k] for k in merged for _ in range(2)],
     )
-    alone_of = {i: (alone[2 * k], alone[2 * k + 1]) for k, i in enumerate(merged)}
+    alone_of = {k: (alone[2 * j], alone[2 * j + 1]) for j, k in enumerate(merged)}
     del alone
+    yield
 
-    # every id comes from the tokenizer's vocabulary: below vocab_size when its largest id is
-    check_vocab = vocab_size is not None and tokenizer.max_id >= vocab_size
-    stats = TokenizeStats(num_pairs=len(rows))
-    pairs: list[TokenizedPair] = []
-    for i, row in enumerate(rows):
-        encoded_alone = i in alone_of
+    for k, i in enumerate(block):
+        row = rows[i]
+        encoded_alone = k in alone_of
         if encoded_alone:
-            cut = len(prompt_ids[i])
-            completions = list(alone_of.pop(i))
+            cut = len(prompt_ids[k])
+            completions = list(alone_of.pop(k))
         else:
             # the completion starts where the prompt's ids and the prompt + completion's ids
             # part: the prompt's end, unless a template renders the prompt alone differently
             cut = min(
-                _common_prefix(prompt_ids[i], chosen_full[i]),
-                _common_prefix(prompt_ids[i], rejected_full[i]),
+                _common_prefix(prompt_ids[k], chosen_full[k]),
+                _common_prefix(prompt_ids[k], rejected_full[k]),
             )
-            completions = [chosen_full[i][cut:], rejected_full[i][cut:]]
-            if cut == 0 and prompt_ids[i]:
+            completions = [chosen_full[k][cut:], rejected_full[k][cut:]]
+            if cut == 0 and prompt_ids[k]:
                 raise row_error(
                     row,
                     "the chat template renders prompt + completion without the rendered prompt "
@@ -1244,11 +1312,11 @@ def tokenize_pairs(
                     field="prompt",
                     position=i,
                 )
-        stats.num_prompt_boundary += encoded_alone or cut < len(prompt_ids[i])
+        stats.num_prompt_boundary += encoded_alone or cut < len(prompt_ids[k])
         # BOS: plain rows by the BOS rule; conversational rows as the template writes them
-        prompt = prompt_ids[i][:cut]
-        prompt = prompt if conversational[i] else tokenizer.prompt_ids(prompt)
-        prompt_ids[i] = chosen_full[i] = rejected_full[i] = _FREED  # sliced from: not needed
+        prompt = prompt_ids[k][:cut]
+        prompt = prompt if conversational[k] else tokenizer.prompt_ids(prompt)
+        prompt_ids[k] = chosen_full[k] = rejected_full[k] = _FREED  # sliced from: not needed
         for name, ids in zip(("chosen", "rejected"), completions):
             if not ids:
                 raise row_error(
@@ -1258,7 +1326,7 @@ def tokenize_pairs(
                     field=name,
                     position=i,
                 )
-        if not conversational[i]:  # plain text: EOS closes each completion
+        if not conversational[k]:  # plain text: EOS closes each completion
             completions = [tokenizer.completion_ids(ids) for ids in completions]
         else:  # conversational: the template's end of turn, else EOS
             completions = [
@@ -1291,7 +1359,7 @@ def tokenize_pairs(
             source=str(row.get("source", "")),
             truncated=prompt_cut or completion_cut,
         )
-        if check_vocab:
+        if vocab_size is not None:
             _check_vocab(row, i, pair, vocab_size=vocab_size, tokenizer=tokenizer)
         stats.num_prompt_truncated += prompt_cut
         stats.num_completion_truncated += completion_cut
@@ -1302,47 +1370,46 @@ def tokenize_pairs(
             stats.max_sequence_length, len(prompt) + max(len(c) for c in completions)
         )
         pairs.append(pair)
-    return pairs, stats
 
 
 def _check_eos_text(
     rows: Sequence[dict],
+    block: range,
     tokenizer: PairTokenizer,
-    chosen_texts: list[str],
-    rejected_texts: list[str],
+    field: str,
+    texts: list[str],
     conversational: list[bool],
 ) -> None:
     """Refuse a plain row whose completion TRL would not end with EOS: TRL appends the EOS
     token's text to a plain completion (unless it ends with it), and where that token is read by
     its context (``PairTokenizer.eos_read_by_context``: single_word, lstrip, normalized) the
     text may not encode to EOS there, leaving TRL's completion ending in its pieces where sdpo's
-    ends with EOS. Encodes the plain rows' texts once more, in such folders only."""
+    ends with EOS. ``texts[k]``: prompt + ``field`` of the row at ``block[k]``. Encodes the plain
+    rows' texts once more, in such folders only."""
     eos = tokenizer.eos_token
-    plain = [i for i, conv in enumerate(conversational) if not conv]
-    for field, texts in (("chosen", chosen_texts), ("rejected", rejected_texts)):
-        ended = [texts[i] if texts[i].endswith(eos) else texts[i] + eos for i in plain]
-        try:
-            encodings = tokenizer.tokenizer.encode_batch(ended, add_special_tokens=False)
-        except Exception as exc:  # as TRL's tokenizer fails on it (e.g. an unknown token it lacks)
-            error = tokenizer._encode_error(ended, 0, exc)
-            i = plain[error.index]
+    plain = [k for k, conv in enumerate(conversational) if not conv]
+    ended = [texts[k] if texts[k].endswith(eos) else texts[k] + eos for k in plain]
+    try:
+        encodings = tokenizer.tokenizer.encode_batch(ended, add_special_tokens=False)
+    except Exception as exc:  # as TRL's tokenizer fails on it (e.g. an unknown token it lacks)
+        error = tokenizer._encode_error(ended, 0, exc)
+        i = block[plain[error.index]]
+        raise row_error(rows[i], error.problem, fix=error.fix, field=field, position=i) from None
+    for k, e in zip(plain, encodings):
+        if e.ids[-1:] != [tokenizer.eos_id]:
+            i = block[k]
             raise row_error(
-                rows[i], error.problem, fix=error.fix, field=field, position=i
-            ) from None
-        for i, e in zip(plain, encodings):
-            if e.ids[-1:] != [tokenizer.eos_id]:
-                raise row_error(
-                    rows[i],
-                    f"TRL ends a plain completion with the text of the EOS token {eos!r}, which "
-                    f"is an added token with {tokenizer.eos_read_by_context}: after this "
-                    "completion transformers does not read that text as EOS, so TRL's completion "
-                    "would end with its pieces where sdpo's would end with EOS",
-                    fix=f"set {tokenizer.eos_read_by_context.split(' ')[0]} to false for "
-                    f"{eos!r} in tokenizer.json's added_tokens and tokenizer_config.json's "
-                    "added_tokens_decoder, or give the row as messages",
-                    field=field,
-                    position=i,
-                )
+                rows[i],
+                f"TRL ends a plain completion with the text of the EOS token {eos!r}, which "
+                f"is an added token with {tokenizer.eos_read_by_context}: after this "
+                "completion transformers does not read that text as EOS, so TRL's completion "
+                "would end with its pieces where sdpo's would end with EOS",
+                fix=f"set {tokenizer.eos_read_by_context.split(' ')[0]} to false for "
+                f"{eos!r} in tokenizer.json's added_tokens and tokenizer_config.json's "
+                "added_tokens_decoder, or give the row as messages",
+                field=field,
+                position=i,
+            )
 
 
 def _truncate(

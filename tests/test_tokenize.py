@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, processors
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
 
 from sdpo.engine.data import DataError, read_preference_file
 from sdpo.engine.packing import pack_pairs
@@ -1439,3 +1439,93 @@ def test_a_vocabulary_without_the_probe_text_has_no_post_processor_bos():
         Tokenizer(models.BPE(vocab={"b": 0, "c": 1, "</s>": 2}, merges=[])), eos_token="</s>"
     )
     assert tok.bos_id is None and not tok.add_bos
+
+
+def _strict_word_tokenizer() -> PairTokenizer:
+    """Word-level, with no unknown token (a word outside the vocabulary fails to encode) and a
+    named special token outside the vocabulary, "<gone>": rows can fail at every stage."""
+    words = ["<bos>", "<eos>", "the", "cat", "sat", "dog", "w0", "w1", "w2", "w3"]
+    inner = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="?"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    inner.add_special_tokens([AddedToken("<bos>", special=True), AddedToken("<eos>", special=True)])
+    return PairTokenizer(
+        inner,
+        eos_token="<eos>",
+        bos_token="<bos>",
+        add_bos=True,
+        outside_vocab={"<gone>": ("pad_token in tokenizer_config.json", None)},
+    )
+
+
+# each row fails at one stage of tokenize_pairs, the later rows at the earlier stages:
+# (row, the place the first error names once the rows up to it are given)
+STAGED_ROWS = [
+    ({"prompt": "the", "chosen": " cat", "rejected": " dog"}, None),
+    ({"prompt": "the", "chosen": " w0 w1 w2 w3 w0 w1", "rejected": " dog"}, "row 1 (0-based"),
+    (
+        {"prompt": "the", "chosen": " cat", "rejected": " zebra"},
+        "row 2 (0-based row index), field 'rejected': the tokenizer cannot encode",
+    ),
+    (
+        {"prompt": "the", "chosen": " zebra", "rejected": " dog"},
+        "row 3 (0-based row index), field 'chosen': the tokenizer cannot encode",
+    ),
+    (
+        {"prompt": "the <gone>", "chosen": " cat", "rejected": " dog"},
+        "row 4 (0-based row index), field 'prompt': the tokenizer's special token '<gone>'",
+    ),
+    (
+        {"prompt": "the", "chosen": [{"role": "assistant", "content": "cat"}], "rejected": " dog"},
+        "row 5 (0-based row index): prompt, chosen and rejected mix",
+    ),
+    ({"prompt": "sat", "chosen": " cat", "rejected": " dog"}, None),
+]
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 4096])
+def test_rows_tokenized_in_blocks_report_the_error_of_the_earliest_stage_first(monkeypatch, block):
+    """tokenize_pairs takes the rows through its stages (render, encode prompts, chosen,
+    rejected, each encode also finding special tokens outside the vocabulary, make the pairs) a
+    block at a time; the error
+    reported is still the first of the earliest stage that has one over all rows, as when every
+    row went through each stage before the next began, wherever the blocks split the rows."""
+    import sdpo.engine.tokenize as tokenize_module
+
+    monkeypatch.setattr(tokenize_module, "_TOKENIZE_BLOCK", block, raising=False)
+    tok = _strict_word_tokenizer()
+    rows = [row for row, _ in STAGED_ROWS]
+    for n in range(len(rows), 1, -1):
+        expected = next((e for _, e in STAGED_ROWS[n - 1 :: -1] if e is not None), None)
+        with pytest.raises(DataError) as info:
+            tokenize_pairs(rows[:n], tok, max_length=6, truncation="error")
+        assert str(info.value).startswith(expected), (n, str(info.value))
+    fine = [STAGED_ROWS[0][0], STAGED_ROWS[-1][0]]
+    pairs, stats = tokenize_pairs(fine * 3, tok, max_length=6, truncation="error")
+    assert [p.index for p in pairs] == list(range(6)) and stats.num_pairs == 6
+    assert pairs[5].prompt_ids == [0, 4] and pairs[5].chosen_ids == [3, 1]
+
+
+def test_token_ids_and_stats_do_not_depend_on_the_tokenize_block(tok, monkeypatch):
+    """The same pairs (ids, indices, truncation) and counts whatever the block of rows taken
+    through the stages together: conversational rows, and plain ones with and without tokens
+    merged across the prompt's end (encoded alone)."""
+    import sdpo.engine.tokenize as tokenize_module
+
+    rng = np.random.default_rng(11)
+    vocab = [w for w in WORDS if w.startswith("w")] + ["the", "cat", "dog"]
+    rows = []
+    for k in range(23):
+        lp, lc, lr = rng.integers(1, 12, size=3)
+        text = {
+            f: " ".join(rng.choice(vocab, size=n))
+            for f, n in zip(("prompt", "chosen", "rejected"), (lp, lc, lr))
+        }
+        if k % 2:  # a completion that starts with its space: no merge across the prompt's end
+            text["chosen"] = " " + text["chosen"]
+        rows.append(conv_row(**text) if k % 3 == 0 else text)
+    whole, whole_stats = tokenize_pairs(rows, tok, max_length=14, max_prompt_length=5)
+    for block in (1, 4, 7):
+        monkeypatch.setattr(tokenize_module, "_TOKENIZE_BLOCK", block, raising=False)
+        pairs, stats = tokenize_pairs(rows, tok, max_length=14, max_prompt_length=5)
+        assert pairs == whole and stats == whole_stats
+    assert whole_stats.num_truncated > 0
