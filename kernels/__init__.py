@@ -67,9 +67,9 @@ tokens, ``(S, 3)`` fp32, columns ``STAT_NAMES`` = (entropy, mean_logit, top1), d
 never weighted by LD-DPO's token weights; a caller divides by its token counts. The statistics
 change no other output.
 
-The first two are ``torch.library`` custom ops (namespace ``sdpo``, with fake
-implementations and autograd formulas), so ``torch.compile`` traces them without a graph
-break; ``linear_pair_loss`` takes a Python callable and stays outside compiled graphs.
+The first two and ``softcap_sequence_logprobs`` are ``torch.library`` custom ops (namespace
+``sdpo``, with fake implementations and autograd formulas), so ``torch.compile`` traces them
+without a graph break; ``linear_pair_loss`` takes a Python callable and stays outside compiled graphs.
 
 On a PyTorch build without CUDA, Triton can only run under its interpreter, and Triton
 fixes that mode when ``triton.language`` is first imported (which ``torch._dynamo`` does).

@@ -252,3 +252,77 @@ def test_a_cap_far_above_the_logits_gives_the_uncapped_ops_numbers(impl):
         outs.append((seq.detach(), aligned, hh.grad, ww.grad))
     for ours, theirs in zip(*outs, strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# -- torch.compile: the custom ops trace whole --------------------------------------------
+
+
+def _compiled_and_eager(objective, h, w):
+    """(value, grad_h, grad_w) of ``objective`` compiled with fullgraph (any graph break fails)
+    and eager."""
+    compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, objective):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        out = fn(hh, ww)
+        out[0].backward()
+        results.append((out[0].detach(), *out[1:], hh.grad, ww.grad))
+    return results
+
+
+def test_compiled_softcap_head_has_no_graph_break_and_matches_eager_and_float64():
+    """fullgraph=True over odd sizes (37 tokens, vocabulary 61, hidden 13, chunks of 10 that
+    cut through sequences), with token weights, WPO's sums and the token metrics: the compiled
+    values and gradients are eager's bit for bit and float64 truth's to fp32 rounding."""
+    h, w, labels, seq_ids, weights = _inputs(seed=4, n=131, vocab=61, hidden=13)
+    h, labels, weights = h[:37], labels[:37], weights[:37]
+    seq_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([11, 19, 7]))
+    coeff = torch.tensor([0.7, -1.3, 2.1])
+
+    def objective(h, w):
+        seq, aligned, stats = softcap_sequence_logprobs(
+            h, w, labels, seq_ids, 3, softcap=CAP, chunk_tokens=10, token_weights=weights,
+            return_aligned=True, return_stats=True,
+        )  # fmt: skip
+        return (seq * coeff).sum(), seq.detach(), aligned, stats
+
+    got, eager = _compiled_and_eager(objective, h, w)
+    for a, b in zip(got, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+    ref_seq, ref_aligned = _reference(h64, w64, labels, seq_ids, weights)
+    (ref_seq * coeff.double()).sum().backward()
+    _, seq, aligned, stats, grad_h, grad_w = got
+    assert stats.shape == (3, 3) and not aligned.requires_grad
+    torch.testing.assert_close(seq.double(), ref_seq.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aligned.double(), ref_aligned.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_h.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad_w.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_softcap_head_still_names_bad_labels():
+    h, w, labels, seq_ids, _ = _inputs(seed=6, n=131, vocab=61, hidden=5)
+    labels = labels.clone()
+    labels[7] = 61
+
+    def scores(h, w):
+        return softcap_sequence_logprobs(h, w, labels, seq_ids, 3, softcap=CAP)
+
+    compiled = torch.compile(scores, fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"labels\[7\] = 61 is outside the vocabulary"):
+        compiled(h, w)
+
+
+def test_opcheck_softcap_ops():
+    """Schema, autograd registration and fake implementations of the two ``sdpo::`` ops."""
+    h, w, labels, seq_ids, weights = _inputs(seed=7, n=29, vocab=31, hidden=6)
+    seq_ids = torch.repeat_interleave(torch.arange(3), torch.tensor([10, 12, 7]))
+    h, w = h.requires_grad_(), w.requires_grad_()
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    fwd = torch.ops.sdpo.softcap_sequence_logprobs_fwd
+    for extra in ((None, False, False), (weights, True, True)):
+        torch.library.opcheck(fwd, (h, w, labels, seq_ids, 3, CAP, 8, *extra), test_utils=utils)
+    grad_seq = torch.tensor([0.5, -1.0, 2.0])
+    for need in ((True, True), (True, False), (False, True)):
+        args = (grad_seq, h.detach(), w.detach(), labels, seq_ids, CAP, 8, *need, weights)
+        torch.library.opcheck(torch.ops.sdpo.softcap_sequence_logprobs_bwd, args, test_utils=utils)
