@@ -183,8 +183,12 @@ class CacheKey:
     # but not to the bit in bf16, so it is part of the key
     share_prompt: bool = False
     # LD-DPO's loss.ld_alpha: the reference values are length-desensitized sums like the
-    # policy's. None for plain sums (ld_alpha unset or 1, which are the same numbers)
+    # policy's. None for plain sums: 1 gives the same numbers bit for bit, so a key built with
+    # 1 is stored as None (equal keys, equal digests, the same file accepted)
     ld_alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ld_alpha", _key_ld_alpha(self.ld_alpha))
 
     def fields(self) -> dict[str, str | int | float | None]:
         fields = dataclasses.asdict(self)
@@ -200,6 +204,27 @@ class CacheKey:
         """sha256 hex of the key (stable across runs; usable in a file name)."""
         text = json.dumps(self.fields(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _key_ld_alpha(value: object) -> float | None:
+    """A key's ``ld_alpha``: None for plain sums (unset or 1), else the number as a float, so
+    that 0.5 and a NumPy 0.5 (or 0 and 0.0) give one key and one digest."""
+    from sdpo.engine.packing import check_ld_alpha  # imported here: it pulls in the kernels
+
+    if value is None:
+        return None
+    check_ld_alpha(value)
+    value = float(value)
+    return None if value == 1.0 else value
+
+
+def _means_plain_sums(raw: str) -> bool:
+    """Whether a stored ``key.ld_alpha`` is 1 (or 1.0): the same numbers as no ld_alpha."""
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        return False
+    return type(value) in (int, float) and value == 1
 
 
 def _short(value: object) -> str:
@@ -269,6 +294,8 @@ class RefLogprobCache:
         for meta_name in sorted(metadata):
             name = meta_name.removeprefix(_META_KEY_PREFIX)
             if name != meta_name and name not in now_fields:  # e.g. share_prompt = true
+                if name == "ld_alpha" and _means_plain_sums(metadata[meta_name]):
+                    continue  # written by a key that kept ld_alpha = 1: the plain sums
                 cached = _short(metadata[meta_name])
                 return None, f"key mismatch: {name} differs (cached {cached}, now unset)"
         for name, now in now_fields.items():

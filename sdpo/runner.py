@@ -660,8 +660,7 @@ class StepwiseRunner:
             dtype_policy=self.precision,
             kernels_impl=self.impl,
             share_prompt=self.cfg.train.share_prompt,
-            # 1 gives the plain sums bit for bit: the same key as unset
-            ld_alpha=None if self.cfg.loss.ld_alpha in (None, 1) else float(self.cfg.loss.ld_alpha),
+            ld_alpha=self.cfg.loss.ld_alpha,  # 1 and unset give one key (CacheKey's rule)
         )
 
     def _pairs_fingerprint(self, pairs: Sequence[TokenizedPair]) -> str:

@@ -135,6 +135,45 @@ def test_key_digest_is_stable_and_changes_with_any_field():
     assert len(digests) == 4
 
 
+def test_ld_alpha_one_and_unset_give_one_key_and_the_same_file_is_accepted(tmp_path):
+    """ld_alpha = 1 weighs every token 1, the plain sums bit for bit: a key built with it by
+    hand (as the runner's is not) equals the unset one, in its fields, its digest and the
+    file it accepts; a NumPy or integer spelling of a number gives that number's key."""
+    plain, one = make_key(), make_key(ld_alpha=1)
+    assert one == plain == make_key(ld_alpha=1.0) and one.digest() == plain.digest()
+    assert "ld_alpha" not in one.fields()
+    assert make_key(ld_alpha=np.float64(0.5)).digest() == make_key(ld_alpha=0.5).digest()
+    assert make_key(ld_alpha=0).digest() == make_key(ld_alpha=0.0).digest()
+    values = random_values(5, seed=12)
+    cache = RefLogprobCache(tmp_path / "ref.safetensors")
+    cache.save(values, one)
+    assert cache.load(plain)[1] == "ok"
+    cache.save(values, make_key(ld_alpha=0.5))
+    assert cache.load(one)[1] == "key mismatch: ld_alpha differs (cached 0.5, now unset)"
+    with pytest.raises(ValueError, match=r"ld_alpha must be None \(off\) or a number in \[0, 1\]"):
+        make_key(ld_alpha=1.5)
+
+
+def test_a_file_written_under_a_key_that_kept_ld_alpha_one_is_still_read(saved):
+    """Keys built by hand with ld_alpha = 1 used to store it ("key.ld_alpha": "1"); those files
+    hold the plain sums, so the normalised key reads them (ld_alpha = 0.5 still does not)."""
+    cache, values = saved
+    blob = cache.path.read_bytes()
+    tensors = safetensors.torch.load(blob)
+    with safetensors.safe_open(cache.path, framework="pt") as f:
+        meta = f.metadata()
+    for stored in ("1", "1.0", "0.5"):
+        cache.path.write_bytes(
+            safetensors.torch.save(tensors, metadata={**meta, "key.ld_alpha": stored})
+        )
+        loaded, reason = cache.load(make_key(ld_alpha=1))
+        if stored == "0.5":
+            assert loaded is None and reason.startswith("key mismatch: ld_alpha"), reason
+        else:
+            assert reason == "ok"
+            assert_same_values(values, loaded)
+
+
 def test_flipped_byte_in_tensor_data_is_a_checksum_mismatch_not_an_error(saved):
     cache, _ = saved
     start, end = data_region(cache.path)
