@@ -137,8 +137,20 @@ class RefValues:
 
     def subset(self, pair_indices: Sequence[int] | torch.Tensor) -> RefValues:
         """The values of the given pairs, in the given order. Raises KeyError naming pair
-        indices that are not in this set."""
-        query = torch.as_tensor(pair_indices, dtype=torch.int64).reshape(-1)
+        indices that are not in this set, and ValueError for a pair index given twice (the
+        result holds each pair once, as every RefValues does) or a boolean mask."""
+        query = torch.as_tensor(pair_indices)
+        if query.dtype == torch.bool:
+            raise ValueError(
+                "RefValues.subset takes pair indices (TokenizedPair.index), not a boolean mask; "
+                "for a mask over these values pass values.pair_indices[mask]"
+            )
+        if query.is_floating_point() and not bool((query == query.round()).all()):
+            raise ValueError(
+                f"RefValues.subset takes integer pair indices, got {query.reshape(-1)[:5].tolist()}"
+            )
+        query = query.to(torch.int64).reshape(-1)
+        _check_no_repeats(query)
         order = torch.argsort(self.pair_indices)
         have = self.pair_indices[order]  # (P,) sorted
         pos = torch.searchsorted(have, query).clamp_(max=max(have.numel() - 1, 0))
@@ -164,6 +176,23 @@ class RefValues:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in _TENSOR_DTYPES}
+
+
+def _check_no_repeats(query: torch.Tensor) -> None:
+    """RefValues.subset's pair indices are each given once: the first repeated one is named,
+    with the positions where it stands."""
+    _, inverse, counts = torch.unique(query, return_inverse=True, return_counts=True)
+    repeated = counts[inverse] > 1
+    if not bool(repeated.any()):
+        return
+    value = int(query[repeated.nonzero()[0, 0]])
+    where = (query == value).nonzero()[:, 0].tolist()
+    raise ValueError(
+        f"RefValues.subset: pair index {value} is given {len(where)} times, at positions "
+        f"{where[:5]}{' ...' if len(where) > 5 else ''} of the {query.numel()} indices; a "
+        "RefValues holds each pair once, so ask for each pair once (torch.unique) and repeat "
+        "rows of the result's tensors where a pair is needed twice"
+    )
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -284,6 +284,31 @@ def test_subset_of_an_unknown_pair_raises_naming_it():
         v.subset([int(v.pair_indices[0]), absent])
 
 
+def test_subset_names_a_pair_index_given_twice_and_where():
+    """A RefValues holds each pair once, so a repeated index is refused, naming it and its
+    positions (it was "RefValues.pair_indices must be unique ... Each pair must be scored
+    once", as if the stored values were at fault)."""
+    v = random_values(9, seed=10)
+    a, b = (int(i) for i in v.pair_indices[:2])
+    with pytest.raises(
+        ValueError, match=rf"pair index {b} is given 2 times, at positions \[1, 3\]"
+    ):
+        v.subset([a, b, int(v.pair_indices[4]), b])
+
+
+def test_subset_refuses_a_boolean_mask_and_fractional_indices():
+    v = random_values(9, seed=11)
+    mask = torch.zeros(9, dtype=torch.bool)
+    mask[int(v.pair_indices.argmin())] = True  # one True: once read as pair index 1 (or 0)
+    with pytest.raises(ValueError, match=r"not a boolean mask.*values\.pair_indices\[mask\]"):
+        v.subset(mask)
+    with pytest.raises(ValueError, match=r"integer pair indices, got \[2\.5\]"):
+        v.subset(torch.tensor([2.5]))
+    whole = v.pair_indices[[3, 0]]
+    assert torch.equal(v.subset(whole.double()).pair_indices, whole)  # integral floats are ids
+    assert torch.equal(v.subset(v.pair_indices[mask]).pair_indices, v.pair_indices[mask])
+
+
 def test_concat_joins_parts_in_order_and_rejects_overlap():
     v = random_values(23, seed=8)
     a, b = v.subset(v.pair_indices[:10]), v.subset(v.pair_indices[10:])
