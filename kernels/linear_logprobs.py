@@ -575,6 +575,20 @@ def _check_whole_pairs(num_seqs: int) -> None:
         )
 
 
+def _check_pair_loss_size(pair_loss: PairLoss, num_seqs: int) -> None:
+    """A ``pair_loss`` that carries its batch's pair count (``num_pairs``, as
+    ``sdpo.losses.make_pair_loss`` sets it) must be this batch's: its values are sliced by the
+    pairs' positions, so values of more pairs (a data set's whole reference column, say) would
+    be read against the wrong pairs, silently."""
+    expected = getattr(pair_loss, "num_pairs", None)
+    if expected is not None and expected != num_seqs // 2:
+        raise ValueError(
+            f"pair_loss holds per-pair values (reference log-probs, token counts) of {expected} "
+            f"pairs but this batch has {num_seqs // 2} (num_seqs = {num_seqs}): build it from "
+            "the values of this batch's pairs, in their order"
+        )
+
+
 def _pair_tokens_from_seq_ids(seq_ids: torch.Tensor, num_seqs: int) -> list[int]:
     """Tokens per pair, read from ``seq_ids``: one host sync (a single ``.tolist()``)."""
     n = seq_ids.shape[0]
@@ -1051,7 +1065,8 @@ def linear_pair_loss(
     flattened (B, T) batch). Sequence 2p is the chosen and 2p+1 the rejected completion of
     pair p, back to back in the token stream. ``pair_loss(chosen_logps (k,), rejected_logps
     (k,), pairs: slice)`` returns the scalar sum of the loss terms of pairs ``pairs``
-    (differentiable in its two inputs, fp32). Returns ``(loss, seq_logps (S,) fp32
+    (differentiable in its two inputs, fp32); one with a ``num_pairs`` attribute (as
+    ``sdpo.losses.make_pair_loss`` gives it) must have num_seqs / 2 of them. Returns ``(loss, seq_logps (S,) fp32
     detached)`` where loss is the 0-dim fp32 sum over chunks. Chunks hold whole pairs, about
     ``chunk_tokens`` tokens each (a longer pair gets a chunk of its own).
     ``grad_weight_dtype`` as in :func:`sequence_logprobs`. The gradients are formed in the
@@ -1100,6 +1115,7 @@ def linear_pair_loss(
     _check_linear_inputs(hidden, weight, labels, seq_ids, num_seqs)
     check_token_weights(token_weights, hidden.shape[0], device=hidden.device)
     _check_whole_pairs(num_seqs)
+    _check_pair_loss_size(pair_loss, num_seqs)
     impl = resolve_impl(impl, hidden.device)
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(

@@ -514,6 +514,18 @@ def _logratio_losses(kind: str, config: LossConfig, lc: Tensor, lr: Tensor) -> T
     raise AssertionError(f"unhandled loss_type {kind!r}")
 
 
+def _check_tensors(named: dict[str, object]) -> None:
+    """Each per-pair input is a tensor or None: a list or a NumPy array (a data set's
+    column) would fail deep inside the loss with no name."""
+    for name, value in named.items():
+        if value is not None and not isinstance(value, Tensor):
+            raise TypeError(
+                f"{name} must be a torch.Tensor (one value per pair), got "
+                f"{type(value).__module__}.{type(value).__qualname__}: convert it with "
+                "torch.as_tensor"
+            )
+
+
 def _check_inputs(
     policy_chosen: Tensor,
     policy_rejected: Tensor,
@@ -527,6 +539,7 @@ def _check_inputs(
     rejected_aligned: Tensor | None = None,
     chosen_raw: Tensor | None = None,
 ) -> None:
+    _check_tensors({"policy_chosen": policy_chosen, "policy_rejected": policy_rejected})
     if policy_chosen.dim() != 1 or policy_chosen.shape != policy_rejected.shape:
         raise ValueError(
             "policy_chosen and policy_rejected must be 1-D tensors of the same length (one "
@@ -541,6 +554,7 @@ def _check_inputs(
         named |= {"chosen_aligned": chosen_aligned, "rejected_aligned": rejected_aligned}
     if config.needs_raw_logps:
         named |= {"chosen_raw": chosen_raw}
+    _check_tensors(named)
     for name, t in named.items():
         if t is None:
             if name.startswith("ref_") and config.reference_free:
@@ -644,20 +658,18 @@ def make_pair_loss(
     :func:`dpo_loss`; None: (the batch's pairs) / (their chosen completion tokens).
     ``sdpo.kernels.linear_pair_loss(..., pair_loss=make_pair_loss(...))`` consumes it.
     """
+    per_pair = {
+        "ref_chosen": ref_chosen,
+        "ref_rejected": ref_rejected,
+        "chosen_tokens": chosen_tokens,
+        "rejected_tokens": rejected_tokens,
+    }
+    _check_tensors(per_pair)
     if sft_scale is None and "sft" in config.loss_types and chosen_tokens is not None:
         sft_scale = chosen_tokens.shape[0] / chosen_tokens.to(torch.float64).sum().clamp(min=1.0)
     if not isinstance(normalizer, Tensor) and not float(normalizer) > 0:  # NumPy's numbers too
         raise ValueError(f"normalizer must be > 0, got {normalizer!r}")
-    lengths = {
-        name: t.shape[0]
-        for name, t in (
-            ("ref_chosen", ref_chosen),
-            ("ref_rejected", ref_rejected),
-            ("chosen_tokens", chosen_tokens),
-            ("rejected_tokens", rejected_tokens),
-        )
-        if t is not None
-    }
+    lengths = {name: t.shape[0] for name, t in per_pair.items() if t is not None}
     if len(set(lengths.values())) > 1:
         raise ValueError(
             f"the per-pair inputs must have one length, the batch's number of pairs; got {lengths}"
@@ -702,6 +714,8 @@ def make_pair_loss(
         )
         return out.losses.sum() / normalizer
 
+    # read by linear_pair_loss, which refuses a batch of another size (values of other pairs)
+    pair_loss.num_pairs = num_pairs
     return pair_loss
 
 

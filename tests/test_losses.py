@@ -426,6 +426,39 @@ def test_pair_loss_rejects_a_slice_that_does_not_match_its_inputs():
         )
 
 
+def test_per_pair_inputs_that_are_not_tensors_are_named_when_the_loss_is_built():
+    """A data set's reference column as a list or NumPy array: refused naming the input (it
+    passed make_pair_loss and failed at the first chunk with "'numpy.ndarray' object has no
+    attribute 'to'"), and likewise by dpo_loss."""
+    pc, pr, rc, rr, _, _ = random_batch(3, seed=4)
+    for bad in (rr.tolist(), rr.numpy()):
+        with pytest.raises(TypeError, match=r"ref_rejected must be a torch\.Tensor.*as_tensor"):
+            make_pair_loss(LossConfig(), ref_chosen=rc, ref_rejected=bad)
+        with pytest.raises(TypeError, match=r"ref_rejected must be a torch\.Tensor"):
+            dpo_loss(pc, pr, rc, bad, config=LossConfig())
+    with pytest.raises(TypeError, match=r"policy_chosen must be a torch\.Tensor"):
+        dpo_loss(pc.numpy(), pr, rc, rr, config=LossConfig())
+
+
+def test_linear_pair_loss_refuses_a_pair_loss_built_for_another_number_of_pairs():
+    """make_pair_loss over a whole data set's reference values, used on a batch of fewer pairs:
+    its values were sliced by position, read against the wrong pairs, silently."""
+    from sdpo.kernels import linear_pair_loss
+
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(12, 5, generator=g), torch.randn(7, 5, generator=g)
+    labels = torch.randint(0, 7, (12,), generator=g)
+    seq_ids = torch.arange(4).repeat_interleave(3)  # 4 sequences: 2 pairs
+    ref = -torch.rand(3, generator=g) * 10
+    whole = make_pair_loss(LossConfig(), ref_chosen=ref, ref_rejected=ref - 1)
+    with pytest.raises(ValueError, match=r"values .* of 3 pairs but this batch has 2"):
+        linear_pair_loss(h, w, labels, seq_ids, 4, pair_loss=whole, impl="torch")
+    batch = make_pair_loss(LossConfig(), ref_chosen=ref[:2], ref_rejected=ref[:2] - 1)
+    loss, logps = linear_pair_loss(h, w, labels, seq_ids, 4, pair_loss=batch, impl="torch")
+    want = dpo_loss(logps[0::2], logps[1::2], ref[:2], ref[:2] - 1, config=LossConfig())
+    torch.testing.assert_close(loss, want.losses.sum(), rtol=1e-6, atol=1e-6)
+
+
 def test_metrics_are_batch_means_under_contract_names():
     pc, pr, rc, rr, _, _ = random_batch(11, seed=9)
     beta = 0.1
