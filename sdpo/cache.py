@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import numbers
 import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
@@ -217,6 +218,27 @@ class CacheKey:
     ld_alpha: float | None = None
 
     def __post_init__(self) -> None:
+        # the fields are written as JSON and compared with what a file holds, so each is
+        # checked here: a torch.dtype or bytes would fail in json at save, a "1024" would
+        # never equal 1024
+        for name in _KEY_STRS:
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                hint = " (name it, e.g. 'bf16')" if name == "dtype_policy" else ""
+                raise TypeError(
+                    f"CacheKey.{name} must be a str, got {type(value).__qualname__} {value!r}{hint}"
+                )
+        for name in ("max_length", "max_prompt_length"):
+            value = getattr(self, name)
+            if value is None and name == "max_prompt_length":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(
+                    f"CacheKey.{name} must be an int, got {type(value).__qualname__} {value!r}"
+                )
+            object.__setattr__(self, name, int(value))  # a NumPy int as the same key
+        if not isinstance(self.share_prompt, bool):
+            raise TypeError(f"CacheKey.share_prompt must be a bool, got {self.share_prompt!r}")
         object.__setattr__(self, "ld_alpha", _key_ld_alpha(self.ld_alpha))
 
     def fields(self) -> dict[str, str | int | float | None]:
@@ -233,6 +255,16 @@ class CacheKey:
         """sha256 hex of the key (stable across runs; usable in a file name)."""
         text = json.dumps(self.fields(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+_KEY_STRS = (
+    "model_fingerprint",
+    "data_fingerprint",
+    "tokenizer_fingerprint",
+    "truncation",
+    "dtype_policy",
+    "kernels_impl",
+)
 
 
 def _key_ld_alpha(value: object) -> float | None:
@@ -293,6 +325,12 @@ class RefLogprobCache:
     def save(self, values: RefValues, key: CacheKey) -> None:
         """Write ``values`` under ``key``; the old file (if any) stays intact until the new one
         is complete."""
+        _check_key(key)
+        if not isinstance(values, RefValues):
+            raise TypeError(
+                f"values must be a sdpo.cache.RefValues, got {type(values).__qualname__}: "
+                "RefValues.from_scores(result) converts a scoring result (score_pairs' PairLogps)"
+            )
         tensors = values.tensors()
         metadata = {_META_VERSION: CACHE_FORMAT_VERSION, _META_CHECKSUM: _tensors_checksum(tensors)}
         for name, value in key.fields().items():
@@ -304,6 +342,7 @@ class RefLogprobCache:
         """``(values, "ok")`` when the file exists and its key and checksum match, else
         ``(None, reason)`` with reason one of "missing", "format version …", "key mismatch: …",
         "checksum mismatch (file damaged)", "unreadable: …". Never raises on a bad file."""
+        _check_key(key)
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -355,6 +394,13 @@ class RefLogprobCache:
         except ValueError as e:
             return None, f"unreadable: {e}"
         return values, "ok"
+
+
+def _check_key(key: object) -> None:
+    """RefLogprobCache's key, named when it is something else (the arguments of ``save``
+    swapped, a dict of fields) instead of an AttributeError from inside."""
+    if not isinstance(key, CacheKey):
+        raise TypeError(f"key must be a sdpo.cache.CacheKey, got {type(key).__qualname__}")
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

@@ -174,6 +174,27 @@ def test_a_file_written_under_a_key_that_kept_ld_alpha_one_is_still_read(saved):
             assert_same_values(values, loaded)
 
 
+def test_cache_arguments_of_the_wrong_type_are_named(saved):
+    """A scoring result saved as it is, save's arguments swapped, a dict for a key, a dtype for
+    dtype_policy, a string length: each named (they were AttributeErrors from inside, a json
+    error at save, or a key that never matched its file)."""
+    from sdpo.engine.scoring import PairLogps
+
+    cache, values = saved
+    with pytest.raises(TypeError, match=r"values must be a sdpo\.cache\.RefValues, got PairLogps"):
+        cache.save(PairLogps(**values.tensors()), make_key())
+    with pytest.raises(TypeError, match="key must be a sdpo.cache.CacheKey, got RefValues"):
+        cache.save(make_key(), values)
+    with pytest.raises(TypeError, match="key must be a sdpo.cache.CacheKey, got dict"):
+        cache.load(make_key().fields())
+    with pytest.raises(TypeError, match=r"CacheKey\.dtype_policy must be a str, got dtype"):
+        make_key(dtype_policy=torch.bfloat16)
+    with pytest.raises(TypeError, match=r"CacheKey\.max_length must be an int, got str '1024'"):
+        make_key(max_length="1024")
+    assert make_key(max_length=np.int64(1024)) == make_key()  # a NumPy int is the same key
+    assert cache.load(make_key(max_length=np.int64(1024)))[1] == "ok"
+
+
 def test_flipped_byte_in_tensor_data_is_a_checksum_mismatch_not_an_error(saved):
     cache, _ = saved
     start, end = data_region(cache.path)
