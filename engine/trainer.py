@@ -540,6 +540,23 @@ def check_trainable(model: torch.nn.Module, who: str) -> None:
         )
 
 
+def check_reference_table(ref: object, who: str) -> None:
+    """The reference values are a ``PairLogps`` (``score_pairs``' result): another table, such
+    as the ``sdpo.cache.RefValues`` that ``RefLogprobCache.load`` returns, failed with an
+    AttributeError at its first lookup (in run_sdpo after M0's scoring pass). Refused up front,
+    with the conversion."""
+    if not isinstance(ref, PairLogps):
+        hint = (
+            ": convert it with .to_pair_logps()"
+            if callable(getattr(ref, "to_pair_logps", None))
+            else ""
+        )
+        raise TypeError(
+            f"{who} takes the reference values as a PairLogps (score_pairs' result), got "
+            f"{type(ref).__qualname__}{hint}"
+        )
+
+
 def _loss_config(loss_fn: PairLossFn) -> Any:
     """The config a loss function is bound to (``partial(dpo_loss, config=...)``), or None."""
     return getattr(loss_fn, "keywords", {}).get("config")
@@ -1133,6 +1150,7 @@ class DPOTrainer:
         check_grad_mode("DPOTrainer.fit")
         # bad input before any update, not at the micro-batch that holds it
         check_token_ids(pairs, vocab_size=self.model.lm_head_weight.shape[0])
+        check_reference_table(ref, "DPOTrainer.fit")
         ref.rows_for(torch.tensor([p.index for p in pairs], dtype=torch.int64))  # all in ref
         cfg = self.config
         torch.manual_seed(cfg.seed)

@@ -54,6 +54,7 @@ from sdpo.engine.trainer import (
     TrainConfig,
     cast_for_precision,
     check_grad_mode,
+    check_reference_table,
     check_trainable,
     plan_steps,
 )
@@ -156,6 +157,8 @@ def run_sdpo(
             f"Hugging Face causal LM (with get_decoder()); {type(model).__name__} has neither"
         )
     check_trainable(model.hf_model if isinstance(model, PackedCausalLM) else model, "run_sdpo")
+    if reference is not None:
+        check_reference_table(reference, "run_sdpo")
     # dropout off for the run, as the runner loads a folder (sdpo's decoder has none): the
     # policy must compute the values its reference pass cached; the caller's rates come back
     off = dropout_off(model.hf_model) if isinstance(model, PackedCausalLM) else nullcontext()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from sdpo.cache import RefValues
 from sdpo.config import config_from_dict
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
@@ -546,6 +547,13 @@ def test_scoring_and_training_name_a_bad_hand_built_id_and_keep_the_mode(one_thr
     pairs[2].chosen_ids[0] = 1  # and reference values that lack the last pair
     with pytest.raises(KeyError, match=r"no reference values for pairs \[2\]"):
         trainer.fit(pairs, PairLogps(**_first_rows(ref, 2)))
+    # the table RefLogprobCache.load returns: named with its conversion (an AttributeError
+    # at its first lookup), and run_sdpo refuses it before M0's scoring pass
+    table = RefValues.from_scores(ref)
+    with pytest.raises(TypeError, match=r"fit takes .* PairLogps .*got RefValues: .*to_pair_logps"):
+        trainer.fit(pairs, table)
+    with pytest.raises(TypeError, match=r"run_sdpo takes .* PairLogps .*got RefValues"):
+        run_sdpo(wrapped, pairs, steps=2, reference=table, kernels_impl="torch")
     for key, tensor in wrapped.state_dict().items():  # refused before the first update
         assert torch.equal(tensor, weights[key]), key
 
