@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,6 +57,22 @@ class TokenizedPair:
     source: str = ""  # data source name (sDPO partitions by source)
     truncated: bool = False
 
+    def __post_init__(self) -> None:
+        # pairs built by hand (the embedding API): a NumPy index or ids held as a tensor or an
+        # array (a tokenizer's return_tensors output) become plain ints and lists here, as the
+        # packer and the caches expect; anything else is named. Lists of ints pass as they are
+        # (the tokenizer and the token cache build millions of pairs).
+        if type(self.index) is not int:
+            if isinstance(self.index, bool) or not isinstance(self.index, numbers.Integral):
+                raise TypeError(
+                    f"TokenizedPair.index must be an int, got {type(self.index).__qualname__} "
+                    f"{self.index!r}"
+                )
+            self.index = int(self.index)
+        for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            if type(getattr(self, field)) is not list:
+                setattr(self, field, _id_list(getattr(self, field), self.index, field))
+
     @property
     def num_tokens(self) -> int:
         """Tokens this pair occupies in a packed batch (the prompt is stored twice)."""
@@ -65,6 +82,41 @@ class TokenizedPair:
     def num_shared_tokens(self) -> int:
         """Tokens this pair occupies in a shared-prompt batch (the prompt is stored once)."""
         return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+def _id_list(ids: object, index: int, field: str) -> list[int]:
+    """Token ids given as a 1-D integer tensor, array, tuple or range, as a list of ints."""
+    if isinstance(ids, Tensor | np.ndarray):
+        if isinstance(ids, Tensor):
+            integer = not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+        else:
+            integer = np.issubdtype(ids.dtype, np.integer)
+        if ids.ndim == 1 and integer:
+            return ids.tolist()
+        raise TypeError(
+            f"pair {index}: {field} must be 1-D integer token ids, got a {tuple(ids.shape)} "
+            f"{type(ids).__qualname__} of {ids.dtype} (a tokenizer's (1, T) output: take row 0)"
+        )
+    if isinstance(ids, tuple | range) and all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids
+    ):
+        return [int(i) for i in ids]
+    raise TypeError(
+        f"pair {index}: {field} must be a list of int token ids, got {type(ids).__qualname__} "
+        f"{str(ids)[:40]}"
+    )
+
+
+def check_pair_types(pairs: Sequence[object], who: str) -> None:
+    """Every pair a ``TokenizedPair``: a data set's row (a dict of ``*_input_ids``) failed deep
+    in the batch planner with an AttributeError."""
+    for i, p in enumerate(pairs):
+        if not isinstance(p, TokenizedPair):
+            raise TypeError(
+                f"{who}: pairs[{i}] is a {type(p).__qualname__}, not a TokenizedPair; build the "
+                "pairs with sdpo.engine.tokenize.tokenize_pairs or as TokenizedPair(index=..., "
+                "prompt_ids=..., chosen_ids=..., rejected_ids=...)"
+            )
 
 
 @dataclass(kw_only=True)

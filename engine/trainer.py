@@ -67,6 +67,7 @@ from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
     check_ld_alpha,
+    check_pair_types,
     check_token_ids,
     head_rows,
     pack_pairs,
@@ -1148,6 +1149,7 @@ class DPOTrainer:
         if not pairs:
             raise ValueError("DPOTrainer.fit needs at least one pair")
         check_grad_mode("DPOTrainer.fit")
+        check_pair_types(pairs, "DPOTrainer.fit")
         # bad input before any update, not at the micro-batch that holds it
         check_token_ids(pairs, vocab_size=self.model.lm_head_weight.shape[0])
         check_reference_table(ref, "DPOTrainer.fit")

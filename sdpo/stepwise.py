@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from sdpo.engine.hf import PackedCausalLM, dropout_off, router_aux_loss_coef_for
-from sdpo.engine.packing import TokenizedPair, check_token_ids
+from sdpo.engine.packing import TokenizedPair, check_pair_types, check_token_ids
 from sdpo.engine.precision import resolve_precision
 from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.trainer import (
@@ -169,6 +169,7 @@ def run_sdpo(
     # caller passed has its own coefficient back after the run, however it ends
     with off, router_aux_loss_coef_for(model, loss.router_aux_loss_coef):
         pairs = list(pairs)
+        check_pair_types(pairs, "run_sdpo")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if len(pairs) < steps:

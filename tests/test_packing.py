@@ -111,6 +111,32 @@ def test_pack_pairs_refuses_empty_prompt_completion_and_batch():
         pack_pairs([])
 
 
+def test_hand_built_pairs_take_tensor_and_array_ids_and_name_anything_else():
+    """A tokenizer's tensors or NumPy ids (and a NumPy index) become the lists and ints the
+    packer reads, so they pack as the lists do; they failed with "Boolean value of Tensor ...
+    is ambiguous" at the first batch. A string, a (1, T) batch or float ids are named."""
+    listed = TokenizedPair(index=3, prompt_ids=[5, 6], chosen_ids=[7, 8, 2], rejected_ids=[9, 2])
+    given = TokenizedPair(
+        index=np.int64(3),
+        prompt_ids=torch.tensor([5, 6]),
+        chosen_ids=np.array([7, 8, 2], dtype=np.int32),
+        rejected_ids=(9, 2),
+    )
+    assert given == listed and type(given.index) is int and type(given.chosen_ids[0]) is int
+    for name in ("input_ids", "labels", "seq_ids", "cu_seqlens"):
+        assert torch.equal(getattr(pack_pairs([given]), name), getattr(pack_pairs([listed]), name))
+    cases = [
+        (dict(chosen_ids="hello"), r"pair 3: chosen_ids must be a list of int token ids, got str"),
+        (dict(prompt_ids=torch.tensor([[5, 6]])), r"pair 3: prompt_ids must be 1-D .* \(1, 2\)"),
+        (dict(rejected_ids=np.array([9.0, 2.0])), r"rejected_ids must be 1-D integer .*float64"),
+        (dict(index="3"), r"TokenizedPair.index must be an int, got str"),
+    ]
+    for change, message in cases:
+        fields = dict(index=3, prompt_ids=[5, 6], chosen_ids=[7, 8, 2], rejected_ids=[9, 2])
+        with pytest.raises(TypeError, match=message):
+            TokenizedPair(**{**fields, **change})
+
+
 def test_packed_batch_to_moves_every_tensor():
     pairs = random_pairs(np.random.default_rng(3), 3)
     b = pack_pairs(pairs).to("meta")

@@ -554,6 +554,14 @@ def test_scoring_and_training_name_a_bad_hand_built_id_and_keep_the_mode(one_thr
         trainer.fit(pairs, table)
     with pytest.raises(TypeError, match=r"run_sdpo takes .* PairLogps .*got RefValues"):
         run_sdpo(wrapped, pairs, steps=2, reference=table, kernels_impl="torch")
+    # a data set's rows given as pairs: named (an AttributeError deep in the batch planner)
+    rows = [*pairs[:2], {"prompt_input_ids": [1], "chosen_input_ids": [2]}]
+    with pytest.raises(TypeError, match=r"score_pairs: pairs\[2\] is a dict, not a TokenizedPair"):
+        score_pairs(wrapped, rows, max_tokens_per_batch=256, impl="torch")
+    with pytest.raises(TypeError, match=r"DPOTrainer.fit: pairs\[2\] is a dict"):
+        trainer.fit(rows, ref)
+    with pytest.raises(TypeError, match=r"run_sdpo: pairs\[2\] is a dict"):
+        run_sdpo(wrapped, rows, steps=2, kernels_impl="torch")
     for key, tensor in wrapped.state_dict().items():  # refused before the first update
         assert torch.equal(tensor, weights[key]), key
 
