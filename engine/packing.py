@@ -107,15 +107,24 @@ def _id_list(ids: object, index: int, field: str) -> list[int]:
     )
 
 
-def check_pair_types(pairs: Sequence[object], who: str) -> None:
-    """Every pair a ``TokenizedPair``: a data set's row (a dict of ``*_input_ids``) failed deep
-    in the batch planner with an AttributeError."""
+def check_pairs(pairs: Sequence[object], who: str) -> None:
+    """Every pair a ``TokenizedPair`` (a data set's row, a dict of ``*_input_ids``, failed
+    deep in the batch planner with an AttributeError), each with its own ``index``: the
+    reference values are looked up by it, so two pairs sharing one (ids restarted at 0 for
+    each source, say) would both get the values of one of them, silently."""
+    seen: dict[int, int] = {}
     for i, p in enumerate(pairs):
         if not isinstance(p, TokenizedPair):
             raise TypeError(
                 f"{who}: pairs[{i}] is a {type(p).__qualname__}, not a TokenizedPair; build the "
                 "pairs with sdpo.engine.tokenize.tokenize_pairs or as TokenizedPair(index=..., "
                 "prompt_ids=..., chosen_ids=..., rejected_ids=...)"
+            )
+        first = seen.setdefault(p.index, i)
+        if first != i:
+            raise ValueError(
+                f"{who}: pairs[{first}] and pairs[{i}] share the index {p.index}; each pair "
+                "needs its own TokenizedPair.index (the reference values are looked up by it)"
             )
 
 

@@ -34,7 +34,7 @@ from sdpo.engine.packing import (
     batch_by_token_budget,
     check_batch_ids,
     check_ld_alpha,
-    check_pair_types,
+    check_pairs,
     head_rows,
     pack_pairs,
     pack_pairs_shared,
@@ -196,7 +196,7 @@ def score_pairs(
         )
     if not pairs:
         raise ValueError("score_pairs needs at least one pair")
-    check_pair_types(pairs, "score_pairs")
+    check_pairs(pairs, "score_pairs")
     if data_parallel is None:
         data_parallel = distributed.active()
     local = pairs

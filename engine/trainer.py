@@ -67,7 +67,7 @@ from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
     check_ld_alpha,
-    check_pair_types,
+    check_pairs,
     check_token_ids,
     head_rows,
     pack_pairs,
@@ -541,6 +541,16 @@ def check_trainable(model: torch.nn.Module, who: str) -> None:
         )
 
 
+def check_config_type(value: object, cls: type, name: str, who: str) -> None:
+    """A settings object of the right class: a dict or a TRL config (``DPOConfig``,
+    ``TrainingArguments``) failed later with an AttributeError on the first field read."""
+    if not isinstance(value, cls):
+        raise TypeError(
+            f"{who}: {name} must be a {cls.__module__}.{cls.__qualname__}, got "
+            f"{type(value).__qualname__}: build one, {cls.__qualname__}(field=value, ...)"
+        )
+
+
 def check_reference_table(ref: object, who: str) -> None:
     """The reference values are a ``PairLogps`` (``score_pairs``' result): another table, such
     as the ``sdpo.cache.RefValues`` that ``RefLogprobCache.load`` returns, failed with an
@@ -621,6 +631,13 @@ class DPOTrainer:
     ) -> None:
         check_packed_model(model, "DPOTrainer")  # before the model is cast or anything built
         check_trainable(model, "DPOTrainer")
+        check_config_type(config, TrainConfig, "config", "DPOTrainer")
+        if not callable(loss_fn):
+            raise TypeError(
+                f"DPOTrainer: loss_fn must be a per-pair loss function, got "
+                f"{type(loss_fn).__qualname__}; for a loss config pass "
+                "functools.partial(sdpo.losses.dpo_loss, config=LossConfig(...))"
+            )
         self.model = model
         self.config = config
         self.loss_fn = loss_fn
@@ -1149,7 +1166,7 @@ class DPOTrainer:
         if not pairs:
             raise ValueError("DPOTrainer.fit needs at least one pair")
         check_grad_mode("DPOTrainer.fit")
-        check_pair_types(pairs, "DPOTrainer.fit")
+        check_pairs(pairs, "DPOTrainer.fit")
         # bad input before any update, not at the micro-batch that holds it
         check_token_ids(pairs, vocab_size=self.model.lm_head_weight.shape[0])
         check_reference_table(ref, "DPOTrainer.fit")

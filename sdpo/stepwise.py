@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from functools import partial
@@ -46,13 +45,14 @@ import torch
 from torch import nn
 
 from sdpo.engine.hf import PackedCausalLM, dropout_off, router_aux_loss_coef_for
-from sdpo.engine.packing import TokenizedPair, check_pair_types, check_token_ids
+from sdpo.engine.packing import TokenizedPair, check_pairs, check_token_ids
 from sdpo.engine.precision import resolve_precision
 from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.trainer import (
     DPOTrainer,
     TrainConfig,
     cast_for_precision,
+    check_config_type,
     check_grad_mode,
     check_reference_table,
     check_trainable,
@@ -164,24 +164,19 @@ def run_sdpo(
     off = dropout_off(model.hf_model) if isinstance(model, PackedCausalLM) else nullcontext()
     train = TrainConfig() if train is None else train
     loss = LossConfig() if loss is None else loss
+    check_config_type(train, TrainConfig, "train", "run_sdpo")
+    check_config_type(loss, LossConfig, "loss", "run_sdpo")
     # loss.router_aux_loss_coef: set on the model for the run (and refused for one without a
     # router loss) before any work, each step's trainer applying it again; a wrapper the
     # caller passed has its own coefficient back after the run, however it ends
     with off, router_aux_loss_coef_for(model, loss.router_aux_loss_coef):
         pairs = list(pairs)
-        check_pair_types(pairs, "run_sdpo")
+        check_pairs(pairs, "run_sdpo")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps must be a positive int, got {steps!r}")
         if len(pairs) < steps:
             raise ValueError(f"{len(pairs)} pairs cannot be cut into {steps} non-empty chunks")
         by_index = {p.index: p for p in pairs}
-        if len(by_index) != len(pairs):
-            counts = Counter(p.index for p in pairs)
-            repeated = sorted(i for i, n in counts.items() if n > 1)
-            raise ValueError(
-                f"pairs must have distinct TokenizedPair.index values; {repeated[:5]} occur more "
-                "than once (first five shown)"
-            )
         check_token_ids(pairs, vocab_size=model.lm_head_weight.shape[0])
         chunks = _chunks_from(partition, steps, set(by_index))
         beta_of = _per_step("betas", betas, steps, loss.beta)

@@ -186,6 +186,13 @@ def test_run_sdpo_refuses_bad_arguments_before_any_work(tiny_model_dir, tmp_path
             run_sdpo(model, pairs, **{"kernels_impl": "torch", **kwargs})
     with pytest.raises(TypeError, match="get_decoder"):
         PackedCausalLM(torch.nn.Linear(2, 2))
+    # settings as a dict: named (an AttributeError on the first field read)
+    with pytest.raises(
+        TypeError, match=r"run_sdpo: loss must be a sdpo\.losses\.LossConfig, got dict"
+    ):
+        run_sdpo(model, pairs, loss={"beta": 0.1}, kernels_impl="torch")
+    with pytest.raises(TypeError, match=r"run_sdpo: train must be a .*TrainConfig, got dict"):
+        run_sdpo(model, pairs, train={"learning_rate": 1e-6}, kernels_impl="torch")
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, weights[name])
 
@@ -334,7 +341,7 @@ def test_run_sdpo_names_the_pair_of_a_bad_hand_built_id_before_any_work(one_thre
         pairs[2].rejected_ids[-1] = value
         with pytest.raises(ValueError, match=rf"pair 2: rejected_ids holds token id {value}, .*48"):
             run_sdpo(hf, pairs, steps=2, partition="random", kernels_impl="torch")
-    with pytest.raises(ValueError, match=r"\[1, 3\] occur more than once"):
+    with pytest.raises(ValueError, match=r"run_sdpo: pairs\[1\] and pairs\[3\] share the index 1"):
         run_sdpo(hf, _hand_pairs([0, 1, 3, 1, 3]), steps=2, kernels_impl="torch")
     with pytest.raises(TypeError, match="Linear has neither"):
         run_sdpo(torch.nn.Linear(2, 2), _hand_pairs(range(4)), kernels_impl="torch")
@@ -544,6 +551,10 @@ def test_scoring_and_training_name_a_bad_hand_built_id_and_keep_the_mode(one_thr
     )
     with pytest.raises(ValueError, match=r"pair 2: chosen_ids holds token id 100"):
         trainer.fit(pairs, ref)
+    with pytest.raises(TypeError, match=r"loss_fn must be .*got LossConfig; .*partial\(sdpo"):
+        DPOTrainer(wrapped, config=TrainConfig(), loss_fn=LossConfig(), progress=False)
+    with pytest.raises(TypeError, match=r"DPOTrainer: config must be a .*TrainConfig, got dict"):
+        DPOTrainer(wrapped, config={}, loss_fn=trainer.loss_fn, progress=False)
     pairs[2].chosen_ids[0] = 1  # and reference values that lack the last pair
     with pytest.raises(KeyError, match=r"no reference values for pairs \[2\]"):
         trainer.fit(pairs, PairLogps(**_first_rows(ref, 2)))
@@ -562,6 +573,12 @@ def test_scoring_and_training_name_a_bad_hand_built_id_and_keep_the_mode(one_thr
         trainer.fit(rows, ref)
     with pytest.raises(TypeError, match=r"run_sdpo: pairs\[2\] is a dict"):
         run_sdpo(wrapped, rows, steps=2, kernels_impl="torch")
+    # two pairs sharing an index: both read one pair's reference values (run_sdpo refused it)
+    twins = [*pairs, *_hand_pairs([0], seed=9)]
+    with pytest.raises(ValueError, match=r"score_pairs: pairs\[0\] and pairs\[3\] share the "):
+        score_pairs(wrapped, twins, max_tokens_per_batch=256, impl="torch")
+    with pytest.raises(ValueError, match=r"DPOTrainer.fit: pairs\[0\] and pairs\[3\] share"):
+        trainer.fit(twins, ref)
     for key, tensor in wrapped.state_dict().items():  # refused before the first update
         assert torch.equal(tensor, weights[key]), key
 
