@@ -171,12 +171,29 @@ class RefValues:
         parts = list(parts)
         if not parts:
             return cls(**{name: torch.empty(0, dtype=dt) for name, dt in _TENSOR_DTYPES.items()})
+        _check_disjoint(parts)
         return cls(
             **{name: torch.cat([getattr(p, name) for p in parts]) for name in _TENSOR_DTYPES}
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in _TENSOR_DTYPES}
+
+
+def _check_disjoint(parts: list[RefValues]) -> None:
+    """RefValues.concat's parts hold disjoint pairs: a pair in two of them is named with both
+    (the joined table's own check would blame "pair_indices" as if one part were damaged)."""
+    where = torch.cat([torch.full((p.num_pairs,), k) for k, p in enumerate(parts)])
+    indices = torch.cat([p.pair_indices for p in parts])
+    _, inverse, counts = torch.unique(indices, return_inverse=True, return_counts=True)
+    repeated = counts[inverse] > 1
+    if bool(repeated.any()):
+        value = int(indices[repeated.nonzero()[0, 0]])
+        holders = sorted(set(where[indices == value].tolist()))
+        raise ValueError(
+            f"RefValues.concat: pair index {value} is in parts {holders}; the parts must hold "
+            "disjoint pairs (take one part's values with RefValues.subset first)"
+        )
 
 
 def _check_no_repeats(query: torch.Tensor) -> None:
