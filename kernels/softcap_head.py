@@ -106,6 +106,7 @@ def _softcap_fwd(
 def _softcap_forward(
     hidden, weight, labels, seq_ids, num_seqs, cap, chunk, token_weights, lsq, with_stats
 ):
+    """The forward op's numbers, one chunk of ``chunk`` rows of capped logits at a time."""
     dtype = _compute_dtype(hidden, weight)
     n = hidden.shape[0]
     token_logps = torch.zeros(n, dtype=torch.float32, device=hidden.device)
@@ -174,6 +175,7 @@ def _softcap_bwd(
 def _softcap_backward(
     grad_seq, hidden, weight, labels, seq_ids, cap, chunk, need_h, need_w, token_weights
 ):
+    """The backward op's gradients, recomputing each chunk's capped logits."""
     dtype = _compute_dtype(hidden, weight)
     # each scored token's share of its sequence's gradient, times its weight
     g_tok = weighted(grad_seq.float()[seq_ids], token_weights)
