@@ -403,6 +403,12 @@ def _sequence_logprobs_bwd_fake(
     need_weight,
     token_weights=None,
 ):
+    return _fake_head_grads(hidden, weight, need_hidden, need_weight)
+
+
+def _fake_head_grads(hidden, weight, need_hidden: bool, need_weight: bool) -> list:
+    """A head backward op's fake outputs: [grad_hidden if need_hidden, grad_weight if
+    need_weight], contiguous, in hidden's and weight's shapes and dtypes."""
     grads = []
     if need_hidden:
         grads.append(torch.empty_like(hidden, memory_format=torch.contiguous_format))

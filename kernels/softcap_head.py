@@ -42,6 +42,7 @@ from .linear_logprobs import (
     _accumulate_grad_weight,
     _check_linear_shapes,
     _compute_dtype,
+    _fake_head_grads,
     default_chunk_tokens,
 )
 from .logprobs import (
@@ -212,12 +213,7 @@ def _softcap_backward(
 def _softcap_bwd_fake(
     grad_seq, hidden, weight, labels, seq_ids, cap, chunk, need_h, need_w, token_weights=None
 ):
-    grads = []
-    if need_h:
-        grads.append(torch.empty_like(hidden, memory_format=torch.contiguous_format))
-    if need_w:
-        grads.append(torch.empty_like(weight, memory_format=torch.contiguous_format))
-    return grads
+    return _fake_head_grads(hidden, weight, need_h, need_w)
 
 
 def _softcap_setup_context(ctx, inputs, output) -> None:
