@@ -12,10 +12,10 @@ scores one contiguous shard of the pairs, about equal in tokens
 same table. Batches are cut within a shard, so values can differ from a single-process pass by
 float rounding (a different batch composition), not more. With a mixture of experts' router
 loss, a value of the whole batch, the shards end where one process's batches end, so the ranks
-score exactly its batches and each batch's router loss is the one one process gets. A sharded model (``train.fsdp``,
-``engine/sharding.py``) gathers its parameters in collectives, so every rank runs as many
-forward passes as the rank with the most batches (the others score a filler pair whose values
-are dropped).
+score exactly its batches and each batch's router loss is the one one process gets. A sharded
+model (``train.fsdp``, ``engine/sharding.py``) gathers its parameters in collectives, so every
+rank runs as many forward passes as the rank with the most batches (the others score a filler
+pair whose values are dropped).
 """
 
 from __future__ import annotations

@@ -69,7 +69,8 @@ change no other output.
 
 The first two and ``softcap_sequence_logprobs`` are ``torch.library`` custom ops (namespace
 ``sdpo``, with fake implementations and autograd formulas), so ``torch.compile`` traces them
-without a graph break; ``linear_pair_loss`` takes a Python callable and stays outside compiled graphs.
+without a graph break; ``linear_pair_loss`` takes a Python callable and stays outside compiled
+graphs.
 
 On a PyTorch build without CUDA, Triton can only run under its interpreter, and Triton
 fixes that mode when ``triton.language`` is first imported (which ``torch._dynamo`` does).

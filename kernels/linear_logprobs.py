@@ -1072,8 +1072,8 @@ def linear_pair_loss(
     pair p, back to back in the token stream. ``pair_loss(chosen_logps (k,), rejected_logps
     (k,), pairs: slice)`` returns the scalar sum of the loss terms of pairs ``pairs``
     (differentiable in its two inputs, fp32); one with a ``num_pairs`` attribute (as
-    ``sdpo.losses.make_pair_loss`` gives it) must have num_seqs / 2 of them. Returns ``(loss, seq_logps (S,) fp32
-    detached)`` where loss is the 0-dim fp32 sum over chunks. Chunks hold whole pairs, about
+    ``sdpo.losses.make_pair_loss`` gives it) must have num_seqs / 2 of them. Returns
+    ``(loss, seq_logps (S,) fp32 detached)`` where loss is the 0-dim fp32 sum over chunks. Chunks hold whole pairs, about
     ``chunk_tokens`` tokens each (a longer pair gets a chunk of its own).
     ``grad_weight_dtype`` as in :func:`sequence_logprobs`. The gradients are formed in the
     forward, for whichever of hidden and weight requires grad when grad mode is on; one
