@@ -81,7 +81,10 @@ class RefValues:
     def __post_init__(self) -> None:
         sizes = {}
         for name, dtype in _TENSOR_DTYPES.items():
-            value = torch.as_tensor(getattr(self, name)).detach().to(device="cpu", dtype=dtype)
+            value = torch.as_tensor(getattr(self, name)).detach()
+            if dtype == torch.int64:
+                _check_whole_numbers(name, value)
+            value = value.to(device="cpu", dtype=dtype)
             if value.dim() != 1:
                 raise ValueError(
                     f"RefValues.{name} must be 1-D (one value per pair), got shape "
@@ -178,6 +181,30 @@ class RefValues:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in _TENSOR_DTYPES}
+
+
+def _check_whole_numbers(name: str, value: torch.Tensor) -> None:
+    """An int64 field of RefValues given as floats holds whole numbers (the conversion would
+    truncate 2.5 to 2, giving a pair another pair's values), and is no boolean mask: refused
+    as ``RefValues.subset`` refuses such indices."""
+    what = "pair indices (TokenizedPair.index)" if name == "pair_indices" else "token counts"
+    if value.dtype == torch.bool:
+        hint = ": for a mask over the pairs, index them: pair_indices[mask]"
+        raise ValueError(
+            f"RefValues.{name} takes {what}, not a boolean mask"
+            + (hint if name == "pair_indices" else "")
+        )
+    if value.is_complex():
+        raise ValueError(f"RefValues.{name} takes {what}, got a tensor of {value.dtype}")
+    if not value.is_floating_point():
+        return
+    flat = value.reshape(-1)
+    bad = flat[~torch.isfinite(flat) | (flat != flat.round())]
+    if bad.numel():
+        raise ValueError(
+            f"RefValues.{name} takes whole-number {what}, got {bad[:5].tolist()} among its "
+            f"{value.dtype} values; pass integers (a fraction is refused, not truncated)"
+        )
 
 
 def _check_disjoint(parts: list[RefValues]) -> None:

@@ -360,6 +360,28 @@ def test_values_are_converted_to_storage_dtypes_and_shapes_checked():
         )
 
 
+def test_values_refuse_fractional_pair_indices_and_token_counts_as_subset_does():
+    """Float pair indices were truncated (2.5 became pair 2, silently taking another pair's
+    values); now construction refuses them, a boolean mask and NaN as subset() does, and
+    takes whole-number floats as the ids they are."""
+    logps = torch.tensor([-1.0, -2.0])
+
+    def values(**change) -> RefValues:
+        fields = dict(pair_indices=[0, 1], chosen_tokens=[3, 4], rejected_tokens=[5, 6])
+        return RefValues(chosen_logps=logps, rejected_logps=logps, **{**fields, **change})
+
+    with pytest.raises(ValueError, match=r"pair_indices takes whole-number pair indices.*\[2\.5\]"):
+        values(pair_indices=torch.tensor([0.0, 2.5]))
+    with pytest.raises(ValueError, match=r"pair_indices takes whole-number .*\[nan\]"):
+        values(pair_indices=[float("nan"), 1.0])
+    with pytest.raises(ValueError, match=r"pair_indices takes pair indices .*not a boolean mask"):
+        values(pair_indices=torch.tensor([True, False]))
+    with pytest.raises(ValueError, match=r"chosen_tokens takes whole-number token counts.*3\.5"):
+        values(chosen_tokens=np.array([3.5, 4.0]))
+    whole = values(pair_indices=torch.tensor([7.0, 2.0], dtype=torch.float64))
+    assert whole.pair_indices.tolist() == [7, 2] and whole.pair_indices.dtype == torch.int64
+
+
 def test_from_scores_copies_an_engine_scoring_result():
     from sdpo.engine.scoring import PairLogps  # imported here: it pulls in the kernels
 
