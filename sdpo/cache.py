@@ -506,10 +506,15 @@ def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
                 p.rejected_ids,
             )
         )
-        size = sum(4 + len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in group)
-        h.update(
-            np.fromiter(itertools.chain.from_iterable(parts), dtype="<i4", count=size).tobytes()
-        )
+        try:
+            size = sum(
+                4 + len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in group
+            )
+            stream = np.fromiter(itertools.chain.from_iterable(parts), dtype="<i4", count=size)
+        except AttributeError:
+            _name_non_pair(group, first=count)
+            raise
+        h.update(stream.tobytes())
         count += len(group)
     h.update(struct.pack("<Q", count))
     if not wide:
@@ -519,6 +524,22 @@ def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
     for position, index in wide:
         outer.update(struct.pack("<Qq", position, index))
     return outer.hexdigest()
+
+
+def _name_non_pair(group: list[object], *, first: int) -> None:
+    """data_fingerprint's error for an item that is not a pair (a data set's row, a dict of
+    ``*_input_ids``): named by its position, with what to pass instead. Looked for only after
+    the hashing failed, so the pairs cost no check each."""
+    fields = ("index", "prompt_ids", "chosen_ids", "rejected_ids")
+    for j, p in enumerate(group):
+        if not all(hasattr(p, field) for field in fields):
+            row = " (a data set's row?)" if isinstance(p, Mapping) else ""
+            raise TypeError(
+                f"data_fingerprint: pairs[{first + j}] is a {type(p).__qualname__}{row}, not a "
+                "TokenizedPair: the fingerprint hashes token ids, so pass the tokenized pairs "
+                "(sdpo.engine.tokenize.tokenize_pairs, or TokenizedPair(index=..., "
+                "prompt_ids=..., chosen_ids=..., rejected_ids=...))"
+            ) from None
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:

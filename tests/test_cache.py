@@ -482,6 +482,17 @@ def test_data_fingerprint_is_the_sha256_of_the_documented_int32_stream():
     assert data_fingerprint(p for p in pairs) == h.hexdigest()
 
 
+def test_data_fingerprint_of_data_set_rows_names_the_row_and_what_to_pass():
+    """Rows (dicts) instead of TokenizedPairs failed with "'dict' object has no attribute
+    'index'"; the error names the position and the tokenized pairs to pass."""
+    pair = TokenizedPair(index=0, prompt_ids=[1], chosen_ids=[2], rejected_ids=[3])
+    rows = [pair, {"prompt": "2+2?", "chosen": "4", "rejected": "5"}]
+    with pytest.raises(
+        TypeError, match=r"pairs\[1\] is a dict .*not a TokenizedPair.*tokenize_pairs"
+    ):
+        data_fingerprint(rows)
+
+
 def test_data_fingerprint_takes_any_int64_pair_index():
     """A caller's own 64-bit pair ids (run_sdpo takes any int64 TokenizedPair.index) get a
     fingerprint, distinct from that of the ids they share their low 32 bits with; indices within
