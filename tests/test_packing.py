@@ -137,6 +137,23 @@ def test_hand_built_pairs_take_tensor_and_array_ids_and_name_anything_else():
             TokenizedPair(**{**fields, **change})
 
 
+def test_a_float_inside_an_id_list_is_named_by_both_packers_not_truncated():
+    """Id lists are taken unscanned; a float inside one was truncated (2.5 packed as token 2).
+    Both packers name the pair, field and position; whole ints of any int64 size pack
+    exactly (a NumPy int among them too)."""
+    good = TokenizedPair(index=1, prompt_ids=[4, 5], chosen_ids=[6], rejected_ids=[7, 8])
+    bad = TokenizedPair(index=9, prompt_ids=[4, 5], chosen_ids=[6], rejected_ids=[7, 8])
+    bad.rejected_ids[1] = 8.5  # a list is taken as it is: no per-id scan on construction
+    for pack in (pack_pairs, pack_pairs_shared):
+        with pytest.raises(TypeError, match=r"pair 9: rejected_ids\[1\] is 8\.5, a float"):
+            pack([good, bad])
+    big = TokenizedPair(
+        index=2, prompt_ids=[2**62 + 1, np.int64(-3)], chosen_ids=[2**53 + 1], rejected_ids=[0]
+    )
+    assert pack_pairs([big]).input_ids.tolist() == [2**62 + 1, -3, 2**53 + 1] + [2**62 + 1, -3, 0]
+    assert pack_pairs_shared([big]).input_ids.tolist() == [2**62 + 1, -3, 2**53 + 1, 0]
+
+
 def test_packed_batch_to_moves_every_tensor():
     pairs = random_pairs(np.random.default_rng(3), 3)
     b = pack_pairs(pairs).to("meta")
