@@ -580,6 +580,8 @@ class StepwiseRunner:
         self.tokenizer_fp = ""
         self.stop_flag = False
         self.in_optimizer_steps = False  # inside DPOTrainer.fit: a stop ends after a step
+        # inside DPOTrainer.fit, the run step after which a train.eval_every pass is running
+        self.evaluating_after: int | None = None
         self.wrote_outputs = False  # this run began writing in output_dir (RunInterrupted)
         self.last_checkpoint: Path | None = None
         # M_{t-1}'s step-<t-1>/ files: the external manifest entries of step t's checkpoints
@@ -1699,13 +1701,18 @@ class StepwiseRunner:
         is the run's phase again once it returns (its scoring pass set its own, which an
         out-of-memory error raised inside it keeps)."""
         training = self.phase
-        self._evaluate(
-            trainer.model,
-            t=t,
-            beta=beta,
-            run_step=base + trainer.position["step_in_run"],
-            num_tokens=tokens + trainer.position["tokens"],
-        )
+        run_step = base + trainer.position["step_in_run"]
+        self.evaluating_after = run_step  # a stop asked for now says what follows the pass
+        try:
+            self._evaluate(
+                trainer.model,
+                t=t,
+                beta=beta,
+                run_step=run_step,
+                num_tokens=tokens + trainer.position["tokens"],
+            )
+        finally:
+            self.evaluating_after = None
         self.phase = training
 
     def _evaluate(
@@ -1920,10 +1927,11 @@ class StepwiseRunner:
 
     @contextlib.contextmanager
     def _stop_signals(self) -> Iterator[None]:
-        """SIGTERM/SIGINT ask for a graceful stop. While training: finish the optimizer step,
-        save, stop. Before (loading a model, a scoring pass) or between sDPO steps: finish what
-        is under way (a reference pass's values are cached), then stop before the next
-        optimizer step (``_stop_if_asked``). A second SIGINT aborts at once."""
+        """SIGTERM/SIGINT ask for a graceful stop. While training: finish the optimizer step
+        (or the train.eval_every pass that follows one), save, stop. Before (loading a model, a
+        scoring pass) or between sDPO steps: finish what is under way (a reference pass's
+        values are cached), then stop before the next optimizer step (``_stop_if_asked``). A
+        second SIGINT aborts at once."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -1933,7 +1941,21 @@ class StepwiseRunner:
                 raise KeyboardInterrupt
             self.stop_flag = True
             name = signal.Signals(signum).name
-            if self.in_optimizer_steps:
+            if self.in_optimizer_steps and self.evaluating_after is not None:
+                # the optimizer step is done; the trainer saves and stops once the pass
+                # returns (data parallel: after the optimizer step whose all-reduce agrees)
+                then = (
+                    "then the ranks agree on the stop in a following optimizer step's "
+                    "all-reduce, save a checkpoint and stop"
+                    if distributed.active()
+                    else "then saving a checkpoint and stopping"
+                )
+                _log(
+                    f"{name} received while evaluating {len(self.eval_pairs)} held-out pairs "
+                    f"after optimizer step {self.evaluating_after} (train.eval_every): finishing "
+                    f"the evaluation, {then} (Ctrl-C again aborts at once)"
+                )
+            elif self.in_optimizer_steps:
                 _log(
                     f"{name} received: finishing the current optimizer step, then saving a "
                     "checkpoint and stopping (Ctrl-C again aborts at once)"

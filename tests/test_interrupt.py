@@ -3,7 +3,7 @@ stop): the real CLI gets a real SIGINT at an exact point (the ``SDPO_FAULT_AT`` 
 ``tests/cli_processes.py``) and must exit 130 with one line, no traceback, no temporary file
 left, and an earlier run's outputs untouched. A first Ctrl-C while the model loads or a
 reference pass scores is a graceful stop (exit 75) that says so and stops before the next
-optimizer step."""
+optimizer step; one during a train.eval_every pass says the pass finishes, then the stop."""
 
 from __future__ import annotations
 
@@ -117,6 +117,30 @@ def test_ctrl_c_outside_training_finishes_what_is_under_way_and_stops_before_the
     )
     records = [r for r in map(json.loads, _lines(out / "metrics.jsonl")) if "loss" in r]
     assert len(records) == (3 if "step-2" in caches else 0)  # step 1's three, none of step 2
+
+
+def test_ctrl_c_during_an_eval_pass_inside_a_step_says_the_eval_finishes_then_the_stop(tmp_path):
+    """A first Ctrl-C while the train.eval_every pass after optimizer step 1 scores: the
+    optimizer step is done, so the log says the evaluation finishes, then a checkpoint is
+    saved and the run stops (not that an optimizer step finishes); it does so (exit 75)."""
+    cfg = write_two_source_run(
+        tmp_path, data="eval_fraction = 0.2", train="eval_every = 1", sdpo="report_scoring = false"
+    )
+    out = tmp_path / "out"
+    args = ["train", "--config", str(cfg), "--set", f"output_dir={out}", "--no-progress"]
+    # scoring batches: the initial model's pass, the held-out pairs' initial one, the eval
+    proc = run_sdpo(args, env=_env("score_batch:3:INT"), timeout=120)
+    assert proc.returncode == STOPPED, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "finishing the current optimizer step" not in said
+    assert (
+        "[sdpo] SIGINT received while evaluating 4 held-out pairs after optimizer step 1 "
+        "(train.eval_every): finishing the evaluation, then saving a checkpoint and stopping"
+    ) in said
+    records = [json.loads(line) for line in _lines(out / "metrics.jsonl")]
+    assert [(r["step"], "eval/loss" in r) for r in records] == [(1, False), (1, True)]
+    ckpt = out / "checkpoints" / "ckpt-00000001"
+    assert f"sdpo: stopped on request after optimizer step 1; checkpoint {ckpt} is saved" in said
 
 
 def _lines(path: Path) -> list[str]:
