@@ -329,8 +329,9 @@ def _train(args: argparse.Namespace) -> int:
         _say(f"sdpo: training stopped: {e}", file=sys.stderr)
         return EXIT_NONFINITE
     except OutOfMemoryStop as e:
+        change = " --set KEY=VALUE" if e.settings_may_change else ""
         _say(
-            f"sdpo: {e}. Continue with: {resume_command(args)} --set KEY=VALUE",
+            f"sdpo: {e}. Continue with: {resume_command(args)}{change}",
             file=sys.stderr,
             this_rank=True,
         )

@@ -249,13 +249,23 @@ RESUME_SAFE_KEYS = frozenset(
 )
 
 
+# the run's phase while a model loads (the out-of-memory message's advice depends on it)
+LOADING = "loading the model"
+
+
 class OutputDirError(RuntimeError):
     """The output folder does not fit the request (another run's outputs, a changed config)."""
 
 
 class OutOfMemoryStop(RuntimeError):
     """The GPU ran out of memory: the message says in which phase, which settings bound the
-    memory there and how to continue (training checkpoints written so far are intact)."""
+    memory there and how to continue (training checkpoints written so far are intact).
+    ``settings_may_change``: a resume may change settings that bound this phase's memory
+    (not so while a model loads: its dtype and sharding are fixed for the run)."""
+
+    def __init__(self, message: str, *, settings_may_change: bool = True) -> None:
+        super().__init__(message)
+        self.settings_may_change = settings_may_change
 
 
 class RunInputError(ValueError):
@@ -601,7 +611,7 @@ class StepwiseRunner:
         self.reference_dir: Path | None = None
         self.pending_cache_saves: list[Callable[[], None]] = []  # load_inputs' token caches
         self.model_fps: dict[str, str] = {}  # role ("initial", "reference") -> weights' fingerprint
-        self.phase = "loading the model"  # what the run is doing, for an out-of-memory message
+        self.phase = LOADING  # what the run is doing, for an out-of-memory message
         # the code that runs the policy (model.implementation resolved by load_inputs), and its
         # logit soft-cap (Gemma 2; None: the usual log-prob head)
         self.implementation = "sdpo"
@@ -1323,7 +1333,8 @@ class StepwiseRunner:
                 ) from None
             except torch.OutOfMemoryError as e:
                 raise OutOfMemoryStop(
-                    self._out_of_memory_message() + self._out_of_memory_snapshot()
+                    self._out_of_memory_message() + self._out_of_memory_snapshot(),
+                    settings_may_change=self.phase != LOADING,
                 ) from e
             finally:
                 if self._records_memory_history:
@@ -1634,6 +1645,8 @@ class StepwiseRunner:
 
     def _out_of_memory_message(self) -> str:
         cfg = self.cfg
+        if self.phase == LOADING:
+            return self._out_of_memory_loading_message()
         training = self.phase.startswith("training")
         ways = []
         if training:
@@ -1673,17 +1686,54 @@ class StepwiseRunner:
         else:
             budget = cfg.sdpo.score_tokens_per_batch or 4 * cfg.train.max_tokens_per_batch
             ways.append(f"lower sdpo.score_tokens_per_batch (now {budget})")
-        newest = list_checkpoints(self.out / CHECKPOINTS_DIR)
-        kept = (
-            f"the newest training checkpoint, {newest[0][1].name}, is intact"
-            if newest
-            else "no training checkpoint was written yet"
-        )
+        kept = self._newest_checkpoint_note()
         return (
             f"the GPU ran out of memory while {self.phase}. Ways out: "
             + "; ".join(ways)
             + f". {kept}; the compute and batch-size settings above may change on --resume (the "
             "result then equals the uninterrupted run's up to float rounding)"
+        )
+
+    def _newest_checkpoint_note(self) -> str:
+        newest = list_checkpoints(self.out / CHECKPOINTS_DIR)
+        if newest:
+            return f"the newest training checkpoint, {newest[0][1].name}, is intact"
+        return "no training checkpoint was written yet"
+
+    def _out_of_memory_loading_message(self) -> str:
+        """The weights alone did not fit: the batch sizes do not matter yet. What bounds them
+        is the parameter dtype, the sharding and what else holds the GPU's memory."""
+        cfg = self.cfg
+        ways = ["free the memory other processes hold on this GPU (nvidia-smi lists them)"]
+        if cfg.train.fsdp and not sharding.wanted(cfg.train.fsdp):
+            ways.append(
+                "run under torchrun on several GPUs, where the train.fsdp = true set here shards "
+                "the weights (a resume may change the number of GPUs)"
+            )
+        elif sharding.wanted(cfg.train.fsdp):
+            ways.append("shard the weights over more GPUs (torchrun --nproc_per_node)")
+        new_run: list[str] = []
+        if parameter_dtype(self.precision) != torch.bfloat16:
+            now = f'"{cfg.train.precision}"'
+            if cfg.train.precision != self.precision:
+                now += f", here {self.precision}"
+            new_run.append(
+                f'train.precision = "bf16" (now {now}) for weights of 2 bytes a parameter '
+                "instead of 4 (bf16 weights round away most updates at learning rates near 5e-7)"
+            )
+        if not cfg.train.fsdp:
+            new_run.append("train.fsdp = true under torchrun to shard them over several GPUs")
+        new_run.append("a smaller model")
+        ways.append(
+            "as a new run (a resume keeps the dtype and the sharding setting): "
+            + ", ".join(new_run[:-1])
+            + (", or " if len(new_run) > 1 else "")
+            + new_run[-1]
+        )
+        kept = self._newest_checkpoint_note()
+        return (
+            f"the GPU ran out of memory while {self.phase}, with no batch in memory yet (the "
+            "batch sizes do not matter here). Ways out: " + "; ".join(ways) + f". {kept}"
         )
 
     def _track_step(self, record: dict, *, base: int) -> None:
@@ -1880,7 +1930,7 @@ class StepwiseRunner:
         for this run: compiled layers if asked, and sharded under ``train.fsdp`` (built on the
         meta device and sharded there, then each rank reads only its own shards,
         ``load_pretrained(shard=...)``)."""
-        self.phase = "loading the model"
+        self.phase = LOADING
         fault_point("model_load")
         dtype = parameter_dtype(self.precision)
         implementation = self.cfg.model.implementation

@@ -3,7 +3,8 @@ settings that bound its memory and the ways out; checkpoints stay intact, and a 
 change those settings (the result then equals the uninterrupted run's up to float rounding).
 
 The out-of-memory error is raised by the ``SDPO_FAULT_AT=<point>:<n>:OOM`` test hook at the place
-where a GPU would raise it (a training micro-batch, a scoring batch), in the real CLI."""
+where a GPU would raise it (a training micro-batch, a scoring batch, the model's load), in the
+real CLI."""
 
 from __future__ import annotations
 
@@ -102,6 +103,23 @@ def test_out_of_memory_while_scoring_points_at_the_scoring_batch_size(run, tmp_p
     assert "in batches of up to 200 tokens (sdpo.score_tokens_per_batch)" in err
     assert "lower sdpo.score_tokens_per_batch (now 200)" in err
     assert "no training checkpoint was written yet" in err
+
+
+def test_out_of_memory_while_the_model_loads_points_at_its_dtype_not_the_batch_sizes(run, tmp_path):
+    cfg, _ = run
+    out = tmp_path / "out"
+    proc = _train(cfg, out, fault="model_load:1:OOM")
+    assert proc.returncode == EXIT_OUT_OF_MEMORY, proc.stderr[-3000:]
+    err = proc.stderr
+    assert "ran out of memory while loading the model, with no batch in memory yet" in err
+    assert "tokens_per_batch" not in err  # no batch size bounds the weights
+    assert "free the memory other processes hold on this GPU" in err
+    # the CPU's precision "auto" is fp32: 4 bytes a parameter
+    assert 'train.precision = "bf16" (now "auto", here fp32) for weights of 2 bytes' in err
+    assert "train.fsdp = true under torchrun" in err and "or a smaller model" in err
+    assert "no training checkpoint was written yet" in err
+    # nothing that bounds the load may change on --resume: no --set offered
+    assert err.rstrip().endswith("--no-progress --resume"), err[-500:]
 
 
 def _config(**train) -> dict:
