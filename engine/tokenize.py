@@ -141,6 +141,18 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _is_added_token(value: Any) -> bool:
+    """A serialised AddedToken as transformers reads one from ``tokenizer_config.json``: an
+    object with ``"__type": "AddedToken"`` (it leaves any other object as it is)."""
+    return isinstance(value, dict) and value.get("__type") == "AddedToken"
+
+
+def _model_token(value: Any) -> str | None:
+    """A model-specific ``*_token`` key's token: transformers registers it only when it is a
+    string or an AddedToken (``_is_added_token``), and passes over any other value."""
+    return _token_content(value) if isinstance(value, str) or _is_added_token(value) else None
+
+
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
@@ -175,8 +187,10 @@ def template_special_tokens(config: dict) -> dict[str, str]:
     named: dict[str, str] = {}
     specific: dict[str, str] = {}
     for key, value in config.items():
-        token = _token_content(value)
-        if token is not None and key.endswith("_token"):
+        if not key.endswith("_token"):
+            continue
+        token = _token_content(value) if key in NAMED_SPECIAL_TOKENS else _model_token(value)
+        if token is not None:
             (named if key in NAMED_SPECIAL_TOKENS else specific)[key] = token
     for key in ("model_specific_special_tokens", "extra_special_tokens"):
         tokens = config.get(key)
@@ -195,13 +209,17 @@ def with_special_tokens_map(folder: Path, config: dict) -> dict:
     """``tokenizer_config.json``'s ``config`` with ``special_tokens_map.json``'s tokens over it,
     where transformers 5 reads that file: only when ``config`` has no ``added_tokens_decoder``
     (folders saved before transformers wrote one, e.g. older Llama 2 and Mistral uploads); its
-    tokens then win over ``config``'s, and an object under its ``extra_special_tokens`` adds
-    model-specific tokens. Otherwise ``config`` as it is."""
+    tokens then win over ``config``'s (an object there is read as a special AddedToken, with
+    or without ``"__type": "AddedToken"``), and an object under its ``extra_special_tokens``
+    adds model-specific tokens. Otherwise ``config`` as it is."""
     path = folder / SPECIAL_TOKENS_MAP_FILE
     if "added_tokens_decoder" in config or not path.is_file():
         return config
     merged = dict(config)
     for key, value in _read_json(path).items():
+        if isinstance(value, dict) and key != "extra_special_tokens":
+            # transformers makes a special AddedToken of any object there
+            value = {**value, "special": True, "__type": "AddedToken"}
         if key == "extra_special_tokens" and isinstance(value, dict):
             specific = merged.get("model_specific_special_tokens")
             merged["model_specific_special_tokens"] = {
@@ -499,7 +517,9 @@ class PairTokenizer:
                 f'"PreTrainedTokenizerFast" in {config_path} (transformers then reads the file '
                 "as it is too)"
             )
-        named = _registered_tokens(config, cls_name, from_map=_map_names(folder, own_config))
+        from_map = _map_names(folder, own_config)
+        check_special_token_values(folder, config, from_map)
+        named = _registered_tokens(config, cls_name, from_map=from_map)
         config = class_defaults(tokenizer, config, cls_name)
         if cls_name is not None:
             tokenizer = _drop_unlisted_added_tokens(tokenizer, config)
@@ -781,7 +801,12 @@ def _named_tokens(config: dict) -> list[Any]:
     dicts, whose options transformers applies where it adds the token): the named and
     model-specific ones (those of ``template_special_tokens``) and those listed in
     ``extra_special_tokens`` (or ``additional_special_tokens``)."""
-    named = [v for k, v in config.items() if k.endswith("_token") and _token_content(v)]
+    named = [
+        v
+        for k, v in config.items()
+        if k.endswith("_token")
+        and (_token_content(v) if k in NAMED_SPECIAL_TOKENS else _model_token(v))
+    ]
     for key in ("model_specific_special_tokens", "extra_special_tokens"):
         tokens = config.get(key)
         if isinstance(tokens, dict):
@@ -814,6 +839,64 @@ def _map_names(folder: Path, config: dict) -> set[str]:
     return {k for k in tokens if k != "extra_special_tokens"} | (
         set(map(str, specific)) if isinstance(specific, dict) else set()
     )
+
+
+def check_special_token_values(folder: Path, config: dict, from_map: set[str]) -> None:
+    """Refuse a folder transformers 5 fails to load for a special token's value: a named one
+    (``bos_token``, ..., ``mask_token``) or a model-specific one (under
+    ``model_specific_special_tokens`` or ``extra_special_tokens``) that is neither a string nor
+    an AddedToken, e.g. an object without ``"__type": "AddedToken"``, which only
+    ``special_tokens_map.json``'s named tokens may leave out (``with_special_tokens_map``
+    adds it), or such an object in the list of tokens transformers adds as special
+    (``extra_special_tokens``, or ``additional_special_tokens`` where that is no list). ``config``: tokenizer_config.json with that file's tokens over it; ``from_map``:
+    the names taken from it (``_map_names``)."""
+
+    def where(name: str) -> Path:
+        return folder / (SPECIAL_TOKENS_MAP_FILE if name in from_map else "tokenizer_config.json")
+
+    def shown_key(key: str, name: str) -> str:  # the map's extra_special_tokens, as written
+        return "extra_special_tokens" if name in from_map else key
+
+    found = [(k, config.get(k), f"{k} in {where(k)}") for k in NAMED_SPECIAL_TOKENS]
+    for key in ("model_specific_special_tokens", "extra_special_tokens"):
+        tokens = config.get(key)
+        if isinstance(tokens, dict):
+            found += [
+                (str(k), v, f"{k} of {shown_key(key, str(k))} in {where(str(k))}")
+                for k, v in tokens.items()
+                if str(k) not in NAMED_SPECIAL_TOKENS
+            ]
+    # the list transformers adds as special tokens
+    key = "extra_special_tokens"
+    if not (isinstance(config.get(key), list) and config[key]):
+        key = "additional_special_tokens"
+    listed = config.get(key)
+    for i, value in enumerate(listed if isinstance(listed, list) else []):
+        if isinstance(value, dict):
+            found.append((None, value, f"item {i} of {key} in {where(key)}"))
+    for name, value, place in found:
+        if value is None or isinstance(value, str) or _is_added_token(value):
+            continue
+        content = _token_content(value) or "<token>"
+        kind = (
+            'an object without "__type": "AddedToken"'
+            if isinstance(value, dict)
+            else f"of type {type(value).__name__}"
+        )
+        shown = json.dumps(value)
+        string = (
+            json.dumps(content) if name is None else f"{json.dumps(name)}: {json.dumps(content)}"
+        )
+        raise ValueError(
+            f"{place} is {shown[:120]}{'...' if len(shown) > 120 else ''}, {kind}, not a "
+            "special token transformers reads (it fails to load a tokenizer from this folder "
+            f"too); write the token as a string, {string}"
+            + (
+                ', or add "__type": "AddedToken" to the object to keep its options'
+                if isinstance(value, dict)
+                else ""
+            )
+        )
 
 
 # where a registered token is named, and the change that drops it, when nothing says

@@ -465,7 +465,7 @@ def test_from_dir_errors_and_template_sources(tmp_path):
         {"name": "tool_use", "template": "x"},
         {"name": "default", "template": "y"},
     ]
-    config["eos_token"] = {"content": "<eos>", "special": True}
+    config["eos_token"] = {"content": "<eos>", "special": True, "__type": "AddedToken"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "chat_template.jinja").unlink()
     tok = PairTokenizer.from_dir(folder)

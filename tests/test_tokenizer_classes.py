@@ -962,3 +962,52 @@ def test_a_plain_row_whose_eos_text_trl_would_not_read_as_eos_is_refused(tmp_pat
     assert _trl_prepared(folder, rows)[1][2][-1] != PairTokenizer.from_dir(folder).eos_id
     with pytest.raises(DataError, match=r"line 2, field 'rejected': TRL ends .* single_word"):
         _ours(folder, rows, tmp_path)
+
+
+def test_a_special_token_object_without_its_type_is_refused_where_transformers_fails(tmp_path):
+    """tokenizer_config.json's special tokens are strings or objects with "__type":
+    "AddedToken": transformers fails to load a folder naming one as another object (a named or
+    model-specific token, or one listed), and sdpo refuses it, naming the file, the key and
+    what to write. special_tokens_map.json's named tokens need no "__type" (transformers reads
+    any object there as an AddedToken), and a model-specific key's other object is passed over
+    by transformers (no template variable)."""
+    base = byte_level_like(tmp_path / "base", chat_template="{{ image_token | default('-') }}")
+    untyped = {"content": "<|im_end|>", "special": True}
+    refused = [
+        ({"eos_token": untyped}, None, r"eos_token in .*tokenizer_config\.json is \{"),
+        ({"pad_token": {**untyped, "__type": "Other"}}, None, "pad_token in"),
+        ({"extra_special_tokens": {"image_token": untyped}}, None, "image_token of extra_spe"),
+        ({"additional_special_tokens": [untyped]}, None, "item 0 of additional_special_tokens"),
+        ({}, {"extra_special_tokens": {"image_token": untyped}}, "special_tokens_map.json is"),
+    ]
+    loaded = [
+        ({"eos_token": {**untyped, "__type": "AddedToken"}}, None),
+        ({"image_token": untyped}, None),
+        ({"eos_token": untyped}, {"eos_token": "<|im_end|>"}),  # the map's wins
+        ({}, {"eos_token": untyped, "image_token": untyped}),
+    ]
+    cases = [(*c, None) for c in loaded] + refused
+    for i, (changes, token_map, error) in enumerate(cases):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).write_text((base / name).read_text())
+        _config(folder, **changes)
+        if token_map is not None:
+            (folder / "special_tokens_map.json").write_text(json.dumps(token_map))
+        if error is None:
+            hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+            tok = PairTokenizer.from_dir(folder)
+            assert tok.eos_token == hf_tok.eos_token, changes
+            rendered = hf_tok.apply_chat_template(
+                [{"role": "user", "content": "x"}], tokenize=False
+            )
+            chat = tok.render_chat([{"role": "user", "content": "x"}], add_generation_prompt=False)
+            assert chat == rendered, changes
+            continue
+        with pytest.raises(TypeError, match="has to be either str or AddedToken|Input must be"):
+            transformers.AutoTokenizer.from_pretrained(str(folder))
+        with pytest.raises(ValueError, match=error) as info:
+            PairTokenizer.from_dir(folder)
+        assert "write the token as a string" in str(info.value), changes
+        assert '"__type": "AddedToken"' in str(info.value), changes
