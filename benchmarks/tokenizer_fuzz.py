@@ -25,7 +25,9 @@ a special token outside the vocabulary, which transformers gives a new id), ``bo
 ``deliberate:refused_*`` (sdpo refuses a folder whose EOS is missing or outside the
 vocabulary, where transformers would give it a new id past the model's embeddings, and a row
 that would get a BOS outside the vocabulary: ``refused_row_bos_outside_vocab``, or another
-special token outside it: ``refused_row_special_outside_vocab``), or
+special token outside it: ``refused_row_special_outside_vocab``, or whose chat template's end of
+turn, an added token with ``single_word`` true, say, transformers reads as text after the
+completion: ``refused_row_turn_end_text_not_read``), or
 ``MISMATCH*`` with what differs; exit code 1 when a case mismatches. Needs
 transformers and trl; about two cases a second on one core. Folders live under ``--work-dir``
 (by default in the system's temp folder), whose path must not contain a model type's name:
@@ -44,9 +46,6 @@ Mismatches known and left alone (folders no saved model has):
 - a Gemma-class folder over a vocabulary without "▁" (byte-level, or OpenAI GPT's style) whose
   unknown token (every space) is also the EOS its post-processor appends: TRL's prompts and
   completions part elsewhere;
-- a chat template's end of turn that is an added token with ``single_word`` true, written right
-  after a letter: transformers reads it as text there, so that completion's turn is open and
-  gets EOS here (the deliberate open-template rule), not the other one's.
 
 With ``added_tokens_decoder`` entries drawn with options other than tokenizer.json's and entries
 the vocabulary lacks (``vary_added_tokens``), seeds 0-1499 mismatch in 15 cases, all of these
@@ -632,6 +631,16 @@ def run_case(seed: int) -> tuple[str, str]:
                         # an EOS read by its context (single_word, ...): TRL's completion
                         # ends with its text's pieces; sdpo refuses the row
                         label_extra.append("deliberate:refused_row_eos_text_not_eos")
+                        continue
+                    if (
+                        isinstance(ours, str)
+                        and "the chat template ends this completion's turn with" in ours
+                        and isinstance(theirs, tuple)
+                        and not all(tok.closes_turn(ids) for ids in theirs[1:])
+                    ):
+                        # an end of turn read by its context (single_word, ...) left as text:
+                        # TRL's turn is open, ending with its pieces; sdpo refuses the row
+                        label_extra.append("deliberate:refused_row_turn_end_text_not_read")
                         continue
                     if (
                         isinstance(ours, str)

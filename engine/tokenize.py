@@ -69,6 +69,10 @@ conversational completion is what the chat template renders: when it ends with t
 end of turn, a special token followed by whitespace at most (``<|eot_id|>``, ``<|im_end|>\\n``,
 ``</s>``, ``<end_of_turn>\\n``), nothing is added, as TRL does. A template that leaves the answer open (SOLAR's ``### Assistant:`` template writes no end
 of turn) gets EOS appended, so the pair still teaches where an answer ends (TRL adds nothing).
+A completion whose rendered text ends with such a token that transformers reads by its context
+(an added token with ``single_word``, ``lstrip`` or ``normalized`` true) but does not read there
+(e.g. with ``single_word``, right after a letter) is an error: TRL's turn would be open, ending
+with the token's pieces, where sdpo's would get EOS.
 
 Truncation (``max_length`` bounds each sequence, prompt + completion):
 - "keep_end" (default): when a pair is too long, the prompt is first cut to
@@ -367,21 +371,8 @@ class PairTokenizer:
         # the EOS token's options that make transformers read its text as EOS only in some
         # contexts (e.g. "single_word true": not right after a letter), or None: TRL's plain
         # completions, which end with its text, are then checked (``_check_eos_text``)
-        eos_added = tokenizer.get_added_tokens_decoder().get(self.eos_id)
-        context = (
-            []
-            if eos_added is None
-            else [
-                f"{name} true"
-                for name, on in (
-                    ("single_word", eos_added.single_word),
-                    ("lstrip", eos_added.lstrip),
-                    ("normalized", eos_added.normalized and tokenizer.normalizer is not None),
-                )
-                if on
-            ]
-        )
-        self.eos_read_by_context = " and ".join(context) or None
+        added_tokens = tokenizer.get_added_tokens_decoder()
+        self.eos_read_by_context = _read_by_context(tokenizer, added_tokens.get(self.eos_id))
         front = self._post_processor_front_id()
         # bos_id: the id a plain prompt starts with (BOS rule). By default the token the
         # post-processor puts in front of text: transformers gives it to TRL's plain prompts,
@@ -416,9 +407,17 @@ class PairTokenizer:
         not_closing = {self.bos_id, named_bos_id, *(tokenizer.token_to_id(u) for u in unks if u)}
         self.turn_end_ids = {
             i
-            for i, token in tokenizer.get_added_tokens_decoder().items()
+            for i, token in added_tokens.items()
             if token.special and i not in not_closing and i not in self._outside_ids
         } | {self.eos_id}
+        # those of them transformers reads by their context (as ``eos_read_by_context``):
+        # token -> its options; a template's end of turn written with one may stay text
+        self.turn_ends_read_by_context = {
+            added_tokens[i].content: context
+            for i in self.turn_end_ids
+            if i in added_tokens
+            and (context := _read_by_context(tokenizer, added_tokens[i])) is not None
+        }
 
     def _require_id(self, token: str, key: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -751,6 +750,24 @@ class PairTokenizer:
             if not is_blank:
                 return False
         return False
+
+
+def _read_by_context(tokenizer: Tokenizer, added: Any) -> str | None:
+    """The options of the added token ``added`` (or None) that make transformers read its text
+    as that token only in some contexts (e.g. "single_word true": not right after a letter),
+    as "single_word true and ...", or None."""
+    if added is None:
+        return None
+    context = [
+        f"{name} true"
+        for name, on in (
+            ("single_word", added.single_word),
+            ("lstrip", added.lstrip),
+            ("normalized", added.normalized and tokenizer.normalizer is not None),
+        )
+        if on
+    ]
+    return " and ".join(context) or None
 
 
 def _no_eos_message(folder: Path, tokenizer: Tokenizer, cls_name: str | None) -> str:
@@ -1344,9 +1361,23 @@ def _tokenize_block(
     prompt_ids = encode(prompt_texts, ["prompt"] * len(block), block)
     del prompt_texts
     yield
+    # a conversational completion's text that ends with an end of turn transformers reads by
+    # its context: that token (checked against the ids below)
+    context_ends = tuple(tokenizer.turn_ends_read_by_context)
+
+    def turn_end_written(texts: list[str]) -> list[str | None]:
+        if not context_ends:
+            return []
+        return [
+            next((t for t in context_ends if text.rstrip().endswith(t)), None) if conv else None
+            for text, conv in zip(texts, conversational)
+        ]
+
+    turn_ends = [turn_end_written(chosen_texts)]
     chosen_full = encode(chosen_texts, ["chosen"] * len(block), block)
     del chosen_texts
     yield
+    turn_ends.append(turn_end_written(rejected_texts))
     rejected_full = encode(rejected_texts, ["rejected"] * len(block), block)
     del rejected_texts
     yield
@@ -1412,6 +1443,22 @@ def _tokenize_block(
         if not conversational[k]:  # plain text: EOS closes each completion
             completions = [tokenizer.completion_ids(ids) for ids in completions]
         else:  # conversational: the template's end of turn, else EOS
+            for name, ids, ends in zip(("chosen", "rejected"), completions, turn_ends):
+                token = ends[k] if ends else None
+                if token is not None and not tokenizer.closes_turn(ids):
+                    context = tokenizer.turn_ends_read_by_context[token]
+                    raise row_error(
+                        row,
+                        f"the chat template ends this completion's turn with {token!r}, an "
+                        f"added token with {context}: after this completion transformers does "
+                        "not read that text as the token, so TRL's completion would end with "
+                        "its pieces (an open turn), where sdpo would append EOS",
+                        fix=f"set {context.split(' ')[0]} to false for {token!r} in "
+                        "tokenizer.json's added_tokens and tokenizer_config.json's "
+                        "added_tokens_decoder, or end the message with a full stop or a space",
+                        field=name,
+                        position=i,
+                    )
             completions = [
                 ids if tokenizer.closes_turn(ids) else [*ids, tokenizer.eos_id]
                 for ids in completions

@@ -1011,3 +1011,38 @@ def test_a_special_token_object_without_its_type_is_refused_where_transformers_f
             PairTokenizer.from_dir(folder)
         assert "write the token as a string" in str(info.value), changes
         assert '"__type": "AddedToken"' in str(info.value), changes
+
+
+EOS_AFTER_TEXT = (
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token + '\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+def test_a_turn_end_transformers_reads_as_text_after_the_message_is_refused(tmp_path):
+    """A chat template that ends each turn with an added token with single_word true, written
+    right after the message: after a letter transformers reads it as text, so TRL's completion
+    ends with its pieces, an open turn where sdpo would append EOS. Such a row is refused,
+    naming its line, field and the option; one ending with a full stop gives TRL's ids."""
+    folder = byte_level_like(tmp_path / "f", chat_template=EOS_AFTER_TEXT)
+    pipeline = json.loads((folder / "tokenizer.json").read_text())
+    for token in pipeline["added_tokens"]:
+        token["single_word"] = token["content"] == "<|im_end|>"
+    (folder / "tokenizer.json").write_text(json.dumps(pipeline))
+
+    def row(chosen: str, rejected: str) -> dict:
+        return {
+            "prompt": [{"role": "user", "content": "the weather?"}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}],
+        }
+
+    ended = [row("is sunny.", "in Paris!")]
+    assert _ours(folder, ended, tmp_path) == _trl_prepared(folder, ended)
+    rows = [*ended, row("is sunny.", "in Paris")]
+    eos_id = PairTokenizer.from_dir(folder).eos_id
+    trl = _trl_prepared(folder, rows)
+    assert trl[0][2][-2:] == [eos_id, trl[0][2][-1]]  # closed by "<|im_end|>" then "\n"
+    assert eos_id not in trl[1][2]  # its text's pieces instead
+    with pytest.raises(DataError, match=r"line 2, field 'rejected': the chat .*single_word"):
+        _ours(folder, rows, tmp_path)
