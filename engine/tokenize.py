@@ -59,7 +59,9 @@ conversational prompt starts with BOS when the chat template writes it (``{{ bos
 Llama 3's ``<|begin_of_text|>``), as transformers' ``apply_chat_template(tokenize=True)`` and so
 TRL give it.
 
-EOS rule: a plain completion gets EOS appended unless it already ends with the EOS token, so no
+EOS rule: a plain completion gets EOS appended unless it already ends with the EOS token (its
+text with EOS's text, its ids with EOS's id: one ending with an unknown token that shares EOS's
+id gets EOS, as TRL gives it), so no
 pair ends with a doubled EOS (nor with the post-processor's EOS after it, where
 ``tokenizer.json``'s adds one after every text: TRL's completions then end with two). TRL
 appends the EOS token's text instead: where that token is an added token with ``single_word``,
@@ -730,9 +732,11 @@ class PairTokenizer:
             return [self.bos_id, *ids]
         return ids
 
-    def completion_ids(self, ids: list[int]) -> list[int]:
-        """Apply the EOS rule of plain rows (module docstring) to encoded completion ids."""
-        if ids[-1:] == [self.eos_id]:
+    def completion_ids(self, ids: list[int], text: str | None = None) -> list[int]:
+        """Apply the EOS rule of plain rows (module docstring) to encoded completion ids, of
+        the completion ``text`` when given: ids that end with EOS's id where the text does not
+        end with its text (an unknown token that shares that id) get EOS too, as in TRL."""
+        if ids[-1:] == [self.eos_id] and (text is None or text.endswith(self.eos_token)):
             return ids
         return [*ids, self.eos_id]
 
@@ -1441,7 +1445,10 @@ def _tokenize_block(
                     position=i,
                 )
         if not conversational[k]:  # plain text: EOS closes each completion
-            completions = [tokenizer.completion_ids(ids) for ids in completions]
+            completions = [
+                tokenizer.completion_ids(ids, text if isinstance(text, str) else None)
+                for ids, text in zip(completions, (row.get("chosen"), row.get("rejected")))
+            ]
         else:  # conversational: the template's end of turn, else EOS
             for name, ids, ends in zip(("chosen", "rejected"), completions, turn_ends):
                 token = ends[k] if ends else None

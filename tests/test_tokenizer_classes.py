@@ -1046,3 +1046,24 @@ def test_a_turn_end_transformers_reads_as_text_after_the_message_is_refused(tmp_
     assert eos_id not in trl[1][2]  # its text's pieces instead
     with pytest.raises(DataError, match=r"line 2, field 'rejected': the chat .*single_word"):
         _ours(folder, rows, tmp_path)
+
+
+def test_a_plain_completion_ending_in_an_unknown_token_that_shares_eos_s_id_gets_eos(tmp_path):
+    """TRL appends the EOS text to a plain completion unless its text ends with it: one that
+    ends with an unknown word, whose unknown token is EOS (one id), gets EOS after it too."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    vocab = {"<|endoftext|>": 0, "hello": 1, "world": 2, "the": 3}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(["<|endoftext|>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    rows = [
+        {"prompt": "hello", "chosen": " the world", "rejected": " the zzz"},
+        {"prompt": "hello", "chosen": " world<|endoftext|>", "rejected": " zzz<|endoftext|>"},
+    ]
+    trl = _trl_prepared(folder, rows)
+    assert trl[0][2] == [3, 0, 0] and trl[1][2] == [0, 0]
+    assert _ours(folder, rows, tmp_path) == trl
