@@ -519,7 +519,7 @@ class PairTokenizer:
                 "as it is too)"
             )
         from_map = _map_names(folder, own_config)
-        check_special_token_values(folder, config, from_map)
+        _check_special_token_values(folder, config, from_map)
         named = _registered_tokens(config, cls_name, from_map=from_map)
         config = class_defaults(tokenizer, config, cls_name)
         if cls_name is not None:
@@ -862,15 +862,16 @@ def _map_names(folder: Path, config: dict) -> set[str]:
     )
 
 
-def check_special_token_values(folder: Path, config: dict, from_map: set[str]) -> None:
+def _check_special_token_values(folder: Path, config: dict, from_map: set[str]) -> None:
     """Refuse a folder transformers 5 fails to load for a special token's value: a named one
     (``bos_token``, ..., ``mask_token``) or a model-specific one (under
     ``model_specific_special_tokens`` or ``extra_special_tokens``) that is neither a string nor
     an AddedToken, e.g. an object without ``"__type": "AddedToken"``, which only
     ``special_tokens_map.json``'s named tokens may leave out (``with_special_tokens_map``
     adds it), or such an object in the list of tokens transformers adds as special
-    (``extra_special_tokens``, or ``additional_special_tokens`` where that is no list). ``config``: tokenizer_config.json with that file's tokens over it; ``from_map``:
-    the names taken from it (``_map_names``)."""
+    (``extra_special_tokens``, or ``additional_special_tokens`` where that is no list).
+    ``config``: tokenizer_config.json with that file's tokens over it; ``from_map``: the names
+    taken from it (``_map_names``)."""
 
     def where(name: str) -> Path:
         return folder / (SPECIAL_TOKENS_MAP_FILE if name in from_map else "tokenizer_config.json")
