@@ -626,10 +626,10 @@ def run_case(seed: int) -> tuple[str, str]:
                         isinstance(ours, str)
                         and "TRL ends a plain completion with the text of the EOS" in ours
                         and isinstance(theirs, tuple)
-                        and tok.eos_id not in (theirs[1][-1:] + theirs[2][-1:])
+                        and theirs[1 + ("field 'rejected'" in ours)][-1:] != [tok.eos_id]
                     ):
                         # an EOS read by its context (single_word, ...): TRL's completion
-                        # ends with its text's pieces; sdpo refuses the row
+                        # (the field refused) ends with its text's pieces; sdpo refuses the row
                         label_extra.append("deliberate:refused_row_eos_text_not_eos")
                         continue
                     if (
