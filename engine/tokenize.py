@@ -994,13 +994,17 @@ def _drop_unlisted_added_tokens(tokenizer: Tokenizer, config: dict) -> Tokenizer
     ``tokenizer_config.json`` with ``added_tokens_decoder`` neither lists there nor names as a
     special token: a class transformers builds itself (engine/tokenizer_classes.py) registers
     only those (it reads ``tokenizer.json``'s own list only where ``added_tokens_decoder`` is
-    missing), so their text is split like any other there. Saved folders list every added
-    token; a hand-edited one may not."""
+    missing), so their text is split like any other there; a named one that the model's
+    vocabulary has is dropped too, to be added again with its named options, as transformers
+    adds it. Saved folders list every added token; a hand-edited one may not."""
     decoder = config.get("added_tokens_decoder")
     if not isinstance(decoder, dict):
         return tokenizer
     keep = {v.get("content") for v in decoder.values() if isinstance(v, dict)}
-    keep |= {_token_content(v) for v in _named_tokens(config)}
+    # a named special token the model's vocabulary has is added again with its own options
+    # (``_add_registered_tokens``), as transformers adds it, not with the file's
+    named = {_token_content(v) for v in _named_tokens(config)}
+    keep |= {t for t in named if t is not None and tokenizer.model.token_to_id(t) is None}
     if all(t.content in keep for t in tokenizer.get_added_tokens_decoder().values()):
         return tokenizer  # as saved folders are (no serialisation of a large vocabulary)
     state = json.loads(tokenizer.to_str())

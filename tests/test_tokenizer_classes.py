@@ -1067,3 +1067,30 @@ def test_a_plain_completion_ending_in_an_unknown_token_that_shares_eos_s_id_gets
     trl = _trl_prepared(folder, rows)
     assert trl[0][2] == [3, 0, 0] and trl[1][2] == [0, 0]
     assert _ours(folder, rows, tmp_path) == trl
+
+
+def test_a_named_token_an_added_tokens_decoder_leaves_out_gets_its_named_options(tmp_path):
+    """A class transformers builds itself registers only the added_tokens_decoder's entries
+    of tokenizer.json's added tokens; a named special token that list leaves out is added
+    again as named, with its AddedToken options (not tokenizer.json's): the ids are
+    AutoTokenizer's."""
+    base = sentencepiece_like(tmp_path / "base")
+    pipeline = json.loads((base / "tokenizer.json").read_text())
+    decoder = {
+        str(t["id"]): {k: v for k, v in t.items() if k != "id"}
+        for t in pipeline["added_tokens"]
+        if t["content"] != "<|im_end|>"
+    }
+    for option in ("lstrip", "rstrip", "single_word"):
+        folder = tmp_path / option
+        folder.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (folder / name).write_text((base / name).read_text())
+        eos = {"__type": "AddedToken", "content": "<|im_end|>", "special": True, option: True}
+        _config(
+            folder, eos_token=eos, tokenizer_class="LlamaTokenizer", added_tokens_decoder=decoder
+        )
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+        tok = PairTokenizer.from_dir(folder)
+        for text in OPTION_TEXTS[:5]:
+            assert tok.encode_texts([text])[0] == hf_tok.encode(text, **NO_SPECIALS), (option, text)
