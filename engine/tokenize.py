@@ -1467,7 +1467,12 @@ def _tokenize_block(
                         "its pieces (an open turn), where sdpo would append EOS",
                         fix=f"set {context.split(' ')[0]} to false for {token!r} in "
                         "tokenizer.json's added_tokens and tokenizer_config.json's "
-                        "added_tokens_decoder, or end the message with a full stop or a space",
+                        "added_tokens_decoder"
+                        + (
+                            ", or end the message with a full stop or a space"
+                            if context.startswith("single_word")
+                            else ""
+                        ),
                         field=name,
                         position=i,
                     )
