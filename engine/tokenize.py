@@ -216,8 +216,9 @@ def with_special_tokens_map(folder: Path, config: dict) -> dict:
     where transformers 5 reads that file: only when ``config`` has no ``added_tokens_decoder``
     (folders saved before transformers wrote one, e.g. older Llama 2 and Mistral uploads); its
     tokens then win over ``config``'s (an object there is read as a special AddedToken, with
-    or without ``"__type": "AddedToken"``), and an object under its ``extra_special_tokens``
-    adds model-specific tokens. Otherwise ``config`` as it is."""
+    or without ``"__type": "AddedToken"``), an object under its ``extra_special_tokens`` adds
+    model-specific tokens and a list there adds its tokens to ``config``'s list. Otherwise
+    ``config`` as it is."""
     path = folder / SPECIAL_TOKENS_MAP_FILE
     if "added_tokens_decoder" in config or not path.is_file():
         return config
@@ -232,7 +233,21 @@ def with_special_tokens_map(folder: Path, config: dict) -> dict:
                 **(specific if isinstance(specific, dict) else {}),
                 **value,
             }
-        elif key != "extra_special_tokens":  # a list of tokens names none
+        elif key == "extra_special_tokens" and isinstance(value, list):
+            # its tokens join tokenizer_config.json's list (an object read as an AddedToken)
+            listed = merged.get(key)
+            if isinstance(listed, dict):
+                continue
+            listed = list(listed or [])
+            contents = {_token_content(t) for t in listed}
+            for token in value:
+                if isinstance(token, dict):
+                    token = {**token, "special": True, "__type": "AddedToken"}
+                if _token_content(token) not in contents:
+                    listed.append(token)
+                    contents.add(_token_content(token))
+            merged[key] = listed
+        elif key != "extra_special_tokens":
             merged[key] = value
     return merged
 

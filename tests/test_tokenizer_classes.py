@@ -1094,3 +1094,24 @@ def test_a_named_token_an_added_tokens_decoder_leaves_out_gets_its_named_options
         tok = PairTokenizer.from_dir(folder)
         for text in OPTION_TEXTS[:5]:
             assert tok.encode_texts([text])[0] == hf_tok.encode(text, **NO_SPECIALS), (option, text)
+
+
+def test_special_tokens_map_s_extra_special_tokens_list_joins_the_config_s(tmp_path):
+    """transformers adds the tokens listed under special_tokens_map.json's
+    extra_special_tokens (an object as an AddedToken, typed or not) to tokenizer_config.json's
+    list: each is one token, not split, as there."""
+    folder = tmp_path / "f"
+    folder.mkdir()
+    vocab = {"<unk>": 0, "</s>": 1, "<foo>": 2, "<bar>": 3, "a": 4}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens(["</s>"])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {"eos_token": "</s>", "extra_special_tokens": ["<foo>"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    listed = {"extra_special_tokens": ["<foo>", {"content": "<bar>", "lstrip": True}]}
+    (folder / "special_tokens_map.json").write_text(json.dumps(listed))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok = PairTokenizer.from_dir(folder)
+    for text in ("a<foo>a", "a <bar>a", "<bar><foo>"):
+        assert tok.encode_texts([text])[0] == hf_tok.encode(text, **NO_SPECIALS), text
