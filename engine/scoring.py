@@ -341,20 +341,16 @@ def _score_local(
             batch = to_device(host_batch, device)
             # the rows with a label, with their LD-DPO weights
             head = to_device(head_rows(host_batch, ld_alpha=ld_alpha), device)
-            if share_prompt:
-                with autocast_context(precision, device):
-                    hidden = model(
-                        batch.input_ids,
-                        batch.position_ids,
-                        batch.cu_seqlens,
-                        batch.max_seqlen,
-                        shared_prefix=batch.shared_prefix,
-                    )
-            else:
-                with autocast_context(precision, device):
-                    hidden = model(
-                        batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
-                    )
+            # shared_prefix only with shared prompts: a model without them need not take it
+            shared = {"shared_prefix": batch.shared_prefix} if share_prompt else {}
+            with autocast_context(precision, device):
+                hidden = model(
+                    batch.input_ids,
+                    batch.position_ids,
+                    batch.cu_seqlens,
+                    batch.max_seqlen,
+                    **shared,
+                )
             # the head's inputs as the training forward rounds them (engine/precision.py)
             hidden, weight = head_inputs(
                 hidden.index_select(0, head.index), model.lm_head_weight, precision

@@ -776,19 +776,12 @@ class DPOTrainer:
         ref_r = to_device(ref.rejected_logps[rows], self.device)
         tok_c = batch.completion_tokens[0::2]
         tok_r = batch.completion_tokens[1::2]
+        # shared_prefix only with shared prompts: a model without them need not take it
+        shared = {"shared_prefix": batch.shared_prefix} if share else {}
         with autocast_context(self.precision, self.device):
-            if share:
-                hidden = self.model(
-                    batch.input_ids,
-                    batch.position_ids,
-                    batch.cu_seqlens,
-                    batch.max_seqlen,
-                    shared_prefix=batch.shared_prefix,
-                )  # (N, H), N = sum(P + C + R)
-            else:
-                hidden = self.model(
-                    batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen
-                )  # (N, H)
+            hidden = self.model(
+                batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, **shared
+            )  # (N, H), N = sum(P + C + R) with shared prompts
         hidden = hidden.index_select(0, head.index)  # (M, H): only rows with a label
         hidden, weight = head_inputs(hidden, self.model.lm_head_weight, self.precision)
 
