@@ -62,8 +62,10 @@ class TokenizedPair:
     def __post_init__(self) -> None:
         # pairs built by hand (the embedding API): a NumPy index or ids held as a tensor or an
         # array (a tokenizer's return_tensors output) become plain ints and lists here, as the
-        # packer and the caches expect; anything else is named. Lists of ints pass as they are
-        # (the tokenizer and the token cache build millions of pairs).
+        # packer and the caches expect; anything else is named. Lists pass as they are, unscanned
+        # (the tokenizer and the token cache build millions of pairs); a float or a bool inside
+        # one is refused by every walk that takes them (check_token_ids, run by fit, run_sdpo and
+        # score_pairs before any work; data_fingerprint; the token cache).
         if type(self.index) is not int:
             if isinstance(self.index, bool) or not isinstance(self.index, numbers.Integral):
                 raise TypeError(
@@ -95,9 +97,16 @@ def _id_list(ids: object, index: int, field: str) -> list[int]:
             integer = np.issubdtype(ids.dtype, np.integer)
         if ids.ndim == 1 and integer:
             return ids.tolist()
+        got = f"got a {tuple(ids.shape)} {type(ids).__qualname__} of {ids.dtype}"
+        if ids.ndim != 1:
+            raise TypeError(
+                f"pair {index}: {field} must be 1-D integer token ids, {got} (a tokenizer's "
+                "(1, T) output: take row 0)"
+            )
         raise TypeError(
-            f"pair {index}: {field} must be 1-D integer token ids, got a {tuple(ids.shape)} "
-            f"{type(ids).__qualname__} of {ids.dtype} (a tokenizer's (1, T) output: take row 0)"
+            f"pair {index}: {field} must be integer token ids, {got} (a float is refused, not "
+            "truncated, and a bool is no token): give the token ids themselves, or "
+            ".long() / .astype(np.int64) of whole-number floats"
         )
     if isinstance(ids, tuple | range) and all(
         isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in ids
@@ -185,31 +194,144 @@ def _check_packable(pair: TokenizedPair) -> None:
             )
 
 
-def check_token_ids(pairs: Sequence[TokenizedPair], *, vocab_size: int) -> None:
-    """Every id in [0, vocab_size): an id outside it would fail deep in the embedding lookup
-    (an opaque index error on a CPU, a device-side assert on a GPU). Names the pair and field."""
-    for p in pairs:
-        for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            ids = getattr(p, field)
-            if ids and (min(ids) < 0 or max(ids) >= vocab_size):
-                bad = next(i for i in ids if not 0 <= i < vocab_size)
-                raise ValueError(
-                    f"pair {p.index}: {field} holds token id {bad}, outside the model's "
-                    f"vocabulary [0, {vocab_size}); tokenize the pairs with the model's tokenizer "
-                    "(tokenize_pairs(..., vocab_size=...) checks this)"
-                )
+ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+# pairs per check_token_ids walk: a few hundred thousand ids of int64 at a time for pairs of
+# a few hundred tokens, whatever the size of the data
+_PAIRS_PER_CHECK = 512
 
 
-def check_batch_ids(
-    batch: PackedBatch | SharedPromptBatch, pairs: Sequence[TokenizedPair], *, vocab_size: int
-) -> None:
-    """``check_token_ids`` for the pairs of one packed batch, at the cost of one min and max
-    over its CPU ids when they are all in range (the scoring pass and each micro-batch)."""
-    if not batch.input_ids.numel():
-        return
-    low, high = torch.aminmax(batch.input_ids)
-    if int(low) < 0 or int(high) >= vocab_size:
-        check_token_ids(pairs, vocab_size=vocab_size)
+def check_token_ids(pairs: Sequence[TokenizedPair], *, vocab_size: int | None = None) -> None:
+    """Every token id an integer and, given ``vocab_size``, in [0, vocab_size), before any
+    work: a float inside a hand-built pair's list would be refused only when its batch is
+    packed (in ``fit``, after earlier updates), a bool would be read as token 0 or 1, and an
+    id outside the vocabulary fails deep in the embedding lookup (an opaque index error on a
+    CPU, a device-side assert on a GPU). Names the pair, field and position.
+
+    The ids are walked once, in C (``id_array``), and the range is NumPy's min and max of the
+    result, a few hundred pairs at a time: less than the ``min`` and ``max`` of each list
+    that this check was, which let floats and bools through (benchmarks/RESULTS.md: 53
+    against 86 ms for 4,096 pairs of 800 ids)."""
+    for start in range(0, len(pairs), _PAIRS_PER_CHECK):
+        group = pairs[start : start + _PAIRS_PER_CHECK]
+        ids, offsets = id_array(group, fields=ID_FIELDS, typecode="q")
+        if vocab_size is None or not ids.size:
+            continue
+        if int(ids.min()) >= 0 and int(ids.max()) < vocab_size:
+            continue
+        at = int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
+        span = int(np.searchsorted(offsets, at, side="right")) - 1
+        pair, field = group[span // len(ID_FIELDS)], ID_FIELDS[span % len(ID_FIELDS)]
+        raise ValueError(
+            f"pair {pair.index}: {field} holds token id {int(ids[at])}, outside the model's "
+            f"vocabulary [0, {vocab_size}); tokenize the pairs with the model's tokenizer "
+            "(tokenize_pairs(..., vocab_size=...) checks this)"
+        )
+
+
+def id_array(
+    pairs: Sequence[TokenizedPair], *, fields: Sequence[str], typecode: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ids of ``fields`` of each pair back to back (pair by pair, the fields in order) as
+    one array of the ``array`` module's ``typecode`` ("q": int64, "i": int32), and the
+    offsets of the lists in it, (len(pairs) * len(fields) + 1,) int64.
+
+    Each list is walked once, in C (``array.fromlist``), which refuses what is not an integer
+    (a float would otherwise be truncated: 8.5 read as token 8) and an int the type cannot
+    hold; the first such id is then named by pair, field and position. The walk takes a bool
+    as 0 or 1, so the ids of those values, few in real data, are looked at one by one
+    afterwards. A field set to a tensor or an array after the pair was built is converted
+    as the constructor converts it."""
+    buffer = array.array(typecode)
+    add = buffer.fromlist
+    lists = [getattr(p, field) for p in pairs for field in fields]
+    try:
+        for ids in lists:
+            add(ids)
+    except (TypeError, OverflowError):  # a bad id, or a field that is no list
+        buffer = array.array(typecode)
+        lists = [append_ids(buffer, p, field) for p in pairs for field in fields]
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    offsets = np.zeros(len(lists) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    stream = np.frombuffer(buffer, dtype=np.dtype(f"i{buffer.itemsize}"))
+    found = first_bool(stream, offsets[:-1], lists)
+    if found is not None:
+        span, k = found
+        pair, field = pairs[span // len(fields)], fields[span % len(fields)]
+        raise bool_id_error(pair, field, k, lists[span][k])
+    return stream, offsets
+
+
+def append_ids(buffer: array.array, pair: TokenizedPair, field: str) -> list:
+    """``pair``'s ``field`` appended to ``buffer``; returns the ids as a list. Names the first
+    id that is not an integer or that the buffer's type cannot hold."""
+    ids = getattr(pair, field)
+    if not isinstance(ids, list):  # set after the pair was built: converted as on construction
+        ids = _id_list(ids, pair.index, field)
+    try:
+        buffer.fromlist(ids)
+    except (TypeError, OverflowError):
+        _name_non_integer_id(pair, field, ids, bits=8 * buffer.itemsize)
+        raise
+    return ids
+
+
+def first_bool(
+    stream: np.ndarray, starts: np.ndarray | Sequence[int], lists: Sequence[Sequence[object]]
+) -> tuple[int, int] | None:
+    """(list number, position) of the first bool among ``lists``, whose ids an
+    ``array.fromlist`` walk put into ``stream`` (list i from ``stream[starts[i]]`` on; other
+    words of the stream belong to no list), or None. That walk took True and False as 1 and
+    0, so only the ids of those values are looked at."""
+    ones = np.flatnonzero(stream.view(f"u{stream.itemsize}") <= 1)
+    if not ones.size:
+        return None
+    starts = np.asarray(starts, dtype=np.int64)
+    owners = np.searchsorted(starts, ones, side="right") - 1
+    for o, k in zip(owners.tolist(), (ones - starts[owners]).tolist()):
+        ids = lists[o]
+        # a header word before the first list has o = -1 and k < 0; one after a list, k >= len
+        if 0 <= k < len(ids) and type(ids[k]) is not int and _is_bool(ids[k]):
+            return o, k
+    return None
+
+
+def bool_id_error(pair: TokenizedPair, field: str, k: int, value: object) -> TypeError:
+    return TypeError(
+        f"pair {pair.index}: {field}[{k}] is {value!r}, a bool; token ids must be ints (it "
+        f"would be read as token {int(value)}): give the token ids themselves"
+    )
+
+
+def _is_bool(value: object) -> bool:
+    return isinstance(value, bool | np.bool_) or (
+        isinstance(value, Tensor) and value.dtype == torch.bool
+    )
+
+
+def _name_non_integer_id(pair: TokenizedPair, field: str, ids: list, *, bits: int) -> None:
+    """The first id of ``ids`` that is not an integer (a float, None, a str) or lies outside
+    a signed ``bits``-bit integer, by pair, field and position."""
+    for k, i in enumerate(ids):
+        try:
+            value = operator.index(i)
+        except TypeError:
+            fix = (
+                " (a float is refused, not truncated): give the token ids themselves, or int() "
+                "of each where a float holds a whole one"
+                if isinstance(i, numbers.Real) or (isinstance(i, Tensor) and i.is_floating_point())
+                else ": give the token ids themselves"
+            )
+            raise TypeError(
+                f"pair {pair.index}: {field}[{k}] is {i!r}, a {type(i).__qualname__}; token ids "
+                f"must be ints{fix}"
+            ) from None
+        if not -(2 ** (bits - 1)) <= value < 2 ** (bits - 1):
+            raise ValueError(
+                f"pair {pair.index}: {field}[{k}] holds token id {value}, outside int{bits}; "
+                "token ids are indices into a vocabulary"
+            )
 
 
 def _token_stream(lists: list[list[int]], pairs: Sequence[TokenizedPair]) -> np.ndarray:
@@ -218,33 +340,22 @@ def _token_stream(lists: list[list[int]], pairs: Sequence[TokenizedPair]) -> np.
     of being truncated to an int, as ``np.fromiter(..., dtype=np.int64)`` would silently.
 
     ``array.fromlist`` converts each list in C and refuses what is not an integer (it takes
-    what has ``__index__``: ints, NumPy ints, and bools, which pass as 0 and 1), and is no
-    slower than that fromiter walk (benchmarks/RESULTS.md: 0.34 against 0.36 ms for 25,600
+    what has ``__index__``: ints, NumPy ints, and bools, which pass as 0 and 1 and which
+    ``check_token_ids``, run by ``fit`` and ``score_pairs`` before any work, refuses), and is
+    no slower than that fromiter walk (benchmarks/RESULTS.md: 0.34 against 0.36 ms for 25,600
     ids at best); scanning the lists for floats would cost a second walk."""
     ids = array.array("q")  # signed 64-bit, native order, as int64
     try:
         for part in lists:
             ids.fromlist(part)
     except TypeError:
-        _name_non_integer_id(pairs)
+        for p in pairs:  # names the first bad id
+            for field in ID_FIELDS:
+                append_ids(array.array("q"), p, field)
         # no bad id: a field that is no list (set after the pair was built), walked by fromiter
         total = sum(len(part) for part in lists)
         return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
     return np.frombuffer(ids, dtype=np.int64)
-
-
-def _name_non_integer_id(pairs: Sequence[TokenizedPair]) -> None:
-    """The first token id that is not an integer (a float, None, a str), by pair and field."""
-    for p in pairs:
-        for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            for k, i in enumerate(getattr(p, field)):
-                try:
-                    operator.index(i)
-                except TypeError:
-                    raise TypeError(
-                        f"pair {p.index}: {field}[{k}] is {i!r}, a {type(i).__qualname__}; token "
-                        "ids must be ints (a float is refused, not truncated)"
-                    ) from None
 
 
 def pack_pairs(pairs: Sequence[TokenizedPair]) -> PackedBatch:

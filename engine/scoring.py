@@ -32,9 +32,9 @@ from sdpo.engine import distributed, sharding
 from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
-    check_batch_ids,
     check_ld_alpha,
     check_pairs,
+    check_token_ids,
     head_rows,
     pack_pairs,
     pack_pairs_shared,
@@ -197,6 +197,8 @@ def score_pairs(
     if not pairs:
         raise ValueError("score_pairs needs at least one pair")
     check_pairs(pairs, "score_pairs")
+    # every pair, on every rank: a bad id is refused before any batch, by all ranks alike
+    check_token_ids(pairs, vocab_size=model.lm_head_weight.shape[0])
     if data_parallel is None:
         data_parallel = distributed.active()
     local = pairs
@@ -337,7 +339,6 @@ def _score_local(
             fault_point("score_batch")
             chunk = [pairs[i] for i in positions]
             host_batch = pack_pairs_shared(chunk) if share_prompt else pack_pairs(chunk)
-            check_batch_ids(host_batch, chunk, vocab_size=model.lm_head_weight.shape[0])
             batch = to_device(host_batch, device)
             # the rows with a label, with their LD-DPO weights
             head = to_device(head_rows(host_batch, ld_alpha=ld_alpha), device)

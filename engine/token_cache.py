@@ -20,7 +20,6 @@ plain words; it never raises. Files are written atomically (``sdpo.engine.files`
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import struct
@@ -36,7 +35,7 @@ from . import tokenize as _tokenize_module
 from . import tokenizer_classes as _tokenizer_classes_module
 from .data import cyclic_gc_paused
 from .files import atomic_write_bytes
-from .packing import TokenizedPair
+from .packing import TokenizedPair, id_array
 from .resume import file_sha256
 from .tokenize import (
     CHAT_TEMPLATE_DIR,
@@ -177,12 +176,10 @@ def pack_pairs(
     source_ids = {name: i for i, name in enumerate(names)}
     tensors: dict[str, np.ndarray] = {}
     for seq in _SEQUENCES:
-        lists = [getattr(p, f"{seq}_ids") for p in pairs]
-        lengths = np.fromiter((len(ids) for ids in lists), dtype=np.int64, count=len(lists))
-        tensors[f"{seq}_offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        tensors[f"{seq}_ids"] = np.fromiter(  # chain walks the lists in C
-            itertools.chain.from_iterable(lists), dtype=np.int32, count=int(lengths.sum())
-        )
+        # one C walk per list; a float, a bool or an id outside int32 is named, not stored
+        ids, offsets = id_array(pairs, fields=(f"{seq}_ids",), typecode="i")
+        tensors[f"{seq}_offsets"] = offsets
+        tensors[f"{seq}_ids"] = ids.astype(np.int32, copy=False)
     tensors["index"] = np.asarray([p.index for p in pairs], dtype=np.int64)
     tensors["source_id"] = np.asarray([source_ids[p.source] for p in pairs], dtype=np.int32)
     tensors["truncated"] = np.asarray([p.truncated for p in pairs], dtype=np.uint8)

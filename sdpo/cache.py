@@ -16,6 +16,7 @@ Fingerprints (:func:`data_fingerprint`, :func:`file_fingerprint`; the model's is
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import hashlib
 import itertools
@@ -33,10 +34,16 @@ import safetensors.torch
 import torch
 
 from sdpo.engine.files import atomic_open
+from sdpo.engine.packing import (
+    ID_FIELDS,
+    TokenizedPair,
+    append_ids,
+    bool_id_error,
+    first_bool,
+)
 from sdpo.engine.resume import file_sha256
 
 if TYPE_CHECKING:
-    from sdpo.engine.packing import TokenizedPair
     from sdpo.engine.scoring import PairLogps
 
 __all__ = [
@@ -473,12 +480,15 @@ def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
 
     Each pair contributes ``[index, len(prompt), len(chosen), len(rejected)]`` followed by the
     three id lists, as little-endian int32; lengths are included so moving a token from prompt
-    to completion changes the fingerprint. The ids of a few thousand pairs at a time are
-    gathered into one int32 buffer in C (``itertools.chain``). A pair index outside int32 (a
-    caller's own 64-bit ids; ``TokenizedPair.index`` is any int64) enters that stream as its
-    low 32 bits, and the digest is then taken once more over the stream's digest and every such
-    pair's position and full index, under a prefix of its own: indices within int32 keep the
-    fingerprint they always had, and no two different pair lists share one."""
+    to completion changes the fingerprint. The ids of a few hundred pairs at a time are
+    gathered into one int32 buffer, a list per C walk that refuses a float (once truncated:
+    8.5 hashed as 8) or an id outside int32, naming its pair, field and position; a bool,
+    which the walk takes as 0 or 1, is refused after it (``first_bool``). A pair index
+    outside int32 (a caller's own 64-bit ids; ``TokenizedPair.index`` is any int64) enters
+    that stream as its low 32 bits, and the digest is then taken once more over the stream's
+    digest and every such pair's position and full index, under a prefix of its own: indices
+    within int32 keep the fingerprint they always had, and no two different pair lists share
+    one."""
     h = hashlib.sha256(b"sdpo.pairs.v1")
     count = 0
     wide: list[tuple[int, int]] = []  # (position, index) of each index outside int32
@@ -490,31 +500,25 @@ def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
         return (index + 2**31) % 2**32 - 2**31
 
     remaining = iter(pairs)
-    while group := list(itertools.islice(remaining, 4096)):
-        parts = (
-            part
-            for j, p in enumerate(group)
-            for part in (
-                (
-                    word(count + j, p.index),
-                    len(p.prompt_ids),
-                    len(p.chosen_ids),
-                    len(p.rejected_ids),
-                ),
-                p.prompt_ids,
-                p.chosen_ids,
-                p.rejected_ids,
-            )
-        )
+    while group := list(itertools.islice(remaining, 512)):
         try:
-            size = sum(
-                4 + len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in group
-            )
-            stream = np.fromiter(itertools.chain.from_iterable(parts), dtype="<i4", count=size)
+            lists = [ids for p in group for ids in (p.prompt_ids, p.chosen_ids, p.rejected_ids)]
+            indices = [word(count + j, p.index) for j, p in enumerate(group)]
         except AttributeError:
             _name_non_pair(group, first=count)
             raise
-        h.update(stream.tobytes())
+        try:
+            stream = _int32_stream(indices, lists)
+        except (TypeError, OverflowError):  # a bad id (named here), or a field that is no list
+            lists = [append_ids(array.array("i"), p, field) for p in group for field in ID_FIELDS]
+            stream = _int32_stream(indices, lists)
+        lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        # list i begins after the lists before it and the 4-word heads of its pair and those before
+        starts = np.cumsum(lengths) - lengths + 4 * (np.arange(len(lists)) // 3 + 1)
+        if found := first_bool(stream, starts, lists):
+            span, k = found
+            raise bool_id_error(group[span // 3], ID_FIELDS[span % 3], k, lists[span][k])
+        h.update(stream.astype("<i4", copy=False).tobytes())
         count += len(group)
     h.update(struct.pack("<Q", count))
     if not wide:
@@ -524,6 +528,21 @@ def data_fingerprint(pairs: Iterable[TokenizedPair]) -> str:
     for position, index in wide:
         outer.update(struct.pack("<Qq", position, index))
     return outer.hexdigest()
+
+
+def _int32_stream(indices: list[int], lists: list[list]) -> np.ndarray:
+    """data_fingerprint's words of a group of pairs: per pair its index and three lengths, then
+    its three id lists (``lists``, three a pair), each walked once in C; a float, None or an id
+    outside int32 raises there (a bool passes as 0 or 1)."""
+    buffer = array.array("i")  # C int: int32 on every platform torch supports
+    add = buffer.fromlist
+    parts = iter(lists)
+    for index, prompt, chosen, rejected in zip(indices, parts, parts, parts):
+        add([index, len(prompt), len(chosen), len(rejected)])
+        add(prompt)
+        add(chosen)
+        add(rejected)
+    return np.frombuffer(buffer, dtype=np.int32)
 
 
 def _name_non_pair(group: list[object], *, first: int) -> None:

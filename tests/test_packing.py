@@ -11,6 +11,7 @@ from sdpo.engine.packing import (
     PackedBatch,
     TokenizedPair,
     batch_by_token_budget,
+    check_token_ids,
     head_rows,
     pack_pairs,
     pack_pairs_shared,
@@ -128,7 +129,7 @@ def test_hand_built_pairs_take_tensor_and_array_ids_and_name_anything_else():
     cases = [
         (dict(chosen_ids="hello"), r"pair 3: chosen_ids must be a list of int token ids, got str"),
         (dict(prompt_ids=torch.tensor([[5, 6]])), r"pair 3: prompt_ids must be 1-D .* \(1, 2\)"),
-        (dict(rejected_ids=np.array([9.0, 2.0])), r"rejected_ids must be 1-D integer .*float64"),
+        (dict(rejected_ids=np.array([9.0, 2.0])), r"rejected_ids must be integer .*float64"),
         (dict(index="3"), r"TokenizedPair.index must be an int, got str"),
     ]
     for change, message in cases:
@@ -152,6 +153,57 @@ def test_a_float_inside_an_id_list_is_named_by_both_packers_not_truncated():
     )
     assert pack_pairs([big]).input_ids.tolist() == [2**62 + 1, -3, 2**53 + 1] + [2**62 + 1, -3, 0]
     assert pack_pairs_shared([big]).input_ids.tolist() == [2**62 + 1, -3, 2**53 + 1, 0]
+
+
+def test_every_way_in_for_token_ids_names_a_float_or_bool_id_by_pair_field_and_position():
+    """fit / run_sdpo / score_pairs (``check_token_ids``), ``data_fingerprint`` and the token
+    cache took a float or a bool inside an id list: the check by min and max let both through
+    (a float was refused only when its batch was packed), and the int32 walks truncated 8.5
+    to 8 and read True as 1. Each is named by pair, field and position; a float tensor set
+    as a field after the pair was built is named too; NumPy and 0-d tensor ints still pass,
+    giving what plain ints give."""
+    from sdpo.cache import data_fingerprint
+    from sdpo.engine import token_cache
+
+    ways_in = {
+        "check": lambda pairs: check_token_ids(pairs, vocab_size=97),
+        "check, no vocabulary": check_token_ids,
+        "data_fingerprint": data_fingerprint,
+        "token cache": lambda pairs: token_cache.pack_pairs(pairs, {}),
+    }
+    rng = np.random.default_rng(5)
+    bad_values = [
+        (8.5, r"is 8\.5, a float; token ids must be ints \(a float is refused, not truncated\)"),
+        (np.float64(3.0), r"is np\.float64\(3\.0\), a float64; .* int\(\) of each"),
+        (torch.tensor(2.0), r"is tensor\(2\.\), a Tensor; .*not truncated"),
+        (True, r"is True, a bool; token ids must be ints \(it would be read as token 1\)"),
+        (torch.tensor(False), r"is tensor\(False\), a bool; .*read as token 0"),
+        (None, r"is None, a NoneType; token ids must be ints: give the token ids themselves"),
+    ]
+    for value, message in bad_values:
+        for field in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            pairs = random_pairs(rng, 5)
+            getattr(pairs[3], field)[1:2] = [value]  # lists are taken as they are
+            for way_in in ways_in.values():
+                with pytest.raises(
+                    TypeError, match=rf"pair {pairs[3].index}: {field}\[1\] {message}"
+                ):
+                    way_in(pairs)
+    pairs = random_pairs(rng, 3)
+    pairs[2].chosen_ids = torch.tensor([4.0, 5.0])  # a field set after the pair was built
+    for way_in in ways_in.values():
+        with pytest.raises(TypeError, match=r"chosen_ids must be integer token ids, .*float32"):
+            way_in(pairs)
+    plain = random_pairs(rng, 4)
+    plain[1].prompt_ids[:2] = [0, 1]  # the values a bool takes, as ints
+    given = [TokenizedPair(**{**vars(p), "prompt_ids": list(p.prompt_ids)}) for p in plain]
+    given[1].prompt_ids[0] = np.int64(0)
+    given[2].chosen_ids[0] = torch.tensor(plain[2].chosen_ids[0])
+    given[3].rejected_ids = torch.tensor(plain[3].rejected_ids)
+    check_token_ids(given, vocab_size=97)
+    assert data_fingerprint(given) == data_fingerprint(plain)
+    got, want = token_cache.pack_pairs(given, {})[0], token_cache.pack_pairs(plain, {})[0]
+    assert all(np.array_equal(got[k], want[k]) for k in want)
 
 
 def test_packed_batch_to_moves_every_tensor():

@@ -583,6 +583,44 @@ def test_scoring_and_training_name_a_bad_hand_built_id_and_keep_the_mode(one_thr
         assert torch.equal(tensor, weights[key]), key
 
 
+def test_a_float_or_bool_id_is_refused_before_any_forward_or_update(one_thread):
+    """A float inside a later micro-batch was refused only when fit packed it, after the
+    earlier optimizer steps had changed the weights (score_pairs: after the earlier batches'
+    forwards), and a bool trained as token 0 or 1. fit, score_pairs and run_sdpo refuse
+    either before any forward, naming the pair, field and position."""
+    from functools import partial
+
+    from sdpo.engine.scoring import score_pairs
+    from sdpo.engine.trainer import DPOTrainer
+    from sdpo.losses import dpo_loss
+
+    wrapped = PackedCausalLM(_tiny_hf()).train()
+    pairs = _hand_pairs(range(4))
+    ref = score_pairs(wrapped, pairs, max_tokens_per_batch=256, impl="torch")
+    weights = {k: v.clone() for k, v in wrapped.state_dict().items()}
+    trainer = DPOTrainer(
+        wrapped,
+        config=TrainConfig(learning_rate=1e-2, pairs_per_step=1, shuffle=False, memory_probe=False),
+        loss_fn=partial(dpo_loss, config=LossConfig()),
+        kernels_impl="torch",
+        progress=False,
+    )
+    forwards = []
+    wrapped.register_forward_pre_hook(lambda *_: forwards.append(1))
+    for value, message in ((8.5, r"8\.5, a float"), (True, r"True, a bool")):
+        pairs[3].rejected_ids[1:2] = [value]  # in the last pair, the last optimizer step
+        match = rf"pair 3: rejected_ids\[1\] is {message}; token ids must be ints"
+        with pytest.raises(TypeError, match=match):
+            trainer.fit(pairs, ref)
+        with pytest.raises(TypeError, match=match):
+            score_pairs(wrapped, pairs, max_tokens_per_batch=16, impl="torch")
+        with pytest.raises(TypeError, match=match):
+            run_sdpo(wrapped, pairs, steps=2, partition="random", kernels_impl="torch")
+    assert not forwards
+    for key, tensor in wrapped.state_dict().items():
+        assert torch.equal(tensor, weights[key]), key
+
+
 def _first_rows(table: PairLogps, n: int) -> dict:
     return {
         k: getattr(table, k)[:n]
