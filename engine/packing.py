@@ -181,13 +181,13 @@ class PackedBatch:
 
 
 def _check_packable(pair: TokenizedPair) -> None:
-    if not pair.prompt_ids:
+    if len(pair.prompt_ids) == 0:  # len: a tensor field has no truth value
         raise ValueError(
             f"pair {pair.index} has an empty prompt; every sequence needs at least one prompt "
             "token (tokenize with a BOS token or give the row a prompt)"
         )
     for name, completion in (("chosen", pair.chosen_ids), ("rejected", pair.rejected_ids)):
-        if not completion:
+        if len(completion) == 0:
             raise ValueError(
                 f"pair {pair.index} has an empty {name} completion; nothing would be scored "
                 "(re-tokenize with a larger max_length)"
@@ -340,22 +340,25 @@ def _token_stream(lists: list[list[int]], pairs: Sequence[TokenizedPair]) -> np.
     of being truncated to an int, as ``np.fromiter(..., dtype=np.int64)`` would silently.
 
     ``array.fromlist`` converts each list in C and refuses what is not an integer (it takes
-    what has ``__index__``: ints, NumPy ints, and bools, which pass as 0 and 1 and which
-    ``check_token_ids``, run by ``fit`` and ``score_pairs`` before any work, refuses), and is
-    no slower than that fromiter walk (benchmarks/RESULTS.md: 0.34 against 0.36 ms for 25,600
-    ids at best); scanning the lists for floats would cost a second walk."""
+    what has ``__index__``: ints, NumPy ints, and bools, which pass as 0 and 1 and are looked
+    for among the ids of those values after it, as ``check_token_ids`` does before any work
+    in ``fit`` and ``score_pairs``), and is no slower than that fromiter walk
+    (benchmarks/RESULTS.md: 0.34 against 0.36 ms for 25,600 ids at best); scanning the lists
+    for floats would cost a second walk."""
     ids = array.array("q")  # signed 64-bit, native order, as int64
     try:
         for part in lists:
             ids.fromlist(part)
-    except TypeError:
-        for p in pairs:  # names the first bad id
-            for field in ID_FIELDS:
-                append_ids(array.array("q"), p, field)
+    except (TypeError, OverflowError):
+        check_token_ids(pairs)  # names the first bad id
         # no bad id: a field that is no list (set after the pair was built), walked by fromiter
         total = sum(len(part) for part in lists)
         return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
-    return np.frombuffer(ids, dtype=np.int64)
+    stream = np.frombuffer(ids, dtype=np.int64)
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    if first_bool(stream, np.cumsum(lengths) - lengths, lists) is not None:
+        check_token_ids(pairs)  # names it by pair, field and position
+    return stream
 
 
 def pack_pairs(pairs: Sequence[TokenizedPair]) -> PackedBatch:

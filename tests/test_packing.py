@@ -156,12 +156,12 @@ def test_a_float_inside_an_id_list_is_named_by_both_packers_not_truncated():
 
 
 def test_every_way_in_for_token_ids_names_a_float_or_bool_id_by_pair_field_and_position():
-    """fit / run_sdpo / score_pairs (``check_token_ids``), ``data_fingerprint`` and the token
-    cache took a float or a bool inside an id list: the check by min and max let both through
-    (a float was refused only when its batch was packed), and the int32 walks truncated 8.5
-    to 8 and read True as 1. Each is named by pair, field and position; a float tensor set
-    as a field after the pair was built is named too; NumPy and 0-d tensor ints still pass,
-    giving what plain ints give."""
+    """fit / run_sdpo / score_pairs (``check_token_ids``), ``data_fingerprint``, the token
+    cache and the packers took a float or a bool inside an id list: the check by min and max
+    let both through (a float was refused only when its batch was packed), the int32 walks
+    truncated 8.5 to 8, and every walk read True as 1. Each is named by pair, field and
+    position; a float tensor set as a field after the pair was built is named too; NumPy and
+    0-d tensor ints still pass, giving what plain ints give."""
     from sdpo.cache import data_fingerprint
     from sdpo.engine import token_cache
 
@@ -170,6 +170,8 @@ def test_every_way_in_for_token_ids_names_a_float_or_bool_id_by_pair_field_and_p
         "check, no vocabulary": check_token_ids,
         "data_fingerprint": data_fingerprint,
         "token cache": lambda pairs: token_cache.pack_pairs(pairs, {}),
+        "pack_pairs": pack_pairs,
+        "pack_pairs_shared": pack_pairs_shared,
     }
     rng = np.random.default_rng(5)
     bad_values = [
@@ -204,6 +206,8 @@ def test_every_way_in_for_token_ids_names_a_float_or_bool_id_by_pair_field_and_p
     assert data_fingerprint(given) == data_fingerprint(plain)
     got, want = token_cache.pack_pairs(given, {})[0], token_cache.pack_pairs(plain, {})[0]
     assert all(np.array_equal(got[k], want[k]) for k in want)
+    for pack in (pack_pairs, pack_pairs_shared):
+        assert torch.equal(pack(given).input_ids, pack(plain).input_ids)
 
 
 def test_packed_batch_to_moves_every_tensor():
