@@ -298,6 +298,7 @@ def first_bool(
 
 
 def bool_id_error(pair: TokenizedPair, field: str, k: int, value: object) -> TypeError:
+    """The error for the bool ``value`` at ``field[k]`` of ``pair`` (see ``first_bool``)."""
     return TypeError(
         f"pair {pair.index}: {field}[{k}] is {value!r}, a bool; token ids must be ints (it "
         f"would be read as token {int(value)}): give the token ids themselves"
