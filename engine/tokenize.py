@@ -209,47 +209,121 @@ def template_special_tokens(config: dict) -> dict[str, str]:
 
 
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
-def with_special_tokens_map(folder: Path, config: dict) -> dict:
-    """``tokenizer_config.json``'s ``config`` with ``special_tokens_map.json``'s tokens over it,
-    where transformers 5 reads that file: only when ``config`` has no ``added_tokens_decoder``
-    (folders saved before transformers wrote one, e.g. older Llama 2 and Mistral uploads); its
-    tokens then win over ``config``'s (an object there is read as a special AddedToken, with
-    or without ``"__type": "AddedToken"``), an object under its ``extra_special_tokens`` adds
-    model-specific tokens and a list there adds its tokens to ``config``'s list. Otherwise
-    ``config`` as it is."""
+@dataclass(frozen=True)
+class _TokenSources:
+    """Where the special tokens of ``special_token_config``'s config are written, for errors:
+    ``keys``: a named key's or a model-specific token's (file, key as written: the name itself,
+    or the object it is in), by name; ``listed``: each item of its ``extra_special_tokens`` list
+    as (file, key as written, position there)."""
+
+    keys: dict[str, tuple[str, str]]
+    listed: list[tuple[str, str, int]]
+
+    def key(self, name: str) -> tuple[str, str]:
+        return self.keys.get(name, (TOKENIZER_CONFIG_FILE, name))
+
+
+def special_token_config(folder: Path, config: dict) -> tuple[dict, _TokenSources]:
+    """``tokenizer_config.json``'s ``config`` with its special tokens read as transformers 5's
+    ``from_pretrained`` and tokenizer ``__init__`` read them, and where each is written:
+    ``additional_special_tokens`` is the list of extra special tokens where
+    ``extra_special_tokens`` is unset or empty; an object under ``extra_special_tokens`` holds
+    model-specific tokens, which with the string-valued model-specific ``*_token`` keys replace
+    a ``model_specific_special_tokens`` of the file's own. ``special_tokens_map.json``'s tokens
+    then win, where transformers reads that file: only when ``config`` has no
+    ``added_tokens_decoder`` (folders saved before transformers wrote one, e.g. older Llama 2
+    and Mistral uploads). An object there is a special AddedToken (with or without
+    ``"__type": "AddedToken"``); a list under its ``extra_special_tokens`` adds its tokens to
+    ``config``'s list, and an object there replaces that list, its tokens model-specific ones;
+    its ``additional_special_tokens`` is the list only where ``extra_special_tokens`` is
+    still unset. The config returned has the list under ``extra_special_tokens`` (no
+    ``additional_special_tokens``) and the model-specific tokens of objects under
+    ``model_specific_special_tokens``."""
+    merged = dict(config)
+    keys: dict[str, tuple[str, str]] = {}
+    listed_key = "extra_special_tokens"  # the key tokenizer_config.json's list is under
+    if "additional_special_tokens" in merged and not merged.get("extra_special_tokens"):
+        merged["extra_special_tokens"] = merged.pop("additional_special_tokens")
+        listed_key = "additional_special_tokens"
+    listed = merged.get("extra_special_tokens")
+    sources = [(TOKENIZER_CONFIG_FILE, listed_key, i) for i in range(_list_length(listed))]
+    specific = merged.get("model_specific_special_tokens")
+    if isinstance(specific, dict):
+        keys |= {str(k): (TOKENIZER_CONFIG_FILE, "model_specific_special_tokens") for k in specific}
+    # (the keys stay: a tokenizer class reads its own, e.g. CodeLlama's fill_token)
+    collected = {
+        k: v
+        for k, v in merged.items()
+        if k.endswith("_token") and k not in NAMED_SPECIAL_TOKENS and isinstance(v, str)
+    }
+    if isinstance(listed, dict):
+        collected |= merged.pop("extra_special_tokens")
+        keys |= {str(k): (TOKENIZER_CONFIG_FILE, "extra_special_tokens") for k in listed}
+    if collected:
+        merged["model_specific_special_tokens"] = collected
     path = folder / SPECIAL_TOKENS_MAP_FILE
     if "added_tokens_decoder" in config or not path.is_file():
-        return config
-    merged = dict(config)
-    for key, value in _read_json(path).items():
+        token_map = {}
+    else:
+        token_map = _read_json(path)
+    additional: list[tuple[str, str, int]] = []
+    for key, value in token_map.items():
         if isinstance(value, dict) and key != "extra_special_tokens":
             # transformers makes a special AddedToken of any object there
             value = {**value, "special": True, "__type": "AddedToken"}
-        if key == "extra_special_tokens" and isinstance(value, dict):
-            specific = merged.get("model_specific_special_tokens")
-            merged["model_specific_special_tokens"] = {
-                **(specific if isinstance(specific, dict) else {}),
-                **value,
-            }
         elif key == "extra_special_tokens" and isinstance(value, list):
-            # its tokens join tokenizer_config.json's list (an object read as an AddedToken)
+            # its tokens join the list (an object read as a special AddedToken)
             listed = merged.get(key)
-            if isinstance(listed, dict):
-                continue
-            listed = list(listed or [])
-            contents = {_token_content(t) for t in listed}
-            for token in value:
+            joined = list(listed) if isinstance(listed, list) else []
+            for i, token in enumerate(value):
                 if isinstance(token, dict):
+                    _check_map_list_item(path, i, token)
                     token = {**token, "special": True, "__type": "AddedToken"}
-                if _token_content(token) not in contents:
-                    listed.append(token)
-                    contents.add(_token_content(token))
-            merged[key] = listed
-        elif key != "extra_special_tokens":
-            merged[key] = value
-    return merged
+                if token not in joined:
+                    joined.append(token)
+                    sources.append((SPECIAL_TOKENS_MAP_FILE, key, i))
+            value = joined
+        elif key == "extra_special_tokens" and isinstance(value, dict):
+            sources = []  # the object replaces the list
+            keys |= {str(k): (SPECIAL_TOKENS_MAP_FILE, key) for k in value}
+        elif key == "additional_special_tokens":
+            additional = [(SPECIAL_TOKENS_MAP_FILE, key, i) for i in range(_list_length(value))]
+        keys[key] = (SPECIAL_TOKENS_MAP_FILE, key)
+        merged[key] = value
+    if isinstance(merged.get("extra_special_tokens"), dict):
+        specific = merged.get("model_specific_special_tokens")
+        merged["model_specific_special_tokens"] = {
+            **(specific if isinstance(specific, dict) else {}),
+            **merged.pop("extra_special_tokens"),
+        }
+    # the tokenizer's __init__: additional_special_tokens only where no extra_special_tokens
+    if "additional_special_tokens" in merged and "extra_special_tokens" not in merged:
+        merged["extra_special_tokens"] = merged.pop("additional_special_tokens")
+        sources = additional
+    merged.pop("additional_special_tokens", None)
+    return merged, _TokenSources(keys=keys, listed=sources)
+
+
+def _list_length(value: Any) -> int:
+    return len(value) if isinstance(value, list) else 0
+
+
+def _check_map_list_item(path: Path, position: int, value: dict) -> None:
+    """Refuse an object listed under ``special_tokens_map.json``'s ``extra_special_tokens`` that
+    transformers fails to read: one with ``"special"``, which it gives again."""
+    if "special" in value:
+        shown = json.dumps(value)
+        raise ValueError(
+            f"item {position} of extra_special_tokens in {path} is {shown[:120]}"
+            f'{"..." if len(shown) > 120 else ""}, an object with "special", which '
+            "transformers fails to read there (it makes every token listed there special "
+            'itself; it fails to load a tokenizer from this folder too); remove "special" '
+            "from the object, or write the token as a string, "
+            f"{json.dumps(_token_content(value) or '<token>')}"
+        )
 
 
 def _template_messages(messages: list[dict]) -> list[dict]:
@@ -492,7 +566,7 @@ class PairTokenizer:
     def from_dir(cls, model_dir: str | os.PathLike) -> PairTokenizer:
         """Load ``tokenizer.json`` and ``tokenizer_config.json`` (EOS/BOS, other special tokens;
         ``special_tokens_map.json``'s over them where transformers reads it:
-        ``with_special_tokens_map``) and the chat template (``chat_template.jinja`` or
+        ``special_token_config``) and the chat template (``chat_template.jinja`` or
         tokenizer_config.json's ``chat_template``, as transformers picks it:
         ``_find_chat_templates``). The pipeline and default special tokens of the tokenizer
         class transformers builds for the folder (``engine/tokenizer_classes.py``) apply; an EOS
@@ -513,7 +587,7 @@ class PairTokenizer:
             raise ValueError(f"{path}: not a valid tokenizer.json ({exc}); re-save it") from exc
         config_path = folder / "tokenizer_config.json"
         own_config = _read_json(config_path) if config_path.is_file() else {}
-        config = with_special_tokens_map(folder, own_config)
+        config, sources = special_token_config(folder, own_config)
         model_config_path = folder / "config.json"
         model_config = _read_json(model_config_path) if model_config_path.is_file() else {}
         model_type = model_config.get("model_type")
@@ -533,9 +607,8 @@ class PairTokenizer:
                 f'"PreTrainedTokenizerFast" in {config_path} (transformers then reads the file '
                 "as it is too)"
             )
-        from_map = _map_names(folder, own_config)
-        _check_special_token_values(folder, config, from_map)
-        named = _registered_tokens(config, cls_name, from_map=from_map)
+        _check_special_token_values(folder, config, sources)
+        named = _registered_tokens(config, cls_name, sources=sources)
         config = class_defaults(tokenizer, config, cls_name)
         if cls_name is not None:
             tokenizer = _drop_unlisted_added_tokens(tokenizer, config)
@@ -836,7 +909,7 @@ def _named_tokens(config: dict) -> list[Any]:
     """The special tokens ``tokenizer_config.json`` names, as written (strings or AddedToken
     dicts, whose options transformers applies where it adds the token): the named and
     model-specific ones (those of ``template_special_tokens``) and those listed in
-    ``extra_special_tokens`` (or ``additional_special_tokens``)."""
+    ``extra_special_tokens`` (``special_token_config``'s list)."""
     named = [
         v
         for k, v in config.items()
@@ -849,88 +922,74 @@ def _named_tokens(config: dict) -> list[Any]:
             named += [
                 v for k, v in tokens.items() if _token_content(v) and k not in NAMED_SPECIAL_TOKENS
             ]
-    listed = config.get("extra_special_tokens") or config.get("additional_special_tokens")
+    listed = config.get("extra_special_tokens")
     return [*named, *(listed if isinstance(listed, list) else [])]
 
 
 def _special_tokens(config: dict) -> list[str]:
     """transformers' ``all_special_tokens`` of a folder of ``config``: the named special tokens
-    (``NAMED_SPECIAL_TOKENS``), then those listed in ``extra_special_tokens`` (or
-    ``additional_special_tokens``), each once."""
-    listed = config.get("extra_special_tokens") or config.get("additional_special_tokens")
+    (``NAMED_SPECIAL_TOKENS``), then those listed in ``extra_special_tokens``
+    (``special_token_config``'s list), each once."""
+    listed = config.get("extra_special_tokens")
     values = [config.get(k) for k in NAMED_SPECIAL_TOKENS]
     tokens = [_token_content(v) for v in [*values, *(listed if isinstance(listed, list) else [])]]
     return list(dict.fromkeys(t for t in tokens if t is not None))
 
 
-def _map_names(folder: Path, config: dict) -> set[str]:
-    """The keys (``bos_token``, ..., ``additional_special_tokens``) and model-specific token
-    names whose tokens ``with_special_tokens_map`` takes from ``special_tokens_map.json`` over
-    ``config`` (``tokenizer_config.json``): none where transformers does not read that file."""
-    path = folder / SPECIAL_TOKENS_MAP_FILE
-    if "added_tokens_decoder" in config or not path.is_file():
-        return set()
-    tokens = _read_json(path)
-    specific = tokens.get("extra_special_tokens")
-    return {k for k in tokens if k != "extra_special_tokens"} | (
-        set(map(str, specific)) if isinstance(specific, dict) else set()
-    )
-
-
-def _check_special_token_values(folder: Path, config: dict, from_map: set[str]) -> None:
+def _check_special_token_values(folder: Path, config: dict, sources: _TokenSources) -> None:
     """Refuse a folder transformers 5 fails to load for a special token's value: a named one
     (``bos_token``, ..., ``mask_token``) or a model-specific one (under
     ``model_specific_special_tokens`` or ``extra_special_tokens``) that is neither a string nor
     an AddedToken, e.g. an object without ``"__type": "AddedToken"``, which only
-    ``special_tokens_map.json``'s named tokens may leave out (``with_special_tokens_map``
-    adds it), or such an object in the list of tokens transformers adds as special
-    (``extra_special_tokens``, or ``additional_special_tokens`` where that is no list).
-    ``config``: tokenizer_config.json with that file's tokens over it; ``from_map``: the names
-    taken from it (``_map_names``)."""
+    ``special_tokens_map.json``'s named tokens may leave out (``special_token_config`` adds
+    it), or such a value in the list of extra special tokens. ``config`` and ``sources``:
+    ``special_token_config``'s."""
 
-    def where(name: str) -> Path:
-        return folder / (SPECIAL_TOKENS_MAP_FILE if name in from_map else "tokenizer_config.json")
+    def place(name: str) -> str:
+        file, key = sources.key(name)
+        return (
+            f"{name} in {folder / file}" if key == name else f"{name} of {key} in {folder / file}"
+        )
 
-    def shown_key(key: str, name: str) -> str:  # the map's extra_special_tokens, as written
-        return "extra_special_tokens" if name in from_map else key
-
-    found = [(k, config.get(k), f"{k} in {where(k)}") for k in NAMED_SPECIAL_TOKENS]
-    for key in ("model_specific_special_tokens", "extra_special_tokens"):
-        tokens = config.get(key)
-        if isinstance(tokens, dict):
-            found += [
-                (str(k), v, f"{k} of {shown_key(key, str(k))} in {where(str(k))}")
-                for k, v in tokens.items()
-                if str(k) not in NAMED_SPECIAL_TOKENS
-            ]
-    # the list transformers adds as special tokens
-    key = "extra_special_tokens"
-    if not (isinstance(config.get(key), list) and config[key]):
-        key = "additional_special_tokens"
-    listed = config.get(key)
-    for i, value in enumerate(listed if isinstance(listed, list) else []):
-        if isinstance(value, dict):
-            found.append((None, value, f"item {i} of {key} in {where(key)}"))
-    for name, value, place in found:
-        if value is None or isinstance(value, str) or _is_added_token(value):
+    found = [(k, config.get(k), place(k)) for k in NAMED_SPECIAL_TOKENS]
+    tokens = config.get("model_specific_special_tokens")
+    if isinstance(tokens, dict):
+        found += [
+            (str(k), v, place(str(k)))
+            for k, v in tokens.items()
+            if str(k) not in NAMED_SPECIAL_TOKENS
+        ]
+    # the list transformers adds as special tokens, each where it is written
+    listed = config.get("extra_special_tokens")
+    for value, (file, key, i) in zip(listed if isinstance(listed, list) else [], sources.listed):
+        found.append((None, value, f"item {i} of {key} in {folder / file}"))
+    for name, value, where in found:
+        # null: no such token, for a named key only (transformers fails on one in an object
+        # of model-specific tokens or in the list)
+        if isinstance(value, str) or _is_added_token(value):
+            continue
+        if value is None and name in NAMED_SPECIAL_TOKENS:
             continue
         content = _token_content(value) or "<token>"
-        kind = (
-            'an object without "__type": "AddedToken"'
-            if isinstance(value, dict)
-            else f"of type {type(value).__name__}"
-        )
         shown = json.dumps(value)
+        if isinstance(value, dict):
+            shown = f"{shown[:120]}{'...' if len(shown) > 120 else ''}, an object without "
+            shown += '"__type": "AddedToken",'
+        elif value is not None:
+            shown = f"{shown[:120]}, of type {type(value).__name__},"
+        else:
+            shown = "null,"
         string = (
             json.dumps(content) if name is None else f"{json.dumps(name)}: {json.dumps(content)}"
         )
         raise ValueError(
-            f"{place} is {shown[:120]}{'...' if len(shown) > 120 else ''}, {kind}, not a "
-            "special token transformers reads (it fails to load a tokenizer from this folder "
-            f"too); write the token as a string, {string}"
+            f"{where} is {shown} not a special token transformers reads (it fails to load a "
+            f"tokenizer from this folder too); write the token as a string, {string}"
             + (
                 ', or add "__type": "AddedToken" to the object to keep its options'
                 if isinstance(value, dict)
+                else ", or remove it"
+                if value is None
                 else ""
             )
         )
@@ -941,11 +1000,11 @@ _UNNAMED = ("a special token transformers registers", None)
 
 
 def _registered_tokens(
-    config: dict, cls: str | None, *, from_map: set[str] = frozenset()
+    config: dict, cls: str | None, *, sources: _TokenSources
 ) -> dict[str, tuple[str, str | None]]:
     """Every special token transformers registers for a folder of ``config``
-    (``tokenizer_config.json`` with ``special_tokens_map.json``'s tokens over it, before
-    ``class_defaults``; ``from_map``: the names taken from the map, ``_map_names``) and
+    (``special_token_config``'s, before ``class_defaults``; ``sources``: where each is
+    written) and
     tokenizer class ``cls``: token -> (where it is named, the change that drops it, if any).
     The named ones and those listed (``_named_tokens``), the entries of
     ``added_tokens_decoder``, then the class's defaults for the keys ``config`` lacks
@@ -953,29 +1012,20 @@ def _registered_tokens(
     XGLM's "<madeupwordN>"). transformers gives those the vocabulary lacks a new id, past the
     model's embeddings (``PairTokenizer``'s ``outside_vocab``)."""
 
-    def source(name: str) -> str:
-        return SPECIAL_TOKENS_MAP_FILE if name in from_map else "tokenizer_config.json"
-
     out: dict[str, tuple[str, str | None]] = {}
-    for key, token in template_special_tokens(config).items():
-        if key == "bos_token":
-            fix = f"set bos_token in {source(key)} to the vocabulary's BOS token"
+    for name, token in template_special_tokens(config).items():
+        file, key = sources.key(name)
+        shown = name if key == name else f"{name} of {key}"
+        if name == "bos_token":
+            fix = f"set bos_token in {file} to the vocabulary's BOS token"
         else:
-            fix = f"remove {key} from {source(key)}"
-        out.setdefault(token, (f"{key} in {source(key)}", fix))
-    key = (
-        "extra_special_tokens"
-        if config.get("extra_special_tokens")
-        else "additional_special_tokens"
-    )
-    listed = config.get(key)
-    for value in listed if isinstance(listed, list) else []:
+            fix = f"remove {shown} from {file}"
+        out.setdefault(token, (f"{shown} in {file}", fix))
+    listed = config.get("extra_special_tokens")
+    for value, (file, key, _) in zip(listed if isinstance(listed, list) else [], sources.listed):
         token = _token_content(value)
         if token is not None:
-            out.setdefault(
-                token,
-                (f"listed in {source(key)}'s {key}", f"remove it from {source(key)}'s {key}"),
-            )
+            out.setdefault(token, (f"listed in {file}'s {key}", f"remove it from {file}'s {key}"))
     decoder = config.get("added_tokens_decoder")
     for number, value in decoder.items() if isinstance(decoder, dict) else ():
         token = _token_content(value)

@@ -750,7 +750,7 @@ def _outside_vocab_row(folder: Path, tmp_path: Path, text: str, field: str):
         (
             {"extra_special_tokens": {"image_token": "<img>"}},
             "<img>",
-            "image_token in tokenizer_config.json",
+            "image_token of extra_special_tokens in tokenizer_config.json",
         ),
     ],
     ids=["pad", "unk", "sep", "cls", "mask", "additional", "extra"],
@@ -1096,22 +1096,90 @@ def test_a_named_token_an_added_tokens_decoder_leaves_out_gets_its_named_options
             assert tok.encode_texts([text])[0] == hf_tok.encode(text, **NO_SPECIALS), (option, text)
 
 
-def test_special_tokens_map_s_extra_special_tokens_list_joins_the_config_s(tmp_path):
-    """transformers adds the tokens listed under special_tokens_map.json's
-    extra_special_tokens (an object as an AddedToken, typed or not) to tokenizer_config.json's
-    list: each is one token, not split, as there."""
-    folder = tmp_path / "f"
-    folder.mkdir()
-    vocab = {"<unk>": 0, "</s>": 1, "<foo>": 2, "<bar>": 3, "a": 4}
+def word_level_like(folder: Path, config: dict, token_map: dict | None = None) -> Path:
+    """A whitespace-split word-level tokenizer whose vocabulary has "<foo>", "<bar>", "<baz>" and
+    "<img>" as plain words (one token only where registered as special), EOS "</s>" added;
+    ``config`` over {"eos_token": "</s>"} in tokenizer_config.json, and ``token_map`` (when
+    given) as special_tokens_map.json."""
+    folder.mkdir(parents=True)
+    vocab = {"<unk>": 0, "</s>": 1, "<foo>": 2, "<bar>": 3, "a": 4, "<baz>": 5, "<img>": 6}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.add_special_tokens(["</s>"])
     tokenizer.save(str(folder / "tokenizer.json"))
-    config = {"eos_token": "</s>", "extra_special_tokens": ["<foo>"]}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", **config}))
+    if token_map is not None:
+        (folder / "special_tokens_map.json").write_text(json.dumps(token_map))
+    return folder
+
+
+def test_special_tokens_map_s_extra_special_tokens_list_joins_the_config_s(tmp_path):
+    """transformers adds the tokens listed under special_tokens_map.json's
+    extra_special_tokens (an object as an AddedToken, typed or not) to tokenizer_config.json's
+    list: each is one token, not split, as there."""
     listed = {"extra_special_tokens": ["<foo>", {"content": "<bar>", "lstrip": True}]}
-    (folder / "special_tokens_map.json").write_text(json.dumps(listed))
+    folder = word_level_like(tmp_path / "f", {"extra_special_tokens": ["<foo>"]}, listed)
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     tok = PairTokenizer.from_dir(folder)
     for text in ("a<foo>a", "a <bar>a", "<bar><foo>"):
         assert tok.encode_texts([text])[0] == hf_tok.encode(text, **NO_SPECIALS), text
+
+
+MODEL_TOKENS_TEMPLATE = "{{ img_token | default('-') }}|{{ image_token | default('-') }}"
+
+
+@pytest.mark.parametrize(
+    ("config", "token_map"),
+    [
+        ({"extra_special_tokens": {"img_token": "<img>"}}, {"extra_special_tokens": ["<foo>"]}),
+        ({"extra_special_tokens": ["<foo>"]}, {"extra_special_tokens": {"image_token": "<img>"}}),
+        ({"additional_special_tokens": ["<baz>"]}, {"extra_special_tokens": ["<foo>"]}),
+        ({"additional_special_tokens": ["<baz>"]}, {"additional_special_tokens": ["<foo>"]}),
+        (
+            {"extra_special_tokens": {"img_token": "<img>"}},
+            {"additional_special_tokens": ["<foo>"]},
+        ),
+        ({"extra_special_tokens": {"img_token": "<img>"}, "additional_special_tokens": ["<foo>"]}, None),
+    ],
+    ids=["object_then_list", "list_then_object", "additional_then_list", "both_additional",
+         "object_then_additional", "object_and_additional"],
+)  # fmt: skip
+def test_listed_and_model_specific_tokens_of_both_files_are_transformers_s(
+    tmp_path, config, token_map
+):
+    """The extra special tokens and the model-specific ones of tokenizer_config.json and
+    special_tokens_map.json, as transformers reads them together: a list in the map joins the
+    config's list even beside an object of model-specific tokens there, an object in the map
+    replaces the config's list, additional_special_tokens is the list only where
+    extra_special_tokens is unset or empty (or, in the map, unset). The ids and the template's
+    variables are AutoTokenizer's."""
+    config = {**config, "chat_template": MODEL_TOKENS_TEMPLATE}
+    folder = word_level_like(tmp_path / "f", config, token_map)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok = PairTokenizer.from_dir(folder)
+    text = "a<foo>a <bar>a<baz><img>a"
+    assert tok.encode_texts([text])[0] == hf_tok.encode(text, **NO_SPECIALS)
+    messages = [{"role": "user", "content": "x"}]
+    rendered = hf_tok.apply_chat_template(messages, tokenize=False)
+    assert tok.render_chat(messages, add_generation_prompt=False) == rendered
+
+
+def test_special_tokens_map_s_listed_tokens_are_named_in_that_file_in_errors(tmp_path):
+    """A token listed under special_tokens_map.json's extra_special_tokens is said to be
+    listed there when a row holding it is refused (the vocabulary lacks it), and a value
+    transformers fails on in that list (null, a number, an object with "special") is refused
+    naming that file and the item's position in its list."""
+    token_map = {"extra_special_tokens": ["<foo>", "<new>"]}
+    folder = word_level_like(tmp_path / "f", {"extra_special_tokens": ["<bar>"]}, token_map)
+    with pytest.raises(SpecialTokenOutsideVocabError) as info:
+        PairTokenizer.from_dir(folder).encode_texts(["a <new> a"])
+    assert "'<new>' (listed in special_tokens_map.json's extra_special_tokens)" in str(info.value)
+    assert "remove it from special_tokens_map.json's extra_special_tokens" in str(info.value)
+    for i, bad in enumerate([None, 7, {"content": "<foo>", "special": True}]):
+        token_map = {"extra_special_tokens": ["<baz>", bad]}
+        folder = word_level_like(tmp_path / str(i), {"extra_special_tokens": ["<bar>"]}, token_map)
+        with pytest.raises(TypeError):
+            transformers.AutoTokenizer.from_pretrained(str(folder))
+        with pytest.raises(ValueError, match="item 1 of extra_special_tokens in") as info:
+            PairTokenizer.from_dir(folder)
+        assert f"{folder / 'special_tokens_map.json'} is" in str(info.value)
