@@ -607,7 +607,7 @@ class PairTokenizer:
                 f'"PreTrainedTokenizerFast" in {config_path} (transformers then reads the file '
                 "as it is too)"
             )
-        _check_special_token_values(folder, config, sources)
+        _check_special_token_values(folder, config, sources, tokenizer)
         named = _registered_tokens(config, cls_name, sources=sources)
         config = class_defaults(tokenizer, config, cls_name)
         if cls_name is not None:
@@ -870,14 +870,19 @@ def _no_eos_message(folder: Path, tokenizer: Tokenizer, cls_name: str | None) ->
         why = f"transformers' {cls_name} would use {default!r}, which is not in the vocabulary"
     else:
         why = "the tokenizer class transformers builds for it has no default EOS"
-    specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
-    hint = f" (its special tokens: {', '.join(map(repr, specials[:8]))})" if specials else ""
     return (
         f"{folder}: no EOS token: tokenizer_config.json names no eos_token (nor "
         f"{SPECIAL_TOKENS_MAP_FILE}, where transformers reads it), config.json has no "
-        f'eos_token_id, and {why}; add "eos_token": "<the token that ends a text>"{hint} to '
-        f"{folder / 'tokenizer_config.json'}"
+        f'eos_token_id, and {why}; add "eos_token": "<the token that ends a text>"'
+        f"{_special_tokens_hint(tokenizer)} to {folder / 'tokenizer_config.json'}"
     )
+
+
+def _special_tokens_hint(tokenizer: Tokenizer) -> str:
+    """' (its special tokens: ...)': the first special added tokens of ``tokenizer``, for a
+    refusal that asks for one of them (EOS), or "" where it has none."""
+    specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+    return f" (its special tokens: {', '.join(map(repr, specials[:8]))})" if specials else ""
 
 
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -936,14 +941,18 @@ def _special_tokens(config: dict) -> list[str]:
     return list(dict.fromkeys(t for t in tokens if t is not None))
 
 
-def _check_special_token_values(folder: Path, config: dict, sources: _TokenSources) -> None:
+def _check_special_token_values(
+    folder: Path, config: dict, sources: _TokenSources, tokenizer: Tokenizer
+) -> None:
     """Refuse a folder transformers 5 fails to load for a special token's value: a named one
     (``bos_token``, ..., ``mask_token``) or a model-specific one (under
     ``model_specific_special_tokens`` or ``extra_special_tokens``) that is neither a string nor
     an AddedToken, e.g. an object without ``"__type": "AddedToken"``, which only
     ``special_tokens_map.json``'s named tokens may leave out (``special_token_config`` adds
-    it), or such a value in the list of extra special tokens. ``config`` and ``sources``:
-    ``special_token_config``'s."""
+    it), or such a value in the list of extra special tokens; and an empty EOS (an empty string,
+    or an AddedToken without content), which transformers reads as the token "" and TRL so
+    appends to plain completions as nothing. ``config`` and ``sources``:
+    ``special_token_config``'s; ``tokenizer``: tokenizer.json's, for the refusal's hint."""
 
     def place(name: str) -> str:
         file, key = sources.key(name)
@@ -964,6 +973,19 @@ def _check_special_token_values(folder: Path, config: dict, sources: _TokenSourc
     for value, (file, key, i) in zip(listed if isinstance(listed, list) else [], sources.listed):
         found.append((None, value, f"item {i} of {key} in {folder / file}"))
     for name, value, where in found:
+        if (
+            name == "eos_token"
+            and (value == "" or _is_added_token(value))
+            and not _token_content(value)
+        ):
+            raise ValueError(
+                f"{where} is "
+                + ("an empty string" if value == "" else 'an AddedToken without "content"')
+                + ": transformers reads it as the EOS token '' (not config.json's "
+                "eos_token_id), which TRL appends to a plain completion as nothing, so no "
+                'completion would end; write the EOS token there, "eos_token": "<the token '
+                f'that ends a text>"{_special_tokens_hint(tokenizer)}'
+            )
         # null: no such token, for a named key only (transformers fails on one in an object
         # of model-specific tokens or in the list)
         if isinstance(value, str) or _is_added_token(value):

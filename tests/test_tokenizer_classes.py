@@ -1183,3 +1183,29 @@ def test_special_tokens_map_s_listed_tokens_are_named_in_that_file_in_errors(tmp
         with pytest.raises(ValueError, match="item 1 of extra_special_tokens in") as info:
             PairTokenizer.from_dir(folder)
         assert f"{folder / 'special_tokens_map.json'} is" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "token_map", "written"),
+    [
+        ({"eos_token": {"__type": "AddedToken"}}, None, 'tokenizer_config.json is an AddedToken'),
+        ({"eos_token": ""}, None, "tokenizer_config.json is an empty string"),
+        ({"eos_token": None}, {"eos_token": {}}, "special_tokens_map.json is an AddedToken"),
+    ],
+    ids=["typed_object", "empty_string", "map_object"],
+)  # fmt: skip
+def test_an_eos_without_content_is_refused_naming_its_file_and_key(
+    tmp_path, config, token_map, written
+):
+    """An EOS written as an AddedToken without "content" (or as ""): transformers reads it as
+    the token "", which TRL appends to a plain completion as nothing. sdpo refuses it, also
+    beside config.json's eos_token_id, naming the file and key and what to write there."""
+    folder = word_level_like(tmp_path / "f", config, token_map)
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": 1}))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert hf_tok.eos_token == "" and hf_tok.eos_token_id is None
+    with pytest.raises(ValueError, match=f"eos_token in .*{written}") as info:
+        PairTokenizer.from_dir(folder)
+    assert '"eos_token": "<the token that ends a text>" (its special tokens: \'</s>\')' in str(
+        info.value
+    )
