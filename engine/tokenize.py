@@ -107,10 +107,12 @@ from .tokenizer_classes import (
     CLASS_REGISTERED_TOKENS,
     CLASS_SPECIAL_TOKENS,
     CODE_LLAMA,
+    EXTRA_SPECIAL_TOKENS_GIVEN,
     QWEN2,
     backend_class,
     build_as_transformers,
     class_defaults,
+    class_registered_tokens,
     class_source,
     refusal,
 )
@@ -300,6 +302,7 @@ def special_token_config(folder: Path, config: dict) -> tuple[dict, _TokenSource
             **merged.pop("extra_special_tokens"),
         }
     # the tokenizer's __init__: additional_special_tokens only where no extra_special_tokens
+    merged[EXTRA_SPECIAL_TOKENS_GIVEN] = "extra_special_tokens" in merged
     if "additional_special_tokens" in merged and "extra_special_tokens" not in merged:
         merged["extra_special_tokens"] = merged.pop("additional_special_tokens")
         sources = additional
@@ -1059,20 +1062,19 @@ def _registered_tokens(
                     "remove that entry from tokenizer_config.json's added_tokens_decoder",
                 ),
             )
-    for defaults in (CLASS_SPECIAL_TOKENS, CLASS_REGISTERED_TOKENS):
-        for key, token in defaults.get(cls or "", {}).items():
-            if key in config:
-                continue
-            if key.startswith("madeupword"):  # XGLM's, set by no key
-                out.setdefault(token, (f"one of transformers' {cls}'s own special tokens", None))
-            else:
-                out.setdefault(
-                    token,
-                    (
-                        f"transformers' {cls}'s default {key}",
-                        f'set "{key}": null in tokenizer_config.json',
-                    ),
-                )
+    defaults = CLASS_SPECIAL_TOKENS.get(cls or "", {})
+    own = {k: t for k, t in defaults.items() if k not in config}
+    for key, token in {**own, **class_registered_tokens(config, cls)}.items():
+        if key.startswith("madeupword"):  # XGLM's, set by no key
+            out.setdefault(token, (f"one of transformers' {cls}'s own special tokens", None))
+        else:
+            out.setdefault(
+                token,
+                (
+                    f"transformers' {cls}'s default {key}",
+                    f'set "{key}": null in tokenizer_config.json',
+                ),
+            )
     return out
 
 
@@ -1140,7 +1142,7 @@ def _registered_added_tokens(tokenizer: Tokenizer, config: dict, cls: str | None
     tokens = [t for t in (_added_token(v) for _, v in entries) if repr(t) not in have]
     contents = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     contents |= {t.content for t in tokens}
-    own = [t for k, t in CLASS_REGISTERED_TOKENS.get(cls or "", {}).items() if k not in config]
+    own = list(class_registered_tokens(config, cls).values())
     for value in [*_named_tokens(config), *own]:
         token = _token_content(value)
         if token is not None and token not in contents:

@@ -100,6 +100,10 @@ CLASS_REGISTERED_TOKENS: dict[str, dict[str, str]] = {
     },
     XGLM: {f"madeupword{i}": word for i, word in enumerate(XGLM_MADEUP_WORDS)},
 }
+# a key of the config ``tokenize.special_token_config`` gives: true where the tokenizer's
+# __init__ is given extra_special_tokens (set, even null), beside which transformers drops the
+# additional_special_tokens a class adds to (XGLM's "<madeupwordN>")
+EXTRA_SPECIAL_TOKENS_GIVEN = "sdpo:extra_special_tokens_given"
 # classes sdpo cannot reproduce: refused (``refusal``)
 REFUSED_CLASSES = frozenset((GPT_NEOX_JAPANESE,))
 
@@ -343,6 +347,16 @@ def class_defaults(tokenizer: Tokenizer, config: dict, cls: str | None) -> dict:
     return {**config, **added} if added else config
 
 
+def class_registered_tokens(config: dict, cls: str | None) -> dict[str, str]:
+    """The tokens ``cls`` registers itself (``CLASS_REGISTERED_TOKENS``) for a folder of
+    ``config``: those whose key it lacks, and none of XGLM's, which its ``__init__`` adds to
+    ``additional_special_tokens``, where extra_special_tokens is given
+    (``EXTRA_SPECIAL_TOKENS_GIVEN``): transformers then drops that list."""
+    if cls == XGLM and config.get(EXTRA_SPECIAL_TOKENS_GIVEN):
+        return {}
+    return {k: t for k, t in CLASS_REGISTERED_TOKENS.get(cls or "", {}).items() if k not in config}
+
+
 def build_as_transformers(tokenizer: Tokenizer, config: dict, cls: str | None) -> None:
     """Give ``tokenizer`` the normaliser, pre-tokenizer and BPE settings ``cls``'s ``__init__``
     builds (module docstring; None: the file's, left as they are), reading
@@ -494,7 +508,11 @@ def _build_xglm(tokenizer: Tokenizer, config: dict) -> None:
     tokenizer.normalizer = normalizers.Sequence(steps)
     scheme = "always" if config.get("add_prefix_space", True) else "never"
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme)
-    madeup = [w for w in XGLM_MADEUP_WORDS if tokenizer.token_to_id(w) is not None]
+    madeup = [
+        w
+        for w in class_registered_tokens(config, XGLM).values()
+        if tokenizer.token_to_id(w) is not None
+    ]
     tokenizer.add_special_tokens([AddedToken(w, special=True, normalized=False) for w in madeup])
     eos = str(_content(config.get("eos_token", "</s>")))
     eos_id = tokenizer.token_to_id(eos)
@@ -528,10 +546,12 @@ def _build_openai_gpt(tokenizer: Tokenizer, config: dict) -> None:
 
 __all__ = [
     "CLASS_SPECIAL_TOKENS",
+    "EXTRA_SPECIAL_TOKENS_GIVEN",
     "REFUSED_CLASSES",
     "backend_class",
     "build_as_transformers",
     "class_defaults",
+    "class_registered_tokens",
     "class_source",
     "refusal",
 ]

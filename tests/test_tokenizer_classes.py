@@ -1209,3 +1209,35 @@ def test_an_eos_without_content_is_refused_naming_its_file_and_key(
     assert '"eos_token": "<the token that ends a text>" (its special tokens: \'</s>\')' in str(
         info.value
     )
+
+
+def test_xglm_s_own_tokens_are_dropped_where_extra_special_tokens_is_given(tmp_path):
+    """XGLM's class adds its "<madeupwordN>" to additional_special_tokens, which transformers
+    drops where extra_special_tokens is given (in tokenizer_config.json, or as its
+    additional_special_tokens read under that name): "<madeupword3>", outside the vocabulary,
+    is then text, with the ids AutoTokenizer gives. Where only special_tokens_map.json lists
+    additional_special_tokens they are registered, and a text holding one is refused."""
+    base = unigram_like(tmp_path / "base")
+    xglm = {"tokenizer_class": "XGLMTokenizer", "chat_template": CHATML_NL}
+    for i, (config, token_map) in enumerate(
+        [
+            ({"extra_special_tokens": ["<|im_start|>"]}, None),
+            ({"additional_special_tokens": ["<|im_start|>"]}, None),
+            ({}, {"additional_special_tokens": ["<|im_start|>"]}),
+        ]
+    ):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text((base / "tokenizer.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**xglm, **config}))
+        if token_map is not None:
+            (folder / "special_tokens_map.json").write_text(json.dumps(token_map))
+        hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+        tok = PairTokenizer.from_dir(folder)
+        ids = hf_tok.encode("a<madeupword3> <|im_start|>b", **NO_SPECIALS)
+        if token_map is None:
+            assert tok.encode_texts(["a<madeupword3> <|im_start|>b"])[0] == ids, config
+            continue
+        assert max(ids) >= tok.vocab_size  # a new id, past the vocabulary
+        with pytest.raises(SpecialTokenOutsideVocabError, match="'<madeupword3>'"):
+            tok.encode_texts(["a<madeupword3> <|im_start|>b"])
