@@ -216,7 +216,7 @@ TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 @dataclass(frozen=True)
 class _TokenSources:
-    """Where the special tokens of ``special_token_config``'s config are written, for errors:
+    """Where the special tokens of ``_special_token_config``'s config are written, for errors:
     ``keys``: a named key's or a model-specific token's (file, key as written: the name itself,
     or the object it is in), by name; ``listed``: each item of its ``extra_special_tokens`` list
     as (file, key as written, position there)."""
@@ -228,7 +228,7 @@ class _TokenSources:
         return self.keys.get(name, (TOKENIZER_CONFIG_FILE, name))
 
 
-def special_token_config(folder: Path, config: dict) -> tuple[dict, _TokenSources]:
+def _special_token_config(folder: Path, config: dict) -> tuple[dict, _TokenSources]:
     """``tokenizer_config.json``'s ``config`` with its special tokens read as transformers 5's
     ``from_pretrained`` and tokenizer ``__init__`` read them, and where each is written:
     ``additional_special_tokens`` is the list of extra special tokens where
@@ -242,8 +242,10 @@ def special_token_config(folder: Path, config: dict) -> tuple[dict, _TokenSource
     ``config``'s list, and an object there replaces that list, its tokens model-specific ones;
     its ``additional_special_tokens`` is the list only where ``extra_special_tokens`` is
     still unset. The config returned has the list under ``extra_special_tokens`` (no
-    ``additional_special_tokens``) and the model-specific tokens of objects under
-    ``model_specific_special_tokens``."""
+    ``additional_special_tokens``), the model-specific tokens of objects under
+    ``model_specific_special_tokens``, and ``EXTRA_SPECIAL_TOKENS_GIVEN`` true where the
+    tokenizer's ``__init__`` is given ``extra_special_tokens`` (a class's own additions to
+    ``additional_special_tokens`` are then dropped)."""
     merged = dict(config)
     keys: dict[str, tuple[str, str]] = {}
     listed_key = "extra_special_tokens"  # the key tokenizer_config.json's list is under
@@ -569,7 +571,7 @@ class PairTokenizer:
     def from_dir(cls, model_dir: str | os.PathLike) -> PairTokenizer:
         """Load ``tokenizer.json`` and ``tokenizer_config.json`` (EOS/BOS, other special tokens;
         ``special_tokens_map.json``'s over them where transformers reads it:
-        ``special_token_config``) and the chat template (``chat_template.jinja`` or
+        ``_special_token_config``) and the chat template (``chat_template.jinja`` or
         tokenizer_config.json's ``chat_template``, as transformers picks it:
         ``_find_chat_templates``). The pipeline and default special tokens of the tokenizer
         class transformers builds for the folder (``engine/tokenizer_classes.py``) apply; an EOS
@@ -590,7 +592,7 @@ class PairTokenizer:
             raise ValueError(f"{path}: not a valid tokenizer.json ({exc}); re-save it") from exc
         config_path = folder / "tokenizer_config.json"
         own_config = _read_json(config_path) if config_path.is_file() else {}
-        config, sources = special_token_config(folder, own_config)
+        config, sources = _special_token_config(folder, own_config)
         model_config_path = folder / "config.json"
         model_config = _read_json(model_config_path) if model_config_path.is_file() else {}
         model_type = model_config.get("model_type")
@@ -917,7 +919,7 @@ def _named_tokens(config: dict) -> list[Any]:
     """The special tokens ``tokenizer_config.json`` names, as written (strings or AddedToken
     dicts, whose options transformers applies where it adds the token): the named and
     model-specific ones (those of ``template_special_tokens``) and those listed in
-    ``extra_special_tokens`` (``special_token_config``'s list)."""
+    ``extra_special_tokens`` (``_special_token_config``'s list)."""
     named = [
         v
         for k, v in config.items()
@@ -937,7 +939,7 @@ def _named_tokens(config: dict) -> list[Any]:
 def _special_tokens(config: dict) -> list[str]:
     """transformers' ``all_special_tokens`` of a folder of ``config``: the named special tokens
     (``NAMED_SPECIAL_TOKENS``), then those listed in ``extra_special_tokens``
-    (``special_token_config``'s list), each once."""
+    (``_special_token_config``'s list), each once."""
     listed = config.get("extra_special_tokens")
     values = [config.get(k) for k in NAMED_SPECIAL_TOKENS]
     tokens = [_token_content(v) for v in [*values, *(listed if isinstance(listed, list) else [])]]
@@ -951,11 +953,11 @@ def _check_special_token_values(
     (``bos_token``, ..., ``mask_token``) or a model-specific one (under
     ``model_specific_special_tokens`` or ``extra_special_tokens``) that is neither a string nor
     an AddedToken, e.g. an object without ``"__type": "AddedToken"``, which only
-    ``special_tokens_map.json``'s named tokens may leave out (``special_token_config`` adds
+    ``special_tokens_map.json``'s named tokens may leave out (``_special_token_config`` adds
     it), or such a value in the list of extra special tokens; and an empty EOS (an empty string,
     or an AddedToken without content), which transformers reads as the token "" and TRL so
     appends to plain completions as nothing. ``config`` and ``sources``:
-    ``special_token_config``'s; ``tokenizer``: tokenizer.json's, for the refusal's hint."""
+    ``_special_token_config``'s; ``tokenizer``: tokenizer.json's, for the refusal's hint."""
 
     def place(name: str) -> str:
         file, key = sources.key(name)
@@ -1028,7 +1030,7 @@ def _registered_tokens(
     config: dict, cls: str | None, *, sources: _TokenSources
 ) -> dict[str, tuple[str, str | None]]:
     """Every special token transformers registers for a folder of ``config``
-    (``special_token_config``'s, before ``class_defaults``; ``sources``: where each is
+    (``_special_token_config``'s, before ``class_defaults``; ``sources``: where each is
     written) and
     tokenizer class ``cls``: token -> (where it is named, the change that drops it, if any).
     The named ones and those listed (``_named_tokens``), the entries of

@@ -100,7 +100,7 @@ CLASS_REGISTERED_TOKENS: dict[str, dict[str, str]] = {
     },
     XGLM: {f"madeupword{i}": word for i, word in enumerate(XGLM_MADEUP_WORDS)},
 }
-# a key of the config ``tokenize.special_token_config`` gives: true where the tokenizer's
+# a key of the config ``tokenize._special_token_config`` gives: true where the tokenizer's
 # __init__ is given extra_special_tokens (set, even null), beside which transformers drops the
 # additional_special_tokens a class adds to (XGLM's "<madeupwordN>")
 EXTRA_SPECIAL_TOKENS_GIVEN = "sdpo:extra_special_tokens_given"
