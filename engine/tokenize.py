@@ -191,23 +191,33 @@ def template_special_tokens(config: dict) -> dict[str, str]:
     ``eos_token``, ``unk_token``, ``sep_token``, ``pad_token``, ``cls_token``, ``mask_token``),
     every other ``*_token`` key (model-specific tokens such as Gemma 3's ``image_token``), and
     the named tokens of ``model_specific_special_tokens`` and of ``extra_special_tokens`` when
-    that is an object (a list of tokens names none)."""
+    that is an object (a list of tokens names none). A token written as "" or as an AddedToken
+    without content is "" there, as transformers reads it (it adds no such token)."""
     named: dict[str, str] = {}
     specific: dict[str, str] = {}
     for key, value in config.items():
         if not key.endswith("_token"):
             continue
-        token = _token_content(value) if key in NAMED_SPECIAL_TOKENS else _model_token(value)
+        model_token = isinstance(value, str) or _is_added_token(value)
+        token = _token_text(value) if key in NAMED_SPECIAL_TOKENS or model_token else None
         if token is not None:
             (named if key in NAMED_SPECIAL_TOKENS else specific)[key] = token
     for key in ("model_specific_special_tokens", "extra_special_tokens"):
         tokens = config.get(key)
         if isinstance(tokens, dict):
             for name, value in tokens.items():
-                token = _token_content(value)
+                token = _token_text(value)
                 if token is not None and name not in NAMED_SPECIAL_TOKENS:
                     specific[str(name)] = token
     return {**named, **specific}
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token's text as transformers reads it: a string as it is, an AddedToken
+    dict's content ("" where it has none); None for anything else (no token)."""
+    if isinstance(value, dict):
+        value = value.get("content", "")
+    return value if isinstance(value, str) else None
 
 
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
@@ -486,9 +496,9 @@ class PairTokenizer:
         self.tool_use_template = tool_use_template
         # the special tokens the chat template sees besides BOS and EOS (``pad_token``,
         # ``unk_token``, ...: template_special_tokens); eos_token/bos_token above win over these
-        self.special_tokens = {
-            k: v for k, v in (special_tokens or {}).items() if k not in ("bos_token", "eos_token")
-        }
+        # (a BOS written without content is no BOS here, and "" there, as in transformers)
+        given = ("eos_token",) if bos_token is None else ("bos_token", "eos_token")
+        self.special_tokens = {k: v for k, v in (special_tokens or {}).items() if k not in given}
         self._templates: dict[str, Any] = {}  # compiled, by source
         self._vocab_ints: list[int] | None = None  # encode_texts' int object of each id
         self._max_id: int | None = None
@@ -1041,6 +1051,8 @@ def _registered_tokens(
 
     out: dict[str, tuple[str, str | None]] = {}
     for name, token in template_special_tokens(config).items():
+        if not token:  # written without content: transformers adds no token
+            continue
         file, key = sources.key(name)
         shown = name if key == name else f"{name} of {key}"
         if name == "bos_token":

@@ -1241,3 +1241,27 @@ def test_xglm_s_own_tokens_are_dropped_where_extra_special_tokens_is_given(tmp_p
         assert max(ids) >= tok.vocab_size  # a new id, past the vocabulary
         with pytest.raises(SpecialTokenOutsideVocabError, match="'<madeupword3>'"):
             tok.encode_texts(["a<madeupword3> <|im_start|>b"])
+
+
+def test_a_special_token_without_content_is_an_empty_template_variable(tmp_path):
+    """A named or model-specific special token written as "" or as an AddedToken without
+    content (BOS, PAD, a model-specific one): transformers gives the chat template "" for it
+    and adds no token; so does sdpo, and the rendered text and ids are AutoTokenizer's."""
+    template = (
+        "{{ bos_token + '[' + pad_token + '|' + image_token + ']' }}"
+        "{% if mask_token is defined %}M{% endif %}"
+        "{% for m in messages %}{{ m['content'] + eos_token }}{% endfor %}"
+    )
+    folder = _config(
+        byte_level_like(tmp_path / "f", chat_template=template),
+        bos_token="",
+        pad_token={"__type": "AddedToken"},
+        image_token={"__type": "AddedToken", "special": True},
+    )
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tok = PairTokenizer.from_dir(folder)
+    messages = [{"role": "user", "content": "the weather"}]
+    rendered = hf_tok.apply_chat_template(messages, tokenize=False)
+    assert rendered == "[|]the weather<|im_end|>"
+    assert tok.render_chat(messages, add_generation_prompt=False) == rendered
+    assert tok.encode_texts([rendered])[0] == hf_tok.encode(rendered, **NO_SPECIALS)
