@@ -10,7 +10,11 @@ post-processors; tokenizer_config.json with random subsets of tokenizer_class,
 add_prefix_space, legacy, add_bos_token, add_eos_token, special tokens as strings, AddedToken
 objects, null or outside the vocabulary, added_tokens_decoder complete, partial or missing,
 its entries' options other than tokenizer.json's and entries the vocabulary lacks, chat
-templates; config.json with random model types and EOS ids) and compares, per folder,
+templates; special_tokens_map.json with named tokens as strings and as AddedToken objects,
+typed or not, null, outside the vocabulary or without content, and extra_special_tokens or
+additional_special_tokens as a list or an object of named tokens, beside a list or an object
+of tokenizer_config.json's own; config.json with random model types and EOS ids) and
+compares, per folder,
 sdpo's ids with ``AutoTokenizer.from_pretrained``'s on varied texts and with TRL's
 preprocessing of plain and conversational rows. A folder transformers refuses must be refused
 here too.
@@ -23,7 +27,8 @@ Each case is labelled: "ok" (with the README's deliberate differences it hit, e.
 ``deliberate:boundary_merge``, ``deliberate:eos_from_config_json``, ``outside_vocab_special``:
 a special token outside the vocabulary, which transformers gives a new id), ``both_error``,
 ``deliberate:refused_*`` (sdpo refuses a folder whose EOS is missing or outside the
-vocabulary, where transformers would give it a new id past the model's embeddings, and a row
+vocabulary, where transformers would give it a new id past the model's embeddings, or empty:
+``refused_empty_eos``, an EOS written without content, which TRL appends as nothing, and a row
 that would get a BOS outside the vocabulary: ``refused_row_bos_outside_vocab``, or another
 special token outside it: ``refused_row_special_outside_vocab``, or whose chat template's end of
 turn, an added token with ``single_word`` true, say, transformers reads as text after the
@@ -46,6 +51,18 @@ Mismatches known and left alone (folders no saved model has):
 - a Gemma-class folder over a vocabulary without "▁" (byte-level, or OpenAI GPT's style) whose
   unknown token (every space) is also the EOS its post-processor appends: TRL's prompts and
   completions part elsewhere;
+
+With special_tokens_map.json drawn (``write_special_tokens_map``; transformers reads it in 411
+of seeds 0-1999, 244 of them with a list or an object of extra special tokens there, 131 beside
+tokenizer_config.json's own), seeds 0-2999 mismatch in 20 cases, all of the known kinds: 18 of
+the first (one, 2964, a token of tokenizer_config.json's list outside the vocabulary) and 2 of
+the third. Before the special tokens of both files were read together as transformers reads
+them, seeds 0-1999 mismatched in 36: the 11 of the first kind, 19 folders transformers fails
+on that were loaded ("special" in an object the map lists, null in an object of model-specific
+tokens), 5 whose lists were read otherwise (the map's list beside an object of
+tokenizer_config.json's, additional_special_tokens in both files; one refusing an object of
+the map's additional_special_tokens that transformers drops) and an XGLM-class folder whose
+"<madeupwordN>" transformers drops beside a list of extra special tokens (1462).
 
 Seeds 0-2999, the plain row holding special tokens drawn, mismatch in 19 cases: 17 of the first
 kind and 2 of the third; 5 refuse a chat row whose end of turn transformers reads as text. Before
@@ -472,6 +489,88 @@ def vary_added_tokens(rng: random.Random, folder: Path, facts: dict) -> dict:
     return facts
 
 
+MAP_POOL = ["<extra_tok>", "<EXTRA>", "<extra>", "<pad>", "<mask>", "<|im_end|>", "<not_in_vocab>"]
+NAMED_MAP_POOLS = {
+    "bos_token": ["<s>", "<bos>", "<|begin_of_text|>", "<BOS_TOKEN>"],
+    "eos_token": ["</s>", "<eos>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>"],
+    "unk_token": ["<unk>", "<|endoftext|>"],
+    "pad_token": ["<pad>", "<unk>", "</s>"],
+    "mask_token": ["<mask>"],
+}
+
+
+def _map_token(rng: random.Random, pool: list[str], have: list[str]):
+    """A special token as special_tokens_map.json or tokenizer_config.json may write it: a
+    string, an AddedToken object (typed or not, with options), rarely null, outside the
+    vocabulary or an object without content."""
+    kind = rng.choices(
+        ["str", "typed", "untyped", "null", "outside", "empty"], [5, 2, 2, 1, 1, 0.3]
+    )[0]
+    if kind == "null":
+        return None
+    if kind == "outside":
+        return "<not_in_vocab>"
+    if kind == "empty":
+        return {"__type": "AddedToken"} if _maybe(rng) else {}
+    inside = [t for t in pool if t in have]
+    token = rng.choice(inside if inside and _maybe(rng, 0.8) else pool)
+    if kind == "str":
+        return token
+    value = {"content": token}
+    for option in ADDED_TOKEN_OPTIONS:
+        if _maybe(rng, 0.2):
+            value[option] = _maybe(rng, 0.7)
+    if kind == "typed":
+        value["__type"] = "AddedToken"
+    return value
+
+
+def _token_list(rng: random.Random, have: list[str], *, typed: bool) -> list:
+    """A list of extra special tokens: strings and objects (``typed``: AddedToken ones, as
+    tokenizer_config.json needs)."""
+    tokens = []
+    for token in rng.sample(MAP_POOL, rng.randint(1, 3)):
+        if _maybe(rng, 0.3):
+            value = {"content": token, "lstrip": _maybe(rng, 0.3)}
+            if typed or _maybe(rng, 0.2):  # transformers fails on "special" in the map's list
+                value["special"] = True
+            tokens.append({**value, "__type": "AddedToken"} if typed or _maybe(rng) else value)
+        else:
+            tokens.append(token)
+    return tokens
+
+
+def write_special_tokens_map(rng: random.Random, folder: Path, facts: dict) -> dict:
+    """Write special_tokens_map.json (which transformers reads where tokenizer_config.json has
+    no added_tokens_decoder): named tokens as strings and as AddedToken objects, and
+    extra_special_tokens (or additional_special_tokens) as a list or as an object of named
+    tokens; sometimes give tokenizer_config.json a list or an object of its own beside it.
+    Drawn from a generator of its own, so the other draws of a seed stay as they were."""
+    if not _maybe(rng, 0.4):
+        return facts
+    have = facts["in_vocab"]
+    token_map: dict = {}
+    for key in rng.sample(list(NAMED_MAP_POOLS), rng.randint(0, 3)):
+        token_map[key] = _map_token(rng, NAMED_MAP_POOLS[key], have)
+    if _maybe(rng, 0.6):
+        key = "extra_special_tokens" if _maybe(rng, 0.75) else "additional_special_tokens"
+        if key == "extra_special_tokens" and _maybe(rng, 0.25):
+            token_map[key] = {"image_token": _map_token(rng, MAP_POOL[:3], have)}
+        else:
+            token_map[key] = _token_list(rng, have, typed=False)
+    if _maybe(rng, 0.3):
+        config = facts["config"]
+        key = rng.choice(["extra_special_tokens", "additional_special_tokens"])
+        if key == "extra_special_tokens" and _maybe(rng, 0.4):
+            config[key] = {"img_token": rng.choice(MAP_POOL[:3])}
+        else:
+            config[key] = _token_list(rng, have, typed=True)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(json.dumps(token_map))
+    facts["special_tokens_map"] = token_map
+    return facts
+
+
 def trl_ids(hf_tok, row: dict):
     """TRL 1.16's tokenize_fn (its add_eos then tokenize_fn, run directly on one row)."""
     row = dict(row)
@@ -538,7 +637,8 @@ def _drawn_case(seed: int) -> Iterator[tuple[Path, Path, dict]]:
         folder = tmp / "m"
         folder.mkdir()
         facts = build_configs(rng, folder, build_tokenizer(rng, folder))
-        yield tmp, folder, vary_added_tokens(random.Random(f"atd{seed}"), folder, facts)
+        facts = vary_added_tokens(random.Random(f"atd{seed}"), folder, facts)
+        yield tmp, folder, write_special_tokens_map(random.Random(f"stm{seed}"), folder, facts)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -566,6 +666,8 @@ def run_case(seed: int) -> tuple[str, str]:
                 eos = hf_tok.eos_token
                 if eos is None:
                     return "deliberate:refused_no_eos", our_err[:200]
+                if eos == "":  # an AddedToken object without content: TRL appends nothing
+                    return "deliberate:refused_empty_eos", our_err[:200]
                 if base.token_to_id(str(eos)) is None:
                     return "deliberate:refused_eos_outside_vocab", our_err[:200]
                 bos = hf_tok.bos_token
