@@ -101,6 +101,7 @@ from sdpo.config import (
 )
 from sdpo.engine import distributed, sharding
 from sdpo.engine.async_save import BackgroundWriter, HostSnapshot
+from sdpo.engine.attention import available_attention_backends
 from sdpo.engine.checkpoint import (
     CheckpointError,
     ModelInfo,
@@ -721,6 +722,7 @@ class StepwiseRunner:
                 router_key="loss.router_aux_loss_coef",
             )
             self._check_implementation(model_config, "model.path")
+            self._check_attention_backend()
             if cfg.sdpo.reference:
                 self.reference_dir = model_folder(
                     cfg.sdpo.reference, revision=cfg.sdpo.reference_revision, key="sdpo.reference"
@@ -831,6 +833,35 @@ class StepwiseRunner:
                     "logits, on the plain loss path (slower than the Triton head; "
                     "train.loss_path, kernels.impl and kernels.max_chunk_tokens do not apply)"
                 )
+
+    def _check_attention_backend(self) -> None:
+        """Refuse, before any work, a ``model.attn_backend`` this machine cannot run (a CUDA
+        kernel on a CPU, or one not installed) or that cannot take the precision's inputs (the
+        flash kernels take no fp32); the decoder would otherwise stop at its first forward,
+        after the output folder was written. A model transformers runs has refused any backend
+        but ``"auto"`` already."""
+        backend = self.cfg.model.attn_backend
+        if backend in ("auto", "sdpa"):
+            return
+        usable = available_attention_backends(self.device)
+        if backend not in usable:
+            needs = {
+                "flash": "a CUDA device and the flash-attn package",
+                "varlen": "a CUDA device and PyTorch >= 2.10",
+            }[backend]
+            raise RunInputError(
+                f"model.attn_backend = {backend!r} needs {needs}, and this run is on "
+                f"{self.device.type} (usable here: {', '.join(usable)}); set "
+                'model.attn_backend = "auto" (the fastest backend this machine has) or one of '
+                "those"
+            )
+        if self.precision == "fp32":  # no autocast: the attention inputs are fp32
+            raise RunInputError(
+                f"model.attn_backend = {backend!r} takes bf16 or fp16 inputs, and "
+                f'train.precision = "{self.cfg.train.precision}" runs in fp32; set '
+                'train.precision = "bf16-mixed" (or "bf16"), or model.attn_backend = "auto", '
+                "which runs fp32 with SDPA"
+            )
 
     def _check_sliding_window(self, info: ModelInfo, key: str, pairs: list[TokenizedPair]) -> None:
         """Refuse, before any work, a pair longer than the sliding window of a model sdpo's

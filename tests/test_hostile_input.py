@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from sdpo.cli import EXIT_INPUT, main
 from sdpo.engine.checkpoint import load_pretrained, save_pretrained
@@ -138,3 +139,21 @@ def test_model_folder_with_mismatched_shapes_is_refused(finished_run, tiny_model
     (broken / "config.json").write_text(json.dumps(config))
     cfg = _toml(finished_run, broken, finished_run / "good.jsonl")
     _refused(cfg, capsys, expect=["mlp", "has shape", "config.json"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA backends may run here")
+@pytest.mark.parametrize("backend", ["flash", "varlen"])
+def test_cuda_attention_backend_on_a_cpu_is_refused_before_the_output_folder(
+    tmp_path, tiny_model_dir, capsys, backend
+):
+    """``model.attn_backend = "flash"`` or ``"varlen"`` on a CPU is an input error naming the
+    key and the way out, before ``--overwrite`` clears the old outputs (not a traceback at the
+    first forward, with the output folder already prepared)."""
+    cfg = _toml(tmp_path, tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=4, seed=1))
+    cfg.write_text(cfg.read_text().replace("[model]\n", f'[model]\nattn_backend = "{backend}"\n'))
+    old = {"config.toml": "output_dir = 'out'\n", "metrics.jsonl": '{"loss": 0.5}\n'}
+    for name, text in old.items():
+        (tmp_path / "out").mkdir(exist_ok=True)
+        (tmp_path / "out" / name).write_text(text)
+    _refused(cfg, capsys, expect=[f"model.attn_backend = '{backend}'", "cpu", '"auto"'])
+    assert {p.name: p.read_text() for p in (tmp_path / "out").iterdir()} == old
