@@ -341,6 +341,14 @@ def model_folder(value: str, *, key: str, revision: str | None = None) -> Path:
         folder = Path(on_main(lambda: str(resolve_model_folder(value, revision=revision, key=key))))
     except ValueError as e:
         raise RunInputError(str(e)) from e
+    if folder == Path(value).expanduser() and not folder.is_dir():
+        what = "is a file, not a folder" if folder.is_file() else "does not exist"
+        full = "" if str(folder.absolute()) == str(value) else f" ({folder.absolute()})"
+        raise RunInputError(
+            f"{key} = {str(value)!r}{full} {what}; give the path of a Hugging Face "
+            "model folder (config.json, *.safetensors, tokenizer.json), or a hub model id "
+            "(namespace/name)"
+        )
     if folder != Path(value).expanduser():
         _log(f"{key} {value}: hub snapshot {folder.name} ({folder})")
         if not folder.is_dir():

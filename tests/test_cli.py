@@ -147,7 +147,7 @@ def test_score_reads_columns_named_otherwise_and_refuses_bad_input(
     assert main([*base, "--data", str(tmp_path / "nothing.jsonl")]) == EXIT_INPUT
     assert "file not found" in capsys.readouterr().err
     assert main(["score", "--model", str(tmp_path / "no-model"), "--data", str(data)]) == EXIT_INPUT
-    assert "no-model does not exist" in capsys.readouterr().err
+    assert "--model = '" in (err := capsys.readouterr().err) and "no-model' does not exist" in err
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):

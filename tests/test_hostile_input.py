@@ -157,3 +157,17 @@ def test_cuda_attention_backend_on_a_cpu_is_refused_before_the_output_folder(
         (tmp_path / "out" / name).write_text(text)
     _refused(cfg, capsys, expect=[f"model.attn_backend = '{backend}'", "cpu", '"auto"'])
     assert {p.name: p.read_text() for p in (tmp_path / "out").iterdir()} == old
+
+
+@pytest.mark.parametrize("key", ["model.path", "sdpo.reference"])
+def test_missing_model_folder_is_refused_naming_its_key(tmp_path, tiny_model_dir, capsys, key):
+    """A model folder that is not there (a typo in the path) is named with the key that gives
+    it, so a run with a separate reference says which of the two is wrong."""
+    cfg = _toml(tmp_path, tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=4, seed=1))
+    missing = tmp_path / "no-such-model"
+    code = main(["train", "--config", str(cfg), "--no-progress", "--set", f'{key}="{missing}"'])
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT, err
+    assert f"{key} = '{missing}' does not exist" in err
+    assert "model folder" in err and "hub model id" in err
+    assert not (tmp_path / "out").exists()
