@@ -805,7 +805,8 @@ class PairTokenizer:
         if source is None:
             raise ValueError(
                 f"{self.name}: the data is conversational but the tokenizer has no chat "
-                "template; add chat_template to tokenizer_config.json, or use string rows"
+                "template; add the model's chat template (chat_template.jinja, or chat_template "
+                "in tokenizer_config.json), or use string rows"
             )
         template = self._templates.get(source)
         if template is None:
@@ -1298,6 +1299,18 @@ def _render_row(row: dict, tokenizer: PairTokenizer, position: int) -> tuple[str
         )
     # the row's template inputs, as TRL passes them (engine/data.py)
     inputs = {"tools": row.get("tools"), "template_kwargs": row.get("chat_template_kwargs")}
+    tool_use = inputs["tools"] is not None and tokenizer.tool_use_template is not None
+    if tokenizer.chat_template is None and not tool_use:
+        raise row_error(
+            row,
+            f"the row is conversational (message lists), and the tokenizer of {tokenizer.name} "
+            "has no chat template to render it",
+            fix="add the model's chat template to that folder (chat_template.jinja, or "
+            "chat_template in tokenizer_config.json), or give prompt, chosen and rejected as "
+            "strings",
+            field="prompt",
+            position=position,
+        )
     texts = []
     for field, messages, generation in (
         ("prompt", prompt, True),

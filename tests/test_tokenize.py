@@ -244,8 +244,13 @@ def test_a_template_that_fails_while_rendering_names_the_row_and_field(tmp_path,
 def test_conversational_rows_without_a_chat_template_are_refused(tmp_path):
     tok = PairTokenizer.from_dir(build_tokenizer(tmp_path, words=WORDS, chat_template=None))
     assert tok.chat_template is None
-    with pytest.raises(ValueError, match="no chat template; add chat_template"):
-        tokenize_pairs([conv_row()], tok, max_length=64)
+    data = read_preference_file(write_jsonl(tmp_path / "c.jsonl", [conv_row()]))
+    with pytest.raises(DataError) as info:
+        tokenize_pairs(data, tok, max_length=64)
+    msg = str(info.value)  # where, which model folder, and the fix
+    assert "c.jsonl, line 1, field 'prompt': the row is conversational" in msg
+    assert f"the tokenizer of {tmp_path} has no chat template" in msg
+    assert "chat_template.jinja, or chat_template in tokenizer_config.json" in msg
     (pair,), _ = tokenize_pairs(
         [{"prompt": "hello", "chosen": "a", "rejected": "b"}], tok, max_length=8
     )
