@@ -106,10 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "sdpo", "transformers"],
         help="the code that runs the model, as model.implementation: sdpo's own decoder "
         "(llama, mistral, qwen2, qwen3), transformers (any causal LM), or auto (sdpo's for its "
-        "model types, transformers for the others)",
+        "model types, transformers for the others; default: auto)",
     )
     score.add_argument(
-        "--data", required=True, help="preference file (jsonl/json/parquet/csv) or hub name"
+        "--data",
+        required=True,
+        help="preference file (jsonl/json/parquet/csv), data set folder or hub data set name",
     )
     score.add_argument(
         "--split",
@@ -124,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         "holds several, as a source's subset",
     )
     score.add_argument("--out", type=Path, default=None, help="write per-pair results as JSONL")
-    score.add_argument("--max-length", type=int, default=1024, help="max tokens per sequence")
+    score.add_argument(
+        "--max-length", type=int, default=1024, help="max tokens per sequence (default: 1024)"
+    )
     score.add_argument(
         "--max-prompt-length",
         type=int,
@@ -132,11 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="max prompt tokens (default: half of --max-length)",
     )
     score.add_argument(
-        "--max-tokens-per-batch", type=int, default=65536, help="token budget of a scoring batch"
+        "--max-tokens-per-batch",
+        type=int,
+        default=65536,
+        help="token budget of a scoring batch (default: 65536)",
     )
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.add_argument(
-        "--impl", default="auto", choices=["auto", "triton", "torch"], help="log-prob kernels"
+        "--impl",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="log-prob kernels, as kernels.impl (default: auto, triton on CUDA, torch elsewhere)",
     )
     score.add_argument(
         "--precision",
@@ -218,9 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick", action="store_true", help="a shortened run (smaller data, fewer steps)"
     )
     demo.add_argument(
-        "--output-dir", type=Path, default=Path("runs/demo"), help="where the demo writes"
+        "--output-dir",
+        type=Path,
+        default=Path("runs/demo"),
+        help="where the demo writes (default: runs/demo)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed of data, model and training")
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of data, model and training (default: 0)"
+    )
     return parser
 
 

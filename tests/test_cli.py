@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +177,26 @@ def test_help_explains_every_subcommand():
             [sys.executable, "-m", "sdpo", sub, "--help"], capture_output=True, text=True
         )
         assert proc.returncode == 0 and "usage: sdpo" in proc.stdout
+
+
+def test_help_states_every_default_an_option_has():
+    """``sdpo score --help`` and the others say what an option left out means: every option
+    with a default value (not a flag, not unset) writes ``default: VALUE`` in its help."""
+    from sdpo.cli import build_parser
+
+    (sub,) = [a for a in build_parser()._actions if isinstance(a.choices, dict)]
+    checked = 0
+    for command, parser in sub.choices.items():
+        for action in parser._actions:
+            if action.default in (None, False, [], argparse.SUPPRESS):
+                continue
+            pattern = rf"\bdefault:? {re.escape(str(action.default))}\b"
+            assert re.search(pattern, action.help or ""), (
+                f"sdpo {command} {action.option_strings[0]}: its help does not state its "
+                f"default {action.default!r}: {action.help!r}"
+            )
+            checked += 1
+    assert checked >= 7
 
 
 def test_config_prints_every_key_and_its_output_loads_back_to_the_same_config(
