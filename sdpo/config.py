@@ -714,9 +714,18 @@ def _build(cls: type, data: Any, *, prefix: str, origins: _Origins) -> Any:
     key = prefix.rstrip(".")
     if not isinstance(data, dict):
         what = f"[{key}]" if key else "the top level"
+        hint = ""
+        if cls is DataSource and isinstance(data, str):  # sources = ["a.jsonl", ...]
+            quoted = '"' + data.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            hint = (
+                f"; write each source as a table, {{ path = {quoted} }} (name, optional, "
+                "defaults to the file's name)"
+            )
+            if key.startswith("data.sources"):
+                hint += ", or one source alone as data.path"
         raise ConfigError(
             f"{what} ({origins.where(key)}) must be a table of keys, got "
-            f"{type(data).__name__} {data!r}"
+            f"{type(data).__name__} {data!r}{hint}"
         )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}

@@ -251,6 +251,8 @@ def test_trl_option_names_say_what_they_are_here(tmp_path):
         ("[kernels]\nmax_chunk_tokens = 0\n", [], "kernels.max_chunk_tokens must be >= 1, got 0"),
         ("", ["model=3"], r"\[model\] \(from --set model=3\) must be a table"),
         ("", ["data.sources=[1]"], r"data.sources\[0\]\] .*must be a table of keys, got int 1"),
+        ("", ["data.sources=['a.jsonl']"], r"got str 'a.jsonl'; write each source as a table, \{ path = \"a.jsonl\" \} .*, or one source alone as data.path$"),
+        ("", ["data.eval_sources=['h.jsonl']"], r"got str 'h.jsonl'; write each source as a table, \{ path = \"h.jsonl\" \} \(name, optional, defaults to the file's name\)$"),
     ],
 )  # fmt: skip
 def test_wrong_types_name_key_expected_type_and_value(tmp_path, extra, overrides, message):
