@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import difflib
 import gc
 import json
 import os
@@ -1068,11 +1069,23 @@ def _shared_length(a: Sequence, b: Sequence) -> int:
 def _check_field(record: dict, field: str, place: _Place) -> Field:
     if field not in record:
         present = ", ".join(sorted(map(str, record))) or "none"
-        raise place.error(
-            f"the field is missing (fields present: {present})",
-            fix=f"give every row a {field!r} field: {_SHAPE_HINT}",
-            field=field,
+        fix = f"give every row a {field!r} field: {_SHAPE_HINT}"
+        # the field under another name ("rejected_response", a misspelling): the columns map
+        others = [
+            str(k)
+            for k, v in record.items()
+            if k not in (*FIELDS, *RENDER_FIELDS) and isinstance(v, str | list)
+        ]
+        close = [k for k in others if field in k.lower()] or difflib.get_close_matches(
+            field, others, n=1, cutoff=0.6
         )
+        if close:
+            what = "prompt" if field == "prompt" else f"{field} completion"
+            fix += (
+                f"; if {close[0]!r} holds the {what}, name it in the source's table, "
+                f'columns = {{ {field} = "{close[0]}" }} (sdpo score: --columns {field}={close[0]})'
+            )
+        raise place.error(f"the field is missing (fields present: {present})", fix=fix, field=field)
     value = record[field]
     if isinstance(value, str):
         if not value.strip():

@@ -848,6 +848,26 @@ def test_rows_without_a_shared_prompt_name_the_row_and_the_fix(tmp_path, row, wo
     assert "add a 'prompt' field" in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "row, field, suggested",
+    [
+        ({"prompt": "p", "chosen": "a", "rejectd": "b"}, "rejected", "rejectd"),  # a misspelling
+        ({"prompt": "p", "chosen_response": "a", "rejected": "b"}, "chosen", "chosen_response"),
+        ({"prompt": "p", "chosen": "a", "response_k": "b"}, "rejected", None),  # nothing close
+    ],
+)
+def test_a_missing_field_suggests_the_column_map_for_a_column_named_like_it(
+    tmp_path, row, field, suggested
+):
+    path = write_jsonl(tmp_path / "bad.jsonl", [ROWS[0], row])
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    assert_error(info, file=path, row=2, field=field, label="line", words=["the field is missing"])
+    hint = f'columns = {{ {field} = "{suggested}" }} (sdpo score: --columns {field}={suggested})'
+    assert (hint in str(info.value)) == (suggested is not None), str(info.value)
+    assert ("columns =" in str(info.value)) == (suggested is not None)
+
+
 # -- column maps: data sets whose columns are named otherwise ------------------------------------
 ORCA = [  # the layout of the OpenOrca DPO pairs the sDPO paper trains on first
     {"system": "You are helpful.", "question": "2 + 2?", "chosen": "4", "rejected": "5"},
