@@ -394,12 +394,18 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out_file(out: Path) -> None:
-    """``--out`` names a file that can be written (made, with its missing folders): checked
-    before the model is loaded and the pairs are scored, so a bad path costs no work."""
+def _check_out_file(out: Path, *, data: str) -> None:
+    """``--out`` names a file that can be written (made, with its missing folders) and is not
+    the ``--data`` file: checked before the model is loaded and the pairs are scored, so a bad
+    path costs no work and the pairs are never replaced by their scores."""
     if out.is_dir():
         raise ValueError(
             f"--out {out} is a folder; give the path of a file, e.g. {out}/scores.jsonl"
+        )
+    if out.is_file() and Path(data).is_file() and out.samefile(data):
+        raise ValueError(
+            f"--out {out} is the --data file: the scores would replace the pairs; give another "
+            f"path, e.g. --out {out.with_name(out.stem + '.scores.jsonl')}"
         )
     existing = out.parent
     while not existing.exists() and existing != existing.parent:
@@ -442,7 +448,7 @@ def _score(args: argparse.Namespace) -> int:
             raise ValueError(f"--ld-alpha: {e}") from None
         columns = _column_map(args.columns)
         if args.out is not None:  # every rank: one node's files, the same error everywhere
-            _check_out_file(args.out)
+            _check_out_file(args.out, data=args.data)
         model_dir = model_folder(args.model, revision=args.revision, key="--model")
         # a missing folder or weights, named before the tokenizer
         info = check_model(model_dir, args.implementation)

@@ -260,18 +260,25 @@ def test_score_counts_pairs_cut_to_identical_token_ids(tiny_model_dir, tmp_path,
 
 
 def test_score_refuses_an_out_path_it_cannot_write_before_scoring(tiny_model_dir, tmp_path, capsys):
-    """A folder, or a path under a file, given as --out is an input error named before the
-    model is loaded, not a traceback after every pair is scored; nothing is left behind."""
+    """A folder, a path under a file, or the --data file itself (by another spelling too)
+    given as --out is an input error named before the model is loaded, not a traceback after
+    every pair is scored, nor the pairs replaced by their scores; nothing is left behind."""
     data = write_pairs(tmp_path / "pairs.jsonl", n=3, seed=4)
+    pairs = data.read_bytes()
     base = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--no-progress"]
     folder = tmp_path / "scores"
     folder.mkdir()
-    for out, words in ((folder, "is a folder"), (data / "s.jsonl", "is a file, not a folder")):
+    for out, words in (
+        (folder, "is a folder"),
+        (data / "s.jsonl", "is a file, not a folder"),
+        (folder / ".." / data.name, "is the --data file"),
+    ):
         before = sorted(tmp_path.rglob("*"))
         assert main([*base, "--out", str(out)]) == EXIT_INPUT
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err and "pairs:" not in err
         assert sorted(tmp_path.rglob("*")) == before
+        assert data.read_bytes() == pairs
 
 
 def test_score_reads_the_split_named_by_split(tiny_model_dir, tmp_path):
