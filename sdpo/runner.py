@@ -949,6 +949,30 @@ class StepwiseRunner:
                 "another output_dir"
             )
 
+    def _check_inputs_outside_old_outputs(self) -> None:
+        """Refuse ``--overwrite`` when an input lives in what it would remove (the model a
+        new run starts from being the old run's ``step-<t>/``, say): the old outputs are
+        cleared before the model loads, so the input would be deleted and the run fail."""
+        cfg = self.cfg
+        inputs = [(f"model.path = {str(cfg.model.path)!r}", self.model_dir)]
+        if self.reference_dir is not None:
+            inputs.append((f"sdpo.reference = {str(cfg.sdpo.reference)!r}", self.reference_dir))
+        for what, sources in (("data", cfg.data.sources), ("held-out data", cfg.data.eval_sources)):
+            inputs += [(f"the {what} {source.path!r}", Path(source.path)) for source in sources]
+        old = [p.resolve() for p in existing_outputs(self.out)]
+        for named, path in inputs:
+            if not path.exists():  # a hub model or data set name
+                continue
+            path = path.resolve()
+            inside = next((p for p in old if path.is_relative_to(p)), None)
+            if inside is not None:
+                where = "is" if path == inside else f"is inside {inside},"
+                raise RunInputError(
+                    f"{named} {where} one of the old run's outputs in {self.out}, which "
+                    "--overwrite would delete; copy it out of that folder first (and point the "
+                    "config there), or choose another output_dir"
+                )
+
     def find_resume_point(self) -> ResumePoint | None:
         """The newest complete checkpoint, after checking that the config still matches it."""
         path = find_resume_checkpoint(self.out / CHECKPOINTS_DIR, log=_log)
@@ -1309,6 +1333,8 @@ class StepwiseRunner:
     def _run_all(self) -> RunResult:
         self.check_output_dir()  # every rank checks: the same error everywhere, nothing written
         tokenizer, pairs = self.load_inputs()
+        if self.overwrite:
+            self._check_inputs_outside_old_outputs()
         # the token ids the run trains on: kept in every checkpoint, checked on resume
         self.data_fp = data_fingerprint(pairs)
         self._data_fp_of = pairs

@@ -171,3 +171,22 @@ def test_missing_model_folder_is_refused_naming_its_key(tmp_path, tiny_model_dir
     assert f"{key} = '{missing}' does not exist" in err
     assert "model folder" in err and "hub model id" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_refuses_to_delete_an_input_inside_the_old_outputs(
+    tmp_path, tiny_model_dir, capsys
+):
+    """A new run from the old run's ``step-1/`` into the same output folder with --overwrite:
+    the old outputs would be cleared before the model loads, deleting the model the run starts
+    from; it is refused naming the key, and the old run is left as it was."""
+    data = write_pairs(tmp_path / "d.jsonl", n=4, seed=1)
+    old_step = tmp_path / "out" / "step-1"
+    shutil.copytree(tiny_model_dir, old_step)
+    (tmp_path / "out" / "config.toml").write_text("output_dir = 'out'\n")
+    shutil.copy(data, old_step / "pairs.jsonl")
+    for named, path in (("model.path = ", old_step), ("the data ", old_step / "pairs.jsonl")):
+        model = old_step if path == old_step else tiny_model_dir
+        cfg = _toml(tmp_path, model, data if path == old_step else path)
+        err = _refused(cfg, capsys, expect=[f"{named}'{path}'", "--overwrite would delete"])
+        assert "another output_dir" in err
+        assert (old_step / "model.safetensors").is_file() and (old_step / "pairs.jsonl").is_file()
