@@ -382,7 +382,15 @@ def check_model(
 
 
 def _check_hf_layout(folder: Path, coef: float | None, key: str) -> ModelInfo:
-    import transformers
+    try:
+        import transformers
+    except ImportError as e:  # not among sdpo's own requirements
+        raise CheckpointError(
+            f"{folder / CONFIG_NAME}: this model runs with transformers' code (a model type or "
+            "config sdpo's own decoder does not implement, or model.implementation = "
+            '"transformers"), and transformers is not installed: install it '
+            "(pip install transformers)"
+        ) from e
 
     from sdpo.engine.hf import check_head, logit_softcap, router_loss
 

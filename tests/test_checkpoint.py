@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -262,6 +263,22 @@ def test_missing_config_and_missing_weights_errors_say_what_a_folder_needs(tmp_p
     )
     with pytest.raises(CheckpointError, match=r"config.json: .*'rope_scaling'.*'yarn'"):
         load_pretrained(tmp_path / "empty")
+
+
+def test_a_model_for_transformers_without_transformers_installed_says_to_install_it(
+    tmp_path, monkeypatch
+):
+    """transformers is not one of sdpo's own requirements: a model only it runs (here a Gemma
+    config) is an error naming the file and the package, not a ModuleNotFoundError."""
+    from sdpo.engine.checkpoint import check_model
+
+    folder = tmp_path / "gemma"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(tiny_hf_dict(model_type="gemma")))
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails
+    message = r"gemma/config.json: this model runs with transformers' code .* not installed"
+    with pytest.raises(CheckpointError, match=message):
+        check_model(folder, "auto")
 
 
 def test_save_replaces_an_existing_checkpoint_and_copies_extra_files(tmp_path):
