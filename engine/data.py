@@ -621,9 +621,15 @@ def _read_json_lines(
                     fix=f"fix or delete line {lineno}; {shape_fix}",
                 ) from None
             if not isinstance(record, dict):
-                raise place.error(
-                    f"holds a JSON {_json_type(record)}, not an object", fix=shape_fix
-                )
+                fix = shape_fix
+                rows = isinstance(record, list) and record and lineno == 1
+                if rows and path.suffix.lower() == ".jsonl" and isinstance(record[0], dict):
+                    # one JSON array of rows, named .jsonl: the .json reader takes it
+                    fix += (
+                        "; a file that is one JSON array of rows is read from a .json file: "
+                        f"rename it to {path.stem}.json"
+                    )
+                raise place.error(f"holds a JSON {_json_type(record)}, not an object", fix=fix)
             checked.append(_check(record, place, columns))
     return checked
 

@@ -513,6 +513,18 @@ def test_non_object_line_is_an_error(tmp_path):
     assert_error(
         info, file=path, row=2, field=None, label="line", words=["JSON array, not an object"]
     )
+    assert "rename" not in str(info.value)  # not a file that is one array of rows
+
+
+def test_a_jsonl_file_holding_one_json_array_of_rows_is_told_to_be_named_json(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ROWS), encoding="utf-8")
+    with pytest.raises(DataError) as info:
+        read_preference_file(path)
+    words = ["JSON array, not an object", "one JSON array of rows", "rename it to rows.json"]
+    assert_error(info, file=path, row=1, field=None, label="line", words=words)
+    path.rename(tmp_path / "rows.json")  # as the error says
+    assert len(read_preference_file(tmp_path / "rows.json")) == len(ROWS)
 
 
 def test_non_utf8_bytes_name_the_line_and_byte(tmp_path):
