@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn, TextIO
 
@@ -60,12 +60,69 @@ SFT vs DPO (all data at once) vs sDPO easy-to-hard vs sDPO random are trained an
 held-out task accuracy and preference accuracy. Runs on a CPU in a few minutes, no downloads."""
 
 
+def _set_mistake(words: list[str]) -> str | None:
+    """What is wrong with a ``--set`` among a command's ``words``, with the form to write:
+    ``--set KEY VALUE`` (a space for the ``=``), ``--set KEY= VALUE``, ``--set KEY =VALUE``,
+    a value with spaces left unquoted; None when every ``--set`` is one ``KEY=VALUE`` word.
+    Argparse would take the ``KEY`` alone and refuse the ``VALUE`` as an unrecognized argument,
+    under the top-level usage."""
+    for i, word in enumerate(words):
+        if word == "--":
+            return None
+        if word != "--set" or i + 1 >= len(words):
+            continue
+        item = words[i + 1]
+        rest = []  # the words after it up to the next option: none belongs to --set
+        for extra in words[i + 2 :]:
+            if extra.startswith("-") and not _is_number(extra):
+                break
+            rest.append(extra)
+        key, equals, value = item.partition("=")
+        if not equals and not rest:
+            return f"--set takes key=value, e.g. --set {item}=VALUE (no space around the =)"
+        if not rest:
+            continue
+        if not equals or not value or rest[0].startswith("="):
+            joined = item + ("" if equals or rest[0].startswith("=") else "=") + rest[0]
+            return f"--set takes key=value, with no space around the =: --set {joined}"
+        quoted = shlex.quote(" ".join([item, *rest]))
+        return (
+            f"--set takes one key=value; quote a value that holds spaces: --set {quoted} "
+            "(and repeat --set for each key)"
+        )
+    return None
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser: a ``--set`` written other than as one ``KEY=VALUE`` word is refused
+    with the form to write, under this command's usage (``_set_mistake``)."""
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if args is not None and self.get_default("overrides") is not None:
+            mistake = _set_mistake(list(args))
+            if mistake is not None:
+                self.error(mistake)
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdpo",
         description="sdpo: a performance-first training engine for stepwise DPO.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     train = sub.add_parser(
         "train", help="run DPO / sDPO from a TOML config", description=TRAIN_HELP
@@ -598,6 +655,9 @@ def _cmd_config(args: argparse.Namespace) -> int:
     if args.out is not None or args.world_size != 1:
         print("sdpo: --out and --world-size go with --from-trl", file=sys.stderr)
         return EXIT_INPUT
+    if args.overwrite:
+        print(_OVERWRITE_WITHOUT_OUT, file=sys.stderr)
+        return EXIT_INPUT
     try:
         if args.config is not None:
             cfg = load_config(args.config, args.overrides)
@@ -624,6 +684,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# printed TOML replaces nothing: an --overwrite there would be a no-op the user thinks mattered
+_OVERWRITE_WITHOUT_OUT = (
+    "sdpo: --overwrite only applies with --out (it lets --from-trl replace an existing --out "
+    "file); leave it out, or add --out FILE"
+)
+
+
 def _config_from_trl(args: argparse.Namespace) -> int:
     """``sdpo config --from-trl FILE``: the TOML printed, or written atomically to --out."""
     from sdpo.config import ConfigError
@@ -635,6 +702,9 @@ def _config_from_trl(args: argparse.Namespace) -> int:
         return EXIT_INPUT
     if args.world_size < 1:
         print(f"sdpo: --world-size must be >= 1, got {args.world_size}", file=sys.stderr)
+        return EXIT_INPUT
+    if args.overwrite and args.out is None:
+        print(_OVERWRITE_WITHOUT_OUT, file=sys.stderr)
         return EXIT_INPUT
     if args.out is not None and args.out.exists() and not args.overwrite:
         print(f"sdpo: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sdpo.cli import EXIT_INPUT, main
@@ -215,6 +216,43 @@ def test_config_prints_every_key_and_its_output_loads_back_to_the_same_config(
     assert config_to_dict(load_config(printed)) == want
     assert main(["config", "--set", "train.lr=1"]) == 2  # unknown key, named
     assert "train.learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("words", "says"),
+    [
+        (["train.learning_rate", "1e-6"], "--set train.learning_rate=1e-6"),
+        (["train.learning_rate=", "1e-6"], "--set train.learning_rate=1e-6"),
+        (["train.learning_rate", "=1e-6"], "--set train.learning_rate=1e-6"),
+        (["train.epochs", "-1"], "--set train.epochs=-1"),
+        (["train.learning_rate"], "--set train.learning_rate=VALUE"),
+        (["loss.loss_type=[1,", "2]"], "--set 'loss.loss_type=[1, 2]'"),
+    ],
+)
+@pytest.mark.parametrize("command", ["train", "config"])
+def test_a_set_written_with_a_space_is_refused_showing_the_form_to_write(
+    tmp_path, capsys, command, words, says
+):
+    argv = [command, "--config", str(tmp_path / "run.toml"), "--set", *words, "--no-progress"]
+    if command == "config":
+        argv.pop()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == EXIT_INPUT
+    err = capsys.readouterr().err
+    # under the command's own usage, not argparse's 'unrecognized arguments' under sdpo's
+    assert err.startswith(f"usage: sdpo {command} ") and "unrecognized" not in err
+    assert f"sdpo {command}: error: --set takes" in err and says in err
+
+
+def test_config_refuses_overwrite_without_out(tmp_path, capsys):
+    """--overwrite only lets --out replace a file: without --out it would do nothing."""
+    trl = tmp_path / "dpo.json"
+    trl.write_text("{}")
+    for argv in (["config", "--overwrite"], ["config", "--from-trl", str(trl), "--overwrite"]):
+        assert main(argv) == EXIT_INPUT
+        captured = capsys.readouterr()
+        assert "--overwrite only applies with --out" in captured.err and not captured.out
 
 
 def test_train_stops_with_exit_code_3_on_a_non_finite_loss(tiny_model_dir, tmp_path, capsys):
