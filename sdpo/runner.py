@@ -731,6 +731,7 @@ class StepwiseRunner:
             )
             self._check_implementation(model_config, "model.path")
             self._check_attention_backend()
+            self._warn_idle_recompute_setting()
             if cfg.sdpo.reference:
                 self.reference_dir = model_folder(
                     cfg.sdpo.reference, revision=cfg.sdpo.reference_revision, key="sdpo.reference"
@@ -841,6 +842,19 @@ class StepwiseRunner:
                     "logits, on the plain loss path (slower than the Triton head; "
                     "train.loss_path, kernels.impl and kernels.max_chunk_tokens do not apply)"
                 )
+
+    def _warn_idle_recompute_setting(self) -> None:
+        """``model.checkpoint_every`` picks which layers gradient checkpointing recomputes: with
+        it off the key does nothing. Said, not refused: a run's saved config.toml may hold it
+        (from a run with checkpointing on, resumed with it off, a key that may change)."""
+        every = self.cfg.model.checkpoint_every
+        if every != 1 and not self.cfg.model.gradient_checkpointing:
+            _log(
+                f"warning: model.checkpoint_every = {every} does nothing while "
+                "model.gradient_checkpointing is false (every layer keeps its activations); "
+                "set model.gradient_checkpointing = true for it to apply (one layer in "
+                f"{every} recomputed), or leave model.checkpoint_every out"
+            )
 
     def _check_attention_backend(self) -> None:
         """Refuse, before any work, a ``model.attn_backend`` this machine cannot run (a CUDA

@@ -37,12 +37,16 @@ impl = "torch"
     return cfg
 
 
-def test_train_from_toml_with_set_override_writes_outputs(tiny_model_dir, tmp_path):
+def test_train_from_toml_with_set_override_writes_outputs(tiny_model_dir, tmp_path, capsys):
     cfg = _toml(tmp_path, tiny_model_dir)
-    code = main(
-        ["train", "--config", str(cfg), "--set", "train.learning_rate=1e-3", "--no-progress"]
-    )
+    overrides = ["--set", "train.learning_rate=1e-3", "--set", "model.checkpoint_every=2"]
+    code = main(["train", "--config", str(cfg), *overrides, "--no-progress"])
     assert code == 0
+    # accepted (a saved config may hold it), but said to do nothing without checkpointing
+    assert (
+        "warning: model.checkpoint_every = 2 does nothing while model.gradient_checkpointing is "
+        "false"
+    ) in capsys.readouterr().out
     out = tmp_path / "out"  # relative output_dir resolves against the TOML file's folder
     assert (out / "step-1" / "model.safetensors").is_file()
     assert "learning_rate = 0.001" in (out / "config.toml").read_text()
