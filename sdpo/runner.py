@@ -1023,6 +1023,11 @@ class StepwiseRunner:
         step = progress["sdpo_step"]
         where = "after" if progress["step_finished"] else "inside"
         _log(f"resuming from {path.name} ({where} sDPO step {step})")
+        if progress["step_finished"] and step == self.cfg.sdpo.steps:
+            _log(
+                f"the run in {self.out} is complete (its last sDPO step, {step}, is done): nothing "
+                "left to train; its report is written again"
+            )
         return ResumePoint(path=path, progress=progress)
 
     def _open_trackers(self, point: ResumePoint | None) -> Trackers:

@@ -422,6 +422,11 @@ def test_cli_resume_flags(tiny_model_dir, tmp_path, capsys):
     base = ["train", "--config", str(toml), "--no-progress"]
     assert main([*base, "--resume"]) == 0  # nothing to resume: starts from the beginning
     assert (tmp_path / "out" / "step-1").is_dir()
+    capsys.readouterr()
+    assert main([*base, "--resume"]) == 0  # a finished run: said, and its report again
+    said = capsys.readouterr().out
+    assert f"the run in {tmp_path / 'out'} is complete (its last sDPO step, 1, is done)" in said
+    assert "reward acc" in said.lower()
     assert main(base) == EXIT_INPUT
     assert "--resume" in capsys.readouterr().err
     assert main([*base, "--resume", "--overwrite"]) == EXIT_INPUT
