@@ -597,6 +597,7 @@ def _read_json_lines(
             lineno += 1
             place = _Place(file=name, row=lineno, row_label="line")
             if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                _raise_if_rows_under_keys(path, name=name, columns=columns, first=not checked)
                 raise place.error(
                     f"the line is longer than {max_line_bytes} bytes",
                     fix="check that the file has one record per line; for genuinely huge "
@@ -616,6 +617,7 @@ def _read_json_lines(
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as exc:
+                _raise_if_rows_under_keys(path, name=name, columns=columns, first=not checked)
                 raise place.error(
                     f"not valid JSON ({exc.msg} at column {exc.colno})",
                     fix=f"fix or delete line {lineno}; {shape_fix}",
@@ -630,8 +632,80 @@ def _read_json_lines(
                         f"rename it to {path.stem}.json"
                     )
                 raise place.error(f"holds a JSON {_json_type(record)}, not an object", fix=fix)
-            checked.append(_check(record, place, columns))
+            try:
+                checked.append(_check(record, place, columns))
+            except DataError:
+                if not checked:  # the first record: the whole file as one object of row lists?
+                    _raise_if_rows_under_keys(
+                        path, name=name, columns=columns, members=record.items()
+                    )
+                raise
     return checked
+
+
+def _raise_if_rows_under_keys(
+    path: Path,
+    *,
+    name: str,
+    columns: dict[str, str],
+    first: bool = True,
+    members: Iterable[tuple[str, Any]] | None = None,
+) -> None:
+    """Raise a ``DataError`` naming the keys when the file is one JSON object whose values are
+    lists of row objects (``{"train": [...], "test": [...]}``, as a script that dumps a dict of
+    splits writes it), not rows: read as JSON lines, it would be one row without a prompt.
+    Called on the way to another error of the file's first line (``first``): ``members``, that
+    line's object; else the file's top-level members, read one at a time (``_object_members``:
+    the peak is one member, the rows a read keeps anyway). Returns when the file is anything
+    else, for the caller's own error."""
+    if not first:
+        return
+    if members is None:
+        if not _starts_with(path, b"{"):
+            return
+        members = _object_members(path)
+    fields = {*FIELDS, *(columns.get(f, f) for f in FIELDS)}  # a row's own, under any name
+    keys: set[str] = set()
+    found: list[tuple[str, int]] = []
+    try:
+        for key, value in members:
+            keys.add(key)
+            if _holds_rows(value):
+                found.append((key, len(value)))
+    except _NotOneJsonContainer:
+        return  # not one JSON object: the caller's error says what is wrong
+    if not found or keys & fields:  # a row (a list in it: its tools, say), not rows under keys
+        return
+    key, count = found[0]
+    others = ", ".join(f"{k!r} holds {n}" for k, n in found[1:])
+    raise DataError(
+        f"the file is one JSON object whose key {key!r} holds a list of {count} rows"
+        + (f" ({others})" if others else "")
+        + "; sdpo reads a data file's rows from a JSON array or from JSON lines, not from under "
+        "a key, and a source has no key to pick one",
+        fix=f"save the list itself as the file (e.g. json.dump(data[{key!r}], f) to a .json "
+        "file), or its rows one per line to a .jsonl file; for several splits, one file each "
+        "(train.jsonl, test.jsonl) in a folder, which a source's path and split read",
+        file=name,
+        field=key,
+    )
+
+
+def _holds_rows(value: Any) -> bool:
+    """A non-empty list of objects that are not chat messages (a row's own field may be a list
+    of messages)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, dict) for v in value)
+        and not any("role" in v for v in value)
+    )
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    """Whether the file's bytes, past leading JSON whitespace, start with ``prefix``."""
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip(b" \t\r\n").startswith(prefix)
 
 
 def _read_json_array(path: Path, *, name: str, columns: dict[str, str]) -> list[_Checked]:
@@ -655,7 +729,7 @@ def _read_json_array(path: Path, *, name: str, columns: dict[str, str]) -> list[
                 checked.append(_check_element(record, i, name=name, columns=columns))
             except DataError as exc:
                 first_problem, checked = exc, []
-    except _NotOneJsonArray:
+    except _NotOneJsonContainer:
         checked = []  # freed before the whole file is read
         return _read_json_array_whole(path, name=name, columns=columns)
     if first_problem is not None:
@@ -663,8 +737,9 @@ def _read_json_array(path: Path, *, name: str, columns: dict[str, str]) -> list[
     return checked
 
 
-class _NotOneJsonArray(Exception):
-    """The file's bytes are not UTF-8, or its text is not one JSON array (``_array_elements``)."""
+class _NotOneJsonContainer(Exception):
+    """The file's bytes are not UTF-8, or its text is not one JSON array (one object, for
+    ``_object_members``)."""
 
 
 # bytes decoded at a time; an element longer than what is left of them doubles the read
@@ -674,9 +749,23 @@ _JSON_SPACE = re.compile(r"[ \t\n\r]*")  # JSON's whitespace (not str.isspace's)
 
 def _array_elements(path: Path) -> Iterator[Any]:
     """The elements of the JSON array in ``path``, each parsed as ``json.loads`` of the whole
-    file parses it (strict UTF-8, the same scanner). Raises ``_NotOneJsonArray`` when the file is
-    anything else; its bytes are decoded to the end before the last element is given, so a
-    caller that has seen every element knows the file is valid."""
+    file parses it (strict UTF-8, the same scanner). Raises ``_NotOneJsonContainer`` when the
+    file is anything else; its bytes are decoded to the end before the last element is given,
+    so a caller that has seen every element knows the file is valid."""
+    for _, value in _container_items(path, members=False):
+        yield value
+
+
+def _object_members(path: Path) -> Iterator[tuple[str, Any]]:
+    """The (key, value) members of the JSON object in ``path``, in file order, read as
+    ``_array_elements`` reads an array's elements."""
+    return _container_items(path, members=True)
+
+
+def _container_items(path: Path, *, members: bool) -> Iterator[tuple[str | None, Any]]:
+    """The items of the one JSON array (``members``: object) that ``path`` holds: (None, value)
+    per element, (key, value) per member; see ``_array_elements``."""
+    opener, closer = ("{", "}") if members else ("[", "]")
     decode = codecs.getincrementaldecoder("utf-8")(errors="strict").decode
     parse = json.JSONDecoder().raw_decode
     with open(path, "rb") as f:
@@ -686,12 +775,12 @@ def _array_elements(path: Path) -> Iterator[Any]:
             """More of the file onto ``text`` (what was parsed dropped); past the end: raise."""
             nonlocal text, pos, at_end
             if at_end:
-                raise _NotOneJsonArray
+                raise _NotOneJsonContainer
             data = f.read(max(_ARRAY_READ_BYTES, 2 * (len(text) - pos)))
             try:
                 text = text[pos:] + decode(data, final=not data)
             except UnicodeDecodeError:
-                raise _NotOneJsonArray from None
+                raise _NotOneJsonContainer from None
             pos, at_end = 0, not data
 
         def next_char() -> str:
@@ -703,32 +792,45 @@ def _array_elements(path: Path) -> Iterator[Any]:
                     return text[pos]
                 read_more()
 
-        if next_char() != "[":
-            raise _NotOneJsonArray
+        if next_char() != opener:
+            raise _NotOneJsonContainer
         pos += 1
-        last = next_char() == "]"
+        last = next_char() == closer
         if last:
             pos += 1
         while not last:
-            next_char()  # pos at the element's start
-            # a value, or the whitespace and delimiter after it, may run past the text decoded
-            # so far (a number cut short even parses): retried with more text until both are
-            # there; at the file's end read_more raises instead
+            next_char()  # pos at the item's start
+            # an item (a member's key, colon and value), or the whitespace and delimiter after
+            # it, may run past the text decoded so far (a number cut short even parses):
+            # retried from the item's start with more text until all are there; at the file's
+            # end read_more raises instead
+            key, start = None, pos
             try:
-                value, end = parse(text, pos)
+                if members:
+                    key, end = parse(text, pos)
+                    if not isinstance(key, str):
+                        raise _NotOneJsonContainer
+                    colon = _JSON_SPACE.match(text, end).end()
+                    start = _JSON_SPACE.match(text, colon + 1).end()
+                    if start >= len(text):
+                        read_more()
+                        continue
+                    if text[colon] != ":":
+                        raise _NotOneJsonContainer
+                value, end = parse(text, start)
             except json.JSONDecodeError:
                 read_more()
                 continue
             delimiter = _JSON_SPACE.match(text, end).end()
-            if delimiter == len(text) or text[delimiter] not in ",]":
+            if delimiter == len(text) or text[delimiter] not in "," + closer:
                 read_more()
                 continue
-            last = text[delimiter] == "]"
+            last = text[delimiter] == closer
             pos = delimiter + 1
-            yield value
-        while True:  # only whitespace may follow the array, to the file's end
+            yield key, value
+        while True:  # only whitespace may follow the container, to the file's end
             if _JSON_SPACE.match(text, pos).end() < len(text):
-                raise _NotOneJsonArray
+                raise _NotOneJsonContainer
             if at_end:
                 return
             pos = len(text)

@@ -527,6 +527,55 @@ def test_a_jsonl_file_holding_one_json_array_of_rows_is_told_to_be_named_json(tm
     assert len(read_preference_file(tmp_path / "rows.json")) == len(ROWS)
 
 
+@pytest.mark.parametrize(
+    ("suffix", "layout", "read_bytes"),
+    [
+        (".json", "one_line", None),
+        (".jsonl", "one_line", None),
+        (".json", "indented", None),
+        (".json", "indented", 7),  # its members read a few bytes at a time
+        (".json", "too_long", None),  # one line past max_line_bytes
+    ],
+)
+def test_rows_held_under_a_key_of_one_json_object_are_named_by_the_key(
+    tmp_path, monkeypatch, suffix, layout, read_bytes
+):
+    """{"train": [...]} (a dict of splits dumped as is) is not read as one row lacking a
+    prompt: the error names the file, the key holding the rows and what to write instead."""
+    import sdpo.engine.data as data_module
+
+    if read_bytes is not None:
+        monkeypatch.setattr(data_module, "_ARRAY_READ_BYTES", read_bytes, raising=False)
+    held = {"version": "1.0", "splits": {"n": 2}, "train": ARRAY_ROWS, "test": ROWS[:2]}
+    path = tmp_path / f"pairs{suffix}"
+    path.write_text(json.dumps(held, indent=2 if layout == "indented" else None) + "\n")
+    with pytest.raises(DataError) as info:
+        read_preference_file(path, max_line_bytes=64 if layout == "too_long" else 2**20)
+    msg = str(info.value)
+    assert info.value.file == str(path) and info.value.field == "train", msg
+    assert f"{path}, field 'train': the file is one JSON object whose key 'train'" in msg
+    assert f"holds a list of {len(ARRAY_ROWS)} rows ('test' holds 2)" in msg
+    assert "json.dump(data['train'], f)" in msg and "one per line to a .jsonl file" in msg
+    assert "missing" not in msg
+    # as the error says: the list itself is read
+    fixed = path.with_suffix(".json")
+    fixed.write_text(json.dumps(held["train"]))
+    assert len(read_preference_file(fixed)) == len(ARRAY_ROWS)
+
+
+def test_a_row_with_a_list_of_objects_is_not_taken_for_rows_under_a_key(tmp_path):
+    """A first row whose problem is its own (here a missing prompt; its tools a list of
+    objects) keeps its error, one line or indented."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    row = {"chosen": "c", "rejected": "d", "tools": tools, "meta": [{"id": 1}]}
+    for indent in (None, 2):
+        path = tmp_path / "row.json"
+        path.write_text(json.dumps({**row, "prompt": 3}, indent=indent))
+        with pytest.raises(DataError) as info:
+            read_preference_file(path)
+        assert "one JSON object whose key" not in str(info.value), str(info.value)
+
+
 def test_non_utf8_bytes_name_the_line_and_byte(tmp_path):
     path = tmp_path / "latin1.jsonl"
     bad = json.dumps({"prompt": "caf\u00e9", "chosen": "c", "rejected": "r"}, ensure_ascii=False)
