@@ -14,7 +14,8 @@ Resume: ``state_dict`` holds everything exact continuation needs beside the weig
 LR schedule, RNG states, position in the step plan, which is rebuilt from the seed), and
 ``fit(..., resume_state=...)`` continues from it to the same bits. A callback writes checkpoints
 every ``save_every`` steps; ``stop_requested`` (set by a signal handler) makes the loop finish the
-current optimizer step, save, and raise ``TrainingStopped``. A step with a non-finite loss or
+current optimizer step (data parallel, it may be a later one: ``stop_takes_effect_after``), save,
+and raise ``TrainingStopped``. A step with a non-finite loss or
 gradient is not applied, and the run stops with ``NonFiniteError`` unless
 ``skip_nonfinite_batches`` allows skipping it.
 
@@ -728,6 +729,14 @@ class DPOTrainer:
         # inside fit (fused AdamW): non-finite steps so far, on the device (see the module doc)
         self._nonfinite_on_device: Tensor | None = None
         self._stop_seen = False  # data parallel: a stop agreed in a step whose values were read
+        # where a stop asked for now takes effect (stop_takes_effect_after): the pass's step
+        # under way, or the last one done (the first to come before any); data parallel, the
+        # last step whose all-reduce read stop_requested, and whether the loop reads a step's
+        # values only once the next is queued (fused AdamW)
+        self.step_begun = 1
+        self._stop_read_in = 0
+        self._values_deferred = False
+        self._pass_steps: int | None = None
         self.data_parallel = distributed.active()
         # a mixture of experts' router loss (engine/hf.py) is computed over a micro-batch's
         # tokens, not summed over its pairs: data parallel, the plan's micro-batches are never
@@ -1079,6 +1088,7 @@ class DPOTrainer:
             missing = [i for i, p in enumerate(replicated) if id(p) in filled]
         params = replicated if grads else []
         stop = bool(self.stop_requested()) if self.stop_requested is not None else False
+        self._stop_read_in = self.step_begun
         keys = len(self._reduced_keys)
         # after the sums and the stop flag: per replicated parameter, the ranks without its
         # gradient (filled on the device, see below)
@@ -1109,6 +1119,32 @@ class DPOTrainer:
                 if count == distributed.world():
                     replicated[i].grad = None
         return {k: vector[i] for i, k in enumerate(self._reduced_keys)}
+
+    def stop_takes_effect_after(self) -> int:
+        """The step of this pass (``position["step_in_run"]``) after which a graceful stop asked
+        for now on this rank ends it, the pass's last at most: the step under way (or the last
+        one done, or the first to come). Data parallel, the ranks learn of a stop in the
+        all-reduce of a step (``_reduce_over_ranks``), the next one when the step under way has
+        had its own, and act on it once the loop reads that step's values: at once, or with
+        fused AdamW once the step after it is queued (unless an eval or a save is due after it,
+        or it is the last). A stop asked for on another rank first may take effect a step
+        earlier."""
+        step = self.step_begun
+        if self.data_parallel:
+            if self._stop_read_in >= step:
+                step += 1
+            if self._values_deferred and step != self._pass_steps and not any(self._due(step)):
+                step += 1
+        return step if self._pass_steps is None else min(step, self._pass_steps)
+
+    def _due(self, step_in_run: int) -> tuple[bool, bool]:
+        """Whether an eval pass (``train.eval_every``) and a checkpoint (``train.save_every``)
+        follow step ``step_in_run`` of the pass."""
+        cfg = self.config
+        return (
+            bool(cfg.eval_every and self.evaluate and step_in_run % cfg.eval_every == 0),
+            bool(cfg.save_every and self.save_checkpoint and step_in_run % cfg.save_every == 0),
+        )
 
     def _should_stop(self) -> bool:
         """A graceful stop was asked for (data parallel: on any rank, agreed in the all-reduce
@@ -1199,6 +1235,10 @@ class DPOTrainer:
         if resume_state is not None:
             self.load_state_dict(resume_state)
         pos = self.position
+        # no step of the pass begun yet: a stop asked for now follows the first
+        self.step_begun, self._stop_read_in = pos["step_in_run"] + 1, pos["step_in_run"]
+        self._values_deferred = _takes_grad_scale(self.optimizer) and not self.sharded
+        self._pass_steps = total_steps
         self.model.train()
         probe = cfg.memory_probe if cfg.memory_probe is not None else self.device.type == "cuda"
         if probe:
@@ -1281,7 +1321,7 @@ class DPOTrainer:
                         tok_s=f"{values['tokens_per_s']:.0f}",
                     )
 
-        deferred = _takes_grad_scale(self.optimizer) and not self.sharded
+        deferred = self._values_deferred
         if deferred:
             self._nonfinite_on_device = torch.full(
                 (), self.skipped_steps, dtype=torch.int32, device=self.device
@@ -1295,6 +1335,7 @@ class DPOTrainer:
                     if self.profiler is not None:
                         self.profiler.step_begin(pos["step_in_run"] + 1)
                     step_lr = scheduler.get_last_lr()[0]  # the rate this step runs at
+                    self.step_begun = pos["step_in_run"] + 1
                     metrics = self.train_step(pairs, micro_batches, ref)
                     scheduler.step()
                     if self.profiler is not None:
@@ -1322,14 +1363,7 @@ class DPOTrainer:
                     if pending is not None:
                         settle(pending)  # the step before: done, or nearly, on the device
                     pending = record
-                    eval_due = bool(
-                        cfg.eval_every and self.evaluate and step_in_run % cfg.eval_every == 0
-                    )
-                    save_due = bool(
-                        cfg.save_every
-                        and self.save_checkpoint
-                        and step_in_run % cfg.save_every == 0
-                    )
+                    eval_due, save_due = self._due(step_in_run)
                     if not deferred or step_in_run == total_steps or eval_due or save_due:
                         settle(pending)
                         pending = None

@@ -599,6 +599,7 @@ class StepwiseRunner:
         self.tokenizer_fp = ""
         self.stop_flag = False
         self.in_optimizer_steps = False  # inside DPOTrainer.fit: a stop ends after a step
+        self.trainer: DPOTrainer | None = None  # the one in fit, which says after which step
         # inside DPOTrainer.fit, the run step after which a train.eval_every pass is running
         self.evaluating_after: int | None = None
         self.wrote_outputs = False  # this run began writing in output_dir (RunInterrupted)
@@ -1604,7 +1605,7 @@ class StepwiseRunner:
                 f"training sDPO step {t}, in micro-batches of up to "
                 f"{train_cfg.max_tokens_per_batch} tokens (train.max_tokens_per_batch)"
             )
-            self.in_optimizer_steps = True
+            self.in_optimizer_steps, self.trainer = True, trainer
             try:
                 result = trainer.fit(
                     chunk_pairs,
@@ -1616,7 +1617,7 @@ class StepwiseRunner:
             except TrainingStopped:  # named by the run's step, as its checkpoint is
                 raise TrainingStopped(run_step_base + trainer.position["step_in_run"]) from None
             finally:
-                self.in_optimizer_steps = False
+                self.in_optimizer_steps, self.trainer = False, None
             self.phase = f"saving sDPO step {t}'s results"
             run_step_base += result.optimizer_steps
             tokens_base += result.tokens
@@ -2073,32 +2074,21 @@ class StepwiseRunner:
         def handler(signum: int, frame: Any) -> None:
             if self.stop_flag and signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            self.stop_flag = True
             name = signal.Signals(signum).name
+            if self.stop_flag:  # a SIGTERM again: the first one's stop is on its way
+                _log(f"{name} received: the stop asked for before is under way")
+                return
+            evaluating = None
             if self.in_optimizer_steps and self.evaluating_after is not None:
-                # the optimizer step is done; the trainer saves and stops once the pass
-                # returns (data parallel: after the optimizer step whose all-reduce agrees)
-                then = (
-                    "then the ranks agree on the stop in a following optimizer step's "
-                    "all-reduce, save a checkpoint and stop"
-                    if distributed.active()
-                    else "then saving a checkpoint and stopping"
-                )
-                _log(
-                    f"{name} received while evaluating {len(self.eval_pairs)} held-out pairs "
-                    f"after optimizer step {self.evaluating_after} (train.eval_every): finishing "
-                    f"the evaluation, {then} (Ctrl-C again aborts at once)"
-                )
-            elif self.in_optimizer_steps:
-                _log(
-                    f"{name} received: finishing the current optimizer step, then saving a "
-                    "checkpoint and stopping (Ctrl-C again aborts at once)"
-                )
-            else:
-                _log(
-                    f"{name} received while {self.phase}: finishing that, then stopping before "
-                    "the next optimizer step (Ctrl-C again aborts at once)"
-                )
+                evaluating = (self.evaluating_after, len(self.eval_pairs))
+            message = stop_received_message(
+                name,
+                phase=self.phase,
+                trainer=self.trainer if self.in_optimizer_steps else None,
+                evaluating=evaluating,
+            )
+            self.stop_flag = True
+            _log(message)
 
         old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -2232,6 +2222,51 @@ def rounding_only_keys(config: dict[str, Any]) -> frozenset[str]:
     if config.get("sdpo", {}).get("partition", SDPOSection.partition) in ("random", "given"):
         keys.add("sdpo.report_scoring")
     return frozenset(keys)
+
+
+def stop_received_message(
+    name: str,
+    *,
+    phase: str,
+    trainer: DPOTrainer | None,
+    evaluating: tuple[int, int] | None = None,
+) -> str:
+    """What a graceful stop asked for now (signal ``name``) does. ``trainer``: the one whose
+    ``fit`` runs (None outside optimizer steps, during ``phase``); ``evaluating``: the run's
+    step a ``train.eval_every`` pass follows and its pair count. One process, the stop follows
+    the step under way (or the eval pass); data parallel, it may follow a later step
+    (``DPOTrainer.stop_takes_effect_after``), which the message names."""
+    again = "(Ctrl-C again aborts at once)"
+    if trainer is None:
+        return (
+            f"{name} received while {phase}: finishing that, then stopping before the next "
+            f"optimizer step {again}"
+        )
+    base = trainer.run_step_base or 0
+    at, under_way = base + trainer.stop_takes_effect_after(), base + trainer.step_begun
+    agreed = (
+        "(data parallel: the ranks agree on a stop in the all-reduce of an optimizer step to come)"
+    )
+    if evaluating is not None:
+        after, pairs = evaluating
+        then = (
+            f"then training stops after optimizer step {at} {agreed}, saving a checkpoint"
+            if at > after
+            else "then saving a checkpoint and stopping"
+        )
+        return (
+            f"{name} received while evaluating {pairs} held-out pairs after optimizer step "
+            f"{after} (train.eval_every): finishing the evaluation, {then} {again}"
+        )
+    if at > under_way:
+        return (
+            f"{name} received: training stops after optimizer step {at}, not the one under way "
+            f"or just done ({under_way}) {agreed}, then saves a checkpoint {again}"
+        )
+    return (
+        f"{name} received: finishing the current optimizer step, then saving a checkpoint and "
+        f"stopping {again}"
+    )
 
 
 def _warn_eval_overlap(train: list[TokenizedPair], held_out: list[TokenizedPair]) -> None:

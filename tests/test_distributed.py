@@ -442,39 +442,75 @@ def test_gradient_buckets_start_in_one_order_whatever_order_the_backward_gives(m
 
 
 def _stop_asked_on_rank_1(model_dir: Path, data: Path) -> dict:
-    """A graceful stop asked for on rank 1 only, during step 3, with the foreach optimizer (the
-    flag read in each step) and fused AdamW (a step's values read after the next is queued)."""
+    """A graceful stop asked for on rank 1 only, in optimizer step 3 before its reduction and
+    after it, with the foreach optimizer (the flag read in each step) and fused AdamW (a step's
+    values read after the next is queued); and what rank 1 would say when asked."""
     from sdpo.engine.trainer import TrainingStopped, build_optimizer
+    from sdpo.runner import stop_received_message
 
     pairs = _pairs(model_dir, data)
     ref = score_pairs(load_pretrained(model_dir), pairs, max_tokens_per_batch=4096, impl="torch")
     out = {}
     for fused in (False, True):
-        model = load_pretrained(model_dir)
-        config = TrainConfig(learning_rate=LR, pairs_per_step=3, max_tokens_per_batch=60)
-        trainer = dpo_trainer(model, config)
-        trainer.optimizer = build_optimizer(model, config, fused=fused)
-        # asked inside step 3's reduction (the steps done so far: 2)
-        trainer.stop_requested = lambda t=trainer: distributed.rank() == 1 and t.global_step >= 2
-        saved = []
-        trainer.save_checkpoint = lambda t, saved=saved: saved.append(t.global_step)
-        try:
-            trainer.fit(pairs, ref)
-            stopped = None
-        except TrainingStopped as e:
-            stopped = e.global_step
-        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-        out[fused] = {"stopped": stopped, "saved": saved, "weights": flat}
+        for moment in ("before", "after"):
+            model = load_pretrained(model_dir)
+            config = TrainConfig(learning_rate=LR, pairs_per_step=3, max_tokens_per_batch=60)
+            trainer = dpo_trainer(model, config)
+            trainer.optimizer = build_optimizer(model, config, fused=fused)
+            asked: list[str] = []  # what rank 1 says when asked
+            trainer.stop_requested = lambda asked=asked: bool(asked)
+
+            def ask(when: str, trainer=trainer, asked=asked, moment=moment) -> None:
+                rank_1_asks = distributed.rank() == 1 and not asked
+                if when == moment and trainer.step_begun == 3 and rank_1_asks:
+                    asked.append(stop_received_message("SIGTERM", phase="", trainer=trainer))
+
+            def train_step(*args, step=trainer.train_step, ask=ask):
+                ask("before")  # the reduction reads the flag inside the step
+                metrics = step(*args)
+                ask("after")
+                return metrics
+
+            trainer.train_step = train_step
+            saved = []
+            trainer.save_checkpoint = lambda t, saved=saved: saved.append(t.global_step)
+            try:
+                trainer.fit(pairs, ref)
+                stopped = None
+            except TrainingStopped as e:
+                stopped = e.global_step
+            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+            out[fused, moment] = {
+                "stopped": stopped,
+                "saved": saved,
+                "weights": flat,
+                "said": asked[0] if asked else None,
+            }
     return out
 
 
 def test_a_stop_asked_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, tiny_model_dir):
+    """The ranks agree on a stop in a step's all-reduce: asked inside step 3 before its own,
+    they stop after step 3; after it, in step 4's. With fused AdamW a step's values are read
+    once the next step is queued: a step later each. The rank asked says which step."""
     data = write_pairs(tmp_path / "d.jsonl", n=17, seed=13)
     ranks = _spawn(tmp_path, _stop_asked_on_rank_1, tiny_model_dir, data)
-    for fused, step in ((False, 3), (True, 4)):  # fused: seen when step 4 is queued
-        assert [r[fused]["stopped"] for r in ranks] == [step, step]
-        assert [r[fused]["saved"] for r in ranks] == [[step], [step]]
-        assert torch.equal(ranks[0][fused]["weights"], ranks[1][fused]["weights"])
+    expected = {
+        (False, "before"): 3,
+        (False, "after"): 4,
+        (True, "before"): 4,
+        (True, "after"): 5,
+    }
+    for case, step in expected.items():
+        assert [r[case]["stopped"] for r in ranks] == [step, step], case
+        assert [r[case]["saved"] for r in ranks] == [[step], [step]], case
+        assert torch.equal(ranks[0][case]["weights"], ranks[1][case]["weights"]), case
+        said = ranks[1][case]["said"]
+        if step == 3:
+            assert "SIGTERM received: finishing the current optimizer step" in said, case
+        else:
+            assert f"training stops after optimizer step {step}, not the one under way" in said
+            assert "(3) (data parallel: the ranks agree on a stop in the all-reduce" in said
 
 
 def test_sharded_scoring_equals_one_process(step_results):
