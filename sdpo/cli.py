@@ -30,8 +30,9 @@ of N optimizer steps.
 
 Reliability: every input is checked before the output folder is touched. Training checkpoints
 go to OUTPUT_DIR/checkpoints/ (every train.save_every optimizer steps, at the end of each sDPO
-step, and on SIGTERM/SIGINT, which finish the current optimizer step first); --resume continues
-from the newest complete one and ends with the same weights as an uninterrupted run.
+step, and on SIGTERM/SIGINT, which finish the current optimizer step first, or under torchrun
+the step the log line names); --resume continues from the newest complete one and ends with
+the same weights as an uninterrupted run.
 
 Several GPUs of one node: torchrun --nproc_per_node=N -m sdpo.cli train --config run.toml
 (data parallel; every rank checks the inputs, rank 0 alone writes and prints).
