@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import shutil
 import stat
 import weakref
 from pathlib import Path
@@ -46,14 +47,32 @@ def _score(model_dir: Path, pairs):
     return score_pairs(load_pretrained(model_dir), pairs, max_tokens_per_batch=4096, impl="torch")
 
 
-def test_two_step_run_writes_step_checkpoints_and_one_cache_per_step(tiny_model_dir, tmp_path):
-    """... with the permissions the umask gives (not the private ones of temporary names)."""
-    cfg = _config(tmp_path, tiny_model_dir)
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """(config, result) of the default two-step run of the tiny model, done once for the tests
+    that read its outputs (under umask 027); a test that runs again copies it (``copy_run``)."""
+    tmp = tmp_path_factory.mktemp("base_run")
+    model_dir = write_tiny_model(tmp / "model", words=WORDS, hidden_size=32, seed=1)
+    cfg = _config(tmp, model_dir)
     before = os.umask(0o027)
     try:
         result = run_training(cfg, progress=False)
     finally:
         os.umask(before)
+    return cfg, result
+
+
+def copy_run(base_run, tmp_path: Path):
+    """The default run's config under ``tmp_path`` (its data files written there anew, the same
+    pairs) with the run's outputs copied to its output_dir, for a test that runs it again."""
+    cfg, _ = base_run
+    shutil.copytree(cfg.output_dir, tmp_path / "run")
+    return _config(tmp_path, Path(cfg.model.path))
+
+
+def test_two_step_run_writes_step_checkpoints_and_one_cache_per_step(base_run):
+    """... with the permissions the umask gives (not the private ones of temporary names)."""
+    cfg, result = base_run
     out = Path(cfg.output_dir)
     modes = {p.relative_to(out): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
     assert len(modes) > 10
@@ -74,9 +93,9 @@ def test_two_step_run_writes_step_checkpoints_and_one_cache_per_step(tiny_model_
     assert (out / "sdpo_report.json").is_file() and (out / "config.toml").is_file()
 
 
-def test_step_references_are_the_previous_models_scored_independently(tiny_model_dir, tmp_path):
-    cfg = _config(tmp_path, tiny_model_dir)
-    run_training(cfg, progress=False)
+def test_step_references_are_the_previous_models_scored_independently(base_run):
+    cfg, _ = base_run
+    tiny_model_dir = Path(cfg.model.path)
     out = Path(cfg.output_dir)
     pairs = _tokenized(cfg)
     # step 1: the cache holds the initial model's values on chunk 1 (the "far" source); the
@@ -146,9 +165,8 @@ def test_without_report_scoring_the_initial_model_scores_chunk_one_alone(
     )
 
 
-def test_rerun_reuses_caches_and_a_damaged_cache_is_recomputed(tiny_model_dir, tmp_path, capsys):
-    cfg = _config(tmp_path, tiny_model_dir)
-    run_training(cfg, progress=False)
+def test_rerun_reuses_caches_and_a_damaged_cache_is_recomputed(base_run, tmp_path, capsys):
+    cfg = copy_run(base_run, tmp_path)
     again = run_training(cfg, progress=False, overwrite=True)
     assert again.scoring_calls == 0  # both caches matched their keys and checksums
     assert "reused" in capsys.readouterr().out
@@ -162,9 +180,8 @@ def test_rerun_reuses_caches_and_a_damaged_cache_is_recomputed(tiny_model_dir, t
     assert "step-2.safetensors: recomputing (checksum mismatch" in capsys.readouterr().out
 
 
-def test_existing_outputs_are_refused_without_overwrite(tiny_model_dir, tmp_path):
-    cfg = _config(tmp_path, tiny_model_dir)
-    run_training(cfg, progress=False)
+def test_existing_outputs_are_refused_without_overwrite(base_run, tmp_path):
+    cfg = copy_run(base_run, tmp_path)
     with pytest.raises(OutputDirError, match="--overwrite"):
         run_training(cfg, progress=False)
 
@@ -191,15 +208,13 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_reading_inputs(
     )
 
 
-def test_a_partition_that_cannot_be_cut_is_refused_before_outputs_are_replaced(
-    tiny_model_dir, tmp_path
-):
+def test_a_partition_that_cannot_be_cut_is_refused_before_outputs_are_replaced(base_run, tmp_path):
     """More steps than pairs, or a source the held-out split emptied: refused with exit 2's
     error before --overwrite clears the previous run's outputs."""
     from sdpo.runner import RunInputError
 
-    cfg = _config(tmp_path, tiny_model_dir)
-    run_training(cfg, progress=False)
+    cfg = copy_run(base_run, tmp_path)
+    tiny_model_dir = Path(cfg.model.path)
     out = Path(cfg.output_dir)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     too_many = _config(tmp_path, tiny_model_dir, partition="random", steps=40)
