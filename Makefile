@@ -9,6 +9,9 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# test processes (pytest-xdist; each test file runs whole in one of them, so a module's shared
+# set-up is built once); 0 runs the suite in this process
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test lint format gpu-wheels gpu-check clean
 
@@ -24,7 +27,7 @@ demo: setup
 	$(VENV)/bin/sdpo demo $(DEMO_ARGS)
 
 test: setup
-	$(PY) -m pytest -q $(TEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(TEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

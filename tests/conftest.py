@@ -21,6 +21,13 @@ from sdpo.engine.tiny import write_tiny_model
 # modules choose Triton's interpreter mode, could fix that mode too early.
 IGNORE_INDEX = -100
 
+# Under pytest-xdist (``-n N``) N test processes share the cores: each takes its share of the
+# intra-op threads torch would use alone, since N processes each with a thread per core spin
+# against each other on the tests' small tensors (many times slower than a thread each).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    torch.set_num_threads(max(1, torch.get_num_threads() // _workers))
+
 WORDS = [f"w{i}" for i in range(40)]
 
 
