@@ -27,7 +27,7 @@ demo: setup
 	$(VENV)/bin/sdpo demo $(DEMO_ARGS)
 
 test: setup
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(TEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(TEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

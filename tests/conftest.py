@@ -28,6 +28,25 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     torch.set_num_threads(max(1, torch.get_num_threads() // _workers))
 
+# The test files that take longest (25-140 s each on 2 shared cores, most of it ranks and CLI
+# processes), longest first. `make test` hands whole files to its processes in collection order
+# (--dist loadfile --no-loadscope-reorder): these go first, so that none starts last while the
+# other process has nothing left to do.
+LONGEST_FILES = (
+    "test_distributed_faults.py",
+    "test_lora_distributed.py",
+    "test_fsdp.py",
+    "test_kernels_aot.py",
+    "test_async_save.py",
+    "test_speed_paths.py",
+    "test_faults.py",
+    "test_out_of_memory.py",
+    "test_cli.py",
+    "test_tracking.py",
+    "test_hub.py",
+    "test_distributed.py",
+)
+
 WORDS = [f"w{i}" for i in range(40)]
 
 
@@ -37,6 +56,13 @@ WORDS = [f"w{i}" for i in range(40)]
 # collection of the tests and after each test module (its fixtures torn down) is moved out of
 # the collector's sight (``gc.freeze``): later collections walk only what the tests since made,
 # which they still free as before; nothing a test makes is frozen before its module ends.
+def pytest_collection_modifyitems(config, items):
+    """Under xdist, LONGEST_FILES first (in that order), the rest as collected."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        first = {name: i for i, name in enumerate(LONGEST_FILES)}
+        items.sort(key=lambda item: first.get(item.path.name, len(first)))
+
+
 def pytest_collection_finish(session):
     gc.collect()
     gc.freeze()
