@@ -50,12 +50,6 @@ LONGEST_FILES = (
 WORDS = [f"w{i}" for i in range(40)]
 
 
-# The cyclic garbage collector walks every tracked object of this process at each full
-# collection: torch, transformers and Dynamo's caches make that a few tenths of a second each,
-# and the runner and the libraries collect often. What is alive once collected after the
-# collection of the tests and after each test module (its fixtures torn down) is moved out of
-# the collector's sight (``gc.freeze``): later collections walk only what the tests since made,
-# which they still free as before; nothing a test makes is frozen before its module ends.
 def pytest_collection_modifyitems(config, items):
     """Under xdist, LONGEST_FILES first (in that order), the rest as collected."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -63,6 +57,12 @@ def pytest_collection_modifyitems(config, items):
         items.sort(key=lambda item: first.get(item.path.name, len(first)))
 
 
+# The cyclic garbage collector walks every tracked object of this process at each full
+# collection: torch, transformers and Dynamo's caches make that a few tenths of a second each,
+# and the runner and the libraries collect often. What is alive once collected after the
+# collection of the tests and after each test module (its fixtures torn down) is moved out of
+# the collector's sight (``gc.freeze``): later collections walk only what the tests since made,
+# which they still free as before; nothing a test makes is frozen before its module ends.
 def pytest_collection_finish(session):
     gc.collect()
     gc.freeze()
