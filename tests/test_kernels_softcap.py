@@ -157,7 +157,7 @@ def test_bf16_weight_gradient_is_summed_over_chunks_in_fp32_and_rounded_once(hea
     dz = (onehot - scored[:, None].double() / vocab) * coeff.double()[seq_ids, None]
     truth = dz.T @ h.double()  # (V, H), exact products summed in float64
     _, exponent = torch.frexp(truth)
-    half_ulp = torch.ldexp(torch.tensor(0.5, dtype=torch.float64), exponent - 8)
+    half_ulp = torch.ldexp(torch.full_like(truth, 0.5), exponent - 8)
     bound = half_ulp + 1e-6 * truth.abs().max()  # the last rounding, fp32's sums
     excess = ((w.grad.double() - truth).abs() / bound).max().item()
     assert excess <= 1.0, f"dW off by {excess:.1f} times its bound"
