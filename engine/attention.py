@@ -42,6 +42,11 @@ from torch import Tensor
 from sdpo.kernels.dispatch import compiler_disabled
 
 ATTENTION_BACKENDS = ("auto", "flash", "varlen", "sdpa")
+# what each CUDA-only backend needs, as error messages say it
+BACKEND_NEEDS = {
+    "flash": "a CUDA device and the flash-attn package",
+    "varlen": "a CUDA device and PyTorch >= 2.10",
+}
 
 # flash-attn and varlen_attn are flash kernels: half-precision inputs only.
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -127,10 +132,9 @@ def resolve_attention_backend(
             return "sdpa"
         return usable[0]
     if backend not in usable:
-        why = {
-            "flash": "it needs a CUDA device and the flash-attn package (pip install flash-attn)",
-            "varlen": "it needs a CUDA device and PyTorch >= 2.10",
-        }[backend]
+        why = f"it needs {BACKEND_NEEDS[backend]}"
+        if backend == "flash":
+            why += " (pip install flash-attn)"
         raise ValueError(
             f"attention backend {backend!r} is not available on {device}: {why}; "
             f"use backend='auto' or one of {usable}"

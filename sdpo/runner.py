@@ -101,7 +101,7 @@ from sdpo.config import (
 )
 from sdpo.engine import distributed, sharding
 from sdpo.engine.async_save import BackgroundWriter, HostSnapshot
-from sdpo.engine.attention import available_attention_backends
+from sdpo.engine.attention import BACKEND_NEEDS, available_attention_backends
 from sdpo.engine.checkpoint import (
     CheckpointError,
     ModelInfo,
@@ -868,12 +868,8 @@ class StepwiseRunner:
             return
         usable = available_attention_backends(self.device)
         if backend not in usable:
-            needs = {
-                "flash": "a CUDA device and the flash-attn package",
-                "varlen": "a CUDA device and PyTorch >= 2.10",
-            }[backend]
             raise RunInputError(
-                f"model.attn_backend = {backend!r} needs {needs}, and this run is on "
+                f"model.attn_backend = {backend!r} needs {BACKEND_NEEDS[backend]}, and this run is on "
                 f"{self.device.type} (usable here: {', '.join(usable)}); set "
                 'model.attn_backend = "auto" (the fastest backend this machine has) or one of '
                 "those"
