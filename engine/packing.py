@@ -222,8 +222,9 @@ def check_token_ids(pairs: Sequence[TokenizedPair], *, vocab_size: int | None = 
         at = int(np.flatnonzero((ids < 0) | (ids >= vocab_size))[0])
         span = int(np.searchsorted(offsets, at, side="right")) - 1
         pair, field = group[span // len(ID_FIELDS)], ID_FIELDS[span % len(ID_FIELDS)]
+        k = at - int(offsets[span])
         raise ValueError(
-            f"pair {pair.index}: {field} holds token id {int(ids[at])}, outside the model's "
+            f"pair {pair.index}: {field}[{k}] holds token id {int(ids[at])}, outside the model's "
             f"vocabulary [0, {vocab_size}); tokenize the pairs with the model's tokenizer "
             "(tokenize_pairs(..., vocab_size=...) checks this)"
         )
