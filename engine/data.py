@@ -1100,6 +1100,14 @@ def _render_inputs(record: dict, place: _Place, columns: dict[str, str]) -> dict
     return out
 
 
+def _columns_fix(field: str, column: str) -> str:
+    """How to read ``field`` from a row's ``column`` (the source's columns map)."""
+    return (
+        f'name it in the source\'s table, columns = {{ {field} = "{column}" }} '
+        f"(sdpo score: --columns {field}={column})"
+    )
+
+
 def _split_implicit_prompt(record: dict, place: _Place) -> dict:
     """A row without a ``prompt``: the shared beginning of ``chosen`` and ``rejected`` becomes
     the prompt (see the module docstring). Returns a new record; the fields are checked after."""
@@ -1113,8 +1121,7 @@ def _split_implicit_prompt(record: dict, place: _Place) -> dict:
     if others:  # the prompt under another name ("question", "instruction", ...)
         fix += (
             f"; this row also has {', '.join(repr(k) for k in others[:5])}: if one of them is "
-            f'the prompt, name it in the source\'s table, columns = {{ prompt = "{others[0]}" }} '
-            f"(sdpo score: --columns prompt={others[0]})"
+            f"the prompt, {_columns_fix('prompt', others[0])}"
         )
     if isinstance(chosen, str) and isinstance(rejected, str):
         n = _shared_length(chosen, rejected)
@@ -1189,10 +1196,7 @@ def _check_field(record: dict, field: str, place: _Place) -> Field:
         )
         if close:
             what = "prompt" if field == "prompt" else f"{field} completion"
-            fix += (
-                f"; if {close[0]!r} holds the {what}, name it in the source's table, "
-                f'columns = {{ {field} = "{close[0]}" }} (sdpo score: --columns {field}={close[0]})'
-            )
+            fix += f"; if {close[0]!r} holds the {what}, {_columns_fix(field, close[0])}"
         raise place.error(f"the field is missing (fields present: {present})", fix=fix, field=field)
     value = record[field]
     if isinstance(value, str):
