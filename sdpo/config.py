@@ -118,13 +118,19 @@ class ModelSection:
 def transformers_conflicts(cfg: RunConfig) -> list[str]:
     """The settings of ``cfg`` that need sdpo's own decoder, each as ``"key = value"``: a model
     run with transformers (``model.implementation``) cannot honour them. The runner refuses
-    them once it knows which code runs the model (``"auto"`` decides by the model type)."""
+    them once it knows which code runs the model (``"auto"`` decides by the model type).
+    ``model.checkpoint_every`` is one only with ``model.gradient_checkpointing`` on (transformers
+    recomputes every layer); with it off the key does nothing on either path, which the runner
+    says in a warning (a saved config may hold it and must still resume)."""
     m, t = cfg.model, cfg.train
     found = []
     if m.attn_backend != "auto":
         found.append(f"model.attn_backend = {m.attn_backend!r}")
-    if m.checkpoint_every != 1:
-        found.append(f"model.checkpoint_every = {m.checkpoint_every}")
+    if m.checkpoint_every != 1 and m.gradient_checkpointing:
+        found.append(
+            f"model.checkpoint_every = {m.checkpoint_every} with model.gradient_checkpointing "
+            "(transformers' checkpointing recomputes every layer)"
+        )
     if m.compile:
         found.append("model.compile = true")
     if m.activation_memory_budget is not None:

@@ -846,8 +846,9 @@ class StepwiseRunner:
 
     def _warn_idle_recompute_setting(self) -> None:
         """``model.checkpoint_every`` picks which layers gradient checkpointing recomputes: with
-        it off the key does nothing. Said, not refused: a run's saved config.toml may hold it
-        (from a run with checkpointing on, resumed with it off, a key that may change)."""
+        it off the key does nothing, whichever code runs the model. Said, not refused: a run's
+        saved config.toml may hold it (from a run with checkpointing on, resumed with it off, a
+        key that may change)."""
         every = self.cfg.model.checkpoint_every
         if every != 1 and not self.cfg.model.gradient_checkpointing:
             _log(

@@ -104,15 +104,21 @@ def test_a_gemma_model_trains_resumes_and_its_steps_reload_with_transformers(
     assert hasattr(load_model(step), "hf_model")
 
     # stopped inside sDPO step 2 and resumed (the mid-step checkpoint holds a transformers
-    # folder), the run ends bitwise where the uninterrupted one ended
-    cfg = _config(tmp_path, gemma_dir, out="resumed")
+    # folder), the run ends bitwise where the uninterrupted one ended. Started with
+    # model.checkpoint_every, which does nothing with checkpointing off: warned about, as for
+    # sdpo's decoder, not refused; the resume leaves it out (a compute key that may change)
+    cfg = _config(tmp_path, gemma_dir, out="resumed", model={"checkpoint_every": 2})
     monkeypatch.setattr(resume_mod, "_fault_counts", {})
     monkeypatch.setenv("SDPO_FAULT_AT", "train_step:3:TERM")
     with pytest.raises(TrainingStopped):
         run_training(cfg, progress=False)
     monkeypatch.delenv("SDPO_FAULT_AT")
+    said = capsys.readouterr().out
+    assert "warning: model.checkpoint_every = 2 does nothing while model.grad" in said
     assert not (Path(cfg.output_dir) / "step-2").exists()
+    cfg = _config(tmp_path, gemma_dir, out="resumed")
     run_training(cfg, progress=False, resume=True)
+    assert "model.checkpoint_every (2 -> 1)" in capsys.readouterr().out
     resumed = load_file(Path(cfg.output_dir) / "step-2" / "model.safetensors")
     uninterrupted = load_file(step / "model.safetensors")
     assert resumed.keys() == uninterrupted.keys()
@@ -205,7 +211,10 @@ def test_sdpo_score_runs_a_gemma_model_with_its_own_log_probs(gemma_dir, tmp_pat
     [
         ({"model": {"compile": True}}, "model.compile"),
         ({"model": {"compile": True, "activation_memory_budget": 0.5}}, "activation_memory_budget"),
-        ({"model": {"checkpoint_every": 2}}, "model.checkpoint_every"),
+        (
+            {"model": {"checkpoint_every": 2, "gradient_checkpointing": True}},
+            "model.checkpoint_every = 2 with model.gradient_checkpointing",
+        ),
         ({"model": {"attn_backend": "sdpa"}}, "model.attn_backend"),
         ({"train": {"fsdp": True}}, "train.fsdp"),
         ({"train": {"share_prompt": True}}, "train.share_prompt"),
