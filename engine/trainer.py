@@ -744,6 +744,9 @@ class DPOTrainer:
         self.whole_micro_batches = bool(getattr(model, "router_aux_loss_coef", 0.0))
         self.memory_probe_result: dict[str, Any] | None = None
         self._stop_agreed: Tensor | None = None  # data parallel: the ranks' summed stop flags
+        # the list of pairs whose token ids were checked last (by fit, or by train_step on
+        # first sight): train_step walks a list once, not at every step
+        self._ids_checked: Sequence[TokenizedPair] | None = None
         # data parallel, unsharded: gradients reduced in buckets during the last backward.
         # Sharded, the replicated parameters (a LoRA adapter) are reduced in one all-reduce after
         # the last pass: all-reduces started inside a backward would interleave with FSDP's
@@ -944,7 +947,18 @@ class DPOTrainer:
         """One optimizer step over ``micro_batches``; metric values stay on the device.
 
         Data parallel: ``micro_batches`` is the whole step (the same on every rank); this rank
-        runs its share and the gradients and metric sums are summed over ranks."""
+        runs its share and the gradients and metric sums are summed over ranks.
+
+        The token ids of ``pairs`` are checked (``check_token_ids``) the first time a list is
+        given, as ``fit`` checks its pairs once; a list changed afterwards is not checked again.
+        Unchecked, a bad id met by a later micro-batch would leave the earlier ones' gradients
+        behind, an id outside the vocabulary would fail in the embedding lookup (an opaque
+        index error; a device-side assert on a GPU), and, data parallel, the one rank whose
+        share holds it would fail while the others wait in the all-reduce; every rank checks
+        the whole list, so every rank refuses it."""
+        if pairs is not self._ids_checked:
+            self._check_ids(pairs)
+            self._ids_checked = pairs
         normalizer = sum(len(m) for m in micro_batches)
         if self.sft:  # the whole step's pairs over its chosen completion tokens (every rank's)
             chosen = sum(len(pairs[i].chosen_ids) for m in micro_batches for i in m)
@@ -1031,8 +1045,11 @@ class DPOTrainer:
         and every RNG state restored: training goes on exactly as without the probe, from a
         fresh optimizer's state if it had one. Every rank probes (sharded models gather and
         scatter in it). Returns (and rank 0 prints) the batch's size, the optimizer states'
-        bytes on this rank and, on CUDA, the peak memory, states included."""
+        bytes on this rank and, on CUDA, the peak memory, states included. The batch's token
+        ids are checked first, unless ``pairs`` were (see ``train_step``)."""
         largest = max(micro_batches, key=lambda b: (sum(pairs[i].num_tokens for i in b), len(b)))
+        if pairs is not self._ids_checked:
+            self._check_ids([pairs[i] for i in largest])
         tokens = sum(pairs[i].num_tokens for i in largest)
         rng = _rng_state()
         on_cuda = self.device.type == "cuda"
@@ -1067,6 +1084,10 @@ class DPOTrainer:
         if distributed.is_main():
             print(f"[sdpo] {line}", flush=True)
         return result
+
+    def _check_ids(self, pairs: Sequence[TokenizedPair]) -> None:
+        """Every token id of ``pairs`` an int in the model's vocabulary, named if not."""
+        check_token_ids(pairs, vocab_size=self.model.lm_head_weight.shape[0])
 
     def _reduce_over_ranks(self, sums: dict[str, Tensor], *, grads: bool) -> dict[str, Tensor]:
         """Sum the metric sums, the stop flags and, with ``grads``, the gradients of the
@@ -1197,7 +1218,8 @@ class DPOTrainer:
         check_grad_mode("DPOTrainer.fit")
         check_pairs(pairs, "DPOTrainer.fit")
         # bad input before any update, not at the micro-batch that holds it
-        check_token_ids(pairs, vocab_size=self.model.lm_head_weight.shape[0])
+        self._check_ids(pairs)
+        self._ids_checked = pairs  # train_step and probe_memory need not walk them again
         check_reference_table(ref, "DPOTrainer.fit")
         ref.rows_for(torch.tensor([p.index for p in pairs], dtype=torch.int64))  # all in ref
         cfg = self.config

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -386,6 +387,37 @@ def test_memory_probe_runs_with_adamw_states_and_leaves_a_fresh_optimizer(
     steps = [float(opt.state[p]["step"]) for p in params]
     trainer.probe_memory(pairs, ref, [[0, 1]])
     assert seen[-1] == want and [float(opt.state[p]["step"]) for p in params] == steps
+
+
+def test_train_step_and_memory_probe_refuse_a_bad_token_id_before_any_backward(
+    tiny_model_dir, tmp_path
+):
+    """Called directly (not through fit, which checks every pair first), a step whose second
+    micro-batch holds an id outside the vocabulary or a float is refused before the first
+    micro-batch's backward: the error names the pair, field and position (not the embedding's
+    index error), no gradient is left on the parameters and no optimizer state is made; the
+    memory probe names it too. A good list then trains."""
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=4, seed=4))
+    model = load_pretrained(tiny_model_dir)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=1024, impl="torch")
+    trainer = _trainer(model, tmp_path)
+    before = [p.detach().clone() for p in model.parameters()]
+    vocab = model.lm_head_weight.shape[0]
+    for bad, error, said in (
+        (vocab, ValueError, f"holds token id {vocab}, outside the model's vocabulary"),
+        (2.0, TypeError, "is 2.0, a float"),
+    ):
+        broken = [*pairs[:3], replace(pairs[3], chosen_ids=[bad, *pairs[3].chosen_ids[1:]])]
+        where = rf"pair {pairs[3].index}: chosen_ids\[0\] {said}"
+        with pytest.raises(error, match=where):
+            trainer.train_step(broken, [[0, 1], [2, 3]], ref)
+        assert all(p.grad is None for p in model.parameters())
+        assert not trainer.optimizer.state
+        with pytest.raises(error, match=where):
+            trainer.probe_memory(broken, ref, [[3]])
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    trainer.train_step(pairs, [[0, 1], [2, 3]], ref)
+    assert trainer.optimizer.state
 
 
 def test_optimizer_states_are_made_only_for_adam_and_none_are_left_by_a_failed_step():
