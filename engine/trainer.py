@@ -744,6 +744,10 @@ class DPOTrainer:
         self.whole_micro_batches = bool(getattr(model, "router_aux_loss_coef", 0.0))
         self.memory_probe_result: dict[str, Any] | None = None
         self._stop_agreed: Tensor | None = None  # data parallel: the ranks' summed stop flags
+        # data parallel: the summed stop flags of the last two steps' all-reduces, by the
+        # pass's step: a stop another rank asked for first may be agreed in them already
+        # (stop_takes_effect_after reads them, once, when a stop is asked for here)
+        self._stops_agreed: dict[int, Tensor] = {}
         # the list of pairs whose token ids were checked last (by fit, or by train_step on
         # first sight): train_step walks a list once, not at every step
         self._ids_checked: Sequence[TokenizedPair] | None = None
@@ -1132,6 +1136,10 @@ class DPOTrainer:
         )
         distributed.all_reduce_sum([*(p.grad for p in params), vector])
         self._stop_agreed = vector[keys]
+        agreed = self._stops_agreed
+        agreed[self.step_begun] = self._stop_agreed
+        if len(agreed) > 2:  # older steps' values have been read (a stop in one: acted on)
+            del agreed[min(agreed)]
         if missing:
             # only a rank that lacks a gradient reads which no rank has (a host read; none in
             # the usual step, where every rank has every gradient and so none can lack it)
@@ -1148,15 +1156,28 @@ class DPOTrainer:
         all-reduce of a step (``_reduce_over_ranks``), the next one when the step under way has
         had its own, and act on it once the loop reads that step's values: at once, or with
         fused AdamW once the step after it is queued (unless an eval or a save is due after it,
-        or it is the last). A stop asked for on another rank first may take effect a step
-        earlier."""
+        or it is the last). A stop asked for on another rank first may have been agreed in an
+        all-reduce this rank has done, its values not yet read: then the stop follows that
+        step. This reads the flags of those (at most two) all-reduces, with no collective: on
+        a GPU it waits once for the work queued so far."""
         step = self.step_begun
         if self.data_parallel:
-            if self._stop_read_in >= step:
+            agreed = self._agreed_stop_step()
+            if agreed is not None:
+                step = agreed
+            elif self._stop_read_in >= step:
                 step += 1
             if self._values_deferred and step != self._pass_steps and not any(self._due(step)):
                 step += 1
         return step if self._pass_steps is None else min(step, self._pass_steps)
+
+    def _agreed_stop_step(self) -> int | None:
+        """The earliest of the last two steps whose all-reduce carried a stop from any rank, or
+        None. A stop seen in an earlier step's values has ended the loop already."""
+        for step, flag in sorted(self._stops_agreed.items()):
+            if float(flag) > 0:
+                return step
+        return None
 
     def _due(self, step_in_run: int) -> tuple[bool, bool]:
         """Whether an eval pass (``train.eval_every``) and a checkpoint (``train.save_every``)
@@ -1253,6 +1274,7 @@ class DPOTrainer:
         self.position = {"epoch": 0, "step_in_epoch": 0, "step_in_run": 0, "tokens": 0}
         self.skipped_steps = 0
         self._stop_seen = False
+        self._stops_agreed = {}
         self._log_window = {"steps": 0, "sums": {}}
         if resume_state is not None:
             self.load_state_dict(resume_state)

@@ -2231,8 +2231,9 @@ def stop_received_message(
     """What a graceful stop asked for now (signal ``name``) does. ``trainer``: the one whose
     ``fit`` runs (None outside optimizer steps, during ``phase``); ``evaluating``: the run's
     step a ``train.eval_every`` pass follows and its pair count. One process, the stop follows
-    the step under way (or the eval pass); data parallel, it may follow a later step
-    (``DPOTrainer.stop_takes_effect_after``), which the message names."""
+    the step under way (or the eval pass); data parallel, it may follow a later step, or one
+    in which another rank's stop was agreed already (``DPOTrainer.stop_takes_effect_after``),
+    which the message names."""
     again = "(Ctrl-C again aborts at once)"
     if trainer is None:
         return (
@@ -2242,7 +2243,8 @@ def stop_received_message(
     base = trainer.run_step_base or 0
     at, under_way = base + trainer.stop_takes_effect_after(), base + trainer.step_begun
     agreed = (
-        "(data parallel: the ranks agree on a stop in the all-reduce of an optimizer step to come)"
+        "(data parallel: the ranks agree on a stop in an optimizer step's all-reduce and act on "
+        "it once that step's values are read)"
     )
     if evaluating is not None:
         after, pairs = evaluating

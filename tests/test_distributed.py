@@ -15,6 +15,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -441,76 +442,110 @@ def test_gradient_buckets_start_in_one_order_whatever_order_the_backward_gives(m
     assert [c for c, _ in fake.calls] == ["start"] * 3 + ["wait"] * 3
 
 
-def _stop_asked_on_rank_1(model_dir: Path, data: Path) -> dict:
-    """A graceful stop asked for on rank 1 only, in optimizer step 3 before its reduction and
-    after it, with the foreach optimizer (the flag read in each step) and fused AdamW (a step's
-    values read after the next is queued); and what rank 1 would say when asked."""
+# (fused AdamW, case): where each rank is asked for a stop, rank -> (before or after its
+# all-reduce, in which optimizer step)
+STOP_CASES = {
+    (fused, case): asks
+    for fused in (False, True)
+    for case, asks in (
+        ("before", {1: ("before", 3)}),
+        ("after", {1: ("after", 3)}),
+        ("rank 0 after rank 1", {1: ("before", 3), 0: ("after", 3)}),
+        ("rank 0 a step after rank 1", {1: ("before", 3), 0: ("before", 4)}),
+    )
+    # without fused AdamW the stop agreed in step 3 follows step 3: rank 0 never reaches step 4
+    if fused or case != "rank 0 a step after rank 1"
+}
+
+
+def _stop_asked_on_some_ranks(model_dir: Path, data: Path) -> dict:
+    """A graceful stop asked for on rank 1 in optimizer step 3, before its reduction and after
+    it, and on rank 0 after rank 1, with the foreach optimizer (the flag read in each step) and
+    fused AdamW (a step's values read after the next is queued); what each rank would say when
+    asked. Then a step of two micro-batches, one for each rank, the second holding a token id
+    outside the vocabulary, given to train_step directly: what each rank raises."""
     from sdpo.engine.trainer import TrainingStopped, build_optimizer
     from sdpo.runner import stop_received_message
 
     pairs = _pairs(model_dir, data)
     ref = score_pairs(load_pretrained(model_dir), pairs, max_tokens_per_batch=4096, impl="torch")
     out = {}
-    for fused in (False, True):
-        for moment in ("before", "after"):
-            model = load_pretrained(model_dir)
-            config = TrainConfig(learning_rate=LR, pairs_per_step=3, max_tokens_per_batch=60)
-            trainer = dpo_trainer(model, config)
-            trainer.optimizer = build_optimizer(model, config, fused=fused)
-            asked: list[str] = []  # what rank 1 says when asked
-            trainer.stop_requested = lambda asked=asked: bool(asked)
+    for (fused, case), asks in STOP_CASES.items():
+        model = load_pretrained(model_dir)
+        config = TrainConfig(learning_rate=LR, pairs_per_step=3, max_tokens_per_batch=60)
+        trainer = dpo_trainer(model, config)
+        trainer.optimizer = build_optimizer(model, config, fused=fused)
+        asked: list[str] = []  # what this rank says when asked
+        trainer.stop_requested = lambda asked=asked: bool(asked)
+        mine = asks.get(distributed.rank())
 
-            def ask(when: str, trainer=trainer, asked=asked, moment=moment) -> None:
-                rank_1_asks = distributed.rank() == 1 and not asked
-                if when == moment and trainer.step_begun == 3 and rank_1_asks:
-                    asked.append(stop_received_message("SIGTERM", phase="", trainer=trainer))
+        def ask(when: str, trainer=trainer, asked=asked, mine=mine) -> None:
+            if mine == (when, trainer.step_begun) and not asked:
+                asked.append(stop_received_message("SIGTERM", phase="", trainer=trainer))
 
-            def train_step(*args, step=trainer.train_step, ask=ask):
-                ask("before")  # the reduction reads the flag inside the step
-                metrics = step(*args)
-                ask("after")
-                return metrics
+        def train_step(*args, step=trainer.train_step, ask=ask):
+            ask("before")  # the reduction reads the flag inside the step
+            metrics = step(*args)
+            ask("after")
+            return metrics
 
-            trainer.train_step = train_step
-            saved = []
-            trainer.save_checkpoint = lambda t, saved=saved: saved.append(t.global_step)
-            try:
-                trainer.fit(pairs, ref)
-                stopped = None
-            except TrainingStopped as e:
-                stopped = e.global_step
-            flat = torch.cat([p.detach().flatten() for p in model.parameters()])
-            out[fused, moment] = {
-                "stopped": stopped,
-                "saved": saved,
-                "weights": flat,
-                "said": asked[0] if asked else None,
-            }
+        trainer.train_step = train_step
+        saved = []
+        trainer.save_checkpoint = lambda t, saved=saved: saved.append(t.global_step)
+        try:
+            trainer.fit(pairs, ref)
+            stopped = None
+        except TrainingStopped as e:
+            stopped = e.global_step
+        flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+        out[fused, case] = {
+            "stopped": stopped,
+            "saved": saved,
+            "weights": flat,
+            "said": asked[0] if asked else None,
+        }
+    vocab = model.lm_head_weight.shape[0]
+    broken = [*pairs[:3], replace(pairs[3], chosen_ids=[vocab, *pairs[3].chosen_ids[1:]])]
+    try:
+        type(trainer).train_step(trainer, broken, [[0, 1], [2, 3]], ref)  # not the spy
+        out["bad id"] = None
+    except ValueError as e:
+        out["bad id"] = str(e)
     return out
 
 
 def test_a_stop_asked_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, tiny_model_dir):
     """The ranks agree on a stop in a step's all-reduce: asked inside step 3 before its own,
     they stop after step 3; after it, in step 4's. With fused AdamW a step's values are read
-    once the next step is queued: a step later each. The rank asked says which step."""
+    once the next step is queued: a step later each. The rank asked says which step, rank 0
+    too when rank 1 was asked first and its stop was agreed in an all-reduce rank 0 has done.
+    A bad token id in one rank's share of a step is refused by every rank before any
+    all-reduce (none waits for the other)."""
     data = write_pairs(tmp_path / "d.jsonl", n=17, seed=13)
-    ranks = _spawn(tmp_path, _stop_asked_on_rank_1, tiny_model_dir, data)
-    expected = {
+    ranks = _spawn(tmp_path, _stop_asked_on_some_ranks, tiny_model_dir, data)
+    expected = {  # the step each case stops after
         (False, "before"): 3,
         (False, "after"): 4,
+        (False, "rank 0 after rank 1"): 3,
         (True, "before"): 4,
         (True, "after"): 5,
+        (True, "rank 0 after rank 1"): 4,
+        (True, "rank 0 a step after rank 1"): 4,
     }
+    assert expected.keys() == STOP_CASES.keys()
     for case, step in expected.items():
         assert [r[case]["stopped"] for r in ranks] == [step, step], case
         assert [r[case]["saved"] for r in ranks] == [[step], [step]], case
         assert torch.equal(ranks[0][case]["weights"], ranks[1][case]["weights"]), case
-        said = ranks[1][case]["said"]
-        if step == 3:
-            assert "SIGTERM received: finishing the current optimizer step" in said, case
-        else:
-            assert f"training stops after optimizer step {step}, not the one under way" in said
-            assert "(3) (data parallel: the ranks agree on a stop in the all-reduce" in said
+        for rank, (_, asked_in) in STOP_CASES[case].items():
+            said = ranks[rank][case]["said"]
+            if step == asked_in:
+                assert "SIGTERM received: finishing the current optimizer step" in said, case
+            else:
+                assert f"training stops after optimizer step {step}, not the one under way" in said
+                assert f"({asked_in}) (data parallel: the ranks agree on a stop in" in said
+    said = [r["bad id"] for r in ranks]
+    assert said[0] == said[1] and "chosen_ids[0] holds token id" in said[0]
 
 
 def test_sharded_scoring_equals_one_process(step_results):
