@@ -621,6 +621,7 @@ class StepwiseRunner:
         self.reference_dir: Path | None = None
         self.pending_cache_saves: list[Callable[[], None]] = []  # load_inputs' token caches
         self.model_fps: dict[str, str] = {}  # role ("initial", "reference") -> weights' fingerprint
+        self.chunks: list[list[int]] | None = None  # the pair indices of each sDPO step (run())
         self.phase = LOADING  # what the run is doing, for an out-of-memory message
         # the code that runs the policy (model.implementation resolved by load_inputs), and its
         # logit soft-cap (Gemma 2; None: the usual log-prob head)
@@ -1147,10 +1148,35 @@ class StepwiseRunner:
                 "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
                 "config": config_to_dict(self.cfg),
                 "data_fingerprint": self.data_fp,
+                # the pair indices of each sDPO step's chunk: a resume trains these (see
+                # _trained_partition)
+                "chunks": self.chunks,
                 # the weights the run started from (M0, and sdpo.reference): checked on resume
                 "model_fingerprints": dict(self.model_fps),
             }
         )
+
+    def _trained_partition(
+        self, point: ResumePoint | None, chunks: list[list[int]]
+    ) -> list[list[int]]:
+        """The chunks to train: on resume, those the checkpoint holds. A partition by the
+        initial model's values (easy_to_hard, easy_to_hard_pairs) cut again on resume from
+        values scored anew (the initial reference cache gone, and scored on another GPU, world
+        size or batch size) can differ from the run's in float rounding, enough to move a pair
+        across a cut between near-equal values; the steps still to run would then train some
+        pairs twice and others never. Config, data and initial weights are the run's (checked
+        before), so the run's partition is the one to keep."""
+        saved = point.progress.get("chunks") if point is not None else None
+        if saved is None:  # a fresh run, or a checkpoint written before chunks were kept
+            return chunks
+        if saved != chunks:
+            moved = sum(len(set(a) - set(b)) for a, b in zip(saved, chunks, strict=True))
+            _log(
+                f"the initial model's values scored anew cut {moved} pair(s) into other chunks "
+                f"than {point.path.name} trained with (float rounding of another machine, "
+                "world size or batch size): keeping the partition the run trained with"
+            )
+        return saved
 
     def _check_same_weights(
         self, point: ResumePoint | None, role: str, fingerprint: str, key: str
@@ -1483,6 +1509,7 @@ class StepwiseRunner:
         partition_args["gamma"] = list(gamma.values())
         if chunks is None:
             chunks = partition_pairs(cfg.sdpo.partition, steps=cfg.sdpo.steps, **partition_args)
+        chunks = self.chunks = self._trained_partition(point, chunks)
         partition = describe_partition(
             cfg.sdpo.partition, chunks, unscored=unscored, **partition_args
         )

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import sdpo.engine.resume as resume_mod
+import sdpo.runner as runner_mod
 from sdpo.cli import EXIT_INPUT, main
 from sdpo.config import config_from_dict
 from sdpo.engine.checkpoint import load_pretrained
@@ -307,6 +309,57 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_bitwise(
     monkeypatch.delenv("SDPO_FAULT_AT")
     run_training(cfg, progress=False, resume=True)
     _assert_same_weights(_weights(out), baseline)
+
+
+def test_a_resume_that_scores_the_initial_model_anew_trains_the_run_s_chunks(
+    tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    """easy_to_hard_pairs cuts the pairs by the initial model's γ. A run resumed after step 1
+    whose initial reference cache is gone (a cache_dir on a disk the resumed job does not see)
+    scores the initial model anew, and on another GPU, world size or batch size those values
+    differ in float rounding: enough, among many pairs, to move one across the cut. Here the
+    two pairs at the cut trade places. The resumed run trains the chunks its checkpoint holds,
+    not a recut that would train one pair twice and the other never."""
+    cfg = config_from_dict(
+        two_source_config(
+            tmp_path,
+            tiny_model_dir,
+            train={"pairs_per_step": 4},
+            sdpo={"partition": "easy_to_hard_pairs"},
+        )
+    )
+    out = Path(cfg.output_dir)
+    monkeypatch.setattr(resume_mod, "_fault_counts", {})
+    monkeypatch.setenv("SDPO_FAULT_AT", "step_start:2:TERM")  # stops before step 2 trains
+    with pytest.raises(TrainingStopped):
+        run_training(cfg, progress=False)
+    monkeypatch.delenv("SDPO_FAULT_AT")
+    planned = load_file(out / "cache" / "step-2.safetensors")["pair_indices"].tolist()
+    initial = load_file(out / "cache" / "initial.safetensors")
+    (out / "cache" / "initial.safetensors").unlink()
+    gamma = dict(
+        zip(
+            initial["pair_indices"].tolist(),
+            (initial["chosen_logps"] - initial["rejected_logps"]).tolist(),
+            strict=True,
+        )
+    )
+    last_of_one = min((i for i in gamma if i not in planned), key=gamma.get)
+    first_of_two = max(planned, key=gamma.get)
+    shift = (gamma[last_of_one] - gamma[first_of_two]) * 0.51 + 1e-6
+
+    def scored_elsewhere(model, pairs, **kwargs):  # the initial pass alone
+        values = score_pairs(model, pairs, **kwargs)
+        if len(pairs) == len(gamma):
+            rows = values.rows_for(torch.tensor([last_of_one, first_of_two]))
+            values.chosen_logps[rows] += torch.tensor([-shift, shift])
+        return values
+
+    monkeypatch.setattr(runner_mod, "score_pairs", scored_elsewhere)
+    capsys.readouterr()
+    run_training(cfg, progress=False, resume=True)
+    assert load_file(out / "cache" / "step-2.safetensors")["pair_indices"].tolist() == planned
+    assert "keeping the partition the run trained with" in capsys.readouterr().out
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_one_and_resumes(
