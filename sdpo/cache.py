@@ -267,6 +267,11 @@ class CacheKey:
     # policy's. None for plain sums: 1 gives the same numbers bit for bit, so a key built with
     # 1 is stored as None (equal keys, equal digests, the same file accepted)
     ld_alpha: float | None = None
+    # bf16-mixed sharded over several ranks (train.fsdp): FSDP gathers bf16 copies of the
+    # parameters for the forward where one process autocasts over the fp32 ones, which rounds
+    # otherwise (norm weights and the residual stream in bf16), far more than share_prompt;
+    # fp32 and bf16 compute alike sharded or whole and leave it False (one cache for both)
+    sharded_bf16_params: bool = False
 
     def __post_init__(self) -> None:
         # the fields are written as JSON and compared with what a file holds, so each is
@@ -288,16 +293,18 @@ class CacheKey:
                     f"CacheKey.{name} must be an int, got {type(value).__qualname__} {value!r}"
                 )
             object.__setattr__(self, name, int(value))  # a NumPy int as the same key
-        if not isinstance(self.share_prompt, bool):
-            raise TypeError(f"CacheKey.share_prompt must be a bool, got {self.share_prompt!r}")
+        for name in ("share_prompt", "sharded_bf16_params"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"CacheKey.{name} must be a bool, got {getattr(self, name)!r}")
         object.__setattr__(self, "ld_alpha", _key_ld_alpha(self.ld_alpha))
 
     def fields(self) -> dict[str, str | int | float | None]:
         fields = dataclasses.asdict(self)
         # absent means the default: keys (and digests) written before an option existed
         # stay valid
-        if not self.share_prompt:
-            del fields["share_prompt"]
+        for name in ("share_prompt", "sharded_bf16_params"):
+            if not fields[name]:
+                del fields[name]
         if self.ld_alpha is None:
             del fields["ld_alpha"]
         return fields

@@ -684,6 +684,10 @@ class StepwiseRunner:
             kernels_impl=self.impl,
             share_prompt=self.cfg.train.share_prompt,
             ld_alpha=self.cfg.loss.ld_alpha,  # 1 and unset give one key (CacheKey's rule)
+            # FSDP's bf16 parameters round otherwise than autocast over whole fp32 ones
+            sharded_bf16_params=(
+                self.precision == "bf16-mixed" and sharding.wanted(self.cfg.train.fsdp)
+            ),
         )
 
     def _pairs_fingerprint(self, pairs: Sequence[TokenizedPair]) -> str:

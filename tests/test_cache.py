@@ -108,6 +108,7 @@ def test_missing_file_reason_is_missing(tmp_path):
         ("truncation", "keep_start"),
         ("dtype_policy", "bf16"),
         ("kernels_impl", "triton"),
+        ("sharded_bf16_params", True),
     ],
 )
 def test_key_mismatch_reason_names_the_field(saved, field, new):

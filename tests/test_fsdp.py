@@ -369,6 +369,49 @@ def _interrupt_in_step_2(out: Path) -> None:
     assert not progress["step_finished"] and progress["sdpo_step"] == 2
 
 
+def _bf16_mixed_scores_and_keys(config: dict, data: Path) -> tuple[torch.Tensor, dict]:
+    """The pairs' bf16-mixed chosen log-probs under ``config``'s model (sharded where the run
+    would shard it), and the digest of the reference cache key the runner gives them under
+    each precision."""
+    from sdpo.runner import StepwiseRunner
+
+    model_dir = Path(config["model"]["path"])
+    pairs = _pairs(model_dir, data)
+    keys = {}
+    for precision in ("bf16-mixed", "fp32"):
+        cfg = config_from_dict({**config, "train": {**config["train"], "precision": precision}})
+        keys[precision] = StepwiseRunner(cfg, progress=False).cache_key("0" * 64, pairs).digest()
+    model = load_pretrained(model_dir)
+    if sharding.wanted(config["train"]["fsdp"]):
+        model = sharding.shard_model(model, precision="bf16-mixed")
+    scores = score_pairs(model, pairs, max_tokens_per_batch=4096, precision="bf16-mixed")
+    return scores.chosen_logps, keys
+
+
+def test_bf16_mixed_values_scored_sharded_round_otherwise_and_are_cached_apart(
+    tiny_model_dir, tmp_path
+):
+    """bf16-mixed under FSDP runs the forward on bf16 copies of the parameters, one process
+    autocasts over fp32 ones: other values, so a reference cache of one must not serve the
+    other (the policy would start a step away from its reference). fp32 computes alike sharded
+    or whole: one key."""
+    config = _run_config(tmp_path, tiny_model_dir, tmp_path / "out")
+    data = Path(config["data"]["sources"][0]["path"])
+    whole = {**config, "train": {**config["train"], "fsdp": False}}
+    sharded = {**config, "train": {**config["train"], "fsdp": True}}
+    (values, keys), ranks = _alongside(
+        lambda: _bf16_mixed_scores_and_keys(whole, data),
+        tmp_path,
+        _bf16_mixed_scores_and_keys,
+        sharded,
+        data,
+    )
+    for rank_values, rank_keys in ranks:
+        assert (rank_values - values).abs().max().item() > 1e-4
+        assert rank_keys["bf16-mixed"] != keys["bf16-mixed"]
+        assert rank_keys["fp32"] == keys["fp32"]
+
+
 def test_fsdp_in_one_process_is_the_plain_run(tiny_model_dir, tmp_path):
     """No process group: train.fsdp changes nothing (a world of one has nothing to shard)."""
     assert not sharding.wanted(True)
