@@ -194,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="max prompt tokens (default: half of --max-length)",
     )
     score.add_argument(
+        "--truncation",
+        choices=("keep_end", "keep_start"),
+        default="keep_end",
+        help="which end of an over-long prompt is kept, as data.truncation (default: keep_end)",
+    )
+    score.add_argument(
         "--max-tokens-per-batch",
         type=int,
         default=65536,
@@ -536,6 +542,7 @@ def _score(args: argparse.Namespace) -> int:
                 tokenizer,
                 max_length=args.max_length,
                 max_prompt_length=max_prompt_length,
+                truncation=args.truncation,
                 vocab_size=info.vocab_size,
             )
             _check_lengths(pairs, rows, info)

@@ -301,6 +301,32 @@ def test_score_counts_pairs_cut_to_identical_token_ids(tiny_model_dir, tmp_path,
     assert "identical chosen and rejected" not in capsys.readouterr().out
 
 
+def test_score_truncation_keeps_the_prompt_end_a_run_keeps(tiny_model_dir, tmp_path):
+    """--truncation keep_start scores the pairs a run with data.truncation = "keep_start"
+    trains on (the prompt's start kept), as the run's reference values are; by default the
+    prompt's end is kept, as data.truncation's default."""
+    from sdpo.engine.checkpoint import load_pretrained
+    from sdpo.engine.scoring import score_pairs
+    from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=6, seed=5)
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    model, tokenizer = load_pretrained(tiny_model_dir), PairTokenizer.from_dir(tiny_model_dir)
+    argv = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--no-progress"]
+    argv += ["--max-length", "8", "--max-prompt-length", "3", "--impl", "torch"]
+    got = {}
+    for truncation, flag in (("keep_end", []), ("keep_start", ["--truncation", "keep_start"])):
+        out = tmp_path / f"{truncation}.jsonl"
+        assert main([*argv, "--out", str(out), *flag]) == 0
+        got[truncation] = [json.loads(x)["logp_chosen"] for x in out.read_text().splitlines()]
+        pairs, _ = tokenize_pairs(
+            rows, tokenizer, max_length=8, max_prompt_length=3, truncation=truncation
+        )
+        want = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
+        assert got[truncation] == want.chosen_logps.tolist()
+    assert got["keep_start"] != got["keep_end"]
+
+
 def test_score_refuses_an_out_path_it_cannot_write_before_scoring(tiny_model_dir, tmp_path, capsys):
     """A folder, a path under a file, or the --data file itself (by another spelling too)
     given as --out is an input error named before the model is loaded, not a traceback after
