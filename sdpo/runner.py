@@ -1174,11 +1174,17 @@ class StepwiseRunner:
         if saved is None:  # a fresh run, or a checkpoint written before chunks were kept
             return chunks
         if saved != chunks:
+            # the order within a chunk counts too: it is the step's data order before shuffling
             moved = sum(len(set(a) - set(b)) for a, b in zip(saved, chunks, strict=True))
+            how = (
+                f"cut {moved} pair(s) into other chunks than"
+                if moved
+                else "ordered a chunk's pairs otherwise than"
+            )
             _log(
-                f"the initial model's values scored anew cut {moved} pair(s) into other chunks "
-                f"than {point.path.name} trained with (float rounding of another machine, "
-                "world size or batch size): keeping the partition the run trained with"
+                f"the initial model's values scored anew {how} {point.path.name} trained with "
+                "(float rounding of another machine, world size or batch size): keeping the "
+                "partition the run trained with"
             )
         return saved
 
