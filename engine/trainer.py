@@ -569,6 +569,28 @@ def check_reference_table(ref: object, who: str) -> None:
         )
 
 
+def check_reference_tokens(ref: PairLogps, pairs: Sequence[TokenizedPair], who: str) -> None:
+    """The reference values of ``pairs`` count the completion tokens the pairs hold: values
+    scored for other token ids under the same pair indices (a cache of another max_length,
+    max_prompt_length, truncation or tokenizer) would give the loss other completions' sums.
+    Refused, naming the first such pair; ``ref`` holds every pair (``rows_for`` checked it)."""
+    rows = ref.rows_for(torch.tensor([p.index for p in pairs], dtype=torch.int64))
+    held = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs])
+    counted = torch.stack([ref.chosen_tokens[rows], ref.rejected_tokens[rows]], dim=1)
+    wrong = (counted.to(held.dtype) != held).any(dim=1).nonzero()
+    if wrong.numel() == 0:
+        return
+    k = int(wrong[0, 0])
+    got, has = counted[k].tolist(), held[k].tolist()
+    raise ValueError(
+        f"{who}: the reference values of pair {pairs[k].index} count {got[0]:g} chosen and "
+        f"{got[1]:g} rejected tokens, and the pair has {has[0]} and {has[1]} "
+        f"({int(wrong.shape[0])} pair(s) differ): they were scored for other token ids (another "
+        "max_length, max_prompt_length, truncation or tokenizer); score the reference on these "
+        "pairs"
+    )
+
+
 def _loss_config(loss_fn: PairLossFn) -> Any:
     """The config a loss function is bound to (``partial(dpo_loss, config=...)``), or None."""
     return getattr(loss_fn, "keywords", {}).get("config")
@@ -1242,7 +1264,7 @@ class DPOTrainer:
         self._check_ids(pairs)
         self._ids_checked = pairs  # train_step and probe_memory need not walk them again
         check_reference_table(ref, "DPOTrainer.fit")
-        ref.rows_for(torch.tensor([p.index for p in pairs], dtype=torch.int64))  # all in ref
+        check_reference_tokens(ref, pairs, "DPOTrainer.fit")  # every pair in ref, its counts
         cfg = self.config
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)

@@ -55,6 +55,7 @@ from sdpo.engine.trainer import (
     check_config_type,
     check_grad_mode,
     check_reference_table,
+    check_reference_tokens,
     check_trainable,
     plan_steps,
 )
@@ -190,6 +191,7 @@ def run_sdpo(
             missing = sorted(set(by_index) - set(reference.pair_indices.tolist()))
             if missing:
                 raise ValueError(f"reference has no values for pair indices {missing[:5]}")
+            check_reference_tokens(reference, pairs, "run_sdpo")
 
         def score(subset: Sequence[TokenizedPair]) -> PairLogps:
             return score_pairs(

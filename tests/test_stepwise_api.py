@@ -5,6 +5,7 @@ settings, and a wrapped Hugging Face model computes what sdpo's own decoder comp
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -561,6 +562,15 @@ def test_scoring_and_training_name_a_bad_hand_built_id_and_keep_the_mode(one_thr
     pairs[2].chosen_ids[0] = 1  # and reference values that lack the last pair
     with pytest.raises(KeyError, match=r"no reference values for pairs \[2\]"):
         trainer.fit(pairs, PairLogps(**_first_rows(ref, 2)))
+    # reference values scored for other token ids with the same indices (a cache file of
+    # another max_length or truncation): named by pair and counts, as the loss would read the
+    # other completions' sums as these
+    longer = [*pairs[:1], replace(pairs[1], rejected_ids=[*pairs[1].rejected_ids, 3]), pairs[2]]
+    n = len(pairs[1].rejected_ids)
+    with pytest.raises(ValueError, match=rf"fit: .*pair 1 count .* {n} rejected .* and {n + 1} "):
+        trainer.fit(longer, ref)
+    with pytest.raises(ValueError, match=rf"run_sdpo: .*pair 1 .* {n} rejected tokens"):
+        run_sdpo(wrapped, longer, steps=1, reference=ref, kernels_impl="torch")
     # the table RefLogprobCache.load returns: named with its conversion (an AttributeError
     # at its first lookup), and run_sdpo refuses it before M0's scoring pass
     table = RefValues.from_scores(ref)
