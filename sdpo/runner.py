@@ -1144,7 +1144,7 @@ class StepwiseRunner:
         """A checkpoint's progress.json as of now: ``metrics_bytes`` is metrics.jsonl's size at
         the save point (a background write may finish after more lines were logged)."""
         metrics = self.out / "metrics.jsonl"
-        return copy.deepcopy(
+        state = copy.deepcopy(
             {
                 **progress,
                 "format": 1,
@@ -1152,13 +1152,15 @@ class StepwiseRunner:
                 "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
                 "config": config_to_dict(self.cfg),
                 "data_fingerprint": self.data_fp,
-                # the pair indices of each sDPO step's chunk: a resume trains these (see
-                # _trained_partition)
-                "chunks": self.chunks,
                 # the weights the run started from (M0, and sdpo.reference): checked on resume
                 "model_fingerprints": dict(self.model_fps),
             }
         )
+        # the pair indices of each sDPO step's chunk, which a resume trains
+        # (_trained_partition): set once before the first step and never changed, so shared,
+        # not copied (a pair's index each)
+        state["chunks"] = self.chunks
+        return state
 
     def _trained_partition(
         self, point: ResumePoint | None, chunks: list[list[int]]
