@@ -7,13 +7,16 @@
 - Every ``section.key`` named in the text is a config key, and a ``section.key = value`` or
   ``--set section.key=value`` loads; every ``sdpo.`` dotted name is importable.
 - Every command-line flag belongs to the command it is written with (``sdpo score --out``), and
-  every command and flag of ``sdpo`` is named somewhere, as is every config key; the ``make``
-  targets exist and are what the Quick start says.
+  every command and flag of ``sdpo`` is named somewhere, as is every config key; a flag's
+  stated default is its parser's; the ``make`` targets exist and are what the Quick start says;
+  the extras named (``sdpo[tracking]``) are pyproject.toml's.
 - Every Python block runs as written: a block that takes inputs from the text around it
   (``hf_model``, ``pairs``, ...) gets them from a builder here, chosen by the API it shows.
 - Facts stated in lists: the names in ``metrics.jsonl`` (of a tiny run), the resumable config
-  keys, the fault-injection points, the exit codes, the checkpoint folder name, the files the
-  text names; and the module docstrings that list names.
+  keys, the fault-injection points, the exit codes, the checkpoint folder name, the output
+  files and folders (a tiny run's, else the code's constants), the files the text names (and
+  every benchmark script); the sections a "see ..." points to; and the module docstrings that
+  list names.
 """
 
 from __future__ import annotations
@@ -418,7 +421,7 @@ def test_every_flag_belongs_to_the_command_it_is_written_with():
         text = text.split(" # ")[0]
         m = re.search(
             r"(?:(?<![\w./-])sdpo|-m sdpo(?:\.cli)?) (train|score|config|demo)\b"
-            r"|(throughput\.py) (kernels|step)\b|(kernel_resources\.py|tokenizer_fuzz\.py)",
+            r"|(throughput\.py) (kernels|step|prep)\b|(kernel_resources\.py|tokenizer_fuzz\.py)",
             text,
         )
         flags = re.findall(r"(?<![\w-])(--[a-z][\w-]*)", text[m.end() if m else 0 :])
@@ -446,6 +449,49 @@ def test_every_command_and_flag_of_sdpo_is_named_in_the_readme():
             assert re.search(rf"(?<![\w-]){flag}(?![\w-])", README), (
                 f"sdpo {command} {flag} is not in the README"
             )
+
+
+def _parser_defaults() -> dict[str, dict[str, object]]:
+    """Each sdpo command's flags with their argparse defaults."""
+    (sub,) = [a for a in build_parser()._actions if a.choices and isinstance(a.choices, dict)]
+    return {
+        name: {s: a.default for a in p._actions for s in a.option_strings}
+        for name, p in sub.choices.items()
+    }
+
+
+def test_every_flag_default_the_text_states_is_the_parsers():
+    """``--seed N`` (default 0), ``--max-length`` defaults to 1024, ``--max-tokens-per-batch``
+    ... default 65,536: the value argparse gives; and the relations the text states beside them
+    (score's lengths and batch budget are ``sdpo train``'s defaults, the demo writes to
+    ``runs/demo/``)."""
+    from sdpo.config import DataSection
+    from sdpo.engine.trainer import TrainConfig
+
+    defaults = _parser_defaults()
+    by_flag: dict[str, set[str]] = {}
+    for flags in defaults.values():
+        for flag, value in flags.items():
+            by_flag.setdefault(flag, set()).add(str(value))
+    text = " ".join(README.split())
+    claims = re.findall(
+        r"`(--[\w-]+)(?: [A-Z]+)?`[^`;]{0,90}?\bdefaults?(?: to)? `?(\d{1,3}(?:,\d{3})+|\d+|[a-z]\w*)`?",
+        text,
+    )
+    checked = 0
+    for flag, value in claims:
+        if flag not in by_flag:  # a benchmark script's flag ("default 4 per GPU")
+            continue
+        assert by_flag[flag] == {value.replace(",", "")}, (
+            f"README: {flag} defaults to {value}; sdpo's parser gives {sorted(by_flag[flag])}"
+        )
+        checked += 1
+    assert checked >= 4
+    score = defaults["score"]
+    assert score["--max-length"] == _default("data", "max_length") == DataSection().max_length
+    assert score["--max-tokens-per-batch"] == 4 * TrainConfig().max_tokens_per_batch
+    assert "Outputs land in `runs/demo/` (`sdpo demo --output-dir DIR`)" in text
+    assert str(defaults["demo"]["--output-dir"]) == "runs/demo"
 
 
 def test_the_quick_start_commands_are_the_makefiles():
@@ -665,6 +711,52 @@ def test_the_checkpoint_folder_name_is_the_runners():
     assert f"`{checkpoint_name(4)}/`" in README
 
 
+def test_the_output_names_the_text_gives_are_the_codes():
+    """The files and folders the text names inside a run's outputs, where no tiny run writes
+    them (trackers, LoRA, profiling, mid-step checkpoints): the names the code writes."""
+    from sdpo import report, runner, tracking
+    from sdpo.engine import resume, token_cache
+
+    text = " ".join(README.split())
+    for name in (
+        f"`OUTPUT_DIR/{runner.CHECKPOINTS_DIR}/ckpt-<run_step>/`",
+        f"`{runner.TRAINER_STATE_NAME}`",
+        f"`{resume.MANIFEST_NAME}`",
+        f"`OUTPUT_DIR/{tracking.TRACKING_STATE}`",
+        f"OUTPUT_DIR/{tracking.TENSORBOARD_DIR}",
+        f"`OUTPUT_DIR/{runner.PROFILE_DIR}/`",
+        f"`step-<t>/{runner.PEFT_ADAPTER_DIR}/`",
+        f"`{runner.PEFT_CONFIG_NAME}`",
+        f"`{runner.PEFT_WEIGHTS_NAME}`",
+        f"`{report.REPORT_FILE}`",
+        f"`{token_cache.token_cache_path('cache', 'train').as_posix()}`",
+        f"(and `{token_cache.token_cache_path('', 'eval').stem}`)",
+    ):
+        assert name in text, f"README does not name {name} (the name the code writes)"
+
+
+def test_every_section_the_text_points_to_exists():
+    """``(see Models)``, ``see "Several GPUs on one node"``: a heading or a bold paragraph."""
+    headings = set(re.findall(r"^#+ (.+)$", README, re.M))
+    headings = {h.replace("`", "") for h in headings}
+    bold = {b.rstrip(".") for b in re.findall(r"\*\*([^*]+?)\.?\*\*", README)}
+    text = " ".join(README.split())
+    pointers = re.findall(r"\b[Ss]ee (?:\"([^\"]+)\"|([A-Z][\w-]*))", text)
+    assert len(pointers) >= 8
+    for quoted, word in pointers:
+        target = quoted or word
+        assert target in headings or target in bold, f"README: 'see {target}' points nowhere"
+
+
+def test_the_extras_the_text_names_are_the_packages():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    extras = set(pyproject["project"]["optional-dependencies"])
+    named = set(re.findall(r"sdpo\[(\w+)\]|\.\[(\w+)\]|the `(\w+)` extra", README))
+    named = {n for group in named for n in group if n}
+    assert {"dev", "tracking", "plot"} <= named
+    assert named <= extras, f"README names extras pyproject.toml lacks: {named - extras}"
+
+
 def test_every_file_the_readme_names_exists():
     paths = set(
         re.findall(
@@ -673,6 +765,9 @@ def test_every_file_the_readme_names_exists():
     )
     assert len(paths) > 30
     assert not [p for p in sorted(paths) if not (ROOT / p).is_file()]
+    # and every benchmark script is named (the Layout lists them)
+    scripts = {p.relative_to(ROOT).as_posix() for p in (ROOT / "benchmarks").glob("*.[ps][yh]")}
+    assert scripts <= paths, f"benchmark scripts the README does not name: {scripts - paths}"
 
 
 def test_module_docstrings_name_what_exists():
