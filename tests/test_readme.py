@@ -700,6 +700,19 @@ def test_the_metric_and_file_names_are_a_runs(tmp_path, tiny_model_dir, one_thre
         assert (out / name).exists(), f"the README names OUTPUT_DIR/{name}; a run wrote none"
 
 
+def test_the_score_fields_are_what_sdpo_score_writes(tmp_path, tiny_model_dir, one_thread):
+    from tests.conftest import write_pairs
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=3, seed=0)
+    out = tmp_path / "scores.jsonl"
+    args = ["--data", str(data), "--out", str(out), "--no-progress", "--max-length", "64"]
+    assert cli_main(["score", "--model", str(tiny_model_dir), *args]) == 0
+    listed = _between_in(" ".join(README.split()), "one JSON line per pair (", ")")
+    names = re.findall(r"`(\w+)`", listed)
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 3 and all(list(row) == names for row in rows), (names, rows[0])
+
+
 def _between_in(text: str, start: str, end: str) -> str:
     assert start in text, f"README: {start!r} not found"
     return text.split(start, 1)[1].split(end, 1)[0]
@@ -733,6 +746,12 @@ def test_the_output_names_the_text_gives_are_the_codes():
         f"(and `{token_cache.token_cache_path('', 'eval').stem}`)",
     ):
         assert name in text, f"README does not name {name} (the name the code writes)"
+    # the step report's fields the text names (the trackers' sdpo/... values, the timings)
+    fields = {f.name for f in dataclasses.fields(report.StepReport)}
+    named = set(re.findall(r"`sdpo/(\w+)`", text))
+    named |= set(re.findall(r"step report's\s+`(\w+)`", text))
+    named |= set(re.findall(r"`(\w+_seconds)`", text))
+    assert len(named) >= 6 and named <= fields, named - fields
 
 
 def test_every_section_the_text_points_to_exists():
