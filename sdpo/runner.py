@@ -561,6 +561,10 @@ def _read_and_tokenize(
         for pair in pairs:
             length = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
             if length > context_length:
+                # the field at fault: the prompt when it alone fills the context, else the
+                # longer completion, which runs past it
+                longer = "chosen" if len(pair.chosen_ids) >= len(pair.rejected_ids) else "rejected"
+                field = "prompt" if len(pair.prompt_ids) >= context_length else longer
                 raise row_error(
                     rows[pair.index],
                     f"the pair is {length} tokens long ({len(pair.prompt_ids)} of prompt), "
@@ -568,7 +572,7 @@ def _read_and_tokenize(
                     f"{context_length})",
                     fix=f"set data.max_length <= {context_length} (longer rows are then "
                     "truncated), or shorten or remove the row",
-                    field="prompt",
+                    field=field,
                     position=pair.index,
                 )
     return pairs, places, stats

@@ -106,7 +106,8 @@ def test_prompt_longer_than_the_model_context_is_refused(tmp_path, capsys):
     long = {"prompt": " ".join(WORDS[:14]), "chosen": "w1", "rejected": "w2"}
     data.write_text(json.dumps(GOOD) + "\n" + json.dumps(long) + "\n")
     cfg = _toml(tmp_path, model, data)
-    _refused(cfg, capsys, expect=[str(data), "line 2", "max_position_embeddings 12", "max_length"])
+    expect = [str(data), "line 2, field 'prompt'", "max_position_embeddings 12", "max_length"]
+    _refused(cfg, capsys, expect=expect)
     assert not (tmp_path / "out").exists()  # nothing written
 
 
@@ -190,3 +191,17 @@ def test_overwrite_refuses_to_delete_an_input_inside_the_old_outputs(
         err = _refused(cfg, capsys, expect=[f"{named}'{path}'", "--overwrite would delete"])
         assert "another output_dir" in err
         assert (old_step / "model.safetensors").is_file() and (old_step / "pairs.jsonl").is_file()
+
+
+def test_a_completion_that_runs_past_the_model_context_is_named_not_the_prompt(tmp_path, capsys):
+    """A short prompt with a long completion: the error names the completion's field (the
+    prompt alone fits), so the user does not look for the fault in the prompt."""
+    model = write_tiny_model(tmp_path / "model", words=WORDS, hidden_size=32, seed=1)
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = 12
+    (model / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "long.jsonl"
+    long = {"prompt": "w1 w2", "chosen": "w3", "rejected": " ".join(WORDS[:14])}
+    data.write_text(json.dumps(GOOD) + "\n" + json.dumps(long) + "\n")
+    cfg = _toml(tmp_path, model, data)
+    _refused(cfg, capsys, expect=["line 2, field 'rejected'", "max_position_embeddings 12"])
