@@ -718,6 +718,19 @@ def _between_in(text: str, start: str, end: str) -> str:
     return text.split(start, 1)[1].split(end, 1)[0]
 
 
+def test_the_lists_of_loss_types_and_model_types_are_the_codes():
+    """ "every loss type both have (sigmoid, ipo, ...)" is every type of ``LOSS_TYPES``, and the
+    model types of sdpo's own decoder (Models) are ``SUPPORTED_MODEL_TYPES``."""
+    from sdpo.engine.model import SUPPORTED_MODEL_TYPES
+    from sdpo.losses import LOSS_TYPES
+
+    text = " ".join(README.split())
+    listed = _between_in(text, "every loss type both have (", ")")
+    assert listed.split(", ") == list(LOSS_TYPES)
+    decoder = _between_in(text, "runs Llama-family decoders in Hugging Face folders,", "(per-head")
+    assert re.findall(r"`(\w+)`", decoder)[1:] == list(SUPPORTED_MODEL_TYPES)  # after `model_type`
+
+
 def test_the_checkpoint_folder_name_is_the_runners():
     from sdpo.engine.resume import checkpoint_name
 
