@@ -731,6 +731,17 @@ def test_the_lists_of_loss_types_and_model_types_are_the_codes():
     assert re.findall(r"`(\w+)`", decoder)[1:] == list(SUPPORTED_MODEL_TYPES)  # after `model_type`
 
 
+def test_the_tokenizer_classes_the_text_lists_are_the_ones_rebuilt():
+    """ "... split text their own way: `LlamaTokenizer`, ..." is every class
+    ``engine/tokenizer_classes.py`` rebuilds (the refused ones are named apart)."""
+    from sdpo.engine import tokenizer_classes as tc
+
+    rebuilt = set(tc.CLASS_SPECIAL_TOKENS) - tc.REFUSED_CLASSES
+    text = " ".join(README.split())
+    listed = _between_in(text, "split text their own way:", ", as named by")
+    assert set(re.findall(r"`(\w+Tokenizer)`", listed)) == rebuilt
+
+
 def test_the_checkpoint_folder_name_is_the_runners():
     from sdpo.engine.resume import checkpoint_name
 
