@@ -58,7 +58,8 @@ Score a preference data set with one model (no training): per-pair summed comple
 DEMO_HELP = """\
 The embedded default: a tiny Llama-style model is fine-tuned on a built-in synthetic task, then
 SFT vs DPO (all data at once) vs sDPO easy-to-hard vs sDPO random are trained and compared on
-held-out task accuracy and preference accuracy. Runs on a CPU in a few minutes, no downloads."""
+held-out task accuracy and preference accuracy. Runs on an idle 2-core CPU in one to two
+minutes, no downloads."""
 
 
 def _set_mistake(words: list[str]) -> str | None:
