@@ -5,7 +5,8 @@
   loaded in bf16; leanest, but small updates can round away at low learning rates).
 - ``bf16-mixed``: float32 master parameters and states, bf16 autocast for the forward (the CUDA
   default: safe at sDPO's typical learning rate of 5e-7).
-``auto`` picks ``bf16-mixed`` on CUDA and ``fp32`` elsewhere.
+``auto`` picks ``bf16-mixed`` on CUDA and ``fp32`` elsewhere; a resumed run keeps the precision
+its checkpoint records (``resumed_precision``), so ``auto`` is decided when the run starts.
 """
 
 from __future__ import annotations
@@ -27,6 +28,39 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if precision != "auto":
         return precision
     return "bf16-mixed" if torch.device(device).type == "cuda" else "fp32"
+
+
+def resumed_precision(
+    precision: str, recorded: str | None, device: torch.device | str
+) -> tuple[str, str | None]:
+    """The precision a resumed run trains in, and a note for the log (None: nothing to say).
+    ``precision``: the config's ``train.precision``; ``recorded``: the resolved one the
+    checkpoint keeps (None: written before it was kept, so resolved here as before). ``auto``
+    is the precision resolved when the run started, which another kind of device would
+    resolve otherwise (a run started on a CPU, resumed on a GPU); an explicit value is itself
+    (one other than ``recorded`` is a changed config key, which the caller refuses)."""
+    if recorded is None or precision != "auto":
+        return resolve_precision(precision, device), None
+    resolve_precision(recorded, device)  # a known name, or the ValueError naming them
+    today = resolve_precision("auto", device)
+    if today == recorded:
+        return recorded, None
+    return recorded, (
+        f'train.precision = "auto" keeps {recorded}, the precision the run started with (its '
+        f"checkpoint records it); a new run on this {torch.device(device).type} would resolve "
+        f'"auto" to {today}'
+    )
+
+
+def precision_problem(precision: str, device: torch.device | str) -> str | None:
+    """Why ``device`` cannot run the resolved ``precision`` (None: it can): bf16 weights or
+    bf16 autocast need a GPU that computes in bf16. A CPU runs every precision."""
+    device = torch.device(device)
+    if precision == "fp32" or device.type != "cuda":
+        return None
+    if torch.cuda.is_bf16_supported():
+        return None
+    return "this GPU does not compute in bf16 (torch.cuda.is_bf16_supported() is false)"
 
 
 def parameter_dtype(precision: str) -> torch.dtype:

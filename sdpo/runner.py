@@ -128,7 +128,12 @@ from sdpo.engine.lora import (
     peft_adapter_files,
 )
 from sdpo.engine.packing import TokenizedPair
-from sdpo.engine.precision import parameter_dtype, resolve_precision
+from sdpo.engine.precision import (
+    parameter_dtype,
+    precision_problem,
+    resolve_precision,
+    resumed_precision,
+)
 from sdpo.engine.profiling import (
     StepProfiler,
     start_memory_history,
@@ -1003,15 +1008,40 @@ class StepwiseRunner:
             return None
         progress = json.loads((path / PROGRESS_NAME).read_text(encoding="utf-8"))
         now = config_to_dict(self.cfg)
-        changed = changed_config_keys(progress["config"], now)
+        # the precision the run trains in (train.precision resolved when it started; absent
+        # in checkpoints of older runs): "auto" keeps it, an explicit value is compared with it
+        recorded = progress.get("precision")
+        saved = _with_precision(progress["config"], recorded)
+        if recorded is not None and self.cfg.train.precision == "auto":
+            now = _with_precision(now, recorded)
+        changed = changed_config_keys(saved, now)
         if changed:
+            why = ""
+            if recorded is not None and any(k.startswith("train.precision ") for k in changed):
+                why = (
+                    f" (train.precision: the run trains in {recorded}, which "
+                    'train.precision = "auto" or its own value keeps)'
+                )
             raise OutputDirError(
                 f"cannot resume the run in {self.out}: the config differs in keys that change "
-                f"the result: {'; '.join(changed)}. Resume with the run's config "
+                f"the result: {'; '.join(changed)}{why}. Resume with the run's config "
                 f"({self.out / 'config.toml'}), or start a new run (another output_dir, or "
                 "--overwrite)"
             )
-        loose = changed_config_keys(progress["config"], now, rounding=True)
+        self.precision, note = resumed_precision(self.cfg.train.precision, recorded, self.device)
+        if note is not None:
+            _log(note)
+        # (an older checkpoint resolves the precision here, as a new run does: not refused)
+        problem = None if recorded is None else precision_problem(self.precision, self.device)
+        if problem is not None:
+            raise OutputDirError(
+                f"cannot resume the run in {self.out} here: it trains in {self.precision} "
+                f'(train.precision = "{self.cfg.train.precision}", as {path.name} records), and '
+                f"{problem}. Resume it on a machine that runs {self.precision}, or start a new "
+                'run with train.precision = "fp32" (another output_dir, or --overwrite)'
+            )
+        self._check_attention_backend()  # against the run's precision, not this device's auto
+        loose = changed_config_keys(saved, now, rounding=True)
         if loose:
             _log(
                 f"resuming with changed compute settings: {'; '.join(loose)}. They change how "
@@ -1155,6 +1185,8 @@ class StepwiseRunner:
                 "run_step": run_step,
                 "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
                 "config": config_to_dict(self.cfg),
+                # train.precision as resolved when the run started: a resume keeps it
+                "precision": self.precision,
                 "data_fingerprint": self.data_fp,
                 # the weights the run started from (M0, and sdpo.reference): checked on resume
                 "model_fingerprints": dict(self.model_fps),
@@ -1418,6 +1450,10 @@ class StepwiseRunner:
             return point
 
         point = on_main(prepare)  # data parallel: rank 0 writes, every rank gets the point
+        if point is not None:  # every rank trains in the precision rank 0 resumed with
+            self.precision, _ = resumed_precision(
+                self.cfg.train.precision, point.progress.get("precision"), self.device
+            )
         if self.cfg.train.fsdp and not distributed.active():
             _log(
                 "train.fsdp = true shards the model over the ranks of torchrun; this is one "
@@ -1532,7 +1568,7 @@ class StepwiseRunner:
         _log("partition:\n" + partition.format())
 
         # With reset_optimizer = false, one optimizer and one LR schedule span all steps.
-        train_cfg = _train_config(cfg)
+        train_cfg = _train_config(cfg, self.precision)
         optimizer = None
         schedule_total, schedule_done = None, 0
         if not cfg.sdpo.reset_optimizer:
@@ -2232,6 +2268,13 @@ def changed_config_keys(
     return [f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in keys if a.get(k) != b.get(k)]
 
 
+def _with_precision(config: dict[str, Any], precision: str | None) -> dict[str, Any]:
+    """``config`` with ``train.precision`` set to ``precision`` (None: as it is)."""
+    if precision is None:
+        return config
+    return {**config, "train": {**config.get("train", {}), "precision": precision}}
+
+
 def _with_source_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with every data source's keys that a config saved before they existed lacks
     (``subset``) at their defaults."""
@@ -2402,8 +2445,9 @@ def tokenizer_files(model_dir: Path) -> list[Path]:
     return [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).exists()]
 
 
-def _train_config(cfg: RunConfig) -> TrainConfig:
-    return cfg.train
+def _train_config(cfg: RunConfig, precision: str) -> TrainConfig:
+    """``train.*`` with the run's resolved precision (a resume's: the one it started with)."""
+    return dataclasses.replace(cfg.train, precision=precision)
 
 
 def run_training(

@@ -293,7 +293,7 @@ def baseline(tiny_model_dir, tmp_path):
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_resumes_bitwise(
-    tiny_model_dir, tmp_path, baseline, monkeypatch
+    tiny_model_dir, tmp_path, baseline, monkeypatch, capsys
 ):
     cfg = _config(tmp_path, tiny_model_dir, save_every=100)  # only the stop writes mid-step
     monkeypatch.setattr(resume_mod, "_fault_counts", {})
@@ -307,7 +307,21 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_bitwise(
     assert names == ["ckpt-00000004", "ckpt-00000003"]  # the stop, the end of sDPO step 1
     assert not (out / "step-2").exists()
     monkeypatch.delenv("SDPO_FAULT_AT")
+    # resumed where train.precision = "auto" resolves otherwise (a GPU's bf16-mixed): the run
+    # keeps the fp32 it started with, which its checkpoint records, and the log says so
+    import sdpo.engine.precision as precision_mod
+
+    resolve = precision_mod.resolve_precision
+    for module in (runner_mod, precision_mod):
+        monkeypatch.setattr(
+            module,
+            "resolve_precision",
+            lambda p, device: "bf16-mixed" if p == "auto" else resolve(p, device),
+        )
     run_training(cfg, progress=False, resume=True)
+    assert 'train.precision = "auto" keeps fp32, the precision the run started with' in (
+        capsys.readouterr().out
+    )
     _assert_same_weights(_weights(out), baseline)
 
 
@@ -410,8 +424,40 @@ def test_resume_with_a_changed_result_key_is_refused_naming_it(tiny_model_dir, t
     with pytest.raises(OutputDirError, match=r"train\.learning_rate \(0\.003 -> 0\.001\)") as e:
         run_training(changed, progress=False, resume=True)
     assert "log_every" not in str(e.value)
-    # keys that do not change the weights may differ
-    run_training(_config(tmp_path, tiny_model_dir, log_every=2), progress=False, resume=True)
+    # keys that do not change the weights may differ; train.precision = "auto" ran in fp32
+    # here (the checkpoint records it): fp32 given explicitly is the same run, another
+    # precision is refused naming the recorded one
+    same = _config(tmp_path, tiny_model_dir, log_every=2, precision="fp32")
+    run_training(same, progress=False, resume=True)
+    bf16 = _config(tmp_path, tiny_model_dir, precision="bf16-mixed")
+    with pytest.raises(OutputDirError, match=r"train\.precision \('fp32' -> 'bf16-mixed'\)") as e:
+        run_training(bf16, progress=False, resume=True)
+    assert "the run trains in fp32" in str(e.value)
+
+
+def test_a_resume_keeps_the_recorded_precision_and_refuses_a_device_that_cannot_run_it(
+    monkeypatch,
+):
+    """``train.precision = "auto"`` resolves when the run starts; its checkpoint keeps that
+    precision, which a resume on another kind of device keeps (saying what auto would pick
+    there). A checkpoint written before the precision was kept resolves it as before."""
+    from sdpo.engine.precision import precision_problem, resumed_precision
+
+    assert resumed_precision("auto", "fp32", "cuda") == (
+        "fp32",
+        'train.precision = "auto" keeps fp32, the precision the run started with (its '
+        'checkpoint records it); a new run on this cuda would resolve "auto" to bf16-mixed',
+    )
+    assert resumed_precision("auto", "bf16-mixed", "cpu")[0] == "bf16-mixed"
+    assert resumed_precision("auto", "fp32", "cpu") == ("fp32", None)
+    assert resumed_precision("auto", None, "cuda") == ("bf16-mixed", None)  # an older checkpoint
+    assert resumed_precision("auto", None, "cpu") == ("fp32", None)
+    assert resumed_precision("bf16", "bf16", "cpu") == ("bf16", None)
+    assert precision_problem("bf16-mixed", "cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision_problem("fp32", "cuda") is None
+    assert "does not compute in bf16" in precision_problem("bf16-mixed", "cuda")
+    assert "does not compute in bf16" in precision_problem("bf16", "cuda")
 
 
 def test_resume_with_other_initial_or_reference_weights_is_refused(tiny_model_dir, tmp_path):
