@@ -215,11 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument(
         "--precision",
-        default=None,
-        choices=["fp32", "bf16", "bf16-mixed"],
-        help="weights and compute as train.precision: bf16 (bf16 weights), bf16-mixed (fp32 "
-        "weights, bf16 autocast: the values a run with that precision caches) or fp32; "
-        "default bf16 on CUDA, fp32 on a CPU",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "bf16-mixed"],
+        help="weights and compute as train.precision: bf16 (bf16 weights: half the memory of "
+        "the others), bf16-mixed (fp32 weights, bf16 autocast) or fp32; each gives the values "
+        'a run with that precision caches; or auto, resolved as train.precision = "auto" is: '
+        "bf16-mixed on CUDA, fp32 on a CPU (default: auto)",
     )
     score.add_argument(
         "--fsdp",
@@ -499,7 +500,7 @@ def _score(args: argparse.Namespace) -> int:
     from sdpo.engine.data import read_preference_file
     from sdpo.engine.files import atomic_open
     from sdpo.engine.packing import check_ld_alpha
-    from sdpo.engine.precision import parameter_dtype
+    from sdpo.engine.precision import parameter_dtype, resolve_precision
     from sdpo.engine.scoring import score_pairs
     from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
     from sdpo.kernels import resolve_impl
@@ -551,7 +552,8 @@ def _score(args: argparse.Namespace) -> int:
 
         # before the model is loaded: bad data costs no load
         pairs, _, stats = tokenized_once(read)
-        precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+        # as a run resolves train.precision: the default scores the values a default run caches
+        precision = resolve_precision(args.precision, device)
 
         def shard(model: torch.nn.Module) -> None:
             sharding.shard_model(model, precision=precision, device=device)

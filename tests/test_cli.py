@@ -124,6 +124,23 @@ def test_score_precision_follows_train_precision(tiny_model_dir, tmp_path):
     assert got["bf16-mixed"] != got["bf16"]
 
 
+def test_score_precision_defaults_to_what_train_resolves():
+    """score's default precision is train.precision's: "auto", so on CUDA it scores the
+    bf16-mixed values a default run caches (not bf16's), and fp32 on a CPU."""
+    from sdpo.cli import build_parser
+    from sdpo.engine.precision import resolve_precision
+    from sdpo.engine.trainer import TrainConfig
+
+    args = build_parser().parse_args(["score", "--model", "m", "--data", "d.jsonl"])
+    assert args.precision == TrainConfig.precision == "auto"
+    assert resolve_precision(args.precision, "cuda") == "bf16-mixed"
+    assert resolve_precision(args.precision, "cpu") == "fp32"
+    given = build_parser().parse_args(
+        ["score", "--model", "m", "--data", "d", "--precision", "bf16"]
+    )
+    assert resolve_precision(given.precision, "cuda") == "bf16"
+
+
 def test_score_reads_columns_named_otherwise_and_refuses_bad_input(
     tiny_model_dir, tmp_path, capsys
 ):
