@@ -296,6 +296,9 @@ class ModelInfo:
     # sdpo's decoder: the sliding window of a Mistral/Qwen2 config, which it does not apply
     # (a longer sequence is refused); transformers applies it, so None there
     sliding_window: int | None = None
+    # a mixture of experts' router load-balancing loss coefficient as the run will train with
+    # it (``sdpo.engine.hf.router_loss``); 0.0: a dense model, or that loss off
+    router_aux_loss_coef: float = 0.0
 
 
 def sdpo_unsupported(config: dict) -> str | None:
@@ -406,7 +409,7 @@ def _check_hf_layout(folder: Path, coef: float | None, key: str) -> ModelInfo:
             f"{folder / CONFIG_NAME}: transformers cannot build a causal LM from it ({e})"
         ) from e
     try:
-        router_loss(model, coef, key=key)
+        router_coef = router_loss(model, coef, key=key)[0]
     except ValueError as e:
         raise CheckpointError(f"{folder / CONFIG_NAME}: {e}") from e
     files = weight_files(folder)
@@ -456,6 +459,7 @@ def _check_hf_layout(folder: Path, coef: float | None, key: str) -> ModelInfo:
         max_position_embeddings=int(context) if context else None,
         unsupported=sdpo_unsupported(_read_json(folder / CONFIG_NAME)),
         logit_softcap=logit_softcap(config),
+        router_aux_loss_coef=router_coef,
     )
 
 

@@ -636,6 +636,7 @@ class StepwiseRunner:
         # logit soft-cap (Gemma 2; None: the usual log-prob head)
         self.implementation = "sdpo"
         self.logit_softcap: float | None = None
+        self.router_loss = False  # model.path is a mixture of experts with its router loss on
 
     # -- scoring and the cache -----------------------------------------------------------
     @property
@@ -745,6 +746,8 @@ class StepwiseRunner:
                 router_key="loss.router_aux_loss_coef",
             )
             self._check_implementation(model_config, "model.path")
+            # a mixture of experts trained with its router loss (a resume's warning names it)
+            self.router_loss = bool(model_config.router_aux_loss_coef)
             self._check_attention_backend()
             self._warn_idle_recompute_setting()
             if cfg.sdpo.reference:
@@ -1043,10 +1046,22 @@ class StepwiseRunner:
         self._check_attention_backend()  # against the run's precision, not this device's auto
         loose = changed_config_keys(saved, now, rounding=True)
         if loose:
+            beyond = beyond_rounding(
+                saved,
+                now,
+                [k.split(" (", 1)[0] for k in loose],
+                router_loss=self.router_loss,
+                held_out=bool(self.eval_pairs),
+            )
+            how = (
+                "the result equals the uninterrupted run's up to float rounding, not bit for bit"
+                if not beyond
+                else "the result differs from the uninterrupted run's beyond float rounding "
+                f"here: {'; '.join(beyond)}"
+            )
             _log(
                 f"resuming with changed compute settings: {'; '.join(loose)}. They change how "
-                "the work is batched or computed, not what: the result equals the "
-                "uninterrupted run's up to float rounding, not bit for bit"
+                f"the work is batched or computed, not what is trained on: {how}"
             )
         saved_data = progress.get("data_fingerprint")  # absent in checkpoints of older runs
         if saved_data is not None and saved_data != self.data_fp:
@@ -2288,6 +2303,59 @@ def _with_source_defaults(config: dict[str, Any]) -> dict[str, Any]:
                 {"subset": None, **src} if isinstance(src, dict) else src for src in data[key]
             ]
     return {**config, "data": data}
+
+
+def _config_value(config: dict[str, Any], key: str) -> Any:
+    """``config``'s value of the dotted ``key``; one it lacks (an older version's) its default."""
+    section, name = key.split(".", 1)
+    values = config.get(section, {})
+    if name in values:
+        return values[name]
+    return _section_defaults().get(section, {}).get(name)
+
+
+def beyond_rounding(
+    saved: dict[str, Any],
+    now: dict[str, Any],
+    changed: Sequence[str],
+    *,
+    router_loss: bool,
+    held_out: bool,
+) -> list[str]:
+    """Why the ``changed`` compute settings (``rounding_only_keys``) between the ``saved``
+    config and ``now`` change this run's result beyond float rounding (none: they change it only
+    in rounding). ``router_loss``: a mixture of experts trained with its router load-balancing
+    loss, which each forward computes over its batch's tokens, so other micro-batches give
+    another loss and other gradients, and other scoring batches another ``eval/aux_loss``;
+    ``held_out``: the run evaluates held-out pairs. With LoRA dropout, compiled layers draw
+    their own dropout masks, not those eager code draws."""
+    out = []
+    if router_loss and "train.max_tokens_per_batch" in changed:
+        out.append(
+            "train.max_tokens_per_batch with a mixture of experts: its router load-balancing "
+            "loss is computed over each micro-batch's tokens, so other micro-batches give another "
+            "loss and other gradients"
+        )
+
+    def budget(config: dict[str, Any]) -> int:
+        return _config_value(config, "sdpo.score_tokens_per_batch") or 4 * _config_value(
+            config, "train.max_tokens_per_batch"
+        )
+
+    if router_loss and held_out and budget(saved) != budget(now):
+        out.append(
+            f"the scoring batches ({budget(saved)} -> {budget(now)} tokens, "
+            "sdpo.score_tokens_per_batch or 4 x train.max_tokens_per_batch) with a mixture of "
+            "experts: eval/aux_loss and eval/loss hold each scoring batch's router loss, over "
+            "its tokens"
+        )
+    dropout = _config_value(now, "lora.dropout") if _config_value(now, "lora.rank") else 0.0
+    if dropout and "model.compile" in changed:
+        out.append(
+            f"model.compile with lora.dropout = {dropout}: compiled layers draw other dropout "
+            "masks than eager ones, so the steps still to run train on other masks"
+        )
+    return out
 
 
 def rounding_only_keys(config: dict[str, Any]) -> frozenset[str]:

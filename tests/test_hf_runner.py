@@ -321,7 +321,9 @@ def _write_moe(folder: Path, **overrides) -> Path:
     return write_hf_model(folder, "Qwen2MoeConfig", **{**settings, **overrides})
 
 
-def test_a_lora_run_of_a_moe_model_weights_its_router_loss_by_the_loss_config_s_coef(tmp_path):
+def test_a_lora_run_of_a_moe_model_weights_its_router_loss_by_the_loss_config_s_coef(
+    tmp_path, capsys
+):
     """loss.router_aux_loss_coef with LoRA on a Qwen2-MoE (config's coefficient 0.001): the
     first step's loss, the policy at its reference, is log 2 plus the override times the
     logged router loss."""
@@ -337,6 +339,19 @@ def test_a_lora_run_of_a_moe_model_weights_its_router_loss_by_the_loss_config_s_
     first = _records(Path(cfg.output_dir))[0]
     assert first["aux_loss"] > 1.0
     assert first["loss"] == pytest.approx(math.log(2) + 0.05 * first["aux_loss"], abs=1e-6)
+    # smaller micro-batches may resume it (after running out of memory, say), and the log says
+    # the result then changes beyond rounding: the router loss is each micro-batch's
+    capsys.readouterr()
+    cfg.train.max_tokens_per_batch //= 2
+    resumed = runner_mod.StepwiseRunner(cfg, progress=False, resume=True)
+    _, pairs = resumed.load_inputs()
+    resumed.data_fp = runner_mod.data_fingerprint(pairs)
+    assert resumed.find_resume_point() is not None  # what a resume checks before any work
+    said = capsys.readouterr().out
+    assert "train.max_tokens_per_batch (128 -> 64)" in said
+    assert "beyond float rounding here: train.max_tokens_per_batch with a mixture of experts" in (
+        said
+    )
 
 
 def test_loss_router_aux_loss_coef_without_a_router_loss_is_refused_before_any_work(

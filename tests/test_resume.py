@@ -460,6 +460,41 @@ def test_a_resume_keeps_the_recorded_precision_and_refuses_a_device_that_cannot_
     assert "does not compute in bf16" in precision_problem("bf16", "cuda")
 
 
+def test_compute_settings_a_resume_changes_beyond_rounding_are_named():
+    """The compute settings a resume may change (rounding_only_keys) change a run only in
+    rounding, except: a mixture of experts' router loss is each micro-batch's (training) and
+    each scoring batch's (eval/aux_loss), and compiled layers draw other LoRA dropout masks."""
+    from sdpo.runner import beyond_rounding
+
+    def config(**sections):
+        return {"train": {"max_tokens_per_batch": 128, "pairs_per_step": 3}, **sections}
+
+    saved, smaller = config(), config(train={"max_tokens_per_batch": 64, "pairs_per_step": 3})
+    batch = ["train.max_tokens_per_batch"]
+    assert beyond_rounding(saved, smaller, batch, router_loss=False, held_out=True) == []
+    moe = beyond_rounding(saved, smaller, batch, router_loss=True, held_out=False)
+    assert len(moe) == 1 and "each micro-batch's tokens" in moe[0]
+    # held out pairs: the scoring batches (4 x the micro-batch budget) change eval/aux_loss
+    moe = beyond_rounding(saved, smaller, batch, router_loss=True, held_out=True)
+    assert len(moe) == 2 and "the scoring batches (512 -> 256 tokens" in moe[1]
+    assert "eval/aux_loss" in moe[1]
+    scoring = config(sdpo={"score_tokens_per_batch": 512})  # 4 x 128: the same batches
+    assert beyond_rounding(saved, scoring, [], router_loss=True, held_out=True) == []
+    scoring = config(sdpo={"score_tokens_per_batch": 256})
+    key = ["sdpo.score_tokens_per_batch"]
+    assert beyond_rounding(saved, scoring, key, router_loss=False, held_out=True) == []
+    assert (
+        "eval/aux_loss" in beyond_rounding(saved, scoring, key, router_loss=True, held_out=True)[0]
+    )
+    compiled = ["model.compile"]
+    for lora, masks in (({"rank": 4, "dropout": 0.1}, True), ({"rank": 4}, False), ({}, False)):
+        now = config(lora=lora, model={"compile": True})
+        why = beyond_rounding(config(lora=lora), now, compiled, router_loss=False, held_out=False)
+        assert bool(why) == masks, lora
+        if masks:
+            assert "lora.dropout = 0.1: compiled layers draw other dropout masks" in why[0]
+
+
 def test_resume_with_other_initial_or_reference_weights_is_refused(tiny_model_dir, tmp_path):
     """The folders named in the config hold other weights than when the run started (a
     re-download, an overwritten checkpoint): refused by role, the run resumable once restored."""
