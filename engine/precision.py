@@ -5,7 +5,9 @@
   loaded in bf16; leanest, but small updates can round away at low learning rates).
 - ``bf16-mixed``: float32 master parameters and states, bf16 autocast for the forward (the CUDA
   default: safe at sDPO's typical learning rate of 5e-7).
-``auto`` picks ``bf16-mixed`` on CUDA and ``fp32`` elsewhere; a resumed run keeps the precision
+``auto`` picks ``bf16-mixed`` on a GPU that computes in bf16 (compute capability 8.0 or later)
+and ``fp32`` elsewhere, an older GPU included (it emulates bf16, slower than fp32); a resumed run
+keeps the precision
 its checkpoint records (``resumed_precision``), so ``auto`` is decided when the run starts.
 """
 
@@ -27,7 +29,10 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
         )
     if precision != "auto":
         return precision
-    return "bf16-mixed" if torch.device(device).type == "cuda" else "fp32"
+    if torch.device(device).type != "cuda":
+        return "fp32"
+    # emulated bf16 (a GPU before compute capability 8.0) is slower than fp32
+    return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
 
 
 def resumed_precision(

@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="weights and compute as train.precision: bf16 (bf16 weights: half the memory of "
         "the others), bf16-mixed (fp32 weights, bf16 autocast) or fp32; each gives the values "
         'a run with that precision caches; or auto, resolved as train.precision = "auto" is: '
-        "bf16-mixed on CUDA, fp32 on a CPU (default: auto)",
+        "bf16-mixed on a GPU that computes in bf16 (compute capability 8.0 or later), else fp32 "
+        "(default: auto)",
     )
     score.add_argument(
         "--fsdp",

@@ -124,16 +124,24 @@ def test_score_precision_follows_train_precision(tiny_model_dir, tmp_path):
     assert got["bf16-mixed"] != got["bf16"]
 
 
-def test_score_precision_defaults_to_what_train_resolves():
+def test_score_precision_defaults_to_what_train_resolves(monkeypatch):
     """score's default precision is train.precision's: "auto", so on CUDA it scores the
-    bf16-mixed values a default run caches (not bf16's), and fp32 on a CPU."""
+    bf16-mixed values a default run caches (not bf16's), and fp32 on a CPU. "auto" is fp32 on
+    a GPU that only emulates bf16 (before compute capability 8.0: slower than fp32)."""
     from sdpo.cli import build_parser
     from sdpo.engine.precision import resolve_precision
     from sdpo.engine.trainer import TrainConfig
 
     args = build_parser().parse_args(["score", "--model", "m", "--data", "d.jsonl"])
     assert args.precision == TrainConfig.precision == "auto"
+    # what torch.cuda says of a GPU that computes in bf16, and of one that emulates it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resolve_precision(args.precision, "cuda") == "bf16-mixed"
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+    )
+    assert resolve_precision(args.precision, "cuda") == "fp32"
+    assert resolve_precision("bf16-mixed", "cuda") == "bf16-mixed"  # asked for: as given
     assert resolve_precision(args.precision, "cpu") == "fp32"
     given = build_parser().parse_args(
         ["score", "--model", "m", "--data", "d", "--precision", "bf16"]
