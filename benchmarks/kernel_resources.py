@@ -215,11 +215,13 @@ def _record_rows(direction: str, dtype: torch.dtype, vocab: int) -> Launch:
                 logits, labels, impl="triton", with_lsq=with_lsq, with_stats=with_stats
             )
         )
-    lse = _meta(ROW_TOKENS, dtype=torch.float32)
+    lse_parts = _meta(ROW_TOKENS, 2, dtype=torch.float32)
     grad_token = _meta(ROW_TOKENS, dtype=torch.float32)
     # Every caller forms the gradient in place over the logits (or in a tensor like them).
     return _one_launch(
-        lambda: logprobs.rows_backward(logits, labels, lse, grad_token, impl="triton", out=logits)
+        lambda: logprobs.rows_backward(
+            logits, labels, lse_parts, grad_token, impl="triton", out=logits
+        )
     )
 
 

@@ -28,10 +28,10 @@ of L tokens holds L·V logits at once (1.05 GB of bf16 for L = 4,096 at V = 128,
 With a cap, pairs of at most B tokens are packed greedily into chunks of at most
 min(chunk_tokens, B) tokens, and a pair with L > B runs "keep the tail": the forward of
 its first L − B tokens, in sub-chunks of at most B, keeps only each row's (token
-log-prob, lse); the last B tokens' logits stay in the buffer; with the pair's two sums
+log-prob, lse parts); the last B tokens' logits stay in the buffer; with the pair's two sums
 known, its loss gradient is taken, the tail's logits gradient is formed in place and
 accumulated into dH, dW; then each head sub-chunk's logits are recomputed and turned into
-their gradient with the saved lse. Such a pair costs 6·L·H·V + 2·(L − B)·H·V FLOP (the
+their gradient with the saved lse parts. Such a pair costs 6·L·H·V + 2·(L − B)·H·V FLOP (the
 head's logits twice); the peak logits memory is B·V elements.
 
 Per-token weights (``token_weights``, optional, (N,) fp32): both ops can sum
@@ -189,9 +189,10 @@ def _chunk_logits(buf: torch.Tensor, h: torch.Tensor, w_t: torch.Tensor) -> torc
 # Strategy (a): per-sequence log-probs with a recomputing backward, as torch.library custom
 # ops so that torch.compile traces them without a graph break
 # ----------------------------------------------------------------------------------------
-# The forward op returns the per-row lse beside the sums only so that autograd can save
-# it; the public function drops it. Under torch.no_grad the op runs without setup_context:
-# one chunk of logits alive at a time, nothing saved. ``grad_weight_dtype`` travels as a
+# The forward op returns each row's lse parts (its max m and log s, see
+# logprobs.rows_forward) beside the sums only so that autograd can save them; the public
+# function drops them. Under torch.no_grad the op runs without setup_context: one chunk of
+# logits alive at a time, nothing saved. ``grad_weight_dtype`` travels as a
 # forward argument because setup_context reads it there.
 
 
@@ -207,9 +208,9 @@ def _sequence_forward(
     with_aligned: bool,
     with_stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """(seq_logps (S,), lse (N,)) fp32, and with ``with_aligned`` WPO's per-sequence sums
-    of ``token_logp - lsq`` (S,) fp32 (unweighted by ``token_weights``). ``with_stats``:
-    always (seq_logps, lse, aligned, stats (S, 3)), aligned empty (0,) without
+    """(seq_logps (S,), lse_parts (N, 2)) fp32, and with ``with_aligned`` WPO's per-sequence
+    sums of ``token_logp - lsq`` (S,) fp32 (unweighted by ``token_weights``). ``with_stats``:
+    always (seq_logps, lse_parts, aligned, stats (S, 3)), aligned empty (0,) without
     ``with_aligned``."""
     check_labels_in_vocab(labels, vocab_size=weight.shape[0])
     check_seq_ids_in_range(seq_ids, num_seqs)
@@ -218,9 +219,11 @@ def _sequence_forward(
     w = weight.to(dtype)
     w_t = w.t()
     token_logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse_parts = torch.empty(n, 2, dtype=torch.float32, device=hidden.device)
     lsq = torch.empty(n, dtype=torch.float32, device=hidden.device) if with_aligned else None
-    stats = torch.zeros(num_seqs if with_stats else 0, 3, dtype=torch.float32, device=lse.device)
+    stats = torch.zeros(
+        num_seqs if with_stats else 0, 3, dtype=torch.float32, device=lse_parts.device
+    )
     buf = torch.empty(min(chunk_tokens, n), w.shape[0], dtype=dtype, device=hidden.device)
     for start in range(0, n, chunk_tokens):
         stop = min(n, start + chunk_tokens)
@@ -229,7 +232,7 @@ def _sequence_forward(
             logits, labels[start:stop], impl=impl, with_lsq=with_aligned, with_stats=with_stats
         )
         token_logps[start:stop] = rows[0]
-        lse[start:stop] = rows[1]
+        lse_parts[start:stop] = rows[1]
         if with_aligned:
             lsq[start:stop] = rows[2]
         if with_stats:
@@ -242,10 +245,10 @@ def _sequence_forward(
         else None
     )
     if with_stats:
-        return seq_logps, lse, aligned if with_aligned else lse.new_zeros(0), stats
+        return seq_logps, lse_parts, aligned if with_aligned else lse_parts.new_zeros(0), stats
     if not with_aligned:
-        return seq_logps, lse
-    return seq_logps, lse, aligned
+        return seq_logps, lse_parts
+    return seq_logps, lse_parts, aligned
 
 
 @torch.library.custom_op("sdpo::sequence_logprobs_fwd", mutates_args=())
@@ -260,7 +263,7 @@ def _sequence_logprobs_fwd(
     grad_weight_dtype: torch.dtype,
     token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(seq_logps (S,), lse (N,)), both fp32."""
+    """(seq_logps (S,), lse_parts (N, 2)), both fp32."""
     del grad_weight_dtype  # read by setup_context only
     args = (hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, token_weights)
     return _sequence_forward(*args, with_aligned=False)
@@ -278,8 +281,8 @@ def _sequence_logprobs_aligned_fwd(
     grad_weight_dtype: torch.dtype,
     token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same (seq_logps (S,), lse (N,)) and WPO's sums of ``token_logp - lsq`` (S,), all
-    fp32; the third output is not differentiable (its gradient is ignored)."""
+    """The same (seq_logps (S,), lse_parts (N, 2)) and WPO's sums of ``token_logp - lsq``
+    (S,), all fp32; the third output is not differentiable (its gradient is ignored)."""
     del grad_weight_dtype  # read by setup_context only
     args = (hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, token_weights)
     return _sequence_forward(*args, with_aligned=True)
@@ -298,9 +301,10 @@ def _sequence_logprobs_stats_fwd(
     token_weights: torch.Tensor | None = None,
     with_aligned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(seq_logps (S,), lse (N,), aligned (S,) with ``with_aligned`` else (0,), stats (S, 3)),
-    all fp32: the forward with the token metrics' per-sequence sums (``STAT_NAMES``); the last
-    two outputs are not differentiable (their gradients are ignored)."""
+    """(seq_logps (S,), lse_parts (N, 2), aligned (S,) with ``with_aligned`` else (0,),
+    stats (S, 3)), all fp32: the forward with the token metrics' per-sequence sums
+    (``STAT_NAMES``); the last two outputs are not differentiable (their gradients are
+    ignored)."""
     del grad_weight_dtype  # read by setup_context only
     args = (hidden, weight, labels, seq_ids, num_seqs, impl, chunk_tokens, token_weights)
     return _sequence_forward(*args, with_aligned=with_aligned, with_stats=True)
@@ -312,16 +316,17 @@ def _sequence_logprobs_stats_fwd_fake(
 ):
     if len(rest) > 4:  # with_aligned passed by position
         with_aligned = rest[4]
-    sums, lse = _forward_fake(hidden, num_seqs, with_aligned=False)
+    sums, lse_parts = _forward_fake(hidden, num_seqs, with_aligned=False)
     aligned = sums.clone() if with_aligned else sums.new_empty(0)
-    return sums, lse, aligned, hidden.new_empty(num_seqs, 3, dtype=torch.float32)
+    return sums, lse_parts, aligned, hidden.new_empty(num_seqs, 3, dtype=torch.float32)
 
 
 def _forward_fake(hidden: torch.Tensor, num_seqs: int, *, with_aligned: bool) -> tuple:
-    """The forward ops' output shapes: (S,) sums, (N,) lse and, with WPO, the (S,) sums."""
+    """The forward ops' output shapes: (S,) sums, (N, 2) lse_parts and, with WPO, the (S,)
+    sums."""
     sums = hidden.new_empty(num_seqs, dtype=torch.float32)
-    lse = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-    return (sums, lse, sums.clone()) if with_aligned else (sums, lse)
+    lse_parts = hidden.new_empty(hidden.shape[0], 2, dtype=torch.float32)
+    return (sums, lse_parts, sums.clone()) if with_aligned else (sums, lse_parts)
 
 
 @_sequence_logprobs_fwd.register_fake
@@ -341,7 +346,7 @@ def _sequence_logprobs_bwd(
     weight: torch.Tensor,
     labels: torch.Tensor,
     seq_ids: torch.Tensor,
-    lse: torch.Tensor,
+    lse_parts: torch.Tensor,
     impl: str,
     chunk_tokens: int,
     grad_weight_dtype: torch.dtype,
@@ -371,7 +376,7 @@ def _sequence_logprobs_bwd(
         grad_logits = rows_backward(
             logits,
             labels[start:stop],
-            lse[start:stop],
+            lse_parts[start:stop],
             grad_token[start:stop],
             impl=impl,
             out=logits,
@@ -395,7 +400,7 @@ def _sequence_logprobs_bwd_fake(
     weight,
     labels,
     seq_ids,
-    lse,
+    lse_parts,
     impl,
     chunk_tokens,
     grad_weight_dtype,
@@ -430,22 +435,23 @@ def _sequence_logprobs_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(*saved, *((w_tok,) if w_tok is not None else ()))
 
 
-def _sequence_logprobs_backward(ctx, grad_seq, grad_lse, *grad_aligned):
-    del grad_lse, grad_aligned  # lse is internal; WPO's sums are constants of the loss
-    hidden, weight, labels, seq_ids, lse, *rest = ctx.saved_tensors
+def _sequence_logprobs_backward(ctx, grad_seq, grad_lse_parts, *grad_aligned):
+    # lse_parts are internal; WPO's sums are constants of the loss
+    del grad_lse_parts, grad_aligned
+    hidden, weight, labels, seq_ids, lse_parts, *rest = ctx.saved_tensors
     token_weights = rest[0] if ctx.weighted else None
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if not (need_h or need_w):
         return (None,) * 9
     if grad_seq is None:
-        grad_seq = lse.new_zeros(ctx.num_seqs)
+        grad_seq = lse_parts.new_zeros(ctx.num_seqs)
     grads = torch.ops.sdpo.sequence_logprobs_bwd(
         grad_seq,
         hidden,
         weight,
         labels,
         seq_ids,
-        lse,
+        lse_parts,
         ctx.impl,
         ctx.chunk_tokens,
         ctx.grad_weight_dtype,
@@ -474,9 +480,9 @@ def _stats_setup_context(ctx, inputs, output) -> None:
     _sequence_logprobs_setup_context(ctx, inputs[:9], output)
 
 
-def _stats_backward(ctx, grad_seq, grad_lse, grad_aligned, grad_stats):
+def _stats_backward(ctx, grad_seq, grad_lse_parts, grad_aligned, grad_stats):
     del grad_stats  # the token metrics are constants
-    return (*_sequence_logprobs_backward(ctx, grad_seq, grad_lse, grad_aligned), None)
+    return (*_sequence_logprobs_backward(ctx, grad_seq, grad_lse_parts, grad_aligned), None)
 
 
 torch.library.register_autograd(
@@ -770,8 +776,8 @@ class _PairPass:
         return None if self.token_weights is None else self.token_weights[t0:t1]
 
     def _rows(self, logits: torch.Tensor, t0: int, t1: int) -> tuple[torch.Tensor, ...]:
-        """rows_forward of tokens [t0, t1): (token_logp, lse[, lsq with WPO]); with the token
-        metrics on, their (n, 3) rows are added into ``self.stats`` by sequence here."""
+        """rows_forward of tokens [t0, t1): (token_logp, lse_parts[, lsq with WPO]); with the
+        token metrics on, their (n, 3) rows are added into ``self.stats`` by sequence here."""
         rows = rows_forward(
             logits,
             self.labels[t0:t1],
@@ -869,12 +875,12 @@ class _PairPass:
         h: torch.Tensor,
         t0: int,
         t1: int,
-        lse: torch.Tensor,
+        lse_parts: torch.Tensor,
         grad_token: torch.Tensor,
     ) -> None:
         """The logits gradient of tokens [t0, t1), in place in the buffer, into dH and dW."""
         grad_logits = rows_backward(
-            logits, self.labels[t0:t1], lse, grad_token, impl=self.impl, out=logits
+            logits, self.labels[t0:t1], lse_parts, grad_token, impl=self.impl, out=logits
         )
         if self.grad_h is not None:
             torch.mm(grad_logits, self.w, out=self.grad_h[t0:t1])
@@ -886,7 +892,7 @@ class _PairPass:
         t0, t1, p0, p1 = item.t0, item.t1, item.p0, item.p1
         h, logits = self._logits(t0, t1)  # (n, V)
         local_ids = self._local_ids(t0, t1, p0, p1)
-        token_logps, lse, *extra = self._rows(logits, t0, t1)
+        token_logps, lse_parts, *extra = self._rows(logits, t0, t1)
         lsq = extra[0] if extra else None
         w_tok = self._weights(t0, t1)
         seq_c = sum_per_sequence(weighted(token_logps, w_tok), local_ids, 2 * (p1 - p0))  # (2k,)
@@ -895,34 +901,34 @@ class _PairPass:
         raw = self._raw(token_logps, local_ids, 2 * (p1 - p0))
         grads = self._pair_grad(seq_c, p0, p1, aligned, raw)
         if grads is not None:
-            self._backprop(logits, h, t0, t1, lse, self._grad_token(grads, local_ids, w_tok))
+            self._backprop(logits, h, t0, t1, lse_parts, self._grad_token(grads, local_ids, w_tok))
 
     def split(self, item: _PlanItem, cap: int) -> None:
         """One pair over ``cap`` tokens, keep-the-tail (6·L·H·V + 2·(L - cap)·H·V FLOP).
 
-        The head's logits are formed, reduced to (token log-prob, lse) and dropped; the
+        The head's logits are formed, reduced to (token log-prob, lse parts) and dropped; the
         tail's stay in the buffer. Once the pair's loss gradient is known, the tail's logits
         gradient is formed in place, then each head sub-chunk's logits are recomputed and
-        turned into their gradient with the saved lse.
+        turned into their gradient with the saved lse parts.
         """
         t0, t1, p = item.t0, item.t1, item.p0
         heads, (tail0, _) = _split_ranges(t0, t1, cap)
         local_ids = self._local_ids(t0, t1, p, p + 1)  # (L,) in {0, 1}
         device = self.buf.device
         token_logps = torch.empty(t1 - t0, dtype=torch.float32, device=device)
-        head_lse = torch.empty(tail0 - t0, dtype=torch.float32, device=device)
+        head_lse_parts = torch.empty(tail0 - t0, 2, dtype=torch.float32, device=device)
         lsq = (
             torch.empty(t1 - t0, dtype=torch.float32, device=device) if self.with_aligned else None
         )
         for s0, s1 in heads:
             _, logits = self._logits(s0, s1)
-            logp_c, lse_c, *lsq_c = self._rows(logits, s0, s1)
+            logp_c, parts_c, *lsq_c = self._rows(logits, s0, s1)
             token_logps[s0 - t0 : s1 - t0] = logp_c
-            head_lse[s0 - t0 : s1 - t0] = lse_c
+            head_lse_parts[s0 - t0 : s1 - t0] = parts_c
             if lsq is not None:
                 lsq[s0 - t0 : s1 - t0] = lsq_c[0]
         h_tail, logits = self._logits(tail0, t1)  # kept: the buffer's rows [0, cap)
-        logp_c, tail_lse, *lsq_c = self._rows(logits, tail0, t1)
+        logp_c, tail_lse_parts, *lsq_c = self._rows(logits, tail0, t1)
         token_logps[tail0 - t0 :] = logp_c
         if lsq is not None:
             lsq[tail0 - t0 :] = lsq_c[0]
@@ -934,11 +940,11 @@ class _PairPass:
         if grads is None:
             return
         grad_token = self._grad_token(grads, local_ids, w_tok)  # (L,)
-        self._backprop(logits, h_tail, tail0, t1, tail_lse, grad_token[tail0 - t0 :])
+        self._backprop(logits, h_tail, tail0, t1, tail_lse_parts, grad_token[tail0 - t0 :])
         for s0, s1 in heads:
             h, logits = self._logits(s0, s1)
             self._backprop(
-                logits, h, s0, s1, head_lse[s0 - t0 : s1 - t0], grad_token[s0 - t0 : s1 - t0]
+                logits, h, s0, s1, head_lse_parts[s0 - t0 : s1 - t0], grad_token[s0 - t0 : s1 - t0]
             )
 
 

@@ -2,8 +2,13 @@
 
 Owns the row-wise core that every log-prob path in sdpo runs: for each row of logits,
 a streaming logsumexp over vocabulary blocks in fp32, the label's logit, the token's
-log-prob ``x[label] - lse`` and the row's ``lse``; and the backward
-``grad = g * (onehot(label) - softmax(x))`` rebuilt from the saved ``lse``. Neither
+log-prob ``(x[label] - m) - log s`` and the row's logsumexp ``m + log s`` in its two parts
+(``lse_parts``, (N, 2): the max ``m`` and ``log s``); and the backward
+``grad = g * (onehot(label) - softmax(x))`` rebuilt from the saved parts as
+``exp((x - m) - log s)``. The parts are kept apart because their fp32 sum rounds at
+``|m| 2^-24``: a softmax formed from it would scale every probability of a row by that one
+error, and the row's gradient would no longer sum to 0 (30 times the error of plain fp32
+PyTorch's gradient at logits near 30, 5,000 times at 1e4). Neither
 direction ever holds an fp32 copy of the whole logits tensor: the Triton kernels read
 the rows block by block, the PyTorch reference upcasts a bounded block of rows at a
 time. ``linear_logprobs`` reuses the same row ops on its chunks of logits. For WPO
@@ -131,7 +136,7 @@ def _row_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------
-# Row ops: the shared core (forward: token log-prob + lse; backward: logits gradient).
+# Row ops: the shared core (forward: token log-prob + lse parts; backward: logits gradient).
 # ----------------------------------------------------------------------------------------
 
 
@@ -143,7 +148,9 @@ def rows_forward(
     with_lsq: bool = False,
     with_stats: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    """Per-row ``(token_logp, lse)`` in fp32 for logits (N, V); token_logp is 0 where label == -100.
+    """Per-row ``(token_logp, lse_parts)`` in fp32 for logits (N, V); token_logp is 0 where
+    label == -100, and ``lse_parts`` (N, 2) holds each row's max ``m`` and ``log s`` (its
+    logsumexp is their sum), what :func:`rows_backward` takes.
 
     ``with_lsq`` (WPO, ``loss.use_weighting``): a third output ``lsq`` (N,) fp32, the log of
     the sum of the squared probabilities ``log sum_v softmax(x)_v^2`` of every row (masked or
@@ -156,13 +163,13 @@ def rows_forward(
     """
     n, vocab = logits.shape
     logp = torch.empty(n, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse_parts = torch.empty(n, 2, dtype=torch.float32, device=logits.device)
     lsq = torch.empty(n, dtype=torch.float32, device=logits.device) if with_lsq else None
     # (N, 3) as the transpose of (3, N): each statistic's column is contiguous for the kernel
     stats = torch.empty(
         len(STAT_NAMES) if with_stats else 0, n, dtype=torch.float32, device=logits.device
     ).t()
-    outs = (logp, lse, *((lsq,) if with_lsq else ()), *((stats,) if with_stats else ()))
+    outs = (logp, lse_parts, *((lsq,) if with_lsq else ()), *((stats,) if with_stats else ()))
     if n == 0:
         return outs
     if impl == "triton":
@@ -174,10 +181,10 @@ def rows_forward(
             logits.stride(0),
             labels.contiguous(),  # the kernel reads label i at offset i
             logp,
-            lse,
-            lsq if with_lsq else lse,  # not written when off
+            lse_parts,
+            lsq if with_lsq else logp,  # not written when off
             # the (N, 3) stats' columns, each contiguous (not written when off)
-            *(stats.unbind(1) if with_stats else (lse,) * len(STAT_NAMES)),
+            *(stats.unbind(1) if with_stats else (logp,) * len(STAT_NAMES)),
             vocab,
             BLOCK_V=_block_v(vocab, logits.device),
             IGNORE=IGNORE_INDEX,
@@ -197,7 +204,8 @@ def rows_forward(
         m, d, e, s = _shifted(block)
         del block  # the upcast copy of 16-bit logits is not needed past d
         log_s = torch.log(s)
-        lse[start : start + rows] = m + log_s
+        lse_parts[start : start + rows, 0] = m
+        lse_parts[start : start + rows, 1] = log_s
         # (x_label - m) - log s, as the kernel: exact near the max however large m is
         logp[start : start + rows] = torch.where(valid, (picked - m) - log_s, 0.0)
         if with_lsq:  # log sum_v p_v^2 = log sum_v exp(2 (x_v - m)) - 2 log s
@@ -242,13 +250,16 @@ def _row_stats(block: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def rows_backward(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    lse: torch.Tensor,
+    lse_parts: torch.Tensor,
     grad_token: torch.Tensor,
     *,
     impl: str,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write ``grad_token * (onehot(labels) - softmax(logits))`` into ``out`` and return it.
+
+    ``lse_parts`` (N, 2) fp32 as :func:`rows_forward` gives it: each probability is
+    ``exp((x - m) - log s)``, exact near the max however large the logits.
 
     ``out`` defaults to a new tensor shaped and typed like ``logits``; passing ``out=logits``
     forms the gradient in place. Rows whose label is -100 get zeros. ``impl`` must already be
@@ -270,8 +281,8 @@ def rows_backward(
             logits.stride(0),
             out,
             out.stride(0),
-            labels.contiguous(),  # read at offset i, as lse and grad_token are
-            lse.contiguous(),
+            labels.contiguous(),  # read at offset i, as lse_parts and grad_token are
+            lse_parts.contiguous(),
             grad_token.contiguous(),
             vocab,
             BLOCK_V=_block_v(vocab, logits.device),
@@ -285,10 +296,12 @@ def rows_backward(
         block_labels = labels[start:stop]
         valid = block_labels != IGNORE_INDEX
         g = torch.where(valid, grad_token[start:stop], 0.0).unsqueeze(1)  # (rows, 1)
-        # lse = +inf on unscored rows: their probs are 0, not NaN, even when all their
-        # logits are -inf (lse -inf), so g = 0 gives them a zero gradient
-        row_lse = torch.where(valid, lse[start:stop], float("inf")).unsqueeze(1)  # (rows, 1)
-        probs = torch.exp(logits[start:stop].float() - row_lse)
+        # m = +inf (log s = 0) on unscored rows: their probs are 0, not NaN, even when all
+        # their logits are -inf (log s -inf), so g = 0 gives them a zero gradient
+        parts = lse_parts[start:stop]
+        m = torch.where(valid, parts[:, 0], float("inf")).unsqueeze(1)  # (rows, 1)
+        log_s = torch.where(valid, parts[:, 1], 0.0).unsqueeze(1)  # (rows, 1)
+        probs = torch.exp((logits[start:stop].float() - m).sub_(log_s))
         grad = -g * probs
         grad.scatter_add_(1, block_labels.clamp(min=0).unsqueeze(1), g)
         out[start:stop] = grad.to(out.dtype)
@@ -450,10 +463,10 @@ def check_packed_inputs(
 # ----------------------------------------------------------------------------------------
 # The op over logits: torch.library custom ops, so torch.compile traces them whole
 # ----------------------------------------------------------------------------------------
-# The forward op returns the per-row lse as a third output only so that autograd can save
-# it; the public function drops it. Under torch.no_grad the op runs without setup_context
-# and nothing is saved. ``inplace_backward`` travels as a forward argument because that is
-# where setup_context can read it; the forward itself ignores it.
+# The forward op returns the per-row lse_parts as a third output only so that autograd can
+# save them; the public function drops them. Under torch.no_grad the op runs without
+# setup_context and nothing is saved. ``inplace_backward`` travels as a forward argument
+# because that is where setup_context can read it; the forward itself ignores it.
 
 
 @torch.library.custom_op("sdpo::logprobs_fwd", mutates_args=())
@@ -465,12 +478,12 @@ def _logprobs_fwd(
     impl: str,
     inplace_backward: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(seq_logps (S,), token_logps (N,), lse (N,)), all fp32."""
+    """(seq_logps (S,), token_logps (N,), lse_parts (N, 2)), all fp32."""
     del inplace_backward  # read by setup_context only
     check_labels_in_vocab(labels, vocab_size=logits.shape[1])
     check_seq_ids_in_range(seq_ids, num_seqs)
-    token_logps, lse = rows_forward(logits, labels, impl=impl)
-    return sum_per_sequence(token_logps, seq_ids, num_seqs), token_logps, lse
+    token_logps, lse_parts = rows_forward(logits, labels, impl=impl)
+    return sum_per_sequence(token_logps, seq_ids, num_seqs), token_logps, lse_parts
 
 
 @_logprobs_fwd.register_fake
@@ -479,7 +492,7 @@ def _logprobs_fwd_fake(logits, labels, seq_ids, num_seqs, impl, inplace_backward
     return (
         logits.new_empty(num_seqs, dtype=torch.float32),
         logits.new_empty(n, dtype=torch.float32),
-        logits.new_empty(n, dtype=torch.float32),
+        logits.new_empty(n, 2, dtype=torch.float32),
     )
 
 
@@ -497,16 +510,16 @@ def _logprobs_bwd(
     logits: torch.Tensor,
     labels: torch.Tensor,
     seq_ids: torch.Tensor,
-    lse: torch.Tensor,
+    lse_parts: torch.Tensor,
     impl: str,
 ) -> torch.Tensor:
     """Gradient w.r.t. logits, in a new tensor shaped and typed like them."""
     g = _token_grads(grad_seq, grad_token, seq_ids)
-    return rows_backward(logits, labels, lse, g, impl=impl)
+    return rows_backward(logits, labels, lse_parts, g, impl=impl)
 
 
 @_logprobs_bwd.register_fake
-def _logprobs_bwd_fake(grad_seq, grad_token, logits, labels, seq_ids, lse, impl):
+def _logprobs_bwd_fake(grad_seq, grad_token, logits, labels, seq_ids, lse_parts, impl):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -517,16 +530,16 @@ def _logprobs_bwd_inplace(
     logits: torch.Tensor,
     labels: torch.Tensor,
     seq_ids: torch.Tensor,
-    lse: torch.Tensor,
+    lse_parts: torch.Tensor,
     impl: str,
 ) -> None:
     """The same gradient, written over ``logits`` (a custom op may not return an alias)."""
     g = _token_grads(grad_seq, grad_token, seq_ids)
-    rows_backward(logits, labels, lse, g, impl=impl, out=logits)
+    rows_backward(logits, labels, lse_parts, g, impl=impl, out=logits)
 
 
 @_logprobs_bwd_inplace.register_fake
-def _logprobs_bwd_inplace_fake(grad_seq, grad_token, logits, labels, seq_ids, lse, impl):
+def _logprobs_bwd_inplace_fake(grad_seq, grad_token, logits, labels, seq_ids, lse_parts, impl):
     return None
 
 
@@ -538,21 +551,21 @@ def _logprobs_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(logits, labels, seq_ids, output[2])
 
 
-def _logprobs_backward(ctx, grad_seq, grad_token, grad_lse):
-    del grad_lse  # lse is internal: the public function never returns it
-    logits, labels, seq_ids, lse = ctx.saved_tensors
+def _logprobs_backward(ctx, grad_seq, grad_token, grad_lse_parts):
+    del grad_lse_parts  # internal: the public function never returns them
+    logits, labels, seq_ids, lse_parts = ctx.saved_tensors
     if grad_seq is None:
-        grad_seq = lse.new_zeros(ctx.num_seqs)
+        grad_seq = lse_parts.new_zeros(ctx.num_seqs)
     if grad_token is None:
-        grad_token = torch.zeros_like(lse)
+        grad_token = lse_parts.new_zeros(lse_parts.shape[0])
     if ctx.inplace_backward:
         torch.ops.sdpo.logprobs_bwd_inplace(
-            grad_seq, grad_token, logits, labels, seq_ids, lse, ctx.impl
+            grad_seq, grad_token, logits, labels, seq_ids, lse_parts, ctx.impl
         )
         grad_logits = logits
     else:
         grad_logits = torch.ops.sdpo.logprobs_bwd(
-            grad_seq, grad_token, logits, labels, seq_ids, lse, ctx.impl
+            grad_seq, grad_token, logits, labels, seq_ids, lse_parts, ctx.impl
         )
     return grad_logits, None, None, None, None, None
 

@@ -20,7 +20,7 @@ def logprobs_fwd_kernel(
     stride_row,
     labels_ptr,
     logp_ptr,
-    lse_ptr,
+    lse_parts_ptr,
     lsq_ptr,
     entropy_ptr,
     mean_ptr,
@@ -31,7 +31,10 @@ def logprobs_fwd_kernel(
     WITH_LSQ: tl.constexpr,
     WITH_STATS: tl.constexpr,
 ):
-    # One program per row: streaming (online) logsumexp over vocabulary blocks.
+    # One program per row: streaming (online) logsumexp over vocabulary blocks. The row's
+    # logsumexp is stored in its two parts, the max m and log(s) (lse_parts_ptr: (N, 2)), not
+    # as their fp32 sum, which rounds at |m| 2^-24: the backward forms each probability as
+    # exp((x - m) - log(s)), exact near the max as the log-prob here.
     # WITH_LSQ (WPO): also log sum_v p_v^2 = log(s2) - 2 log(s), s2 the running sum of
     # exp(2 (x - m)), rescaled by exp(2 (m_old - m_new)) like s. Off, it is compiled out.
     # WITH_STATS (the trainer's token metrics): from the same exp(x - m) as s, the running
@@ -88,18 +91,19 @@ def logprobs_fwd_kernel(
             t = alpha * (t + dm * s) + tl.sum(e * tl.maximum(d, FLOAT32_LOWEST), axis=0)
         s = s * alpha + tl.sum(e, axis=0)
         m = m_new
-    lse = m + tl.log(s)
+    log_s = tl.log(s)
     if WITH_LSQ:
-        tl.store(lsq_ptr + row, tl.log(s2) - 2.0 * tl.log(s))
+        tl.store(lsq_ptr + row, tl.log(s2) - 2.0 * log_s)
     valid = label != IGNORE
     safe_label = tl.where(valid, label, 0)
     x_label = tl.load(row_ptr + safe_label).to(tl.float32)
-    logp = tl.where(valid, (x_label - m) - tl.log(s), 0.0)
+    logp = tl.where(valid, (x_label - m) - log_s, 0.0)
     tl.store(logp_ptr + row, logp)
-    tl.store(lse_ptr + row, lse)
+    tl.store(lse_parts_ptr + 2 * row, m)
+    tl.store(lse_parts_ptr + 2 * row + 1, log_s)
     if WITH_STATS:
         top1 = valid & (x_label >= m) & (x_label > max_before)
-        tl.store(entropy_ptr + row, tl.where(valid, tl.log(s) - t / s, 0.0))
+        tl.store(entropy_ptr + row, tl.where(valid, log_s - t / s, 0.0))
         tl.store(mean_ptr + row, tl.where(valid, x_sum / V, 0.0))
         tl.store(top1_ptr + row, tl.where(top1, 1.0, 0.0))
 
@@ -111,23 +115,26 @@ def logprobs_bwd_kernel(
     grad_ptr,
     stride_out,
     labels_ptr,
-    lse_ptr,
+    lse_parts_ptr,
     grad_token_ptr,
     V,
     BLOCK_V: tl.constexpr,
     IGNORE: tl.constexpr,
 ):
-    # grad[row, v] = g * (onehot(label)[v] - exp(x[v] - lse)); g = 0 for ignored rows.
+    # grad[row, v] = g * (onehot(label)[v] - exp((x[v] - m) - log s)); g = 0 for ignored
+    # rows. m and log s are the forward's (lse_parts_ptr, (N, 2)): x - m is exact near the max,
+    # where x - lse with lse = m + log s rounded to fp32 would scale every probability of the
+    # row by one error of |m| 2^-24 (a gradient row that no longer sums to 0).
     # grad_ptr may equal logits_ptr (in place): each block is read before it is written.
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     valid = label != IGNORE
     g = tl.where(valid, tl.load(grad_token_ptr + row), 0.0)
     # Rows with g == 0 (prompt tokens) skip the loads: with load_limit = 0 every load is
-    # masked off, x = -inf, and lse = +inf makes p = 0 even where the row's own lse is -inf
-    # (logits all -inf, or all below the forward's -1e30 start), so the row is written as
-    # zeros without being read.
-    lse = tl.where(g != 0.0, tl.load(lse_ptr + row), float("inf"))
+    # masked off, x = -inf, and m = +inf (log s = 0) makes p = 0 even where the row's own
+    # log s is -inf (logits all -inf), so the row is written as zeros without being read.
+    m = tl.where(g != 0.0, tl.load(lse_parts_ptr + 2 * row), float("inf"))
+    log_s = tl.where(g != 0.0, tl.load(lse_parts_ptr + 2 * row + 1), 0.0)
     in_ptr = logits_ptr + row * stride_in
     out_ptr = grad_ptr + row * stride_out
     offs = tl.arange(0, BLOCK_V)
@@ -135,7 +142,7 @@ def logprobs_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offs
         x = tl.load(in_ptr + cols, mask=cols < load_limit, other=-float("inf")).to(tl.float32)
-        p = tl.exp(x - lse)
+        p = tl.exp((x - m) - log_s)
         onehot = tl.where(cols == label, 1.0, 0.0)
         grad = g * (onehot - p)
         tl.store(out_ptr + cols, grad.to(grad_ptr.dtype.element_ty), mask=cols < V)

@@ -808,6 +808,43 @@ def test_tied_embedding_and_strided_hidden_get_the_float64_gradients():
         torch.testing.assert_close(g.double(), ref, rtol=1e-5, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_logit_offset_shared_by_every_token_leaves_the_gradients_exact(impl):
+    """A component shared by every row of W (a common offset of the logits, here 1e3 through
+    one hidden column of ones) cancels out of the exact gradients: dH's column is
+    sum_v (onehot - p_v) * 1e3 = 0. Both heads form each row's softmax from x - max and log s,
+    so that the probabilities sum to 1 to fp32 rounding; from exp(x - lse) with the rounded lse
+    they are all off by one factor, and that column picks up 1e3 times its error (0.06 in
+    float32, against plain PyTorch's 3e-4), and every other one its share."""
+    gen = torch.Generator().manual_seed(95)
+    n, vocab, hidden = 16, 37, 8
+    h = torch.cat([torch.randn(n, hidden, generator=gen), torch.ones(n, 1)], 1)
+    w = torch.cat([torch.randn(vocab, hidden, generator=gen) * 2, torch.full((vocab, 1), 1e3)], 1)
+    labels = (h @ w.t()).argmax(dim=1)  # confident rows, labelled at or near their max
+    labels[::3] = torch.randint(0, vocab, (6,), generator=gen)
+    labels[4] = IGNORE_INDEX
+    seq_ids = torch.arange(n) // 4
+    coeff = torch.tensor([1.0, -0.5, 2.0, 0.25], dtype=torch.float64)
+    args = (labels, seq_ids, 4)
+
+    def weighted_sum(seq):
+        return (seq * coeff.to(seq.dtype)).sum()
+
+    def pair_loss(chosen, rejected, pairs):
+        c = coeff.float()
+        return (chosen * c[0::2][pairs]).sum() + (rejected * c[1::2][pairs]).sum()
+
+    def fused(h, w):
+        return linear_pair_loss(h, w, *args, pair_loss=pair_loss, impl=impl, chunk_tokens=8)[0]
+
+    truth = _grads(lambda h, w: weighted_sum(_naive_seq_logps(h, w, *args)), h.double(), w.double())
+    base = _grads(lambda h, w: weighted_sum(_naive_seq_logps(h, w, *args)), h, w)
+    plain = _grads(lambda h, w: weighted_sum(sequence_logprobs(h, w, *args, impl=impl)), h, w)
+    for head, got in (("sequence_logprobs", plain), ("linear_pair_loss", _grads(fused, h, w))):
+        for name, o, t, r in zip(("value", "grad_hidden", "grad_weight"), got, truth, base):
+            assert_no_worse(f"{head} {name}", o, r, t, rel_margin=1e-7, factor=2.0)
+
+
 def test_a_bias_and_a_temperature_fold_into_hidden_and_weight_as_documented():
     b = _batch(seed=93, vocab=211, hidden=19)
     args = (b["labels"], b["seq_ids"], b["num_seqs"])

@@ -89,6 +89,39 @@ def test_logits_gradient_matches_float64_truth_and_is_zero_on_masked_rows(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("offset", [30.0, 1.0e4])
+def test_logits_gradient_stays_exact_near_the_max_however_large_the_logits(impl, offset):
+    """Rows of logits around ``offset`` (30: an LLM's usual top logit), labelled at or near
+    their max: the gradient's softmax is formed from x - max and log s, as the forward's
+    log-prob is, so it is as close to float64 as plain fp32 PyTorch's. (exp(x - lse) with the
+    rounded lse = max + log s scales every probability of a row by the same error,
+    |max| 2^-24: the row's gradient no longer sums to 0, 30x plain PyTorch's error at 30 and
+    5,000x at 1e4.)"""
+    gen = torch.Generator().manual_seed(21)
+    logits = torch.randn(12, 37, generator=gen) * 3.0 + offset
+    labels = logits.argmax(dim=1)
+    labels[::3] = torch.randint(0, 37, (4,), generator=gen)
+    labels[5] = IGNORE_INDEX
+    seq_ids = torch.arange(12) // 4
+    g_seq = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
+
+    def grad_of(x, op):
+        x = x.detach().clone().requires_grad_(True)
+        seq, _ = op(x, labels, seq_ids, 3)
+        (seq * g_seq.to(seq.dtype)).sum().backward()
+        return x.grad
+
+    def ours(*args):
+        return logprobs_from_logits(*args, impl=impl)
+
+    truth, baseline = grad_of(logits.double(), _naive), grad_of(logits, _naive)
+    got = grad_of(logits, ours)
+    assert_no_worse("grad_logits", got, baseline, truth, rel_margin=1e-7, factor=2.0)
+    # each scored row's gradient sums to 0 (its probabilities to 1), to fp32 rounding
+    assert got.double().sum(dim=1).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_inplace_backward_writes_the_gradient_into_the_logits(impl):
     _, logits, labels, seq_ids, s = _batch(seed=14)
     logits = logits[:40].contiguous()
