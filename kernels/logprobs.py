@@ -594,7 +594,8 @@ def logprobs_from_logits(
     the label is -100, and ``seq_logps[s]`` the sum of those of sequence s (0 for a sequence
     with no scored row). Differentiable w.r.t. logits (first order); with
     ``inplace_backward=True`` the gradient is written into ``logits`` itself (the caller must
-    not use them afterwards).
+    not use them afterwards; logits whose rows share memory, an expanded row, get it in a new
+    tensor).
     Runs as the custom ops ``sdpo::logprobs_fwd`` / ``sdpo::logprobs_bwd`` (``_inplace``), so
     ``torch.compile`` traces it without a graph break.
     """
@@ -604,6 +605,10 @@ def logprobs_from_logits(
     # unit stride along the vocabulary, as the backward kernel needs it (a transposed view is
     # copied here once, not in the forward alone)
     logits = _row_contiguous(logits)
+    # rows that share memory (an expanded row, stride 0) cannot take their gradients in place:
+    # each row's would be written over the others'. They get a new tensor, as without the flag.
+    n, vocab = logits.shape
+    inplace_backward = inplace_backward and (n < 2 or logits.stride(0) >= vocab)
     seq_logps, token_logps, _ = _logprobs_fwd(
         logits, labels, seq_ids, num_seqs, impl, inplace_backward
     )

@@ -143,6 +143,27 @@ def test_inplace_backward_writes_the_gradient_into_the_logits(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_backward_on_rows_that_share_memory_gives_the_plain_gradient(impl):
+    """Logits whose rows are one row in memory (``expand``, stride 0): the gradient cannot be
+    written over them (every row would land on the same bytes, the last one written winning),
+    so the op forms it in a new tensor, as without ``inplace_backward``."""
+    gen = torch.Generator().manual_seed(19)
+    row = torch.randn(1, 37, generator=gen)
+    labels = torch.randint(0, 37, (4,), generator=gen)
+    seq_ids = torch.tensor([0, 0, 1, 1])
+
+    def grad(inplace: bool):
+        leaf = row.clone().requires_grad_(True)
+        seq, _ = logprobs_from_logits(
+            leaf.expand(4, 37), labels, seq_ids, 2, impl=impl, inplace_backward=inplace
+        )
+        (seq * torch.tensor([1.0, -2.0])).sum().backward()
+        return leaf.grad
+
+    torch.testing.assert_close(grad(True), grad(False), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_strided_labels_and_transposed_logits_give_the_contiguous_results(impl):
     """A labels column of a wider tensor and logits stored vocabulary-major (a transposed view):
     the kernels read labels at offset i and need unit stride along the vocabulary."""
