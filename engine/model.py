@@ -36,6 +36,22 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
 }
+# transformers' defaults for keys a config.json of the type may lack, where they are not the
+# Llama ones (head_dim hidden_size / heads, a key/value head per head, 2048 positions, no window)
+_TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mistral": {
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "sliding_window": 4096,
+    },
+    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "sliding_window": 4096},
+    "qwen3": {
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+        "sliding_window": 4096,
+        "head_dim": 128,
+    },
+}
 # Keys of a rope dict that describe the scaling (everything else, like rope_theta, is not).
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
 
@@ -129,6 +145,9 @@ class ModelConfig:
                 f"needs {', '.join(required)}"
             )
         model_type = d.get("model_type", "llama")
+        raw = d
+        # a key the file lacks (not one set to null) takes transformers' default for the type
+        d = {**_TYPE_DEFAULTS.get(model_type, {}), **d}
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedConfig(
@@ -170,7 +189,7 @@ class ModelConfig:
             sliding_window=sliding,
             initializer_range=float(d.get("initializer_range", 0.02)),
             model_type=model_type,
-            raw=copy.deepcopy(d),
+            raw=copy.deepcopy(raw),
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -235,10 +254,12 @@ class ModelConfig:
 def _read_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, normalised scaling dict or None) from either config spelling."""
     max_pos = int(d.get("max_position_embeddings", 2048))
-    if d.get("rope_parameters") is not None:
-        key, params = "rope_parameters", d["rope_parameters"]
-    elif d.get("rope_scaling") is not None:
+    # transformers reads a non-empty rope_scaling over rope_parameters (5.x keeps
+    # rope_parameters only when rope_scaling is absent or empty; 4.x knows no rope_parameters)
+    if d.get("rope_scaling"):
         key, params = "rope_scaling", d["rope_scaling"]
+    elif d.get("rope_parameters") is not None:
+        key, params = "rope_parameters", d["rope_parameters"]
     else:
         key, params = "rope_theta", {}
     if not isinstance(params, dict):
@@ -253,6 +274,13 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return float(theta), None
+    if d.get("original_max_position_embeddings") is not None:
+        # a top-level original_max_position_embeddings (Phi-3's spelling) is the one
+        # transformers 5 gives the scaled rotary, over the rope dict's own
+        params = {
+            **params,
+            "original_max_position_embeddings": d["original_max_position_embeddings"],
+        }
     return float(theta), _normalise_rope_scaling(params, max_position_embeddings=max_pos, key=key)
 
 

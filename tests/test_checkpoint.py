@@ -147,6 +147,43 @@ def test_transformers_checkpoint_loads_with_same_logits(config_cls, tied, tmp_pa
     assert _max_diff(_our_logits(model, ids, pos, cu), _hf_logits_per_sequence(hf, ids, cu)) <= 1e-4
 
 
+# config.json spellings a checkpoint can have, which transformers resolves one way
+CONFIG_SPELLINGS = {
+    # a non-empty rope_scaling wins over rope_parameters
+    "rope-scaling-over-rope-parameters": {
+        "rope_parameters": {"rope_type": "default", "rope_theta": 3000.0},
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+    },
+    "empty-rope-scaling-beside-rope-parameters": {
+        "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 3000.0},
+        "rope_scaling": {},
+    },
+    # a top-level original_max_position_embeddings wins over the rope dict's own
+    "top-level-original-max-position-embeddings": {
+        "rope_parameters": {
+            **LLAMA3_ROPE,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 5e5,
+        },
+        "original_max_position_embeddings": 8,
+    },
+}
+
+
+@pytest.mark.parametrize("case", CONFIG_SPELLINGS)
+def test_config_spellings_are_read_as_transformers_reads_them(case, tmp_path):
+    save_pretrained(_random_model(tiny_hf_dict(), seed=15), tmp_path / "m")
+    config_path = tmp_path / "m" / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("rope_theta", None)
+    config.update(CONFIG_SPELLINGS[case])
+    config_path.write_text(json.dumps(config))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    ids, pos, cu = _packed([40, 3], vocab=131, seed=6)
+    ours = _our_logits(load_pretrained(tmp_path / "m"), ids, pos, cu)
+    assert _max_diff(ours, _hf_logits_per_sequence(hf, ids, cu)) <= 1e-4
+
+
 def test_sharded_save_round_trips_and_loads_in_transformers(tmp_path):
     model = _random_model(tiny_hf_dict(), seed=7)
     save_pretrained(model, tmp_path / "sharded", max_shard_bytes=40_000)

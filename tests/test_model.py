@@ -17,7 +17,8 @@ from sdpo.engine.model import (
 )
 from tests.conftest import tiny_hf_dict
 
-LENGTHS = [6, 13, 1, 9, 4]  # odd sizes, one single-token sequence
+LENGTHS = [6, 13, 1, 9, 4]
+_LLAMA3 = ("low_freq_factor", "high_freq_factor")  # odd sizes, one single-token sequence
 VOCAB = 131
 
 
@@ -106,6 +107,60 @@ def test_config_reads_every_rope_spelling():
         tiny_hf_dict(rope_parameters={"rope_type": "default", "rope_theta": 77.0})
     )
     assert default.rope_scaling is None and default.rope_theta == 77.0
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"use_sliding_window": True, "max_window_layers": 1},
+        {"rope_scaling": {"rope_type": "llama3", **dict.fromkeys(_LLAMA3, 2.0), "factor": 8.0}},
+    ],
+)
+def test_keys_a_config_lacks_take_transformers_defaults_for_its_type(model_type, extra):
+    """A config.json with the required keys alone: every setting that shapes the computation is
+    the one transformers gives the type (Mistral's 4096-token window, Qwen3's head_dim 128...)."""
+    transformers = pytest.importorskip("transformers")
+    d = {
+        "model_type": model_type,
+        "vocab_size": 131,
+        "hidden_size": 128,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 32,  # a multiple of each type's default key/value heads
+        **copy.deepcopy(extra),
+    }
+    if "rope_scaling" in extra:
+        d["rope_scaling"]["high_freq_factor"] = 4.0
+    ours = ModelConfig.from_hf_dict(copy.deepcopy(d))
+    hf = transformers.AutoConfig.for_model(**copy.deepcopy(d))
+    layer_types = getattr(hf, "layer_types", None) or []
+    window = getattr(hf, "sliding_window", None)
+    if model_type != "mistral" and "sliding_attention" not in layer_types:
+        window = None
+    rope = hf.rope_parameters
+    got = (
+        ours.head_dim,
+        ours.num_key_value_heads,
+        ours.rms_norm_eps,
+        ours.rope_theta,
+        ours.tie_word_embeddings,
+        ours.sliding_window,
+        ours.max_position_embeddings,
+        (ours.rope_scaling or {}).get("original_max_position_embeddings"),
+    )
+    want = (
+        getattr(hf, "head_dim", None) or 128 // 32,
+        hf.num_key_value_heads,
+        hf.rms_norm_eps,
+        rope["rope_theta"],
+        hf.tie_word_embeddings,
+        window,
+        hf.max_position_embeddings,
+        rope.get("original_max_position_embeddings"),
+    )
+    assert got == want
 
 
 def test_llama3_inverse_frequencies_match_a_float64_scalar_reference():
