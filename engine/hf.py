@@ -23,7 +23,9 @@ the model was loaded with works; the padding costs compute on batches of uneven 
 sdpo's own decoder does not pay. Where one padded batch would hold more than twice the real
 tokens (one long sequence among many short ones), the sequences run in groups of similar length,
 each padded to its own longest, so the activations kept for the backward stay near the real
-tokens'.
+tokens'. A rotary that transformers sets from the longest position of the whole batch (Phi-3's
+longrope, dynamic NTK) would rotate a short sequence padded beside a long one as the long one:
+such sequences run in separate calls, each rotated as it is alone.
 
 The wrapper holds the decoder as ``model`` and the output embedding as ``lm_head``, so its
 parameter names are the Hugging Face ones (``model.layers.0.self_attn.q_proj.weight``,
@@ -212,6 +214,8 @@ class PackedCausalLM(nn.Module):
         # pass, which reports it as TRL's evaluate() does)
         self._record_router_loss = False
         self.set_router_aux_loss_coef(router_aux_loss_coef)
+        # (kind, threshold) of a rotary that changes with the batch's longest position
+        self._rotary_split = _rotary_split(getattr(hf_model, "config", None))
 
     def set_router_aux_loss_coef(
         self, coef: float | None, *, key: str = "router_aux_loss_coef"
@@ -324,14 +328,24 @@ class PackedCausalLM(nn.Module):
             self._record_router_loss or (self.training and torch.is_grad_enabled())
         ):
             router = []  # each call's router logits of its real tokens, layer by layer
-        if lengths.shape[0] * width <= _PADDING_FACTOR * n:  # one padded batch is cheap enough
+        # a rotary scaled by the longest position of the batch (longrope, dynamic): sequences
+        # the model would rotate differently each alone never share a decoder call
+        rotary = _rotary_groups(self._rotary_split, position_ids, cu_seqlens)
+        if rotary is None and lengths.shape[0] * width <= _PADDING_FACTOR * n:
+            # one padded batch is cheap enough
             hidden = self._padded(input_ids, position_ids, starts, lengths, width, n, router)
         else:
             # a few long sequences among many short ones: padding all to the longest would
             # cost (and hold for the backward) far more than the real tokens, so the sequences
             # run in groups of similar length, each padded to its own longest
+            sizes = [int(x) for x in lengths.tolist()]
+            groups = [
+                [part[i] for i in group]
+                for part in (rotary or [list(range(len(sizes)))])
+                for group in _length_groups([sizes[i] for i in part])
+            ]
             parts, where = [], []
-            for group in _length_groups([int(x) for x in lengths.tolist()]):
+            for group in groups:
                 index = torch.tensor(group, device=input_ids.device)
                 size = int(lengths[index].sum())
                 part, tokens = self._padded(
@@ -510,6 +524,60 @@ def router_loss(
             f"({', '.join(unknown or ['no top_k'])}): {fix} to train it without that loss"
         )
     return coef, balance, {name: known[name] for name in names}
+
+
+def _rotary_split(config: object) -> tuple[str, int] | None:
+    """``("longrope", n)`` or ``("dynamic", n)`` for a model whose rotary frequencies
+    transformers picks from the longest position of the whole batch (``max(position_ids) + 1``):
+    Phi-3's longrope switches to its long factors past ``original_max_position_embeddings``,
+    dynamic NTK rescales past ``max_position_embeddings`` (``n``); None for any other rotary."""
+    config = _text_config(config)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return None
+    # one dict, or one per layer type (Gemma 3: {"full_attention": {...}, ...})
+    dicts = [v for v in params.values() if isinstance(v, dict)] or [params]
+    found: tuple[str, int] | None = None
+    for d in dicts:
+        rope_type = str(d.get("rope_type", d.get("type", "default")))
+        if rope_type == "longrope":
+            limit = d.get("original_max_position_embeddings") or getattr(
+                config, "original_max_position_embeddings", None
+            )
+            kind = "longrope"
+        elif "dynamic" in rope_type:
+            limit, kind = getattr(config, "max_position_embeddings", None), "dynamic"
+        else:
+            continue
+        if limit is not None and (found is None or int(limit) < found[1]):
+            found = (kind, int(limit))
+    return found
+
+
+def _rotary_groups(
+    split: tuple[str, int] | None, position_ids: Tensor, cu_seqlens: Tensor
+) -> list[list[int]] | None:
+    """The packed sequences in groups that transformers rotates alike (``_rotary_split``):
+    those within the limit, and past it (longrope) all together or (dynamic) those of the same
+    span; None when one group holds them all."""
+    if split is None:
+        return None
+    kind, limit = split
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    row = torch.repeat_interleave(
+        torch.arange(lengths.shape[0], device=lengths.device),
+        lengths,
+        output_size=len(position_ids),
+    )
+    spans = torch.zeros(lengths.shape[0], dtype=torch.long, device=lengths.device)
+    spans = spans.scatter_reduce(0, row, position_ids.long() + 1, "amax").tolist()
+    keys = [0 if span <= limit else (1 if kind == "longrope" else span) for span in spans]
+    if len(set(keys)) <= 1:
+        return None
+    groups: dict[int, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    return [groups[key] for key in sorted(groups)]
 
 
 # padded tokens a micro-batch may cost in one decoder call, as a multiple of its real tokens;

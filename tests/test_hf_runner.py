@@ -665,6 +665,52 @@ def test_one_long_sequence_among_short_ones_is_not_padded_to_the_longest(tmp_pat
     assert sum(calls) <= 2 * ids.numel() < len(lengths) * max(lengths)
 
 
+@pytest.mark.parametrize(
+    "config_class,overrides",
+    [
+        (  # Phi-3: long factors for the whole batch once a position passes 8
+            "Phi3Config",
+            dict(
+                pad_token_id=0,
+                original_max_position_embeddings=8,
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "rope_theta": 1e4,
+                    "short_factor": [1.0, 1.5, 2.0, 3.0],
+                    "long_factor": [2.0, 4.0, 8.0, 16.0],
+                },
+            ),
+        ),
+        (  # dynamic NTK: a base rescaled by the batch's longest position past 8
+            "LlamaConfig",
+            dict(
+                max_position_embeddings=8,
+                rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4},
+            ),
+        ),
+    ],
+)
+def test_a_rotary_set_by_the_longest_position_rotates_each_sequence_as_alone(
+    tmp_path, config_class, overrides
+):
+    """transformers picks longrope's factors (or dynamic NTK's base) from the longest position
+    of the whole batch: a short sequence padded beside a long one would be rotated as the long
+    one, so the wrapper runs them in separate decoder calls."""
+    folder = write_hf_model(tmp_path / "m", config_class, **overrides)
+    model = load_model(folder, implementation="auto")
+    lengths = [3, 20, 5, 2]
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 40, (n,), generator=gen) for n in lengths]
+    ids = torch.cat(seqs)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    with torch.no_grad():
+        logits = model(ids, positions, cu, max(lengths)) @ model.lm_head_weight.T
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        want = torch.cat([hf(s[None]).logits[0] for s in seqs])
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
 def test_the_fingerprint_of_a_transformers_model_follows_the_model_not_the_library(gemma_dir):
     """What a newer transformers adds to a config (a new key set to None, another value of an
     output switch or of the version) keeps the fingerprint that keys the reference caches and
