@@ -3,8 +3,8 @@ reduced, and two optimizer steps on two ranks give the single process's adapter,
 weights untouched on every rank. Sharded (``train.fsdp``): the adapter attached to an FSDP2 base
 and merged into its row shards matches a float64 merge (uneven shards, fp32 and bf16 weights);
 two optimizer steps (fp32, bf16-mixed, fp32 in compiled layers; the memory probe first) equal one
-process's; a two-step sDPO run writes what one process writes, and resumed inside step 2 ends
-bitwise where the uninterrupted sharded run ends."""
+process's (for compiled layers, its plain eager model's); a two-step sDPO run writes what one
+process writes, and resumed inside step 2 ends bitwise where the uninterrupted sharded run ends."""
 
 from __future__ import annotations
 
@@ -125,7 +125,8 @@ def _sharded_lora_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
     """Two optimizer steps of a fresh adapter (fp32 with gradient checkpointing, bf16-mixed,
     and fp32 with gradient checkpointing in compiled layers: compiled, then sharded, as the
     runner does), the memory probe first, then the merge; in one process or sharded on every
-    rank."""
+    rank. One process's truth for the compiled layers is its plain eager model (the fp32
+    variant's steps): tracing and partitioning must change no number beyond rounding."""
     pairs = _pairs(model_dir, data)
     ref = _shifted(
         _one_process_reference(model_dir, pairs), len(pairs)
@@ -133,6 +134,9 @@ def _sharded_lora_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
     out = {}
     for variant in ("fp32", "bf16-mixed", "fp32-compiled"):
         precision = variant.removesuffix("-compiled")
+        if variant.endswith("-compiled") and not fsdp:
+            out[variant] = out[precision]
+            continue
         model = load_pretrained(model_dir)
         # fp32 with gradient checkpointing: each layer's forward (the adapter's included) is
         # recomputed inside FSDP's backward, from the gathered weight
