@@ -34,11 +34,11 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # other process has nothing left to do.
 LONGEST_FILES = (
     "test_distributed_faults.py",
-    "test_lora_distributed.py",
     "test_fsdp.py",
+    "test_lora_distributed.py",
+    "test_speed_paths.py",
     "test_kernels_aot.py",
     "test_async_save.py",
-    "test_speed_paths.py",
     "test_faults.py",
     "test_out_of_memory.py",
     "test_cli.py",
