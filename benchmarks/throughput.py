@@ -2092,7 +2092,7 @@ def prep_section(args: argparse.Namespace) -> dict:
     from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
     from sdpo.engine.trainer import plan_steps
     from sdpo.partition import partition_pairs
-    from sdpo.runner import _train_config, load_pairs
+    from sdpo.runner import load_pairs
 
     pairs_wanted = PREP_SMOKE_PAIRS if args.smoke else tuple(args.pairs)
     vocab = 1_000 if args.smoke else args.vocab
@@ -2183,7 +2183,7 @@ def prep_section(args: argparse.Namespace) -> dict:
                 source_order=[s.name for s in d.sources],
             )
             for chunk in chunks:
-                plan_steps([by_index[i] for i in chunk], _train_config(cfg), epoch=0)
+                plan_steps([by_index[i] for i in chunk], cfg.train, epoch=0)
 
         timed("partition + plan batches", partition_and_plan)
         rows = chat_rows = pairs = by_index = []  # freed before the runner's reads

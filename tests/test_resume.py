@@ -443,6 +443,8 @@ def test_a_resume_keeps_the_recorded_precision_and_refuses_a_device_that_cannot_
     there). A checkpoint written before the precision was kept resolves it as before."""
     from sdpo.engine.precision import precision_problem, resumed_precision
 
+    # what torch.cuda says of a GPU that computes in bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
     assert resumed_precision("auto", "fp32", "cuda") == (
         "fp32",
         'train.precision = "auto" keeps fp32, the precision the run started with (its '
