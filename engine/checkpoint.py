@@ -293,8 +293,9 @@ class ModelInfo:
     # Gemma 2's final_logit_softcapping (transformers only): its log-probs come from the
     # PyTorch head for capped logits (``engine/hf.py``, ``logit_softcap``)
     logit_softcap: float | None = None
-    # sdpo's decoder: the sliding window of a Mistral/Qwen2 config, which it does not apply
-    # (a longer sequence is refused); transformers applies it, so None there
+    # sdpo's decoder: the window of a Mistral/Qwen config's sliding layers (None where no
+    # layer slides), which it does not apply (a longer sequence is refused); transformers
+    # applies it, so None there
     sliding_window: int | None = None
     # a mixture of experts' router load-balancing loss coefficient as the run will train with
     # it (``sdpo.engine.hf.router_loss``); 0.0: a dense model, or that loss off

@@ -44,13 +44,58 @@ _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 131072,
         "sliding_window": 4096,
     },
-    "qwen2": {"num_key_value_heads": 32, "max_position_embeddings": 32768, "sliding_window": 4096},
+    "qwen2": {
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 32768,
+        "sliding_window": 4096,
+        "max_window_layers": 28,
+    },
     "qwen3": {
         "num_key_value_heads": 32,
         "max_position_embeddings": 32768,
         "sliding_window": 4096,
+        "max_window_layers": 28,
         "head_dim": 128,
     },
+}
+# What a null in config.json means to transformers 5. A null in a key the type's modeling code
+# reads is refused (its configs are strict dataclasses, or the model fails to build), except in
+# the keys below, where null takes the default: a key/value head per query head,
+# hidden_size / heads for head_dim. sliding_window, layer_types, rope_scaling,
+# rope_parameters and partial_rotary_factor may be null for every type (see _read_rope and
+# _active_sliding_window).
+_NULL_TAKES_DEFAULT: dict[str, frozenset[str]] = {
+    "llama": frozenset({"num_key_value_heads", "head_dim"}),
+    "mistral": frozenset({"head_dim"}),
+    "qwen2": frozenset({"num_key_value_heads"}),
+    "qwen3": frozenset({"num_key_value_heads"}),
+}
+# Keys whose null is refused, each with what to write instead.
+_NULL_FIXES = {
+    "vocab_size": "the number of rows of the model's embedding",
+    "hidden_size": "the model's hidden size",
+    "intermediate_size": "the inner size of its MLP",
+    "num_hidden_layers": "the number of decoder layers",
+    "num_attention_heads": "the number of query heads",
+    "num_key_value_heads": "the number of key/value heads",
+    "head_dim": "the size of one attention head",
+    "rms_norm_eps": "the RMSNorm epsilon the model was trained with",
+    "max_position_embeddings": "the model's context length in tokens",
+    "tie_word_embeddings": "true when lm_head shares the embedding's weights, else false",
+    "initializer_range": "a number (transformers' default: 0.02)",
+    "hidden_act": '"silu"',
+    "attention_bias": "true or false: whether the attention projections have biases",
+    "mlp_bias": "true or false: whether the MLP projections have biases",
+    "use_sliding_window": "true or false",
+    "max_window_layers": "the index of the first layer with sliding-window attention",
+}
+# Keys the type's modeling code does not read, whatever their value: Mistral has no biases,
+# Qwen2 always q/k/v biases and no others, Qwen3 no MLP biases; only Qwen slides by layer.
+_IGNORED_KEYS: dict[str, frozenset[str]] = {
+    "llama": frozenset({"use_sliding_window", "max_window_layers"}),
+    "mistral": frozenset({"attention_bias", "mlp_bias", "use_sliding_window", "max_window_layers"}),
+    "qwen2": frozenset({"attention_bias", "mlp_bias"}),
+    "qwen3": frozenset({"mlp_bias"}),
 }
 # Keys of a rope dict that describe the scaling (everything else, like rope_theta, is not).
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
@@ -89,7 +134,9 @@ class ModelConfig:
     attention_bias: bool = False  # bias on q/k/v projections
     o_proj_bias: bool = False  # bias on the output projection (Llama attention_bias=True)
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral/Qwen2: sequences may not exceed it (see forward)
+    # the window of the layers that slide (Mistral: all; Qwen: those layer_types names), None
+    # when none does; sequences may not exceed it (see forward)
+    sliding_window: int | None = None
     initializer_range: float = 0.02
     model_type: str = "llama"
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -138,7 +185,7 @@ class ModelConfig:
             "num_hidden_layers",
             "num_attention_heads",
         )
-        missing = [k for k in required if d.get(k) is None]
+        missing = [k for k in required if k not in d]
         if missing:
             raise ConfigError(
                 f"config is missing required key(s) {missing}; a Llama-family config.json "
@@ -148,6 +195,7 @@ class ModelConfig:
         raw = d
         # a key the file lacks (not one set to null) takes transformers' default for the type
         d = {**_TYPE_DEFAULTS.get(model_type, {}), **d}
+        _refuse_nulls(d, model_type)
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedConfig(
@@ -157,18 +205,17 @@ class ModelConfig:
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         theta, scaling = _read_rope(d)
 
+        # transformers' modeling code per type: Llama's attention_bias is on q/k/v and o_proj,
+        # its mlp_bias on the MLP; Qwen3 reads attention_bias alone, Qwen2 neither (q/k/v
+        # biases always, never on o_proj), Mistral neither (no biases)
+        ignored = _IGNORED_KEYS.get(model_type, frozenset())
         if model_type == "qwen2":
-            # Qwen2 always has q/k/v bias and never an o_proj bias (no attention_bias key).
             qkv_bias, o_bias = True, False
         else:
-            qkv_bias = o_bias = bool(d.get("attention_bias", False))
-
-        # Mistral applies its sliding window always, Qwen2/Qwen3 only when use_sliding_window
-        # is set.
-        windowed = model_type == "mistral" or (
-            model_type in ("qwen2", "qwen3") and d.get("use_sliding_window", False)
-        )
-        sliding = d.get("sliding_window") if windowed else None
+            qkv_bias = o_bias = "attention_bias" not in ignored and bool(
+                d.get("attention_bias", False)
+            )
+        mlp_bias = "mlp_bias" not in ignored and bool(d.get("mlp_bias", False))
 
         return cls(
             vocab_size=d["vocab_size"],
@@ -185,8 +232,8 @@ class ModelConfig:
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             attention_bias=qkv_bias,
             o_proj_bias=o_bias,
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            sliding_window=sliding,
+            mlp_bias=mlp_bias,
+            sliding_window=_active_sliding_window(d, model_type),
             initializer_range=float(d.get("initializer_range", 0.02)),
             model_type=model_type,
             raw=copy.deepcopy(raw),
@@ -225,9 +272,19 @@ class ModelConfig:
         if self.model_type == "llama":
             d["mlp_bias"] = self.mlp_bias
         if self.model_type in ("mistral", "qwen2", "qwen3"):
-            d["sliding_window"] = self.sliding_window
-            if self.model_type in ("qwen2", "qwen3"):
-                d["use_sliding_window"] = self.sliding_window is not None
+            # the source's window keys stay as they are where they give the model's window
+            # (a Qwen's max_window_layers, layer_types); other windows are written for all layers
+            resolved = {**_TYPE_DEFAULTS[self.model_type], **d}
+            try:
+                kept = _active_sliding_window(resolved, self.model_type) == self.sliding_window
+            except ConfigError:  # layer_types for another number of layers
+                kept = False
+            if not kept:
+                d["sliding_window"] = self.sliding_window
+                if self.model_type in ("qwen2", "qwen3"):
+                    d["use_sliding_window"] = self.sliding_window is not None
+                    d["max_window_layers"] = 0
+                    d.pop("layer_types", None)
 
         rope: dict[str, Any] = {"rope_type": "default"}
         if self.rope_scaling is not None:
@@ -251,6 +308,59 @@ class ModelConfig:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "raw"}
 
 
+def _refuse_nulls(d: dict[str, Any], model_type: str) -> None:
+    """A ConfigError for a null that transformers refuses in a key the type's model reads."""
+    lenient = _NULL_TAKES_DEFAULT.get(model_type, frozenset()) | _IGNORED_KEYS.get(
+        model_type, frozenset()
+    )
+    for key, fix in _NULL_FIXES.items():
+        if key in d and d[key] is None and key not in lenient:
+            raise ConfigError(
+                f"config key {key!r} is null, which transformers does not accept for a "
+                f"{model_type} model; write {fix}"
+            )
+
+
+def _active_sliding_window(d: dict[str, Any], model_type: str) -> int | None:
+    """The window of the layers that attend through a sliding window, None where no layer
+    does, as transformers 5 reads the config: Mistral slides every layer when sliding_window
+    is set; Qwen2/Qwen3 only with use_sliding_window, and then only the layers layer_types
+    names sliding_attention (by default those from max_window_layers on, so none in a model
+    of max_window_layers layers or fewer)."""
+    if model_type == "mistral":
+        return d.get("sliding_window")
+    if model_type not in ("qwen2", "qwen3"):
+        return None
+    window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
+    layers = d["num_hidden_layers"]
+    layer_types = d.get("layer_types")
+    if layer_types is None:
+        return window if window is not None and d["max_window_layers"] < layers else None
+    # transformers reads the legacy "attention" as full_attention
+    kinds = ["full_attention" if t == "attention" else t for t in layer_types]
+    allowed = ("full_attention", "sliding_attention")
+    if not isinstance(layer_types, list) or any(t not in allowed for t in kinds):
+        raise ConfigError(
+            f"config key 'layer_types' must be a list of {' or '.join(map(repr, allowed))}, "
+            f"one per layer, for a {model_type} model; got {layer_types!r}"
+        )
+    if len(kinds) != layers:
+        raise ConfigError(
+            f"config key 'layer_types' names {len(kinds)} layers, and num_hidden_layers is "
+            f"{layers}: write one entry per layer"
+        )
+    if "sliding_attention" not in kinds:
+        return None
+    if window is None:
+        raise ConfigError(
+            "config key 'layer_types' names sliding_attention layers, and the model has no "
+            "window (use_sliding_window false or sliding_window null), which transformers "
+            "cannot build: set use_sliding_window to true and sliding_window to the window, or "
+            "those layers to full_attention"
+        )
+    return window
+
+
 def _read_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, normalised scaling dict or None) from either config spelling."""
     max_pos = int(d.get("max_position_embeddings", 2048))
@@ -266,17 +376,30 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         raise ConfigError(f"config key {key!r} must be a dict, got {type(params).__name__}")
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
     if theta is None:
-        theta = 10000.0
-    if float(params.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0))) != 1.0:
+        # transformers builds no rotary from a null base
+        where = f"{key}.rope_theta" if "rope_theta" in params else "rope_theta"
+        raise ConfigError(
+            f"config key {where!r} is null, which transformers does not accept; write the "
+            "rotary base the model was trained with (transformers' default: 10000.0)"
+        )
+    # a null partial_rotary_factor is no factor (a full rotary), as in transformers
+    partial = params.get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
         raise UnsupportedConfig(
             f"config key {key!r}: partial_rotary_factor != 1 is not supported by this engine"
         )
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return float(theta), None
-    if d.get("original_max_position_embeddings") is not None:
+    if "original_max_position_embeddings" in d:
         # a top-level original_max_position_embeddings (Phi-3's spelling) is the one
-        # transformers 5 gives the scaled rotary, over the rope dict's own
+        # transformers 5 gives the scaled rotary, over the rope dict's own (a null one too)
+        if d["original_max_position_embeddings"] is None and rope_type == "llama3":
+            raise ConfigError(
+                "config key 'original_max_position_embeddings' is null, which transformers "
+                "does not accept beside a llama3 rotary; write the context length the model "
+                "was pretrained with, or remove the key to use the rotary dict's own"
+            )
         params = {
             **params,
             "original_max_position_embeddings": d["original_max_position_embeddings"],
@@ -288,10 +411,25 @@ def _normalise_rope_scaling(
     params: dict[str, Any], *, max_position_embeddings: int, key: str
 ) -> dict[str, Any] | None:
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type is None:
+        raise ConfigError(
+            f"config key {key!r} has a null rope_type, which transformers does not accept; "
+            'write the rotary\'s type ("default", "linear", "llama3", ...)'
+        )
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise UnsupportedConfig(
             f"config key {key!r} has rope_type {rope_type!r}, which this engine does not "
             f"support; supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    # transformers fails on these nulls; name each, rather than run a default it does not
+    read = ("factor",)
+    if rope_type == "llama3":
+        read = (*_LLAMA3_KEYS, "original_max_position_embeddings")
+    nulls = [k for k in read if k in params and params[k] is None]
+    if nulls:
+        raise ConfigError(
+            f"config key {key!r} has null {', '.join(nulls)}, which transformers does not "
+            f"accept for rope_type {rope_type!r}; write the value the model was trained with"
         )
     if rope_type == "default":
         return None
@@ -304,7 +442,7 @@ def _normalise_rope_scaling(
         raise ConfigError(f"config key {key!r} (rope_type 'llama3') is missing {missing}")
     out = {"rope_type": "llama3", **{k: float(params[k]) for k in _LLAMA3_KEYS}}
     out["original_max_position_embeddings"] = int(
-        params.get("original_max_position_embeddings") or max_position_embeddings
+        params.get("original_max_position_embeddings", max_position_embeddings)
     )
     if out["high_freq_factor"] <= out["low_freq_factor"]:
         raise ConfigError(

@@ -116,11 +116,34 @@ def test_rope_scaling_changes_the_logits_so_parity_checks_it():
         assert _max_diff(_our_logits(scaled, ids, pos, cu), plain) > 1e-3
 
 
-@pytest.mark.parametrize(
-    "config_cls,tied",
-    [("LlamaConfig", False), ("LlamaConfig", True), ("Qwen2Config", True), ("Qwen3Config", True)],
-)
-def test_transformers_checkpoint_loads_with_same_logits(config_cls, tied, tmp_path):
+# windows shorter than LENGTHS' longest sequence, which no layer applies (max_window_layers
+# defaults to 28; layer_types names none), and bias flags the type's model ignores (Mistral,
+# Qwen2's and Qwen3's MLP) or honours (Qwen3's attention_bias)
+HF_CONFIGS = {
+    "llama-untied": ("LlamaConfig", {}),
+    "llama-tied": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),
+    "qwen3-tied": ("Qwen3Config", {"tie_word_embeddings": True}),
+    "qwen2-window-on-no-layer": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 4}),
+    "qwen3-window-on-no-layer-type": (
+        "Qwen3Config",
+        {
+            "use_sliding_window": True,
+            "sliding_window": 4,
+            "max_window_layers": 0,
+            "layer_types": ["full_attention"] * 2,
+        },
+    ),
+    "mistral-bias-flags": ("MistralConfig", {"attention_bias": True, "mlp_bias": True}),
+    "qwen2-bias-flags": ("Qwen2Config", {"attention_bias": True, "mlp_bias": True}),
+    "qwen3-bias-flags": ("Qwen3Config", {"attention_bias": True, "mlp_bias": True}),
+}
+
+
+@pytest.mark.parametrize("case", HF_CONFIGS)
+def test_transformers_checkpoint_loads_with_same_logits(case, tmp_path):
+    config_cls, extra = HF_CONFIGS[case]
+    tied = extra.get("tie_word_embeddings", False)
     cfg = getattr(transformers, config_cls)(
         vocab_size=131,
         hidden_size=64,
@@ -130,7 +153,7 @@ def test_transformers_checkpoint_loads_with_same_logits(config_cls, tied, tmp_pa
         num_key_value_heads=2,
         max_position_embeddings=128,
         rope_theta=20000.0,
-        tie_word_embeddings=tied,
+        **{"tie_word_embeddings": tied, **extra},
     )
     torch.manual_seed(11)
     hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -300,6 +323,17 @@ def test_missing_config_and_missing_weights_errors_say_what_a_folder_needs(tmp_p
     )
     with pytest.raises(CheckpointError, match=r"config.json: .*'rope_scaling'.*'yarn'"):
         load_pretrained(tmp_path / "empty")
+
+
+def test_a_null_transformers_refuses_is_an_error_naming_config_json_and_the_key(tmp_path):
+    from sdpo.engine.checkpoint import check_model
+
+    folder = tmp_path / "nulls"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(tiny_hf_dict(rms_norm_eps=None)))
+    message = r"nulls/config.json: config key 'rms_norm_eps' is null.*write the RMSNorm epsilon"
+    with pytest.raises(CheckpointError, match=message):
+        check_model(folder, "auto")
 
 
 def test_a_model_for_transformers_without_transformers_installed_says_to_install_it(

@@ -4,6 +4,7 @@ activation checkpointing."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -109,19 +110,14 @@ def test_config_reads_every_rope_spelling():
     assert default.rope_scaling is None and default.rope_theta == 77.0
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
-@pytest.mark.parametrize(
-    "extra",
-    [
-        {},
-        {"use_sliding_window": True, "max_window_layers": 1},
-        {"rope_scaling": {"rope_type": "llama3", **dict.fromkeys(_LLAMA3, 2.0), "factor": 8.0}},
-    ],
-)
-def test_keys_a_config_lacks_take_transformers_defaults_for_its_type(model_type, extra):
-    """A config.json with the required keys alone: every setting that shapes the computation is
-    the one transformers gives the type (Mistral's 4096-token window, Qwen3's head_dim 128...)."""
+def _read_by_both(extra: dict, model_type: str):
+    """sdpo's and transformers' reading of a config.json with the required keys and ``extra``:
+    each a tuple of the settings that shape the computation and the model's parameter shapes
+    ({name: shape}), or the exception that refuses the config (transformers refuses in its
+    config class or when it builds the model)."""
     transformers = pytest.importorskip("transformers")
+    from huggingface_hub.errors import StrictDataclassError
+
     d = {
         "model_type": model_type,
         "vocab_size": 131,
@@ -131,26 +127,40 @@ def test_keys_a_config_lacks_take_transformers_defaults_for_its_type(model_type,
         "num_attention_heads": 32,  # a multiple of each type's default key/value heads
         **copy.deepcopy(extra),
     }
-    if "rope_scaling" in extra:
-        d["rope_scaling"]["high_freq_factor"] = 4.0
-    ours = ModelConfig.from_hf_dict(copy.deepcopy(d))
-    hf = transformers.AutoConfig.for_model(**copy.deepcopy(d))
+
+    def shapes(model):
+        return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+    try:
+        ours = ModelConfig.from_hf_dict(copy.deepcopy(d))
+        with torch.device("meta"):
+            ours_shapes = shapes(CausalLM(ours))
+    except ConfigError as e:
+        ours_read = e
+    else:
+        ours_read = (
+            ours.head_dim,
+            ours.num_key_value_heads,
+            ours.rms_norm_eps,
+            ours.rope_theta,
+            ours.tie_word_embeddings,
+            ours.sliding_window,
+            ours.max_position_embeddings,
+            (ours.rope_scaling or {}).get("original_max_position_embeddings"),
+            ours_shapes,
+        )
+    try:
+        hf = transformers.AutoConfig.for_model(**copy.deepcopy(d))
+        with torch.device("meta"):
+            hf_shapes = shapes(transformers.AutoModelForCausalLM.from_config(hf))
+    except (StrictDataclassError, TypeError, KeyError) as e:  # strict fields, or no model
+        return ours_read, e
     layer_types = getattr(hf, "layer_types", None) or []
     window = getattr(hf, "sliding_window", None)
     if model_type != "mistral" and "sliding_attention" not in layer_types:
         window = None
     rope = hf.rope_parameters
-    got = (
-        ours.head_dim,
-        ours.num_key_value_heads,
-        ours.rms_norm_eps,
-        ours.rope_theta,
-        ours.tie_word_embeddings,
-        ours.sliding_window,
-        ours.max_position_embeddings,
-        (ours.rope_scaling or {}).get("original_max_position_embeddings"),
-    )
-    want = (
+    hf_read = (
         getattr(hf, "head_dim", None) or 128 // 32,
         hf.num_key_value_heads,
         hf.rms_norm_eps,
@@ -159,8 +169,121 @@ def test_keys_a_config_lacks_take_transformers_defaults_for_its_type(model_type,
         window,
         hf.max_position_embeddings,
         rope.get("original_max_position_embeddings"),
+        hf_shapes,
     )
-    assert got == want
+    return ours_read, hf_read
+
+
+_TYPES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("model_type", _TYPES)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"use_sliding_window": True, "max_window_layers": 1},
+        # max_window_layers (28 by default) >= the layers, or layer_types all full: no window
+        {"use_sliding_window": True},
+        {"use_sliding_window": True, "max_window_layers": 0, "layer_types": ["full_attention"] * 2},
+        {"use_sliding_window": True, "layer_types": ["sliding_attention", "attention"]},
+        {"attention_bias": True, "mlp_bias": True},  # Mistral, Qwen2: ignored; Qwen3: attention
+        {"rope_scaling": {"rope_type": "llama3", **dict.fromkeys(_LLAMA3, 2.0), "factor": 8.0}},
+    ],
+)
+def test_keys_a_config_lacks_take_transformers_defaults_for_its_type(model_type, extra):
+    """A config.json with the required keys alone (or a few more): every setting that shapes
+    the computation, and every parameter's shape, is the one transformers gives the type
+    (Mistral's 4096-token window, Qwen3's head_dim 128, windows only where a layer slides, the
+    biases the type's model has)."""
+    extra = copy.deepcopy(extra)
+    if "rope_scaling" in extra:
+        extra["rope_scaling"]["high_freq_factor"] = 4.0
+    ours, hf = _read_by_both(extra, model_type)
+    assert ours == hf
+
+
+@pytest.mark.parametrize("model_type", _TYPES)
+@pytest.mark.parametrize(
+    "key",
+    [
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "rope_theta",
+        "tie_word_embeddings",
+        "attention_bias",
+        "mlp_bias",
+        "sliding_window",
+        "use_sliding_window",
+        "max_window_layers",
+        "partial_rotary_factor",
+        "hidden_act",
+    ],
+)
+def test_a_null_in_config_json_is_a_default_or_a_refusal_as_in_transformers(model_type, key):
+    """A null where transformers takes the default (a key/value head per head, no window...)
+    reads the same; one transformers refuses is a ConfigError naming the key."""
+    ours, hf = _read_by_both({key: None}, model_type)
+    if isinstance(hf, Exception):
+        assert isinstance(ours, ConfigError) and f"{key!r} is null" in str(ours), (ours, hf)
+    else:
+        assert ours == hf
+
+
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+}
+
+
+@pytest.mark.parametrize(
+    "extra,named",
+    [
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": None}}, "rope_theta"),
+        ({"rope_scaling": {"rope_type": None, "factor": 2.0}}, "rope_type"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": None}}, "factor"),
+        ({"rope_scaling": {**_LLAMA3_ROPE, "low_freq_factor": None}}, "low_freq_factor"),
+        ({"rope_scaling": {**_LLAMA3_ROPE, "original_max_position_embeddings": None}}, "original"),
+        ({"rope_scaling": _LLAMA3_ROPE, "original_max_position_embeddings": None}, "original"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": None}, "theta"),
+        ({"rope_parameters": {"rope_theta": 5e5, "partial_rotary_factor": None}}, None),
+        ({"rope_scaling": None, "rope_parameters": None}, None),
+    ],
+)
+def test_a_null_in_a_rotary_setting_is_a_default_or_a_refusal_as_in_transformers(extra, named):
+    ours, hf = _read_by_both(extra, "llama")
+    if named is None:
+        assert ours == hf
+    else:
+        assert isinstance(hf, Exception)
+        assert isinstance(ours, ConfigError) and named in str(ours) and "null" in str(ours)
+
+
+def test_a_window_written_to_config_json_is_the_one_transformers_applies():
+    """A Qwen window written back slides every layer in transformers (use_sliding_window alone
+    slides none in a model of fewer than max_window_layers layers); a source's window keys that
+    give the model's window stay as they are."""
+    transformers = pytest.importorskip("transformers")
+    windowed = dataclasses.replace(
+        ModelConfig.from_hf_dict(tiny_hf_dict(model_type="qwen2")), sliding_window=8
+    )
+    written = windowed.to_hf_dict()
+    hf = transformers.AutoConfig.for_model(**copy.deepcopy(written))
+    assert hf.layer_types == ["sliding_attention"] * 2 and hf.sliding_window == 8
+    assert ModelConfig.from_hf_dict(written) == windowed
+    source = tiny_hf_dict(
+        model_type="qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=2
+    )
+    kept = ModelConfig.from_hf_dict(source).to_hf_dict()
+    assert {k: kept[k] for k in ("use_sliding_window", "sliding_window", "max_window_layers")} == {
+        "use_sliding_window": True,
+        "sliding_window": 8,
+        "max_window_layers": 2,
+    }
 
 
 def test_llama3_inverse_frequencies_match_a_float64_scalar_reference():
@@ -205,7 +328,7 @@ def test_llama3_inverse_frequencies_match_a_float64_scalar_reference():
         ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"'rope_parameters'.*'yarn'"),
         ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, r"'rope_scaling'.*'dynamic'"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, r"missing \['low_freq_factor'"),
-        ({"vocab_size": None}, r"missing required key\(s\) \['vocab_size'\]"),
+        ({"vocab_size": None}, r"'vocab_size' is null.*write the number of rows"),
         ({"num_key_value_heads": 3}, r"multiple of num_key_value_heads \(3\)"),
         (
             {"model_type": "gemma"},
@@ -218,6 +341,13 @@ def test_llama3_inverse_frequencies_match_a_float64_scalar_reference():
 def test_unsupported_configs_are_rejected_naming_the_key(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         ModelConfig.from_hf_dict(tiny_hf_dict(**overrides))
+
+
+def test_a_config_without_a_required_key_is_refused_naming_it():
+    d = tiny_hf_dict()
+    del d["intermediate_size"]
+    with pytest.raises(ConfigError, match=r"missing required key\(s\) \['intermediate_size'\]"):
+        ModelConfig.from_hf_dict(d)
 
 
 # ---------------------------------------------------------------- numerics
