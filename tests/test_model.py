@@ -263,6 +263,30 @@ def test_a_null_in_a_rotary_setting_is_a_default_or_a_refusal_as_in_transformers
         assert isinstance(ours, ConfigError) and named in str(ours) and "null" in str(ours)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"layer_types": ["sliding_attention"] * 2},  # use_sliding_window is false by default
+        {
+            "use_sliding_window": True,
+            "sliding_window": None,
+            "layer_types": ["sliding_attention"] * 2,
+        },
+        {"use_sliding_window": True, "layer_types": ["sliding_attention"]},  # one of 2 layers
+    ],
+)
+def test_qwen_layer_types_transformers_cannot_run_are_refused_naming_the_key(extra):
+    transformers = pytest.importorskip("transformers")
+    from huggingface_hub.errors import StrictDataclassError
+
+    d = tiny_hf_dict(model_type="qwen2", **extra)
+    with pytest.raises(ConfigError, match="'layer_types'"):
+        ModelConfig.from_hf_dict(copy.deepcopy(d))
+    with pytest.raises((StrictDataclassError, ValueError, TypeError)):
+        hf = transformers.AutoConfig.for_model(**d)
+        transformers.AutoModelForCausalLM.from_config(hf)(torch.arange(3)[None])
+
+
 def test_a_window_written_to_config_json_is_the_one_transformers_applies():
     """A Qwen window written back slides every layer in transformers (use_sliding_window alone
     slides none in a model of fewer than max_window_layers layers); a source's window keys that
