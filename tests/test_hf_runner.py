@@ -653,6 +653,13 @@ def test_one_long_sequence_among_short_ones_is_not_padded_to_the_longest(tmp_pat
         lambda module, args, kwargs: calls.append(kwargs["input_ids"].numel()), with_kwargs=True
     )
     lengths = [3, 2, 40, 5, 2, 6, 4, 3, 2, 1]
+    _check_packed_against_each_alone(model, hf, lengths)
+    assert sum(calls) <= 2 * sum(lengths) < len(lengths) * max(lengths)
+
+
+def _check_packed_against_each_alone(model, hf, lengths: list[int]) -> None:
+    """``model``'s logits of random sequences of ``lengths`` packed into one call are ``hf``'s
+    (the transformers model) on each sequence alone."""
     gen = torch.Generator().manual_seed(0)
     seqs = [torch.randint(3, 40, (n,), generator=gen) for n in lengths]
     ids = torch.cat(seqs)
@@ -662,7 +669,6 @@ def test_one_long_sequence_among_short_ones_is_not_padded_to_the_longest(tmp_pat
         logits = model(ids, positions, cu, max(lengths)) @ model.lm_head_weight.T
         want = torch.cat([hf(s[None]).logits[0] for s in seqs])
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
-    assert sum(calls) <= 2 * ids.numel() < len(lengths) * max(lengths)
 
 
 @pytest.mark.parametrize(
@@ -698,17 +704,8 @@ def test_a_rotary_set_by_the_longest_position_rotates_each_sequence_as_alone(
     one, so the wrapper runs them in separate decoder calls."""
     folder = write_hf_model(tmp_path / "m", config_class, **overrides)
     model = load_model(folder, implementation="auto")
-    lengths = [3, 20, 5, 2]
-    gen = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(3, 40, (n,), generator=gen) for n in lengths]
-    ids = torch.cat(seqs)
-    positions = torch.cat([torch.arange(n) for n in lengths])
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    with torch.no_grad():
-        logits = model(ids, positions, cu, max(lengths)) @ model.lm_head_weight.T
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        want = torch.cat([hf(s[None]).logits[0] for s in seqs])
-    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    _check_packed_against_each_alone(model, hf, [3, 20, 5, 2])
 
 
 def test_the_fingerprint_of_a_transformers_model_follows_the_model_not_the_library(gemma_dir):
