@@ -705,7 +705,12 @@ class CausalLM(nn.Module):
             p = shared_prefix
             shared = (p.cu_seqlens_k, p.max_seqlen_k, p.kv_index)
         for i, layer in enumerate(self.model.layers):
-            args = (x, cos, sin, cu_seqlens, max_seqlen, self.attn_backend, *shared)
+            # Each layer takes its input as a view (free: no copy). FSDP's pre-forward hook hands
+            # a layer a view of every input that requires grad, but not to the recomputation of
+            # a checkpointed layer nor to a layer whose input needs no grad (frozen embeddings
+            # under LoRA); a compiled layer guards on whether its input is a view, so without
+            # this it would compile each of those calls again.
+            args = (x.view_as(x), cos, sin, cu_seqlens, max_seqlen, self.attn_backend, *shared)
             if checkpointing and i % every == 0:
                 x = torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
             else:
