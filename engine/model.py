@@ -92,13 +92,50 @@ _NULL_FIXES = {
 # Keys the type's modeling code does not read, whatever their value: Mistral has no biases,
 # Qwen2 always q/k/v biases and no others, Qwen3 no MLP biases; only Qwen slides by layer.
 _IGNORED_KEYS: dict[str, frozenset[str]] = {
-    "llama": frozenset({"use_sliding_window", "max_window_layers"}),
+    "llama": frozenset({"sliding_window", "use_sliding_window", "max_window_layers"}),
     "mistral": frozenset({"attention_bias", "mlp_bias", "use_sliding_window", "max_window_layers"}),
     "qwen2": frozenset({"attention_bias", "mlp_bias"}),
     "qwen3": frozenset({"mlp_bias"}),
 }
 # Keys of a rope dict that describe the scaling (everything else, like rope_theta, is not).
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor")
+# The JSON type of each key the model reads, as transformers 5's config classes check them
+# (its strict fields take no 64.0 for an int, no 1 for a float, no "false" for a bool), and
+# the same for the keys of a rotary dict (which it does not check, and then fails on or runs
+# with a string): a number there is an int or a float, never a bool.
+_JSON_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"),
+    "float": ((float,), "a decimal number (1e-06, 0.02)"),
+    "number": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+}
+_KEY_TYPES = {
+    **dict.fromkeys(
+        (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+            "sliding_window",
+            "max_window_layers",
+            "original_max_position_embeddings",
+        ),
+        "int",
+    ),
+    **dict.fromkeys(("rms_norm_eps", "initializer_range"), "float"),
+    **dict.fromkeys(("rope_theta", "partial_rotary_factor"), "number"),
+    **dict.fromkeys(
+        ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window"), "bool"
+    ),
+}
+_ROPE_KEY_TYPES = {
+    **dict.fromkeys(("rope_theta", "partial_rotary_factor", *_LLAMA3_KEYS), "number"),
+    "original_max_position_embeddings": "int",
+}
 
 
 class ConfigError(ValueError):
@@ -196,6 +233,7 @@ class ModelConfig:
         # a key the file lacks (not one set to null) takes transformers' default for the type
         d = {**_TYPE_DEFAULTS.get(model_type, {}), **d}
         _refuse_nulls(d, model_type)
+        _refuse_wrong_types(d, _KEY_TYPES, model_type=model_type)
         act = d.get("hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedConfig(
@@ -321,6 +359,37 @@ def _refuse_nulls(d: dict[str, Any], model_type: str) -> None:
             )
 
 
+def _refuse_wrong_types(
+    d: dict[str, Any], types: dict[str, str], *, model_type: str, where: str = ""
+) -> None:
+    """A ConfigError for a value of another JSON type than ``types`` gives its key (nulls are
+    _refuse_nulls's), in a key the type's model reads; ``where`` prefixes a rotary dict's keys."""
+    ignored = _IGNORED_KEYS.get(model_type, frozenset()) if not where else frozenset()
+    for key, kind in types.items():
+        value = d.get(key)
+        if value is None or key in ignored:
+            continue
+        accepted, words = _JSON_TYPES[kind]
+        if isinstance(value, accepted) and (kind == "bool" or not isinstance(value, bool)):
+            continue
+        fix = _NULL_FIXES.get(key, "the value the model was trained with")
+        name = _JSON_NAMES.get(type(value), type(value).__name__)
+        raise ConfigError(
+            f"config key {where + key!r} is {value!r} (a JSON {name}), which a {model_type} "
+            f"model does not take: write {words}, without quotes ({fix})"
+        )
+
+
+_JSON_NAMES = {
+    bool: "boolean",
+    int: "integer",
+    float: "decimal number",
+    str: "string",
+    list: "array",
+    dict: "object",
+}
+
+
 def _active_sliding_window(d: dict[str, Any], model_type: str) -> int | None:
     """The window of the layers that attend through a sliding window, None where no layer
     does, as transformers 5 reads the config: Mistral slides every layer when sliding_window
@@ -374,6 +443,9 @@ def _read_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
         key, params = "rope_theta", {}
     if not isinstance(params, dict):
         raise ConfigError(f"config key {key!r} must be a dict, got {type(params).__name__}")
+    _refuse_wrong_types(
+        params, _ROPE_KEY_TYPES, model_type=d.get("model_type", "llama"), where=f"{key}."
+    )
     theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
     if theta is None:
         # transformers builds no rotary from a null base

@@ -232,6 +232,47 @@ def test_a_null_in_config_json_is_a_default_or_a_refusal_as_in_transformers(mode
         assert ours == hf
 
 
+@pytest.mark.parametrize(
+    "model_type,extra,refused",
+    [
+        ("llama", {"rms_norm_eps": "1e-6"}, "'rms_norm_eps' is '1e-6'"),
+        ("llama", {"hidden_size": 128.0}, "'hidden_size' is 128.0"),
+        ("llama", {"hidden_size": "128"}, "'hidden_size' is '128'"),  # was a bare TypeError
+        ("llama", {"num_hidden_layers": True}, "'num_hidden_layers' is True"),
+        ("llama", {"max_position_embeddings": "256"}, "'max_position_embeddings' is '256'"),
+        ("qwen2", {"tie_word_embeddings": "false"}, "'tie_word_embeddings' is 'false'"),  # truthy
+        ("llama", {"attention_bias": "false"}, "'attention_bias' is 'false'"),
+        ("qwen3", {"attention_bias": 1}, "'attention_bias' is 1"),
+        ("llama", {"initializer_range": 1}, "'initializer_range' is 1"),
+        ("mistral", {"sliding_window": "4096"}, "'sliding_window' is '4096'"),  # was the window
+        ("qwen2", {"use_sliding_window": "false"}, "'use_sliding_window' is 'false'"),
+        ("qwen3", {"max_window_layers": 1.0}, "'max_window_layers' is 1.0"),
+        ("llama", {"rope_theta": "10000"}, "'rope_theta' is '10000'"),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "linear", "rope_theta": 5e5, "factor": "2.0"}},
+            "'rope_parameters.factor' is '2.0'",
+        ),
+        # keys the type's model does not read, and an integer rotary base, are as transformers
+        ("llama", {"sliding_window": "4096", "rope_theta": 500000}, None),
+        ("mistral", {"attention_bias": "false", "max_window_layers": 1.0}, None),
+        ("qwen2", {"attention_bias": "false", "mlp_bias": 1}, None),
+    ],
+)
+def test_a_value_of_another_json_type_is_refused_naming_the_key_as_in_transformers(
+    model_type, extra, refused
+):
+    """A string, a float for an integer, an integer for a bool... is a ConfigError naming the
+    key, the value and what to write, where transformers refuses it (or fails on it later);
+    it was read as a wrong value ("false" as true, "4096" as a window) or failed deep inside."""
+    ours, hf = _read_by_both(extra, model_type)
+    if refused is None:
+        assert ours == hf
+    else:
+        assert isinstance(hf, Exception), hf
+        assert isinstance(ours, ConfigError) and refused in str(ours) and "write" in str(ours)
+
+
 _LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
