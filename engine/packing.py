@@ -194,6 +194,14 @@ def _check_packable(pair: TokenizedPair) -> None:
             )
 
 
+def check_packable(pairs: Sequence[TokenizedPair]) -> None:
+    """Every pair with a prompt and both completions, as ``pack_pairs`` needs them, before any
+    work: the trainer met such a pair only when its micro-batch was packed, after earlier
+    micro-batches' backward."""
+    for pair in pairs:
+        _check_packable(pair)
+
+
 ID_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 
 # pairs per check_token_ids walk: a few hundred thousand ids of int64 at a time for pairs of

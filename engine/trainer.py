@@ -68,6 +68,7 @@ from sdpo.engine.packing import (
     TokenizedPair,
     batch_by_token_budget,
     check_ld_alpha,
+    check_packable,
     check_pairs,
     check_token_ids,
     head_rows,
@@ -771,8 +772,10 @@ class DPOTrainer:
         # (stop_takes_effect_after reads them, once, when a stop is asked for here)
         self._stops_agreed: dict[int, Tensor] = {}
         # the list of pairs whose token ids were checked last (by fit, or by train_step on
-        # first sight): train_step walks a list once, not at every step
+        # first sight), and the reference table checked to hold them: train_step walks a list
+        # once, not at every step
         self._ids_checked: Sequence[TokenizedPair] | None = None
+        self._ref_checked: PairLogps | None = None
         # data parallel, unsharded: gradients reduced in buckets during the last backward.
         # Sharded, the replicated parameters (a LoRA adapter) are reduced in one all-reduce after
         # the last pass: all-reduces started inside a backward would interleave with FSDP's
@@ -975,16 +978,23 @@ class DPOTrainer:
         Data parallel: ``micro_batches`` is the whole step (the same on every rank); this rank
         runs its share and the gradients and metric sums are summed over ranks.
 
-        The token ids of ``pairs`` are checked (``check_token_ids``) the first time a list is
+        The pairs (``check_pairs``), their token ids (``check_token_ids``), that each can be
+        packed (a prompt and both completions) and that ``ref`` holds each one's values for its
+        tokens (``check_reference_tokens``) are checked the first time a list, or a table, is
         given, as ``fit`` checks its pairs once; a list changed afterwards is not checked again.
-        Unchecked, a bad id met by a later micro-batch would leave the earlier ones' gradients
+        Unchecked, a bad pair met by a later micro-batch would leave the earlier ones' gradients
         behind, an id outside the vocabulary would fail in the embedding lookup (an opaque
         index error; a device-side assert on a GPU), and, data parallel, the one rank whose
         share holds it would fail while the others wait in the all-reduce; every rank checks
         the whole list, so every rank refuses it."""
         if pairs is not self._ids_checked:
+            check_pairs(pairs, "DPOTrainer.train_step")
             self._check_ids(pairs)
-            self._ids_checked = pairs
+            self._ids_checked, self._ref_checked = pairs, None
+        if ref is not self._ref_checked:
+            check_reference_table(ref, "DPOTrainer.train_step")
+            check_reference_tokens(ref, pairs, "DPOTrainer.train_step")
+            self._ref_checked = ref
         normalizer = sum(len(m) for m in micro_batches)
         if self.sft:  # the whole step's pairs over its chosen completion tokens (every rank's)
             chosen = sum(len(pairs[i].chosen_ids) for m in micro_batches for i in m)
@@ -1112,8 +1122,10 @@ class DPOTrainer:
         return result
 
     def _check_ids(self, pairs: Sequence[TokenizedPair]) -> None:
-        """Every token id of ``pairs`` an int in the model's vocabulary, named if not."""
+        """Every token id of ``pairs`` an int in the model's vocabulary and every pair with a
+        prompt and both completions, named if not."""
         check_token_ids(pairs, vocab_size=self.model.lm_head_weight.shape[0])
+        check_packable(pairs)
 
     def _reduce_over_ranks(self, sums: dict[str, Tensor], *, grads: bool) -> dict[str, Tensor]:
         """Sum the metric sums, the stop flags and, with ``grads``, the gradients of the
@@ -1262,9 +1274,10 @@ class DPOTrainer:
         check_pairs(pairs, "DPOTrainer.fit")
         # bad input before any update, not at the micro-batch that holds it
         self._check_ids(pairs)
-        self._ids_checked = pairs  # train_step and probe_memory need not walk them again
         check_reference_table(ref, "DPOTrainer.fit")
         check_reference_tokens(ref, pairs, "DPOTrainer.fit")  # every pair in ref, its counts
+        # train_step and probe_memory need not walk them again
+        self._ids_checked, self._ref_checked = pairs, ref
         cfg = self.config
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -416,6 +416,38 @@ def test_train_step_and_memory_probe_refuse_a_bad_token_id_before_any_backward(
         with pytest.raises(error, match=where):
             trainer.probe_memory(broken, ref, [[3]])
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+    trainer.train_step(pairs, [[0, 1], [2, 3]], ref)
+    assert trainer.optimizer.state
+
+
+def test_train_step_refuses_a_pair_without_reference_values_or_unpackable_before_any_backward(
+    tiny_model_dir, tmp_path
+):
+    """Called directly, a step whose second micro-batch holds a pair the reference table lacks,
+    or a pair with an empty prompt, is refused before the first micro-batch's backward (it
+    failed in that micro-batch, the first one's gradients left on the parameters), as fit
+    refuses them; the same list with a table that holds it, and the good pairs, then train."""
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=4, seed=4))
+    model = load_pretrained(tiny_model_dir)
+    ref = score_pairs(model, pairs, max_tokens_per_batch=1024, impl="torch")
+    short = replace(  # the table without the last pair's row
+        ref,
+        **{
+            f.name: getattr(ref, f.name)[:3]
+            for f in fields(ref)
+            if getattr(ref, f.name) is not None
+        },
+    )
+    trainer = _trainer(model, tmp_path)
+    empty = [*pairs[:3], replace(pairs[3], prompt_ids=[])]
+    for step_pairs, table, error, said in (
+        (pairs, short, KeyError, rf"no reference values for pairs \[{pairs[3].index}\]"),
+        (empty, ref, ValueError, rf"pair {pairs[3].index} has an empty prompt"),
+    ):
+        with pytest.raises(error, match=said):
+            trainer.train_step(step_pairs, [[0, 1], [2, 3]], table)
+        assert all(p.grad is None for p in model.parameters())
+        assert not trainer.optimizer.state
     trainer.train_step(pairs, [[0, 1], [2, 3]], ref)
     assert trainer.optimizer.state
 
