@@ -508,6 +508,15 @@ def _score(args: argparse.Namespace) -> int:
     from sdpo.runner import model_folder, select_device, tokenized_once
 
     device = select_device()
+    # as a run resolves train.precision: the default scores the values a default run caches
+    precision = resolve_precision(args.precision, device)
+    shardable = False  # whether --fsdp can shard the model (sdpo's own decoder runs it)
+
+    def out_of_memory(error: BaseException) -> int:
+        advice = _score_memory_advice(error, args, precision, shardable=shardable)
+        _say(f"sdpo: {advice}", file=sys.stderr, this_rank=True)
+        return _leave_group_alone(EXIT_OUT_OF_MEMORY)
+
     try:  # bad input (the model folder, the data, the column map) exits 2 with one message
         try:
             check_ld_alpha(args.ld_alpha)
@@ -519,6 +528,7 @@ def _score(args: argparse.Namespace) -> int:
         model_dir = model_folder(args.model, revision=args.revision, key="--model")
         # a missing folder or weights, named before the tokenizer
         info = check_model(model_dir, args.implementation)
+        shardable = info.implementation != "transformers"
         if info.implementation == "transformers":
             flags = [
                 f for f, on in (("--fsdp", args.fsdp), ("--share-prompt", args.share_prompt)) if on
@@ -553,8 +563,6 @@ def _score(args: argparse.Namespace) -> int:
 
         # before the model is loaded: bad data costs no load
         pairs, _, stats = tokenized_once(read)
-        # as a run resolves train.precision: the default scores the values a default run caches
-        precision = resolve_precision(args.precision, device)
 
         def shard(model: torch.nn.Module) -> None:
             sharding.shard_model(model, precision=precision, device=device)
@@ -576,16 +584,21 @@ def _score(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as e:  # DataError and the model errors are ValueErrors
         _say(f"sdpo: input error: {e}", file=sys.stderr)
         return EXIT_INPUT
-    scores = score_pairs(
-        model,
-        pairs,
-        max_tokens_per_batch=args.max_tokens_per_batch,
-        impl=resolve_impl(args.impl, device),
-        share_prompt=args.share_prompt,
-        progress=not args.no_progress,
-        ld_alpha=args.ld_alpha,
-        precision=precision,
-    )
+    except torch.OutOfMemoryError as e:  # loading the model: nothing was written
+        return out_of_memory(e)
+    try:
+        scores = score_pairs(
+            model,
+            pairs,
+            max_tokens_per_batch=args.max_tokens_per_batch,
+            impl=resolve_impl(args.impl, device),
+            share_prompt=args.share_prompt,
+            progress=not args.no_progress,
+            ld_alpha=args.ld_alpha,
+            precision=precision,
+        )
+    except torch.OutOfMemoryError as e:
+        return out_of_memory(e)
     gamma = scores.gamma
     if not distributed.is_main():
         return 0
@@ -622,6 +635,35 @@ def _score(args: argparse.Namespace) -> int:
         f"mean γ: {float(gamma.mean()):.4f}"
     )
     return 0
+
+
+def _score_memory_advice(
+    error: BaseException, args: argparse.Namespace, precision: str, *, shardable: bool
+) -> str:
+    """What ``sdpo score`` says when the device ran out of memory: the settings that hold its
+    memory, and how to lower each (nothing was written)."""
+    weights = (
+        "--precision bf16 (bf16 weights: half the memory of fp32 ones; its values are those a "
+        'run with train.precision = "bf16" caches)'
+        if precision != "bf16"
+        else None
+    )
+    ways = [
+        w
+        for w in (
+            weights,
+            f"a smaller --max-tokens-per-batch (now {args.max_tokens_per_batch})",
+            None
+            if args.fsdp or not shardable
+            else "--fsdp under torchrun (the model sharded over the GPUs)",
+        )
+        if w is not None
+    ]
+    first = str(error).splitlines()[0] if str(error) else "out of memory"
+    return (
+        f"out of memory scoring with precision {precision} ({first}); nothing was written. "
+        f"Try {'; or '.join(ways)}"
+    )
 
 
 def _check_lengths(pairs: list[TokenizedPair], rows: list[dict], info: ModelInfo) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sdpo.cli import EXIT_INPUT, main
+from sdpo.cli import EXIT_INPUT, EXIT_OUT_OF_MEMORY, main
 from tests.conftest import write_pairs
 
 
@@ -350,6 +350,26 @@ def test_score_truncation_keeps_the_prompt_end_a_run_keeps(tiny_model_dir, tmp_p
         want = score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch")
         assert got[truncation] == want.chosen_logps.tolist()
     assert got["keep_start"] != got["keep_end"]
+
+
+def test_score_out_of_memory_says_what_to_lower_and_writes_nothing(
+    tiny_model_dir, tmp_path, capsys, monkeypatch
+):
+    """Out of memory while scoring exits 4 (as train does) with what holds the memory and how
+    to lower it: bf16 weights (the default precision may keep fp32 ones), a smaller batch, or
+    the model sharded; no traceback and no --out file."""
+    from sdpo.engine import resume
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=3, seed=4)
+    out = tmp_path / "scores.jsonl"
+    monkeypatch.setattr(resume, "_fault_counts", {})
+    monkeypatch.setenv("SDPO_FAULT_AT", "score_batch:1:OOM")
+    argv = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(out)]
+    assert main([*argv, "--no-progress", "--max-tokens-per-batch", "512"]) == EXIT_OUT_OF_MEMORY
+    said = capsys.readouterr().err
+    assert "out of memory scoring with precision fp32" in said and "Traceback" not in said
+    assert "--precision bf16" in said and "--max-tokens-per-batch (now 512)" in said
+    assert "--fsdp under torchrun" in said and not out.exists()
 
 
 def test_score_refuses_an_out_path_it_cannot_write_before_scoring(tiny_model_dir, tmp_path, capsys):
