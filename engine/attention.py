@@ -12,6 +12,14 @@ chosen at run time by :func:`resolve_attention_backend` (the one place the choic
 All take ``q`` of shape (N, Hq, D) and ``k``/``v`` of shape (N, Hkv, D) with Hq a multiple of
 Hkv (grouped-query attention) and return (N, Hq, D).
 
+Sliding window (``window``, Mistral's and Qwen's ``sliding_window``): a query sees at most
+``window`` keys, itself and the ``window - 1`` before it, as transformers 5 masks them (key j is
+seen by query i when ``i - window < j <= i``). The flash kernels take it as
+``window_size=(window - 1, 0)`` (flash-attn >= 2.3; ``varlen_attn`` where its signature has
+``window_size``), the number of keys left of the query's own, which is what transformers hands
+flash-attn too; the SDPA fallback masks a band of the causal triangle. A backend that cannot
+apply a window is skipped by "auto" and refused by name (:func:`resolve_attention_backend`).
+
 Shared-prompt layout (opt-in, see ``engine/packing.py``): a pair's prompt is computed once and
 attended to by both completions. Queries and keys then have separate layouts: query sequence i
 is rows ``cu_seqlens[i]:cu_seqlens[i+1]`` of ``q``, key sequence i is rows
@@ -47,6 +55,11 @@ BACKEND_NEEDS = {
     "flash": "a CUDA device and the flash-attn package",
     "varlen": "a CUDA device and PyTorch >= 2.10",
 }
+# what each of them needs to apply a sliding window
+WINDOW_NEEDS = {
+    "flash": "flash-attn >= 2.3 (its window_size)",
+    "varlen": "a PyTorch whose torch.nn.attention.varlen.varlen_attn takes window_size",
+}
 
 # flash-attn and varlen_attn are flash kernels: half-precision inputs only.
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -77,6 +90,13 @@ class SharedPrefix:
 
 
 @functools.cache
+def _flash_attn_takes_window() -> bool:
+    """flash-attn's varlen function takes ``window_size`` from version 2.3 on."""
+    func = _flash_attn_varlen_func()
+    return func is not None and "window_size" in inspect.signature(func).parameters
+
+
+@functools.cache
 def _flash_attn_aligns_bottom_right() -> bool:
     """flash-attn aligns its causal mask bottom-right when Lq != Lk from version 2.1 on (before
     it was top-left); the shared-prompt layout relies on it."""
@@ -100,38 +120,54 @@ def _torch_varlen_attn() -> tuple[Callable, frozenset[str]] | None:
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def available_attention_backends(device: torch.device | str) -> list[str]:
-    """The concrete backends usable on ``device`` in this environment, fastest first."""
+def available_attention_backends(
+    device: torch.device | str, *, sliding_window: bool = False
+) -> list[str]:
+    """The concrete backends usable on ``device`` in this environment, fastest first; with
+    ``sliding_window``, those of them that can apply a window."""
     device = torch.device(device)
     found = []
     if device.type == "cuda":
-        if _flash_attn_varlen_func() is not None:
+        if _flash_attn_varlen_func() is not None and (
+            not sliding_window or _flash_attn_takes_window()
+        ):
             found.append("flash")
-        if _torch_varlen_attn() is not None:
+        varlen = _torch_varlen_attn()
+        if varlen is not None and (not sliding_window or "window_size" in varlen[1]):
             found.append("varlen")
     found.append("sdpa")
     return found
 
 
 def resolve_attention_backend(
-    backend: str, device: torch.device | str, dtype: torch.dtype | None = None
+    backend: str,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    *,
+    sliding_window: bool = False,
 ) -> str:
     """Turn ``backend`` ("auto" or a concrete name) into the concrete backend to run.
 
     "auto" picks flash-attn, then ``varlen_attn``, then per-sequence SDPA; the flash kernels are
-    skipped for dtypes they do not support (float32 on CUDA runs SDPA). Naming a concrete
-    backend that cannot run here is an error that says why."""
+    skipped for dtypes they do not support (float32 on CUDA runs SDPA), and with
+    ``sliding_window`` (a window that masks some key) where their version takes no window.
+    Naming a concrete backend that cannot run here is an error that says why."""
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(
             f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
         )
     device = torch.device(device)
-    usable = available_attention_backends(device)
+    usable = available_attention_backends(device, sliding_window=sliding_window)
     if backend == "auto":
         if dtype is not None and dtype not in _FLASH_DTYPES:
             return "sdpa"
         return usable[0]
     if backend not in usable:
+        if backend in available_attention_backends(device):
+            raise ValueError(
+                f"attention backend {backend!r} cannot apply a sliding window: it needs "
+                f"{WINDOW_NEEDS[backend]}; upgrade it, or use backend='auto' or one of {usable}"
+            )
         why = f"it needs {BACKEND_NEEDS[backend]}"
         if backend == "flash":
             why += " (pip install flash-attn)"
@@ -158,11 +194,14 @@ def varlen_attention(
     scale: float | None = None,
     cu_seqlens_k: Tensor | None = None,
     max_seqlen_k: int | None = None,
+    window: int | None = None,
 ) -> Tensor:
     """Causal attention within each packed sequence: q (N, Hq, D), k/v (N, Hkv, D) -> (N, Hq, D).
 
     ``cu_seqlens`` (S+1,) int32 holds the sequence boundaries (0 first, N last); ``max_seqlen``
-    is the longest sequence. ``scale`` defaults to 1/sqrt(D).
+    is the longest sequence. ``scale`` defaults to 1/sqrt(D). ``window``: each query sees at
+    most this many keys, its own and those just before it (see the module docstring); None:
+    every earlier key of its sequence.
 
     With ``cu_seqlens_k`` (S+1,) and ``max_seqlen_k``, k/v (K, Hkv, D) have their own layout:
     key sequence i is rows ``cu_seqlens_k[i]:cu_seqlens_k[i+1]``, with at least as many keys as
@@ -177,7 +216,10 @@ def varlen_attention(
         raise ValueError(
             f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})"
         )
-    name = resolve_attention_backend(backend, q.device, q.dtype)
+    if window is not None and (
+        isinstance(window, bool) or not isinstance(window, int) or window < 1
+    ):
+        raise ValueError(f"window must be a positive number of keys or None, got {window!r}")
     if cu_seqlens_k is None:  # the ordinary layout: keys are the queries' rows
         cu_k, max_k = cu_seqlens, max_seqlen
     else:
@@ -187,21 +229,43 @@ def varlen_attention(
                 f"({tuple(cu_seqlens.shape)}, got {tuple(cu_seqlens_k.shape)}) and max_seqlen_k "
                 f"(got {max_seqlen_k})"
             )
-        if name == "flash" and not _flash_attn_aligns_bottom_right():
-            raise ValueError(
-                "the installed flash-attn aligns its causal mask top-left when a sequence has "
-                "more keys than queries (before 2.1); the shared-prompt layout needs "
-                "flash-attn >= 2.1: upgrade it, or use backend 'varlen' or 'sdpa'"
-            )
         cu_k, max_k = cu_seqlens_k, max_seqlen_k
+    if (
+        window is not None
+        and backend in BACKEND_NEEDS
+        and backend not in available_attention_backends(q.device, sliding_window=True)
+        and max_k <= window
+    ):
+        # a kernel named without windows runs a batch that no window reaches (compared only
+        # here: a comparison with the symbolic max_k would specialise compiled layers on it)
+        window = None
+    name = resolve_attention_backend(backend, q.device, q.dtype, sliding_window=window is not None)
+    if cu_seqlens_k is not None and name == "flash" and not _flash_attn_aligns_bottom_right():
+        raise ValueError(
+            "the installed flash-attn aligns its causal mask top-left when a sequence has "
+            "more keys than queries (before 2.1); the shared-prompt layout needs "
+            "flash-attn >= 2.1: upgrade it, or use backend 'varlen' or 'sdpa'"
+        )
     if name in ("flash", "varlen"):
         run = _flash if name == "flash" else _torch_varlen
-        return run(q, k, v, cu_q=cu_seqlens, cu_k=cu_k, max_q=max_seqlen, max_k=max_k, scale=scale)
+        return run(
+            q,
+            k,
+            v,
+            cu_q=cu_seqlens,
+            cu_k=cu_k,
+            max_q=max_seqlen,
+            max_k=max_k,
+            scale=scale,
+            window=window,
+        )
     # Inside a compiled layer the per-sequence loop (a host sync, then one SDPA call per
     # sequence) runs eagerly: traced, it would break the graph at the sync and specialise the
     # rest on the sequence count, one recompile per new count until Dynamo's limit.
     run = _sdpa_per_sequence_eager if torch.compiler.is_compiling() else _sdpa_per_sequence
-    return run(q, k, v, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, scale=scale)
+    return run(
+        q, k, v, cu_seqlens=cu_seqlens, cu_seqlens_k=cu_seqlens_k, scale=scale, window=window
+    )
 
 
 def _int32_bounds(cu_q: Tensor, cu_k: Tensor, *, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -221,12 +285,16 @@ def _flash(
     max_q: int,
     max_k: int,
     scale: float | None,
+    window: int | None,
 ) -> Tensor:
     flash_attn_varlen_func = _flash_attn_varlen_func()
     cu_q, cu_k = _int32_bounds(cu_q, cu_k, device=q.device)
+    # window_size counts the keys left of the query's own (bottom-right aligned, as the causal
+    # mask); given only with a window, so that flash-attn < 2.3 runs unwindowed layers
+    kwargs = {} if window is None else {"window_size": (window - 1, 0)}
     # GQA is native: flash-attn maps query head h to key/value head h // (Hq // Hkv).
     return flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale, causal=True
+        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=scale, causal=True, **kwargs
     )  # (N, Hq, D)
 
 
@@ -240,13 +308,16 @@ def _torch_varlen(
     max_q: int,
     max_k: int,
     scale: float | None,
+    window: int | None,
 ) -> Tensor:
     varlen_attn, params = _torch_varlen_attn()
     cu_q, cu_k = _int32_bounds(cu_q, cu_k, device=q.device)
     kwargs: dict = {"scale": scale}
     # The causal switch changed between releases: window_size=(-1, 0) (newer) or is_causal.
+    # A sliding window is (window - 1, 0): the flash kernel's keys left of the query's own
+    # (resolve_attention_backend has refused a release without window_size).
     if "window_size" in params:
-        kwargs["window_size"] = (-1, 0)
+        kwargs["window_size"] = (-1 if window is None else window - 1, 0)
     else:
         kwargs["is_causal"] = True
     if k.shape[1] != q.shape[1] and "enable_gqa" in params:
@@ -264,6 +335,7 @@ def _sdpa_per_sequence(
     cu_seqlens: Tensor,
     scale: float | None,
     cu_seqlens_k: Tensor | None = None,
+    window: int | None = None,
 ) -> Tensor:
     bounds = cu_seqlens.tolist()  # one host sync per call
     if not bounds or bounds[0] != 0 or bounds[-1] != q.shape[0]:
@@ -297,14 +369,18 @@ def _sdpa_per_sequence(
         if groups > 1:
             ks = ks.repeat_interleave(groups, dim=0)  # (Hq, Lk, D)
             vs = vs.repeat_interleave(groups, dim=0)  # (Hq, Lk, D)
-        if extra == 0:
+        windowed = window is not None and k_end - k_start > window
+        if extra == 0 and not windowed:
             out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         else:
             # SDPA's is_causal is aligned top-left when Lq != Lk: build the bottom-right mask
-            # (query j sees keys 0 .. j + extra)
+            # (query j sees keys 0 .. j + extra), and with a window only its last `window` of
+            # them (keys j + extra - window + 1 .. j + extra)
             allowed = torch.ones(
                 end - start, k_end - k_start, dtype=torch.bool, device=q.device
             ).tril(diagonal=extra)  # (Lq, Lk)
+            if windowed:
+                allowed = allowed.triu(diagonal=extra - window + 1)
             out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
         outputs.append(out.transpose(0, 1))  # (Lq, Hq, D)
     if not outputs:

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sdpo.engine import attention
 from sdpo.engine.attention import (
     available_attention_backends,
     resolve_attention_backend,
@@ -27,8 +28,9 @@ def _packed_inputs(lengths, *, hq, hkv, d, dtype, device="cpu", seed=0):
     return q, k, v, cu.to(device)
 
 
-def _dense_reference(q, k, v, cu):
-    """float64 softmax attention over the whole stream with a block-diagonal causal mask."""
+def _dense_reference(q, k, v, cu, window=None):
+    """float64 softmax attention over the whole stream with a block-diagonal causal mask; with
+    ``window``, query i sees keys i - window < j <= i (transformers' sliding window)."""
     q, k, v = (t.to(torch.float64) for t in (q, k, v))
     n, hq, d = q.shape
     groups = hq // k.shape[1]
@@ -37,6 +39,8 @@ def _dense_reference(q, k, v, cu):
     seq = torch.repeat_interleave(torch.arange(len(cu) - 1), (cu[1:] - cu[:-1]).long().cpu())
     idx = torch.arange(n)
     allowed = (seq[:, None] == seq[None, :]) & (idx[None, :] <= idx[:, None])  # (N, N)
+    if window is not None:
+        allowed &= idx[None, :] > idx[:, None] - window
     scores = torch.einsum("ihd,jhd->hij", q, k) / math.sqrt(d)  # (Hq, N, N)
     scores = scores.masked_fill(~allowed.to(scores.device), float("-inf"))
     return torch.einsum("hij,jhd->ihd", scores.softmax(-1), v)  # (N, Hq, D)
@@ -62,6 +66,51 @@ def test_sdpa_backend_gradients_match_float64_reference():
     ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("window", [1, 5])
+def test_sdpa_backend_with_a_window_matches_the_float64_band_forward_and_backward(window):
+    """A window shorter than some sequences (13, 10, 7) and longer than others: each query sees
+    itself and the window - 1 keys before it, as transformers masks a sliding window."""
+    q, k, v, cu = _packed_inputs(LENGTHS, hq=6, hkv=2, d=8, dtype=torch.float64, seed=window)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    weight = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    out = varlen_attention(
+        q, k, v, cu_seqlens=cu, max_seqlen=max(LENGTHS), backend="sdpa", window=window
+    )
+    ref = _dense_reference(q, k, v, cu, window=window)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    assert (out - _dense_reference(q, k, v, cu)).abs().max() > 0.1  # the window masks keys
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
+    wide = varlen_attention(q, k, v, cu_seqlens=cu, max_seqlen=13, backend="sdpa", window=13)
+    torch.testing.assert_close(wide, _dense_reference(q, k, v, cu), atol=1e-12, rtol=1e-12)
+
+
+def test_a_kernel_that_cannot_apply_a_window_is_skipped_by_auto_and_refused_by_name(monkeypatch):
+    """flash-attn before 2.3 has no window_size: "auto" runs windowed attention elsewhere, a
+    named "flash" is refused saying what it needs, and unwindowed attention still uses it."""
+
+    def flash_2_2(
+        q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False
+    ):
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(attention, "_flash_attn_varlen_func", lambda: flash_2_2)
+    monkeypatch.setattr(attention, "_torch_varlen_attn", lambda: None)
+    attention._flash_attn_takes_window.cache_clear()
+    try:
+        assert resolve_attention_backend("auto", "cuda", torch.bfloat16) == "flash"
+        assert resolve_attention_backend("flash", "cuda", torch.bfloat16) == "flash"
+        assert resolve_attention_backend("auto", "cuda", sliding_window=True) == "sdpa"
+        with pytest.raises(ValueError, match="'flash' cannot apply a sliding window.*>= 2.3"):
+            resolve_attention_backend("flash", "cuda", torch.bfloat16, sliding_window=True)
+        assert available_attention_backends("cuda", sliding_window=True) == ["sdpa"]
+    finally:
+        attention._flash_attn_takes_window.cache_clear()
 
 
 def test_bfloat16_sdpa_error_is_within_bfloat16_rounding_of_float64_truth():
@@ -93,16 +142,20 @@ def test_cu_seqlens_not_covering_the_stream_is_rejected():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4)])
-def test_every_cuda_backend_matches_float32_sdpa_in_bfloat16(hq, hkv):
+@pytest.mark.parametrize("hq,hkv,window", [(8, 2, None), (4, 4, None), (8, 2, 37)])
+def test_every_cuda_backend_matches_float32_sdpa_in_bfloat16(hq, hkv, window):
+    """With a window, flash-attn's and varlen_attn's window_size (window - 1, 0) is the band
+    transformers masks (sequences of 129 and 64 tokens longer than it, 5 and 1 shorter)."""
     lengths = [37, 1, 129, 64, 5]
     q, k, v, cu = _packed_inputs(lengths, hq=hq, hkv=hkv, d=64, dtype=torch.float32, device="cuda")
     weight = torch.randn_like(q)
-    ref = _dense_reference(q, k, v, cu)
+    ref = _dense_reference(q, k, v, cu, window=window)
     ref_grads = None
-    for backend in available_attention_backends("cuda"):
+    for backend in available_attention_backends("cuda", sliding_window=window is not None):
         qb, kb, vb = (t.to(torch.bfloat16).requires_grad_(True) for t in (q, k, v))
-        out = varlen_attention(qb, kb, vb, cu_seqlens=cu, max_seqlen=max(lengths), backend=backend)
+        out = varlen_attention(
+            qb, kb, vb, cu_seqlens=cu, max_seqlen=max(lengths), backend=backend, window=window
+        )
         assert out.shape == q.shape and out.dtype == torch.bfloat16, backend
         err = (out.double() - ref).abs().max().item()
         assert err < 3e-2, f"{backend}: max abs error {err} vs float64"
@@ -110,7 +163,7 @@ def test_every_cuda_backend_matches_float32_sdpa_in_bfloat16(hq, hkv):
         if ref_grads is None:
             q32, k32, v32 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
             out32 = varlen_attention(
-                q32, k32, v32, cu_seqlens=cu, max_seqlen=max(lengths), backend="sdpa"
+                q32, k32, v32, cu_seqlens=cu, max_seqlen=max(lengths), backend="sdpa", window=window
             )
             ref_grads = torch.autograd.grad((out32 * weight).sum(), (q32, k32, v32))
         for name, g, r in zip("qkv", grads, ref_grads):
