@@ -294,8 +294,8 @@ class ModelInfo:
     # PyTorch head for capped logits (``engine/hf.py``, ``logit_softcap``)
     logit_softcap: float | None = None
     # sdpo's decoder: the window of a Mistral/Qwen config's sliding layers (None where no
-    # layer slides), which it does not apply (a longer sequence is refused); transformers
-    # applies it, so None there
+    # layer slides), which a named attention backend may lack (the runner checks it); None
+    # for transformers, whose attention is its own
     sliding_window: int | None = None
     # a mixture of experts' router load-balancing loss coefficient as the run will train with
     # it (``sdpo.engine.hf.router_loss``); 0.0: a dense model, or that loss off

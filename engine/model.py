@@ -2,7 +2,9 @@
 
 One implementation covers the family: RMSNorm, rotary position embeddings (default, linear and
 llama3 scaling), grouped-query attention, SwiGLU MLP, tied or untied embeddings, optional q/k/v
-bias (Qwen2), per-head query/key RMSNorm (Qwen3). Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``,
+bias (Qwen2), per-head query/key RMSNorm (Qwen3), sliding-window attention on the layers that
+slide (Mistral: all; Qwen2/3: those ``layer_types`` names, each layer's window a constant of its
+``Attention``). Parameter names equal Hugging Face's (``model.layers.0.self_attn.q_proj.weight``,
 ...) so checkpoints map one to one (see ``engine/checkpoint.py``).
 
 The forward takes a padding-free packed batch (``input_ids``, ``position_ids``, ``cu_seqlens``)
@@ -63,7 +65,7 @@ _TYPE_DEFAULTS: dict[str, dict[str, Any]] = {
 # the keys below, where null takes the default: a key/value head per query head,
 # hidden_size / heads for head_dim. sliding_window, layer_types, rope_scaling,
 # rope_parameters and partial_rotary_factor may be null for every type (see _read_rope and
-# _active_sliding_window).
+# _sliding_attention).
 _NULL_TAKES_DEFAULT: dict[str, frozenset[str]] = {
     "llama": frozenset({"num_key_value_heads", "head_dim"}),
     "mistral": frozenset({"head_dim"}),
@@ -176,8 +178,12 @@ class ModelConfig:
     o_proj_bias: bool = False  # bias on the output projection (Llama attention_bias=True)
     mlp_bias: bool = False
     # the window of the layers that slide (Mistral: all; Qwen: those layer_types names), None
-    # when none does; sequences may not exceed it (see forward)
+    # when none does: a query of such a layer sees itself and the sliding_window - 1 tokens
+    # before it, as transformers masks them
     sliding_window: int | None = None
+    # the indices of the layers that slide, None for every layer (while sliding_window is set);
+    # normalised in __post_init__ (all layers: None)
+    sliding_layers: tuple[int, ...] | None = None
     initializer_range: float = 0.02
     model_type: str = "llama"
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -207,6 +213,55 @@ class ModelConfig:
                 max_position_embeddings=self.max_position_embeddings,
                 key="rope_scaling",
             )
+        self._normalise_sliding_window()
+
+    def _normalise_sliding_window(self) -> None:
+        """Check the window settings against what the type's transformers model can express,
+        and write each set of sliding layers one way: None for all, sorted indices otherwise,
+        and no window where no layer slides."""
+        window, layers = self.sliding_window, self.sliding_layers
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window <= 0
+        ):
+            raise ConfigError(
+                f"config key 'sliding_window' must be a positive integer (the tokens a query "
+                f"of a sliding layer sees) or null, got {window!r}"
+            )
+        if window is not None and self.model_type == "llama":
+            raise ConfigError(
+                "a llama model has no sliding-window attention (transformers' Llama ignores "
+                "sliding_window); use model_type 'mistral', 'qwen2' or 'qwen3' for one"
+            )
+        if layers is None or window is None:
+            self.sliding_layers = None
+            return
+        count = self.num_hidden_layers
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in layers) or any(
+            not 0 <= i < count for i in layers
+        ):
+            raise ConfigError(
+                f"sliding_layers must be indices of the model's {count} layers, got {layers!r}"
+            )
+        layers = tuple(sorted(set(layers)))
+        if len(layers) == count:
+            self.sliding_layers = None
+        elif not layers:  # no layer slides: no window, as transformers reads such a config
+            self.sliding_window, self.sliding_layers = None, None
+        elif self.model_type == "mistral":
+            raise ConfigError(
+                "a mistral model slides every layer or none (transformers' Mistral reads no "
+                f"layer_types); got sliding layers {list(layers)} of {count}: use model_type "
+                "'qwen2' or 'qwen3' for a window on some layers"
+            )
+        else:
+            self.sliding_layers = layers
+
+    def layer_window(self, index: int) -> int | None:
+        """The sliding window of decoder layer ``index``, None where it attends to every earlier
+        token of its sequence."""
+        if self.sliding_layers is None or index in self.sliding_layers:
+            return self.sliding_window
+        return None
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -250,6 +305,7 @@ class ModelConfig:
                 d.get("attention_bias", False)
             )
         mlp_bias = "mlp_bias" not in ignored and bool(d.get("mlp_bias", False))
+        window, sliding_layers = _sliding_attention(d, model_type)
 
         return cls(
             vocab_size=d["vocab_size"],
@@ -267,7 +323,8 @@ class ModelConfig:
             attention_bias=qkv_bias,
             o_proj_bias=o_bias,
             mlp_bias=mlp_bias,
-            sliding_window=_active_sliding_window(d, model_type),
+            sliding_window=window,
+            sliding_layers=sliding_layers,
             initializer_range=float(d.get("initializer_range", 0.02)),
             model_type=model_type,
             raw=copy.deepcopy(raw),
@@ -306,19 +363,21 @@ class ModelConfig:
         if self.model_type == "llama":
             d["mlp_bias"] = self.mlp_bias
         if self.model_type in ("mistral", "qwen2", "qwen3"):
-            # the source's window keys stay as they are where they give the model's window
-            # (a Qwen's max_window_layers, layer_types); other windows are written for all layers
+            # the source's window keys stay as they are where they give the model's windows
+            # (a Qwen's max_window_layers, layer_types); other windows are written anew
             resolved = {**_TYPE_DEFAULTS[self.model_type], **d}
             try:
-                kept = _active_sliding_window(resolved, self.model_type) == self.sliding_window
+                kept = _sliding_attention(resolved, self.model_type) == (
+                    self.sliding_window,
+                    self.sliding_layers,
+                )
             except ConfigError:  # layer_types for another number of layers
                 kept = False
             if not kept:
                 d["sliding_window"] = self.sliding_window
                 if self.model_type in ("qwen2", "qwen3"):
-                    d["use_sliding_window"] = self.sliding_window is not None
-                    d["max_window_layers"] = 0
                     d.pop("layer_types", None)
+                    d.update(_qwen_window_keys(self))
 
         rope: dict[str, Any] = {"rope_type": "default"}
         if self.rope_scaling is not None:
@@ -338,8 +397,17 @@ class ModelConfig:
         return self.model_type == "qwen3"
 
     def architecture_dict(self) -> dict[str, Any]:
-        """The fields that determine the model's function (no raw dict): for fingerprints."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "raw"}
+        """The fields that determine the model's function (no raw dict): for fingerprints.
+
+        ``sliding_layers`` is left out while it is None (every layer slides, or none does), so
+        that the fingerprints of such models, and the caches they key, are those of the
+        releases before it existed."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "raw"}
+        if d["sliding_layers"] is None:
+            del d["sliding_layers"]
+        else:
+            d["sliding_layers"] = list(d["sliding_layers"])
+        return d
 
 
 def _refuse_nulls(d: dict[str, Any], model_type: str) -> None:
@@ -386,21 +454,27 @@ _JSON_NAMES = {
 }
 
 
-def _active_sliding_window(d: dict[str, Any], model_type: str) -> int | None:
-    """The window of the layers that attend through a sliding window, None where no layer
-    does, as transformers 5 reads the config: Mistral slides every layer when sliding_window
-    is set; Qwen2/Qwen3 only with use_sliding_window, and then only the layers layer_types
-    names sliding_attention (by default those from max_window_layers on, so none in a model
-    of max_window_layers layers or fewer)."""
+def _sliding_attention(
+    d: dict[str, Any], model_type: str
+) -> tuple[int | None, tuple[int, ...] | None]:
+    """(window, sliding layers) as transformers 5 reads the config, in ModelConfig's form: the
+    window of the layers that attend through a sliding window (None where no layer does) and
+    their indices (None: every layer). Mistral slides every layer when sliding_window is set;
+    Qwen2/Qwen3 only with use_sliding_window, and then only the layers layer_types names
+    sliding_attention (by default those from max_window_layers on, so none in a model of
+    max_window_layers layers or fewer)."""
     if model_type == "mistral":
-        return d.get("sliding_window")
+        return d.get("sliding_window"), None
     if model_type not in ("qwen2", "qwen3"):
-        return None
+        return None, None
     window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
     layers = d["num_hidden_layers"]
     layer_types = d.get("layer_types")
     if layer_types is None:
-        return window if window is not None and d["max_window_layers"] < layers else None
+        first = max(d["max_window_layers"], 0)
+        if window is None or first >= layers:
+            return None, None
+        return window, None if first == 0 else tuple(range(first, layers))
     # transformers reads the legacy "attention" as full_attention
     kinds = ["full_attention" if t == "attention" else t for t in layer_types]
     allowed = ("full_attention", "sliding_attention")
@@ -415,7 +489,7 @@ def _active_sliding_window(d: dict[str, Any], model_type: str) -> int | None:
             f"{layers}: write one entry per layer"
         )
     if "sliding_attention" not in kinds:
-        return None
+        return None, None
     if window is None:
         raise ConfigError(
             "config key 'layer_types' names sliding_attention layers, and the model has no "
@@ -423,7 +497,25 @@ def _active_sliding_window(d: dict[str, Any], model_type: str) -> int | None:
             "cannot build: set use_sliding_window to true and sliding_window to the window, or "
             "those layers to full_attention"
         )
-    return window
+    sliding = tuple(i for i, kind in enumerate(kinds) if kind == "sliding_attention")
+    return window, None if len(sliding) == layers else sliding
+
+
+def _qwen_window_keys(config: ModelConfig) -> dict[str, Any]:
+    """The Qwen2/Qwen3 config.json keys that give ``config``'s windows in transformers: the
+    layers from max_window_layers on where they are the sliding ones (which transformers 4
+    reads too), else layer_types, one entry per layer."""
+    window, sliding = config.sliding_window, config.sliding_layers
+    count = config.num_hidden_layers
+    if window is None:
+        return {"use_sliding_window": False, "max_window_layers": 0}
+    keys: dict[str, Any] = {"use_sliding_window": True, "sliding_window": window}
+    if sliding is None:
+        return {**keys, "max_window_layers": 0}
+    if sliding == tuple(range(sliding[0], count)):
+        return {**keys, "max_window_layers": sliding[0]}
+    kinds = ["sliding_attention" if i in sliding else "full_attention" for i in range(count)]
+    return {**keys, "max_window_layers": sliding[0], "layer_types": kinds}
 
 
 def _read_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
@@ -587,8 +679,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Grouped-query attention of one layer; ``window`` is the layer's sliding window (None:
+    every earlier token of the sequence), a constant of the layer that compiled graphs
+    specialise on."""
+
+    def __init__(self, config: ModelConfig, *, window: int | None = None) -> None:
         super().__init__()
+        self.window = window
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -641,6 +738,7 @@ class Attention(nn.Module):
             backend=backend,
             cu_seqlens_k=cu_seqlens_k,
             max_seqlen_k=max_seqlen_k,
+            window=self.window,
         )  # (N, Hq, D)
         return self.o_proj(out.reshape(n, self.num_heads * self.head_dim))  # (N, H)
 
@@ -663,9 +761,9 @@ class DecoderLayer(nn.Module):
     """One pre-norm transformer block; the unit of activation checkpointing and of regional
     ``torch.compile``."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, window: int | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, window=window)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -702,7 +800,10 @@ class DecoderStack(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, window=config.layer_window(i))
+            for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
 
@@ -751,15 +852,6 @@ class CausalLM(nn.Module):
         if self.attn_backend not in ATTENTION_BACKENDS:
             raise ValueError(
                 f"unknown attn_backend {self.attn_backend!r}; choose one of {ATTENTION_BACKENDS}"
-            )
-        window = self.config.sliding_window
-        longest = max_seqlen if shared_prefix is None else shared_prefix.max_seqlen_k
-        if window is not None and longest > window:
-            raise ValueError(
-                f"a sequence of {longest} tokens exceeds the model's sliding_window ({window}); "
-                "sliding-window attention is not implemented in sdpo's decoder: lower "
-                f"max_length to at most {window}, or run the model with transformers "
-                '(model.implementation = "transformers")'
             )
         x = self.model.embed_tokens(input_ids)  # (N, H)
         inv_freq = rope_inverse_frequencies(self.config, device=input_ids.device)

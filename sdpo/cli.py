@@ -668,23 +668,16 @@ def _score_memory_advice(
 
 def _check_lengths(pairs: list[TokenizedPair], rows: list[dict], info: ModelInfo) -> None:
     """A ``ValueError`` naming the row of the first pair longer than the model's context
-    (``max_position_embeddings``) or than a sliding window sdpo's decoder does not apply, as
-    ``sdpo train`` refuses them before any work."""
+    (``max_position_embeddings``), as ``sdpo train`` refuses them before any work."""
     for pair in pairs:
         length = len(pair.prompt_ids) + max(len(pair.chosen_ids), len(pair.rejected_ids))
         row = rows[pair.index]
         where = f"{row.get('file')} {row.get('row_label') or 'row'} {row.get('row')}"
-        context, window = info.max_position_embeddings, info.sliding_window
+        context = info.max_position_embeddings
         if context is not None and length > context:
             raise ValueError(
                 f"{where}: the pair is {length} tokens long, longer than the model's context "
                 f"(max_position_embeddings {context}); pass --max-length <= {context}"
-            )
-        if window is not None and length > window:
-            raise ValueError(
-                f"{where}: the pair is {length} tokens long, longer than the model's "
-                f"sliding_window ({window}), which sdpo's own decoder does not apply; pass "
-                f"--implementation transformers or --max-length <= {window}"
             )
 
 

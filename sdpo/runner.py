@@ -101,7 +101,7 @@ from sdpo.config import (
 )
 from sdpo.engine import distributed, sharding
 from sdpo.engine.async_save import BackgroundWriter, HostSnapshot
-from sdpo.engine.attention import BACKEND_NEEDS, available_attention_backends
+from sdpo.engine.attention import BACKEND_NEEDS, WINDOW_NEEDS, available_attention_backends
 from sdpo.engine.checkpoint import (
     CheckpointError,
     ModelInfo,
@@ -902,10 +902,13 @@ class StepwiseRunner:
 
     def _check_sliding_window(self, info: ModelInfo, key: str, pairs: list[TokenizedPair]) -> None:
         """Refuse, before any work, a pair longer than the sliding window of a model sdpo's
-        decoder runs (it does not implement the window, and would stop at the first forward
-        after the output folder was written)."""
-        window = info.sliding_window
-        if window is None:
+        decoder runs when the named ``model.attn_backend`` cannot apply a window (an older
+        flash-attn or ``varlen_attn``; ``"auto"`` skips such a kernel, and SDPA applies every
+        window): its first forward would stop after the output folder was written."""
+        window, backend = info.sliding_window, self.cfg.model.attn_backend
+        if window is None or backend in ("auto", "sdpa"):
+            return
+        if backend in available_attention_backends(self.device, sliding_window=True):
             return
         held = [(pair, False) for pair in self.eval_pairs]
         for pair, trained in [*((pair, True) for pair in pairs), *held]:
@@ -918,9 +921,10 @@ class StepwiseRunner:
                 )
                 raise RunInputError(
                     f"{where}: the pair is {length} tokens long, longer than the sliding_window "
-                    f"({window}) of {key}, which sdpo's own decoder does not apply: set "
-                    'model.implementation = "transformers" (transformers applies the window), '
-                    f"or data.max_length <= {window}"
+                    f"({window}) of {key}, and model.attn_backend = {backend!r} cannot apply a "
+                    f"window here (it needs {WINDOW_NEEDS[backend]}): set "
+                    'model.attn_backend = "auto" (which skips it for the sliding layers) or '
+                    f'"sdpa", or data.max_length <= {window}'
                 )
 
     def _check_partition_fits(self, pairs: list[TokenizedPair]) -> None:

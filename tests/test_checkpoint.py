@@ -4,6 +4,7 @@ fingerprints."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import sys
 
@@ -117,9 +118,13 @@ def test_rope_scaling_changes_the_logits_so_parity_checks_it():
 
 
 # windows shorter than LENGTHS' longest sequence, which no layer applies (max_window_layers
-# defaults to 28; layer_types names none), and bias flags the type's model ignores (Mistral,
-# Qwen2's and Qwen3's MLP) or honours (Qwen3's attention_bias)
+# defaults to 28; layer_types names none) or some layers apply, and bias flags the type's model
+# ignores (Mistral, Qwen2's and Qwen3's MLP) or honours (Qwen3's attention_bias)
 HF_CONFIGS = {
+    "qwen2-window-on-the-second-layer": (
+        "Qwen2Config",
+        {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1},
+    ),
     "llama-untied": ("LlamaConfig", {}),
     "llama-tied": ("LlamaConfig", {"tie_word_embeddings": True}),
     "qwen2-tied": ("Qwen2Config", {"tie_word_embeddings": True}),
@@ -168,6 +173,80 @@ def test_transformers_checkpoint_loads_with_same_logits(case, tmp_path):
         assert not hasattr(model, "lm_head")
     ids, pos, cu = _packed(LENGTHS, vocab=131, seed=4)
     assert _max_diff(_our_logits(model, ids, pos, cu), _hf_logits_per_sequence(hf, ids, cu)) <= 1e-4
+
+
+# sliding windows of 5 tokens on every layer (Mistral), on the layers from max_window_layers on
+# (Qwen2) and on the layers layer_types names (Qwen3), with odd layer counts
+WINDOWED = {
+    "mistral": tiny_hf_dict(model_type="mistral", sliding_window=5, num_hidden_layers=3),
+    "qwen2-max-window-layers": tiny_hf_dict(
+        model_type="qwen2",
+        num_hidden_layers=3,
+        use_sliding_window=True,
+        sliding_window=5,
+        max_window_layers=1,
+    ),
+    "qwen3-layer-types": tiny_hf_dict(
+        model_type="qwen3",
+        num_hidden_layers=3,
+        head_dim=16,
+        use_sliding_window=True,
+        sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    ),
+}
+WINDOWED_LENGTHS = [13, 3, 9]  # longer and shorter than the window
+
+
+@pytest.mark.parametrize("case", WINDOWED)
+def test_sliding_window_layers_give_transformers_logits_on_sequences_longer_than_the_window(
+    case, tmp_path
+):
+    """sdpo's decoder applies each layer's window to packed sequences longer than it; the
+    checkpoint it writes loads in transformers with the same windows on the same layers and
+    gives each sequence alone the same logits, and loads back in sdpo to the same config."""
+    model = _random_model(WINDOWED[case], seed=7)
+    save_pretrained(model, tmp_path / "ckpt")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32)
+    layers = range(model.config.num_hidden_layers)
+    hf_windows = [
+        hf.config.sliding_window
+        if case == "mistral" or hf.config.layer_types[i] == "sliding_attention"
+        else None
+        for i in layers
+    ]
+    assert hf_windows == [model.config.layer_window(i) for i in layers]
+    assert hf_windows.count(5) == {"mistral": 3}.get(case, 2)
+    assert load_pretrained(tmp_path / "ckpt").config == model.config
+    ids, pos, cu = _packed(WINDOWED_LENGTHS, vocab=131, seed=8)
+    ours = _our_logits(model, ids, pos, cu)
+    assert _max_diff(ours, _hf_logits_per_sequence(hf, ids, cu)) <= 1e-4
+    unwindowed = CausalLM(dataclasses.replace(model.config, sliding_window=None))
+    unwindowed.load_state_dict(model.state_dict())
+    assert _max_diff(_our_logits(unwindowed, ids, pos, cu), ours) > 1e-2  # the window counts
+
+
+def test_the_layers_that_slide_are_part_of_the_model_fingerprint():
+    """The fingerprint (the reference caches' key, the resume check) changes with the window
+    and with the layers it applies to; a model whose layers all slide, or none, fingerprints
+    as before sliding layers were part of the config (its caches stay valid)."""
+    config = ModelConfig.from_hf_dict(WINDOWED["qwen2-max-window-layers"])
+    model = init_model(config, seed=0)
+    prints = set()
+    for changes in (
+        {},
+        {"sliding_layers": (0, 2)},
+        {"sliding_layers": None},
+        {"sliding_window": 6},
+        {"sliding_window": None},
+    ):
+        other = CausalLM(dataclasses.replace(config, **changes))
+        other.load_state_dict(model.state_dict())
+        prints.add(model_fingerprint(other))
+    assert len(prints) == 5
+    assert (
+        "sliding_layers" not in dataclasses.replace(config, sliding_layers=None).architecture_dict()
+    )
 
 
 # config.json spellings a checkpoint can have, which transformers resolves one way

@@ -753,32 +753,27 @@ def test_a_model_whose_logits_are_scaled_is_refused(tmp_path, monkeypatch):
         load_model(granite)
 
 
-def test_pairs_longer_than_the_sliding_window_of_sdpo_s_decoder_are_refused_before_any_work(
-    tmp_path,
+def test_sdpo_score_refuses_pairs_longer_than_the_context_and_applies_a_sliding_window(
+    tmp_path, capsys
 ):
-    """A Mistral runs on sdpo's decoder ("auto"), which does not apply its sliding window: a
-    pair longer than the window is refused naming its row and the two fixes, before anything
-    is written (not at the first forward, with the output folder begun)."""
-    folder = write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=6)
-    cfg = _config(tmp_path, folder)
-    with pytest.raises(RunInputError, match=r"far.jsonl line 1: .* sliding_window \(6\)") as e:
-        run_training(cfg, progress=False)
-    assert 'model.implementation = "transformers"' in str(e.value)
-    assert "data.max_length <= 6" in str(e.value)
-    assert not Path(cfg.output_dir).exists()
-
-
-def test_sdpo_score_refuses_pairs_longer_than_the_context_or_an_unapplied_window(tmp_path, capsys):
-    """``sdpo score`` names the row of a pair longer than the model's context or than the
-    sliding window sdpo's decoder does not apply (it crashed in the forward or scored it), as
-    ``sdpo train`` does; with --implementation transformers the window is applied."""
+    """``sdpo score`` names the row of a pair longer than the model's context, as ``sdpo
+    train`` does; a Mistral's pairs longer than its sliding window score on sdpo's decoder
+    ("auto") to the log-probs transformers gives them."""
     data = write_pairs(tmp_path / "pairs.jsonl", n=3, seed=3)
-    mistral = write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=6)
+    mistral = write_hf_model(tmp_path / "mistral", "MistralConfig", sliding_window=3)
     short = write_hf_model(tmp_path / "short", "GemmaConfig", max_position_embeddings=6)
     args = ["score", "--data", str(data), "--no-progress", "--impl", "torch"]
-    assert main([*args, "--model", str(mistral)]) == 2
-    assert "line 1: the pair is" in capsys.readouterr().err
-    assert main([*args, "--model", str(mistral), "--implementation", "transformers"]) == 0
+    scores = {}
+    for implementation in ("sdpo", "transformers"):
+        out = tmp_path / f"{implementation}.jsonl"
+        run = [*args, "--model", str(mistral), "--implementation", implementation]
+        assert main([*run, "--out", str(out)]) == 0
+        scores[implementation] = [json.loads(line) for line in out.read_text().splitlines()]
+    # a prompt of two or more words and a completion of two or more tokens pass the window
+    assert any(r["chosen_tokens"] >= 2 for r in scores["sdpo"])
+    for ours, theirs in zip(scores["sdpo"], scores["transformers"], strict=True):
+        for key in ("logp_chosen", "logp_rejected"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-4)
     assert main([*args, "--model", str(short)]) == 2
     assert "max_position_embeddings 6); pass --max-length <= 6" in capsys.readouterr().err
 

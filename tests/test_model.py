@@ -536,15 +536,101 @@ def test_tied_model_uses_the_embedding_as_lm_head():
     assert "lm_head.weight" not in model.state_dict()
 
 
-def test_sequences_longer_than_the_sliding_window_are_refused():
-    model = init_model(
-        ModelConfig.from_hf_dict(tiny_hf_dict(model_type="mistral", sliding_window=8)), seed=0
+def test_sliding_window_gradients_equal_transformers_on_packed_sequences():
+    """A Qwen2 whose layers from max_window_layers = 2 on slide (window 5), on packed sequences
+    longer and shorter than the window: the summed log-probs and every parameter's gradient
+    are transformers' on each sequence alone."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    d = tiny_hf_dict(
+        model_type="qwen2",
+        num_hidden_layers=4,
+        use_sliding_window=True,
+        sliding_window=5,
+        max_window_layers=2,
     )
-    ids, pos, cu = _packed([8, 3], seed=0)
-    assert model(ids, pos, cu, 8).shape == (11, 64)
-    ids, pos, cu = _packed([9, 3], seed=0)
-    with pytest.raises(ValueError, match="exceeds the model's sliding_window \\(8\\)"):
-        model(ids, pos, cu, 9)
+    model = _random_model(d, seed=11)
+    assert [layer.self_attn.window for layer in model.model.layers] == [None, None, 5, 5]
+    hf_cfg = transformers.AutoConfig.for_model(
+        **model.config.to_hf_dict(), attn_implementation="eager"
+    )
+    assert hf_cfg.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    hf.load_state_dict(model.state_dict())
+    lengths = [13, 3, 9]
+    ids, pos, cu = _packed(lengths, seed=12)
+    labels = _next_token_labels(ids, cu)
+    ours = _sequence_logprobs(model(ids, pos, cu, 13) @ model.lm_head_weight.T, labels, cu)
+    ours.sum().backward()
+    bounds = cu.tolist()
+    theirs = torch.cat(
+        [
+            _sequence_logprobs(hf(ids[s:e][None]).logits[0], labels[s:e], torch.tensor([0, e - s]))
+            for s, e in zip(bounds[:-1], bounds[1:])
+        ]
+    )
+    theirs.sum().backward()
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
+    hf_params = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        want = hf_params[name].grad
+        scale = want.abs().max().item()
+        assert scale > 0, name
+        torch.testing.assert_close(p.grad, want, atol=1e-4 * scale, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize(
+    "extra,sliding",
+    [
+        ({"model_type": "mistral"}, None),
+        ({"model_type": "qwen2", "max_window_layers": 1}, (1, 2)),
+        (
+            {"model_type": "qwen3", "layer_types": ["sliding_attention", "full_attention"] * 2},
+            (0, 2),
+        ),
+        ({"model_type": "qwen3", "max_window_layers": 4}, ()),  # no layer slides: no window
+    ],
+)
+def test_per_layer_windows_round_trip_through_config_json(extra, sliding):
+    """The config.json sdpo writes gives transformers the same window on the same layers, and
+    sdpo reads it back to an equal config; a source's max_window_layers or layer_types, and
+    sliding layers set in code, are both written so."""
+    transformers = pytest.importorskip("transformers")
+    d = tiny_hf_dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=5, **extra)
+    if "layer_types" in d:
+        d["layer_types"] = d["layer_types"][:3]
+    config = ModelConfig.from_hf_dict(d)
+    assert config.sliding_layers == (sliding or None)
+    assert (config.sliding_window is None) == (sliding == ())
+    variants = [config]
+    if config.model_type != "mistral":
+        variants.append(dataclasses.replace(config, sliding_window=7, sliding_layers=(0, 2)))
+    for variant in variants:
+        written = variant.to_hf_dict()
+        hf = transformers.AutoConfig.for_model(**copy.deepcopy(written))
+        hf_windows = [
+            hf.sliding_window
+            if variant.model_type == "mistral" or hf.layer_types[i] == "sliding_attention"
+            else None
+            for i in range(3)
+        ]
+        assert hf_windows == [variant.layer_window(i) for i in range(3)]
+        assert ModelConfig.from_hf_dict(written) == variant
+
+
+@pytest.mark.parametrize(
+    "changes,refused",
+    [
+        ({"model_type": "mistral", "sliding_layers": (0,)}, "slides every layer or none"),
+        ({"model_type": "llama", "sliding_window": 8}, "a llama model has no sliding-window"),
+        ({"model_type": "qwen2", "sliding_window": 0}, "'sliding_window' must be a positive"),
+        ({"model_type": "qwen2", "sliding_layers": (0, 5)}, "indices of the model's 2 layers"),
+    ],
+)
+def test_windows_transformers_cannot_express_for_the_type_are_refused(changes, refused):
+    base = ModelConfig.from_hf_dict(tiny_hf_dict(model_type="qwen2"))
+    with pytest.raises(ConfigError, match=refused):
+        dataclasses.replace(base, **{"sliding_window": 4, **changes})
 
 
 @pytest.mark.gpu

@@ -6,6 +6,7 @@ checked on a hand-made example and the bottom-right attention mask against float
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from functools import partial
@@ -237,9 +238,15 @@ def test_key_layout_with_fewer_keys_than_queries_is_rejected():
 # -- the model ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_shared_hidden_states_and_logprobs_equal_the_unshared_path_in_float64(one_thread, tied):
+@pytest.mark.parametrize("tied,window", [(False, None), (True, None), (False, 4)])
+def test_shared_hidden_states_and_logprobs_equal_the_unshared_path_in_float64(
+    one_thread, tied, window
+):
+    """With a sliding window (a Mistral's, shorter than most sequences) a rejected completion's
+    queries see the window's last prompt rows as the unshared sequence's do."""
     config = tiny_config(tied=tied)
+    if window is not None:
+        config = dataclasses.replace(config, model_type="mistral", sliding_window=window)
     model = init_model(config, seed=5 + tied, dtype=torch.float64)
     pairs = random_pairs(LENGTHS, vocab=config.vocab_size, seed=6 + tied)
     with torch.no_grad():
@@ -490,14 +497,17 @@ def test_two_step_sdpo_run_with_shared_prompts_matches_the_unshared_run(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_every_cuda_backend_runs_the_shared_layout_like_the_unshared_one_in_bfloat16():
+@pytest.mark.parametrize("model_type", ["llama", "mistral"])
+def test_every_cuda_backend_runs_the_shared_layout_like_the_unshared_one_in_bfloat16(model_type):
     """Bottom-right causal alignment of flash-attn / varlen_attn with more keys than queries:
     the shared layout in bf16 matches the float64 unshared truth as closely as bf16 allows,
-    hidden states, log-probs and parameter gradients, on every available backend."""
+    hidden states, log-probs and parameter gradients, on every available backend; a Mistral's
+    window of 50 slides over the longer sequences (aligned bottom-right too)."""
     cuda = torch.device("cuda")
     config = ModelConfig.from_hf_dict(
         {
-            "model_type": "llama",
+            "model_type": model_type,
+            "sliding_window": 50,
             "vocab_size": 257,
             "hidden_size": 256,
             "intermediate_size": 512,
@@ -526,7 +536,8 @@ def test_every_cuda_backend_runs_the_shared_layout_like_the_unshared_one_in_bflo
     g_truth = {n: p.grad.double() for n, p in truth_model.named_parameters()}
     to_shared = unshared_to_shared_rows(pairs).to(cuda)
     shared = to_device(pack_pairs_shared(pairs), cuda)
-    for backend in available_attention_backends(cuda):
+    windowed = config.sliding_window is not None
+    for backend in available_attention_backends(cuda, sliding_window=windowed):
         model = copy.deepcopy(base).to(cuda, torch.bfloat16)
         model.attn_backend = backend
         hidden = model(
