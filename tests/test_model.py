@@ -635,16 +635,21 @@ def test_windows_transformers_cannot_express_for_the_type_are_refused(changes, r
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_bfloat16_model_on_cuda_matches_float64_truth_with_every_attention_backend():
+@pytest.mark.parametrize(
+    "window", [{}, {"use_sliding_window": True, "sliding_window": 17, "max_window_layers": 1}]
+)
+def test_bfloat16_model_on_cuda_matches_float64_truth_with_every_attention_backend(window):
+    """With a window of 17 on the second layer, shorter than two of the sequences, too."""
     from sdpo.engine.attention import available_attention_backends
 
-    model = _random_model(tiny_hf_dict(model_type="qwen2"), seed=9)
+    model = _random_model(tiny_hf_dict(model_type="qwen2", **window), seed=9)
     ids, pos, cu = _packed([37, 1, 64, 5], seed=10)
     with torch.no_grad():
         truth = copy.deepcopy(model).double()(ids, pos, cu, 64)
         gpu = copy.deepcopy(model).to("cuda", torch.bfloat16)
         errors = {}
-        for backend in ["sdpa", *available_attention_backends("cuda")]:
+        backends = available_attention_backends("cuda", sliding_window=bool(window))
+        for backend in ["sdpa", *backends]:
             gpu.attn_backend = backend
             out = gpu(ids.cuda(), pos.cuda(), cu.cuda(), 64)
             errors[backend] = (out.double().cpu() - truth).abs().max().item()

@@ -799,18 +799,23 @@ def test_hf_copy_holds_our_weights_with_fp32_rotary_tables():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_inductor_compiled_layers_on_cuda_match_eager(checkpointing):
+@pytest.mark.parametrize("checkpointing,window", [(False, None), (True, None), (False, 9)])
+def test_inductor_compiled_layers_on_cuda_match_eager(checkpointing, window):
     """Compiled bf16 layers (optionally recomputed in backward) match eager bf16 against an
     fp32 truth. Without checkpointing there are no graph breaks and no recompiles across batch
     shapes. With non-reentrant checkpointing around the compiled layers, dynamo breaks the graph
     at the recompute (seen on an H100, torch 2.11: 10 breaks in this test); the numbers still
-    match, which is what this case checks."""
+    match, which is what this case checks. With a window of 9 on the first and last layer
+    (shorter than every sequence) the layers of each kind share their graphs."""
     from torch._dynamo.utils import counters
 
+    windows = {}
+    if window is not None:
+        kinds = ["sliding_attention", "full_attention", "sliding_attention"]
+        windows = {"use_sliding_window": True, "sliding_window": window, "layer_types": kinds}
     config = ModelConfig.from_hf_dict(
         {
-            "model_type": "llama",
+            "model_type": "llama" if window is None else "qwen3",
             "vocab_size": 1000,
             "hidden_size": 256,
             "intermediate_size": 688,
@@ -818,6 +823,7 @@ def test_inductor_compiled_layers_on_cuda_match_eager(checkpointing):
             "num_attention_heads": 8,
             "num_key_value_heads": 2,
             "head_dim": 32,
+            **windows,
         }
     )
     eager = init_model(config, seed=0, dtype=torch.bfloat16).cuda()
@@ -855,8 +861,10 @@ def test_inductor_compiled_layers_on_cuda_match_eager(checkpointing):
             fast(*args)
     if not checkpointing:
         assert not counters["graph_break"], dict(counters["graph_break"])
-        # one graph with gradients, one without, shared by every layer and batch shape
-        assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+        # one graph with gradients, one without, shared by every layer (of a window) and
+        # batch shape
+        kinds = 1 if window is None else 2
+        assert counters["stats"]["unique_graphs"] <= 2 * kinds, dict(counters["stats"])
 
 
 def test_step_benchmark_runs_transformers_code_on_the_same_weights_to_the_same_losses(
