@@ -142,10 +142,11 @@ def test_cu_seqlens_not_covering_the_stream_is_rejected():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("hq,hkv,window", [(8, 2, None), (4, 4, None), (8, 2, 37)])
+@pytest.mark.parametrize("hq,hkv,window", [(8, 2, None), (4, 4, None), (8, 2, 37), (4, 4, 2)])
 def test_every_cuda_backend_matches_float32_sdpa_in_bfloat16(hq, hkv, window):
     """With a window, flash-attn's and varlen_attn's window_size (window - 1, 0) is the band
-    transformers masks (sequences of 129 and 64 tokens longer than it, 5 and 1 shorter)."""
+    transformers masks (sequences of 129 and 64 tokens longer than 37, 5 and 1 shorter; a
+    window of 2, where a key too many or too few would double or halve each query's keys)."""
     lengths = [37, 1, 129, 64, 5]
     q, k, v, cu = _packed_inputs(lengths, hq=hq, hkv=hkv, d=64, dtype=torch.float32, device="cuda")
     weight = torch.randn_like(q)
