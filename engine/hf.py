@@ -49,6 +49,7 @@ import inspect
 import json
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,7 @@ __all__ = [
     "check_head",
     "check_lora_layout",
     "dropout_off",
+    "fp32_kept_tensors",
     "hf_config_dict",
     "hf_state_dict",
     "load_hf_pretrained",
@@ -147,6 +149,30 @@ def logit_softcap(config: object) -> float | None:
 # config.json keys that say nothing about the function a model computes: left out of its
 # fingerprint
 _VOLATILE_KEYS = ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures")
+
+
+def fp32_kept_tensors(model: nn.Module, dtype: torch.dtype) -> list[Tensor]:
+    """The parameters and buffers of a Hugging Face model (or of one inside ``model``: a
+    ``PackedCausalLM``, a PEFT model) that transformers keeps in fp32 when it loads the model in
+    ``dtype``: the model class's ``_keep_in_fp32_modules_strict`` for bf16 (a DeepSeek-V3 or
+    GLM-4 MoE router's ``gate.weight`` and ``e_score_correction_bias``), matched by name as
+    ``from_pretrained`` matches them. None for an fp32 ``dtype`` or a model without such
+    modules (sdpo's own decoder)."""
+    if dtype == torch.float32:
+        return []
+    hf = getattr(model, "hf_model", model)
+    plan = getattr(hf, "_get_dtype_plan", None)
+    if callable(plan):  # transformers >= 5: the patterns from_pretrained keeps in fp32
+        patterns = [p for p, kept in plan(dtype).items() if kept == torch.float32]
+    else:  # older: the class attribute alone
+        patterns = list(getattr(hf, "_keep_in_fp32_modules_strict", None) or [])
+    if not patterns:
+        return []
+    # transformers' own matching: each pattern a regular expression ("*" any run), searched
+    # anywhere in the tensor's name
+    kept = re.compile("|".join(f"(?:{p.replace('*', '.*')})" for p in patterns))
+    named = [*hf.named_parameters(), *hf.named_buffers()]
+    return [t for name, t in named if kept.search(name)]
 
 
 def peft_adapter_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -62,7 +62,11 @@ from torch import Tensor
 
 from sdpo.engine import distributed, sharding
 from sdpo.engine.files import append_jsonl, atomic_open
-from sdpo.engine.hf import apply_router_aux_loss_coef, peft_adapter_parameters
+from sdpo.engine.hf import (
+    apply_router_aux_loss_coef,
+    fp32_kept_tensors,
+    peft_adapter_parameters,
+)
 from sdpo.engine.lora import adapter_parameters
 from sdpo.engine.packing import (
     TokenizedPair,
@@ -511,14 +515,30 @@ def cast_for_precision(model: torch.nn.Module, precision: str) -> None:
     """Cast ``model``'s parameters in place to the dtype a resolved ``precision`` trains in
     (``parameter_dtype``), as ``DPOTrainer`` does on construction. LoRA adapters, sdpo's
     (engine/lora.py) or PEFT's (``peft_adapter_parameters``), keep their dtype (fp32) whatever
-    the precision; the Parameter objects are kept."""
+    the precision, and under bf16 a Hugging Face model's ``_keep_in_fp32_modules_strict`` (a
+    MoE router's gate and score-correction bias, ``fp32_kept_tensors``) are fp32, as
+    transformers loads them: cast, they trained in bf16 and a step folder stored them rounded.
+    A model in another dtype has its floating buffers cast too, as ``Module.to`` casts them
+    (not with adapters, nor the kept ones); one already in the precision's dtype keeps them as
+    they are (a model transformers loaded in bf16 keeps its rotary's fp32 inverse frequencies).
+    The Parameter objects are kept."""
     wanted = parameter_dtype(precision)
     adapters = {id(p) for p in [*adapter_parameters(model), *peft_adapter_parameters(model)]}
-    if not adapters and any(p.dtype != wanted for p in model.parameters()):
-        model.to(wanted)
+    fp32 = {id(t) for t in fp32_kept_tensors(model, wanted)}
+    cast = False
     for p in model.parameters():
-        if adapters and id(p) not in adapters and p.dtype != wanted:
-            p.data = p.data.to(wanted)
+        dtype = torch.float32 if id(p) in fp32 else wanted
+        if id(p) in adapters or p.dtype == dtype:
+            continue
+        cast |= id(p) not in fp32
+        p.data = p.data.to(dtype)
+        if p.grad is not None:  # as Module.to casts it
+            p.grad = p.grad.to(dtype)
+    if cast and not adapters:
+        for module in model.modules():
+            for name, b in module._buffers.items():
+                if b is not None and b.is_floating_point() and id(b) not in fp32:
+                    module._buffers[name] = b.to(wanted)
 
 
 def check_grad_mode(who: str) -> None:

@@ -950,6 +950,68 @@ def test_bf16_runs_start_at_their_reference_lose_what_fp32_loses_and_reload(tmp_
                 assert torch.equal(value, stored[name]), (precision, name)
 
 
+def test_bf16_keeps_in_fp32_what_transformers_keeps_and_step_folders_store_it(
+    tmp_path, monkeypatch
+):
+    """A GLM-4 MoE keeps its router's gate and score-correction bias in fp32 when transformers
+    loads it in bf16 (``_keep_in_fp32_modules_strict``, as DeepSeek-V3's). Under ``train.precision
+    = "bf16"`` the trainer leaves every tensor as transformers loaded it (the gate and the
+    rotary's inverse frequencies were cast to bf16, and the gate trained in bf16), and step-1/
+    stores the gate in fp32 and the bias, which nothing trains, as the input's bits (it was
+    stored rounded to bf16); transformers reloads it to the stored tensors."""
+    folder = write_hf_model(
+        tmp_path / "glm",
+        "Glm4MoeConfig",
+        moe_intermediate_size=16,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+    )
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, buffer in bf16.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # not bf16 numbers
+                buffer.copy_(0.1234567 + 0.01 * torch.randn(buffer.shape))
+    bf16.save_pretrained(folder)
+    given = load_file(folder / "model.safetensors")
+    kept = sorted(k for k, v in given.items() if v.dtype == torch.float32)
+    assert kept == [
+        "model.layers.1.mlp.gate.e_score_correction_bias",
+        "model.layers.1.mlp.gate.weight",
+    ]
+
+    model = load_model(folder, dtype=torch.bfloat16)
+    loaded = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    as_loaded = {name: t.detach().clone() for name, t in loaded.items()}
+    assert {str(t.dtype) for t in as_loaded.values()} == {"torch.bfloat16", "torch.float32"}
+    trainer_mod.cast_for_precision(model, "bf16")
+    for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items():
+        assert t.dtype == as_loaded[name].dtype and torch.equal(t, as_loaded[name]), name
+    # a model in fp32 (run_sdpo's caller's) is cast to bf16 but those, kept as they are
+    model = load_model(folder, dtype=torch.float32)
+    trainer_mod.cast_for_precision(model, "bf16")
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name in kept:
+        assert tensors[name].dtype == torch.float32 and torch.equal(tensors[name], given[name])
+    assert {p.dtype for n, p in model.named_parameters() if n not in kept} == {torch.bfloat16}
+
+    _no_plot(monkeypatch)
+    train = {"precision": "bf16", "pairs_per_step": 6, "save_every": 0}
+    run = two_source_config(tmp_path, folder, far=3, near=3, train=train, sdpo={"steps": 1})
+    run_training(config_from_dict(run), progress=False)
+    step = Path(run["output_dir"]) / "step-1"
+    stored = load_file(step / "model.safetensors")
+    assert {k for k, v in stored.items() if v.dtype == torch.float32} == set(kept)
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    assert torch.equal(stored[bias], given[bias])
+    gate = "model.layers.1.mlp.gate.weight"
+    assert not torch.equal(stored[gate], given[gate])  # trained
+    assert json.loads((step / "config.json").read_text())["dtype"] == "bfloat16"
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(step).state_dict()
+    for name in kept:  # the experts' tensors are fused on loading, under other names
+        assert reloaded[name].dtype == torch.float32 and torch.equal(reloaded[name], stored[name])
+
+
 # -- on CUDA ----------------------------------------------------------------------------------
 
 
