@@ -190,11 +190,13 @@ from sdpo.tracking import (
 )
 
 # copied into every step-<t>/ so it loads (transformers' AutoTokenizer, sdpo) with the input
-# model's tokenizer and chat templates
+# model's tokenizer and chat templates. added_tokens.json: where tokenizer_config.json has no
+# added_tokens_decoder (folders saved before it existed), AutoTokenizer adds the tokens it names
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
     "generation_config.json",
     CHAT_TEMPLATE_FILE,
     PROCESSOR_CHAT_TEMPLATE_FILE,

@@ -531,6 +531,10 @@ def test_step_checkpoints_carry_the_model_s_chat_template_files(tmp_path):
         "{% for t in tools %}{{ t | tojson }} {% endfor %}{{ messages[0]['content'] }}"
     )
     (model / "chat_template.json").write_text(json.dumps({"chat_template": "{{ bos_token }}"}))
+    # an older folder's added_tokens.json (its tokenizer_config.json has no added_tokens_decoder),
+    # whose tokens AutoTokenizer adds
+    added = PairTokenizer.from_dir(model).vocab_size
+    (model / "added_tokens.json").write_text(json.dumps({"<tool>": added}))
     cfg = config_from_dict(two_source_config(tmp_path, model, far=4, near=4, sdpo={"steps": 1}))
     run_training(cfg, progress=False)
     step = Path(cfg.output_dir) / "step-1"
@@ -538,16 +542,17 @@ def test_step_checkpoints_carry_the_model_s_chat_template_files(tmp_path):
         "chat_template.jinja",
         "chat_template.json",
         "additional_chat_templates/tool_use.jinja",
+        "added_tokens.json",
     ):
         assert (step / name).read_bytes() == (model / name).read_bytes(), name
     ours = PairTokenizer.from_dir(step)
     assert ours.fingerprint == PairTokenizer.from_dir(model).fingerprint
     assert ours.tool_use_template is not None
     transformers = pytest.importorskip("transformers")
-    theirs = [
-        transformers.AutoTokenizer.from_pretrained(str(d)).chat_template for d in (model, step)
-    ]
-    assert theirs[0] == theirs[1] and set(theirs[1]) == {"default", "tool_use"}
+    theirs = [transformers.AutoTokenizer.from_pretrained(str(d)) for d in (model, step)]
+    assert theirs[0].chat_template == theirs[1].chat_template
+    assert set(theirs[1].chat_template) == {"default", "tool_use"}
+    assert [t(f"user <tool> {WORDS[0]}").input_ids for t in theirs] == [[1, 5, added, 8]] * 2
 
 
 def test_a_stop_in_a_later_sdpo_step_names_the_run_step_of_its_checkpoint(
