@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 
 # A stand-in for the interpreter the script calls as "$PYTHON": it appends its arguments to
-# $SHIM_LOG as one JSON line and succeeds (no torch import, so the whole script takes a second).
+# $SHIM_LOG as one JSON line, writes "{{}}" where a --json flag points (as a benchmark writes its
+# results there) and succeeds (no torch import, so the whole script takes a second).
 SHIM = """#!{python}
 import json, os, sys
 with open(os.environ["SHIM_LOG"], "a") as f:
     f.write(json.dumps(sys.argv[1:]) + "\\n")
+if "--json" in sys.argv:
+    with open(sys.argv[sys.argv.index("--json") + 1], "w") as f:
+        f.write("{{}}")
 """
+
+# The call that runs the check on the GPU machine returns at most this many files from $OUT.
+OUT_FILES = 8
 
 
 def run_script(script_text: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, list]:
@@ -87,8 +95,6 @@ def test_every_gpu_check_command_is_one_the_benchmark_accepts(tmp_path):
         except SystemExit as exc:
             pytest.fail(f"gpu_check.sh runs `throughput.py {' '.join(argv)}`, refused: {exc}")
         sections.append(args.section)
-        if args.json:  # each section's JSON goes to the folder the script returns
-            assert Path(args.json).parent == tmp_path / "out", args.json
     assert sections[0] == "kernels" and "step" in sections
     # The end-to-end row of issue 6: the anchor workload with TRL in the same process.
     anchor = [a for a in bench if "--compare-trl" in a]
@@ -117,6 +123,27 @@ def test_every_gpu_check_command_is_one_the_benchmark_accepts(tmp_path):
     # the remainder to spare for the set-up before them
     limits = [int(m) for m in re.findall(r"^== .* \(limit (\d+) s,", summary, re.M)]
     assert sum(limits[:3]) <= 560 - 30, limits
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_every_log_and_json_of_the_gpu_check_comes_back_in_few_files(tmp_path):
+    """The check writes about twenty files (each section's output, each benchmark's JSON,
+    nvidia-smi's), more than the call that runs it returns: $OUT holds the summary and one
+    archive of them all, packed after each section, so every one comes back."""
+    text = SCRIPT.read_text()
+    proc, calls = run_script(text, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = tmp_path / "out"
+    returned = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert returned == ["gpu_check.tar.gz", "summary.txt"], returned
+    assert len(returned) <= OUT_FILES
+    with tarfile.open(out / "gpu_check.tar.gz") as archive:
+        packed = {Path(m.name).name for m in archive.getmembers() if m.isfile()}
+    jsons = [c[c.index("--json") + 1] for c in calls if "--json" in c]
+    logs = re.findall(r'^\s*section "[^"]*"\s*(?:\\\n\s*)?(\S+)', text, re.M)
+    assert len(jsons) == benchmark_commands(text) and len(logs) == len(jsons) + 1, (jsons, logs)
+    wanted = {Path(j).name for j in jsons} | set(logs) | {"nvidia-smi.txt"}
+    assert wanted <= packed, sorted(wanted - packed)
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
