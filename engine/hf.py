@@ -146,6 +146,12 @@ def logit_softcap(config: object) -> float | None:
     return float(value)
 
 
+def _caps_attention_scores(config: object) -> bool:
+    """Whether the model soft-caps its attention scores (Gemma 2's ``attn_logit_softcapping``),
+    which its eager attention applies and SDPA cannot."""
+    return getattr(_text_config(config), "attn_logit_softcapping", None) is not None
+
+
 # config.json keys that say nothing about the function a model computes: left out of its
 # fingerprint
 _VOLATILE_KEYS = ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures")
@@ -738,14 +744,20 @@ def load_hf_pretrained(
     common: dict[str, Any] = {dtype_key: dtype, "output_loading_info": True, "config": config}
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # a run loads a model per step
+    # SDPA cannot cap attention scores: a model that caps them (Gemma 2's
+    # attn_logit_softcapping) runs eager attention, which does. Recent transformers refuse SDPA
+    # for Gemma 2 (the ValueError below); earlier releases (5.17) offer it and leave the cap out.
+    attention = "eager" if _caps_attention_scores(config) else "sdpa"
     try:
         try:
             hf, info = transformers.AutoModelForCausalLM.from_pretrained(
-                folder, attn_implementation="sdpa", **common
+                folder, attn_implementation=attention, **common
             )
-        except ValueError as e:  # the architecture has no SDPA path (Gemma 2: soft-capping)
+        except ValueError as e:  # the architecture has no SDPA path
             message = str(e).lower()
-            if "sdpa" not in message and "scaled_dot_product_attention" not in message:
+            if attention != "sdpa" or (
+                "sdpa" not in message and "scaled_dot_product_attention" not in message
+            ):
                 raise
             hf, info = transformers.AutoModelForCausalLM.from_pretrained(
                 folder, attn_implementation="eager", **common

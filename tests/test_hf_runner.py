@@ -575,7 +575,11 @@ def test_sdpo_score_gives_a_soft_capped_model_the_log_probs_of_its_capped_logits
     pairs, _ = tokenize_pairs(
         read_preference_file(data), PairTokenizer.from_dir(gemma2_dir), max_length=1024
     )
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gemma2_dir, dtype=torch.float32)
+    # eager: the attention that applies Gemma 2's cap of the scores (an older transformers
+    # picks SDPA by default, which leaves it out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        gemma2_dir, dtype=torch.float32, attn_implementation="eager"
+    )
     for pair, row in zip(pairs, scores, strict=True):
         for field, completion in (
             ("logp_chosen", pair.chosen_ids),
@@ -626,6 +630,34 @@ def test_a_model_without_an_sdpa_path_loads_with_eager_attention(tmp_path):
     folder = write_hf_model(tmp_path / "gemma2", "Gemma2Config", final_logit_softcapping=None)
     model = load_model(folder)
     assert model.hf_model.config._attn_implementation == "eager"
+
+
+def test_a_model_that_caps_its_attention_scores_runs_eager_attention_where_sdpa_is_offered(
+    tmp_path, monkeypatch
+):
+    """Gemma 2 caps its attention scores (attn_logit_softcapping), which SDPA cannot do. A
+    transformers release that offers SDPA for it all the same (5.17 does, and its SDPA path
+    leaves the cap out without a word) must not be taken up on it: the model runs eager
+    attention, its logits transformers' eager model's."""
+    import transformers
+
+    folder = write_hf_model(
+        tmp_path / "gemma2",
+        "Gemma2Config",
+        final_logit_softcapping=None,
+        attn_logit_softcapping=1.0,
+        initializer_range=0.2,
+    )
+    # Gemma 2 as such a release declares it
+    monkeypatch.setattr(transformers.Gemma2PreTrainedModel, "_supports_sdpa", True)
+    model = load_model(folder)
+    assert model.hf_model.config._attn_implementation == "eager"
+    eager = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
+    ids = torch.arange(3, 12).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.hf_model(input_ids=ids).logits, eager(input_ids=ids).logits, rtol=0, atol=0
+        )
 
 
 def test_out_of_memory_training_a_soft_capped_model_points_at_its_head_s_chunk(
