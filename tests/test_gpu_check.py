@@ -223,6 +223,28 @@ def test_a_failing_reference_pass_is_a_row_not_the_end_of_the_kernel_table():
     assert "total_ms" not in bad[0] and "error" in bad[1]
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="Triton on CPU tensors needs its interpreter (no GPU)"
+)
+def test_the_reference_passes_of_the_gpu_kernel_table_run_with_the_triton_impl():
+    """On the GPU the kernel table resolves impl to "triton", which adds the fused reference
+    pass (``fused_sequence_logprobs``) beside the chunked one: the same calls here, the
+    kernels interpreted, each pass a row without an error."""
+    throughput = load_throughput()
+    cpu = torch.device("cpu")
+    p = throughput.make_head_problem(
+        num_seqs=4, seq_len=6, hidden=8, vocab=11, dtype=torch.float32, device=cpu
+    )
+    timer = throughput.Timer(device=cpu, warmup=0, iters=1)
+    rows = throughput.measure_reference_pass(p, impl="triton", timer=timer)
+    assert [r["variant"] for r in rows] == [
+        "reference pass: sdpo sequence_logprobs (triton)",
+        "reference pass: sdpo fused_head (triton)",
+        "reference pass: torch eager",
+    ]
+    assert all("error" not in r and r["total_ms"] > 0 for r in rows), rows
+
+
 def test_the_kernel_table_is_on_disk_before_each_row_is_printed(tmp_path):
     """A kernels run cut short (the check's timeout) keeps every row it measured: the JSON is
     rewritten before each variant's progress line, so when the first line appears its row is
