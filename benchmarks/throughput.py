@@ -663,25 +663,44 @@ def matmul_params(config) -> int:
     return config.num_hidden_layers * per_layer + config.vocab_size * h
 
 
+def attention_square(length: int, window: int | None) -> int:
+    """The query-key pairs ``model_flops`` counts for one sequence of ``length`` tokens in one
+    layer: the full ``length``² square without a window (the convention's: no causal halving),
+    and with one the band of that square within ``window`` of the diagonal, ``|i - j| <
+    window``, which is the pairs the causal window attends to (query i sees keys
+    ``i - window < j <= i``: min(i + 1, window) of them) mirrored the same way: twice their
+    number less the diagonal. A window of ``length`` or more is the full square."""
+    if window is None or window >= length:
+        return length * length
+    attended = window * (window + 1) // 2 + (length - window) * window
+    return 2 * attended - length
+
+
 def model_flops(pairs: list, config, *, training: bool, lora: bool = False) -> float:
     """FLOPs of one pass over ``pairs``, by the common convention (PaLM appendix B, nanoGPT):
     2·P per token forward (6·P with backward), P = ``matmul_params``, plus attention scores
     and values 4·L·A·s per token forward (12·L·A·s with backward) for a token in a sequence of
-    length s, A = heads·head_dim, the full s×s square counted (no causal halving).
+    length s, A = heads·head_dim, the full s×s square counted (no causal halving). A layer
+    with a sliding window w (``config.layer_window``) counts the band of that square within w
+    of the diagonal instead (``attention_square``), so a windowed model's MFU is not credited
+    with keys its queries never see; every other layer, and every layer of a model without a
+    window, counts the square as before. A pair counts its prompt once per completion (the
+    unshared layout's work, also under ``--share-prompt``).
     ``lora``: the frozen weights get no gradient, so a training pass is 4·P per token (forward
     and input gradients; the adapter's own rank-r matmuls are not counted), attention as above."""
     factor = 3 if training else 1
     matmul_factor = 2 if training and lora else factor
     width = config.num_attention_heads * config.head_dim
     p = matmul_params(config)
+    windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
     tokens = 0
     square = 0
     for pair in pairs:
         for completion in (pair.chosen_ids, pair.rejected_ids):
             s = len(pair.prompt_ids) + len(completion)
             tokens += s
-            square += s * s
-    return matmul_factor * 2 * p * tokens + factor * 4 * config.num_hidden_layers * width * square
+            square += sum(attention_square(s, w) for w in windows)
+    return matmul_factor * 2 * p * tokens + factor * 4 * width * square
 
 
 def real_tokens(pairs: list) -> int:
@@ -1590,7 +1609,8 @@ def step_section(args: argparse.Namespace) -> dict:
         "matmul_tflops_per_rank": ceilings,
         "matmul_params": matmul_params(config),
         "flop_convention": "6*P_matmul (LoRA: 4*P_matmul) per token + 12*L*A*s per token "
-        "(full square), see model_flops; under torchrun MFU per GPU counts 1/world of the FLOPs",
+        "(full square; a sliding layer: the band within its window), see model_flops; under "
+        "torchrun MFU per GPU counts 1/world of the FLOPs",
     }
     if world > 1:
         header["command"] = f"torchrun --nproc-per-node {world} " + " ".join(sys.argv)

@@ -735,6 +735,50 @@ def test_model_flops_count_matmuls_and_attention_squares():
     assert throughput.real_tokens([pair]) == tokens
 
 
+@pytest.mark.parametrize(
+    "model_type,window,sliding_layers",
+    [("mistral", 4, None), ("qwen2", 3, (1,)), ("qwen3", 5, (0, 2)), ("qwen2", 40, None)],
+)
+def test_model_flops_count_only_the_keys_a_sliding_layer_sees(model_type, window, sliding_layers):
+    """A sliding layer counts the band of the square its window leaves (the pairs query i
+    attends to, i - window < j <= i, mirrored as the full square mirrors the causal triangle),
+    a full layer the whole square; brute force over odd and even lengths, shorter and longer
+    than the window."""
+    throughput = load_throughput()
+    base = tiny_config(tied=False)
+    config = dataclasses.replace(
+        base,
+        model_type=model_type,
+        num_hidden_layers=3,
+        sliding_window=window,
+        sliding_layers=sliding_layers,
+    )
+    pairs = [
+        TokenizedPair(index=0, prompt_ids=[5] * 3, chosen_ids=[6] * 6, rejected_ids=[7] * 2),
+        TokenizedPair(index=1, prompt_ids=[5] * 7, chosen_ids=[6] * 10, rejected_ids=[7]),
+    ]
+    lengths = [9, 5, 17, 8]
+    counted = 0
+    for layer in range(3):
+        slides = sliding_layers is None or layer in sliding_layers
+        for s in lengths:
+            attended = sum(
+                1 for i in range(s) for j in range(s) if j <= i and (not slides or i - j < window)
+            )
+            band = sum(1 for i in range(s) for j in range(s) if not slides or abs(i - j) < window)
+            assert band == 2 * attended - s
+            counted += band
+    matmuls = 2 * throughput.matmul_params(config) * sum(lengths)
+    for training, factor in ((False, 1), (True, 3)):
+        expected = factor * (matmuls + 4 * 40 * counted)
+        assert throughput.model_flops(pairs, config, training=training) == expected
+    if window >= max(lengths):  # a window no sequence fills counts as no window
+        plain = dataclasses.replace(config, model_type="llama", sliding_window=None)
+        assert throughput.model_flops(pairs, config, training=True) == throughput.model_flops(
+            pairs, plain, training=True
+        )
+
+
 def test_trl_comparison_trains_on_the_same_weights_and_batches_as_ours(one_thread, tmp_path):
     pytest.importorskip("trl")
     throughput = load_throughput()
