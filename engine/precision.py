@@ -6,9 +6,10 @@
 - ``bf16-mixed``: float32 master parameters and states, bf16 autocast for the forward (the CUDA
   default: safe at sDPO's typical learning rate of 5e-7).
 ``auto`` picks ``bf16-mixed`` on a GPU that computes in bf16 (compute capability 8.0 or later)
-and ``fp32`` elsewhere, an older GPU included (it emulates bf16, slower than fp32); a resumed run
-keeps the precision
-its checkpoint records (``resumed_precision``), so ``auto`` is decided when the run starts.
+and ``fp32`` elsewhere, an older GPU included (it emulates bf16, slower than fp32; an explicit
+``bf16`` or ``bf16-mixed`` runs there all the same, with a warning: ``emulated_bf16_warning``); a
+resumed run keeps the precision its checkpoint records (``resumed_precision``), so ``auto`` is
+decided when the run starts.
 """
 
 from __future__ import annotations
@@ -66,6 +67,31 @@ def precision_problem(precision: str, device: torch.device | str) -> str | None:
     if torch.cuda.is_bf16_supported():
         return None
     return "this GPU does not compute in bf16 (torch.cuda.is_bf16_supported() is false)"
+
+
+def emulated_bf16_warning(
+    precision: str, device: torch.device | str, *, key: str = "train.precision"
+) -> str | None:
+    """A warning for a run in bf16 (``bf16`` or ``bf16-mixed``, the resolved ``precision``) on
+    a GPU that only emulates bf16 (compute capability before 8.0): it runs, slower than fp32,
+    which ``auto`` resolves to there. None where there is nothing to say (fp32, a CPU, a GPU
+    that computes in bf16). ``key``: the setting to name, ``train.precision`` or an option
+    such as ``--precision``."""
+    device = torch.device(device)
+    if precision not in ("bf16", "bf16-mixed") or device.type != "cuda":
+        return None
+    if torch.cuda.is_bf16_supported(including_emulation=False):
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    if key.startswith("--"):
+        chosen, fp32, auto = f"{key} {precision}", f"{key} fp32", f"{key} auto"
+    else:
+        chosen, fp32, auto = f'{key} = "{precision}"', f'{key} = "fp32"', '"auto"'
+    return (
+        f"{chosen} on this GPU (compute capability {major}.{minor}; bf16 arithmetic needs 8.0 "
+        "or later) runs emulated bf16, slower than fp32; a run with "
+        f"{fp32} or {auto} (fp32 on this GPU) avoids it"
+    )
 
 
 def parameter_dtype(precision: str) -> torch.dtype:

@@ -501,7 +501,7 @@ def _score(args: argparse.Namespace) -> int:
     from sdpo.engine.data import read_preference_file
     from sdpo.engine.files import atomic_open
     from sdpo.engine.packing import check_ld_alpha
-    from sdpo.engine.precision import parameter_dtype, resolve_precision
+    from sdpo.engine.precision import emulated_bf16_warning, parameter_dtype, resolve_precision
     from sdpo.engine.scoring import score_pairs
     from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
     from sdpo.kernels import resolve_impl
@@ -510,6 +510,9 @@ def _score(args: argparse.Namespace) -> int:
     device = select_device()
     # as a run resolves train.precision: the default scores the values a default run caches
     precision = resolve_precision(args.precision, device)
+    emulated = emulated_bf16_warning(precision, device, key="--precision")
+    if emulated is not None:
+        _say(f"sdpo: warning: {emulated}", file=sys.stderr)
     shardable = False  # whether --fsdp can shard the model (sdpo's own decoder runs it)
 
     def out_of_memory(error: BaseException) -> int:

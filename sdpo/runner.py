@@ -129,6 +129,7 @@ from sdpo.engine.lora import (
 )
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import (
+    emulated_bf16_warning,
     parameter_dtype,
     precision_problem,
     resolve_precision,
@@ -1475,6 +1476,9 @@ class StepwiseRunner:
             self.precision, _ = resumed_precision(
                 self.cfg.train.precision, point.progress.get("precision"), self.device
             )
+        emulated = emulated_bf16_warning(self.precision, self.device)
+        if emulated is not None:
+            _log(f"warning: {emulated}")
         if self.cfg.train.fsdp and not distributed.active():
             _log(
                 "train.fsdp = true shards the model over the ranks of torchrun; this is one "

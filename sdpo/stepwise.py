@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from functools import partial
@@ -46,7 +47,7 @@ from torch import nn
 
 from sdpo.engine.hf import PackedCausalLM, dropout_off, router_aux_loss_coef_for
 from sdpo.engine.packing import TokenizedPair, check_pairs, check_token_ids
-from sdpo.engine.precision import resolve_precision
+from sdpo.engine.precision import emulated_bf16_warning, resolve_precision
 from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.trainer import (
     DPOTrainer,
@@ -184,6 +185,9 @@ def run_sdpo(
         lr_of = _per_step("learning_rates", learning_rates, steps, train.learning_rate)
         device = next(model.parameters()).device
         precision = resolve_precision(train.precision, device)
+        emulated = emulated_bf16_warning(precision, device, key="TrainConfig.precision")
+        if emulated is not None:
+            warnings.warn(emulated, stacklevel=2)
         impl = resolve_impl(kernels_impl, device)
         # scoring sees the weights the trainer trains: its parameter dtype from the start
         cast_for_precision(model, precision)

@@ -149,6 +149,44 @@ def test_score_precision_defaults_to_what_train_resolves(monkeypatch):
     assert resolve_precision(given.precision, "cuda") == "bf16"
 
 
+def test_bf16_asked_for_on_a_gpu_that_only_emulates_it_is_warned_of(monkeypatch):
+    """An explicit bf16 or bf16-mixed on a GPU before compute capability 8.0 runs (emulated,
+    slower than fp32) with one warning naming the capability and the settings that avoid it;
+    nothing to say for fp32, on a CPU, or on a GPU that computes in bf16."""
+    from sdpo.engine.precision import emulated_bf16_warning, resolve_precision
+
+    asked = []  # the devices torch.cuda was asked about
+
+    def capability(device=None):
+        asked.append(device)
+        return (7, 0)
+
+    # what torch.cuda says of a V100: bf16 only by emulation
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    run = emulated_bf16_warning("bf16-mixed", "cuda:1")
+    assert run == (
+        'train.precision = "bf16-mixed" on this GPU (compute capability 7.0; bf16 arithmetic '
+        "needs 8.0 or later) runs emulated bf16, slower than fp32; a run with "
+        'train.precision = "fp32" or "auto" (fp32 on this GPU) avoids it'
+    )
+    assert asked == [torch.device("cuda:1")]
+    score = emulated_bf16_warning("bf16", torch.device("cuda"), key="--precision")
+    assert score.startswith("--precision bf16 on this GPU (compute capability 7.0;")
+    assert score.endswith("--precision fp32 or --precision auto (fp32 on this GPU) avoids it")
+    for precision in ("fp32", resolve_precision("auto", "cuda")):
+        assert emulated_bf16_warning(precision, "cuda") is None
+    asked.clear()
+    for precision in ("bf16", "bf16-mixed"):
+        assert emulated_bf16_warning(precision, "cpu") is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    for precision in ("bf16", "bf16-mixed"):  # an A100 or later
+        assert emulated_bf16_warning(precision, "cuda") is None
+    assert asked == []
+
+
 def test_score_reads_columns_named_otherwise_and_refuses_bad_input(
     tiny_model_dir, tmp_path, capsys
 ):
