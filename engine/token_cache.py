@@ -4,7 +4,8 @@ Reading and validating every row and tokenizing it (chat templates included) is 
 so its result is written once next to the run (``tokens-<name>.safetensors`` in the run's cache
 folder) and reused while nothing that changes it has changed. The key (:func:`token_cache_key`)
 holds everything that does: the sha256 of each data file's bytes with its path, source name and
-split and subset, in order; the tokenizer files (chat template files included); the length and truncation settings; the identical-pairs
+split and subset, in order; the tokenizer files (chat template files and an older folder's
+``added_tokens.json`` included); the length and truncation settings; the identical-pairs
 policy; the model's vocabulary size and context length (checked at load time, so a cached
 pair is known to pass them); and the source of the reading and tokenizing code itself, so an
 edit to either reads the data again. A hub data set has no file to hash: no key, no cache.
@@ -38,6 +39,7 @@ from .files import atomic_write_bytes
 from .packing import TokenizedPair, id_array
 from .resume import file_sha256
 from .tokenize import (
+    ADDED_TOKENS_FILE,
     CHAT_TEMPLATE_DIR,
     CHAT_TEMPLATE_FILE,
     PROCESSOR_CHAT_TEMPLATE_FILE,
@@ -58,11 +60,13 @@ __all__ = [
 
 # Bump when the file layout or the meaning of a stored field changes.
 TOKEN_CACHE_VERSION = "1"
-# what PairTokenizer.from_dir reads: the tokenizer, its config and the chat template files
+# what PairTokenizer.from_dir reads: the tokenizer, its config, an older folder's added tokens
+# and the chat template files
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     SPECIAL_TOKENS_MAP_FILE,
+    ADDED_TOKENS_FILE,
     CHAT_TEMPLATE_FILE,
     PROCESSOR_CHAT_TEMPLATE_FILE,
 )

@@ -32,8 +32,11 @@ from the file's Unigram vocabulary): sdpo then builds the same pipeline
 token ``tokenizer_config.json`` names, and every entry of its ``added_tokens_decoder``, is an
 added token, as transformers registers it (``_add_registered_tokens``), with the options
 (``lstrip``, ``rstrip``, ``single_word``, ``normalized``) of the ``added_tokens_decoder`` entry
-where it differs from ``tokenizer.json``'s token, as transformers re-adds it. One the vocabulary
-lacks (a named one, one listed in ``extra_special_tokens``/``additional_special_tokens`` or in
+where it differs from ``tokenizer.json``'s token, as transformers re-adds it. Where
+``tokenizer_config.json`` has no ``added_tokens_decoder`` (folders saved by older releases),
+the tokens ``added_tokens.json`` names are added before them, as transformers adds them
+(``_legacy_added_tokens``): the tokenizer's own, with the next free ids where the vocabulary
+lacks them, counted in its vocabulary size. One the vocabulary lacks (a named one, one listed in ``extra_special_tokens``/``additional_special_tokens`` or in
 ``added_tokens_decoder``, a class's default, CodeLlama's infilling tokens, XGLM's
 "<madeupwordN>") gets a new id there, past the model's embeddings, as in transformers: a text
 that holds it (split at it exactly as transformers splits it) is an error naming the text
@@ -222,6 +225,9 @@ def _token_text(value: Any) -> str | None:
 
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+# token -> id of the tokens added to a tokenizer, as transformers wrote them before
+# tokenizer_config.json had an added_tokens_decoder (``_legacy_added_tokens``)
+ADDED_TOKENS_FILE = "added_tokens.json"
 
 
 @dataclass(frozen=True)
@@ -429,9 +435,15 @@ class PairTokenizer:
         bos_in_front: bool = False,
         outside_vocab: dict[str, tuple[str, str | None]] | None = None,
         fill_token: str | None = None,
+        added_file_tokens: Sequence[str] = (),
     ) -> None:
         self.tokenizer = tokenizer
         self.name = name
+        # id -> token of the tokens that only added_tokens.json names (``_legacy_added_tokens``):
+        # the tokenizer's own, but a model that was not resized for them lacks their ids
+        self.added_file_tokens = {
+            i: t for t in added_file_tokens if (i := tokenizer.token_to_id(t)) is not None
+        }
         # CodeLlama's infilling token: transformers' class reads a text holding it as a prefix
         # and a suffix to encode between its infilling tokens, and leaves its pipeline changed
         # for the texts after (its normaliser then puts "▁" in front of every piece of text).
@@ -623,11 +635,17 @@ class PairTokenizer:
                 "as it is too)"
             )
         _check_special_token_values(folder, config, sources, tokenizer)
+        legacy = (
+            []
+            if "added_tokens_decoder" in own_config
+            else _legacy_added_tokens(folder, config, sources, tokenizer)
+        )
+        file_lacks = [t for t, _ in legacy if tokenizer.token_to_id(t) is None]
         named = _registered_tokens(config, cls_name, sources=sources)
         config = class_defaults(tokenizer, config, cls_name)
         if cls_name is not None:
             tokenizer = _drop_unlisted_added_tokens(tokenizer, config)
-        outside = _add_registered_tokens(tokenizer, config, cls_name)
+        outside = _add_registered_tokens(tokenizer, config, cls_name, legacy=legacy)
         try:
             build_as_transformers(tokenizer, config, cls_name)
         except ValueError as exc:
@@ -675,6 +693,7 @@ class PairTokenizer:
                 if cls_name == CODE_LLAMA
                 else None
             ),
+            added_file_tokens=file_lacks,
         )
 
     @property
@@ -1132,6 +1151,63 @@ def _added_token(value: Any) -> Any:
     return AddedToken(value["content"], **options)
 
 
+def _legacy_added_tokens(
+    folder: Path, config: dict, sources: _TokenSources, tokenizer: Tokenizer
+) -> list[tuple[str, bool]]:
+    """The tokens of ``folder``'s ``added_tokens.json`` as transformers 5 adds them to a folder
+    whose ``tokenizer_config.json`` has no ``added_tokens_decoder`` (folders saved by older
+    releases; the caller checks that): (token, special) in the order of their ids there.
+    transformers makes each an ``added_tokens_decoder`` entry under its id, one of
+    ``tokenizer.json``'s added tokens replacing it where that has the same id, and adds those
+    entries in the order of their ids, but does not keep the ids: a token keeps its vocabulary
+    id, and another gets the next free one. A token is special, and not normalized, where it is
+    a named special token (``bos_token``, ..., ``mask_token``) or one of the list of extra
+    special tokens, each as transformers reads it at that point: as a string in
+    ``tokenizer_config.json`` or as a string or an object in ``special_tokens_map.json``
+    (``additional_special_tokens`` only from ``tokenizer_config.json``: the map's becomes the
+    list later); otherwise normal text, normalized (``_add_registered_tokens`` makes one that
+    names a named or model-specific token special all the same, as transformers' ``__init__``
+    does). ``config`` and ``sources``: ``_special_token_config``'s.
+
+    Not reproduced: in a folder transformers rebuilds with a class of its own, which adds
+    ``tokenizer.json``'s added tokens again in the same order of ids, a token here whose id is
+    below that of one of those the vocabulary lacks takes that one's new id there, moving it
+    and those after it on (sdpo keeps the file's ids); files are written with the ids after
+    the tokenizer's own."""
+    path = folder / ADDED_TOKENS_FILE
+    if not path.is_file():
+        return []
+    entries: dict[Any, str] = {}
+    for token, index in _read_json(path).items():
+        if isinstance(index, float) and index.is_integer():
+            index = int(index)
+        if not isinstance(index, int):
+            raise ValueError(
+                f"{path}: the id of {token!r} is {json.dumps(index)[:80]}, not an integer "
+                "(transformers fails to load a tokenizer from this folder too); write the "
+                "token's id as a number, or remove the entry"
+            )
+        entries[index] = token  # a later token with the same id replaces an earlier one
+    for index in tokenizer.get_added_tokens_decoder():
+        entries.pop(index, None)
+
+    def content(file: str, value: Any) -> str | None:
+        """``value``'s token (written in ``file``) where transformers counts it special at this
+        point."""
+        if isinstance(value, str):
+            return value or None
+        if isinstance(value, dict) and file == SPECIAL_TOKENS_MAP_FILE:
+            return _token_content(value)  # an AddedToken there; a dict of the config's is not
+        return None
+
+    special = {content(sources.key(k)[0], config.get(k)) for k in NAMED_SPECIAL_TOKENS}
+    listed = config.get("extra_special_tokens")
+    for value, (file, key, _) in zip(listed if isinstance(listed, list) else [], sources.listed):
+        if not (file == SPECIAL_TOKENS_MAP_FILE and key == "additional_special_tokens"):
+            special.add(content(file, value))
+    return [(entries[i], entries[i] in special) for i in sorted(entries)]
+
+
 def _registered_added_tokens(tokenizer: Tokenizer, config: dict, cls: str | None) -> list[Any]:
     """The added tokens transformers adds to ``tokenizer`` (``tokenizer.json``'s pipeline) on
     loading a folder of ``config``, in its order (``TokenizersBackend.__init__``): each entry of
@@ -1166,13 +1242,38 @@ def _registered_added_tokens(tokenizer: Tokenizer, config: dict, cls: str | None
     return tokens
 
 
-def _add_registered_tokens(tokenizer: Tokenizer, config: dict, cls: str | None) -> list[Any]:
+def _add_registered_tokens(
+    tokenizer: Tokenizer,
+    config: dict,
+    cls: str | None,
+    *,
+    legacy: Sequence[tuple[str, bool]] = (),
+) -> list[Any]:
     """Add to ``tokenizer`` the tokens transformers adds on loading (``_registered_added_tokens``)
     that its vocabulary has; return the others (transformers gives each a new id, past the
     model's embeddings: ``PairTokenizer``'s ``outside_vocab``). A named special token that
     ``tokenizer.json`` has only as a vocabulary entry so becomes one token, as in transformers:
     ``<|im_end|>`` written by a chat template is one id, not "<", "|", "im", ...; and an
-    ``added_tokens_decoder`` entry's options (``lstrip``, ...) replace the file's."""
+    ``added_tokens_decoder`` entry's options (``lstrip``, ...) replace the file's.
+
+    ``legacy``: the tokens of ``added_tokens.json`` (``_legacy_added_tokens``), which
+    transformers takes as entries of ``added_tokens_decoder`` ahead of all others: each is added
+    first, in their order, a token the vocabulary lacks with the next free id, as there. They
+    are the tokenizer's own (counted in its vocabulary size): the folder's model was resized to
+    hold them when they were added."""
+    have = {repr(t) for t in tokenizer.get_added_tokens_decoder().values()}
+    # the tokens transformers' special-token attributes hold once built: one of these is
+    # made special, its other options kept
+    named = {t for t in template_special_tokens(config).values() if t}
+    from tokenizers import AddedToken
+
+    own = [
+        AddedToken(token, normalized=not special, special=special or token in named)
+        for token, special in legacy
+    ]
+    own = [t for t in own if repr(t) not in have]
+    if own:
+        tokenizer.add_tokens(own)
     tokens = _registered_added_tokens(tokenizer, config, cls)
     inside = [t for t in tokens if tokenizer.token_to_id(t.content) is not None]
     if inside:
@@ -1728,6 +1829,17 @@ def _check_vocab(
     row: dict, position: int, pair: TokenizedPair, *, vocab_size: int, tokenizer: PairTokenizer
 ) -> None:
     top = max(max(pair.prompt_ids), max(pair.chosen_ids), max(pair.rejected_ids))
+    if top >= vocab_size and top in tokenizer.added_file_tokens:
+        token = tokenizer.added_file_tokens[top]
+        raise row_error(
+            row,
+            f"the row holds {token!r}, a token of {ADDED_TOKENS_FILE} in {tokenizer.name}, "
+            f"which transformers (and so TRL) gives id {top}, outside the model's vocabulary "
+            f"(vocab_size {vocab_size}): the model was not resized for it",
+            fix=f"resize the model's embeddings to hold it, remove it from {ADDED_TOKENS_FILE}, "
+            "or remove it from the row",
+            position=position,
+        )
     if top >= vocab_size:
         raise row_error(
             row,

@@ -769,9 +769,12 @@ class StepwiseRunner:
             tokenizer = PairTokenizer.from_dir(model_dir)
             if self.reference_dir is not None:
                 _check_same_vocabulary(model_dir, self.reference_dir)
-            if tokenizer.vocab_size > model_config.vocab_size:
+            # the tokens only added_tokens.json names: a row that holds one past the embedding
+            # table is refused by tokenize_pairs, naming it
+            own_size = tokenizer.vocab_size - len(tokenizer.added_file_tokens)
+            if own_size > model_config.vocab_size:
                 raise RunInputError(
-                    f"{model_dir / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but "
+                    f"{model_dir / 'tokenizer.json'} has {own_size} tokens but "
                     f"{model_dir / 'config.json'} vocab_size is {model_config.vocab_size}: the "
                     "tokenizer does not belong to this model (ids past the embedding table); "
                     "copy the tokenizer files that came with these weights"

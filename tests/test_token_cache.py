@@ -311,6 +311,23 @@ def test_every_chat_template_file_the_tokenizer_reads_is_part_of_the_key(tiny_mo
     assert len({json.dumps(k, sort_keys=True) for k in keys}) == len(keys)
 
 
+def test_added_tokens_json_is_part_of_the_key(tiny_model_dir, tmp_path):
+    """An older folder's added_tokens.json adds tokens (its tokenizer_config.json has no
+    added_tokens_decoder): its content is in the key, whatever the fingerprint says, so a cache
+    made before it was read (or before it changed) is not reused."""
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    fingerprints = [PairTokenizer.from_dir(tiny_model_dir).fingerprint]
+    keys = [_key(cfg, tokenizer_fingerprint=fingerprints[0])]
+    size = PairTokenizer.from_dir(tiny_model_dir).vocab_size
+    path = tiny_model_dir / "added_tokens.json"
+    for tokens in ({"<tool>": size}, {"<tool>": size, "<call>": size + 1}):
+        path.write_text(json.dumps(tokens))
+        fingerprints.append(PairTokenizer.from_dir(tiny_model_dir).fingerprint)
+        keys.append(_key(cfg, tokenizer_fingerprint=fingerprints[0]))
+    assert len({json.dumps(k, sort_keys=True) for k in keys}) == len(keys)
+    assert len(set(fingerprints)) == len(fingerprints)  # the tokens are read too
+
+
 def test_a_data_set_folder_is_keyed_by_every_file_in_it(tiny_model_dir, tmp_path):
     cfg = _cfg(tmp_path, tiny_model_dir)
     folder = tmp_path / "local_set" / "data"

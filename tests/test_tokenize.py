@@ -1534,3 +1534,52 @@ def test_token_ids_and_stats_do_not_depend_on_the_tokenize_block(tok, monkeypatc
         pairs, stats = tokenize_pairs(rows, tok, max_length=14, max_prompt_length=5)
         assert pairs == whole and stats == whole_stats
     assert whole_stats.num_truncated > 0
+
+
+def test_added_tokens_json_is_read_as_transformers_reads_it(tmp_path):
+    """A folder saved before tokenizer_config.json had an added_tokens_decoder, whose
+    added_tokens.json names tokens tokenizer.json lacks: transformers adds them in the order of
+    their ids there (giving each the next free id, the file's not kept), a named special one as
+    a special token read on the raw text, another as normalised text; one at an id
+    tokenizer.json's added tokens use is dropped. sdpo's ids and vocabulary size are
+    AutoTokenizer's, and TRL's pairs too; with an added_tokens_decoder the file is not read."""
+    transformers = pytest.importorskip("transformers")
+    folder = sentencepiece_like(tmp_path / "sp", chat_template=CHATML)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["pad_token"] = "<pad>"  # named, outside tokenizer.json: the file's id is its own
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    size = PairTokenizer.from_dir(folder).vocab_size
+    added = {"<tool>": size + 7, "<pad>": size + 3, "<lost>": 3, "▁hi": 41}
+    (folder / "added_tokens.json").write_text(json.dumps(added))
+    texts = ["hi <tool> there", "Sure<tool>thing <pad>", "[INST]<pad>hi<|im_end|>", "hi there"]
+    rows = [{"prompt": "[INST] hi <tool> [/INST]", "chosen": " Sure<pad>", "rejected": " No"}]
+
+    def same_as_transformers() -> PairTokenizer:
+        theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+        ours = PairTokenizer.from_dir(folder)
+        assert ours.encode_texts(texts) == [
+            theirs.encode(t, add_special_tokens=False) for t in texts
+        ]
+        assert ours.vocab_size == len(theirs)
+        assert _ours(folder, rows, tmp_path) == _trl_prepared(folder, rows)
+        return ours
+
+    ours = same_as_transformers()
+    ids = ours.tokenizer.token_to_id
+    assert (ids("<pad>"), ids("<tool>"), ours.vocab_size) == (size, size + 1, size + 2)
+    assert ids("<lost>") is None and ours.encode_texts(["hi"])[0] == [ids("▁hi")]
+    assert ours.encode_texts(texts[:2]) == [
+        [ids("▁hi"), size + 1, ids("▁there")],  # normalised: read after "▁" only
+        [*ours.encode_texts(["Sure<tool>thing"])[0], ids("▁"), size],
+    ]
+    # a model not resized for them: a row that holds one is refused, naming the file
+    with pytest.raises(DataError, match=r"'<tool>', a token of added_tokens.json .* id \d+, outs"):
+        tokenize_pairs(rows, ours, max_length=64, vocab_size=size + 1)
+    config["added_tokens_decoder"] = {}  # the file is no longer read: <pad> is outside again
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    assert PairTokenizer.from_dir(folder).vocab_size == size
+    (folder / "added_tokens.json").write_text(json.dumps({"<tool>": str(size)}))
+    del config["added_tokens_decoder"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"added_tokens.json: the id of '<tool>' is \"\d+\""):
+        PairTokenizer.from_dir(folder)
