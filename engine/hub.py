@@ -12,7 +12,8 @@ weight formats (``*.bin``, ``*.pth``) and other subfolders (``original/``, ``onn
 skipped.
 
 ``revision`` (``model.revision``, TRL's ``model_revision``) is a branch, tag or commit of the
-hub model; the folder's name in the cache is the commit it resolved to, which the run logs.
+hub model; the folder's name in the cache is the commit it resolved to, which the run logs and
+writes where a file names the model for other machines (a LoRA adapter's base model).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "HUB_FETCHES",
     "HubModelError",
     "MODEL_FILE_PATTERNS",
+    "hub_snapshot",
     "is_hub_model_id",
     "resolve_model_folder",
 ]
@@ -111,3 +113,13 @@ def resolve_model_folder(
             "give the converted folder"
         )
     return folder
+
+
+def hub_snapshot(value: str | Path, folder: Path) -> tuple[str, str] | None:
+    """(hub model id, commit) where ``folder`` is the hub snapshot ``resolve_model_folder`` gave
+    for the model value ``value`` (a snapshot folder is named by its commit); None where it is
+    the local folder ``value`` names. What names the model on any machine, where the snapshot's
+    path names it only in this one's hub cache."""
+    if folder == Path(str(value)).expanduser():
+        return None
+    return str(value), folder.name

@@ -332,11 +332,15 @@ def peft_adapter_files(
     dropout: float,
     targets: str | Iterable[str],
     base_model: str,
+    revision: str | None = None,
     use_rslora: bool = False,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(tensors, adapter_config dict) of PEFT's LoRA layout for ``state`` (``lora_state_dict``):
     ``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r),
-    to be written as ``adapter_model.safetensors`` and ``adapter_config.json``."""
+    to be written as ``adapter_model.safetensors`` and ``adapter_config.json``.
+    ``base_model``: the base model's folder or hub id (``base_model_name_or_path``);
+    ``revision``: a hub base model's commit (branch or tag), which PEFT's
+    ``AutoPeftModelForCausalLM`` loads the base at (None: its default branch)."""
     tensors = {f"{PEFT_PREFIX}{name}.weight": t.contiguous() for name, t in state.items()}
     config = {
         "peft_type": "LORA",
@@ -357,6 +361,6 @@ def peft_adapter_files(
         "alpha_pattern": {},
         "use_rslora": use_rslora,
         "use_dora": False,
-        "revision": None,
+        "revision": revision,
     }
     return tensors, config

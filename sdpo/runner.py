@@ -118,7 +118,7 @@ from sdpo.engine.compile import compile_decoder_layers
 from sdpo.engine.data import DataError, read_preference_file, row_error
 from sdpo.engine.files import append_jsonl, atomic_open, atomic_write_bytes, atomic_write_json
 from sdpo.engine.hf import check_gradient_checkpointing, check_lora_layout
-from sdpo.engine.hub import resolve_model_folder
+from sdpo.engine.hub import hub_snapshot, resolve_model_folder
 from sdpo.engine.lora import (
     attach_lora,
     load_lora_state_dict,
@@ -357,7 +357,7 @@ def model_folder(value: str, *, key: str, revision: str | None = None) -> Path:
             "model folder (config.json, *.safetensors, tokenizer.json), or a hub model id "
             "(namespace/name)"
         )
-    if folder != Path(value).expanduser():
+    if hub_snapshot(value, folder) is not None:
         _log(f"{key} {value}: hub snapshot {folder.name} ({folder})")
         if not folder.is_dir():
             raise RunInputError(
@@ -1389,10 +1389,18 @@ class StepwiseRunner:
             config = pretrained_config(model)
             write_adapter = None
             if adapter is not None:
+                # the base M_{t-1}: model.path, by hub id and commit where it is a hub model
+                # (its snapshot's path names it in this machine's hub cache only), then step-<t-1>/
+                hub = hub_snapshot(self.cfg.model.path, model_dir) if t == 1 else None
+                base_model, revision = hub or (
+                    str(model_dir if t == 1 else self.out / f"step-{t - 1}"),
+                    None,
+                )
                 write_adapter = partial(
                     self._write_peft_adapter,
                     self._snapshot(adapter, "peft"),
-                    base_model=str(model_dir if t == 1 else self.out / f"step-{t - 1}"),
+                    base_model=base_model,
+                    revision=revision,
                 )
             kept = None
             if kept_optimizer is not None:
@@ -2078,10 +2086,16 @@ class StepwiseRunner:
             )
 
     def _write_peft_adapter(
-        self, state: dict[str, torch.Tensor], tmp: Path, *, base_model: str
+        self,
+        state: dict[str, torch.Tensor],
+        tmp: Path,
+        *,
+        base_model: str,
+        revision: str | None,
     ) -> None:
         """Write one step's adapter in PEFT's layout into ``tmp/adapter/`` (inside the step
-        folder's atomic write), loadable with PEFT onto its base M_{t-1}."""
+        folder's atomic write), loadable with PEFT onto its base M_{t-1} (``base_model``, at a
+        hub model's commit ``revision``)."""
         lora = self.cfg.lora
         tensors, config = peft_adapter_files(
             state,
@@ -2091,6 +2105,7 @@ class StepwiseRunner:
             targets=lora.targets,
             use_rslora=lora.use_rslora,
             base_model=base_model,
+            revision=revision,
         )
         folder = tmp / PEFT_ADAPTER_DIR
         folder.mkdir()

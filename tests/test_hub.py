@@ -23,7 +23,7 @@ from sdpo.cli import main
 from sdpo.config import ConfigError, load_config
 from sdpo.engine.hub import HUB_FETCHES, HubModelError, is_hub_model_id, resolve_model_folder
 from sdpo.engine.tiny import write_tiny_model
-from tests.conftest import WORDS, write_pairs
+from tests.conftest import WORDS, two_source_config, write_pairs
 
 MAIN, V1 = "a" * 40, "b" * 40  # the two commits of org/tiny
 
@@ -200,6 +200,37 @@ def test_sdpo_train_and_score_read_a_hub_model_offline_as_its_local_folder(hub, 
     assert done.returncode == 2, done.stderr[-3000:]
     assert "model.path = 'org/missing' is not an existing folder" in done.stderr
     assert not (tmp_path / "missing-out").exists()
+
+
+def test_a_lora_adapter_names_a_hub_base_model_by_id_and_commit(hub, tmp_path, monkeypatch):
+    """Step 1's PEFT adapter on a hub model names its base as PEFT does, by hub id with the
+    commit the run trained on as its revision (not the snapshot's path, which names it in this
+    machine's hub cache only), and PEFT's AutoPeftModelForCausalLM loads that base from the hub
+    (here the cache, offline) and merges the adapter into step-1/'s weights."""
+    from huggingface_hub import constants
+
+    from sdpo.config import config_from_dict
+    from sdpo.runner import run_training
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    d = two_source_config(tmp_path, "org/tiny", far=4, near=4, sdpo={"steps": 1})
+    d["model"]["revision"] = "v1"
+    d["lora"] = {"rank": 2, "alpha": 4.0}
+    cfg = config_from_dict(d)
+    run_training(cfg, progress=False)
+    folder = Path(cfg.output_dir) / "step-1" / "adapter"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("org/tiny", V1)
+    peft = pytest.importorskip("peft")
+    import torch
+
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(
+        str(folder), dtype=torch.float32, cache_dir=str(hub), local_files_only=True
+    ).merge_and_unload()
+    step = load_file(Path(cfg.output_dir) / "step-1" / "model.safetensors")
+    assert {k: v for k, v in model.state_dict().items() if k in step}.keys() == step.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in step.items())
 
 
 def _fetch_on_every_rank(cache: Path, value: str, revision: str | None) -> str:
