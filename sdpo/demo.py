@@ -34,7 +34,7 @@ from sdpo.engine.scoring import score_pairs
 from sdpo.engine.tiny import build_tokenizer
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.kernels import sequence_logprobs
-from sdpo.runner import run_training, tokenizer_files
+from sdpo.runner import processing_files, run_training
 
 DIGITS = [str(d) for d in range(10)]
 SOURCES = ("random", "copy", "near")
@@ -208,7 +208,7 @@ def run_demo(*, output_dir: Path, quick: bool = False, seed: int = 0) -> dict:
     print(f"[demo] SFT: {settings.sft_steps} steps on {len(sft_pairs)} examples ...", flush=True)
     sft(model, sft_pairs, steps=settings.sft_steps, seed=seed)
     sft_dir = out / "sft"
-    save_pretrained(model, sft_dir, extra_files=tokenizer_files(base))
+    save_pretrained(model, sft_dir, extra_files=processing_files(base))
 
     data_dir = out / "data"
     for kind, rows in data["sources"].items():

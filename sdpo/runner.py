@@ -162,6 +162,7 @@ from sdpo.engine.token_cache import (
     unpack_pairs,
 )
 from sdpo.engine.tokenize import (
+    ADDED_TOKENS_FILE,
     CHAT_TEMPLATE_DIR,
     CHAT_TEMPLATE_FILE,
     PROCESSOR_CHAT_TEMPLATE_FILE,
@@ -190,18 +191,24 @@ from sdpo.tracking import (
     open_trackers,
 )
 
-# copied into every step-<t>/ so it loads (transformers' AutoTokenizer, sdpo) with the input
-# model's tokenizer and chat templates. added_tokens.json: where tokenizer_config.json has no
-# added_tokens_decoder (folders saved before it existed), AutoTokenizer adds the tokens it names
-TOKENIZER_FILES = (
+# copied into every step-<t>/ (and checkpoint model folder) so it loads (transformers'
+# AutoTokenizer and AutoProcessor, sdpo) with the input model's tokenizer, chat templates and
+# processor. added_tokens.json: where tokenizer_config.json has no added_tokens_decoder (folders
+# saved before it existed), AutoTokenizer adds the tokens it names. The processor files are those
+# AutoProcessor reads besides the tokenizer's (a multimodal model's image, video and audio ones)
+PROCESSING_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
-    "added_tokens.json",
+    ADDED_TOKENS_FILE,
     "generation_config.json",
     CHAT_TEMPLATE_FILE,
     PROCESSOR_CHAT_TEMPLATE_FILE,
     CHAT_TEMPLATE_DIR,  # named templates (tool_use.jinja, ...): a folder
+    "processor_config.json",
+    "preprocessor_config.json",  # an image processor's or feature extractor's
+    "video_preprocessor_config.json",
+    "audio_tokenizer_config.json",
 )
 CHECKPOINTS_DIR = "checkpoints"
 PROGRESS_NAME = "progress.json"
@@ -1327,8 +1334,9 @@ class StepwiseRunner:
             else:
                 full = self._weights_to_write(model, weights)
                 config = pretrained_config(model)
-                # a model folder sdpo score and AutoTokenizer read as they read step-<t>/
-                tokenizer = tokenizer_files(self.model_dir)
+                # a model folder sdpo score, AutoTokenizer and AutoProcessor read as they read
+                # step-<t>/
+                tokenizer = processing_files(self.model_dir)
             saved_state = self._snapshot(state, "trainer")
             # M_{t-1}'s files: written before (the previous write was waited for first)
             external = copy.deepcopy(self.weights_files)
@@ -1406,7 +1414,7 @@ class StepwiseRunner:
             if kept_optimizer is not None:
                 kept = self._snapshot({"optimizer": kept_optimizer}, "trainer")
             saved = self._progress(run_step, progress)
-            extra_files = tokenizer_files(model_dir)
+            extra_files = processing_files(model_dir)
 
             def extra(tmp: Path) -> None:
                 if kept is not None:
@@ -2535,10 +2543,10 @@ def lora_seed(seed: int, t: int) -> int:
     return seed * 65_537 + t
 
 
-def tokenizer_files(model_dir: Path) -> list[Path]:
-    """The tokenizer files (and chat template folder) of a model folder, copied into every saved
-    checkpoint."""
-    return [model_dir / name for name in TOKENIZER_FILES if (model_dir / name).exists()]
+def processing_files(model_dir: Path) -> list[Path]:
+    """The tokenizer, chat template and processor files (``PROCESSING_FILES``) a model folder
+    has, copied into every saved checkpoint."""
+    return [model_dir / name for name in PROCESSING_FILES if (model_dir / name).exists()]
 
 
 def _train_config(cfg: RunConfig, precision: str) -> TrainConfig:

@@ -519,7 +519,7 @@ def test_the_run_log_counts_pairs_cut_to_identical_token_ids(tiny_model_dir, tmp
             assert "identical chosen and rejected" not in out
 
 
-def test_step_checkpoints_carry_the_model_s_chat_template_files(tmp_path):
+def test_step_checkpoints_carry_the_model_s_template_and_processor_files(tmp_path):
     model = write_tiny_model(tmp_path / "model", words=WORDS, hidden_size=32, seed=1)
     # the layout transformers 5 saves: the template in chat_template.jinja, named ones in
     # additional_chat_templates/; and a processor's chat_template.json
@@ -535,6 +535,11 @@ def test_step_checkpoints_carry_the_model_s_chat_template_files(tmp_path):
     # whose tokens AutoTokenizer adds
     added = PairTokenizer.from_dir(model).vocab_size
     (model / "added_tokens.json").write_text(json.dumps({"<tool>": added}))
+    # a multimodal model's processor: AutoProcessor reads it beside the tokenizer
+    image = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 8}}
+    (model / "preprocessor_config.json").write_text(json.dumps(image))
+    processor = {"processor_class": "LlavaProcessor", "patch_size": 4, "image_token": WORDS[1]}
+    (model / "processor_config.json").write_text(json.dumps(processor))
     cfg = config_from_dict(two_source_config(tmp_path, model, far=4, near=4, sdpo={"steps": 1}))
     run_training(cfg, progress=False)
     step = Path(cfg.output_dir) / "step-1"
@@ -543,6 +548,8 @@ def test_step_checkpoints_carry_the_model_s_chat_template_files(tmp_path):
         "chat_template.json",
         "additional_chat_templates/tool_use.jinja",
         "added_tokens.json",
+        "preprocessor_config.json",
+        "processor_config.json",
     ):
         assert (step / name).read_bytes() == (model / name).read_bytes(), name
     ours = PairTokenizer.from_dir(step)
@@ -553,6 +560,11 @@ def test_step_checkpoints_carry_the_model_s_chat_template_files(tmp_path):
     assert theirs[0].chat_template == theirs[1].chat_template
     assert set(theirs[1].chat_template) == {"default", "tool_use"}
     assert [t(f"user <tool> {WORDS[0]}").input_ids for t in theirs] == [[1, 5, added, 8]] * 2
+    for folder in (model, step):  # AutoProcessor refuses it beside chat_template.jinja
+        (folder / "chat_template.json").unlink()
+    processors = [transformers.AutoProcessor.from_pretrained(str(d)) for d in (model, step)]
+    assert type(processors[1]).__name__ == "LlavaProcessor"
+    assert processors[1].to_dict() == processors[0].to_dict()
 
 
 def test_a_stop_in_a_later_sdpo_step_names_the_run_step_of_its_checkpoint(
