@@ -39,6 +39,7 @@ from sdpo.engine.model import (
     ModelConfig,
     UnsupportedConfig,
 )
+from sdpo.engine.precision import parameter_dtype
 
 CONFIG_NAME = "config.json"
 SINGLE_WEIGHTS_NAME = "model.safetensors"
@@ -572,14 +573,21 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def pretrained_config(model: torch.nn.Module) -> dict:
+def pretrained_config(model: torch.nn.Module, *, precision: str | None = None) -> dict:
     """The ``config.json`` contents ``save_pretrained`` writes for ``model`` (its dtype
-    included); a wrapped Hugging Face model's is its own config's (``hf_config_dict``)."""
+    included); a wrapped Hugging Face model's is its own config's (``hf_config_dict``).
+
+    ``precision``: the run's resolved precision, whose parameter dtype (``parameter_dtype``)
+    the weights are kept and written in, and so the dtype the config names. By default the
+    embedding's dtype, which is not the weights' where a sharded model's forward has left its
+    parameters gathered in their compute dtype (bf16 under ``bf16-mixed``, after a no-grad
+    pass, until ``sharding.reshard``)."""
+    dtype = None if precision is None else parameter_dtype(precision)
     if hasattr(model, "hf_model"):
         from sdpo.engine.hf import hf_config_dict
 
-        return hf_config_dict(model)
-    dtype = model.model.embed_tokens.weight.dtype
+        return hf_config_dict(model, dtype=dtype)
+    dtype = dtype or model.model.embed_tokens.weight.dtype
     config = model.config.to_hf_dict()
     config["dtype"] = _dtype_name(dtype)  # transformers >= 5
     config["torch_dtype"] = _dtype_name(dtype)  # transformers 4.x

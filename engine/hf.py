@@ -835,13 +835,14 @@ def hf_state_dict(model: PackedCausalLM) -> dict[str, Tensor]:
     return revert_weight_conversion(hf, state)
 
 
-def hf_config_dict(model: PackedCausalLM) -> dict[str, Any]:
+def hf_config_dict(model: PackedCausalLM, *, dtype: torch.dtype | None = None) -> dict[str, Any]:
     """The ``config.json`` of the wrapped model (its config's ``to_dict``) with the dtype its
-    weights are saved in."""
+    weights are saved in: ``dtype``, by default its input embedding's
+    (``checkpoint.pretrained_config``)."""
     hf = model.hf_model
     d = hf.config.to_dict()
     d.update(model.saved_config)
-    dtype = str(hf.get_input_embeddings().weight.dtype).removeprefix("torch.")
+    dtype = str(dtype or hf.get_input_embeddings().weight.dtype).removeprefix("torch.")
     d["dtype"] = dtype  # transformers >= 5
     d["torch_dtype"] = dtype  # transformers 4.x
     if not d.get("architectures"):

@@ -1333,7 +1333,7 @@ class StepwiseRunner:
                 adapter = self._snapshot(lora_state_dict(model), "adapter")
             else:
                 full = self._weights_to_write(model, weights)
-                config = pretrained_config(model)
+                config = pretrained_config(model, precision=self.precision)
                 # a model folder sdpo score, AutoTokenizer and AutoProcessor read as they read
                 # step-<t>/
                 tokenizer = processing_files(self.model_dir)
@@ -1394,7 +1394,7 @@ class StepwiseRunner:
 
         def capture() -> tuple[Callable[[], dict], Callable[[dict], None]]:
             full = self._weights_to_write(model, weights)
-            config = pretrained_config(model)
+            config = pretrained_config(model, precision=self.precision)
             write_adapter = None
             if adapter is not None:
                 # the base M_{t-1}: model.path, by hub id and commit where it is a hub model

@@ -562,3 +562,36 @@ def test_compiled_layers_under_fsdp_break_only_at_the_attention_loop_and_reuse_t
         assert got["graph_breaks"], "nothing was compiled"
         for reason in got["graph_breaks"]:
             assert "FSDP" not in reason and "disable" in reason, reason
+
+
+def test_a_sharded_model_s_config_names_the_precision_s_dtype_not_its_gathered_one():
+    """Under bf16-mixed a sharded model's forward gathers its fp32 parameters in bf16, and a
+    no-grad pass (scoring) leaves the root's gathered: its embedding then reads bf16. The config
+    a run writes names the precision's parameter dtype, the weights' (fp32), whatever the module
+    holds at that moment. One process: a group of one rank, sharded as ``shard_model`` shards
+    (which asks for several)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from sdpo.engine.checkpoint import pretrained_config
+    from sdpo.engine.model import ModelConfig, init_model
+    from tests.conftest import TINY_SHAPE
+
+    model = init_model(ModelConfig(vocab_size=64, **TINY_SHAPE), seed=0)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        policy = sharding.mixed_precision_policy("bf16-mixed")
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        ids = torch.arange(8)
+        with torch.no_grad():
+            model(ids, ids, torch.tensor([0, 8], dtype=torch.int32), 8)
+        assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # gathered, in bf16
+        config = pretrained_config(model, precision="bf16-mixed")
+        assert (config["dtype"], config["torch_dtype"]) == ("float32", "float32")
+        assert pretrained_config(model, precision="bf16")["dtype"] == "bfloat16"
+    finally:
+        dist.destroy_process_group()
