@@ -200,16 +200,22 @@ def test_without_PYTHON_every_command_runs_on_python3(tmp_path):
     assert sum(c[:1] == ["benchmarks/throughput.py"] for c in calls) >= 5, calls
 
 
-def test_a_failing_reference_pass_is_a_row_not_the_end_of_the_kernel_table():
-    """A reference pass that raises (a compile error or API drift on the device, here labels
-    outside the vocabulary) becomes an error row, as a failing head variant does: the kernels
-    section goes on to its next pass and vocabulary instead of losing the table."""
+def tiny_reference_problem():
+    """The benchmark module, a 4-sequence head problem of 11 tokens' vocabulary on the CPU and a
+    one-iteration timer: what the reference-pass tests measure."""
     throughput = load_throughput()
     cpu = torch.device("cpu")
     p = throughput.make_head_problem(
         num_seqs=4, seq_len=6, hidden=8, vocab=11, dtype=torch.float32, device=cpu
     )
-    timer = throughput.Timer(device=cpu, warmup=0, iters=1)
+    return throughput, p, throughput.Timer(device=cpu, warmup=0, iters=1)
+
+
+def test_a_failing_reference_pass_is_a_row_not_the_end_of_the_kernel_table():
+    """A reference pass that raises (a compile error or API drift on the device, here labels
+    outside the vocabulary) becomes an error row, as a failing head variant does: the kernels
+    section goes on to its next pass and vocabulary instead of losing the table."""
+    throughput, p, timer = tiny_reference_problem()
     good = throughput.measure_reference_pass(p, impl="torch", timer=timer)
     assert [r["variant"] for r in good] == [
         "reference pass: sdpo sequence_logprobs (torch)",
@@ -230,12 +236,7 @@ def test_the_reference_passes_of_the_gpu_kernel_table_run_with_the_triton_impl()
     """On the GPU the kernel table resolves impl to "triton", which adds the fused reference
     pass (``fused_sequence_logprobs``) beside the chunked one: the same calls here, the
     kernels interpreted, each pass a row without an error."""
-    throughput = load_throughput()
-    cpu = torch.device("cpu")
-    p = throughput.make_head_problem(
-        num_seqs=4, seq_len=6, hidden=8, vocab=11, dtype=torch.float32, device=cpu
-    )
-    timer = throughput.Timer(device=cpu, warmup=0, iters=1)
+    throughput, p, timer = tiny_reference_problem()
     rows = throughput.measure_reference_pass(p, impl="triton", timer=timer)
     assert [r["variant"] for r in rows] == [
         "reference pass: sdpo sequence_logprobs (triton)",
