@@ -325,10 +325,12 @@ def _say(*args: object, this_rank: bool = False, **kwargs: object) -> None:
     """``print`` on rank 0 only. Data parallel: every rank meets the same error and exits with
     the same code; rank 0 alone prints it (the others would repeat it word for word).
     ``this_rank``: a failure that may be this rank's alone (see ``_leave_group_alone``), printed
-    by any rank that meets it, named by its rank."""
-    from sdpo.engine import distributed
-
-    if distributed.is_main() and not (this_rank and distributed.active()):
+    by any rank that meets it, named by its rank. Before ``sdpo.engine.distributed`` is
+    imported (or after its import was cut short, by a Ctrl-C during ``import torch``) no process
+    group exists, so the line is printed as it is: importing it here would start that import
+    again from a half-imported torch, and fail with a traceback instead of the line."""
+    distributed = sys.modules.get("sdpo.engine.distributed")
+    if distributed is None or (distributed.is_main() and not (this_rank and distributed.active())):
         print(*args, **kwargs)
     elif this_rank:
         print(f"[rank {distributed.rank()}]", *args, **kwargs)

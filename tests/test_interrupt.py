@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,26 @@ def test_interrupt_deferred_raises_at_the_end_of_the_block():
         done.append("the block ran to its end")
     assert done == ["the block ran to its end"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_during_the_import_of_torch_says_one_line(tmp_path):
+    """A Ctrl-C in the first seconds of `sdpo train` lands, most likely, in `import torch`: one
+    line and 130, not a traceback of the message's own import of a half-imported torch."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(f'output_dir = "{tmp_path / "out"}"\n[model]\npath = "m"\n[data]\npath = "d"\n')
+    code = (
+        "import sys\n"
+        "class Interrupt:\n"  # the SIGINT, each time torch is imported
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "from sdpo.cli import main\n"
+        f"sys.exit(main(['train', '--config', {str(cfg)!r}]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == INTERRUPTED, proc.stderr[-3000:]
+    assert _one_line(proc.stderr) == "sdpo: interrupted (Ctrl-C); nothing was written"
+    assert not (tmp_path / "out").exists()
