@@ -709,10 +709,23 @@ def _convert(
     raise _type_error(key, shown, value, origins)
 
 
+# the per-step lists of [sdpo] and the key that holds one value for every step
+_PER_STEP = {"sdpo.beta": "loss.beta", "sdpo.learning_rate": "train.learning_rate"}
+
+
 def _type_error(key: str, tp: Any, value: Any, origins: _Origins) -> ConfigError:
     got = type(value).__name__ if not isinstance(value, dict) else "table"
+    hint = ""
+    if key in _PER_STEP and isinstance(value, (int, float)) and not isinstance(value, bool):
+        # `beta = 0.1` written at the end of a file lands in its last table, often [sdpo]
+        hint = (
+            f": one value per sDPO step (e.g. [{value!r}, {value!r}]); one value for every step "
+            f"is {_PER_STEP[key]}"
+        )
+        if origins.override_of(key) is None and origins.source != "the config dict":
+            hint += " (a key written anywhere below the [sdpo] header belongs to [sdpo])"
     return ConfigError(
-        f"{key} ({origins.where(key)}) must be {_type_name(tp)}, got {got} {value!r}"
+        f"{key} ({origins.where(key)}) must be {_type_name(tp)}, got {got} {value!r}{hint}"
     )
 
 

@@ -247,6 +247,8 @@ def test_trl_option_names_say_what_they_are_here(tmp_path):
         ("[train]\nepochs = true\n", [], "train.epochs .* must be int, got bool True"),
         ("[train]\nshuffle = 1\n", [], "train.shuffle .* must be bool, got int 1"),
         ("[train]\nadam_betas = 0.9\n", [], "train.adam_betas .* must be list of float, got float 0.9"),
+        ("[sdpo]\nsteps = 2\nbeta = 0.1\n", [], r"sdpo.beta .* must be list of float, got float 0.1: one value per sDPO step \(e.g. \[0.1, 0.1\]\); one value for every step is loss.beta \(a key written anywhere below the \[sdpo\] header belongs to \[sdpo\]\)$"),
+        ("", ["sdpo.learning_rate=1e-6"], r"sdpo.learning_rate \(from --set sdpo.learning_rate=1e-6\) must be list of float, got float 1e-06: one value per sDPO step \(e.g. \[1e-06, 1e-06\]\); one value for every step is train.learning_rate$"),
         ("[kernels]\nchunk_tokens = 'big'\n", [], "kernels.chunk_tokens .* must be int or none, got str 'big'"),
         ("[kernels]\nmax_chunk_tokens = 0\n", [], "kernels.max_chunk_tokens must be >= 1, got 0"),
         ("", ["model=3"], r"\[model\] \(from --set model=3\) must be a table"),
