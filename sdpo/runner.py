@@ -424,6 +424,8 @@ def load_pairs(
     when given, so the caller writes only after all its inputs passed). ``tokenizer_dir``: the
     folder of the tokenizer files in the cache key (default ``model.path``; a hub model's
     snapshot folder)."""
+    # the held-out pairs' line says so: two "data:" lines in a row would not say which is which
+    what = "held-out data" if sources is not None and sources == cfg.data.eval_sources else "data"
     sources = cfg.data.sources if sources is None else sources
     # data parallel: the arrays rank 0 packed for the other ranks, which the cache write reuses
     packed: dict[str, Any] = {}
@@ -469,7 +471,7 @@ def load_pairs(
     if places is not None:
         places.update(row_places)
     _log(
-        f"data: {len(pairs)} pairs from {len(sources)} source(s); "
+        f"{what}: {len(pairs)} pairs from {len(sources)} source(s); "
         f"{stats.num_truncated} truncated to max_length={cfg.data.max_length}"
     )
     if stats.num_identical:

@@ -490,3 +490,16 @@ def test_an_eos_taken_from_config_json_is_part_of_the_key(tiny_model_dir, tmp_pa
         last_ids.append({p.chosen_ids[-1] for p in pairs if not p.truncated})
     assert last_ids[0] != last_ids[1]
     assert last_ids[1] == {PairTokenizer.from_dir(tiny_model_dir).eos_id}
+
+
+def test_the_held_out_pairs_log_line_says_held_out(tiny_model_dir, tmp_path, capsys):
+    held_out = write_pairs(tmp_path / "held.jsonl", n=3, seed=7)
+    cfg = _cfg(tmp_path, tiny_model_dir, eval_sources=[{"name": "held", "path": str(held_out)}])
+    tok = PairTokenizer.from_dir(tiny_model_dir)
+    load_pairs(cfg, tok, vocab_size=64)
+    load_pairs(cfg, tok, vocab_size=64, sources=cfg.data.eval_sources)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "pairs from" in line]
+    assert lines == [
+        "[sdpo] data: 22 pairs from 2 source(s); 0 truncated to max_length=24",
+        "[sdpo] held-out data: 3 pairs from 1 source(s); 0 truncated to max_length=24",
+    ]
