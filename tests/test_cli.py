@@ -237,6 +237,18 @@ def test_demo_quick_runs_end_to_end(tmp_path):
         assert 0.0 <= r["task_accuracy"] <= 1.0 and 0.0 <= r["preference_accuracy"] <= 1.0
     for name in ("dpo", "sdpo_easy_to_hard", "sdpo_random"):
         assert (tmp_path / "demo" / name / "sdpo_report.json").is_file()
+    # what the README's demo section says the folder holds
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## What `sdpo demo` does")[1].split("\n## ")[0]
+    named = re.findall(r"`([\w.]+/?)`", section.split("Outputs land in")[1])
+    files = [n for n in named if n.endswith((".json", ".jsonl", "/"))]
+    assert len(files) >= 9, files
+    for name in files:
+        where = tmp_path / "demo" / ("data/" if name.endswith(".jsonl") else "") / name
+        assert where.exists(), f"the README says the demo writes {name}"
+    for name in ("dpo", "sdpo_easy_to_hard", "sdpo_random"):
+        assert (tmp_path / "demo" / name / "config.toml").is_file()
+    assert (tmp_path / "demo" / "sft" / "config.json").is_file()
 
 
 def test_help_explains_every_subcommand():
