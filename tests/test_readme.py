@@ -779,6 +779,25 @@ def test_the_output_names_the_text_gives_are_the_codes():
     assert len(named) >= 6 and named <= fields, named - fields
 
 
+def test_the_report_fields_and_table_columns_the_text_gives_are_the_codes():
+    """The paragraph on ``sdpo_report.json`` names every field of a step's report and every
+    column of the table a run prints, each column beside the field (or metric) it shows."""
+    from sdpo import report
+
+    text = " ".join(README.split())
+    said = _between_in(text, "The report holds the partition", "With `data.eval_sources`")
+    names = set(re.findall(r"`([^`]+)`", said))
+    fields = {f.name for f in dataclasses.fields(report.StepReport)}
+    assert fields - {"step", "num_pairs", "sources"} <= names, fields - names
+    table = report.format_summary_table(
+        [report.StepReport(step=1, num_pairs=1, sources=["a"], beta=0.1, learning_rate=1e-6,
+                           gamma_ref_chunk=0.0, reward_accuracy_before=0.0,
+                           eval_metrics={"eval/loss": 0.7})]
+    )  # fmt: skip
+    columns = set(re.split(r"\s{2,}", table.splitlines()[0].strip()))
+    assert columns - {"step", "pairs", "sources", "beta", "lr"} <= names, columns - names
+
+
 def test_every_section_the_text_points_to_exists():
     """``(see Models)``, ``see "Several GPUs on one node"``: a heading or a bold paragraph."""
     headings = set(re.findall(r"^#+ (.+)$", README, re.M))
