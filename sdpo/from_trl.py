@@ -443,6 +443,9 @@ def convert_trl_config(
             notes["train.save_every"] = (
                 "save_steps, which TRL ignores under save_strategy 'epoch' (see above)"
             )
+    steps = t.get("max_steps")
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps <= 0:
+        used.add("max_steps")  # TRL's default -1: no cap, the epochs decide, as here
     limit = t.get("save_total_limit")
     if limit is not None and limit >= 1:
         put("train", "keep_checkpoints", int(limit), "save_total_limit")

@@ -291,6 +291,16 @@ def test_router_aux_loss_coef_becomes_the_loss_key_and_null_is_the_model_s(tmp_p
         assert f"#   {key}" not in text and f"\n{key}" not in text, key
 
 
+def test_max_steps_minus_one_is_no_cap_as_here_and_not_listed_as_left_out(tmp_path):
+    base = "model_name_or_path: org/m\ndataset_name: org/pairs\n"
+    code, out = _convert(tmp_path, "steps.yaml", base + "max_steps: -1\n")
+    assert code == 0 and "#   max_steps" not in out.read_text()
+    assert "# TRL options left out" not in out.read_text()
+    out.unlink()
+    code, out = _convert(tmp_path, "steps.yaml", base + "max_steps: 20\n")
+    assert code == 0 and "#   max_steps = 20: sdpo has no step cap" in out.read_text()
+
+
 def test_save_strategy_save_total_limit_and_run_name_are_translated(tmp_path):
     base = "model_name_or_path: org/m\ndataset_name: org/pairs\nsave_steps: 20\n"
     extra = "save_strategy: steps\nsave_total_limit: 1\nrun_name: my-run\n"
