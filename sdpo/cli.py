@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -307,7 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resume_command(args: argparse.Namespace) -> str:
-    """The exact command that continues this run."""
+    """The exact command that continues this run, from any folder: the config's path is made
+    absolute, and with ``--set`` overrides, whose relative paths (``output_dir=runs/a``) start
+    at the working folder, the command first changes to this run's (from another, ``--resume``
+    would find no run in the folder it names and start a new one)."""
     from sdpo.engine import distributed
 
     launcher = ["sdpo"]
@@ -318,7 +322,10 @@ def resume_command(args: argparse.Namespace) -> str:
         words += ["--set", text]
     if args.no_progress:
         words.append("--no-progress")
-    return shlex.join([*words, "--resume"])
+    command = shlex.join([*words, "--resume"])
+    if args.overrides:
+        command = f"cd {shlex.quote(os.getcwd())} && {command}"
+    return command
 
 
 def _say(*args: object, this_rank: bool = False, **kwargs: object) -> None:

@@ -481,3 +481,21 @@ def test_a_data_warning_is_one_line_without_sdpo_s_source_location(
     err = capsys.readouterr().err
     assert f"sdpo: warning: {data}: 1 pair(s) have chosen identical to rejected" in err
     assert ".py:" not in err and "DataWarning" not in err
+
+
+def test_the_resume_command_continues_the_run_from_any_folder(tmp_path, monkeypatch):
+    """A relative --set path starts at the working folder: the command changes to it first."""
+    import shlex
+
+    from sdpo.cli import build_parser, resume_command
+
+    (tmp_path / "a b").mkdir()
+    monkeypatch.chdir(tmp_path / "a b")
+    args = build_parser().parse_args(["train", "--config", "run.toml", "--no-progress"])
+    config = shlex.quote(str(tmp_path / "a b" / "run.toml"))
+    assert resume_command(args) == f"sdpo train --config {config} --no-progress --resume"
+    args = build_parser().parse_args(["train", "--config", "run.toml", "--set", "output_dir=o"])
+    assert resume_command(args) == (
+        f"cd {shlex.quote(str(tmp_path / 'a b'))} && "
+        f"sdpo train --config {config} --set output_dir=o --resume"
+    )
