@@ -1021,14 +1021,26 @@ class StepwiseRunner:
                     "config there), or choose another output_dir"
                 )
 
-    def find_resume_point(self) -> ResumePoint | None:
-        """The newest complete checkpoint, after checking that the config still matches it."""
-        path = find_resume_checkpoint(self.out / CHECKPOINTS_DIR, log=_log)
-        if path is None:
-            if existing_outputs(self.out):
-                _log("no complete checkpoint: starting from the beginning (caches are reused)")
-            return None
-        progress = json.loads((path / PROGRESS_NAME).read_text(encoding="utf-8"))
+    def _refuse_a_changed_config(
+        self, progress: dict[str, Any] | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Refuse a resume whose config differs from the run's in a key that changes the
+        result. ``progress``: a checkpoint's; None reads the newest checkpoint's, as found
+        before the data is read (a changed data or tokenizer key would otherwise have the
+        whole data set tokenized again before the refusal); every complete checkpoint of the
+        run holds the same such keys, and one that cannot be read is left to the full look
+        for the resume point after the data. Returns the run's config and this one, as
+        compared (None when no checkpoint was read)."""
+        if progress is None:
+            for _, path in list_checkpoints(self.out / CHECKPOINTS_DIR):
+                try:
+                    progress = json.loads((path / PROGRESS_NAME).read_text(encoding="utf-8"))
+                    progress["config"]
+                except (OSError, ValueError, TypeError, KeyError):
+                    continue
+                break
+            else:
+                return None
         now = config_to_dict(self.cfg)
         # the precision the run trains in (train.precision resolved when it started; absent
         # in checkpoints of older runs): "auto" keeps it, an explicit value is compared with it
@@ -1050,6 +1062,18 @@ class StepwiseRunner:
                 f"({self.out / 'config.toml'}), or start a new run (another output_dir, or "
                 "--overwrite)"
             )
+        return saved, now
+
+    def find_resume_point(self) -> ResumePoint | None:
+        """The newest complete checkpoint, after checking that the config still matches it."""
+        path = find_resume_checkpoint(self.out / CHECKPOINTS_DIR, log=_log)
+        if path is None:
+            if existing_outputs(self.out):
+                _log("no complete checkpoint: starting from the beginning (caches are reused)")
+            return None
+        progress = json.loads((path / PROGRESS_NAME).read_text(encoding="utf-8"))
+        saved, now = self._refuse_a_changed_config(progress)
+        recorded = progress.get("precision")
         self.precision, note = resumed_precision(self.cfg.train.precision, recorded, self.device)
         if note is not None:
             _log(note)
@@ -1466,6 +1490,8 @@ class StepwiseRunner:
 
     def _run_all(self) -> RunResult:
         self.check_output_dir()  # every rank checks: the same error everywhere, nothing written
+        if self.resume:  # a changed config is refused before the data is read and tokenized
+            on_main(self._refuse_a_changed_config)
         tokenizer, pairs = self.load_inputs()
         if self.overwrite:
             self._check_inputs_outside_old_outputs()

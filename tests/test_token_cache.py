@@ -4,6 +4,7 @@ data be tokenized again, and a rerun of ``sdpo train`` tokenizes nothing yet end
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -25,7 +26,7 @@ from sdpo.engine.token_cache import (
     unpack_pairs,
 )
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
-from sdpo.runner import load_pairs, run_training
+from sdpo.runner import OutputDirError, load_pairs, run_training
 from tests.conftest import WORDS, write_pairs
 
 
@@ -402,6 +403,11 @@ def test_second_run_tokenizes_nothing_and_ends_the_same(tiny_model_dir, tmp_path
     metrics = (out / "metrics.jsonl").read_text()
 
     run_training(cfg, progress=False, overwrite=True)
+    assert len(tokenize_calls) == 2
+    # a resume with a changed data key is refused before the data is tokenized again
+    changed = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_length=23))
+    with pytest.raises(OutputDirError, match=r"data.max_length \(24 -> 23\)"):
+        run_training(changed, progress=False, resume=True)
     assert len(tokenize_calls) == 2
     again = load_file(out / "step-2" / "model.safetensors")
     assert weights.keys() == again.keys()
