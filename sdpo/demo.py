@@ -260,18 +260,17 @@ def run_demo(*, output_dir: Path, quick: bool = False, seed: int = 0) -> dict:
             "SFT",
             greedy_accuracy(sft_model, tokenizer, heldout),
             preference_accuracy(sft_model, heldout_pairs),
-            "",
+            [],
         )
     )
     for label, result in runs.items():
         final = load_pretrained(result.output_dir / f"step-{len(result.reports)}")
-        gammas = " -> ".join(f"{r.gamma_ref_chunk:+.2f}" for r in result.reports)
         rows.append(
             (
                 label,
                 greedy_accuracy(final, tokenizer, heldout),
                 preference_accuracy(final, heldout_pairs),
-                gammas,
+                [r.gamma_ref_chunk for r in result.reports],
             )
         )
 
@@ -280,7 +279,8 @@ def run_demo(*, output_dir: Path, quick: bool = False, seed: int = 0) -> dict:
     print(header)
     print("-" * len(header))
     for label, task_acc, pref_acc, gammas in rows:
-        print(f"{label:<24} {task_acc:>9.3f} {pref_acc:>9.3f}   {gammas}")
+        shown = " -> ".join(f"{g:+.2f}" for g in gammas)
+        print(f"{label:<24} {task_acc:>9.3f} {pref_acc:>9.3f}   {shown}".rstrip())
     e2h = runs["sDPO easy-to-hard"].reports
     if e2h:
         order = " -> ".join("+".join(r.sources) for r in e2h)
@@ -297,7 +297,7 @@ def run_demo(*, output_dir: Path, quick: bool = False, seed: int = 0) -> dict:
         print(f"[demo] {label}: γ_ref of the previous vs the new reference on {'; '.join(raised)}")
     elapsed = time.perf_counter() - start
     print(f"[demo] done in {elapsed:.0f} s; outputs under {out}")
-    summary = {
+    summary = {  # gamma_ref: each step's mean γ_ref on its chunk, as numbers
         "rows": [
             {"model": r[0], "task_accuracy": r[1], "preference_accuracy": r[2], "gamma_ref": r[3]}
             for r in rows

@@ -235,6 +235,9 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert models == ["SFT", "DPO (all data at once)", "sDPO easy-to-hard", "sDPO random split"]
     for r in summary["rows"]:
         assert 0.0 <= r["task_accuracy"] <= 1.0 and 0.0 <= r["preference_accuracy"] <= 1.0
+    # each step's mean γ_ref on its chunk, as numbers (the SFT model has no step)
+    assert [len(r["gamma_ref"]) for r in summary["rows"]] == [0, 1, 3, 3]
+    assert all(isinstance(g, float) for r in summary["rows"] for g in r["gamma_ref"])
     for name in ("dpo", "sdpo_easy_to_hard", "sdpo_random"):
         assert (tmp_path / "demo" / name / "sdpo_report.json").is_file()
     # what the README's demo section says the folder holds
