@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--out", type=Path, default=None, help="write per-pair results as JSONL")
     score.add_argument(
+        "--overwrite", action="store_true", help="with --out: replace an existing file"
+    )
+    score.add_argument(
         "--max-length", type=int, default=1024, help="max tokens per sequence (default: 1024)"
     )
     score.add_argument(
@@ -470,10 +473,11 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_out_file(out: Path, *, data: str) -> None:
-    """``--out`` names a file that can be written (made, with its missing folders) and is not
-    the ``--data`` file: checked before the model is loaded and the pairs are scored, so a bad
-    path costs no work and the pairs are never replaced by their scores."""
+def _check_out_file(out: Path, *, data: str, overwrite: bool) -> None:
+    """``--out`` names a file that can be written (made, with its missing folders), is not
+    the ``--data`` file and, without ``--overwrite``, does not exist: checked before the model
+    is loaded and the pairs are scored, so a bad path costs no work and nothing already
+    written is replaced unasked (the pairs never)."""
     if out.is_dir():
         raise ValueError(
             f"--out {out} is a folder; give the path of a file, e.g. {out}/scores.jsonl"
@@ -483,6 +487,8 @@ def _check_out_file(out: Path, *, data: str) -> None:
             f"--out {out} is the --data file: the scores would replace the pairs; give another "
             f"path, e.g. --out {out.with_name(out.stem + '.scores.jsonl')}"
         )
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists; pass --overwrite to replace it, or another path")
     existing = out.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -535,8 +541,13 @@ def _score(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ValueError(f"--ld-alpha: {e}") from None
         columns = _column_map(args.columns)
+        if args.overwrite and args.out is None:
+            raise ValueError(
+                "--overwrite only applies with --out (it lets score replace an existing --out "
+                "file); leave it out, or add --out FILE"
+            )
         if args.out is not None:  # every rank: one node's files, the same error everywhere
-            _check_out_file(args.out, data=args.data)
+            _check_out_file(args.out, data=args.data, overwrite=args.overwrite)
         model_dir = model_folder(args.model, revision=args.revision, key="--model")
         # a missing folder or weights, named before the tokenizer
         info = check_model(model_dir, args.implementation)

@@ -445,6 +445,26 @@ def test_score_refuses_an_out_path_it_cannot_write_before_scoring(tiny_model_dir
         assert words in err and "Traceback" not in err and "pairs:" not in err
         assert sorted(tmp_path.rglob("*")) == before
         assert data.read_bytes() == pairs
+    # with --overwrite too: the pairs are never replaced by their scores
+    assert main([*base, "--out", str(folder / ".." / data.name), "--overwrite"]) == EXIT_INPUT
+    assert "is the --data file" in capsys.readouterr().err and data.read_bytes() == pairs
+
+
+def test_score_replaces_an_existing_out_file_only_with_overwrite(tiny_model_dir, tmp_path, capsys):
+    """An existing --out is refused before the model loads and kept as it was, as sdpo config
+    --from-trl --out refuses one; --overwrite replaces it, and goes only with --out."""
+    data = write_pairs(tmp_path / "pairs.jsonl", n=3, seed=4)
+    base = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--no-progress"]
+    out = tmp_path / "scores.jsonl"
+    out.write_text("earlier scores\n")
+    assert main([*base, "--out", str(out)]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert f"--out {out} exists; pass --overwrite" in err and "pairs:" not in err
+    assert out.read_text() == "earlier scores\n"
+    assert main([*base, "--overwrite"]) == EXIT_INPUT
+    assert "--overwrite only applies with --out" in capsys.readouterr().err
+    assert main([*base, "--out", str(out), "--overwrite"]) == 0
+    assert len(out.read_text().splitlines()) == 3 and "earlier" not in out.read_text()
 
 
 def test_score_reads_the_split_named_by_split(tiny_model_dir, tmp_path):
