@@ -657,6 +657,8 @@ def _score(args: argparse.Namespace) -> int:
         f"reward accuracy: {float((gamma > 0).float().mean()):.4f}  "
         f"mean γ: {float(gamma.mean()):.4f}"
     )
+    if args.out is not None:
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -384,7 +384,7 @@ def _draw_steps(mpl: tuple[Any, Any], records: list[dict[str, Any]], reports: Se
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
     panels = [
-        ("loss", "DPO loss"),
+        ("loss", "training loss"),
         ("rewards/accuracies", "reward accuracy (batch)"),
         ("rewards/margins", "reward margin (batch)"),
     ]

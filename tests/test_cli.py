@@ -77,6 +77,7 @@ def test_score_writes_per_pair_jsonl_and_prints_summary(tiny_model_dir, tmp_path
     acc = sum(r["gamma"] > 0 for r in rows) / 9
     printed = capsys.readouterr()
     assert f"reward accuracy: {acc:.4f}" in printed.out and "scoring" in printed.err  # its bar
+    assert printed.out.rstrip().endswith(f"wrote {out}")
     quiet = tmp_path / "quiet.jsonl"
     argv = ["score", "--model", str(tiny_model_dir), "--data", str(data), "--out", str(quiet)]
     assert main([*argv, "--no-progress"]) == 0
