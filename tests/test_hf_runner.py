@@ -199,11 +199,14 @@ def test_sdpo_score_runs_a_gemma_model_with_its_own_log_probs(gemma_dir, tmp_pat
             targets = ids[0, 1:]
             picked = logps.gather(1, targets[:, None])[:, 0][len(pair.prompt_ids) - 1 :]
             assert row[field] == pytest.approx(float(picked.sum()), rel=1e-5, abs=1e-5)
-    # sdpo score refuses what needs sdpo's decoder, and --implementation sdpo
-    assert main([*args, "--share-prompt"]) == 2
+    # sdpo score refuses what needs sdpo's decoder, and --implementation sdpo (the scores
+    # written above, which --overwrite lets it replace, are kept)
+    written = out.read_bytes()
+    assert main([*args, "--overwrite", "--share-prompt"]) == 2
     assert "--share-prompt need sdpo's own decoder" in capsys.readouterr().err
-    assert main([*args, "--implementation", "sdpo"]) == 2
+    assert main([*args, "--overwrite", "--implementation", "sdpo"]) == 2
     assert "model.implementation" in capsys.readouterr().err
+    assert out.read_bytes() == written
 
 
 @pytest.mark.parametrize(
