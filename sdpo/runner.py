@@ -1853,6 +1853,14 @@ class StepwiseRunner:
                 _log(PLOT_HINT)
 
         on_main(finish)
+        # a stop asked for while the last step saved or scored found no optimizer step left:
+        # the run ran to its end, and the log's "stopping before the next optimizer step" is
+        # corrected here, so that no one resumes a finished run
+        if distributed.any_rank(self.stop_flag):
+            _log(
+                "the stop asked for came after the run's last optimizer step: the run is "
+                f"complete, its outputs are in {self.out} (nothing to resume)"
+            )
         return RunResult(output_dir=self.out, reports=reports, scoring_calls=self.scoring_calls)
 
     @property

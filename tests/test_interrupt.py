@@ -191,3 +191,24 @@ def test_ctrl_c_during_the_import_of_torch_says_one_line(tmp_path):
     assert proc.returncode == INTERRUPTED, proc.stderr[-3000:]
     assert _one_line(proc.stderr) == "sdpo: interrupted (Ctrl-C); nothing was written"
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_while_the_last_step_saves_says_the_run_is_complete(tmp_path):
+    """A first Ctrl-C while the last sDPO step's model folder is written: no optimizer step is
+    left, so the run ends whole (exit 0) and says so in one line, rather than leaving the
+    user to believe it stopped and may be resumed."""
+    cfg = write_two_source_run(tmp_path, sdpo="report_scoring = false")
+    out = tmp_path / "out"
+    args = ["train", "--config", str(cfg), "--set", f"output_dir={out}", "--no-progress"]
+    args += ["--set", "sdpo.steps=1"]
+    proc = run_sdpo(args, env=_env("step_saved:1:INT"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert "[sdpo] SIGINT received while saving sDPO step 1's results" in said
+    complete = [line for line in said.splitlines() if "the run is complete" in line]
+    assert complete == [
+        "[sdpo] the stop asked for came after the run's last optimizer step: the run is "
+        f"complete, its outputs are in {out} (nothing to resume)"
+    ], said[-3000:]
+    assert (out / "step-1" / "model.safetensors").is_file()
+    assert (out / "sdpo_report.json").is_file()
