@@ -701,6 +701,14 @@ class PairTokenizer:
         """Tokens of the vocabulary and its added tokens (not the special tokens outside it)."""
         return self.tokenizer.get_vocab_size(with_added_tokens=True) - len(self._outside_ids)
 
+    def ids_below(self, limit: int) -> dict[str, int]:
+        """token -> id of every token a text can be given with an id below ``limit`` (a model's
+        ``vocab_size``): the vocabulary and its added tokens, those of ``added_tokens.json``
+        included, not the special tokens outside the vocabulary (a text holding one is an
+        error). Two tokenizers whose maps agree give a model the same ids for the same tokens."""
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        return {t: i for t, i in vocab.items() if i < limit and i not in self._outside_ids}
+
     @property
     def fingerprint(self) -> str:
         """Changes whenever tokenization would: the vocabulary/pipeline, specials, template."""

@@ -777,7 +777,12 @@ class StepwiseRunner:
                     )
             tokenizer = PairTokenizer.from_dir(model_dir)
             if self.reference_dir is not None:
-                _check_same_vocabulary(model_dir, self.reference_dir)
+                _check_same_vocabulary(
+                    model_dir,
+                    self.reference_dir,
+                    tokenizer=tokenizer,
+                    vocab_size=model_config.vocab_size,
+                )
             # the tokens only added_tokens.json names: a row that holds one past the embedding
             # table is refused by tokenize_pairs, naming it
             own_size = tokenizer.vocab_size - len(tokenizer.added_file_tokens)
@@ -2512,29 +2517,42 @@ def _warn_eval_overlap(train: list[TokenizedPair], held_out: list[TokenizedPair]
         )
 
 
-def _check_same_vocabulary(model_dir: Path, reference_dir: Path) -> None:
-    """The reference scores the policy's token ids: its tokenizer, when it ships one, must map
-    the same strings to the same ids (equal vocab_size is not enough: Llama-2 and Mistral both
-    have 32,000 tokens)."""
-    from tokenizers import Tokenizer
-
-    theirs = reference_dir / "tokenizer.json"
-    if not theirs.is_file():
+def _check_same_vocabulary(
+    model_dir: Path, reference_dir: Path, *, tokenizer: PairTokenizer, vocab_size: int
+) -> None:
+    """The reference scores the policy's token ids: its tokenizer, when it ships one, must give
+    each id below ``vocab_size`` (config.json's, the same in both folders) to the same token as
+    ``tokenizer`` (model.path's, as sdpo reads it). Equal vocab_size is not enough (Llama-2 and
+    Mistral both have 32,000 tokens), nor is an equal tokenizer.json: the tokens an older
+    folder's added_tokens.json adds take ids too. Ids past the embeddings reach neither model
+    (a row that holds one is refused), so tokens there may differ."""
+    if not (reference_dir / "tokenizer.json").is_file():
         return
     try:
-        ours_vocab = Tokenizer.from_file(str(model_dir / "tokenizer.json")).get_vocab()
-        theirs_vocab = Tokenizer.from_file(str(theirs)).get_vocab()
-    except Exception as e:  # the Rust side raises a plain Exception
-        raise RunInputError(f"{theirs}: not a valid tokenizer.json ({e})") from None
-    if ours_vocab != theirs_vocab:
-        differ = sorted(set(ours_vocab.items()) ^ set(theirs_vocab.items()), key=lambda kv: kv[1])[
-            :3
-        ]
+        reference = PairTokenizer.from_dir(reference_dir)
+    except ValueError as e:
         raise RunInputError(
-            f"sdpo.reference {reference_dir} has another tokenizer than model.path {model_dir} "
-            f"(their vocabularies differ, e.g. {differ}): the reference would score token ids "
-            "that mean other text to it; use a reference of the same tokenizer"
-        )
+            f"sdpo.reference {reference_dir}: its tokenizer cannot be read ({e}); sdpo reads it "
+            "only to check that its token ids mean what model.path's do: fix it, or use a "
+            "reference whose tokenizer loads"
+        ) from None
+    ours, theirs = tokenizer.ids_below(vocab_size), reference.ids_below(vocab_size)
+    if ours == theirs:
+        return
+    by_id: list[dict[int, str]] = [{}, {}]
+    for side, vocab in zip(by_id, (ours, theirs), strict=True):
+        for token, i in vocab.items():
+            side.setdefault(i, token)
+    first = min(i for t, i in set(ours.items()) ^ set(theirs.items()))
+    ours_token, theirs_token = (
+        repr(side[first]) if first in side else "no token" for side in by_id
+    )
+    raise RunInputError(
+        f"sdpo.reference {reference_dir} has another tokenizer than model.path {model_dir}: id "
+        f"{first} is {ours_token} in {model_dir} but {theirs_token} in {reference_dir} (their "
+        "tokenizer.json or added_tokens.json differ), so the reference would score token ids "
+        "that mean other text to it; use a reference of the same tokenizer"
+    )
 
 
 def check_writable_folder(out: Path) -> None:

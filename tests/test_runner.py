@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import sdpo.runner as runner_mod
 from sdpo.config import ConfigError, config_from_dict
@@ -241,6 +241,58 @@ def test_a_reference_with_another_tokenizer_of_the_same_size_is_refused(tiny_mod
     with pytest.raises(RunInputError, match="has another tokenizer than model.path"):
         run_training(cfg, progress=False)
     assert not Path(cfg.output_dir).exists()
+
+
+def _padded_model(folder: Path, *, seed: int, rows: int) -> Path:
+    """A tiny model whose embeddings have ``rows`` more rows than its tokenizer has tokens (as
+    models padded to a round vocab_size have), its tokenizer_config.json without
+    added_tokens_decoder (an older folder, whose added_tokens.json adds tokens)."""
+    write_tiny_model(folder, words=WORDS, hidden_size=32, seed=seed)
+    weights = load_file(folder / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        extra = torch.randn(rows, weights[name].shape[1], generator=gen) * 0.02
+        weights[name] = torch.cat([weights[name], extra.to(weights[name].dtype)])
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    config["vocab_size"] += rows
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_reference_whose_added_tokens_json_gives_other_ids_is_refused(tmp_path):
+    """The same tokenizer.json, but each folder's added_tokens.json gives the first free id,
+    inside both models' (padded) embeddings, another token: the reference would score the
+    policy's id of '<tool>' as '<call>'. Refused before the run starts, naming both folders,
+    the id and both tokens; the same added tokens pass, and so do different ones past the
+    embeddings, which reach neither model."""
+    from sdpo.runner import RunInputError, _check_same_vocabulary
+
+    policy = _padded_model(tmp_path / "model", seed=1, rows=2)
+    ref = _padded_model(tmp_path / "ref", seed=9, rows=2)
+    size = PairTokenizer.from_dir(policy).vocab_size  # tokenizer.json's tokens: ids 0..size-1
+    (policy / "added_tokens.json").write_text(json.dumps({"<tool>": size}))
+    (ref / "added_tokens.json").write_text(json.dumps({"<call>": size}))
+    cfg = _config(tmp_path, policy, reference=str(ref))
+    with pytest.raises(RunInputError) as info:
+        run_training(cfg, progress=False)
+    assert str(info.value).startswith(
+        f"sdpo.reference {ref} has another tokenizer than model.path {policy}: id {size} is "
+        f"'<tool>' in {policy} but '<call>' in {ref} (their tokenizer.json or added_tokens.json "
+        "differ)"
+    )
+    assert not Path(cfg.output_dir).exists()
+    tokenizer = PairTokenizer.from_dir(policy)
+    vocab_size = size + 2
+    _check_same_vocabulary(policy, ref, tokenizer=tokenizer, vocab_size=size)  # past both
+    (ref / "added_tokens.json").unlink()
+    with pytest.raises(RunInputError, match=f"id {size} is '<tool>' in .* but no token in "):
+        _check_same_vocabulary(policy, ref, tokenizer=tokenizer, vocab_size=vocab_size)
+    shutil.copy(policy / "added_tokens.json", ref / "added_tokens.json")
+    _check_same_vocabulary(policy, ref, tokenizer=tokenizer, vocab_size=vocab_size)
+    (ref / "tokenizer.json").write_text("{")
+    with pytest.raises(RunInputError, match=r"its tokenizer cannot be read \(.*not a valid tok"):
+        _check_same_vocabulary(policy, ref, tokenizer=tokenizer, vocab_size=vocab_size)
 
 
 def test_separate_reference_is_freed_before_training(tiny_model_dir, tmp_path, monkeypatch):
