@@ -113,8 +113,8 @@ def test_config_reads_every_rope_spelling():
 
 def _read_by_both(extra: dict, model_type: str):
     """sdpo's and transformers' reading of a config.json with the required keys and ``extra``:
-    each a tuple of the settings that shape the computation and the model's parameter shapes
-    ({name: shape}), or the exception that refuses the config (transformers refuses in its
+    each a tuple of the settings that shape the computation (each layer's sliding window among
+    them) and the model's parameter shapes ({name: shape}), or the exception that refuses the config (transformers refuses in its
     config class or when it builds the model)."""
     transformers = pytest.importorskip("transformers")
     from huggingface_hub.errors import StrictDataclassError
@@ -145,7 +145,7 @@ def _read_by_both(extra: dict, model_type: str):
             ours.rms_norm_eps,
             ours.rope_theta,
             ours.tie_word_embeddings,
-            ours.sliding_window,
+            tuple(ours.layer_window(i) for i in range(ours.num_hidden_layers)),
             ours.max_position_embeddings,
             (ours.rope_scaling or {}).get("original_max_position_embeddings"),
             ours_shapes,
@@ -156,10 +156,15 @@ def _read_by_both(extra: dict, model_type: str):
             hf_shapes = shapes(transformers.AutoModelForCausalLM.from_config(hf))
     except (StrictDataclassError, TypeError, KeyError) as e:  # strict fields, or no model
         return ours_read, e
-    layer_types = getattr(hf, "layer_types", None) or []
+    # each layer's window as transformers' attention modules take it: Mistral's every layer
+    # the config's, Qwen2/Qwen3 that of the layers layer_types names sliding_attention, and
+    # Llama none
     window = getattr(hf, "sliding_window", None)
-    if model_type != "mistral" and "sliding_attention" not in layer_types:
-        window = None
+    kinds = getattr(hf, "layer_types", None) or [None] * hf.num_hidden_layers
+    if model_type == "mistral":
+        windows = (window,) * hf.num_hidden_layers
+    else:
+        windows = tuple(window if kind == "sliding_attention" else None for kind in kinds)
     rope = hf.rope_parameters
     hf_read = (
         getattr(hf, "head_dim", None) or 128 // 32,
@@ -167,7 +172,7 @@ def _read_by_both(extra: dict, model_type: str):
         hf.rms_norm_eps,
         rope["rope_theta"],
         hf.tie_word_embeddings,
-        window,
+        windows,
         hf.max_position_embeddings,
         rope.get("original_max_position_embeddings"),
         hf_shapes,
