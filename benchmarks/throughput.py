@@ -1521,13 +1521,26 @@ def settle_step_args(args: argparse.Namespace, *, world: int) -> None:
             )
 
 
+def step_precision(args: argparse.Namespace, device: torch.device) -> str:
+    """``--precision`` resolved for the step section's ``device``, with the warning ``sdpo
+    train`` gives (printed once, on rank 0) where the GPU only emulates the bf16 asked for: the
+    tokens/s measured there are not those of bf16 arithmetic."""
+    from sdpo.engine.precision import emulated_bf16_warning, resolve_precision
+
+    precision = resolve_precision(args.precision, device)
+    emulated = emulated_bf16_warning(precision, device, key="--precision")
+    if emulated is not None:
+        say(f"warning: {emulated}", flush=True)
+    return precision
+
+
 def step_section(args: argparse.Namespace) -> dict:
     from functools import partial
 
     from sdpo.engine.compile import compile_decoder_layers
     from sdpo.engine.lora import attach_lora, merge_lora
     from sdpo.engine.model import init_model
-    from sdpo.engine.precision import parameter_dtype, resolve_precision
+    from sdpo.engine.precision import parameter_dtype
     from sdpo.engine.trainer import DPOTrainer, TrainConfig, plan_steps, shard_micro_batches
     from sdpo.losses import LossConfig, dpo_loss
 
@@ -1563,7 +1576,7 @@ def step_section(args: argparse.Namespace) -> dict:
             )
     elif args.fsdp:
         say("note: --fsdp in one process shards nothing (as train.fsdp): plain model", flush=True)
-    precision = resolve_precision(args.precision, device)
+    precision = step_precision(args, device)
     impl = resolve_impl(args.impl, device)
     config = step_model_config(args)
     timer = Timer(device=device, warmup=1, iters=3)
@@ -2288,9 +2301,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--precision",
-        choices=["bf16", "bf16-mixed", "fp32"],
+        choices=["bf16", "bf16-mixed", "fp32", "auto"],
         help="bf16: bf16 params and AdamW states (TRL's policy; GPU default); bf16-mixed: fp32 "
-        "master weights and states, bf16 autocast; fp32 (--smoke default)",
+        "master weights and states, bf16 autocast; fp32 (--smoke default); auto: as "
+        'train.precision = "auto" (bf16-mixed on a GPU that computes in bf16, else fp32). A '
+        "bf16 the GPU only emulates (compute capability before 8.0) is warned of",
     )
     s.add_argument(
         "--compile",

@@ -615,6 +615,32 @@ def test_step_benchmark_smoke_reports_every_section(one_thread, tmp_path):
     assert run["ratio_vs_train"] < run["ratio_runner_no_report"] < run["ratio_runner_default"]
 
 
+def test_step_benchmark_warns_of_a_bf16_the_gpu_only_emulates(monkeypatch, capsys):
+    """The step section resolves --precision as sdpo train resolves train.precision: on a GPU
+    before compute capability 8.0 (torch.cuda answers as a V100's does) a bf16 or bf16-mixed
+    says once that it runs emulated, naming --precision and the values that avoid it (auto
+    among them, which the flag takes); fp32 and auto say nothing there."""
+    throughput = load_throughput()
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
+    )
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    parser = throughput.build_parser()
+    for precision in ("bf16", "bf16-mixed"):
+        args = parser.parse_args(["step", "--precision", precision])
+        assert throughput.step_precision(args, torch.device("cuda")) == precision
+        out = capsys.readouterr().out.splitlines()
+        assert out == [
+            f"warning: --precision {precision} on this GPU (compute capability 7.0; bf16 "
+            "arithmetic needs 8.0 or later) runs emulated bf16, slower than fp32; a run with "
+            "--precision fp32 or --precision auto (fp32 on this GPU) avoids it"
+        ]
+    for precision, resolved in (("fp32", "fp32"), ("auto", "fp32")):
+        args = parser.parse_args(["step", "--precision", precision])
+        assert throughput.step_precision(args, torch.device("cuda")) == resolved
+        assert capsys.readouterr().out == ""
+
+
 def test_prep_benchmark_smoke_times_every_stage_on_data_of_the_paper_s_two_shapes(tmp_path):
     from sdpo.engine.data import read_preference_file
 
