@@ -12,7 +12,7 @@ write, a folder whose files no longer match). What goes inside (weights, optimiz
 states, data position) is the caller's; this module owns the folder protocol.
 
 ``fault_point`` is a test hook: with ``SDPO_FAULT_AT="<point>:<count>[:<SIGNAL>]"`` in the
-environment the process sends itself SIGKILL (or the named signal, e.g. ``TERM``) the
+environment the process sends itself SIGKILL (or the named signal, ``TERM`` or ``SIGTERM``) the
 ``count``-th time it reaches ``fault_point("<point>")``; ``OOM`` in place of the signal raises
 ``torch.OutOfMemoryError`` there instead, as a GPU out of memory would. The fault-injection
 tests use it to kill the real CLI at exact places; without the variable it costs one dictionary
@@ -68,9 +68,25 @@ def fault_point(name: str) -> None:
             import torch
 
             raise torch.OutOfMemoryError(f"out of memory ({FAULT_ENV} test hook at {name!r})")
+        sig = _fault_signal(action)
         sys.stdout.flush()
         sys.stderr.flush()
-        os.kill(os.getpid(), getattr(signal, f"SIG{action}") if action else signal.SIGKILL)
+        os.kill(os.getpid(), sig)
+
+
+def _fault_signal(action: str) -> signal.Signals:
+    """The signal a fault rule's action names (``TERM`` or ``SIGTERM``; empty: SIGKILL); an
+    action that is none is named, not an AttributeError from the ``signal`` module."""
+    if not action:
+        return signal.SIGKILL
+    name = action.upper()
+    sig = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+    if not isinstance(sig, signal.Signals):
+        raise ValueError(
+            f"{FAULT_ENV}: unknown action {action!r}; use a signal name (TERM or SIGTERM, INT, "
+            "KILL, ...), OOM or HOLD"
+        )
+    return sig
 
 
 _hold_release = threading.local()

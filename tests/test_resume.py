@@ -25,6 +25,7 @@ from sdpo.config import config_from_dict
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
 from sdpo.engine.resume import (
+    fault_point,
     file_entries,
     list_checkpoints,
     verify_checkpoint,
@@ -323,6 +324,24 @@ def test_sigterm_finishes_the_step_checkpoints_and_resumes_bitwise(
         capsys.readouterr().out
     )
     _assert_same_weights(_weights(out), baseline)
+
+
+def test_a_fault_rule_names_its_signal_with_or_without_sig_and_a_bad_one_is_named(monkeypatch):
+    """``<point>:<count>:SIGTERM`` sends SIGTERM as ``TERM`` does (not an AttributeError from
+    the signal module), and an action that is no signal, OOM or HOLD is named."""
+    monkeypatch.setattr(resume_mod, "_fault_counts", {})
+    got: list[int] = []
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        for action in ("USR1", "SIGUSR1", "sigusr1"):
+            monkeypatch.setenv("SDPO_FAULT_AT", f"probe_{action}:1:{action}")
+            fault_point(f"probe_{action}")
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert got == [signal.SIGUSR1] * 3
+    monkeypatch.setenv("SDPO_FAULT_AT", "probe:1:TERMINATE")
+    with pytest.raises(ValueError, match="SDPO_FAULT_AT: unknown action 'TERMINATE'"):
+        fault_point("probe")
 
 
 def test_a_resume_that_scores_the_initial_model_anew_trains_the_run_s_chunks(
