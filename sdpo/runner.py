@@ -606,6 +606,12 @@ class StepwiseRunner:
         overwrite: bool = False,
         resume: bool = False,
     ) -> None:
+        if not isinstance(cfg, RunConfig):  # a dict or a path failed on its first field read
+            raise TypeError(
+                f"the runner takes a sdpo.config.RunConfig, got {type(cfg).__qualname__}: build "
+                "it with sdpo.config.load_config(path) from a TOML file or "
+                "sdpo.config.config_from_dict(d) from a dict"
+            )
         self.cfg = cfg
         self.progress = progress
         self.overwrite = overwrite

@@ -180,6 +180,17 @@ def test_rerun_reuses_caches_and_a_damaged_cache_is_recomputed(base_run, tmp_pat
     assert "step-2.safetensors: recomputing (checksum mismatch" in capsys.readouterr().out
 
 
+def test_run_training_given_a_dict_or_a_path_says_how_to_build_its_config(tmp_path):
+    """A dict (a parsed TOML file) or a config file's path is refused naming the RunConfig it
+    needs and the two ways to build one, not an AttributeError from its first field read."""
+    for given in ({"output_dir": str(tmp_path / "run")}, tmp_path / "run.toml"):
+        with pytest.raises(
+            TypeError, match=r"RunConfig, got .*load_config\(path\).*config_from_dict"
+        ):
+            run_training(given, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_existing_outputs_are_refused_without_overwrite(base_run, tmp_path):
     cfg = copy_run(base_run, tmp_path)
     with pytest.raises(OutputDirError, match="--overwrite"):
