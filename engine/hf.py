@@ -340,7 +340,10 @@ class PackedCausalLM(nn.Module):
     ) -> Tensor:
         """Final hidden states ``(N, H)`` of the packed stream, each sequence attending only to
         itself, times the model's constant logit scale (``logit_factor``; 1 for most models),
-        so that ``hidden @ lm_head_weight.T`` are the model's logits."""
+        so that ``hidden @ lm_head_weight.T`` are the model's logits. input_ids and
+        position_ids (N,) int64 (positions restart at 0 in each sequence), cu_seqlens (S+1,)
+        int32 the sequences' boundaries, max_seqlen the longest one's length: the fields of
+        ``sdpo.engine.packing.pack_pairs``' ``PackedBatch``."""
         if shared_prefix is not None:
             raise ValueError(
                 "a wrapped Hugging Face model cannot compute a pair's prompt once for both "
