@@ -138,6 +138,8 @@ F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"
 _F_DIVERGENCE_TYPES = ("sigmoid", "robust", "hinge", "ipo", "exo_pair", "discopop", "sigmoid_norm")
 # loss types an f-divergence leaves as they are (TRL accepts them with one)
 _F_DIVERGENCE_NEUTRAL = ("sft",)
+# loss types that average over a completion's tokens, so need its token count
+_TOKEN_MEAN_TYPES = ("ipo", "sigmoid_norm", "sft")
 # loss types whose loss reads label_smoothing (as cDPO's / robust DPO's flip rate, as EXO's eps)
 _SMOOTHED_TYPES = ("sigmoid", "robust", "exo_pair")
 
@@ -322,7 +324,7 @@ class LossConfig:
         """IPO and sigmoid_norm average log-probs over completion tokens, RPO's NLL, sft's NLL
         and WPO's weights are per-token means."""
         return (
-            bool({"ipo", "sigmoid_norm", "sft"} & set(self.loss_types))
+            bool(set(_TOKEN_MEAN_TYPES) & set(self.loss_types))
             or self.rpo_alpha is not None
             or self.use_weighting
         )
@@ -576,9 +578,13 @@ def _check_inputs(
                     "linear_pair_loss(with_aligned=True))"
                 )
             else:
+                what = [f"loss type {t!r}" for t in config.loss_types if t in _TOKEN_MEAN_TYPES]
+                what += [f"rpo_alpha {config.rpo_alpha!r}"] * (config.rpo_alpha is not None)
+                what += ["use_weighting (WPO)"] * config.use_weighting
                 why = (
-                    f"loss_type {config.loss_type!r} / rpo_alpha {config.rpo_alpha!r} / "
-                    f"use_weighting {config.use_weighting!r} need per-pair completion token counts"
+                    f"{' and '.join(what)} {'need' if len(what) > 1 else 'needs'} each pair's "
+                    "completion token counts, (P,) ints: the scored labels (!= -100) of its "
+                    "chosen and rejected sequence"
                 )
             raise ValueError(f"{name} is missing: {why}")
         if tuple(t.shape) != shape:
