@@ -505,10 +505,12 @@ class _StepRecord:
 
 @dataclass(kw_only=True)
 class TrainResult:
-    optimizer_steps: int
-    tokens: int
-    seconds: float
-    last_metrics: dict[str, float] = field(default_factory=dict)
+    """What one ``DPOTrainer.fit`` call did."""
+
+    optimizer_steps: int  # optimizer steps of the call (a resumed call: all of them)
+    tokens: int  # tokens trained, no padding, each prompt counted with both its completions
+    seconds: float  # wall time of the call
+    last_metrics: dict[str, float] = field(default_factory=dict)  # the last logged record
 
 
 def cast_for_precision(model: torch.nn.Module, precision: str) -> None:
