@@ -82,6 +82,11 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0")) if initialized() else 0
 
 
+def backend() -> str | None:
+    """The process group's backend ("nccl", "gloo"), or None without a group."""
+    return str(_dist().get_backend()) if initialized() else None
+
+
 def is_main() -> bool:
     return rank() == 0
 

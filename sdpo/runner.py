@@ -1537,6 +1537,16 @@ class StepwiseRunner:
         emulated = emulated_bf16_warning(self.precision, self.device)
         if emulated is not None:
             _log(f"warning: {emulated}")
+        if distributed.active():  # a torchrun launch says how it runs, as one process cannot
+            how = (
+                "the model sharded over them (train.fsdp)"
+                if self.cfg.train.fsdp
+                else "each holds the whole model"
+            )
+            _log(
+                f"data parallel over {distributed.world()} ranks ({distributed.backend()}, "
+                f"{self.device.type}): {how}"
+            )
         if self.cfg.train.fsdp and not distributed.active():
             _log(
                 "train.fsdp = true shards the model over the ranks of torchrun; this is one "

@@ -256,6 +256,8 @@ def reference(tmp_path_factory) -> Reference:
     # the step table's last row: rank 0's output is complete although it leaves without the
     # interpreter's finalization (sdpo.cli.entry)
     assert re.search(r"^ +2 +\d+ +near ", run.output, re.MULTILINE), run.explain()
+    # the log says the run is data parallel, which its other lines do not tell from one process
+    assert "data parallel over 2 ranks (gloo, cpu): each holds" in run.output, run.explain()
     names = [p.name for _, p in list_checkpoints(out / "checkpoints")]
     assert len(names) == 6 and len(_metrics(out)) == 6  # 2 sDPO steps x 3 optimizer steps
     return Reference(cfg=cfg, out=out, root=root)
