@@ -2,8 +2,9 @@
 # One-call GPU check: the GPU-marked tests, then the benchmarks. "$OUT" (or ./gpu_out) receives
 # two files: summary.txt, the headline lines, and gpu_check.tar.gz, every log and JSON (about
 # twenty files: nvidia-smi's, each section's output and each benchmark's JSON), packed anew after
-# each section. The call that runs this script on the GPU machine returns at most 8 files from
-# "$OUT", so the files themselves are written to a folder of their own and only packed there.
+# each section. A job runner that collects "$OUT" may bring back only a few files (8 at the
+# least we allow for), so the files themselves are written to a folder of their own and only
+# packed there.
 #
 # The whole script keeps to one deadline, SDPO_GPU_CHECK_BUDGET seconds (default 560, so that a
 # 600 s call limit still returns its files). Each section has its own timeout, cut to what is

@@ -36,7 +36,7 @@ if "--json" in sys.argv:
         f.write("{{}}")
 """
 
-# The call that runs the check on the GPU machine returns at most this many files from $OUT.
+# The fewest files from $OUT a job runner that collects it may bring back (gpu_check.sh's header).
 OUT_FILES = 8
 
 
