@@ -693,19 +693,45 @@ def model_fingerprint(
     64 MiB pieces copied to the host, so memory stays flat (about 1-2 s for a 1B model).
     ``state``: the weights to hash instead of ``model.state_dict()`` (a sharded model's gathered
     state dict, which fingerprints as the unsharded model does)."""
-    h = hashlib.sha256()
     config = getattr(model, "config", None)
     if isinstance(config, ModelConfig):
-        h.update(json.dumps(config.architecture_dict(), sort_keys=True).encode())
+        architecture = json.dumps(config.architecture_dict(), sort_keys=True)
     elif hasattr(model, "fingerprint_config"):  # a wrapped Hugging Face model
-        h.update(model.fingerprint_config().encode())
+        architecture = model.fingerprint_config()
+    else:
+        architecture = ""
+    return _hash_weights(model, [architecture], state)[0]
+
+
+def earlier_model_fingerprints(
+    model: torch.nn.Module, *, state: dict[str, torch.Tensor] | None = None
+) -> list[str]:
+    """The fingerprints earlier releases gave the same weights where they described the same
+    model otherwise (``ModelConfig.earlier_architecture_dicts``: a Qwen's sliding window), for
+    a run or cache they recorded; [] without such a description, hashing nothing. ``state`` as
+    for ``model_fingerprint``."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        return []  # transformers' config text has not changed its recipe
+    texts = [json.dumps(d, sort_keys=True) for d in config.earlier_architecture_dicts()]
+    return _hash_weights(model, texts, state) if texts else []
+
+
+def _hash_weights(
+    model: torch.nn.Module, architectures: list[str], state: dict[str, torch.Tensor] | None
+) -> list[str]:
+    """One sha256 per architecture text: the text, then the weights, read once for all."""
+    hashes = [hashlib.sha256(text.encode()) for text in architectures]
     for name, t in (model_state_dict(model) if state is None else state).items():
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        header = f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode()
+        for h in hashes:
+            h.update(header)
         flat = t.detach().contiguous().reshape(-1).view(torch.uint8)  # raw bytes, any dtype
         for start in range(0, flat.numel(), _HASH_PIECE_BYTES):
-            piece = flat[start : start + _HASH_PIECE_BYTES].cpu()
-            h.update(piece.numpy().tobytes())
-    return h.hexdigest()
+            piece = flat[start : start + _HASH_PIECE_BYTES].cpu().numpy().tobytes()
+            for h in hashes:
+                h.update(piece)
+    return [h.hexdigest() for h in hashes]
 
 
 def checkpoint_fingerprint(path: str | os.PathLike) -> str:

@@ -409,6 +409,31 @@ class ModelConfig:
             d["sliding_layers"] = list(d["sliding_layers"])
         return d
 
+    def earlier_architecture_dicts(self) -> list[dict[str, Any]]:
+        """The architecture dicts earlier releases fingerprinted for this config where they
+        differ from ``architecture_dict()``, so that their runs resume and their reference
+        caches stay valid (``sdpo.engine.checkpoint.earlier_model_fingerprints``).
+
+        Two changes of a Qwen2/Qwen3 window's reading changed the dict and not what the model
+        computes on the sequences those releases ran: they kept one window for the model (no
+        ``sliding_layers``), and before that took it from ``use_sliding_window`` whether or not a
+        layer slides. Their decoder applied no window and refused every sequence longer than the
+        one in the dict, and on sequences no longer than a window sliding and full attention
+        agree; where no layer slides (the second case) attention is full now as it was then."""
+        if self.model_type not in ("qwen2", "qwen3"):
+            return []  # Mistral's window was read the same way before (every layer or none)
+        now = self.architecture_dict()
+        one_window = {k: v for k, v in now.items() if k != "sliding_layers"}
+        resolved = {**_TYPE_DEFAULTS[self.model_type], **self.raw}
+        candidates = [one_window]
+        if resolved.get("use_sliding_window") is True:
+            candidates.append({**one_window, "sliding_window": resolved.get("sliding_window")})
+        earlier: list[dict[str, Any]] = []
+        for d in candidates:
+            if d != now and d not in earlier:
+                earlier.append(d)
+        return earlier
+
 
 def _refuse_nulls(d: dict[str, Any], model_type: str) -> None:
     """A ConfigError for a null that transformers refuses in a key the type's model reads."""

@@ -106,6 +106,7 @@ from sdpo.engine.checkpoint import (
     CheckpointError,
     ModelInfo,
     check_model,
+    earlier_model_fingerprints,
     load_model,
     load_pretrained,
     model_fingerprint,
@@ -127,6 +128,7 @@ from sdpo.engine.lora import (
     merge_rounding_loss,
     peft_adapter_files,
 )
+from sdpo.engine.model import ModelConfig
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import (
     emulated_bf16_warning,
@@ -736,6 +738,17 @@ class StepwiseRunner:
         if values is not None:
             _log(f"reference cache {cache.path.name}: reused")
             return values.to_pair_logps()
+        if reason.startswith("key mismatch: model_fingerprint "):
+            # a file an earlier release wrote for these weights, which it fingerprinted otherwise
+            for earlier in self._earlier_fingerprints(model):
+                earlier_key = dataclasses.replace(key, model_fingerprint=earlier)
+                values, _ = on_main(lambda k=earlier_key: cache.load(k))
+                if values is not None:
+                    _log(
+                        f"reference cache {cache.path.name}: reused (written under the "
+                        f"fingerprint {earlier[:12]} an earlier release gave these weights)"
+                    )
+                    return values.to_pair_logps()
         if reason != "missing":
             _log(f"reference cache {cache.path.name}: recomputing ({reason})")
         scores = self.score(model, pairs)  # data parallel: sharded, gathered on every rank
@@ -1296,25 +1309,41 @@ class StepwiseRunner:
         return saved
 
     def _check_same_weights(
-        self, point: ResumePoint | None, role: str, fingerprint: str, key: str
-    ) -> None:
+        self,
+        point: ResumePoint | None,
+        role: str,
+        fingerprint: str,
+        key: str,
+        model: torch.nn.Module,
+    ) -> str:
         """Record ``fingerprint`` as the ``role`` weights' (checkpoints keep it), and on resume
         refuse initial (or reference) weights other than those the run started from. A config
         names the folder or hub id, not the weights in it; other weights would give another
-        partition and other reference values for the steps still to run."""
+        partition and other reference values for the steps still to run. Returns the
+        fingerprint that keys the weights' reference caches: the run's own where an earlier
+        release fingerprinted the same weights otherwise (``earlier_model_fingerprints``)."""
         self.model_fps[role] = fingerprint
         if point is None:
-            return
+            return fingerprint
         saved = (point.progress.get("model_fingerprints") or {}).get(role)
-        if saved is not None and saved != fingerprint:
-            value = self.cfg.model.path if role == "initial" else self.cfg.sdpo.reference
-            raise OutputDirError(
-                f"cannot resume the run in {self.out}: {key} ({value}) holds other weights than "
-                f"when the run started (fingerprint {fingerprint[:12]}, the run's "
-                f"{saved[:12]}), so the steps still to run would follow another partition and "
-                "other reference values. Restore those weights (a hub model: pin its commit with "
-                "the revision key), or start a new run (another output_dir, or --overwrite)"
+        if saved is None or saved == fingerprint:
+            return fingerprint
+        value = self.cfg.model.path if role == "initial" else self.cfg.sdpo.reference
+        if saved in self._earlier_fingerprints(model):
+            _log(
+                f"{key} ({value}): the run recorded these weights under the fingerprint an "
+                f"earlier release computed ({saved[:12]}; now {fingerprint[:12]}), which described "
+                "the model's sliding window otherwise; the weights are the same: resuming"
             )
+            self.model_fps[role] = saved
+            return saved
+        raise OutputDirError(
+            f"cannot resume the run in {self.out}: {key} ({value}) holds other weights than "
+            f"when the run started (fingerprint {fingerprint[:12]}, the run's "
+            f"{saved[:12]}), so the steps still to run would follow another partition and "
+            "other reference values. Restore those weights (a hub model: pin its commit with "
+            "the revision key), or start a new run (another output_dir, or --overwrite)"
+        )
 
     def _write_checkpoint_here(
         self,
@@ -1608,8 +1637,9 @@ class StepwiseRunner:
 
         model = self._load_model(model_dir)
         t0 = time.perf_counter()
-        initial_fp = self._fingerprint(model)
-        self._check_same_weights(point, "initial", initial_fp, "model.path")
+        initial_fp = self._check_same_weights(
+            point, "initial", self._fingerprint(model), "model.path", model
+        )
         self._stop_if_asked(point.progress["run_step"] if point is not None else 0)
         partition_args: dict[str, Any] = {
             "pairs_sources": [p.source for p in pairs],
@@ -2108,6 +2138,16 @@ class StepwiseRunner:
         the step, load the adapter saved with the checkpoint, after checking that the frozen
         base is the one it was trained on."""
         lora = self.cfg.lora
+        if resume is not None and point is not None:
+            saved_fp = point.progress.get("lora_base")
+            # an earlier release's fingerprint of the same base (before the adapter is on it)
+            if saved_fp != base_fp and saved_fp not in self._earlier_fingerprints(model):
+                where = self.cfg.model.path if t == 1 else self.out / f"step-{t - 1}"
+                raise OutputDirError(
+                    f"cannot resume inside sDPO step {t} from {point.path}: its LoRA adapter was "
+                    f"trained on other base weights than {where} holds now (the model files "
+                    "changed since). Restore them, or start the run again with --overwrite"
+                )
         attach_lora(
             model,
             rank=lora.rank,
@@ -2119,14 +2159,6 @@ class StepwiseRunner:
         )
         if resume is None or point is None:
             return
-        saved_fp = point.progress.get("lora_base")
-        if saved_fp != base_fp:
-            where = self.cfg.model.path if t == 1 else self.out / f"step-{t - 1}"
-            raise OutputDirError(
-                f"cannot resume inside sDPO step {t} from {point.path}: its LoRA adapter was "
-                f"trained on other base weights than {where} holds now (the model files "
-                "changed since). Restore them, or start the run again with --overwrite"
-            )
         load_lora_state_dict(model, load_file(point.path / ADAPTER_STATE_NAME))
 
     def _warn_merge_rounding(
@@ -2244,6 +2276,19 @@ class StepwiseRunner:
             model_fingerprint(model, state=weights) if distributed.is_main() else None
         )
 
+    def _earlier_fingerprints(self, model: torch.nn.Module) -> list[str]:
+        """``earlier_model_fingerprints``, sharded as ``_fingerprint``; [] at once (no
+        collective) for a model no earlier release fingerprinted otherwise."""
+        config = getattr(model, "config", None)
+        if not isinstance(config, ModelConfig) or not config.earlier_architecture_dicts():
+            return []
+        if not sharding.is_sharded(model):
+            return earlier_model_fingerprints(model)
+        weights = sharding.full_state_dict(model)
+        return distributed.broadcast_object(
+            earlier_model_fingerprints(model, state=weights) if distributed.is_main() else None
+        )
+
     @contextlib.contextmanager
     def _stop_signals(self) -> Iterator[None]:
         """SIGTERM/SIGINT ask for a graceful stop. While training: finish the optimizer step
@@ -2320,8 +2365,9 @@ class StepwiseRunner:
         baseline = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
         ref_model = self._load_model(ref_dir)
         probe = weakref.ref(ref_model.lm_head_weight)
-        fingerprint = self._fingerprint(ref_model)
-        self._check_same_weights(point, "reference", fingerprint, "sdpo.reference")
+        fingerprint = self._check_same_weights(
+            point, "reference", self._fingerprint(ref_model), "sdpo.reference", ref_model
+        )
         self._stop_if_asked(point.progress["run_step"] if point is not None else 0)
         values = self.cached_reference("reference", ref_model, fingerprint, pairs)
         del ref_model

@@ -14,6 +14,7 @@ import torch
 from sdpo.engine.checkpoint import (
     CheckpointError,
     checkpoint_fingerprint,
+    earlier_model_fingerprints,
     load_pretrained,
     model_fingerprint,
     save_pretrained,
@@ -247,6 +248,27 @@ def test_the_layers_that_slide_are_part_of_the_model_fingerprint():
     assert (
         "sliding_layers" not in dataclasses.replace(config, sliding_layers=None).architecture_dict()
     )
+
+
+def test_earlier_fingerprints_are_those_of_the_one_window_the_qwen_was_read_with():
+    """Earlier releases fingerprinted a Qwen by one window (no sliding layers), taken from
+    use_sliding_window even where no layer slides: the weights' fingerprint under a config of
+    that window on every layer, which those releases ran identically (every sequence within
+    the window). Mistral and Llama, read the same way then, and other weights have none."""
+    qwen = WINDOWED["qwen2-max-window-layers"]  # window 5 on layers 1 and 2 of 3
+    for d in (qwen, {**qwen, "max_window_layers": 3}):  # the second: no layer slides
+        model = init_model(ModelConfig.from_hf_dict(d), seed=0)
+        one_window = CausalLM(
+            dataclasses.replace(model.config, sliding_window=5, sliding_layers=None)
+        )
+        one_window.load_state_dict(model.state_dict())
+        earlier = earlier_model_fingerprints(model)
+        assert earlier == [model_fingerprint(one_window)]
+        assert model_fingerprint(model) not in earlier
+        other = init_model(model.config, seed=1)
+        assert model_fingerprint(one_window) not in earlier_model_fingerprints(other)
+    for d in (WINDOWED["mistral"], tiny_hf_dict()):
+        assert earlier_model_fingerprints(init_model(ModelConfig.from_hf_dict(d), seed=0)) == []
 
 
 # config.json spellings a checkpoint can have, which transformers resolves one way

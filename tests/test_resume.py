@@ -544,6 +544,49 @@ def test_resume_with_other_initial_or_reference_weights_is_refused(tiny_model_di
         run_training(cfg, progress=False, resume=True)
 
 
+def test_a_qwen_run_an_earlier_release_fingerprinted_by_one_window_resumes(
+    tmp_path, monkeypatch, capsys
+):
+    """Releases before sliding layers were part of a model's fingerprint hashed a Qwen whose
+    later layers slide by its window alone, running it without a window on sequences within it
+    (as sliding ones do now). Such a run, stopped inside sDPO step 2 with LoRA, resumes: its
+    recorded initial and LoRA base fingerprints are accepted as those of the same weights, its
+    reference caches reused; it was refused as holding other weights, which it does not."""
+    from sdpo.engine.model import ModelConfig
+    from tests.conftest import write_hf_model
+
+    m0 = write_hf_model(
+        tmp_path / "m0",
+        "Qwen2Config",
+        byte_level=True,
+        use_sliding_window=True,
+        sliding_window=64,  # longer than every pair: the earlier releases refused longer ones
+        max_window_layers=1,
+    )
+    d = two_source_config(tmp_path, m0, far=8, near=7, lora={"rank": 4})
+    d["train"].update(pairs_per_step=3, save_every=100)
+    cfg = config_from_dict(d)
+    now = ModelConfig.architecture_dict
+
+    def earlier_recipe(config: ModelConfig) -> dict:
+        return {k: v for k, v in now(config).items() if k != "sliding_layers"}
+
+    monkeypatch.setattr(ModelConfig, "architecture_dict", earlier_recipe)
+    monkeypatch.setattr(resume_mod, "_fault_counts", {})
+    monkeypatch.setenv("SDPO_FAULT_AT", "train_step:4:TERM")  # inside sDPO step 2
+    with pytest.raises(TrainingStopped):
+        run_training(cfg, progress=False)
+    monkeypatch.setattr(ModelConfig, "architecture_dict", now)
+    monkeypatch.delenv("SDPO_FAULT_AT")
+    capsys.readouterr()
+    run_training(cfg, progress=False, resume=True)
+    log = capsys.readouterr().out
+    assert "the run recorded these weights under the fingerprint an earlier release" in log
+    assert "reference cache step-2.safetensors: reused (written under the fingerprint" in log
+    assert "recomputing" not in log
+    assert (Path(cfg.output_dir) / "step-2" / "model.safetensors").is_file()
+
+
 def test_resume_on_other_training_pairs_is_refused(tiny_model_dir, tmp_path):
     """The checkpoint keeps the token ids' fingerprint: a data file edited since the run
     started is refused on resume (nothing trained on other pairs); restored, it resumes."""
