@@ -2606,14 +2606,32 @@ def _check_same_vocabulary(
         for token, i in vocab.items():
             side.setdefault(i, token)
     first = min(i for t, i in set(ours.items()) ^ set(theirs.items()))
-    ours_token, theirs_token = (
-        repr(side[first]) if first in side else "no token" for side in by_id
-    )
+    folders = (model_dir, reference_dir)
+    # which side's token at that id only its added_tokens.json adds (tokenizer.json lacks it)
+    from_file = [first in t.added_file_tokens for t in (tokenizer, reference)]
+    described = [
+        (repr(side[first]) if first in side else "no token")
+        + f" in {folder}"
+        + (f" (its {ADDED_TOKENS_FILE})" if added else "")
+        for side, folder, added in zip(by_id, folders, from_file, strict=True)
+    ]
+    why = "" if any(from_file) else " (their tokenizer.json or tokenizer_config.json differ)"
+    fix = "use a reference of the same tokenizer"
+    if from_file[0] != from_file[1]:
+        having, lacking = folders if from_file[0] else folders[::-1]
+        if (
+            first not in by_id[folders.index(lacking)]
+            and not (lacking / ADDED_TOKENS_FILE).exists()
+        ):
+            fix = (
+                f"{lacking} has no {ADDED_TOKENS_FILE} (a step folder written by sdpo before "
+                "step folders carried that file lacks it): if its model was trained from "
+                f"{having}'s, copy {having / ADDED_TOKENS_FILE} into {lacking}; otherwise " + fix
+            )
     raise RunInputError(
         f"sdpo.reference {reference_dir} has another tokenizer than model.path {model_dir}: id "
-        f"{first} is {ours_token} in {model_dir} but {theirs_token} in {reference_dir} (their "
-        "tokenizer.json or added_tokens.json differ), so the reference would score token ids "
-        "that mean other text to it; use a reference of the same tokenizer"
+        f"{first} is {described[0]} but {described[1]}{why}, so the reference would score "
+        f"token ids that mean other text to it; {fix}"
     )
 
 

@@ -275,8 +275,9 @@ def test_a_reference_whose_added_tokens_json_gives_other_ids_is_refused(tmp_path
     """The same tokenizer.json, but each folder's added_tokens.json gives the first free id,
     inside both models' (padded) embeddings, another token: the reference would score the
     policy's id of '<tool>' as '<call>'. Refused before the run starts, naming both folders,
-    the id and both tokens; the same added tokens pass, and so do different ones past the
-    embeddings, which reach neither model."""
+    the id, both tokens and the file that gives each; one folder without added_tokens.json
+    (a step folder of an earlier sdpo) is refused naming the copy that ends it. The same added
+    tokens pass, and so do different ones past the embeddings, which reach neither model."""
     from sdpo.runner import RunInputError, _check_same_vocabulary
 
     policy = _padded_model(tmp_path / "model", seed=1, rows=2)
@@ -287,20 +288,44 @@ def test_a_reference_whose_added_tokens_json_gives_other_ids_is_refused(tmp_path
     cfg = _config(tmp_path, policy, reference=str(ref))
     with pytest.raises(RunInputError) as info:
         run_training(cfg, progress=False)
-    assert str(info.value).startswith(
+    assert str(info.value) == (
         f"sdpo.reference {ref} has another tokenizer than model.path {policy}: id {size} is "
-        f"'<tool>' in {policy} but '<call>' in {ref} (their tokenizer.json or added_tokens.json "
-        "differ)"
+        f"'<tool>' in {policy} (its added_tokens.json) but '<call>' in {ref} (its "
+        "added_tokens.json), so the reference would score token ids that mean other text to it; "
+        "use a reference of the same tokenizer"
     )
     assert not Path(cfg.output_dir).exists()
     tokenizer = PairTokenizer.from_dir(policy)
     vocab_size = size + 2
     _check_same_vocabulary(policy, ref, tokenizer=tokenizer, vocab_size=size)  # past both
+    # the reference a step folder of an earlier sdpo, which did not copy added_tokens.json (or
+    # the policy one): the file that makes the difference is named, and the copy that ends it
     (ref / "added_tokens.json").unlink()
-    with pytest.raises(RunInputError, match=f"id {size} is '<tool>' in .* but no token in "):
-        _check_same_vocabulary(policy, ref, tokenizer=tokenizer, vocab_size=vocab_size)
+    for ours, theirs, lacking, having in ((policy, ref, ref, policy), (ref, policy, ref, policy)):
+        with pytest.raises(RunInputError) as info:
+            _check_same_vocabulary(
+                ours, theirs, tokenizer=PairTokenizer.from_dir(ours), vocab_size=vocab_size
+            )
+        tool, nothing = f"'<tool>' in {having} (its added_tokens.json)", f"no token in {lacking}"
+        assert f"id {size} is {tool} but {nothing}," in str(info.value) or (
+            f"id {size} is {nothing} but {tool}," in str(info.value)
+        )
+        assert str(info.value).endswith(
+            f"; {lacking} has no added_tokens.json (a step folder written by sdpo before step "
+            f"folders carried that file lacks it): if its model was trained from {having}'s, "
+            f"copy {having / 'added_tokens.json'} into {lacking}; otherwise use a reference of "
+            "the same tokenizer"
+        )
     shutil.copy(policy / "added_tokens.json", ref / "added_tokens.json")
     _check_same_vocabulary(policy, ref, tokenizer=tokenizer, vocab_size=vocab_size)
+    # an added_tokens.json naming tokenizer.json's own added tokens at their ids changes no id:
+    # a folder without it passes
+    (policy / "added_tokens.json").write_text(json.dumps({"<pad>": 0, "<eos>": 2}))
+    (ref / "added_tokens.json").unlink()
+    for ours, theirs in ((policy, ref), (ref, policy)):
+        _check_same_vocabulary(
+            ours, theirs, tokenizer=PairTokenizer.from_dir(ours), vocab_size=vocab_size
+        )
     (ref / "tokenizer.json").write_text("{")
     with pytest.raises(RunInputError, match=r"its tokenizer cannot be read \(.*not a valid tok"):
         _check_same_vocabulary(policy, ref, tokenizer=tokenizer, vocab_size=vocab_size)
