@@ -91,6 +91,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from sdpo.cache import CacheKey, RefLogprobCache, RefValues, data_fingerprint, file_fingerprint
 from sdpo.config import (
+    ColumnMap,
     DataSource,
     RunConfig,
     SDPOSection,
@@ -2431,16 +2432,24 @@ def _with_precision(config: dict[str, Any], precision: str | None) -> dict[str, 
 
 def _with_source_defaults(config: dict[str, Any]) -> dict[str, Any]:
     """``config`` with every data source's keys that a config saved before they existed lacks
-    (``subset``) at their defaults."""
+    (``subset``; the columns ``tools`` and ``chat_template_kwargs``) at their defaults."""
     data = config.get("data")
     if not isinstance(data, dict):
         return config
+    column_defaults = dataclasses.asdict(ColumnMap())
+
+    def filled(src: Any) -> Any:
+        if not isinstance(src, dict):
+            return src
+        columns = src.get("columns", {})
+        if isinstance(columns, dict):
+            columns = {**column_defaults, **columns}
+        return {"subset": None, **src, "columns": columns}
+
     data = dict(data)
     for key in ("sources", "eval_sources"):
         if isinstance(data.get(key), list):
-            data[key] = [
-                {"subset": None, **src} if isinstance(src, dict) else src for src in data[key]
-            ]
+            data[key] = [filled(src) for src in data[key]]
     return {**config, "data": data}
 
 

@@ -173,6 +173,18 @@ def test_a_source_saved_without_a_subset_resumes_and_another_subset_is_refused()
     assert changed.startswith("data.sources (")
 
 
+def test_a_source_saved_before_the_tools_columns_resumes_and_another_column_is_refused():
+    """A checkpoint written before a source's columns had tools and chat_template_kwargs (their
+    default None: the field's own name) holds the same sources; a column set since differs."""
+    saved, now = _sdpo_config("given", False), _sdpo_config("given", False)
+    for source in saved["data"]["sources"]:
+        del source["columns"]["tools"], source["columns"]["chat_template_kwargs"]
+    assert changed_config_keys(saved, now) == []
+    now["data"]["sources"][1]["columns"]["tools"] = "functions"
+    (changed,) = changed_config_keys(saved, now)
+    assert changed.startswith("data.sources (") and "'tools': 'functions'" in changed
+
+
 @pytest.mark.parametrize("partition", ["given", "random", "easy_to_hard", "easy_to_hard_pairs"])
 def test_report_scoring_changes_the_reference_passes_batches_under_random_and_given(partition):
     # random/given without report scoring score chunk 1 alone with the initial model: turning
