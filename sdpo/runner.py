@@ -1131,8 +1131,20 @@ class StepwiseRunner:
                 f"resuming with changed compute settings: {'; '.join(loose)}. They change how "
                 f"the work is batched or computed, not what is trained on: {how}"
             )
-        saved_data = progress.get("data_fingerprint")  # absent in checkpoints of older runs
-        if saved_data is not None and saved_data != self.data_fp:
+        saved_data = progress.get("data_fingerprint")
+        if saved_data is None:
+            # written before checkpoints kept it: the token ids the run trained on are unknown,
+            # and sdpo's tokenization has changed since (a resume trained on other ids, with
+            # its partition cut again from values of those)
+            raise OutputDirError(
+                f"cannot resume the run in {self.out}: {path.name} was written by an sdpo from "
+                "before checkpoints recorded the training pairs' token ids and the weights the "
+                "run started from, and sdpo has tokenized some text otherwise since, so the "
+                "steps still to run could train on other token ids than the run's first steps "
+                "without a word. Finish the run with the sdpo that started it, or start a new "
+                "run (another output_dir, or --overwrite)"
+            )
+        if saved_data != self.data_fp:
             raise OutputDirError(
                 f"cannot resume the run in {self.out}: the training pairs' token ids differ from "
                 f"those {path.name} was trained on (a data file, the tokenizer files or the "

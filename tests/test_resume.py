@@ -589,7 +589,8 @@ def test_a_qwen_run_an_earlier_release_fingerprinted_by_one_window_resumes(
 
 def test_resume_on_other_training_pairs_is_refused(tiny_model_dir, tmp_path):
     """The checkpoint keeps the token ids' fingerprint: a data file edited since the run
-    started is refused on resume (nothing trained on other pairs); restored, it resumes."""
+    started is refused on resume (nothing trained on other pairs); restored, it resumes. A
+    checkpoint without the fingerprint (an older release's) is refused, naming why."""
     cfg = _config(tmp_path, tiny_model_dir)
     run_training(cfg, progress=False)
     near = Path(cfg.data.sources[1].path)
@@ -607,6 +608,32 @@ def test_resume_on_other_training_pairs_is_refused(tiny_model_dir, tmp_path):
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     near.write_text(original)
     run_training(cfg, progress=False, resume=True)
+
+    # a checkpoint of the releases before checkpoints kept the fingerprint (and the weights',
+    # and the chunks) resumed unchecked, though sdpo tokenizes some text otherwise since (a BOS
+    # in front of plain prompts, then not): refused, saying why and what to do
+    from sdpo.engine.resume import MANIFEST_NAME
+
+    (_, newest), *_ = list_checkpoints(out / "checkpoints")
+    progress = json.loads((newest / "progress.json").read_text())
+    for key in ("data_fingerprint", "model_fingerprints", "chunks", "precision"):
+        del progress[key]  # as those releases wrote it
+    (newest / "progress.json").write_text(json.dumps(progress))
+    manifest = json.loads((newest / MANIFEST_NAME).read_text())
+    manifest["files"].update(file_entries([newest / "progress.json"], base=newest))
+    (newest / MANIFEST_NAME).write_text(json.dumps(manifest))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(OutputDirError) as e:
+        run_training(cfg, progress=False, resume=True)
+    assert str(e.value) == (
+        f"cannot resume the run in {out}: {newest.name} was written by an sdpo from before "
+        "checkpoints recorded the training pairs' token ids and the weights the run started "
+        "from, and sdpo has tokenized some text otherwise since, so the steps still to run "
+        "could train on other token ids than the run's first steps without a word. Finish the "
+        "run with the sdpo that started it, or start a new run (another output_dir, or "
+        "--overwrite)"
+    )
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_cli_resume_flags(tiny_model_dir, tmp_path, capsys):
