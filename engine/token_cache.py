@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -50,6 +51,7 @@ from .tokenize import (
 __all__ = [
     "TOKEN_CACHE_VERSION",
     "load_tokenized",
+    "token_cache_changes",
     "pack_pairs",
     "save_packed",
     "save_tokenized",
@@ -308,6 +310,49 @@ def load_tokenized(path: str | os.PathLike, key: Mapping[str, Any]) -> tuple[Tok
         return None, f"unreadable: {e}"
 
 
+def token_cache_changes(path: str | os.PathLike, key: Mapping[str, Any]) -> list[str]:
+    """What differs in ``key`` from the key the token cache at ``path`` was written under, one
+    phrase per part ("data source near (near.jsonl) changed", "the tokenizing code changed",
+    ...), where ``load_tokenized`` names the first alone; [] for a missing or unreadable file
+    or the same key. Never raises."""
+    try:
+        metadata = _read_metadata(Path(path).read_bytes())
+        cached = json.loads(metadata.get(_META_KEY, ""))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(cached, dict) or metadata.get(_META_VERSION) != TOKEN_CACHE_VERSION:
+        return []
+    now = json.loads(json.dumps(dict(key)))
+    parts = [
+        (name, _comparable(name, cached.get(name)), _comparable(name, now.get(name)))
+        for name in sorted(set(now) | set(cached))
+    ]
+    return [_describe_change(name, old, new) for name, old, new in parts if old != new]
+
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def _comparable(name: str, value: Any) -> Any:
+    """A key part as files written by every release compare: a source by its name, path, split,
+    subset, data digest and set columns wherever its entry holds them (later releases added
+    the subset), the tokenizer files without those absent from the folder (later releases list
+    more names)."""
+    if name == "sources" and isinstance(value, list):
+        sources = []
+        for entry in value:
+            if not isinstance(entry, list) or len(entry) < 4:
+                return value
+            digest = next((x for x in entry if isinstance(x, str) and _DIGEST.fullmatch(x)), None)
+            subset = entry[3] if len(entry) >= 6 else None
+            columns = next((x for x in entry if isinstance(x, dict)), {})
+            sources.append([*entry[:3], subset, digest, columns])
+        return sources
+    if name == "tokenizer" and isinstance(value, dict):
+        return {k: v for k, v in value.items() if v is not None}
+    return value
+
+
 def _decode(tensors: Mapping[str, np.ndarray], info: dict[str, Any]) -> Tokenized:
     pairs, places = unpack_pairs(tensors, info["sources"])
     return pairs, places, TokenizeStats(**info["stats"])
@@ -344,6 +389,8 @@ def _describe_change(name: str, cached: Any, now: Any) -> str:
         return {"tokenizer": "the tokenizer files changed", "code": "the tokenizing code changed"}[
             name
         ]
+    if name == "tokenizer_fingerprint":
+        return "the tokenizer as sdpo reads it changed"
     return f"{name} differs (cached {cached!r}, now {now!r})"
 
 

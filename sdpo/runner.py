@@ -160,6 +160,7 @@ from sdpo.engine.token_cache import (
     pack_pairs,
     save_packed,
     save_tokenized,
+    token_cache_changes,
     token_cache_key,
     token_cache_path,
     unpack_pairs,
@@ -417,6 +418,7 @@ def load_pairs(
     cache_file: Path | None = None,
     pending_saves: list[Callable[[], None]] | None = None,
     tokenizer_dir: str | Path | None = None,
+    cache_changes: list[str] | None = None,
 ) -> list[TokenizedPair]:
     """Read, validate and tokenize every source; pair ``index`` is the position in the pool.
     With ``context_length`` (the model's ``max_position_embeddings``) a pair whose sequence
@@ -426,7 +428,8 @@ def load_pairs(
     are tokenized and the cache written once every check passed (appended to ``pending_saves``
     when given, so the caller writes only after all its inputs passed). ``tokenizer_dir``: the
     folder of the tokenizer files in the cache key (default ``model.path``; a hub model's
-    snapshot folder)."""
+    snapshot folder). ``cache_changes`` receives, where an existing cache is not reused, what
+    changed since it was written (``token_cache_changes``; rank 0's)."""
     # the held-out pairs' line says so: two "data:" lines in a row would not say which is which
     what = "held-out data" if sources is not None and sources == cfg.data.eval_sources else "data"
     sources = cfg.data.sources if sources is None else sources
@@ -454,6 +457,8 @@ def load_pairs(
             return cached
         if key is not None and reason != "missing":
             _log(f"token cache {cache_file.name}: tokenizing again ({reason})")
+            if cache_changes is not None:
+                cache_changes.extend(token_cache_changes(cache_file, key))
         tokenized = _read_and_tokenize(
             cfg, tokenizer, sources, vocab_size=vocab_size, context_length=context_length
         )
@@ -644,6 +649,9 @@ class StepwiseRunner:
         self.eval_initial: PairLogps | None = None
         self.trackers = Trackers()  # rank 0, with log.report_to: TensorBoard / W&B
         self.data_fp: str | None = None  # data_fingerprint of the training pairs (run())
+        # what changed since the training data's token cache was written, where it was not
+        # reused (load_pairs' cache_changes): names the cause of other token ids on resume
+        self.token_cache_changes: list[str] = []
         self._data_fp_of: Sequence[TokenizedPair] | None = None  # the pairs data_fp hashes
         # model.path and sdpo.reference as local folders (hub models: their snapshots), set by
         # load_inputs
@@ -822,6 +830,7 @@ class StepwiseRunner:
                 cache_file=token_cache_path(self.cache_dir, "train"),
                 pending_saves=cache_saves,
                 tokenizer_dir=model_dir,
+                cache_changes=self.token_cache_changes,
             )
             fault_point("data_read")
             self.eval_pairs = []
@@ -1145,12 +1154,11 @@ class StepwiseRunner:
                 "run (another output_dir, or --overwrite)"
             )
         if saved_data != self.data_fp:
+            why, fix = self._why_other_ids()
             raise OutputDirError(
                 f"cannot resume the run in {self.out}: the training pairs' token ids differ from "
-                f"those {path.name} was trained on (a data file, the tokenizer files or the "
-                "tokenization changed since the run started), so the resumed steps would train "
-                "on other pairs. Restore the inputs the run started with, or start a new run "
-                "(another output_dir, or --overwrite)"
+                f"those {path.name} was trained on ({why}), so the resumed steps would train on "
+                f"other pairs. {fix}, or start a new run (another output_dir, or --overwrite)"
             )
         step = progress["sdpo_step"]
         where = "after" if progress["step_finished"] else "inside"
@@ -1161,6 +1169,33 @@ class StepwiseRunner:
                 "left to train; its report is written again"
             )
         return ResumePoint(path=path, progress=progress)
+
+    def _why_other_ids(self) -> tuple[str, str]:
+        """Why a resume's token ids differ from the run's, as the training data's token cache
+        tells it where it was not reused (what changed since it was written), and what to do."""
+        changes = self.token_cache_changes
+        if not changes:
+            return (
+                "a data file, the tokenizer files or sdpo's tokenization changed since the run "
+                "started",
+                "Restore the inputs the run started with (where sdpo's tokenization changed: "
+                "resume with the sdpo that started the run)",
+            )
+        why = f"since {token_cache_path(self.cache_dir, 'train')} was written: {'; '.join(changes)}"
+        code = "the tokenizing code changed" in changes
+        inputs = [c for c in changes if c != "the tokenizing code changed"]
+        if code:  # a tokenizer read otherwise follows from the code alone
+            inputs = [c for c in inputs if not c.startswith("the tokenizer as sdpo reads it")]
+        if code and not inputs:
+            fix = (
+                "The inputs are the same, and this sdpo tokenizes them otherwise: resume with "
+                "the sdpo that started the run"
+            )
+        elif code:
+            fix = "Restore the inputs the run started with and resume with its sdpo"
+        else:
+            fix = "Restore the inputs the run started with"
+        return why, fix
 
     def _open_trackers(self, point: ResumePoint | None) -> Trackers:
         try:

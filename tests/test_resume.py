@@ -7,6 +7,7 @@ weights. The subprocess kill tests are in test_faults.py."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import io
 import json
@@ -603,10 +604,36 @@ def test_resume_on_other_training_pairs_is_refused(tiny_model_dir, tmp_path):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(OutputDirError, match="token ids differ from those ckpt-") as e:
         run_training(cfg, progress=False, resume=True)
-    assert "a data file, the tokenizer files or the tokenization changed" in str(e.value)
+    cache = out / "cache" / "tokens-train.safetensors"
+    assert str(e.value).endswith(
+        f"(since {cache} was written: data source near ({near}) changed), so the resumed steps "
+        "would train on other pairs. Restore the inputs the run started with, or start a new "
+        "run (another output_dir, or --overwrite)"
+    )
     # refused: nothing written, not even the token cache of the edited data
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     near.write_text(original)
+    # the same inputs, which another sdpo tokenizes otherwise (its tokenizing code, the token
+    # cache's key says, and ids one token shorter): the cause and the sdpo to resume with
+    key, tokenize = runner_mod.token_cache_key, runner_mod.tokenize_pairs
+
+    def shorter(*args, **kwargs):
+        pairs, stats = tokenize(*args, **kwargs)
+        return [dataclasses.replace(p, chosen_ids=p.chosen_ids[1:]) for p in pairs], stats
+
+    with pytest.MonkeyPatch.context() as other_sdpo:
+        other_sdpo.setattr(runner_mod, "tokenize_pairs", shorter)
+        other_sdpo.setattr(
+            runner_mod, "token_cache_key", lambda *a, **k: {**key(*a, **k), "code": "0"}
+        )
+        with pytest.raises(OutputDirError) as e:
+            run_training(cfg, progress=False, resume=True)
+    assert str(e.value).endswith(
+        f"(since {cache} was written: the tokenizing code changed), so the resumed steps would "
+        "train on other pairs. The inputs are the same, and this sdpo tokenizes them otherwise: "
+        "resume with the sdpo that started the run, or start a new run (another output_dir, or "
+        "--overwrite)"
+    )
     run_training(cfg, progress=False, resume=True)
 
     # a checkpoint of the releases before checkpoints kept the fingerprint (and the weights',

@@ -21,6 +21,7 @@ from sdpo.engine.token_cache import (
     load_tokenized,
     pack_pairs,
     save_tokenized,
+    token_cache_changes,
     token_cache_key,
     token_cache_path,
     unpack_pairs,
@@ -509,3 +510,30 @@ def test_the_held_out_pairs_log_line_says_held_out(tiny_model_dir, tmp_path, cap
         "[sdpo] data: 22 pairs from 2 source(s); 0 truncated to max_length=24",
         "[sdpo] held-out data: 3 pairs from 1 source(s); 0 truncated to max_length=24",
     ]
+
+
+def test_token_cache_changes_read_an_earlier_release_s_key_by_its_parts(tiny_model_dir, tmp_path):
+    """What changed since a cache was written, every part where load_tokenized names the first:
+    a key as releases before sources had a subset wrote it ([name, path, split, digest,
+    columns]), listing only the tokenizer files the folder has, differs from the same inputs'
+    key now in nothing but what did change."""
+    from sdpo.engine.tokenize import TokenizeStats
+
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    now = _key(cfg)
+    earlier = json.loads(json.dumps(now))
+    earlier["sources"] = [
+        [n, p, split, digest, cols] for n, p, split, _, digest, cols in now["sources"]
+    ]
+    earlier["tokenizer"] = {k: v for k, v in now["tokenizer"].items() if v is not None}
+    path = tmp_path / "tokens-train.safetensors"
+
+    def changes(key: dict) -> list[str]:
+        save_tokenized(path, [], {}, TokenizeStats(), key)
+        return token_cache_changes(path, now)
+
+    assert changes(earlier) == []
+    assert changes({**earlier, "code": "0" * 64}) == ["the tokenizing code changed"]
+    earlier["sources"][1][3] = "0" * 64
+    assert changes(earlier) == [f"data source chat ({cfg.data.sources[1].path}) changed"]
+    assert token_cache_changes(tmp_path / "missing.safetensors", now) == []
