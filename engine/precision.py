@@ -22,6 +22,22 @@ from torch import Tensor
 PRECISIONS = ("auto", "fp32", "bf16", "bf16-mixed")
 
 
+def bf16_support(device: torch.device | str) -> str:
+    """How the CUDA ``device`` runs bf16: ``"native"`` (compute capability 8.0 or later; any
+    ROCm GPU), ``"emulated"`` (an older GPU: slower than fp32) or ``"none"``. Asked of the
+    device the model is on, not of the current device, which is what
+    ``torch.cuda.is_bf16_supported()`` answers for (a model on ``cuda:1`` while ``cuda:0`` is
+    current took cuda:0's answer)."""
+    device = torch.device(device)
+    if torch.version.hip or torch.cuda.get_device_capability(device)[0] >= 8:
+        return "native"
+    try:
+        torch.empty(1, dtype=torch.bfloat16, device=device)
+    except (RuntimeError, AssertionError):  # torch's error where a bf16 tensor cannot be
+        return "none"  # made there (AssertionError: a torch built without CUDA)
+    return "emulated"
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(
@@ -33,7 +49,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if torch.device(device).type != "cuda":
         return "fp32"
     # emulated bf16 (a GPU before compute capability 8.0) is slower than fp32
-    return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16-mixed" if bf16_support(device) == "native" else "fp32"
 
 
 def resumed_precision(
@@ -64,9 +80,9 @@ def precision_problem(precision: str, device: torch.device | str) -> str | None:
     device = torch.device(device)
     if precision == "fp32" or device.type != "cuda":
         return None
-    if torch.cuda.is_bf16_supported():
+    if bf16_support(device) != "none":
         return None
-    return "this GPU does not compute in bf16 (torch.cuda.is_bf16_supported() is false)"
+    return f"this GPU ({device}) does not compute in bf16"
 
 
 def emulated_bf16_warning(
@@ -80,7 +96,7 @@ def emulated_bf16_warning(
     device = torch.device(device)
     if precision not in ("bf16", "bf16-mixed") or device.type != "cuda":
         return None
-    if torch.cuda.is_bf16_supported(including_emulation=False):
+    if bf16_support(device) == "native":
         return None
     major, minor = torch.cuda.get_device_capability(device)
     if key.startswith("--"):

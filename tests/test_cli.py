@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -135,12 +136,10 @@ def test_score_precision_defaults_to_what_train_resolves(monkeypatch):
 
     args = build_parser().parse_args(["score", "--model", "m", "--data", "d.jsonl"])
     assert args.precision == TrainConfig.precision == "auto"
-    # what torch.cuda says of a GPU that computes in bf16, and of one that emulates it
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    # the answers for a GPU that computes in bf16, and for one that emulates it
+    monkeypatch.setattr("sdpo.engine.precision.bf16_support", lambda device: "native")
     assert resolve_precision(args.precision, "cuda") == "bf16-mixed"
-    monkeypatch.setattr(
-        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
-    )
+    monkeypatch.setattr("sdpo.engine.precision.bf16_support", lambda device: "emulated")
     assert resolve_precision(args.precision, "cuda") == "fp32"
     assert resolve_precision("bf16-mixed", "cuda") == "bf16-mixed"  # asked for: as given
     assert resolve_precision(args.precision, "cpu") == "fp32"
@@ -148,6 +147,34 @@ def test_score_precision_defaults_to_what_train_resolves(monkeypatch):
         ["score", "--model", "m", "--data", "d", "--precision", "bf16"]
     )
     assert resolve_precision(given.precision, "cuda") == "bf16"
+
+
+def test_precision_is_resolved_for_the_model_s_gpu_not_the_current_one(monkeypatch):
+    """Two GPUs as torch.cuda describes them: cuda:0 (current) an H100, cuda:1 a V100. A model
+    on cuda:1 resolves "auto" to fp32 and is warned that bf16 is emulated there; one on cuda:0
+    (or on "cuda", the current device) resolves it to bf16-mixed. torch.cuda's
+    is_bf16_supported() answers for the current device only."""
+    from sdpo.engine.precision import emulated_bf16_warning, precision_problem, resolve_precision
+
+    capabilities = {0: (9, 0), 1: (7, 0)}
+
+    def capability(device=None):
+        index = torch.device(device).index if device is not None else None
+        return capabilities[0 if index is None else index]  # the current device: cuda:0
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(major=9)
+    )
+    assert resolve_precision("auto", "cuda:0") == "bf16-mixed"
+    assert resolve_precision("auto", "cuda") == "bf16-mixed"
+    assert resolve_precision("auto", torch.device("cuda", 1)) == "fp32"
+    assert emulated_bf16_warning("bf16", "cuda:0") is None
+    assert "compute capability 7.0" in emulated_bf16_warning("bf16", "cuda:1")
+    assert precision_problem("bf16", "cuda:0") is None
 
 
 def test_bf16_asked_for_on_a_gpu_that_only_emulates_it_is_warned_of(monkeypatch):
@@ -162,10 +189,8 @@ def test_bf16_asked_for_on_a_gpu_that_only_emulates_it_is_warned_of(monkeypatch)
         asked.append(device)
         return (7, 0)
 
-    # what torch.cuda says of a V100: bf16 only by emulation
-    monkeypatch.setattr(
-        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
-    )
+    # a V100: bf16 only by emulation
+    monkeypatch.setattr("sdpo.engine.precision.bf16_support", lambda device: "emulated")
     monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
     run = emulated_bf16_warning("bf16-mixed", "cuda:1")
     assert run == (
@@ -182,7 +207,7 @@ def test_bf16_asked_for_on_a_gpu_that_only_emulates_it_is_warned_of(monkeypatch)
     asked.clear()
     for precision in ("bf16", "bf16-mixed"):
         assert emulated_bf16_warning(precision, "cpu") is None
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    monkeypatch.setattr("sdpo.engine.precision.bf16_support", lambda device: "native")
     for precision in ("bf16", "bf16-mixed"):  # an A100 or later
         assert emulated_bf16_warning(precision, "cuda") is None
     assert asked == []

@@ -463,8 +463,8 @@ def test_a_resume_keeps_the_recorded_precision_and_refuses_a_device_that_cannot_
     there). A checkpoint written before the precision was kept resolves it as before."""
     from sdpo.engine.precision import precision_problem, resumed_precision
 
-    # what torch.cuda says of a GPU that computes in bf16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    # a GPU that computes in bf16
+    monkeypatch.setattr("sdpo.engine.precision.bf16_support", lambda device: "native")
     assert resumed_precision("auto", "fp32", "cuda") == (
         "fp32",
         'train.precision = "auto" keeps fp32, the precision the run started with (its '
@@ -476,7 +476,7 @@ def test_a_resume_keeps_the_recorded_precision_and_refuses_a_device_that_cannot_
     assert resumed_precision("auto", None, "cpu") == ("fp32", None)
     assert resumed_precision("bf16", "bf16", "cpu") == ("bf16", None)
     assert precision_problem("bf16-mixed", "cpu") is None
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr("sdpo.engine.precision.bf16_support", lambda device: "none")
     assert precision_problem("fp32", "cuda") is None
     assert "does not compute in bf16" in precision_problem("bf16-mixed", "cuda")
     assert "does not compute in bf16" in precision_problem("bf16", "cuda")

@@ -617,13 +617,11 @@ def test_step_benchmark_smoke_reports_every_section(one_thread, tmp_path):
 
 def test_step_benchmark_warns_of_a_bf16_the_gpu_only_emulates(monkeypatch, capsys):
     """The step section resolves --precision as sdpo train resolves train.precision: on a GPU
-    before compute capability 8.0 (torch.cuda answers as a V100's does) a bf16 or bf16-mixed
+    before compute capability 8.0 (bf16_support answers as for a V100) a bf16 or bf16-mixed
     says once that it runs emulated, naming --precision and the values that avoid it (auto
     among them, which the flag takes); fp32 and auto say nothing there."""
     throughput = load_throughput()
-    monkeypatch.setattr(
-        torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation
-    )
+    monkeypatch.setattr("sdpo.engine.precision.bf16_support", lambda device: "emulated")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     parser = throughput.build_parser()
     for precision in ("bf16", "bf16-mixed"):
