@@ -187,6 +187,30 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
+def unwrap_data_parallel(model: torch.nn.Module, who: str) -> torch.nn.Module:
+    """The module to train for a model the caller passed wrapped in
+    ``DistributedDataParallel``: the module it wraps. sdpo sums the gradients over ranks
+    itself (module docstring), so the wrapper's own reduction would add a second one; called
+    directly, the wrapped module runs no hook of DDP's (its reducer acts only on a backward
+    after a forward through the wrapper), so each gradient is summed once, and the wrapper
+    works as before for the caller after sdpo returns. A wrapper over another process group
+    than the default one (the data-parallel group of a larger mesh) is refused: sdpo deals the
+    work over all the default group's ranks. Any other model is returned as it is."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if not isinstance(model, DistributedDataParallel):
+        return model
+    ranks = _dist().get_world_size(model.process_group)
+    if ranks != world():
+        raise ValueError(
+            f"{who}: the DistributedDataParallel model reduces over a process group of {ranks} "
+            f"rank(s), and sdpo shares the work over all {world()} ranks of the default group: "
+            "pass the wrapped module (model.module), every rank of the default group calling "
+            "with its replica"
+        )
+    return model.module
+
+
 # -- collectives (identity in a world of one) -------------------------------------------------
 def barrier() -> None:
     if active():

@@ -186,7 +186,10 @@ def score_pairs(
     metrics (``chosen_stats`` / ``rejected_stats``), from the same pass as its log-probs.
     ``return_router_loss`` (the eval pass of a mixture of experts, ``PackedCausalLM`` with a
     router loss): also each pair's batch's router load-balancing loss (``router_loss``),
-    from the same forward; the log-probs are the same with it or without."""
+    from the same forward; the log-probs are the same with it or without. A model wrapped in
+    ``DistributedDataParallel`` is scored through the module it wraps
+    (``distributed.unwrap_data_parallel``)."""
+    model = distributed.unwrap_data_parallel(model, "score_pairs")
     check_packed_model(model, "score_pairs")
     check_ld_alpha(ld_alpha)
     if return_router_loss and not getattr(model, "router_aux_loss_coef", 0.0):
@@ -354,7 +357,7 @@ def _score_local(
                 )
             # the head's inputs as the training forward rounds them (engine/precision.py)
             hidden, weight = head_inputs(
-                hidden.index_select(0, head.index), model.lm_head_weight, precision
+                hidden.index_select(0, head.index), sharding.gathered_head_weight(model), precision
             )  # (M, H): only rows with a label
             head_sums = functools.partial(
                 logprob_head(model),

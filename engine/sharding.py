@@ -17,6 +17,8 @@ names.
 Reduction: the trainer divides the loss by the step's *global* pair count, so the gradient is
 the SUM over ranks (not FSDP's default mean): ``set_gradient_divide_factor(1)`` with
 ``set_force_sum_reduction_for_comms`` (plain SUM collectives, which gloo and NCCL both have).
+A model the caller sharded with its own ``fully_shard`` (the embedding API) is set so for each
+step's passes alone (``summed_gradients``) and keeps its own setting otherwise.
 Every micro-batch's backward reduce-scatters its gradients (no ``no_sync`` accumulation: that
 would keep full-size gradients, the memory FSDP is there to save), so every rank must run the
 same number of forward/backward passes: the trainer and the scoring pass give a rank with less
@@ -51,6 +53,8 @@ to share with, and the plain model is trained (``wanted``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -64,11 +68,80 @@ def wanted(fsdp: bool) -> bool:
     return bool(fsdp) and distributed.active()
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is an FSDP2 module (``shard_model``)."""
+def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The FSDP2 modules (``fully_shard``) in ``model``, itself included, outermost first."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule)
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2 modules: ``shard_model``'s, or a caller's ``fully_shard``
+    of the root, of its layers alone, or of a model it wraps (sharded parameters gather in
+    collectives, so every rank must run as many passes)."""
+    return bool(fsdp_modules(model))
+
+
+def check_trainable_sharded(model: torch.nn.Module, who: str) -> None:
+    """A sharded model trains its sharded parameters (DTensors) or, on a frozen sharded base,
+    whole ones alone (a LoRA adapter, summed over ranks by the trainer), never both: the
+    gradient norm, clipping and the optimizer's multi-tensor update take one kind or the
+    other. A caller that sharded the decoder layers and not the root (embeddings, final norm,
+    lm_head whole on every rank) is refused before any work, naming the missing call."""
+    kinds = {is_dtensor(p) for p in model.parameters() if p.requires_grad}
+    if len(kinds) < 2:
+        return
+    whole = [n for n, p in model.named_parameters() if p.requires_grad and not is_dtensor(p)]
+    raise ValueError(
+        f"{who}: the model trains parameters sharded with FSDP2 (fully_shard) beside whole "
+        f"ones ({', '.join(whole[:3])}{' ...' if len(whole) > 3 else ''}): shard the root "
+        "too, fully_shard(model) after its layers, so that every trainable parameter is sharded"
+    )
+
+
+def gathered_head_weight(model: torch.nn.Module) -> Tensor:
+    """``model.lm_head_weight`` as the log-prob head reads it, after the forward: whole. Under
+    FSDP2 the module that holds it must gather it in the forward and keep it after
+    (``shard_model``'s root does, and so does a root ``fully_shard`` with its default
+    ``reshard_after_forward``); a root sharded with ``reshard_after_forward=True`` has freed it
+    again, and a unit of the lm_head alone never ran its forward: the head would meet this
+    rank's shard. Refused at the first forward, before any update, naming the setting."""
+    weight = model.lm_head_weight
+    if is_dtensor(weight):
+        raise RuntimeError(
+            "the lm_head weight is still sharded when the log-prob head reads it, after the "
+            "forward (a DTensor): shard it with the root, fully_shard(model, "
+            "reshard_after_forward=False) after the layers (a root's default, None, keeps it "
+            "gathered too), not with reshard_after_forward=True nor in a unit of its own, "
+            "whose forward sdpo never calls"
+        )
+    return weight
+
+
+@contextlib.contextmanager
+def summed_gradients(model: torch.nn.Module) -> Iterator[None]:
+    """FSDP's gradient reduction set to a plain SUM over ranks for the block (the trainer
+    divides the loss by the step's global pair count: see Reduction in the module docstring),
+    and each module's own setting given back after it. ``shard_model`` sets the SUM for good;
+    a model the caller sharded with ``fully_shard`` averages by default, which gave gradients
+    (and their clipping norm) 1/N of one process's. FSDP has setters for both settings but no
+    getters: the previous values are read from its parameter groups."""
+    saved = []
+    for module in fsdp_modules(model):
+        groups = module._get_fsdp_state()._fsdp_param_groups
+        saved.append(
+            (module, [(g.gradient_divide_factor, g.force_sum_reduction_for_comms) for g in groups])
+        )
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    try:
+        yield
+    finally:
+        for module, values in saved:
+            groups = module._get_fsdp_state()._fsdp_param_groups
+            for group, (factor, force_sum) in zip(groups, values, strict=True):
+                group.gradient_divide_factor = factor
+                group.force_sum_reduction_for_comms = force_sum
 
 
 def mixed_precision_policy(precision: str) -> Any:
@@ -118,9 +191,10 @@ def shard_model(
 
 
 def reshard(model: torch.nn.Module) -> None:
-    """Free the gathered root parameters (after a no-grad pass; a backward reshards itself)."""
-    if is_sharded(model):
-        model.reshard()
+    """Free the gathered parameters (after a no-grad pass; a backward reshards itself): the
+    root's, kept after the forward, and any other module's a caller kept."""
+    for module in fsdp_modules(model):
+        module.reshard()
 
 
 def is_dtensor(t: Tensor) -> bool:

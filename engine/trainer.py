@@ -47,6 +47,7 @@ too, is saved and loaded in the plain form.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -523,10 +524,32 @@ def cast_for_precision(model: torch.nn.Module, precision: str) -> None:
     A model in another dtype has its floating buffers cast too, as ``Module.to`` casts them
     (not with adapters, nor the kept ones); one already in the precision's dtype keeps them as
     they are (a model transformers loaded in bf16 keeps its rotary's fp32 inverse frequencies).
-    The Parameter objects are kept."""
+    The Parameter objects are kept.
+
+    A parameter sharded with FSDP2 (``fully_shard``: a DTensor) is never cast: FSDP keeps its
+    padded shard and its gather buffers apart from the Parameter, in the dtype the model was
+    sharded in (a bf16 cast left them fp32, and the first update failed on the dtypes). One
+    in another dtype than the precision's is refused before anything is cast, naming what to
+    do; one already in it trains as it is."""
     wanted = parameter_dtype(precision)
     adapters = {id(p) for p in [*adapter_parameters(model), *peft_adapter_parameters(model)]}
     fp32 = {id(t) for t in fp32_kept_tensors(model, wanted)}
+    for name, p in model.named_parameters():
+        dtype = torch.float32 if id(p) in fp32 else wanted
+        if id(p) not in adapters and p.dtype != dtype and sharding.is_dtensor(p):
+            # the precisions that train a model sharded in p.dtype as it is
+            keep = {
+                torch.float32: "precision 'fp32' or 'bf16-mixed' (fp32 parameters; FSDP's "
+                "MixedPrecisionPolicy(param_dtype=torch.bfloat16) gathers them in bf16)",
+                torch.bfloat16: "precision 'bf16'",
+            }.get(p.dtype)
+            raise ValueError(
+                f"precision {precision!r} trains the parameters in {dtype}, and this model is "
+                f"sharded with FSDP2 (fully_shard) in {p.dtype} ({name}, a DTensor): a sharded "
+                "parameter cannot be cast in place (FSDP keeps its shards and gather buffers "
+                f"in the dtype it was sharded in). Cast the model to {dtype} before fully_shard"
+                + (f", or train it with {keep}" if keep else "")
+            )
     cast = False
     for p in model.parameters():
         dtype = torch.float32 if id(p) in fp32 else wanted
@@ -675,8 +698,11 @@ class DPOTrainer:
         profiler: StepProfiler | None = None,
         token_metrics: bool = True,
     ) -> None:
+        # a DistributedDataParallel wrapper's module: sdpo sums the gradients over ranks itself
+        model = distributed.unwrap_data_parallel(model, "DPOTrainer")
         check_packed_model(model, "DPOTrainer")  # before the model is cast or anything built
         check_trainable(model, "DPOTrainer")
+        sharding.check_trainable_sharded(model, "DPOTrainer")
         check_config_type(config, TrainConfig, "config", "DPOTrainer")
         if not callable(loss_fn):
             raise TypeError(
@@ -808,6 +834,14 @@ class DPOTrainer:
             else None
         )
 
+    def _summed_gradients(self) -> contextlib.AbstractContextManager:
+        """Sharded: FSDP sums the gradients over ranks in this block's backward passes, as the
+        loss's division by the global pair count needs (a model the caller sharded averages
+        them otherwise); its own setting comes back after it."""
+        if not self.sharded:
+            return contextlib.nullcontext()
+        return sharding.summed_gradients(self.model)
+
     def _replicated_parameters(self) -> list[Tensor]:
         """The trainable parameters whole on every rank (not FSDP's DTensors): their gradients
         are summed over ranks by the trainer, not by FSDP."""
@@ -846,7 +880,9 @@ class DPOTrainer:
                 batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen, **shared
             )  # (N, H), N = sum(P + C + R) with shared prompts
         hidden = hidden.index_select(0, head.index)  # (M, H): only rows with a label
-        hidden, weight = head_inputs(hidden, self.model.lm_head_weight, self.precision)
+        hidden, weight = head_inputs(
+            hidden, sharding.gathered_head_weight(self.model), self.precision
+        )
 
         wpo, with_raw = self.use_weighting, self.raw_logps
         # the step's (pairs / chosen tokens) for the sft type; None: this batch's own
@@ -1034,14 +1070,15 @@ class DPOTrainer:
             passes = len(local)
         sums: dict[str, Tensor] = {}
         reducer = self.grad_reducer
-        for j, positions in enumerate(local):
-            if reducer is not None and j == len(local) - 1:
-                reducer.begin()  # this backward starts the gradients' all-reduce
-            part = self._micro_batch(pairs, positions, ref, normalizer)
-            for k, v in part.items():
-                sums[k] = sums[k] + v if k in sums else v
-        for _ in range(passes - len(local)):
-            self._micro_batch(pairs, micro_batches[0][:1], ref, normalizer, weight_of_loss=0.0)
+        with self._summed_gradients():
+            for j, positions in enumerate(local):
+                if reducer is not None and j == len(local) - 1:
+                    reducer.begin()  # this backward starts the gradients' all-reduce
+                part = self._micro_batch(pairs, positions, ref, normalizer)
+                for k, v in part.items():
+                    sums[k] = sums[k] + v if k in sums else v
+            for _ in range(passes - len(local)):
+                self._micro_batch(pairs, micro_batches[0][:1], ref, normalizer, weight_of_loss=0.0)
         if reducer is not None:
             reducer.finish()  # also on a rank without micro-batches: it sends zeros
         if self.data_parallel:
@@ -1118,7 +1155,8 @@ class DPOTrainer:
             if on_cuda:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.reset_peak_memory_stats(self.device)
-            self._micro_batch(pairs, largest, ref, len(largest), weight_of_loss=0.0)
+            with self._summed_gradients():
+                self._micro_batch(pairs, largest, ref, len(largest), weight_of_loss=0.0)
         finally:
             self.optimizer.zero_grad(set_to_none=True)
             for p in created:  # a fresh optimizer's state again: none, no step counted

@@ -27,9 +27,11 @@ same weights and the same per-step numbers):
 Nothing is written to disk unless ``metrics_dir`` asks the trainer for its metrics file;
 there are no checkpoints and no resume. ``on_step_end(report, model)`` runs after each step,
 where a caller saves what it wants. Under torch.distributed every rank calls ``run_sdpo`` with
-the same pairs and its replica of the model, as ``DPOTrainer`` expects; a model the caller
-sharded (``sdpo.engine.sharding.shard_model``) trains sharded, while ``train.fsdp`` alone
-shards nothing here (the runner reads it when it loads the model).
+the same pairs and its replica of the model, as ``DPOTrainer`` expects (one wrapped in
+``DistributedDataParallel`` is trained through its module: the trainer sums the gradients); a
+model the caller sharded with FSDP2 (``sdpo.engine.sharding.shard_model``, or its own
+``fully_shard`` of the layers and the root) trains sharded, while ``train.fsdp`` alone shards
+nothing here (the runner reads it when it loads the model).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdpo.engine import distributed, sharding
 from sdpo.engine.hf import PackedCausalLM, dropout_off, router_aux_loss_coef_for
 from sdpo.engine.packing import TokenizedPair, check_pairs, check_token_ids
 from sdpo.engine.precision import emulated_bf16_warning, resolve_precision
@@ -151,6 +154,8 @@ def run_sdpo(
     TRL's token metrics out of them (``log.token_metrics``, ``DPOTrainer``); ``on_step_end(report, model)``
     runs after each step with M_t in hand."""
     check_grad_mode("run_sdpo")
+    # a DistributedDataParallel wrapper's module: the trainer sums the gradients over ranks
+    model = distributed.unwrap_data_parallel(model, "run_sdpo")
     if not hasattr(model, "lm_head_weight") and callable(getattr(model, "get_decoder", None)):
         model = PackedCausalLM(model)  # a Hugging Face causal LM, trained in place
     if not hasattr(model, "lm_head_weight"):
@@ -159,6 +164,7 @@ def run_sdpo(
             f"Hugging Face causal LM (with get_decoder()); {type(model).__name__} has neither"
         )
     check_trainable(model.hf_model if isinstance(model, PackedCausalLM) else model, "run_sdpo")
+    sharding.check_trainable_sharded(model, "run_sdpo")
     if reference is not None:
         check_reference_table(reference, "run_sdpo")
     # dropout off for the run, as the runner loads a folder (sdpo's decoder has none): the

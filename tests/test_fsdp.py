@@ -10,6 +10,7 @@ import contextlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -595,3 +596,155 @@ def test_a_sharded_model_s_config_names_the_precision_s_dtype_not_its_gathered_o
         assert pretrained_config(model, precision="bf16")["dtype"] == "bfloat16"
     finally:
         dist.destroy_process_group()
+
+
+# -- models the caller sharded or wrapped itself (the embedding API) -------------------------
+def _random_pairs(vocab: int, n: int = 12) -> list:
+    """``n`` pairs of random ids below ``vocab``, over two sources."""
+    from sdpo.engine.packing import TokenizedPair
+
+    g = torch.Generator().manual_seed(5)
+
+    def ids() -> list[int]:
+        length = int(torch.randint(2, 7, (1,), generator=g))
+        return torch.randint(1, vocab, (length,), generator=g).tolist()
+
+    return [
+        TokenizedPair(
+            index=i, prompt_ids=ids(), chosen_ids=ids(), rejected_ids=ids(), source="ab"[i % 2]
+        )
+        for i in range(n)
+    ]
+
+
+def _callers_models() -> dict:
+    """On every rank: the same two-step ``run_sdpo`` on a plain replica, on a model the caller
+    sharded with ``fully_shard`` (FSDP's defaults: gradients averaged) and on one wrapped in
+    DDP; a bf16 ``fit`` on a plain bf16 replica and on one sharded in bf16; and what is
+    refused before any work (a cast of sharded fp32 parameters to bf16, a root left unsharded,
+    a DDP over a sub-group) or at the first forward (a root that reshards after it)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sdpo.engine.model import ModelConfig, init_model
+    from sdpo.losses import LossConfig
+    from sdpo.stepwise import run_sdpo
+    from tests.conftest import TINY_SHAPE
+
+    vocab = 64
+    pairs = _random_pairs(vocab)
+
+    def fresh(dtype=torch.float32):
+        return init_model(ModelConfig(vocab_size=vocab, **TINY_SHAPE), seed=0, dtype=dtype)
+
+    def shard(model, *, root=True, **root_options):
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        if root:
+            fully_shard(model, mesh=mesh, **root_options)
+        return model
+
+    def weights(model) -> dict:
+        return {k: sharding.full_tensor(v.detach()).clone() for k, v in model.state_dict().items()}
+
+    train = TrainConfig(learning_rate=LR, pairs_per_step=3, seed=1, precision="fp32")
+
+    def sdpo_run(model):
+        records: list[dict] = []
+        run_sdpo(
+            model,
+            pairs,
+            steps=2,
+            partition="random",
+            train=train,
+            loss=LossConfig(beta=0.1),
+            kernels_impl="torch",
+            log_hook=records.append,
+        )
+        inner = model.module if isinstance(model, DistributedDataParallel) else model
+        return {"weights": weights(inner), "grad_norms": [r["grad_norm"] for r in records]}
+
+    out: dict = {"plain": sdpo_run(fresh())}
+    sharded = shard(fresh())
+    group = sharded._get_fsdp_state()._fsdp_param_groups[0]
+    out["sharded"] = sdpo_run(sharded)
+    # the caller's model averages its gradients again after the run, as FSDP does by default
+    out["sharded_reduction_after"] = (
+        group.gradient_divide_factor,
+        group.force_sum_reduction_for_comms,
+    )
+    out["ddp"] = sdpo_run(DistributedDataParallel(fresh()))
+
+    ref = score_pairs(fresh(), pairs, max_tokens_per_batch=4096, impl="torch", data_parallel=False)
+    ref = _shifted(ref, len(pairs))
+    bf16 = replace(train, precision="bf16")
+    for name, model in (
+        ("plain_bf16", fresh(torch.bfloat16)),
+        ("sharded_bf16", shard(fresh(torch.bfloat16))),
+    ):
+        result = dpo_trainer(model, bf16).fit(pairs, ref)
+        out[name] = {"weights": weights(model), "grad_norm": result.last_metrics["grad_norm"]}
+
+    def refused(make, call) -> tuple[str, str, bool]:
+        model = make()
+        before = weights(model)
+        try:
+            call(model)
+        except (TypeError, ValueError, RuntimeError) as e:
+            after = weights(model)
+            unchanged = all(torch.equal(before[k], after[k]) for k in before)
+            return type(e).__name__, str(e), unchanged
+        return "", "not refused", False
+
+    out["cast"] = refused(lambda: shard(fresh()), lambda m: dpo_trainer(m, bf16))
+    out["cast_run"] = refused(lambda: shard(fresh()), lambda m: run_sdpo(m, pairs, train=bf16))
+    out["no_root"] = refused(
+        lambda: shard(fresh(), root=False), lambda m: run_sdpo(m, pairs, train=train)
+    )
+    out["root_reshards"] = refused(
+        lambda: shard(fresh(), reshard_after_forward=True),
+        lambda m: run_sdpo(m, pairs, train=train, kernels_impl="torch"),
+    )
+    subgroups = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    out["ddp_subgroup"] = refused(
+        lambda: DistributedDataParallel(fresh(), process_group=subgroups[dist.get_rank()]),
+        lambda m: dpo_trainer(m, train),
+    )
+    return out
+
+
+def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_parallel(tmp_path):
+    """The embedding API on two gloo ranks. A model sharded by the caller with fully_shard
+    (FSDP averages gradients by default; the loss is divided by the global pair count, so
+    they must be summed) and a DDP-wrapped one (trained through its module, so each gradient
+    is summed once) end a two-step run_sdpo where the plain replicas end, with the same
+    gradient norms; the sharded model averages again afterwards. A model sharded in bf16
+    trains in bf16 as a plain bf16 one; fp32 shards are not cast to bf16 (FSDP keeps its
+    shards apart from the Parameters) but refused, as are a root left unsharded and a DDP
+    over a sub-group, before any work, and a root that reshards after its forward."""
+    for got in _spawn(tmp_path, _callers_models):
+        plain = got["plain"]
+        for name in ("sharded", "ddp"):
+            assert got[name]["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-5), name
+            for k, v in plain["weights"].items():
+                torch.testing.assert_close(got[name]["weights"][k], v, rtol=1e-5, atol=1e-6)
+        assert got["sharded_reduction_after"] == (None, False)
+        assert got["sharded_bf16"]["grad_norm"] == pytest.approx(
+            got["plain_bf16"]["grad_norm"], rel=1e-2
+        )
+        for k, v in got["plain_bf16"]["weights"].items():
+            assert got["sharded_bf16"]["weights"][k].dtype == torch.bfloat16
+            torch.testing.assert_close(got["sharded_bf16"]["weights"][k], v)
+        for case, kind, words in (
+            ("cast", "ValueError", "Cast the model to torch.bfloat16 before fully_shard"),
+            ("cast_run", "ValueError", "precision 'fp32' or 'bf16-mixed'"),
+            ("no_root", "ValueError", "shard the root too, fully_shard(model) after its layers"),
+            ("root_reshards", "RuntimeError", "reshard_after_forward=False"),
+            ("ddp_subgroup", "ValueError", "pass the wrapped module (model.module)"),
+        ):
+            error, message, unchanged = got[case]
+            assert (error, unchanged) == (kind, True), (case, message)
+            assert words in message, (case, message)
