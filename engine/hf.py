@@ -31,7 +31,10 @@ The wrapper holds the decoder as ``model`` and the output embedding as ``lm_head
 parameter names are the Hugging Face ones (``model.layers.0.self_attn.q_proj.weight``,
 ``lm_head.weight``) and training it trains the wrapped model's parameters in place: the Hugging
 Face object the caller holds sees every update and saves with ``save_pretrained`` as usual.
-``train()`` and ``eval()`` on the wrapper set the whole Hugging Face object's mode.
+``train()`` and ``eval()`` on the wrapper set the whole Hugging Face object's mode. A model the
+caller sharded with FSDP2 (``fully_shard`` of its layers, then of the model) has the root's
+forward hooks, which gather the embeddings, final norm and lm_head, run around the decoder call
+(``_decoder``), as its own ``forward`` would run them.
 
 The runner's folders (``model.implementation``,
 ``sdpo.engine.checkpoint.resolve_implementation``): ``load_hf_pretrained`` loads a model sdpo's
@@ -287,6 +290,23 @@ class PackedCausalLM(nn.Module):
     def lm_head_weight(self) -> Tensor:
         return self.lm_head.weight
 
+    def _decoder(self, **inputs: Any) -> Any:
+        """The decoder's forward, as the Hugging Face model's own forward runs it. A model the
+        caller sharded with FSDP2 (``fully_shard`` of its layers, then of the model) gathers
+        the root's parameters (embeddings, final norm, lm_head) in the root's forward hooks,
+        which its own ``forward`` runs and the decoder alone would not (the embedding would
+        meet its shard): they run around the decoder here, as torch's
+        ``register_fsdp_forward_method`` runs them around a method, and the root keeps
+        lm_head gathered for the head after it (a root's default)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        root = self.hf_model
+        if not isinstance(root, FSDPModule):
+            return self.model(**inputs)
+        state = root._get_fsdp_state()
+        args, inputs = state._pre_forward(root, (), inputs)
+        return state._post_forward(root, args, self.model(*args, **inputs))
+
     @property
     def hf_model(self) -> nn.Module:
         """The wrapped Hugging Face object (its parameters are the wrapper's)."""
@@ -436,7 +456,7 @@ class PackedCausalLM(nn.Module):
         mask = torch.zeros(num_seqs, width, dtype=torch.long, device=device)
         mask[row, col] = 1
         extra = {"output_router_logits": True} if router is not None else {}
-        out = self.model(
+        out = self._decoder(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra
         )
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

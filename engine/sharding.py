@@ -69,10 +69,14 @@ def wanted(fsdp: bool) -> bool:
 
 
 def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The FSDP2 modules (``fully_shard``) in ``model``, itself included, outermost first."""
+    """The FSDP2 modules (``fully_shard``) in ``model``, itself included, outermost first; for a
+    ``PackedCausalLM``, those of the Hugging Face model it wraps (kept out of its module tree),
+    whose root holds the embeddings and lm_head."""
     from torch.distributed.fsdp import FSDPModule
 
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    wrapped = getattr(model, "hf_model", None)
+    tree = wrapped if isinstance(wrapped, torch.nn.Module) else model
+    return [m for m in tree.modules() if isinstance(m, FSDPModule)]
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
