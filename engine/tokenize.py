@@ -94,6 +94,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import shlex
 from collections.abc import Iterator, Sequence
@@ -1185,15 +1186,25 @@ def _legacy_added_tokens(
     path = folder / ADDED_TOKENS_FILE
     if not path.is_file():
         return []
-    entries: dict[Any, str] = {}
+    # transformers reads the ids only to order the tokens (Python's sort): any number does,
+    # 5.0 and 5 alike (one key), 5.5 and Infinity in their places among the others
+    entries: dict[float, str] = {}
     for token, index in _read_json(path).items():
-        if isinstance(index, float) and index.is_integer():
-            index = int(index)
-        if not isinstance(index, int):
+        if not isinstance(index, (int, float)):
             raise ValueError(
-                f"{path}: the id of {token!r} is {json.dumps(index)[:80]}, not an integer "
-                "(transformers fails to load a tokenizer from this folder too); write the "
-                "token's id as a number, or remove the entry"
+                f"{path}: the id of {token!r} is {json.dumps(index)[:80]}, not a number; "
+                "transformers orders this file's tokens by their ids, and fails on one it "
+                "cannot compare with the others' (or orders ids that are all text as text). "
+                "Write the token's id as an integer (the id the model's embeddings hold it "
+                "at), or remove the entry"
+            )
+        if math.isnan(index):
+            raise ValueError(
+                f"{path}: the id of {token!r} is NaN, which has no place among the others: "
+                "transformers adds this file's tokens in the order of their ids, and with NaN "
+                "that order is whatever its sort makes of the file's order. Write the token's "
+                "id as an integer (the id the model's embeddings hold it at), or remove the "
+                "entry"
             )
         entries[index] = token  # a later token with the same id replaces an earlier one
     for index in tokenizer.get_added_tokens_decoder():

@@ -1583,3 +1583,33 @@ def test_added_tokens_json_is_read_as_transformers_reads_it(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"added_tokens.json: the id of '<tool>' is \"\d+\""):
         PairTokenizer.from_dir(folder)
+
+
+def test_added_tokens_json_ids_order_its_tokens_as_numbers_do_in_transformers(tmp_path):
+    """transformers reads added_tokens.json's ids only to order the file's tokens: any number
+    does (7.5 between 7 and 8, Infinity last, a negative one first; 1.0 is 1, the id of
+    tokenizer.json's "<s>", so its token is dropped), and sdpo adds them in that order too.
+    An id that is NaN (no place in that order) or not a number is refused, naming the file, the
+    token and what to write instead."""
+    transformers = pytest.importorskip("transformers")
+    folder = sentencepiece_like(tmp_path / "sp")
+    size = PairTokenizer.from_dir(folder).vocab_size
+    added = {"<last>": float("inf"), "<mid>": size + 0.5, "<first>": -2, "<b>": size + 1.0}
+    (folder / "added_tokens.json").write_text(json.dumps({**added, "<lost>": 1.0}))
+    texts = ["hi <mid> there<last>", "<b><first> <lost>"]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    ours = PairTokenizer.from_dir(folder)
+    ids = ours.tokenizer.token_to_id
+    assert [ids(t) for t in ("<first>", "<mid>", "<b>", "<last>")] == list(range(size, size + 4))
+    assert ids("<lost>") is None and ours.vocab_size == len(theirs) == size + 4
+    assert ours.encode_texts(texts) == [theirs.encode(t, add_special_tokens=False) for t in texts]
+    for value, shown in ((float("nan"), "NaN, which has no place"), ("7", '"7", not a number')):
+        (folder / "added_tokens.json").write_text(json.dumps({**added, "<mid>": value}))
+        with pytest.raises(ValueError) as info:
+            PairTokenizer.from_dir(folder)
+        message = str(info.value)
+        assert message.startswith(f"{folder / 'added_tokens.json'}: the id of '<mid>' is {shown}")
+        assert message.endswith(
+            "Write the token's id as an integer (the id the model's "
+            "embeddings hold it at), or remove the entry"
+        )
