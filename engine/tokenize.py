@@ -36,7 +36,9 @@ where it differs from ``tokenizer.json``'s token, as transformers re-adds it. Wh
 ``tokenizer_config.json`` has no ``added_tokens_decoder`` (folders saved by older releases),
 the tokens ``added_tokens.json`` names are added before them, as transformers adds them
 (``_legacy_added_tokens``): the tokenizer's own, with the next free ids where the vocabulary
-lacks them, counted in its vocabulary size. One the vocabulary lacks (a named one, one listed in ``extra_special_tokens``/``additional_special_tokens`` or in
+lacks them, counted in its vocabulary size. Two normalised added tokens that the normaliser
+makes one text are refused (``_check_normalized_added_tokens``): the tokenizers library reads
+that text as either, which one changing from one process to the next. One the vocabulary lacks (a named one, one listed in ``extra_special_tokens``/``additional_special_tokens`` or in
 ``added_tokens_decoder``, a class's default, CodeLlama's infilling tokens, XGLM's
 "<madeupwordN>") gets a new id there, past the model's embeddings, as in transformers: a text
 that holds it (split at it exactly as transformers splits it) is an error naming the text
@@ -613,6 +615,7 @@ class PairTokenizer:
             tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # the Rust side raises a plain Exception
             raise ValueError(f"{path}: not a valid tokenizer.json ({exc}); re-save it") from exc
+        file_added = [t.content for t in tokenizer.get_added_tokens_decoder().values()]
         config_path = folder / "tokenizer_config.json"
         own_config = _read_json(config_path) if config_path.is_file() else {}
         config, sources = _special_token_config(folder, own_config)
@@ -663,6 +666,15 @@ class PairTokenizer:
             # its __init__ ends by adding every special token (the named ones and those listed)
             # again as a plain special token: their AddedToken options are dropped
             tokenizer.add_tokens([_added_token(t) for t in _special_tokens(config)])
+        _check_normalized_added_tokens(
+            tokenizer,
+            folder=folder,
+            where={
+                **dict.fromkeys(file_added, "tokenizer.json's added tokens"),
+                **{t: where for t, (where, _) in named.items()},
+                **dict.fromkeys((t for t, _ in legacy), ADDED_TOKENS_FILE),
+            },
+        )
 
         eos = _token_content(config.get("eos_token"))
         if eos is None:  # TRL could not end a plain completion: config.json's EOS instead
@@ -1142,6 +1154,38 @@ def _drop_unlisted_added_tokens(tokenizer: Tokenizer, config: dict) -> Tokenizer
     state = json.loads(tokenizer.to_str())
     state["added_tokens"] = [t for t in state["added_tokens"] if t.get("content") in keep]
     return Tokenizer.from_str(json.dumps(state))
+
+
+def _check_normalized_added_tokens(
+    tokenizer: Tokenizer, *, folder: Path, where: dict[str, str]
+) -> None:
+    """Refuse two normalised added tokens that ``tokenizer``'s normaliser makes the same text
+    ("<extra>" and "<EXTRA>" under a lower-casing one, as OpenAI GPT's class has): the
+    ``tokenizers`` library then reads that text as one or the other, which one changing from
+    one process to the next (transformers' ids for the folder with it), so no ids here could
+    be transformers'. ``where``: token -> the file (or setting) that adds it."""
+    if tokenizer.normalizer is None:
+        return  # two added tokens differ in their text
+    first: dict[str, tuple[int, str]] = {}
+    for token_id, token in sorted(tokenizer.get_added_tokens_decoder().items()):
+        if not token.normalized:
+            continue  # matched on the raw text, before normalising
+        text = tokenizer.normalizer.normalize_str(token.content)
+        if not text:
+            continue  # matches nowhere
+        other_id, other = first.setdefault(text, (token_id, token.content))
+        if other_id == token_id:
+            continue
+        places = {where.get(t, "tokenizer.json's added tokens") for t in (other, token.content)}
+        place = " and ".join(sorted(places))
+        raise ValueError(
+            f"{folder}: the added tokens {other!r} (id {other_id}) and {token.content!r} (id "
+            f"{token_id}), of {place}, are one text, {text!r}, once the tokenizer's normaliser "
+            "has read them: transformers reads that text as one or the other, which one "
+            "changing from one load of the folder to the next, so their ids cannot be matched. "
+            f"Rename one of them in {place}, keeping its id, so that the two differ after "
+            "normalising"
+        )
 
 
 def _added_token(value: Any) -> Any:

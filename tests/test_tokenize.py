@@ -1613,3 +1613,50 @@ def test_added_tokens_json_ids_order_its_tokens_as_numbers_do_in_transformers(tm
             "Write the token's id as an integer (the id the model's "
             "embeddings hold it at), or remove the entry"
         )
+
+
+def test_added_tokens_one_text_after_the_normaliser_are_refused_naming_them(tmp_path):
+    """Two normalised added tokens that the tokenizer's normaliser makes one text ("<extra>" and
+    "<EXTRA>" of added_tokens.json under a lower-casing one, as OpenAI GPT's class has): the
+    tokenizers library reads that text as either, which one changing from one process to the
+    next, and so do transformers' ids. The folder is refused, naming both tokens and where
+    they are added; with one of them named as a special token (read on the raw text, before
+    the normaliser) it is read as transformers reads it."""
+    from tokenizers import normalizers
+
+    transformers = pytest.importorskip("transformers")
+    folder = sentencepiece_like(tmp_path / "sp")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.normalizer = normalizers.Sequence([normalizers.Lowercase(), tok.normalizer])
+    tok.save(str(folder / "tokenizer.json"))
+    size = PairTokenizer.from_dir(folder).vocab_size
+    added = {"<extra>": size, "<tool>": size + 1, "<EXTRA>": size + 2}
+    (folder / "added_tokens.json").write_text(json.dumps(added))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": "<EXTRA>"}))
+    texts = ["hi <extra> there<EXTRA> <tool>", "<Extra><EXTRA>"]
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    ours = PairTokenizer.from_dir(folder)
+    assert ours.encode_texts(texts) == [theirs.encode(t, add_special_tokens=False) for t in texts]
+    assert ours.encode_texts(texts[1:]) == [[size, size + 2]]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as info:
+        PairTokenizer.from_dir(folder)
+    assert str(info.value).startswith(
+        f"{folder}: the added tokens '<extra>' (id {size}) and '<EXTRA>' (id {size + 2}), of "
+        "added_tokens.json, are one text, '▁<extra>', once the tokenizer's normaliser has read "
+        "them"
+    )
+    assert str(info.value).endswith(
+        "Rename one of them in added_tokens.json, keeping its id, so that the two differ after "
+        "normalising"
+    )
+    tok.add_tokens([AddedToken("<Extra>", normalized=True)])  # one of tokenizer.json's own
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "added_tokens.json").write_text(json.dumps({"<EXTRA>": size + 1}))
+    with pytest.raises(
+        ValueError,
+        match=r"'<Extra>' \(id \d+\) and '<EXTRA>' \(id \d+\), of "
+        "added_tokens.json and tokenizer.json's added tokens, are one text",
+    ):
+        PairTokenizer.from_dir(folder)
