@@ -199,7 +199,8 @@ from sdpo.tracking import (
 # AutoTokenizer and AutoProcessor, sdpo) with the input model's tokenizer, chat templates and
 # processor. added_tokens.json: where tokenizer_config.json has no added_tokens_decoder (folders
 # saved before it existed), AutoTokenizer adds the tokens it names. The processor files are those
-# AutoProcessor reads besides the tokenizer's (a multimodal model's image, video and audio ones)
+# AutoProcessor reads besides the tokenizer's (a multimodal model's image, video and audio ones);
+# the subfolders of a processor's other tokenizers are copied too (processor_tokenizer_folders)
 PROCESSING_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -2735,8 +2736,28 @@ def lora_seed(seed: int, t: int) -> int:
 
 def processing_files(model_dir: Path) -> list[Path]:
     """The tokenizer, chat template and processor files (``PROCESSING_FILES``) a model folder
-    has, copied into every saved checkpoint."""
-    return [model_dir / name for name in PROCESSING_FILES if (model_dir / name).exists()]
+    has, and the folders of its processor's other tokenizers (``processor_tokenizer_folders``),
+    copied into every saved checkpoint."""
+    files = [model_dir / name for name in PROCESSING_FILES if (model_dir / name).exists()]
+    return files + processor_tokenizer_folders(model_dir)
+
+
+def processor_tokenizer_folders(model_dir: Path) -> list[Path]:
+    """The subfolders of ``model_dir`` that hold a tokenizer of its processor besides the
+    model's own. transformers' ``AutoProcessor`` loads each tokenizer a processor takes besides
+    ``tokenizer`` (an argument whose name holds "tokenizer": InstructBLIP's
+    ``qformer_tokenizer``, Evolla's ``protein_tokenizer``, ...) from the subfolder of that name
+    (``AutoTokenizer.from_pretrained(subfolder=...)``), and where the subfolder is missing takes
+    the model's own tokenizer instead, with a warning only. So every subfolder whose name holds
+    "tokenizer" and that holds ``AutoTokenizer``'s files (``tokenizer_config.json`` or
+    ``tokenizer.json``) is copied whole."""
+    return [
+        folder
+        for folder in sorted(model_dir.iterdir())
+        if folder.is_dir()
+        and "tokenizer" in folder.name
+        and any((folder / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json"))
+    ]
 
 
 def _train_config(cfg: RunConfig, precision: str) -> TrainConfig:

@@ -21,7 +21,7 @@ from sdpo.config import ConfigError, config_from_dict
 from sdpo.engine.checkpoint import load_pretrained
 from sdpo.engine.data import read_preference_file
 from sdpo.engine.scoring import score_pairs
-from sdpo.engine.tiny import write_tiny_model
+from sdpo.engine.tiny import build_tokenizer, write_tiny_model
 from sdpo.engine.tokenize import PairTokenizer, tokenize_pairs
 from sdpo.engine.trainer import DPOTrainer
 from sdpo.runner import OutputDirError, run_training
@@ -623,11 +623,13 @@ def test_step_checkpoints_carry_the_model_s_template_and_processor_files(tmp_pat
     # whose tokens AutoTokenizer adds
     added = PairTokenizer.from_dir(model).vocab_size
     (model / "added_tokens.json").write_text(json.dumps({"<tool>": added}))
-    # a multimodal model's processor: AutoProcessor reads it beside the tokenizer
-    image = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 8}}
+    # a multimodal model's processor: AutoProcessor reads it beside the tokenizer, and its
+    # other tokenizer from the subfolder named after it (the model's own where that is missing)
+    image = {"image_processor_type": "BlipImageProcessor", "size": {"height": 8, "width": 8}}
     (model / "preprocessor_config.json").write_text(json.dumps(image))
-    processor = {"processor_class": "LlavaProcessor", "patch_size": 4, "image_token": WORDS[1]}
+    processor = {"processor_class": "InstructBlipProcessor", "num_query_tokens": 2}
     (model / "processor_config.json").write_text(json.dumps(processor))
+    build_tokenizer(model / "qformer_tokenizer", words=["zebra", "yak", *WORDS[:2]])
     cfg = config_from_dict(two_source_config(tmp_path, model, far=4, near=4, sdpo={"steps": 1}))
     run_training(cfg, progress=False)
     step = Path(cfg.output_dir) / "step-1"
@@ -638,6 +640,8 @@ def test_step_checkpoints_carry_the_model_s_template_and_processor_files(tmp_pat
         "added_tokens.json",
         "preprocessor_config.json",
         "processor_config.json",
+        "qformer_tokenizer/tokenizer.json",
+        "qformer_tokenizer/tokenizer_config.json",
     ):
         assert (step / name).read_bytes() == (model / name).read_bytes(), name
     ours = PairTokenizer.from_dir(step)
@@ -651,8 +655,11 @@ def test_step_checkpoints_carry_the_model_s_template_and_processor_files(tmp_pat
     for folder in (model, step):  # AutoProcessor refuses it beside chat_template.jinja
         (folder / "chat_template.json").unlink()
     processors = [transformers.AutoProcessor.from_pretrained(str(d)) for d in (model, step)]
-    assert type(processors[1]).__name__ == "LlavaProcessor"
+    assert type(processors[1]).__name__ == "InstructBlipProcessor"
     assert processors[1].to_dict() == processors[0].to_dict()
+    text = f"zebra yak {WORDS[0]}"
+    assert [p.qformer_tokenizer(text).input_ids for p in processors] == [[1, 8, 9, 10]] * 2
+    assert [p.tokenizer(text).input_ids for p in processors] == [theirs[0](text).input_ids] * 2
 
 
 def test_a_stop_in_a_later_sdpo_step_names_the_run_step_of_its_checkpoint(
