@@ -5,9 +5,11 @@ A model value is a local folder when it exists, starts with ``.``, ``~`` or ``/`
 shaped like a hub id (``namespace/name``); anything else is a hub model id. A hub model is
 fetched with ``huggingface_hub.snapshot_download`` into the user's hub cache (``HF_HOME`` /
 ``HF_HUB_CACHE``; ``HF_TOKEN`` for gated models; with ``HF_HUB_OFFLINE=1`` the cache alone is
-read) and its snapshot folder is used like a local one. Only what sdpo reads is fetched: the
-top-level JSON files (config, tokenizer, generation config, safetensors index), the safetensors
-weights, a chat template file and the named templates of ``additional_chat_templates/``. Other
+read) and its snapshot folder is used like a local one. Only what sdpo reads or copies into its
+checkpoints is fetched: the top-level JSON files (config, tokenizer, generation config,
+safetensors index), the safetensors weights, a chat template file, the named templates of
+``additional_chat_templates/`` and, without weights, the subfolders of a processor's other
+tokenizers (``qformer_tokenizer/``, ...: ``sdpo.runner.processor_tokenizer_folders``). Other
 weight formats (``*.bin``, ``*.pth``) and other subfolders (``original/``, ``onnx/``) are
 skipped.
 
@@ -36,11 +38,16 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # The files a model folder needs here (engine.checkpoint, engine.tokenize), at the top level.
 MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.jinja")
 # What each snapshot_download call fetches, as (allow_patterns, ignore_patterns): the top-level
-# files (no original/*.pth, no onnx/), then the one subfolder read here, the named chat templates
-# (additional_chat_templates/tool_use.jinja, ...), which "*/*" would also exclude.
+# files (no original/*.pth, no onnx/), then the subfolders "*/*" would also exclude: the named
+# chat templates (additional_chat_templates/tool_use.jinja, ...) and a processor's other
+# tokenizers, each in a folder named after it (qformer_tokenizer/, ...), without weights
 HUB_FETCHES: tuple[tuple[list[str], list[str] | None], ...] = (
     (list(MODEL_FILE_PATTERNS), ["*/*"]),
     (["additional_chat_templates/*.jinja"], None),
+    (
+        ["*tokenizer*/*"],
+        ["*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx"],
+    ),
 )
 
 

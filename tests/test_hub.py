@@ -259,7 +259,8 @@ def test_under_torchrun_rank_0_fetches_and_every_rank_gets_its_folder_or_its_err
 
 def test_the_fetches_take_the_files_sdpo_reads_and_the_named_chat_templates():
     """huggingface_hub's own filter over a model repository's listing, with the patterns of each
-    fetch: top-level weights, JSON and templates, and additional_chat_templates/, nothing else."""
+    fetch: top-level weights, JSON and templates, additional_chat_templates/ and the folders of a
+    processor's other tokenizers without weights, nothing else."""
     from huggingface_hub.utils import filter_repo_objects
 
     listing = [
@@ -272,13 +273,17 @@ def test_the_fetches_take_the_files_sdpo_reads_and_the_named_chat_templates():
         "chat_template.jinja",
         "additional_chat_templates/tool_use.jinja",
         "additional_chat_templates/rag.jinja",
+        "qformer_tokenizer/tokenizer_config.json",
+        "qformer_tokenizer/vocab.txt",
         "pytorch_model.bin",
         "original/consolidated.00.pth",
         "original/params.json",
+        "original/tokenizer.model",
         "onnx/model.safetensors",
+        "audio_tokenizer/model.safetensors",
         "README.md",
     ]
     fetched = set()
     for allow, ignore in HUB_FETCHES:
         fetched |= set(filter_repo_objects(listing, allow_patterns=allow, ignore_patterns=ignore))
-    assert fetched == set(listing[:9])
+    assert fetched == set(listing[:11])
