@@ -639,6 +639,8 @@ class PairTokenizer:
                 "as it is too)"
             )
         _check_special_token_values(folder, config, sources, tokenizer)
+        if "added_tokens_decoder" in own_config:
+            _check_added_tokens_decoder(config_path, own_config["added_tokens_decoder"])
         legacy = (
             []
             if "added_tokens_decoder" in own_config
@@ -1133,6 +1135,57 @@ def _registered_tokens(
     return out
 
 
+# the options of an AddedToken: true or false (tokenizers fails on any other value)
+ADDED_TOKEN_OPTIONS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+def _check_added_tokens_decoder(path: Path, decoder: Any) -> None:
+    """Refuse a ``tokenizer_config.json`` ``added_tokens_decoder`` that transformers fails to
+    load, which makes each entry an ``AddedToken`` under ``int(key)``: not an object, a key
+    Python's ``int`` does not read ("5.0", "x"), an entry that is not an object, or one whose
+    ``content`` is not a string or whose option (``lstrip``, ...) is not true or false."""
+    where = f"{path}: added_tokens_decoder"
+    example = '{"32000": {"content": "<tool>", "special": true}}'
+    if not isinstance(decoder, dict):
+        raise ValueError(
+            f"{where} is {json.dumps(decoder)[:80]}, not an object of id -> token "
+            f"(transformers fails to load a tokenizer from this folder too); write it as "
+            f"{example}, as transformers saves it"
+        )
+    for key, value in decoder.items():
+        try:
+            int(key)
+        except ValueError:
+            raise ValueError(
+                f"{where}: the key {key!r} is not an integer id (transformers fails to load a "
+                f"tokenizer from this folder too); write the token's id, as in {example}"
+            ) from None
+        if not isinstance(value, dict):
+            problem = "not an object"
+        elif not isinstance(value.get("content"), (str, type(None))):
+            problem = "its content is not a string"
+        else:
+            wrong = [k for k in ADDED_TOKEN_OPTIONS if not isinstance(value.get(k, False), bool)]
+            problem = f"its {wrong[0]} is neither true nor false" if wrong else None
+        if problem is not None:
+            raise ValueError(
+                f"{where}: entry {key} is {json.dumps(value)[:120]}, {problem} (transformers "
+                f"fails to load a tokenizer from this folder too); write each entry as in "
+                f"{example}"
+            )
+
+
+def _decoder_entries(config: dict) -> list[dict]:
+    """The entries of ``config``'s ``added_tokens_decoder`` (checked by
+    ``_check_added_tokens_decoder``) as transformers reads them: in the order of their ids
+    (``int(key)``), one of two keys that are the same id ("7" and "07") replacing the other."""
+    decoder = config.get("added_tokens_decoder")
+    if not isinstance(decoder, dict):
+        return []
+    by_id = {int(key): value for key, value in decoder.items()}
+    return [by_id[i] for i in sorted(by_id)]
+
+
 def _drop_unlisted_added_tokens(tokenizer: Tokenizer, config: dict) -> Tokenizer:
     """``tokenizer`` without the added tokens of ``tokenizer.json`` that a
     ``tokenizer_config.json`` with ``added_tokens_decoder`` neither lists there nor names as a
@@ -1141,10 +1194,9 @@ def _drop_unlisted_added_tokens(tokenizer: Tokenizer, config: dict) -> Tokenizer
     missing), so their text is split like any other there; a named one that the model's
     vocabulary has is dropped too, to be added again with its named options, as transformers
     adds it. Saved folders list every added token; a hand-edited one may not."""
-    decoder = config.get("added_tokens_decoder")
-    if not isinstance(decoder, dict):
+    if not isinstance(config.get("added_tokens_decoder"), dict):
         return tokenizer
-    keep = {v.get("content") for v in decoder.values() if isinstance(v, dict)}
+    keep = {v.get("content") for v in _decoder_entries(config)}
     # a named special token the model's vocabulary has is added again with its own options
     # (``_add_registered_tokens``), as transformers adds it, not with the file's
     named = {_token_content(v) for v in _named_tokens(config)}
@@ -1196,11 +1248,7 @@ def _added_token(value: Any) -> Any:
 
     if isinstance(value, str):
         return AddedToken(value, special=True)
-    options = {
-        k: bool(value[k])
-        for k in ("single_word", "lstrip", "rstrip", "normalized", "special")
-        if k in value
-    }
+    options = {k: bool(value[k]) for k in ADDED_TOKEN_OPTIONS if k in value}
     return AddedToken(value["content"], **options)
 
 
@@ -1282,18 +1330,8 @@ def _registered_added_tokens(tokenizer: Tokenizer, config: dict, cls: str | None
     ``added_tokens_decoder`` entry is not read: the token keeps its vocabulary id, and one the
     vocabulary lacks gets the next free id, past the model's embeddings."""
     have = {repr(t) for t in tokenizer.get_added_tokens_decoder().values()}
-    decoder = config.get("added_tokens_decoder")
-    entries = sorted(
-        (
-            (int(key), value)
-            for key, value in (decoder.items() if isinstance(decoder, dict) else ())
-            if str(key).lstrip("-").isdigit()
-            and isinstance(value, dict)
-            and isinstance(value.get("content"), str)
-        ),
-        key=lambda entry: entry[0],
-    )
-    tokens = [t for t in (_added_token(v) for _, v in entries) if repr(t) not in have]
+    entries = [v for v in _decoder_entries(config) if isinstance(v.get("content"), str)]
+    tokens = [t for t in map(_added_token, entries) if repr(t) not in have]
     contents = {t.content for t in tokenizer.get_added_tokens_decoder().values()}
     contents |= {t.content for t in tokens}
     own = list(class_registered_tokens(config, cls).values())

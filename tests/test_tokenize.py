@@ -1660,3 +1660,42 @@ def test_added_tokens_one_text_after_the_normaliser_are_refused_naming_them(tmp_
         "added_tokens.json and tokenizer.json's added tokens, are one text",
     ):
         PairTokenizer.from_dir(folder)
+
+
+def test_added_tokens_decoder_is_read_or_refused_as_transformers_reads_it(tmp_path):
+    """transformers makes each entry of added_tokens_decoder an AddedToken under int(key): keys
+    Python's int reads (" 70", "+70", "7_0") are ids, so their entries are added tokens here too;
+    where it fails (a key such as "5.0", an entry or a whole decoder that is not an object, a
+    content that is not a string, an option that is not true or false) sdpo refuses the folder,
+    naming the file and the entry, where it used to pass over the entry."""
+    transformers = pytest.importorskip("transformers")
+    folder = sentencepiece_like(tmp_path / "sp")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    text = "hi there <s>here"
+
+    def with_decoder(decoder) -> None:
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({**config, "added_tokens_decoder": decoder})
+        )
+
+    for key in (" 70", "+70", "7_0"):
+        with_decoder({key: {"content": "here", "special": True}})
+        theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+        ours = PairTokenizer.from_dir(folder)
+        assert ours.encode_texts([text]) == [theirs.encode(text, add_special_tokens=False)]
+        assert ours.encode_texts(["here"])[0] == [ours.tokenizer.token_to_id("here")]
+    for decoder, problem in (
+        ({"5.0": {"content": "here"}}, "the key '5.0' is not an integer id"),
+        ({"70": "here"}, 'entry 70 is "here", not an object'),
+        ({"70": {"content": 5}}, 'entry 70 is {"content": 5}, its content is not a string'),
+        ({"70": {"content": "here", "lstrip": 1}}, "its lstrip is neither true nor false"),
+        (["here"], 'added_tokens_decoder is ["here"], not an object of id -> token'),
+    ):
+        with_decoder(decoder)
+        with pytest.raises(Exception):  # noqa: B017 (transformers' own error types vary)
+            transformers.AutoTokenizer.from_pretrained(str(folder))
+        with pytest.raises(ValueError) as info:
+            PairTokenizer.from_dir(folder)
+        assert str(info.value).startswith(f"{folder / 'tokenizer_config.json'}: added_tokens_")
+        assert problem in str(info.value)
+        assert "(transformers fails to load a tokenizer from this folder too)" in str(info.value)
