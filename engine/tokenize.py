@@ -638,6 +638,7 @@ class PairTokenizer:
                 f'"PreTrainedTokenizerFast" in {config_path} (transformers then reads the file '
                 "as it is too)"
             )
+        _check_added_token_objects(folder, own_config)
         _check_special_token_values(folder, config, sources, tokenizer)
         if "added_tokens_decoder" in own_config:
             _check_added_tokens_decoder(config_path, own_config["added_tokens_decoder"])
@@ -1160,18 +1161,77 @@ def _check_added_tokens_decoder(path: Path, decoder: Any) -> None:
                 f"{where}: the key {key!r} is not an integer id (transformers fails to load a "
                 f"tokenizer from this folder too); write the token's id, as in {example}"
             ) from None
-        if not isinstance(value, dict):
-            problem = "not an object"
-        elif not isinstance(value.get("content"), (str, type(None))):
-            problem = "its content is not a string"
-        else:
-            wrong = [k for k in ADDED_TOKEN_OPTIONS if not isinstance(value.get(k, False), bool)]
-            problem = f"its {wrong[0]} is neither true nor false" if wrong else None
+        problem = _added_token_problem(value) if isinstance(value, dict) else "not an object"
         if problem is not None:
             raise ValueError(
                 f"{where}: entry {key} is {json.dumps(value)[:120]}, {problem} (transformers "
                 f"fails to load a tokenizer from this folder too); write each entry as in "
                 f"{example}"
+            )
+
+
+def _added_token_problem(value: dict, options: Sequence[str] = ADDED_TOKEN_OPTIONS) -> str | None:
+    """Why ``tokenizers.AddedToken(**value)`` fails, or None: a ``content`` that is neither a
+    string nor null, or one of ``options`` (those it is given) that is neither true nor false.
+    Other keys it passes over."""
+    if not isinstance(value.get("content"), (str, type(None))):
+        return "its content is not a string"
+    wrong = [k for k in options if not isinstance(value.get(k, False), bool)]
+    return f"its {wrong[0]} is neither true nor false" if wrong else None
+
+
+def _typed_added_tokens(value: Any, where: str) -> Iterator[tuple[str, dict]]:
+    """Every object marked ``"__type": "AddedToken"`` in ``value``, at any depth, with where it
+    is (``where``, then ``.key`` and ``[index]``): transformers makes each an AddedToken on
+    reading ``tokenizer_config.json`` (``convert_added_tokens``)."""
+    if isinstance(value, dict) and value.get("__type") == "AddedToken":
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _typed_added_tokens(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _typed_added_tokens(item, f"{where}[{i}]")
+
+
+def _check_added_token_objects(folder: Path, config: dict) -> None:
+    """Refuse a folder whose special tokens written as objects transformers fails to make
+    AddedTokens of (``_added_token_problem``: a content that is not a string, an option
+    neither true nor false): in ``tokenizer_config.json`` (``config``) every object marked
+    ``"__type": "AddedToken"`` (``added_tokens_decoder`` aside:
+    ``_check_added_tokens_decoder``); in ``special_tokens_map.json``, where transformers reads
+    it (no ``added_tokens_decoder``), every object it holds by a key (its ``special`` replaced)
+    and every object listed under ``extra_special_tokens``, and any marked one within."""
+    found = [
+        (TOKENIZER_CONFIG_FILE, where, value, ADDED_TOKEN_OPTIONS)
+        for key, item in config.items()
+        if key != "added_tokens_decoder"
+        for where, value in _typed_added_tokens(item, key)
+    ]
+    path = folder / SPECIAL_TOKENS_MAP_FILE
+    token_map = _read_json(path) if path.is_file() and "added_tokens_decoder" not in config else {}
+    not_special = tuple(k for k in ADDED_TOKEN_OPTIONS if k != "special")
+    for key, item in token_map.items():
+        if isinstance(item, dict) and key != "extra_special_tokens":
+            found.append((SPECIAL_TOKENS_MAP_FILE, key, item, not_special))
+        elif key == "extra_special_tokens" and isinstance(item, list):
+            found += [
+                (SPECIAL_TOKENS_MAP_FILE, f"{key}[{i}]", value, ADDED_TOKEN_OPTIONS)
+                for i, value in enumerate(item)
+                if isinstance(value, dict)
+            ]
+        else:
+            found += [
+                (SPECIAL_TOKENS_MAP_FILE, where, value, ADDED_TOKEN_OPTIONS)
+                for where, value in _typed_added_tokens(item, key)
+            ]
+    for file, where, value, options in found:
+        problem = _added_token_problem(value, options)
+        if problem is not None:
+            raise ValueError(
+                f"{folder / file}: {where} is {json.dumps(value)[:120]}, {problem} "
+                "(transformers fails to load a tokenizer from this folder too); write the "
+                'token as "content": "<token>" and each option as true or false'
             )
 
 

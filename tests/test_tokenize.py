@@ -1699,3 +1699,49 @@ def test_added_tokens_decoder_is_read_or_refused_as_transformers_reads_it(tmp_pa
         assert str(info.value).startswith(f"{folder / 'tokenizer_config.json'}: added_tokens_")
         assert problem in str(info.value)
         assert "(transformers fails to load a tokenizer from this folder too)" in str(info.value)
+
+
+def test_special_tokens_written_as_objects_transformers_fails_on_are_refused(tmp_path):
+    """transformers makes an AddedToken of each object marked "__type": "AddedToken" in
+    tokenizer_config.json (at any depth), and of each object special_tokens_map.json holds by a
+    key or lists under extra_special_tokens: a content that is not a string, or an option that
+    is neither true nor false, fails there (the map's "special" aside, which it replaces), so
+    sdpo refuses the folder, naming the file and the token's place, where it used to load."""
+    transformers = pytest.importorskip("transformers")
+    folder = sentencepiece_like(tmp_path / "sp")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    typed = {"__type": "AddedToken", "content": "here"}
+    cases = [
+        ({"eos_token": {**typed, "content": "</s>", "lstrip": "yes"}}, None, "eos_token"),
+        (
+            {"extra_special_tokens": {"image_token": {**typed, "special": 1}}},
+            None,
+            "extra_special_tokens.image_token",
+        ),
+        ({}, {"pad_token": {"content": 5}}, "pad_token"),
+        (
+            {},
+            {"extra_special_tokens": [{"content": "here", "rstrip": None}]},
+            "extra_special_tokens[0]",
+        ),
+    ]
+    for own, token_map, where in cases:
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, **own}))
+        (folder / "special_tokens_map.json").write_text(json.dumps(token_map or {}))
+        with pytest.raises(TypeError):
+            transformers.AutoTokenizer.from_pretrained(str(folder))
+        with pytest.raises(ValueError) as info:
+            PairTokenizer.from_dir(folder)
+        file = "special_tokens_map.json" if token_map else "tokenizer_config.json"
+        assert str(info.value).startswith(f"{folder / file}: {where}")
+        assert "(transformers fails to load a tokenizer from this folder too)" in str(info.value)
+    # the map's "special" is replaced: any value loads
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"pad_token": {"content": "here", "special": 1}})
+    )
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    text = "hi there here"
+    assert PairTokenizer.from_dir(folder).encode_texts([text]) == [
+        theirs.encode(text, add_special_tokens=False)
+    ]
