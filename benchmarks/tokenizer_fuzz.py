@@ -76,9 +76,9 @@ the map's additional_special_tokens that transformers drops) and an XGLM-class f
 
 With added_tokens.json drawn (``write_added_tokens_json``: in 901 of seeds 0-2999, read by
 transformers in 456), seeds 0-2999 mismatch in 21 cases: the 20 below and one of two
-normalised added tokens made one text (629, refused since). Before sdpo read the file as transformers does, 211 did (a token it names was text,
-or, named as a special token, outside the vocabulary); the labels of the other seeds are
-unchanged.
+normalised added tokens made one text (629, refused since). Before sdpo read the file as
+transformers does, 211 did (a token it names was text, or, named as a special token, outside
+the vocabulary); the labels of the other seeds are unchanged.
 
 Seeds 0-2999, the plain row holding special tokens drawn, mismatch in 19 cases: 17 of the first
 kind and 2 of the third; 5 refuse a chat row whose end of turn transformers reads as text. Before
