@@ -14,7 +14,8 @@ templates; special_tokens_map.json with named tokens as strings and as AddedToke
 typed or not, null, outside the vocabulary or without content, and extra_special_tokens or
 additional_special_tokens as a list or an object of named tokens, beside a list or an object
 of tokenizer_config.json's own; added_tokens.json, as older releases wrote it, with tokens
-tokenizer.json lacks, named ones, vocabulary pieces and ids its added tokens use; config.json
+tokenizer.json lacks, named ones, vocabulary pieces and ids its added tokens use, ids written as
+floats; config.json
 with random model types and EOS ids) and compares, per folder,
 sdpo's ids with ``AutoTokenizer.from_pretrained``'s on varied texts and with TRL's
 preprocessing of plain and conversational rows. A folder transformers refuses must be refused
@@ -61,6 +62,13 @@ such tokens too): the tokenizers library reads that text as either, which one ch
 process to the next, and transformers' ids with it. With that refusal seeds 0-2999 mismatch in
 20 cases, the known ones above; 10 are refused, of which one (629) had mismatched before and the
 others had been labelled by the draw of that process (6 ok, 4 refused for their EOS).
+
+With added_tokens.json's ids drawn as floats too (in 262 of seeds 0-2999; 5.5 orders its token
+between 5's and 6's), seeds 0-2999 mismatch in the same 20 cases. Before sdpo read such ids as
+transformers does, 104 did (those, 629, and 83 that refused an id that is not an integer); once
+it read them, 22 did until it also added the two files' tokens together in the order of their
+ids where transformers builds a class of its own (777 and 1294 gave another id to a token whose
+id there is below one of tokenizer.json's added tokens).
 
 With special_tokens_map.json drawn (``write_special_tokens_map``; transformers reads it in 411
 of seeds 0-1999, 244 of them with a list or an object of extra special tokens there, 131 beside
@@ -590,14 +598,18 @@ def write_special_tokens_map(rng: random.Random, folder: Path, facts: dict) -> d
 ADDED_POOL = ["<extra_tok>", "<EXTRA>", "<extra>", "<tool>"]
 
 
-def write_added_tokens_json(rng: random.Random, folder: Path, facts: dict) -> dict:
+def write_added_tokens_json(
+    rng: random.Random, folder: Path, facts: dict, *, floats: random.Random
+) -> dict:
     """Write added_tokens.json (token -> id), as releases before tokenizer_config.json had an
     added_tokens_decoder wrote it: tokens tokenizer.json lacks, with ids after its own (or with
     a gap), and sometimes one of tokenizer.json's added tokens (at its id or another), a named
     special token (outside the vocabulary, say), a piece of the vocabulary, or a token at an id
-    one of tokenizer.json's added tokens has (which wins there). transformers adds them where
-    tokenizer_config.json has no added_tokens_decoder (``facts["legacy_added"]``: those it
-    adds). Drawn from a generator of its own, so the other draws of a seed stay as they were."""
+    one of tokenizer.json's added tokens has (which wins there), and sometimes with ids written
+    as floats (``floats``: 5.0, or 5.5, which orders its token between 5's and 6's).
+    transformers adds them where tokenizer_config.json has no added_tokens_decoder
+    (``facts["legacy_added"]``: those it adds). Drawn from a generator of its own, so the other
+    draws of a seed stay as they were."""
     if not _maybe(rng, 0.3):
         return facts
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -630,6 +642,10 @@ def write_added_tokens_json(rng: random.Random, folder: Path, facts: dict) -> di
             tokens[word] = vocab[word]
     if added and _maybe(rng, 0.2):
         tokens["<lost>"] = rng.choice(sorted(added))
+    # ids written as floats, as a hand-edited file may have them (5.0; 5.5, between 5 and 6),
+    # drawn from a generator of their own (``floats``) so the other draws stay as they were
+    if _maybe(floats, 0.3):
+        tokens = {t: i + floats.choice([0.0, 0.5, -0.5]) for t, i in tokens.items()}
     (folder / "added_tokens.json").write_text(json.dumps(tokens))
     facts["added_tokens_json"] = tokens
     read = "added_tokens_decoder" not in facts["config"]
@@ -738,7 +754,10 @@ def _drawn_case(seed: int) -> Iterator[tuple[Path, Path, dict]]:
         facts = build_configs(rng, folder, build_tokenizer(rng, folder))
         facts = vary_added_tokens(random.Random(f"atd{seed}"), folder, facts)
         facts = write_special_tokens_map(random.Random(f"stm{seed}"), folder, facts)
-        yield tmp, folder, write_added_tokens_json(random.Random(f"atj{seed}"), folder, facts)
+        facts = write_added_tokens_json(
+            random.Random(f"atj{seed}"), folder, facts, floats=random.Random(f"atjf{seed}")
+        )
+        yield tmp, folder, facts
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -38,7 +38,8 @@ the tokens ``added_tokens.json`` names are added before them, as transformers ad
 (``_legacy_added_tokens``): the tokenizer's own, with the next free ids where the vocabulary
 lacks them, counted in its vocabulary size. Two normalised added tokens that the normaliser
 makes one text are refused (``_check_normalized_added_tokens``): the tokenizers library reads
-that text as either, which one changing from one process to the next. One the vocabulary lacks (a named one, one listed in ``extra_special_tokens``/``additional_special_tokens`` or in
+that text as either, which one changing from one process to the next.
+One the vocabulary lacks (a named one, one listed in ``extra_special_tokens``/``additional_special_tokens`` or in
 ``added_tokens_decoder``, a class's default, CodeLlama's infilling tokens, XGLM's
 "<madeupwordN>") gets a new id there, past the model's embeddings, as in transformers: a text
 that holds it (split at it exactly as transformers splits it) is an error naming the text
@@ -647,11 +648,13 @@ class PairTokenizer:
             if "added_tokens_decoder" in own_config
             else _legacy_added_tokens(folder, config, sources, tokenizer)
         )
-        file_lacks = [t for t, _ in legacy if tokenizer.token_to_id(t) is None]
+        file_lacks = [t for t, _, _ in legacy if tokenizer.token_to_id(t) is None]
         named = _registered_tokens(config, cls_name, sources=sources)
         config = class_defaults(tokenizer, config, cls_name)
         if cls_name is not None:
             tokenizer = _drop_unlisted_added_tokens(tokenizer, config)
+        if cls_name is not None and legacy:
+            tokenizer = _interleave_legacy_added_tokens(tokenizer, config, legacy)
         outside = _add_registered_tokens(tokenizer, config, cls_name, legacy=legacy)
         try:
             build_as_transformers(tokenizer, config, cls_name)
@@ -675,7 +678,7 @@ class PairTokenizer:
             where={
                 **dict.fromkeys(file_added, "tokenizer.json's added tokens"),
                 **{t: where for t, (where, _) in named.items()},
-                **dict.fromkeys((t for t, _ in legacy), ADDED_TOKENS_FILE),
+                **dict.fromkeys((t for t, _, _ in legacy), ADDED_TOKENS_FILE),
             },
         )
 
@@ -1314,10 +1317,11 @@ def _added_token(value: Any) -> Any:
 
 def _legacy_added_tokens(
     folder: Path, config: dict, sources: _TokenSources, tokenizer: Tokenizer
-) -> list[tuple[str, bool]]:
+) -> list[tuple[str, bool, float]]:
     """The tokens of ``folder``'s ``added_tokens.json`` as transformers 5 adds them to a folder
     whose ``tokenizer_config.json`` has no ``added_tokens_decoder`` (folders saved by older
-    releases; the caller checks that): (token, special) in the order of their ids there.
+    releases; the caller checks that): (token, special, its id there) in the order of those
+    ids.
     transformers makes each an ``added_tokens_decoder`` entry under its id, one of
     ``tokenizer.json``'s added tokens replacing it where that has the same id, and adds those
     entries in the order of their ids, but does not keep the ids: a token keeps its vocabulary
@@ -1328,13 +1332,12 @@ def _legacy_added_tokens(
     (``additional_special_tokens`` only from ``tokenizer_config.json``: the map's becomes the
     list later); otherwise normal text, normalized (``_add_registered_tokens`` makes one that
     names a named or model-specific token special all the same, as transformers' ``__init__``
-    does). ``config`` and ``sources``: ``_special_token_config``'s.
-
-    Not reproduced: in a folder transformers rebuilds with a class of its own, which adds
-    ``tokenizer.json``'s added tokens again in the same order of ids, a token here whose id is
-    below that of one of those the vocabulary lacks takes that one's new id there, moving it
-    and those after it on (sdpo keeps the file's ids); files are written with the ids after
-    the tokenizer's own."""
+    does). ``config`` and ``sources``: ``_special_token_config``'s. In a folder transformers
+    rebuilds with a class of its own, which adds ``tokenizer.json``'s added tokens again in
+    the same order of ids, a token here whose id is below that of one of those the vocabulary
+    lacks takes that one's new id there, moving it and those after it on
+    (``_interleave_legacy_added_tokens``); files are written with the ids after the
+    tokenizer's own."""
     path = folder / ADDED_TOKENS_FILE
     if not path.is_file():
         return []
@@ -1376,7 +1379,7 @@ def _legacy_added_tokens(
     for value, (file, key, _) in zip(listed if isinstance(listed, list) else [], sources.listed):
         if not (file == SPECIAL_TOKENS_MAP_FILE and key == "additional_special_tokens"):
             special.add(content(file, value))
-    return [(entries[i], entries[i] in special) for i in sorted(entries)]
+    return [(entries[i], entries[i] in special, i) for i in sorted(entries)]
 
 
 def _registered_added_tokens(tokenizer: Tokenizer, config: dict, cls: str | None) -> list[Any]:
@@ -1403,12 +1406,55 @@ def _registered_added_tokens(tokenizer: Tokenizer, config: dict, cls: str | None
     return tokens
 
 
+def _legacy_tokens(config: dict, legacy: Sequence[tuple[str, bool, float]]) -> list[Any]:
+    """The AddedTokens transformers makes of ``legacy``'s tokens (``_legacy_added_tokens``):
+    special and not normalized, or normalized text; one that the special-token attributes hold
+    once built (a named or model-specific token) is made special, its other options kept."""
+    from tokenizers import AddedToken
+
+    named = {t for t in template_special_tokens(config).values() if t}
+    return [
+        AddedToken(token, normalized=not special, special=special or token in named)
+        for token, special, _ in legacy
+    ]
+
+
+def _interleave_legacy_added_tokens(
+    tokenizer: Tokenizer, config: dict, legacy: Sequence[tuple[str, bool, float]]
+) -> Tokenizer:
+    """``tokenizer`` with ``legacy``'s tokens added among ``tokenizer.json``'s own the way a
+    class transformers builds itself adds them: it starts from the model's vocabulary and adds
+    both files' tokens together in the order of their ids (``tokenizer.json``'s and those of
+    ``added_tokens.json``), each the vocabulary lacks taking the next free id. So a token of
+    ``added_tokens.json`` whose id there is below one of ``tokenizer.json``'s the vocabulary
+    lacks takes that one's id, and moves it and those after it on; where none is below, the
+    file's ids stand and ``tokenizer`` is returned as it is."""
+    state = json.loads(tokenizer.to_str())
+    lacking = [
+        t for t in state["added_tokens"] if tokenizer.model.token_to_id(t["content"]) is None
+    ]
+    last = max((t["id"] for t in lacking), default=None)
+    if last is None or all(index > last for _, _, index in legacy):
+        return tokenizer
+    from tokenizers import AddedToken
+
+    state["added_tokens"] = [t for t in state["added_tokens"] if t not in lacking]
+    rebuilt = Tokenizer.from_str(json.dumps(state))
+    merged = [
+        (t["id"], AddedToken(t["content"], **{k: t[k] for k in ADDED_TOKEN_OPTIONS if k in t}))
+        for t in lacking
+    ]
+    merged += [(index, t) for (_, _, index), t in zip(legacy, _legacy_tokens(config, legacy))]
+    rebuilt.add_tokens([t for _, t in sorted(merged, key=lambda entry: entry[0])])
+    return rebuilt
+
+
 def _add_registered_tokens(
     tokenizer: Tokenizer,
     config: dict,
     cls: str | None,
     *,
-    legacy: Sequence[tuple[str, bool]] = (),
+    legacy: Sequence[tuple[str, bool, float]] = (),
 ) -> list[Any]:
     """Add to ``tokenizer`` the tokens transformers adds on loading (``_registered_added_tokens``)
     that its vocabulary has; return the others (transformers gives each a new id, past the
@@ -1423,16 +1469,7 @@ def _add_registered_tokens(
     are the tokenizer's own (counted in its vocabulary size): the folder's model was resized to
     hold them when they were added."""
     have = {repr(t) for t in tokenizer.get_added_tokens_decoder().values()}
-    # the tokens transformers' special-token attributes hold once built: one of these is
-    # made special, its other options kept
-    named = {t for t in template_special_tokens(config).values() if t}
-    from tokenizers import AddedToken
-
-    own = [
-        AddedToken(token, normalized=not special, special=special or token in named)
-        for token, special in legacy
-    ]
-    own = [t for t in own if repr(t) not in have]
+    own = [t for t in _legacy_tokens(config, legacy) if repr(t) not in have]
     if own:
         tokenizer.add_tokens(own)
     tokens = _registered_added_tokens(tokenizer, config, cls)

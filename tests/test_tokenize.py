@@ -1745,3 +1745,33 @@ def test_special_tokens_written_as_objects_transformers_fails_on_are_refused(tmp
     assert PairTokenizer.from_dir(folder).encode_texts([text]) == [
         theirs.encode(text, add_special_tokens=False)
     ]
+
+
+def test_added_tokens_json_tokens_go_among_tokenizer_json_s_where_transformers_rebuilds(tmp_path):
+    """A class transformers builds itself (LlamaTokenizer) adds tokenizer.json's added tokens and
+    added_tokens.json's together in the order of their ids: "<x>" at 0.5 below "<a>"'s id takes
+    that id and moves "<a>" on, where a folder read as its file is (PreTrainedTokenizerFast)
+    keeps tokenizer.json's ids and adds "<x>" after. sdpo's ids are AutoTokenizer's in both."""
+    transformers = pytest.importorskip("transformers")
+    folder = sentencepiece_like(tmp_path / "sp")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    size = tok.get_vocab_size()
+    tok.add_tokens([AddedToken("<a>", normalized=False), AddedToken("<b>", special=True)])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "added_tokens.json").write_text(json.dumps({"<x>": size + 0.5, "<y>": size + 9}))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    texts = ["hi <a> there<x><b> <y>"]
+    for cls, order in (
+        ("LlamaTokenizerFast", "<a> <x> <b> <y>"),
+        ("PreTrainedTokenizerFast", "<a> <b> <x> <y>"),
+    ):
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps({**config, "tokenizer_class": cls})
+        )
+        theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+        ours = PairTokenizer.from_dir(folder)
+        assert ours.encode_texts(texts) == [
+            theirs.encode(t, add_special_tokens=False) for t in texts
+        ]
+        ids = [ours.tokenizer.token_to_id(t) for t in order.split()]
+        assert ids == list(range(size, size + 4)) and ours.vocab_size == len(theirs)
