@@ -122,6 +122,18 @@ def gathered_head_weight(model: torch.nn.Module) -> Tensor:
     return weight
 
 
+def param_groups(module: torch.nn.Module) -> list[Any]:
+    """The FSDP2 parameter groups of a ``fully_shard`` module: torch 2.12 and newer keep a
+    list of them (``_fsdp_param_groups``, one per mesh), earlier releases (2.11 among them)
+    one group or None (``_fsdp_param_group``)."""
+    state = module._get_fsdp_state()
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
+
+
 @contextlib.contextmanager
 def summed_gradients(model: torch.nn.Module) -> Iterator[None]:
     """FSDP's gradient reduction set to a plain SUM over ranks for the block (the trainer
@@ -132,7 +144,7 @@ def summed_gradients(model: torch.nn.Module) -> Iterator[None]:
     getters: the previous values are read from its parameter groups."""
     saved = []
     for module in fsdp_modules(model):
-        groups = module._get_fsdp_state()._fsdp_param_groups
+        groups = param_groups(module)
         saved.append(
             (module, [(g.gradient_divide_factor, g.force_sum_reduction_for_comms) for g in groups])
         )
@@ -142,7 +154,7 @@ def summed_gradients(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         for module, values in saved:
-            groups = module._get_fsdp_state()._fsdp_param_groups
+            groups = param_groups(module)
             for group, (factor, force_sum) in zip(groups, values, strict=True):
                 group.gradient_divide_factor = factor
                 group.force_sum_reduction_for_comms = force_sum

@@ -775,3 +775,18 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
             error, message, unchanged = got[case]
             assert (error, unchanged) == (kind, True), (case, message)
             assert words in message, (case, message)
+
+
+def test_param_groups_reads_both_layouts_of_fsdp_state():
+    """FSDP2's parameter groups as ``summed_gradients`` reads them, in the state layout of
+    torch 2.12 and newer (a list) and in that of earlier releases, 2.11 among them (one
+    group or None); reading only the list failed there with an AttributeError."""
+    from types import SimpleNamespace
+
+    def module(**state):
+        return SimpleNamespace(_get_fsdp_state=lambda: SimpleNamespace(**state))
+
+    a, b = object(), object()
+    assert sharding.param_groups(module(_fsdp_param_groups=[a, b])) == [a, b]
+    assert sharding.param_groups(module(_fsdp_param_group=a)) == [a]
+    assert sharding.param_groups(module(_fsdp_param_group=None)) == []
