@@ -48,10 +48,16 @@ STEP_RANGE = "optimizer step "
 def profile_summary(prof: Any, *, steps: int, wall_s: float, top: int = 12) -> dict[str, Any]:
     """What ``steps`` profiled steps spent their time on: the device kernels by self time (and
     the share of the wall time the device was busy), the host ops by self time (where
-    synchronisations, allocations and launches show up). Times are ms per step."""
+    synchronisations, allocations and launches show up; the Python frames ``with_stack``
+    records are left out). Times are ms per step."""
     kernels, host = [], []
     device_total_us = 0.0
+    # with ``with_stack`` the profiler also records every Python frame as an event; those are
+    # not ops (their "self time" is whatever their children's events leave, even negative)
+    frames = {e.key for e in prof.events() if getattr(e, "is_python_function", False)}
     for evt in prof.key_averages():
+        if evt.key in frames:
+            continue
         device_us = getattr(evt, "self_device_time_total", None)
         if device_us is None:
             device_us = getattr(evt, "self_cuda_time_total", 0.0)
@@ -183,6 +189,16 @@ class StepProfiler:
         wall_s = time.perf_counter() - self._start
         prof, self._prof = self._prof, None
         prof.stop()
+        try:
+            table = profile_summary(prof, steps=len(self.traced), wall_s=wall_s)
+        except Exception as e:  # torch's reading of its own events (seen with with_stack)
+            table = {
+                "steps": len(self.traced),
+                "wall_ms_per_step": wall_s * 1e3 / len(self.traced),
+                "device_busy_fraction": None,
+                "error": f"torch.profiler could not read its events: {type(e).__name__}: {e}",
+            }
+            self.log(f"profile: no op tables in the summary ({table['error']}); the trace is kept")
         stem = self.out_dir / f"{self.name}.rank{distributed.rank()}"
         if self.memory:
             self.files.append(write_memory_snapshot(f"{stem}.memory.pickle"))
@@ -204,7 +220,7 @@ class StepProfiler:
             "rank": distributed.rank(),
             "device": str(self.device),
             "traced_steps": list(self.traced),
-            **profile_summary(prof, steps=len(self.traced), wall_s=wall_s),
+            **table,
         }
         path = Path(f"{stem}.summary.json")
         atomic_write_json(path, summary)
