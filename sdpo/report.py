@@ -157,13 +157,17 @@ def write_reports(
     out_dir: str | os.PathLike,
     *,
     partition: Any | None = None,
+    held_out: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``out_dir/sdpo_report.json`` atomically; ``partition`` (a PartitionReport) is
-    included when given. Returns the path written."""
+    """Write ``out_dir/sdpo_report.json`` atomically; ``partition`` (a PartitionReport) and
+    ``held_out`` (the held-out pairs' account) are included when given. Returns the path
+    written."""
     path = Path(out_dir) / REPORT_FILE
     doc: dict[str, Any] = {"version": _REPORT_VERSION, "steps": [r.to_dict() for r in reports]}
     if partition is not None:
         doc["partition"] = partition.to_dict()
+    if held_out is not None:
+        doc["held_out"] = held_out
     atomic_write_json(path, _finite_or_none(doc))
     return path
 

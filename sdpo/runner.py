@@ -647,6 +647,10 @@ class StepwiseRunner:
         self.host_copies = HostSnapshot()
         self._rows_of_pairs: dict[int, str] = {}
         self.eval_pairs: list[TokenizedPair] = []
+        # the report's account of the held-out pairs: the rows data.eval_fraction drew, and how
+        # many of data.eval_sources' pairs are also training pairs
+        self.held_out_rows: list[str] = []
+        self.held_out_overlap = 0
         self.eval_initial: PairLogps | None = None
         self.trackers = Trackers()  # rank 0, with log.report_to: TensorBoard / W&B
         self.data_fp: str | None = None  # data_fingerprint of the training pairs (run())
@@ -850,6 +854,9 @@ class StepwiseRunner:
                 pairs, self.eval_pairs = split_held_out(
                     pairs, fraction=cfg.data.eval_fraction, seed=cfg.train.seed
                 )
+                self.held_out_rows = [
+                    self._rows_of_pairs.get(p.index, f"pair {p.index}") for p in self.eval_pairs
+                ]
                 _log(
                     f"held out {len(self.eval_pairs)} of {len(pairs) + len(self.eval_pairs)} "
                     f"pairs for evaluation (data.eval_fraction = {cfg.data.eval_fraction})"
@@ -863,7 +870,7 @@ class StepwiseRunner:
             raise RunInputError(str(e)) from e
         self._check_partition_fits(pairs)
         if cfg.data.eval_sources and distributed.is_main():  # a log line: rank 0's
-            _warn_eval_overlap(pairs, self.eval_pairs)
+            self.held_out_overlap = _warn_eval_overlap(pairs, self.eval_pairs)
         self.tokenizer_fp = file_fingerprint(model_dir / "tokenizer.json")
         return tokenizer, pairs
 
@@ -1947,7 +1954,7 @@ class StepwiseRunner:
 
         def finish() -> None:
             fault_point("reports")
-            write_reports(reports, self.out, partition=partition)
+            write_reports(reports, self.out, partition=partition, held_out=self._held_out_report())
             print(format_summary_table(reports))
             if not plot_steps(self.out / "metrics.jsonl", reports, self.out / "sdpo_steps.png"):
                 _log(PLOT_HINT)
@@ -2105,6 +2112,32 @@ class StepwiseRunner:
         finally:
             self.evaluating_after = None
         self.phase = training
+
+    def _held_out_report(self) -> dict[str, Any] | None:
+        """The report's ``held_out`` section: how many pairs, from where (the rows
+        ``data.eval_fraction`` drew; for ``data.eval_sources`` how many are also training
+        pairs) and the initial model's preference accuracy and mean γ on them, the baseline of
+        every step's ``eval/preference_accuracy`` and ``eval/gamma``."""
+        if not self.eval_pairs:
+            return None
+        d = self.cfg.data
+        sources: dict[str, int] = {}
+        for pair in self.eval_pairs:
+            sources[pair.source] = sources.get(pair.source, 0) + 1
+        out: dict[str, Any] = {"pairs": len(self.eval_pairs), "sources": sources}
+        if d.eval_sources:
+            out["from"] = "data.eval_sources"
+            out["also_training_pairs"] = self.held_out_overlap
+        else:
+            out["from"] = "data.eval_fraction"
+            out["eval_fraction"] = d.eval_fraction
+            out["seed"] = self.cfg.train.seed
+            out["rows"] = list(self.held_out_rows)
+        if self.eval_initial is not None:
+            gamma = self.eval_initial.chosen_logps - self.eval_initial.rejected_logps
+            out["initial_preference_accuracy"] = float((gamma > 0).float().mean())
+            out["initial_gamma"] = float(gamma.double().mean())
+        return out
 
     def _evaluate(
         self, model: torch.nn.Module, *, t: int, beta: float, run_step: int, num_tokens: int
@@ -2618,9 +2651,9 @@ def stop_received_message(
     )
 
 
-def _warn_eval_overlap(train: list[TokenizedPair], held_out: list[TokenizedPair]) -> None:
+def _warn_eval_overlap(train: list[TokenizedPair], held_out: list[TokenizedPair]) -> int:
     """Held-out pairs that are also training pairs (the same token ids) make the eval metrics
-    measure memorisation: say how many."""
+    measure memorisation: say how many (and return it)."""
 
     def ids(p: TokenizedPair) -> tuple:
         return tuple(p.prompt_ids), tuple(p.chosen_ids), tuple(p.rejected_ids)
@@ -2634,6 +2667,7 @@ def _warn_eval_overlap(train: list[TokenizedPair], held_out: list[TokenizedPair]
             "training pairs, token for token: their eval metrics measure what was trained on; "
             "remove them from data.eval_sources or from the training data"
         )
+    return len(both)
 
 
 def _check_same_vocabulary(

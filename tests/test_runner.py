@@ -458,6 +458,17 @@ def test_held_out_eval_sources_are_scored_after_every_step_and_never_trained_on(
     trained = [m for m in lines if "loss" in m and "eval/loss" not in m]
     assert trained[-1]["num_tokens"] > trained[0]["num_tokens"]
     assert last["eval/num_tokens"] == trained[-1]["num_tokens"]
+    # the report says where the held-out pairs came from and the initial model's baseline
+    report = json.loads((out / "sdpo_report.json").read_text())["held_out"]
+    g0 = m0.gamma
+    assert report == {
+        "pairs": 7,
+        "sources": {"held": 7},
+        "from": "data.eval_sources",
+        "also_training_pairs": 0,
+        "initial_preference_accuracy": pytest.approx(float((g0 > 0).float().mean())),
+        "initial_gamma": pytest.approx(float(g0.double().mean()), abs=1e-5),
+    }
 
 
 def test_held_out_pairs_that_are_also_training_pairs_are_counted(tiny_model_dir, tmp_path, capsys):
@@ -496,6 +507,20 @@ def test_eval_fraction_holds_out_a_seeded_share_scored_after_every_step(tiny_mod
     ]
     assert len(held_out) == held and not set(held_out) & set(trained)
     assert sorted(held_out + trained) == list(range(n))
+    # the report names the rows drawn, file and line
+    report = json.loads((out / "sdpo_report.json").read_text())["held_out"]
+    assert report["from"] == "data.eval_fraction" and report["pairs"] == held
+    assert (report["eval_fraction"], report["seed"]) == (0.25, cfg.train.seed)
+    n_far = len(Path(cfg.data.sources[0].path).read_text().splitlines())
+    expected_rows = [
+        f"{cfg.data.sources[0].path} line {i + 1}"
+        if i < n_far
+        else f"{cfg.data.sources[1].path} line {i - n_far + 1}"
+        for i in held_out
+    ]
+    assert report["rows"] == expected_rows
+    assert sum(report["sources"].values()) == held
+    assert 0.0 <= report["initial_preference_accuracy"] <= 1.0
     # the same seed holds out the same pairs, another seed others
     for seed, same in ((cfg.train.seed, True), (cfg.train.seed + 1, False)):
         again = _config(tmp_path, tiny_model_dir)
