@@ -531,6 +531,8 @@ def _load_hub(
                     "file",
                     file=name,
                 ) from exc
+            if isinstance(exc, ConnectionError):  # datasets' "Couldn't reach ... on the Hub"
+                raise _hub_unreachable(name, exc) from exc
             raise DataError(
                 f"is not a local file and could not be loaded as a hub data set "
                 f"({type(exc).__name__}: {exc})",
@@ -539,6 +541,31 @@ def _load_hub(
                 "local .jsonl/.json/.parquet/.csv file",
                 file=name,
             ) from exc
+
+
+def _hub_unreachable(name: str, exc: Exception) -> DataError:
+    """The error for a hub data set name when the hub cannot be asked: offline mode set and
+    no copy in the cache, or no network."""
+    import datasets
+
+    download = (
+        "or, on a machine that reaches the hub, save it with datasets "
+        f"(load_dataset({name!r}).save_to_disk(DIR)) or download its files, and give that "
+        "folder as the source's path"
+    )
+    if datasets.config.HF_HUB_OFFLINE:
+        return DataError(
+            "is not a local file, and as a hub data set it is not in the datasets cache "
+            f"(offline mode is set: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) ({exc})",
+            fix=f"unset offline mode to fetch it; {download}",
+            file=name,
+        )
+    return DataError(
+        f"is not a local file, and the hub cannot be reached to load it as a hub data set ({exc})",
+        fix="check the network (a proxy: HTTPS_PROXY) and the name; a data set fetched before "
+        f"is read from the datasets cache with HF_HUB_OFFLINE=1, without asking the hub; {download}",
+        file=name,
+    )
 
 
 # a checked row: its place, its fields and template inputs (``_normalize_row``), and whether the

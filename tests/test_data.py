@@ -1052,3 +1052,23 @@ def test_template_inputs_of_plain_text_rows_are_ignored_with_a_warning(tmp_path)
     with pytest.warns(DataWarning, match=r"1 plain-text row\(s\) have tools or chat_template_kw"):
         out = read_preference_file(write_jsonl(tmp_path / "p.jsonl", rows))
     assert all("tools" not in r and "chat_template_kwargs" not in r for r in out)
+
+
+def test_a_hub_data_set_the_hub_cannot_serve_says_so_and_what_to_do(monkeypatch):
+    import huggingface_hub
+
+    # the hub client refuses every request, as without a network; datasets' own offline flag
+    # decides which of the two messages applies
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as offline:
+        read_preference_file("someorg/pairs", source="s")
+    text = str(offline.value)
+    assert "someorg/pairs: is not a local file" in text and "not in the datasets cache" in text
+    assert "unset offline mode" in text and "save_to_disk(DIR)" in text
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    with pytest.raises(DataError) as unreachable:
+        read_preference_file("someorg/pairs", source="s")
+    text = str(unreachable.value)
+    assert "the hub cannot be reached" in text and "HF_HUB_OFFLINE=1" in text
+    assert "save_to_disk(DIR)" in text
