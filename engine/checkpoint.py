@@ -71,6 +71,8 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
     if not folder.is_dir():
         raise CheckpointError(f"model folder {folder} does not exist or is not a folder")
     if not config_path.is_file():
+        if (folder / "adapter_config.json").is_file():
+            raise CheckpointError(_adapter_folder_message(folder))
         raise CheckpointError(
             f"{folder} has no {CONFIG_NAME}; a model folder needs {CONFIG_NAME} and "
             f"{SINGLE_WEIGHTS_NAME} (or {INDEX_NAME} with its shards), as written by "
@@ -82,6 +84,30 @@ def read_model_config(path: str | os.PathLike) -> ModelConfig:
         if isinstance(e, CheckpointError):
             raise
         raise CheckpointError(f"{config_path}: {e}") from e
+
+
+def _adapter_folder_message(folder: Path) -> str:
+    """What to do with a PEFT adapter folder given where a model folder goes: sdpo's own
+    ``step-<t>/adapter/`` sits inside the model it was merged into; any other is merged onto
+    its base first."""
+    head = (
+        f"{folder} holds a PEFT adapter (adapter_config.json), not a model; sdpo reads whole models"
+    )
+    parent = folder.resolve().parent
+    if (parent / CONFIG_NAME).is_file() and (
+        (parent / SINGLE_WEIGHTS_NAME).is_file() or (parent / INDEX_NAME).is_file()
+    ):
+        return f"{head}: the model with this adapter merged in is {parent}; give that folder"
+    try:
+        base = _read_json(folder / "adapter_config.json").get("base_model_name_or_path")
+    except CheckpointError:
+        base = None
+    on = f"its base model ({base})" if isinstance(base, str) and base else "its base model"
+    return (
+        f"{head}: merge it onto {on} with PEFT (PeftModel.from_pretrained(base, adapter)"
+        ".merge_and_unload(), then save_pretrained(DIR) and the base's tokenizer files into DIR) "
+        "and give DIR"
+    )
 
 
 def weight_files(path: str | os.PathLike) -> dict[str, Path]:

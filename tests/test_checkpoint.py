@@ -426,6 +426,25 @@ def test_missing_config_and_missing_weights_errors_say_what_a_folder_needs(tmp_p
         load_pretrained(tmp_path / "empty")
 
 
+def test_a_peft_adapter_folder_given_as_a_model_says_which_model_to_give(tmp_path):
+    step = tmp_path / "step-1"  # sdpo's layout: the merged model with its adapter inside
+    save_pretrained(init_model(ModelConfig.from_hf_dict(tiny_hf_dict()), seed=0), step)
+    adapter = step / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "org/base"})
+    )
+    with pytest.raises(CheckpointError) as ours:
+        load_pretrained(adapter)
+    assert "holds a PEFT adapter" in str(ours.value)
+    assert f"merged in is {step.resolve()}; give that folder" in str(ours.value)
+    lone = tmp_path / "lone"  # an adapter alone: merged onto its base first
+    lone.mkdir()
+    (lone / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    with pytest.raises(CheckpointError, match=r"merge it onto its base model \(org/base\)"):
+        load_pretrained(lone)
+
+
 def test_a_null_transformers_refuses_is_an_error_naming_config_json_and_the_key(tmp_path):
     from sdpo.engine.checkpoint import check_model
 
