@@ -24,6 +24,7 @@ runs without a network; ``wandb sync`` uploads later).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -48,6 +49,7 @@ __all__ = [
 
 TRACKING_STATE = "tracking.json"  # the W&B run id, kept for --resume
 TENSORBOARD_DIR = "tensorboard"  # default event folder inside the output folder
+TENSORBOARD_OWNER = "sdpo_run.json"  # in the event folder: the output folder of its run
 _PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}
 
 
@@ -86,10 +88,16 @@ class TensorBoardTracker:
     made at the first record, so opening the tracker writes nothing (the runner opens the
     trackers before it clears an old run's outputs)."""
 
-    def __init__(self, log_dir: Path, *, purge_step: int) -> None:
+    def __init__(self, log_dir: Path, *, purge_step: int, owner: Path | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._open = lambda: SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+        def start() -> Any:
+            writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+            if owner is not None:  # whose events the folder holds (``_check_own_events``)
+                atomic_write_json(log_dir / TENSORBOARD_OWNER, {"output_dir": str(owner.resolve())})
+            return writer
+
+        self._open = start
         self.writer: Any = None
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -181,7 +189,9 @@ def open_trackers(
                         Path(tensorboard_dir) if tensorboard_dir else output_dir / TENSORBOARD_DIR
                     )
                     start = 0 if resume_step is None else resume_step + 1
-                    opened.append(TensorBoardTracker(folder, purge_step=start))
+                    if tensorboard_dir and resume_step is None:
+                        _check_own_events(folder, output_dir)
+                    opened.append(TensorBoardTracker(folder, purge_step=start, owner=output_dir))
                 elif tracker == "wandb":
                     run_id, fresh = _wandb_run_id(output_dir, fresh=resume_step is None)
                     opened.append(
@@ -197,6 +207,8 @@ def open_trackers(
                         atomic_write_json(output_dir / TRACKING_STATE, {"wandb_run_id": run_id})
                 else:
                     raise ValueError(f"unknown tracker {tracker!r}")
+            except TrackerStartError:
+                raise
             except Exception as e:
                 hint = _START_HINTS.get(tracker, "")
                 raise TrackerStartError(
@@ -211,6 +223,26 @@ def open_trackers(
 
 class TrackerStartError(RuntimeError):
     """A tracker of ``log.report_to`` could not start; the message names it and the way out."""
+
+
+def _check_own_events(folder: Path, output_dir: Path) -> None:
+    """A fresh run's TensorBoard writer purges the folder's events from step 0 on (TensorBoard
+    reads a folder's event files as one run), so a ``log.tensorboard_dir`` that holds another
+    run's events would lose them from view: refused, before anything is written."""
+    if not any(folder.glob("events.out.tfevents.*")):
+        return
+    owner = None
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        owner = json.loads((folder / TENSORBOARD_OWNER).read_text(encoding="utf-8"))["output_dir"]
+    if owner == str(output_dir.resolve()):
+        return
+    whose = f"the run in {owner}" if owner else "another run"
+    raise TrackerStartError(
+        f"log.tensorboard_dir = {folder} holds the TensorBoard events of {whose}; TensorBoard "
+        "shows a folder's events as one run, and this fresh run's would hide them: give each "
+        f"run its own folder (e.g. {folder / output_dir.resolve().name}, and point TensorBoard "
+        f"at {folder}), or leave log.tensorboard_dir unset (OUTPUT_DIR/{TENSORBOARD_DIR})"
+    )
 
 
 _START_HINTS = {

@@ -288,3 +288,38 @@ def test_a_tracker_that_cannot_start_leaves_the_old_run_s_outputs_under_overwrit
     assert "the wandb tracker could not start" in proc.stderr
     assert "WANDB_MODE=offline" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_a_tensorboard_dir_holding_another_run_s_events_is_refused_to_a_fresh_run(tmp_path):
+    from sdpo.tracking import TrackerStartError, open_trackers
+
+    shared = tmp_path / "tb"
+
+    def start(out: str, resume_step: int | None = None):
+        return open_trackers(
+            ["tensorboard"],
+            output_dir=tmp_path / out,
+            project="p",
+            run_name=None,
+            tensorboard_dir=str(shared),
+            resume_step=resume_step,
+            config={},
+        )
+
+    first = start("a")
+    first.log({"loss": 0.5, "step": 1})
+    first.close()
+    # a fresh run "b" would purge "a"'s events from TensorBoard's view
+    with pytest.raises(TrackerStartError, match=r"holds the TensorBoard events of the run in .*a;"):
+        start("b")
+    start("a").close()  # "a" again (--overwrite) and "b" resuming go on
+    start("b", resume_step=3).close()
+    loaded = event_accumulator.EventAccumulator(str(shared))
+    loaded.Reload()
+    assert [(e.step, e.value) for e in loaded.Scalars("loss")] == [(1, 0.5)]
+    # events no sdpo run claims are refused too
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "events.out.tfevents.1.host.0.0").write_bytes(b"")
+    shared = tmp_path / "other"
+    with pytest.raises(TrackerStartError, match="holds the TensorBoard events of another run"):
+        start("a")
