@@ -89,6 +89,9 @@ IDENTICAL_POLICIES = ("warn", "drop", "error")
 # almost surely a file without newlines, and reading it whole would only waste memory.
 DEFAULT_MAX_LINE_BYTES = 16 * 2**20
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+# the endings of data files sdpo does not read: a missing path ending so is a file, not a hub
+# data set name (which would be looked up on the hub, with its retries, first)
+_OTHER_FILE_SUFFIXES = (".gz", ".zst", ".bz2", ".xz", ".zip", ".arrow", ".txt", ".tsv", ".ndjson")
 
 Message = dict[str, str]
 Field = str | list[Message]
@@ -294,6 +297,12 @@ def read_preference_file(
                 "check the path (a relative path in a config file starts at that file's folder; "
                 "one given on the command line, at the working folder)"
             ),
+            file=name,
+        )
+    elif suffix in _OTHER_FILE_SUFFIXES:
+        raise DataError(
+            f"file not found (and a {suffix} file is not read here)",
+            fix=f"give an existing {', '.join(_BUILDERS)} file, or a data set folder",
             file=name,
         )
     else:

@@ -1072,3 +1072,12 @@ def test_a_hub_data_set_the_hub_cannot_serve_says_so_and_what_to_do(monkeypatch)
     text = str(unreachable.value)
     assert "the hub cannot be reached" in text and "HF_HUB_OFFLINE=1" in text
     assert "save_to_disk(DIR)" in text
+
+
+def test_a_missing_file_of_another_data_format_is_not_looked_up_on_the_hub(monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no hub, if asked
+    for name in ("data/pairs.jsonl.gz", "pairs.txt"):
+        with pytest.raises(DataError, match=r"file not found \(and a \.(gz|txt) file is not read"):
+            read_preference_file(name, source="s")
