@@ -724,6 +724,16 @@ def _type_error(key: str, tp: Any, value: Any, origins: _Origins) -> ConfigError
         )
         if origins.override_of(key) is None and origins.source != "the config dict":
             hint += " (a key written anywhere below the [sdpo] header belongs to [sdpo])"
+    if key == "log.report_to" and isinstance(value, str):
+        # TRL's report_to takes one name, "all" or "none"
+        named = [t for t in TRACKERS if t == value.strip().lower()]
+        hint = (
+            f': write a list, report_to = ["{named[0]}"]'
+            if named
+            else f": write a list of {' and/or '.join(map(repr, TRACKERS))}"
+            + ("; none is [] (the default)" if value.strip().lower() in ("none", "") else "")
+            + ("; all is each of them by name" if value.strip().lower() == "all" else "")
+        )
     return ConfigError(
         f"{key} ({origins.where(key)}) must be {_type_name(tp)}, got {got} {value!r}{hint}"
     )

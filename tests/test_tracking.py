@@ -254,7 +254,9 @@ def test_a_tracker_that_is_not_installed_is_refused_before_anything_is_written(
         ({"report_to": ["tb"]}, "log.report_to entry = 'tb' is not an option"),
         ({"report_to": ["wandb", "wandb"]}, "names a tracker twice"),
         ({"project": ""}, "log.project is empty"),
-        ({"report_to": "wandb"}, "report_to"),
+        ({"report_to": "wandb"}, "got str 'wandb': write a list, report_to = \\[.wandb.\\]"),
+        ({"report_to": "none"}, r"'tensorboard' and/or 'wandb'; none is \[\] \(the default\)"),
+        ({"report_to": "all"}, "all is each of them by name"),
     ],
 )
 def test_bad_log_settings_are_refused(tmp_path, log, message):
