@@ -122,15 +122,22 @@ class WandbTracker:
     ) -> None:
         import wandb
 
+        created = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=project,
-            name=name,
-            id=run_id,
-            resume="allow",
-            dir=str(directory),
-            config=config,
-        )
+        try:
+            self.run = wandb.init(
+                project=project,
+                name=name,
+                id=run_id,
+                resume="allow",
+                dir=str(directory),
+                config=config,
+            )
+        except BaseException:
+            if created:  # a run refused before it starts leaves no output folder behind
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+            raise
 
     def log(self, values: dict[str, float], step: int) -> None:
         self.run.log(values, step=step)

@@ -325,3 +325,24 @@ def test_a_tensorboard_dir_holding_another_run_s_events_is_refused_to_a_fresh_ru
     shared = tmp_path / "other"
     with pytest.raises(TrackerStartError, match="holds the TensorBoard events of another run"):
         start("a")
+
+
+def test_a_wandb_run_that_cannot_start_leaves_no_output_folder(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    from sdpo.tracking import TrackerStartError, open_trackers
+
+    def refused(**kwargs):  # as wandb.init fails without a login
+        raise wandb.errors.UsageError("No API key configured")
+
+    monkeypatch.setattr(wandb, "init", refused)
+    with pytest.raises(TrackerStartError, match="the wandb tracker could not start"):
+        open_trackers(
+            ["wandb"],
+            output_dir=tmp_path / "out",
+            project="p",
+            run_name=None,
+            tensorboard_dir=None,
+            resume_step=None,
+            config={},
+        )
+    assert not (tmp_path / "out").exists()  # the message says nothing was written
