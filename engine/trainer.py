@@ -1402,6 +1402,14 @@ class DPOTrainer:
                 f"profile: this pass has {total_steps} optimizer steps, so the window from step "
                 f"{self.profiler.first} (profile.start_step) traces nothing"
             )
+        elif self.profiler is not None and self.profiler.last > total_steps:
+            # a window that would end past the pass is cut at its last step, and written
+            self.profiler.log(
+                f"profile: this pass has {total_steps} optimizer steps, so the window of steps "
+                f"{self.profiler.first}-{self.profiler.last} traces steps "
+                f"{self.profiler.first}-{total_steps}"
+            )
+            self.profiler.last = total_steps
 
         def settle(record: _StepRecord) -> None:
             """Read a queued step's values: skip or stop on a non-finite one, log it."""

@@ -40,14 +40,15 @@ def _step_ranges(events: list[dict]) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same two-step run untraced and traced (sDPO step 2, its optimizer steps 2 and 3 of 3)."""
+    """The same two-step run untraced and traced (sDPO step 2, its optimizer steps 2 and 3 of 3:
+    a window of steps 2-5, cut at the pass's last step)."""
     from sdpo.engine.tiny import write_tiny_model
     from tests.conftest import WORDS
 
     tmp = tmp_path_factory.mktemp("profile")
     model_dir = write_tiny_model(tmp / "model", words=WORDS, hidden_size=32, seed=1)
     plain = _config(tmp, model_dir, "plain")
-    traced = _config(tmp, model_dir, "traced", steps=2, start_step=2, sdpo_step=2)
+    traced = _config(tmp, model_dir, "traced", steps=4, start_step=2, sdpo_step=2)
     run_training(config_from_dict(plain), progress=False)
     run_training(config_from_dict(traced), progress=False)
     return tmp, model_dir, Path(plain["output_dir"]), Path(traced["output_dir"])
