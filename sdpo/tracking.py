@@ -28,6 +28,7 @@ import contextlib
 import importlib
 import json
 import math
+import os
 import secrets
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,6 +197,7 @@ def open_trackers(
                         Path(tensorboard_dir) if tensorboard_dir else output_dir / TENSORBOARD_DIR
                     )
                     start = 0 if resume_step is None else resume_step + 1
+                    _check_folder_writable(folder)
                     if tensorboard_dir and resume_step is None:
                         _check_own_events(folder, output_dir)
                     opened.append(TensorBoardTracker(folder, purge_step=start, owner=output_dir))
@@ -230,6 +232,24 @@ def open_trackers(
 
 class TrackerStartError(RuntimeError):
     """A tracker of ``log.report_to`` could not start; the message names it and the way out."""
+
+
+def _check_folder_writable(folder: Path) -> None:
+    """The event folder is made at the first record, after the initial scoring pass: a path
+    that cannot become a writable folder is refused now, before anything is written."""
+    at = folder
+    while not at.exists() and at.parent != at:
+        at = at.parent
+    if not at.is_dir():
+        raise TrackerStartError(
+            f"log.tensorboard_dir: {at} is not a folder, so {folder} cannot be made; give a "
+            "folder path there"
+        )
+    if not os.access(at, os.W_OK | os.X_OK):
+        raise TrackerStartError(
+            f"log.tensorboard_dir: {at} cannot be written, so the event files cannot go to "
+            f"{folder}; give a folder this user can write"
+        )
 
 
 def _check_own_events(folder: Path, output_dir: Path) -> None:

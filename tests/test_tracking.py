@@ -346,3 +346,22 @@ def test_a_wandb_run_that_cannot_start_leaves_no_output_folder(tmp_path, monkeyp
             config={},
         )
     assert not (tmp_path / "out").exists()  # the message says nothing was written
+
+
+def test_a_tensorboard_dir_that_cannot_be_a_folder_is_refused_before_anything_is_written(
+    tmp_path,
+):
+    from sdpo.tracking import TrackerStartError, open_trackers
+
+    (tmp_path / "afile").write_text("")
+    for where in ("afile", "afile/sub"):
+        with pytest.raises(TrackerStartError, match=r"afile is not a folder, so .* cannot be made"):
+            open_trackers(
+                ["tensorboard"],
+                output_dir=tmp_path / "out",
+                project="p",
+                run_name=None,
+                tensorboard_dir=str(tmp_path / where),
+                resume_step=None,
+                config={},
+            )
