@@ -1031,6 +1031,8 @@ class StepwiseRunner:
                 "install them or remove them from log.report_to"
             )
         check_writable_folder(self.out)
+        if self.cfg.sdpo.cache_dir:  # written after the initial scoring pass: checked now
+            check_writable_folder(self.cache_dir, "sdpo.cache_dir")
         old = sorted(p.name for p in existing_outputs(self.out))
         if old and not (self.overwrite or self.resume):
             raise OutputDirError(
@@ -2726,23 +2728,24 @@ def _check_same_vocabulary(
     )
 
 
-def check_writable_folder(out: Path) -> None:
-    """``out`` is a folder the run can write in, or can be made as one: checked before any
-    input is read, with a probe file created and removed at once (nothing is left behind)."""
+def check_writable_folder(out: Path, key: str = "output_dir") -> None:
+    """``out`` (the value of ``key``) is a folder the run can write in, or can be made as one:
+    checked before any input is read, with a probe file created and removed at once (nothing
+    is left behind)."""
     existing = out
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         what = "is a file" if existing == out else f"cannot be made: {existing} is a file"
-        raise OutputDirError(f"output_dir {out} {what}, not a folder; choose another output_dir")
+        raise OutputDirError(f"{key} {out} {what}, not a folder; choose another {key}")
     try:
         with tempfile.TemporaryFile(dir=existing, prefix=".sdpo-write-check-"):
             pass
     except OSError as e:
         where = "" if existing == out else f" ({existing}, where it would be made)"
         raise OutputDirError(
-            f"output_dir {out} is not writable{where}: {e.strerror or e}; choose another "
-            "output_dir or fix its permissions"
+            f"{key} {out} is not writable{where}: {e.strerror or e}; choose another "
+            f"{key} or fix its permissions"
         ) from None
 
 

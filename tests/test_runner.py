@@ -213,6 +213,14 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_reading_inputs(
         cfg.data.sources[0].path = str(tmp_path / "missing.jsonl")  # never read
         with pytest.raises(OutputDirError, match=message):
             run_training(cfg, progress=False)
+    # sdpo.cache_dir, first written after the initial scoring pass, is checked as early
+    for cache, message in ((afile, "sdpo.cache_dir .*afile is a file"), (afile / "c", "made")):
+        cfg = _config(tmp_path, tiny_model_dir)
+        cfg.output_dir = str(tmp_path / "run")
+        cfg.sdpo.cache_dir = str(cache)
+        cfg.data.sources[0].path = str(tmp_path / "missing.jsonl")  # never read
+        with pytest.raises(OutputDirError, match=message):
+            run_training(cfg, progress=False)
     assert afile.read_text() == "not a folder\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["afile", "model", "far.jsonl", "near.jsonl"]
