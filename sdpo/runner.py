@@ -1956,8 +1956,21 @@ class StepwiseRunner:
 
         def finish() -> None:
             fault_point("reports")
-            write_reports(reports, self.out, partition=partition, held_out=self._held_out_report())
+            held_out = self._held_out_report()
+            write_reports(reports, self.out, partition=partition, held_out=held_out)
             print(format_summary_table(reports))
+            if held_out is not None and "initial_preference_accuracy" in held_out:
+                after = [
+                    f"after step {r.step} {r.eval_metrics['eval/preference_accuracy']:.3f}"
+                    for r in reports
+                    if r.eval_metrics and "eval/preference_accuracy" in r.eval_metrics
+                ]
+                print(
+                    f"held-out preference accuracy ({held_out['pairs']} pairs, "
+                    f"{held_out['from']}): initial model "
+                    f"{held_out['initial_preference_accuracy']:.3f}"
+                    + "".join(f", {a}" for a in after)
+                )
             if not plot_steps(self.out / "metrics.jsonl", reports, self.out / "sdpo_steps.png"):
                 _log(PLOT_HINT)
 

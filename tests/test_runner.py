@@ -434,7 +434,7 @@ def test_on_cuda_a_separate_reference_returns_gpu_memory_and_steps_train(
 
 
 def test_held_out_eval_sources_are_scored_after_every_step_and_never_trained_on(
-    tiny_model_dir, tmp_path
+    tiny_model_dir, tmp_path, capsys
 ):
     held = write_pairs(tmp_path / "held.jsonl", n=7, seed=11)
     cfg = _config(tmp_path, tiny_model_dir)
@@ -477,6 +477,13 @@ def test_held_out_eval_sources_are_scored_after_every_step_and_never_trained_on(
         "initial_preference_accuracy": pytest.approx(float((g0 > 0).float().mean())),
         "initial_gamma": pytest.approx(float(g0.double().mean()), abs=1e-5),
     }
+    accuracies = [report["initial_preference_accuracy"]] + [
+        m["eval/preference_accuracy"] for m in evals
+    ]
+    assert (
+        "held-out preference accuracy (7 pairs, data.eval_sources): initial model "
+        "{:.3f}, after step 1 {:.3f}, after step 2 {:.3f}".format(*accuracies)
+    ) in capsys.readouterr().out
 
 
 def test_held_out_pairs_that_are_also_training_pairs_are_counted(tiny_model_dir, tmp_path, capsys):
