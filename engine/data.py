@@ -523,6 +523,12 @@ def _load_hub(
 
     local = Path(name).is_dir()
     config, data_dir = subset or (None, None)
+    if not local and not datasets.config.HF_HUB_OFFLINE:
+        # one plain request first: without a network, datasets' own lookup retries with
+        # back-off for half a minute before it fails
+        unreachable = _hub_connection_error(name)
+        if unreachable is not None:
+            raise _hub_unreachable(name, unreachable) from unreachable
     with _quiet_datasets():
         try:
             kwargs: dict[str, str] = {"cache_dir": str(cache)} if cache is not None else {}
@@ -552,7 +558,28 @@ def _load_hub(
             ) from exc
 
 
-def _hub_unreachable(name: str, exc: Exception) -> DataError:
+_CONNECTION_ERRORS = {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError"}
+
+
+def _hub_connection_error(name: str) -> BaseException | None:
+    """The error of asking the hub about data set ``name`` where it is a failure to reach the
+    hub (no network, no name resolution, a timeout, offline mode); None where the hub answered,
+    whatever it said (a missing or gated data set is for datasets to report)."""
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().dataset_info(name, timeout=10)
+    except Exception as exc:
+        seen: BaseException | None = exc
+        while seen is not None:
+            names = {k.__name__ for k in type(seen).__mro__}
+            if isinstance(seen, (ConnectionError, TimeoutError)) or names & _CONNECTION_ERRORS:
+                return exc
+            seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _hub_unreachable(name: str, exc: BaseException) -> DataError:
     """The error for a hub data set name when the hub cannot be asked: offline mode set and
     no copy in the cache, or no network."""
     import datasets

@@ -1067,6 +1067,11 @@ def test_a_hub_data_set_the_hub_cannot_serve_says_so_and_what_to_do(monkeypatch)
     assert "someorg/pairs: is not a local file" in text and "not in the datasets cache" in text
     assert "unset offline mode" in text and "save_to_disk(DIR)" in text
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+    def load_dataset(*args, **kwargs):  # its lookup retries for half a minute without a network
+        raise AssertionError("the hub was found unreachable: datasets is not asked")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     with pytest.raises(DataError) as unreachable:
         read_preference_file("someorg/pairs", source="s")
     text = str(unreachable.value)
