@@ -523,19 +523,21 @@ def _load_hub(
 
     local = Path(name).is_dir()
     config, data_dir = subset or (None, None)
+    unreachable = None
     if not local and not datasets.config.HF_HUB_OFFLINE:
         # one plain request first: without a network, datasets' own lookup retries with
-        # back-off for half a minute before it fails
+        # back-off for half a minute before it falls back to a copy in its cache; found
+        # unreachable, the copy is read at once, in offline mode, as datasets would read it
         unreachable = _hub_connection_error(name)
-        if unreachable is not None:
-            raise _hub_unreachable(name, unreachable) from unreachable
-    with _quiet_datasets():
+    with _quiet_datasets(), _offline(unreachable is not None):
         try:
             kwargs: dict[str, str] = {"cache_dir": str(cache)} if cache is not None else {}
             if data_dir is not None:
                 kwargs["data_dir"] = data_dir
             return datasets.load_dataset(name, config, split=split, **kwargs).to_list()
         except Exception as exc:
+            if unreachable is not None:  # and no copy in the cache
+                raise _hub_unreachable(name, unreachable, offline=False) from exc
             if local:
                 raise DataError(
                     f"could not be read as a data set folder with split {split!r} "
@@ -556,6 +558,24 @@ def _load_hub(
                 "local .jsonl/.json/.parquet/.csv file",
                 file=name,
             ) from exc
+
+
+@contextlib.contextmanager
+def _offline(on: bool) -> Iterator[None]:
+    """Offline mode for datasets and the hub client in the block (``on``), as HF_HUB_OFFLINE=1
+    sets it: a hub data set is read from the datasets cache without asking the hub."""
+    if not on:
+        yield
+        return
+    import datasets
+    import huggingface_hub
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 _CONNECTION_ERRORS = {"ConnectError", "ConnectTimeout", "TimeoutException", "NetworkError"}
@@ -579,9 +599,9 @@ def _hub_connection_error(name: str) -> BaseException | None:
     return None
 
 
-def _hub_unreachable(name: str, exc: BaseException) -> DataError:
-    """The error for a hub data set name when the hub cannot be asked: offline mode set and
-    no copy in the cache, or no network."""
+def _hub_unreachable(name: str, exc: BaseException, *, offline: bool | None = None) -> DataError:
+    """The error for a hub data set name when the hub cannot be asked and the datasets cache
+    has no copy: offline mode set (``offline``; None: as datasets has it), or no network."""
     import datasets
 
     download = (
@@ -589,7 +609,7 @@ def _hub_unreachable(name: str, exc: BaseException) -> DataError:
         f"(load_dataset({name!r}).save_to_disk(DIR)) or download its files, and give that "
         "folder as the source's path"
     )
-    if datasets.config.HF_HUB_OFFLINE:
+    if datasets.config.HF_HUB_OFFLINE if offline is None else offline:
         return DataError(
             "is not a local file, and as a hub data set it is not in the datasets cache "
             f"(offline mode is set: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE) ({exc})",
@@ -597,9 +617,9 @@ def _hub_unreachable(name: str, exc: BaseException) -> DataError:
             file=name,
         )
     return DataError(
-        f"is not a local file, and the hub cannot be reached to load it as a hub data set ({exc})",
-        fix="check the network (a proxy: HTTPS_PROXY) and the name; a data set fetched before "
-        f"is read from the datasets cache with HF_HUB_OFFLINE=1, without asking the hub; {download}",
+        "is not a local file, and the hub cannot be reached to load it as a hub data set, "
+        f"nor does the datasets cache hold a copy of it ({exc})",
+        fix=f"check the network (a proxy: HTTPS_PROXY) and the name; {download}",
         file=name,
     )
 

@@ -1068,15 +1068,27 @@ def test_a_hub_data_set_the_hub_cannot_serve_says_so_and_what_to_do(monkeypatch)
     assert "unset offline mode" in text and "save_to_disk(DIR)" in text
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
 
-    def load_dataset(*args, **kwargs):  # its lookup retries for half a minute without a network
-        raise AssertionError("the hub was found unreachable: datasets is not asked")
+    cached: list[dict] = []
+
+    def load_dataset(*args, **kwargs):
+        # found unreachable by one request, the hub is not asked again (datasets' lookup
+        # retries for half a minute without a network): the cache is read in offline mode
+        assert datasets.config.HF_HUB_OFFLINE and huggingface_hub.constants.HF_HUB_OFFLINE
+        if not cached:
+            raise FileNotFoundError("Dataset someorg/pairs is not cached")
+        return datasets.Dataset.from_list(cached)
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     with pytest.raises(DataError) as unreachable:
         read_preference_file("someorg/pairs", source="s")
     text = str(unreachable.value)
-    assert "the hub cannot be reached" in text and "HF_HUB_OFFLINE=1" in text
-    assert "save_to_disk(DIR)" in text
+    assert "the hub cannot be reached" in text and "nor does the datasets cache hold" in text
+    assert "offline mode is set" not in text and "save_to_disk(DIR)" in text
+    assert not datasets.config.HF_HUB_OFFLINE  # the caller's setting back
+    # a copy in the cache is read without a network, as datasets reads it after its retries
+    cached.append({"prompt": "p", "chosen": "a", "rejected": "b"})
+    rows = read_preference_file("someorg/pairs", source="s")
+    assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [("p", "a", "b")]
 
 
 def test_a_missing_file_of_another_data_format_is_not_looked_up_on_the_hub(monkeypatch):
