@@ -671,7 +671,7 @@ def _callers_models() -> dict:
 
     out: dict = {"plain": sdpo_run(fresh())}
     sharded = shard(fresh())
-    group = sharded._get_fsdp_state()._fsdp_param_groups[0]
+    (group,) = sharding.param_groups(sharded)  # the root's, in either torch's state layout
     out["sharded"] = sdpo_run(sharded)
     # the caller's model averages its gradients again after the run, as FSDP does by default
     out["sharded_reduction_after"] = (
