@@ -323,11 +323,17 @@ def token_cache_changes(path: str | os.PathLike, key: Mapping[str, Any]) -> list
     if not isinstance(cached, dict) or metadata.get(_META_VERSION) != TOKEN_CACHE_VERSION:
         return []
     now = json.loads(json.dumps(dict(key)))
-    parts = [
-        (name, _comparable(name, cached.get(name)), _comparable(name, now.get(name)))
-        for name in sorted(set(now) | set(cached))
-    ]
-    return [_describe_change(name, old, new) for name, old, new in parts if old != new]
+    changes = []
+    # a part, or a tokenizer file, that one of the two keys' releases did not record is not
+    # known to have changed (later releases added tokenizer_fingerprint, and hash more files)
+    for name in sorted(set(now) & set(cached)):
+        old, new = cached[name], now[name]
+        if name == "tokenizer" and isinstance(old, dict) and isinstance(new, dict):
+            new = {k: v for k, v in new.items() if k in old}
+        old, new = _comparable(name, old), _comparable(name, new)
+        if old != new:
+            changes.append(_describe_change(name, old, new))
+    return changes
 
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -336,8 +342,7 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 def _comparable(name: str, value: Any) -> Any:
     """A key part as files written by every release compare: a source by its name, path, split,
     subset, data digest and set columns wherever its entry holds them (later releases added
-    the subset), the tokenizer files without those absent from the folder (later releases list
-    more names)."""
+    the subset), the tokenizer files without those absent from the folder."""
     if name == "sources" and isinstance(value, list):
         sources = []
         for entry in value:

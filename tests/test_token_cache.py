@@ -537,3 +537,32 @@ def test_token_cache_changes_read_an_earlier_release_s_key_by_its_parts(tiny_mod
     earlier["sources"][1][3] = "0" * 64
     assert changes(earlier) == [f"data source chat ({cfg.data.sources[1].path}) changed"]
     assert token_cache_changes(tmp_path / "missing.safetensors", now) == []
+
+
+def test_token_cache_changes_leave_out_what_the_earlier_key_did_not_record(
+    tiny_model_dir, tmp_path
+):
+    """A key written before the key hashed special_tokens_map.json, added_tokens.json and the
+    chat template files (it lists tokenizer.json and tokenizer_config.json alone) and before it
+    held the tokenizer's fingerprint: a file of the folder that key did not hash, or the part it
+    lacks, is not a change (the same files and the same code change nothing); a file it hashed
+    that differs is."""
+    from sdpo.engine.tokenize import TokenizeStats
+
+    (tiny_model_dir / "special_tokens_map.json").write_text("{}")
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    now = _key(cfg)
+    assert now["tokenizer"]["special_tokens_map.json"] is not None
+    earlier = {k: v for k, v in json.loads(json.dumps(now)).items() if k != "tokenizer_fingerprint"}
+    earlier["tokenizer"] = {
+        k: now["tokenizer"][k] for k in ("tokenizer.json", "tokenizer_config.json")
+    }
+    path = tmp_path / "tokens-train.safetensors"
+
+    def changes(key: dict) -> list[str]:
+        save_tokenized(path, [], {}, TokenizeStats(), key)
+        return token_cache_changes(path, now)
+
+    assert changes(earlier) == []
+    earlier["tokenizer"]["tokenizer.json"] = "0" * 64
+    assert changes(earlier) == ["the tokenizer files changed"]
