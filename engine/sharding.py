@@ -91,7 +91,24 @@ def check_trainable_sharded(model: torch.nn.Module, who: str) -> None:
     whole ones alone (a LoRA adapter, summed over ranks by the trainer), never both: the
     gradient norm, clipping and the optimizer's multi-tensor update take one kind or the
     other. A caller that sharded the decoder layers and not the root (embeddings, final norm,
-    lm_head whole on every rank) is refused before any work, naming the missing call."""
+    lm_head whole on every rank) is refused before any work, naming the missing call, and so
+    is one whose trainable parameters are sharded over a device mesh of fewer ranks than the
+    default group's: sdpo deals each rank its own pairs, and FSDP adds the gradients over the
+    mesh alone, so the ranks outside it would never add theirs (a mesh of every rank, or a 2-D
+    one of every rank for hybrid sharding, trains)."""
+    ranks = distributed.world()
+    meshes = sorted(
+        {p.device_mesh.size() for p in model.parameters() if p.requires_grad and is_dtensor(p)}
+    )
+    if any(size != ranks for size in meshes):
+        size = next(size for size in meshes if size != ranks)
+        raise ValueError(
+            f"{who}: the model's trainable parameters are sharded with FSDP2 (fully_shard) over "
+            f"a device mesh of {size} rank(s), and sdpo deals the pairs over all {ranks} ranks "
+            "of the default group, whose gradients FSDP would add over that mesh alone: shard "
+            f"it over a mesh of all {ranks} ranks (init_device_mesh(device_type, ({ranks},)), or "
+            "a 2-D mesh of all of them for hybrid sharding), every rank calling with its replica"
+        )
     kinds = {is_dtensor(p) for p in model.parameters() if p.requires_grad}
     if len(kinds) < 2:
         return

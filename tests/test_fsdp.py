@@ -723,6 +723,17 @@ def _callers_models() -> dict:
         lambda: shard(fresh(), reshard_after_forward=True),
         lambda m: run_sdpo(m, pairs, train=train, kernels_impl="torch"),
     )
+
+    def shard_within_rank(model):  # each rank its own one-rank mesh: no gradient crosses ranks
+        mesh = init_device_mesh("cpu", (dist.get_world_size(), 1), mesh_dim_names=("dp", "fs"))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh["fs"])
+        return fully_shard(model, mesh=mesh["fs"])
+
+    out["sub_mesh"] = refused(lambda: shard_within_rank(fresh()), lambda m: dpo_trainer(m, train))
+    out["sub_mesh_run"] = refused(
+        lambda: shard_within_rank(fresh()), lambda m: run_sdpo(m, pairs, train=train)
+    )
     subgroups = [dist.new_group([r]) for r in range(dist.get_world_size())]
     out["ddp_subgroup"] = refused(
         lambda: DistributedDataParallel(fresh(), process_group=subgroups[dist.get_rank()]),
@@ -738,8 +749,9 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
     is summed once) end a two-step run_sdpo where the plain replicas end, with the same
     gradient norms; the sharded model averages again afterwards. A model sharded in bf16
     trains in bf16 as a plain bf16 one; fp32 shards are not cast to bf16 (FSDP keeps its
-    shards apart from the Parameters) but refused, as are a root left unsharded and a DDP
-    over a sub-group, before any work, and a root that reshards after its forward."""
+    shards apart from the Parameters) but refused, as are a root left unsharded, a DDP over a
+    sub-group and a model sharded over a mesh of fewer ranks (whose gradients no rank outside
+    it would add), before any work, and a root that reshards after its forward."""
     for got in _spawn(tmp_path, _callers_models):
         plain = got["plain"]
         for name in ("sharded", "ddp"):
@@ -771,6 +783,8 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
             ("no_root", "ValueError", "shard the root too, fully_shard(model) after its layers"),
             ("root_reshards", "RuntimeError", "reshard_after_forward=False"),
             ("ddp_subgroup", "ValueError", "pass the wrapped module (model.module)"),
+            ("sub_mesh", "ValueError", "over a device mesh of 1 rank(s)"),
+            ("sub_mesh_run", "ValueError", "shard it over a mesh of all 2 ranks"),
         ):
             error, message, unchanged = got[case]
             assert (error, unchanged) == (kind, True), (case, message)
