@@ -70,13 +70,21 @@ def wanted(fsdp: bool) -> bool:
 
 def fsdp_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The FSDP2 modules (``fully_shard``) in ``model``, itself included, outermost first; for a
-    ``PackedCausalLM``, those of the Hugging Face model it wraps (kept out of its module tree),
-    whose root holds the embeddings and lm_head."""
+    ``PackedCausalLM``, those of the Hugging Face model it wraps too (kept out of its module
+    tree), whose root holds the embeddings and lm_head, where the caller sharded that model
+    and not the wrapper."""
     from torch.distributed.fsdp import FSDPModule
 
+    trees = [model]
     wrapped = getattr(model, "hf_model", None)
-    tree = wrapped if isinstance(wrapped, torch.nn.Module) else model
-    return [m for m in tree.modules() if isinstance(m, FSDPModule)]
+    if isinstance(wrapped, torch.nn.Module) and wrapped is not model:
+        trees.append(wrapped)
+    found: dict[int, torch.nn.Module] = {}
+    for tree in trees:
+        for m in tree.modules():
+            if isinstance(m, FSDPModule):
+                found.setdefault(id(m), m)
+    return list(found.values())
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -684,13 +684,17 @@ def _callers_models() -> dict:
         # runs its decoder: the root's gathers must run around it)
         import transformers
 
+        from sdpo.engine.hf import PackedCausalLM
         from tests.conftest import tiny_hf_dict
 
-        for name in ("hf_plain", "hf_sharded"):
+        for name in ("hf_plain", "hf_sharded", "hf_packed_sharded"):
             torch.manual_seed(0)
             hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_hf_dict()))
             initial = weights(hf)
-            out[name] = sdpo_run(shard(hf) if name == "hf_sharded" else hf)
+            if name == "hf_packed_sharded":  # the caller's own wrapper sharded as the root
+                out[name] = sdpo_run(shard(PackedCausalLM(hf)))
+            else:
+                out[name] = sdpo_run(shard(hf) if name == "hf_sharded" else hf)
             out[name]["initial"] = initial
 
     ref = score_pairs(fresh(), pairs, max_tokens_per_batch=4096, impl="torch", data_parallel=False)
@@ -763,13 +767,14 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
             # matmul may round its last bit otherwise, which AdamW's first steps (about lr x
             # sign of each gradient) amplify on the few near-zero gradients: the updates are
             # compared as a whole
-            hf, sharded = got["hf_plain"], got["hf_sharded"]
-            assert sharded["grad_norms"] == pytest.approx(hf["grad_norms"], rel=1e-5)
-            update, apart = 0.0, 0.0
-            for k, v in hf["weights"].items():
-                update += float((v - hf["initial"][k]).square().sum())
-                apart += float((sharded["weights"][k] - v).square().sum())
-            assert math.sqrt(apart) < 1e-3 * math.sqrt(update)
+            hf = got["hf_plain"]
+            for sharded in (got["hf_sharded"], got["hf_packed_sharded"]):
+                assert sharded["grad_norms"] == pytest.approx(hf["grad_norms"], rel=1e-5)
+                update, apart = 0.0, 0.0
+                for k, v in hf["weights"].items():
+                    update += float((v - hf["initial"][k]).square().sum())
+                    apart += float((sharded["weights"][k] - v).square().sum())
+                assert math.sqrt(apart) < 1e-3 * math.sqrt(update)
         assert got["sharded_reduction_after"] == (None, False)
         assert got["sharded_bf16"]["grad_norm"] == pytest.approx(
             got["plain_bf16"]["grad_norm"], rel=1e-2
