@@ -135,3 +135,16 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(obj, sort_keys=True) + "\n")
         f.flush()
+
+
+# hex digits of a key's digest in a shared cache's file names: files of different keys
+# coexist, and a file is still checked against its whole key when read
+KEY_DIGEST_CHARS = 16
+
+
+def keyed_path(plain: str | os.PathLike, digest: str) -> Path:
+    """``plain`` (``DIR/NAME.safetensors``) with the first ``KEY_DIGEST_CHARS`` hex digits of
+    its key's digest before the suffix: ``DIR/NAME-<digest>.safetensors``, the file of that
+    key in a cache folder shared by runs."""
+    plain = Path(plain)
+    return plain.with_name(f"{plain.stem}-{digest[:KEY_DIGEST_CHARS]}{plain.suffix}")

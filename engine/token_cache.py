@@ -2,7 +2,8 @@
 
 Reading and validating every row and tokenizing it (chat templates included) is deterministic,
 so its result is written once next to the run (``tokens-<name>.safetensors`` in the run's cache
-folder) and reused while nothing that changes it has changed. The key (:func:`token_cache_key`)
+folder; ``tokens-<name>-<digest>.safetensors``, named by its key's digest, in a folder runs
+share: :func:`keyed_token_cache_path`) and reused while nothing that changes it has changed. The key (:func:`token_cache_key`)
 holds everything that does: the sha256 of each data file's bytes with its path, source name and
 split and subset, in order; the tokenizer files (chat template files and an older folder's
 ``added_tokens.json`` included); the length and truncation settings; the identical-pairs
@@ -36,7 +37,7 @@ from . import data as _data_module
 from . import tokenize as _tokenize_module
 from . import tokenizer_classes as _tokenizer_classes_module
 from .data import cyclic_gc_paused
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, keyed_path
 from .packing import TokenizedPair, id_array
 from .resume import file_sha256
 from .tokenize import (
@@ -52,6 +53,8 @@ __all__ = [
     "TOKEN_CACHE_VERSION",
     "load_tokenized",
     "token_cache_changes",
+    "token_cache_digest",
+    "keyed_token_cache_path",
     "pack_pairs",
     "save_packed",
     "save_tokenized",
@@ -103,6 +106,18 @@ class SourceLike(Protocol):
 def token_cache_path(cache_dir: str | os.PathLike, name: str) -> Path:
     """``<cache_dir>/tokens-<name>.safetensors`` (name: "train", "eval")."""
     return Path(cache_dir) / f"tokens-{name}.safetensors"
+
+
+def token_cache_digest(key: Mapping[str, Any]) -> str:
+    """sha256 hex of ``key`` as the file stores it (JSON, keys sorted): equal keys, one digest."""
+    text = json.dumps(json.loads(json.dumps(dict(key))), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def keyed_token_cache_path(plain: str | os.PathLike, key: Mapping[str, Any]) -> Path:
+    """The token cache of ``key`` in a folder shared by runs: ``plain``
+    (``token_cache_path``) with the key's digest in its name, ``tokens-train-<digest>``."""
+    return keyed_path(plain, token_cache_digest(key))
 
 
 def _folder_sha256(folder: Path) -> str:

@@ -8,7 +8,9 @@ A cache file is one safetensors file holding five (P,) tensors and string metada
 the :class:`CacheKey` fields (everything that changes the numbers), a sha256 checksum of the
 tensor bytes and a format version. :meth:`RefLogprobCache.load` accepts a file only when the
 key and the checksum match, and otherwise says why in plain words (so the caller can recompute
-and tell the user); it never raises on a damaged file. Files are written atomically.
+and tell the user); it never raises on a damaged file. Files are written atomically. In a folder
+runs share, a file is named by its key's digest (:func:`keyed_cache_path`), so the files of
+other keys stay beside it.
 
 Fingerprints (:func:`data_fingerprint`, :func:`file_fingerprint`; the model's is
 ``sdpo.engine.checkpoint.model_fingerprint``) are sha256 hex digests used to build keys.
@@ -33,7 +35,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from sdpo.engine.files import atomic_open
+from sdpo.engine.files import atomic_open, keyed_path
 from sdpo.engine.packing import (
     ID_FIELDS,
     TokenizedPair,
@@ -53,6 +55,7 @@ __all__ = [
     "RefValues",
     "data_fingerprint",
     "file_fingerprint",
+    "keyed_cache_path",
 ]
 
 # Bump when the file layout or the meaning of a stored field changes; older files are then
@@ -313,6 +316,14 @@ class CacheKey:
         """sha256 hex of the key (stable across runs; usable in a file name)."""
         text = json.dumps(self.fields(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def keyed_cache_path(plain: str | os.PathLike, key: CacheKey) -> Path:
+    """The file of ``key`` in a cache folder shared by runs: ``plain``
+    (``DIR/initial.safetensors``) with the key's digest in its name,
+    ``DIR/initial-<digest>.safetensors``; files of other keys beside it stay."""
+    _check_key(key)
+    return keyed_path(plain, key.digest())
 
 
 _KEY_STRS = (

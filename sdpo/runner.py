@@ -89,7 +89,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
-from sdpo.cache import CacheKey, RefLogprobCache, RefValues, data_fingerprint, file_fingerprint
+from sdpo.cache import (
+    CacheKey,
+    RefLogprobCache,
+    RefValues,
+    data_fingerprint,
+    file_fingerprint,
+    keyed_cache_path,
+)
 from sdpo.config import (
     ColumnMap,
     DataSource,
@@ -156,6 +163,7 @@ from sdpo.engine.resume import (
 from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.token_cache import (
     Tokenized,
+    keyed_token_cache_path,
     load_tokenized,
     pack_pairs,
     save_packed,
@@ -420,6 +428,7 @@ def load_pairs(
     pending_saves: list[Callable[[], None]] | None = None,
     tokenizer_dir: str | Path | None = None,
     cache_changes: list[str] | None = None,
+    shared_cache: bool = False,
 ) -> list[TokenizedPair]:
     """Read, validate and tokenize every source; pair ``index`` is the position in the pool.
     With ``context_length`` (the model's ``max_position_embeddings``) a pair whose sequence
@@ -430,7 +439,9 @@ def load_pairs(
     when given, so the caller writes only after all its inputs passed). ``tokenizer_dir``: the
     folder of the tokenizer files in the cache key (default ``model.path``; a hub model's
     snapshot folder). ``cache_changes`` receives, where an existing cache is not reused, what
-    changed since it was written (``token_cache_changes``; rank 0's)."""
+    changed since it was written (``token_cache_changes``; rank 0's). The file of the key's
+    digest (``tokens-train-<digest>``) is read first, then ``cache_file``; ``shared_cache``
+    (a folder runs share) writes the digest's name, else ``cache_file``."""
     # the held-out pairs' line says so: two "data:" lines in a row would not say which is which
     what = "held-out data" if sources is not None and sources == cfg.data.eval_sources else "data"
     sources = cfg.data.sources if sources is None else sources
@@ -452,20 +463,32 @@ def load_pairs(
                 context_length=context_length,
                 tokenizer_fingerprint=tokenizer.fingerprint,
             )
-        cached, reason = load_tokenized(cache_file, key) if key is not None else (None, "no key")
-        if cached is not None:
-            _log(f"token cache {cache_file.name}: reused")
-            return cached
-        if key is not None and reason != "missing":
-            _log(f"token cache {cache_file.name}: tokenizing again ({reason})")
-            if cache_changes is not None:
+        cached, reason, target = None, "no key", cache_file
+        if key is not None:
+            own = keyed_token_cache_path(cache_file, key)
+            target = own if shared_cache else cache_file
+            cached, own_reason = load_tokenized(own, key)
+            if cached is not None:
+                _log(f"token cache {own.name}: reused")
+                return cached
+            cached, reason = load_tokenized(cache_file, key)
+            if cached is not None:
+                _log(f"token cache {cache_file.name}: reused")
+                return cached
+            if own_reason != "missing":  # the key's own file, damaged
+                _log(f"token cache {own.name}: tokenizing again ({own_reason})")
+            elif shared_cache:
+                _log(f"token cache {own.name}: none for this key yet; tokenizing")
+            elif reason != "missing":
+                _log(f"token cache {cache_file.name}: tokenizing again ({reason})")
+            if reason != "missing" and cache_changes is not None and not shared_cache:
                 cache_changes.extend(token_cache_changes(cache_file, key))
         tokenized = _read_and_tokenize(
             cfg, tokenizer, sources, vocab_size=vocab_size, context_length=context_length
         )
         if key is not None:
             packed["wanted"] = True
-            save = partial(_save_token_cache, cache_file, tokenized, key, packed)
+            save = partial(_save_token_cache, target, tokenized, key, packed)
             if pending_saves is not None:
                 pending_saves.append(save)
             else:
@@ -631,6 +654,9 @@ class StepwiseRunner:
         self.impl = resolve_impl(cfg.kernels.impl, self.device)
         cache_dir = cfg.sdpo.cache_dir or (self.out / "cache")
         self.cache_dir = Path(cache_dir)
+        # a folder runs share (sdpo.cache_dir) holds a file per key, named by the key's digest;
+        # the run's own (OUTPUT_DIR/cache) one file per name, replaced when the key changes
+        self.shared_cache = bool(cfg.sdpo.cache_dir)
         self.scoring_calls = 0
         self.tokenizer_fp = ""
         self.stop_flag = False
@@ -745,30 +771,44 @@ class StepwiseRunner:
         self, name: str, model: torch.nn.Module, model_fp: str, pairs: Sequence[TokenizedPair]
     ) -> PairLogps:
         """Reference values of ``pairs`` under ``model``, from the cache file ``name`` when its
-        key and checksum match, else computed and written."""
-        cache = RefLogprobCache(self.cache_dir / f"{name}.safetensors")
+        key and checksum match, else computed and written. The file of the key's digest
+        (``initial-<digest>``, what a shared ``sdpo.cache_dir`` holds) is read first, then the
+        plain name (``initial``: the run's own cache folder, and files of earlier releases);
+        the values are written under the digest's name in a shared folder, else the plain
+        one (``shared_cache``)."""
         key = self.cache_key(model_fp, pairs)
-        values, reason = on_main(lambda: cache.load(key))  # rank 0 reads, every rank gets it
+        plain = RefLogprobCache(self.cache_dir / f"{name}.safetensors")
+        own = RefLogprobCache(keyed_cache_path(plain.path, key))
+        target = own if self.shared_cache else plain
+        values, own_reason = on_main(lambda: own.load(key))  # rank 0 reads, every rank gets it
         if values is not None:
-            _log(f"reference cache {cache.path.name}: reused")
+            _log(f"reference cache {own.path.name}: reused")
+            return values.to_pair_logps()
+        values, reason = on_main(lambda: plain.load(key))
+        if values is not None:
+            _log(f"reference cache {plain.path.name}: reused")
             return values.to_pair_logps()
         if reason.startswith("key mismatch: model_fingerprint "):
             # a file an earlier release wrote for these weights, which it fingerprinted otherwise
             for earlier in self._earlier_fingerprints(model):
                 earlier_key = dataclasses.replace(key, model_fingerprint=earlier)
-                values, _ = on_main(lambda k=earlier_key: cache.load(k))
+                values, _ = on_main(lambda k=earlier_key: plain.load(k))
                 if values is not None:
                     _log(
-                        f"reference cache {cache.path.name}: reused (written under the "
+                        f"reference cache {plain.path.name}: reused (written under the "
                         f"fingerprint {earlier[:12]} an earlier release gave these weights)"
                     )
                     return values.to_pair_logps()
-        if reason != "missing":
-            _log(f"reference cache {cache.path.name}: recomputing ({reason})")
+        if own_reason != "missing":  # the key's own file, damaged
+            _log(f"reference cache {own.path.name}: recomputing ({own_reason})")
+        elif self.shared_cache:
+            _log(f"reference cache {own.path.name}: none for this key yet; scoring")
+        elif reason != "missing":
+            _log(f"reference cache {plain.path.name}: recomputing ({reason})")
         scores = self.score(model, pairs)  # data parallel: sharded, gathered on every rank
         fault_point("score_done")
         if distributed.is_main():
-            cache.save(RefValues.from_scores(scores), key)
+            target.save(RefValues.from_scores(scores), key)
             fault_point("cache_saved")
         return scores
 
@@ -836,6 +876,7 @@ class StepwiseRunner:
                 pending_saves=cache_saves,
                 tokenizer_dir=model_dir,
                 cache_changes=self.token_cache_changes,
+                shared_cache=self.shared_cache,
             )
             fault_point("data_read")
             self.eval_pairs = []
@@ -849,6 +890,7 @@ class StepwiseRunner:
                     cache_file=token_cache_path(self.cache_dir, "eval"),
                     pending_saves=cache_saves,
                     tokenizer_dir=model_dir,
+                    shared_cache=self.shared_cache,
                 )
             elif cfg.data.eval_fraction:
                 pairs, self.eval_pairs = split_held_out(

@@ -1,0 +1,93 @@
+"""A cache folder runs share (``sdpo.cache_dir``): each file is named by its key's digest, so
+runs with other settings keep their files side by side and each finds its own; files with the
+plain names (a run's own cache folder, earlier releases) are still read. Real runs of a tiny
+model."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+
+from sdpo.config import config_from_dict
+from sdpo.runner import run_training
+from tests.conftest import two_source_config
+
+KEYED = re.compile(r"(.+)-([0-9a-f]{16})\.safetensors")
+
+
+def _config(tmp_path: Path, model_dir: Path, *, out: str, cache_dir: Path | None, **data):
+    sdpo = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
+    d = two_source_config(tmp_path, model_dir, out=out, far=4, near=4, data=data, sdpo=sdpo)
+    return config_from_dict(d)
+
+
+def _stored_key_digest(path: Path) -> str:
+    """sha256 of the key a cache file holds, computed from its metadata alone."""
+    with safe_open(str(path), "np") as f:
+        meta = f.metadata()
+    if "key" in meta:  # a token cache: the key as one JSON object
+        key = json.loads(meta["key"])
+    else:  # a reference cache: one JSON value per key field
+        key = {k.removeprefix("key."): json.loads(v) for k, v in meta.items() if k[:4] == "key."}
+    text = json.dumps(key, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_runs_with_other_data_settings_keep_their_files_side_by_side(
+    tiny_model_dir, tmp_path, capsys
+):
+    shared = tmp_path / "shared"
+    a = _config(tmp_path, tiny_model_dir, out="a", cache_dir=shared)
+    b = _config(tmp_path, tiny_model_dir, out="b", cache_dir=shared, max_length=24)
+    assert run_training(a, progress=False).scoring_calls == 2  # initial (chunk 1), step-2
+    assert run_training(b, progress=False).scoring_calls == 2  # other tokens: all its own
+    files = _files(shared)
+    # two of each name, one per run, each named by the digest of the key it holds
+    stems = sorted(KEYED.fullmatch(name)[1] for name in files)
+    assert stems == sorted(["tokens-train", "initial", "step-2"] * 2)
+    for name in files:
+        assert _stored_key_digest(shared / name).startswith(KEYED.fullmatch(name)[2]), name
+    assert not (tmp_path / "a" / "cache").exists()  # nothing in the runs' own folders
+
+    capsys.readouterr()
+    again = run_training(a, progress=False, overwrite=True)  # b wrote after a: a's files stay
+    assert again.scoring_calls == 0
+    log = capsys.readouterr().out
+    reused = re.findall(r"(?:token|reference) cache (\S+): reused", log)
+    assert sorted(KEYED.fullmatch(n)[1] for n in reused) == ["initial", "step-2", "tokens-train"]
+    assert set(reused) < set(files)
+    assert _files(shared) == files  # read, nothing written again
+
+
+def test_plain_names_are_read_and_a_runs_own_folder_keeps_one_file_per_name(
+    tiny_model_dir, tmp_path, capsys
+):
+    own = _config(tmp_path, tiny_model_dir, out="a", cache_dir=None)
+    run_training(own, progress=False)
+    plain = sorted(p.name for p in (tmp_path / "a" / "cache").iterdir())
+    assert plain == ["initial.safetensors", "step-2.safetensors", "tokens-train.safetensors"]
+
+    # a shared folder that an earlier release filled (the plain names): its files are reused
+    shared = tmp_path / "shared"
+    shutil.copytree(tmp_path / "a" / "cache", shared)
+    capsys.readouterr()
+    other = _config(tmp_path, tiny_model_dir, out="b", cache_dir=shared)
+    assert run_training(other, progress=False).scoring_calls == 0
+    log = capsys.readouterr().out
+    assert "reference cache initial.safetensors: reused" in log
+    assert "token cache tokens-train.safetensors: reused" in log
+    assert sorted(p.name for p in shared.iterdir()) == plain
+
+    # the run's own folder: other data settings replace its files, the folder does not grow
+    changed = _config(tmp_path, tiny_model_dir, out="a", cache_dir=None, max_length=24)
+    assert run_training(changed, progress=False, overwrite=True).scoring_calls == 2
+    assert sorted(p.name for p in (tmp_path / "a" / "cache").iterdir()) == plain
