@@ -429,6 +429,8 @@ def load_pairs(
     tokenizer_dir: str | Path | None = None,
     cache_changes: list[str] | None = None,
     shared_cache: bool = False,
+    changes_since: Path | None = None,
+    cache_used: list[Path] | None = None,
 ) -> list[TokenizedPair]:
     """Read, validate and tokenize every source; pair ``index`` is the position in the pool.
     With ``context_length`` (the model's ``max_position_embeddings``) a pair whose sequence
@@ -439,9 +441,11 @@ def load_pairs(
     when given, so the caller writes only after all its inputs passed). ``tokenizer_dir``: the
     folder of the tokenizer files in the cache key (default ``model.path``; a hub model's
     snapshot folder). ``cache_changes`` receives, where an existing cache is not reused, what
-    changed since it was written (``token_cache_changes``; rank 0's). The file of the key's
-    digest (``tokens-train-<digest>``) is read first, then ``cache_file``; ``shared_cache``
-    (a folder runs share) writes the digest's name, else ``cache_file``."""
+    changed since it was written (``token_cache_changes``; rank 0's), or since
+    ``changes_since`` was, where given (the file a resumed run's checkpoint names). The file of
+    the key's digest (``tokens-train-<digest>``) is read first, then ``cache_file``;
+    ``shared_cache`` (a folder runs share) writes the digest's name, else ``cache_file``.
+    ``cache_used`` receives the path of the file read or written."""
     # the held-out pairs' line says so: two "data:" lines in a row would not say which is which
     what = "held-out data" if sources is not None and sources == cfg.data.eval_sources else "data"
     sources = cfg.data.sources if sources is None else sources
@@ -470,10 +474,14 @@ def load_pairs(
             cached, own_reason = load_tokenized(own, key)
             if cached is not None:
                 _log(f"token cache {own.name}: reused")
+                if cache_used is not None:
+                    cache_used.append(own)
                 return cached
             cached, reason = load_tokenized(cache_file, key)
             if cached is not None:
                 _log(f"token cache {cache_file.name}: reused")
+                if cache_used is not None:
+                    cache_used.append(cache_file)
                 return cached
             if own_reason != "missing":  # the key's own file, damaged
                 _log(f"token cache {own.name}: tokenizing again ({own_reason})")
@@ -481,8 +489,11 @@ def load_pairs(
                 _log(f"token cache {own.name}: none for this key yet; tokenizing")
             elif reason != "missing":
                 _log(f"token cache {cache_file.name}: tokenizing again ({reason})")
-            if reason != "missing" and cache_changes is not None and not shared_cache:
-                cache_changes.extend(token_cache_changes(cache_file, key))
+            if cache_changes is not None:  # [] where the file is missing
+                since = changes_since if changes_since and changes_since.is_file() else None
+                cache_changes.extend(token_cache_changes(since or cache_file, key))
+            if cache_used is not None:
+                cache_used.append(target)
         tokenized = _read_and_tokenize(
             cfg, tokenizer, sources, vocab_size=vocab_size, context_length=context_length
         )
@@ -683,6 +694,10 @@ class StepwiseRunner:
         # what changed since the training data's token cache was written, where it was not
         # reused (load_pairs' cache_changes): names the cause of other token ids on resume
         self.token_cache_changes: list[str] = []
+        # the training data's token cache: the file this run read or wrote (kept in its
+        # checkpoints), and the one a resumed run's checkpoint names (rank 0)
+        self.token_cache_file: list[Path] = []
+        self.resumed_token_cache: str | None = None
         self._data_fp_of: Sequence[TokenizedPair] | None = None  # the pairs data_fp hashes
         # model.path and sdpo.reference as local folders (hub models: their snapshots), set by
         # load_inputs
@@ -877,6 +892,10 @@ class StepwiseRunner:
                 tokenizer_dir=model_dir,
                 cache_changes=self.token_cache_changes,
                 shared_cache=self.shared_cache,
+                changes_since=(
+                    self.cache_dir / self.resumed_token_cache if self.resumed_token_cache else None
+                ),
+                cache_used=self.token_cache_file,
             )
             fault_point("data_read")
             self.eval_pairs = []
@@ -1127,6 +1146,8 @@ class StepwiseRunner:
                 break
             else:
                 return None
+        if isinstance(progress.get("token_cache"), str):
+            self.resumed_token_cache = Path(progress["token_cache"]).name
         now = config_to_dict(self.cfg)
         # the precision the run trains in (train.precision resolved when it started; absent
         # in checkpoints of older runs): "auto" keeps it, an explicit value is compared with it
@@ -1233,7 +1254,12 @@ class StepwiseRunner:
                 "Restore the inputs the run started with (where sdpo's tokenization changed: "
                 "resume with the sdpo that started the run)",
             )
-        why = f"since {token_cache_path(self.cache_dir, 'train')} was written: {'; '.join(changes)}"
+        since = (
+            self.cache_dir / self.resumed_token_cache
+            if self.resumed_token_cache
+            else token_cache_path(self.cache_dir, "train")
+        )
+        why = f"since {since} was written: {'; '.join(changes)}"
         code = "the tokenizing code changed" in changes
         inputs = [c for c in changes if c != "the tokenizing code changed"]
         if code:  # a tokenizer read otherwise follows from the code alone
@@ -1370,6 +1396,9 @@ class StepwiseRunner:
                 # train.precision as resolved when the run started: a resume keeps it
                 "precision": self.precision,
                 "data_fingerprint": self.data_fp,
+                # the training data's token cache file (its key's digest in a shared folder):
+                # what changed since it was written names the cause of other ids on resume
+                "token_cache": self.token_cache_file[0].name if self.token_cache_file else None,
                 # the weights the run started from (M0, and sdpo.reference): checked on resume
                 "model_fingerprints": dict(self.model_fps),
             }

@@ -11,10 +11,11 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 from safetensors import safe_open
 
 from sdpo.config import config_from_dict
-from sdpo.runner import run_training
+from sdpo.runner import OutputDirError, run_training
 from tests.conftest import two_source_config
 
 KEYED = re.compile(r"(.+)-([0-9a-f]{16})\.safetensors")
@@ -91,3 +92,29 @@ def test_plain_names_are_read_and_a_runs_own_folder_keeps_one_file_per_name(
     changed = _config(tmp_path, tiny_model_dir, out="a", cache_dir=None, max_length=24)
     assert run_training(changed, progress=False, overwrite=True).scoring_calls == 2
     assert sorted(p.name for p in (tmp_path / "a" / "cache").iterdir()) == plain
+
+
+def test_a_resume_on_other_token_ids_names_what_changed_since_its_own_file(
+    tiny_model_dir, tmp_path
+):
+    """The refusal compares with the token cache the run's checkpoint names, not with a file
+    another run of the folder wrote since (here under another max_length)."""
+    shared = tmp_path / "shared"
+    a = _config(tmp_path, tiny_model_dir, out="a", cache_dir=shared)
+    run_training(a, progress=False)
+    b = _config(tmp_path, tiny_model_dir, out="b", cache_dir=shared, max_length=24)
+    run_training(b, progress=False)
+    (own,) = [p for p in shared.glob("tokens-train-*") if json.loads(_meta(p))["max_length"] == 32]
+    near = Path(a.data.sources[1].path)
+    rows = near.read_text().splitlines()
+    row = json.loads(rows[0])
+    row["chosen"] += " mat"
+    near.write_text("\n".join([json.dumps(row), *rows[1:]]) + "\n")
+    with pytest.raises(OutputDirError, match="token ids differ") as e:
+        run_training(a, progress=False, resume=True)
+    assert f"(since {own} was written: data source near ({near}) changed)" in str(e.value)
+
+
+def _meta(path: Path) -> str:
+    with safe_open(str(path), "np") as f:
+        return f.metadata()["key"]
