@@ -195,9 +195,12 @@ def unwrap_data_parallel(model: torch.nn.Module, who: str) -> torch.nn.Module:
     after a forward through the wrapper), so each gradient is summed once, and the wrapper
     works as before for the caller after sdpo returns. A wrapper over another process group
     than the default one (the data-parallel group of a larger mesh) is refused: sdpo deals the
-    work over all the default group's ranks. Any other model is returned as it is."""
+    work over all the default group's ranks. A model wrapped (whole or in part) in FSDP1's
+    ``FullyShardedDataParallel`` is refused: sdpo gathers, sums and saves the parameters of
+    FSDP2's ``fully_shard`` alone. Any other model is returned as it is."""
     from torch.nn.parallel import DistributedDataParallel
 
+    _refuse_fsdp1(model, who)
     if not isinstance(model, DistributedDataParallel):
         return model
     ranks = _dist().get_world_size(model.process_group)
@@ -209,6 +212,25 @@ def unwrap_data_parallel(model: torch.nn.Module, who: str) -> torch.nn.Module:
             "with its replica"
         )
     return model.module
+
+
+def _refuse_fsdp1(model: torch.nn.Module, who: str) -> None:
+    """A TypeError for a model of which any module is FSDP1's ``FullyShardedDataParallel``
+    (its flat parameters, hooks and state dicts are not those of FSDP2 that sdpo reads)."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # a torch built without distributed
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, FullyShardedDataParallel):
+            where = "the model" if not name else f"its module {name!r}"
+            raise TypeError(
+                f"{who}: {where} is wrapped in FullyShardedDataParallel (FSDP1), which sdpo "
+                "does not train: shard the model with FSDP2 instead (torch.distributed.fsdp."
+                "fully_shard of each decoder layer, then of the model), or wrap it in "
+                "DistributedDataParallel, or pass the plain model (the runner's train.fsdp "
+                "shards the models it loads itself)"
+            )
 
 
 # -- collectives (identity in a world of one) -------------------------------------------------

@@ -600,6 +600,50 @@ def test_a_sharded_model_s_config_names_the_precision_s_dtype_not_its_gathered_o
         dist.destroy_process_group()
 
 
+def test_a_model_wrapped_in_fsdp1_is_refused_before_any_work():
+    """FSDP1's FullyShardedDataParallel (flat parameters, its own hooks and state dicts) is not
+    FSDP2's ``fully_shard`` that sdpo gathers, sums and saves: run_sdpo, DPOTrainer and
+    score_pairs refuse it, whole or on a submodule, naming what to use, and leave the weights
+    as they were. One process: a gloo group of one rank, where FSDP1 builds on the CPU."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from sdpo.engine.model import ModelConfig, init_model
+    from sdpo.losses import LossConfig
+    from sdpo.stepwise import run_sdpo
+    from tests.conftest import TINY_SHAPE
+
+    pairs = _random_pairs(64)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        cpu = torch.device("cpu")
+        whole = FullyShardedDataParallel(
+            init_model(ModelConfig(vocab_size=64, **TINY_SHAPE), seed=0), device_id=cpu
+        )
+        before = {k: v.clone() for k, v in whole.state_dict().items()}
+        with pytest.raises(
+            TypeError, match=r"run_sdpo: the model is wrapped in Fully.*fully_shard"
+        ):
+            run_sdpo(
+                whole,
+                pairs,
+                steps=1,
+                partition="random",
+                train=TrainConfig(learning_rate=LR, pairs_per_step=2),
+                loss=LossConfig(beta=0.1),
+                kernels_impl="torch",
+            )
+        assert all(torch.equal(v, before[k]) for k, v in whole.state_dict().items())
+        part = init_model(ModelConfig(vocab_size=64, **TINY_SHAPE), seed=0)
+        part.model.layers[0] = FullyShardedDataParallel(part.model.layers[0], device_id=cpu)
+        with pytest.raises(TypeError, match=r"DPOTrainer: its module 'model.layers.0' is wrapped"):
+            dpo_trainer(part, TrainConfig(learning_rate=LR, pairs_per_step=2))
+        with pytest.raises(TypeError, match=r"score_pairs: .*DistributedDataParallel"):
+            score_pairs(part, pairs, max_tokens_per_batch=256, impl="torch")
+    finally:
+        dist.destroy_process_group()
+
+
 # -- models the caller sharded or wrapped itself (the embedding API) -------------------------
 def _random_pairs(vocab: int, n: int = 8) -> list:
     """``n`` pairs of random ids below ``vocab``, over two sources."""
