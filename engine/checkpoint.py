@@ -733,14 +733,22 @@ def earlier_model_fingerprints(
     model: torch.nn.Module, *, state: dict[str, torch.Tensor] | None = None
 ) -> list[str]:
     """The fingerprints earlier releases gave the same weights where they described the same
-    model otherwise (``ModelConfig.earlier_architecture_dicts``: a Qwen's sliding window), for
-    a run or cache they recorded; [] without such a description, hashing nothing. ``state`` as
-    for ``model_fingerprint``."""
-    config = getattr(model, "config", None)
-    if not isinstance(config, ModelConfig):
-        return []  # transformers' config text has not changed its recipe
-    texts = [json.dumps(d, sort_keys=True) for d in config.earlier_architecture_dicts()]
+    model otherwise (``ModelConfig.earlier_architecture_dicts``: a Qwen's sliding window; a
+    wrapped Hugging Face model's ``earlier_fingerprint_configs``: the config as transformers
+    serialises it), for a run or cache they recorded; [] without such a description, hashing
+    nothing. ``state`` as for ``model_fingerprint``."""
+    texts = earlier_architecture_texts(model)
     return _hash_weights(model, texts, state) if texts else []
+
+
+def earlier_architecture_texts(model: torch.nn.Module) -> list[str]:
+    """The architecture texts of ``earlier_model_fingerprints`` (none hashed)."""
+    config = getattr(model, "config", None)
+    if isinstance(config, ModelConfig):
+        return [json.dumps(d, sort_keys=True) for d in config.earlier_architecture_dicts()]
+    if hasattr(model, "earlier_fingerprint_configs"):
+        return list(model.earlier_fingerprint_configs())
+    return []
 
 
 def _hash_weights(

@@ -160,6 +160,57 @@ def _caps_attention_scores(config: object) -> bool:
 _VOLATILE_KEYS = ("dtype", "torch_dtype", "transformers_version", "_name_or_path", "architectures")
 
 
+# the keys of a rotary dict (transformers 5's rope_parameters, 4's rope_scaling) whose value
+# at the top of a config means the same: transformers moves them between the two across versions
+_ROPE_DICTS = ("rope_parameters", "rope_scaling")
+# values that state a model's default in so many words, which one version writes and another
+# leaves out (a rotary over the whole head, the plain rotary)
+_NEUTRAL_VALUES = {"partial_rotary_factor": 1.0, "rope_type": "default"}
+# switches of what a forward returns, not of what it computes (sdpo asks for the router's
+# logits itself, router_loss): a newer transformers adds them to a config type
+_OUTPUT_SWITCHES = ("use_cache", "output_router_logits")
+
+
+def _function_config(d: dict[str, Any]) -> dict[str, Any]:
+    """A config's ``to_dict()`` as the settings that decide what the model computes, spelled
+    alike by every transformers version: without the keys every config has (labels, output
+    switches, its version) or that switch an output (``_OUTPUT_SWITCHES``), without keys set
+    to None (a newer transformers adds them to every config of a type, a feature off); the
+    keys of a one-level rotary dict at the top, where a version that keeps them there (or in
+    ``rope_scaling``, its ``type`` as ``rope_type``) writes them, unless the top holds the key
+    with another value (then it stays ``rope_parameters.<key>``); and without a value that
+    names the default in so many words (``_NEUTRAL_VALUES``). A config inside it (a multimodal
+    model's ``text_config``) is read the same way."""
+    from transformers import PretrainedConfig
+
+    d = dict(d)
+    generic = set(PretrainedConfig().to_dict()) - {"model_type"}
+    for key in (*_VOLATILE_KEYS, *generic, *_OUTPUT_SWITCHES):
+        d.pop(key, None)
+    for name in _ROPE_DICTS:
+        rope = d.get(name)
+        if not isinstance(rope, dict) or any(isinstance(v, dict) for v in rope.values()):
+            continue  # absent, or one rotary per layer type (Gemma 3): kept as it is
+        del d[name]
+        for key, value in rope.items():
+            key = "rope_type" if key == "type" else key
+            if key in d and d[key] != value:
+                d[f"{name}.{key}"] = value
+            else:
+                d[key] = value
+    return {
+        key: _function_config(value) if _is_sub_config(value) else value
+        for key, value in d.items()
+        if value is not None and not (key in _NEUTRAL_VALUES and value == _NEUTRAL_VALUES[key])
+    }
+
+
+def _is_sub_config(value: object) -> bool:
+    """Whether a config's value is the dict of a config inside it (a multimodal model's
+    ``text_config``), which ``_function_config`` reads as it reads the whole."""
+    return isinstance(value, dict) and isinstance(value.get("model_type"), str)
+
+
 def fp32_kept_tensors(model: nn.Module, dtype: torch.dtype) -> list[Tensor]:
     """The parameters and buffers of a Hugging Face model (or of one inside ``model``: a
     ``PackedCausalLM``, a PEFT model) that transformers keeps in fp32 when it loads the model in
@@ -335,10 +386,18 @@ class PackedCausalLM(nn.Module):
 
     def fingerprint_config(self) -> str:
         """The wrapped model's architecture as text, for ``model_fingerprint``: its class and
-        config, without the keys that do not change what it computes: the ones every
-        transformers config has (labels, output switches, its version), ``use_cache``, and
-        keys set to None, which a newer transformers adds to every config of a type (a feature
-        off), so that upgrading it keeps the reference caches and ``--resume``."""
+        its config's settings (``_function_config``), not the way a version of transformers
+        serialises them, so that upgrading it keeps the reference caches and ``--resume``."""
+        d = _function_config(self.hf_model.config.to_dict())
+        return json.dumps(
+            {"transformers": type(self.hf_model).__name__, "config": d}, sort_keys=True, default=str
+        )
+
+    def earlier_fingerprint_configs(self) -> list[str]:
+        """The texts earlier releases fingerprinted for this model where they differ from
+        ``fingerprint_config()`` (the rotary settings where transformers put them, an output
+        switch), so that their runs resume and their reference caches stay valid under the
+        transformers they ran with (``sdpo.engine.checkpoint.earlier_model_fingerprints``)."""
         from transformers import PretrainedConfig
 
         d = self.hf_model.config.to_dict()
@@ -346,9 +405,10 @@ class PackedCausalLM(nn.Module):
         for key in (*_VOLATILE_KEYS, *generic, "use_cache"):
             d.pop(key, None)
         d = {key: value for key, value in d.items() if value is not None}
-        return json.dumps(
+        text = json.dumps(
             {"transformers": type(self.hf_model).__name__, "config": d}, sort_keys=True, default=str
         )
+        return [] if text == self.fingerprint_config() else [text]
 
     def forward(
         self,

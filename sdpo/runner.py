@@ -114,6 +114,7 @@ from sdpo.engine.checkpoint import (
     CheckpointError,
     ModelInfo,
     check_model,
+    earlier_architecture_texts,
     earlier_model_fingerprints,
     load_model,
     load_pretrained,
@@ -136,7 +137,6 @@ from sdpo.engine.lora import (
     merge_rounding_loss,
     peft_adapter_files,
 )
-from sdpo.engine.model import ModelConfig
 from sdpo.engine.packing import TokenizedPair
 from sdpo.engine.precision import (
     emulated_bf16_warning,
@@ -1462,7 +1462,8 @@ class StepwiseRunner:
             _log(
                 f"{key} ({value}): the run recorded these weights under the fingerprint an "
                 f"earlier release computed ({saved[:12]}; now {fingerprint[:12]}), which described "
-                "the model's sliding window otherwise; the weights are the same: resuming"
+                "the model's configuration otherwise (a sliding window, the keys of a "
+                "transformers config); the weights are the same: resuming"
             )
             self.model_fps[role] = saved
             return saved
@@ -2447,8 +2448,7 @@ class StepwiseRunner:
     def _earlier_fingerprints(self, model: torch.nn.Module) -> list[str]:
         """``earlier_model_fingerprints``, sharded as ``_fingerprint``; [] at once (no
         collective) for a model no earlier release fingerprinted otherwise."""
-        config = getattr(model, "config", None)
-        if not isinstance(config, ModelConfig) or not config.earlier_architecture_dicts():
+        if not earlier_architecture_texts(model):
             return []
         if not sharding.is_sharded(model):
             return earlier_model_fingerprints(model)

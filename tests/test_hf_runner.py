@@ -765,6 +765,56 @@ def test_the_fingerprint_of_a_transformers_model_follows_the_model_not_the_libra
     assert model_fingerprint(model) != before
 
 
+def test_a_transformers_model_s_fingerprint_ignores_where_its_version_puts_a_setting(tmp_path):
+    """transformers moved StableLM's (and GLM's, Phi's, ...) partial_rotary_factor from the
+    config's top into rope_parameters (5.17 wrote both, 5.24 the latter), spelled the rotary
+    as rope_theta/rope_scaling {"type"} before 5, and adds output switches to config types:
+    the same weights and settings keep their fingerprint, so that a resume after upgrading it
+    is not refused as other weights; a setting of another value changes it. The fingerprint
+    of the recipe before (every key of ``to_dict`` as it stood) is an earlier one of the
+    same model, so that runs and caches it keyed stay valid."""
+    import hashlib
+
+    from transformers import PretrainedConfig
+
+    from sdpo.engine.checkpoint import (
+        earlier_model_fingerprints,
+        model_fingerprint,
+        model_state_dict,
+    )
+
+    model = load_model(write_hf_model(tmp_path / "m", "StableLmConfig"))
+    config = model.hf_model.config
+    assert config.to_dict()["rope_parameters"]["partial_rotary_factor"] == 0.25
+    before = model_fingerprint(model)
+
+    def before_recipe() -> str:
+        d = config.to_dict()
+        for key in (*hf_mod._VOLATILE_KEYS, *PretrainedConfig().to_dict(), "use_cache"):
+            if key != "model_type":
+                d.pop(key, None)
+        d = {k: v for k, v in d.items() if v is not None}
+        text = json.dumps({"transformers": "StableLmForCausalLM", "config": d}, sort_keys=True)
+        h = hashlib.sha256(text.encode())
+        for name, t in model_state_dict(model).items():
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+            h.update(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    assert before_recipe() in earlier_model_fingerprints(model)
+    config.partial_rotary_factor = 0.25  # where 5.17 also wrote it
+    config.output_router_logits = False
+    assert model_fingerprint(model) == before
+    rope = config.rope_parameters
+    config.rope_parameters = None  # the spelling before transformers 5
+    config.rope_theta, config.rope_scaling = rope["rope_theta"], {"type": "default"}
+    assert model_fingerprint(model) == before
+    config.partial_rotary_factor = 0.5  # another rotary, in either place
+    assert model_fingerprint(model) != before
+    config.partial_rotary_factor, config.rope_parameters = 0.25, {**rope, "rope_theta": 500.0}
+    assert model_fingerprint(model) != before
+
+
 def test_a_model_whose_logits_are_scaled_is_refused(tmp_path, monkeypatch):
     """Falcon-H1 multiplies its logits by lm_head_multiplier: refused before any weight is
     read, as the other scaled heads are; and a head transform no config key names is caught
