@@ -26,6 +26,7 @@ import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -718,14 +719,30 @@ def model_fingerprint(
     dtype; a model cast to another dtype fingerprints differently. GPU tensors are hashed in
     64 MiB pieces copied to the host, so memory stays flat (about 1-2 s for a 1B model).
     ``state``: the weights to hash instead of ``model.state_dict()`` (a sharded model's gathered
-    state dict, which fingerprints as the unsharded model does)."""
+    state dict, which fingerprints as the unsharded model does). The architecture is
+    ``architecture_text(model)``."""
+    return _hash_weights(model, [architecture_text(model)], state)[0]
+
+
+def architecture_text(model: torch.nn.Module) -> str:
+    """The text of the model's architecture that ``model_fingerprint`` hashes before the
+    weights: sdpo's decoder's ``architecture_dict`` as JSON, a wrapped Hugging Face model's
+    ``fingerprint_config()``, "" for another module. A run records it beside the fingerprint,
+    so that a resume refused for other weights can tell the tensors from the configuration
+    (``fingerprint_with``) and name the fields that differ (``architecture_differences``)."""
     config = getattr(model, "config", None)
     if isinstance(config, ModelConfig):
-        architecture = json.dumps(config.architecture_dict(), sort_keys=True)
-    elif hasattr(model, "fingerprint_config"):  # a wrapped Hugging Face model
-        architecture = model.fingerprint_config()
-    else:
-        architecture = ""
+        return json.dumps(config.architecture_dict(), sort_keys=True)
+    if hasattr(model, "fingerprint_config"):  # a wrapped Hugging Face model
+        return model.fingerprint_config()
+    return ""
+
+
+def fingerprint_with(
+    model: torch.nn.Module, architecture: str, *, state: dict[str, torch.Tensor] | None = None
+) -> str:
+    """``model_fingerprint`` of the model's weights under another architecture text (one a run
+    recorded): equal to the run's fingerprint exactly when the weights are the run's."""
     return _hash_weights(model, [architecture], state)[0]
 
 
@@ -749,6 +766,34 @@ def earlier_architecture_texts(model: torch.nn.Module) -> list[str]:
     if hasattr(model, "earlier_fingerprint_configs"):
         return list(model.earlier_fingerprint_configs())
     return []
+
+
+def architecture_differences(before: str, now: str) -> list[str]:
+    """The fields in which two architecture texts (``architecture_text``) differ, each as
+    "name (now X, then Y)", a field one lacks as absent; [] where either is not a JSON object
+    (a module without a description). A wrapped Hugging Face model's config keys are named as
+    they are, its class as ``transformers``."""
+    try:
+        old, new = json.loads(before), json.loads(now)
+    except ValueError:
+        return []
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return []
+
+    def flat(d: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(d.get("config"), dict) and "transformers" in d:
+            return {"transformers": d["transformers"], **d["config"]}
+        return d
+
+    old, new = flat(old), flat(new)
+    absent = object()
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, absent), new.get(key, absent)
+        if a != b:
+            show = lambda v: "absent" if v is absent else json.dumps(v, sort_keys=True)  # noqa: E731
+            out.append(f"{key} (now {show(b)}, then {show(a)})")
+    return out
 
 
 def _hash_weights(

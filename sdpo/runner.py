@@ -113,9 +113,12 @@ from sdpo.engine.attention import BACKEND_NEEDS, WINDOW_NEEDS, available_attenti
 from sdpo.engine.checkpoint import (
     CheckpointError,
     ModelInfo,
+    architecture_differences,
+    architecture_text,
     check_model,
     earlier_architecture_texts,
     earlier_model_fingerprints,
+    fingerprint_with,
     load_model,
     load_pretrained,
     model_fingerprint,
@@ -705,6 +708,9 @@ class StepwiseRunner:
         self.reference_dir: Path | None = None
         self.pending_cache_saves: list[Callable[[], None]] = []  # load_inputs' token caches
         self.model_fps: dict[str, str] = {}  # role ("initial", "reference") -> weights' fingerprint
+        # role -> the architecture text its fingerprint hashed (architecture_text): a resume
+        # refused for other weights tells the tensors from the configuration by it
+        self.model_archs: dict[str, str] = {}
         self.chunks: list[list[int]] | None = None  # the pair indices of each sDPO step (run())
         self.phase = LOADING  # what the run is doing, for an out-of-memory message
         # the code that runs the policy (model.implementation resolved by load_inputs), and its
@@ -1401,6 +1407,7 @@ class StepwiseRunner:
                 "token_cache": self.token_cache_file[0].name if self.token_cache_file else None,
                 # the weights the run started from (M0, and sdpo.reference): checked on resume
                 "model_fingerprints": dict(self.model_fps),
+                "model_architectures": dict(self.model_archs),
             }
         )
         # the pair indices of each sDPO step's chunk, which a resume trains
@@ -1452,13 +1459,15 @@ class StepwiseRunner:
         fingerprint that keys the weights' reference caches: the run's own where an earlier
         release fingerprinted the same weights otherwise (``earlier_model_fingerprints``)."""
         self.model_fps[role] = fingerprint
+        self.model_archs[role] = architecture_text(model)
         if point is None:
             return fingerprint
         saved = (point.progress.get("model_fingerprints") or {}).get(role)
         if saved is None or saved == fingerprint:
             return fingerprint
         value = self.cfg.model.path if role == "initial" else self.cfg.sdpo.reference
-        if saved in self._earlier_fingerprints(model):
+        earlier = self._earlier_fingerprints(model)
+        if saved in earlier:
             _log(
                 f"{key} ({value}): the run recorded these weights under the fingerprint an "
                 f"earlier release computed ({saved[:12]}; now {fingerprint[:12]}), which described "
@@ -1466,14 +1475,69 @@ class StepwiseRunner:
                 "transformers config); the weights are the same: resuming"
             )
             self.model_fps[role] = saved
+            texts = earlier_architecture_texts(model)
+            self.model_archs[role] = (point.progress.get("model_architectures") or {}).get(
+                role, texts[earlier.index(saved)] if len(texts) == len(earlier) else ""
+            )
             return saved
+        fingerprints = f"{fingerprint[:12]}, the run's {saved[:12]}"
         raise OutputDirError(
-            f"cannot resume the run in {self.out}: {key} ({value}) holds other weights than "
-            f"when the run started (fingerprint {fingerprint[:12]}, the run's "
-            f"{saved[:12]}), so the steps still to run would follow another partition and "
-            "other reference values. Restore those weights (a hub model: pin its commit with "
-            "the revision key), or start a new run (another output_dir, or --overwrite)"
+            f"cannot resume the run in {self.out}: {key} ({value}) "
+            f"{self._what_differs(point, role, model, fingerprints)}, so the steps still to "
+            "run would follow another partition and other reference values. Restore "
+            f"{self._what_to_restore(point, role, model)}, or start a new run (another "
+            "output_dir, or --overwrite)"
         )
+
+    def _what_differs(
+        self, point: ResumePoint, role: str, model: torch.nn.Module, fingerprints: str
+    ) -> str:
+        """What of the ``role`` model differs from the run's start, for the refusal: its
+        weights, its configuration (naming the fields), or, for a run whose checkpoint records
+        only the fingerprint of both (an earlier release's), either; ``fingerprints`` (now and
+        the run's) in parentheses. Hashes the weights once more (a collective for a sharded
+        model)."""
+        arch = (point.progress.get("model_architectures") or {}).get(role)
+        if not isinstance(arch, str):
+            return (
+                "holds other weights than when the run started, or the same weights with "
+                "another configuration of the model (the run's checkpoint keeps one fingerprint "
+                f"of both: {fingerprints})"
+            )
+        fields = architecture_differences(arch, self.model_archs[role])
+        config = (
+            f"the model's configuration differs in {'; '.join(fields)}"
+            if fields
+            else "the model's configuration reads otherwise"
+        )
+        saved = point.progress["model_fingerprints"][role]
+        if self._fingerprint_with(model, arch) == saved:
+            return (
+                f"holds the weights the run started from, but {config} (fingerprint {fingerprints})"
+            )
+        if arch == self.model_archs[role]:
+            return f"holds other weights than when the run started (fingerprint {fingerprints})"
+        return (
+            f"holds other weights than when the run started, and {config} (fingerprint "
+            f"{fingerprints})"
+        )
+
+    def _what_to_restore(self, point: ResumePoint, role: str, model: torch.nn.Module) -> str:
+        """The refusal's advice: the weights, or the configuration where only it differs."""
+        arch = (point.progress.get("model_architectures") or {}).get(role)
+        if not isinstance(arch, str):
+            return (
+                "those weights and that configuration (a hub model: pin its commit with the "
+                "revision key; a transformers or sdpo that reads the config otherwise: the "
+                "version the run started with)"
+            )
+        if arch != self.model_archs[role]:
+            return (
+                "the model as it was (its config.json; a hub model: pin its commit with the "
+                "revision key; a transformers or sdpo that reads the config otherwise: the "
+                "version the run started with)"
+            )
+        return "those weights (a hub model: pin its commit with the revision key)"
 
     def _write_checkpoint_here(
         self,
@@ -2443,6 +2507,15 @@ class StepwiseRunner:
         weights = sharding.full_state_dict(model)
         return distributed.broadcast_object(
             model_fingerprint(model, state=weights) if distributed.is_main() else None
+        )
+
+    def _fingerprint_with(self, model: torch.nn.Module, architecture: str) -> str:
+        """``fingerprint_with``, sharded as ``_fingerprint``."""
+        if not sharding.is_sharded(model):
+            return fingerprint_with(model, architecture)
+        weights = sharding.full_state_dict(model)
+        return distributed.broadcast_object(
+            fingerprint_with(model, architecture, state=weights) if distributed.is_main() else None
         )
 
     def _earlier_fingerprints(self, model: torch.nn.Module) -> list[str]:

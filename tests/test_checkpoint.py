@@ -13,8 +13,11 @@ import torch
 
 from sdpo.engine.checkpoint import (
     CheckpointError,
+    architecture_differences,
+    architecture_text,
     checkpoint_fingerprint,
     earlier_model_fingerprints,
+    fingerprint_with,
     load_pretrained,
     model_fingerprint,
     save_pretrained,
@@ -269,6 +272,29 @@ def test_earlier_fingerprints_are_those_of_the_one_window_the_qwen_was_read_with
         assert model_fingerprint(one_window) not in earlier_model_fingerprints(other)
     for d in (WINDOWED["mistral"], tiny_hf_dict()):
         assert earlier_model_fingerprints(init_model(ModelConfig.from_hf_dict(d), seed=0)) == []
+
+
+def test_architecture_differences_name_the_fields_of_a_config_read_otherwise():
+    """A Mistral whose config.json has no sliding_window, read once without a window and now
+    with one (a default a newer reading gives it), or with another rotary base: the fields are
+    named as they are now and were then; the weights hashed
+    under the recorded text give the recorded fingerprint (so the tensors are the same)."""
+    d = tiny_hf_dict(model_type="mistral", sliding_window=None)
+    model = init_model(ModelConfig.from_hf_dict(d), seed=0)
+    before = architecture_text(model)
+    now = CausalLM(dataclasses.replace(model.config, sliding_window=64, rope_theta=500.0))
+    now.load_state_dict(model.state_dict())
+    assert architecture_differences(before, architecture_text(now)) == [
+        "rope_theta (now 500.0, then 10000.0)",
+        "sliding_window (now 64, then null)",
+    ]
+    assert fingerprint_with(now, before) == model_fingerprint(model) != model_fingerprint(now)
+    assert architecture_differences(before, before) == []
+    added = json.dumps({"transformers": "X", "config": {"a": 1, "b": [2]}})
+    assert architecture_differences(added.replace(', "b": [2]', ""), added) == [
+        "b (now [2], then absent)"
+    ]
+    assert architecture_differences("", before) == []  # a module without a description
 
 
 # config.json spellings a checkpoint can have, which transformers resolves one way

@@ -545,6 +545,66 @@ def test_resume_with_other_initial_or_reference_weights_is_refused(tiny_model_di
         run_training(cfg, progress=False, resume=True)
 
 
+def test_a_refused_resume_tells_other_weights_from_another_configuration(tiny_model_dir, tmp_path):
+    """A resume refused for a fingerprint other than the run's says what differs: the
+    configuration alone (a config.json whose rotary base changed, the same tensors), naming
+    the field; the weights, and the configuration too; and, for a run whose checkpoint holds
+    only the fingerprint of both (an earlier release's), that either may differ."""
+    import shutil
+
+    from sdpo.engine.resume import MANIFEST_NAME
+    from sdpo.engine.tiny import write_tiny_model
+    from tests.conftest import WORDS
+
+    m0 = tmp_path / "m0"
+    shutil.copytree(tiny_model_dir, m0)
+    cfg = _config(tmp_path, m0)
+    run_training(cfg, progress=False)
+    config_file = m0 / "config.json"
+    kept_config, kept_weights = config_file.read_text(), (m0 / "model.safetensors").read_bytes()
+    config_file.write_text(json.dumps({**json.loads(kept_config), "rope_theta": 500.0}))
+    with pytest.raises(OutputDirError) as e:
+        run_training(cfg, progress=False, resume=True)
+    assert (
+        f"model.path ({m0}) holds the weights the run started from, but the model's "
+        "configuration differs in rope_theta (now 500.0, then 10000.0) (fingerprint "
+    ) in str(e.value)
+    assert "Restore the model as it was (its config.json;" in str(e.value)
+    other = write_tiny_model(tmp_path / "other", words=WORDS, hidden_size=32, seed=5)
+    shutil.copy(other / "model.safetensors", m0 / "model.safetensors")
+    with pytest.raises(
+        OutputDirError,
+        match=r"holds other weights than when the run started, "
+        r"and the model's configuration differs in rope_theta \(now 500.0",
+    ):
+        run_training(cfg, progress=False, resume=True)
+    config_file.write_text(kept_config)
+    with pytest.raises(
+        OutputDirError,
+        match=r"holds other weights than when the run started "
+        r"\(fingerprint .*Restore those weights",
+    ):
+        run_training(cfg, progress=False, resume=True)
+
+    # a checkpoint of the releases that recorded one fingerprint of weights and config
+    (_, newest), *_ = list_checkpoints(Path(cfg.output_dir) / "checkpoints")
+    progress = json.loads((newest / "progress.json").read_text())
+    del progress["model_architectures"]
+    (newest / "progress.json").write_text(json.dumps(progress))
+    manifest = json.loads((newest / MANIFEST_NAME).read_text())
+    manifest["files"].update(file_entries([newest / "progress.json"], base=newest))
+    (newest / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(
+        OutputDirError,
+        match=r"holds other weights than when the run started, or the same weights with "
+        r"another configuration of the model \(the run's checkpoint keeps one fingerprint of "
+        r"both: \w{12}, the run's \w{12}\), .*Restore those weights and that configuration",
+    ):
+        run_training(cfg, progress=False, resume=True)
+    (m0 / "model.safetensors").write_bytes(kept_weights)
+    run_training(cfg, progress=False, resume=True)
+
+
 def test_a_qwen_run_an_earlier_release_fingerprinted_by_one_window_resumes(
     tmp_path, monkeypatch, capsys
 ):
