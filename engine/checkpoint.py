@@ -770,9 +770,10 @@ def earlier_architecture_texts(model: torch.nn.Module) -> list[str]:
 
 def architecture_differences(before: str, now: str) -> list[str]:
     """The fields in which two architecture texts (``architecture_text``) differ, each as
-    "name (now X, then Y)", a field one lacks as absent; [] where either is not a JSON object
-    (a module without a description). A wrapped Hugging Face model's config keys are named as
-    they are, its class as ``transformers``."""
+    "name (now X, then Y)", a field one lacks as absent, a long value cut short; [] where
+    either is not a JSON object (a module without a description). A wrapped Hugging Face
+    model's config keys are named as they are, its class as ``transformers``, a key of a dict
+    inside (a multimodal model's ``text_config``) after the dict's name and a dot."""
     try:
         old, new = json.loads(before), json.loads(now)
     except ValueError:
@@ -780,20 +781,29 @@ def architecture_differences(before: str, now: str) -> list[str]:
     if not isinstance(old, dict) or not isinstance(new, dict):
         return []
 
-    def flat(d: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(d.get("config"), dict) and "transformers" in d:
-            return {"transformers": d["transformers"], **d["config"]}
-        return d
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        if not prefix and isinstance(d.get("config"), dict) and "transformers" in d:
+            return {"transformers": d["transformers"], **flat(d["config"])}
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            if isinstance(value, dict) and value:  # a sub-config, a rotary dict: by its keys
+                out.update(flat(value, f"{prefix}{key}."))
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    def show(d: dict[str, Any], key: str) -> str:
+        if key not in d:
+            return "absent"
+        text = json.dumps(d[key], sort_keys=True)
+        return text if len(text) <= 60 else f"{text[:57]}..."  # a layer list, cut short
 
     old, new = flat(old), flat(new)
-    absent = object()
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, absent), new.get(key, absent)
-        if a != b:
-            show = lambda v: "absent" if v is absent else json.dumps(v, sort_keys=True)  # noqa: E731
-            out.append(f"{key} (now {show(b)}, then {show(a)})")
-    return out
+    return [
+        f"{key} (now {show(new, key)}, then {show(old, key)})"
+        for key in sorted(set(old) | set(new))
+        if key not in old or key not in new or old[key] != new[key]
+    ]
 
 
 def _hash_weights(
