@@ -557,6 +557,11 @@ _TRL_NAMES = {
         "sdpo's recomputation is non-reentrant; 'model.checkpoint_every' = k recomputes every "
         "k-th layer only"
     ),
+    "activation_checkpointing": "it is 'model.gradient_checkpointing' here",
+    "activation_checkpointing_kwargs": (
+        "sdpo's recomputation is non-reentrant; 'model.checkpoint_every' = k recomputes every "
+        "k-th layer only"
+    ),
     "per_device_eval_batch_size": (
         "held-out pairs are scored in batches of 'sdpo.score_tokens_per_batch' tokens"
     ),

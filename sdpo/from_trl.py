@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ _TYPES: dict[str, str] = {
     "learning_rate": "number",
     "beta": "number",
     "loss_type": "str or list",
-    "loss_weights": "list",
+    "loss_weights": "list or null",
     "label_smoothing": "number",
     "rpo_alpha": "number or null",
     "ld_alpha": "number or null",
@@ -91,6 +92,7 @@ _TYPES: dict[str, str] = {
     "num_train_epochs": "number",
     "seed": "int",
     "gradient_checkpointing": "bool",
+    "activation_checkpointing": "bool or null",
     "bf16": "bool or null",
     "fp16": "bool",
     "max_grad_norm": "number",
@@ -316,10 +318,18 @@ def convert_trl_config(
         drop("num_train_epochs", "sdpo trains whole epochs only ('train.epochs')")
     else:
         put("train", "epochs", epochs, "num_train_epochs")
-    out["model"]["gradient_checkpointing"] = bool(t["gradient_checkpointing"])
-    used.add("gradient_checkpointing")
-    if "gradient_checkpointing" not in given:
-        notes["model.gradient_checkpointing"] = "TRL's default gradient_checkpointing"
+    # transformers 5's activation_checkpointing, when set, wins over its older name
+    checkpointing = given.get("activation_checkpointing")
+    used.add("activation_checkpointing")
+    if checkpointing is not None:
+        out["model"]["gradient_checkpointing"] = checkpointing
+        used.add("gradient_checkpointing")
+        notes["model.gradient_checkpointing"] = "activation_checkpointing"
+    else:
+        out["model"]["gradient_checkpointing"] = bool(t["gradient_checkpointing"])
+        used.add("gradient_checkpointing")
+        if "gradient_checkpointing" not in given:
+            notes["model.gradient_checkpointing"] = "TRL's default gradient_checkpointing"
 
     # warm-up and schedule (transformers 5: a warmup_steps below 1 is a ratio)
     warmup = t.get("warmup_steps", 0)
@@ -453,6 +463,8 @@ def convert_trl_config(
         used.add("save_total_limit")
     if t.get("run_name") is not None:
         put("log", "run_name", t["run_name"], "run_name")
+    else:
+        used.add("run_name")
     report = t.get("report_to", "none")
     names = [report] if isinstance(report, str) else list(report)
     if names in (["none"], []):
@@ -482,6 +494,8 @@ def convert_trl_config(
         )
     if t.get("loss_weights") is not None:
         put("loss", "loss_weights", [float(w) for w in t["loss_weights"]], "loss_weights")
+    else:  # null: each loss type weighs 1, as here
+        used.add("loss_weights")
     for key in ("label_smoothing", "rpo_alpha", "ld_alpha", "discopop_tau", "router_aux_loss_coef"):
         if t.get(key) is not None:
             put("loss", key, float(t[key]), key)
@@ -553,16 +567,33 @@ def convert_trl_config(
     notes["sdpo.steps"] = "sdpo's own: 1 is plain DPO, as TRL; T > 1 trains T chunks in turn"
     notes["sdpo.partition"] = "sdpo's own: how the data is cut into sdpo.steps chunks"
 
+    unset: list[str] = []  # null, empty: TRL's "not set" (a saved DPOConfig has many)
     for key, value in given.items():
         if key in used:
             continue
+        if value is None or value == [] or value == {}:
+            unset.append(key)
+            continue
         why = _TRL_NAMES.get(key, "no equivalent in sdpo")
         dropped.append((key, value, why))
-    text = _render(out, notes, dropped, source)
+    text = _render(out, notes, dropped, source, unset)
+    loaded = tomllib.loads(text)
+    # `trl dpo` also takes the model and data on its command line: the file may lack them
+    missing = [key for key in ("model_name_or_path", "dataset_name") if t.get(key) is None]
+    if missing:  # the other values are checked first, around placeholders
+        loaded["model"]["path"] = "model"
+        loaded["data"]["sources"] = [{"path": "pairs.jsonl"}]
     try:  # what is written loads: a value sdpo refuses is named now, with the file
-        config_from_dict(tomllib.loads(text))
+        config_from_dict(loaded)
     except ConfigError as e:
         raise ConfigError(f"{source}: the converted config is refused: {e}") from None
+    if missing:
+        raise ConfigError(
+            f"{source}: no {' and no '.join(repr(k) for k in missing)}: add "
+            + " and ".join(f"{k}: NAME" for k in missing)
+            + " (a local path or a hub id) to the file; options given to `trl dpo` on its "
+            "command line are not read here"
+        )
     return text
 
 
@@ -571,6 +602,7 @@ def _render(
     notes: dict[str, str],
     dropped: list[tuple[str, Any, str]],
     source: str,
+    unset: list[str] = (),
 ) -> str:
     lines = [f"# sdpo config converted from the TRL DPO config {source}"]
     if dropped:
@@ -578,6 +610,9 @@ def _render(
         for key, value, why in dropped:
             shown = json.dumps(value, default=str)
             lines.append(f"#   {key} = {shown}: {why}")
+    if unset:
+        text = "TRL options left out as unset (null or empty): " + ", ".join(unset)
+        lines.extend(textwrap.wrap(text, 98, initial_indent="# ", subsequent_indent="#   "))
 
     def line(section: str, key: str, value: Any) -> str:
         text = f"{_toml_key(key)} = {_toml_value(value)}"

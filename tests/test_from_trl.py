@@ -333,3 +333,45 @@ def test_report_to_all_is_every_tracker_installed(tmp_path, monkeypatch):
     assert code == 0
     assert load_config(out).log.report_to == ["tensorboard"]
     assert "#   report_to" not in out.read_text()
+
+
+def test_a_saved_dpo_config_json_converts_its_nulls_as_unset_and_activation_checkpointing(
+    tmp_path, monkeypatch, capsys
+):
+    # DPOConfig(...).to_json_string() writes every field, unset ones as null; transformers 5
+    # names gradient checkpointing activation_checkpointing (the old name its alias)
+    monkeypatch.chdir(tmp_path)
+    saved = {
+        "model_name_or_path": "m",
+        "dataset_name": "pairs.jsonl",
+        "output_dir": "out",
+        "loss_type": ["sigmoid"],
+        "loss_weights": None,
+        "run_name": None,
+        "hub_model_id": None,
+        "fsdp_config": None,
+        "debug": [],
+        "activation_checkpointing": False,
+        "activation_checkpointing_kwargs": None,
+    }
+    code, out = _convert(tmp_path, "args.json", json.dumps(saved))
+    assert code == 0, capsys.readouterr().err
+    cfg = load_config(out)
+    assert cfg.model.gradient_checkpointing is False  # not TRL's default True
+    assert cfg.loss.loss_weights is None and cfg.log.run_name is None
+    text = out.read_text()
+    left_out = [line for line in text.splitlines() if line.startswith("#   ")]
+    assert not any(k in line for line in left_out for k in ("loss_weights", "run_name ="))
+    comments = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+    assert "left out as unset (null or empty): hub_model_id, fsdp_config, debug, " in comments
+    assert "debug, activation_checkpointing_kwargs" in comments
+
+
+@pytest.mark.parametrize("key", ["model_name_or_path", "dataset_name"])
+def test_a_trl_file_without_model_or_data_names_the_trl_key_to_add(tmp_path, capsys, key):
+    given = {"model_name_or_path": "m", "dataset_name": "pairs.jsonl", "beta": 0.1}
+    del given[key]
+    code, out = _convert(tmp_path, "dpo.json", json.dumps(given))
+    err = capsys.readouterr().err
+    assert code == EXIT_INPUT and not out.exists()
+    assert f"dpo.json: no '{key}': add {key}: NAME" in err and "--set" not in err
