@@ -305,9 +305,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="where the demo writes (default: runs/demo)",
     )
     demo.add_argument(
-        "--seed", type=int, default=0, help="seed of data, model and training (default: 0)"
+        "--seed",
+        type=_seed,
+        default=0,
+        help="seed of data, model and training, an integer >= 0 (default: 0)",
     )
     return parser
+
+
+def _seed(text: str) -> int:
+    """A seed as ``train.seed`` takes it: a whole number >= 0 (refused under the usage)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
 
 
 def resume_command(args: argparse.Namespace) -> str:
@@ -811,7 +825,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         # the demo's models are tiny: one thread is as fast on an idle machine, and several
         # spin against each other on a busy one (many times slower)
         torch.set_num_threads(1)
-    run_demo(output_dir=args.output_dir, quick=args.quick, seed=args.seed)
+    out = args.output_dir
+    if out.exists() and not out.is_dir():
+        print(f"sdpo: --output-dir {out} is a file, not a folder: name a folder", file=sys.stderr)
+        return EXIT_INPUT
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"sdpo: could not create --output-dir {out}: {e}", file=sys.stderr)
+        return EXIT_WRITE
+    run_demo(output_dir=out, quick=args.quick, seed=args.seed)
     return 0
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sdpo.cli import EXIT_INPUT, EXIT_OUT_OF_MEMORY, main
+from sdpo.cli import EXIT_INPUT, EXIT_OUT_OF_MEMORY, EXIT_WRITE, main
 from tests.conftest import write_pairs
 
 
@@ -244,6 +244,20 @@ def test_score_reads_columns_named_otherwise_and_refuses_bad_input(
     assert "file not found" in capsys.readouterr().err
     assert main(["score", "--model", str(tmp_path / "no-model"), "--data", str(data)]) == EXIT_INPUT
     assert "--model = '" in (err := capsys.readouterr().err) and "no-model' does not exist" in err
+
+
+def test_demo_refuses_a_negative_seed_and_a_file_as_its_folder_before_any_work(tmp_path, capsys):
+    # both were tracebacks: the seed after the SFT stage, the file at the folder's creation
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--seed", "-1", "--output-dir", str(tmp_path / "demo")])
+    assert exit_.value.code == EXIT_INPUT
+    assert "--seed: must be an integer >= 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "--output-dir", str(tmp_path / "file")]) == EXIT_INPUT
+    assert "--output-dir " in (err := capsys.readouterr().err) and "is a file" in err
+    assert main(["demo", "--output-dir", str(tmp_path / "file" / "sub")]) == EXIT_WRITE
+    assert "could not create --output-dir" in capsys.readouterr().err
 
 
 def test_demo_quick_runs_end_to_end(tmp_path):
