@@ -370,17 +370,36 @@ def convert_trl_config(
 
     # precision: TRL's bf16 (default: not fp16) is autocast over weights in the model's dtype
     # (ModelConfig's dtype, float32 by default): fp32 weights = bf16-mixed, bf16 weights = bf16
+    # (ModelConfig's dtype, float32 by default), which `trl dpo` lets model_init_kwargs override
     dtype_key = "dtype" if "dtype" in given else "torch_dtype"
     dtype = given.get(dtype_key, "float32")
+    init = given.get("model_init_kwargs")
+    if isinstance(init, dict):
+        for key in ("torch_dtype", "dtype"):
+            if init.get(key) is not None:
+                dtype_key, dtype = f"model_init_kwargs.{key}", init[key]
+        for key in ("dtype", "torch_dtype"):
+            if dtype_key.startswith("model_init_kwargs") and key in given:
+                dropped.append((key, given[key], f"{dtype_key} overrides it, as in `trl dpo`"))
+        rest = {k: v for k, v in init.items() if k not in ("dtype", "torch_dtype")}
+        if rest != init:  # what is read of it: its dtype, in train.precision below
+            used.add("model_init_kwargs")
+            if rest:
+                dropped.append(
+                    ("model_init_kwargs", rest, "no equivalent in sdpo (its dtype is read)")
+                )
     used.update(("dtype", "torch_dtype", "fp16", "bf16"))
     if t.get("fp16"):
         drop("fp16", _TRL_NAMES["fp16"])
     elif dtype not in ("float32", "bfloat16"):
-        drop(
-            dtype_key,
+        why = (
             f"the weights' dtype follows 'train.precision' here: set it to 'bf16' (bf16 "
-            f"weights) or 'bf16-mixed' (fp32 weights, bf16 autocast){' and see bf16' if dtype == 'auto' else ''}",
+            f"weights) or 'bf16-mixed' (fp32 weights, bf16 autocast){' and see bf16' if dtype == 'auto' else ''}"
         )
+        if dtype_key in given:
+            drop(dtype_key, why)
+        else:
+            dropped.append((dtype_key, dtype, why))
         if "bf16" in given:
             dropped.append(("bf16", given["bf16"], f"goes with {dtype_key} above"))
     else:

@@ -375,3 +375,15 @@ def test_a_trl_file_without_model_or_data_names_the_trl_key_to_add(tmp_path, cap
     err = capsys.readouterr().err
     assert code == EXIT_INPUT and not out.exists()
     assert f"dpo.json: no '{key}': add {key}: NAME" in err and "--set" not in err
+
+
+def test_model_init_kwargs_dtype_sets_the_precision_as_trl_dpo_loads_the_weights(tmp_path):
+    # `trl dpo` updates its model kwargs (ModelConfig's dtype) with model_init_kwargs
+    base = {"model_name_or_path": "m", "dataset_name": "pairs.jsonl", "dtype": "float32"}
+    init = {"dtype": "bfloat16", "attn_implementation": "sdpa"}
+    code, out = _convert(tmp_path, "dpo.json", json.dumps({**base, "model_init_kwargs": init}))
+    assert code == 0
+    assert load_config(out).train.precision == "bf16"  # bf16 weights, not bf16-mixed
+    text = out.read_text()
+    assert '#   dtype = "float32": model_init_kwargs.dtype overrides it' in text
+    assert '#   model_init_kwargs = {"attn_implementation": "sdpa"}: ' in text
