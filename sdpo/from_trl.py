@@ -239,7 +239,34 @@ def convert_trl_config(
         put("model", "path", local(t["model_name_or_path"]), "model_name_or_path")
     if "model_revision" in t:
         put("model", "revision", t["model_revision"], "model_revision")
-    if "dataset_name" in t:
+    mixture = t.get("datasets")
+    if mixture:  # `trl dpo` reads a mixture of data sets (its `datasets`) over dataset_name
+        out["data"]["sources"] = _mixture_sources(source, mixture, local, dropped)
+        used.update(("datasets", "streaming", "dataset_config", "dataset_train_split"))
+        if "dataset_name" in given:
+            dropped.append(
+                ("dataset_name", given["dataset_name"], "`trl dpo` reads datasets over it")
+            )
+            used.add("dataset_name")
+        size = t.get("test_split_size")
+        if isinstance(size, float) and 0 < size < 1:
+            put(
+                "data",
+                "eval_fraction",
+                size,
+                "test_split_size",
+                *(("eval_strategy",) if t.get("eval_strategy", "no") != "no" else ()),
+                note="held out of training as TRL's test split, and scored after each sDPO step",
+            )
+        elif size is not None:
+            drop("test_split_size", "a number of rows has no equivalent: give a share below 1")
+        else:
+            used.add("test_split_size")
+        drop(
+            "dataset_test_split",
+            "the held-out share of a mixture is 'data.eval_fraction' here (test_split_size)",
+        )
+    elif "dataset_name" in t:
         src = {"path": local(t["dataset_name"])}
         if "dataset_train_split" in t:
             src["split"] = t["dataset_train_split"]
@@ -438,7 +465,9 @@ def convert_trl_config(
                 f"TRL evaluates every eval_steps only with eval_strategy 'steps' (here "
                 f"{t.get('eval_strategy', 'no')!r}); held-out pairs are scored after each sDPO step",
             )
-        elif trl_key == "eval_steps" and out["data"].get("eval_sources"):
+        elif trl_key == "eval_steps" and (
+            out["data"].get("eval_sources") or out["data"].get("eval_fraction")
+        ):
             put("train", key, steps, trl_key)
             if "eval_steps" not in given:  # transformers' fallback for eval_strategy 'steps'
                 notes["train.eval_every"] = "logging_steps, as TRL's unset eval_steps"
@@ -599,6 +628,8 @@ def convert_trl_config(
     loaded = tomllib.loads(text)
     # `trl dpo` also takes the model and data on its command line: the file may lack them
     missing = [key for key in ("model_name_or_path", "dataset_name") if t.get(key) is None]
+    if t.get("datasets"):
+        missing = [key for key in missing if key != "dataset_name"]
     if missing:  # the other values are checked first, around placeholders
         loaded["model"]["path"] = "model"
         loaded["data"]["sources"] = [{"path": "pairs.jsonl"}]
@@ -614,6 +645,39 @@ def convert_trl_config(
             "command line are not read here"
         )
     return text
+
+
+def _mixture_sources(
+    source: str, mixture: Any, local: Any, dropped: list[tuple[str, Any, str]]
+) -> list[dict[str, Any]]:
+    """The data sources of TRL's ``datasets`` list (``DatasetConfig`` entries: path, name,
+    split, ...), one per entry, the options without an equivalent added to ``dropped``."""
+    if not isinstance(mixture, list):
+        raise ConfigError(
+            f"{source}: key 'datasets' must be a list of mappings with a 'path', got "
+            f"{type(mixture).__name__}"
+        )
+    sources = []
+    for i, entry in enumerate(mixture):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ConfigError(
+                f"{source}: datasets[{i}] must be a mapping with a 'path' (a file, a folder or a "
+                f"hub data set), got {entry!r}"
+            )
+        src = {"path": local(entry["path"]), "split": entry.get("split") or "train"}
+        if entry.get("name") is not None:  # datasets' config name: the data set's subset
+            src["subset"] = entry["name"]
+        for key, value in entry.items():
+            if key in ("path", "split", "name") or value is None:
+                continue
+            why = {
+                "fraction": "every pair of each source is read (no sampling of a mixture)",
+                "columns": "the columns read are prompt, chosen and rejected (a source's "
+                "'columns' maps other names to them)",
+            }.get(key, "no equivalent in sdpo: give the files as a source's 'path'")
+            dropped.append((f"datasets[{i}].{key}", value, why))
+        sources.append(src)
+    return sources
 
 
 def _render(

@@ -387,3 +387,36 @@ def test_model_init_kwargs_dtype_sets_the_precision_as_trl_dpo_loads_the_weights
     text = out.read_text()
     assert '#   dtype = "float32": model_init_kwargs.dtype overrides it' in text
     assert '#   model_init_kwargs = {"attn_implementation": "sdpa"}: ' in text
+
+
+def test_a_mixture_of_data_sets_becomes_the_sources_and_its_test_split_held_out_pairs(
+    tmp_path, capsys
+):
+    # `trl dpo` reads `datasets` (DatasetConfig entries) over dataset_name, and holds out
+    # test_split_size of the mixture as its test split
+    trl = {
+        "model_name_or_path": "m",
+        "dataset_name": "ignored",
+        "datasets": [
+            {"path": "org/easy", "name": "main"},
+            {"path": "org/hard", "split": "train_prefs", "fraction": 0.5, "data_dir": None},
+        ],
+        "test_split_size": 0.1,
+        "eval_strategy": "steps",
+        "eval_steps": 5,
+    }
+    code, out = _convert(tmp_path, "mix.json", json.dumps(trl))
+    assert code == 0, capsys.readouterr().err
+    cfg = load_config(out)
+    easy, hard = cfg.data.sources
+    assert (easy.path, easy.split, easy.subset) == ("org/easy", "train", "main")
+    assert (hard.path, hard.split, hard.subset) == ("org/hard", "train_prefs", None)
+    assert cfg.data.eval_fraction == 0.1 and cfg.train.eval_every == 5
+    text = out.read_text()
+    assert "#   datasets[1].fraction = 0.5: " in text and "data_dir" not in text
+    assert '#   dataset_name = "ignored": `trl dpo` reads datasets over it' in text
+    assert "eval_strategy =" not in text
+    (tmp_path / "run.toml").unlink()
+    bad = {**trl, "datasets": [{"split": "train"}]}
+    assert _convert(tmp_path, "bad.json", json.dumps(bad))[0] == EXIT_INPUT
+    assert "bad.json: datasets[0] must be a mapping with a 'path'" in capsys.readouterr().err
