@@ -129,7 +129,15 @@ def read_trl_file(path: str | os.PathLike) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"TRL config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError:  # a checkpoint's training_args.bin: TrainingArguments pickled
+        raise ConfigError(
+            f"TRL config file {path} is not text (YAML or JSON). A checkpoint's "
+            "training_args.bin is the pickled DPOConfig: write it as JSON where trl is installed, "
+            "python -c \"import torch; print(torch.load('training_args.bin', "
+            'weights_only=False).to_json_string())" > args.json, add model_name_or_path and '
+            "dataset_name to it, and convert that"
+        ) from None
+    except OSError as e:
         raise ConfigError(f"TRL config file {path} cannot be read: {e}") from None
     if path.suffix.lower() == ".json":
         try:

@@ -420,3 +420,12 @@ def test_a_mixture_of_data_sets_becomes_the_sources_and_its_test_split_held_out_
     bad = {**trl, "datasets": [{"split": "train"}]}
     assert _convert(tmp_path, "bad.json", json.dumps(bad))[0] == EXIT_INPUT
     assert "bad.json: datasets[0] must be a mapping with a 'path'" in capsys.readouterr().err
+
+
+def test_a_pickled_training_args_bin_is_refused_saying_how_to_write_it_as_json(tmp_path, capsys):
+    src = tmp_path / "training_args.bin"
+    src.write_bytes(b"PK\x03\x04" + bytes(range(128, 256)))  # torch.save's zip, not text
+    assert main(["config", "--from-trl", str(src)]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "is not text (YAML or JSON)" in err and "to_json_string()" in err
+    assert "codec" not in err
