@@ -2261,14 +2261,36 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="section", required=True)
-    k = sub.add_parser("kernels", help="the log-prob head: eager, compile, sdpo kernels, Liger")
-    k.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, a few iterations (CI)")
-    k.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
-    k.add_argument(
-        "--impl", default="auto", choices=["auto", "triton", "torch"], help="sdpo kernels impl"
+    k = sub.add_parser(
+        "kernels",
+        help="the log-prob head: eager, compile, sdpo kernels, Liger",
+        description=(
+            "The log-prob head alone (lm_head, log-softmax, label gather, per-sequence sums), "
+            "forward and backward, and the reference pass's forward: eager PyTorch, "
+            "torch.compile, sdpo's kernels and Liger's fused DPO loss, against the matmul "
+            "floor. Needs a CUDA GPU (bf16, 8 sequences of 2048 tokens, hidden size 4096); "
+            "--smoke runs tiny shapes on the CPU instead."
+        ),
     )
     k.add_argument(
-        "--vocab", type=int, nargs="+", default=[32_000, 128_256], help="vocabulary sizes"
+        "--smoke",
+        action="store_true",
+        help="tiny shapes on CPU, a few iterations (CI); --vocab, --warmup and --iters then "
+        "do not apply",
+    )
+    k.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    k.add_argument(
+        "--impl",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="sdpo's kernels, as kernels.impl (default: auto, triton on CUDA)",
+    )
+    k.add_argument(
+        "--vocab",
+        type=int,
+        nargs="+",
+        default=[32_000, 128_256],
+        help="vocabulary sizes, one row set each (default: 32000 128256)",
     )
     k.add_argument(
         "--chunk-tokens",
@@ -2279,8 +2301,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also time linear_pair_loss with these chunk sizes (tokens; chunks hold whole "
         "pairs), to check the default chunk rule",
     )
-    k.add_argument("--warmup", type=int, default=2, help="untimed runs per variant")
-    k.add_argument("--iters", type=int, default=5, help="timed runs per variant (median reported)")
+    k.add_argument("--warmup", type=int, default=2, help="untimed runs per variant (default: 2)")
+    k.add_argument(
+        "--iters",
+        type=int,
+        default=5,
+        help="timed runs per variant, the median reported (default: 5)",
+    )
 
     s = sub.add_parser(
         "step",
@@ -2320,14 +2347,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="sdpo",
         help="the code that runs the model (model.implementation): sdpo's packed decoder, or "
         "transformers' model of the same weights in PackedCausalLM (padded per sequence; "
-        "uncompiled)",
+        "uncompiled; default: sdpo)",
     )
     s.add_argument(
         "--compile-backend",
         default=None,
         help="torch.compile backend (default: inductor on CUDA, aot_eager on CPU)",
     )
-    s.add_argument("--loss-path", choices=["fused", "plain"], default="fused")
+    s.add_argument(
+        "--loss-path",
+        choices=["fused", "plain"],
+        default="fused",
+        help="the loss head, as train.loss_path (default: fused)",
+    )
     s.add_argument(
         "--share-prompt",
         action="store_true",
@@ -2348,7 +2380,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-every",
         type=int,
         default=1,
-        help="with --gradient-checkpointing: recompute every k-th layer only (selective)",
+        help="with --gradient-checkpointing: recompute every k-th layer only (selective; "
+        "default: 1, every layer)",
     )
     s.add_argument(
         "--activation-memory-budget",
@@ -2357,7 +2390,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --compile: the share (0-1) of each layer's intermediate values its backward "
         "keeps; the compiler recomputes the rest (model.activation_memory_budget)",
     )
-    s.add_argument("--impl", default="auto", choices=["auto", "triton", "torch"])
+    s.add_argument(
+        "--impl",
+        default="auto",
+        choices=["auto", "triton", "torch"],
+        help="sdpo's kernels, as kernels.impl (default: auto, triton on CUDA)",
+    )
     s.add_argument(
         "--pairs-per-step",
         type=int,
@@ -2398,22 +2436,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="after the phase loop, run this many training steps under torch.profiler and "
-        "report the device's busy share of a step and its top kernels and host ops",
+        "report the device's busy share of a step and its top kernels and host ops (default: 0, "
+        "none)",
     )
-    s.add_argument("--max-tokens-per-batch", type=int, default=16_384)
     s.add_argument(
-        "--score-tokens", type=int, default=65_536, help="token budget of a scoring batch"
+        "--max-tokens-per-batch",
+        type=int,
+        default=16_384,
+        help="micro-batch token budget, as train.max_tokens_per_batch (default: 16384)",
     )
-    s.add_argument("--lr", type=float, default=5e-7)
+    s.add_argument(
+        "--score-tokens",
+        type=int,
+        default=65_536,
+        help="token budget of a scoring batch (default: 65536)",
+    )
+    s.add_argument("--lr", type=float, default=5e-7, help="learning rate (default: 5e-7)")
     s.add_argument(
         "--lora-rank",
         type=int,
         default=0,
         help="train a LoRA adapter of this rank on every decoder projection instead of every "
-        "weight (lora.rank; 0: full fine-tuning); MFU then counts 4*P per token",
+        "weight (lora.rank; default 0: full fine-tuning); MFU then counts 4*P per token",
     )
-    s.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (lora.alpha)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--lora-alpha", type=float, default=16.0, help="LoRA alpha (lora.alpha; default: 16)"
+    )
+    s.add_argument("--seed", type=int, default=0, help="seed of the weights and pairs (default: 0)")
     s.add_argument(
         "--sdpo-run",
         action="store_true",
@@ -2424,7 +2473,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--sdpo-epochs",
         type=int,
         default=1,
-        help="epochs over each chunk in the --sdpo-run (each chunk is scored once)",
+        help="epochs over each chunk in the --sdpo-run (each chunk is scored once; default: 1)",
     )
     s.add_argument(
         "--compare-trl",
@@ -2450,7 +2499,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="after the timed TRL steps, run this many more under torch.profiler and report "
-        "the device kernels and host ops they spent their time on",
+        "the device kernels and host ops they spent their time on (default: 0, none)",
     )
     p = sub.add_parser(
         "prep",
@@ -2472,9 +2521,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("PLAIN", "CHAT"),
         help="plain and chat pairs (default: the paper's 12,859 and 60,829)",
     )
-    p.add_argument("--vocab", type=int, default=32_000, help="tokenizer vocabulary size")
-    p.add_argument("--max-length", type=int, default=2048, help="data.max_length")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=32_000,
+        help="tokenizer vocabulary size (default: 32000; --smoke: 1000)",
+    )
+    p.add_argument("--max-length", type=int, default=2048, help="data.max_length (default: 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data (default: 0)")
     p.add_argument(
         "--data",
         metavar="DIR",

@@ -615,6 +615,26 @@ def test_step_benchmark_smoke_reports_every_section(one_thread, tmp_path):
     assert run["ratio_vs_train"] < run["ratio_runner_no_report"] < run["ratio_runner_default"]
 
 
+def test_every_benchmark_section_says_what_it_does_and_every_option_its_default():
+    """``throughput.py SECTION --help``: a description, and each option that takes a value and
+    has a default states it (several had no help at all)."""
+    import argparse
+
+    (sections,) = [
+        a for a in load_throughput().build_parser()._actions if isinstance(a.choices, dict)
+    ]
+    silent = [
+        f"{name} {action.option_strings[0]}"
+        for name, section in sections.choices.items()
+        for action in section._actions
+        if action.nargs != 0
+        and action.default not in (None, [], argparse.SUPPRESS)
+        and "default" not in (action.help or "")
+    ]
+    assert silent == []
+    assert all(section.description for section in sections.choices.values())
+
+
 def test_step_benchmark_warns_of_a_bf16_the_gpu_only_emulates(monkeypatch, capsys):
     """The step section resolves --precision as sdpo train resolves train.precision: on a GPU
     before compute capability 8.0 (bf16_support answers as for a V100) a bf16 or bf16-mixed
