@@ -57,10 +57,12 @@ Score a preference data set with one model (no training): per-pair summed comple
 γ = logp(chosen) - logp(rejected), reward accuracy (share of γ > 0) and mean γ."""
 
 DEMO_HELP = """\
-The embedded default: a tiny Llama-style model is fine-tuned on a built-in synthetic task, then
-SFT vs DPO (all data at once) vs sDPO easy-to-hard vs sDPO random are trained and compared on
-held-out task accuracy and preference accuracy. Runs on an idle 2-core CPU in one to two
-minutes, no downloads."""
+An end-to-end run with nothing to download: a tiny Llama-style model is fine-tuned on a
+built-in synthetic task, then SFT vs DPO (all data at once) vs sDPO easy-to-hard vs sDPO random
+are trained and compared on held-out task accuracy and preference accuracy. Runs on an idle
+2-core CPU in one to two minutes. Writes OUTPUT_DIR/demo_summary.json (the table), sft/ (the
+SFT model), data/ (the three preference sources) and one folder per run (dpo/,
+sdpo_easy_to_hard/, sdpo_random/) with the config.toml that `sdpo train --config` runs again."""
 
 
 def _set_mistake(words: list[str]) -> str | None:

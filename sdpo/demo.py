@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,7 +187,9 @@ def run_demo(*, output_dir: Path, quick: bool = False, seed: int = 0) -> dict:
     torch.manual_seed(seed)
 
     sft_prompts, heldout, data = build_task(settings, rng)
-    base = out / "base"
+    # the tokenizer files, until the SFT model's folder takes them (not kept in the output)
+    base_dir = tempfile.TemporaryDirectory(prefix="sdpo-demo-tokenizer-")
+    base = Path(base_dir.name)
     build_tokenizer(base, words=["reverse", "=", *DIGITS])
     tokenizer = PairTokenizer.from_dir(base)
     config = ModelConfig(
@@ -209,6 +212,7 @@ def run_demo(*, output_dir: Path, quick: bool = False, seed: int = 0) -> dict:
     sft(model, sft_pairs, steps=settings.sft_steps, seed=seed)
     sft_dir = out / "sft"
     save_pretrained(model, sft_dir, extra_files=processing_files(base))
+    base_dir.cleanup()
 
     data_dir = out / "data"
     for kind, rows in data["sources"].items():

@@ -289,6 +289,9 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     for name in files:
         where = tmp_path / "demo" / ("data/" if name.endswith(".jsonl") else "") / name
         assert where.exists(), f"the README says the demo writes {name}"
+    # and it holds nothing the README does not name (a tokenizer folder was left there)
+    top = {n.rstrip("/") for n in files if not n.endswith(".jsonl")}
+    assert {p.name for p in (tmp_path / "demo").iterdir()} == top
     for name in ("dpo", "sdpo_easy_to_hard", "sdpo_random"):
         assert (tmp_path / "demo" / name / "config.toml").is_file()
     assert (tmp_path / "demo" / "sft" / "config.json").is_file()
