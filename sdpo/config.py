@@ -862,8 +862,20 @@ def load_config(path: str | os.PathLike, overrides: Sequence[str] = ()) -> RunCo
             d = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder: give the run's TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        if isinstance(e, UnicodeDecodeError):
+            raise ConfigError(f"{path} is not text: give the run's TOML file") from None
+        hint = ""
+        if path.suffix.lower() in (".yaml", ".yml", ".json"):
+            hint = (
+                "; sdpo's config is TOML: a TRL DPO config file (YAML or JSON) converts with "
+                f"`sdpo config --from-trl {path} --out run.toml`"
+            )
+        raise ConfigError(f"{path} is not valid TOML: {e}{hint}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
     origins = _Origins(source=str(path), base=path.parent)
     return _from_dict(d, origins=origins, overrides=overrides)
 

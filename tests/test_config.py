@@ -309,6 +309,20 @@ def test_missing_required_values_are_explained(tmp_path):
         load_config(write(tmp_path, "output_dir = \n"))
 
 
+def test_a_config_that_is_a_folder_binary_or_a_trl_yaml_is_refused_saying_what_to_give(tmp_path):
+    # a folder and a binary file were tracebacks; a TRL user's YAML or JSON is pointed to the
+    # command that converts it
+    with pytest.raises(ConfigError, match="is a folder: give the run's TOML file"):
+        load_config(tmp_path)
+    (tmp_path / "training_args.bin").write_bytes(b"PK\x03\x04" + bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match="is not text: give the run's TOML file"):
+        load_config(tmp_path / "training_args.bin")
+    (tmp_path / "dpo.yaml").write_text("beta: 0.1\nlearning_rate: 5e-7\n")
+    with pytest.raises(ConfigError, match="not valid TOML") as error:
+        load_config(tmp_path / "dpo.yaml")
+    assert f"`sdpo config --from-trl {tmp_path / 'dpo.yaml'} --out run.toml`" in str(error.value)
+
+
 def test_step_settings_use_per_step_overrides_else_the_shared_values(tmp_path):
     text = MINIMAL.replace(
         '[data]\npath = "data/prefs.jsonl"',
