@@ -823,6 +823,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from sdpo.demo import run_demo
 
+    if os.environ.get("WORLD_SIZE", "1") != "1":  # each rank would run it into the same folder
+        if os.environ.get("RANK", "0") == "0":  # said once
+            print(
+                "sdpo: sdpo demo runs in one process (its models are tiny and train on the "
+                "CPU): start it without torchrun, as `sdpo demo`",
+                file=sys.stderr,
+            )
+        return EXIT_INPUT
     if "OMP_NUM_THREADS" not in os.environ:
         # the demo's models are tiny: one thread is as fast on an idle machine, and several
         # spin against each other on a busy one (many times slower)

@@ -260,6 +260,20 @@ def test_demo_refuses_a_negative_seed_and_a_file_as_its_folder_before_any_work(t
     assert "could not create --output-dir" in capsys.readouterr().err
 
 
+def test_demo_under_torchrun_with_several_ranks_is_refused_before_any_work(
+    tmp_path, capsys, monkeypatch
+):
+    # each rank ran the whole demo into the same folder at once
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == EXIT_INPUT
+    assert capsys.readouterr().err == ""  # said by rank 0 alone
+    monkeypatch.setenv("RANK", "0")
+    assert main(["demo", "--quick", "--output-dir", str(tmp_path / "demo")]) == EXIT_INPUT
+    assert "start it without torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_quick_runs_end_to_end(tmp_path):
     """The shortened demo, in a subprocess exactly as a user starts it."""
     proc = subprocess.run(
