@@ -558,6 +558,19 @@ _TRL_NAMES = {
         "k-th layer only"
     ),
     "activation_checkpointing": "it is 'model.gradient_checkpointing' here",
+    "load_in_4bit": (
+        "quantized weights are not offered: the model is loaded as 'train.precision' says "
+        "('bf16': bf16 weights, half of fp32's memory, also as a LoRA base)"
+    ),
+    "load_in_8bit": (
+        "quantized weights are not offered: the model is loaded as 'train.precision' says "
+        "('bf16': bf16 weights, half of fp32's memory, also as a LoRA base)"
+    ),
+    "trust_remote_code": (
+        "no code from a model folder is run: sdpo's decoder or transformers' own classes run "
+        "the model ('model.implementation')"
+    ),
+    "use_cpu": "a run uses the GPU when there is one: hide it with CUDA_VISIBLE_DEVICES=''",
     "activation_checkpointing_kwargs": (
         "sdpo's recomputation is non-reentrant; 'model.checkpoint_every' = k recomputes every "
         "k-th layer only"

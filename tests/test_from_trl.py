@@ -429,3 +429,20 @@ def test_a_pickled_training_args_bin_is_refused_saying_how_to_write_it_as_json(t
     err = capsys.readouterr().err
     assert "is not text (YAML or JSON)" in err and "to_json_string()" in err
     assert "codec" not in err
+
+
+def test_quantization_remote_code_and_use_cpu_are_left_out_saying_what_applies(tmp_path):
+    trl = {
+        "model_name_or_path": "m",
+        "dataset_name": "pairs.jsonl",
+        "load_in_4bit": True,
+        "trust_remote_code": True,
+        "use_cpu": True,
+    }
+    code, out = _convert(tmp_path, "qlora.json", json.dumps(trl))
+    assert code == 0
+    text = out.read_text()
+    assert "#   load_in_4bit = true: quantized weights are not offered" in text
+    assert "#   trust_remote_code = true: no code from a model folder is run" in text
+    assert "#   use_cpu = true: a run uses the GPU when there is one" in text
+    assert "no equivalent in sdpo" not in text
