@@ -324,7 +324,21 @@ def convert_trl_config(
             out["data"]["max_prompt_length"] = max(1, max_length - 1)
             notes["data.max_prompt_length"] = "max_length - 1, as TRL's keep_start"
         else:
-            drop("truncation_mode", _TRL_NAMES["truncation_mode"])
+            keep_end = t.get("truncation_mode") == "keep_end"
+            drop(
+                "truncation_mode",
+                "TRL's keep_end keeps each whole sequence's last max_length tokens, which no "
+                "setting here reproduces: this run cuts a long pair's prompt to "
+                "'data.max_prompt_length' keeping its end ('data.truncation' = 'keep_end'), "
+                "then each completion's end"
+                if keep_end
+                else _TRL_NAMES["truncation_mode"],
+            )
+            if keep_end:
+                out["data"]["truncation"] = "keep_end"
+                out["data"]["max_prompt_length"] = max(1, max_length // 2)
+                notes["data.truncation"] = "nearest to TRL's keep_end (see above)"
+                notes["data.max_prompt_length"] = "half of max_length, sdpo's default"
         if 2 * max_length > 16384:
             out["train"]["max_tokens_per_batch"] = 2 * max_length
             notes["train.max_tokens_per_batch"] = "room for one pair of max_length sequences"

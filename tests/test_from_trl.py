@@ -446,3 +446,14 @@ def test_quantization_remote_code_and_use_cpu_are_left_out_saying_what_applies(t
     assert "#   trust_remote_code = true: no code from a model folder is run" in text
     assert "#   use_cpu = true: a run uses the GPU when there is one" in text
     assert "no equivalent in sdpo" not in text
+
+
+def test_trl_s_keep_end_is_said_to_differ_and_written_as_the_nearest_settings(tmp_path):
+    trl = {"model_name_or_path": "m", "dataset_name": "d.jsonl", "truncation_mode": "keep_end"}
+    code, out = _convert(tmp_path, "ke.json", json.dumps({**trl, "max_length": 2048}))
+    assert code == 0
+    cfg = load_config(out)
+    assert cfg.data.truncation == "keep_end" and cfg.data.max_prompt_length == 1024
+    text = out.read_text()
+    assert "keeps each whole sequence's last max_length tokens, which no setting here" in text
+    assert "it is 'data.truncation' here" not in text
