@@ -571,6 +571,7 @@ _TRL_NAMES = {
         "the model ('model.implementation')"
     ),
     "use_cpu": "a run uses the GPU when there is one: hide it with CUDA_VISIBLE_DEVICES=''",
+    "env": "set these environment variables in the shell that starts sdpo",
     "activation_checkpointing_kwargs": (
         "sdpo's recomputation is non-reentrant; 'model.checkpoint_every' = k recomputes every "
         "k-th layer only"

@@ -438,6 +438,7 @@ def test_quantization_remote_code_and_use_cpu_are_left_out_saying_what_applies(t
         "load_in_4bit": True,
         "trust_remote_code": True,
         "use_cpu": True,
+        "env": {"CUDA_VISIBLE_DEVICES": "0"},  # `trl dpo --config` sets them
     }
     code, out = _convert(tmp_path, "qlora.json", json.dumps(trl))
     assert code == 0
@@ -445,6 +446,7 @@ def test_quantization_remote_code_and_use_cpu_are_left_out_saying_what_applies(t
     assert "#   load_in_4bit = true: quantized weights are not offered" in text
     assert "#   trust_remote_code = true: no code from a model folder is run" in text
     assert "#   use_cpu = true: a run uses the GPU when there is one" in text
+    assert "#   env = {\"CUDA_VISIBLE_DEVICES\": \"0\"}: set these environment variables" in text
     assert "no equivalent in sdpo" not in text
 
 
