@@ -794,6 +794,21 @@ def _config_from_trl(args: argparse.Namespace) -> int:
     if args.overwrite and args.out is None:
         print(_OVERWRITE_WITHOUT_OUT, file=sys.stderr)
         return EXIT_INPUT
+    if args.out is not None and args.out.is_dir():
+        print(
+            f"sdpo: --out {args.out} is a folder; give the path of a file, e.g. "
+            f"{args.out / 'run.toml'}",
+            file=sys.stderr,
+        )
+        return EXIT_INPUT
+    out, src = args.out, args.from_trl
+    if out is not None and out.is_file() and src.is_file() and out.samefile(src):
+        print(
+            f"sdpo: --out {out} is the --from-trl file: the TOML would replace the TRL config; "
+            f"give another path, e.g. --out {out.with_name(out.stem + '.sdpo.toml')}",
+            file=sys.stderr,
+        )
+        return EXIT_INPUT
     if args.out is not None and args.out.exists() and not args.overwrite:
         print(f"sdpo: {args.out} exists; pass --overwrite to replace it", file=sys.stderr)
         return EXIT_INPUT

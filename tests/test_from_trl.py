@@ -446,7 +446,7 @@ def test_quantization_remote_code_and_use_cpu_are_left_out_saying_what_applies(t
     assert "#   load_in_4bit = true: quantized weights are not offered" in text
     assert "#   trust_remote_code = true: no code from a model folder is run" in text
     assert "#   use_cpu = true: a run uses the GPU when there is one" in text
-    assert "#   env = {\"CUDA_VISIBLE_DEVICES\": \"0\"}: set these environment variables" in text
+    assert '#   env = {"CUDA_VISIBLE_DEVICES": "0"}: set these environment variables' in text
     assert "no equivalent in sdpo" not in text
 
 
@@ -459,3 +459,16 @@ def test_trl_s_keep_end_is_said_to_differ_and_written_as_the_nearest_settings(tm
     text = out.read_text()
     assert "keeps each whole sequence's last max_length tokens, which no setting here" in text
     assert "it is 'data.truncation' here" not in text
+
+
+def test_an_out_that_is_a_folder_or_the_trl_file_itself_is_refused(tmp_path, capsys):
+    src = tmp_path / "dpo.json"
+    src.write_text(json.dumps({"model_name_or_path": "m", "dataset_name": "d.jsonl"}))
+    before = src.read_text()
+    # the TRL file was replaced by the TOML with --overwrite
+    assert main(["config", "--from-trl", str(src), "--out", str(src), "--overwrite"]) == 2
+    assert "is the --from-trl file" in capsys.readouterr().err and src.read_text() == before
+    # a folder was told to pass --overwrite, which then failed to write onto it (exit 74)
+    for extra in ([], ["--overwrite"]):
+        assert main(["config", "--from-trl", str(src), "--out", str(tmp_path), *extra]) == 2
+        assert "is a folder; give the path of a file" in capsys.readouterr().err
