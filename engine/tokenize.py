@@ -1600,13 +1600,17 @@ def _render_row(row: dict, tokenizer: PairTokenizer, position: int) -> tuple[str
     inputs = {"tools": row.get("tools"), "template_kwargs": row.get("chat_template_kwargs")}
     tool_use = inputs["tools"] is not None and tokenizer.tool_use_template is not None
     if tokenizer.chat_template is None and not tool_use:
+        # a system prompt column (columns.system, score --columns system=...) makes string
+        # rows messages too
+        system = bool(prompt) and isinstance(prompt[0], dict) and prompt[0].get("role") == "system"
         raise row_error(
             row,
-            f"the row is conversational (message lists), and the tokenizer of {tokenizer.name} "
-            "has no chat template to render it",
+            "the row is conversational (message lists"
+            + (", or strings a system prompt column turns into messages" if system else "")
+            + f"), and the tokenizer of {tokenizer.name} has no chat template to render it",
             fix="add the model's chat template to that folder (chat_template.jinja, or "
             "chat_template in tokenizer_config.json), or give prompt, chosen and rejected as "
-            "strings",
+            "strings" + (" without a system prompt column (columns.system)" if system else ""),
             field="prompt",
             position=position,
         )

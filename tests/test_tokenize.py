@@ -255,6 +255,14 @@ def test_conversational_rows_without_a_chat_template_are_refused(tmp_path):
         [{"prompt": "hello", "chosen": "a", "rejected": "b"}], tok, max_length=8
     )
     assert pair.prompt_ids == [BOS, *wid("hello")]
+    assert "system prompt column" not in msg
+    # string rows that a system prompt column makes messages: the message says so
+    rows = [{"prompt": "hello", "chosen": "a", "rejected": "b", "sys": "be brief"}]
+    data = read_preference_file(write_jsonl(tmp_path / "s.jsonl", rows), columns={"system": "sys"})
+    with pytest.raises(DataError) as info:
+        tokenize_pairs(data, tok, max_length=64)
+    assert "or strings a system prompt column turns into messages" in str(info.value)
+    assert "as strings without a system prompt column (columns.system)" in str(info.value)
 
 
 def test_mixed_string_and_message_fields_are_refused(tok):
