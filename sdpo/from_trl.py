@@ -384,7 +384,9 @@ def convert_trl_config(
     warmup = t.get("warmup_steps", 0)
     if "warmup_ratio" in given:
         put("train", "warmup_ratio", float(t["warmup_ratio"]), "warmup_ratio")
-    if "warmup_steps" in given or "warmup_ratio" not in given:
+    if "warmup_ratio" in given and warmup == 0:  # transformers 4: 0 steps leave the ratio
+        used.add("warmup_steps")
+    elif "warmup_steps" in given or "warmup_ratio" not in given:
         if 0 < warmup < 1:
             put("train", "warmup_ratio", float(warmup), "warmup_steps", note="a ratio below 1")
         elif float(warmup).is_integer() and warmup >= 0:

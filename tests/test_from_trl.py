@@ -472,3 +472,15 @@ def test_an_out_that_is_a_folder_or_the_trl_file_itself_is_refused(tmp_path, cap
     for extra in ([], ["--overwrite"]):
         assert main(["config", "--from-trl", str(src), "--out", str(tmp_path), *extra]) == 2
         assert "is a folder; give the path of a file" in capsys.readouterr().err
+
+
+def test_warmup_steps_0_beside_a_warmup_ratio_leaves_the_ratio_as_transformers_does(tmp_path):
+    # transformers 4's arguments (a saved one has both): warm-up steps when > 0, else the ratio
+    trl = {"model_name_or_path": "m", "dataset_name": "d.jsonl", "warmup_ratio": 0.1}
+    for steps, ratio, fixed in ((0, 0.1, None), (5, 0.1, 5)):
+        code, out = _convert(tmp_path, "wu.json", json.dumps({**trl, "warmup_steps": steps}))
+        assert code == 0
+        cfg = load_config(out)
+        assert (cfg.train.warmup_ratio, cfg.train.warmup_steps) == (ratio, fixed)
+        assert "warmup_steps =" not in out.read_text().split("output_dir")[0]  # not left out
+        out.unlink()
