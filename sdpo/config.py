@@ -572,6 +572,10 @@ _TRL_NAMES = {
     ),
     "use_cpu": "a run uses the GPU when there is one: hide it with CUDA_VISIBLE_DEVICES=''",
     "env": "set these environment variables in the shell that starts sdpo",
+    "do_eval": (
+        "held-out pairs are scored whenever 'data.eval_sources' or 'data.eval_fraction' gives "
+        "them (transformers sets do_eval from eval_strategy)"
+    ),
     "activation_checkpointing_kwargs": (
         "sdpo's recomputation is non-reentrant; 'model.checkpoint_every' = k recomputes every "
         "k-th layer only"

@@ -209,6 +209,8 @@ def convert_trl_config(
     docstring). ``source`` names the file in errors; ``world_size``: the number of processes
     TRL would run on (pairs per optimizer step = batch size x accumulation x world size)."""
     trl = {key: _check_type(source, key, value) for key, value in trl.items()}
+    if "evaluation_strategy" in trl and "eval_strategy" not in trl:  # transformers < 4.46
+        trl = {("eval_strategy" if k == "evaluation_strategy" else k): v for k, v in trl.items()}
     given = dict(trl)
     t = {**TRL_DEFAULTS, **trl}
     dropped: list[tuple[str, Any, str]] = []
@@ -300,6 +302,32 @@ def convert_trl_config(
                 "dataset_test_split",
                 "TRL evaluates on it only when eval_strategy is not 'no' (its default): with one, "
                 "it becomes 'data.eval_sources'",
+            )
+    elif isinstance(t.get("dataset_mixer"), dict) and t["dataset_mixer"]:
+        # the alignment handbook's recipes: {data set: share of its train splits} and the
+        # splits to read, those named *train* for training and *test* for evaluation
+        mixer = t["dataset_mixer"]
+        splits = t.get("dataset_splits") or ["train", "test"]
+        if not isinstance(splits, list) or not all(isinstance(x, str) for x in splits):
+            raise ConfigError(f"{source}: key 'dataset_splits' must be a list of split names")
+        train = [x for x in splits if "train" in x]
+        test = [x for x in splits if "train" not in x and "test" in x]
+        out["data"]["sources"] = [
+            {"path": local(name), "split": split} for name in mixer for split in train
+        ]
+        used.update(("dataset_mixer", "dataset_splits"))
+        shares = {name: frac for name, frac in mixer.items() if frac != 1}
+        if shares:
+            dropped.append(
+                ("dataset_mixer", shares, "every pair of each source is read (no sampling)")
+            )
+        if test and t.get("eval_strategy", "no") != "no":
+            put(
+                "data",
+                "eval_sources",
+                [{"path": local(name), "split": split} for name in mixer for split in test],
+                "eval_strategy",
+                note="dataset_splits' test splits, scored after each sDPO step",
             )
     out[""]["output_dir"] = str(Path(t.get("output_dir") or "trainer_output").resolve())
     used.add("output_dir")
@@ -652,7 +680,7 @@ def convert_trl_config(
     loaded = tomllib.loads(text)
     # `trl dpo` also takes the model and data on its command line: the file may lack them
     missing = [key for key in ("model_name_or_path", "dataset_name") if t.get(key) is None]
-    if t.get("datasets"):
+    if t.get("datasets") or out["data"].get("sources"):
         missing = [key for key in missing if key != "dataset_name"]
     if missing:  # the other values are checked first, around placeholders
         loaded["model"]["path"] = "model"

@@ -484,3 +484,41 @@ def test_warmup_steps_0_beside_a_warmup_ratio_leaves_the_ratio_as_transformers_d
         assert (cfg.train.warmup_ratio, cfg.train.warmup_steps) == (ratio, fixed)
         assert "warmup_steps =" not in out.read_text().split("output_dir")[0]  # not left out
         out.unlink()
+
+
+# the alignment handbook's Zephyr DPO recipe (transformers 4's evaluation_strategy, the
+# handbook's dataset_mixer and dataset_splits)
+HANDBOOK_YAML = """\
+model_name_or_path: alignment-handbook/zephyr-7b-sft-full
+dataset_mixer:
+  HuggingFaceH4/ultrafeedback_binarized: 1.0
+  org/extra: 0.5
+dataset_splits:
+- train_prefs
+- test_prefs
+bf16: true
+beta: 0.01
+do_eval: true
+evaluation_strategy: steps
+eval_steps: 100
+learning_rate: 5.0e-7
+"""
+
+
+def test_the_alignment_handbook_s_recipe_converts_its_data_and_its_evaluation(tmp_path):
+    code, out = _convert(tmp_path, "zephyr.yaml", HANDBOOK_YAML)
+    assert code == 0
+    cfg = load_config(out)
+    assert [(s.path, s.split) for s in cfg.data.sources] == [
+        ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs"),
+        ("org/extra", "train_prefs"),
+    ]
+    assert [(s.path, s.split) for s in cfg.data.eval_sources] == [
+        ("HuggingFaceH4/ultrafeedback_binarized", "test_prefs"),
+        ("org/extra", "test_prefs"),
+    ]
+    assert cfg.train.eval_every == 100  # evaluation_strategy: steps, as eval_strategy
+    text = out.read_text()
+    assert '#   dataset_mixer = {"org/extra": 0.5}: every pair of each source is read' in text
+    assert "#   do_eval = true: held-out pairs are scored whenever" in text
+    assert "evaluation_strategy" not in text and "no equivalent in sdpo" not in text
