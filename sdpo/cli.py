@@ -120,11 +120,22 @@ class _CommandParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
 
+def _version() -> str:
+    """The installed package's version (a checkout run without installing has none)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sdpo")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sdpo",
         description="sdpo: a performance-first training engine for stepwise DPO.",
     )
+    parser.add_argument("--version", action="version", version=f"sdpo {_version()}")
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
     )

@@ -311,6 +311,16 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert (tmp_path / "demo" / "sft" / "config.json").is_file()
 
 
+def test_version_prints_the_installed_version(capsys):
+    # it was refused as a missing COMMAND
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"sdpo {version('sdpo')}\n"
+
+
 def test_help_explains_every_subcommand():
     for sub in ("train", "score", "demo"):
         proc = subprocess.run(
