@@ -295,7 +295,13 @@ def convert_trl_config(
                 [test],
                 "dataset_test_split",
                 "eval_strategy",
-                note="scored after each sDPO step (and every train.eval_every steps)",
+                note="scored after each sDPO step (and every train.eval_every steps)"
+                + (
+                    "; eval_strategy 'epoch' has no fixed equivalent: one evaluation per epoch "
+                    "is train.eval_every = ceil(training pairs / train.pairs_per_step)"
+                    if t.get("eval_strategy") == "epoch"
+                    else ""
+                ),
             )
         else:
             drop(

@@ -522,3 +522,12 @@ def test_the_alignment_handbook_s_recipe_converts_its_data_and_its_evaluation(tm
     assert '#   dataset_mixer = {"org/extra": 0.5}: every pair of each source is read' in text
     assert "#   do_eval = true: held-out pairs are scored whenever" in text
     assert "evaluation_strategy" not in text and "no equivalent in sdpo" not in text
+
+
+def test_eval_strategy_epoch_is_said_to_have_no_fixed_equivalent(tmp_path):
+    trl = {"model_name_or_path": "m", "dataset_name": "d", "dataset_test_split": "test"}
+    code, out = _convert(tmp_path, "ep.json", json.dumps({**trl, "eval_strategy": "epoch"}))
+    assert code == 0 and load_config(out).data.eval_sources[0].split == "test"
+    assert "eval_strategy 'epoch' has no fixed equivalent: one evaluation per epoch" in (
+        out.read_text()
+    )
