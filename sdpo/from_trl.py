@@ -24,6 +24,7 @@ from sdpo.config import (
     config_from_dict,
     tomllib,
 )
+from sdpo.losses import _SMOOTHED_TYPES
 
 # TRL 1.16's defaults (DPOConfig on transformers 5) that differ from sdpo's, for keys absent
 # from the file; tests/test_from_trl.py checks them against DPOConfig when trl is installed.
@@ -602,6 +603,16 @@ def convert_trl_config(
         put("loss", "loss_weights", [float(w) for w in t["loss_weights"]], "loss_weights")
     else:  # null: each loss type weighs 1, as here
         used.add("loss_weights")
+    types = t.get("loss_type", "sigmoid")
+    types = [types] if isinstance(types, str) else types
+    if t.get("label_smoothing") and not set(types) & set(_SMOOTHED_TYPES):
+        # TRL reads it for these types only and ignores it otherwise; sdpo refuses it there
+        drop(
+            "label_smoothing",
+            f"TRL ignores it for loss_type {types}: it applies to "
+            f"{', '.join(_SMOOTHED_TYPES)} only",
+        )
+        t["label_smoothing"] = None
     for key in ("label_smoothing", "rpo_alpha", "ld_alpha", "discopop_tau", "router_aux_loss_coef"):
         if t.get(key) is not None:
             put("loss", key, float(t[key]), key)

@@ -531,3 +531,16 @@ def test_eval_strategy_epoch_is_said_to_have_no_fixed_equivalent(tmp_path):
     assert "eval_strategy 'epoch' has no fixed equivalent: one evaluation per epoch" in (
         out.read_text()
     )
+
+
+def test_label_smoothing_trl_ignores_for_the_loss_type_is_left_out_not_refused(tmp_path, capsys):
+    # TRL 1.16 trains ipo with it set (and unread); the converted config was refused
+    trl = {"model_name_or_path": "m", "dataset_name": "d", "label_smoothing": 0.1}
+    code, out = _convert(tmp_path, "ls.json", json.dumps({**trl, "loss_type": ["ipo"]}))
+    assert code == 0, capsys.readouterr().err
+    cfg = load_config(out)
+    assert cfg.loss.loss_type == "ipo" and cfg.loss.label_smoothing == 0.0
+    assert "#   label_smoothing = 0.1: TRL ignores it for loss_type ['ipo']" in out.read_text()
+    out.unlink()
+    code, out = _convert(tmp_path, "ls.json", json.dumps({**trl, "loss_type": "robust"}))
+    assert code == 0 and load_config(out).loss.label_smoothing == 0.1
