@@ -613,6 +613,9 @@ def convert_trl_config(
             f"{', '.join(_SMOOTHED_TYPES)} only",
         )
         t["label_smoothing"] = None
+    if t.get("discopop_tau", 0.05) != 0.05 and "discopop" not in types:
+        drop("discopop_tau", f"TRL ignores it for loss_type {types}: it applies to discopop only")
+        t["discopop_tau"] = None
     for key in ("label_smoothing", "rpo_alpha", "ld_alpha", "discopop_tau", "router_aux_loss_coef"):
         if t.get(key) is not None:
             put("loss", key, float(t[key]), key)

@@ -544,3 +544,9 @@ def test_label_smoothing_trl_ignores_for_the_loss_type_is_left_out_not_refused(t
     out.unlink()
     code, out = _convert(tmp_path, "ls.json", json.dumps({**trl, "loss_type": "robust"}))
     assert code == 0 and load_config(out).loss.label_smoothing == 0.1
+    out.unlink()
+    # so is a discopop_tau for another loss type
+    tau = {"model_name_or_path": "m", "dataset_name": "d", "discopop_tau": 0.2}
+    code, out = _convert(tmp_path, "tau.json", json.dumps({**tau, "loss_type": "bco_pair"}))
+    assert code == 0 and load_config(out).loss.discopop_tau == 0.05
+    assert "#   discopop_tau = 0.2: TRL ignores it for loss_type ['bco_pair']" in out.read_text()
