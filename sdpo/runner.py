@@ -474,18 +474,16 @@ def load_pairs(
         if key is not None:
             own = keyed_token_cache_path(cache_file, key)
             target = own if shared_cache else cache_file
-            cached, own_reason = load_tokenized(own, key)
-            if cached is not None:
-                _log(f"token cache {own.name}: reused")
-                if cache_used is not None:
-                    cache_used.append(own)
-                return cached
-            cached, reason = load_tokenized(cache_file, key)
-            if cached is not None:
-                _log(f"token cache {cache_file.name}: reused")
-                if cache_used is not None:
-                    cache_used.append(cache_file)
-                return cached
+            reasons = []  # the key's own file first, then the plain name
+            for path in (own, cache_file):
+                cached, why = load_tokenized(path, key)
+                if cached is not None:
+                    _log(f"token cache {path.name}: reused")
+                    if cache_used is not None:
+                        cache_used.append(path)
+                    return cached
+                reasons.append(why)
+            own_reason, reason = reasons
             if own_reason != "missing":  # the key's own file, damaged
                 _log(f"token cache {own.name}: tokenizing again ({own_reason})")
             elif shared_cache:
