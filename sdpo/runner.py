@@ -491,8 +491,10 @@ def load_pairs(
             elif reason != "missing":
                 _log(f"token cache {cache_file.name}: tokenizing again ({reason})")
             if cache_changes is not None:  # [] where the file is missing
-                since = changes_since if changes_since and changes_since.is_file() else None
-                cache_changes.extend(token_cache_changes(since or cache_file, key))
+                # the file a resumed run's checkpoint names, even when gone: the plain name in
+                # a shared folder is another run's
+                since = cache_file if changes_since is None else changes_since
+                cache_changes.extend(token_cache_changes(since, key))
             if cache_used is not None:
                 cache_used.append(target)
         tokenized = _read_and_tokenize(

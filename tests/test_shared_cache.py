@@ -118,3 +118,27 @@ def test_a_resume_on_other_token_ids_names_what_changed_since_its_own_file(
 def _meta(path: Path) -> str:
     with safe_open(str(path), "np") as f:
         return f.metadata()["key"]
+
+
+def test_a_resume_whose_own_token_cache_is_gone_names_no_other_runs_file(tiny_model_dir, tmp_path):
+    """The file the run's checkpoint names was deleted: the refusal does not compare with the
+    plain-named file of the shared folder (another run's, here an earlier release's under
+    another max_length), nor name the deleted file as compared."""
+    shared = tmp_path / "shared"
+    a = _config(tmp_path, tiny_model_dir, out="a", cache_dir=shared)
+    run_training(a, progress=False)
+    b = _config(tmp_path, tiny_model_dir, out="b", cache_dir=None, max_length=24)
+    run_training(b, progress=False)
+    shutil.copy(tmp_path / "b" / "cache" / "tokens-train.safetensors", shared)
+    (own,) = shared.glob("tokens-train-*")
+    own.unlink()
+    near = Path(a.data.sources[1].path)
+    rows = near.read_text().splitlines()
+    row = json.loads(rows[0])
+    row["chosen"] += " mat"
+    near.write_text("\n".join([json.dumps(row), *rows[1:]]) + "\n")
+    with pytest.raises(OutputDirError, match="token ids differ") as e:
+        run_training(a, progress=False, resume=True)
+    assert "max_length" not in str(e.value)
+    assert str(own) not in str(e.value)
+    assert "a data file, the tokenizer files or sdpo's tokenization changed" in str(e.value)
