@@ -1504,7 +1504,8 @@ class StepwiseRunner:
                 "another configuration of the model (the run's checkpoint keeps one fingerprint "
                 f"of both: {fingerprints})"
             )
-        fields = architecture_differences(arch, self.model_archs[role])
+        now = self._arch_as_recorded(role, model, arch)
+        fields = architecture_differences(arch, now)
         config = (
             f"the model's configuration differs in {'; '.join(fields)}"
             if fields
@@ -1515,12 +1516,21 @@ class StepwiseRunner:
             return (
                 f"holds the weights the run started from, but {config} (fingerprint {fingerprints})"
             )
-        if arch == self.model_archs[role]:
+        if arch == now:
             return f"holds other weights than when the run started (fingerprint {fingerprints})"
         return (
             f"holds other weights than when the run started, and {config} (fingerprint "
             f"{fingerprints})"
         )
+
+    def _arch_as_recorded(self, role: str, model: torch.nn.Module, arch: str) -> str:
+        """The ``role`` model's architecture text now, in the recipe of ``arch`` (the text a
+        checkpoint recorded): a run an earlier recipe fingerprinted records that recipe's text
+        (``earlier_architecture_texts``), which this one may describe otherwise with no field
+        changed; of this text and the earlier recipes', the one closest to ``arch``."""
+        now = self.model_archs[role]
+        texts = [now, *earlier_architecture_texts(model)]
+        return min(texts, key=lambda text: len(architecture_differences(arch, text)))
 
     def _what_to_restore(self, point: ResumePoint, role: str, model: torch.nn.Module) -> str:
         """The refusal's advice: the weights, or the configuration where only it differs."""
@@ -1531,7 +1541,7 @@ class StepwiseRunner:
                 "revision key; a transformers or sdpo that reads the config otherwise: the "
                 "version the run started with)"
             )
-        if arch != self.model_archs[role]:
+        if arch != self._arch_as_recorded(role, model, arch):
             return (
                 "the model as it was (its config.json; a hub model: pin its commit with the "
                 "revision key; a transformers or sdpo that reads the config otherwise: the "

@@ -773,3 +773,43 @@ def test_checkpoint_manifest_names_the_one_damaged_file_among_many(tmp_path):
     assert verify_checkpoint(ckpt) == "step-1/weights.bin does not match its checksum"
     outside.unlink()
     assert verify_checkpoint(ckpt) == "step-1/weights.bin is missing"
+
+
+def test_other_weights_of_a_run_an_earlier_recipe_fingerprinted_name_no_config_field(
+    tmp_path, monkeypatch
+):
+    """A run whose checkpoint records the configuration as an earlier release described it (a
+    Qwen's window without its sliding layers) and whose weights are replaced since: the
+    refusal says other weights, and names no configuration field (the config is the same, only
+    described otherwise), nor tells to restore the config.json."""
+    from safetensors.torch import save_file
+
+    from sdpo.engine.model import ModelConfig
+    from tests.conftest import write_hf_model
+
+    m0 = write_hf_model(
+        tmp_path / "m0",
+        "Qwen2Config",
+        byte_level=True,
+        use_sliding_window=True,
+        sliding_window=64,
+        max_window_layers=1,
+    )
+    cfg = config_from_dict(two_source_config(tmp_path, m0, far=4, near=4))
+    now = ModelConfig.architecture_dict
+
+    def earlier_recipe(config: ModelConfig) -> dict:
+        return {k: v for k, v in now(config).items() if k != "sliding_layers"}
+
+    monkeypatch.setattr(ModelConfig, "architecture_dict", earlier_recipe)
+    run_training(cfg, progress=False)
+    monkeypatch.setattr(ModelConfig, "architecture_dict", now)
+    weights = load_file(str(m0 / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in weights.items()}, str(m0 / "model.safetensors"))
+    with pytest.raises(OutputDirError) as e:
+        run_training(cfg, progress=False, resume=True)
+    assert f"model.path ({m0}) holds other weights than when the run started (fingerprint" in str(
+        e.value
+    )
+    assert "configuration" not in str(e.value)
+    assert "Restore those weights (a hub model" in str(e.value)
