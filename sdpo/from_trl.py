@@ -24,7 +24,10 @@ from sdpo.config import (
     config_from_dict,
     tomllib,
 )
-from sdpo.losses import _SMOOTHED_TYPES
+
+# the loss types whose loss TRL 1.16 computes with label_smoothing (and aot, aot_unpaired, which
+# sdpo has not): its sigmoid ignores it, which sdpo reads as cDPO
+TRL_SMOOTHED_TYPES = ("robust", "exo_pair")
 
 # TRL 1.16's defaults (DPOConfig on transformers 5) that differ from sdpo's, for keys absent
 # from the file; tests/test_from_trl.py checks them against DPOConfig when trl is installed.
@@ -605,20 +608,29 @@ def convert_trl_config(
         used.add("loss_weights")
     types = t.get("loss_type", "sigmoid")
     types = [types] if isinstance(types, str) else types
-    if t.get("label_smoothing") and not set(types) & set(_SMOOTHED_TYPES):
-        # TRL reads it for these types only and ignores it otherwise; sdpo refuses it there
+    smoothed = set(types) & set(TRL_SMOOTHED_TYPES)
+    if t.get("label_smoothing") and not smoothed:
+        # TRL reads it for these types only and ignores it otherwise; sdpo refuses it there,
+        # and reads it for sigmoid as cDPO, which TRL 1.16's sigmoid is not
         drop(
             "label_smoothing",
             f"TRL ignores it for loss_type {types}: it applies to "
-            f"{', '.join(_SMOOTHED_TYPES)} only",
+            f"{', '.join(TRL_SMOOTHED_TYPES)} only",
         )
         t["label_smoothing"] = None
+    smoothing_note = (
+        "TRL 1.16's sigmoid ignores it (it smooths "
+        f"{', '.join(sorted(smoothed))} alone); here it smooths the sigmoid term too, as cDPO"
+        if t.get("label_smoothing") and "sigmoid" in types
+        else ""
+    )
     if t.get("discopop_tau", 0.05) != 0.05 and "discopop" not in types:
         drop("discopop_tau", f"TRL ignores it for loss_type {types}: it applies to discopop only")
         t["discopop_tau"] = None
     for key in ("label_smoothing", "rpo_alpha", "ld_alpha", "discopop_tau", "router_aux_loss_coef"):
         if t.get(key) is not None:
-            put("loss", key, float(t[key]), key)
+            note = smoothing_note if key == "label_smoothing" else ""
+            put("loss", key, float(t[key]), key, note=note)
         elif key in t:  # null: TRL's default, and sdpo's
             used.add(key)
     for key in ("use_weighting", "reference_free", "f_divergence_type"):

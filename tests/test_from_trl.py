@@ -550,3 +550,19 @@ def test_label_smoothing_trl_ignores_for_the_loss_type_is_left_out_not_refused(t
     code, out = _convert(tmp_path, "tau.json", json.dumps({**tau, "loss_type": "bco_pair"}))
     assert code == 0 and load_config(out).loss.discopop_tau == 0.05
     assert "#   discopop_tau = 0.2: TRL ignores it for loss_type ['bco_pair']" in out.read_text()
+
+
+def test_label_smoothing_beside_a_sigmoid_loss_says_what_trl_1_16_trains(tmp_path, capsys):
+    # TRL 1.16's sigmoid loss does not read label_smoothing (robust and exo_pair do): the file
+    # trains plain DPO there, which the converted config trained as cDPO without a word
+    trl = {"model_name_or_path": "m", "dataset_name": "d", "label_smoothing": 0.1}
+    code, out = _convert(tmp_path, "ls.json", json.dumps(trl))  # TRL's default sigmoid
+    assert code == 0, capsys.readouterr().err
+    assert load_config(out).loss.label_smoothing == 0.0
+    assert "#   label_smoothing = 0.1: TRL ignores it for loss_type ['sigmoid']" in out.read_text()
+    out.unlink()
+    code, out = _convert(
+        tmp_path, "ls.json", json.dumps({**trl, "loss_type": ["sigmoid", "robust"]})
+    )
+    assert code == 0 and load_config(out).loss.label_smoothing == 0.1
+    assert "TRL 1.16's sigmoid ignores it" in out.read_text()
