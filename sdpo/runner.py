@@ -796,7 +796,8 @@ class StepwiseRunner:
         (``initial-<digest>``, what a shared ``sdpo.cache_dir`` holds) is read first, then the
         plain name (``initial``: the run's own cache folder, and files of earlier releases);
         the values are written under the digest's name in a shared folder, else the plain
-        one (``shared_cache``)."""
+        one (``shared_cache``). A file written under a fingerprint an earlier release gave the
+        same weights (``_earlier_fingerprints``) is reused, by either name."""
         key = self.cache_key(model_fp, pairs)
         plain = RefLogprobCache(self.cache_dir / f"{name}.safetensors")
         own = RefLogprobCache(keyed_cache_path(plain.path, key))
@@ -809,17 +810,23 @@ class StepwiseRunner:
         if values is not None:
             _log(f"reference cache {plain.path.name}: reused")
             return values.to_pair_logps()
-        if reason.startswith("key mismatch: model_fingerprint "):
+        # a shared folder's files of other keys under this name: one may be an earlier
+        # release's for these weights, named by the digest of the key it fingerprinted them in
+        others = self.shared_cache and on_main(
+            lambda: any(p != own.path for p in self.cache_dir.glob(f"{name}-*.safetensors"))
+        )
+        if others or reason.startswith("key mismatch: model_fingerprint "):
             # a file an earlier release wrote for these weights, which it fingerprinted otherwise
             for earlier in self._earlier_fingerprints(model):
                 earlier_key = dataclasses.replace(key, model_fingerprint=earlier)
-                values, _ = on_main(lambda k=earlier_key: plain.load(k))
-                if values is not None:
-                    _log(
-                        f"reference cache {plain.path.name}: reused (written under the "
-                        f"fingerprint {earlier[:12]} an earlier release gave these weights)"
-                    )
-                    return values.to_pair_logps()
+                for cache in (RefLogprobCache(keyed_cache_path(plain.path, earlier_key)), plain):
+                    values, _ = on_main(lambda c=cache, k=earlier_key: c.load(k))
+                    if values is not None:
+                        _log(
+                            f"reference cache {cache.path.name}: reused (written under the "
+                            f"fingerprint {earlier[:12]} an earlier release gave these weights)"
+                        )
+                        return values.to_pair_logps()
         if own_reason != "missing":  # the key's own file, damaged
             _log(f"reference cache {own.path.name}: recomputing ({own_reason})")
         elif self.shared_cache:

@@ -142,3 +142,36 @@ def test_a_resume_whose_own_token_cache_is_gone_names_no_other_runs_file(tiny_mo
     assert "max_length" not in str(e.value)
     assert str(own) not in str(e.value)
     assert "a data file, the tokenizer files or sdpo's tokenization changed" in str(e.value)
+
+
+def test_a_shared_folders_files_under_an_earlier_fingerprint_are_reused(
+    tmp_path, monkeypatch, capsys
+):
+    """Files a release wrote in a shared folder under its digest's name, for weights it
+    fingerprinted otherwise (a Qwen's window without its sliding layers), are found under the
+    earlier fingerprint's digest, as plain-named files are, and not scored anew."""
+    from sdpo.engine.model import ModelConfig
+    from tests.conftest import write_hf_model
+
+    m0 = write_hf_model(
+        tmp_path / "m0",
+        "Qwen2Config",
+        byte_level=True,
+        use_sliding_window=True,
+        sliding_window=64,
+        max_window_layers=1,
+    )
+    shared = tmp_path / "shared"
+    now = ModelConfig.architecture_dict
+
+    def earlier_recipe(config: ModelConfig) -> dict:
+        return {k: v for k, v in now(config).items() if k != "sliding_layers"}
+
+    monkeypatch.setattr(ModelConfig, "architecture_dict", earlier_recipe)
+    a = _config(tmp_path, m0, out="a", cache_dir=shared)
+    assert run_training(a, progress=False).scoring_calls == 2
+    monkeypatch.setattr(ModelConfig, "architecture_dict", now)
+    capsys.readouterr()
+    b = _config(tmp_path, m0, out="b", cache_dir=shared)
+    assert run_training(b, progress=False).scoring_calls == 0
+    assert "reused (written under the fingerprint" in capsys.readouterr().out
