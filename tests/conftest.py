@@ -291,6 +291,20 @@ def write_hf_model(
     return out
 
 
+def write_partly_sliding_qwen(out: Path) -> Path:
+    """A tiny Qwen2 whose later layers alone slide (``max_window_layers=1``), by a window of 64
+    tokens, longer than every pair of the tests that use it: earlier releases fingerprinted
+    such a model by its window alone, and ran it without a window on sequences within it."""
+    return write_hf_model(
+        out,
+        "Qwen2Config",
+        byte_level=True,
+        use_sliding_window=True,
+        sliding_window=64,
+        max_window_layers=1,
+    )
+
+
 _TORCHRUN_TMP: list[str] = []  # the temporary folder of this test session's torchrun launches
 
 

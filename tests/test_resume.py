@@ -614,16 +614,9 @@ def test_a_qwen_run_an_earlier_release_fingerprinted_by_one_window_resumes(
     recorded initial and LoRA base fingerprints are accepted as those of the same weights, its
     reference caches reused; it was refused as holding other weights, which it does not."""
     from sdpo.engine.model import ModelConfig
-    from tests.conftest import write_hf_model
+    from tests.conftest import write_partly_sliding_qwen
 
-    m0 = write_hf_model(
-        tmp_path / "m0",
-        "Qwen2Config",
-        byte_level=True,
-        use_sliding_window=True,
-        sliding_window=64,  # longer than every pair: the earlier releases refused longer ones
-        max_window_layers=1,
-    )
+    m0 = write_partly_sliding_qwen(tmp_path / "m0")
     d = two_source_config(tmp_path, m0, far=8, near=7, lora={"rank": 4})
     d["train"].update(pairs_per_step=3, save_every=100)
     cfg = config_from_dict(d)
@@ -785,16 +778,9 @@ def test_other_weights_of_a_run_an_earlier_recipe_fingerprinted_name_no_config_f
     from safetensors.torch import save_file
 
     from sdpo.engine.model import ModelConfig
-    from tests.conftest import write_hf_model
+    from tests.conftest import write_partly_sliding_qwen
 
-    m0 = write_hf_model(
-        tmp_path / "m0",
-        "Qwen2Config",
-        byte_level=True,
-        use_sliding_window=True,
-        sliding_window=64,
-        max_window_layers=1,
-    )
+    m0 = write_partly_sliding_qwen(tmp_path / "m0")
     cfg = config_from_dict(two_source_config(tmp_path, m0, far=4, near=4))
     now = ModelConfig.architecture_dict
 

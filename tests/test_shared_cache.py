@@ -105,14 +105,19 @@ def test_a_resume_on_other_token_ids_names_what_changed_since_its_own_file(
     b = _config(tmp_path, tiny_model_dir, out="b", cache_dir=shared, max_length=24)
     run_training(b, progress=False)
     (own,) = [p for p in shared.glob("tokens-train-*") if json.loads(_meta(p))["max_length"] == 32]
-    near = Path(a.data.sources[1].path)
-    rows = near.read_text().splitlines()
-    row = json.loads(rows[0])
-    row["chosen"] += " mat"
-    near.write_text("\n".join([json.dumps(row), *rows[1:]]) + "\n")
+    near = _change_first_row(Path(a.data.sources[1].path))
     with pytest.raises(OutputDirError, match="token ids differ") as e:
         run_training(a, progress=False, resume=True)
     assert f"(since {own} was written: data source near ({near}) changed)" in str(e.value)
+
+
+def _change_first_row(path: Path) -> Path:
+    """``path``, a jsonl source, with its first row's chosen completion changed."""
+    rows = path.read_text().splitlines()
+    row = json.loads(rows[0])
+    row["chosen"] += " mat"
+    path.write_text("\n".join([json.dumps(row), *rows[1:]]) + "\n")
+    return path
 
 
 def _meta(path: Path) -> str:
@@ -132,11 +137,7 @@ def test_a_resume_whose_own_token_cache_is_gone_names_no_other_runs_file(tiny_mo
     shutil.copy(tmp_path / "b" / "cache" / "tokens-train.safetensors", shared)
     (own,) = shared.glob("tokens-train-*")
     own.unlink()
-    near = Path(a.data.sources[1].path)
-    rows = near.read_text().splitlines()
-    row = json.loads(rows[0])
-    row["chosen"] += " mat"
-    near.write_text("\n".join([json.dumps(row), *rows[1:]]) + "\n")
+    _change_first_row(Path(a.data.sources[1].path))
     with pytest.raises(OutputDirError, match="token ids differ") as e:
         run_training(a, progress=False, resume=True)
     assert "max_length" not in str(e.value)
@@ -151,16 +152,9 @@ def test_a_shared_folders_files_under_an_earlier_fingerprint_are_reused(
     fingerprinted otherwise (a Qwen's window without its sliding layers), are found under the
     earlier fingerprint's digest, as plain-named files are, and not scored anew."""
     from sdpo.engine.model import ModelConfig
-    from tests.conftest import write_hf_model
+    from tests.conftest import write_partly_sliding_qwen
 
-    m0 = write_hf_model(
-        tmp_path / "m0",
-        "Qwen2Config",
-        byte_level=True,
-        use_sliding_window=True,
-        sliding_window=64,
-        max_window_layers=1,
-    )
+    m0 = write_partly_sliding_qwen(tmp_path / "m0")
     shared = tmp_path / "shared"
     now = ModelConfig.architecture_dict
 
