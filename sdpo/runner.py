@@ -711,6 +711,8 @@ class StepwiseRunner:
         # role -> the architecture text its fingerprint hashed (architecture_text): a resume
         # refused for other weights tells the tensors from the configuration by it
         self.model_archs: dict[str, str] = {}
+        # fingerprint -> the fingerprints earlier releases gave those weights (hashed once)
+        self._earlier_fps: dict[str, list[str]] = {}
         self.chunks: list[list[int]] | None = None  # the pair indices of each sDPO step (run())
         self.phase = LOADING  # what the run is doing, for an out-of-memory message
         # the code that runs the policy (model.implementation resolved by load_inputs), and its
@@ -802,14 +804,14 @@ class StepwiseRunner:
         plain = RefLogprobCache(self.cache_dir / f"{name}.safetensors")
         own = RefLogprobCache(keyed_cache_path(plain.path, key))
         target = own if self.shared_cache else plain
-        values, own_reason = on_main(lambda: own.load(key))  # rank 0 reads, every rank gets it
-        if values is not None:
-            _log(f"reference cache {own.path.name}: reused")
-            return values.to_pair_logps()
-        values, reason = on_main(lambda: plain.load(key))
-        if values is not None:
-            _log(f"reference cache {plain.path.name}: reused")
-            return values.to_pair_logps()
+        reasons = []  # the key's own file first, then the plain name
+        for cache in (own, plain):
+            values, why = on_main(lambda c=cache: c.load(key))  # rank 0 reads, all ranks get it
+            if values is not None:
+                _log(f"reference cache {cache.path.name}: reused")
+                return values.to_pair_logps()
+            reasons.append(why)
+        own_reason, reason = reasons
         # a shared folder's files of other keys under this name: one may be an earlier
         # release's for these weights, named by the digest of the key it fingerprinted them in
         others = self.shared_cache and on_main(
@@ -817,7 +819,7 @@ class StepwiseRunner:
         )
         if others or reason.startswith("key mismatch: model_fingerprint "):
             # a file an earlier release wrote for these weights, which it fingerprinted otherwise
-            for earlier in self._earlier_fingerprints(model):
+            for earlier in self._earlier_fingerprints(model, model_fp):
                 earlier_key = dataclasses.replace(key, model_fingerprint=earlier)
                 for cache in (RefLogprobCache(keyed_cache_path(plain.path, earlier_key)), plain):
                     values, _ = on_main(lambda c=cache, k=earlier_key: c.load(k))
@@ -1473,7 +1475,7 @@ class StepwiseRunner:
         if saved is None or saved == fingerprint:
             return fingerprint
         value = self.cfg.model.path if role == "initial" else self.cfg.sdpo.reference
-        earlier = self._earlier_fingerprints(model)
+        earlier = self._earlier_fingerprints(model, fingerprint)
         if saved in earlier:
             _log(
                 f"{key} ({value}): the run recorded these weights under the fingerprint an "
@@ -1482,6 +1484,7 @@ class StepwiseRunner:
                 "transformers config); the weights are the same: resuming"
             )
             self.model_fps[role] = saved
+            self._earlier_fps[saved] = earlier  # the weights the caches now key by it
             texts = earlier_architecture_texts(model)
             self.model_archs[role] = (point.progress.get("model_architectures") or {}).get(
                 role, texts[earlier.index(saved)] if len(texts) == len(earlier) else ""
@@ -2391,7 +2394,7 @@ class StepwiseRunner:
         if resume is not None and point is not None:
             saved_fp = point.progress.get("lora_base")
             # an earlier release's fingerprint of the same base (before the adapter is on it)
-            if saved_fp != base_fp and saved_fp not in self._earlier_fingerprints(model):
+            if saved_fp != base_fp and saved_fp not in self._earlier_fingerprints(model, base_fp):
                 where = self.cfg.model.path if t == 1 else self.out / f"step-{t - 1}"
                 raise OutputDirError(
                     f"cannot resume inside sDPO step {t} from {point.path}: its LoRA adapter was "
@@ -2519,32 +2522,33 @@ class StepwiseRunner:
     def _fingerprint(self, model: torch.nn.Module) -> str:
         """``model_fingerprint``; a sharded model's is rank 0's over the gathered weights (the
         unsharded model's), given to every rank."""
-        if not sharding.is_sharded(model):
-            return model_fingerprint(model)
-        weights = sharding.full_state_dict(model)
-        return distributed.broadcast_object(
-            model_fingerprint(model, state=weights) if distributed.is_main() else None
-        )
+        return self._over_weights(model, partial(model_fingerprint, model))
 
     def _fingerprint_with(self, model: torch.nn.Module, architecture: str) -> str:
         """``fingerprint_with``, sharded as ``_fingerprint``."""
-        if not sharding.is_sharded(model):
-            return fingerprint_with(model, architecture)
-        weights = sharding.full_state_dict(model)
-        return distributed.broadcast_object(
-            fingerprint_with(model, architecture, state=weights) if distributed.is_main() else None
-        )
+        return self._over_weights(model, partial(fingerprint_with, model, architecture))
 
-    def _earlier_fingerprints(self, model: torch.nn.Module) -> list[str]:
-        """``earlier_model_fingerprints``, sharded as ``_fingerprint``; [] at once (no
-        collective) for a model no earlier release fingerprinted otherwise."""
+    def _earlier_fingerprints(self, model: torch.nn.Module, fingerprint: str) -> list[str]:
+        """``earlier_model_fingerprints`` of the weights ``fingerprint`` names, sharded as
+        ``_fingerprint`` and hashed once per fingerprint; [] at once (no collective) for a
+        model no earlier release fingerprinted otherwise."""
         if not earlier_architecture_texts(model):
             return []
+        if fingerprint not in self._earlier_fps:
+            self._earlier_fps[fingerprint] = self._over_weights(
+                model, partial(earlier_model_fingerprints, model)
+            )
+        return self._earlier_fps[fingerprint]
+
+    @staticmethod
+    def _over_weights(model: torch.nn.Module, digest: Callable[..., Any]) -> Any:
+        """``digest()`` of the model's weights; a sharded model's is rank 0's over the gathered
+        weights (``digest(state=...)``), given to every rank."""
         if not sharding.is_sharded(model):
-            return earlier_model_fingerprints(model)
+            return digest()
         weights = sharding.full_state_dict(model)
         return distributed.broadcast_object(
-            earlier_model_fingerprints(model, state=weights) if distributed.is_main() else None
+            digest(state=weights) if distributed.is_main() else None
         )
 
     @contextlib.contextmanager
