@@ -9,6 +9,10 @@ a 128k vocabulary) and reads them several times; these ops stream the vocabulary
   (general backward; under ``torch.no_grad`` it is the reference/scoring pass).
 - ``linear_pair_loss``: a pair-separable loss whose gradients are formed while each
   chunk's logits are in hand (≈ 6·N·H·V FLOP for forward + backward).
+- ``vocab_parallel_sequence_logprobs`` (module ``vocab_parallel``): ``sequence_logprobs`` with
+  the lm_head weight split by vocabulary rows over a process group (tensor parallelism's "loss
+  parallel"): each rank streams its own shard's logits, and per-token collectives combine the
+  shards' logsumexp parts and label logits.
 - ``fused_sequence_logprobs`` / ``fused_token_logprobs`` (module ``fused_head``, loaded on
   first use because it needs Triton): a no-grad reference pass that fuses the lm_head tiles
   with the online logsumexp, so no logits reach memory. Opt-in until its GPU timing is taken.
@@ -104,6 +108,7 @@ else:
     )
     from .logprobs import IGNORE_INDEX, logprobs_from_logits, shift_labels
     from .softcap_head import softcap_sequence_logprobs
+    from .vocab_parallel import vocab_parallel_sequence_logprobs
 
     _LAZY = {"fused_sequence_logprobs", "fused_token_logprobs"}
 
@@ -126,4 +131,5 @@ else:
         "shift_labels",
         "softcap_sequence_logprobs",
         "triton_available",
+        "vocab_parallel_sequence_logprobs",
     ]

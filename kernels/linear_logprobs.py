@@ -531,7 +531,8 @@ def sequence_logprobs(
     and the top-1 flag (``STAT_NAMES``), from the same pass (op
     ``sdpo::sequence_logprobs_stats_fwd``); token_weights do not apply to them.
     Runs as the custom ops ``sdpo::sequence_logprobs_fwd`` / ``_bwd``, so ``torch.compile``
-    traces it without a graph break.
+    traces it without a graph break. For a weight split by vocabulary rows across ranks, see
+    :func:`~sdpo.kernels.vocab_parallel_sequence_logprobs`.
     """
     _check_linear_shapes(hidden, weight, labels, seq_ids, num_seqs)
     check_token_weights(token_weights, hidden.shape[0], device=hidden.device)

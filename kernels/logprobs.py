@@ -262,8 +262,10 @@ def rows_backward(
     ``exp((x - m) - log s)``, exact near the max however large the logits.
 
     ``out`` defaults to a new tensor shaped and typed like ``logits``; passing ``out=logits``
-    forms the gradient in place. Rows whose label is -100 get zeros. ``impl`` must already be
-    resolved ("triton" or "torch").
+    forms the gradient in place. Rows whose label is -100 get zeros. A label >= V is scored
+    with no column of its own here, ``-grad_token * softmax(logits)``: the row's label lies in
+    another shard of a vocabulary split across ranks (``vocab_parallel``, whose ``lse_parts``
+    are the whole row's). ``impl`` must already be resolved ("triton" or "torch").
     """
     if out is None:
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -303,7 +305,9 @@ def rows_backward(
         log_s = torch.where(valid, parts[:, 1], 0.0).unsqueeze(1)  # (rows, 1)
         probs = torch.exp((logits[start:stop].float() - m).sub_(log_s))
         grad = -g * probs
-        grad.scatter_add_(1, block_labels.clamp(min=0).unsqueeze(1), g)
+        # a label >= V is another vocabulary shard's column (vocab_parallel): no one-hot term
+        onehot_g = torch.where((block_labels < vocab).unsqueeze(1), g, 0.0)
+        grad.scatter_add_(1, block_labels.clamp(0, vocab - 1).unsqueeze(1), onehot_g)
         out[start:stop] = grad.to(out.dtype)
     return out
 

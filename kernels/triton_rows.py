@@ -126,6 +126,8 @@ def logprobs_bwd_kernel(
     # where x - lse with lse = m + log s rounded to fp32 would scale every probability of the
     # row by one error of |m| 2^-24 (a gradient row that no longer sums to 0).
     # grad_ptr may equal logits_ptr (in place): each block is read before it is written.
+    # A label >= V matches no column: the row is scored with no one-hot term, as a row whose
+    # label lies in another rank's shard of the vocabulary (vocab_parallel.py) needs.
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     valid = label != IGNORE

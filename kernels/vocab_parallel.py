@@ -1,0 +1,306 @@
+"""Per-sequence log-probs with the lm_head split by vocabulary rows across ranks ("loss parallel").
+
+Tensor-parallel stacks keep on each rank of a process group only rows [v0, v1) of the (V, H)
+lm_head weight (a ColwiseParallel head, a DTensor sharded ``Shard(0)``). ``sequence_logprobs``
+needs the whole weight; gathering it (or the logits) would undo the sharding. This module owns
+``vocab_parallel_sequence_logprobs``: the same numbers from each rank's shard and the group, with
+no rank holding more than one chunk of its own shard's logits, ``chunk · (v1 - v0)`` elements.
+
+Forward, on every rank, chunked over tokens as ``sequence_logprobs``: a chunk's logits
+(n, V_r) = h @ W_r^T go through ``rows_forward`` with the labels the shard owns (as shard
+columns; -100 elsewhere), which gives each row's logsumexp over the shard in its parts
+(m_r, log s_r); the label's logit is picked from the chunk where the shard owns it (0 elsewhere).
+After the chunks, two all_reduces of per-token values (fp32, N and 3·N numbers): the max
+M = max_r m_r, then the sums of s_r · exp(m_r - M), of the picked label logits (one rank's
+value, zeros elsewhere: exact) and of an owner count that must be 1 on every scored token (a
+label no shard holds, or shards given overlapping ``vocab_start``, is refused). A token's
+log-prob is then ``(x_label - M) - log S``, formed as the one-rank kernels form it (exact near
+the max however large the logits), and every rank returns the same per-sequence sums.
+
+Backward: each rank recomputes its chunks' logits and forms ``g · (onehot_owned - p)`` in place,
+p from the whole row's (M, log S): the one-rank backward op ``sdpo::sequence_logprobs_bwd``
+with the shard's labels, a label another shard owns being passed as V_r ("scored, no column
+here", see ``rows_backward``). The weight shard's gradient is local. The hidden-state gradient
+of each rank covers its shard's columns only; it is all-reduced (summed) over the group inside
+the op, in hidden's dtype, so every rank gets the whole gradient (what a DTensor's
+``to_local()`` of a replicated tensor takes back by default: no second reduction).
+
+Collectives per call: an all_gather of the shard sizes unless ``vocab_start`` is given (and one
+host read of them), the two all_reduces of the forward, and one of (N, H) in the backward when
+hidden requires grad. Every rank of the group must make the same calls with the same tokens and
+the same requires_grad flags, and take the same loss of the returned sums, as in tensor
+parallelism, where every rank of the group holds the whole batch.
+"""
+
+from __future__ import annotations
+
+if not __name__.startswith("sdpo.kernels."):  # see kernels/__init__.py
+    raise ImportError(
+        f"{__name__} is sdpo's kernel module {__name__.rpartition('.')[2]!r}, importable only as "
+        "sdpo.kernels.*: under a second name it would register the sdpo:: custom ops again"
+    )
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .dispatch import compiler_disabled, resolve_impl
+from .linear_logprobs import (
+    _check_linear_shapes,
+    _chunk_logits,
+    _compute_dtype,
+    default_chunk_tokens,
+)
+from .logprobs import (
+    FLOAT32_LOWEST,
+    IGNORE_INDEX,
+    _require,
+    check_labels_in_vocab,
+    check_seq_ids_in_range,
+    check_token_weights,
+    rows_forward,
+    sum_per_sequence,
+    weighted,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _VocabShard:
+    """This rank's rows [start, stop) of the vocabulary, the group, and how the op runs."""
+
+    group: dist.ProcessGroup
+    start: int
+    stop: int
+    impl: str
+    chunk_tokens: int
+    grad_weight_dtype: torch.dtype
+
+
+def _check_group(group: object) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "vocab_parallel_sequence_logprobs needs torch.distributed: call "
+            "torch.distributed.init_process_group first (every rank of vocab_group)"
+        )
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"vocab_group must be a torch.distributed ProcessGroup, got {type(group).__name__}: "
+            "pass the tensor-parallel group the lm_head weight is split over "
+            "(torch.distributed.group.WORLD for every rank)"
+        )
+    if dist.get_rank(group) < 0:
+        raise ValueError(
+            f"this process (global rank {dist.get_rank()}) is not a member of vocab_group; "
+            "call the op on the ranks of the group that holds the lm_head's shards"
+        )
+
+
+def _shard_bounds(
+    weight_shard: torch.Tensor, group: dist.ProcessGroup, vocab_start: int | None
+) -> tuple[int, int | None]:
+    """(v0, V): the global id of this shard's first row and the whole vocabulary's size, None
+    when ``vocab_start`` is given (then nothing is exchanged). Otherwise the shards lie in the
+    group's rank order: rank r's rows follow those of ranks 0 .. r-1 (as ``Shard(0)``)."""
+    if vocab_start is not None:
+        if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+            raise ValueError(
+                f"vocab_start must be an int >= 0 (the global id of this rank's first lm_head "
+                f"row), got {vocab_start!r}"
+            )
+        return vocab_start, None
+    rows = torch.tensor([weight_shard.shape[0]], dtype=torch.int64, device=weight_shard.device)
+    sizes = [torch.empty_like(rows) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, rows, group=group)
+    sizes = torch.cat(sizes).tolist()
+    return sum(sizes[: dist.get_rank(group)]), sum(sizes)
+
+
+def _shard_labels(labels: torch.Tensor, start: int, rows: int) -> tuple[torch.Tensor, ...]:
+    """(owned (N,) bool, forward labels, backward labels) of a shard holding global ids
+    [start, start + rows). Forward: the shard column where owned, -100 elsewhere (rows_forward
+    reads the label's column). Backward: the same, but ``rows`` (past the last column) on a
+    scored token another shard owns: its row is scored with no one-hot term here."""
+    owned = (labels >= start) & (labels < start + rows)
+    forward = torch.where(owned, labels - start, IGNORE_INDEX)
+    backward = torch.where(owned | (labels == IGNORE_INDEX), forward, rows)
+    return owned, forward, backward
+
+
+def _shard_rows(
+    hidden: torch.Tensor, weight_shard: torch.Tensor, labels: torch.Tensor, shard: _VocabShard
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lse_parts (N, 2), label logits (N,)) over this shard, fp32: each row's (m_r, log s_r),
+    and its label's logit where the shard owns the label (``labels`` in shard columns, -100
+    elsewhere), 0 elsewhere. One chunk of (chunk_tokens, V_r) logits alive at a time."""
+    n = hidden.shape[0]
+    dtype = _compute_dtype(hidden, weight_shard)
+    w_t = weight_shard.to(dtype).t()
+    parts = torch.empty(n, 2, dtype=torch.float32, device=hidden.device)
+    picked = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    if w_t.shape[1] == 0:  # an empty shard: the max of no logits, a sum of 0, no label owned
+        parts[:, 0], parts[:, 1] = FLOAT32_LOWEST, -float("inf")
+        return parts, picked
+    chunk = shard.chunk_tokens
+    buf = torch.empty(min(chunk, n), w_t.shape[1], dtype=dtype, device=hidden.device)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        logits = _chunk_logits(buf, hidden[start:stop].to(dtype), w_t)  # (n_c, V_r)
+        lab = labels[start:stop]
+        parts[start:stop] = rows_forward(logits, lab, impl=shard.impl)[1]
+        x = logits.gather(1, lab.clamp(min=0).unsqueeze(1)).squeeze(1).float()  # (n_c,)
+        picked[start:stop] = torch.where(lab != IGNORE_INDEX, x, 0.0)
+    return parts, picked
+
+
+def _combine(
+    parts: torch.Tensor,
+    picked: torch.Tensor,
+    owned: torch.Tensor,
+    labels: torch.Tensor,
+    shard: _VocabShard,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token_logps (N,), lse_parts (N, 2)) of the whole vocabulary, fp32, the same on every
+    rank, from each rank's shard values: two all_reduces."""
+    m = parts[:, 0].clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)  # (N,) the row's max M
+    # s_r exp(m_r - M) = exp((m_r - M) + log s_r): 0 for a shard of -inf logits (log s_r -inf)
+    sums = torch.stack([torch.exp((parts[:, 0] - m) + parts[:, 1]), picked, owned.float()], 1)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)  # (N, 3)
+    scale, x_label, owners = sums.unbind(1)
+    scored = labels != IGNORE_INDEX
+
+    def unowned(i: int, label: int) -> str:
+        count = int(owners[i])
+        where = (
+            "in no rank's rows of the vocabulary: it is outside [0, V), or the ranks' vocab_start "
+            "leave a gap"
+            if count == 0
+            else f"in the rows of {count} ranks: their vocab_start make the shards overlap"
+        )
+        return (
+            f"labels[{i}] = {label} is {where} (this rank holds [{shard.start}, {shard.stop})); "
+            "each rank's vocab_start must be the sum of the shard sizes of the ranks before it"
+        )
+
+    _require(~scored | (owners == 1), labels, unowned)
+    log_s = torch.log(scale)
+    token_logps = torch.where(scored, (x_label - m) - log_s, 0.0)
+    return token_logps, torch.stack([m, log_s], 1)
+
+
+class VocabParallelSequenceLogprobs(torch.autograd.Function):
+    """(hidden, weight_shard) -> seq_logps (S,) fp32 over the whole vocabulary; a backward that
+    recomputes each chunk of the shard's logits and sums the hidden-state gradient over the
+    group (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight_shard, labels, seq_ids, num_seqs, token_weights, shard):
+        owned, fwd_labels, bwd_labels = _shard_labels(labels, shard.start, weight_shard.shape[0])
+        parts, picked = _shard_rows(hidden, weight_shard, fwd_labels, shard)
+        token_logps, lse_parts = _combine(parts, picked, owned, labels, shard)
+        ctx.shard = shard
+        ctx.save_for_backward(hidden, weight_shard, bwd_labels, seq_ids, lse_parts, token_weights)
+        return sum_per_sequence(weighted(token_logps, token_weights), seq_ids, num_seqs)
+
+    @staticmethod
+    def backward(ctx, grad_seq):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "vocab_parallel_sequence_logprobs has first-order gradients only; backward "
+                "with create_graph=True is not supported"
+            )
+        hidden, weight_shard, labels, seq_ids, lse_parts, token_weights = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_h or need_w):
+            return (None,) * 7
+        shard = ctx.shard
+        if weight_shard.shape[0] == 0:  # no columns here: nothing to add to the group's sum
+            grads = [torch.zeros_like(hidden)] * need_h + [torch.zeros_like(weight_shard)] * need_w
+        else:
+            grads = torch.ops.sdpo.sequence_logprobs_bwd(
+                grad_seq,
+                hidden,
+                weight_shard,
+                labels,
+                seq_ids,
+                lse_parts,
+                shard.impl,
+                shard.chunk_tokens,
+                shard.grad_weight_dtype,
+                need_h,
+                need_w,
+                token_weights,
+            )
+        grad_h = grads[0] if need_h else None
+        if grad_h is not None:  # this shard's columns' part: summed into the whole gradient
+            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=shard.group)
+        grad_w = grads[-1] if need_w else None
+        return grad_h, grad_w, None, None, None, None, None
+
+
+@compiler_disabled
+def vocab_parallel_sequence_logprobs(
+    hidden: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    *,
+    vocab_group: dist.ProcessGroup,
+    vocab_start: int | None = None,
+    impl: str = "auto",
+    chunk_tokens: int | None = None,
+    grad_weight_dtype: torch.dtype | None = torch.float32,
+    token_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(S,) fp32 summed log-probs of ``labels`` per packed sequence, the lm_head weight split
+    by vocabulary rows over ``vocab_group``: :func:`~sdpo.kernels.sequence_logprobs`' numbers
+    from this rank's rows alone.
+
+    ``weight_shard`` (V_r, H): this rank's rows [v0, v0 + V_r) of the (V, H) lm_head weight
+    (``weight.to_local()`` of a DTensor sharded ``Shard(0)``); shards may be uneven, or
+    empty. ``vocab_start``: v0, given; ``None``: the shards lie in the group's rank order,
+    v0 the sum of the lower ranks' sizes (found by one all_gather and a host read per call;
+    give it to skip them). hidden (N, H), labels (N,) in global token ids (-100 = not scored),
+    seq_ids, num_seqs and token_weights as in ``sequence_logprobs``, the same on every rank
+    of the group, as are the calls and which of hidden and weight_shard require grad.
+
+    Returns the same sums on every rank. Differentiable w.r.t. hidden and weight_shard (first
+    order): weight_shard's gradient is its own rows' (accumulated in ``grad_weight_dtype``, as
+    ``sequence_logprobs``); hidden's is the whole gradient, already summed over the group
+    (one all_reduce in hidden's dtype), so a caller reduces it no further. The loss taken of
+    the sums must be the same on every rank. No rank forms more than ``chunk_tokens`` rows of
+    its shard's logits at a time (default: ``default_chunk_tokens`` for V_r).
+    WPO's aligned sums and the token metrics are not formed here. Not a ``torch.library``
+    op (it runs collectives): ``torch.compile`` breaks the graph around it.
+    """
+    _check_group(vocab_group)
+    _check_linear_shapes(hidden, weight_shard, labels, seq_ids, num_seqs)
+    check_token_weights(token_weights, hidden.shape[0], device=hidden.device)
+    impl = resolve_impl(impl, hidden.device)
+    dtype = _compute_dtype(hidden, weight_shard)
+    if chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(
+            vocab_size=max(1, weight_shard.shape[0]), hidden_size=weight_shard.shape[1], dtype=dtype
+        )
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    start, vocab_size = _shard_bounds(weight_shard, vocab_group, vocab_start)
+    if vocab_size is not None:
+        check_labels_in_vocab(labels, vocab_size=vocab_size)
+    check_seq_ids_in_range(seq_ids, num_seqs)
+    shard = _VocabShard(
+        group=vocab_group,
+        start=start,
+        stop=start + weight_shard.shape[0],
+        impl=impl,
+        chunk_tokens=chunk_tokens,
+        grad_weight_dtype=grad_weight_dtype or dtype,
+    )
+    return VocabParallelSequenceLogprobs.apply(
+        hidden, weight_shard, labels, seq_ids, num_seqs, token_weights, shard
+    )
+
+
+__all__ = ["VocabParallelSequenceLogprobs", "vocab_parallel_sequence_logprobs"]

@@ -1,0 +1,212 @@
+"""vocab_parallel_sequence_logprobs: the lm_head split by vocabulary rows over two gloo ranks
+gives the per-sequence log-probs and the gradients of hidden and of each weight shard that
+float64 truth from the whole weight gives (one launch of ranks runs every case).
+
+Tolerance rule as the one-rank kernel tests: error vs float64 truth no worse than plain fp32
+PyTorch over the whole vocabulary plus a small margin."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from sdpo.kernels import vocab_parallel_sequence_logprobs  # noqa: E402
+from sdpo.kernels.logprobs import IGNORE_INDEX, rows_backward, rows_forward  # noqa: E402
+from tests.conftest import assert_no_worse  # noqa: E402
+from tests.test_distributed import WORLD, _spawn  # noqa: E402
+from tests.test_kernels_linear import _batch, _LargestTensor  # noqa: E402
+
+# name -> the batch (131 tokens over 6 packed sequences, one with a single completion token),
+# where rank 0's rows end (rank 1 holds the rest), how each rank learns its first row, the impl
+# and the tokens per chunk (48: two chunks and a ragged tail, cut through sequences)
+CASES = {
+    "uneven_torch": dict(seed=41, vocab=1001, hidden=67, cut=600, impl="torch", chunk=48),
+    "uneven_triton": dict(seed=41, vocab=1001, hidden=67, cut=600, impl="triton", chunk=48),
+    # torch's Shard(0) split of GPT-2's vocabulary over two ranks: 25,129 and 25,128 rows;
+    # the largest tensor each rank makes is watched
+    "gpt2_vocab": dict(
+        seed=42, vocab=50_257, hidden=24, cut=25_129, impl="torch", chunk=64, watch=True
+    ),
+    "given_start_weighted": dict(
+        seed=43, vocab=1001, hidden=67, cut=377, impl="torch", chunk=48, given=True, weights=True
+    ),
+    "empty_shard": dict(seed=44, vocab=1001, hidden=67, cut=1001, impl="torch", chunk=48),
+}
+
+
+def _coeff(num_seqs: int) -> torch.Tensor:
+    """The loss's per-sequence weights, so that every sequence's gradient differs."""
+    return torch.linspace(-1.0, 2.0, num_seqs, dtype=torch.float64)
+
+
+def _dims(case: dict) -> dict:
+    return {"vocab": case["vocab"], "hidden": case["hidden"]}
+
+
+def _token_weights(case: dict, n: int) -> torch.Tensor | None:
+    if not case.get("weights"):
+        return None
+    return torch.rand(n, generator=torch.Generator().manual_seed(case["seed"])) + 0.5
+
+
+def _shard_run(case: dict, b: dict, *, hidden_grad: bool = True) -> dict:
+    """This rank's call: its rows of the weight, the loss (seq * coeff).sum() backward."""
+    rank = dist.get_rank()
+    v0, v1 = (0, case["cut"]) if rank == 0 else (case["cut"], case["vocab"])
+    h = b["h"].clone().requires_grad_(hidden_grad)
+    w = b["w"][v0:v1].clone().requires_grad_(True)
+    watch = _LargestTensor()
+    with watch if case.get("watch") else contextlib.nullcontext():
+        seq = _call(case, b, h, w, v0)
+        if seq.requires_grad:
+            (seq * _coeff(b["num_seqs"]).float()).sum().backward()
+    return {
+        "seq": seq.detach(),
+        "grad_h": h.grad,
+        "grad_w": w.grad,
+        "rows": (v0, v1),
+        "largest": watch.largest,
+    }
+
+
+def _call(case: dict, b: dict, h: torch.Tensor, w: torch.Tensor, v0: int) -> torch.Tensor:
+    return vocab_parallel_sequence_logprobs(
+        h,
+        w,
+        b["labels"],
+        b["seq_ids"],
+        b["num_seqs"],
+        vocab_group=dist.group.WORLD,
+        vocab_start=v0 if case.get("given") else None,
+        impl=case["impl"],
+        chunk_tokens=case["chunk"],
+        token_weights=_token_weights(case, b["labels"].shape[0]),
+    )
+
+
+def _error(call) -> str:
+    try:
+        call()
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def _rank_checks() -> dict:
+    """Every case on this rank, and the no-grad pass, a frozen hidden and two refusals."""
+    out = {
+        name: _shard_run(case, _batch(case["seed"], **_dims(case))) for name, case in CASES.items()
+    }
+    case = CASES["uneven_torch"]
+    b = _batch(case["seed"], **_dims(case))
+    with torch.no_grad():
+        out["no_grad"] = _shard_run(case, b)["seq"]
+    out["frozen_hidden"] = _shard_run(case, b, hidden_grad=False)
+    rank = dist.get_rank()
+    w = b["w"][:600] if rank == 0 else b["w"][600:]
+    args = (b["seq_ids"], b["num_seqs"])
+    beyond = b["labels"].clone()
+    beyond[int((b["labels"] != IGNORE_INDEX).nonzero()[3, 0])] = 1001  # V: past the last row
+    out["label_beyond_vocab"] = _error(
+        lambda: vocab_parallel_sequence_logprobs(
+            b["h"], w, beyond, *args, vocab_group=dist.group.WORLD, impl="torch"
+        )
+    )
+    # both ranks say they start at 0: labels below 401 are in two shards, from 600 in none
+    out["overlapping_starts"] = _error(
+        lambda: vocab_parallel_sequence_logprobs(
+            b["h"], w, b["labels"], *args, vocab_group=dist.group.WORLD, vocab_start=0
+        )
+    )
+    return out
+
+
+def _truth(b: dict, case: dict, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(seq_logps, grad_hidden, grad_weight) of (seq * coeff).sum() over the whole vocabulary,
+    plain PyTorch in ``dtype`` (float64: the truth)."""
+    h = (b["h64"] if dtype == torch.float64 else b["h"]).clone().requires_grad_(True)
+    w = (b["w64"] if dtype == torch.float64 else b["w"]).clone().requires_grad_(True)
+    labels = b["labels"]
+    logp = torch.log_softmax(h @ w.t(), dim=-1).gather(1, labels.clamp(min=0)[:, None])[:, 0]
+    logp = torch.where(labels != IGNORE_INDEX, logp, 0.0)
+    weights = _token_weights(case, labels.shape[0])
+    if weights is not None:
+        logp = logp * weights.to(dtype)
+    seq = torch.zeros(b["num_seqs"], dtype=dtype).index_add(0, b["seq_ids"], logp)
+    (seq * _coeff(b["num_seqs"]).to(dtype)).sum().backward()
+    return seq.detach(), h.grad, w.grad
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory) -> list[dict]:
+    return _spawn(tmp_path_factory.mktemp("vocab_parallel"), _rank_checks)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_sharded_log_probs_and_gradients_match_float64_truth_from_the_whole_weight(
+    rank_results, name
+):
+    case = CASES[name]
+    b = _batch(case["seed"], **_dims(case))
+    truth = _truth(b, case, torch.float64)
+    base = _truth(b, case, torch.float32)
+    first, second = rank_results[0][name], rank_results[1][name]
+    assert [first["rows"], second["rows"]] == [(0, case["cut"]), (case["cut"], case["vocab"])]
+    # every rank returns the same sums and the same (whole) hidden-state gradient
+    torch.testing.assert_close(first["seq"], second["seq"], rtol=0, atol=0)
+    torch.testing.assert_close(first["grad_h"], second["grad_h"], rtol=0, atol=0)
+    assert first["seq"].dtype == torch.float32 and first["seq"].shape == (b["num_seqs"],)
+    grad_w = torch.cat([first["grad_w"], second["grad_w"]])  # each rank's rows, in order
+    got = (first["seq"], first["grad_h"], grad_w)
+    for label, o, t, r in zip(("seq_logps", "grad_hidden", "grad_weight"), got, truth, base):
+        assert_no_worse(f"{name} {label}", o, r, t, rel_margin=2e-6)
+
+
+def test_no_rank_makes_a_tensor_larger_than_one_chunk_of_its_own_shard_s_logits(rank_results):
+    """At V = 50,257 in chunks of 64 of 131 tokens, forward and backward: the largest tensor a
+    rank makes is one chunk of its shard's fp32 logits (64 x V_r), not the batch's rows of the
+    shard (131 x V_r), nor a chunk of the whole vocabulary's (64 x V)."""
+    case = CASES["gpt2_vocab"]
+    for rank in range(WORLD):
+        v0, v1 = rank_results[rank]["gpt2_vocab"]["rows"]
+        size, op = rank_results[rank]["gpt2_vocab"]["largest"]
+        assert 0 < size <= case["chunk"] * (v1 - v0) * 4, (rank, op, size)
+
+
+def test_the_no_grad_pass_and_a_frozen_hidden_give_the_training_numbers(rank_results):
+    for rank in range(WORLD):
+        full, frozen = rank_results[rank]["uneven_torch"], rank_results[rank]["frozen_hidden"]
+        torch.testing.assert_close(rank_results[rank]["no_grad"], full["seq"], rtol=0, atol=0)
+        assert frozen["grad_h"] is None
+        torch.testing.assert_close(frozen["grad_w"], full["grad_w"], rtol=0, atol=0)
+
+
+def test_a_label_no_shard_holds_is_refused_on_every_rank(rank_results):
+    for rank in range(WORLD):
+        beyond = rank_results[rank]["label_beyond_vocab"]
+        assert "= 1001 is outside the vocabulary [0, 1001)" in beyond, beyond
+        overlap = rank_results[rank]["overlapping_starts"]
+        assert "vocab_start" in overlap and ("2 ranks" in overlap or "no rank" in overlap), overlap
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_label_past_the_row_is_scored_with_no_column_of_its_own(impl):
+    """rows_backward with a label >= V (one another vocabulary shard owns): -g * softmax."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(7, 37, generator=gen, dtype=torch.float64) * 3
+    labels = torch.tensor([0, 36, 37, 40, IGNORE_INDEX, 5, 37])
+    g = torch.randn(7, generator=gen, dtype=torch.float64)
+    _, parts = rows_forward(logits.float(), labels.clamp(max=36), impl=impl)
+    got = rows_backward(logits.float(), labels, parts, g.float(), impl=impl)
+    p = torch.softmax(logits, dim=-1)
+    owned = torch.nn.functional.one_hot(labels.clamp(0, 36), 37) * (labels < 37)[:, None]
+    truth = g[:, None] * (owned - p) * (labels != IGNORE_INDEX)[:, None]
+    torch.testing.assert_close(got.double(), truth, rtol=0, atol=1e-6)
