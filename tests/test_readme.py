@@ -589,9 +589,45 @@ def _check_stepwise(ns: dict) -> None:
         assert (Path(f"step-{t}") / "config.json").is_file()
 
 
+def _vocab_parallel_inputs(tmp_path: Path) -> dict:
+    """A one-rank gloo group as ``tp_group`` (its shard is the whole weight) and a packed stream
+    of 3 sequences; the check compares with ``sequence_logprobs`` and ends the group."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    gen = torch.Generator().manual_seed(3)
+    seq_ids = torch.tensor([0] * 5 + [1] * 7 + [2] * 4)
+    labels = torch.randint(0, 101, (16,), generator=gen)
+    labels[[0, 4, 5, 11, 15]] = -100
+    return {
+        "tp_group": dist.group.WORLD,
+        "w_shard": torch.randn(101, 24, generator=gen).requires_grad_(True),
+        "hidden": torch.randn(16, 24, generator=gen).requires_grad_(True),
+        "labels": labels,
+        "seq_ids": seq_ids,
+        "num_seqs": 3,
+    }
+
+
+def _check_vocab_parallel(ns: dict) -> None:
+    import torch.distributed as dist
+
+    from sdpo.kernels import sequence_logprobs
+
+    dist.destroy_process_group()
+    hidden = ns["hidden"].detach().requires_grad_(True)
+    args = (ns["labels"], ns["seq_ids"], ns["num_seqs"])
+    whole = sequence_logprobs(hidden, ns["w_shard"].detach(), *args)
+    whole.sum().backward()
+    torch.testing.assert_close(ns["logps"], whole, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ns["hidden"].grad, hidden.grad, atol=1e-5, rtol=0)
+    assert ns["w_shard"].grad.abs().sum() > 0
+
+
 # a block that takes inputs from the text around it, by the call it shows: (inputs, check)
 PYTHON_INPUTS = {
     "linear_pair_loss(": (_embedding_inputs, _check_embedding),
+    "vocab_parallel_sequence_logprobs(": (_vocab_parallel_inputs, _check_vocab_parallel),
     "run_sdpo(": (_stepwise_inputs, _check_stepwise),
 }
 
