@@ -40,6 +40,7 @@ if not __name__.startswith("sdpo.kernels."):  # see kernels/__init__.py
         "sdpo.kernels.*: under a second name it would register the sdpo:: custom ops again"
     )
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,18 @@ def _check_group(group: object) -> None:
             f"this process (global rank {dist.get_rank()}) is not a member of vocab_group; "
             "call the op on the ranks of the group that holds the lm_head's shards"
         )
+
+
+def _check_local(**tensors: torch.Tensor) -> None:
+    """No DTensor: a ``Shard(0)`` weight's shape is the whole vocabulary's, not this rank's rows.
+    (No DTensor exists unless its module was imported, so this imports nothing.)"""
+    module = sys.modules.get("torch.distributed.tensor")
+    for name, t in tensors.items():
+        if module is not None and isinstance(t, module.DTensor):
+            raise TypeError(
+                f"{name} is a DTensor ({t.placements}); pass this rank's local tensor, "
+                f"{name}.to_local() (for the weight: its rows of the vocabulary)"
+            )
 
 
 def _shard_bounds(
@@ -276,6 +289,7 @@ def vocab_parallel_sequence_logprobs(
     op (it runs collectives): ``torch.compile`` breaks the graph around it.
     """
     _check_group(vocab_group)
+    _check_local(hidden=hidden, weight_shard=weight_shard)
     _check_linear_shapes(hidden, weight_shard, labels, seq_ids, num_seqs)
     check_token_weights(token_weights, hidden.shape[0], device=hidden.device)
     impl = resolve_impl(impl, hidden.device)
