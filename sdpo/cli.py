@@ -1,5 +1,6 @@
 """The `sdpo` command: train (plain or stepwise DPO from a TOML config), score, config (the
-resolved config as TOML, or a TRL config file converted), demo."""
+resolved config as TOML, or a TRL config file converted), cache (list or prune a cache
+folder), demo."""
 
 from __future__ import annotations
 
@@ -63,6 +64,39 @@ are trained and compared on held-out task accuracy and preference accuracy. Runs
 2-core CPU in one to two minutes. Writes OUTPUT_DIR/demo_summary.json (the table), sft/ (the
 SFT model), data/ (the three preference sources) and one folder per run (dpo/,
 sdpo_easy_to_hard/, sdpo_random/) with the config.toml that `sdpo train --config` runs again."""
+
+CACHE_HELP = """\
+See and clean a cache folder: a run's own OUTPUT_DIR/cache, or a folder runs share
+(sdpo.cache_dir), which gains a file for every new key (model, data, data settings) and never
+loses one. `sdpo cache list PATH` describes each file; `sdpo cache prune PATH --older-than 30d`
+removes the files no run used for 30 days. PATH is a cache folder, a run's output folder or a
+run's TOML config (the folder its run uses: sdpo.cache_dir, else OUTPUT_DIR/cache).
+
+Exit codes: 0 done; 2 a bad PATH or option (nothing removed); 74 a file could not be removed
+(the others were)."""
+
+CACHE_LIST_HELP = """\
+One line per entry of the cache folder: the file, what it holds (initial: the initial model's
+reference values; step T: the reference values of sDPO step T, under M_{T-1}; eval-initial:
+the initial model's on the held-out pairs; sdpo.reference: those of sdpo.reference; tokens
+train / tokens eval: tokenized data), the key's model and data fingerprints (a token cache's
+tokenizer fingerprint and source names), pair count, size, last modified, last used and the
+key's settings; then a total. Read from each file's header alone (the tensors are not read,
+and where the system allows it the read leaves the file's access time, its last use, as it
+was). Damaged files, files of an older format version, temporary files of a write in progress
+and files that are not sdpo's are listed as such."""
+
+CACHE_PRUNE_HELP = """\
+Remove the sdpo cache files that every given selector picks: --older-than AGE (last used more
+than AGE ago: the later of the last write and the last read the file system records; with
+noatime, the write), --keep-last N (all but the N most recently used readable files of each
+name: initial, step-2, tokens-train, ...), --unusable (damaged, or of an older format version:
+no run of this sdpo reads them). Only sdpo's cache files are removed: the temporary files of a
+write in progress, files of other names or content, links and folders stay. Removing is safe
+while runs use the folder: a run reads a cache file whole when it needs it, and a run that
+then finds its file gone scores (or tokenizes) those pairs again and writes it anew; a file
+written again after it was read here is kept. --dry-run shows what would go and the bytes it
+would free."""
 
 
 def _set_mistake(words: list[str]) -> str | None:
@@ -307,6 +341,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="with --out: replace an existing file"
     )
 
+    cache = sub.add_parser(
+        "cache", help="list or prune the files of a cache folder", description=CACHE_HELP
+    )
+    actions = cache.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    path_help = (
+        "a cache folder, a run's output folder or its TOML config (the cache folder its run "
+        "uses: sdpo.cache_dir, else OUTPUT_DIR/cache)"
+    )
+    listing = actions.add_parser(
+        "list", help="describe each file of a cache folder", description=CACHE_LIST_HELP
+    )
+    listing.add_argument("path", type=Path, metavar="PATH", help=path_help)
+    listing.add_argument("--json", action="store_true", help="print the listing as JSON")
+    prune = actions.add_parser(
+        "prune", help="remove files of a cache folder", description=CACHE_PRUNE_HELP
+    )
+    prune.add_argument("path", type=Path, metavar="PATH", help=path_help)
+    prune.add_argument(
+        "--older-than",
+        type=_age,
+        metavar="AGE",
+        help="files last used more than AGE ago: a number and a unit, s, m (minutes), h, d or "
+        "w, e.g. 30d",
+    )
+    prune.add_argument(
+        "--keep-last",
+        type=_count,
+        metavar="N",
+        help="all but the N most recently used readable files of each name (initial, step-2, "
+        "tokens-train, ...)",
+    )
+    prune.add_argument(
+        "--unusable",
+        action="store_true",
+        help="damaged files and files of an older format version",
+    )
+    prune.add_argument(
+        "--dry-run", action="store_true", help="show what would be removed; remove nothing"
+    )
+    prune.add_argument("--json", action="store_true", help="print the result as JSON")
+
     demo = sub.add_parser("demo", help="the embedded end-to-end demo", description=DEMO_HELP)
     demo.add_argument(
         "--quick", action="store_true", help="a shortened run (smaller data, fewer steps)"
@@ -328,6 +403,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _seed(text: str) -> int:
     """A seed as ``train.seed`` takes it: a whole number >= 0 (refused under the usage)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _age(text: str) -> float:
+    """``--older-than``: a number and a unit (``30d``, ``12h``, ``1.5w``) as seconds."""
+    number, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    try:
+        value = float(number) if unit in _AGE_UNITS else None
+    except ValueError:
+        value = None
+    if value is None or not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"must be a number >= 0 and a unit, s, m (minutes), h, d or w, e.g. 30d; got {text!r}"
+        )
+    return value * _AGE_UNITS[unit]
+
+
+def _count(text: str) -> int:
+    """``--keep-last``: a whole number >= 0 (refused under the usage)."""
     try:
         value = int(text)
     except ValueError:
@@ -842,6 +945,182 @@ def _config_from_trl(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    """``sdpo cache list|prune PATH``: the folder PATH stands for, read, then listed or pruned."""
+    from sdpo.cache_folder import CacheFolderError, find_cache_folder, scan_cache_folder
+    from sdpo.config import ConfigError
+
+    prune = args.cache_command == "prune"
+    if prune and args.older_than is None and args.keep_last is None and not args.unusable:
+        print(
+            "sdpo: cache prune: say which files to remove: --older-than AGE (e.g. 30d), "
+            "--keep-last N or --unusable; add --dry-run to see what would go",
+            file=sys.stderr,
+        )
+        return EXIT_INPUT
+    try:
+        folder, how = find_cache_folder(args.path)
+    except CacheFolderError as e:
+        print(f"sdpo: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except ConfigError as e:
+        print(f"sdpo: config error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    if folder.exists() and not folder.is_dir():
+        print(f"sdpo: the cache folder {folder} ({how}) is a file, not a folder", file=sys.stderr)
+        return EXIT_INPUT
+    try:
+        entries = scan_cache_folder(folder) if folder.is_dir() else []
+    except OSError as e:
+        print(f"sdpo: cannot read the cache folder {folder}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_INPUT
+    head = {"cache_folder": str(folder), "found_as": how, "exists": folder.is_dir()}
+    if prune:
+        return _cache_prune(args, head, entries)
+    if args.json:
+        files = [e.as_json() for e in entries]
+        total = {"files": len(files), "bytes": sum(e.size for e in entries)}
+        print(json.dumps({**head, "files": files, "total": total}, indent=2))
+        return 0
+    print(f"cache folder: {folder} ({how})")
+    if not entries:
+        print("no files" + ("" if folder.is_dir() else " (the folder does not exist yet)"))
+        return 0
+    rows = [("FILE", "KIND", "MODEL", "DATA", "PAIRS", "SIZE", "MODIFIED", "LAST USED", "SETTINGS")]
+    for e in entries:
+        model, data, settings = e.summary()
+        note = settings if e.status == "ok" else f"{e.status}: {e.problem}"
+        pairs = "-" if e.pairs is None else str(e.pairs)
+        when = (_when(e.modified), _when(e.last_used))
+        rows.append((e.path.name, e.kind, model, data, pairs, _size(e.size), *when, note))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [
+            c.rjust(w) if i in (4, 5) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ]
+        print("  ".join([*cells, row[-1]]).rstrip())
+    print(
+        f"total: {_count_of(len(entries), 'entry', 'entries')}, {_size(sum(e.size for e in entries))}{_by_status(entries)}"
+    )
+    return 0
+
+
+# how the total line and prune name the entries of each status
+_STATUS_WORDS = {
+    "ok": "readable",
+    "outdated": "of an older format version",
+    "damaged": "damaged",
+    "unreadable": "unreadable here",
+    "writing": "temporary (writes in progress)",
+    "foreign": "not sdpo cache files",
+}
+
+
+def _by_status(entries: Sequence) -> str:
+    counts = {s: sum(e.status == s for e in entries) for s in _STATUS_WORDS}
+    parts = [f"{n} {_STATUS_WORDS[s]}" for s, n in counts.items() if n]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _cache_prune(args: argparse.Namespace, head: dict, entries: Sequence) -> int:
+    """Remove (or with --dry-run, name) the files the selectors pick; 74 when one could not be
+    removed (the others are)."""
+    import time
+
+    from sdpo.cache_folder import remove_entry, select_for_pruning
+
+    chosen = select_for_pruning(
+        entries,
+        now=time.time(),
+        older_than=args.older_than,
+        keep_last=args.keep_last,
+        unusable=args.unusable,
+    )
+    removed, kept, failed = [], [], []
+    for e in chosen:
+        if args.dry_run:
+            removed.append(e)
+            continue
+        try:
+            why = remove_entry(e)
+        except OSError as error:
+            failed.append((e, error.strerror or str(error)))
+            continue
+        if why is None:
+            removed.append(e)
+        else:
+            kept.append((e, why))
+    freed = sum(e.size for e in removed)
+    left_alone = [e for e in entries if not e.removable]
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    **head,
+                    "dry_run": args.dry_run,
+                    "removed": [e.as_json() for e in removed],
+                    "freed_bytes": freed,
+                    "kept_changed": [e.as_json() for e, _ in kept],
+                    "failed": [{"path": str(e.path), "error": why} for e, why in failed],
+                    "left_alone": [e.as_json() for e in left_alone],
+                },
+                indent=2,
+            )
+        )
+    else:
+        print(f"cache folder: {head['cache_folder']} ({head['found_as']})")
+        verb = "would remove" if args.dry_run else "removed"
+        for e in removed:
+            status = "" if e.status == "ok" else f", {e.status}"
+            print(f"{verb} {e.path.name} ({_size(e.size)}, last used {_when(e.last_used)}{status})")
+        for e, why in kept:
+            print(f"kept {e.path.name}: {why}")
+        writing = [e for e in left_alone if e.status == "writing"]
+        others = [e for e in left_alone if e.status != "writing"]
+        if writing:
+            print(
+                f"left alone: {_count_of(len(writing), 'temporary file', 'temporary files')} "
+                "(a write in progress, or one a killed run left; remove by hand when no run "
+                "uses the folder): " + ", ".join(e.path.name for e in writing)
+            )
+        if others:
+            print(
+                f"left alone: {_count_of(len(others), 'entry', 'entries')} that sdpo does not "
+                "remove (not sdpo cache files, or unreadable here): "
+                + ", ".join(e.path.name for e in others)
+            )
+        stay = len([e for e in entries if e.removable]) - len(removed)
+        freed_text = f"{_size(freed)} in {_count_of(len(removed), 'file', 'files')}"
+        stay_text = _count_of(stay, "cache file", "cache files")
+        if args.dry_run:
+            print(f"would free {freed_text}; {stay_text} would stay (dry run: nothing removed)")
+        else:
+            print(f"freed {freed_text}; {stay_text} {'stays' if stay == 1 else 'stay'}")
+    for e, why in failed:
+        print(f"sdpo: could not remove {e.path}: {why}", file=sys.stderr)
+    return EXIT_WRITE if failed else 0
+
+
+def _count_of(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _size(n: int) -> str:
+    """Bytes in decimal units, as file managers and pip show them."""
+    value = float(n)
+    for unit in ("B", "kB", "MB", "GB"):
+        if value < 1000:
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def _when(seconds: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(seconds))
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     import os
 
@@ -901,6 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": _in_process_group(_train),
         "score": _in_process_group(_score),
         "config": _cmd_config,
+        "cache": _cmd_cache,
         "demo": _cmd_demo,
     }[args.command]
     with warnings.catch_warnings():  # restored on return (main is called in process by tests)
@@ -917,6 +1197,7 @@ _NOTHING_WRITTEN = {
     "train": "nothing was written",  # before the run began: reading the config
     "score": "nothing was written",  # --out is written whole at the end, or not at all
     "config": "nothing was written",
+    "cache": "each file is removed whole or kept",
     "demo": "run it again to start over",
 }
 

@@ -387,10 +387,15 @@ TORCHRUN_FLAGS = {"--nproc_per_node", "--nproc-per-node"}
 
 
 def _options(parser) -> dict[str, set[str]]:
+    """Each command's flags; a command with actions of its own by each (``cache list``)."""
     (sub,) = [a for a in parser._actions if a.choices and isinstance(a.choices, dict)]
-    return {
-        name: {s for a in p._actions for s in a.option_strings} for name, p in sub.choices.items()
-    }
+    found = {}
+    for name, p in sub.choices.items():
+        if any(a.choices and isinstance(a.choices, dict) for a in p._actions):
+            found.update({f"{name} {action}": v for action, v in _options(p).items()})
+        else:
+            found[name] = {s for a in p._actions for s in a.option_strings}
+    return found
 
 
 def _bench_options() -> dict[str, set[str]]:
@@ -414,6 +419,7 @@ def _commands() -> list[str]:
 
 def test_every_flag_belongs_to_the_command_it_is_written_with():
     sdpo = {f"sdpo {k}": v for k, v in _options(build_parser()).items()}
+    commands = [k.removeprefix("sdpo ") for k in sdpo]
     known = {**sdpo, **_bench_options()}
     top = {s for a in build_parser()._actions for s in a.option_strings}  # sdpo --version
     every = set().union(*known.values()) | TORCHRUN_FLAGS | top
@@ -421,7 +427,7 @@ def test_every_flag_belongs_to_the_command_it_is_written_with():
     for text in _commands():
         text = text.split(" # ")[0]
         m = re.search(
-            r"(?:(?<![\w./-])sdpo|-m sdpo(?:\.cli)?) (train|score|config|demo)\b"
+            rf"(?:(?<![\w./-])sdpo|-m sdpo(?:\.cli)?) ({'|'.join(sorted(commands))})\b"
             r"|(throughput\.py) (kernels|step|prep)\b|(kernel_resources\.py|tokenizer_fuzz\.py)",
             text,
         )
@@ -892,5 +898,5 @@ def test_module_docstrings_name_what_exists():
     sections = re.findall(r"``\[(\w+)\]``", sdpo.config.__doc__)
     assert set(sections) == CONFIG_SECTIONS
     summary = " ".join(sdpo.cli.__doc__.split(":", 1)[1].split())  # "train (...), score, ..."
-    for command in _options(build_parser()):
+    for command in {c.split()[0] for c in _options(build_parser())}:
         assert re.search(rf"(?:^|, ){command}\b", summary), f"sdpo.cli's docstring: {command}"
