@@ -27,7 +27,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,13 +177,13 @@ def scan_cache_folder(folder: str | os.PathLike) -> list[CacheEntry]:
     entries = []
     with os.scandir(folder) as items:
         for item in items:
-            entry = describe_entry(Path(item.path))
+            entry = _describe_entry(Path(item.path))
             if entry is not None:
                 entries.append(entry)
     return sorted(entries, key=lambda e: e.path.name)
 
 
-def describe_entry(path: Path) -> CacheEntry | None:
+def _describe_entry(path: Path) -> CacheEntry | None:
     """``path`` as a cache folder's entry; None when it is gone. Never raises on its content."""
     try:
         st = path.lstat()
@@ -337,8 +337,8 @@ def find_cache_folder(path: str | os.PathLike) -> tuple[Path, str]:
     the output): a cache folder itself; a run's output folder (its ``config.toml`` names
     ``sdpo.cache_dir``, else ``OUTPUT_DIR/cache``); or a run's TOML config (its
     ``sdpo.cache_dir``, else its ``output_dir``/cache). The folder a config names may not
-    exist yet. Raises ``CacheFolderError`` for anything else, and ``sdpo.config.ConfigError``
-    for a config that does not load."""
+    exist yet. Raises ``CacheFolderError`` for anything else, and for a config that does not
+    load."""
     path = Path(path)
     if not path.exists():
         raise CacheFolderError(
@@ -384,9 +384,16 @@ def _folder_of_config(config: Path, *, output_dir: Path | None) -> tuple[Path, s
     """The cache folder of a run's config: its ``sdpo.cache_dir``, else ``cache`` in its
     output folder (``output_dir``, where the config is an output folder's, which may have
     moved since; else the config's ``output_dir``)."""
-    from sdpo.config import load_config
+    from sdpo.config import ConfigError, load_config
 
-    cfg = load_config(config)
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        own = "OUTPUT_DIR/cache" if output_dir is None else str(output_dir / "cache")
+        raise CacheFolderError(
+            f"config error: {e}; to list or prune the run's cache, pass its cache folder itself "
+            f"(the folder sdpo.cache_dir names, else {own})"
+        ) from None
     if cfg.sdpo.cache_dir:
         return Path(cfg.sdpo.cache_dir), f"sdpo.cache_dir of {config}"
     out = output_dir if output_dir is not None else Path(cfg.output_dir)
@@ -443,7 +450,3 @@ def remove_entry(entry: CacheEntry) -> str | None:
         return "written again since it was read: kept"
     entry.path.unlink()
     return None
-
-
-def total_size(entries: Iterable[CacheEntry]) -> int:
-    return sum(e.size for e in entries)

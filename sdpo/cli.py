@@ -948,7 +948,6 @@ def _config_from_trl(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     """``sdpo cache list|prune PATH``: the folder PATH stands for, read, then listed or pruned."""
     from sdpo.cache_folder import CacheFolderError, find_cache_folder, scan_cache_folder
-    from sdpo.config import ConfigError
 
     prune = args.cache_command == "prune"
     if prune and args.older_than is None and args.keep_last is None and not args.unusable:
@@ -963,9 +962,6 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     except CacheFolderError as e:
         print(f"sdpo: {e}", file=sys.stderr)
         return EXIT_INPUT
-    except ConfigError as e:
-        print(f"sdpo: config error: {e}", file=sys.stderr)
-        return EXIT_INPUT
     if folder.exists() and not folder.is_dir():
         print(f"sdpo: the cache folder {folder} ({how}) is a file, not a folder", file=sys.stderr)
         return EXIT_INPUT
@@ -975,16 +971,20 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         print(f"sdpo: cannot read the cache folder {folder}: {e.strerror or e}", file=sys.stderr)
         return EXIT_INPUT
     head = {"cache_folder": str(folder), "found_as": how, "exists": folder.is_dir()}
-    if prune:
-        return _cache_prune(args, head, entries)
+    return (_cache_prune if prune else _cache_list)(args, head, entries)
+
+
+def _cache_list(args: argparse.Namespace, head: dict, entries: Sequence) -> int:
+    """One line per entry (or JSON), then the total."""
+    size = sum(e.size for e in entries)
     if args.json:
         files = [e.as_json() for e in entries]
-        total = {"files": len(files), "bytes": sum(e.size for e in entries)}
+        total = {"files": len(files), "bytes": size}
         print(json.dumps({**head, "files": files, "total": total}, indent=2))
         return 0
-    print(f"cache folder: {folder} ({how})")
+    print(f"cache folder: {head['cache_folder']} ({head['found_as']})")
     if not entries:
-        print("no files" + ("" if folder.is_dir() else " (the folder does not exist yet)"))
+        print("no files" + ("" if head["exists"] else " (the folder does not exist yet)"))
         return 0
     rows = [("FILE", "KIND", "MODEL", "DATA", "PAIRS", "SIZE", "MODIFIED", "LAST USED", "SETTINGS")]
     for e in entries:
@@ -994,14 +994,14 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         when = (_when(e.modified), _when(e.last_used))
         rows.append((e.path.name, e.kind, model, data, pairs, _size(e.size), *when, note))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    numbers = (4, 5)  # PAIRS and SIZE, right-aligned
     for row in rows:
         cells = [
-            c.rjust(w) if i in (4, 5) else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))
+            c.rjust(w) if i in numbers else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))
         ]
         print("  ".join([*cells, row[-1]]).rstrip())
-    print(
-        f"total: {_count_of(len(entries), 'entry', 'entries')}, {_size(sum(e.size for e in entries))}{_by_status(entries)}"
-    )
+    entries_text = _count_of(len(entries), "entry", "entries")
+    print(f"total: {entries_text}, {_size(size)}{_by_status(entries)}")
     return 0
 
 

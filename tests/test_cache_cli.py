@@ -296,6 +296,10 @@ def test_prune_unusable_removes_damaged_and_outdated_files_only(folder, capsys):
         (["prune", "{cache}/step-2.safetensors", "--unusable"], "pass the folder that holds it"),
         (["list", "{root}/missing"], "does not exist; pass a cache folder"),
         (["prune", "{cache}"], "say which files to remove: --older-than AGE (e.g. 30d)"),
+        (
+            ["list", "{root}/old.toml"],
+            "?; to list or prune the run's cache, pass its cache folder itself",
+        ),
     ],
 )
 def test_a_path_or_prune_that_names_no_cache_folder_or_selector_is_refused(
@@ -305,6 +309,7 @@ def test_a_path_or_prune_that_names_no_cache_folder_or_selector_is_refused(
     shutil.copytree(shared_run, root, ignore=shutil.ignore_patterns("shared", "checkpoints"))
     cache = shutil.copytree(shared_run / "shared", tmp_path / "cache")
     shutil.copy(_by_name(cache, "step-2"), cache / "step-2.safetensors")
+    (root / "old.toml").write_text('output_dir = "a"\n[train]\nlearning_rat = 1e-6\n')
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     code, out, err = _cli(capsys, *(a.format(root=root, cache=cache) for a in argv))
     assert (code, out) == (2, "")
