@@ -416,7 +416,7 @@ def select_for_pruning(
     than ``older_than`` seconds before ``now``; not among the ``keep_last`` most recently used
     readable (status "ok") files of their name (``initial``, ``step-2``, ``tokens-train``,
     ...); ``unusable``: damaged or of another format version, which no run of this release
-    reads. No selector picks nothing."""
+    reads. With no selector given, none is picked."""
     if older_than is None and keep_last is None and not unusable:
         return []
     kept: set[Path] = set()
@@ -439,7 +439,7 @@ def select_for_pruning(
 
 
 def remove_entry(entry: CacheEntry) -> str | None:
-    """Remove ``entry``'s file; None when removed, else why it was kept: gone already, or
+    """Remove ``entry``'s file; None when removed, else why it was not: gone already, or
     written again since it was scanned (a run that replaced it uses it). ``OSError`` when the
     removal fails."""
     try:
@@ -447,6 +447,6 @@ def remove_entry(entry: CacheEntry) -> str | None:
     except FileNotFoundError:
         return "gone already"
     if (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size) != entry.identity:
-        return "written again since it was read: kept"
+        return "written again since it was read"
     entry.path.unlink()
     return None

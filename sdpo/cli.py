@@ -1036,7 +1036,7 @@ def _cache_prune(args: argparse.Namespace, head: dict, entries: Sequence) -> int
         keep_last=args.keep_last,
         unusable=args.unusable,
     )
-    removed, kept, failed = [], [], []
+    removed, skipped, failed = [], [], []
     for e in chosen:
         if args.dry_run:
             removed.append(e)
@@ -1049,7 +1049,7 @@ def _cache_prune(args: argparse.Namespace, head: dict, entries: Sequence) -> int
         if why is None:
             removed.append(e)
         else:
-            kept.append((e, why))
+            skipped.append((e, why))
     freed = sum(e.size for e in removed)
     left_alone = [e for e in entries if not e.removable]
     if args.json:
@@ -1060,7 +1060,7 @@ def _cache_prune(args: argparse.Namespace, head: dict, entries: Sequence) -> int
                     "dry_run": args.dry_run,
                     "removed": [e.as_json() for e in removed],
                     "freed_bytes": freed,
-                    "kept_changed": [e.as_json() for e, _ in kept],
+                    "not_removed": [{**e.as_json(), "why": why} for e, why in skipped],
                     "failed": [{"path": str(e.path), "error": why} for e, why in failed],
                     "left_alone": [e.as_json() for e in left_alone],
                 },
@@ -1073,8 +1073,8 @@ def _cache_prune(args: argparse.Namespace, head: dict, entries: Sequence) -> int
         for e in removed:
             status = "" if e.status == "ok" else f", {e.status}"
             print(f"{verb} {e.path.name} ({_size(e.size)}, last used {_when(e.last_used)}{status})")
-        for e, why in kept:
-            print(f"kept {e.path.name}: {why}")
+        for e, why in skipped:
+            print(f"not removed: {e.path.name} ({why})")
         writing = [e for e in left_alone if e.status == "writing"]
         others = [e for e in left_alone if e.status != "writing"]
         if writing:
