@@ -65,15 +65,19 @@ are trained and compared on held-out task accuracy and preference accuracy. Runs
 SFT model), data/ (the three preference sources) and one folder per run (dpo/,
 sdpo_easy_to_hard/, sdpo_random/) with the config.toml that `sdpo train --config` runs again."""
 
-CACHE_HELP = """\
+CACHE_EXIT_CODES = (
+    "Exit codes: 0 done; 2 a bad PATH or option (nothing removed); 74 a file could not be "
+    "removed (the others were)."
+)
+
+CACHE_HELP = f"""\
 See and clean a cache folder: a run's own OUTPUT_DIR/cache, or a folder runs share
 (sdpo.cache_dir), which gains a file for every new key (model, data, data settings) and never
 loses one. `sdpo cache list PATH` describes each file; `sdpo cache prune PATH --older-than 30d`
 removes the files no run used for 30 days. PATH is a cache folder, a run's output folder or a
 run's TOML config (the folder its run uses: sdpo.cache_dir, else OUTPUT_DIR/cache).
 
-Exit codes: 0 done; 2 a bad PATH or option (nothing removed); 74 a file could not be removed
-(the others were)."""
+{CACHE_EXIT_CODES}"""
 
 CACHE_LIST_HELP = """\
 One line per entry of the cache folder: the file, what it holds (initial: the initial model's
@@ -86,7 +90,7 @@ and where the system allows it the read leaves the file's access time, its last 
 was). Damaged files, files of an older format version, temporary files of a write in progress
 and files that are not sdpo's are listed as such."""
 
-CACHE_PRUNE_HELP = """\
+CACHE_PRUNE_HELP = f"""\
 Remove the sdpo cache files that every given selector picks: --older-than AGE (last used more
 than AGE ago: the later of the last write and the last read the file system records; with
 noatime, the write), --keep-last N (all but the N most recently used readable files of each
@@ -95,8 +99,10 @@ no run of this sdpo reads them). Only sdpo's cache files are removed: the tempor
 write in progress, files of other names or content, links and folders stay. Removing is safe
 while runs use the folder: a run reads a cache file whole when it needs it, and a run that
 then finds its file gone scores (or tokenizes) those pairs again and writes it anew; a file
-written again after it was read here is kept. --dry-run shows what would go and the bytes it
-would free."""
+written again after it was read here is not removed. --dry-run shows what would go and the
+bytes it would free.
+
+{CACHE_EXIT_CODES}"""
 
 
 def _set_mistake(words: list[str]) -> str | None:
