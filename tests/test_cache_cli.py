@@ -22,6 +22,7 @@ from sdpo.cache import RefLogprobCache, keyed_cache_path
 from sdpo.cache_folder import remove_entry, scan_cache_folder
 from sdpo.cli import main
 from sdpo.config import config_from_dict
+from sdpo.engine.files import atomic_open
 from sdpo.runner import run_training
 from tests.conftest import WORDS, two_source_config, write_tiny_model
 from tests.test_cache import make_key, random_values
@@ -388,3 +389,22 @@ def test_a_run_whose_files_were_pruned_scores_and_tokenizes_them_again(
     assert sorted(p.name for p in shared.iterdir()) == sorted(
         p.name for p in (shared_run / "shared").iterdir()
     )
+
+
+def test_a_write_in_progress_is_left_alone_and_completes(folder, capsys):
+    """The atomic writer's own temporary file, mid-write: listed as such, never removed, even
+    when its times say it is old (a write that stalls); the write then lands under its name."""
+    path = keyed_cache_path(folder / "initial.safetensors", make_key())
+    values = random_values(6, seed=4)
+    blob = safetensors.torch.save(values.tensors(), metadata={"sdpo_ref_cache_version": "2"})
+    with atomic_open(path, "wb") as f:
+        f.write(blob[:50])
+        f.flush()
+        (temp,) = folder.glob(".*.tmp")
+        _age(temp, days=40)
+        assert _listing(capsys, folder)[temp.name]["status"] == "writing"
+        code, out, _ = _cli(capsys, "prune", str(folder), "--older-than", "1d", "--unusable")
+        assert code == 0 and "would" not in out and temp.is_file()
+        assert "left alone: 1 temporary file (a write in progress" in out
+        f.write(blob[50:])
+    assert not temp.exists() and path.read_bytes() == blob
