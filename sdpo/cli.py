@@ -982,6 +982,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 def _cache_list(args: argparse.Namespace, head: dict, entries: Sequence) -> int:
     """One line per entry (or JSON), then the total."""
+    from sdpo.cache_folder import OK
+
     size = sum(e.size for e in entries)
     if args.json:
         files = [e.as_json() for e in entries]
@@ -995,7 +997,7 @@ def _cache_list(args: argparse.Namespace, head: dict, entries: Sequence) -> int:
     rows = [("FILE", "KIND", "MODEL", "DATA", "PAIRS", "SIZE", "MODIFIED", "LAST USED", "SETTINGS")]
     for e in entries:
         model, data, settings = e.summary()
-        note = settings if e.status == "ok" else f"{e.status}: {e.problem}"
+        note = settings if e.status == OK else f"{e.status}: {e.problem}"
         pairs = "-" if e.pairs is None else str(e.pairs)
         when = (_when(e.modified), _when(e.last_used))
         rows.append((e.path.name, e.kind, model, data, pairs, _size(e.size), *when, note))
@@ -1059,42 +1061,19 @@ def _cache_prune(args: argparse.Namespace, head: dict, entries: Sequence) -> int
     freed = sum(e.size for e in removed)
     left_alone = [e for e in entries if not e.removable]
     if args.json:
-        print(
-            json.dumps(
-                {
-                    **head,
-                    "dry_run": args.dry_run,
-                    "removed": [e.as_json() for e in removed],
-                    "freed_bytes": freed,
-                    "not_removed": [{**e.as_json(), "why": why} for e, why in skipped],
-                    "failed": [{"path": str(e.path), "error": why} for e, why in failed],
-                    "left_alone": [e.as_json() for e in left_alone],
-                },
-                indent=2,
-            )
-        )
+        result = {
+            **head,
+            "dry_run": args.dry_run,
+            "removed": [e.as_json() for e in removed],
+            "freed_bytes": freed,
+            "not_removed": [{**e.as_json(), "why": why} for e, why in skipped],
+            "failed": [{"path": str(e.path), "error": why} for e, why in failed],
+            "left_alone": [e.as_json() for e in left_alone],
+        }
+        print(json.dumps(result, indent=2))
     else:
         print(f"cache folder: {head['cache_folder']} ({head['found_as']})")
-        verb = "would remove" if args.dry_run else "removed"
-        for e in removed:
-            status = "" if e.status == "ok" else f", {e.status}"
-            print(f"{verb} {e.path.name} ({_size(e.size)}, last used {_when(e.last_used)}{status})")
-        for e, why in skipped:
-            print(f"not removed: {e.path.name} ({why})")
-        writing = [e for e in left_alone if e.status == "writing"]
-        others = [e for e in left_alone if e.status != "writing"]
-        if writing:
-            print(
-                f"left alone: {_count_of(len(writing), 'temporary file', 'temporary files')} "
-                "(a write in progress, or one a killed run left; remove by hand when no run "
-                "uses the folder): " + ", ".join(e.path.name for e in writing)
-            )
-        if others:
-            print(
-                f"left alone: {_count_of(len(others), 'entry', 'entries')} that sdpo does not "
-                "remove (not sdpo cache files, or unreadable here): "
-                + ", ".join(e.path.name for e in others)
-            )
+        _say_pruned(removed, skipped, left_alone, dry_run=args.dry_run)
         stay = len([e for e in entries if e.removable]) - len(removed)
         freed_text = f"{_size(freed)} in {_count_of(len(removed), 'file', 'files')}"
         stay_text = _count_of(stay, "cache file", "cache files")
@@ -1105,6 +1084,35 @@ def _cache_prune(args: argparse.Namespace, head: dict, entries: Sequence) -> int
     for e, why in failed:
         print(f"sdpo: could not remove {e.path}: {why}", file=sys.stderr)
     return EXIT_WRITE if failed else 0
+
+
+def _say_pruned(
+    removed: Sequence, skipped: Sequence, left_alone: Sequence, *, dry_run: bool
+) -> None:
+    """A line per file prune removed (or would), per file it found changed, and per kind of
+    entry it leaves alone."""
+    from sdpo.cache_folder import OK, WRITING
+
+    verb = "would remove" if dry_run else "removed"
+    for e in removed:
+        status = "" if e.status == OK else f", {e.status}"
+        print(f"{verb} {e.path.name} ({_size(e.size)}, last used {_when(e.last_used)}{status})")
+    for e, why in skipped:
+        print(f"not removed: {e.path.name} ({why})")
+    writing = [e for e in left_alone if e.status == WRITING]
+    others = [e for e in left_alone if e.status != WRITING]
+    if writing:
+        print(
+            f"left alone: {_count_of(len(writing), 'temporary file', 'temporary files')} "
+            "(a write in progress, or one a killed run left; remove by hand when no run "
+            "uses the folder): " + ", ".join(e.path.name for e in writing)
+        )
+    if others:
+        print(
+            f"left alone: {_count_of(len(others), 'entry', 'entries')} that sdpo does not "
+            "remove (not sdpo cache files, or unreadable here): "
+            + ", ".join(e.path.name for e in others)
+        )
 
 
 def _count_of(n: int, one: str, many: str) -> str:
