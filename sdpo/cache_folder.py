@@ -382,8 +382,8 @@ def find_cache_folder(path: str | os.PathLike) -> tuple[Path, str]:
 
 def _folder_of_config(config: Path, *, output_dir: Path | None) -> tuple[Path, str]:
     """The cache folder of a run's config: its ``sdpo.cache_dir``, else ``cache`` in its
-    output folder (``output_dir``, where the config is an output folder's, which may have
-    moved since; else the config's ``output_dir``)."""
+    output folder: ``output_dir``, the folder that holds the config, where it has a ``cache``
+    folder (an output folder moved since its run), else the config's ``output_dir``."""
     from sdpo.config import ConfigError, load_config
 
     try:
@@ -396,7 +396,8 @@ def _folder_of_config(config: Path, *, output_dir: Path | None) -> tuple[Path, s
         ) from None
     if cfg.sdpo.cache_dir:
         return Path(cfg.sdpo.cache_dir), f"sdpo.cache_dir of {config}"
-    out = output_dir if output_dir is not None else Path(cfg.output_dir)
+    moved = output_dir is not None and (output_dir / "cache").is_dir()
+    out = output_dir if moved else Path(cfg.output_dir)
     return out / "cache", f"the run's own cache folder ({config} sets no sdpo.cache_dir)"
 
 

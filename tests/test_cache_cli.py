@@ -356,6 +356,18 @@ def test_an_output_folder_or_toml_config_stands_for_its_runs_cache_folder(
         f"({tmp_path / 'own.toml'} sets no sdpo.cache_dir))",
         "no files (the folder does not exist yet)",
     ]
+    # a folder that holds a run's config but is not its output folder: the config's output_dir
+    (tmp_path / "project").mkdir()
+    shutil.copy(tmp_path / "own.toml", tmp_path / "project" / "config.toml")
+    code, out, _ = _cli(capsys, "list", str(tmp_path / "project"))
+    assert code == 0 and out.startswith(f"cache folder: {tmp_path / 'b' / 'cache'} (")
+    # an output folder moved since its run: its own cache folder
+    moved = shutil.copytree(shared_run / "a", tmp_path / "moved")
+    (moved / "config.toml").write_text(own)
+    shutil.copytree(shared_run / "shared", moved / "cache")
+    code, out, _ = _cli(capsys, "list", str(moved))
+    assert code == 0 and out.startswith(f"cache folder: {moved / 'cache'} (")
+    assert out.splitlines()[-1].startswith("total: 3 entries")
 
 
 def test_a_file_written_again_after_it_was_read_is_kept(folder):
