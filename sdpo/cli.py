@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_count,
         metavar="N",
         help="all but the N most recently used readable files of each name (initial, step-2, "
-        "tokens-train, ...)",
+        "tokens-train, ...); 0: every sdpo cache file",
     )
     prune.add_argument(
         "--unusable",
