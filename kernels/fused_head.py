@@ -99,7 +99,7 @@ from .logprobs import (
     check_seq_ids_in_range,
     sum_per_sequence,
 )
-from .triton_rows import FLOAT32_LOWEST, launch
+from .triton_rows import FLOAT32_LOWEST, launch, on_device
 
 LOG2E = tl.constexpr(1.4426950408889634)  # a global a @triton.jit kernel may read
 
@@ -319,11 +319,14 @@ def _partials(
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_M"]) * splits,)
 
-        kernel[grid](*args, EVEN_K=h % block_k == 0, **consts)
+        # the autotuner's timing runs (and its cache-flush buffer) are under the guard too
+        with on_device(hidden.device):
+            kernel[grid](*args, EVEN_K=h % block_k == 0, **consts)
     else:
         kernel = launch(_fused_head_kernel, hidden.device)
         grid = (triton.cdiv(n, tiles["BLOCK_M"]) * splits,)
-        kernel[grid](*args, EVEN_K=h % tiles["BLOCK_K"] == 0, **consts, **tiles)
+        with on_device(hidden.device):
+            kernel[grid](*args, EVEN_K=h % tiles["BLOCK_K"] == 0, **consts, **tiles)
     return part_max, part_sum, label_logit
 
 
@@ -399,8 +402,8 @@ def fused_token_logprobs(
     weight = weight if weight.stride(1) == 1 else weight.contiguous()
     if splits is None:
         if hidden.device.type == "cuda":
-            index = hidden.device.index
-            sms = _sm_count(torch.cuda.current_device() if index is None else index)
+            # the tensors' GPU, which need not be the current one (a tensor's device has an index)
+            sms = _sm_count(hidden.device.index)
             splits = num_splits(num_tokens=n, vocab_size=v, sm_count=sms)
         else:
             splits = INTERPRETER_SPLITS

@@ -176,22 +176,23 @@ def rows_forward(
         logits = _row_contiguous(logits)
         rows_mod = _triton_rows()
         kernel = rows_mod.launch(rows_mod.logprobs_fwd_kernel, logits.device)
-        kernel[(n,)](
-            logits,
-            logits.stride(0),
-            labels.contiguous(),  # the kernel reads label i at offset i
-            logp,
-            lse_parts,
-            lsq if with_lsq else logp,  # not written when off
-            # the (N, 3) stats' columns, each contiguous (not written when off)
-            *(stats.unbind(1) if with_stats else (logp,) * len(STAT_NAMES)),
-            vocab,
-            BLOCK_V=_block_v(vocab, logits.device),
-            IGNORE=IGNORE_INDEX,
-            WITH_LSQ=with_lsq,
-            WITH_STATS=with_stats,
-            num_warps=NUM_WARPS,
-        )
+        with rows_mod.on_device(logits.device):
+            kernel[(n,)](
+                logits,
+                logits.stride(0),
+                labels.contiguous(),  # the kernel reads label i at offset i
+                logp,
+                lse_parts,
+                lsq if with_lsq else logp,  # not written when off
+                # the (N, 3) stats' columns, each contiguous (not written when off)
+                *(stats.unbind(1) if with_stats else (logp,) * len(STAT_NAMES)),
+                vocab,
+                BLOCK_V=_block_v(vocab, logits.device),
+                IGNORE=IGNORE_INDEX,
+                WITH_LSQ=with_lsq,
+                WITH_STATS=with_stats,
+                num_warps=NUM_WARPS,
+            )
         return outs
     rows = max(1, TORCH_BLOCK_ELEMENTS // max(vocab, 1))
     for start in range(0, n, rows):
@@ -278,19 +279,20 @@ def rows_backward(
             raise ValueError("rows_backward(impl='triton') needs unit stride along the vocabulary")
         rows_mod = _triton_rows()
         kernel = rows_mod.launch(rows_mod.logprobs_bwd_kernel, logits.device)
-        kernel[(n,)](
-            logits,
-            logits.stride(0),
-            out,
-            out.stride(0),
-            labels.contiguous(),  # read at offset i, as lse_parts and grad_token are
-            lse_parts.contiguous(),
-            grad_token.contiguous(),
-            vocab,
-            BLOCK_V=_block_v(vocab, logits.device),
-            IGNORE=IGNORE_INDEX,
-            num_warps=NUM_WARPS,
-        )
+        with rows_mod.on_device(logits.device):
+            kernel[(n,)](
+                logits,
+                logits.stride(0),
+                out,
+                out.stride(0),
+                labels.contiguous(),  # read at offset i, as lse_parts and grad_token are
+                lse_parts.contiguous(),
+                grad_token.contiguous(),
+                vocab,
+                BLOCK_V=_block_v(vocab, logits.device),
+                IGNORE=IGNORE_INDEX,
+                num_warps=NUM_WARPS,
+            )
         return out
     rows = max(1, TORCH_BLOCK_ELEMENTS // max(vocab, 1))
     for start in range(0, n, rows):

@@ -2,9 +2,18 @@
 
 Kept apart so that ``import sdpo.kernels`` works where Triton is not installed. The
 kernels: one program per row of logits, streaming over vocabulary blocks in fp32.
+
+Also the two things every Triton launch in sdpo.kernels goes through: :func:`launch` (the
+kernel, or a clear error where it cannot run) and :func:`on_device`, the device guard that each
+``kernel[grid](...)`` runs under. Triton launches on the *current* CUDA device and that
+device's current stream, whatever device the pointer arguments live on; a model on ``cuda:1``
+in a process whose current device is ``cuda:0`` (an embedder's) would have its kernels run on
+the wrong GPU, out of order with the stream that produced their inputs.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -167,3 +176,15 @@ def launch(kernel, device: torch.device):
                 "before starting Python, or use impl='torch' on CPU."
             )
     return kernel
+
+
+# contextlib.nullcontext keeps no state: one instance serves every CPU launch
+_NO_GUARD = contextlib.nullcontext()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The guard a Triton launch on tensors of ``device`` runs under: ``torch.cuda.device``
+    for a CUDA device, so that Triton's current device and current stream are the tensors'
+    (the stream torch's own ops on them use), and nothing for the CPU interpreter. A device
+    switch only where the current one differs; no synchronisation."""
+    return torch.cuda.device(device) if device.type == "cuda" else _NO_GUARD
