@@ -97,9 +97,10 @@ def active() -> bool:
 
 
 def device() -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` on CUDA, else the CPU."""
+    """This rank's device: ``cuda:LOCAL_RANK`` in a process group on CUDA, the current CUDA
+    device (by index) without one, else the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", local_rank()) if initialized() else torch.device("cuda")
+        return torch.device("cuda", local_rank() if initialized() else torch.cuda.current_device())
     return torch.device("cpu")
 
 

@@ -392,9 +392,10 @@ def model_folder(value: str, *, key: str, revision: str | None = None) -> Path:
 
 
 def select_device() -> torch.device:
-    if distributed.initialized():
-        return distributed.device()  # cuda:LOCAL_RANK
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """The run's device: ``cuda:LOCAL_RANK`` in a process group, else the current CUDA device
+    (by its index, so that what the run asks of it later, such as its memory counters, is
+    about that GPU even if the current device changes), else the CPU."""
+    return distributed.device()
 
 
 def on_main(fn: Callable[[], Any]) -> Any:
@@ -2624,7 +2625,7 @@ class StepwiseRunner:
         """Load the named reference (set up as the policy is: sharded under ``train.fsdp``, so a
         reference larger than one GPU loads; compiled layers under ``model.compile``), score
         every pair, write the cache, free the model. On resume its weights must be the run's."""
-        baseline = torch.cuda.memory_allocated() if self.device.type == "cuda" else 0
+        baseline = torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
         ref_model = self._load_model(ref_dir)
         probe = weakref.ref(ref_model.lm_head_weight)
         fingerprint = self._check_same_weights(
@@ -2638,7 +2639,7 @@ class StepwiseRunner:
             raise RuntimeError("the reference model is still referenced after caching its values")
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-            now = torch.cuda.memory_allocated()
+            now = torch.cuda.memory_allocated(self.device)
             _log(
                 f"reference model freed: GPU memory {now / 2**20:.0f} MiB (before load {baseline / 2**20:.0f} MiB)"
             )

@@ -3,8 +3,8 @@
 An embedder may keep a model on ``cuda:1`` while ``cuda:0`` is the current device. Triton
 launches on the current device and its current stream, and several ``torch.cuda`` queries
 (memory counters, synchronisation, properties) default to the current device. Without a GPU
-this is a source rule: every Triton launch in sdpo.kernels runs under the device guard
-``on_device`` of a tensor's device.
+these are source rules: every Triton launch in sdpo.kernels runs under the device guard
+``on_device`` of a tensor's device, and every such ``torch.cuda`` call in sdpo names its device.
 With two GPUs (``pytest -m gpu``) the kernels and a training step run with the model on
 ``cuda:1`` and ``cuda:0`` current, against the same on ``cuda:0``.
 """
@@ -25,6 +25,22 @@ if not torch.cuda.is_available():  # Triton's mode is fixed at its first import 
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# torch.cuda functions that act on the current device unless given one
+DEVICE_DEFAULTING = {
+    "current_stream",
+    "get_device_capability",
+    "get_device_name",
+    "get_device_properties",
+    "max_memory_allocated",
+    "max_memory_reserved",
+    "mem_get_info",
+    "memory_allocated",
+    "memory_reserved",
+    "memory_stats",
+    "reset_peak_memory_stats",
+    "synchronize",
+}
 
 
 def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
@@ -80,6 +96,20 @@ def test_every_triton_launch_in_the_kernels_runs_under_its_tensors_device_guard(
         assert isinstance(arg, ast.Attribute) and arg.attr == "device", (
             f"{site}: on_device must take the launched tensors' .device, got {ast.unparse(guard)}"
         )
+
+
+def test_every_current_device_defaulting_cuda_call_in_sdpo_names_its_device():
+    bare = []
+    for folder in ("engine", "sdpo", "kernels"):
+        for path in sorted((ROOT / folder).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                    continue
+                owner = ast.unparse(node.func.value)
+                named = node.args or any(k.arg == "device" for k in node.keywords)
+                if owner == "torch.cuda" and node.func.attr in DEVICE_DEFAULTING and not named:
+                    bare.append(f"{folder}/{path.name}:{node.lineno} {ast.unparse(node)}")
+    assert not bare, f"torch.cuda calls that act on the current device, not the model's: {bare}"
 
 
 def test_the_device_guard_is_nothing_on_cpu_and_the_named_gpu_on_cuda():
@@ -234,3 +264,14 @@ def test_a_training_step_on_cuda1_with_cuda0_current_matches_the_same_on_cuda0(t
     for name in here:
         if name != "probe_peak_gib":
             torch.testing.assert_close(there[name], here[name], msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.gpu
+def test_the_run_device_is_a_numbered_gpu_so_its_memory_counters_stay_on_it():
+    """Without a process group the run's device is the current GPU by its index, so that the
+    memory counters asked of it later are that GPU's whichever device is current then."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    from sdpo.runner import select_device
+
+    assert select_device() == torch.device("cuda", torch.cuda.current_device())
