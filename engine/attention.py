@@ -17,7 +17,8 @@ Sliding window (``window``, Mistral's and Qwen's ``sliding_window``): a query se
 seen by query i when ``i - window < j <= i``). The flash kernels take it as
 ``window_size=(window - 1, 0)`` (flash-attn >= 2.3; ``varlen_attn`` where its signature has
 ``window_size``), the number of keys left of the query's own, which is what transformers hands
-flash-attn too; the SDPA fallback masks a band of the causal triangle. A backend that cannot
+flash-attn too; the SDPA fallback masks a band of the causal triangle, in blocks of queries
+(``QUERY_BLOCK``) that each see only the keys within their reach. A backend that cannot
 apply a window is skipped by "auto" and refused by name (:func:`resolve_attention_backend`).
 
 Shared-prompt layout (opt-in, see ``engine/packing.py``): a pair's prompt is computed once and
@@ -32,6 +33,11 @@ into a right window of 0 measured from the bottom-right corner, and drops the ca
 every query sequence has one token, which only bottom-right alignment makes exact) have this
 alignment natively; the SDPA fallback builds the mask explicitly, because SDPA's ``is_causal``
 is aligned top-left when the lengths differ.
+
+The SDPA fallback passes 4-D (1, H, L, D) tensors: SDPA's fused kernels (flash on CPU, flash or
+memory-efficient on CUDA) take nothing else, and 3-D inputs run its math kernel, which holds H x
+Lq x Lk float scores (3.1 GiB of peak memory for forward and backward of one 8k-token sequence
+of 4 heads on CPU, where the fused kernel holds 25 MiB: ``benchmarks/attention_memory.py``).
 """
 
 from __future__ import annotations
@@ -60,6 +66,15 @@ WINDOW_NEEDS = {
     "flash": "flash-attn >= 2.3 (its window_size)",
     "varlen": "a PyTorch whose torch.nn.attention.varlen.varlen_attn takes window_size",
 }
+
+# Queries per SDPA call of the fallback where a mask is needed (a window, or more keys than
+# queries): the masks it builds are QUERY_BLOCK rows, not one row per query of the sequence.
+# 1024 keeps them at 5 MiB per 1024 keys seen in fp32 (the bool mask and SDPA's float form of
+# it), in calls few enough that their overhead is small beside each block's attention
+# (benchmarks/attention_memory.py, 8k tokens, window 1024, forward and backward on 2 shared CPU
+# cores: 0.3-1.9 s and 100 MiB, against 2.0-2.4 s and 329 MiB for one call over the sequence;
+# blocks of 256 took 78 MiB and 3.6 s).
+QUERY_BLOCK = 1024
 
 # flash-attn and varlen_attn are flash kernels: half-precision inputs only.
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
@@ -363,29 +378,59 @@ def _sdpa_per_sequence(
                 f"sequence {i} has {end - start} queries but only {k_end - k_start} keys; "
                 "a key layout needs at least as many keys as queries per sequence"
             )
-        qs = q[start:end].transpose(0, 1)  # (Hq, Lq, D)
-        ks = k[k_start:k_end].transpose(0, 1)  # (Hkv, Lk, D)
-        vs = v[k_start:k_end].transpose(0, 1)  # (Hkv, Lk, D)
+        # 4-D (batch 1): SDPA's fused kernels (flash on CPU; flash or memory-efficient on CUDA)
+        # take only 4-D inputs, and a 3-D call runs the math one, with Hq x Lq x Lk scores
+        qs = q[start:end].transpose(0, 1).unsqueeze(0)  # (1, Hq, Lq, D)
+        ks = k[k_start:k_end].transpose(0, 1).unsqueeze(0)  # (1, Hkv, Lk, D)
+        vs = v[k_start:k_end].transpose(0, 1).unsqueeze(0)  # (1, Hkv, Lk, D)
         if groups > 1:
-            ks = ks.repeat_interleave(groups, dim=0)  # (Hq, Lk, D)
-            vs = vs.repeat_interleave(groups, dim=0)  # (Hq, Lk, D)
+            ks = ks.repeat_interleave(groups, dim=1)  # (1, Hq, Lk, D)
+            vs = vs.repeat_interleave(groups, dim=1)  # (1, Hq, Lk, D)
         windowed = window is not None and k_end - k_start > window
         if extra == 0 and not windowed:
             out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         else:
-            # SDPA's is_causal is aligned top-left when Lq != Lk: build the bottom-right mask
-            # (query j sees keys 0 .. j + extra), and with a window only its last `window` of
-            # them (keys j + extra - window + 1 .. j + extra)
-            allowed = torch.ones(
-                end - start, k_end - k_start, dtype=torch.bool, device=q.device
-            ).tril(diagonal=extra)  # (Lq, Lk)
-            if windowed:
-                allowed = allowed.triu(diagonal=extra - window + 1)
-            out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=scale)
-        outputs.append(out.transpose(0, 1))  # (Lq, Hq, D)
+            out = _masked_by_query_blocks(qs, ks, vs, extra=extra, window=window, scale=scale)
+        outputs.append(out[0].transpose(0, 1))  # (Lq, Hq, D)
     if not outputs:
         return q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     return torch.cat(outputs, dim=0)  # (N, Hq, D)
+
+
+def _masked_by_query_blocks(
+    qs: Tensor, ks: Tensor, vs: Tensor, *, extra: int, window: int | None, scale: float | None
+) -> Tensor:
+    """SDPA of one sequence under the bottom-right causal mask (query i sees keys 0 .. i +
+    ``extra``; SDPA's ``is_causal`` is aligned top-left when Lq != Lk) and, with ``window``,
+    only the last ``window`` of them (keys i + extra - window + 1 .. i + extra): qs (1, H, Lq,
+    D), ks/vs (1, H, Lk, D) -> (1, H, Lq, D).
+
+    Run QUERY_BLOCK queries at a time, each against the keys its block sees: the boolean mask
+    and the additive mask in the inputs' dtype that SDPA makes of it (and keeps for the
+    backward) are (block, keys seen), at most QUERY_BLOCK x Lk, and QUERY_BLOCK x (QUERY_BLOCK +
+    window - 1) with a window, where one (Lq, Lk) mask was 5 bytes per pair in fp32 (1.3 GiB for
+    a 16k-token sequence). With a window the kept masks add up to Lq x (QUERY_BLOCK + window -
+    1), and keys out of a block's reach are not computed at all; without one (more keys than
+    queries) they add up to the lower triangle, Lq x (Lk - Lq / 2), about half the square."""
+    lq = qs.shape[2]
+    blocks = []
+    for r0 in range(0, lq, QUERY_BLOCK):
+        r1 = min(lq, r0 + QUERY_BLOCK)
+        k0 = 0 if window is None else max(0, r0 + extra - window + 1)  # first key the block sees
+        k1 = r1 + extra  # one past its last
+        # local query i (query r0 + i) sees local keys up to i + r0 + extra - k0, and with a
+        # window from i + r0 + extra - window + 1 - k0 on
+        allowed = torch.ones(r1 - r0, k1 - k0, dtype=torch.bool, device=qs.device).tril(
+            diagonal=r0 + extra - k0
+        )  # (block, keys seen)
+        if window is not None:
+            allowed = allowed.triu(diagonal=r0 + extra - window + 1 - k0)
+        blocks.append(
+            F.scaled_dot_product_attention(
+                qs[:, :, r0:r1], ks[:, :, k0:k1], vs[:, :, k0:k1], attn_mask=allowed, scale=scale
+            )
+        )  # (1, H, block, D)
+    return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
 
 
 # ``_sdpa_per_sequence`` behind dynamo's disable mark: a compiled caller graph-breaks once around

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sdpo.engine import attention
 from sdpo.engine.attention import (
@@ -88,6 +90,113 @@ def test_sdpa_backend_with_a_window_matches_the_float64_band_forward_and_backwar
         torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
     wide = varlen_attention(q, k, v, cu_seqlens=cu, max_seqlen=13, backend="sdpa", window=13)
     torch.testing.assert_close(wide, _dense_reference(q, k, v, cu), atol=1e-12, rtol=1e-12)
+
+
+def _key_layout_inputs(lengths, extras, *, h, d, seed):
+    """float64 q (N, H, D) and k/v (K, H, D) with separate layouts: query sequence i has
+    ``lengths[i]`` rows, key sequence i ``lengths[i] + extras[i]`` (a shared prompt's keys)."""
+    g = torch.Generator().manual_seed(seed)
+    keys = [n + e for n, e in zip(lengths, extras, strict=True)]
+    q = torch.randn(sum(lengths), h, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(sum(keys), h, d, generator=g, dtype=torch.float64) for _ in range(2))
+    cu_q, cu_k = (
+        torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()], dtype=torch.int32)
+        for n in (lengths, keys)
+    )
+    return q, k, v, cu_q, cu_k
+
+
+def _bottom_right_reference(q, k, v, cu_q, cu_k, window=None):
+    """float64 attention of each query sequence over its own key sequence, query i seeing keys
+    j <= i + extra (extra = Lk - Lq) and, with ``window``, only j > i + extra - window."""
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qs, ks, vs = q[cu_q[i] : cu_q[i + 1]], k[cu_k[i] : cu_k[i + 1]], v[cu_k[i] : cu_k[i + 1]]
+        lq, lk = qs.shape[0], ks.shape[0]
+        row, col = torch.arange(lq)[:, None] + (lk - lq), torch.arange(lk)[None, :]
+        allowed = col <= row
+        if window is not None:
+            allowed &= col > row - window
+        scores = torch.einsum("ihd,jhd->hij", qs, ks) / math.sqrt(q.shape[2])  # (H, Lq, Lk)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        outs.append(torch.einsum("hij,jhd->ihd", scores.softmax(-1), vs))  # (Lq, H, D)
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize(("window", "block"), [(None, 3), (5, 3), (1, 4), (5, 1024)])
+def test_sdpa_query_blocks_match_the_float64_bottom_right_band_forward_and_backward(
+    monkeypatch, window, block
+):
+    """The masked fallback in blocks of queries (ragged: 13 queries in blocks of 3 or 4) over a
+    key layout with more keys than queries (0 to 5 more), with and without a window: each query
+    sees its bottom-right causal keys, the last ``window`` of them, forward and backward."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", block)
+    q, k, v, cu_q, cu_k = _key_layout_inputs(LENGTHS, [3, 0, 5, 2, 0], h=3, d=8, seed=11)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    weight = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    out = varlen_attention(
+        q,
+        k,
+        v,
+        cu_seqlens=cu_q,
+        max_seqlen=max(LENGTHS),
+        cu_seqlens_k=cu_k,
+        max_seqlen_k=18,
+        backend="sdpa",
+        window=window,
+    )
+    ref = _bottom_right_reference(q, k, v, cu_q, cu_k, window=window)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-10, rtol=1e-9)
+
+
+class _LargestStorage(TorchDispatchMode):
+    """The bytes of the largest storage any op returns while active (a view counts its base)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nbytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.nbytes = max(self.nbytes, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize(
+    ("window", "extra"),
+    [(None, 0), (97, 0), (None, 41), (97, 41)],
+    ids=["causal", "window", "keys", "both"],
+)
+def test_sdpa_fallback_holds_no_tensor_quadratic_in_a_long_sequence(monkeypatch, window, extra):
+    """One 1531-token sequence (and 41 more keys than queries): no tensor of the forward or the
+    backward holds half a byte per (query, key) pair. A (Lq, Lk) mask is a byte per pair, and
+    SDPA's math kernel, which 3-D inputs run, holds H x Lq x Lk float scores."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 128)
+    lq = 1531
+    q, k, v, cu_q, cu_k = _key_layout_inputs([lq], [extra], h=2, d=8, seed=5)
+    q, k, v = (t.float().requires_grad_(True) for t in (q, k, v))
+    with _LargestStorage() as largest:
+        out = varlen_attention(
+            q,
+            k,
+            v,
+            cu_seqlens=cu_q,
+            max_seqlen=lq,
+            cu_seqlens_k=cu_k if extra else None,
+            max_seqlen_k=lq + extra if extra else None,
+            backend="sdpa",
+            window=window,
+        )
+        out.sum().backward()
+    pairs = lq * (lq + extra)
+    assert largest.nbytes < pairs / 2, (largest.nbytes, pairs)
 
 
 def test_a_kernel_that_cannot_apply_a_window_is_skipped_by_auto_and_refused_by_name(monkeypatch):
