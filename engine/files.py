@@ -1,4 +1,5 @@
-"""Crash-safe file writes: every file the engine writes goes through here.
+"""Crash-safe file writes: every file the engine writes goes through here; and the header of
+a safetensors file, read without its tensors (the caches' metadata: their keys and versions).
 
 A file is written under a temporary name in the same folder, flushed and fsync'ed, then renamed
 over the real name, so a crash leaves either the old file or the new one, never half of one.
@@ -11,14 +12,16 @@ the rename, so teammates and serving users can read a run's outputs as with any 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import stat
+import struct
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, BinaryIO
 
 
 def _fsync_dir(path: Path) -> None:
@@ -148,3 +151,38 @@ def keyed_path(plain: str | os.PathLike, digest: str) -> Path:
     key in a cache folder shared by runs."""
     plain = Path(plain)
     return plain.with_name(f"{plain.stem}-{digest[:KEY_DIGEST_CHARS]}{plain.suffix}")
+
+
+# safetensors refuses larger headers: a length past it is damage, not a header to read
+SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
+
+
+def read_safetensors_header(f: BinaryIO, *, size: int) -> tuple[dict[str, Any], int]:
+    """The parsed header of the safetensors file ``f``, read from its start, ``size`` bytes in
+    all (a u64 little-endian length, then that many bytes of JSON), and that length; the
+    tensors are not read. ``ValueError`` says what is wrong with the file."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ValueError(f"file is {size} bytes, too short for a safetensors header")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+        raise ValueError("header length runs past the end of the file (file truncated)")
+    if n > SAFETENSORS_MAX_HEADER_BYTES:
+        raise ValueError(f"header length {n} is more than safetensors reads (file damaged)")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise ValueError("header is not valid JSON (not safetensors, or damaged)") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object (not safetensors, or damaged)")
+    return header, n
+
+
+def safetensors_metadata(data: bytes, *, holds: str) -> dict[str, str]:
+    """The ``__metadata__`` of the safetensors file whose bytes are ``data``; ``holds`` names
+    what such a file holds, for the ``ValueError`` of a file without it."""
+    header, _ = read_safetensors_header(io.BytesIO(data), size=len(data))
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict):
+        raise ValueError(f"no metadata in the header (not {holds})")
+    return metadata

@@ -37,7 +37,7 @@ from . import data as _data_module
 from . import tokenize as _tokenize_module
 from . import tokenizer_classes as _tokenizer_classes_module
 from .data import cyclic_gc_paused
-from .files import atomic_write_bytes, keyed_path
+from .files import atomic_write_bytes, keyed_path, safetensors_metadata
 from .packing import TokenizedPair, id_array
 from .resume import file_sha256
 from .tokenize import (
@@ -291,7 +291,7 @@ def load_tokenized(path: str | os.PathLike, key: Mapping[str, Any]) -> tuple[Tok
     except OSError as e:
         return None, f"unreadable: {e.strerror or e}"
     try:
-        metadata = _read_metadata(blob)
+        metadata = safetensors_metadata(blob, holds="an sdpo token cache")
     except ValueError as e:
         return None, f"unreadable: {e}"
     version = metadata.get(_META_VERSION)
@@ -331,7 +331,7 @@ def token_cache_changes(path: str | os.PathLike, key: Mapping[str, Any]) -> list
     ...), where ``load_tokenized`` names the first alone; [] for a missing or unreadable file
     or the same key. Never raises."""
     try:
-        metadata = _read_metadata(Path(path).read_bytes())
+        metadata = safetensors_metadata(Path(path).read_bytes(), holds="an sdpo token cache")
         cached = json.loads(metadata.get(_META_KEY, ""))
     except (OSError, ValueError):
         return []
@@ -422,20 +422,3 @@ def _checksum(tensors: Mapping[str, np.ndarray], info: str) -> str:
         h.update(struct.pack("<Q", array.size))
         h.update(array.tobytes())
     return h.hexdigest()
-
-
-def _read_metadata(blob: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (header: u64 little-endian length + JSON)."""
-    if len(blob) < 8:
-        raise ValueError(f"file is {len(blob)} bytes, too short for a safetensors header")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > len(blob) - 8:
-        raise ValueError("header length runs past the end of the file (file truncated)")
-    try:
-        header = json.loads(blob[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError("header is not valid JSON (file damaged)") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict):
-        raise ValueError("no metadata in the header (not an sdpo token cache)")
-    return metadata

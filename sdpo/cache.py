@@ -35,7 +35,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from sdpo.engine.files import atomic_open, keyed_path
+from sdpo.engine.files import atomic_open, keyed_path, safetensors_metadata
 from sdpo.engine.packing import (
     ID_FIELDS,
     TokenizedPair,
@@ -419,7 +419,7 @@ class RefLogprobCache:
         except OSError as e:
             return None, f"unreadable: {e.strerror or e}"
         try:
-            metadata = _read_metadata(data)
+            metadata = safetensors_metadata(data, holds="an sdpo reference cache")
         except ValueError as e:
             return None, f"unreadable: {e}"
 
@@ -470,23 +470,6 @@ def _check_key(key: object) -> None:
     swapped, a dict of fields) instead of an AttributeError from inside."""
     if not isinstance(key, CacheKey):
         raise TypeError(f"key must be a sdpo.cache.CacheKey, got {type(key).__qualname__}")
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (header: u64 little-endian length + JSON)."""
-    if len(data) < 8:
-        raise ValueError(f"file is {len(data)} bytes, too short for a safetensors header")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n > len(data) - 8:
-        raise ValueError("header length runs past the end of the file (file truncated)")
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError("header is not valid JSON (file damaged)") from None
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict):
-        raise ValueError("no metadata in the header (not an sdpo reference cache)")
-    return metadata
 
 
 # ---------------------------------------------------------------------------------------------

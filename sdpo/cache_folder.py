@@ -26,7 +26,6 @@ import json
 import os
 import re
 import stat
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 from sdpo.cache import _META_KEY_PREFIX as _REF_KEY_PREFIX
 from sdpo.cache import _META_VERSION as _REF_VERSION_KEY
 from sdpo.cache import CACHE_FORMAT_VERSION
-from sdpo.engine.files import KEY_DIGEST_CHARS
+from sdpo.engine.files import KEY_DIGEST_CHARS, read_safetensors_header
 from sdpo.engine.token_cache import _META_INFO as _TOKENS_INFO_KEY
 from sdpo.engine.token_cache import _META_KEY as _TOKENS_KEY_KEY
 from sdpo.engine.token_cache import _META_VERSION as _TOKENS_VERSION_KEY
@@ -59,8 +58,6 @@ _CACHE_NAME = re.compile(
 # the atomic writer's temporary file of one (sdpo.engine.files.atomic_open: mkstemp with the
 # prefix ".<file>." and the suffix ".tmp")
 _TEMP_NAME = re.compile(r"\.(?P<file>.+\.safetensors)\.[A-Za-z0-9_]+\.tmp")
-# safetensors refuses larger headers; a length past it is damage, not a header to read
-_MAX_HEADER_BYTES = 100_000_000
 
 # entry statuses; the first three are sdpo's cache files, which a prune may remove
 OK = "ok"  # an sdpo cache file of this release's format (its checksum is checked when read)
@@ -281,24 +278,13 @@ def _read_key(entry: CacheEntry, header: dict[str, Any]) -> None:
 
 
 def _read_header(path: Path) -> dict[str, Any]:
-    """The parsed header of the safetensors file at ``path`` (a u64 little-endian length, then
-    that many bytes of JSON), checked against the file's size; the tensors are not read.
-    ``ValueError`` says what is wrong with the file."""
+    """The parsed header of the safetensors file at ``path`` (``read_safetensors_header``),
+    checked against the file's size; the tensors are not read. ``ValueError`` says what is
+    wrong with the file."""
     fd = _open_without_access_time(path)
     with os.fdopen(fd, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"file is {size} bytes, too short for a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > _MAX_HEADER_BYTES:
-            raise ValueError("header length runs past the end of the file (file truncated)")
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise ValueError("header is not valid JSON (not safetensors, or damaged)") from None
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object (not safetensors, or damaged)")
+        header, n = read_safetensors_header(f, size=size)
     end = 0
     for name, tensor in header.items():
         if name == "__metadata__":

@@ -23,6 +23,7 @@ from sdpo.cache_folder import remove_entry, scan_cache_folder
 from sdpo.cli import main
 from sdpo.config import config_from_dict
 from sdpo.engine.files import atomic_open
+from sdpo.engine.token_cache import load_tokenized
 from sdpo.runner import run_training
 from tests.conftest import WORDS, two_source_config, write_tiny_model
 from tests.test_cache import make_key, random_values
@@ -420,3 +421,26 @@ def test_a_write_in_progress_is_left_alone_and_completes(folder, capsys):
         assert "left alone: 1 temporary file (a write in progress" in out
         f.write(blob[50:])
     assert not temp.exists() and path.read_bytes() == blob
+
+
+@pytest.mark.parametrize(
+    ("blob", "says"),
+    [
+        (b"\x05\x00\x00", "file is 3 bytes, too short for a safetensors header"),
+        ((99).to_bytes(8, "little") + b"{}", "header length runs past the end of the file"),
+        ((4).to_bytes(8, "little") + b"{\xff }", "header is not valid JSON"),
+        ((2).to_bytes(8, "little") + b"[]", "header is not a JSON object"),
+    ],
+)
+def test_a_damaged_header_is_named_alike_by_the_listing_and_both_caches_readers(
+    tmp_path, capsys, blob, says
+):
+    for name in ("initial.safetensors", "tokens-train.safetensors"):
+        (tmp_path / name).write_bytes(blob)
+    listed = _listing(capsys, tmp_path)
+    assert {f["status"] for f in listed.values()} == {"damaged"}
+    assert all(f["problem"].startswith(says) for f in listed.values()), listed
+    _, why = RefLogprobCache(tmp_path / "initial.safetensors").load(make_key())
+    assert why.startswith(f"unreadable: {says}")
+    _, why = load_tokenized(tmp_path / "tokens-train.safetensors", {"sources": []})
+    assert why.startswith(f"unreadable: {says}")
