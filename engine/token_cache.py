@@ -36,6 +36,11 @@ import safetensors.numpy
 from . import data as _data_module
 from . import tokenize as _tokenize_module
 from . import tokenizer_classes as _tokenizer_classes_module
+from .cache_format import TOKEN_CACHE_VERSION
+from .cache_format import TOKEN_META_CHECKSUM as _META_CHECKSUM
+from .cache_format import TOKEN_META_INFO as _META_INFO
+from .cache_format import TOKEN_META_KEY as _META_KEY
+from .cache_format import TOKEN_META_VERSION as _META_VERSION
 from .data import cyclic_gc_paused
 from .files import atomic_write_bytes, keyed_path, safetensors_metadata
 from .packing import TokenizedPair, id_array
@@ -63,8 +68,6 @@ __all__ = [
     "unpack_pairs",
 ]
 
-# Bump when the file layout or the meaning of a stored field changes.
-TOKEN_CACHE_VERSION = "1"
 # what PairTokenizer.from_dir reads: the tokenizer, its config, an older folder's added tokens
 # and the chat template files
 TOKENIZER_FILES = (
@@ -86,10 +89,6 @@ _TENSOR_DTYPES: dict[str, np.dtype] = {
     "truncated": np.dtype(np.uint8),
     "places_json": np.dtype(np.uint8),
 }
-_META_VERSION = "sdpo_token_cache_version"
-_META_KEY = "key"
-_META_INFO = "info"  # source names and tokenize stats (JSON)
-_META_CHECKSUM = "sha256"
 
 Tokenized = tuple[list[TokenizedPair], dict[int, str], TokenizeStats]
 

@@ -35,6 +35,10 @@ import numpy as np
 import safetensors.torch
 import torch
 
+from sdpo.engine.cache_format import REF_CACHE_VERSION as CACHE_FORMAT_VERSION
+from sdpo.engine.cache_format import REF_META_CHECKSUM as _META_CHECKSUM
+from sdpo.engine.cache_format import REF_META_KEY_PREFIX as _META_KEY_PREFIX
+from sdpo.engine.cache_format import REF_META_VERSION as _META_VERSION
 from sdpo.engine.files import atomic_open, keyed_path, safetensors_metadata
 from sdpo.engine.packing import (
     ID_FIELDS,
@@ -58,11 +62,6 @@ __all__ = [
     "keyed_cache_path",
 ]
 
-# Bump when the file layout or the meaning of a stored field changes; older files are then
-# reported as "format version" mismatches and recomputed. 2: under bf16-mixed the reference
-# values round the log-prob head's inputs to bf16, as the training forward does.
-CACHE_FORMAT_VERSION = "2"
-
 # Tensor names in the file and their storage dtypes, in the order the checksum hashes them.
 _TENSOR_DTYPES: dict[str, torch.dtype] = {
     "pair_indices": torch.int64,
@@ -71,9 +70,6 @@ _TENSOR_DTYPES: dict[str, torch.dtype] = {
     "chosen_tokens": torch.int64,
     "rejected_tokens": torch.int64,
 }
-_META_VERSION = "sdpo_ref_cache_version"
-_META_CHECKSUM = "tensors_sha256"
-_META_KEY_PREFIX = "key."
 
 
 @dataclass(kw_only=True)

@@ -31,14 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sdpo.cache import _META_KEY_PREFIX as _REF_KEY_PREFIX
-from sdpo.cache import _META_VERSION as _REF_VERSION_KEY
-from sdpo.cache import CACHE_FORMAT_VERSION
+from sdpo.engine.cache_format import (
+    REF_CACHE_VERSION,
+    REF_META_KEY_PREFIX,
+    REF_META_VERSION,
+    TOKEN_CACHE_VERSION,
+    TOKEN_META_INFO,
+    TOKEN_META_KEY,
+    TOKEN_META_VERSION,
+)
 from sdpo.engine.files import KEY_DIGEST_CHARS, read_safetensors_header
-from sdpo.engine.token_cache import _META_INFO as _TOKENS_INFO_KEY
-from sdpo.engine.token_cache import _META_KEY as _TOKENS_KEY_KEY
-from sdpo.engine.token_cache import _META_VERSION as _TOKENS_VERSION_KEY
-from sdpo.engine.token_cache import TOKEN_CACHE_VERSION
 
 __all__ = [
     "CacheEntry",
@@ -234,26 +236,26 @@ def _read_key(entry: CacheEntry, header: dict[str, Any]) -> None:
     meta = header.get("__metadata__")
     meta = meta if isinstance(meta, dict) else {}
     tokens_name = entry.name is not None and entry.name.startswith("tokens-")
-    if _REF_VERSION_KEY not in meta and _TOKENS_VERSION_KEY not in meta:
+    if REF_META_VERSION not in meta and TOKEN_META_VERSION not in meta:
         entry.status = FOREIGN
         entry.problem = "a safetensors file without sdpo's cache metadata"
         return
-    if (_TOKENS_VERSION_KEY in meta) != tokens_name:
+    if (TOKEN_META_VERSION in meta) != tokens_name:
         held, named = ("a reference", "a token") if tokens_name else ("a token", "a reference")
         entry.status = DAMAGED
         entry.problem = f"holds {held} cache under {named} cache's name: no run reads it"
         return
-    version = meta.get(_TOKENS_VERSION_KEY if tokens_name else _REF_VERSION_KEY)
-    current = TOKEN_CACHE_VERSION if tokens_name else CACHE_FORMAT_VERSION
+    version = meta.get(TOKEN_META_VERSION if tokens_name else REF_META_VERSION)
+    current = TOKEN_CACHE_VERSION if tokens_name else REF_CACHE_VERSION
     try:
         if tokens_name:
-            key = json.loads(meta.get(_TOKENS_KEY_KEY, ""))
-            json.loads(meta.get(_TOKENS_INFO_KEY, "{}"))
+            key = json.loads(meta.get(TOKEN_META_KEY, ""))
+            json.loads(meta.get(TOKEN_META_INFO, "{}"))
         else:
             key = {
-                name.removeprefix(_REF_KEY_PREFIX): json.loads(value)
+                name.removeprefix(REF_META_KEY_PREFIX): json.loads(value)
                 for name, value in meta.items()
-                if name.startswith(_REF_KEY_PREFIX)
+                if name.startswith(REF_META_KEY_PREFIX)
             }
     except (TypeError, ValueError):
         entry.status, entry.problem = DAMAGED, "its key in the metadata is not valid JSON"

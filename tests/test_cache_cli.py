@@ -9,6 +9,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -444,3 +446,18 @@ def test_a_damaged_header_is_named_alike_by_the_listing_and_both_caches_readers(
     assert why.startswith(f"unreadable: {says}")
     _, why = load_tokenized(tmp_path / "tokens-train.safetensors", {"sources": []})
     assert why.startswith(f"unreadable: {says}")
+
+
+def test_listing_and_pruning_a_cache_folder_import_no_torch(folder):
+    """The command reads a few headers: torch's import (seconds) is not part of it."""
+    program = (
+        "import sys\n"
+        "from sdpo.cli import main\n"
+        f"assert main(['cache', 'list', {str(folder)!r}]) == 0\n"
+        f"assert main(['cache', 'prune', {str(folder)!r}, '--keep-last', '0', '--dry-run']) == 0\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'safetensors') if m in sys.modules))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True
+    )
+    assert run.stdout.splitlines()[-1] == "[]", run.stdout
