@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument(
         "--keep-last",
-        type=_count,
+        type=_whole_number,
         metavar="N",
         help="all but the N most recently used readable files of each name (initial, step-2, "
         "tokens-train, ...); 0: every sdpo cache file",
@@ -400,15 +400,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--seed",
-        type=_seed,
+        type=_whole_number,
         default=0,
         help="seed of data, model and training, an integer >= 0 (default: 0)",
     )
     return parser
 
 
-def _seed(text: str) -> int:
-    """A seed as ``train.seed`` takes it: a whole number >= 0 (refused under the usage)."""
+def _whole_number(text: str) -> int:
+    """A whole number >= 0 (``--seed`` as ``train.seed`` takes it, ``--keep-last``); anything
+    else is refused under the usage."""
     try:
         value = int(text)
     except ValueError:
@@ -433,17 +434,6 @@ def _age(text: str) -> float:
             f"must be a number >= 0 and a unit, s, m (minutes), h, d or w, e.g. 30d; got {text!r}"
         )
     return value * _AGE_UNITS[unit]
-
-
-def _count(text: str) -> int:
-    """``--keep-last``: a whole number >= 0 (refused under the usage)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
-    return value
 
 
 def resume_command(args: argparse.Namespace) -> str:
