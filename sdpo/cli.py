@@ -369,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_age,
         metavar="AGE",
         help="files last used more than AGE ago: a number and a unit, s, m (minutes), h, d or "
-        "w, e.g. 30d",
+        "w, e.g. 30d (M is refused: give months in days)",
     )
     prune.add_argument(
         "--keep-last",
@@ -423,8 +423,14 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def _age(text: str) -> float:
-    """``--older-than``: a number and a unit (``30d``, ``12h``, ``1.5w``) as seconds."""
-    number, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    """``--older-than``: a number and a unit (``30d``, ``12h``, ``1.5w``) as seconds. A capital
+    M is refused: many read it as months, and as minutes it would pick nearly every file."""
+    number, unit = text.strip()[:-1], text.strip()[-1:]
+    if unit == "M":
+        raise argparse.ArgumentTypeError(
+            f"M is not a unit here: m is minutes; give months in days, e.g. 180d; got {text!r}"
+        )
+    unit = unit.lower()
     try:
         value = float(number) if unit in _AGE_UNITS else None
     except ValueError:

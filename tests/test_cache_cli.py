@@ -461,3 +461,16 @@ def test_listing_and_pruning_a_cache_folder_import_no_torch(folder):
         [sys.executable, "-c", program], capture_output=True, text=True, check=True
     )
     assert run.stdout.splitlines()[-1] == "[]", run.stdout
+
+
+def test_an_age_in_capital_m_is_refused_not_read_as_minutes(folder, capsys):
+    """6M reads as six months to many; as six minutes it would remove a month's files."""
+    with pytest.raises(SystemExit) as stop:
+        main(["cache", "prune", str(folder), "--older-than", "6M"])
+    assert stop.value.code == 2
+    assert "M is not a unit here: m is minutes; give months in days, e.g. 180d" in (
+        capsys.readouterr().err
+    )
+    assert len(list(folder.iterdir())) == 3
+    code, out, _ = _cli(capsys, "prune", str(folder), "--older-than", "2D", "--dry-run")
+    assert code == 0 and "would free 0 B in 0 files" in out  # the files are a day old
