@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import shlex
 import signal
 import sys
@@ -52,6 +53,7 @@ EXIT_OUT_OF_MEMORY = 4
 EXIT_WRITE = 74  # EX_IOERR
 EXIT_STOPPED = 75  # EX_TEMPFAIL: try again later
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a program Ctrl-C ended
+EXIT_READER_LEFT = 141  # 128 + SIGPIPE: the output's reader stopped reading (| head)
 
 SCORE_HELP = """\
 Score a preference data set with one model (no training): per-pair summed completion log-probs,
@@ -67,7 +69,8 @@ sdpo_easy_to_hard/, sdpo_random/) with the config.toml that `sdpo train --config
 
 CACHE_EXIT_CODES = (
     "Exit codes: 0 done; 2 a bad PATH or option (nothing removed); 74 a file could not be "
-    "removed (the others were)."
+    "removed (the others were); 141 the output's reader stopped reading (| head), the work "
+    "done."
 )
 
 CACHE_HELP = f"""\
@@ -1220,11 +1223,34 @@ def entry() -> NoReturn:
     it), and racing the interpreter's teardown they can abort a rank whose work is complete, so
     that torchrun would report a finished run as failed. Every file a command writes is closed
     (and renamed into place) before it returns."""
-    code = main()
+    code = None
+    try:
+        code = main()
+        sys.stdout.flush()  # a reader that left is met here, not in the interpreter's exit
+    except BrokenPipeError:
+        if not _stdout_reader_left():
+            raise
+        # `sdpo cache list DIR | head`: the rest of the output goes nowhere, with no traceback;
+        # an exit code the command gave stands
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        code = code or EXIT_READER_LEFT
     distributed = sys.modules.get("sdpo.engine.distributed")  # never imported: never in a group
     if distributed is None:
         sys.exit(code)
     distributed.exit_process(code)
+
+
+def _stdout_reader_left() -> bool:
+    """Whether standard output is a pipe whose reader has closed it (poll reports an error
+    on such a pipe's end, on Linux); False where that cannot be told."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

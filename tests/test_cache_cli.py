@@ -474,3 +474,23 @@ def test_an_age_in_capital_m_is_refused_not_read_as_minutes(folder, capsys):
     assert len(list(folder.iterdir())) == 3
     code, out, _ = _cli(capsys, "prune", str(folder), "--older-than", "2D", "--dry-run")
     assert code == 0 and "would free 0 B in 0 files" in out  # the files are a day old
+
+
+def test_output_into_a_pipe_whose_reader_left_ends_quietly_with_141(folder):
+    """``sdpo cache list DIR | head -1``: the reader leaves before the rest is written. The
+    command ends as one a shell's SIGPIPE ended (128 + 13), without a traceback, its work
+    done: prune has removed its files."""
+    reader, writer = os.pipe()
+    os.close(reader)  # no reader from the start: every write of the output fails
+    try:
+        for argv in (["list", str(folder)], ["prune", str(folder), "--keep-last", "0"]):
+            run = subprocess.run(
+                [sys.executable, "-m", "sdpo.cli", "cache", *argv],
+                stdout=writer,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert (run.returncode, run.stderr) == (141, ""), argv
+    finally:
+        os.close(writer)
+    assert list(folder.iterdir()) == []
