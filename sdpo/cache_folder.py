@@ -12,7 +12,8 @@ allows it (the owner's files on Linux), so that listing a folder counts as no us
 
 Only sdpo's cache files are ever removed: a file with a name a run writes (``initial``,
 ``eval-initial``, ``step-<t>``, ``reference``, ``tokens-train``, ``tokens-eval``, with or
-without a key digest) whose header is sdpo's, or damaged. The atomic writer's temporary files
+without a key digest) whose header is sdpo's, of this release's format version or an earlier
+one, or damaged; a later sdpo's files are left to it. The atomic writer's temporary files
 (``.<file>.<random>.tmp``: a write in progress, or one a killed run left), files sdpo cannot
 read, other files, links and folders are listed and left alone. Removing a file is safe while
 runs use the folder: a run reads a cache file whole when it needs it (a file already opened
@@ -63,7 +64,8 @@ _TEMP_NAME = re.compile(r"\.(?P<file>.+\.safetensors)\.[A-Za-z0-9_]+\.tmp")
 
 # entry statuses; the first three are sdpo's cache files, which a prune may remove
 OK = "ok"  # an sdpo cache file of this release's format (its checksum is checked when read)
-OUTDATED = "outdated"  # of another format version: runs of this release score it anew
+OUTDATED = "outdated"  # of an earlier format version: runs of this release score it anew
+LATER = "later"  # of a later format version: a later sdpo's runs (sharing the folder) read it
 DAMAGED = "damaged"  # its header cannot be an sdpo cache's: truncated, not safetensors, ...
 UNREADABLE = "unreadable"  # could not be opened (permissions): another user's runs may read it
 WRITING = "writing"  # the atomic writer's temporary file
@@ -268,7 +270,13 @@ def _read_key(entry: CacheEntry, header: dict[str, Any]) -> None:
     shape = counted.get("shape") if isinstance(counted, dict) else None
     if isinstance(shape, list) and len(shape) == 1 and isinstance(shape[0], int):
         entry.pairs = shape[0]
-    if version != current:
+    if _is_later(version, current):
+        entry.status = LATER
+        entry.problem = (
+            f"format version {version!r}, written by a later sdpo (this one writes {current!r}), "
+            "whose runs read it: never pruned here (prune it with that sdpo)"
+        )
+    elif version != current:
         entry.status = OUTDATED
         entry.problem = (
             f"format version {version!r}; this sdpo writes {current!r} and scores such files anew"
@@ -277,6 +285,13 @@ def _read_key(entry: CacheEntry, header: dict[str, Any]) -> None:
         entry.status, entry.problem = DAMAGED, "no per-pair tensor in the header"
     else:
         entry.status = OK
+
+
+def _is_later(version: object, current: str) -> bool:
+    """Whether ``version`` is a format version that a later sdpo writes (the versions are whole
+    numbers, counted up when a format changes)."""
+    later = isinstance(version, str) and version.isascii() and version.isdigit()
+    return later and int(version) > int(current)
 
 
 def _read_header(path: Path) -> dict[str, Any]:

@@ -90,8 +90,8 @@ train / tokens eval: tokenized data), the key's model and data fingerprints (a t
 tokenizer fingerprint and source names), pair count, size, last modified, last used and the
 key's settings; then a total. Read from each file's header alone (the tensors are not read,
 and where the system allows it the read leaves the file's access time, its last use, as it
-was). Damaged files, files of an older format version, temporary files of a write in progress
-and files that are not sdpo's are listed as such."""
+was). Damaged files, files of an older format version or of a later one (a later sdpo's),
+temporary files of a write in progress and files that are not sdpo's are listed as such."""
 
 CACHE_PRUNE_HELP = f"""\
 Remove the sdpo cache files that every given selector picks: --older-than AGE (last used more
@@ -99,7 +99,8 @@ than AGE ago: the later of the last write and the last read the file system reco
 noatime, the write), --keep-last N (all but the N most recently used readable files of each
 name: initial, step-2, tokens-train, ...), --unusable (damaged, or of an older format version:
 no run of this sdpo reads them). Only sdpo's cache files are removed: the temporary files of a
-write in progress, files of other names or content, links and folders stay. Removing is safe
+write in progress, a later sdpo's files (of a later format version), files of other names or
+content, links and folders stay. Removing is safe
 while runs use the folder: a run reads a cache file whole when it needs it, and a run that
 then finds its file gone scores (or tokenizes) those pairs again and writes it anew; a file
 written again after it was read here is not removed. --dry-run shows what would go and the
@@ -1016,6 +1017,7 @@ def _cache_list(args: argparse.Namespace, head: dict, entries: Sequence) -> int:
 _STATUS_WORDS = {
     "ok": "readable",
     "outdated": "of an older format version",
+    "later": "of a later format version",
     "damaged": "damaged",
     "unreadable": "unreadable here",
     "writing": "temporary (writes in progress)",
@@ -1109,7 +1111,7 @@ def _say_pruned(
     if others:
         print(
             f"left alone: {_count_of(len(others), 'entry', 'entries')} that sdpo does not "
-            "remove (not sdpo cache files, or unreadable here): "
+            "remove (not sdpo cache files, unreadable here, or a later sdpo's): "
             + ", ".join(e.path.name for e in others)
         )
 

@@ -494,3 +494,33 @@ def test_output_into_a_pipe_whose_reader_left_ends_quietly_with_141(folder):
     finally:
         os.close(writer)
     assert list(folder.iterdir()) == []
+
+
+def test_files_of_a_later_format_version_are_listed_as_such_and_never_pruned(folder, capsys):
+    """A folder that runs of a later sdpo share too: their files are not this sdpo's to judge
+    (its runs would score them anew, the later sdpo's runs read them)."""
+    initial, tokens = _by_name(folder, "initial"), _by_name(folder, "tokens-train")
+    meta = _metadata(initial)
+    meta["sdpo_ref_cache_version"] = str(int(meta["sdpo_ref_cache_version"]) + 1)
+    later = {"initial-00000000000000aa.safetensors", "tokens-train-00000000000000bb.safetensors"}
+    safetensors.torch.save_file(
+        safetensors.torch.load_file(initial), folder / min(later), metadata=meta
+    )
+    meta = _metadata(tokens)
+    meta["sdpo_token_cache_version"] = str(int(meta["sdpo_token_cache_version"]) + 1)
+    safetensors.numpy.save_file(
+        safetensors.numpy.load_file(tokens), folder / max(later), metadata=meta
+    )
+    listed = _listing(capsys, folder)
+    assert {listed[n]["status"] for n in later} == {"later"}
+    assert all("written by a later sdpo" in listed[n]["problem"] for n in later)
+    code, out, _ = _cli(capsys, "list", str(folder))
+    assert out.splitlines()[-1].endswith("(3 readable, 2 of a later format version)")
+
+    code, out, _ = _cli(
+        capsys, "prune", str(folder), "--unusable", "--older-than", "0s", "--keep-last", "0"
+    )
+    assert code == 0
+    code, out, _ = _cli(capsys, "prune", str(folder), "--older-than", "0s", "--keep-last", "0")
+    assert code == 0 and "left alone: 2 entries" in out
+    assert {p.name for p in folder.iterdir()} == later
