@@ -69,8 +69,8 @@ sdpo_easy_to_hard/, sdpo_random/) with the config.toml that `sdpo train --config
 
 CACHE_EXIT_CODES = (
     "Exit codes: 0 done; 2 a bad PATH or option (nothing removed); 74 a file could not be "
-    "removed (the others were); 141 the output's reader stopped reading (| head), the work "
-    "done."
+    "removed (the others were); 130 Ctrl-C (each file removed whole or kept); 141 the "
+    "output's reader stopped reading (| head), the work done."
 )
 
 CACHE_HELP = f"""\
