@@ -65,8 +65,8 @@ _TEMP_NAME = re.compile(r"\.(?P<file>.+\.safetensors)\.[A-Za-z0-9_]+\.tmp")
 # entry statuses; the first three are sdpo's cache files, which a prune may remove
 OK = "ok"  # an sdpo cache file of this release's format (its checksum is checked when read)
 OUTDATED = "outdated"  # of an earlier format version: runs of this release score it anew
-LATER = "later"  # of a later format version: a later sdpo's runs (sharing the folder) read it
 DAMAGED = "damaged"  # its header cannot be an sdpo cache's: truncated, not safetensors, ...
+LATER = "later"  # of a later format version: a later sdpo's runs (sharing the folder) read it
 UNREADABLE = "unreadable"  # could not be opened (permissions): another user's runs may read it
 WRITING = "writing"  # the atomic writer's temporary file
 FOREIGN = "foreign"  # not an sdpo cache file: another name, a link, a folder, other metadata

@@ -100,11 +100,10 @@ noatime, the write), --keep-last N (all but the N most recently used readable fi
 name: initial, step-2, tokens-train, ...), --unusable (damaged, or of an older format version:
 no run of this sdpo reads them). Only sdpo's cache files are removed: the temporary files of a
 write in progress, a later sdpo's files (of a later format version), files of other names or
-content, links and folders stay. Removing is safe
-while runs use the folder: a run reads a cache file whole when it needs it, and a run that
-then finds its file gone scores (or tokenizes) those pairs again and writes it anew; a file
-written again after it was read here is not removed. --dry-run shows what would go and the
-bytes it would free.
+content, links and folders stay. Removing is safe while runs use the folder: a run reads a
+cache file whole when it needs it, and a run that then finds its file gone scores (or
+tokenizes) those pairs again and writes it anew; a file written again after it was read here
+is not removed. --dry-run shows what would go and the bytes it would free.
 
 {CACHE_EXIT_CODES}"""
 
@@ -1017,8 +1016,8 @@ def _cache_list(args: argparse.Namespace, head: dict, entries: Sequence) -> int:
 _STATUS_WORDS = {
     "ok": "readable",
     "outdated": "of an older format version",
-    "later": "of a later format version",
     "damaged": "damaged",
+    "later": "of a later format version",
     "unreadable": "unreadable here",
     "writing": "temporary (writes in progress)",
     "foreign": "not sdpo cache files",
