@@ -361,12 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing = actions.add_parser(
         "list", help="describe each file of a cache folder", description=CACHE_LIST_HELP
     )
-    listing.add_argument("path", type=Path, metavar="PATH", help=path_help)
+    listing.add_argument("path", type=_cache_path, metavar="PATH", help=path_help)
     listing.add_argument("--json", action="store_true", help="print the listing as JSON")
     prune = actions.add_parser(
         "prune", help="remove files of a cache folder", description=CACHE_PRUNE_HELP
     )
-    prune.add_argument("path", type=Path, metavar="PATH", help=path_help)
+    prune.add_argument("path", type=_cache_path, metavar="PATH", help=path_help)
     prune.add_argument(
         "--older-than",
         type=_age,
@@ -420,6 +420,17 @@ def _whole_number(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
     return value
+
+
+def _cache_path(text: str) -> Path:
+    """``sdpo cache``'s PATH; an empty one (a variable that was not set) is refused, where a
+    ``Path`` would read it as the working folder, which prune would then clean."""
+    if not text:
+        raise argparse.ArgumentTypeError(
+            "is empty: name a cache folder, a run's output folder or its TOML config "
+            "(. for the working folder)"
+        )
+    return Path(text)
 
 
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

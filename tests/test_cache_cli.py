@@ -524,3 +524,16 @@ def test_files_of_a_later_format_version_are_listed_as_such_and_never_pruned(fol
     code, out, _ = _cli(capsys, "prune", str(folder), "--older-than", "0s", "--keep-last", "0")
     assert code == 0 and "left alone: 2 entries" in out
     assert {p.name for p in folder.iterdir()} == later
+
+
+@pytest.mark.parametrize("action", [["list"], ["prune", "--keep-last", "0"]])
+def test_an_empty_path_is_refused_not_read_as_the_working_folder(
+    folder, capsys, monkeypatch, action
+):
+    """``sdpo cache prune "$CACHE" --keep-last 0`` with CACHE unset, run inside a cache folder."""
+    monkeypatch.chdir(folder)
+    with pytest.raises(SystemExit) as stop:
+        main(["cache", action[0], "", *action[1:]])
+    assert stop.value.code == 2
+    assert "argument PATH: is empty: name a cache folder" in capsys.readouterr().err
+    assert len(list(folder.iterdir())) == 3
