@@ -433,6 +433,7 @@ def test_a_write_in_progress_is_left_alone_and_completes(folder, capsys):
         ((4).to_bytes(8, "little") + b"{\xff }", "header is not valid JSON"),
         ((2).to_bytes(8, "little") + b"[]", "header is not a JSON object"),
     ],
+    ids=["short", "past-the-end", "not-json", "not-an-object"],
 )
 def test_a_damaged_header_is_named_alike_by_the_listing_and_both_caches_readers(
     tmp_path, capsys, blob, says
