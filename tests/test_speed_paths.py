@@ -485,19 +485,24 @@ def test_compiled_layers_keep_parameter_names_and_outputs(one_thread):
 
 @pytest.mark.parametrize("windowed", [False, True])
 def test_compiled_layers_on_the_sdpa_path_take_new_sequence_counts_without_recompiling(
-    one_thread, windowed
+    one_thread, monkeypatch, windowed
 ):
     """On the per-sequence SDPA path (CPU, fp32) the compiled layers run the attention loop
     eagerly: batches of 2, 3 and 5 pairs (4, 6 and 10 sequences) reuse the first batch's graphs
     and give eager's outputs, with gradients and without; so do layers of which one slides
-    (a window of 5 shorter than every sequence, a constant of its layer)."""
+    (a window of 5 shorter than every sequence, a constant of its layer), whose masked
+    attention runs in blocks of 4 queries: a number of blocks that differs from sequence to
+    sequence and batch to batch, which no graph may be specialised on."""
     from torch._dynamo.utils import counters
+
+    from sdpo.engine import attention
 
     config = tiny_config(tied=False)
     if windowed:
         config = dataclasses.replace(
             config, model_type="qwen3", sliding_window=5, sliding_layers=(1,)
         )
+        monkeypatch.setattr(attention, "QUERY_BLOCK", 4)
     model = init_model(config, seed=5)
     eager = copy.deepcopy(model)
     compile_decoder_layers(model, backend="eager")
