@@ -10,10 +10,13 @@ Forward, on every rank, chunked over tokens as ``sequence_logprobs``: a chunk's 
 (n, V_r) = h @ W_r^T go through ``rows_forward`` with the labels the shard owns (as shard
 columns; -100 elsewhere), which gives each row's logsumexp over the shard in its parts
 (m_r, log s_r); the label's logit is picked from the chunk where the shard owns it (0 elsewhere).
-After the chunks, two all_reduces of per-token values (fp32, N and 3·N numbers): the max
-M = max_r m_r, then the sums of s_r · exp(m_r - M), of the picked label logits (one rank's
-value, zeros elsewhere: exact) and of an owner count that must be 1 on every scored token (a
-label no shard holds, or shards given overlapping ``vocab_start``, is refused). A token's
+After the chunks, two all_reduces of per-token values. A MAX (float64, 3·N + 2·W numbers for W
+ranks): M = max_r m_r, each token's label and its negation, and each rank's [v0, v1). From them
+every rank refuses alike, before the second: shards that do not cover [0, V) once (a
+``vocab_start`` that overlaps another shard or leaves a gap, whether or not a label falls
+there), a label that differs between ranks (each rank passing its own part of the batch), and
+a label outside [0, V). Then a SUM (fp32, 2·N numbers) of s_r · exp(m_r - M) and of the
+picked label logits (one rank's value, zeros elsewhere: exact). A token's
 log-prob is then ``(x_label - M) - log S``, formed as the one-rank kernels form it (exact near
 the max however large the logits), and every rank returns the same per-sequence sums.
 
@@ -29,7 +32,8 @@ Collectives per call: an all_gather of the shard sizes unless ``vocab_start`` is
 host read of them), the two all_reduces of the forward, and one of (N, H) in the backward when
 hidden requires grad. Every rank of the group must make the same calls with the same tokens and
 the same requires_grad flags, and take the same loss of the returned sums, as in tensor
-parallelism, where every rank of the group holds the whole batch.
+parallelism, where every rank of the group holds the whole batch. Of the tokens, the labels are
+compared (above); hidden, seq_ids and token_weights are not.
 """
 
 from __future__ import annotations
@@ -57,7 +61,6 @@ from .logprobs import (
     FLOAT32_LOWEST,
     IGNORE_INDEX,
     _require,
-    check_labels_in_vocab,
     check_seq_ids_in_range,
     check_token_weights,
     rows_forward,
@@ -109,35 +112,35 @@ def _check_local(**tensors: torch.Tensor) -> None:
             )
 
 
-def _shard_bounds(
+def _shard_start(
     weight_shard: torch.Tensor, group: dist.ProcessGroup, vocab_start: int | None
-) -> tuple[int, int | None]:
-    """(v0, V): the global id of this shard's first row and the whole vocabulary's size, None
-    when ``vocab_start`` is given (then nothing is exchanged). Otherwise the shards lie in the
-    group's rank order: rank r's rows follow those of ranks 0 .. r-1 (as ``Shard(0)``)."""
+) -> int:
+    """v0, the global id of this shard's first row: ``vocab_start`` when given (then nothing is
+    exchanged), else found from the shard sizes, the shards lying in the group's rank order:
+    rank r's rows follow those of ranks 0 .. r-1 (as ``Shard(0)``). Either way the forward's
+    first all_reduce checks that the shards cover the vocabulary once."""
     if vocab_start is not None:
         if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
             raise ValueError(
                 f"vocab_start must be an int >= 0 (the global id of this rank's first lm_head "
                 f"row), got {vocab_start!r}"
             )
-        return vocab_start, None
+        return vocab_start
     rows = torch.tensor([weight_shard.shape[0]], dtype=torch.int64, device=weight_shard.device)
     sizes = [torch.empty_like(rows) for _ in range(dist.get_world_size(group))]
     dist.all_gather(sizes, rows, group=group)
-    sizes = torch.cat(sizes).tolist()
-    return sum(sizes[: dist.get_rank(group)]), sum(sizes)
+    return sum(torch.cat(sizes).tolist()[: dist.get_rank(group)])
 
 
 def _shard_labels(labels: torch.Tensor, start: int, rows: int) -> tuple[torch.Tensor, ...]:
-    """(owned (N,) bool, forward labels, backward labels) of a shard holding global ids
-    [start, start + rows). Forward: the shard column where owned, -100 elsewhere (rows_forward
-    reads the label's column). Backward: the same, but ``rows`` (past the last column) on a
-    scored token another shard owns: its row is scored with no one-hot term here."""
+    """(forward labels, backward labels) of a shard holding global ids [start, start + rows).
+    Forward: the shard column where the shard owns the label, -100 elsewhere (rows_forward reads
+    the label's column). Backward: the same, but ``rows`` (past the last column) on a scored
+    token another shard owns: its row is scored with no one-hot term here."""
     owned = (labels >= start) & (labels < start + rows)
     forward = torch.where(owned, labels - start, IGNORE_INDEX)
     backward = torch.where(owned | (labels == IGNORE_INDEX), forward, rows)
-    return owned, forward, backward
+    return forward, backward
 
 
 def _shard_rows(
@@ -167,39 +170,83 @@ def _shard_rows(
 
 
 def _combine(
-    parts: torch.Tensor,
-    picked: torch.Tensor,
-    owned: torch.Tensor,
-    labels: torch.Tensor,
-    shard: _VocabShard,
+    parts: torch.Tensor, picked: torch.Tensor, labels: torch.Tensor, shard: _VocabShard
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token_logps (N,), lse_parts (N, 2)) of the whole vocabulary, fp32, the same on every
-    rank, from each rank's shard values: two all_reduces."""
-    m = parts[:, 0].clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=shard.group)  # (N,) the row's max M
+    rank, from each rank's shard values: two all_reduces. Every refusal here reads values the
+    first one made the same on every rank, so that all ranks refuse together (none is left
+    waiting in the second)."""
+    n = labels.shape[0]
+    world, rank = dist.get_world_size(shard.group), dist.get_rank(shard.group)
+    # One MAX, in float64 (exact for every fp32 max and token id): the row's max M (N,), each
+    # token's label and its negation (max == -max(-label): every rank passed that label), and
+    # each rank's [start, stop) in its own slot (W,), (W,) (-inf elsewhere)
+    bounds = torch.full((2, world), -float("inf"), dtype=torch.float64, device=labels.device)
+    bounds[0, rank], bounds[1, rank] = shard.start, shard.stop
+    lab = labels.to(torch.float64)
+    maxed = torch.cat([parts[:, 0].to(torch.float64), lab, -lab, bounds.flatten()])
+    dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=shard.group)
+    m, top, neg_bottom = maxed[: 3 * n].view(3, n)  # (N,) each
+    m = m.float()
+    starts, stops = maxed[3 * n :].view(2, world)
+    _check_tiling(starts, stops)
+    _require(
+        top == -neg_bottom,
+        labels,
+        lambda i, label: (
+            f"labels[{i}] = {label} on this process (rank {rank} of vocab_group) is not the "
+            "label every rank passed there: each rank must pass the same labels (and the same "
+            "hidden states, seq_ids and token_weights), the whole batch as in tensor "
+            "parallelism, not its own part of it"
+        ),
+    )
+    vocab = stops.max()  # V: the tiled shards cover [0, V)
+    _require(
+        ((labels >= 0) & (labels < vocab)) | (labels == IGNORE_INDEX),
+        labels,
+        lambda i, label: (
+            f"labels[{i}] = {label} is outside the vocabulary [0, {int(vocab)}) the ranks' "
+            "shards cover, and is not -100; check that the tokenizer and the model's vocab_size "
+            "match"
+        ),
+    )
     # s_r exp(m_r - M) = exp((m_r - M) + log s_r): 0 for a shard of -inf logits (log s_r -inf)
-    sums = torch.stack([torch.exp((parts[:, 0] - m) + parts[:, 1]), picked, owned.float()], 1)
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)  # (N, 3)
-    scale, x_label, owners = sums.unbind(1)
-    scored = labels != IGNORE_INDEX
+    # and for an empty one. The picked label logits: one rank's value, zeros elsewhere (exact)
+    sums = torch.stack([torch.exp((parts[:, 0] - m) + parts[:, 1]), picked], 1)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)  # (N, 2)
+    scale, x_label = sums.unbind(1)
+    log_s = torch.log(scale)
+    token_logps = torch.where(labels != IGNORE_INDEX, (x_label - m) - log_s, 0.0)
+    return token_logps, torch.stack([m, log_s], 1)
 
-    def unowned(i: int, label: int) -> str:
-        count = int(owners[i])
+
+def _check_tiling(starts: torch.Tensor, stops: torch.Tensor) -> None:
+    """The ranks' rows [starts[r], stops[r]) cover [0, V) once: sorted (empty shards before a
+    shard that starts where they lie), each starts where the one before it stops, the first at
+    0. Refused as ``_require`` refuses (on CUDA a device-side assert, no host sync)."""
+    by_stop = torch.sort(stops, stable=True).indices
+    order = by_stop[torch.sort(starts[by_stop], stable=True).indices]
+    a, b = starts[order], stops[order]
+    ok = torch.cat([a[:1] == 0, a[1:] == b[:-1]])
+
+    def gap_or_overlap(i: int, start: int) -> str:
+        held = ", ".join(
+            f"rank {r}: [{int(v0)}, {int(v1)})" for r, (v0, v1) in enumerate(zip(starts, stops))
+        )
+        below = int(b[i - 1]) if i else 0
         where = (
-            "in no rank's rows of the vocabulary: it is outside [0, V), or the ranks' vocab_start "
-            "leave a gap"
-            if count == 0
-            else f"in the rows of {count} ranks: their vocab_start make the shards overlap"
+            f"ids [{below}, {start}) are in no shard"
+            if start > below
+            else f"ids [{start}, {below}) are in two shards"
         )
         return (
-            f"labels[{i}] = {label} is {where} (this rank holds [{shard.start}, {shard.stop})); "
-            "each rank's vocab_start must be the sum of the shard sizes of the ranks before it"
+            f"the ranks' rows of the vocabulary do not cover [0, V) once ({held}): {where}. "
+            "Each rank's vocab_start must be the id of its first lm_head row (for shards in rank "
+            "order, the sum of the shard sizes of the ranks before it); vocab_start=None finds "
+            "it from the shard sizes"
         )
 
-    _require(~scored | (owners == 1), labels, unowned)
-    log_s = torch.log(scale)
-    token_logps = torch.where(scored, (x_label - m) - log_s, 0.0)
-    return token_logps, torch.stack([m, log_s], 1)
+    _require(ok, a, gap_or_overlap)
 
 
 class VocabParallelSequenceLogprobs(torch.autograd.Function):
@@ -209,9 +256,9 @@ class VocabParallelSequenceLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight_shard, labels, seq_ids, num_seqs, token_weights, shard):
-        owned, fwd_labels, bwd_labels = _shard_labels(labels, shard.start, weight_shard.shape[0])
+        fwd_labels, bwd_labels = _shard_labels(labels, shard.start, weight_shard.shape[0])
         parts, picked = _shard_rows(hidden, weight_shard, fwd_labels, shard)
-        token_logps, lse_parts = _combine(parts, picked, owned, labels, shard)
+        token_logps, lse_parts = _combine(parts, picked, labels, shard)
         ctx.shard = shard
         ctx.save_for_backward(hidden, weight_shard, bwd_labels, seq_ids, lse_parts, token_weights)
         return sum_per_sequence(weighted(token_logps, token_weights), seq_ids, num_seqs)
@@ -277,7 +324,9 @@ def vocab_parallel_sequence_logprobs(
     v0 the sum of the lower ranks' sizes (found by one all_gather and a host read per call;
     give it to skip them). hidden (N, H), labels (N,) in global token ids (-100 = not scored),
     seq_ids, num_seqs and token_weights as in ``sequence_logprobs``, the same on every rank
-    of the group, as are the calls and which of hidden and weight_shard require grad.
+    of the group, as are the calls and which of hidden and weight_shard require grad. Refused
+    on every rank alike: shards that do not cover [0, V) once (however ``vocab_start`` was
+    found), labels that differ between ranks, and a label outside [0, V) (not -100).
 
     Returns the same sums on every rank. Differentiable w.r.t. hidden and weight_shard (first
     order): weight_shard's gradient is its own rows' (accumulated in ``grad_weight_dtype``, as
@@ -300,9 +349,7 @@ def vocab_parallel_sequence_logprobs(
         )
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    start, vocab_size = _shard_bounds(weight_shard, vocab_group, vocab_start)
-    if vocab_size is not None:
-        check_labels_in_vocab(labels, vocab_size=vocab_size)
+    start = _shard_start(weight_shard, vocab_group, vocab_start)
     check_seq_ids_in_range(seq_ids, num_seqs)
     shard = _VocabShard(
         group=vocab_group,

@@ -145,6 +145,27 @@ def _rank_checks() -> dict:
             b["h"], w, b["labels"], *args, vocab_group=dist.group.WORLD, vocab_start=0
         )
     )
+    # rank 1 starts its rows one early, [599, 1000): the shards overlap at 599 and leave 1000
+    # to no one, but no scored label lies there, so that no label's owner count shows it
+    off_by_one = b["labels"].masked_fill((b["labels"] == 599) | (b["labels"] == 1000), -100)
+    out["off_by_one_start"] = _error(
+        lambda: vocab_parallel_sequence_logprobs(
+            b["h"], w, off_by_one, *args, vocab_group=dist.group.WORLD, vocab_start=(0, 599)[rank]
+        )
+    )
+    # each rank passes its own part of the batch (data-parallel style): rank 1's scored tokens
+    # are rank 0's prompt tokens, and the other way round
+    split = b["labels"].clone()
+    half = split.shape[0] // 2
+    if rank == 0:
+        split[half:] = IGNORE_INDEX
+    else:
+        split[:half] = IGNORE_INDEX
+    out["labels_differ"] = _error(
+        lambda: vocab_parallel_sequence_logprobs(
+            b["h"], w, split, *args, vocab_group=dist.group.WORLD
+        )
+    )
     mesh = init_device_mesh("cpu", (WORLD,))
     whole = distribute_tensor(b["w"], mesh, [Shard(0)])
     out["dtensor"] = _error(
@@ -223,9 +244,30 @@ def test_a_label_no_shard_holds_and_a_dtensor_weight_are_refused_on_every_rank(r
         beyond = rank_results[rank]["label_beyond_vocab"]
         assert "= 1001 is outside the vocabulary [0, 1001)" in beyond, beyond
         overlap = rank_results[rank]["overlapping_starts"]
-        assert "vocab_start" in overlap and ("2 ranks" in overlap or "no rank" in overlap), overlap
+        assert "[0, 600)" in overlap and "[0, 401)" in overlap and "vocab_start" in overlap, overlap
+        assert "ids [0, 401) are in two shards" in overlap, overlap
         dtensor = rank_results[rank]["dtensor"]
         assert "weight_shard is a DTensor" in dtensor and "to_local()" in dtensor, dtensor
+
+
+def test_shards_that_do_not_cover_the_vocabulary_once_are_refused_with_no_label_in_the_overlap(
+    rank_results,
+):
+    """A vocab_start one row early on rank 1 (rows [599, 1000) for [600, 1001)), no scored label
+    at 599 or 1000: every label has one owner, yet each of rank 1's columns would be read as the
+    id before its own."""
+    for rank in range(WORLD):
+        error = rank_results[rank]["off_by_one_start"]
+        assert "[0, 600)" in error and "[599, 1000)" in error and "vocab_start" in error, error
+        assert "ids [599, 600) are in two shards" in error, error
+
+
+def test_labels_that_differ_between_the_ranks_are_refused_on_every_rank(rank_results):
+    """Each rank passing its own half of the batch (the other half -100) would give each rank
+    its own sums and a hidden-state gradient summed over different tokens."""
+    for rank in range(WORLD):
+        error = rank_results[rank]["labels_differ"]
+        assert "same labels" in error and "labels[" in error, error
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
