@@ -87,13 +87,15 @@ def _check_group(group: object) -> None:
             "vocab_parallel_sequence_logprobs needs torch.distributed: call "
             "torch.distributed.init_process_group first (every rank of vocab_group)"
         )
-    if not isinstance(group, dist.ProcessGroup):
+    # new_group gives a process it leaves out this int, not a ProcessGroup
+    left_out = isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER
+    if not (left_out or isinstance(group, dist.ProcessGroup)):
         raise TypeError(
             f"vocab_group must be a torch.distributed ProcessGroup, got {type(group).__name__}: "
             "pass the tensor-parallel group the lm_head weight is split over "
             "(torch.distributed.group.WORLD for every rank)"
         )
-    if dist.get_rank(group) < 0:
+    if left_out or dist.get_rank(group) < 0:
         raise ValueError(
             f"this process (global rank {dist.get_rank()}) is not a member of vocab_group; "
             "call the op on the ranks of the group that holds the lm_head's shards"

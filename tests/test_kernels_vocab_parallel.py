@@ -166,6 +166,14 @@ def _rank_checks() -> dict:
             b["h"], w, split, *args, vocab_group=dist.group.WORLD
         )
     )
+    # a group of rank 0 alone: rank 1 is no member, and new_group gives it no ProcessGroup
+    alone = dist.new_group([0])
+    if rank == 1:
+        out["not_a_member"] = _error(
+            lambda: vocab_parallel_sequence_logprobs(
+                b["h"], w, b["labels"], *args, vocab_group=alone
+            )
+        )
     mesh = init_device_mesh("cpu", (WORLD,))
     whole = distribute_tensor(b["w"], mesh, [Shard(0)])
     out["dtensor"] = _error(
@@ -268,6 +276,11 @@ def test_labels_that_differ_between_the_ranks_are_refused_on_every_rank(rank_res
     for rank in range(WORLD):
         error = rank_results[rank]["labels_differ"]
         assert "same labels" in error and "labels[" in error, error
+
+
+def test_a_process_outside_the_group_is_told_it_is_not_a_member(rank_results):
+    error = rank_results[1]["not_a_member"]
+    assert "not a member of vocab_group" in error, error
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
