@@ -146,7 +146,7 @@ def _rank_checks() -> dict:
         )
     )
     # rank 1 starts its rows one early, [599, 1000): the shards overlap at 599 and leave 1000
-    # to no one, but no scored label lies there, so that no label's owner count shows it
+    # to no one, and no scored label lies at either (none is in two shards or in none)
     off_by_one = b["labels"].masked_fill((b["labels"] == 599) | (b["labels"] == 1000), -100)
     out["off_by_one_start"] = _error(
         lambda: vocab_parallel_sequence_logprobs(
