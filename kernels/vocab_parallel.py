@@ -223,17 +223,20 @@ def _combine(
 
 
 def _check_tiling(starts: torch.Tensor, stops: torch.Tensor) -> None:
-    """The ranks' rows [starts[r], stops[r]) cover [0, V) once: sorted (empty shards before a
-    shard that starts where they lie), each starts where the one before it stops, the first at
-    0. Refused as ``_require`` refuses (on CUDA a device-side assert, no host sync)."""
-    by_stop = torch.sort(stops, stable=True).indices
-    order = by_stop[torch.sort(starts[by_stop], stable=True).indices]
-    a, b = starts[order], stops[order]
+    """The ranks' rows [starts[r], stops[r]) cover [0, V) once, in any order: sorted, each
+    starts where the one before it stops, the first at 0. An empty shard holds no id wherever
+    its start lies: it is taken as [0, 0), sorted before a shard that starts at 0. Refused as
+    ``_require`` refuses (on CUDA a device-side assert, no host sync)."""
+    empty = starts == stops
+    v0, v1 = torch.where(empty, 0.0, starts), torch.where(empty, 0.0, stops)
+    by_stop = torch.sort(v1, stable=True).indices
+    order = by_stop[torch.sort(v0[by_stop], stable=True).indices]
+    a, b = v0[order], v1[order]
     ok = torch.cat([a[:1] == 0, a[1:] == b[:-1]])
 
     def gap_or_overlap(i: int, start: int) -> str:
         held = ", ".join(
-            f"rank {r}: [{int(v0)}, {int(v1)})" for r, (v0, v1) in enumerate(zip(starts, stops))
+            f"rank {r}: [{int(lo)}, {int(hi)})" for r, (lo, hi) in enumerate(zip(starts, stops))
         )
         below = int(b[i - 1]) if i else 0
         where = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 
 import torch
 
@@ -22,6 +23,7 @@ from torch.distributed.tensor import Shard, distribute_tensor  # noqa: E402
 
 from sdpo.kernels import vocab_parallel_sequence_logprobs  # noqa: E402
 from sdpo.kernels.logprobs import IGNORE_INDEX, rows_backward, rows_forward  # noqa: E402
+from sdpo.kernels.vocab_parallel import _check_tiling  # noqa: E402
 from tests.conftest import assert_no_worse  # noqa: E402
 from tests.test_distributed import WORLD, _spawn  # noqa: E402
 from tests.test_kernels_linear import _batch, _LargestTensor  # noqa: E402
@@ -268,6 +270,29 @@ def test_shards_that_do_not_cover_the_vocabulary_once_are_refused_with_no_label_
         error = rank_results[rank]["off_by_one_start"]
         assert "[0, 600)" in error and "[599, 1000)" in error and "vocab_start" in error, error
         assert "ids [599, 600) are in two shards" in error, error
+
+
+@pytest.mark.parametrize(
+    ("shards", "error"),
+    [
+        ([(0, 600), (600, 1001)], None),
+        ([(600, 1001), (0, 600)], None),  # given vocab_start, in any rank order
+        ([(0, 250), (250, 250), (250, 503)], None),
+        ([(0, 1001), (0, 0)], None),  # an empty shard after one that starts where it lies
+        ([(0, 1001), (500, 500), (1001, 1001)], None),  # an empty shard's start holds no id
+        ([(0, 600), (599, 1000)], "ids [599, 600) are in two shards"),
+        ([(0, 600), (601, 1001)], "ids [600, 601) are in no shard"),
+        ([(1, 600), (600, 1001)], "ids [0, 1) are in no shard"),
+        ([(0, 600), (0, 401)], "ids [0, 401) are in two shards"),
+    ],
+)
+def test_the_shards_must_cover_the_vocabulary_once_in_any_order(shards, error):
+    starts, stops = torch.tensor(shards, dtype=torch.float64).unbind(1)
+    if error is None:
+        _check_tiling(starts, stops)
+        return
+    with pytest.raises(ValueError, match=re.escape(error)):
+        _check_tiling(starts, stops)
 
 
 def test_labels_that_differ_between_the_ranks_are_refused_on_every_rank(rank_results):
