@@ -191,7 +191,7 @@ def _combine(
     m, top, neg_bottom = maxed[: 3 * n].view(3, n)  # (N,) each
     m = m.float()
     starts, stops = maxed[3 * n :].view(2, world)
-    _check_tiling(starts, stops)
+    vocab = _check_tiling(starts, stops)  # V: the shards cover [0, V)
     _require(
         top == -neg_bottom,
         labels,
@@ -202,7 +202,6 @@ def _combine(
             "parallelism, not its own part of it"
         ),
     )
-    vocab = stops.max()  # V: the tiled shards cover [0, V)
     _require(
         ((labels >= 0) & (labels < vocab)) | (labels == IGNORE_INDEX),
         labels,
@@ -222,11 +221,11 @@ def _combine(
     return token_logps, torch.stack([m, log_s], 1)
 
 
-def _check_tiling(starts: torch.Tensor, stops: torch.Tensor) -> None:
-    """The ranks' rows [starts[r], stops[r]) cover [0, V) once, in any order: sorted, each
-    starts where the one before it stops, the first at 0. An empty shard holds no id wherever
-    its start lies: it is taken as [0, 0), sorted before a shard that starts at 0. Refused as
-    ``_require`` refuses (on CUDA a device-side assert, no host sync)."""
+def _check_tiling(starts: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
+    """V (0-d), where the ranks' rows [starts[r], stops[r]) cover [0, V) once, in any order:
+    sorted, each starts where the one before it stops, the first at 0. An empty shard holds no
+    id wherever its start lies: it is taken as [0, 0), sorted before a shard that starts at 0.
+    Refused as ``_require`` refuses (on CUDA a device-side assert, no host sync)."""
     empty = starts == stops
     v0, v1 = torch.where(empty, 0.0, starts), torch.where(empty, 0.0, stops)
     by_stop = torch.sort(v1, stable=True).indices
@@ -252,6 +251,7 @@ def _check_tiling(starts: torch.Tensor, stops: torch.Tensor) -> None:
         )
 
     _require(ok, a, gap_or_overlap)
+    return v1.max()
 
 
 class VocabParallelSequenceLogprobs(torch.autograd.Function):

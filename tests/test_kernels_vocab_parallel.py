@@ -279,7 +279,7 @@ def test_shards_that_do_not_cover_the_vocabulary_once_are_refused_with_no_label_
         ([(600, 1001), (0, 600)], None),  # given vocab_start, in any rank order
         ([(0, 250), (250, 250), (250, 503)], None),
         ([(0, 1001), (0, 0)], None),  # an empty shard after one that starts where it lies
-        ([(0, 1001), (500, 500), (1001, 1001)], None),  # an empty shard's start holds no id
+        ([(0, 1001), (500, 500), (5000, 5000)], None),  # an empty shard's start holds no id
         ([(0, 600), (599, 1000)], "ids [599, 600) are in two shards"),
         ([(0, 600), (601, 1001)], "ids [600, 601) are in no shard"),
         ([(1, 600), (600, 1001)], "ids [0, 1) are in no shard"),
@@ -289,7 +289,7 @@ def test_shards_that_do_not_cover_the_vocabulary_once_are_refused_with_no_label_
 def test_the_shards_must_cover_the_vocabulary_once_in_any_order(shards, error):
     starts, stops = torch.tensor(shards, dtype=torch.float64).unbind(1)
     if error is None:
-        _check_tiling(starts, stops)
+        assert _check_tiling(starts, stops) == max(stop for start, stop in shards if stop > start)
         return
     with pytest.raises(ValueError, match=re.escape(error)):
         _check_tiling(starts, stops)
