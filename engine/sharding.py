@@ -27,7 +27,9 @@ work zero-weighted filler passes (see ``DPOTrainer.train_step`` and ``score_pair
 Precision (``engine/precision.py``): ``fp32`` and ``bf16`` shard the parameters in their dtype
 and compute in it; ``bf16-mixed`` keeps fp32 sharded master parameters (and fp32 optimizer
 states) and gathers them in bf16 (``MixedPrecisionPolicy(param_dtype=bf16,
-reduce_dtype=fp32)``), gradients reduced in fp32.
+reduce_dtype=fp32)``), gradients reduced in fp32. A model the caller sharded computes in the
+dtype its own ``MixedPrecisionPolicy`` gathers in: ``auto`` takes it, and an explicit precision
+it contradicts is refused (``model_precision``).
 
 Checkpoints: ``full_state_dict`` gathers the whole state dict onto rank 0's CPU (a collective),
 which then writes the usual Hugging Face folder. Loading never builds the whole model on a rank
@@ -61,6 +63,7 @@ import torch
 from torch import Tensor
 
 from sdpo.engine import distributed
+from sdpo.engine.precision import parameter_dtype, resolve_precision
 
 
 def wanted(fsdp: bool) -> bool:
@@ -185,6 +188,104 @@ def summed_gradients(model: torch.nn.Module) -> Iterator[None]:
                 group.force_sum_reduction_for_comms = force_sum
 
 
+def _policy_dtypes(
+    model: torch.nn.Module,
+) -> list[tuple[str, bool, torch.dtype, torch.dtype, torch.dtype]]:
+    """Each FSDP2 parameter of ``model``: (its module's name, whether it trains, its sharded
+    dtype, the dtype FSDP gathers it in for the forward and backward, the dtype it reduces
+    its gradient in), as FSDP reads its ``MixedPrecisionPolicy``: ``param_dtype`` None is the
+    sharded dtype, ``reduce_dtype`` None is the gathered one."""
+    names = {id(m): n for n, m in model.named_modules()}
+    wrapped = getattr(model, "hf_model", None)
+    if isinstance(wrapped, torch.nn.Module):
+        for n, m in wrapped.named_modules():
+            names.setdefault(id(m), n)
+    found = []
+    for module in fsdp_modules(model):
+        where = names.get(id(module)) or "the root"
+        for group in param_groups(module):
+            policy = group.mp_policy  # FSDP sets each parameter's dtypes from it lazily
+            for p in group.fsdp_params:
+                orig = p.sharded_param.dtype
+                gathered = policy.param_dtype if orig.is_floating_point else None
+                gathered = gathered or orig
+                reduced = policy.reduce_dtype or gathered
+                found.append((where, p.sharded_param.requires_grad, orig, gathered, reduced))
+    return found
+
+
+def policy_precision(model: torch.nn.Module) -> str | None:
+    """The precision a model sharded with FSDP2 by its caller trains in as its sharding says:
+    ``bf16`` for bf16 shards, ``bf16-mixed`` for fp32 shards gathered in bf16
+    (``MixedPrecisionPolicy(param_dtype=torch.bfloat16)``); None where it says nothing (not
+    sharded, or fp32 shards gathered in fp32: ``auto`` resolves by the device, as for a plain
+    model). ``train.precision = "auto"`` takes it (``model_precision``)."""
+    dtypes = _policy_dtypes(model)
+    if any(orig == torch.bfloat16 for _, _, orig, _, _ in dtypes):
+        return "bf16"
+    if any(gathered == torch.bfloat16 for _, _, _, gathered, _ in dtypes):
+        return "bf16-mixed"
+    return None
+
+
+def model_precision(
+    precision: str, model: torch.nn.Module, device: torch.device | str, *, who: str
+) -> str:
+    """The resolved precision ``model`` trains in: ``resolve_precision``'s, where ``auto`` on a
+    model its caller sharded is the one its sharding says (``policy_precision``); an explicit
+    one its ``MixedPrecisionPolicy`` contradicts is refused (``check_policy_precision``)."""
+    implied = policy_precision(model) if precision == "auto" else None
+    resolved = implied or resolve_precision(precision, device)
+    check_policy_precision(model, resolved, who=who)
+    return resolved
+
+
+# the dtype each precision computes in, and the least precise dtype it reduces gradients in
+_COMPUTE = {
+    "fp32": (torch.float32,),
+    "bf16": (torch.bfloat16,),
+    "bf16-mixed": (torch.bfloat16, torch.float32),
+}
+_REDUCE = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}
+
+
+def check_policy_precision(model: torch.nn.Module, precision: str, *, who: str) -> None:
+    """A model its caller sharded with FSDP2 computes in the dtype its ``MixedPrecisionPolicy``
+    gathers the parameters in, whatever the trainer's precision says: fp32 shards gathered in
+    bf16 under ``fp32`` computed in bf16 while the trainer reported fp32, and a policy that
+    reduces the gradients in bf16 (``param_dtype=torch.bfloat16`` without ``reduce_dtype``)
+    summed the ranks' gradients in bf16 under ``bf16-mixed``, which reduces them in fp32.
+    Refused before any work, naming the policy's setting and the precision that matches it.
+    ``bf16-mixed`` over fp32 shards gathered in fp32 trains (its autocast computes in bf16);
+    parameters sharded in another dtype than ``precision``'s are ``cast_for_precision``'s to
+    refuse."""
+    stored = parameter_dtype(precision)
+    for where, trains, orig, gathered, reduced in _policy_dtypes(model):
+        if orig != stored:
+            continue
+        if gathered not in _COMPUTE[precision]:
+            matching = {
+                (torch.float32, torch.bfloat16): "'bf16-mixed' (fp32 shards, bf16 compute; "
+                "with reduce_dtype=torch.float32 in the policy) or 'auto', which takes the "
+                "policy's",
+            }.get((orig, gathered))
+            raise ValueError(
+                f"{who}: precision {precision!r} computes in {_COMPUTE[precision][0]}, and the "
+                f"model's FSDP2 MixedPrecisionPolicy (fully_shard(..., mp_policy=...)) of "
+                f"{where!r} gathers its {orig} parameters in {gathered} for the forward and "
+                "backward, so the training would run in that dtype: "
+                + (f"train it with precision {matching}, or " if matching else "")
+                + f"shard it with param_dtype=None (or {_COMPUTE[precision][0]})"
+            )
+        if trains and reduced.itemsize < _REDUCE[precision].itemsize:
+            raise ValueError(
+                f"{who}: precision {precision!r} sums the gradients over ranks in "
+                f"{_REDUCE[precision]}, and the model's FSDP2 MixedPrecisionPolicy of {where!r} "
+                f"reduces them in {reduced} (FSDP reduces in param_dtype where reduce_dtype is "
+                f"None): set reduce_dtype={_REDUCE[precision]} in its MixedPrecisionPolicy"
+            )
+
+
 def mixed_precision_policy(precision: str) -> Any:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -291,7 +392,11 @@ def full_optimizer_state_dict(
 ) -> dict[str, Any]:
     """A sharded model's whole optimizer state on rank 0's CPU ({} on the other ranks), in the
     plain ``optimizer.state_dict()`` form (parameters numbered in ``param_groups`` order), so a
-    checkpoint of a sharded run is one of a plain run; a collective."""
+    checkpoint of a sharded run is one of a plain run; a collective. It is the state of this
+    moment, every tensor a copy: the gather returns AdamW's step counts (0-dim tensors, whole
+    on every rank) as they are, the optimizer's own, which its next step increments in place;
+    a state kept while training went on (an in-memory snapshot, a checkpoint written later)
+    resumed with the later count beside the earlier moments, and its bias correction was off."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_optimizer_state_dict,
@@ -309,7 +414,21 @@ def full_optimizer_state_dict(
             number.setdefault(name, len(number))
             ids.append(number[name])
         groups.append({**group, "params": ids})
-    state = {number[name]: s for name, s in by_name["state"].items()}
+    live = {
+        t.untyped_storage().data_ptr()
+        for values in optimizer.state.values()
+        for t in values.values()
+        if isinstance(t, Tensor) and not is_dtensor(t)
+    }
+
+    def own(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.untyped_storage().data_ptr() in live:
+            return value.clone()
+        return value
+
+    state = {
+        number[name]: {k: own(v) for k, v in s.items()} for name, s in by_name["state"].items()
+    }
     return {"state": state, "param_groups": groups}
 
 
@@ -318,27 +437,53 @@ def load_full_optimizer_state_dict(
 ) -> None:
     """Load a whole optimizer state (``optimizer.state_dict()`` form: a plain run's, or
     ``full_optimizer_state_dict``'s) into a sharded model's optimizer: rank 0's copy is
-    broadcast and every rank keeps its shard; a collective."""
+    broadcast and every rank keeps its shard; a collective. The other ranks' ``state`` is not
+    read: each may pass what ``full_optimizer_state_dict`` gave it ({}), as a caller that saves
+    ``DPOTrainer.state_dict()`` on every rank and loads each rank's own does. Rank 0's state is
+    checked there and its verdict sent to every rank, so a state that does not fit this
+    optimizer is refused by all of them, none left waiting in the broadcast."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_optimizer_state_dict,
     )
 
-    names = {id(p): name for name, p in model.named_parameters()}
+    by_name: dict[str, Any] = {}
+    problem = None
+    if distributed.is_main():
+        problem = _optimizer_state_problem(optimizer, state)
+        if problem is None:
+            names = {id(p): name for name, p in model.named_parameters()}
+            current = [p for group in optimizer.param_groups for p in group["params"]]
+            saved = [i for group in state["param_groups"] for i in group["params"]]
+            name_of = {i: names[id(p)] for i, p in zip(saved, current, strict=True)}
+            by_name = {
+                "state": {name_of[i]: s for i, s in state["state"].items()},
+                "param_groups": [
+                    {**g, "params": [name_of[i] for i in g["params"]]}
+                    for g in state["param_groups"]
+                ],
+            }
+    problem = distributed.broadcast_object(problem)
+    if problem is not None:
+        raise ValueError(problem)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def _optimizer_state_problem(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> str | None:
+    """Why a whole optimizer state cannot be loaded into ``optimizer`` (None: it can)."""
+    if not state:
+        return (
+            "this training state has no optimizer state to restore (rank 0's: a sharded run "
+            "gathers it there; or it was written by an older sharded run, train.fsdp = true, "
+            "which kept none): load rank 0's state on rank 0, or start that run again"
+        )
     current = [p for group in optimizer.param_groups for p in group["params"]]
     saved = [i for group in state["param_groups"] for i in group["params"]]
     if len(saved) != len(current) or len(state["param_groups"]) != len(optimizer.param_groups):
-        raise ValueError(
+        return (
             f"the saved optimizer state has {len(saved)} parameters in "
             f"{len(state['param_groups'])} groups; this optimizer has {len(current)} in "
             f"{len(optimizer.param_groups)}"
         )
-    name_of = {i: names[id(p)] for i, p in zip(saved, current, strict=True)}
-    by_name = {
-        "state": {name_of[i]: s for i, s in state["state"].items()},
-        "param_groups": [
-            {**g, "params": [name_of[i] for i in g["params"]]} for g in state["param_groups"]
-        ],
-    }
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    set_optimizer_state_dict(model, optimizer, by_name, options=options)
+    return None

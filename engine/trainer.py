@@ -86,7 +86,6 @@ from sdpo.engine.precision import (
     autocast_context,
     head_inputs,
     parameter_dtype,
-    resolve_precision,
 )
 from sdpo.engine.profiling import StepProfiler
 from sdpo.engine.resume import fault_point
@@ -778,7 +777,11 @@ class DPOTrainer:
         self.profiler = profiler
         self.progress = progress
         self.device = next(model.parameters()).device
-        self.precision = resolve_precision(config.precision, self.device)
+        # a model its caller sharded: "auto" is the precision its sharding says, and one its
+        # MixedPrecisionPolicy contradicts is refused (sharding.model_precision)
+        self.precision = sharding.model_precision(
+            config.precision, model, self.device, who="DPOTrainer"
+        )
         cast_for_precision(model, self.precision)
         # sharded (FSDP2, engine/sharding.py): gradients are reduce-scattered in the backward,
         # and the optimizer is the foreach one (not the fused grad_scale/found_inf path)
@@ -1605,14 +1608,17 @@ class DPOTrainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a ``state_dict`` (inside ``fit``, after the schedule is built). Sharded: a
-        collective; rank 0's optimizer state is broadcast and every rank keeps its shard."""
-        if not state["optimizer"]:
-            raise ValueError(
-                "this training state has no optimizer state to restore (written by an older "
-                "sharded run, train.fsdp = true): start that run again"
-            )
+        collective; rank 0's optimizer state is broadcast and every rank keeps its shard (the
+        other ranks' is not read: each may load the ``state_dict`` it saved, whose optimizer
+        state is {} there)."""
         if self.sharded_optimizer:
             sharding.load_full_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        elif not state["optimizer"]:
+            raise ValueError(
+                "this training state has no optimizer state to restore (a sharded run's state "
+                "of a rank other than 0, or one written by an older sharded run, train.fsdp = "
+                "true): load rank 0's state, or start that run again"
+            )
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:

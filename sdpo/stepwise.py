@@ -50,7 +50,7 @@ from torch import nn
 from sdpo.engine import distributed, sharding
 from sdpo.engine.hf import PackedCausalLM, dropout_off, router_aux_loss_coef_for
 from sdpo.engine.packing import TokenizedPair, check_pairs, check_token_ids
-from sdpo.engine.precision import emulated_bf16_warning, resolve_precision
+from sdpo.engine.precision import emulated_bf16_warning
 from sdpo.engine.scoring import PairLogps, score_pairs
 from sdpo.engine.trainer import (
     DPOTrainer,
@@ -190,7 +190,7 @@ def run_sdpo(
         beta_of = _per_step("betas", betas, steps, loss.beta)
         lr_of = _per_step("learning_rates", learning_rates, steps, train.learning_rate)
         device = next(model.parameters()).device
-        precision = resolve_precision(train.precision, device)
+        precision = sharding.model_precision(train.precision, model, device, who="run_sdpo")
         emulated = emulated_bf16_warning(precision, device, key="TrainConfig.precision")
         if emulated is not None:
             warnings.warn(emulated, stacklevel=2)

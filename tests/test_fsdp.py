@@ -671,7 +671,7 @@ def _callers_models() -> dict:
     a DDP over a sub-group) or at the first forward (a root that reshards after it)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
     from sdpo.engine.model import ModelConfig, init_model
@@ -685,12 +685,13 @@ def _callers_models() -> dict:
     def fresh(dtype=torch.float32):
         return init_model(ModelConfig(vocab_size=vocab, **TINY_SHAPE), seed=0, dtype=dtype)
 
-    def shard(model, *, root=True, **root_options):
+    def shard(model, *, root=True, policy=None, **root_options):
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        mp = {} if policy is None else {"mp_policy": policy}
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
+            fully_shard(layer, mesh=mesh, **mp)
         if root:
-            fully_shard(model, mesh=mesh, **root_options)
+            fully_shard(model, mesh=mesh, **mp, **root_options)
         return model
 
     def weights(model) -> dict:
@@ -713,7 +714,7 @@ def _callers_models() -> dict:
         inner = model.module if isinstance(model, DistributedDataParallel) else model
         return {"weights": weights(inner), "grad_norms": [r["grad_norm"] for r in records]}
 
-    out: dict = {"plain": sdpo_run(fresh())}
+    out: dict = {"plain": {**sdpo_run(fresh()), "initial": weights(fresh())}}
     sharded = shard(fresh())
     (group,) = sharding.param_groups(sharded)  # the root's, in either torch's state layout
     out["sharded"] = sdpo_run(sharded)
@@ -740,6 +741,7 @@ def _callers_models() -> dict:
             else:
                 out[name] = sdpo_run(shard(hf) if name == "hf_sharded" else hf)
             out[name]["initial"] = initial
+        out["hf_resumed"] = _resumed_hf_run(shard, weights, pairs)
 
     ref = score_pairs(fresh(), pairs, max_tokens_per_batch=4096, impl="torch", data_parallel=False)
     ref = _shifted(ref, len(pairs))
@@ -750,6 +752,25 @@ def _callers_models() -> dict:
     ):
         result = dpo_trainer(model, bf16).fit(pairs, ref)
         out[name] = {"weights": weights(model), "grad_norm": result.last_metrics["grad_norm"]}
+
+    # the caller's MixedPrecisionPolicy: "auto" trains as its sharding says, as sdpo's own
+    # bf16-mixed sharding does; bf16-mixed over shards gathered in fp32 computes in bf16 under
+    # its autocast, as a plain bf16-mixed replica does
+    bf16_fp32 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mixed = replace(train, precision="bf16-mixed")
+    for name, model, config in (
+        ("policy_auto", shard(fresh(), policy=bf16_fp32), replace(train, precision="auto")),
+        ("sdpo_mixed", sharding.shard_model(fresh(), precision="bf16-mixed"), mixed),
+        ("plain_mixed", fresh(), mixed),
+        ("mixed_fp32_gather", shard(fresh()), mixed),
+    ):
+        trainer = dpo_trainer(model, config)
+        result = trainer.fit(pairs, ref)
+        out[name] = {
+            "weights": weights(model),
+            "grad_norm": result.last_metrics["grad_norm"],
+            "precision": trainer.precision,
+        }
 
     def refused(make, call) -> tuple[str, str, bool]:
         model = make()
@@ -782,12 +803,89 @@ def _callers_models() -> dict:
     out["sub_mesh_run"] = refused(
         lambda: shard_within_rank(fresh()), lambda m: run_sdpo(m, pairs, train=train)
     )
+    # a policy that computes or reduces in a lower dtype than the precision says
+    bf16_only = MixedPrecisionPolicy(param_dtype=torch.bfloat16)  # reduces in bf16
+    bf16_reduce = MixedPrecisionPolicy(reduce_dtype=torch.bfloat16)
+    for name, policy, config in (
+        ("policy_fp32", bf16_fp32, train),
+        ("policy_mixed_reduce", bf16_only, mixed),
+        ("policy_fp32_reduce", bf16_reduce, train),
+    ):
+        out[name] = refused(
+            lambda policy=policy: shard(fresh(), policy=policy),
+            lambda m, config=config: dpo_trainer(m, config),
+        )
+    out["policy_fp32_run"] = refused(
+        lambda: shard(fresh(), policy=bf16_fp32), lambda m: run_sdpo(m, pairs, train=train)
+    )
     subgroups = [dist.new_group([r]) for r in range(dist.get_world_size())]
     out["ddp_subgroup"] = refused(
         lambda: DistributedDataParallel(fresh(), process_group=subgroups[dist.get_rank()]),
         lambda m: dpo_trainer(m, train),
     )
     return out
+
+
+def _resumed_hf_run(shard: Callable, weights: Callable, pairs: list) -> dict:
+    """A Hugging Face Llama the caller sharded, trained four optimizer steps in one ``fit``
+    whose checkpoint callback keeps, in memory, ``DPOTrainer.state_dict()`` and the model's
+    full state dict after step 2 (as a caller's checkpointer does, written later); then a
+    fresh sharded model loads those weights (the caller's ``set_model_state_dict``), a new
+    trainer loads this rank's state through ``torch.save`` / ``torch.load`` (rank 1's holds
+    no optimizer state: rank 0's is broadcast) and the ``fit`` resumed at step 3."""
+    import io
+
+    import transformers
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        set_model_state_dict,
+    )
+
+    from sdpo.engine.hf import PackedCausalLM
+    from tests.conftest import tiny_hf_dict
+
+    def fresh_hf(seed: int) -> PackedCausalLM:
+        torch.manual_seed(seed)
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_hf_dict()))
+        return PackedCausalLM(shard(hf))
+
+    config = TrainConfig(learning_rate=LR, pairs_per_step=2, seed=1, precision="fp32", save_every=1)
+    model = fresh_hf(0)
+    ref = _shifted(score_pairs(model, pairs, max_tokens_per_batch=4096, impl="torch"), len(pairs))
+    kept: dict = {}
+
+    def keep(trainer) -> None:
+        if trainer.position["step_in_run"] == 2:
+            kept["state"] = trainer.state_dict()
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            kept["weights"] = get_model_state_dict(trainer.model.hf_model, options=options)
+
+    dpo_trainer(model, config, save_checkpoint=keep).fit(pairs, ref)
+    buffer = io.BytesIO()
+    torch.save(kept["state"], buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    resumed = fresh_hf(7)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(resumed.hf_model, kept["weights"], options=options)
+    records: list[dict] = []
+    trainer = dpo_trainer(resumed, config, log_hook=records.append)
+    trainer.fit(pairs, ref, resume_state=state)
+    return {
+        "straight": weights(model.hf_model),
+        "resumed": weights(resumed.hf_model),
+        "steps": [r["step"] for r in records],
+        "state_has_optimizer": bool(kept["state"]["optimizer"]),
+    }
+
+
+def _updates_agree(got: dict, want: dict, initial: dict) -> bool:
+    """Whether weights ``got`` are ``want`` to 1e-3 of the update from ``initial`` to ``want``
+    (both norms over every tensor together)."""
+    update = sum(float((v - initial[k]).square().sum()) for k, v in want.items())
+    apart = sum(float((got[k] - v).square().sum()) for k, v in want.items())
+    return math.sqrt(apart) < 1e-3 * math.sqrt(update)
 
 
 def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_parallel(tmp_path):
@@ -800,25 +898,40 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
     shards apart from the Parameters) but refused, as are a root left unsharded, a DDP over a
     sub-group and a model sharded over a mesh of fewer ranks (whose gradients no rank outside
     it would add), before any work, and a root that reshards after its forward."""
-    for got in _spawn(tmp_path, _callers_models):
+    ranks = _spawn(tmp_path, _callers_models)
+    if "hf_resumed" in ranks[0]:  # only rank 0's state holds the optimizer's, and it logs
+        assert [got["hf_resumed"]["state_has_optimizer"] for got in ranks] == [True, False]
+        assert ranks[0]["hf_resumed"]["steps"] == [3, 4]
+    for got in ranks:
+        # the gathered weights' buffers are laid out otherwise than the plain ones, and the
+        # ranks sum in another order, so a matmul or a sum may round its last bit otherwise,
+        # which AdamW's first steps (about lr x sign of each gradient) amplify on the few
+        # near-zero gradients: the updates are compared as a whole
         plain = got["plain"]
         for name in ("sharded", "ddp"):
             assert got[name]["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-5), name
-            for k, v in plain["weights"].items():
-                torch.testing.assert_close(got[name]["weights"][k], v, rtol=1e-5, atol=1e-6)
+            assert _updates_agree(got[name]["weights"], plain["weights"], plain["initial"]), name
         if "hf_plain" in got:  # transformers is installed
-            # the gathered weights' buffers are laid out otherwise than the plain ones, so a
-            # matmul may round its last bit otherwise, which AdamW's first steps (about lr x
-            # sign of each gradient) amplify on the few near-zero gradients: the updates are
-            # compared as a whole
             hf = got["hf_plain"]
             for sharded in (got["hf_sharded"], got["hf_packed_sharded"]):
                 assert sharded["grad_norms"] == pytest.approx(hf["grad_norms"], rel=1e-5)
-                update, apart = 0.0, 0.0
-                for k, v in hf["weights"].items():
-                    update += float((v - hf["initial"][k]).square().sum())
-                    apart += float((sharded["weights"][k] - v).square().sum())
-                assert math.sqrt(apart) < 1e-3 * math.sqrt(update)
+                assert _updates_agree(sharded["weights"], hf["weights"], hf["initial"])
+            # the run resumed from the state kept after step 2 ends bitwise where the
+            # uninterrupted one ends
+            resumed = got["hf_resumed"]
+            for k, v in resumed["straight"].items():
+                assert torch.equal(resumed["resumed"][k], v), k
+        # the caller's MixedPrecisionPolicy: "auto" is its bf16-mixed, trained bitwise as sdpo's
+        # own bf16-mixed sharding; fp32 gathers under bf16-mixed train as a plain replica
+        assert got["policy_auto"]["precision"] == "bf16-mixed"
+        for k, v in got["sdpo_mixed"]["weights"].items():
+            assert torch.equal(got["policy_auto"]["weights"][k], v), k
+        assert got["mixed_fp32_gather"]["precision"] == "bf16-mixed"
+        assert got["mixed_fp32_gather"]["grad_norm"] == pytest.approx(
+            got["plain_mixed"]["grad_norm"], rel=1e-3
+        )
+        for k, v in got["plain_mixed"]["weights"].items():
+            torch.testing.assert_close(got["mixed_fp32_gather"]["weights"][k], v)
         assert got["sharded_reduction_after"] == (None, False)
         assert got["sharded_bf16"]["grad_norm"] == pytest.approx(
             got["plain_bf16"]["grad_norm"], rel=1e-2
@@ -834,6 +947,10 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
             ("ddp_subgroup", "ValueError", "pass the wrapped module (model.module)"),
             ("sub_mesh", "ValueError", "over a device mesh of 1 rank(s)"),
             ("sub_mesh_run", "ValueError", "shard it over a mesh of all 2 ranks"),
+            ("policy_fp32", "ValueError", "train it with precision 'bf16-mixed'"),
+            ("policy_fp32_run", "ValueError", "run_sdpo: precision 'fp32' computes in"),
+            ("policy_mixed_reduce", "ValueError", "set reduce_dtype=torch.float32"),
+            ("policy_fp32_reduce", "ValueError", "reduces them in torch.bfloat16"),
         ):
             error, message, unchanged = got[case]
             assert (error, unchanged) == (kind, True), (case, message)
