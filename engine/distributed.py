@@ -196,7 +196,11 @@ def unwrap_data_parallel(model: torch.nn.Module, who: str) -> torch.nn.Module:
     after a forward through the wrapper), so each gradient is summed once, and the wrapper
     works as before for the caller after sdpo returns. A wrapper over another process group
     than the default one (the data-parallel group of a larger mesh) is refused: sdpo deals the
-    work over all the default group's ranks. A model wrapped (whole or in part) in FSDP1's
+    work over all the default group's ranks. So is one built with ``find_unused_parameters``
+    or ``static_graph``: its reducer marks every parameter a backward touches as used, the
+    passes through the module included, and its next iteration with an unused parameter fails
+    (torch's "Encountered gradient which is undefined, but still allreduced"); its state is
+    reset only by its own iteration, so it cannot be trained through before one. A model wrapped (whole or in part) in FSDP1's
     ``FullyShardedDataParallel`` is refused: sdpo gathers, sums and saves the parameters of
     FSDP2's ``fully_shard`` alone. Any other model is returned as it is."""
     from torch.nn.parallel import DistributedDataParallel
@@ -211,6 +215,17 @@ def unwrap_data_parallel(model: torch.nn.Module, who: str) -> torch.nn.Module:
             f"rank(s), and sdpo shares the work over all {world()} ranks of the default group: "
             "pass the wrapped module (model.module), every rank of the default group calling "
             "with its replica"
+        )
+    options = [o for o in ("find_unused_parameters", "static_graph") if getattr(model, o, False)]
+    if options:
+        named = " and ".join(f"{o}=True" for o in options)
+        raise ValueError(
+            f"{who}: the DistributedDataParallel model was built with {named}: sdpo trains its "
+            "module with backward passes of its own, outside the wrapper's forward, and DDP "
+            "counts the parameters they touch as used in the wrapper's next iteration, whose "
+            'backward then fails wherever a parameter goes unused ("Encountered gradient which '
+            f'is undefined"). Pass a DDP built without {named}, or wrap the model with it '
+            "after sdpo returns"
         )
     return model.module
 

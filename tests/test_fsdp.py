@@ -668,7 +668,9 @@ def _callers_models() -> dict:
     sharded with ``fully_shard`` (FSDP's defaults: gradients averaged) and on one wrapped in
     DDP; a bf16 ``fit`` on a plain bf16 replica and on one sharded in bf16; and what is
     refused before any work (a cast of sharded fp32 parameters to bf16, a root left unsharded,
-    a DDP over a sub-group) or at the first forward (a root that reshards after it)."""
+    a DDP over a sub-group or with find_unused_parameters / static_graph, a MixedPrecisionPolicy
+    the precision contradicts) or at the first forward (a root that reshards after it); runs
+    under the caller's own policy; a sharded Llama resumed from a kept trainer state."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -819,6 +821,16 @@ def _callers_models() -> dict:
         lambda: shard(fresh(), policy=bf16_fp32), lambda m: run_sdpo(m, pairs, train=train)
     )
     subgroups = [dist.new_group([r]) for r in range(dist.get_world_size())]
+    # DDP's record of used parameters: sdpo's passes through the module would mark them used
+    # in the wrapper's next iteration, which then fails where one goes unused
+    out["ddp_unused"] = refused(
+        lambda: DistributedDataParallel(fresh(), find_unused_parameters=True),
+        lambda m: run_sdpo(m, pairs, train=train, kernels_impl="torch"),
+    )
+    out["ddp_static"] = refused(
+        lambda: DistributedDataParallel(fresh(), static_graph=True),
+        lambda m: dpo_trainer(m, train),
+    )
     out["ddp_subgroup"] = refused(
         lambda: DistributedDataParallel(fresh(), process_group=subgroups[dist.get_rank()]),
         lambda m: dpo_trainer(m, train),
@@ -945,6 +957,8 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
             ("no_root", "ValueError", "shard the root too, fully_shard(model) after its layers"),
             ("root_reshards", "RuntimeError", "reshard_after_forward=False"),
             ("ddp_subgroup", "ValueError", "pass the wrapped module (model.module)"),
+            ("ddp_unused", "ValueError", "built without find_unused_parameters=True"),
+            ("ddp_static", "ValueError", "DPOTrainer: the DistributedDataParallel model was built"),
             ("sub_mesh", "ValueError", "over a device mesh of 1 rank(s)"),
             ("sub_mesh_run", "ValueError", "shard it over a mesh of all 2 ranks"),
             ("policy_fp32", "ValueError", "train it with precision 'bf16-mixed'"),
