@@ -1587,8 +1587,11 @@ class DPOTrainer:
         in the step plan and RNG states. Loadable with ``torch.load(weights_only=True)``.
         Sharded: a collective (every rank calls it); the whole optimizer state is gathered onto
         rank 0 in the plain form (``sharding.full_optimizer_state_dict``: {} on the other
-        ranks), so a sharded run's checkpoint is a plain run's. A LoRA adapter's state is whole
-        on every rank already: the plain form, as is."""
+        ranks), so a sharded run's checkpoint is a plain run's; its tensors are copies. A LoRA
+        adapter's state is whole on every rank already: the plain form, as is. The plain form
+        holds the optimizer's own tensors, as ``torch.optim.Optimizer.state_dict`` does (a copy
+        would take their memory again, on the device): write it, or copy it, before the next
+        step, which changes them in place."""
         if self.sharded_optimizer:
             optimizer = sharding.full_optimizer_state_dict(self.model, self.optimizer)
         else:
