@@ -184,13 +184,22 @@ def score_pairs(
     chosen NLL term): also each completion's unweighted sum, from the head run once more
     without the LD weights. ``return_stats``: also each completion's sums of the token
     metrics (``chosen_stats`` / ``rejected_stats``), from the same pass as its log-probs.
-    ``return_router_loss`` (the eval pass of a mixture of experts, ``PackedCausalLM`` with a
+    ``precision``: one of ``PRECISIONS`` (``engine/precision.py``), ``auto`` resolved as
+    ``DPOTrainer`` resolves it; one a caller's ``MixedPrecisionPolicy`` contradicts (fp32 over
+    shards gathered in bf16) is refused. ``return_router_loss`` (the eval pass of a mixture of
+    experts, ``PackedCausalLM`` with a
     router loss): also each pair's batch's router load-balancing loss (``router_loss``),
     from the same forward; the log-probs are the same with it or without. A model wrapped in
     ``DistributedDataParallel`` is scored through the module it wraps
     (``distributed.unwrap_data_parallel``)."""
     model = distributed.unwrap_data_parallel(model, "score_pairs")
     check_packed_model(model, "score_pairs")
+    # a known name (a misspelt one scored as fp32); "auto" resolved as the trainer resolves it,
+    # and a MixedPrecisionPolicy of the caller's that computes otherwise refused
+    device = next(model.parameters()).device
+    precision = sharding.model_precision(
+        precision, model, device, who="score_pairs", training=False
+    )
     check_ld_alpha(ld_alpha)
     if return_router_loss and not getattr(model, "router_aux_loss_coef", 0.0):
         raise ValueError(

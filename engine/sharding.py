@@ -229,14 +229,20 @@ def policy_precision(model: torch.nn.Module) -> str | None:
 
 
 def model_precision(
-    precision: str, model: torch.nn.Module, device: torch.device | str, *, who: str
+    precision: str,
+    model: torch.nn.Module,
+    device: torch.device | str,
+    *,
+    who: str,
+    training: bool = True,
 ) -> str:
-    """The resolved precision ``model`` trains in: ``resolve_precision``'s, where ``auto`` on a
-    model its caller sharded is the one its sharding says (``policy_precision``); an explicit
-    one its ``MixedPrecisionPolicy`` contradicts is refused (``check_policy_precision``)."""
+    """The resolved precision ``model`` trains in (``training``) or is scored in:
+    ``resolve_precision``'s, where ``auto`` on a model its caller sharded is the one its
+    sharding says (``policy_precision``); an explicit one its ``MixedPrecisionPolicy``
+    contradicts is refused (``check_policy_precision``)."""
     implied = policy_precision(model) if precision == "auto" else None
     resolved = implied or resolve_precision(precision, device)
-    check_policy_precision(model, resolved, who=who)
+    check_policy_precision(model, resolved, who=who, training=training)
     return resolved
 
 
@@ -249,7 +255,9 @@ _COMPUTE = {
 _REDUCE = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.float32}
 
 
-def check_policy_precision(model: torch.nn.Module, precision: str, *, who: str) -> None:
+def check_policy_precision(
+    model: torch.nn.Module, precision: str, *, who: str, training: bool = True
+) -> None:
     """A model its caller sharded with FSDP2 computes in the dtype its ``MixedPrecisionPolicy``
     gathers the parameters in, whatever the trainer's precision says: fp32 shards gathered in
     bf16 under ``fp32`` computed in bf16 while the trainer reported fp32, and a policy that
@@ -258,7 +266,7 @@ def check_policy_precision(model: torch.nn.Module, precision: str, *, who: str) 
     Refused before any work, naming the policy's setting and the precision that matches it.
     ``bf16-mixed`` over fp32 shards gathered in fp32 trains (its autocast computes in bf16);
     parameters sharded in another dtype than ``precision``'s are ``cast_for_precision``'s to
-    refuse."""
+    refuse. Without ``training`` (a scoring pass: no gradient) the reduction is not read."""
     stored = parameter_dtype(precision)
     for where, trains, orig, gathered, reduced in _policy_dtypes(model):
         if orig != stored:
@@ -277,7 +285,7 @@ def check_policy_precision(model: torch.nn.Module, precision: str, *, who: str) 
                 + (f"train it with precision {matching}, or " if matching else "")
                 + f"shard it with param_dtype=None (or {_COMPUTE[precision][0]})"
             )
-        if trains and reduced.itemsize < _REDUCE[precision].itemsize:
+        if training and trains and reduced.itemsize < _REDUCE[precision].itemsize:
             raise ValueError(
                 f"{who}: precision {precision!r} sums the gradients over ranks in "
                 f"{_REDUCE[precision]}, and the model's FSDP2 MixedPrecisionPolicy of {where!r} "

@@ -817,6 +817,10 @@ def _callers_models() -> dict:
             lambda policy=policy: shard(fresh(), policy=policy),
             lambda m, config=config: dpo_trainer(m, config),
         )
+    out["policy_fp32_score"] = refused(
+        lambda: shard(fresh(), policy=bf16_fp32),
+        lambda m: score_pairs(m, pairs, max_tokens_per_batch=4096, impl="torch"),
+    )
     out["policy_fp32_run"] = refused(
         lambda: shard(fresh(), policy=bf16_fp32), lambda m: run_sdpo(m, pairs, train=train)
     )
@@ -963,6 +967,7 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
             ("sub_mesh_run", "ValueError", "shard it over a mesh of all 2 ranks"),
             ("policy_fp32", "ValueError", "train it with precision 'bf16-mixed'"),
             ("policy_fp32_run", "ValueError", "run_sdpo: precision 'fp32' computes in"),
+            ("policy_fp32_score", "ValueError", "score_pairs: precision 'fp32' computes in"),
             ("policy_mixed_reduce", "ValueError", "set reduce_dtype=torch.float32"),
             ("policy_fp32_reduce", "ValueError", "reduces them in torch.bfloat16"),
         ):

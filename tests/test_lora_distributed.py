@@ -147,7 +147,7 @@ def _sharded_lora_steps(model_dir: Path, data: Path, fsdp: bool) -> dict:
             model = sharding.shard_model(model, precision=precision)
         # a pass before the adapter exists (the step's reference scoring): FSDP builds its
         # gathered parameters then, trainable; they must not get gradients once frozen
-        score_pairs(model, pairs[:5], max_tokens_per_batch=4096, impl="torch")
+        score_pairs(model, pairs[:5], max_tokens_per_batch=4096, impl="torch", precision=precision)
         params = attach_lora(model, rank=3, alpha=6.0, seed=4)
         config = TrainConfig(
             learning_rate=LR,

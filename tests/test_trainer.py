@@ -60,6 +60,21 @@ def test_short_dpo_run_raises_reward_accuracy_on_its_training_pairs(tiny_model_d
         assert name in lines[-1]
 
 
+def test_score_pairs_refuses_an_unknown_precision_and_resolves_auto(tiny_model_dir, tmp_path):
+    """A misspelt precision was scored as fp32 (no autocast, the head's inputs unrounded),
+    silently; it is refused naming the options, and "auto" is resolved as the trainer resolves
+    it (fp32 on a CPU), not scored as an unknown name."""
+    pairs = _pairs(tiny_model_dir, write_pairs(tmp_path / "d.jsonl", n=3, seed=4))
+    model = load_pretrained(tiny_model_dir)
+    with pytest.raises(ValueError, match=r"unknown precision 'bf16_mixed': use one of auto"):
+        score_pairs(model, pairs, max_tokens_per_batch=1024, impl="torch", precision="bf16_mixed")
+    scored = [
+        score_pairs(model, pairs, max_tokens_per_batch=1024, impl="torch", precision=precision)
+        for precision in ("auto", "fp32")
+    ]
+    assert torch.equal(scored[0].chosen_logps, scored[1].chosen_logps)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16"])
 @pytest.mark.parametrize("loss_path", ["fused", "plain"])
 def test_first_step_rewards_are_zero_because_reference_equals_policy(
