@@ -10,9 +10,12 @@ Forward, on every rank, chunked over tokens as ``sequence_logprobs``: a chunk's 
 (n, V_r) = h @ W_r^T go through ``rows_forward`` with the labels the shard owns (as shard
 columns; -100 elsewhere), which gives each row's logsumexp over the shard in its parts
 (m_r, log s_r); the label's logit is picked from the chunk where the shard owns it (0 elsewhere).
-After the chunks, two all_reduces of per-token values. A MAX (float64, 3·N + 2·W numbers for W
-ranks): M = max_r m_r, each token's label and its negation, and each rank's [v0, v1). From them
-every rank refuses alike, before the second: shards that do not cover [0, V) once (a
+After the chunks, two all_reduces of per-token values. A MAX (float64, 3·N + 3·W numbers for W
+ranks): M = max_r m_r, each token's label and its negation, each rank's [v0, v1) and its flag
+of inputs it refused. From them every rank refuses alike, before the second: inputs one rank
+refused (any check of the call's arguments, run before the first collective: a rank whose
+check fails joins the collectives up to this one, its flag set, then raises its own error, and
+the others name it), shards that do not cover [0, V) once (a
 ``vocab_start`` that overlaps another shard or leaves a gap, whether or not a label falls
 there), a label that differs between ranks (each rank passing its own part of the batch), and
 a label outside [0, V). Then a SUM (fp32, 2·N numbers) of s_r · exp(m_r - M) and of the
@@ -33,7 +36,9 @@ host read of them), the two all_reduces of the forward, and one of (N, H) in the
 hidden requires grad. Every rank of the group must make the same calls with the same tokens and
 the same requires_grad flags, and take the same loss of the returned sums, as in tensor
 parallelism, where every rank of the group holds the whole batch. Of the tokens, the labels are
-compared (above); hidden, seq_ids and token_weights are not.
+compared (above); hidden, seq_ids and token_weights are not, past the checks each rank makes of
+its own. The token count N and whether ``vocab_start`` is given must agree between the ranks
+for their collectives to match.
 """
 
 from __future__ import annotations
@@ -81,25 +86,32 @@ class _VocabShard:
     grad_weight_dtype: torch.dtype
 
 
-def _check_group(group: object) -> None:
+def _check_group(group: object) -> dist.ProcessGroup:
+    """The group the op runs over: ``group``, or the default group (WORLD) for None, as
+    torch.distributed's collectives read None. Refused here, on this process alone: no
+    torch.distributed, and a process that is not a member (it takes part in none of the
+    group's collectives, so no member waits for it)."""
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "vocab_parallel_sequence_logprobs needs torch.distributed: call "
             "torch.distributed.init_process_group first (every rank of vocab_group)"
         )
+    if group is None:
+        group = dist.group.WORLD
     # new_group gives a process it leaves out this int, not a ProcessGroup
     left_out = isinstance(group, int) and group == dist.GroupMember.NON_GROUP_MEMBER
     if not (left_out or isinstance(group, dist.ProcessGroup)):
         raise TypeError(
-            f"vocab_group must be a torch.distributed ProcessGroup, got {type(group).__name__}: "
-            "pass the tensor-parallel group the lm_head weight is split over "
-            "(torch.distributed.group.WORLD for every rank)"
+            f"vocab_group must be a torch.distributed ProcessGroup (or None: the default "
+            f"group), got {type(group).__name__}: pass the tensor-parallel group the lm_head "
+            "weight is split over"
         )
     if left_out or dist.get_rank(group) < 0:
         raise ValueError(
             f"this process (global rank {dist.get_rank()}) is not a member of vocab_group; "
             "call the op on the ranks of the group that holds the lm_head's shards"
         )
+    return group
 
 
 def _check_local(**tensors: torch.Tensor) -> None:
@@ -114,23 +126,29 @@ def _check_local(**tensors: torch.Tensor) -> None:
             )
 
 
+def _check_vocab_start(vocab_start: object) -> None:
+    if vocab_start is not None and (
+        isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
+    ):
+        raise ValueError(
+            f"vocab_start must be an int >= 0 (the global id of this rank's first lm_head "
+            f"row), got {vocab_start!r}"
+        )
+
+
 def _shard_start(
-    weight_shard: torch.Tensor, group: dist.ProcessGroup, vocab_start: int | None
+    rows: int, group: dist.ProcessGroup, vocab_start: int | None, device: torch.device
 ) -> int:
     """v0, the global id of this shard's first row: ``vocab_start`` when given (then nothing is
-    exchanged), else found from the shard sizes, the shards lying in the group's rank order:
-    rank r's rows follow those of ranks 0 .. r-1 (as ``Shard(0)``). Either way the forward's
-    first all_reduce checks that the shards cover the vocabulary once."""
+    exchanged), else found from the shard sizes (``rows`` here), the shards lying in the group's
+    rank order: rank r's rows follow those of ranks 0 .. r-1 (as ``Shard(0)``). Either way the
+    forward's first all_reduce checks that the shards cover the vocabulary once."""
     if vocab_start is not None:
-        if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
-            raise ValueError(
-                f"vocab_start must be an int >= 0 (the global id of this rank's first lm_head "
-                f"row), got {vocab_start!r}"
-            )
         return vocab_start
-    rows = torch.tensor([weight_shard.shape[0]], dtype=torch.int64, device=weight_shard.device)
-    sizes = [torch.empty_like(rows) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, rows, group=group)
+    sizes = [
+        torch.empty(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))
+    ]
+    dist.all_gather(sizes, torch.tensor([rows], dtype=torch.int64, device=device), group=group)
     return sum(torch.cat(sizes).tolist()[: dist.get_rank(group)])
 
 
@@ -172,7 +190,12 @@ def _shard_rows(
 
 
 def _combine(
-    parts: torch.Tensor, picked: torch.Tensor, labels: torch.Tensor, shard: _VocabShard
+    parts: torch.Tensor,
+    picked: torch.Tensor,
+    labels: torch.Tensor,
+    seq_ids: torch.Tensor,
+    num_seqs: int,
+    shard: _VocabShard,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token_logps (N,), lse_parts (N, 2)) of the whole vocabulary, fp32, the same on every
     rank, from each rank's shard values: two all_reduces. Every refusal here reads values the
@@ -182,15 +205,19 @@ def _combine(
     world, rank = dist.get_world_size(shard.group), dist.get_rank(shard.group)
     # One MAX, in float64 (exact for every fp32 max and token id): the row's max M (N,), each
     # token's label and its negation (max == -max(-label): every rank passed that label), and
-    # each rank's [start, stop) in its own slot (W,), (W,) (-inf elsewhere)
-    bounds = torch.full((2, world), -float("inf"), dtype=torch.float64, device=labels.device)
-    bounds[0, rank], bounds[1, rank] = shard.start, shard.stop
+    # in each rank's own slot (-inf elsewhere) its [start, stop) and its refusal flag (W,) x 3:
+    # 0 here, 1 from a rank that refused its inputs (``_refuse_together``)
+    slots = torch.full((3, world), -float("inf"), dtype=torch.float64, device=labels.device)
+    slots[0, rank], slots[1, rank] = shard.start, shard.stop
+    # on CUDA the seq_ids range check of this rank (no host sync; on CPU it raised before)
+    slots[2, rank] = ((seq_ids < 0) | (seq_ids >= num_seqs)).any()
     lab = labels.to(torch.float64)
-    maxed = torch.cat([parts[:, 0].to(torch.float64), lab, -lab, bounds.flatten()])
+    maxed = torch.cat([parts[:, 0].to(torch.float64), lab, -lab, slots.flatten()])
     dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=shard.group)
     m, top, neg_bottom = maxed[: 3 * n].view(3, n)  # (N,) each
     m = m.float()
-    starts, stops = maxed[3 * n :].view(2, world)
+    starts, stops, refused = maxed[3 * n :].view(3, world)
+    _require(refused <= 0, refused, _told_of_refusal)  # before reading that rank's values
     vocab = _check_tiling(starts, stops)  # V: the shards cover [0, V)
     _require(
         top == -neg_bottom,
@@ -219,6 +246,28 @@ def _combine(
     log_s = torch.log(scale)
     token_logps = torch.where(labels != IGNORE_INDEX, (x_label - m) - log_s, 0.0)
     return token_logps, torch.stack([m, log_s], 1)
+
+
+def _told_of_refusal(rank: int, _: int) -> str:
+    return (
+        f"rank {rank} of vocab_group refused its inputs to vocab_parallel_sequence_logprobs "
+        "(the error raised there says which and why); every rank of the group refuses the call "
+        "with it, so that none is left waiting in a collective"
+    )
+
+
+def _refuse_together(
+    error: Exception, num_tokens: int, group: dist.ProcessGroup, device: torch.device
+) -> None:
+    """Raise ``error``, found on this rank alone, once the other ranks know of it: this rank's
+    part of the forward's first all_reduce (see ``_combine``), its flag set and -inf (MAX's
+    identity) elsewhere, so that every rank refuses at that point and none waits in the second.
+    ``num_tokens`` must be the other ranks' N for the all_reduce to match theirs."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    maxed = torch.full((3 * num_tokens + 3 * world,), -float("inf"), dtype=torch.float64)
+    maxed[3 * num_tokens + 2 * world + rank] = 1.0
+    dist.all_reduce(maxed.to(device), op=dist.ReduceOp.MAX, group=group)
+    raise error
 
 
 def _check_tiling(starts: torch.Tensor, stops: torch.Tensor) -> torch.Tensor:
@@ -263,7 +312,7 @@ class VocabParallelSequenceLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight_shard, labels, seq_ids, num_seqs, token_weights, shard):
         fwd_labels, bwd_labels = _shard_labels(labels, shard.start, weight_shard.shape[0])
         parts, picked = _shard_rows(hidden, weight_shard, fwd_labels, shard)
-        token_logps, lse_parts = _combine(parts, picked, labels, shard)
+        token_logps, lse_parts = _combine(parts, picked, labels, seq_ids, num_seqs, shard)
         ctx.shard = shard
         ctx.save_for_backward(hidden, weight_shard, bwd_labels, seq_ids, lse_parts, token_weights)
         return sum_per_sequence(weighted(token_logps, token_weights), seq_ids, num_seqs)
@@ -304,6 +353,15 @@ class VocabParallelSequenceLogprobs(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None
 
 
+def _token_count(labels: object, hidden: object) -> int:
+    """N as the ranks whose inputs pass the checks take it (labels (N,), hidden (N, H)), read
+    from inputs that may not: the labels' length, else hidden's rows, else 0."""
+    for t in (labels, hidden):
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return t.shape[0]
+    return 0
+
+
 @compiler_disabled
 def vocab_parallel_sequence_logprobs(
     hidden: torch.Tensor,
@@ -312,7 +370,7 @@ def vocab_parallel_sequence_logprobs(
     seq_ids: torch.Tensor,
     num_seqs: int,
     *,
-    vocab_group: dist.ProcessGroup,
+    vocab_group: dist.ProcessGroup | None,
     vocab_start: int | None = None,
     impl: str = "auto",
     chunk_tokens: int | None = None,
@@ -329,9 +387,13 @@ def vocab_parallel_sequence_logprobs(
     v0 the sum of the lower ranks' sizes (found by one all_gather and a host read per call;
     give it to skip them). hidden (N, H), labels (N,) in global token ids (-100 = not scored),
     seq_ids, num_seqs and token_weights as in ``sequence_logprobs``, the same on every rank
-    of the group, as are the calls and which of hidden and weight_shard require grad. Refused
-    on every rank alike: shards that do not cover [0, V) once (however ``vocab_start`` was
-    found), labels that differ between ranks, and a label outside [0, V) (not -100).
+    of the group, as are the calls and which of hidden and weight_shard require grad.
+    ``vocab_group``: the process group the weight is split over; None is the default group
+    (WORLD), as for torch.distributed's collectives. Refused on every rank alike: arguments
+    that fail a check on any rank (a ``seq_ids`` entry outside [0, num_seqs) on one rank: that
+    rank raises the check's error, the others name the rank), shards that do not cover [0, V)
+    once (however ``vocab_start`` was found), labels that differ between ranks, and a label
+    outside [0, V) (not -100).
 
     Returns the same sums on every rank. Differentiable w.r.t. hidden and weight_shard (first
     order): weight_shard's gradient is its own rows' (accumulated in ``grad_weight_dtype``, as
@@ -342,22 +404,39 @@ def vocab_parallel_sequence_logprobs(
     WPO's aligned sums and the token metrics are not formed here. Not a ``torch.library``
     op (it runs collectives): ``torch.compile`` breaks the graph around it.
     """
-    _check_group(vocab_group)
-    _check_local(hidden=hidden, weight_shard=weight_shard)
-    _check_linear_shapes(hidden, weight_shard, labels, seq_ids, num_seqs)
-    check_token_weights(token_weights, hidden.shape[0], device=hidden.device)
-    impl = resolve_impl(impl, hidden.device)
-    dtype = _compute_dtype(hidden, weight_shard)
-    if chunk_tokens is None:
-        chunk_tokens = default_chunk_tokens(
-            vocab_size=max(1, weight_shard.shape[0]), hidden_size=weight_shard.shape[1], dtype=dtype
+    group = _check_group(vocab_group)
+    # Every check of the inputs runs here, before any collective, and a failure is raised on
+    # every rank together (``_refuse_together``): a check fails on one rank alone whenever the
+    # ranks' inputs differ, and raising there alone would leave the others in the all_reduce
+    try:
+        _check_local(hidden=hidden, weight_shard=weight_shard)
+        _check_linear_shapes(hidden, weight_shard, labels, seq_ids, num_seqs)
+        check_token_weights(token_weights, hidden.shape[0], device=hidden.device)
+        _check_vocab_start(vocab_start)
+        impl = resolve_impl(impl, hidden.device)
+        dtype = _compute_dtype(hidden, weight_shard)
+        if chunk_tokens is None:
+            chunk_tokens = default_chunk_tokens(
+                vocab_size=max(1, weight_shard.shape[0]),
+                hidden_size=weight_shard.shape[1],
+                dtype=dtype,
+            )
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        if seq_ids.device.type == "cpu":  # on CUDA: folded into the first all_reduce
+            check_seq_ids_in_range(seq_ids, num_seqs)
+    except (TypeError, ValueError, RuntimeError) as error:
+        # this rank's part of the collectives the others make: the shard sizes' all_gather
+        # (as an empty shard) where they make it, then the first all_reduce, flagged
+        device = next(
+            (t.device for t in (hidden, weight_shard, labels) if isinstance(t, torch.Tensor)),
+            torch.device("cpu"),
         )
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    start = _shard_start(weight_shard, vocab_group, vocab_start)
-    check_seq_ids_in_range(seq_ids, num_seqs)
+        _shard_start(0, group, None if vocab_start is None else 0, device)
+        _refuse_together(error, _token_count(labels, hidden), group, device)
+    start = _shard_start(weight_shard.shape[0], group, vocab_start, hidden.device)
     shard = _VocabShard(
-        group=vocab_group,
+        group=group,
         start=start,
         stop=start + weight_shard.shape[0],
         impl=impl,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+from datetime import timedelta
 
 import torch
 
@@ -122,7 +123,7 @@ def _error(call) -> str:
 
 
 def _rank_checks() -> dict:
-    """Every case on this rank, and the no-grad pass, a frozen hidden and two refusals."""
+    """Every case on this rank, and the no-grad pass, a frozen hidden and the refusals."""
     out = {
         name: _shard_run(case, _batch(case["seed"], **_dims(case))) for name, case in CASES.items()
     }
@@ -176,6 +177,11 @@ def _rank_checks() -> dict:
                 b["h"], w, b["labels"], *args, vocab_group=alone
             )
         )
+    # vocab_group=None: the default group, as torch.distributed's collectives read it
+    out["group_none"] = vocab_parallel_sequence_logprobs(
+        b["h"], w, b["labels"], *args, vocab_group=None, impl="torch", chunk_tokens=48
+    )
+    _refused_on_one_rank(b, w, out)
     mesh = init_device_mesh("cpu", (WORLD,))
     whole = distribute_tensor(b["w"], mesh, [Shard(0)])
     out["dtensor"] = _error(
@@ -184,6 +190,55 @@ def _rank_checks() -> dict:
         )
     )
     return out
+
+
+# a collective that waits longer than this on a group made for refusals is a hang: the other
+# rank raised alone (about a second at most when both refuse together, on two shared cores)
+REFUSAL_TIMEOUT_S = 20
+
+
+def _error_or_hang(call) -> str | torch.Tensor:
+    """The error ``call`` raises, else what it returns."""
+    try:
+        return call()
+    except (ValueError, TypeError) as e:
+        return str(e)
+    except RuntimeError as e:  # gloo's timeout: this rank waited for one that had raised
+        return f"hang: {e}"
+
+
+def _refused_on_one_rank(b: dict, w: torch.Tensor, out: dict) -> None:
+    """Inputs that fail a check on one rank only: both ranks must raise, neither wait. Each
+    case has its own group (with a timeout, so that a hang fails the test) and ends with a good
+    call on that group, which gives the training numbers only if no collective was left over."""
+    rank = dist.get_rank()
+    names = ("seq_id_past_num_seqs", "token_weights_shape", "chunk_tokens_zero")
+    groups = {name: dist.new_group(timeout=timedelta(seconds=REFUSAL_TIMEOUT_S)) for name in names}
+    n, s = b["labels"].shape[0], b["num_seqs"]
+    seq_ids = b["seq_ids"].clone()
+    if rank == 1:
+        seq_ids[7] = s  # one past the last sequence, on rank 1 alone
+    calls = {
+        "seq_id_past_num_seqs": dict(seq_ids=seq_ids),
+        # rank 0 drops its last weight, and says where its rows start: no all_gather first
+        "token_weights_shape": dict(
+            token_weights=torch.ones(n - 1 if rank == 0 else n), vocab_start=(0, 600)[rank]
+        ),
+        "chunk_tokens_zero": dict(chunk_tokens=(48, 0)[rank]),
+    }
+    for name, change in calls.items():
+        given = {"seq_ids": b["seq_ids"], "impl": "torch", "chunk_tokens": 48} | change
+        ids = given.pop("seq_ids")
+        out[f"{name}_error"] = _error_or_hang(
+            lambda ids=ids, given=given, name=name: vocab_parallel_sequence_logprobs(
+                b["h"], w, b["labels"], ids, s, vocab_group=groups[name], **given
+            )
+        )
+        out[f"{name}_after"] = _error_or_hang(
+            lambda name=name: vocab_parallel_sequence_logprobs(
+                b["h"], w, b["labels"], b["seq_ids"], s, vocab_group=groups[name], impl="torch"
+            )
+        )
 
 
 def _truth(b: dict, case: dict, *, exact: bool) -> tuple[torch.Tensor, ...]:
@@ -321,3 +376,34 @@ def test_a_label_past_the_row_is_scored_with_no_column_of_its_own(impl):
     owned = torch.nn.functional.one_hot(labels.clamp(0, 36), 37) * (labels < 37)[:, None]
     truth = g[:, None] * (owned - p) * (labels != IGNORE_INDEX)[:, None]
     torch.testing.assert_close(got.double(), truth, rtol=0, atol=1e-6)
+
+
+def test_vocab_group_none_is_the_default_group(rank_results):
+    for rank in range(WORLD):
+        got, world = rank_results[rank]["group_none"], rank_results[rank]["uneven_torch"]["seq"]
+        torch.testing.assert_close(got, world, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("name", "bad_rank", "error"),
+    [
+        ("seq_id_past_num_seqs", 1, "seq_ids[7] = 6 is outside [0, num_seqs = 6)"),
+        ("token_weights_shape", 0, "token_weights must be (131,)"),
+        ("chunk_tokens_zero", 1, "chunk_tokens must be >= 1, got 0"),
+    ],
+)
+def test_an_input_refused_on_one_rank_is_refused_on_every_rank_with_none_left_waiting(
+    rank_results, name, bad_rank, error
+):
+    """The bad rank says what is wrong; the other says which rank refused; neither waits for
+    the group's timeout, and the group's next call gives the training numbers."""
+    bad, other = rank_results[bad_rank], rank_results[1 - bad_rank]
+    assert isinstance(bad[f"{name}_error"], str), "no error"
+    assert error in bad[f"{name}_error"], bad[f"{name}_error"]
+    told = f"rank {bad_rank} of vocab_group refused its inputs"
+    assert isinstance(other[f"{name}_error"], str), "no error"
+    assert told in other[f"{name}_error"], other[f"{name}_error"]
+    for rank in range(WORLD):
+        after = rank_results[rank][f"{name}_after"]
+        assert isinstance(after, torch.Tensor), after
+        torch.testing.assert_close(after, rank_results[rank]["uneven_torch"]["seq"])
