@@ -1,6 +1,8 @@
 """vocab_parallel_sequence_logprobs: the lm_head split by vocabulary rows over two gloo ranks
 gives the per-sequence log-probs and the gradients of hidden and of each weight shard that
-float64 truth from the whole weight gives (one launch of ranks runs every case).
+float64 truth from the whole weight gives, and a DPO step built from sdpo's public pieces on that
+split head (reference values through a real cache file, the loss from sdpo.losses) gives what
+the same step in one process gives (one launch of ranks runs every case).
 
 Tolerance rule as the one-rank kernel tests: error vs float64 truth no worse than plain fp32
 PyTorch over the whole vocabulary plus a small margin."""
@@ -11,6 +13,7 @@ import contextlib
 import os
 import re
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -22,12 +25,14 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.tensor import Shard, distribute_tensor  # noqa: E402
 
-from sdpo.kernels import vocab_parallel_sequence_logprobs  # noqa: E402
+from sdpo.cache import CacheKey, RefLogprobCache, RefValues  # noqa: E402
+from sdpo.kernels import sequence_logprobs, vocab_parallel_sequence_logprobs  # noqa: E402
 from sdpo.kernels.logprobs import IGNORE_INDEX, rows_backward, rows_forward  # noqa: E402
 from sdpo.kernels.vocab_parallel import _check_tiling  # noqa: E402
+from sdpo.losses import LossConfig, dpo_loss  # noqa: E402
 from tests.conftest import assert_no_worse  # noqa: E402
 from tests.test_distributed import WORLD, _spawn  # noqa: E402
-from tests.test_kernels_linear import _batch, _LargestTensor  # noqa: E402
+from tests.test_kernels_linear import _batch, _LargestTensor, _naive_seq_logps  # noqa: E402
 
 # name -> the batch (131 tokens over 6 packed sequences, one with a single completion token),
 # where rank 0's rows end (rank 1 holds the rest), how each rank learns its first row, the impl
@@ -122,11 +127,13 @@ def _error(call) -> str:
     return "no error"
 
 
-def _rank_checks() -> dict:
-    """Every case on this rank, and the no-grad pass, a frozen hidden and the refusals."""
+def _rank_checks(cache_path: Path) -> dict:
+    """Every case on this rank, the DPO step, and the no-grad pass, a frozen hidden and the
+    refusals."""
     out = {
         name: _shard_run(case, _batch(case["seed"], **_dims(case))) for name, case in CASES.items()
     }
+    out["dpo_step"] = _dpo_step(cache_path)
     case = CASES["uneven_torch"]
     b = _batch(case["seed"], **_dims(case))
     with torch.no_grad():
@@ -241,6 +248,127 @@ def _refused_on_one_rank(b: dict, w: torch.Tensor, out: dict) -> None:
         )
 
 
+# The DPO walk-through: a training step of a policy whose lm_head is split over the ranks, from
+# sdpo's public pieces. 3 pairs (rows 2p / 2p+1 of the batch's 6 sequences: chosen, rejected),
+# rank 0 holding rows [0, 600) of 1001; the reference model's values scored by the same op,
+# written by rank 0 to a reference cache and read back by every rank, the cache in pair-index
+# order and the batch in its own; each loss computed on every rank, as tensor parallelism does
+DPO = dict(seed=46, vocab=1001, hidden=67, cut=600)
+PAIR_INDICES = [12, 3, 7]  # the batch's pairs, by their TokenizedPair.index
+DPO_LOSSES = {
+    "sigmoid": LossConfig(beta=0.1),
+    "ipo": LossConfig(loss_type="ipo", beta=0.1),  # token-averaged: the cache's token counts
+    "sigmoid_bco_rpo": LossConfig(
+        loss_type=["sigmoid", "bco_pair"], loss_weights=[0.8, 0.2], rpo_alpha=0.5, beta=0.1
+    ),
+}
+DPO_KEY = CacheKey(
+    model_fingerprint="reference",
+    data_fingerprint="three pairs",
+    tokenizer_fingerprint="ids",
+    max_length=64,
+    max_prompt_length=None,
+    truncation="keep_end",
+    dtype_policy="fp32",
+    kernels_impl="torch",
+)
+
+
+def _reference_weight(b: dict) -> torch.Tensor:
+    """(V, H) float64: the policy's lm_head before its training, a small step away from it."""
+    gen = torch.Generator().manual_seed(7)
+    return b["w64"] + 0.1 * torch.randn(b["w64"].shape, generator=gen, dtype=torch.float64)
+
+
+def _completion_tokens(b: dict) -> torch.Tensor:
+    """(S,) int64: each sequence's scored labels."""
+    scored = (b["labels"] != IGNORE_INDEX).long()
+    return torch.zeros(b["num_seqs"], dtype=torch.int64).index_add(0, b["seq_ids"], scored)
+
+
+def _dpo_step(cache_path: Path) -> dict:
+    """On this rank: the reference pass (no grad) and the cache, then for each loss one step's
+    loss, rewards and the gradients of hidden and of this rank's rows."""
+    b = _batch(DPO["seed"], vocab=DPO["vocab"], hidden=DPO["hidden"])
+    rank = dist.get_rank()
+    v0, v1 = (0, DPO["cut"]) if rank == 0 else (DPO["cut"], DPO["vocab"])
+    batch = (b["labels"], b["seq_ids"], b["num_seqs"])
+    with torch.no_grad():
+        w_ref = _reference_weight(b).float()[v0:v1]
+        ref = vocab_parallel_sequence_logprobs(b["h"], w_ref, *batch, vocab_group=None)
+    if rank == 0:
+        tokens = _completion_tokens(b)
+        order = torch.argsort(torch.tensor(PAIR_INDICES))  # the cache by pair index
+        values = RefValues(
+            pair_indices=torch.tensor(PAIR_INDICES)[order],
+            chosen_logps=ref[0::2][order],
+            rejected_logps=ref[1::2][order],
+            chosen_tokens=tokens[0::2][order],
+            rejected_tokens=tokens[1::2][order],
+        )
+        RefLogprobCache(cache_path).save(values, DPO_KEY)
+    dist.barrier()  # the file is whole before any rank reads it
+    cached, why = RefLogprobCache(cache_path).load(DPO_KEY)
+    assert cached is not None, why
+    cached = cached.subset(PAIR_INDICES)  # the batch's pairs, in its order
+    out = {"rows": (v0, v1)}
+    for name, config in DPO_LOSSES.items():
+        h = b["h"].clone().requires_grad_(True)
+        w = b["w"][v0:v1].clone().requires_grad_(True)
+        logps = vocab_parallel_sequence_logprobs(h, w, *batch, vocab_group=None)  # (6,)
+        step = dpo_loss(
+            logps[0::2],
+            logps[1::2],
+            cached.chosen_logps,
+            cached.rejected_logps,
+            config=config,
+            chosen_tokens=cached.chosen_tokens,
+            rejected_tokens=cached.rejected_tokens,
+        )
+        loss = step.losses.mean()
+        loss.backward()
+        out[name] = {
+            "loss": loss.detach(),
+            "chosen_rewards": step.chosen_rewards,
+            "rejected_rewards": step.rejected_rewards,
+            "grad_h": h.grad,
+            "grad_w": w.grad,
+        }
+    return out
+
+
+def _dpo_step_whole(b: dict, config: LossConfig, *, exact: bool) -> dict:
+    """The same step in one process on the whole weight: ``sequence_logprobs`` (fp32), or, for
+    ``exact``, plain PyTorch in float64 (the truth)."""
+    dtype = torch.float64 if exact else torch.float32
+    batch = (b["labels"], b["seq_ids"], b["num_seqs"])
+    logps_of = _naive_seq_logps if exact else sequence_logprobs
+    h = b["h64" if exact else "h"].clone().requires_grad_(True)
+    w = b["w64" if exact else "w"].clone().requires_grad_(True)
+    with torch.no_grad():
+        ref = logps_of(h, _reference_weight(b).to(dtype), *batch)
+    tokens = _completion_tokens(b)
+    logps = logps_of(h, w, *batch)
+    step = dpo_loss(
+        logps[0::2],
+        logps[1::2],
+        ref[0::2],
+        ref[1::2],
+        config=config,
+        chosen_tokens=tokens[0::2],
+        rejected_tokens=tokens[1::2],
+    )
+    loss = step.losses.mean()
+    loss.backward()
+    return {
+        "loss": loss.detach(),
+        "chosen_rewards": step.chosen_rewards,
+        "rejected_rewards": step.rejected_rewards,
+        "grad_h": h.grad,
+        "grad_w": w.grad,
+    }
+
+
 def _truth(b: dict, case: dict, *, exact: bool) -> tuple[torch.Tensor, ...]:
     """(seq_logps, grad_hidden, grad_weight) of (seq * coeff).sum() over the whole vocabulary:
     plain PyTorch in float64 (``exact``, the truth) or in the batch's dtype, the logits upcast
@@ -262,7 +390,8 @@ def _truth(b: dict, case: dict, *, exact: bool) -> tuple[torch.Tensor, ...]:
 
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory) -> list[dict]:
-    return _spawn(tmp_path_factory.mktemp("vocab_parallel"), _rank_checks)
+    tmp = tmp_path_factory.mktemp("vocab_parallel")
+    return _spawn(tmp, _rank_checks, tmp / "ref_logps.safetensors")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -407,3 +536,29 @@ def test_an_input_refused_on_one_rank_is_refused_on_every_rank_with_none_left_wa
         after = rank_results[rank][f"{name}_after"]
         assert isinstance(after, torch.Tensor), after
         torch.testing.assert_close(after, rank_results[rank]["uneven_torch"]["seq"])
+
+
+@pytest.mark.parametrize("loss", list(DPO_LOSSES))
+def test_a_dpo_step_on_a_split_head_with_cached_reference_values_matches_one_process(
+    rank_results, loss
+):
+    """Loss, rewards and the gradients of hidden and of each rank's rows against float64 truth
+    from the whole weight, no worse than the same step in one process with sequence_logprobs."""
+    b = _batch(DPO["seed"], vocab=DPO["vocab"], hidden=DPO["hidden"])
+    truth = _dpo_step_whole(b, DPO_LOSSES[loss], exact=True)
+    base = _dpo_step_whole(b, DPO_LOSSES[loss], exact=False)
+    first, second = (rank_results[r]["dpo_step"] for r in range(WORLD))
+    for key in ("loss", "chosen_rewards", "rejected_rewards", "grad_h"):
+        torch.testing.assert_close(first[loss][key], second[loss][key], rtol=0, atol=0)
+        assert_no_worse(f"{loss} {key}", first[loss][key], base[key], truth[key], **FP32_TOL)
+    for rank, got in enumerate((first, second)):
+        v0, v1 = got["rows"]
+        assert (v0, v1) == ((0, DPO["cut"]), (DPO["cut"], DPO["vocab"]))[rank]
+        rows = slice(v0, v1)
+        assert_no_worse(
+            f"{loss} grad_w rank {rank}",
+            got[loss]["grad_w"],
+            base["grad_w"][rows],
+            truth["grad_w"][rows],
+            **FP32_TOL,
+        )
