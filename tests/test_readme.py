@@ -596,22 +596,56 @@ def _check_stepwise(ns: dict) -> None:
 
 
 def _vocab_parallel_inputs(tmp_path: Path) -> dict:
-    """A one-rank gloo group as ``tp_group`` (its shard is the whole weight) and a packed stream
-    of 3 sequences; the check compares with ``sequence_logprobs`` and ends the group."""
+    """A one-rank gloo group as ``tp_group`` (its shard is the whole weight), a packed stream of
+    2 pairs (4 sequences) and their reference values in a cache file (pair-index order, not the
+    batch's); the check compares with the step in one process and ends the group."""
     import torch.distributed as dist
+
+    from sdpo.cache import CacheKey, RefLogprobCache, RefValues
+    from sdpo.kernels import sequence_logprobs
 
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     gen = torch.Generator().manual_seed(3)
-    seq_ids = torch.tensor([0] * 5 + [1] * 7 + [2] * 4)
-    labels = torch.randint(0, 101, (16,), generator=gen)
-    labels[[0, 4, 5, 11, 15]] = -100
+    seq_ids = torch.tensor([0] * 5 + [1] * 7 + [2] * 4 + [3] * 6)
+    labels = torch.randint(0, 101, (22,), generator=gen)
+    labels[[0, 4, 5, 11, 15, 16]] = -100
+    hidden = torch.randn(22, 24, generator=gen)
+    w_shard = torch.randn(101, 24, generator=gen)
+    w_ref = w_shard + 0.1 * torch.randn(101, 24, generator=gen)
+    ref = sequence_logprobs(hidden, w_ref, labels, seq_ids, 4)  # (4,)
+    tokens = torch.zeros(4, dtype=torch.int64).index_add(0, seq_ids, (labels != -100).long())
+    key = CacheKey(
+        model_fingerprint="reference",
+        data_fingerprint="two pairs",
+        tokenizer_fingerprint="ids",
+        max_length=16,
+        max_prompt_length=None,
+        truncation="keep_end",
+        dtype_policy="fp32",
+        kernels_impl="torch",
+    )
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cache_path = tmp_path / "ref_logps.safetensors"
+    reverse = [1, 0]  # the batch holds pairs 5, 2; the cache 2, 5
+    values = RefValues(
+        pair_indices=torch.tensor([5, 2])[reverse],
+        chosen_logps=ref[0::2][reverse],
+        rejected_logps=ref[1::2][reverse],
+        chosen_tokens=tokens[0::2][reverse],
+        rejected_tokens=tokens[1::2][reverse],
+    )
+    RefLogprobCache(cache_path).save(values, key)
     return {
         "tp_group": dist.group.WORLD,
-        "w_shard": torch.randn(101, 24, generator=gen).requires_grad_(True),
-        "hidden": torch.randn(16, 24, generator=gen).requires_grad_(True),
+        "w_shard": w_shard.requires_grad_(True),
+        "hidden": hidden.requires_grad_(True),
         "labels": labels,
         "seq_ids": seq_ids,
-        "num_seqs": 3,
+        "num_seqs": 4,
+        "cache_path": cache_path,
+        "key": key,
+        "pair_indices": [5, 2],
+        "ref_whole": ref,
     }
 
 
@@ -619,15 +653,20 @@ def _check_vocab_parallel(ns: dict) -> None:
     import torch.distributed as dist
 
     from sdpo.kernels import sequence_logprobs
+    from sdpo.losses import LossConfig, dpo_loss
 
     dist.destroy_process_group()
     hidden = ns["hidden"].detach().requires_grad_(True)
-    args = (ns["labels"], ns["seq_ids"], ns["num_seqs"])
-    whole = sequence_logprobs(hidden, ns["w_shard"].detach(), *args)
-    whole.sum().backward()
+    weight = ns["w_shard"].detach().requires_grad_(True)
+    whole = sequence_logprobs(hidden, weight, ns["labels"], ns["seq_ids"], ns["num_seqs"])
+    ref = ns["ref_whole"]
+    step = dpo_loss(whole[0::2], whole[1::2], ref[0::2], ref[1::2], config=LossConfig(beta=0.1))
+    step.losses.mean().backward()
     torch.testing.assert_close(ns["logps"], whole, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ns["hidden"].grad, hidden.grad, atol=1e-5, rtol=0)
-    assert ns["w_shard"].grad.abs().sum() > 0
+    torch.testing.assert_close(ns["out"].losses, step.losses, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ns["out"].chosen_rewards, step.chosen_rewards, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ns["hidden"].grad, hidden.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ns["w_shard"].grad, weight.grad, atol=1e-6, rtol=0)
 
 
 # a block that takes inputs from the text around it, by the call it shows: (inputs, check)
