@@ -10,18 +10,20 @@ Forward, on every rank, chunked over tokens as ``sequence_logprobs``: a chunk's 
 (n, V_r) = h @ W_r^T go through ``rows_forward`` with the labels the shard owns (as shard
 columns; -100 elsewhere), which gives each row's logsumexp over the shard in its parts
 (m_r, log s_r); the label's logit is picked from the chunk where the shard owns it (0 elsewhere).
-After the chunks, two all_reduces of per-token values. A MAX (float64, 3·N + 3·W numbers for W
-ranks): M = max_r m_r, each token's label and its negation, each rank's [v0, v1) and its flag
-of inputs it refused. From them every rank refuses alike, before the second: inputs one rank
-refused (any check of the call's arguments, run before the first collective: a rank whose
-check fails joins the collectives up to this one, its flag set, then raises its own error, and
-the others name it), shards that do not cover [0, V) once (a
-``vocab_start`` that overlaps another shard or leaves a gap, whether or not a label falls
-there), a label that differs between ranks (each rank passing its own part of the batch), and
-a label outside [0, V). Then a SUM (fp32, 2·N numbers) of s_r · exp(m_r - M) and of the
-picked label logits (one rank's value, zeros elsewhere: exact). A token's
-log-prob is then ``(x_label - M) - log S``, formed as the one-rank kernels form it (exact near
-the max however large the logits), and every rank returns the same per-sequence sums.
+After the chunks, two all_reduces of per-token values. A MAX (float64, 3·N + 4·W numbers for W
+ranks): M = max_r m_r, each token's label and its negation, and in each rank's own slot its
+[v0, v1), its flag of refused inputs and whether it wants hidden's gradient. From them every
+rank refuses alike, before the second: inputs one rank refused (any check of the call's
+arguments runs before the first collective; a rank whose check fails joins the collectives up
+to this one with its flag set, then raises its own error, and the others name it), hidden's
+gradient wanted on some ranks only (the backward's all_reduce would wait on the others),
+shards that do not cover [0, V) once (a ``vocab_start`` that overlaps another shard or leaves
+a gap, whether or not a label falls there), a label that differs between ranks (each rank
+passing its own part of the batch), and a label outside [0, V). Then a SUM (fp32, 2·N
+numbers) of s_r · exp(m_r - M) and of the picked label logits (one rank's value, zeros
+elsewhere: exact). A token's log-prob is then ``(x_label - M) - log S``, formed as the
+one-rank kernels form it (exact near the max however large the logits), and every rank
+returns the same per-sequence sums.
 
 Backward: each rank recomputes its chunks' logits and forms ``g · (onehot_owned - p)`` in place,
 p from the whole row's (M, log S): the one-rank backward op ``sdpo::sequence_logprobs_bwd``
@@ -81,6 +83,7 @@ class _VocabShard:
     group: dist.ProcessGroup
     start: int
     stop: int
+    hidden_grad: bool  # whether the backward all_reduces hidden's gradient: alike on every rank
     impl: str
     chunk_tokens: int
     grad_weight_dtype: torch.dtype
@@ -205,10 +208,12 @@ def _combine(
     world, rank = dist.get_world_size(shard.group), dist.get_rank(shard.group)
     # One MAX, in float64 (exact for every fp32 max and token id): the row's max M (N,), each
     # token's label and its negation (max == -max(-label): every rank passed that label), and
-    # in each rank's own slot (-inf elsewhere) its [start, stop) and its refusal flag (W,) x 3:
-    # 0 here, 1 from a rank that refused its inputs (``_refuse_together``)
-    slots = torch.full((3, world), -float("inf"), dtype=torch.float64, device=labels.device)
+    # in each rank's own slot (-inf elsewhere) its [start, stop), its refusal flag (0 here, 1
+    # from a rank that refused its inputs, ``_refuse_together``) and whether hidden's gradient
+    # is wanted (the backward's all_reduce): (W,) x 4
+    slots = torch.full((4, world), -float("inf"), dtype=torch.float64, device=labels.device)
     slots[0, rank], slots[1, rank] = shard.start, shard.stop
+    slots[3, rank] = float(shard.hidden_grad)
     # on CUDA the seq_ids range check of this rank (no host sync; on CPU it raised before)
     slots[2, rank] = ((seq_ids < 0) | (seq_ids >= num_seqs)).any()
     lab = labels.to(torch.float64)
@@ -216,8 +221,18 @@ def _combine(
     dist.all_reduce(maxed, op=dist.ReduceOp.MAX, group=shard.group)
     m, top, neg_bottom = maxed[: 3 * n].view(3, n)  # (N,) each
     m = m.float()
-    starts, stops, refused = maxed[3 * n :].view(3, world)
+    starts, stops, refused, hidden_grad = maxed[3 * n :].view(4, world)
     _require(refused <= 0, refused, _told_of_refusal)  # before reading that rank's values
+    _require(
+        hidden_grad == hidden_grad[rank],
+        hidden_grad,
+        lambda r, wanted: (
+            f"hidden {'requires' if not wanted else 'does not require'} grad on this process "
+            f"(rank {rank} of vocab_group) but {'does' if wanted else 'does not'} on rank {r}: "
+            "the backward sums hidden's gradient over the group, so every rank must pass "
+            "hidden alike (requires_grad, and torch.no_grad or not)"
+        ),
+    )
     vocab = _check_tiling(starts, stops)  # V: the shards cover [0, V)
     _require(
         top == -neg_bottom,
@@ -264,7 +279,7 @@ def _refuse_together(
     identity) elsewhere, so that every rank refuses at that point and none waits in the second.
     ``num_tokens`` must be the other ranks' N for the all_reduce to match theirs."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    maxed = torch.full((3 * num_tokens + 3 * world,), -float("inf"), dtype=torch.float64)
+    maxed = torch.full((3 * num_tokens + 4 * world,), -float("inf"), dtype=torch.float64)
     maxed[3 * num_tokens + 2 * world + rank] = 1.0
     dist.all_reduce(maxed.to(device), op=dist.ReduceOp.MAX, group=group)
     raise error
@@ -392,8 +407,8 @@ def vocab_parallel_sequence_logprobs(
     (WORLD), as for torch.distributed's collectives. Refused on every rank alike: arguments
     that fail a check on any rank (a ``seq_ids`` entry outside [0, num_seqs) on one rank: that
     rank raises the check's error, the others name the rank), shards that do not cover [0, V)
-    once (however ``vocab_start`` was found), labels that differ between ranks, and a label
-    outside [0, V) (not -100).
+    once (however ``vocab_start`` was found), hidden requiring grad on some ranks only, labels
+    that differ between ranks, and a label outside [0, V) (not -100).
 
     Returns the same sums on every rank. Differentiable w.r.t. hidden and weight_shard (first
     order): weight_shard's gradient is its own rows' (accumulated in ``grad_weight_dtype``, as
@@ -439,6 +454,7 @@ def vocab_parallel_sequence_logprobs(
         group=group,
         start=start,
         stop=start + weight_shard.shape[0],
+        hidden_grad=torch.is_grad_enabled() and hidden.requires_grad,
         impl=impl,
         chunk_tokens=chunk_tokens,
         grad_weight_dtype=grad_weight_dtype or dtype,

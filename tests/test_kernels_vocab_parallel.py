@@ -219,33 +219,39 @@ def _refused_on_one_rank(b: dict, w: torch.Tensor, out: dict) -> None:
     case has its own group (with a timeout, so that a hang fails the test) and ends with a good
     call on that group, which gives the training numbers only if no collective was left over."""
     rank = dist.get_rank()
-    names = ("seq_id_past_num_seqs", "token_weights_shape", "chunk_tokens_zero")
-    groups = {name: dist.new_group(timeout=timedelta(seconds=REFUSAL_TIMEOUT_S)) for name in names}
     n, s = b["labels"].shape[0], b["num_seqs"]
     seq_ids = b["seq_ids"].clone()
     if rank == 1:
         seq_ids[7] = s  # one past the last sequence, on rank 1 alone
-    calls = {
+    changes = {
         "seq_id_past_num_seqs": dict(seq_ids=seq_ids),
         # rank 0 drops its last weight, and says where its rows start: no all_gather first
         "token_weights_shape": dict(
             token_weights=torch.ones(n - 1 if rank == 0 else n), vocab_start=(0, 600)[rank]
         ),
         "chunk_tokens_zero": dict(chunk_tokens=(48, 0)[rank]),
+        # hidden requires grad on rank 0 alone (the weight on both): rank 0's backward would
+        # sum hidden's gradient over the group, rank 1's would not
+        "hidden_grad_on_rank_0": dict(hidden=b["h"].clone().requires_grad_(rank == 0)),
     }
-    for name, change in calls.items():
-        given = {"seq_ids": b["seq_ids"], "impl": "torch", "chunk_tokens": 48} | change
-        ids = given.pop("seq_ids")
-        out[f"{name}_error"] = _error_or_hang(
-            lambda ids=ids, given=given, name=name: vocab_parallel_sequence_logprobs(
-                b["h"], w, b["labels"], ids, s, vocab_group=groups[name], **given
-            )
+    groups = {
+        name: dist.new_group(timeout=timedelta(seconds=REFUSAL_TIMEOUT_S)) for name in changes
+    }
+
+    def step(group: dist.ProcessGroup, **change) -> torch.Tensor:
+        given = {"hidden": b["h"], "seq_ids": b["seq_ids"], "impl": "torch", "chunk_tokens": 48}
+        given |= change
+        hidden, ids = given.pop("hidden"), given.pop("seq_ids")
+        weight = w.clone().requires_grad_(True)
+        seq = vocab_parallel_sequence_logprobs(
+            hidden, weight, b["labels"], ids, s, vocab_group=group, **given
         )
-        out[f"{name}_after"] = _error_or_hang(
-            lambda name=name: vocab_parallel_sequence_logprobs(
-                b["h"], w, b["labels"], b["seq_ids"], s, vocab_group=groups[name], impl="torch"
-            )
-        )
+        seq.sum().backward()
+        return seq.detach()
+
+    for name, change in changes.items():
+        out[f"{name}_error"] = _error_or_hang(lambda: step(groups[name], **change))  # noqa: B023
+        out[f"{name}_after"] = _error_or_hang(lambda: step(groups[name]))  # noqa: B023
 
 
 # The DPO walk-through: a training step of a policy whose lm_head is split over the ranks, from
@@ -534,6 +540,25 @@ def test_an_input_refused_on_one_rank_is_refused_on_every_rank_with_none_left_wa
     assert told in other[f"{name}_error"], other[f"{name}_error"]
     for rank in range(WORLD):
         after = rank_results[rank][f"{name}_after"]
+        assert isinstance(after, torch.Tensor), after
+        torch.testing.assert_close(after, rank_results[rank]["uneven_torch"]["seq"])
+
+
+def test_hidden_requiring_grad_on_some_ranks_only_is_refused_on_every_rank(rank_results):
+    """Otherwise one rank's backward would wait for the others in the all_reduce of hidden's
+    gradient, which theirs never make."""
+    errors = [rank_results[rank]["hidden_grad_on_rank_0_error"] for rank in range(WORLD)]
+    assert all(isinstance(e, str) for e in errors), errors
+    assert (
+        "requires grad on this process (rank 0 of vocab_group) but does not on rank 1"
+        in (errors[0])
+    ), errors[0]
+    assert (
+        "does not require grad on this process (rank 1 of vocab_group) but does on rank 0"
+        in (errors[1])
+    ), errors[1]
+    for rank in range(WORLD):
+        after = rank_results[rank]["hidden_grad_on_rank_0_after"]
         assert isinstance(after, torch.Tensor), after
         torch.testing.assert_close(after, rank_results[rank]["uneven_torch"]["seq"])
 
