@@ -33,14 +33,15 @@ of each rank covers its shard's columns only; it is all-reduced (summed) over th
 the op, in hidden's dtype, so every rank gets the whole gradient (what a DTensor's
 ``to_local()`` of a replicated tensor takes back by default: no second reduction).
 
-Collectives per call: an all_gather of the shard sizes unless ``vocab_start`` is given (and one
-host read of them), the two all_reduces of the forward, and one of (N, H) in the backward when
+Collectives per call: an all_gather of the shard sizes and token counts unless ``vocab_start``
+is given (and one host read of them), the two all_reduces of the forward, and one of (N, H) in the backward when
 hidden requires grad. Every rank of the group must make the same calls with the same tokens and
 the same requires_grad flags, and take the same loss of the returned sums, as in tensor
 parallelism, where every rank of the group holds the whole batch. Of the tokens, the labels are
 compared (above); hidden, seq_ids and token_weights are not, past the checks each rank makes of
-its own. The token count N and whether ``vocab_start`` is given must agree between the ranks
-for their collectives to match.
+its own. Whether ``vocab_start`` is given must agree between the ranks for their collectives
+to match, and so must the token count N: compared in the all_gather when ``vocab_start`` is
+None, not otherwise (all_reduces of different sizes: gloo aborts the process).
 """
 
 from __future__ import annotations
@@ -140,19 +141,33 @@ def _check_vocab_start(vocab_start: object) -> None:
 
 
 def _shard_start(
-    rows: int, group: dist.ProcessGroup, vocab_start: int | None, device: torch.device
+    rows: int,
+    num_tokens: int,
+    group: dist.ProcessGroup,
+    vocab_start: int | None,
+    device: torch.device,
 ) -> int:
     """v0, the global id of this shard's first row: ``vocab_start`` when given (then nothing is
     exchanged), else found from the shard sizes (``rows`` here), the shards lying in the group's
     rank order: rank r's rows follow those of ranks 0 .. r-1 (as ``Shard(0)``). Either way the
-    forward's first all_reduce checks that the shards cover the vocabulary once."""
+    forward's first all_reduce checks that the shards cover the vocabulary once. The exchange
+    also carries each rank's token count N: ranks whose counts differ all refuse here, before
+    the all_reduces, whose sizes (N numbers a token) would not match."""
     if vocab_start is not None:
         return vocab_start
-    sizes = [
-        torch.empty(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size(group))
-    ]
-    dist.all_gather(sizes, torch.tensor([rows], dtype=torch.int64, device=device), group=group)
-    return sum(torch.cat(sizes).tolist()[: dist.get_rank(group)])
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    mine = torch.tensor([rows, num_tokens], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine, group=group)
+    sizes, tokens = torch.stack(gathered).t().tolist()  # (W,) each
+    if len(set(tokens)) > 1:
+        raise ValueError(
+            f"the ranks of vocab_group pass batches of different token counts N (rank: N "
+            f"{dict(enumerate(tokens))}; {num_tokens} on this process, rank {rank}): each rank "
+            "must pass the whole batch, the same tokens, as in tensor parallelism, not its own "
+            "part of it"
+        )
+    return sum(sizes[:rank])
 
 
 def _shard_labels(labels: torch.Tensor, start: int, rows: int) -> tuple[torch.Tensor, ...]:
@@ -447,9 +462,13 @@ def vocab_parallel_sequence_logprobs(
             (t.device for t in (hidden, weight_shard, labels) if isinstance(t, torch.Tensor)),
             torch.device("cpu"),
         )
-        _shard_start(0, group, None if vocab_start is None else 0, device)
-        _refuse_together(error, _token_count(labels, hidden), group, device)
-    start = _shard_start(weight_shard.shape[0], group, vocab_start, hidden.device)
+        num_tokens = _token_count(labels, hidden)
+        try:
+            _shard_start(0, num_tokens, group, None if vocab_start is None else 0, device)
+        except ValueError:  # the token counts differ: every rank refuses there, none goes on
+            raise error from None
+        _refuse_together(error, num_tokens, group, device)
+    start = _shard_start(weight_shard.shape[0], hidden.shape[0], group, vocab_start, hidden.device)
     shard = _VocabShard(
         group=group,
         start=start,

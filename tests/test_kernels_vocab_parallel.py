@@ -233,18 +233,24 @@ def _refused_on_one_rank(b: dict, w: torch.Tensor, out: dict) -> None:
         # hidden requires grad on rank 0 alone (the weight on both): rank 0's backward would
         # sum hidden's gradient over the group, rank 1's would not
         "hidden_grad_on_rank_0": dict(hidden=b["h"].clone().requires_grad_(rank == 0)),
+        # rank 1 leaves out the last token: the all_reduces' sizes would differ
+        "tokens_differ": dict(
+            hidden=b["h"][: n - rank],
+            labels=b["labels"][: n - rank],
+            seq_ids=b["seq_ids"][: n - rank],
+        ),
     }
     groups = {
         name: dist.new_group(timeout=timedelta(seconds=REFUSAL_TIMEOUT_S)) for name in changes
     }
 
     def step(group: dist.ProcessGroup, **change) -> torch.Tensor:
-        given = {"hidden": b["h"], "seq_ids": b["seq_ids"], "impl": "torch", "chunk_tokens": 48}
-        given |= change
-        hidden, ids = given.pop("hidden"), given.pop("seq_ids")
+        given = {key: b[key] for key in ("labels", "seq_ids")} | {"hidden": b["h"]}
+        given |= {"impl": "torch", "chunk_tokens": 48} | change
+        hidden, labels, ids = (given.pop(key) for key in ("hidden", "labels", "seq_ids"))
         weight = w.clone().requires_grad_(True)
         seq = vocab_parallel_sequence_logprobs(
-            hidden, weight, b["labels"], ids, s, vocab_group=group, **given
+            hidden, weight, labels, ids, s, vocab_group=group, **given
         )
         seq.sum().backward()
         return seq.detach()
@@ -559,6 +565,18 @@ def test_hidden_requiring_grad_on_some_ranks_only_is_refused_on_every_rank(rank_
     ), errors[1]
     for rank in range(WORLD):
         after = rank_results[rank]["hidden_grad_on_rank_0_after"]
+        assert isinstance(after, torch.Tensor), after
+        torch.testing.assert_close(after, rank_results[rank]["uneven_torch"]["seq"])
+
+
+def test_batches_of_different_token_counts_are_refused_on_every_rank(rank_results):
+    """Rank 1 passes one token fewer: the ranks' all_reduces would differ in size (gloo aborts
+    the process). The shard sizes' all_gather carries each rank's count."""
+    for rank in range(WORLD):
+        error = rank_results[rank]["tokens_differ_error"]
+        assert isinstance(error, str), error
+        assert "different token counts N (rank: N {0: 131, 1: 130}" in error, error
+        after = rank_results[rank]["tokens_differ_after"]
         assert isinstance(after, torch.Tensor), after
         torch.testing.assert_close(after, rank_results[rank]["uneven_torch"]["seq"])
 
