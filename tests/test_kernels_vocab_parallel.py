@@ -28,7 +28,7 @@ from torch.distributed.tensor import Shard, distribute_tensor  # noqa: E402
 from sdpo.cache import CacheKey, RefLogprobCache, RefValues  # noqa: E402
 from sdpo.kernels import sequence_logprobs, vocab_parallel_sequence_logprobs  # noqa: E402
 from sdpo.kernels.logprobs import IGNORE_INDEX, rows_backward, rows_forward  # noqa: E402
-from sdpo.kernels.vocab_parallel import _check_tiling  # noqa: E402
+from sdpo.kernels.vocab_parallel import _check_tiling, _combine, _VocabShard  # noqa: E402
 from sdpo.losses import LossConfig, dpo_loss  # noqa: E402
 from tests.conftest import assert_no_worse  # noqa: E402
 from tests.test_distributed import WORLD, _spawn  # noqa: E402
@@ -579,6 +579,31 @@ def test_batches_of_different_token_counts_are_refused_on_every_rank(rank_result
         after = rank_results[rank]["tokens_differ_after"]
         assert isinstance(after, torch.Tensor), after
         torch.testing.assert_close(after, rank_results[rank]["uneven_torch"]["seq"])
+
+
+def test_a_seq_id_out_of_range_is_the_rank_s_flag_in_the_first_all_reduce():
+    """On CUDA the seq_ids range check is not read on the host (no sync): it is the rank's flag
+    in the forward's first all_reduce, which every rank reads. Shown on a one-rank group, on
+    CPU, where the flag refuses as a device-side assert would on CUDA."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        shard = _VocabShard(
+            group=dist.group.WORLD,
+            start=0,
+            stop=5,
+            hidden_grad=False,
+            impl="torch",
+            chunk_tokens=4,
+            grad_weight_dtype=torch.float32,
+        )
+        parts = torch.tensor([[1.0, 0.5], [2.0, 0.25], [0.5, 1.0]])  # (m, log s) of 3 tokens
+        labels, picked = torch.tensor([0, 4, 2]), torch.tensor([0.5, 2.0, -1.0])
+        logps, _ = _combine(parts, picked, labels, torch.tensor([0, 1, 1]), 2, shard)
+        torch.testing.assert_close(logps, (picked - parts[:, 0]) - parts[:, 1])
+        with pytest.raises(ValueError, match="rank 0 of vocab_group refused its inputs"):
+            _combine(parts, picked, labels, torch.tensor([0, 1, 2]), 2, shard)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("loss", list(DPO_LOSSES))
