@@ -78,10 +78,6 @@ def rank() -> int:
     return _dist().get_rank() if initialized() else 0
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if initialized() else 0
-
-
 def backend() -> str | None:
     """The process group's backend ("nccl", "gloo"), or None without a group."""
     return str(_dist().get_backend()) if initialized() else None
@@ -97,11 +93,48 @@ def active() -> bool:
 
 
 def device() -> torch.device:
-    """This rank's device: ``cuda:LOCAL_RANK`` in a process group on CUDA, the current CUDA
-    device (by index) without one, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank() if initialized() else torch.cuda.current_device())
-    return torch.device("cpu")
+    """This rank's device: on CUDA the index :func:`cuda_index` picks (``LOCAL_RANK`` in a
+    process group, else the current device), else the CPU. sdpo's own runs (``sdpo train``)
+    place their model there; ``run_sdpo``, ``DPOTrainer`` and ``score_pairs`` work on the device
+    of the model's parameters instead, whatever this says."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = cuda_index(
+        local_rank=os.environ.get("LOCAL_RANK"),
+        in_group=initialized(),
+        current=torch.cuda.current_device(),
+        count=torch.cuda.device_count(),
+    )
+    return torch.device("cuda", index)
+
+
+def cuda_index(*, local_rank: str | None, in_group: bool, current: int, count: int) -> int:
+    """The CUDA device index of this process, from ``LOCAL_RANK`` (``local_rank``, the raw
+    environment value or None), whether a process group is up, the current device's index and
+    the number of visible devices.
+
+    In a process group with ``LOCAL_RANK`` set (torchrun, or a launcher that sets it like
+    torchrun): ``LOCAL_RANK``, as ``init_from_env`` made it current. Otherwise the current
+    device, which is what a caller that formed its group by hand chose with
+    ``torch.cuda.set_device(k)`` before ``init_process_group``; with one GPU per process and no
+    such call it is that GPU, 0. A ``LOCAL_RANK`` past the visible devices also gives the
+    current device: a launcher that shows each process only its own GPUs
+    (``CUDA_VISIBLE_DEVICES``) numbers it 0, whatever the rank's local index."""
+    if not in_group or local_rank is None:
+        return current
+    try:
+        index = int(local_rank)
+    except ValueError:
+        raise ValueError(
+            f"LOCAL_RANK is {local_rank!r}, not a whole number: set it to this process's index "
+            "on its node (torchrun does), or unset it to use the current CUDA device"
+        ) from None
+    if index < 0:
+        raise ValueError(
+            f"LOCAL_RANK is {index}: set it to this process's index on its node (0 or more), "
+            "or unset it to use the current CUDA device"
+        )
+    return index if index < count else current
 
 
 def init_from_env(*, timeout_minutes: float = 30.0, backend: str | None = None) -> bool:

@@ -393,8 +393,9 @@ def model_folder(value: str, *, key: str, revision: str | None = None) -> Path:
 
 def select_device() -> torch.device:
     """The run's device: ``cuda:LOCAL_RANK`` in a process group, else the current CUDA device
-    (by its index, so that what the run asks of it later, such as its memory counters, is
-    about that GPU even if the current device changes), else the CPU."""
+    (a group formed without ``LOCAL_RANK`` too: see ``distributed.cuda_index``), by its index,
+    so that what the run asks of it later, such as its memory counters, is about that GPU even
+    if the current device changes; else the CPU."""
     return distributed.device()
 
 

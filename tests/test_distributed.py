@@ -923,3 +923,48 @@ def test_leaving_the_group_ends_the_backend_threads_and_the_program_exits_cleanl
         assert not [t for t in threads if "gloo" in t], (rank, threads)
         assert (tmp_path / f"rank{rank}.atexit").is_file()
         assert f"rank {rank} done" in run.stdout
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "in_group", "current", "count", "expected"),
+    [
+        ("1", True, 0, 4, 1),  # torchrun: LOCAL_RANK, which init_from_env made current
+        (None, True, 3, 4, 3),  # a group formed by hand after torch.cuda.set_device(3)
+        (None, False, 2, 4, 2),  # no group: the current device
+        ("1", False, 2, 4, 2),  # LOCAL_RANK without a group: the current device, as before
+        ("3", True, 0, 1, 0),  # each process sees its own GPU only (CUDA_VISIBLE_DEVICES)
+    ],
+)
+def test_cuda_index_is_local_rank_in_a_group_else_the_current_device(
+    local_rank, in_group, current, count, expected
+):
+    got = distributed.cuda_index(
+        local_rank=local_rank, in_group=in_group, current=current, count=count
+    )
+    assert got == expected
+
+
+@pytest.mark.parametrize("value", ["gpu1", "-1"])
+def test_a_local_rank_that_is_not_an_index_is_refused_naming_it(value):
+    with pytest.raises(ValueError, match=f"LOCAL_RANK is {value}|LOCAL_RANK is '{value}'"):
+        distributed.cuda_index(local_rank=value, in_group=True, current=0, count=2)
+
+
+def test_device_of_a_group_formed_by_hand_is_the_current_cuda_device(monkeypatch):
+    """A launcher that calls ``torch.cuda.set_device(k)`` and ``init_process_group`` itself,
+    without torchrun's LOCAL_RANK, gets ``cuda:k`` (it got cuda:0, another rank's GPU). A real
+    one-rank gloo group; this machine has no GPU, so the three CUDA queries device() reads are
+    stood in for (and only those: nothing is placed on the device)."""
+    import torch.distributed as dist
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert distributed.device() == torch.device("cuda", 2)
+        monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's: it wins
+        assert distributed.device() == torch.device("cuda", 1)
+    finally:
+        dist.destroy_process_group()
