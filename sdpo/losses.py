@@ -548,6 +548,11 @@ def _check_inputs(
             f"value per pair), got shapes {tuple(policy_chosen.shape)} and "
             f"{tuple(policy_rejected.shape)}"
         )
+    if policy_rejected.device != policy_chosen.device:
+        raise ValueError(
+            f"policy_rejected is on {policy_rejected.device} but policy_chosen on "
+            f"{policy_chosen.device}: give both log-probs of the policy on one device"
+        )
     shape = tuple(policy_chosen.shape)
     named = {"ref_chosen": ref_chosen, "ref_rejected": ref_rejected}
     if config.needs_token_counts:
@@ -591,6 +596,16 @@ def _check_inputs(
             raise ValueError(
                 f"{name} has shape {tuple(t.shape)} but the policy log-probs have {shape}: "
                 "every input holds one value per pair"
+            )
+        if t.device != policy_chosen.device:
+            # refused rather than moved: a copy from host memory waits for the work queued on
+            # the GPU, and one per micro-batch (or per chunk of the fused head) would stall
+            # every step. Any dtype is taken: each input is cast to the compute dtype.
+            hint = " (a RefLogprobCache reads its values on the CPU)" * name.startswith("ref_")
+            raise ValueError(
+                f"{name} is on {t.device} but the policy log-probs are on "
+                f"{policy_chosen.device}: move it there once before the loss, "
+                f"{name}.to(policy_chosen.device){hint}; the loss does not copy between devices"
             )
 
 

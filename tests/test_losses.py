@@ -934,3 +934,34 @@ def test_a_completion_of_no_tokens_counts_as_one_as_in_trl(config):
                    rejected_tokens=torch.tensor([4, 6]))  # fmt: skip
     assert torch.isfinite(zero.losses).all()
     torch.testing.assert_close(zero.losses, one.losses, rtol=0, atol=0)
+
+
+def test_inputs_on_another_device_than_the_policy_are_refused_naming_the_move():
+    """Reference values read from a RefLogprobCache come on the CPU; with the policy's log-probs
+    on a GPU, torch failed deep inside the loss with its generic device error. Refused naming
+    the input and the move (the loss copies nothing itself: a host copy per micro-batch or per
+    fused chunk would wait for the GPU's queued work). "meta" stands in for the GPU here."""
+    pc, pr, rc, rr, ct, rt = random_batch(3, seed=6)
+    meta_pc, meta_pr = pc.to("meta"), pr.to("meta")
+    move = r"ref_chosen is on cpu but the policy log-probs are on meta: .*ref_chosen\.to\("
+    with pytest.raises(ValueError, match=move + r"policy_chosen\.device\).*RefLogprobCache"):
+        dpo_loss(meta_pc, meta_pr, rc, rr.to("meta"), config=LossConfig())
+    with pytest.raises(ValueError, match="chosen_tokens is on cpu but the policy log-probs"):
+        dpo_loss(meta_pc, meta_pr, rc.to("meta"), rr.to("meta"), config=LossConfig(loss_type="ipo"),
+                 chosen_tokens=ct, rejected_tokens=rt.to("meta"))  # fmt: skip
+    with pytest.raises(ValueError, match="policy_rejected is on cpu but policy_chosen on meta"):
+        dpo_loss(meta_pc, pr, rc, rr, config=LossConfig())
+    pair_loss = make_pair_loss(LossConfig(), ref_chosen=rc, ref_rejected=rr)  # the fused path
+    with pytest.raises(ValueError, match=move):
+        pair_loss(meta_pc[:2], meta_pr[:2], slice(0, 2))
+
+
+def test_reference_values_in_another_dtype_are_cast_to_the_compute_dtype():
+    """The cache's float32 values with bf16 policy log-probs: taken as they are (no copy between
+    devices), the loss computed in float32 as with float32 log-probs."""
+    pc, pr, rc, rr, _, _ = random_batch(5, seed=7)
+    pc16, pr16 = pc.to(torch.bfloat16), pr.to(torch.bfloat16)
+    got = dpo_loss(pc16, pr16, rc.float(), rr.float(), config=LossConfig())
+    want = dpo_loss(pc16.float(), pr16.float(), rc.float(), rr.float(), config=LossConfig())
+    assert got.losses.dtype == torch.float32
+    torch.testing.assert_close(got.losses, want.losses, rtol=0, atol=0)
