@@ -958,13 +958,14 @@ def test_device_of_a_group_formed_by_hand_is_the_current_cuda_device(monkeypatch
     import torch.distributed as dist
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        assert distributed.device() == torch.device("cuda", 2)
-        monkeypatch.setenv("LOCAL_RANK", "1")  # torchrun's: it wins
-        assert distributed.device() == torch.device("cuda", 1)
+        with monkeypatch.context() as cuda:  # the stand-ins, for device()'s calls alone
+            cuda.setattr(torch.cuda, "is_available", lambda: True)
+            cuda.setattr(torch.cuda, "device_count", lambda: 4)
+            cuda.setattr(torch.cuda, "current_device", lambda: 2)
+            assert distributed.device() == torch.device("cuda", 2)
+            cuda.setenv("LOCAL_RANK", "1")  # torchrun's: it wins
+            assert distributed.device() == torch.device("cuda", 1)
     finally:
         dist.destroy_process_group()
