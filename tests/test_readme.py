@@ -36,6 +36,7 @@ import torch
 from sdpo.cli import build_parser
 from sdpo.cli import main as cli_main
 from sdpo.config import ConfigError, RunConfig, config_from_dict, load_config, tomllib
+from sdpo.losses import LOSS_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -359,6 +360,60 @@ def test_every_config_key_is_named_in_the_readme():
         if section not in stars and (section, key) not in named
     ]
     assert not missing, f"config keys the README never names: {missing}"
+
+
+def _reference_block() -> str:
+    """The Training section's reference config (the first TOML block after its heading)."""
+    training = README.split("\n## Training\n", 1)[1]
+    return re.search(r"^```toml\n(.*?)^```", training, re.S | re.M).group(1)
+
+
+def test_every_config_key_is_in_the_reference_block_or_the_paragraph_after_it():
+    """A newcomer reads the Training section's block as the config's reference: each key is
+    in it, or the paragraph after it names the key (or its ``[section]``) and where it is
+    described; a key named there is one the block leaves out."""
+    block = _reference_block()
+    in_block, section = set(), ""
+    for line in block.splitlines():
+        head = re.match(r"\s*\[\[?([\w.]+)\]\]?", line)
+        section = head.group(1) if head else section
+        in_block |= {(section, word) for word in re.findall(r"(?<![\w.])[a-z_]+", line)}
+    opening = "The block leaves out keys"
+    assert f"{block}```\n\n{opening}" in README, "the paragraph does not follow the block"
+    after = " ".join(_between(f"```\n\n{opening}", "\n\n").split())
+    left_out = {tuple(k.split(".")) for k in re.findall(r"`([a-z_]+\.[a-z_]+)`", after)}
+    whole = set(re.findall(r"`\[([a-z_]+)\]`", after))
+    assert left_out and whole
+    assert not left_out & in_block, f"named as left out, yet in the block: {left_out & in_block}"
+    missing = [
+        f"{s}.{k}"
+        for s in sorted(CONFIG_SECTIONS)
+        for k in _fields(s)
+        if s not in whole and (s, k) not in in_block | left_out
+    ]
+    assert not missing, f"config keys neither in the reference block nor after it: {missing}"
+
+
+def test_every_for_every_loss_type_in_a_toml_comment_holds():
+    """``# ld_alpha = 0.5: LD-DPO ..., for every loss type``: the setting loads with each loss
+    type, and a type named after ``but`` is refused with it."""
+    checked = []
+    for comment in _comments(_reference_block()):
+        text = " ".join(comment.lines)
+        m = re.match(r" ?([a-z_]+) = (\S+):.*?for every loss type(?: but (\w+))?", text)
+        if comment.section != "loss" or m is None:
+            continue
+        key, value, but = m.groups()
+        for kind in LOSS_TYPES:
+            needs = ["loss.label_smoothing=0.1"] if kind == "exo_pair" else []  # EXO's epsilon
+            overrides = [f'loss.loss_type="{kind}"', *needs, f"loss.{key}={value}"]
+            if kind == but:
+                with pytest.raises(ConfigError):
+                    _load_minimal(overrides)
+            else:
+                _load_minimal(overrides)
+        checked.append(key)
+    assert {"ld_alpha", "use_weighting"} <= set(checked)
 
 
 def test_every_sdpo_dotted_name_in_the_text_is_importable():
@@ -805,7 +860,6 @@ def test_the_lists_of_loss_types_and_model_types_are_the_codes():
     """ "every loss type both have (sigmoid, ipo, ...)" is every type of ``LOSS_TYPES``, and the
     model types of sdpo's own decoder (Models) are ``SUPPORTED_MODEL_TYPES``."""
     from sdpo.engine.model import SUPPORTED_MODEL_TYPES
-    from sdpo.losses import LOSS_TYPES
 
     text = " ".join(README.split())
     listed = _between_in(text, "every loss type both have (", ")")
