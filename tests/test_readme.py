@@ -838,6 +838,27 @@ def test_the_metric_and_file_names_are_a_runs(tmp_path, tiny_model_dir, one_thre
         assert (out / name).exists(), f"the README names OUTPUT_DIR/{name}; a run wrote none"
 
 
+def test_a_record_is_logged_every_log_every_steps_and_at_each_sdpo_steps_last(
+    tmp_path, tiny_model_dir, one_thread
+):
+    """ "one record every `train.log_every` optimizer steps, and one at the last optimizer step
+    of each sDPO step": 10 pairs in steps of 4 are 3 optimizer steps, logged at 2 and 3."""
+    from sdpo.config import config_from_dict as from_dict
+    from sdpo.runner import run_training
+    from tests.conftest import two_source_config
+
+    text = " ".join(README.split())
+    assert (
+        "one record every `train.log_every` optimizer steps, and one at the last optimizer step "
+        "of each sDPO step" in text
+    )
+    cfg = two_source_config(tmp_path, tiny_model_dir, far=10, near=10, train={"log_every": 2})
+    out = Path(run_training(from_dict(cfg), progress=False).output_dir)
+    lines = (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [(r["sdpo_step"], r["step"]) for r in records] == [(1, 2), (1, 3), (2, 2), (2, 3)]
+
+
 def test_the_score_fields_are_what_sdpo_score_writes(tmp_path, tiny_model_dir, one_thread):
     from tests.conftest import write_pairs
 
