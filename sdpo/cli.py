@@ -891,15 +891,25 @@ def _cmd_config(args: argparse.Namespace) -> int:
         return 2
     d = config_to_dict(cfg)
     print(toml_dumps(d), end="")
-    unset = [
-        f"{section}.{key}" if isinstance(values, dict) else section
-        for section, values in d.items()
-        for key, value in (values.items() if isinstance(values, dict) else [(section, values)])
-        if value is None
-    ]
+    unset = list(dict.fromkeys(_unset_keys(d)))  # once each: a source's keys name every source's
     if unset:  # TOML has no null: name the optional keys that are not set
         print("\n# optional, not set: " + ", ".join(unset))
     return 0
+
+
+def _unset_keys(d: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of ``d`` whose value is None, in tables at any depth; a list of tables
+    (``data.sources``) as ``data.sources[].subset``."""
+    found = []
+    for key, value in d.items():
+        if value is None:
+            found.append(f"{prefix}{key}")
+        elif isinstance(value, dict):
+            found += _unset_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for item in value:
+                found += _unset_keys(item, f"{prefix}{key}[].")
+    return found
 
 
 # printed TOML replaces nothing: an --overwrite there would be a no-op the user thinks mattered

@@ -367,6 +367,35 @@ def test_config_prints_every_key_and_its_output_loads_back_to_the_same_config(
     assert "train.learning_rate" in capsys.readouterr().err
 
 
+def _dotted_keys(d: dict, prefix: str = "") -> set[str]:
+    """Every key of nested tables as a dotted path, a list of tables' items as ``key[].``."""
+    keys = set()
+    for key, value in d.items():
+        if isinstance(value, dict):
+            keys |= _dotted_keys(value, f"{prefix}{key}.")
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for item in value:
+                keys |= _dotted_keys(item, f"{prefix}{key}[].")
+        else:
+            keys.add(f"{prefix}{key}")
+    return keys
+
+
+def test_config_names_every_key_at_any_depth_set_or_not(tiny_model_dir, tmp_path, capsys):
+    """``sdpo config`` shows every key: with its value, or, unset (TOML has no null), in the
+    closing comment; also a data source's own keys (``subset``, ``columns.prompt``)."""
+    from sdpo.config import config_to_dict, load_config, tomllib
+
+    src = _toml(tmp_path, tiny_model_dir)
+    assert main(["config", "--config", str(src)]) == 0
+    text = capsys.readouterr().out
+    body, _, comment = text.partition("\n# optional, not set: ")
+    shown = _dotted_keys(tomllib.loads(body)) | set(comment.strip().split(", "))
+    every = _dotted_keys(config_to_dict(load_config(src)))
+    assert "data.sources[].subset" in every and "data.sources[].columns.prompt" in every
+    assert every <= shown, f"keys sdpo config does not show: {sorted(every - shown)}"
+
+
 @pytest.mark.parametrize(
     ("words", "says"),
     [
