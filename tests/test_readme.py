@@ -922,6 +922,7 @@ def test_the_output_names_the_text_gives_are_the_codes():
         f"`{resume.MANIFEST_NAME}`",
         f"`OUTPUT_DIR/{tracking.TRACKING_STATE}`",
         f"OUTPUT_DIR/{tracking.TENSORBOARD_DIR}",
+        f"(its `{tracking.TENSORBOARD_OWNER}` names the output folder",
         f"`OUTPUT_DIR/{runner.PROFILE_DIR}/`",
         f"`step-<t>/{runner.PEFT_ADAPTER_DIR}/`",
         f"`{runner.PEFT_CONFIG_NAME}`",
