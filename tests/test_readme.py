@@ -562,8 +562,11 @@ def test_every_flag_default_the_text_states_is_the_parsers():
 def test_the_quick_start_commands_are_the_makefiles():
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     targets = set(re.findall(r"^([\w-]+):", makefile, re.M))
-    for target in set(re.findall(r"(?<![\w-])make ([a-z][\w-]*)", README)):
+    named = set(re.findall(r"(?<![\w-])make ([a-z][\w-]*)", README))
+    for target in named:
         assert target in targets, f"README: `make {target}`, which the Makefile lacks"
+    phony = set(re.search(r"^\.PHONY: (.*)$", makefile, re.M).group(1).split())
+    assert phony <= named, f"Makefile targets the README never names: {sorted(phony - named)}"
     recipe = {
         t: re.search(rf"^{t}:.*\n((?:\t.*\n)+)", makefile, re.M).group(1) for t in ("demo", "test")
     }
