@@ -401,7 +401,7 @@ def _folder_of_config(config: Path, *, output_dir: Path | None) -> tuple[Path, s
         return Path(cfg.sdpo.cache_dir), f"sdpo.cache_dir of {config}"
     moved = output_dir is not None and (output_dir / "cache").is_dir()
     out = output_dir if moved else Path(cfg.output_dir)
-    return out / "cache", f"the run's own cache folder ({config} sets no sdpo.cache_dir)"
+    return out / "cache", f"the run's own cache folder: {config} sets no sdpo.cache_dir"
 
 
 # ---------------------------------------------------------------------------------------------

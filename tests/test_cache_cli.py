@@ -355,8 +355,8 @@ def test_an_output_folder_or_toml_config_stands_for_its_runs_cache_folder(
     code, out, _ = _cli(capsys, "list", str(tmp_path / "own.toml"))
     assert code == 0
     assert out.splitlines() == [
-        f"cache folder: {tmp_path / 'b' / 'cache'} (the run's own cache folder "
-        f"({tmp_path / 'own.toml'} sets no sdpo.cache_dir))",
+        f"cache folder: {tmp_path / 'b' / 'cache'} (the run's own cache folder: "
+        f"{tmp_path / 'own.toml'} sets no sdpo.cache_dir)",
         "no files (the folder does not exist yet)",
     ]
     # a folder that holds a run's config but is not its output folder: the config's output_dir
