@@ -159,7 +159,7 @@ def score_pairs(
     max_tokens_per_batch: int,
     impl: str = "auto",
     chunk_tokens: int | None = None,
-    precision: str = "fp32",
+    precision: str = "auto",
     progress: bool = False,
     share_prompt: bool = False,
     data_parallel: bool | None = None,
@@ -184,8 +184,11 @@ def score_pairs(
     chosen NLL term): also each completion's unweighted sum, from the head run once more
     without the LD weights. ``return_stats``: also each completion's sums of the token
     metrics (``chosen_stats`` / ``rejected_stats``), from the same pass as its log-probs.
-    ``precision``: one of ``PRECISIONS`` (``engine/precision.py``), ``auto`` resolved as
-    ``DPOTrainer`` resolves it; one a caller's ``MixedPrecisionPolicy`` contradicts (fp32 over
+    ``precision``: one of ``PRECISIONS`` (``engine/precision.py``), by default ``auto``,
+    resolved as ``DPOTrainer`` resolves it (its default too, so a reference scored with the
+    defaults is scored as the defaults train: a model its caller sharded in the precision its
+    ``MixedPrecisionPolicy`` computes in, a plain one in fp32 on a CPU and ``bf16-mixed`` on a
+    GPU that computes in bf16); one a caller's ``MixedPrecisionPolicy`` contradicts (fp32 over
     shards gathered in bf16) is refused. ``return_router_loss`` (the eval pass of a mixture of
     experts, ``PackedCausalLM`` with a
     router loss): also each pair's batch's router load-balancing loss (``router_loss``),

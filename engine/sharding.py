@@ -195,11 +195,7 @@ def _policy_dtypes(
     dtype, the dtype FSDP gathers it in for the forward and backward, the dtype it reduces
     its gradient in), as FSDP reads its ``MixedPrecisionPolicy``: ``param_dtype`` None is the
     sharded dtype, ``reduce_dtype`` None is the gathered one."""
-    names = {id(m): n for n, m in model.named_modules()}
-    wrapped = getattr(model, "hf_model", None)
-    if isinstance(wrapped, torch.nn.Module):
-        for n, m in wrapped.named_modules():
-            names.setdefault(id(m), n)
+    names = _module_names(model)
     found = []
     for module in fsdp_modules(model):
         where = names.get(id(module)) or "the root"
@@ -212,6 +208,29 @@ def _policy_dtypes(
                 reduced = policy.reduce_dtype or gathered
                 found.append((where, p.sharded_param.requires_grad, orig, gathered, reduced))
     return found
+
+
+def _policy_outputs(model: torch.nn.Module) -> list[tuple[str, torch.dtype | None]]:
+    """Each FSDP2 module of ``model`` that holds parameters: (its name, the dtype its
+    ``MixedPrecisionPolicy`` casts its forward's floating outputs to: ``output_dtype``, None for
+    none)."""
+    names = _module_names(model)
+    return [
+        (names.get(id(module)) or "the root", group.mp_policy.output_dtype)
+        for module in fsdp_modules(model)
+        for group in param_groups(module)
+    ]
+
+
+def _module_names(model: torch.nn.Module) -> dict[int, str]:
+    """Each module of ``model`` (and of the Hugging Face model a ``PackedCausalLM`` wraps) by id:
+    its name in the tree ("" for the root)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    wrapped = getattr(model, "hf_model", None)
+    if isinstance(wrapped, torch.nn.Module):
+        for n, m in wrapped.named_modules():
+            names.setdefault(id(m), n)
+    return names
 
 
 def policy_precision(model: torch.nn.Module) -> str | None:
@@ -264,9 +283,22 @@ def check_policy_precision(
     reduces the gradients in bf16 (``param_dtype=torch.bfloat16`` without ``reduce_dtype``)
     summed the ranks' gradients in bf16 under ``bf16-mixed``, which reduces them in fp32.
     Refused before any work, naming the policy's setting and the precision that matches it.
+    So is an ``output_dtype`` below the precision's (bf16 under ``fp32``): FSDP casts the
+    module's outputs to it, and the next module and the head read them rounded while the
+    trainer reported fp32 (fp32 outputs, or the dtype the precision computes in, change no
+    value the head reads).
     ``bf16-mixed`` over fp32 shards gathered in fp32 trains (its autocast computes in bf16);
     parameters sharded in another dtype than ``precision``'s are ``cast_for_precision``'s to
     refuse. Without ``training`` (a scoring pass: no gradient) the reduction is not read."""
+    for where, output in _policy_outputs(model):
+        if output not in (None, torch.float32, *_COMPUTE[precision]):
+            raise ValueError(
+                f"{who}: precision {precision!r} computes in {_COMPUTE[precision][0]}, and the "
+                f"model's FSDP2 MixedPrecisionPolicy (fully_shard(..., mp_policy=...)) of "
+                f"{where!r} casts its forward's outputs to {output} (output_dtype), rounding "
+                "the activations the next module and the log-prob head read: shard it with "
+                "output_dtype=None"
+            )
     stored = parameter_dtype(precision)
     for where, trains, orig, gathered, reduced in _policy_dtypes(model):
         if orig != stored:
@@ -281,8 +313,13 @@ def check_policy_precision(
                 f"{who}: precision {precision!r} computes in {_COMPUTE[precision][0]}, and the "
                 f"model's FSDP2 MixedPrecisionPolicy (fully_shard(..., mp_policy=...)) of "
                 f"{where!r} gathers its {orig} parameters in {gathered} for the forward and "
-                "backward, so the training would run in that dtype: "
-                + (f"train it with precision {matching}, or " if matching else "")
+                f"backward, so the {'training' if training else 'scoring'} would run in that "
+                "dtype: "
+                + (
+                    f"{'train' if training else 'score'} it with precision {matching}, or "
+                    if matching
+                    else ""
+                )
                 + f"shard it with param_dtype=None (or {_COMPUTE[precision][0]})"
             )
         if training and trains and reduced.itemsize < _REDUCE[precision].itemsize:

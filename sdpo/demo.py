@@ -174,7 +174,7 @@ def greedy_accuracy(model: CausalLM, tokenizer: PairTokenizer, prompts: list[lis
 
 
 def preference_accuracy(model: CausalLM, pairs: list[TokenizedPair]) -> float:
-    scores = score_pairs(model, pairs, max_tokens_per_batch=8192, impl="torch")
+    scores = score_pairs(model, pairs, max_tokens_per_batch=8192, impl="torch", precision="fp32")
     return float((scores.gamma > 0).float().mean())
 
 

@@ -817,10 +817,26 @@ def _callers_models() -> dict:
             lambda policy=policy: shard(fresh(), policy=policy),
             lambda m, config=config: dpo_trainer(m, config),
         )
+    # outputs cast to bf16 under fp32: the next layer and the head would read them rounded
+    out["policy_fp32_output"] = refused(
+        lambda: shard(fresh(), policy=MixedPrecisionPolicy(output_dtype=torch.bfloat16)),
+        lambda m: dpo_trainer(m, train),
+    )
     out["policy_fp32_score"] = refused(
         lambda: shard(fresh(), policy=bf16_fp32),
-        lambda m: score_pairs(m, pairs, max_tokens_per_batch=4096, impl="torch"),
+        lambda m: score_pairs(m, pairs, max_tokens_per_batch=4096, impl="torch", precision="fp32"),
     )
+    # score_pairs' default ("auto", the trainer's) scores as the policy computes: bf16-mixed
+    scored = shard(fresh(), policy=bf16_only)
+    out["policy_score"] = {
+        precision: score_pairs(
+            scored, pairs, max_tokens_per_batch=4096, impl="torch", **precision_arg
+        ).chosen_logps
+        for precision, precision_arg in (
+            ("default", {}),
+            ("bf16-mixed", {"precision": "bf16-mixed"}),
+        )
+    }
     out["policy_fp32_run"] = refused(
         lambda: shard(fresh(), policy=bf16_fp32), lambda m: run_sdpo(m, pairs, train=train)
     )
@@ -955,6 +971,8 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
         for k, v in got["plain_bf16"]["weights"].items():
             assert got["sharded_bf16"]["weights"][k].dtype == torch.bfloat16
             torch.testing.assert_close(got["sharded_bf16"]["weights"][k], v)
+        scores = got["policy_score"]
+        assert torch.equal(scores["default"], scores["bf16-mixed"])
         for case, kind, words in (
             ("cast", "ValueError", "Cast the model to torch.bfloat16 before fully_shard"),
             ("cast_run", "ValueError", "precision 'fp32' or 'bf16-mixed'"),
@@ -967,7 +985,8 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
             ("sub_mesh_run", "ValueError", "shard it over a mesh of all 2 ranks"),
             ("policy_fp32", "ValueError", "train it with precision 'bf16-mixed'"),
             ("policy_fp32_run", "ValueError", "run_sdpo: precision 'fp32' computes in"),
-            ("policy_fp32_score", "ValueError", "score_pairs: precision 'fp32' computes in"),
+            ("policy_fp32_output", "ValueError", "casts its forward's outputs to torch.bfloat16"),
+            ("policy_fp32_score", "ValueError", "score it with precision 'bf16-mixed'"),
             ("policy_mixed_reduce", "ValueError", "set reduce_dtype=torch.float32"),
             ("policy_fp32_reduce", "ValueError", "reduces them in torch.bfloat16"),
         ):
