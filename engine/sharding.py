@@ -261,7 +261,8 @@ def model_precision(
     contradicts is refused (``check_policy_precision``)."""
     implied = policy_precision(model) if precision == "auto" else None
     resolved = implied or resolve_precision(precision, device)
-    check_policy_precision(model, resolved, who=who, training=training)
+    named = f"'auto' (here {resolved!r}, as the sharding says)" if implied else None
+    check_policy_precision(model, resolved, who=who, training=training, named=named)
     return resolved
 
 
@@ -275,7 +276,12 @@ _REDUCE = {"fp32": torch.float32, "bf16": torch.bfloat16, "bf16-mixed": torch.fl
 
 
 def check_policy_precision(
-    model: torch.nn.Module, precision: str, *, who: str, training: bool = True
+    model: torch.nn.Module,
+    precision: str,
+    *,
+    who: str,
+    training: bool = True,
+    named: str | None = None,
 ) -> None:
     """A model its caller sharded with FSDP2 computes in the dtype its ``MixedPrecisionPolicy``
     gathers the parameters in, whatever the trainer's precision says: fp32 shards gathered in
@@ -289,11 +295,14 @@ def check_policy_precision(
     value the head reads).
     ``bf16-mixed`` over fp32 shards gathered in fp32 trains (its autocast computes in bf16);
     parameters sharded in another dtype than ``precision``'s are ``cast_for_precision``'s to
-    refuse. Without ``training`` (a scoring pass: no gradient) the reduction is not read."""
+    refuse. Without ``training`` (a scoring pass: no gradient) the reduction is not read.
+    ``named``: the precision as the refusal names it (the caller's ``auto`` and what it took),
+    ``precision`` by default."""
+    named = named or repr(precision)
     for where, output in _policy_outputs(model):
         if output not in (None, torch.float32, *_COMPUTE[precision]):
             raise ValueError(
-                f"{who}: precision {precision!r} computes in {_COMPUTE[precision][0]}, and the "
+                f"{who}: precision {named} computes in {_COMPUTE[precision][0]}, and the "
                 f"model's FSDP2 MixedPrecisionPolicy (fully_shard(..., mp_policy=...)) of "
                 f"{where!r} casts its forward's outputs to {output} (output_dtype), rounding "
                 "the activations the next module and the log-prob head read: shard it with "
@@ -310,7 +319,7 @@ def check_policy_precision(
                 "policy's",
             }.get((orig, gathered))
             raise ValueError(
-                f"{who}: precision {precision!r} computes in {_COMPUTE[precision][0]}, and the "
+                f"{who}: precision {named} computes in {_COMPUTE[precision][0]}, and the "
                 f"model's FSDP2 MixedPrecisionPolicy (fully_shard(..., mp_policy=...)) of "
                 f"{where!r} gathers its {orig} parameters in {gathered} for the forward and "
                 f"backward, so the {'training' if training else 'scoring'} would run in that "
@@ -324,7 +333,7 @@ def check_policy_precision(
             )
         if training and trains and reduced.itemsize < _REDUCE[precision].itemsize:
             raise ValueError(
-                f"{who}: precision {precision!r} sums the gradients over ranks in "
+                f"{who}: precision {named} sums the gradients over ranks in "
                 f"{_REDUCE[precision]}, and the model's FSDP2 MixedPrecisionPolicy of {where!r} "
                 f"reduces them in {reduced} (FSDP reduces in param_dtype where reduce_dtype is "
                 f"None): set reduce_dtype={_REDUCE[precision]} in its MixedPrecisionPolicy"

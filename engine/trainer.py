@@ -542,6 +542,12 @@ def cast_for_precision(model: torch.nn.Module, precision: str) -> None:
                 "MixedPrecisionPolicy(param_dtype=torch.bfloat16) gathers them in bf16)",
                 torch.bfloat16: "precision 'bf16'",
             }.get(p.dtype)
+            if p.dtype == torch.float32 and sharding.policy_precision(model) == "bf16-mixed":
+                # its MixedPrecisionPolicy gathers them in bf16: 'fp32' would be refused next
+                keep = (
+                    "precision 'bf16-mixed' or 'auto' (fp32 parameters, which its FSDP "
+                    "MixedPrecisionPolicy gathers in bf16)"
+                )
             raise ValueError(
                 f"precision {precision!r} trains the parameters in {dtype}, and this model is "
                 f"sharded with FSDP2 (fully_shard) in {p.dtype} ({name}, a DTensor): a sharded "

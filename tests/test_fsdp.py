@@ -822,6 +822,16 @@ def _callers_models() -> dict:
         lambda: shard(fresh(), policy=MixedPrecisionPolicy(output_dtype=torch.bfloat16)),
         lambda m: dpo_trainer(m, train),
     )
+    # the common MixedPrecisionPolicy(param_dtype=torch.bfloat16) reduces in bf16: "auto" takes
+    # bf16-mixed from it and is refused, saying so; "bf16" over its fp32 shards is refused,
+    # naming the precisions that train them under that policy
+    out["policy_auto_reduce"] = refused(
+        lambda: shard(fresh(), policy=bf16_only),
+        lambda m: dpo_trainer(m, replace(train, precision="auto")),
+    )
+    out["policy_bf16_cast"] = refused(
+        lambda: shard(fresh(), policy=bf16_fp32), lambda m: dpo_trainer(m, bf16)
+    )
     out["policy_fp32_score"] = refused(
         lambda: shard(fresh(), policy=bf16_fp32),
         lambda m: score_pairs(m, pairs, max_tokens_per_batch=4096, impl="torch", precision="fp32"),
@@ -985,6 +995,8 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
             ("sub_mesh_run", "ValueError", "shard it over a mesh of all 2 ranks"),
             ("policy_fp32", "ValueError", "train it with precision 'bf16-mixed'"),
             ("policy_fp32_run", "ValueError", "run_sdpo: precision 'fp32' computes in"),
+            ("policy_auto_reduce", "ValueError", "precision 'auto' (here 'bf16-mixed', as the"),
+            ("policy_bf16_cast", "ValueError", "train it with precision 'bf16-mixed' or 'auto'"),
             ("policy_fp32_output", "ValueError", "casts its forward's outputs to torch.bfloat16"),
             ("policy_fp32_score", "ValueError", "score it with precision 'bf16-mixed'"),
             ("policy_mixed_reduce", "ValueError", "set reduce_dtype=torch.float32"),
