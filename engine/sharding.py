@@ -291,8 +291,9 @@ def check_policy_precision(
     Refused before any work, naming the policy's setting and the precision that matches it.
     So is an ``output_dtype`` below the precision's (bf16 under ``fp32``): FSDP casts the
     module's outputs to it, and the next module and the head read them rounded while the
-    trainer reported fp32 (fp32 outputs, or the dtype the precision computes in, change no
-    value the head reads).
+    trainer reported fp32. The dtype the precision computes in is kept, and so are fp32
+    outputs: the root's change no value the head reads, and a layer's under ``bf16`` fails at
+    the next layer's first matmul, on its dtypes (torch's error), rounding nothing.
     ``bf16-mixed`` over fp32 shards gathered in fp32 trains (its autocast computes in bf16);
     parameters sharded in another dtype than ``precision``'s are ``cast_for_precision``'s to
     refuse. Without ``training`` (a scoring pass: no gradient) the reduction is not read.
