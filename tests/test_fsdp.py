@@ -945,14 +945,19 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
         assert [got["hf_resumed"]["state_has_optimizer"] for got in ranks] == [True, False]
         assert ranks[0]["hf_resumed"]["steps"] == [3, 4]
     for got in ranks:
-        # the gathered weights' buffers are laid out otherwise than the plain ones, and the
-        # ranks sum in another order, so a matmul or a sum may round its last bit otherwise,
-        # which AdamW's first steps (about lr x sign of each gradient) amplify on the few
-        # near-zero gradients: the updates are compared as a whole
+        # DDP: sdpo trains the module it wraps as a plain replica, bitwise. Sharded: the
+        # gathered weights are views into FSDP's flat buffers, laid out otherwise than the
+        # plain ones, so a matmul may round its last bit otherwise on some builds, which
+        # AdamW's first steps (about lr x sign of each gradient) amplify on the few near-zero
+        # gradients: the updates are compared as a whole, and the gradient norms to 1e-5 (a
+        # gradient scaled by 1/N, FSDP's default mean, fails both)
         plain = got["plain"]
-        for name in ("sharded", "ddp"):
-            assert got[name]["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-5), name
-            assert _updates_agree(got[name]["weights"], plain["weights"], plain["initial"]), name
+        assert got["ddp"]["grad_norms"] == plain["grad_norms"]
+        for k, v in plain["weights"].items():
+            assert torch.equal(got["ddp"]["weights"][k], v), k
+        sharded = got["sharded"]
+        assert sharded["grad_norms"] == pytest.approx(plain["grad_norms"], rel=1e-5)
+        assert _updates_agree(sharded["weights"], plain["weights"], plain["initial"])
         if "hf_plain" in got:  # transformers is installed
             hf = got["hf_plain"]
             for sharded in (got["hf_sharded"], got["hf_packed_sharded"]):
