@@ -261,7 +261,9 @@ def model_precision(
     contradicts is refused (``check_policy_precision``)."""
     implied = policy_precision(model) if precision == "auto" else None
     resolved = implied or resolve_precision(precision, device)
-    named = f"'auto' (here {resolved!r}, as the sharding says)" if implied else None
+    # a refusal names the caller's "auto" beside what it resolved to
+    how = ", as the sharding says" if implied else ", as on this device"
+    named = f"'auto' (here {resolved!r}{how})" if precision == "auto" else None
     check_policy_precision(model, resolved, who=who, training=training, named=named)
     return resolved
 

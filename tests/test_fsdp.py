@@ -829,6 +829,10 @@ def _callers_models() -> dict:
         lambda: shard(fresh(), policy=bf16_only),
         lambda m: dpo_trainer(m, replace(train, precision="auto")),
     )
+    out["policy_auto_output"] = refused(
+        lambda: shard(fresh(), policy=MixedPrecisionPolicy(output_dtype=torch.bfloat16)),
+        lambda m: dpo_trainer(m, replace(train, precision="auto")),
+    )
     out["policy_bf16_cast"] = refused(
         lambda: shard(fresh(), policy=bf16_fp32), lambda m: dpo_trainer(m, bf16)
     )
@@ -1001,6 +1005,7 @@ def test_a_model_the_caller_sharded_or_wrapped_in_ddp_trains_as_plain_data_paral
             ("policy_fp32", "ValueError", "train it with precision 'bf16-mixed'"),
             ("policy_fp32_run", "ValueError", "run_sdpo: precision 'fp32' computes in"),
             ("policy_auto_reduce", "ValueError", "precision 'auto' (here 'bf16-mixed', as the"),
+            ("policy_auto_output", "ValueError", "precision 'auto' (here 'fp32', as on this"),
             ("policy_bf16_cast", "ValueError", "train it with precision 'bf16-mixed' or 'auto'"),
             ("policy_fp32_output", "ValueError", "casts its forward's outputs to torch.bfloat16"),
             ("policy_fp32_score", "ValueError", "score it with precision 'bf16-mixed'"),
