@@ -130,6 +130,36 @@ def _check_local(**tensors: torch.Tensor) -> None:
             )
 
 
+def _check_tensors(**tensors: object) -> None:
+    """Each input a tensor (``token_weights`` may be None): a list or a NumPy array would fail
+    deep inside a check with no name."""
+    for name, t in tensors.items():
+        if not (isinstance(t, torch.Tensor) or (t is None and name == "token_weights")):
+            raise TypeError(
+                f"{name} must be a torch.Tensor, got {type(t).__name__}: convert it with "
+                "torch.as_tensor (on the device of the others)"
+            )
+
+
+def _check_options(chunk_tokens: object, grad_weight_dtype: object) -> None:
+    """Options read only later, in the chunk loop or the backward: a bad one on one rank
+    failed there alone, after the collectives had begun."""
+    if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int):
+        raise TypeError(
+            f"chunk_tokens must be an int, got {type(chunk_tokens).__name__} {chunk_tokens!r}"
+        )
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if grad_weight_dtype is not None and not (
+        isinstance(grad_weight_dtype, torch.dtype) and grad_weight_dtype.is_floating_point
+    ):
+        raise TypeError(
+            f"grad_weight_dtype must be a floating torch.dtype or None, got "
+            f"{type(grad_weight_dtype).__name__} {grad_weight_dtype!r} (torch.float32, "
+            "torch.bfloat16, or None for the compute dtype)"
+        )
+
+
 def _check_vocab_start(vocab_start: object) -> None:
     if vocab_start is not None and (
         isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
@@ -439,6 +469,13 @@ def vocab_parallel_sequence_logprobs(
     # every rank together (``_refuse_together``): a check fails on one rank alone whenever the
     # ranks' inputs differ, and raising there alone would leave the others in the all_reduce
     try:
+        _check_tensors(
+            hidden=hidden,
+            weight_shard=weight_shard,
+            labels=labels,
+            seq_ids=seq_ids,
+            token_weights=token_weights,
+        )
         _check_local(hidden=hidden, weight_shard=weight_shard)
         _check_linear_shapes(hidden, weight_shard, labels, seq_ids, num_seqs)
         check_token_weights(token_weights, hidden.shape[0], device=hidden.device)
@@ -451,11 +488,10 @@ def vocab_parallel_sequence_logprobs(
                 hidden_size=weight_shard.shape[1],
                 dtype=dtype,
             )
-        if chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        _check_options(chunk_tokens, grad_weight_dtype)
         if seq_ids.device.type == "cpu":  # on CUDA: folded into the first all_reduce
             check_seq_ids_in_range(seq_ids, num_seqs)
-    except (TypeError, ValueError, RuntimeError) as error:
+    except Exception as error:  # any check's failure, whatever it raised: none is raised alone
         # this rank's part of the collectives the others make: the shard sizes' all_gather
         # (as an empty shard) where they make it, then the first all_reduce, flagged
         device = next(

@@ -201,7 +201,7 @@ def _rank_checks(cache_path: Path) -> dict:
 
 # a collective that waits longer than this on a group made for refusals is a hang: the other
 # rank raised alone (the ranks reach each call within a second of each other on two shared
-# cores; the five cases' hangs together stay within the launch's RANKS_TIMEOUT_S)
+# cores; the eight cases' hangs together stay within the launch's RANKS_TIMEOUT_S)
 REFUSAL_TIMEOUT_S = 30
 
 
@@ -231,6 +231,12 @@ def _refused_on_one_rank(b: dict, w: torch.Tensor, out: dict) -> None:
             token_weights=torch.ones(n - 1 if rank == 0 else n), vocab_start=(0, 600)[rank]
         ),
         "chunk_tokens_zero": dict(chunk_tokens=(48, 0)[rank]),
+        # passed the ">= 1" check, then failed on rank 1 alone in its forward's chunk loop
+        "chunk_tokens_not_an_int": dict(chunk_tokens=(48, 2.5)[rank]),
+        # a list where a tensor goes: an AttributeError in the checks, raised on rank 1 alone
+        "token_weights_a_list": dict(token_weights=(None, [1.0] * n)[rank]),
+        # not a dtype: rank 1's backward failed before its all_reduce of hidden's gradient
+        "grad_weight_dtype_a_name": dict(grad_weight_dtype=(torch.float32, "float32")[rank]),
         # hidden requires grad on rank 0 alone (the weight on both): rank 0's backward would
         # sum hidden's gradient over the group, rank 1's would not
         "hidden_grad_on_rank_0": dict(hidden=b["h"].clone().requires_grad_(rank == 0)),
@@ -532,6 +538,13 @@ def test_vocab_group_none_is_the_default_group(rank_results):
         ("seq_id_past_num_seqs", 1, "seq_ids[7] = 6 is outside [0, num_seqs = 6)"),
         ("token_weights_shape", 0, "token_weights must be (131,)"),
         ("chunk_tokens_zero", 1, "chunk_tokens must be >= 1, got 0"),
+        ("chunk_tokens_not_an_int", 1, "chunk_tokens must be an int, got float 2.5"),
+        ("token_weights_a_list", 1, "token_weights must be a torch.Tensor, got list"),
+        (
+            "grad_weight_dtype_a_name",
+            1,
+            "grad_weight_dtype must be a floating torch.dtype or None, got str 'float32'",
+        ),
     ],
 )
 def test_an_input_refused_on_one_rank_is_refused_on_every_rank_with_none_left_waiting(
