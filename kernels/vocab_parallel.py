@@ -453,7 +453,10 @@ def vocab_parallel_sequence_logprobs(
     that fail a check on any rank (a ``seq_ids`` entry outside [0, num_seqs) on one rank: that
     rank raises the check's error, the others name the rank), shards that do not cover [0, V)
     once (however ``vocab_start`` was found), hidden requiring grad on some ranks only, labels
-    that differ between ranks, and a label outside [0, V) (not -100).
+    that differ between ranks, and a label outside [0, V) (not -100). On CUDA the refusals
+    read from the first all_reduce are device-side asserts (no host sync): a rank raises its
+    own argument's error as on the CPU, the others (and every rank, for a ``seq_ids`` entry out
+    of range) stop at the assert, after which the process's CUDA context is unusable.
 
     Returns the same sums on every rank. Differentiable w.r.t. hidden and weight_shard (first
     order): weight_shard's gradient is its own rows' (accumulated in ``grad_weight_dtype``, as
