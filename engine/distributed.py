@@ -229,13 +229,13 @@ def unwrap_data_parallel(model: torch.nn.Module, who: str) -> torch.nn.Module:
     after a forward through the wrapper), so each gradient is summed once, and the wrapper
     works as before for the caller after sdpo returns. A wrapper over another process group
     than the default one (the data-parallel group of a larger mesh) is refused: sdpo deals the
-    work over all the default group's ranks. So is one built with ``find_unused_parameters``
-    or ``static_graph``: its reducer marks every parameter a backward touches as used, the
-    passes through the module included, and its next iteration with an unused parameter fails
-    (torch's "Encountered gradient which is undefined, but still allreduced"); its state is
-    reset only by its own iteration, so it cannot be trained through before one. A model wrapped (whole or in part) in FSDP1's
-    ``FullyShardedDataParallel`` is refused: sdpo gathers, sums and saves the parameters of
-    FSDP2's ``fully_shard`` alone. Any other model is returned as it is."""
+    work over all the default group's ranks. So is one built with ``find_unused_parameters`` or
+    ``static_graph``: its reducer marks every parameter a backward touches as used, the passes
+    through the module included, and its next iteration with an unused parameter fails (torch's
+    "Encountered gradient which is undefined, but still allreduced"); its state is reset only by
+    its own iteration, so it cannot be trained through before one. A model wrapped (whole or in
+    part) in FSDP1's ``FullyShardedDataParallel`` is refused: sdpo gathers, sums and saves the
+    parameters of FSDP2's ``fully_shard`` alone. Any other model is returned as it is."""
     from torch.nn.parallel import DistributedDataParallel
 
     _refuse_fsdp1(model, who)

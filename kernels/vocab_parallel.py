@@ -37,11 +37,12 @@ Collectives per call: an all_gather of the shard sizes and token counts unless `
 is given (and one host read of them), the two all_reduces of the forward, and one of (N, H) in
 the backward when hidden requires grad. Every rank of the group must make the same calls with
 the same tokens and the same requires_grad flags, and take the same loss of the returned sums,
-as in tensor parallelism, where every rank of the group holds the whole batch. Of the tokens, the labels are
-compared (above); hidden, seq_ids and token_weights are not, past the checks each rank makes of
-its own. Whether ``vocab_start`` is given must agree between the ranks for their collectives
-to match, and so must the token count N: compared in the all_gather when ``vocab_start`` is
-None, not otherwise (all_reduces of different sizes: gloo aborts the process).
+as in tensor parallelism, where every rank of the group holds the whole batch. Of the tokens,
+the labels are compared (above); hidden, seq_ids and token_weights are not, past the checks each
+rank makes of its own. Whether ``vocab_start`` is given must agree between the ranks for their
+collectives to match, and so must the token count N: compared in the all_gather when
+``vocab_start`` is None, not otherwise (all_reduces of different sizes: gloo aborts the
+process).
 """
 
 from __future__ import annotations
