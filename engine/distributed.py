@@ -117,9 +117,11 @@ def cuda_index(*, local_rank: str | None, in_group: bool, current: int, count: i
     torchrun): ``LOCAL_RANK``, as ``init_from_env`` made it current. Otherwise the current
     device, which is what a caller that formed its group by hand chose with
     ``torch.cuda.set_device(k)`` before ``init_process_group``; with one GPU per process and no
-    such call it is that GPU, 0. A ``LOCAL_RANK`` past the visible devices also gives the
-    current device: a launcher that shows each process only its own GPUs
-    (``CUDA_VISIBLE_DEVICES``) numbers it 0, whatever the rank's local index."""
+    such call it is that GPU, 0. A ``LOCAL_RANK`` past the visible devices gives the current
+    device where one GPU is visible (a launcher that shows each process only its own GPU,
+    ``CUDA_VISIBLE_DEVICES``, numbers it 0 whatever the rank's local index), and is refused
+    where several are, as ``init_from_env`` refuses it: there it is a launch of more ranks than
+    GPUs, and any fallback would put two ranks on one GPU."""
     if not in_group or local_rank is None:
         return current
     try:
@@ -134,7 +136,12 @@ def cuda_index(*, local_rank: str | None, in_group: bool, current: int, count: i
             f"LOCAL_RANK is {index}: set it to this process's index on its node (0 or more), "
             "or unset it to use the current CUDA device"
         )
-    return index if index < count else current
+    if index < count or count == 1:
+        return index if index < count else current
+    raise ValueError(
+        f"LOCAL_RANK is {index} but only {count} CUDA devices are visible: start at most "
+        f"{count} ranks on this node, or show each process its own GPU (CUDA_VISIBLE_DEVICES)"
+    )
 
 
 def init_from_env(*, timeout_minutes: float = 30.0, backend: str | None = None) -> bool:

@@ -950,6 +950,13 @@ def test_a_local_rank_that_is_not_an_index_is_refused_naming_it(value):
         distributed.cuda_index(local_rank=value, in_group=True, current=0, count=2)
 
 
+def test_a_local_rank_past_several_visible_gpus_is_refused():
+    """More ranks than GPUs on a node: a fallback to the current device would put two ranks on
+    one GPU, so it is refused (one visible GPU per process is the case that falls back)."""
+    with pytest.raises(ValueError, match="LOCAL_RANK is 5 but only 4 CUDA devices"):
+        distributed.cuda_index(local_rank="5", in_group=True, current=0, count=4)
+
+
 def test_device_of_a_group_formed_by_hand_is_the_current_cuda_device(monkeypatch):
     """A launcher that calls ``torch.cuda.set_device(k)`` and ``init_process_group`` itself,
     without torchrun's LOCAL_RANK, gets ``cuda:k`` (it got cuda:0, another rank's GPU). A real
