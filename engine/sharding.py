@@ -195,18 +195,15 @@ def _policy_dtypes(
     dtype, the dtype FSDP gathers it in for the forward and backward, the dtype it reduces
     its gradient in), as FSDP reads its ``MixedPrecisionPolicy``: ``param_dtype`` None is the
     sharded dtype, ``reduce_dtype`` None is the gathered one."""
-    names = _module_names(model)
     found = []
-    for module in fsdp_modules(model):
-        where = names.get(id(module)) or "the root"
-        for group in param_groups(module):
-            policy = group.mp_policy  # FSDP sets each parameter's dtypes from it lazily
-            for p in group.fsdp_params:
-                orig = p.sharded_param.dtype
-                gathered = policy.param_dtype if orig.is_floating_point else None
-                gathered = gathered or orig
-                reduced = policy.reduce_dtype or gathered
-                found.append((where, p.sharded_param.requires_grad, orig, gathered, reduced))
+    for where, group in _named_param_groups(model):
+        policy = group.mp_policy  # FSDP sets each parameter's dtypes from it lazily
+        for p in group.fsdp_params:
+            orig = p.sharded_param.dtype
+            gathered = policy.param_dtype if orig.is_floating_point else None
+            gathered = gathered or orig
+            reduced = policy.reduce_dtype or gathered
+            found.append((where, p.sharded_param.requires_grad, orig, gathered, reduced))
     return found
 
 
@@ -214,12 +211,17 @@ def _policy_outputs(model: torch.nn.Module) -> list[tuple[str, torch.dtype | Non
     """Each FSDP2 module of ``model`` that holds parameters: (its name, the dtype its
     ``MixedPrecisionPolicy`` casts its forward's floating outputs to: ``output_dtype``, None for
     none)."""
+    return [(where, group.mp_policy.output_dtype) for where, group in _named_param_groups(model)]
+
+
+def _named_param_groups(model: torch.nn.Module) -> Iterator[tuple[str, Any]]:
+    """Each FSDP2 parameter group of ``model``: (its module's name, "the root" for the root;
+    the group)."""
     names = _module_names(model)
-    return [
-        (names.get(id(module)) or "the root", group.mp_policy.output_dtype)
-        for module in fsdp_modules(model)
-        for group in param_groups(module)
-    ]
+    for module in fsdp_modules(model):
+        where = names.get(id(module)) or "the root"
+        for group in param_groups(module):
+            yield where, group
 
 
 def _module_names(model: torch.nn.Module) -> dict[int, str]:
